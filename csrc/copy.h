@@ -1,0 +1,68 @@
+#ifndef BJ_COPY_H
+#define BJ_COPY_H
+#include <stdint.h>
+#include <stddef.h>
+#include "zero.h"
+#include "ratelimit.h"
+
+/* cdef-begin */
+/* A work item: copy len bytes from src_off in the source to dst_off in the
+ * target (BJ_RANGE_COPY), or make [dst_off, dst_off+len) of the target read
+ * as zeroes (BJ_RANGE_ZERO). BJ_RANGE_COPY_SPARSE also probes the source
+ * for holes (SEEK_DATA/SEEK_HOLE, per work range) and treats them as zero. */
+#define BJ_RANGE_COPY 0
+#define BJ_RANGE_ZERO 1
+#define BJ_RANGE_COPY_SPARSE 2
+struct bj_range {
+    uint64_t src_off;
+    uint64_t dst_off;
+    uint64_t len;
+    uint32_t kind;
+};
+
+struct bj_copy_opts {
+    int src_fd;
+    int dst_fd;
+    uint32_t threads;         /* worker threads, >= 1 */
+    uint64_t request_size;    /* bytes per request, >= 512 */
+    uint64_t max_in_flight;   /* bound on buffered bytes (threads * request) */
+    uint64_t zero_block;      /* zero detection granularity; 0 = no detection */
+    int target_is_zero;       /* target already reads as zero: skip zero writes */
+    int may_unmap;            /* zeroes may become holes in the target */
+    int allow_copy_range;     /* copy_file_range when no detection is needed */
+    struct bj_bucket *bucket; /* rate limiter or NULL */
+};
+
+/* Which side failed: */
+#define BJ_SIDE_NONE 0
+#define BJ_SIDE_SOURCE 1
+#define BJ_SIDE_TARGET 2
+struct bj_copy_status {
+    uint64_t done;          /* bytes whose writes (or skips) have completed */
+    uint64_t queued;        /* bytes ever queued */
+    uint64_t data_bytes;    /* bytes written as data */
+    uint64_t zero_bytes;    /* bytes zeroed / skipped as zero */
+    int error;              /* first error, -errno, or 0 */
+    int error_side;         /* BJ_SIDE_* */
+    uint64_t error_offset;  /* offset in the failing file */
+};
+
+struct bj_copy;
+int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts);
+void bj_copy_free(struct bj_copy *c);
+/* Queue n items (copied into the engine). */
+int bj_copy_add(struct bj_copy *c, const struct bj_range *r, size_t n);
+/* Run the workers until every queued byte is done (returns 0), the queue
+ * holds fewer than low_water bytes not yet claimed (returns 1: add more and
+ * call again), timeout_ms elapsed (returns 2), or an error / cancel (returns
+ * -errno; see bj_copy_get_status). Workers finish their current request
+ * before this returns: nothing is in flight between calls. */
+int bj_copy_run(struct bj_copy *c, uint32_t timeout_ms, uint64_t low_water);
+/* Ask the workers to stop between requests (thread-safe; any thread). */
+void bj_copy_cancel(struct bj_copy *c);
+void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st);
+/* Set the chunk size used for each request (bytes, >= 512). */
+int bj_copy_set_request_size(struct bj_copy *c, uint64_t request_size);
+/* cdef-end */
+
+#endif

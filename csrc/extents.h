@@ -1,0 +1,26 @@
+#ifndef BJ_EXTENTS_H
+#define BJ_EXTENTS_H
+#include <stdint.h>
+#include <stddef.h>
+
+/* cdef-begin */
+/* One extent of a file: [offset, offset+length) is data (flags & BJ_EXTENT_DATA)
+ * or a hole (flags == 0; reads as zeroes). */
+#define BJ_EXTENT_DATA 1
+struct bj_extent {
+    uint64_t offset;
+    uint64_t length;
+    uint32_t flags;
+};
+
+/* Walk [offset, offset+length) of fd with SEEK_DATA/SEEK_HOLE and fill at most
+ * max extents, in order, adjacent, covering from offset. *n_out gets the count
+ * and *next_out the first offset not described (== offset+length when all was
+ * covered; call again from there otherwise). A file system without
+ * SEEK_DATA reports the whole range as data. The range is clipped to the
+ * file size. Returns 0 or -errno. */
+int bj_extents(int fd, uint64_t offset, uint64_t length,
+               struct bj_extent *out, size_t max, size_t *n_out, uint64_t *next_out);
+/* cdef-end */
+
+#endif

@@ -1,0 +1,28 @@
+#ifndef BJ_ZERO_H
+#define BJ_ZERO_H
+#include <stdint.h>
+#include <stddef.h>
+
+/* cdef-begin */
+/* 1 if buf[0..len) is all zero bytes, else 0. Any len, any alignment. */
+int bj_is_zero(const void *buf, size_t len);
+
+/* Length of the run of blocks of `block` bytes at the start of buf[0..len)
+ * that are all zero (want_zero=1) or each contain a non-zero byte
+ * (want_zero=0). The last block may be short. block == 0 means len. */
+size_t bj_zero_run(const void *buf, size_t len, size_t block, int want_zero);
+
+/* The zeroing ladder: what a file system has refused is remembered here so it
+ * is never asked again. One per open target (no globals). */
+struct bj_zeroer {
+    int no_punch;     /* FALLOC_FL_PUNCH_HOLE refused */
+    int no_zero_range;/* FALLOC_FL_ZERO_RANGE refused */
+};
+
+/* Make [offset, offset+length) of fd read as zeroes: punch a hole, else
+ * FALLOC_FL_ZERO_RANGE, else write zeroes. may_unmap=0 skips the punch.
+ * Returns 0 or -errno. */
+int bj_zero_range(struct bj_zeroer *z, int fd, uint64_t offset, uint64_t length, int may_unmap);
+/* cdef-end */
+
+#endif

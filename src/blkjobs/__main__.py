@@ -1,0 +1,3 @@
+from blkjobs.cli.main import main
+
+raise SystemExit(main())

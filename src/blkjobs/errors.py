@@ -1,0 +1,82 @@
+"""The exception tree of blkjobs. Every error we raise on purpose derives from
+:class:`BlkjobsError`, so callers (and the CLI's one choke point) can catch it
+and print one line::
+
+    BlkjobsError
+     ├── OSErrorWithContext   an errno from the C core or a syscall, with side/offset
+     │    └── CopyError       a copy request failed (side = "source" | "target")
+     ├── Cancelled           the operation was cancelled (ECANCELED)
+     ├── ImageError          malformed, corrupt or unsupported image
+     ├── UsageError          bad argument values (sizes, rates, options)
+     └── JobError            job/verb refusals (see blkjobs.job)
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class BlkjobsError(Exception):
+    """Root of every error blkjobs raises on purpose."""
+
+
+class UsageError(BlkjobsError):
+    """An argument has an invalid value."""
+
+
+class ImageError(BlkjobsError):
+    """An image is malformed, corrupt, or uses an unsupported feature."""
+
+
+class JobError(BlkjobsError):
+    """A job or job verb was refused; ``str(e)`` is the QMP error text."""
+
+    qmp_class = "GenericError"
+
+
+class OSErrorWithContext(BlkjobsError):
+    """An errno, with what was being done when it happened."""
+
+    def __init__(self, err: int, what: str = "", path: str | None = None,
+                 side: str | None = None, offset: int | None = None):
+        self.errno = abs(err)
+        self.what = what
+        self.path = path
+        self.side = side
+        self.offset = offset
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        msg = os.strerror(self.errno)
+        parts = []
+        if self.what:
+            parts.append(self.what)
+        if self.side:
+            where = f"{self.side}"
+            if self.path:
+                where += f" '{self.path}'"
+            if self.offset is not None:
+                where += f" at offset {self.offset}"
+            parts.append(where)
+        elif self.path:
+            parts.append(f"'{self.path}'")
+        return (": ".join(parts) + ": " + msg) if parts else msg
+
+
+class CopyError(OSErrorWithContext):
+    """A copy request failed on the source (read) or the target (write)."""
+
+
+class Cancelled(BlkjobsError):
+    """The operation was cancelled."""
+
+    def __init__(self, what: str = "Operation canceled"):
+        super().__init__(what)
+
+
+def from_errno(err: int, what: str = "", **kw) -> BlkjobsError:
+    """Map a negative errno from the C core to the right exception."""
+    e = abs(err)
+    if e == _errno.ECANCELED:
+        return Cancelled()
+    return OSErrorWithContext(e, what, **kw)

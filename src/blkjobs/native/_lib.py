@@ -1,0 +1,23 @@
+"""The one importer of the compiled extension ``blkjobs._core``.
+
+Every C function returns 0 (or a count) or ``-errno``; :func:`ensure` is the
+single choke point that turns a negative code into a :class:`BlkjobsError`.
+Nothing outside ``blkjobs.native`` touches ``ffi``/``lib`` or a cffi type.
+"""
+from __future__ import annotations
+
+from ..errors import from_errno
+
+try:
+    from .._core import ffi, lib  # noqa: F401  (compiled by setup.py / cffi)
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "blkjobs._core is not built: run 'make venv' (or 'pip install -e .') first"
+    ) from exc
+
+
+def ensure(rc: int, what: str = "", **context) -> int:
+    """Return ``rc`` when it is >= 0, else raise the matching BlkjobsError."""
+    if rc < 0:
+        raise from_errno(rc, what, **context)
+    return rc
