@@ -12,9 +12,14 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+def _headers():
+    # A header is part of the API when its .c file exists beside it.
+    return [h for h in sorted(HERE.glob("*.h")) if h.with_suffix(".c").exists()]
+
+
 def _cdefs():
     out = []
-    for header in sorted(HERE.glob("*.h")):
+    for header in _headers():
         text = header.read_text()
         if "/* cdef-begin */" not in text:
             continue
@@ -28,7 +33,7 @@ ffibuilder.cdef(_cdefs())
 _sources = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c"))
 ffibuilder.set_source(
     "blkjobs._core",
-    "\n".join(f'#include "{h.name}"' for h in sorted(HERE.glob("*.h"))),
+    "\n".join(f'#include "{h.name}"' for h in _headers()),
     sources=_sources,
     include_dirs=[str(HERE.relative_to(HERE.parent))],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",

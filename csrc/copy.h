@@ -18,10 +18,12 @@ struct bj_range {
     uint64_t dst_off;
     uint64_t len;
     uint32_t kind;
+    int32_t src_fd;   /* source file of this item; -1 = the engine's src_fd
+                         (lets one copy read the layers of a backing chain) */
 };
 
 struct bj_copy_opts {
-    int src_fd;
+    int src_fd;               /* default source (items may name their own) */
     int dst_fd;
     uint32_t threads;         /* worker threads, >= 1 */
     uint64_t request_size;    /* bytes per request, >= 512 */
@@ -45,6 +47,8 @@ struct bj_copy_status {
     int error;              /* first error, -errno, or 0 */
     int error_side;         /* BJ_SIDE_* */
     uint64_t error_offset;  /* offset in the failing file */
+    struct bj_range error_range; /* the request that failed (to retry it) */
+    uint32_t in_flight;     /* requests being processed right now */
 };
 
 struct bj_copy;
@@ -52,14 +56,22 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts);
 void bj_copy_free(struct bj_copy *c);
 /* Queue n items (copied into the engine). */
 int bj_copy_add(struct bj_copy *c, const struct bj_range *r, size_t n);
-/* Run the workers until every queued byte is done (returns 0), the queue
- * holds fewer than low_water bytes not yet claimed (returns 1: add more and
- * call again), timeout_ms elapsed (returns 2), or an error / cancel (returns
- * -errno; see bj_copy_get_status). Workers finish their current request
- * before this returns: nothing is in flight between calls. */
+/* Let the workers run and wait until every queued byte is done (returns 0),
+ * fewer than low_water queued bytes are left unclaimed while work is still
+ * in flight (returns 1: queue more and call again), timeout_ms elapsed
+ * (returns 2), or an error / cancel (returns -errno, after draining; see
+ * bj_copy_get_status). After 1 or 2 the workers keep going: call
+ * bj_copy_drain() to stop them. Call with the GIL released (cffi does). */
 int bj_copy_run(struct bj_copy *c, uint32_t timeout_ms, uint64_t low_water);
-/* Ask the workers to stop between requests (thread-safe; any thread). */
+/* Stop claiming new requests and wait until nothing is in flight (used to
+ * pause: between bj_copy_drain() and the next bj_copy_run() no I/O happens). */
+void bj_copy_drain(struct bj_copy *c);
+/* Ask the workers to stop between requests (thread-safe; any thread).
+ * The next bj_copy_run() returns -ECANCELED. */
 void bj_copy_cancel(struct bj_copy *c);
+/* Forget the recorded error (after the caller handled it, e.g. re-queued
+ * error_range); unclaimed work stays queued. */
+void bj_copy_clear_error(struct bj_copy *c);
 void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st);
 /* Set the chunk size used for each request (bytes, >= 512). */
 int bj_copy_set_request_size(struct bj_copy *c, uint64_t request_size);

@@ -1,0 +1,640 @@
+/* copy.c: the copy engine. Moves queued byte ranges from one fd to another
+ * with N worker threads.
+ *
+ * Design (after nbdcopy's multi-thread copier):
+ *  - A queue of work items (struct bj_range) lives in the engine. Workers
+ *    claim requests from its head under one mutex: a request is at most
+ *    request_size bytes (and at most what the rate limiter allows at once),
+ *    never crossing an extent boundary of a sparse source. Extents are asked
+ *    of the file system per work range of 128 MiB (bj_extents), when the
+ *    head reaches a range not yet mapped, never for the whole file up front.
+ *  - Each worker owns its buffer (allocated on first use), so the data path
+ *    takes no lock: the mutex is held only to claim and to account.
+ *  - A data request is pread into the buffer; with zero detection on, runs
+ *    of all-zero blocks (zero_block bytes, aligned to target offsets) are
+ *    skipped when the target already reads as zero, else zeroed with the
+ *    ladder of zero.c; the other runs are pwritten. Without zero detection
+ *    copy_file_range moves the bytes inside the kernel (falls back to
+ *    read/write, remembered, when the file systems refuse it).
+ *  - Progress ("done") grows when a request's writes completed.
+ *  - The caller (Python, GIL released) calls bj_copy_run() which returns at
+ *    least every timeout_ms so progress and job verbs stay live; workers keep
+ *    running between calls until bj_copy_drain(), which is how a job pauses.
+ *  - Cancel and errors are honoured between requests; the first error is
+ *    recorded with its side, offset and request, the workers stop claiming.
+ * Cost: one pread + one pwrite (or one copy_file_range) per request, one
+ * pass over each data buffer for the zero scan; memory threads*request_size.
+ */
+#include "copy.h"
+#include "extents.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define WORK_RANGE (128ull << 20)
+#define ZERO_CHUNK (1ull << 30)
+#define EXT_CACHE 64
+
+struct worker {
+    struct bj_copy *c;
+    pthread_t thread;
+    void *buf;
+    uint64_t bufsz;
+    int started;
+};
+
+struct bj_copy {
+    struct bj_copy_opts o;
+    uint32_t nworkers;
+    struct worker *workers;
+
+    pthread_mutex_t lock;
+    pthread_cond_t work_cv;   /* workers wait here for work / activation */
+    pthread_cond_t done_cv;   /* run/drain wait here for progress */
+
+    /* queue */
+    struct bj_range *items;
+    size_t n_items, cap_items, head;
+    uint64_t head_pos;        /* bytes of items[head] already claimed */
+    uint64_t unclaimed;
+    /* requests handed back by workers interrupted while rate-limited */
+    struct bj_range *returned;
+    size_t n_returned;
+    /* extents of the current sparse item, for the work range being claimed */
+    struct bj_extent ext[EXT_CACHE];
+    size_t ext_n, ext_i;
+
+    /* state */
+    int active, shutdown;
+    uint32_t in_flight;
+    atomic_int cancel;
+    int no_copy_range;
+    struct bj_zeroer zeroer;  /* flags only ever go 0 -> 1: benign to share */
+
+    /* status */
+    uint64_t queued, done, data_bytes, zero_bytes;
+    int error, error_side;
+    uint64_t error_offset;
+    struct bj_range error_range;
+};
+
+enum req_kind { REQ_COPY, REQ_ZERO };
+struct req {
+    enum req_kind kind;
+    struct bj_range r;
+};
+
+static int stopping(struct bj_copy *c)
+{
+    return c->error || atomic_load(&c->cancel);
+}
+
+static void set_error(struct bj_copy *c, int err, int side, uint64_t off, const struct bj_range *r)
+{
+    if (!c->error) {
+        c->error = err;
+        c->error_side = side;
+        c->error_offset = off;
+        if (r)
+            c->error_range = *r;
+    }
+}
+
+/* Claim the next request. Called with the lock held. Returns 1 with *q set,
+ * 0 when nothing is claimable. */
+static int claim(struct bj_copy *c, struct req *q)
+{
+    if (c->n_returned) {
+        q->r = c->returned[--c->n_returned];
+        q->kind = q->r.kind == BJ_RANGE_ZERO ? REQ_ZERO : REQ_COPY;
+        return 1;
+    }
+    uint64_t maxreq = c->o.request_size;
+    if (c->o.bucket) {
+        uint64_t m = bj_bucket_max_request(c->o.bucket);
+        if (m < maxreq)
+            maxreq = m;
+    }
+    while (c->head < c->n_items) {
+        struct bj_range *it = &c->items[c->head];
+        uint64_t rem = it->len - c->head_pos;
+        if (rem == 0) {
+            c->head++;
+            c->head_pos = 0;
+            c->ext_n = c->ext_i = 0;
+            continue;
+        }
+        uint64_t src = it->src_off + c->head_pos, dst = it->dst_off + c->head_pos, n;
+        if (it->kind == BJ_RANGE_ZERO) {
+            n = rem < ZERO_CHUNK ? rem : ZERO_CHUNK;
+            q->kind = REQ_ZERO;
+        } else if (it->kind == BJ_RANGE_COPY_SPARSE) {
+            while (c->ext_i < c->ext_n &&
+                   c->ext[c->ext_i].offset + c->ext[c->ext_i].length <= src)
+                c->ext_i++;
+            if (c->ext_i == c->ext_n) {
+                uint64_t next, want = rem < WORK_RANGE ? rem : WORK_RANGE;
+                size_t nn = 0;
+                int rc = bj_extents(it->src_fd, src, want, c->ext, EXT_CACHE, &nn, &next);
+                if (rc < 0) {
+                    struct bj_range r = { src, dst, rem, it->kind, it->src_fd };
+                    set_error(c, rc, BJ_SIDE_SOURCE, src, &r);
+                    pthread_cond_broadcast(&c->done_cv);
+                    return 0;
+                }
+                if (nn == 0) { /* cannot happen for want > 0; be safe */
+                    c->ext[0].offset = src;
+                    c->ext[0].length = want;
+                    c->ext[0].flags = 0;
+                    nn = 1;
+                }
+                c->ext_n = nn;
+                c->ext_i = 0;
+            }
+            struct bj_extent *e = &c->ext[c->ext_i];
+            uint64_t e_end = e->offset + e->length;
+            n = e_end - src;
+            if (n > rem)
+                n = rem;
+            if (e->flags & BJ_EXTENT_DATA) {
+                q->kind = REQ_COPY;
+                if (n > maxreq)
+                    n = maxreq;
+            } else {
+                q->kind = REQ_ZERO;
+                if (n > ZERO_CHUNK)
+                    n = ZERO_CHUNK;
+            }
+        } else {
+            n = rem < maxreq ? rem : maxreq;
+            q->kind = REQ_COPY;
+        }
+        q->r.src_off = src;
+        q->r.dst_off = dst;
+        q->r.len = n;
+        q->r.src_fd = it->src_fd;
+        q->r.kind = q->kind == REQ_ZERO ? BJ_RANGE_ZERO : BJ_RANGE_COPY;
+        c->head_pos += n;
+        c->unclaimed -= n;
+        return 1;
+    }
+    return 0;
+}
+
+static int zero_target(struct bj_copy *c, uint64_t off, uint64_t len)
+{
+    if (c->o.target_is_zero)
+        return 0;
+    return bj_zero_range(&c->zeroer, c->o.dst_fd, off, len, c->o.may_unmap);
+}
+
+static int pread_full(int fd, char *buf, uint64_t len, uint64_t off)
+{
+    uint64_t got = 0;
+    while (got < len) {
+        ssize_t r = pread(fd, buf + got, len - got, (off_t)(off + got));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0) { /* past the end of the source: reads as zeroes */
+            memset(buf + got, 0, len - got);
+            break;
+        }
+        got += (uint64_t)r;
+    }
+    return 0;
+}
+
+static int pwrite_full(int fd, const char *buf, uint64_t len, uint64_t off, uint64_t *fail_off)
+{
+    uint64_t put = 0;
+    while (put < len) {
+        ssize_t w = pwrite(fd, buf + put, len - put, (off_t)(off + put));
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            *fail_off = off + put;
+            return -errno;
+        }
+        if (w == 0) {
+            *fail_off = off + put;
+            return -EIO;
+        }
+        put += (uint64_t)w;
+    }
+    return 0;
+}
+
+/* copy_file_range loop. Returns 0, -errno, or 1 when the kernel refused and
+ * the caller should fall back to read/write (remembered in c). */
+static int copy_range(struct bj_copy *c, const struct bj_range *r, int *side, uint64_t *fail_off)
+{
+    uint64_t done = 0;
+    while (done < r->len) {
+        loff_t in = (loff_t)(r->src_off + done), out = (loff_t)(r->dst_off + done);
+        ssize_t n = copy_file_range(r->src_fd, &in, c->o.dst_fd, &out, r->len - done, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (done == 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
+                              errno == EOPNOTSUPP || errno == ENOTSUP || errno == EBADF)) {
+                c->no_copy_range = 1;
+                return 1;
+            }
+            /* cannot tell which side failed: ENOSPC/EDQUOT/EFBIG are the target's */
+            *side = (errno == ENOSPC || errno == EDQUOT || errno == EFBIG) ? BJ_SIDE_TARGET
+                                                                           : BJ_SIDE_SOURCE;
+            *fail_off = *side == BJ_SIDE_TARGET ? (uint64_t)out : (uint64_t)in;
+            return -errno;
+        }
+        if (n == 0) { /* source shorter than expected: rest reads as zeroes */
+            int rc = zero_target(c, r->dst_off + done, r->len - done);
+            if (rc < 0) {
+                *side = BJ_SIDE_TARGET;
+                *fail_off = r->dst_off + done;
+                return rc;
+            }
+            break;
+        }
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
+/* Do one request. Returns 0 or -errno with *side / *fail_off set. */
+static int do_request(struct worker *w, const struct req *q, int *side, uint64_t *fail_off,
+                      uint64_t *data, uint64_t *zero)
+{
+    struct bj_copy *c = w->c;
+    const struct bj_range *r = &q->r;
+    int rc;
+
+    if (q->kind == REQ_ZERO) {
+        rc = zero_target(c, r->dst_off, r->len);
+        if (rc < 0) {
+            *side = BJ_SIDE_TARGET;
+            *fail_off = r->dst_off;
+        } else {
+            *zero += r->len;
+        }
+        return rc;
+    }
+    if (c->o.zero_block == 0 && c->o.allow_copy_range && !c->no_copy_range) {
+        rc = copy_range(c, r, side, fail_off);
+        if (rc <= 0) {
+            if (rc == 0)
+                *data += r->len;
+            return rc;
+        }
+    }
+    if (!w->buf || w->bufsz < r->len) {
+        free(w->buf);
+        w->bufsz = 0;
+        if (posix_memalign(&w->buf, 4096, r->len)) {
+            w->buf = NULL;
+            *side = BJ_SIDE_NONE;
+            *fail_off = r->dst_off;
+            return -ENOMEM;
+        }
+        w->bufsz = r->len;
+    }
+    char *buf = w->buf;
+    rc = pread_full(r->src_fd, buf, r->len, r->src_off);
+    if (rc < 0) {
+        *side = BJ_SIDE_SOURCE;
+        *fail_off = r->src_off;
+        return rc;
+    }
+    if (c->o.zero_block == 0) {
+        rc = pwrite_full(c->o.dst_fd, buf, r->len, r->dst_off, fail_off);
+        if (rc < 0)
+            *side = BJ_SIDE_TARGET;
+        else
+            *data += r->len;
+        return rc;
+    }
+    /* Split into runs of zero / data blocks, blocks aligned to target offsets. */
+    uint64_t zb = c->o.zero_block, pos = 0;
+    while (pos < r->len) {
+        uint64_t abs = r->dst_off + pos;
+        uint64_t first = zb - (abs % zb);          /* bytes to the next boundary */
+        if (first > r->len - pos)
+            first = r->len - pos;
+        int is_zero = bj_is_zero(buf + pos, first);
+        uint64_t run = first;
+        if (pos + run < r->len)
+            run += bj_zero_run(buf + pos + run, r->len - pos - run, zb, is_zero);
+        if (is_zero) {
+            rc = zero_target(c, abs, run);
+            if (rc < 0) {
+                *side = BJ_SIDE_TARGET;
+                *fail_off = abs;
+                return rc;
+            }
+            *zero += run;
+        } else {
+            rc = pwrite_full(c->o.dst_fd, buf + pos, run, abs, fail_off);
+            if (rc < 0) {
+                *side = BJ_SIDE_TARGET;
+                return rc;
+            }
+            *data += run;
+        }
+        pos += run;
+    }
+    return 0;
+}
+
+/* Sleep for the rate limiter. Returns 1 if the request must be handed back
+ * (drain or cancel arrived while sleeping). Called without the lock. */
+static int throttle(struct bj_copy *c, uint64_t n)
+{
+    uint64_t wait = bj_bucket_take(c->o.bucket, n, bj_now_ns());
+    while (wait > 0) {
+        uint64_t slice = wait < 10000000u ? wait : 10000000u; /* 10 ms */
+        struct timespec ts = { (time_t)(slice / 1000000000u), (long)(slice % 1000000000u) };
+        nanosleep(&ts, NULL);
+        wait -= slice;
+        if (atomic_load(&c->cancel))
+            return 1;
+        pthread_mutex_lock(&c->lock);
+        int stop = !c->active || c->error;
+        pthread_mutex_unlock(&c->lock);
+        if (stop)
+            return 1;
+    }
+    return 0;
+}
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    struct bj_copy *c = w->c;
+    pthread_mutex_lock(&c->lock);
+    for (;;) {
+        struct req q;
+        while (!c->shutdown && (!c->active || stopping(c) || !claim(c, &q)))
+            pthread_cond_wait(&c->work_cv, &c->lock);
+        if (c->shutdown)
+            break;
+        c->in_flight++;
+        pthread_mutex_unlock(&c->lock);
+
+        int side = BJ_SIDE_NONE, rc = 0, handed_back = 0;
+        uint64_t fail_off = 0, data = 0, zero = 0;
+        if (q.kind == REQ_COPY && c->o.bucket && bj_bucket_rate(c->o.bucket))
+            handed_back = throttle(c, q.r.len);
+        if (!handed_back)
+            rc = do_request(w, &q, &side, &fail_off, &data, &zero);
+
+        pthread_mutex_lock(&c->lock);
+        c->in_flight--;
+        if (handed_back) {
+            c->returned[c->n_returned++] = q.r;
+        } else if (rc < 0) {
+            set_error(c, rc, side, fail_off, &q.r);
+            /* the failed request stays un-done; the caller may re-queue it */
+            c->queued -= q.r.len;
+        } else {
+            c->done += q.r.len;
+            c->data_bytes += data;
+            c->zero_bytes += zero;
+        }
+        pthread_cond_broadcast(&c->done_cv);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts)
+{
+    if (!out || !opts || opts->threads == 0 || opts->threads > 256 || opts->request_size < 512 ||
+        opts->request_size > (1ull << 30) || opts->dst_fd < 0)
+        return -EINVAL;
+    if (opts->zero_block && (opts->zero_block & (opts->zero_block - 1)))
+        return -EINVAL; /* zero detection granularity: a power of two */
+    struct bj_copy *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->o = *opts;
+    uint64_t inflight = opts->max_in_flight ? opts->max_in_flight : (256ull << 20);
+    uint64_t n = inflight / opts->request_size;
+    c->nworkers = n < 1 ? 1 : (n < opts->threads ? (uint32_t)n : opts->threads);
+    c->workers = calloc(c->nworkers, sizeof(*c->workers));
+    c->returned = calloc(c->nworkers, sizeof(*c->returned));
+    if (!c->workers || !c->returned)
+        goto nomem;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->work_cv, NULL);
+    pthread_cond_init(&c->done_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    atomic_init(&c->cancel, 0);
+    for (uint32_t i = 0; i < c->nworkers; i++) {
+        c->workers[i].c = c;
+        int rc = pthread_create(&c->workers[i].thread, NULL, worker_main, &c->workers[i]);
+        if (rc) {
+            bj_copy_free(c);
+            return -rc;
+        }
+        c->workers[i].started = 1;
+    }
+    *out = c;
+    return 0;
+nomem:
+    free(c->workers);
+    free(c->returned);
+    free(c);
+    return -ENOMEM;
+}
+
+void bj_copy_free(struct bj_copy *c)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->lock);
+    c->shutdown = 1;
+    pthread_cond_broadcast(&c->work_cv);
+    pthread_mutex_unlock(&c->lock);
+    for (uint32_t i = 0; i < c->nworkers; i++) {
+        if (c->workers[i].started)
+            pthread_join(c->workers[i].thread, NULL);
+        free(c->workers[i].buf);
+    }
+    pthread_cond_destroy(&c->work_cv);
+    pthread_cond_destroy(&c->done_cv);
+    pthread_mutex_destroy(&c->lock);
+    free(c->workers);
+    free(c->returned);
+    free(c->items);
+    free(c);
+}
+
+int bj_copy_add(struct bj_copy *c, const struct bj_range *r, size_t n)
+{
+    if (!c || (n && !r))
+        return -EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        if (r[i].kind != BJ_RANGE_ZERO && r[i].src_fd < 0 && c->o.src_fd < 0)
+            return -EBADF;
+        if (r[i].kind > BJ_RANGE_COPY_SPARSE || r[i].src_off > UINT64_MAX - r[i].len ||
+            r[i].dst_off > UINT64_MAX - r[i].len || r[i].dst_off + r[i].len > (uint64_t)INT64_MAX ||
+            r[i].src_off + r[i].len > (uint64_t)INT64_MAX)
+            return -EINVAL;
+    }
+    pthread_mutex_lock(&c->lock);
+    /* drop fully consumed items first so the queue does not grow forever */
+    if (c->head > 0 && c->head >= c->n_items / 2) {
+        memmove(c->items, c->items + c->head, (c->n_items - c->head) * sizeof(*c->items));
+        c->n_items -= c->head;
+        c->head = 0;
+    }
+    if (c->n_items + n > c->cap_items) {
+        size_t cap = c->cap_items ? c->cap_items : 64;
+        while (cap < c->n_items + n)
+            cap *= 2;
+        struct bj_range *p = realloc(c->items, cap * sizeof(*p));
+        if (!p) {
+            pthread_mutex_unlock(&c->lock);
+            return -ENOMEM;
+        }
+        c->items = p;
+        c->cap_items = cap;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (r[i].len == 0)
+            continue;
+        c->items[c->n_items] = r[i];
+        if (r[i].src_fd < 0)
+            c->items[c->n_items].src_fd = c->o.src_fd;
+        c->n_items++;
+        c->unclaimed += r[i].len;
+        c->queued += r[i].len;
+    }
+    pthread_cond_broadcast(&c->work_cv);
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}
+
+static void deadline_after(struct timespec *ts, uint32_t ms)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+static void drain_locked(struct bj_copy *c)
+{
+    c->active = 0;
+    while (c->in_flight > 0)
+        pthread_cond_wait(&c->done_cv, &c->lock);
+}
+
+int bj_copy_run(struct bj_copy *c, uint32_t timeout_ms, uint64_t low_water)
+{
+    if (!c)
+        return -EINVAL;
+    struct timespec dl;
+    deadline_after(&dl, timeout_ms);
+    int ret;
+    pthread_mutex_lock(&c->lock);
+    c->active = 1;
+    pthread_cond_broadcast(&c->work_cv);
+    for (;;) {
+        if (atomic_load(&c->cancel)) {
+            drain_locked(c);
+            ret = -ECANCELED;
+            break;
+        }
+        if (c->error) {
+            drain_locked(c);
+            ret = c->error;
+            break;
+        }
+        if (c->done == c->queued && c->in_flight == 0 && c->n_returned == 0) {
+            ret = 0;
+            break;
+        }
+        if (low_water && c->unclaimed < low_water) {
+            ret = 1;
+            break;
+        }
+        if (pthread_cond_timedwait(&c->done_cv, &c->lock, &dl) == ETIMEDOUT) {
+            ret = 2;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    return ret;
+}
+
+void bj_copy_drain(struct bj_copy *c)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->lock);
+    drain_locked(c);
+    pthread_mutex_unlock(&c->lock);
+}
+
+void bj_copy_cancel(struct bj_copy *c)
+{
+    if (!c)
+        return;
+    atomic_store(&c->cancel, 1);
+    pthread_mutex_lock(&c->lock);
+    pthread_cond_broadcast(&c->done_cv);
+    pthread_mutex_unlock(&c->lock);
+}
+
+void bj_copy_clear_error(struct bj_copy *c)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->lock);
+    c->error = 0;
+    c->error_side = BJ_SIDE_NONE;
+    c->error_offset = 0;
+    memset(&c->error_range, 0, sizeof(c->error_range));
+    pthread_mutex_unlock(&c->lock);
+}
+
+void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st)
+{
+    if (!c || !st)
+        return;
+    pthread_mutex_lock(&c->lock);
+    st->done = c->done;
+    st->queued = c->queued;
+    st->data_bytes = c->data_bytes;
+    st->zero_bytes = c->zero_bytes;
+    st->error = c->error ? c->error : (atomic_load(&c->cancel) ? -ECANCELED : 0);
+    st->error_side = c->error_side;
+    st->error_offset = c->error_offset;
+    st->error_range = c->error_range;
+    st->in_flight = c->in_flight;
+    pthread_mutex_unlock(&c->lock);
+}
+
+int bj_copy_set_request_size(struct bj_copy *c, uint64_t request_size)
+{
+    if (!c || request_size < 512 || request_size > (1ull << 30))
+        return -EINVAL;
+    pthread_mutex_lock(&c->lock);
+    c->o.request_size = request_size; /* worker buffers grow on next use */
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}

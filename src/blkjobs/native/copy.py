@@ -1,0 +1,179 @@
+"""The C copy engine (csrc/copy.c): worker threads moving queued ranges.
+
+Python decides *what* to copy (ranges, kinds); C moves the bytes with the
+GIL released. :meth:`CopyEngine.run` returns at least every ``timeout``
+seconds so callers can report progress and honour pause/cancel.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from ..errors import Cancelled, CopyError, UsageError
+from ._lib import ensure, ffi, lib
+from .ratelimit import TokenBucket
+
+COPY = 0
+ZERO = 1
+COPY_SPARSE = 2
+
+_SIDES = {0: None, 1: "source", 2: "target"}
+
+
+class RunResult(enum.IntEnum):
+    DONE = 0        # everything queued is done
+    NEED_MORE = 1   # below the low-water mark: queue more work
+    TIMEOUT = 2     # time slice over; workers keep going
+
+
+@dataclass(frozen=True)
+class CopyStatus:
+    done: int
+    queued: int
+    data_bytes: int
+    zero_bytes: int
+    error: int
+    error_side: str | None
+    error_offset: int
+    error_range: tuple[int, int, int, int]
+    in_flight: int
+
+
+class CopyEngine:
+    """Copies byte ranges from ``src_fd`` to ``dst_fd``.
+
+    ``zero_block``: zero-detection granularity (power of two; 0 disables it
+    and allows copy_file_range). ``target_is_zero``: the target already
+    reads as zero, so zero runs are skipped instead of written.
+    """
+
+    def __init__(self, src_fd: int, dst_fd: int, *, threads: int = 4,
+                 request_size: int = 2 << 20, max_in_flight: int = 64 << 20,
+                 zero_block: int = 4096, target_is_zero: bool = False,
+                 may_unmap: bool = True, allow_copy_range: bool = True,
+                 bucket: TokenBucket | None = None,
+                 src_path: str | None = None, dst_path: str | None = None):
+        if threads < 1 or threads > 256:
+            raise UsageError(f"invalid number of threads {threads}: must be 1..256")
+        if request_size < 512 or request_size > (1 << 30):
+            raise UsageError(f"invalid request size {request_size}: must be 512 B..1 GiB")
+        if zero_block and zero_block & (zero_block - 1):
+            raise UsageError(f"invalid zero block size {zero_block}: must be a power of two")
+        o = ffi.new("struct bj_copy_opts *")
+        o.src_fd = src_fd
+        o.dst_fd = dst_fd
+        o.threads = threads
+        o.request_size = request_size
+        o.max_in_flight = max_in_flight
+        o.zero_block = zero_block
+        o.target_is_zero = int(target_is_zero)
+        o.may_unmap = int(may_unmap)
+        o.allow_copy_range = int(allow_copy_range)
+        self._bucket = bucket  # keep it alive as long as the engine
+        o.bucket = bucket._cptr() if bucket is not None else ffi.NULL
+        p = ffi.new("struct bj_copy **")
+        ensure(lib.bj_copy_new(p, o), "copy engine")
+        self._c = p[0]
+        self._paths = {"source": src_path, "target": dst_path}
+        self._st = ffi.new("struct bj_copy_status *")
+
+    # -- queueing --------------------------------------------------------
+    def add(self, ranges: Iterable[tuple]) -> None:
+        """Queue (src_off, dst_off, length, kind[, src_fd]) tuples, kind in
+        COPY, ZERO, COPY_SPARSE; src_fd defaults to the engine's source."""
+        rs = list(ranges)
+        if not rs:
+            return
+        arr = ffi.new("struct bj_range[]", len(rs))
+        for i, r in enumerate(rs):
+            s, d, n, k = r[:4]
+            if s < 0 or d < 0 or n < 0:
+                raise UsageError(f"invalid range ({s}, {d}, {n})")
+            arr[i].src_off, arr[i].dst_off, arr[i].len, arr[i].kind = s, d, n, k
+            arr[i].src_fd = r[4] if len(r) > 4 else -1
+        ensure(lib.bj_copy_add(self._c, arr, len(rs)), "copy engine")
+
+    def add_copy(self, src_off: int, dst_off: int, length: int, sparse: bool = False,
+                 src_fd: int = -1) -> None:
+        self.add([(src_off, dst_off, length, COPY_SPARSE if sparse else COPY, src_fd)])
+
+    def add_zero(self, dst_off: int, length: int) -> None:
+        self.add([(0, dst_off, length, ZERO)])
+
+    # -- running ---------------------------------------------------------
+    def run(self, timeout: float = 0.1, low_water: int = 0) -> RunResult:
+        """Let the workers run for up to ``timeout`` s. Raises CopyError
+        (side, offset, errno) or Cancelled."""
+        rc = lib.bj_copy_run(self._c, max(0, int(timeout * 1000)), low_water)
+        if rc < 0:
+            self._raise(rc)
+        return RunResult(rc)
+
+    def _raise(self, rc: int):
+        st = self.status()
+        if st.error == 0 or abs(st.error) == 125:  # ECANCELED
+            raise Cancelled()
+        side = st.error_side
+        what = "error reading" if side == "source" else "error writing"
+        raise CopyError(st.error, what, path=self._paths.get(side or ""), side=side,
+                        offset=st.error_offset)
+
+    def drain(self) -> None:
+        """Stop claiming work and wait until nothing is in flight."""
+        lib.bj_copy_drain(self._c)
+
+    def cancel(self) -> None:
+        lib.bj_copy_cancel(self._c)
+
+    def clear_error(self) -> None:
+        lib.bj_copy_clear_error(self._c)
+
+    def set_request_size(self, n: int) -> None:
+        ensure(lib.bj_copy_set_request_size(self._c, n), "copy engine")
+
+    def status(self) -> CopyStatus:
+        st = self._st
+        lib.bj_copy_get_status(self._c, st)
+        r = st.error_range
+        return CopyStatus(int(st.done), int(st.queued), int(st.data_bytes),
+                          int(st.zero_bytes), int(st.error), _SIDES.get(st.error_side),
+                          int(st.error_offset),
+                          (int(r.src_off), int(r.dst_off), int(r.len), int(r.kind)),
+                          int(st.in_flight))
+
+    def run_to_end(self, progress: Callable[[int, int], None] | None = None,
+                   slice_s: float = 0.1, check: Callable[[], None] | None = None) -> CopyStatus:
+        """Run until everything queued is done, calling ``progress(done,
+        queued)`` and ``check()`` (which may raise to stop) every slice."""
+        try:
+            while True:
+                res = self.run(slice_s)
+                if progress:
+                    st = self.status()
+                    progress(st.done, st.queued)
+                if res == RunResult.DONE:
+                    return self.status()
+                if check:
+                    check()
+        except BaseException:
+            self.cancel()
+            self.drain()
+            raise
+
+    def close(self) -> None:
+        if self._c is not None:
+            lib.bj_copy_free(self._c)
+            self._c = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,46 @@
+"""Data/hole extents of a file (SEEK_DATA/SEEK_HOLE, csrc/extents.c)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._lib import ensure, ffi, lib
+
+_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    length: int
+    data: bool
+
+
+def extents(fd: int, offset: int, length: int, path: str | None = None) -> list[Extent]:
+    """Extents covering [offset, offset+length), adjacent and in order.
+    Beyond the end of the file reads as a hole. Ask per work range."""
+    out: list[Extent] = []
+    buf = ffi.new("struct bj_extent[]", _BATCH)
+    n = ffi.new("size_t *")
+    nxt = ffi.new("uint64_t *")
+    end = offset + length
+    pos = offset
+    while pos < end:
+        ensure(lib.bj_extents(fd, pos, end - pos, buf, _BATCH, n, nxt), "seek data/hole",
+               path=path)
+        for i in range(n[0]):
+            e = buf[i]
+            data = bool(e.flags & lib.BJ_EXTENT_DATA)
+            if out and out[-1].data == data and out[-1].offset + out[-1].length == e.offset:
+                out[-1] = Extent(out[-1].offset, out[-1].length + e.length, data)
+            else:
+                out.append(Extent(int(e.offset), int(e.length), data))
+        if nxt[0] <= pos:
+            break
+        pos = int(nxt[0])
+    return out
+
+
+def is_zero(buf) -> bool:
+    """True when the bytes-like ``buf`` holds only zero bytes."""
+    mv = memoryview(buf)
+    return bool(lib.bj_is_zero(ffi.from_buffer(mv), mv.nbytes))
