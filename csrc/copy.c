@@ -418,8 +418,6 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts)
     if (!out || !opts || opts->threads == 0 || opts->threads > 256 || opts->request_size < 512 ||
         opts->request_size > (1ull << 30) || opts->dst_fd < 0)
         return -EINVAL;
-    if (opts->zero_block && (opts->zero_block & (opts->zero_block - 1)))
-        return -EINVAL; /* zero detection granularity: a power of two */
     struct bj_copy *c = calloc(1, sizeof(*c));
     if (!c)
         return -ENOMEM;

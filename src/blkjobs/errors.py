@@ -49,6 +49,8 @@ class OSErrorWithContext(BlkjobsError):
     def _text(self) -> str:
         msg = os.strerror(self.errno)
         parts = []
+        if self.what and self.path and not self.side:
+            return f"{self.what} '{self.path}': {msg}"
         if self.what:
             parts.append(self.what)
         if self.side:

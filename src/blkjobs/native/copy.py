@@ -43,7 +43,8 @@ class CopyStatus:
 class CopyEngine:
     """Copies byte ranges from ``src_fd`` to ``dst_fd``.
 
-    ``zero_block``: zero-detection granularity (power of two; 0 disables it
+    ``zero_block``: zero-detection granularity (bytes, blocks aligned to
+    target offsets; 0 disables it
     and allows copy_file_range). ``target_is_zero``: the target already
     reads as zero, so zero runs are skipped instead of written.
     """
@@ -58,8 +59,8 @@ class CopyEngine:
             raise UsageError(f"invalid number of threads {threads}: must be 1..256")
         if request_size < 512 or request_size > (1 << 30):
             raise UsageError(f"invalid request size {request_size}: must be 512 B..1 GiB")
-        if zero_block and zero_block & (zero_block - 1):
-            raise UsageError(f"invalid zero block size {zero_block}: must be a power of two")
+        if zero_block < 0:
+            raise UsageError(f"invalid zero block size {zero_block}")
         o = ffi.new("struct bj_copy_opts *")
         o.src_fd = src_fd
         o.dst_fd = dst_fd

@@ -1,0 +1,71 @@
+"""Entry point of the ``blkjobs`` command.
+
+Error handling has one choke point: every :class:`BlkjobsError` (and the
+OS errors of opening files) becomes one line on stderr and a non-zero exit
+status; a traceback is only ever printed for a bug, with ``BLKJOBS_DEBUG=1``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+from .. import __version__
+from ..errors import BlkjobsError
+
+PROG = "blkjobs"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 1 like qemu-img
+        sys.stderr.write(f"{self.prog}: {message}\n")
+        sys.stderr.write(f"Try '{PROG} --help' for more information.\n")
+        raise SystemExit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Block jobs and image tools with a C data path.")
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    pkg = sys.modules[__package__]
+    names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("cmd_"))
+    for name in names:
+        mod = importlib.import_module(f"{__package__}.{name}")
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 1
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except BlkjobsError as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return getattr(e, "exit_code", 1)
+    except OSError as e:
+        where = f"'{e.filename}'" if e.filename else ""
+        sys.stderr.write(f"{PROG}: {where + ': ' if where else ''}{e.strerror or e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except BrokenPipeError:  # pragma: no cover
+        return 1
+    except Exception:
+        if os.environ.get("BLKJOBS_DEBUG"):
+            raise
+        import traceback
+        sys.stderr.write(f"{PROG}: internal error: {traceback.format_exc().splitlines()[-1]}\n"
+                         "(set BLKJOBS_DEBUG=1 for the traceback; please report it)\n")
+        return 70
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
