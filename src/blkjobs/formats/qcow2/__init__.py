@@ -1,0 +1,17 @@
+"""qcow2 (v2 and v3) driver: see :mod:`.driver` for the design notes.
+
+* :class:`Qcow2` — open an image (``Qcow2(path, read_only=True)``);
+* :func:`create` — make a new image;
+* :func:`check` — ``qemu-img check`` compatible consistency check/repair.
+"""
+from .check import check
+from .create import create
+from .driver import Qcow2
+from .header import MAGIC
+
+__all__ = ["Qcow2", "create", "check", "MAGIC", "probe"]
+
+
+def probe(head: bytes) -> bool:
+    """True when the first bytes of a file carry the qcow2 magic."""
+    return len(head) >= 4 and int.from_bytes(head[:4], "big") == MAGIC

@@ -1,0 +1,91 @@
+"""Creating qcow2 images (the layout ``qemu-img create`` uses).
+
+Cluster 0 header, then the refcount table, the refcount block(s) and the L1
+table, all refcounted 1; nothing else. ``preallocation='metadata'``
+additionally allocates every L2 table and data cluster (reading as zeroes:
+the file is extended sparsely).
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+from ...errors import ImageError, UsageError
+from .header import (EXT_FEATURE_TABLE, INCOMPAT_EXTL2, Header, feature_table_ext)
+
+
+def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = False,
+           backing_file: str | None = None, backing_format: str | None = None,
+           preallocation: str = "off", compat: str = "1.1", refcount_bits: int = 16) -> None:
+    """Create (or overwrite) a qcow2 image at ``path``."""
+    if cluster_size < 512 or cluster_size > (2 << 20) or cluster_size & (cluster_size - 1):
+        raise UsageError(f"cluster size must be a power of two between 512 and 2M, not {cluster_size}")
+    if size < 0 or size % 512:
+        raise UsageError(f"image size must be a non-negative multiple of 512, not {size}")
+    if compat not in ("1.1", "0.10", "v3", "v2"):
+        raise UsageError(f"invalid compat level {compat!r} (1.1 or 0.10)")
+    version = 3 if compat in ("1.1", "v3") else 2
+    if extended_l2 and (version < 3 or cluster_size < 16384):
+        raise UsageError("extended_l2 needs compat=1.1 and a cluster size of at least 16K")
+    if refcount_bits not in (1, 2, 4, 8, 16, 32, 64) or (version < 3 and refcount_bits != 16):
+        raise UsageError(f"invalid refcount_bits {refcount_bits}")
+    if preallocation not in ("off", "metadata"):
+        raise UsageError(f"unsupported preallocation mode {preallocation!r} (off, metadata)")
+    if backing_file and not backing_format:
+        raise UsageError("a backing file needs a backing format (probe it with open_image)")
+    cb = cluster_size.bit_length() - 1
+    h = Header(version=version, cluster_bits=cb, size=size,
+               refcount_order=refcount_bits.bit_length() - 1,
+               header_length=112 if version >= 3 else 72,
+               incompatible=INCOMPAT_EXTL2 if extended_l2 else 0,
+               backing_file=backing_file or None,
+               backing_format=backing_format if backing_file else None)
+    if version >= 3:
+        h.tail = bytes(8)
+        h.extensions = [(EXT_FEATURE_TABLE, feature_table_ext())]
+    l2e = h.l2_entries
+    h.l1_size = -(-size // (cluster_size * l2e))
+    l1_clusters = -(-h.l1_size * 8 // cluster_size)
+    rbe = cluster_size * 8 // refcount_bits
+    rt, rb = 1, 1
+    while True:       # fixpoint: table and blocks must cover themselves
+        total = 1 + rt + rb + l1_clusters
+        nrb = -(-total // rbe)
+        nrt = -(-nrb * 8 // cluster_size)
+        if (nrb, nrt) == (rb, rt):
+            break
+        rb, rt = nrb, nrt
+    h.refcount_table_offset = cluster_size
+    h.refcount_table_clusters = rt
+    rb_off = (1 + rt) * cluster_size
+    h.l1_table_offset = (1 + rt + rb) * cluster_size
+    head = h.pack()      # raises when the backing name does not fit
+    end = h.l1_table_offset + h.l1_size * 8
+    total = 1 + rt + rb + l1_clusters
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, head, 0)
+        table = struct.pack(f">{rb}Q", *[rb_off + i * cluster_size for i in range(rb)])
+        os.pwrite(fd, table.ljust(rt * cluster_size, b"\0"), cluster_size)
+        # refcount blocks: 1 for clusters 0..total-1
+        from .refcount import Refcounts
+        enc = Refcounts.__new__(Refcounts)
+        enc.bits = refcount_bits
+        for i in range(rb):
+            lo, hi = i * rbe, min(total, (i + 1) * rbe)
+            vals = [1] * (hi - lo) + [0] * (rbe - (hi - lo))
+            os.pwrite(fd, enc._encode(vals), rb_off + i * cluster_size)
+        os.ftruncate(fd, max(end, h.l1_table_offset))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if preallocation == "metadata" and size:
+        from .driver import Qcow2
+        with Qcow2(path, read_only=False) as img:
+            runs = img.allocate(0, size)
+            last = max(m.host_offset + m.length for m in runs)
+            cs = cluster_size
+            os.ftruncate(img.fd, -(-last // cs) * cs)
+            img.flush()
+    if not os.path.exists(path):   # pragma: no cover
+        raise ImageError(f"could not create '{path}'")

@@ -1,0 +1,247 @@
+"""The qcow2 header (cluster 0): parse, validate, serialise.
+
+Everything here is pure data: :class:`Header` holds the fields of
+/work/shared/spec/qcow2.md §2, the header extensions in their on-disk order
+(unknown ones kept verbatim so a rewrite preserves them) and the backing file
+name. :func:`parse_header` checks every field a later step would trust (sizes,
+alignments, table extents against the file size) and raises
+:class:`~blkjobs.errors.ImageError` with one line naming the field, so a
+damaged header fails at open, before any table is read.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ...errors import ImageError
+
+MAGIC = 0x514649FB
+
+# incompatible feature bits
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+INCOMPAT_KNOWN = 0x1F
+# compatible / autoclear bits
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+AUTOCLEAR_BITMAPS = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
+
+# header extension types
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+_V2 = struct.Struct(">IIQIIQIIQQIIQ")          # 72 bytes
+_V3 = struct.Struct(">QQQII")                  # bytes 72..103
+MAX_REFCOUNT_TABLE = 8 << 20
+MAX_L1_BYTES = 32 << 20                        # QEMU's QCOW_MAX_L1_SIZE
+
+FEATURE_NAMES = [
+    (0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
+    (0, 3, "compression type"), (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"), (2, 0, "bitmaps"), (2, 1, "raw external data"),
+]
+
+
+@dataclass
+class Header:
+    version: int = 3
+    cluster_bits: int = 16
+    size: int = 0
+    crypt_method: int = 0
+    l1_size: int = 0
+    l1_table_offset: int = 0
+    refcount_table_offset: int = 0
+    refcount_table_clusters: int = 0
+    nb_snapshots: int = 0
+    snapshots_offset: int = 0
+    incompatible: int = 0
+    compatible: int = 0
+    autoclear: int = 0
+    refcount_order: int = 4
+    header_length: int = 112
+    compression_type: int = 0
+    tail: bytes = b""            # header bytes after 104 (compression type + unknown), preserved
+    extensions: list = field(default_factory=list)   # [(type, bytes)] except END/backing format
+    backing_file: str | None = None
+    backing_format: str | None = None
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible & INCOMPAT_EXTL2)
+
+    @property
+    def l2_entries(self) -> int:
+        return self.cluster_size // (16 if self.extended_l2 else 8)
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    def ext(self, etype: int) -> bytes | None:
+        for t, d in self.extensions:
+            if t == etype:
+                return d
+        return None
+
+    def feature_name(self, kind: int, bit: int) -> str:
+        table = self.ext(EXT_FEATURE_TABLE) or b""
+        for i in range(0, len(table) - 47, 48):
+            if table[i] == kind and table[i + 1] == bit:
+                return table[i + 2:i + 48].rstrip(b"\0").decode("utf-8", "replace")
+        return f"bit {bit}"
+
+    # -- serialisation -------------------------------------------------
+    def pack(self) -> bytes:
+        """Return cluster 0's meaningful bytes (header, extensions, end
+        marker, backing name). Raises ImageError when they exceed a cluster."""
+        out = bytearray(_V2.pack(
+            MAGIC, self.version,
+            0, 0,  # backing offset/size patched below
+            self.cluster_bits, self.size, self.crypt_method, self.l1_size,
+            self.l1_table_offset, self.refcount_table_offset,
+            self.refcount_table_clusters, self.nb_snapshots, self.snapshots_offset))
+        if self.version >= 3:
+            out += _V3.pack(self.incompatible, self.compatible, self.autoclear,
+                            self.refcount_order, self.header_length)
+            tail = bytearray(self.tail.ljust(self.header_length - 104, b"\0"))
+            if len(tail):
+                tail[0] = self.compression_type
+            out += tail
+        exts = []
+        if self.backing_format:
+            exts.append((EXT_BACKING_FORMAT, self.backing_format.encode()))
+        exts += [(t, d) for t, d in self.extensions if t != EXT_BACKING_FORMAT]
+        for t, d in exts:
+            out += struct.pack(">II", t, len(d)) + d + b"\0" * (-len(d) % 8)
+        out += struct.pack(">II", EXT_END, 0)
+        if self.backing_file:
+            name = self.backing_file.encode()
+            if len(name) > 1023:
+                raise ImageError("backing file name too long (max 1023 bytes)")
+            struct.pack_into(">QI", out, 8, len(out), len(name))
+            out += name
+        if len(out) > self.cluster_size:
+            raise ImageError(f"header, extensions and backing name need {len(out)} bytes, "
+                             f"more than one cluster ({self.cluster_size})")
+        return bytes(out)
+
+
+def feature_table_ext() -> bytes:
+    out = bytearray()
+    for kind, bit, name in FEATURE_NAMES:
+        out += bytes([kind, bit]) + name.encode().ljust(46, b"\0")
+    return bytes(out)
+
+
+def parse_header(buf: bytes, file_size: int, path: str = "") -> Header:
+    """Parse and validate cluster 0 (``buf`` holds at least its first bytes,
+    up to a cluster). ``file_size`` bounds every table offset."""
+    who = f"'{path}': " if path else ""
+
+    def bad(msg):
+        return ImageError(f"{who}{msg}")
+
+    if len(buf) < 72:
+        raise bad("file too short for a qcow2 header")
+    (magic, version, bf_off, bf_size, cluster_bits, size, crypt, l1_size, l1_off,
+     rt_off, rt_clusters, nb_snap, snap_off) = _V2.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise bad("not a qcow2 image (bad magic)")
+    if version not in (2, 3):
+        raise bad(f"unsupported qcow2 version {version}")
+    if not 9 <= cluster_bits <= 21:
+        raise bad(f"unsupported cluster size: cluster_bits={cluster_bits} (must be 9..21)")
+    h = Header(version=version, cluster_bits=cluster_bits, size=size, crypt_method=crypt,
+               l1_size=l1_size, l1_table_offset=l1_off, refcount_table_offset=rt_off,
+               refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
+               snapshots_offset=snap_off)
+    cs = h.cluster_size
+    if version == 3:
+        if len(buf) < 104:
+            raise bad("file too short for a version 3 header")
+        (h.incompatible, h.compatible, h.autoclear, h.refcount_order,
+         h.header_length) = _V3.unpack_from(buf, 72)
+        if h.header_length < 104 or h.header_length % 8 or h.header_length > cs \
+                or h.header_length > len(buf):
+            raise bad(f"invalid header_length {h.header_length}")
+        h.tail = bytes(buf[104:h.header_length])
+        h.compression_type = h.tail[0] if h.tail else 0
+    else:
+        h.refcount_order, h.header_length, h.tail = 4, 72, b""
+    # Extensions first: the feature table names unknown features.
+    off = h.header_length
+    seen = set()
+    while True:
+        if off + 8 > min(cs, len(buf)):
+            raise bad("header extensions run past the first cluster")
+        etype, elen = struct.unpack_from(">II", buf, off)
+        off += 8
+        if etype == EXT_END:
+            break
+        if off + elen > min(cs, len(buf)):
+            raise bad(f"header extension 0x{etype:08x} runs past the first cluster")
+        if etype in seen and etype in (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS,
+                                       EXT_CRYPTO, EXT_DATA_FILE):
+            raise bad(f"duplicate header extension 0x{etype:08x}")
+        seen.add(etype)
+        data = bytes(buf[off:off + elen])
+        if etype == EXT_BACKING_FORMAT:
+            h.backing_format = data.decode("utf-8", "replace")
+        else:
+            h.extensions.append((etype, data))
+        off += elen + (-elen % 8)
+    unknown = h.incompatible & ~INCOMPAT_KNOWN
+    if unknown:
+        names = [h.feature_name(0, b) for b in range(64) if unknown >> b & 1]
+        raise bad("unsupported qcow2 incompatible features: " + ", ".join(names))
+    if bf_off:
+        if bf_size > 1023 or bf_off + bf_size > min(cs, len(buf)) or bf_off < off:
+            raise bad(f"invalid backing file name location (offset {bf_off}, size {bf_size})")
+        h.backing_file = bytes(buf[bf_off:bf_off + bf_size]).decode("utf-8", "replace")
+    if crypt:
+        raise bad(f"encrypted qcow2 images are not supported (crypt_method={crypt})")
+    if h.refcount_order > 6:
+        raise bad(f"invalid refcount_order {h.refcount_order}")
+    if h.incompatible & INCOMPAT_DATA_FILE:
+        raise bad("qcow2 images with an external data file are not supported")
+    if h.extended_l2 and cluster_bits < 14:
+        raise bad("extended L2 entries need a cluster size of at least 16 KiB")
+    if bool(h.incompatible & INCOMPAT_COMPRESSION) != bool(h.compression_type):
+        raise bad("compression type field and incompatible feature bit 3 disagree")
+    if h.compression_type not in (0, 1):
+        raise bad(f"unknown compression type {h.compression_type}")
+    if version == 2 and (h.incompatible or h.compatible or h.autoclear):
+        raise bad("feature bits in a version 2 header")
+    # Tables: aligned, inside the file, of sane size.
+    if size >= 1 << 62:
+        raise bad(f"virtual size {size} too large")
+    span = cs * h.l2_entries
+    need_l1 = -(-size // span)
+    if l1_size < need_l1:
+        raise bad(f"L1 table too small for the virtual size (l1_size={l1_size}, need {need_l1})")
+    if l1_size * 8 > MAX_L1_BYTES:
+        raise bad(f"L1 table too large (l1_size={l1_size})")
+    if l1_size and (l1_off % cs or l1_off == 0 or l1_off + l1_size * 8 > file_size):
+        raise bad(f"invalid L1 table offset 0x{l1_off:x} (file size {file_size})")
+    if rt_off % cs or rt_off == 0 or rt_clusters == 0:
+        raise bad(f"invalid refcount table (offset 0x{rt_off:x}, {rt_clusters} clusters)")
+    if rt_clusters * cs > MAX_REFCOUNT_TABLE or rt_off + rt_clusters * cs > file_size:
+        raise bad(f"refcount table (offset 0x{rt_off:x}, {rt_clusters} clusters) "
+                  f"outside the file (size {file_size})")
+    if nb_snap and (snap_off % cs or snap_off == 0 or snap_off >= file_size):
+        raise bad(f"invalid snapshot table offset 0x{snap_off:x}")
+    if nb_snap > 65536:
+        raise bad(f"too many snapshots ({nb_snap})")
+    return h

@@ -1,0 +1,248 @@
+"""Refcounts: the table, the blocks, allocation and write ordering.
+
+The refcount table is held in memory as a list of block offsets; refcount
+blocks are decoded on first use into lists of ints and written back whole
+when dirty. Nothing is written before :meth:`Refcounts.flush_increments`.
+
+Write ordering (the invariant: on disk, no L2/L1 entry ever points at a
+cluster whose refcount is 0):
+
+* increments (allocations) are written by :meth:`flush_increments`, which the
+  driver calls *before* it writes L2 tables and the L1 table;
+* decrements (frees) are only queued by :meth:`free_later`; the driver applies
+  them with :meth:`apply_frees` *after* the L2/L1 tables that stopped
+  referencing the clusters are on disk. Until then a freed cluster keeps its
+  refcount in memory too, so it cannot be reused. A crash in between leaves a
+  leak, never a corruption.
+
+Allocation takes clusters from the end of the file (``end``), which keeps the
+runs of a sequential convert contiguous, or single clusters from the pool of
+clusters freed in this session. Holes left by other writers are not reused
+(a known, harmless waste). A missing refcount block is placed at the current
+end of the file, which is inside its own range or inside an existing block's
+range, so it can always record its own refcount. When the table is full it is
+moved to a larger copy at the end of the file (written, fsync'd, then the
+header switched) and the old copy is freed.
+"""
+from __future__ import annotations
+
+import array
+import os
+import sys
+
+from ...errors import ImageError
+
+RT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+
+
+class Refcounts:
+    def __init__(self, fd: int, cluster_bits: int, refcount_order: int,
+                 table_offset: int, table_clusters: int, file_size: int,
+                 set_table_location=None, path: str = ""):
+        self.fd = fd
+        self.cb = cluster_bits
+        self.cs = 1 << cluster_bits
+        self.bits = 1 << refcount_order
+        self.max_refcount = (1 << self.bits) - 1
+        self.rbe = self.cs * 8 // self.bits          # entries per block
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self.file_size = file_size
+        self.path = path
+        self._set_table_location = set_table_location
+        raw = os.pread(fd, table_clusters * self.cs, table_offset)
+        if len(raw) != table_clusters * self.cs:
+            raise ImageError(f"'{path}': refcount table truncated")
+        t = array.array("Q", raw)
+        if sys.byteorder == "little":
+            t.byteswap()
+        self.table = list(t)
+        self.table_dirty = False
+        self.blocks: dict[int, list] = {}
+        self.dirty: set[int] = set()
+        self.pending: list[int] = []      # clusters to decrement after L2/L1 are durable
+        self.pool: list[int] = []         # clusters freed this session, reusable
+        self.end = -(-file_size // self.cs)
+
+    # -- blocks --------------------------------------------------------
+    def _decode(self, raw: bytes) -> list:
+        w = self.bits
+        if w >= 8:
+            code = {8: "B", 16: "H", 32: "I" if array.array("I").itemsize == 4 else "L",
+                    64: "Q"}[w]
+            a = array.array(code, raw)
+            if sys.byteorder == "little" and w > 8:
+                a.byteswap()
+            return list(a)
+        per = 8 // w
+        mask = (1 << w) - 1
+        return [(b >> (w * j)) & mask for b in raw for j in range(per)]
+
+    def _encode(self, vals: list) -> bytes:
+        w = self.bits
+        if w >= 8:
+            code = {8: "B", 16: "H", 32: "I" if array.array("I").itemsize == 4 else "L",
+                    64: "Q"}[w]
+            a = array.array(code, vals)
+            if sys.byteorder == "little" and w > 8:
+                a.byteswap()
+            return a.tobytes()
+        per = 8 // w
+        out = bytearray(len(vals) // per)
+        for i, v in enumerate(vals):
+            out[i // per] |= v << (w * (i % per))
+        return bytes(out)
+
+    def block_offset(self, t: int) -> int:
+        if t >= len(self.table):
+            return 0
+        e = self.table[t]
+        off = e & RT_OFFSET_MASK
+        if e & 0x1FF or off % self.cs:
+            raise ImageError(f"'{self.path}': refcount table entry {t} is corrupt (0x{e:x})")
+        return off
+
+    def _block(self, t: int):
+        b = self.blocks.get(t)
+        if b is not None:
+            return b
+        off = self.block_offset(t)
+        if not off:
+            return None
+        raw = os.pread(self.fd, self.cs, off)
+        if len(raw) != self.cs:
+            raise ImageError(f"'{self.path}': refcount block at 0x{off:x} is beyond the end of the file")
+        b = self.blocks[t] = self._decode(raw)
+        return b
+
+    def get(self, c: int) -> int:
+        b = self._block(c // self.rbe)
+        return 0 if b is None else b[c % self.rbe]
+
+    def _set(self, c: int, v: int) -> None:
+        t = c // self.rbe
+        b = self._block(t)
+        if b is None:
+            raise ImageError(f"'{self.path}': no refcount block for cluster {c}")
+        if not 0 <= v <= self.max_refcount:
+            raise ImageError(f"'{self.path}': refcount of cluster {c} out of range ({v})")
+        b[c % self.rbe] = v
+        self.dirty.add(t)
+
+    def incref(self, c: int, n: int = 1) -> None:
+        self._set(c, self.get(c) + n)
+
+    def free_later(self, c: int) -> None:
+        self.pending.append(c)
+
+    # -- allocation ----------------------------------------------------
+    def _ensure_block(self, c: int) -> None:
+        """Make sure cluster ``c`` has a refcount block, placing a missing one
+        at the end of the file (which records its own refcount, possibly
+        after placing the block that covers it first)."""
+        t = c // self.rbe
+        if t >= len(self.table):
+            self._grow_table(t + 1)
+        if self.block_offset(t):
+            return
+        b = self.end
+        self.end += 1
+        self.table[t] = b << self.cb
+        self.table_dirty = True
+        self.blocks[t] = [0] * self.rbe
+        self.dirty.add(t)
+        self._ensure_block(b)
+        self._set(b, 1)
+
+    def alloc(self, n: int = 1) -> list[tuple[int, int]]:
+        """Allocate ``n`` clusters with refcount 1; return runs
+        [(first_cluster, count)] (one run unless a new refcount block had to
+        be placed in between)."""
+        runs: list[tuple[int, int]] = []
+        if n == 1 and self.pool:
+            c = self.pool.pop()
+            self._set(c, 1)
+            return [(c, 1)]
+        while n:
+            c = self.end
+            self._ensure_block(c)
+            if self.end != c:          # a block was placed at c: retry after it
+                continue
+            t_end = (c // self.rbe + 1) * self.rbe
+            k = min(n, t_end - c)
+            self.end = c + k
+            b = self._block(c // self.rbe)
+            i = c % self.rbe
+            b[i:i + k] = [1] * k
+            self.dirty.add(c // self.rbe)
+            if runs and runs[-1][0] + runs[-1][1] == c:
+                runs[-1] = (runs[-1][0], runs[-1][1] + k)
+            else:
+                runs.append((c, k))
+            n -= k
+        return runs
+
+    def alloc_one(self) -> int:
+        return self.alloc(1)[0][0]
+
+    def _grow_table(self, need_entries: int) -> None:
+        per = self.cs // 8
+        k = max(self.table_clusters * 2, -(-need_entries // per))
+        while True:
+            e = self.end
+            # blocks for the new table clusters and a few new blocks after them
+            cover = max(need_entries, (e + k + 4) // self.rbe + 2)
+            if cover <= k * per:
+                break
+            k = -(-cover // per)
+        old_off, old_n = self.table_offset, self.table_clusters
+        self.table.extend([0] * (k * per - len(self.table)))
+        first = self.end
+        self.end += k
+        for c in range(first, first + k):
+            self._ensure_block(c)
+            self._set(c, 1)
+        # Durable switch: blocks, new table, fsync, header, fsync.
+        self.table_offset, self.table_clusters = first << self.cb, k
+        self.table_dirty = True
+        self.flush_increments()
+        if self._set_table_location:
+            self._set_table_location(self.table_offset, self.table_clusters)
+        for c in range(old_off >> self.cb, (old_off >> self.cb) + old_n):
+            self.free_later(c)
+
+    # -- writing -------------------------------------------------------
+    def flush_increments(self) -> bool:
+        """Write dirty blocks and the table (if changed). Returns True when
+        something was written (the caller fsyncs)."""
+        wrote = False
+        for t in sorted(self.dirty):
+            off = self.block_offset(t)
+            os.pwrite(self.fd, self._encode(self.blocks[t]), off)
+            wrote = True
+        self.dirty.clear()
+        if self.table_dirty:
+            t = array.array("Q", self.table)
+            if sys.byteorder == "little":
+                t.byteswap()
+            os.pwrite(self.fd, t.tobytes(), self.table_offset)
+            self.table_dirty = False
+            wrote = True
+        if wrote:
+            os.fsync(self.fd)
+        return wrote
+
+    def apply_frees(self) -> bool:
+        """Apply queued decrements (call only after the L2/L1 tables that
+        dropped the references are durable)."""
+        if not self.pending:
+            return False
+        for c in self.pending:
+            v = self.get(c)
+            if v == 0:
+                raise ImageError(f"'{self.path}': freeing cluster {c} whose refcount is already 0")
+            self._set(c, v - 1)
+            if v == 1:
+                self.pool.append(c)
+        self.pending.clear()
+        return self.flush_increments()

@@ -1,0 +1,178 @@
+"""The raw driver: the guest disk is the file, byte for byte.
+
+Holes (SEEK_DATA/SEEK_HOLE) are reported as ZERO, data as DATA at
+host_offset == guest offset. ``write_zeroes`` walks nbdcopy's ladder: punch a
+hole (when ``may_unmap``), else ZERO_RANGE, else write zeroes; a method that
+answers EOPNOTSUPP/EINVAL is remembered per driver object and not tried again.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from ..errors import ImageError, OSErrorWithContext, UsageError
+from .base import Driver, Kind, Mapping
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_libc = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """0 or an errno (os.posix_fallocate has no mode argument)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+_ZEROES = bytes(1 << 20)
+
+
+class Raw(Driver):
+    format_name = "raw"
+    cluster_size = 0
+
+    def __init__(self, path: str, read_only: bool = True):
+        self.filename = path
+        self.read_only = read_only
+        self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        self._closed = False
+        self._can_punch = True
+        self._can_zero_range = True
+        self._can_seek_data = True
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def map_host(self, offset: int, length: int) -> list[Mapping]:
+        end = min(offset + length, self.size)
+        out: list[Mapping] = []
+        pos = offset
+        while pos < end:
+            if not self._can_seek_data:
+                out.append(Mapping(pos, end - pos, Kind.DATA, pos))
+                break
+            try:
+                d = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:          # only a hole up to EOF
+                    out.append(Mapping(pos, end - pos, Kind.ZERO))
+                    break
+                if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                    self._can_seek_data = False
+                    continue
+                raise OSErrorWithContext(e.errno, "SEEK_DATA", path=self.filename) from None
+            if d > pos:
+                out.append(Mapping(pos, min(d, end) - pos, Kind.ZERO))
+                pos = min(d, end)
+                continue
+            hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            e_ = min(hole, end)
+            out.append(Mapping(pos, e_ - pos, Kind.DATA, pos))
+            pos = e_
+        return out
+
+    def readinto(self, offset: int, buf) -> None:
+        mv = memoryview(buf).cast("B")
+        done = 0
+        while done < len(mv):
+            n = os.preadv(self.fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise UsageError(f"read beyond the end of '{self.filename}'")
+            done += n
+
+    def _writable(self):
+        if self.read_only:
+            raise ImageError(f"'{self.filename}': image is opened read-only")
+
+    def write(self, offset: int, data, fill=None) -> None:
+        self._writable()
+        mv = memoryview(data).cast("B")
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self.fd, mv[done:], offset + done)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True, fill=None) -> None:
+        self._writable()
+        end = min(offset + length, self.size)   # never grow the file here
+        if end <= offset:
+            return
+        n = end - offset
+        if may_unmap and self._can_punch:
+            err = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, n)
+            if not err:
+                return
+            if err in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._can_punch = False
+            else:
+                raise OSErrorWithContext(err, "punch hole", path=self.filename)
+        if self._can_zero_range:
+            err = _fallocate(self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, n)
+            if not err:
+                return
+            if err in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._can_zero_range = False
+            else:
+                raise OSErrorWithContext(err, "zero range", path=self.filename)
+        pos = offset
+        while pos < end:
+            k = min(end - pos, len(_ZEROES))
+            os.pwrite(self.fd, _ZEROES[:k], pos)
+            pos += k
+
+    def discard(self, offset: int, length: int) -> None:
+        """Punch a hole when the file system can (reads as zeroes after)."""
+        self._writable()
+        end = min(offset + length, self.size)
+        if end > offset and self._can_punch:
+            err = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                             offset, end - offset)
+            if err in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._can_punch = False
+
+    def truncate(self, size: int) -> None:
+        self._writable()
+        os.ftruncate(self.fd, size)
+
+    def flush(self) -> None:
+        if not self.read_only and not self._closed:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            os.close(self.fd)
+
+    def allocate(self, offset: int, length: int) -> list[Mapping]:
+        """Raw needs no allocation: the guest range is the host range."""
+        self._writable()
+        return [Mapping(offset, length, Kind.DATA, offset)]
+
+    def info(self) -> dict:
+        return {}
+
+
+def create(path: str, size: int, preallocation: str = "off") -> None:
+    if size < 0:
+        raise UsageError(f"invalid size {size}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        if preallocation == "falloc" and size:
+            os.posix_fallocate(fd, 0, size)
+        elif preallocation not in ("off", "falloc"):
+            raise UsageError(f"unsupported preallocation mode {preallocation!r} for raw")
+    finally:
+        os.close(fd)
