@@ -1,0 +1,396 @@
+"""Nodes and the graph: drivers stacked through backing links.
+
+A :class:`Node` wraps one open :class:`~blkjobs.formats.base.Driver` and an
+optional backing child. It answers "what does the guest see here" for the
+whole chain below it: :meth:`Node.readinto` resolves UNALLOCATED ranges in the
+backing node (zeroes past the backing node's end), :meth:`Node.block_status`
+reports the layer (depth) that provides each run, and :meth:`Node.write` does
+copy-on-write from the backing chain for partially written clusters by
+passing the driver a ``fill`` hook that reads the backing node.
+
+Names follow QEMU: given ones, or ``#blockN`` for unnamed nodes (N counts per
+graph). A backing link is a :class:`~.perm.Permission` the parent holds on
+its child: consistent read, sharing everything but write and resize (QEMU's
+default for backing children). A job that must write a backing node (commit)
+relaxes it first with ``parent.backing_perm.update(shared=ALL)``.
+
+Writes go through a node only while some user holds WRITE on it
+(:meth:`Node.take`), which also takes the QEMU lock bytes in the file.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import ImageError, UsageError
+from ..formats import open_image, probe_format
+from ..formats.base import Kind
+from .lock import FileLock
+from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
+
+BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+_ZEROES = bytes(1 << 20)
+
+
+class Graph:
+    """A set of named nodes. State is per object (no globals)."""
+
+    def __init__(self, locking: bool = True):
+        self.nodes: dict[str, Node] = {}
+        self.locking = locking
+        self._counter = 0
+
+    def auto_name(self) -> str:
+        while True:
+            self._counter += 1
+            name = f"#block{self._counter}"
+            if name not in self.nodes:
+                return name
+
+    def add(self, driver, name: str | None = None, fmt: str | None = None) -> "Node":
+        if name is None:
+            name = self.auto_name()
+        elif name in self.nodes:
+            raise UsageError(f"Duplicate nodes with node-name='{name}'")
+        elif not name or name.startswith("#"):
+            raise UsageError(f"Invalid node-name: '{name}'")
+        node = Node(self, name, driver, fmt or driver.format_name)
+        self.nodes[name] = node
+        return node
+
+    def __getitem__(self, name: str) -> "Node":
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise UsageError(f"Cannot find node '{name}'") from None
+
+    def parents(self, node: "Node") -> list["Node"]:
+        return [n for n in self.nodes.values() if n.backing is node]
+
+    def open_chain(self, path: str, fmt: str | None = None, read_only: bool = True,
+                   name: str | None = None) -> "Node":
+        return open_chain(path, fmt, read_only, graph=self, name=name)
+
+    def close(self) -> None:
+        for n in list(self.nodes.values()):
+            n.close()
+
+
+class Node:
+    def __init__(self, graph: Graph, name: str, driver, fmt: str):
+        self.graph = graph
+        self.name = name
+        self.driver = driver
+        self.format = fmt
+        self.backing: Node | None = None
+        self.backing_perm: Permission | None = None
+        self._perms: list[Permission] = []
+        self._lock = FileLock(driver.fd, driver.filename) if graph.locking else None
+        self._closed = False
+
+    # -- basic facts ---------------------------------------------------
+    @property
+    def filename(self) -> str:
+        return self.driver.filename
+
+    @property
+    def size(self) -> int:
+        return self.driver.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.driver.read_only
+
+    def chain(self) -> list["Node"]:
+        out, n = [], self
+        while n is not None:
+            out.append(n)
+            n = n.backing
+        return out
+
+    def __repr__(self):
+        return f"<Node {self.name} {self.format} '{self.filename}'>"
+
+    # -- permissions ---------------------------------------------------
+    def take(self, owner: str, perm: int, shared: int = ALL) -> Permission:
+        """Take ``perm`` for ``owner``, sharing ``shared`` with other users.
+        Raises PermissionConflict (and changes nothing) on a conflict with
+        another user of this node or with another process's locks."""
+        perm, shared = Perm(perm), Perm(shared)
+        if perm & (Perm.WRITE | Perm.RESIZE) and self.read_only:
+            raise PermissionConflict(f"Block node '{self.name}' is read-only; "
+                                     f"{owner} cannot take {perm_names(perm)}")
+        self._check_conflict(perm, shared, owner)
+        p = Permission(self, owner, perm, shared)
+        self._perms.append(p)
+        try:
+            self._apply_locks()
+        except BaseException:
+            self._perms.remove(p)
+            self._apply_locks()
+            raise
+        return p
+
+    def _check_conflict(self, perm, shared, owner, ignore=None):
+        for o in self._perms:
+            if o is ignore:
+                continue
+            if perm & ~o.shared:
+                raise PermissionConflict(
+                    f"Conflicts with use by {o.owner} of node '{self.name}', which does not "
+                    f"allow '{perm_names(perm & ~o.shared)}' (requested by {owner})")
+            if o.perm & ~shared:
+                raise PermissionConflict(
+                    f"{owner} cannot unshare '{perm_names(o.perm & ~shared)}' on node "
+                    f"'{self.name}': used by {o.owner}")
+
+    def cumulative(self) -> tuple[Perm, Perm]:
+        perm, shared = Perm(0), ALL
+        for p in self._perms:
+            perm |= p.perm
+            shared &= p.shared
+        return perm, shared
+
+    def _apply_locks(self):
+        if self._lock is None or self._closed:
+            return
+        perm, shared = self.cumulative()
+        self._lock.apply(perm, ALL & ~shared)
+
+    def users(self) -> list[Permission]:
+        return list(self._perms)
+
+    def _require(self, bit: Perm, what: str):
+        if not any(p.perm & bit for p in self._perms):
+            raise PermissionConflict(f"{what} on node '{self.name}' needs the "
+                                     f"'{perm_names(bit)}' permission: take it first")
+
+    # -- backing link ----------------------------------------------------
+    def _link(self, child: "Node | None") -> Permission | None:
+        if child is None:
+            return None
+        return child.take(f"node '{self.name}' (backing)", Perm.CONSISTENT_READ, BACKING_SHARED)
+
+    def attach_backing(self, child: "Node | None") -> None:
+        """Set the in-memory backing link (no header change)."""
+        perm = self._link(child)
+        if self.backing_perm is not None:
+            self.backing_perm.release()
+        self.backing, self.backing_perm = child, perm
+
+    # -- I/O through the chain ---------------------------------------------
+    def readinto(self, offset: int, buf) -> None:
+        """The guest view of [offset, offset+len(buf)) through the chain."""
+        mv = memoryview(buf).cast("B")
+        if offset + len(mv) > self.size:
+            raise UsageError(f"read beyond the end of node '{self.name}'")
+        if self.backing is None:
+            self.driver.readinto(offset, mv)
+            return
+        for m in self.driver.map_host(offset, len(mv)):
+            v = mv[m.start - offset:m.start - offset + m.length]
+            if m.kind == Kind.UNALLOCATED:
+                self.backing._read_below(m.start, v)
+            else:
+                self.driver.readinto(m.start, v)
+
+    def _read_below(self, offset: int, mv) -> None:
+        """Like readinto, but zeroes past this node's end (backing shorter
+        than the overlay)."""
+        n = max(0, min(len(mv), self.size - offset))
+        if n:
+            self.readinto(offset, mv[:n])
+        pos = n
+        while pos < len(mv):
+            k = min(len(mv) - pos, len(_ZEROES))
+            mv[pos:pos + k] = _ZEROES[:k]
+            pos += k
+
+    def read(self, offset: int, length: int) -> bytes:
+        b = bytearray(length)
+        self.readinto(offset, b)
+        return bytes(b)
+
+    def _fill(self):
+        if self.backing is None:
+            return None
+        below = self.backing
+        return lambda off, buf: below._read_below(off, memoryview(buf).cast("B"))
+
+    def write(self, offset: int, data) -> None:
+        """Write with copy-on-write from the backing chain."""
+        self._require(Perm.WRITE, "write")
+        if self.backing is None:
+            self.driver.write(offset, data)
+        else:
+            self.driver.write(offset, data, fill=self._fill())
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
+        self._require(Perm.WRITE, "write_zeroes")
+        if self.backing is None:
+            self.driver.write_zeroes(offset, length, may_unmap)
+        else:
+            self.driver.write_zeroes(offset, length, may_unmap, fill=self._fill())
+
+    def discard(self, offset: int, length: int) -> None:
+        self._require(Perm.WRITE, "discard")
+        self.driver.discard(offset, length)
+
+    def flush(self) -> None:
+        self.driver.flush()
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> list[dict]:
+        """Runs of [offset, offset+length) through the chain, as ``qemu-img
+        map --output json`` prints them: start, length, depth, present, zero,
+        data, compressed, and offset (host offset in the file of the node at
+        ``depth``) when the data has one."""
+        if length is None:
+            length = self.size - offset
+        out: list[dict] = []
+        self._status(offset, min(length, self.size - offset), 0, out)
+        return out
+
+    def _status(self, offset, length, depth, out):
+        for m in self.driver.map_host(offset, length):
+            if m.kind == Kind.UNALLOCATED and self.backing is not None:
+                bsize = self.backing.size
+                inside = max(0, min(m.start + m.length, bsize) - m.start)
+                if inside:
+                    self.backing._status(m.start, inside, depth + 1, out)
+                if inside < m.length:
+                    _emit(out, m.start + inside, m.length - inside, depth + 1,
+                          False, True, False, False, None)
+                continue
+            if m.kind == Kind.DATA:
+                _emit(out, m.start, m.length, depth, True, False, True, False, m.host_offset)
+            elif m.kind == Kind.COMPRESSED:
+                _emit(out, m.start, m.length, depth, True, False, True, True, None)
+            elif m.kind == Kind.ZERO:
+                _emit(out, m.start, m.length, depth, True, True, False, False, None)
+            else:
+                _emit(out, m.start, m.length, depth, False, True, False, False, None)
+
+    # -- lifecycle ---------------------------------------------------------
+    def reopen(self, read_only: bool) -> None:
+        """Reopen the driver read-only or read-write (e.g. a commit base);
+        permissions and locks move to the new file description."""
+        if read_only == self.read_only:
+            return
+        if read_only:
+            perm, _ = self.cumulative()
+            if perm & (Perm.WRITE | Perm.RESIZE):
+                raise PermissionConflict(f"node '{self.name}' is still used for writing")
+        self.driver.flush()
+        new = open_image(self.filename, self.format, read_only=read_only)
+        old, self.driver = self.driver, new
+        if self._lock is not None:
+            newlock = FileLock(new.fd, new.filename)
+            perm, shared = self.cumulative()
+            # Our old description still holds the same bytes: move them over.
+            held = set(self._lock.held)
+            self._lock.release()
+            try:
+                newlock.apply(perm, ALL & ~shared)
+            except BaseException:
+                new.close()
+                self.driver = old
+                for b in sorted(held):
+                    from . import lock as _l
+                    _l._set(old.fd, _l.fcntl.F_RDLCK, b)
+                self._lock.held = held
+                raise
+            self._lock = newlock
+        old.close()
+
+    def close(self) -> None:
+        """Close this node and drop it from the graph (its backing node stays)."""
+        if self._closed:
+            return
+        if self.backing_perm is not None:
+            self.backing_perm.release()
+            self.backing_perm = None
+        self.backing = None
+        if self._lock is not None:
+            self._lock.release()
+        self._closed = True
+        self.driver.close()
+        if self.graph.nodes.get(self.name) is self:
+            del self.graph.nodes[self.name]
+
+    def close_chain(self) -> None:
+        for n in self.chain():
+            n.close()
+
+
+def _emit(out, start, length, depth, present, zero, data, compressed, offset):
+    if length <= 0:
+        return
+    if out:
+        p = out[-1]
+        if (p["depth"], p["present"], p["zero"], p["data"], p["compressed"]) == \
+                (depth, present, zero, data, compressed) and p["start"] + p["length"] == start \
+                and (offset is None) == ("offset" not in p) \
+                and (offset is None or p["offset"] + p["length"] == offset):
+            p["length"] += length
+            return
+    e = {"start": start, "length": length, "depth": depth, "present": present,
+         "zero": zero, "data": data, "compressed": compressed}
+    if offset is not None:
+        e["offset"] = offset
+    out.append(e)
+
+
+def resolve_backing(overlay_path: str, backing: str) -> str:
+    """A relative backing name is relative to the overlay's directory."""
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(overlay_path), backing)
+
+
+def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
+               graph: Graph | None = None, name: str | None = None,
+               locking: bool = True) -> Node:
+    """Open ``path`` and its whole backing chain; return the top node.
+
+    The top node is opened as asked; backing nodes always read-only. A
+    backing file whose format is not recorded is probed (so it opens as
+    qcow2 or as *read-only* raw, never as a writable raw guess). Loops
+    (a file appearing twice in its own chain) raise ImageError. The top node
+    is held by the owner ``'open'`` with consistent read, sharing all.
+    """
+    if graph is None:
+        graph = Graph(locking=locking)
+    opened: list[Node] = []
+    seen: dict[str, str] = {}
+    try:
+        cur_path, cur_fmt, ro = path, fmt, read_only
+        prev: Node | None = None
+        while True:
+            real = os.path.realpath(cur_path)
+            if real in seen:
+                raise ImageError(f"backing chain loop: '{cur_path}' is already in the chain "
+                                 f"of '{path}'")
+            seen[real] = cur_path
+            if cur_fmt is None:
+                cur_fmt = probe_format(cur_path)
+            drv = open_image(cur_path, cur_fmt, read_only=ro)
+            node = graph.add(drv, name if prev is None else None, cur_fmt)
+            opened.append(node)
+            if prev is None:
+                node.take("open", Perm.CONSISTENT_READ, ALL)
+            else:
+                prev.attach_backing(node)
+            bf = drv.backing_filename
+            if not bf:
+                break
+            if len(opened) > 256:
+                raise ImageError(f"backing chain of '{path}' is too long")
+            cur_path = resolve_backing(drv.filename, bf)
+            if not os.path.exists(cur_path):
+                raise ImageError(f"Could not open backing file '{cur_path}' of "
+                                 f"'{drv.filename}': No such file or directory")
+            cur_fmt, ro, prev = drv.backing_format, True, node
+        return opened[0]
+    except BaseException:
+        for n in reversed(opened):
+            n.close()
+        raise

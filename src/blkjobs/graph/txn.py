@@ -1,0 +1,197 @@
+"""Transactional graph changes.
+
+Each change is applied when it is created (so later steps of the same
+transaction see it) and returns an object with ``commit()`` and ``abort()``;
+``abort()`` restores exactly what was there (links, permissions, and the
+overlay's header bytes), ``commit()`` only releases what the change made
+obsolete. A :class:`GraphTransaction` collects changes: commit all in order,
+or abort all in reverse order; as a context manager it commits on success
+and aborts on an exception.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import ImageError, UsageError
+from .node import Node
+
+
+class Change:
+    done = False
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self):
+        if self.done:
+            raise UsageError("graph change already committed or aborted")
+        self.done = True
+
+
+class ReplaceNode(Change):
+    """Make every parent of ``old`` (nodes using it as backing) use ``new``."""
+
+    def __init__(self, old: Node, new: Node):
+        if old.graph is not new.graph:
+            raise UsageError("nodes belong to different graphs")
+        if old is new or old in new.chain():
+            raise UsageError(f"cannot replace '{old.name}' by a node above it")
+        self.old, self.new = old, new
+        self.moves = []          # (parent, old_perm)
+        try:
+            for p in old.graph.parents(old):
+                perm = p._link(new)
+                self.moves.append((p, p.backing_perm))
+                p.backing, p.backing_perm = new, perm
+        except BaseException:
+            self._undo()
+            raise
+
+    def _undo(self):
+        for p, old_perm in reversed(self.moves):
+            p.backing_perm.release()
+            p.backing, p.backing_perm = self.old, old_perm
+        self.moves = []
+
+    def commit(self):
+        self._finish()
+        for _, old_perm in self.moves:
+            old_perm.release()
+
+    def abort(self):
+        self._finish()
+        self._undo()
+
+
+class SetBacking(Change):
+    """Change ``node``'s backing link to ``backing`` (None = no backing) and,
+    when ``update_header``, record it in the image header (name relative to
+    the node's directory unless ``filename`` is given; format from the new
+    node unless ``fmt`` is given)."""
+
+    def __init__(self, node: Node, backing: Node | None, update_header: bool = True,
+                 filename: str | None = None, fmt: str | None = None):
+        if backing is not None and node in backing.chain():
+            raise UsageError(f"making '{backing.name}' the backing of '{node.name}' "
+                             "would create a loop")
+        self.node, self.old_backing, self.old_perm = node, node.backing, node.backing_perm
+        self.header_saved = None
+        drv = node.driver
+        if update_header:
+            if not hasattr(drv, "set_backing"):
+                raise ImageError(f"node '{node.name}' ({node.format}) cannot record a backing file")
+            if drv.read_only:
+                raise ImageError(f"node '{node.name}' is read-only: cannot rewrite its header")
+        new_perm = node._link(backing)
+        try:
+            if update_header:
+                if backing is not None and filename is None:
+                    filename = os.path.relpath(os.path.abspath(backing.filename),
+                                               os.path.dirname(os.path.abspath(node.filename)))
+                if backing is not None and fmt is None:
+                    fmt = backing.format
+                self.header_saved = (drv.header_bytes(), drv.backing_filename,
+                                     drv.backing_format)
+                drv.set_backing(filename if backing is not None else None,
+                                fmt if backing is not None else None)
+        except BaseException:
+            if new_perm is not None:
+                new_perm.release()
+            raise
+        node.backing, node.backing_perm = backing, new_perm
+
+    def commit(self):
+        self._finish()
+        if self.old_perm is not None:
+            self.old_perm.release()
+
+    def abort(self):
+        self._finish()
+        n = self.node
+        if n.backing_perm is not None:
+            n.backing_perm.release()
+        n.backing, n.backing_perm = self.old_backing, self.old_perm
+        if self.header_saved is not None:
+            raw, bf, bfmt = self.header_saved
+            drv = n.driver
+            cur = drv.header_bytes()
+            # restore exactly the old bytes of cluster 0, then re-read the header
+            os.pwrite(drv.fd, raw, 0)
+            os.fsync(drv.fd)
+            drv.header.backing_file, drv.header.backing_format = bf, bfmt
+            drv.backing_filename, drv.backing_format = bf, bfmt
+            del cur
+
+
+class DropNode(Change):
+    """Remove ``node`` from the graph at commit (closing it). Refused while
+    another node uses it as backing or a user other than ``'open'`` holds it."""
+
+    def __init__(self, node: Node):
+        parents = node.graph.parents(node)
+        if parents:
+            raise UsageError(f"node '{node.name}' is in use as backing of "
+                             f"'{parents[0].name}'")
+        others = [p for p in node.users() if p.owner != "open"]
+        if others:
+            raise UsageError(f"node '{node.name}' is in use by {others[0].owner}")
+        self.node = node
+
+    def commit(self):
+        self._finish()
+        for p in self.node.users():
+            p.release()
+        self.node.close()
+
+    def abort(self):
+        self._finish()
+
+
+class GraphTransaction:
+    def __init__(self):
+        self.changes: list[Change] = []
+        self.state = "open"
+
+    def add(self, change: Change) -> Change:
+        if self.state != "open":
+            raise UsageError(f"transaction already {self.state}")
+        self.changes.append(change)
+        return change
+
+    def replace_node(self, old: Node, new: Node) -> ReplaceNode:
+        return self.add(ReplaceNode(old, new))
+
+    def set_backing(self, node: Node, backing: Node | None, **kw) -> SetBacking:
+        return self.add(SetBacking(node, backing, **kw))
+
+    def drop_node(self, node: Node) -> DropNode:
+        return self.add(DropNode(node))
+
+    def commit(self) -> None:
+        if self.state != "open":
+            raise UsageError(f"transaction already {self.state}")
+        self.state = "committed"
+        for c in self.changes:
+            c.commit()
+
+    def abort(self) -> None:
+        if self.state != "open":
+            raise UsageError(f"transaction already {self.state}")
+        self.state = "aborted"
+        for c in reversed(self.changes):
+            c.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if self.state != "open":
+            return False
+        if et is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
