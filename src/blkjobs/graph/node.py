@@ -265,9 +265,9 @@ class Node:
             elif m.kind == Kind.COMPRESSED:
                 _emit(out, m.start, m.length, depth, True, False, True, True, None)
             elif m.kind == Kind.ZERO:
-                _emit(out, m.start, m.length, depth, True, True, False, False, None)
+                _emit(out, m.start, m.length, depth, True, True, False, False, m.host_offset)
             else:
-                _emit(out, m.start, m.length, depth, False, True, False, False, None)
+                _emit(out, m.start, m.length, depth, False, True, False, False, m.host_offset)
 
     # -- lifecycle ---------------------------------------------------------
     def reopen(self, read_only: bool) -> None:

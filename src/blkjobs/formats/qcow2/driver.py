@@ -253,7 +253,7 @@ class Qcow2(Driver):
             if e & COPIED or bm:
                 raise self._bad_entry(gc, e, "invalid compressed entry")
             self._compressed_span(gc, e)
-            return Kind.COMPRESSED, None
+            return Kind.COMPRESSED, 0
         if e & STD_RESERVED:
             raise self._bad_entry(gc, e, "reserved bits set")
         h = e & OFFSET_MASK
@@ -283,6 +283,9 @@ class Qcow2(Driver):
     # ------------------------------------------------------------------
     # map_host
     def map_host(self, offset: int, length: int) -> list[Mapping]:
+        """Runs of this layer, coalesced (DATA runs contiguous in the file).
+        ZERO runs carry the host offset of a preallocated zero cluster
+        (``qemu-img map`` prints it); the C copy engine uses DATA runs only."""
         end = min(offset + length, self.size)
         out: list = []   # [start, length, kind, host]
 
@@ -290,7 +293,8 @@ class Qcow2(Driver):
             if out:
                 p = out[-1]
                 if p[2] == kind and p[0] + p[1] == s and (
-                        kind != Kind.DATA or p[3] + p[1] == host):
+                        (host is None and p[3] is None)
+                        or (host is not None and p[3] is not None and p[3] + p[1] == host)):
                     p[1] += n
                     return
             out.append([s, n, kind, host])
@@ -333,14 +337,14 @@ class Qcow2(Driver):
                     continue
                 kind, h = self._classify(gc, e, bm)
                 if kind != "ext":
-                    emit(s, e_ - s, kind, (h + s - cstart) if kind == Kind.DATA else None)
+                    emit(s, e_ - s, kind, (h + s - cstart) if h else None)
                     continue
                 h, alloc, zero = h
                 if alloc == ALL_ALLOC:
                     emit(s, e_ - s, Kind.DATA, h + s - cstart)
                     continue
                 if zero == ALL_ALLOC:
-                    emit(s, e_ - s, Kind.ZERO)
+                    emit(s, e_ - s, Kind.ZERO, (h + s - cstart) if h else None)
                     continue
                 scs = self.scs
                 for j in range((s - cstart) // scs, (e_ - 1 - cstart) // scs + 1):
@@ -349,9 +353,9 @@ class Qcow2(Driver):
                     if alloc >> j & 1:
                         emit(a, b - a, Kind.DATA, h + a - cstart)
                     elif zero >> j & 1:
-                        emit(a, b - a, Kind.ZERO)
-                    else:
-                        emit(a, b - a, Kind.UNALLOCATED)
+                        emit(a, b - a, Kind.ZERO, (h + a - cstart) if h else None)
+                    else:   # QEMU reports the host cluster of such subclusters too
+                        emit(a, b - a, Kind.UNALLOCATED, (h + a - cstart) if h else None)
             pos = span_end
         return [Mapping(s, n, k, h) for s, n, k, h in out]
 

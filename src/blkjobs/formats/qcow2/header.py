@@ -105,7 +105,19 @@ class Header:
     # -- serialisation -------------------------------------------------
     def pack(self) -> bytes:
         """Return cluster 0's meaningful bytes (header, extensions, end
-        marker, backing name). Raises ImageError when they exceed a cluster."""
+        marker, backing name). The optional feature name table is dropped
+        when it does not fit (512-byte clusters with a backing file); raises
+        ImageError when the rest exceeds a cluster."""
+        out = self._pack()
+        if len(out) > self.cluster_size and self.ext(EXT_FEATURE_TABLE) is not None:
+            self.extensions = [(t, d) for t, d in self.extensions if t != EXT_FEATURE_TABLE]
+            out = self._pack()
+        if len(out) > self.cluster_size:
+            raise ImageError(f"header, extensions and backing name need {len(out)} bytes, "
+                             f"more than one cluster ({self.cluster_size})")
+        return out
+
+    def _pack(self) -> bytes:
         out = bytearray(_V2.pack(
             MAGIC, self.version,
             0, 0,  # backing offset/size patched below
@@ -132,9 +144,6 @@ class Header:
                 raise ImageError("backing file name too long (max 1023 bytes)")
             struct.pack_into(">QI", out, 8, len(out), len(name))
             out += name
-        if len(out) > self.cluster_size:
-            raise ImageError(f"header, extensions and backing name need {len(out)} bytes, "
-                             f"more than one cluster ({self.cluster_size})")
         return bytes(out)
 
 
