@@ -108,8 +108,11 @@ class ReadyDriver(StepDriver):
 
     job_type = "mirror"
 
+    became_ready = False
+
     def run_tail(self, job: Job) -> None:
         job.set_ready()
+        self.became_ready = True
         while not (job.should_complete or job.cancel_requested):
             job.sleep(None)
 
@@ -117,7 +120,8 @@ class ReadyDriver(StepDriver):
         self.log.append("complete")
 
     def cancel(self, job: Job, force: bool) -> bool:
-        return force or not job.is_ready
+        # before it was ever ready, every cancel is a forced one
+        return force or not self.became_ready
 
     def prepare(self, job: Job) -> None:
         super().prepare(job)
