@@ -1,0 +1,52 @@
+#ifndef BJ_BENCH_H
+#define BJ_BENCH_H
+#include <stdint.h>
+#include <stddef.h>
+
+/* cdef-begin */
+/* One measured I/O loop over [0, size) of an open file (see bench.c).
+ * The caller opens fd (O_DIRECT or not) and lays the file out beforehand;
+ * with O_DIRECT, bs must suit the device's logical block size (buffers are
+ * 4 KiB aligned). */
+struct bj_bench_opts {
+    int fd;
+    uint32_t write;        /* 0 = pread, 1 = pwrite */
+    uint32_t random;       /* 0 = one sequential stream, 1 = random bs-aligned offsets */
+    uint32_t threads;      /* worker threads 1..256, one request in flight each */
+    uint64_t bs;           /* bytes per request, 512 B .. 1 GiB */
+    uint64_t size;         /* region [0, size); at least bs (the tail < bs is unused) */
+    uint64_t bytes;        /* byte budget: stop after this many bytes (0 = size) */
+    uint64_t runtime_ns;   /* time budget (0 = none): stop when it is over; with a
+                              time budget the byte budget is unlimited unless set
+                              and the sequential stream wraps at the end of the region */
+    uint32_t fsync_end;    /* write: fsync(fd) after the last request, timed */
+    uint64_t seed;         /* random offsets and the written pattern */
+};
+
+struct bj_bench_result {
+    uint64_t bytes;        /* bytes whose requests completed */
+    uint64_t ops;          /* requests completed */
+    uint64_t elapsed_ns;   /* start .. last completion (+ fsync); so far if running */
+    uint64_t fsync_ns;     /* time in the final fsync */
+    int error;             /* first error, -errno, or 0 */
+    uint64_t error_offset; /* offset of the failing request */
+    int finished;          /* 1 once every worker stopped (and fsync ran) */
+};
+
+struct bj_bench;
+/* Validate opts, start the workers and let them allocate and touch their
+ * buffers; no I/O happens until the first bj_bench_run(). */
+int bj_bench_new(struct bj_bench **out, const struct bj_bench_opts *opts);
+/* Start the clock and the I/O on the first call; wait until the loop is
+ * finished (returns 0), or timeout_ms elapsed (returns 2: call again), or
+ * it failed / was cancelled (returns -errno, after every worker stopped).
+ * Call with the GIL released (cffi does). */
+int bj_bench_run(struct bj_bench *b, uint32_t timeout_ms);
+/* Ask the workers to stop after their current request (thread-safe). */
+void bj_bench_cancel(struct bj_bench *b);
+void bj_bench_get_result(struct bj_bench *b, struct bj_bench_result *r);
+/* Cancel, join the workers and free everything. */
+void bj_bench_free(struct bj_bench *b);
+/* cdef-end */
+
+#endif

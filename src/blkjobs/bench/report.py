@@ -1,0 +1,123 @@
+"""The report: a plain table for people (stdout), a JSON document for
+programs (``--output json``, schema below, version in ``schema``).
+
+JSON (schema "blkjobs-bench/1")::
+
+    {"schema": "blkjobs-bench/1",
+     "settings": {"dir", "size", "runtime_s", "repeat", "warmup", "cold",
+                  "density": {"data", "zero", "hole"}, "compare": [...], "seed"},
+     "host": {"kernel", "cpus", "filesystem"},
+     "notes": ["..."],
+     "results": [{"case": {"workload", "bs", "threads", "direct"},
+                  "tool", "io": "direct"|"buffered", "cache": "bypassed"|"warm"|"cold:...",
+                  "error": null | "message",
+                  "runs": [{"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes"}],
+                  "summary": null | {"runs", "median_bps", "min_bps", "max_bps",
+                      "median_mb_s", "median_mib_s", "min_mb_s", "max_mb_s", "spread",
+                      "median_iops", "median_elapsed_s", "median_cpu_s",
+                      "peak_rss_bytes"}}]}
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+from .runner import Row, Settings, result_dicts
+from .sizes import format_size
+from .stats import MB, MiB, summarize
+
+SCHEMA = "blkjobs-bench/1"
+IOPS_MAX_BS = 64 << 10  # IOPS is shown for requests up to this size
+
+
+def _filesystem(path: str) -> str | None:
+    best, fstype = "", None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mnt = parts[1].replace("\\040", " ")
+                if os.path.realpath(path).startswith(mnt.rstrip("/") + "/") or \
+                        os.path.realpath(path) == mnt:
+                    if len(mnt) >= len(best):
+                        best, fstype = mnt, parts[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def to_json(settings: Settings, rows: list[Row], notes: list[str]) -> dict:
+    d = settings.density
+    return {
+        "schema": SCHEMA,
+        "settings": {"dir": settings.dir, "size": settings.size,
+                     "runtime_s": settings.runtime or None, "repeat": settings.repeat,
+                     "warmup": settings.warmup, "cold": settings.cold,
+                     "density": {"data": d.data, "zero": d.zero, "hole": d.hole},
+                     "compare": list(settings.compare), "seed": settings.seed},
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                 "filesystem": _filesystem(settings.dir)},
+        "notes": list(notes),
+        "results": result_dicts(rows),
+    }
+
+
+def dumps(doc: dict) -> str:
+    return json.dumps(doc, indent=2) + "\n"
+
+
+HEADERS = ("workload", "bs", "jobs", "io", "cache", "tool", "MB/s", "MiB/s", "min-max MB/s",
+           "IOPS", "CPU s", "peak RSS")
+
+
+def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
+    lines = []
+    body = []
+    for r in rows:
+        c = r.case
+        head = [c.workload, format_size(c.bs), str(c.threads), r.io, r.cache, r.tool]
+        if r.error or not r.samples:
+            body.append(head + [f"error: {r.error or 'no runs'}"])
+            continue
+        s = summarize(r.samples)
+        iops = f"{s.median_iops:,.0f}" if c.bs <= IOPS_MAX_BS and s.median_iops else "-"
+        rss = f"{s.peak_rss_bytes / MiB:.0f} MiB" if s.peak_rss_bytes else "-"
+        body.append(head + [f"{s.median_bps / MB:,.1f}", f"{s.median_bps / MiB:,.1f}",
+                            f"{s.min_bps / MB:,.1f}-{s.max_bps / MB:,.1f}", iops,
+                            f"{s.median_cpu_s:.2f}", rss])
+    widths = [len(h) for h in HEADERS]
+    for b in body:
+        if len(b) == len(HEADERS):
+            widths = [max(w, len(x)) for w, x in zip(widths, b)]
+    numeric = {2, 6, 7, 8, 9, 10, 11}
+
+    def fmt(cells):
+        out = []
+        for i, x in enumerate(cells):
+            if len(cells) != len(HEADERS) and i == len(cells) - 1:
+                out.append(x)  # an error message runs to the end of the line
+            else:
+                out.append(x.rjust(widths[i]) if i in numeric else x.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    lines.append(fmt(list(HEADERS)))
+    prev = None
+    for b, r in zip(body, rows):
+        if prev is not None and r.case != prev:
+            lines.append("")
+        lines.append(fmt(b))
+        prev = r.case
+    lines.append("")
+    lines.append(f"MB/s = 10^6 bytes/s, MiB/s = 2^20 bytes/s: the median of {settings.repeat} "
+                 f"runs after {settings.warmup} warm-up run(s), contenders alternating; "
+                 f"min-max over the same runs.")
+    lines.append("Writes include the final fsync. IOPS shown for requests up to "
+                 f"{format_size(IOPS_MAX_BS)}. CPU s: user+system time per run (median). "
+                 "Peak RSS: largest of the runs.")
+    if any(r.case.workload == "copy" for r in rows):
+        lines.append(f"copy: a {format_size(settings.size)} raw image ({settings.density}); "
+                     "throughput counts its virtual size.")
+    for n in notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,120 @@
+"""blkjobs bench [DIR]: throughput of the disk under DIR, and of copy paths.
+
+    blkjobs bench /var/tmp -w seqread,seqwrite -b 4k,1M -j 1,4 --direct=0,1
+    blkjobs bench /var/tmp -w copy --density data=30,zero=20,hole=50 --compare
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+from ..errors import UsageError
+
+HELP_EPILOG = """\
+workloads: seqread, seqwrite, randread, randwrite (at --rand-bs), copy (the
+engine of 'blkjobs convert', on a VM-shaped raw image of --density).
+Sizes take k, M, G suffixes (binary). Lists are comma-separated: -b 4k,1M -j 1,2,4.
+Throughput: MB/s = 10^6 bytes/s, MiB/s = 2^20 bytes/s. See benchmarks/README.md.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark disk throughput and copy paths",
+        description="Run a matrix of I/O workloads in DIR and print a table.",
+        epilog=HELP_EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("dir", nargs="?", default=".", metavar="DIR",
+                   help="directory on the file system to test (default: .)")
+    p.add_argument("-w", "--workload", default="seqread,seqwrite,randread,randwrite,copy",
+                   help="workloads (default: all)")
+    p.add_argument("-b", "--bs", default="1M",
+                   help="request sizes of the sequential and copy workloads (default: 1M)")
+    p.add_argument("--rand-bs", default="4k", metavar="BS",
+                   help="request size of the random workloads (default: 4k)")
+    p.add_argument("-j", "--threads", default="1", help="worker threads (default: 1)")
+    p.add_argument("--direct", nargs="?", const="1", default="0", metavar="0|1|0,1",
+                   help="O_DIRECT with aligned buffers (1), buffered (0) or both (0,1)")
+    p.add_argument("--size", default="256M", help="file size per workload (default: 256M)")
+    p.add_argument("--runtime", default=None, metavar="SECONDS",
+                   help="time budget per run (default: one pass over --size)")
+    p.add_argument("--repeat", type=int, default=5, help="measured runs (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="discarded runs first (default: 1)")
+    p.add_argument("--cold", action="store_true",
+                   help="drop caches before every run (as root; else evict the files' pages)")
+    p.add_argument("--compare", nargs="?", const="all", default=None, metavar="TOOLS",
+                   help="also run fio, dd, qemu-img, cp, nbdcopy (all, or a list)")
+    p.add_argument("--density", default="data=50,zero=10,hole=40",
+                   help="copy source shares in percent (default: data=50,zero=10,hole=40)")
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="table (human) or JSON on stdout")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
+    p.add_argument("--keep", action="store_true", help="keep the files it made")
+    p.add_argument("--seed", type=int, default=1, help=argparse_hidden())
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
+    p.set_defaults(func=run)
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def settings_from_args(args):
+    from ..bench.matrix import parse_density, parse_matrix
+    from ..bench.runner import Settings, parse_compare
+    from ..bench.sizes import parse_size
+
+    cases = parse_matrix(args.workload, args.bs, args.threads, args.direct, args.rand_bs)
+    size = parse_size(args.size, "--size")
+    biggest = max(c.bs for c in cases)
+    if size < biggest:
+        raise UsageError(f"--size {args.size} is smaller than the largest request size")
+    if any(c.workload == "copy" for c in cases) and size % 4096:
+        raise UsageError("--size must be a multiple of 4k for the copy workload")
+    runtime = 0.0
+    if args.runtime is not None:
+        try:
+            runtime = float(args.runtime.rstrip("s"))
+        except ValueError:
+            raise UsageError(f"invalid --runtime '{args.runtime}': seconds expected") from None
+        if not runtime > 0:
+            raise UsageError(f"invalid --runtime '{args.runtime}': must be > 0")
+    if args.repeat < 1:
+        raise UsageError(f"invalid --repeat {args.repeat}: must be >= 1")
+    if args.warmup < 0:
+        raise UsageError(f"invalid --warmup {args.warmup}: must be >= 0")
+    return Settings(dir=args.dir, cases=cases, size=size, runtime=runtime,
+                    repeat=args.repeat, warmup=args.warmup, cold=args.cold,
+                    density=parse_density(args.density), compare=parse_compare(args.compare),
+                    keep=args.keep, seed=args.seed)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: files removed, exit 130
+
+
+def run(args) -> int:
+    from ..bench import report
+    from ..bench.progress import Progress
+    from ..bench.runner import Runner
+
+    settings = settings_from_args(args)
+    plt = None
+    if args.plot:
+        from ..bench.plot import load_pyplot
+        plt = load_pyplot()  # fail before doing any I/O
+    old = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        runner = Runner(settings, progress=Progress(sys.stderr, enabled=not args.quiet))
+        rows, notes = runner.run()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    if args.plot:
+        from ..bench.plot import plot
+        plot(rows, args.plot, plt)
+        notes.append(f"plot written to {args.plot}")
+    if args.output == "json":
+        sys.stdout.write(report.dumps(report.to_json(settings, rows, notes)))
+    else:
+        sys.stdout.write(report.table(settings, rows, notes))
+    return 1 if any(r.error for r in rows) else 0
