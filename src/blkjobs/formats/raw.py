@@ -89,6 +89,11 @@ class Raw(Driver):
                 raise UsageError(f"read beyond the end of '{self.filename}'")
             done += n
 
+    def read(self, offset: int, length: int) -> bytes:
+        b = bytearray(length)
+        self.readinto(offset, b)
+        return bytes(b)
+
     def _writable(self):
         if self.read_only:
             raise ImageError(f"'{self.filename}': image is opened read-only")

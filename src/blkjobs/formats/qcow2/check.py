@@ -82,6 +82,8 @@ def _check(img, repair):
             refs[c] += 1
 
     def pread(off, n):
+        if off < 0 or n < 0 or off + n > file_size:
+            return None
         d = os.pread(fd, n, off)
         return d if len(d) == n else None
 

@@ -121,6 +121,7 @@ class Qcow2(Driver):
         self._comp_free = 0       # next free byte for compressed data (this session)
         self._comp_limit = 0
         self.rc = None
+        self._write_prepared = False
         if not self.read_only:
             self._open_rw()
 
@@ -142,6 +143,14 @@ class Qcow2(Driver):
         if h.ext(EXT_BITMAPS) is not None and h.autoclear & AUTOCLEAR_BITMAPS:
             raise ImageError(f"'{self.filename}': image has persistent dirty bitmaps; "
                              "writing it is not supported by the qcow2 driver")
+        self._write_prepared = False
+
+    def _prepare_write(self):
+        """Before the first modification (not at open: opening never
+        writes): rebuild refcounts of a dirty image, clear unknown autoclear
+        bits."""
+        self._write_prepared = True
+        h = self.header
         if h.incompatible & INCOMPAT_DIRTY:
             # Refcounts may be stale (lazy refcounts): rebuild them first.
             from .check import check
@@ -242,7 +251,8 @@ class Qcow2(Driver):
         off = e & self._coff_mask
         nsec = (e >> (62 - self._csec_bits)) & ((1 << self._csec_bits) - 1)
         nbytes = (nsec + 1) * 512 - (off & 511)
-        if off + nbytes > self.file_size + 512 or off == 0:
+        if off == 0 or (off + nbytes > self.file_size + 512 and
+                        off + nbytes > self._refresh_size() + 512):
             raise self._bad_entry(gc, e, "compressed data outside the file")
         return off, nbytes
 
@@ -259,7 +269,7 @@ class Qcow2(Driver):
         h = e & OFFSET_MASK
         if h & (self.cluster_size - 1):
             raise self._bad_entry(gc, e, "data cluster not aligned")
-        if h and h >= self.file_size and not self._may_extend(h):
+        if h and h >= self.file_size and not self._may_extend(h) and h >= self._refresh_size():
             raise self._bad_entry(gc, e, "data cluster beyond the end of the file")
         if not self.extended:
             if e & ZERO:
@@ -275,6 +285,10 @@ class Qcow2(Driver):
         if alloc and not h:
             raise self._bad_entry(gc, e, "allocated subclusters without a host cluster")
         return "ext", (h, alloc, zero)
+
+    def _refresh_size(self) -> int:
+        self.file_size = os.fstat(self.fd).st_size
+        return self.file_size
 
     def _may_extend(self, h):
         # data clusters allocated this session may be past the stat'd size
@@ -413,6 +427,8 @@ class Qcow2(Driver):
             raise ImageError(f"'{self.filename}': image is opened read-only")
         if self._closed:
             raise ImageError(f"'{self.filename}': image is closed")
+        if not self._write_prepared:
+            self._prepare_write()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise UsageError(f"write beyond the end of the image ({offset}+{length} > {self.size})")
 
@@ -790,6 +806,8 @@ class Qcow2(Driver):
         ``qemu-img rebase -u`` does). Does not open anything."""
         if self.read_only:
             raise ImageError(f"'{self.filename}': image is opened read-only")
+        if not self._write_prepared:
+            self._prepare_write()
         self.flush()
         h = self.header
         old = (h.backing_file, h.backing_format)

@@ -109,6 +109,8 @@ class Refcounts:
         off = self.block_offset(t)
         if not off:
             return None
+        if off + self.cs > max(self.file_size, os.fstat(self.fd).st_size):
+            raise ImageError(f"'{self.path}': refcount block at 0x{off:x} is beyond the end of the file")
         raw = os.pread(self.fd, self.cs, off)
         if len(raw) != self.cs:
             raise ImageError(f"'{self.path}': refcount block at 0x{off:x} is beyond the end of the file")
