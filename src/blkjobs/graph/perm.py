@@ -48,6 +48,7 @@ class Permission:
         self.perm = Perm(perm)
         self.shared = Perm(shared)
         self.released = False
+        self.pending_release = False   # set by a graph change that will drop it at commit
 
     def update(self, perm: int | None = None, shared: int | None = None) -> None:
         """Change perm/shared atomically (on conflict nothing changes)."""

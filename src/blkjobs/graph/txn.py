@@ -45,6 +45,7 @@ class ReplaceNode(Change):
             for p in old.graph.parents(old):
                 perm = p._link(new)
                 self.moves.append((p, p.backing_perm))
+                p.backing_perm.pending_release = True
                 p.backing, p.backing_perm = new, perm
         except BaseException:
             self._undo()
@@ -53,6 +54,7 @@ class ReplaceNode(Change):
     def _undo(self):
         for p, old_perm in reversed(self.moves):
             p.backing_perm.release()
+            old_perm.pending_release = False
             p.backing, p.backing_perm = self.old, old_perm
         self.moves = []
 
@@ -101,6 +103,8 @@ class SetBacking(Change):
             if new_perm is not None:
                 new_perm.release()
             raise
+        if self.old_perm is not None:
+            self.old_perm.pending_release = True
         node.backing, node.backing_perm = backing, new_perm
 
     def commit(self):
@@ -114,6 +118,8 @@ class SetBacking(Change):
         if n.backing_perm is not None:
             n.backing_perm.release()
         n.backing, n.backing_perm = self.old_backing, self.old_perm
+        if self.old_perm is not None:
+            self.old_perm.pending_release = False
         if self.header_saved is not None:
             raw, bf, bfmt = self.header_saved
             drv = n.driver
@@ -135,7 +141,7 @@ class DropNode(Change):
         if parents:
             raise UsageError(f"node '{node.name}' is in use as backing of "
                              f"'{parents[0].name}'")
-        others = [p for p in node.users() if p.owner != "open"]
+        others = [p for p in node.users() if p.owner != "open" and not p.pending_release]
         if others:
             raise UsageError(f"node '{node.name}' is in use by {others[0].owner}")
         self.node = node

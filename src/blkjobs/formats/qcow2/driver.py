@@ -772,6 +772,10 @@ class Qcow2(Driver):
             return
         rc = self.rc
         if rc is not None:
+            # Every allocated cluster must lie inside the file (qemu-img check
+            # counts references past EOF as errors): extend sparsely.
+            if os.fstat(self.fd).st_size < rc.end << self.cb:
+                os.ftruncate(self.fd, rc.end << self.cb)
             rc.flush_increments()
         if self.l2dirty:
             for off in sorted(self.l2dirty):
