@@ -11,7 +11,8 @@
 struct bj_bench_opts {
     int fd;
     uint32_t write;        /* 0 = pread, 1 = pwrite */
-    uint32_t random;       /* 0 = one sequential stream, 1 = random bs-aligned offsets */
+    uint32_t random;       /* 0 = sequential (each thread streams its own 1/threads
+                              of the region), 1 = random bs-aligned offsets */
     uint32_t threads;      /* worker threads 1..256, one request in flight each */
     uint64_t bs;           /* bytes per request, 512 B .. 1 GiB */
     uint64_t size;         /* region [0, size); at least bs (the tail < bs is unused) */

@@ -1,0 +1,277 @@
+"""blkjobs bench end to end on tmpfs: a tiny matrix in a second or two, the
+JSON report's schema, the table, the C loops' accounting, the copy's bytes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from blkjobs.bench.matrix import Case, Density
+from blkjobs.bench.runner import Blkjobs, CacheControl, Env, Workspace
+from blkjobs.cli.main import main
+from blkjobs.errors import OSErrorWithContext
+from blkjobs.native.bench import IOLoop
+
+TOOLS = ["fio", "dd", "qemu-img", "cp", "nbdcopy"]  # Debian: fio coreutils qemu-utils libnbd-bin
+
+
+@pytest.fixture
+def shm(tmp_path):
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else str(tmp_path)
+    d = tempfile.mkdtemp(prefix="test-bench.", dir=base)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def bench_json(capsys, *args):
+    rc = main(["bench", *map(str, args), "--output", "json", "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out)
+
+
+NUM = (int, float)
+SUMMARY_KEYS = {"runs", "median_bps", "min_bps", "max_bps", "median_mb_s", "median_mib_s",
+                "min_mb_s", "max_mb_s", "spread", "median_iops", "median_elapsed_s",
+                "median_cpu_s", "peak_rss_bytes"}
+
+
+def check_schema(doc):
+    assert doc["schema"] == "blkjobs-bench/1"
+    assert set(doc) == {"schema", "settings", "host", "notes", "results"}
+    s = doc["settings"]
+    assert set(s) == {"dir", "size", "runtime_s", "repeat", "warmup", "cold", "density",
+                      "compare", "seed"}
+    assert set(s["density"]) == {"data", "zero", "hole"}
+    assert set(doc["host"]) == {"kernel", "cpus", "filesystem"}
+    assert all(isinstance(n, str) for n in doc["notes"])
+    for r in doc["results"]:
+        assert set(r) == {"case", "tool", "io", "cache", "error", "runs", "summary"}
+        assert set(r["case"]) == {"workload", "bs", "threads", "direct"}
+        assert r["io"] in ("direct", "buffered")
+        assert r["cache"] in ("bypassed", "warm", "cold:drop_caches", "cold:fadvise")
+        for run in r["runs"]:
+            assert set(run) == {"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes"}
+            assert all(isinstance(v, NUM) for v in run.values())
+            assert run["elapsed_s"] > 0 and run["bytes"] > 0
+        if r["error"] is None:
+            assert set(r["summary"]) == SUMMARY_KEYS
+            assert r["summary"]["runs"] == len(r["runs"]) == s["repeat"]
+            sm = r["summary"]
+            assert sm["min_bps"] <= sm["median_bps"] <= sm["max_bps"]
+            assert sm["median_mib_s"] == pytest.approx(sm["median_bps"] / 2**20)
+            assert sm["median_mb_s"] == pytest.approx(sm["median_bps"] / 1e6)
+
+
+def test_tiny_matrix_json(capsys, shm):
+    doc = bench_json(capsys, shm, "-w", "seqread,seqwrite,randread,randwrite,copy",
+                     "-b", "64k", "-j", "1,2", "--size", "2M", "--repeat", "2",
+                     "--warmup", "1", "--density", "data=40,zero=30,hole=30")
+    check_schema(doc)
+    assert os.listdir(shm) == []  # everything it made is gone
+    res = doc["results"]
+    assert [(r["case"]["workload"], r["case"]["threads"]) for r in res] == [
+        (w, j) for w in ("seqread", "seqwrite", "randread", "randwrite", "copy") for j in (1, 2)]
+    assert all(r["tool"] == "blkjobs" and r["error"] is None for r in res)
+    for r in res:
+        bs = r["case"]["bs"]
+        assert bs == (4096 if r["case"]["workload"].startswith("rand") else 65536)
+        for run in r["runs"]:
+            assert run["bytes"] == 2 << 20  # one pass over --size
+            if r["case"]["workload"] != "copy":
+                assert run["ops"] == (2 << 20) // bs
+            assert run["peak_rss_bytes"] > 0 and run["cpu_s"] >= 0
+    assert doc["settings"]["density"] == {"data": 40, "zero": 30, "hole": 30}
+    assert doc["host"]["filesystem"]
+
+
+def test_compare_tools_in_the_same_table(capsys, shm):
+    doc = bench_json(capsys, shm, "-w", "seqread,seqwrite,randread,copy", "-b", "256k",
+                     "--size", "2M", "--repeat", "1", "--warmup", "0", "--compare")
+    check_schema(doc)
+    by = {(r["case"]["workload"], r["tool"]): r for r in doc["results"]}
+    for r in doc["results"]:
+        assert r["error"] is None, r
+    assert {t for (w, t) in by if w == "seqread"} == {"blkjobs", "fio", "dd", "qemu-img"}
+    assert {t for (w, t) in by if w == "randread"} == {"blkjobs", "fio"}
+    assert {t for (w, t) in by if w == "copy"} == {"blkjobs", "dd", "qemu-img", "cp", "nbdcopy"}
+    assert by[("seqread", "fio")]["runs"][0]["bytes"] == 2 << 20
+    assert by[("copy", "cp")]["io"] == "buffered"
+    assert "fio: no copy workload" in doc["notes"]
+    assert os.listdir(shm) == []
+
+
+def test_human_table(capsys, shm):
+    rc = main(["bench", shm, "-w", "seqread,randwrite", "-b", "64k", "--size", "1M",
+               "--repeat", "2", "--warmup", "0", "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["workload", "bs", "jobs", "io", "cache", "tool", "MB/s",
+                                "MiB/s", "min-max", "MB/s", "IOPS", "CPU", "s", "peak", "RSS"]
+    seq = next(line for line in lines if line.startswith("seqread"))
+    assert seq.split()[:6] == ["seqread", "64k", "1", "buffered", "warm", "blkjobs"]
+    rnd = next(line for line in lines if line.startswith("randwrite"))
+    assert rnd.split()[9] != "-"  # IOPS for small requests
+    assert "MB/s = 10^6 bytes/s, MiB/s = 2^20 bytes/s: the median of 2 runs" in out
+    assert "Writes include the final fsync." in out
+
+
+def test_progress_lines_go_to_stderr(capsys, shm):
+    rc = main(["bench", shm, "-w", "seqread", "-b", "64k", "--size", "1M", "--repeat", "1",
+               "--warmup", "0", "--output", "json"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    json.loads(out)  # stdout is only the document
+    assert "laying out 1.0 MiB test file" in err
+    assert "seqread bs=64k jobs=1 buffered" in err
+
+
+def test_cold_without_drop_caches_says_so(capsys, shm):
+    cache = CacheControl(False)
+    cache.cold, cache.method = True, "fadvise"
+    assert cache.label(False) == "cold:fadvise"
+    assert cache.label(True) == "bypassed"
+    assert "posix_fadvise(DONTNEED)" in cache.note()
+    p = os.path.join(shm, "f")
+    with open(p, "wb") as f:
+        f.write(b"x" * 8192)
+    cache.before_run([p, os.path.join(shm, "missing")])  # evicts, tolerates absence
+
+
+def _file(path, size, byte=b"\0"):
+    with open(path, "wb") as f:
+        f.write(byte * size)
+
+
+def test_ioloop_counts_and_budgets(shm):
+    p = os.path.join(shm, "f")
+    _file(p, 1 << 20)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        with IOLoop(fd, write=False, random=False, bs=4096, size=1 << 20, threads=3) as loop:
+            assert loop.result().elapsed_ns == 0  # nothing before run()
+            r = loop.run()
+        assert (r.bytes, r.ops, r.fsync_ns) == (1 << 20, 256, 0)
+        assert r.elapsed_ns > 0
+        with IOLoop(fd, write=True, random=True, bs=4096, size=1 << 20, threads=2,
+                    nbytes=40960) as loop:
+            r = loop.run()
+        assert (r.bytes, r.ops) == (40960, 10)
+        # a time budget with no byte budget: the stream wraps until time is up
+        with IOLoop(fd, write=False, random=False, bs=65536, size=1 << 20, threads=1,
+                    runtime_s=0.02) as loop:
+            r = loop.run(slice_s=0.005)
+        assert r.ops > 0 and r.bytes == r.ops * 65536
+    finally:
+        os.close(fd)
+    with open(p, "rb") as f:
+        data = f.read()
+    assert len(data) == 1 << 20 and data.count(0) < len(data)  # random writes landed
+
+
+def test_ioloop_writes_patterned_data_sequentially(shm):
+    p = os.path.join(shm, "f")
+    _file(p, 256 << 10)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        with IOLoop(fd, write=True, random=False, bs=65536, size=256 << 10, threads=2) as loop:
+            r = loop.run()
+    finally:
+        os.close(fd)
+    assert (r.bytes, r.ops) == (256 << 10, 4)
+    data = open(p, "rb").read()
+    assert all(data[i:i + 4096].count(0) < 4096 for i in range(0, len(data), 4096))
+
+
+def test_ioloop_error_names_the_offset(shm):
+    p = os.path.join(shm, "short")
+    _file(p, 12288)  # 3 blocks; the region claims 4
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        with IOLoop(fd, write=False, random=False, bs=4096, size=16384, threads=1,
+                    path=p) as loop:
+            with pytest.raises(OSErrorWithContext) as e:
+                loop.run()
+    finally:
+        os.close(fd)
+    assert e.value.offset == 12288
+    assert "benchmark read" in str(e.value) and "at offset 12288" in str(e.value)
+
+
+def test_ioloop_rejects_bad_options(shm):
+    from blkjobs.errors import UsageError
+    with pytest.raises(UsageError):
+        IOLoop(0, write=False, random=False, bs=100, size=4096)
+    with pytest.raises(UsageError):
+        IOLoop(0, write=False, random=False, bs=4096, size=1024)
+    with pytest.raises(UsageError):
+        IOLoop(0, write=False, random=False, bs=4096, size=8192, threads=0)
+
+
+def test_copy_workload_copies_the_image(shm):
+    ws = Workspace(shm, keep=False)
+    try:
+        env = Env(ws, 4 << 20, 0.0, Density(40, 30, 30), CacheControl(False),
+                  clock=__import__("time").monotonic)
+        env.layout_image()
+        sample = Blkjobs().run(Case("copy", 65536, 2, False), env, lambda d, o: None)
+        assert sample.bytes == 4 << 20
+        src = open(env.src_image, "rb").read()
+        dst = open(env.dst_image("blkjobs"), "rb").read()
+        assert src == dst
+        assert src.count(0) not in (0, len(src))  # it has data and zeroes
+        st = os.stat(env.src_image)
+        assert st.st_blocks * 512 < 4 << 20  # and holes
+    finally:
+        ws.cleanup()
+    assert os.listdir(shm) == []
+
+
+def test_density_all_holes_allocates_nothing(shm):
+    ws = Workspace(shm)
+    try:
+        env = Env(ws, 4 << 20, 0.0, Density(0, 0, 100), CacheControl(False), clock=lambda: 0)
+        env.layout_image()
+        assert os.stat(env.src_image).st_size == 4 << 20
+        assert os.stat(env.src_image).st_blocks == 0
+    finally:
+        ws.cleanup()
+
+
+def test_keep_leaves_the_files(capsys, shm):
+    doc = bench_json(capsys, shm, "-w", "seqread", "-b", "64k", "--size", "1M",
+                     "--repeat", "1", "--warmup", "0", "--keep")
+    kept = [n for n in doc["notes"] if n.startswith("files kept in ")]
+    assert kept
+    path = kept[0][len("files kept in "):]
+    assert os.listdir(path) == ["data.dat"]
+
+
+def test_plot_with_a_recording_pyplot(shm, capsys, monkeypatch):
+    # The drawing code runs against a stand-in pyplot that records calls
+    # (matplotlib is an optional extra, not installed in CI).
+    from blkjobs.bench import plot as plotmod
+    calls = []
+
+    class Rec:
+        def __getattr__(self, name):
+            def f(*a, **kw):
+                calls.append((name, a, kw))
+                return self if name != "subplots" else (self, self)
+            return f
+
+    monkeypatch.setattr(plotmod, "load_pyplot", lambda: Rec())
+    png = os.path.join(shm, "out.png")
+    rc = main(["bench", shm, "-w", "seqread", "-b", "64k", "--size", "1M", "--repeat", "2",
+               "--warmup", "0", "-q", "--plot", png])
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    names = [c[0] for c in calls]
+    assert names[:2] == ["subplots", "bar"] and ("savefig", (png,), {}) in calls
+    bar = calls[1]
+    assert len(bar[1][1]) == 1 and bar[1][1][0] > 0  # one median bar, in MB/s
+    assert f"note: plot written to {png}" in out
