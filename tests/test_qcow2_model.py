@@ -17,8 +17,9 @@ from blkjobs.formats import create_image, open_image
 from blkjobs.graph import Perm, open_chain
 from qemu_oracle import check_clean, qemu_io, to_raw
 
-CONFIGS = [  # (cluster_size, extended_l2, image size)
+CONFIGS = [  # (cluster_size, extended_l2 or "v2", image size)
     (512, False, 256 << 10),
+    (4096, "v2", 1 << 20),
     (4096, False, 1 << 20),
     (65536, False, 2 << 20),
     (2 << 20, False, 6 << 20),
@@ -34,7 +35,14 @@ def op_strategy(size):
                     min_size=1, max_size=12)
 
 
-def _apply(node_or_img, model, ops, cs, has_backing, size):
+def _opts(cs, ext):
+    if ext == "v2":
+        return {"cluster_size": cs, "compat": "0.10"}
+    return {"cluster_size": cs, "extended_l2": ext}
+
+
+def _apply(node_or_img, model, ops, cs, below, size):
+    """below: what a discarded cluster reads as (None = zeroes)."""
     for op, off, n, seed in ops:
         n = min(n, size - off)
         if op == "write":
@@ -48,28 +56,28 @@ def _apply(node_or_img, model, ops, cs, has_backing, size):
             node_or_img.discard(off, n)
             a = -(-off // cs) * cs
             b = off + n if off + n == size else (off + n) // cs * cs
-            if a < b:      # whole clusters read as zeroes afterwards (v3)
-                model[a:b] = bytes(b - a)
+            if a < b:      # whole clusters: zeroes (v3), or the backing file (v2)
+                model[a:b] = bytes(b - a) if below is None else below[a:b]
 
 
 @pytest.mark.parametrize("cs,ext,size", CONFIGS, ids=lambda v: str(v))
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_model_no_backing(tmp_path_factory, cs, ext, size, data):
     tmp = tmp_path_factory.mktemp("m")
     ops = data.draw(op_strategy(size))
     path = tmp / "img.qcow2"
-    create_image(str(path), "qcow2", size, cluster_size=cs, extended_l2=ext)
+    create_image(str(path), "qcow2", size, **_opts(cs, ext))
     model = bytearray(size)
     with open_image(str(path), read_only=False) as img:
-        _apply(img, model, ops, cs, False, size)
+        _apply(img, model, ops, cs, None, size)
         assert img.read(0, size) == model
     check_clean(path)
     assert to_raw(path, tmp) == model
 
 
 @pytest.mark.parametrize("cs,ext,size", CONFIGS, ids=lambda v: str(v))
-@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_model_with_backing(tmp_path_factory, cs, ext, size, data):
     tmp = tmp_path_factory.mktemp("b")
@@ -85,12 +93,13 @@ def test_model_with_backing(tmp_path_factory, cs, ext, size, data):
     b0 = (size // 2 + size // 4) // 65536 * 65536
     model[a0:b0] = bytes(b0 - a0)
     top = tmp / "top.qcow2"
-    create_image(str(top), "qcow2", size, cluster_size=cs, extended_l2=ext,
+    create_image(str(top), "qcow2", size, **_opts(cs, ext),
                  backing_file="base.qcow2", backing_format="qcow2")
+    below = bytes(model) if ext == "v2" else None
     node = open_chain(str(top), read_only=False)
     try:
         with node.take("test", Perm.WRITE | Perm.CONSISTENT_READ, Perm.CONSISTENT_READ):
-            _apply(node, model, ops, cs, True, size)
+            _apply(node, model, ops, cs, below, size)
             assert node.read(0, size) == model
     finally:
         node.close_chain()

@@ -700,7 +700,7 @@ class Qcow2(Driver):
                 ne, nbm = (h | COPIED | ZERO, 0) if keep else (ZERO, 0)
             if (ne, nbm) == (e, bm):
                 continue
-            if not keep and e:
+            if (v2 or not keep) and e:
                 self._release(e)
             if e or bm or ne or nbm:
                 self._set_entry(gc, ne, nbm)
