@@ -219,3 +219,23 @@ def test_bad_args(tmp_path):
         create_image(str(tmp_path / "x"), "qcow2", SIZE, extended_l2=True, cluster_size=4096)
     with pytest.raises(UsageError):
         create_image(str(tmp_path / "x"), "vmdk", SIZE)
+
+
+def test_repair_all_fixes_too_low_refcount(tmp_path):
+    p = tmp_path / "r.qcow2"
+    create_image(str(p), "qcow2", SIZE)
+    with open_image(str(p), read_only=False) as img:
+        img.write(0, b"\x09" * 65536)
+        host = img.map_host(0, 1)[0].host_offset
+    with open(p, "r+b") as f:      # refcount of the data cluster 1 -> 0
+        f.seek(0x20000 + (host >> 16) * 2)
+        f.write(bytes(2))
+    theirs = qemu_check_json_rc(p)
+    with open_image(str(p)) as img:
+        ours = img.check()
+    assert ours["corruptions"] == theirs["corruptions"] == 2
+    with open_image(str(p), read_only=False) as img:
+        res = img.check(repair="all")
+        assert res["corruptions-fixed"] == 1 and "corruptions" not in res   # as qemu-img -r all
+    check_clean(p)
+    assert to_raw(p, tmp_path)[:65536] == b"\x09" * 65536
