@@ -48,21 +48,15 @@ class OSErrorWithContext(BlkjobsError):
 
     def _text(self) -> str:
         msg = os.strerror(self.errno)
-        parts = []
-        if self.what and self.path and not self.side:
-            return f"{self.what} '{self.path}': {msg}"
-        if self.what:
-            parts.append(self.what)
+        where = ""
         if self.side:
-            where = f"{self.side}"
-            if self.path:
-                where += f" '{self.path}'"
-            if self.offset is not None:
-                where += f" at offset {self.offset}"
-            parts.append(where)
-        elif self.path:
-            parts.append(f"'{self.path}'")
-        return (": ".join(parts) + ": " + msg) if parts else msg
+            where = self.side
+        if self.path:
+            where = f"{where} '{self.path}'" if where else f"'{self.path}'"
+        if self.offset is not None:
+            where += f" at offset {self.offset}"
+        head = " ".join(p for p in (self.what, where.strip()) if p)
+        return f"{head}: {msg}" if head else msg
 
 
 class CopyError(OSErrorWithContext):

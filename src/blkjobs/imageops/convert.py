@@ -112,13 +112,12 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
             try:
                 while True:
                     res = eng.run(0.1, low_water=WORK_RANGE // 2 if fed < size else 0)
-                    if res == RunResult.NEED_MORE or (res == RunResult.DONE and fed < size):
-                        feed()
-                    st = eng.status()
                     if progress:
-                        progress(st.done, size)
+                        progress(eng.status().done, size)
                     if res == RunResult.DONE and fed >= size:
                         break
+                    if res != RunResult.TIMEOUT:
+                        feed()
                     if check:
                         check()
             except BaseException:
