@@ -436,7 +436,8 @@ class Fio(External):
     mechanism as blkjobs' loops. Sequential jobs each take 1/N of the file
     (offset_increment); random jobs each do 1/N of the requests over the
     whole file. Figures are fio's own (io_bytes / runtime, end_fsync
-    included), so its start-up and layout are not counted."""
+    included), so its start-up and layout are not counted; fio's runtime has
+    1 ms resolution."""
 
     name = binary = "fio"
 
@@ -468,7 +469,10 @@ class Fio(External):
         try:
             job = json.loads(text)["jobs"][0]
             part = job["write" if case.writes else "read"]
-            return int(part["io_bytes"]), int(part["total_ios"]), part["runtime"] / 1000.0
+            # fio counts runtime in whole ms: a run under 1 ms says 0, then
+            # only the time around the process is left.
+            elapsed = part["runtime"] / 1000.0 or res.elapsed_s
+            return int(part["io_bytes"]), int(part["total_ios"]), elapsed
         except (ValueError, KeyError, IndexError) as e:
             raise ToolError(f"cannot read fio's JSON output: {e}") from None
 

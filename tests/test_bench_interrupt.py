@@ -1,0 +1,81 @@
+"""blkjobs bench removes what it made when interrupted: Ctrl-C (SIGINT) and
+SIGTERM of the real command, and a KeyboardInterrupt inside a run."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from blkjobs.bench.matrix import Case
+from blkjobs.bench.runner import Contender, Runner, Settings
+
+
+@pytest.fixture
+def shm(tmp_path):
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else str(tmp_path)
+    d = tempfile.mkdtemp(prefix="test-bench.", dir=base)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _wait_for_io(d, proc, deadline=20.0):
+    """Wait until the run is past its layout (data.dat exists, full size)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()
+        for sub in os.listdir(d):
+            p = os.path.join(d, sub, "data.dat")
+            if os.path.exists(p) and os.path.getsize(p) == 16 << 20:
+                return
+        time.sleep(0.02)
+    raise AssertionError("the benchmark never started")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
+def test_signal_removes_files(shm, sig, code):
+    # --runtime 60 keeps it busy in the C loop until the signal comes.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blkjobs", "bench", shm, "-w", "seqread", "-b", "64k",
+         "--size", "16M", "--runtime", "60", "--repeat", "1", "--warmup", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_io(shm, proc)
+        time.sleep(0.1)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert out == ""
+    assert "blkjobs: interrupted" in err
+    assert "Traceback" not in err
+    assert os.listdir(shm) == []
+
+
+class Interrupting(Contender):
+    name = "blkjobs"
+
+    def __init__(self):
+        self.runs = 0
+
+    def run(self, case, env, progress):
+        self.runs += 1
+        assert os.path.exists(env.data_file)
+        raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_inside_a_run(shm):
+    s = Settings(dir=shm, cases=[Case("seqread", 65536, 1, False)], size=1 << 20)
+    c = Interrupting()
+    with pytest.raises(KeyboardInterrupt):
+        Runner(s, contenders=[c]).run()
+    assert c.runs == 1
+    assert os.listdir(shm) == []
