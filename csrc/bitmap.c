@@ -297,11 +297,11 @@ static int range_ok(const struct bj_bitmap *b, uint64_t offset, uint64_t length)
     return offset <= b->size && length <= b->size - offset;
 }
 
-/* A range that starts and ends on a granule boundary (or ends at size). */
+/* A range that starts and ends on a multiple of align (either may be size). */
 static int range_aligned(const struct bj_bitmap *b, uint64_t offset, uint64_t length, uint64_t align)
 {
     uint64_t end = offset + length;
-    return offset % align == 0 && (end % align == 0 || end == b->size);
+    return (offset % align == 0 || offset == b->size) && (end % align == 0 || end == b->size);
 }
 
 int64_t bj_bitmap_set(struct bj_bitmap *b, uint64_t offset, uint64_t length)

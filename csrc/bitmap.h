@@ -99,7 +99,8 @@ int bj_bitmap_resize(struct bj_bitmap *b, uint64_t size);
  * bit j (least significant first) is granule 8k+j of the range; padding bits
  * after the last granule of the disk are 0 (ignored by deserialize).
  * A range [offset, offset+length) must start on a multiple of
- * 8*granularity (whole bytes of the stream) and end on one or at size.
+ * 8*granularity (whole bytes of the stream) and end on one; either end
+ * may also be size.
  * serialized_size returns the bytes the range takes, ceil(granules/8).
  * serialize writes them to buf and returns the count (-ENOBUFS if buf_len
  * is smaller); deserialize replaces the range's bits with buf's (any dirt

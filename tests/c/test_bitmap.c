@@ -117,7 +117,8 @@ static void test_errors(void)
     CHECK_EQ(bj_bitmap_serialized_size(b, 0, 10001), -EINVAL);
     CHECK_EQ(bj_bitmap_serialized_size(b, 4096, 5904), 2); /* 12 granules */
     CHECK_EQ(bj_bitmap_serialized_size(b, 0, 10000), 3);   /* 20 granules */
-    CHECK_EQ(bj_bitmap_serialized_size(b, 10000, 0), -EINVAL); /* 10000 % 4096 */
+    CHECK_EQ(bj_bitmap_serialized_size(b, 10000, 0), 0); /* empty, at size */
+    CHECK_EQ(bj_bitmap_serialized_size(b, 9999, 0), -EINVAL);
     CHECK_EQ(bj_bitmap_serialize(b, 0, 10000, buf, 2), -ENOBUFS);
     CHECK_EQ(bj_bitmap_serialize(b, 0, 10000, NULL, 3), -EINVAL);
     CHECK_EQ(bj_bitmap_deserialize(b, 0, 10000, buf, 2), -ENOBUFS);
@@ -417,8 +418,9 @@ static void test_large(void)
 /* ---- writers racing a job ------------------------------------------------ */
 
 #define NWRITERS 4
-#define PER_WRITER 5000
+#define PER_WRITER 20000
 #define RACE_G 512
+#define ROUNDS 8
 
 struct writer_arg {
     struct bj_bitmap *b;
@@ -430,7 +432,7 @@ static void *writer(void *arg)
 {
     struct writer_arg *w = arg;
     /* Writer id owns granules id, id+N, id+2N, ...: each granule is marked
-     * exactly once, in a scattered order. */
+     * exactly once, in a scattered order, and all writers share words. */
     for (uint64_t k = 0; k < PER_WRITER; k++) {
         uint64_t j = (k * 7919) % PER_WRITER;
         uint64_t gi = j * NWRITERS + w->id;
@@ -440,9 +442,12 @@ static void *writer(void *arg)
     return NULL;
 }
 
-static void test_threads(void)
+/* A job takes areas while the writers mark: every granule is taken exactly
+ * once, nothing is lost, the count ends at 0. */
+static void test_threads_take(void)
 {
     static unsigned char seen[NWRITERS * PER_WRITER];
+    memset(seen, 0, sizeof(seen));
     struct bj_bitmap *b = mk((uint64_t)NWRITERS * PER_WRITER * RACE_G, RACE_G);
     int finished = 0;
     pthread_t th[NWRITERS];
@@ -451,9 +456,9 @@ static void test_threads(void)
         args[i] = (struct writer_arg){b, (uint64_t)i, &finished};
         CHECK_EQ(pthread_create(&th[i], NULL, writer, &args[i]), 0);
     }
-    /* The job: take areas in passes over the disk, until a whole pass that
-     * started after every writer finished found nothing. */
-    uint64_t off = 0, st, len, taken = 0, passes = 0;
+    /* Passes over the disk until a whole pass that started after every
+     * writer finished found nothing. */
+    uint64_t off = 0, st, len, taken = 0;
     int all_done_at_start = 0, found_in_pass = 0;
     for (;;) {
         int rc = bj_bitmap_take_dirty_area(b, off, 16 * RACE_G, &st, &len);
@@ -468,7 +473,6 @@ static void test_threads(void)
             found_in_pass = 1;
             continue;
         }
-        passes++;
         if (all_done_at_start && !found_in_pass)
             break;
         all_done_at_start = __atomic_load_n(&finished, __ATOMIC_SEQ_CST) == NWRITERS;
@@ -479,8 +483,86 @@ static void test_threads(void)
         CHECK_EQ(pthread_join(th[i], NULL), 0);
     CHECK_EQ(taken, NWRITERS * PER_WRITER);
     CHECK_EQ(bj_bitmap_count(b), 0);
-    CHECK(passes >= 2);
     bj_bitmap_free(b);
+}
+
+/* Writers set long overlapping ranges (many words per call) while a reader
+ * copies, merges and iterates: the result is exactly the union. */
+#define OVL_G 1024
+#define OVL_N 400000 /* granules; ~60% end up dirty */
+#define OVL_OPS 100
+
+static void ovl_range(uint64_t seed, uint64_t k, uint64_t *off, uint64_t *len)
+{
+    uint64_t x = (seed + 1) * 0x9e3779b97f4a7c15u + k * 0xbf58476d1ce4e5b9u;
+    x ^= x >> 31;
+    x *= 0x94d049bb133111ebu;
+    x ^= x >> 29;
+    uint64_t size = (uint64_t)OVL_N * OVL_G - 333;
+    *off = x % size;
+    *len = 1 + (x >> 20) % (2000 * OVL_G);
+    if (*len > size - *off)
+        *len = size - *off;
+}
+
+struct ovl_arg {
+    struct bj_bitmap *b;
+    uint64_t seed;
+};
+
+static void *ovl_writer(void *arg)
+{
+    struct ovl_arg *a = arg;
+    for (uint64_t k = 0; k < OVL_OPS; k++) {
+        uint64_t off, len;
+        ovl_range(a->seed, k, &off, &len);
+        CHECK(bj_bitmap_set(a->b, off, len) >= 0);
+    }
+    return NULL;
+}
+
+static void *ovl_reader(void *arg)
+{
+    struct bj_bitmap *b = arg;
+    for (int k = 0; k < 200; k++) {
+        struct bj_bitmap *c;
+        uint64_t off = 0, st, len;
+        CHECK_EQ(bj_bitmap_copy(&c, b), 0);
+        CHECK_EQ(bj_bitmap_merge(b, c), 0); /* b only grows: c is a subset */
+        int64_t had = bj_bitmap_count(c);
+        CHECK_EQ(bj_bitmap_subtract(c, b), had); /* all of c is in b */
+        while (bj_bitmap_next_dirty_area(b, off, UINT64_MAX, &st, &len) == 1)
+            off = st + len;
+        bj_bitmap_free(c);
+    }
+    return NULL;
+}
+
+static void test_threads_overlap(void)
+{
+    uint64_t size = (uint64_t)OVL_N * OVL_G - 333;
+    struct bj_bitmap *b = mk(size, OVL_G), *want = mk(size, OVL_G);
+    struct ovl_arg args[NWRITERS];
+    pthread_t th[NWRITERS], rd;
+    CHECK_EQ(pthread_create(&rd, NULL, ovl_reader, b), 0);
+    for (int i = 0; i < NWRITERS; i++) {
+        args[i] = (struct ovl_arg){b, (uint64_t)i};
+        CHECK_EQ(pthread_create(&th[i], NULL, ovl_writer, &args[i]), 0);
+    }
+    for (int i = 0; i < NWRITERS; i++)
+        CHECK_EQ(pthread_join(th[i], NULL), 0);
+    CHECK_EQ(pthread_join(rd, NULL), 0);
+    for (int i = 0; i < NWRITERS; i++) {
+        args[i].b = want;
+        ovl_writer(&args[i]);
+    }
+    int64_t n = bj_bitmap_count(want);
+    CHECK(n > OVL_N / 4 && n < OVL_N * 9 / 10); /* the union is not trivial */
+    CHECK_EQ(bj_bitmap_count(b), n);
+    CHECK_EQ(bj_bitmap_subtract(want, b), n); /* equal counts, want in b: */
+    CHECK_EQ(bj_bitmap_count(want), 0);       /* b == want */
+    bj_bitmap_free(b);
+    bj_bitmap_free(want);
 }
 
 int main(void)
@@ -491,7 +573,10 @@ int main(void)
     test_serialize_order();
     test_random();
     test_large();
-    test_threads();
+    for (int r = 0; r < ROUNDS; r++)
+        test_threads_take();
+    for (int r = 0; r < ROUNDS / 2; r++)
+        test_threads_overlap();
     printf("test_bitmap: ok\n");
     return 0;
 }
