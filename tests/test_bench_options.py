@@ -194,3 +194,16 @@ def test_plot_without_matplotlib(capsys, shm, monkeypatch):
 
 def test_workload_table_is_complete():
     assert set(matrix.WORKLOADS) == {"seqread", "seqwrite", "randread", "randwrite", "copy"}
+
+
+def test_optional_values_do_not_swallow_dir(shm):
+    from blkjobs.cli.cmd_bench import settings_from_args
+    from blkjobs.cli.main import build_parser
+    p = build_parser()
+    s = settings_from_args(p.parse_args(["bench", "--direct", shm, "-w", "seqread"]))
+    assert s.dir == shm and all(c.direct for c in s.cases)
+    s = settings_from_args(p.parse_args(["bench", "-w", "copy", "--compare", shm]))
+    assert s.dir == shm and s.compare == ["fio", "dd", "qemu-img", "cp", "nbdcopy"]
+    s = settings_from_args(p.parse_args(["bench", shm, "--direct=0,1", "--compare", "dd"]))
+    assert s.dir == shm and s.compare == ["dd"]
+    assert {c.direct for c in s.cases} == {False, True}

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 
@@ -22,7 +23,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="benchmark disk throughput and copy paths",
         description="Run a matrix of I/O workloads in DIR and print a table.",
-        epilog=HELP_EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", nargs="?", default=".", metavar="DIR",
                    help="directory on the file system to test (default: .)")
     p.add_argument("-w", "--workload", default="seqread,seqwrite,randread,randwrite,copy",
@@ -49,14 +50,25 @@ def register(subparsers) -> None:
                    help="table (human) or JSON on stdout")
     p.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
     p.add_argument("--keep", action="store_true", help="keep the files it made")
-    p.add_argument("--seed", type=int, default=1, help=argparse_hidden())
+    p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=run)
 
 
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
+def _untangle(args) -> None:
+    """`--direct` and `--compare` take an optional value, so argparse gives
+    them the DIR of `bench --direct /var/tmp`: hand it back when the value is
+    not one of theirs and DIR was not given."""
+    from ..bench.matrix import parse_direct
+    from ..bench.runner import TOOLS
+    if args.dir == "." and args.compare not in (None, "all") and \
+            not set(args.compare.split(",")) <= set(TOOLS):
+        args.dir, args.compare = args.compare, "all"
+    if args.dir == "." and args.direct not in ("0", "1"):
+        try:
+            [parse_direct(x) for x in args.direct.split(",")]
+        except UsageError:
+            args.dir, args.direct = args.direct, "1"
 
 
 def settings_from_args(args):
@@ -64,6 +76,7 @@ def settings_from_args(args):
     from ..bench.runner import Settings, parse_compare
     from ..bench.sizes import parse_size
 
+    _untangle(args)
     cases = parse_matrix(args.workload, args.bs, args.threads, args.direct, args.rand_bs)
     size = parse_size(args.size, "--size")
     biggest = max(c.bs for c in cases)
