@@ -626,14 +626,20 @@ int64_t bj_bitmap_serialize(struct bj_bitmap *b, uint64_t offset, uint64_t lengt
         if (buf_len < nbytes) {
             rc = -ENOBUFS;
         } else {
-            unsigned char *p = buf;
             /* first is a multiple of 8: byte k is bits first+8k.. of a word.
              * Bits past the range are past nbits (the range ends on a byte
              * boundary otherwise), hence 0. */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            /* The words' bytes are already in qcow2 order. */
+            if (nbytes) /* buf may be NULL when nbytes is 0 */
+                memcpy(buf, (const unsigned char *)b->words + first / 8, (size_t)nbytes);
+#else
+            unsigned char *p = buf;
             for (uint64_t k = 0; k < nbytes; k++) {
                 uint64_t i = first + 8 * k;
                 p[k] = (unsigned char)(b->words[i / 64] >> (i % 64));
             }
+#endif
             rc = (int64_t)nbytes;
         }
     }
@@ -660,9 +666,15 @@ int64_t bj_bitmap_deserialize(struct bj_bitmap *b, uint64_t offset, uint64_t len
                 unsigned lo = w == first / 64 ? (unsigned)(first % 64) : 0;
                 unsigned hi = w == last / 64 ? (unsigned)(last % 64) : 63;
                 uint64_t v = 0;
-                /* lo is a multiple of 8; gather the word's bytes in range. */
+                /* lo is a multiple of 8; gather the word's bytes in range:
+                 * byte j of the word is p[(w*64 + 8j - first) / 8]. */
+                const unsigned char *src = p + (w * 64 + lo - first) / 8;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+                memcpy((unsigned char *)&v + lo / 8, src, hi / 8 - lo / 8 + 1);
+#else
                 for (unsigned j = lo / 8; j <= hi / 8; j++)
-                    v |= (uint64_t)p[(w * 64 + 8 * j - first) / 8] << (8 * j);
+                    v |= (uint64_t)src[j - lo / 8] << (8 * j);
+#endif
                 uint64_t m = bits_mask(lo, hi); /* also drops padding bits */
                 put_word(b, w, (b->words[w] & ~m) | (v & m));
             }

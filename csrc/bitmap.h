@@ -19,7 +19,7 @@
  *    or at `size`, else -EINVAL (rounding in or out would silently keep or
  *    lose dirt).
  *  - Return values are 0, a count or offset (>= 0), or -errno; nothing
- *    exits or aborts. A NULL bitmap is -EINVAL.
+ *    exits or aborts. A NULL bitmap is -EINVAL (size/granularity: 0).
  *  - Every function is thread-safe: each bitmap has its own mutex, so
  *    writer threads may mark while a job iterates. Each call is atomic;
  *    a sequence of calls is not (see bj_bitmap_take_dirty_area).
