@@ -32,8 +32,8 @@ test: venv deps test-c
 	$(PY) -m pytest -q -rs tests
 
 # The C core's own tests, built with AddressSanitizer + UBSan.
-test-c:
-	$(MAKE) -C tests/c run
+test-c: deps
+	$(MAKE) -C tests/c run valgrind
 
 bench: venv deps
 	$(PY) benchmarks/convert_raw.py
