@@ -20,7 +20,7 @@ class BlkjobsError(Exception):
     """Root of every error blkjobs raises on purpose."""
 
 
-class UsageError(BlkjobsError):
+class UsageError(BlkjobsError, ValueError):
     """An argument has an invalid value."""
 
 
