@@ -1,11 +1,12 @@
-"""blkjobs convert [-f FMT] [-O FMT] [-p] [-S SIZE] [-n] [--target-is-zero]
-[-r RATE] [-m THREADS] SRC DST"""
+"""blkjobs convert [-f FMT] [-O raw|qcow2] [-c] [-B BACKING [-F FMT]] [-o OPTS]
+[-p] [-S SIZE] [-n] [--target-is-zero] [-r RATE] [-m THREADS] [-t CACHE] SRC DST"""
 from __future__ import annotations
 
 import sys
 
 from ..errors import UsageError
-from ..imageops.convert import ConvertOptions, convert_raw
+from ..imageops.convert import ConvertOptions, convert
+from .cmd_create import parse_opts
 from .progress import Progress
 from .sizes import parse_size
 
@@ -14,8 +15,21 @@ def register(sub):
     p = sub.add_parser("convert", help="copy an image into another image",
                        description="Convert (copy) SRC into DST. Holes stay holes and "
                        "zero blocks become holes.")
-    p.add_argument("-f", dest="src_fmt", metavar="FMT", help="source format (raw)")
-    p.add_argument("-O", dest="dst_fmt", metavar="FMT", default="raw", help="target format (raw)")
+    p.add_argument("-f", dest="src_fmt", metavar="FMT", help="source format (raw, qcow2; "
+                   "probed by default)")
+    p.add_argument("-O", dest="dst_fmt", metavar="FMT", default="raw",
+                   help="target format (raw, qcow2; default raw)")
+    p.add_argument("-c", dest="compress", action="store_true",
+                   help="compress the target's clusters (qcow2, zlib)")
+    p.add_argument("-B", dest="backing", metavar="BACKING",
+                   help="the target gets this backing file; only data differing from it "
+                   "is copied")
+    p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of -B (probed)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTS",
+                   help="target creation options, as for create")
+    p.add_argument("-W", dest="out_of_order", action="store_true",
+                   help="accepted for qemu-img compatibility (writes are always parallel)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="no progress output")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     p.add_argument("--progress-json", action="store_true",
                    help="progress as JSON lines on stderr (for programs)")
@@ -40,9 +54,6 @@ def register(sub):
 
 
 def run(args) -> int:
-    for which, fmt in (("source", args.src_fmt), ("target", args.dst_fmt)):
-        if fmt not in (None, "raw"):
-            raise UsageError(f"unsupported {which} format '{fmt}' (supported: raw)")
     try:
         threads = int(args.threads)
     except ValueError:
@@ -52,11 +63,14 @@ def run(args) -> int:
         no_create=args.no_create, target_is_zero=args.target_is_zero,
         rate=parse_size(args.rate, "rate limit"), threads=threads,
         request_size=parse_size(args.request_size, "request size", 512, 1 << 30),
-        flush=args.cache != "unsafe")
+        flush=args.cache != "unsafe", src_fmt=args.src_fmt, dst_fmt=args.dst_fmt,
+        compress=args.compress, backing=args.backing, backing_fmt=args.backing_fmt,
+        create_opts=parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2")
+                               else "raw") if args.options else {})
     prog = None
-    if args.progress or args.progress_json:
+    if (args.progress or args.progress_json) and not args.quiet:
         prog = Progress(json_lines=args.progress_json)
-    convert_raw(args.src, args.dst, opts, progress=prog.update if prog else None)
+    convert(args.src, args.dst, opts, progress=prog.update if prog else None)
     if prog:
         prog.finish()
     return 0

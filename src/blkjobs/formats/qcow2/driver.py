@@ -567,6 +567,13 @@ class Qcow2(Driver):
             self._write_cluster(gc, pos - cstart, data[pos - offset:b - offset], fill)
             pos = b
 
+    @property
+    def alloc_end(self) -> int:
+        """Host offset where fresh allocation starts: a cluster that
+        :meth:`allocate` returns at or past this offset was never used before
+        (it reads as zeroes); clusters below it may be reused ones."""
+        return self._rc().end << self.cb
+
     def allocate(self, offset: int, length: int) -> list[Mapping]:
         """Allocate host clusters for the cluster-aligned guest range (the end
         may be the virtual size) and return DATA runs in guest order.

@@ -1,0 +1,134 @@
+"""blkjobs create -f raw|qcow2 [-o OPTS] [-b BACKING -F FMT] IMG [SIZE]
+
+Prints qemu-img's ``Formatting '...', fmt=... size=...`` line (the options
+it lists are qemu-img's defaults plus what was given).
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import BlkjobsError, UsageError
+from .sizes import parse_size
+
+_BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+
+
+def register(sub):
+    p = sub.add_parser("create", help="create a raw or qcow2 image",
+                       description="Create IMG of SIZE (a qcow2 overlay may take its "
+                       "backing file's size).")
+    p.add_argument("-f", dest="fmt", default="raw", metavar="FMT", help="raw (default) or qcow2")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTS",
+                   help="cluster_size=..,extended_l2=on|off,preallocation=..,compat=..,"
+                   "refcount_bits=..")
+    p.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (qcow2)")
+    p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="backing file format")
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="do not open the backing file (needs SIZE and -F)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("image")
+    p.add_argument("size", nargs="?")
+    p.set_defaults(func=run)
+
+
+def parse_opts(texts: list[str] | None, fmt: str) -> dict:
+    """``-o a=b,c=d`` (may repeat) into create_image keyword arguments.
+    Unknown names are refused like qemu-img (``Invalid parameter 'x'``)."""
+    out: dict = {}
+    for text in texts or []:
+        for item in filter(None, text.split(",")):
+            name, _, val = item.partition("=")
+            name, val = name.strip(), val.strip()
+            if fmt == "raw" and name not in ("preallocation", "size"):
+                raise UsageError(f"Invalid parameter '{name}' for format raw")
+            if name == "size":
+                out["size"] = parse_size(val, "image size")
+            elif name == "cluster_size":
+                out["cluster_size"] = parse_size(val, "cluster size")
+            elif name in ("extended_l2", "lazy_refcounts"):
+                b = _BOOL.get(val.lower())
+                if b is None:
+                    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
+                if name == "lazy_refcounts":
+                    if b:
+                        raise UsageError("lazy_refcounts=on is not supported")
+                    continue
+                out["extended_l2"] = b
+            elif name in ("preallocation", "compat"):
+                out[name] = val
+            elif name == "refcount_bits":
+                try:
+                    out["refcount_bits"] = int(val)
+                except ValueError:
+                    raise UsageError(f"invalid refcount_bits '{val}'") from None
+            elif name == "backing_file":
+                out["backing_file"] = val
+            elif name == "backing_fmt":
+                out["backing_format"] = val
+            elif name == "compression_type":
+                if val != "zlib":
+                    raise UsageError(f"compression_type '{val}' is not supported (zlib only)")
+            else:
+                raise UsageError(f"Invalid parameter '{name}'")
+    return out
+
+
+def formatting_line(path: str, fmt: str, size: int, opts: dict) -> str:
+    if fmt == "raw":
+        extra = f" preallocation={opts['preallocation']}" if opts.get("preallocation") else ""
+        return f"Formatting '{path}', fmt=raw size={size}{extra}"
+    parts = [f"Formatting '{path}', fmt=qcow2",
+             f"cluster_size={opts.get('cluster_size', 65536)}",
+             f"extended_l2={'on' if opts.get('extended_l2') else 'off'}"]
+    if opts.get("compat"):
+        parts.append(f"compat={opts['compat']}")
+    if opts.get("preallocation"):
+        parts.append(f"preallocation={opts['preallocation']}")
+    parts += ["compression_type=zlib", f"size={size}"]
+    if opts.get("backing_file"):
+        parts.append(f"backing_file={opts['backing_file']}")
+        if opts.get("backing_format"):
+            parts.append(f"backing_fmt={opts['backing_format']}")
+    parts += ["lazy_refcounts=off", f"refcount_bits={opts.get('refcount_bits', 16)}"]
+    return " ".join(parts)
+
+
+def run(args) -> int:
+    from ..formats import FORMATS, create_image, open_image
+    from ..graph import resolve_backing
+    if args.fmt not in FORMATS:
+        raise UsageError(f"unsupported image format '{args.fmt}' (supported: {', '.join(FORMATS)})")
+    opts = parse_opts(args.options, args.fmt)
+    size = opts.pop("size", None)
+    if args.size is not None:
+        size = parse_size(args.size, "image size")
+    if args.backing:
+        opts["backing_file"] = args.backing
+    if args.backing_fmt:
+        opts["backing_format"] = args.backing_fmt
+    if opts.get("backing_file"):
+        if args.fmt == "raw":
+            raise UsageError("Backing file not supported for file format 'raw'")
+        bpath = resolve_backing(os.path.abspath(args.image), opts["backing_file"])
+        if not opts.get("backing_format"):
+            # qemu-img 7.2 refuses to guess: the format must be given
+            raise UsageError("Backing file specified without backing format (use -F FMT)")
+        if not args.unsafe:
+            try:
+                with open_image(bpath, opts["backing_format"]) as b:
+                    bsize = b.size
+            except BlkjobsError as e:
+                raise UsageError(f"Could not open backing image: {e}") from None
+            if size is None:
+                size = bsize
+    if size is None:
+        raise UsageError("Image creation needs a size parameter")
+    if args.fmt == "qcow2" and size % 512:
+        size = -(-size // 512) * 512         # qemu-img rounds qcow2 sizes up to sectors
+    if not args.quiet:
+        print(formatting_line(args.image, args.fmt, size, opts), flush=True)
+    try:
+        create_image(args.image, args.fmt, size, **opts)
+    except OSError as e:
+        raise UsageError(f"{args.image}: Could not create image: {e.strerror}") from None
+    return 0
