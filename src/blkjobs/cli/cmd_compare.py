@@ -1,10 +1,11 @@
-"""blkjobs compare [-s] A B: exit 0 identical, 1 different, 2 error."""
+"""blkjobs compare [-f FMT] [-F FMT] [-s] A B (raw, qcow2, backing chains):
+exit 0 identical, 1 different, 2 error."""
 from __future__ import annotations
 
 import sys
 
 from ..errors import BlkjobsError
-from ..imageops.compare import compare_raw
+from ..imageops.compare import compare_images
 
 
 def register(sub):
@@ -12,6 +13,9 @@ def register(sub):
                        description="Exit status: 0 identical, 1 different, 2 error.")
     p.add_argument("-f", dest="fmt_a", metavar="FMT")
     p.add_argument("-F", dest="fmt_b", metavar="FMT")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="accepted for qemu-img compatibility")
+    p.add_argument("-q", dest="quiet", action="store_true", help="accepted; output is short")
     p.add_argument("-s", dest="strict", action="store_true",
                    help="strict: images of different sizes differ")
     p.add_argument("a")
@@ -21,7 +25,7 @@ def register(sub):
 
 def run(args) -> int:
     try:
-        r = compare_raw(args.a, args.b, strict=args.strict)
+        r = compare_images(args.a, args.b, args.fmt_a, args.fmt_b, strict=args.strict)
     except BlkjobsError as e:
         sys.stderr.write(f"blkjobs: {e}\n")
         return 2
@@ -29,8 +33,13 @@ def run(args) -> int:
         sys.stderr.write(f"blkjobs: {e}\n")
         return 2
     if r.size_mismatch:
-        print("Warning: Image size mismatch!" if not args.strict else
-              "Strict mode: Image size mismatch!")
+        if args.strict:
+            print("Strict mode: Image size mismatch!")
+            return 1
+        print("Warning: Image size mismatch!")
+    if r.status_mismatch:
+        print(f"Strict mode: Offset {r.offset} block status mismatch!")
+        return 1
     if r.identical:
         print("Images are identical.")
         return 0

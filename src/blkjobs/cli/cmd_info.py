@@ -1,28 +1,54 @@
-"""blkjobs info [--output human|json] IMG"""
+"""blkjobs info [-f FMT] [--backing-chain] [--output human|json] IMG
+
+Human and JSON output as ``qemu-img info`` 7.2 prints them (JSON keys in
+qemu-img's order; see imageops.inspect for what is not reported)."""
 from __future__ import annotations
 
 import json
 import sys
 
-from ..imageops.inspect import info_raw
+from ..imageops.inspect import info
 from .sizes import human
 
 
 def register(sub):
     p = sub.add_parser("info", help="show information about an image")
     p.add_argument("-f", dest="fmt", metavar="FMT")
+    p.add_argument("--backing-chain", action="store_true",
+                   help="also show every image of the backing chain")
     p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="accepted for qemu-img compatibility (info takes no locks)")
     p.add_argument("image")
     p.set_defaults(func=run)
 
 
+def _human(d: dict) -> str:
+    lines = [f"image: {d['filename']}", f"file format: {d['format']}",
+             f"virtual size: {human(d['virtual-size'])} ({d['virtual-size']} bytes)",
+             f"disk size: {human(d['actual-size'])}"]
+    if "cluster-size" in d:
+        lines.append(f"cluster_size: {d['cluster-size']}")
+    if "backing-filename" in d:
+        b, full = d["backing-filename"], d["full-backing-filename"]
+        lines.append(f"backing file: {b}" + ("" if b == full else f" (actual path: {full})"))
+        if "backing-filename-format" in d:
+            lines.append(f"backing file format: {d['backing-filename-format']}")
+    fs = d.get("format-specific")
+    if fs and fs.get("data"):
+        lines.append("Format specific information:")
+        for k, v in fs["data"].items():
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            lines.append(f"    {k.replace('-', ' ')}: {v}")
+    return "\n".join(lines) + "\n"
+
+
 def run(args) -> int:
-    info = info_raw(args.image)
+    infos = info(args.image, args.fmt, backing_chain=args.backing_chain)
     if args.output == "json":
-        sys.stdout.write(json.dumps(info, indent=4) + "\n")
+        out = infos if args.backing_chain else infos[0]
+        sys.stdout.write(json.dumps(out, indent=4) + "\n")
         return 0
-    print(f"image: {info['filename']}")
-    print(f"file format: {info['format']}")
-    print(f"virtual size: {human(info['virtual-size'])} ({info['virtual-size']} bytes)")
-    print(f"disk size: {human(info['actual-size'])}")
+    sys.stdout.write("\n".join(_human(d) for d in infos))
     return 0

@@ -1,34 +1,51 @@
-"""blkjobs map [--output human|json] IMG"""
+"""blkjobs map [-f FMT] [--output human|json] [--start-offset N] [--max-length N] IMG
+
+Walks the backing chain like ``qemu-img map``: ``depth`` is the layer that
+provides each run. JSON lines are qemu-img 7.2's (no ``compressed`` key)."""
 from __future__ import annotations
 
 import json
 import sys
 
-from ..imageops.inspect import map_raw
+from ..errors import ImageError
+from ..imageops.inspect import map_image
+from .sizes import parse_size
+
+_KEYS = ("start", "length", "depth", "present", "zero", "data", "offset")
 
 
 def register(sub):
-    p = sub.add_parser("map", help="show the layout of an image")
+    p = sub.add_parser("map", help="show the layout of an image and its backing chain")
     p.add_argument("-f", dest="fmt", metavar="FMT")
     p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("-s", "--start-offset", default="0", metavar="OFFSET")
+    p.add_argument("-l", "--max-length", default=None, metavar="LENGTH")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="accepted for qemu-img compatibility")
     p.add_argument("image")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     out = sys.stdout
+    start = parse_size(args.start_offset, "start offset")
+    length = parse_size(args.max_length, "max length") if args.max_length else None
+    entries = map_image(args.image, args.fmt, start, length)
     if args.output == "json":
         first = True
         out.write("[")
-        for e in map_raw(args.image):
+        for e in entries:
             out.write(("" if first else ",\n") + "{ " + ", ".join(
-                f'"{k}": {json.dumps(v)}' for k, v in e.items()) + "}")
+                f'"{k}": {json.dumps(e[k])}' for k in _KEYS if k in e) + "}")
             first = False
         out.write("]\n")
-    else:
-        out.write(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
-        for e in map_raw(args.image):
-            if e["data"]:
-                out.write(f"{e['start']:<#16x}{e['length']:<#16x}{e['offset']:<#16x}{args.image}\n"
-                          .replace("0x0 ", "0   "))
+        return 0
+    out.write(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
+    for e in entries:
+        if not e["data"]:
+            continue
+        if "offset" not in e:
+            raise ImageError("File contains external, encrypted or compressed clusters.")
+        out.write("".join(f"{v:<#16x}" if v else f"{'0':<16}"
+                          for v in (e["start"], e["length"], e["offset"])) + e["file"] + "\n")
     return 0
