@@ -1,0 +1,253 @@
+"""backup (``blockdev-backup``, jobs.md §1): a point-in-time copy.
+
+At creation the copy-before-write filter (:mod:`.cbw`) goes onto the source
+and a named bitmap is frozen. ``run`` walks the copy bitmap (job-cluster
+granularity) in batches: each batch is claimed (cleared + registered in
+flight, under the I/O lock) and moved by the C engine (:class:`~.base.Mover`);
+a failed batch is re-dirtied before its error goes through the policy.
+``commit``/``abort`` hand the bitmap over; ``clean`` removes the filter.
+There is no graph change.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CopyError, JobError
+from ..graph import Node, Perm
+from ..job import ErrorAction, Job
+from ..native.bitmap import Bitmap
+from .base import JOB_CLUSTER, BlockJob, InFlight, Mover, select_full, select_window
+from .cbw import CbwFilter
+
+if TYPE_CHECKING:
+    from .engine import DirtyBitmap, Engine
+
+SYNC_MODES = ("full", "top", "none", "incremental", "bitmap")
+BITMAP_MODES = ("on-success", "never", "always")
+POLICIES = ("report", "ignore", "enospc", "stop", "auto")
+
+
+def check_policy(name: str, value: str) -> None:
+    if value not in POLICIES:
+        raise JobError(f"Parameter '{name}' does not accept value '{value}'")
+
+
+class BackupJob(BlockJob):
+    job_type = "backup"
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def create(cls, eng: Engine, device: str | Node, target: str | Node, sync: str, *,
+               bitmap: str | None = None, bitmap_mode: str | None = None,
+               compress: bool = False, on_source_error: str = "report",
+               on_target_error: str = "report", on_cbw_error: str = "break-guest-write",
+               filter_node_name: str | None = None) -> BackupJob:
+        """Validate in QEMU's order (jobs.md §1, exact messages); build the
+        driver. Nothing changes until :meth:`setup`."""
+        src, dst = eng.node(device), eng.node(target)
+        if sync not in SYNC_MODES:
+            raise JobError(f"Parameter 'sync' does not accept value '{sync}'")
+        if bitmap_mode is not None and bitmap_mode not in BITMAP_MODES:
+            raise JobError(f"Parameter 'bitmap-mode' does not accept value '{bitmap_mode}'")
+        check_policy("on-source-error", on_source_error)
+        check_policy("on-target-error", on_target_error)
+        if on_cbw_error not in ("break-guest-write", "break-snapshot"):
+            raise JobError(f"Parameter 'on-cbw-error' does not accept value '{on_cbw_error}'")
+        if sync in ("bitmap", "incremental") and bitmap is None:
+            raise JobError(f"must provide a valid bitmap name for '{sync}' sync mode")
+        if sync == "incremental":
+            if bitmap_mode not in (None, "on-success"):
+                raise JobError("Bitmap sync mode must be 'on-success' when using sync mode "
+                               "'incremental'")
+            sync, bitmap_mode = "bitmap", "on-success"
+        bm: DirtyBitmap | None = None
+        if bitmap is not None:
+            bm = eng.bitmap(src, bitmap)
+            if bitmap_mode is None:
+                raise JobError("Bitmap sync mode must be given when providing a bitmap")
+            if bm.busy:
+                raise JobError(f"Bitmap '{bitmap}' is currently in use by another operation "
+                               "and cannot be used")
+            if sync == "none":
+                raise JobError("sync mode 'none' does not produce meaningful bitmap outputs")
+            if bitmap_mode == "never" and sync != "bitmap":
+                raise JobError("Bitmap sync mode 'never' has no meaningful effect when "
+                               f"combined with sync mode '{sync}'")
+        elif bitmap_mode is not None:
+            raise JobError("Cannot specify bitmap sync mode without a bitmap")
+        if src is dst:
+            raise JobError("Source and target cannot be the same")
+        if compress and not (dst.format == "qcow2" and hasattr(dst.driver, "write_compressed")):
+            raise JobError(f"Compression is not supported for this drive {dst.name}")
+        if src.size != dst.size:
+            raise JobError("Source and target image have different sizes")
+        if sync == "top" and src.backing is None:
+            sync = "full"
+        return cls(eng, src, dst, sync, bm, bitmap_mode, compress, on_source_error,
+                   on_target_error, on_cbw_error)
+
+    def __init__(self, eng: Engine, src: Node, dst: Node, sync: str, bm: DirtyBitmap | None,
+                 bitmap_mode: str | None, compress: bool, on_source_error: str,
+                 on_target_error: str, on_cbw_error: str):
+        super().__init__(eng)
+        self.src, self.dst, self.sync = src, dst, sync
+        self.bm, self.bitmap_mode = bm, bitmap_mode
+        self.compress = compress
+        self.on_source_error, self.on_target_error = on_source_error, on_target_error
+        self.size = src.size
+        self.cluster = max(JOB_CLUSTER, dst.driver.cluster_size)
+        self.copy_bm = Bitmap(self.size, self.cluster)
+        self.manifest: Bitmap | None = None
+        self.inflight = InFlight(eng.io)
+        self.done = 0                   # bytes copied (or found zero), both paths
+        select = select_window(0, 1) if sync == "top" else select_full
+        self.mover = Mover(eng, src, dst, select, bucket=self.bucket, compress=compress)
+        self.cbw_mover = Mover(eng, src, dst, select, compress=compress)
+        self.cbw = CbwFilter(self, on_cbw_error)
+        self._perm = None
+        self._installed = False
+
+    # ------------------------------------------------------------------
+    def setup(self, job: Job) -> None:
+        """At creation: take the target, freeze the bitmap, build the copy
+        bitmap, insert the copy-before-write filter."""
+        eng = self.eng
+        with eng.io:
+            self._perm = self.dst.take(f"backup job '{job.id}'",
+                                       Perm.CONSISTENT_READ | Perm.WRITE,
+                                       Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+            if self.sync in ("full", "top", "none"):
+                # none: the background loop copies nothing, but a guest
+                # write still saves every cluster it is the first to touch
+                self.copy_bm.set_all()
+            if self.bm is not None:
+                self.bm.busy = True
+                self.bm.successor = Bitmap(self.size, self.bm.granularity)
+                self.manifest = self.bm.bitmap.copy()
+                if self.sync == "bitmap":
+                    for a, n in self.manifest.areas():
+                        self.copy_bm.set(a, n)
+            eng.add_filter(self.src, self.cbw)
+            self._installed = True
+        job.progress.update(0, 0 if self.sync == "none" else self.copy_bm.count())
+
+    def _sync_progress(self, job: Job) -> None:
+        with self.eng.io:
+            done = self.done
+            left = 0 if self.sync == "none" else (
+                self.copy_bm.count() + sum(e - s for s, e in self.inflight.ranges))
+        job.progress.update(current=max(done, job.progress.current), total=done + left)
+
+    def run(self, job: Job) -> None:
+        if self.sync == "none":
+            while True:
+                job.sleep(100_000_000)
+                self._sync_progress(job)
+                self._check_cbw()
+        pos = 0
+        while True:
+            job.pause_point()
+            self._check_cbw()
+            n = self.batch_size(job, self.cluster)
+            with self.eng.io:
+                area = self.copy_bm.next_dirty_area(pos, n)
+                if area is None and pos:
+                    area = self.copy_bm.next_dirty_area(0, n)
+                if area is None:
+                    break
+                self.copy_bm.reset(*area)
+                r = self.inflight.add(*area)
+            err = None
+            try:
+                stats = self.mover.move(area[0], area[1], job)
+            except CopyError as e:
+                err = e
+            finally:
+                with self.eng.io:
+                    self.inflight.remove(r)
+                    if err is not None or job.is_cancelled:
+                        self.copy_bm.set(*area)
+            if err is not None:
+                self._sync_progress(job)
+                action = self.policy_action(job, err)
+                if action is ErrorAction.REPORT:
+                    raise err
+                if action is ErrorAction.STOP:
+                    job.pause_point()
+                pos = area[0]
+                if action is ErrorAction.IGNORE:
+                    pos = area[0] + area[1] if area[0] + area[1] < self.size else 0
+                continue
+            with self.eng.io:
+                self.done += area[1] - stats.skipped
+            pos = area[0] + area[1]
+            if pos >= self.size:
+                pos = 0
+            self._sync_progress(job)
+        self._flush_target(job)
+        self._sync_progress(job)
+        self._check_cbw()
+
+    def _flush_target(self, job: Job) -> None:
+        while True:
+            try:
+                self.mover.flush()
+                return
+            except CopyError as e:
+                action = self.policy_action(job, e)
+                if action is ErrorAction.REPORT:
+                    raise
+                if action is ErrorAction.STOP:
+                    job.pause_point()
+                else:
+                    return
+
+    def _check_cbw(self) -> None:
+        if self.cbw.snapshot_error is not None:
+            raise self.cbw.snapshot_error
+
+    # ------------------------------------------------------------------
+    # Finalization (jobs.md §1 "Bitmap semantics")
+
+    def _handover(self, success: bool) -> None:
+        bm = self.bm
+        if bm is None or bm.successor is None:
+            return
+        with self.eng.io:
+            succ, mode = bm.successor, self.bitmap_mode
+            if mode == "on-success" and success:
+                bm.bitmap = succ
+            elif mode == "always":
+                new = succ.copy()
+                if not success and self.manifest is not None:
+                    # the part of the manifest not copied before the failure
+                    for a, n in self.copy_bm.areas():
+                        for s, k in self.manifest.areas(a, n):
+                            if s >= a + n:
+                                break
+                            new.set(s, min(k, a + n - s))
+                bm.bitmap = new
+            else:       # never, or on-success after a failure: nothing lost
+                bm.bitmap.merge(succ)
+            bm.successor = None
+            bm.busy = False
+
+    def commit(self, job: Job) -> None:
+        self._handover(True)
+
+    def abort(self, job: Job) -> None:
+        self._handover(False)
+
+    def clean(self, job: Job) -> None:
+        with self.eng.io:
+            if self._installed:
+                self.eng.remove_filter(self.src, self.cbw)
+                self._installed = False
+            if self._perm is not None:
+                self._perm.release()
+                self._perm = None
+        self.mover.close()
+        self.cbw_mover.close()
+
+    def query(self, job: Job) -> dict[str, Any]:
+        return {}

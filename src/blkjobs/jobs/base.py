@@ -1,0 +1,385 @@
+"""Pieces every block job shares: moving guest ranges through the C copy
+engine (:class:`Mover`), in-flight range tracking (:class:`InFlight`), and the
+:class:`BlockJob` driver base (speed -> token bucket, error-policy glue).
+
+How a range moves (:meth:`Mover.move`), the one data path of all four jobs:
+
+1. With the engine's I/O lock held, ask the source for its layout
+   (``Node.block_status``: which layer provides each run, and where in that
+   layer's file) and classify each run with the job's ``select`` function:
+   ``copy`` (data), ``zero`` (make it read as zero) or ``skip``.
+2. Allocate the target clusters the copied runs touch (``allocate()`` of the
+   target driver; raw: identity). Parts of an allocated cluster that are not
+   copied are filled from the source's guest view, so a fresh cluster never
+   exposes stale bytes.
+3. Queue (src host offset, dst host offset, length, kind, layer fd) items into
+   the C engine and let it move the bytes with the GIL released; the I/O lock
+   is *not* held meanwhile. Compressed source clusters (no host offset) and
+   compressed targets go through Python, cluster by cluster.
+
+A caller that must keep guest writes off a range until its copy landed
+(backup's copy-before-write, stream, write-blocking mirror) registers the
+range in an :class:`InFlight` under the I/O lock before step 1; guest writes
+wait for it (see :mod:`.frontend`).
+
+Lock order: the engine's I/O lock is never held while taking the job
+manager's lock (hooks run under the manager lock and may take the I/O lock).
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import Cancelled, CopyError, UsageError
+from ..graph import Node
+from ..job import ErrorAction, Job, JobDriver
+from ..native.copy import COPY, COPY_SPARSE, ZERO, CopyEngine, RunResult
+from ..native.ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+KiB, MiB = 1 << 10, 1 << 20
+#: Default job cluster (backup: max(64 KiB, target cluster size)).
+JOB_CLUSTER = 64 * KiB
+#: Bytes handed to the engine per batch (the unit of progress and pausing).
+BATCH = 16 * MiB
+
+#: A run classifier: block_status run -> "copy" | "zero" | "skip".
+Select = Callable[[dict], str]
+
+
+def select_full(run: dict) -> str:
+    """Everything the guest sees (backup/mirror sync=full)."""
+    return "copy" if run["data"] else "zero"
+
+
+def select_window(lo: int, hi: int | None) -> Select:
+    """Only runs provided by layers lo <= depth < hi (hi None: to the end of
+    the chain); a run past the chain's end (not present) is skipped."""
+    def select(run: dict) -> str:
+        d = run["depth"]
+        if d < lo or (hi is not None and d >= hi) or not run["present"]:
+            return "skip"
+        return "copy" if run["data"] else "zero"
+    return select
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for s, n in sorted(ranges):
+        if out and out[-1][0] + out[-1][1] >= s:
+            out[-1][1] = max(out[-1][1], s + n - out[-1][0])
+        else:
+            out.append([s, n])
+    return [(s, n) for s, n in out]
+
+
+def _subtract(whole: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Parts of the (sorted, disjoint) ``whole`` ranges not covered by ``holes``."""
+    out = []
+    holes = _merge(holes)
+    for s, n in whole:
+        pos, end = s, s + n
+        for hs, hn in holes:
+            he = hs + hn
+            if he <= pos or hs >= end:
+                continue
+            if hs > pos:
+                out.append((pos, hs - pos))
+            pos = max(pos, he)
+        if pos < end:
+            out.append((pos, end - pos))
+    return out
+
+
+def _intersect(a: list[tuple[int, int, Any]], b: list[tuple[int, int, int]]):
+    """Pieces of guest runs ``a`` (start, len, payload) inside the guest runs
+    ``b`` (start, len, host): yields (start, len, payload, delta_a, host+delta_b)."""
+    j = 0
+    for s, n, p in a:
+        pos, end = s, s + n
+        while pos < end:
+            while j < len(b) and b[j][0] + b[j][1] <= pos:
+                j += 1
+            if j >= len(b) or b[j][0] >= end:
+                # not in an allocated run: should not happen (allocation covers it)
+                raise AssertionError(f"range {pos}+{end - pos} was not allocated")
+            bs, bn, bh = b[j]
+            if bs > pos:
+                raise AssertionError(f"range {pos}+{bs - pos} was not allocated")
+            k = min(end, bs + bn)
+            yield pos, k - pos, p, pos - s, bh + (pos - bs)
+            pos = k
+
+
+class InFlight:
+    """Guest ranges a job is copying right now. All methods need the engine's
+    I/O lock (``cond``) held; :meth:`wait_clear` releases it while waiting."""
+
+    def __init__(self, cond: threading.Condition):
+        self.cond = cond
+        self.ranges: list[tuple[int, int]] = []
+
+    def add(self, start: int, length: int) -> tuple[int, int]:
+        r = (start, start + length)
+        self.ranges.append(r)
+        return r
+
+    def remove(self, r: tuple[int, int]) -> None:
+        self.ranges.remove(r)
+        self.cond.notify_all()
+
+    def busy(self, start: int, length: int) -> bool:
+        end = start + length
+        return any(s < end and start < e for s, e in self.ranges)
+
+    def wait_clear(self, start: int, length: int) -> None:
+        while self.busy(start, length):
+            self.cond.wait(1.0)
+
+
+class Stats:
+    """What one :meth:`Mover.move` did, in guest bytes."""
+
+    __slots__ = ("copied", "zeroed", "skipped")
+
+    def __init__(self) -> None:
+        self.copied = self.zeroed = self.skipped = 0
+
+
+class Mover:
+    """Moves guest ranges of ``src`` (read through its chain) into ``dst``.
+
+    ``select`` classifies the source's runs (see :func:`select_full`,
+    :func:`select_window`). ``compress``: write compressed clusters (qcow2
+    targets). The target driver must stay the same object while the mover
+    lives (the engine holds its fd).
+    """
+
+    def __init__(self, eng: Engine, src: Node, dst: Node, select: Select, *,
+                 bucket: TokenBucket | None = None, compress: bool = False,
+                 threads: int = 4):
+        self.eng = eng
+        self.src, self.dst = src, dst
+        self.select = select
+        self.compress = compress
+        self.bucket = bucket
+        self.threads = threads
+        self._ce: CopyEngine | None = None
+        self._dst_raw = dst.driver.cluster_size == 0
+        self._dst_is_ours = dst.driver
+
+    # -- the C engine ------------------------------------------------------
+    def _engine(self) -> CopyEngine:
+        if self._ce is None:
+            self._ce = CopyEngine(self.src.driver.fd, self.dst.driver.fd, threads=self.threads,
+                                  request_size=2 * MiB, zero_block=4096 if self._dst_raw else 0,
+                                  target_is_zero=False, may_unmap=True,
+                                  allow_copy_range=False, bucket=self.bucket,
+                                  src_path=self.src.filename, dst_path=self.dst.filename)
+        return self._ce
+
+    def close(self) -> None:
+        if self._ce is not None:
+            self._ce.close()
+            self._ce = None
+
+    # -- fault injection (blkdebug nodes) -----------------------------------
+    def _check_inject(self, op: str, node: Node, off: int, length: int) -> None:
+        check = getattr(node.driver, "inject_check", None)
+        if check is not None:
+            err = check(op, off, length)
+            if err:
+                side = "source" if op == "read" else "target"
+                raise CopyError(err, "error reading" if op == "read" else "error writing",
+                                path=node.filename, side=side, offset=off)
+
+    # -- planning (I/O lock held) -------------------------------------------
+    def _dst_reads_zero(self, off: int, length: int) -> list[tuple[int, int]]:
+        dst = self.dst
+        return [(r["start"], r["length"]) for r in dst.block_status(off, length)
+                if r["zero"] and (r["depth"] == 0 or dst.backing is None)]
+
+    def plan(self, off: int, length: int, stats: Stats) -> list[tuple]:
+        """Classify, allocate, do the Python-side parts; return engine items."""
+        src, dst = self.src, self.dst
+        length = min(length, src.size - off, dst.size - off)
+        if length <= 0:
+            return []
+        chain = src.chain()
+        copy: list[tuple[int, int, tuple[int, int]]] = []   # (start, len, (fd, host))
+        py: list[tuple[int, int]] = []                        # compressed source runs
+        zero: list[tuple[int, int]] = []
+        for r in src.block_status(off, length):
+            what = self.select(r)
+            s, n = r["start"], r["length"]
+            if what == "skip":
+                stats.skipped += n
+            elif what == "copy":
+                self._check_inject("read", chain[r["depth"]], s, n)
+                if r["compressed"] or "offset" not in r or self.compress:
+                    py.append((s, n))
+                else:
+                    copy.append((s, n, (chain[r["depth"]].driver.fd, r["offset"])))
+                stats.copied += n
+            else:
+                zero.append((s, n))
+                stats.zeroed += n
+        if copy or py or zero:
+            self._check_inject("write", dst, off, length)
+        items: list[tuple] = []
+        # Zeroes first: their clusters are never ones we allocate below.
+        if zero:
+            already = self._dst_reads_zero(off, length)
+            for s, n in _subtract(_merge(zero), already):
+                if self._dst_raw:
+                    items.append((0, s, n, ZERO))
+                else:
+                    dst.write_zeroes(s, n)
+        if self.compress:
+            self._write_compressed(_merge([(s, n) for s, n, _ in copy] + py))
+            return items
+        if copy:
+            if self._dst_raw:
+                for s, n, (fd, host) in copy:
+                    items.append((host, s, n, COPY_SPARSE, fd))
+            else:
+                items += self._alloc_items(copy, py)
+        for s, n in py:
+            buf = bytearray(n)
+            src.readinto(s, buf)
+            dst.write(s, buf)
+        return items
+
+    def _alloc_items(self, copy, py) -> list[tuple]:
+        src, dst = self.src, self.dst
+        cs = dst.driver.cluster_size
+        need = _merge([(s - s % cs, min(-(-(s + n) // cs) * cs, dst.size) - (s - s % cs))
+                       for s, n, _ in copy])
+        host: list[tuple[int, int, int]] = []
+        for s, n in need:
+            host += [(m.start, m.length, m.host_offset) for m in dst.driver.allocate(s, n)]
+        covered = [(s, n) for s, n, _ in copy] + py
+        fill: list[tuple[int, int, tuple[int, int] | None]] = []
+        for s, n in _subtract(need, covered):
+            chain = src.chain()
+            for r in src.block_status(s, n):
+                if r["data"] and "offset" in r and not r["compressed"]:
+                    fill.append((r["start"], r["length"], (chain[r["depth"]].driver.fd,
+                                                           r["offset"])))
+                elif r["data"]:
+                    py.append((r["start"], r["length"]))
+                else:
+                    fill.append((r["start"], r["length"], None))
+        items = []
+        for s, n, p, da, dh in _intersect(sorted(copy + fill, key=lambda t: t[0]), host):
+            if p is None:
+                items.append((0, dh, n, ZERO))
+            else:
+                items.append((p[1] + da, dh, n, COPY, p[0]))
+        return items
+
+    def _write_compressed(self, ranges: list[tuple[int, int]]) -> None:
+        src, dst = self.src, self.dst
+        cs = dst.driver.cluster_size
+        if not hasattr(dst.driver, "write_compressed") or not cs:
+            raise UsageError(f"Compression is not supported for this drive {dst.name}")
+        done = set()
+        for s, n in ranges:
+            c = s - s % cs
+            while c < s + n:
+                if c not in done:
+                    done.add(c)
+                    ln = min(cs, dst.size - c)
+                    buf = bytearray(ln)
+                    src.readinto(c, buf)
+                    if not any(buf):
+                        dst.write_zeroes(c, ln)
+                    else:
+                        dst.driver.write_compressed(c, buf)
+                c += cs
+
+    # -- moving --------------------------------------------------------------
+    def move(self, off: int, length: int, job: Job | None = None,
+             locked: bool = False) -> Stats:
+        """Copy [off, off+length) now. Raises CopyError (side source/target)
+        or Cancelled (the job was force-cancelled). ``locked``: the caller
+        holds the I/O lock (and keeps it while the engine runs)."""
+        stats = Stats()
+        with self.eng.io:
+            items = self.plan(off, length, stats)
+        if items:
+            self._run(items, job)
+        return stats
+
+    def _run(self, items: list[tuple], job: Job | None) -> None:
+        ce = self._engine()
+        ce.add(items)
+        try:
+            while True:
+                res = ce.run(0.05)
+                if res == RunResult.DONE:
+                    return
+                if job is not None and job.is_cancelled:
+                    ce.cancel()
+                    ce.drain()
+                    raise Cancelled()
+        except BaseException:
+            # Start over with a fresh engine: nothing of this batch stays queued.
+            ce.cancel()
+            ce.drain()
+            self.close()
+            raise
+
+    def flush(self) -> None:
+        """Make the target durable (qcow2: metadata of allocate() first)."""
+        err = getattr(self.dst.driver, "inject_check", None)
+        if err is not None:
+            e = err("flush", 0, 0)
+            if e:
+                raise CopyError(e, "error flushing", path=self.dst.filename, side="target")
+        with self.eng.io:
+            self.dst.flush()
+
+
+class BlockJob(JobDriver):
+    """Base of the four block jobs: rate limit, error policies, teardown list.
+
+    Subclasses set ``job_type`` and implement ``run``; they call
+    :meth:`copy_with_policy` for each batch so that an I/O error goes through
+    the job's error policy exactly once per failure.
+    """
+
+    block_job = True
+
+    def __init__(self, eng: Engine):
+        self.eng = eng
+        #: Rate limit of the background copy (CBW copies ignore it).
+        self.bucket = TokenBucket(0)
+        self.on_source_error = "report"
+        self.on_target_error = "report"
+
+    def set_speed(self, job: Job, speed: int) -> None:
+        self.bucket.rate = int(speed)
+
+    def policy_action(self, job: Job, e: CopyError, policy: str | None = None) -> ErrorAction:
+        """Send ``e`` through the job's error policy (``BLOCK_JOB_ERROR`` is
+        emitted). The caller has already released (re-dirtied) the failed
+        batch. ``report``: re-raise ``e``; ``ignore``: go on and retry the
+        batch later; ``stop``: the job was paused: call ``job.pause_point()``
+        and retry on resume."""
+        op = "read" if e.side == "source" else "write"
+        if policy is None:
+            policy = self.on_source_error if op == "read" else self.on_target_error
+        return job.handle_error(op, e, policy)
+
+    @staticmethod
+    def batch_size(job: Job, unit: int) -> int:
+        """Bytes per batch: small enough that a rate-limited job still
+        reaches a pause point about every 100 ms."""
+        n = BATCH
+        if job.speed:
+            n = min(n, max(unit, job.speed // 10))
+        return max(unit, n - n % unit)

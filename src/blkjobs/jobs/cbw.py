@@ -1,0 +1,60 @@
+"""The copy-before-write filter (QEMU ``block/copy-before-write.c``).
+
+Installed on the backup source at job creation. A guest write, write-zeroes
+or discard is widened to job clusters; every cluster still set in the job's
+copy bitmap is first copied (old contents) from the source to the target,
+ignoring the rate limit, and cleared from the bitmap; clusters the
+background loop is copying right now are waited for. Only then does the
+request reach the source. So the target is the source as it was when the job
+started.
+
+On a failed copy: ``break-guest-write`` (default) fails the guest request and
+writes nothing; ``break-snapshot`` lets it through and makes the backup fail.
+"""
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from ..errors import CopyError, OSErrorWithContext
+from ..graph import Node
+from .frontend import Filter
+
+if TYPE_CHECKING:
+    from .backup import BackupJob
+
+
+class CbwFilter(Filter):
+    def __init__(self, backup: BackupJob, on_cbw_error: str = "break-guest-write"):
+        self.b = backup
+        self.on_cbw_error = on_cbw_error
+        #: First error of a break-snapshot failure: the job fails with it.
+        self.snapshot_error: BaseException | None = None
+
+    def before_write(self, node: Node, op: str, offset: int, length: int) -> None:
+        b = self.b
+        if self.snapshot_error is not None:
+            return                      # snapshot already broken: writes pass
+        c = b.cluster
+        start = offset - offset % c
+        end = min(-(-(offset + length) // c) * c, b.size)
+        b.inflight.wait_clear(start, end - start)
+        pos = start
+        while pos < end:
+            area = b.copy_bm.next_dirty_area(pos, end - pos)
+            if area is None or area[0] >= end:
+                break
+            a, n = area
+            n = min(n, end - a)
+            b.copy_bm.reset(a, n)
+            try:
+                stats = b.cbw_mover.move(a, n)
+            except (CopyError, OSError, OSErrorWithContext) as e:
+                if self.on_cbw_error == "break-snapshot":
+                    self.snapshot_error = e
+                    return
+                b.copy_bm.set(a, n)
+                code = getattr(e, "errno", None) or errno.EIO
+                raise OSError(code, f"copy-before-write failed: {e}") from e
+            b.done += n - stats.skipped
+            pos = a + n

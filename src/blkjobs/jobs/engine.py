@@ -1,0 +1,430 @@
+"""The public library API: :class:`Engine`.
+
+An Engine owns one block graph, one job manager and the live-I/O front ends::
+
+    eng = Engine()
+    src = eng.open("disk.qcow2", node_name="disk")          # read-write
+    eng.create("backup.qcow2", "qcow2", src.size, node_name="bk")
+    vm = eng.attach(src)                                     # the VM's writes
+    job = eng.backup("disk", "bk", sync="full", job_id="b0")
+    eng.wait_job(job)                                        # -> JobOutcome
+    eng.close()
+
+Jobs are started by the spec's option names (``jobs.md``; QMP dashes become
+underscores): :meth:`backup`, :meth:`mirror`, :meth:`stream`, :meth:`commit`;
+:meth:`transaction` starts several at once. Every verb of ``job-model.md``
+is a method of the same name (``job_cancel``, ``block_job_cancel``, ...), as
+are ``query_jobs``/``query_block_jobs``. Events reach listeners added with
+:meth:`add_listener` (or collected by :meth:`listen`).
+
+Concurrency: the job core's lock orders job state; the engine adds one I/O
+lock (:attr:`io`, a condition) that every front-end request, every graph
+change and every job's planning step takes. The C engine copies without it.
+The I/O lock is never held while taking the job core's lock.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import JobError, UsageError
+from ..formats import create_image
+from ..graph import Graph, Node
+from ..job import (CompletionMode, Event, EventListener, Job, JobManager, JobOutcome,
+                   JobTxn)
+from ..job.events import Clock
+from ..native.bitmap import Bitmap
+from .frontend import Filter, Frontend
+
+
+class DirtyBitmap:
+    """A named dirty bitmap on a node (``block-dirty-bitmap-add``).
+
+    Front-end writes to the node mark it while ``enabled``. A backup freezes
+    it (``busy``): new writes then go to a hidden ``successor`` until the job
+    hands the bitmap over (see ``jobs.md``, bitmap-mode).
+    """
+
+    def __init__(self, node: Node, name: str, granularity: int):
+        self.node = node
+        self.name = name
+        self.bitmap = Bitmap(node.size, granularity)
+        self.enabled = True
+        self.busy = False
+        self.successor: Bitmap | None = None
+
+    @property
+    def granularity(self) -> int:
+        return self.bitmap.granularity
+
+    def mark(self, offset: int, length: int) -> None:
+        if self.successor is not None:
+            self.successor.set(offset, length)
+        elif self.enabled:
+            self.bitmap.set(offset, length)
+
+    def count(self) -> int:
+        return self.bitmap.count()
+
+
+class Engine:
+    """Graph + jobs + front ends. See the module docstring.
+
+    ``clock``: the job core's clock (tests pass a fake one). ``locking``:
+    take QEMU's file lock bytes on open images.
+    """
+
+    def __init__(self, clock: Clock | None = None, locking: bool = True):
+        self.graph = Graph(locking=locking)
+        self.jobs = JobManager(clock)
+        #: The I/O lock (see the module docstring).
+        self.io = threading.Condition(threading.RLock())
+        self._filters: dict[int, list[Filter]] = {}
+        self._quiesced: dict[int, int] = {}
+        self._frontends: list[Frontend] = []
+        self._bitmaps: dict[int, dict[str, DirtyBitmap]] = {}
+        self._fe_count = 0
+
+    # ------------------------------------------------------------------
+    # Nodes
+
+    def open(self, path: str, fmt: str | None = None, *, node_name: str | None = None,
+             read_only: bool = False) -> Node:
+        """Open ``path`` and its backing chain; the top node is read-write
+        unless ``read_only``. Returns the top node."""
+        with self.io:
+            return self.graph.open_chain(path, fmt, read_only=read_only, name=node_name)
+
+    def create(self, path: str, fmt: str, size: int | None, *, node_name: str | None = None,
+               **opts: Any) -> Node:
+        """Create an image (see :func:`blkjobs.formats.create_image` for the
+        options, e.g. ``backing_file``) and open it read-write."""
+        create_image(path, fmt, size, **opts)
+        return self.open(path, fmt, node_name=node_name)
+
+    def node(self, name: str | Node) -> Node:
+        """A node by node-name (``Cannot find device=<n> nor node-name=<n>``)."""
+        if isinstance(name, Node):
+            return name
+        node = self.graph.nodes.get(name)
+        if node is None:
+            raise JobError(f"Cannot find device={name} nor node-name={name}")
+        return node
+
+    def attach(self, node: str | Node) -> Frontend:
+        """A front end for live I/O on ``node`` (it takes write permission)."""
+        with self.io:
+            node = self.node(node)
+            self._fe_count += 1
+            fe = Frontend(self, node, f"frontend{self._fe_count}")
+            self._frontends.append(fe)
+            return fe
+
+    def frontends(self, node: Node | None = None) -> list[Frontend]:
+        with self.io:
+            return [f for f in self._frontends if node is None or f.node is node]
+
+    def close(self) -> None:
+        """Cancel what still runs, wait for it, close front ends and nodes."""
+        for job in self.jobs.jobs():
+            try:
+                if not job.is_completed:
+                    self.jobs.cancel_job(job, True)
+            except JobError:
+                pass
+        try:
+            self.jobs.wait_until(lambda: all(j.is_completed or not j.started
+                                             for j in self.jobs._jobs), 30)
+        except TimeoutError:
+            pass
+        for fe in list(self._frontends):
+            fe.close()
+        with self.io:
+            self.graph.close()
+
+    # ------------------------------------------------------------------
+    # Dirty bitmaps
+
+    def block_dirty_bitmap_add(self, node: str | Node, name: str,
+                               granularity: int = 65536) -> DirtyBitmap:
+        with self.io:
+            node = self.node(node)
+            bms = self._bitmaps.setdefault(id(node), {})
+            if name in bms:
+                raise JobError(f"Bitmap already exists: {name}")
+            bm = bms[name] = DirtyBitmap(node, name, granularity)
+            return bm
+
+    def block_dirty_bitmap_remove(self, node: str | Node, name: str) -> None:
+        with self.io:
+            bm = self.bitmap(node, name)
+            if bm.busy:
+                raise JobError(f"Bitmap '{name}' is currently in use by another operation "
+                               "and cannot be used")
+            del self._bitmaps[id(bm.node)][name]
+
+    def bitmap(self, node: str | Node, name: str) -> DirtyBitmap:
+        node = self.node(node)
+        bm = self._bitmaps.get(id(node), {}).get(name)
+        if bm is None:
+            raise JobError(f"Bitmap '{name}' could not be found")
+        return bm
+
+    # ------------------------------------------------------------------
+    # Filters and the guest write path (used by frontend and jobs)
+
+    def add_filter(self, node: Node, f: Filter) -> None:
+        with self.io:
+            self._filters.setdefault(id(node), []).append(f)
+
+    def remove_filter(self, node: Node, f: Filter) -> None:
+        with self.io:
+            lst = self._filters.get(id(node), [])
+            if f in lst:
+                lst.remove(f)
+
+    def quiesce(self, node: Node) -> None:
+        """Hold off front-end writes to ``node`` (nested) until :meth:`unquiesce`.
+        When it returns no write is in progress on ``node``."""
+        with self.io:
+            self._quiesced[id(node)] = self._quiesced.get(id(node), 0) + 1
+
+    def unquiesce(self, node: Node) -> None:
+        with self.io:
+            n = self._quiesced.get(id(node), 0) - 1
+            if n <= 0:
+                self._quiesced.pop(id(node), None)
+            else:
+                self._quiesced[id(node)] = n
+            self.io.notify_all()
+
+    def _guest_write(self, fe: Frontend, op: str, offset: int, length: int,
+                     do: Callable[[Node], None]) -> None:
+        with self.io:
+            while self._quiesced.get(id(fe.node)):
+                self.io.wait(1.0)
+            node = fe.node
+            filters = list(self._filters.get(id(node), ()))
+            for f in filters:
+                f.before_write(node, op, offset, length)
+            do(node)
+            for f in filters:
+                f.after_write(node, op, offset, length)
+            for bm in self._bitmaps.get(id(node), {}).values():
+                bm.mark(offset, length)
+        for f in filters:
+            f.notify()
+
+    def _repoint(self, old: Node, new: Node) -> list[tuple[Frontend, Node]]:
+        """Move every front end of ``old`` to ``new`` (I/O lock held);
+        returns what to undo."""
+        moved = []
+        for fe in self._frontends:
+            if fe.node is old:
+                fe._move(new)
+                moved.append((fe, old))
+        return moved
+
+    # ------------------------------------------------------------------
+    # Starting jobs
+
+    def _job_id(self, job_id: str | None, device: Node) -> str:
+        return job_id if job_id is not None else device.name
+
+    def _launch(self, driver: Any, job_id: str, *, txn: JobTxn | None, speed: int,
+                auto_finalize: bool, auto_dismiss: bool, start: bool) -> Job:
+        if speed < 0:
+            raise JobError("Parameter 'speed' expects a non-negative value")
+        job = self.jobs.create(driver, job_id, txn=txn, auto_finalize=auto_finalize,
+                               auto_dismiss=auto_dismiss, speed=speed)
+        try:
+            driver.setup(job)
+        except BaseException:
+            self.jobs.abandon(job)
+            raise
+        if start:
+            self.jobs.start(job)
+        return job
+
+    def backup(self, device: str | Node, target: str | Node, sync: str, *,
+               job_id: str | None = None, speed: int = 0, bitmap: str | None = None,
+               bitmap_mode: str | None = None, compress: bool = False,
+               on_source_error: str = "report", on_target_error: str = "report",
+               on_cbw_error: str = "break-guest-write", auto_finalize: bool = True,
+               auto_dismiss: bool = True, filter_node_name: str | None = None,
+               txn: JobTxn | None = None, start: bool = True) -> Job:
+        """``blockdev-backup``: a point-in-time copy of ``device`` onto
+        ``target`` (see jobs.md §1). Returns the job (running unless
+        ``start=False``; a ``txn`` member waits for :meth:`transaction`)."""
+        from .backup import BackupJob
+        drv = BackupJob.create(self, device, target, sync, bitmap=bitmap,
+                               bitmap_mode=bitmap_mode, compress=compress,
+                               on_source_error=on_source_error,
+                               on_target_error=on_target_error, on_cbw_error=on_cbw_error,
+                               filter_node_name=filter_node_name)
+        return self._launch(drv, self._job_id(job_id, drv.src), txn=txn, speed=speed,
+                            auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
+                            start=start)
+
+    def mirror(self, device: str | Node, target: str | Node, sync: str, *,
+               job_id: str | None = None, speed: int = 0, replaces: str | None = None,
+               granularity: int | None = None, buf_size: int | None = None,
+               on_source_error: str = "report", on_target_error: str = "report",
+               copy_mode: str = "background", target_is_zero: bool = False,
+               auto_finalize: bool = True, auto_dismiss: bool = True,
+               filter_node_name: str | None = None, txn: JobTxn | None = None,
+               start: bool = True) -> Job:
+        """``blockdev-mirror`` (jobs.md §2): keeps ``target`` in sync with
+        ``device`` until completed (pivot) or cancelled."""
+        from .mirror import MirrorJob
+        drv = MirrorJob.create(self, device, target, sync, replaces=replaces,
+                               granularity=granularity, buf_size=buf_size,
+                               on_source_error=on_source_error,
+                               on_target_error=on_target_error, copy_mode=copy_mode,
+                               target_is_zero=target_is_zero)
+        return self._launch(drv, self._job_id(job_id, drv.src), txn=txn, speed=speed,
+                            auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
+                            start=start)
+
+    def stream(self, device: str | Node, *, base: str | None = None,
+               base_node: str | None = None, bottom: str | None = None,
+               backing_file: str | None = None, job_id: str | None = None,
+               speed: int = 0, on_error: str = "report", auto_finalize: bool = True,
+               auto_dismiss: bool = True, filter_node_name: str | None = None,
+               txn: JobTxn | None = None, start: bool = True) -> Job:
+        """``block-stream`` (jobs.md §3): pull the chain above the base into
+        ``device``, then back it directly onto the base."""
+        from .stream import StreamJob
+        drv = StreamJob.create(self, device, base=base, base_node=base_node, bottom=bottom,
+                               backing_file=backing_file, on_error=on_error)
+        return self._launch(drv, self._job_id(job_id, drv.top), txn=txn, speed=speed,
+                            auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
+                            start=start)
+
+    def commit(self, device: str | Node, *, base_node: str | None = None,
+               base: str | None = None, top_node: str | None = None,
+               top: str | None = None, backing_file: str | None = None,
+               job_id: str | None = None, speed: int = 0, on_error: str = "report",
+               auto_finalize: bool = True, auto_dismiss: bool = True,
+               filter_node_name: str | None = None, txn: JobTxn | None = None,
+               start: bool = True) -> Job:
+        """``block-commit`` (jobs.md §4): intermediate commit, or active
+        commit (mirror-like, needs ``job_complete``) when top is the active
+        layer."""
+        from .commit import make_commit
+        drv = make_commit(self, device, base_node=base_node, base=base, top_node=top_node,
+                          top=top, backing_file=backing_file, on_error=on_error)
+        return self._launch(drv, self._job_id(job_id, self.node(device)), txn=txn,
+                            speed=speed, auto_finalize=auto_finalize,
+                            auto_dismiss=auto_dismiss, start=start)
+
+    def transaction(self, actions: list[tuple[str, dict[str, Any]]],
+                    completion_mode: str = "individual") -> list[Job]:
+        """Start several jobs atomically. ``actions``: ("backup" | "mirror" |
+        "stream" | "commit", keyword arguments of that method). If one fails
+        to start, the ones created so far are rolled back and its error is
+        raised. ``grouped``: the jobs finish together or all abort (backup
+        only)."""
+        mode = CompletionMode(completion_mode)
+        if mode is CompletionMode.GROUPED:
+            for kind, _ in actions:
+                if kind != "backup":
+                    raise JobError(f"Action 'block-{kind}' does not support transaction "
+                                   "property completion-mode = grouped")
+        txn = JobTxn(mode)
+        starters = {"backup": self.backup, "mirror": self.mirror, "stream": self.stream,
+                    "commit": self.commit}
+        jobs = []
+        try:
+            for kind, kw in actions:
+                if kind not in starters:
+                    raise UsageError(f"unknown transaction action '{kind}'")
+                jobs.append(starters[kind](**kw, txn=txn, start=False))
+        except BaseException:
+            self.jobs.rollback_txn(txn)
+            raise
+        self.jobs.start_txn(txn)
+        return jobs
+
+    # ------------------------------------------------------------------
+    # Verbs (job-model.md §4) and queries
+
+    def job_cancel(self, id: str) -> None:
+        self.jobs.job_cancel(id)
+
+    def job_pause(self, id: str) -> None:
+        self.jobs.job_pause(id)
+
+    def job_resume(self, id: str) -> None:
+        self.jobs.job_resume(id)
+
+    def job_complete(self, id: str) -> None:
+        self.jobs.job_complete(id)
+
+    def job_finalize(self, id: str) -> None:
+        self.jobs.job_finalize(id)
+
+    def job_dismiss(self, id: str) -> None:
+        self.jobs.job_dismiss(id)
+
+    def block_job_cancel(self, device: str, force: bool = False) -> None:
+        self.jobs.block_job_cancel(device, force)
+
+    def block_job_pause(self, device: str) -> None:
+        self.jobs.block_job_pause(device)
+
+    def block_job_resume(self, device: str) -> None:
+        self.jobs.block_job_resume(device)
+
+    def block_job_complete(self, device: str) -> None:
+        self.jobs.block_job_complete(device)
+
+    def block_job_finalize(self, id: str) -> None:
+        self.jobs.block_job_finalize(id)
+
+    def block_job_dismiss(self, id: str) -> None:
+        self.jobs.block_job_dismiss(id)
+
+    def block_job_set_speed(self, device: str, speed: int) -> None:
+        self.jobs.block_job_set_speed(device, speed)
+
+    def block_job_change(self, id: str, type: str, **options: Any) -> None:
+        self.jobs.block_job_change(id, type, **options)
+
+    def query_jobs(self) -> list[dict[str, Any]]:
+        return self.jobs.query_jobs()
+
+    def query_block_jobs(self) -> list[dict[str, Any]]:
+        return self.jobs.query_block_jobs()
+
+    # ------------------------------------------------------------------
+    # Events and waiting
+
+    def add_listener(self, listener: Callable[[Event], None]) -> Callable[[Event], None]:
+        return self.jobs.add_listener(listener)
+
+    def remove_listener(self, listener: Callable[[Event], None]) -> None:
+        self.jobs.remove_listener(listener)
+
+    def listen(self, names: list[str] | None = None) -> EventListener:
+        """A new :class:`EventListener` receiving events from now on."""
+        lst = EventListener(names)
+        self.jobs.add_listener(lst)
+        return lst
+
+    def wait_job(self, job: Job | str, timeout: float = 60.0) -> JobOutcome:
+        """Wait until the job concludes; return its outcome (TimeoutError
+        when it does not within ``timeout``)."""
+        if isinstance(job, str):
+            job = self.jobs.find_job(job)
+        self.jobs.wait_until(lambda: job.outcome is not None, timeout)
+        assert job.outcome is not None
+        return job.outcome
+
+    def wait_status(self, job: Job, *statuses: str, timeout: float = 60.0) -> None:
+        """Wait until ``job`` is in one of ``statuses`` (wire names)."""
+        want = set(statuses)
+        self.jobs.wait_until(lambda: job.status.value in want or
+                             (job.outcome is not None and "concluded" not in want
+                              and False), timeout)

@@ -1,0 +1,129 @@
+"""Helpers shared by the tests of blkjobs.jobs (no tests here).
+
+Expectations are built independently of blkjobs: images are made and
+filled with qemu-img/qemu-io, snapshots taken with ``qemu-img convert``
+before a job starts, and results checked with ``qemu-img compare``.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from blkjobs.jobs import Engine
+
+MiB = 1 << 20
+SIZE = 4 * MiB
+
+
+def tool(name):
+    path = shutil.which(name)
+    if not path:
+        pytest.fail(f"{name} is not installed: the oracle is required")
+    return path
+
+
+def qimg(*args):
+    p = subprocess.run([tool("qemu-img"), *map(str, args)], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, f"qemu-img {args}: {p.stdout}{p.stderr}"
+    return p.stdout
+
+
+def qio(path, fmt, *cmds):
+    args = [tool("qemu-io"), "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    p = subprocess.run(args + [str(path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "error" not in p.stdout.lower(), p.stdout + p.stderr
+
+
+def mkimg(path, fmt="qcow2", size=SIZE, backing=None, backing_fmt=None, writes=()):
+    """Create an image and write (pattern, offset, length) into it; a
+    pattern of None writes zeroes (write -z)."""
+    args = ["create", "-f", fmt]
+    if backing:
+        args += ["-b", backing, "-F", backing_fmt or "qcow2"]
+    qimg(*args, path, size)
+    cmds = [f"write -z {o} {n}" if p is None else f"write -P {p} {o} {n}"
+            for p, o, n in writes]
+    if cmds:
+        qio(path, fmt, *cmds)
+    return str(path)
+
+
+def snapshot(path, fmt, out):
+    """The guest view of ``path`` now, as a raw file (independent oracle)."""
+    qimg("convert", "-f", fmt, "-O", "raw", path, out)
+    return str(out)
+
+
+def same(a, b, fa="raw", fb="raw"):
+    p = subprocess.run([tool("qemu-img"), "compare", "-f", fa, "-F", fb, str(a), str(b)],
+                       capture_output=True, text=True, timeout=60)
+    return p.returncode == 0, p.stdout + p.stderr
+
+
+def assert_same(a, b, fa="raw", fb="raw"):
+    ok, out = same(a, b, fa, fb)
+    assert ok, out
+
+
+def backing_of(path):
+    import json
+    info = json.loads(qimg("info", "--output", "json", "-U", path))
+    return info.get("backing-filename")
+
+
+def check(path):
+    qimg("check", "-U", path)
+
+
+class Writer(threading.Thread):
+    """Random writes (4 KiB aligned, random sizes) through a front end until
+    stopped; remembers every write so the final content can be modelled."""
+
+    def __init__(self, fe, size, seed=7, max_len=64 << 10, pause=0.0, zeroes=True):
+        super().__init__(daemon=True)
+        self.fe, self.size = fe, size
+        self.rnd = random.Random(seed)
+        self.max_len = max_len
+        self.pause = pause
+        self.zeroes = zeroes
+        self.stop_ev = threading.Event()
+        self.count = 0
+        self.error = None
+
+    def run(self):
+        import time
+        try:
+            while not self.stop_ev.is_set():
+                n = self.rnd.randrange(1, self.max_len // 4096 + 1) * 4096
+                off = self.rnd.randrange(0, (self.size - n) // 4096 + 1) * 4096
+                if self.zeroes and self.rnd.random() < 0.1:
+                    self.fe.write_zeroes(off, n)
+                else:
+                    self.fe.write(off, self.rnd.randbytes(n))
+                self.count += 1
+                if self.pause:
+                    time.sleep(self.pause)
+        except BaseException as e:  # reported by stop()
+            self.error = e
+
+    def stop(self):
+        self.stop_ev.set()
+        self.join(30)
+        assert not self.is_alive(), "writer hung"
+        if self.error:
+            raise self.error
+
+
+@pytest.fixture
+def eng():
+    e = Engine()
+    yield e
+    e.close()
+    assert not e.jobs.internal_errors, e.jobs.internal_errors
