@@ -423,8 +423,7 @@ class Engine:
         return job.outcome
 
     def wait_status(self, job: Job, *statuses: str, timeout: float = 60.0) -> None:
-        """Wait until ``job`` is in one of ``statuses`` (wire names)."""
+        """Wait until ``job`` is in one of ``statuses`` (wire names), or
+        TimeoutError."""
         want = set(statuses)
-        self.jobs.wait_until(lambda: job.status.value in want or
-                             (job.outcome is not None and "concluded" not in want
-                              and False), timeout)
+        self.jobs.wait_until(lambda: job.status.value in want, timeout)

@@ -1,0 +1,320 @@
+"""mirror (``blockdev-mirror``, jobs.md §2) and the machinery of active commit.
+
+A :class:`MirrorFilter` on the source tracks guest writes: in ``background``
+copy mode it marks them in the job's dirty bitmap (after the write landed, so
+a copy racing with it is redone); in ``write-blocking`` mode it waits for
+in-flight copies of the range, then writes the new data to the target before
+the guest's request completes.
+
+``run`` copies dirty chunks in batches through the C engine (bits are taken
+-- cleared -- before the read, so a racing write re-dirties them). When only
+a little is left (at most one batch), the last pass runs with guest writes
+to the source held off (quiesced), so the job reaches READY under any write
+rate; then it keeps copying new writes. ``complete`` (or a soft cancel in
+ready) does a final pass with the source quiesced and returns, keeping the
+source quiesced until finalization: ``prepare`` pivots (the target replaces
+the source in every parent: graph parents and front ends), ``clean`` removes
+the filter and lets writes through again -- to the new node after a pivot.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CopyError, JobError
+from ..graph import GraphTransaction, Node, Perm
+from ..job import ErrorAction, Job
+from ..native.bitmap import Bitmap
+from .backup import check_policy
+from .base import BATCH, KiB, MiB, BlockJob, InFlight, Mover, Select, select_full, select_window
+from .frontend import Filter
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class MirrorFilter(Filter):
+    def __init__(self, m: MirrorJob):
+        self.m = m
+
+    def before_write(self, node: Node, op: str, offset: int, length: int) -> None:
+        if self.m.copy_mode == "write-blocking":
+            self.m.inflight.wait_clear(offset, length)
+
+    def after_write(self, node: Node, op: str, offset: int, length: int) -> None:
+        m = self.m
+        if m.copy_mode == "write-blocking" and not m.sync_failed:
+            try:
+                data = bytearray(length)
+                m.src.readinto(offset, data)
+                if op != "write" and not any(data):
+                    m.dst.write_zeroes(offset, length)
+                else:
+                    m.dst.write(offset, data)
+                m.sync_bytes += length
+                return
+            except Exception:
+                m.sync_failed = True        # actively-synced is lost; copy it later
+        m.dirty.set(offset, length)
+
+    def notify(self) -> None:
+        job = self.m.job
+        if job is not None:
+            job.kick()
+
+
+class MirrorJob(BlockJob):
+    job_type = "mirror"
+
+    @classmethod
+    def create(cls, eng: Engine, device: str | Node, target: str | Node, sync: str, *,
+               replaces: str | None = None, granularity: int | None = None,
+               buf_size: int | None = None, on_source_error: str = "report",
+               on_target_error: str = "report", copy_mode: str = "background",
+               target_is_zero: bool = False) -> MirrorJob:
+        src, dst = eng.node(device), eng.node(target)
+        if sync in ("incremental", "bitmap"):
+            raise JobError(f"Sync mode '{sync}' not supported")
+        if sync not in ("full", "top", "none"):
+            raise JobError(f"Parameter 'sync' does not accept value '{sync}'")
+        if copy_mode not in ("background", "write-blocking"):
+            raise JobError(f"Parameter 'copy-mode' does not accept value '{copy_mode}'")
+        check_policy("on-source-error", on_source_error)
+        check_policy("on-target-error", on_target_error)
+        if granularity is not None:
+            if not 512 <= granularity <= 64 * MiB:
+                raise JobError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+            if granularity & (granularity - 1):
+                raise JobError("Parameter 'granularity' expects a power of 2")
+        else:
+            cs = dst.driver.cluster_size
+            granularity = min(max(cs, 4 * KiB), 64 * KiB) if cs else 64 * KiB
+        if buf_size is not None and buf_size < 0:
+            raise JobError("Invalid parameter 'buf-size'")
+        if eng.graph.parents(src):
+            raise JobError("Need a root block node")
+        if src is dst:
+            raise JobError("Can't mirror node into itself")
+        rep = None
+        if replaces is not None:
+            rep = eng.node(replaces)
+            if rep.size != src.size:
+                raise JobError("cannot replace image with a mirror image of different size")
+        if sync == "top" and src.backing is None:
+            sync = "full"
+        select = select_window(0, 1) if sync == "top" else select_full
+        return cls(eng, src, dst, sync, select, granularity, copy_mode, target_is_zero,
+                   on_source_error, on_target_error, rep)
+
+    def __init__(self, eng: Engine, src: Node, dst: Node, sync: str, select: Select,
+                 granularity: int, copy_mode: str, target_is_zero: bool,
+                 on_source_error: str, on_target_error: str, replaces: Node | None = None):
+        super().__init__(eng)
+        self.src, self.dst, self.sync = src, dst, sync
+        self.select = select
+        self.granularity = granularity
+        self.copy_mode = copy_mode
+        self.target_is_zero = target_is_zero
+        self.on_source_error, self.on_target_error = on_source_error, on_target_error
+        self.replaces = replaces
+        self.dirty = Bitmap(src.size, granularity)
+        self.inflight = InFlight(eng.io)
+        self.filter = MirrorFilter(self)
+        self.mover = Mover(eng, src, dst, select, bucket=self.bucket)
+        self.job: Job | None = None
+        self.sync_bytes = 0             # written synchronously by the filter
+        self.sync_failed = False
+        self.final_synced = False
+        self._perm = None
+        self._quiesced = False
+        self._installed = False
+
+    # ------------------------------------------------------------------
+    def take_target(self, job: Job) -> None:
+        self._perm = self.dst.take(f"{self.job_type} job '{job.id}'",
+                                   Perm.CONSISTENT_READ | Perm.WRITE,
+                                   Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+
+    def setup(self, job: Job) -> None:
+        self.job = job
+        with self.eng.io:
+            self.take_target(job)
+            self.eng.add_filter(self.src, self.filter)
+            self._installed = True
+
+    def initial_dirty(self) -> None:
+        """The sync mode's initial dirty set (I/O lock held)."""
+        if self.sync == "none":
+            return
+        if self.sync == "full" and not self.target_is_zero:
+            self.dirty.set_all()
+            return
+        for r in self.src.block_status():
+            what = self.select(r)
+            if what == "copy" or (what == "zero" and not self.target_is_zero):
+                self.dirty.set(r["start"], r["length"])
+
+    def _progress(self, job: Job) -> None:
+        with self.eng.io:
+            extra, self.sync_bytes = self.sync_bytes, 0
+            left = self.dirty.count() + sum(e - s for s, e in self.inflight.ranges)
+        if extra:
+            job.progress.advance(extra)
+        cur = job.progress.current
+        job.progress.update(total=cur + left)
+
+    def _pass(self, job: Job, pos: int, limit: int | None = None) -> tuple[int, bool]:
+        """Copy one batch of dirty data at or after ``pos``; returns (next
+        pos, whether anything was dirty)."""
+        n = limit or self.batch_size(job, self.granularity)
+        with self.eng.io:
+            area = self.dirty.take_dirty_area(pos, n)
+            if area is None and pos:
+                area = self.dirty.take_dirty_area(0, n)
+            if area is None:
+                return 0, False
+            r = self.inflight.add(*area)
+        err = None
+        try:
+            self.mover.move(area[0], area[1], job)
+        except CopyError as e:
+            err = e
+        finally:
+            with self.eng.io:
+                self.inflight.remove(r)
+                if err is not None or job.is_cancelled:
+                    self.dirty.set(*area)
+        if err is not None:
+            self.sync_failed = True
+            action = self.policy_action(job, err)
+            if action is ErrorAction.REPORT:
+                raise err
+            if action is ErrorAction.STOP:
+                job.pause_point()
+            return area[0], True
+        job.progress.advance(area[1])
+        self._progress(job)
+        end = area[0] + area[1]
+        return (0 if end >= self.src.size else end), True
+
+    def _drain_all(self, job: Job) -> None:
+        """With the source quiesced: copy everything still dirty, flush."""
+        pos, more = 0, True
+        while more:
+            pos, more = self._pass(job, pos, BATCH)
+        self._flush(job)
+
+    def _flush(self, job: Job) -> None:
+        while True:
+            try:
+                self.mover.flush()
+                return
+            except CopyError as e:
+                action = self.policy_action(job, e, self.on_target_error)
+                if action is ErrorAction.REPORT:
+                    raise
+                if action is ErrorAction.STOP:
+                    job.pause_point()
+                else:
+                    return
+
+    def run(self, job: Job) -> None:
+        if self.src.size != self.dst.size:
+            raise JobError("Source and target image have different sizes")
+        with self.eng.io:
+            self.initial_dirty()
+        self._progress(job)
+        pos = 0
+        while True:
+            job.pause_point()
+            if not job.is_ready:
+                if self.dirty.count() <= BATCH:
+                    # the last bit with guest writes held off: converges
+                    self.eng.quiesce(self.src)
+                    try:
+                        self._drain_all(job)
+                    finally:
+                        self.eng.unquiesce(self.src)
+                    self._progress(job)
+                    job.set_ready()
+                    continue
+                pos, _ = self._pass(job, pos)
+                continue
+            if job.should_complete or (job.cancel_requested and not job.is_cancelled):
+                self.eng.quiesce(self.src)
+                self._quiesced = True       # until clean: writes wait for the pivot
+                self._drain_all(job)
+                self._progress(job)
+                self.final_synced = True
+                return
+            pos, copied = self._pass(job, pos)
+            if not copied:
+                self._progress(job)
+                job.sleep(100_000_000)
+
+    # ------------------------------------------------------------------
+    def complete(self, job: Job) -> None:
+        pass        # run() notices should_complete
+
+    def cancel(self, job: Job, force: bool) -> bool:
+        return force or not job.is_ready
+
+    def change(self, job: Job, options: dict[str, Any]) -> None:
+        if options.get("type") != self.job_type:
+            raise JobError(f"Job type does not match: {options.get('type')}")
+        mode = options.get("copy-mode", options.get("copy_mode", self.copy_mode))
+        if mode not in ("background", "write-blocking"):
+            raise JobError(f"Parameter 'copy-mode' does not accept value '{mode}'")
+        if self.copy_mode == "write-blocking" and mode == "background":
+            raise JobError("Change of copy-mode from 'write-blocking' to 'background' is "
+                           "not allowed")
+        with self.eng.io:
+            self.copy_mode = mode
+
+    def query(self, job: Job) -> dict[str, Any]:
+        if self.job_type != "mirror":
+            return {}
+        return {"actively-synced": bool(self.copy_mode == "write-blocking" and job.is_ready
+                                        and not self.sync_failed)}
+
+    # ------------------------------------------------------------------
+    def pivot_nodes(self) -> tuple[Node, Node]:
+        """(node replaced, node replacing it)."""
+        return (self.replaces or self.src), self.dst
+
+    def prepare(self, job: Job) -> None:
+        if not (job.should_complete and self.final_synced):
+            return
+        old, new = self.pivot_nodes()
+        with self.eng.io:
+            if old.name not in self.eng.graph.nodes:
+                raise JobError(f"Node name '{old.name}' not found")
+            self._release_target()
+            gt = GraphTransaction()
+            moved = []
+            try:
+                gt.replace_node(old, new)
+                moved = self.eng._repoint(old, new)
+            except BaseException:
+                for fe, back in moved:
+                    fe._move(back)
+                gt.abort()
+                raise JobError(f"Can no longer replace '{old.name}' by '{new.name}'") from None
+            gt.commit()
+            self.pivoted = True
+
+    def _release_target(self) -> None:
+        if self._perm is not None:
+            self._perm.release()
+            self._perm = None
+
+    def clean(self, job: Job) -> None:
+        with self.eng.io:
+            if self._installed:
+                self.eng.remove_filter(self.src, self.filter)
+                self._installed = False
+            self._release_target()
+            if self._quiesced:
+                self._quiesced = False
+                self.eng.unquiesce(self.src)
+        self.mover.close()
+        self.job = None

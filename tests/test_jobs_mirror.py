@@ -1,0 +1,158 @@
+"""mirror: sync modes, READY, complete with pivot, soft cancel, copy modes."""
+from __future__ import annotations
+
+import pytest
+
+from test_jobs_helpers import (SIZE, MiB, Writer, assert_same, check, eng, mkimg,  # noqa: F401
+                               snapshot)
+
+WRITES = [("0x11", 0, 1 * MiB), ("0x22", 2 * MiB + 4096, 300 << 10), (None, 3 * MiB, 64 << 10)]
+
+
+def wait_writes(w, n, timeout=20):
+    import time
+    end = time.monotonic() + timeout
+    start = w.count
+    while w.count < start + n:
+        assert time.monotonic() < end, "writer made no progress"
+        time.sleep(0.01)
+
+
+def dump(fe, out):
+    with open(out, "wb") as f:
+        f.write(fe.read(0, fe.size))
+    return str(out)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("mode", ["background", "write-blocking"])
+def test_full_complete_pivots_under_writer(eng, tmp_path, fmt, mode):
+    src = mkimg(tmp_path / f"src.{fmt}", fmt, writes=WRITES)
+    dst = mkimg(tmp_path / f"dst.{fmt}", fmt, writes=[("0x99", 0, SIZE)])   # stale junk
+    s = eng.open(src, fmt, node_name="src")
+    d = eng.open(dst, fmt, node_name="dst")
+    vm = eng.attach(s)
+    ev = eng.listen()
+    job = eng.mirror("src", "dst", sync="full", job_id="m0", copy_mode=mode)
+    w = Writer(vm, SIZE, max_len=16 << 10)
+    w.start()
+    ev.wait_for("BLOCK_JOB_READY", timeout=30, device="m0")
+    assert eng.query_block_jobs()[0]["ready"]
+    if mode == "write-blocking":
+        assert eng.query_block_jobs()[0]["actively-synced"]
+    wait_writes(w, 200)
+    eng.job_complete("m0")
+    assert eng.wait_job(job, 30).value == "completed"
+    w.stop()
+    assert w.count > 5
+    assert vm.node is d                  # pivot: the VM now writes to the target
+    vm.write(0, b"\x77" * 4096)          # and keeps working
+    snap = dump(vm, tmp_path / "guest.raw")
+    eng.close()
+    assert_same(snap, dst, "raw", fmt)
+    if fmt == "qcow2":
+        check(dst)
+
+
+def test_soft_cancel_in_ready_keeps_source(eng, tmp_path):
+    src = mkimg(tmp_path / "src.qcow2", writes=WRITES)
+    dst = mkimg(tmp_path / "dst.qcow2")
+    s = eng.open(src, node_name="src")
+    eng.open(dst, node_name="dst")
+    vm = eng.attach(s)
+    ev = eng.listen()
+    job = eng.mirror("src", "dst", sync="full", job_id="m0")
+    ev.wait_for("BLOCK_JOB_READY", timeout=20)
+    vm.write(8192, b"\x42" * 8192)
+    eng.block_job_cancel("m0")                       # soft
+    assert eng.wait_job(job, 20).value == "completed"
+    done = ev.wait_for(["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"], timeout=5)
+    assert done.name == "BLOCK_JOB_COMPLETED" and "error" not in done.data
+    assert vm.node is s                               # no pivot
+    snap = dump(vm, tmp_path / "guest.raw")
+    vm.write(0, b"\x01" * 4096)                       # source still writable, target not touched
+    eng.close()
+    assert_same(snap, dst, "raw", "qcow2")
+
+
+def test_forced_cancel_before_ready(eng, tmp_path):
+    src = mkimg(tmp_path / "src.qcow2", writes=WRITES)
+    dst = mkimg(tmp_path / "dst.qcow2")
+    s = eng.open(src, node_name="src")
+    eng.open(dst, node_name="dst")
+    ev = eng.listen()
+    job = eng.mirror("src", "dst", sync="full", job_id="m0", speed=256 << 10)
+    eng.block_job_cancel("m0")                        # soft before ready = forced
+    assert eng.wait_job(job, 20).value == "cancelled"
+    assert ev.wait_for("BLOCK_JOB_CANCELLED", timeout=5)
+    vm = eng.attach(s)
+    vm.write(0, b"\x01" * 4096)
+
+
+def test_top_and_none(eng, tmp_path):
+    base = mkimg(tmp_path / "base.qcow2", writes=[("0x44", 0, SIZE)])
+    top = mkimg(tmp_path / "top.qcow2", backing="base.qcow2", writes=[("0x55", 1 * MiB, 128 << 10)])
+    tgt = mkimg(tmp_path / "tgt.qcow2", backing="base.qcow2")
+    t = eng.open(top, node_name="top")
+    eng.open(tgt, node_name="tgt")
+    vm = eng.attach(t)
+    ev = eng.listen()
+    job = eng.mirror("top", "tgt", sync="top", job_id="m0")
+    ev.wait_for("BLOCK_JOB_READY", timeout=20)
+    vm.write(3 * MiB, b"\x66" * 5000)
+    eng.job_complete("m0")
+    assert eng.wait_job(job, 20).value == "completed"
+    snap = dump(vm, tmp_path / "guest.raw")
+    eng.close()
+    assert_same(snap, tgt, "raw", "qcow2")
+
+
+def test_none_mirrors_only_new_writes(eng, tmp_path):
+    src = mkimg(tmp_path / "src.qcow2", writes=WRITES)
+    dst = mkimg(tmp_path / "dst.qcow2")
+    s = eng.open(src, node_name="src")
+    eng.open(dst, node_name="dst")
+    vm = eng.attach(s)
+    ev = eng.listen()
+    job = eng.mirror("src", "dst", sync="none", job_id="m0")
+    ev.wait_for("BLOCK_JOB_READY", timeout=20)
+    vm.write(3 * MiB + 4096, b"\x66" * 4096)
+    eng.block_job_cancel("m0")
+    assert eng.wait_job(job, 20).value == "completed"
+    eng.close()
+    raw = tmp_path / "t.raw"
+    snapshot(dst, "qcow2", raw)
+    got = raw.read_bytes()
+    assert got[3 * MiB + 4096:3 * MiB + 8192] == b"\x66" * 4096
+    assert got[:1 * MiB] == bytes(1 * MiB)
+
+
+def test_change_to_write_blocking_and_validation(eng, tmp_path):
+    src = mkimg(tmp_path / "src.qcow2", writes=WRITES)
+    dst = mkimg(tmp_path / "dst.qcow2")
+    eng.open(src, node_name="src")
+    eng.open(dst, node_name="dst")
+    small = mkimg(tmp_path / "small.qcow2", size=SIZE // 2)
+    eng.open(small, node_name="small")
+    for kw, msg in [(dict(sync="bitmap"), "Sync mode 'bitmap' not supported"),
+                    (dict(sync="full", granularity=100),
+                     "Parameter 'granularity' expects a value in range [512B, 64MB]"),
+                    (dict(sync="full", granularity=3072),
+                     "Parameter 'granularity' expects a power of 2"),
+                    (dict(sync="full", buf_size=-1), "Invalid parameter 'buf-size'"),
+                    (dict(sync="full", target="src"), "Can't mirror node into itself")]:
+        kw.setdefault("target", "dst")
+        with pytest.raises(Exception) as ei:
+            eng.mirror("src", job_id="m0", **kw)
+        assert str(ei.value) == msg
+    ev = eng.listen()
+    job = eng.mirror("src", "small", sync="full", job_id="m1")
+    assert eng.wait_job(job, 10).value == "failed"
+    assert ev.wait_for("BLOCK_JOB_COMPLETED").data["error"] == \
+        "Source and target image have different sizes"
+    job = eng.mirror("src", "dst", sync="full", job_id="m2")
+    ev.wait_for("BLOCK_JOB_READY", timeout=20)
+    eng.block_job_change("m2", "mirror", **{"copy-mode": "write-blocking"})
+    assert eng.query_block_jobs()[0]["actively-synced"]
+    eng.job_complete("m2")
+    assert eng.wait_job(job, 20).value == "completed"
