@@ -43,5 +43,6 @@ def run(args) -> int:
     if r.identical:
         print("Images are identical.")
         return 0
-    print(f"Content mismatch at offset {r.offset}!")
+    # qemu-img compares in 512-byte sectors and names the first differing sector
+    print(f"Content mismatch at offset {r.offset // 512 * 512}!")
     return 1

@@ -1,7 +1,7 @@
 """The raw driver: the guest disk is the file, byte for byte.
 
-Holes (SEEK_DATA/SEEK_HOLE) are reported as ZERO, data as DATA at
-host_offset == guest offset. ``write_zeroes`` walks nbdcopy's ladder: punch a
+Holes (SEEK_DATA/SEEK_HOLE) are reported as ZERO, data as DATA, both at
+host_offset == guest offset (``qemu-img map`` prints an offset for raw holes). ``write_zeroes`` walks nbdcopy's ladder: punch a
 hole (when ``may_unmap``), else ZERO_RANGE, else write zeroes; a method that
 answers EOPNOTSUPP/EINVAL is remembered per driver object and not tried again.
 """
@@ -64,14 +64,14 @@ class Raw(Driver):
                 d = os.lseek(self.fd, pos, os.SEEK_DATA)
             except OSError as e:
                 if e.errno == errno.ENXIO:          # only a hole up to EOF
-                    out.append(Mapping(pos, end - pos, Kind.ZERO))
+                    out.append(Mapping(pos, end - pos, Kind.ZERO, pos))
                     break
                 if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                     self._can_seek_data = False
                     continue
                 raise OSErrorWithContext(e.errno, "SEEK_DATA", path=self.filename) from None
             if d > pos:
-                out.append(Mapping(pos, min(d, end) - pos, Kind.ZERO))
+                out.append(Mapping(pos, min(d, end) - pos, Kind.ZERO, pos))
                 pos = min(d, end)
                 continue
             hole = os.lseek(self.fd, pos, os.SEEK_HOLE)

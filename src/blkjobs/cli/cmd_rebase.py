@@ -1,0 +1,27 @@
+"""blkjobs rebase [-f FMT] -b BACKING [-F FMT] [-u] IMG
+
+Safe mode copies into IMG the data that differs between the old and the new
+backing file before relinking, so the guest view does not change; -u only
+rewrites the header. -b "" makes IMG standalone."""
+from __future__ import annotations
+
+from ..imageops.rebase import rebase
+
+
+def register(sub):
+    p = sub.add_parser("rebase", help="change the backing file of an image")
+    p.add_argument("-f", dest="fmt", metavar="FMT")
+    p.add_argument("-b", dest="backing", required=True, metavar="BACKING",
+                   help='new backing file ("" = none)')
+    p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the new backing file")
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="unsafe: only rewrite the backing file name in the header")
+    p.add_argument("-p", dest="progress", action="store_true", help="accepted (no progress yet)")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("image")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    rebase(args.image, args.backing, args.backing_fmt, args.fmt, args.unsafe)
+    return 0
