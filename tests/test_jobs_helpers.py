@@ -78,6 +78,27 @@ def backing_of(path):
     return info.get("backing-filename")
 
 
+def wait_writes(w, n, timeout=20):
+    import time
+    end = time.monotonic() + timeout
+    start = w.count
+    while w.count < start + n:
+        assert time.monotonic() < end, "writer made no progress"
+        time.sleep(0.005)
+
+
+def chain3(tmp_path, base_fmt="qcow2"):
+    """base <- mid <- top, each layer with its own data (and a zero cluster
+    in mid over base data); returns the three paths."""
+    base = mkimg(tmp_path / f"base.{base_fmt}", base_fmt,
+                 writes=[("0x41", 0, 2 * MiB), ("0x42", 3 * MiB, 1 * MiB)])
+    mid = mkimg(tmp_path / "mid.qcow2", backing=f"base.{base_fmt}", backing_fmt=base_fmt,
+                writes=[("0x51", 1 * MiB, 1536 << 10), (None, 3 * MiB, 128 << 10)])
+    top = mkimg(tmp_path / "top.qcow2", backing="mid.qcow2",
+                writes=[("0x61", 0, 256 << 10), ("0x62", 2 * MiB + 8192, 4096)])
+    return base, mid, top
+
+
 def check(path):
     qimg("check", "-U", path)
 
@@ -86,8 +107,10 @@ class Writer(threading.Thread):
     """Random writes (4 KiB aligned, random sizes) through a front end until
     stopped; remembers every write so the final content can be modelled."""
 
-    def __init__(self, fe, size, seed=7, max_len=64 << 10, pause=0.0, zeroes=True):
+    def __init__(self, fe, size, seed=7, max_len=64 << 10, pause=0.0, zeroes=True,
+                 model=None):
         super().__init__(daemon=True)
+        self.model = model          # a bytearray of the guest view, kept up to date
         self.fe, self.size = fe, size
         self.rnd = random.Random(seed)
         self.max_len = max_len
@@ -105,8 +128,12 @@ class Writer(threading.Thread):
                 off = self.rnd.randrange(0, (self.size - n) // 4096 + 1) * 4096
                 if self.zeroes and self.rnd.random() < 0.1:
                     self.fe.write_zeroes(off, n)
+                    data = bytes(n)
                 else:
-                    self.fe.write(off, self.rnd.randbytes(n))
+                    data = self.rnd.randbytes(n)
+                    self.fe.write(off, data)
+                if self.model is not None:
+                    self.model[off:off + n] = data
                 self.count += 1
                 if self.pause:
                     time.sleep(self.pause)

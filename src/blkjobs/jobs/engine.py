@@ -85,6 +85,7 @@ class Engine:
         self._frontends: list[Frontend] = []
         self._bitmaps: dict[int, dict[str, DirtyBitmap]] = {}
         self._fe_count = 0
+        self._claims: dict[int, Job] = {}
 
     # ------------------------------------------------------------------
     # Nodes
@@ -225,6 +226,39 @@ class Engine:
                 fe._move(new)
                 moved.append((fe, old))
         return moved
+
+    # ------------------------------------------------------------------
+    # Node claims (jobs.md §5) and dropping nodes that left a chain
+
+    def check_busy(self, node: Node) -> None:
+        job = self._claims.get(id(node))
+        if job is not None:
+            raise JobError(f"Node '{node.name}' is busy: block device is in use by block "
+                           f"job: {job.type}")
+
+    def claim(self, job: Job, nodes: list[Node]) -> None:
+        """Block ``nodes`` for other jobs until :meth:`release_claims`."""
+        with self.io:
+            for n in nodes:
+                self.check_busy(n)
+            for n in nodes:
+                self._claims[id(n)] = job
+
+    def release_claims(self, job: Job) -> None:
+        with self.io:
+            for k in [k for k, j in self._claims.items() if j is job]:
+                del self._claims[k]
+
+    def drop_unused(self, nodes: list[Node]) -> None:
+        """Close the nodes (top-most first) that no node, front end or other
+        user references any more: they left the chain. Files are untouched."""
+        with self.io:
+            for n in nodes:
+                if n.name not in self.graph.nodes or self.graph.parents(n):
+                    continue
+                if self.frontends(n) or any(p.owner != "open" for p in n.users()):
+                    continue
+                n.close()
 
     # ------------------------------------------------------------------
     # Starting jobs

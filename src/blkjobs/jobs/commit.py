@@ -1,0 +1,248 @@
+"""commit (``block-commit``, jobs.md §4).
+
+* Intermediate commit (:class:`CommitJob`): the data of ``top`` and every
+  image down to (excluding) ``base`` is moved into ``base`` through the C
+  engine; ``prepare`` relinks top's overlay onto base (header rewritten);
+  ``commit`` drops top and the intermediates from the graph (files stay).
+* Active commit (:class:`ActiveCommitJob`): ``top`` is the active layer (the
+  device, or a node with a front end writing to it). It is the mirror
+  machinery from top into base with type ``commit``: READY, then
+  ``job_complete`` pivots every user of top onto base.
+
+Base is reopened read-write for the job (and back in ``clean``); the backing
+link of the node right above base is relaxed to share writes meanwhile.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import CopyError, JobError
+from ..graph import GraphTransaction, Node, Perm
+from ..graph.node import BACKING_SHARED
+from ..graph.perm import ALL
+from ..job import ErrorAction, Job
+from .backup import check_policy
+from .base import BlockJob, Mover, select_window
+from .mirror import MirrorJob
+from .stream import find_in_chain
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class DeviceNotFound(JobError):
+    qmp_class = "DeviceNotFound"
+
+
+class _BaseAccess:
+    """Write access to a backing node for the length of a job."""
+
+    def __init__(self, eng: Engine, base: Node):
+        self.eng, self.base = eng, base
+        self.was_ro = False
+        self.relaxed = None
+        self.perm = None
+
+    def open(self, owner: str) -> None:
+        base = self.base
+        if base.read_only:
+            base.reopen(False)
+            self.was_ro = True
+        for p in self.eng.graph.parents(base):
+            if p.backing_perm is not None:
+                p.backing_perm.update(shared=ALL)
+                self.relaxed = p.backing_perm
+        self.perm = base.take(owner, Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE,
+                              ALL)
+
+    def release_write(self) -> None:
+        if self.perm is not None:
+            self.perm.release()
+            self.perm = None
+
+    def close(self) -> None:
+        self.release_write()
+        if self.relaxed is not None and not self.relaxed.released:
+            try:
+                self.relaxed.update(shared=BACKING_SHARED)
+            except Exception:
+                pass
+        self.relaxed = None
+        if self.was_ro and not self.eng.frontends(self.base) \
+                and self.base.name in self.eng.graph.nodes:
+            try:
+                self.base.reopen(True)
+            except Exception:
+                pass
+            self.was_ro = False
+
+
+def make_commit(eng: Engine, device: str, *, base_node: str | None = None,
+                base: str | None = None, top_node: str | None = None, top: str | None = None,
+                backing_file: str | None = None, on_error: str = "report") -> BlockJob:
+    """Validate (jobs.md §4, exact messages) and build the right driver."""
+    dev = eng.graph.nodes.get(device) if isinstance(device, str) else device
+    if dev is None:
+        raise DeviceNotFound(f"Device '{device}' not found")
+    check_policy("on-error", on_error)
+    if top_node is not None and top is not None:
+        raise JobError("'top-node' and 'top' are mutually exclusive")
+    if base_node is not None and base is not None:
+        raise JobError("'base-node' and 'base' are mutually exclusive")
+    chain = dev.chain()
+    if top_node is not None:
+        top_n = eng.graph.nodes.get(top_node)
+        if top_n is None or top_n not in chain:
+            raise JobError(f"'{top_node}' is not in this backing file chain")
+    elif top is not None:
+        top_n = dev if dev.filename == top else find_in_chain(dev, top)
+        if top_n is None:
+            raise JobError(f"Top image file {top} not found")
+    else:
+        top_n = dev
+    if top_n.backing is None:
+        raise JobError("There is no backimg image")
+    below = top_n.chain()[1:]
+    if base_node is not None:
+        base_n = eng.graph.nodes.get(base_node)
+        if base_n is top_n:
+            raise JobError("cannot commit an image into itself")
+        if base_n is None or base_n not in below:
+            raise JobError(f"'{base_node}' is not in this backing file chain")
+    elif base is not None:
+        base_n = find_in_chain(top_n, base)
+        if base_n is None:
+            raise JobError(f"Can't find '{base}' in the backing chain")
+    else:
+        base_n = below[-1]
+    active = top_n is dev or bool(eng.frontends(top_n))
+    if active and backing_file is not None:
+        if top_n is dev:
+            raise JobError("'backing-file' specified, but 'top' is the active layer")
+        raise JobError("'backing-file' specified, but 'top' has a writer on it")
+    tchain = top_n.chain()
+    nodes = tchain[:tchain.index(base_n)]          # top .. above base
+    for n in nodes + [base_n]:
+        eng.check_busy(n)
+    if active:
+        if eng.graph.parents(top_n):
+            raise JobError("Need a root block node")
+        return ActiveCommitJob(eng, top_n, base_n, nodes, on_error)
+    return CommitJob(eng, top_n, base_n, nodes, backing_file, on_error)
+
+
+class CommitJob(BlockJob):
+    job_type = "commit"
+
+    def __init__(self, eng: Engine, top: Node, base: Node, nodes: list[Node],
+                 backing_file: str | None, on_error: str):
+        super().__init__(eng)
+        self.top, self.base, self.nodes = top, base, nodes
+        self.backing_file = backing_file
+        self.on_error = on_error
+        self.access = _BaseAccess(eng, base)
+        depth = top.chain().index(base)
+        self.mover = Mover(eng, top, base, select_window(0, depth), bucket=self.bucket)
+        self._overlay_ro: Node | None = None
+
+    def setup(self, job: Job) -> None:
+        with self.eng.io:
+            self.eng.claim(job, self.nodes + [self.base])
+            try:
+                self.access.open(f"commit job '{job.id}'")
+            except BaseException:
+                self.access.close()
+                self.eng.release_claims(job)
+                raise
+        job.progress.update(0, self.top.size)
+
+    def run(self, job: Job) -> None:
+        size, pos = min(self.top.size, self.base.size), 0
+        while pos < size:
+            job.pause_point()
+            n = min(self.batch_size(job, 512 << 10), size - pos)
+            try:
+                self.mover.move(pos, n, job)
+            except CopyError as e:
+                action = job.handle_error("read" if e.side == "source" else "write", e,
+                                          self.on_error)
+                if action is ErrorAction.REPORT:
+                    raise
+                if action is ErrorAction.STOP:
+                    job.pause_point()
+                continue                        # ignore/stop: retry the chunk
+            job.progress.advance(n)
+            pos += n
+        self.mover.flush()
+
+    def prepare(self, job: Job) -> None:
+        with self.eng.io:
+            overlays = self.eng.graph.parents(self.top)
+            self.access.release_write()
+            gt = GraphTransaction()
+            try:
+                for ov in overlays:
+                    if ov.read_only:
+                        ov.reopen(False)
+                        self._overlay_ro = ov
+                    gt.set_backing(ov, self.base, filename=self.backing_file)
+            except BaseException:
+                gt.abort()
+                raise
+            gt.commit()
+
+    def commit(self, job: Job) -> None:
+        with self.eng.io:
+            self.eng.drop_unused(self.nodes)
+
+    def clean(self, job: Job) -> None:
+        with self.eng.io:
+            self.access.close()
+            if self._overlay_ro is not None:
+                try:
+                    self._overlay_ro.reopen(True)
+                except Exception:
+                    pass
+            self.eng.release_claims(job)
+        self.mover.close()
+
+
+class ActiveCommitJob(MirrorJob):
+    """Active commit: a mirror from top into base, type ``commit``."""
+
+    job_type = "commit"
+
+    def __init__(self, eng: Engine, top: Node, base: Node, nodes: list[Node], on_error: str):
+        depth = top.chain().index(base)
+        super().__init__(eng, top, base, "top", select_window(0, depth), 64 << 10,
+                         "background", False, on_error, on_error)
+        self.nodes = nodes
+        self.access = _BaseAccess(eng, base)
+        self.base = base
+
+    def take_target(self, job: Job) -> None:
+        self.eng.claim(job, self.nodes + [self.base])
+        self.access.open(f"commit job '{job.id}'")
+
+    def setup(self, job: Job) -> None:
+        try:
+            super().setup(job)
+        except BaseException:
+            with self.eng.io:
+                self.access.close()
+                self.eng.release_claims(job)
+            raise
+
+    def _release_target(self) -> None:
+        self.access.release_write()
+
+    def commit(self, job: Job) -> None:
+        if getattr(self, "pivoted", False):
+            with self.eng.io:
+                self.eng.drop_unused(self.nodes)
+
+    def clean(self, job: Job) -> None:
+        super().clean(job)
+        with self.eng.io:
+            self.access.close()
+            self.eng.release_claims(job)

@@ -1,0 +1,178 @@
+"""stream (``block-stream``, jobs.md §3): pull the chain into the top.
+
+``run`` walks the disk in batches; for each batch the :class:`~.base.Mover`
+copies into the top image (through ``allocate()`` and the C engine) every
+run that a layer strictly between the top and the base provides, zero
+clusters included; runs the top already has, or that come from the base or
+below, are skipped. Guest writes to a range being streamed wait until its
+copy landed (the top's clusters are allocated before the engine fills them).
+
+``prepare`` (the only graph change): the top backs directly onto the base
+(or onto nothing) and its header records the new backing file. ``abort``
+changes nothing: the data already copied stays, the chain is unchanged.
+The former intermediates leave the graph at ``commit`` (files untouched).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import CopyError, JobError
+from ..graph import ALL, GraphTransaction, Node, Perm
+from ..job import ErrorAction, Job
+from .backup import check_policy
+from .base import BlockJob, InFlight, Mover, select_window
+from .frontend import Filter
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+def find_in_chain(top: Node, filename: str) -> Node | None:
+    """A node strictly below ``top`` opened from ``filename`` (exact name,
+    or the same file)."""
+    import os
+    for n in top.chain()[1:]:
+        if n.filename == filename:
+            return n
+    for n in top.chain()[1:]:
+        try:
+            if os.path.samefile(n.filename, filename):
+                return n
+        except OSError:
+            pass
+    return None
+
+
+class _HoldWrites(Filter):
+    def __init__(self, inflight: InFlight):
+        self.inflight = inflight
+
+    def before_write(self, node: Node, op: str, offset: int, length: int) -> None:
+        self.inflight.wait_clear(offset, length)
+
+
+class StreamJob(BlockJob):
+    job_type = "stream"
+
+    @classmethod
+    def create(cls, eng: Engine, device: str | Node, *, base: str | None = None,
+               base_node: str | None = None, bottom: str | None = None,
+               backing_file: str | None = None, on_error: str = "report") -> StreamJob:
+        top = eng.node(device)
+        if base is not None and base_node is not None:
+            raise JobError("'base' and 'base-node' cannot be specified at the same time")
+        if base is not None and bottom is not None:
+            raise JobError("'base' and 'bottom' cannot be specified at the same time")
+        if bottom is not None and base_node is not None:
+            raise JobError("'bottom' and 'base-node' cannot be specified at the same time")
+        check_policy("on-error", on_error)
+        base_n: Node | None = None
+        if base is not None:
+            base_n = find_in_chain(top, base)
+            if base_n is None:
+                raise JobError(f"Can't find '{base}' in the backing chain")
+        elif base_node is not None:
+            base_n = eng.node(base_node)
+            if base_n not in top.chain()[1:]:
+                raise JobError(f"Node '{base_node}' is not a backing image of '{top.name}'")
+        elif bottom is not None:
+            b = eng.node(bottom)
+            if b not in top.chain():
+                raise JobError(f"Node '{bottom}' is not in a chain starting from '{top.name}'")
+            base_n = b.backing
+        if backing_file is not None and base_n is None:
+            raise JobError("backing file specified, but streaming the entire chain")
+        chain = top.chain()
+        stop = chain.index(base_n) if base_n is not None else len(chain)
+        for n in chain[1:stop]:
+            eng.check_busy(n)
+        return cls(eng, top, base_n, backing_file, on_error, chain[1:stop])
+
+    def __init__(self, eng: Engine, top: Node, base: Node | None, backing_file: str | None,
+                 on_error: str, intermediates: list[Node]):
+        super().__init__(eng)
+        self.top, self.base = top, base
+        self.backing_file = backing_file
+        self.on_source_error = self.on_target_error = on_error
+        self.on_error = on_error
+        self.intermediates = intermediates
+        depth = top.chain().index(base) if base is not None else None
+        self.mover = Mover(eng, top, top, select_window(1, depth), bucket=self.bucket)
+        self.inflight = InFlight(eng.io)
+        self.filter = _HoldWrites(self.inflight)
+        self.failed_ignored: BaseException | None = None
+        self._was_ro = False
+        self._installed = False
+        self._perm = None
+
+    def setup(self, job: Job) -> None:
+        with self.eng.io:
+            if self.top.read_only:
+                self.top.reopen(False)
+                self._was_ro = True
+            self.eng.claim(job, self.intermediates)
+            self._perm = self.top.take(f"stream job '{job.id}'",
+                                       Perm.CONSISTENT_READ | Perm.WRITE, ALL)
+            self.eng.add_filter(self.top, self.filter)
+            self._installed = True
+        job.progress.update(0, self.top.size)
+
+    def run(self, job: Job) -> None:
+        size, pos = self.top.size, 0
+        while pos < size:
+            job.pause_point()
+            n = min(self.batch_size(job, 512 << 10), size - pos)
+            with self.eng.io:
+                r = self.inflight.add(pos, n)
+            err = None
+            try:
+                self.mover.move(pos, n, job)
+            except CopyError as e:
+                err = e
+            finally:
+                with self.eng.io:
+                    self.inflight.remove(r)
+            if err is not None:
+                # every error of stream is a "read" (jobs.md §3)
+                action = job.handle_error("read", err, self.on_error)
+                if action is ErrorAction.REPORT:
+                    raise err
+                if action is ErrorAction.STOP:
+                    job.pause_point()
+                    continue
+                self.failed_ignored = err       # ignore: go on, but fail at the end
+            job.progress.advance(n)
+            pos += n
+        self.mover.flush()
+        if self.failed_ignored is not None:
+            raise self.failed_ignored
+
+    def prepare(self, job: Job) -> None:
+        with self.eng.io:
+            gt = GraphTransaction()
+            try:
+                gt.set_backing(self.top, self.base, filename=self.backing_file)
+            except BaseException:
+                gt.abort()
+                raise
+            gt.commit()
+
+    def commit(self, job: Job) -> None:
+        with self.eng.io:
+            self.eng.drop_unused(self.intermediates)
+
+    def clean(self, job: Job) -> None:
+        with self.eng.io:
+            if self._installed:
+                self.eng.remove_filter(self.top, self.filter)
+                self._installed = False
+            self.eng.release_claims(job)
+            if self._perm is not None:
+                self._perm.release()
+                self._perm = None
+            if self._was_ro and not self.eng.frontends(self.top):
+                try:
+                    self.top.reopen(True)
+                except Exception:
+                    pass
+        self.mover.close()

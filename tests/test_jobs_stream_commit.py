@@ -1,0 +1,155 @@
+"""stream and commit (intermediate and active) on 3-deep chains, with a
+writer whose every write is modelled: the guest view never changes except by
+its own writes."""
+from __future__ import annotations
+
+
+import pytest
+
+from test_jobs_helpers import (SIZE, MiB, Writer, assert_same, backing_of, chain3,  # noqa: F401
+                               check, eng, snapshot, wait_writes)
+
+
+def model_of(path, fmt, tmp_path, name="expect.raw"):
+    raw = snapshot(path, fmt, tmp_path / name)
+    return bytearray(open(raw, "rb").read())
+
+
+def write_model(model, tmp_path, name="model.raw"):
+    p = tmp_path / name
+    p.write_bytes(bytes(model))
+    return str(p)
+
+
+@pytest.mark.parametrize("base_fmt", ["raw", "qcow2"])
+def test_stream_to_base_under_writer(eng, tmp_path, base_fmt):
+    base, mid, top = chain3(tmp_path, base_fmt)
+    model = model_of(top, "qcow2", tmp_path)
+    t = eng.open(top, node_name="top")
+    b = t.chain()[2]
+    vm = eng.attach(t)
+    w = Writer(vm, SIZE, model=model, max_len=16 << 10)
+    w.start()
+    wait_writes(w, 20)
+    job = eng.stream("top", base_node=b.name, job_id="s0", speed=8 * MiB)
+    assert eng.wait_job(job, 30).value == "completed"
+    w.stop()
+    assert t.backing is b and len(t.chain()) == 2
+    assert "mid" not in [n.filename for n in eng.graph.nodes.values()]
+    eng.close()
+    assert backing_of(top) == f"base.{base_fmt}"
+    assert_same(write_model(model, tmp_path), top, "raw", "qcow2")
+    check(top)
+
+
+def test_stream_everything(eng, tmp_path):
+    base, mid, top = chain3(tmp_path)
+    expect = snapshot(top, "qcow2", tmp_path / "e.raw")
+    eng.open(top, node_name="top")
+    job = eng.stream("top", job_id="s0")
+    assert eng.wait_job(job, 30).value == "completed"
+    eng.close()
+    assert backing_of(top) is None
+    assert_same(expect, top, "raw", "qcow2")
+
+
+def test_stream_validation(eng, tmp_path):
+    base, mid, top = chain3(tmp_path)
+    t = eng.open(top, node_name="top")
+    for kw, msg in [
+        (dict(base="x", base_node="y"), "'base' and 'base-node' cannot be specified at the same time"),
+        (dict(base="x", bottom="y"), "'base' and 'bottom' cannot be specified at the same time"),
+        (dict(bottom="x", base_node="y"), "'bottom' and 'base-node' cannot be specified at the same time"),
+        (dict(base="nothere.qcow2"), "Can't find 'nothere.qcow2' in the backing chain"),
+        (dict(base_node="top"), "Node 'top' is not a backing image of 'top'"),
+        (dict(backing_file="x"), "backing file specified, but streaming the entire chain"),
+    ]:
+        with pytest.raises(Exception) as ei:
+            eng.stream("top", job_id="s0", **kw)
+        assert str(ei.value) == msg
+    assert t.backing is not None
+
+
+@pytest.mark.parametrize("base_fmt", ["raw", "qcow2"])
+def test_commit_intermediate_under_writer(eng, tmp_path, base_fmt):
+    base, mid, top = chain3(tmp_path, base_fmt)
+    model = model_of(top, "qcow2", tmp_path)
+    mid_view = snapshot(mid, "qcow2", tmp_path / "mid.raw")
+    t = eng.open(top, node_name="top")
+    m, b = t.chain()[1], t.chain()[2]
+    vm = eng.attach(t)
+    w = Writer(vm, SIZE, model=model, max_len=16 << 10)
+    w.start()
+    wait_writes(w, 20)
+    job = eng.commit("top", top_node=m.name, base_node=b.name, job_id="c0", speed=8 * MiB)
+    assert eng.wait_job(job, 30).value == "completed"
+    w.stop()
+    assert t.backing is b
+    eng.close()
+    assert backing_of(top) == f"base.{base_fmt}"
+    assert_same(write_model(model, tmp_path), top, "raw", "qcow2")
+    assert_same(mid_view, base, "raw", base_fmt)          # base now holds mid's view
+    check(top)
+    if base_fmt == "qcow2":
+        check(base)
+
+
+@pytest.mark.parametrize("base_fmt", ["raw", "qcow2"])
+def test_active_commit_pivots_onto_base(eng, tmp_path, base_fmt):
+    base, mid, top = chain3(tmp_path, base_fmt)
+    model = model_of(top, "qcow2", tmp_path)
+    t = eng.open(top, node_name="top")
+    b = t.chain()[2]
+    vm = eng.attach(t)
+    ev = eng.listen()
+    w = Writer(vm, SIZE, model=model, max_len=16 << 10)
+    w.start()
+    job = eng.commit("top", job_id="c1")
+    ready = ev.wait_for("BLOCK_JOB_READY", timeout=30)
+    assert ready.data["type"] == "commit"
+    wait_writes(w, 100)
+    eng.job_complete("c1")
+    assert eng.wait_job(job, 30).value == "completed"
+    w.stop()
+    assert vm.node is b
+    assert "top" not in eng.graph.nodes
+    eng.close()
+    assert_same(write_model(model, tmp_path), base, "raw", base_fmt)
+    if base_fmt == "qcow2":
+        check(base)
+
+
+def test_active_commit_soft_cancel(eng, tmp_path):
+    base, mid, top = chain3(tmp_path)
+    expect = snapshot(top, "qcow2", tmp_path / "e.raw")
+    t = eng.open(top, node_name="top")
+    vm = eng.attach(t)
+    ev = eng.listen()
+    job = eng.commit("top", job_id="c1")
+    ev.wait_for("BLOCK_JOB_READY", timeout=30)
+    eng.block_job_cancel("c1")
+    assert eng.wait_job(job, 30).value == "completed"
+    assert vm.node is t and t.backing is not None
+    eng.close()
+    assert_same(expect, base, "raw", "qcow2")       # point-in-time merged data
+    assert_same(expect, top, "raw", "qcow2")
+
+
+def test_commit_validation(eng, tmp_path):
+    base, mid, top = chain3(tmp_path)
+    eng.open(top, node_name="top")
+    from blkjobs.jobs.commit import DeviceNotFound
+    with pytest.raises(DeviceNotFound, match="Device 'nope' not found"):
+        eng.commit("nope", job_id="c0")
+    for kw, msg in [
+        (dict(top_node="a", top="b"), "'top-node' and 'top' are mutually exclusive"),
+        (dict(base_node="a", base="b"), "'base-node' and 'base' are mutually exclusive"),
+        (dict(top_node="zz"), "'zz' is not in this backing file chain"),
+        (dict(top="zz.qcow2"), "Top image file zz.qcow2 not found"),
+        (dict(base="zz.qcow2"), "Can't find 'zz.qcow2' in the backing chain"),
+        (dict(base_node="top"), "cannot commit an image into itself"),
+        (dict(backing_file="x"), "'backing-file' specified, but 'top' is the active layer"),
+    ]:
+        with pytest.raises(Exception) as ei:
+            eng.commit("top", job_id="c0", **kw)
+        assert str(ei.value) == msg, kw
