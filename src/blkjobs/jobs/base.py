@@ -196,6 +196,21 @@ class Mover:
                 raise CopyError(err, "error reading" if op == "read" else "error writing",
                                 path=node.filename, side=side, offset=off)
 
+    # -- Python-side I/O: an OSError becomes a CopyError of its side ---------
+    def _src(self, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise CopyError(e.errno or 5, "error reading", path=self.src.filename,
+                            side="source", offset=args[0] if args else None) from None
+
+    def _tgt(self, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise CopyError(e.errno or 5, "error writing", path=self.dst.filename,
+                            side="target", offset=args[0] if args else None) from None
+
     # -- planning (I/O lock held) -------------------------------------------
     def _dst_reads_zero(self, off: int, length: int) -> list[tuple[int, int]]:
         dst = self.dst
@@ -237,7 +252,7 @@ class Mover:
                 if self._dst_raw:
                     items.append((0, s, n, ZERO))
                 else:
-                    dst.write_zeroes(s, n)
+                    self._tgt(dst.write_zeroes, s, n)
         if self.compress:
             self._write_compressed(_merge([(s, n) for s, n, _ in copy] + py))
             return items
@@ -249,8 +264,8 @@ class Mover:
                 items += self._alloc_items(copy, py)
         for s, n in py:
             buf = bytearray(n)
-            src.readinto(s, buf)
-            dst.write(s, buf)
+            self._src(src.readinto, s, buf)
+            self._tgt(dst.write, s, buf)
         return items
 
     def _alloc_items(self, copy, py) -> list[tuple]:
@@ -294,11 +309,11 @@ class Mover:
                     done.add(c)
                     ln = min(cs, dst.size - c)
                     buf = bytearray(ln)
-                    src.readinto(c, buf)
+                    self._src(src.readinto, c, buf)
                     if not any(buf):
-                        dst.write_zeroes(c, ln)
+                        self._tgt(dst.write_zeroes, c, ln)
                     else:
-                        dst.driver.write_compressed(c, buf)
+                        self._tgt(dst.driver.write_compressed, c, buf)
                 c += cs
 
     # -- moving --------------------------------------------------------------
@@ -335,13 +350,8 @@ class Mover:
 
     def flush(self) -> None:
         """Make the target durable (qcow2: metadata of allocate() first)."""
-        err = getattr(self.dst.driver, "inject_check", None)
-        if err is not None:
-            e = err("flush", 0, 0)
-            if e:
-                raise CopyError(e, "error flushing", path=self.dst.filename, side="target")
         with self.eng.io:
-            self.dst.flush()
+            self._tgt(self.dst.flush)
 
 
 class BlockJob(JobDriver):

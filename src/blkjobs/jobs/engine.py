@@ -144,6 +144,25 @@ class Engine:
         with self.io:
             self.graph.close()
 
+    def blkdebug(self, node: str | Node, rules: list[Any]) -> None:
+        """Inject faults into ``node`` (see :mod:`.blkdebug`): its driver is
+        wrapped so that matching requests fail with the rule's errno."""
+        from .blkdebug import Blkdebug, Rule
+        with self.io:
+            node = self.node(node)
+            rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
+            if isinstance(node.driver, Blkdebug):
+                node.driver.rules = rules
+            else:
+                node.driver = Blkdebug(node.driver, rules)
+
+    def blkdebug_remove(self, node: str | Node) -> None:
+        from .blkdebug import Blkdebug
+        with self.io:
+            node = self.node(node)
+            if isinstance(node.driver, Blkdebug):
+                node.driver = node.driver.inner
+
     # ------------------------------------------------------------------
     # Dirty bitmaps
 
