@@ -1,0 +1,119 @@
+"""blkjobs backup [-f FMT] [-O FMT] [--sync MODE] [--speed RATE] [--compress]
+[--on-source-error P] [--on-target-error P] [--job-id ID] [-p] [--events] SRC TARGET
+
+Runs a backup job (``blockdev-backup``) from SRC into TARGET (created with
+SRC's size when missing: ``-O`` format, default qcow2; for ``--sync top`` it
+gets SRC's backing file). Also holds what the four job commands share:
+option registration, running a job to its end with a progress line or QMP
+JSON-line events, and exit codes: 0 completed, 1 failed (or bad usage),
+2 cancelled, 130 interrupted.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import BlkjobsError
+from ..job import JsonLinesWriter
+from .progress import Progress
+from .sizes import parse_size
+
+POLICIES = ["report", "ignore", "stop", "enospc", "auto"]
+
+
+class JobFailed(BlkjobsError):
+    """The job concluded with an error (exit 1) or was cancelled (exit 2)."""
+
+    def __init__(self, msg: str, exit_code: int = 1):
+        super().__init__(msg)
+        self.exit_code = exit_code
+
+
+def add_common(p) -> None:
+    p.add_argument("--job-id", default="job0", help="job id in events (default job0)")
+    p.add_argument("--speed", default="0", metavar="RATE",
+                   help="rate limit in bytes per second (e.g. 100M; 0 = unlimited)")
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    p.add_argument("--events", action="store_true",
+                   help="print QMP-shaped events as JSON lines on stdout")
+
+
+def run_job(eng, start, args, ready_action=None, timeout: float | None = None) -> None:
+    """Start a job with ``start()`` and drive it to its end. ``ready_action``:
+    called (with the job) when it becomes ready (mirror/active commit)."""
+    if args.events:
+        eng.add_listener(JsonLinesWriter(sys.stdout))
+    prog = Progress(label=args.job_id) if args.progress else None
+    job = start()
+    acted = False
+    try:
+        while job.outcome is None:
+            try:
+                eng.jobs.wait_until(lambda: job.outcome is not None or
+                                    (job.is_ready and not acted), 0.2)
+            except TimeoutError:
+                pass
+            if prog:
+                cur, total = job.progress.snapshot()
+                prog.update(cur, total)
+            if ready_action and job.is_ready and not acted:
+                acted = True
+                ready_action(job)
+    except KeyboardInterrupt:
+        try:
+            eng.jobs.cancel_job(job, True)
+            eng.wait_job(job, 30)
+        finally:
+            raise
+    if prog:
+        cur, total = job.progress.snapshot()
+        prog.update(cur, total, force=True)
+        prog.finish()
+    if job.outcome.value == "failed":
+        raise JobFailed(f"{job.type} job failed: {job.error}", 1)
+    if job.outcome.value == "cancelled":
+        raise JobFailed(f"{job.type} job cancelled", 2)
+
+
+def register(sub):
+    p = sub.add_parser("backup", help="point-in-time copy of an image into another one",
+                       description="Copy SRC into TARGET as a backup job would (blockdev-backup).")
+    p.add_argument("-f", dest="src_fmt", metavar="FMT", help="source format (probed)")
+    p.add_argument("-O", dest="dst_fmt", metavar="FMT",
+                   help="target format (probed if TARGET exists, else qcow2)")
+    p.add_argument("--sync", default="full", choices=["full", "top", "none"])
+    p.add_argument("--compress", action="store_true", help="compressed clusters (qcow2 target)")
+    p.add_argument("--on-source-error", default="report", choices=POLICIES)
+    p.add_argument("--on-target-error", default="report", choices=POLICIES)
+    add_common(p)
+    p.add_argument("src")
+    p.add_argument("target")
+    p.set_defaults(func=run)
+
+
+def open_target(eng, src_node, path, fmt, backing=None):
+    if os.path.exists(path):
+        return eng.open(path, fmt, node_name="target")
+    fmt = fmt or "qcow2"
+    opts = {}
+    if backing is not None and fmt == "qcow2":
+        opts = {"backing_file": os.path.abspath(backing.filename),
+                "backing_format": backing.format}
+    return eng.create(path, fmt, src_node.size, node_name="target", **opts)
+
+
+def run(args) -> int:
+    from ..jobs import Engine
+    eng = Engine()
+    try:
+        src = eng.open(args.src, args.src_fmt, node_name="source", read_only=True)
+        tgt = open_target(eng, src, args.target, args.dst_fmt,
+                          src.backing if args.sync == "top" else None)
+        speed = parse_size(args.speed, "speed")
+        run_job(eng, lambda: eng.backup(src, tgt, args.sync, job_id=args.job_id, speed=speed,
+                                        compress=args.compress,
+                                        on_source_error=args.on_source_error,
+                                        on_target_error=args.on_target_error), args)
+    finally:
+        eng.close()
+    return 0

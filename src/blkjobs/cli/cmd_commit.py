@@ -1,0 +1,74 @@
+"""blkjobs commit [-b BASE] [-d] [--speed RATE] [-p] [--events] IMAGE
+
+What ``qemu-img commit`` does to the files: the data of IMAGE (and of every
+image down to BASE, default IMAGE's backing file) is written into BASE by a
+commit job; without ``-b`` IMAGE is then emptied (unless ``-d``). The backing
+links of the files do not change."""
+from __future__ import annotations
+
+import os
+
+from ..errors import UsageError
+from ..formats import create_image, open_image
+from ..graph import resolve_backing
+from .cmd_backup import POLICIES, add_common, run_job
+from .sizes import parse_size
+
+
+def make_empty(path: str, fmt: str) -> None:
+    """Empty a qcow2 overlay (qemu-img's make_empty): every cluster
+    unallocated again, so it reads through to its backing file. Done by
+    re-creating the image with the same size, cluster size, extended L2,
+    version and backing link (the drivers' discard reads as zeroes)."""
+    if fmt != "qcow2":
+        return
+    drv = open_image(path, fmt, read_only=True)
+    try:
+        size, cs = drv.size, drv.cluster_size
+        ext = bool(getattr(drv, "extended", False))
+        compat = "1.1" if drv.header.version >= 3 else "0.10"
+        bf, bfmt = drv.backing_filename, drv.backing_format
+    finally:
+        drv.close()
+    create_image(path, "qcow2", size, cluster_size=cs, extended_l2=ext, compat=compat,
+                 backing_file=bf, backing_format=bfmt)
+
+
+def register(sub):
+    p = sub.add_parser("commit", help="commit an image's data into its backing file")
+    p.add_argument("-f", dest="fmt", metavar="FMT")
+    p.add_argument("-b", dest="base", metavar="BASE", help="commit down into this backing file")
+    p.add_argument("-d", dest="keep", action="store_true", help="do not empty IMAGE afterwards")
+    p.add_argument("--on-error", default="report", choices=POLICIES)
+    add_common(p)
+    p.add_argument("image")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..jobs import Engine
+    eng = Engine()
+    try:
+        top = eng.open(args.image, args.fmt, node_name="top")
+        if top.backing is None:
+            raise UsageError("There is no backimg image")
+        base = top.backing
+        if args.base:
+            want = resolve_backing(os.path.abspath(args.image), args.base)
+            base = None
+            for n in top.chain()[1:]:
+                if os.path.exists(want) and os.path.samefile(n.filename, want):
+                    base = n
+            if base is None:
+                raise UsageError(f"Can't find '{args.base}' in the backing chain")
+        speed = parse_size(args.speed, "speed")
+        path, fmt = top.filename, top.format
+        run_job(eng, lambda: eng.commit(top, base_node=base.name, job_id=args.job_id,
+                                        speed=speed, on_error=args.on_error), args,
+                ready_action=lambda job: eng.jobs.complete_job(job))
+    finally:
+        eng.close()
+    if not args.keep and not args.base:
+        make_empty(path, fmt)
+    print("Image committed.")
+    return 0

@@ -1,0 +1,50 @@
+"""blkjobs stream [-b BASE] [--backing-file NAME] [--on-error P] [--speed RATE]
+[-p] [--events] IMAGE
+
+What a safe ``qemu-img rebase -b BASE IMAGE`` does when BASE is in IMAGE's
+backing chain: everything the images between IMAGE and BASE provide is
+copied into IMAGE, which then backs directly onto BASE (header rewritten
+with BASE as given, relative to IMAGE's directory, or ``--backing-file``).
+Without ``-b`` the whole chain is pulled in and IMAGE ends without backing."""
+from __future__ import annotations
+
+import os
+
+from ..errors import UsageError
+from ..graph import resolve_backing
+from .cmd_backup import POLICIES, add_common, run_job
+from .sizes import parse_size
+
+
+def register(sub):
+    p = sub.add_parser("stream", help="pull the backing chain (down to a base) into an image")
+    p.add_argument("-f", dest="fmt", metavar="FMT")
+    p.add_argument("-b", "--base", metavar="BASE", help="backing file to keep (in the chain)")
+    p.add_argument("--backing-file", metavar="NAME",
+                   help="backing file name to record (default: BASE as given)")
+    p.add_argument("--on-error", default="report", choices=POLICIES)
+    add_common(p)
+    p.add_argument("image")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..jobs import Engine
+    eng = Engine()
+    try:
+        top = eng.open(args.image, args.fmt, node_name="top")
+        base_node = None
+        if args.base:
+            want = resolve_backing(os.path.abspath(args.image), args.base)
+            for n in top.chain()[1:]:
+                if os.path.exists(want) and os.path.samefile(n.filename, want):
+                    base_node = n.name
+            if base_node is None:
+                raise UsageError(f"Can't find '{args.base}' in the backing chain")
+        speed = parse_size(args.speed, "speed")
+        run_job(eng, lambda: eng.stream(top, base_node=base_node, job_id=args.job_id,
+                                        speed=speed, on_error=args.on_error,
+                                        backing_file=args.backing_file or args.base), args)
+    finally:
+        eng.close()
+    return 0
