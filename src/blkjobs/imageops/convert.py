@@ -276,6 +276,7 @@ class _Convert:
                 if o.dst_fmt == "qcow2":
                     from ..formats import open_image
                     self.t = open_image(dst, "qcow2", read_only=False)
+                    self.t.unsafe = not o.flush
                     self.dfd = self.t.fd
                     tsize = self.t.size
                 else:
@@ -317,6 +318,7 @@ class _Convert:
             raise CopyError(e.errno, "Could not create target", path=dst) from None
         self.created = True
         self.t = open_image(dst, "qcow2", read_only=False)
+        self.t.unsafe = not o.flush      # -t unsafe: no fsync of metadata either
         self.dfd = self.t.fd
 
     # -- planning ----------------------------------------------------------
@@ -550,7 +552,10 @@ class _Convert:
                 eng_zero = True
             else:
                 self.target_zero = eng_zero = self.created or o.target_is_zero
-            self.copy_kind = COPY_SPARSE if o.sparse_size else COPY
+            # Block status already split holes off (raw layers by SEEK_DATA, qcow2
+            # by its tables): plain COPY spares the engine a SEEK_DATA walk per
+            # item under its queue lock; zero detection still runs on the data.
+            self.copy_kind = COPY
             self.next_pos = 0
             bucket = TokenBucket(o.rate) if o.rate else None
             with CopyEngine(self.fds[0], self.dfd, threads=o.threads,

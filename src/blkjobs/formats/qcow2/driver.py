@@ -75,6 +75,9 @@ class Qcow2(Driver):
     def __init__(self, path: str, read_only: bool = True):
         self.filename = path
         self.read_only = read_only
+        # cache=unsafe (``convert -t unsafe``, qemu-img's default for convert):
+        # metadata is still written in the safe order, but never fsync'd.
+        self.unsafe = False
         self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._closed = False
         try:
@@ -131,6 +134,7 @@ class Qcow2(Driver):
             self.rc = Refcounts(self.fd, self.cb, h.refcount_order, h.refcount_table_offset,
                                 h.refcount_table_clusters, self.file_size,
                                 self._set_rt_location, self.filename)
+        self.rc.unsafe = self.unsafe
         return self.rc
 
     def _open_rw(self):
@@ -175,7 +179,7 @@ class Qcow2(Driver):
         old = getattr(self, "_header_len", 0)
         os.pwrite(self.fd, data.ljust(max(old, len(data)), b"\0"), 0)
         self._header_len = len(data)
-        os.fsync(self.fd)
+        self._fsync()
         self._header_dirty = False
 
     @property
@@ -788,17 +792,21 @@ class Qcow2(Driver):
             for off in sorted(self.l2dirty):
                 os.pwrite(self.fd, self.l2cache[off], off)
             self.l2dirty.clear()
-            os.fsync(self.fd)
+            self._fsync()
         if self.l1_dirty:
             os.pwrite(self.fd, struct.pack(f">{len(self.l1)}Q", *self.l1),
                       self.header.l1_table_offset)
             self.l1_dirty = False
-            os.fsync(self.fd)
+            self._fsync()
         if rc is not None:
             rc.apply_frees()
         if self._header_dirty:
             self._write_header()
         self.file_size = max(self.file_size, os.fstat(self.fd).st_size)
+
+    def _fsync(self) -> None:
+        if not self.unsafe:
+            os.fsync(self.fd)
 
     def close(self) -> None:
         if self._closed:

@@ -63,6 +63,7 @@ class Refcounts:
         self.pending: list[int] = []      # clusters to decrement after L2/L1 are durable
         self.pool: list[int] = []         # clusters freed this session, reusable
         self.end = -(-file_size // self.cs)
+        self.unsafe = False               # cache=unsafe: keep the write order, skip fsync
 
     # -- blocks --------------------------------------------------------
     def _decode(self, raw: bytes) -> list:
@@ -230,7 +231,7 @@ class Refcounts:
             os.pwrite(self.fd, t.tobytes(), self.table_offset)
             self.table_dirty = False
             wrote = True
-        if wrote:
+        if wrote and not self.unsafe:
             os.fsync(self.fd)
         return wrote
 
