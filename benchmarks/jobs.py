@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Block jobs against their qemu-img counterparts, in one run.
+
+    python benchmarks/jobs.py [--dir /var/tmp] [--size 4G] [--keep]
+
+Lays out a deterministic VM-shaped qcow2 image (runs of incompressible data,
+written zeroes and holes; seed fixed) and a 3-deep chain over it
+(base <- mid <- top, mid ~10 % and top ~5 % of the disk rewritten), then
+times, each on fresh copies of the same files:
+
+* backup full   ``blkjobs backup vm.qcow2 out.qcow2``  vs ``qemu-img convert -O qcow2``
+* mirror full   ``blkjobs mirror vm.qcow2 out.qcow2``  vs ``qemu-img convert -O qcow2``
+* stream        ``blkjobs stream -b base.qcow2 top``   vs ``qemu-img rebase -b base.qcow2`` (safe)
+* commit        ``blkjobs commit top``                 vs ``qemu-img commit top``
+
+Every result is checked with ``qemu-img compare``. Then a mirror runs while a
+thread writes random 4 KiB blocks through a front end at 50 MB/s (paced):
+it must reach READY and complete; the achieved write rate is printed.
+The page cache is warm for both sides alike (the files were just written).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+MiB = 1 << 20
+PY = [sys.executable, "-m", "blkjobs"]
+
+
+def sh(*args, cwd=None):
+    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, args))}: {p.stderr or p.stdout}")
+    return p.stdout
+
+
+def timed(*args, cwd=None) -> float:
+    t = time.monotonic()
+    sh(*args, cwd=cwd)
+    return time.monotonic() - t
+
+
+def make_vm_raw(path: str, size: int, seed: int = 42) -> None:
+    """55 % data, 15 % written zeroes, 30 % holes, in 1..32 MiB extents."""
+    rnd = random.Random(seed)
+    pool = rnd.randbytes(64 * MiB)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        pos = 0
+        while pos < size:
+            n = min(rnd.randrange(1, 33) * MiB, size - pos)
+            kind = rnd.random()
+            if kind < 0.55:
+                done = 0
+                while done < n:
+                    k = min(n - done, 4 * MiB)
+                    s = rnd.randrange(0, len(pool) - k)
+                    f.seek(pos + done)
+                    f.write(pool[s:s + k])
+                    done += k
+            elif kind < 0.70:
+                f.seek(pos)
+                f.write(bytes(n))
+            pos += n
+
+
+def overlay_writes(path: str, size: int, fraction: float, seed: int) -> None:
+    rnd = random.Random(seed)
+    cmds = []
+    total = 0
+    while total < fraction * size:
+        n = rnd.randrange(1, 9) * MiB // 2
+        off = rnd.randrange(0, (size - n) // 65536) * 65536
+        cmds += ["-c", f"write -P {rnd.randrange(1, 255)} {off} {n}"]
+        total += n
+    for i in range(0, len(cmds), 400):
+        sh("qemu-io", "-f", "qcow2", *cmds[i:i + 400], path)
+
+
+def same(a, b, fa="qcow2", fb="qcow2"):
+    sh("qemu-img", "compare", "-f", fa, "-F", fb, a, b)
+
+
+def copy_chain(src_dir: str, dst_dir: str) -> None:
+    os.makedirs(dst_dir, exist_ok=True)
+    for f in ("base.qcow2", "mid.qcow2", "top.qcow2"):
+        shutil.copy(os.path.join(src_dir, f), os.path.join(dst_dir, f))
+
+
+def row(name, ours, theirs, note=""):
+    ratio = theirs / ours if ours else float("inf")
+    verdict = "OK" if ours <= theirs * 1.0 else "SLOWER"
+    print(f"{name:<14} blkjobs {ours:7.2f} s   qemu-img {theirs:7.2f} s   "
+          f"x{ratio:4.2f}  {verdict} {note}", flush=True)
+    return ours <= theirs
+
+
+def mirror_under_writer(d: str, size: int, rate: int) -> bool:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+    from blkjobs.jobs import Engine
+    src = os.path.join(d, "vm.qcow2")
+    dst = os.path.join(d, "mw.qcow2")
+    sh("qemu-img", "create", "-f", "qcow2", dst, size)
+    eng = Engine()
+    try:
+        s = eng.open(src, "qcow2", node_name="src")
+        eng.open(dst, "qcow2", node_name="dst")
+        vm = eng.attach(s)
+        stop = threading.Event()
+        written = [0]
+
+        def writer():
+            rnd = random.Random(5)
+            blk = rnd.randbytes(4096)
+            t0 = time.monotonic()
+            while not stop.is_set():
+                off = rnd.randrange(0, size // 4096) * 4096
+                vm.write(off, blk)
+                written[0] += 4096
+                ahead = written[0] / rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+        ev = eng.listen(["BLOCK_JOB_READY"])
+        t = threading.Thread(target=writer, daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        job = eng.mirror("src", "dst", sync="full", job_id="m0")
+        ev.wait_for("BLOCK_JOB_READY", timeout=600)
+        t_ready = time.monotonic() - t0
+        time.sleep(2)                      # in sync while the writer goes on
+        eng.job_complete("m0")
+        outcome = eng.wait_job(job, 600)
+        t_done = time.monotonic() - t0
+        stop.set()
+        t.join(10)
+        achieved = written[0] / t_done / 1e6
+        ok = outcome.value == "completed" and vm.node.name == "dst"
+        print(f"mirror+writer  READY after {t_ready:.2f} s, completed after {t_done:.2f} s, "
+              f"writer {achieved:.1f} MB/s (target {rate / 1e6:.0f} MB/s): "
+              f"{'OK' if ok else 'FAILED'}", flush=True)
+        final = os.path.join(d, "final.raw")
+        with open(final, "wb") as f:
+            for off in range(0, size, 64 * MiB):
+                f.write(vm.read(off, min(64 * MiB, size - off)))
+    finally:
+        eng.close()
+    same(final, dst, "raw", "qcow2")
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--size", default="4G")
+    ap.add_argument("--rate", type=float, default=50e6, help="writer bytes/s (default 50 MB/s)")
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    units = {"M": MiB, "G": 1024 * MiB}
+    size = int(a.size[:-1]) * units[a.size[-1].upper()] if a.size[-1].isalpha() else int(a.size)
+    d = tempfile.mkdtemp(prefix="blkjobs-jobs-bench.", dir=a.dir)
+    try:
+        t = time.monotonic()
+        raw = os.path.join(d, "vm.raw")
+        make_vm_raw(raw, size)
+        vm = os.path.join(d, "vm.qcow2")
+        sh("qemu-img", "convert", "-O", "qcow2", raw, vm)
+        os.unlink(raw)
+        chain = os.path.join(d, "chain")
+        os.makedirs(chain)
+        shutil.copy(vm, os.path.join(chain, "base.qcow2"))
+        sh("qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+           "mid.qcow2", cwd=chain)
+        overlay_writes(os.path.join(chain, "mid.qcow2"), size, 0.10, 1)
+        sh("qemu-img", "create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+           "top.qcow2", cwd=chain)
+        overlay_writes(os.path.join(chain, "top.qcow2"), size, 0.05, 2)
+        print(f"layout: {size / MiB:.0f} MiB VM-shaped qcow2 + 3-deep chain in "
+              f"{time.monotonic() - t:.1f} s ({d})", flush=True)
+        ok = True
+
+        # backup / mirror full vs convert
+        q = timed("qemu-img", "convert", "-O", "qcow2", vm, os.path.join(d, "conv.qcow2"))
+        b = timed(*PY, "backup", vm, os.path.join(d, "bk.qcow2"))
+        same(vm, os.path.join(d, "bk.qcow2"))
+        ok &= row("backup full", b, q)
+        m = timed(*PY, "mirror", vm, os.path.join(d, "mr.qcow2"))
+        same(vm, os.path.join(d, "mr.qcow2"))
+        ok &= row("mirror full", m, q)
+        for f in ("conv.qcow2", "bk.qcow2", "mr.qcow2"):
+            os.unlink(os.path.join(d, f))
+
+        # stream vs safe rebase
+        ours, theirs = os.path.join(d, "s1"), os.path.join(d, "s2")
+        copy_chain(chain, ours)
+        copy_chain(chain, theirs)
+        view = os.path.join(d, "view.raw")
+        sh("qemu-img", "convert", "-O", "raw", os.path.join(chain, "top.qcow2"), view)
+        q = timed("qemu-img", "rebase", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2",
+                  cwd=theirs)
+        s = timed(*PY, "stream", "-b", "base.qcow2", os.path.join(ours, "top.qcow2"))
+        same(view, os.path.join(ours, "top.qcow2"), "raw", "qcow2")
+        ok &= row("stream", s, q)
+        shutil.rmtree(ours)
+        shutil.rmtree(theirs)
+
+        # commit vs qemu-img commit
+        copy_chain(chain, ours)
+        copy_chain(chain, theirs)
+        q = timed("qemu-img", "commit", "top.qcow2", cwd=theirs)
+        c = timed(*PY, "commit", os.path.join(ours, "top.qcow2"))
+        same(os.path.join(ours, "mid.qcow2"), os.path.join(theirs, "mid.qcow2"))
+        same(view, os.path.join(ours, "top.qcow2"), "raw", "qcow2")
+        ok &= row("commit", c, q)
+        shutil.rmtree(ours)
+        shutil.rmtree(theirs)
+        os.unlink(view)
+
+        ok &= mirror_under_writer(d, size, int(a.rate))
+        print("ALL OK" if ok else "SOME CHECKS FAILED")
+        return 0 if ok else 1
+    finally:
+        if a.keep:
+            print(f"kept {d}")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
