@@ -29,6 +29,7 @@
 #include "extents.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -373,6 +374,15 @@ static int throttle(struct bj_copy *c, uint64_t n)
     return 0;
 }
 
+/* Start writeback of a request's bytes (not waiting for it). Errors here are
+ * not fatal: the final fsync reports real write errors. */
+static void write_behind(struct bj_copy *c, const struct req *q)
+{
+    if (c->o.write_behind && q->kind == REQ_COPY)
+        (void)sync_file_range(c->o.dst_fd, (off_t)q->r.dst_off, (off_t)q->r.len,
+                              SYNC_FILE_RANGE_WRITE);
+}
+
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
@@ -391,8 +401,11 @@ static void *worker_main(void *arg)
         uint64_t fail_off = 0, data = 0, zero = 0;
         if (q.kind == REQ_COPY && c->o.bucket && bj_bucket_rate(c->o.bucket))
             handed_back = throttle(c, q.r.len);
-        if (!handed_back)
+        if (!handed_back) {
             rc = do_request(w, &q, &side, &fail_off, &data, &zero);
+            if (rc == 0 && data)
+                write_behind(c, &q);
+        }
 
         pthread_mutex_lock(&c->lock);
         c->in_flight--;

@@ -32,6 +32,9 @@ struct bj_copy_opts {
     int target_is_zero;       /* target already reads as zero: skip zero writes */
     int may_unmap;            /* zeroes may become holes in the target */
     int allow_copy_range;     /* copy_file_range when no detection is needed */
+    int write_behind;         /* start writeback of each written request at once
+                                 (sync_file_range), so a final fsync has little
+                                 left to do: durable copies overlap disk I/O */
     struct bj_bucket *bucket; /* rate limiter or NULL */
 };
 
