@@ -44,7 +44,7 @@ KiB, MiB = 1 << 10, 1 << 20
 #: Default job cluster (backup: max(64 KiB, target cluster size)).
 JOB_CLUSTER = 64 * KiB
 #: Bytes handed to the engine per batch (the unit of progress and pausing).
-BATCH = 16 * MiB
+BATCH = 64 * MiB
 
 #: A run classifier: block_status run -> "copy" | "zero" | "skip".
 Select = Callable[[dict], str]

@@ -10,7 +10,10 @@ the guest's request completes.
 -- cleared -- before the read, so a racing write re-dirties them). When only
 a little is left (at most one batch), the last pass runs with guest writes
 to the source held off (quiesced), so the job reaches READY under any write
-rate; then it keeps copying new writes. ``complete`` (or a soft cancel in
+rate. A background mirror that has copied twice the disk without getting
+there (the guest dirties faster than we copy) mirrors guest writes
+synchronously until READY, then goes back to background: it converges
+under any write rate. Then it keeps copying new writes. ``complete`` (or a soft cancel in
 ready) does a final pass with the source quiesced and returns, keeping the
 source quiesced until finalization: ``prepare`` pivots (the target replaces
 the source in every parent: graph parents and front ends), ``clean`` removes
@@ -37,12 +40,12 @@ class MirrorFilter(Filter):
         self.m = m
 
     def before_write(self, node: Node, op: str, offset: int, length: int) -> None:
-        if self.m.copy_mode == "write-blocking":
+        if self.m.blocking:
             self.m.inflight.wait_clear(offset, length)
 
     def after_write(self, node: Node, op: str, offset: int, length: int) -> None:
         m = self.m
-        if m.copy_mode == "write-blocking" and not m.sync_failed:
+        if m.blocking and not m.sync_failed:
             try:
                 data = bytearray(length)
                 m.src.readinto(offset, data)
@@ -124,9 +127,19 @@ class MirrorJob(BlockJob):
         self.sync_bytes = 0             # written synchronously by the filter
         self.sync_failed = False
         self.final_synced = False
+        #: background mode that did not converge in a whole pass over the
+        #: disk: guest writes are mirrored synchronously until READY
+        self.escalated = False
+        self.copied = 0
         self._perm = None
         self._quiesced = False
         self._installed = False
+
+    @property
+    def blocking(self) -> bool:
+        """Guest writes are mirrored synchronously (write-blocking, or an
+        escalated background mirror before READY)."""
+        return self.copy_mode == "write-blocking" or self.escalated
 
     # ------------------------------------------------------------------
     def take_target(self, job: Job) -> None:
@@ -192,6 +205,7 @@ class MirrorJob(BlockJob):
                 job.pause_point()
             return area[0], True
         job.progress.advance(area[1])
+        self.copied += area[1]
         self._progress(job)
         end = area[0] + area[1]
         return (0 if end >= self.src.size else end), True
@@ -236,8 +250,15 @@ class MirrorJob(BlockJob):
                         self.eng.unquiesce(self.src)
                     self._progress(job)
                     job.set_ready()
+                    with self.eng.io:
+                        self.escalated = False
                     continue
                 pos, _ = self._pass(job, pos)
+                if not self.escalated and self.copied >= 2 * self.src.size:
+                    # Writes dirty data faster than we copy it: mirror them
+                    # synchronously until in sync, so the job converges.
+                    with self.eng.io:
+                        self.escalated = True
                 continue
             if job.should_complete or (job.cancel_requested and not job.is_cancelled):
                 self.eng.quiesce(self.src)
