@@ -13,9 +13,8 @@ import math
 import os
 from typing import Any
 
-from .events import (BLOCK_JOB_CANCELLED, BLOCK_JOB_COMPLETED, BLOCK_JOB_ERROR,
-                     BLOCK_JOB_PENDING, BLOCK_JOB_READY, JOB_STATUS_CHANGE, Clock, Event,
-                     EventListener, FakeClock)
+from .events import (BLOCK_JOB_COMPLETED, BLOCK_JOB_ERROR, BLOCK_JOB_PENDING,
+                     JOB_STATUS_CHANGE, Clock, Event, EventListener, FakeClock)
 from .job import ErrorAction, Job, JobDriver
 from .manager import JobManager
 from .status import JobStatus
@@ -149,9 +148,6 @@ def compact(ev: Event) -> str:
 def event_job_id(ev: Event) -> str:
     return ev.data["id"] if ev.name in (JOB_STATUS_CHANGE, BLOCK_JOB_PENDING) else ev.data["device"]
 
-
-BLOCK_EVENTS = (BLOCK_JOB_READY, BLOCK_JOB_PENDING, BLOCK_JOB_COMPLETED, BLOCK_JOB_CANCELLED,
-                BLOCK_JOB_ERROR)
 
 
 class Recorder:
