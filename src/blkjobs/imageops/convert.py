@@ -14,9 +14,12 @@ Python decides what to copy; the C engine moves the bytes. Per work range
   and the engine ``pwrite``s at those host offsets. Fresh clusters (past the
   file's old end) read as zeroes; reused ones (``-n``) are punched first, so
   the engine may always skip zeroes inside them (``target_is_zero``): zero
-  blocks found inside DATA runs stay holes in the qcow2 file. Known flaw:
-  such clusters stay *allocated* (qemu-img would leave them unallocated); the
-  guest view and ``qemu-img check`` are unaffected;
+  blocks found inside DATA runs stay holes in the qcow2 file. At the end,
+  clusters whose whole host range stayed a hole are discarded again (one
+  SEEK_DATA walk over the runs we allocated), so zeroes written as data end
+  up unallocated as with qemu-img. Known flaw: their host clusters become
+  free holes inside the file (refcount 0, no disk space) instead of not
+  existing, so the file's apparent size is larger than qemu-img's;
 * ``-c``: clusters holding data are read through the chain (chunked) and
   stored with ``Qcow2.write_compressed`` (zlib, per cluster, in Python);
 * ``-B``: the target records a backing file; when it is the source's own
@@ -242,6 +245,7 @@ class _Convert:
         self.top = self.base = self.t = None
         self.dfd = -1
         self.py_done = 0           # bytes handled without the engine
+        self.allocated: list = []  # host runs handed out by Qcow2.allocate
 
     # -- setup -----------------------------------------------------------
     def _open(self):
@@ -481,6 +485,7 @@ class _Convert:
         for a, b in need:
             fresh_from = t.alloc_end
             maps = t.allocate(a, b - a)
+            self.allocated.extend(maps)
             for m in maps:
                 if m.host_offset < fresh_from:
                     _punch(self.dfd, m.host_offset, -(-m.length // 512) * 512)
@@ -501,6 +506,28 @@ class _Convert:
                         else:
                             self._through(ms, me - ms, h)
                 j += 1
+
+    def _sparsify(self):
+        """Clusters we allocated whose host range stayed a hole (the engine
+        found zeroes in data the source stores, e.g. zeroes written as data)
+        are dropped again (``discard``: unallocated, or a zero cluster over a
+        backing file), so the target maps like qemu-img's. Skipped for -S 0
+        (fully allocate) and for v2 images with a backing file (no zero flag)."""
+        from ..native.extents import extents
+        t, cs = self.t, self.t.cluster_size
+        if not self.o.sparse_size or (t.backing_filename and t.header.version < 3):
+            return
+        for m in self.allocated:
+            for e in extents(t.fd, m.host_offset, m.length):
+                if e.data:
+                    continue
+                # whole clusters only (host runs are cluster-aligned at their start)
+                a = m.start + (-(-(e.offset - m.host_offset) // cs) * cs)
+                end = m.start + (e.offset + e.length - m.host_offset)
+                b = end if end >= t.size else m.start + (end - m.start) // cs * cs
+                if b > a:
+                    t.discard(a, b - a)
+        self.allocated = []
 
     def _compress(self, a, b):
         from ..native.extents import is_zero
@@ -585,6 +612,7 @@ class _Convert:
                 st = eng.status()
             try:
                 if self.t is not None:
+                    self._sparsify()
                     self.t.flush()       # data is written: refcounts, L2, L1, header
                 elif o.flush:
                     os.fsync(self.dfd)
