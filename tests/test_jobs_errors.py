@@ -275,3 +275,21 @@ def test_bitmap_never_keeps_and_successor_merges(eng, tmp_path):
     eng.block_job_set_speed("i0", 0)
     assert eng.wait_job(job, 20).value == "completed"
     assert bm.count() == n0 + 65536
+
+
+@pytest.mark.parametrize("mode", ["break-guest-write", "break-snapshot"])
+def test_cbw_error_modes(eng, tmp_path, mode):
+    src, dst, expect = pair(eng, tmp_path)
+    vm = eng.attach("src")
+    job = eng.backup("src", "dst", sync="none", job_id="b0", on_cbw_error=mode)
+    eng.blkdebug("dst", [Rule("write", errno.ENOSPC)])
+    if mode == "break-guest-write":
+        with pytest.raises(OSError):
+            vm.write(0, b"\xff" * 4096)
+        assert vm.read(0, 4096) == b"\x11" * 4096      # nothing reached the source
+        eng.job_cancel("b0")
+        assert eng.wait_job(job, 10).value == "cancelled"
+    else:
+        vm.write(0, b"\xff" * 4096)                     # the guest write goes through
+        assert vm.read(0, 4096) == b"\xff" * 4096
+        assert eng.wait_job(job, 10).value == "failed"

@@ -83,6 +83,9 @@ def register(sub):
                    help="target format (probed if TARGET exists, else qcow2)")
     p.add_argument("--sync", default="full", choices=["full", "top", "none"])
     p.add_argument("--compress", action="store_true", help="compressed clusters (qcow2 target)")
+    p.add_argument("-t", dest="cache", default="writeback", choices=["writeback", "unsafe"],
+                   help="target cache mode: writeback flushes at the end, unsafe does not "
+                   "(qemu-img convert's default)")
     p.add_argument("--on-source-error", default="report", choices=POLICIES)
     p.add_argument("--on-target-error", default="report", choices=POLICIES)
     add_common(p)
@@ -91,15 +94,15 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def open_target(eng, src_node, path, fmt, backing=None):
+def open_target(eng, src_node, path, fmt, backing=None, cache="writeback"):
     if os.path.exists(path):
-        return eng.open(path, fmt, node_name="target")
+        return eng.open(path, fmt, node_name="target", cache=cache)
     fmt = fmt or "qcow2"
     opts = {}
     if backing is not None and fmt == "qcow2":
         opts = {"backing_file": os.path.abspath(backing.filename),
                 "backing_format": backing.format}
-    return eng.create(path, fmt, src_node.size, node_name="target", **opts)
+    return eng.create(path, fmt, src_node.size, node_name="target", cache=cache, **opts)
 
 
 def run(args) -> int:
@@ -108,7 +111,7 @@ def run(args) -> int:
     try:
         src = eng.open(args.src, args.src_fmt, node_name="source", read_only=True)
         tgt = open_target(eng, src, args.target, args.dst_fmt,
-                          src.backing if args.sync == "top" else None)
+                          src.backing if args.sync == "top" else None, args.cache)
         speed = parse_size(args.speed, "speed")
         run_job(eng, lambda: eng.backup(src, tgt, args.sync, job_id=args.job_id, speed=speed,
                                         compress=args.compress,

@@ -18,6 +18,9 @@ def register(sub):
     p.add_argument("--granularity", metavar="SIZE")
     p.add_argument("--buf-size", metavar="SIZE")
     p.add_argument("--copy-mode", default="background", choices=["background", "write-blocking"])
+    p.add_argument("-t", dest="cache", default="writeback", choices=["writeback", "unsafe"],
+                   help="target cache mode: writeback flushes at the end, unsafe does not "
+                   "(qemu-img convert's default)")
     p.add_argument("--on-source-error", default="report", choices=POLICIES)
     p.add_argument("--on-target-error", default="report", choices=POLICIES)
     p.add_argument("--cancel-when-ready", action="store_true",
@@ -34,7 +37,7 @@ def run(args) -> int:
     try:
         src = eng.open(args.src, args.src_fmt, node_name="source")
         tgt = open_target(eng, src, args.target, args.dst_fmt,
-                          src.backing if args.sync == "top" else None)
+                          src.backing if args.sync == "top" else None, args.cache)
         gran = parse_size(args.granularity, "granularity") if args.granularity else None
         buf = parse_size(args.buf_size, "buf-size") if args.buf_size else None
         speed = parse_size(args.speed, "speed")

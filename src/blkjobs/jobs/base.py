@@ -351,6 +351,8 @@ class Mover:
     def flush(self) -> None:
         """Make the target durable (qcow2: metadata of allocate() first)."""
         with self.eng.io:
+            if self.eng.cache_unsafe(self.dst) and not hasattr(self.dst.driver, "unsafe"):
+                return          # raw, cache=unsafe: nothing to write, no fsync
             self._tgt(self.dst.flush)
 
 

@@ -86,23 +86,36 @@ class Engine:
         self._bitmaps: dict[int, dict[str, DirtyBitmap]] = {}
         self._fe_count = 0
         self._claims: dict[int, Job] = {}
+        self._unsafe: set[int] = set()
 
     # ------------------------------------------------------------------
     # Nodes
 
     def open(self, path: str, fmt: str | None = None, *, node_name: str | None = None,
-             read_only: bool = False) -> Node:
+             read_only: bool = False, cache: str = "writeback") -> Node:
         """Open ``path`` and its backing chain; the top node is read-write
-        unless ``read_only``. Returns the top node."""
+        unless ``read_only``. Returns the top node. ``cache="unsafe"``: flushes
+        write metadata but never fsync (qemu-img's ``-t unsafe``)."""
+        if cache not in ("writeback", "unsafe"):
+            raise UsageError(f"invalid cache mode '{cache}' (writeback or unsafe)")
         with self.io:
-            return self.graph.open_chain(path, fmt, read_only=read_only, name=node_name)
+            node = self.graph.open_chain(path, fmt, read_only=read_only, name=node_name)
+            if cache == "unsafe":
+                self._unsafe.add(id(node))
+                if hasattr(node.driver, "unsafe"):
+                    node.driver.unsafe = True
+            return node
+
+    def cache_unsafe(self, node: Node) -> bool:
+        return id(node) in self._unsafe
 
     def create(self, path: str, fmt: str, size: int | None, *, node_name: str | None = None,
                **opts: Any) -> Node:
         """Create an image (see :func:`blkjobs.formats.create_image` for the
         options, e.g. ``backing_file``) and open it read-write."""
+        cache = opts.pop("cache", "writeback")
         create_image(path, fmt, size, **opts)
-        return self.open(path, fmt, node_name=node_name)
+        return self.open(path, fmt, node_name=node_name, cache=cache)
 
     def node(self, name: str | Node) -> Node:
         """A node by node-name (``Cannot find device=<n> nor node-name=<n>``)."""
