@@ -219,8 +219,8 @@ class JobMachine(RuleBasedStateMachine):
                             fn(jid)
                         except JobError:
                             pass
-                    if job.status is S.CREATED:
-                        self.mgr.start(job)
+                for txn, _ in self.txns:      # checks and starts under the lock
+                    self.mgr.start_txn(txn)
                 self.settle()
             self.events_match_transitions()
             self.hooks_follow_the_contract()

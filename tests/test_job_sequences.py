@@ -239,8 +239,9 @@ def test_pause_in_created_parks_at_first_pause_point():
 def _grouped(rec, a_kw, b_kw, **job_kw):
     txn = JobTxn("grouped")
     a, b = StepDriver(**a_kw), StepDriver(**b_kw)
-    ja = rec.job(a, "a", txn=txn, **job_kw)
-    jb = rec.job(b, "b", txn=txn)
+    ja = rec.job(a, "a", txn=txn, start=False, **job_kw)
+    jb = rec.job(b, "b", txn=txn, start=False)
+    rec.mgr.start_txn(txn)        # started together, as a committed QMP transaction
     return a, b, ja, jb
 
 
