@@ -1,0 +1,629 @@
+"""Command handlers: QMP commands mapped onto the :class:`~blkjobs.jobs.Engine`.
+
+The jobs, verbs, queries and events are the Engine's; this module adds only
+what QMP needs on top of it:
+
+* the **monitor's view of nodes**. The Engine's graph has one node per
+  *image* (format driver over its file); QEMU has a format node over a
+  protocol (``file``) node. :class:`MonitorNode` records the protocol nodes
+  (named, or auto-named ``#blockN`` when defined inline) and which nodes the
+  monitor owns (``blockdev-add``) so that ``blockdev-del`` and
+  ``query-named-block-nodes`` answer like QEMU. A ``file`` node can be a
+  format node's ``file`` child; used alone as a job's device or target it is
+  refused (blkjobs opens images, not bare protocol nodes);
+* argument translation (QMP names -> the Engine's keyword names), QEMU's
+  lookup errors (``Cannot find device='x' nor node-name='x'``) and error
+  classes (an exception's ``qmp_class``);
+* dirty-bitmap commands beyond add/remove, and ``transaction`` with bitmap
+  actions rolled back exactly and ``blockdev-backup`` jobs started only at
+  commit.
+
+Handlers run one at a time (the server serializes them), like QMP commands
+under QEMU's big lock. They may block briefly on the Engine's locks.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .. import __version__
+from ..errors import BlkjobsError
+from ..formats import open_image
+from ..graph import ALL, Node, Perm
+from ..job import CompletionMode, JobTxn
+from .protocol import QMPError
+from .schema import COMMANDS
+
+#: The version blkjobs reports in the greeting and ``query-version``.
+#: QEMU numbers are compared by management software to enable features, so
+#: we report the QEMU release whose QMP surface we implement (qmp.md is
+#: written against QEMU 10.1: ``on-cbw-error``, ``target-is-zero``,
+#: ``active``), micro 0, and say who we are in ``package``.
+QEMU_VERSION = {"major": 10, "minor": 1, "micro": 0}
+
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*", re.ASCII)
+_DRIVERS = ("file", "raw", "qcow2")
+
+
+def version() -> dict[str, Any]:
+    return {"qemu": dict(QEMU_VERSION), "package": f"blkjobs {__version__}"}
+
+
+class MonitorNode:
+    """A node as the monitor sees it (see the module docstring).
+
+    ``gnode`` is the Engine's graph node for format nodes (None for ``file``
+    nodes); ``owned``: added by ``blockdev-add`` at the top level;
+    ``children``: monitor nodes created inline for it (dropped with it).
+    """
+
+    def __init__(self, name: str, drv: str, filename: str, read_only: bool, owned: bool,
+                 gnode: Node | None = None):
+        self.name = name
+        self.drv = drv
+        self.filename = filename
+        self.read_only = read_only
+        self.owned = owned
+        self.gnode = gnode
+        self.file: MonitorNode | None = None      # format node -> its file node
+        self.parent: MonitorNode | None = None    # file node -> its format node
+        self.children: list[MonitorNode] = []
+
+
+def _qmp_error(e: BaseException) -> QMPError:
+    if isinstance(e, QMPError):
+        return e
+    if isinstance(e, OSError):
+        where = f"'{e.filename}': " if e.filename else ""
+        return QMPError(f"Could not open {where}{e.strerror or e}")
+    return QMPError(str(e), getattr(e, "qmp_class", "GenericError"))
+
+
+def _kw(args: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """QMP argument names -> the Engine's keyword names."""
+    return {k.replace("-", "_"): v for k, v in args.items() if k not in drop}
+
+
+class Commands:
+    """Every command of ``schema.COMMANDS``. :meth:`run` dispatches one
+    (arguments already checked) and returns its result; errors are raised
+    as :class:`QMPError`. ``quit_cb`` is called by ``quit``."""
+
+    def __init__(self, engine, quit_cb: Callable[[], None] | None = None):
+        self.eng = engine
+        self.quit_cb = quit_cb
+        self.nodes: dict[str, MonitorNode] = {}
+        #: Auto-named file nodes of images the monitor did not define (the
+        #: backing files a qcow2 node opened by itself), by graph node.
+        self._implicit_files: dict[int, MonitorNode] = {}
+
+    def run(self, name: str, args: dict[str, Any]) -> Any:
+        fn = getattr(self, "cmd_" + name.replace("-", "_"))
+        try:
+            return fn(args) if name == "blockdev-add" else fn(**args)
+        except (BlkjobsError, OSError, QMPError) as e:
+            raise _qmp_error(e) from None
+
+    # ------------------------------------------------------------------
+    # Session
+
+    def cmd_query_version(self) -> dict[str, Any]:
+        return version()
+
+    def cmd_query_commands(self) -> list[dict[str, str]]:
+        return [{"name": n} for n in COMMANDS]
+
+    def cmd_quit(self) -> dict[str, Any]:
+        if self.quit_cb is not None:
+            self.quit_cb()
+        return {}
+
+    # ------------------------------------------------------------------
+    # Node lookups
+
+    def _lookup(self, name: str) -> Node:
+        """A graph node for a job (QEMU's bdrv_lookup_bs message)."""
+        node = self.eng.graph.nodes.get(name)
+        if node is None:
+            mn = self.nodes.get(name)
+            if mn is not None and mn.gnode is None:
+                raise QMPError(f"Node '{name}' is a protocol node: blkjobs runs jobs on "
+                               "format nodes (add a 'raw' node on top of it)")
+            raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
+    def _check_new_name(self, name: str) -> None:
+        if not _NAME_RE.fullmatch(name):
+            raise QMPError(f"Invalid node-name: '{name}'")
+        if name in self.nodes or name in self.eng.graph.nodes:
+            raise QMPError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) >= 32:
+            raise QMPError("Node name too long")
+
+    def _auto_name(self) -> str:
+        while True:
+            name = self.eng.graph.auto_name()
+            if name not in self.nodes:
+                return name
+
+    # ------------------------------------------------------------------
+    # blockdev-add / blockdev-del
+
+    def cmd_blockdev_add(self, opts: dict[str, Any]) -> dict[str, Any]:
+        if opts.get("node-name") is None:
+            raise QMPError("'node-name' must be specified for the root node")
+        with self.eng.io:
+            self._add(opts, owned=True)
+        return {}
+
+    def _add(self, opts: dict[str, Any], owned: bool) -> MonitorNode:
+        drv = opts["driver"]
+        if drv not in _DRIVERS:
+            raise QMPError(f"Driver '{drv}' is not supported by blkjobs "
+                           f"(supported: {', '.join(_DRIVERS)})")
+        ro = bool(opts.get("read-only", False))
+        if opts.get("force-share") and not ro:
+            raise QMPError("force-share=on can only be used with read-only images")
+        if drv == "file":
+            return self._add_file(opts, owned, ro)
+        for key in ("offset", "size", "data-file", "encrypt"):
+            if key in opts:
+                raise QMPError(f"blkjobs does not support '{key}' for driver '{drv}'")
+        created: list[MonitorNode] = []
+        try:
+            fref = opts["file"]
+            if isinstance(fref, str):
+                fnode = self.nodes.get(fref)
+                if fnode is None:
+                    raise QMPError(f"Cannot find device='{fref}' nor node-name='{fref}'")
+                if fnode.drv != "file":
+                    raise QMPError(f"blkjobs stacks '{drv}' only on a 'file' node, "
+                                   f"not on '{fref}' ({fnode.drv})")
+                if fnode.parent is not None:
+                    raise QMPError(f"Node '{fref}' already has a parent")
+            else:
+                fnode = self._add(fref, owned=False)
+                created.append(fnode)
+            name = opts.get("node-name")
+            if name is not None:
+                self._check_new_name(name)
+            else:
+                name = self._auto_name()
+            backing = opts.get("backing", ...) if drv == "qcow2" else None
+            bnode: Node | None = None
+            if isinstance(backing, str):
+                bnode = self._lookup(backing)
+            elif isinstance(backing, dict):
+                bmn = self._add(backing, owned=False)
+                created.append(bmn)
+                bnode = bmn.gnode
+            if backing is ...:
+                gnode = self.eng.graph.open_chain(fnode.filename, drv, read_only=ro, name=name)
+            else:
+                gnode = self.eng.graph.add(open_image(fnode.filename, drv, read_only=ro),
+                                           name, drv)
+                try:
+                    gnode.take("open", Perm.CONSISTENT_READ, ALL)
+                    if bnode is not None:
+                        gnode.attach_backing(bnode)
+                except BaseException:
+                    gnode.close()
+                    raise
+        except BaseException:
+            for mn in reversed(created):
+                self._drop(mn)
+            raise
+        mn = MonitorNode(name, drv, fnode.filename, ro, owned, gnode)
+        mn.file, fnode.parent = fnode, mn
+        mn.children = created
+        self.nodes[name] = mn
+        return mn
+
+    def _add_file(self, opts: dict[str, Any], owned: bool, ro: bool) -> MonitorNode:
+        path = opts["filename"]
+        try:
+            fd = os.open(path, os.O_RDONLY if ro else os.O_RDWR)
+        except OSError as e:
+            raise QMPError(f"Could not open '{path}': {e.strerror}") from None
+        os.close(fd)
+        name = opts.get("node-name")
+        if name is not None:
+            self._check_new_name(name)
+        else:
+            name = self._auto_name()
+        mn = MonitorNode(name, "file", path, ro, owned)
+        self.nodes[name] = mn
+        return mn
+
+    def _drop(self, mn: MonitorNode) -> None:
+        """Forget ``mn`` and close its image (and what was defined inline for it)."""
+        self.nodes.pop(mn.name, None)
+        if mn.gnode is not None:
+            below = mn.gnode.chain()[1:]
+            self._bitmaps_of(mn.gnode).clear()
+            mn.gnode.close()
+            # backing files the image opened by itself leave with it
+            self.eng.drop_unused([n for n in below if n.name not in self.nodes])
+        if mn.file is not None:
+            if mn.file.owned:
+                mn.file.parent = None
+            else:
+                self._drop(mn.file)
+        for child in mn.children:
+            if child is not mn.file:
+                self._drop(child)
+
+    def _in_use(self, mn: MonitorNode) -> bool:
+        if mn.gnode is None:
+            return mn.parent is not None
+        g, eng = mn.gnode, self.eng
+        # Private Engine state is read here (never changed): claims of jobs and
+        # the write filters (a backup's copy-before-write) on the node.
+        return (any(p.owner != "open" for p in g.users()) or bool(eng.graph.parents(g))
+                or bool(eng._filters.get(id(g))) or id(g) in eng._claims
+                or bool(eng.frontends(g)))
+
+    def cmd_blockdev_del(self, **args: Any) -> dict[str, Any]:
+        node_name = args["node-name"]
+        with self.eng.io:
+            mn = self.nodes.get(node_name)
+            if mn is None:
+                if node_name in self.eng.graph.nodes:
+                    raise QMPError(f"Node {node_name} is not owned by the monitor")
+                raise QMPError(f"Failed to find node with node-name='{node_name}'")
+            if not mn.owned:
+                raise QMPError(f"Node {node_name} is not owned by the monitor")
+            if self._in_use(mn):
+                raise QMPError(f"Block device {node_name} is in use")
+            self._drop(mn)
+        return {}
+
+    # ------------------------------------------------------------------
+    # query-named-block-nodes
+
+    def cmd_query_named_block_nodes(self, flat: bool = False) -> list[dict[str, Any]]:
+        out = []
+        with self.eng.io:
+            files = {id(mn.gnode): mn.file for mn in self.nodes.values()
+                     if mn.gnode is not None and mn.file is not None}
+            for g in list(self.eng.graph.nodes.values()):
+                out.append(self._node_info(g, flat))
+                fmn = files.get(id(g))
+                if fmn is None:
+                    fmn = self._implicit_files.get(id(g))
+                    if fmn is None or fmn.gnode is not None:
+                        fmn = MonitorNode(self._auto_name(), "file", g.filename, g.read_only,
+                                          False)
+                        self._implicit_files[id(g)] = fmn
+                out.append(self._file_info(fmn))
+            for mn in self.nodes.values():
+                if mn.drv == "file" and mn.parent is None:
+                    out.append(self._file_info(mn))
+        return out
+
+    @staticmethod
+    def _common(name: str, drv: str, filename: str, ro: bool, image: dict) -> dict[str, Any]:
+        return {"file": filename, "node-name": name, "ro": ro, "drv": drv,
+                "encrypted": False, "detect_zeroes": "off", "bps": 0, "bps_rd": 0,
+                "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0, "image": image,
+                "cache": {"writeback": True, "direct": False, "no-flush": False},
+                "write_threshold": 0, "backing_file_depth": 0, "active": True}
+
+    def _image_info(self, g: Node, flat: bool) -> dict[str, Any]:
+        img: dict[str, Any] = {"filename": g.filename, "format": g.format,
+                               "virtual-size": g.size, "dirty-flag": False}
+        try:
+            img["actual-size"] = os.stat(g.filename).st_blocks * 512
+        except OSError:
+            pass
+        if g.driver.cluster_size:
+            img["cluster-size"] = g.driver.cluster_size
+        bf = g.driver.backing_filename
+        if bf:
+            img["backing-filename"] = bf
+            if g.backing is not None:
+                img["full-backing-filename"] = g.backing.filename
+            if g.driver.backing_format:
+                img["backing-filename-format"] = g.driver.backing_format
+        if g.backing is not None and not flat:
+            img["backing-image"] = self._image_info(g.backing, flat)
+        return img
+
+    def _node_info(self, g: Node, flat: bool) -> dict[str, Any]:
+        info = self._common(g.name, g.format, g.filename, g.read_only,
+                            self._image_info(g, flat))
+        info["backing_file_depth"] = len(g.chain()) - 1
+        if g.backing is not None:
+            info["backing_file"] = g.driver.backing_filename or g.backing.filename
+        bms = self._bitmaps_of(g)
+        if bms:
+            info["dirty-bitmaps"] = [self._bitmap_info(bm) for bm in bms.values()]
+        return info
+
+    def _file_info(self, mn: MonitorNode) -> dict[str, Any]:
+        try:
+            st = os.stat(mn.filename)
+            size, actual = st.st_size, st.st_blocks * 512
+        except OSError:
+            size, actual = 0, 0
+        return self._common(mn.name, "file", mn.filename, mn.read_only,
+                            {"filename": mn.filename, "format": "file", "virtual-size": size,
+                             "actual-size": actual, "dirty-flag": False})
+
+    # ------------------------------------------------------------------
+    # Jobs
+
+    def _job_id(self, args: dict[str, Any]) -> str:
+        # No BlockBackends here, so QEMU's default (the device name) is "".
+        return args.pop("job-id", "")
+
+    def _start_backup(self, args: dict[str, Any], txn: JobTxn | None = None):
+        args = dict(args)
+        src, dst = self._lookup(args.pop("device")), self._lookup(args.pop("target"))
+        job_id = self._job_id(args)
+        kw = _kw(args, drop=("x-perf", "discard-source"))
+        if args.get("discard-source"):
+            raise QMPError("blkjobs does not support 'discard-source'")
+        return self.eng.backup(src, dst, kw.pop("sync"), job_id=job_id, txn=txn,
+                               start=txn is None, **kw)
+
+    def cmd_blockdev_backup(self, **args: Any) -> dict[str, Any]:
+        self._start_backup(args)
+        return {}
+
+    def cmd_blockdev_mirror(self, **args: Any) -> dict[str, Any]:
+        src, dst = self._lookup(args.pop("device")), self._lookup(args.pop("target"))
+        job_id = self._job_id(args)
+        kw = _kw(args)
+        self.eng.mirror(src, dst, kw.pop("sync"), job_id=job_id, **kw)
+        return {}
+
+    def cmd_block_stream(self, **args: Any) -> dict[str, Any]:
+        top = self._lookup(args.pop("device"))
+        job_id = self._job_id(args)
+        self.eng.stream(top, job_id=job_id, **_kw(args, drop=("backing-mask-protocol",)))
+        return {}
+
+    def cmd_block_commit(self, **args: Any) -> dict[str, Any]:
+        dev = args.pop("device")
+        if dev not in self.eng.graph.nodes:
+            raise QMPError(f"Device '{dev}' not found", "DeviceNotFound")
+        job_id = self._job_id(args)
+        self.eng.commit(self.eng.graph.nodes[dev], job_id=job_id,
+                        **_kw(args, drop=("backing-mask-protocol",)))
+        return {}
+
+    def cmd_query_jobs(self) -> list[dict[str, Any]]:
+        return self.eng.query_jobs()
+
+    def cmd_query_block_jobs(self) -> list[dict[str, Any]]:
+        return self.eng.query_block_jobs()
+
+    def _verb(self, fn: Callable, *a: Any) -> dict[str, Any]:
+        fn(*a)
+        return {}
+
+    def cmd_job_pause(self, id: str):
+        return self._verb(self.eng.job_pause, id)
+
+    def cmd_job_resume(self, id: str):
+        return self._verb(self.eng.job_resume, id)
+
+    def cmd_job_cancel(self, id: str):
+        return self._verb(self.eng.job_cancel, id)
+
+    def cmd_job_complete(self, id: str):
+        return self._verb(self.eng.job_complete, id)
+
+    def cmd_job_finalize(self, id: str):
+        return self._verb(self.eng.job_finalize, id)
+
+    def cmd_job_dismiss(self, id: str):
+        return self._verb(self.eng.job_dismiss, id)
+
+    def cmd_block_job_set_speed(self, device: str, speed: int):
+        return self._verb(self.eng.block_job_set_speed, device, speed)
+
+    def cmd_block_job_cancel(self, device: str, force: bool = False):
+        return self._verb(self.eng.block_job_cancel, device, force)
+
+    def cmd_block_job_pause(self, device: str):
+        return self._verb(self.eng.block_job_pause, device)
+
+    def cmd_block_job_resume(self, device: str):
+        return self._verb(self.eng.block_job_resume, device)
+
+    def cmd_block_job_complete(self, device: str):
+        return self._verb(self.eng.block_job_complete, device)
+
+    def cmd_block_job_finalize(self, id: str):
+        return self._verb(self.eng.block_job_finalize, id)
+
+    def cmd_block_job_dismiss(self, id: str):
+        return self._verb(self.eng.block_job_dismiss, id)
+
+    def cmd_block_job_change(self, id: str, type: str, **options: Any):
+        job = self.eng.jobs.find_block_job(id)
+        if job.type != type:
+            raise QMPError("Job type does not match")
+        if job.type != "mirror":
+            raise QMPError("Job type does not support change")
+        return self._verb(self.eng.block_job_change, id, type, **options)
+
+    # ------------------------------------------------------------------
+    # Dirty bitmaps
+
+    def _bitmaps_of(self, g: Node) -> dict:
+        # The Engine keeps a node's bitmaps by node identity (read-only here,
+        # except when the node itself goes away).
+        return self.eng._bitmaps.setdefault(id(g), {})
+
+    def _bitmap(self, node: str, name: str):
+        g = self._lookup(node)
+        bm = self._bitmaps_of(g).get(name)
+        if bm is None:
+            raise QMPError(f"Dirty bitmap '{name}' not found")
+        return bm
+
+    @staticmethod
+    def _check_usable(bm) -> None:
+        if bm.busy:
+            raise QMPError(f"Bitmap '{bm.name}' is currently in use by another operation "
+                           "and cannot be used")
+
+    @staticmethod
+    def _bitmap_info(bm) -> dict[str, Any]:
+        return {"name": bm.name, "count": bm.count(), "granularity": bm.granularity,
+                "recording": bool(bm.enabled and not bm.busy or bm.successor is not None),
+                "busy": bm.busy, "persistent": False}
+
+    def _bitmap_add(self, node: str, name: str, granularity: int | None = None,
+                    persistent: bool = False, disabled: bool = False) -> Callable[[], None]:
+        g = self._lookup(node)
+        if not name:
+            raise QMPError("Bitmap name cannot be empty")
+        if len(name) > 1023:
+            raise QMPError("Bitmap name too long")
+        if granularity is None:
+            cs = g.driver.cluster_size
+            granularity = min(max(cs, 4096), 65536) if cs else 4096
+        elif granularity < 512 or granularity & (granularity - 1):
+            raise QMPError("Granularity must be power of 2 and at least 512")
+        if persistent:
+            raise QMPError(f"Cannot store dirty bitmaps in {g.format} format "
+                           "(blkjobs keeps bitmaps in memory only)")
+        bm = self.eng.block_dirty_bitmap_add(g, name, granularity)
+        bm.enabled = not disabled
+        return lambda: self._bitmaps_of(g).pop(name, None)
+
+    def _bitmap_remove(self, node: str, name: str) -> Callable[[], None]:
+        bm = self._bitmap(node, name)
+        self._check_usable(bm)
+        bms = self._bitmaps_of(bm.node)
+        del bms[name]
+        return lambda: bms.setdefault(name, bm)
+
+    def _bitmap_clear(self, node: str, name: str) -> Callable[[], None]:
+        bm = self._bitmap(node, name)
+        self._check_usable(bm)
+        if bm.node.read_only:
+            raise QMPError(f"Bitmap '{name}' is readonly and cannot be modified")
+        old, bm.bitmap = bm.bitmap, bm.bitmap.copy()
+        bm.bitmap.clear()
+
+        def undo() -> None:
+            bm.bitmap = old
+        return undo
+
+    def _bitmap_enable(self, node: str, name: str, enable: bool = True) -> Callable[[], None]:
+        bm = self._bitmap(node, name)
+        self._check_usable(bm)
+        old, bm.enabled = bm.enabled, enable
+
+        def undo() -> None:
+            bm.enabled = old
+        return undo
+
+    def _bitmap_merge(self, node: str, target: str, bitmaps: list) -> Callable[[], None]:
+        dst = self._bitmap(node, target)
+        self._check_usable(dst)
+        srcs = []
+        for ref in bitmaps:
+            src = self._bitmap(node, ref) if isinstance(ref, str) else \
+                self._bitmap(ref["node"], ref["name"])
+            if src.node.size != dst.node.size:
+                raise QMPError("Bitmaps are incompatible and can't be merged")
+            srcs.append(src)
+        old = dst.bitmap
+        new = old.copy()
+        for src in srcs:
+            for off, n in src.bitmap.areas():
+                new.set(off, n)
+        dst.bitmap = new
+
+        def undo() -> None:
+            dst.bitmap = old
+        return undo
+
+    def _bitmap_action(self, kind: str, data: dict[str, Any]) -> Callable[[], None]:
+        with self.eng.io:
+            if kind == "block-dirty-bitmap-add":
+                return self._bitmap_add(**data)
+            if kind == "block-dirty-bitmap-remove":
+                return self._bitmap_remove(**data)
+            if kind == "block-dirty-bitmap-clear":
+                return self._bitmap_clear(**data)
+            if kind == "block-dirty-bitmap-enable":
+                return self._bitmap_enable(**data)
+            if kind == "block-dirty-bitmap-disable":
+                return self._bitmap_enable(**data, enable=False)
+            if kind == "block-dirty-bitmap-merge":
+                return self._bitmap_merge(**data)
+        raise AssertionError(kind)
+
+    def cmd_block_dirty_bitmap_add(self, **a: Any):
+        self._bitmap_action("block-dirty-bitmap-add", a)
+        return {}
+
+    def cmd_block_dirty_bitmap_remove(self, **a: Any):
+        self._bitmap_action("block-dirty-bitmap-remove", a)
+        return {}
+
+    def cmd_block_dirty_bitmap_clear(self, **a: Any):
+        self._bitmap_action("block-dirty-bitmap-clear", a)
+        return {}
+
+    def cmd_block_dirty_bitmap_enable(self, **a: Any):
+        self._bitmap_action("block-dirty-bitmap-enable", a)
+        return {}
+
+    def cmd_block_dirty_bitmap_disable(self, **a: Any):
+        self._bitmap_action("block-dirty-bitmap-disable", a)
+        return {}
+
+    def cmd_block_dirty_bitmap_merge(self, **a: Any):
+        self._bitmap_action("block-dirty-bitmap-merge", a)
+        return {}
+
+    def cmd_x_debug_block_dirty_bitmap_sha256(self, node: str, name: str):
+        """Not QEMU's hash (that one hashes QEMU's in-memory HBitmap): the
+        SHA-256 of our serialized bitmap. Equal bitmaps hash equal, which
+        is what tests use it for."""
+        with self.eng.io:
+            bm = self._bitmap(node, name)
+            return {"sha256": hashlib.sha256(bytes(bm.bitmap.to_bytes())).hexdigest()}
+
+    # ------------------------------------------------------------------
+    # transaction (qmp.md §7, job-model.md §8)
+
+    def cmd_transaction(self, actions: list[dict[str, Any]],
+                        properties: dict[str, Any] | None = None) -> dict[str, Any]:
+        mode = CompletionMode((properties or {}).get("completion-mode", "individual"))
+        txn = JobTxn(mode)
+        undo: list[Callable[[], None]] = []
+        try:
+            for action in actions:
+                kind, data = action["type"], action["data"]
+                if kind == "abort":
+                    raise QMPError("Transaction aborted using Abort action")
+                if mode is CompletionMode.GROUPED and kind not in ("blockdev-backup",
+                                                                  "drive-backup"):
+                    raise QMPError(f"Action '{kind}' does not support transaction property "
+                                   "completion-mode = grouped")
+                if kind == "blockdev-backup":
+                    self._start_backup(data, txn=txn)
+                elif kind.startswith("block-dirty-bitmap-"):
+                    undo.append(self._bitmap_action(kind, data))
+                else:
+                    raise QMPError(f"Action '{kind}' is not supported by blkjobs")
+        except BaseException:
+            self.eng.jobs.rollback_txn(txn)
+            with self.eng.io:
+                for fn in reversed(undo):
+                    fn()
+            raise
+        self.eng.jobs.start_txn(txn)
+        return {}

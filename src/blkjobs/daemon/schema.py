@@ -1,0 +1,357 @@
+"""Argument checking for every command, with QEMU's visitor messages.
+
+The schema is data written in QAPI's own notation: a struct is a list of
+``(name, type)`` pairs, ``'*name'`` marks an optional member, a type is a
+built-in name (``str``, ``int``, ``bool``, ``size``, ``uint32``, ``any``), an
+:class:`Enum`, a :class:`Struct`, a :class:`Union` (flat, with a
+discriminator), an :class:`Alternate` or a one-element list (``[T]``).
+
+:func:`check` walks a value the way ``qapi/qobject-input-visitor.c`` does,
+so the first error is the one QEMU reports, with the same text:
+
+* members in declaration order: ``Parameter '<name>' is missing``, then
+  ``Invalid parameter type for '<name>', expected: <json type>``;
+* after the members, ``Parameter '<name>' is unexpected`` for the rest;
+* a bad enum value: ``Parameter '<name>' does not accept value '<v>'``.
+
+Names are full paths (``file.filename``, ``actions[0].type``) except in the
+enum message, where QEMU prints the member's own name (``'null'`` for a list
+element); this is QEMU's behaviour, kept on purpose.
+
+Defaults are not filled in here: handlers use ``args.get(name, default)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import QMPError
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
+_RANGES = {"int": INT64, "int64": INT64, "size": (0, (1 << 64) - 1),
+           "uint32": (0, (1 << 32) - 1), "uint64": (0, (1 << 64) - 1)}
+_RANGE_NAMES = {"uint32": "uint32_t", "size": "uint64_t", "uint64": "uint64_t"}
+
+
+@dataclass
+class Enum:
+    name: str
+    values: tuple[str, ...]
+
+
+@dataclass
+class Struct:
+    name: str
+    members: list[tuple[str, Any]]
+
+    def names(self) -> set[str]:
+        return {m.lstrip("*") for m, _ in self.members}
+
+
+@dataclass
+class Union:
+    """A flat union: ``base`` members (one of them the discriminator), then
+    the members of the variant the discriminator selects."""
+
+    name: str
+    base: Struct
+    discriminator: str
+    variants: dict[str, Struct] = field(default_factory=dict)
+
+
+@dataclass
+class Alternate:
+    """One of several types, chosen by the JSON type of the value."""
+
+    name: str
+    choices: list[Any]
+
+
+def _json_kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, dict):
+        return "object"
+    if isinstance(v, list):
+        return "array"
+    return "null"
+
+
+def _bad_type(path: str, expected: str) -> QMPError:
+    return QMPError(f"Invalid parameter type for '{path or 'null'}', expected: {expected}")
+
+
+def check(value: Any, typ: Any, path: str = "", name: str | None = None) -> None:
+    """Raise :class:`QMPError` at the first violation (see module docstring)."""
+    if isinstance(typ, list):
+        if not isinstance(value, list):
+            raise _bad_type(path, "array")
+        for i, v in enumerate(value):
+            check(v, typ[0], f"{path}[{i}]", None)
+        return
+    if isinstance(typ, Struct):
+        if not isinstance(value, dict):
+            raise _bad_type(path, "object")
+        _check_members(value, typ.members, path)
+        _check_unexpected(value, typ.names(), path)
+        return
+    if isinstance(typ, Union):
+        if not isinstance(value, dict):
+            raise _bad_type(path, "object")
+        _check_members(value, typ.base.members, path)
+        variant = typ.variants.get(value[typ.discriminator])
+        names = typ.base.names()
+        if variant is not None:
+            _check_members(value, variant.members, path)
+            names |= variant.names()
+        _check_unexpected(value, names, path)
+        return
+    if isinstance(typ, Alternate):
+        kind = _json_kind(value)
+        for choice in typ.choices:
+            if _accepts(choice, kind):
+                check(value, choice, path, name)
+                return
+        raise _bad_type(path, typ.name)
+    if isinstance(typ, Enum):
+        if not isinstance(value, str):
+            raise _bad_type(path, "string")
+        if value not in typ.values:
+            raise QMPError(f"Parameter '{name if name is not None else 'null'}' does not "
+                           f"accept value '{value}'")
+        return
+    if typ == "any":
+        return
+    if typ == "str":
+        if not isinstance(value, str):
+            raise _bad_type(path, "string")
+        return
+    if typ == "bool":
+        if not isinstance(value, bool):
+            raise _bad_type(path, "boolean")
+        return
+    if typ == "null":
+        if value is not None:
+            raise _bad_type(path, "null")
+        return
+    if typ in _RANGES:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad_type(path, "integer")
+        lo, hi = _RANGES[typ]
+        if not lo <= value <= hi:
+            raise QMPError(f"Parameter '{name or 'null'}' expects "
+                           f"{_RANGE_NAMES.get(typ, typ)}")
+        return
+    raise AssertionError(f"unknown schema type {typ!r}")
+
+
+def _accepts(typ: Any, kind: str) -> bool:
+    if isinstance(typ, (Struct, Union)):
+        return kind == "object"
+    if isinstance(typ, list):
+        return kind == "array"
+    if isinstance(typ, Enum) or typ == "str":
+        return kind == "string"
+    if typ == "null":
+        return kind == "null"
+    if typ == "bool":
+        return kind == "boolean"
+    if typ in _RANGES:
+        return kind == "integer"
+    return True
+
+
+def _check_members(value: dict, members: list[tuple[str, Any]], path: str) -> None:
+    for m, typ in members:
+        opt = m.startswith("*")
+        key = m.lstrip("*")
+        sub = f"{path}.{key}" if path else key
+        if key not in value:
+            if not opt:
+                raise QMPError(f"Parameter '{sub}' is missing")
+            continue
+        check(value[key], typ, sub, key)
+
+
+def _check_unexpected(value: dict, names: set[str], path: str) -> None:
+    for key in value:
+        if key not in names:
+            raise QMPError(f"Parameter '{f'{path}.{key}' if path else key}' is unexpected")
+
+
+# --------------------------------------------------------------------------
+# Types (qapi/block-core.json, job.json, transaction.json, control.json)
+
+OnError = Enum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "auto"))
+SyncMode = Enum("MirrorSyncMode", ("top", "full", "none", "incremental", "bitmap"))
+BitmapSyncMode = Enum("BitmapSyncMode", ("on-success", "never", "always"))
+CopyMode = Enum("MirrorCopyMode", ("background", "write-blocking"))
+OnCbwError = Enum("OnCbwError", ("break-guest-write", "break-snapshot"))
+JobType = Enum("JobType", ("commit", "stream", "mirror", "backup", "create", "amend",
+                           "snapshot-load", "snapshot-save", "snapshot-delete"))
+Capability = Enum("QMPCapability", ("oob",))
+CompletionMode = Enum("ActionCompletionMode", ("individual", "grouped"))
+#: The drivers blkjobs opens; other QEMU drivers are valid names that the
+#: handler refuses (see commands.py).
+BlockdevDriver = Enum("BlockdevDriver", (
+    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
+    "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps",
+    "gluster", "host_cdrom", "host_device", "http", "https", "io_uring", "iscsi", "luks",
+    "nbd", "nfs", "null-aio", "null-co", "nvme", "nvme-io_uring", "parallels", "preallocate",
+    "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi",
+    "vhdx", "virtio-blk-vfio-pci", "virtio-blk-vhost-user", "virtio-blk-vhost-vdpa", "vmdk",
+    "vpc", "vvfat"))
+
+BlockdevCacheOptions = Struct("BlockdevCacheOptions", [("*direct", "bool"),
+                                                       ("*no-flush", "bool")])
+BlockdevOptions = Union("BlockdevOptions", Struct("BlockdevOptionsBase", [
+    ("driver", BlockdevDriver), ("*node-name", "str"),
+    ("*discard", Enum("BlockdevDiscardOptions", ("ignore", "unmap"))),
+    ("*cache", BlockdevCacheOptions), ("*read-only", "bool"), ("*auto-read-only", "bool"),
+    ("*force-share", "bool"),
+    ("*detect-zeroes", Enum("BlockdevDetectZeroesOptions", ("off", "on", "unmap"))),
+    ("*active", "bool")]), "driver")
+BlockdevRef = Alternate("BlockdevRef", [BlockdevOptions, "str"])
+BlockdevRefOrNull = Alternate("BlockdevRefOrNull", [BlockdevOptions, "str", "null"])
+BlockdevOptions.variants.update({
+    "file": Struct("BlockdevOptionsFile", [
+        ("filename", "str"), ("*pr-manager", "str"),
+        ("*locking", Enum("OnOffAuto", ("auto", "on", "off"))),
+        ("*aio", Enum("BlockdevAioOptions", ("threads", "native", "io_uring"))),
+        ("*aio-max-batch", "int"), ("*drop-cache", "bool"),
+        ("*x-check-cache-dropped", "bool")]),
+    "raw": Struct("BlockdevOptionsRaw", [("file", BlockdevRef), ("*offset", "int"),
+                                         ("*size", "int")]),
+    "qcow2": Struct("BlockdevOptionsQcow2", [
+        ("file", BlockdevRef), ("*backing", BlockdevRefOrNull), ("*lazy-refcounts", "bool"),
+        ("*pass-discard-request", "bool"), ("*pass-discard-snapshot", "bool"),
+        ("*pass-discard-other", "bool"), ("*discard-no-unref", "bool"),
+        ("*overlap-check", "any"), ("*cache-size", "int"), ("*l2-cache-size", "int"),
+        ("*l2-cache-entry-size", "int"), ("*refcount-cache-size", "int"),
+        ("*cache-clean-interval", "int"), ("*encrypt", "any"),
+        ("*data-file", BlockdevRef)]),
+})
+
+_JOB_COMMON = [("*speed", "int"), ("*auto-finalize", "bool"), ("*auto-dismiss", "bool"),
+               ("*filter-node-name", "str")]
+
+BlockdevBackup = Struct("BlockdevBackup", [
+    ("*job-id", "str"), ("device", "str"), ("sync", SyncMode), ("*speed", "int"),
+    ("*bitmap", "str"), ("*bitmap-mode", BitmapSyncMode), ("*compress", "bool"),
+    ("*on-source-error", OnError), ("*on-target-error", OnError),
+    ("*on-cbw-error", OnCbwError), ("*auto-finalize", "bool"), ("*auto-dismiss", "bool"),
+    ("*filter-node-name", "str"), ("*discard-source", "bool"),
+    ("*x-perf", Struct("BackupPerf", [("*use-copy-range", "bool"), ("*max-workers", "int"),
+                                      ("*max-chunk", "int64"),
+                                      ("*min-cluster-size", "size")])),
+    ("target", "str")])
+
+BlockDirtyBitmap = Struct("BlockDirtyBitmap", [("node", "str"), ("name", "str")])
+BlockDirtyBitmapAdd = Struct("BlockDirtyBitmapAdd", [
+    ("node", "str"), ("name", "str"), ("*granularity", "uint32"), ("*persistent", "bool"),
+    ("*disabled", "bool")])
+BlockDirtyBitmapMerge = Struct("BlockDirtyBitmapMerge", [
+    ("node", "str"), ("target", "str"),
+    ("bitmaps", [Alternate("BlockDirtyBitmapOrStr", ["str", BlockDirtyBitmap])])])
+
+TransactionAction = Union("TransactionAction", Struct("TransactionActionBase", [
+    ("type", Enum("TransactionActionKind", (
+        "abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
+        "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
+        "block-dirty-bitmap-disable", "block-dirty-bitmap-merge", "blockdev-backup",
+        "blockdev-snapshot", "blockdev-snapshot-internal-sync", "blockdev-snapshot-sync",
+        "drive-backup"))),
+    ("data", "any")]), "type")
+#: ``data`` of each action kind (checked as ``actions[i].data``).
+ACTION_DATA: dict[str, Struct] = {
+    "abort": Struct("Abort", []),
+    "block-dirty-bitmap-add": BlockDirtyBitmapAdd,
+    "block-dirty-bitmap-remove": BlockDirtyBitmap,
+    "block-dirty-bitmap-clear": BlockDirtyBitmap,
+    "block-dirty-bitmap-enable": BlockDirtyBitmap,
+    "block-dirty-bitmap-disable": BlockDirtyBitmap,
+    "block-dirty-bitmap-merge": BlockDirtyBitmapMerge,
+    "blockdev-backup": BlockdevBackup,
+}
+
+_ID = [("id", "str")]
+_DEV = [("device", "str")]
+
+#: Command name -> argument type (None: takes no arguments).
+COMMANDS: dict[str, Any] = {
+    "qmp_capabilities": Struct("", [("*enable", [Capability])]),
+    "query-version": None,
+    "query-commands": None,
+    "quit": None,
+    "blockdev-add": BlockdevOptions,
+    "blockdev-del": Struct("", [("node-name", "str")]),
+    "query-named-block-nodes": Struct("", [("*flat", "bool")]),
+    "blockdev-backup": BlockdevBackup,
+    "blockdev-mirror": Struct("", [
+        ("*job-id", "str"), ("device", "str"), ("target", "str"), ("*replaces", "str"),
+        ("sync", SyncMode), ("*speed", "int"), ("*granularity", "uint32"),
+        ("*buf-size", "int"), ("*on-source-error", OnError), ("*on-target-error", OnError),
+        ("*filter-node-name", "str"), ("*copy-mode", CopyMode), ("*auto-finalize", "bool"),
+        ("*auto-dismiss", "bool"), ("*target-is-zero", "bool")]),
+    "block-stream": Struct("", [
+        ("*job-id", "str"), ("device", "str"), ("*base", "str"), ("*base-node", "str"),
+        ("*backing-file", "str"), ("*backing-mask-protocol", "bool"), ("*bottom", "str"),
+        ("*speed", "int"), ("*on-error", OnError), ("*filter-node-name", "str"),
+        ("*auto-finalize", "bool"), ("*auto-dismiss", "bool")]),
+    "block-commit": Struct("", [
+        ("*job-id", "str"), ("device", "str"), ("*base-node", "str"), ("*base", "str"),
+        ("*top-node", "str"), ("*top", "str"), ("*backing-file", "str"),
+        ("*backing-mask-protocol", "bool"), ("*speed", "int"), ("*on-error", OnError),
+        ("*filter-node-name", "str"), ("*auto-finalize", "bool"),
+        ("*auto-dismiss", "bool")]),
+    "query-jobs": None,
+    "query-block-jobs": None,
+    "job-pause": Struct("", _ID),
+    "job-resume": Struct("", _ID),
+    "job-cancel": Struct("", _ID),
+    "job-complete": Struct("", _ID),
+    "job-finalize": Struct("", _ID),
+    "job-dismiss": Struct("", _ID),
+    "block-job-set-speed": Struct("", _DEV + [("speed", "int")]),
+    "block-job-cancel": Struct("", _DEV + [("*force", "bool")]),
+    "block-job-pause": Struct("", _DEV),
+    "block-job-resume": Struct("", _DEV),
+    "block-job-complete": Struct("", _DEV),
+    "block-job-finalize": Struct("", _ID),
+    "block-job-dismiss": Struct("", _ID),
+    "block-job-change": Union("BlockJobChangeOptions", Struct("", [
+        ("id", "str"), ("type", JobType)]), "type", {
+        "mirror": Struct("", [("copy-mode", CopyMode)])}),
+    "block-dirty-bitmap-add": BlockDirtyBitmapAdd,
+    "block-dirty-bitmap-remove": BlockDirtyBitmap,
+    "block-dirty-bitmap-clear": BlockDirtyBitmap,
+    "block-dirty-bitmap-enable": BlockDirtyBitmap,
+    "block-dirty-bitmap-disable": BlockDirtyBitmap,
+    "block-dirty-bitmap-merge": BlockDirtyBitmapMerge,
+    "x-debug-block-dirty-bitmap-sha256": BlockDirtyBitmap,
+    "transaction": Struct("", [
+        ("actions", [TransactionAction]),
+        ("*properties", Struct("TransactionProperties", [
+            ("*completion-mode", CompletionMode)]))]),
+}
+
+
+def check_arguments(command: str, args: dict[str, Any]) -> None:
+    """Check ``args`` of ``command`` (known to exist) before it runs."""
+    typ = COMMANDS[command]
+    if typ is None:
+        for key in args:
+            raise QMPError(f"Parameter '{key}' is unexpected")
+        return
+    check(args, typ)
+    if command == "transaction":
+        for i, action in enumerate(args["actions"]):
+            data = ACTION_DATA.get(action["type"])
+            if data is not None:
+                check(action["data"], data, f"actions[{i}].data", "data")

@@ -1,0 +1,227 @@
+"""The QMP server: asyncio monitors on UNIX (and loopback TCP) sockets.
+
+One event loop thread owns every socket. Each connection is a *monitor*:
+greeting, negotiation, then commands in order. Commands of all monitors run
+one at a time in a single worker thread (QEMU's big lock, in effect), so a
+command that waits on the Engine's locks never stalls the loop; the loop
+keeps reading and writing for the other monitors meanwhile.
+
+Events: the Engine calls our listener with its manager lock held, from
+whatever thread changed the job (the worker running a command, a job's
+runner thread). The listener only appends the event to a queue (so the
+queue order is the emission order) and asks the loop, with
+``call_soon_threadsafe``, to :meth:`Server._pump` it. The pump writes each
+event to every negotiated monitor. Before a command's reply is written the
+queue is pumped too, so an event a command caused (``created``) is never
+overtaken by that command's reply, and events keep their order everywhere.
+"""
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import concurrent.futures
+import threading
+from typing import Any
+
+from ..job import Event
+from .commands import Commands, version
+from .protocol import JsonStreamer, QMPError, check_request, encode, error_reply, greeting
+from .schema import COMMANDS, check_arguments
+
+NEGOTIATE = "qmp_capabilities"
+
+
+class Monitor:
+    """One connection (see the module docstring)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.negotiated = False
+        self.closed = False
+
+    def send(self, obj: dict[str, Any]) -> None:
+        if not self.closed:
+            self.writer.write(encode(obj))
+
+
+class Server:
+    """Serve QMP for ``engine`` until :meth:`request_stop` (``quit``,
+    SIGTERM). Use :meth:`serve` from an event loop."""
+
+    def __init__(self, engine, commands: Commands | None = None):
+        self.eng = engine
+        self.commands = commands or Commands(engine)
+        self.commands.quit_cb = self._quit_requested
+        self.monitors: list[Monitor] = []
+        self._events: collections.deque[Event] = collections.deque()
+        self._events_lock = threading.Lock()
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, "qmp-command")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._servers: list[asyncio.base_events.Server] = []
+        self._quit = False
+
+    # -- events ----------------------------------------------------------
+    def _listener(self, ev: Event) -> None:
+        with self._events_lock:
+            self._events.append(ev)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._pump)
+            except RuntimeError:        # the loop is closing
+                pass
+
+    def _pump(self) -> None:
+        while True:
+            with self._events_lock:
+                if not self._events:
+                    return
+                ev = self._events.popleft()
+            msg = {"event": ev.name, "data": ev.data,
+                   "timestamp": {"seconds": ev.seconds, "microseconds": ev.microseconds}}
+            for mon in self.monitors:
+                if mon.negotiated:
+                    mon.send(msg)
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self, unix_paths: list[str] = (), tcp: list[tuple[str, int]] = ()) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.eng.add_listener(self._listener)
+        for path in unix_paths:
+            self._servers.append(await asyncio.start_unix_server(self._connection, path))
+        for host, port in tcp:
+            self._servers.append(await asyncio.start_server(self._connection, host, port))
+
+    def tcp_ports(self) -> list[int]:
+        ports = []
+        for srv in self._servers:
+            for sock in srv.sockets:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    ports.append(name[1])
+        return ports
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def _quit_requested(self) -> None:
+        self._quit = True
+
+    async def wait_stopped(self) -> None:
+        assert self._stop is not None
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, cancel the jobs (their events still go out),
+        close the images and the connections."""
+        for srv in self._servers:
+            srv.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._worker, self.eng.close)
+        self._pump()
+        for mon in list(self.monitors):
+            await self._close(mon)
+        self.eng.remove_listener(self._listener)
+        self._worker.shutdown(wait=True)
+
+    async def _close(self, mon: Monitor) -> None:
+        if mon in self.monitors:
+            self.monitors.remove(mon)
+        if mon.closed:
+            return
+        mon.closed = True
+        try:
+            await mon.writer.drain()
+            mon.writer.close()
+            await mon.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+    # -- one monitor -------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        mon = Monitor(reader, writer)
+        self.monitors.append(mon)
+        mon.send(greeting(version()))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        streamer = JsonStreamer()
+        try:
+            while not mon.closed:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                for value, err in streamer.feed(decoder.decode(data)):
+                    reply = await self._request(mon, value, err)
+                    self._pump()
+                    if reply is not None:
+                        mon.send(reply)
+                    await writer.drain()
+                    if self._quit:
+                        self.request_stop()
+                        break
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            await self._close(mon)
+
+    async def _request(self, mon: Monitor, value: Any, err: str | None) -> dict[str, Any]:
+        if err is not None:
+            return error_reply(QMPError(err))
+        has_id = isinstance(value, dict) and "id" in value
+        req_id = value.get("id") if has_id else None
+        try:
+            result = await self._dispatch(mon, value)
+        except QMPError as e:
+            return error_reply(e, req_id, has_id)
+        out: dict[str, Any] = {"return": result}
+        if has_id:
+            out["id"] = req_id
+        return out
+
+    async def _dispatch(self, mon: Monitor, msg: Any) -> Any:
+        name, args, oob = check_request(msg)
+        if oob:
+            raise QMPError(f"The command {name} does not support OOB")
+        if not mon.negotiated:
+            if name != NEGOTIATE:
+                raise QMPError("Expecting capabilities negotiation with 'qmp_capabilities'",
+                               "CommandNotFound")
+            check_arguments(name, args)
+            for cap in args.get("enable", []):
+                raise QMPError(f"Capability {cap} not available")
+            mon.negotiated = True
+            return {}
+        if name not in COMMANDS:
+            raise QMPError(f"The command {name} has not been found", "CommandNotFound")
+        check_arguments(name, args)
+        if name == NEGOTIATE:
+            raise QMPError("Capabilities negotiation is already complete, command ignored",
+                           "CommandNotFound")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self.commands.run, name, args)
+
+
+async def serve(engine, unix_paths: list[str] = (), tcp: list[tuple[str, int]] = (),
+                ready=None, commands: Commands | None = None) -> None:
+    """Run a server until it is asked to stop, then shut down cleanly.
+    ``ready(server)`` is called once the sockets listen."""
+    import signal
+    server = Server(engine, commands)
+    await server.start(unix_paths, tcp)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        try:
+            loop.add_signal_handler(sig, server.request_stop)
+        except (NotImplementedError, RuntimeError):
+            pass
+    if ready is not None:
+        ready(server)
+    try:
+        await server.wait_stopped()
+    finally:
+        await server.shutdown()
