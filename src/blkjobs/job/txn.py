@@ -44,9 +44,6 @@ class JobTxn:
 
     def _add(self, job: Job) -> JobTxn:
         """Record ``job``; return the completion group it belongs to."""
-        if self.mode is CompletionMode.GROUPED and any(j.started for j in self.members):
-            # a member could already have finished and finalized without it
-            raise RuntimeError(f"{self!r}: cannot add a job once members have started")
         self.members.append(job)
         group = self if self.mode is CompletionMode.GROUPED else JobTxn(CompletionMode.GROUPED)
         group.jobs.insert(0, job)
