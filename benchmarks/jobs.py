@@ -89,6 +89,21 @@ def overlay_writes(path: str, size: int, fraction: float, seed: int) -> None:
         sh("qemu-io", "-f", "qcow2", *cmds[i:i + 400], path)
 
 
+def best_of(cmds, setup, repeat, cwd=None):
+    """Best time of each command over ``repeat`` rounds, in a rotated order;
+    fresh files (``setup``) and ``sync`` before every run, so no run pays
+    for the previous one's dirty pages."""
+    best = [float("inf")] * len(cmds)
+    for r in range(repeat):
+        order = list(range(len(cmds)))
+        order = order[r % len(order):] + order[:r % len(order)]
+        for i in order:
+            setup()
+            os.sync()
+            best[i] = min(best[i], timed(*cmds[i](), cwd=cwd))
+    return best
+
+
 def same(a, b, fa="qcow2", fb="qcow2"):
     sh("qemu-img", "compare", "-f", fa, "-F", fb, a, b)
 
@@ -167,6 +182,7 @@ def main() -> int:
     ap.add_argument("--size", default="4G")
     ap.add_argument("--rate", type=float, default=50e6, help="writer bytes/s (default 50 MB/s)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds per comparison (best kept)")
     a = ap.parse_args()
     units = {"M": MiB, "G": 1024 * MiB}
     size = int(a.size[:-1]) * units[a.size[-1].upper()] if a.size[-1].isalpha() else int(a.size)
@@ -205,42 +221,57 @@ def main() -> int:
               f"{time.monotonic() - t:.1f} s ({d})", flush=True)
         ok = True
 
-        # backup / mirror full vs convert
-        q = timed("qemu-img", "convert", "-O", "qcow2", vm, os.path.join(d, "conv.qcow2"))
-        # qemu-img convert does not fsync the target (cache=unsafe): neither do we here
-        b = timed(*PY, "backup", "-t", "unsafe", vm, os.path.join(d, "bk.qcow2"))
-        same(vm, os.path.join(d, "bk.qcow2"))
-        ok &= row("backup full", b, q)
-        m = timed(*PY, "mirror", "-t", "unsafe", vm, os.path.join(d, "mr.qcow2"))
-        same(vm, os.path.join(d, "mr.qcow2"))
-        ok &= row("mirror full", m, q)
-        for f in ("conv.qcow2", "bk.qcow2", "mr.qcow2"):
-            os.unlink(os.path.join(d, f))
-
-        # stream vs safe rebase
-        ours, theirs = os.path.join(d, "s1"), os.path.join(d, "s2")
-        copy_chain(chain, ours)
-        copy_chain(chain, theirs)
         view = os.path.join(d, "view.raw")
         sh("qemu-img", "convert", "-O", "raw", os.path.join(chain, "top.qcow2"), view)
-        q = timed("qemu-img", "rebase", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2",
-                  cwd=theirs)
-        s = timed(*PY, "stream", "-b", "base.qcow2", os.path.join(ours, "top.qcow2"))
-        same(view, os.path.join(ours, "top.qcow2"), "raw", "qcow2")
-        ok &= row("stream", s, q)
-        shutil.rmtree(ours)
-        shutil.rmtree(theirs)
 
-        # commit vs qemu-img commit
-        copy_chain(chain, ours)
-        copy_chain(chain, theirs)
-        q = timed("qemu-img", "commit", "top.qcow2", cwd=theirs)
-        c = timed(*PY, "commit", os.path.join(ours, "top.qcow2"))
-        same(os.path.join(ours, "mid.qcow2"), os.path.join(theirs, "mid.qcow2"))
-        same(view, os.path.join(ours, "top.qcow2"), "raw", "qcow2")
+        def fresh_out(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.makedirs(run_dir)
+
+        def fresh_chain(run_dir, modified):
+            """top (and what the job modifies) copied, the rest linked."""
+            fresh_out(run_dir)
+            for f in ("base.qcow2", "mid.qcow2", "top.qcow2"):
+                src = os.path.join(chain, f)
+                if f in modified:
+                    shutil.copy(src, os.path.join(run_dir, f))
+                else:
+                    os.symlink(src, os.path.join(run_dir, f))
+
+        # backup / mirror full vs convert (qemu-img convert does not fsync its
+        # target: -t unsafe makes blkjobs do the same)
+        out = os.path.join(d, "out")
+        conv = lambda: ("qemu-img", "convert", "-O", "qcow2", vm, os.path.join(out, "o.qcow2"))
+        b, q = best_of([lambda: (*PY, "backup", "-t", "unsafe", vm, os.path.join(out, "o.qcow2")),
+                        conv], lambda: fresh_out(out), a.repeat)
+        ok &= row("backup full", b, q)
+        m, q = best_of([lambda: (*PY, "mirror", "-t", "unsafe", vm, os.path.join(out, "o.qcow2")),
+                        conv], lambda: fresh_out(out), a.repeat)
+        ok &= row("mirror full", m, q)
+        run = os.path.join(d, "run")
+        sh(*PY, "backup", vm, os.path.join(out, "check.qcow2"))
+        same(vm, os.path.join(out, "check.qcow2"))
+
+        # stream vs safe rebase (both fsync)
+        s, q = best_of([lambda: (*PY, "stream", "-b", "base.qcow2", os.path.join(run, "top.qcow2")),
+                        lambda: ("qemu-img", "rebase", "-b", "base.qcow2", "-F", "qcow2",
+                                 os.path.join(run, "top.qcow2"))],
+                       lambda: fresh_chain(run, {"top.qcow2"}), a.repeat, cwd=run)
+        ok &= row("stream", s, q)
+        fresh_chain(run, {"top.qcow2"})
+        sh(*PY, "stream", "-b", "base.qcow2", os.path.join(run, "top.qcow2"))
+        same(view, os.path.join(run, "top.qcow2"), "raw", "qcow2")
+
+        # commit vs qemu-img commit (both fsync)
+        c, q = best_of([lambda: (*PY, "commit", os.path.join(run, "top.qcow2")),
+                        lambda: ("qemu-img", "commit", os.path.join(run, "top.qcow2"))],
+                       lambda: fresh_chain(run, {"top.qcow2", "mid.qcow2"}), a.repeat, cwd=run)
         ok &= row("commit", c, q)
-        shutil.rmtree(ours)
-        shutil.rmtree(theirs)
+        fresh_chain(run, {"top.qcow2", "mid.qcow2"})
+        sh(*PY, "commit", os.path.join(run, "top.qcow2"))
+        same(view, os.path.join(run, "top.qcow2"), "raw", "qcow2")
+        shutil.rmtree(run)
+        shutil.rmtree(out)
         os.unlink(view)
 
         ok &= mirror_under_writer(d, size, int(a.rate))

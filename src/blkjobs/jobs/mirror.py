@@ -10,7 +10,7 @@ the guest's request completes.
 -- cleared -- before the read, so a racing write re-dirties them). When only
 a little is left (at most one batch), the last pass runs with guest writes
 to the source held off (quiesced), so the job reaches READY under any write
-rate. A background mirror that has copied twice the disk without getting
+rate. A background mirror that has copied a whole disk's worth without getting
 there (the guest dirties faster than we copy) mirrors guest writes
 synchronously until READY, then goes back to background: it converges
 under any write rate. Then it keeps copying new writes. ``complete`` (or a soft cancel in
@@ -61,7 +61,10 @@ class MirrorFilter(Filter):
 
     def notify(self) -> None:
         job = self.m.job
-        if job is not None:
+        # A busy job looks at the bitmap again before it sleeps (and sleeps
+        # at most 100 ms): only wake an idle one. Read without the lock on
+        # purpose: a stale value costs at most one sleep.
+        if job is not None and not job.busy:
             job.kick()
 
 
@@ -254,7 +257,7 @@ class MirrorJob(BlockJob):
                         self.escalated = False
                     continue
                 pos, _ = self._pass(job, pos)
-                if not self.escalated and self.copied >= 2 * self.src.size:
+                if not self.escalated and self.copied >= self.src.size:
                     # Writes dirty data faster than we copy it: mirror them
                     # synchronously until in sync, so the job converges.
                     with self.eng.io:
