@@ -596,6 +596,22 @@ class Commands:
             bm = self._bitmap(node, name)
             return {"sha256": hashlib.sha256(bytes(bm.bitmap.to_bytes())).hexdigest()}
 
+    def cmd_x_blkjobs_write(self, node: str, offset: int, length: int,
+                            pattern: int = 0) -> dict[str, Any]:
+        """Unstable, blkjobs only: write ``length`` bytes of ``pattern`` at
+        ``offset`` as a guest would (through the jobs' write filters, marking
+        dirty bitmaps). A daemon without exports has no other guest write
+        path; tests use it for copy-before-write and incremental backups."""
+        if not 0 <= pattern <= 255:
+            raise QMPError("Parameter 'pattern' expects a byte value (0..255)")
+        fe = self.eng.attach(self._lookup(node))
+        try:
+            fe.write(offset, bytes([pattern]) * length)
+            fe.flush()
+        finally:
+            fe.close()
+        return {}
+
     # ------------------------------------------------------------------
     # transaction (qmp.md §7, job-model.md §8)
 

@@ -335,6 +335,9 @@ COMMANDS: dict[str, Any] = {
     "block-dirty-bitmap-disable": BlockDirtyBitmap,
     "block-dirty-bitmap-merge": BlockDirtyBitmapMerge,
     "x-debug-block-dirty-bitmap-sha256": BlockDirtyBitmap,
+    # blkjobs' own (unstable): guest-like writes for tests, see commands.py
+    "x-blkjobs-write": Struct("", [("node", "str"), ("offset", "int"), ("length", "int"),
+                                   ("*pattern", "int")]),
     "transaction": Struct("", [
         ("actions", [TransactionAction]),
         ("*properties", Struct("TransactionProperties", [

@@ -1,0 +1,222 @@
+"""Helpers for the daemon tests: start ``blkjobs serve`` (or the reference,
+``qemu-storage-daemon``) as a subprocess, talk to it with ``qemu.qmp`` or a
+raw socket, collect events. Every wait has a timeout."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+TIMEOUT = 15.0
+
+
+class Daemon:
+    """A QMP daemon subprocess listening on ``sock``."""
+
+    def __init__(self, argv: list[str], sock: str, ready_line: bool):
+        self.sock = sock
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        deadline = time.monotonic() + TIMEOUT
+        if ready_line:
+            line = self.proc.stdout.readline()
+            assert line, f"daemon exited: {self.proc.stderr.read()}"
+            self.ready = json.loads(line)
+        while not os.path.exists(sock):
+            assert self.proc.poll() is None, f"daemon exited: {self.proc.stderr.read()}"
+            assert time.monotonic() < deadline, "daemon socket did not appear"
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError("daemon did not stop on SIGTERM")
+        self.stderr = self.proc.stderr.read()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return rc
+
+
+def start_blkjobs(tmp_path, *extra: str) -> Daemon:
+    sock = str(tmp_path / "blkjobs.sock")
+    return Daemon([sys.executable, "-m", "blkjobs", "serve", "--socket", sock,
+                   "--print-ready", *extra], sock, True)
+
+
+def start_qsd(tmp_path) -> Daemon:
+    qsd = shutil.which("qemu-storage-daemon")
+    if not qsd:
+        pytest.fail("qemu-storage-daemon is not installed (Debian qemu-system-common): "
+                    "it is the reference of the comparison test")
+    sock = str(tmp_path / "qsd.sock")
+    return Daemon([qsd, "--chardev", f"socket,path={sock},server=on,wait=off,id=m0",
+                   "--monitor", "chardev=m0"], sock, False)
+
+
+# --------------------------------------------------------------------------
+# qemu.qmp sessions
+
+
+class Session:
+    """A connected QMPClient with an event listener attached from the start."""
+
+    def __init__(self, qmp: QMPClient, events: EventListener):
+        self.qmp = qmp
+        self.events = events
+
+    async def x(self, cmd: str, **args: Any) -> Any:
+        return await asyncio.wait_for(self.qmp.execute(cmd, args or None), TIMEOUT)
+
+    async def err(self, cmd: str, **args: Any) -> tuple[str, str]:
+        """Run a command that must fail; return (class, desc)."""
+        try:
+            await self.x(cmd, **args)
+        except ExecuteError as e:
+            return e.error_class, e.error.error.desc
+        raise AssertionError(f"{cmd} {args} did not fail")
+
+    async def event(self, name: str | None = None, **data: Any) -> dict:
+        """The next event (skipping nothing): it must match."""
+        ev = await asyncio.wait_for(self.events.get(), TIMEOUT)
+        if name is not None:
+            assert ev["event"] == name, ev
+        for k, v in data.items():
+            assert ev["data"].get(k) == v, ev
+        return ev
+
+    async def until(self, name: str, **data: Any) -> list[dict]:
+        """Events up to and including the first match."""
+        got = []
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            ev = await asyncio.wait_for(self.events.get(), max(0.01, deadline - time.monotonic()))
+            got.append(ev)
+            if ev["event"] == name and all(ev["data"].get(k) == v for k, v in data.items()):
+                return got
+
+    async def close(self) -> None:
+        await asyncio.wait_for(self.qmp.disconnect(), TIMEOUT)
+
+
+async def connect(sock: str) -> Session:
+    qmp = QMPClient("test")
+    events = EventListener()
+    qmp.register_listener(events)
+    await asyncio.wait_for(qmp.connect(sock), TIMEOUT)
+    return Session(qmp, events)
+
+
+def brief(events: list[dict]) -> list[tuple[str, dict]]:
+    """Events without timestamps, for comparison."""
+    return [(e["event"], dict(e.get("data", {}))) for e in events]
+
+
+def status_seq(job: str, events: list[dict]) -> list[str]:
+    return [e["data"]["status"] if e["event"] == "JOB_STATUS_CHANGE" else e["event"]
+            for e in events if e["data"].get("id", e["data"].get("device")) == job]
+
+
+def drop_transient_pauses(events: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Remove the paused/running pairs QEMU emits while draining a job
+    (job-model.md §9: blkjobs does not produce them)."""
+    out: list[tuple[str, dict]] = []
+    i = 0
+    while i < len(events):
+        name, data = events[i]
+        if name == "JOB_STATUS_CHANGE" and data["status"] == "paused" and i + 1 < len(events) \
+                and events[i + 1] == ("JOB_STATUS_CHANGE", {"id": data["id"],
+                                                            "status": "running"}):
+            i += 2
+            continue
+        out.append(events[i])
+        i += 1
+    return out
+
+
+# --------------------------------------------------------------------------
+# raw sockets (greeting, negotiation, malformed input)
+
+
+class Raw:
+    def __init__(self, sock_path: str):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(TIMEOUT)
+        self.s.connect(sock_path)
+        self.buf = b""
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            d = self.s.recv(65536)
+            if not d:
+                raise EOFError("connection closed")
+            self.buf += d
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def msg(self) -> dict:
+        raw = self.line()
+        raw.decode("ascii")           # the server writes ASCII only
+        return json.loads(raw)
+
+    def send(self, data: bytes | dict) -> None:
+        if isinstance(data, dict):
+            data = json.dumps(data).encode()
+        self.s.sendall(data)
+
+    def ask(self, data: bytes | dict) -> dict:
+        self.send(data)
+        return self.msg()
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess:
+    tool = shutil.which("qemu-img")
+    if not tool:
+        pytest.fail("qemu-img is not installed (Debian qemu-utils): the oracle is required")
+    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
+
+
+def qemu_io(path: str, cmd: str, fmt: str = "qcow2") -> None:
+    tool = shutil.which("qemu-io")
+    if not tool:
+        pytest.fail("qemu-io is not installed (Debian qemu-utils): the oracle is required")
+    subprocess.run([tool, "-f", fmt, "-c", cmd, path], check=True, capture_output=True,
+                   timeout=60)
+
+
+def make_images(tmp_path, size: str = "4M") -> tuple[str, str]:
+    """src.qcow2 with data (1 MiB of 0xaa, 64 KiB of 0x55 at 2 MiB) and an
+    empty tgt.qcow2 of the same size."""
+    src, tgt = str(tmp_path / "src.qcow2"), str(tmp_path / "tgt.qcow2")
+    assert qemu_img("create", "-f", "qcow2", src, size).returncode == 0
+    qemu_io(src, "write -P 0xaa 0 1M")
+    qemu_io(src, "write -P 0x55 2M 64k")
+    assert qemu_img("create", "-f", "qcow2", tgt, size).returncode == 0
+    return src, tgt
+
+
+def qcow2_node(name: str, path: str, **extra: Any) -> dict:
+    return {"driver": "qcow2", "node-name": name,
+            "file": {"driver": "file", "filename": path}, **extra}
+
+
+def compare(a: str, b: str) -> tuple[int, str]:
+    p = qemu_img("compare", "-U", "-f", "qcow2", "-F", "qcow2", a, b)
+    return p.returncode, p.stdout + p.stderr
