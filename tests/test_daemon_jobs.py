@@ -243,3 +243,42 @@ def test_bitmap_incremental_backup(daemon, tmp_path):
     m = json.loads(qemu_img("map", "-U", "--output=json", "-f", "qcow2", inc).stdout)
     top = [(e["start"], e["length"]) for e in m if e["depth"] == 0 and e["data"]]
     assert top == [(MiB, 65536), (3 * MiB, 65536)]
+
+
+def test_sigterm_cancels_jobs_and_cli_options(tmp_path):
+    """--blockdev (keyval and JSON) and --chardev/--monitor; SIGTERM while a
+    rate-limited backup runs: the job is cancelled (its events still reach
+    the client), the daemon exits 0 and removes its socket."""
+    import os
+    import time
+
+    from daemon_util import Daemon
+    src, tgt = make_images(tmp_path, "64M")
+    sock = str(tmp_path / "cd.sock")
+    import sys
+    d = Daemon([sys.executable, "-m", "blkjobs", "serve", "--print-ready",
+                "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
+                "--monitor", "chardev=m0",
+                "--blockdev", f"driver=qcow2,node-name=src,file.driver=file,"
+                              f"file.filename={src}",
+                "--blockdev", json.dumps(qcow2_node("tgt", tgt))], sock, True)
+    assert d.ready["sockets"] == [sock]
+
+    async def main():
+        s = await connect(sock)
+        names = {n["node-name"] for n in await s.x("query-named-block-nodes")}
+        assert {"src", "tgt"} <= names
+        await s.x("blockdev-backup", **{"job-id": "slow"}, device="src", target="tgt",
+                  sync="full", speed=1 << 20)
+        await s.until("JOB_STATUS_CHANGE", id="slow", status="running")
+        t0 = time.monotonic()
+        d.proc.send_signal(15)
+        evs = await s.until("JOB_STATUS_CHANGE", id="slow", status="null")
+        assert [e["event"] for e in evs][-3:] == ["BLOCK_JOB_CANCELLED", "JOB_STATUS_CHANGE",
+                                                  "JOB_STATUS_CHANGE"]
+        assert time.monotonic() - t0 < 10
+        await s.qmp.disconnect()
+
+    asyncio.run(main())
+    assert d.stop() == 0, d.stderr
+    assert not os.path.exists(sock)

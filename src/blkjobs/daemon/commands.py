@@ -289,7 +289,8 @@ class Commands:
         with self.eng.io:
             files = {id(mn.gnode): mn.file for mn in self.nodes.values()
                      if mn.gnode is not None and mn.file is not None}
-            for g in list(self.eng.graph.nodes.values()):
+            # newest first, like QEMU's list of named nodes
+            for g in reversed(list(self.eng.graph.nodes.values())):
                 out.append(self._node_info(g, flat))
                 fmn = files.get(id(g))
                 if fmn is None:
@@ -489,7 +490,9 @@ class Commands:
             raise QMPError("Bitmap name too long")
         if granularity is None:
             cs = g.driver.cluster_size
-            granularity = min(max(cs, 4096), 65536) if cs else 4096
+            # QEMU: the cluster size clamped to [4 KiB, 64 KiB]; 64 KiB when the
+            # driver has none (raw over file, checked against qemu-storage-daemon)
+            granularity = min(max(cs, 4096), 65536) if cs else 65536
         elif granularity < 512 or granularity & (granularity - 1):
             raise QMPError("Granularity must be power of 2 and at least 512")
         if persistent:
