@@ -617,26 +617,62 @@ class Qcow2(Driver):
                     add(gc << cb, (c0 + i) << cb, 1)
             need.clear()
 
-        for gc in range(g0, g1):
-            _, _, e, bm = self._entry(gc)
-            if e or bm:
-                self._classify(gc, e, bm)
-            h = e & OFFSET_MASK
-            if h and e & COPIED and not e & COMPRESSED:
-                self._check_overlap(h)
-                flush_need()
+        def fast_span(a, b) -> bool:
+            # [a, b) inside one L2 table, all entries zero (a fresh convert
+            # target): allocate in bulk, one pack_into per host run
+            esz = self.esz
+            off = self._l2_offset(a // self.l2e)
+            i0 = (a % self.l2e) * esz
+            if off:
+                t = self._l2(off)
+                if t[i0:i0 + (b - a) * esz].count(0) != (b - a) * esz:
+                    return False
+            flush_need()
+            t, off = self._l2_for_write(a)
+            gc = a
+            for c0, k in self._rc().alloc(b - a):
                 if self.extended:
-                    if bm != ALL_ALLOC:
-                        self._set_entry(gc, h | COPIED, ALL_ALLOC)
-                elif e & ZERO:
-                    self._set_entry(gc, h | COPIED)
-                add(gc << cb, h, 1)
-            else:
-                if e:
-                    self._release(e)
-                need.append(gc)
+                    vals = [v for c in range(c0, c0 + k) for v in ((c << cb) | COPIED, ALL_ALLOC)]
+                else:
+                    vals = [(c << cb) | COPIED for c in range(c0, c0 + k)]
+                struct.pack_into(f">{len(vals)}Q", t, i0 + (gc - a) * esz, *vals)
+                add(gc << cb, c0 << cb, k)
+                gc += k
+            self.l2dirty.add(off)
+            return True
+
+        gc = g0
+        while gc < g1:
+            span_end = min(g1, (gc // self.l2e + 1) * self.l2e)
+            if span_end - gc >= 16 and fast_span(gc, span_end):
+                gc = span_end
+                continue
+            for gc in range(gc, span_end):
+                self._alloc_one_cluster(gc, need, flush_need, add)
+            gc = span_end
         flush_need()
         return [Mapping(s, n, Kind.DATA, h) for s, n, h in runs]
+
+    def _alloc_one_cluster(self, gc, need, flush_need, add):
+        """allocate() for one guest cluster: reuse it in place or queue it."""
+        cb = self.cb
+        _, _, e, bm = self._entry(gc)
+        if e or bm:
+            self._classify(gc, e, bm)
+        h = e & OFFSET_MASK
+        if h and e & COPIED and not e & COMPRESSED:
+            self._check_overlap(h)
+            flush_need()
+            if self.extended:
+                if bm != ALL_ALLOC:
+                    self._set_entry(gc, h | COPIED, ALL_ALLOC)
+            elif e & ZERO:
+                self._set_entry(gc, h | COPIED)
+            add(gc << cb, h, 1)
+        else:
+            if e:
+                self._release(e)
+            need.append(gc)
 
     def write_compressed(self, offset: int, cluster_data) -> None:
         """Store one whole guest cluster compressed (for convert -c).
