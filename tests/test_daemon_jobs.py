@@ -285,3 +285,50 @@ def test_sigterm_cancels_jobs_and_cli_options(tmp_path):
     asyncio.run(main())
     assert d.stop() == 0, d.stderr
     assert not os.path.exists(sock)
+
+
+def test_chain_backing_refs_stream_and_active_commit(daemon, tmp_path):
+    """qcow2 'backing' as a node name, as an inline object and omitted;
+    block-stream then an active block-commit; base ends with the guest view."""
+    from daemon_util import qemu_io
+    base, mid, top = (str(tmp_path / f"{n}.qcow2") for n in ("base", "mid", "top"))
+    ref = str(tmp_path / "ref.qcow2")
+    assert qemu_img("create", "-f", "qcow2", base, "4M").returncode == 0
+    qemu_io(base, "write -P 1 0 1M")
+    assert qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", mid).returncode == 0
+    qemu_io(mid, "write -P 2 1M 1M")
+    assert qemu_img("create", "-f", "qcow2", "-b", mid, "-F", "qcow2", top).returncode == 0
+    qemu_io(top, "write -P 3 2M 1M")
+    assert qemu_img("convert", "-O", "qcow2", top, ref).returncode == 0
+
+    async def main():
+        s = await connect(daemon.sock)
+        await s.x("blockdev-add", **qcow2_node("base", base))
+        await s.x("blockdev-add", **qcow2_node("mid", mid, backing="base"))
+        await s.x("blockdev-add", **qcow2_node("top", top, backing="mid"))
+        await s.x("blockdev-add", **qcow2_node("view", ref, backing={
+            "driver": "qcow2", "file": {"driver": "file", "filename": base}}))
+        await s.x("blockdev-add", **qcow2_node("view2", mid))          # opens its chain
+        nodes = {n["node-name"]: n for n in await s.x("query-named-block-nodes", flat=True)}
+        assert nodes["top"]["backing_file_depth"] == 2
+        assert nodes["top"]["backing_file"] == mid
+        assert nodes["view"]["backing_file_depth"] == 1
+        assert nodes["view2"]["backing_file_depth"] == 1
+        assert await s.err("blockdev-del", **{"node-name": "mid"}) == \
+            ("GenericError", "Block device mid is in use")
+        await s.x("blockdev-del", **{"node-name": "view"})
+        await s.x("blockdev-del", **{"node-name": "view2"})
+        await s.x("block-stream", **{"job-id": "s0", "base-node": "base"}, device="top")
+        evs = await s.until("JOB_STATUS_CHANGE", id="s0", status="null")
+        assert status_seq("s0", evs) == ["created", "running", "waiting", "pending",
+                                         "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        await s.x("block-commit", **{"job-id": "c0"}, device="top")
+        evs = await s.until("BLOCK_JOB_READY")
+        assert evs[-1]["data"]["type"] == "commit"
+        await s.x("job-complete", id="c0")
+        evs = await s.until("JOB_STATUS_CHANGE", id="c0", status="null")
+        assert "BLOCK_JOB_COMPLETED" in status_seq("c0", evs)
+        await s.close()
+
+    asyncio.run(main())
+    assert compare(base, ref) == (0, "Images are identical.\n")

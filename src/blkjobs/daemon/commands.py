@@ -102,6 +102,7 @@ class Commands:
 
     def run(self, name: str, args: dict[str, Any]) -> Any:
         fn = getattr(self, "cmd_" + name.replace("-", "_"))
+        self._prune()
         try:
             return fn(args) if name == "blockdev-add" else fn(**args)
         except (BlkjobsError, OSError, QMPError) as e:
@@ -187,11 +188,9 @@ class Commands:
             else:
                 fnode = self._add(fref, owned=False)
                 created.append(fnode)
-            name = opts.get("node-name")
+            name = opts.get("node-name")      # None: the graph picks "#blockN"
             if name is not None:
                 self._check_new_name(name)
-            else:
-                name = self._auto_name()
             backing = opts.get("backing", ...) if drv == "qcow2" else None
             bnode: Node | None = None
             if isinstance(backing, str):
@@ -216,10 +215,10 @@ class Commands:
             for mn in reversed(created):
                 self._drop(mn)
             raise
-        mn = MonitorNode(name, drv, fnode.filename, ro, owned, gnode)
+        mn = MonitorNode(gnode.name, drv, fnode.filename, ro, owned, gnode)
         mn.file, fnode.parent = fnode, mn
         mn.children = created
-        self.nodes[name] = mn
+        self.nodes[mn.name] = mn
         return mn
 
     def _add_file(self, opts: dict[str, Any], owned: bool, ro: bool) -> MonitorNode:
@@ -237,6 +236,16 @@ class Commands:
         mn = MonitorNode(name, "file", path, ro, owned)
         self.nodes[name] = mn
         return mn
+
+    def _prune(self) -> None:
+        """Forget format nodes the Engine closed: after a commit the images
+        that left the chain are closed by the Engine (QEMU would keep a
+        monitor-owned node open); their file nodes go with them."""
+        with self.eng.io:
+            for mn in list(self.nodes.values()):
+                g = mn.gnode
+                if g is not None and self.eng.graph.nodes.get(g.name) is not g:
+                    self._drop(mn)
 
     def _drop(self, mn: MonitorNode) -> None:
         """Forget ``mn`` and close its image (and what was defined inline for it)."""
