@@ -20,8 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-#: Member order of error replies follows QEMU's output (``id`` last here;
-#: member order carries no meaning, qmp.md §1).
+#: QEMU's json-streamer limits: nesting depth and tokens per message.
 MAX_DEPTH = 1024
 MAX_TOKENS = 2 * 1024 * 1024
 
@@ -212,7 +211,7 @@ class JsonStreamer:
         tokens = self._tokens
         self._reset()
         try:
-            value, pos = _parse_value(tokens, 0)
+            value, _ = _parse_value(tokens, 0)
         except _ParseError as e:
             out.append((None, f"JSON parse error, {e}"))
             return
