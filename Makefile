@@ -15,15 +15,20 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py)
 
 venv: $(STAMP)
 
-# Debian's qemu-utils (qemu-img, qemu-io) are the oracle of the tests.
+# Debian packages the tests use: qemu-utils (qemu-img, qemu-io: the oracle),
+# qemu-system-common (qemu-storage-daemon: the reference daemon), fio and
+# libnbd-bin (nbdcopy) for `bench --compare`, valgrind for the C tests.
+DEB_TOOLS := qemu-utils:qemu-img qemu-utils:qemu-io qemu-system-common:qemu-storage-daemon \
+             fio:fio libnbd-bin:nbdcopy valgrind:valgrind time:/usr/bin/time
 deps:
-	@if ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null; then \
+	@need=""; for pt in $(DEB_TOOLS); do \
+	  command -v "$${pt#*:}" >/dev/null || need="$$need $${pt%%:*}"; done; \
+	if [ -n "$$need" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null; \
-	  else echo "qemu-img is missing: install Debian's qemu-utils (as root: apt-get install qemu-utils)" >&2; exit 1; fi; \
+	    echo "installing Debian packages:$$need"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
+	  else echo "missing Debian packages:$$need (as root: apt-get install$$need)" >&2; exit 1; fi; \
 	fi
-	@if ! command -v valgrind >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; fi
 
 demo: venv deps
 	$(VENV)/bin/blkjobs demo
