@@ -46,8 +46,8 @@ def register(sub):
                    help="parallel requests (worker threads, 1..16, default 4)")
     p.add_argument("-t", dest="cache", default="writeback", choices=["writeback", "unsafe"],
                    help="target cache mode: writeback flushes at the end, unsafe does not")
-    p.add_argument("--request-size", default="2M", metavar="SIZE",
-                   help="bytes per request (default 2M)")
+    p.add_argument("--request-size", default=None, metavar="SIZE",
+                   help="bytes per request (default 2M for raw -> raw, else 512k)")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=run)
@@ -62,7 +62,8 @@ def run(args) -> int:
         sparse_size=parse_size(args.sparse, "sparse size"),
         no_create=args.no_create, target_is_zero=args.target_is_zero,
         rate=parse_size(args.rate, "rate limit"), threads=threads,
-        request_size=parse_size(args.request_size, "request size", 512, 1 << 30),
+        request_size=parse_size(args.request_size, "request size", 512, 1 << 30)
+        if args.request_size else None,
         flush=args.cache != "unsafe", src_fmt=args.src_fmt, dst_fmt=args.dst_fmt,
         compress=args.compress, backing=args.backing, backing_fmt=args.backing_fmt,
         create_opts=parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2")

@@ -43,6 +43,10 @@ from ..native.ratelimit import TokenBucket
 from .files import fd_size, open_source, same_file
 
 WORK_RANGE = 1 << 30           # bytes queued per feed of the engine
+RAW_REQUEST = 2 << 20          # engine request size, raw -> raw
+# raw|qcow2|chain -> raw|qcow2: smaller requests measured 5-10% faster on the
+# 4 GiB benchmark (page cache, 2 cores): the workers' buffers stay in CPU cache
+CHAIN_REQUEST = 512 << 10
 MAX_SPARSE_SIZE = 16 << 20
 
 
@@ -53,7 +57,7 @@ class ConvertOptions:
     target_is_zero: bool = False   # --target-is-zero (with -n)
     rate: int = 0                  # -r: bytes/s, 0 = unlimited
     threads: int = 4               # -m: worker threads
-    request_size: int = 2 << 20
+    request_size: int | None = None   # bytes per engine request; None = per path default
     flush: bool = True             # fsync the target at the end (-t writeback)
     src_fmt: str | None = None     # -f: probed when None
     dst_fmt: str = "raw"           # -O: raw | qcow2
@@ -122,7 +126,7 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
                 raise CopyError(e.errno, "Could not resize target", path=dst) from None
         target_zero = created or o.target_is_zero
         bucket = TokenBucket(o.rate) if o.rate else None
-        with CopyEngine(sfd, dfd, threads=o.threads, request_size=o.request_size,
+        with CopyEngine(sfd, dfd, threads=o.threads, request_size=o.request_size or RAW_REQUEST,
                         zero_block=o.sparse_size, target_is_zero=target_zero,
                         may_unmap=o.sparse_size != 0, bucket=bucket,
                         src_path=src, dst_path=dst) as eng:
@@ -586,7 +590,7 @@ class _Convert:
             self.next_pos = 0
             bucket = TokenBucket(o.rate) if o.rate else None
             with CopyEngine(self.fds[0], self.dfd, threads=o.threads,
-                            request_size=o.request_size, zero_block=o.sparse_size,
+                            request_size=o.request_size or CHAIN_REQUEST, zero_block=o.sparse_size,
                             target_is_zero=eng_zero, may_unmap=o.sparse_size != 0,
                             bucket=bucket, src_path=self.src, dst_path=self.dst) as eng:
                 if self.progress:
