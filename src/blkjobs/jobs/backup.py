@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CopyError, JobError
+from ..errors import CopyError, JobError  # noqa: F401
 from ..graph import Node, Perm
 from ..job import ErrorAction, Job
 from ..native.bitmap import Bitmap
@@ -106,6 +106,8 @@ class BackupJob(BlockJob):
         self.cbw = CbwFilter(self, on_cbw_error)
         self._perm = None
         self._installed = False
+        self._job: Job | None = None
+        self._pos = 0
 
     # ------------------------------------------------------------------
     def setup(self, job: Job) -> None:
@@ -138,55 +140,46 @@ class BackupJob(BlockJob):
                 self.copy_bm.count() + sum(e - s for s, e in self.inflight.ranges))
         job.progress.update(current=max(done, job.progress.current), total=done + left)
 
+    @property
+    def _job_cancelled(self) -> bool:
+        return self._job is not None and self._job.is_cancelled
+
     def run(self, job: Job) -> None:
+        self._job = job
         if self.sync == "none":
             while True:
                 job.sleep(100_000_000)
                 self._sync_progress(job)
                 self._check_cbw()
-        pos = 0
-        while True:
-            job.pause_point()
-            self._check_cbw()
-            n = self.batch_size(job, self.cluster)
-            with self.eng.io:
-                area = self.copy_bm.next_dirty_area(pos, n)
-                if area is None and pos:
-                    area = self.copy_bm.next_dirty_area(0, n)
-                if area is None:
-                    break
-                self.copy_bm.reset(*area)
-                r = self.inflight.add(*area)
-            err = None
-            try:
-                stats = self.mover.move(area[0], area[1], job)
-            except CopyError as e:
-                err = e
-            finally:
-                with self.eng.io:
-                    self.inflight.remove(r)
-                    if err is not None or job.is_cancelled:
-                        self.copy_bm.set(*area)
-            if err is not None:
-                self._sync_progress(job)
-                action = self.policy_action(job, err)
-                if action is ErrorAction.REPORT:
-                    raise err
-                if action is ErrorAction.STOP:
-                    job.pause_point()
-                pos = area[0]
-                if action is ErrorAction.IGNORE:
-                    pos = area[0] + area[1] if area[0] + area[1] < self.size else 0
-                continue
-            with self.eng.io:
-                self.done += area[1] - stats.skipped
-            pos = area[0] + area[1]
-            if pos >= self.size:
-                pos = 0
-            self._sync_progress(job)
+        self._pos = 0
+        self.copy_loop(job, self.mover, self._claim, self._release)
         self._flush_target(job)
         self._sync_progress(job)
         self._check_cbw()
+
+    def _claim(self, job: Job) -> tuple[int, int] | None:
+        self._check_cbw()
+        n = self.batch_size(job, self.cluster)
+        with self.eng.io:
+            area = self.copy_bm.next_dirty_area(self._pos, n)
+            if area is None and self._pos:
+                area = self.copy_bm.next_dirty_area(0, n)
+            if area is None:
+                return None
+            self.copy_bm.reset(*area)
+            self.inflight.add(*area)
+        end = area[0] + area[1]
+        self._pos = 0 if end >= self.size else end
+        return area
+
+    def _release(self, area: tuple[int, int], stats) -> None:
+        with self.eng.io:
+            self.inflight.remove((area[0], area[0] + area[1]))
+            if stats is None or self._job_cancelled:
+                self.copy_bm.set(*area)
+            else:
+                self.done += area[1] - stats.skipped
+        self._sync_progress(self._job)
 
     def _flush_target(self, job: Job) -> None:
         while True:

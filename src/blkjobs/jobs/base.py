@@ -28,6 +28,7 @@ manager's lock (hooks run under the manager lock and may take the I/O lock).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -149,6 +150,17 @@ class Stats:
         self.copied = self.zeroed = self.skipped = 0
 
 
+class Ticket:
+    """One batch handed to the C engine by :meth:`Mover.start`."""
+
+    __slots__ = ("off", "length", "stats", "ce")
+
+    def __init__(self, off: int, length: int):
+        self.off, self.length = off, length
+        self.stats = Stats()
+        self.ce: CopyEngine | None = None
+
+
 class Mover:
     """Moves guest ranges of ``src`` (read through its chain) into ``dst``.
 
@@ -167,24 +179,25 @@ class Mover:
         self.compress = compress
         self.bucket = bucket
         self.threads = threads
-        self._ce: CopyEngine | None = None
+        self._pool: list[CopyEngine] = []
         self._dst_raw = dst.driver.cluster_size == 0
         self._dst_is_ours = dst.driver
 
-    # -- the C engine ------------------------------------------------------
+    # -- the C engines ------------------------------------------------------
+    # One engine per batch in flight (a pipeline of two batches: one copies
+    # while the next is planned and queued), kept in a small pool.
     def _engine(self) -> CopyEngine:
-        if self._ce is None:
-            self._ce = CopyEngine(self.src.driver.fd, self.dst.driver.fd, threads=self.threads,
-                                  request_size=2 * MiB, zero_block=4096 if self._dst_raw else 0,
-                                  target_is_zero=False, may_unmap=True,
-                                  allow_copy_range=False, bucket=self.bucket,
-                                  src_path=self.src.filename, dst_path=self.dst.filename)
-        return self._ce
+        if self._pool:
+            return self._pool.pop()
+        return CopyEngine(self.src.driver.fd, self.dst.driver.fd, threads=self.threads,
+                          request_size=2 * MiB, zero_block=4096 if self._dst_raw else 0,
+                          target_is_zero=False, may_unmap=True,
+                          allow_copy_range=False, bucket=self.bucket,
+                          src_path=self.src.filename, dst_path=self.dst.filename)
 
     def close(self) -> None:
-        if self._ce is not None:
-            self._ce.close()
-            self._ce = None
+        while self._pool:
+            self._pool.pop().close()
 
     # -- fault injection (blkdebug nodes) -----------------------------------
     def _check_inject(self, op: str, node: Node, off: int, length: int) -> None:
@@ -317,36 +330,54 @@ class Mover:
                 c += cs
 
     # -- moving --------------------------------------------------------------
-    def move(self, off: int, length: int, job: Job | None = None,
-             locked: bool = False) -> Stats:
-        """Copy [off, off+length) now. Raises CopyError (side source/target)
-        or Cancelled (the job was force-cancelled). ``locked``: the caller
-        holds the I/O lock (and keeps it while the engine runs)."""
-        stats = Stats()
+    def start(self, off: int, length: int) -> Ticket:
+        """Plan [off, off+length) (I/O lock taken here) and queue it into a
+        free engine, which starts copying at once. Raises CopyError when the
+        planning failed (nothing is queued then)."""
+        t = Ticket(off, length)
         with self.eng.io:
-            items = self.plan(off, length, stats)
+            items = self.plan(off, length, t.stats)
         if items:
-            self._run(items, job)
-        return stats
+            t.ce = self._engine()
+            t.ce.add(items)
+            t.ce.run(0)                 # wake the workers; they keep going
+        return t
 
-    def _run(self, items: list[tuple], job: Job | None) -> None:
-        ce = self._engine()
-        ce.add(items)
+    def finish(self, t: Ticket, job: Job | None = None) -> Stats:
+        """Wait until the ticket's batch landed. Raises CopyError (side
+        source/target) or Cancelled (the job was force-cancelled)."""
+        ce, t.ce = t.ce, None
+        if ce is None:
+            return t.stats
         try:
             while True:
                 res = ce.run(0.05)
                 if res == RunResult.DONE:
-                    return
+                    break
                 if job is not None and job.is_cancelled:
                     ce.cancel()
                     ce.drain()
                     raise Cancelled()
         except BaseException:
-            # Start over with a fresh engine: nothing of this batch stays queued.
+            # drop the engine: nothing of this batch stays queued
             ce.cancel()
             ce.drain()
-            self.close()
+            ce.close()
             raise
+        self._pool.append(ce)
+        return t.stats
+
+    def abandon(self, t: Ticket) -> None:
+        """Stop a started batch and forget it (its area must be redone)."""
+        ce, t.ce = t.ce, None
+        if ce is not None:
+            ce.cancel()
+            ce.drain()
+            ce.close()
+
+    def move(self, off: int, length: int, job: Job | None = None) -> Stats:
+        """Copy [off, off+length) now (start + finish)."""
+        return self.finish(self.start(off, length), job)
 
     def flush(self) -> None:
         """Make the target durable (qcow2: metadata of allocate() first)."""
@@ -386,6 +417,75 @@ class BlockJob(JobDriver):
         if policy is None:
             policy = self.on_source_error if op == "read" else self.on_target_error
         return job.handle_error(op, e, policy)
+
+    def copy_loop(self, job: Job, mover: Mover,
+                  claim: Callable[[Job], tuple[int, int] | None],
+                  release: Callable[[tuple[int, int], Stats | None], None],
+                  on_error: Callable[[Job, CopyError, tuple[int, int]], ErrorAction]
+                  | None = None, depth: int = 2) -> None:
+        """Copy areas until ``claim`` returns None, ``depth`` batches in
+        flight (one copying while the next is planned and queued).
+
+        ``claim(job)`` takes the next area (registering it in flight under
+        the I/O lock); ``release(area, stats)`` gives it back, with ``stats``
+        None when it was not copied (the caller re-dirties it). A pause or
+        cancel request first lets the batches in flight land. An error
+        drains the other batches, then goes through ``on_error`` (default:
+        the job's policy): ``report`` raises, ``stop`` parks the job, and
+        the loop goes on (the failed area was given back to be retried).
+        """
+        on_error = on_error or (lambda j, e, a: self.policy_action(j, e))
+        q: deque[tuple[tuple[int, int], Ticket]] = deque()
+
+        def finish_one() -> CopyError | None:
+            area, t = q.popleft()
+            try:
+                stats = mover.finish(t, job)
+            except CopyError as e:
+                release(area, None)
+                return e
+            except BaseException:
+                release(area, None)
+                raise
+            release(area, stats)
+            return None
+
+        try:
+            while True:
+                err = None
+                stopping = job.pause_count > 0 or job.is_cancelled   # racy read: a hint
+                while not stopping and err is None and len(q) < depth:
+                    area = claim(job)
+                    if area is None:
+                        break
+                    try:
+                        q.append((area, mover.start(*area)))
+                    except CopyError as e:
+                        release(area, None)
+                        err, failed = e, area
+                if err is None:
+                    if not q:
+                        if stopping:
+                            job.pause_point()
+                            continue
+                        return
+                    failed = q[0][0]
+                    err = finish_one()
+                if err is not None:
+                    while q:
+                        finish_one()        # their failures re-dirty their areas
+                    action = on_error(job, err, failed)
+                    if action is ErrorAction.REPORT:
+                        raise err
+                    if action is ErrorAction.STOP:
+                        job.pause_point()
+                elif stopping and not q:
+                    job.pause_point()
+        finally:
+            while q:
+                area, t = q.popleft()
+                mover.abandon(t)
+                release(area, None)
 
     @staticmethod
     def batch_size(job: Job, unit: int) -> int:

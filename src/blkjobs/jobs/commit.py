@@ -156,23 +156,29 @@ class CommitJob(BlockJob):
                 raise
         job.progress.update(0, self.top.size)
 
+    def _claim(self, job: Job) -> tuple[int, int] | None:
+        if self._retry:
+            return self._retry.pop(0)
+        if self._pos >= self._size:
+            return None
+        n = min(self.batch_size(job, 512 << 10), self._size - self._pos)
+        area = (self._pos, n)
+        self._pos += n
+        return area
+
+    def _release(self, area: tuple[int, int], stats) -> None:
+        if stats is None:
+            self._retry.append(area)        # report fails; ignore/stop retry it
+        else:
+            self._job.progress.advance(area[1])
+
+    def _on_error(self, job: Job, err: CopyError, area: tuple[int, int]) -> ErrorAction:
+        return job.handle_error("read" if err.side == "source" else "write", err, self.on_error)
+
     def run(self, job: Job) -> None:
-        size, pos = min(self.top.size, self.base.size), 0
-        while pos < size:
-            job.pause_point()
-            n = min(self.batch_size(job, 512 << 10), size - pos)
-            try:
-                self.mover.move(pos, n, job)
-            except CopyError as e:
-                action = job.handle_error("read" if e.side == "source" else "write", e,
-                                          self.on_error)
-                if action is ErrorAction.REPORT:
-                    raise
-                if action is ErrorAction.STOP:
-                    job.pause_point()
-                continue                        # ignore/stop: retry the chunk
-            job.progress.advance(n)
-            pos += n
+        self._job, self._pos, self._retry = job, 0, []
+        self._size = min(self.top.size, self.base.size)
+        self.copy_loop(job, self.mover, self._claim, self._release, self._on_error)
         self.mover.flush()
 
     def prepare(self, job: Job) -> None:

@@ -134,6 +134,7 @@ class MirrorJob(BlockJob):
         #: disk: guest writes are mirrored synchronously until READY
         self.escalated = False
         self.copied = 0
+        self._pos = 0
         self._perm = None
         self._quiesced = False
         self._installed = False
@@ -178,46 +179,51 @@ class MirrorJob(BlockJob):
         cur = job.progress.current
         job.progress.update(total=cur + left)
 
-    def _pass(self, job: Job, pos: int, limit: int | None = None) -> tuple[int, bool]:
-        """Copy one batch of dirty data at or after ``pos``; returns (next
-        pos, whether anything was dirty)."""
-        n = limit or self.batch_size(job, self.granularity)
+    def _claim_any(self, job: Job) -> tuple[int, int] | None:
+        n = self.batch_size(job, self.granularity)
         with self.eng.io:
-            area = self.dirty.take_dirty_area(pos, n)
-            if area is None and pos:
+            area = self.dirty.take_dirty_area(self._pos, n)
+            if area is None and self._pos:
                 area = self.dirty.take_dirty_area(0, n)
             if area is None:
-                return 0, False
-            r = self.inflight.add(*area)
-        err = None
-        try:
-            self.mover.move(area[0], area[1], job)
-        except CopyError as e:
-            err = e
-        finally:
-            with self.eng.io:
-                self.inflight.remove(r)
-                if err is not None or job.is_cancelled:
-                    self.dirty.set(*area)
-        if err is not None:
-            self.sync_failed = True
-            action = self.policy_action(job, err)
-            if action is ErrorAction.REPORT:
-                raise err
-            if action is ErrorAction.STOP:
-                job.pause_point()
-            return area[0], True
+                return None
+            self.inflight.add(*area)
+        end = area[0] + area[1]
+        self._pos = 0 if end >= self.src.size else end
+        return area
+
+    def _claim(self, job: Job) -> tuple[int, int] | None:
+        """The background loop's next area; None to leave the loop: nothing
+        dirty, or little enough left to converge with writes held off, or a
+        completion / soft cancel to serve."""
+        if not job.is_ready:
+            if self.dirty.count() <= BATCH:
+                return None
+        elif job.should_complete or job.cancel_requested:
+            return None
+        return self._claim_any(job)
+
+    def _release(self, area: tuple[int, int], stats) -> None:
+        job = self.job
+        with self.eng.io:
+            self.inflight.remove((area[0], area[0] + area[1]))
+            if stats is None or job.is_cancelled:
+                self.dirty.set(*area)
+                if stats is None:
+                    self.sync_failed = True
+                return
         job.progress.advance(area[1])
         self.copied += area[1]
+        if not job.is_ready and not self.escalated and self.copied >= self.src.size:
+            # Writes dirty data faster than we copy it: mirror them
+            # synchronously until in sync, so the job converges.
+            with self.eng.io:
+                self.escalated = True
         self._progress(job)
-        end = area[0] + area[1]
-        return (0 if end >= self.src.size else end), True
 
     def _drain_all(self, job: Job) -> None:
         """With the source quiesced: copy everything still dirty, flush."""
-        pos, more = 0, True
-        while more:
-            pos, more = self._pass(job, pos, BATCH)
+        self.copy_loop(job, self.mover, self._claim_any, self._release)
         self._flush(job)
 
     def _flush(self, job: Job) -> None:
@@ -240,28 +246,22 @@ class MirrorJob(BlockJob):
         with self.eng.io:
             self.initial_dirty()
         self._progress(job)
-        pos = 0
         while True:
+            self.copy_loop(job, self.mover, self._claim, self._release)
             job.pause_point()
             if not job.is_ready:
-                if self.dirty.count() <= BATCH:
-                    # the last bit with guest writes held off: converges
-                    self.eng.quiesce(self.src)
-                    try:
-                        self._drain_all(job)
-                    finally:
-                        self.eng.unquiesce(self.src)
-                    self._progress(job)
-                    job.set_ready()
-                    with self.eng.io:
-                        self.escalated = False
+                if self.dirty.count() > BATCH:
                     continue
-                pos, _ = self._pass(job, pos)
-                if not self.escalated and self.copied >= self.src.size:
-                    # Writes dirty data faster than we copy it: mirror them
-                    # synchronously until in sync, so the job converges.
-                    with self.eng.io:
-                        self.escalated = True
+                # the last bit with guest writes held off: converges
+                self.eng.quiesce(self.src)
+                try:
+                    self._drain_all(job)
+                finally:
+                    self.eng.unquiesce(self.src)
+                self._progress(job)
+                job.set_ready()
+                with self.eng.io:
+                    self.escalated = False
                 continue
             if job.should_complete or (job.cancel_requested and not job.is_cancelled):
                 self.eng.quiesce(self.src)
@@ -270,8 +270,7 @@ class MirrorJob(BlockJob):
                 self._progress(job)
                 self.final_synced = True
                 return
-            pos, copied = self._pass(job, pos)
-            if not copied:
+            if self.dirty.count() == 0:
                 self._progress(job)
                 job.sleep(100_000_000)
 

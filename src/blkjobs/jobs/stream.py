@@ -117,32 +117,40 @@ class StreamJob(BlockJob):
             self._installed = True
         job.progress.update(0, self.top.size)
 
+    def _claim(self, job: Job) -> tuple[int, int] | None:
+        if self._retry:
+            area = self._retry.pop(0)
+        elif self._pos < self.top.size:
+            n = min(self.batch_size(job, 512 << 10), self.top.size - self._pos)
+            area = (self._pos, n)
+            self._pos += n
+        else:
+            return None
+        with self.eng.io:
+            self.inflight.add(*area)
+        return area
+
+    def _release(self, area: tuple[int, int], stats) -> None:
+        with self.eng.io:
+            self.inflight.remove((area[0], area[0] + area[1]))
+        if stats is None:
+            self._retry.append(area)
+        else:
+            self._job.progress.advance(area[1])
+
+    def _on_error(self, job: Job, err: CopyError, area: tuple[int, int]) -> ErrorAction:
+        # every error of stream is a "read" (jobs.md §3)
+        action = job.handle_error("read", err, self.on_error)
+        if action is ErrorAction.IGNORE:
+            # go on streaming, but the job fails at the end (and keeps its backing)
+            self._retry.remove(area)
+            job.progress.advance(area[1])
+            self.failed_ignored = err
+        return action
+
     def run(self, job: Job) -> None:
-        size, pos = self.top.size, 0
-        while pos < size:
-            job.pause_point()
-            n = min(self.batch_size(job, 512 << 10), size - pos)
-            with self.eng.io:
-                r = self.inflight.add(pos, n)
-            err = None
-            try:
-                self.mover.move(pos, n, job)
-            except CopyError as e:
-                err = e
-            finally:
-                with self.eng.io:
-                    self.inflight.remove(r)
-            if err is not None:
-                # every error of stream is a "read" (jobs.md §3)
-                action = job.handle_error("read", err, self.on_error)
-                if action is ErrorAction.REPORT:
-                    raise err
-                if action is ErrorAction.STOP:
-                    job.pause_point()
-                    continue
-                self.failed_ignored = err       # ignore: go on, but fail at the end
-            job.progress.advance(n)
-            pos += n
+        self._job, self._pos, self._retry = job, 0, []
+        self.copy_loop(job, self.mover, self._claim, self._release, self._on_error)
         self.mover.flush()
         if self.failed_ignored is not None:
             raise self.failed_ignored
