@@ -321,3 +321,45 @@ def test_rebase_safe_and_unsafe(tmp_path, chain3):
     assert p.returncode == 1 and len(p.stderr.splitlines()) == 1
     p = run_blkjobs("rebase", "-b", "base.qcow2", flat)
     assert p.returncode == 1 and "only qcow2" in p.stderr
+
+
+def test_convert_B_and_c_with_other_cluster_layouts(tmp_path, chain3):
+    top, flat = chain3
+    for opts in ("cluster_size=2M", "cluster_size=32k,extended_l2=on", "cluster_size=512"):
+        out = tmp_path / "o.qcow2"
+        run_blkjobs("convert", "-O", "qcow2", "-o", opts, "-B", "mid.qcow2", "-F", "qcow2",
+                    top, out, check=True)
+        check_clean(out)
+        same(flat, out, "raw", "qcow2")
+        out.unlink()
+        run_blkjobs("convert", "-c", "-O", "qcow2", "-o", opts, top, out, check=True)
+        check_clean(out)
+        same(flat, out, "raw", "qcow2")
+        out.unlink()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    import subprocess
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a small tmpfs for the ENOSPC test (needs root): {r.stderr}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_convert_qcow2_enospc_one_line_target_removed(tmp_path, chain3, tiny_tmpfs):
+    top, _ = chain3
+    before = top.read_bytes()
+    dst = tiny_tmpfs / "d.qcow2"
+    p = run_blkjobs("convert", "-O", "qcow2", top, dst)
+    assert p.returncode == 1
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"blkjobs: error writing target '{dst}' at offset ")
+    assert lines[0].endswith(": No space left on device (the incomplete target was removed)")
+    assert not dst.exists()
+    assert top.read_bytes() == before
