@@ -2,7 +2,6 @@
 [-p] [-S SIZE] [-n] [--target-is-zero] [-r RATE] [-m THREADS] [-t CACHE] SRC DST"""
 from __future__ import annotations
 
-import sys
 
 from ..errors import UsageError
 from ..imageops.convert import ConvertOptions, convert
@@ -30,6 +29,9 @@ def register(sub):
     p.add_argument("-W", dest="out_of_order", action="store_true",
                    help="accepted for qemu-img compatibility (writes are always parallel)")
     p.add_argument("-q", dest="quiet", action="store_true", help="no progress output")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="accepted for qemu-img compatibility (the source is opened "
+                   "read-only with shared locks)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     p.add_argument("--progress-json", action="store_true",
                    help="progress as JSON lines on stderr (for programs)")
