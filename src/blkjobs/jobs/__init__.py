@@ -8,7 +8,8 @@
   :mod:`.commit` -- the job drivers;
 * :mod:`.blkdebug` -- a fault-injection node for error-policy tests.
 """
+from .blkdebug import Rule
 from .engine import DirtyBitmap, Engine
 from .frontend import Filter, Frontend
 
-__all__ = ["DirtyBitmap", "Engine", "Filter", "Frontend"]
+__all__ = ["DirtyBitmap", "Engine", "Filter", "Frontend", "Rule"]
