@@ -128,7 +128,7 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
         bucket = TokenBucket(o.rate) if o.rate else None
         with CopyEngine(sfd, dfd, threads=o.threads, request_size=o.request_size or RAW_REQUEST,
                         zero_block=o.sparse_size, target_is_zero=target_zero,
-                        may_unmap=o.sparse_size != 0, bucket=bucket,
+                        may_unmap=o.sparse_size != 0, bucket=bucket, write_behind=o.flush,
                         src_path=src, dst_path=dst) as eng:
             kind = COPY_SPARSE if o.sparse_size else COPY
             fed = 0
@@ -592,6 +592,7 @@ class _Convert:
             with CopyEngine(self.fds[0], self.dfd, threads=o.threads,
                             request_size=o.request_size or CHAIN_REQUEST, zero_block=o.sparse_size,
                             target_is_zero=eng_zero, may_unmap=o.sparse_size != 0,
+                            write_behind=o.flush,     # the final fsync finds little left
                             bucket=bucket, src_path=self.src, dst_path=self.dst) as eng:
                 if self.progress:
                     self.progress(0, self.size)
