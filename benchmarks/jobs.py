@@ -182,6 +182,8 @@ def main() -> int:
     ap.add_argument("--size", default="4G")
     ap.add_argument("--rate", type=float, default=50e6, help="writer bytes/s (default 50 MB/s)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--writer-only", action="store_true",
+                    help="only the mirror under a writer (skip the timed comparisons)")
     ap.add_argument("--repeat", type=int, default=2, help="rounds per comparison (best kept)")
     a = ap.parse_args()
     units = {"M": MiB, "G": 1024 * MiB}
@@ -221,6 +223,9 @@ def main() -> int:
               f"{time.monotonic() - t:.1f} s ({d})", flush=True)
         ok = True
 
+        if a.writer_only:
+            ok = mirror_under_writer(d, size, int(a.rate))
+            return 0 if ok else 1
         view = os.path.join(d, "view.raw")
         sh("qemu-img", "convert", "-O", "raw", os.path.join(chain, "top.qcow2"), view)
 

@@ -334,9 +334,16 @@ class Mover:
         """Plan [off, off+length) (I/O lock taken here) and queue it into a
         free engine, which starts copying at once. Raises CopyError when the
         planning failed (nothing is queued then)."""
-        t = Ticket(off, length)
+        return self.start_areas([(off, length)])
+
+    def start_areas(self, areas: list[tuple[int, int]]) -> Ticket:
+        """:meth:`start` for several areas in one batch (scattered dirty
+        granules: one engine round trip for all of them)."""
+        t = Ticket(areas[0][0], sum(n for _, n in areas))
+        items: list[tuple] = []
         with self.eng.io:
-            items = self.plan(off, length, t.stats)
+            for off, length in areas:
+                items += self.plan(off, length, t.stats)
         if items:
             t.ce = self._engine()
             t.ce.add(items)
@@ -426,8 +433,9 @@ class BlockJob(JobDriver):
         """Copy areas until ``claim`` returns None, ``depth`` batches in
         flight (one copying while the next is planned and queued).
 
-        ``claim(job)`` takes the next area (registering it in flight under
-        the I/O lock); ``release(area, stats)`` gives it back, with ``stats``
+        ``claim(job)`` takes the next area -- (offset, length), or a list of
+        them copied as one batch -- registering it in flight under the I/O
+        lock; ``release(area, stats)`` gives it back, with ``stats``
         None when it was not copied (the caller re-dirties it). A pause or
         cancel request first lets the batches in flight land. An error
         drains the other batches, then goes through ``on_error`` (default:
@@ -459,7 +467,8 @@ class BlockJob(JobDriver):
                     if area is None:
                         break
                     try:
-                        q.append((area, mover.start(*area)))
+                        q.append((area, mover.start_areas(area if isinstance(area, list)
+                                                          else [area])))
                     except CopyError as e:
                         release(area, None)
                         err, failed = e, area

@@ -233,7 +233,7 @@ class Engine:
             self.io.notify_all()
 
     def _guest_write(self, fe: Frontend, op: str, offset: int, length: int,
-                     do: Callable[[Node], None]) -> None:
+                     do: Callable[[Node], None], data: Any = None) -> None:
         with self.io:
             while self._quiesced.get(id(fe.node)):
                 self.io.wait(1.0)
@@ -243,7 +243,7 @@ class Engine:
                 f.before_write(node, op, offset, length)
             do(node)
             for f in filters:
-                f.after_write(node, op, offset, length)
+                f.after_write(node, op, offset, length, data)
             for bm in self._bitmaps.get(id(node), {}).values():
                 bm.mark(offset, length)
         for f in filters:

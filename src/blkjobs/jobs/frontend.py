@@ -40,8 +40,10 @@ class Filter:
         """Before the request reaches ``node``. Raise to fail the request
         (nothing is written then)."""
 
-    def after_write(self, node: Node, op: str, offset: int, length: int) -> None:
-        """After the request was done on ``node``."""
+    def after_write(self, node: Node, op: str, offset: int, length: int,
+                    data=None) -> None:
+        """After the request was done on ``node``. ``data``: what a "write"
+        wrote (None for zero/discard)."""
 
     def notify(self) -> None:
         """After the I/O lock was released (wake the job)."""
@@ -91,7 +93,7 @@ class Frontend:
     def write(self, offset: int, data) -> None:
         self._check(offset, len(data))
         self._eng._guest_write(self, "write", offset, len(data),
-                               lambda n: n.write(offset, data))
+                               lambda n: n.write(offset, data), data)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         self._check(offset, length)

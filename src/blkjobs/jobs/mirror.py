@@ -43,12 +43,14 @@ class MirrorFilter(Filter):
         if self.m.blocking:
             self.m.inflight.wait_clear(offset, length)
 
-    def after_write(self, node: Node, op: str, offset: int, length: int) -> None:
+    def after_write(self, node: Node, op: str, offset: int, length: int,
+                    data=None) -> None:
         m = self.m
         if m.blocking and not m.sync_failed:
             try:
-                data = bytearray(length)
-                m.src.readinto(offset, data)
+                if data is None:        # zero / discard: what the guest now sees
+                    data = bytearray(length)
+                    m.src.readinto(offset, data)
                 if op != "write" and not any(data):
                     m.dst.write_zeroes(offset, length)
                 else:
@@ -179,20 +181,32 @@ class MirrorJob(BlockJob):
         cur = job.progress.current
         job.progress.update(total=cur + left)
 
-    def _claim_any(self, job: Job) -> tuple[int, int] | None:
-        n = self.batch_size(job, self.granularity)
+    def _claim_any(self, job: Job) -> list[tuple[int, int]] | None:
+        """Dirty areas from the cursor on, up to one batch: scattered
+        granules travel together."""
+        left = self.batch_size(job, self.granularity)
+        areas: list[tuple[int, int]] = []
         with self.eng.io:
-            area = self.dirty.take_dirty_area(self._pos, n)
-            if area is None and self._pos:
-                area = self.dirty.take_dirty_area(0, n)
-            if area is None:
-                return None
-            self.inflight.add(*area)
-        end = area[0] + area[1]
-        self._pos = 0 if end >= self.src.size else end
-        return area
+            wrapped = False
+            while left >= self.granularity and len(areas) < 1024:
+                area = self.dirty.take_dirty_area(self._pos, left)
+                if area is None:
+                    if wrapped or not self._pos:
+                        break
+                    wrapped, self._pos = True, 0
+                    continue
+                self.inflight.add(*area)
+                areas.append(area)
+                left -= area[1]
+                end = area[0] + area[1]
+                self._pos = 0 if end >= self.src.size else end
+                if self._pos == 0:
+                    if wrapped:
+                        break
+                    wrapped = True
+        return areas or None
 
-    def _claim(self, job: Job) -> tuple[int, int] | None:
+    def _claim(self, job: Job) -> list[tuple[int, int]] | None:
         """The background loop's next area; None to leave the loop: nothing
         dirty, or little enough left to converge with writes held off, or a
         completion / soft cancel to serve."""
@@ -203,17 +217,20 @@ class MirrorJob(BlockJob):
             return None
         return self._claim_any(job)
 
-    def _release(self, area: tuple[int, int], stats) -> None:
+    def _release(self, areas: list[tuple[int, int]], stats) -> None:
         job = self.job
         with self.eng.io:
-            self.inflight.remove((area[0], area[0] + area[1]))
+            for a, n in areas:
+                self.inflight.remove((a, a + n))
             if stats is None or job.is_cancelled:
-                self.dirty.set(*area)
+                for a, n in areas:
+                    self.dirty.set(a, n)
                 if stats is None:
                     self.sync_failed = True
                 return
-        job.progress.advance(area[1])
-        self.copied += area[1]
+        size = sum(n for _, n in areas)
+        job.progress.advance(size)
+        self.copied += size
         if not job.is_ready and not self.escalated and self.copied >= self.src.size:
             # Writes dirty data faster than we copy it: mirror them
             # synchronously until in sync, so the job converges.
