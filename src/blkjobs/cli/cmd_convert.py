@@ -46,8 +46,10 @@ def register(sub):
                    help="rate limit in bytes per second (e.g. 100M)")
     p.add_argument("-m", dest="threads", default="4", metavar="N",
                    help="parallel requests (worker threads, 1..16, default 4)")
-    p.add_argument("-t", dest="cache", default="writeback", choices=["writeback", "unsafe"],
-                   help="target cache mode: writeback flushes at the end, unsafe does not")
+    p.add_argument("-t", dest="cache", default="unsafe", choices=["writeback", "unsafe"],
+                   help="target cache mode: 'unsafe' (the default, as in qemu-img convert) "
+                   "leaves the data to the kernel's writeback; 'writeback' makes the copy "
+                   "durable (fsync) before exiting, starting writeback while it copies")
     p.add_argument("--request-size", default=None, metavar="SIZE",
                    help="bytes per request (default 2M for raw -> raw, else 512k)")
     p.add_argument("src")
