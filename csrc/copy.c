@@ -46,6 +46,7 @@ struct worker {
     pthread_t thread;
     void *buf;
     uint64_t bufsz;
+    uint64_t wb_off, wb_len;  /* previous request, for write-behind */
     int started;
 };
 
@@ -374,13 +375,25 @@ static int throttle(struct bj_copy *c, uint64_t n)
     return 0;
 }
 
-/* Start writeback of a request's bytes (not waiting for it). Errors here are
- * not fatal: the final fsync reports real write errors. */
-static void write_behind(struct bj_copy *c, const struct req *q)
+/* Write-behind for durable copies (the page-cache discipline nbdcopy uses):
+ * start writeback of each request as soon as it is written, then wait for
+ * the writeback of this worker's previous request and drop its pages from
+ * the cache. Disk writes overlap the copy, dirty memory stays bounded to
+ * about two requests per worker, and the final fsync has almost nothing
+ * left to do. Errors here are not fatal: the final fsync reports them. */
+static void write_behind(struct worker *w, const struct req *q)
 {
-    if (c->o.write_behind && q->kind == REQ_COPY)
-        (void)sync_file_range(c->o.dst_fd, (off_t)q->r.dst_off, (off_t)q->r.len,
-                              SYNC_FILE_RANGE_WRITE);
+    struct bj_copy *c = w->c;
+    int fd = c->o.dst_fd;
+    (void)sync_file_range(fd, (off_t)q->r.dst_off, (off_t)q->r.len, SYNC_FILE_RANGE_WRITE);
+    if (w->wb_len) {
+        (void)sync_file_range(fd, (off_t)w->wb_off, (off_t)w->wb_len,
+                              SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                                  SYNC_FILE_RANGE_WAIT_AFTER);
+        (void)posix_fadvise(fd, (off_t)w->wb_off, (off_t)w->wb_len, POSIX_FADV_DONTNEED);
+    }
+    w->wb_off = q->r.dst_off;
+    w->wb_len = q->r.len;
 }
 
 static void *worker_main(void *arg)
@@ -403,8 +416,8 @@ static void *worker_main(void *arg)
             handed_back = throttle(c, q.r.len);
         if (!handed_back) {
             rc = do_request(w, &q, &side, &fail_off, &data, &zero);
-            if (rc == 0 && data)
-                write_behind(c, &q);
+            if (rc == 0 && data && c->o.write_behind)
+                write_behind(w, &q);
         }
 
         pthread_mutex_lock(&c->lock);

@@ -44,8 +44,9 @@ def register(sub):
                    help="with -n: the target already reads as zeroes, skip writing zeroes")
     p.add_argument("-r", dest="rate", default="0", metavar="RATE",
                    help="rate limit in bytes per second (e.g. 100M)")
-    p.add_argument("-m", dest="threads", default="4", metavar="N",
-                   help="parallel requests (worker threads, 1..16, default 4)")
+    p.add_argument("-m", dest="threads", default=None, metavar="N",
+                   help="parallel requests (worker threads, 1..16; default 4, or 8 with "
+                   "-t writeback, where workers also wait for the disk)")
     p.add_argument("-t", dest="cache", default="unsafe", choices=["writeback", "unsafe"],
                    help="target cache mode: 'unsafe' (the default, as in qemu-img convert) "
                    "leaves the data to the kernel's writeback; 'writeback' makes the copy "
@@ -59,7 +60,8 @@ def register(sub):
 
 def run(args) -> int:
     try:
-        threads = int(args.threads)
+        threads = int(args.threads) if args.threads is not None else (
+            8 if args.cache == "writeback" else 4)
     except ValueError:
         raise UsageError(f"invalid number of threads '{args.threads}'") from None
     opts = ConvertOptions(

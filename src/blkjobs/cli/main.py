@@ -25,12 +25,22 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(1)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_modules() -> list[str]:
+    pkg = sys.modules[__package__]
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("cmd_"))
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser. Module ``cmd_<name>`` defines command ``<name>``: when
+    ``argv`` names a command only its module is imported (start-up time is
+    part of every copy a user times); otherwise (help, typos) all are."""
     p = _Parser(prog=PROG, description="Block jobs and image tools with a C data path.")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    pkg = sys.modules[__package__]
-    names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("cmd_"))
+    names = _command_modules()
+    first = next((a for a in (argv or []) if not a.startswith("-")), None)
+    if first is not None and f"cmd_{first}" in names:
+        names = [f"cmd_{first}"]
     for name in names:
         mod = importlib.import_module(f"{__package__}.{name}")
         mod.register(sub)
@@ -38,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

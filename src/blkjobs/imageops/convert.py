@@ -44,6 +44,8 @@ from .files import fd_size, open_source, same_file
 
 WORK_RANGE = 1 << 30           # bytes queued per feed of the engine
 RAW_REQUEST = 2 << 20          # engine request size, raw -> raw
+# durable raw -> raw copies (write-behind): smaller requests keep the disk busier
+WB_REQUEST = 1 << 20
 # raw|qcow2|chain -> raw|qcow2: smaller requests measured 5-10% faster on the
 # 4 GiB benchmark (page cache, 2 cores): the workers' buffers stay in CPU cache
 CHAIN_REQUEST = 512 << 10
@@ -126,7 +128,8 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
                 raise CopyError(e.errno, "Could not resize target", path=dst) from None
         target_zero = created or o.target_is_zero
         bucket = TokenBucket(o.rate) if o.rate else None
-        with CopyEngine(sfd, dfd, threads=o.threads, request_size=o.request_size or RAW_REQUEST,
+        with CopyEngine(sfd, dfd, threads=o.threads,
+                        request_size=o.request_size or (WB_REQUEST if o.flush else RAW_REQUEST),
                         zero_block=o.sparse_size, target_is_zero=target_zero,
                         may_unmap=o.sparse_size != 0, bucket=bucket, write_behind=o.flush,
                         src_path=src, dst_path=dst) as eng:
