@@ -174,19 +174,19 @@ def main():
         cases = [
             ("qcow2 -> raw", out_raw, {
                 "blkjobs -t unsafe": bju + ["-O", "raw", q, out_raw],
-                "blkjobs": bj + ["convert", "-O", "raw", q, out_raw],
+                "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "raw", q, out_raw],
                 "qemu-img": ["qemu-img", "convert", "-O", "raw", q, out_raw],
                 "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", q,
                                      out_raw]}),
             ("raw -> qcow2", out_q, {
                 "blkjobs -t unsafe": bju + ["-O", "qcow2", raw, out_q],
-                "blkjobs": bj + ["convert", "-O", "qcow2", raw, out_q],
+                "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "qcow2", raw, out_q],
                 "qemu-img": ["qemu-img", "convert", "-O", "qcow2", raw, out_q],
                 "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "qcow2", raw,
                                      out_q]}),
             ("chain(3) -> raw", out_raw, {
                 "blkjobs -t unsafe": bju + ["-O", "raw", top, out_raw],
-                "blkjobs": bj + ["convert", "-O", "raw", top, out_raw],
+                "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "raw", top, out_raw],
                 "qemu-img": ["qemu-img", "convert", "-O", "raw", top, out_raw],
                 "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", top,
                                      out_raw]}),

@@ -37,9 +37,9 @@ BLKJOBS = os.path.join(os.path.dirname(sys.executable), "blkjobs")
 
 def contenders(src, dst):
     c = {
-        "blkjobs convert": [BLKJOBS, "convert", "-t", "unsafe", src, dst],
+        "blkjobs convert": [BLKJOBS, "convert", src, dst],     # default: -t unsafe, as qemu-img
         # durable copies: blkjobs flushes itself (-t writeback, with write-behind)
-        "blkjobs -t writeback": [BLKJOBS, "convert", src, dst],
+        "blkjobs -t writeback": [BLKJOBS, "convert", "-t", "writeback", src, dst],
         "qemu-img convert": ["qemu-img", "convert", "-f", "raw", "-O", "raw", src, dst],
         "qemu-img -m 16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-f", "raw", "-O", "raw",
                               src, dst],
