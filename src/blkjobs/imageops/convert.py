@@ -88,6 +88,22 @@ def _check_options(o: ConvertOptions) -> None:
         raise UsageError(f"invalid number of coroutines/threads {o.threads}: must be 1..16")
 
 
+
+def _say_what_happened_to_target(e: BaseException, dst: str, created: bool,
+                                 existing: bool) -> None:
+    """After a failed convert: remove a target we created, and append to the
+    error what became of the target (the user must never have to guess)."""
+    if created:
+        try:
+            os.unlink(dst)
+            note = "the incomplete target was removed"
+        except OSError:
+            note = "the incomplete target could not be removed"
+    else:
+        note = "the target was left partially written" if existing else ""
+    if isinstance(e, BlkjobsError) and note and not isinstance(e, UsageError):
+        e.args = (f"{e} ({note})",)
+
 def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 check: Callable[[], None] | None = None) -> ConvertResult:
@@ -172,16 +188,7 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
         if dfd >= 0:
             os.close(dfd)
             dfd = -1
-        if created:
-            try:
-                os.unlink(dst)
-                note = "the incomplete target was removed"
-            except OSError:
-                note = "the incomplete target could not be removed"
-        else:
-            note = "the target was left partially written" if o.no_create else ""
-        if isinstance(e, BlkjobsError) and note and not isinstance(e, UsageError):
-            e.args = (f"{e} ({note})",)
+        _say_what_happened_to_target(e, dst, created, o.no_create)
         raise
     finally:
         os.close(sfd)
@@ -629,16 +636,7 @@ class _Convert:
             return ConvertResult(self.size, st.data_bytes, st.zero_bytes)
         except BaseException as e:
             self._close_target(failed=True)
-            if self.created:
-                try:
-                    os.unlink(self.dst)
-                    note = "the incomplete target was removed"
-                except OSError:
-                    note = "the incomplete target could not be removed"
-            else:
-                note = "the target was left partially written" if o.no_create else ""
-            if isinstance(e, BlkjobsError) and note and not isinstance(e, UsageError):
-                e.args = (f"{e} ({note})",)
+            _say_what_happened_to_target(e, self.dst, self.created, o.no_create)
             raise
         finally:
             self._close_target(failed=False)

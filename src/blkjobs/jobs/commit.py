@@ -185,17 +185,12 @@ class CommitJob(BlockJob):
         with self.eng.io:
             overlays = self.eng.graph.parents(self.top)
             self.access.release_write()
-            gt = GraphTransaction()
-            try:
+            with GraphTransaction() as gt:       # commits, or aborts on an exception
                 for ov in overlays:
                     if ov.read_only:
                         ov.reopen(False)
                         self._overlay_ro = ov
                     gt.set_backing(ov, self.base, filename=self.backing_file)
-            except BaseException:
-                gt.abort()
-                raise
-            gt.commit()
 
     def commit(self, job: Job) -> None:
         with self.eng.io:

@@ -157,13 +157,8 @@ class StreamJob(BlockJob):
 
     def prepare(self, job: Job) -> None:
         with self.eng.io:
-            gt = GraphTransaction()
-            try:
+            with GraphTransaction() as gt:       # commits, or aborts on an exception
                 gt.set_backing(self.top, self.base, filename=self.backing_file)
-            except BaseException:
-                gt.abort()
-                raise
-            gt.commit()
 
     def commit(self, job: Job) -> None:
         with self.eng.io:
