@@ -46,6 +46,7 @@ from . import compress as _cz
 from .header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, EXT_BITMAPS, INCOMPAT_CORRUPT,
                      INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, Header, parse_header)
 from .refcount import Refcounts
+from ...native import qcow2 as _nq
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1_RESERVED = 0x7F000000000001FF
@@ -118,6 +119,7 @@ class Qcow2(Driver):
                                  f"of the file (0x{off:x})")
         self.l1_dirty = False
         self.l2cache: dict[int, bytearray] = {}
+        self._l2dec = _nq.L2Decoder()
         self.l2dirty: set[int] = set()
         self._header_dirty = False
         self._comp_cache = (None, None)
@@ -337,11 +339,35 @@ class Qcow2(Driver):
                 pos = span_end
                 continue
             n = gc1 - gc0 + 1
+            k0 = 0
+            if not self.extended:
+                # The C hot loop decodes the well-formed entries into runs;
+                # it stops at anything unusual, which the loop below handles.
+                limit = self.file_size
+                if self.rc is not None:
+                    limit = max(limit, self.rc.end << cb)
+                runs, stop = self._l2dec.runs(t, gc0 % l2e, n, cb, limit,
+                                              self.header.version >= 3)
+                base = l1i * l2e
+                for first, count, kind, host in runs:
+                    cstart = (base + first) << cb
+                    s = max(pos, cstart)
+                    e_ = min(span_end, (base + first + count) << cb)
+                    if kind == _nq.DATA:
+                        emit(s, e_ - s, Kind.DATA, host + s - cstart)
+                    elif kind == _nq.ZERO:
+                        emit(s, e_ - s, Kind.ZERO, (host + s - cstart) if host else None)
+                    else:
+                        emit(s, e_ - s, Kind.UNALLOCATED)
+                k0 = stop - gc0 % l2e
+                if k0 >= n:
+                    pos = span_end
+                    continue
             if self.extended:
                 vals = struct.unpack_from(f">{2 * n}Q", t, i0)
             else:
                 vals = struct.unpack_from(f">{n}Q", t, i0)
-            for k in range(n):
+            for k in range(k0, n):
                 gc = gc0 + k
                 cstart = gc << cb
                 s = max(pos, cstart)

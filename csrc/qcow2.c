@@ -1,0 +1,84 @@
+/* qcow2.c: the qcow2 metadata hot loop — turning L2 tables into runs.
+ *
+ * Mapping a 4 GiB image with 64 KiB clusters walks 65536 L2 entries per
+ * layer; in Python that costs ~1 us an entry, about the time the whole copy
+ * takes. Here each 8-byte big-endian entry is decoded and classified
+ * (unallocated / zero / data) and consecutive entries of one kind are merged
+ * into a run (data only while the host clusters are contiguous), so Python
+ * handles a few runs instead of every entry.
+ *
+ * Only the common, well-formed case is decoded: anything unusual (compressed
+ * clusters, reserved bits, an unaligned or out-of-file host offset, the zero
+ * flag in a version 2 image) stops the walk at that entry, and the caller's
+ * full Python path validates and reports it. So this loop never has to
+ * produce an error message, and a corrupt image gets exactly the same
+ * diagnostics as before.
+ *
+ * Cost: one pass over n entries, no allocation. Worked example (64 KiB
+ * clusters): entries [0x8000000000050000, 0x8000000000060000, 0, 1] give
+ * runs {first 0, count 2, DATA, host 0x50000}, {2, 1, UNALLOCATED},
+ * {3, 1, ZERO, host 0}.
+ */
+#include "qcow2.h"
+
+#include <errno.h>
+
+#define L2_OFFSET_MASK 0x00FFFFFFFFFFFE00ull
+#define L2_RESERVED 0x3F000000000001FEull
+#define L2_COMPRESSED (1ull << 62)
+#define L2_ZERO 1ull
+
+static uint64_t be64(const uint8_t *p)
+{
+    return ((uint64_t)p[0] << 56) | ((uint64_t)p[1] << 48) | ((uint64_t)p[2] << 40) |
+           ((uint64_t)p[3] << 32) | ((uint64_t)p[4] << 24) | ((uint64_t)p[5] << 16) |
+           ((uint64_t)p[6] << 8) | (uint64_t)p[7];
+}
+
+long bj_qcow2_l2_runs(const uint8_t *table, size_t table_len, size_t first, size_t n,
+                      unsigned cluster_bits, uint64_t host_limit, int v3,
+                      struct bj_l2run *out, size_t max, size_t *stop_out)
+{
+    if (!table || !out || !stop_out || cluster_bits < 9 || cluster_bits > 30 ||
+        first > table_len / 8 || n > table_len / 8 - first)
+        return -EINVAL;
+    uint64_t cs = 1ull << cluster_bits;
+    size_t nr = 0;
+    *stop_out = first;
+    for (size_t i = first; i < first + n; i++) {
+        uint64_t e = be64(table + 8 * i);
+        uint64_t host = e & L2_OFFSET_MASK;
+        uint32_t kind;
+        if ((e & (L2_COMPRESSED | L2_RESERVED)) || (host & (cs - 1)) ||
+            (host && (host >= host_limit || cs > host_limit - host)))
+            break;
+        if (e & L2_ZERO) {
+            if (!v3)
+                break;
+            kind = BJ_L2_ZERO;
+        } else {
+            kind = host ? BJ_L2_DATA : BJ_L2_UNALLOCATED;
+        }
+        if (nr > 0) {
+            struct bj_l2run *p = &out[nr - 1];
+            int same = p->kind == kind &&
+                       (kind == BJ_L2_UNALLOCATED ||
+                        (kind == BJ_L2_DATA && p->host + p->count * cs == host) ||
+                        (kind == BJ_L2_ZERO && p->host == 0 && host == 0));
+            if (same) {
+                p->count++;
+                *stop_out = i + 1;
+                continue;
+            }
+        }
+        if (nr == max)
+            return -ENOBUFS;
+        out[nr].first = i;
+        out[nr].count = 1;
+        out[nr].host = host;
+        out[nr].kind = kind;
+        nr++;
+        *stop_out = i + 1;
+    }
+    return (long)nr;
+}

@@ -1,0 +1,62 @@
+/* L2 run decoding: the worked example of qcow2.c, stops, bad arguments. */
+#include "check.h"
+#include "qcow2.h"
+
+#include <errno.h>
+#include <string.h>
+
+static void put(uint8_t *t, size_t i, uint64_t e)
+{
+    for (int b = 0; b < 8; b++)
+        t[8 * i + b] = (uint8_t)(e >> (56 - 8 * b));
+}
+
+int main(void)
+{
+    uint8_t t[8 * 16];
+    struct bj_l2run r[8];
+    size_t stop;
+    memset(t, 0, sizeof t);
+    put(t, 0, 0x8000000000050000ull);
+    put(t, 1, 0x8000000000060000ull);
+    put(t, 2, 0);
+    put(t, 3, 1);
+    long n = bj_qcow2_l2_runs(t, sizeof t, 0, 4, 16, 1ull << 30, 1, r, 8, &stop);
+    CHECK_EQ(n, 3);
+    CHECK_EQ(stop, 4);
+    CHECK_EQ(r[0].kind, BJ_L2_DATA);
+    CHECK_EQ(r[0].count, 2);
+    CHECK_EQ(r[0].host, 0x50000);
+    CHECK_EQ(r[1].kind, BJ_L2_UNALLOCATED);
+    CHECK_EQ(r[2].kind, BJ_L2_ZERO);
+    /* non-contiguous data makes two runs */
+    put(t, 1, 0x8000000000090000ull);
+    CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 0, 2, 16, 1ull << 30, 1, r, 8, &stop), 2);
+    /* a compressed entry stops the walk there */
+    put(t, 5, 1ull << 62);
+    CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 4, 4, 16, 1ull << 30, 1, r, 8, &stop), 1);
+    CHECK_EQ(stop, 5);
+    /* unaligned host, beyond the limit, reserved bits, zero flag in v2 */
+    uint64_t bad[] = { 0x8000000000050200ull, 0x80000000F0000000ull, 0x8000000000050002ull };
+    for (size_t i = 0; i < 3; i++) {
+        put(t, 6, bad[i]);
+        CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 6, 1, 16, 1ull << 30, 1, r, 8, &stop), 0);
+        CHECK_EQ(stop, 6);
+    }
+    CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 3, 1, 16, 1ull << 30, 0, r, 8, &stop), 0);
+    CHECK_EQ(stop, 3);
+    /* a full run buffer: ENOBUFS and where to resume */
+    memset(t, 0, sizeof t);
+    for (size_t i = 0; i < 16; i++)
+        put(t, i, (i & 1) ? 1 : 0);
+    CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 0, 16, 16, 1ull << 30, 1, r, 8, &stop), -ENOBUFS);
+    CHECK_EQ(stop, 8);
+    /* bad arguments, odd sizes */
+    CHECK_EQ(bj_qcow2_l2_runs(NULL, 8, 0, 1, 16, 1, 1, r, 8, &stop), -EINVAL);
+    CHECK_EQ(bj_qcow2_l2_runs(t, 7, 0, 1, 16, 1, 1, r, 8, &stop), -EINVAL);
+    CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 15, 2, 16, 1, 1, r, 8, &stop), -EINVAL);
+    CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 0, 1, 8, 1, 1, r, 8, &stop), -EINVAL);
+    CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 16, 0, 16, 1, 1, r, 8, &stop), 0);
+    printf("test_qcow2: ok\n");
+    return 0;
+}
