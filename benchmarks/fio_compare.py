@@ -18,7 +18,7 @@ rotated order (so drift hits all alike), after one discarded warm-up round:
 Writes use --end_fsync=1 in fio and an fsync in blkjobs, both timed. fio's
 figures are its own (io_bytes / runtime); blkjobs' are the C loop's clock.
 It prints median and min..max in MB/s (10^6 B/s) and the ratio of the
-medians to fio-jobs, and exits 1 when blkjobs' ratio is below 0.90. Needs fio (Debian: fio) and a built blkjobs.
+medians to fio-jobs, and exits 1 when a blkjobs ratio is off 1 by more than 10%. Needs fio (Debian: fio) and a built blkjobs.
 """
 from __future__ import annotations
 
@@ -57,7 +57,10 @@ def run_fio(path, rw, n, size, bs, mode):
     else:
         a += ["--ioengine=libaio", f"--iodepth={n}", f"--size={size}"]
     if rw == "write":
-        a.append("--end_fsync=1")
+        # blkjobs writes one unchanging buffer, as fio does with
+        # scramble_buffers=0 (fio's default scrambles every buffer, which costs
+        # CPU per request and measured 20-30% slower here: not the same work)
+        a += ["--end_fsync=1", "--scramble_buffers=0"]
     out = subprocess.run(a, check=True, capture_output=True, text=True).stdout
     part = json.loads(out[out.find("{"):])["jobs"][0][rw]
     return part["io_bytes"] / (part["runtime"] / 1000.0)
@@ -105,7 +108,7 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    worst = 10.0
+    worst = 1.0   # the blkjobs/fio ratio farthest from 1
     print(f"sequential {a.bs} O_DIRECT, {a.size} file in {a.dir}, median of {a.rounds} "
           f"rounds after 1 warm-up, MB/s = 10^6 B/s")
     print(f"{'rw':6} {'thr':>3}  {'contender':10} {'median':>8}  {'min-max':>15}  ratio  "
@@ -115,15 +118,16 @@ def main():
         for k, v in figs.items():
             ratio = med[k] / med["fio-jobs"]
             best = max(v) / max(figs["fio-jobs"])  # the least disturbed runs
-            if k == "blkjobs":
-                worst = min(worst, ratio)
+            if k == "blkjobs" and abs(ratio - 1) > abs(worst - 1):
+                worst = ratio
             print(f"{rw:6} {n:>3}  {k:10} {med[k] / 1e6:8.0f}  "
                   f"{min(v) / 1e6:7.0f}-{max(v) / 1e6:<7.0f}  {ratio:5.2f}  {best:5.2f}")
     if a.json:
         print(json.dumps({f"{rw}/{n}": f for (rw, n), f in results.items()}))
-    print(f"worst blkjobs/fio ratio: {worst:.2f} ({'within' if worst >= 0.9 else 'NOT within'}"
+    ok = abs(worst - 1) <= 0.10
+    print(f"blkjobs/fio ratio farthest from 1: {worst:.2f} ({'within' if ok else 'NOT within'}"
           f" 10%)")
-    return 0 if worst >= 0.9 else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
