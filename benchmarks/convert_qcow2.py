@@ -130,6 +130,7 @@ ENV = dict(os.environ)
 def run_once(cmd, out) -> float:
     if os.path.exists(out):
         os.unlink(out)
+    os.sync()   # start every run with no dirty pages of earlier runs (not timed)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                        env=ENV)
