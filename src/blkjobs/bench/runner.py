@@ -211,12 +211,21 @@ class ExtResult:
     err: str
 
 
+#: GNU time reports a tool's own peak RSS. wait4() on a child we forked would
+#: count the memory it inherited from this Python process before exec.
+GNU_TIME = "/usr/bin/time"
+
+
 def run_external(argv: list[str], clock: Clock = time.monotonic) -> ExtResult:
-    """Run a tool, timing it with ``clock`` and taking its own CPU time and
-    peak RSS from wait4(). Killed if we are interrupted."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    """Run a tool, timing it with ``clock``; its CPU time and peak RSS come
+    from GNU time when installed (else from wait4(), whose RSS then includes
+    what the child inherited from us). Killed if we are interrupted."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("w+") as usage:
+        gnu = os.access(GNU_TIME, os.X_OK)
+        cmd = [GNU_TIME, "-f", "%M %U %S", "-o", usage.name] + argv if gnu else argv
         t0 = clock()
-        p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         try:
             _, status, ru = os.wait4(p.pid, 0)
         except BaseException:
@@ -225,10 +234,19 @@ def run_external(argv: list[str], clock: Clock = time.monotonic) -> ExtResult:
             raise
         elapsed = clock() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
+        cpu, rss = _cpu(ru), ru.ru_maxrss * 1024
+        if gnu:
+            usage.seek(0)
+            lines = usage.read().split("\n")
+            fields = next((ln.split() for ln in reversed(lines) if ln.strip()), [])
+            try:
+                rss = int(fields[0]) * 1024
+                cpu = float(fields[1]) + float(fields[2])
+            except (IndexError, ValueError):
+                pass      # time could not run the tool: keep wait4's figures
         out.seek(0)
         err.seek(0)
-        return ExtResult(p.returncode, elapsed, _cpu(ru), ru.ru_maxrss * 1024,
-                         out.read(), err.read())
+        return ExtResult(p.returncode, elapsed, cpu, rss, out.read(), err.read())
 
 
 class ToolError(Exception):
