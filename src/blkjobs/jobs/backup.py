@@ -137,7 +137,7 @@ class BackupJob(BlockJob):
         with self.eng.io:
             done = self.done
             left = 0 if self.sync == "none" else (
-                self.copy_bm.count() + sum(e - s for s, e in self.inflight.ranges))
+                self.copy_bm.count() + self.inflight.total)
         job.progress.update(current=max(done, job.progress.current), total=done + left)
 
     @property

@@ -27,6 +27,7 @@ manager's lock (hooks run under the manager lock and may take the I/O lock).
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -117,24 +118,46 @@ def _intersect(a: list[tuple[int, int, Any]], b: list[tuple[int, int, int]]):
 
 class InFlight:
     """Guest ranges a job is copying right now. All methods need the engine's
-    I/O lock (``cond``) held; :meth:`wait_clear` releases it while waiting."""
+    I/O lock (``cond``) held; :meth:`wait_clear` releases it while waiting.
+
+    Every guest write asks :meth:`busy`, and a mirror batch may hold a
+    thousand scattered granules, so the ranges are kept sorted (bisect):
+    add/remove cost O(log n) plus a memmove, ``busy`` looks only at the
+    ranges that can reach the request (starts within the longest length)."""
 
     def __init__(self, cond: threading.Condition):
         self.cond = cond
-        self.ranges: list[tuple[int, int]] = []
+        self._sorted: list[tuple[int, int]] = []   # (start, end), duplicates allowed
+        self._longest = 0
+        self.total = 0                              # bytes in flight
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(self._sorted)
 
     def add(self, start: int, length: int) -> tuple[int, int]:
         r = (start, start + length)
-        self.ranges.append(r)
+        bisect.insort(self._sorted, r)
+        self._longest = max(self._longest, length)
+        self.total += length
         return r
 
     def remove(self, r: tuple[int, int]) -> None:
-        self.ranges.remove(r)
+        i = bisect.bisect_left(self._sorted, r)
+        if i == len(self._sorted) or self._sorted[i] != r:
+            raise ValueError(f"range {r} is not in flight")
+        del self._sorted[i]
+        self.total -= r[1] - r[0]
+        if not self._sorted:
+            self._longest = 0
         self.cond.notify_all()
 
     def busy(self, start: int, length: int) -> bool:
         end = start + length
-        return any(s < end and start < e for s, e in self.ranges)
+        rs = self._sorted
+        i = bisect.bisect_left(rs, (start - self._longest + 1, 0))
+        j = bisect.bisect_left(rs, (end, 0))
+        return any(e > start for _, e in rs[i:j])
 
     def wait_clear(self, start: int, length: int) -> None:
         while self.busy(start, length):

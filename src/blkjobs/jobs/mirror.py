@@ -63,11 +63,16 @@ class MirrorFilter(Filter):
 
     def notify(self) -> None:
         job = self.m.job
-        # A busy job looks at the bitmap again before it sleeps (and sleeps
-        # at most 100 ms): only wake an idle one. Read without the lock on
-        # purpose: a stale value costs at most one sleep.
-        if job is not None and not job.busy:
+        # A busy job looks at the bitmap again before it sleeps: only wake an
+        # idle one. Read without the lock on purpose: a stale value costs at
+        # most one sleep. Once READY the job polls every READY_POLL instead,
+        # so writes coalesce into batches rather than waking it once each.
+        if job is not None and not job.busy and not job.is_ready:
             job.kick()
+
+
+#: How often a READY mirror copies what the guest wrote meanwhile.
+READY_POLL_NS = 20_000_000
 
 
 class MirrorJob(BlockJob):
@@ -175,7 +180,7 @@ class MirrorJob(BlockJob):
     def _progress(self, job: Job) -> None:
         with self.eng.io:
             extra, self.sync_bytes = self.sync_bytes, 0
-            left = self.dirty.count() + sum(e - s for s, e in self.inflight.ranges)
+            left = self.dirty.count() + self.inflight.total
         if extra:
             job.progress.advance(extra)
         cur = job.progress.current
@@ -287,9 +292,12 @@ class MirrorJob(BlockJob):
                 self._progress(job)
                 self.final_synced = True
                 return
-            if self.dirty.count() == 0:
+            if self.dirty.count() < BATCH:
+                # In sync but for recent writes: let them gather for a slice
+                # (QEMU's mirror also iterates in slices). complete, cancel
+                # and pause wake the job at once.
                 self._progress(job)
-                job.sleep(100_000_000)
+                job.sleep(READY_POLL_NS)
 
     # ------------------------------------------------------------------
     def complete(self, job: Job) -> None:

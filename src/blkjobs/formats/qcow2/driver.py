@@ -548,6 +548,15 @@ class Qcow2(Driver):
                 bm = 0
         else:
             self._check_overlap(h)
+            if not e & ZERO:
+                bits = ((1 << ((b - 1) // scs + 1)) - 1) ^ ((1 << (a // scs)) - 1)
+                if not self.extended or (bm & bits) == bits:
+                    # Allocated in place (COPIED, data): write just these
+                    # bytes; no read-modify-write of the rest of the cluster.
+                    done, n = 0, len(data)
+                    while done < n:
+                        done += os.pwrite(self.fd, data[done:], h + a + done)
+                    return
         # (sub)cluster-aligned window [sa, sb) around [a, b)
         sa = a // scs * scs
         sb = -(-b // scs) * scs
