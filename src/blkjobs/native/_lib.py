@@ -6,6 +6,8 @@ Nothing outside ``blkjobs.native`` touches ``ffi``/``lib`` or a cffi type.
 """
 from __future__ import annotations
 
+import abc
+
 from ..errors import from_errno
 
 try:
@@ -21,3 +23,24 @@ def ensure(rc: int, what: str = "", **context) -> int:
     if rc < 0:
         raise from_errno(rc, what, **context)
     return rc
+
+
+class Owned(abc.ABC):
+    """Base of the wrappers that own one C object: ``close()`` frees it (once,
+    idempotent); a context manager; freed at garbage collection otherwise."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free the C object; calling it again does nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UsageError
-from ._lib import ensure, ffi, lib
+from ._lib import Owned, ensure, ffi, lib
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class LoopResult:
     fsync_ns: int       # part of elapsed_ns spent in the final fsync
 
 
-class IOLoop:
+class IOLoop(Owned):
     """One measured loop. Buffers are allocated and touched (and threads
     started) here, outside the timed region; the clock starts in run()."""
 
@@ -92,15 +92,3 @@ class IOLoop:
         if self._b is not None:
             lib.bj_bench_free(self._b)
             self._b = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..errors import Cancelled, CopyError, UsageError
-from ._lib import ensure, ffi, lib
+from ._lib import Owned, ensure, ffi, lib
 from .ratelimit import TokenBucket
 
 COPY = 0
@@ -40,7 +40,7 @@ class CopyStatus:
     in_flight: int
 
 
-class CopyEngine:
+class CopyEngine(Owned):
     """Copies byte ranges from ``src_fd`` to ``dst_fd``.
 
     ``zero_block``: zero-detection granularity (bytes, blocks aligned to
@@ -170,15 +170,3 @@ class CopyEngine:
         if self._c is not None:
             lib.bj_copy_free(self._c)
             self._c = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
