@@ -67,3 +67,16 @@ def make_sparse(path, size, chunks, seed=1):
 
 def blocks(path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs, for ENOSPC. Needs root (CI runs as root): fails, not skips."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a small tmpfs for the ENOSPC test (needs root): {r.stderr}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])

@@ -139,16 +139,6 @@ def test_source_given_as_target_through_symlink(tmp_path):
     assert src.read_bytes() == b"precious" * 512
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"cannot mount a small tmpfs for the ENOSPC test (needs root): {r.stderr}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
 
 
 def test_enospc_one_line_target_removed(tmp_path, small_tmpfs):

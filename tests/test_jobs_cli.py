@@ -68,3 +68,14 @@ def test_backup_and_mirror_events_and_exit_codes(tmp_path):
     assert "Source and target image have different sizes" in p.stderr
     p = run_blkjobs("mirror", tmp_path / "top.qcow2", tmp_path / "small.qcow2")
     assert p.returncode == 1 and "mirror job failed" in p.stderr
+
+
+def test_commit_without_backing_is_one_line_like_qemu_img(tmp_path, qemu_img):
+    import subprocess
+    img = tmp_path / "nb.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    theirs = subprocess.run([qemu_img, "commit", str(img)], capture_output=True, text=True)
+    p = run_blkjobs("commit", img)
+    assert p.returncode == 1
+    assert p.stderr == "blkjobs: Image does not have a backing file\n"
+    assert theirs.stderr == "qemu-img: Image does not have a backing file\n"

@@ -16,6 +16,7 @@ last completion and fsync).
 """
 from __future__ import annotations
 
+import abc
 import errno
 import json
 import mmap
@@ -333,7 +334,7 @@ class Env:
 
 
 # -- contenders ----------------------------------------------------------------
-class Contender:
+class Contender(abc.ABC):
     """One way of doing a case's work.
 
     ``name``: the label in the table. ``available()``: None, or why the tool
@@ -357,8 +358,9 @@ class Contender:
         return [env.src_image, env.dst_image(self.name)] if case.workload == "copy" \
             else [env.data_file]
 
+    @abc.abstractmethod
     def run(self, case: Case, env: Env, progress: Callable[[int, int], None]) -> Sample:
-        raise NotImplementedError
+        """One measured run of ``case``."""
 
 
 class Blkjobs(Contender):
@@ -417,8 +419,9 @@ class External(Contender):
     def available(self):
         return None if shutil.which(self.binary) else f"{self.binary} is not installed"
 
+    @abc.abstractmethod
     def argv(self, case: Case, env: Env) -> list[list[str]]:
-        raise NotImplementedError
+        """The command lines of one run of ``case``."""
 
     def before(self, case: Case, env: Env) -> None:
         if case.workload == "copy":

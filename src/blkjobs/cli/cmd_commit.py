@@ -51,7 +51,7 @@ def run(args) -> int:
     try:
         top = eng.open(args.image, args.fmt, node_name="top")
         if top.backing is None:
-            raise UsageError("There is no backimg image")
+            raise UsageError("Image does not have a backing file")   # qemu-img's text
         base = top.backing
         if args.base:
             want = resolve_backing(os.path.abspath(args.image), args.base)

@@ -10,20 +10,25 @@ and aborts on an exception.
 """
 from __future__ import annotations
 
+import abc
 import os
 
 from ..errors import ImageError, UsageError
 from .node import Node
 
 
-class Change:
+class Change(abc.ABC):
+    """One applied graph change, waiting for the transaction's verdict."""
+
     done = False
 
+    @abc.abstractmethod
     def commit(self) -> None:
-        raise NotImplementedError
+        """Make the change permanent (release what abort would have needed)."""
 
+    @abc.abstractmethod
     def abort(self) -> None:
-        raise NotImplementedError
+        """Restore the graph (and any rewritten header) exactly as it was."""
 
     def _finish(self):
         if self.done:

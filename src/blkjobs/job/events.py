@@ -18,6 +18,7 @@ test calls :meth:`FakeClock.advance`, or jumps ahead at once with
 """
 from __future__ import annotations
 
+import abc
 import json
 import threading
 import time
@@ -37,23 +38,23 @@ BLOCK_JOB_ERROR = "BLOCK_JOB_ERROR"
 # Clocks
 
 
-class Clock:
+class Clock(abc.ABC):
     """Where jobs get time from. Subclass to replace; all methods are required."""
 
+    @abc.abstractmethod
     def monotonic_ns(self) -> int:
         """Monotonic time in nanoseconds (job.sleep deadlines)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def wall(self) -> tuple[int, int]:
         """Wall-clock time since the epoch as (seconds, microseconds) (event stamps)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def wait(self, cond: threading.Condition, deadline_ns: int) -> None:
         """Wait on ``cond`` (held by the caller) until notified or ``deadline_ns``.
 
         May return early; callers re-check their condition and the deadline.
         """
-        raise NotImplementedError
 
 
 class SystemClock(Clock):

@@ -180,7 +180,8 @@ class JobDriver(ABC):
         kicks the job); may raise :class:`JobError` to refuse, in which case
         ``should_complete`` is reset.
         """
-        raise NotImplementedError
+        # Not reached through the manager (it checks for an override first).
+        raise JobError(f"The active block job '{job.id}' cannot be completed")
 
     def cancel(self, job: Job, force: bool) -> bool:
         """On every cancel request; return the effective ``force``.

@@ -101,7 +101,7 @@ def make_commit(eng: Engine, device: str, *, base_node: str | None = None,
     else:
         top_n = dev
     if top_n.backing is None:
-        raise JobError("There is no backimg image")
+        raise JobError("There is no backimg image")   # sic: QEMU's block-commit text
     below = top_n.chain()[1:]
     if base_node is not None:
         base_n = eng.graph.nodes.get(base_node)
