@@ -28,6 +28,7 @@ manager's lock (hooks run under the manager lock and may take the I/O lock).
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -47,6 +48,9 @@ KiB, MiB = 1 << 10, 1 << 20
 JOB_CLUSTER = 64 * KiB
 #: Bytes handed to the engine per batch (the unit of progress and pausing).
 BATCH = 64 * MiB
+
+#: Planning holds the I/O lock for at most this much guest range at a time.
+PLAN_CHUNK = 8 * MiB
 
 #: A run classifier: block_status run -> "copy" | "zero" | "skip".
 Select = Callable[[dict], str]
@@ -364,9 +368,14 @@ class Mover:
         granules: one engine round trip for all of them)."""
         t = Ticket(areas[0][0], sum(n for _, n in areas))
         items: list[tuple] = []
-        with self.eng.io:
-            for off, length in areas:
-                items += self.plan(off, length, t.stats)
+        # The I/O lock is taken per PLAN_CHUNK, not for the whole batch:
+        # planning a thousand scattered granules takes tens of ms, and every
+        # guest write needs the lock. (The areas are in flight or their bits
+        # taken: a write racing with the planning is seen by the caller.)
+        for off, length in areas:
+            for o in range(off, off + length, PLAN_CHUNK):
+                with self.eng.io:
+                    items += self.plan(o, min(PLAN_CHUNK, off + length - o), t.stats)
         if items:
             t.ce = self._engine()
             t.ce.add(items)
@@ -410,10 +419,23 @@ class Mover:
         return self.finish(self.start(off, length), job)
 
     def flush(self) -> None:
-        """Make the target durable (qcow2: metadata of allocate() first)."""
+        """Make the target durable (qcow2: metadata of allocate() first).
+
+        The data goes to disk first with an fsync *without* the I/O lock
+        (seconds after a bulk copy; guest writes through a front end must not
+        wait for it), then the driver's ordered flush runs under the lock
+        and only has what was written since."""
         with self.eng.io:
-            if self.eng.cache_unsafe(self.dst) and not hasattr(self.dst.driver, "unsafe"):
+            unsafe = self.eng.cache_unsafe(self.dst)
+            if unsafe and not hasattr(self.dst.driver, "unsafe"):
                 return          # raw, cache=unsafe: nothing to write, no fsync
+        if not unsafe:
+            try:
+                os.fsync(self.dst.driver.fd)
+            except OSError as e:
+                raise CopyError(e.errno or 5, "error writing", path=self.dst.filename,
+                                side="target") from None
+        with self.eng.io:
             self._tgt(self.dst.flush)
 
 

@@ -21,6 +21,7 @@ the filter and lets writes through again -- to the new node after a pivot.
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CopyError, JobError
@@ -73,6 +74,10 @@ class MirrorFilter(Filter):
 
 #: How often a READY mirror copies what the guest wrote meanwhile.
 READY_POLL_NS = 20_000_000
+#: Completion catches up (copy + flush without holding guest writes off)
+#: again while a flush took at least this long, at most this many times.
+CATCH_UP_FLUSH = 0.05
+CATCH_UP_PASSES = 4
 
 
 class MirrorJob(BlockJob):
@@ -243,6 +248,31 @@ class MirrorJob(BlockJob):
                 self.escalated = True
         self._progress(job)
 
+    def _catch_up(self, job: Job) -> None:
+        """Before a completion holds guest writes off: copy what is dirty
+        now and flush, while the guest still writes, and again while a flush
+        took long enough (CATCH_UP_FLUSH) for much to pile up meanwhile, at
+        most CATCH_UP_PASSES times. The guest then waits only for the last
+        little pass and its flush, not for the fsync of all written since
+        READY (with 64 KiB granules a 4 KiB writer dirties 16x its rate)."""
+        for _ in range(CATCH_UP_PASSES):
+            with self.eng.io:
+                budget = [self.dirty.count()]
+
+            def claim(job: Job) -> list[tuple[int, int]] | None:
+                if budget[0] <= 0:
+                    return None
+                areas = self._claim_any(job)
+                if areas:
+                    budget[0] -= sum(n for _, n in areas)
+                return areas
+
+            self.copy_loop(job, self.mover, claim, self._release)
+            t = time.monotonic()
+            self._flush(job)
+            if time.monotonic() - t < CATCH_UP_FLUSH:
+                return
+
     def _drain_all(self, job: Job) -> None:
         """With the source quiesced: copy everything still dirty, flush."""
         self.copy_loop(job, self.mover, self._claim_any, self._release)
@@ -274,18 +304,24 @@ class MirrorJob(BlockJob):
             if not job.is_ready:
                 if self.dirty.count() > BATCH:
                     continue
-                # the last bit with guest writes held off: converges
+                # the last bit with guest writes held off: converges. The
+                # flush comes after: guest writes go on meanwhile (they are
+                # tracked), as in QEMU, which flushes before READY without
+                # draining the guest. Fsync of a freshly copied disk takes
+                # long; a guest stalled for it noticed (460 ms at 1 GiB).
                 self.eng.quiesce(self.src)
                 try:
-                    self._drain_all(job)
+                    self.copy_loop(job, self.mover, self._claim_any, self._release)
                 finally:
                     self.eng.unquiesce(self.src)
+                self._flush(job)
                 self._progress(job)
                 job.set_ready()
                 with self.eng.io:
                     self.escalated = False
                 continue
             if job.should_complete or (job.cancel_requested and not job.is_cancelled):
+                self._catch_up(job)
                 self.eng.quiesce(self.src)
                 self._quiesced = True       # until clean: writes wait for the pivot
                 self._drain_all(job)
