@@ -156,3 +156,39 @@ def test_change_to_write_blocking_and_validation(eng, tmp_path):
     assert eng.query_block_jobs()[0]["actively-synced"]
     eng.job_complete("m2")
     assert eng.wait_job(job, 20).value == "completed"
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_ready_copies_only_the_sub_blocks_written(eng, tmp_path, monkeypatch, fmt):
+    """A 4 KiB guest write in READY copies those 4 KiB, not the 64 KiB
+    granule around it; one that starts a fresh target cluster goes through
+    allocation (the rest of the cluster filled from the source)."""
+    import time
+
+    from blkjobs.jobs.base import Mover
+    src = mkimg(tmp_path / f"src.{fmt}", fmt, writes=WRITES)
+    dst = mkimg(tmp_path / f"dst.{fmt}", fmt)
+    s = eng.open(src, fmt, node_name="src")
+    eng.open(dst, fmt, node_name="dst")
+    vm = eng.attach(s)
+    ev = eng.listen()
+    job = eng.mirror("src", "dst", sync="full", job_id="m0")
+    ev.wait_for("BLOCK_JOB_READY", timeout=20)
+    planned = []
+    plan = Mover.plan
+    monkeypatch.setattr(Mover, "plan", lambda self, off, n, st: planned.append((off, n))
+                        or plan(self, off, n, st))
+    vm.write(2 * MiB + 4096 + 8192, b"\x5a" * 4096)   # data cluster: copied in place
+    vm.write(3 * MiB + 128 * 1024 + 4096, b"\x5b" * 4096)   # a zero area of the target
+    end = time.monotonic() + 20
+    while len(planned) < 2:
+        assert time.monotonic() < end, planned
+        time.sleep(0.01)
+    assert sorted(planned) == [(2 * MiB + 12288, 4096), (3 * MiB + 131072 + 4096, 4096)]
+    eng.job_complete("m0")
+    assert eng.wait_job(job, 20).value == "completed"
+    snap = dump(vm, tmp_path / "guest.raw")
+    eng.close()
+    assert_same(snap, dst, "raw", fmt)
+    if fmt == "qcow2":
+        check(dst)

@@ -69,6 +69,14 @@ class Driver(abc.ABC):
         Mappings in order that cover the whole range (clipped to ``size``).
         Must be cheap enough to call per work range (e.g. 64-128 MiB)."""
 
+    def host_run(self, offset: int, length: int, for_write: bool = False) -> int | None:
+        """The file offset of guest [offset, offset+length) when this layer
+        stores it as plain data in one piece -- for_write: data that may be
+        overwritten in place -- else None (then ask :meth:`map_host`, or
+        ``allocate``). The jobs' fast path for small ranges (a mirror copies
+        thousands of scattered granules a second): one lookup, no runs."""
+        return None
+
     @abc.abstractmethod
     def readinto(self, offset: int, buf) -> None:
         """Fill the writable buffer ``buf`` with this layer's view of

@@ -52,6 +52,14 @@ class Raw(Driver):
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
+    def host_run(self, offset: int, length: int, for_write: bool = False) -> int | None:
+        # Guest offset = file offset. A hole is read as data (zeroes); the
+        # engine's zero detection still keeps a raw target sparse.
+        if (self._closed or (for_write and self.read_only) or offset < 0 or length <= 0
+                or offset + length > self.size):
+            return None
+        return offset
+
     def map_host(self, offset: int, length: int) -> list[Mapping]:
         end = min(offset + length, self.size)
         out: list[Mapping] = []

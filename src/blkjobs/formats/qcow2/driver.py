@@ -300,6 +300,27 @@ class Qcow2(Driver):
         # data clusters allocated this session may be past the stat'd size
         return self.rc is not None and (h >> self.cb) < self.rc.end
 
+    def host_run(self, offset: int, length: int, for_write: bool = False) -> int | None:
+        """Inside one plain data cluster (standard L2 entries only); for_write:
+        with COPIED set (refcount 1, overwritable in place). Anything else --
+        compressed, zero, unallocated, suspicious -- is None: the general path
+        classifies (and diagnoses) it."""
+        cb = self.cb
+        if (self.extended or length <= 0 or offset < 0 or offset + length > self.size
+                or offset >> cb != (offset + length - 1) >> cb or self._closed):
+            return None
+        if for_write and (self.read_only or not self._write_prepared):
+            return None
+        _, _, e, _ = self._entry(offset >> cb)
+        h = e & OFFSET_MASK
+        if (not h or e & (COMPRESSED | ZERO | STD_RESERVED) or h & (self.cluster_size - 1)
+                or (for_write and not e & COPIED)
+                or (h >= self.file_size and not self._may_extend(h))):
+            return None
+        if for_write:
+            self._check_overlap(h)
+        return h + (offset & (self.cluster_size - 1))
+
     # ------------------------------------------------------------------
     # map_host
     def map_host(self, offset: int, length: int) -> list[Mapping]:
