@@ -128,6 +128,7 @@ def mirror_under_writer(d: str, size: int, rate: int) -> bool:
     src = os.path.join(d, "vm.qcow2")
     dst = os.path.join(d, "mw.qcow2")
     sh("qemu-img", "create", "-f", "qcow2", dst, size)
+    os.sync()       # no dirty pages of the layout or of earlier runs (not timed)
     eng = Engine()
     try:
         s = eng.open(src, "qcow2", node_name="src")
