@@ -17,10 +17,15 @@ from .sizes import parse_size
 
 def make_empty(path: str, fmt: str) -> None:
     """Empty a qcow2 overlay (qemu-img's make_empty): every cluster
-    unallocated again, so it reads through to its backing file. Done by
-    re-creating the image with the same size, cluster size, extended L2,
-    version and backing link (the drivers' discard reads as zeroes)."""
+    unallocated again, so it reads through to its backing file. In place
+    (formats.qcow2.empty: same file, header and backing link; crash-safe
+    order); an image whose tables are not where a fresh one has them is
+    re-created with the same size, cluster size, extended L2, version and
+    backing link instead."""
     if fmt != "qcow2":
+        return
+    from ..formats.qcow2.empty import make_empty as empty_in_place
+    if empty_in_place(path):
         return
     drv = open_image(path, fmt, read_only=True)
     try:

@@ -7,9 +7,9 @@ status; a traceback is only ever printed for a bug, with ``BLKJOBS_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
-import pkgutil
 import sys
 
 from .. import __version__
@@ -26,8 +26,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _command_modules() -> list[str]:
+    import pkgutil
     pkg = sys.modules[__package__]
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("cmd_"))
+
+
+def _command_module(name: str):
+    """The module of command ``name``, or None when there is none."""
+    if not name.isidentifier():
+        return None
+    full = f"{__package__}.cmd_{name}"
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError as e:
+        if e.name == full:
+            return None
+        raise
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -37,19 +51,29 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Block jobs and image tools with a C data path.")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    names = _command_modules()
     first = next((a for a in (argv or []) if not a.startswith("-")), None)
-    if first is not None and f"cmd_{first}" in names:
-        names = [f"cmd_{first}"]
-    for name in names:
-        mod = importlib.import_module(f"{__package__}.{name}")
+    mod = _command_module(first) if first is not None else None
+    if mod is not None:
+        mods = [mod]
+    else:
+        mods = [importlib.import_module(f"{__package__}.{name}") for name in _command_modules()]
+    for mod in mods:
         mod.register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
+    if argv is not None:
+        return _main(argv)
+    try:
+        return _main(sys.argv[1:])
+    finally:
+        # The process ends here: what is still alive goes with it. Frozen,
+        # the interpreter's final collections do not walk it (~7 ms).
+        gc.freeze()
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

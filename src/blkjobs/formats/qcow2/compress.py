@@ -10,10 +10,19 @@ import zlib
 
 from ...errors import ImageError
 
-try:  # optional
-    import zstandard as _zstd  # type: ignore
-except ImportError:  # pragma: no cover - depends on the environment
-    _zstd = None
+_ZSTD_MODULE: list = []
+
+
+def _zstd():
+    """The optional ``zstandard`` module or None, imported on first use
+    (2 ms that no command pays unless it meets a zstd cluster)."""
+    if not _ZSTD_MODULE:
+        try:
+            import zstandard  # type: ignore
+        except ImportError:  # pragma: no cover - depends on the environment
+            zstandard = None
+        _ZSTD_MODULE.append(zstandard)
+    return _ZSTD_MODULE[0]
 
 DEFLATE, ZSTD = 0, 1
 
@@ -26,10 +35,11 @@ def decompress(ctype: int, data: bytes, cluster_size: int) -> bytes:
             d = zlib.decompressobj(-15)
             out = d.decompress(data, cluster_size)
         elif ctype == ZSTD:
-            if _zstd is None:
+            zstd = _zstd()
+            if zstd is None:
                 raise ImageError("zstd-compressed cluster found but the 'zstandard' "
                                  "module is not installed")
-            out = _zstd.ZstdDecompressor().decompressobj().decompress(data)[:cluster_size]
+            out = zstd.ZstdDecompressor().decompressobj().decompress(data)[:cluster_size]
         else:
             raise ImageError(f"unknown compression type {ctype}")
     except (zlib.error, ValueError) as e:
@@ -49,7 +59,8 @@ def compress(ctype: int, data: bytes) -> bytes:
         c = zlib.compressobj(6, zlib.DEFLATED, -12)
         return c.compress(data) + c.flush()
     if ctype == ZSTD:
-        if _zstd is None:
+        zstd = _zstd()
+        if zstd is None:
             raise ImageError("writing zstd-compressed clusters needs the 'zstandard' module")
-        return _zstd.ZstdCompressor().compress(data)
+        return zstd.ZstdCompressor().compress(data)
     raise ImageError(f"unknown compression type {ctype}")

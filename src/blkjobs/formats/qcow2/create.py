@@ -43,39 +43,17 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
     if version >= 3:
         h.tail = bytes(8)
         h.extensions = [(EXT_FEATURE_TABLE, feature_table_ext())]
-    l2e = h.l2_entries
-    h.l1_size = -(-size // (cluster_size * l2e))
-    l1_clusters = -(-h.l1_size * 8 // cluster_size)
-    rbe = cluster_size * 8 // refcount_bits
-    rt, rb = 1, 1
-    while True:       # fixpoint: table and blocks must cover themselves
-        total = 1 + rt + rb + l1_clusters
-        nrb = -(-total // rbe)
-        nrt = -(-nrb * 8 // cluster_size)
-        if (nrb, nrt) == (rb, rt):
-            break
-        rb, rt = nrb, nrt
-    h.refcount_table_offset = cluster_size
-    h.refcount_table_clusters = rt
-    rb_off = (1 + rt) * cluster_size
-    h.l1_table_offset = (1 + rt + rb) * cluster_size
+    lay = Layout(size, cluster_size, h.l2_entries, refcount_bits)
+    h.l1_size = lay.l1_size
+    h.refcount_table_offset = lay.rt_offset
+    h.refcount_table_clusters = lay.rt
+    h.l1_table_offset = lay.l1_offset
     head = h.pack()      # raises when the backing name does not fit
-    end = h.l1_table_offset + h.l1_size * 8
-    total = 1 + rt + rb + l1_clusters
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.pwrite(fd, head, 0)
-        table = struct.pack(f">{rb}Q", *[rb_off + i * cluster_size for i in range(rb)])
-        os.pwrite(fd, table.ljust(rt * cluster_size, b"\0"), cluster_size)
-        # refcount blocks: 1 for clusters 0..total-1
-        from .refcount import Refcounts
-        enc = Refcounts.__new__(Refcounts)
-        enc.bits = refcount_bits
-        for i in range(rb):
-            lo, hi = i * rbe, min(total, (i + 1) * rbe)
-            vals = [1] * (hi - lo) + [0] * (rbe - (hi - lo))
-            os.pwrite(fd, enc._encode(vals), rb_off + i * cluster_size)
-        os.ftruncate(fd, max(end, h.l1_table_offset))
+        lay.write_refcounts(fd)
+        os.ftruncate(fd, lay.end)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -89,3 +67,45 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
             img.flush()
     if not os.path.exists(path):   # pragma: no cover
         raise ImageError(f"could not create '{path}'")
+
+
+class Layout:
+    """Where a fresh image keeps its metadata: cluster 0 the header, then
+    the refcount table (``rt`` clusters), the refcount blocks (``rb``) and
+    the L1 table (``l1_clusters``), all with refcount 1 and nothing else.
+    ``end``: the file size (the L1 table's last byte)."""
+
+    def __init__(self, size: int, cluster_size: int, l2_entries: int, refcount_bits: int):
+        self.cluster_size = cs = cluster_size
+        self.refcount_bits = refcount_bits
+        self.l1_size = -(-size // (cs * l2_entries))
+        self.l1_clusters = -(-self.l1_size * 8 // cs)
+        self.rbe = rbe = cs * 8 // refcount_bits          # refcounts per block
+        rt, rb = 1, 1
+        while True:       # fixpoint: table and blocks must cover themselves
+            total = 1 + rt + rb + self.l1_clusters
+            nrb = -(-total // rbe)
+            nrt = -(-nrb * 8 // cs)
+            if (nrb, nrt) == (rb, rt):
+                break
+            rb, rt = nrb, nrt
+        self.rt, self.rb = rt, rb
+        self.clusters = 1 + rt + rb + self.l1_clusters
+        self.rt_offset = cs
+        self.rb_offset = (1 + rt) * cs
+        self.l1_offset = (1 + rt + rb) * cs
+        self.end = max(self.l1_offset + self.l1_size * 8, self.l1_offset)
+
+    def write_refcounts(self, fd: int) -> None:
+        """The refcount table and blocks: 1 for the layout's own clusters,
+        0 for every other one."""
+        cs, rb = self.cluster_size, self.rb
+        table = struct.pack(f">{rb}Q", *[self.rb_offset + i * cs for i in range(rb)])
+        os.pwrite(fd, table.ljust(self.rt * cs, b"\0"), self.rt_offset)
+        from .refcount import Refcounts
+        enc = Refcounts.__new__(Refcounts)
+        enc.bits = self.refcount_bits
+        for i in range(rb):
+            lo, hi = i * self.rbe, min(self.clusters, (i + 1) * self.rbe)
+            vals = [1] * (hi - lo) + [0] * (self.rbe - (hi - lo))
+            os.pwrite(fd, enc._encode(vals), self.rb_offset + i * cs)
