@@ -616,7 +616,9 @@ class Commands:
         path; tests use it for copy-before-write and incremental backups."""
         if not 0 <= pattern <= 255:
             raise QMPError("Parameter 'pattern' expects a byte value (0..255)")
-        fe = self.eng.attach(self._lookup(node))
+        # as the guest device of ``node`` would: through the filter nodes
+        # jobs put above it since
+        fe = self.eng.attach(self.eng.above_filters(self._lookup(node)))
         try:
             fe.write(offset, bytes([pattern]) * length)
             fe.flush()

@@ -16,6 +16,11 @@ relaxes it first with ``parent.backing_perm.update(shared=ALL)``.
 
 Writes go through a node only while some user holds WRITE on it
 (:meth:`Node.take`), which also takes the QEMU lock bytes in the file.
+
+A *filter node* (:meth:`Graph.add_filter`: a job's copy-before-write,
+mirror_top or copy-on-read node) has no file of its own: its ``file`` child
+does the I/O, and it is transparent to reads, writes and block status. The
+job engine keys its write hooks on it; see :mod:`blkjobs.jobs.engine`.
 """
 from __future__ import annotations
 
@@ -29,6 +34,35 @@ from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
 
 BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 _ZEROES = bytes(1 << 20)
+
+
+class FilterDriver:
+    """What a filter node has in place of an image driver: names only."""
+
+    is_filter = True
+    fd = -1
+    cluster_size = 0
+    backing_filename = None
+    backing_format = None
+
+    def __init__(self, format_name: str, child: "Node"):
+        self.format_name = format_name
+        self.child = child
+
+    @property
+    def filename(self) -> str:
+        return self.child.filename
+
+    @property
+    def size(self) -> int:
+        return self.child.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.child.read_only
+
+    def close(self) -> None:
+        pass
 
 
 class Graph:
@@ -64,7 +98,22 @@ class Graph:
             raise UsageError(f"Cannot find node '{name}'") from None
 
     def parents(self, node: "Node") -> list["Node"]:
-        return [n for n in self.nodes.values() if n.backing is node]
+        """Nodes using ``node`` as backing or (filters) as file child."""
+        return [n for n in self.nodes.values() if n.backing is node or n.file is node]
+
+    def add_filter(self, drv: str, child: "Node", name: str | None = None) -> "Node":
+        """A filter node of driver ``drv`` above ``child`` (nothing is
+        re-pointed to it here). It holds what its users may need on the
+        child: consistent read, and write unless the child is read-only."""
+        node = self.add(FilterDriver(drv, child), name)
+        try:
+            perm = Perm.CONSISTENT_READ | (Perm(0) if child.read_only else Perm.WRITE)
+            node.file_perm = child.take(f"node '{node.name}' (file)", perm, ALL)
+        except BaseException:
+            del self.nodes[node.name]
+            raise
+        node.file = child
+        return node
 
     def open_chain(self, path: str, fmt: str | None = None, read_only: bool = True,
                    name: str | None = None) -> "Node":
@@ -83,8 +132,13 @@ class Node:
         self.format = fmt
         self.backing: Node | None = None
         self.backing_perm: Permission | None = None
+        #: a filter's child (see Graph.add_filter); None for image nodes
+        self.file: Node | None = None
+        self.file_perm: Permission | None = None
         self._perms: list[Permission] = []
-        self._lock = FileLock(driver.fd, driver.filename) if graph.locking else None
+        self.is_filter = getattr(driver, "is_filter", False)
+        self._lock = (FileLock(driver.fd, driver.filename)
+                      if graph.locking and not self.is_filter else None)
         self._closed = False
 
     # -- basic facts ---------------------------------------------------
@@ -101,11 +155,20 @@ class Node:
         return self.driver.read_only
 
     def chain(self) -> list["Node"]:
+        """This node and its backing chain (a filter: itself, then its
+        child's chain)."""
         out, n = [], self
         while n is not None:
             out.append(n)
-            n = n.backing
+            n = n.file if n.is_filter else n.backing
         return out
+
+    def below_filters(self) -> "Node":
+        """The first node at or below this one that is not a filter."""
+        n = self
+        while n.is_filter:
+            n = n.file
+        return n
 
     def __repr__(self):
         return f"<Node {self.name} {self.format} '{self.filename}'>"
@@ -180,6 +243,9 @@ class Node:
     # -- I/O through the chain ---------------------------------------------
     def readinto(self, offset: int, buf) -> None:
         """The guest view of [offset, offset+len(buf)) through the chain."""
+        if self.is_filter:
+            self.file.readinto(offset, buf)
+            return
         mv = memoryview(buf).cast("B")
         if offset + len(mv) > self.size:
             raise UsageError(f"read beyond the end of node '{self.name}'")
@@ -219,24 +285,34 @@ class Node:
     def write(self, offset: int, data) -> None:
         """Write with copy-on-write from the backing chain."""
         self._require(Perm.WRITE, "write")
-        if self.backing is None:
+        if self.is_filter:
+            self.file.write(offset, data)
+        elif self.backing is None:
             self.driver.write(offset, data)
         else:
             self.driver.write(offset, data, fill=self._fill())
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         self._require(Perm.WRITE, "write_zeroes")
-        if self.backing is None:
+        if self.is_filter:
+            self.file.write_zeroes(offset, length, may_unmap)
+        elif self.backing is None:
             self.driver.write_zeroes(offset, length, may_unmap)
         else:
             self.driver.write_zeroes(offset, length, may_unmap, fill=self._fill())
 
     def discard(self, offset: int, length: int) -> None:
         self._require(Perm.WRITE, "discard")
-        self.driver.discard(offset, length)
+        if self.is_filter:
+            self.file.discard(offset, length)
+        else:
+            self.driver.discard(offset, length)
 
     def flush(self) -> None:
-        self.driver.flush()
+        if self.is_filter:
+            self.file.flush()
+        else:
+            self.driver.flush()
 
     def block_status(self, offset: int = 0, length: int | None = None) -> list[dict]:
         """Runs of [offset, offset+length) through the chain, as ``qemu-img
@@ -250,6 +326,9 @@ class Node:
         return out
 
     def _status(self, offset, length, depth, out):
+        if self.is_filter:      # transparent, but a level of chain(): depth + 1
+            self.file._status(offset, length, depth + 1, out)
+            return
         for m in self.driver.map_host(offset, length):
             if m.kind == Kind.UNALLOCATED and self.backing is not None:
                 bsize = self.backing.size
@@ -309,6 +388,10 @@ class Node:
             self.backing_perm.release()
             self.backing_perm = None
         self.backing = None
+        if self.file_perm is not None:
+            self.file_perm.release()
+            self.file_perm = None
+        self.file = None
         if self._lock is not None:
             self._lock.release()
         self._closed = True

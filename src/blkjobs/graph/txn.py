@@ -37,7 +37,8 @@ class Change(abc.ABC):
 
 
 class ReplaceNode(Change):
-    """Make every parent of ``old`` (nodes using it as backing) use ``new``."""
+    """Make every parent of ``old`` (nodes using it as backing, filters using
+    it as file) use ``new``."""
 
     def __init__(self, old: Node, new: Node):
         if old.graph is not new.graph:
@@ -48,6 +49,13 @@ class ReplaceNode(Change):
         self.moves = []          # (parent, old_perm)
         try:
             for p in old.graph.parents(old):
+                if p.file is old:
+                    held = p.file_perm
+                    perm = new.take(held.owner, held.perm, held.shared)
+                    self.moves.append((p, held))
+                    held.pending_release = True
+                    p.file, p.file_perm = new, perm
+                    continue
                 perm = p._link(new)
                 self.moves.append((p, p.backing_perm))
                 p.backing_perm.pending_release = True
@@ -58,6 +66,11 @@ class ReplaceNode(Change):
 
     def _undo(self):
         for p, old_perm in reversed(self.moves):
+            if p.file is self.new:
+                p.file_perm.release()
+                old_perm.pending_release = False
+                p.file, p.file_perm = self.old, old_perm
+                continue
             p.backing_perm.release()
             old_perm.pending_release = False
             p.backing, p.backing_perm = self.old, old_perm

@@ -375,13 +375,18 @@ class Job:
                 self.busy = True
             self._mgr.lock.notify_all()
 
-    def set_ready(self) -> None:
+    def set_ready(self, idle: bool = False) -> None:
         """The job is in sync: running -> ready, then ``BLOCK_JOB_READY``.
 
-        Only for types with a ready phase; once per job.
+        Only for types with a ready phase; once per job. ``idle``: the job
+        goes to :meth:`sleep` next; it reads as not busy from the event on
+        (in QEMU the monitor only runs once the job's coroutine yielded, so a
+        query answering the event never sees it busy).
         """
         with self._mgr.lock:
             _st.transition(self, JobStatus.READY)
+            if idle and not self._kicked:
+                self.busy = False
             self._mgr._emit_block(self, BLOCK_JOB_READY)
 
     def handle_error(self, operation: str, err: BaseException | int,

@@ -105,7 +105,6 @@ class BackupJob(BlockJob):
         self.cbw_mover = Mover(eng, src, dst, select, compress=compress)
         self.cbw = CbwFilter(self, on_cbw_error)
         self._perm = None
-        self._installed = False
         self._job: Job | None = None
         self._pos = 0
 
@@ -129,8 +128,7 @@ class BackupJob(BlockJob):
                 if self.sync == "bitmap":
                     for a, n in self.manifest.areas():
                         self.copy_bm.set(a, n)
-            eng.add_filter(self.src, self.cbw)
-            self._installed = True
+            self.insert_filter(self.src, self.cbw, "copy-before-write")
         job.progress.update(0, 0 if self.sync == "none" else self.copy_bm.count())
 
     def _sync_progress(self, job: Job) -> None:
@@ -233,9 +231,7 @@ class BackupJob(BlockJob):
 
     def clean(self, job: Job) -> None:
         with self.eng.io:
-            if self._installed:
-                self.eng.remove_filter(self.src, self.cbw)
-                self._installed = False
+            self.remove_filter()
             if self._perm is not None:
                 self._perm.release()
                 self._perm = None

@@ -477,13 +477,29 @@ class BlockJob(JobDriver):
     """
 
     block_job = True
+    #: ``filter-node-name``: the name of the filter node the job inserts
+    #: (None: an implicit ``#blockN``); set by the engine before setup
+    filter_node_name: str | None = None
 
     def __init__(self, eng: Engine):
         self.eng = eng
+        #: the job's filter node while it is in the graph
+        self.fnode: Node | None = None
         #: Rate limit of the background copy (CBW copies ignore it).
         self.bucket = TokenBucket(0)
         self.on_source_error = "report"
         self.on_target_error = "report"
+
+    def insert_filter(self, node: Node, hooks: Any, drv: str) -> None:
+        """Put the job's filter node (driver ``drv``) above ``node`` (I/O lock
+        held): the guest's writes to ``node`` pass ``hooks`` from now on."""
+        self.fnode = self.eng.add_filter(node, hooks, drv, self.filter_node_name)
+
+    def remove_filter(self) -> None:
+        """Take the job's filter node out of the graph (I/O lock held)."""
+        if self.fnode is not None:
+            self.eng.remove_filter(self.fnode)
+            self.fnode = None
 
     def set_speed(self, job: Job, speed: int) -> None:
         self.bucket.rate = int(speed)

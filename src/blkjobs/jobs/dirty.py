@@ -13,7 +13,9 @@ as a whole; an entry of ``partial`` always belongs to a set granule (entries
 are made when a clean granule is first partly written, grown by later
 partial writes, and dropped when the granule is taken or marked whole).
 Memory: one dict entry per partly written granule between two passes.
-All methods need the engine's I/O lock.
+All methods need the engine's I/O lock, and every change of the bitmap
+must go through them (a granule set behind their back while it has an entry
+would be copied only in part).
 """
 from __future__ import annotations
 

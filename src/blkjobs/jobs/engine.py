@@ -137,7 +137,9 @@ class Engine:
 
     def frontends(self, node: Node | None = None) -> list[Frontend]:
         with self.io:
-            return [f for f in self._frontends if node is None or f.node is node]
+            # a front end writing through filters above ``node`` uses it too
+            return [f for f in self._frontends
+                    if node is None or f.node is node or f.node.below_filters() is node]
 
     def close(self) -> None:
         """Cancel what still runs, wait for it, close front ends and nodes."""
@@ -207,15 +209,43 @@ class Engine:
     # ------------------------------------------------------------------
     # Filters and the guest write path (used by frontend and jobs)
 
-    def add_filter(self, node: Node, f: Filter) -> None:
+    def add_filter(self, node: Node, f: Filter, drv: str, name: str | None = None) -> Node:
+        """Insert a filter node of driver ``drv`` (named ``name``, else
+        ``#blockN``) above ``node``, with ``f``'s write hooks: the front ends
+        of ``node`` (the guest, exports) now write through it. Returns the
+        filter node; :meth:`remove_filter` takes it out again."""
         with self.io:
-            self._filters.setdefault(id(node), []).append(f)
+            fnode = self.graph.add_filter(drv, node, name)
+            self._filters[id(fnode)] = [f]
+            self._repoint(node, fnode)
+            return fnode
 
-    def remove_filter(self, node: Node, f: Filter) -> None:
+    def above_filters(self, node: Node) -> Node:
+        """The top-most filter node stacked above ``node`` (``node`` itself
+        without one): where a device of ``node`` attaches now."""
         with self.io:
-            lst = self._filters.get(id(node), [])
-            if f in lst:
-                lst.remove(f)
+            while True:
+                up = [p for p in self.graph.parents(node) if p.is_filter and p.file is node]
+                if not up:
+                    return node
+                node = up[0]
+
+    def remove_filter(self, fnode: Node) -> None:
+        """Take a filter node out: its front ends move to what is below it
+        now (after a mirror pivot: the target), its hooks stop."""
+        with self.io:
+            if fnode.file is None:
+                return          # removed already
+            self._filters.pop(id(fnode), None)
+            for p in self.graph.parents(fnode):
+                # a filter inserted above this one later: re-link it below
+                if p.file is fnode:
+                    held = p.file_perm
+                    p.file, p.file_perm = fnode.file, fnode.file.take(held.owner, held.perm,
+                                                                      held.shared)
+                    held.release()
+            self._repoint(fnode, fnode.file)
+            fnode.close()
 
     def quiesce(self, node: Node) -> None:
         """Hold off front-end writes to ``node`` (nested) until :meth:`unquiesce`.
@@ -235,10 +265,16 @@ class Engine:
     def _guest_write(self, fe: Frontend, op: str, offset: int, length: int,
                      do: Callable[[Node], None], data: Any = None) -> None:
         with self.io:
-            while self._quiesced.get(id(fe.node)):
+            while True:
+                # the front end's node, the filters below it, the image node
+                levels = [fe.node]
+                while levels[-1].is_filter:
+                    levels.append(levels[-1].file)
+                if not any(self._quiesced.get(id(n)) for n in levels):
+                    break
                 self.io.wait(1.0)
-            node = fe.node
-            filters = list(self._filters.get(id(node), ()))
+            node = levels[-1]
+            filters = [f for n in levels for f in self._filters.get(id(n), ())]
             for f in filters:
                 f.before_write(node, op, offset, length)
             do(node)
@@ -329,6 +365,7 @@ class Engine:
                                on_source_error=on_source_error,
                                on_target_error=on_target_error, on_cbw_error=on_cbw_error,
                                filter_node_name=filter_node_name)
+        drv.filter_node_name = filter_node_name
         return self._launch(drv, self._job_id(job_id, drv.src), txn=txn, speed=speed,
                             auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
                             start=start)
@@ -349,6 +386,7 @@ class Engine:
                                on_source_error=on_source_error,
                                on_target_error=on_target_error, copy_mode=copy_mode,
                                target_is_zero=target_is_zero)
+        drv.filter_node_name = filter_node_name
         return self._launch(drv, self._job_id(job_id, drv.src), txn=txn, speed=speed,
                             auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
                             start=start)
@@ -364,6 +402,7 @@ class Engine:
         from .stream import StreamJob
         drv = StreamJob.create(self, device, base=base, base_node=base_node, bottom=bottom,
                                backing_file=backing_file, on_error=on_error)
+        drv.filter_node_name = filter_node_name
         return self._launch(drv, self._job_id(job_id, drv.top), txn=txn, speed=speed,
                             auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
                             start=start)
@@ -381,6 +420,7 @@ class Engine:
         from .commit import make_commit
         drv = make_commit(self, device, base_node=base_node, base=base, top_node=top_node,
                           top=top, backing_file=backing_file, on_error=on_error)
+        drv.filter_node_name = filter_node_name
         return self._launch(drv, self._job_id(job_id, self.node(device)), txn=txn,
                             speed=speed, auto_finalize=auto_finalize,
                             auto_dismiss=auto_dismiss, start=start)

@@ -90,6 +90,7 @@ CATCH_UP_PASSES = 4
 
 class MirrorJob(BlockJob):
     job_type = "mirror"
+    filter_drv = "mirror_top"      # QEMU's driver name, for active commit too
 
     @classmethod
     def create(cls, eng: Engine, device: str | Node, target: str | Node, sync: str, *,
@@ -116,7 +117,7 @@ class MirrorJob(BlockJob):
             granularity = min(max(cs, 4 * KiB), 64 * KiB) if cs else 64 * KiB
         if buf_size is not None and buf_size < 0:
             raise JobError("Invalid parameter 'buf-size'")
-        if eng.graph.parents(src):
+        if any(not p.is_filter for p in eng.graph.parents(src)):
             raise JobError("Need a root block node")
         if src is dst:
             raise JobError("Can't mirror node into itself")
@@ -158,7 +159,6 @@ class MirrorJob(BlockJob):
         self._pos = 0
         self._perm = None
         self._quiesced = False
-        self._installed = False
 
     @property
     def blocking(self) -> bool:
@@ -176,20 +176,21 @@ class MirrorJob(BlockJob):
         self.job = job
         with self.eng.io:
             self.take_target(job)
-            self.eng.add_filter(self.src, self.filter)
-            self._installed = True
+            self.insert_filter(self.src, self.filter, self.filter_drv)
 
     def initial_dirty(self) -> None:
         """The sync mode's initial dirty set (I/O lock held)."""
         if self.sync == "none":
             return
+        # (guest writes since setup may have marked granules partly dirty:
+        # these become wholly dirty here)
         if self.sync == "full" and not self.target_is_zero:
-            self.dirty.set_all()
+            self.parts.mark_whole(0, self.src.size)
             return
         for r in self.src.block_status():
             what = self.select(r)
             if what == "copy" or (what == "zero" and not self.target_is_zero):
-                self.dirty.set(r["start"], r["length"])
+                self.parts.mark_whole(r["start"], r["length"])
 
     def _progress(self, job: Job) -> None:
         with self.eng.io:
@@ -333,7 +334,7 @@ class MirrorJob(BlockJob):
                     self.eng.unquiesce(self.src)
                 self._flush(job)
                 self._progress(job)
-                job.set_ready()
+                job.set_ready(idle=not self.dirty.count())
                 with self.eng.io:
                     self.escalated = False
                 continue
@@ -402,6 +403,9 @@ class MirrorJob(BlockJob):
                 raise JobError(f"Can no longer replace '{old.name}' by '{new.name}'") from None
             gt.commit()
             self.pivoted = True
+            # the filter is dropped in the same step: the guest now writes
+            # straight to the new node (jobs.md §2, prepare 1 and 4)
+            self.remove_filter()
 
     def _release_target(self) -> None:
         if self._perm is not None:
@@ -410,9 +414,7 @@ class MirrorJob(BlockJob):
 
     def clean(self, job: Job) -> None:
         with self.eng.io:
-            if self._installed:
-                self.eng.remove_filter(self.src, self.filter)
-                self._installed = False
+            self.remove_filter()
             self._release_target()
             if self._quiesced:
                 self._quiesced = False

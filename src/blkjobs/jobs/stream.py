@@ -102,7 +102,6 @@ class StreamJob(BlockJob):
         self.filter = _HoldWrites(self.inflight)
         self.failed_ignored: BaseException | None = None
         self._was_ro = False
-        self._installed = False
         self._perm = None
 
     def setup(self, job: Job) -> None:
@@ -113,8 +112,7 @@ class StreamJob(BlockJob):
             self.eng.claim(job, self.intermediates)
             self._perm = self.top.take(f"stream job '{job.id}'",
                                        Perm.CONSISTENT_READ | Perm.WRITE, ALL)
-            self.eng.add_filter(self.top, self.filter)
-            self._installed = True
+            self.insert_filter(self.top, self.filter, "copy-on-read")
         job.progress.update(0, self.top.size)
 
     def _claim(self, job: Job) -> tuple[int, int] | None:
@@ -166,9 +164,7 @@ class StreamJob(BlockJob):
 
     def clean(self, job: Job) -> None:
         with self.eng.io:
-            if self._installed:
-                self.eng.remove_filter(self.top, self.filter)
-                self._installed = False
+            self.remove_filter()
             self.eng.release_claims(job)
             if self._perm is not None:
                 self._perm.release()
