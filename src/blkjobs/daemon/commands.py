@@ -301,6 +301,8 @@ class Commands:
             # newest first, like QEMU's list of named nodes
             for g in reversed(list(self.eng.graph.nodes.values())):
                 out.append(self._node_info(g, flat))
+                if g.is_filter:     # a job's filter: no protocol node of its own
+                    continue
                 fmn = files.get(id(g))
                 if fmn is None:
                     fmn = self._implicit_files.get(id(g))
@@ -325,6 +327,17 @@ class Commands:
     def _image_info(self, g: Node, flat: bool) -> dict[str, Any]:
         img: dict[str, Any] = {"filename": g.filename, "format": g.format,
                                "virtual-size": g.size, "dirty-flag": False}
+        if g.is_filter:     # as QEMU shows a filter: its child's image below it
+            try:
+                img["actual-size"] = os.stat(g.filename).st_blocks * 512
+            except OSError:
+                pass
+            below = g.below_filters()
+            if below.driver.cluster_size:
+                img["cluster-size"] = below.driver.cluster_size
+            if not flat:
+                img["backing-image"] = self._image_info(g.file, flat)
+            return img
         try:
             img["actual-size"] = os.stat(g.filename).st_blocks * 512
         except OSError:

@@ -80,13 +80,20 @@ class Graph:
             if name not in self.nodes:
                 return name
 
+    def check_name(self, name: str | None) -> None:
+        """Raise the error :meth:`add` would give for ``name`` (None: an
+        automatic name, always fine)."""
+        if name is None:
+            return
+        if name in self.nodes:
+            raise UsageError(f"Duplicate nodes with node-name='{name}'")
+        if not name or name.startswith("#"):
+            raise UsageError(f"Invalid node-name: '{name}'")
+
     def add(self, driver, name: str | None = None, fmt: str | None = None) -> "Node":
+        self.check_name(name)
         if name is None:
             name = self.auto_name()
-        elif name in self.nodes:
-            raise UsageError(f"Duplicate nodes with node-name='{name}'")
-        elif not name or name.startswith("#"):
-            raise UsageError(f"Invalid node-name: '{name}'")
         node = Node(self, name, driver, fmt or driver.format_name)
         self.nodes[name] = node
         return node

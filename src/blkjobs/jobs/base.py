@@ -204,13 +204,17 @@ class Mover:
 
     def __init__(self, eng: Engine, src: Node, dst: Node, select: Select, *,
                  bucket: TokenBucket | None = None, compress: bool = False,
-                 threads: int = 4):
+                 threads: int = 4, write_behind: bool = False):
         self.eng = eng
         self.src, self.dst = src, dst
         self.select = select
         self.compress = compress
         self.bucket = bucket
         self.threads = threads
+        #: start writeback of each request once written (the C engine's
+        #: write_behind), unless the target is cache=unsafe: a job that ends
+        #: with a flush (commit) then waits for the tail of the copy only
+        self.write_behind = write_behind
         self._pool: list[CopyEngine] = []
         self._dst_raw = dst.driver.cluster_size == 0
         # the fast path of small ranges: not with fault injection (checked per
@@ -229,6 +233,7 @@ class Mover:
                           request_size=2 * MiB, zero_block=4096 if self._dst_raw else 0,
                           target_is_zero=False, may_unmap=True,
                           allow_copy_range=False, bucket=self.bucket,
+                          write_behind=self.write_behind and not self.eng.cache_unsafe(self.dst),
                           src_path=self.src.filename, dst_path=self.dst.filename)
 
     def close(self) -> None:

@@ -12,7 +12,7 @@
 Base is reopened read-write for the job (and back in ``clean``); the backing
 link of the node right above base is relaxed to share writes meanwhile.
 
-Both copy with write-behind (:class:`DurableMover`): a commit is only done
+Both copy with write-behind (``Mover(write_behind=True)``): a commit is only done
 once base is flushed, so writeback starts while the data is copied and the
 final fsync finds little left to write (``convert -t writeback``'s way).
 """
@@ -25,7 +25,6 @@ from ..graph import GraphTransaction, Node, Perm
 from ..graph.node import BACKING_SHARED
 from ..graph.perm import ALL
 from ..job import ErrorAction, Job
-from ..native.copy import CopyEngine
 from .backup import check_policy
 from .base import BlockJob, Mover, select_window
 from .mirror import MirrorJob
@@ -37,26 +36,6 @@ if TYPE_CHECKING:
 
 class DeviceNotFound(JobError):
     qmp_class = "DeviceNotFound"
-
-
-class DurableMover(Mover):
-    """A :class:`Mover` whose engines start writeback of each request as soon
-    as it is written (``write_behind``) -- unless the target is cache=unsafe,
-    which never flushes. The flush that ends a commit then waits for the tail
-    of the copy, not for all of it (200 MB: ~100 ms less on a disk that
-    writes 2 GB/s). Same fsyncs, same durability.
-
-    The engine's parameters are :meth:`Mover._engine`'s plus write_behind."""
-
-    def _engine(self) -> CopyEngine:
-        if self._pool:
-            return self._pool.pop()
-        return CopyEngine(self.src.driver.fd, self.dst.driver.fd, threads=self.threads,
-                          request_size=2 << 20, zero_block=4096 if self._dst_raw else 0,
-                          target_is_zero=False, may_unmap=True,
-                          allow_copy_range=False, bucket=self.bucket,
-                          write_behind=not self.eng.cache_unsafe(self.dst),
-                          src_path=self.src.filename, dst_path=self.dst.filename)
 
 
 class _BaseAccess:
@@ -167,7 +146,8 @@ class CommitJob(BlockJob):
         self.on_error = on_error
         self.access = _BaseAccess(eng, base)
         depth = top.chain().index(base)
-        self.mover = DurableMover(eng, top, base, select_window(0, depth), bucket=self.bucket)
+        self.mover = Mover(eng, top, base, select_window(0, depth), bucket=self.bucket,
+                           write_behind=True)
         self._overlay_ro: Node | None = None
 
     def setup(self, job: Job) -> None:
@@ -243,7 +223,8 @@ class ActiveCommitJob(MirrorJob):
         super().__init__(eng, top, base, "top", select_window(0, depth), 64 << 10,
                          "background", False, on_error, on_error)
         self.mover.close()
-        self.mover = DurableMover(eng, top, base, select_window(0, depth), bucket=self.bucket)
+        self.mover = Mover(eng, top, base, select_window(0, depth), bucket=self.bucket,
+                           write_behind=True)
         self.nodes = nodes
         self.access = _BaseAccess(eng, base)
         self.base = base

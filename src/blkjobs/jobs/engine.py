@@ -338,6 +338,9 @@ class Engine:
                 auto_finalize: bool, auto_dismiss: bool, start: bool) -> Job:
         if speed < 0:
             raise JobError("Parameter 'speed' expects a non-negative value")
+        # a bad filter-node-name fails before a job exists or setup holds anything
+        with self.io:
+            self.graph.check_name(getattr(driver, "filter_node_name", None))
         job = self.jobs.create(driver, job_id, txn=txn, auto_finalize=auto_finalize,
                                auto_dismiss=auto_dismiss, speed=speed)
         try:
