@@ -15,8 +15,10 @@ times, each on fresh copies of the same files:
 * commit        ``blkjobs commit top``                 vs ``qemu-img commit top``
 
 Every result is checked with ``qemu-img compare``. Then a mirror runs while a
-thread writes random 4 KiB blocks through a front end at 50 MB/s (paced):
-it must reach READY and complete; the achieved write rate is printed.
+thread writes random 4 KiB blocks through a front end at 50 MB/s (paced),
+``--writer-rounds`` times on a fresh target: it must reach READY and complete;
+each round prints the writer's achieved rate over the whole run and in its
+phases (bulk copy, READY, completion) and its longest stall.
 The page cache is warm for both sides alike (the files were just written).
 """
 from __future__ import annotations
@@ -122,7 +124,14 @@ def row(name, ours, theirs, note=""):
     return ours <= theirs
 
 
-def mirror_under_writer(d: str, size: int, rate: int) -> bool:
+def mirror_under_writer(d: str, size: int, rate: int, rounds: int = 3) -> bool:
+    ok = True
+    for r in range(rounds):
+        ok &= mirror_under_writer_once(d, size, rate, r + 1)
+    return ok
+
+
+def mirror_under_writer_once(d: str, size: int, rate: int, rnd_no: int) -> bool:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
     from blkjobs.jobs import Engine
     src = os.path.join(d, "vm.qcow2")
@@ -136,6 +145,7 @@ def mirror_under_writer(d: str, size: int, rate: int) -> bool:
         vm = eng.attach(s)
         stop = threading.Event()
         written = [0]
+        stall = [0.0]
 
         def writer():
             rnd = random.Random(5)
@@ -143,7 +153,9 @@ def mirror_under_writer(d: str, size: int, rate: int) -> bool:
             t0 = time.monotonic()
             while not stop.is_set():
                 off = rnd.randrange(0, size // 4096) * 4096
+                w0 = time.monotonic()
                 vm.write(off, blk)
+                stall[0] = max(stall[0], time.monotonic() - w0)
                 written[0] += 4096
                 ahead = written[0] / rate - (time.monotonic() - t0)
                 if ahead > 0:
@@ -155,17 +167,23 @@ def mirror_under_writer(d: str, size: int, rate: int) -> bool:
         t.start()
         job = eng.mirror("src", "dst", sync="full", job_id="m0")
         ev.wait_for("BLOCK_JOB_READY", timeout=600)
-        t_ready = time.monotonic() - t0
+        t_ready, w_ready = time.monotonic() - t0, written[0]
         time.sleep(2)                      # in sync while the writer goes on
+        t_cmpl, w_cmpl = time.monotonic() - t0, written[0]
         eng.job_complete("m0")
         outcome = eng.wait_job(job, 600)
-        t_done = time.monotonic() - t0
+        t_done, w_done = time.monotonic() - t0, written[0]
         stop.set()
         t.join(10)
-        achieved = written[0] / t_done / 1e6
+
+        def mbs(w, dt):
+            return w / max(dt, 1e-9) / 1e6
         ok = outcome.value == "completed" and vm.node.name == "dst"
-        print(f"mirror+writer  READY after {t_ready:.2f} s, completed after {t_done:.2f} s, "
-              f"writer {achieved:.1f} MB/s (target {rate / 1e6:.0f} MB/s): "
+        print(f"mirror+writer #{rnd_no} READY after {t_ready:.2f} s, completed after "
+              f"{t_done:.2f} s; writer {mbs(w_done, t_done):.1f} MB/s (target "
+              f"{rate / 1e6:.0f}; bulk {mbs(w_ready, t_ready):.1f}, READY "
+              f"{mbs(w_cmpl - w_ready, t_cmpl - t_ready):.1f}, completion "
+              f"{t_done - t_cmpl:.2f} s), longest write {stall[0] * 1e3:.0f} ms: "
               f"{'OK' if ok else 'FAILED'}", flush=True)
         final = os.path.join(d, "final.raw")
         with open(final, "wb") as f:
@@ -183,6 +201,8 @@ def main() -> int:
     ap.add_argument("--size", default="4G")
     ap.add_argument("--rate", type=float, default=50e6, help="writer bytes/s (default 50 MB/s)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--writer-rounds", type=int, default=3,
+                    help="mirror-under-writer runs (default 3)")
     ap.add_argument("--writer-only", action="store_true",
                     help="only the mirror under a writer (skip the timed comparisons)")
     ap.add_argument("--repeat", type=int, default=2, help="rounds per comparison (best kept)")
@@ -225,7 +245,7 @@ def main() -> int:
         ok = True
 
         if a.writer_only:
-            ok = mirror_under_writer(d, size, int(a.rate))
+            ok = mirror_under_writer(d, size, int(a.rate), a.writer_rounds)
             return 0 if ok else 1
         view = os.path.join(d, "view.raw")
         sh("qemu-img", "convert", "-O", "raw", os.path.join(chain, "top.qcow2"), view)
@@ -280,7 +300,7 @@ def main() -> int:
         shutil.rmtree(out)
         os.unlink(view)
 
-        ok &= mirror_under_writer(d, size, int(a.rate))
+        ok &= mirror_under_writer(d, size, int(a.rate), a.writer_rounds)
         print("ALL OK" if ok else "SOME CHECKS FAILED")
         return 0 if ok else 1
     finally:

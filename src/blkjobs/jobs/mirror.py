@@ -252,9 +252,9 @@ class MirrorJob(BlockJob):
                 if stats is None:
                     self.sync_failed = True
                 return
-        size = areas.whole
-        job.progress.advance(size)
-        self.copied += size
+        job.progress.advance(areas.whole)
+        # bytes really copied: a guest's small writes cost what they wrote
+        self.copied += sum(n for _, n in areas)
         if not job.is_ready and not self.escalated and self.copied >= self.src.size:
             # Writes dirty data faster than we copy it: mirror them
             # synchronously until in sync, so the job converges.
