@@ -217,10 +217,6 @@ class Mover:
         self.write_behind = write_behind
         self._pool: list[CopyEngine] = []
         self._dst_raw = dst.driver.cluster_size == 0
-        # the fast path of small ranges: not with fault injection (checked per
-        # planned run) nor compression (written cluster by cluster)
-        self._fast = not compress and not any(
-            hasattr(n.driver, "inject_check") for n in (src, dst))
         self._dst_is_ours = dst.driver
 
     # -- the C engines ------------------------------------------------------
@@ -277,7 +273,12 @@ class Mover:
         length = min(length, src.size - off, dst.size - off)
         if length <= 0:
             return []
-        if length <= FAST_MAX and self._fast:
+        # the fast path of small ranges: not with fault injection (checked per
+        # planned run; a blkdebug node may be set up while the job runs) nor
+        # compression (written cluster by cluster)
+        if (length <= FAST_MAX and not self.compress
+                and not hasattr(src.driver, "inject_check")
+                and not hasattr(dst.driver, "inject_check")):
             item = self._plan_fast(off, length, stats)
             if item is not None:
                 return [item]
