@@ -8,7 +8,8 @@ import os
 import pytest
 
 from blkjobs.errors import UsageError
-from test_jobs_helpers import MiB, SIZE, assert_same, eng, mkimg, snapshot  # noqa: F401
+from test_jobs_helpers import (MiB, SIZE, assert_same, chain3, eng, mkimg,  # noqa: F401
+                               snapshot)
 
 
 def test_backup_cbw_filter_node(eng, tmp_path):
@@ -84,6 +85,67 @@ def test_stream_copy_on_read_filter(eng, tmp_path):
     assert "cor" not in eng.graph.nodes and vm.node is t and t.backing is None
     eng.close()
     assert_same(view, top, "raw", "qcow2")
+
+
+@pytest.mark.parametrize("outcome", ["completed", "cancelled"])
+def test_commit_filter_above_top(eng, tmp_path, outcome):
+    """Intermediate commit: a commit_top filter sits between the overlay and
+    the committed node; prepare backs the overlay onto base and drops the
+    filter, a cancel puts the overlay back onto the node."""
+    base, mid, top = chain3(tmp_path)
+    view = snapshot(top, "qcow2", tmp_path / "view.raw")
+    t = eng.open(top, node_name="top")
+    m, b = t.chain()[1], t.chain()[2]
+    vm = eng.attach(t)
+    job = eng.commit("top", top_node=m.name, base_node=b.name, job_id="c0", speed=1 * MiB,
+                     filter_node_name="ct")
+    f = eng.graph.nodes["ct"]
+    assert (f.format, f.file, t.backing) == ("commit_top", m, f)
+    assert t.chain() == [t, f, m, b]
+    assert vm.read(0, 4) == b"\x61" * 4 and vm.read(1 * MiB, 4) == b"\x51" * 4
+    if outcome == "cancelled":
+        eng.job_cancel("c0")
+        assert eng.wait_job(job, 30).value == "cancelled"
+        assert "ct" not in eng.graph.nodes and t.backing is m and t.chain() == [t, m, b]
+    else:
+        eng.block_job_set_speed("c0", 0)
+        assert eng.wait_job(job, 30).value == "completed"
+        assert "ct" not in eng.graph.nodes and t.backing is b and t.chain() == [t, b]
+        assert m.name not in eng.graph.nodes           # the intermediate left the graph
+    eng.close()
+    assert_same(view, top, "raw", "qcow2")
+
+
+def test_two_backups_stack_their_filters(eng, tmp_path):
+    """A second backup's filter goes right above the source, below the
+    first one's; a guest write passes both (each target keeps its own point
+    in time); each leaves in turn."""
+    src = mkimg(tmp_path / "src.qcow2", writes=[("0x11", 0, SIZE)])
+    t1, t2 = mkimg(tmp_path / "t1.qcow2"), mkimg(tmp_path / "t2.qcow2")
+    first = snapshot(src, "qcow2", tmp_path / "first.raw")
+    s = eng.open(src, node_name="src")
+    eng.open(t1, node_name="t1")
+    eng.open(t2, node_name="t2")
+    vm = eng.attach(s)
+    j1 = eng.backup(s.name, "t1", sync="full", job_id="b1", speed=1 * MiB, filter_node_name="f1")
+    vm.write(0, b"\x22" * 65536)
+    second = tmp_path / "second.raw"
+    second.write_bytes(b"\x22" * 65536 + open(first, "rb").read()[65536:])
+    j2 = eng.backup(s.name, "t2", sync="full", job_id="b2", speed=1 * MiB, filter_node_name="f2")
+    f1, f2 = eng.graph.nodes["f1"], eng.graph.nodes["f2"]
+    assert (f1.file, f2.file, vm.node) == (f2, s, f1)
+    assert f1.chain() == [f1, f2, s] and f1.below_filters() is s
+    vm.write(65536, b"\x33" * 65536)               # saved into both targets first
+    assert vm.read(65536, 4) == b"\x33" * 4
+    eng.block_job_set_speed("b1", 0)
+    assert eng.wait_job(j1, 30).value == "completed"
+    assert "f1" not in eng.graph.nodes and vm.node is f2
+    eng.block_job_set_speed("b2", 0)
+    assert eng.wait_job(j2, 30).value == "completed"
+    assert vm.node is s and eng.graph.parents(s) == []
+    eng.close()
+    assert_same(first, t1, "raw", "qcow2")
+    assert_same(str(second), t2, "raw", "qcow2")
 
 
 def test_daemon_lists_the_filter_like_qemu(tmp_path):

@@ -27,6 +27,7 @@ from ..graph.perm import ALL
 from ..job import ErrorAction, Job
 from .backup import check_policy
 from .base import BlockJob, Mover, select_window
+from .frontend import Filter
 from .mirror import MirrorJob
 from .stream import find_in_chain
 
@@ -129,7 +130,7 @@ def make_commit(eng: Engine, device: str, *, base_node: str | None = None,
     for n in nodes + [base_n]:
         eng.check_busy(n)
     if active:
-        if eng.graph.parents(top_n):
+        if any(not p.is_filter for p in eng.graph.parents(top_n)):
             raise JobError("Need a root block node")
         return ActiveCommitJob(eng, top_n, base_n, nodes, on_error)
     return CommitJob(eng, top_n, base_n, nodes, backing_file, on_error)
@@ -155,6 +156,8 @@ class CommitJob(BlockJob):
             self.eng.claim(job, self.nodes + [self.base])
             try:
                 self.access.open(f"commit job '{job.id}'")
+                # above top: its overlay now reads through the filter
+                self.insert_filter(self.top, Filter(), "commit_top")
             except BaseException:
                 self.access.close()
                 self.eng.release_claims(job)
@@ -188,7 +191,9 @@ class CommitJob(BlockJob):
 
     def prepare(self, job: Job) -> None:
         with self.eng.io:
-            overlays = self.eng.graph.parents(self.top)
+            # the overlays use the commit filter (or top, without one)
+            above = self.fnode if self.fnode is not None else self.top
+            overlays = [p for p in self.eng.graph.parents(above) if not p.is_filter]
             self.access.release_write()
             with GraphTransaction() as gt:       # commits, or aborts on an exception
                 for ov in overlays:
@@ -196,6 +201,7 @@ class CommitJob(BlockJob):
                         ov.reopen(False)
                         self._overlay_ro = ov
                     gt.set_backing(ov, self.base, filename=self.backing_file)
+            self.remove_filter()         # nothing uses it now: top leaves the chain
 
     def commit(self, job: Job) -> None:
         with self.eng.io:
@@ -203,6 +209,7 @@ class CommitJob(BlockJob):
 
     def clean(self, job: Job) -> None:
         with self.eng.io:
+            self.remove_filter()         # after an abort: its parents back onto top
             self.access.close()
             if self._overlay_ro is not None:
                 try:

@@ -211,14 +211,33 @@ class Engine:
 
     def add_filter(self, node: Node, f: Filter, drv: str, name: str | None = None) -> Node:
         """Insert a filter node of driver ``drv`` (named ``name``, else
-        ``#blockN``) above ``node``, with ``f``'s write hooks: the front ends
-        of ``node`` (the guest, exports) now write through it. Returns the
-        filter node; :meth:`remove_filter` takes it out again."""
+        ``#blockN``) above ``node``, with ``f``'s write hooks: every parent of
+        ``node`` -- front ends (the guest, exports), overlays backed by it,
+        filters stacked on it -- now uses the filter. Returns the filter
+        node; :meth:`remove_filter` takes it out again."""
         with self.io:
             fnode = self.graph.add_filter(drv, node, name)
             self._filters[id(fnode)] = [f]
-            self._repoint(node, fnode)
+            try:
+                self._relink(node, fnode, skip=fnode)
+            except BaseException:
+                self.remove_filter(fnode)
+                raise
             return fnode
+
+    def _relink(self, old: Node, new: Node, skip: Node | None = None) -> None:
+        """Parents of ``old`` (but ``skip``) use ``new`` instead (I/O lock
+        held): a filter node going in or out."""
+        for p in self.graph.parents(old):
+            if p is skip:
+                continue
+            if p.file is old:
+                held = p.file_perm
+                p.file, p.file_perm = new, new.take(held.owner, held.perm, held.shared)
+                held.release()
+            else:
+                p.attach_backing(new)
+        self._repoint(old, new)
 
     def above_filters(self, node: Node) -> Node:
         """The top-most filter node stacked above ``node`` (``node`` itself
@@ -237,14 +256,7 @@ class Engine:
             if fnode.file is None:
                 return          # removed already
             self._filters.pop(id(fnode), None)
-            for p in self.graph.parents(fnode):
-                # a filter inserted above this one later: re-link it below
-                if p.file is fnode:
-                    held = p.file_perm
-                    p.file, p.file_perm = fnode.file, fnode.file.take(held.owner, held.perm,
-                                                                      held.shared)
-                    held.release()
-            self._repoint(fnode, fnode.file)
+            self._relink(fnode, fnode.file)
             fnode.close()
 
     def quiesce(self, node: Node) -> None:
