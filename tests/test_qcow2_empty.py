@@ -124,3 +124,28 @@ def test_interrupted_emptying_leaves_a_consistent_image(tmp_path, monkeypatch, c
     res = json.loads(p.stdout)
     assert p.returncode in (0, 3) and not res.get("corruptions"), res
     qemu_img("compare", "-f", "qcow2", "-F", "qcow2", top, base)
+
+
+def test_commit_cli_empties_under_qemu_lock_bytes(tmp_path):
+    """The CLI's emptying holds QEMU's lock bytes: another user that does
+    not share write (as a VM reading the image would) makes it fail with
+    qemu's message, and the image is not touched."""
+    from blkjobs.cli.cmd_commit import make_empty as cli_make_empty
+    from blkjobs.graph.lock import FileLock
+    from blkjobs.graph.perm import Perm, PermissionConflict
+    _, top = overlay(tmp_path)
+    before = open(top, "rb").read()
+    fd = os.open(top, os.O_RDONLY)
+    other = FileLock(fd, str(top))
+    other.apply(Perm.CONSISTENT_READ, Perm.WRITE)
+    try:
+        with pytest.raises(PermissionConflict, match=r"^Failed to get \"write\" lock on '.*top"
+                                                     r"\.qcow2': Is another process using the "
+                                                     r"image\?$"):
+            cli_make_empty(str(top), "qcow2")
+    finally:
+        other.release()
+        os.close(fd)
+    assert open(top, "rb").read() == before
+    cli_make_empty(str(top), "qcow2")                 # free again: emptied
+    assert not any(r["data"] and r["depth"] == 0 for r in qemu_map(top))

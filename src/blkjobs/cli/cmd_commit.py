@@ -24,6 +24,21 @@ def make_empty(path: str, fmt: str) -> None:
     backing link instead."""
     if fmt != "qcow2":
         return
+    # Hold QEMU's lock bytes meanwhile, as qemu-img does (write, sharing only
+    # consistent read): a VM that opened the image since fails cleanly.
+    from ..graph.lock import FileLock
+    from ..graph.perm import ALL, Perm
+    fd = os.open(path, os.O_RDONLY)
+    lock = FileLock(fd, path)
+    try:
+        lock.apply(Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, ALL & ~Perm.CONSISTENT_READ)
+        _empty(path, fmt)
+    finally:
+        lock.release()
+        os.close(fd)
+
+
+def _empty(path: str, fmt: str) -> None:
     from ..formats.qcow2.empty import make_empty as empty_in_place
     if empty_in_place(path):
         return
