@@ -147,7 +147,9 @@ class MirrorJob(BlockJob):
         self.parts = PartlyDirty(self.dirty, src.size)
         self.inflight = InFlight(eng.io)
         self.filter = MirrorFilter(self)
-        self.mover = Mover(eng, src, dst, select, bucket=self.bucket)
+        # write-behind: a mirror ends with flushes (READY, completion) that the
+        # guest may wait for; data already on its way to disk shortens them
+        self.mover = Mover(eng, src, dst, select, bucket=self.bucket, write_behind=True)
         self.job: Job | None = None
         self.sync_bytes = 0             # written synchronously by the filter
         self.sync_failed = False
