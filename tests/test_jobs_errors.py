@@ -293,3 +293,37 @@ def test_cbw_error_modes(eng, tmp_path, mode):
         vm.write(0, b"\xff" * 4096)                     # the guest write goes through
         assert vm.read(0, 4096) == b"\xff" * 4096
         assert eng.wait_job(job, 10).value == "failed"
+
+
+def test_after_n_operations_front_end_and_job(eng, tmp_path):
+    """Rule(after=N): the first N matching operations pass, then it fails
+    (once: one time). Front-end requests count one each; a job counts one
+    per batch it plans for the target, so a rate-limited backup (small
+    batches) fails in the middle, stops, and resume retries the batch."""
+    src, dst, expect = pair(eng, tmp_path)
+    fe_node = mkimg(tmp_path / "fe.qcow2")
+    eng.open(fe_node, node_name="fe")
+    eng.blkdebug("fe", [Rule("write", errno.EIO, after=2, once=True)])
+    vm = eng.attach(eng.node("fe"))
+    vm.write(0, b"\x01" * 4096)
+    vm.write(4096, b"\x02" * 4096)
+    with pytest.raises(OSError) as ei:
+        vm.write(8192, b"\x03" * 4096)
+    assert ei.value.errno == errno.EIO
+    vm.write(8192, b"\x03" * 4096)                   # once: the next one passes
+    assert vm.read(0, 12288) == b"\x01" * 4096 + b"\x02" * 4096 + b"\x03" * 4096
+
+    eng.blkdebug("dst", [Rule("write", errno.EIO, after=2, once=True)])
+    ev = eng.listen()
+    job = eng.backup("src", "dst", sync="full", job_id="b0", on_target_error="stop",
+                     speed=10 * MiB)                  # batches of 1 MiB
+    eng.wait_status(job, "paused", timeout=20)
+    [info] = eng.query_block_jobs()
+    assert 0 < info["offset"] < info["len"]           # it failed in the middle
+    assert info["io-status"] == "failed" and info["paused"]
+    eng.job_resume("b0")
+    assert eng.wait_job(job, 30).value == "completed"
+    s = seq(ev, "b0")
+    assert s.count("ERROR:write:stop") == 1
+    eng.close()
+    assert_same(expect, dst, "raw", "qcow2")
