@@ -2,9 +2,10 @@
 uses to keep reading and writing a node while jobs run on it.
 
 ``engine.attach(node)`` returns a :class:`Frontend`. Every request takes the
-engine's I/O lock, passes the write filters the jobs installed on the node
-(in the manner of nbdkit filters stacked through ``next``), does the I/O on
-the node, then marks the node's enabled dirty bitmaps:
+engine's I/O lock, passes the write hooks of the filter nodes jobs put above
+the node (the front end is re-pointed to the top-most one; hooks run top
+down, in the manner of nbdkit filters stacked through ``next``), does the
+I/O on the image node below them, then marks its enabled dirty bitmaps:
 
 * :meth:`Filter.before_write` runs first (backup's copy-before-write saves
   the old data; write-blocking mirror waits for in-flight copies);

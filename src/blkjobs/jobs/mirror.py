@@ -1,23 +1,29 @@
 """mirror (``blockdev-mirror``, jobs.md §2) and the machinery of active commit.
 
-A :class:`MirrorFilter` on the source tracks guest writes: in ``background``
-copy mode it marks them in the job's dirty bitmap (after the write landed, so
-a copy racing with it is redone); in ``write-blocking`` mode it waits for
-in-flight copies of the range, then writes the new data to the target before
-the guest's request completes.
+A ``mirror_top`` filter node above the source (its hooks: :class:`MirrorFilter`)
+sees every guest write: in ``background`` copy mode it marks them dirty
+(after the write landed, so a copy racing with it is redone) -- to the
+sub-block, see :mod:`.dirty`: a 4 KiB write costs 4 KiB of copying, not a
+granule; in ``write-blocking`` mode it waits for in-flight copies of the
+range, then writes the new data to the target before the guest's request
+completes.
 
 ``run`` copies dirty chunks in batches through the C engine (bits are taken
 -- cleared -- before the read, so a racing write re-dirties them). When only
 a little is left (at most one batch), the last pass runs with guest writes
 to the source held off (quiesced), so the job reaches READY under any write
-rate. A background mirror that has copied a whole disk's worth without getting
-there (the guest dirties faster than we copy) mirrors guest writes
-synchronously until READY, then goes back to background: it converges
-under any write rate. Then it keeps copying new writes. ``complete`` (or a soft cancel in
-ready) does a final pass with the source quiesced and returns, keeping the
-source quiesced until finalization: ``prepare`` pivots (the target replaces
-the source in every parent: graph parents and front ends), ``clean`` removes
-the filter and lets writes through again -- to the new node after a pivot.
+rate; the flush that READY needs runs after writes are let through again. A
+background mirror that has copied a whole disk's worth without getting there
+(the guest dirties faster than we copy) mirrors guest writes synchronously
+until READY, then goes back to background: it converges under any write
+rate. Then it keeps copying new writes. ``complete`` (or a soft cancel in
+ready) first catches up (copy and flush while the guest writes), then does a
+final pass with the source quiesced and returns, keeping the source quiesced
+until finalization: ``prepare`` pivots (the target replaces the source in
+every parent: graph parents and front ends) and drops the filter node, so
+writes go to the new node; ``clean`` lets writes through again (and drops
+the filter when there was no pivot). Copies use write-behind, so the
+flushes the guest may wait for find little left to write.
 """
 from __future__ import annotations
 
@@ -29,8 +35,8 @@ from ..graph import GraphTransaction, Node, Perm
 from ..job import ErrorAction, Job
 from ..native.bitmap import Bitmap
 from .backup import check_policy
-from .dirty import PartlyDirty
 from .base import BATCH, KiB, MiB, BlockJob, InFlight, Mover, Select, select_full, select_window
+from .dirty import PartlyDirty
 from .frontend import Filter
 
 if TYPE_CHECKING:
