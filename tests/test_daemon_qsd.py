@@ -127,3 +127,40 @@ def test_mirror_matches_qemu_storage_daemon(tmp_path, sync):
     [ref_job], [job] = ref_info, info
     assert job.pop("actively-synced") is False
     assert ref_job == job
+
+
+def test_job_lists_are_newest_first_like_qemu(tmp_path):
+    """query-jobs and query-block-jobs list the newest job first in
+    qemu-storage-daemon; blkjobs the same."""
+    order = {}
+
+    async def run(sock, d):
+        s = await connect(sock)
+        for i in (1, 2):
+            src, tgt = make_images(d / f"p{i}", "64M")
+            await s.x("blockdev-add", **qcow2_node(f"src{i}", src))
+            await s.x("blockdev-add", **qcow2_node(f"tgt{i}", tgt))
+        for i, jid in ((1, "first"), (2, "second")):
+            await s.x("blockdev-backup", **{"job-id": jid}, device=f"src{i}", target=f"tgt{i}",
+                      sync="full", speed=1 << 20)
+        got = ([j["id"] for j in await s.x("query-jobs")],
+               [j["device"] for j in await s.x("query-block-jobs")])
+        for jid in ("first", "second"):
+            await s.x("job-cancel", id=jid)
+        gone: set[str] = set()
+        while gone != {"first", "second"}:       # in whatever order they end
+            evs = await s.until("JOB_STATUS_CHANGE", status="null")
+            gone.add(evs[-1]["data"]["id"])
+        await s.close()
+        return got
+
+    for name, start in (("qsd", start_qsd), ("blkjobs", start_blkjobs)):
+        d = tmp_path / name
+        for i in (1, 2):
+            (d / f"p{i}").mkdir(parents=True)
+        daemon = start(d)
+        try:
+            order[name] = asyncio.run(run(daemon.sock, d))
+        finally:
+            assert daemon.stop() == 0, daemon.stderr
+    assert order["qsd"] == order["blkjobs"] == (["second", "first"], ["second", "first"])
