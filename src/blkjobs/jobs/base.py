@@ -54,8 +54,10 @@ FAST_MAX = 2 * MiB
 #: What the fast path copies, as a block-status run for ``select``.
 _TOP_DATA = {"depth": 0, "present": True, "data": True, "zero": False}
 
-#: Planning holds the I/O lock for at most this much guest range at a time.
+#: Planning holds the I/O lock for at most this much guest range, or this
+#: many areas (scattered granules: ~4 us each on the fast path), at a time.
 PLAN_CHUNK = 8 * MiB
+PLAN_AREAS = 64
 
 #: A run classifier: block_status run -> "copy" | "zero" | "skip".
 Select = Callable[[dict], str]
@@ -403,14 +405,23 @@ class Mover:
         granules: one engine round trip for all of them)."""
         t = Ticket(areas[0][0], sum(n for _, n in areas))
         items: list[tuple] = []
-        # The I/O lock is taken per PLAN_CHUNK, not for the whole batch:
-        # planning a thousand scattered granules takes tens of ms, and every
-        # guest write needs the lock. (The areas are in flight or their bits
-        # taken: a write racing with the planning is seen by the caller.)
-        for off, length in areas:
-            for o in range(off, off + length, PLAN_CHUNK):
-                with self.eng.io:
-                    items += self.plan(o, min(PLAN_CHUNK, off + length - o), t.stats)
+        # The I/O lock is held for up to PLAN_CHUNK bytes or PLAN_AREAS areas
+        # at a time, not for the whole batch: planning a thousand scattered
+        # granules takes milliseconds, and every guest write needs the lock.
+        # (The areas are in flight or their bits taken: a write racing with
+        # the planning is seen by the caller.)
+        pieces = [(o, min(PLAN_CHUNK, off + length - o)) for off, length in areas
+                  for o in range(off, off + length, PLAN_CHUNK)]
+        i = 0
+        while i < len(pieces):
+            with self.eng.io:
+                budget, k = PLAN_CHUNK, 0
+                while i < len(pieces) and k < PLAN_AREAS and budget > 0:
+                    o, n = pieces[i]
+                    items += self.plan(o, n, t.stats)
+                    budget -= n
+                    i += 1
+                    k += 1
         if items:
             t.ce = self._engine()
             t.ce.add(items)
