@@ -124,14 +124,15 @@ def row(name, ours, theirs, note=""):
     return ours <= theirs
 
 
-def mirror_under_writer(d: str, size: int, rate: int, rounds: int = 3) -> bool:
+def mirror_under_writer(d: str, size: int, rate: int, rounds: int = 3,
+                        mode: str = "background") -> bool:
     ok = True
     for r in range(rounds):
-        ok &= mirror_under_writer_once(d, size, rate, r + 1)
+        ok &= mirror_under_writer_once(d, size, rate, r + 1, mode)
     return ok
 
 
-def mirror_under_writer_once(d: str, size: int, rate: int, rnd_no: int) -> bool:
+def mirror_under_writer_once(d: str, size: int, rate: int, rnd_no: int, mode: str) -> bool:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
     from blkjobs.jobs import Engine
     src = os.path.join(d, "vm.qcow2")
@@ -165,7 +166,7 @@ def mirror_under_writer_once(d: str, size: int, rate: int, rnd_no: int) -> bool:
         t = threading.Thread(target=writer, daemon=True)
         t0 = time.monotonic()
         t.start()
-        job = eng.mirror("src", "dst", sync="full", job_id="m0")
+        job = eng.mirror("src", "dst", sync="full", job_id="m0", copy_mode=mode)
         ev.wait_for("BLOCK_JOB_READY", timeout=600)
         t_ready, w_ready = time.monotonic() - t0, written[0]
         time.sleep(2)                      # in sync while the writer goes on
@@ -179,7 +180,7 @@ def mirror_under_writer_once(d: str, size: int, rate: int, rnd_no: int) -> bool:
         def mbs(w, dt):
             return w / max(dt, 1e-9) / 1e6
         ok = outcome.value == "completed" and vm.node.name == "dst"
-        print(f"mirror+writer #{rnd_no} READY after {t_ready:.2f} s, completed after "
+        print(f"mirror+writer ({mode}) #{rnd_no} READY after {t_ready:.2f} s, completed after "
               f"{t_done:.2f} s; writer {mbs(w_done, t_done):.1f} MB/s (target "
               f"{rate / 1e6:.0f}; bulk {mbs(w_ready, t_ready):.1f}, READY "
               f"{mbs(w_cmpl - w_ready, t_cmpl - t_ready):.1f}, completion "
@@ -201,6 +202,8 @@ def main() -> int:
     ap.add_argument("--size", default="4G")
     ap.add_argument("--rate", type=float, default=50e6, help="writer bytes/s (default 50 MB/s)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--copy-mode", default="background", choices=("background", "write-blocking"),
+                    help="the mirror's copy mode under the writer")
     ap.add_argument("--writer-rounds", type=int, default=3,
                     help="mirror-under-writer runs (default 3)")
     ap.add_argument("--writer-only", action="store_true",
@@ -245,7 +248,7 @@ def main() -> int:
         ok = True
 
         if a.writer_only:
-            ok = mirror_under_writer(d, size, int(a.rate), a.writer_rounds)
+            ok = mirror_under_writer(d, size, int(a.rate), a.writer_rounds, a.copy_mode)
             return 0 if ok else 1
         view = os.path.join(d, "view.raw")
         sh("qemu-img", "convert", "-O", "raw", os.path.join(chain, "top.qcow2"), view)
@@ -300,7 +303,7 @@ def main() -> int:
         shutil.rmtree(out)
         os.unlink(view)
 
-        ok &= mirror_under_writer(d, size, int(a.rate), a.writer_rounds)
+        ok &= mirror_under_writer(d, size, int(a.rate), a.writer_rounds, a.copy_mode)
         print("ALL OK" if ok else "SOME CHECKS FAILED")
         return 0 if ok else 1
     finally:
