@@ -38,6 +38,21 @@ def add_common(p) -> None:
                    help="print QMP-shaped events as JSON lines on stdout")
 
 
+def find_base(top, image: str, base: str):
+    """The node of ``top``'s backing chain (below top) that ``-b BASE``
+    names (relative to IMAGE's directory, as qemu-img resolves it)."""
+    from ..errors import UsageError
+    from ..graph import resolve_backing
+    want = resolve_backing(os.path.abspath(image), base)
+    found = None
+    for n in top.chain()[1:]:
+        if os.path.exists(want) and os.path.samefile(n.filename, want):
+            found = n
+    if found is None:
+        raise UsageError(f"Can't find '{base}' in the backing chain")
+    return found
+
+
 def run_job(eng, start, args, ready_action=None, timeout: float | None = None) -> None:
     """Start a job with ``start()`` and drive it to its end. ``ready_action``:
     called (with the job) when it becomes ready (mirror/active commit)."""

@@ -10,8 +10,7 @@ import os
 
 from ..errors import UsageError
 from ..formats import create_image, open_image
-from ..graph import resolve_backing
-from .cmd_backup import POLICIES, add_common, run_job
+from .cmd_backup import POLICIES, add_common, find_base, run_job
 from .sizes import parse_size
 
 
@@ -74,13 +73,7 @@ def run(args) -> int:
             raise UsageError("Image does not have a backing file")   # qemu-img's text
         base = top.backing
         if args.base:
-            want = resolve_backing(os.path.abspath(args.image), args.base)
-            base = None
-            for n in top.chain()[1:]:
-                if os.path.exists(want) and os.path.samefile(n.filename, want):
-                    base = n
-            if base is None:
-                raise UsageError(f"Can't find '{args.base}' in the backing chain")
+            base = find_base(top, args.image, args.base)
         speed = parse_size(args.speed, "speed")
         path, fmt = top.filename, top.format
         run_job(eng, lambda: eng.commit(top, base_node=base.name, job_id=args.job_id,

@@ -8,11 +8,7 @@ with BASE as given, relative to IMAGE's directory, or ``--backing-file``).
 Without ``-b`` the whole chain is pulled in and IMAGE ends without backing."""
 from __future__ import annotations
 
-import os
-
-from ..errors import UsageError
-from ..graph import resolve_backing
-from .cmd_backup import POLICIES, add_common, run_job
+from .cmd_backup import POLICIES, add_common, find_base, run_job
 from .sizes import parse_size
 
 
@@ -33,14 +29,7 @@ def run(args) -> int:
     eng = Engine()
     try:
         top = eng.open(args.image, args.fmt, node_name="top")
-        base_node = None
-        if args.base:
-            want = resolve_backing(os.path.abspath(args.image), args.base)
-            for n in top.chain()[1:]:
-                if os.path.exists(want) and os.path.samefile(n.filename, want):
-                    base_node = n.name
-            if base_node is None:
-                raise UsageError(f"Can't find '{args.base}' in the backing chain")
+        base_node = find_base(top, args.image, args.base).name if args.base else None
         speed = parse_size(args.speed, "speed")
         run_job(eng, lambda: eng.stream(top, base_node=base_node, job_id=args.job_id,
                                         speed=speed, on_error=args.on_error,

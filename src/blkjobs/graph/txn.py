@@ -141,13 +141,11 @@ class SetBacking(Change):
         if self.header_saved is not None:
             raw, bf, bfmt = self.header_saved
             drv = n.driver
-            cur = drv.header_bytes()
             # restore exactly the old bytes of cluster 0, then re-read the header
             os.pwrite(drv.fd, raw, 0)
             os.fsync(drv.fd)
             drv.header.backing_file, drv.header.backing_format = bf, bfmt
             drv.backing_filename, drv.backing_format = bf, bfmt
-            del cur
 
 
 class DropNode(Change):

@@ -44,7 +44,7 @@ from ...errors import ImageError, UsageError
 from ..base import Driver, Kind, Mapping
 from . import compress as _cz
 from .header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, EXT_BITMAPS, INCOMPAT_CORRUPT,
-                     INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, Header, parse_header)
+                     INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, parse_header)
 from .refcount import Refcounts
 from ...native import qcow2 as _nq
 
