@@ -97,7 +97,10 @@ class StreamJob(BlockJob):
         self.on_error = on_error
         self.intermediates = intermediates
         depth = top.chain().index(base) if base is not None else None
-        self.mover = Mover(eng, top, top, select_window(1, depth), bucket=self.bucket)
+        # write-behind: the job ends with a flush of top; pulling a 4 GiB
+        # VM-shaped base into an empty overlay: 1.9-8.0 s -> 1.4-1.7 s
+        self.mover = Mover(eng, top, top, select_window(1, depth), bucket=self.bucket,
+                           write_behind=True)
         self.inflight = InFlight(eng.io)
         self.filter = _HoldWrites(self.inflight)
         self.failed_ignored: BaseException | None = None
