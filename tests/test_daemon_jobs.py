@@ -287,6 +287,33 @@ def test_sigterm_cancels_jobs_and_cli_options(tmp_path):
     assert not os.path.exists(sock)
 
 
+def test_repeated_sigterm_during_shutdown_still_exits_cleanly(tmp_path):
+    """A second (third, ...) SIGTERM while the daemon shuts down, as a service
+    manager or an impatient user sends, must not kill it half-way: it still
+    exits 0 and removes its socket and pid file."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from daemon_util import Daemon
+    src, tgt = make_images(tmp_path, "64M")
+    sock, pid = str(tmp_path / "d.sock"), str(tmp_path / "d.pid")
+    for _ in range(3):
+        d = Daemon([sys.executable, "-m", "blkjobs", "serve", "--print-ready",
+                    "--socket", sock, "--pidfile", pid,
+                    "--blockdev", json.dumps(qcow2_node("src", src)),
+                    "--blockdev", json.dumps(qcow2_node("tgt", tgt))], sock, True)
+        deadline = time.monotonic() + 15
+        while d.proc.poll() is None:
+            assert time.monotonic() < deadline, "daemon did not stop"
+            d.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.0005)
+        assert d.stop() == 0, d.stderr
+        assert not os.path.exists(sock)
+        assert not os.path.exists(pid)
+
+
 def test_chain_backing_refs_stream_and_active_commit(daemon, tmp_path):
     """qcow2 'backing' as a node name, as an inline object and omitted;
     block-stream then an active block-commit; base ends with the guest view."""

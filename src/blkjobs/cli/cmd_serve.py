@@ -185,7 +185,7 @@ def run(args) -> int:
             sys.stdout.flush()
 
     try:
-        asyncio.run(serve(eng, unix, tcp, ready=ready, commands=cmds))
+        asyncio.run(serve(eng, unix, tcp, ready=ready, commands=cmds, exiting=True))
     finally:
         for path in unix:
             try:

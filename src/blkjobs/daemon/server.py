@@ -207,21 +207,34 @@ class Server:
 
 
 async def serve(engine, unix_paths: list[str] = (), tcp: list[tuple[str, int]] = (),
-                ready=None, commands: Commands | None = None) -> None:
+                ready=None, commands: Commands | None = None,
+                exiting: bool = False) -> None:
     """Run a server until it is asked to stop, then shut down cleanly.
-    ``ready(server)`` is called once the sockets listen."""
+    ``ready(server)`` is called once the sockets listen. SIGTERM, SIGINT and
+    SIGHUP request the stop. With ``exiting`` (the process ends when this
+    returns), SIGTERM and SIGHUP stay ignored afterwards: a second stop signal
+    must not kill the process half-way through removing its socket and pid
+    file (when the event loop closes it would otherwise restore their default
+    action)."""
     import signal
     server = Server(engine, commands)
     await server.start(unix_paths, tcp)
     loop = asyncio.get_running_loop()
+    installed = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         try:
             loop.add_signal_handler(sig, server.request_stop)
+            installed.append(sig)
         except (NotImplementedError, RuntimeError):
-            pass
+            pass        # no signals here (or not the main thread)
     if ready is not None:
         ready(server)
     try:
         await server.wait_stopped()
     finally:
         await server.shutdown()
+        if exiting:
+            for sig in installed:
+                if sig != signal.SIGINT:
+                    loop.remove_signal_handler(sig)
+                    signal.signal(sig, signal.SIG_IGN)
