@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from test_jobs_helpers import (SIZE, MiB, Writer, assert_same, backing_of, chain3,  # noqa: F401
-                               check, eng, snapshot, wait_writes)
+                               check, eng, mkimg, snapshot, wait_writes)
 
 
 def model_of(path, fmt, tmp_path, name="expect.raw"):
@@ -153,3 +153,77 @@ def test_commit_validation(eng, tmp_path):
         with pytest.raises(Exception) as ei:
             eng.commit("top", job_id="c0", **kw)
         assert str(ei.value) == msg, kw
+
+
+def test_stream_guest_reads_never_see_clusters_in_flight(eng, tmp_path):
+    """A guest reading while stream pulls data into the top must always read
+    the chain's data: a cluster the job has allocated in the top but not yet
+    filled must not be visible (it would read as zeroes)."""
+    import random
+    import threading
+    size = 32 * MiB
+    base = mkimg(tmp_path / "base.qcow2", size=size, writes=[("0x41", 0, size)])
+    top = mkimg(tmp_path / "top.qcow2", size=size, backing="base.qcow2",
+                writes=[("0x61", 0, 4 * MiB)])
+    expect = open(snapshot(top, "qcow2", tmp_path / "e.raw"), "rb").read()
+    t = eng.open(top, node_name="top")
+    vm = eng.attach(t)
+    bad, stop = [], threading.Event()
+
+    def reader():
+        rnd = random.Random(3)
+        while not stop.is_set():
+            off = rnd.randrange(0, size // 4096) * 4096
+            n = min(size - off, rnd.choice([4096, 65536, 1 << 20]))
+            if vm.read(off, n) != expect[off:off + n]:
+                bad.append((off, n))
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    try:
+        job = eng.stream("top", job_id="s0", speed=16 * MiB)
+        assert eng.wait_job(job, 30).value == "completed"
+    finally:
+        stop.set()
+        th.join(30)
+    assert bad == []
+    vm.close()
+    eng.close()
+    assert_same(str(tmp_path / "e.raw"), top, "raw", "qcow2")
+    check(top)
+
+
+@pytest.mark.parametrize("policy", ["report", "stop"])
+def test_stream_enospc_in_the_copy_keeps_the_guest_view(tmp_path, small_tmpfs, policy):
+    """The top on a 2 MiB tmpfs: the C engine's writes fail with ENOSPC in the
+    middle of a batch. The top must still read what it read: the clusters
+    allocated for the failed batch are given back (left allocated, they read
+    as zeroes, and a retry takes them as copied). report: the job fails.
+    stop: it pauses; with space freed, resume completes it."""
+    from blkjobs.jobs import Engine
+    size = 8 * MiB          # 1.5 MiB of it to pull: fits once the filler is gone
+    base = mkimg(tmp_path / "base.qcow2", size=size, writes=[("0x41", 0, 1536 << 10)])
+    top = str(small_tmpfs / "top.qcow2")
+    mkimg(top, size=size, backing=str(base), writes=[("0x61", 0, 64 << 10)])
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"x" * (1 << 20))
+    expect = snapshot(top, "qcow2", tmp_path / "e.raw")
+    eng = Engine()
+    try:
+        t = eng.open(top, node_name="top")
+        job = eng.stream("top", job_id="s0", on_error=policy)
+        if policy == "report":
+            assert eng.wait_job(job, 30).value == "failed"
+            assert job.error == "No space left on device"
+            assert t.backing is not None
+        else:
+            eng.jobs.wait_until(lambda: job.status.value == "paused", 30)
+            with eng.attach(t) as vm:                        # the guest view, paused
+                assert vm.read(0, size) == open(expect, "rb").read()
+            filler.unlink()
+            eng.jobs.user_resume(job)
+            assert eng.wait_job(job, 30).value == "completed"
+            assert t.backing is None
+    finally:
+        eng.close()
+    assert_same(expect, top, "raw", "qcow2")
+    check(top)

@@ -185,14 +185,17 @@ class Stats:
 
 
 class Ticket:
-    """One batch handed to the C engine by :meth:`Mover.start`."""
+    """One batch handed to the C engine by :meth:`Mover.start`. ``fresh``:
+    the target's guest ranges its planning allocated where the target had
+    nothing (given back when the batch does not land)."""
 
-    __slots__ = ("off", "length", "stats", "ce")
+    __slots__ = ("off", "length", "stats", "ce", "fresh")
 
     def __init__(self, off: int, length: int):
         self.off, self.length = off, length
         self.stats = Stats()
         self.ce: CopyEngine | None = None
+        self.fresh: list[tuple[int, int]] = []
 
 
 class Mover:
@@ -269,8 +272,10 @@ class Mover:
         return [(r["start"], r["length"]) for r in dst.block_status(off, length)
                 if r["zero"] and (r["depth"] == 0 or dst.backing is None)]
 
-    def plan(self, off: int, length: int, stats: Stats) -> list[tuple]:
-        """Classify, allocate, do the Python-side parts; return engine items."""
+    def plan(self, off: int, length: int, stats: Stats,
+             fresh: list[tuple[int, int]] | None = None) -> list[tuple]:
+        """Classify, allocate, do the Python-side parts; return engine items.
+        ``fresh``: see :meth:`Qcow2Driver.allocate`."""
         src, dst = self.src, self.dst
         length = min(length, src.size - off, dst.size - off)
         if length <= 0:
@@ -322,7 +327,7 @@ class Mover:
                 for s, n, (fd, host) in copy:
                     items.append((host, s, n, COPY_SPARSE, fd))
             else:
-                items += self._alloc_items(copy, py)
+                items += self._alloc_items(copy, py, fresh)
         for s, n in py:
             buf = bytearray(n)
             self._src(src.readinto, s, buf)
@@ -345,14 +350,15 @@ class Mover:
         stats.copied += length
         return (hs, hd, length, COPY_SPARSE if self._dst_raw else COPY, self.src.driver.fd)
 
-    def _alloc_items(self, copy, py) -> list[tuple]:
+    def _alloc_items(self, copy, py, fresh) -> list[tuple]:
         src, dst = self.src, self.dst
         cs = dst.driver.cluster_size
         need = _merge([(s - s % cs, min(-(-(s + n) // cs) * cs, dst.size) - (s - s % cs))
                        for s, n, _ in copy])
         host: list[tuple[int, int, int]] = []
         for s, n in need:
-            host += [(m.start, m.length, m.host_offset) for m in dst.driver.allocate(s, n)]
+            host += [(m.start, m.length, m.host_offset)
+                     for m in dst.driver.allocate(s, n, fresh)]
         covered = [(s, n) for s, n, _ in copy] + py
         fill: list[tuple[int, int, tuple[int, int] | None]] = []
         for s, n in _subtract(need, covered):
@@ -413,19 +419,28 @@ class Mover:
         pieces = [(o, min(PLAN_CHUNK, off + length - o)) for off, length in areas
                   for o in range(off, off + length, PLAN_CHUNK)]
         i = 0
-        while i < len(pieces):
-            with self.eng.io:
-                budget, k = PLAN_CHUNK, 0
-                while i < len(pieces) and k < PLAN_AREAS and budget > 0:
-                    o, n = pieces[i]
-                    items += self.plan(o, n, t.stats)
-                    budget -= n
-                    i += 1
-                    k += 1
+        try:
+            while i < len(pieces):
+                with self.eng.io:
+                    budget, k = PLAN_CHUNK, 0
+                    while i < len(pieces) and k < PLAN_AREAS and budget > 0:
+                        o, n = pieces[i]
+                        items += self.plan(o, n, t.stats, t.fresh)
+                        budget -= n
+                        i += 1
+                        k += 1
+        except BaseException:
+            self._give_back(t)      # what the planned part allocated stays empty
+            raise
         if items:
-            t.ce = self._engine()
-            t.ce.add(items)
-            t.ce.run(0)                 # wake the workers; they keep going
+            ce = self._engine()
+            try:
+                ce.add(items)
+                ce.run(0)               # wake the workers; they keep going
+            except BaseException:       # an error already (the first requests)
+                self._drop(ce, t)
+                raise
+            t.ce = ce
         return t
 
     def finish(self, t: Ticket, job: Job | None = None) -> Stats:
@@ -444,10 +459,7 @@ class Mover:
                     ce.drain()
                     raise Cancelled()
         except BaseException:
-            # drop the engine: nothing of this batch stays queued
-            ce.cancel()
-            ce.drain()
-            ce.close()
+            self._drop(ce, t)
             raise
         self._pool.append(ce)
         return t.stats
@@ -455,10 +467,33 @@ class Mover:
     def abandon(self, t: Ticket) -> None:
         """Stop a started batch and forget it (its area must be redone)."""
         ce, t.ce = t.ce, None
+        self._drop(ce, t)
+
+    def _drop(self, ce: CopyEngine | None, t: Ticket) -> None:
+        """A batch that will not land: stop its engine (nothing of it stays
+        queued or in flight; the engine is not reused) and give back what its
+        planning allocated."""
         if ce is not None:
             ce.cancel()
             ce.drain()
             ce.close()
+        self._give_back(t)
+
+    def _give_back(self, t: Ticket) -> None:
+        """A batch that did not land (failed, cancelled, abandoned; the engine
+        is drained): the clusters it allocated where the target had nothing
+        become unallocated again. Left allocated, they would read as zeroes
+        (or stale bytes) where the target used to read through to its
+        backing file -- in a stream's top, what the guest sees -- and a
+        retry would take them as already copied."""
+        fresh, t.fresh = t.fresh, []
+        if fresh:
+            with self.eng.io:
+                try:
+                    self.dst.driver.unallocate(fresh)
+                except OSError as e:
+                    raise CopyError(e.errno or 5, "error writing", path=self.dst.filename,
+                                    side="target", offset=fresh[0][0]) from None
 
     def move(self, off: int, length: int, job: Job | None = None) -> Stats:
         """Copy [off, off+length) now (start + finish)."""

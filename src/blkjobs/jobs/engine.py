@@ -274,14 +274,35 @@ class Engine:
                 self._quiesced[id(node)] = n
             self.io.notify_all()
 
+    @staticmethod
+    def _levels(fe: Frontend) -> list[Node]:
+        """The front end's node, the filters below it, the image node."""
+        levels = [fe.node]
+        while levels[-1].is_filter:
+            levels.append(levels[-1].file)
+        return levels
+
+    def _guest_read(self, fe: Frontend, offset: int, buf) -> None:
+        with self.io:
+            levels = self._levels(fe)
+            for n in levels:
+                for f in self._filters.get(id(n), ()):
+                    f.before_read(levels[-1], offset, len(buf))
+            fe.node.readinto(offset, buf)
+
+    def _guest_flush(self, fe: Frontend) -> None:
+        with self.io:
+            levels = self._levels(fe)
+            for n in levels:
+                for f in self._filters.get(id(n), ()):
+                    f.before_flush(levels[-1])
+            fe.node.flush()
+
     def _guest_write(self, fe: Frontend, op: str, offset: int, length: int,
                      do: Callable[[Node], None], data: Any = None) -> None:
         with self.io:
             while True:
-                # the front end's node, the filters below it, the image node
-                levels = [fe.node]
-                while levels[-1].is_filter:
-                    levels.append(levels[-1].file)
+                levels = self._levels(fe)
                 if not any(self._quiesced.get(id(n)) for n in levels):
                     break
                 self.io.wait(1.0)

@@ -2,7 +2,7 @@
 uses to keep reading and writing a node while jobs run on it.
 
 ``engine.attach(node)`` returns a :class:`Frontend`. Every request takes the
-engine's I/O lock, passes the write hooks of the filter nodes jobs put above
+engine's I/O lock, passes the hooks of the filter nodes jobs put above
 the node (the front end is re-pointed to the top-most one; hooks run top
 down, in the manner of nbdkit filters stacked through ``next``), does the
 I/O on the image node below them, then marks its enabled dirty bitmaps:
@@ -14,6 +14,11 @@ I/O on the image node below them, then marks its enabled dirty bitmaps:
   target synchronously);
 * :meth:`Filter.notify` runs after the I/O lock is released (waking a job
   takes the job manager's lock, which must never be taken under the I/O lock).
+
+A read passes :meth:`Filter.before_read` only, a flush
+:meth:`Filter.before_flush` only (stream holds reads of the ranges it is
+filling, whose clusters are allocated before the data lands, and flushes
+until nothing is in flight, so no such cluster becomes durable unfilled).
 
 A frontend is a *parent* of its node: a mirror/active-commit pivot moves it to
 the new node, and a node being quiesced for a pivot makes writes wait.
@@ -30,12 +35,18 @@ if TYPE_CHECKING:
 
 
 class Filter:
-    """A write filter a job installs on a node (see the module docstring).
+    """The hooks a job installs on a node (see the module docstring).
 
     All hooks but :meth:`notify` run with the engine's I/O lock held; they
     may wait on it (``eng.io.wait``) but must not take the job manager's lock.
     ``op`` is "write", "zero" or "discard".
     """
+
+    def before_read(self, node: Node, offset: int, length: int) -> None:
+        """Before a read of ``node``; may wait (``eng.io.wait``)."""
+
+    def before_flush(self, node: Node) -> None:
+        """Before a flush of ``node``; may wait (``eng.io.wait``)."""
 
     def before_write(self, node: Node, op: str, offset: int, length: int) -> None:
         """Before the request reaches ``node``. Raise to fail the request
@@ -87,9 +98,8 @@ class Frontend:
         return bytes(buf)
 
     def readinto(self, offset: int, buf) -> None:
-        with self._eng.io:
-            self._check(offset, len(buf))
-            self.node.readinto(offset, buf)
+        self._check(offset, len(buf))
+        self._eng._guest_read(self, offset, buf)
 
     def write(self, offset: int, data) -> None:
         self._check(offset, len(data))
@@ -107,8 +117,7 @@ class Frontend:
                                lambda n: n.discard(offset, length))
 
     def flush(self) -> None:
-        with self._eng.io:
-            self.node.flush()
+        self._eng._guest_flush(self)
 
     def close(self) -> None:
         with self._eng.io:

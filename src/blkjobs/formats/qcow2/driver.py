@@ -634,22 +634,36 @@ class Qcow2(Driver):
         (it reads as zeroes); clusters below it may be reused ones."""
         return self._rc().end << self.cb
 
-    def allocate(self, offset: int, length: int) -> list[Mapping]:
+    def allocate(self, offset: int, length: int,
+                 fresh: list[tuple[int, int]] | None = None) -> list[Mapping]:
         """Allocate host clusters for the cluster-aligned guest range (the end
         may be the virtual size) and return DATA runs in guest order.
 
         The L2 entries point at the returned runs immediately (in memory):
         the caller must write every byte of every run to ``fd`` before the
         next :meth:`flush` (a crash before the flush loses nothing: the
-        metadata is not on disk yet). Clusters already allocated with
-        refcount 1 are reused in place; others get new clusters, taken as one
-        contiguous run at the end of the file when possible."""
+        metadata is not on disk yet), or give back what it could not fill
+        with :meth:`unallocate`. Until then those clusters read whatever the
+        file holds there, so readers of this image must be held off them.
+        Clusters already allocated with refcount 1 are reused in place;
+        others get new clusters, taken as one contiguous run at the end of
+        the file when possible. ``fresh``: the guest ranges that were
+        unallocated (read through to the backing file) are appended to it."""
         self._check_writable(offset, length)
         cs, cb = self.cluster_size, self.cb
         if offset % cs or (length % cs and offset + length != self.size):
             raise UsageError(f"allocate: range {offset}+{length} is not cluster aligned")
         g0, g1 = offset >> cb, -(-(offset + length) // cs)
         runs: list = []   # [guest_start, length, host]
+
+        def note_fresh(gc0, ncl):
+            if fresh is None:
+                return
+            s, n = gc0 << cb, min(ncl << cb, self.size - (gc0 << cb))
+            if fresh and fresh[-1][0] + fresh[-1][1] == s:
+                fresh[-1] = (fresh[-1][0], fresh[-1][1] + n)
+            else:
+                fresh.append((s, n))
 
         def add(gs, host, ncl):
             ln = min(ncl * cs, self.size - gs)
@@ -685,6 +699,7 @@ class Qcow2(Driver):
                     return False
             flush_need()
             t, off = self._l2_for_write(a)
+            note_fresh(a, b - a)
             gc = a
             for c0, k in self._rc().alloc(b - a):
                 if self.extended:
@@ -704,13 +719,15 @@ class Qcow2(Driver):
                 gc = span_end
                 continue
             for gc in range(gc, span_end):
-                self._alloc_one_cluster(gc, need, flush_need, add)
+                if self._alloc_one_cluster(gc, need, flush_need, add):
+                    note_fresh(gc, 1)
             gc = span_end
         flush_need()
         return [Mapping(s, n, Kind.DATA, h) for s, n, h in runs]
 
-    def _alloc_one_cluster(self, gc, need, flush_need, add):
-        """allocate() for one guest cluster: reuse it in place or queue it."""
+    def _alloc_one_cluster(self, gc, need, flush_need, add) -> bool:
+        """allocate() for one guest cluster: reuse it in place or queue it.
+        True when it was unallocated."""
         cb = self.cb
         _, _, e, bm = self._entry(gc)
         if e or bm:
@@ -725,10 +742,32 @@ class Qcow2(Driver):
             elif e & ZERO:
                 self._set_entry(gc, h | COPIED)
             add(gc << cb, h, 1)
-        else:
-            if e:
-                self._release(e)
-            need.append(gc)
+            return False
+        if e:
+            self._release(e)
+        need.append(gc)
+        return not e and not bm
+
+    def unallocate(self, ranges: list[tuple[int, int]]) -> None:
+        """Give back clusters :meth:`allocate` reported ``fresh`` and that were
+        not (all) written: unallocated again (they read through to the
+        backing file, as before), their host clusters freed (reusable after
+        the next flush) and punched now, so that the space a failed copy
+        wrote returns to the file system at once (ENOSPC, then resume)."""
+        from ..raw import _fallocate
+        cb, cs = self.cb, self.cluster_size
+        for s, n in ranges:
+            self._check_writable(s, n)
+            for gc in range(s >> cb, -(-(s + n) >> cb)):
+                _, _, e, bm = self._entry(gc)
+                if e or bm:
+                    self._classify(gc, e, bm)
+                    h = e & OFFSET_MASK
+                    if e:
+                        self._release(e)
+                    self._set_entry(gc, 0, 0)
+                    if h and not e & COMPRESSED:
+                        _fallocate(self.fd, 0x03, h, cs)    # PUNCH_HOLE | KEEP_SIZE
 
     def write_compressed(self, offset: int, cluster_data) -> None:
         """Store one whole guest cluster compressed (for convert -c).
