@@ -9,6 +9,8 @@ and print one line::
      ├── ImageError          malformed, corrupt or unsupported image
      ├── UsageError          bad argument values (sizes, rates, options)
      └── JobError            job/verb refusals (see blkjobs.job)
+
+and, beside the tree, :class:`Terminated`: SIGTERM in the command line.
 """
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ import os
 
 class BlkjobsError(Exception):
     """Root of every error blkjobs raises on purpose."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the command line's handler. It
+    unwinds as Ctrl-C does (jobs cancelled, files made removed, one line
+    saying so) and the command exits 143 (128 + SIGTERM) instead of 130."""
 
 
 class UsageError(BlkjobsError, ValueError):

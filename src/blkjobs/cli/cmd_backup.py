@@ -6,17 +6,18 @@ SRC's size when missing: ``-O`` format, default qcow2; for ``--sync top`` it
 gets SRC's backing file). Also holds what the four job commands share:
 option registration, running a job to its end with a progress line or QMP
 JSON-line events, and exit codes: 0 completed, 1 failed (or bad usage),
-2 cancelled, 130 interrupted.
+2 cancelled, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). When a job
+does not complete, its one line also says what it left in the files.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from ..errors import BlkjobsError
+from ..errors import BlkjobsError, Terminated
 from ..job import JsonLinesWriter
 from .progress import Progress
-from .sizes import parse_size
+from .sizes import human, parse_size
 
 POLICIES = ["report", "ignore", "stop", "enospc", "auto"]
 
@@ -53,41 +54,75 @@ def find_base(top, image: str, base: str):
     return found
 
 
-def run_job(eng, start, args, ready_action=None, timeout: float | None = None) -> None:
+def copied(job, verb: str = "copied") -> str:
+    """'12.5 MiB of 64 MiB copied': the job's progress, for the lines below."""
+    cur, total = job.progress.snapshot()
+    return f"{human(cur)} of {human(total)} {verb}"
+
+
+def copy_aftermath(path: str, created: bool):
+    """What a backup or mirror that did not complete left: the source is only
+    read; the target holds what was copied so far."""
+    def say(job, synced: bool) -> str:
+        if synced:      # a mirror that reached READY (nothing else writes here)
+            return f"the target '{path}' holds a complete copy; the source is unchanged"
+        if created:
+            return (f"the target '{path}' is incomplete ({copied(job)}); "
+                    "the source is unchanged")
+        return (f"the target '{path}' was partly overwritten ({copied(job)}) and is not "
+                "a complete copy; the source is unchanged")
+    return say
+
+
+def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
     """Start a job with ``start()`` and drive it to its end. ``ready_action``:
-    called (with the job) when it becomes ready (mirror/active commit)."""
+    called (with the job) when it becomes ready (mirror/active commit).
+    ``aftermath(job, synced)``: what a job that did not complete left in the
+    files (``synced``: it had reached READY), appended to the error line."""
     if args.events:
         eng.add_listener(JsonLinesWriter(sys.stdout))
     prog = Progress(label=args.job_id) if args.progress else None
     job = start()
-    acted = False
+    synced = False
     try:
         while job.outcome is None:
             try:
                 eng.jobs.wait_until(lambda: job.outcome is not None or
-                                    (job.is_ready and not acted), 0.2)
+                                    (job.is_ready and not synced), 0.2)
             except TimeoutError:
                 pass
             if prog:
                 cur, total = job.progress.snapshot()
                 prog.update(cur, total)
-            if ready_action and job.is_ready and not acted:
-                acted = True
-                ready_action(job)
-    except KeyboardInterrupt:
-        try:
+            if job.is_ready and not synced:
+                synced = True
+                if ready_action:
+                    ready_action(job)
+    except KeyboardInterrupt as e:
+        # Cancel and wait, so the job's last writes and flush happen before
+        # we say what is in the files (a second Ctrl-C gives up waiting).
+        if prog:
+            prog.finish()
+        if job.outcome is None:
             eng.jobs.cancel_job(job, True)
             eng.wait_job(job, 30)
-        finally:
-            raise
+        how, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        if job.outcome.value == "completed":
+            raise JobFailed(f"{how} after the {job.type} job completed", code) from None
+        raise JobFailed(f"{how}: {job.type} job cancelled{_left(aftermath, job, synced)}",
+                        code) from None
     if prog:
         cur, total = job.progress.snapshot()
         prog.update(cur, total, force=True)
         prog.finish()
     if job.outcome.value == "failed":
-        raise JobFailed(f"{job.type} job failed: {job.error}", 1)
+        raise JobFailed(f"{job.type} job failed: {job.error}{_left(aftermath, job, synced)}", 1)
     if job.outcome.value == "cancelled":
-        raise JobFailed(f"{job.type} job cancelled", 2)
+        raise JobFailed(f"{job.type} job cancelled{_left(aftermath, job, synced)}", 2)
+
+
+def _left(aftermath, job, synced: bool) -> str:
+    return f"; {aftermath(job, synced)}" if aftermath else ""
 
 
 def register(sub):
@@ -110,6 +145,7 @@ def register(sub):
 
 
 def open_target(eng, src_node, path, fmt, backing=None, cache="writeback"):
+    """TARGET opened, or created with SRC's size (``created`` tells which)."""
     if os.path.exists(path):
         return eng.open(path, fmt, node_name="target", cache=cache)
     fmt = fmt or "qcow2"
@@ -125,13 +161,15 @@ def run(args) -> int:
     eng = Engine()
     try:
         src = eng.open(args.src, args.src_fmt, node_name="source", read_only=True)
+        created = not os.path.exists(args.target)
         tgt = open_target(eng, src, args.target, args.dst_fmt,
                           src.backing if args.sync == "top" else None, args.cache)
         speed = parse_size(args.speed, "speed")
         run_job(eng, lambda: eng.backup(src, tgt, args.sync, job_id=args.job_id, speed=speed,
                                         compress=args.compress,
                                         on_source_error=args.on_source_error,
-                                        on_target_error=args.on_target_error), args)
+                                        on_target_error=args.on_target_error), args,
+                aftermath=copy_aftermath(args.target, created))
     finally:
         eng.close()
     return 0

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 from ..errors import UsageError
@@ -102,10 +101,6 @@ def settings_from_args(args):
                     keep=args.keep, seed=args.seed)
 
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: files removed, exit 130
-
-
 def run(args) -> int:
     from ..bench import report
     from ..bench.progress import Progress
@@ -116,12 +111,10 @@ def run(args) -> int:
     if args.plot:
         from ..bench.plot import load_pyplot
         plt = load_pyplot()  # fail before doing any I/O
-    old = signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        runner = Runner(settings, progress=Progress(sys.stderr, enabled=not args.quiet))
-        rows, notes = runner.run()
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    # Ctrl-C and SIGTERM (cli.main turns it into errors.Terminated) unwind
+    # through the runner, which removes the files it made.
+    runner = Runner(settings, progress=Progress(sys.stderr, enabled=not args.quiet))
+    rows, notes = runner.run()
     if args.plot:
         from ..bench.plot import plot
         plot(rows, args.plot, plt)

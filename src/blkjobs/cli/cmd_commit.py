@@ -10,7 +10,7 @@ import os
 
 from ..errors import UsageError
 from ..formats import create_image, open_image
-from .cmd_backup import POLICIES, add_common, find_base, run_job
+from .cmd_backup import POLICIES, add_common, copied, find_base, run_job
 from .sizes import parse_size
 
 
@@ -76,9 +76,17 @@ def run(args) -> int:
             base = find_base(top, args.image, args.base)
         speed = parse_size(args.speed, "speed")
         path, fmt = top.filename, top.format
+        base_path = args.base or top.driver.backing_filename   # as the user knows it
+
+        def aftermath(job, synced: bool) -> str:
+            # Only data that top's chain covers was written: top reads the same.
+            left = ("holds all of the data" if synced
+                    else f"has been partly written ({copied(job, 'committed')})")
+            return f"'{base_path}' {left}; '{args.image}' still reads the same and was not emptied"
+
         run_job(eng, lambda: eng.commit(top, base_node=base.name, job_id=args.job_id,
                                         speed=speed, on_error=args.on_error), args,
-                ready_action=lambda job: eng.jobs.complete_job(job))
+                ready_action=lambda job: eng.jobs.complete_job(job), aftermath=aftermath)
     finally:
         eng.close()
     if not args.keep and not args.base:

@@ -6,7 +6,9 @@ until it is ready, then completes it (the target now holds SRC's content),
 or soft-cancels it with ``--cancel-when-ready`` (same data, no pivot)."""
 from __future__ import annotations
 
-from .cmd_backup import POLICIES, add_common, open_target, run_job
+import os
+
+from .cmd_backup import POLICIES, add_common, copy_aftermath, open_target, run_job
 from .sizes import parse_size
 
 
@@ -36,6 +38,7 @@ def run(args) -> int:
     eng = Engine()
     try:
         src = eng.open(args.src, args.src_fmt, node_name="source")
+        created = not os.path.exists(args.target)
         tgt = open_target(eng, src, args.target, args.dst_fmt,
                           src.backing if args.sync == "top" else None, args.cache)
         gran = parse_size(args.granularity, "granularity") if args.granularity else None
@@ -53,7 +56,7 @@ def run(args) -> int:
                                         copy_mode=args.copy_mode,
                                         on_source_error=args.on_source_error,
                                         on_target_error=args.on_target_error),
-                args, ready_action=at_ready)
+                args, ready_action=at_ready, aftermath=copy_aftermath(args.target, created))
     finally:
         eng.close()
     return 0

@@ -8,7 +8,7 @@ with BASE as given, relative to IMAGE's directory, or ``--backing-file``).
 Without ``-b`` the whole chain is pulled in and IMAGE ends without backing."""
 from __future__ import annotations
 
-from .cmd_backup import POLICIES, add_common, find_base, run_job
+from .cmd_backup import POLICIES, add_common, copied, find_base, run_job
 from .sizes import parse_size
 
 
@@ -33,7 +33,10 @@ def run(args) -> int:
         speed = parse_size(args.speed, "speed")
         run_job(eng, lambda: eng.stream(top, base_node=base_node, job_id=args.job_id,
                                         speed=speed, on_error=args.on_error,
-                                        backing_file=args.backing_file or args.base), args)
+                                        backing_file=args.backing_file or args.base), args,
+                aftermath=lambda job, synced: (
+                    f"'{args.image}' still reads the same and keeps its backing file "
+                    f"({copied(job, 'pulled into it')})"))
     finally:
         eng.close()
     return 0

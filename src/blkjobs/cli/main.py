@@ -10,10 +10,11 @@ import argparse
 import gc
 import importlib
 import os
+import signal
 import sys
 
 from .. import __version__
-from ..errors import BlkjobsError
+from ..errors import BlkjobsError, Terminated
 
 PROG = "blkjobs"
 
@@ -62,9 +63,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         return _main(argv)
+    # SIGTERM (a service manager, `timeout`, `kill`) unwinds like Ctrl-C:
+    # jobs are cancelled, what they left is said, made files are removed.
+    # `blkjobs serve` replaces it with its own orderly shutdown.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _main(sys.argv[1:])
     finally:
@@ -89,7 +98,10 @@ def _main(argv: list[str]) -> int:
         where = f"'{e.filename}'" if e.filename else ""
         sys.stderr.write(f"{PROG}: {where + ': ' if where else ''}{e.strerror or e}\n")
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            sys.stderr.write(f"{PROG}: terminated\n")
+            return 143
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
     except BrokenPipeError:  # pragma: no cover
