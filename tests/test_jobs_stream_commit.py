@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from test_jobs_helpers import (SIZE, MiB, Writer, assert_same, backing_of, chain3,  # noqa: F401
-                               check, eng, mkimg, snapshot, wait_writes)
+                               check, eng, mkimg, qimg, qio, snapshot, wait_writes)
 
 
 def model_of(path, fmt, tmp_path, name="expect.raw"):
@@ -190,6 +190,92 @@ def test_stream_guest_reads_never_see_clusters_in_flight(eng, tmp_path):
     eng.close()
     assert_same(str(tmp_path / "e.raw"), top, "raw", "qcow2")
     check(top)
+
+
+@pytest.mark.parametrize("base_node", [True, False])
+def test_stream_fills_partly_covered_clusters_from_below(eng, tmp_path, base_node):
+    """The middle image has 4 KiB clusters (one plain, one compressed in each
+    64 KiB), the top 64 KiB ones: each top cluster the stream allocates gets
+    the rest of its bytes from below -- the base's data, not the top's own new
+    and still empty cluster (which the source's chain reads once allocated)."""
+    size = 4 * MiB
+    mkimg(tmp_path / "base.qcow2", size=size, writes=[("0x41", 0, size)])
+    mid = str(tmp_path / "mid.qcow2")
+    qimg("create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.qcow2", "-F", "qcow2",
+         mid, size)
+    qio(mid, "qcow2", *[c for o in range(0, size, 64 << 10)
+                        for c in (f"write -P 0x51 {o} 4k", f"write -c -P 0x52 {o + 16384} 4k")])
+    top = mkimg(tmp_path / "top.qcow2", size=size, backing="mid.qcow2")
+    expect = snapshot(top, "qcow2", tmp_path / "e.raw")
+    t = eng.open(top, node_name="top")
+    job = eng.stream("top", base_node=t.chain()[2].name if base_node else None, job_id="s0")
+    assert eng.wait_job(job, 30).value == "completed"
+    eng.close()
+    assert backing_of(top) == ("base.qcow2" if base_node else None)
+    assert_same(expect, top, "raw", "qcow2")
+    check(top)
+
+
+def _read_while(eng, vm, expect, run):
+    """Run ``run()`` while a thread reads random ranges of ``vm`` and checks
+    them against ``expect``; the ranges that read wrong."""
+    import random
+    import threading
+    bad, stop = [], threading.Event()
+    size = len(expect)
+
+    def reader():
+        rnd = random.Random(3)
+        while not stop.is_set():
+            off = rnd.randrange(0, size // 4096) * 4096
+            n = min(size - off, rnd.choice([4096, 65536, 1 << 20]))
+            if vm.read(off, n) != expect[off:off + n]:
+                bad.append((off, n))
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    try:
+        run()
+    finally:
+        stop.set()
+        th.join(30)
+    return bad
+
+
+@pytest.mark.parametrize("active", [False, True])
+def test_commit_guest_reads_never_see_clusters_in_flight(eng, tmp_path, active):
+    """Commit into a middle image that has a backing file itself: 4 KiB of
+    the top in each 64 KiB cluster, so the commit allocates the middle's
+    cluster and fills the rest of it from below. A guest reading the rest of
+    that cluster goes down to the middle image: it must read the base's data,
+    never the freshly allocated, not yet filled cluster. (Intermediate: an
+    active overlay above the top.)"""
+    size = 32 * MiB
+    mkimg(tmp_path / "base.qcow2", size=size, writes=[("0x41", 0, size)])
+    mid = mkimg(tmp_path / "mid.qcow2", size=size, backing="base.qcow2")
+    top = str(tmp_path / "top.qcow2")       # 4 KiB clusters: 4 KiB of data each
+    qimg("create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mid.qcow2", "-F", "qcow2",
+         top, size)
+    qio(top, "qcow2", *[f"write -P 0x61 {o} 4k" for o in range(0, size, 64 << 10)])
+    guest = top if active else mkimg(tmp_path / "over.qcow2", size=size, backing="top.qcow2")
+    expect = open(snapshot(guest, "qcow2", tmp_path / "e.raw"), "rb").read()
+    g = eng.open(guest, node_name="guest")
+    t = g if active else g.chain()[1]
+    m = t.chain()[1]
+    vm = eng.attach(g)
+    ev = eng.listen()
+
+    def run():
+        job = eng.commit("guest", top_node=t.name, base_node=m.name, job_id="c0",
+                         speed=16 * MiB)
+        if active:
+            ev.wait_for("BLOCK_JOB_READY", timeout=30)
+            eng.job_complete("c0")
+        assert eng.wait_job(job, 30).value == "completed"
+    assert _read_while(eng, vm, expect, run) == []
+    vm.close()
+    eng.close()
+    assert_same(str(tmp_path / "e.raw"), mid, "raw", "qcow2")
+    check(mid)
 
 
 @pytest.mark.parametrize("policy", ["report", "stop"])

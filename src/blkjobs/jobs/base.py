@@ -186,8 +186,9 @@ class Stats:
 
 class Ticket:
     """One batch handed to the C engine by :meth:`Mover.start`. ``fresh``:
-    the target's guest ranges its planning allocated where the target had
-    nothing (given back when the batch does not land)."""
+    the target's guest ranges (start, end) its planning allocated where the
+    target had nothing: registered with ``Engine.mark_unfilled`` until the
+    batch lands, given back when it does not."""
 
     __slots__ = ("off", "length", "stats", "ce", "fresh")
 
@@ -311,28 +312,40 @@ class Mover:
         if copy or py or zero:
             self._check_inject("write", dst, off, length)
         items: list[tuple] = []
+        if self.compress:
+            self._write_zeroes(zero, off, length, items)
+            self._write_compressed(_merge([(s, n) for s, n, _ in copy] + py))
+            return items
+        # Where the target is in the source's chain (stream, commit), what
+        # the source reads changes once a target cluster is allocated: the
+        # rest of each cluster to allocate is classified, and the data the
+        # Python side moves is read, before anything is written.
+        fill = self._fill(copy, py) if copy and not self._dst_raw else []
+        bufs = []
+        for s, n in py:
+            buf = bytearray(n)
+            self._src(src.readinto, s, buf)
+            bufs.append((s, buf))
         # Zeroes first: their clusters are never ones we allocate below.
+        self._write_zeroes(zero, off, length, items)
+        if copy:
+            if self._dst_raw:
+                for s, n, (fd, host) in copy:
+                    items.append((host, s, n, COPY_SPARSE, fd))
+            else:
+                items += self._alloc_items(copy, fill, fresh)
+        for s, buf in bufs:
+            self._tgt(dst.write, s, buf)
+        return items
+
+    def _write_zeroes(self, zero, off: int, length: int, items: list[tuple]) -> None:
         if zero:
             already = self._dst_reads_zero(off, length)
             for s, n in _subtract(_merge(zero), already):
                 if self._dst_raw:
                     items.append((0, s, n, ZERO))
                 else:
-                    self._tgt(dst.write_zeroes, s, n)
-        if self.compress:
-            self._write_compressed(_merge([(s, n) for s, n, _ in copy] + py))
-            return items
-        if copy:
-            if self._dst_raw:
-                for s, n, (fd, host) in copy:
-                    items.append((host, s, n, COPY_SPARSE, fd))
-            else:
-                items += self._alloc_items(copy, py, fresh)
-        for s, n in py:
-            buf = bytearray(n)
-            self._src(src.readinto, s, buf)
-            self._tgt(dst.write, s, buf)
-        return items
+                    self._tgt(self.dst.write_zeroes, s, n)
 
     def _plan_fast(self, off: int, length: int, stats: Stats) -> tuple | None:
         """One item for a small range the source's top layer holds as plain
@@ -350,18 +363,21 @@ class Mover:
         stats.copied += length
         return (hs, hd, length, COPY_SPARSE if self._dst_raw else COPY, self.src.driver.fd)
 
-    def _alloc_items(self, copy, py, fresh) -> list[tuple]:
-        src, dst = self.src, self.dst
-        cs = dst.driver.cluster_size
-        need = _merge([(s - s % cs, min(-(-(s + n) // cs) * cs, dst.size) - (s - s % cs))
+    def _need(self, copy) -> list[tuple[int, int]]:
+        """The target clusters the ``copy`` runs touch."""
+        cs, size = self.dst.driver.cluster_size, self.dst.size
+        return _merge([(s - s % cs, min(-(-(s + n) // cs) * cs, size) - (s - s % cs))
                        for s, n, _ in copy])
-        host: list[tuple[int, int, int]] = []
-        for s, n in need:
-            host += [(m.start, m.length, m.host_offset)
-                     for m in dst.driver.allocate(s, n, fresh)]
+
+    def _fill(self, copy, py) -> list[tuple[int, int, tuple[int, int] | None]]:
+        """What the rest of the target clusters the ``copy`` runs touch must
+        hold (the source's guest view): runs with a host (fd, offset), or
+        None for zeroes; compressed runs go to ``py``. Before the allocation
+        (see plan)."""
+        src = self.src
         covered = [(s, n) for s, n, _ in copy] + py
         fill: list[tuple[int, int, tuple[int, int] | None]] = []
-        for s, n in _subtract(need, covered):
+        for s, n in _subtract(self._need(copy), covered):
             chain = src.chain()
             for r in src.block_status(s, n):
                 if r["data"] and "offset" in r and not r["compressed"]:
@@ -371,6 +387,15 @@ class Mover:
                     py.append((r["start"], r["length"]))
                 else:
                     fill.append((r["start"], r["length"], None))
+        return fill
+
+    def _alloc_items(self, copy, fill, fresh) -> list[tuple]:
+        """Allocate the target clusters of ``copy`` (see :meth:`_fill`);
+        the engine items that fill them."""
+        host: list[tuple[int, int, int]] = []
+        for s, n in self._need(copy):
+            host += [(m.start, m.length, m.host_offset)
+                     for m in self.dst.driver.allocate(s, n, fresh)]
         items = []
         for s, n, p, da, dh in _intersect(sorted(copy + fill, key=lambda t: t[0]), host):
             if p is None:
@@ -422,13 +447,17 @@ class Mover:
         try:
             while i < len(pieces):
                 with self.eng.io:
-                    budget, k = PLAN_CHUNK, 0
-                    while i < len(pieces) and k < PLAN_AREAS and budget > 0:
-                        o, n = pieces[i]
-                        items += self.plan(o, n, t.stats, t.fresh)
-                        budget -= n
-                        i += 1
-                        k += 1
+                    budget, k, fresh = PLAN_CHUNK, 0, []
+                    try:
+                        while i < len(pieces) and k < PLAN_AREAS and budget > 0:
+                            o, n = pieces[i]
+                            items += self.plan(o, n, t.stats, fresh)
+                            budget -= n
+                            i += 1
+                            k += 1
+                    finally:    # before the lock is let go: readers must wait
+                        if fresh:
+                            t.fresh += self.eng.mark_unfilled(self.dst, fresh)
         except BaseException:
             self._give_back(t)      # what the planned part allocated stays empty
             raise
@@ -448,6 +477,7 @@ class Mover:
         source/target) or Cancelled (the job was force-cancelled)."""
         ce, t.ce = t.ce, None
         if ce is None:
+            self._landed(t)
             return t.stats
         try:
             while True:
@@ -462,7 +492,14 @@ class Mover:
             self._drop(ce, t)
             raise
         self._pool.append(ce)
+        self._landed(t)
         return t.stats
+
+    def _landed(self, t: Ticket) -> None:
+        if t.fresh:
+            with self.eng.io:
+                self.eng.mark_filled(self.dst, t.fresh)
+            t.fresh = []
 
     def abandon(self, t: Ticket) -> None:
         """Stop a started batch and forget it (its area must be redone)."""
@@ -490,10 +527,12 @@ class Mover:
         if fresh:
             with self.eng.io:
                 try:
-                    self.dst.driver.unallocate(fresh)
+                    self.dst.driver.unallocate([(s, e - s) for s, e in fresh])
                 except OSError as e:
                     raise CopyError(e.errno or 5, "error writing", path=self.dst.filename,
                                     side="target", offset=fresh[0][0]) from None
+                finally:
+                    self.eng.mark_filled(self.dst, fresh)
 
     def move(self, off: int, length: int, job: Job | None = None) -> Stats:
         """Copy [off, off+length) now (start + finish)."""

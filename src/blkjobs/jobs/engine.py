@@ -35,6 +35,7 @@ from ..job import (CompletionMode, Event, EventListener, Job, JobManager, JobOut
                    JobTxn)
 from ..job.events import Clock
 from ..native.bitmap import Bitmap
+from .base import InFlight
 from .frontend import Filter, Frontend
 
 
@@ -87,6 +88,9 @@ class Engine:
         self._fe_count = 0
         self._claims: dict[int, Job] = {}
         self._unsafe: set[int] = set()
+        #: per node: guest ranges of clusters a job's batch allocated and has
+        #: not filled yet (see Mover); reads reaching the node wait for them
+        self._unfilled: dict[int, InFlight] = {}
 
     # ------------------------------------------------------------------
     # Nodes
@@ -282,20 +286,40 @@ class Engine:
             levels.append(levels[-1].file)
         return levels
 
+    # Clusters allocated before their data lands (a job's batch in the C
+    # engine): a read reaching them would see zeroes or stale bytes where the
+    # chain below has the data, and a flush would make them durable unfilled.
+    def mark_unfilled(self, node: Node, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Register guest ranges of ``node`` allocated but not yet written
+        (I/O lock held); returns the tokens for :meth:`mark_filled`."""
+        uf = self._unfilled.get(id(node))
+        if uf is None:
+            uf = self._unfilled[id(node)] = InFlight(self.io)
+        return [uf.add(s, n) for s, n in ranges]
+
+    def mark_filled(self, node: Node, tokens: list[tuple[int, int]]) -> None:
+        """The ranges landed, or were given back (I/O lock held)."""
+        uf = self._unfilled[id(node)]
+        for r in tokens:
+            uf.remove(r)
+        if not uf.total:
+            del self._unfilled[id(node)]
+
     def _guest_read(self, fe: Frontend, offset: int, buf) -> None:
         with self.io:
-            levels = self._levels(fe)
-            for n in levels:
-                for f in self._filters.get(id(n), ()):
-                    f.before_read(levels[-1], offset, len(buf))
+            if self._unfilled:
+                for n in self._levels(fe)[-1].chain():
+                    uf = self._unfilled.get(id(n))
+                    if uf is not None:
+                        uf.wait_clear(offset, len(buf))
             fe.node.readinto(offset, buf)
 
     def _guest_flush(self, fe: Frontend) -> None:
         with self.io:
-            levels = self._levels(fe)
-            for n in levels:
-                for f in self._filters.get(id(n), ()):
-                    f.before_flush(levels[-1])
+            node = self._levels(fe)[-1]
+            uf = self._unfilled.get(id(node))
+            if uf is not None:
+                uf.wait_clear(0, node.size)
             fe.node.flush()
 
     def _guest_write(self, fe: Frontend, op: str, offset: int, length: int,

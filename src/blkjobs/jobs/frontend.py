@@ -2,7 +2,7 @@
 uses to keep reading and writing a node while jobs run on it.
 
 ``engine.attach(node)`` returns a :class:`Frontend`. Every request takes the
-engine's I/O lock, passes the hooks of the filter nodes jobs put above
+engine's I/O lock, passes the write hooks of the filter nodes jobs put above
 the node (the front end is re-pointed to the top-most one; hooks run top
 down, in the manner of nbdkit filters stacked through ``next``), does the
 I/O on the image node below them, then marks its enabled dirty bitmaps:
@@ -15,10 +15,8 @@ I/O on the image node below them, then marks its enabled dirty bitmaps:
 * :meth:`Filter.notify` runs after the I/O lock is released (waking a job
   takes the job manager's lock, which must never be taken under the I/O lock).
 
-A read passes :meth:`Filter.before_read` only, a flush
-:meth:`Filter.before_flush` only (stream holds reads of the ranges it is
-filling, whose clusters are allocated before the data lands, and flushes
-until nothing is in flight, so no such cluster becomes durable unfilled).
+Reads and flushes pass no filter; they wait for clusters a job allocated in
+the chain and has not filled yet (``Engine.mark_unfilled``).
 
 A frontend is a *parent* of its node: a mirror/active-commit pivot moves it to
 the new node, and a node being quiesced for a pivot makes writes wait.
@@ -35,18 +33,12 @@ if TYPE_CHECKING:
 
 
 class Filter:
-    """The hooks a job installs on a node (see the module docstring).
+    """A write filter a job installs on a node (see the module docstring).
 
     All hooks but :meth:`notify` run with the engine's I/O lock held; they
     may wait on it (``eng.io.wait``) but must not take the job manager's lock.
     ``op`` is "write", "zero" or "discard".
     """
-
-    def before_read(self, node: Node, offset: int, length: int) -> None:
-        """Before a read of ``node``; may wait (``eng.io.wait``)."""
-
-    def before_flush(self, node: Node) -> None:
-        """Before a flush of ``node``; may wait (``eng.io.wait``)."""
 
     def before_write(self, node: Node, op: str, offset: int, length: int) -> None:
         """Before the request reaches ``node``. Raise to fail the request

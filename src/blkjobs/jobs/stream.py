@@ -4,12 +4,10 @@
 copies into the top image (through ``allocate()`` and the C engine) every
 run that a layer strictly between the top and the base provides, zero
 clusters included; runs the top already has, or that come from the base or
-below, are skipped. Guest reads and writes of a range being streamed wait
-until its copy landed (the top's clusters are allocated before the engine
-fills them: a read would see them empty, a write would be overwritten), and
-a guest flush waits for the batches in flight (it would make those clusters
-durable unfilled); a batch that does not land gives its clusters back
-(``Mover._give_back``).
+below, are skipped. Guest writes to a range being streamed wait until its
+copy landed (the copy would overwrite them); reads and flushes wait for the
+clusters allocated and not yet filled (``Engine.mark_unfilled``); a batch
+that does not land gives its clusters back (``Mover._give_back``).
 
 ``prepare`` (the only graph change): the top backs directly onto the base
 (or onto nothing) and its header records the new backing file. ``abort``
@@ -47,15 +45,9 @@ def find_in_chain(top: Node, filename: str) -> Node | None:
     return None
 
 
-class _HoldInFlight(Filter):
+class _HoldWrites(Filter):
     def __init__(self, inflight: InFlight):
         self.inflight = inflight
-
-    def before_read(self, node: Node, offset: int, length: int) -> None:
-        self.inflight.wait_clear(offset, length)
-
-    def before_flush(self, node: Node) -> None:
-        self.inflight.wait_clear(0, node.size)
 
     def before_write(self, node: Node, op: str, offset: int, length: int) -> None:
         self.inflight.wait_clear(offset, length)
@@ -112,7 +104,7 @@ class StreamJob(BlockJob):
         self.mover = Mover(eng, top, top, select_window(1, depth), bucket=self.bucket,
                            write_behind=True)
         self.inflight = InFlight(eng.io)
-        self.filter = _HoldInFlight(self.inflight)
+        self.filter = _HoldWrites(self.inflight)
         self.failed_ignored: BaseException | None = None
         self._was_ro = False
         self._perm = None
