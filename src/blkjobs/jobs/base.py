@@ -63,6 +63,15 @@ PLAN_AREAS = 64
 Select = Callable[[dict], str]
 
 
+def batch_unit(dst: Node) -> int:
+    """The unit of the batches of a job whose target is in its source's chain
+    (stream, commit): whole target clusters (at least 512 KiB), so no two
+    batches share one. A batch allocating a cluster fills all of it from
+    below, and a second one would take its part as already there -- lost if
+    the first batch fails and gives the cluster back."""
+    return max(512 << 10, dst.driver.cluster_size)
+
+
 def select_full(run: dict) -> str:
     """Everything the guest sees (backup/mirror sync=full)."""
     return "copy" if run["data"] else "zero"

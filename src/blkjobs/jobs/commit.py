@@ -26,7 +26,7 @@ from ..graph.node import BACKING_SHARED
 from ..graph.perm import ALL
 from ..job import ErrorAction, Job
 from .backup import check_policy
-from .base import BlockJob, Mover, select_window
+from .base import BlockJob, Mover, batch_unit, select_window
 from .frontend import Filter
 from .mirror import MirrorJob
 from .stream import find_in_chain
@@ -169,7 +169,7 @@ class CommitJob(BlockJob):
             return self._retry.pop(0)
         if self._pos >= self._size:
             return None
-        n = min(self.batch_size(job, 512 << 10), self._size - self._pos)
+        n = min(self.batch_size(job, batch_unit(self.base)), self._size - self._pos)
         area = (self._pos, n)
         self._pos += n
         return area

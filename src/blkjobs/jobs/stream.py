@@ -22,7 +22,7 @@ from ..errors import CopyError, JobError
 from ..graph import ALL, GraphTransaction, Node, Perm
 from ..job import ErrorAction, Job
 from .backup import check_policy
-from .base import BlockJob, InFlight, Mover, select_window
+from .base import BlockJob, InFlight, Mover, batch_unit, select_window
 from .frontend import Filter
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class StreamJob(BlockJob):
         if self._retry:
             area = self._retry.pop(0)
         elif self._pos < self.top.size:
-            n = min(self.batch_size(job, 512 << 10), self.top.size - self._pos)
+            n = min(self.batch_size(job, batch_unit(self.top)), self.top.size - self._pos)
             area = (self._pos, n)
             self._pos += n
         else:
