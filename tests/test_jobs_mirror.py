@@ -181,8 +181,8 @@ def test_ready_copies_only_the_sub_blocks_written(eng, tmp_path, monkeypatch, fm
     ev.wait_for("BLOCK_JOB_READY", timeout=20)
     planned = []
     plan = Mover.plan
-    monkeypatch.setattr(Mover, "plan", lambda self, off, n, st, fresh=None:
-                        planned.append((off, n)) or plan(self, off, n, st, fresh))
+    monkeypatch.setattr(Mover, "plan", lambda self, off, n, st, undo=None:
+                        planned.append((off, n)) or plan(self, off, n, st, undo))
     vm.write(2 * MiB + 4096 + 8192, b"\x5a" * 4096)   # data cluster: copied in place
     vm.write(3 * MiB + 128 * 1024 + 4096, b"\x5b" * 4096)   # a zero area of the target
     end = time.monotonic() + 20

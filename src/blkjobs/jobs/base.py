@@ -194,18 +194,20 @@ class Stats:
 
 
 class Ticket:
-    """One batch handed to the C engine by :meth:`Mover.start`. ``fresh``:
-    the target's guest ranges (start, end) its planning allocated where the
-    target had nothing: registered with ``Engine.mark_unfilled`` until the
-    batch lands, given back when it does not."""
+    """One batch handed to the C engine by :meth:`Mover.start`. ``undo``:
+    what its planning's allocations made undefined in the target until
+    written (see ``Qcow2Driver.allocate``), put back when the batch does not
+    land; ``unfilled``: those ranges' ``Engine.mark_unfilled`` tokens, held
+    until the batch lands or is undone (reads wait for them)."""
 
-    __slots__ = ("off", "length", "stats", "ce", "fresh")
+    __slots__ = ("off", "length", "stats", "ce", "undo", "unfilled")
 
     def __init__(self, off: int, length: int):
         self.off, self.length = off, length
         self.stats = Stats()
         self.ce: CopyEngine | None = None
-        self.fresh: list[tuple[int, int]] = []
+        self.undo: list[tuple[int, int, int, int]] = []
+        self.unfilled: list[tuple[int, int]] = []
 
 
 class Mover:
@@ -283,9 +285,9 @@ class Mover:
                 if r["zero"] and (r["depth"] == 0 or dst.backing is None)]
 
     def plan(self, off: int, length: int, stats: Stats,
-             fresh: list[tuple[int, int]] | None = None) -> list[tuple]:
+             undo: list[tuple[int, int, int, int]] | None = None) -> list[tuple]:
         """Classify, allocate, do the Python-side parts; return engine items.
-        ``fresh``: see :meth:`Qcow2Driver.allocate`."""
+        ``undo``: see ``Qcow2Driver.allocate``."""
         src, dst = self.src, self.dst
         length = min(length, src.size - off, dst.size - off)
         if length <= 0:
@@ -342,7 +344,7 @@ class Mover:
                 for s, n, (fd, host) in copy:
                     items.append((host, s, n, COPY_SPARSE, fd))
             else:
-                items += self._alloc_items(copy, fill, fresh)
+                items += self._alloc_items(copy, fill, undo)
         for s, buf in bufs:
             self._tgt(dst.write, s, buf)
         return items
@@ -398,13 +400,13 @@ class Mover:
                     fill.append((r["start"], r["length"], None))
         return fill
 
-    def _alloc_items(self, copy, fill, fresh) -> list[tuple]:
+    def _alloc_items(self, copy, fill, undo) -> list[tuple]:
         """Allocate the target clusters of ``copy`` (see :meth:`_fill`);
         the engine items that fill them."""
         host: list[tuple[int, int, int]] = []
         for s, n in self._need(copy):
             host += [(m.start, m.length, m.host_offset)
-                     for m in self.dst.driver.allocate(s, n, fresh)]
+                     for m in self.dst.driver.allocate(s, n, undo)]
         items = []
         for s, n, p, da, dh in _intersect(sorted(copy + fill, key=lambda t: t[0]), host):
             if p is None:
@@ -456,19 +458,21 @@ class Mover:
         try:
             while i < len(pieces):
                 with self.eng.io:
-                    budget, k, fresh = PLAN_CHUNK, 0, []
+                    budget, k, undo = PLAN_CHUNK, 0, []
                     try:
                         while i < len(pieces) and k < PLAN_AREAS and budget > 0:
                             o, n = pieces[i]
-                            items += self.plan(o, n, t.stats, fresh)
+                            items += self.plan(o, n, t.stats, undo)
                             budget -= n
                             i += 1
                             k += 1
                     finally:    # before the lock is let go: readers must wait
-                        if fresh:
-                            t.fresh += self.eng.mark_unfilled(self.dst, fresh)
+                        if undo:
+                            t.undo += undo
+                            t.unfilled += self.eng.mark_unfilled(
+                                self.dst, [(s, n) for s, n, _, _ in undo])
         except BaseException:
-            self._give_back(t)      # what the planned part allocated stays empty
+            self._give_back(t)      # what the planned part allocated is put back
             raise
         if items:
             ce = self._engine()
@@ -505,10 +509,11 @@ class Mover:
         return t.stats
 
     def _landed(self, t: Ticket) -> None:
-        if t.fresh:
+        t.undo = []
+        if t.unfilled:
             with self.eng.io:
-                self.eng.mark_filled(self.dst, t.fresh)
-            t.fresh = []
+                self.eng.mark_filled(self.dst, t.unfilled)
+            t.unfilled = []
 
     def abandon(self, t: Ticket) -> None:
         """Stop a started batch and forget it (its area must be redone)."""
@@ -527,21 +532,22 @@ class Mover:
 
     def _give_back(self, t: Ticket) -> None:
         """A batch that did not land (failed, cancelled, abandoned; the engine
-        is drained): the clusters it allocated where the target had nothing
-        become unallocated again. Left allocated, they would read as zeroes
-        (or stale bytes) where the target used to read through to its
-        backing file -- in a stream's top, what the guest sees -- and a
-        retry would take them as already copied."""
-        fresh, t.fresh = t.fresh, []
-        if fresh:
+        is drained): what its allocations changed in the target is put back
+        (unallocated clusters, zero clusters, extended-L2 subclusters). Left
+        as allocated, they would read as zeroes (or stale bytes) where the
+        target used to read through to its backing file -- in a stream's top,
+        what the guest sees -- and a retry would take them as copied."""
+        undo, t.undo = t.undo, []
+        unfilled, t.unfilled = t.unfilled, []
+        if undo:
             with self.eng.io:
                 try:
-                    self.dst.driver.unallocate([(s, e - s) for s, e in fresh])
+                    self.dst.driver.undo_allocate(undo)
                 except OSError as e:
                     raise CopyError(e.errno or 5, "error writing", path=self.dst.filename,
-                                    side="target", offset=fresh[0][0]) from None
+                                    side="target", offset=undo[0][0]) from None
                 finally:
-                    self.eng.mark_filled(self.dst, fresh)
+                    self.eng.mark_filled(self.dst, unfilled)
 
     def move(self, off: int, length: int, job: Job | None = None) -> Stats:
         """Copy [off, off+length) now (start + finish)."""

@@ -635,7 +635,7 @@ class Qcow2(Driver):
         return self._rc().end << self.cb
 
     def allocate(self, offset: int, length: int,
-                 fresh: list[tuple[int, int]] | None = None) -> list[Mapping]:
+                 undo: list[tuple[int, int, int, int]] | None = None) -> list[Mapping]:
         """Allocate host clusters for the cluster-aligned guest range (the end
         may be the virtual size) and return DATA runs in guest order.
 
@@ -647,8 +647,14 @@ class Qcow2(Driver):
         file holds there, so readers of this image must be held off them.
         Clusters already allocated with refcount 1 are reused in place;
         others get new clusters, taken as one contiguous run at the end of
-        the file when possible. ``fresh``: the guest ranges that were
-        unallocated (read through to the backing file) are appended to it."""
+        the file when possible.
+
+        ``undo``: for every guest range whose content this makes undefined
+        until written, (start, length, old L2 entry, old bitmap) is appended:
+        :meth:`undo_allocate` puts it back (ranges that read through to the
+        backing file, zero clusters, extended-L2 subclusters not allocated).
+        A compressed or shared cluster replaced by a new one is not recorded:
+        its old reference is already released."""
         self._check_writable(offset, length)
         cs, cb = self.cluster_size, self.cb
         if offset % cs or (length % cs and offset + length != self.size):
@@ -656,14 +662,15 @@ class Qcow2(Driver):
         g0, g1 = offset >> cb, -(-(offset + length) // cs)
         runs: list = []   # [guest_start, length, host]
 
-        def note_fresh(gc0, ncl):
-            if fresh is None:
+        def note(gc0, ncl, e=0, bm=0):
+            if undo is None:
                 return
             s, n = gc0 << cb, min(ncl << cb, self.size - (gc0 << cb))
-            if fresh and fresh[-1][0] + fresh[-1][1] == s:
-                fresh[-1] = (fresh[-1][0], fresh[-1][1] + n)
+            last = undo[-1] if undo else None
+            if last and not (e or bm or last[2] or last[3]) and last[0] + last[1] == s:
+                undo[-1] = (last[0], last[1] + n, 0, 0)
             else:
-                fresh.append((s, n))
+                undo.append((s, n, e, bm))
 
         def add(gs, host, ncl):
             ln = min(ncl * cs, self.size - gs)
@@ -699,7 +706,7 @@ class Qcow2(Driver):
                     return False
             flush_need()
             t, off = self._l2_for_write(a)
-            note_fresh(a, b - a)
+            note(a, b - a)
             gc = a
             for c0, k in self._rc().alloc(b - a):
                 if self.extended:
@@ -719,15 +726,17 @@ class Qcow2(Driver):
                 gc = span_end
                 continue
             for gc in range(gc, span_end):
-                if self._alloc_one_cluster(gc, need, flush_need, add):
-                    note_fresh(gc, 1)
+                old = self._alloc_one_cluster(gc, need, flush_need, add)
+                if old is not None:
+                    note(gc, 1, *old)
             gc = span_end
         flush_need()
         return [Mapping(s, n, Kind.DATA, h) for s, n, h in runs]
 
-    def _alloc_one_cluster(self, gc, need, flush_need, add) -> bool:
+    def _alloc_one_cluster(self, gc, need, flush_need, add) -> tuple[int, int] | None:
         """allocate() for one guest cluster: reuse it in place or queue it.
-        True when it was unallocated."""
+        The old (entry, bitmap) when what it read is now undefined until
+        written and can be put back (see allocate's ``undo``)."""
         cb = self.cb
         _, _, e, bm = self._entry(gc)
         if e or bm:
@@ -736,38 +745,42 @@ class Qcow2(Driver):
         if h and e & COPIED and not e & COMPRESSED:
             self._check_overlap(h)
             flush_need()
+            changed = None
             if self.extended:
                 if bm != ALL_ALLOC:
                     self._set_entry(gc, h | COPIED, ALL_ALLOC)
+                    changed = (e, bm)
             elif e & ZERO:
                 self._set_entry(gc, h | COPIED)
+                changed = (e, bm)
             add(gc << cb, h, 1)
-            return False
+            return changed
         if e:
             self._release(e)
         need.append(gc)
-        return not e and not bm
+        # no host cluster was referenced (unallocated, zero): restorable
+        return None if h or e & COMPRESSED else (e, bm)
 
-    def unallocate(self, ranges: list[tuple[int, int]]) -> None:
-        """Give back clusters :meth:`allocate` reported ``fresh`` and that were
-        not (all) written: unallocated again (they read through to the
-        backing file, as before), their host clusters freed (reusable after
-        the next flush) and punched now, so that the space a failed copy
-        wrote returns to the file system at once (ENOSPC, then resume)."""
+    def undo_allocate(self, undo: list[tuple[int, int, int, int]]) -> None:
+        """Put back what :meth:`allocate` recorded in ``undo``, for clusters
+        that were not (all) written: they read as before again (through to
+        the backing file, zeroes, ...). Host clusters it had newly taken are
+        freed (reusable after the next flush) and punched now, so that the
+        space a failed copy wrote returns to the file system at once (ENOSPC,
+        then resume)."""
         from ..raw import _fallocate
         cb, cs = self.cb, self.cluster_size
-        for s, n in ranges:
+        for s, n, old_e, old_bm in undo:
             self._check_writable(s, n)
             for gc in range(s >> cb, -(-(s + n) >> cb)):
                 _, _, e, bm = self._entry(gc)
                 if e or bm:
                     self._classify(gc, e, bm)
-                    h = e & OFFSET_MASK
-                    if e:
-                        self._release(e)
-                    self._set_entry(gc, 0, 0)
-                    if h and not e & COMPRESSED:
-                        _fallocate(self.fd, 0x03, h, cs)    # PUNCH_HOLE | KEEP_SIZE
+                h = e & OFFSET_MASK
+                if h and h != old_e & OFFSET_MASK:      # a cluster allocate() took
+                    self._release(e)
+                    _fallocate(self.fd, 0x03, h, cs)    # PUNCH_HOLE | KEEP_SIZE
+                self._set_entry(gc, old_e, old_bm)
 
     def write_compressed(self, offset: int, cluster_data) -> None:
         """Store one whole guest cluster compressed (for convert -c).
