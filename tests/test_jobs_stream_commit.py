@@ -298,3 +298,27 @@ def test_stream_enospc_in_the_copy_keeps_the_guest_view(tmp_path, small_tmpfs, p
         eng.close()
     assert_same(expect, top, "raw", "qcow2")
     check(top)
+
+
+def test_backup_of_a_top_being_streamed_into(eng, tmp_path):
+    """A backup of the top while a stream fills it: the backup's copies read
+    the top's clusters by host offset, so they too must not read a cluster
+    the stream has allocated and not yet filled."""
+    size = 32 * MiB
+    mkimg(tmp_path / "base.qcow2", size=size, writes=[("0x41", 0, size)])
+    mid = str(tmp_path / "mid.qcow2")
+    qimg("create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.qcow2", "-F", "qcow2",
+         mid, size)
+    qio(mid, "qcow2", *[f"write -P 0x51 {o} 4k" for o in range(0, size, 64 << 10)])
+    top = mkimg(tmp_path / "top.qcow2", size=size, backing="mid.qcow2")
+    expect = snapshot(top, "qcow2", tmp_path / "e.raw")
+    eng.open(top, node_name="top")
+    bk = str(tmp_path / "bk.qcow2")
+    eng.create(bk, "qcow2", size, node_name="bk")
+    s = eng.stream("top", job_id="s0", speed=32 * MiB)
+    b = eng.backup("top", "bk", sync="full", job_id="b0", speed=32 * MiB)
+    assert eng.wait_job(b, 30).value == "completed"
+    assert eng.wait_job(s, 30).value == "completed"
+    eng.close()
+    assert_same(expect, bk, "raw", "qcow2")
+    assert_same(expect, top, "raw", "qcow2")

@@ -292,6 +292,15 @@ class Mover:
         length = min(length, src.size - off, dst.size - off)
         if length <= 0:
             return []
+        if self.eng._unfilled:
+            # Another job's batch may have allocated clusters in the source's
+            # chain it has not filled yet (a stream into the node a backup
+            # reads): the engine would copy them by host offset. Not our own
+            # target's (our batches never share a cluster, and only this
+            # thread can land them).
+            cs = dst.driver.cluster_size or 1
+            a, b = off - off % cs, min(-(-(off + length) // cs) * cs, dst.size)
+            self.eng.wait_filled([n for n in src.chain() if n is not dst], a, b - a)
         # the fast path of small ranges: not with fault injection (checked per
         # planned run; a blkdebug node may be set up while the job runs) nor
         # compression (written cluster by cluster)

@@ -305,13 +305,19 @@ class Engine:
         if not uf.total:
             del self._unfilled[id(node)]
 
+    def wait_filled(self, nodes: list[Node], offset: int, length: int) -> None:
+        """Wait (I/O lock held, released meanwhile) until no cluster of
+        ``nodes`` in [offset, offset+length) is allocated and unfilled: what
+        a read through them must do."""
+        if self._unfilled:
+            for n in nodes:
+                uf = self._unfilled.get(id(n))
+                if uf is not None:
+                    uf.wait_clear(offset, length)
+
     def _guest_read(self, fe: Frontend, offset: int, buf) -> None:
         with self.io:
-            if self._unfilled:
-                for n in self._levels(fe)[-1].chain():
-                    uf = self._unfilled.get(id(n))
-                    if uf is not None:
-                        uf.wait_clear(offset, len(buf))
+            self.wait_filled(self._levels(fe)[-1].chain(), offset, len(buf))
             fe.node.readinto(offset, buf)
 
     def _guest_flush(self, fe: Frontend) -> None:
