@@ -292,15 +292,14 @@ class Mover:
         length = min(length, src.size - off, dst.size - off)
         if length <= 0:
             return []
-        if self.eng._unfilled:
-            # Another job's batch may have allocated clusters in the source's
-            # chain it has not filled yet (a stream into the node a backup
-            # reads): the engine would copy them by host offset. Not our own
-            # target's (our batches never share a cluster, and only this
-            # thread can land them).
-            cs = dst.driver.cluster_size or 1
-            a, b = off - off % cs, min(-(-(off + length) // cs) * cs, dst.size)
-            self.eng.wait_filled([n for n in src.chain() if n is not dst], a, b - a)
+        # Another job's batch may have allocated clusters in the source's
+        # chain it has not filled yet (a stream into the node a backup reads):
+        # the engine would copy them by host offset. Not our own target's (our
+        # batches never share a cluster, and only this thread lands them).
+        cs = dst.driver.cluster_size or 1
+        a = off - off % cs
+        self.eng.wait_filled(src, a, min(-(-(off + length) // cs) * cs, dst.size) - a,
+                             exclude=dst)
         # the fast path of small ranges: not with fault injection (checked per
         # planned run; a blkdebug node may be set up while the job runs) nor
         # compression (written cluster by cluster)
@@ -467,19 +466,20 @@ class Mover:
         try:
             while i < len(pieces):
                 with self.eng.io:
-                    budget, k, undo = PLAN_CHUNK, 0, []
-                    try:
-                        while i < len(pieces) and k < PLAN_AREAS and budget > 0:
-                            o, n = pieces[i]
+                    budget, k = PLAN_CHUNK, 0
+                    while i < len(pieces) and k < PLAN_AREAS and budget > 0:
+                        o, n = pieces[i]
+                        undo: list[tuple[int, int, int, int]] = []
+                        try:
                             items += self.plan(o, n, t.stats, undo)
-                            budget -= n
-                            i += 1
-                            k += 1
-                    finally:    # before the lock is let go: readers must wait
-                        if undo:
-                            t.undo += undo
-                            t.unfilled += self.eng.mark_unfilled(
-                                self.dst, [(s, n) for s, n, _, _ in undo])
+                        finally:    # before the lock is let go (also in a
+                            if undo:   # wait of the next plan): readers wait
+                                t.undo += undo
+                                t.unfilled += self.eng.mark_unfilled(
+                                    self.dst, [(s, n) for s, n, _, _ in undo])
+                        budget -= n
+                        i += 1
+                        k += 1
         except BaseException:
             self._give_back(t)      # what the planned part allocated is put back
             raise

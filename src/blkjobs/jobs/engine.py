@@ -305,19 +305,21 @@ class Engine:
         if not uf.total:
             del self._unfilled[id(node)]
 
-    def wait_filled(self, nodes: list[Node], offset: int, length: int) -> None:
-        """Wait (I/O lock held, released meanwhile) until no cluster of
-        ``nodes`` in [offset, offset+length) is allocated and unfilled: what
-        a read through them must do."""
+    def wait_filled(self, node: Node, offset: int, length: int,
+                    exclude: Node | None = None) -> None:
+        """Wait (I/O lock held, released meanwhile) until no node of
+        ``node``'s chain but ``exclude`` has a cluster in [offset,
+        offset+length) allocated and unfilled: what a read through the
+        chain must do first."""
         if self._unfilled:
-            for n in nodes:
+            for n in node.chain():
                 uf = self._unfilled.get(id(n))
-                if uf is not None:
+                if uf is not None and n is not exclude:
                     uf.wait_clear(offset, length)
 
     def _guest_read(self, fe: Frontend, offset: int, buf) -> None:
         with self.io:
-            self.wait_filled(self._levels(fe)[-1].chain(), offset, len(buf))
+            self.wait_filled(self._levels(fe)[-1], offset, len(buf))
             fe.node.readinto(offset, buf)
 
     def _guest_flush(self, fe: Frontend) -> None:
