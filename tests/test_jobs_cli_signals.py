@@ -1,4 +1,4 @@
-"""blkjobs backup | mirror | stream | commit that do not complete: Ctrl-C
+"""blkjobs backup | mirror | stream | commit (and convert) that do not complete: Ctrl-C
 (exit 130), SIGTERM (exit 143) or a failing target (exit 1). The job is
 cancelled and waited for, the one line on stderr says what is left in the
 files, and that statement is checked against the files with qemu-img."""
@@ -122,4 +122,39 @@ def test_failed_backup_says_what_the_target_holds(tmp_path, small_tmpfs):
     assert re.fullmatch(f"blkjobs: backup job failed: No space left on device; the target "
                         f"'{dst}' is incomplete \\({COPIED} copied\\); the source is "
                         "unchanged\n", p.stderr), p.stderr
+    assert_same(view, src, "raw", "qcow2")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_terminated_convert_says_what_became_of_the_target(tmp_path, existing):
+    """blkjobs convert under SIGTERM: exit 143; a target it created is
+    removed, an existing one (-n) is said to be partially written; the
+    source is unchanged."""
+    src, view = source(tmp_path)
+    dst = tmp_path / "c.qcow2"
+    extra = []
+    if existing:
+        mkimg(dst, size=32 * MiB)
+        extra = ["-n"]
+    p = subprocess.Popen(BLKJOBS + ["convert", "--progress-json", "-r", "4M", *extra, "-O",
+                                    "qcow2", src, str(dst)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()          # the first progress line: copying
+        assert line.startswith("{"), line
+        time.sleep(0.3)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = "".join(x for x in err.splitlines(True) if not x.startswith("{"))
+    assert p.returncode == 143, err
+    if existing:
+        assert err == "blkjobs: terminated: the target was left partially written\n"
+        assert dst.exists()
+    else:
+        assert err == "blkjobs: terminated: the incomplete target was removed\n"
+        assert not dst.exists()
     assert_same(view, src, "raw", "qcow2")

@@ -99,11 +99,10 @@ def _main(argv: list[str]) -> int:
         sys.stderr.write(f"{PROG}: {where + ': ' if where else ''}{e.strerror or e}\n")
         return 1
     except KeyboardInterrupt as e:
-        if isinstance(e, Terminated):
-            sys.stderr.write(f"{PROG}: terminated\n")
-            return 143
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
+        # args: what became of the files, when the command knows (convert)
+        how, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        sys.stderr.write(f"{PROG}: {how}{': ' + str(e.args[0]) if e.args else ''}\n")
+        return code
     except BrokenPipeError:  # pragma: no cover
         return 1
     except Exception:

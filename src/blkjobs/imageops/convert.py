@@ -103,6 +103,8 @@ def _say_what_happened_to_target(e: BaseException, dst: str, created: bool,
         note = "the target was left partially written" if existing else ""
     if isinstance(e, BlkjobsError) and note and not isinstance(e, UsageError):
         e.args = (f"{e} ({note})",)
+    elif isinstance(e, KeyboardInterrupt) and note:     # Ctrl-C, SIGTERM
+        e.args = (note,)
 
 def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
                 progress: Callable[[int, int], None] | None = None,
