@@ -20,7 +20,7 @@ import time
 import pytest
 
 from blkjobs.jobs import Engine
-from test_jobs_helpers import MiB, assert_same, check, qimg, snapshot, tool
+from test_jobs_helpers import MiB, Writer, assert_same, check, qimg, snapshot, tool
 
 JOBS = ["stream", "commit", "mirror", "backup"]
 
@@ -146,3 +146,47 @@ def test_cancel_at_a_random_moment_keeps_the_guest_view(tmp_path, seed, job):
     assert_same(expect, top, "raw", "qcow2")
     for n in {top, *(x.filename for x in nodes)}:
         check(n)
+
+
+@pytest.mark.parametrize("seed", [13, 21, 28, 30, 33])   # each fails on stop 8's code
+def test_stream_and_a_backup_of_its_top_under_a_writer(tmp_path, seed):
+    """A stream into the top, a backup of the top started meanwhile, and a
+    guest writing all along: the backup is the guest view at its start, the
+    guest view is what the guest wrote, every image checks clean. (The
+    backup's copies and copy-before-write must not read the stream's
+    clusters before they are filled, nor let a write pass a copy that waits
+    for them.)"""
+    rnd = random.Random(seed)
+    top, size = chain(tmp_path, rnd)
+    model = bytearray(open(snapshot(top, "qcow2", tmp_path / "e.raw"), "rb").read())
+    bk = str(tmp_path / "bk.qcow2")
+    eng = Engine()
+    try:
+        t = eng.open(top, node_name="top")
+        nodes = t.chain()
+        vm = eng.attach(t)
+        eng.create(bk, "qcow2", size, node_name="bk")
+        w = Writer(vm, size, seed=seed, max_len=16384, model=model, pause=0.002)
+        w.start()
+        i = rnd.randint(1, len(nodes))
+        s = eng.stream("top", base_node=nodes[i].name if i < len(nodes) else None,
+                       job_id="s", speed=rnd.choice([8 * MiB, 32 * MiB]))
+        time.sleep(rnd.random() * 0.1)
+        w.stop()                # the model follows a write once it returned
+        start = bytes(model)
+        b = eng.backup("top", "bk", sync="full", job_id="b")
+        w = Writer(vm, size, seed=seed + 1, max_len=16384, model=model, pause=0.002)
+        w.start()
+        assert eng.wait_job(b, 60).value == "completed", b.error
+        assert eng.wait_job(s, 60).value == "completed", s.error
+        w.stop()
+        assert vm.read(0, size) == bytes(model)
+        vm.close()
+    finally:
+        eng.close()
+    (tmp_path / "start.raw").write_bytes(start)
+    assert_same(tmp_path / "start.raw", bk, "raw", "qcow2")
+    (tmp_path / "model.raw").write_bytes(bytes(model))
+    assert_same(tmp_path / "model.raw", top, "raw", "qcow2")
+    check(bk)
+    check(top)

@@ -38,15 +38,22 @@ class CbwFilter(Filter):
         c = b.cluster
         start = offset - offset % c
         end = min(-(-(offset + length) // c) * c, b.size)
-        b.inflight.wait_clear(start, end - start)
         pos = start
         while pos < end:
+            # (again after each copy: the lock may have been let go meanwhile
+            # and the loop may have claimed more of the range)
+            b.inflight.wait_clear(pos, end - pos)
             area = b.copy_bm.next_dirty_area(pos, end - pos)
             if area is None or area[0] >= end:
                 break
             a, n = area
             n = min(n, end - a)
             b.copy_bm.reset(a, n)
+            # In flight like the loop's copies: the move may let the I/O lock
+            # go (it waits for clusters another job has not filled), and a
+            # second guest write to the area must wait until the old data is
+            # saved, not find its bits clear and go ahead.
+            r = b.inflight.add(a, n)
             try:
                 stats = b.cbw_mover.move(a, n)
             except (CopyError, OSError, OSErrorWithContext) as e:
@@ -56,5 +63,7 @@ class CbwFilter(Filter):
                 b.copy_bm.set(a, n)
                 code = getattr(e, "errno", None) or errno.EIO
                 raise OSError(code, f"copy-before-write failed: {e}") from e
+            finally:
+                b.inflight.remove(r)
             b.done += n - stats.skipped
             pos = a + n
