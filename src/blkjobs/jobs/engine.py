@@ -311,7 +311,8 @@ class Engine:
         ``node``'s chain but ``exclude`` has a cluster in [offset,
         offset+length) allocated and unfilled: what a read through the
         chain must do first."""
-        if self._unfilled:
+        uf = self._unfilled
+        if uf and not (len(uf) == 1 and exclude is not None and id(exclude) in uf):
             for n in node.chain():
                 uf = self._unfilled.get(id(n))
                 if uf is not None and n is not exclude:

@@ -642,8 +642,8 @@ class Qcow2(Driver):
         The L2 entries point at the returned runs immediately (in memory):
         the caller must write every byte of every run to ``fd`` before the
         next :meth:`flush` (a crash before the flush loses nothing: the
-        metadata is not on disk yet), or give back what it could not fill
-        with :meth:`unallocate`. Until then those clusters read whatever the
+        metadata is not on disk yet), or put back what it could not fill with
+        :meth:`undo_allocate`. Until then those clusters read whatever the
         file holds there, so readers of this image must be held off them.
         Clusters already allocated with refcount 1 are reused in place;
         others get new clusters, taken as one contiguous run at the end of
@@ -768,7 +768,7 @@ class Qcow2(Driver):
         freed (reusable after the next flush) and punched now, so that the
         space a failed copy wrote returns to the file system at once (ENOSPC,
         then resume)."""
-        from ..raw import _fallocate
+        from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
         cb, cs = self.cb, self.cluster_size
         for s, n, old_e, old_bm in undo:
             self._check_writable(s, n)
@@ -779,7 +779,7 @@ class Qcow2(Driver):
                 h = e & OFFSET_MASK
                 if h and h != old_e & OFFSET_MASK:      # a cluster allocate() took
                     self._release(e)
-                    _fallocate(self.fd, 0x03, h, cs)    # PUNCH_HOLE | KEEP_SIZE
+                    _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, h, cs)
                 self._set_entry(gc, old_e, old_bm)
 
     def write_compressed(self, offset: int, cluster_data) -> None:
