@@ -60,9 +60,13 @@ def test_backup_point_in_time_and_manual_finalize(daemon, tmp_path):
         s = await connect(daemon.sock)
         await s.x("blockdev-add", **qcow2_node("src", src))
         await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        # 256 KiB/s: the 1 MiB of data takes seconds, so the job is still
+        # running for the write and the refused finalize below, even on a
+        # loaded machine (at 8 MiB/s it once finished first); set-speed 0
+        # then lets it end
         await s.x("blockdev-backup", **{"job-id": "b1", "auto-finalize": False,
                                         "auto-dismiss": False},
-                  device="src", target="tgt", sync="full", speed=8 * MiB)
+                  device="src", target="tgt", sync="full", speed=256 << 10)
         await s.x("x-blkjobs-write", node="src", offset=0, length=65536, pattern=0x11)
         assert await s.err("job-finalize", id="b1") == \
             ("GenericError", "Job 'b1' in state 'running' cannot accept command verb 'finalize'")

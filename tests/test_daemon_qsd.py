@@ -142,7 +142,7 @@ def test_job_lists_are_newest_first_like_qemu(tmp_path):
             await s.x("blockdev-add", **qcow2_node(f"tgt{i}", tgt))
         for i, jid in ((1, "first"), (2, "second")):
             await s.x("blockdev-backup", **{"job-id": jid}, device=f"src{i}", target=f"tgt{i}",
-                      sync="full", speed=1 << 20)
+                      sync="full", speed=256 << 10)   # still running when listed
         got = ([j["id"] for j in await s.x("query-jobs")],
                [j["device"] for j in await s.x("query-block-jobs")])
         for jid in ("first", "second"):
