@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..errors import BlkjobsError, Terminated
+from ..errors import BlkjobsError, JobError, Terminated
 from ..job import JsonLinesWriter
 from .progress import Progress
 from .sizes import human, parse_size
@@ -103,9 +103,11 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
         # we say what is in the files (a second Ctrl-C gives up waiting).
         if prog:
             prog.finish()
-        if job.outcome is None:
+        try:
             eng.jobs.cancel_job(job, True)
-            eng.wait_job(job, 30)
+        except JobError:        # it ended first: say so below
+            pass
+        eng.wait_job(job, 30)
         how, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         if job.outcome.value == "completed":
             raise JobFailed(f"{how} after the {job.type} job completed", code) from None
