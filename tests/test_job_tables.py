@@ -1,5 +1,6 @@
-"""The code's tables equal the spec's, cell by cell, and docs/job-tables.md is
-generated from them; transition() enforces the matrix for all 121 cells."""
+"""The code's tables equal those of docs/job-model.md (the contract), cell by
+cell, and docs/job-tables.md is generated from them; transition() enforces
+the matrix for all 121 cells."""
 from __future__ import annotations
 
 import re
@@ -12,14 +13,14 @@ from blkjobs.job import status as st
 from blkjobs.job.status import JobStatus, JobVerb
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC = REPO.parent / "shared" / "spec" / "job-model.md"
+CONTRACT = REPO / "docs" / "job-model.md"
 DOC = REPO / "docs" / "job-tables.md"
 
 
-def _spec_table(header_prefix: str) -> tuple[list[str], dict[str, set[str]]]:
+def _contract_table(header_prefix: str) -> tuple[list[str], dict[str, set[str]]]:
     """Parse the markdown table whose header starts with ``header_prefix``:
     (column letters, row label -> set of letters with a check mark)."""
-    lines = SPEC.read_text(encoding="utf-8").splitlines()
+    lines = CONTRACT.read_text(encoding="utf-8").splitlines()
     start = next(i for i, l in enumerate(lines) if l.startswith(header_prefix))
     cols = [c.strip() for c in lines[start].strip("|").split("|")][1:]
     rows: dict[str, set[str]] = {}
@@ -37,20 +38,20 @@ def _letters(states) -> set[str]:
     return {st.LETTER[s] for s in states}
 
 
-def test_spec_is_where_ci_expects_it():
-    assert SPEC.is_file(), f"spec not found at {SPEC}"
+def test_contract_is_in_the_repository():
+    assert CONTRACT.is_file(), f"contract not found at {CONTRACT}"
 
 
-def test_transition_matrix_equals_spec():
-    cols, rows = _spec_table("| from \\ to |")
+def test_transition_matrix_equals_contract():
+    cols, rows = _contract_table("| from \\ to |")
     assert cols == [st.LETTER[s] for s in JobStatus]
     code = {f"**{st.LETTER[s]}** {s.value}": _letters(st.TRANSITIONS[s]) for s in JobStatus}
     assert rows == code
-    assert sum(len(v) for v in rows.values()) == 20     # the spec's edge count
+    assert sum(len(v) for v in rows.values()) == 20     # the contract's edge count
 
 
-def test_verb_table_equals_spec():
-    cols, rows = _spec_table("| verb \\ state |")
+def test_verb_table_equals_contract():
+    cols, rows = _contract_table("| verb \\ state |")
     assert cols == [st.LETTER[s] for s in JobStatus]
     assert list(rows) == [v.value for v in st.VERBS]      # same rows, same order
     assert rows == {v.value: _letters(states) for v, states in st.VERBS.items()}
@@ -69,11 +70,11 @@ def test_rendered_tables_equal_docs_file():
     assert DOC.read_text(encoding="utf-8") == st.render_tables()
 
 
-def test_rendered_table_lines_appear_verbatim_in_spec():
-    spec_lines = set(SPEC.read_text(encoding="utf-8").splitlines())
+def test_rendered_table_lines_appear_verbatim_in_contract():
+    contract_lines = set(CONTRACT.read_text(encoding="utf-8").splitlines())
     table_lines = [l for l in st.render_tables().splitlines() if l.startswith("|")]
     assert len(table_lines) == 2 * 2 + 11 + 8
-    assert [l for l in table_lines if l not in spec_lines] == []
+    assert [l for l in table_lines if l not in contract_lines] == []
 
 
 class _Dummy:

@@ -152,7 +152,7 @@ def render_tables() -> str:
         "",
         "Generated from `src/blkjobs/job/status.py` by `python3 -m blkjobs.job`;",
         "do not edit. `tests/test_job_tables.py` checks that this file, the code and",
-        "the spec (`job-model.md` §2 and §3) agree.",
+        "the contract (`docs/job-model.md` §2 and §3) agree.",
         "",
         "## Transition matrix",
         "",
