@@ -133,7 +133,7 @@ def status_seq(job: str, events: list[dict]) -> list[str]:
 
 def drop_transient_pauses(events: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """Remove the paused/running pairs QEMU emits while draining a job
-    (job-model.md §9: blkjobs does not produce them)."""
+    (docs/job-model.md §9: blkjobs does not produce them)."""
     out: list[tuple[str, dict]] = []
     i = 0
     while i < len(events):

@@ -1,4 +1,4 @@
-"""blkjobs serve: jobs driven over QMP with qemu.qmp (qmp.md §4-7, §9);
+"""blkjobs serve: jobs driven over QMP with qemu.qmp (docs/qmp.md §4-7, §9);
 target data checked with qemu-img compare / map."""
 from __future__ import annotations
 

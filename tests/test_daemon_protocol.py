@@ -1,4 +1,4 @@
-"""blkjobs serve: the wire protocol (qmp.md §1) over a raw socket, and
+"""blkjobs serve: the wire protocol (docs/qmp.md §1) over a raw socket, and
 argument checking, node commands and verb lookups through qemu.qmp."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """blkjobs serve against the reference, qemu-storage-daemon: the same short
 backup scenarios over QMP give the same events (modulo timestamps and QEMU's
-transient paused/running pairs, job-model.md §9) and the same
+transient paused/running pairs, docs/job-model.md §9) and the same
 query-block-jobs / query-jobs results."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ async def scenario(sock: str, src: str, tgt: str, tgt2: str) -> dict:
     await s.x("blockdev-add", **qcow2_node("src", src))
     await s.x("blockdev-add", **qcow2_node("tgt", tgt))
     await s.x("blockdev-add", **qcow2_node("tgt2", tgt2))
-    # 1. defaults (qmp.md §9)
+    # 1. defaults (docs/qmp.md §9)
     await s.x("blockdev-backup", **{"job-id": "b0"}, device="src", target="tgt", sync="full")
     out["auto"] = brief(await s.until("JOB_STATUS_CHANGE", id="b0", status="null"))
     # 2. manual finalize and dismiss, queries while pending and concluded

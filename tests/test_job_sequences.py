@@ -1,4 +1,4 @@
-"""The spec's worked event sequences, checked token by token (see
+"""The worked event sequences of docs/job-model.md, checked token by token (see
 blkjobs.job.testing.compact: statuses are lower case, BLOCK_JOB_* events upper)."""
 from __future__ import annotations
 

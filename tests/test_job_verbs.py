@@ -1,5 +1,5 @@
 """Every cell of the verb table on real jobs, through the QMP verbs by id, with
-the spec's extra refusals (§4) in their places."""
+the extra refusals of docs/job-model.md §4 in their places."""
 from __future__ import annotations
 
 import errno
@@ -115,7 +115,7 @@ def make(rec: Recorder, state: S, user_paused: bool):
 
 
 def expected_error(verb: JobVerb, state: S, user_paused: bool) -> str | None:
-    """What the spec says the verb answers (None: accepted)."""
+    """What docs/job-model.md says the verb answers (None: accepted)."""
     table = f"Job 'j' in state '{state.value}' cannot accept command verb '{verb.value}'"
     if verb is JobVerb.RESUME and not user_paused:
         return "Can't resume a job that was not paused"      # checked before the table

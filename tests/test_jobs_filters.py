@@ -1,4 +1,4 @@
-"""The jobs' filter nodes (jobs.md: filter-node-name): inserted above the
+"""The jobs' filter nodes (docs/jobs.md: filter-node-name): inserted above the
 node at job creation, named or implicit (#blockN), front ends re-pointed
 through them, transparent to data, removed at the end."""
 from __future__ import annotations

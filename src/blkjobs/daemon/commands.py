@@ -39,7 +39,7 @@ from .schema import COMMANDS
 
 #: The version blkjobs reports in the greeting and ``query-version``.
 #: QEMU numbers are compared by management software to enable features, so
-#: we report the QEMU release whose QMP surface we implement (qmp.md is
+#: we report the QEMU release whose QMP surface we implement (docs/qmp.md is
 #: written against QEMU 10.1: ``on-cbw-error``, ``target-is-zero``,
 #: ``active``), micro 0, and say who we are in ``package``.
 QEMU_VERSION = {"major": 10, "minor": 1, "micro": 0}
@@ -640,7 +640,7 @@ class Commands:
         return {}
 
     # ------------------------------------------------------------------
-    # transaction (qmp.md §7, job-model.md §8)
+    # transaction (docs/qmp.md §7, docs/job-model.md §8)
 
     def cmd_transaction(self, actions: list[dict[str, Any]],
                         properties: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The job core: states, verbs, transactions, events and the job manager.
 
-It implements ``job-model.md`` (the spec) and knows nothing of blocks or
+It implements ``docs/job-model.md`` (the contract) and knows nothing of blocks or
 images: a job type plugs in by subclassing :class:`JobDriver`.
 
 * :mod:`.status`  -- JobStatus, JobVerb, the transition matrix and verb table

@@ -1,7 +1,7 @@
 """Job events, the clock that stamps them, and listeners that collect them.
 
 An :class:`Event` is a QMP event: a name, a ``data`` dict whose key order is
-the spec's member order (§11), and a wall-clock timestamp ``{seconds,
+the member order of docs/job-model.md §11, and a wall-clock timestamp ``{seconds,
 microseconds}``. The :class:`EventBus` is the one place events come from: the
 manager calls :meth:`EventBus.emit` with its lock held, so events reach every
 listener in the order the state changes happened.

@@ -4,7 +4,7 @@ A :class:`Job` is created by :meth:`JobManager.create` and owned by it; its
 state is changed only under the manager lock. A :class:`JobDriver` is one
 instance per job: it holds the job type's own state and implements the hooks.
 The contract of each hook is written on it; it follows QEMU's ``JobDriver``
-(``include/qemu/job.h``) and the spec (§6, §7, §9, §10).
+(``include/qemu/job.h``) and docs/job-model.md (§6, §7, §9, §10).
 """
 from __future__ import annotations
 
@@ -245,12 +245,12 @@ class Job:
         self.error: str | None = None
         self.outcome: JobOutcome | None = None
         self.io_status = IoStatus.OK
-        # Pausing (§9): the job is created "paused until started".
+        # Pausing (docs/job-model.md §9): the job is created "paused until started".
         self.pause_count = 1
         self.user_paused = False
         self.parked = False            # the runner waits at a pause point
         self.busy = False              # false when parked or sleeping
-        # Cancelling (§7): cancelled = requested; force_cancel = forced.
+        # Cancelling (docs/job-model.md §7): cancelled = requested; force_cancel = forced.
         self.cancelled = False
         self.force_cancel = False
         self.should_complete = False
@@ -392,7 +392,7 @@ class Job:
     def handle_error(self, operation: str, err: BaseException | int,
                      policy: ErrorPolicy | str) -> ErrorAction:
         """Apply an error policy to a failed read (of the source) or write (of
-        the target), spec §10. Returns the action; the driver then
+        the target), docs/job-model.md §10. Returns the action; the driver then
 
         * ``report``: fails the job with ``err`` (raise it);
         * ``ignore``: goes on (retrying the area later if it can);
@@ -426,7 +426,7 @@ class Job:
 
     # ------------------------------------------------------------------
     # Internal pauses (graph layer, not the user): they nest freely and never
-    # touch the user's pause (§9).
+    # touch the user's pause (docs/job-model.md §9).
 
     def pause(self) -> None:
         """Add an internal pause; the job parks at its next pause point."""

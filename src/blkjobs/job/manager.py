@@ -4,7 +4,7 @@ Verbs come in two layers. The object verbs (:meth:`JobManager.cancel_job`,
 :meth:`~JobManager.user_pause`, ...) act on a :class:`Job`; the QMP verbs
 (``job_*`` and ``block_job_*`` methods, named after the commands) find the job
 by id with the right error for their spelling and call them. Completion
-(spec §6, §8) follows QEMU's ``job_completed`` -> ``job_completed_txn_*`` ->
+(docs/job-model.md §6, §8) follows QEMU's ``job_completed`` -> ``job_completed_txn_*`` ->
 ``job_do_finalize`` -> ``job_finalize_single`` and keeps their names.
 """
 from __future__ import annotations

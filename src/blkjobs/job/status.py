@@ -2,7 +2,7 @@
 
 This module is the only place that knows which state may follow which, and
 which verb a state accepts. The tables are copied cell by cell from the spec
-(``job-model.md`` §2 and §3, QEMU's ``JobSTT`` and ``JobVerbTable``);
+(``docs/job-model.md`` §2 and §3, QEMU's ``JobSTT`` and ``JobVerbTable``);
 :func:`render_tables` prints them back in the spec's markdown, and a test
 checks that the spec, ``docs/job-tables.md`` and this module agree.
 
@@ -69,7 +69,7 @@ def _states(letters: str) -> frozenset[JobStatus]:
     return frozenset(_BY_LETTER[c] for c in letters)
 
 
-#: The transition matrix (spec §2): from-state -> the states it may move to.
+#: The transition matrix (docs/job-model.md §2): from-state -> the states it may move to.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     S.UNDEFINED: _states("C"),
     S.CREATED: _states("RXN"),
@@ -84,7 +84,7 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     S.NULL: _states(""),
 }
 
-#: The verb table (spec §3): verb -> the states that accept it. The dict's
+#: The verb table (docs/job-model.md §3): verb -> the states that accept it. The dict's
 #: order is the spec table's row order (which differs from the enum order:
 #: finalize before dismiss).
 VERBS: dict[JobVerb, frozenset[JobStatus]] = {
@@ -98,7 +98,7 @@ VERBS: dict[JobVerb, frozenset[JobStatus]] = {
     V.CHANGE: _states("CRPYS"),
 }
 
-#: Derived predicates (spec §1).
+#: Derived predicates (docs/job-model.md §1).
 READY_ISH = _states("YS")
 COMPLETED = _states("WDXEN")
 

@@ -3,7 +3,7 @@
 Every job runs in a completion group (QEMU's ``JobTxn``), a lone job in a
 group of one. The group's members wait for each other in ``waiting``, move to
 ``pending`` together, run every ``prepare`` before any ``commit``, and, if
-one fails, are all force-cancelled and aborted (spec §6, §8). The logic lives
+one fails, are all force-cancelled and aborted (docs/job-model.md §6, §8). The logic lives
 in :mod:`blkjobs.job.manager`, under its lock; this module is the data.
 
 A :class:`JobTxn` is what callers create for a QMP ``transaction``:

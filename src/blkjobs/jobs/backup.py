@@ -1,4 +1,4 @@
-"""backup (``blockdev-backup``, jobs.md §1): a point-in-time copy.
+"""backup (``blockdev-backup``, docs/jobs.md §1): a point-in-time copy.
 
 At creation the copy-before-write filter (:mod:`.cbw`) goes onto the source
 and a named bitmap is frozen. ``run`` walks the copy bitmap (job-cluster
@@ -42,7 +42,7 @@ class BackupJob(BlockJob):
                compress: bool = False, on_source_error: str = "report",
                on_target_error: str = "report", on_cbw_error: str = "break-guest-write",
                filter_node_name: str | None = None) -> BackupJob:
-        """Validate in QEMU's order (jobs.md §1, exact messages); build the
+        """Validate in QEMU's order (docs/jobs.md §1, exact messages); build the
         driver. Nothing changes until :meth:`setup`."""
         src, dst = eng.node(device), eng.node(target)
         if sync not in SYNC_MODES:
@@ -201,7 +201,7 @@ class BackupJob(BlockJob):
             raise self.cbw.snapshot_error
 
     # ------------------------------------------------------------------
-    # Finalization (jobs.md §1 "Bitmap semantics")
+    # Finalization (docs/jobs.md §1 "Bitmap modes")
 
     def _handover(self, success: bool) -> None:
         bm = self.bm

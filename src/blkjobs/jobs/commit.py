@@ -1,4 +1,4 @@
-"""commit (``block-commit``, jobs.md §4).
+"""commit (``block-commit``, docs/jobs.md §4).
 
 * Intermediate commit (:class:`CommitJob`): the data of ``top`` and every
   image down to (excluding) ``base`` is moved into ``base`` through the C
@@ -85,7 +85,7 @@ class _BaseAccess:
 def make_commit(eng: Engine, device: str, *, base_node: str | None = None,
                 base: str | None = None, top_node: str | None = None, top: str | None = None,
                 backing_file: str | None = None, on_error: str = "report") -> BlockJob:
-    """Validate (jobs.md §4, exact messages) and build the right driver."""
+    """Validate (docs/jobs.md §4, exact messages) and build the right driver."""
     dev = eng.graph.nodes.get(device) if isinstance(device, str) else device
     if dev is None:
         raise DeviceNotFound(f"Device '{device}' not found")

@@ -10,9 +10,9 @@ An Engine owns one block graph, one job manager and the live-I/O front ends::
     eng.wait_job(job)                                        # -> JobOutcome
     eng.close()
 
-Jobs are started by the spec's option names (``jobs.md``; QMP dashes become
+Jobs are started by QEMU's option names (``docs/jobs.md``; QMP dashes become
 underscores): :meth:`backup`, :meth:`mirror`, :meth:`stream`, :meth:`commit`;
-:meth:`transaction` starts several at once. Every verb of ``job-model.md``
+:meth:`transaction` starts several at once. Every verb of ``docs/job-model.md``
 is a method of the same name (``job_cancel``, ``block_job_cancel``, ...), as
 are ``query_jobs``/``query_block_jobs``. Events reach listeners added with
 :meth:`add_listener` (or collected by :meth:`listen`).
@@ -44,7 +44,7 @@ class DirtyBitmap:
 
     Front-end writes to the node mark it while ``enabled``. A backup freezes
     it (``busy``): new writes then go to a hidden ``successor`` until the job
-    hands the bitmap over (see ``jobs.md``, bitmap-mode).
+    hands the bitmap over (see ``docs/jobs.md``, bitmap-mode).
     """
 
     def __init__(self, node: Node, name: str, granularity: int):
@@ -362,7 +362,7 @@ class Engine:
         return moved
 
     # ------------------------------------------------------------------
-    # Node claims (jobs.md §5) and dropping nodes that left a chain
+    # Node claims (docs/jobs.md §5) and dropping nodes that left a chain
 
     def check_busy(self, node: Node) -> None:
         job = self._claims.get(id(node))
@@ -426,7 +426,7 @@ class Engine:
                auto_dismiss: bool = True, filter_node_name: str | None = None,
                txn: JobTxn | None = None, start: bool = True) -> Job:
         """``blockdev-backup``: a point-in-time copy of ``device`` onto
-        ``target`` (see jobs.md §1). Returns the job (running unless
+        ``target`` (see docs/jobs.md §1). Returns the job (running unless
         ``start=False``; a ``txn`` member waits for :meth:`transaction`)."""
         from .backup import BackupJob
         drv = BackupJob.create(self, device, target, sync, bitmap=bitmap,
@@ -447,7 +447,7 @@ class Engine:
                auto_finalize: bool = True, auto_dismiss: bool = True,
                filter_node_name: str | None = None, txn: JobTxn | None = None,
                start: bool = True) -> Job:
-        """``blockdev-mirror`` (jobs.md §2): keeps ``target`` in sync with
+        """``blockdev-mirror`` (docs/jobs.md §2): keeps ``target`` in sync with
         ``device`` until completed (pivot) or cancelled."""
         from .mirror import MirrorJob
         drv = MirrorJob.create(self, device, target, sync, replaces=replaces,
@@ -466,7 +466,7 @@ class Engine:
                speed: int = 0, on_error: str = "report", auto_finalize: bool = True,
                auto_dismiss: bool = True, filter_node_name: str | None = None,
                txn: JobTxn | None = None, start: bool = True) -> Job:
-        """``block-stream`` (jobs.md §3): pull the chain above the base into
+        """``block-stream`` (docs/jobs.md §3): pull the chain above the base into
         ``device``, then back it directly onto the base."""
         from .stream import StreamJob
         drv = StreamJob.create(self, device, base=base, base_node=base_node, bottom=bottom,
@@ -483,7 +483,7 @@ class Engine:
                auto_finalize: bool = True, auto_dismiss: bool = True,
                filter_node_name: str | None = None, txn: JobTxn | None = None,
                start: bool = True) -> Job:
-        """``block-commit`` (jobs.md §4): intermediate commit, or active
+        """``block-commit`` (docs/jobs.md §4): intermediate commit, or active
         commit (mirror-like, needs ``job_complete``) when top is the active
         layer."""
         from .commit import make_commit
@@ -523,7 +523,7 @@ class Engine:
         return jobs
 
     # ------------------------------------------------------------------
-    # Verbs (job-model.md §4) and queries
+    # Verbs (docs/job-model.md §4) and queries
 
     def job_cancel(self, id: str) -> None:
         self.jobs.job_cancel(id)

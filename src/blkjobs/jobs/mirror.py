@@ -1,4 +1,4 @@
-"""mirror (``blockdev-mirror``, jobs.md §2) and the machinery of active commit.
+"""mirror (``blockdev-mirror``, docs/jobs.md §2) and the machinery of active commit.
 
 A ``mirror_top`` filter node above the source (its hooks: :class:`MirrorFilter`)
 sees every guest write: in ``background`` copy mode it marks them dirty
@@ -420,7 +420,7 @@ class MirrorJob(BlockJob):
             gt.commit()
             self.pivoted = True
             # the filter is dropped in the same step: the guest now writes
-            # straight to the new node (jobs.md §2, prepare 1 and 4)
+            # straight to the new node (docs/jobs.md §2, prepare 1 and 4)
             self.remove_filter()
 
     def _release_target(self) -> None:

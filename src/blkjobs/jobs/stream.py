@@ -1,4 +1,4 @@
-"""stream (``block-stream``, jobs.md §3): pull the chain into the top.
+"""stream (``block-stream``, docs/jobs.md §3): pull the chain into the top.
 
 ``run`` walks the disk in batches; for each batch the :class:`~.base.Mover`
 copies into the top image (through ``allocate()`` and the C engine) every
@@ -142,7 +142,7 @@ class StreamJob(BlockJob):
             self._job.progress.advance(area[1])
 
     def _on_error(self, job: Job, err: CopyError, area: tuple[int, int]) -> ErrorAction:
-        # every error of stream is a "read" (jobs.md §3)
+        # every error of stream is a "read" (docs/jobs.md §3)
         action = job.handle_error("read", err, self.on_error)
         if action is ErrorAction.IGNORE:
             # go on streaming, but the job fails at the end (and keeps its backing)

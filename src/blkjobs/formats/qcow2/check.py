@@ -3,7 +3,7 @@
 Walks every structure that occupies the file (header, active L1/L2 and data,
 snapshot table and snapshot L1/L2/data, refcount table and blocks, bitmap
 directory/tables/data), counts the references of every host cluster, and
-compares them with the stored refcounts (spec §10). Leaks: stored >
+compares them with the stored refcounts (docs/qcow2.md §10). Leaks: stored >
 references; corruptions: stored < references, malformed entries, COPIED
 flags disagreeing with refcount 1.
 

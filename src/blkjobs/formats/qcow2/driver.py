@@ -1,6 +1,6 @@
 """The qcow2 driver: L1/L2 translation, reads, allocating writes, flush.
 
-Structure (spec: /work/shared/spec/qcow2.md):
+Structure (the format: docs/qcow2.md):
 
 * the active L1 table is read whole at open (it is at most 32 MiB; 8 bytes
   per 512 MiB of disk with 64 KiB clusters);

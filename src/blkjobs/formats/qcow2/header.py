@@ -1,7 +1,7 @@
 """The qcow2 header (cluster 0): parse, validate, serialise.
 
 Everything here is pure data: :class:`Header` holds the fields of
-/work/shared/spec/qcow2.md §2, the header extensions in their on-disk order
+docs/qcow2.md §2, the header extensions in their on-disk order
 (unknown ones kept verbatim so a rewrite preserves them) and the backing file
 name. :func:`parse_header` checks every field a later step would trust (sizes,
 alignments, table extents against the file size) and raises
