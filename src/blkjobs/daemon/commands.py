@@ -46,6 +46,8 @@ QEMU_VERSION = {"major": 10, "minor": 1, "micro": 0}
 
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*", re.ASCII)
 _DRIVERS = ("file", "raw", "qcow2")
+#: owner of the hold the monitor keeps on each node it added (blockdev-add)
+MONITOR = "monitor"
 
 
 def version() -> dict[str, Any]:
@@ -215,6 +217,12 @@ class Commands:
             for mn in reversed(created):
                 self._drop(mn)
             raise
+        if owned:
+            # The monitor's reference (QEMU's monitor-owned node): a job that
+            # drops the node out of a chain leaves it open and listed,
+            # parentless, until blockdev-del; implicit nodes go with their
+            # last user (Engine.drop_unused).
+            gnode.take(MONITOR, Perm(0), ALL)
         mn = MonitorNode(gnode.name, drv, fnode.filename, ro, owned, gnode)
         mn.file, fnode.parent = fnode, mn
         mn.children = created
@@ -238,9 +246,9 @@ class Commands:
         return mn
 
     def _prune(self) -> None:
-        """Forget format nodes the Engine closed: after a commit the images
-        that left the chain are closed by the Engine (QEMU would keep a
-        monitor-owned node open); their file nodes go with them."""
+        """Forget format nodes the Engine closed: images defined inline that
+        left the chain (a stream's or commit's intermediates); their file
+        nodes go with them. Monitor-owned nodes stay open (MONITOR hold)."""
         with self.eng.io:
             for mn in list(self.nodes.values()):
                 g = mn.gnode
@@ -271,8 +279,9 @@ class Commands:
         g, eng = mn.gnode, self.eng
         # Private Engine state is read here (never changed): claims of jobs and
         # the write filters (a backup's copy-before-write) on the node.
-        return (any(p.owner != "open" for p in g.users()) or bool(eng.graph.parents(g))
-                or bool(eng._filters.get(id(g))) or id(g) in eng._claims
+        return (any(p.owner not in ("open", MONITOR) for p in g.users())
+                or bool(eng.graph.parents(g))
+                or bool(eng._filters.get(id(g))) or g.claimed_by is not None
                 or bool(eng.frontends(g)))
 
     def cmd_blockdev_del(self, **args: Any) -> dict[str, Any]:

@@ -33,6 +33,9 @@ from .lock import FileLock
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
 
 BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+#: what allows writing data: a copy that leaves the guest view as it was
+#: (stream pulling the chain into its top) needs only write-unchanged
+_WRITES = Perm.WRITE | Perm.WRITE_UNCHANGED
 _ZEROES = bytes(1 << 20)
 
 
@@ -108,13 +111,16 @@ class Graph:
         """Nodes using ``node`` as backing or (filters) as file child."""
         return [n for n in self.nodes.values() if n.backing is node or n.file is node]
 
-    def add_filter(self, drv: str, child: "Node", name: str | None = None) -> "Node":
+    def add_filter(self, drv: str, child: "Node", name: str | None = None,
+                   perm: Perm | None = None) -> "Node":
         """A filter node of driver ``drv`` above ``child`` (nothing is
         re-pointed to it here). It holds what its users may need on the
-        child: consistent read, and write unless the child is read-only."""
+        child: consistent read, and write unless the child is read-only;
+        or ``perm`` (commit's filter: nothing, as QEMU's commit_top)."""
         node = self.add(FilterDriver(drv, child), name)
         try:
-            perm = Perm.CONSISTENT_READ | (Perm(0) if child.read_only else Perm.WRITE)
+            if perm is None:
+                perm = Perm.CONSISTENT_READ | (Perm(0) if child.read_only else Perm.WRITE)
             node.file_perm = child.take(f"node '{node.name}' (file)", perm, ALL)
         except BaseException:
             del self.nodes[node.name]
@@ -143,6 +149,8 @@ class Node:
         self.file: Node | None = None
         self.file_perm: Permission | None = None
         self._perms: list[Permission] = []
+        #: the job blocking this node for other jobs (Engine.claim), or None
+        self.claimed_by = None
         self.is_filter = getattr(driver, "is_filter", False)
         self._lock = (FileLock(driver.fd, driver.filename)
                       if graph.locking and not self.is_filter else None)
@@ -230,9 +238,11 @@ class Node:
         return list(self._perms)
 
     def _require(self, bit: Perm, what: str):
+        """Some user holds one of the permissions in ``bit``."""
         if not any(p.perm & bit for p in self._perms):
             raise PermissionConflict(f"{what} on node '{self.name}' needs the "
-                                     f"'{perm_names(bit)}' permission: take it first")
+                                     f"'{perm_names(bit & Perm.WRITE or bit)}' permission: "
+                                     "take it first")
 
     # -- backing link ----------------------------------------------------
     def _link(self, child: "Node | None") -> Permission | None:
@@ -291,7 +301,7 @@ class Node:
 
     def write(self, offset: int, data) -> None:
         """Write with copy-on-write from the backing chain."""
-        self._require(Perm.WRITE, "write")
+        self._require(_WRITES, "write")
         if self.is_filter:
             self.file.write(offset, data)
         elif self.backing is None:
@@ -300,7 +310,7 @@ class Node:
             self.driver.write(offset, data, fill=self._fill())
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
-        self._require(Perm.WRITE, "write_zeroes")
+        self._require(_WRITES, "write_zeroes")
         if self.is_filter:
             self.file.write_zeroes(offset, length, may_unmap)
         elif self.backing is None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CopyError, JobError  # noqa: F401
-from ..graph import Node, Perm
+from ..graph import ALL, Node, Perm
+from ..graph.node import BACKING_SHARED
 from ..job import ErrorAction, Job
 from ..native.bitmap import Bitmap
 from .base import JOB_CLUSTER, BlockJob, InFlight, Mover, select_full, select_window
@@ -108,6 +109,7 @@ class BackupJob(BlockJob):
         self.cbw_mover = Mover(eng, src, dst, select, compress=compress)
         self.cbw = CbwFilter(self, on_cbw_error)
         self._perm = None
+        self._relaxed = None            # the fleecing target's backing link
         self._job: Job | None = None
         self._pos = 0
 
@@ -117,22 +119,41 @@ class BackupJob(BlockJob):
         bitmap, insert the copy-before-write filter."""
         eng = self.eng
         with eng.io:
-            self._perm = self.dst.take(f"backup job '{job.id}'",
-                                       Perm.CONSISTENT_READ | Perm.WRITE,
-                                       Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
-            if self.sync in ("full", "top", "none"):
-                # none: the background loop copies nothing, but a guest
-                # write still saves every cluster it is the first to touch
-                self.copy_bm.set_all()
-            if self.bm is not None:
-                self.bm.busy = True
-                self.bm.successor = Bitmap(self.size, self.bm.granularity)
-                self.manifest = self.bm.bitmap.copy()
-                if self.sync == "bitmap":
-                    for a, n in self.manifest.areas():
-                        self.copy_bm.set(a, n)
-            self.insert_filter(self.src, self.cbw, "copy-before-write")
+            try:
+                self._setup(job)
+            except BaseException:
+                self._let_go()         # a refused start holds nothing
+                raise
         job.progress.update(0, 0 if self.sync == "none" else self.copy_bm.count())
+
+    def _setup(self, job: Job) -> None:
+        self._perm = self.dst.take(f"backup job '{job.id}'",
+                                   Perm.CONSISTENT_READ | Perm.WRITE,
+                                   Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+        keep: tuple[Node, ...] = ()
+        if self.dst.backing is self.src:
+            # Image fleecing: the target is an overlay of the source. Its
+            # backing link must let the guest write the source -- the job
+            # saves the old data into the target first, so the target's view
+            # stays the point in time (QEMU: a backing link shares write when
+            # the overlay's users accept changing data, as the target's do).
+            # The link stays on the source itself, not on the filter (QEMU
+            # leaves parents the filter reaches where they are).
+            self.dst.backing_perm.update(shared=ALL)
+            self._relaxed = self.dst.backing_perm
+            keep = (self.dst,)
+        if self.sync in ("full", "top", "none"):
+            # none: the background loop copies nothing, but a guest
+            # write still saves every cluster it is the first to touch
+            self.copy_bm.set_all()
+        if self.bm is not None:
+            self.bm.busy = True
+            self.bm.successor = Bitmap(self.size, self.bm.granularity)
+            self.manifest = self.bm.bitmap.copy()
+            if self.sync == "bitmap":
+                for a, n in self.manifest.areas():
+                    self.copy_bm.set(a, n)
+        self.insert_filter(self.src, self.cbw, "copy-before-write", keep=keep)
 
     def _sync_progress(self, job: Job) -> None:
         with self.eng.io:
@@ -232,12 +253,26 @@ class BackupJob(BlockJob):
     def abort(self, job: Job) -> None:
         self._handover(False)
 
+    def _let_go(self) -> None:
+        """Release what setup took (I/O lock held; what it did not get is
+        skipped)."""
+        self.remove_filter()
+        if self._relaxed is not None:
+            if not self._relaxed.released:
+                try:
+                    self._relaxed.update(shared=BACKING_SHARED)
+                except Exception:
+                    pass        # someone writes the source now: leave it shared
+            self._relaxed = None
+        if self._perm is not None:
+            self._perm.release()
+            self._perm = None
+        if self.bm is not None and self.bm.successor is not None:
+            self._handover(False)
+
     def clean(self, job: Job) -> None:
         with self.eng.io:
-            self.remove_filter()
-            if self._perm is not None:
-                self._perm.release()
-                self._perm = None
+            self._let_go()
         self.mover.close()
         self.cbw_mover.close()
 

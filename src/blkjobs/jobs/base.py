@@ -605,10 +605,11 @@ class BlockJob(JobDriver):
         self.on_source_error = "report"
         self.on_target_error = "report"
 
-    def insert_filter(self, node: Node, hooks: Any, drv: str) -> None:
+    def insert_filter(self, node: Node, hooks: Any, drv: str, **kw: Any) -> None:
         """Put the job's filter node (driver ``drv``) above ``node`` (I/O lock
-        held): the guest's writes to ``node`` pass ``hooks`` from now on."""
-        self.fnode = self.eng.add_filter(node, hooks, drv, self.filter_node_name)
+        held): the guest's writes to ``node`` pass ``hooks`` from now on.
+        ``kw``: ``perm``, ``keep`` of :meth:`Engine.add_filter`."""
+        self.fnode = self.eng.add_filter(node, hooks, drv, self.filter_node_name, **kw)
 
     def remove_filter(self) -> None:
         """Take the job's filter node out of the graph (I/O lock held)."""

@@ -89,6 +89,10 @@ def make_commit(eng: Engine, device: str, *, base_node: str | None = None,
     dev = eng.graph.nodes.get(device) if isinstance(device, str) else device
     if dev is None:
         raise DeviceNotFound(f"Device '{device}' not found")
+    if eng.graph.parents(dev):
+        # QEMU looks the device up as a root node: not an overlay's backing,
+        # nor below another job's filter
+        raise JobError("Need a root block node")
     check_policy("on-error", on_error)
     if top_node is not None and top is not None:
         raise JobError("'top-node' and 'top' are mutually exclusive")
@@ -156,8 +160,10 @@ class CommitJob(BlockJob):
             self.eng.claim(job, self.nodes + [self.base])
             try:
                 self.access.open(f"commit job '{job.id}'")
-                # above top: its overlay now reads through the filter
-                self.insert_filter(self.top, Filter(), "commit_top")
+                # above top: its overlay now reads through the filter, which
+                # holds nothing on top (QEMU's commit_top): top may be an
+                # intermediate node (top-node under an overlay)
+                self.insert_filter(self.top, Filter(), "commit_top", perm=Perm(0))
             except BaseException:
                 self.access.close()
                 self.eng.release_claims(job)

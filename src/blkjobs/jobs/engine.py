@@ -86,7 +86,8 @@ class Engine:
         self._frontends: list[Frontend] = []
         self._bitmaps: dict[int, dict[str, DirtyBitmap]] = {}
         self._fe_count = 0
-        self._claims: dict[int, Job] = {}
+        #: nodes claimed by jobs (each node records its job: Node.claimed_by)
+        self._claims: set[Node] = set()
         self._unsafe: set[int] = set()
         #: per node: guest ranges of clusters a job's batch allocated and has
         #: not filled yet (see Mover); reads reaching the node wait for them
@@ -213,27 +214,31 @@ class Engine:
     # ------------------------------------------------------------------
     # Filters and the guest write path (used by frontend and jobs)
 
-    def add_filter(self, node: Node, f: Filter, drv: str, name: str | None = None) -> Node:
+    def add_filter(self, node: Node, f: Filter, drv: str, name: str | None = None, *,
+                   perm=None, keep: tuple[Node, ...] = ()) -> Node:
         """Insert a filter node of driver ``drv`` (named ``name``, else
         ``#blockN``) above ``node``, with ``f``'s write hooks: every parent of
         ``node`` -- front ends (the guest, exports), overlays backed by it,
-        filters stacked on it -- now uses the filter. Returns the filter
-        node; :meth:`remove_filter` takes it out again."""
+        filters stacked on it -- now uses the filter, but those in ``keep``
+        (QEMU leaves a parent the filter reaches, e.g. a backup's fleecing
+        target backed by its source, where it is). ``perm``: what the filter
+        holds on ``node`` (see Graph.add_filter). Returns the filter node;
+        :meth:`remove_filter` takes it out again."""
         with self.io:
-            fnode = self.graph.add_filter(drv, node, name)
+            fnode = self.graph.add_filter(drv, node, name, perm)
             self._filters[id(fnode)] = [f]
             try:
-                self._relink(node, fnode, skip=fnode)
+                self._relink(node, fnode, skip=(fnode, *keep))
             except BaseException:
                 self.remove_filter(fnode)
                 raise
             return fnode
 
-    def _relink(self, old: Node, new: Node, skip: Node | None = None) -> None:
-        """Parents of ``old`` (but ``skip``) use ``new`` instead (I/O lock
-        held): a filter node going in or out."""
+    def _relink(self, old: Node, new: Node, skip: tuple[Node, ...] = ()) -> None:
+        """Parents of ``old`` (but those in ``skip``) use ``new`` instead (I/O
+        lock held): a filter node going in or out."""
         for p in self.graph.parents(old):
-            if p is skip:
+            if p in skip:
                 continue
             if p.file is old:
                 held = p.file_perm
@@ -365,27 +370,34 @@ class Engine:
     # Node claims (docs/jobs.md §5) and dropping nodes that left a chain
 
     def check_busy(self, node: Node) -> None:
-        job = self._claims.get(id(node))
+        """QEMU's op blocker text for a node another job claimed."""
+        job = node.claimed_by
         if job is not None:
             raise JobError(f"Node '{node.name}' is busy: block device is in use by block "
                            f"job: {job.type}")
 
     def claim(self, job: Job, nodes: list[Node]) -> None:
-        """Block ``nodes`` for other jobs until :meth:`release_claims`."""
+        """Block ``nodes`` for other jobs until :meth:`release_claims`
+        (nothing is claimed when one of them is busy)."""
         with self.io:
             for n in nodes:
-                self.check_busy(n)
+                if n.claimed_by is not job:
+                    self.check_busy(n)
             for n in nodes:
-                self._claims[id(n)] = job
+                n.claimed_by = job
+                self._claims.add(n)
 
     def release_claims(self, job: Job) -> None:
         with self.io:
-            for k in [k for k, j in self._claims.items() if j is job]:
-                del self._claims[k]
+            for n in [n for n in self._claims if n.claimed_by is job]:
+                n.claimed_by = None
+                self._claims.discard(n)
 
     def drop_unused(self, nodes: list[Node]) -> None:
         """Close the nodes (top-most first) that no node, front end or other
-        user references any more: they left the chain. Files are untouched."""
+        user references any more: they left the chain. Files are untouched.
+        A node someone else holds (a QMP monitor's ``blockdev-add``: owner
+        ``'monitor'``) stays, parentless, until that user lets it go."""
         with self.io:
             for n in nodes:
                 if n.name not in self.graph.nodes or self.graph.parents(n):

@@ -45,6 +45,10 @@ def find_in_chain(top: Node, filename: str) -> Node | None:
     return None
 
 
+#: what a stream lets others do with the nodes it removes from the chain
+_INTERMEDIATE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+
+
 class _HoldWrites(Filter):
     def __init__(self, inflight: InFlight):
         self.inflight = inflight
@@ -86,7 +90,7 @@ class StreamJob(BlockJob):
             raise JobError("backing file specified, but streaming the entire chain")
         chain = top.chain()
         stop = chain.index(base_n) if base_n is not None else len(chain)
-        for n in chain[1:stop]:
+        for n in chain[:stop]:       # QEMU: from the device down to the base
             eng.check_busy(n)
         return cls(eng, top, base_n, backing_file, on_error, chain[1:stop])
 
@@ -108,16 +112,37 @@ class StreamJob(BlockJob):
         self.failed_ignored: BaseException | None = None
         self._was_ro = False
         self._perm = None
+        self._held: list = []
 
     def setup(self, job: Job) -> None:
+        """QEMU's permissions (block/stream.c): the top is written with data
+        the guest already sees there (write unchanged), sharing all but
+        resize; each intermediate is read by the job and must not change
+        (nothing taken, sharing only consistent read and write unchanged).
+        So an overlay above the top and a second stream on a disjoint part of
+        the chain coexist. A refused start leaves nothing held."""
+        owner = f"stream job '{job.id}'"
         with self.eng.io:
-            if self.top.read_only:
-                self.top.reopen(False)
-                self._was_ro = True
-            self.eng.claim(job, self.intermediates)
-            self._perm = self.top.take(f"stream job '{job.id}'",
-                                       Perm.CONSISTENT_READ | Perm.WRITE, ALL)
-            self.insert_filter(self.top, self.filter, "copy-on-read")
+            try:
+                self.eng.claim(job, [self.top] + self.intermediates)
+                if self.top.read_only:
+                    self.top.reopen(False)
+                    self._was_ro = True
+                self._perm = self.top.take(owner, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
+                                           ALL & ~Perm.RESIZE)
+                for n in self.intermediates:
+                    self._held.append(n.take(owner, Perm(0), _INTERMEDIATE_SHARED))
+                # the filter passes on what its users do: write unchanged
+                # (copy-on-read), and write when the top may be written at
+                # all (not when it is an overlay's backing: stream of an
+                # intermediate node)
+                perm = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+                if all(p.shared & Perm.WRITE for p in self.top.users()):
+                    perm |= Perm.WRITE
+                self.insert_filter(self.top, self.filter, "copy-on-read", perm=perm)
+            except BaseException:
+                self._let_go(job)
+                raise
         job.progress.update(0, self.top.size)
 
     def _claim(self, job: Job) -> tuple[int, int] | None:
@@ -165,18 +190,31 @@ class StreamJob(BlockJob):
 
     def commit(self, job: Job) -> None:
         with self.eng.io:
+            self._release_intermediates()
             self.eng.drop_unused(self.intermediates)
+
+    def _release_intermediates(self) -> None:
+        for p in self._held:
+            p.release()
+        self._held = []
+
+    def _let_go(self, job: Job) -> None:
+        """Everything setup took (I/O lock held; what it did not get is
+        skipped)."""
+        self.remove_filter()
+        self._release_intermediates()
+        self.eng.release_claims(job)
+        if self._perm is not None:
+            self._perm.release()
+            self._perm = None
+        if self._was_ro and not self.eng.frontends(self.top):
+            try:
+                self.top.reopen(True)
+            except Exception:
+                pass
+            self._was_ro = False
 
     def clean(self, job: Job) -> None:
         with self.eng.io:
-            self.remove_filter()
-            self.eng.release_claims(job)
-            if self._perm is not None:
-                self._perm.release()
-                self._perm = None
-            if self._was_ro and not self.eng.frontends(self.top):
-                try:
-                    self.top.reopen(True)
-                except Exception:
-                    pass
+            self._let_go(job)
         self.mover.close()
