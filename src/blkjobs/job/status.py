@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from typing import Protocol
 
-from ..errors import JobError
+from ..errors import InternalError, JobError
 
 
 class JobStatus(str, enum.Enum):
@@ -103,7 +103,7 @@ READY_ISH = _states("YS")
 COMPLETED = _states("WDXEN")
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(InternalError, RuntimeError):
     """An edge outside the transition matrix was attempted: a bug in blkjobs."""
 
 
