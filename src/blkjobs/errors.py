@@ -1,16 +1,29 @@
 """The exception tree of blkjobs. Every error we raise on purpose derives from
 :class:`BlkjobsError`, so callers (and the CLI's one choke point) can catch it
-and print one line::
+and print one line. ``exit_code`` is a class attribute of the tree: the exit
+status of the ``blkjobs`` command when the error ends it (1 unless said)::
 
-    BlkjobsError
-     ├── OSErrorWithContext   an errno from the C core or a syscall, with side/offset
-     │    └── CopyError       a copy request failed (side = "source" | "target")
-     ├── Cancelled           the operation was cancelled (ECANCELED)
-     ├── ImageError          malformed, corrupt or unsupported image
-     ├── UsageError          bad argument values (sizes, rates, options)
-     └── JobError            job/verb refusals (see blkjobs.job)
+    BlkjobsError                              exit 1
+     ├── OSErrorWithContext                   an errno from the C core or a syscall
+     │    └── CopyError                       a copy request failed (side = source | target)
+     ├── Cancelled                            the operation was cancelled (ECANCELED)
+     ├── ImageError                           malformed, corrupt or unsupported image
+     │    └── CheckNotSupported               exit 63: the format has no checks (qemu-img's 63)
+     ├── UsageError (also ValueError)         bad argument values (sizes, rates, options)
+     ├── PermissionConflict                   graph.perm: a permission or lock is held elsewhere
+     ├── JobError                             job/verb refusals; str(e) is QMP's text, qmp_class its class
+     │    ├── DeviceNotActive                 job.manager: no such block job
+     │    └── DeviceNotFound                  jobs.commit: no such device
+     ├── QMPError                             daemon.protocol: a QMP command's error (desc, cls)
+     ├── JobFailed                            cli.cmd_backup: a job command's job did not complete;
+     │                                        exit 1 failed, 2 cancelled, 130/143 interrupted
+     ├── ToolError                            bench.runner: an external tool failed
+     └── InternalError                        exit 70: a bug in blkjobs (printed as "internal error")
+          └── IllegalTransition (also RuntimeError)   job.status: an edge outside the job matrix
 
-and, beside the tree, :class:`Terminated`: SIGTERM in the command line.
+and, outside the tree on purpose, :class:`Terminated` (a ``KeyboardInterrupt``):
+SIGTERM in the command line, which must unwind like Ctrl-C and not be caught
+by ``except BlkjobsError`` or ``except Exception``.
 """
 from __future__ import annotations
 
@@ -20,6 +33,16 @@ import os
 
 class BlkjobsError(Exception):
     """Root of every error blkjobs raises on purpose."""
+
+    #: The ``blkjobs`` command's exit status when this error ends it.
+    exit_code: int = 1
+
+
+class InternalError(BlkjobsError):
+    """A bug in blkjobs: an invariant did not hold. The command line prints
+    it as an internal error and exits 70 (``EX_SOFTWARE``)."""
+
+    exit_code = 70
 
 
 class Terminated(KeyboardInterrupt):
@@ -34,6 +57,13 @@ class UsageError(BlkjobsError, ValueError):
 
 class ImageError(BlkjobsError):
     """An image is malformed, corrupt, or uses an unsupported feature."""
+
+
+class CheckNotSupported(ImageError):
+    """``check`` of a format that has no consistency checks (raw): qemu-img
+    exits 63 for it."""
+
+    exit_code = 63
 
 
 class JobError(BlkjobsError):

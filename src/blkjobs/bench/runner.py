@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import UsageError
+from ..errors import BlkjobsError, UsageError
 from ..native.bench import IOLoop
 from ..native.copy import CopyEngine
 from .matrix import Case, Density
@@ -250,7 +250,7 @@ def run_external(argv: list[str], clock: Clock = time.monotonic) -> ExtResult:
         return ExtResult(p.returncode, elapsed, cpu, rss, out.read(), err.read())
 
 
-class ToolError(Exception):
+class ToolError(BlkjobsError):
     """An external tool failed; its row gets the message instead of figures."""
 
 

@@ -23,7 +23,10 @@ POLICIES = ["report", "ignore", "stop", "enospc", "auto"]
 
 
 class JobFailed(BlkjobsError):
-    """The job concluded with an error (exit 1) or was cancelled (exit 2)."""
+    """The job did not complete: it failed (exit 1), was cancelled (2), or
+    the command was interrupted (130) or terminated (143)."""
+
+    exit_code = 1
 
     def __init__(self, msg: str, exit_code: int = 1):
         super().__init__(msg)

@@ -67,7 +67,7 @@ def run(args) -> int:
         res = check_image(args.image, args.fmt, args.repair)
     except BlkjobsError as e:
         sys.stderr.write(f"blkjobs: {e}\n")
-        return getattr(e, "exit_code", 1)
+        return e.exit_code
     for m in getattr(res, "messages", []):
         sys.stderr.write(m + "\n")
     if args.output == "json":

@@ -1,8 +1,15 @@
 """Entry point of the ``blkjobs`` command.
 
 Error handling has one choke point: every :class:`BlkjobsError` (and the
-OS errors of opening files) becomes one line on stderr and a non-zero exit
-status; a traceback is only ever printed for a bug, with ``BLKJOBS_DEBUG=1``.
+OS errors of opening files) becomes one line on stderr and its class's
+``exit_code``; a traceback is only ever printed for a bug, with
+``BLKJOBS_DEBUG=1``. A reader that goes away (``blkjobs map ... | head``)
+ends the command quietly with status 0, as qemu-img does.
+
+Logging: the modules log to ``blkjobs.<module>`` loggers (the daemon's
+monitors to ``blkjobs.daemon.monitor.<n>``). The global options ``-v``
+(info; ``-vv`` debug) and ``--log-level LEVEL`` send them to stderr; by
+default only warnings are shown, and a normal run logs none.
 """
 from __future__ import annotations
 
@@ -14,9 +21,12 @@ import signal
 import sys
 
 from .. import __version__
-from ..errors import BlkjobsError, Terminated
+from ..errors import BlkjobsError, InternalError, Terminated
 
 PROG = "blkjobs"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: Global options that take a value (skipped when looking for the command).
+_VALUED = ("--log-level",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,16 +61,68 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     part of every copy a user times); otherwise (help, typos) all are."""
     p = _Parser(prog=PROG, description="Block jobs and image tools with a C data path.")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log to stderr: -v info, -vv debug (default: warnings only)")
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
+                   help="log messages of LEVEL and above to stderr: " + ", ".join(LOG_LEVELS))
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    first = next((a for a in (argv or []) if not a.startswith("-")), None)
+    first = _first_word(argv or [])
     mod = _command_module(first) if first is not None else None
     if mod is not None:
         mods = [mod]
+    elif first is None and any(a in ("-V", "--version") for a in argv or []):
+        mods = []      # --version needs no command
     else:
         mods = [importlib.import_module(f"{__package__}.{name}") for name in _command_modules()]
     for mod in mods:
         mod.register(sub)
     return p
+
+
+def _first_word(argv: list[str]) -> str | None:
+    """The first argument that is not an option or a global option's value."""
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _VALUED:
+            skip = True
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
+def _setup_logging(verbose: int, level: str | None) -> None:
+    """A stderr handler on the ``blkjobs`` logger: ``level``, else by the
+    count of ``-v``, else warnings. ``logging`` costs milliseconds to import;
+    without options and when nothing imported it yet, it is left alone:
+    logging's last-resort handler shows warnings (only) on stderr too."""
+    if not verbose and level is None and "logging" not in sys.modules:
+        return
+    import logging
+    if level is None:
+        level = ("warning", "info", "debug")[min(verbose, 2)]
+    log = logging.getLogger(PROG)
+    for h in list(log.handlers):           # main() run twice in one process (tests)
+        if getattr(h, "_blkjobs_cli", False):
+            log.removeHandler(h)
+
+    class Stderr(logging.StreamHandler):
+        """Writes to the sys.stderr of the moment (as logging.lastResort)."""
+        _blkjobs_cli = True
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value):
+            pass
+
+    h = Stderr()
+    h.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(name)s: %(message)s"))
+    log.addHandler(h)
+    log.setLevel(getattr(logging, level.upper()))
 
 
 def _on_sigterm(signum, frame):
@@ -88,12 +150,26 @@ def _main(argv: list[str]) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 1
+    _setup_logging(args.verbose, args.log_level)
     try:
         rc = args.func(args)
+        sys.stdout.flush()     # a closed pipe is noticed here, not at exit
         return int(rc or 0)
+    except InternalError as e:
+        if os.environ.get("BLKJOBS_DEBUG"):
+            raise
+        sys.stderr.write(f"{PROG}: internal error: {e}\n"
+                         "(set BLKJOBS_DEBUG=1 for the traceback; please report it)\n")
+        return e.exit_code
     except BlkjobsError as e:
         sys.stderr.write(f"{PROG}: {e}\n")
-        return getattr(e, "exit_code", 1)
+        return e.exit_code
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly and exit 0 as
+        # qemu-img does. What is still buffered for stdout goes nowhere, so
+        # the interpreter's final flush cannot fail and print a warning.
+        _stdout_to_devnull()
+        return 0
     except OSError as e:
         where = f"'{e.filename}'" if e.filename else ""
         sys.stderr.write(f"{PROG}: {where + ': ' if where else ''}{e.strerror or e}\n")
@@ -103,8 +179,6 @@ def _main(argv: list[str]) -> int:
         how, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         sys.stderr.write(f"{PROG}: {how}{': ' + str(e.args[0]) if e.args else ''}\n")
         return code
-    except BrokenPipeError:  # pragma: no cover
-        return 1
     except Exception:
         if os.environ.get("BLKJOBS_DEBUG"):
             raise
@@ -112,6 +186,16 @@ def _main(argv: list[str]) -> int:
         sys.stderr.write(f"{PROG}: internal error: {traceback.format_exc().splitlines()[-1]}\n"
                          "(set BLKJOBS_DEBUG=1 for the traceback; please report it)\n")
         return 70
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):   # replaced by a test harness
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..errors import BlkjobsError
+
 #: QEMU's json-streamer limits: nesting depth and tokens per message.
 MAX_DEPTH = 1024
 MAX_TOKENS = 2 * 1024 * 1024
 
 
-class QMPError(Exception):
+class QMPError(BlkjobsError):
     """A command failed: ``{"error": {"class": cls, "desc": desc}}``."""
 
     def __init__(self, desc: str, cls: str = "GenericError"):

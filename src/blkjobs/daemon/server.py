@@ -21,6 +21,8 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
+import itertools
+import logging
 import threading
 from typing import Any
 
@@ -30,16 +32,20 @@ from .protocol import JsonStreamer, QMPError, check_request, encode, error_reply
 from .schema import COMMANDS, check_arguments
 
 NEGOTIATE = "qmp_capabilities"
+#: Each monitor logs to ``blkjobs.daemon.monitor.<n>`` (n counts connections).
+MONITOR_LOGGER = __name__.rpartition(".")[0] + ".monitor"
 
 
 class Monitor:
     """One connection (see the module docstring)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 n: int = 0):
         self.reader = reader
         self.writer = writer
         self.negotiated = False
         self.closed = False
+        self.log = logging.getLogger(f"{MONITOR_LOGGER}.{n}")
 
     def send(self, obj: dict[str, Any]) -> None:
         if not self.closed:
@@ -62,6 +68,7 @@ class Server:
         self._stop: asyncio.Event | None = None
         self._servers: list[asyncio.base_events.Server] = []
         self._quit = False
+        self._numbers = itertools.count()
 
     # -- events ----------------------------------------------------------
     def _listener(self, ev: Event) -> None:
@@ -141,12 +148,17 @@ class Server:
             await mon.writer.wait_closed()
         except (ConnectionError, OSError):
             pass
+        mon.log.info("disconnected")
+        # logging keeps every logger it made: forget this one, or a daemon
+        # that serves many short connections grows without end
+        logging.Logger.manager.loggerDict.pop(mon.log.name, None)
 
     # -- one monitor -------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        mon = Monitor(reader, writer)
+        mon = Monitor(reader, writer, next(self._numbers))
         self.monitors.append(mon)
+        mon.log.info("connected on %s", writer.get_extra_info("sockname") or "?")
         mon.send(greeting(version()))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         streamer = JsonStreamer()
@@ -171,12 +183,17 @@ class Server:
 
     async def _request(self, mon: Monitor, value: Any, err: str | None) -> dict[str, Any]:
         if err is not None:
+            mon.log.debug("-> error GenericError: %s", err)
             return error_reply(QMPError(err))
         has_id = isinstance(value, dict) and "id" in value
         req_id = value.get("id") if has_id else None
+        if mon.log.isEnabledFor(logging.DEBUG):
+            mon.log.debug("<- %s", encode(value).decode().rstrip() if isinstance(value, dict)
+                          else repr(value))
         try:
             result = await self._dispatch(mon, value)
         except QMPError as e:
+            mon.log.debug("-> error %s: %s", e.cls, e.desc)
             return error_reply(e, req_id, has_id)
         out: dict[str, Any] = {"return": result}
         if has_id:

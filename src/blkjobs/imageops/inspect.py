@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ImageError, UsageError
+from ..errors import CheckNotSupported, ImageError, UsageError
 from ..native.extents import extents
 from .files import fd_size, open_source
 from .images import open_ro, probe
@@ -142,18 +142,16 @@ def _joinable(a, b):
 
 # ---------------------------------------------------------------------------
 # check
-CHECK_UNSUPPORTED = 63
+CHECK_UNSUPPORTED = CheckNotSupported.exit_code
 
 
 def check_image(path: str, fmt: str | None = None, repair: str | None = None) -> dict:
     """Run the qcow2 consistency check (``repair`` None | 'leaks' | 'all');
-    returns the ImageCheck dict with ``.messages``. raw raises ImageError
-    with exit_code 63 (no checks for this format)."""
+    returns the ImageCheck dict with ``.messages``. raw raises
+    :class:`CheckNotSupported` (exit_code 63: no checks for this format)."""
     fmt = probe(path, fmt)
     if fmt != "qcow2":
-        e = ImageError("This image format does not support checks")
-        e.exit_code = CHECK_UNSUPPORTED
-        raise e
+        raise CheckNotSupported("This image format does not support checks")
     from ..formats import open_image
     img = open_image(path, fmt, read_only=repair is None)
     try:

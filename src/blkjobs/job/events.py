@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+
+_log = logging.getLogger(__name__)
 
 JOB_STATUS_CHANGE = "JOB_STATUS_CHANGE"
 BLOCK_JOB_READY = "BLOCK_JOB_READY"
@@ -243,4 +246,5 @@ class EventBus:
                 listener(ev)
             except Exception as e:  # a broken listener must not break a job
                 self.errors.append(e)
+                _log.warning("event listener %r failed on %s", listener, name, exc_info=e)
         return ev

@@ -41,7 +41,7 @@ class IoStatus(str, enum.Enum):
     NOSPACE = "nospace"
 
 
-class ErrorPolicy(str, enum.Enum):
+class ErrorPolicy(enum.StrEnum):
     """``BlockdevOnError``."""
 
     REPORT = "report"

@@ -10,6 +10,7 @@ by id with the right error for their spelling and call them. Completion
 from __future__ import annotations
 
 import errno
+import logging
 import re
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from .status import JobStatus, JobVerb
 from .txn import CompletionMode, JobTxn
 
 S = JobStatus
+_log = logging.getLogger(__name__)
 
 #: QEMU ``id_wellformed``: a letter, then letters, digits, '-', '.', '_'.
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*", re.ASCII)
@@ -185,6 +187,7 @@ class JobManager:
                 self._job_completed(job)
             except Exception as e:  # a bug: keep it visible to tests
                 self.internal_errors.append(e)
+                _log.error("internal error completing job %s", job.id, exc_info=e)
             finally:
                 job.busy = False
                 self.lock.notify_all()
@@ -294,6 +297,8 @@ class JobManager:
                              else BLOCK_JOB_COMPLETED)
         job.txn.jobs.remove(job)
         job.outcome = outcome
+        _log.info("%s job %s %s%s", job.type, job.id, outcome.value,
+                  f": {job.error}" if outcome is JobOutcome.FAILED else "")
         _st.transition(job, S.CONCLUDED)
         if job.auto_dismiss or not job.started:
             self._do_dismiss(job)
@@ -310,6 +315,8 @@ class JobManager:
             fn(job)
         except Exception as e:
             self.internal_errors.append(e)
+            _log.error("internal error in %s of job %s", getattr(fn, "__name__", fn), job.id,
+                       exc_info=e)
 
     # ------------------------------------------------------------------
     # Pausing, waking, cancelling (lock held)

@@ -13,9 +13,12 @@ it) and reports the change so that the manager emits ``JOB_STATUS_CHANGE``.
 from __future__ import annotations
 
 import enum
+import logging
 from typing import Protocol
 
-from ..errors import JobError
+from ..errors import InternalError, JobError
+
+_log = logging.getLogger(__name__)
 
 
 class JobStatus(str, enum.Enum):
@@ -103,7 +106,7 @@ READY_ISH = _states("YS")
 COMPLETED = _states("WDXEN")
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(InternalError, RuntimeError):
     """An edge outside the transition matrix was attempted: a bug in blkjobs."""
 
 
@@ -128,6 +131,7 @@ def transition(job: _HasStatus, new: JobStatus) -> None:
     if new is old:
         return
     job.status = new
+    _log.debug("job %s: %s -> %s", job.id, old.value, new.value)
     job._status_changed(old, new)
 
 

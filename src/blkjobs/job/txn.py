@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .job import Job
 
 
-class CompletionMode(str, enum.Enum):
+class CompletionMode(enum.StrEnum):
     """``ActionCompletionMode``."""
 
     INDIVIDUAL = "individual"

@@ -35,6 +35,8 @@ from ..job import (CompletionMode, Event, EventListener, Job, JobManager, JobOut
                    JobTxn)
 from ..job.events import Clock
 from ..native.bitmap import Bitmap
+from ..options import (BitmapMode, CacheMode, CopyMode, ErrorPolicy, OnCbwError, SyncMode,
+                       coerce)
 from .base import InFlight
 from .frontend import Filter, Frontend
 
@@ -97,10 +99,11 @@ class Engine:
     # Nodes
 
     def open(self, path: str, fmt: str | None = None, *, node_name: str | None = None,
-             read_only: bool = False, cache: str = "writeback") -> Node:
+             read_only: bool = False, cache: CacheMode | str = CacheMode.WRITEBACK) -> Node:
         """Open ``path`` and its backing chain; the top node is read-write
         unless ``read_only``. Returns the top node. ``cache="unsafe"``: flushes
         write metadata but never fsync (qemu-img's ``-t unsafe``)."""
+        cache = coerce(CacheMode, cache)
         if cache not in ("writeback", "unsafe"):
             raise UsageError(f"invalid cache mode '{cache}' (writeback or unsafe)")
         with self.io:
@@ -430,17 +433,25 @@ class Engine:
             self.jobs.start(job)
         return job
 
-    def backup(self, device: str | Node, target: str | Node, sync: str, *,
+    def backup(self, device: str | Node, target: str | Node, sync: SyncMode | str, *,
                job_id: str | None = None, speed: int = 0, bitmap: str | None = None,
-               bitmap_mode: str | None = None, compress: bool = False,
-               on_source_error: str = "report", on_target_error: str = "report",
-               on_cbw_error: str = "break-guest-write", auto_finalize: bool = True,
+               bitmap_mode: BitmapMode | str | None = None, compress: bool = False,
+               on_source_error: ErrorPolicy | str = ErrorPolicy.REPORT,
+               on_target_error: ErrorPolicy | str = ErrorPolicy.REPORT,
+               on_cbw_error: OnCbwError | str = OnCbwError.BREAK_GUEST_WRITE,
+               auto_finalize: bool = True,
                auto_dismiss: bool = True, filter_node_name: str | None = None,
                txn: JobTxn | None = None, start: bool = True) -> Job:
         """``blockdev-backup``: a point-in-time copy of ``device`` onto
         ``target`` (see docs/jobs.md §1). Returns the job (running unless
-        ``start=False``; a ``txn`` member waits for :meth:`transaction`)."""
+        ``start=False``; a ``txn`` member waits for :meth:`transaction`).
+        The options that are enumerations take the :mod:`blkjobs.options`
+        member or its QMP string."""
         from .backup import BackupJob
+        sync, bitmap_mode = coerce(SyncMode, sync), coerce(BitmapMode, bitmap_mode)
+        on_source_error = coerce(ErrorPolicy, on_source_error)
+        on_target_error = coerce(ErrorPolicy, on_target_error)
+        on_cbw_error = coerce(OnCbwError, on_cbw_error)
         drv = BackupJob.create(self, device, target, sync, bitmap=bitmap,
                                bitmap_mode=bitmap_mode, compress=compress,
                                on_source_error=on_source_error,
@@ -451,17 +462,21 @@ class Engine:
                             auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
                             start=start)
 
-    def mirror(self, device: str | Node, target: str | Node, sync: str, *,
+    def mirror(self, device: str | Node, target: str | Node, sync: SyncMode | str, *,
                job_id: str | None = None, speed: int = 0, replaces: str | None = None,
                granularity: int | None = None, buf_size: int | None = None,
-               on_source_error: str = "report", on_target_error: str = "report",
-               copy_mode: str = "background", target_is_zero: bool = False,
+               on_source_error: ErrorPolicy | str = ErrorPolicy.REPORT,
+               on_target_error: ErrorPolicy | str = ErrorPolicy.REPORT,
+               copy_mode: CopyMode | str = CopyMode.BACKGROUND, target_is_zero: bool = False,
                auto_finalize: bool = True, auto_dismiss: bool = True,
                filter_node_name: str | None = None, txn: JobTxn | None = None,
                start: bool = True) -> Job:
         """``blockdev-mirror`` (docs/jobs.md §2): keeps ``target`` in sync with
         ``device`` until completed (pivot) or cancelled."""
         from .mirror import MirrorJob
+        sync, copy_mode = coerce(SyncMode, sync), coerce(CopyMode, copy_mode)
+        on_source_error = coerce(ErrorPolicy, on_source_error)
+        on_target_error = coerce(ErrorPolicy, on_target_error)
         drv = MirrorJob.create(self, device, target, sync, replaces=replaces,
                                granularity=granularity, buf_size=buf_size,
                                on_source_error=on_source_error,
@@ -475,12 +490,14 @@ class Engine:
     def stream(self, device: str | Node, *, base: str | None = None,
                base_node: str | None = None, bottom: str | None = None,
                backing_file: str | None = None, job_id: str | None = None,
-               speed: int = 0, on_error: str = "report", auto_finalize: bool = True,
+               speed: int = 0, on_error: ErrorPolicy | str = ErrorPolicy.REPORT,
+               auto_finalize: bool = True,
                auto_dismiss: bool = True, filter_node_name: str | None = None,
                txn: JobTxn | None = None, start: bool = True) -> Job:
         """``block-stream`` (docs/jobs.md §3): pull the chain above the base into
         ``device``, then back it directly onto the base."""
         from .stream import StreamJob
+        on_error = coerce(ErrorPolicy, on_error)
         drv = StreamJob.create(self, device, base=base, base_node=base_node, bottom=bottom,
                                backing_file=backing_file, on_error=on_error)
         drv.filter_node_name = filter_node_name
@@ -491,7 +508,8 @@ class Engine:
     def commit(self, device: str | Node, *, base_node: str | None = None,
                base: str | None = None, top_node: str | None = None,
                top: str | None = None, backing_file: str | None = None,
-               job_id: str | None = None, speed: int = 0, on_error: str = "report",
+               job_id: str | None = None, speed: int = 0,
+               on_error: ErrorPolicy | str = ErrorPolicy.REPORT,
                auto_finalize: bool = True, auto_dismiss: bool = True,
                filter_node_name: str | None = None, txn: JobTxn | None = None,
                start: bool = True) -> Job:
@@ -499,6 +517,7 @@ class Engine:
         commit (mirror-like, needs ``job_complete``) when top is the active
         layer."""
         from .commit import make_commit
+        on_error = coerce(ErrorPolicy, on_error)
         drv = make_commit(self, device, base_node=base_node, base=base, top_node=top_node,
                           top=top, backing_file=backing_file, on_error=on_error)
         drv.filter_node_name = filter_node_name
@@ -507,7 +526,8 @@ class Engine:
                             auto_dismiss=auto_dismiss, start=start)
 
     def transaction(self, actions: list[tuple[str, dict[str, Any]]],
-                    completion_mode: str = "individual") -> list[Job]:
+                    completion_mode: CompletionMode | str = CompletionMode.INDIVIDUAL
+                    ) -> list[Job]:
         """Start several jobs atomically. ``actions``: ("backup" | "mirror" |
         "stream" | "commit", keyword arguments of that method). If one fails
         to start, the ones created so far are rolled back and its error is
