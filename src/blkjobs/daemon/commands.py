@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -98,7 +99,9 @@ class Commands:
         self.nodes: dict[str, MonitorNode] = {}
         #: Auto-named file nodes of images the monitor did not define (the
         #: backing files a qcow2 node opened by itself), by graph node.
-        self._implicit_files: dict[int, MonitorNode] = {}
+        #: (Weakly keyed: a freed node's id may be reused by a new one.)
+        self._implicit_files: weakref.WeakKeyDictionary[Node, MonitorNode] = \
+            weakref.WeakKeyDictionary()
 
     def run(self, name: str, args: dict[str, Any]) -> Any:
         fn = getattr(self, "cmd_" + name.replace("-", "_"))
@@ -272,7 +275,7 @@ class Commands:
         # Private Engine state is read here (never changed): claims of jobs and
         # the write filters (a backup's copy-before-write) on the node.
         return (any(p.owner != "open" for p in g.users()) or bool(eng.graph.parents(g))
-                or bool(eng._filters.get(id(g))) or id(g) in eng._claims
+                or bool(eng.filters(g)) or id(g) in eng._claims
                 or bool(eng.frontends(g)))
 
     def cmd_blockdev_del(self, **args: Any) -> dict[str, Any]:
@@ -305,11 +308,11 @@ class Commands:
                     continue
                 fmn = files.get(id(g))
                 if fmn is None:
-                    fmn = self._implicit_files.get(id(g))
+                    fmn = self._implicit_files.get(g)
                     if fmn is None or fmn.gnode is not None:
                         fmn = MonitorNode(self._auto_name(), "file", g.filename, g.read_only,
                                           False)
-                        self._implicit_files[id(g)] = fmn
+                        self._implicit_files[g] = fmn
                 out.append(self._file_info(fmn))
             for mn in self.nodes.values():
                 if mn.drv == "file" and mn.parent is None:
@@ -480,9 +483,9 @@ class Commands:
     # Dirty bitmaps
 
     def _bitmaps_of(self, g: Node) -> dict:
-        # The Engine keeps a node's bitmaps by node identity (read-only here,
+        # The Engine keeps a node's bitmaps on the node (read-only here,
         # except when the node itself goes away).
-        return self.eng._bitmaps.setdefault(id(g), {})
+        return self.eng.bitmaps_of(g)
 
     def _bitmap(self, node: str, name: str):
         g = self._lookup(node)

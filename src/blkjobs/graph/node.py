@@ -147,6 +147,10 @@ class Node:
         self._lock = (FileLock(driver.fd, driver.filename)
                       if graph.locking and not self.is_filter else None)
         self._closed = False
+        #: per-node state of the job engine that owns the graph (its
+        #: ``NodeState``: filters, bitmaps, cache mode...). It lives and dies
+        #: with the node: never keyed by ``id(node)``, which is reused.
+        self.engine_state = None
 
     # -- basic facts ---------------------------------------------------
     @property
