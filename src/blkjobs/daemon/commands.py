@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -256,7 +257,14 @@ class Commands:
         if mn.gnode is not None:
             below = mn.gnode.chain()[1:]
             self._bitmaps_of(mn.gnode).clear()
-            mn.gnode.close()
+            try:
+                mn.gnode.close()
+            except (OSError, BlkjobsError) as e:
+                # As QEMU's bdrv_close: the node goes all the same (its file
+                # is closed); the failed flush is only reported.
+                why = e.strerror if isinstance(e, OSError) and e.strerror else e
+                print(f"blkjobs serve: warning: node '{mn.name}' ('{mn.filename}'): flush on "
+                      f"close failed: {why}; the node was closed", file=sys.stderr, flush=True)
             # backing files the image opened by itself leave with it
             self.eng.drop_unused([n for n in below if n.name not in self.nodes])
         if mn.file is not None:
