@@ -10,16 +10,21 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import json
 import os
+import signal
 import subprocess
 
 import pytest
+from conftest import BLKJOBS, make_sparse
 from daemon_util import connect, start_blkjobs, start_qsd
 
 from blkjobs.errors import ImageError
 from blkjobs.graph import Perm
 from blkjobs.jobs.base import Mover
 from blkjobs.jobs.engine import Engine
+
+MiB = 1 << 20
 
 
 def _raw(path, size=1 << 20):
@@ -159,3 +164,69 @@ def test_daemon_blockdev_del_of_failing_close_removes_node(tmp_path):
     assert data == b"".join(bytes([0x40 + i]) * 4096 for i in range(16)) + bytes((1 << 20) - 65536)
     assert daemon.stderr == ("blkjobs serve: warning: node 'null0' ('/dev/null'): flush on "
                              "close failed: Invalid argument; the node was closed\n")
+
+
+# --------------------------------------------------------------------------
+# An interrupted convert removes only the file it created
+
+
+def _start_convert(*args):
+    return subprocess.Popen(BLKJOBS + ["convert", "--progress-json", "-r", "1M",
+                                       *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_progress(proc) -> list[str]:
+    """stderr lines up to the first progress record with bytes copied."""
+    seen = []
+    while True:
+        line = proc.stderr.readline()
+        assert line, f"convert ended early: {seen}"
+        seen.append(line)
+        if line.startswith("{") and json.loads(line)["done"] > 0:
+            return seen
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_interrupted_convert_keeps_a_file_renamed_over_its_target(tmp_path, fmt):
+    src = make_sparse(tmp_path / "s.raw", 16 * MiB, [(0, 16 * MiB, "data")])
+    dst = tmp_path / f"d.{fmt}"
+    other = tmp_path / "other.txt"
+    other.write_bytes(b"someone else's file\n")
+    proc = _start_convert("-O", fmt, src, dst)
+    try:
+        _wait_progress(proc)
+        assert dst.exists()
+        os.replace(other, dst)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert rc == 130
+    assert rest.splitlines()[-1] == (
+        f"blkjobs: interrupted: the incomplete target was not removed: '{dst}' was "
+        "replaced by another file meanwhile")
+    assert dst.read_bytes() == b"someone else's file\n"
+
+
+def test_interrupted_convert_still_removes_its_own_target(tmp_path):
+    src = make_sparse(tmp_path / "s.raw", 16 * MiB, [(0, 16 * MiB, "data")])
+    dst = tmp_path / "d.raw"
+    proc = _start_convert(src, dst)
+    try:
+        _wait_progress(proc)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert rc == 130
+    assert rest.splitlines()[-1] == "blkjobs: interrupted: the incomplete target was removed"
+    assert not dst.exists()
