@@ -55,9 +55,13 @@ def find_base(top, image: str, base: str):
 
 
 def copied(job, verb: str = "copied") -> str:
-    """'12.5 MiB of 64 MiB copied': the job's progress, for the lines below."""
+    """'12.5 MiB of 64 MiB copied', for the lines below: the bytes really in
+    the target -- the job's progress (batches that landed) and what a batch
+    that failed or was cancelled wrote before it stopped."""
     cur, total = job.progress.snapshot()
-    return f"{human(cur)} of {human(total)} {verb}"
+    mover = getattr(job.driver, "mover", None)
+    cur += mover.stray_written if mover is not None else 0
+    return f"{human(min(cur, total) if total else cur)} of {human(total)} {verb}"
 
 
 def copy_aftermath(path: str, created: bool):
