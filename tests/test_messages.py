@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
+import signal
 import subprocess
 
 import pytest
-from conftest import make_sparse, run_blkjobs
+from conftest import BLKJOBS, make_sparse, run_blkjobs
 
 MiB = 1 << 20
 
@@ -126,3 +128,39 @@ def test_failed_backup_into_qcow2_counts_what_was_put_back(tmp_path):
         m = subprocess.run(["qemu-img", "map", "--output", "json", str(dst)],
                            capture_output=True, text=True, check=True).stdout
     assert '"data": true' not in m
+
+
+# --------------------------------------------------------------------------
+# A job paused by --on-target-error enospc says so, once, and how to go on
+
+
+def test_backup_paused_on_enospc_says_so_once_and_resumes_on_sigcont(tmp_path):
+    src = make_sparse(tmp_path / "s.raw", 24 * MiB, [(0, 24 * MiB, "data")])
+    with tmpfs(tmp_path / "full", "32m") as mnt:
+        filler = mnt / "filler"
+        filler.write_bytes(bytes(16 * MiB))
+        dst = mnt / "bk.raw"
+        proc = subprocess.Popen(BLKJOBS + ["backup", "-O", "raw", "--on-target-error", "enospc",
+                                           str(src), str(dst)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            # (a wait with a deadline: a CLI that pauses silently never writes)
+            ready, _, _ = select.select([proc.stderr], [], [], 60)
+            assert ready, "no line in 60 s while the job is paused"
+            first = proc.stderr.readline()
+            assert first == (
+                f"blkjobs: backup job paused: No space left on device writing '{dst}'; "
+                f"free space, then 'kill -CONT {proc.pid}' retries (Ctrl-C or "
+                f"'kill {proc.pid}' cancels the job)\n")
+            assert proc.poll() is None
+            filler.unlink()
+            proc.send_signal(signal.SIGCONT)
+            rest = proc.stderr.read()
+            rc = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+        assert (rc, rest) == (0, "")
+        assert dst.read_bytes() == src.read_bytes()
