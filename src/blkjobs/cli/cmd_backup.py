@@ -11,7 +11,9 @@ does not complete, its one line also says what it left in the files.
 """
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 
 from ..errors import BlkjobsError, JobError, Terminated
@@ -58,9 +60,13 @@ def find_base(top, image: str, base: str):
 
 
 def copied(job, verb: str = "copied") -> str:
-    """'12.5 MiB of 64 MiB copied': the job's progress, for the lines below."""
+    """'12.5 MiB of 64 MiB copied', for the lines below: the bytes really in
+    the target -- the job's progress (batches that landed) and what a batch
+    that failed or was cancelled wrote before it stopped."""
     cur, total = job.progress.snapshot()
-    return f"{human(cur)} of {human(total)} {verb}"
+    mover = getattr(job.driver, "mover", None)
+    cur += mover.stray_written if mover is not None else 0
+    return f"{human(min(cur, total) if total else cur)} of {human(total)} {verb}"
 
 
 def copy_aftermath(path: str, created: bool):
@@ -87,11 +93,19 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
     prog = Progress(label=args.job_id) if args.progress else None
     job = start()
     synced = False
+    # A job stopped by its error policy (stop, enospc, auto) waits for the
+    # user: one line says so, and SIGCONT (`kill -CONT PID`) resumes it.
+    stopped_on: list[str] = []      # operation of the last stopping error
+    eng.add_listener(lambda ev: stopped_on.append(ev.data["operation"])
+                     if ev.name == "BLOCK_JOB_ERROR" and ev.data.get("device") == job.id
+                     and ev.data.get("action") == "stop" else None)
+    resume = _ResumeOnSigcont()
+    announced = False
     try:
         while job.outcome is None:
             try:
                 eng.jobs.wait_until(lambda: job.outcome is not None or
-                                    (job.is_ready and not synced), 0.2)
+                                    (job.is_ready and not synced) or resume.requested, 0.2)
             except TimeoutError:
                 pass
             if prog:
@@ -101,6 +115,19 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
                 synced = True
                 if ready_action:
                     ready_action(job)
+            error_paused = job.status.value == "paused" and job.io_status.value != "ok"
+            if resume.take() and error_paused:
+                try:
+                    eng.jobs.user_resume(job)
+                except JobError:
+                    pass
+                announced = False
+            elif error_paused and not announced:
+                announced = True
+                if prog:
+                    sys.stderr.write("\n")
+                sys.stderr.write(f"blkjobs: {_paused_line(job, args, stopped_on)}\n")
+                sys.stderr.flush()
     except KeyboardInterrupt as e:
         # Cancel and wait, so the job's last writes and flush happen before
         # we say what is in the files (a second Ctrl-C gives up waiting).
@@ -116,6 +143,8 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
             raise JobFailed(f"{how} after the {job.type} job completed", code) from None
         raise JobFailed(f"{how}: {job.type} job cancelled{_left(aftermath, job, synced)}",
                         code) from None
+    finally:
+        resume.restore()
     if prog:
         cur, total = job.progress.snapshot()
         prog.update(cur, total, force=True)
@@ -124,6 +153,43 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
         raise JobFailed(f"{job.type} job failed: {job.error}{_left(aftermath, job, synced)}", 1)
     if job.outcome.value == "cancelled":
         raise JobFailed(f"{job.type} job cancelled{_left(aftermath, job, synced)}", 2)
+
+
+class _ResumeOnSigcont:
+    """SIGCONT sets a flag the job loop takes (the handler does nothing
+    else); the previous handler is put back by :meth:`restore`."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        try:
+            self._old = signal.signal(signal.SIGCONT, self._on)
+        except ValueError:          # not the main thread: no resume by signal
+            self._old = None
+
+    def _on(self, signum, frame) -> None:
+        self.requested = True
+
+    def take(self) -> bool:
+        r, self.requested = self.requested, False
+        return r
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGCONT, self._old)
+            self._old = None
+
+
+def _paused_line(job, args, stopped_on: list[str]) -> str:
+    """'backup job paused: No space left on device writing 'bk.qcow2'; ...'"""
+    why = (os.strerror(errno.ENOSPC) if job.io_status.value == "nospace"
+           else "I/O error")
+    op = stopped_on[-1] if stopped_on else "write"
+    path = getattr(args, "target" if op == "write" else "src", None)
+    where = f"{'writing' if op == 'write' else 'reading'}" + (f" '{path}'" if path else "")
+    pid = os.getpid()
+    fix = "free space" if job.io_status.value == "nospace" else "fix the cause"
+    return (f"{job.type} job paused: {why} {where}; {fix}, then 'kill -CONT {pid}' "
+            f"retries (Ctrl-C or 'kill {pid}' cancels the job)")
 
 
 def _left(aftermath, job, synced: bool) -> str:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -100,7 +102,9 @@ class Commands:
         self.nodes: dict[str, MonitorNode] = {}
         #: Auto-named file nodes of images the monitor did not define (the
         #: backing files a qcow2 node opened by itself), by graph node.
-        self._implicit_files: dict[int, MonitorNode] = {}
+        #: (Weakly keyed: a freed node's id may be reused by a new one.)
+        self._implicit_files: weakref.WeakKeyDictionary[Node, MonitorNode] = \
+            weakref.WeakKeyDictionary()
 
     def run(self, name: str, args: dict[str, Any]) -> Any:
         fn = getattr(self, "cmd_" + name.replace("-", "_"))
@@ -261,7 +265,14 @@ class Commands:
         if mn.gnode is not None:
             below = mn.gnode.chain()[1:]
             self._bitmaps_of(mn.gnode).clear()
-            mn.gnode.close()
+            try:
+                mn.gnode.close()
+            except (OSError, BlkjobsError) as e:
+                # As QEMU's bdrv_close: the node goes all the same (its file
+                # is closed); the failed flush is only reported.
+                why = e.strerror if isinstance(e, OSError) and e.strerror else e
+                print(f"blkjobs serve: warning: node '{mn.name}' ('{mn.filename}'): flush on "
+                      f"close failed: {why}; the node was closed", file=sys.stderr, flush=True)
             # backing files the image opened by itself leave with it
             self.eng.drop_unused([n for n in below if n.name not in self.nodes])
         if mn.file is not None:
@@ -277,11 +288,11 @@ class Commands:
         if mn.gnode is None:
             return mn.parent is not None
         g, eng = mn.gnode, self.eng
-        # Private Engine state is read here (never changed): claims of jobs and
-        # the write filters (a backup's copy-before-write) on the node.
+        # Read from the engine and the node (never changed): filters on the node
+        # (a backup's copy-before-write) and the job claiming it.
         return (any(p.owner not in ("open", MONITOR) for p in g.users())
                 or bool(eng.graph.parents(g))
-                or bool(eng._filters.get(id(g))) or g.claimed_by is not None
+                or bool(eng.filters(g)) or g.claimed_by is not None
                 or bool(eng.frontends(g)))
 
     def cmd_blockdev_del(self, **args: Any) -> dict[str, Any]:
@@ -314,11 +325,11 @@ class Commands:
                     continue
                 fmn = files.get(id(g))
                 if fmn is None:
-                    fmn = self._implicit_files.get(id(g))
+                    fmn = self._implicit_files.get(g)
                     if fmn is None or fmn.gnode is not None:
                         fmn = MonitorNode(self._auto_name(), "file", g.filename, g.read_only,
                                           False)
-                        self._implicit_files[id(g)] = fmn
+                        self._implicit_files[g] = fmn
                 out.append(self._file_info(fmn))
             for mn in self.nodes.values():
                 if mn.drv == "file" and mn.parent is None:
@@ -489,9 +500,9 @@ class Commands:
     # Dirty bitmaps
 
     def _bitmaps_of(self, g: Node) -> dict:
-        # The Engine keeps a node's bitmaps by node identity (read-only here,
+        # The Engine keeps a node's bitmaps on the node (read-only here,
         # except when the node itself goes away).
-        return self.eng._bitmaps.setdefault(id(g), {})
+        return self.eng.bitmaps_of(g)
 
     def _bitmap(self, node: str, name: str):
         g = self._lookup(node)

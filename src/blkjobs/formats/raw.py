@@ -42,11 +42,19 @@ class Raw(Driver):
     def __init__(self, path: str, read_only: bool = True):
         self.filename = path
         self.read_only = read_only
-        self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._closed = False
         self._can_punch = True
         self._can_zero_range = True
         self._can_seek_data = True
+
+    @property
+    def fd(self) -> int:
+        """The open file's descriptor; after :meth:`close` an error, never
+        the number (the OS gives it to the next file opened)."""
+        if self._closed:
+            raise ImageError(f"'{self.filename}': image is closed")
+        return self._fd
 
     @property
     def size(self) -> int:
@@ -160,13 +168,15 @@ class Raw(Driver):
             os.fsync(self.fd)
 
     def close(self) -> None:
+        """Flush and close. The file is closed (and the driver unusable)
+        even when the flush fails; its error is raised afterwards."""
         if self._closed:
             return
         try:
             self.flush()
         finally:
             self._closed = True
-            os.close(self.fd)
+            os.close(self._fd)
 
     def allocate(self, offset: int, length: int) -> list[Mapping]:
         """Raw needs no allocation: the guest range is the host range."""

@@ -155,6 +155,10 @@ class Node:
         self._lock = (FileLock(driver.fd, driver.filename)
                       if graph.locking and not self.is_filter else None)
         self._closed = False
+        #: per-node state of the job engine that owns the graph (its
+        #: ``NodeState``: filters, bitmaps, cache mode...). It lives and dies
+        #: with the node: never keyed by ``id(node)``, which is reused.
+        self.engine_state = None
 
     # -- basic facts ---------------------------------------------------
     @property
@@ -412,9 +416,14 @@ class Node:
         if self._lock is not None:
             self._lock.release()
         self._closed = True
-        self.driver.close()
-        if self.graph.nodes.get(self.name) is self:
-            del self.graph.nodes[self.name]
+        try:
+            self.driver.close()
+        finally:
+            # Even when the driver's flush failed: its fd is closed, and a
+            # node left in the graph would do I/O on whatever file the OS
+            # gives that number next. The error is raised after this.
+            if self.graph.nodes.get(self.name) is self:
+                del self.graph.nodes[self.name]
 
     def close_chain(self) -> None:
         for n in self.chain():

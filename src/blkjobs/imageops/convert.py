@@ -37,7 +37,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import BlkjobsError, CopyError, UsageError
+from ..errors import BlkjobsError, CopyError, OSErrorWithContext, UsageError
 from ..native.copy import COPY, COPY_SPARSE, CopyEngine, RunResult
 from ..native.ratelimit import TokenBucket
 from .files import fd_size, open_source, same_file
@@ -89,22 +89,51 @@ def _check_options(o: ConvertOptions) -> None:
 
 
 
-def _say_what_happened_to_target(e: BaseException, dst: str, created: bool,
-                                 existing: bool) -> None:
-    """After a failed convert: remove a target we created, and append to the
-    error what became of the target (the user must never have to guess)."""
-    if created:
-        try:
-            os.unlink(dst)
-            note = "the incomplete target was removed"
-        except OSError:
-            note = "the incomplete target could not be removed"
+def _identity(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of an open file: which file our target is."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _remove_ours(dst: str, ours: tuple[int, int]) -> str:
+    """Remove the target file we created -- only if ``dst`` still names it
+    (``ours``: its identity from our fd): a path replaced meanwhile names
+    someone else's file. Returns what happened, for the error message."""
+    try:
+        st = os.lstat(dst)
+    except FileNotFoundError:
+        return f"the incomplete target was not removed: '{dst}' was removed or renamed meanwhile"
+    except OSError as e:
+        return f"the incomplete target could not be removed: {e.strerror}"
+    if (st.st_dev, st.st_ino) != ours:
+        return (f"the incomplete target was not removed: '{dst}' was replaced by another "
+                "file meanwhile")
+    try:
+        os.unlink(dst)
+    except OSError as e:
+        return f"the incomplete target could not be removed: {e.strerror}"
+    return "the incomplete target was removed"
+
+
+def _say_what_happened_to_target(e: BaseException, dst: str, ours: tuple[int, int] | None,
+                                 written: bool) -> BaseException:
+    """After a failed convert: remove the target file we created (``ours``:
+    its identity, None when we created none), and append to the error what
+    became of the target (the user must never have to guess). ``written``:
+    an existing (-n) target was opened and the copy into it had begun.
+    Returns the exception to raise (a bare OSError gets the note too)."""
+    if ours is not None:
+        note = _remove_ours(dst, ours)
     else:
-        note = "the target was left partially written" if existing else ""
+        note = "the target was left partially written" if written else ""
+    if isinstance(e, OSError) and not isinstance(e, BlkjobsError):
+        e = OSErrorWithContext(e.errno or errno.EIO, path=e.filename)
     if isinstance(e, BlkjobsError) and note and not isinstance(e, UsageError):
         e.args = (f"{e} ({note})",)
     elif isinstance(e, KeyboardInterrupt) and note:     # Ctrl-C, SIGTERM
         e.args = (note,)
+    return e
+
 
 def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
                 progress: Callable[[int, int], None] | None = None,
@@ -120,7 +149,8 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
         raise UsageError(f"source and target are the same file: '{src}'")
     sfd = open_source(src)
     dfd = -1
-    created = False
+    ours: tuple[int, int] | None = None     # the target file we created
+    written = False
     try:
         size = fd_size(sfd)
         if o.no_create:
@@ -139,12 +169,12 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
                 dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             except OSError as e:
                 raise CopyError(e.errno, "Could not create target", path=dst) from None
-            created = True
+            ours = _identity(dfd)
             try:
                 os.ftruncate(dfd, size)
             except OSError as e:
                 raise CopyError(e.errno, "Could not resize target", path=dst) from None
-        target_zero = created or o.target_is_zero
+        target_zero = ours is not None or o.target_is_zero
         bucket = TokenBucket(o.rate) if o.rate else None
         with CopyEngine(sfd, dfd, threads=o.threads,
                         request_size=o.request_size or (WB_REQUEST if o.flush else RAW_REQUEST),
@@ -161,6 +191,7 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
                     eng.add([(fed, fed, n, kind)])
                     fed += n
 
+            written = True
             feed()
             if progress:
                 progress(0, size)
@@ -190,7 +221,9 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
         if dfd >= 0:
             os.close(dfd)
             dfd = -1
-        _say_what_happened_to_target(e, dst, created, o.no_create)
+        err = _say_what_happened_to_target(e, dst, ours, written)
+        if err is not e:
+            raise err from None
         raise
     finally:
         os.close(sfd)
@@ -257,7 +290,8 @@ class _Convert:
     def __init__(self, src, fmt, dst, o: ConvertOptions, progress, check):
         self.src, self.fmt, self.dst, self.o = src, fmt, dst, o
         self.progress, self.check = progress, check
-        self.created = False
+        self.ours: tuple[int, int] | None = None   # the target file we created
+        self.written = False       # the copy into the target began
         self.top = self.base = self.t = None
         self.dfd = -1
         self.py_done = 0           # bytes handled without the engine
@@ -317,7 +351,7 @@ class _Convert:
                                    0o644)
             except OSError as e:
                 raise CopyError(e.errno, "Could not create target", path=dst) from None
-            self.created = True
+            self.ours = _identity(self.dfd)
             try:
                 os.ftruncate(self.dfd, self.size)
                 if o.create_opts.get("preallocation") == "falloc" and self.size:
@@ -336,8 +370,10 @@ class _Convert:
             create_image(dst, "qcow2", self.tsize, **copts)
         except OSError as e:
             raise CopyError(e.errno, "Could not create target", path=dst) from None
-        self.created = True
+        st = os.lstat(dst)
+        self.ours = (st.st_dev, st.st_ino)
         self.t = open_image(dst, "qcow2", read_only=False)
+        self.ours = _identity(self.t.fd)
         self.t.unsafe = not o.flush      # -t unsafe: no fsync of metadata either
         self.dfd = self.t.fd
 
@@ -363,7 +399,11 @@ class _Convert:
     def _read_src(self, off, mv):
         """Guest view of the source (zeroes past its end: qcow2 targets are
         rounded up to 512 bytes)."""
-        self.top._read_below(off, mv)
+        try:
+            self.top._read_below(off, mv)
+        except OSError as e:
+            raise CopyError(e.errno or errno.EIO, "error reading", path=self.src,
+                            side="source", offset=off) from None
 
     def _mark_same_as_base(self, pieces, pos, n):
         """Compare mode of -B: target clusters equal to the backing file's
@@ -453,8 +493,12 @@ class _Convert:
             k = min(len(buf), n - done)
             self._read_src(guest + done, buf[:k])
             w = 0
-            while w < k:
-                w += os.pwrite(self.dfd, buf[w:k], host + done + w)
+            try:
+                while w < k:
+                    w += os.pwrite(self.dfd, buf[w:k], host + done + w)
+            except OSError as e:
+                raise CopyError(e.errno or errno.EIO, "error writing", path=self.dst,
+                                side="target", offset=guest + done + w) from None
             done += k
 
     def _plan_qcow2(self, pieces, pos, n):
@@ -557,11 +601,15 @@ class _Convert:
             self._read_src(pos, buf[:k])
             for x in range(0, k, cs):
                 c = buf[x:min(k, x + cs)]
-                if is_zero(c):
-                    if must_zero:
-                        t.write_zeroes(pos + x, len(c))
-                else:
-                    t.write_compressed(pos + x, c)
+                try:
+                    if is_zero(c):
+                        if must_zero:
+                            t.write_zeroes(pos + x, len(c))
+                    else:
+                        t.write_compressed(pos + x, c)
+                except OSError as e:
+                    raise CopyError(e.errno or errno.EIO, "error writing", path=self.dst,
+                                    side="target", offset=pos + x) from None
             pos += k
 
     def _feed(self, eng) -> None:
@@ -594,7 +642,7 @@ class _Convert:
                     self.target_zero = False     # decides zero clusters (see _plan_qcow2)
                 eng_zero = True
             else:
-                self.target_zero = eng_zero = self.created or o.target_is_zero
+                self.target_zero = eng_zero = self.ours is not None or o.target_is_zero
             # Block status already split holes off (raw layers by SEEK_DATA, qcow2
             # by its tables): plain COPY spares the engine a SEEK_DATA walk per
             # item under its queue lock; zero detection still runs on the data.
@@ -609,6 +657,7 @@ class _Convert:
                 if self.progress:
                     self.progress(0, self.size)
                 try:
+                    self.written = True
                     self._feed(eng)
                     while True:
                         res = eng.run(0.1, low_water=CHAIN_WORK // 4
@@ -638,7 +687,9 @@ class _Convert:
             return ConvertResult(self.size, st.data_bytes, st.zero_bytes)
         except BaseException as e:
             self._close_target(failed=True)
-            _say_what_happened_to_target(e, self.dst, self.created, o.no_create)
+            err = _say_what_happened_to_target(e, self.dst, self.ours, self.written)
+            if err is not e:
+                raise err from None
             raise
         finally:
             self._close_target(failed=False)

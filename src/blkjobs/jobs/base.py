@@ -200,12 +200,14 @@ class Ticket:
     land; ``unfilled``: those ranges' ``Engine.mark_unfilled`` tokens, held
     until the batch lands or is undone (reads wait for them)."""
 
-    __slots__ = ("off", "length", "stats", "ce", "undo", "unfilled")
+    __slots__ = ("off", "length", "stats", "ce", "undo", "unfilled", "done0")
 
     def __init__(self, off: int, length: int):
         self.off, self.length = off, length
         self.stats = Stats()
         self.ce: CopyEngine | None = None
+        #: the engine's ``done`` count before this batch (engines are reused)
+        self.done0 = 0
         self.undo: list[tuple[int, int, int, int]] = []
         self.unfilled: list[tuple[int, int]] = []
 
@@ -235,6 +237,16 @@ class Mover:
         self._pool: list[CopyEngine] = []
         self._dst_raw = dst.driver.cluster_size == 0
         self._dst_is_ours = dst.driver
+        #: bytes that batches which did not land wrote into the target and
+        #: that stayed there (no allocation put back), by batch offset; an
+        #: entry goes when a batch over that offset lands (a retry)
+        self._stray: dict[int, int] = {}
+
+    @property
+    def stray_written(self) -> int:
+        """Bytes in the target written by batches that failed or were
+        abandoned (not in any job's progress, which counts landed batches)."""
+        return sum(self._stray.values())
 
     # -- the C engines ------------------------------------------------------
     # One engine per batch in flight (a pipeline of two batches: one copies
@@ -486,6 +498,7 @@ class Mover:
         if items:
             ce = self._engine()
             try:
+                t.done0 = ce.status().done
                 ce.add(items)
                 ce.run(0)               # wake the workers; they keep going
             except BaseException:       # an error already (the first requests)
@@ -518,6 +531,9 @@ class Mover:
         return t.stats
 
     def _landed(self, t: Ticket) -> None:
+        if self._stray:
+            for k in [k for k in self._stray if t.off <= k < t.off + t.length]:
+                del self._stray[k]
         t.undo = []
         if t.unfilled:
             with self.eng.io:
@@ -536,7 +552,10 @@ class Mover:
         if ce is not None:
             ce.cancel()
             ce.drain()
+            written = ce.status().done - t.done0
             ce.close()
+            if written > 0 and not t.undo:      # put back below otherwise
+                self._stray[t.off] = written
         self._give_back(t)
 
     def _give_back(self, t: Ticket) -> None:

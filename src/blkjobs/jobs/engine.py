@@ -71,6 +71,27 @@ class DirtyBitmap:
         return self.bitmap.count()
 
 
+class NodeState:
+    """What the engine keeps per node, on the node (``Node.engine_state``):
+    it goes away with the node, so a later node can never inherit it (an
+    ``id(node)`` key can: ids are reused once a node is freed)."""
+
+    __slots__ = ("unsafe", "filters", "bitmaps", "quiesced", "unfilled")
+
+    def __init__(self) -> None:
+        #: opened cache=unsafe: never fsync'ed
+        self.unsafe = False
+        #: a filter node's write hooks
+        self.filters: list[Filter] = []
+        #: dirty bitmaps by name
+        self.bitmaps: dict[str, DirtyBitmap] = {}
+        #: nesting count of quiesce()
+        self.quiesced = 0
+        #: guest ranges of clusters a job's batch allocated and has not
+        #: filled yet (see Mover); reads reaching the node wait for them
+        self.unfilled: InFlight | None = None
+
+
 class Engine:
     """Graph + jobs + front ends. See the module docstring.
 
@@ -83,20 +104,24 @@ class Engine:
         self.jobs = JobManager(clock)
         #: The I/O lock (see the module docstring).
         self.io = threading.Condition(threading.RLock())
-        self._filters: dict[int, list[Filter]] = {}
-        self._quiesced: dict[int, int] = {}
         self._frontends: list[Frontend] = []
-        self._bitmaps: dict[int, dict[str, DirtyBitmap]] = {}
         self._fe_count = 0
         #: nodes claimed by jobs (each node records its job: Node.claimed_by)
         self._claims: set[Node] = set()
-        self._unsafe: set[int] = set()
-        #: per node: guest ranges of clusters a job's batch allocated and has
-        #: not filled yet (see Mover); reads reaching the node wait for them
-        self._unfilled: dict[int, InFlight] = {}
+        #: how many nodes have unfilled ranges (NodeState.unfilled): reads
+        #: skip the chain walk when none has
+        self._n_unfilled = 0
 
     # ------------------------------------------------------------------
     # Nodes
+
+    @staticmethod
+    def state(node: Node) -> NodeState:
+        """The engine's per-node record of ``node`` (created on first use)."""
+        st = node.engine_state
+        if st is None:
+            st = node.engine_state = NodeState()
+        return st
 
     def open(self, path: str, fmt: str | None = None, *, node_name: str | None = None,
              read_only: bool = False, cache: CacheMode | str = CacheMode.WRITEBACK) -> Node:
@@ -109,13 +134,14 @@ class Engine:
         with self.io:
             node = self.graph.open_chain(path, fmt, read_only=read_only, name=node_name)
             if cache == "unsafe":
-                self._unsafe.add(id(node))
+                self.state(node).unsafe = True
                 if hasattr(node.driver, "unsafe"):
                     node.driver.unsafe = True
             return node
 
     def cache_unsafe(self, node: Node) -> bool:
-        return id(node) in self._unsafe
+        st = node.engine_state
+        return st is not None and st.unsafe
 
     def create(self, path: str, fmt: str, size: int | None, *, node_name: str | None = None,
                **opts: Any) -> Node:
@@ -193,7 +219,7 @@ class Engine:
                                granularity: int = 65536) -> DirtyBitmap:
         with self.io:
             node = self.node(node)
-            bms = self._bitmaps.setdefault(id(node), {})
+            bms = self.state(node).bitmaps
             if name in bms:
                 raise JobError(f"Bitmap already exists: {name}")
             bm = bms[name] = DirtyBitmap(node, name, granularity)
@@ -205,14 +231,18 @@ class Engine:
             if bm.busy:
                 raise JobError(f"Bitmap '{name}' is currently in use by another operation "
                                "and cannot be used")
-            del self._bitmaps[id(bm.node)][name]
+            del self.state(bm.node).bitmaps[name]
 
     def bitmap(self, node: str | Node, name: str) -> DirtyBitmap:
         node = self.node(node)
-        bm = self._bitmaps.get(id(node), {}).get(name)
+        bm = self.bitmaps_of(node).get(name)
         if bm is None:
             raise JobError(f"Bitmap '{name}' could not be found")
         return bm
+
+    def bitmaps_of(self, node: Node) -> dict[str, DirtyBitmap]:
+        """The dirty bitmaps of ``node`` by name (the engine's own dict)."""
+        return self.state(node).bitmaps
 
     # ------------------------------------------------------------------
     # Filters and the guest write path (used by frontend and jobs)
@@ -229,7 +259,7 @@ class Engine:
         :meth:`remove_filter` takes it out again."""
         with self.io:
             fnode = self.graph.add_filter(drv, node, name, perm)
-            self._filters[id(fnode)] = [f]
+            self.state(fnode).filters = [f]
             try:
                 self._relink(node, fnode, skip=(fnode, *keep))
             except BaseException:
@@ -267,7 +297,7 @@ class Engine:
         with self.io:
             if fnode.file is None:
                 return          # removed already
-            self._filters.pop(id(fnode), None)
+            self.state(fnode).filters = []
             self._relink(fnode, fnode.file)
             fnode.close()
 
@@ -275,16 +305,18 @@ class Engine:
         """Hold off front-end writes to ``node`` (nested) until :meth:`unquiesce`.
         When it returns no write is in progress on ``node``."""
         with self.io:
-            self._quiesced[id(node)] = self._quiesced.get(id(node), 0) + 1
+            self.state(node).quiesced += 1
 
     def unquiesce(self, node: Node) -> None:
         with self.io:
-            n = self._quiesced.get(id(node), 0) - 1
-            if n <= 0:
-                self._quiesced.pop(id(node), None)
-            else:
-                self._quiesced[id(node)] = n
+            st = self.state(node)
+            st.quiesced = max(0, st.quiesced - 1)
             self.io.notify_all()
+
+    def filters(self, node: Node) -> list[Filter]:
+        """The write hooks of a filter node (empty: none, or removed)."""
+        st = node.engine_state
+        return st.filters if st is not None else []
 
     @staticmethod
     def _levels(fe: Frontend) -> list[Node]:
@@ -300,18 +332,22 @@ class Engine:
     def mark_unfilled(self, node: Node, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Register guest ranges of ``node`` allocated but not yet written
         (I/O lock held); returns the tokens for :meth:`mark_filled`."""
-        uf = self._unfilled.get(id(node))
+        st = self.state(node)
+        uf = st.unfilled
         if uf is None:
-            uf = self._unfilled[id(node)] = InFlight(self.io)
+            uf = st.unfilled = InFlight(self.io)
+            self._n_unfilled += 1
         return [uf.add(s, n) for s, n in ranges]
 
     def mark_filled(self, node: Node, tokens: list[tuple[int, int]]) -> None:
         """The ranges landed, or were given back (I/O lock held)."""
-        uf = self._unfilled[id(node)]
+        st = self.state(node)
+        uf = st.unfilled
         for r in tokens:
             uf.remove(r)
         if not uf.total:
-            del self._unfilled[id(node)]
+            st.unfilled = None
+            self._n_unfilled -= 1
 
     def wait_filled(self, node: Node, offset: int, length: int,
                     exclude: Node | None = None) -> None:
@@ -319,10 +355,11 @@ class Engine:
         ``node``'s chain but ``exclude`` has a cluster in [offset,
         offset+length) allocated and unfilled: what a read through the
         chain must do first."""
-        uf = self._unfilled
-        if uf and not (len(uf) == 1 and exclude is not None and id(exclude) in uf):
+        count = self._n_unfilled
+        if count and not (count == 1 and exclude is not None
+                          and _unfilled(exclude) is not None):
             for n in node.chain():
-                uf = self._unfilled.get(id(n))
+                uf = _unfilled(n)
                 if uf is not None and n is not exclude:
                     uf.wait_clear(offset, length)
 
@@ -334,7 +371,7 @@ class Engine:
     def _guest_flush(self, fe: Frontend) -> None:
         with self.io:
             node = self._levels(fe)[-1]
-            uf = self._unfilled.get(id(node))
+            uf = _unfilled(node)
             if uf is not None:
                 uf.wait_clear(0, node.size)
             fe.node.flush()
@@ -344,17 +381,18 @@ class Engine:
         with self.io:
             while True:
                 levels = self._levels(fe)
-                if not any(self._quiesced.get(id(n)) for n in levels):
+                if not any(_quiesced(n) for n in levels):
                     break
                 self.io.wait(1.0)
             node = levels[-1]
-            filters = [f for n in levels for f in self._filters.get(id(n), ())]
+            filters = [f for n in levels for f in self.filters(n)]
             for f in filters:
                 f.before_write(node, op, offset, length)
             do(node)
             for f in filters:
                 f.after_write(node, op, offset, length, data)
-            for bm in self._bitmaps.get(id(node), {}).values():
+            st = node.engine_state
+            for bm in (st.bitmaps.values() if st is not None else ()):
                 bm.mark(offset, length)
         for f in filters:
             f.notify()
@@ -634,3 +672,13 @@ class Engine:
         TimeoutError."""
         want = set(statuses)
         self.jobs.wait_until(lambda: job.status.value in want, timeout)
+
+
+def _unfilled(node: Node) -> InFlight | None:
+    st = node.engine_state
+    return st.unfilled if st is not None else None
+
+
+def _quiesced(node: Node) -> int:
+    st = node.engine_state
+    return st.quiesced if st is not None else 0

@@ -79,14 +79,22 @@ class Qcow2(Driver):
         # cache=unsafe (``convert -t unsafe``, qemu-img's default for convert):
         # metadata is still written in the safe order, but never fsync'd.
         self.unsafe = False
-        self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._closed = False
         try:
             self._open()
         except BaseException:
-            os.close(self.fd)
             self._closed = True
+            os.close(self._fd)
             raise
+
+    @property
+    def fd(self) -> int:
+        """The open file's descriptor; after :meth:`close` an error, never
+        the number (the OS gives it to the next file opened)."""
+        if self._closed:
+            raise ImageError(f"'{self.filename}': image is closed")
+        return self._fd
 
     # ------------------------------------------------------------------
     # open
@@ -327,6 +335,8 @@ class Qcow2(Driver):
         """Runs of this layer, coalesced (DATA runs contiguous in the file).
         ZERO runs carry the host offset of a preallocated zero cluster
         (``qemu-img map`` prints it); the C copy engine uses DATA runs only."""
+        if self._closed:        # every read starts here: no stale answers
+            raise ImageError(f"'{self.filename}': image is closed")
         end = min(offset + length, self.size)
         out: list = []   # [start, length, kind, host]
 
@@ -953,6 +963,8 @@ class Qcow2(Driver):
             os.fsync(self.fd)
 
     def close(self) -> None:
+        """Flush and close. The file is closed (and the driver unusable)
+        even when the flush fails; its error is raised afterwards."""
         if self._closed:
             return
         try:
@@ -960,7 +972,7 @@ class Qcow2(Driver):
                 self.flush()
         finally:
             self._closed = True
-            os.close(self.fd)
+            os.close(self._fd)
 
     # ------------------------------------------------------------------
     # header changes
