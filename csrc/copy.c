@@ -21,7 +21,9 @@
  *    least every timeout_ms so progress and job verbs stay live; workers keep
  *    running between calls until bj_copy_drain(), which is how a job pauses.
  *  - Cancel and errors are honoured between requests; the first error is
- *    recorded with its side, offset and request, the workers stop claiming.
+ *    recorded with its side and offset, the workers stop claiming. An engine
+ *    that failed or was cancelled is not run again (the caller drains and
+ *    frees it).
  * Cost: one pread + one pwrite (or one copy_file_range) per request, one
  * pass over each data buffer for the zero scan; memory threads*request_size.
  */
@@ -82,7 +84,6 @@ struct bj_copy {
     uint64_t queued, done, data_bytes, zero_bytes;
     int error, error_side;
     uint64_t error_offset;
-    struct bj_range error_range;
 };
 
 enum req_kind { REQ_COPY, REQ_ZERO };
@@ -96,14 +97,12 @@ static int stopping(struct bj_copy *c)
     return c->error || atomic_load(&c->cancel);
 }
 
-static void set_error(struct bj_copy *c, int err, int side, uint64_t off, const struct bj_range *r)
+static void set_error(struct bj_copy *c, int err, int side, uint64_t off)
 {
     if (!c->error) {
         c->error = err;
         c->error_side = side;
         c->error_offset = off;
-        if (r)
-            c->error_range = *r;
     }
 }
 
@@ -144,8 +143,7 @@ static int claim(struct bj_copy *c, struct req *q)
                 size_t nn = 0;
                 int rc = bj_extents(it->src_fd, src, want, c->ext, EXT_CACHE, &nn, &next);
                 if (rc < 0) {
-                    struct bj_range r = { src, dst, rem, it->kind, it->src_fd };
-                    set_error(c, rc, BJ_SIDE_SOURCE, src, &r);
+                    set_error(c, rc, BJ_SIDE_SOURCE, src);
                     pthread_cond_broadcast(&c->done_cv);
                     return 0;
                 }
@@ -425,9 +423,7 @@ static void *worker_main(void *arg)
         if (handed_back) {
             c->returned[c->n_returned++] = q.r;
         } else if (rc < 0) {
-            set_error(c, rc, side, fail_off, &q.r);
-            /* the failed request stays un-done; the caller may re-queue it */
-            c->queued -= q.r.len;
+            set_error(c, rc, side, fail_off); /* its bytes stay un-done */
         } else {
             c->done += q.r.len;
             c->data_bytes += data;
@@ -624,18 +620,6 @@ void bj_copy_cancel(struct bj_copy *c)
     pthread_mutex_unlock(&c->lock);
 }
 
-void bj_copy_clear_error(struct bj_copy *c)
-{
-    if (!c)
-        return;
-    pthread_mutex_lock(&c->lock);
-    c->error = 0;
-    c->error_side = BJ_SIDE_NONE;
-    c->error_offset = 0;
-    memset(&c->error_range, 0, sizeof(c->error_range));
-    pthread_mutex_unlock(&c->lock);
-}
-
 void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st)
 {
     if (!c || !st)
@@ -648,17 +632,6 @@ void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st)
     st->error = c->error ? c->error : (atomic_load(&c->cancel) ? -ECANCELED : 0);
     st->error_side = c->error_side;
     st->error_offset = c->error_offset;
-    st->error_range = c->error_range;
     st->in_flight = c->in_flight;
     pthread_mutex_unlock(&c->lock);
-}
-
-int bj_copy_set_request_size(struct bj_copy *c, uint64_t request_size)
-{
-    if (!c || request_size < 512 || request_size > (1ull << 30))
-        return -EINVAL;
-    pthread_mutex_lock(&c->lock);
-    c->o.request_size = request_size; /* worker buffers grow on next use */
-    pthread_mutex_unlock(&c->lock);
-    return 0;
 }

@@ -215,7 +215,6 @@ static void test_bad_args_and_cancel(void)
     bj_copy_get_status(c, &st);
     CHECK_EQ(st.error_side, BJ_SIDE_SOURCE);
     CHECK_EQ(st.error_offset, 8192);
-    CHECK_EQ(st.error_range.len, 4096);
     bj_copy_free(c);
     close(wo);
     close(s);
