@@ -77,8 +77,8 @@ struct bj_copy {
     int active, shutdown;
     uint32_t in_flight;
     atomic_int cancel;
-    int no_copy_range;
-    struct bj_zeroer zeroer;  /* flags only ever go 0 -> 1: benign to share */
+    atomic_int no_copy_range; /* copy_file_range refused: read/write */
+    struct bj_zeroer zeroer;  /* shared by the workers (atomic flags) */
 
     /* status */
     uint64_t queued, done, data_bytes, zero_bytes;
@@ -245,7 +245,7 @@ static int copy_range(struct bj_copy *c, const struct bj_range *r, int *side, ui
                 continue;
             if (done == 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
                               errno == EOPNOTSUPP || errno == ENOTSUP || errno == EBADF)) {
-                c->no_copy_range = 1;
+                atomic_store_explicit(&c->no_copy_range, 1, memory_order_relaxed);
                 return 1;
             }
             /* cannot tell which side failed: ENOSPC/EDQUOT/EFBIG are the target's */
@@ -286,7 +286,8 @@ static int do_request(struct worker *w, const struct req *q, int *side, uint64_t
         }
         return rc;
     }
-    if (c->o.zero_block == 0 && c->o.allow_copy_range && !c->no_copy_range) {
+    if (c->o.zero_block == 0 && c->o.allow_copy_range &&
+        !atomic_load_explicit(&c->no_copy_range, memory_order_relaxed)) {
         rc = copy_range(c, r, side, fail_off);
         if (rc <= 0) {
             if (rc == 0)
@@ -459,6 +460,8 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts)
     pthread_cond_init(&c->done_cv, &ca);
     pthread_condattr_destroy(&ca);
     atomic_init(&c->cancel, 0);
+    atomic_init(&c->no_copy_range, 0);
+    bj_zeroer_init(&c->zeroer);
     for (uint32_t i = 0; i < c->nworkers; i++) {
         c->workers[i].c = c;
         int rc = pthread_create(&c->workers[i].thread, NULL, worker_main, &c->workers[i]);

@@ -145,7 +145,8 @@ static void test_zero(void)
     CHECK_EQ(bj_zero_run(b, 100, 0, 0), 100);
     int fd = mkfile("z", 1 << 20);
     fill(fd, 0, 1 << 20, 5);
-    struct bj_zeroer z = { 0, 0 };
+    struct bj_zeroer z;
+    bj_zeroer_init(&z);
     CHECK_EQ(bj_zero_range(&z, fd, 4096, 8192 + 3, 1), 0);
     unsigned char r[8195];
     CHECK(pread(fd, r, sizeof r, 4096) == (ssize_t)sizeof r);
