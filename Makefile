@@ -37,9 +37,11 @@ demo: venv deps
 test: venv deps test-c
 	$(PY) -m pytest -q -rs tests
 
-# The C core's own tests, built with AddressSanitizer + UBSan.
+# The C core's own tests: the strict warning set (with -fanalyzer), then the
+# tests built with AddressSanitizer + UBSan, under valgrind, and under
+# ThreadSanitizer (data races between the copy engine's threads).
 test-c: deps
-	$(MAKE) -C tests/c run valgrind
+	$(MAKE) -C tests/c warnings run valgrind tsan
 
 bench: venv deps
 	$(PY) benchmarks/convert_raw.py

@@ -5,11 +5,25 @@
  *  - A queue of work items (struct bj_range) lives in the engine. Workers
  *    claim requests from its head under one mutex: a request is at most
  *    request_size bytes (and at most what the rate limiter allows at once),
- *    never crossing an extent boundary of a sparse source. Extents are asked
- *    of the file system per work range of 128 MiB (bj_extents), when the
- *    head reaches a range not yet mapped, never for the whole file up front.
+ *    never crossing an extent boundary of a sparse source.
+ *  - A sparse item (BJ_RANGE_COPY_SPARSE) is mapped per work range of
+ *    128 MiB, never for the whole file up front. A worker claims the work
+ *    range under the mutex (it becomes "the mapper"), asks the file system
+ *    for its extents (bj_extents: lseek SEEK_DATA/SEEK_HOLE) WITHOUT the
+ *    mutex, and publishes them, one batch of extents at a time, as copy and
+ *    zero items on the "mapped" queue, where every worker claims requests
+ *    from. So a slow lseek (a fragmented file, NFS) never blocks the other
+ *    workers' claims and completions, get_status or add.
+ *  - Claim order is queue order (one worker alone copies strictly in order):
+ *    the mapped queue comes first, the items after the range being mapped
+ *    wait until it is mapped, and one work range is mapped at a time. The
+ *    next work range is mapped ahead (while the mapped queue still holds
+ *    less than a request per worker) so the workers rarely wait for it.
  *  - Each worker owns its buffer (allocated on first use), so the data path
  *    takes no lock: the mutex is held only to claim and to account.
+ *  - Flags workers set while others test them without the mutex
+ *    (no_copy_range here, the zeroer's in zero.c, the bucket's rate in
+ *    ratelimit.c) are C11 atomics.
  *  - A data request is pread into the buffer; with zero detection on, runs
  *    of all-zero blocks (zero_block bytes, aligned to target offsets) are
  *    skipped when the target already reads as zero, else zeroed with the
@@ -21,7 +35,9 @@
  *    least every timeout_ms so progress and job verbs stay live; workers keep
  *    running between calls until bj_copy_drain(), which is how a job pauses.
  *  - Cancel and errors are honoured between requests; the first error is
- *    recorded with its side, offset and request, the workers stop claiming.
+ *    recorded with its side and offset, the workers stop claiming. An engine
+ *    that failed or was cancelled is not run again (the caller drains and
+ *    frees it).
  * Cost: one pread + one pwrite (or one copy_file_range) per request, one
  * pass over each data buffer for the zero scan; memory threads*request_size.
  */
@@ -39,7 +55,7 @@
 
 #define WORK_RANGE (128ull << 20)
 #define ZERO_CHUNK (1ull << 30)
-#define EXT_CACHE 64
+#define EXT_BATCH 64   /* extents asked of the file system at once */
 
 struct worker {
     struct bj_copy *c;
@@ -67,25 +83,29 @@ struct bj_copy {
     /* requests handed back by workers interrupted while rate-limited */
     struct bj_range *returned;
     size_t n_returned;
-    /* extents of the current sparse item, for the work range being claimed */
-    struct bj_extent ext[EXT_CACHE];
-    size_t ext_n, ext_i;
+    /* the mapped queue: copy / zero items from the extents of sparse work
+     * ranges, claimed before the queue's head; m_pos bytes of
+     * mapped[m_head] are claimed, m_left bytes of the mapped queue are not */
+    struct bj_range *mapped;
+    size_t n_mapped, cap_mapped, m_head;
+    uint64_t m_pos, m_left;
+    int mapping;              /* a worker is mapping a work range */
 
     /* state */
     int active, shutdown;
-    uint32_t in_flight;
+    uint32_t in_flight;       /* requests (and the mapping) in progress */
     atomic_int cancel;
-    int no_copy_range;
-    struct bj_zeroer zeroer;  /* flags only ever go 0 -> 1: benign to share */
+    atomic_int no_copy_range; /* copy_file_range refused: read/write */
+    struct bj_zeroer zeroer;  /* shared by the workers (atomic flags) */
 
     /* status */
     uint64_t queued, done, data_bytes, zero_bytes;
     int error, error_side;
     uint64_t error_offset;
-    struct bj_range error_range;
 };
 
-enum req_kind { REQ_COPY, REQ_ZERO };
+/* REQ_MAP: map the work range r (a sparse item's) into the mapped queue. */
+enum req_kind { REQ_COPY, REQ_ZERO, REQ_MAP };
 struct req {
     enum req_kind kind;
     struct bj_range r;
@@ -96,15 +116,42 @@ static int stopping(struct bj_copy *c)
     return c->error || atomic_load(&c->cancel);
 }
 
-static void set_error(struct bj_copy *c, int err, int side, uint64_t off, const struct bj_range *r)
+static void set_error(struct bj_copy *c, int err, int side, uint64_t off)
 {
     if (!c->error) {
         c->error = err;
         c->error_side = side;
         c->error_offset = off;
-        if (r)
-            c->error_range = *r;
     }
+}
+
+/* Cut the next request off item it, of which *pos bytes are claimed. */
+static void cut(const struct bj_range *it, uint64_t *pos, uint64_t maxreq, struct req *q)
+{
+    uint64_t rem = it->len - *pos, n;
+    if (it->kind == BJ_RANGE_ZERO) {
+        n = rem < ZERO_CHUNK ? rem : ZERO_CHUNK;
+        q->kind = REQ_ZERO;
+    } else {
+        n = rem < maxreq ? rem : maxreq;
+        q->kind = REQ_COPY;
+    }
+    q->r.src_off = it->src_off + *pos;
+    q->r.dst_off = it->dst_off + *pos;
+    q->r.len = n;
+    q->r.src_fd = it->src_fd;
+    q->r.kind = q->kind == REQ_ZERO ? BJ_RANGE_ZERO : BJ_RANGE_COPY;
+    *pos += n;
+}
+
+/* The first item of the queue with bytes left to claim, or NULL. */
+static struct bj_range *head_item(struct bj_copy *c)
+{
+    while (c->head < c->n_items && c->head_pos == c->items[c->head].len) {
+        c->head++;
+        c->head_pos = 0;
+    }
+    return c->head < c->n_items ? &c->items[c->head] : NULL;
 }
 
 /* Claim the next request. Called with the lock held. Returns 1 with *q set,
@@ -122,70 +169,115 @@ static int claim(struct bj_copy *c, struct req *q)
         if (m < maxreq)
             maxreq = m;
     }
-    while (c->head < c->n_items) {
-        struct bj_range *it = &c->items[c->head];
+    struct bj_range *it = c->mapping ? NULL : head_item(c);
+    if (it && it->kind == BJ_RANGE_COPY_SPARSE && c->m_left < (uint64_t)c->nworkers * maxreq) {
+        /* become the mapper of the next work range (ahead, while the
+         * mapped queue runs low); its bytes stay unclaimed until mapped */
         uint64_t rem = it->len - c->head_pos;
-        if (rem == 0) {
-            c->head++;
-            c->head_pos = 0;
-            c->ext_n = c->ext_i = 0;
-            continue;
-        }
-        uint64_t src = it->src_off + c->head_pos, dst = it->dst_off + c->head_pos, n;
-        if (it->kind == BJ_RANGE_ZERO) {
-            n = rem < ZERO_CHUNK ? rem : ZERO_CHUNK;
-            q->kind = REQ_ZERO;
-        } else if (it->kind == BJ_RANGE_COPY_SPARSE) {
-            while (c->ext_i < c->ext_n &&
-                   c->ext[c->ext_i].offset + c->ext[c->ext_i].length <= src)
-                c->ext_i++;
-            if (c->ext_i == c->ext_n) {
-                uint64_t next, want = rem < WORK_RANGE ? rem : WORK_RANGE;
-                size_t nn = 0;
-                int rc = bj_extents(it->src_fd, src, want, c->ext, EXT_CACHE, &nn, &next);
-                if (rc < 0) {
-                    struct bj_range r = { src, dst, rem, it->kind, it->src_fd };
-                    set_error(c, rc, BJ_SIDE_SOURCE, src, &r);
-                    pthread_cond_broadcast(&c->done_cv);
-                    return 0;
-                }
-                if (nn == 0) { /* cannot happen for want > 0; be safe */
-                    c->ext[0].offset = src;
-                    c->ext[0].length = want;
-                    c->ext[0].flags = 0;
-                    nn = 1;
-                }
-                c->ext_n = nn;
-                c->ext_i = 0;
-            }
-            struct bj_extent *e = &c->ext[c->ext_i];
-            uint64_t e_end = e->offset + e->length;
-            n = e_end - src;
-            if (n > rem)
-                n = rem;
-            if (e->flags & BJ_EXTENT_DATA) {
-                q->kind = REQ_COPY;
-                if (n > maxreq)
-                    n = maxreq;
-            } else {
-                q->kind = REQ_ZERO;
-                if (n > ZERO_CHUNK)
-                    n = ZERO_CHUNK;
-            }
-        } else {
-            n = rem < maxreq ? rem : maxreq;
-            q->kind = REQ_COPY;
-        }
-        q->r.src_off = src;
-        q->r.dst_off = dst;
-        q->r.len = n;
+        q->kind = REQ_MAP;
+        q->r.src_off = it->src_off + c->head_pos;
+        q->r.dst_off = it->dst_off + c->head_pos;
+        q->r.len = rem < WORK_RANGE ? rem : WORK_RANGE;
         q->r.src_fd = it->src_fd;
-        q->r.kind = q->kind == REQ_ZERO ? BJ_RANGE_ZERO : BJ_RANGE_COPY;
-        c->head_pos += n;
-        c->unclaimed -= n;
+        q->r.kind = BJ_RANGE_COPY_SPARSE;
+        c->head_pos += q->r.len;
+        c->mapping = 1;
         return 1;
     }
+    while (c->m_head < c->n_mapped) {
+        struct bj_range *m = &c->mapped[c->m_head];
+        if (c->m_pos == m->len) {
+            c->m_head++;
+            c->m_pos = 0;
+            continue;
+        }
+        cut(m, &c->m_pos, maxreq, q);
+        c->m_left -= q->r.len;
+        c->unclaimed -= q->r.len;
+        return 1;
+    }
+    if (c->mapping || !it)
+        return 0; /* the range being mapped comes before the queue's head */
+    cut(it, &c->head_pos, maxreq, q);
+    c->unclaimed -= q->r.len;
+    return 1;
+}
+
+/* Append [src_off, src_off+len) of work range wr to the mapped queue as a
+ * copy (data) or zero (hole) item. Called with the lock held. */
+static int publish(struct bj_copy *c, const struct bj_range *wr, uint64_t src_off, uint64_t len,
+                   uint32_t kind)
+{
+    if (len == 0)
+        return 0;
+    if (c->m_head > 0 && c->m_head >= c->n_mapped / 2) {
+        memmove(c->mapped, c->mapped + c->m_head, (c->n_mapped - c->m_head) * sizeof(*c->mapped));
+        c->n_mapped -= c->m_head;
+        c->m_head = 0;
+    }
+    if (c->n_mapped == c->cap_mapped) {
+        size_t cap = c->cap_mapped ? 2 * c->cap_mapped : EXT_BATCH;
+        struct bj_range *p = realloc(c->mapped, cap * sizeof(*p));
+        if (!p)
+            return -ENOMEM;
+        c->mapped = p;
+        c->cap_mapped = cap;
+    }
+    struct bj_range *m = &c->mapped[c->n_mapped++];
+    m->src_off = src_off;
+    m->dst_off = wr->dst_off + (src_off - wr->src_off);
+    m->len = len;
+    m->kind = kind;
+    m->src_fd = wr->src_fd;
+    c->m_left += len;
     return 0;
+}
+
+/* The mapper's work: ask the extents of work range wr without the lock, a
+ * batch at a time, and publish each batch. Called (and returns) with the
+ * lock held. Extents are taken as the file system reports them but never
+ * trusted to cover the range: what they leave out is copied as data. */
+static void map_work_range(struct bj_copy *c, const struct bj_range *wr)
+{
+    struct bj_extent ext[EXT_BATCH];
+    uint64_t pos = wr->src_off, end = wr->src_off + wr->len;
+    while (pos < end && !stopping(c) && !c->shutdown) {
+        size_t n = 0;
+        uint64_t next = end;
+        pthread_mutex_unlock(&c->lock);
+        int rc = bj_extents(wr->src_fd, pos, end - pos, ext, EXT_BATCH, &n, &next);
+        pthread_mutex_lock(&c->lock);
+        if (rc < 0) {
+            set_error(c, rc, BJ_SIDE_SOURCE, pos);
+            return;
+        }
+        uint64_t cur = pos;
+        for (size_t i = 0; i < n && rc == 0; i++) {
+            uint64_t e_off = ext[i].offset, e_end = ext[i].offset + ext[i].length;
+            if (e_end > end)
+                e_end = end;
+            if (e_end <= cur)
+                continue;
+            if (e_off > cur) /* a gap in the answer: copy it */
+                rc = publish(c, wr, cur, e_off - cur, BJ_RANGE_COPY);
+            else
+                e_off = cur;
+            if (rc == 0)
+                rc = publish(c, wr, e_off, e_end - e_off,
+                             (ext[i].flags & BJ_EXTENT_DATA) ? BJ_RANGE_COPY : BJ_RANGE_ZERO);
+            cur = e_end;
+        }
+        if (rc == 0 && cur == pos) { /* no progress (cannot happen): copy the rest */
+            rc = publish(c, wr, pos, end - pos, BJ_RANGE_COPY);
+            cur = end;
+        }
+        if (rc < 0) {
+            set_error(c, rc, BJ_SIDE_NONE, wr->dst_off + (pos - wr->src_off));
+            return;
+        }
+        pos = cur;
+        pthread_cond_broadcast(&c->work_cv);
+    }
 }
 
 static int zero_target(struct bj_copy *c, uint64_t off, uint64_t len)
@@ -247,7 +339,7 @@ static int copy_range(struct bj_copy *c, const struct bj_range *r, int *side, ui
                 continue;
             if (done == 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
                               errno == EOPNOTSUPP || errno == ENOTSUP || errno == EBADF)) {
-                c->no_copy_range = 1;
+                atomic_store_explicit(&c->no_copy_range, 1, memory_order_relaxed);
                 return 1;
             }
             /* cannot tell which side failed: ENOSPC/EDQUOT/EFBIG are the target's */
@@ -288,7 +380,8 @@ static int do_request(struct worker *w, const struct req *q, int *side, uint64_t
         }
         return rc;
     }
-    if (c->o.zero_block == 0 && c->o.allow_copy_range && !c->no_copy_range) {
+    if (c->o.zero_block == 0 && c->o.allow_copy_range &&
+        !atomic_load_explicit(&c->no_copy_range, memory_order_relaxed)) {
         rc = copy_range(c, r, side, fail_off);
         if (rc <= 0) {
             if (rc == 0)
@@ -408,6 +501,14 @@ static void *worker_main(void *arg)
         if (c->shutdown)
             break;
         c->in_flight++;
+        if (q.kind == REQ_MAP) {
+            map_work_range(c, &q.r);
+            c->mapping = 0;
+            c->in_flight--;
+            pthread_cond_broadcast(&c->work_cv);
+            pthread_cond_broadcast(&c->done_cv);
+            continue;
+        }
         pthread_mutex_unlock(&c->lock);
 
         int side = BJ_SIDE_NONE, rc = 0, handed_back = 0;
@@ -425,9 +526,7 @@ static void *worker_main(void *arg)
         if (handed_back) {
             c->returned[c->n_returned++] = q.r;
         } else if (rc < 0) {
-            set_error(c, rc, side, fail_off, &q.r);
-            /* the failed request stays un-done; the caller may re-queue it */
-            c->queued -= q.r.len;
+            set_error(c, rc, side, fail_off); /* its bytes stay un-done */
         } else {
             c->done += q.r.len;
             c->data_bytes += data;
@@ -463,6 +562,8 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts)
     pthread_cond_init(&c->done_cv, &ca);
     pthread_condattr_destroy(&ca);
     atomic_init(&c->cancel, 0);
+    atomic_init(&c->no_copy_range, 0);
+    bj_zeroer_init(&c->zeroer);
     for (uint32_t i = 0; i < c->nworkers; i++) {
         c->workers[i].c = c;
         int rc = pthread_create(&c->workers[i].thread, NULL, worker_main, &c->workers[i]);
@@ -500,6 +601,7 @@ void bj_copy_free(struct bj_copy *c)
     free(c->workers);
     free(c->returned);
     free(c->items);
+    free(c->mapped);
     free(c);
 }
 
@@ -624,18 +726,6 @@ void bj_copy_cancel(struct bj_copy *c)
     pthread_mutex_unlock(&c->lock);
 }
 
-void bj_copy_clear_error(struct bj_copy *c)
-{
-    if (!c)
-        return;
-    pthread_mutex_lock(&c->lock);
-    c->error = 0;
-    c->error_side = BJ_SIDE_NONE;
-    c->error_offset = 0;
-    memset(&c->error_range, 0, sizeof(c->error_range));
-    pthread_mutex_unlock(&c->lock);
-}
-
 void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st)
 {
     if (!c || !st)
@@ -648,17 +738,6 @@ void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st)
     st->error = c->error ? c->error : (atomic_load(&c->cancel) ? -ECANCELED : 0);
     st->error_side = c->error_side;
     st->error_offset = c->error_offset;
-    st->error_range = c->error_range;
     st->in_flight = c->in_flight;
     pthread_mutex_unlock(&c->lock);
-}
-
-int bj_copy_set_request_size(struct bj_copy *c, uint64_t request_size)
-{
-    if (!c || request_size < 512 || request_size > (1ull << 30))
-        return -EINVAL;
-    pthread_mutex_lock(&c->lock);
-    c->o.request_size = request_size; /* worker buffers grow on next use */
-    pthread_mutex_unlock(&c->lock);
-    return 0;
 }

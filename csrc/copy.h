@@ -50,7 +50,6 @@ struct bj_copy_status {
     int error;              /* first error, -errno, or 0 */
     int error_side;         /* BJ_SIDE_* */
     uint64_t error_offset;  /* offset in the failing file */
-    struct bj_range error_range; /* the request that failed (to retry it) */
     uint32_t in_flight;     /* requests being processed right now */
 };
 
@@ -72,12 +71,7 @@ void bj_copy_drain(struct bj_copy *c);
 /* Ask the workers to stop between requests (thread-safe; any thread).
  * The next bj_copy_run() returns -ECANCELED. */
 void bj_copy_cancel(struct bj_copy *c);
-/* Forget the recorded error (after the caller handled it, e.g. re-queued
- * error_range); unclaimed work stays queued. */
-void bj_copy_clear_error(struct bj_copy *c);
 void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st);
-/* Set the chunk size used for each request (bytes, >= 512). */
-int bj_copy_set_request_size(struct bj_copy *c, uint64_t request_size);
 /* cdef-end */
 
 #endif

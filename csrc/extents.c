@@ -53,7 +53,9 @@ int bj_extents(int fd, uint64_t offset, uint64_t length,
     end = offset + length;
     if (S_ISREG(st.st_mode) && end > (uint64_t)st.st_size)
         end = (uint64_t)st.st_size;
-    if (offset >= end) {
+    if (offset >= end) { /* all past EOF: one hole (max >= 1: room for it) */
+        (void)push(out, max, &n, offset, length, 0);
+        *n_out = n;
         *next_out = offset + length;
         return 0;
     }

@@ -19,6 +19,11 @@
  *
  * Time is passed in (now_ns), never read here except by bj_now_ns(), so tests
  * run on a virtual clock. A mutex makes take() safe from worker threads.
+ * The rate is also atomic: bj_bucket_rate() and bj_bucket_max_request() read
+ * it without the mutex (the copy engine asks them under its own lock, while
+ * bj_bucket_set_rate() may be changing it from another thread). Relaxed
+ * order: the rate is one value that publishes nothing else; the tokens and
+ * the clock stay under the mutex.
  * Cost: O(1) per call, a few floating-point operations under a mutex.
  */
 #include "ratelimit.h"
@@ -26,27 +31,33 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <time.h>
 
 struct bj_bucket {
     pthread_mutex_t lock;
-    uint64_t rate;      /* bytes/s, 0 = unlimited */
+    _Atomic uint64_t rate; /* bytes/s, 0 = unlimited; written under lock */
     double burst_s;
     double tokens;      /* may be negative: debt */
     uint64_t last_ns;   /* time of the last refill */
 };
 
+static uint64_t rate_of(const struct bj_bucket *b)
+{
+    return atomic_load_explicit(&b->rate, memory_order_relaxed);
+}
+
 static double capacity(const struct bj_bucket *b)
 {
-    double c = (double)b->rate * b->burst_s;
+    double c = (double)rate_of(b) * b->burst_s;
     return c < 4096.0 ? 4096.0 : c;
 }
 
 static void refill(struct bj_bucket *b, uint64_t now_ns)
 {
     if (now_ns > b->last_ns) {
-        b->tokens += (double)(now_ns - b->last_ns) * 1e-9 * (double)b->rate;
+        b->tokens += (double)(now_ns - b->last_ns) * 1e-9 * (double)rate_of(b);
         double cap = capacity(b);
         if (b->tokens > cap)
             b->tokens = cap;
@@ -67,7 +78,7 @@ int bj_bucket_new(struct bj_bucket **out, uint64_t rate, double burst_s, uint64_
         free(b);
         return -rc;
     }
-    b->rate = rate;
+    atomic_init(&b->rate, rate);
     b->burst_s = burst_s;
     b->last_ns = now_ns;
     b->tokens = capacity(b);
@@ -89,7 +100,7 @@ int bj_bucket_set_rate(struct bj_bucket *b, uint64_t rate, uint64_t now_ns)
         return -EINVAL;
     pthread_mutex_lock(&b->lock);
     refill(b, now_ns);
-    b->rate = rate;
+    atomic_store_explicit(&b->rate, rate, memory_order_relaxed);
     double cap = capacity(b);
     if (b->tokens > cap)
         b->tokens = cap;
@@ -101,14 +112,15 @@ int bj_bucket_set_rate(struct bj_bucket *b, uint64_t rate, uint64_t now_ns)
 
 uint64_t bj_bucket_rate(const struct bj_bucket *b)
 {
-    return b ? b->rate : 0;
+    return b ? rate_of(b) : 0;
 }
 
 uint64_t bj_bucket_max_request(const struct bj_bucket *b)
 {
-    if (!b || b->rate == 0)
+    uint64_t rate = b ? rate_of(b) : 0;
+    if (rate == 0)
         return UINT64_MAX;
-    uint64_t m = (b->rate / 128) & ~(uint64_t)511;
+    uint64_t m = (rate / 128) & ~(uint64_t)511;
     return m < 4096 ? 4096 : m;
 }
 
@@ -117,12 +129,12 @@ uint64_t bj_bucket_take(struct bj_bucket *b, uint64_t n, uint64_t now_ns)
     if (!b)
         return 0;
     pthread_mutex_lock(&b->lock);
-    uint64_t wait = 0;
-    if (b->rate != 0) {
+    uint64_t wait = 0, rate = rate_of(b);
+    if (rate != 0) {
         refill(b, now_ns);
         b->tokens -= (double)n;
         if (b->tokens < 0)
-            wait = (uint64_t)ceil(-b->tokens / (double)b->rate * 1e9);
+            wait = (uint64_t)ceil(-b->tokens / (double)rate * 1e9);
     }
     pthread_mutex_unlock(&b->lock);
     return wait;
@@ -133,7 +145,7 @@ double bj_bucket_tokens(struct bj_bucket *b, uint64_t now_ns)
     if (!b)
         return 0;
     pthread_mutex_lock(&b->lock);
-    if (b->rate)
+    if (rate_of(b))
         refill(b, now_ns);
     double t = b->tokens;
     pthread_mutex_unlock(&b->lock);

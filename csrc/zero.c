@@ -8,9 +8,10 @@
  *
  * Zeroing ladder (as nbdcopy's file-ops.c does it): punch a hole (frees
  * blocks, reads as zero), else FALLOC_FL_ZERO_RANGE (keeps blocks allocated),
- * else pwrite zeroes from a heap buffer of at most 1 MiB. Whatever the file system refused with
- * EOPNOTSUPP/ENOTSUP/ENOSYS is remembered in struct bj_zeroer, so it is asked
- * once per open target, never once per request.
+ * else pwrite zeroes from a heap buffer of at most 1 MiB. Whatever the file
+ * system refused (EOPNOTSUPP/ENOTSUP/ENOSYS/EINVAL) is remembered in struct
+ * bj_zeroer, so it is asked once per open target, never once per request.
+ * The copy engine's workers share one zeroer: its flags are C11 atomics.
  */
 #include "zero.h"
 
@@ -80,6 +81,29 @@ static int write_zeroes(int fd, uint64_t offset, uint64_t length)
     return rc;
 }
 
+void bj_zeroer_init(struct bj_zeroer *z)
+{
+    atomic_init(&z->no_punch, 0);
+    atomic_init(&z->no_zero_range, 0);
+    z->fallocate = NULL;
+}
+
+/* One rung: 0 done, 1 refused (now remembered in *flag), or -errno. */
+static int rung(const struct bj_zeroer *z, atomic_int *flag, int fd, int mode, uint64_t offset,
+                uint64_t length)
+{
+    if (atomic_load_explicit(flag, memory_order_relaxed))
+        return 1;
+    int r = z->fallocate ? z->fallocate(fd, mode, (off_t)offset, (off_t)length)
+                         : fallocate(fd, mode, (off_t)offset, (off_t)length);
+    if (r == 0)
+        return 0;
+    if (!refused(errno))
+        return -errno;
+    atomic_store_explicit(flag, 1, memory_order_relaxed);
+    return 1;
+}
+
 int bj_zero_range(struct bj_zeroer *z, int fd, uint64_t offset, uint64_t length, int may_unmap)
 {
     if (!z)
@@ -88,19 +112,14 @@ int bj_zero_range(struct bj_zeroer *z, int fd, uint64_t offset, uint64_t length,
         return 0;
     if (offset > (uint64_t)INT64_MAX || length > (uint64_t)INT64_MAX - offset)
         return -EINVAL;
-    if (may_unmap && !z->no_punch) {
-        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) == 0)
-            return 0;
-        if (!refused(errno))
-            return -errno;
-        z->no_punch = 1;
+    int rc;
+    if (may_unmap) {
+        rc = rung(z, &z->no_punch, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+        if (rc <= 0)
+            return rc;
     }
-    if (!z->no_zero_range) {
-        if (fallocate(fd, FALLOC_FL_ZERO_RANGE, (off_t)offset, (off_t)length) == 0)
-            return 0;
-        if (!refused(errno))
-            return -errno;
-        z->no_zero_range = 1;
-    }
+    rc = rung(z, &z->no_zero_range, fd, FALLOC_FL_ZERO_RANGE, offset, length);
+    if (rc <= 0)
+        return rc;
     return write_zeroes(fd, offset, length);
 }

@@ -1,7 +1,9 @@
 #ifndef BJ_ZERO_H
 #define BJ_ZERO_H
-#include <stdint.h>
+#include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
 
 /* cdef-begin */
 /* 1 if buf[0..len) is all zero bytes, else 0. Any len, any alignment. */
@@ -12,17 +14,25 @@ int bj_is_zero(const void *buf, size_t len);
  * (want_zero=0). The last block may be short. block == 0 means len. */
 size_t bj_zero_run(const void *buf, size_t len, size_t block, int want_zero);
 
-/* The zeroing ladder: what a file system has refused is remembered here so it
- * is never asked again. One per open target (no globals). */
-struct bj_zeroer {
-    int no_punch;     /* FALLOC_FL_PUNCH_HOLE refused */
-    int no_zero_range;/* FALLOC_FL_ZERO_RANGE refused */
-};
-
 /* Make [offset, offset+length) of fd read as zeroes: punch a hole, else
  * FALLOC_FL_ZERO_RANGE, else write zeroes. may_unmap=0 skips the punch.
- * Returns 0 or -errno. */
+ * Returns 0 or -errno. z is a struct bj_zeroer (below, C only). */
+struct bj_zeroer;
 int bj_zero_range(struct bj_zeroer *z, int fd, uint64_t offset, uint64_t length, int may_unmap);
 /* cdef-end */
+
+/* The zeroing ladder's memory: what a file system has refused is remembered
+ * here so it is never asked again. One per open target (no globals), shared
+ * by the copy engine's workers: the flags are atomic (they only ever go
+ * 0 -> 1, and nothing else is published with them: relaxed order).
+ * fallocate: the call used for the first two rungs, fallocate(2) when NULL;
+ * tests put a function here that refuses a rung. */
+struct bj_zeroer {
+    atomic_int no_punch;      /* FALLOC_FL_PUNCH_HOLE refused */
+    atomic_int no_zero_range; /* FALLOC_FL_ZERO_RANGE refused */
+    int (*fallocate)(int fd, int mode, off_t offset, off_t len);
+};
+/* Clear flags, the real fallocate. */
+void bj_zeroer_init(struct bj_zeroer *z);
 
 #endif

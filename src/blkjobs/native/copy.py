@@ -36,7 +36,6 @@ class CopyStatus:
     error: int
     error_side: str | None
     error_offset: int
-    error_range: tuple[int, int, int, int]
     in_flight: int
 
 
@@ -103,9 +102,6 @@ class CopyEngine(Owned):
                  src_fd: int = -1) -> None:
         self.add([(src_off, dst_off, length, COPY_SPARSE if sparse else COPY, src_fd)])
 
-    def add_zero(self, dst_off: int, length: int) -> None:
-        self.add([(0, dst_off, length, ZERO)])
-
     # -- running ---------------------------------------------------------
     def run(self, timeout: float = 0.1, low_water: int = 0) -> RunResult:
         """Let the workers run for up to ``timeout`` s. Raises CopyError
@@ -131,21 +127,12 @@ class CopyEngine(Owned):
     def cancel(self) -> None:
         lib.bj_copy_cancel(self._c)
 
-    def clear_error(self) -> None:
-        lib.bj_copy_clear_error(self._c)
-
-    def set_request_size(self, n: int) -> None:
-        ensure(lib.bj_copy_set_request_size(self._c, n), "copy engine")
-
     def status(self) -> CopyStatus:
         st = self._st
         lib.bj_copy_get_status(self._c, st)
-        r = st.error_range
         return CopyStatus(int(st.done), int(st.queued), int(st.data_bytes),
                           int(st.zero_bytes), int(st.error), _SIDES.get(st.error_side),
-                          int(st.error_offset),
-                          (int(r.src_off), int(r.dst_off), int(r.len), int(r.kind)),
-                          int(st.in_flight))
+                          int(st.error_offset), int(st.in_flight))
 
     def run_to_end(self, progress: Callable[[int, int], None] | None = None,
                    slice_s: float = 0.1, check: Callable[[], None] | None = None) -> CopyStatus:
