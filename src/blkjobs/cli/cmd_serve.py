@@ -177,7 +177,10 @@ def run(args) -> int:
 
     def ready(server) -> None:
         if args.pidfile:
-            with open(args.pidfile, "w") as f:
+            # mode 0600 whatever the umask, as QEMU's pid file
+            fd = os.open(args.pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w") as f:
+                os.fchmod(fd, 0o600)
                 f.write(f"{os.getpid()}\n")
         if args.print_ready:
             sys.stdout.write(json.dumps({"ready": True, "sockets": unix,

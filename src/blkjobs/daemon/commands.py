@@ -46,6 +46,9 @@ from .schema import COMMANDS
 #: ``active``), micro 0, and say who we are in ``package``.
 QEMU_VERSION = {"major": 10, "minor": 1, "micro": 0}
 
+#: Largest ``x-blkjobs-write`` request: its buffer is allocated at once.
+X_WRITE_MAX = 64 << 20
+
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*", re.ASCII)
 _DRIVERS = ("file", "raw", "qcow2")
 #: owner of the hold the monitor keeps on each node it added (blockdev-add)
@@ -494,7 +497,8 @@ class Commands:
             raise QMPError("Job type does not match")
         if job.type != "mirror":
             raise QMPError("Job type does not support change")
-        return self._verb(self.eng.block_job_change, id, type, **options)
+        self.eng.block_job_change(id, type, **options)
+        return {}
 
     # ------------------------------------------------------------------
     # Dirty bitmaps
@@ -649,9 +653,20 @@ class Commands:
         path; tests use it for copy-before-write and incremental backups."""
         if not 0 <= pattern <= 255:
             raise QMPError("Parameter 'pattern' expects a byte value (0..255)")
+        # QEMU's request checks (block/io.c), before any buffer is allocated
+        if offset < 0:
+            raise QMPError(f"offset is negative: {offset}")
+        if length < 0:
+            raise QMPError(f"length is negative: {length}")
+        if length > X_WRITE_MAX:
+            raise QMPError(f"length({length}) exceeds maximum({X_WRITE_MAX})")
+        g = self._lookup(node)
+        if offset > g.size - length:
+            raise QMPError(f"offset({offset}) + length({length}) exceeds the size of "
+                           f"node '{node}' ({g.size})")
         # as the guest device of ``node`` would: through the filter nodes
         # jobs put above it since
-        fe = self.eng.attach(self.eng.above_filters(self._lookup(node)))
+        fe = self.eng.attach(self.eng.above_filters(g))
         try:
             fe.write(offset, bytes([pattern]) * length)
             fe.flush()

@@ -1,15 +1,22 @@
 """The QMP wire protocol: framing, the JSON dialect, greeting, requests.
 
-Input is QEMU's JSON dialect, parsed the way ``qobject/json-lexer.c``,
-``json-streamer.c`` and ``json-parser.c`` do it, so errors read the same:
+Input is QEMU's JSON dialect, read the way ``qobject/json-lexer.c``,
+``json-streamer.c`` and ``json-parser.c`` do it (QEMU 7.2, checked against
+qemu-storage-daemon), so errors read the same:
 
 * a :class:`JsonStreamer` is fed bytes as they arrive; it splits tokens and
   counts braces/brackets; a message ends when the counts are back at zero
-  (objects may come back to back, with any whitespace between them);
+  (objects may come back to back, with any whitespace between them). It keeps
+  its state between reads, so each byte is scanned once;
 * strings may use single quotes (``'it\\'s'``), our only extension;
-* a bad character ends the message with ``JSON parse error, stray '<c>'``;
-  a malformed message with ``JSON parse error, <what the parser expected>``.
-  After an error the streamer starts afresh with the next token.
+* a bad byte ends the message with ``JSON parse error, stray '<token so far>'``;
+  the lexer then skips to the next structural or control character;
+* QEMU's limits (:data:`MAX_TOKEN_SIZE`, :data:`MAX_TOKENS`,
+  :data:`MAX_DEPTH`) end the message with ``JSON token size limit exceeded``,
+  ``JSON token count limit exceeded`` or ``JSON nesting depth limit
+  exceeded``; reading goes on with the next token;
+* a malformed message gets ``JSON parse error, <what the parser expected>``
+  from :func:`parse`, which needs no recursion at any depth allowed.
 
 Output is ASCII JSON (non-ASCII escaped), one object per message, ended by
 CRLF (:func:`encode`). :func:`check_request` validates the top level of a
@@ -18,13 +25,17 @@ request in QEMU's order (``qapi/qmp-dispatch.c``).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from ..errors import BlkjobsError
 
-#: QEMU's json-streamer limits: nesting depth and tokens per message.
+#: QEMU's json-streamer limits (qobject/json-streamer.c, json-lexer.c): the
+#: bytes of one token and of all the tokens of a message, tokens per message,
+#: nesting depth (objects and arrays together).
+MAX_TOKEN_SIZE = 64 << 20
+MAX_TOKENS = 2 << 20
 MAX_DEPTH = 1024
-MAX_TOKENS = 2 * 1024 * 1024
 
 
 class QMPError(BlkjobsError):
@@ -37,8 +48,43 @@ class QMPError(BlkjobsError):
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    """One message as the server writes it: ASCII JSON + CRLF."""
-    return json.dumps(obj, ensure_ascii=True).encode("ascii") + b"\r\n"
+    """One message as the server writes it: ASCII JSON + CRLF. Values nested
+    deeper than Python's recursion limit allows (an ``id`` may nest up to
+    :data:`MAX_DEPTH`) are written without recursion."""
+    try:
+        text = json.dumps(obj, ensure_ascii=True)
+    except RecursionError:
+        text = _dumps_deep(obj)
+    return text.encode("ascii") + b"\r\n"
+
+
+def _dumps_deep(obj: Any) -> str:
+    """``json.dumps(obj, ensure_ascii=True)`` without recursion."""
+    out: list[str] = []
+    # work items: a value to write, or a literal string (str in a 1-tuple)
+    todo: list[Any] = [obj]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, tuple):
+            out.append(item[0])
+        elif isinstance(item, dict):
+            parts: list[Any] = [("{",)]
+            for k, (key, v) in enumerate(item.items()):
+                parts.append((("" if k == 0 else ", ") + json.dumps(str(key)) + ": ",))
+                parts.append(v)
+            parts.append(("}",))
+            todo.extend(reversed(parts))
+        elif isinstance(item, list):
+            parts = [("[",)]
+            for k, v in enumerate(item):
+                if k:
+                    parts.append((", ",))
+                parts.append(v)
+            parts.append(("]",))
+            todo.extend(reversed(parts))
+        else:
+            out.append(json.dumps(item, ensure_ascii=True))
+    return "".join(out)
 
 
 def error_reply(e: QMPError, req_id: Any = None, has_id: bool = False) -> dict[str, Any]:
@@ -53,146 +99,158 @@ def greeting(version: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
-# Lexer: text -> tokens (kind, value)
+# Lexer + streamer (json-lexer.c, json-streamer.c), incremental over bytes
+#
+# The lexer keeps its state between feeds (inside a string, a number, a
+# keyword, or recovering from an error), so every byte is scanned once,
+# whatever the size of a message and however it is split into reads. Limits
+# are QEMU's: a token longer than MAX_TOKEN_SIZE bytes is cut there, a message
+# whose tokens add up to MAX_TOKEN_SIZE or more, has MAX_TOKENS tokens or more,
+# or nests deeper than MAX_DEPTH (objects and arrays together) is refused with
+# QEMU's error, and the lexer carries on from the next byte.
 
-_PUNCT = {"{": "{", "}": "}", "[": "[", "]": "]", ",": ",", ":": ":"}
+_PUNCT = frozenset(b"{}[],:")
 _KEYWORDS = {"true": True, "false": False, "null": None}
-_ESC = {'"': '"', "'": "'", "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n",
-        "r": "\r", "t": "\t"}
-
-
-class _Stray(Exception):
-    def __init__(self, text: str):
-        self.text = text
+_SIMPLE_ESC = {ord('"'): '"', ord("'"): "'", ord("\\"): "\\", ord("/"): "/", ord("b"): "\b",
+               ord("f"): "\f", ord("n"): "\n", ord("r"): "\r", ord("t"): "\t"}
+_WS = re.compile(rb"[ \t\r\n]*")
+#: The body of a string: any byte 0x20-0xFD but the quote and the backslash,
+#: or a backslash and such a byte (escapes are checked by the parser).
+_STR_BODY = {q: re.compile(rb"(?:[^%s\\\x00-\x1f\xfe\xff]++|\\[^\x00-\x1f\xfe\xff])*+"
+                           % re.escape(bytes([q]))) for q in b"\"'"}
+_NUM_BODY = re.compile(rb"[0-9.eE+-]*")
+_KW_BODY = re.compile(rb"[A-Za-z0-9]*")
+#: After a lexical error QEMU skips bytes up to a structural character, a
+#: control character other than tab, or 0xFE/0xFF (not consumed).
+_RECOVER = re.compile(rb"[\t\x20-\x5a\x5c\x5e-\x7a\x7c\x7e-\xfd]*")
 
 
 class JsonStreamer:
-    """Feed text with :meth:`feed`; it returns the finished messages, each
-    ``(value, None)`` or ``(None, error_text)``.
-
-    Tokens are complete only once the character after them arrived (numbers,
-    keywords), so a partial token waits in ``_buf`` for the next feed.
-    """
+    """Feed bytes with :meth:`feed`; it returns the finished messages, each
+    ``(tokens, None)`` (give the tokens to :func:`parse`) or ``(None,
+    error_text)``. Work per feed is linear in the bytes fed."""
 
     def __init__(self) -> None:
-        self._buf = ""
+        # lexer
+        self._kind: str | None = None      # "str", "num", "kw", "recover" or None
+        self._quote = 0
+        self._parts: list[bytes] = []      # the token so far
+        self._tlen = 0
+        self._carry = b""                  # a backslash that ended the last feed
+        # streamer
         self._tokens: list[tuple[str, Any]] = []
+        self._size = 0
         self._braces = 0
         self._brackets = 0
 
-    def feed(self, text: str) -> list[tuple[Any, str | None]]:
-        self._buf += text
-        out: list[tuple[Any, str | None]] = []
-        s, i, n = self._buf, 0, len(self._buf)
+    def feed(self, data: bytes) -> list[tuple[list | None, str | None]]:
+        out: list[tuple[list | None, str | None]] = []
+        if self._carry:
+            data, self._carry = self._carry + data, b""
+        i, n = 0, len(data)
         while i < n:
-            c = s[i]
-            if c in " \t\r\n":
-                i += 1
-                continue
-            if c in _PUNCT:
-                self._token(c, None, out)
-                i += 1
-                continue
-            if c in "\"'":
-                j = self._scan_string(s, i)
-                if j is None:
-                    break           # incomplete: wait for more
-                if isinstance(j, _Stray):
-                    self._stray(j.text, out)
-                    i = i + len(j.text)
+            kind = self._kind
+            if kind is None:
+                i = _WS.match(data, i).end()
+                if i >= n:
+                    break
+                c = data[i]
+                if c in _PUNCT:
+                    self._token(chr(c), None, 1, out)
+                    i += 1
                     continue
-                end, value = j
-                self._token("str", value, out)
-                i = end
-                continue
-            if c == "-" or c.isdigit():
-                j = i + 1
-                while j < n and (s[j].isdigit() or s[j] in ".eE+-"):
-                    j += 1
-                if j == n:
-                    break
-                text = s[i:j]
-                try:
-                    value: Any = int(text) if text.lstrip("-").isdigit() else float(text)
-                except ValueError:
-                    self._stray(text, out)
+                if c == 0x22 or c == 0x27:
+                    self._kind, self._quote = "str", c
+                    self._parts, self._tlen = [data[i:i + 1]], 1
+                    i += 1
+                    continue
+                if c == 0x2D or 0x30 <= c <= 0x39:
+                    self._kind = "num"
+                elif 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A:
+                    self._kind = "kw"
                 else:
-                    self._token("num", value, out)
-                i = j
+                    self._stray(data[i:i + 1], out)
+                    i += 1
+                    continue
+                self._parts, self._tlen = [], 0
                 continue
-            if c.isalpha():
-                j = i + 1
-                while j < n and s[j].isalnum():
-                    j += 1
-                if j == n:
-                    break
-                word = s[i:j]
-                self._token("kw", word, out)
-                i = j
+            if kind == "recover":
+                i = _RECOVER.match(data, i).end()
+                if i < n:
+                    self._kind = None
                 continue
-            self._stray(c, out)
-            i += 1
-        self._buf = s[i:]
+            end = min(n, i + MAX_TOKEN_SIZE + 1 - self._tlen)
+            if kind == "str":
+                j = _STR_BODY[self._quote].match(data, i, end).end()
+                self._parts.append(data[i:j])
+                self._tlen += j - i
+                if j == end:
+                    i = j
+                    if self._tlen > MAX_TOKEN_SIZE:
+                        self._too_long(out)
+                    continue
+                c = data[j]
+                if c == self._quote:
+                    self._parts.append(data[j:j + 1])
+                    raw = b"".join(self._parts)
+                    self._kind, self._parts = None, []
+                    self._token("str", raw, self._tlen + 1, out)
+                    i = j + 1
+                    continue
+                if c == 0x5C and j + 1 == end:
+                    if end == n:            # the escaped byte comes with the next feed
+                        self._carry = data[j:]
+                        i = n
+                        continue
+                    self._tlen += 1         # QEMU cuts the token right after the backslash
+                    self._too_long(out)
+                    i = end
+                    continue
+                # a control character (maybe escaped) or 0xFE/0xFF
+                bad = j + 2 if c == 0x5C else j + 1
+                self._parts.append(data[j:bad])
+                self._stray(b"".join(self._parts), out)
+                i = bad
+                continue
+            body = _NUM_BODY if kind == "num" else _KW_BODY
+            j = body.match(data, i, end).end()
+            self._parts.append(data[i:j])
+            self._tlen += j - i
+            i = j
+            if j == end:
+                if self._tlen > MAX_TOKEN_SIZE:
+                    self._too_long(out)
+                continue
+            text = b"".join(self._parts).decode("ascii")
+            self._kind, self._parts = None, []
+            if kind == "kw":
+                self._token("kw", text, len(text), out)
+                continue
+            try:
+                value: Any = int(text) if text.lstrip("-").isdigit() else float(text)
+            except ValueError:
+                self._stray(text.encode(), out)
+            else:
+                self._token("num", value, len(text), out)
         return out
 
-    @staticmethod
-    def _scan_string(s: str, i: int):
-        """(end, value), None if incomplete, or _Stray on a bad escape/char."""
-        q = s[i]
-        j, n = i + 1, len(s)
-        parts: list[str] = []
-        while j < n:
-            c = s[j]
-            if c == q:
-                return j + 1, "".join(parts)
-            if c == "\\":
-                if j + 1 >= n:
-                    return None
-                e = s[j + 1]
-                if e in _ESC:
-                    parts.append(_ESC[e])
-                    j += 2
-                    continue
-                if e == "u":
-                    if j + 6 > n:
-                        return None
-                    hx = s[j + 2:j + 6]
-                    try:
-                        cp = int(hx, 16)
-                    except ValueError:
-                        return _Stray(s[i:j + 2])
-                    # a surrogate pair becomes one character
-                    if 0xD800 <= cp < 0xDC00 and s[j + 6:j + 8] == "\\u":
-                        if j + 12 > n:
-                            return None
-                        try:
-                            lo = int(s[j + 8:j + 12], 16)
-                        except ValueError:
-                            lo = 0
-                        if 0xDC00 <= lo < 0xE000:
-                            parts.append(chr(0x10000 + ((cp - 0xD800) << 10) + lo - 0xDC00))
-                            j += 12
-                            continue
-                    parts.append(chr(cp))
-                    j += 6
-                    continue
-                return _Stray(s[i:j + 2])
-            if ord(c) < 0x20:
-                return _Stray(s[i:j + 1])
-            parts.append(c)
-            j += 1
-        return None
+    def _too_long(self, out: list) -> None:
+        self._kind, self._parts = None, []
+        self._reset()
+        out.append((None, "JSON token size limit exceeded"))
 
     # -- streamer (json-streamer.c) -----------------------------------------
     def _reset(self) -> None:
         self._tokens = []
+        self._size = 0
         self._braces = self._brackets = 0
 
-    def _stray(self, text: str, out: list) -> None:
+    def _stray(self, raw: bytes, out: list) -> None:
+        self._kind, self._parts = "recover", []
         self._reset()
-        out.append((None, f"JSON parse error, stray '{text}'"))
+        out.append((None, f"JSON parse error, stray '{raw.decode('utf-8', 'replace')}'"))
 
-    def _token(self, kind: str, value: Any, out: list) -> None:
+    def _token(self, kind: str, value: Any, length: int, out: list) -> None:
         if kind == "{":
             self._braces += 1
         elif kind == "}":
@@ -201,107 +259,180 @@ class JsonStreamer:
             self._brackets += 1
         elif kind == "]":
             self._brackets -= 1
-        self._tokens.append((kind, value))
-        if self._braces > MAX_DEPTH or self._brackets > MAX_DEPTH \
-                or len(self._tokens) > MAX_TOKENS:
+        err = None
+        if self._size + length + 1 > MAX_TOKEN_SIZE:
+            err = "JSON token size limit exceeded"
+        elif len(self._tokens) + 1 > MAX_TOKENS:
+            err = "JSON token count limit exceeded"
+        elif self._braces + self._brackets > MAX_DEPTH:
+            err = "JSON nesting depth limit exceeded"
+        if err is not None:
             self._reset()
-            out.append((None, "JSON parse error, JSON nesting too deep or token count exceeded"))
+            out.append((None, err))
             return
+        self._tokens.append((kind, value))
+        self._size += length
         if (self._braces > 0 or self._brackets > 0) and self._braces >= 0 \
                 and self._brackets >= 0:
             return
         tokens = self._tokens
         self._reset()
-        try:
-            value, _ = _parse_value(tokens, 0)
-        except _ParseError as e:
-            out.append((None, f"JSON parse error, {e}"))
-            return
-        out.append((value, None))
+        out.append((tokens, None))
 
 
 # --------------------------------------------------------------------------
-# Parser (json-parser.c messages)
+# Parser (json-parser.c messages), iterative: any depth the streamer lets
+# through parses without Python recursion.
 
 
 class _ParseError(Exception):
     pass
 
 
-def _parse_value(toks: list, i: int) -> tuple[Any, int]:
-    if i >= len(toks):
-        raise _ParseError("premature EOI")
-    kind, v = toks[i]
-    if kind == "{":
-        return _parse_object(toks, i + 1)
-    if kind == "[":
-        return _parse_array(toks, i + 1)
-    if kind in ("str", "num"):
-        return v, i + 1
-    if kind == "kw":
-        if v in _KEYWORDS:
-            return _KEYWORDS[v], i + 1
-        raise _ParseError(f"invalid keyword '{v}'")
-    raise _ParseError("expecting value")
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _ParseError("invalid UTF-8 sequence in string") from None
 
 
-def _parse_pair(toks: list, i: int, obj: dict) -> int:
-    if i >= len(toks):
+def _hex4(b: bytes, i: int) -> int:
+    t = b[i:i + 4]
+    if len(t) != 4 or not all(c in b"0123456789abcdefABCDEF" for c in t):
+        return -1
+    return int(t, 16)
+
+
+def _string(raw: bytes) -> str:
+    """A string token's value (QEMU's parse_string)."""
+    body = raw[1:-1]
+    if b"\\" not in body:
+        return _utf8(body)
+    out: list[str] = []
+    pos = 0
+    while True:
+        k = body.find(b"\\", pos)
+        if k < 0:
+            out.append(_utf8(body[pos:]))
+            return "".join(out)
+        if k > pos:
+            out.append(_utf8(body[pos:k]))
+        e = body[k + 1]
+        if e in _SIMPLE_ESC:
+            out.append(_SIMPLE_ESC[e])
+            pos = k + 2
+            continue
+        if e != 0x75:       # 'u'
+            raise _ParseError("invalid escape sequence in string")
+        cp = _hex4(body, k + 2)
+        end = k + 6
+        if 0xD800 <= cp <= 0xDBFF and body[end:end + 2] == b"\\u":
+            lo = _hex4(body, end + 2)
+            if 0xDC00 <= lo <= 0xDFFF:
+                cp = 0x10000 + ((cp & 0x3FF) << 10) + (lo & 0x3FF)
+                end += 6
+            else:
+                cp = -1
+        if cp < 0 or 0xD800 <= cp <= 0xDFFF:
+            raise _ParseError(f"{body[k:end].decode('utf-8', 'replace')} is not a valid "
+                              "Unicode character")
+        out.append(chr(cp))
+        pos = end
+
+
+def _pair_key(toks: list, i: int) -> tuple[str, int]:
+    """The key and ':' of an object member at ``i``; returns (key, index of
+    its value)."""
+    n = len(toks)
+    if i >= n:
         raise _ParseError("premature EOI")
-    kind, key = toks[i]
+    kind, raw = toks[i]
     if kind != "str":
         raise _ParseError("key is not a string in object")
-    i += 1
-    if i >= len(toks):
+    key = _string(raw)
+    if i + 1 >= n:
         raise _ParseError("premature EOI")
-    if toks[i][0] != ":":
+    if toks[i + 1][0] != ":":
         raise _ParseError("missing : in object pair")
-    i += 1
-    if i >= len(toks):
+    if i + 2 >= n:
         raise _ParseError("premature EOI")
-    value, i = _parse_value(toks, i)
-    if key in obj:
-        raise _ParseError("duplicate key")
-    obj[key] = value
-    return i
+    return key, i + 2
 
 
-def _parse_object(toks: list, i: int) -> tuple[dict, int]:
-    obj: dict[str, Any] = {}
-    if i >= len(toks):
-        raise _ParseError("premature EOI")
-    if toks[i][0] == "}":
-        return obj, i + 1
-    i = _parse_pair(toks, i, obj)
+def parse(toks: list) -> tuple[Any, str | None]:
+    """One message's tokens -> ``(value, None)`` or ``(None, error_text)``."""
+    try:
+        return _parse(toks), None
+    except _ParseError as e:
+        return None, f"JSON parse error, {e}"
+
+
+def _parse(toks: list) -> Any:
+    n = len(toks)
+    i = 0
+    # open containers: [is_object, container, key of the member being parsed]
+    stack: list[list] = []
     while True:
-        if i >= len(toks):
+        # a value starts at i
+        if i >= n:
             raise _ParseError("premature EOI")
-        kind = toks[i][0]
-        if kind == "}":
-            return obj, i + 1
-        if kind != ",":
-            raise _ParseError("expected separator in dict")
-        i = _parse_pair(toks, i + 1, obj)
-
-
-def _parse_array(toks: list, i: int) -> tuple[list, int]:
-    arr: list[Any] = []
-    if i >= len(toks):
-        raise _ParseError("premature EOI")
-    if toks[i][0] == "]":
-        return arr, i + 1
-    v, i = _parse_value(toks, i)
-    arr.append(v)
-    while True:
-        if i >= len(toks):
-            raise _ParseError("premature EOI")
-        kind = toks[i][0]
-        if kind == "]":
-            return arr, i + 1
-        if kind != ",":
-            raise _ParseError("expected separator in list")
-        v, i = _parse_value(toks, i + 1)
-        arr.append(v)
+        kind, v = toks[i]
+        i += 1
+        if kind == "{":
+            if i >= n:
+                raise _ParseError("premature EOI")
+            if toks[i][0] != "}":
+                key, i = _pair_key(toks, i)
+                stack.append([True, {}, key])
+                continue
+            value: Any = {}
+            i += 1
+        elif kind == "[":
+            if i >= n:
+                raise _ParseError("premature EOI")
+            if toks[i][0] != "]":
+                stack.append([False, [], None])
+                continue
+            value = []
+            i += 1
+        elif kind == "str":
+            value = _string(v)
+        elif kind == "num":
+            value = v
+        elif kind == "kw":
+            if v not in _KEYWORDS:
+                raise _ParseError(f"invalid keyword '{v}'")
+            value = _KEYWORDS[v]
+        else:
+            raise _ParseError("expecting value")
+        # a value is complete: store it in its container, close finished ones
+        while True:
+            if not stack:
+                return value
+            frame = stack[-1]
+            is_obj, cont = frame[0], frame[1]
+            if is_obj:
+                if frame[2] in cont:
+                    raise _ParseError("duplicate key")
+                cont[frame[2]] = value
+            else:
+                cont.append(value)
+            if i >= n:
+                raise _ParseError("premature EOI")
+            k = toks[i][0]
+            if k == ("}" if is_obj else "]"):
+                stack.pop()
+                value = cont
+                i += 1
+                continue
+            if k != ",":
+                raise _ParseError("expected separator in dict" if is_obj
+                                  else "expected separator in list")
+            if is_obj:
+                frame[2], i = _pair_key(toks, i + 1)
+            else:
+                i += 1
+            break
 
 
 # --------------------------------------------------------------------------

@@ -18,22 +18,58 @@ overtaken by that command's reply, and events keep their order everywhere.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import collections
 import concurrent.futures
 import itertools
 import logging
+import os
+import socket
+import sys
 import threading
 from typing import Any
 
 from ..job import Event
 from .commands import Commands, version
-from .protocol import JsonStreamer, QMPError, check_request, encode, error_reply, greeting
+from .protocol import (JsonStreamer, QMPError, check_request, encode, error_reply, greeting,
+                       parse)
 from .schema import COMMANDS, check_arguments
 
 NEGOTIATE = "qmp_capabilities"
 #: Each monitor logs to ``blkjobs.daemon.monitor.<n>`` (n counts connections).
 MONITOR_LOGGER = __name__.rpartition(".")[0] + ".monitor"
+#: Messages with more tokens than this are parsed in a thread, so that the
+#: event loop keeps serving the other monitors meanwhile.
+PARSE_IN_THREAD = 4096
+
+
+def internal_error(what: str, e: BaseException) -> QMPError:
+    """An unexpected exception (a bug) as an error reply; the connection
+    stays up. One line goes to stderr for whoever runs the daemon."""
+    desc = f"internal error in {what}: {type(e).__name__}: {e}"
+    try:
+        print(f"blkjobs serve: {desc}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+    return QMPError(desc)
+
+
+def listen_unix(path: str) -> socket.socket:
+    """A listening UNIX socket at ``path``, mode 0600 whatever the umask:
+    QMP has no authentication, so only the daemon's user may connect."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o077)       # no window with a wider mode
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(100)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Monitor:
@@ -49,7 +85,11 @@ class Monitor:
 
     def send(self, obj: dict[str, Any]) -> None:
         if not self.closed:
-            self.writer.write(encode(obj))
+            try:
+                data = encode(obj)
+            except Exception as e:      # a result that is not JSON: a bug
+                data = encode(error_reply(internal_error("reply", e)))
+            self.writer.write(data)
 
 
 class Server:
@@ -99,7 +139,8 @@ class Server:
         self._stop = asyncio.Event()
         self.eng.add_listener(self._listener)
         for path in unix_paths:
-            self._servers.append(await asyncio.start_unix_server(self._connection, path))
+            self._servers.append(await asyncio.start_unix_server(self._connection,
+                                                                 sock=listen_unix(path)))
         for host, port in tcp:
             self._servers.append(await asyncio.start_server(self._connection, host, port))
 
@@ -160,14 +201,20 @@ class Server:
         self.monitors.append(mon)
         mon.log.info("connected on %s", writer.get_extra_info("sockname") or "?")
         mon.send(greeting(version()))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         streamer = JsonStreamer()
+        loop = asyncio.get_running_loop()
         try:
             while not mon.closed:
                 data = await reader.read(65536)
                 if not data:
                     break
-                for value, err in streamer.feed(decoder.decode(data)):
+                for tokens, err in streamer.feed(data):
+                    value = None
+                    if tokens is not None:
+                        if len(tokens) > PARSE_IN_THREAD:
+                            value, err = await loop.run_in_executor(None, parse, tokens)
+                        else:
+                            value, err = parse(tokens)
                     reply = await self._request(mon, value, err)
                     self._pump()
                     if reply is not None:
@@ -195,6 +242,9 @@ class Server:
         except QMPError as e:
             mon.log.debug("-> error %s: %s", e.cls, e.desc)
             return error_reply(e, req_id, has_id)
+        except Exception as e:          # a bug: answer, keep the connection
+            name = value.get("execute") if isinstance(value, dict) else None
+            return error_reply(internal_error(f"command '{name}'", e), req_id, has_id)
         out: dict[str, Any] = {"return": result}
         if has_id:
             out["id"] = req_id
