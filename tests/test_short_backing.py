@@ -167,3 +167,42 @@ def test_rebase_unsafe_with_short_backings(tmp_path):
     both(tmp_path, _short_old(2 * K, new_size=K),
          ["rebase", "-u", "-b", "new.qcow2", "-F", "qcow2", "t.qcow2"],
          ["rebase", "-u", "-b", "new.qcow2", "-F", "qcow2", "t.qcow2"], "t.qcow2")
+
+
+# -- stream / commit through an intermediate shorter than the top ----------------
+def _chain(base_size, mid_size, top_size=6 * K):
+    """base (0x11 everywhere) <- mid (0x22 in its second cluster) <- t (0x44
+    in its first sector, 0x33 in its last cluster)."""
+    def setup(d):
+        mk(d / "base.qcow2", base_size)
+        qemu_io(d / "base.qcow2", f"write -P 0x11 0 {base_size}")
+        mk(d / "mid.qcow2", mid_size, "base.qcow2")
+        qemu_io(d / "mid.qcow2", f"write -P 0x22 {K} {K}")
+        mk(d / "t.qcow2", top_size, "mid.qcow2")
+        qemu_io(d / "t.qcow2", f"write -P 0x33 {top_size - K} {K}", "write -P 0x44 0 512")
+    return setup
+
+
+@pytest.mark.parametrize("sizes", [(6 * K, 2 * K), (2 * K, 6 * K), (K, 2 * K)])
+def test_stream_onto_base_keeps_zeroes_past_a_short_intermediate(tmp_path, sizes):
+    """t reads zeroes past mid's end; after streaming onto base it must not
+    read base's data there: the same result as qemu-img rebase -b base."""
+    (ours, _), _ = both(tmp_path, _chain(*sizes), ["stream", "-b", "base.qcow2", "t.qcow2"],
+                        ["rebase", "-b", "base.qcow2", "-F", "qcow2", "t.qcow2"], "t.qcow2")
+    assert ours[2 * K:5 * K] == bytes(3 * K)
+
+
+def test_stream_whole_chain_with_a_short_intermediate(tmp_path):
+    """Nothing is below the short mid once t is standalone: past its end t
+    stays unallocated (reads zeroes), as after qemu-img rebase -b ''."""
+    both(tmp_path, _chain(6 * K, 2 * K), ["stream", "t.qcow2"], ["rebase", "-b", "", "t.qcow2"],
+         "t.qcow2")
+
+
+def test_commit_into_base_below_a_short_intermediate(tmp_path):
+    """Committing t (through mid, shorter) into base: base must read t's
+    zeroes past mid's end, as after qemu-img commit -b base."""
+    (ours, _), _ = both(tmp_path, _chain(6 * K, 2 * K),
+                        ["commit", "-d", "-b", "base.qcow2", "t.qcow2"],
+                        ["commit", "-q", "-d", "-b", "base.qcow2", "t.qcow2"], "base.qcow2")
+    assert ours[2 * K:5 * K] == bytes(3 * K)
