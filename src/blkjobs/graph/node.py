@@ -356,9 +356,10 @@ class Node:
                 inside = max(0, min(m.start + m.length, bsize) - m.start)
                 if inside:
                     self.backing._status(m.start, inside, depth + 1, out)
-                if inside < m.length:
+                if inside < m.length:       # zeroes past a short backing node's end
+                    hides = any(n.size > m.start + inside for n in self.backing.chain()[1:])
                     _emit(out, m.start + inside, m.length - inside, depth + 1,
-                          False, True, False, False, None)
+                          False, True, False, False, None, eof=hides)
                 continue
             if m.kind == Kind.DATA:
                 _emit(out, m.start, m.length, depth, True, False, True, False, m.host_offset)
@@ -430,13 +431,17 @@ class Node:
             n.close()
 
 
-def _emit(out, start, length, depth, present, zero, data, compressed, offset):
+def _emit(out, start, length, depth, present, zero, data, compressed, offset, eof=False):
+    """``eof``: zeroes past the end of the node at ``depth`` (shorter than
+    its overlay) that hide a longer node below it. Not "present", yet that
+    node provides them (QEMU counts them as allocated there)."""
     if length <= 0:
         return
     if out:
         p = out[-1]
-        if (p["depth"], p["present"], p["zero"], p["data"], p["compressed"]) == \
-                (depth, present, zero, data, compressed) and p["start"] + p["length"] == start \
+        if (p["depth"], p["present"], p["zero"], p["data"], p["compressed"],
+                p.get("eof", False)) == (depth, present, zero, data, compressed, eof) \
+                and p["start"] + p["length"] == start \
                 and (offset is None) == ("offset" not in p) \
                 and (offset is None or p["offset"] + p["length"] == offset):
             p["length"] += length
@@ -445,6 +450,8 @@ def _emit(out, start, length, depth, present, zero, data, compressed, offset):
          "zero": zero, "data": data, "compressed": compressed}
     if offset is not None:
         e["offset"] = offset
+    if eof:
+        e["eof"] = True
     out.append(e)
 
 

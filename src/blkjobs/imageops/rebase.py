@@ -3,8 +3,11 @@
 Safe mode (default): for every run that the overlay does not allocate itself
 (it reads from the old backing chain), the old and the new backing contents
 are compared — runs that read as zeroes on both sides by block status are not
-read — and the overlay clusters that differ are written with the *old*
+read — and the overlay (sub)clusters that differ are written with the *old*
 content (consecutive ones in one write), so the guest view does not change.
+Past the old backing's end, or everywhere when there is none, the old content
+is zeroes: there the differing (sub)clusters become zero clusters (a zero
+write), as with qemu-img, not data.
 Then the header is rewritten (name and format). ``unsafe`` (-u) only rewrites
 the header. ``backing=None`` (``-b ""``) makes the image standalone: every
 non-zero byte of the old chain is copied into it.
@@ -49,7 +52,7 @@ def rebase(path: str, backing: str | None, backing_fmt: str | None = None,
             if new is not None and any(os.path.samefile(n.filename, path) for n in new.chain()):
                 raise UsageError(f"rebase: '{path}' would be its own backing file")
             top.take("rebase", Perm.WRITE | Perm.CONSISTENT_READ)
-            if top.backing is not None:
+            if top.backing is not None or new is not None:
                 _copy_differences(top, new)
             top.flush()
             top.driver.set_backing(backing, backing_fmt)
@@ -75,7 +78,10 @@ def _covered(runs, a, b):
 
 
 def _copy_differences(top, new) -> None:
+    """``top.backing`` (the old backing, possibly None: it then reads as
+    zeroes, as it does past its end) against ``new`` (None: zeroes)."""
     old = top.backing
+    old_end = old.size if old is not None else 0
     size = top.size
     cs = top.driver.cluster_size
     va, vb = memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))
@@ -93,29 +99,58 @@ def _copy_differences(top, new) -> None:
                 if _covered(oz, off, off + k) and _covered(nz, off, off + k):
                     off += k
                     continue
-                old._read_below(off, va[:k])
+                if old is None:
+                    va[:k] = zero[:k]
+                else:
+                    old._read_below(off, va[:k])
                 if new is None:
                     vb[:k] = zero[:k]
                 else:
                     new._read_below(off, vb[:k])
                 if va[:k] != vb[:k]:
-                    _write_differing(top, off, va[:k], vb[:k], cs)
+                    _write_differing(top, off, va[:k], vb[:k], old_end, oz)
                 off += k
         pos += n
 
 
-def _write_differing(top, off, a, b, cs):
-    """Write the clusters of ``a`` that differ from ``b`` into ``top``,
-    consecutive differing clusters in one write."""
+def _write_differing(top, off, a, b, old_end, oz):
+    """Write into ``top`` the (sub)clusters where ``a`` (the old backing's
+    content at ``off``) differs from ``b`` (the new one's), consecutive ones
+    of one kind in one request, as qemu-img does it: the old data where the
+    old backing has data; past its end (``old_end``) zeroes, written as a
+    zero request (zero clusters, not data). A (sub)cluster across old_end
+    whose old part does not differ gets zeroes from old_end on, or as a whole
+    when its old part is zero by block status (``oz``, as qemu's zero write
+    checks)."""
+    drv = top.driver
+    g = getattr(drv, "scs", None) or drv.cluster_size     # allocation granule
+    zero = bytes(g)
+    reqs = []                                   # [kind, start, end] in image offsets
     i, n = 0, len(a)
-    run = None
     while i < n:
-        j = min(n, (off + i) // cs * cs + cs - off)
-        if a[i:j] != b[i:j]:
-            run = (run[0], j) if run else (i, j)
-        elif run:
-            top.write(off + run[0], a[run[0]:run[1]])
-            run = None
+        j = min(n, (off + i) // g * g + g - off)
+        gs, ge = off + i, off + j
+        req = None
+        if ge <= old_end:
+            if a[i:j] != b[i:j]:
+                req = ("data", gs, ge)
+        elif gs >= old_end:
+            if b[i:j] != zero[:j - i]:
+                req = ("zero", gs, ge)
+        else:                                   # across the old backing's end
+            m = old_end - off
+            if a[i:m] != b[i:m]:
+                req = ("data", gs, ge)
+            elif b[m:j] != zero[:j - m]:
+                req = ("zero", gs if _covered(oz, gs, old_end) else old_end, ge)
+        if req:
+            if reqs and reqs[-1][0] == req[0] and reqs[-1][2] == req[1]:
+                reqs[-1][2] = req[2]
+            else:
+                reqs.append(list(req))
         i = j
-    if run:
-        top.write(off + run[0], a[run[0]:run[1]])
+    for kind, s, e in reqs:
+        if kind == "data":
+            top.write(s, a[s - off:e - off])
+        else:
+            top.write_zeroes(s, e - s, may_unmap=False)

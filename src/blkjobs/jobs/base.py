@@ -79,10 +79,13 @@ def select_full(run: dict) -> str:
 
 def select_window(lo: int, hi: int | None) -> Select:
     """Only runs provided by layers lo <= depth < hi (hi None: to the end of
-    the chain); a run past the chain's end (not present) is skipped."""
+    the chain); a run past the chain's end (not present) is skipped, but not
+    the zeroes past a short layer's end that hide the layers from ``hi`` on
+    (``eof``): they are the guest view, which those layers must not show."""
     def select(run: dict) -> str:
         d = run["depth"]
-        if d < lo or (hi is not None and d >= hi) or not run["present"]:
+        if d < lo or (hi is not None and d >= hi) or \
+                not (run["present"] or (hi is not None and run.get("eof"))):
             return "skip"
         return "copy" if run["data"] else "zero"
     return select
