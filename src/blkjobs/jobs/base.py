@@ -246,6 +246,7 @@ class Mover:
         self._pool: list[CopyEngine] = []
         self._dst_raw = dst.driver.cluster_size == 0
         self._dst_is_ours = dst.driver
+        self._tls = threading.local()       # see plan (blkdebug break points)
 
     # -- the C engines ------------------------------------------------------
     # One engine per batch in flight (a pipeline of two batches: one copies
@@ -296,11 +297,9 @@ class Mover:
                 if r["zero"] and (r["depth"] == 0 or dst.backing is None)]
 
     def plan(self, off: int, length: int, stats: Stats,
-             undo: list[tuple[int, int, int, int]] | None = None,
-             passed: set | None = None) -> list[tuple]:
+             undo: list[tuple[int, int, int, int]] | None = None) -> list[tuple]:
         """Classify, allocate, do the Python-side parts; return engine items.
-        ``undo``: see ``Qcow2Driver.allocate``. ``passed``: the blkdebug
-        events this request already raised (planned again after a break)."""
+        ``undo``: see ``Qcow2Driver.allocate``."""
         src, dst = self.src, self.dst
         length = min(length, src.size - off, dst.size - off)
         if length <= 0:
@@ -327,6 +326,9 @@ class Mover:
         breaks = self.eng.__dict__.get("_breaks")
         if breaks is not None and breaks.rules:
             runs = list(runs)
+            # the blkdebug events this request raised already (it is planned
+            # again after a break point held it): set by start_areas
+            passed = getattr(self._tls, "passed", None)
             self._raise_events(chain, runs, off, length, set() if passed is None else passed)
         copy: list[tuple[int, int, tuple[int, int]]] = []   # (start, len, (fd, host))
         py: list[tuple[int, int]] = []                        # compressed source runs
@@ -533,7 +535,8 @@ class Mover:
                         o, n = pieces[i]
                         undo: list[tuple[int, int, int, int]] = []
                         try:
-                            items += self.plan(o, n, t.stats, undo, passed)
+                            self._tls.passed = passed
+                            items += self.plan(o, n, t.stats, undo)
                         except _Suspend as e:
                             held = e.held
                             break
