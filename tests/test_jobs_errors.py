@@ -146,12 +146,18 @@ def test_cancel_in_every_state(eng, tmp_path):
     eng.job_cancel("c")
     assert seq(ev, "c") == ["created", "aborting", "concluded", "null"]
     # running
-    job = eng.backup("src", "dst", sync="full", job_id="r", speed=256 << 10)
+    eng.blkdebug_break("dst", "pwritev", "w")
+    job = eng.backup("src", "dst", sync="full", job_id="r")
+    eng.blkdebug_wait_break("w")
     eng.job_cancel("r")
+    eng.blkdebug_resume("w")
     assert eng.wait_job(job, 20).value == "cancelled"
     # paused
-    job = eng.backup("src", "dst", sync="full", job_id="p", speed=256 << 10)
+    eng.blkdebug_break("dst", "pwritev", "w")
+    job = eng.backup("src", "dst", sync="full", job_id="p")
+    eng.blkdebug_wait_break("w")
     eng.job_pause("p")
+    eng.blkdebug_resume("w")
     eng.wait_status(job, "paused", timeout=10)
     eng.job_cancel("p")
     assert eng.wait_job(job, 20).value == "cancelled"

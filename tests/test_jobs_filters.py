@@ -44,10 +44,13 @@ def test_implicit_name_and_duplicate(eng, tmp_path):
     with pytest.raises(UsageError, match=r"^Duplicate nodes with node-name='tgt'$"):
         eng.backup("src", "tgt", sync="full", job_id="b0", filter_node_name="tgt")
     assert eng.query_jobs() == [] and eng.graph.parents(s) == []
-    job = eng.backup("src", "tgt", sync="full", job_id="b1", speed=1 * MiB)
+    eng.blkdebug_break("tgt", "pwritev", "w")      # the job stays running
+    job = eng.backup("src", "tgt", sync="full", job_id="b1")
+    eng.blkdebug_wait_break("w")
     [f] = eng.graph.parents(s)
     assert f.name.startswith("#block") and f.format == "copy-before-write"
     eng.job_cancel("b1")
+    eng.blkdebug_remove_break("w")
     eng.wait_job(job, 30)
     assert eng.graph.parents(s) == [] and f.name not in eng.graph.nodes
 
@@ -77,10 +80,12 @@ def test_stream_copy_on_read_filter(eng, tmp_path):
     view = snapshot(top, "qcow2", tmp_path / "view.raw")
     t = eng.open(top, node_name="top")
     vm = eng.attach(t)
-    job = eng.stream("top", job_id="s0", speed=1 * MiB, filter_node_name="cor")
+    eng.blkdebug_break("top", "write_aio", "w")    # the job stays running
+    job = eng.stream("top", job_id="s0", filter_node_name="cor")
+    eng.blkdebug_wait_break("w")
     f = eng.graph.nodes["cor"]
     assert f.format == "copy-on-read" and vm.node is f
-    eng.block_job_set_speed("s0", 0)
+    eng.blkdebug_resume("w")
     assert eng.wait_job(job, 30).value == "completed"
     assert "cor" not in eng.graph.nodes and vm.node is t and t.backing is None
     eng.close()
@@ -97,18 +102,21 @@ def test_commit_filter_above_top(eng, tmp_path, outcome):
     t = eng.open(top, node_name="top")
     m, b = t.chain()[1], t.chain()[2]
     vm = eng.attach(t)
-    job = eng.commit("top", top_node=m.name, base_node=b.name, job_id="c0", speed=1 * MiB,
+    eng.blkdebug_break(m.name, "read_aio", "w")    # the job stays running
+    job = eng.commit("top", top_node=m.name, base_node=b.name, job_id="c0",
                      filter_node_name="ct")
+    eng.blkdebug_wait_break("w")
     f = eng.graph.nodes["ct"]
     assert (f.format, f.file, t.backing) == ("commit_top", m, f)
     assert t.chain() == [t, f, m, b]
     assert vm.read(0, 4) == b"\x61" * 4 and vm.read(1 * MiB, 4) == b"\x51" * 4
     if outcome == "cancelled":
         eng.job_cancel("c0")
+        eng.blkdebug_resume("w")
         assert eng.wait_job(job, 30).value == "cancelled"
         assert "ct" not in eng.graph.nodes and t.backing is m and t.chain() == [t, m, b]
     else:
-        eng.block_job_set_speed("c0", 0)
+        eng.blkdebug_resume("w")
         assert eng.wait_job(job, 30).value == "completed"
         assert "ct" not in eng.graph.nodes and t.backing is b and t.chain() == [t, b]
         assert m.name not in eng.graph.nodes           # the intermediate left the graph

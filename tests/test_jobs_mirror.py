@@ -86,8 +86,11 @@ def test_forced_cancel_before_ready(eng, tmp_path):
     s = eng.open(src, node_name="src")
     eng.open(dst, node_name="dst")
     ev = eng.listen()
-    job = eng.mirror("src", "dst", sync="full", job_id="m0", speed=256 << 10)
+    eng.blkdebug_break("dst", "pwritev", "w")        # not ready yet
+    job = eng.mirror("src", "dst", sync="full", job_id="m0")
+    eng.blkdebug_wait_break("w")
     eng.block_job_cancel("m0")                        # soft before ready = forced
+    eng.blkdebug_resume("w")
     assert eng.wait_job(job, 20).value == "cancelled"
     assert ev.wait_for("BLOCK_JOB_CANCELLED", timeout=5)
     vm = eng.attach(s)

@@ -39,6 +39,7 @@ from ..graph import Node
 from ..job import ErrorAction, Job, JobDriver
 from ..native.copy import COPY, COPY_SPARSE, ZERO, CopyEngine, RunResult
 from ..native.ratelimit import TokenBucket
+from .blkdebug import quiet_breaks
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -215,6 +216,16 @@ class Ticket:
         self.unfilled: list[tuple[int, int]] = []
 
 
+class _Suspend(Exception):
+    """A blkdebug break point holds the request being planned (nothing of it
+    was done yet): :meth:`Mover.start_areas` waits outside the I/O lock and
+    plans it again."""
+
+    def __init__(self, held: Any):
+        super().__init__(held.tag)
+        self.held = held
+
+
 class Mover:
     """Moves guest ranges of ``src`` (read through its chain) into ``dst``.
 
@@ -240,6 +251,7 @@ class Mover:
         self._pool: list[CopyEngine] = []
         self._dst_raw = dst.driver.cluster_size == 0
         self._dst_is_ours = dst.driver
+        self._tls = threading.local()       # see plan (blkdebug break points)
         #: bytes that batches which did not land wrote into the target and
         #: that stayed there (no allocation put back), by batch offset; an
         #: entry goes when a batch over that offset lands (a retry)
@@ -325,10 +337,18 @@ class Mover:
             if item is not None:
                 return [item]
         chain = src.chain()
+        runs = src.block_status(off, length)
+        breaks = self.eng.__dict__.get("_breaks")
+        if breaks is not None and breaks.rules:
+            runs = list(runs)
+            # the blkdebug events this request raised already (it is planned
+            # again after a break point held it): set by start_areas
+            passed = getattr(self._tls, "passed", None)
+            self._raise_events(chain, runs, off, length, set() if passed is None else passed)
         copy: list[tuple[int, int, tuple[int, int]]] = []   # (start, len, (fd, host))
         py: list[tuple[int, int]] = []                        # compressed source runs
         zero: list[tuple[int, int]] = []
-        for r in src.block_status(off, length):
+        for r in runs:
             what = self.select(r)
             s, n = r["start"], r["length"]
             if what == "skip":
@@ -371,6 +391,47 @@ class Mover:
         for s, buf in bufs:
             self._tgt(dst.write, s, buf)
         return items
+
+    def _raise_events(self, chain: list[Node], runs: list[dict], off: int,
+                      length: int, passed: set) -> None:
+        """The blkdebug events of the request planned (see :mod:`.blkdebug`),
+        in order, before any of it is done: raises _Suspend when a break point
+        holds one. ``passed``: events raised already (not again), updated."""
+        def raise_(drv: Any, events: list[str], s: int, n: int) -> None:
+            take = getattr(drv, "take_break", None)
+            if take is None:
+                return
+            for ev in events:
+                key = (id(drv), ev, s)
+                if key in passed:
+                    continue
+                passed.add(key)
+                held = take((ev,), s, n)
+                if held:
+                    raise _Suspend(held)
+
+        copy: list[tuple[int, int, None]] = []
+        zero: list[tuple[int, int]] = []
+        for r in runs:
+            what = self.select(r)
+            if what == "copy":
+                raise_(chain[r["depth"]].driver, ["read_aio"], r["start"], r["length"])
+                copy.append((r["start"], r["length"], None))
+            elif what == "zero":
+                zero.append((r["start"], r["length"]))
+        take = getattr(self.dst.driver, "take_break", None)
+        if take is None:
+            return
+        events = []
+        if copy and not self._dst_raw and not self.compress and any(
+                not (r["depth"] == 0 and r["data"] and "offset" in r and not r["compressed"])
+                for s, n in self._need(copy) for r in self.dst.block_status(s, n)):
+            events.append("cluster_alloc")
+        if copy:
+            events += ["pwritev", "write_compressed" if self.compress else "write_aio"]
+        if zero and _subtract(_merge(zero), self._dst_reads_zero(off, length)):
+            events += ["pwritev", "pwritev_zero"]
+        raise_(self.dst.driver, events, off, length)
 
     def _write_zeroes(self, zero, off: int, length: int, items: list[tuple]) -> None:
         if zero:
@@ -478,15 +539,22 @@ class Mover:
         pieces = [(o, min(PLAN_CHUNK, off + length - o)) for off, length in areas
                   for o in range(off, off + length, PLAN_CHUNK)]
         i = 0
+        passed: set = set()         # blkdebug events piece i raised already
+        ce: CopyEngine | None = None
         try:
             while i < len(pieces):
-                with self.eng.io:
+                held = None
+                with self.eng.io, quiet_breaks():
                     budget, k = PLAN_CHUNK, 0
                     while i < len(pieces) and k < PLAN_AREAS and budget > 0:
                         o, n = pieces[i]
                         undo: list[tuple[int, int, int, int]] = []
                         try:
+                            self._tls.passed = passed
                             items += self.plan(o, n, t.stats, undo)
+                        except _Suspend as e:
+                            held = e.held
+                            break
                         finally:    # before the lock is let go (also in a
                             if undo:   # wait of the next plan): readers wait
                                 t.undo += undo
@@ -495,19 +563,32 @@ class Mover:
                         budget -= n
                         i += 1
                         k += 1
+                        passed = set()
+                if held is not None:
+                    # a break point holds piece i: what was planned before it
+                    # goes to the engine now (it must not wait with it)
+                    if items:
+                        if ce is None:
+                            ce = self._engine()
+                            t.done0 = ce.status().done
+                        ce.add(items)
+                        ce.run(0)
+                        items = []
+                    self.eng.__dict__["_breaks"].suspend(held)
         except BaseException:
-            self._give_back(t)      # what the planned part allocated is put back
+            self._drop(ce, t)       # what the planned part allocated is put back
             raise
         if items:
-            ce = self._engine()
             try:
-                t.done0 = ce.status().done
+                if ce is None:
+                    ce = self._engine()
+                    t.done0 = ce.status().done
                 ce.add(items)
                 ce.run(0)               # wake the workers; they keep going
             except BaseException:       # an error already (the first requests)
                 self._drop(ce, t)
                 raise
-            t.ce = ce
+        t.ce = ce
         return t
 
     def finish(self, t: Ticket, job: Job | None = None) -> Stats:

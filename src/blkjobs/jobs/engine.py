@@ -177,6 +177,8 @@ class Engine:
 
     def close(self) -> None:
         """Cancel what still runs, wait for it, close front ends and nodes."""
+        if self.__dict__.get("_breaks") is not None:
+            self._breaks.close()        # nothing may stay suspended
         for job in self.jobs.jobs():
             try:
                 if not job.is_completed:
@@ -211,6 +213,42 @@ class Engine:
             node = self.node(node)
             if isinstance(node.driver, Blkdebug):
                 node.driver = node.driver.inner
+
+    # -- blkdebug break points (see .blkdebug) ----------------------------
+    def _blkdebug_breaks(self) -> Any:
+        from .blkdebug import Breaks
+        b = self.__dict__.get("_breaks")
+        if b is None:
+            b = self._breaks = Breaks(self.io)
+        return b
+
+    def blkdebug_break(self, node: str | Node, event: str, tag: str) -> None:
+        """Suspend the next request raising ``event`` on ``node`` before it
+        runs, under ``tag`` (qemu-io's ``break EVENT TAG``; fires once)."""
+        from .blkdebug import Blkdebug
+        breaks = self._blkdebug_breaks()
+        with self.io:
+            node = self.node(node)
+            if not isinstance(node.driver, Blkdebug):
+                node.driver = Blkdebug(node.driver, [])
+            node.driver.breaks, node.driver.node_name = breaks, node.name
+            breaks.add(node.driver, event, tag)
+
+    def blkdebug_wait_break(self, tag: str, timeout: float = 60.0) -> Any:
+        """Wait until a request is suspended at ``tag``; returns it (a
+        ``blkdebug.Suspended``). ``timeout`` is a safety net: TimeoutError."""
+        return self._blkdebug_breaks().wait(tag, timeout)
+
+    def blkdebug_is_suspended(self, tag: str) -> bool:
+        return self._blkdebug_breaks().is_suspended(tag)
+
+    def blkdebug_resume(self, tag: str) -> None:
+        """Let one request suspended at ``tag`` run (UsageError: none is)."""
+        self._blkdebug_breaks().resume(tag)
+
+    def blkdebug_remove_break(self, tag: str) -> None:
+        """Drop the break points ``tag`` and resume what they hold."""
+        self._blkdebug_breaks().remove(tag)
 
     # ------------------------------------------------------------------
     # Dirty bitmaps
