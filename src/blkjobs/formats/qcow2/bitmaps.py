@@ -45,9 +45,9 @@ _ENTRY = struct.Struct(">QIIBBHI")
 _EXT = struct.Struct(">IIQQ")
 
 
-class BitmapError(UsageError):
-    """A refused bitmap operation; str(e) is QEMU's text (which may carry a
-    second, hint line as qemu-img prints it)."""
+#: A refused bitmap operation raises UsageError with QEMU's text (which may
+#: carry a second, hint line, as qemu-img prints it).
+BitmapError = UsageError
 
 
 def inconsistent_text(name: str) -> str:
