@@ -38,10 +38,26 @@ def _human(d: dict) -> str:
     if fs and fs.get("data"):
         lines.append("Format specific information:")
         for k, v in fs["data"].items():
-            if isinstance(v, bool):
-                v = "true" if v else "false"
-            lines.append(f"    {k.replace('-', ' ')}: {v}")
+            _dump(lines, 4, k.replace('-', ' '), v)
     return "\n".join(lines) + "\n"
+
+
+def _dump(lines: list, indent: int, key: str, v) -> None:
+    """One format-specific field as qemu-img prints it: lists as
+    ``[i]:`` items, dicts as nested fields, four more spaces per level."""
+    pad = " " * indent
+    if isinstance(v, list):
+        lines.append(f"{pad}{key}:")
+        for i, item in enumerate(v):
+            _dump(lines, indent + 4, f"[{i}]", item)
+    elif isinstance(v, dict):
+        lines.append(f"{pad}{key}:")
+        for k, x in v.items():
+            _dump(lines, indent + 4, k.replace('-', ' '), x)
+    else:
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        lines.append(f"{pad}{key}: {v}")
 
 
 def run(args) -> int:

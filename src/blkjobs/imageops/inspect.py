@@ -3,8 +3,7 @@ key order), for raw and qcow2 images and their backing chains.
 
 Differences from qemu-img 7.2 we know of (documented, tests allow them):
 
-* ``info``: no ``snapshots`` list and no ``bitmaps`` under format-specific
-  data (the qcow2 driver does not expose them); ``actual-size`` is the file's
+* ``info``: no ``snapshots`` list; ``actual-size`` is the file's
   allocated bytes at the moment of the call, as qemu-img's.
 * ``map``: a run of subclusters that are unallocated in a qcow2 image with a
   host cluster reports its offset like qemu-img; nothing else knowingly

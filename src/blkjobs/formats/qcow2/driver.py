@@ -44,7 +44,8 @@ from ...errors import ImageError, UsageError
 from ..base import Driver, Kind, Mapping
 from . import compress as _cz
 from .header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, EXT_BITMAPS, INCOMPAT_CORRUPT,
-                     INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, parse_header)
+                     INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, parse_header,
+                     read_bitmap_directory)
 from .refcount import Refcounts
 from ...native import qcow2 as _nq
 
@@ -114,6 +115,9 @@ class Qcow2(Driver):
         self.ctype = h.compression_type
         self._csec_bits = self.cb - 8
         self._coff_mask = (1 << (62 - self._csec_bits)) - 1
+        # validated (and bounded) like qemu-img does at open
+        self.bitmaps = read_bitmap_directory(self.fd, h, self.file_size, self.filename)
+        self._pbm = None          # bitmaps.Bitmaps, loaded on first use
         raw = os.pread(self.fd, h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         if len(raw) != h.l1_size * 8:
             raise ImageError(f"'{self.filename}': L1 table truncated")
@@ -154,10 +158,17 @@ class Qcow2(Driver):
         if h.nb_snapshots:
             raise ImageError(f"'{self.filename}': image has internal snapshots; blkjobs "
                              "opens such images read-only only")
-        if h.ext(EXT_BITMAPS) is not None and h.autoclear & AUTOCLEAR_BITMAPS:
-            raise ImageError(f"'{self.filename}': image has persistent dirty bitmaps; "
-                             "writing it is not supported by the qcow2 driver")
         self._write_prepared = False
+
+    @property
+    def persistent_bitmaps(self):
+        """The image's persistent dirty bitmaps (:class:`.bitmaps.Bitmaps`).
+        Guest writes set the bits of the enabled ones; changes are stored at
+        close."""
+        if self._pbm is None:
+            from .bitmaps import Bitmaps
+            self._pbm = Bitmaps(self)
+        return self._pbm
 
     def _prepare_write(self):
         """Before the first modification (not at open: opening never
@@ -492,6 +503,10 @@ class Qcow2(Driver):
             self._prepare_write()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise UsageError(f"write beyond the end of the image ({offset}+{length} > {self.size})")
+        if self.bitmaps or self._pbm is not None:
+            pbm = self.persistent_bitmaps
+            pbm.start_tracking()
+            pbm.mark_dirty(offset, length)
 
     def _release(self, e: int):
         """Queue the refcount decrements for the host clusters an entry used."""
@@ -969,6 +984,8 @@ class Qcow2(Driver):
             return
         try:
             if not self.read_only:
+                if self._pbm is not None:
+                    self._pbm.store()
                 self.flush()
         finally:
             self._closed = True
@@ -1009,6 +1026,10 @@ class Qcow2(Driver):
                       "extended-l2": self.extended})
         else:
             d["refcount-bits"] = h.refcount_bits
+        if self.bitmaps:       # after lazy-refcounts, as qemu-img prints them
+            rest = {k: d.pop(k) for k in ("refcount-bits", "corrupt", "extended-l2") if k in d}
+            d["bitmaps"] = self.persistent_bitmaps.info()
+            d.update(rest)
         return {"type": "qcow2", "data": d}
 
     def check(self, repair: str | None = None) -> dict:

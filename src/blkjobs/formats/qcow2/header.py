@@ -10,6 +10,7 @@ damaged header fails at open, before any table is read.
 """
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -42,6 +43,20 @@ _V2 = struct.Struct(">IIQIIQIIQQIIQ")          # 72 bytes
 _V3 = struct.Struct(">QQQII")                  # bytes 72..103
 MAX_REFCOUNT_TABLE = 8 << 20
 MAX_L1_BYTES = 32 << 20                        # QEMU's QCOW_MAX_L1_SIZE
+# Persistent bitmaps: qemu-img's limits (QCOW2_MAX_BITMAPS, its directory
+# size bound, and the per-entry BME_* constraints).
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
+BME_MAX_TABLE_SIZE = 0x8000000
+BME_MAX_PHYS_SIZE = 0x20000000
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_GRANULARITY_BITS = 31
+BME_MAX_NAME_SIZE = 1023
+BME_FLAG_IN_USE = 1 << 0
+BME_RESERVED_FLAGS = 0xFFFFFFFC
+BT_DIRTY_TRACKING_BITMAP = 1
+_BITMAPS_EXT = struct.Struct(">IIQQ")          # nb_bitmaps, reserved, dir size, dir offset
+_BITMAP_ENTRY = struct.Struct(">QIIBBHI")      # 24 bytes, then extra data and the name
 
 FEATURE_NAMES = [
     (0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
@@ -253,4 +268,82 @@ def parse_header(buf: bytes, file_size: int, path: str = "") -> Header:
         raise bad(f"invalid snapshot table offset 0x{snap_off:x}")
     if nb_snap > 65536:
         raise bad(f"too many snapshots ({nb_snap})")
+    if h.ext(EXT_BITMAPS) is not None and h.autoclear & AUTOCLEAR_BITMAPS:
+        _check_bitmaps_ext(h.ext(EXT_BITMAPS), cs, bad)
     return h
+
+
+@dataclass
+class BitmapEntry:
+    """One bitmap directory entry (spec: the bitmaps extension)."""
+    name: str
+    table_offset: int
+    table_size: int
+    flags: int
+    granularity_bits: int
+
+
+def _check_bitmaps_ext(data: bytes, cs: int, bad) -> None:
+    """The checks qemu-img makes on the bitmaps extension at open (same texts)."""
+    if len(data) != _BITMAPS_EXT.size:
+        raise bad("bitmaps_ext: Invalid extension length")
+    nb, reserved, dsize, doff = _BITMAPS_EXT.unpack(data)
+    if reserved:
+        raise bad("bitmaps_ext: Reserved field is not zero")
+    if nb > MAX_BITMAPS:
+        raise bad(f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported "
+                  f"maximum of {MAX_BITMAPS}")
+    if nb == 0:
+        raise bad("found bitmaps extension with zero bitmaps")
+    if doff % cs:
+        raise bad("bitmaps_ext: invalid bitmap directory offset")
+    if dsize > MAX_BITMAP_DIRECTORY_SIZE:
+        raise bad(f"bitmaps_ext: bitmap directory size ({dsize}) exceeds the maximum "
+                  f"supported size ({MAX_BITMAP_DIRECTORY_SIZE})")
+
+
+def read_bitmap_directory(fd: int, h: Header, file_size: int, path: str = "") -> list:
+    """The bitmap directory as :class:`BitmapEntry` objects ([] when the
+    image has no valid bitmaps extension), validated as qemu-img does when
+    it opens an image; ImageError with qemu-img's text otherwise. Every size
+    is bounded before anything is allocated from it: the directory by
+    :data:`MAX_BITMAP_DIRECTORY_SIZE` (checked by :func:`parse_header`),
+    each table by ``BME_MAX_TABLE_SIZE`` and ``BME_MAX_PHYS_SIZE``."""
+    who = f"'{path}': " if path else ""
+    data = h.ext(EXT_BITMAPS)
+    if data is None or not h.autoclear & AUTOCLEAR_BITMAPS:
+        return []
+    nb, _, dsize, doff = _BITMAPS_EXT.unpack(data)
+    if dsize == 0:
+        raise ImageError(f"{who}Requested bitmap directory size is zero")
+    # what lies past the end of the file reads as zeroes (as in qemu-img)
+    have = max(0, min(dsize, file_size - doff))
+    d = os.pread(fd, have, doff) if have else b""
+    d = d + bytes(dsize - len(d))
+    out = []
+    p = 0
+    while p < dsize:
+        if p + _BITMAP_ENTRY.size > dsize:
+            raise ImageError(f"{who}Broken bitmap directory")
+        if len(out) + 1 > nb:
+            raise ImageError(f"{who}More bitmaps found than specified in header extension")
+        toff, tsize, flags, btype, gbits, nml, extra = _BITMAP_ENTRY.unpack_from(d, p)
+        ln = _BITMAP_ENTRY.size + extra + nml
+        nxt = p + ln + (-ln % 8)
+        if nxt > dsize:
+            raise ImageError(f"{who}Broken bitmap directory")
+        if extra:
+            raise ImageError(f"{who}Bitmap extra data is not supported")
+        name = d[p + _BITMAP_ENTRY.size:p + _BITMAP_ENTRY.size + nml].decode("utf-8", "replace")
+        phys = tsize * h.cluster_size
+        if (tsize == 0 or toff == 0 or toff % h.cluster_size or tsize > BME_MAX_TABLE_SIZE
+                or not BME_MIN_GRANULARITY_BITS <= gbits <= BME_MAX_GRANULARITY_BITS
+                or flags & BME_RESERVED_FLAGS or nml > BME_MAX_NAME_SIZE
+                or btype != BT_DIRTY_TRACKING_BITMAP or phys > BME_MAX_PHYS_SIZE
+                or (not flags & BME_FLAG_IN_USE and h.size > (phys * 8) << gbits)):
+            raise ImageError(f"{who}Bitmap '{name}' doesn't satisfy the constraints")
+        out.append(BitmapEntry(name, toff, tsize, flags, gbits))
+        p = nxt
+    if len(out) != nb:
+        raise ImageError(f"{who}Less bitmaps found than specified in header extension")
+    return out
