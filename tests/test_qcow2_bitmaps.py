@@ -395,3 +395,38 @@ def test_qemu_storage_daemon_loads_ours_and_we_load_its(tmp_path):
     assert got["qsd"] == (16384, ["auto"], expected_bits(10 << 20, 16384, writes))
     check_clean(img)
     assert run_blkjobs("check", img).returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# Every write path of the jobs dirties the target's persistent bitmaps
+
+def test_mirror_writes_in_place_dirty_the_targets_bitmap(tmp_path):
+    """A mirror copies a granule the guest wrote into a target cluster that
+    is already allocated in place (the fast path: no allocation): the
+    target's persistent bitmap must still get those bits, or a later
+    incremental backup of the target misses the data."""
+    from blkjobs import Engine
+    size = 8 << 20
+    src, dst = tmp_path / "src.qcow2", tmp_path / "dst.qcow2"
+    new_image(src, size)
+    new_image(dst, size)
+    qemu_io(dst, "write -P 0x99 0 8M")              # every cluster allocated (COPIED)
+    qemu_img("bitmap", "--add", dst, "live")
+    eng = Engine()
+    try:
+        s = eng.open(str(src), "qcow2", node_name="src")
+        eng.open(str(dst), "qcow2", node_name="dst")
+        vm = eng.attach(s)
+        ev = eng.listen()
+        job = eng.mirror("src", "dst", sync="none", job_id="m0")
+        ev.wait_for("BLOCK_JOB_READY", timeout=30)
+        vm.write(3 << 20, b"\x66" * 4096)      # the first prepares the target for writes
+        vm.flush()
+        vm.write(5 << 20, b"\x67" * 4096)      # in place
+        eng.job_complete("m0")
+        assert eng.wait_job(job, 30).value == "completed"
+    finally:
+        eng.close()
+    writes = [(3 << 20, 4096), (5 << 20, 4096)]
+    assert read_bitmaps(dst)["live"][2] == expected_bits(size, 65536, writes)
+    check_clean(dst)

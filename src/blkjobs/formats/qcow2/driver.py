@@ -338,6 +338,9 @@ class Qcow2(Driver):
             return None
         if for_write:
             self._check_overlap(h)
+            # the caller writes there (past this driver): the persistent
+            # bitmaps must see it as every other write does
+            self._check_writable(offset, length)
         return h + (offset & (self.cluster_size - 1))
 
     # ------------------------------------------------------------------
