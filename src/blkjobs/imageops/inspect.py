@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ImageError, UsageError
-from ..graph.lock import opening
+from ..graph.lock import LockConflict, opening
 from ..native.extents import extents
 from .files import fd_size, open_source
 from .images import cli_graph, open_ro, probe
@@ -76,7 +76,10 @@ def info(path: str, fmt: str | None = None, backing_chain: bool = False,
             return [_node_info(node)]
         finally:
             node.close()
-    top = open_ro(path, fmt, force_share)
+    try:
+        top = open_ro(path, fmt, force_share)
+    except LockConflict as e:   # qemu-img opens each image of the chain by itself
+        raise LockConflict(f"Could not open '{e.path}': {e.bare}", e.path) from None
     try:
         return [_node_info(n) for n in top.chain()]
     finally:
