@@ -56,6 +56,7 @@ COMMANDS = [
     "rebase -b base.qcow2 -F qcow2 over.qcow2",
     "commit over.qcow2",
     "commit held.qcow2",
+    "create -f qcow2 held.qcow2 1M",
 ]
 
 
