@@ -334,26 +334,21 @@ def test_chain_backing_refs_stream_and_active_commit(daemon, tmp_path):
 
     async def main():
         s = await connect(daemon.sock)
-        # first, while no read-write node holds base and mid (a read-write
-        # qcow2 node lets no other node of them be opened: QEMU's lock bytes,
-        # as in qemu-storage-daemon; QEMU opens an inline backing read-only)
-        await s.x("blockdev-add", **qcow2_node("view", ref, backing={
-            "driver": "qcow2", "read-only": True,
-            "file": {"driver": "file", "filename": base}}))
-        await s.x("blockdev-add", **qcow2_node("view2", mid))          # opens its chain
-        nodes = {n["node-name"]: n for n in await s.x("query-named-block-nodes", flat=True)}
-        assert nodes["view"]["backing_file_depth"] == 1
-        assert nodes["view2"]["backing_file_depth"] == 1
-        await s.x("blockdev-del", **{"node-name": "view"})
-        await s.x("blockdev-del", **{"node-name": "view2"})
         await s.x("blockdev-add", **qcow2_node("base", base))
         await s.x("blockdev-add", **qcow2_node("mid", mid, backing="base"))
         await s.x("blockdev-add", **qcow2_node("top", top, backing="mid"))
+        await s.x("blockdev-add", **qcow2_node("view", ref, backing={
+            "driver": "qcow2", "file": {"driver": "file", "filename": base}}))
+        await s.x("blockdev-add", **qcow2_node("view2", mid))          # opens its chain
         nodes = {n["node-name"]: n for n in await s.x("query-named-block-nodes", flat=True)}
         assert nodes["top"]["backing_file_depth"] == 2
         assert nodes["top"]["backing_file"] == mid
+        assert nodes["view"]["backing_file_depth"] == 1
+        assert nodes["view2"]["backing_file_depth"] == 1
         assert await s.err("blockdev-del", **{"node-name": "mid"}) == \
             ("GenericError", "Block device mid is in use")
+        await s.x("blockdev-del", **{"node-name": "view"})
+        await s.x("blockdev-del", **{"node-name": "view2"})
         await s.x("block-stream", **{"job-id": "s0", "base-node": "base"}, device="top")
         evs = await s.until("JOB_STATUS_CHANGE", id="s0", status="null")
         assert status_seq("s0", evs) == ["created", "running", "waiting", "pending",

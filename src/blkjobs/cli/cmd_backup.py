@@ -48,6 +48,7 @@ def cli_engine():
     from ..jobs import Engine
     eng = Engine()
     eng.graph.share_writes = False
+    eng.graph.format_locks = True
     return eng
 
 

@@ -70,17 +70,20 @@ class Graph:
 
     Locks (``locking``): each node's lock bytes are the union of its users'
     permissions plus what QEMU's format layer takes on the file (see
-    :meth:`Node.lock_bits`). ``share_writes=False`` is a qemu-img style
+    :meth:`Node.lock_bits`). ``format_locks``: also what QEMU's qcow2 driver
+    takes on its file (the commands; the library and the daemon keep to their
+    users' permissions for now). ``share_writes=False`` is a qemu-img style
     command: every image it opens refuses other writers (its readers need a
     stable view). ``force_share`` (``-U``) makes read-only nodes share
     everything and take nothing but consistent read."""
 
     def __init__(self, locking: bool = True, share_writes: bool = True,
-                 force_share: bool = False):
+                 force_share: bool = False, format_locks: bool = False):
         self.nodes: dict[str, Node] = {}
         self.locking = locking
         self.share_writes = share_writes
         self.force_share = force_share
+        self.format_locks = format_locks
         self._counter = 0
 
     def auto_name(self) -> str:
@@ -232,18 +235,18 @@ class Node:
 
     def lock_bits(self) -> tuple[Perm, Perm]:
         """(perm, unshared) this node holds in QEMU's lock bytes of its file:
-        its users' permissions, and what QEMU's format layer adds. A qcow2
-        node (its file holds metadata) always reads consistently and shares
-        neither write nor resize, and a writable one holds write and resize,
-        whether or not a user writes (qemu-storage-daemon's blockdev-add does
-        the same). A qemu-img style graph (``share_writes=False``) refuses
+        its users' permissions, and (``graph.format_locks``) what QEMU's
+        format layer adds: a qcow2 node (its file holds metadata) always
+        reads consistently and shares neither write nor resize, and a
+        writable one holds write and resize, whether or not a user writes
+        (qemu-storage-daemon's blockdev-add does the same). A qemu-img style graph (``share_writes=False``) refuses
         other writers on every node; ``force_share`` (-U, read-only nodes)
         shares everything."""
         perm, shared = self.cumulative()
         unshared = ALL & ~shared
         if self.read_only and self.graph.force_share:
             return perm & Perm.CONSISTENT_READ, Perm(0)
-        if self.format == "qcow2":
+        if self.format == "qcow2" and self.graph.format_locks:
             perm |= Perm.CONSISTENT_READ
             if not self.read_only:
                 perm |= Perm.WRITE | Perm.RESIZE

@@ -34,7 +34,8 @@ def cli_graph(force_share: bool = False, stable: bool = False) -> Graph:
     rebase's backing files, the job commands); otherwise a qcow2 image (and
     a backing file) refuses them and a raw one shares writing, as qemu-img's
     info, map and compare do. ``force_share`` (-U): share everything."""
-    return Graph(locking=True, share_writes=not stable, force_share=force_share)
+    return Graph(locking=True, share_writes=not stable, force_share=force_share,
+                 format_locks=True)
 
 
 def open_ro(path: str, fmt: str | None = None, force_share: bool = False,
