@@ -139,9 +139,9 @@ def test_commit_cli_empties_under_qemu_lock_bytes(tmp_path):
     other = FileLock(fd, str(top))
     other.apply(Perm.CONSISTENT_READ, Perm.WRITE)
     try:
-        with pytest.raises(PermissionConflict, match=r"^Failed to get \"write\" lock on '.*top"
-                                                     r"\.qcow2': Is another process using the "
-                                                     r"image\?$"):
+        with pytest.raises(PermissionConflict, match=r"^Failed to get \"write\" lock\n"
+                                                     r"Is another process using the image "
+                                                     r"\[.*top\.qcow2\]\?$"):
             cli_make_empty(str(top), "qcow2")
     finally:
         other.release()

@@ -44,6 +44,36 @@ def add_common(p) -> None:
                    help="print QMP-shaped events as JSON lines on stdout")
 
 
+def cli_engine():
+    """The Engine of a job command. Its images hold QEMU's lock bytes as a
+    qemu-img command's do: nothing outside this process may write any of
+    them while the job runs (the sources, backing files and bases are read
+    for a stable view; the targets, the streamed image and the base of a
+    commit are written exclusively)."""
+    from ..jobs import Engine
+    eng = Engine()
+    eng.graph.share_writes = False
+    eng.graph.format_locks = True
+    return eng
+
+
+def open_image_node(eng, path, fmt, **kw):
+    """``eng.open`` with qemu-img's text for a lock conflict (``Could not open
+    'PATH': Failed to get "write" lock ...``)."""
+    from ..graph.lock import opening
+    with opening(path):
+        return eng.open(path, fmt, **kw)
+
+
+def refuse_same_file(src: str, target: str) -> None:
+    """A job copying an image onto itself (or a link to it): refused as
+    convert refuses it, before anything is opened."""
+    from ..errors import UsageError
+    from ..imageops.files import same_file
+    if same_file(src, target):
+        raise UsageError(f"source and target are the same file: '{src}'")
+
+
 def find_base(top, image: str, base: str):
     """The node of ``top``'s backing chain (below top) that ``-b BASE``
     names (relative to IMAGE's directory, as qemu-img resolves it)."""
@@ -218,7 +248,7 @@ def register(sub):
 def open_target(eng, src_node, path, fmt, backing=None, cache="writeback"):
     """TARGET opened, or created with SRC's size (``created`` tells which)."""
     if os.path.exists(path):
-        return eng.open(path, fmt, node_name="target", cache=cache)
+        return open_image_node(eng, path, fmt, node_name="target", cache=cache)
     fmt = fmt or "qcow2"
     opts = {}
     if backing is not None and fmt == "qcow2":
@@ -228,10 +258,10 @@ def open_target(eng, src_node, path, fmt, backing=None, cache="writeback"):
 
 
 def run(args) -> int:
-    from ..jobs import Engine
-    eng = Engine()
+    refuse_same_file(args.src, args.target)
+    eng = cli_engine()
     try:
-        src = eng.open(args.src, args.src_fmt, node_name="source", read_only=True)
+        src = open_image_node(eng, args.src, args.src_fmt, node_name="source", read_only=True)
         created = not os.path.exists(args.target)
         tgt = open_target(eng, src, args.target, args.dst_fmt,
                           src.backing if args.sync == "top" else None, args.cache)

@@ -27,7 +27,8 @@ def register(sub):
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility")
+                   help="force share: check an image another process is writing "
+                   "(not with -r)")
     p.add_argument("image")
     p.set_defaults(func=run)
 
@@ -64,7 +65,7 @@ def _human(res: dict) -> str:
 
 def run(args) -> int:
     try:
-        res = check_image(args.image, args.fmt, args.repair)
+        res = check_image(args.image, args.fmt, args.repair, force_share=args.force_share)
     except BlkjobsError as e:
         sys.stderr.write(f"blkjobs: {e}\n")
         return e.exit_code

@@ -10,7 +10,8 @@ import os
 
 from ..errors import UsageError
 from ..formats import create_image, open_image
-from .cmd_backup import POLICIES, add_common, copied, find_base, run_job
+from .cmd_backup import (POLICIES, add_common, cli_engine, copied, find_base, open_image_node,
+                         run_job)
 from .sizes import parse_size
 
 
@@ -65,10 +66,9 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..jobs import Engine
-    eng = Engine()
+    eng = cli_engine()
     try:
-        top = eng.open(args.image, args.fmt, node_name="top")
+        top = open_image_node(eng, args.image, args.fmt, node_name="top")
         if top.backing is None:
             raise UsageError("Image does not have a backing file")   # qemu-img's text
         base = top.backing

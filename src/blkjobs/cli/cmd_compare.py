@@ -14,7 +14,7 @@ def register(sub):
     p.add_argument("-f", dest="fmt_a", metavar="FMT")
     p.add_argument("-F", dest="fmt_b", metavar="FMT")
     p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility")
+                   help="force share: compare images another process is writing")
     p.add_argument("-q", dest="quiet", action="store_true", help="accepted; output is short")
     p.add_argument("-s", dest="strict", action="store_true",
                    help="strict: images of different sizes differ")
@@ -25,7 +25,8 @@ def register(sub):
 
 def run(args) -> int:
     try:
-        r = compare_images(args.a, args.b, args.fmt_a, args.fmt_b, strict=args.strict)
+        r = compare_images(args.a, args.b, args.fmt_a, args.fmt_b, strict=args.strict,
+                           force_share=args.force_share)
     except BlkjobsError as e:
         sys.stderr.write(f"blkjobs: {e}\n")
         return 2

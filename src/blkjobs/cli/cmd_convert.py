@@ -30,8 +30,8 @@ def register(sub):
                    help="accepted for qemu-img compatibility (writes are always parallel)")
     p.add_argument("-q", dest="quiet", action="store_true", help="no progress output")
     p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility (the source is opened "
-                   "read-only with shared locks)")
+                   help="force share: read a source another process is writing (the "
+                   "target is always locked for writing)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     p.add_argument("--progress-json", action="store_true",
                    help="progress as JSON lines on stderr (for programs)")
@@ -72,6 +72,7 @@ def run(args) -> int:
         if args.request_size else None,
         flush=args.cache != "unsafe", src_fmt=args.src_fmt, dst_fmt=args.dst_fmt,
         compress=args.compress, backing=args.backing, backing_fmt=args.backing_fmt,
+        force_share=args.force_share,
         create_opts=parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2")
                                else "raw") if args.options else {})
     prog = None

@@ -127,8 +127,22 @@ def run(args) -> int:
         size = -(-size // 512) * 512         # qemu-img rounds qcow2 sizes up to sectors
     if not args.quiet:
         print(formatting_line(args.image, args.fmt, size, opts), flush=True)
+    # an existing image is locked (write, nobody else writing) before it is
+    # overwritten, as qemu-img does: one in use is refused, not truncated
+    from ..graph.lock import ImageLock, LockConflict
+    lock = None
+    if os.path.isfile(args.image):
+        try:
+            lock = ImageLock(args.image, write=True)
+        except LockConflict as e:
+            raise LockConflict(f"{args.image}: {e.bare}", e.path) from None
+        except OSError:
+            pass                # create_image says what is wrong
     try:
         create_image(args.image, args.fmt, size, **opts)
     except OSError as e:
         raise UsageError(f"{args.image}: Could not create image: {e.strerror}") from None
+    finally:
+        if lock is not None:
+            lock.release()
     return 0

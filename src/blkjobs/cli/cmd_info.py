@@ -18,7 +18,8 @@ def register(sub):
                    help="also show every image of the backing chain")
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility (info takes no locks)")
+                   help="force share: read an image another process is writing (no lock "
+                   "conflict; what is read may be inconsistent)")
     p.add_argument("image")
     p.set_defaults(func=run)
 
@@ -61,7 +62,8 @@ def _dump(lines: list, indent: int, key: str, v) -> None:
 
 
 def run(args) -> int:
-    infos = info(args.image, args.fmt, backing_chain=args.backing_chain)
+    infos = info(args.image, args.fmt, backing_chain=args.backing_chain,
+                 force_share=args.force_share)
     if args.output == "json":
         out = infos if args.backing_chain else infos[0]
         sys.stdout.write(json.dumps(out, indent=4) + "\n")

@@ -21,7 +21,7 @@ def register(sub):
     p.add_argument("-s", "--start-offset", default="0", metavar="OFFSET")
     p.add_argument("-l", "--max-length", default=None, metavar="LENGTH")
     p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility")
+                   help="force share: read an image another process is writing")
     p.add_argument("image")
     p.set_defaults(func=run)
 
@@ -30,7 +30,7 @@ def run(args) -> int:
     out = sys.stdout
     start = parse_size(args.start_offset, "start offset")
     length = parse_size(args.max_length, "max length") if args.max_length else None
-    entries = map_image(args.image, args.fmt, start, length)
+    entries = map_image(args.image, args.fmt, start, length, force_share=args.force_share)
     if args.output == "json":
         first = True
         out.write("[")

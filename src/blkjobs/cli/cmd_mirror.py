@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-from .cmd_backup import POLICIES, add_common, copy_aftermath, open_target, run_job
+from .cmd_backup import (POLICIES, add_common, cli_engine, copy_aftermath, open_image_node,
+                         open_target, refuse_same_file, run_job)
 from .sizes import parse_size
 
 
@@ -34,10 +35,10 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..jobs import Engine
-    eng = Engine()
+    refuse_same_file(args.src, args.target)
+    eng = cli_engine()
     try:
-        src = eng.open(args.src, args.src_fmt, node_name="source")
+        src = open_image_node(eng, args.src, args.src_fmt, node_name="source")
         created = not os.path.exists(args.target)
         tgt = open_target(eng, src, args.target, args.dst_fmt,
                           src.backing if args.sync == "top" else None, args.cache)

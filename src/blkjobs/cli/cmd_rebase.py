@@ -18,10 +18,13 @@ def register(sub):
                    help="unsafe: only rewrite the backing file name in the header")
     p.add_argument("-p", dest="progress", action="store_true", help="accepted (no progress yet)")
     p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="force share: read a new backing file another process is writing")
     p.add_argument("image")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    rebase(args.image, args.backing, args.backing_fmt, args.fmt, args.unsafe)
+    rebase(args.image, args.backing, args.backing_fmt, args.fmt, args.unsafe,
+           force_share=args.force_share)
     return 0

@@ -8,7 +8,8 @@ with BASE as given, relative to IMAGE's directory, or ``--backing-file``).
 Without ``-b`` the whole chain is pulled in and IMAGE ends without backing."""
 from __future__ import annotations
 
-from .cmd_backup import POLICIES, add_common, copied, find_base, run_job
+from .cmd_backup import (POLICIES, add_common, cli_engine, copied, find_base, open_image_node,
+                         run_job)
 from .sizes import parse_size
 
 
@@ -25,10 +26,9 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..jobs import Engine
-    eng = Engine()
+    eng = cli_engine()
     try:
-        top = eng.open(args.image, args.fmt, node_name="top")
+        top = open_image_node(eng, args.image, args.fmt, node_name="top")
         base_node = find_base(top, args.image, args.base).name if args.base else None
         speed = parse_size(args.speed, "speed")
         run_job(eng, lambda: eng.stream(top, base_node=base_node, job_id=args.job_id,

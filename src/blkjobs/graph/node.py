@@ -29,7 +29,7 @@ import os
 from ..errors import ImageError, UsageError
 from ..formats import open_image, probe_format
 from ..formats.base import Kind
-from .lock import FileLock
+from .lock import NO_SHARE, FileLock
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
 
 BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
@@ -69,11 +69,24 @@ class FilterDriver:
 
 
 class Graph:
-    """A set of named nodes. State is per object (no globals)."""
+    """A set of named nodes. State is per object (no globals).
 
-    def __init__(self, locking: bool = True):
+    Locks (``locking``): each node's lock bytes are the union of its users'
+    permissions plus what QEMU's format layer takes on the file (see
+    :meth:`Node.lock_bits`). ``format_locks``: also what QEMU's qcow2 driver
+    takes on its file (the commands; the library and the daemon keep to their
+    users' permissions for now). ``share_writes=False`` is a qemu-img style
+    command: every image it opens refuses other writers (its readers need a
+    stable view). ``force_share`` (``-U``) makes read-only nodes share
+    everything and take nothing but consistent read."""
+
+    def __init__(self, locking: bool = True, share_writes: bool = True,
+                 force_share: bool = False, format_locks: bool = False):
         self.nodes: dict[str, Node] = {}
         self.locking = locking
+        self.share_writes = share_writes
+        self.force_share = force_share
+        self.format_locks = format_locks
         self._counter = 0
 
     def auto_name(self) -> str:
@@ -232,11 +245,32 @@ class Node:
             shared &= p.shared
         return perm, shared
 
+    def lock_bits(self) -> tuple[Perm, Perm]:
+        """(perm, unshared) this node holds in QEMU's lock bytes of its file:
+        its users' permissions, and (``graph.format_locks``) what QEMU's
+        format layer adds: a qcow2 node (its file holds metadata) always
+        reads consistently and shares neither write nor resize, and a
+        writable one holds write and resize, whether or not a user writes
+        (qemu-storage-daemon's blockdev-add does the same). A qemu-img style graph (``share_writes=False``) refuses
+        other writers on every node; ``force_share`` (-U, read-only nodes)
+        shares everything."""
+        perm, shared = self.cumulative()
+        unshared = ALL & ~shared
+        if self.read_only and self.graph.force_share:
+            return perm & Perm.CONSISTENT_READ, Perm(0)
+        if self.format == "qcow2" and self.graph.format_locks:
+            perm |= Perm.CONSISTENT_READ
+            if not self.read_only:
+                perm |= Perm.WRITE | Perm.RESIZE
+            unshared |= NO_SHARE
+        if not self.graph.share_writes:
+            unshared |= NO_SHARE
+        return Perm(perm), Perm(unshared)
+
     def _apply_locks(self):
         if self._lock is None or self._closed:
             return
-        perm, shared = self.cumulative()
-        self._lock.apply(perm, ALL & ~shared)
+        self._lock.apply(*self.lock_bits())
 
     def users(self) -> list[Permission]:
         return list(self._perms)
@@ -385,12 +419,12 @@ class Node:
         old, self.driver = self.driver, new
         if self._lock is not None:
             newlock = FileLock(new.fd, new.filename)
-            perm, shared = self.cumulative()
-            # Our old description still holds the same bytes: move them over.
+            # Our old description still holds the same bytes: move them over
+            # (what a writable node holds is computed for the new driver).
             held = set(self._lock.held)
             self._lock.release()
             try:
-                newlock.apply(perm, ALL & ~shared)
+                newlock.apply(*self.lock_bits())
             except BaseException:
                 new.close()
                 self.driver = old

@@ -128,18 +128,22 @@ def _read_cmp(na, nb, a, b, za, zb, bufs):
 
 
 def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
-                   fmt_b: str | None = None, strict: bool = False) -> CompareResult:
+                   fmt_b: str | None = None, strict: bool = False,
+                   force_share: bool = False) -> CompareResult:
     """Compare the guest views of two images (any format, with their backing
     chains). Runs that read as zeroes on both sides (by block status) are not
     read. ``strict``: sizes and allocation status (present) must match too;
-    a status mismatch is reported as ``status_mismatch``."""
+    a status mismatch is reported as ``status_mismatch``. Locks as qemu-img
+    compare (a qcow2 image, or one in a backing chain, lets nobody write it
+    meanwhile, unless ``force_share``; two raw files are read sharing
+    everything, as qemu-img reads them)."""
     from .images import open_ro, probe
     fa, fb = probe(path_a, fmt_a), probe(path_b, fmt_b)
     if fa == "raw" and fb == "raw" and not strict:
         return compare_raw(path_a, path_b, strict)
-    na = open_ro(path_a, fa, locking=False)
+    na = open_ro(path_a, fa, force_share)
     try:
-        nb = open_ro(path_b, fb, locking=False)
+        nb = open_ro(path_b, fb, force_share)
     except BaseException:
         na.close_chain()
         raise

@@ -29,6 +29,13 @@ Python decides what to copy; the C engine moves the bytes. Per work range
 
 Metadata is flushed once at the end, after every data write completed
 (refcounts, L2, L1, header, each fsync'd: ``Qcow2.flush``).
+
+Locks (QEMU's lock bytes, as qemu-img convert takes them): the source and its
+backing chain are read with nobody else allowed to write them (``-U``:
+shared); the target is written exclusively, locked before anything in it is
+touched (an existing file is locked before it is truncated or re-created);
+a ``-B`` backing file is read like the source. A target that is in the
+source's own backing chain is refused: writing it would change the source.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import BlkjobsError, CopyError, OSErrorWithContext, UsageError
+from ..graph.lock import ImageLock, LockConflict, lock_fd, opening
 from ..native.copy import COPY, COPY_SPARSE, CopyEngine, RunResult
 from ..native.ratelimit import TokenBucket
 from .files import fd_size, open_source, same_file
@@ -67,6 +75,7 @@ class ConvertOptions:
     backing: str | None = None     # -B: backing file recorded in the target
     backing_fmt: str | None = None  # -F: its format (probed when None)
     create_opts: dict = field(default_factory=dict)   # -o (qcow2/raw creation options)
+    force_share: bool = False      # -U: read a source another process is writing
 
 
 @dataclass
@@ -87,6 +96,35 @@ def _check_options(o: ConvertOptions) -> None:
     if not 1 <= o.threads <= 16:
         raise UsageError(f"invalid number of coroutines/threads {o.threads}: must be 1..16")
 
+
+
+def _lock_target(dst: str, fmt: str, no_create: bool) -> ImageLock | None:
+    """Take the writer's locks on an existing target before it is touched,
+    with qemu-img's error texts (``-n``: ``Could not open 'DST': Failed to get
+    "write" lock``; a file convert would overwrite: ``DST: error while
+    converting FMT: ...``). None when there is no file yet."""
+    if not no_create and not os.path.exists(dst):
+        return None
+    try:
+        return ImageLock(dst, write=True)
+    except LockConflict as e:
+        if no_create:
+            raise e.opening(dst) from None
+        raise LockConflict(f"{dst}: error while converting {fmt}: {e}", e.path) from None
+    except OSError as e:
+        if no_create:
+            raise CopyError(e.errno, "Could not open target", path=dst) from None
+        return None         # not a readable file: creating it says what is wrong
+
+
+def _refuse_target_in_chain(dst: str, src: str, chain) -> None:
+    """A target in the source's own backing chain: qemu-img's lock error,
+    with the reason in place of 'Is another process using the image'."""
+    for n in chain[1:]:
+        if same_file(n.filename, dst):
+            raise LockConflict(f"Could not open '{dst}': Failed to get \"write\" lock\n"
+                               f"'{dst}' is in the backing chain of the source '{src}' "
+                               "(writing it would change what the source reads)", n.filename)
 
 
 def _identity(fd: int) -> tuple[int, int]:
@@ -151,8 +189,12 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
     dfd = -1
     ours: tuple[int, int] | None = None     # the target file we created
     written = False
+    tlock = None
     try:
+        with opening(src):      # the source: nobody else writes it meanwhile
+            lock_fd(sfd, src, force_share=o.force_share)
         size = fd_size(sfd)
+        tlock = _lock_target(dst, "raw", o.no_create)
         if o.no_create:
             try:
                 dfd = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
@@ -170,6 +212,8 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
             except OSError as e:
                 raise CopyError(e.errno, "Could not create target", path=dst) from None
             ours = _identity(dfd)
+            if tlock is None:
+                tlock = ImageLock(dst, write=True)
             try:
                 os.ftruncate(dfd, size)
             except OSError as e:
@@ -229,6 +273,8 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
         os.close(sfd)
         if dfd >= 0:
             os.close(dfd)
+        if tlock is not None:
+            tlock.release()
 
 
 # ---------------------------------------------------------------------------
@@ -293,25 +339,28 @@ class _Convert:
         self.ours: tuple[int, int] | None = None   # the target file we created
         self.written = False       # the copy into the target began
         self.top = self.base = self.t = None
+        self.tlock: ImageLock | None = None
         self.dfd = -1
         self.py_done = 0           # bytes handled without the engine
         self.allocated: list = []  # host runs handed out by Qcow2.allocate
 
     # -- setup -----------------------------------------------------------
     def _open(self):
-        from ..graph import open_chain
         from .images import open_ro
         o = self.o
-        self.top = open_chain(self.src, self.fmt, read_only=True)
+        self.top = open_ro(self.src, self.fmt, force_share=o.force_share, stable=True)
         self.size = self.top.size
         self.chain = self.top.chain()
         self.fds = [n.driver.fd for n in self.chain]
         self.fast_base = False
         if o.backing:
             from ..graph import resolve_backing
-            path = resolve_backing(os.path.abspath(self.dst), o.backing)
+            path = resolve_backing(self.dst, o.backing)
             try:
-                self.base = open_ro(path, o.backing_fmt)
+                self.base = open_ro(path, o.backing_fmt, stable=True)
+            except LockConflict as e:     # qemu-img opens it as the new target's backing
+                raise LockConflict(f"Could not open '{self.dst}': Could not open backing "
+                                   f"file: {e.bare}", e.path) from None
             except BlkjobsError as e:
                 raise UsageError(f"Could not open backing file '{o.backing}': {e}") from None
             if o.backing_fmt is None:
@@ -325,6 +374,8 @@ class _Convert:
             self.tsize = -(-self.size // 512) * 512
         else:
             self.tsize = self.size
+        _refuse_target_in_chain(dst, self.src, self.chain)
+        self.tlock = _lock_target(dst, o.dst_fmt, o.no_create)
         if o.no_create:
             try:
                 if o.dst_fmt == "qcow2":
@@ -352,6 +403,8 @@ class _Convert:
             except OSError as e:
                 raise CopyError(e.errno, "Could not create target", path=dst) from None
             self.ours = _identity(self.dfd)
+            if self.tlock is None:
+                self.tlock = ImageLock(dst, write=True)
             try:
                 os.ftruncate(self.dfd, self.size)
                 if o.create_opts.get("preallocation") == "falloc" and self.size:
@@ -372,6 +425,8 @@ class _Convert:
             raise CopyError(e.errno, "Could not create target", path=dst) from None
         st = os.lstat(dst)
         self.ours = (st.st_dev, st.st_ino)
+        if self.tlock is None:
+            self.tlock = ImageLock(dst, write=True)
         self.t = open_image(dst, "qcow2", read_only=False)
         self.ours = _identity(self.t.fd)
         self.t.unsafe = not o.flush      # -t unsafe: no fsync of metadata either
@@ -710,3 +765,6 @@ class _Convert:
         elif self.dfd >= 0:
             os.close(self.dfd)
             self.dfd = -1
+        if self.tlock is not None and not failed:
+            self.tlock.release()
+            self.tlock = None

@@ -11,7 +11,8 @@ import os
 
 from ..errors import UsageError
 from ..formats import FORMATS, probe_format
-from ..graph import Node, open_chain
+from ..graph import Graph, Node, open_chain
+from ..graph.lock import opening
 from .files import open_source
 
 
@@ -27,8 +28,22 @@ def probe(path: str, fmt: str | None = None) -> str:
     return fmt or probe_format(path)
 
 
-def open_ro(path: str, fmt: str | None = None, locking: bool = True) -> Node:
-    """Open ``path`` (format given or probed) and its backing chain read-only;
-    returns the top node. Close with ``node.close_chain()``."""
+def cli_graph(force_share: bool = False, stable: bool = False) -> Graph:
+    """A graph for a qemu-img style command, holding QEMU's lock bytes.
+    ``stable``: every image refuses other writers (qemu-img convert's source,
+    rebase's backing files, the job commands); otherwise a qcow2 image (and
+    a backing file) refuses them and a raw one shares writing, as qemu-img's
+    info, map and compare do. ``force_share`` (-U): share everything."""
+    return Graph(locking=True, share_writes=not stable, force_share=force_share,
+                 format_locks=True)
+
+
+def open_ro(path: str, fmt: str | None = None, force_share: bool = False,
+            stable: bool = False, what: str = "Could not open") -> Node:
+    """Open ``path`` (format given or probed) and its backing chain read-only,
+    holding what qemu-img's readers hold (see :func:`cli_graph`). A conflict
+    raises qemu-img's error (``Could not open 'PATH': Failed to get shared
+    "write" lock``). Returns the top node; close with ``node.close_chain()``."""
     fmt = probe(path, fmt)
-    return open_chain(path, fmt, read_only=True, locking=locking)
+    with opening(path, what):
+        return open_chain(path, fmt, read_only=True, graph=cli_graph(force_share, stable))

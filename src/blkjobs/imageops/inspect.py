@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import os
 
-from ..errors import CheckNotSupported, ImageError, UsageError
+from ..errors import CheckNotSupported, UsageError
+from ..graph.lock import LockConflict, opening
 from ..native.extents import extents
 from .files import fd_size, open_source
-from .images import open_ro, probe
+from .images import cli_graph, open_ro, probe
 
 
 def info_raw(path: str) -> dict:
+    # qemu-img info opens without I/O: a raw image gets no lock bytes
     fd = open_source(path)
     try:
         st = os.fstat(fd)
@@ -53,21 +55,30 @@ def _node_info(node) -> dict:
     return d
 
 
-def info(path: str, fmt: str | None = None, backing_chain: bool = False) -> list[dict]:
-    """One dict per image (the whole chain with ``backing_chain``), top first."""
+def info(path: str, fmt: str | None = None, backing_chain: bool = False,
+         force_share: bool = False) -> list[dict]:
+    """One dict per image (the whole chain with ``backing_chain``), top first.
+    Each image is locked as qemu-img info locks it (a qcow2 image lets nobody
+    write it meanwhile, unless ``force_share``; a raw one is not locked);
+    without ``backing_chain`` the backing files are not opened (nor locked),
+    as with qemu-img."""
     if not backing_chain:
         fmt = probe(path, fmt)
         if fmt == "raw":
             return [info_raw(path)]
         from ..formats import open_image
-        from ..graph import Graph
-        g = Graph(locking=False)
-        node = g.add(open_image(path, fmt), fmt=fmt)
+        from ..graph import Perm
+        node = cli_graph(force_share).add(open_image(path, fmt), fmt=fmt)
         try:
+            with opening(path):
+                node.take("open", Perm.CONSISTENT_READ)
             return [_node_info(node)]
         finally:
             node.close()
-    top = open_ro(path, fmt, locking=False)
+    try:
+        top = open_ro(path, fmt, force_share)
+    except LockConflict as e:   # qemu-img opens each image of the chain by itself
+        raise LockConflict(f"Could not open '{e.path}': {e.bare}", e.path) from None
     try:
         return [_node_info(n) for n in top.chain()]
     finally:
@@ -100,11 +111,12 @@ def map_raw(path: str, work: int = 1 << 30):
 
 
 def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | None = None,
-              work: int = 256 << 20):
+              work: int = 256 << 20, force_share: bool = False):
     """Yield ``qemu-img map --output json`` entries through the backing chain
     (``depth`` = layer that provides the run), asked per work range. Each
-    entry also carries ``file`` (the filename of that layer; not in the JSON)."""
-    top = open_ro(path, fmt, locking=False)
+    entry also carries ``file`` (the filename of that layer; not in the JSON).
+    The chain is locked as qemu-img map locks it (see :func:`.images.open_ro`)."""
+    top = open_ro(path, fmt, force_share)
     try:
         size = top.size
         end = size if length is None else min(size, start + length)
@@ -144,19 +156,29 @@ def _joinable(a, b):
 CHECK_UNSUPPORTED = CheckNotSupported.exit_code
 
 
-def check_image(path: str, fmt: str | None = None, repair: str | None = None) -> dict:
+def check_image(path: str, fmt: str | None = None, repair: str | None = None,
+                force_share: bool = False) -> dict:
     """Run the qcow2 consistency check (``repair`` None | 'leaks' | 'all');
     returns the ImageCheck dict with ``.messages``. raw raises
-    :class:`CheckNotSupported` (exit_code 63: no checks for this format)."""
+    :class:`CheckNotSupported` (exit_code 63: no checks for this format).
+
+    Locks as qemu-img check: the image and its backing chain are opened (a
+    repair opens the image read-write: it takes write and lets nobody else
+    write; a check alone reads and lets nobody write, unless
+    ``force_share``, which a repair refuses as qemu-img does)."""
+    if repair is not None and force_share:
+        raise UsageError(f"Could not open '{path}': force-share=on can only be used with "
+                         "read-only images")
     fmt = probe(path, fmt)
     if fmt != "qcow2":
         raise CheckNotSupported("This image format does not support checks")
-    from ..formats import open_image
-    img = open_image(path, fmt, read_only=repair is None)
+    from ..graph import open_chain
+    with opening(path):
+        top = open_chain(path, fmt, read_only=repair is None, graph=cli_graph(force_share))
     try:
-        res = img.check(repair)
+        res = top.driver.check(repair)
     finally:
-        img.close()
+        top.close_chain()
     res["filename"] = path
     return res
 

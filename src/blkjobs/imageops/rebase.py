@@ -11,6 +11,13 @@ write), as with qemu-img, not data.
 Then the header is rewritten (name and format). ``unsafe`` (-u) only rewrites
 the header. ``backing=None`` (``-b ""``) makes the image standalone: every
 non-zero byte of the old chain is copied into it.
+
+Locks as qemu-img rebase: the image is opened read-write (it takes write and
+lets nobody else write); safe mode also reads its old backing chain and the
+new backing file, which nobody may write meanwhile (``force_share``, -U,
+lifts that for the new backing file only, as in qemu-img); ``-u`` opens no
+backing file. A new backing file needs its format (``-F``): qemu-img 7.2
+refuses to record a probed one.
 """
 from __future__ import annotations
 
@@ -19,46 +26,59 @@ import os
 from ..errors import BlkjobsError, UsageError
 from ..formats.base import Kind
 from ..graph import Perm, open_chain, resolve_backing
-from .images import open_ro, probe
+from ..graph.lock import ImageLock, LockConflict, opening
+from .images import check_format, cli_graph, open_ro, probe
 
 WORK = 256 << 20
 CHUNK = 4 << 20
 
 
 def rebase(path: str, backing: str | None, backing_fmt: str | None = None,
-           fmt: str | None = None, unsafe: bool = False) -> None:
+           fmt: str | None = None, unsafe: bool = False, force_share: bool = False) -> None:
     fmt = probe(path, fmt)
     if fmt != "qcow2":
         raise UsageError(f"rebase: '{path}' is a {fmt} image; only qcow2 images have a "
                          "backing file")
     if not backing:
         backing, backing_fmt = None, None
+    if backing is not None and backing_fmt is None:
+        raise UsageError(f"Could not change the backing file to '{backing}': "
+                         "backing format must be specified")
+    check_format(backing_fmt, "backing file")
+    if unsafe:
+        # the image alone, read-write (qemu-img opens no backing file here)
+        from ..formats import open_image
+        with opening(path):
+            lock = ImageLock(path, write=True)
+        with lock, open_image(path, "qcow2", read_only=False) as img:
+            img.set_backing(backing, backing_fmt)
+        return
+    with opening(path):
+        top = open_chain(path, fmt, read_only=False, graph=cli_graph(stable=True))
     new = None
-    if backing is not None and (not unsafe or backing_fmt is None):
-        new_path = resolve_backing(path, backing)
-        try:
-            new = open_ro(new_path, backing_fmt, locking=False)
-        except BlkjobsError as e:
-            raise UsageError(f"Could not open new backing file '{new_path}': {e}") from None
-        backing_fmt = backing_fmt or new.format
     try:
-        if unsafe:
-            from ..formats import open_image
-            with open_image(path, "qcow2", read_only=False) as img:
-                img.set_backing(backing, backing_fmt)
-            return
-        top = open_chain(path, fmt, read_only=False)
-        try:
-            if new is not None and any(os.path.samefile(n.filename, path) for n in new.chain()):
+        if backing is not None:
+            new_path = resolve_backing(path, backing)
+            what = "Could not open new backing file"
+            try:
+                new = open_ro(new_path, backing_fmt, force_share=force_share, stable=True,
+                              what=what)
+            except LockConflict as e:
+                if os.path.realpath(e.path) == os.path.realpath(path):
+                    raise UsageError(f"rebase: '{path}' would be its own backing file") \
+                        from None
+                raise
+            except BlkjobsError as e:
+                raise UsageError(f"{what} '{new_path}': {e}") from None
+            if any(os.path.samefile(n.filename, path) for n in new.chain()):
                 raise UsageError(f"rebase: '{path}' would be its own backing file")
-            top.take("rebase", Perm.WRITE | Perm.CONSISTENT_READ)
-            if top.backing is not None or new is not None:
-                _copy_differences(top, new)
-            top.flush()
-            top.driver.set_backing(backing, backing_fmt)
-        finally:
-            top.close_chain()
+        top.take("rebase", Perm.WRITE | Perm.CONSISTENT_READ)
+        if top.backing is not None or new is not None:
+            _copy_differences(top, new)
+        top.flush()
+        top.driver.set_backing(backing, backing_fmt)
     finally:
+        top.close_chain()
         if new is not None:
             new.close_chain()
 
