@@ -11,6 +11,7 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      │    └── CheckNotSupported               exit 63: the format has no checks (qemu-img's 63)
      ├── UsageError (also ValueError)         bad argument values (sizes, rates, options)
      ├── PermissionConflict                   graph.perm: a permission or lock is held elsewhere
+     │    └── LockConflict                    graph.lock: another process holds QEMU's lock bytes
      ├── JobError                             job/verb refusals; str(e) is QMP's text, qmp_class its class
      │    ├── DeviceNotActive                 job.manager: no such block job
      │    └── DeviceNotFound                  jobs.commit: no such device

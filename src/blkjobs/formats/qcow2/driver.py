@@ -43,7 +43,7 @@ import struct
 from ...errors import ImageError, UsageError
 from ..base import Driver, Kind, Mapping
 from . import compress as _cz
-from .header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, EXT_BITMAPS, INCOMPAT_CORRUPT,
+from .header import (AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT,
                      INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, parse_header,
                      read_bitmap_directory)
 from .refcount import Refcounts
