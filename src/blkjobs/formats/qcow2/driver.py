@@ -80,7 +80,8 @@ class Qcow2(Driver):
         # cache=unsafe (``convert -t unsafe``, qemu-img's default for convert):
         # metadata is still written in the safe order, but never fsync'd.
         self.unsafe = False
-        self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        from .. import open_file      # refuses FIFOs & co. without hanging
+        self._fd = open_file(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._closed = False
         try:
             self._open()
