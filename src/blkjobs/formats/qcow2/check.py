@@ -15,12 +15,13 @@ that of the re-check plus ``leaks-fixed`` / ``corruptions-fixed`` (what
 """
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections import Counter
 
 from ...errors import ImageError
-from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
+from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, read_bitmap_directory
 
 L1_RESERVED = 0x7F000000000001FF
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -76,7 +77,16 @@ def _check(img, repair):
     copied_checks = []     # (kind, where, entry, host_cluster)
 
     def ref_range(off, nbytes):
+        """Count a reference to [off, off+nbytes). Like qemu-img, a region
+        ending a cluster or more past the end of the file is a corruption
+        and is not counted (so hostile offsets cannot grow ``refs``)."""
+        nonlocal corrupt
         if nbytes <= 0:
+            return
+        if off + nbytes - file_size >= cs:
+            msgs.append("ERROR: counting reference for region exceeding the end of the file "
+                        f"by one cluster or more: offset 0x{off:x} size 0x{nbytes:x}")
+            corrupt += 1
             return
         for c in range(off >> cb, ((off + nbytes - 1) >> cb) + 1):
             refs[c] += 1
@@ -110,7 +120,7 @@ def _check(img, repair):
                             "L1 entry corrupted")
                 corrupt += 1
                 continue
-            refs[off >> cb] += 1
+            ref_range(off, cs)
             if active:
                 copied_checks.append(("L2", i, e, off >> cb, None))
             if active and img.l2cache.get(off) is not None:
@@ -161,7 +171,7 @@ def _check(img, repair):
                                 "L2 entry corrupted.")
                     corrupt += 1
                     continue
-                refs[hoff >> cb] += 1
+                ref_range(hoff, cs)
                 if active:
                     allocated += 1
                     if nxt and hoff != nxt:
@@ -208,25 +218,26 @@ def _check(img, repair):
             msgs.append(f"ERROR refcount block {t} is outside image")
             corrupt += 1
             continue
-        refs[off >> cb] += 1
-    # bitmaps
+        ref_range(off, cs)
+    # bitmaps: the directory and its entries were validated (and bounded) at
+    # open; each table is at most BME_MAX_PHYS_SIZE / cluster_size entries
     bext = h.ext(EXT_BITMAPS)
-    if bext is not None and h.autoclear & AUTOCLEAR_BITMAPS and len(bext) >= 24:
-        nb, _, dsize, doff = struct.unpack(">IIQQ", bext[:24])
+    if bext is not None and h.autoclear & AUTOCLEAR_BITMAPS:
+        _, _, dsize, doff = struct.unpack(">IIQQ", bext)
         ref_range(doff, dsize)
-        d = pread(doff, dsize) or b""
-        p = 0
-        for _ in range(nb):
-            if p + 24 > len(d):
-                break
-            toff, tsize, _, _, _, nml, extra = struct.unpack_from(">QIIBBHI", d, p)
-            ref_range(toff, tsize * 8)
-            tab = pread(toff, tsize * 8) or b""
-            for (be,) in struct.iter_unpack(">Q", tab):
-                if be & OFFSET_MASK:
-                    refs[(be & OFFSET_MASK) >> cb] += 1
-            ln = 24 + extra + nml
-            p += ln + (-ln % 8)
+        for bm in read_bitmap_directory(fd, h, file_size, img.filename):
+            ref_range(bm.table_offset, bm.table_size * 8)
+            tab = pread(bm.table_offset, bm.table_size * 8)
+            if tab is None:
+                continue
+            for i, (be,) in enumerate(struct.iter_unpack(">Q", tab)):
+                if be & 0xFF000000000001FE or (be & OFFSET_MASK and (be & 1 or
+                                                                   (be & OFFSET_MASK) % cs)):
+                    msgs.append(f"ERROR bitmap table entry {i} of bitmap '{bm.name}' "
+                                f"is corrupt: 0x{be:x}")
+                    corrupt += 1
+                elif be & OFFSET_MASK:
+                    ref_range(be & OFFSET_MASK, cs)
 
     # compare
     leaks = 0
@@ -242,9 +253,8 @@ def _check(img, repair):
             bad_rc_blocks.add(c // rc.rbe)
             return 0
 
-    clusters = range(nfile)
     extra = sorted(c for c in refs if c >= nfile)
-    for c in list(clusters) + extra:
+    for c in itertools.chain(range(nfile), extra):
         s = stored(c)
         r = refs.get(c, 0)
         if s or r:
