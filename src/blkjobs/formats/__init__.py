@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from ..errors import ImageError, UsageError
 from .base import Driver, Kind, Mapping
@@ -20,13 +21,40 @@ __all__ = ["Driver", "Kind", "Mapping", "FORMATS", "probe_format", "open_image",
            "create_image"]
 
 
+class NotAnImageFile(ImageError):
+    """The path names something other than a regular file or a block device
+    (a FIFO, socket, character device, directory): never opened as an image,
+    since reading a FIFO or a tty can block forever."""
+
+
+def open_file(path: str, flags: int = os.O_RDONLY) -> int:
+    """Open ``path`` for an image driver and return the fd. It is opened
+    with O_NONBLOCK (opening a FIFO then cannot hang) and checked with
+    fstat on the fd (no race with a rename): anything but a regular file or
+    a block device is refused with one line. The fd is then made blocking."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            what = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file or block device"
+            raise NotAnImageFile(f"Could not open '{path}': {what}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def probe_format(path: str) -> str:
     from .qcow2 import probe
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
+        fd = open_file(path)
     except OSError as e:
         raise ImageError(f"could not open '{path}': {e.strerror}") from None
+    try:
+        head = os.pread(fd, 8, 0)
+    finally:
+        os.close(fd)
     return "qcow2" if probe(head) else "raw"
 
 

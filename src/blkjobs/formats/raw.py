@@ -42,7 +42,8 @@ class Raw(Driver):
     def __init__(self, path: str, read_only: bool = True):
         self.filename = path
         self.read_only = read_only
-        self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        from . import open_file
+        self._fd = open_file(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._closed = False
         self._can_punch = True
         self._can_zero_range = True

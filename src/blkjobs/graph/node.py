@@ -496,6 +496,21 @@ def resolve_backing(overlay_path: str, backing: str) -> str:
     return os.path.join(os.path.dirname(overlay_path), backing)
 
 
+def _check_backing_file(path: str, of: str) -> None:
+    """A backing file must exist and be a regular file or a block device
+    (a FIFO named by a hostile image would block the open forever). Checked
+    on an fd opened non-blocking; the drivers check their own fd again."""
+    from ..formats import NotAnImageFile, open_file
+    try:
+        os.close(open_file(path))
+    except OSError as e:
+        raise ImageError(f"Could not open backing file '{path}' of '{of}': "
+                         f"{e.strerror}") from None
+    except NotAnImageFile as e:
+        why = str(e).rsplit(": ", 1)[-1]
+        raise ImageError(f"Could not open backing file '{path}' of '{of}': {why}") from None
+
+
 def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
                graph: Graph | None = None, name: str | None = None,
                locking: bool = True) -> Node:
@@ -535,9 +550,7 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
             if len(opened) > 256:
                 raise ImageError(f"backing chain of '{path}' is too long")
             cur_path = resolve_backing(drv.filename, bf)
-            if not os.path.exists(cur_path):
-                raise ImageError(f"Could not open backing file '{cur_path}' of "
-                                 f"'{drv.filename}': No such file or directory")
+            _check_backing_file(cur_path, drv.filename)
             cur_fmt, ro, prev = drv.backing_format, True, node
         return opened[0]
     except BaseException:

@@ -12,7 +12,8 @@ from ..errors import OSErrorWithContext, UsageError
 def open_source(path: str) -> int:
     """Open ``path`` read-only; refuse directories and non-files clearly."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise OSErrorWithContext(e.errno, "Could not open", path=path) from None
     st = os.fstat(fd)
@@ -22,6 +23,7 @@ def open_source(path: str) -> int:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         os.close(fd)
         raise UsageError(f"Could not open '{path}': not a regular file or block device")
+    os.set_blocking(fd, True)
     return fd
 
 
