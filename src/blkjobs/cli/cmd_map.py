@@ -27,25 +27,31 @@ def register(sub):
 
 
 def run(args) -> int:
-    out = sys.stdout
+    # Everything is built first and written at once: on an error (a corrupt
+    # entry half way, a backing file that cannot be opened) nothing reaches
+    # stdout, only the one line on stderr.
+    buf: list[str] = []
+    out = buf.append
     start = parse_size(args.start_offset, "start offset")
     length = parse_size(args.max_length, "max length") if args.max_length else None
     entries = map_image(args.image, args.fmt, start, length, force_share=args.force_share)
     if args.output == "json":
         first = True
-        out.write("[")
+        out("[")
         for e in entries:
-            out.write(("" if first else ",\n") + "{ " + ", ".join(
+            out(("" if first else ",\n") + "{ " + ", ".join(
                 f'"{k}": {json.dumps(e[k])}' for k in _KEYS if k in e) + "}")
             first = False
-        out.write("]\n")
+        out("]\n")
+        sys.stdout.write("".join(buf))
         return 0
-    out.write(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
+    out(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
     for e in entries:
         if not e["data"]:
             continue
         if "offset" not in e:
             raise ImageError("File contains external, encrypted or compressed clusters.")
-        out.write("".join(f"{v:<#16x}" if v else f"{'0':<16}"
-                          for v in (e["start"], e["length"], e["offset"])) + e["file"] + "\n")
+        out("".join(f"{v:<#16x}" if v else f"{'0':<16}"
+                    for v in (e["start"], e["length"], e["offset"])) + e["file"] + "\n")
+    sys.stdout.write("".join(buf))
     return 0
