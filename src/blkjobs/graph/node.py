@@ -504,11 +504,14 @@ def _check_backing_file(path: str, of: str) -> None:
     try:
         os.close(open_file(path))
     except OSError as e:
-        raise ImageError(f"Could not open backing file '{path}' of '{of}': "
-                         f"{e.strerror}") from None
+        why = e.strerror
     except NotAnImageFile as e:
         why = str(e).rsplit(": ", 1)[-1]
-        raise ImageError(f"Could not open backing file '{path}' of '{of}': {why}") from None
+    else:
+        return
+    # the name comes from the image: control characters must not break the line
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in path)
+    raise ImageError(f"Could not open backing file '{shown}' of '{of}': {why}")
 
 
 def open_chain(path: str, fmt: str | None = None, read_only: bool = True,

@@ -233,7 +233,9 @@ def parse_header(buf: bytes, file_size: int, path: str = "") -> Header:
     if bf_off:
         if bf_size > 1023 or bf_off + bf_size > min(cs, len(buf)) or bf_off < off:
             raise bad(f"invalid backing file name location (offset {bf_off}, size {bf_size})")
-        h.backing_file = bytes(buf[bf_off:bf_off + bf_size]).decode("utf-8", "replace")
+        # a C string, as qemu-img reads it: a NUL ends the name
+        name = bytes(buf[bf_off:bf_off + bf_size]).split(b"\0", 1)[0]
+        h.backing_file = name.decode("utf-8", "replace") or None
     if crypt:
         raise bad(f"encrypted qcow2 images are not supported (crypt_method={crypt})")
     if h.refcount_order > 6:
