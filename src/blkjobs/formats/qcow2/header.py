@@ -336,7 +336,11 @@ def read_bitmap_directory(fd: int, h: Header, file_size: int, path: str = "") ->
             raise ImageError(f"{who}Broken bitmap directory")
         if extra:
             raise ImageError(f"{who}Bitmap extra data is not supported")
-        name = d[p + _BITMAP_ENTRY.size:p + _BITMAP_ENTRY.size + nml].decode("utf-8", "replace")
+        raw_name = d[p + _BITMAP_ENTRY.size:p + _BITMAP_ENTRY.size + nml]
+        # printed as qemu-img prints it ("%.*s": up to a NUL), control
+        # characters escaped so that an error stays on one line
+        name = "".join(c if c.isprintable() else f"\\x{ord(c):02x}"
+                       for c in raw_name.split(b"\0", 1)[0].decode("utf-8", "replace"))
         phys = tsize * h.cluster_size
         if (tsize == 0 or toff == 0 or toff % h.cluster_size or tsize > BME_MAX_TABLE_SIZE
                 or not BME_MIN_GRANULARITY_BITS <= gbits <= BME_MAX_GRANULARITY_BITS
