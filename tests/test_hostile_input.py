@@ -13,6 +13,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -182,7 +183,21 @@ def test_check_entry_past_eof_with_copied_flag(tmp_path):
     r = blkjobs("check", "--output", "json", p)
     assert (r.returncode, json.loads(r.stdout)) == (q.returncode, json.loads(q.stdout))
     assert r.stderr == q.stderr
-    # map fails on it: nothing on stdout, one line on stderr
+
+
+def test_map_prints_nothing_on_error(tmp_path):
+    """map fails on the entry past the end: nothing on stdout (not "["),
+    one line on stderr; the same for the human output."""
+    p = tmp_path / "e.qcow2"
+    qemu_img("create", "-f", "qcow2", p, "4M")
+    qemu_io(p, "write -P 1 0 64k")
+    d = bytearray(p.read_bytes())
+    l1 = struct.unpack_from(">Q", d, 40)[0]
+    l2 = struct.unpack_from(">Q", d, l1)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", d, l2, 1 << 63 | (len(d) + 0x100000))
+    p.write_bytes(bytes(d))
+    h = blkjobs("map", p)
+    assert h.returncode == 1 and h.stdout == ""
     m = blkjobs("map", "--output", "json", p)
     assert m.returncode == 1 and m.stdout == ""
     assert _one_line(m) == (f"blkjobs: '{p}': L2 entry for guest offset 0x0 is corrupt "
@@ -245,6 +260,21 @@ def test_drivers_refuse_a_fifo_by_fd(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     want = f"Could not open '{fifo}': not a regular file or block device"
+
+    def hung(signum, frame):
+        raise TimeoutError("opening a FIFO blocked")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        _drivers_refuse(fifo, want)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _drivers_refuse(fifo, want):
+    from blkjobs.errors import ImageError
+    from blkjobs.formats import open_image, probe_format
     for call in (lambda: probe_format(str(fifo)), lambda: open_image(str(fifo), "qcow2"),
                  lambda: open_image(str(fifo), "raw"), lambda: open_image(str(fifo))):
         with pytest.raises(ImageError) as ei:
