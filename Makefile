@@ -43,8 +43,16 @@ test: venv deps test-c
 test-c: deps
 	$(MAKE) -C tests/c warnings run valgrind tsan
 
+# Every raw -> raw comparison in one run (dense and VM-shaped images, page
+# cache and durable, quiet and with every core busy), then the rate limit's
+# end-to-end measure, then the C hot paths' micro-benchmarks against the
+# stored baseline (benchmarks/README.md).
 bench: venv deps
 	$(PY) benchmarks/convert_raw.py
+	$(PY) benchmarks/ratelimit.py
+	$(PY) -m pip install -q pytest-benchmark numpy
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_micro.py \
+	  --benchmark-storage=benchmarks/.benchmarks --benchmark-compare=0001
 
 clean:
 	rm -rf $(VENV) build src/blkjobs/_core*.so src/blkjobs/_core.c *.egg-info src/*.egg-info

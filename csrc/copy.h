@@ -74,4 +74,7 @@ void bj_copy_cancel(struct bj_copy *c);
 void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st);
 /* cdef-end */
 
+/* Tests only: the zeroer's fallocate hook (zero.h), before the first run. */
+void bj_copy_test_fallocate(struct bj_copy *c, int (*fn)(int fd, int mode, off_t offset, off_t len));
+
 #endif

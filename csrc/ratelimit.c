@@ -2,20 +2,26 @@
  *
  *            rate (bytes/s) flows in
  *                   |
- *             +-----v-----+  capacity = rate * burst_s
- *             |  tokens   |  (full at creation: the initial burst)
+ *             +-----v-----+  capacity = rate * burst_s (0: no burst)
+ *             |  tokens   |  (full at creation)
  *             +-----+-----+
  *                   |  take(n): tokens -= n, may go negative (debt);
  *                   v  the caller waits -tokens/rate before the I/O
  *
  * Unlike QEMU's fixed 100 ms slices (where one large request can overshoot a
- * whole slice), a caller waits exactly until its bytes have been earned. By
- * time t after the bucket emptied, at most capacity + rate * t bytes have been
- * granted, so over any window of length W after the initial burst the bytes
- * issued are at most rate * W + one request. Callers split requests to
- * bj_bucket_max_request() (rate / 128 rounded to 512 B, at least 4 KiB) so
- * that one request is under 1% of a second's worth: the achieved rate stays
- * within 1% of the set rate over any 1 s window.
+ * whole slice), a caller waits exactly until its bytes have been earned.
+ * The bound: a request issues once the tokens, counting its take and every
+ * take before it, are back at 0 or more, and the tokens never exceed the
+ * capacity. So the bytes issued in any window of length W are at most
+ * capacity + rate * W + one request (the request issued first in the window
+ * was earned partly before it), whatever the callers do: several threads,
+ * pauses, idle time. With no burst (burst_s = 0, the default of every user
+ * in blkjobs) and requests split to bj_bucket_max_request() (rate / 128
+ * rounded down to 512 B, at least 4 KiB), every 1 s window -- the first one
+ * too, and the one after an idle spell -- holds at most rate * (1 + 1/128),
+ * within 1% of the rate, at any rate of 512 KiB/s or more (below it, one
+ * 4 KiB request is more than 1% of a second's worth). A burst of B seconds
+ * lets a window hold rate * (1 + B) more after idling: a deliberate choice.
  *
  * Time is passed in (now_ns), never read here except by bj_now_ns(), so tests
  * run on a virtual clock. A mutex makes take() safe from worker threads.
@@ -48,10 +54,17 @@ static uint64_t rate_of(const struct bj_bucket *b)
     return atomic_load_explicit(&b->rate, memory_order_relaxed);
 }
 
+static uint64_t max_request(uint64_t rate)
+{
+    if (rate == 0)
+        return UINT64_MAX;
+    uint64_t m = (rate / 128) & ~(uint64_t)511;
+    return m < 4096 ? 4096 : m;
+}
+
 static double capacity(const struct bj_bucket *b)
 {
-    double c = (double)rate_of(b) * b->burst_s;
-    return c < 4096.0 ? 4096.0 : c;
+    return (double)rate_of(b) * b->burst_s;
 }
 
 static void refill(struct bj_bucket *b, uint64_t now_ns)
@@ -117,11 +130,7 @@ uint64_t bj_bucket_rate(const struct bj_bucket *b)
 
 uint64_t bj_bucket_max_request(const struct bj_bucket *b)
 {
-    uint64_t rate = b ? rate_of(b) : 0;
-    if (rate == 0)
-        return UINT64_MAX;
-    uint64_t m = (rate / 128) & ~(uint64_t)511;
-    return m < 4096 ? 4096 : m;
+    return max_request(b ? rate_of(b) : 0);
 }
 
 uint64_t bj_bucket_take(struct bj_bucket *b, uint64_t n, uint64_t now_ns)

@@ -7,7 +7,10 @@
 struct bj_bucket;
 
 /* A token bucket of `rate` bytes/s (0 = unlimited) holding at most
- * rate*burst_s bytes, full at creation (time now_ns). Returns 0 or -errno. */
+ * rate*burst_s bytes, full at creation (time now_ns). With burst_s = 0 and
+ * requests of at most bj_bucket_max_request(), ANY 1 s window, the first
+ * one included, is granted at most rate * (1 + 1/128) bytes (ratelimit.c).
+ * Returns 0 or -errno. */
 int bj_bucket_new(struct bj_bucket **out, uint64_t rate, double burst_s, uint64_t now_ns);
 void bj_bucket_free(struct bj_bucket *b);
 /* Change the rate (and keep the burst in seconds) at time now_ns. */

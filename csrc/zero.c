@@ -8,7 +8,9 @@
  *
  * Zeroing ladder (as nbdcopy's file-ops.c does it): punch a hole (frees
  * blocks, reads as zero), else FALLOC_FL_ZERO_RANGE (keeps blocks allocated),
- * else pwrite zeroes from a heap buffer of at most 1 MiB. Whatever the file
+ * else pwrite zeroes from a heap buffer of at most 1 MiB, piece by piece, each
+ * piece first cleared by the caller's pace callback (the copy engine's rate
+ * limit and cancel: bj_zero_range_paced). Whatever the file
  * system refused (EOPNOTSUPP/ENOTSUP/ENOSYS/EINVAL) is remembered in struct
  * bj_zeroer, so it is asked once per open target, never once per request.
  * The copy engine's workers share one zeroer: its flags are C11 atomics.
@@ -54,15 +56,30 @@ static int refused(int err)
     return err == EOPNOTSUPP || err == ENOTSUP || err == ENOSYS || err == EINVAL;
 }
 
-static int write_zeroes(int fd, uint64_t offset, uint64_t length)
+static int write_zeroes(int fd, uint64_t offset, uint64_t length, uint64_t piece,
+                        int (*pace)(void *ctx, uint64_t n), void *ctx)
 {
-    size_t bufsz = length < (1u << 20) ? (size_t)length : (1u << 20);
+    if (piece == 0 || piece > (1u << 20))
+        piece = 1u << 20;
+    size_t bufsz = length < piece ? (size_t)length : (size_t)piece;
     void *zeroes = calloc(1, bufsz);
     if (!zeroes)
         return -ENOMEM;
     int rc = 0;
+    size_t cleared = 0; /* bytes of the current piece pace has let through */
     while (length > 0) {
         size_t n = length < bufsz ? (size_t)length : bufsz;
+        if (pace) {
+            if (cleared == 0) {
+                if (pace(ctx, n)) {
+                    rc = -ECANCELED;
+                    break;
+                }
+                cleared = n;
+            }
+            if (n > cleared)
+                n = cleared; /* the rest of a piece after a short write */
+        }
         ssize_t w = pwrite(fd, zeroes, n, (off_t)offset);
         if (w < 0) {
             if (errno == EINTR)
@@ -76,6 +93,8 @@ static int write_zeroes(int fd, uint64_t offset, uint64_t length)
         }
         offset += (uint64_t)w;
         length -= (uint64_t)w;
+        if (pace)
+            cleared -= (size_t)w;
     }
     free(zeroes);
     return rc;
@@ -106,6 +125,13 @@ static int rung(const struct bj_zeroer *z, atomic_int *flag, int fd, int mode, u
 
 int bj_zero_range(struct bj_zeroer *z, int fd, uint64_t offset, uint64_t length, int may_unmap)
 {
+    return bj_zero_range_paced(z, fd, offset, length, may_unmap, 0, NULL, NULL);
+}
+
+int bj_zero_range_paced(struct bj_zeroer *z, int fd, uint64_t offset, uint64_t length,
+                        int may_unmap, uint64_t piece, int (*pace)(void *ctx, uint64_t n),
+                        void *ctx)
+{
     if (!z)
         return -EINVAL;
     if (length == 0)
@@ -121,5 +147,5 @@ int bj_zero_range(struct bj_zeroer *z, int fd, uint64_t offset, uint64_t length,
     rc = rung(z, &z->no_zero_range, fd, FALLOC_FL_ZERO_RANGE, offset, length);
     if (rc <= 0)
         return rc;
-    return write_zeroes(fd, offset, length);
+    return write_zeroes(fd, offset, length, piece, pace, ctx);
 }

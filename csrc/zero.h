@@ -35,4 +35,15 @@ struct bj_zeroer {
 /* Clear flags, the real fallocate. */
 void bj_zeroer_init(struct bj_zeroer *z);
 
+/* bj_zero_range, with the last rung (written zeroes) paced: before each
+ * piece of at most `piece` bytes (0 = 1 MiB; never more than 1 MiB) it calls
+ * pace(ctx, n) with the piece's size n; non-zero stops it, and the call
+ * returns -ECANCELED with the range partly zeroed. The copy engine passes
+ * its rate limiter and cancel here, so a large zero request on a file system
+ * that zeroes by writing is throttled and cancellable like data. The
+ * fallocate rungs are single metadata calls: never paced. */
+int bj_zero_range_paced(struct bj_zeroer *z, int fd, uint64_t offset, uint64_t length,
+                        int may_unmap, uint64_t piece, int (*pace)(void *ctx, uint64_t n),
+                        void *ctx);
+
 #endif

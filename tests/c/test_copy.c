@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -229,6 +230,99 @@ static void test_drain_resume_sparse(void)
     close(d);
 }
 
+/* The zeroer's fallocate hook: every rung refused, so zeroing the target
+ * means writing zeroes (a file system without fallocate). */
+static int no_fallocate(int fd, int mode, off_t off, off_t len)
+{
+    errno = EOPNOTSUPP;
+    return -1;
+}
+
+static int reads_zero(int fd, uint64_t off, uint64_t len)
+{
+    static unsigned char buf[65536];
+    while (len) {
+        size_t n = len < sizeof buf ? len : sizeof buf;
+        CHECK(pread(fd, buf, n, (off_t)off) == (ssize_t)n);
+        for (size_t i = 0; i < n; i++)
+            if (buf[i])
+                return 0;
+        off += n;
+        len -= n;
+    }
+    return 1;
+}
+
+/* A large zero request falling back to written zeroes is rate-limited and
+ * cancellable between pieces; what it wrote counts as done (pause / resume,
+ * cancel), and once the fallback is known zero requests are cut like data. */
+static void test_zero_fallback_paced(void)
+{
+    /* cancel: 1 GiB of zeroes at 4 MiB/s, cancelled while it writes */
+    uint64_t size = 1ull << 30, rate = 4 << 20;
+    int d = mkfile("z", size);
+    fill(d, 0, 1 << 20, 3);
+    struct bj_bucket *b;
+    CHECK_EQ(bj_bucket_new(&b, rate, 0.0, bj_now_ns()), 0);
+    struct bj_copy *c;
+    struct bj_copy_opts o = { .src_fd = -1, .dst_fd = d, .threads = 2, .request_size = 1 << 20,
+                              .zero_block = 4096, .may_unmap = 1, .bucket = b };
+    CHECK_EQ(bj_copy_new(&c, &o), 0);
+    bj_copy_test_fallocate(c, no_fallocate);
+    struct bj_range r = { 0, 0, size, BJ_RANGE_ZERO, -1 };
+    CHECK_EQ(bj_copy_add(c, &r, 1), 0);
+    uint64_t t0 = bj_now_ns();
+    while (!reads_zero(d, 0, 4096)) /* the first piece is written */
+        CHECK_EQ(bj_copy_run(c, 10, 0), 2);
+    bj_copy_cancel(c);
+    CHECK_EQ(bj_copy_run(c, 1000, 0), -ECANCELED);
+    double secs = (double)(bj_now_ns() - t0) * 1e-9;
+    struct bj_copy_status st;
+    bj_copy_get_status(c, &st);
+    CHECK_EQ(st.in_flight, 0);
+    CHECK(st.done > 0);                       /* the pieces written count */
+    CHECK_EQ(st.done % bj_bucket_max_request(b), 0);
+    CHECK(st.done == st.zero_bytes);
+    CHECK((double)st.done <= (double)rate * secs + (double)bj_bucket_max_request(b));
+    CHECK(reads_zero(d, 0, st.done));
+    struct stat sb;
+    CHECK(fstat(d, &sb) == 0);
+    CHECK((uint64_t)sb.st_blocks * 512 < (64ull << 20)); /* not 1 GiB written */
+    bj_copy_free(c);
+
+    /* drain part-way, then resume unlimited: the done part is not redone
+     * and the rest is handed back, then finished */
+    size = 16 << 20;
+    CHECK(ftruncate(d, 0) == 0);
+    CHECK(ftruncate(d, (off_t)size) == 0);
+    fill(d, 0, size, 5);
+    CHECK_EQ(bj_bucket_set_rate(b, 2 << 20, bj_now_ns()), 0);
+    CHECK_EQ(bj_copy_new(&c, &o), 0);
+    bj_copy_test_fallocate(c, no_fallocate);
+    r.len = size;
+    CHECK_EQ(bj_copy_add(c, &r, 1), 0);
+    while (!reads_zero(d, 0, 4096))
+        CHECK_EQ(bj_copy_run(c, 10, 0), 2);
+    bj_copy_drain(c);
+    bj_copy_get_status(c, &st);
+    CHECK_EQ(st.in_flight, 0);
+    CHECK(st.done > 0 && st.done < size);
+    CHECK(reads_zero(d, 0, st.done));
+    CHECK(!reads_zero(d, size - 4096, 4096)); /* the end is still to do */
+    CHECK_EQ(bj_bucket_set_rate(b, 0, bj_now_ns()), 0);
+    int rc;
+    while ((rc = bj_copy_run(c, 100, 0)) == 2)
+        ;
+    CHECK_EQ(rc, 0);
+    bj_copy_get_status(c, &st);
+    CHECK_EQ(st.done, size);
+    CHECK_EQ(st.zero_bytes, size);
+    CHECK(reads_zero(d, 0, size));
+    bj_copy_free(c);
+    bj_bucket_free(b);
+    close(d);
+}
+
 static void test_bad_args_and_cancel(void)
 {
     struct bj_copy *c;
@@ -289,6 +383,7 @@ int main(void)
     test_mapping_error();
     test_drain_resume_sparse();
     test_bad_args_and_cancel();
+    test_zero_fallback_paced();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     CHECK(system(cmd) == 0);

@@ -34,8 +34,8 @@ static void test_arithmetic(void)
     CHECK(bj_bucket_tokens(b, 100 * S) == 1000000.0);      /* capped at capacity */
     /* the wait is rounded up to a whole ns: 1 byte at 3 B/s is 333333333.3 ns */
     struct bj_bucket *c = mk(3, 0.0, 0);
-    CHECK(bj_bucket_tokens(c, 0) == 4096.0); /* capacity is at least 4 KiB */
-    CHECK_EQ(bj_bucket_take(c, 4097, 0), 333333334);
+    CHECK(bj_bucket_tokens(c, 0) == 0.0); /* no burst: starts empty */
+    CHECK_EQ(bj_bucket_take(c, 1, 0), 333333334);
     bj_bucket_free(c);
     bj_bucket_free(b);
 }
@@ -130,6 +130,91 @@ static void test_one_percent(void)
     }
 }
 
+/* The honest limit: with no burst, EVERY 1 s window holds at most 1% over
+ * the rate -- the first second, the second after an idle spell, with several
+ * takers of random sizes (up to max_request) each busy a random time with its
+ * I/O. Simulated on the virtual clock: each taker takes when it is free, waits
+ * as told, issues, then is busy; now and then all of them idle 2 s (a sparse
+ * stretch of the image). The heaviest window starts at an issue time. */
+struct issue { uint64_t at, n; };
+static uint64_t lcg(uint64_t *s)
+{
+    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+    return *s >> 33;
+}
+
+static double worst_window(const struct issue *is, size_t n)
+{
+    double worst = 0, sum = 0;
+    size_t j = 0;
+    for (size_t i = 0; i < n; i++) { /* windows [is[i].at, is[i].at + 1 s) */
+        while (j < n && is[j].at < is[i].at + S)
+            sum += (double)is[j++].n;
+        if (sum > worst)
+            worst = sum;
+        sum -= (double)is[i].n;
+    }
+    return worst;
+}
+
+static void test_every_window(void)
+{
+    uint64_t rates[] = { 4096, 512 << 10, 1000000, 200ull << 20, 1ull << 30 };
+    enum { TK = 4, N = 20000 };
+    static struct issue is[N];
+    for (size_t k = 0; k < sizeof rates / sizeof *rates; k++) {
+        uint64_t rate = rates[k], seed = 42 + k;
+        struct bj_bucket *b = mk(rate, 0.0, 7 * S);
+        uint64_t req = bj_bucket_max_request(b), free_at[TK];
+        for (int t = 0; t < TK; t++)
+            free_at[t] = 7 * S;
+        size_t n = 0;
+        while (n < N) {
+            int t = 0; /* the taker free first takes next */
+            for (int u = 1; u < TK; u++)
+                if (free_at[u] < free_at[t])
+                    t = u;
+            uint64_t now = free_at[t], len = 512 + lcg(&seed) % (req - 511);
+            uint64_t at = now + bj_bucket_take(b, len, now);
+            is[n].at = at;
+            is[n++].n = len;
+            free_at[t] = at + lcg(&seed) % (req * S / rate / 2 + 1); /* its I/O */
+            if (n % 3000 == 0) /* everybody idles 2 s */
+                for (int u = 0; u < TK; u++)
+                    free_at[u] = at + 2 * S;
+        }
+        /* sorted by issue time (the takes come in time order, waits grow) */
+        for (size_t i = 1; i < n; i++)
+            CHECK(is[i].at >= is[i - 1].at);
+        double worst = worst_window(is, n);
+        CHECK(worst <= (double)rate + (double)req); /* the bound of ratelimit.c */
+        if (rate >= 512 << 10) /* a 4 KiB request is <= 1/128 s of it */
+            CHECK(worst <= 1.01 * (double)rate);
+        CHECK(worst >= 0.98 * (double)rate);        /* and the rate is used */
+        /* the first second from creation */
+        double first = 0;
+        for (size_t i = 0; i < n && is[i].at < 8 * S; i++)
+            first += (double)is[i].n;
+        CHECK(first <= (double)rate + (double)req);
+        if (rate >= 512 << 10)
+            CHECK(first <= 1.01 * (double)rate);
+        bj_bucket_free(b);
+    }
+    /* a burst of B s is what it says: after idling, one window carries
+     * rate * (1 + B), not more */
+    struct bj_bucket *b = mk(1000000, 2.0, 0);
+    uint64_t now = 0, got = 0, req = bj_bucket_max_request(b);
+    while (now < S) {
+        uint64_t at = now + bj_bucket_take(b, req, now);
+        if (at >= S)
+            break;
+        got += req;
+        now = at;
+    }
+    CHECK(got <= 3000000 && got >= 2990000);
+    bj_bucket_free(b);
+}
+
 static void test_bad_args(void)
 {
     struct bj_bucket *b = (struct bj_bucket *)&b; /* must stay untouched */
@@ -195,6 +280,7 @@ int main(void)
     test_set_rate();
     test_max_request();
     test_one_percent();
+    test_every_window();
     test_bad_args();
     test_threads();
     printf("test_ratelimit: ok\n");

@@ -230,6 +230,63 @@ static void test_refused_rungs(void)
     close(fd);
 }
 
+/* The last rung paced: pace sees every piece before it is written, in
+ * pieces of at most `piece` bytes, and stopping it leaves exactly the pieces
+ * before written. */
+static uint64_t paced_bytes, paced_max;
+static int paced_calls, paced_stop_at;
+static int pace_count(void *ctx, uint64_t n)
+{
+    CHECK(ctx == &paced_bytes);
+    if (paced_calls++ == paced_stop_at)
+        return 1;
+    paced_bytes += n;
+    if (n > paced_max)
+        paced_max = n;
+    return 0;
+}
+
+static void test_paced(void)
+{
+    uint64_t size = 4 << 20;
+    int fd = mkfile(dir, "p", size);
+    struct bj_zeroer z;
+    hook(&z, 1, 1, EOPNOTSUPP);
+    fill(fd, 0, size);
+    paced_bytes = paced_max = 0;
+    paced_calls = 0;
+    paced_stop_at = -1;
+    CHECK_EQ(bj_zero_range_paced(&z, fd, 100, size - 200, 1, 65536, pace_count, &paced_bytes), 0);
+    check_zeroed(fd, 100, size - 200, size);
+    CHECK_EQ(paced_bytes, size - 200);
+    CHECK_EQ(paced_max, 65536);
+    CHECK_EQ(paced_calls, (int)((size - 200 + 65535) / 65536));
+    /* piece 0 = 1 MiB; stopped at the 3rd piece: -ECANCELED, 2 pieces
+     * zeroed, the rest not */
+    fill(fd, 0, size);
+    paced_bytes = 0;
+    paced_calls = 0;
+    paced_stop_at = 2;
+    CHECK_EQ(bj_zero_range_paced(&z, fd, 0, size, 1, 0, pace_count, &paced_bytes), -ECANCELED);
+    CHECK_EQ(paced_bytes, 2 << 20);
+    check_zeroed(fd, 0, 2 << 20, size);
+    /* a 64 KiB piece limit: stop after 2 pieces */
+    fill(fd, 0, size);
+    paced_bytes = 0;
+    paced_calls = 0;
+    paced_stop_at = 2;
+    CHECK_EQ(bj_zero_range_paced(&z, fd, 0, size, 1, 65536, pace_count, &paced_bytes), -ECANCELED);
+    CHECK_EQ(paced_bytes, 2 * 65536);
+    check_zeroed(fd, 0, 2 * 65536, size);
+    /* the fallocate rungs are never paced */
+    hook(&z, 0, 0, 0);
+    paced_calls = 0;
+    paced_stop_at = 0;
+    CHECK_EQ(bj_zero_range_paced(&z, fd, 0, size, 1, 65536, pace_count, &paced_bytes), 0);
+    CHECK_EQ(paced_calls, 0);
+    close(fd);
+}
+
 static void test_bad_args(void)
 {
     struct bj_zeroer z;
@@ -297,6 +354,7 @@ int main(void)
     test_tmpfs();
     test_refused_rungs();
     test_bad_args();
+    test_paced();
     test_shared();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s %s", dir, shm);

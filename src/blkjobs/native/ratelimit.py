@@ -15,12 +15,18 @@ def _default_clock() -> int:
 class TokenBucket:
     """``rate`` bytes/s (0 = unlimited) with a burst of ``burst`` seconds.
 
+    The default, no burst, starts empty and never saves anything up: with
+    requests of at most :attr:`max_request` (rate/128), no 1 s window -- the
+    first one and the one after an idle spell included -- carries more than
+    ``rate * (1 + 1/128)`` bytes. A burst of B s lets a window carry
+    ``rate * (1 + B)`` after idling.
+
     ``clock`` returns nanoseconds; pass a virtual clock in tests. The C copy
     engine reads the monotonic clock itself (CLOCK_MONOTONIC, the same clock
     as :func:`time.monotonic_ns`).
     """
 
-    def __init__(self, rate: int, burst: float = 1.0,
+    def __init__(self, rate: int, burst: float = 0.0,
                  clock: Callable[[], int] = _default_clock):
         if not isinstance(rate, int) or rate < 0:
             raise UsageError(f"invalid rate {rate!r}: must be a non-negative integer")
