@@ -303,7 +303,7 @@ def test_repeated_sigterm_during_shutdown_still_exits_cleanly(tmp_path):
     from daemon_util import Daemon
     src, tgt = make_images(tmp_path, "64M")
     sock, pid = str(tmp_path / "d.sock"), str(tmp_path / "d.pid")
-    for _ in range(3):
+    for _ in range(10):
         d = Daemon([sys.executable, "-m", "blkjobs", "serve", "--print-ready",
                     "--socket", sock, "--pidfile", pid,
                     "--blockdev", json.dumps(qcow2_node("src", src)),

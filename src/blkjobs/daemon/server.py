@@ -287,21 +287,26 @@ async def serve(engine, unix_paths: list[str] = (), tcp: list[tuple[str, int]] =
     server = Server(engine, commands)
     await server.start(unix_paths, tcp)
     loop = asyncio.get_running_loop()
-    installed = []
+
+    # Plain signal handlers, not loop.add_signal_handler: removing one of
+    # those (as the loop does when it closes) puts back the default action
+    # before anything else can be set, and a stop signal landing in that
+    # window killed the daemon half-way through its shutdown. Here each
+    # disposition is swapped in one step (to SIG_IGN when ``exiting``).
+    def on_signal(signum, frame) -> None:
+        loop.call_soon_threadsafe(server.request_stop)
+
+    previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         try:
-            loop.add_signal_handler(sig, server.request_stop)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):
-            pass        # no signals here (or not the main thread)
+            previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:
+            pass        # not the main thread: no signals here
     if ready is not None:
         ready(server)
     try:
         await server.wait_stopped()
     finally:
         await server.shutdown()
-        if exiting:
-            for sig in installed:
-                if sig != signal.SIGINT:
-                    loop.remove_signal_handler(sig)
-                    signal.signal(sig, signal.SIG_IGN)
+        for sig, old in previous.items():
+            signal.signal(sig, signal.SIG_IGN if exiting and sig != signal.SIGINT else old)
