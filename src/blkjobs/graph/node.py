@@ -502,7 +502,7 @@ def _check_backing_file(path: str, of: str) -> None:
     on an fd opened non-blocking; the drivers check their own fd again."""
     from ..formats import NotAnImageFile, open_file
     try:
-        os.close(open_file(path))
+        os.close(open_file(path, devices=False))
     except OSError as e:
         why = e.strerror
     except NotAnImageFile as e:
