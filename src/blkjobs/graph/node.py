@@ -24,12 +24,14 @@ job engine keys its write hooks on it; see :mod:`blkjobs.jobs.engine`.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 
 from ..errors import ImageError, UsageError
 from ..formats import open_image, probe_format
 from ..formats.base import Kind
 from .lock import NO_SHARE, FileLock
+from .lock import _set as _lock_set
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
 
 BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
@@ -429,8 +431,7 @@ class Node:
                 new.close()
                 self.driver = old
                 for b in sorted(held):
-                    from . import lock as _l
-                    _l._set(old.fd, _l.fcntl.F_RDLCK, b)
+                    _lock_set(old.fd, fcntl.F_RDLCK, b)
                 self._lock.held = held
                 raise
             self._lock = newlock

@@ -1,6 +1,6 @@
 """The job object and the driver interface a job type implements.
 
-A :class:`Job` is created by :meth:`JobManager.create` and owned by it; its
+A :class:`Job` is created by ``JobManager.create`` and owned by it; its
 state is changed only under the manager lock. A :class:`JobDriver` is one
 instance per job: it holds the job type's own state and implements the hooks.
 The contract of each hook is written on it; it follows QEMU's ``JobDriver``
@@ -13,16 +13,33 @@ import errno as _errno
 import os
 import threading
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import Cancelled, JobError
-from . import status as _st
 from .events import BLOCK_JOB_ERROR, BLOCK_JOB_READY
-from .status import JobStatus
+from .status import COMPLETED, READY_ISH, JobStatus, transition
+from .txn import JobTxn
 
-if TYPE_CHECKING:
-    from .manager import JobManager
-    from .txn import JobTxn
+
+class JobOwner(Protocol):
+    """What a :class:`Job` needs of the manager that owns it (the
+    :class:`~blkjobs.job.manager.JobManager` satisfies it). Declared here so
+    that this module does not import the manager, which imports it."""
+
+    #: the manager's one re-entrant lock (a condition)
+    lock: threading.Condition
+    #: the manager's clock (``blkjobs.job.events.Clock``)
+    clock: Any
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None: ...
+
+    def _emit_block(self, job: Job, name: str) -> None: ...
+
+    def _pause_locked(self, job: Job) -> None: ...
+
+    def _resume_locked(self, job: Job) -> None: ...
+
+    def _status_changed(self, job: Job, old: JobStatus, new: JobStatus) -> None: ...
 
 
 class JobOutcome(str, enum.Enum):
@@ -217,7 +234,7 @@ class JobDriver(ABC):
 
 
 class Job:
-    """One job. Created by :meth:`JobManager.create`; do not construct directly.
+    """One job. Created by ``JobManager.create``; do not construct directly.
 
     Attributes read by anyone (under the manager lock for a consistent view):
     ``id`` (None for an internal job), ``type``, ``status``, ``progress``,
@@ -230,7 +247,7 @@ class Job:
     flags ``should_complete``, ``cancel_requested``, ``is_cancelled``.
     """
 
-    def __init__(self, manager: JobManager, driver: JobDriver, job_id: str | None,
+    def __init__(self, manager: JobOwner, driver: JobDriver, job_id: str | None,
                  txn: JobTxn, auto_finalize: bool, auto_dismiss: bool):
         self._mgr = manager
         self.driver = driver
@@ -270,12 +287,12 @@ class Job:
     @property
     def is_ready(self) -> bool:
         """ready or standby (query-block-jobs ``ready``)."""
-        return self.status in _st.READY_ISH
+        return self.status in READY_ISH
 
     @property
     def is_completed(self) -> bool:
         """The worker is done: waiting, pending, aborting, concluded, null."""
-        return self.status in _st.COMPLETED
+        return self.status in COMPLETED
 
     @property
     def is_paused(self) -> bool:
@@ -316,14 +333,14 @@ class Job:
             with cond:
                 if self.pause_count > 0 and not self.is_cancelled:
                     old = self.status
-                    _st.transition(self, JobStatus.STANDBY if old is JobStatus.READY
+                    transition(self, JobStatus.STANDBY if old is JobStatus.READY
                                    else JobStatus.PAUSED)
                     self.parked, self.busy = True, False
                     cond.notify_all()
                     while self.pause_count > 0 and not self.is_cancelled:
                         cond.wait()
                     self.parked, self.busy = False, True
-                    _st.transition(self, old)
+                    transition(self, old)
             self.driver.resume(self)
         with cond:
             if self.is_cancelled:
@@ -384,7 +401,7 @@ class Job:
         query answering the event never sees it busy).
         """
         with self._mgr.lock:
-            _st.transition(self, JobStatus.READY)
+            transition(self, JobStatus.READY)
             if idle and not self._kicked:
                 self.busy = False
             self._mgr._emit_block(self, BLOCK_JOB_READY)

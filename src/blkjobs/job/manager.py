@@ -17,11 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import JobError
-from . import status as _st
 from .events import (BLOCK_JOB_CANCELLED, BLOCK_JOB_COMPLETED, BLOCK_JOB_PENDING,
                      JOB_STATUS_CHANGE, Clock, Event, EventBus, SystemClock)
 from .job import IoStatus, Job, JobDriver, JobOutcome, error_text
-from .status import JobStatus, JobVerb
+from .status import JobStatus, JobVerb, check_verb, transition
 from .txn import CompletionMode, JobTxn
 
 S = JobStatus
@@ -123,7 +122,7 @@ class JobManager:
             job = Job(self, driver, job_id, None, auto_finalize, auto_dismiss)  # type: ignore[arg-type]
             job.txn = (txn or JobTxn(CompletionMode.GROUPED))._add(job)
             self._jobs.insert(0, job)
-            _st.transition(job, S.CREATED)
+            transition(job, S.CREATED)
             try:
                 self._set_speed(job, speed)
             except JobError:
@@ -150,7 +149,7 @@ class JobManager:
             job.started = True
             job.pause_count -= 1
             job.busy = True
-            _st.transition(job, S.RUNNING)
+            transition(job, S.RUNNING)
             threading.Thread(target=self._runner, args=(job,), daemon=True,
                              name=f"job-{job.id}").start()
 
@@ -224,7 +223,7 @@ class JobManager:
         if job.error is None and job.is_cancelled:
             job.error = error_text(errno.ECANCELED)
         if job.error is not None:
-            _st.transition(job, S.ABORTING)
+            transition(job, S.ABORTING)
 
     def _job_completed(self, job: Job) -> None:
         """The worker is done (or the job will never start)."""
@@ -235,12 +234,12 @@ class JobManager:
             self._txn_success(job)
 
     def _txn_success(self, job: Job) -> None:
-        _st.transition(job, S.WAITING)
+        transition(job, S.WAITING)
         group = job.txn
         if any(not other.is_completed for other in group.jobs):
             return
         for other in list(group.jobs):
-            _st.transition(other, S.PENDING)
+            transition(other, S.PENDING)
             if not other.auto_finalize and not other.is_internal:
                 self._emit(BLOCK_JOB_PENDING, {"type": other.type, "id": other.id})
         if all(other.auto_finalize for other in group.jobs):
@@ -299,12 +298,12 @@ class JobManager:
         job.outcome = outcome
         _log.info("%s job %s %s%s", job.type, job.id, outcome.value,
                   f": {job.error}" if outcome is JobOutcome.FAILED else "")
-        _st.transition(job, S.CONCLUDED)
+        transition(job, S.CONCLUDED)
         if job.auto_dismiss or not job.started:
             self._do_dismiss(job)
 
     def _do_dismiss(self, job: Job) -> None:
-        _st.transition(job, S.NULL)
+        transition(job, S.NULL)
         job.busy = False
         if job in self._jobs:
             self._jobs.remove(job)
@@ -364,7 +363,7 @@ class JobManager:
             self._wake(job)
 
     def _set_speed(self, job: Job, speed: int) -> None:
-        _st.check_verb(job.id, job.status, JobVerb.SET_SPEED)
+        check_verb(job.id, job.status, JobVerb.SET_SPEED)
         if speed < 0:
             raise JobError("Parameter 'speed' expects a non-negative value")
         old, job.speed = job.speed, speed
@@ -381,13 +380,13 @@ class JobManager:
         """``cancel``. ``force=False`` is a soft cancel, which the driver may
         keep soft (mirror in ready) or make forced (the default)."""
         with self.lock:
-            _st.check_verb(job.id, job.status, JobVerb.CANCEL)
+            check_verb(job.id, job.status, JobVerb.CANCEL)
             self._cancel(job, force)
 
     def user_pause(self, job: Job) -> None:
         """``pause`` by the user (at most one at a time)."""
         with self.lock:
-            _st.check_verb(job.id, job.status, JobVerb.PAUSE)
+            check_verb(job.id, job.status, JobVerb.PAUSE)
             if job.user_paused:
                 raise JobError("Job is already paused")
             job.user_paused = True
@@ -398,7 +397,7 @@ class JobManager:
         with self.lock:
             if not job.user_paused or job.pause_count <= 0:
                 raise JobError("Can't resume a job that was not paused")
-            _st.check_verb(job.id, job.status, JobVerb.RESUME)
+            check_verb(job.id, job.status, JobVerb.RESUME)
             job.io_status = IoStatus.OK
             job.user_paused = False
             self._resume_locked(job)
@@ -406,7 +405,7 @@ class JobManager:
     def complete_job(self, job: Job) -> None:
         """``complete``: set ``should_complete``, call the driver, kick the job."""
         with self.lock:
-            _st.check_verb(job.id, job.status, JobVerb.COMPLETE)
+            check_verb(job.id, job.status, JobVerb.COMPLETE)
             if job.cancelled or type(job.driver).complete is JobDriver.complete:
                 raise JobError(f"The active block job '{job.id}' cannot be completed")
             job.should_complete = True
@@ -420,7 +419,7 @@ class JobManager:
     def finalize_job(self, job: Job) -> None:
         """``finalize``: finalize every member of the job's transaction."""
         with self.lock:
-            _st.check_verb(job.id, job.status, JobVerb.FINALIZE)
+            check_verb(job.id, job.status, JobVerb.FINALIZE)
             if job.txn.aborting:
                 return      # already being aborted; it concludes on its own
             self._do_finalize(job.txn)
@@ -428,7 +427,7 @@ class JobManager:
     def dismiss_job(self, job: Job) -> None:
         """``dismiss``: concluded -> null; the id becomes free."""
         with self.lock:
-            _st.check_verb(job.id, job.status, JobVerb.DISMISS)
+            check_verb(job.id, job.status, JobVerb.DISMISS)
             self._do_dismiss(job)
 
     def set_speed(self, job: Job, speed: int) -> None:
@@ -439,7 +438,7 @@ class JobManager:
     def change_job(self, job: Job, options: dict[str, Any]) -> None:
         """``change``: handed to the driver's ``change`` hook."""
         with self.lock:
-            _st.check_verb(job.id, job.status, JobVerb.CHANGE)
+            check_verb(job.id, job.status, JobVerb.CHANGE)
             job.driver.change(job, options)
 
     # ------------------------------------------------------------------

@@ -42,7 +42,8 @@ import struct
 
 from ...errors import ImageError, UsageError
 from ..base import Driver, Kind, Mapping
-from . import compress as _cz
+from .compress import compress as _compress
+from .compress import decompress as _decompress
 from .header import (AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT,
                      INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, parse_header,
                      read_bitmap_directory)
@@ -457,7 +458,7 @@ class Qcow2(Driver):
         _, _, e, bm = self._entry(gc)
         off, nbytes = self._compressed_span(gc, e)
         raw = os.pread(self.fd, nbytes, off)
-        data = _cz.decompress(self.ctype, raw, self.cluster_size)
+        data = _decompress(self.ctype, raw, self.cluster_size)
         self._comp_cache = (gc, data)
         return data
 
@@ -822,7 +823,7 @@ class Qcow2(Driver):
         if offset % cs or len(data) > cs or (len(data) < cs and offset + len(data) != self.size):
             raise UsageError("write_compressed needs one whole, aligned cluster")
         data = data.ljust(cs, b"\0")
-        comp = _cz.compress(self.ctype, data)
+        comp = _compress(self.ctype, data)
         if len(comp) >= cs - 512:
             self.write(offset, data[:min(cs, self.size - offset)])
             return
