@@ -134,7 +134,7 @@ def mirror_under_writer(d: str, size: int, rate: int, rounds: int = 3,
 
 def mirror_under_writer_once(d: str, size: int, rate: int, rnd_no: int, mode: str) -> bool:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-    from blkjobs.jobs import Engine
+    from blkjobs.engine import Engine
     src = os.path.join(d, "vm.qcow2")
     dst = os.path.join(d, "mw.qcow2")
     sh("qemu-img", "create", "-f", "qcow2", dst, size)

@@ -94,7 +94,7 @@ def test_pause_and_cancel_while_held(eng, tmp_path):
     assert not eng.blkdebug_is_suspended("w2")
     eng.job_resume("b0")
     eng.blkdebug_wait_break("w2")
-    eng.block_job_cancel("b0", force=True)
+    eng.job_cancel("b0")
     eng.blkdebug_remove_break("w2")     # drops the rule and resumes what it holds
     assert eng.wait_job(job, 30).value == "cancelled"
     assert [e.data["status"] for e in ev.events] == [
@@ -136,7 +136,7 @@ def test_front_end_request_held_without_the_io_lock(eng, tmp_path):
 
 
 def test_close_resumes_what_is_held(tmp_path):
-    from blkjobs.jobs import Engine
+    from blkjobs.engine import Engine
     e = Engine()
     src, dst = pair(e, tmp_path)
     e.blkdebug_break("dst", "write_aio", "w")

@@ -160,7 +160,7 @@ def test_unexpected_exception_is_an_error_reply(tmp_path, monkeypatch, capfd):
     """Any exception in a command is a GenericError reply; the connection stays."""
     from blkjobs.daemon.commands import Commands
     from blkjobs.daemon.server import Server
-    from blkjobs.jobs import Engine
+    from blkjobs.engine import Engine
 
     def boom(self):
         raise RuntimeError("boom")

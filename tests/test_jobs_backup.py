@@ -186,6 +186,6 @@ def test_progress_and_pause(eng, tmp_path):
     time.sleep(0.3)
     b = eng.query_block_jobs()[0]
     assert a["offset"] == b["offset"] and b["paused"] and b["len"] == SIZE
-    eng.block_job_set_speed("b0", 0)
+    eng.job_set_speed("b0", 0)
     eng.job_resume("b0")
     assert eng.wait_job(job, 20).value == "completed"

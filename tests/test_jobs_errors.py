@@ -117,7 +117,7 @@ def test_mirror_stop_resume_and_report(eng, tmp_path):
     eng.wait_status(job, "paused", timeout=20)
     eng.job_resume("m0")
     ev.wait_for("BLOCK_JOB_READY", timeout=20)
-    eng.block_job_cancel("m0")
+    eng.job_cancel("m0", force=False)
     assert eng.wait_job(job, 20).value == "completed"
     eng.close()
     assert_same(expect, dst, "raw", "qcow2")
@@ -278,7 +278,7 @@ def test_bitmap_never_keeps_and_successor_merges(eng, tmp_path):
                      job_id="i0", speed=64 << 10)
     assert bm.busy
     vm.write(0, b"\x01" * 10)                      # recorded by the successor
-    eng.block_job_set_speed("i0", 0)
+    eng.job_set_speed("i0", 0)
     assert eng.wait_job(job, 20).value == "completed"
     assert bm.count() == n0 + 65536
 

@@ -26,10 +26,10 @@ def test_backup_cbw_filter_node(eng, tmp_path):
         ("copy-before-write", True, s, s.size, s.filename)
     assert vm.node is f and eng.graph.parents(s) == [f]
     assert f.chain() == [f, s] and f.below_filters() is s
-    assert eng.above_filters(s) is f
+    assert eng.io.above_filters(s) is f
     vm.write(0, b"\x22" * 65536)               # through the filter: old data saved first
     assert vm.read(0, 4) == b"\x22" * 4 and s.read(0, 4) == b"\x22" * 4
-    eng.block_job_set_speed("b0", 0)
+    eng.job_set_speed("b0", 0)
     assert eng.wait_job(job, 30).value == "completed"
     assert "cbw0" not in eng.graph.nodes and vm.node is s and eng.graph.parents(s) == []
     eng.close()
@@ -145,10 +145,10 @@ def test_two_backups_stack_their_filters(eng, tmp_path):
     assert f1.chain() == [f1, f2, s] and f1.below_filters() is s
     vm.write(65536, b"\x33" * 65536)               # saved into both targets first
     assert vm.read(65536, 4) == b"\x33" * 4
-    eng.block_job_set_speed("b1", 0)
+    eng.job_set_speed("b1", 0)
     assert eng.wait_job(j1, 30).value == "completed"
     assert "f1" not in eng.graph.nodes and vm.node is f2
-    eng.block_job_set_speed("b2", 0)
+    eng.job_set_speed("b2", 0)
     assert eng.wait_job(j2, 30).value == "completed"
     assert vm.node is s and eng.graph.parents(s) == []
     eng.close()

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from blkjobs.jobs import Engine
+from blkjobs.engine import Engine
 
 MiB = 1 << 20
 SIZE = 4 * MiB

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from blkjobs.jobs.base import InFlight
+from blkjobs.graph.io import InFlight
 
 
 def test_inflight_matches_model():

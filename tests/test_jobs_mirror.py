@@ -69,7 +69,7 @@ def test_soft_cancel_in_ready_keeps_source(eng, tmp_path):
     job = eng.mirror("src", "dst", sync="full", job_id="m0")
     ev.wait_for("BLOCK_JOB_READY", timeout=20)
     vm.write(8192, b"\x42" * 8192)
-    eng.block_job_cancel("m0")                       # soft
+    eng.job_cancel("m0", force=False)                       # soft
     assert eng.wait_job(job, 20).value == "completed"
     done = ev.wait_for(["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"], timeout=5)
     assert done.name == "BLOCK_JOB_COMPLETED" and "error" not in done.data
@@ -89,7 +89,7 @@ def test_forced_cancel_before_ready(eng, tmp_path):
     eng.blkdebug_break("dst", "pwritev", "w")        # not ready yet
     job = eng.mirror("src", "dst", sync="full", job_id="m0")
     eng.blkdebug_wait_break("w")
-    eng.block_job_cancel("m0")                        # soft before ready = forced
+    eng.job_cancel("m0", force=False)                        # soft before ready = forced
     eng.blkdebug_resume("w")
     assert eng.wait_job(job, 20).value == "cancelled"
     assert ev.wait_for("BLOCK_JOB_CANCELLED", timeout=5)
@@ -125,7 +125,7 @@ def test_none_mirrors_only_new_writes(eng, tmp_path):
     job = eng.mirror("src", "dst", sync="none", job_id="m0")
     ev.wait_for("BLOCK_JOB_READY", timeout=20)
     vm.write(3 * MiB + 4096, b"\x66" * 4096)
-    eng.block_job_cancel("m0")
+    eng.job_cancel("m0", force=False)
     assert eng.wait_job(job, 20).value == "completed"
     eng.close()
     raw = tmp_path / "t.raw"
@@ -160,7 +160,7 @@ def test_change_to_write_blocking_and_validation(eng, tmp_path):
         "Source and target image have different sizes"
     job = eng.mirror("src", "dst", sync="full", job_id="m2")
     ev.wait_for("BLOCK_JOB_READY", timeout=20)
-    eng.block_job_change("m2", "mirror", **{"copy-mode": "write-blocking"})
+    eng.job_change("m2", "mirror", **{"copy-mode": "write-blocking"})
     assert eng.query_block_jobs()[0]["actively-synced"]
     eng.job_complete("m2")
     assert eng.wait_job(job, 20).value == "completed"
@@ -173,7 +173,7 @@ def test_ready_copies_only_the_sub_blocks_written(eng, tmp_path, monkeypatch, fm
     allocation (the rest of the cluster filled from the source)."""
     import time
 
-    from blkjobs.jobs.base import Mover
+    from blkjobs.jobs.blockcopy import Mover
     src = mkimg(tmp_path / f"src.{fmt}", fmt, writes=WRITES)
     dst = mkimg(tmp_path / f"dst.{fmt}", fmt)
     s = eng.open(src, fmt, node_name="src")

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from blkjobs.errors import JobError
-from blkjobs.jobs import Engine
+from blkjobs.engine import Engine
 from test_jobs_helpers import MiB, Writer, assert_same, check, qimg, snapshot, tool
 
 JOBS = ["stream", "commit", "mirror", "backup"]

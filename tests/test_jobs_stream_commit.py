@@ -127,7 +127,7 @@ def test_active_commit_soft_cancel(eng, tmp_path):
     ev = eng.listen()
     job = eng.commit("top", job_id="c1")
     ev.wait_for("BLOCK_JOB_READY", timeout=30)
-    eng.block_job_cancel("c1")
+    eng.job_cancel("c1", force=False)
     assert eng.wait_job(job, 30).value == "completed"
     assert vm.node is t and t.backing is not None
     eng.close()
@@ -270,7 +270,7 @@ def test_stream_enospc_in_the_copy_keeps_the_guest_view(tmp_path, small_tmpfs, p
     allocated for the failed batch are given back (left allocated, they read
     as zeroes, and a retry takes them as copied). report: the job fails.
     stop: it pauses; with space freed, resume completes it."""
-    from blkjobs.jobs import Engine
+    from blkjobs.engine import Engine
     size = 8 * MiB          # 1.5 MiB of it to pull: fits once the filler is gone
     base = mkimg(tmp_path / "base.qcow2", size=size, writes=[("0x41", 0, 1536 << 10)])
     top = str(small_tmpfs / "top.qcow2")

@@ -21,8 +21,8 @@ from daemon_util import connect, start_blkjobs, start_qsd
 
 from blkjobs.errors import ImageError
 from blkjobs.graph import Perm
-from blkjobs.jobs.base import Mover
-from blkjobs.jobs.engine import Engine
+from blkjobs.jobs.blockcopy import Mover
+from blkjobs.engine import Engine
 
 MiB = 1 << 20
 
@@ -45,7 +45,7 @@ def test_fresh_nodes_do_not_inherit_cache_unsafe(eng, tmp_path, monkeypatch):
     is cache-unsafe, and a Mover's flush fsyncs each of them."""
     img = _raw(tmp_path / "scratch.raw")
     old = [eng.open(img, "raw", cache="unsafe") for _ in range(200)]
-    assert all(eng.cache_unsafe(n) for n in old)
+    assert all(eng.io.cache_unsafe(n) for n in old)
     for n in old:
         n.close()
     del old, n
@@ -61,13 +61,13 @@ def test_fresh_nodes_do_not_inherit_cache_unsafe(eng, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     for n in fresh:
         synced.clear()
-        mover = Mover(eng, src, n, select=lambda run: "copy")
+        mover = Mover(eng.io, src, n, select=lambda run: "copy")
         try:
             mover.flush()
         finally:
             mover.close()
         assert n.driver.fd in synced, f"{n.name} was not fsync'ed"
-    assert [n.name for n in fresh if eng.cache_unsafe(n)] == []
+    assert [n.name for n in fresh if eng.io.cache_unsafe(n)] == []
 
 
 # --------------------------------------------------------------------------

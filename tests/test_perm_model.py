@@ -23,7 +23,7 @@ from daemon_util import (brief, compare, connect, drop_transient_pauses, qcow2_n
 
 from blkjobs.errors import BlkjobsError
 from blkjobs.graph import ALL, Perm
-from blkjobs.jobs.engine import Engine
+from blkjobs.engine import Engine
 
 MiB = 1 << 20
 DAEMONS = (("qsd", start_qsd), ("blkjobs", start_blkjobs))
@@ -298,7 +298,7 @@ def test_fleecing_reads_point_in_time_while_guest_writes(tmp_path):
         f.attach_backing(s)
         before = s.read(0, 4 * MiB)
         job = eng.backup("src", "fl", "none", job_id="b0")
-        vm = eng.attach(eng.above_filters(s))
+        vm = eng.attach(eng.io.above_filters(s))
         for off in (0, 65536 * 3 + 100, 2 * MiB + 7, 3 * MiB + 512):
             vm.write(off, b"\xee" * 70000)
         vm.flush()

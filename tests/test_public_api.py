@@ -31,8 +31,9 @@ def test_top_level_exports_are_the_internal_objects():
     from blkjobs.graph.node import Node as N
     from blkjobs.job import Event as Ev, EventListener as EL, Job as J, JobOutcome as JO, \
         JobStatus as JS
-    from blkjobs.jobs.engine import DirtyBitmap as DB, Engine as E
-    from blkjobs.jobs.frontend import Frontend as F
+    from blkjobs.engine import Engine as E
+    from blkjobs.graph.frontend import Frontend as F
+    from blkjobs.graph.io import DirtyBitmap as DB
     from blkjobs import options as o
     assert (Engine, DirtyBitmap, Frontend, Node, Job, JobOutcome, JobStatus, Event,
             EventListener) == (E, DB, F, N, J, JO, JS, Ev, EL)
@@ -62,8 +63,8 @@ def test_import_blkjobs_is_cheap_and_exports_load_on_use():
         [sys.executable, "-X", "importtime", "-c", "import blkjobs"], capture_output=True,
         text=True, check=True).stderr.split()
     mods = _modules_after("from blkjobs import JobOutcome")
-    assert "blkjobs.job.job" in mods and "blkjobs.jobs.engine" not in mods
-    assert "blkjobs.jobs.engine" in _modules_after("from blkjobs import Engine")
+    assert "blkjobs.job.job" in mods and "blkjobs.engine" not in mods
+    assert "blkjobs.engine" in _modules_after("from blkjobs import Engine")
 
 
 def test_version_imports_no_command():

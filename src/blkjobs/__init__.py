@@ -4,7 +4,7 @@ The public library API is what this package exports (``__all__``)::
 
     from blkjobs import Engine, JobOutcome, SyncMode, errors
 
-* :class:`Engine` -- one block graph, its jobs and front ends (``jobs.engine``);
+* :class:`Engine` -- one block graph, its jobs and front ends (``blkjobs.engine``);
 * what its methods hand back and a caller holds: :class:`Node` (``open``,
   ``create``), :class:`Job` and its :class:`JobStatus`/:class:`JobOutcome`
   (``backup``, ``wait_job``), :class:`Frontend` (``attach``),
@@ -27,9 +27,9 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "Engine": "blkjobs.jobs.engine",
-    "DirtyBitmap": "blkjobs.jobs.engine",
-    "Frontend": "blkjobs.jobs.frontend",
+    "Engine": "blkjobs.engine",
+    "DirtyBitmap": "blkjobs.graph.io",
+    "Frontend": "blkjobs.graph.frontend",
     "Node": "blkjobs.graph.node",
     "Job": "blkjobs.job.job",
     "JobOutcome": "blkjobs.job.job",
@@ -56,9 +56,9 @@ if TYPE_CHECKING:
     from .job.job import Job as Job
     from .job.job import JobOutcome as JobOutcome
     from .job.status import JobStatus as JobStatus
-    from .jobs.engine import DirtyBitmap as DirtyBitmap
-    from .jobs.engine import Engine as Engine
-    from .jobs.frontend import Frontend as Frontend
+    from .engine import Engine as Engine
+    from .graph.frontend import Frontend as Frontend
+    from .graph.io import DirtyBitmap as DirtyBitmap
     from .options import BitmapMode as BitmapMode
     from .options import CacheMode as CacheMode
     from .options import CompletionMode as CompletionMode

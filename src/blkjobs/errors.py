@@ -8,7 +8,8 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      │    └── CopyError                       a copy request failed (side = source | target)
      ├── Cancelled                            the operation was cancelled (ECANCELED)
      ├── ImageError                           malformed, corrupt or unsupported image
-     │    └── CheckNotSupported               exit 63: the format has no checks (qemu-img's 63)
+     │    ├── CheckNotSupported               exit 63: the format has no checks (qemu-img's 63)
+     │    └── NotSupported                    formats.base: a driver lacks the capability asked for
      ├── UsageError (also ValueError)         bad argument values (sizes, rates, options)
      ├── PermissionConflict                   graph.perm: a permission or lock is held elsewhere
      │    └── LockConflict                    graph.lock: another process holds QEMU's lock bytes

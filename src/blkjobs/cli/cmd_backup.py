@@ -50,7 +50,7 @@ def cli_engine():
     them while the job runs (the sources, backing files and bases are read
     for a stable view; the targets, the streamed image and the base of a
     commit are written exclusively)."""
-    from ..jobs import Engine
+    from ..engine import Engine
     eng = Engine()
     eng.graph.share_writes = False
     eng.graph.format_locks = True

@@ -154,7 +154,7 @@ def run(args) -> int:
     from ..daemon.protocol import QMPError
     from ..daemon.schema import check_arguments
     from ..daemon.server import serve
-    from ..jobs import Engine
+    from ..engine import Engine
 
     unix, tcp = monitors(args)
     blockdevs = [parse_blockdev(b) for b in args.blockdev]

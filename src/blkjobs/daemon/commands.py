@@ -1,4 +1,4 @@
-"""Command handlers: QMP commands mapped onto the :class:`~blkjobs.jobs.Engine`.
+"""Command handlers: QMP commands mapped onto the :class:`~blkjobs.engine.Engine`.
 
 The jobs, verbs, queries and events are the Engine's; this module adds only
 what QMP needs on top of it:
@@ -277,7 +277,7 @@ class Commands:
                 print(f"blkjobs serve: warning: node '{mn.name}' ('{mn.filename}'): flush on "
                       f"close failed: {why}; the node was closed", file=sys.stderr, flush=True)
             # backing files the image opened by itself leave with it
-            self.eng.drop_unused([n for n in below if n.name not in self.nodes])
+            self.eng.io.drop_unused([n for n in below if n.name not in self.nodes])
         if mn.file is not None:
             if mn.file.owned:
                 mn.file.parent = None
@@ -295,8 +295,8 @@ class Commands:
         # (a backup's copy-before-write) and the job claiming it.
         return (any(p.owner not in ("open", MONITOR) for p in g.users())
                 or bool(eng.graph.parents(g))
-                or bool(eng.filters(g)) or g.claimed_by is not None
-                or bool(eng.frontends(g)))
+                or eng.io.filter_of(g) is not None or g.claimed_by is not None
+                or bool(eng.io.frontends(g)))
 
     def cmd_blockdev_del(self, **args: Any) -> dict[str, Any]:
         node_name = args["node-name"]
@@ -453,43 +453,43 @@ class Commands:
         return {}
 
     def cmd_job_pause(self, id: str):
-        return self._verb(self.eng.job_pause, id)
+        return self._verb(self.eng.jobs.job_pause, id)
 
     def cmd_job_resume(self, id: str):
-        return self._verb(self.eng.job_resume, id)
+        return self._verb(self.eng.jobs.job_resume, id)
 
     def cmd_job_cancel(self, id: str):
-        return self._verb(self.eng.job_cancel, id)
+        return self._verb(self.eng.jobs.job_cancel, id)
 
     def cmd_job_complete(self, id: str):
-        return self._verb(self.eng.job_complete, id)
+        return self._verb(self.eng.jobs.job_complete, id)
 
     def cmd_job_finalize(self, id: str):
-        return self._verb(self.eng.job_finalize, id)
+        return self._verb(self.eng.jobs.job_finalize, id)
 
     def cmd_job_dismiss(self, id: str):
-        return self._verb(self.eng.job_dismiss, id)
+        return self._verb(self.eng.jobs.job_dismiss, id)
 
     def cmd_block_job_set_speed(self, device: str, speed: int):
-        return self._verb(self.eng.block_job_set_speed, device, speed)
+        return self._verb(self.eng.jobs.block_job_set_speed, device, speed)
 
     def cmd_block_job_cancel(self, device: str, force: bool = False):
-        return self._verb(self.eng.block_job_cancel, device, force)
+        return self._verb(self.eng.jobs.block_job_cancel, device, force)
 
     def cmd_block_job_pause(self, device: str):
-        return self._verb(self.eng.block_job_pause, device)
+        return self._verb(self.eng.jobs.block_job_pause, device)
 
     def cmd_block_job_resume(self, device: str):
-        return self._verb(self.eng.block_job_resume, device)
+        return self._verb(self.eng.jobs.block_job_resume, device)
 
     def cmd_block_job_complete(self, device: str):
-        return self._verb(self.eng.block_job_complete, device)
+        return self._verb(self.eng.jobs.block_job_complete, device)
 
     def cmd_block_job_finalize(self, id: str):
-        return self._verb(self.eng.block_job_finalize, id)
+        return self._verb(self.eng.jobs.block_job_finalize, id)
 
     def cmd_block_job_dismiss(self, id: str):
-        return self._verb(self.eng.block_job_dismiss, id)
+        return self._verb(self.eng.jobs.block_job_dismiss, id)
 
     def cmd_block_job_change(self, id: str, type: str, **options: Any):
         job = self.eng.jobs.find_block_job(id)
@@ -497,7 +497,7 @@ class Commands:
             raise QMPError("Job type does not match")
         if job.type != "mirror":
             raise QMPError("Job type does not support change")
-        self.eng.block_job_change(id, type, **options)
+        self.eng.jobs.block_job_change(id, type, **options)
         return {}
 
     # ------------------------------------------------------------------
@@ -506,7 +506,7 @@ class Commands:
     def _bitmaps_of(self, g: Node) -> dict:
         # The Engine keeps a node's bitmaps on the node (read-only here,
         # except when the node itself goes away).
-        return self.eng.bitmaps_of(g)
+        return self.eng.io.bitmaps_of(g)
 
     def _bitmap(self, node: str, name: str):
         g = self._lookup(node)
@@ -666,7 +666,7 @@ class Commands:
                            f"node '{node}' ({g.size})")
         # as the guest device of ``node`` would: through the filter nodes
         # jobs put above it since
-        fe = self.eng.attach(self.eng.above_filters(g))
+        fe = self.eng.attach(self.eng.io.above_filters(g))
         try:
             fe.write(offset, bytes([pattern]) * length)
             fe.flush()

@@ -13,6 +13,13 @@ import abc
 import enum
 from dataclasses import dataclass
 
+from ..errors import ImageError
+
+
+class NotSupported(ImageError):
+    """A driver was asked for something its format cannot do (see the
+    capabilities of :class:`Driver`)."""
+
 
 class Kind(enum.IntEnum):
     """What a range of the virtual disk is, in this layer alone."""
@@ -48,9 +55,31 @@ class Driver(abc.ABC):
     * ``backing_filename`` / ``backing_format``: as recorded in the header,
       None when absent (raw: always None);
     * ``cluster_size``: allocation unit in bytes (raw: 0 = none).
+
+    Capabilities are declared, not probed (class attributes; a method whose
+    capability is False raises :class:`NotSupported` with a clear text):
+
+    * ``can_allocate``: :meth:`allocate` with an ``undo`` list and
+      :meth:`undo_allocate` (qcow2: clusters for the C engine to fill; raw
+      needs none, its :meth:`allocate` is the identity);
+    * ``can_compress``: :meth:`write_compressed` (qcow2);
+    * ``can_set_backing``: :meth:`set_backing` records a backing file in the
+      header (qcow2);
+    * ``can_check``: :meth:`check`, the consistency check (qcow2);
+    * ``has_metadata``: metadata kept in memory that :meth:`flush` writes,
+      even with cache=unsafe (:meth:`set_unsafe`; qcow2) -- a raw image
+      opened cache=unsafe has nothing to flush;
+    * ``injects_faults``: :meth:`inject_check` may fail requests (the
+      blkdebug wrapper of :mod:`blkjobs.jobs.blkdebug`).
     """
 
     format_name: str = "?"
+    can_allocate: bool = False
+    can_compress: bool = False
+    can_set_backing: bool = False
+    can_check: bool = False
+    has_metadata: bool = False
+    injects_faults: bool = False
     filename: str
     fd: int
     read_only: bool
@@ -107,6 +136,49 @@ class Driver(abc.ABC):
     def info(self) -> dict:
         """Format-specific fields for ``info --output json``."""
         return {}
+
+    @property
+    def dirty_flag(self) -> bool:
+        """The image is marked dirty (qcow2's incompatible dirty bit)."""
+        return False
+
+    # -- capabilities (see the class docstring) -----------------------------
+
+    def _unsupported(self, what: str) -> NotSupported:
+        return NotSupported(f"'{self.filename}': the {self.format_name} format does not "
+                            f"support {what}")
+
+    def allocate(self, offset: int, length: int, undo: list | None = None) -> list[Mapping]:
+        """Allocate [offset, offset+length) for writing in place: the host
+        runs as DATA Mappings. ``undo`` (``can_allocate``): what the
+        allocation changed is appended, for :meth:`undo_allocate`."""
+        raise self._unsupported("allocation")
+
+    def undo_allocate(self, undo: list) -> None:
+        """Put back what :meth:`allocate` changed (``can_allocate``)."""
+        raise self._unsupported("allocation")
+
+    def write_compressed(self, offset: int, cluster_data) -> None:
+        """Write one cluster compressed (``can_compress``)."""
+        raise self._unsupported("compression")
+
+    def set_backing(self, filename: str | None, fmt: str | None) -> None:
+        """Record ``filename`` (None: no backing file) in the header
+        (``can_set_backing``)."""
+        raise self._unsupported("recording a backing file")
+
+    def check(self, repair: str | None = None) -> dict:
+        """The consistency check (``can_check``)."""
+        raise self._unsupported("checks")
+
+    def set_unsafe(self, unsafe: bool) -> None:
+        """cache=unsafe: metadata still written in order, never fsync'ed.
+        Drivers without metadata (``has_metadata`` False) have nothing to do."""
+
+    def inject_check(self, op: str, offset: int, length: int) -> int:
+        """The errno a request is failed with by fault injection, or 0
+        (``injects_faults``)."""
+        return 0
 
     def __enter__(self):
         return self

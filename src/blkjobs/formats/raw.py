@@ -179,7 +179,7 @@ class Raw(Driver):
             self._closed = True
             os.close(self._fd)
 
-    def allocate(self, offset: int, length: int) -> list[Mapping]:
+    def allocate(self, offset: int, length: int, undo: list | None = None) -> list[Mapping]:
         """Raw needs no allocation: the guest range is the host range."""
         self._writable()
         return [Mapping(offset, length, Kind.DATA, offset)]

@@ -20,7 +20,7 @@ Writes go through a node only while some user holds WRITE on it
 A *filter node* (:meth:`Graph.add_filter`: a job's copy-before-write,
 mirror_top or copy-on-read node) has no file of its own: its ``file`` child
 does the I/O, and it is transparent to reads, writes and block status. The
-job engine keys its write hooks on it; see :mod:`blkjobs.jobs.engine`.
+I/O layer keeps its write hooks on it; see :mod:`blkjobs.graph.io`.
 """
 from __future__ import annotations
 
@@ -164,16 +164,16 @@ class Node:
         self.file: Node | None = None
         self.file_perm: Permission | None = None
         self._perms: list[Permission] = []
-        #: the job blocking this node for other jobs (Engine.claim), or None
+        #: the job blocking this node for other jobs (BlockIO.claim), or None
         self.claimed_by = None
         self.is_filter = getattr(driver, "is_filter", False)
         self._lock = (FileLock(driver.fd, driver.filename)
                       if graph.locking and not self.is_filter else None)
         self._closed = False
-        #: per-node state of the job engine that owns the graph (its
-        #: ``NodeState``: filters, bitmaps, cache mode...). It lives and dies
-        #: with the node: never keyed by ``id(node)``, which is reused.
-        self.engine_state = None
+        #: per-node state of the I/O layer over the graph (graph/io.py's
+        #: ``NodeState``: filter hooks, bitmaps, cache mode...). It lives and
+        #: dies with the node: never keyed by ``id(node)``, which is reused.
+        self.io_state = None
 
     # -- basic facts ---------------------------------------------------
     @property

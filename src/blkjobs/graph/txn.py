@@ -101,7 +101,7 @@ class SetBacking(Change):
         self.header_saved = None
         drv = node.driver
         if update_header:
-            if not hasattr(drv, "set_backing"):
+            if not drv.can_set_backing:
                 raise ImageError(f"node '{node.name}' ({node.format}) cannot record a backing file")
             if drv.read_only:
                 raise ImageError(f"node '{node.name}' is read-only: cannot rewrite its header")

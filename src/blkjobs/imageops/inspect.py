@@ -50,8 +50,7 @@ def _node_info(node) -> dict:
         from ..graph import resolve_backing
         d["full-backing-filename"] = resolve_backing(node.filename, drv.backing_filename)
         d["backing-filename"] = drv.backing_filename
-    hdr = getattr(drv, "header", None)
-    d["dirty-flag"] = bool(hdr is not None and hdr.incompatible & 1)
+    d["dirty-flag"] = drv.dirty_flag
     return d
 
 

@@ -1,15 +1,18 @@
-"""Block jobs (backup, mirror, stream, commit) and the library API.
+"""Block jobs: backup, mirror, stream, commit (drivers of the job core).
 
-* :class:`Engine` (:mod:`.engine`) -- the public face: nodes, front ends,
-  jobs by the spec's option names, transactions, verbs, queries, events;
-* :class:`Frontend` (:mod:`.frontend`) -- live I/O on a node while jobs run;
-* :mod:`.base` -- the data path shared by all jobs (C copy engine feeding);
-* :mod:`.backup` + :mod:`.cbw`, :mod:`.mirror`, :mod:`.stream`,
-  :mod:`.commit` -- the job drivers;
-* :mod:`.blkdebug` -- a fault-injection node for error-policy tests.
+Each driver receives the graph's I/O layer (:class:`~blkjobs.graph.io.BlockIO`)
+from the facade (:mod:`blkjobs.engine`), which is the only module that imports
+them; nothing here imports the facade.
+
+* :mod:`.base` -- :class:`~.base.BlockJob`, what every job driver shares (rate
+  limit, error policies, its filter node, the copy loop);
+* :mod:`.blockcopy` -- the data path shared by all jobs (``Mover``: feeding
+  the C copy engine; QEMU's ``block-copy.c``);
+* :mod:`.ranges` -- range algebra, run classifiers, batch unit;
+* :mod:`.backup` + :mod:`.cbw`, :mod:`.mirror` + :mod:`.dirty`,
+  :mod:`.stream`, :mod:`.commit` -- the job drivers;
+* :mod:`.blkdebug` -- a fault-injection driver wrapper for error-policy tests.
+
+This package's ``__init__`` imports nothing (importing a driver module must
+not import the others, nor the facade).
 """
-from .blkdebug import Rule
-from .engine import DirtyBitmap, Engine
-from .frontend import Filter, Frontend
-
-__all__ = ["DirtyBitmap", "Engine", "Filter", "Frontend", "Rule"]

@@ -10,42 +10,34 @@ There is no graph change.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import CopyError, JobError  # noqa: F401
 from ..graph import ALL, Node, Perm
 from ..graph.node import BACKING_SHARED
 from ..job import ErrorAction, Job
 from ..native.bitmap import Bitmap
-from .base import JOB_CLUSTER, BlockJob, InFlight, Mover, select_full, select_window
+from ..graph.io import BlockIO, DirtyBitmap, InFlight
+from .base import POLICIES, BlockJob, check_policy  # noqa: F401  (POLICIES: cli)
+from .blockcopy import JOB_CLUSTER, Mover
 from .cbw import CbwFilter
-
-if TYPE_CHECKING:
-    from .engine import DirtyBitmap, Engine
+from .ranges import select_full, select_window
 
 SYNC_MODES = ("full", "top", "none", "incremental", "bitmap")
 BITMAP_MODES = ("on-success", "never", "always")
-POLICIES = ("report", "ignore", "enospc", "stop", "auto")
-
-
-def check_policy(name: str, value: str) -> None:
-    if value not in POLICIES:
-        raise JobError(f"Parameter '{name}' does not accept value '{value}'")
-
-
 class BackupJob(BlockJob):
     job_type = "backup"
 
     # ------------------------------------------------------------------
     @classmethod
-    def create(cls, eng: Engine, device: str | Node, target: str | Node, sync: str, *,
+    def create(cls, io: BlockIO, device: str | Node, target: str | Node, sync: str, *,
                bitmap: str | None = None, bitmap_mode: str | None = None,
                compress: bool = False, on_source_error: str = "report",
                on_target_error: str = "report", on_cbw_error: str = "break-guest-write",
                filter_node_name: str | None = None) -> BackupJob:
         """Validate in QEMU's order (docs/jobs.md §1, exact messages); build the
         driver. Nothing changes until :meth:`setup`."""
-        src, dst = eng.node(device), eng.node(target)
+        src, dst = io.node(device), io.node(target)
         if sync not in SYNC_MODES:
             raise JobError(f"Parameter 'sync' does not accept value '{sync}'")
         if bitmap_mode is not None and bitmap_mode not in BITMAP_MODES:
@@ -63,7 +55,7 @@ class BackupJob(BlockJob):
             sync, bitmap_mode = "bitmap", "on-success"
         bm: DirtyBitmap | None = None
         if bitmap is not None:
-            bm = eng.bitmap(src, bitmap)
+            bm = io.bitmap(src, bitmap)
             if bitmap_mode is None:
                 raise JobError("Bitmap sync mode must be given when providing a bitmap")
             if bm.busy:
@@ -78,19 +70,19 @@ class BackupJob(BlockJob):
             raise JobError("Cannot specify bitmap sync mode without a bitmap")
         if src is dst:
             raise JobError("Source and target cannot be the same")
-        if compress and not (dst.format == "qcow2" and hasattr(dst.driver, "write_compressed")):
+        if compress and not dst.driver.can_compress:
             raise JobError(f"Compression is not supported for this drive {dst.name}")
         if src.size != dst.size:
             raise JobError("Source and target image have different sizes")
         if sync == "top" and src.backing is None:
             sync = "full"
-        return cls(eng, src, dst, sync, bm, bitmap_mode, compress, on_source_error,
+        return cls(io, src, dst, sync, bm, bitmap_mode, compress, on_source_error,
                    on_target_error, on_cbw_error)
 
-    def __init__(self, eng: Engine, src: Node, dst: Node, sync: str, bm: DirtyBitmap | None,
+    def __init__(self, io: BlockIO, src: Node, dst: Node, sync: str, bm: DirtyBitmap | None,
                  bitmap_mode: str | None, compress: bool, on_source_error: str,
                  on_target_error: str, on_cbw_error: str):
-        super().__init__(eng)
+        super().__init__(io)
         self.src, self.dst, self.sync = src, dst, sync
         self.bm, self.bitmap_mode = bm, bitmap_mode
         self.compress = compress
@@ -99,14 +91,14 @@ class BackupJob(BlockJob):
         self.cluster = max(JOB_CLUSTER, dst.driver.cluster_size)
         self.copy_bm = Bitmap(self.size, self.cluster)
         self.manifest: Bitmap | None = None
-        self.inflight = InFlight(eng.io)
+        self.inflight = InFlight(io.lock)
         self.done = 0                   # bytes copied (or found zero), both paths
         select = select_window(0, 1) if sync == "top" else select_full
         # write-behind: the job ends with a flush of the target (unless it is
         # cache=unsafe); durable 4 GiB backup: 3.2-8.1 s -> 1.5-1.7 s
-        self.mover = Mover(eng, src, dst, select, bucket=self.bucket, compress=compress,
+        self.mover = Mover(io, src, dst, select, bucket=self.bucket, compress=compress,
                            write_behind=True)
-        self.cbw_mover = Mover(eng, src, dst, select, compress=compress)
+        self.cbw_mover = Mover(io, src, dst, select, compress=compress)
         self.cbw = CbwFilter(self, on_cbw_error)
         self._perm = None
         self._relaxed = None            # the fleecing target's backing link
@@ -117,8 +109,8 @@ class BackupJob(BlockJob):
     def setup(self, job: Job) -> None:
         """At creation: take the target, freeze the bitmap, build the copy
         bitmap, insert the copy-before-write filter."""
-        eng = self.eng
-        with eng.io:
+        io = self.io
+        with io:
             try:
                 self._setup(job)
             except BaseException:
@@ -156,7 +148,7 @@ class BackupJob(BlockJob):
         self.insert_filter(self.src, self.cbw, "copy-before-write", keep=keep)
 
     def _sync_progress(self, job: Job) -> None:
-        with self.eng.io:
+        with self.io:
             done = self.done
             left = 0 if self.sync == "none" else (
                 self.copy_bm.count() + self.inflight.total)
@@ -182,7 +174,7 @@ class BackupJob(BlockJob):
     def _claim(self, job: Job) -> tuple[int, int] | None:
         self._check_cbw()
         n = self.batch_size(job, self.cluster)
-        with self.eng.io:
+        with self.io:
             area = self.copy_bm.next_dirty_area(self._pos, n)
             if area is None and self._pos:
                 area = self.copy_bm.next_dirty_area(0, n)
@@ -195,7 +187,7 @@ class BackupJob(BlockJob):
         return area
 
     def _release(self, area: tuple[int, int], stats) -> None:
-        with self.eng.io:
+        with self.io:
             self.inflight.remove((area[0], area[0] + area[1]))
             if stats is None or self._job_cancelled:
                 self.copy_bm.set(*area)
@@ -228,7 +220,7 @@ class BackupJob(BlockJob):
         bm = self.bm
         if bm is None or bm.successor is None:
             return
-        with self.eng.io:
+        with self.io:
             succ, mode = bm.successor, self.bitmap_mode
             if mode == "on-success" and success:
                 bm.bitmap = succ
@@ -271,7 +263,7 @@ class BackupJob(BlockJob):
             self._handover(False)
 
     def clean(self, job: Job) -> None:
-        with self.eng.io:
+        with self.io:
             self._let_go()
         self.mover.close()
         self.cbw_mover.close()

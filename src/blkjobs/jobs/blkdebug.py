@@ -231,7 +231,10 @@ class Rule:
 
 class Blkdebug:
     """A driver wrapper: every attribute is the inner driver's, except the
-    I/O methods, which consult the rules first."""
+    I/O methods, which consult the rules first (``injects_faults``: the
+    Driver contract's capability)."""
+
+    injects_faults = True
 
     def __init__(self, inner: Any, rules: list[Rule], breaks: Breaks | None = None,
                  node_name: str = ""):

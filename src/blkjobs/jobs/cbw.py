@@ -14,18 +14,30 @@ writes nothing; ``break-snapshot`` lets it through and makes the backup fail.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import CopyError, OSErrorWithContext
 from ..graph import Node
-from .frontend import Filter
+from ..graph.frontend import Filter
+from ..graph.io import InFlight
+from ..native.bitmap import Bitmap
+from .blockcopy import Mover
 
-if TYPE_CHECKING:
-    from .backup import BackupJob
+
+class Backup(Protocol):
+    """What the filter uses of its backup job (``backup.BackupJob``; this
+    module does not import it, it imports this one)."""
+
+    cluster: int
+    size: int
+    inflight: InFlight
+    copy_bm: Bitmap
+    cbw_mover: Mover
+    done: int
 
 
 class CbwFilter(Filter):
-    def __init__(self, backup: BackupJob, on_cbw_error: str = "break-guest-write"):
+    def __init__(self, backup: Backup, on_cbw_error: str = "break-guest-write"):
         self.b = backup
         self.on_cbw_error = on_cbw_error
         #: First error of a break-snapshot failure: the job fails with it.

@@ -18,21 +18,20 @@ final fsync finds little left to write (``convert -t writeback``'s way).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from ..errors import CopyError, JobError
 from ..graph import GraphTransaction, Node, Perm
 from ..graph.node import BACKING_SHARED
 from ..graph.perm import ALL
 from ..job import ErrorAction, Job
-from .backup import check_policy
-from .base import BlockJob, Mover, batch_unit, select_window
-from .frontend import Filter
+from ..graph.frontend import Filter
+from ..graph.io import BlockIO
+from .base import BlockJob, check_policy
+from .blockcopy import Mover
+from .ranges import batch_unit, select_window
 from .mirror import MirrorJob
 from .stream import find_in_chain
 
-if TYPE_CHECKING:
-    from .engine import Engine
 
 
 class DeviceNotFound(JobError):
@@ -42,8 +41,8 @@ class DeviceNotFound(JobError):
 class _BaseAccess:
     """Write access to a backing node for the length of a job."""
 
-    def __init__(self, eng: Engine, base: Node):
-        self.eng, self.base = eng, base
+    def __init__(self, io: BlockIO, base: Node):
+        self.io, self.base = io, base
         self.was_ro = False
         self.relaxed = None
         self.perm = None
@@ -53,7 +52,7 @@ class _BaseAccess:
         if base.read_only:
             base.reopen(False)
             self.was_ro = True
-        for p in self.eng.graph.parents(base):
+        for p in self.io.graph.parents(base):
             if p.backing_perm is not None:
                 p.backing_perm.update(shared=ALL)
                 self.relaxed = p.backing_perm
@@ -73,8 +72,8 @@ class _BaseAccess:
             except Exception:
                 pass
         self.relaxed = None
-        if self.was_ro and not self.eng.frontends(self.base) \
-                and self.base.name in self.eng.graph.nodes:
+        if self.was_ro and not self.io.frontends(self.base) \
+                and self.base.name in self.io.graph.nodes:
             try:
                 self.base.reopen(True)
             except Exception:
@@ -82,14 +81,14 @@ class _BaseAccess:
             self.was_ro = False
 
 
-def make_commit(eng: Engine, device: str, *, base_node: str | None = None,
+def make_commit(io: BlockIO, device: str, *, base_node: str | None = None,
                 base: str | None = None, top_node: str | None = None, top: str | None = None,
                 backing_file: str | None = None, on_error: str = "report") -> BlockJob:
     """Validate (docs/jobs.md §4, exact messages) and build the right driver."""
-    dev = eng.graph.nodes.get(device) if isinstance(device, str) else device
+    dev = io.graph.nodes.get(device) if isinstance(device, str) else device
     if dev is None:
         raise DeviceNotFound(f"Device '{device}' not found")
-    if eng.graph.parents(dev):
+    if io.graph.parents(dev):
         # QEMU looks the device up as a root node: not an overlay's backing,
         # nor below another job's filter
         raise JobError("Need a root block node")
@@ -100,7 +99,7 @@ def make_commit(eng: Engine, device: str, *, base_node: str | None = None,
         raise JobError("'base-node' and 'base' are mutually exclusive")
     chain = dev.chain()
     if top_node is not None:
-        top_n = eng.graph.nodes.get(top_node)
+        top_n = io.graph.nodes.get(top_node)
         if top_n is None or top_n not in chain:
             raise JobError(f"'{top_node}' is not in this backing file chain")
     elif top is not None:
@@ -113,7 +112,7 @@ def make_commit(eng: Engine, device: str, *, base_node: str | None = None,
         raise JobError("There is no backimg image")   # sic: QEMU's block-commit text
     below = top_n.chain()[1:]
     if base_node is not None:
-        base_n = eng.graph.nodes.get(base_node)
+        base_n = io.graph.nodes.get(base_node)
         if base_n is top_n:
             raise JobError("cannot commit an image into itself")
         if base_n is None or base_n not in below:
@@ -124,7 +123,7 @@ def make_commit(eng: Engine, device: str, *, base_node: str | None = None,
             raise JobError(f"Can't find '{base}' in the backing chain")
     else:
         base_n = below[-1]
-    active = top_n is dev or bool(eng.frontends(top_n))
+    active = top_n is dev or bool(io.frontends(top_n))
     if active and backing_file is not None:
         if top_n is dev:
             raise JobError("'backing-file' specified, but 'top' is the active layer")
@@ -132,32 +131,32 @@ def make_commit(eng: Engine, device: str, *, base_node: str | None = None,
     tchain = top_n.chain()
     nodes = tchain[:tchain.index(base_n)]          # top .. above base
     for n in nodes + [base_n]:
-        eng.check_busy(n)
+        io.check_busy(n)
     if active:
-        if any(not p.is_filter for p in eng.graph.parents(top_n)):
+        if any(not p.is_filter for p in io.graph.parents(top_n)):
             raise JobError("Need a root block node")
-        return ActiveCommitJob(eng, top_n, base_n, nodes, on_error)
-    return CommitJob(eng, top_n, base_n, nodes, backing_file, on_error)
+        return ActiveCommitJob(io, top_n, base_n, nodes, on_error)
+    return CommitJob(io, top_n, base_n, nodes, backing_file, on_error)
 
 
 class CommitJob(BlockJob):
     job_type = "commit"
 
-    def __init__(self, eng: Engine, top: Node, base: Node, nodes: list[Node],
+    def __init__(self, io: BlockIO, top: Node, base: Node, nodes: list[Node],
                  backing_file: str | None, on_error: str):
-        super().__init__(eng)
+        super().__init__(io)
         self.top, self.base, self.nodes = top, base, nodes
         self.backing_file = backing_file
         self.on_error = on_error
-        self.access = _BaseAccess(eng, base)
+        self.access = _BaseAccess(io, base)
         depth = top.chain().index(base)
-        self.mover = Mover(eng, top, base, select_window(0, depth), bucket=self.bucket,
+        self.mover = Mover(io, top, base, select_window(0, depth), bucket=self.bucket,
                            write_behind=True)
         self._overlay_ro: Node | None = None
 
     def setup(self, job: Job) -> None:
-        with self.eng.io:
-            self.eng.claim(job, self.nodes + [self.base])
+        with self.io:
+            self.io.claim(job, self.nodes + [self.base])
             try:
                 self.access.open(f"commit job '{job.id}'")
                 # above top: its overlay now reads through the filter, which
@@ -166,7 +165,7 @@ class CommitJob(BlockJob):
                 self.insert_filter(self.top, Filter(), "commit_top", perm=Perm(0))
             except BaseException:
                 self.access.close()
-                self.eng.release_claims(job)
+                self.io.release_claims(job)
                 raise
         job.progress.update(0, self.top.size)
 
@@ -196,10 +195,10 @@ class CommitJob(BlockJob):
         self.mover.flush()
 
     def prepare(self, job: Job) -> None:
-        with self.eng.io:
+        with self.io:
             # the overlays use the commit filter (or top, without one)
             above = self.fnode if self.fnode is not None else self.top
-            overlays = [p for p in self.eng.graph.parents(above) if not p.is_filter]
+            overlays = [p for p in self.io.graph.parents(above) if not p.is_filter]
             self.access.release_write()
             with GraphTransaction() as gt:       # commits, or aborts on an exception
                 for ov in overlays:
@@ -210,11 +209,11 @@ class CommitJob(BlockJob):
             self.remove_filter()         # nothing uses it now: top leaves the chain
 
     def commit(self, job: Job) -> None:
-        with self.eng.io:
-            self.eng.drop_unused(self.nodes)
+        with self.io:
+            self.io.drop_unused(self.nodes)
 
     def clean(self, job: Job) -> None:
-        with self.eng.io:
+        with self.io:
             self.remove_filter()         # after an abort: its parents back onto top
             self.access.close()
             if self._overlay_ro is not None:
@@ -222,7 +221,7 @@ class CommitJob(BlockJob):
                     self._overlay_ro.reopen(True)
                 except Exception:
                     pass
-            self.eng.release_claims(job)
+            self.io.release_claims(job)
         self.mover.close()
 
 
@@ -231,28 +230,28 @@ class ActiveCommitJob(MirrorJob):
 
     job_type = "commit"
 
-    def __init__(self, eng: Engine, top: Node, base: Node, nodes: list[Node], on_error: str):
+    def __init__(self, io: BlockIO, top: Node, base: Node, nodes: list[Node], on_error: str):
         depth = top.chain().index(base)
-        super().__init__(eng, top, base, "top", select_window(0, depth), 64 << 10,
+        super().__init__(io, top, base, "top", select_window(0, depth), 64 << 10,
                          "background", False, on_error, on_error)
         self.mover.close()
-        self.mover = Mover(eng, top, base, select_window(0, depth), bucket=self.bucket,
+        self.mover = Mover(io, top, base, select_window(0, depth), bucket=self.bucket,
                            write_behind=True)
         self.nodes = nodes
-        self.access = _BaseAccess(eng, base)
+        self.access = _BaseAccess(io, base)
         self.base = base
 
     def take_target(self, job: Job) -> None:
-        self.eng.claim(job, self.nodes + [self.base])
+        self.io.claim(job, self.nodes + [self.base])
         self.access.open(f"commit job '{job.id}'")
 
     def setup(self, job: Job) -> None:
         try:
             super().setup(job)
         except BaseException:
-            with self.eng.io:
+            with self.io:
                 self.access.close()
-                self.eng.release_claims(job)
+                self.io.release_claims(job)
             raise
 
     def _release_target(self) -> None:
@@ -260,11 +259,11 @@ class ActiveCommitJob(MirrorJob):
 
     def commit(self, job: Job) -> None:
         if getattr(self, "pivoted", False):
-            with self.eng.io:
-                self.eng.drop_unused(self.nodes)
+            with self.io:
+                self.io.drop_unused(self.nodes)
 
     def clean(self, job: Job) -> None:
         super().clean(job)
-        with self.eng.io:
+        with self.io:
             self.access.close()
-            self.eng.release_claims(job)
+            self.io.release_claims(job)

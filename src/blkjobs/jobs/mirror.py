@@ -28,19 +28,19 @@ flushes the guest may wait for find little left to write.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import CopyError, JobError
 from ..graph import GraphTransaction, Node, Perm
 from ..job import ErrorAction, Job
 from ..native.bitmap import Bitmap
-from .backup import check_policy
-from .base import BATCH, KiB, MiB, BlockJob, InFlight, Mover, Select, select_full, select_window
+from ..graph.frontend import Filter
+from ..graph.io import BlockIO, InFlight
+from .base import BlockJob, check_policy
+from .blockcopy import BATCH, KiB, MiB, Mover
 from .dirty import PartlyDirty
-from .frontend import Filter
+from .ranges import Select, select_full, select_window
 
-if TYPE_CHECKING:
-    from .engine import Engine
 
 
 class MirrorFilter(Filter):
@@ -104,12 +104,12 @@ class MirrorJob(BlockJob):
     filter_drv = "mirror_top"      # QEMU's driver name, for active commit too
 
     @classmethod
-    def create(cls, eng: Engine, device: str | Node, target: str | Node, sync: str, *,
+    def create(cls, io: BlockIO, device: str | Node, target: str | Node, sync: str, *,
                replaces: str | None = None, granularity: int | None = None,
                buf_size: int | None = None, on_source_error: str = "report",
                on_target_error: str = "report", copy_mode: str = "background",
                target_is_zero: bool = False) -> MirrorJob:
-        src, dst = eng.node(device), eng.node(target)
+        src, dst = io.node(device), io.node(target)
         if sync in ("incremental", "bitmap"):
             raise JobError(f"Sync mode '{sync}' not supported")
         if sync not in ("full", "top", "none"):
@@ -128,25 +128,25 @@ class MirrorJob(BlockJob):
             granularity = min(max(cs, 4 * KiB), 64 * KiB) if cs else 64 * KiB
         if buf_size is not None and buf_size < 0:
             raise JobError("Invalid parameter 'buf-size'")
-        if any(not p.is_filter for p in eng.graph.parents(src)):
+        if any(not p.is_filter for p in io.graph.parents(src)):
             raise JobError("Need a root block node")
         if src is dst:
             raise JobError("Can't mirror node into itself")
         rep = None
         if replaces is not None:
-            rep = eng.node(replaces)
+            rep = io.node(replaces)
             if rep.size != src.size:
                 raise JobError("cannot replace image with a mirror image of different size")
         if sync == "top" and src.backing is None:
             sync = "full"
         select = select_window(0, 1) if sync == "top" else select_full
-        return cls(eng, src, dst, sync, select, granularity, copy_mode, target_is_zero,
+        return cls(io, src, dst, sync, select, granularity, copy_mode, target_is_zero,
                    on_source_error, on_target_error, rep)
 
-    def __init__(self, eng: Engine, src: Node, dst: Node, sync: str, select: Select,
+    def __init__(self, io: BlockIO, src: Node, dst: Node, sync: str, select: Select,
                  granularity: int, copy_mode: str, target_is_zero: bool,
                  on_source_error: str, on_target_error: str, replaces: Node | None = None):
-        super().__init__(eng)
+        super().__init__(io)
         self.src, self.dst, self.sync = src, dst, sync
         self.select = select
         self.granularity = granularity
@@ -156,11 +156,11 @@ class MirrorJob(BlockJob):
         self.replaces = replaces
         self.dirty = Bitmap(src.size, granularity)
         self.parts = PartlyDirty(self.dirty, src.size)
-        self.inflight = InFlight(eng.io)
+        self.inflight = InFlight(io.lock)
         self.filter = MirrorFilter(self)
         # write-behind: a mirror ends with flushes (READY, completion) that the
         # guest may wait for; data already on its way to disk shortens them
-        self.mover = Mover(eng, src, dst, select, bucket=self.bucket, write_behind=True)
+        self.mover = Mover(io, src, dst, select, bucket=self.bucket, write_behind=True)
         self.job: Job | None = None
         self.sync_bytes = 0             # written synchronously by the filter
         self.sync_failed = False
@@ -187,7 +187,7 @@ class MirrorJob(BlockJob):
 
     def setup(self, job: Job) -> None:
         self.job = job
-        with self.eng.io:
+        with self.io:
             self.take_target(job)
             self.insert_filter(self.src, self.filter, self.filter_drv)
 
@@ -206,7 +206,7 @@ class MirrorJob(BlockJob):
                 self.parts.mark_whole(r["start"], r["length"])
 
     def _progress(self, job: Job) -> None:
-        with self.eng.io:
+        with self.io:
             extra, self.sync_bytes = self.sync_bytes, 0
             left = self.dirty.count() + self.inflight.total
         if extra:
@@ -223,7 +223,7 @@ class MirrorJob(BlockJob):
             left = max(self.granularity, min(left, BLOCKING_BATCH))
         areas = Claim()
         areas.whole = 0
-        with self.eng.io:
+        with self.io:
             wrapped = False
             while left >= self.granularity and len(areas) < 1024:
                 area = self.dirty.take_dirty_area(self._pos, left)
@@ -259,7 +259,7 @@ class MirrorJob(BlockJob):
 
     def _release(self, areas: Claim, stats) -> None:
         job = self.job
-        with self.eng.io:
+        with self.io:
             for a, n in areas:
                 self.inflight.remove((a, a + n))
             if stats is None or job.is_cancelled:
@@ -274,7 +274,7 @@ class MirrorJob(BlockJob):
         if not job.is_ready and not self.escalated and self.copied >= self.src.size:
             # Writes dirty data faster than we copy it: mirror them
             # synchronously until in sync, so the job converges.
-            with self.eng.io:
+            with self.io:
                 self.escalated = True
         self._progress(job)
 
@@ -288,7 +288,7 @@ class MirrorJob(BlockJob):
         4 KiB writer on 4 GiB: a 0.5-0.75 s stall became 60 ms)."""
         last = float("inf")
         for _ in range(CATCH_UP_PASSES):
-            with self.eng.io:
+            with self.io:
                 budget = [self.dirty.count()]
 
             def claim(job: Job) -> list[tuple[int, int]] | None:
@@ -329,7 +329,7 @@ class MirrorJob(BlockJob):
     def run(self, job: Job) -> None:
         if self.src.size != self.dst.size:
             raise JobError("Source and target image have different sizes")
-        with self.eng.io:
+        with self.io:
             self.initial_dirty()
         self._progress(job)
         while True:
@@ -343,20 +343,20 @@ class MirrorJob(BlockJob):
                 # tracked), as in QEMU, which flushes before READY without
                 # draining the guest. Fsync of a freshly copied disk takes
                 # long; a guest stalled for it noticed (460 ms at 1 GiB).
-                self.eng.quiesce(self.src)
+                self.io.quiesce(self.src)
                 try:
                     self.copy_loop(job, self.mover, self._claim_any, self._release)
                 finally:
-                    self.eng.unquiesce(self.src)
+                    self.io.unquiesce(self.src)
                 self._flush(job)
                 self._progress(job)
                 job.set_ready(idle=not self.dirty.count())
-                with self.eng.io:
+                with self.io:
                     self.escalated = False
                 continue
             if job.should_complete or (job.cancel_requested and not job.is_cancelled):
                 self._catch_up(job)
-                self.eng.quiesce(self.src)
+                self.io.quiesce(self.src)
                 self._quiesced = True       # until clean: writes wait for the pivot
                 self._drain_all(job)
                 self._progress(job)
@@ -385,7 +385,7 @@ class MirrorJob(BlockJob):
         if self.copy_mode == "write-blocking" and mode == "background":
             raise JobError("Change of copy-mode from 'write-blocking' to 'background' is "
                            "not allowed")
-        with self.eng.io:
+        with self.io:
             self.copy_mode = mode
 
     def query(self, job: Job) -> dict[str, Any]:
@@ -403,18 +403,17 @@ class MirrorJob(BlockJob):
         if not (job.should_complete and self.final_synced):
             return
         old, new = self.pivot_nodes()
-        with self.eng.io:
-            if old.name not in self.eng.graph.nodes:
+        with self.io:
+            if old.name not in self.io.graph.nodes:
                 raise JobError(f"Node name '{old.name}' not found")
             self._release_target()
             gt = GraphTransaction()
             moved = []
             try:
                 gt.replace_node(old, new)
-                moved = self.eng._repoint(old, new)
+                moved = self.io.repoint(old, new)
             except BaseException:
-                for fe, back in moved:
-                    fe._move(back)
+                self.io.undo_repoint(moved)
                 gt.abort()
                 raise JobError(f"Can no longer replace '{old.name}' by '{new.name}'") from None
             gt.commit()
@@ -429,11 +428,11 @@ class MirrorJob(BlockJob):
             self._perm = None
 
     def clean(self, job: Job) -> None:
-        with self.eng.io:
+        with self.io:
             self.remove_filter()
             self._release_target()
             if self._quiesced:
                 self._quiesced = False
-                self.eng.unquiesce(self.src)
+                self.io.unquiesce(self.src)
         self.mover.close()
         self.job = None

@@ -6,7 +6,7 @@ run that a layer strictly between the top and the base provides, zero
 clusters included; runs the top already has, or that come from the base or
 below, are skipped. Guest writes to a range being streamed wait until its
 copy landed (the copy would overwrite them); reads and flushes wait for the
-clusters allocated and not yet filled (``Engine.mark_unfilled``); a batch
+clusters allocated and not yet filled (``BlockIO.mark_unfilled``); a batch
 that does not land gives its clusters back (``Mover._give_back``).
 
 ``prepare`` (the only graph change): the top backs directly onto the base
@@ -16,17 +16,16 @@ The former intermediates leave the graph at ``commit`` (files untouched).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from ..errors import CopyError, JobError
 from ..graph import ALL, GraphTransaction, Node, Perm
 from ..job import ErrorAction, Job
-from .backup import check_policy
-from .base import BlockJob, InFlight, Mover, batch_unit, select_window
-from .frontend import Filter
+from ..graph.frontend import Filter
+from ..graph.io import BlockIO, InFlight
+from .base import BlockJob, check_policy
+from .blockcopy import Mover
+from .ranges import batch_unit, select_window
 
-if TYPE_CHECKING:
-    from .engine import Engine
 
 
 def find_in_chain(top: Node, filename: str) -> Node | None:
@@ -61,10 +60,10 @@ class StreamJob(BlockJob):
     job_type = "stream"
 
     @classmethod
-    def create(cls, eng: Engine, device: str | Node, *, base: str | None = None,
+    def create(cls, io: BlockIO, device: str | Node, *, base: str | None = None,
                base_node: str | None = None, bottom: str | None = None,
                backing_file: str | None = None, on_error: str = "report") -> StreamJob:
-        top = eng.node(device)
+        top = io.node(device)
         if base is not None and base_node is not None:
             raise JobError("'base' and 'base-node' cannot be specified at the same time")
         if base is not None and bottom is not None:
@@ -78,11 +77,11 @@ class StreamJob(BlockJob):
             if base_n is None:
                 raise JobError(f"Can't find '{base}' in the backing chain")
         elif base_node is not None:
-            base_n = eng.node(base_node)
+            base_n = io.node(base_node)
             if base_n not in top.chain()[1:]:
                 raise JobError(f"Node '{base_node}' is not a backing image of '{top.name}'")
         elif bottom is not None:
-            b = eng.node(bottom)
+            b = io.node(bottom)
             if b not in top.chain():
                 raise JobError(f"Node '{bottom}' is not in a chain starting from '{top.name}'")
             base_n = b.backing
@@ -91,12 +90,12 @@ class StreamJob(BlockJob):
         chain = top.chain()
         stop = chain.index(base_n) if base_n is not None else len(chain)
         for n in chain[:stop]:       # QEMU: from the device down to the base
-            eng.check_busy(n)
-        return cls(eng, top, base_n, backing_file, on_error, chain[1:stop])
+            io.check_busy(n)
+        return cls(io, top, base_n, backing_file, on_error, chain[1:stop])
 
-    def __init__(self, eng: Engine, top: Node, base: Node | None, backing_file: str | None,
+    def __init__(self, io: BlockIO, top: Node, base: Node | None, backing_file: str | None,
                  on_error: str, intermediates: list[Node]):
-        super().__init__(eng)
+        super().__init__(io)
         self.top, self.base = top, base
         self.backing_file = backing_file
         self.on_source_error = self.on_target_error = on_error
@@ -105,9 +104,9 @@ class StreamJob(BlockJob):
         depth = top.chain().index(base) if base is not None else None
         # write-behind: the job ends with a flush of top; pulling a 4 GiB
         # VM-shaped base into an empty overlay: 1.9-8.0 s -> 1.4-1.7 s
-        self.mover = Mover(eng, top, top, select_window(1, depth), bucket=self.bucket,
+        self.mover = Mover(io, top, top, select_window(1, depth), bucket=self.bucket,
                            write_behind=True)
-        self.inflight = InFlight(eng.io)
+        self.inflight = InFlight(io.lock)
         self.filter = _HoldWrites(self.inflight)
         self.failed_ignored: BaseException | None = None
         self._was_ro = False
@@ -122,9 +121,9 @@ class StreamJob(BlockJob):
         So an overlay above the top and a second stream on a disjoint part of
         the chain coexist. A refused start leaves nothing held."""
         owner = f"stream job '{job.id}'"
-        with self.eng.io:
+        with self.io:
             try:
-                self.eng.claim(job, [self.top] + self.intermediates)
+                self.io.claim(job, [self.top] + self.intermediates)
                 if self.top.read_only:
                     self.top.reopen(False)
                     self._was_ro = True
@@ -154,12 +153,12 @@ class StreamJob(BlockJob):
             self._pos += n
         else:
             return None
-        with self.eng.io:
+        with self.io:
             self.inflight.add(*area)
         return area
 
     def _release(self, area: tuple[int, int], stats) -> None:
-        with self.eng.io:
+        with self.io:
             self.inflight.remove((area[0], area[0] + area[1]))
         if stats is None:
             self._retry.append(area)
@@ -184,14 +183,14 @@ class StreamJob(BlockJob):
             raise self.failed_ignored
 
     def prepare(self, job: Job) -> None:
-        with self.eng.io:
+        with self.io:
             with GraphTransaction() as gt:       # commits, or aborts on an exception
                 gt.set_backing(self.top, self.base, filename=self.backing_file)
 
     def commit(self, job: Job) -> None:
-        with self.eng.io:
+        with self.io:
             self._release_intermediates()
-            self.eng.drop_unused(self.intermediates)
+            self.io.drop_unused(self.intermediates)
 
     def _release_intermediates(self) -> None:
         for p in self._held:
@@ -203,11 +202,11 @@ class StreamJob(BlockJob):
         skipped)."""
         self.remove_filter()
         self._release_intermediates()
-        self.eng.release_claims(job)
+        self.io.release_claims(job)
         if self._perm is not None:
             self._perm.release()
             self._perm = None
-        if self._was_ro and not self.eng.frontends(self.top):
+        if self._was_ro and not self.io.frontends(self.top):
             try:
                 self.top.reopen(True)
             except Exception:
@@ -215,6 +214,6 @@ class StreamJob(BlockJob):
             self._was_ro = False
 
     def clean(self, job: Job) -> None:
-        with self.eng.io:
+        with self.io:
             self._let_go(job)
         self.mover.close()

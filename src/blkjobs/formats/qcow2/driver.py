@@ -74,6 +74,11 @@ class Qcow2(Driver):
     """A qcow2 image. Open with ``Qcow2(path, read_only=True)``."""
 
     format_name = "qcow2"
+    can_allocate = True
+    can_compress = True
+    can_set_backing = True
+    can_check = True
+    has_metadata = True
 
     def __init__(self, path: str, read_only: bool = True):
         self.filename = path
@@ -1019,6 +1024,13 @@ class Qcow2(Driver):
 
     def header_bytes(self) -> bytes:
         return os.pread(self.fd, self.cluster_size, 0)
+
+    def set_unsafe(self, unsafe: bool) -> None:
+        self.unsafe = unsafe
+
+    @property
+    def dirty_flag(self) -> bool:
+        return bool(self.header.incompatible & INCOMPAT_DIRTY)
 
     def info(self) -> dict:
         h = self.header

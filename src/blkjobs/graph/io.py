@@ -1,0 +1,500 @@
+"""I/O through the graph: the internal block-I/O layer the jobs use.
+
+One :class:`BlockIO` per :class:`~blkjobs.engine.Engine` (``eng.io``); the
+facade creates it and hands it to every job driver. It owns the I/O lock
+and everything guest I/O and the jobs share below the job core:
+
+* the **I/O lock** (:attr:`BlockIO.lock`, a condition; ``with io:`` takes
+  it): every front-end request, every graph change and every job's planning
+  step holds it; the C engine copies without it. It is never held while
+  taking the job manager's lock;
+* **front ends** (:meth:`attach`, :meth:`frontends`) and the guest path
+  (:meth:`guest_read`, :meth:`guest_write`, :meth:`guest_flush`): a write
+  travels down the chain of filter nodes above the image node, each
+  filter's :meth:`~.frontend.Filter.write` passing it to its ``next``
+  (nbdkit's filters, QEMU's ``bs->file``), then marks the node's dirty
+  bitmaps;
+* **filters** (:meth:`add_filter`, :meth:`remove_filter`,
+  :meth:`above_filters`, :meth:`filter_of`) and **repointing** parents
+  (:meth:`repoint`, :meth:`undo_repoint`: a mirror's pivot);
+* **quiescing** (:meth:`quiesce`/:meth:`unquiesce`: writes to a node wait);
+* **unfilled ranges** (:meth:`mark_unfilled`, :meth:`mark_filled`,
+  :meth:`wait_filled`): clusters a job's batch allocated and has not
+  written yet; reads and flushes wait for them. :class:`InFlight` is the
+  sorted range set behind them (and behind every job's in-flight copies);
+* **claims** (:meth:`claim`, :meth:`release_claims`, :meth:`check_busy`:
+  docs/jobs.md §5) and dropping nodes that left a chain (:meth:`drop_unused`);
+* **dirty bitmaps** by node (:class:`DirtyBitmap`, :meth:`bitmaps_of`,
+  :meth:`add_bitmap`, :meth:`remove_bitmap`, :meth:`bitmap`);
+* the **cache mode** of a node (:meth:`set_cache_unsafe`, :meth:`cache_unsafe`).
+
+Per-node state lives on the node (``Node.io_state``, a :class:`NodeState`):
+it goes away with the node, so a later node can never inherit it.
+
+Read API for the layers above (the daemon): :meth:`frontends`,
+:meth:`filter_of`, :meth:`above_filters`, :meth:`bitmaps_of`,
+:meth:`cache_unsafe`, ``Node.claimed_by``; all take the lock themselves or
+are plain reads of one attribute.
+
+Moved here from ``jobs/engine.py`` (the ``Engine``'s internal half) and
+``jobs/base.py`` (``InFlight``).
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import JobError
+from ..native.bitmap import Bitmap
+from .frontend import Filter, Frontend, WriteRequest
+from .node import Graph, Node
+from .perm import Perm
+
+
+class InFlight:
+    """Guest ranges a job is copying right now. All methods need the I/O
+    lock (``cond``) held; :meth:`wait_clear` releases it while waiting.
+
+    Every guest write asks :meth:`busy`, and a mirror batch may hold a
+    thousand scattered granules, so the ranges are kept sorted (bisect):
+    add/remove cost O(log n) plus a memmove, ``busy`` looks only at the
+    ranges that can reach the request (starts within the longest length)."""
+
+    def __init__(self, cond: threading.Condition):
+        self.cond = cond
+        self._sorted: list[tuple[int, int]] = []   # (start, end), duplicates allowed
+        self._longest = 0
+        self.total = 0                              # bytes in flight
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(self._sorted)
+
+    def add(self, start: int, length: int) -> tuple[int, int]:
+        r = (start, start + length)
+        bisect.insort(self._sorted, r)
+        self._longest = max(self._longest, length)
+        self.total += length
+        return r
+
+    def remove(self, r: tuple[int, int]) -> None:
+        i = bisect.bisect_left(self._sorted, r)
+        if i == len(self._sorted) or self._sorted[i] != r:
+            raise ValueError(f"range {r} is not in flight")
+        del self._sorted[i]
+        self.total -= r[1] - r[0]
+        if not self._sorted:
+            self._longest = 0
+        self.cond.notify_all()
+
+    def busy(self, start: int, length: int) -> bool:
+        end = start + length
+        rs = self._sorted
+        i = bisect.bisect_left(rs, (start - self._longest + 1, 0))
+        j = bisect.bisect_left(rs, (end, 0))
+        return any(e > start for _, e in rs[i:j])
+
+    def wait_clear(self, start: int, length: int) -> None:
+        while self.busy(start, length):
+            self.cond.wait(1.0)
+
+
+class DirtyBitmap:
+    """A named dirty bitmap on a node (``block-dirty-bitmap-add``).
+
+    Front-end writes to the node mark it while ``enabled``. A backup freezes
+    it (``busy``): new writes then go to a hidden ``successor`` until the job
+    hands the bitmap over (see ``docs/jobs.md``, bitmap-mode).
+    """
+
+    def __init__(self, node: Node, name: str, granularity: int):
+        self.node = node
+        self.name = name
+        self.bitmap = Bitmap(node.size, granularity)
+        self.enabled = True
+        self.busy = False
+        self.successor: Bitmap | None = None
+
+    @property
+    def granularity(self) -> int:
+        return self.bitmap.granularity
+
+    def mark(self, offset: int, length: int) -> None:
+        if self.successor is not None:
+            self.successor.set(offset, length)
+        elif self.enabled:
+            self.bitmap.set(offset, length)
+
+    def count(self) -> int:
+        return self.bitmap.count()
+
+
+class NodeState:
+    """What the I/O layer keeps per node, on the node (``Node.io_state``):
+    it goes away with the node, so a later node can never inherit it (an
+    ``id(node)`` key can: ids are reused once a node is freed)."""
+
+    __slots__ = ("unsafe", "filter", "bitmaps", "quiesced", "unfilled")
+
+    def __init__(self) -> None:
+        #: opened cache=unsafe: never fsync'ed
+        self.unsafe = False
+        #: a filter node's hooks (None: none, or removed)
+        self.filter: Filter | None = None
+        #: dirty bitmaps by name
+        self.bitmaps: dict[str, DirtyBitmap] = {}
+        #: nesting count of quiesce()
+        self.quiesced = 0
+        #: guest ranges of clusters a job's batch allocated and has not
+        #: filled yet (see blockcopy.Mover); reads reaching the node wait
+        self.unfilled: InFlight | None = None
+
+
+def state(node: Node) -> NodeState:
+    """The I/O layer's record of ``node`` (created on first use)."""
+    st = node.io_state
+    if st is None:
+        st = node.io_state = NodeState()
+    return st
+
+
+def _unfilled(node: Node) -> InFlight | None:
+    st = node.io_state
+    return st.unfilled if st is not None else None
+
+
+def _quiesced(node: Node) -> int:
+    st = node.io_state
+    return st.quiesced if st is not None else 0
+
+
+def _levels(node: Node) -> list[Node]:
+    """``node``, the filters below it, the image node."""
+    levels = [node]
+    while levels[-1].is_filter:
+        levels.append(levels[-1].file)
+    return levels
+
+
+class BlockIO:
+    """The I/O layer of one graph. See the module docstring."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        #: The I/O lock (see the module docstring).
+        self.lock = threading.Condition(threading.RLock())
+        self._frontends: list[Frontend] = []
+        self._fe_count = 0
+        #: nodes claimed by jobs (each node records its job: Node.claimed_by)
+        self._claims: set[Node] = set()
+        #: how many nodes have unfilled ranges (NodeState.unfilled): reads
+        #: skip the chain walk when none has
+        self._n_unfilled = 0
+        #: the blkdebug break points (``jobs.blkdebug.Breaks``, set by the
+        #: facade when the first is set; None: never): the block copy raises
+        #: their events while planning
+        self.breaks: Any = None
+
+    def __enter__(self) -> BlockIO:
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+    # ------------------------------------------------------------------
+    # Lookups
+
+    def node(self, name: str | Node) -> Node:
+        """A node by node-name (``Cannot find device=<n> nor node-name=<n>``)."""
+        if isinstance(name, Node):
+            return name
+        node = self.graph.nodes.get(name)
+        if node is None:
+            raise JobError(f"Cannot find device={name} nor node-name={name}")
+        return node
+
+    def set_cache_unsafe(self, node: Node) -> None:
+        """``node`` was opened cache=unsafe: flushes write metadata but never
+        fsync (qemu-img's ``-t unsafe``)."""
+        state(node).unsafe = True
+        node.driver.set_unsafe(True)
+
+    def cache_unsafe(self, node: Node) -> bool:
+        st = node.io_state
+        return st is not None and st.unsafe
+
+    # ------------------------------------------------------------------
+    # Front ends and the guest path
+
+    def attach(self, node: Node) -> Frontend:
+        """A front end for live I/O on ``node`` (it takes write permission)."""
+        with self.lock:
+            self._fe_count += 1
+            fe = Frontend(self, node, f"frontend{self._fe_count}")
+            self._frontends.append(fe)
+            return fe
+
+    def detach(self, fe: Frontend) -> None:
+        """``fe`` closed (I/O lock held)."""
+        self._frontends.remove(fe)
+
+    def frontends(self, node: Node | None = None) -> list[Frontend]:
+        """The open front ends (of ``node``, or of a filter above it)."""
+        with self.lock:
+            return [f for f in self._frontends
+                    if node is None or f.node is node or f.node.below_filters() is node]
+
+    def guest_read(self, fe: Frontend, offset: int, buf) -> None:
+        with self.lock:
+            self.wait_filled(_levels(fe.node)[-1], offset, len(buf))
+            fe.node.readinto(offset, buf)
+
+    def guest_flush(self, fe: Frontend) -> None:
+        with self.lock:
+            node = _levels(fe.node)[-1]
+            uf = _unfilled(node)
+            if uf is not None:
+                uf.wait_clear(0, node.size)
+            fe.node.flush()
+
+    def guest_write(self, fe: Frontend, op: str, offset: int, length: int,
+                    do: Callable[[Node], None], data: Any = None) -> None:
+        """A front end's write, write-zeroes or discard (``op``): it waits
+        while a node on its way is quiesced, travels down the filter chain
+        (:meth:`_write_down`), lands on the image node (``do(node)``), marks
+        that node's dirty bitmaps; then the filters it passed are notified,
+        outside the lock."""
+        with self.lock:
+            while True:
+                levels = _levels(fe.node)
+                if not any(_quiesced(n) for n in levels):
+                    break
+                self.lock.wait(1.0)
+            req = WriteRequest(op, offset, length, data, levels[-1])
+            self._write_down(fe.node, req, do)
+            st = req.node.io_state
+            for bm in (st.bitmaps.values() if st is not None else ()):
+                bm.mark(offset, length)
+        for f in req.passed:
+            f.notify()
+
+    def _write_down(self, node: Node, req: WriteRequest, do: Callable[[Node], None]) -> None:
+        """``req`` reaches ``node``: a filter node hands it to its hooks with
+        the way on (``next``: the node below); the image node does it."""
+        if not node.is_filter:
+            do(node)
+            return
+
+        def next(r: WriteRequest) -> None:
+            self._write_down(node.file, r, do)
+
+        f = self.filter_of(node)
+        if f is None:
+            next(req)
+            return
+        req.passed.append(f)
+        f.write(req, next)
+
+    # ------------------------------------------------------------------
+    # Filters and repointing parents
+
+    def add_filter(self, node: Node, f: Filter, drv: str, name: str | None = None, *,
+                   perm: Perm | None = None, keep: tuple[Node, ...] = ()) -> Node:
+        """Insert a filter node of driver ``drv`` (named ``name``, else
+        ``#blockN``) above ``node``, with ``f``'s write hooks: every parent of
+        ``node`` -- front ends (the guest, exports), overlays backed by it,
+        filters stacked on it -- now uses the filter, but those in ``keep``
+        (QEMU leaves a parent the filter reaches, e.g. a backup's fleecing
+        target backed by its source, where it is). ``perm``: what the filter
+        holds on ``node`` (see Graph.add_filter). Returns the filter node;
+        :meth:`remove_filter` takes it out again."""
+        with self.lock:
+            fnode = self.graph.add_filter(drv, node, name, perm)
+            state(fnode).filter = f
+            try:
+                self._relink(node, fnode, skip=(fnode, *keep))
+            except BaseException:
+                self.remove_filter(fnode)
+                raise
+            return fnode
+
+    def _relink(self, old: Node, new: Node, skip: tuple[Node, ...] = ()) -> None:
+        """Parents of ``old`` (but those in ``skip``) use ``new`` instead (I/O
+        lock held): a filter node going in or out."""
+        for p in self.graph.parents(old):
+            if p in skip:
+                continue
+            if p.file is old:
+                held = p.file_perm
+                p.file, p.file_perm = new, new.take(held.owner, held.perm, held.shared)
+                held.release()
+            else:
+                p.attach_backing(new)
+        self.repoint(old, new)
+
+    def above_filters(self, node: Node) -> Node:
+        """The top-most filter node stacked above ``node`` (``node`` itself
+        without one): where a device of ``node`` attaches now."""
+        with self.lock:
+            while True:
+                up = [p for p in self.graph.parents(node) if p.is_filter and p.file is node]
+                if not up:
+                    return node
+                node = up[0]
+
+    def remove_filter(self, fnode: Node) -> None:
+        """Take a filter node out: its front ends move to what is below it
+        now (after a mirror pivot: the target), its hooks stop."""
+        with self.lock:
+            if fnode.file is None:
+                return          # removed already
+            state(fnode).filter = None
+            self._relink(fnode, fnode.file)
+            fnode.close()
+
+    def filter_of(self, node: Node) -> Filter | None:
+        """The write hooks of a filter node (None: none, or removed)."""
+        st = node.io_state
+        return st.filter if st is not None else None
+
+    def repoint(self, old: Node, new: Node) -> list[tuple[Frontend, Node]]:
+        """Move every front end of ``old`` to ``new`` (I/O lock held);
+        returns what :meth:`undo_repoint` needs."""
+        moved = []
+        for fe in self._frontends:
+            if fe.node is old:
+                fe._move(new)
+                moved.append((fe, old))
+        return moved
+
+    def undo_repoint(self, moved: list[tuple[Frontend, Node]]) -> None:
+        """Put the front ends :meth:`repoint` moved back (I/O lock held)."""
+        for fe, back in moved:
+            fe._move(back)
+
+    # ------------------------------------------------------------------
+    # Quiescing
+
+    def quiesce(self, node: Node) -> None:
+        """Hold off front-end writes to ``node`` (nested) until :meth:`unquiesce`.
+        When it returns no write is in progress on ``node``."""
+        with self.lock:
+            state(node).quiesced += 1
+
+    def unquiesce(self, node: Node) -> None:
+        with self.lock:
+            st = state(node)
+            st.quiesced = max(0, st.quiesced - 1)
+            self.lock.notify_all()
+
+    # ------------------------------------------------------------------
+    # Clusters allocated before their data lands (a job's batch in the C
+    # engine): a read reaching them would see zeroes or stale bytes where the
+    # chain below has the data, and a flush would make them durable unfilled.
+
+    def mark_unfilled(self, node: Node, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Register guest ranges of ``node`` allocated but not yet written
+        (I/O lock held); returns the tokens for :meth:`mark_filled`."""
+        st = state(node)
+        uf = st.unfilled
+        if uf is None:
+            uf = st.unfilled = InFlight(self.lock)
+            self._n_unfilled += 1
+        return [uf.add(s, n) for s, n in ranges]
+
+    def mark_filled(self, node: Node, tokens: list[tuple[int, int]]) -> None:
+        """The ranges landed, or were given back (I/O lock held)."""
+        st = state(node)
+        uf = st.unfilled
+        for r in tokens:
+            uf.remove(r)
+        if not uf.total:
+            st.unfilled = None
+            self._n_unfilled -= 1
+
+    def wait_filled(self, node: Node, offset: int, length: int,
+                    exclude: Node | None = None) -> None:
+        """Wait (I/O lock held, released meanwhile) until no node of
+        ``node``'s chain but ``exclude`` has a cluster in [offset,
+        offset+length) allocated and unfilled: what a read through the
+        chain must do first."""
+        count = self._n_unfilled
+        if count and not (count == 1 and exclude is not None
+                          and _unfilled(exclude) is not None):
+            for n in node.chain():
+                uf = _unfilled(n)
+                if uf is not None and n is not exclude:
+                    uf.wait_clear(offset, length)
+
+    # ------------------------------------------------------------------
+    # Node claims (docs/jobs.md §5) and dropping nodes that left a chain
+
+    def check_busy(self, node: Node) -> None:
+        """QEMU's op blocker text for a node another job claimed."""
+        job = node.claimed_by
+        if job is not None:
+            raise JobError(f"Node '{node.name}' is busy: block device is in use by block "
+                           f"job: {job.type}")
+
+    def claim(self, job: Any, nodes: list[Node]) -> None:
+        """Block ``nodes`` for other jobs until :meth:`release_claims`
+        (nothing is claimed when one of them is busy). ``job``: the
+        :class:`~blkjobs.job.Job` (its ``type`` is in the busy text)."""
+        with self.lock:
+            for n in nodes:
+                if n.claimed_by is not job:
+                    self.check_busy(n)
+            for n in nodes:
+                n.claimed_by = job
+                self._claims.add(n)
+
+    def release_claims(self, job: Any) -> None:
+        with self.lock:
+            for n in [n for n in self._claims if n.claimed_by is job]:
+                n.claimed_by = None
+                self._claims.discard(n)
+
+    def drop_unused(self, nodes: list[Node]) -> None:
+        """Close the nodes (top-most first) that no node, front end or other
+        user references any more: they left the chain. Files are untouched.
+        A node someone else holds (a QMP monitor's ``blockdev-add``: owner
+        ``'monitor'``) stays, parentless, until that user lets it go."""
+        with self.lock:
+            for n in nodes:
+                if n.name not in self.graph.nodes or self.graph.parents(n):
+                    continue
+                if self.frontends(n) or any(p.owner != "open" for p in n.users()):
+                    continue
+                n.close()
+
+    # ------------------------------------------------------------------
+    # Dirty bitmaps
+
+    def bitmaps_of(self, node: Node) -> dict[str, DirtyBitmap]:
+        """The dirty bitmaps of ``node`` by name (the layer's own dict)."""
+        return state(node).bitmaps
+
+    def bitmap(self, node: Node, name: str) -> DirtyBitmap:
+        bm = self.bitmaps_of(node).get(name)
+        if bm is None:
+            raise JobError(f"Bitmap '{name}' could not be found")
+        return bm
+
+    def add_bitmap(self, node: Node, name: str, granularity: int) -> DirtyBitmap:
+        with self.lock:
+            bms = state(node).bitmaps
+            if name in bms:
+                raise JobError(f"Bitmap already exists: {name}")
+            bm = bms[name] = DirtyBitmap(node, name, granularity)
+            return bm
+
+    def remove_bitmap(self, node: Node, name: str) -> None:
+        with self.lock:
+            bm = self.bitmap(node, name)
+            if bm.busy:
+                raise JobError(f"Bitmap '{name}' is currently in use by another operation "
+                               "and cannot be used")
+            del state(bm.node).bitmaps[name]

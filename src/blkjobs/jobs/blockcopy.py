@@ -1,0 +1,559 @@
+"""Block copy: moving guest ranges through the C copy engine (:class:`Mover`),
+the one data path of all four jobs (QEMU keeps it apart from the jobs too,
+in ``block/block-copy.c``).
+
+How a range moves (:meth:`Mover.move`):
+
+1. With the I/O lock held, ask the source for its layout
+   (``Node.block_status``: which layer provides each run, and where in that
+   layer's file) and classify each run with the job's ``select`` function
+   (:mod:`.ranges`): ``copy`` (data), ``zero`` (make it read as zero) or
+   ``skip``.
+2. Allocate the target clusters the copied runs touch (``allocate()`` of the
+   target driver; raw: identity). Parts of an allocated cluster that are not
+   copied are filled from the source's guest view, so a fresh cluster never
+   exposes stale bytes.
+3. Queue (src host offset, dst host offset, length, kind, layer fd) items into
+   the C engine and let it move the bytes with the GIL released; the I/O lock
+   is *not* held meanwhile. Compressed source clusters (no host offset) and
+   compressed targets go through Python, cluster by cluster.
+
+A caller that must keep guest writes off a range until its copy landed
+(backup's copy-before-write, stream, write-blocking mirror) registers the
+range in an :class:`~blkjobs.graph.io.InFlight` under the I/O lock before
+step 1; guest writes wait for it (see :mod:`blkjobs.graph.frontend`).
+
+What it needs of the graph's I/O layer (:class:`~blkjobs.graph.io.BlockIO`):
+the lock, ``wait_filled``/``mark_unfilled``/``mark_filled`` and
+``cache_unsafe``.
+
+Lock order: the I/O lock is never held while taking the job manager's lock
+(hooks run under the manager lock and may take the I/O lock).
+
+Moved here from ``jobs/base.py`` (with the batching constants).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from ..errors import Cancelled, CopyError, UsageError
+from ..graph import Node
+from ..graph.io import BlockIO
+from ..job import Job
+from ..native.copy import COPY, COPY_SPARSE, ZERO, CopyEngine, RunResult
+from ..native.ratelimit import TokenBucket
+from .blkdebug import quiet_breaks
+from .ranges import Select, intersect, merge, subtract
+
+KiB, MiB = 1 << 10, 1 << 20
+#: Default job cluster (backup: max(64 KiB, target cluster size)).
+JOB_CLUSTER = 64 * KiB
+#: Bytes handed to the engine per batch (the unit of progress and pausing).
+BATCH = 64 * MiB
+
+#: Ranges up to this size try :meth:`Mover._plan_fast` first.
+FAST_MAX = 2 * MiB
+#: What the fast path copies, as a block-status run for ``select``.
+_TOP_DATA = {"depth": 0, "present": True, "data": True, "zero": False}
+
+#: Planning holds the I/O lock for at most this much guest range, or this
+#: many areas (scattered granules: ~4 us each on the fast path), at a time.
+PLAN_CHUNK = 8 * MiB
+PLAN_AREAS = 64
+
+class Stats:
+    """What one :meth:`Mover.move` did, in guest bytes."""
+
+    __slots__ = ("copied", "zeroed", "skipped")
+
+    def __init__(self) -> None:
+        self.copied = self.zeroed = self.skipped = 0
+
+
+class Ticket:
+    """One batch handed to the C engine by :meth:`Mover.start`. ``undo``:
+    what its planning's allocations made undefined in the target until
+    written (see ``Qcow2Driver.allocate``), put back when the batch does not
+    land; ``unfilled``: those ranges' ``BlockIO.mark_unfilled`` tokens, held
+    until the batch lands or is undone (reads wait for them)."""
+
+    __slots__ = ("off", "length", "stats", "ce", "undo", "unfilled", "done0")
+
+    def __init__(self, off: int, length: int):
+        self.off, self.length = off, length
+        self.stats = Stats()
+        self.ce: CopyEngine | None = None
+        #: the engine's ``done`` count before this batch (engines are reused)
+        self.done0 = 0
+        self.undo: list[tuple[int, int, int, int]] = []
+        self.unfilled: list[tuple[int, int]] = []
+
+
+class _Suspend(Exception):
+    """A blkdebug break point holds the request being planned (nothing of it
+    was done yet): :meth:`Mover.start_areas` waits outside the I/O lock and
+    plans it again."""
+
+    def __init__(self, held: Any):
+        super().__init__(held.tag)
+        self.held = held
+
+
+class Mover:
+    """Moves guest ranges of ``src`` (read through its chain) into ``dst``.
+
+    ``select`` classifies the source's runs (see :func:`select_full`,
+    :func:`select_window`). ``compress``: write compressed clusters (qcow2
+    targets). The target driver must stay the same object while the mover
+    lives (the engine holds its fd).
+    """
+
+    def __init__(self, io: BlockIO, src: Node, dst: Node, select: Select, *,
+                 bucket: TokenBucket | None = None, compress: bool = False,
+                 threads: int = 4, write_behind: bool = False):
+        self.io = io
+        self.src, self.dst = src, dst
+        self.select = select
+        self.compress = compress
+        self.bucket = bucket
+        self.threads = threads
+        #: start writeback of each request once written (the C engine's
+        #: write_behind), unless the target is cache=unsafe: a job that ends
+        #: with a flush (commit) then waits for the tail of the copy only
+        self.write_behind = write_behind
+        self._pool: list[CopyEngine] = []
+        self._dst_raw = dst.driver.cluster_size == 0
+        self._dst_is_ours = dst.driver
+        self._tls = threading.local()       # see plan (blkdebug break points)
+        #: bytes that batches which did not land wrote into the target and
+        #: that stayed there (no allocation put back), by batch offset; an
+        #: entry goes when a batch over that offset lands (a retry)
+        self._stray: dict[int, int] = {}
+
+    @property
+    def stray_written(self) -> int:
+        """Bytes in the target written by batches that failed or were
+        abandoned (not in any job's progress, which counts landed batches)."""
+        return sum(self._stray.values())
+
+    # -- the C engines ------------------------------------------------------
+    # One engine per batch in flight (a pipeline of two batches: one copies
+    # while the next is planned and queued), kept in a small pool.
+    def _engine(self) -> CopyEngine:
+        if self._pool:
+            return self._pool.pop()
+        return CopyEngine(self.src.driver.fd, self.dst.driver.fd, threads=self.threads,
+                          request_size=2 * MiB, zero_block=4096 if self._dst_raw else 0,
+                          target_is_zero=False, may_unmap=True,
+                          allow_copy_range=False, bucket=self.bucket,
+                          write_behind=self.write_behind and not self.io.cache_unsafe(self.dst),
+                          src_path=self.src.filename, dst_path=self.dst.filename)
+
+    def close(self) -> None:
+        while self._pool:
+            self._pool.pop().close()
+
+    # -- fault injection (blkdebug nodes) -----------------------------------
+    def _check_inject(self, op: str, node: Node, off: int, length: int) -> None:
+        if node.driver.injects_faults:
+            err = node.driver.inject_check(op, off, length)
+            if err:
+                side = "source" if op == "read" else "target"
+                raise CopyError(err, "error reading" if op == "read" else "error writing",
+                                path=node.filename, side=side, offset=off)
+
+    # -- Python-side I/O: an OSError becomes a CopyError of its side ---------
+    def _src(self, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise CopyError(e.errno or 5, "error reading", path=self.src.filename,
+                            side="source", offset=args[0] if args else None) from None
+
+    def _tgt(self, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise CopyError(e.errno or 5, "error writing", path=self.dst.filename,
+                            side="target", offset=args[0] if args else None) from None
+
+    # -- planning (I/O lock held) -------------------------------------------
+    def _dst_reads_zero(self, off: int, length: int) -> list[tuple[int, int]]:
+        dst = self.dst
+        return [(r["start"], r["length"]) for r in dst.block_status(off, length)
+                if r["zero"] and (r["depth"] == 0 or dst.backing is None)]
+
+    def plan(self, off: int, length: int, stats: Stats,
+             undo: list[tuple[int, int, int, int]] | None = None) -> list[tuple]:
+        """Classify, allocate, do the Python-side parts; return engine items.
+        ``undo``: see ``Qcow2Driver.allocate``."""
+        src, dst = self.src, self.dst
+        length = min(length, src.size - off, dst.size - off)
+        if length <= 0:
+            return []
+        # Another job's batch may have allocated clusters in the source's
+        # chain it has not filled yet (a stream into the node a backup reads):
+        # the engine would copy them by host offset. Not our own target's (our
+        # batches never share a cluster, and only this thread lands them).
+        cs = dst.driver.cluster_size or 1
+        a = off - off % cs
+        self.io.wait_filled(src, a, min(-(-(off + length) // cs) * cs, dst.size) - a,
+                             exclude=dst)
+        # the fast path of small ranges: not with fault injection (checked per
+        # planned run; a blkdebug node may be set up while the job runs) nor
+        # compression (written cluster by cluster)
+        if (length <= FAST_MAX and not self.compress
+                and not src.driver.injects_faults
+                and not dst.driver.injects_faults):
+            item = self._plan_fast(off, length, stats)
+            if item is not None:
+                return [item]
+        chain = src.chain()
+        runs = src.block_status(off, length)
+        breaks = self.io.breaks
+        if breaks is not None and breaks.rules:
+            runs = list(runs)
+            # the blkdebug events this request raised already (it is planned
+            # again after a break point held it): set by start_areas
+            passed = getattr(self._tls, "passed", None)
+            self._raise_events(chain, runs, off, length, set() if passed is None else passed)
+        copy: list[tuple[int, int, tuple[int, int]]] = []   # (start, len, (fd, host))
+        py: list[tuple[int, int]] = []                        # compressed source runs
+        zero: list[tuple[int, int]] = []
+        for r in runs:
+            what = self.select(r)
+            s, n = r["start"], r["length"]
+            if what == "skip":
+                stats.skipped += n
+            elif what == "copy":
+                self._check_inject("read", chain[r["depth"]], s, n)
+                if r["compressed"] or "offset" not in r or self.compress:
+                    py.append((s, n))
+                else:
+                    copy.append((s, n, (chain[r["depth"]].driver.fd, r["offset"])))
+                stats.copied += n
+            else:
+                zero.append((s, n))
+                stats.zeroed += n
+        if copy or py or zero:
+            self._check_inject("write", dst, off, length)
+        items: list[tuple] = []
+        if self.compress:
+            self._write_zeroes(zero, off, length, items)
+            self._write_compressed(merge([(s, n) for s, n, _ in copy] + py))
+            return items
+        # Where the target is in the source's chain (stream, commit), what
+        # the source reads changes once a target cluster is allocated: the
+        # rest of each cluster to allocate is classified, and the data the
+        # Python side moves is read, before anything is written.
+        fill = self._fill(copy, py) if copy and not self._dst_raw else []
+        bufs = []
+        for s, n in py:
+            buf = bytearray(n)
+            self._src(src.readinto, s, buf)
+            bufs.append((s, buf))
+        # Zeroes first: their clusters are never ones we allocate below.
+        self._write_zeroes(zero, off, length, items)
+        if copy:
+            if self._dst_raw:
+                for s, n, (fd, host) in copy:
+                    items.append((host, s, n, COPY_SPARSE, fd))
+            else:
+                items += self._alloc_items(copy, fill, undo)
+        for s, buf in bufs:
+            self._tgt(dst.write, s, buf)
+        return items
+
+    def _raise_events(self, chain: list[Node], runs: list[dict], off: int,
+                      length: int, passed: set) -> None:
+        """The blkdebug events of the request planned (see :mod:`.blkdebug`),
+        in order, before any of it is done: raises _Suspend when a break point
+        holds one. ``passed``: events raised already (not again), updated."""
+        def raise_(drv: Any, events: list[str], s: int, n: int) -> None:
+            if not drv.injects_faults:
+                return
+            take = drv.take_break
+            for ev in events:
+                key = (id(drv), ev, s)
+                if key in passed:
+                    continue
+                passed.add(key)
+                held = take((ev,), s, n)
+                if held:
+                    raise _Suspend(held)
+
+        copy: list[tuple[int, int, None]] = []
+        zero: list[tuple[int, int]] = []
+        for r in runs:
+            what = self.select(r)
+            if what == "copy":
+                raise_(chain[r["depth"]].driver, ["read_aio"], r["start"], r["length"])
+                copy.append((r["start"], r["length"], None))
+            elif what == "zero":
+                zero.append((r["start"], r["length"]))
+        if not self.dst.driver.injects_faults:
+            return
+        events = []
+        if copy and not self._dst_raw and not self.compress and any(
+                not (r["depth"] == 0 and r["data"] and "offset" in r and not r["compressed"])
+                for s, n in self._need(copy) for r in self.dst.block_status(s, n)):
+            events.append("cluster_alloc")
+        if copy:
+            events += ["pwritev", "write_compressed" if self.compress else "write_aio"]
+        if zero and subtract(merge(zero), self._dst_reads_zero(off, length)):
+            events += ["pwritev", "pwritev_zero"]
+        raise_(self.dst.driver, events, off, length)
+
+    def _write_zeroes(self, zero, off: int, length: int, items: list[tuple]) -> None:
+        if zero:
+            already = self._dst_reads_zero(off, length)
+            for s, n in subtract(merge(zero), already):
+                if self._dst_raw:
+                    items.append((0, s, n, ZERO))
+                else:
+                    self._tgt(self.dst.write_zeroes, s, n)
+
+    def _plan_fast(self, off: int, length: int, stats: Stats) -> tuple | None:
+        """One item for a small range the source's top layer holds as plain
+        data and the target can take in place (a granule a guest wrote while
+        a mirror runs): two lookups instead of block status, allocation and
+        run arithmetic. None: use the general path."""
+        if self.select(_TOP_DATA) != "copy":
+            return None
+        hs = self.src.driver.host_run(off, length)
+        if hs is None:
+            return None
+        hd = self.dst.driver.host_run(off, length, for_write=True)
+        if hd is None:
+            return None
+        stats.copied += length
+        return (hs, hd, length, COPY_SPARSE if self._dst_raw else COPY, self.src.driver.fd)
+
+    def _need(self, copy) -> list[tuple[int, int]]:
+        """The target clusters the ``copy`` runs touch."""
+        cs, size = self.dst.driver.cluster_size, self.dst.size
+        return merge([(s - s % cs, min(-(-(s + n) // cs) * cs, size) - (s - s % cs))
+                       for s, n, _ in copy])
+
+    def _fill(self, copy, py) -> list[tuple[int, int, tuple[int, int] | None]]:
+        """What the rest of the target clusters the ``copy`` runs touch must
+        hold (the source's guest view): runs with a host (fd, offset), or
+        None for zeroes; compressed runs go to ``py``. Before the allocation
+        (see plan)."""
+        src = self.src
+        covered = [(s, n) for s, n, _ in copy] + py
+        fill: list[tuple[int, int, tuple[int, int] | None]] = []
+        for s, n in subtract(self._need(copy), covered):
+            chain = src.chain()
+            for r in src.block_status(s, n):
+                if r["data"] and "offset" in r and not r["compressed"]:
+                    fill.append((r["start"], r["length"], (chain[r["depth"]].driver.fd,
+                                                           r["offset"])))
+                elif r["data"]:
+                    py.append((r["start"], r["length"]))
+                else:
+                    fill.append((r["start"], r["length"], None))
+        return fill
+
+    def _alloc_items(self, copy, fill, undo) -> list[tuple]:
+        """Allocate the target clusters of ``copy`` (see :meth:`_fill`);
+        the engine items that fill them."""
+        host: list[tuple[int, int, int]] = []
+        for s, n in self._need(copy):
+            host += [(m.start, m.length, m.host_offset)
+                     for m in self.dst.driver.allocate(s, n, undo)]
+        items = []
+        for s, n, p, da, dh in intersect(sorted(copy + fill, key=lambda t: t[0]), host):
+            if p is None:
+                items.append((0, dh, n, ZERO))
+            else:
+                items.append((p[1] + da, dh, n, COPY, p[0]))
+        return items
+
+    def _write_compressed(self, ranges: list[tuple[int, int]]) -> None:
+        src, dst = self.src, self.dst
+        cs = dst.driver.cluster_size
+        if not dst.driver.can_compress or not cs:
+            raise UsageError(f"Compression is not supported for this drive {dst.name}")
+        done = set()
+        for s, n in ranges:
+            c = s - s % cs
+            while c < s + n:
+                if c not in done:
+                    done.add(c)
+                    ln = min(cs, dst.size - c)
+                    buf = bytearray(ln)
+                    self._src(src.readinto, c, buf)
+                    if not any(buf):
+                        self._tgt(dst.write_zeroes, c, ln)
+                    else:
+                        self._tgt(dst.driver.write_compressed, c, buf)
+                c += cs
+
+    # -- moving --------------------------------------------------------------
+    def start(self, off: int, length: int) -> Ticket:
+        """Plan [off, off+length) (I/O lock taken here) and queue it into a
+        free engine, which starts copying at once. Raises CopyError when the
+        planning failed (nothing is queued then)."""
+        return self.start_areas([(off, length)])
+
+    def start_areas(self, areas: list[tuple[int, int]]) -> Ticket:
+        """:meth:`start` for several areas in one batch (scattered dirty
+        granules: one engine round trip for all of them)."""
+        t = Ticket(areas[0][0], sum(n for _, n in areas))
+        items: list[tuple] = []
+        # The I/O lock is held for up to PLAN_CHUNK bytes or PLAN_AREAS areas
+        # at a time, not for the whole batch: planning a thousand scattered
+        # granules takes milliseconds, and every guest write needs the lock.
+        # (The areas are in flight or their bits taken: a write racing with
+        # the planning is seen by the caller.)
+        pieces = [(o, min(PLAN_CHUNK, off + length - o)) for off, length in areas
+                  for o in range(off, off + length, PLAN_CHUNK)]
+        i = 0
+        passed: set = set()         # blkdebug events piece i raised already
+        ce: CopyEngine | None = None
+        try:
+            while i < len(pieces):
+                held = None
+                with self.io, quiet_breaks():
+                    budget, k = PLAN_CHUNK, 0
+                    while i < len(pieces) and k < PLAN_AREAS and budget > 0:
+                        o, n = pieces[i]
+                        undo: list[tuple[int, int, int, int]] = []
+                        try:
+                            self._tls.passed = passed
+                            items += self.plan(o, n, t.stats, undo)
+                        except _Suspend as e:
+                            held = e.held
+                            break
+                        finally:    # before the lock is let go (also in a
+                            if undo:   # wait of the next plan): readers wait
+                                t.undo += undo
+                                t.unfilled += self.io.mark_unfilled(
+                                    self.dst, [(s, n) for s, n, _, _ in undo])
+                        budget -= n
+                        i += 1
+                        k += 1
+                        passed = set()
+                if held is not None:
+                    # a break point holds piece i: what was planned before it
+                    # goes to the engine now (it must not wait with it)
+                    if items:
+                        if ce is None:
+                            ce = self._engine()
+                            t.done0 = ce.status().done
+                        ce.add(items)
+                        ce.run(0)
+                        items = []
+                    self.io.breaks.suspend(held)
+        except BaseException:
+            self._drop(ce, t)       # what the planned part allocated is put back
+            raise
+        if items:
+            try:
+                if ce is None:
+                    ce = self._engine()
+                    t.done0 = ce.status().done
+                ce.add(items)
+                ce.run(0)               # wake the workers; they keep going
+            except BaseException:       # an error already (the first requests)
+                self._drop(ce, t)
+                raise
+        t.ce = ce
+        return t
+
+    def finish(self, t: Ticket, job: Job | None = None) -> Stats:
+        """Wait until the ticket's batch landed. Raises CopyError (side
+        source/target) or Cancelled (the job was force-cancelled)."""
+        ce, t.ce = t.ce, None
+        if ce is None:
+            self._landed(t)
+            return t.stats
+        try:
+            while True:
+                res = ce.run(0.05)
+                if res == RunResult.DONE:
+                    break
+                if job is not None and job.is_cancelled:
+                    ce.cancel()
+                    ce.drain()
+                    raise Cancelled()
+        except BaseException:
+            self._drop(ce, t)
+            raise
+        self._pool.append(ce)
+        self._landed(t)
+        return t.stats
+
+    def _landed(self, t: Ticket) -> None:
+        if self._stray:
+            for k in [k for k in self._stray if t.off <= k < t.off + t.length]:
+                del self._stray[k]
+        t.undo = []
+        if t.unfilled:
+            with self.io:
+                self.io.mark_filled(self.dst, t.unfilled)
+            t.unfilled = []
+
+    def abandon(self, t: Ticket) -> None:
+        """Stop a started batch and forget it (its area must be redone)."""
+        ce, t.ce = t.ce, None
+        self._drop(ce, t)
+
+    def _drop(self, ce: CopyEngine | None, t: Ticket) -> None:
+        """A batch that will not land: stop its engine (nothing of it stays
+        queued or in flight; the engine is not reused) and give back what its
+        planning allocated."""
+        if ce is not None:
+            ce.cancel()
+            ce.drain()
+            written = ce.status().done - t.done0
+            ce.close()
+            if written > 0 and not t.undo:      # put back below otherwise
+                self._stray[t.off] = written
+        self._give_back(t)
+
+    def _give_back(self, t: Ticket) -> None:
+        """A batch that did not land (failed, cancelled, abandoned; the engine
+        is drained): what its allocations changed in the target is put back
+        (unallocated clusters, zero clusters, extended-L2 subclusters). Left
+        as allocated, they would read as zeroes (or stale bytes) where the
+        target used to read through to its backing file -- in a stream's top,
+        what the guest sees -- and a retry would take them as copied."""
+        undo, t.undo = t.undo, []
+        unfilled, t.unfilled = t.unfilled, []
+        if undo:
+            with self.io:
+                try:
+                    self.dst.driver.undo_allocate(undo)
+                except OSError as e:
+                    raise CopyError(e.errno or 5, "error writing", path=self.dst.filename,
+                                    side="target", offset=undo[0][0]) from None
+                finally:
+                    self.io.mark_filled(self.dst, unfilled)
+
+    def move(self, off: int, length: int, job: Job | None = None) -> Stats:
+        """Copy [off, off+length) now (start + finish)."""
+        return self.finish(self.start(off, length), job)
+
+    def flush(self) -> None:
+        """Make the target durable (qcow2: metadata of allocate() first).
+
+        The data goes to disk first with an fsync *without* the I/O lock
+        (seconds after a bulk copy; guest writes through a front end must not
+        wait for it), then the driver's ordered flush runs under the lock
+        and only has what was written since."""
+        with self.io:
+            unsafe = self.io.cache_unsafe(self.dst)
+            if unsafe and not self.dst.driver.has_metadata:
+                return          # raw, cache=unsafe: nothing to write, no fsync
+        if not unsafe:
+            try:
+                os.fsync(self.dst.driver.fd)
+            except OSError as e:
+                raise CopyError(e.errno or 5, "error writing", path=self.dst.filename,
+                                side="target") from None
+        with self.io:
+            self._tgt(self.dst.flush)
