@@ -14,11 +14,11 @@ from typing import Any
 
 from ..errors import CopyError, JobError  # noqa: F401
 from ..graph import ALL, Node, Perm
+from ..graph.io import BlockIO, DirtyBitmap, InFlight
 from ..graph.node import BACKING_SHARED
 from ..job import ErrorAction, Job
 from ..native.bitmap import Bitmap
-from ..graph.io import BlockIO, DirtyBitmap, InFlight
-from .base import POLICIES, BlockJob, check_policy  # noqa: F401  (POLICIES: cli)
+from .base import BlockJob, check_policy
 from .blockcopy import JOB_CLUSTER, Mover
 from .cbw import CbwFilter
 from .ranges import select_full, select_window

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 from ..errors import CopyError, JobError
 from ..graph import GraphTransaction, Node, Perm
+from ..graph.frontend import Filter
+from ..graph.io import BlockIO
 from ..graph.node import BACKING_SHARED
 from ..graph.perm import ALL
 from ..job import ErrorAction, Job
-from ..graph.frontend import Filter
-from ..graph.io import BlockIO
 from .base import BlockJob, check_policy
 from .blockcopy import Mover
-from .ranges import batch_unit, select_window
 from .mirror import MirrorJob
+from .ranges import batch_unit, select_window
 from .stream import find_in_chain
 
 

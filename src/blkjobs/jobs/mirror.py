@@ -32,10 +32,10 @@ from typing import Any
 
 from ..errors import CopyError, JobError
 from ..graph import GraphTransaction, Node, Perm
-from ..job import ErrorAction, Job
-from ..native.bitmap import Bitmap
 from ..graph.frontend import Filter
 from ..graph.io import BlockIO, InFlight
+from ..job import ErrorAction, Job
+from ..native.bitmap import Bitmap
 from .base import BlockJob, check_policy
 from .blockcopy import BATCH, KiB, MiB, Mover
 from .dirty import PartlyDirty

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from ..errors import CopyError, JobError
 from ..graph import ALL, GraphTransaction, Node, Perm
-from ..job import ErrorAction, Job
 from ..graph.frontend import Filter
 from ..graph.io import BlockIO, InFlight
+from ..job import ErrorAction, Job
 from .base import BlockJob, check_policy
 from .blockcopy import Mover
 from .ranges import batch_unit, select_window

@@ -1,0 +1,149 @@
+"""The module structure (docs/architecture.md): no import circles, and
+imports point one way -- cli/daemon -> engine -> jobs -> job core and graph
+-> formats -> native. Every import statement counts, wherever it is in a
+file (under TYPE_CHECKING, inside a function) and ``from . import x``
+counts as importing the package too (its ``__init__`` runs)."""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in (SRC / "blkjobs").rglob("*.py"):
+        m = ".".join(p.relative_to(SRC).with_suffix("").parts)
+        if m.endswith(".__init__"):
+            m = m[: -len(".__init__")]
+        mods[m] = p
+    return mods
+
+
+def _edges() -> dict[str, set[str]]:
+    mods = _modules()
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                    tgt = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    tgt = node.module or ""
+                cands = [tgt] + [f"{tgt}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                cands = [a.name for a in node.names]
+            else:
+                continue
+            edges[m] |= {c for c in cands if c in mods and c != m}
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    idx: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
+
+    def visit(v: str) -> None:
+        idx[v] = low[v] = len(idx)
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in idx:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], idx[w])
+        if low[v] == idx[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in idx:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    assert _cycles(_edges()) == []
+
+
+def _area(mod: str) -> str:
+    """``blkjobs.jobs.mirror`` -> ``jobs``; ``blkjobs`` -> ``blkjobs``."""
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else "blkjobs"
+
+
+#: what each part may import besides itself (errors: everyone)
+ALLOWED = {
+    "native": set(),
+    "formats": {"native"},
+    "graph": {"formats", "native"},
+    "job": set(),                              # the job core knows nothing of blocks
+    "options": {"job"},
+    "jobs": {"job", "graph", "formats", "native"},
+    "imageops": {"graph", "formats", "native"},
+    "engine": {"jobs", "job", "graph", "formats", "native", "options"},
+    "bench": {"native"},
+    "daemon": {"blkjobs", "engine", "job", "graph", "formats", "native", "options"},
+    "cli": {"blkjobs", "daemon", "engine", "imageops", "bench", "job", "graph", "formats",
+            "native", "options"},
+    # the package's lazy exports (TYPE_CHECKING imports for type checkers)
+    "blkjobs": {"engine", "job", "graph", "options"},
+    "__main__": {"cli"},
+}
+
+
+def test_layering():
+    bad = []
+    for m, targets in _edges().items():
+        area = _area(m)
+        for t in targets:
+            ta = _area(t)
+            if ta in (area, "errors") or ta in ALLOWED[area]:
+                continue
+            bad.append(f"{m} -> {t}")
+    assert sorted(bad) == []
+
+
+def test_nothing_imports_the_facade_from_below():
+    importers = sorted(m for m, ts in _edges().items() if "blkjobs.engine" in ts)
+    assert all(_area(m) in ("cli", "daemon", "blkjobs") for m in importers), importers
+
+
+def test_job_core_imports_nothing_of_blocks():
+    for m, ts in _edges().items():
+        if _area(m) == "job":
+            assert {_area(t) for t in ts} <= {"job", "errors"}, (m, ts)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_relative_package_import_counts_as_importing_the_package(tmp_path, monkeypatch):
+    """``from . import x`` runs the package's ``__init__``: an edge to it."""
+    pkg = tmp_path / "blkjobs" / "p"
+    pkg.mkdir(parents=True)
+    (tmp_path / "blkjobs" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from .a import A\n")
+    (pkg / "a.py").write_text("A = 1\n")
+    (pkg / "b.py").write_text("from . import a\n")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
+    edges = _edges()
+    assert edges["blkjobs.p.b"] == {"blkjobs.p", "blkjobs.p.a"}
