@@ -10,42 +10,14 @@
 from __future__ import annotations
 
 import os
-import stat
 
 from ..errors import ImageError, UsageError
-from .base import Driver, Kind, Mapping
+from .base import Driver, Kind, Mapping, NotAnImageFile, open_file  # noqa: F401
 
 FORMATS = ("raw", "qcow2")
 
 __all__ = ["Driver", "Kind", "Mapping", "FORMATS", "probe_format", "open_image",
            "create_image"]
-
-
-class NotAnImageFile(ImageError):
-    """The path names something other than a regular file or a block device
-    (a FIFO, socket, character device, directory): never opened as an image,
-    since reading a FIFO or a tty can block forever."""
-
-
-def open_file(path: str, flags: int = os.O_RDONLY, devices: bool = True) -> int:
-    """Open ``path`` for an image driver and return the fd. It is opened
-    with O_NONBLOCK (opening a FIFO then cannot hang) and checked with
-    fstat on the fd (no race with a rename): a regular file, a block device
-    or (``devices``, as qemu-img takes ``/dev/null`` as an image) a
-    character device; anything else is refused with one line. Backing files
-    pass ``devices=False``: a name in a hostile image must not reach
-    ``/dev/tty`` or ``/dev/zero``. The fd is then made blocking."""
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or (devices and stat.S_ISCHR(mode))):
-            what = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file or block device"
-            raise NotAnImageFile(f"Could not open '{path}': {what}")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def probe_format(path: str) -> str:

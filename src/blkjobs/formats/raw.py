@@ -13,7 +13,7 @@ import errno
 import os
 
 from ..errors import ImageError, OSErrorWithContext, UsageError
-from .base import Driver, Kind, Mapping
+from .base import Driver, Kind, Mapping, open_file
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -42,7 +42,6 @@ class Raw(Driver):
     def __init__(self, path: str, read_only: bool = True):
         self.filename = path
         self.read_only = read_only
-        from . import open_file
         self._fd = open_file(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._closed = False
         self._can_punch = True

@@ -41,7 +41,7 @@ import os
 import struct
 
 from ...errors import ImageError, UsageError
-from ..base import Driver, Kind, Mapping
+from ..base import Driver, Kind, Mapping, open_file  # open_file: refuses FIFOs & co.
 from .compress import compress as _compress
 from .compress import decompress as _decompress
 from .header import (AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT,
@@ -86,7 +86,6 @@ class Qcow2(Driver):
         # cache=unsafe (``convert -t unsafe``, qemu-img's default for convert):
         # metadata is still written in the safe order, but never fsync'd.
         self.unsafe = False
-        from .. import open_file      # refuses FIFOs & co. without hanging
         self._fd = open_file(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._closed = False
         try:
