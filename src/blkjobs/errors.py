@@ -9,7 +9,8 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      ├── Cancelled                            the operation was cancelled (ECANCELED)
      ├── ImageError                           malformed, corrupt or unsupported image
      │    ├── CheckNotSupported               exit 63: the format has no checks (qemu-img's 63)
-     │    └── NotSupported                    formats.base: a driver lacks the capability asked for
+     │    ├── NotSupported                    formats.base: a driver lacks the capability asked for
+     │    └── NotAnImageFile                  formats.base: not a file or device an image can be
      ├── UsageError (also ValueError)         bad argument values (sizes, rates, options)
      ├── PermissionConflict                   graph.perm: a permission or lock is held elsewhere
      │    └── LockConflict                    graph.lock: another process holds QEMU's lock bytes
