@@ -25,7 +25,8 @@ def _theirs(cwd, args):
     p = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, cwd=cwd,
                        timeout=300)
     err = "".join(("blkjobs:" + ln[len("qemu-img:"):]) if ln.startswith("qemu-img:") else ln
-                  for ln in p.stderr.splitlines(True))
+                  for ln in p.stderr.splitlines(True)).replace("'qemu-img --help'",
+                                                               "'blkjobs --help'")
     return p.returncode, p.stdout, err
 
 
@@ -104,3 +105,131 @@ def test_measure_bitmaps_size_is_shown(sources):
     "-O qcow2 -f qcow2 s3.raw"])
 def test_measure_errors_as_qemu_img(sources, args):
     same(sources, "measure", *args.split())
+
+
+# ---------------------------------------------------------------------------
+# resize
+
+def _pair(tmp_path, name, fmt, size, opts=(), writes=()):
+    """Two equal images ``name`` and ``name.ref`` (ours / qemu-img's)."""
+    a, b = tmp_path / name, tmp_path / (name + ".ref")
+    qemu_img("create", "-q", "-f", fmt, *opts, a, size)
+    if writes:
+        qemu_io(a, *writes, fmt=fmt)
+    subprocess.run(["cp", "--sparse=never", a, b], check=True)
+    return a, b
+
+
+def _map_no_offsets(path, fmt):
+    m = json.loads(qemu_img("map", "-f", fmt, "--output", "json", path).stdout)
+    for e in m:
+        e.pop("offset", None)
+    return m
+
+
+WRITES = ("write -P 1 0 1M", "write -P 2 2999000 10k", "write -P 3 9M 500000",
+          "write -z 5M 64k")
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=512", "cluster_size=64k",
+                                  "cluster_size=16k,extended_l2=on", "compat=0.10",
+                                  "cluster_size=1k,refcount_bits=1"])
+@pytest.mark.parametrize("op", ["+100M", "--shrink 3M", "+1536", "20000512", "--shrink 512"])
+def test_resize_qcow2_like_qemu_img(tmp_path, opts, op):
+    a, b = _pair(tmp_path, "x.qcow2", "qcow2", "10000384", ("-o", opts), WRITES)
+    ours = _ours(tmp_path, ["resize", a.name, *op.split()])
+    theirs = _theirs(tmp_path, ["resize", b.name, *op.split()])
+    assert (ours.returncode, ours.stdout, ours.stderr) == theirs
+    check_clean(a)
+    assert qemu_img("compare", a, b, check=False).returncode == 0
+    assert _map_no_offsets(a, "qcow2") == _map_no_offsets(b, "qcow2")
+    assert json.loads(qemu_img("info", "--output", "json", a).stdout)["virtual-size"] == \
+        json.loads(qemu_img("info", "--output", "json", b).stdout)["virtual-size"]
+    if op.startswith("--shrink"):      # the file is cut after its last used cluster
+        assert a.stat().st_size <= b.stat().st_size + 65536
+    # and grows again cleanly (with qemu-img) to the same data
+    for p in (a, b):
+        qemu_img("resize", "-q", p, "+5M")
+    assert qemu_img("compare", a, b, check=False).returncode == 0
+    check_clean(a)
+
+
+def test_resize_qcow2_grow_reads_zeroes_past_the_old_end(tmp_path):
+    """A cluster cut through by a shrink still holds old data past the end;
+    growing again must not bring it back (reads zeroes)."""
+    img = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    qemu_io(img, "write -P 0xab 0 1M")
+    qemu_img("resize", "-q", "--shrink", img, "66048")      # 64k + 512: mid-cluster
+    run_blkjobs("resize", img, "1M", check=True)
+    check_clean(img)
+    raw = tmp_path / "t.raw"
+    qemu_img("convert", "-O", "raw", img, raw)
+    data = raw.read_bytes()
+    assert data[:66048] == b"\xab" * 66048 and data[66048:] == bytes((1 << 20) - 66048)
+
+
+def test_resize_qcow2_grows_the_l1_table(tmp_path):
+    img = tmp_path / "g.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "1M")
+    qemu_io(img, "write -P 7 0 64k", "write -P 8 1000k 24k")
+    run_blkjobs("resize", img, "+200M", check=True)
+    check_clean(img)
+    info = json.loads(qemu_img("info", "--output", "json", img).stdout)
+    assert info["virtual-size"] == (1 << 20) + (200 << 20)
+    qemu_io(img, "write -P 9 200M 1M", "read -P 8 1000k 24k", "read -P 0 1M 1M")
+    check_clean(img)
+
+
+@pytest.mark.parametrize("args", [
+    "r.raw 5M", "--shrink r.raw 5M", "r.raw +1M", "r.raw -- -1M", "--shrink r.raw -- -1M",
+    "r.raw", "r.raw abc", "--shrink r.raw 1001", "-f raw r.raw 3M",
+    "--preallocation=falloc r.raw +1M", "--preallocation=full r.raw +1M",
+    "--preallocation=metadata r.raw +1M", "--preallocation=bogus r.raw +1M",
+    "--shrink --preallocation=full r.raw 1000", "nonexist 1M", "q.qcow2 5M",
+    "--shrink q.qcow2 5M", "q.qcow2 20000001", "q.qcow2 +1M", "--shrink q.qcow2 0",
+    "q.qcow2 -- -100M", "-f raw q.qcow2 +1M", "r.raw 1M 2M", "--shrink r.raw 0", "q.qcow2 9E",
+    "q.qcow2 20E", "-q q.qcow2 +1M", "q.qcow2 100G", "q.qcow2 --shrink 1M"])
+def test_resize_texts_and_results_as_qemu_img(tmp_path, args):
+    res = []
+    for d in ("ours", "theirs"):
+        w = tmp_path / d
+        w.mkdir()
+        qemu_img("create", "-q", "-f", "raw", w / "r.raw", "10M")
+        qemu_io(w / "r.raw", "write -P 5 0 10M", fmt="raw")
+        qemu_img("create", "-q", "-f", "qcow2", w / "q.qcow2", "10M")
+        qemu_io(w / "q.qcow2", "write -P 6 1M 8M")
+        if d == "ours":
+            p = _ours(w, ["resize", *args.split()])
+            res.append((p.returncode, p.stdout, p.stderr))
+        else:
+            res.append(_theirs(w, ["resize", *args.split()]))
+    assert res[0] == res[1]
+    o, t = tmp_path / "ours", tmp_path / "theirs"
+    assert (o / "r.raw").stat().st_size == (t / "r.raw").stat().st_size
+    assert (o / "r.raw").read_bytes() == (t / "r.raw").read_bytes()
+    assert qemu_img("compare", o / "q.qcow2", t / "q.qcow2", check=False).returncode == 0
+    check_clean(o / "q.qcow2")
+    if args.endswith("r.raw +1M") and "=f" in args:      # falloc, full: allocated
+        assert (o / "r.raw").stat().st_blocks >= (11 << 20) // 512
+
+
+def test_resize_takes_qemu_locks(tmp_path):
+    """An image another process writes is refused with qemu-img's text, and
+    measure (a reader) is refused too unless -U."""
+    import os
+    from blkjobs.graph.lock import FileLock
+    from blkjobs.graph.perm import Perm
+    img = tmp_path / "l.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    fd = os.open(img, os.O_RDWR)
+    lock = FileLock(fd, str(img))
+    try:
+        lock.apply(Perm.CONSISTENT_READ | Perm.WRITE, Perm.WRITE | Perm.RESIZE)
+        same(tmp_path, "resize", "l.qcow2", "2M")
+        same(tmp_path, "measure", "-O", "qcow2", "l.qcow2")
+        same(tmp_path, "measure", "-U", "-O", "qcow2", "l.qcow2")
+    finally:
+        lock.release()
+        os.close(fd)
+    assert json.loads(qemu_img("info", "--output", "json", img).stdout)["virtual-size"] == 1 << 20

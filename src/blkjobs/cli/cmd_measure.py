@@ -36,6 +36,9 @@ def run(args) -> int:
         size = qemu_size(args.size)
         if size is None:
             raise UsageError(SIZE_ERROR)
+        if size >= 1 << 63:
+            raise UsageError("Invalid image size specified. Must be between 0 and "
+                             "9223372036854775807.")
     if len(args.images) > 1:
         raise UsageError("At most one filename argument is allowed.")
     if args.images and size is not None:
@@ -44,7 +47,7 @@ def run(args) -> int:
         raise UsageError("Either --size N or one filename must be specified.")
     if args.out_fmt not in ("raw", "qcow2"):
         raise UsageError(f"Unknown file format '{args.out_fmt}'")
-    node = open_chain_ro(args.images[0], args.fmt) if args.images else None
+    node = open_chain_ro(args.images[0], args.fmt, args.force_share) if args.images else None
     try:
         opts = parse_target_opts(args.options, args.out_fmt)
         info = measure(args.out_fmt, opts, size=size, node=node)

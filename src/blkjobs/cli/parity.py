@@ -11,6 +11,8 @@ SIZE_ERROR = ("Invalid image size specified. You may use k, M, G, T, P or E suff
               "blkjobs: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "p": 1 << 50, "e": 1 << 60}
+_LOCK = re.compile(r'^Failed to get (shared )?"([a-z ]+)" lock on \'(.*)\': '
+                   r'Is another process using the image\?$')
 _SIZE = re.compile(r"^(\d+(?:\.\d*)?)([bkmgtpe]?)$", re.I)
 
 
@@ -24,14 +26,17 @@ def qemu_size(text: str) -> int:
     if "." in num and not unit:
         return None
     v = float(num) * _UNITS[unit] if "." in num else int(num) * _UNITS[unit]
-    v = int(v)
-    return v if v < 1 << 63 else None
+    return int(v)
 
 
 def could_not_open(path: str, e: BlkjobsError) -> UsageError:
     """qemu-img's ``Could not open 'PATH': REASON`` (the file layer's own
     "Could not open" text stays inside, as qemu-img prints it)."""
     text = str(e)
+    m = _LOCK.match(text)
+    if m:       # QEMU's wording of a lock conflict
+        return UsageError(f"Could not open '{path}': Failed to get {m.group(1) or ''}\"{m.group(2)}\" "
+                          f"lock\nIs another process using the image [{m.group(3)}]?")
     if isinstance(e, OSErrorWithContext) or text.startswith(f"Could not open '{path}'"):
         return UsageError(f"Could not open '{path}': {text}")
     if text.startswith(f"'{path}': "):
@@ -78,12 +83,21 @@ def open_rw(path: str, fmt: str | None, owner: str, resize: bool = False):
     return node
 
 
-def open_chain_ro(path: str, fmt: str | None):
-    """Open ``path`` and its backing chain read-only with QEMU's read locks;
+def open_chain_ro(path: str, fmt: str | None, force_share: bool = False):
+    """Open ``path`` and its backing chain read-only with QEMU's read locks
+    (sharing no write with other processes, unless ``force_share``, -U);
     qemu-img's ``Could not open`` texts."""
+    from ..graph.perm import ALL, Perm
     from ..imageops.images import open_ro
     check_fmt(fmt)
     try:
-        return open_ro(path, fmt)
+        node = open_ro(path, fmt)
     except BlkjobsError as e:
         raise could_not_open(path, e) from None
+    if not force_share:
+        try:
+            node.take("reader", Perm.CONSISTENT_READ, ALL & ~(Perm.WRITE | Perm.RESIZE))
+        except BlkjobsError as e:
+            node.close_chain()
+            raise could_not_open(path, e) from None
+    return node
