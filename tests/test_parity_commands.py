@@ -233,3 +233,56 @@ def test_resize_takes_qemu_locks(tmp_path):
         lock.release()
         os.close(fd)
     assert json.loads(qemu_img("info", "--output", "json", img).stdout)["virtual-size"] == 1 << 20
+
+
+# ---------------------------------------------------------------------------
+# snapshot -l, info snapshots
+
+@pytest.fixture(scope="module")
+def snapped(tmp_path_factory):
+    d = tmp_path_factory.mktemp("snap")
+    qemu_img("create", "-f", "qcow2", d / "sn.qcow2", "10M")
+    qemu_io(d / "sn.qcow2", "write -P 1 0 1M")
+    qemu_img("snapshot", "-c", "first", d / "sn.qcow2")
+    qemu_io(d / "sn.qcow2", "write -P 2 0 64k")
+    qemu_img("snapshot", "-c", "a much longer snapshot name here", d / "sn.qcow2")
+    qemu_img("snapshot", "-c", "x" * 40, d / "sn.qcow2")
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", d / "v2.qcow2", "1M")
+    qemu_img("snapshot", "-c", "old", d / "v2.qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", "sn.qcow2", "-F", "qcow2", d / "ov.qcow2")
+    qemu_img("snapshot", "-c", "ovs", d / "ov.qcow2")
+    qemu_img("create", "-f", "qcow2", d / "none.qcow2", "1M")
+    qemu_img("create", "-f", "raw", d / "r.raw", "1M")
+    return d
+
+
+@pytest.mark.parametrize("img", ["sn.qcow2", "v2.qcow2", "ov.qcow2", "none.qcow2", "r.raw"])
+def test_snapshot_list_as_qemu_img(snapped, img):
+    out = same(snapped, "snapshot", "-l", img)
+    same(snapped, "snapshot", "-l", "-U", img)
+    same(snapped, "snapshot", img)
+    if img == "sn.qcow2":
+        assert out.splitlines()[0] == "Snapshot list:" and len(out.splitlines()) == 5
+
+
+@pytest.mark.parametrize("img", ["sn.qcow2", "v2.qcow2", "ov.qcow2", "none.qcow2"])
+@pytest.mark.parametrize("opts", ["", "--output json", "--backing-chain",
+                                  "--backing-chain --output json"])
+def test_info_shows_snapshots_as_qemu_img(snapped, img, opts):
+    same(snapped, "info", *opts.split(), img)
+
+
+@pytest.mark.parametrize("args", ["-l", "-l -c x sn.qcow2", "-l sn.qcow2 extra",
+                                  "-l nonexist"])
+def test_snapshot_errors_as_qemu_img(snapped, args):
+    same(snapped, "snapshot", *args.split())
+
+
+@pytest.mark.parametrize("flag", ["-c", "-a", "-d"])
+def test_snapshot_changes_are_refused_clearly(snapped, flag):
+    before = (snapped / "sn.qcow2").read_bytes()
+    p = run_blkjobs("snapshot", flag, "first", snapped / "sn.qcow2")
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr == (f"blkjobs: snapshot {flag}: creating, applying and deleting internal "
+                        "snapshots is not supported (use qemu-img snapshot)\n")
+    assert (snapped / "sn.qcow2").read_bytes() == before

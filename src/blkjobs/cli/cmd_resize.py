@@ -8,15 +8,11 @@ import sys
 import argparse
 
 from ..errors import UsageError
-from .parity import open_rw, qemu_size
+from .parity import RAW_PROBED, open_rw, qemu_size
 
 SIZE_SYNTAX = ("Parameter 'size' expects a non-negative number below 2^64\n"
                "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
                "and exabytes, respectively.")
-RAW_PROBED = ("WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
-              "         Automatically detecting the format is dangerous for raw images, "
-              "write operations on block 0 will be restricted.\n"
-              "         Specify the 'raw' format explicitly to remove the restrictions.\n")
 
 
 def register(sub):

@@ -9,6 +9,10 @@ from ..errors import BlkjobsError, OSErrorWithContext, UsageError
 
 SIZE_ERROR = ("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
               "blkjobs: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+RAW_PROBED = ("WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
+              "         Automatically detecting the format is dangerous for raw images, "
+              "write operations on block 0 will be restricted.\n"
+              "         Specify the 'raw' format explicitly to remove the restrictions.\n")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "p": 1 << 50, "e": 1 << 60}
 _LOCK = re.compile(r'^Failed to get (shared )?"([a-z ]+)" lock on \'(.*)\': '
