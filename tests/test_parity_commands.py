@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import run_blkjobs
-from qemu_oracle import check_clean, qemu_img, qemu_io, qemu_map
+from qemu_oracle import check_clean, qemu_img, qemu_io
 
 
 def _ours(cwd, args):
@@ -56,6 +56,7 @@ def sources(tmp_path_factory):
             f.seek(rnd.randrange(0, 33 << 20))
             f.write(rnd.randbytes(rnd.randrange(1, 200000)))
     (d / "empty.raw").write_bytes(b"")
+    (d / "odd.raw").write_bytes(random.Random(5).randbytes(100001))
     qemu_img("create", "-f", "qcow2", d / "bm.qcow2", "1G")
     qemu_img("bitmap", "--add", d / "bm.qcow2", "b0")
     qemu_img("bitmap", "--add", "-g", "512", d / "bm.qcow2", "a-much-longer-bitmap-name")
@@ -64,7 +65,7 @@ def sources(tmp_path_factory):
 
 
 SOURCES = ["-f qcow2 s1.qcow2", "-f qcow2 s2.qcow2", "-f raw s3.raw", "s3.raw", "empty.raw",
-           "bm.qcow2", "v2.qcow2", "--size 0", "--size 1", "--size 511", "--size 10G",
+           "bm.qcow2", "v2.qcow2", "odd.raw", "--size 0", "--size 1", "--size 511", "--size 10G",
            "--size 3T", "--size 65537"]
 TARGET_OPTS = ["", "-o cluster_size=512", "-o cluster_size=4k", "-o cluster_size=2M",
                "-o cluster_size=16k,extended_l2=on", "-o refcount_bits=1",
@@ -80,7 +81,7 @@ def test_measure_qcow2_numbers_equal_qemu_img(sources, src):
 
 
 @pytest.mark.parametrize("src", ["--size 1G", "--size 1000", "s3.raw", "-f qcow2 s2.qcow2",
-                                 "empty.raw"])
+                                 "empty.raw", "odd.raw"])
 def test_measure_raw_equals_qemu_img(sources, src):
     for out in ("human", "json"):
         same(sources, "measure", *src.split(), "--output", out)
@@ -286,3 +287,54 @@ def test_snapshot_changes_are_refused_clearly(snapped, flag):
     assert p.stderr == (f"blkjobs: snapshot {flag}: creating, applying and deleting internal "
                         "snapshots is not supported (use qemu-img snapshot)\n")
     assert (snapped / "sn.qcow2").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------
+# dd
+
+DD_CASES = [
+    "if=../in.raw of=o bs=64k count=3 skip=2", "if=../in.raw of=o foo",
+    "if=../in.raw of=o bs=1k count=1k skip=1k", "if=../in.raw of=o bs=3G",
+    "if=../in.raw of=o bs=1.5k count=2", "if=../in.raw of=o if=../in.raw",
+    "-O foo if=../in.raw of=o", "-O qcow2 if=../in.raw of=o bs=1000 count=1",
+    "if=../in.raw of=nodir/x", "if=../in.raw of=o count=abc",
+    "if=../in.raw of=o bs=1k skip=1023 count=1024", "if=../in.raw of=o bs=1M skip=2",
+    "if=../in.raw", "if=../in.raw of=o bs=0", "-f qcow2 if=../in.raw of=o",
+    "if=nonexist of=o", "-O qcow2 if=../in.raw of=o bs=3 skip=1000",
+    "-O raw -f qcow2 if=../ov.qcow2 of=o bs=4k count=100 skip=3",
+    "-O qcow2 if=../ov.qcow2 of=o bs=7k skip=5", "if=../in.raw of=o bs=1k count=0",
+    "if=../in.raw of=o bs=4k count=1 skip=1 conv=notrunc"]
+
+
+@pytest.fixture(scope="module")
+def dd_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dd")
+    rnd = random.Random(7)
+    (d / "in.raw").write_bytes(rnd.randbytes((1 << 20) + 4321))
+    qemu_img("create", "-f", "qcow2", d / "base.qcow2", "3M")
+    qemu_io(d / "base.qcow2", "write -P 1 0 2M")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", d / "ov.qcow2")
+    qemu_io(d / "ov.qcow2", "write -P 2 1M 100k", "write -z 64k 64k")
+    return d
+
+
+@pytest.mark.parametrize("args", DD_CASES)
+def test_dd_as_qemu_img(dd_inputs, args, tmp_path):
+    ours, theirs = dd_inputs / f"ours{DD_CASES.index(args)}", dd_inputs / \
+        f"theirs{DD_CASES.index(args)}"
+    ours.mkdir()
+    theirs.mkdir()
+    p = _ours(ours, ["dd", *args.split()])
+    assert (p.returncode, p.stdout, p.stderr) == _theirs(theirs, ["dd", *args.split()])
+    if (theirs / "o").exists():
+        fmt = "qcow2" if "-O qcow2" in args else "raw"
+        assert qemu_img("compare", "-f", fmt, "-F", fmt, ours / "o", theirs / "o",
+                        check=False).returncode == 0
+        assert (ours / "o").stat().st_size == (theirs / "o").stat().st_size
+        if fmt == "qcow2":
+            check_clean(ours / "o")
+            assert _map_no_offsets(ours / "o", fmt) == _map_no_offsets(theirs / "o", fmt)
+        else:
+            assert (ours / "o").read_bytes() == (theirs / "o").read_bytes()
+    else:
+        assert not (ours / "o").exists()

@@ -193,7 +193,7 @@ def measure(out_fmt: str, opts: dict, size: int | None = None, node=None) -> dic
     if "size" in opts and size is None and node is None:
         size = opts["size"]
     if out_fmt == "raw":
-        req = node.size if node is not None else _round_up(size or 0, 512)
+        req = _round_up(node.size if node is not None else size or 0, 512)
         return {"required": req, "fully-allocated": req}
     cs, ext, version, order, prealloc = qcow2_params(opts)
     l2e = 16 if ext else 8
@@ -202,7 +202,7 @@ def measure(out_fmt: str, opts: dict, size: int | None = None, node=None) -> dic
         raise UsageError("The image size is too large (try using a larger cluster size)")
     required = 0
     if node is not None:
-        vsize = _round_up(node.size, cs)
+        vsize = _round_up(node.size, cs)        # (whole sectors: a multiple of 512)
         required = vsize if opts.get("backing_file") else data_bytes(node, cs)
     if prealloc in ("full", "falloc"):
         required = vsize
