@@ -338,3 +338,17 @@ def test_dd_as_qemu_img(dd_inputs, args, tmp_path):
             assert (ours / "o").read_bytes() == (theirs / "o").read_bytes()
     else:
         assert not (ours / "o").exists()
+
+
+def test_resize_refuses_qcow2_with_bitmaps(tmp_path):
+    """Bitmaps would keep their old size: refused, the image unchanged."""
+    img = tmp_path / "b.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    qemu_img("bitmap", "--add", img, "b0")
+    before = img.read_bytes()
+    p = run_blkjobs("resize", img, "2M")
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr == ("blkjobs: resizing a qcow2 image with persistent dirty bitmaps is not "
+                        "supported (remove them with 'qemu-img bitmap --remove' first)\n")
+    assert img.read_bytes() == before
+    check_clean(img)

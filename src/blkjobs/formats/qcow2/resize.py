@@ -21,7 +21,7 @@ import struct
 
 from ...errors import ImageError, UsageError
 from ..base import Kind
-from .header import MAX_L1_BYTES
+from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_L1_BYTES
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
@@ -32,6 +32,9 @@ def resize(img, new_size: int) -> None:
         raise UsageError("The new size must be a multiple of 512")
     if img.header.nb_snapshots:
         raise UsageError("Can't resize an image which has snapshots")
+    if img.header.ext(EXT_BITMAPS) is not None and img.header.autoclear & AUTOCLEAR_BITMAPS:
+        raise UsageError("resizing a qcow2 image with persistent dirty bitmaps is not "
+                         "supported (remove them with 'qemu-img bitmap --remove' first)")
     old = img.size
     img._check_writable(0, 0)          # prepares the image for writing
     if new_size > old:
