@@ -41,6 +41,8 @@ def could_not_open(path: str, e: BlkjobsError) -> UsageError:
     if m:       # QEMU's wording of a lock conflict
         return UsageError(f"Could not open '{path}': Failed to get {m.group(1) or ''}\"{m.group(2)}\" "
                           f"lock\nIs another process using the image [{m.group(3)}]?")
+    if text.startswith(f"Could not open '{path}': Failed to get"):
+        return UsageError(text)      # already qemu-img's lock conflict text
     if isinstance(e, OSErrorWithContext) or text.startswith(f"Could not open '{path}'"):
         return UsageError(f"Could not open '{path}': {text}")
     if text.startswith(f"'{path}': "):
@@ -91,17 +93,9 @@ def open_chain_ro(path: str, fmt: str | None, force_share: bool = False):
     """Open ``path`` and its backing chain read-only with QEMU's read locks
     (sharing no write with other processes, unless ``force_share``, -U);
     qemu-img's ``Could not open`` texts."""
-    from ..graph.perm import ALL, Perm
     from ..imageops.images import open_ro
     check_fmt(fmt)
     try:
-        node = open_ro(path, fmt)
+        return open_ro(path, fmt, force_share=force_share)
     except BlkjobsError as e:
         raise could_not_open(path, e) from None
-    if not force_share:
-        try:
-            node.take("reader", Perm.CONSISTENT_READ, ALL & ~(Perm.WRITE | Perm.RESIZE))
-        except BlkjobsError as e:
-            node.close_chain()
-            raise could_not_open(path, e) from None
-    return node
