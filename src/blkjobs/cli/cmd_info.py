@@ -35,6 +35,9 @@ def _human(d: dict) -> str:
         lines.append(f"backing file: {b}" + ("" if b == full else f" (actual path: {full})"))
         if "backing-filename-format" in d:
             lines.append(f"backing file format: {d['backing-filename-format']}")
+    if d.get("snapshots"):
+        from ..formats.qcow2.snapshots import table_from_qapi
+        lines.append(table_from_qapi(d["snapshots"]).rstrip("\n"))
     fs = d.get("format-specific")
     if fs and fs.get("data"):
         lines.append("Format specific information:")

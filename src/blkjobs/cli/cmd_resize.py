@@ -1,0 +1,84 @@
+"""blkjobs resize [-f FMT] [--preallocation=MODE] [-q] [--shrink] IMG [+|-]SIZE
+
+As ``qemu-img resize``: shrinking needs --shrink; prints ``Image resized.``."""
+from __future__ import annotations
+
+import sys
+
+import argparse
+
+from ..errors import UsageError
+from .parity import RAW_PROBED, open_rw, qemu_size
+
+SIZE_SYNTAX = ("Parameter 'size' expects a non-negative number below 2^64\n"
+               "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+               "and exabytes, respectively.")
+
+
+def register(sub):
+    p = sub.add_parser("resize", help="grow or shrink an image",
+                       description="SIZE may be +N or -N (relative; put -- before a "
+                       "negative one).")
+    p.add_argument("-f", dest="fmt", metavar="FMT")
+    p.add_argument("--preallocation", default=None, metavar="MODE",
+                   help="off, falloc, full (raw), metadata")
+    p.add_argument("--shrink", action="store_true", help="allow shrinking (data past the "
+                   "new end is lost)")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    # options may follow IMG (getopt permutes them for qemu-img): taken from here too
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="IMG SIZE")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..imageops.resize import PREALLOC, resize_node
+    rest, opts_done = [], False
+    for a in args.args:
+        if opts_done or not a.startswith("-") or a == "-":
+            rest.append(a)
+        elif a == "--":
+            opts_done = True
+        elif a == "--shrink":
+            args.shrink = True
+        elif a == "-q":
+            args.quiet = True
+        elif a.startswith("--preallocation="):
+            args.preallocation = a.split("=", 1)[1]
+        else:
+            raise UsageError(f"unrecognized option '{a}'\n"
+                             "Try 'blkjobs --help' for more information")
+    args.args = rest
+    if len(args.args) < 2:
+        raise UsageError("Not enough arguments\nTry 'blkjobs --help' for more information")
+    if len(args.args) > 2:
+        raise UsageError("Expecting image file name and size\n"
+                         "Try 'blkjobs --help' for more information")
+    path, text = args.args
+    prealloc = args.preallocation or "off"
+    if prealloc not in PREALLOC:
+        raise UsageError(f"Invalid preallocation mode '{prealloc}'")
+    sign = text[0] if text[:1] in ("+", "-") else ""
+    n = qemu_size(text[len(sign):])
+    if n is None:
+        raise UsageError(SIZE_SYNTAX)
+    if n >= 1 << 64:
+        raise UsageError(f"Value '{text[len(sign):]}' is out of range for parameter 'size'")
+    node = open_rw(path, args.fmt, "resize", resize=True)
+    try:
+        if args.fmt is None and node.format == "raw":
+            sys.stderr.write(RAW_PROBED.format(path))
+        cur = node.size
+        total = cur + n if sign == "+" else cur - n if sign == "-" else n
+        if total <= 0 or total >= 1 << 63:
+            raise UsageError("New image size must be positive")
+        if total < cur and not args.shrink:
+            raise UsageError("Use the --shrink option to perform a shrink operation.\n"
+                             "blkjobs: warning: Shrinking an image will delete all data beyond "
+                             "the shrunken image's end. Before performing such an operation, "
+                             "make sure there is no important data there.")
+        resize_node(node, total, prealloc)
+    finally:
+        node.close()
+    if not args.quiet:
+        print("Image resized.")
+    return 0

@@ -1,0 +1,174 @@
+"""Growing and shrinking a qcow2 image (what ``qemu-img resize`` does).
+
+Grow: when the new size needs more L1 entries than the table has, a new L1
+table is allocated through the refcount machinery (its refcounts written
+first), written with the old entries and zeroes, made durable, the header
+switched to it (with the new size) and only then the old table's clusters
+freed: a crash leaves the old or the new table, at worst a leak. A cluster
+that the old end cut through is zeroed past the old end when it holds data,
+so everything past the old end reads as zeroes (without a backing file).
+
+Shrink (QEMU 7.2's behaviour): the clusters past the new end are discarded
+(entries cleared, then their refcounts dropped), L1 entries past the new end
+cleared and their L2 tables freed (the L1 table keeps its size, as QEMU's
+does), then the header takes the new size and the file is cut after its last
+used cluster. Data past the new end is lost, as with qemu-img --shrink.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+from ...errors import ImageError, UsageError
+from ..base import Kind
+from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_L1_BYTES
+
+L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
+
+def resize(img, new_size: int) -> None:
+    """Resize the open, writable qcow2 driver ``img`` to ``new_size``."""
+    if new_size % 512:
+        raise UsageError("The new size must be a multiple of 512")
+    if img.header.nb_snapshots:
+        raise UsageError("Can't resize an image which has snapshots")
+    if img.header.ext(EXT_BITMAPS) is not None and img.header.autoclear & AUTOCLEAR_BITMAPS:
+        raise UsageError("resizing a qcow2 image with persistent dirty bitmaps is not "
+                         "supported (remove them with 'qemu-img bitmap --remove' first)")
+    old = img.size
+    img._check_writable(0, 0)          # prepares the image for writing
+    if new_size > old:
+        _grow(img, old, new_size)
+    elif new_size < old:
+        _shrink(img, old, new_size)
+
+
+def _l1_entries(img, size: int) -> int:
+    span = img.cluster_size * img.l2e
+    return -(-size // span)
+
+
+def _grow(img, old: int, new: int) -> None:
+    cs, cb = img.cluster_size, img.cb
+    need = _l1_entries(img, new)
+    if need * 8 > MAX_L1_BYTES:
+        raise UsageError("Failed to grow the L1 table: File too large")
+    h = img.header
+    img.flush()
+    if need > len(img.l1):
+        rc = img._rc()
+        n = -(-need * 8 // cs)
+        while True:                 # refcount blocks for the run first, then the run
+            c0 = rc.end
+            for c in range(c0, c0 + n):
+                rc._ensure_block(c)
+            if rc.end == c0:
+                break
+        runs = rc.alloc(n)
+        assert len(runs) == 1 and runs[0][1] == n, runs
+        new_off = runs[0][0] << cb
+        old_off, old_n = h.l1_table_offset, -(-len(img.l1) * 8 // cs)
+        table = img.l1 + [0] * (need - len(img.l1))
+        if os.fstat(img.fd).st_size < (new_off + n * cs):
+            os.ftruncate(img.fd, new_off + n * cs)
+        rc.flush_increments()
+        os.pwrite(img.fd, struct.pack(f">{need}Q", *table).ljust(n * cs, b"\0"), new_off)
+        img._fsync()
+        img.l1 = table
+        h.l1_table_offset, h.l1_size, h.size = new_off, need, new
+        img._write_header()
+        if old_off and len(table):
+            for c in range(old_off >> cb, (old_off >> cb) + old_n):
+                rc.free_later(c)
+            rc.apply_frees()
+        img.file_size = max(img.file_size, os.fstat(img.fd).st_size)
+    else:
+        h.size = new
+        img._write_header()
+    # the cluster the old end cut through: zero its tail when it holds data
+    tail = -(-old // cs) * cs
+    if old % cs and tail > old:
+        kinds = {m.kind for m in img.map_host(old - 1, 1)}
+        if kinds & {Kind.DATA, Kind.COMPRESSED}:
+            img.write(old, bytes(tail - old))
+            img.flush()
+
+
+def _shrink(img, old: int, new: int) -> None:
+    cs, cb, l2e = img.cluster_size, img.cb, img.l2e
+    first = -(-new // cs)                 # first guest cluster dropped
+    last = -(-old // cs)
+    for gc in range(first, last):
+        l1i = gc // l2e
+        if not img._l2_offset(l1i):
+            continue
+        _, _, e, bm = img._entry(gc)
+        if e or bm:
+            if e:
+                img._release(e)
+            img._set_entry(gc, 0, 0)
+    img.flush()                           # tables first, then the frees
+    keep = _l1_entries(img, new)
+    rc = img._rc()
+    changed = False
+    for i in range(keep, len(img.l1)):
+        off = img.l1[i] & L1_OFFSET_MASK
+        if img.l1[i]:
+            img.l1[i] = 0
+            changed = True
+        if off:
+            img.l2cache.pop(off, None)
+            img.l2dirty.discard(off)
+            rc.free_later(off >> cb)
+    if changed:
+        img.l1_dirty = True
+    img.flush()
+    img.header.size = new
+    img._write_header()
+    _drop_empty_refblocks(img)
+    # cut the file after its last used cluster
+    end = rc.end
+    while end > 1 and rc.get(end - 1) == 0:
+        end -= 1
+    if end < rc.end or os.fstat(img.fd).st_size > end << cb:
+        if os.fstat(img.fd).st_size > end << cb:
+            os.ftruncate(img.fd, end << cb)
+        rc.end = end
+        img.file_size = os.fstat(img.fd).st_size
+        if img.file_size < end << cb:
+            raise ImageError(f"'{img.filename}': file shorter than its last cluster")
+
+
+def _drop_empty_refblocks(img) -> None:
+    """Free the refcount blocks that count nothing but (maybe) themselves
+    (QEMU's qcow2_shrink_reftable): table entries cleared on disk first,
+    then the blocks' own refcounts dropped where another block holds them."""
+    rc = img._rc()
+    cb = img.cb
+    dropped = []
+    for t in range(len(rc.table)):
+        off = rc.block_offset(t)
+        if not off:
+            continue
+        b = rc._block(t)
+        c = off >> cb
+        own = c // rc.rbe == t
+        if own:
+            used = any(v for i, v in enumerate(b) if i != c % rc.rbe)
+        else:
+            used = any(b)
+        if not used:
+            dropped.append((t, c, own))
+    if not dropped:
+        return
+    for t, _, _ in dropped:
+        rc.table[t] = 0
+        rc.blocks.pop(t, None)
+        rc.dirty.discard(t)
+    rc.table_dirty = True
+    rc.flush_increments()
+    gone = {t for t, _, _ in dropped}
+    for t, c, own in dropped:
+        if not own and c // rc.rbe not in gone:
+            rc.free_later(c)
+    rc.apply_frees()

@@ -1,0 +1,42 @@
+"""``resize``: change an image's virtual size (``qemu-img resize``).
+
+raw: the file is truncated or extended; ``falloc`` allocates the new range
+(posix_fallocate), ``full`` writes zeroes over it. qcow2: see
+:mod:`blkjobs.formats.qcow2.resize` (preallocation ``off`` only).
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import UsageError
+
+PREALLOC = ("off", "metadata", "falloc", "full")
+_ZEROES = bytes(1 << 20)
+
+
+def resize_node(node, new_size: int, prealloc: str = "off") -> None:
+    """Resize the image of ``node`` (opened writable, holding resize)."""
+    drv = node.driver
+    old = drv.size
+    if node.format == "raw":
+        if prealloc == "metadata":
+            raise UsageError("Unsupported preallocation mode: metadata")
+        if prealloc != "off" and new_size < old:
+            raise UsageError("Preallocation can only be used for growing images")
+        os.ftruncate(drv.fd, new_size)
+        if prealloc == "falloc" and new_size > old:
+            os.posix_fallocate(drv.fd, old, new_size - old)
+        elif prealloc == "full" and new_size > old:
+            pos = old
+            while pos < new_size:
+                pos += os.pwrite(drv.fd, _ZEROES[:min(len(_ZEROES), new_size - pos)], pos)
+        drv.flush()
+        return
+    if prealloc != "off":
+        if new_size < old:
+            raise UsageError("Preallocation can't be used for shrinking an image")
+        raise UsageError(f"preallocation={prealloc} is not supported when resizing a qcow2 "
+                         "image (only off)")
+    from ..formats.qcow2.resize import resize
+    resize(drv, new_size)
+    drv.flush()
