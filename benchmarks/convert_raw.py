@@ -43,7 +43,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
-from blkjobs.cli.sizes import parse_size  # noqa: E402
+from blkjobs.units import parse_size  # noqa: E402
 from blkjobs.imageops.vmimage import make_vm_image  # noqa: E402
 
 BLKJOBS = os.path.join(os.path.dirname(sys.executable), "blkjobs")

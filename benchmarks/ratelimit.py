@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, HERE)
 
-from blkjobs.cli.sizes import parse_size  # noqa: E402
+from blkjobs.units import parse_size  # noqa: E402
 from convert_raw import make_dense  # noqa: E402
 
 BLKJOBS = os.path.join(os.path.dirname(sys.executable), "blkjobs")

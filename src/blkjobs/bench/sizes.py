@@ -1,7 +1,7 @@
 """Sizes on the command line, the way fio and qemu-img write them: ``4k``,
 ``1M``, ``512``, ``1.5G``. Suffixes are binary (k = 1024), case-insensitive,
 with an optional ``B``/``iB`` (``4KiB``). A shared parser may replace this one
-(blkjobs.cli.sizes) later; the bench package keeps its own to stay standalone.
+(blkjobs.units) later; the bench package keeps its own to stay standalone.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import sys
 from ..errors import BlkjobsError, JobError, Terminated
 from ..job import JsonLinesWriter
 from .progress import Progress
-from .sizes import human, parse_size
+from ..units import human, parse_size
 
 POLICIES = ["report", "ignore", "stop", "enospc", "auto"]
 

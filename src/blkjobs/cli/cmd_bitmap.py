@@ -56,7 +56,7 @@ def _fail(msg: str) -> int:
 
 def _granularity(text: str) -> int | None:
     """qemu-img's cvtnum: a size with a k/M/G/T/P/E suffix; None if invalid."""
-    from .sizes import parse_size
+    from ..units import parse_size
     try:
         return parse_size(text, "granularity")
     except BlkjobsError:

@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..formats import create_image, open_image
 from .cmd_backup import (POLICIES, add_common, cli_engine, copied, find_base, open_image_node,
                          run_job)
-from .sizes import parse_size
+from ..units import parse_size
 
 
 def make_empty(path: str, fmt: str) -> None:

@@ -7,7 +7,7 @@ from ..errors import UsageError
 from ..imageops.convert import ConvertOptions, convert
 from .cmd_create import parse_opts
 from .progress import Progress
-from .sizes import parse_size
+from ..units import parse_size
 
 
 def register(sub):

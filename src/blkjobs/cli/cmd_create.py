@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from ..errors import BlkjobsError, UsageError
-from .sizes import parse_size
+from ..units import parse_size
 
 _BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 

@@ -12,7 +12,7 @@ from ..imageops.compare import compare_raw
 from ..imageops.convert import ConvertOptions, convert_raw
 from ..imageops.vmimage import make_vm_image
 from .progress import Progress
-from .sizes import human, parse_size
+from ..units import human, parse_size
 
 
 def register(sub):

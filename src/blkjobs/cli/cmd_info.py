@@ -8,7 +8,7 @@ import json
 import sys
 
 from ..imageops.inspect import info
-from .sizes import human
+from ..units import human
 
 
 def register(sub):

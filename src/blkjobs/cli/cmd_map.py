@@ -9,7 +9,7 @@ import sys
 
 from ..errors import ImageError
 from ..imageops.inspect import map_image
-from .sizes import parse_size
+from ..units import parse_size
 
 _KEYS = ("start", "length", "depth", "present", "zero", "data", "offset")
 

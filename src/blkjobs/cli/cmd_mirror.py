@@ -10,7 +10,7 @@ import os
 
 from .cmd_backup import (POLICIES, add_common, cli_engine, copy_aftermath, open_image_node,
                          open_target, refuse_same_file, run_job)
-from .sizes import parse_size
+from ..units import parse_size
 
 
 def register(sub):

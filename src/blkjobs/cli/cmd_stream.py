@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .cmd_backup import (POLICIES, add_common, cli_engine, copied, find_base, open_image_node,
                          run_job)
-from .sizes import parse_size
+from ..units import parse_size
 
 
 def register(sub):

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Callable, TextIO
 
-from .sizes import human
+from ..units import human
 
 
 class Progress:

@@ -99,7 +99,7 @@ def parse_target_opts(texts: list[str] | None, fmt: str) -> dict:
 
 
 def _opt_size(text: str) -> int:
-    from ..cli.sizes import parse_size
+    from ..units import parse_size
     try:
         return parse_size(text)
     except UsageError:

@@ -80,7 +80,7 @@ def dump_table(snaps: list[Snapshot]) -> str:
     """``Snapshot list:`` and the table as qemu-img 7.2 prints it
     (bdrv_snapshot_dump's widths; dates in local time)."""
     import time
-    from ...cli.sizes import human
+    from ...units import human
     lines = ["Snapshot list:",
              f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
     for s in snaps:

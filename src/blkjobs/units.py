@@ -1,10 +1,12 @@
-"""Size and rate arguments in qemu-img's spelling: 512, 4k, 4K, 1M, 1.5G,
-1T, 512b... Suffixes are binary (k = 1024), as in qemu-img."""
+"""Sizes and rates in qemu-img's spelling -- 512, 4k, 4K, 1M, 1.5G, 1T, 512b --
+and sizes shown to people. Suffixes are binary (k = 1024), as in qemu-img.
+Below every layer (like :mod:`.errors`): the command line, image operations
+and formats all use it."""
 from __future__ import annotations
 
 import re
 
-from ..errors import UsageError
+from .errors import UsageError
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "p": 1 << 50, "e": 1 << 60}
