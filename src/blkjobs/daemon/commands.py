@@ -55,6 +55,14 @@ _DRIVERS = ("file", "raw", "qcow2")
 MONITOR = "monitor"
 
 
+def _check_qcow2_magic(path: str) -> None:
+    """QEMU's qcow2_do_open text for a file that is not qcow2 (a short file
+    reads as zeros there, so it fails the same way)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"QFI\xfb":
+            raise QMPError("Image is not in qcow2 format")
+
+
 def version() -> dict[str, Any]:
     return {"qemu": dict(QEMU_VERSION), "package": f"blkjobs {__version__}"}
 
@@ -208,6 +216,8 @@ class Commands:
                 bmn = self._add(backing, owned=False)
                 created.append(bmn)
                 bnode = bmn.gnode
+            if drv == "qcow2":
+                _check_qcow2_magic(fnode.filename)
             if backing is ...:
                 gnode = self.eng.graph.open_chain(fnode.filename, drv, read_only=ro, name=name)
             else:
@@ -298,15 +308,43 @@ class Commands:
                 or eng.io.filter_of(g) is not None or g.claimed_by is not None
                 or bool(eng.io.frontends(g)))
 
+    def _check_blockers(self, g: Node) -> None:
+        """QEMU's op blockers on ``blockdev-del`` (``Node 'x' is busy: ...``),
+        checked before ownership and the reference count as QEMU does: a
+        mirror's target has the job's BlockBackend (``Node x is in use``);
+        then the jobs' blockers (the newest first): a backup's target, a
+        mirror's source, what a stream or commit claimed; then being an
+        overlay's backing."""
+        for job in self.eng.jobs.jobs():
+            d = job.driver
+            if job.is_completed or job.type not in ("backup", "mirror"):
+                continue
+            if job.type == "mirror" and getattr(d, "dst", None) is g:
+                raise QMPError(f"Node {g.name} is in use")
+        self.eng.check_busy(g)
+        for job in reversed(self.eng.jobs.jobs()):
+            d = job.driver
+            if job.is_completed:
+                continue
+            if (job.type == "backup" and getattr(d, "dst", None) is g) or \
+                    (job.type == "mirror" and getattr(d, "src", None) is g):
+                raise QMPError(f"Node '{g.name}' is busy: block device is in use by block "
+                               f"job: {job.type}")
+        for p in self.eng.graph.parents(g):
+            if not p.is_filter and p.backing is g:
+                raise QMPError(f"Node '{g.name}' is busy: node is used as backing hd of "
+                               f"'{p.name}'")
+
     def cmd_blockdev_del(self, **args: Any) -> dict[str, Any]:
         node_name = args["node-name"]
         with self.eng.io:
             mn = self.nodes.get(node_name)
-            if mn is None:
-                if node_name in self.eng.graph.nodes:
-                    raise QMPError(f"Node {node_name} is not owned by the monitor")
+            g = mn.gnode if mn is not None else self.eng.graph.nodes.get(node_name)
+            if mn is None and g is None:
                 raise QMPError(f"Failed to find node with node-name='{node_name}'")
-            if not mn.owned:
+            if g is not None:
+                self._check_blockers(g)
+            if mn is None or not mn.owned:
                 raise QMPError(f"Node {node_name} is not owned by the monitor")
             if self._in_use(mn):
                 raise QMPError(f"Block device {node_name} is in use")
@@ -367,6 +405,9 @@ class Commands:
             pass
         if g.driver.cluster_size:
             img["cluster-size"] = g.driver.cluster_size
+        fs = g.driver.info()      # qcow2: compat, refcount-bits... as QEMU's ImageInfo
+        if fs:
+            img["format-specific"] = fs
         bf = g.driver.backing_filename
         if bf:
             img["backing-filename"] = bf
@@ -689,7 +730,7 @@ class Commands:
                     raise QMPError("Transaction aborted using Abort action")
                 if mode is CompletionMode.GROUPED and kind not in ("blockdev-backup",
                                                                   "drive-backup"):
-                    raise QMPError(f"Action '{kind}' does not support transaction property "
+                    raise QMPError(f"Action '{kind}' does not support Transaction property "
                                    "completion-mode = grouped")
                 if kind == "blockdev-backup":
                     self._start_backup(data, txn=txn)
