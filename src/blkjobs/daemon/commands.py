@@ -36,6 +36,8 @@ from ..errors import BlkjobsError
 from ..formats import open_image
 from ..graph import ALL, Node, Perm
 from ..job import CompletionMode, JobTxn
+from . import blkdebug_qmp
+from .blkdebug_qmp import BlkdebugCommands
 from .protocol import QMPError
 from .schema import COMMANDS
 
@@ -50,7 +52,7 @@ QEMU_VERSION = {"major": 10, "minor": 1, "micro": 0}
 X_WRITE_MAX = 64 << 20
 
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*", re.ASCII)
-_DRIVERS = ("file", "raw", "qcow2")
+_DRIVERS = ("file", "raw", "qcow2", "blkdebug")
 #: owner of the hold the monitor keeps on each node it added (blockdev-add)
 MONITOR = "monitor"
 
@@ -102,7 +104,7 @@ def _kw(args: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in args.items() if k not in drop}
 
 
-class Commands:
+class Commands(BlkdebugCommands):
     """Every command of ``schema.COMMANDS``. :meth:`run` dispatches one
     (arguments already checked) and returns its result; errors are raised
     as :class:`QMPError`. ``quit_cb`` is called by ``quit``."""
@@ -187,6 +189,8 @@ class Commands:
             raise QMPError("force-share=on can only be used with read-only images")
         if drv == "file":
             return self._add_file(opts, owned, ro)
+        if drv == "blkdebug":
+            return blkdebug_qmp.add(self, opts, owned)
         for key in ("offset", "size", "data-file", "encrypt"):
             if key in opts:
                 raise QMPError(f"blkjobs does not support '{key}' for driver '{drv}'")
@@ -197,7 +201,7 @@ class Commands:
                 fnode = self.nodes.get(fref)
                 if fnode is None:
                     raise QMPError(f"Cannot find device='{fref}' nor node-name='{fref}'")
-                if fnode.drv != "file":
+                if fnode.drv not in ("file", "blkdebug"):
                     raise QMPError(f"blkjobs stacks '{drv}' only on a 'file' node, "
                                    f"not on '{fref}' ({fnode.drv})")
                 if fnode.parent is not None:
@@ -234,6 +238,8 @@ class Commands:
             for mn in reversed(created):
                 self._drop(mn)
             raise
+        if fnode.drv == "blkdebug":
+            blkdebug_qmp.install(self.eng, gnode, fnode.qrules)
         if owned:
             # The monitor's reference (QEMU's monitor-owned node): a job that
             # drops the node out of a chain leaves it open and listed,
@@ -436,8 +442,8 @@ class Commands:
             size, actual = st.st_size, st.st_blocks * 512
         except OSError:
             size, actual = 0, 0
-        return self._common(mn.name, "file", mn.filename, mn.read_only,
-                            {"filename": mn.filename, "format": "file", "virtual-size": size,
+        return self._common(mn.name, mn.drv, mn.filename, mn.read_only,
+                            {"filename": mn.filename, "format": mn.drv, "virtual-size": size,
                              "actual-size": actual, "dirty-flag": False})
 
     # ------------------------------------------------------------------
