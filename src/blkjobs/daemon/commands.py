@@ -31,22 +31,14 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .. import __version__
 from ..errors import BlkjobsError
 from ..formats import open_image
 from ..graph import ALL, Node, Perm
 from ..job import CompletionMode, JobTxn
 from . import blkdebug_qmp
 from .blkdebug_qmp import BlkdebugCommands
+from .introspect import QEMU_VERSION, IntrospectCommands, version  # noqa: F401
 from .protocol import QMPError
-from .schema import COMMANDS
-
-#: The version blkjobs reports in the greeting and ``query-version``.
-#: QEMU numbers are compared by management software to enable features, so
-#: we report the QEMU release whose QMP surface we implement (docs/qmp.md is
-#: written against QEMU 10.1: ``on-cbw-error``, ``target-is-zero``,
-#: ``active``), micro 0, and say who we are in ``package``.
-QEMU_VERSION = {"major": 10, "minor": 1, "micro": 0}
 
 #: Largest ``x-blkjobs-write`` request: its buffer is allocated at once.
 X_WRITE_MAX = 64 << 20
@@ -63,10 +55,6 @@ def _check_qcow2_magic(path: str) -> None:
     with open(path, "rb") as f:
         if f.read(4) != b"QFI\xfb":
             raise QMPError("Image is not in qcow2 format")
-
-
-def version() -> dict[str, Any]:
-    return {"qemu": dict(QEMU_VERSION), "package": f"blkjobs {__version__}"}
 
 
 class MonitorNode:
@@ -104,7 +92,7 @@ def _kw(args: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in args.items() if k not in drop}
 
 
-class Commands(BlkdebugCommands):
+class Commands(BlkdebugCommands, IntrospectCommands):
     """Every command of ``schema.COMMANDS``. :meth:`run` dispatches one
     (arguments already checked) and returns its result; errors are raised
     as :class:`QMPError`. ``quit_cb`` is called by ``quit``."""
@@ -129,12 +117,6 @@ class Commands(BlkdebugCommands):
 
     # ------------------------------------------------------------------
     # Session
-
-    def cmd_query_version(self) -> dict[str, Any]:
-        return version()
-
-    def cmd_query_commands(self) -> list[dict[str, str]]:
-        return [{"name": n} for n in COMMANDS]
 
     def cmd_quit(self) -> dict[str, Any]:
         if self.quit_cb is not None:

@@ -219,6 +219,18 @@ BlockdevOptions = Union("BlockdevOptions", Struct("BlockdevOptionsBase", [
     ("*active", "bool")]), "driver")
 BlockdevRef = Alternate("BlockdevRef", [BlockdevOptions, "str"])
 BlockdevRefOrNull = Alternate("BlockdevRefOrNull", [BlockdevOptions, "str", "null"])
+_OverlapMode = Enum("Qcow2OverlapCheckMode", ("none", "constant", "cached", "all"))
+Qcow2OverlapChecks = Alternate("Qcow2OverlapChecks", [
+    Struct("Qcow2OverlapCheckFlags", [("*template", _OverlapMode)] + [
+        (f"*{k}", "bool") for k in (
+            "main-header", "active-l1", "active-l2", "refcount-table", "refcount-block",
+            "snapshot-table", "inactive-l1", "inactive-l2", "bitmap-directory")]),
+    _OverlapMode])
+_KeySecret = [("*key-secret", "str")]
+BlockdevQcow2Encryption = Union("BlockdevQcow2Encryption", Struct("", [
+    ("format", Enum("BlockdevQcow2EncryptionFormat", ("aes", "luks")))]), "format", {
+    "aes": Struct("QCryptoBlockOptionsQCow", _KeySecret),
+    "luks": Struct("QCryptoBlockOptionsLUKS", _KeySecret)})
 BlockdevOptions.variants.update({
     "file": Struct("BlockdevOptionsFile", [
         ("filename", "str"), ("*pr-manager", "str"),
@@ -232,9 +244,10 @@ BlockdevOptions.variants.update({
         ("file", BlockdevRef), ("*backing", BlockdevRefOrNull), ("*lazy-refcounts", "bool"),
         ("*pass-discard-request", "bool"), ("*pass-discard-snapshot", "bool"),
         ("*pass-discard-other", "bool"), ("*discard-no-unref", "bool"),
-        ("*overlap-check", "any"), ("*cache-size", "int"), ("*l2-cache-size", "int"),
-        ("*l2-cache-entry-size", "int"), ("*refcount-cache-size", "int"),
-        ("*cache-clean-interval", "int"), ("*encrypt", "any"),
+        ("*overlap-check", Qcow2OverlapChecks), ("*cache-size", "int"),
+        ("*l2-cache-size", "int"), ("*l2-cache-entry-size", "int"),
+        ("*refcount-cache-size", "int"), ("*cache-clean-interval", "int"),
+        ("*encrypt", BlockdevQcow2Encryption),
         ("*data-file", BlockdevRef)]),
 })
 
@@ -316,6 +329,7 @@ COMMANDS: dict[str, Any] = {
     "qmp_capabilities": Struct("", [("*enable", [Capability])]),
     "query-version": None,
     "query-commands": None,
+    "query-qmp-schema": None,
     "quit": None,
     "blockdev-add": BlockdevOptions,
     "blockdev-del": Struct("", [("node-name", "str")]),
