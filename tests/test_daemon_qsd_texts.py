@@ -158,3 +158,31 @@ def test_named_nodes_carry_format_specific(tmp_path):
     assert ("qcow2", [{"type": "qcow2", "data": {
         "compat": "1.1", "compression-type": "zlib", "lazy-refcounts": True,
         "refcount-bits": 64, "corrupt": False, "extended-l2": False}}]) in ours
+
+
+def test_rate_limited_backup_is_not_busy(tmp_path):
+    """QEMU's job sleeps in its rate limiter and query-block-jobs says
+    ``busy: false`` meanwhile; blkjobs' copy waiting in the C engine's
+    limiter reads the same (both wait for that state, then it holds)."""
+    async def sc(s, d):
+        src, tgt = make_images(d, "64M")
+        await s.x("blockdev-add", **qcow2_node("src", src))
+        await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        await s.x("blockdev-backup", **{"job-id": "j"}, device="src", target="tgt",
+                  sync="full", speed=64 << 10)
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            jobs = await s.x("query-block-jobs")
+            assert jobs, "the job ended, busy all along"
+            if not jobs[0]["busy"]:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "always busy"
+            await asyncio.sleep(0.01)
+        later = [(await s.x("query-block-jobs"))[0] for _ in range(3)]
+        await s.x("job-cancel", id="j")
+        await s.until("JOB_STATUS_CHANGE", id="j", status="null")
+        return [{k: j[k] for k in ("busy", "paused", "status", "speed", "io-status")}
+                for j in later]
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours == [{"busy": False, "paused": False, "status": "running",
+                            "speed": 64 << 10, "io-status": "ok"}] * 3
