@@ -64,6 +64,11 @@ def test_blockdev_del_of_nodes_jobs_use(tmp_path):
             await s.x(cmd, **{"job-id": jid}, device="src", target="tgt", sync="full",
                       speed=64 << 10)      # still running while we ask
             out[jid] = [await s.err("blockdev-del", **{"node-name": n}) for n in ("src", "tgt")]
+            # a second job on the nodes meets the same blockers
+            out[jid + "-backup"] = await s.err("blockdev-backup", **{"job-id": "x"},
+                                               device="src", target="tgt", sync="full")
+            out[jid + "-mirror"] = await s.err("blockdev-mirror", **{"job-id": "x"},
+                                               device="src", target="tgt", sync="full")
             await s.x("job-cancel", id=jid)
             await s.until("JOB_STATUS_CHANGE", id=jid, status="null")
         # and free again once the job is gone
@@ -77,6 +82,11 @@ def test_blockdev_del_of_nodes_jobs_use(tmp_path):
     assert ours["m"] == [("GenericError", "Node 'src' is busy: block device is in use by "
                                           "block job: mirror"),
                          ("GenericError", "Node tgt is in use")]
+    busy = "Node '{}' is busy: block device is in use by block job: {}"
+    assert ours["b-backup"] == ("GenericError", busy.format("tgt", "backup"))
+    assert ours["m-backup"] == ("GenericError", busy.format("src", "mirror"))
+    # a job's filter above the source: not a root node any more
+    assert ours["b-mirror"] == ours["m-mirror"] == ("GenericError", "Need a root block node")
 
 
 def test_stream_and_commit_lookups(tmp_path):

@@ -296,6 +296,21 @@ class Commands(BlkdebugCommands, IntrospectCommands):
                 or eng.io.filter_of(g) is not None or g.claimed_by is not None
                 or bool(eng.io.frontends(g)))
 
+    def _check_job_blockers(self, *nodes: Node) -> None:
+        """The op blockers jobs put on nodes (QEMU's block_job_add_bdrv):
+        what a stream or commit claimed, a backup's target, a mirror's
+        source. Checked by blockdev-del and before a new backup or mirror."""
+        for g in nodes:
+            self.eng.check_busy(g)
+            for job in reversed(self.eng.jobs.jobs()):
+                d = job.driver
+                if job.is_completed:
+                    continue
+                if (job.type == "backup" and getattr(d, "dst", None) is g) or \
+                        (job.type == "mirror" and getattr(d, "src", None) is g):
+                    raise QMPError(f"Node '{g.name}' is busy: block device is in use by "
+                                   f"block job: {job.type}")
+
     def _check_blockers(self, g: Node) -> None:
         """QEMU's op blockers on ``blockdev-del`` (``Node 'x' is busy: ...``),
         checked before ownership and the reference count as QEMU does: a
@@ -309,15 +324,7 @@ class Commands(BlkdebugCommands, IntrospectCommands):
                 continue
             if job.type == "mirror" and getattr(d, "dst", None) is g:
                 raise QMPError(f"Node {g.name} is in use")
-        self.eng.check_busy(g)
-        for job in reversed(self.eng.jobs.jobs()):
-            d = job.driver
-            if job.is_completed:
-                continue
-            if (job.type == "backup" and getattr(d, "dst", None) is g) or \
-                    (job.type == "mirror" and getattr(d, "src", None) is g):
-                raise QMPError(f"Node '{g.name}' is busy: block device is in use by block "
-                               f"job: {job.type}")
+        self._check_job_blockers(g)
         for p in self.eng.graph.parents(g):
             if not p.is_filter and p.backing is g:
                 raise QMPError(f"Node '{g.name}' is busy: node is used as backing hd of "
@@ -438,6 +445,8 @@ class Commands(BlkdebugCommands, IntrospectCommands):
     def _start_backup(self, args: dict[str, Any], txn: JobTxn | None = None):
         args = dict(args)
         src, dst = self._lookup(args.pop("device")), self._lookup(args.pop("target"))
+        with self.eng.io:
+            self._check_job_blockers(src, dst)
         job_id = self._job_id(args)
         kw = _kw(args, drop=("x-perf", "discard-source"))
         if args.get("discard-source"):
@@ -451,6 +460,12 @@ class Commands(BlkdebugCommands, IntrospectCommands):
 
     def cmd_blockdev_mirror(self, **args: Any) -> dict[str, Any]:
         src, dst = self._lookup(args.pop("device")), self._lookup(args.pop("target"))
+        with self.eng.io:
+            # QEMU's qmp_get_root_bs: no node parent at all, a job's filter
+            # included; then the op blockers of the source and the target
+            if self.eng.graph.parents(src):
+                raise QMPError("Need a root block node")
+            self._check_job_blockers(src, dst)
         job_id = self._job_id(args)
         kw = _kw(args)
         self.eng.mirror(src, dst, kw.pop("sync"), job_id=job_id, **kw)
