@@ -21,7 +21,9 @@ layouts are accepted (docs/qmp.md §"blkdebug"):
   and it raises our events (``write_aio`` included, which QEMU's blkdebug
   above a format node would not see).
 
-**Rules**, with QEMU's semantics (block/blkdebug.c): the node has a state,
+**Rules**, with QEMU's semantics (block/blkdebug.c; the rule engine and
+the driver wrapper are the library's :mod:`blkjobs.jobs.blkdebug_qemu`,
+reached through ``Engine.blkdebug_qemu``; this module parses QMP): the node has a state,
 1 at first. An event (one of :data:`~blkjobs.jobs.blkdebug.EVENTS`, the ones
 blkjobs raises) processes the rules listed for it whose ``state`` is 0 or the
 current state: each ``set-state`` rule moves the state (once all rules of
@@ -56,131 +58,14 @@ blkdebug node of the first layout (its format node is meant).
 from __future__ import annotations
 
 import errno as _errno
-import os
-import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..jobs.blkdebug import EVENTS, Blkdebug
+from ..engine import BLKDEBUG_EVENTS as EVENTS
+from ..engine import DEFAULT_IOTYPES, InjectRule, QemuRules, SetStateRule
 from .protocol import QMPError
 
-if TYPE_CHECKING:
-    from ..graph import Node
-    from .commands import Commands, MonitorNode
-
-#: QEMU's default iotype mask: everything but block-status.
-DEFAULT_IOTYPES = frozenset(("read", "write", "write-zeroes", "discard", "flush"))
 _UNSUPPORTED = ("config", "align", "max-transfer", "opt-write-zero", "max-write-zero",
                 "opt-discard", "max-discard", "take-child-perms", "unshare-child-perms")
-
-
-@dataclass(eq=False)
-class InjectRule:
-    event: str
-    state: int = 0
-    iotypes: frozenset = DEFAULT_IOTYPES
-    errno: int = _errno.EIO
-    offset: int = -1            # bytes; -1: any
-    once: bool = False
-
-
-@dataclass(eq=False)
-class SetStateRule:
-    event: str
-    new_state: int
-    state: int = 0
-
-
-class QemuRules:
-    """One blkdebug node's rules and state (see the module docstring)."""
-
-    def __init__(self, inject: list[InjectRule], set_state: list[SetStateRule]):
-        self.lock = threading.Lock()
-        self.state = 1
-        self.inject = inject
-        self.set_state = set_state
-        self.active: list[InjectRule] = []
-
-    def debug_event(self, event: str) -> None:
-        with self.lock:
-            new_state = self.state
-            fresh: list[InjectRule] | None = None
-            for r in self.inject:
-                if r.event == event and r.state in (0, self.state):
-                    if fresh is None:
-                        fresh = []
-                    fresh.insert(0, r)
-            for r in self.set_state:
-                if r.event == event and r.state in (0, self.state):
-                    new_state = r.new_state
-            if fresh is not None:
-                self.active = fresh
-            self.state = new_state
-
-    def check(self, iotype: str, offset: int, length: int) -> int:
-        with self.lock:
-            for r in self.active:
-                if (r.offset == -1 or (length and offset <= r.offset < offset + length)) \
-                        and iotype in r.iotypes:
-                    if r.once:
-                        self.active.remove(r)
-                        self.inject.remove(r)
-                    return r.errno
-            return 0
-
-
-class QmpBlkdebug(Blkdebug):
-    """The library's blkdebug driver wrapper, with QEMU's rules: every event
-    the node raises (a job's planning, a front-end request) goes through
-    :meth:`QemuRules.debug_event`, every request through its check."""
-
-    #: the job data path raises events for this node even without break points
-    wants_events = True
-
-    def __init__(self, inner: Any, qrules: QemuRules, node_name: str):
-        super().__init__(inner, [], None, node_name)
-        self.qrules = qrules
-
-    def _events(self, events: Any) -> None:
-        for ev in events:
-            self.qrules.debug_event(ev)
-
-    def take_break(self, events, offset: int, length: int):
-        events = tuple(events)
-        self._events(events)
-        return super().take_break(events, offset, length)
-
-    def event(self, events, offset: int, length: int) -> None:
-        from ..jobs import blkdebug as _bd
-        if getattr(_bd._tls, "quiet", False):
-            return              # a job's planning raised them already
-        events = tuple(events)
-        self._events(events)
-        while self.breaks is not None:
-            s = Blkdebug.take_break(self, events, offset, length)
-            if s is None:
-                return
-            self.breaks.suspend(s)
-
-    def inject_check(self, op: str, offset: int, length: int) -> int:
-        return self.qrules.check(op, offset, length) or super().inject_check(op, offset, length)
-
-    def _fail(self, iotype: str, offset: int, length: int) -> None:
-        e = self.qrules.check(iotype, offset, length)
-        if e:
-            raise OSError(e, os.strerror(e))
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True, fill=None) -> None:
-        self.event(("pwritev", "pwritev_zero"), offset, length)
-        self._fail("write-zeroes", offset, length)
-        if fill is None:
-            self.inner.write_zeroes(offset, length, may_unmap)
-        else:
-            self.inner.write_zeroes(offset, length, may_unmap, fill=fill)
-
-    def discard(self, offset: int, length: int) -> None:
-        self._fail("discard", offset, length)
-        self.inner.discard(offset, length)
 
 
 def _event(ev: str) -> str:
@@ -209,15 +94,13 @@ def parse_rules(opts: dict[str, Any]) -> QemuRules:
     return QemuRules(inject, set_state)
 
 
-def install(eng: Any, gnode: Node, qrules: QemuRules) -> None:
+def install(eng: Any, gnode: Any, qrules: QemuRules) -> None:
     """Wrap ``gnode``'s driver (break points set later find it a Blkdebug)."""
-    with eng.io:
-        gnode.driver = QmpBlkdebug(gnode.driver, qrules, gnode.name)
+    eng.blkdebug_qemu(gnode, qrules)
 
 
-def add(cmds: Commands, opts: dict[str, Any], owned: bool) -> MonitorNode:
+def add(cmds: Any, opts: dict[str, Any], owned: bool) -> Any:
     """``blockdev-add`` of a ``blkdebug`` node (both layouts)."""
-    from .commands import MonitorNode
     qrules = parse_rules(opts)
     image = opts["image"]
     name = opts.get("node-name")
@@ -260,7 +143,7 @@ def add(cmds: Commands, opts: dict[str, Any], owned: bool) -> MonitorNode:
         for c in created:
             cmds._drop(c)
         raise
-    mn = MonitorNode(name, "blkdebug", img.filename, img.read_only, owned)
+    mn = type(img)(name, "blkdebug", img.filename, img.read_only, owned)   # a MonitorNode
     mn.file, img.parent = img, mn
     mn.children = created
     mn.qrules = qrules
@@ -274,7 +157,7 @@ class BlkdebugCommands:
     eng: Any
     nodes: dict
 
-    def _break_node(self, name: str) -> Node:
+    def _break_node(self, name: str) -> Any:
         mn = self.nodes.get(name)
         if mn is not None and mn.drv == "blkdebug" and mn.gnode is None:
             if mn.parent is None or mn.parent.gnode is None:

@@ -301,7 +301,7 @@ class Commands(BlkdebugCommands, IntrospectCommands):
         what a stream or commit claimed, a backup's target, a mirror's
         source. Checked by blockdev-del and before a new backup or mirror."""
         for g in nodes:
-            self.eng.check_busy(g)
+            self.eng.io.check_busy(g)
             for job in reversed(self.eng.jobs.jobs()):
                 d = job.driver
                 if job.is_completed:
