@@ -112,6 +112,7 @@ struct bj_copy {
     /* state */
     int active, shutdown;
     uint32_t in_flight;       /* requests (and the mapping) in progress */
+    uint32_t throttled;       /* of which: waiting in the rate limiter */
     atomic_int cancel;
     atomic_int no_copy_range; /* copy_file_range refused: read/write */
     struct bj_zeroer zeroer;  /* shared by the workers (atomic flags) */
@@ -552,15 +553,26 @@ static int throttle(struct bj_copy *c, uint64_t n)
     if (interrupted(c))
         return 1;
     uint64_t wait = bj_bucket_take(c->o.bucket, n, bj_now_ns());
+    int handed_back = 0;
+    if (wait == 0)
+        return 0;
+    pthread_mutex_lock(&c->lock);
+    c->throttled++;            /* the job reads as not busy (QEMU: sleeping) */
+    pthread_mutex_unlock(&c->lock);
     while (wait > 0) {
         uint64_t slice = wait < 10000000u ? wait : 10000000u; /* 10 ms */
         struct timespec ts = { (time_t)(slice / 1000000000u), (long)(slice % 1000000000u) };
         nanosleep(&ts, NULL);
         wait -= slice;
-        if (interrupted(c))
-            return 1;
+        if (interrupted(c)) {
+            handed_back = 1;
+            break;
+        }
     }
-    return 0;
+    pthread_mutex_lock(&c->lock);
+    c->throttled--;
+    pthread_mutex_unlock(&c->lock);
+    return handed_back;
 }
 
 /* Write-behind for durable copies (the page-cache discipline nbdcopy uses):
@@ -851,5 +863,6 @@ void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st)
     st->error_side = c->error_side;
     st->error_offset = c->error_offset;
     st->in_flight = c->in_flight;
+    st->throttled = c->throttled;
     pthread_mutex_unlock(&c->lock);
 }

@@ -51,6 +51,7 @@ struct bj_copy_status {
     int error_side;         /* BJ_SIDE_* */
     uint64_t error_offset;  /* offset in the failing file */
     uint32_t in_flight;     /* requests being processed right now */
+    uint32_t throttled;     /* of which: waiting in the rate limiter */
 };
 
 struct bj_copy;

@@ -45,6 +45,31 @@ def test_cancel_mid_copy(tmp_path):
     eng.close()
 
 
+def test_status_counts_requests_waiting_in_the_rate_limiter(tmp_path):
+    """``throttled``: the requests in flight that wait in the limiter (the
+    job reads as not busy then); back to 0 once cancelled."""
+    sfd, dfd, s, d = _files(tmp_path, 8 * MiB)
+    eng = CopyEngine(sfd, dfd, bucket=TokenBucket(64 << 10, burst=0.0), threads=2,
+                     request_size=MiB)
+    eng.add_copy(0, 0, 8 * MiB)
+    eng.run(0)
+    deadline = time.monotonic() + 30
+    while True:
+        st = eng.status()
+        if st.throttled == 2:
+            break
+        assert time.monotonic() < deadline, st
+        eng.run(0.01)
+    assert st.in_flight == 2
+    eng.cancel()
+    with pytest.raises(Cancelled):
+        while True:
+            eng.run(0.1)
+    st = eng.status()
+    assert st.throttled == 0 and st.in_flight == 0
+    eng.close()
+
+
 def test_rate_limit_is_respected(tmp_path):
     sfd, dfd, s, d = _files(tmp_path, 6 * MiB)
     bucket = TokenBucket(4 * MiB, burst=0.0)

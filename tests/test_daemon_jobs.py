@@ -150,7 +150,7 @@ def test_transactions(daemon, tmp_path):
         grouped = {"completion-mode": "grouped"}
         assert await s.err("transaction", actions=[backup("g0", "tgt"), bm],
                            properties=grouped) == \
-            ("GenericError", "Action 'block-dirty-bitmap-add' does not support transaction "
+            ("GenericError", "Action 'block-dirty-bitmap-add' does not support Transaction "
                              "property completion-mode = grouped")
         # grouped, second action fails: the first job is rolled back
         assert await s.err("transaction", actions=[backup("g1", "tgt"),
@@ -346,7 +346,7 @@ def test_chain_backing_refs_stream_and_active_commit(daemon, tmp_path):
         assert nodes["view"]["backing_file_depth"] == 1
         assert nodes["view2"]["backing_file_depth"] == 1
         assert await s.err("blockdev-del", **{"node-name": "mid"}) == \
-            ("GenericError", "Block device mid is in use")
+            ("GenericError", "Node 'mid' is busy: node is used as backing hd of 'top'")
         await s.x("blockdev-del", **{"node-name": "view"})
         await s.x("blockdev-del", **{"node-name": "view2"})
         await s.x("block-stream", **{"job-id": "s0", "base-node": "base"}, device="top")

@@ -60,14 +60,14 @@ _NODE_KEYS = ("drv", "ro", "backing_file_depth", "encrypted", "detect_zeroes", "
 def node_summary(nodes: list[dict]) -> list[tuple]:
     """What must agree: per named node (in list order), the fixed members,
     the image's size/format/cluster size and the member names (QEMU 7.2
-    predates 'active'; blkjobs omits the qcow2 'format-specific' block)."""
+    predates 'active'), the qcow2 'format-specific' block included."""
     out = []
     for n in nodes:
         img = n["image"]
         out.append((n["node-name"] if not n["node-name"].startswith("#") else "#auto",
                     tuple(n[k] for k in _NODE_KEYS), img["format"], img["virtual-size"],
-                    img.get("cluster-size"), sorted(set(n) - {"active"}),
-                    sorted(set(img) - {"format-specific"})))
+                    img.get("cluster-size"), img.get("format-specific"),
+                    sorted(set(n) - {"active"}), sorted(img)))
     return out
 
 

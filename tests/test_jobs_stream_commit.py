@@ -144,7 +144,7 @@ def test_commit_validation(eng, tmp_path):
     for kw, msg in [
         (dict(top_node="a", top="b"), "'top-node' and 'top' are mutually exclusive"),
         (dict(base_node="a", base="b"), "'base-node' and 'base' are mutually exclusive"),
-        (dict(top_node="zz"), "'zz' is not in this backing file chain"),
+        (dict(top_node="zz"), "Cannot find device='' nor node-name='zz'"),
         (dict(top="zz.qcow2"), "Top image file zz.qcow2 not found"),
         (dict(base="zz.qcow2"), "Can't find 'zz.qcow2' in the backing chain"),
         (dict(base_node="top"), "cannot commit an image into itself"),

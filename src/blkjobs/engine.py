@@ -51,7 +51,10 @@ from .job import CompletionMode, Event, EventListener, Job, JobManager, JobOutco
 from .job.events import Clock
 from .jobs.backup import BackupJob
 from .jobs.base import BlockJob
+from .jobs.blkdebug import EVENTS as BLKDEBUG_EVENTS  # noqa: F401 (for the daemon)
 from .jobs.blkdebug import Blkdebug, Breaks, Rule, Suspended
+from .jobs.blkdebug_qemu import (DEFAULT_IOTYPES, InjectRule, QemuBlkdebug,  # noqa: F401
+                                 QemuRules, SetStateRule)
 from .jobs.commit import make_commit
 from .jobs.mirror import MirrorJob
 from .jobs.stream import StreamJob
@@ -142,6 +145,13 @@ class Engine:
                 node.driver.rules = rules
             else:
                 node.driver = Blkdebug(node.driver, rules)
+
+    def blkdebug_qemu(self, node: str | Node, rules: QemuRules) -> None:
+        """QEMU's blkdebug rule semantics on ``node`` (see
+        :mod:`blkjobs.jobs.blkdebug_qemu`; the daemon's ``blkdebug`` nodes)."""
+        with self.io:
+            node = self.node(node)
+            node.driver = QemuBlkdebug(node.driver, rules, node.name)
 
     def blkdebug_remove(self, node: str | Node) -> None:
         with self.io:

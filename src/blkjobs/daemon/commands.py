@@ -31,32 +31,30 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .. import __version__
 from ..errors import BlkjobsError
 from ..formats import open_image
 from ..graph import ALL, Node, Perm
 from ..job import CompletionMode, JobTxn
+from . import blkdebug_qmp
+from .blkdebug_qmp import BlkdebugCommands
+from .introspect import QEMU_VERSION, IntrospectCommands, version  # noqa: F401
 from .protocol import QMPError
-from .schema import COMMANDS
-
-#: The version blkjobs reports in the greeting and ``query-version``.
-#: QEMU numbers are compared by management software to enable features, so
-#: we report the QEMU release whose QMP surface we implement (docs/qmp.md is
-#: written against QEMU 10.1: ``on-cbw-error``, ``target-is-zero``,
-#: ``active``), micro 0, and say who we are in ``package``.
-QEMU_VERSION = {"major": 10, "minor": 1, "micro": 0}
 
 #: Largest ``x-blkjobs-write`` request: its buffer is allocated at once.
 X_WRITE_MAX = 64 << 20
 
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*", re.ASCII)
-_DRIVERS = ("file", "raw", "qcow2")
+_DRIVERS = ("file", "raw", "qcow2", "blkdebug")
 #: owner of the hold the monitor keeps on each node it added (blockdev-add)
 MONITOR = "monitor"
 
 
-def version() -> dict[str, Any]:
-    return {"qemu": dict(QEMU_VERSION), "package": f"blkjobs {__version__}"}
+def _check_qcow2_magic(path: str) -> None:
+    """QEMU's qcow2_do_open text for a file that is not qcow2 (a short file
+    reads as zeros there, so it fails the same way)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"QFI\xfb":
+            raise QMPError("Image is not in qcow2 format")
 
 
 class MonitorNode:
@@ -94,7 +92,7 @@ def _kw(args: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in args.items() if k not in drop}
 
 
-class Commands:
+class Commands(BlkdebugCommands, IntrospectCommands):
     """Every command of ``schema.COMMANDS``. :meth:`run` dispatches one
     (arguments already checked) and returns its result; errors are raised
     as :class:`QMPError`. ``quit_cb`` is called by ``quit``."""
@@ -119,12 +117,6 @@ class Commands:
 
     # ------------------------------------------------------------------
     # Session
-
-    def cmd_query_version(self) -> dict[str, Any]:
-        return version()
-
-    def cmd_query_commands(self) -> list[dict[str, str]]:
-        return [{"name": n} for n in COMMANDS]
 
     def cmd_quit(self) -> dict[str, Any]:
         if self.quit_cb is not None:
@@ -179,6 +171,8 @@ class Commands:
             raise QMPError("force-share=on can only be used with read-only images")
         if drv == "file":
             return self._add_file(opts, owned, ro)
+        if drv == "blkdebug":
+            return blkdebug_qmp.add(self, opts, owned)
         for key in ("offset", "size", "data-file", "encrypt"):
             if key in opts:
                 raise QMPError(f"blkjobs does not support '{key}' for driver '{drv}'")
@@ -189,7 +183,7 @@ class Commands:
                 fnode = self.nodes.get(fref)
                 if fnode is None:
                     raise QMPError(f"Cannot find device='{fref}' nor node-name='{fref}'")
-                if fnode.drv != "file":
+                if fnode.drv not in ("file", "blkdebug"):
                     raise QMPError(f"blkjobs stacks '{drv}' only on a 'file' node, "
                                    f"not on '{fref}' ({fnode.drv})")
                 if fnode.parent is not None:
@@ -208,6 +202,8 @@ class Commands:
                 bmn = self._add(backing, owned=False)
                 created.append(bmn)
                 bnode = bmn.gnode
+            if drv == "qcow2":
+                _check_qcow2_magic(fnode.filename)
             if backing is ...:
                 gnode = self.eng.graph.open_chain(fnode.filename, drv, read_only=ro, name=name)
             else:
@@ -224,6 +220,8 @@ class Commands:
             for mn in reversed(created):
                 self._drop(mn)
             raise
+        if fnode.drv == "blkdebug":
+            blkdebug_qmp.install(self.eng, gnode, fnode.qrules)
         if owned:
             # The monitor's reference (QEMU's monitor-owned node): a job that
             # drops the node out of a chain leaves it open and listed,
@@ -298,15 +296,50 @@ class Commands:
                 or eng.io.filter_of(g) is not None or g.claimed_by is not None
                 or bool(eng.io.frontends(g)))
 
+    def _check_job_blockers(self, *nodes: Node) -> None:
+        """The op blockers jobs put on nodes (QEMU's block_job_add_bdrv):
+        what a stream or commit claimed, a backup's target, a mirror's
+        source. Checked by blockdev-del and before a new backup or mirror."""
+        for g in nodes:
+            self.eng.io.check_busy(g)
+            for job in reversed(self.eng.jobs.jobs()):
+                d = job.driver
+                if job.is_completed:
+                    continue
+                if (job.type == "backup" and getattr(d, "dst", None) is g) or \
+                        (job.type == "mirror" and getattr(d, "src", None) is g):
+                    raise QMPError(f"Node '{g.name}' is busy: block device is in use by "
+                                   f"block job: {job.type}")
+
+    def _check_blockers(self, g: Node) -> None:
+        """QEMU's op blockers on ``blockdev-del`` (``Node 'x' is busy: ...``),
+        checked before ownership and the reference count as QEMU does: a
+        mirror's target has the job's BlockBackend (``Node x is in use``);
+        then the jobs' blockers (the newest first): a backup's target, a
+        mirror's source, what a stream or commit claimed; then being an
+        overlay's backing."""
+        for job in self.eng.jobs.jobs():
+            d = job.driver
+            if job.is_completed or job.type not in ("backup", "mirror"):
+                continue
+            if job.type == "mirror" and getattr(d, "dst", None) is g:
+                raise QMPError(f"Node {g.name} is in use")
+        self._check_job_blockers(g)
+        for p in self.eng.graph.parents(g):
+            if not p.is_filter and p.backing is g:
+                raise QMPError(f"Node '{g.name}' is busy: node is used as backing hd of "
+                               f"'{p.name}'")
+
     def cmd_blockdev_del(self, **args: Any) -> dict[str, Any]:
         node_name = args["node-name"]
         with self.eng.io:
             mn = self.nodes.get(node_name)
-            if mn is None:
-                if node_name in self.eng.graph.nodes:
-                    raise QMPError(f"Node {node_name} is not owned by the monitor")
+            g = mn.gnode if mn is not None else self.eng.graph.nodes.get(node_name)
+            if mn is None and g is None:
                 raise QMPError(f"Failed to find node with node-name='{node_name}'")
-            if not mn.owned:
+            if g is not None:
+                self._check_blockers(g)
+            if mn is None or not mn.owned:
                 raise QMPError(f"Node {node_name} is not owned by the monitor")
             if self._in_use(mn):
                 raise QMPError(f"Block device {node_name} is in use")
@@ -367,6 +400,9 @@ class Commands:
             pass
         if g.driver.cluster_size:
             img["cluster-size"] = g.driver.cluster_size
+        fs = g.driver.info()      # qcow2: compat, refcount-bits... as QEMU's ImageInfo
+        if fs:
+            img["format-specific"] = fs
         bf = g.driver.backing_filename
         if bf:
             img["backing-filename"] = bf
@@ -395,8 +431,8 @@ class Commands:
             size, actual = st.st_size, st.st_blocks * 512
         except OSError:
             size, actual = 0, 0
-        return self._common(mn.name, "file", mn.filename, mn.read_only,
-                            {"filename": mn.filename, "format": "file", "virtual-size": size,
+        return self._common(mn.name, mn.drv, mn.filename, mn.read_only,
+                            {"filename": mn.filename, "format": mn.drv, "virtual-size": size,
                              "actual-size": actual, "dirty-flag": False})
 
     # ------------------------------------------------------------------
@@ -409,6 +445,8 @@ class Commands:
     def _start_backup(self, args: dict[str, Any], txn: JobTxn | None = None):
         args = dict(args)
         src, dst = self._lookup(args.pop("device")), self._lookup(args.pop("target"))
+        with self.eng.io:
+            self._check_job_blockers(src, dst)
         job_id = self._job_id(args)
         kw = _kw(args, drop=("x-perf", "discard-source"))
         if args.get("discard-source"):
@@ -422,6 +460,12 @@ class Commands:
 
     def cmd_blockdev_mirror(self, **args: Any) -> dict[str, Any]:
         src, dst = self._lookup(args.pop("device")), self._lookup(args.pop("target"))
+        with self.eng.io:
+            # QEMU's qmp_get_root_bs: no node parent at all, a job's filter
+            # included; then the op blockers of the source and the target
+            if self.eng.graph.parents(src):
+                raise QMPError("Need a root block node")
+            self._check_job_blockers(src, dst)
         job_id = self._job_id(args)
         kw = _kw(args)
         self.eng.mirror(src, dst, kw.pop("sync"), job_id=job_id, **kw)
@@ -689,7 +733,7 @@ class Commands:
                     raise QMPError("Transaction aborted using Abort action")
                 if mode is CompletionMode.GROUPED and kind not in ("blockdev-backup",
                                                                   "drive-backup"):
-                    raise QMPError(f"Action '{kind}' does not support transaction property "
+                    raise QMPError(f"Action '{kind}' does not support Transaction property "
                                    "completion-mode = grouped")
                 if kind == "blockdev-backup":
                     self._start_backup(data, txn=txn)

@@ -219,6 +219,18 @@ BlockdevOptions = Union("BlockdevOptions", Struct("BlockdevOptionsBase", [
     ("*active", "bool")]), "driver")
 BlockdevRef = Alternate("BlockdevRef", [BlockdevOptions, "str"])
 BlockdevRefOrNull = Alternate("BlockdevRefOrNull", [BlockdevOptions, "str", "null"])
+_OverlapMode = Enum("Qcow2OverlapCheckMode", ("none", "constant", "cached", "all"))
+Qcow2OverlapChecks = Alternate("Qcow2OverlapChecks", [
+    Struct("Qcow2OverlapCheckFlags", [("*template", _OverlapMode)] + [
+        (f"*{k}", "bool") for k in (
+            "main-header", "active-l1", "active-l2", "refcount-table", "refcount-block",
+            "snapshot-table", "inactive-l1", "inactive-l2", "bitmap-directory")]),
+    _OverlapMode])
+_KeySecret = [("*key-secret", "str")]
+BlockdevQcow2Encryption = Union("BlockdevQcow2Encryption", Struct("", [
+    ("format", Enum("BlockdevQcow2EncryptionFormat", ("aes", "luks")))]), "format", {
+    "aes": Struct("QCryptoBlockOptionsQCow", _KeySecret),
+    "luks": Struct("QCryptoBlockOptionsLUKS", _KeySecret)})
 BlockdevOptions.variants.update({
     "file": Struct("BlockdevOptionsFile", [
         ("filename", "str"), ("*pr-manager", "str"),
@@ -232,11 +244,40 @@ BlockdevOptions.variants.update({
         ("file", BlockdevRef), ("*backing", BlockdevRefOrNull), ("*lazy-refcounts", "bool"),
         ("*pass-discard-request", "bool"), ("*pass-discard-snapshot", "bool"),
         ("*pass-discard-other", "bool"), ("*discard-no-unref", "bool"),
-        ("*overlap-check", "any"), ("*cache-size", "int"), ("*l2-cache-size", "int"),
-        ("*l2-cache-entry-size", "int"), ("*refcount-cache-size", "int"),
-        ("*cache-clean-interval", "int"), ("*encrypt", "any"),
+        ("*overlap-check", Qcow2OverlapChecks), ("*cache-size", "int"),
+        ("*l2-cache-size", "int"), ("*l2-cache-entry-size", "int"),
+        ("*refcount-cache-size", "int"), ("*cache-clean-interval", "int"),
+        ("*encrypt", BlockdevQcow2Encryption),
         ("*data-file", BlockdevRef)]),
 })
+
+BlkdebugEvent = Enum("BlkdebugEvent", (
+    "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",
+    "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write",
+    "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed",
+    "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow",
+    "reftable_update", "refblock_load", "refblock_update", "refblock_update_part",
+    "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write",
+    "refblock_alloc_write_blocks", "refblock_alloc_write_table",
+    "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free",
+    "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head",
+    "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done",
+    "empty_image_prepare", "l1_shrink_write_table", "l1_shrink_free_l2_clusters",
+    "cor_write", "cluster_alloc_space", "none"))
+BlkdebugIOType = Enum("BlkdebugIOType", ("read", "write", "write-zeroes", "discard", "flush",
+                                         "block-status"))
+BlockPermission = Enum("BlockPermission", ("consistent-read", "write", "write-unchanged",
+                                           "resize"))
+BlockdevOptions.variants["blkdebug"] = Struct("BlockdevOptionsBlkdebug", [
+    ("image", BlockdevRef), ("*config", "str"), ("*align", "int"), ("*max-transfer", "int"),
+    ("*opt-write-zero", "int"), ("*max-write-zero", "int"), ("*opt-discard", "int"),
+    ("*max-discard", "int"),
+    ("*inject-error", [Struct("BlkdebugInjectErrorOptions", [
+        ("event", BlkdebugEvent), ("*state", "int"), ("*iotype", BlkdebugIOType),
+        ("*errno", "int"), ("*sector", "int"), ("*once", "bool"), ("*immediately", "bool")])]),
+    ("*set-state", [Struct("BlkdebugSetStateOptions", [
+        ("event", BlkdebugEvent), ("*state", "int"), ("new_state", "int")])]),
+    ("*take-child-perms", [BlockPermission]), ("*unshare-child-perms", [BlockPermission])])
 
 _JOB_COMMON = [("*speed", "int"), ("*auto-finalize", "bool"), ("*auto-dismiss", "bool"),
                ("*filter-node-name", "str")]
@@ -288,6 +329,7 @@ COMMANDS: dict[str, Any] = {
     "qmp_capabilities": Struct("", [("*enable", [Capability])]),
     "query-version": None,
     "query-commands": None,
+    "query-qmp-schema": None,
     "quit": None,
     "blockdev-add": BlockdevOptions,
     "blockdev-del": Struct("", [("node-name", "str")]),
@@ -338,6 +380,12 @@ COMMANDS: dict[str, Any] = {
     # blkjobs' own (unstable): guest-like writes for tests, see commands.py
     "x-blkjobs-write": Struct("", [("node", "str"), ("offset", "int"), ("length", "int"),
                                    ("*pattern", "int")]),
+    # blkjobs' own (unstable): blkdebug break points, see blkdebug_qmp.py
+    "x-blkjobs-blkdebug-break": Struct("", [("node", "str"), ("event", BlkdebugEvent),
+                                            ("tag", "str")]),
+    "x-blkjobs-blkdebug-wait-break": Struct("", [("tag", "str"), ("*timeout", "int")]),
+    "x-blkjobs-blkdebug-resume": Struct("", [("tag", "str")]),
+    "x-blkjobs-blkdebug-remove-break": Struct("", [("tag", "str")]),
     "transaction": Struct("", [
         ("actions", [TransactionAction]),
         ("*properties", Struct("TransactionProperties", [

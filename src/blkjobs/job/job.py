@@ -232,6 +232,11 @@ class JobDriver(ABC):
         query-block-jobs entry (mirror: ``actively-synced``)."""
         return {}
 
+    def throttled(self, job: Job) -> bool:
+        """Optional. True while the job's copy only waits in its rate
+        limiter: ``busy`` is then false, as for QEMU's job sleeping there."""
+        return False
+
 
 class Job:
     """One job. Created by ``JobManager.create``; do not construct directly.

@@ -519,7 +519,8 @@ class JobManager:
                     continue
                 cur, total = job.progress.snapshot()
                 info = {"type": job.type, "device": job.id, "len": total, "offset": cur,
-                        "busy": job.busy, "paused": job.is_paused, "speed": job.speed,
+                        "busy": job.busy and not job.driver.throttled(job),
+                        "paused": job.is_paused, "speed": job.speed,
                         "io-status": job.io_status.value, "ready": job.is_ready,
                         "status": job.status.value, "auto-finalize": job.auto_finalize,
                         "auto-dismiss": job.auto_dismiss}

@@ -67,6 +67,10 @@ class BlockJob(JobDriver):
     def set_speed(self, job: Job, speed: int) -> None:
         self.bucket.rate = int(speed)
 
+    def throttled(self, job: Job) -> bool:
+        mover = getattr(self, "mover", None)
+        return mover is not None and mover.throttled()
+
     def policy_action(self, job: Job, e: CopyError, policy: str | None = None) -> ErrorAction:
         """Send ``e`` through the job's error policy (``BLOCK_JOB_ERROR`` is
         emitted). The caller has already released (re-dirtied) the failed

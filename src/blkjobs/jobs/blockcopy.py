@@ -124,6 +124,10 @@ class Mover:
         #: with a flush (commit) then waits for the tail of the copy only
         self.write_behind = write_behind
         self._pool: list[CopyEngine] = []
+        #: engines of the batches in flight (read by :meth:`throttled` from
+        #: the monitor's thread: the lock keeps an engine open while read)
+        self._running: set[CopyEngine] = set()
+        self._run_lock = threading.Lock()
         self._dst_raw = dst.driver.cluster_size == 0
         self._dst_is_ours = dst.driver
         self._tls = threading.local()       # see plan (blkdebug break points)
@@ -213,7 +217,8 @@ class Mover:
         chain = src.chain()
         runs = src.block_status(off, length)
         breaks = self.io.breaks
-        if breaks is not None and breaks.rules:
+        if (breaks is not None and breaks.rules) or any(
+                getattr(n.driver, "wants_events", False) for n in (*chain, dst)):
             runs = list(runs)
             # the blkdebug events this request raised already (it is planned
             # again after a break point held it): set by start_areas
@@ -462,7 +467,18 @@ class Mover:
                 self._drop(ce, t)
                 raise
         t.ce = ce
+        if ce is not None:
+            with self._run_lock:
+                self._running.add(ce)
         return t
+
+    def throttled(self) -> bool:
+        """The copy waits in the rate limiter: some requests do, and none is
+        being copied (QEMU's job sleeping in its rate limit: not busy)."""
+        with self._run_lock:
+            sts = [ce.status() for ce in self._running]
+        return any(st.throttled for st in sts) and \
+            all(st.in_flight == st.throttled for st in sts)
 
     def finish(self, t: Ticket, job: Job | None = None) -> Stats:
         """Wait until the ticket's batch landed. Raises CopyError (side
@@ -483,6 +499,8 @@ class Mover:
         except BaseException:
             self._drop(ce, t)
             raise
+        with self._run_lock:
+            self._running.discard(ce)
         self._pool.append(ce)
         self._landed(t)
         return t.stats
@@ -510,6 +528,8 @@ class Mover:
             ce.cancel()
             ce.drain()
             written = ce.status().done - t.done0
+            with self._run_lock:
+                self._running.discard(ce)
             ce.close()
             if written > 0 and not t.undo:      # put back below otherwise
                 self._stray[t.off] = written

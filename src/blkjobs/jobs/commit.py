@@ -30,7 +30,7 @@ from .base import BlockJob, check_policy
 from .blockcopy import Mover
 from .mirror import MirrorJob
 from .ranges import batch_unit, select_window
-from .stream import find_in_chain
+from .stream import find_in_chain, lookup_node
 
 
 
@@ -93,14 +93,13 @@ def make_commit(io: BlockIO, device: str, *, base_node: str | None = None,
         # nor below another job's filter
         raise JobError("Need a root block node")
     check_policy("on-error", on_error)
+    # QEMU's order (qmp_block_commit): top, then base, then "into itself"
     if top_node is not None and top is not None:
         raise JobError("'top-node' and 'top' are mutually exclusive")
-    if base_node is not None and base is not None:
-        raise JobError("'base-node' and 'base' are mutually exclusive")
     chain = dev.chain()
     if top_node is not None:
-        top_n = io.graph.nodes.get(top_node)
-        if top_n is None or top_n not in chain:
+        top_n = lookup_node(io, top_node)
+        if top_n not in chain:
             raise JobError(f"'{top_node}' is not in this backing file chain")
     elif top is not None:
         top_n = dev if dev.filename == top else find_in_chain(dev, top)
@@ -108,21 +107,22 @@ def make_commit(io: BlockIO, device: str, *, base_node: str | None = None,
             raise JobError(f"Top image file {top} not found")
     else:
         top_n = dev
-    if top_n.backing is None:
-        raise JobError("There is no backimg image")   # sic: QEMU's block-commit text
-    below = top_n.chain()[1:]
+    if base_node is not None and base is not None:
+        raise JobError("'base-node' and 'base' are mutually exclusive")
     if base_node is not None:
-        base_n = io.graph.nodes.get(base_node)
-        if base_n is top_n:
-            raise JobError("cannot commit an image into itself")
-        if base_n is None or base_n not in below:
+        base_n = lookup_node(io, base_node)
+        if base_n not in top_n.chain():
             raise JobError(f"'{base_node}' is not in this backing file chain")
     elif base is not None:
         base_n = find_in_chain(top_n, base)
         if base_n is None:
             raise JobError(f"Can't find '{base}' in the backing chain")
     else:
-        base_n = below[-1]
+        # QEMU's bdrv_find_base: top itself when it has no backing (so its
+        # "There is no backimg image" cannot happen; "into itself" instead)
+        base_n = top_n.chain()[-1]
+    if base_n is top_n:
+        raise JobError("cannot commit an image into itself")
     active = top_n is dev or bool(io.frontends(top_n))
     if active and backing_file is not None:
         if top_n is dev:

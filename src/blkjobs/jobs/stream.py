@@ -28,6 +28,15 @@ from .ranges import batch_unit, select_window
 
 
 
+def lookup_node(io: BlockIO, name: str) -> Node:
+    """A node by node-name only, with QEMU's ``bdrv_lookup_bs(NULL, name)``
+    text (used for base-node, bottom, top-node)."""
+    node = io.graph.nodes.get(name)
+    if node is None:
+        raise JobError(f"Cannot find device='' nor node-name='{name}'")
+    return node
+
+
 def find_in_chain(top: Node, filename: str) -> Node | None:
     """A node strictly below ``top`` opened from ``filename`` (exact name,
     or the same file)."""
@@ -77,11 +86,11 @@ class StreamJob(BlockJob):
             if base_n is None:
                 raise JobError(f"Can't find '{base}' in the backing chain")
         elif base_node is not None:
-            base_n = io.node(base_node)
+            base_n = lookup_node(io, base_node)
             if base_n not in top.chain()[1:]:
                 raise JobError(f"Node '{base_node}' is not a backing image of '{top.name}'")
         elif bottom is not None:
-            b = io.node(bottom)
+            b = lookup_node(io, bottom)
             if b not in top.chain():
                 raise JobError(f"Node '{bottom}' is not in a chain starting from '{top.name}'")
             base_n = b.backing

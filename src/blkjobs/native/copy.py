@@ -37,6 +37,7 @@ class CopyStatus:
     error_side: str | None
     error_offset: int
     in_flight: int
+    throttled: int = 0      # of in_flight: waiting in the rate limiter
 
 
 class CopyEngine(Owned):
@@ -132,7 +133,7 @@ class CopyEngine(Owned):
         lib.bj_copy_get_status(self._c, st)
         return CopyStatus(int(st.done), int(st.queued), int(st.data_bytes),
                           int(st.zero_bytes), int(st.error), _SIDES.get(st.error_side),
-                          int(st.error_offset), int(st.in_flight))
+                          int(st.error_offset), int(st.in_flight), int(st.throttled))
 
     def run_to_end(self, progress: Callable[[int, int], None] | None = None,
                    slice_s: float = 0.1, check: Callable[[], None] | None = None) -> CopyStatus:

@@ -1,0 +1,134 @@
+"""QEMU's blkdebug rule semantics (block/blkdebug.c) on the library's
+blkdebug driver wrapper: the rules ``blockdev-add`` of a ``blkdebug`` node
+sets up over QMP (docs/qmp.md, ``blkjobs.daemon.blkdebug_qmp``).
+
+The node has a state, 1 at first. An event the node raises processes the
+rules listed for it whose ``state`` is 0 or the current state: each
+set-state rule moves the state (once all rules of the event are processed);
+the inject-error rules become the *active* ones, replacing those of an
+earlier event. A request then fails with the errno of the first active
+rule whose iotypes and offset match; a ``once`` rule is then removed.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .blkdebug import EVENTS, Blkdebug, _tls
+
+__all__ = ["EVENTS", "DEFAULT_IOTYPES", "InjectRule", "SetStateRule", "QemuRules",
+           "QemuBlkdebug"]
+
+#: QEMU's default iotype mask: everything but block-status.
+DEFAULT_IOTYPES = frozenset(("read", "write", "write-zeroes", "discard", "flush"))
+
+
+@dataclass(eq=False)
+class InjectRule:
+    event: str
+    state: int = 0
+    iotypes: frozenset = DEFAULT_IOTYPES
+    errno: int = _errno.EIO
+    offset: int = -1            # bytes; -1: any
+    once: bool = False
+
+
+@dataclass(eq=False)
+class SetStateRule:
+    event: str
+    new_state: int
+    state: int = 0
+
+
+class QemuRules:
+    """One blkdebug node's rules and state (see the module docstring)."""
+
+    def __init__(self, inject: list[InjectRule], set_state: list[SetStateRule]):
+        self.lock = threading.Lock()
+        self.state = 1
+        self.inject = inject
+        self.set_state = set_state
+        self.active: list[InjectRule] = []
+
+    def debug_event(self, event: str) -> None:
+        with self.lock:
+            new_state = self.state
+            fresh: list[InjectRule] | None = None
+            for r in self.inject:
+                if r.event == event and r.state in (0, self.state):
+                    if fresh is None:
+                        fresh = []
+                    fresh.insert(0, r)
+            for r in self.set_state:
+                if r.event == event and r.state in (0, self.state):
+                    new_state = r.new_state
+            if fresh is not None:
+                self.active = fresh
+            self.state = new_state
+
+    def check(self, iotype: str, offset: int, length: int) -> int:
+        with self.lock:
+            for r in self.active:
+                if (r.offset == -1 or (length and offset <= r.offset < offset + length)) \
+                        and iotype in r.iotypes:
+                    if r.once:
+                        self.active.remove(r)
+                        self.inject.remove(r)
+                    return r.errno
+            return 0
+
+
+class QemuBlkdebug(Blkdebug):
+    """The library's blkdebug driver wrapper, with QEMU's rules: every event
+    the node raises (a job's planning, a front-end request) goes through
+    :meth:`QemuRules.debug_event`, every request through its check."""
+
+    #: the job data path raises events for this node even without break points
+    wants_events = True
+
+    def __init__(self, inner: Any, qrules: QemuRules, node_name: str):
+        super().__init__(inner, [], None, node_name)
+        self.qrules = qrules
+
+    def _events(self, events: Any) -> None:
+        for ev in events:
+            self.qrules.debug_event(ev)
+
+    def take_break(self, events, offset: int, length: int):
+        events = tuple(events)
+        self._events(events)
+        return super().take_break(events, offset, length)
+
+    def event(self, events, offset: int, length: int) -> None:
+        if getattr(_tls, "quiet", False):
+            return              # a job's planning raised them already
+        events = tuple(events)
+        self._events(events)
+        while self.breaks is not None:
+            s = Blkdebug.take_break(self, events, offset, length)
+            if s is None:
+                return
+            self.breaks.suspend(s)
+
+    def inject_check(self, op: str, offset: int, length: int) -> int:
+        return self.qrules.check(op, offset, length) or super().inject_check(op, offset, length)
+
+    def _fail(self, iotype: str, offset: int, length: int) -> None:
+        e = self.qrules.check(iotype, offset, length)
+        if e:
+            raise OSError(e, os.strerror(e))
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True, fill=None) -> None:
+        self.event(("pwritev", "pwritev_zero"), offset, length)
+        self._fail("write-zeroes", offset, length)
+        if fill is None:
+            self.inner.write_zeroes(offset, length, may_unmap)
+        else:
+            self.inner.write_zeroes(offset, length, may_unmap, fill=fill)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._fail("discard", offset, length)
+        self.inner.discard(offset, length)
