@@ -4,12 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv deps demo test test-c bench clean
+.PHONY: venv deps demo test test-c lint bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q setuptools wheel 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard
+	$(PY) -m pip install -q setuptools wheel 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4'
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -m compileall -q src    # start-up time counts in every copy a user times
 	touch $(STAMP)
@@ -34,8 +34,12 @@ deps:
 demo: venv deps
 	$(VENV)/bin/blkjobs demo
 
-test: venv deps test-c
+test: venv deps test-c lint
 	$(PY) -m pytest -q -rs tests
+
+# pyflakes-level checks of the Python code (config: pyproject.toml [tool.ruff])
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
 
 # The C core's own tests: the strict warning set (with -fanalyzer), then the
 # tests built with AddressSanitizer + UBSan, under valgrind, and under

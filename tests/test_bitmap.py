@@ -7,10 +7,10 @@ import random
 import threading
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
-                                 precondition, rule)
+                                 rule)
 
 from blkjobs.errors import UsageError
 from blkjobs.native.bitmap import Bitmap

@@ -56,7 +56,7 @@ def test_job_copy_held_at_first_write(eng, tmp_path, fmt):
 def test_read_break_on_a_backing_layer_and_rearm(eng, tmp_path):
     """A break on the layer that holds the run: held at that exact run; a
     break set again before resuming holds the next such request."""
-    base = mkimg(tmp_path / "base.qcow2", writes=[("0x44", 0, SIZE)])
+    mkimg(tmp_path / "base.qcow2", writes=[("0x44", 0, SIZE)])
     top = mkimg(tmp_path / "top.qcow2", backing="base.qcow2", writes=[("0x55", 1 * MiB, 1 * MiB)])
     tgt = mkimg(tmp_path / "tgt.qcow2")
     expect = snapshot(top, "qcow2", tmp_path / "expect.raw")

@@ -3,7 +3,6 @@ sparseness by st_blocks, odd sizes, errors as one line."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 

@@ -255,8 +255,6 @@ def test_top_image_is_a_fifo(tmp_path, cmd):
 
 def test_drivers_refuse_a_fifo_by_fd(tmp_path):
     """The library path (no CLI pre-checks): open_image and probe_format."""
-    from blkjobs.errors import ImageError
-    from blkjobs.formats import open_image, probe_format
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     want = f"Could not open '{fifo}': not a regular file or block device"

@@ -63,7 +63,7 @@ def snapshot_node(fe, out):
 
 
 def test_top_overlay(eng, tmp_path):
-    base = mkimg(tmp_path / "base.qcow2", writes=[("0x44", 0, SIZE)])
+    mkimg(tmp_path / "base.qcow2", writes=[("0x44", 0, SIZE)])
     top = mkimg(tmp_path / "top.qcow2", backing="base.qcow2",
                 writes=[("0x55", 1 * MiB, 512 << 10), (None, 3 * MiB, 64 << 10)])
     tgt = mkimg(tmp_path / "tgt.qcow2", backing="base.qcow2")

@@ -75,7 +75,7 @@ def test_mirror_filter_goes_at_the_pivot(eng, tmp_path):
 
 
 def test_stream_copy_on_read_filter(eng, tmp_path):
-    base = mkimg(tmp_path / "base.qcow2", writes=[("0x55", 0, SIZE)])
+    mkimg(tmp_path / "base.qcow2", writes=[("0x55", 0, SIZE)])
     top = mkimg(tmp_path / "top.qcow2", backing="base.qcow2")
     view = snapshot(top, "qcow2", tmp_path / "view.raw")
     t = eng.open(top, node_name="top")

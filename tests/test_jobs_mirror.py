@@ -98,7 +98,7 @@ def test_forced_cancel_before_ready(eng, tmp_path):
 
 
 def test_top_and_none(eng, tmp_path):
-    base = mkimg(tmp_path / "base.qcow2", writes=[("0x44", 0, SIZE)])
+    mkimg(tmp_path / "base.qcow2", writes=[("0x44", 0, SIZE)])
     top = mkimg(tmp_path / "top.qcow2", backing="base.qcow2", writes=[("0x55", 1 * MiB, 128 << 10)])
     tgt = mkimg(tmp_path / "tgt.qcow2", backing="base.qcow2")
     t = eng.open(top, node_name="top")

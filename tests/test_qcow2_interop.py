@@ -83,7 +83,7 @@ def test_write_compressed_and_allocate(tmp_path):
             img.write_compressed(i * cs, d)
             model[i * cs:(i + 1) * cs] = d
         img.write_compressed(9 * cs, rnd.randbytes(cs))   # incompressible: stored normally
-        with open(p, "rb") as f:
+        with open(p, "rb"):
             pass
         model[9 * cs:10 * cs] = img.read(9 * cs, cs)
         runs = img.allocate(16 * cs, 8 * cs)

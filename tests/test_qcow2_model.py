@@ -7,7 +7,6 @@ corruptions) and the image reads back (qemu-img convert -O raw) as the model.
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
