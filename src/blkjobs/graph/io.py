@@ -287,9 +287,16 @@ class BlockIO:
         if not node.is_filter:
             do(node)
             return
+        if node.file is None:
+            # taken out (its job ended) while the request waited in a filter
+            # above it: the request goes on to the image node it aimed at
+            do(req.node)
+            return
 
         def next(r: WriteRequest) -> None:
-            self._write_down(node.file, r, do)
+            # node.file is read now, not before the hooks: a hook may wait
+            # (the I/O lock let go) while this filter is taken out
+            self._write_down(node.file if node.file is not None else r.node, r, do)
 
         f = self.filter_of(node)
         if f is None:
