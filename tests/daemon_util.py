@@ -220,3 +220,32 @@ def qcow2_node(name: str, path: str, **extra: Any) -> dict:
 def compare(a: str, b: str) -> tuple[int, str]:
     p = qemu_img("compare", "-U", "-f", "qcow2", "-F", "qcow2", a, b)
     return p.returncode, p.stdout + p.stderr
+
+
+def run_daemon(start, d, scenario):
+    """Start a daemon with ``start(d)``, run ``await scenario(session, d)``
+    on one QMP session, stop the daemon (it must exit 0); the result."""
+    import asyncio
+    daemon = start(d)
+
+    async def run():
+        s = await connect(daemon.sock)
+        try:
+            return await scenario(s, d)
+        finally:
+            await s.close()
+    try:
+        return asyncio.run(run())
+    finally:
+        assert daemon.stop() == 0, daemon.stderr
+
+
+def side_by_side(tmp_path, scenario) -> tuple:
+    """Run ``scenario(session, dir)`` on qemu-storage-daemon and on ours,
+    each in its own directory: (reference, ours)."""
+    out = {}
+    for name, start in (("qsd", start_qsd), ("blkjobs", start_blkjobs)):
+        d = tmp_path / name
+        d.mkdir()
+        out[name] = run_daemon(start, d, scenario)
+    return out["qsd"], out["blkjobs"]

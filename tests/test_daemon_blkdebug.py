@@ -4,11 +4,10 @@ with qemu-storage-daemon, QEMU's state rules, and blkjobs' break-point
 commands."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
-from daemon_util import (brief, compare, connect, drop_transient_pauses, make_images,
-                         qcow2_node, qemu_img, start_blkjobs, start_qsd)
+from daemon_util import (brief, compare, drop_transient_pauses, make_images, qcow2_node,
+                         qemu_img, run_daemon, side_by_side, start_blkjobs)
 
 
 def over_blkdebug(name: str, path: str, rules: list[dict], **extra) -> dict:
@@ -16,30 +15,6 @@ def over_blkdebug(name: str, path: str, rules: list[dict], **extra) -> dict:
     return {"driver": "qcow2", "node-name": name,
             "file": {"driver": "blkdebug", "node-name": "dbg", "inject-error": rules,
                      "image": {"driver": "file", "filename": path}, **extra}}
-
-
-def run_daemon(start, d, scenario):
-    daemon = start(d)
-
-    async def run():
-        s = await connect(daemon.sock)
-        try:
-            return await scenario(s, d)
-        finally:
-            await s.close()
-    try:
-        return asyncio.run(run())
-    finally:
-        assert daemon.stop() == 0, daemon.stderr
-
-
-def side_by_side(tmp_path, scenario):
-    out = {}
-    for name, start in (("qsd", start_qsd), ("blkjobs", start_blkjobs)):
-        d = tmp_path / name
-        d.mkdir()
-        out[name] = run_daemon(start, d, scenario)
-    return out["qsd"], out["blkjobs"]
 
 
 def without_offsets(events):

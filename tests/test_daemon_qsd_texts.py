@@ -5,28 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from daemon_util import connect, make_images, qcow2_node, qemu_img, start_blkjobs, start_qsd
-
-
-def side_by_side(tmp_path, scenario) -> tuple[dict, dict]:
-    """Run ``scenario(session, dir)`` on both daemons: (reference, ours)."""
-    results = {}
-    for name, start in (("qsd", start_qsd), ("blkjobs", start_blkjobs)):
-        d = tmp_path / name
-        d.mkdir()
-        daemon = start(d)
-
-        async def run():
-            s = await connect(daemon.sock)
-            try:
-                return await scenario(s, d)
-            finally:
-                await s.close()
-        try:
-            results[name] = asyncio.run(run())
-        finally:
-            assert daemon.stop() == 0, daemon.stderr
-    return results["qsd"], results["blkjobs"]
+from daemon_util import make_images, qcow2_node, qemu_img, side_by_side
 
 
 def chain(d) -> tuple[str, str]:
