@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q setuptools wheel 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4'
+	$(PY) -m pip install -q setuptools wheel 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4' 'mypy>=1.8'
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -m compileall -q src    # start-up time counts in every copy a user times
 	touch $(STAMP)
@@ -18,12 +18,15 @@ venv: $(STAMP)
 
 # Debian packages the tests use: qemu-utils (qemu-img, qemu-io: the oracle),
 # qemu-system-common (qemu-storage-daemon: the reference daemon), fio and
-# libnbd-bin (nbdcopy) for `bench --compare`, valgrind for the C tests.
+# libnbd-bin (nbdcopy, nbdinfo), nbdkit and libnbd-dev for NBD (peers and
+# the client binding), valgrind for the C tests.
 DEB_TOOLS := qemu-utils:qemu-img qemu-utils:qemu-io qemu-system-common:qemu-storage-daemon \
-             fio:fio libnbd-bin:nbdcopy valgrind:valgrind time:/usr/bin/time
+             fio:fio libnbd-bin:nbdcopy libnbd-bin:nbdinfo nbdkit:nbdkit \
+             libnbd-dev:/usr/include/libnbd.h valgrind:valgrind time:/usr/bin/time
 deps:
 	@need=""; for pt in $(DEB_TOOLS); do \
-	  command -v "$${pt#*:}" >/dev/null || need="$$need $${pt%%:*}"; done; \
+	  p="$${pt#*:}"; case "$$p" in /*) test -e "$$p";; *) command -v "$$p" >/dev/null;; esac \
+	    || need="$$need $${pt%%:*}"; done; \
 	if [ -n "$$need" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$need"; \
