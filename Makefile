@@ -4,12 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv deps demo test test-c lint bench clean
+.PHONY: venv deps demo test test-c lint bench dist clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q setuptools wheel 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4' 'mypy>=1.8'
+	$(PY) -m pip install -q 'setuptools>=77' wheel build 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4' 'mypy>=1.8'
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -m compileall -q src    # start-up time counts in every copy a user times
 	touch $(STAMP)
@@ -39,6 +39,10 @@ demo: venv deps
 
 test: venv deps test-c lint
 	$(PY) -m pytest -q -rs tests
+
+# sdist -> wheel (cp311-abi3) -> clean venv per Python 3.11+ -> blkjobs demo
+dist: venv
+	.ci/dist
 
 # pyflakes-level checks of the Python code (config: pyproject.toml [tool.ruff])
 lint: venv
