@@ -4,12 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv deps demo test test-c lint bench dist clean
+.PHONY: venv deps demo test test-c lint bench dist man clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q 'setuptools>=77' wheel build 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4' 'mypy>=1.8'
+	$(PY) -m pip install -q 'setuptools>=77' wheel build 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4' 'mypy>=1.8' 'argparse-manpage>=4'
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -m compileall -q src    # start-up time counts in every copy a user times
 	touch $(STAMP)
@@ -39,6 +39,15 @@ demo: venv deps
 
 test: venv deps test-c lint
 	$(PY) -m pytest -q -rs tests
+
+# The man page and the shell completion script, generated from the parser
+# (tests/test_cli_docs.py fails when the committed ones are stale).
+man: venv
+	$(VENV)/bin/argparse-manpage --module blkjobs.cli.main --function build_parser \
+	  --project-name blkjobs --prog blkjobs --version "$$($(PY) -c 'import blkjobs; print(blkjobs.__version__)')" \
+	  --description "block jobs (backup, mirror, stream, commit) and qemu-img-style image tools" \
+	  --manual-title "blkjobs manual" --output docs/man/blkjobs.1
+	$(VENV)/bin/register-python-argcomplete blkjobs > docs/completion/blkjobs
 
 # sdist -> wheel (cp311-abi3) -> clean venv per Python 3.11+ -> blkjobs demo
 dist: venv

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (shell completion: argcomplete looks for this line)
 """Entry point of the ``blkjobs`` command.
 
 Error handling has one choke point: every :class:`BlkjobsError` (and the
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     parser = build_parser(argv)
+    if "_ARGCOMPLETE" in os.environ:      # the shell asks for completions
+        import argcomplete
+        argcomplete.autocomplete(parser)  # prints them and exits
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
