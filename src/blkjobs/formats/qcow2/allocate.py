@@ -1,0 +1,174 @@
+"""qcow2 cluster allocation for bulk writes: :meth:`Allocation.allocate`
+hands out host runs for a cluster-aligned guest range (convert and the C copy
+engine write them), :meth:`Allocation.undo_allocate` puts back what was not
+written.
+
+Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
+:mod:`.driver`.
+"""
+from __future__ import annotations
+
+import struct
+
+from ...errors import UsageError
+from ..base import Kind, Mapping
+from .tables import ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, ZERO, L2Tables
+
+
+class Allocation(L2Tables):
+    """Cluster allocation of :class:`.driver.Qcow2`."""
+
+    @property
+    def alloc_end(self) -> int:
+        """Host offset where fresh allocation starts: a cluster that
+        :meth:`allocate` returns at or past this offset was never used before
+        (it reads as zeroes); clusters below it may be reused ones."""
+        return self._rc().end << self.cb
+
+    def allocate(self, offset: int, length: int,
+                 undo: list[tuple[int, int, int, int]] | None = None) -> list[Mapping]:
+        """Allocate host clusters for the cluster-aligned guest range (the end
+        may be the virtual size) and return DATA runs in guest order.
+
+        The L2 entries point at the returned runs immediately (in memory):
+        the caller must write every byte of every run to ``fd`` before the
+        next :meth:`flush` (a crash before the flush loses nothing: the
+        metadata is not on disk yet), or put back what it could not fill with
+        :meth:`undo_allocate`. Until then those clusters read whatever the
+        file holds there, so readers of this image must be held off them.
+        Clusters already allocated with refcount 1 are reused in place;
+        others get new clusters, taken as one contiguous run at the end of
+        the file when possible.
+
+        ``undo``: for every guest range whose content this makes undefined
+        until written, (start, length, old L2 entry, old bitmap) is appended:
+        :meth:`undo_allocate` puts it back (ranges that read through to the
+        backing file, zero clusters, extended-L2 subclusters not allocated).
+        A compressed or shared cluster replaced by a new one is not recorded:
+        its old reference is already released."""
+        self._check_writable(offset, length)
+        cs, cb = self.cluster_size, self.cb
+        if offset % cs or (length % cs and offset + length != self.size):
+            raise UsageError(f"allocate: range {offset}+{length} is not cluster aligned")
+        g0, g1 = offset >> cb, -(-(offset + length) // cs)
+        runs: list = []   # [guest_start, length, host]
+
+        def note(gc0, ncl, e=0, bm=0):
+            if undo is None:
+                return
+            s, n = gc0 << cb, min(ncl << cb, self.size - (gc0 << cb))
+            last = undo[-1] if undo else None
+            if last and not (e or bm or last[2] or last[3]) and last[0] + last[1] == s:
+                undo[-1] = (last[0], last[1] + n, 0, 0)
+            else:
+                undo.append((s, n, e, bm))
+
+        def add(gs, host, ncl):
+            ln = min(ncl * cs, self.size - gs)
+            if runs and runs[-1][0] + runs[-1][1] == gs and runs[-1][2] + runs[-1][1] == host:
+                runs[-1][1] += ln
+            else:
+                runs.append([gs, ln, host])
+
+        need: list = []   # guest clusters needing new host clusters
+
+        def flush_need():
+            if not need:
+                return
+            rc = self._rc()
+            it = iter(need)
+            for c0, k in rc.alloc(len(need)):
+                for i in range(k):
+                    gc = next(it)
+                    self._set_entry(gc, ((c0 + i) << cb) | COPIED,
+                                    ALL_ALLOC if self.extended else 0)
+                    add(gc << cb, (c0 + i) << cb, 1)
+            need.clear()
+
+        def fast_span(a, b) -> bool:
+            # [a, b) inside one L2 table, all entries zero (a fresh convert
+            # target): allocate in bulk, one pack_into per host run
+            esz = self.esz
+            off = self._l2_offset(a // self.l2e)
+            i0 = (a % self.l2e) * esz
+            if off:
+                t = self._l2(off)
+                if t[i0:i0 + (b - a) * esz].count(0) != (b - a) * esz:
+                    return False
+            flush_need()
+            t, off = self._l2_for_write(a)
+            note(a, b - a)
+            gc = a
+            for c0, k in self._rc().alloc(b - a):
+                if self.extended:
+                    vals = [v for c in range(c0, c0 + k) for v in ((c << cb) | COPIED, ALL_ALLOC)]
+                else:
+                    vals = [(c << cb) | COPIED for c in range(c0, c0 + k)]
+                struct.pack_into(f">{len(vals)}Q", t, i0 + (gc - a) * esz, *vals)
+                add(gc << cb, c0 << cb, k)
+                gc += k
+            self.l2dirty.add(off)
+            return True
+
+        gc = g0
+        while gc < g1:
+            span_end = min(g1, (gc // self.l2e + 1) * self.l2e)
+            if span_end - gc >= 16 and fast_span(gc, span_end):
+                gc = span_end
+                continue
+            for gc in range(gc, span_end):
+                old = self._alloc_one_cluster(gc, need, flush_need, add)
+                if old is not None:
+                    note(gc, 1, *old)
+            gc = span_end
+        flush_need()
+        return [Mapping(s, n, Kind.DATA, h) for s, n, h in runs]
+
+    def _alloc_one_cluster(self, gc, need, flush_need, add) -> tuple[int, int] | None:
+        """allocate() for one guest cluster: reuse it in place or queue it.
+        The old (entry, bitmap) when what it read is now undefined until
+        written and can be put back (see allocate's ``undo``)."""
+        cb = self.cb
+        _, _, e, bm = self._entry(gc)
+        if e or bm:
+            self._classify(gc, e, bm)
+        h = e & OFFSET_MASK
+        if h and e & COPIED and not e & COMPRESSED:
+            self._check_overlap(h)
+            flush_need()
+            changed = None
+            if self.extended:
+                if bm != ALL_ALLOC:
+                    self._set_entry(gc, h | COPIED, ALL_ALLOC)
+                    changed = (e, bm)
+            elif e & ZERO:
+                self._set_entry(gc, h | COPIED)
+                changed = (e, bm)
+            add(gc << cb, h, 1)
+            return changed
+        if e:
+            self._release(e)
+        need.append(gc)
+        # no host cluster was referenced (unallocated, zero): restorable
+        return None if h or e & COMPRESSED else (e, bm)
+
+    def undo_allocate(self, undo: list[tuple[int, int, int, int]]) -> None:
+        """Put back what :meth:`allocate` recorded in ``undo``, for clusters
+        that were not (all) written: they read as before again (through to
+        the backing file, zeroes, ...). Host clusters it had newly taken are
+        freed (reusable after the next flush) and punched now, so that the
+        space a failed copy wrote returns to the file system at once (ENOSPC,
+        then resume)."""
+        from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
+        cb, cs = self.cb, self.cluster_size
+        for s, n, old_e, old_bm in undo:
+            self._check_writable(s, n)
+            for gc in range(s >> cb, -(-(s + n) >> cb)):
+                _, _, e, bm = self._entry(gc)
+                if e or bm:
+                    self._classify(gc, e, bm)
+                h = e & OFFSET_MASK
+                if h and h != old_e & OFFSET_MASK:      # a cluster allocate() took
+                    self._release(e)
+                    _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, h, cs)
+                self._set_entry(gc, old_e, old_bm)

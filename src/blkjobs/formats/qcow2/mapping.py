@@ -1,0 +1,198 @@
+"""qcow2 reads: :meth:`Reads.map_host` (this layer's runs of a guest range),
+:meth:`Reads.host_run` (the fast path for one plain data cluster) and the
+reads built on them.
+
+Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
+:mod:`.driver`.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+from ...errors import ImageError, UsageError
+from ..base import Kind, Mapping
+from .compress import decompress as _decompress
+from .tables import (ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, STD_RESERVED, ZERO,
+                     L2Tables, _zero)
+from ...native import qcow2 as _nq
+
+
+class Reads(L2Tables):
+    """map_host and reads for :class:`.driver.Qcow2`."""
+
+    def host_run(self, offset: int, length: int, for_write: bool = False) -> int | None:
+        """Inside one plain data cluster (standard L2 entries only); for_write:
+        with COPIED set (refcount 1, overwritable in place). Anything else --
+        compressed, zero, unallocated, suspicious -- is None: the general path
+        classifies (and diagnoses) it."""
+        cb = self.cb
+        if (self.extended or length <= 0 or offset < 0 or offset + length > self.size
+                or offset >> cb != (offset + length - 1) >> cb or self._closed):
+            return None
+        if for_write and (self.read_only or not self._write_prepared):
+            return None
+        _, _, e, _ = self._entry(offset >> cb)
+        h = e & OFFSET_MASK
+        if (not h or e & (COMPRESSED | ZERO | STD_RESERVED) or h & (self.cluster_size - 1)
+                or (for_write and not e & COPIED)
+                or (h >= self.file_size and not self._may_extend(h))):
+            return None
+        if for_write:
+            self._check_overlap(h)
+            # the caller writes there (past this driver): the persistent
+            # bitmaps must see it as every other write does
+            self._check_writable(offset, length)
+        return h + (offset & (self.cluster_size - 1))
+
+    # ------------------------------------------------------------------
+    # map_host
+    def map_host(self, offset: int, length: int) -> list[Mapping]:
+        """Runs of this layer, coalesced (DATA runs contiguous in the file).
+        ZERO runs carry the host offset of a preallocated zero cluster
+        (``qemu-img map`` prints it); the C copy engine uses DATA runs only."""
+        if self._closed:        # every read starts here: no stale answers
+            raise ImageError(f"'{self.filename}': image is closed")
+        end = min(offset + length, self.size)
+        out: list = []   # [start, length, kind, host]
+
+        def emit(s, n, kind, host=None):
+            if out:
+                p = out[-1]
+                if p[2] == kind and p[0] + p[1] == s and (
+                        (host is None and p[3] is None)
+                        or (host is not None and p[3] is not None and p[3] + p[1] == host)):
+                    p[1] += n
+                    return
+            out.append([s, n, kind, host])
+
+        cs, cb, l2e = self.cluster_size, self.cb, self.l2e
+        pos = offset
+        while pos < end:
+            gc0 = pos >> cb
+            l1i = gc0 // l2e
+            span_end = min(end, (l1i + 1) * l2e * cs)
+            l2off = self._l2_offset(l1i)
+            if not l2off:
+                emit(pos, span_end - pos, Kind.UNALLOCATED)
+                pos = span_end
+                continue
+            t = self._l2(l2off)
+            gc1 = (span_end - 1) >> cb
+            i0 = (gc0 % l2e) * self.esz
+            i1 = (gc1 % l2e + 1) * self.esz
+            if t[i0:i1].count(0) == i1 - i0:
+                emit(pos, span_end - pos, Kind.UNALLOCATED)
+                pos = span_end
+                continue
+            n = gc1 - gc0 + 1
+            k0 = 0
+            if not self.extended:
+                # The C hot loop decodes the well-formed entries into runs;
+                # it stops at anything unusual, which the loop below handles.
+                limit = self.file_size
+                if self.rc is not None:
+                    limit = max(limit, self.rc.end << cb)
+                runs, stop = self._l2dec.runs(t, gc0 % l2e, n, cb, limit,
+                                              self.header.version >= 3)
+                base = l1i * l2e
+                for first, count, kind, host in runs:
+                    cstart = (base + first) << cb
+                    s = max(pos, cstart)
+                    e_ = min(span_end, (base + first + count) << cb)
+                    if kind == _nq.DATA:
+                        emit(s, e_ - s, Kind.DATA, host + s - cstart)
+                    elif kind == _nq.ZERO:
+                        emit(s, e_ - s, Kind.ZERO, (host + s - cstart) if host else None)
+                    else:
+                        emit(s, e_ - s, Kind.UNALLOCATED)
+                k0 = stop - gc0 % l2e
+                if k0 >= n:
+                    pos = span_end
+                    continue
+            if self.extended:
+                vals = struct.unpack_from(f">{2 * n}Q", t, i0)
+            else:
+                vals = struct.unpack_from(f">{n}Q", t, i0)
+            for k in range(k0, n):
+                gc = gc0 + k
+                cstart = gc << cb
+                s = max(pos, cstart)
+                e_ = min(span_end, cstart + cs)
+                if self.extended:
+                    e, bm = vals[2 * k], vals[2 * k + 1]
+                else:
+                    e, bm = vals[k], 0
+                if e == 0 and bm == 0:
+                    emit(s, e_ - s, Kind.UNALLOCATED)
+                    continue
+                kind, h = self._classify(gc, e, bm)
+                if kind != "ext":
+                    emit(s, e_ - s, kind, (h + s - cstart) if h else None)
+                    continue
+                h, alloc, zero = h
+                if alloc == ALL_ALLOC:
+                    emit(s, e_ - s, Kind.DATA, h + s - cstart)
+                    continue
+                if zero == ALL_ALLOC:
+                    emit(s, e_ - s, Kind.ZERO, (h + s - cstart) if h else None)
+                    continue
+                scs = self.scs
+                for j in range((s - cstart) // scs, (e_ - 1 - cstart) // scs + 1):
+                    a = max(s, cstart + j * scs)
+                    b = min(e_, cstart + (j + 1) * scs)
+                    if alloc >> j & 1:
+                        emit(a, b - a, Kind.DATA, h + a - cstart)
+                    elif zero >> j & 1:
+                        emit(a, b - a, Kind.ZERO, (h + a - cstart) if h else None)
+                    else:   # QEMU reports the host cluster of such subclusters too
+                        emit(a, b - a, Kind.UNALLOCATED, (h + a - cstart) if h else None)
+            pos = span_end
+        return [Mapping(s, n, k, h) for s, n, k, h in out]
+
+    # ------------------------------------------------------------------
+    # reads
+    def _read_compressed(self, gc: int) -> bytes:
+        if self._comp_cache[0] == gc:
+            return self._comp_cache[1]
+        _, _, e, bm = self._entry(gc)
+        off, nbytes = self._compressed_span(gc, e)
+        raw = os.pread(self.fd, nbytes, off)
+        data = _decompress(self.ctype, raw, self.cluster_size)
+        self._comp_cache = (gc, data)
+        return data
+
+    def _pread_into(self, mv, host):
+        done = 0
+        while done < len(mv):
+            n = os.preadv(self.fd, [mv[done:]], host + done)
+            if n <= 0:
+                _zero(mv, done, len(mv))   # preallocated clusters past EOF read as zeroes
+                return
+            done += n
+
+    def readinto(self, offset: int, buf) -> None:
+        mv = memoryview(buf).cast("B")
+        n = len(mv)
+        if offset + n > self.size:
+            raise UsageError(f"read beyond the end of the image ({offset}+{n} > {self.size})")
+        for m in self.map_host(offset, n):
+            a, b = m.start - offset, m.start - offset + m.length
+            if m.kind == Kind.DATA:
+                self._pread_into(mv[a:b], m.host_offset)
+            elif m.kind == Kind.COMPRESSED:
+                pos = m.start
+                while pos < m.start + m.length:
+                    gc = pos >> self.cb
+                    cend = min((gc + 1) << self.cb, m.start + m.length)
+                    data = self._read_compressed(gc)
+                    ci = pos - (gc << self.cb)
+                    mv[pos - offset:cend - offset] = data[ci:ci + cend - pos]
+                    pos = cend
+            else:
+                _zero(mv, a, b)
+
+    def read(self, offset: int, length: int) -> bytes:
+        b = bytearray(length)
+        self.readinto(offset, b)
+        return bytes(b)

@@ -1,0 +1,176 @@
+"""qcow2 L1/L2 tables: the entry bits, the L2 table cache, reading and
+setting one guest cluster's entry, classifying (and diagnosing) entries, and
+the refcount side of an entry (:meth:`L2Tables._release`).
+
+Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
+:mod:`.driver`.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+from ...errors import ImageError
+from ..base import Driver, Kind
+
+L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1_RESERVED = 0x7F000000000001FF
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+STD_RESERVED = 0x3F000000000001FE
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+ZERO = 1
+ALL_ALLOC = 0xFFFFFFFF
+ALL_ZERO = 0xFFFFFFFF << 32
+L2_CACHE_BYTES = 32 << 20
+_ZEROES = bytes(1 << 20)
+
+
+def _zero(mv, a, b):
+    while a < b:
+        n = min(b - a, len(_ZEROES))
+        mv[a:a + n] = _ZEROES[:n]
+        a += n
+
+
+class L2Tables(Driver):
+    """L1/L2 lookup for :class:`.driver.Qcow2`."""
+
+    # ------------------------------------------------------------------
+    # L2 cache
+    def _l2(self, off: int) -> bytearray:
+        t = self.l2cache.get(off)
+        if t is None:
+            if len(self.l2cache) * self.cluster_size > L2_CACHE_BYTES:
+                if self.l2dirty:
+                    self.flush()
+                self.l2cache.clear()
+            raw = os.pread(self.fd, self.cluster_size, off)
+            if len(raw) != self.cluster_size:
+                raise ImageError(f"'{self.filename}': L2 table at 0x{off:x} truncated")
+            t = self.l2cache[off] = bytearray(raw)
+        return t
+
+    def _l2_offset(self, l1i: int) -> int:
+        return self.l1[l1i] & L1_OFFSET_MASK if l1i < len(self.l1) else 0
+
+    def _entry(self, gc: int):
+        """(table or None, byte index, entry, bitmap) for guest cluster gc."""
+        l1i, l2i = divmod(gc, self.l2e)
+        off = self._l2_offset(l1i)
+        if not off:
+            return None, 0, 0, 0
+        t = self._l2(off)
+        i = l2i * self.esz
+        if self.extended:
+            e, bm = struct.unpack_from(">QQ", t, i)
+        else:
+            e, bm = struct.unpack_from(">Q", t, i)[0], 0
+        return t, i, e, bm
+
+    def _l2_for_write(self, gc: int):
+        l1i = gc // self.l2e
+        if l1i >= len(self.l1):
+            raise ImageError(f"'{self.filename}': write beyond the L1 table")
+        e = self.l1[l1i]
+        off = e & L1_OFFSET_MASK
+        if off and not e & COPIED:
+            raise ImageError(f"'{self.filename}': L2 table 0x{off:x} is shared "
+                             "(COPIED clear); refusing to write")
+        if not off:
+            c = self._rc().alloc_one()
+            off = c << self.cb
+            self.l2cache[off] = bytearray(self.cluster_size)
+            self.l2dirty.add(off)
+            self.l1[l1i] = off | COPIED
+            self.l1_dirty = True
+        return self._l2(off), off
+
+    def _set_entry(self, gc: int, e: int, bm: int = 0):
+        t, off = self._l2_for_write(gc)
+        i = (gc % self.l2e) * self.esz
+        if self.extended:
+            struct.pack_into(">QQ", t, i, e, bm)
+        else:
+            struct.pack_into(">Q", t, i, e)
+        self.l2dirty.add(off)
+
+    # ------------------------------------------------------------------
+    # entry decoding
+    def _bad_entry(self, gc, e, why):
+        return ImageError(f"'{self.filename}': L2 entry for guest offset "
+                          f"0x{gc << self.cb:x} is corrupt (0x{e:016x}): {why}")
+
+    def _compressed_span(self, gc, e):
+        off = e & self._coff_mask
+        nsec = (e >> (62 - self._csec_bits)) & ((1 << self._csec_bits) - 1)
+        nbytes = (nsec + 1) * 512 - (off & 511)
+        if off == 0 or (off + nbytes > self.file_size + 512 and
+                        off + nbytes > self._refresh_size() + 512):
+            raise self._bad_entry(gc, e, "compressed data outside the file")
+        return off, nbytes
+
+    def _classify(self, gc: int, e: int, bm: int):
+        """Return ('c', None) compressed, or a list of 32 (or 1) subcluster
+        states: (Kind, host_offset_of_cluster)."""
+        if e & COMPRESSED:
+            if e & COPIED or bm:
+                raise self._bad_entry(gc, e, "invalid compressed entry")
+            self._compressed_span(gc, e)
+            return Kind.COMPRESSED, 0
+        if e & STD_RESERVED:
+            raise self._bad_entry(gc, e, "reserved bits set")
+        h = e & OFFSET_MASK
+        if h & (self.cluster_size - 1):
+            raise self._bad_entry(gc, e, "data cluster not aligned")
+        if h and h >= self.file_size and not self._may_extend(h) and h >= self._refresh_size():
+            raise self._bad_entry(gc, e, "data cluster beyond the end of the file")
+        if not self.extended:
+            if e & ZERO:
+                if self.header.version < 3:
+                    raise self._bad_entry(gc, e, "zero flag in a version 2 image")
+                return Kind.ZERO, h
+            return (Kind.DATA, h) if h else (Kind.UNALLOCATED, 0)
+        if e & ZERO:
+            raise self._bad_entry(gc, e, "zero flag set in an extended L2 entry")
+        alloc, zero = bm & ALL_ALLOC, bm >> 32
+        if alloc & zero:
+            raise self._bad_entry(gc, e, "subcluster both allocated and zero")
+        if alloc and not h:
+            raise self._bad_entry(gc, e, "allocated subclusters without a host cluster")
+        return "ext", (h, alloc, zero)
+
+    def _refresh_size(self) -> int:
+        self.file_size = os.fstat(self.fd).st_size
+        return self.file_size
+
+    def _may_extend(self, h):
+        # data clusters allocated this session may be past the stat'd size
+        return self.rc is not None and (h >> self.cb) < self.rc.end
+    # ------------------------------------------------------------------
+    # the host clusters an entry uses
+    def _release(self, e: int):
+        """Queue the refcount decrements for the host clusters an entry used."""
+        rc = self._rc()
+        if e & COMPRESSED:
+            off = e & self._coff_mask
+            nsec = (e >> (62 - self._csec_bits)) & ((1 << self._csec_bits) - 1)
+            last = off + (nsec + 1) * 512 - (off & 511) - 1
+            for c in range(off >> self.cb, (last >> self.cb) + 1):
+                rc.free_later(c)
+        else:
+            h = e & OFFSET_MASK
+            if h:
+                rc.free_later(h >> self.cb)
+
+    def _check_overlap(self, h: int):
+        """Cheap guard: never write guest data over the header, L1 or
+        refcount table (QEMU would mark the image corrupt)."""
+        c = h >> self.cb
+        hd = self.header
+        l1a = hd.l1_table_offset >> self.cb
+        l1b = (hd.l1_table_offset + len(self.l1) * 8 - 1) >> self.cb
+        rta = hd.refcount_table_offset >> self.cb
+        if c == 0 or (self.l1 and l1a <= c <= l1b) or rta <= c < rta + hd.refcount_table_clusters:
+            raise ImageError(f"'{self.filename}': L2 entry points at metadata (host 0x{h:x}); "
+                             "image is corrupt")

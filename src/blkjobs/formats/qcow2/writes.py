@@ -1,0 +1,171 @@
+"""qcow2 writes: partial-cluster writes with copy-on-write (the ``fill``
+hook), whole-cluster writes through :meth:`allocate`, compressed clusters.
+
+Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
+:mod:`.driver`.
+"""
+from __future__ import annotations
+
+import os
+
+from ...errors import UsageError
+from .compress import compress as _compress
+from .tables import ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, ZERO, L2Tables, _zero
+
+
+class Writes(L2Tables):
+    """The write path of :class:`.driver.Qcow2`."""
+
+    def _fill(self, fill, guest, mv):
+        """Fill mv with the view below this layer at guest offset (zeroes past
+        the virtual size or without a fill hook)."""
+        n = max(0, min(len(mv), self.size - guest))
+        if fill is not None and n:
+            fill(guest, mv[:n])
+        else:
+            _zero(mv, 0, n)
+        _zero(mv, n, len(mv))
+
+    def _old_sub(self, gc, e, bm, j, mv, a_in, fill):
+        """Fill mv with the current content of cluster gc at in-cluster offset
+        a_in (all inside subcluster j)."""
+        cstart = gc << self.cb
+        if e & COMPRESSED:
+            data = self._read_compressed(gc)
+            mv[:] = data[a_in:a_in + len(mv)]
+            return
+        h = e & OFFSET_MASK
+        if self.extended:
+            if bm >> j & 1:
+                self._pread_into(mv, h + a_in)
+            elif bm >> (32 + j) & 1:
+                _zero(mv, 0, len(mv))
+            else:
+                self._fill(fill, cstart + a_in, mv)
+        else:
+            if e & ZERO:
+                _zero(mv, 0, len(mv))
+            elif h:
+                self._pread_into(mv, h + a_in)
+            else:
+                self._fill(fill, cstart + a_in, mv)
+
+    def _write_cluster(self, gc: int, a: int, data, fill):
+        """Write data at in-cluster offset a of guest cluster gc (partial)."""
+        cs, scs = self.cluster_size, self.scs
+        _, _, e, bm = self._entry(gc)
+        if e or bm:
+            self._classify(gc, e, bm)
+        h = e & OFFSET_MASK
+        b = a + len(data)
+        if e & COMPRESSED or (h and not e & COPIED):
+            # COW of the whole cluster into a fresh one
+            buf = bytearray(cs)
+            mv = memoryview(buf)
+            for j in range(cs // scs):
+                self._old_sub(gc, e, bm, j, mv[j * scs:(j + 1) * scs], j * scs, fill)
+            buf[a:b] = data
+            nh = self._rc().alloc_one() << self.cb
+            os.pwrite(self.fd, buf, nh)
+            self._set_entry(gc, nh | COPIED, ALL_ALLOC if self.extended else 0)
+            self._release(e)
+            return
+        if not h:
+            h = self._rc().alloc_one() << self.cb
+            if not self.extended:
+                bm = 0
+        else:
+            self._check_overlap(h)
+            if not e & ZERO:
+                bits = ((1 << ((b - 1) // scs + 1)) - 1) ^ ((1 << (a // scs)) - 1)
+                if not self.extended or (bm & bits) == bits:
+                    # Allocated in place (COPIED, data): write just these
+                    # bytes; no read-modify-write of the rest of the cluster.
+                    done, n = 0, len(data)
+                    while done < n:
+                        done += os.pwrite(self.fd, data[done:], h + a + done)
+                    return
+        # (sub)cluster-aligned window [sa, sb) around [a, b)
+        sa = a // scs * scs
+        sb = -(-b // scs) * scs
+        j0, j1 = sa // scs, sb // scs - 1
+        buf = bytearray(sb - sa)
+        mv = memoryview(buf)
+        if a > sa:
+            self._old_sub(gc, e, bm, j0, mv[:a - sa], sa, fill)
+        if b < sb:
+            self._old_sub(gc, e, bm, j1, mv[b - sa:], b, fill)
+        buf[a - sa:b - sa] = data
+        os.pwrite(self.fd, buf, h + sa)
+        if self.extended:
+            bits = ((1 << (j1 + 1)) - 1) ^ ((1 << j0) - 1)
+            bm = (bm | bits) & ~(bits << 32)
+            self._set_entry(gc, h | COPIED, bm)
+        elif (e & ~COPIED) != h or not e & COPIED:
+            self._set_entry(gc, h | COPIED)
+
+    def write(self, offset: int, data, fill=None) -> None:
+        """Write ``data`` at ``offset``. ``fill(guest_offset, buf)`` provides
+        the content below this layer for the unwritten parts of newly
+        allocated (sub)clusters (see the module docstring); None = zeroes."""
+        data = memoryview(data).cast("B")
+        n = len(data)
+        self._check_writable(offset, n)
+        cs, cb = self.cluster_size, self.cb
+        pos, end = offset, offset + n
+        while pos < end:
+            gc = pos >> cb
+            cstart = gc << cb
+            cend = min(cstart + cs, self.size)
+            if pos == cstart and end >= cend:
+                # whole clusters: allocate (or reuse) runs and pwrite them
+                last = min(end, self.size)
+                full_end = cstart + ((last - cstart) // cs) * cs
+                if last == self.size:
+                    full_end = self.size
+                for m in self.allocate(cstart, full_end - cstart):
+                    d = data[m.start - offset:m.start - offset + m.length]
+                    done = 0
+                    while done < len(d):
+                        done += os.pwrite(self.fd, d[done:], m.host_offset + done)
+                pos = full_end
+                continue
+            b = min(end, cend)
+            self._write_cluster(gc, pos - cstart, data[pos - offset:b - offset], fill)
+            pos = b
+    def write_compressed(self, offset: int, cluster_data) -> None:
+        """Store one whole guest cluster compressed (for convert -c).
+        ``cluster_data`` is cluster_size bytes (the last cluster of the image
+        may be shorter: it is padded with zeroes). Falls back to a normal
+        cluster when compression does not save space."""
+        cs = self.cluster_size
+        data = bytes(cluster_data)
+        self._check_writable(offset, min(len(data), self.size - offset))
+        if offset % cs or len(data) > cs or (len(data) < cs and offset + len(data) != self.size):
+            raise UsageError("write_compressed needs one whole, aligned cluster")
+        data = data.ljust(cs, b"\0")
+        comp = _compress(self.ctype, data)
+        if len(comp) >= cs - 512:
+            self.write(offset, data[:min(cs, self.size - offset)])
+            return
+        gc = offset >> self.cb
+        _, _, e, bm = self._entry(gc)
+        if e or bm:
+            self._classify(gc, e, bm)
+        rc = self._rc()
+        n = len(comp)       # < cluster_size - 512: never spans two host clusters
+        if self._comp_free and self._comp_free + n <= self._comp_limit:
+            off = self._comp_free
+            rc.incref(off >> self.cb)          # one more compressed cluster touches it
+        else:
+            off = rc.alloc_one() << self.cb
+            self._comp_limit = off + cs
+        os.pwrite(self.fd, comp, off)
+        self._comp_free = off + n
+        if self._comp_free >= self._comp_limit:
+            self._comp_free = self._comp_limit = 0
+        nsec = ((off + n - 1) >> 9) - (off >> 9)
+        entry = COMPRESSED | (nsec << (62 - self._csec_bits)) | off
+        self._set_entry(gc, entry, 0)
+        if e:
+            self._release(e)

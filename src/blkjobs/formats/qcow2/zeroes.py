@@ -1,0 +1,114 @@
+"""qcow2 zeroing and discard: zero clusters, zero subclusters (extended
+L2), zero bytes for the partial rest; discard of whole clusters.
+
+Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
+:mod:`.driver`.
+"""
+from __future__ import annotations
+
+from .tables import ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, ZERO, L2Tables
+
+
+class Zeroes(L2Tables):
+    """write_zeroes and discard of :class:`.driver.Qcow2`."""
+
+    def _full_clusters(self, offset, length):
+        cs = self.cluster_size
+        end = offset + length
+        a = -(-offset // cs) * cs
+        b = end if end == self.size else end // cs * cs
+        return a, max(a, b)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True, fill=None) -> None:
+        """Make the range read as zeroes. Whole clusters become zero clusters
+        (v3; host clusters kept when ``may_unmap`` is False and the cluster is
+        ours), whole subclusters get their zero bit (extended L2), the rest is
+        written as zero bytes (``fill`` as in :meth:`write`). v2 images have no
+        zero flag: whole clusters are unmapped when there is no backing file,
+        else zeroes are written."""
+        self._check_writable(offset, length)
+        a, b = self._full_clusters(offset, length)
+        v2 = self.header.version < 3
+        if (v2 and self.backing_filename) or a >= b:
+            self._zero_partial(offset, offset + length, fill)
+            return
+        self._zero_partial(offset, a, fill)
+        cb = self.cb
+        for gc in range(a >> cb, -(-b // self.cluster_size)):
+            _, _, e, bm = self._entry(gc)
+            if e or bm:
+                self._classify(gc, e, bm)
+            h = e & OFFSET_MASK
+            keep = (not may_unmap) and h and e & COPIED and not e & COMPRESSED
+            if v2:
+                ne, nbm = 0, 0
+            elif self.extended:
+                ne, nbm = (h | COPIED, ALL_ZERO) if keep else (0, ALL_ZERO)
+            else:
+                ne, nbm = (h | COPIED | ZERO, 0) if keep else (ZERO, 0)
+            if (ne, nbm) == (e, bm):
+                continue
+            if (v2 or not keep) and e:
+                self._release(e)
+            if e or bm or ne or nbm:
+                self._set_entry(gc, ne, nbm)
+        self._zero_partial(b, offset + length, fill)
+
+    def _zero_partial(self, start, end, fill):
+        if start >= end:
+            return
+        if self.extended:
+            # whole subclusters inside a cluster we own: just flip bits
+            scs = self.scs
+            pos = start
+            while pos < end:
+                gc = pos >> self.cb
+                cstart = gc << self.cb
+                cend = min(cstart + self.cluster_size, end)
+                sa = min(cend, -(-(pos - cstart) // scs) * scs + cstart)
+                sb = (cend - cstart) // scs * scs + cstart
+                if cend == self.size and cend > sb:
+                    sb += scs            # the last, short subcluster of the image
+                _, _, e, bm = self._entry(gc)
+                if e or bm:
+                    self._classify(gc, e, bm)
+                if sa < sb and not e & COMPRESSED and (not e or e & COPIED):
+                    self._write_zero_bytes(pos, sa, fill)
+                    j0, j1 = (sa - cstart) // scs, (sb - cstart) // scs
+                    bits = ((1 << j1) - 1) ^ ((1 << j0) - 1)
+                    _, _, e, bm = self._entry(gc)
+                    self._set_entry(gc, e, (bm & ~bits) | (bits << 32))
+                    self._write_zero_bytes(min(sb, cend), cend, fill)
+                else:
+                    self._write_zero_bytes(pos, cend, fill)
+                pos = cend
+            return
+        self._write_zero_bytes(start, end, fill)
+
+    def _write_zero_bytes(self, start, end, fill):
+        if start < end:
+            self.write(start, bytes(end - start), fill=fill)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop whole clusters (partial ones are left alone, like QEMU).
+        Afterwards they read as zeroes when the image is v3 or has no backing
+        file (a zero cluster is used when there is a backing file), and from
+        the backing file in a v2 image with one."""
+        self._check_writable(offset, length)
+        a, b = self._full_clusters(offset, length)
+        if a >= b:
+            return
+        use_zero = bool(self.backing_filename) and self.header.version >= 3
+        for gc in range(a >> self.cb, -(-b // self.cluster_size)):
+            _, _, e, bm = self._entry(gc)
+            if e or bm:
+                self._classify(gc, e, bm)
+            if self.extended:
+                ne, nbm = (0, ALL_ZERO) if use_zero else (0, 0)
+            else:
+                ne, nbm = (ZERO, 0) if use_zero else (0, 0)
+            if (e, bm) == (ne, nbm):
+                continue
+            if e:
+                self._release(e)
+            self._set_entry(gc, ne, nbm)
