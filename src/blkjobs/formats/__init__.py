@@ -57,7 +57,7 @@ def create_image(path: str, fmt: str, size: int | None, **opts) -> None:
     refcount_bits. A backing file without a format is probed; ``size=None``
     takes the backing file's size. raw options: preallocation ('off'|'falloc')."""
     if fmt == "qcow2":
-        from .qcow2 import create
+        from .qcow2 import create as create_qcow2
         bf = opts.get("backing_file")
         if bf and (not opts.get("backing_format") or size is None):
             full = bf if os.path.isabs(bf) else os.path.join(os.path.dirname(os.path.abspath(path)), bf)
@@ -68,11 +68,11 @@ def create_image(path: str, fmt: str, size: int | None, **opts) -> None:
                     size = b.size
         if size is None:
             raise UsageError("image size is required")
-        create(path, size, **opts)
+        create_qcow2(path, size, **opts)
     elif fmt == "raw":
-        from .raw import create
+        from .raw import create as create_raw
         if size is None:
             raise UsageError("image size is required")
-        create(path, size, **opts)
+        create_raw(path, size, **opts)
     else:
         raise UsageError(f"unknown image format '{fmt}' (supported: {', '.join(FORMATS)})")

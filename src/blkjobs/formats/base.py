@@ -110,11 +110,15 @@ class Driver(abc.ABC):
     has_metadata: bool = False
     injects_faults: bool = False
     filename: str
-    fd: int
     read_only: bool
     backing_filename: str | None = None
     backing_format: str | None = None
     cluster_size: int = 0
+
+    @property
+    @abc.abstractmethod
+    def fd(self) -> int:
+        """The OS file descriptor of the (data) file."""
 
     @property
     @abc.abstractmethod

@@ -85,7 +85,8 @@ class Raw(Driver):
                 if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                     self._can_seek_data = False
                     continue
-                raise OSErrorWithContext(e.errno, "SEEK_DATA", path=self.filename) from None
+                raise OSErrorWithContext(e.errno or errno.EIO, "SEEK_DATA",
+                                         path=self.filename) from None
             if d > pos:
                 out.append(Mapping(pos, min(d, end) - pos, Kind.ZERO, pos))
                 pos = min(d, end)

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import TYPE_CHECKING
 
 from ...errors import ImageError, UsageError
 from ..base import open_file  # open_file: refuses FIFOs & co.
@@ -64,6 +65,9 @@ from .tables import L1_OFFSET_MASK, L1_RESERVED
 from .writes import Writes
 from .zeroes import Zeroes
 from ...native import qcow2 as _nq
+
+if TYPE_CHECKING:
+    from .bitmaps import Bitmaps
 
 
 class Qcow2(Reads, Writes, Allocation, Zeroes):
@@ -101,7 +105,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
 
     # ------------------------------------------------------------------
     # open
-    def _open(self):
+    def _open(self) -> None:
         st = os.fstat(self.fd)
         self.file_size = st.st_size
         buf = os.pread(self.fd, 2 << 20, 0)
@@ -119,7 +123,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self._coff_mask = (1 << (62 - self._csec_bits)) - 1
         # validated (and bounded) like qemu-img does at open
         self.bitmaps = read_bitmap_directory(self.fd, h, self.file_size, self.filename)
-        self._pbm = None          # bitmaps.Bitmaps, loaded on first use
+        self._pbm: Bitmaps | None = None     # loaded on first use
         raw = os.pread(self.fd, h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         if len(raw) != h.l1_size * 8:
             raise ImageError(f"'{self.filename}': L1 table truncated")
@@ -136,7 +140,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self._l2dec = _nq.L2Decoder()
         self.l2dirty: set[int] = set()
         self._header_dirty = False
-        self._comp_cache = (None, None)
+        self._comp_cache = (None, b"")
         self._comp_free = 0       # next free byte for compressed data (this session)
         self._comp_limit = 0
         self.rc = None
@@ -153,7 +157,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self.rc.unsafe = self.unsafe
         return self.rc
 
-    def _open_rw(self):
+    def _open_rw(self) -> None:
         h = self.header
         if h.incompatible & INCOMPAT_CORRUPT:
             raise ImageError(f"'{self.filename}': image is corrupt; cannot be opened read/write")
@@ -163,7 +167,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self._write_prepared = False
 
     @property
-    def persistent_bitmaps(self):
+    def persistent_bitmaps(self) -> Bitmaps:
         """The image's persistent dirty bitmaps (:class:`.bitmaps.Bitmaps`).
         Guest writes set the bits of the enabled ones; changes are stored at
         close."""
@@ -172,7 +176,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
             self._pbm = Bitmaps(self)
         return self._pbm
 
-    def _prepare_write(self):
+    def _prepare_write(self) -> None:
         """Before the first modification (not at open: opening never
         writes): rebuild refcounts of a dirty image, clear unknown autoclear
         bits."""
@@ -192,12 +196,12 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         if self._header_dirty:
             self._write_header()
 
-    def _set_rt_location(self, offset, clusters):
+    def _set_rt_location(self, offset: int, clusters: int) -> None:
         self.header.refcount_table_offset = offset
         self.header.refcount_table_clusters = clusters
         self._write_header()
 
-    def _write_header(self):
+    def _write_header(self) -> None:
         data = self.header.pack()
         old = getattr(self, "_header_len", 0)
         os.pwrite(self.fd, data.ljust(max(old, len(data)), b"\0"), 0)
@@ -211,7 +215,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
 
     # ------------------------------------------------------------------
     # every modification starts here
-    def _check_writable(self, offset, length):
+    def _check_writable(self, offset: int, length: int) -> None:
         if self.read_only:
             raise ImageError(f"'{self.filename}': image is opened read-only")
         if self._closed:
@@ -304,7 +308,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
 
     def info(self) -> dict:
         h = self.header
-        d = {"compat": "1.1" if h.version >= 3 else "0.10",
+        d: dict[str, object] = {"compat": "1.1" if h.version >= 3 else "0.10",
              "compression-type": "zstd" if h.compression_type == 1 else "zlib"}
         if h.version >= 3:
             d.update({"lazy-refcounts": bool(h.compatible & COMPAT_LAZY_REFCOUNTS),
@@ -314,7 +318,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         else:
             d["refcount-bits"] = h.refcount_bits
         if self.bitmaps:       # after lazy-refcounts, as qemu-img prints them
-            rest = {k: d.pop(k) for k in ("refcount-bits", "corrupt", "extended-l2") if k in d}
+            rest: dict[str, object] = {k: d.pop(k) for k in ("refcount-bits", "corrupt", "extended-l2") if k in d}
             d["bitmaps"] = self.persistent_bitmaps.info()
             d.update(rest)
         return {"type": "qcow2", "data": d}

@@ -270,8 +270,9 @@ def parse_header(buf: bytes, file_size: int, path: str = "") -> Header:
         raise bad(f"invalid snapshot table offset 0x{snap_off:x}")
     if nb_snap > 65536:
         raise bad(f"too many snapshots ({nb_snap})")
-    if h.ext(EXT_BITMAPS) is not None and h.autoclear & AUTOCLEAR_BITMAPS:
-        _check_bitmaps_ext(h.ext(EXT_BITMAPS), cs, bad)
+    bitmaps_ext = h.ext(EXT_BITMAPS)
+    if bitmaps_ext is not None and h.autoclear & AUTOCLEAR_BITMAPS:
+        _check_bitmaps_ext(bitmaps_ext, cs, bad)
     return h
 
 
@@ -322,7 +323,7 @@ def read_bitmap_directory(fd: int, h: Header, file_size: int, path: str = "") ->
     have = max(0, min(dsize, file_size - doff))
     d = os.pread(fd, have, doff) if have else b""
     d = d + bytes(dsize - len(d))
-    out = []
+    out: list[BitmapEntry] = []
     p = 0
     while p < dsize:
         if p + _BITMAP_ENTRY.size > dsize:

@@ -225,10 +225,10 @@ class Refcounts:
             wrote = True
         self.dirty.clear()
         if self.table_dirty:
-            t = array.array("Q", self.table)
+            table = array.array("Q", self.table)
             if sys.byteorder == "little":
-                t.byteswap()
-            os.pwrite(self.fd, t.tobytes(), self.table_offset)
+                table.byteswap()
+            os.pwrite(self.fd, table.tobytes(), self.table_offset)
             self.table_dirty = False
             wrote = True
         if wrote and not self.unsafe:

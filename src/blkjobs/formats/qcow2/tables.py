@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import TYPE_CHECKING
 
 from ...errors import ImageError
+from ...native import qcow2 as _nq
 from ..base import Driver, Kind
+from .header import Header
+from .refcount import Refcounts
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1_RESERVED = 0x7F000000000001FF
@@ -34,7 +38,40 @@ def _zero(mv, a, b):
 
 
 class L2Tables(Driver):
-    """L1/L2 lookup for :class:`.driver.Qcow2`."""
+    """L1/L2 lookup for :class:`.driver.Qcow2`.
+
+    The state below is set up by ``Qcow2._open`` (driver.py); every mixin of
+    the class derives from this one and shares it."""
+
+    header: Header
+    file_size: int          # the file's size as last seen (grows with writes)
+    cb: int                 # cluster_bits
+    extended: bool          # extended L2 entries (subclusters)
+    l2e: int                # entries per L2 table
+    esz: int                # bytes per L2 entry (8 or 16)
+    scs: int                # (sub)cluster size: the allocation unit of a write
+    ctype: int              # compression type
+    _csec_bits: int         # compressed entry: bits of the sector count
+    _coff_mask: int         # compressed entry: the host offset's bits
+    l1: list[int]           # the active L1 table, whole
+    l1_dirty: bool
+    l2cache: dict[int, bytearray]   # L2 tables by host offset
+    l2dirty: set[int]               # ... of which changed since the last flush
+    _l2dec: _nq.L2Decoder
+    rc: Refcounts | None    # loaded on first use (see _rc)
+    _closed: bool
+    _write_prepared: bool
+    _comp_cache: tuple[int | None, bytes]   # (guest cluster, its data) last decompressed
+    _comp_free: int         # next free byte for compressed data (this session)
+    _comp_limit: int
+
+    if TYPE_CHECKING:
+        # What the mixins use of each other (driver.py, mapping.py, writes.py).
+        def _rc(self) -> Refcounts: ...
+        def _check_writable(self, offset: int, length: int) -> None: ...
+        def _read_compressed(self, gc: int) -> bytes: ...
+        def _pread_into(self, mv: memoryview, host: int) -> None: ...
+        def write(self, offset: int, data, fill=None) -> None: ...
 
     # ------------------------------------------------------------------
     # L2 cache

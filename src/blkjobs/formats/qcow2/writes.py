@@ -125,9 +125,11 @@ class Writes(L2Tables):
                     full_end = self.size
                 for m in self.allocate(cstart, full_end - cstart):
                     d = data[m.start - offset:m.start - offset + m.length]
+                    host = m.host_offset
+                    assert host is not None         # allocate returns DATA runs
                     done = 0
                     while done < len(d):
-                        done += os.pwrite(self.fd, d[done:], m.host_offset + done)
+                        done += os.pwrite(self.fd, d[done:], host + done)
                 pos = full_end
                 continue
             b = min(end, cend)
