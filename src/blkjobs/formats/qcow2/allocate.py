@@ -51,80 +51,48 @@ class Allocation(L2Tables):
         if offset % cs or (length % cs and offset + length != self.size):
             raise UsageError(f"allocate: range {offset}+{length} is not cluster aligned")
         g0, g1 = offset >> cb, -(-(offset + length) // cs)
-        runs: list = []   # [guest_start, length, host]
-
-        def note(gc0, ncl, e=0, bm=0):
-            if undo is None:
-                return
-            s, n = gc0 << cb, min(ncl << cb, self.size - (gc0 << cb))
-            last = undo[-1] if undo else None
-            if last and not (e or bm or last[2] or last[3]) and last[0] + last[1] == s:
-                undo[-1] = (last[0], last[1] + n, 0, 0)
-            else:
-                undo.append((s, n, e, bm))
-
-        def add(gs, host, ncl):
-            ln = min(ncl * cs, self.size - gs)
-            if runs and runs[-1][0] + runs[-1][1] == gs and runs[-1][2] + runs[-1][1] == host:
-                runs[-1][1] += ln
-            else:
-                runs.append([gs, ln, host])
-
-        need: list = []   # guest clusters needing new host clusters
-
-        def flush_need():
-            if not need:
-                return
-            rc = self._rc()
-            it = iter(need)
-            for c0, k in rc.alloc(len(need)):
-                for i in range(k):
-                    gc = next(it)
-                    self._set_entry(gc, ((c0 + i) << cb) | COPIED,
-                                    ALL_ALLOC if self.extended else 0)
-                    add(gc << cb, (c0 + i) << cb, 1)
-            need.clear()
-
-        def fast_span(a, b) -> bool:
-            # [a, b) inside one L2 table, all entries zero (a fresh convert
-            # target): allocate in bulk, one pack_into per host run
-            esz = self.esz
-            off = self._l2_offset(a // self.l2e)
-            i0 = (a % self.l2e) * esz
-            if off:
-                t = self._l2(off)
-                if t[i0:i0 + (b - a) * esz].count(0) != (b - a) * esz:
-                    return False
-            flush_need()
-            t, off = self._l2_for_write(a)
-            note(a, b - a)
-            gc = a
-            for c0, k in self._rc().alloc(b - a):
-                if self.extended:
-                    vals = [v for c in range(c0, c0 + k) for v in ((c << cb) | COPIED, ALL_ALLOC)]
-                else:
-                    vals = [(c << cb) | COPIED for c in range(c0, c0 + k)]
-                struct.pack_into(f">{len(vals)}Q", t, i0 + (gc - a) * esz, *vals)
-                add(gc << cb, c0 << cb, k)
-                gc += k
-            self.l2dirty.add(off)
-            return True
-
+        job = _Pending(self, undo)
         gc = g0
         while gc < g1:
             span_end = min(g1, (gc // self.l2e + 1) * self.l2e)
-            if span_end - gc >= 16 and fast_span(gc, span_end):
+            if span_end - gc >= 16 and self._alloc_fresh_span(job, gc, span_end):
                 gc = span_end
                 continue
             for gc in range(gc, span_end):
-                old = self._alloc_one_cluster(gc, need, flush_need, add)
+                old = self._alloc_one_cluster(job, gc)
                 if old is not None:
-                    note(gc, 1, *old)
+                    job.note(gc, 1, *old)
             gc = span_end
-        flush_need()
-        return [Mapping(s, n, Kind.DATA, h) for s, n, h in runs]
+        job.flush_need()
+        return [Mapping(s, n, Kind.DATA, h) for s, n, h in job.runs]
 
-    def _alloc_one_cluster(self, gc, need, flush_need, add) -> tuple[int, int] | None:
+    def _alloc_fresh_span(self, job: _Pending, a: int, b: int) -> bool:
+        """allocate() for guest clusters [a, b), inside one L2 table, when all
+        their entries are zero (a fresh convert target): in bulk, one
+        pack_into per host run. False (nothing done) otherwise."""
+        cb, esz = self.cb, self.esz
+        off = self._l2_offset(a // self.l2e)
+        i0 = (a % self.l2e) * esz
+        if off:
+            t = self._l2(off)
+            if t[i0:i0 + (b - a) * esz].count(0) != (b - a) * esz:
+                return False
+        job.flush_need()
+        t, off = self._l2_for_write(a)
+        job.note(a, b - a)
+        gc = a
+        for c0, k in self._rc().alloc(b - a):
+            if self.extended:
+                vals = [v for c in range(c0, c0 + k) for v in ((c << cb) | COPIED, ALL_ALLOC)]
+            else:
+                vals = [(c << cb) | COPIED for c in range(c0, c0 + k)]
+            struct.pack_into(f">{len(vals)}Q", t, i0 + (gc - a) * esz, *vals)
+            job.add(gc << cb, c0 << cb, k)
+            gc += k
+        self.l2dirty.add(off)
+        return True
+
+    def _alloc_one_cluster(self, job: _Pending, gc: int) -> tuple[int, int] | None:
         """allocate() for one guest cluster: reuse it in place or queue it.
         The old (entry, bitmap) when what it read is now undefined until
         written and can be put back (see allocate's ``undo``)."""
@@ -135,7 +103,7 @@ class Allocation(L2Tables):
         h = e & OFFSET_MASK
         if h and e & COPIED and not e & COMPRESSED:
             self._check_overlap(h)
-            flush_need()
+            job.flush_need()
             changed = None
             if self.extended:
                 if bm != ALL_ALLOC:
@@ -144,11 +112,11 @@ class Allocation(L2Tables):
             elif e & ZERO:
                 self._set_entry(gc, h | COPIED)
                 changed = (e, bm)
-            add(gc << cb, h, 1)
+            job.add(gc << cb, h, 1)
             return changed
         if e:
             self._release(e)
-        need.append(gc)
+        job.need.append(gc)
         # no host cluster was referenced (unallocated, zero): restorable
         return None if h or e & COMPRESSED else (e, bm)
 
@@ -172,3 +140,53 @@ class Allocation(L2Tables):
                     self._release(e)
                     _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, h, cs)
                 self._set_entry(gc, old_e, old_bm)
+
+
+class _Pending:
+    """The state of one :meth:`Allocation.allocate` call: the DATA runs
+    handed out so far, the guest clusters queued for new host clusters
+    (taken together, so that they are contiguous in the file), the caller's
+    ``undo`` list."""
+
+    def __init__(self, drv: Allocation, undo: list[tuple[int, int, int, int]] | None) -> None:
+        self.drv = drv
+        self.undo = undo
+        self.runs: list[list[int]] = []    # [guest_start, length, host]
+        self.need: list[int] = []          # guest clusters needing new host clusters
+
+    def note(self, gc0: int, ncl: int, e: int = 0, bm: int = 0) -> None:
+        """Record for ``undo``: clusters [gc0, gc0+ncl) had entry e, bitmap bm
+        (unallocated ones merge into one range)."""
+        undo = self.undo
+        if undo is None:
+            return
+        cb = self.drv.cb
+        s, n = gc0 << cb, min(ncl << cb, self.drv.size - (gc0 << cb))
+        last = undo[-1] if undo else None
+        if last and not (e or bm or last[2] or last[3]) and last[0] + last[1] == s:
+            undo[-1] = (last[0], last[1] + n, 0, 0)
+        else:
+            undo.append((s, n, e, bm))
+
+    def add(self, gs: int, host: int, ncl: int) -> None:
+        """Hand out ncl clusters at guest gs, host ``host``."""
+        runs = self.runs
+        ln = min(ncl * self.drv.cluster_size, self.drv.size - gs)
+        if runs and runs[-1][0] + runs[-1][1] == gs and runs[-1][2] + runs[-1][1] == host:
+            runs[-1][1] += ln
+        else:
+            runs.append([gs, ln, host])
+
+    def flush_need(self) -> None:
+        """Give the queued guest clusters their new host clusters."""
+        if not self.need:
+            return
+        drv, cb = self.drv, self.drv.cb
+        it = iter(self.need)
+        for c0, k in drv._rc().alloc(len(self.need)):
+            for i in range(k):
+                gc = next(it)
+                drv._set_entry(gc, ((c0 + i) << cb) | COPIED,
+                               ALL_ALLOC if drv.extended else 0)
+                self.add(gc << cb, (c0 + i) << cb, 1)
+        self.need.clear()

@@ -54,101 +54,102 @@ class Reads(L2Tables):
         if self._closed:        # every read starts here: no stale answers
             raise ImageError(f"'{self.filename}': image is closed")
         end = min(offset + length, self.size)
-        out: list = []   # [start, length, kind, host]
-
-        def emit(s, n, kind, host=None):
-            if out:
-                p = out[-1]
-                if p[2] == kind and p[0] + p[1] == s and (
-                        (host is None and p[3] is None)
-                        or (host is not None and p[3] is not None and p[3] + p[1] == host)):
-                    p[1] += n
-                    return
-            out.append([s, n, kind, host])
-
-        cs, cb, l2e = self.cluster_size, self.cb, self.l2e
+        runs = _Runs()
+        table_span = self.l2e * self.cluster_size      # guest bytes one L2 table maps
         pos = offset
         while pos < end:
-            gc0 = pos >> cb
-            l1i = gc0 // l2e
-            span_end = min(end, (l1i + 1) * l2e * cs)
-            l2off = self._l2_offset(l1i)
-            if not l2off:
-                emit(pos, span_end - pos, Kind.UNALLOCATED)
-                pos = span_end
-                continue
-            t = self._l2(l2off)
-            gc1 = (span_end - 1) >> cb
-            i0 = (gc0 % l2e) * self.esz
-            i1 = (gc1 % l2e + 1) * self.esz
-            if t[i0:i1].count(0) == i1 - i0:
-                emit(pos, span_end - pos, Kind.UNALLOCATED)
-                pos = span_end
-                continue
-            n = gc1 - gc0 + 1
-            k0 = 0
-            if not self.extended:
-                # The C hot loop decodes the well-formed entries into runs;
-                # it stops at anything unusual, which the loop below handles.
-                limit = self.file_size
-                if self.rc is not None:
-                    limit = max(limit, self.rc.end << cb)
-                runs, stop = self._l2dec.runs(t, gc0 % l2e, n, cb, limit,
-                                              self.header.version >= 3)
-                base = l1i * l2e
-                for first, count, kind, host in runs:
-                    cstart = (base + first) << cb
-                    s = max(pos, cstart)
-                    e_ = min(span_end, (base + first + count) << cb)
-                    if kind == _nq.DATA:
-                        emit(s, e_ - s, Kind.DATA, host + s - cstart)
-                    elif kind == _nq.ZERO:
-                        emit(s, e_ - s, Kind.ZERO, (host + s - cstart) if host else None)
-                    else:
-                        emit(s, e_ - s, Kind.UNALLOCATED)
-                k0 = stop - gc0 % l2e
-                if k0 >= n:
-                    pos = span_end
-                    continue
-            if self.extended:
-                vals = struct.unpack_from(f">{2 * n}Q", t, i0)
-            else:
-                vals = struct.unpack_from(f">{n}Q", t, i0)
-            for k in range(k0, n):
-                gc = gc0 + k
-                cstart = gc << cb
-                s = max(pos, cstart)
-                e_ = min(span_end, cstart + cs)
-                if self.extended:
-                    e, bm = vals[2 * k], vals[2 * k + 1]
-                else:
-                    e, bm = vals[k], 0
-                if e == 0 and bm == 0:
-                    emit(s, e_ - s, Kind.UNALLOCATED)
-                    continue
-                kind, h = self._classify(gc, e, bm)
-                if kind != "ext":
-                    emit(s, e_ - s, kind, (h + s - cstart) if h else None)
-                    continue
-                h, alloc, zero = h
-                if alloc == ALL_ALLOC:
-                    emit(s, e_ - s, Kind.DATA, h + s - cstart)
-                    continue
-                if zero == ALL_ALLOC:
-                    emit(s, e_ - s, Kind.ZERO, (h + s - cstart) if h else None)
-                    continue
-                scs = self.scs
-                for j in range((s - cstart) // scs, (e_ - 1 - cstart) // scs + 1):
-                    a = max(s, cstart + j * scs)
-                    b = min(e_, cstart + (j + 1) * scs)
-                    if alloc >> j & 1:
-                        emit(a, b - a, Kind.DATA, h + a - cstart)
-                    elif zero >> j & 1:
-                        emit(a, b - a, Kind.ZERO, (h + a - cstart) if h else None)
-                    else:   # QEMU reports the host cluster of such subclusters too
-                        emit(a, b - a, Kind.UNALLOCATED, (h + a - cstart) if h else None)
+            l1i = (pos >> self.cb) // self.l2e
+            span_end = min(end, (l1i + 1) * table_span)
+            self._map_table(runs, l1i, pos, span_end)
             pos = span_end
-        return [Mapping(s, n, k, h) for s, n, k, h in out]
+        return runs.mappings()
+
+    def _map_table(self, runs: _Runs, l1i: int, pos: int, span_end: int) -> None:
+        """map_host for [pos, span_end), all in the guest range of L2 table
+        ``l1i``: the C decoder takes the well-formed standard entries, the
+        rest (and extended L2 entries) one by one in Python."""
+        cb, l2e, esz = self.cb, self.l2e, self.esz
+        l2off = self._l2_offset(l1i)
+        if not l2off:
+            runs.emit(pos, span_end - pos, Kind.UNALLOCATED)
+            return
+        t = self._l2(l2off)
+        gc0, gc1 = pos >> cb, (span_end - 1) >> cb
+        i0, i1 = (gc0 % l2e) * esz, (gc1 % l2e + 1) * esz
+        if t[i0:i1].count(0) == i1 - i0:
+            runs.emit(pos, span_end - pos, Kind.UNALLOCATED)
+            return
+        n = gc1 - gc0 + 1
+        k0 = 0
+        if not self.extended:
+            k0 = self._map_decoded(runs, t, l1i, gc0, n, pos, span_end)
+            if k0 >= n:
+                return
+        if self.extended:
+            vals = struct.unpack_from(f">{2 * n}Q", t, i0)
+        else:
+            vals = struct.unpack_from(f">{n}Q", t, i0)
+        for k in range(k0, n):
+            gc = gc0 + k
+            cstart = gc << cb
+            s = max(pos, cstart)
+            e_ = min(span_end, cstart + self.cluster_size)
+            if self.extended:
+                self._map_entry(runs, gc, vals[2 * k], vals[2 * k + 1], s, e_)
+            else:
+                self._map_entry(runs, gc, vals[k], 0, s, e_)
+
+    def _map_decoded(self, runs: _Runs, t: bytearray, l1i: int, gc0: int, n: int,
+                     pos: int, span_end: int) -> int:
+        """The C hot loop decodes the well-formed standard entries of
+        clusters [gc0, gc0+n) into runs; it stops at anything unusual.
+        Returns how many entries it took (the caller does the rest)."""
+        cb, l2e = self.cb, self.l2e
+        limit = self.file_size
+        if self.rc is not None:
+            limit = max(limit, self.rc.end << cb)
+        decoded, stop = self._l2dec.runs(t, gc0 % l2e, n, cb, limit, self.header.version >= 3)
+        base = l1i * l2e
+        for first, count, kind, host in decoded:
+            cstart = (base + first) << cb
+            s = max(pos, cstart)
+            e_ = min(span_end, (base + first + count) << cb)
+            if kind == _nq.DATA:
+                runs.emit(s, e_ - s, Kind.DATA, host + s - cstart)
+            elif kind == _nq.ZERO:
+                runs.emit(s, e_ - s, Kind.ZERO, (host + s - cstart) if host else None)
+            else:
+                runs.emit(s, e_ - s, Kind.UNALLOCATED)
+        return stop - gc0 % l2e
+
+    def _map_entry(self, runs: _Runs, gc: int, e: int, bm: int, s: int, e_: int) -> None:
+        """map_host for [s, e_) inside guest cluster ``gc`` whose L2 entry is
+        ``e`` (``bm``: the subcluster bitmap of an extended entry)."""
+        cstart = gc << self.cb
+        if e == 0 and bm == 0:
+            runs.emit(s, e_ - s, Kind.UNALLOCATED)
+            return
+        kind, h = self._classify(gc, e, bm)
+        if kind != "ext":
+            runs.emit(s, e_ - s, kind, (h + s - cstart) if h else None)
+            return
+        h, alloc, zero = h
+        if alloc == ALL_ALLOC:
+            runs.emit(s, e_ - s, Kind.DATA, h + s - cstart)
+            return
+        if zero == ALL_ALLOC:
+            runs.emit(s, e_ - s, Kind.ZERO, (h + s - cstart) if h else None)
+            return
+        scs = self.scs
+        for j in range((s - cstart) // scs, (e_ - 1 - cstart) // scs + 1):
+            a = max(s, cstart + j * scs)
+            b = min(e_, cstart + (j + 1) * scs)
+            if alloc >> j & 1:
+                runs.emit(a, b - a, Kind.DATA, h + a - cstart)
+            elif zero >> j & 1:
+                runs.emit(a, b - a, Kind.ZERO, (h + a - cstart) if h else None)
+            else:   # QEMU reports the host cluster of such subclusters too
+                runs.emit(a, b - a, Kind.UNALLOCATED, (h + a - cstart) if h else None)
 
     # ------------------------------------------------------------------
     # reads
@@ -196,3 +197,26 @@ class Reads(L2Tables):
         b = bytearray(length)
         self.readinto(offset, b)
         return bytes(b)
+
+
+class _Runs:
+    """The runs map_host builds, in guest order: a run continuing the last
+    one (same kind, adjacent, and for a host offset contiguous in the file
+    too) extends it."""
+
+    def __init__(self) -> None:
+        self.out: list[list] = []      # [start, length, kind, host]
+
+    def emit(self, s: int, n: int, kind: Kind, host: int | None = None) -> None:
+        out = self.out
+        if out:
+            p = out[-1]
+            if p[2] == kind and p[0] + p[1] == s and (
+                    (host is None and p[3] is None)
+                    or (host is not None and p[3] is not None and p[3] + p[1] == host)):
+                p[1] += n
+                return
+        out.append([s, n, kind, host])
+
+    def mappings(self) -> list[Mapping]:
+        return [Mapping(s, n, k, h) for s, n, k, h in self.out]
