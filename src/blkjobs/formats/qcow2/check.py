@@ -19,9 +19,11 @@ import itertools
 import os
 import struct
 from collections import Counter
+from typing import Any
 
 from ...errors import ImageError
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, read_bitmap_directory
+from .refcount import Refcounts
 
 L1_RESERVED = 0x7F000000000001FF
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -44,10 +46,10 @@ def check(img, repair: str | None = None) -> CheckResult:
         raise ImageError(f"'{img.filename}': repair needs the image opened read/write")
     if not img.read_only:
         img.flush()
-    res = _check(img, repair)
+    res = Checker(img, repair).run()
     if repair and (res.fixed_leaks or res.fixed_corruptions):
         img.flush()
-        again = _check(img, None)
+        again = Checker(img, None).run()
         out = again.result
         if res.fixed_leaks:
             out["leaks-fixed"] = res.fixed_leaks
@@ -58,263 +60,306 @@ def check(img, repair: str | None = None) -> CheckResult:
     return res.result
 
 
-class _Walk:
-    pass
+class Checker:
+    """One pass of the check over the open qcow2 image ``img``.
 
+    :meth:`run` takes the steps in order: every structure that occupies the
+    file adds its references to ``refs`` (host cluster -> count) and its
+    errors to ``msgs`` / ``corrupt``; then the counts are compared with the
+    stored refcounts and, as ``repair`` asks, refcounts and COPIED flags are
+    fixed (``fixed_leaks`` / ``fixed_corruptions``). ``result`` is the
+    :class:`CheckResult`."""
 
-def _check(img, repair):
-    fd, cs, cb = img.fd, img.cluster_size, img.cb
-    h = img.header
-    file_size = os.fstat(fd).st_size
-    nfile = -(-file_size // cs)
-    refs: Counter = Counter()
-    msgs: list = []
-    corrupt = 0
-    check_errors = 0
-    allocated = fragmented = compressed = 0
-    esz = 16 if img.extended else 8
-    l2e = img.l2e
-    copied_checks = []     # (kind, where, entry, host_cluster)
+    rc: Refcounts       # the image's, taken once the walk reaches them
 
-    def ref_range(off, nbytes):
+    def __init__(self, img, repair: str | None) -> None:
+        self.img = img
+        self.repair = repair
+        self.fd: int = img.fd
+        self.cs: int = img.cluster_size
+        self.cb: int = img.cb
+        self.h = img.header
+        self.file_size = os.fstat(self.fd).st_size
+        self.nfile = -(-self.file_size // self.cs)      # clusters in the file
+        self.esz = 16 if img.extended else 8
+        self.refs: Counter[int] = Counter()
+        self.msgs: list[str] = []
+        self.corrupt = 0
+        self.check_errors = 0
+        self.leaks = 0
+        self.allocated = self.fragmented = self.compressed = 0
+        self.next_host = 0          # active L1 walk: where a contiguous data cluster would be
+        self.copied_checks: list[tuple[str, Any, int, int]] = []  # (kind, where, entry, cluster)
+        self.fixed_leaks = self.fixed_corruptions = 0
+        self.end_cluster = 0
+        self.result = CheckResult()
+
+    def run(self) -> Checker:
+        self.walk_header()
+        # the active L1 (in memory when open read/write: flushed first)
+        if not self.img.read_only:
+            self.img.flush()
+        self.walk_l1(self.h.l1_table_offset, self.h.l1_size, True)
+        self.walk_snapshots()
+        self.rc = self.img._rc()
+        self.walk_refcounts()
+        self.walk_bitmaps()
+        self.compare_refcounts()
+        self.check_copied_flags()
+        self.result = self.report()
+        return self
+
+    # ------------------------------------------------------------------
+    # helpers
+    def error(self, msg: str) -> None:
+        self.msgs.append(msg)
+        self.corrupt += 1
+
+    def ref_range(self, off: int, nbytes: int) -> None:
         """Count a reference to [off, off+nbytes). Like qemu-img, a region
         ending a cluster or more past the end of the file is a corruption
         and is not counted (so hostile offsets cannot grow ``refs``)."""
-        nonlocal corrupt
         if nbytes <= 0:
             return
-        if off + nbytes - file_size >= cs:
-            msgs.append("ERROR: counting reference for region exceeding the end of the file "
-                        f"by one cluster or more: offset 0x{off:x} size 0x{nbytes:x}")
-            corrupt += 1
+        if off + nbytes - self.file_size >= self.cs:
+            self.error("ERROR: counting reference for region exceeding the end of the file "
+                       f"by one cluster or more: offset 0x{off:x} size 0x{nbytes:x}")
             return
-        for c in range(off >> cb, ((off + nbytes - 1) >> cb) + 1):
-            refs[c] += 1
+        for c in range(off >> self.cb, ((off + nbytes - 1) >> self.cb) + 1):
+            self.refs[c] += 1
 
-    def pread(off, n):
-        if off < 0 or n < 0 or off + n > file_size:
+    def pread(self, off: int, n: int) -> bytes | None:
+        if off < 0 or n < 0 or off + n > self.file_size:
             return None
-        d = os.pread(fd, n, off)
+        d = os.pread(self.fd, n, off)
         return d if len(d) == n else None
 
-    def walk_l1(l1_off, l1_size, active):
-        nonlocal corrupt, allocated, fragmented, compressed
-        ref_range(l1_off, l1_size * 8)
-        raw = pread(l1_off, l1_size * 8)
+    # ------------------------------------------------------------------
+    # the walk
+    def walk_header(self) -> None:
+        self.refs[0] += 1
+
+    def walk_l1(self, l1_off: int, l1_size: int, active: bool) -> None:
+        """An L1 table, its L2 tables and their data clusters (``active``:
+        the image's own, else a snapshot's)."""
+        self.ref_range(l1_off, l1_size * 8)
+        raw = self.pread(l1_off, l1_size * 8)
         if raw is None:
-            msgs.append(f"ERROR L1 table at 0x{l1_off:x} beyond the end of the file")
-            corrupt += 1
+            self.error(f"ERROR L1 table at 0x{l1_off:x} beyond the end of the file")
             return
-        l1 = struct.unpack(f">{l1_size}Q", raw)
-        nxt = 0
-        for i, e in enumerate(l1):
+        self.next_host = 0
+        for i, e in enumerate(struct.unpack(f">{l1_size}Q", raw)):
             off = e & OFFSET_MASK
             if e & L1_RESERVED:
-                msgs.append(f"ERROR L1 entry {i} has reserved bits set: 0x{e:x}")
-                corrupt += 1
+                self.error(f"ERROR L1 entry {i} has reserved bits set: 0x{e:x}")
                 continue
             if not off:
                 continue
-            if off % cs:
-                msgs.append(f"ERROR l2_offset={off:x}: Table is not cluster aligned; "
-                            "L1 entry corrupted")
-                corrupt += 1
+            if off % self.cs:
+                self.error(f"ERROR l2_offset={off:x}: Table is not cluster aligned; "
+                           "L1 entry corrupted")
                 continue
-            ref_range(off, cs)
+            self.ref_range(off, self.cs)
             if active:
-                copied_checks.append(("L2", i, e, off >> cb, None))
-            if active and img.l2cache.get(off) is not None:
-                t = bytes(img.l2cache[off])
+                self.copied_checks.append(("L2", i, e, off >> self.cb))
+            t: bytes | None
+            if active and self.img.l2cache.get(off) is not None:
+                t = bytes(self.img.l2cache[off])
             else:
-                t = pread(off, cs)
+                t = self.pread(off, self.cs)
             if t is None:
-                msgs.append(f"ERROR L2 table at 0x{off:x} beyond the end of the file")
-                corrupt += 1
+                self.error(f"ERROR L2 table at 0x{off:x} beyond the end of the file")
                 continue
-            vals = struct.unpack(f">{cs // 8}Q", t)
-            for j in range(l2e):
-                le = vals[j * esz // 8]
-                bm = vals[j * 2 + 1] if img.extended else 0
-                if le == 0 and bm == 0:
-                    continue
-                if le & COMPRESSED:
-                    if le & COPIED:
-                        msgs.append(f"ERROR: coffset=0x{le & img._coff_mask:x}: copied flag "
-                                    "must never be set for compressed clusters")
-                        corrupt += 1
-                    if bm:
-                        msgs.append("ERROR compressed cluster with a subcluster bitmap")
-                        corrupt += 1
-                    coff = le & img._coff_mask
-                    nsec = (le >> (62 - img._csec_bits)) & ((1 << img._csec_bits) - 1)
-                    ref_range(coff, (nsec + 1) * 512 - (coff & 511))
-                    if active:
-                        allocated += 1
-                        compressed += 1
-                        fragmented += 1
-                    continue
-                if le & STD_RESERVED or (img.extended and le & 1):
-                    msgs.append(f"ERROR L2 entry has reserved bits set: 0x{le:x}")
-                    corrupt += 1
-                    continue
-                if img.extended and (bm & 0xFFFFFFFF) & (bm >> 32):
-                    msgs.append(f"ERROR subcluster both allocated and zero: bitmap 0x{bm:x}")
-                    corrupt += 1
-                hoff = le & OFFSET_MASK
-                if img.extended and (bm & 0xFFFFFFFF) and not hoff:
-                    msgs.append("ERROR unallocated cluster with allocated subclusters")
-                    corrupt += 1
-                if not hoff:
-                    continue
-                if hoff % cs:
-                    msgs.append(f"ERROR offset={hoff:x}: Data cluster is not properly aligned; "
-                                "L2 entry corrupted.")
-                    corrupt += 1
-                    continue
-                ref_range(hoff, cs)
-                if active:
-                    allocated += 1
-                    if nxt and hoff != nxt:
-                        fragmented += 1
-                    nxt = hoff + cs
-                    copied_checks.append(("data", (off, j), le, hoff >> cb, None))
+            self.walk_l2(off, t, active)
 
-    # header
-    refs[0] += 1
-    # active L1 (in memory when open read/write: use that)
-    if not img.read_only:
-        img.flush()
-    walk_l1(h.l1_table_offset, h.l1_size, True)
-    # snapshots
-    if h.nb_snapshots:
+    def walk_l2(self, off: int, t: bytes, active: bool) -> None:
+        """The entries of the L2 table at host ``off`` (its bytes: ``t``)."""
+        extended = self.img.extended
+        vals = struct.unpack(f">{self.cs // 8}Q", t)
+        for j in range(self.img.l2e):
+            le = vals[j * self.esz // 8]
+            bm = vals[j * 2 + 1] if extended else 0
+            if le == 0 and bm == 0:
+                continue
+            if le & COMPRESSED:
+                self.walk_compressed(le, bm, active)
+                continue
+            if le & STD_RESERVED or (extended and le & 1):
+                self.error(f"ERROR L2 entry has reserved bits set: 0x{le:x}")
+                continue
+            if extended and (bm & 0xFFFFFFFF) & (bm >> 32):
+                self.error(f"ERROR subcluster both allocated and zero: bitmap 0x{bm:x}")
+            hoff = le & OFFSET_MASK
+            if extended and (bm & 0xFFFFFFFF) and not hoff:
+                self.error("ERROR unallocated cluster with allocated subclusters")
+            if not hoff:
+                continue
+            if hoff % self.cs:
+                self.error(f"ERROR offset={hoff:x}: Data cluster is not properly aligned; "
+                           "L2 entry corrupted.")
+                continue
+            self.ref_range(hoff, self.cs)
+            if active:
+                self.allocated += 1
+                if self.next_host and hoff != self.next_host:
+                    self.fragmented += 1
+                self.next_host = hoff + self.cs
+                self.copied_checks.append(("data", (off, j), le, hoff >> self.cb))
+
+    def walk_compressed(self, le: int, bm: int, active: bool) -> None:
+        """A compressed cluster's L2 entry ``le`` (``bm``: its bitmap)."""
+        img = self.img
+        if le & COPIED:
+            self.error(f"ERROR: coffset=0x{le & img._coff_mask:x}: copied flag "
+                       "must never be set for compressed clusters")
+        if bm:
+            self.error("ERROR compressed cluster with a subcluster bitmap")
+        coff = le & img._coff_mask
+        nsec = (le >> (62 - img._csec_bits)) & ((1 << img._csec_bits) - 1)
+        self.ref_range(coff, (nsec + 1) * 512 - (coff & 511))
+        if active:
+            self.allocated += 1
+            self.compressed += 1
+            self.fragmented += 1
+
+    def walk_snapshots(self) -> None:
+        """The snapshot table and every snapshot's L1 table."""
+        h, cs = self.h, self.cs
+        if not h.nb_snapshots:
+            return
         pos = h.snapshots_offset
         for _ in range(h.nb_snapshots):
-            hd = pread(pos, 40)
+            hd = self.pread(pos, 40)
             if hd is None:
-                msgs.append("ERROR snapshot table beyond the end of the file")
-                corrupt += 1
+                self.error("ERROR snapshot table beyond the end of the file")
                 break
             s_l1, s_l1n, idl, nml, _, _, _, _, extra = struct.unpack(">QIHHIIQII", hd)
             if s_l1 % cs or s_l1n * 8 > (32 << 20):
-                msgs.append(f"ERROR snapshot L1 table at 0x{s_l1:x} is invalid")
-                corrupt += 1
+                self.error(f"ERROR snapshot L1 table at 0x{s_l1:x} is invalid")
             else:
-                walk_l1(s_l1, s_l1n, False)
+                self.walk_l1(s_l1, s_l1n, False)
             ln = 40 + extra + idl + nml
             pos += ln + (-ln % 8)
-        ref_range(h.snapshots_offset, pos - h.snapshots_offset)
-    # refcount structures
-    rc = img._rc()
-    ref_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
-    for t, e in enumerate(rc.table):
-        if not e:
-            continue
-        off = e & 0xFFFFFFFFFFFFFE00
-        if e & 0x1FF or off % cs:
-            msgs.append(f"ERROR refcount block {t} is not cluster aligned; refcount table corrupted")
-            corrupt += 1
-            continue
-        if off >= file_size and t not in rc.blocks:
-            msgs.append(f"ERROR refcount block {t} is outside image")
-            corrupt += 1
-            continue
-        ref_range(off, cs)
-    # bitmaps: the directory and its entries were validated (and bounded) at
-    # open; each table is at most BME_MAX_PHYS_SIZE / cluster_size entries
-    bext = h.ext(EXT_BITMAPS)
-    if bext is not None and h.autoclear & AUTOCLEAR_BITMAPS:
+        self.ref_range(h.snapshots_offset, pos - h.snapshots_offset)
+
+    def walk_refcounts(self) -> None:
+        """The refcount table and blocks."""
+        h, cs, rc = self.h, self.cs, self.rc
+        self.ref_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        for t, e in enumerate(rc.table):
+            if not e:
+                continue
+            off = e & 0xFFFFFFFFFFFFFE00
+            if e & 0x1FF or off % cs:
+                self.error(f"ERROR refcount block {t} is not cluster aligned; "
+                           "refcount table corrupted")
+                continue
+            if off >= self.file_size and t not in rc.blocks:
+                self.error(f"ERROR refcount block {t} is outside image")
+                continue
+            self.ref_range(off, cs)
+
+    def walk_bitmaps(self) -> None:
+        """The bitmap directory, tables and data. The directory and its
+        entries were validated (and bounded) at open; each table is at most
+        BME_MAX_PHYS_SIZE / cluster_size entries."""
+        h, cs = self.h, self.cs
+        bext = h.ext(EXT_BITMAPS)
+        if bext is None or not h.autoclear & AUTOCLEAR_BITMAPS:
+            return
         _, _, dsize, doff = struct.unpack(">IIQQ", bext)
-        ref_range(doff, dsize)
-        for bm in read_bitmap_directory(fd, h, file_size, img.filename):
-            ref_range(bm.table_offset, bm.table_size * 8)
-            tab = pread(bm.table_offset, bm.table_size * 8)
+        self.ref_range(doff, dsize)
+        for bm in read_bitmap_directory(self.fd, h, self.file_size, self.img.filename):
+            self.ref_range(bm.table_offset, bm.table_size * 8)
+            tab = self.pread(bm.table_offset, bm.table_size * 8)
             if tab is None:
                 continue
             for i, (be,) in enumerate(struct.iter_unpack(">Q", tab)):
                 if be & 0xFF000000000001FE or (be & OFFSET_MASK and (be & 1 or
                                                                    (be & OFFSET_MASK) % cs)):
-                    msgs.append(f"ERROR bitmap table entry {i} of bitmap '{bm.name}' "
-                                f"is corrupt: 0x{be:x}")
-                    corrupt += 1
+                    self.error(f"ERROR bitmap table entry {i} of bitmap '{bm.name}' "
+                               f"is corrupt: 0x{be:x}")
                 elif be & OFFSET_MASK:
-                    ref_range(be & OFFSET_MASK, cs)
+                    self.ref_range(be & OFFSET_MASK, cs)
 
-    # compare
-    leaks = 0
-    fixed_leaks = fixed_corr = 0
-    hi = max([nfile] + [c + 1 for c in refs])
-    end_cluster = 0
-    bad_rc_blocks = set()
-
-    def stored(c):
+    # ------------------------------------------------------------------
+    # leaks, corruptions, repair
+    def stored(self, c: int) -> int:
+        """The stored refcount of cluster c (0 when its block is unreadable)."""
         try:
-            return rc.get(c)
+            return self.rc.get(c)
         except ImageError:
-            bad_rc_blocks.add(c // rc.rbe)
             return 0
 
-    extra = sorted(c for c in refs if c >= nfile)
-    for c in itertools.chain(range(nfile), extra):
-        s = stored(c)
-        r = refs.get(c, 0)
-        if s or r:
-            end_cluster = max(end_cluster, c + 1)
-        if s == r:
-            continue
-        if s > r:
-            leaks += 1
-            msgs.append(f"{'Repairing' if repair else 'Leaked'} cluster {c} refcount={s} reference={r}")
-            if repair:
-                rc._set(c, r)
-                fixed_leaks += 1
-        else:
-            corrupt += 1
-            msgs.append(f"{'Repairing' if repair == 'all' else 'ERROR'} cluster {c} "
-                        f"refcount={s} reference={r}")
-            if repair == "all":
-                rc._ensure_block(c)
-                rc._set(c, r)
-                fixed_corr += 1
-    del hi
-    # COPIED flags (against the stored refcount, after any repair above)
-    for kind, where, e, c, _ in copied_checks:
-        want = stored(c) == 1
-        if bool(e & COPIED) == want:
-            continue
-        corrupt += 1
-        if kind == "L2":
-            msgs.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={where} l1_entry={e:x} "
-                        f"refcount={stored(c)}")
-            if repair == "all":
-                img.l1[where] = (e | COPIED) if want else (e & ~COPIED)
-                img.l1_dirty = True
-                fixed_corr += 1
-        else:
-            msgs.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={stored(c)}")
-            if repair == "all":
-                l2off, j = where
-                t = img._l2(l2off)
-                ne = (e | COPIED) if want else (e & ~COPIED)
-                struct.pack_into(">Q", t, j * esz, ne)
-                img.l2dirty.add(l2off)
-                fixed_corr += 1
-    out = CheckResult()
-    out.messages = msgs
-    out["filename"] = img.filename
-    out["format"] = "qcow2"
-    out["check-errors"] = check_errors
-    out["image-end-offset"] = end_cluster * cs
-    if corrupt:
-        out["corruptions"] = corrupt
-    if leaks:
-        out["leaks"] = leaks
-    out["total-clusters"] = -(-h.size // cs)
-    if allocated:
-        out["allocated-clusters"] = allocated
-    if fragmented:
-        out["fragmented-clusters"] = fragmented
-    if compressed:
-        out["compressed-clusters"] = compressed
-    w = _Walk()
-    w.result, w.fixed_leaks, w.fixed_corruptions = out, fixed_leaks, fixed_corr
-    return w
+    def compare_refcounts(self) -> None:
+        """Stored refcounts against the references counted: leaks (stored
+        more) and corruptions (stored fewer), repaired as ``repair`` asks."""
+        extra = sorted(c for c in self.refs if c >= self.nfile)
+        for c in itertools.chain(range(self.nfile), extra):
+            s = self.stored(c)
+            r = self.refs.get(c, 0)
+            if s or r:
+                self.end_cluster = max(self.end_cluster, c + 1)
+            if s == r:
+                continue
+            if s > r:
+                self.leaks += 1
+                self.msgs.append(f"{'Repairing' if self.repair else 'Leaked'} cluster {c} "
+                                 f"refcount={s} reference={r}")
+                if self.repair:
+                    self.rc._set(c, r)
+                    self.fixed_leaks += 1
+            else:
+                self.error(f"{'Repairing' if self.repair == 'all' else 'ERROR'} cluster {c} "
+                           f"refcount={s} reference={r}")
+                if self.repair == "all":
+                    self.rc._ensure_block(c)
+                    self.rc._set(c, r)
+                    self.fixed_corruptions += 1
+
+    def check_copied_flags(self) -> None:
+        """COPIED flags against the stored refcount (after any repair above):
+        set exactly when the refcount is 1."""
+        img = self.img
+        for kind, where, e, c in self.copied_checks:
+            want = self.stored(c) == 1
+            if bool(e & COPIED) == want:
+                continue
+            ne = (e | COPIED) if want else (e & ~COPIED)
+            if kind == "L2":
+                self.error(f"ERROR OFLAG_COPIED L2 cluster: l1_index={where} l1_entry={e:x} "
+                           f"refcount={self.stored(c)}")
+                if self.repair == "all":
+                    img.l1[where] = ne
+                    img.l1_dirty = True
+                    self.fixed_corruptions += 1
+            else:
+                self.error(f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} "
+                           f"refcount={self.stored(c)}")
+                if self.repair == "all":
+                    l2off, j = where
+                    struct.pack_into(">Q", img._l2(l2off), j * self.esz, ne)
+                    img.l2dirty.add(l2off)
+                    self.fixed_corruptions += 1
+
+    def report(self) -> CheckResult:
+        """The result, keys in qemu-img's order."""
+        cs = self.cs
+        out = CheckResult()
+        out.messages = self.msgs
+        out["filename"] = self.img.filename
+        out["format"] = "qcow2"
+        out["check-errors"] = self.check_errors
+        out["image-end-offset"] = self.end_cluster * cs
+        if self.corrupt:
+            out["corruptions"] = self.corrupt
+        if self.leaks:
+            out["leaks"] = self.leaks
+        out["total-clusters"] = -(-self.h.size // cs)
+        if self.allocated:
+            out["allocated-clusters"] = self.allocated
+        if self.fragmented:
+            out["fragmented-clusters"] = self.fragmented
+        if self.compressed:
+            out["compressed-clusters"] = self.compressed
+        return out
