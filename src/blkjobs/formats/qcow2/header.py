@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ...errors import ImageError
 
@@ -171,12 +172,45 @@ def feature_table_ext() -> bytes:
 
 def parse_header(buf: bytes, file_size: int, path: str = "") -> Header:
     """Parse and validate cluster 0 (``buf`` holds at least its first bytes,
-    up to a cluster). ``file_size`` bounds every table offset."""
+    up to a cluster). ``file_size`` bounds every table offset.
+
+    The parts are checked in a fixed order (the first problem found is the
+    one reported): the fixed fields, the version 3 fields, the header
+    extensions, unknown incompatible features, the backing file name, the
+    features blkjobs supports, the tables' places and sizes, the bitmaps
+    extension."""
     who = f"'{path}': " if path else ""
 
-    def bad(msg):
+    def bad(msg: str) -> ImageError:
         return ImageError(f"{who}{msg}")
 
+    h, bf_off, bf_size = _parse_fixed_fields(buf, bad)
+    _parse_v3_fields(h, buf, bad)
+    # Extensions first: the feature table names unknown features.
+    ext_end = _parse_extensions(h, buf, bad)
+    unknown = h.incompatible & ~INCOMPAT_KNOWN
+    if unknown:
+        names = [h.feature_name(0, b) for b in range(64) if unknown >> b & 1]
+        raise bad("unsupported qcow2 incompatible features: " + ", ".join(names))
+    if bf_off:
+        _parse_backing_name(h, buf, bf_off, bf_size, ext_end, bad)
+    _check_features(h, bad)
+    # Tables: aligned, inside the file, of sane size.
+    _check_l1_table(h, file_size, bad)
+    _check_refcount_table(h, file_size, bad)
+    _check_snapshot_table(h, file_size, bad)
+    bitmaps_ext = h.ext(EXT_BITMAPS)
+    if bitmaps_ext is not None and h.autoclear & AUTOCLEAR_BITMAPS:
+        _check_bitmaps_ext(bitmaps_ext, h.cluster_size, bad)
+    return h
+
+
+_Bad = Callable[[str], ImageError]      # makes the one-line error for a problem
+
+
+def _parse_fixed_fields(buf: bytes, bad: _Bad) -> tuple[Header, int, int]:
+    """The version 2 fields (bytes 0..71): the Header, and the backing file
+    name's offset and size."""
     if len(buf) < 72:
         raise bad("file too short for a qcow2 header")
     (magic, version, bf_off, bf_size, cluster_bits, size, crypt, l1_size, l1_off,
@@ -191,33 +225,46 @@ def parse_header(buf: bytes, file_size: int, path: str = "") -> Header:
                l1_size=l1_size, l1_table_offset=l1_off, refcount_table_offset=rt_off,
                refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
                snapshots_offset=snap_off)
-    cs = h.cluster_size
-    if version == 3:
-        if len(buf) < 104:
-            raise bad("file too short for a version 3 header")
-        (h.incompatible, h.compatible, h.autoclear, h.refcount_order,
-         h.header_length) = _V3.unpack_from(buf, 72)
-        if h.header_length < 104 or h.header_length % 8 or h.header_length > cs \
-                or h.header_length > len(buf):
-            raise bad(f"invalid header_length {h.header_length}")
-        h.tail = bytes(buf[104:h.header_length])
-        h.compression_type = h.tail[0] if h.tail else 0
-    else:
+    return h, bf_off, bf_size
+
+
+def _parse_v3_fields(h: Header, buf: bytes, bad: _Bad) -> None:
+    """The version 3 fields (bytes 72..103) and the header's tail up to
+    header_length (the compression type); version 2's fixed values."""
+    if h.version != 3:
         h.refcount_order, h.header_length, h.tail = 4, 72, b""
-    # Extensions first: the feature table names unknown features.
+        return
+    if len(buf) < 104:
+        raise bad("file too short for a version 3 header")
+    (h.incompatible, h.compatible, h.autoclear, h.refcount_order,
+     h.header_length) = _V3.unpack_from(buf, 72)
+    if h.header_length < 104 or h.header_length % 8 or h.header_length > h.cluster_size \
+            or h.header_length > len(buf):
+        raise bad(f"invalid header_length {h.header_length}")
+    h.tail = bytes(buf[104:h.header_length])
+    h.compression_type = h.tail[0] if h.tail else 0
+
+
+_SINGLE_EXTENSIONS = (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_CRYPTO,
+                      EXT_DATA_FILE)        # may appear once only
+
+
+def _parse_extensions(h: Header, buf: bytes, bad: _Bad) -> int:
+    """The header extensions after header_length, up to the end marker.
+    Returns the offset after the end marker."""
+    limit = min(h.cluster_size, len(buf))
     off = h.header_length
     seen = set()
     while True:
-        if off + 8 > min(cs, len(buf)):
+        if off + 8 > limit:
             raise bad("header extensions run past the first cluster")
         etype, elen = struct.unpack_from(">II", buf, off)
         off += 8
         if etype == EXT_END:
-            break
-        if off + elen > min(cs, len(buf)):
+            return off
+        if off + elen > limit:
             raise bad(f"header extension 0x{etype:08x} runs past the first cluster")
-        if etype in seen and etype in (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS,
-                                       EXT_CRYPTO, EXT_DATA_FILE):
+        if etype in seen and etype in _SINGLE_EXTENSIONS:
             raise bad(f"duplicate header extension 0x{etype:08x}")
         seen.add(etype)
         data = bytes(buf[off:off + elen])
@@ -226,54 +273,67 @@ def parse_header(buf: bytes, file_size: int, path: str = "") -> Header:
         else:
             h.extensions.append((etype, data))
         off += elen + (-elen % 8)
-    unknown = h.incompatible & ~INCOMPAT_KNOWN
-    if unknown:
-        names = [h.feature_name(0, b) for b in range(64) if unknown >> b & 1]
-        raise bad("unsupported qcow2 incompatible features: " + ", ".join(names))
-    if bf_off:
-        if bf_size > 1023 or bf_off + bf_size > min(cs, len(buf)) or bf_off < off:
-            raise bad(f"invalid backing file name location (offset {bf_off}, size {bf_size})")
-        # a C string, as qemu-img reads it: a NUL ends the name
-        name = bytes(buf[bf_off:bf_off + bf_size]).split(b"\0", 1)[0]
-        h.backing_file = name.decode("utf-8", "replace") or None
-    if crypt:
-        raise bad(f"encrypted qcow2 images are not supported (crypt_method={crypt})")
+
+
+def _parse_backing_name(h: Header, buf: bytes, bf_off: int, bf_size: int, ext_end: int,
+                        bad: _Bad) -> None:
+    """The backing file name: after the extensions, inside the first cluster."""
+    if bf_size > 1023 or bf_off + bf_size > min(h.cluster_size, len(buf)) or bf_off < ext_end:
+        raise bad(f"invalid backing file name location (offset {bf_off}, size {bf_size})")
+    # a C string, as qemu-img reads it: a NUL ends the name
+    name = bytes(buf[bf_off:bf_off + bf_size]).split(b"\0", 1)[0]
+    h.backing_file = name.decode("utf-8", "replace") or None
+
+
+def _check_features(h: Header, bad: _Bad) -> None:
+    """Features blkjobs refuses, and feature fields that disagree."""
+    if h.crypt_method:
+        raise bad(f"encrypted qcow2 images are not supported (crypt_method={h.crypt_method})")
     if h.refcount_order > 6:
         raise bad(f"invalid refcount_order {h.refcount_order}")
     if h.incompatible & INCOMPAT_DATA_FILE:
         raise bad("qcow2 images with an external data file are not supported")
-    if h.extended_l2 and cluster_bits < 14:
+    if h.extended_l2 and h.cluster_bits < 14:
         raise bad("extended L2 entries need a cluster size of at least 16 KiB")
     if bool(h.incompatible & INCOMPAT_COMPRESSION) != bool(h.compression_type):
         raise bad("compression type field and incompatible feature bit 3 disagree")
     if h.compression_type not in (0, 1):
         raise bad(f"unknown compression type {h.compression_type}")
-    if version == 2 and (h.incompatible or h.compatible or h.autoclear):
+    if h.version == 2 and (h.incompatible or h.compatible or h.autoclear):
         raise bad("feature bits in a version 2 header")
-    # Tables: aligned, inside the file, of sane size.
+
+
+def _check_l1_table(h: Header, file_size: int, bad: _Bad) -> None:
+    """The virtual size, and an L1 table that covers it, aligned, inside the file."""
+    size, l1_size, l1_off, cs = h.size, h.l1_size, h.l1_table_offset, h.cluster_size
     if size >= 1 << 62:
         raise bad(f"virtual size {size} too large")
-    span = cs * h.l2_entries
-    need_l1 = -(-size // span)
+    need_l1 = -(-size // (cs * h.l2_entries))
     if l1_size < need_l1:
         raise bad(f"L1 table too small for the virtual size (l1_size={l1_size}, need {need_l1})")
     if l1_size * 8 > MAX_L1_BYTES:
         raise bad(f"L1 table too large (l1_size={l1_size})")
     if l1_size and (l1_off % cs or l1_off == 0 or l1_off + l1_size * 8 > file_size):
         raise bad(f"invalid L1 table offset 0x{l1_off:x} (file size {file_size})")
+
+
+def _check_refcount_table(h: Header, file_size: int, bad: _Bad) -> None:
+    """The refcount table: aligned, not empty, of sane size, inside the file."""
+    rt_off, rt_clusters, cs = h.refcount_table_offset, h.refcount_table_clusters, h.cluster_size
     if rt_off % cs or rt_off == 0 or rt_clusters == 0:
         raise bad(f"invalid refcount table (offset 0x{rt_off:x}, {rt_clusters} clusters)")
     if rt_clusters * cs > MAX_REFCOUNT_TABLE or rt_off + rt_clusters * cs > file_size:
         raise bad(f"refcount table (offset 0x{rt_off:x}, {rt_clusters} clusters) "
                   f"outside the file (size {file_size})")
-    if nb_snap and (snap_off % cs or snap_off == 0 or snap_off >= file_size):
+
+
+def _check_snapshot_table(h: Header, file_size: int, bad: _Bad) -> None:
+    """The snapshot table: aligned, inside the file, a sane count."""
+    nb_snap, snap_off = h.nb_snapshots, h.snapshots_offset
+    if nb_snap and (snap_off % h.cluster_size or snap_off == 0 or snap_off >= file_size):
         raise bad(f"invalid snapshot table offset 0x{snap_off:x}")
     if nb_snap > 65536:
         raise bad(f"too many snapshots ({nb_snap})")
-    bitmaps_ext = h.ext(EXT_BITMAPS)
-    if bitmaps_ext is not None and h.autoclear & AUTOCLEAR_BITMAPS:
-        _check_bitmaps_ext(bitmaps_ext, cs, bad)
-    return h
 
 
 @dataclass
@@ -286,7 +346,7 @@ class BitmapEntry:
     granularity_bits: int
 
 
-def _check_bitmaps_ext(data: bytes, cs: int, bad) -> None:
+def _check_bitmaps_ext(data: bytes, cs: int, bad: _Bad) -> None:
     """The checks qemu-img makes on the bitmaps extension at open (same texts)."""
     if len(data) != _BITMAPS_EXT.size:
         raise bad("bitmaps_ext: Invalid extension length")
