@@ -24,22 +24,17 @@ from typing import Any
 from ...errors import ImageError
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, read_bitmap_directory
 from .refcount import Refcounts
-
-L1_RESERVED = 0x7F000000000001FF
-OFFSET_MASK = 0x00FFFFFFFFFFFE00
-STD_RESERVED = 0x3F000000000001FE
-COPIED = 1 << 63
-COMPRESSED = 1 << 62
+from .tables import COMPRESSED, COPIED, L1_RESERVED, OFFSET_MASK, STD_RESERVED, L2Tables
 
 
 class CheckResult(dict):
     """The ``qemu-img check --output json`` object; ``messages`` holds the
     per-cluster lines qemu-img prints on stderr."""
 
-    messages: list
+    messages: list[str]
 
 
-def check(img, repair: str | None = None) -> CheckResult:
+def check(img: L2Tables, repair: str | None = None) -> CheckResult:
     if repair not in (None, "leaks", "all"):
         raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
     if repair and img.read_only:
@@ -72,7 +67,7 @@ class Checker:
 
     rc: Refcounts       # the image's, taken once the walk reaches them
 
-    def __init__(self, img, repair: str | None) -> None:
+    def __init__(self, img: L2Tables, repair: str | None) -> None:
         self.img = img
         self.repair = repair
         self.fd: int = img.fd

@@ -80,7 +80,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
     can_check = True
     has_metadata = True
 
-    def __init__(self, path: str, read_only: bool = True):
+    def __init__(self, path: str, read_only: bool = True) -> None:
         self.filename = path
         self.read_only = read_only
         # cache=unsafe (``convert -t unsafe``, qemu-img's default for convert):

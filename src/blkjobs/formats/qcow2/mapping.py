@@ -130,7 +130,7 @@ class Reads(L2Tables):
             runs.emit(s, e_ - s, Kind.UNALLOCATED)
             return
         kind, h = self._classify(gc, e, bm)
-        if kind != "ext":
+        if isinstance(kind, Kind):      # else "ext": h is (host, alloc, zero) bits
             runs.emit(s, e_ - s, kind, (h + s - cstart) if h else None)
             return
         h, alloc, zero = h
@@ -163,7 +163,7 @@ class Reads(L2Tables):
         self._comp_cache = (gc, data)
         return data
 
-    def _pread_into(self, mv, host):
+    def _pread_into(self, mv: memoryview, host: int) -> None:
         done = 0
         while done < len(mv):
             n = os.preadv(self.fd, [mv[done:]], host + done)
@@ -180,6 +180,7 @@ class Reads(L2Tables):
         for m in self.map_host(offset, n):
             a, b = m.start - offset, m.start - offset + m.length
             if m.kind == Kind.DATA:
+                assert m.host_offset is not None
                 self._pread_into(mv[a:b], m.host_offset)
             elif m.kind == Kind.COMPRESSED:
                 pos = m.start

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from ...errors import ImageError
 from ...native import qcow2 as _nq
@@ -29,8 +29,12 @@ ALL_ZERO = 0xFFFFFFFF << 32
 L2_CACHE_BYTES = 32 << 20
 _ZEROES = bytes(1 << 20)
 
+# ``fill(guest_offset, buf)``: fills ``buf`` with the guest view below this
+# layer (the backing chain); None: zeroes (see the notes in driver.py)
+Fill = Callable[[int, memoryview], None] | None
 
-def _zero(mv, a, b):
+
+def _zero(mv: memoryview, a: int, b: int) -> None:
     while a < b:
         n = min(b - a, len(_ZEROES))
         mv[a:a + n] = _ZEROES[:n]
@@ -71,7 +75,7 @@ class L2Tables(Driver):
         def _check_writable(self, offset: int, length: int) -> None: ...
         def _read_compressed(self, gc: int) -> bytes: ...
         def _pread_into(self, mv: memoryview, host: int) -> None: ...
-        def write(self, offset: int, data, fill=None) -> None: ...
+        def write(self, offset: int, data, fill: Fill = None) -> None: ...
 
     # ------------------------------------------------------------------
     # L2 cache
@@ -91,7 +95,7 @@ class L2Tables(Driver):
     def _l2_offset(self, l1i: int) -> int:
         return self.l1[l1i] & L1_OFFSET_MASK if l1i < len(self.l1) else 0
 
-    def _entry(self, gc: int):
+    def _entry(self, gc: int) -> tuple[bytearray | None, int, int, int]:
         """(table or None, byte index, entry, bitmap) for guest cluster gc."""
         l1i, l2i = divmod(gc, self.l2e)
         off = self._l2_offset(l1i)
@@ -105,7 +109,7 @@ class L2Tables(Driver):
             e, bm = struct.unpack_from(">Q", t, i)[0], 0
         return t, i, e, bm
 
-    def _l2_for_write(self, gc: int):
+    def _l2_for_write(self, gc: int) -> tuple[bytearray, int]:
         l1i = gc // self.l2e
         if l1i >= len(self.l1):
             raise ImageError(f"'{self.filename}': write beyond the L1 table")
@@ -123,7 +127,7 @@ class L2Tables(Driver):
             self.l1_dirty = True
         return self._l2(off), off
 
-    def _set_entry(self, gc: int, e: int, bm: int = 0):
+    def _set_entry(self, gc: int, e: int, bm: int = 0) -> None:
         t, off = self._l2_for_write(gc)
         i = (gc % self.l2e) * self.esz
         if self.extended:
@@ -134,11 +138,11 @@ class L2Tables(Driver):
 
     # ------------------------------------------------------------------
     # entry decoding
-    def _bad_entry(self, gc, e, why):
+    def _bad_entry(self, gc: int, e: int, why: str) -> ImageError:
         return ImageError(f"'{self.filename}': L2 entry for guest offset "
                           f"0x{gc << self.cb:x} is corrupt (0x{e:016x}): {why}")
 
-    def _compressed_span(self, gc, e):
+    def _compressed_span(self, gc: int, e: int) -> tuple[int, int]:
         off = e & self._coff_mask
         nsec = (e >> (62 - self._csec_bits)) & ((1 << self._csec_bits) - 1)
         nbytes = (nsec + 1) * 512 - (off & 511)
@@ -147,7 +151,7 @@ class L2Tables(Driver):
             raise self._bad_entry(gc, e, "compressed data outside the file")
         return off, nbytes
 
-    def _classify(self, gc: int, e: int, bm: int):
+    def _classify(self, gc: int, e: int, bm: int) -> tuple[Kind | str, Any]:
         """Return ('c', None) compressed, or a list of 32 (or 1) subcluster
         states: (Kind, host_offset_of_cluster)."""
         if e & COMPRESSED:
@@ -181,12 +185,12 @@ class L2Tables(Driver):
         self.file_size = os.fstat(self.fd).st_size
         return self.file_size
 
-    def _may_extend(self, h):
+    def _may_extend(self, h: int) -> bool:
         # data clusters allocated this session may be past the stat'd size
         return self.rc is not None and (h >> self.cb) < self.rc.end
     # ------------------------------------------------------------------
     # the host clusters an entry uses
-    def _release(self, e: int):
+    def _release(self, e: int) -> None:
         """Queue the refcount decrements for the host clusters an entry used."""
         rc = self._rc()
         if e & COMPRESSED:
@@ -200,7 +204,7 @@ class L2Tables(Driver):
             if h:
                 rc.free_later(h >> self.cb)
 
-    def _check_overlap(self, h: int):
+    def _check_overlap(self, h: int) -> None:
         """Cheap guard: never write guest data over the header, L1 or
         refcount table (QEMU would mark the image corrupt)."""
         c = h >> self.cb

@@ -10,13 +10,13 @@ import os
 
 from ...errors import UsageError
 from .compress import compress as _compress
-from .tables import ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, ZERO, L2Tables, _zero
+from .tables import ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, ZERO, Fill, L2Tables, _zero
 
 
 class Writes(L2Tables):
     """The write path of :class:`.driver.Qcow2`."""
 
-    def _fill(self, fill, guest, mv):
+    def _fill(self, fill: Fill, guest: int, mv: memoryview) -> None:
         """Fill mv with the view below this layer at guest offset (zeroes past
         the virtual size or without a fill hook)."""
         n = max(0, min(len(mv), self.size - guest))
@@ -26,7 +26,8 @@ class Writes(L2Tables):
             _zero(mv, 0, n)
         _zero(mv, n, len(mv))
 
-    def _old_sub(self, gc, e, bm, j, mv, a_in, fill):
+    def _old_sub(self, gc: int, e: int, bm: int, j: int, mv: memoryview, a_in: int,
+                 fill: Fill) -> None:
         """Fill mv with the current content of cluster gc at in-cluster offset
         a_in (all inside subcluster j)."""
         cstart = gc << self.cb
@@ -50,7 +51,7 @@ class Writes(L2Tables):
             else:
                 self._fill(fill, cstart + a_in, mv)
 
-    def _write_cluster(self, gc: int, a: int, data, fill):
+    def _write_cluster(self, gc: int, a: int, data: memoryview, fill: Fill) -> None:
         """Write data at in-cluster offset a of guest cluster gc (partial)."""
         cs, scs = self.cluster_size, self.scs
         _, _, e, bm = self._entry(gc)
@@ -104,7 +105,7 @@ class Writes(L2Tables):
         elif (e & ~COPIED) != h or not e & COPIED:
             self._set_entry(gc, h | COPIED)
 
-    def write(self, offset: int, data, fill=None) -> None:
+    def write(self, offset: int, data, fill: Fill = None) -> None:
         """Write ``data`` at ``offset``. ``fill(guest_offset, buf)`` provides
         the content below this layer for the unwritten parts of newly
         allocated (sub)clusters (see the module docstring); None = zeroes."""

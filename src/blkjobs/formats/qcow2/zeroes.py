@@ -6,20 +6,21 @@ Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
 """
 from __future__ import annotations
 
-from .tables import ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, ZERO, L2Tables
+from .tables import ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, ZERO, Fill, L2Tables
 
 
 class Zeroes(L2Tables):
     """write_zeroes and discard of :class:`.driver.Qcow2`."""
 
-    def _full_clusters(self, offset, length):
+    def _full_clusters(self, offset: int, length: int) -> tuple[int, int]:
         cs = self.cluster_size
         end = offset + length
         a = -(-offset // cs) * cs
         b = end if end == self.size else end // cs * cs
         return a, max(a, b)
 
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True, fill=None) -> None:
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True,
+                     fill: Fill = None) -> None:
         """Make the range read as zeroes. Whole clusters become zero clusters
         (v3; host clusters kept when ``may_unmap`` is False and the cluster is
         ours), whole subclusters get their zero bit (extended L2), the rest is
@@ -54,7 +55,7 @@ class Zeroes(L2Tables):
                 self._set_entry(gc, ne, nbm)
         self._zero_partial(b, offset + length, fill)
 
-    def _zero_partial(self, start, end, fill):
+    def _zero_partial(self, start: int, end: int, fill: Fill) -> None:
         if start >= end:
             return
         if self.extended:
@@ -85,7 +86,7 @@ class Zeroes(L2Tables):
             return
         self._write_zero_bytes(start, end, fill)
 
-    def _write_zero_bytes(self, start, end, fill):
+    def _write_zero_bytes(self, start: int, end: int, fill: Fill) -> None:
         if start < end:
             self.write(start, bytes(end - start), fill=fill)
 
