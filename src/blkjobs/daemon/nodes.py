@@ -1,0 +1,388 @@
+"""Block nodes over QMP: ``blockdev-add``, ``blockdev-del``,
+``query-named-block-nodes`` and the lookups every other command uses.
+
+The **monitor's view of nodes**. The Engine's graph has one node per
+*image* (format driver over its file); QEMU has a format node over a
+protocol (``file``) node. :class:`MonitorNode` records the protocol nodes
+(named, or auto-named ``#blockN`` when defined inline) and which nodes the
+monitor owns (``blockdev-add``) so that ``blockdev-del`` and
+``query-named-block-nodes`` answer like QEMU. A ``file`` node can be a
+format node's ``file`` child; used alone as a job's device or target it is
+refused (blkjobs opens images, not bare protocol nodes).
+
+Mixed into :class:`~.commands.Commands`, which sets ``eng``, ``nodes`` and
+``_implicit_files``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import BlkjobsError
+from ..formats import open_image
+from ..graph import ALL, Node, Perm
+from . import blkdebug_qmp
+from .protocol import QMPError
+
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*", re.ASCII)
+_DRIVERS = ("file", "raw", "qcow2", "blkdebug")
+#: owner of the hold the monitor keeps on each node it added (blockdev-add)
+MONITOR = "monitor"
+
+
+def _check_qcow2_magic(path: str) -> None:
+    """QEMU's qcow2_do_open text for a file that is not qcow2 (a short file
+    reads as zeros there, so it fails the same way)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"QFI\xfb":
+            raise QMPError("Image is not in qcow2 format")
+
+
+class MonitorNode:
+    """A node as the monitor sees it (see the module docstring).
+
+    ``gnode`` is the Engine's graph node for format nodes (None for ``file``
+    nodes); ``owned``: added by ``blockdev-add`` at the top level;
+    ``children``: monitor nodes created inline for it (dropped with it).
+    """
+
+    def __init__(self, name: str, drv: str, filename: str, read_only: bool, owned: bool,
+                 gnode: Node | None = None):
+        self.name = name
+        self.drv = drv
+        self.filename = filename
+        self.read_only = read_only
+        self.owned = owned
+        self.gnode = gnode
+        self.file: MonitorNode | None = None      # format node -> its file node
+        self.parent: MonitorNode | None = None    # file node -> its format node
+        self.children: list[MonitorNode] = []
+        self.qrules: Any = None                   # a blkdebug node's rules
+
+
+
+class NodeCommands:
+    """The node commands and lookups (mixed into Commands)."""
+
+    eng: Any
+    nodes: dict[str, MonitorNode]
+    _implicit_files: weakref.WeakKeyDictionary[Node, MonitorNode]
+    # from the bitmap commands
+    _bitmaps_of: Callable[[Node], dict]
+    _bitmap_info: Callable[[Any], dict[str, Any]]
+
+    # ------------------------------------------------------------------
+    # Node lookups
+
+    def _lookup(self, name: str) -> Node:
+        """A graph node for a job (QEMU's bdrv_lookup_bs message)."""
+        node = self.eng.graph.nodes.get(name)
+        if node is None:
+            mn = self.nodes.get(name)
+            if mn is not None and mn.gnode is None:
+                raise QMPError(f"Node '{name}' is a protocol node: blkjobs runs jobs on "
+                               "format nodes (add a 'raw' node on top of it)")
+            raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
+    def _check_new_name(self, name: str) -> None:
+        if not _NAME_RE.fullmatch(name):
+            raise QMPError(f"Invalid node-name: '{name}'")
+        if name in self.nodes or name in self.eng.graph.nodes:
+            raise QMPError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) >= 32:
+            raise QMPError("Node name too long")
+
+    def _auto_name(self) -> str:
+        while True:
+            name = self.eng.graph.auto_name()
+            if name not in self.nodes:
+                return name
+
+    # ------------------------------------------------------------------
+    # blockdev-add / blockdev-del
+
+    def cmd_blockdev_add(self, opts: dict[str, Any]) -> dict[str, Any]:
+        if opts.get("node-name") is None:
+            raise QMPError("'node-name' must be specified for the root node")
+        with self.eng.io:
+            self._add(opts, owned=True)
+        return {}
+
+    def _add(self, opts: dict[str, Any], owned: bool) -> MonitorNode:
+        drv = opts["driver"]
+        if drv not in _DRIVERS:
+            raise QMPError(f"Driver '{drv}' is not supported by blkjobs "
+                           f"(supported: {', '.join(_DRIVERS)})")
+        ro = bool(opts.get("read-only", False))
+        if opts.get("force-share") and not ro:
+            raise QMPError("force-share=on can only be used with read-only images")
+        if drv == "file":
+            return self._add_file(opts, owned, ro)
+        if drv == "blkdebug":
+            return blkdebug_qmp.add(self, opts, owned)
+        for key in ("offset", "size", "data-file", "encrypt"):
+            if key in opts:
+                raise QMPError(f"blkjobs does not support '{key}' for driver '{drv}'")
+        created: list[MonitorNode] = []
+        try:
+            fref = opts["file"]
+            if isinstance(fref, str):
+                fnode = self.nodes.get(fref)
+                if fnode is None:
+                    raise QMPError(f"Cannot find device='{fref}' nor node-name='{fref}'")
+                if fnode.drv not in ("file", "blkdebug"):
+                    raise QMPError(f"blkjobs stacks '{drv}' only on a 'file' node, "
+                                   f"not on '{fref}' ({fnode.drv})")
+                if fnode.parent is not None:
+                    raise QMPError(f"Node '{fref}' already has a parent")
+            else:
+                fnode = self._add(fref, owned=False)
+                created.append(fnode)
+            name = opts.get("node-name")      # None: the graph picks "#blockN"
+            if name is not None:
+                self._check_new_name(name)
+            backing = opts.get("backing", ...) if drv == "qcow2" else None
+            bnode: Node | None = None
+            if isinstance(backing, str):
+                bnode = self._lookup(backing)
+            elif isinstance(backing, dict):
+                bmn = self._add(backing, owned=False)
+                created.append(bmn)
+                bnode = bmn.gnode
+            if drv == "qcow2":
+                _check_qcow2_magic(fnode.filename)
+            if backing is ...:
+                gnode = self.eng.graph.open_chain(fnode.filename, drv, read_only=ro, name=name)
+            else:
+                gnode = self.eng.graph.add(open_image(fnode.filename, drv, read_only=ro),
+                                           name, drv)
+                try:
+                    gnode.take("open", Perm.CONSISTENT_READ, ALL)
+                    if bnode is not None:
+                        gnode.attach_backing(bnode)
+                except BaseException:
+                    gnode.close()
+                    raise
+        except BaseException:
+            for mn in reversed(created):
+                self._drop(mn)
+            raise
+        if fnode.drv == "blkdebug":
+            blkdebug_qmp.install(self.eng, gnode, fnode.qrules)
+        if owned:
+            # The monitor's reference (QEMU's monitor-owned node): a job that
+            # drops the node out of a chain leaves it open and listed,
+            # parentless, until blockdev-del; implicit nodes go with their
+            # last user (Engine.drop_unused).
+            gnode.take(MONITOR, Perm(0), ALL)
+        mn = MonitorNode(gnode.name, drv, fnode.filename, ro, owned, gnode)
+        mn.file, fnode.parent = fnode, mn
+        mn.children = created
+        self.nodes[mn.name] = mn
+        return mn
+
+    def _add_file(self, opts: dict[str, Any], owned: bool, ro: bool) -> MonitorNode:
+        path = opts["filename"]
+        try:
+            fd = os.open(path, os.O_RDONLY if ro else os.O_RDWR)
+        except OSError as e:
+            raise QMPError(f"Could not open '{path}': {e.strerror}") from None
+        os.close(fd)
+        name = opts.get("node-name")
+        if name is not None:
+            self._check_new_name(name)
+        else:
+            name = self._auto_name()
+        mn = MonitorNode(name, "file", path, ro, owned)
+        self.nodes[name] = mn
+        return mn
+
+    def _prune(self) -> None:
+        """Forget format nodes the Engine closed: images defined inline that
+        left the chain (a stream's or commit's intermediates); their file
+        nodes go with them. Monitor-owned nodes stay open (MONITOR hold)."""
+        with self.eng.io:
+            for mn in list(self.nodes.values()):
+                g = mn.gnode
+                if g is not None and self.eng.graph.nodes.get(g.name) is not g:
+                    self._drop(mn)
+
+    def _drop(self, mn: MonitorNode) -> None:
+        """Forget ``mn`` and close its image (and what was defined inline for it)."""
+        self.nodes.pop(mn.name, None)
+        if mn.gnode is not None:
+            below = mn.gnode.chain()[1:]
+            self._bitmaps_of(mn.gnode).clear()
+            try:
+                mn.gnode.close()
+            except (OSError, BlkjobsError) as e:
+                # As QEMU's bdrv_close: the node goes all the same (its file
+                # is closed); the failed flush is only reported.
+                why = e.strerror if isinstance(e, OSError) and e.strerror else e
+                print(f"blkjobs serve: warning: node '{mn.name}' ('{mn.filename}'): flush on "
+                      f"close failed: {why}; the node was closed", file=sys.stderr, flush=True)
+            # backing files the image opened by itself leave with it
+            self.eng.io.drop_unused([n for n in below if n.name not in self.nodes])
+        if mn.file is not None:
+            if mn.file.owned:
+                mn.file.parent = None
+            else:
+                self._drop(mn.file)
+        for child in mn.children:
+            if child is not mn.file:
+                self._drop(child)
+
+    def _in_use(self, mn: MonitorNode) -> bool:
+        if mn.gnode is None:
+            return mn.parent is not None
+        g, eng = mn.gnode, self.eng
+        # Read from the engine and the node (never changed): filters on the node
+        # (a backup's copy-before-write) and the job claiming it.
+        return (any(p.owner not in ("open", MONITOR) for p in g.users())
+                or bool(eng.graph.parents(g))
+                or eng.io.filter_of(g) is not None or g.claimed_by is not None
+                or bool(eng.io.frontends(g)))
+
+    def _check_job_blockers(self, *nodes: Node) -> None:
+        """The op blockers jobs put on nodes (QEMU's block_job_add_bdrv):
+        what a stream or commit claimed, a backup's target, a mirror's
+        source. Checked by blockdev-del and before a new backup or mirror."""
+        for g in nodes:
+            self.eng.io.check_busy(g)
+            for job in reversed(self.eng.jobs.jobs()):
+                d = job.driver
+                if job.is_completed:
+                    continue
+                if (job.type == "backup" and getattr(d, "dst", None) is g) or \
+                        (job.type == "mirror" and getattr(d, "src", None) is g):
+                    raise QMPError(f"Node '{g.name}' is busy: block device is in use by "
+                                   f"block job: {job.type}")
+
+    def _check_blockers(self, g: Node) -> None:
+        """QEMU's op blockers on ``blockdev-del`` (``Node 'x' is busy: ...``),
+        checked before ownership and the reference count as QEMU does: a
+        mirror's target has the job's BlockBackend (``Node x is in use``);
+        then the jobs' blockers (the newest first): a backup's target, a
+        mirror's source, what a stream or commit claimed; then being an
+        overlay's backing."""
+        for job in self.eng.jobs.jobs():
+            d = job.driver
+            if job.is_completed or job.type not in ("backup", "mirror"):
+                continue
+            if job.type == "mirror" and getattr(d, "dst", None) is g:
+                raise QMPError(f"Node {g.name} is in use")
+        self._check_job_blockers(g)
+        for p in self.eng.graph.parents(g):
+            if not p.is_filter and p.backing is g:
+                raise QMPError(f"Node '{g.name}' is busy: node is used as backing hd of "
+                               f"'{p.name}'")
+
+    def cmd_blockdev_del(self, **args: Any) -> dict[str, Any]:
+        node_name = args["node-name"]
+        with self.eng.io:
+            mn = self.nodes.get(node_name)
+            g = mn.gnode if mn is not None else self.eng.graph.nodes.get(node_name)
+            if mn is None and g is None:
+                raise QMPError(f"Failed to find node with node-name='{node_name}'")
+            if g is not None:
+                self._check_blockers(g)
+            if mn is None or not mn.owned:
+                raise QMPError(f"Node {node_name} is not owned by the monitor")
+            if self._in_use(mn):
+                raise QMPError(f"Block device {node_name} is in use")
+            self._drop(mn)
+        return {}
+
+    # ------------------------------------------------------------------
+    # query-named-block-nodes
+
+    def cmd_query_named_block_nodes(self, flat: bool = False) -> list[dict[str, Any]]:
+        out = []
+        with self.eng.io:
+            files = {id(mn.gnode): mn.file for mn in self.nodes.values()
+                     if mn.gnode is not None and mn.file is not None}
+            # newest first, like QEMU's list of named nodes
+            for g in reversed(list(self.eng.graph.nodes.values())):
+                out.append(self._node_info(g, flat))
+                if g.is_filter:     # a job's filter: no protocol node of its own
+                    continue
+                fmn = files.get(id(g))
+                if fmn is None:
+                    fmn = self._implicit_files.get(g)
+                    if fmn is None or fmn.gnode is not None:
+                        fmn = MonitorNode(self._auto_name(), "file", g.filename, g.read_only,
+                                          False)
+                        self._implicit_files[g] = fmn
+                out.append(self._file_info(fmn))
+            for mn in self.nodes.values():
+                if mn.drv == "file" and mn.parent is None:
+                    out.append(self._file_info(mn))
+        return out
+
+    @staticmethod
+    def _common(name: str, drv: str, filename: str, ro: bool, image: dict) -> dict[str, Any]:
+        return {"file": filename, "node-name": name, "ro": ro, "drv": drv,
+                "encrypted": False, "detect_zeroes": "off", "bps": 0, "bps_rd": 0,
+                "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0, "image": image,
+                "cache": {"writeback": True, "direct": False, "no-flush": False},
+                "write_threshold": 0, "backing_file_depth": 0, "active": True}
+
+    def _image_info(self, g: Node, flat: bool) -> dict[str, Any]:
+        img: dict[str, Any] = {"filename": g.filename, "format": g.format,
+                               "virtual-size": g.size, "dirty-flag": False}
+        if g.is_filter:     # as QEMU shows a filter: its child's image below it
+            try:
+                img["actual-size"] = os.stat(g.filename).st_blocks * 512
+            except OSError:
+                pass
+            below = g.below_filters()
+            if below.driver.cluster_size:
+                img["cluster-size"] = below.driver.cluster_size
+            if not flat and g.file is not None:
+                img["backing-image"] = self._image_info(g.file, flat)
+            return img
+        try:
+            img["actual-size"] = os.stat(g.filename).st_blocks * 512
+        except OSError:
+            pass
+        if g.driver.cluster_size:
+            img["cluster-size"] = g.driver.cluster_size
+        fs = g.driver.info()      # qcow2: compat, refcount-bits... as QEMU's ImageInfo
+        if fs:
+            img["format-specific"] = fs
+        bf = g.driver.backing_filename
+        if bf:
+            img["backing-filename"] = bf
+            if g.backing is not None:
+                img["full-backing-filename"] = g.backing.filename
+            if g.driver.backing_format:
+                img["backing-filename-format"] = g.driver.backing_format
+        if g.backing is not None and not flat:
+            img["backing-image"] = self._image_info(g.backing, flat)
+        return img
+
+    def _node_info(self, g: Node, flat: bool) -> dict[str, Any]:
+        info = self._common(g.name, g.format, g.filename, g.read_only,
+                            self._image_info(g, flat))
+        info["backing_file_depth"] = len(g.chain()) - 1
+        if g.backing is not None:
+            info["backing_file"] = g.driver.backing_filename or g.backing.filename
+        bms = self._bitmaps_of(g)
+        if bms:
+            info["dirty-bitmaps"] = [self._bitmap_info(bm) for bm in bms.values()]
+        return info
+
+    def _file_info(self, mn: MonitorNode) -> dict[str, Any]:
+        try:
+            st = os.stat(mn.filename)
+            size, actual = st.st_size, st.st_blocks * 512
+        except OSError:
+            size, actual = 0, 0
+        return self._common(mn.name, mn.drv, mn.filename, mn.read_only,
+                            {"filename": mn.filename, "format": mn.drv, "virtual-size": size,
+                             "actual-size": actual, "dirty-flag": False})
