@@ -206,8 +206,9 @@ class JobManager:
         self.lock.notify_all()
 
     def _emit_block(self, job: Job, name: str) -> None:
-        """READY / COMPLETED / CANCELLED: {type, device, len, offset, speed[, error]}."""
-        if job.is_internal:
+        """READY / COMPLETED / CANCELLED: {type, device, len, offset, speed[, error]}.
+        Block jobs only: QEMU's other jobs (``create``) send JOB_STATUS_CHANGE alone."""
+        if job.is_internal or not job.driver.block_job:
             return
         cur, total = job.progress.snapshot()
         data = {"type": job.type, "device": job.id, "len": total, "offset": cur,
