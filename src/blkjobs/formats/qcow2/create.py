@@ -11,13 +11,20 @@ import os
 import struct
 
 from ...errors import ImageError, UsageError
-from .header import (EXT_FEATURE_TABLE, INCOMPAT_EXTL2, Header, feature_table_ext)
+from .header import (COMPAT_LAZY_REFCOUNTS, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
+                     INCOMPAT_EXTL2, Header, feature_table_ext)
 
 
 def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = False,
            backing_file: str | None = None, backing_format: str | None = None,
-           preallocation: str = "off", compat: str = "1.1", refcount_bits: int = 16) -> None:
-    """Create (or overwrite) a qcow2 image at ``path``."""
+           preallocation: str = "off", compat: str = "1.1", refcount_bits: int = 16,
+           lazy_refcounts: bool = False, compression_type: str = "zlib",
+           backing_format_optional: bool = False) -> None:
+    """Create (or overwrite) a qcow2 image at ``path``. ``lazy_refcounts``
+    sets the compatible feature bit; ``compression_type`` ``zstd`` sets the
+    header field and incompatible bit 3 (both need compat 1.1).
+    ``backing_format_optional``: write a backing name without a format (as
+    QEMU's blockdev-create without ``backing-fmt``) instead of refusing."""
     if cluster_size < 512 or cluster_size > (2 << 20) or cluster_size & (cluster_size - 1):
         raise UsageError(f"cluster size must be a power of two between 512 and 2M, not {cluster_size}")
     if size < 0 or size % 512:
@@ -31,13 +38,20 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         raise UsageError(f"invalid refcount_bits {refcount_bits}")
     if preallocation not in ("off", "metadata"):
         raise UsageError(f"unsupported preallocation mode {preallocation!r} (off, metadata)")
-    if backing_file and not backing_format:
+    if (lazy_refcounts or compression_type != "zlib") and version < 3:
+        raise UsageError("lazy refcounts and zstd compression need compat=1.1")
+    if compression_type not in ("zlib", "zstd"):
+        raise UsageError(f"unknown compression type {compression_type!r} (zlib, zstd)")
+    if backing_file and not backing_format and not backing_format_optional:
         raise UsageError("a backing file needs a backing format (probe it with open_image)")
     cb = cluster_size.bit_length() - 1
     h = Header(version=version, cluster_bits=cb, size=size,
                refcount_order=refcount_bits.bit_length() - 1,
                header_length=112 if version >= 3 else 72,
-               incompatible=INCOMPAT_EXTL2 if extended_l2 else 0,
+               incompatible=(INCOMPAT_EXTL2 if extended_l2 else 0)
+               | (INCOMPAT_COMPRESSION if compression_type == "zstd" else 0),
+               compatible=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+               compression_type=1 if compression_type == "zstd" else 0,
                backing_file=backing_file or None,
                backing_format=backing_format if backing_file else None)
     if version >= 3:
