@@ -7,6 +7,7 @@
   the lookups (``Cannot find device='x' nor node-name='x'``);
 * :class:`~.jobcmds.JobCommands` (``jobcmds.py``): backup, mirror, stream,
   commit, the job queries and verbs;
+* :class:`~.create.CreateCommands` (``create.py``): ``blockdev-create``;
 * :class:`~.blkdebug_qmp.BlkdebugCommands`: blkdebug break points;
 * :class:`~.introspect.IntrospectCommands`: version and schema queries;
 
@@ -29,6 +30,7 @@ from ..errors import BlkjobsError
 from ..graph import Node
 from ..job import CompletionMode, JobTxn
 from .blkdebug_qmp import BlkdebugCommands
+from .create import CreateCommands
 from .introspect import QEMU_VERSION, IntrospectCommands, version  # noqa: F401
 from .jobcmds import JobCommands
 from .nodes import MonitorNode, NodeCommands
@@ -47,7 +49,8 @@ def _qmp_error(e: BaseException) -> QMPError:
     return QMPError(str(e), getattr(e, "qmp_class", "GenericError"))
 
 
-class Commands(NodeCommands, JobCommands, BlkdebugCommands, IntrospectCommands):
+class Commands(NodeCommands, JobCommands, CreateCommands, BlkdebugCommands,
+               IntrospectCommands):
     """Every command of ``schema.COMMANDS``. :meth:`run` dispatches one
     (arguments already checked) and returns its result; errors are raised
     as :class:`QMPError`. ``quit_cb`` is called by ``quit``."""

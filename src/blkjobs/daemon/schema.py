@@ -321,6 +321,35 @@ ACTION_DATA: dict[str, Struct] = {
     "blockdev-backup": BlockdevBackup,
 }
 
+# --- graph commands (blockdev-create, snapshots, reopen, resize, threshold) ---
+PreallocMode = Enum("PreallocMode", ("off", "metadata", "falloc", "full"))
+#: Only the variants blkjobs creates; the other drivers are refused by the handler.
+BlockdevCreateOptions = Union("BlockdevCreateOptions", Struct("BlockdevCreateOptionsBase", [
+    ("driver", BlockdevDriver)]), "driver", {
+    "file": Struct("BlockdevCreateOptionsFile", [
+        ("filename", "str"), ("size", "size"), ("*preallocation", PreallocMode),
+        ("*nocow", "bool"), ("*extent-size-hint", "size")]),
+    "qcow2": Struct("BlockdevCreateOptionsQcow2", [
+        ("file", BlockdevRef), ("*data-file", BlockdevRef), ("*data-file-raw", "bool"),
+        ("*extended-l2", "bool"), ("size", "size"),
+        ("*version", Enum("BlockdevQcow2Version", ("v2", "v3"))), ("*backing-file", "str"),
+        ("*backing-fmt", BlockdevDriver),
+        # encryption is refused by blkjobs: the union without its variants
+        ("*encrypt", Union("QCryptoBlockCreateOptions", Struct("QCryptoBlockOptionsBase", [
+            ("format", Enum("QCryptoBlockFormat", ("qcow", "luks")))]), "format")),
+        ("*cluster-size", "size"),
+        ("*preallocation", PreallocMode), ("*lazy-refcounts", "bool"),
+        ("*refcount-bits", "int"),
+        ("*compression-type", Enum("Qcow2CompressionType", ("zlib", "zstd")))])})
+BlockdevSnapshot = Struct("BlockdevSnapshot", [("node", "str"), ("overlay", "str")])
+BlockdevSnapshotSync = Struct("BlockdevSnapshotSync", [
+    ("*device", "str"), ("*node-name", "str"), ("snapshot-file", "str"),
+    ("*snapshot-node-name", "str"), ("*format", "str"),
+    ("*mode", Enum("NewImageMode", ("existing", "absolute-paths")))])
+GRAPH_COMMANDS: dict[str, Any] = {
+    "blockdev-create": Struct("", [("job-id", "str"), ("options", BlockdevCreateOptions)]),
+}
+
 _ID = [("id", "str")]
 _DEV = [("device", "str")]
 
@@ -390,6 +419,7 @@ COMMANDS: dict[str, Any] = {
         ("actions", [TransactionAction]),
         ("*properties", Struct("TransactionProperties", [
             ("*completion-mode", CompletionMode)]))]),
+    **GRAPH_COMMANDS,
 }
 
 

@@ -1,0 +1,123 @@
+"""blockdev-create (job type ``create``) against qemu-storage-daemon: the
+same creations over QMP give the same events in order, the same query-jobs
+entries and job errors to the byte, and images qemu-img reads the same."""
+from __future__ import annotations
+
+import json
+
+from daemon_util import brief, qemu_img, side_by_side
+
+
+async def create(s, jid: str, options: dict) -> dict:
+    """Run one blockdev-create to its end: events, query-jobs, then dismiss."""
+    await s.x("blockdev-create", **{"job-id": jid}, options=options)
+    ev = brief(await s.until("JOB_STATUS_CHANGE", id=jid, status="concluded"))
+    jobs = await s.x("query-jobs")
+    await s.x("job-dismiss", id=jid)
+    ev += brief(await s.until("JOB_STATUS_CHANGE", id=jid, status="null"))
+    return {"events": ev, "jobs": jobs}
+
+
+def norm(out, d):
+    """``out`` with the scenario's directory written as ``D`` (each daemon
+    runs in its own)."""
+    return json.loads(json.dumps(out).replace(str(d), "D"))
+
+
+def _info(path: str) -> dict:
+    p = qemu_img("info", "-U", "--output=json", path)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    for k in ("filename", "actual-size", "full-backing-filename", "dirty-flag"):
+        info.pop(k, None)
+    return info
+
+
+def test_blockdev_create_file_and_qcow2_match_qemu(tmp_path):
+    async def sc(s, d):
+        out = {}
+        img = str(d / "a.qcow2")
+        out["file"] = await create(s, "c0", {"driver": "file", "filename": img, "size": 0})
+        out["raw-full"] = await create(s, "c1", {"driver": "file", "filename": str(d / "p.raw"),
+                                                 "size": 1 << 20, "preallocation": "full"})
+        await s.x("blockdev-add", driver="file", filename=img, **{"node-name": "af"})
+        out["qcow2"] = await create(s, "c2", {
+            "driver": "qcow2", "file": "af", "size": 4 << 20, "backing-file": "b.qcow2",
+            "backing-fmt": "qcow2", "cluster-size": 4096, "refcount-bits": 1,
+            "lazy-refcounts": True, "compression-type": "zstd"})
+        out["info"] = _info(img)
+        out["plain"] = await create(s, "c3", {"driver": "qcow2", "file": "af", "size": 1 << 30})
+        out["info-plain"] = _info(img)
+        # the image is usable at once: a format node over the file node
+        await s.x("blockdev-add", driver="qcow2", file="af", **{"node-name": "fmt"})
+        out["node"] = [(n["node-name"], n["drv"], n["image"]["virtual-size"])
+                       for n in await s.x("query-named-block-nodes") if n["node-name"] == "fmt"]
+        await s.x("blockdev-del", **{"node-name": "fmt"})
+        return out
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours
+    assert ours["qcow2"]["events"] == [("JOB_STATUS_CHANGE", {"id": "c2", "status": s})
+                                       for s in ("created", "running", "waiting", "pending",
+                                                 "concluded", "null")]
+    assert ours["qcow2"]["jobs"] == [{"id": "c2", "type": "create", "status": "concluded",
+                                      "current-progress": 1, "total-progress": 1}]
+    fs = ours["info"]["format-specific"]["data"]
+    assert (fs["lazy-refcounts"], fs["refcount-bits"], fs["compression-type"]) == \
+        (True, 1, "zstd")
+    for name in ("qsd", "blkjobs"):
+        d = tmp_path / name
+        p = qemu_img("check", "-f", "qcow2", str(d / "a.qcow2"))
+        assert p.returncode == 0 and "No errors were found" in p.stdout, p.stdout + p.stderr
+        assert (d / "p.raw").read_bytes() == bytes(1 << 20)
+        assert (d / "p.raw").stat().st_blocks * 512 >= 1 << 20      # allocated: full
+
+
+BAD_QCOW2 = [
+    {"cluster-size": 1000}, {"cluster-size": 4 << 20}, {"size": (4 << 20) + 1},
+    {"refcount-bits": 3}, {"refcount-bits": 128}, {"backing-fmt": "raw"},
+    {"version": "v2", "lazy-refcounts": True}, {"version": "v2", "refcount-bits": 8},
+    {"version": "v2", "compression-type": "zstd"}, {"version": "v2", "extended-l2": True},
+    {"extended-l2": True, "cluster-size": 4096},
+    {"backing-file": "b.qcow2", "preallocation": "metadata"},
+    {"file": "nosuch"},
+]
+
+
+def test_blockdev_create_failures_match_qemu(tmp_path):
+    """Bad options fail the job (aborting -> concluded, QEMU's error in
+    query-jobs), not the command; bad commands fail before any job."""
+    async def sc(s, d):
+        out = {}
+        img = str(d / "a.qcow2")
+        out["nodir"] = await create(s, "f0", {"driver": "file", "filename": str(d / "no/x"),
+                                              "size": 0})
+        out["metadata"] = await create(s, "f1", {"driver": "file", "filename": img,
+                                                 "size": 0, "preallocation": "metadata"})
+        await s.x("blockdev-add", driver="file", filename=img, **{"node-name": "af"})
+        for i, bad in enumerate(BAD_QCOW2):
+            out[f"bad{i}"] = await create(s, f"b{i}", {"driver": "qcow2", "file": "af",
+                                                       "size": 4 << 20, **bad})
+        await s.x("blockdev-create", **{"job-id": "kept"},
+                  options={"driver": "file", "filename": str(d / "k"), "size": 0})
+        await s.until("JOB_STATUS_CHANGE", id="kept", status="concluded")
+        out["cmd"] = [
+            await s.err("blockdev-create", **{"job-id": "kept"},
+                        options={"driver": "file", "filename": str(d / "k"), "size": 0}),
+            await s.err("job-cancel", id="kept"),
+            await s.err("blockdev-create", **{"job-id": "r"},
+                        options={"driver": "raw", "file": "af"}),
+            await s.err("blockdev-create", **{"job-id": "r"}, options={"driver": "raw"}),
+            await s.err("blockdev-create", options={"driver": "file", "filename": "x",
+                                                    "size": 0}),
+            await s.err("blockdev-create", **{"job-id": "r"},
+                        options={"driver": "qcow2", "file": "af"}),
+        ]
+        out["jobs"] = await s.x("query-jobs")
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours
+    assert ours["bad0"]["events"][2] == ["JOB_STATUS_CHANGE", {"id": "b0",
+                                                               "status": "aborting"}]
+    assert ours["bad0"]["jobs"][0]["error"] == \
+        "Cluster size must be a power of two between 512 and 2048k"
+    assert ours["cmd"][3] == ["GenericError", "Driver does not support blockdev-create"]
