@@ -174,6 +174,20 @@ class Node:
         #: ``NodeState``: filter hooks, bitmaps, cache mode...). It lives and
         #: dies with the node: never keyed by ``id(node)``, which is reused.
         self.io_state = None
+        #: QMP's block-set-write-threshold: 0 (off), or the offset writes may
+        #: reach; ``threshold_cb(node, amount_exceeded, threshold)`` is called
+        #: once, by the first write that goes past it (then it is 0 again)
+        self.write_threshold = 0
+        self.threshold_cb = None
+
+    def note_write(self, offset: int, length: int) -> None:
+        """A write, write-zeroes or discard of [offset, offset+length) is
+        about to reach this node (QEMU's bdrv_write_threshold_check_write)."""
+        thr = self.write_threshold
+        if thr and offset + length > thr:
+            self.write_threshold = 0
+            if self.threshold_cb is not None:
+                self.threshold_cb(self, offset + length - thr, thr)
 
     # -- basic facts ---------------------------------------------------
     @property
@@ -342,6 +356,7 @@ class Node:
     def write(self, offset: int, data) -> None:
         """Write with copy-on-write from the backing chain."""
         self._require(_WRITES, "write")
+        self.note_write(offset, memoryview(data).nbytes)
         if self.is_filter:
             self.file.write(offset, data)
         elif self.backing is None:
@@ -351,6 +366,7 @@ class Node:
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         self._require(_WRITES, "write_zeroes")
+        self.note_write(offset, length)
         if self.is_filter:
             self.file.write_zeroes(offset, length, may_unmap)
         elif self.backing is None:
@@ -360,6 +376,7 @@ class Node:
 
     def discard(self, offset: int, length: int) -> None:
         self._require(Perm.WRITE, "discard")
+        self.note_write(offset, length)
         if self.is_filter:
             self.file.discard(offset, length)
         else:

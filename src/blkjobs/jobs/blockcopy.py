@@ -213,6 +213,7 @@ class Mover:
                 and not dst.driver.injects_faults):
             item = self._plan_fast(off, length, stats)
             if item is not None:
+                self.dst.note_write(off, length)
                 return [item]
         chain = src.chain()
         runs = src.block_status(off, length)
@@ -261,6 +262,8 @@ class Mover:
             bufs.append((s, buf))
         # Zeroes first: their clusters are never ones we allocate below.
         self._write_zeroes(zero, off, length, items)
+        for s, n, _ in copy:        # written by the engine, below Node.write
+            dst.note_write(s, n)
         if copy:
             if self._dst_raw:
                 for s, n, (fd, host) in copy:
@@ -316,6 +319,7 @@ class Mover:
             already = self._dst_reads_zero(off, length)
             for s, n in subtract(merge(zero), already):
                 if self._dst_raw:
+                    self.dst.note_write(s, n)
                     items.append((0, s, n, ZERO))
                 else:
                     self._tgt(self.dst.write_zeroes, s, n)
@@ -394,6 +398,7 @@ class Mover:
                     if not any(buf):
                         self._tgt(dst.write_zeroes, c, ln)
                     else:
+                        dst.note_write(c, ln)
                         self._tgt(dst.driver.write_compressed, c, buf)
                 c += cs
 
