@@ -12,7 +12,7 @@ from qemu.qmp import ExecuteError
 from blkjobs.daemon.schema import COMMANDS
 
 EVENTS = {"JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR",
-          "BLOCK_JOB_READY", "BLOCK_JOB_PENDING"}
+          "BLOCK_JOB_READY", "BLOCK_JOB_PENDING", "BLOCK_WRITE_THRESHOLD"}
 #: Commands whose arguments and result are the same in QEMU 7.2 (the
 #: qemu-storage-daemon installed here) and in the QEMU 10.1 surface we
 #: implement: their schema must be identical, type for type.
@@ -23,7 +23,8 @@ SAME_AS_QEMU = [
     "block-job-pause", "block-job-resume", "block-job-complete", "block-job-finalize",
     "block-job-dismiss", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear", "block-dirty-bitmap-enable", "block-dirty-bitmap-disable",
-    "block-dirty-bitmap-merge", "x-debug-block-dirty-bitmap-sha256", *sorted(EVENTS)]
+    "block-dirty-bitmap-merge", "x-debug-block-dirty-bitmap-sha256", "blockdev-snapshot",
+    "block_resize", "block-set-write-threshold", "x-debug-query-block-graph", *sorted(EVENTS)]
 
 
 def shaper(schema: list[dict]):

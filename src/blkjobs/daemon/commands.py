@@ -8,6 +8,8 @@
 * :class:`~.jobcmds.JobCommands` (``jobcmds.py``): backup, mirror, stream,
   commit, the job queries and verbs;
 * :class:`~.create.CreateCommands` (``create.py``): ``blockdev-create``;
+* :class:`~.graphcmds.GraphCommands` (``graphcmds.py``): snapshots, resize,
+  write thresholds, ``query-block``, ``x-debug-query-block-graph``;
 * :class:`~.blkdebug_qmp.BlkdebugCommands`: blkdebug break points;
 * :class:`~.introspect.IntrospectCommands`: version and schema queries;
 
@@ -31,6 +33,7 @@ from ..graph import Node
 from ..job import CompletionMode, JobTxn
 from .blkdebug_qmp import BlkdebugCommands
 from .create import CreateCommands
+from .graphcmds import GraphCommands
 from .introspect import QEMU_VERSION, IntrospectCommands, version  # noqa: F401
 from .jobcmds import JobCommands
 from .nodes import MonitorNode, NodeCommands
@@ -49,7 +52,7 @@ def _qmp_error(e: BaseException) -> QMPError:
     return QMPError(str(e), getattr(e, "qmp_class", "GenericError"))
 
 
-class Commands(NodeCommands, JobCommands, CreateCommands, BlkdebugCommands,
+class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, BlkdebugCommands,
                IntrospectCommands):
     """Every command of ``schema.COMMANDS``. :meth:`run` dispatches one
     (arguments already checked) and returns its result; errors are raised

@@ -32,7 +32,8 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
-from .schema import ACTION_DATA, COMMANDS, Alternate, Enum, Struct, TransactionAction, Union
+from .schema import (ACTION_DATA, COMMANDS, Alternate, BlockPermission, Enum, Struct,
+                     TransactionAction, Union)
 from .schema import JobType as _JobType
 
 #: The QEMU release whose QMP surface blkjobs implements (docs/qmp.md is
@@ -140,6 +141,26 @@ RETURNS: dict[str, Any] = {
         ("length", "int")]),
 }
 
+# --- graph commands (graphcmds.py) ---
+GRAPH_RETURNS: dict[str, Any] = {
+    "query-block": [Struct("BlockInfo", [
+        ("device", "str"), ("*qdev", "str"), ("type", "str"), ("removable", "bool"),
+        ("locked", "bool"), ("*inserted", BlockDeviceInfo), ("*tray_open", "bool"),
+        ("*io-status", IoStatus)])],
+    "x-debug-query-block-graph": Struct("XDbgBlockGraph", [
+        ("nodes", [Struct("XDbgBlockGraphNode", [
+            ("id", "uint64"), ("type", Enum("XDbgBlockGraphNodeType", (
+                "block-backend", "block-job", "block-driver"))), ("name", "str")])]),
+        ("edges", [Struct("XDbgBlockGraphEdge", [
+            ("parent", "uint64"), ("child", "uint64"), ("name", "str"),
+            ("perm", [BlockPermission]), ("shared-perm", [BlockPermission])])])]),
+}
+RETURNS.update(GRAPH_RETURNS)
+GRAPH_EVENTS: dict[str, Struct] = {
+    "BLOCK_WRITE_THRESHOLD": Struct("", [("node-name", "str"), ("amount-exceeded", "uint64"),
+                                         ("write-threshold", "uint64")]),
+}
+
 _JOB_EVENT = [("type", JobType), ("device", "str"), ("len", "int"), ("offset", "int"),
               ("speed", "int")]
 #: The events the daemon emits, with their data.
@@ -152,6 +173,7 @@ EVENTS: dict[str, Struct] = {
         ("action", Enum("BlockErrorAction", ("ignore", "report", "stop")))]),
     "BLOCK_JOB_READY": Struct("", _JOB_EVENT),
     "BLOCK_JOB_PENDING": Struct("", [("type", JobType), ("id", "str")]),
+    **GRAPH_EVENTS,
 }
 
 #: ``transaction``'s actions as QEMU describes them: a union on ``type``

@@ -370,6 +370,7 @@ class NodeCommands:
         info = self._common(g.name, g.format, g.filename, g.read_only,
                             self._image_info(g, flat))
         info["backing_file_depth"] = len(g.chain()) - 1
+        info["write_threshold"] = g.write_threshold
         if g.backing is not None:
             info["backing_file"] = g.driver.backing_filename or g.backing.filename
         bms = self._bitmaps_of(g)
@@ -380,7 +381,8 @@ class NodeCommands:
     def _file_info(self, mn: MonitorNode) -> dict[str, Any]:
         try:
             st = os.stat(mn.filename)
-            size, actual = st.st_size, st.st_blocks * 512
+            # QEMU counts a protocol node's length in 512-byte sectors
+            size, actual = -(-st.st_size // 512) * 512, st.st_blocks * 512
         except OSError:
             size, actual = 0, 0
         return self._common(mn.name, mn.drv, mn.filename, mn.read_only,

@@ -348,6 +348,12 @@ BlockdevSnapshotSync = Struct("BlockdevSnapshotSync", [
     ("*mode", Enum("NewImageMode", ("existing", "absolute-paths")))])
 GRAPH_COMMANDS: dict[str, Any] = {
     "blockdev-create": Struct("", [("job-id", "str"), ("options", BlockdevCreateOptions)]),
+    "blockdev-snapshot": BlockdevSnapshot,
+    "block_resize": Struct("", [("*device", "str"), ("*node-name", "str"), ("size", "int")]),
+    "block-set-write-threshold": Struct("", [("node-name", "str"),
+                                             ("write-threshold", "uint64")]),
+    "query-block": None,
+    "x-debug-query-block-graph": None,
 }
 
 _ID = [("id", "str")]

@@ -1,0 +1,250 @@
+"""Reshaping and inspecting the graph over QMP: ``blockdev-snapshot``,
+``block_resize``, ``block-set-write-threshold`` (with its
+``BLOCK_WRITE_THRESHOLD`` event), ``query-block`` and
+``x-debug-query-block-graph``, as qemu-storage-daemon 7.2 answers them
+(blockdev.c, block/write-threshold.c, block.c's bdrv_get_xdbg_block_graph).
+
+* ``blockdev-snapshot {node, overlay}``: ``overlay`` (a monitor node without
+  a backing node) gets ``node`` as its backing node in memory, its header
+  untouched (it names the backing file already); ``node`` is then reopened
+  read-only, as QEMU's external_snapshot_commit does (a failure to do so is
+  ignored, as there). The checks are QEMU's, in its order.
+* ``block_resize``: format nodes through their driver; a ``file`` node under
+  a qcow2 node is refused with QEMU's permission-conflict text, one alone is
+  truncated. Nodes that are some node's backing carry QEMU's op blocker
+  (``Device '<device>' is in use``, ``(null)`` when no ``device`` was given).
+* write thresholds are kept on format nodes (the Engine's graph nodes) and
+  checked by every write, write-zeroes and discard that reaches the node: a
+  front end's (``x-blkjobs-write``) or a job's. QEMU also checks them on
+  protocol nodes (host offsets of the image file); blkjobs does not see
+  those writes, so it refuses a threshold on a ``file`` node.
+* ``query-block`` lists BlockBackends: qemu-storage-daemon has none unless
+  exports exist, nor does blkjobs: ``[]``.
+* ``x-debug-query-block-graph``: nodes in creation order (each inline
+  ``file`` node before its format node), numbered from 1, listed newest
+  first; edges ``file`` and ``backing`` with QEMU's permissions. Jobs'
+  nodes (QEMU's ``block-job`` and ``block-backend`` entries) are not shown;
+  a job's filter node is, as a ``block-driver`` node with its ``file``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..formats.qcow2.resize import resize as qcow2_resize
+from ..graph import Node, Perm
+from .protocol import QMPError
+
+BLOCK_WRITE_THRESHOLD = "BLOCK_WRITE_THRESHOLD"
+_PERM_ORDER = ((Perm.RESIZE, "resize"), (Perm.WRITE_UNCHANGED, "write-unchanged"),
+               (Perm.WRITE, "write"), (Perm.CONSISTENT_READ, "consistent-read"))
+
+
+def _perms(p: int) -> list[str]:
+    return [name for bit, name in _PERM_ORDER if p & bit]
+
+
+class GraphCommands:
+    """The graph commands (mixed into Commands)."""
+
+    eng: Any
+    nodes: dict
+    _implicit_files: Any
+    # from NodeCommands
+    _lookup: Callable[[str], Node]
+    _auto_name: Callable[[], str]
+    _check_job_blockers: Callable[..., None]
+
+    # ------------------------------------------------------------------
+    # blockdev-snapshot
+
+    def cmd_blockdev_snapshot(self, node: str, overlay: str) -> dict[str, Any]:
+        with self.eng.io:
+            old = self._lookup(node)
+            self._check_op_blockers(old)
+            new = self._lookup(overlay)
+            self._check_job_blockers(new)
+            if new.backing is not None:
+                raise QMPError("The overlay already has a backing image")
+            if new.format != "qcow2":
+                raise QMPError("The overlay does not support backing images")
+            if new in old.chain():
+                raise QMPError(f"Making '{old.name}' a backing child of '{new.name}' would "
+                               "create a cycle")
+            new.attach_backing(old)
+            self._reopen_ro(old)
+        return {}
+
+    def _reopen_ro(self, g: Node) -> None:
+        """The old active layer goes read-only, its file node with it; a
+        failure is ignored, as QEMU's external_snapshot_commit does."""
+        try:
+            g.reopen(read_only=True)
+        except Exception:       # noqa: BLE001
+            return
+        mn = self._monitor_view(g)
+        if not isinstance(mn, Node):
+            mn.read_only = True
+            if mn.file is not None:
+                mn.file.read_only = True
+
+    def _check_op_blockers(self, g: Node) -> None:
+        """QEMU's op blockers of a node another node uses as its backing
+        (bdrv_set_backing_hd) and of the nodes a job uses."""
+        for p in self.eng.graph.parents(g):
+            if not p.is_filter and p.backing is g:
+                raise QMPError(f"Node '{g.name}' is busy: node is used as backing hd of "
+                               f"'{p.name}'")
+        self._check_job_blockers(g)
+
+    # ------------------------------------------------------------------
+    # block_resize
+
+    def cmd_block_resize(self, size: int, device: str | None = None,
+                         **args: Any) -> dict[str, Any]:
+        name = args.get("node-name")
+        with self.eng.io:
+            g = self.eng.graph.nodes.get(name) if name else None
+            mn = self.nodes.get(name) if name else None
+            if g is None and (mn is None or mn.gnode is not None):
+                raise QMPError(f"Cannot find device='{device or ''}' nor "
+                               f"node-name='{name or ''}'")
+            if size < 0:
+                raise QMPError("Parameter 'size' expects a >0 size")
+            if g is None:
+                return self._resize_file(mn, size)
+            try:
+                self._check_op_blockers(g)
+            except QMPError:
+                raise QMPError(f"Device '{device if device is not None else '(null)'}' "
+                               "is in use") from None
+            if g.read_only:
+                raise QMPError("Image is read-only")
+            if g.format == "qcow2":
+                qcow2_resize(g.driver, size)
+            else:
+                os.ftruncate(g.driver.fd, size)
+            g.driver.flush()
+        return {}
+
+    def _resize_file(self, mn: Any, size: int) -> dict[str, Any]:
+        parent = mn.parent
+        if parent is not None and parent.drv == "qcow2":
+            raise QMPError(f"Permission conflict on node '{mn.name}': permissions 'resize' are "
+                           "both required by an unnamed block device (uses node "
+                           f"'{mn.name}' as 'root' child) and unshared by node "
+                           f"'{parent.name}' (uses node '{mn.name}' as 'file' child).")
+        if parent is not None:
+            raise QMPError(f"blkjobs resizes the file of node '{parent.name}' through that "
+                           "node: resize it instead")
+        if mn.read_only:
+            raise QMPError("Image is read-only")
+        os.truncate(mn.filename, size)
+        return {}
+
+    # ------------------------------------------------------------------
+    # block-set-write-threshold
+
+    def cmd_block_set_write_threshold(self, **args: Any) -> dict[str, Any]:
+        name, thr = args["node-name"], args["write-threshold"]
+        with self.eng.io:
+            g = self.eng.graph.nodes.get(name)
+            if g is None:
+                if name in self.nodes:
+                    raise QMPError(f"blkjobs keeps write thresholds on format nodes only: "
+                                   f"'{name}' is a protocol node")
+                raise QMPError(f"Device '{name}' not found")
+            g.write_threshold = thr
+            g.threshold_cb = self._threshold_exceeded
+        return {}
+
+    def _threshold_exceeded(self, g: Node, amount: int, thr: int) -> None:
+        self.eng.jobs.events.emit(BLOCK_WRITE_THRESHOLD, {
+            "node-name": g.name, "amount-exceeded": amount, "write-threshold": thr})
+
+    # ------------------------------------------------------------------
+    # query-block, x-debug-query-block-graph
+
+    def cmd_query_block(self) -> list[dict[str, Any]]:
+        return []
+
+    def cmd_x_debug_query_block_graph(self) -> dict[str, Any]:
+        with self.eng.io:
+            order = self._graph_order()
+            ids = {id(x): i + 1 for i, x in enumerate(order)}
+            nodes, edges = [], []
+            for x in order:
+                nodes.append({"id": ids[id(x)], "type": "block-driver", "name": x.name})
+                for child, name, perm, shared in self._children(x):
+                    if id(child) in ids:
+                        edges.append({"parent": ids[id(x)], "child": ids[id(child)],
+                                      "name": name, "perm": _perms(perm),
+                                      "shared-perm": _perms(shared)})
+        return {"nodes": nodes[::-1], "edges": edges[::-1]}
+
+    def _graph_order(self) -> list[Any]:
+        """Monitor nodes (file nodes and format nodes) and the graph nodes
+        the monitor did not define (implicit backing nodes, with an auto-
+        named file node each; jobs' filters), in creation order."""
+        order: list[Any] = []
+        seen: set[int] = set()
+
+        def add(x: Any) -> None:
+            if id(x) not in seen:
+                seen.add(id(x))
+                order.append(x)
+
+        monitor = {id(mn.gnode): mn for mn in self.nodes.values() if mn.gnode is not None}
+        for mn in list(self.nodes.values()):
+            if mn.gnode is not None:
+                for g in reversed(mn.gnode.chain()[1:]):     # opened with it, first
+                    if id(g) not in monitor and not g.is_filter:
+                        add(self._implicit_file(g))
+                        add(g)
+            add(mn)
+        for g in self.eng.graph.nodes.values():
+            if id(g) not in monitor:
+                if not g.is_filter:
+                    add(self._implicit_file(g))
+                add(g)
+        return order
+
+    def _implicit_file(self, g: Node) -> Any:
+        fmn = self._implicit_files.get(g)
+        if fmn is None or fmn.gnode is not None:
+            cls = type(next(iter(self.nodes.values())))      # MonitorNode
+            fmn = cls(self._auto_name(), "file", g.filename, g.read_only, False)
+            self._implicit_files[g] = fmn
+        return fmn
+
+    def _children(self, x: Any) -> list[tuple[Any, str, int, int]]:
+        """(child, edge name, perm, shared) of a monitor node or graph node,
+        with QEMU's permissions for a node no user above asks anything of."""
+        g = x if isinstance(x, Node) else x.gnode
+        out: list[tuple[Any, str, int, int]] = []
+        if g is None:
+            if x.drv == "blkdebug" and x.file is not None:
+                out.append((x.file, "image", Perm(0), Perm(0xF)))
+            return out
+        if g.is_filter:
+            if g.file is not None:
+                out.append((self._monitor_view(g.file), "file", Perm(0), Perm(0xF)))
+            return out
+        if g.backing is not None:
+            out.append((self._monitor_view(g.backing), "backing", Perm(0), Perm(0xF)))
+        f = x.file if not isinstance(x, Node) else self._implicit_files.get(g)
+        if f is not None:
+            if g.format == "qcow2":
+                perm = Perm.CONSISTENT_READ if g.read_only else \
+                    Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+                out.append((f, "file", perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED))
+            else:
+                out.append((f, "file", Perm(0), Perm(0xF)))
+        return out
+
+    def _monitor_view(self, g: Node) -> Any:
+        for mn in self.nodes.values():
+            if mn.gnode is g:
+                return mn
+        return g
