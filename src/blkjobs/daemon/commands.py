@@ -10,6 +10,8 @@
 * :class:`~.create.CreateCommands` (``create.py``): ``blockdev-create``;
 * :class:`~.graphcmds.GraphCommands` (``graphcmds.py``): snapshots, resize,
   write thresholds, ``query-block``, ``x-debug-query-block-graph``;
+* :class:`~.drive.DriveCommands` (``drive.py``): ``drive-backup``,
+  ``drive-mirror``;
 * :class:`~.blkdebug_qmp.BlkdebugCommands`: blkdebug break points;
 * :class:`~.introspect.IntrospectCommands`: version and schema queries;
 
@@ -33,6 +35,7 @@ from ..graph import Node
 from ..job import CompletionMode, JobTxn
 from .blkdebug_qmp import BlkdebugCommands
 from .create import CreateCommands
+from .drive import DriveCommands
 from .graphcmds import GraphCommands
 from .introspect import QEMU_VERSION, IntrospectCommands, version  # noqa: F401
 from .jobcmds import JobCommands
@@ -52,8 +55,8 @@ def _qmp_error(e: BaseException) -> QMPError:
     return QMPError(str(e), getattr(e, "qmp_class", "GenericError"))
 
 
-class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, BlkdebugCommands,
-               IntrospectCommands):
+class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, DriveCommands,
+               BlkdebugCommands, IntrospectCommands):
     """Every command of ``schema.COMMANDS``. :meth:`run` dispatches one
     (arguments already checked) and returns its result; errors are raised
     as :class:`QMPError`. ``quit_cb`` is called by ``quit``."""
@@ -71,6 +74,8 @@ class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, Blkdebu
     def run(self, name: str, args: dict[str, Any]) -> Any:
         fn = getattr(self, "cmd_" + name.replace("-", "_"))
         self._prune()
+        with self.eng.io:
+            self._prune_drive_targets()
         try:
             return fn(args) if name == "blockdev-add" else fn(**args)
         except (BlkjobsError, OSError, QMPError) as e:
@@ -277,6 +282,8 @@ class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, Blkdebu
                                    "completion-mode = grouped")
                 if kind == "blockdev-backup":
                     self._start_backup(data, txn=txn)
+                elif kind == "drive-backup":
+                    self._start_drive_backup(data, txn=txn)
                 elif kind.startswith("block-dirty-bitmap-"):
                     undo.append(self._bitmap_action(kind, data))
                 else:

@@ -322,6 +322,7 @@ ACTION_DATA: dict[str, Struct] = {
 }
 
 # --- graph commands (blockdev-create, snapshots, reopen, resize, threshold) ---
+NewImageMode = Enum("NewImageMode", ("existing", "absolute-paths"))
 PreallocMode = Enum("PreallocMode", ("off", "metadata", "falloc", "full"))
 #: Only the variants blkjobs creates; the other drivers are refused by the handler.
 BlockdevCreateOptions = Union("BlockdevCreateOptions", Struct("BlockdevCreateOptionsBase", [
@@ -345,7 +346,15 @@ BlockdevSnapshot = Struct("BlockdevSnapshot", [("node", "str"), ("overlay", "str
 BlockdevSnapshotSync = Struct("BlockdevSnapshotSync", [
     ("*device", "str"), ("*node-name", "str"), ("snapshot-file", "str"),
     ("*snapshot-node-name", "str"), ("*format", "str"),
-    ("*mode", Enum("NewImageMode", ("existing", "absolute-paths")))])
+    ("*mode", NewImageMode)])
+DriveBackup = Struct("DriveBackup", BlockdevBackup.members[:-1] + [
+    ("target", "str"), ("*format", "str"), ("*mode", NewImageMode)])
+DriveMirror = Struct("DriveMirror", [
+    ("*job-id", "str"), ("device", "str"), ("target", "str"), ("*format", "str"),
+    ("*node-name", "str"), ("*replaces", "str"), ("sync", SyncMode), ("*mode", NewImageMode),
+    ("*speed", "int"), ("*granularity", "uint32"), ("*buf-size", "int"),
+    ("*on-source-error", OnError), ("*on-target-error", OnError), ("*unmap", "bool"),
+    ("*copy-mode", CopyMode), ("*auto-finalize", "bool"), ("*auto-dismiss", "bool")])
 GRAPH_COMMANDS: dict[str, Any] = {
     "blockdev-create": Struct("", [("job-id", "str"), ("options", BlockdevCreateOptions)]),
     "blockdev-snapshot": BlockdevSnapshot,
@@ -354,7 +363,10 @@ GRAPH_COMMANDS: dict[str, Any] = {
                                              ("write-threshold", "uint64")]),
     "query-block": None,
     "x-debug-query-block-graph": None,
+    "drive-backup": DriveBackup,
+    "drive-mirror": DriveMirror,
 }
+ACTION_DATA["drive-backup"] = DriveBackup
 
 _ID = [("id", "str")]
 _DEV = [("device", "str")]
