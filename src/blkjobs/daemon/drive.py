@@ -43,9 +43,10 @@ class DriveCommands:
     cmd_blockdev_mirror: Callable[..., Any]
 
     def _drive_targets(self) -> dict[str, Node]:
-        targets = getattr(self, "_drive_target_nodes", None)
+        targets: dict[str, Node] | None = getattr(self, "_drive_target_nodes", None)
         if targets is None:
-            targets = self._drive_target_nodes = {}
+            targets = {}
+            self._drive_target_nodes = targets
         return targets
 
     def _prune_drive_targets(self) -> None:
