@@ -183,3 +183,112 @@ def test_query_block_and_block_graph_match_qemu(tmp_path):
     assert ref == ours
     assert ours["block"] == []
     assert len(ours["graph"]["nodes"]) == 8 and len(ours["graph"]["edges"]) == 5
+
+
+def test_blockdev_reopen_matches_qemu(tmp_path):
+    """read-only toggles and backing changes, all-or-nothing lists, and
+    QEMU's refusals."""
+    async def sc(s, d):
+        base, b2 = img(d, "base.qcow2"), img(d, "b2.qcow2")
+        top = img(d, "top.qcow2", "4M", "-b", base, "-F", "qcow2")
+        qemu_io(base, "write -P 0x61 0 64k")
+        qemu_io(b2, "write -P 0x62 0 64k")
+        for name, path, extra in (("base", base, {}), ("b2", b2, {}),
+                                  ("top", top, {"backing": "base"})):
+            await s.x("blockdev-add", driver="qcow2", **{"node-name": name}, **extra,
+                      file={"driver": "file", "filename": path, "node-name": name + "f"})
+
+        def opt(**o):
+            return {"driver": "qcow2", "node-name": "top", "file": "topf", **o}
+        out = {"errors": [
+            await s.err("blockdev-reopen", options=[opt(**{"read-only": True})]),
+            await s.err("blockdev-reopen", options=[opt(backing="top")]),
+            await s.err("blockdev-reopen", options=[opt(backing="nosuch")]),
+            await s.err("blockdev-reopen", options=[{"driver": "qcow2", "file": "x"}]),
+            await s.err("blockdev-reopen", options=[opt(driver="raw")]),
+            await s.err("blockdev-reopen", options=[opt(file="nosuch", backing="base")]),
+            await s.err("blockdev-reopen", options=[
+                opt(backing="base", **{"read-only": True}),
+                {"driver": "qcow2", "node-name": "nosuch", "file": "x"}]),
+            await s.err("blockdev-reopen", options=[
+                {"driver": "file", "node-name": "b2f", "filename": str(d / "b2.qcow2"),
+                 "read-only": True}]),
+            await s.err("blockdev-reopen", options=[
+                {"driver": "file", "node-name": "b2f", "filename": str(d / "other")}]),
+        ]}
+        out["after-errors"] = nodes(await s.x("query-named-block-nodes"))
+        rw_file = {"driver": "file", "filename": str(d / "top.qcow2"), "node-name": "topf"}
+        steps = [[opt(backing="base", **{"read-only": True})],
+                 [opt(backing="base"),
+                  {"driver": "file", "node-name": "topf", "filename": str(d / "top.qcow2")}],
+                 [opt(backing=None, **{"read-only": True}, file=rw_file)],
+                 [opt(backing="b2", file=rw_file)]]
+        out["steps"] = []
+        for i, o in enumerate(steps):
+            out["steps"].append((await s.x("blockdev-reopen", options=o),
+                                 nodes(await s.x("query-named-block-nodes"))))
+            if i == 0:      # the file node stays read-only: the format node cannot go rw
+                out["ro-to-rw"] = [
+                    await s.err("blockdev-reopen", options=[opt(backing="base")]),
+                    await s.err("blockdev-reopen", options=[
+                        {"driver": "file", "node-name": "topf",
+                         "filename": str(d / "top.qcow2")}, opt(backing="base")])]
+        out["cycle"] = await s.err("blockdev-reopen", options=[
+            {"driver": "qcow2", "node-name": "b2", "file": "b2f", "backing": "top"}])
+        # top now reads through b2: stream it in, then compare
+        await s.x("block-stream", **{"job-id": "st"}, device="top")
+        await s.until("JOB_STATUS_CHANGE", id="st", status="null")
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours
+    assert ours["errors"][0] == ["GenericError", "backing is missing for 'top'"]
+    assert ours["cycle"] == ["GenericError", "Making 'top' a backing child of 'b2' would "
+                                             "create a cycle"]
+    for name in ("qsd", "blkjobs"):
+        qemu_io(str(tmp_path / name / "top.qcow2"), "read -P 0x62 0 64k")
+
+
+def test_blockdev_snapshot_sync_matches_qemu(tmp_path):
+    """qemu-storage-daemon without exports: the overlay file is created, the
+    old node goes read-only, and the new overlay node does not stay (it
+    has no parent and no monitor reference)."""
+    async def sc(s, d):
+        base = img(d, "base.qcow2")
+        raw = str(d / "r.raw")
+        assert qemu_img("create", "-f", "raw", raw, "4M").returncode == 0
+        top = img(d, "top.qcow2", "4M", "-b", base, "-F", "qcow2")
+        await s.x("blockdev-add", **qcow2_node("base", base))
+        await s.x("blockdev-add", **qcow2_node("top", top, backing="base"))
+        await s.x("blockdev-add", driver="raw", **{"node-name": "r"},
+                  file={"driver": "file", "filename": raw})
+        sn = {"snapshot-file": str(d / "s.qcow2")}
+        out = {"errors": [
+            await s.err("blockdev-snapshot-sync", device="top", **sn),
+            await s.err("blockdev-snapshot-sync", **{"node-name": "nosuch"}, **sn),
+            await s.err("blockdev-snapshot-sync", **{"node-name": "base"}, **sn,
+                        **{"snapshot-node-name": "s"}),
+            await s.err("blockdev-snapshot-sync", **{"node-name": "top"}, **sn),
+            await s.err("blockdev-snapshot-sync", **{"node-name": "top"}, **sn,
+                        **{"snapshot-node-name": "base"}),
+            await s.err("blockdev-snapshot-sync", **{"node-name": "top", "format": "raw"},
+                        **sn, **{"snapshot-node-name": "s"}),
+            await s.err("blockdev-snapshot-sync", **{"node-name": "top"},
+                        **{"snapshot-file": str(d / "no/s.qcow2"), "snapshot-node-name": "s"}),
+            await s.err("blockdev-snapshot-sync", **{"node-name": "top", "mode": "existing"},
+                        **{"snapshot-file": str(d / "none.qcow2"), "snapshot-node-name": "s"}),
+        ]}
+        await s.x("blockdev-snapshot-sync", **{"node-name": "top"}, **sn,
+                  **{"snapshot-node-name": "s"})
+        await s.x("blockdev-snapshot-sync", **{"node-name": "r"},
+                  **{"snapshot-file": str(d / "s2.qcow2"), "snapshot-node-name": "s2"})
+        out["nodes"] = nodes(await s.x("query-named-block-nodes"))
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours
+    assert ours["errors"][3] == ["GenericError", "New overlay node-name missing"]
+    for name in ("qsd", "blkjobs"):
+        d = tmp_path / name
+        for f, backing in (("s.qcow2", "top.qcow2"), ("s2.qcow2", "r.raw")):
+            info = json.loads(qemu_img("info", "--output=json", str(d / f)).stdout)
+            assert info["backing-filename"] == str(d / backing)
+            assert info["virtual-size"] == 4 << 20

@@ -10,6 +10,8 @@
 * :class:`~.create.CreateCommands` (``create.py``): ``blockdev-create``;
 * :class:`~.graphcmds.GraphCommands` (``graphcmds.py``): snapshots, resize,
   write thresholds, ``query-block``, ``x-debug-query-block-graph``;
+* :class:`~.reopen.ReopenCommands` (``reopen.py``): ``blockdev-reopen``,
+  ``blockdev-snapshot-sync``;
 * :class:`~.drive.DriveCommands` (``drive.py``): ``drive-backup``,
   ``drive-mirror``;
 * :class:`~.blkdebug_qmp.BlkdebugCommands`: blkdebug break points;
@@ -37,6 +39,7 @@ from .blkdebug_qmp import BlkdebugCommands
 from .create import CreateCommands
 from .drive import DriveCommands
 from .graphcmds import GraphCommands
+from .reopen import ReopenCommands
 from .introspect import QEMU_VERSION, IntrospectCommands, version  # noqa: F401
 from .jobcmds import JobCommands
 from .nodes import MonitorNode, NodeCommands
@@ -55,8 +58,8 @@ def _qmp_error(e: BaseException) -> QMPError:
     return QMPError(str(e), getattr(e, "qmp_class", "GenericError"))
 
 
-class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, DriveCommands,
-               BlkdebugCommands, IntrospectCommands):
+class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, ReopenCommands,
+               DriveCommands, BlkdebugCommands, IntrospectCommands):
     """Every command of ``schema.COMMANDS``. :meth:`run` dispatches one
     (arguments already checked) and returns its result; errors are raised
     as :class:`QMPError`. ``quit_cb`` is called by ``quit``."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import BlkjobsError
 from ..formats import open_image
-from ..graph import ALL, Node, Perm
+from ..graph import ALL, Node, Perm, resolve_backing
 from . import blkdebug_qmp
 from .protocol import QMPError
 
@@ -372,7 +372,13 @@ class NodeCommands:
         info["backing_file_depth"] = len(g.chain()) - 1
         info["write_threshold"] = g.write_threshold
         if g.backing is not None:
-            info["backing_file"] = g.driver.backing_filename or g.backing.filename
+            bf = g.driver.backing_filename
+            # QEMU names the backing node's file once the link was changed
+            # (blockdev-reopen, blockdev-snapshot onto another image)
+            if not bf or os.path.realpath(resolve_backing(g.filename, bf)) != \
+                    os.path.realpath(g.backing.filename):
+                bf = g.backing.filename
+            info["backing_file"] = bf
         bms = self._bitmaps_of(g)
         if bms:
             info["dirty-bitmaps"] = [self._bitmap_info(bm) for bm in bms.values()]

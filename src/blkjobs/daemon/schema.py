@@ -358,6 +358,8 @@ DriveMirror = Struct("DriveMirror", [
 GRAPH_COMMANDS: dict[str, Any] = {
     "blockdev-create": Struct("", [("job-id", "str"), ("options", BlockdevCreateOptions)]),
     "blockdev-snapshot": BlockdevSnapshot,
+    "blockdev-snapshot-sync": BlockdevSnapshotSync,
+    "blockdev-reopen": Struct("", [("options", [BlockdevOptions])]),
     "block_resize": Struct("", [("*device", "str"), ("*node-name", "str"), ("size", "int")]),
     "block-set-write-threshold": Struct("", [("node-name", "str"),
                                              ("write-threshold", "uint64")]),

@@ -1,0 +1,215 @@
+"""``blockdev-reopen`` and ``blockdev-snapshot-sync``, as
+qemu-storage-daemon 7.2 does them (block.c's bdrv_reopen_*, blockdev.c's
+external snapshot action).
+
+``blockdev-reopen {options: [BlockdevOptions]}``: every entry names an
+existing node and gives its options again; what blkjobs changes is
+``read-only`` (absent: read-write; a format node's file node follows it)
+and, for qcow2, ``backing`` (a node name, or null to detach; the image
+header is not rewritten). As in QEMU, a qcow2 node that has a backing node
+must say what it is now (``backing is missing for '<node>'``), ``driver``,
+``file`` and ``filename`` cannot change, and the list is applied all or
+nothing. Other options are refused with one line. An empty list does
+nothing (qemu-storage-daemon 7.2 aborts on it).
+
+``blockdev-snapshot-sync``: creates the overlay file (``mode``
+``absolute-paths``, the default: backing file and format the old node's)
+or opens it (``existing``), with QEMU's checks and texts, then does what
+``blockdev-snapshot`` does. Like qemu-storage-daemon without exports, the
+new overlay then has no parent and no monitor reference, so it is closed
+again at once, and the old node stays behind read-only: the command is
+for daemons with BlockBackends; here, create the overlay with
+``blockdev-create`` or ``blockdev-add`` it, then ``blockdev-snapshot``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..formats import create_image, open_image
+from ..graph import ALL, Node, Perm
+from .protocol import QMPError
+
+_REOPEN_KEYS = {"driver", "node-name", "file", "backing", "read-only", "filename"}
+
+
+class ReopenCommands:
+    """blockdev-reopen and blockdev-snapshot-sync (mixed into Commands)."""
+
+    eng: Any
+    nodes: dict
+    _lookup: Callable[[str], Node]
+    _check_op_blockers: Callable[[Node], None]
+    _reopen_ro: Callable[[Node], None]
+    _monitor_view: Callable[[Node], Any]
+
+    # ------------------------------------------------------------------
+    # blockdev-reopen
+
+    def cmd_blockdev_reopen(self, options: list[dict[str, Any]]) -> dict[str, Any]:
+        with self.eng.io:
+            found = []
+            for o in options:
+                name = o.get("node-name")
+                if name is None:
+                    raise QMPError("node-name not specified")
+                mn = self.nodes.get(name)
+                if mn is None:
+                    raise QMPError(f"Failed to find node with node-name='{name}'")
+                found.append((mn, o))
+            ro = self._ro_plan(found)
+            backings = []
+            for mn, o in found:
+                backing = self._reopen_plan(mn, o)
+                if backing is not ...:
+                    backings.append((mn.gnode, backing))
+            self._apply_ro(ro)
+            for g, backing in backings:
+                old = g.backing
+                g.attach_backing(backing)
+                if old is not None and old is not backing:
+                    self.eng.io.drop_unused([n for n in old.chain()
+                                             if n.name not in self.nodes])
+        return {}
+
+    @staticmethod
+    def _ro_plan(found: list[tuple[Any, dict[str, Any]]]) -> dict[int, tuple[Any, bool]]:
+        """The new read-only flags, as QEMU's reopen queue sets them: a file
+        node given by name follows its format node to read-only but not
+        back (then it must be made writable by a *later* entry, or the
+        format node cannot be: ``Block node is read-only``); one given as
+        an object gets that object's ``read-only``."""
+        ro: dict[int, tuple[Any, bool]] = {}
+        later: list[tuple[int, Any]] = []          # (entry index, format node)
+        for i, (mn, o) in enumerate(found):
+            r = bool(o.get("read-only", False))
+            ro[id(mn)] = (mn, r)
+            f, fref = mn.file, o.get("file")
+            if f is None:
+                continue
+            if isinstance(fref, dict):          # inherits the parent's by default
+                ro[id(f)] = (f, bool(fref.get("read-only", r)))
+            elif r:
+                ro[id(f)] = (f, True)
+            else:
+                ro.pop(id(f), None)          # re-queued as it is now
+                if f.read_only:
+                    later.append((i, mn))
+        for i, mn in later:
+            if not any(m is mn.file and not o.get("read-only", False)
+                       for m, o in found[i + 1:]):
+                raise QMPError("Block node is read-only")
+        for mn, r in ro.values():
+            parent = mn.parent
+            if mn.drv == "file" and r and parent is not None and \
+                    not ro.get(id(parent), (parent, parent.read_only))[1]:
+                raise QMPError(f"Read-only block node '{mn.name}' cannot support read-write "
+                               "users")
+        return ro
+
+    @staticmethod
+    def _apply_ro(ro: dict[int, tuple[Any, bool]]) -> None:
+        done: list[Any] = []
+        try:
+            for mn, r in ro.values():
+                if mn.gnode is not None and r != mn.gnode.read_only:
+                    mn.gnode.reopen(read_only=r)
+                    done.append(mn)
+        except BaseException:
+            for mn in reversed(done):
+                mn.gnode.reopen(read_only=not mn.gnode.read_only)
+            raise
+        for mn, r in ro.values():
+            mn.read_only = r
+
+    def _reopen_plan(self, mn: Any, o: dict[str, Any]) -> Any:
+        """Check one entry; the new backing node (None: none), or ... (kept)."""
+        g = mn.gnode
+        if g is not None and g.format == "qcow2" and "backing" not in o and \
+                g.backing is not None:
+            raise QMPError(f"backing is missing for '{mn.name}'")
+        if o["driver"] != mn.drv:
+            raise QMPError("Cannot change the option 'driver'")
+        backing: Any = ...
+        if g is not None and g.format == "qcow2":
+            ref = o.get("backing", ...)
+            if isinstance(ref, str):
+                backing = self._lookup_reopen(ref)
+                if g in backing.chain():
+                    raise QMPError(f"Making '{backing.name}' a backing child of '{mn.name}' "
+                                   "would create a cycle")
+            elif ref is None:
+                backing = None
+            elif isinstance(ref, dict):
+                raise QMPError("blkjobs does not open a new backing node in blockdev-reopen "
+                               "(blockdev-add it, then name it)")
+        if mn.drv == "file" and o.get("filename", mn.filename) != mn.filename:
+            raise QMPError("Cannot change the option 'filename'")
+        fref = o.get("file")
+        if isinstance(fref, str):
+            f = self.nodes.get(fref)
+            if f is None:
+                raise QMPError(f"Cannot find device='' nor node-name='{fref}'")
+            if f is not mn.file:
+                raise QMPError("blkjobs does not change a node's file child")
+        elif isinstance(fref, dict):
+            if mn.file is None or fref.get("driver") != mn.file.drv or \
+                    fref.get("filename", mn.file.filename) != mn.file.filename or \
+                    fref.get("node-name", mn.file.name) != mn.file.name:
+                raise QMPError("blkjobs does not change a node's file child")
+        other = sorted(set(o) - _REOPEN_KEYS)
+        if other:
+            raise QMPError(f"blkjobs' blockdev-reopen changes only 'read-only' and 'backing', "
+                           f"not '{other[0]}'")
+        return backing
+
+    def _lookup_reopen(self, name: str) -> Node:
+        g = self.eng.graph.nodes.get(name)
+        if g is None:
+            raise QMPError(f"Cannot find device='' nor node-name='{name}'")
+        return g
+
+    # ------------------------------------------------------------------
+    # blockdev-snapshot-sync
+
+    def cmd_blockdev_snapshot_sync(self, **a: Any) -> dict[str, Any]:
+        device, node_name = a.get("device"), a.get("node-name")
+        path, new_name = a["snapshot-file"], a.get("snapshot-node-name")
+        fmt, mode = a.get("format", "qcow2"), a.get("mode", "absolute-paths")
+        with self.eng.io:
+            old = self.eng.graph.nodes.get(node_name) if node_name else None
+            if old is None:
+                raise QMPError(f"Cannot find device='{device or ''}' nor "
+                               f"node-name='{node_name or ''}'")
+            self._check_op_blockers(old)
+            if node_name and not new_name:
+                raise QMPError("New overlay node-name missing")
+            if new_name and (new_name in self.nodes or new_name in self.eng.graph.nodes):
+                raise QMPError("New overlay node-name already in use")
+            if mode != "existing":
+                if fmt == "raw":
+                    raise QMPError("Backing file not supported for file format 'raw'")
+                if fmt != "qcow2":
+                    raise QMPError(f"blkjobs creates qcow2 overlays only, not '{fmt}'")
+                try:
+                    create_image(path, "qcow2", old.size, backing_file=old.filename,
+                                 backing_format=old.format)
+                except OSError as e:
+                    raise QMPError(f"Could not create '{path}': {e.strerror}") from None
+            try:
+                os.close(os.open(path, os.O_RDWR))
+                drv = open_image(path, fmt, read_only=False)
+            except OSError as e:
+                raise QMPError(f"Could not open '{path}': {e.strerror}") from None
+            new = self.eng.graph.add(drv, new_name, fmt)
+            try:
+                new.take("open", Perm.CONSISTENT_READ, ALL)
+                if fmt != "qcow2":
+                    raise QMPError("The overlay does not support backing images")
+                new.attach_backing(old)
+                self._reopen_ro(old)
+            finally:
+                # no BlockBackend above it and no monitor reference: it goes
+                new.close()
+        return {}
