@@ -292,3 +292,34 @@ def test_blockdev_snapshot_sync_matches_qemu(tmp_path):
             info = json.loads(qemu_img("info", "--output=json", str(d / f)).stdout)
             assert info["backing-filename"] == str(d / backing)
             assert info["virtual-size"] == 4 << 20
+
+
+def test_write_threshold_on_guest_writes(tmp_path):
+    """A front end's writes (x-blkjobs-write, blkjobs only: qemu-storage-
+    daemon has no guest without exports): below the threshold nothing, the
+    first write past it one event with the amount past it, then nothing."""
+    from daemon_util import run_daemon, start_blkjobs
+
+    async def sc(s, d):
+        src, _ = make_images(d)
+        await s.x("blockdev-add", **qcow2_node("src", src))
+        await s.x("block-set-write-threshold", **{"node-name": "src",
+                                                  "write-threshold": 1 << 20})
+        await s.x("x-blkjobs-write", node="src", offset=0, length=1 << 20, pattern=1)
+        await s.x("x-blkjobs-write", node="src", offset=(1 << 20) - 512, length=4096,
+                  pattern=2)
+        ev = await s.event("BLOCK_WRITE_THRESHOLD")
+        thr = [n[5] for n in nodes(await s.x("query-named-block-nodes")) if n[0] == "src"]
+        # the threshold is off now: this write sends nothing; the next event
+        # is the one of a new threshold
+        await s.x("x-blkjobs-write", node="src", offset=3 << 20, length=4096, pattern=3)
+        await s.x("block-set-write-threshold", **{"node-name": "src",
+                                                  "write-threshold": 2 << 20})
+        await s.x("x-blkjobs-write", node="src", offset=2 << 20, length=512, pattern=4)
+        ev2 = await s.event("BLOCK_WRITE_THRESHOLD")
+        return ev["data"], thr, ev2["data"]
+    first, thr, second = run_daemon(start_blkjobs, tmp_path, sc)
+    assert first == {"node-name": "src", "amount-exceeded": 4096 - 512,
+                     "write-threshold": 1 << 20}
+    assert thr == [0]
+    assert second == {"node-name": "src", "amount-exceeded": 512, "write-threshold": 2 << 20}
