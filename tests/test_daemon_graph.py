@@ -323,3 +323,42 @@ def test_write_threshold_on_guest_writes(tmp_path):
                      "write-threshold": 1 << 20}
     assert thr == [0]
     assert second == {"node-name": "src", "amount-exceeded": 512, "write-threshold": 2 << 20}
+
+
+def test_blockdev_snapshot_in_a_transaction_matches_qemu(tmp_path):
+    """A transaction that fails after a blockdev-snapshot action unlinks the
+    overlay again; one that succeeds links it and makes the old node
+    read-only, and a backup in the same transaction reads the new chain."""
+    async def sc(s, d):
+        base = img(d, "base.qcow2")
+        qemu_io(base, "write -P 0xcd 0 1M")
+        ov = img(d, "ov.qcow2", "4M", "-b", base, "-F", "qcow2")
+        tgt = img(d, "tgt.qcow2")
+        await s.x("blockdev-add", **qcow2_node("base", base))
+        await s.x("blockdev-add", **qcow2_node("ov", ov, backing=None))
+        await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        snap = {"type": "blockdev-snapshot", "data": {"node": "base", "overlay": "ov"}}
+        backup = {"type": "blockdev-backup", "data": {"job-id": "b", "device": "ov",
+                                                      "target": "tgt", "sync": "full"}}
+        out = {"errors": [
+            await s.err("transaction", actions=[snap, {"type": "abort", "data": {}}]),
+            await s.err("transaction", actions=[snap, backup],
+                        properties={"completion-mode": "grouped"}),
+            await s.err("transaction", actions=[
+                {"type": "blockdev-snapshot", "data": {"node": "base", "overlay": "base"}}]),
+        ]}
+        out["rolled-back"] = nodes(await s.x("query-named-block-nodes"))
+        await s.x("transaction", actions=[snap, backup])
+        out["events"] = drop_transient_pauses(
+            brief(await s.until("JOB_STATUS_CHANGE", id="b", status="null")))
+        out["nodes"] = nodes(await s.x("query-named-block-nodes"))
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours
+    assert ours["errors"][1] == ["GenericError", "Action 'blockdev-snapshot' does not support "
+                                 "Transaction property completion-mode = grouped"]
+    assert [n for n in ours["rolled-back"] if n[0] == "ov"][0][3] is None
+    assert [n for n in ours["nodes"] if n[0] == "ov"][0][3] == "D/base.qcow2"
+    for name in ("qsd", "blkjobs"):
+        d = tmp_path / name
+        assert compare(str(d / "base.qcow2"), str(d / "tgt.qcow2"))[0] == 0

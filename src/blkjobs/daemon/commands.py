@@ -27,6 +27,7 @@ under QEMU's big lock. They may block briefly on the Engine's locks.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import weakref
 from collections.abc import Callable
@@ -274,6 +275,7 @@ class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, ReopenC
         mode = CompletionMode((properties or {}).get("completion-mode", "individual"))
         txn = JobTxn(mode)
         undo: list[Callable[[], None]] = []
+        commit: list[Callable[[], None]] = []
         try:
             for action in actions:
                 kind, data = action["type"], action["data"]
@@ -289,6 +291,11 @@ class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, ReopenC
                     self._start_drive_backup(data, txn=txn)
                 elif kind.startswith("block-dirty-bitmap-"):
                     undo.append(self._bitmap_action(kind, data))
+                elif kind == "blockdev-snapshot":
+                    with self.eng.io:
+                        old, new = self._snapshot_link(**data)
+                    undo.append(functools.partial(new.attach_backing, None))
+                    commit.append(functools.partial(self._reopen_ro, old))
                 else:
                     raise QMPError(f"Action '{kind}' is not supported by blkjobs")
         except BaseException:
@@ -297,5 +304,8 @@ class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, ReopenC
                 for fn in reversed(undo):
                     fn()
             raise
+        with self.eng.io:
+            for fn in commit:
+                fn()
         self.eng.jobs.start_txn(txn)
         return {}

@@ -61,20 +61,27 @@ class GraphCommands:
 
     def cmd_blockdev_snapshot(self, node: str, overlay: str) -> dict[str, Any]:
         with self.eng.io:
-            old = self._lookup(node)
-            self._check_op_blockers(old)
-            new = self._lookup(overlay)
-            self._check_job_blockers(new)
-            if new.backing is not None:
-                raise QMPError("The overlay already has a backing image")
-            if new.format != "qcow2":
-                raise QMPError("The overlay does not support backing images")
-            if new in old.chain():
-                raise QMPError(f"Making '{old.name}' a backing child of '{new.name}' would "
-                               "create a cycle")
-            new.attach_backing(old)
+            old, _ = self._snapshot_link(node, overlay)
             self._reopen_ro(old)
         return {}
+
+    def _snapshot_link(self, node: str, overlay: str) -> tuple[Node, Node]:
+        """blockdev-snapshot's checks and link (the prepare step of the
+        transaction action; its commit is :meth:`_reopen_ro` of the old
+        node, its abort unlinking the overlay)."""
+        old = self._lookup(node)
+        self._check_op_blockers(old)
+        new = self._lookup(overlay)
+        self._check_job_blockers(new)
+        if new.backing is not None:
+            raise QMPError("The overlay already has a backing image")
+        if new.format != "qcow2":
+            raise QMPError("The overlay does not support backing images")
+        if new in old.chain():
+            raise QMPError(f"Making '{old.name}' a backing child of '{new.name}' would "
+                           "create a cycle")
+        new.attach_backing(old)
+        return old, new
 
     def _reopen_ro(self, g: Node) -> None:
         """The old active layer goes read-only, its file node with it; a

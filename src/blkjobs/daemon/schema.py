@@ -369,6 +369,7 @@ GRAPH_COMMANDS: dict[str, Any] = {
     "drive-mirror": DriveMirror,
 }
 ACTION_DATA["drive-backup"] = DriveBackup
+ACTION_DATA["blockdev-snapshot"] = BlockdevSnapshot
 
 _ID = [("id", "str")]
 _DEV = [("device", "str")]
