@@ -177,12 +177,20 @@ def test_query_block_and_block_graph_match_qemu(tmp_path):
         await s.x("blockdev-add", **qcow2_node("top", top, backing="base"))
         await s.x("blockdev-add", **qcow2_node("ro", ro, **{"read-only": True}))
         await s.x("blockdev-add", driver="raw", file="rf", **{"node-name": "r"})
-        return norm({"block": await s.x("query-block"),
-                     "graph": await s.x("x-debug-query-block-graph")}, d)
+        out = {"block": await s.x("query-block"),
+               "graph": await s.x("x-debug-query-block-graph")}
+        # a qcow2 node that opens its backing chain by itself
+        base2 = img(d, "base2.qcow2")
+        mid = img(d, "mid.qcow2", "4M", "-b", base2, "-F", "qcow2")
+        top2 = img(d, "top2.qcow2", "4M", "-b", mid, "-F", "qcow2")
+        await s.x("blockdev-add", **qcow2_node("top2", top2, **{"read-only": True}))
+        out["implicit"] = await s.x("x-debug-query-block-graph")
+        return norm(out, d)
     ref, ours = side_by_side(tmp_path, sc)
     assert ref == ours
     assert ours["block"] == []
     assert len(ours["graph"]["nodes"]) == 8 and len(ours["graph"]["edges"]) == 5
+    assert len(ours["implicit"]["nodes"]) == 14
 
 
 def test_blockdev_reopen_matches_qemu(tmp_path):

@@ -20,9 +20,10 @@
   those writes, so it refuses a threshold on a ``file`` node.
 * ``query-block`` lists BlockBackends: qemu-storage-daemon has none unless
   exports exist, nor does blkjobs: ``[]``.
-* ``x-debug-query-block-graph``: nodes in creation order (each inline
-  ``file`` node before its format node), numbered from 1, listed newest
-  first; edges ``file`` and ``backing`` with QEMU's permissions. Jobs'
+* ``x-debug-query-block-graph``: nodes in creation order (each ``file``
+  node before its format node; the backing files a qcow2 node opened by
+  itself after it), numbered from 1 when first met (as a node or as an
+  edge's child), both lists reversed as QEMU builds them; edges ``file`` and ``backing`` with QEMU's permissions. Jobs'
   nodes (QEMU's ``block-job`` and ``block-backend`` entries) are not shown;
   a job's filter node is, as a ``block-driver`` node with its ``file``.
 """
@@ -177,17 +178,20 @@ class GraphCommands:
         return []
 
     def cmd_x_debug_query_block_graph(self) -> dict[str, Any]:
+        """As QEMU's bdrv_get_xdbg_block_graph: the nodes in creation order,
+        each numbered when first met (as a node or as an edge's child),
+        its edges after it; both lists come out reversed (QEMU prepends)."""
         with self.eng.io:
-            order = self._graph_order()
-            ids = {id(x): i + 1 for i, x in enumerate(order)}
+            ids: dict[int, int] = {}
+
+            def num(x: Any) -> int:
+                return ids.setdefault(id(x), len(ids) + 1)
             nodes, edges = [], []
-            for x in order:
-                nodes.append({"id": ids[id(x)], "type": "block-driver", "name": x.name})
+            for x in self._graph_order():
+                nodes.append({"id": num(x), "type": "block-driver", "name": x.name})
                 for child, name, perm, shared in self._children(x):
-                    if id(child) in ids:
-                        edges.append({"parent": ids[id(x)], "child": ids[id(child)],
-                                      "name": name, "perm": _perms(perm),
-                                      "shared-perm": _perms(shared)})
+                    edges.append({"parent": num(x), "child": num(child), "name": name,
+                                  "perm": _perms(perm), "shared-perm": _perms(shared)})
         return {"nodes": nodes[::-1], "edges": edges[::-1]}
 
     def _graph_order(self) -> list[Any]:
@@ -204,12 +208,13 @@ class GraphCommands:
 
         monitor = {id(mn.gnode): mn for mn in self.nodes.values() if mn.gnode is not None}
         for mn in list(self.nodes.values()):
+            add(mn)
             if mn.gnode is not None:
-                for g in reversed(mn.gnode.chain()[1:]):     # opened with it, first
+                # the backing files it opened by itself, down the chain
+                for g in mn.gnode.chain()[1:]:
                     if id(g) not in monitor and not g.is_filter:
                         add(self._implicit_file(g))
                         add(g)
-            add(mn)
         for g in self.eng.graph.nodes.values():
             if id(g) not in monitor:
                 if not g.is_filter:
