@@ -121,3 +121,35 @@ def test_blockdev_create_failures_match_qemu(tmp_path):
     assert ours["bad0"]["jobs"][0]["error"] == \
         "Cluster size must be a power of two between 512 and 2048k"
     assert ours["cmd"][3] == ["GenericError", "Driver does not support blockdev-create"]
+
+
+def test_uint64_and_size_arguments_match_qemu(tmp_path):
+    """QEMU's visitor takes a negative JSON integer for a uint64 or size
+    argument modulo 2**64 (a write threshold of -1 then reads back as -1,
+    an int64 in BlockDeviceInfo; a file of size -512 fails in the job); a
+    number beyond, or a fraction, is refused with the full member path."""
+    async def sc(s, d):
+        a = str(d / "a.qcow2")
+        assert qemu_img("create", "-f", "qcow2", a, "4M").returncode == 0
+        await s.x("blockdev-add", driver="qcow2", **{"node-name": "a"},
+                  file={"driver": "file", "filename": a})
+        await s.x("block-set-write-threshold", **{"node-name": "a", "write-threshold": -1})
+        out = {"thr": [n["write_threshold"] for n in await s.x("query-named-block-nodes")],
+               "job": await create(s, "c", {"driver": "file", "filename": str(d / "n"),
+                                            "size": -512})}
+        f = {"driver": "file", "filename": str(d / "n")}
+        out["errors"] = [
+            await s.err("block-set-write-threshold",
+                        **{"node-name": "a", "write-threshold": 1 << 64}),
+            await s.err("blockdev-create", **{"job-id": "x"}, options={**f, "size": 1 << 64}),
+            await s.err("blockdev-create", **{"job-id": "x"},
+                        options={**f, "size": -(1 << 63) - 1}),
+            await s.err("blockdev-create", **{"job-id": "x"}, options={**f, "size": 1.5}),
+            await s.err("block-dirty-bitmap-add", node="a", name="b", granularity=-1),
+        ]
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours
+    assert ours["thr"] == [-1, 0]
+    assert ours["job"]["jobs"][0]["error"] == "Could not resize file: Invalid argument"
+    assert ours["errors"][1] == ["GenericError", "Parameter 'options.size' expects uint64"]

@@ -17,6 +17,7 @@ drivers QEMU creates but blkjobs does not: one line saying so.
 """
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -43,7 +44,11 @@ def _create_file(opts: dict[str, Any]) -> None:
         os.ftruncate(fd, 0)
         if prealloc == "metadata":
             raise QMPError("Unsupported preallocation mode: metadata")
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except (OSError, OverflowError) as e:
+            why = e.strerror if isinstance(e, OSError) else os.strerror(errno.EINVAL)
+            raise QMPError(f"Could not resize file: {why}") from None
         if prealloc == "falloc" and size:
             os.posix_fallocate(fd, 0, size)
         elif prealloc == "full":

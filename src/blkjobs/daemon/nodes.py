@@ -370,7 +370,8 @@ class NodeCommands:
         info = self._common(g.name, g.format, g.filename, g.read_only,
                             self._image_info(g, flat))
         info["backing_file_depth"] = len(g.chain()) - 1
-        info["write_threshold"] = g.write_threshold
+        thr = g.write_threshold          # an int64 in QEMU's BlockDeviceInfo
+        info["write_threshold"] = thr - (1 << 64) if thr >= 1 << 63 else thr
         if g.backing is not None:
             bf = g.driver.backing_filename
             # QEMU names the backing node's file once the link was changed

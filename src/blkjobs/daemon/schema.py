@@ -30,7 +30,8 @@ from .protocol import QMPError
 INT64 = (-(1 << 63), (1 << 63) - 1)
 _RANGES = {"int": INT64, "int64": INT64, "size": (0, (1 << 64) - 1),
            "uint32": (0, (1 << 32) - 1), "uint64": (0, (1 << 64) - 1)}
-_RANGE_NAMES = {"uint32": "uint32_t", "size": "uint64_t", "uint64": "uint64_t"}
+_RANGE_NAMES = {"uint32": "uint32_t"}
+_UINT64 = ("size", "uint64")
 
 
 @dataclass
@@ -140,6 +141,14 @@ def check(value: Any, typ: Any, path: str = "", name: str | None = None) -> None
         if value is not None:
             raise _bad_type(path, "null")
         return
+    if typ in _UINT64:
+        # QEMU's qobject_input_type_uint64: a negative int64 is taken modulo
+        # 2**64 (by _check_members), anything else out of range is refused
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad_type(path, "integer")
+        if isinstance(value, float) or not INT64[0] <= value < 1 << 64:
+            raise QMPError(f"Parameter '{path or 'null'}' expects uint64")
+        return
     if typ in _RANGES:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _bad_type(path, "integer")
@@ -177,6 +186,8 @@ def _check_members(value: dict, members: list[tuple[str, Any]], path: str) -> No
                 raise QMPError(f"Parameter '{sub}' is missing")
             continue
         check(value[key], typ, sub, key)
+        if typ in _UINT64 and value[key] < 0:
+            value[key] += 1 << 64
 
 
 def _check_unexpected(value: dict, names: set[str], path: str) -> None:
