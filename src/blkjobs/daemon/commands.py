@@ -28,7 +28,6 @@ under QEMU's big lock. They may block briefly on the Engine's locks.
 from __future__ import annotations
 
 import functools
-import hashlib
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 from ..errors import BlkjobsError
 from ..graph import Node
 from ..job import CompletionMode, JobTxn
+from .bitmap_commands import BitmapCommands
 from .blkdebug_qmp import BlkdebugCommands
 from .create import CreateCommands
 from .drive import DriveCommands
@@ -60,7 +60,7 @@ def _qmp_error(e: BaseException) -> QMPError:
 
 
 class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, ReopenCommands,
-               DriveCommands, BlkdebugCommands, IntrospectCommands):
+               DriveCommands, BitmapCommands, BlkdebugCommands, IntrospectCommands):
     """Every command of ``schema.COMMANDS``. :meth:`run` dispatches one
     (arguments already checked) and returns its result; errors are raised
     as :class:`QMPError`. ``quit_cb`` is called by ``quit``."""
@@ -92,151 +92,6 @@ class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, ReopenC
         if self.quit_cb is not None:
             self.quit_cb()
         return {}
-
-    # ------------------------------------------------------------------
-    # Dirty bitmaps
-
-    def _bitmaps_of(self, g: Node) -> dict:
-        # The Engine keeps a node's bitmaps on the node (read-only here,
-        # except when the node itself goes away).
-        return self.eng.io.bitmaps_of(g)
-
-    def _bitmap(self, node: str, name: str):
-        g = self._lookup(node)
-        bm = self._bitmaps_of(g).get(name)
-        if bm is None:
-            raise QMPError(f"Dirty bitmap '{name}' not found")
-        return bm
-
-    @staticmethod
-    def _check_usable(bm) -> None:
-        if bm.busy:
-            raise QMPError(f"Bitmap '{bm.name}' is currently in use by another operation "
-                           "and cannot be used")
-
-    @staticmethod
-    def _bitmap_info(bm) -> dict[str, Any]:
-        return {"name": bm.name, "count": bm.count(), "granularity": bm.granularity,
-                "recording": bool(bm.enabled and not bm.busy or bm.successor is not None),
-                "busy": bm.busy, "persistent": False}
-
-    def _bitmap_add(self, node: str, name: str, granularity: int | None = None,
-                    persistent: bool = False, disabled: bool = False) -> Callable[[], None]:
-        g = self._lookup(node)
-        if not name:
-            raise QMPError("Bitmap name cannot be empty")
-        if len(name) > 1023:
-            raise QMPError("Bitmap name too long")
-        if granularity is None:
-            cs = g.driver.cluster_size
-            # QEMU: the cluster size clamped to [4 KiB, 64 KiB]; 64 KiB when the
-            # driver has none (raw over file, checked against qemu-storage-daemon)
-            granularity = min(max(cs, 4096), 65536) if cs else 65536
-        elif granularity < 512 or granularity & (granularity - 1):
-            raise QMPError("Granularity must be power of 2 and at least 512")
-        if persistent:
-            raise QMPError(f"Cannot store dirty bitmaps in {g.format} format "
-                           "(blkjobs keeps bitmaps in memory only)")
-        bm = self.eng.block_dirty_bitmap_add(g, name, granularity)
-        bm.enabled = not disabled
-        return lambda: self._bitmaps_of(g).pop(name, None)
-
-    def _bitmap_remove(self, node: str, name: str) -> Callable[[], None]:
-        bm = self._bitmap(node, name)
-        self._check_usable(bm)
-        bms = self._bitmaps_of(bm.node)
-        del bms[name]
-        return lambda: bms.setdefault(name, bm)
-
-    def _bitmap_clear(self, node: str, name: str) -> Callable[[], None]:
-        bm = self._bitmap(node, name)
-        self._check_usable(bm)
-        if bm.node.read_only:
-            raise QMPError(f"Bitmap '{name}' is readonly and cannot be modified")
-        old, bm.bitmap = bm.bitmap, bm.bitmap.copy()
-        bm.bitmap.clear()
-
-        def undo() -> None:
-            bm.bitmap = old
-        return undo
-
-    def _bitmap_enable(self, node: str, name: str, enable: bool = True) -> Callable[[], None]:
-        bm = self._bitmap(node, name)
-        self._check_usable(bm)
-        old, bm.enabled = bm.enabled, enable
-
-        def undo() -> None:
-            bm.enabled = old
-        return undo
-
-    def _bitmap_merge(self, node: str, target: str, bitmaps: list) -> Callable[[], None]:
-        dst = self._bitmap(node, target)
-        self._check_usable(dst)
-        srcs = []
-        for ref in bitmaps:
-            src = self._bitmap(node, ref) if isinstance(ref, str) else \
-                self._bitmap(ref["node"], ref["name"])
-            if src.node.size != dst.node.size:
-                raise QMPError("Bitmaps are incompatible and can't be merged")
-            srcs.append(src)
-        old = dst.bitmap
-        new = old.copy()
-        for src in srcs:
-            for off, n in src.bitmap.areas():
-                new.set(off, n)
-        dst.bitmap = new
-
-        def undo() -> None:
-            dst.bitmap = old
-        return undo
-
-    def _bitmap_action(self, kind: str, data: dict[str, Any]) -> Callable[[], None]:
-        with self.eng.io:
-            if kind == "block-dirty-bitmap-add":
-                return self._bitmap_add(**data)
-            if kind == "block-dirty-bitmap-remove":
-                return self._bitmap_remove(**data)
-            if kind == "block-dirty-bitmap-clear":
-                return self._bitmap_clear(**data)
-            if kind == "block-dirty-bitmap-enable":
-                return self._bitmap_enable(**data)
-            if kind == "block-dirty-bitmap-disable":
-                return self._bitmap_enable(**data, enable=False)
-            if kind == "block-dirty-bitmap-merge":
-                return self._bitmap_merge(**data)
-        raise AssertionError(kind)
-
-    def cmd_block_dirty_bitmap_add(self, **a: Any):
-        self._bitmap_action("block-dirty-bitmap-add", a)
-        return {}
-
-    def cmd_block_dirty_bitmap_remove(self, **a: Any):
-        self._bitmap_action("block-dirty-bitmap-remove", a)
-        return {}
-
-    def cmd_block_dirty_bitmap_clear(self, **a: Any):
-        self._bitmap_action("block-dirty-bitmap-clear", a)
-        return {}
-
-    def cmd_block_dirty_bitmap_enable(self, **a: Any):
-        self._bitmap_action("block-dirty-bitmap-enable", a)
-        return {}
-
-    def cmd_block_dirty_bitmap_disable(self, **a: Any):
-        self._bitmap_action("block-dirty-bitmap-disable", a)
-        return {}
-
-    def cmd_block_dirty_bitmap_merge(self, **a: Any):
-        self._bitmap_action("block-dirty-bitmap-merge", a)
-        return {}
-
-    def cmd_x_debug_block_dirty_bitmap_sha256(self, node: str, name: str):
-        """Not QEMU's hash (that one hashes QEMU's in-memory HBitmap): the
-        SHA-256 of our serialized bitmap. Equal bitmaps hash equal, which
-        is what tests use it for."""
-        with self.eng.io:
-            bm = self._bitmap(node, name)
-            return {"sha256": hashlib.sha256(bytes(bm.bitmap.to_bytes())).hexdigest()}
 
     def cmd_x_blkjobs_write(self, node: str, offset: int, length: int,
                             pattern: int = 0) -> dict[str, Any]:
