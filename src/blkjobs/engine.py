@@ -196,10 +196,18 @@ class Engine:
     # ------------------------------------------------------------------
     # Dirty bitmaps
 
-    def block_dirty_bitmap_add(self, node: str | Node, name: str,
-                               granularity: int = 65536) -> DirtyBitmap:
+    def block_dirty_bitmap_add(self, node: str | Node, name: str, granularity: int = 65536,
+                               persistent: bool = False, disabled: bool = False
+                               ) -> DirtyBitmap:
+        """A new dirty bitmap of ``node`` recording its writes from now on.
+        ``persistent``: stored in the node's qcow2 image (raw: refused), so
+        it survives ``close`` and the process, and qemu-img sees it;
+        ``disabled``: not recording until :meth:`DirtyBitmap.enable`. A
+        qcow2 image's persistent bitmaps are the node's bitmaps from
+        :meth:`open` on. See docs/bitmaps.md."""
         with self.io:
-            return self.io.add_bitmap(self.node(node), name, granularity)
+            return self.io.add_bitmap(self.node(node), name, granularity,
+                                      persistent=persistent, disabled=disabled)
 
     def block_dirty_bitmap_remove(self, node: str | Node, name: str) -> None:
         with self.io:
@@ -207,7 +215,40 @@ class Engine:
 
     def bitmap(self, node: str | Node, name: str) -> DirtyBitmap:
         """The dirty bitmap ``name`` of ``node`` (``Bitmap '<n>' could not be found``)."""
-        return self.io.bitmap(self.node(node), name)
+        with self.io:
+            return self.io.bitmap(self.node(node), name)
+
+    def bitmaps(self, node: str | Node) -> list[DirtyBitmap]:
+        """The dirty bitmaps of ``node``, persistent ones included."""
+        with self.io:
+            return list(self.io.bitmaps_of(self.node(node)).values())
+
+    def block_dirty_bitmap_clear(self, node: str | Node, name: str) -> None:
+        """Forget every dirty bit of bitmap ``name`` (:meth:`DirtyBitmap.clear`)."""
+        with self.io:
+            self.io.bitmap(self.node(node), name).clear()
+
+    def block_dirty_bitmap_enable(self, node: str | Node, name: str) -> None:
+        with self.io:
+            self.io.bitmap(self.node(node), name).enable()
+
+    def block_dirty_bitmap_disable(self, node: str | Node, name: str) -> None:
+        with self.io:
+            self.io.bitmap(self.node(node), name).disable()
+
+    def block_dirty_bitmap_merge(self, node: str | Node, target: str,
+                                 sources: list[str]) -> None:
+        """Add the dirty bits of bitmaps ``sources`` of ``node`` to ``target``."""
+        with self.io:
+            n = self.node(node)
+            self.io.bitmap(n, target).merge(*[self.io.bitmap(n, s) for s in sources])
+
+    def dirty_extents(self, node: str | Node, name: str, offset: int = 0,
+                      length: int | None = None) -> list[tuple[int, int]]:
+        """The dirty extents ``(offset, length)`` of bitmap ``name``
+        (:meth:`DirtyBitmap.dirty_extents`), read under the I/O lock."""
+        with self.io:
+            return list(self.io.bitmap(self.node(node), name).dirty_extents(offset, length))
 
     # ------------------------------------------------------------------
     # Starting jobs

@@ -33,23 +33,45 @@ class BitmapCommands:
         return bm
 
     @staticmethod
-    def _check_usable(bm) -> None:
-        if bm.busy:
-            raise QMPError(f"Bitmap '{bm.name}' is currently in use by another operation "
-                           "and cannot be used")
+    def _check(bm, allow_ro: bool = False) -> None:
+        bm.check(allow_ro)
 
     @staticmethod
     def _bitmap_info(bm) -> dict[str, Any]:
-        return {"name": bm.name, "count": bm.count(), "granularity": bm.granularity,
-                "recording": bool(bm.enabled and not bm.busy or bm.successor is not None),
-                "busy": bm.busy, "persistent": False}
+        info = {"name": bm.name, "count": bm.count(), "granularity": bm.granularity,
+                "recording": bm.recording, "busy": bm.busy, "persistent": bm.persistent}
+        if bm.inconsistent:
+            info["inconsistent"] = True
+        return info
+
+    def _dirty_bitmaps_info(self, g: Node) -> list[dict[str, Any]]:
+        """``dirty-bitmaps`` of query-named-block-nodes in QEMU's order (the
+        newest first): a pending backup's anonymous bitmaps -- its copy
+        bitmap (disabled) and the successor of the bitmap it froze -- then
+        the named ones."""
+        out: list[dict[str, Any]] = []
+        for job in reversed(self.eng.jobs.jobs()):
+            d = job.driver
+            if job.type != "backup" or job.is_completed or getattr(d, "src", None) is not g:
+                continue
+            copy_bm = getattr(d, "copy_bm", None)
+            if copy_bm is not None:
+                out.append({"recording": False, "persistent": False, "busy": False,
+                            "granularity": copy_bm.granularity, "count": copy_bm.count()})
+            bm = getattr(d, "bm", None)
+            if bm is not None and bm.successor is not None:
+                out.append({"recording": bool(bm.enabled), "persistent": False,
+                            "busy": False, "granularity": bm.granularity,
+                            "count": bm.successor.count()})
+        out += [self._bitmap_info(bm) for bm in reversed(self._bitmaps_of(g).values())]
+        return out
 
     def _bitmap_add(self, node: str, name: str, granularity: int | None = None,
                     persistent: bool = False, disabled: bool = False) -> Callable[[], None]:
         g = self._lookup(node)
         if not name:
             raise QMPError("Bitmap name cannot be empty")
-        if len(name) > 1023:
+        if len(name) > 1023 and not persistent:   # persistent: the image's limit says
             raise QMPError("Bitmap name too long")
         if granularity is None:
             cs = g.driver.cluster_size
@@ -58,27 +80,31 @@ class BitmapCommands:
             granularity = min(max(cs, 4096), 65536) if cs else 65536
         elif granularity < 512 or granularity & (granularity - 1):
             raise QMPError("Granularity must be power of 2 and at least 512")
-        if persistent:
-            raise QMPError(f"Cannot store dirty bitmaps in {g.format} format "
-                           "(blkjobs keeps bitmaps in memory only)")
-        bm = self.eng.block_dirty_bitmap_add(g, name, granularity)
-        bm.enabled = not disabled
-        return lambda: self._bitmaps_of(g).pop(name, None)
+        bm = self.eng.block_dirty_bitmap_add(g, name, granularity, persistent=persistent,
+                                             disabled=disabled)
+
+        def undo() -> None:
+            self._bitmaps_of(g).pop(name, None)
+            if bm.persistent:
+                bm.drop()
+        return undo
 
     def _bitmap_remove(self, node: str, name: str) -> Callable[[], None]:
         bm = self._bitmap(node, name)
-        self._check_usable(bm)
+        # QEMU checks only busy: an inconsistent bitmap is removed
+        self.eng.io.remove_bitmap(bm.node, name)
         bms = self._bitmaps_of(bm.node)
-        del bms[name]
-        return lambda: bms.setdefault(name, bm)
+
+        def undo() -> None:
+            bms.setdefault(name, bm)
+            if bm.persistent:
+                bm.restore()
+        return undo
 
     def _bitmap_clear(self, node: str, name: str) -> Callable[[], None]:
         bm = self._bitmap(node, name)
-        self._check_usable(bm)
-        if bm.node.read_only:
-            raise QMPError(f"Bitmap '{name}' is readonly and cannot be modified")
-        old, bm.bitmap = bm.bitmap, bm.bitmap.copy()
-        bm.bitmap.clear()
+        old = bm.bitmap
+        bm.clear()
 
         def undo() -> None:
             bm.bitmap = old
@@ -86,8 +112,8 @@ class BitmapCommands:
 
     def _bitmap_enable(self, node: str, name: str, enable: bool = True) -> Callable[[], None]:
         bm = self._bitmap(node, name)
-        self._check_usable(bm)
-        old, bm.enabled = bm.enabled, enable
+        old = bm.enabled
+        bm.enable() if enable else bm.disable()
 
         def undo() -> None:
             bm.enabled = old
@@ -95,20 +121,11 @@ class BitmapCommands:
 
     def _bitmap_merge(self, node: str, target: str, bitmaps: list) -> Callable[[], None]:
         dst = self._bitmap(node, target)
-        self._check_usable(dst)
-        srcs = []
-        for ref in bitmaps:
-            src = self._bitmap(node, ref) if isinstance(ref, str) else \
-                self._bitmap(ref["node"], ref["name"])
-            if src.node.size != dst.node.size:
-                raise QMPError("Bitmaps are incompatible and can't be merged")
-            srcs.append(src)
+        self._check(dst)
+        srcs = [self._bitmap(node, ref) if isinstance(ref, str) else
+                self._bitmap(ref["node"], ref["name"]) for ref in bitmaps]
         old = dst.bitmap
-        new = old.copy()
-        for src in srcs:
-            for off, n in src.bitmap.areas():
-                new.set(off, n)
-        dst.bitmap = new
+        dst.merge(*srcs)
 
         def undo() -> None:
             dst.bitmap = old

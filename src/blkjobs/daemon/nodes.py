@@ -74,6 +74,7 @@ class NodeCommands:
     # from the bitmap commands
     _bitmaps_of: Callable[[Node], dict]
     _bitmap_info: Callable[[Any], dict[str, Any]]
+    _dirty_bitmaps_info: Callable[[Node], list[dict[str, Any]]]
 
     # ------------------------------------------------------------------
     # Node lookups
@@ -380,9 +381,9 @@ class NodeCommands:
                     os.path.realpath(g.backing.filename):
                 bf = g.backing.filename
             info["backing_file"] = bf
-        bms = self._bitmaps_of(g)
+        bms = self._dirty_bitmaps_info(g)
         if bms:
-            info["dirty-bitmaps"] = [self._bitmap_info(bm) for bm in bms.values()]
+            info["dirty-bitmaps"] = bms
         return info
 
     def _file_info(self, mn: MonitorNode) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import JobError
@@ -102,12 +102,23 @@ class InFlight:
 
 
 class DirtyBitmap:
-    """A named dirty bitmap on a node (``block-dirty-bitmap-add``).
+    """A named dirty bitmap on a node (``block-dirty-bitmap-add``;
+    ``Engine.block_dirty_bitmap_add``).
 
     Front-end writes to the node mark it while ``enabled``. A backup freezes
     it (``busy``): new writes then go to a hidden ``successor`` until the job
     hands the bitmap over (see ``docs/jobs.md``, bitmap-mode).
+
+    This one lives in memory only; a *persistent* one
+    (:class:`~.pbitmap.PersistentDirtyBitmap`) is stored in its qcow2
+    image. The operations (:meth:`clear`, :meth:`enable`, :meth:`disable`,
+    :meth:`merge`) check what QEMU checks and raise :class:`JobError` with
+    its texts; take the I/O lock (``with eng.io:``) around them when guest
+    writes may run. See docs/bitmaps.md.
     """
+
+    #: stored in the image (see PersistentDirtyBitmap)
+    persistent = False
 
     def __init__(self, node: Node, name: str, granularity: int):
         self.node = node
@@ -121,6 +132,21 @@ class DirtyBitmap:
     def granularity(self) -> int:
         return self.bitmap.granularity
 
+    @property
+    def inconsistent(self) -> bool:
+        """Found in use in its image at open (a crash): never used."""
+        return False
+
+    @property
+    def readonly(self) -> bool:
+        """The bitmap of a read-only node cannot be changed."""
+        return bool(self.node.read_only)
+
+    @property
+    def recording(self) -> bool:
+        """Writes are being recorded (in the bitmap or its successor)."""
+        return bool(self.enabled and not self.busy or self.successor is not None)
+
     def mark(self, offset: int, length: int) -> None:
         if self.successor is not None:
             self.successor.set(offset, length)
@@ -128,7 +154,66 @@ class DirtyBitmap:
             self.bitmap.set(offset, length)
 
     def count(self) -> int:
+        """Dirty bytes (whole granules)."""
         return self.bitmap.count()
+
+    def dirty_extents(self, offset: int = 0, length: int | None = None
+                      ) -> Iterator[tuple[int, int]]:
+        """The dirty extents ``(offset, length)`` in ``[offset, offset+length)``
+        (default: to the end), in order, each a maximal run of dirty granules
+        clipped to the range: what changed since the bitmap was last cleared
+        or handed over by a backup. Reads a snapshot taken now."""
+        end = self.node.size if length is None else min(self.node.size, offset + length)
+        snap = self.bitmap.copy()
+        for a, n in snap.areas(offset):
+            if a >= end:
+                return
+            s, e = max(a, offset), min(a + n, end)
+            if e > s:
+                yield s, e - s
+
+    # -- operations (QEMU's checks and texts) ------------------------------
+    def check(self, allow_ro: bool = False) -> None:
+        """QEMU's bdrv_dirty_bitmap_check: busy, then read-only (unless
+        ``allow_ro``), then inconsistent."""
+        if self.busy:
+            raise JobError(f"Bitmap '{self.name}' is currently in use by another operation "
+                           "and cannot be used")
+        if not allow_ro and self.readonly:
+            raise JobError(f"Bitmap '{self.name}' is readonly and cannot be modified")
+        if self.inconsistent:
+            raise JobError(f"Bitmap '{self.name}' is inconsistent and cannot be used")
+
+    def clear(self) -> None:
+        """Forget every dirty bit (``block-dirty-bitmap-clear``)."""
+        self.check()
+        new = self.bitmap.copy()
+        new.clear()
+        self.bitmap = new
+
+    def enable(self) -> None:
+        """Record writes again (``block-dirty-bitmap-enable``)."""
+        self.check(allow_ro=True)
+        self.enabled = True
+
+    def disable(self) -> None:
+        """Stop recording writes (``block-dirty-bitmap-disable``)."""
+        self.check(allow_ro=True)
+        self.enabled = False
+
+    def merge(self, *sources: DirtyBitmap) -> None:
+        """Add the dirty bits of ``sources`` (same node size; any
+        granularity) to this bitmap (``block-dirty-bitmap-merge``)."""
+        self.check()
+        for src in sources:
+            src.check(allow_ro=True)
+            if src.node.size != self.node.size:
+                raise JobError("Bitmaps are incompatible and can't be merged")
+        new = self.bitmap.copy()
+        for src in sources:
+            for off, n in src.bitmap.areas():
+                new.set(off, n)
+        self.bitmap = new
 
 
 class NodeState:
@@ -136,7 +221,7 @@ class NodeState:
     it goes away with the node, so a later node can never inherit it (an
     ``id(node)`` key can: ids are reused once a node is freed)."""
 
-    __slots__ = ("unsafe", "filter", "bitmaps", "quiesced", "unfilled")
+    __slots__ = ("unsafe", "filter", "bitmaps", "loaded", "quiesced", "unfilled")
 
     def __init__(self) -> None:
         #: opened cache=unsafe: never fsync'ed
@@ -145,6 +230,8 @@ class NodeState:
         self.filter: Filter | None = None
         #: dirty bitmaps by name
         self.bitmaps: dict[str, DirtyBitmap] = {}
+        #: the image's persistent bitmaps were added to ``bitmaps``
+        self.loaded = False
         #: nesting count of quiesce()
         self.quiesced = 0
         #: guest ranges of clusters a job's batch allocated and has not
@@ -259,6 +346,8 @@ class BlockIO:
             if uf is not None:
                 uf.wait_clear(0, node.size)
             fe.node.flush()
+            if not node.read_only:
+                self.store_bitmaps(node)
 
     def guest_write(self, fe: Frontend, op: str, offset: int, length: int,
                     do: Callable[[Node], None], data: Any = None) -> None:
@@ -481,8 +570,14 @@ class BlockIO:
     # Dirty bitmaps
 
     def bitmaps_of(self, node: Node) -> dict[str, DirtyBitmap]:
-        """The dirty bitmaps of ``node`` by name (the layer's own dict)."""
-        return state(node).bitmaps
+        """The dirty bitmaps of ``node`` by name (the layer's own dict); a
+        qcow2 node's persistent bitmaps are in it from its first use."""
+        st = state(node)
+        if not st.loaded:
+            st.loaded = True
+            from .pbitmap import load_persistent
+            load_persistent(node, st.bitmaps)
+        return st.bitmaps
 
     def bitmap(self, node: Node, name: str) -> DirtyBitmap:
         bm = self.bitmaps_of(node).get(name)
@@ -490,12 +585,21 @@ class BlockIO:
             raise JobError(f"Bitmap '{name}' could not be found")
         return bm
 
-    def add_bitmap(self, node: Node, name: str, granularity: int) -> DirtyBitmap:
+    def add_bitmap(self, node: Node, name: str, granularity: int, persistent: bool = False,
+                   disabled: bool = False) -> DirtyBitmap:
+        """A new bitmap (QEMU's checks and texts; ``persistent``: stored in
+        the node's qcow2 image, see :mod:`.pbitmap`)."""
         with self.lock:
-            bms = state(node).bitmaps
+            bms = self.bitmaps_of(node)
             if name in bms:
                 raise JobError(f"Bitmap already exists: {name}")
-            bm = bms[name] = DirtyBitmap(node, name, granularity)
+            if persistent:
+                from .pbitmap import add_persistent
+                bm: DirtyBitmap = add_persistent(node, name, granularity, disabled)
+            else:
+                bm = DirtyBitmap(node, name, granularity)
+                bm.enabled = not disabled
+            bms[name] = bm
             return bm
 
     def remove_bitmap(self, node: Node, name: str) -> None:
@@ -505,3 +609,13 @@ class BlockIO:
                 raise JobError(f"Bitmap '{name}' is currently in use by another operation "
                                "and cannot be used")
             del state(bm.node).bitmaps[name]
+            if bm.persistent:
+                bm.drop()   # type: ignore[attr-defined]
+
+    def store_bitmaps(self, node: Node) -> None:
+        """Write ``node``'s persistent bitmaps to its image now (in-use flags
+        cleared; the next write sets them again): what a flush does. Not
+        while a backup holds one (its successor would be stored half)."""
+        with self.lock:
+            from .pbitmap import store_persistent
+            store_persistent(node, self.bitmaps_of(node))

@@ -58,9 +58,7 @@ class BackupJob(BlockJob):
             bm = io.bitmap(src, bitmap)
             if bitmap_mode is None:
                 raise JobError("Bitmap sync mode must be given when providing a bitmap")
-            if bm.busy:
-                raise JobError(f"Bitmap '{bitmap}' is currently in use by another operation "
-                               "and cannot be used")
+            bm.check(allow_ro=True)     # busy, inconsistent (a crash): QEMU's texts
             if sync == "none":
                 raise JobError("sync mode 'none' does not produce meaningful bitmap outputs")
             if bitmap_mode == "never" and sync != "bitmap":

@@ -68,6 +68,9 @@ class PersistentBitmap:
     table_size: int = 0
     bitmap: Bitmap | None = None
     dirty: bool = False
+    #: while a backup holds the bitmap (frozen), writes set bits here
+    #: instead (the engine's hand-over then decides what the bitmap becomes)
+    successor: Bitmap | None = None
 
     @property
     def inconsistent(self) -> bool:
@@ -190,7 +193,9 @@ class Bitmaps:
         if length <= 0:
             return
         for b in self.items:
-            if b.enabled and not b.in_use and b.bitmap is not None:
+            if b.successor is not None:
+                b.successor.set(offset, length)
+            elif b.enabled and not b.in_use and b.bitmap is not None:
                 b.bitmap.set(offset, length)
                 b.dirty = True
 
@@ -312,9 +317,13 @@ class Bitmaps:
         old = []                  # clusters to free after the header switch
         # 1. data clusters and tables of changed bitmaps
         for b in self.items:
-            if not (b.dirty and b.bitmap is not None):
+            if not ((b.dirty or b.successor is not None) and b.bitmap is not None):
                 continue
-            data = b.bitmap.to_bytes()
+            bits = b.bitmap
+            if b.successor is not None:   # stored while frozen: nothing may be lost
+                bits = bits.copy()
+                bits.merge(b.successor)
+            data = bits.to_bytes()
             ncl = -(-len(data) // cs)
             table = [0] * ncl
             mv = memoryview(data)
