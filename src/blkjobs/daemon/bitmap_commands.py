@@ -52,10 +52,11 @@ class BitmapCommands:
         out: list[dict[str, Any]] = []
         for job in reversed(self.eng.jobs.jobs()):
             d = job.driver
-            if job.type != "backup" or job.is_completed or getattr(d, "src", None) is not g:
+            if job.type != "backup" or getattr(d, "src", None) is not g:
                 continue
             copy_bm = getattr(d, "copy_bm", None)
-            if copy_bm is not None:
+            if copy_bm is not None and getattr(d, "fnode", None) is not None:
+                # QEMU's block-copy bitmap lives as long as the job's filter
                 out.append({"recording": False, "persistent": False, "busy": False,
                             "granularity": copy_bm.granularity, "count": copy_bm.count()})
             bm = getattr(d, "bm", None)

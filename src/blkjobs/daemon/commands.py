@@ -94,11 +94,13 @@ class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, ReopenC
         return {}
 
     def cmd_x_blkjobs_write(self, node: str, offset: int, length: int,
-                            pattern: int = 0) -> dict[str, Any]:
+                            pattern: int = 0, flush: bool = True) -> dict[str, Any]:
         """Unstable, blkjobs only: write ``length`` bytes of ``pattern`` at
         ``offset`` as a guest would (through the jobs' write filters, marking
         dirty bitmaps). A daemon without exports has no other guest write
-        path; tests use it for copy-before-write and incremental backups."""
+        path; tests use it for copy-before-write and incremental backups.
+        ``flush`` (default true): flush after it, as a guest would (which
+        stores persistent bitmaps); false leaves them in use."""
         if not 0 <= pattern <= 255:
             raise QMPError("Parameter 'pattern' expects a byte value (0..255)")
         # QEMU's request checks (block/io.c), before any buffer is allocated
@@ -117,7 +119,8 @@ class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, ReopenC
         fe = self.eng.attach(self.eng.io.above_filters(g))
         try:
             fe.write(offset, bytes([pattern]) * length)
-            fe.flush()
+            if flush:
+                fe.flush()
         finally:
             fe.close()
         return {}

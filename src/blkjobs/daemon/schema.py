@@ -440,7 +440,7 @@ COMMANDS: dict[str, Any] = {
     "x-debug-block-dirty-bitmap-sha256": BlockDirtyBitmap,
     # blkjobs' own (unstable): guest-like writes for tests, see commands.py
     "x-blkjobs-write": Struct("", [("node", "str"), ("offset", "int"), ("length", "int"),
-                                   ("*pattern", "int")]),
+                                   ("*pattern", "int"), ("*flush", "bool")]),
     # blkjobs' own (unstable): blkdebug break points, see blkdebug_qmp.py
     "x-blkjobs-blkdebug-break": Struct("", [("node", "str"), ("event", BlkdebugEvent),
                                             ("tag", "str")]),
