@@ -1,9 +1,16 @@
-"""blkjobs backup [-f FMT] [-O FMT] [--sync MODE] [--speed RATE] [--compress]
-[--on-source-error P] [--on-target-error P] [--job-id ID] [-p] [--events] SRC TARGET
+"""blkjobs backup [-f FMT] [-O FMT] [--sync MODE] [--bitmap NAME [--bitmap-mode M]]
+[-B BACKING] [--speed RATE] [--compress] [--on-source-error P] [--on-target-error P]
+[--job-id ID] [-p] [--events] SRC TARGET
 
 Runs a backup job (``blockdev-backup``) from SRC into TARGET (created with
 SRC's size when missing: ``-O`` format, default qcow2; for ``--sync top`` it
-gets SRC's backing file). Also holds what the four job commands share:
+gets SRC's backing file, with ``-B`` the given one). Incremental backup
+(docs/bitmaps.md): ``--sync full --bitmap NAME`` copies everything and
+creates the persistent bitmap NAME in SRC (or clears it) at the point in
+time of the copy; ``--sync incremental --bitmap NAME -B PREV`` copies only
+what NAME marks, into a qcow2 overlay of the previous backup PREV, and
+hands the bitmap over (bitmap-mode on-success; ``--sync bitmap`` takes
+``--bitmap-mode``). Also holds what the four job commands share:
 option registration, running a job to its end with a progress line or QMP
 JSON-line events, and exit codes: 0 completed, 1 failed (or bad usage),
 2 cancelled, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). When a job
@@ -232,7 +239,15 @@ def register(sub):
     p.add_argument("-f", dest="src_fmt", metavar="FMT", help="source format (probed)")
     p.add_argument("-O", dest="dst_fmt", metavar="FMT",
                    help="target format (probed if TARGET exists, else qcow2)")
-    p.add_argument("--sync", default="full", choices=["full", "top", "none"])
+    p.add_argument("--sync", default="full",
+                   choices=["full", "top", "none", "incremental", "bitmap"])
+    p.add_argument("--bitmap", metavar="NAME",
+                   help="persistent dirty bitmap of SRC: created (or cleared) by a full "
+                   "backup, used by an incremental one")
+    p.add_argument("--bitmap-mode", choices=["on-success", "always", "never"],
+                   help="what the bitmap becomes after the job (default on-success)")
+    p.add_argument("-B", dest="backing", metavar="BACKING",
+                   help="backing file of a created qcow2 TARGET (the previous backup)")
     p.add_argument("--compress", action="store_true", help="compressed clusters (qcow2 target)")
     p.add_argument("-t", dest="cache", default="writeback", choices=["writeback", "unsafe"],
                    help="target cache mode: writeback flushes at the end, unsafe does not "
@@ -257,20 +272,92 @@ def open_target(eng, src_node, path, fmt, backing=None, cache="writeback"):
     return eng.create(path, fmt, src_node.size, node_name="target", cache=cache, **opts)
 
 
+def _check_bitmap_args(args) -> None:
+    from ..errors import UsageError
+    if args.sync in ("incremental", "bitmap") and not args.bitmap:
+        raise UsageError(f"--sync {args.sync} needs --bitmap NAME")
+    if args.bitmap and args.sync not in ("full", "incremental", "bitmap"):
+        raise UsageError(f"--bitmap goes with --sync full, incremental or bitmap, "
+                         f"not {args.sync}")
+    if args.bitmap_mode and not args.bitmap:
+        raise UsageError("--bitmap-mode needs --bitmap NAME")
+    if args.sync == "incremental" and args.bitmap_mode not in (None, "on-success"):
+        raise UsageError("--sync incremental hands the bitmap over on success only "
+                         "(use --sync bitmap for other bitmap modes)")
+    if args.sync in ("incremental", "bitmap") and not args.backing \
+            and not os.path.exists(args.target):
+        raise UsageError(f"--sync {args.sync} writes an overlay of the previous backup: "
+                         "give it with -B BACKING")
+
+
+def _source_bitmap(eng, src, args) -> tuple[str | None, bool]:
+    """The bitmap mode of the job and whether the bitmap was created here.
+    A full backup with ``--bitmap`` hands NAME over as the job starts: a new
+    one is added (persistent), an existing one is frozen with the copy and
+    becomes, on success, what was written since (QEMU's sync=full with
+    bitmap-mode=on-success: no write between the copy and the hand-over is
+    lost)."""
+    from ..errors import JobError
+    if not args.bitmap:
+        return None, False
+    mode = args.bitmap_mode or "on-success"
+    with eng.io:
+        exists = args.bitmap in eng.io.bitmaps_of(src)
+    if exists or args.sync != "full":
+        bm = eng.bitmap(src, args.bitmap)       # "Bitmap 'x' could not be found"
+        if bm.inconsistent:
+            raise JobError(f"Bitmap '{args.bitmap}' is inconsistent and cannot be used "
+                           f"(a crash left it in use): remove it with 'blkjobs bitmap "
+                           f"--remove {args.src} {args.bitmap}' and take a full backup")
+        return mode, False
+    gran = min(max(src.driver.cluster_size or 65536, 4096), 65536)
+    eng.block_dirty_bitmap_add(src, args.bitmap, gran, persistent=True)
+    return mode, True
+
+
+def _create_overlay(eng, src, args):
+    """TARGET created as a qcow2 overlay of ``-B BACKING`` (the previous
+    backup), named relative to TARGET's directory so that the chain can be
+    moved as a whole."""
+    from ..errors import UsageError
+    if (args.dst_fmt or "qcow2") != "qcow2":
+        raise UsageError("-B needs a qcow2 TARGET")
+    if not os.path.exists(args.backing):
+        raise UsageError(f"Could not open backing file '{args.backing}': "
+                         "No such file or directory")
+    rel = os.path.relpath(os.path.abspath(args.backing),
+                          os.path.dirname(os.path.abspath(args.target)))
+    return eng.create(args.target, "qcow2", src.size, node_name="target", cache=args.cache,
+                      backing_file=rel)
+
+
 def run(args) -> int:
     refuse_same_file(args.src, args.target)
+    _check_bitmap_args(args)
     eng = cli_engine()
     try:
-        src = open_image_node(eng, args.src, args.src_fmt, node_name="source", read_only=True)
+        # a bitmap is changed by the job: the source is then opened read-write
+        src = open_image_node(eng, args.src, args.src_fmt, node_name="source",
+                              read_only=not args.bitmap)
         created = not os.path.exists(args.target)
-        tgt = open_target(eng, src, args.target, args.dst_fmt,
-                          src.backing if args.sync == "top" else None, args.cache)
         speed = parse_size(args.speed, "speed")
-        run_job(eng, lambda: eng.backup(src, tgt, args.sync, job_id=args.job_id, speed=speed,
-                                        compress=args.compress,
-                                        on_source_error=args.on_source_error,
-                                        on_target_error=args.on_target_error), args,
-                aftermath=copy_aftermath(args.target, created))
+        mode, new_bitmap = _source_bitmap(eng, src, args)
+        try:
+            if args.backing and created:
+                tgt = _create_overlay(eng, src, args)
+            else:
+                tgt = open_target(eng, src, args.target, args.dst_fmt,
+                                  src.backing if args.sync == "top" else None, args.cache)
+            run_job(eng, lambda: eng.backup(src, tgt, args.sync, job_id=args.job_id,
+                                            speed=speed, compress=args.compress,
+                                            bitmap=args.bitmap, bitmap_mode=mode,
+                                            on_source_error=args.on_source_error,
+                                            on_target_error=args.on_target_error), args,
+                    aftermath=copy_aftermath(args.target, created))
+        except BaseException:
+            if new_bitmap:      # no full backup it could follow: not kept
+                eng.block_dirty_bitmap_remove(src, args.bitmap)
+            raise
     finally:
         eng.close()
     return 0
