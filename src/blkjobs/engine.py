@@ -453,18 +453,20 @@ class Engine:
         self.jobs.add_listener(lst)
         return lst
 
-    def wait_job(self, job: Job | str, timeout: float = 60.0) -> JobOutcome:
-        """Wait until the job concludes; return its outcome (TimeoutError
-        when it does not within ``timeout``)."""
+    def wait_job(self, job: Job | str, timeout: float | None = None) -> JobOutcome:
+        """Wait until the job concludes, however long it runs; return its
+        outcome. With ``timeout`` (seconds), TimeoutError when it has not
+        concluded by then (the job goes on). A job that waits for a verb
+        (``auto_finalize=False`` pending, a mirror ready) waits for it here."""
         if isinstance(job, str):
             job = self.jobs.find_job(job)
         self.jobs.wait_until(lambda: job.outcome is not None, timeout)
         assert job.outcome is not None
         return job.outcome
 
-    def wait_status(self, job: Job, *statuses: str, timeout: float = 60.0) -> None:
-        """Wait until ``job`` is in one of ``statuses`` (wire names), or
-        TimeoutError."""
+    def wait_status(self, job: Job, *statuses: str, timeout: float | None = None) -> None:
+        """Wait until ``job`` is in one of ``statuses`` (wire names); with
+        ``timeout``, TimeoutError when it is not by then."""
         want = set(statuses)
         self.jobs.wait_until(lambda: job.status.value in want, timeout)
 

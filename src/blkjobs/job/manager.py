@@ -534,9 +534,9 @@ class JobManager:
     # ------------------------------------------------------------------
     # Waiting (tests, shutdown)
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    def wait_until(self, predicate: Callable[[], bool], timeout: float | None = 5.0) -> None:
         """Wait (lock released) until ``predicate()`` holds; it is evaluated
-        with the lock held. Raises ``TimeoutError``."""
+        with the lock held. Raises ``TimeoutError`` (``timeout`` None: never)."""
         with self.lock:
             if not self.lock.wait_for(predicate, timeout):
                 raise TimeoutError(f"condition not reached within {timeout}s")

@@ -1,0 +1,159 @@
+"""The library's dirty bitmaps: persistent ones (stored in the qcow2 image,
+reopened by a new Engine, read by QEMU), merge/clear/enable/disable with
+QEMU's semantics, the dirty-extent iterator, and wait_job without a
+default timeout. QEMU reads the bitmaps back through qemu-nbd -B and
+nbdinfo --map (qemu:dirty-bitmap:NAME)."""
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from blkjobs import DirtyBitmap, Engine, JobOutcome, errors
+from qemu_oracle import check_clean, qemu_img, qemu_info, qemu_io
+
+K64 = 65536
+MiB = 1 << 20
+
+
+def qemu_dirty(path, name) -> list[tuple[int, int]]:
+    """The dirty extents of bitmap ``name`` as QEMU reads them."""
+    nbdinfo = shutil.which("nbdinfo")
+    if not nbdinfo:
+        pytest.fail("nbdinfo is not installed (Debian libnbd-bin): it reads QEMU's view")
+    p = subprocess.run([nbdinfo, f"--map=qemu:dirty-bitmap:{name}", "--json", "--",
+                        "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, str(path), "]"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return [(e["offset"], e["length"]) for e in json.loads(p.stdout) if e["type"] & 1]
+
+
+def _img(tmp_path, name="d.qcow2", size="8M"):
+    p = tmp_path / name
+    qemu_img("create", "-f", "qcow2", p, size)
+    return p
+
+
+def test_persistent_bitmap_survives_close_and_qemu_reads_it(tmp_path):
+    img = _img(tmp_path)
+    eng = Engine()
+    node = eng.open(str(img), node_name="d")
+    bm = eng.block_dirty_bitmap_add("d", "p", persistent=True)
+    assert isinstance(bm, DirtyBitmap) and bm.persistent
+    fe = eng.attach(node)
+    fe.write(MiB + 100, b"x" * 5000)
+    fe.write(5 * MiB, b"y" * (2 * K64))
+    fe.close()
+    want = [(MiB, K64), (5 * MiB, 2 * K64)]
+    assert list(bm.dirty_extents()) == want
+    eng.close()
+    assert qemu_info(img)["format-specific"]["data"]["bitmaps"] == [
+        {"flags": ["auto"], "name": "p", "granularity": K64}]
+    check_clean(img)
+    assert qemu_dirty(img, "p") == want
+    eng = Engine()
+    eng.open(str(img), node_name="d")
+    assert [b.name for b in eng.bitmaps("d")] == ["p"]
+    assert eng.dirty_extents("d", "p") == want
+    assert eng.dirty_extents("d", "p", MiB + 4096, 4 * MiB) == [(MiB + 4096, K64 - 4096),
+                                                                 (5 * MiB, 4096)]
+    eng.close()
+
+
+def test_bitmaps_of_qemu_are_read_and_kept_updated(tmp_path):
+    img = _img(tmp_path)
+    qemu_img("bitmap", "--add", img, "q")
+    qemu_io(img, "write 64k 100k")
+    eng = Engine()
+    node = eng.open(str(img))
+    assert eng.dirty_extents(node, "q") == qemu_dirty(img, "q") == [(K64, 2 * K64)]
+    fe = eng.attach(node)
+    fe.write(3 * MiB, b"z" * 10)
+    fe.close()
+    eng.close()
+    assert qemu_dirty(img, "q") == [(K64, 2 * K64), (3 * MiB, K64)]
+    check_clean(img)
+
+
+def test_merge_clear_enable_disable_as_qemu_img(tmp_path):
+    """The same operations by qemu-img bitmap and by the library give the
+    same bitmaps (contents through QEMU, flags through qemu-img info)."""
+    base = _img(tmp_path, "base.qcow2")
+    for name in "abc":
+        qemu_img("bitmap", "--add", base, name)
+    qemu_io(base, "write 0 64k")
+    qemu_img("bitmap", "--disable", base, "a")
+    qemu_io(base, "write 1M 64k")
+    qemu_img("bitmap", "--disable", base, "b")
+    qemu_io(base, "write 2M 64k")
+    ref, ours = tmp_path / "ref.qcow2", tmp_path / "ours.qcow2"
+    shutil.copy(base, ref)
+    shutil.copy(base, ours)
+    qemu_img("bitmap", "--merge", "a", ref, "c")
+    qemu_img("bitmap", "--clear", ref, "a")
+    qemu_img("bitmap", "--enable", ref, "a")
+    qemu_img("bitmap", "--disable", ref, "c")
+    eng = Engine()
+    eng.open(str(ours), node_name="o")
+    eng.block_dirty_bitmap_merge("o", "c", ["a"])
+    eng.block_dirty_bitmap_clear("o", "a")
+    eng.block_dirty_bitmap_enable("o", "a")
+    eng.block_dirty_bitmap_disable("o", "c")
+    eng.close()
+    info = [qemu_info(p)["format-specific"]["data"]["bitmaps"] for p in (ref, ours)]
+    assert info[0] == info[1]
+    for name in "abc":
+        assert qemu_dirty(ours, name) == qemu_dirty(ref, name), name
+    assert qemu_dirty(ours, "c") == [(0, K64), (MiB, K64), (2 * MiB, K64)]
+    check_clean(ours)
+
+
+def test_raw_refuses_persistent_and_in_use_bitmap_is_refused(tmp_path):
+    raw = tmp_path / "r.raw"
+    qemu_img("create", "-f", "raw", raw, "1M")
+    img = _img(tmp_path)
+    code = ("import os, sys\nfrom blkjobs import Engine\neng = Engine()\nn = eng.open(sys.argv[1])\n"
+            "eng.block_dirty_bitmap_add(n, 'p', persistent=True)\n"
+            "eng.attach(n).write(0, b'x')\nos._exit(0)\n")
+    import sys
+    subprocess.run([sys.executable, "-c", code, str(img)], check=True, timeout=60)
+    eng = Engine()
+    r = eng.open(str(raw), node_name="r")
+    with pytest.raises(errors.JobError) as e:
+        eng.block_dirty_bitmap_add(r, "p", persistent=True)
+    assert str(e.value) == "Can't store persistent bitmaps to r: Operation not supported"
+    eng.open(str(img), node_name="d")
+    bm = eng.bitmap("d", "p")
+    assert (bm.inconsistent, bm.count(), bm.recording) == (True, 0, False)
+    for op in (lambda: eng.block_dirty_bitmap_clear("d", "p"),
+               lambda: eng.block_dirty_bitmap_enable("d", "p"),
+               lambda: eng.backup("d", eng.create(str(tmp_path / "t.qcow2"), "qcow2", 8 * MiB),
+                                  "bitmap", bitmap="p", bitmap_mode="on-success")):
+        with pytest.raises(errors.JobError) as e:
+            op()
+        assert str(e.value) == "Bitmap 'p' is inconsistent and cannot be used"
+    eng.block_dirty_bitmap_remove("d", "p")
+    eng.close()
+    assert "bitmaps" not in qemu_info(img)["format-specific"]["data"]
+    check_clean(img)
+
+
+def test_wait_job_waits_without_a_default_timeout(tmp_path):
+    assert inspect.signature(Engine.wait_job).parameters["timeout"].default is None
+    img = _img(tmp_path)
+    eng = Engine()
+    src = eng.open(str(img), node_name="s")
+    tgt = eng.create(str(tmp_path / "t.qcow2"), "qcow2", src.size, node_name="t")
+    job = eng.backup(src, tgt, "full", job_id="j", auto_finalize=False)
+    eng.wait_status(job, "pending")
+    with pytest.raises(TimeoutError):
+        eng.wait_job(job, timeout=0.05)
+    t = threading.Thread(target=lambda: eng.jobs.job_finalize("j"))
+    t.start()
+    assert eng.wait_job(job) is JobOutcome.COMPLETED
+    t.join()
+    eng.close()
