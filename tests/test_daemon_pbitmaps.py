@@ -238,3 +238,26 @@ def test_sigkill_leaves_bitmap_in_use_refused_then_removed(tmp_path):
     assert info_bitmaps(killed) == []
     check_clean(killed)
     qemu_io(killed, "read -P 0x41 0 64k")
+
+
+def test_daemon_exit_stores_bitmaps_in_use(tmp_path):
+    """A bitmap written without a flush is in use on disk; quitting the
+    daemon (SIGTERM, as qemu-storage-daemon) stores it consistent."""
+    async def sc(s, d):
+        src, _ = make_images(d)
+        await s.x("blockdev-add", **qcow2_node("src", src))
+        await s.x("block-dirty-bitmap-add", node="src", name="p", persistent=True)
+        await guest_write(s, d, "src", MiB, 4096, 0x51, flush=False)
+        return info_bitmaps(src)
+
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == [{"flags": ["in-use", "auto"], "name": "p", "granularity": 65536}]
+    for name in ("qsd", "blkjobs"):
+        src = str(tmp_path / name / "src.qcow2")
+        assert info_bitmaps(src) == [{"flags": ["auto"], "name": "p", "granularity": 65536}]
+        check_clean(src)
+
+    async def count(s, d):
+        await s.x("blockdev-add", **qcow2_node("src", str(d / "src.qcow2")))
+        return [b["count"] for b in await bitmaps(s, "src")]
+    assert run_daemon(start_qsd, tmp_path / "blkjobs", count) == [65536]
