@@ -261,3 +261,34 @@ def test_daemon_exit_stores_bitmaps_in_use(tmp_path):
         await s.x("blockdev-add", **qcow2_node("src", str(d / "src.qcow2")))
         return [b["count"] for b in await bitmaps(s, "src")]
     assert run_daemon(start_qsd, tmp_path / "blkjobs", count) == [65536]
+
+
+def test_read_only_node_bitmaps_match_qsd(tmp_path):
+    """QEMU's rule: a bitmap loaded from an image opened read-only is
+    readonly (clear, remove and backup refused; disable allowed); one added
+    since, persistent or not, is not."""
+    async def sc(s, d):
+        src, tgt = make_images(d)
+        assert qemu_img("bitmap", "--add", src, "old").returncode == 0
+        await s.x("blockdev-add", **qcow2_node("src", src, **{"read-only": True}))
+        await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        out = {"listed": await bitmaps(s, "src")}
+        await s.x("block-dirty-bitmap-add", node="src", name="m")
+        await s.x("block-dirty-bitmap-add", node="src", name="p", persistent=True)
+        for name in ("m", "p"):
+            await s.x("block-dirty-bitmap-clear", node="src", name=name)
+        out["clear"] = await s.err("block-dirty-bitmap-clear", node="src", name="old")
+        out["remove"] = await s.err("block-dirty-bitmap-remove", node="src", name="old")
+        await s.x("block-dirty-bitmap-disable", node="src", name="old")
+        out["backup"] = await s.err("blockdev-backup", device="src", target="tgt",
+                                    sync="bitmap", bitmap="old",
+                                    **{"bitmap-mode": "on-success", "job-id": "j"})
+        out["after"] = await bitmaps(s, "src")
+        await s.x("blockdev-del", **{"node-name": "src"})
+        out["info"] = info_bitmaps(src)
+        return out
+
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    assert ours["remove"] == ("GenericError", "Bitmap 'old' is readonly and cannot be modified")
+    assert ours["info"] == [{"flags": ["auto"], "name": "old", "granularity": 65536}]

@@ -139,8 +139,8 @@ class DirtyBitmap:
 
     @property
     def readonly(self) -> bool:
-        """The bitmap of a read-only node cannot be changed."""
-        return bool(self.node.read_only)
+        """Loaded from a read-only image: cannot be changed (QEMU's)."""
+        return False
 
     @property
     def recording(self) -> bool:
@@ -608,6 +608,8 @@ class BlockIO:
             if bm.busy:
                 raise JobError(f"Bitmap '{name}' is currently in use by another operation "
                                "and cannot be used")
+            if bm.readonly:     # an inconsistent one is removed (QEMU's order)
+                raise JobError(f"Bitmap '{name}' is readonly and cannot be modified")
             del state(bm.node).bitmaps[name]
             if bm.persistent:
                 bm.drop()   # type: ignore[attr-defined]

@@ -39,13 +39,21 @@ class PersistentDirtyBitmap(DirtyBitmap):
 
     persistent = True
 
-    def __init__(self, node: Node, pbm: Any, pb: Any):  # super().__init__ would set through pb
+    def __init__(self, node: Node, pbm: Any, pb: Any,
+                 loaded: bool = True):  # super().__init__ would set through pb
         self.node = node
         self.name = pb.name
         self.busy = False
         self._pbm = pbm
         self._pb = pb
         self._empty: Bitmap | None = None
+        self._loaded = loaded     # found in the image (not added since)
+
+    @property
+    def readonly(self) -> bool:
+        """Loaded from an image opened read-only (QEMU's rule: one added
+        since is not, though it cannot be stored)."""
+        return self._loaded and bool(self.node.read_only)
 
     @property
     def granularity(self) -> int:
@@ -130,7 +138,7 @@ def add_persistent(node: Node, name: str, granularity: int,
         # writes since the image started tracking are not in it: it starts
         # empty, as a new bitmap does
         pbm.load(pb)
-    return PersistentDirtyBitmap(node, pbm, pb)
+    return PersistentDirtyBitmap(node, pbm, pb, loaded=False)
 
 
 def store_persistent(node: Node, bms: dict[str, DirtyBitmap]) -> None:

@@ -58,7 +58,7 @@ class BackupJob(BlockJob):
             bm = io.bitmap(src, bitmap)
             if bitmap_mode is None:
                 raise JobError("Bitmap sync mode must be given when providing a bitmap")
-            bm.check(allow_ro=True)     # busy, inconsistent (a crash): QEMU's texts
+            bm.check()      # busy, read-only, inconsistent (a crash): QEMU's texts
             if sync == "none":
                 raise JobError("sync mode 'none' does not produce meaningful bitmap outputs")
             if bitmap_mode == "never" and sync != "bitmap":
