@@ -54,3 +54,13 @@ def qemu_map(path):
 
 def qemu_info(path):
     return json.loads(qemu_img("info", "--output", "json", path).stdout)
+
+
+def qemu_dirty(path, name) -> list[tuple[int, int]]:
+    """The dirty extents of persistent bitmap ``name`` of a qcow2 image as
+    QEMU reads them (qemu-nbd -B, nbdinfo --map=qemu:dirty-bitmap:NAME)."""
+    p = subprocess.run([_tool("nbdinfo"), f"--map=qemu:dirty-bitmap:{name}", "--json", "--",
+                        "[", _tool("qemu-nbd"), "-r", "-f", "qcow2", "-B", name, str(path),
+                        "]"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return [(e["offset"], e["length"]) for e in json.loads(p.stdout) if e["type"] & 1]

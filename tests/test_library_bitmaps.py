@@ -6,7 +6,6 @@ nbdinfo --map (qemu:dirty-bitmap:NAME)."""
 from __future__ import annotations
 
 import inspect
-import json
 import shutil
 import subprocess
 import threading
@@ -14,22 +13,10 @@ import threading
 import pytest
 
 from blkjobs import DirtyBitmap, Engine, JobOutcome, errors
-from qemu_oracle import check_clean, qemu_img, qemu_info, qemu_io
+from qemu_oracle import check_clean, qemu_dirty, qemu_img, qemu_info, qemu_io
 
 K64 = 65536
 MiB = 1 << 20
-
-
-def qemu_dirty(path, name) -> list[tuple[int, int]]:
-    """The dirty extents of bitmap ``name`` as QEMU reads them."""
-    nbdinfo = shutil.which("nbdinfo")
-    if not nbdinfo:
-        pytest.fail("nbdinfo is not installed (Debian libnbd-bin): it reads QEMU's view")
-    p = subprocess.run([nbdinfo, f"--map=qemu:dirty-bitmap:{name}", "--json", "--",
-                        "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, str(path), "]"],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    return [(e["offset"], e["length"]) for e in json.loads(p.stdout) if e["type"] & 1]
 
 
 def _img(tmp_path, name="d.qcow2", size="8M"):

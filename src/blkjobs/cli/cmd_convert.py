@@ -1,5 +1,6 @@
 """blkjobs convert [-f FMT] [-O raw|qcow2] [-c] [-B BACKING [-F FMT]] [-o OPTS]
-[-p] [-S SIZE] [-n] [--target-is-zero] [-r RATE] [-m THREADS] [-t CACHE] SRC DST"""
+[-p] [-S SIZE] [-n] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [-r RATE]
+[-m THREADS] [-t CACHE] SRC DST"""
 from __future__ import annotations
 
 
@@ -53,6 +54,10 @@ def register(sub):
                    "durable (fsync) before exiting, starting writeback while it copies")
     p.add_argument("--request-size", default=None, metavar="SIZE",
                    help="bytes per request (default 2M for raw -> raw, else 512k)")
+    p.add_argument("--bitmaps", action="store_true",
+                   help="copy the source's persistent dirty bitmaps (qcow2 target)")
+    p.add_argument("--skip-broken-bitmaps", action="store_true",
+                   help="with --bitmaps: skip inconsistent (in-use) bitmaps, with a warning")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=run)
@@ -75,10 +80,20 @@ def run(args) -> int:
         force_share=args.force_share,
         create_opts=parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2")
                                else "raw") if args.options else {})
+    names = None
+    if args.skip_broken_bitmaps and not args.bitmaps:
+        raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if args.bitmaps:
+        from ..imageops.convert_bitmaps import source_bitmaps
+        names = source_bitmaps(args.src, args.src_fmt, args.dst_fmt, args.skip_broken_bitmaps,
+                               args.force_share)
     prog = None
     if (args.progress or args.progress_json) and not args.quiet:
         prog = Progress(json_lines=args.progress_json)
     convert(args.src, args.dst, opts, progress=prog.update if prog else None)
     if prog:
         prog.finish()
+    if names is not None:
+        from ..imageops.convert_bitmaps import copy_bitmaps
+        copy_bitmaps(args.src, args.src_fmt, args.dst, names, args.force_share)
     return 0

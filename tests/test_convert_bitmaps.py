@@ -1,0 +1,94 @@
+"""blkjobs convert --bitmaps [--skip-broken-bitmaps] against qemu-img
+convert --bitmaps: the same bitmaps (names, granularity, flags, bits read
+by QEMU), the same refusals and exit codes."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import run_blkjobs
+from qemu_oracle import check_clean, qemu_dirty, qemu_img, qemu_info, qemu_io
+
+
+def _bitmaps(path) -> list[dict]:
+    return qemu_info(path)["format-specific"]["data"].get("bitmaps", [])
+
+
+def _source(tmp_path):
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-f", "qcow2", src, "8M")
+    qemu_img("bitmap", "--add", src, "a")
+    qemu_img("bitmap", "--add", "-g", "512k", "--disable", src, "b")
+    qemu_io(src, "write -P 7 0 64k", "write -P 8 3M 100k")
+    qemu_img("bitmap", "--enable", src, "b")
+    qemu_io(src, "write -P 9 6M 4k")
+    return src
+
+
+def test_convert_bitmaps_as_qemu_img(tmp_path):
+    src = _source(tmp_path)
+    ref, ours = tmp_path / "ref.qcow2", tmp_path / "ours.qcow2"
+    qemu_img("convert", "--bitmaps", "-O", "qcow2", src, ref)
+    run_blkjobs("convert", "--bitmaps", "-O", "qcow2", src, ours, check=True)
+    assert _bitmaps(ours) == _bitmaps(ref) == _bitmaps(src)
+    for name in "ab":
+        assert qemu_dirty(ours, name) == qemu_dirty(ref, name) == qemu_dirty(src, name)
+    assert qemu_dirty(ours, "a") == [(0, 65536), (3 << 20, 2 * 65536), (6 << 20, 65536)]
+    assert qemu_img("compare", src, ours).returncode == 0
+    check_clean(ours)
+
+
+def _in_use(tmp_path):
+    src = _source(tmp_path)
+    code = ("import os, sys\nfrom blkjobs import Engine\neng = Engine()\n"
+            "eng.attach(eng.open(sys.argv[1])).write(0, b'x')\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(src)], check=True, timeout=60)
+    assert [b["flags"] for b in _bitmaps(src)] == [["in-use", "auto"], ["in-use", "auto"]]
+    qemu_img("bitmap", "--remove", src, "b")
+    qemu_img("bitmap", "--add", src, "c")
+    return src
+
+
+def test_convert_broken_bitmaps_as_qemu_img(tmp_path):
+    src = _in_use(tmp_path)
+    refused = [tmp_path / n for n in ("r1.qcow2", "o1.qcow2")]
+    p = qemu_img("convert", "--bitmaps", "-O", "qcow2", src, refused[0], check=False)
+    q = run_blkjobs("convert", "--bitmaps", "-O", "qcow2", src, refused[1])
+    assert (p.returncode, q.returncode) == (1, 1)
+    assert q.stderr == p.stderr.replace("qemu-img", "blkjobs") == (
+        "blkjobs: Cannot copy inconsistent bitmap 'a'\n"
+        "Try --skip-broken-bitmaps, or use 'blkjobs bitmap --remove' to delete it\n")
+    assert not refused[0].exists() and not refused[1].exists()
+    ref, ours = tmp_path / "ref.qcow2", tmp_path / "ours.qcow2"
+    p = qemu_img("convert", "--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", src, ref)
+    q = run_blkjobs("convert", "--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", src, ours)
+    assert q.returncode == 0
+    assert q.stderr == p.stderr.replace("qemu-img", "blkjobs") == (
+        "blkjobs: warning: Skipping inconsistent bitmap 'a'\n")
+    assert _bitmaps(ours) == _bitmaps(ref) == [{"flags": ["auto"], "name": "c",
+                                                "granularity": 65536}]
+    check_clean(ours)
+
+
+def test_convert_bitmaps_refusals_as_qemu_img(tmp_path):
+    src = _source(tmp_path)
+    raw = tmp_path / "s.raw"
+    qemu_img("create", "-f", "raw", raw, "8M")
+    v2 = tmp_path / "v2.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", v2, "8M")
+    taken = tmp_path / "taken.qcow2"
+    qemu_img("create", "-f", "qcow2", taken, "8M")
+    qemu_img("bitmap", "--add", taken, "a")
+    cases = [
+        (["--bitmaps", "-O", "raw", src, tmp_path / "x.raw"]),
+        (["--skip-broken-bitmaps", "-O", "qcow2", src, tmp_path / "x.qcow2"]),
+        (["--bitmaps", "-f", "raw", "-O", "qcow2", raw, tmp_path / "x.qcow2"]),
+        (["-n", "--bitmaps", "-O", "qcow2", src, v2]),
+        (["-n", "--bitmaps", "-O", "qcow2", src, taken]),
+    ]
+    for args in cases:
+        p = qemu_img("convert", *args, check=False)
+        q = run_blkjobs("convert", *args)
+        assert (q.returncode, q.stderr) == (p.returncode,
+                                            p.stderr.replace("qemu-img", "blkjobs")), args
+        assert q.returncode == 1
