@@ -1,4 +1,4 @@
-"""Persistent dirty bitmaps: a node's :class:`~.io.DirtyBitmap` stored in
+"""Persistent dirty bitmaps: a node's :class:`~.dirty_bitmap.DirtyBitmap` stored in
 its qcow2 image (the bitmaps extension, ``formats/qcow2/bitmaps.py``).
 
 A :class:`PersistentDirtyBitmap` is a view of one bitmap of the image's
@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import JobError
 from ..native.bitmap import Bitmap
-from .io import DirtyBitmap
+from .dirty_bitmap import DirtyBitmap
 from .node import Node
 
 
