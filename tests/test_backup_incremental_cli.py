@@ -129,3 +129,23 @@ def test_bitmap_usage_errors(tmp_path):
         p = run_blkjobs("backup", *extra, disk, tmp_path / "t.qcow2")
         assert (p.returncode, p.stderr) == (1, err), extra
         assert not (tmp_path / "t.qcow2").exists()
+
+
+def test_incremental_from_a_bitmap_qemu_made(tmp_path):
+    """A bitmap added by qemu-img and dirtied by qemu-io: the incremental
+    holds exactly those clusters."""
+    disk = _disk(tmp_path)
+    full = tmp_path / "full.qcow2"
+    qemu_img("convert", "-O", "qcow2", disk, full)
+    qemu_img("bitmap", "--add", "-g", "128k", disk, "q")
+    qemu_io(disk, "write -P 6 100k 8k", "write -P 7 10M 300k")
+    inc = tmp_path / "inc.qcow2"
+    run_blkjobs("backup", "--sync", "incremental", "--bitmap", "q", "-B", full, disk, inc,
+                check=True)
+    # 128 KiB granules: [0, 128k) and [10M, 10M + 384k); the last 64 KiB
+    # of the last granule reads as zeros: a zero cluster in the overlay
+    assert [(r["start"], r["length"], r["data"]) for r in qemu_map(inc)
+            if r["depth"] == 0] == [(0, 2 * K64, True), (10 << 20, 5 * K64, True),
+                                    ((10 << 20) + 5 * K64, K64, False)]
+    assert qemu_img("compare", disk, inc).returncode == 0
+    check_clean(disk)
