@@ -144,3 +144,21 @@ def test_wait_job_waits_without_a_default_timeout(tmp_path):
     assert eng.wait_job(job) is JobOutcome.COMPLETED
     t.join()
     eng.close()
+
+
+def test_job_writes_mark_the_bitmaps_of_the_image_they_write(tmp_path):
+    """As in QEMU, a job's writes dirty the written image's bitmaps: a
+    commit into a base, a mirror into an existing target."""
+    from conftest import run_blkjobs
+    base, top, dst = (tmp_path / n for n in ("base.qcow2", "top.qcow2", "m.qcow2"))
+    qemu_img("create", "-f", "qcow2", base, "4M")
+    qemu_img("bitmap", "--add", base, "b")
+    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    qemu_io(top, "write -P 3 1M 64k", "write -P 4 3M 4k")
+    qemu_img("create", "-f", "qcow2", dst, "4M")
+    qemu_img("bitmap", "--add", dst, "m")
+    run_blkjobs("mirror", top, dst, check=True)
+    run_blkjobs("commit", top, check=True)
+    for img, name in ((base, "b"), (dst, "m")):
+        assert qemu_dirty(img, name) == [(MiB, K64), (3 * MiB, K64)], img
+        check_clean(img)
