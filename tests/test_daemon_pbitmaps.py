@@ -292,3 +292,35 @@ def test_read_only_node_bitmaps_match_qsd(tmp_path):
     assert ours == ref
     assert ours["remove"] == ("GenericError", "Bitmap 'old' is readonly and cannot be modified")
     assert ours["info"] == [{"flags": ["auto"], "name": "old", "granularity": 65536}]
+
+
+def test_disabled_bitmap_backup_matches_qsd(tmp_path):
+    """QEMU: the successor of a disabled bitmap is disabled -- writes while
+    the backup is pending are not recorded, nor after the hand-over."""
+    async def sc(s, d):
+        out = []
+        for persistent in (False, True):
+            sub = d / f"p{int(persistent)}"
+            sub.mkdir()
+            src, tgt = make_images(sub)
+            sn, tn, job = f"s{int(persistent)}", f"t{int(persistent)}", f"j{int(persistent)}"
+            await s.x("blockdev-add", **qcow2_node(sn, src))
+            await s.x("blockdev-add", **qcow2_node(tn, tgt))
+            await s.x("block-dirty-bitmap-add", node=sn, name="p", persistent=persistent)
+            await guest_write(s, d, sn, 0, 65536, 1)
+            await s.x("block-dirty-bitmap-disable", node=sn, name="p")
+            await s.x("blockdev-backup", device=sn, target=tn, sync="bitmap", bitmap="p",
+                      **{"bitmap-mode": "on-success", "job-id": job, "auto-finalize": False})
+            await s.until("JOB_STATUS_CHANGE", id=job, status="pending")
+            await guest_write(s, d, sn, MiB, 65536, 2)
+            out.append(await bitmaps(s, sn))
+            await s.x("job-finalize", id=job)
+            await s.until("JOB_STATUS_CHANGE", id=job, status="null")
+            out.append(await bitmaps(s, sn))
+        return out
+
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    assert [b["count"] for b in ours[3]] == [0]
+    assert ours[2][1] == {"recording": False, "persistent": False, "busy": False,
+                          "granularity": 65536, "count": 0}

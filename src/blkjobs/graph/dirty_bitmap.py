@@ -55,13 +55,12 @@ class DirtyBitmap:
     @property
     def recording(self) -> bool:
         """Writes are being recorded (in the bitmap or its successor)."""
-        return bool(self.enabled and not self.busy or self.successor is not None)
+        return bool(self.enabled and (not self.busy or self.successor is not None))
 
     def mark(self, offset: int, length: int) -> None:
-        if self.successor is not None:
-            self.successor.set(offset, length)
-        elif self.enabled:
-            self.bitmap.set(offset, length)
+        # QEMU: the successor of a disabled bitmap is disabled too
+        if self.enabled:
+            (self.successor if self.successor is not None else self.bitmap).set(offset, length)
 
     def count(self) -> int:
         """Dirty bytes (whole granules)."""

@@ -193,9 +193,11 @@ class Bitmaps:
         if length <= 0:
             return
         for b in self.items:
+            if not b.enabled or b.in_use:
+                continue        # (a disabled bitmap's successor is disabled too)
             if b.successor is not None:
                 b.successor.set(offset, length)
-            elif b.enabled and not b.in_use and b.bitmap is not None:
+            elif b.bitmap is not None:
                 b.bitmap.set(offset, length)
                 b.dirty = True
 
