@@ -4,6 +4,7 @@ through them, transparent to data, removed at the end."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -197,3 +198,51 @@ def test_daemon_lists_the_filter_like_qemu(tmp_path):
                      len([n for n in nodes if n["drv"] == "file"]))
     assert got["blkjobs"] == got["qsd"]
     assert got["qsd"][:2] == ("copy-before-write", "src.qcow2")
+
+
+def test_guest_write_held_in_cbw_while_the_backup_ends_lands_on_the_source(eng, tmp_path):
+    """A guest write waiting inside the copy-before-write hook (its copy of
+    the old data held at a break point) while the backup completes and its
+    filter is taken out: once let go, it goes on down to the source image
+    (the chain walk used to read the removed filter's ``file``: None)."""
+    src = mkimg(tmp_path / "src.qcow2", writes=[("0x11", 0, SIZE)])
+    tgt = mkimg(tmp_path / "tgt.qcow2")
+    orig = snapshot(src, "qcow2", tmp_path / "orig.raw")
+    s = eng.open(src, node_name="src")
+    eng.open(tgt, node_name="tgt")
+    vm = eng.attach(s)
+    eng.blkdebug_break("tgt", "write_aio", "job")
+    # speed: batches of 1 MiB, so the guest's cluster at 3 MiB is neither
+    # copied nor in flight while the job is held at its first write
+    job = eng.backup("src", "tgt", sync="full", job_id="b0", speed=10 * MiB,
+                     filter_node_name="cbw0")
+    assert eng.blkdebug_wait_break("job").offset == 0
+    eng.blkdebug_break("tgt", "write_aio", "cbw")
+    errors: list[BaseException] = []
+
+    def guest():
+        try:
+            vm.write(3 * MiB, b"\x99" * 65536)
+        except BaseException as e:      # reported below
+            errors.append(e)
+    t = threading.Thread(target=guest)
+    t.start()
+    held = eng.blkdebug_wait_break("cbw")       # the old data's copy, in the hook
+    assert (held.node, held.offset, held.length) == ("tgt", 3 * MiB, 65536)
+    eng.job_set_speed("b0", 0)
+    eng.blkdebug_resume("job")
+    assert eng.wait_job(job, 60).value == "completed"   # the rest copied, filter out
+    assert "cbw0" not in eng.graph.nodes and vm.node is s
+    assert t.is_alive() and eng.blkdebug_is_suspended("cbw")
+    eng.blkdebug_resume("cbw")
+    t.join(60)
+    assert not t.is_alive()
+    assert errors == []
+    assert vm.read(3 * MiB, 65536) == b"\x99" * 65536
+    eng.close()
+    expect = bytearray(open(orig, "rb").read())
+    expect[3 * MiB:3 * MiB + 65536] = b"\x99" * 65536
+    now = tmp_path / "now.raw"
+    now.write_bytes(bytes(expect))
+    assert_same(str(now), src, "raw", "qcow2")      # the write reached the image
+    assert_same(orig, tgt, "raw", "qcow2")          # the target: the point in time
