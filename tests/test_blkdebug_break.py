@@ -135,15 +135,27 @@ def test_front_end_request_held_without_the_io_lock(eng, tmp_path):
     assert vm.read(0, 65536) == bytes(65536)
 
 
-def test_close_resumes_what_is_held(tmp_path):
+@pytest.mark.parametrize("event", ["write_aio", "flush_to_disk"])
+def test_close_resumes_what_is_held(tmp_path, monkeypatch, event):
+    """Closing cancels the job, then lets the held request go: the job ends
+    cancelled, even held at its last request (its final flush) and even when
+    the let-go job runs on to its end before close does anything more."""
     from blkjobs.engine import Engine
     e = Engine()
     src, dst = pair(e, tmp_path)
-    e.blkdebug_break("dst", "write_aio", "w")
+    e.blkdebug_break("dst", event, "w")
     job = e.backup("src", "dst", sync="full", job_id="b0")
     e.blkdebug_wait_break("w")
+    breaks = e.io.breaks
+    let_go = breaks.close
+
+    def let_go_and_wait_for_the_job():
+        let_go()
+        e.jobs.wait_until(lambda: job.is_completed, 60)
+    monkeypatch.setattr(breaks, "close", let_go_and_wait_for_the_job)
     e.close()                       # cancels the job; the held request runs
     assert job.is_completed
+    assert job.outcome is not None and job.outcome.value == "cancelled"
 
 
 def test_errors(eng, tmp_path):
