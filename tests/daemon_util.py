@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-TIMEOUT = 15.0
+#: a safety net (a wait that fails instead of hanging), generous for a loaded machine
+TIMEOUT = 60.0
 
 
 class Daemon:
@@ -36,6 +37,20 @@ class Daemon:
             assert self.proc.poll() is None, f"daemon exited: {self.proc.stderr.read()}"
             assert time.monotonic() < deadline, "daemon socket did not appear"
             time.sleep(0.02)
+        if not ready_line:
+            # qemu-storage-daemon binds the socket (the file appears) before
+            # it listens: connecting in between is refused
+            while True:
+                probe = socket.socket(socket.AF_UNIX)
+                try:
+                    probe.connect(sock)
+                    break
+                except ConnectionRefusedError:
+                    assert self.proc.poll() is None, f"daemon exited: {self.proc.stderr.read()}"
+                    assert time.monotonic() < deadline, "daemon socket did not listen"
+                    time.sleep(0.02)
+                finally:
+                    probe.close()
 
     def stop(self) -> int:
         if self.proc.poll() is None:
