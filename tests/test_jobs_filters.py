@@ -168,11 +168,12 @@ def test_daemon_lists_the_filter_like_qemu(tmp_path):
         s = await connect(sock)
         await s.x("blockdev-add", **qcow2_node("src", src))
         await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        hold = await s.hold("tgt", "w")         # still running when listed
         await s.x("blockdev-backup", **{"job-id": "b0", "filter-node-name": "fl"},
-                  device="src", target="tgt", sync="full", speed=1 << 20)
+                  device="src", target="tgt", sync="full", **hold)
+        await s.held("w")
         nodes = await s.x("query-named-block-nodes")
-        await s.x("block-job-cancel", device="b0")
-        await s.until("JOB_STATUS_CHANGE", id="b0", status="null")
+        await s.cancel_held("b0", "w")
         after = [n["node-name"] for n in await s.x("query-named-block-nodes")]
         await s.close()
         return nodes, after
