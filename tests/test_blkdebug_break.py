@@ -179,3 +179,32 @@ def test_errors(eng, tmp_path):
     with pytest.raises(TimeoutError) as ei:     # the safety net itself
         eng.blkdebug_wait_break("t", timeout=0.01)
     assert str(ei.value) == "blkdebug: no request was suspended at break point 't' within 0.01 s"
+
+
+@pytest.mark.parametrize("kind", ["rule", "break"])
+def test_injection_on_a_commit_base_survives_its_reopen(eng, tmp_path, kind):
+    """A commit reopens its (read-only) base read-write: the blkdebug wrapper
+    with its rules and break points stays on the node (it was dropped with
+    the old driver, so the commit wrote the base as if nothing was set)."""
+    import errno
+
+    from blkjobs.jobs.blkdebug import Rule
+    mkimg(tmp_path / "base.qcow2", writes=[("0x41", 0, SIZE)])
+    top = mkimg(tmp_path / "top.qcow2", backing="base.qcow2", writes=[("0x61", 0, 1 * MiB)])
+    t = eng.open(top, node_name="top")
+    b = t.backing
+    if kind == "rule":
+        eng.blkdebug(b, [Rule("write", errno.EIO)])
+        job = eng.commit("top", base_node=b.name, job_id="c0")
+        assert eng.wait_job(job, 60).value == "failed"
+        assert job.error == "Input/output error"
+        return
+    eng.blkdebug_break(b, "write_aio", "w")
+    job = eng.commit("top", base_node=b.name, job_id="c0")
+    held = eng.blkdebug_wait_break("w")
+    assert (held.node, held.offset, held.length) == (b.name, 0, 1 * MiB)
+    assert eng.query_jobs()[0]["status"] == "running"
+    eng.blkdebug_resume("w")
+    eng.wait_status(job, "ready", timeout=60)
+    eng.job_complete("c0")
+    assert eng.wait_job(job, 60).value == "completed"
