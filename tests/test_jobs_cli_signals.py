@@ -23,7 +23,8 @@ def interrupt(args, sig, cwd, held="t.qcow2"):
     the first 1 MiB batch has landed and the rest is not copied), send
     ``sig`` then; (exit status, stderr after the held line)."""
     env = dict(os.environ, BLKJOBS_X_BREAK=f"{held}:write_aio:3")
-    p = subprocess.Popen(BLKJOBS + [str(a) for a in args],
+    # (stdin stays open: its end would let the held request go)
+    p = subprocess.Popen(BLKJOBS + [str(a) for a in args], stdin=subprocess.PIPE,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          cwd=cwd, env=env)
     try:
@@ -31,11 +32,14 @@ def interrupt(args, sig, cwd, held="t.qcow2"):
         assert re.fullmatch(r"blkjobs: x-break: write_aio held at offset \d+\n", line), \
             line + p.stderr.read()
         p.send_signal(sig)
-        _, err = p.communicate(timeout=60)
+        p.wait(60)
+        err = p.stderr.read()
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
+        p.stdin.close()
+        p.stderr.close()
     assert "Traceback" not in err, err
     return p.returncode, err
 

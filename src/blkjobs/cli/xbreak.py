@@ -8,7 +8,8 @@ the environment holds the job's ``N``-th request raising the blkdebug
 
 A test then signals the command knowing that its job is running and how far
 it got, without waiting for time. Cancelling the job (Ctrl-C, SIGTERM) lets
-the held request go. Not a user interface: unset, nothing happens."""
+the held request go, and so does a line on stdin or its end (the job goes
+on). Not a user interface: unset, nothing happens."""
 from __future__ import annotations
 
 import os
@@ -50,6 +51,12 @@ def arm(eng) -> None:
             return          # the job ended first
         sys.stderr.write(f"blkjobs: x-break: {event} held at offset {held.offset}\n")
         sys.stderr.flush()
+        if sys.stdin is not None:
+            sys.stdin.readline()
+        try:
+            eng.blkdebug_resume(TAG)
+        except UsageError:
+            pass            # let go already: cancelled
     threading.Thread(target=hold, name="x-break", daemon=True).start()
 
 
