@@ -7,7 +7,6 @@ with the same arguments against the same holder, and must agree on the exit
 status and, when they fail, on the error text (program name aside)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
