@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-TIMEOUT = 15.0
+#: a safety net (a wait that fails instead of hanging), generous for a loaded machine
+TIMEOUT = 60.0
 
 
 class Daemon:
@@ -36,6 +37,20 @@ class Daemon:
             assert self.proc.poll() is None, f"daemon exited: {self.proc.stderr.read()}"
             assert time.monotonic() < deadline, "daemon socket did not appear"
             time.sleep(0.02)
+        if not ready_line:
+            # qemu-storage-daemon binds the socket (the file appears) before
+            # it listens: connecting in between is refused
+            while True:
+                probe = socket.socket(socket.AF_UNIX)
+                try:
+                    probe.connect(sock)
+                    break
+                except ConnectionRefusedError:
+                    assert self.proc.poll() is None, f"daemon exited: {self.proc.stderr.read()}"
+                    assert time.monotonic() < deadline, "daemon socket did not listen"
+                    time.sleep(0.02)
+                finally:
+                    probe.close()
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -111,6 +126,37 @@ class Session:
 
     async def close(self) -> None:
         await asyncio.wait_for(self.qmp.disconnect(), TIMEOUT)
+
+    async def has_break_points(self) -> bool:
+        """blkjobs (x-blkjobs-blkdebug-break), not qemu-storage-daemon."""
+        if not hasattr(self, "_breaks"):
+            cmds = await self.x("query-commands")
+            self._breaks = any(c["name"] == "x-blkjobs-blkdebug-break" for c in cmds)
+        return self._breaks
+
+    async def hold(self, node: str, tag: str) -> dict:
+        """Keep the next job that writes ``node`` running until it is
+        cancelled: blkjobs holds its first write to ``node`` at a break point
+        (``tag``); qemu-storage-daemon has no break points over QMP, so its
+        job gets a rate limit of 1 byte/s (one cluster, then a sleep of hours).
+        Returns the job command's extra arguments; call :meth:`held` once the
+        job is started and :meth:`cancel_held` to end it."""
+        if await self.has_break_points():
+            await self.x("x-blkjobs-blkdebug-break", node=node, event="write_aio", tag=tag)
+            return {}
+        return {"speed": 1}
+
+    async def held(self, tag: str) -> None:
+        """Wait until the job :meth:`hold` prepared is held (blkjobs)."""
+        if await self.has_break_points():
+            await self.x("x-blkjobs-blkdebug-wait-break", tag=tag)
+
+    async def cancel_held(self, job: str, tag: str) -> None:
+        """Cancel the held job, let go of its request, wait until it is gone."""
+        await self.x("job-cancel", id=job)
+        if await self.has_break_points():
+            await self.x("x-blkjobs-blkdebug-remove-break", tag=tag)
+        await self.until("JOB_STATUS_CHANGE", id=job, status="null")
 
 
 async def connect(sock: str) -> Session:

@@ -24,7 +24,7 @@ def shm(tmp_path):
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _wait_for_io(d, proc, deadline=20.0):
+def _wait_for_io(d, proc, deadline=60.0):
     """Wait until the run is past its layout (data.dat exists, full size)."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -46,10 +46,9 @@ def test_signal_removes_files(shm, sig, code, said):
          "--size", "16M", "--runtime", "60", "--repeat", "1", "--warmup", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_io(shm, proc)
-        time.sleep(0.1)
+        _wait_for_io(shm, proc)         # past its layout: measuring, for 60 s
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()

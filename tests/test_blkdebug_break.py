@@ -135,15 +135,27 @@ def test_front_end_request_held_without_the_io_lock(eng, tmp_path):
     assert vm.read(0, 65536) == bytes(65536)
 
 
-def test_close_resumes_what_is_held(tmp_path):
+@pytest.mark.parametrize("event", ["write_aio", "flush_to_disk"])
+def test_close_resumes_what_is_held(tmp_path, monkeypatch, event):
+    """Closing cancels the job, then lets the held request go: the job ends
+    cancelled, even held at its last request (its final flush) and even when
+    the let-go job runs on to its end before close does anything more."""
     from blkjobs.engine import Engine
     e = Engine()
     src, dst = pair(e, tmp_path)
-    e.blkdebug_break("dst", "write_aio", "w")
+    e.blkdebug_break("dst", event, "w")
     job = e.backup("src", "dst", sync="full", job_id="b0")
     e.blkdebug_wait_break("w")
+    breaks = e.io.breaks
+    let_go = breaks.close
+
+    def let_go_and_wait_for_the_job():
+        let_go()
+        e.jobs.wait_until(lambda: job.is_completed, 60)
+    monkeypatch.setattr(breaks, "close", let_go_and_wait_for_the_job)
     e.close()                       # cancels the job; the held request runs
     assert job.is_completed
+    assert job.outcome is not None and job.outcome.value == "cancelled"
 
 
 def test_errors(eng, tmp_path):
@@ -167,3 +179,32 @@ def test_errors(eng, tmp_path):
     with pytest.raises(TimeoutError) as ei:     # the safety net itself
         eng.blkdebug_wait_break("t", timeout=0.01)
     assert str(ei.value) == "blkdebug: no request was suspended at break point 't' within 0.01 s"
+
+
+@pytest.mark.parametrize("kind", ["rule", "break"])
+def test_injection_on_a_commit_base_survives_its_reopen(eng, tmp_path, kind):
+    """A commit reopens its (read-only) base read-write: the blkdebug wrapper
+    with its rules and break points stays on the node (it was dropped with
+    the old driver, so the commit wrote the base as if nothing was set)."""
+    import errno
+
+    from blkjobs.jobs.blkdebug import Rule
+    mkimg(tmp_path / "base.qcow2", writes=[("0x41", 0, SIZE)])
+    top = mkimg(tmp_path / "top.qcow2", backing="base.qcow2", writes=[("0x61", 0, 1 * MiB)])
+    t = eng.open(top, node_name="top")
+    b = t.backing
+    if kind == "rule":
+        eng.blkdebug(b, [Rule("write", errno.EIO)])
+        job = eng.commit("top", base_node=b.name, job_id="c0")
+        assert eng.wait_job(job, 60).value == "failed"
+        assert job.error == "Input/output error"
+        return
+    eng.blkdebug_break(b, "write_aio", "w")
+    job = eng.commit("top", base_node=b.name, job_id="c0")
+    held = eng.blkdebug_wait_break("w")
+    assert (held.node, held.offset, held.length) == (b.name, 0, 1 * MiB)
+    assert eng.query_jobs()[0]["status"] == "running"
+    eng.blkdebug_resume("w")
+    eng.wait_status(job, "ready", timeout=60)
+    eng.job_complete("c0")
+    assert eng.wait_job(job, 60).value == "completed"

@@ -140,17 +140,15 @@ def test_job_lists_are_newest_first_like_qemu(tmp_path):
             src, tgt = make_images(d / f"p{i}", "64M")
             await s.x("blockdev-add", **qcow2_node(f"src{i}", src))
             await s.x("blockdev-add", **qcow2_node(f"tgt{i}", tgt))
-        for i, jid in ((1, "first"), (2, "second")):
+        for i, jid in ((1, "first"), (2, "second")):     # still running when listed
+            hold = await s.hold(f"tgt{i}", jid)
             await s.x("blockdev-backup", **{"job-id": jid}, device=f"src{i}", target=f"tgt{i}",
-                      sync="full", speed=256 << 10)   # still running when listed
+                      sync="full", **hold)
+            await s.held(jid)
         got = ([j["id"] for j in await s.x("query-jobs")],
                [j["device"] for j in await s.x("query-block-jobs")])
         for jid in ("first", "second"):
-            await s.x("job-cancel", id=jid)
-        gone: set[str] = set()
-        while gone != {"first", "second"}:       # in whatever order they end
-            evs = await s.until("JOB_STATUS_CHANGE", status="null")
-            gone.add(evs[-1]["data"]["id"])
+            await s.cancel_held(jid, jid)
         await s.close()
         return got
 

@@ -40,16 +40,16 @@ def test_blockdev_del_of_nodes_jobs_use(tmp_path):
         await s.x("blockdev-add", **qcow2_node("tgt", tgt))
         out = {}
         for cmd, jid in (("blockdev-backup", "b"), ("blockdev-mirror", "m")):
-            await s.x(cmd, **{"job-id": jid}, device="src", target="tgt", sync="full",
-                      speed=64 << 10)      # still running while we ask
+            hold = await s.hold("tgt", jid)       # still running while we ask
+            await s.x(cmd, **{"job-id": jid}, device="src", target="tgt", sync="full", **hold)
+            await s.held(jid)
             out[jid] = [await s.err("blockdev-del", **{"node-name": n}) for n in ("src", "tgt")]
             # a second job on the nodes meets the same blockers
             out[jid + "-backup"] = await s.err("blockdev-backup", **{"job-id": "x"},
                                                device="src", target="tgt", sync="full")
             out[jid + "-mirror"] = await s.err("blockdev-mirror", **{"job-id": "x"},
                                                device="src", target="tgt", sync="full")
-            await s.x("job-cancel", id=jid)
-            await s.until("JOB_STATUS_CHANGE", id=jid, status="null")
+            await s.cancel_held(jid, jid)
         # and free again once the job is gone
         await s.x("blockdev-del", **{"node-name": "tgt"})
         return out
@@ -152,14 +152,16 @@ def test_named_nodes_carry_format_specific(tmp_path):
 def test_rate_limited_backup_is_not_busy(tmp_path):
     """QEMU's job sleeps in its rate limiter and query-block-jobs says
     ``busy: false`` meanwhile; blkjobs' copy waiting in the C engine's
-    limiter reads the same (both wait for that state, then it holds)."""
+    limiter reads the same (both wait for that state, then it holds: at
+    1 byte/s, after a first cluster the next one is hours away, so no query
+    meets the job copying)."""
     async def sc(s, d):
         src, tgt = make_images(d, "64M")
         await s.x("blockdev-add", **qcow2_node("src", src))
         await s.x("blockdev-add", **qcow2_node("tgt", tgt))
         await s.x("blockdev-backup", **{"job-id": "j"}, device="src", target="tgt",
-                  sync="full", speed=64 << 10)
-        deadline = asyncio.get_running_loop().time() + 30
+                  sync="full", speed=1)
+        deadline = asyncio.get_running_loop().time() + 60     # a safety net
         while True:
             jobs = await s.x("query-block-jobs")
             assert jobs, "the job ended, busy all along"
@@ -174,4 +176,4 @@ def test_rate_limited_backup_is_not_busy(tmp_path):
                 for j in later]
     ref, ours = side_by_side(tmp_path, sc)
     assert ref == ours == [{"busy": False, "paused": False, "status": "running",
-                            "speed": 64 << 10, "io-status": "ok"}] * 3
+                            "speed": 1, "io-status": "ok"}] * 3

@@ -132,8 +132,11 @@ def test_command_exceptions_answered(daemon, tmp_path):
         s = await connect(daemon.sock)
         await s.x("blockdev-add", **qcow2_node("src", src))
         await s.x("blockdev-add", **qcow2_node("dst", tgt))
+        # held at its first write: running while it is changed
+        await s.x("x-blkjobs-blkdebug-break", node="dst", event="write_aio", tag="w")
         await s.x("blockdev-mirror", **{"job-id": "m0"}, device="src", target="dst",
-                  sync="full", speed=256 * 1024)
+                  sync="full")
+        await s.x("x-blkjobs-blkdebug-wait-break", tag="w")
         assert await s.x("block-job-change", id="m0", type="mirror",
                          **{"copy-mode": "write-blocking"}) == {}
         assert await s.err("block-job-change", id="m0", type="backup") == \
@@ -148,6 +151,8 @@ def test_command_exceptions_answered(daemon, tmp_path):
         assert await E("x-blkjobs-write", node="src", offset=4 * MiB - 4096, length=8192) == \
             ("GenericError", f"offset({4 * MiB - 4096}) + length(8192) exceeds the size of "
                              f"node 'src' ({4 * MiB})")
+        # (its last pass holds guest writes off: let it go on first)
+        await s.x("x-blkjobs-blkdebug-resume", tag="w")
         await s.x("x-blkjobs-write", node="src", offset=4 * MiB - 4096, length=4096, pattern=1)
         await s.x("job-cancel", id="m0")
         await s.until("JOB_STATUS_CHANGE", id="m0", status="null")

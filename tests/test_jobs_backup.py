@@ -1,12 +1,10 @@
 """backup: every sync mode on raw and qcow2, point in time under a writer."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from test_jobs_helpers import (SIZE, MiB, Writer, assert_same, check, eng, mkimg,  # noqa: F401
-                               snapshot)
+from test_jobs_helpers import (MIB_BATCHES, SIZE, MiB, Writer, assert_same, check,  # noqa: F401
+                               eng, hold_nth, mkimg, snapshot, wait_writes)
 
 WRITES = [("0x11", 0, 1 * MiB), ("0x22", 2 * MiB + 4096, 300 << 10), (None, 3 * MiB, 64 << 10),
           ("0x33", SIZE - (128 << 10), 128 << 10)]
@@ -43,13 +41,21 @@ def test_full_point_in_time_under_writer(eng, tmp_path, fmt):
     s = eng.open(src, fmt, node_name="src")
     eng.open(dst, fmt, node_name="dst")
     vm = eng.attach(s)
-    w = Writer(vm, SIZE)
-    # slow enough that the writer hits clusters before and after the copy
-    job = eng.backup("src", "dst", sync="full", job_id="b0", speed=8 * MiB)
+    # held at its third batch (MiB 2-3; the second, MiB 1-2, is a hole: no
+    # data write): MiB 0-1 is copied, MiB 1-2 in flight, MiB 3-4 not yet
+    eng.blkdebug_break("dst", "write_aio", "w")
+    job = eng.backup("src", "dst", sync="full", job_id="b0", speed=MIB_BATCHES)
+    assert hold_nth(eng, "dst", "write_aio", 2, "w").offset == 2 * MiB
+    eng.job_set_speed("b0", 0)
+    vm.write(4096, b"\xa1" * 8192)                    # copied already: no copy first
+    vm.write(3 * MiB + 12288, b"\xa2" * 4096)         # copy-before-write
+    vm.write_zeroes(SIZE - 65536, 65536)               # copy-before-write
+    w = Writer(vm, SIZE)                               # waits for the held batch ...
     w.start()
-    assert eng.wait_job(job, 30).value == "completed"
+    eng.blkdebug_resume("w")
+    assert eng.wait_job(job, 60).value == "completed"
+    wait_writes(w, 10)                                 # ... and goes on after the job
     w.stop()
-    assert w.count > 10
     final = snapshot_node(vm, tmp_path / "final.raw")
     eng.close()
     assert_same(expect, dst, "raw", fmt)
@@ -71,10 +77,18 @@ def test_top_overlay(eng, tmp_path):
     s = eng.open(top, node_name="top")
     eng.open(tgt, node_name="tgt")
     vm = eng.attach(s)
-    job = eng.backup("top", "tgt", sync="top", job_id="b0", speed=4 * MiB)
-    w = Writer(vm, SIZE)
+    eng.blkdebug_break("tgt", "write_aio", "w")
+    job = eng.backup("top", "tgt", sync="top", job_id="b0", speed=MIB_BATCHES)
+    # held at the second batch (top's data; the first is base's: no write)
+    assert eng.blkdebug_wait_break("w").offset == 1 * MiB
+    eng.job_set_speed("b0", 0)
+    vm.write(3 * MiB, b"\xa2" * 4096)             # top's zero cluster: saved first
+    vm.write(2 * MiB, b"\xa3" * 65536)            # base's: nothing to save
+    w = Writer(vm, SIZE)                           # writes while and after it copies
     w.start()
-    assert eng.wait_job(job, 30).value == "completed"
+    eng.blkdebug_resume("w")
+    assert eng.wait_job(job, 60).value == "completed"
+    wait_writes(w, 10)
     w.stop()
     eng.close()
     assert_same(expect, tgt, "raw", "qcow2")
@@ -179,13 +193,17 @@ def test_progress_and_pause(eng, tmp_path):
     src, dst = make_pair(tmp_path, "qcow2", "qcow2")
     eng.open(src, node_name="src")
     eng.open(dst, node_name="dst")
-    job = eng.backup("src", "dst", sync="full", job_id="b0", speed=1 * MiB)
+    eng.blkdebug_break("dst", "write_aio", "w")
+    job = eng.backup("src", "dst", sync="full", job_id="b0", speed=MIB_BATCHES)
+    eng.blkdebug_wait_break("w")
     eng.job_pause("b0")
-    eng.wait_status(job, "paused", timeout=10)
+    eng.blkdebug_resume("w")
+    # the batches in flight land (the held one and the one claimed before
+    # the pause was seen), then the job parks at its pause point
+    eng.wait_status(job, "paused", timeout=60)
     a = eng.query_block_jobs()[0]
-    time.sleep(0.3)
     b = eng.query_block_jobs()[0]
-    assert a["offset"] == b["offset"] and b["paused"] and b["len"] == SIZE
+    assert a == b and b["paused"] and (b["offset"], b["len"]) == (2 * MiB, SIZE)
     eng.job_set_speed("b0", 0)
     eng.job_resume("b0")
     assert eng.wait_job(job, 20).value == "completed"

@@ -195,11 +195,18 @@ def test_grouped_transaction_one_target_fails(eng, tmp_path):
     exp = [pair(eng, tmp_path, str(i)) for i in range(3)]
     before = [snapshot(s, "qcow2", tmp_path / f"before{i}.raw") for i, (s, _, _) in enumerate(exp)]
     eng.blkdebug("dst1", [Rule("write", errno.EIO)])
+    for i in (0, 2):                # held: still running when j1 fails
+        eng.blkdebug_break(f"dst{i}", "write_aio", f"h{i}")
     ev = eng.listen()
     jobs = eng.transaction(
-        [("backup", dict(device=f"src{i}", target=f"dst{i}", sync="full", job_id=f"j{i}",
-                         speed=0 if i == 1 else 1 * MiB)) for i in range(3)],
+        [("backup", dict(device=f"src{i}", target=f"dst{i}", sync="full", job_id=f"j{i}"))
+         for i in range(3)],
         completion_mode="grouped")
+    for i in (0, 2):
+        eng.blkdebug_wait_break(f"h{i}")
+    eng.jobs.wait_until(lambda: jobs[0].cancel_requested and jobs[2].cancel_requested, 60)
+    for i in (0, 2):
+        eng.blkdebug_resume(f"h{i}")
     outcomes = [eng.wait_job(j, 30).value for j in jobs]
     assert outcomes == ["cancelled", "failed", "cancelled"]
     assert seq(ev, "j1")[-3] == "COMPLETED:Input/output error"
@@ -274,11 +281,13 @@ def test_bitmap_modes_on_failure(eng, tmp_path, mode, left):
 def test_bitmap_never_keeps_and_successor_merges(eng, tmp_path):
     src, dst, bm, vm = dirty_setup(eng, tmp_path)
     n0 = bm.count()
+    eng.blkdebug_break("dst", "write_aio", "w")
     job = eng.backup("src", "dst", sync="bitmap", bitmap="bm0", bitmap_mode="never",
-                     job_id="i0", speed=64 << 10)
+                     job_id="i0")
+    assert eng.blkdebug_wait_break("w").offset == 1 * MiB      # the first dirty cluster
     assert bm.busy
     vm.write(0, b"\x01" * 10)                      # recorded by the successor
-    eng.job_set_speed("i0", 0)
+    eng.blkdebug_resume("w")
     assert eng.wait_job(job, 20).value == "completed"
     assert bm.count() == n0 + 65536
 

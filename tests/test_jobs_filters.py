@@ -4,12 +4,13 @@ through them, transparent to data, removed at the end."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
 from blkjobs.errors import UsageError
-from test_jobs_helpers import (MiB, SIZE, assert_same, chain3, eng, mkimg,  # noqa: F401
-                               snapshot)
+from test_jobs_helpers import (MIB_BATCHES, MiB, SIZE, assert_same, chain3, eng,  # noqa: F401
+                               mkimg, snapshot)
 
 
 def test_backup_cbw_filter_node(eng, tmp_path):
@@ -19,17 +20,20 @@ def test_backup_cbw_filter_node(eng, tmp_path):
     s = eng.open(src, node_name="src")
     eng.open(tgt, node_name="tgt")
     vm = eng.attach(s)
-    job = eng.backup("src", "tgt", sync="full", job_id="b0", speed=1 * MiB,
+    eng.blkdebug_break("tgt", "write_aio", "w")     # held at its first batch (MiB 0-1)
+    job = eng.backup("src", "tgt", sync="full", job_id="b0", speed=MIB_BATCHES,
                      filter_node_name="cbw0")
+    eng.blkdebug_wait_break("w")
+    eng.job_set_speed("b0", 0)
     f = eng.graph.nodes["cbw0"]
     assert (f.format, f.is_filter, f.file, f.size, f.filename) == \
         ("copy-before-write", True, s, s.size, s.filename)
     assert vm.node is f and eng.graph.parents(s) == [f]
     assert f.chain() == [f, s] and f.below_filters() is s
     assert eng.io.above_filters(s) is f
-    vm.write(0, b"\x22" * 65536)               # through the filter: old data saved first
-    assert vm.read(0, 4) == b"\x22" * 4 and s.read(0, 4) == b"\x22" * 4
-    eng.job_set_speed("b0", 0)
+    vm.write(3 * MiB, b"\x22" * 65536)         # through the filter: old data saved first
+    assert vm.read(3 * MiB, 4) == b"\x22" * 4 and s.read(3 * MiB, 4) == b"\x22" * 4
+    eng.blkdebug_resume("w")
     assert eng.wait_job(job, 30).value == "completed"
     assert "cbw0" not in eng.graph.nodes and vm.node is s and eng.graph.parents(s) == []
     eng.close()
@@ -135,20 +139,30 @@ def test_two_backups_stack_their_filters(eng, tmp_path):
     eng.open(t1, node_name="t1")
     eng.open(t2, node_name="t2")
     vm = eng.attach(s)
-    j1 = eng.backup(s.name, "t1", sync="full", job_id="b1", speed=1 * MiB, filter_node_name="f1")
-    vm.write(0, b"\x22" * 65536)
+    # each job held at its first batch (MiB 0-1); the writes go after it
+    eng.blkdebug_break("t1", "write_aio", "w1")
+    j1 = eng.backup(s.name, "t1", sync="full", job_id="b1", speed=MIB_BATCHES,
+                    filter_node_name="f1")
+    eng.blkdebug_wait_break("w1")
+    vm.write(2 * MiB, b"\x22" * 65536)
     second = tmp_path / "second.raw"
-    second.write_bytes(b"\x22" * 65536 + open(first, "rb").read()[65536:])
-    j2 = eng.backup(s.name, "t2", sync="full", job_id="b2", speed=1 * MiB, filter_node_name="f2")
+    old = open(first, "rb").read()
+    second.write_bytes(old[:2 * MiB] + b"\x22" * 65536 + old[2 * MiB + 65536:])
+    eng.blkdebug_break("t2", "write_aio", "w2")
+    j2 = eng.backup(s.name, "t2", sync="full", job_id="b2", speed=MIB_BATCHES,
+                    filter_node_name="f2")
+    eng.blkdebug_wait_break("w2")
     f1, f2 = eng.graph.nodes["f1"], eng.graph.nodes["f2"]
     assert (f1.file, f2.file, vm.node) == (f2, s, f1)
     assert f1.chain() == [f1, f2, s] and f1.below_filters() is s
-    vm.write(65536, b"\x33" * 65536)               # saved into both targets first
-    assert vm.read(65536, 4) == b"\x33" * 4
+    vm.write(3 * MiB, b"\x33" * 65536)             # saved into both targets first
+    assert vm.read(3 * MiB, 4) == b"\x33" * 4
     eng.job_set_speed("b1", 0)
+    eng.blkdebug_resume("w1")
     assert eng.wait_job(j1, 30).value == "completed"
     assert "f1" not in eng.graph.nodes and vm.node is f2
     eng.job_set_speed("b2", 0)
+    eng.blkdebug_resume("w2")
     assert eng.wait_job(j2, 30).value == "completed"
     assert vm.node is s and eng.graph.parents(s) == []
     eng.close()
@@ -167,11 +181,12 @@ def test_daemon_lists_the_filter_like_qemu(tmp_path):
         s = await connect(sock)
         await s.x("blockdev-add", **qcow2_node("src", src))
         await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        hold = await s.hold("tgt", "w")         # still running when listed
         await s.x("blockdev-backup", **{"job-id": "b0", "filter-node-name": "fl"},
-                  device="src", target="tgt", sync="full", speed=1 << 20)
+                  device="src", target="tgt", sync="full", **hold)
+        await s.held("w")
         nodes = await s.x("query-named-block-nodes")
-        await s.x("block-job-cancel", device="b0")
-        await s.until("JOB_STATUS_CHANGE", id="b0", status="null")
+        await s.cancel_held("b0", "w")
         after = [n["node-name"] for n in await s.x("query-named-block-nodes")]
         await s.close()
         return nodes, after
@@ -197,3 +212,51 @@ def test_daemon_lists_the_filter_like_qemu(tmp_path):
                      len([n for n in nodes if n["drv"] == "file"]))
     assert got["blkjobs"] == got["qsd"]
     assert got["qsd"][:2] == ("copy-before-write", "src.qcow2")
+
+
+def test_guest_write_held_in_cbw_while_the_backup_ends_lands_on_the_source(eng, tmp_path):
+    """A guest write waiting inside the copy-before-write hook (its copy of
+    the old data held at a break point) while the backup completes and its
+    filter is taken out: once let go, it goes on down to the source image
+    (the chain walk used to read the removed filter's ``file``: None)."""
+    src = mkimg(tmp_path / "src.qcow2", writes=[("0x11", 0, SIZE)])
+    tgt = mkimg(tmp_path / "tgt.qcow2")
+    orig = snapshot(src, "qcow2", tmp_path / "orig.raw")
+    s = eng.open(src, node_name="src")
+    eng.open(tgt, node_name="tgt")
+    vm = eng.attach(s)
+    eng.blkdebug_break("tgt", "write_aio", "job")
+    # speed: batches of 1 MiB, so the guest's cluster at 3 MiB is neither
+    # copied nor in flight while the job is held at its first write
+    job = eng.backup("src", "tgt", sync="full", job_id="b0", speed=MIB_BATCHES,
+                     filter_node_name="cbw0")
+    assert eng.blkdebug_wait_break("job").offset == 0
+    eng.blkdebug_break("tgt", "write_aio", "cbw")
+    errors: list[BaseException] = []
+
+    def guest():
+        try:
+            vm.write(3 * MiB, b"\x99" * 65536)
+        except BaseException as e:      # reported below
+            errors.append(e)
+    t = threading.Thread(target=guest)
+    t.start()
+    held = eng.blkdebug_wait_break("cbw")       # the old data's copy, in the hook
+    assert (held.node, held.offset, held.length) == ("tgt", 3 * MiB, 65536)
+    eng.job_set_speed("b0", 0)
+    eng.blkdebug_resume("job")
+    assert eng.wait_job(job, 60).value == "completed"   # the rest copied, filter out
+    assert "cbw0" not in eng.graph.nodes and vm.node is s
+    assert t.is_alive() and eng.blkdebug_is_suspended("cbw")
+    eng.blkdebug_resume("cbw")
+    t.join(60)
+    assert not t.is_alive()
+    assert errors == []
+    assert vm.read(3 * MiB, 65536) == b"\x99" * 65536
+    eng.close()
+    expect = bytearray(open(orig, "rb").read())
+    expect[3 * MiB:3 * MiB + 65536] = b"\x99" * 65536
+    now = tmp_path / "now.raw"
+    now.write_bytes(bytes(expect))
+    assert_same(str(now), src, "raw", "qcow2")      # the write reached the image
+    assert_same(orig, tgt, "raw", "qcow2")          # the target: the point in time

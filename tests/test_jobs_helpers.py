@@ -87,6 +87,25 @@ def wait_writes(w, n, timeout=20):
         time.sleep(0.005)
 
 
+def hold_nth(eng, node, event, n, tag):
+    """With a break point ``tag`` on ``event`` of ``node`` set before the job
+    started: hold the ``n``-th request raising it (1: the first), each one
+    before it let go with the break point set again. Returns the held
+    request (``blkdebug.Suspended``); ``eng.blkdebug_resume(tag)`` lets it go."""
+    held = eng.blkdebug_wait_break(tag)
+    for _ in range(n - 1):
+        eng.blkdebug_break(node, event, tag)
+        eng.blkdebug_resume(tag)
+        held = eng.blkdebug_wait_break(tag)
+    return held
+
+
+#: A job speed that only makes its batches 1 MiB (speed // 10): a break point
+#: at the n-th write then holds the copy at offset (n - 1) MiB. Set the speed
+#: to 0 once the job is held, so that nothing waits for the rate limit.
+MIB_BATCHES = 10 * MiB
+
+
 def chain3(tmp_path, base_fmt="qcow2"):
     """base <- mid <- top, each layer with its own data (and a zero cluster
     in mid over base data); returns the three paths."""

@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import time
 
 import pytest
 
-from blkjobs.errors import JobError
 from blkjobs.engine import Engine
-from test_jobs_helpers import MiB, Writer, assert_same, check, qimg, snapshot, tool
+from test_jobs_helpers import (MIB_BATCHES, MiB, Writer, assert_same, check, qimg, snapshot,
+                               tool, wait_writes)
 
 JOBS = ["stream", "commit", "mirror", "backup"]
 
@@ -118,9 +117,29 @@ def test_job_result_equals_qemu_img_view(tmp_path, seed, job):
     check(out)
 
 
+def held_at(eng, job, node, n, tag="x"):
+    """With a break point ``tag`` on ``node``'s writes set before ``job``
+    started: hold its ``n``-th write; False when the job ends first (it had
+    fewer)."""
+    for k in range(n):
+        if k:
+            eng.blkdebug_break(node, "pwritev", tag)
+            eng.blkdebug_resume(tag)
+        while True:         # whichever comes first: the break point, the end
+            try:
+                eng.blkdebug_wait_break(tag, 0.05)
+                break
+            except TimeoutError:
+                if job.status.value in ("ready", "waiting", "pending", "concluded", "null"):
+                    return False
+    return True
+
+
 @pytest.mark.parametrize("job", ["stream", "commit"])
 @pytest.mark.parametrize("seed", range(100, 112))
 def test_cancel_at_a_random_moment_keeps_the_guest_view(tmp_path, seed, job):
+    """Cancelled at its n-th write (n random; batches of 1 MiB), held at a
+    break point: the guest view is kept, every image checks clean."""
     rnd = random.Random(seed)
     top, size = chain(tmp_path, rnd)
     expect = snapshot(top, "qcow2", tmp_path / "e.raw")
@@ -128,22 +147,28 @@ def test_cancel_at_a_random_moment_keeps_the_guest_view(tmp_path, seed, job):
     try:
         t = eng.open(top, node_name="top")
         nodes = t.chain()
-        speed = rnd.choice([2 * MiB, 8 * MiB, 32 * MiB])
+        n = rnd.randint(1, 4)
         if job == "stream":
             i = rnd.randint(1, len(nodes))
+            eng.blkdebug_break(t, "pwritev", "x")
             j = eng.stream("top", base_node=nodes[i].name if i < len(nodes) else None,
-                           job_id="j", speed=speed)
+                           job_id="j", speed=MIB_BATCHES)
+            written = t
         else:
             ti = rnd.randint(0, len(nodes) - 2)
             bi = rnd.randint(ti + 1, len(nodes) - 1)
+            written = nodes[bi]
+            eng.blkdebug_break(written, "pwritev", "x")
             j = eng.commit("top", top_node=nodes[ti].name, base_node=nodes[bi].name,
-                           job_id="j", speed=speed)
-        time.sleep(rnd.random() * 0.3)
-        try:
+                           job_id="j", speed=MIB_BATCHES)
+        if held_at(eng, j, written, n):
             eng.jobs.cancel_job(j, True)
-        except JobError:                # it ended first: nothing to cancel
+            eng.blkdebug_remove_break("x")
+            assert eng.wait_job(j, 60).value == "cancelled"
+        else:                           # it ended first: nothing to cancel
+            if j.is_ready:
+                eng.jobs.complete_job(j)
             assert eng.wait_job(j, 60).value == "completed"
-        eng.wait_job(j, 60)
     finally:
         eng.close()
     assert_same(expect, top, "raw", "qcow2")
@@ -174,7 +199,7 @@ def test_stream_and_a_backup_of_its_top_under_a_writer(tmp_path, seed):
         i = rnd.randint(1, len(nodes))
         s = eng.stream("top", base_node=nodes[i].name if i < len(nodes) else None,
                        job_id="s", speed=rnd.choice([8 * MiB, 32 * MiB]))
-        time.sleep(rnd.random() * 0.1)
+        wait_writes(w, rnd.randint(1, 20))  # the stream has started meanwhile
         w.stop()                # the model follows a write once it returned
         start = bytes(model)
         b = eng.backup("top", "bk", sync="full", job_id="b")

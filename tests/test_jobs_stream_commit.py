@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_jobs_helpers import (SIZE, MiB, Writer, assert_same, backing_of, chain3,  # noqa: F401
+from test_jobs_helpers import (MIB_BATCHES, SIZE, MiB, Writer, assert_same, backing_of, chain3,  # noqa: F401
                                check, eng, mkimg, qimg, qio, snapshot, wait_writes)
 
 
@@ -31,8 +31,13 @@ def test_stream_to_base_under_writer(eng, tmp_path, base_fmt):
     w = Writer(vm, SIZE, model=model, max_len=16 << 10)
     w.start()
     wait_writes(w, 20)
-    job = eng.stream("top", base_node=b.name, job_id="s0", speed=8 * MiB)
-    assert eng.wait_job(job, 30).value == "completed"
+    # held at its first write while the writer goes on: the writer surely
+    # overlaps the copy (1 MiB batches)
+    eng.blkdebug_break("top", "pwritev", "w")
+    job = eng.stream("top", base_node=b.name, job_id="s0", speed=MIB_BATCHES)
+    eng.blkdebug_wait_break("w")
+    eng.blkdebug_resume("w")
+    assert eng.wait_job(job, 60).value == "completed"
     w.stop()
     assert t.backing is b and len(t.chain()) == 2
     assert "mid" not in [n.filename for n in eng.graph.nodes.values()]
@@ -81,8 +86,11 @@ def test_commit_intermediate_under_writer(eng, tmp_path, base_fmt):
     w = Writer(vm, SIZE, model=model, max_len=16 << 10)
     w.start()
     wait_writes(w, 20)
-    job = eng.commit("top", top_node=m.name, base_node=b.name, job_id="c0", speed=8 * MiB)
-    assert eng.wait_job(job, 30).value == "completed"
+    eng.blkdebug_break(b, "pwritev", "w")     # held at its first write, as above
+    job = eng.commit("top", top_node=m.name, base_node=b.name, job_id="c0", speed=MIB_BATCHES)
+    eng.blkdebug_wait_break("w")
+    eng.blkdebug_resume("w")
+    assert eng.wait_job(job, 60).value == "completed"
     w.stop()
     assert t.backing is b
     eng.close()

@@ -7,7 +7,6 @@ with the same arguments against the same holder, and must agree on the exit
 status and, when they fail, on the error text (program name aside)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -159,25 +158,25 @@ def test_commands_lock_like_qemu_img(tmp_path, kind):
 # a second blkjobs process
 
 
-def _events_until_running(p):
-    """Read the job command's --events lines until its job runs."""
-    deadline = time.monotonic() + TIMEOUT
-    for line in p.stdout:
-        ev = json.loads(line)
-        if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "running":
-            return
-        assert time.monotonic() < deadline, "the job did not start"
-    raise AssertionError(f"the job command ended early: {p.stderr.read()}")
+def _held(p):
+    """Wait until the job command says its job is held at its break point
+    (BLKJOBS_X_BREAK): it runs, with its images open and locked."""
+    line = p.stderr.readline()
+    assert line.startswith("blkjobs: x-break: "), line + p.stderr.read()
 
 
-def _job(args, cwd):
-    return subprocess.Popen(BLKJOBS + [str(a) for a in args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+def _job(args, cwd, held):
+    """A job command whose first write to the image ``held`` waits at a break
+    point until its stdin is closed (:func:`_finish`)."""
+    env = dict(os.environ, BLKJOBS_X_BREAK=f"{held}:write_aio:1")
+    return subprocess.Popen(BLKJOBS + [str(a) for a in args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, env=env)
 
 
 def _finish(p):
     try:
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=120)      # closes stdin: the job goes on
     finally:
         if p.poll() is None:
             p.kill()
@@ -196,9 +195,9 @@ def _img(path, size, *writes):
 def test_convert_n_into_a_running_backups_target_is_refused(tmp_path):
     src = _img(tmp_path / "src.qcow2", "1M", "write -P 0x11 0 1M")
     other = _img(tmp_path / "other.qcow2", "1M", "write -P 0x77 0 1M")
-    job = _job(["backup", "--events", "--speed", "256K", "src.qcow2", "tgt.qcow2"], tmp_path)
+    job = _job(["backup", "src.qcow2", "tgt.qcow2"], tmp_path, "tgt.qcow2")
     try:
-        _events_until_running(job)
+        _held(job)
         p = run_blkjobs("convert", "-n", "-O", "qcow2", other, tmp_path / "tgt.qcow2")
         assert p.returncode == 1
         assert p.stderr == (f"blkjobs: Could not open '{tmp_path / 'tgt.qcow2'}': Failed to get "
@@ -223,9 +222,9 @@ def test_convert_n_into_a_running_commits_base_is_refused(tmp_path):
     qemu_io(top, "write -P 0x22 0 512k")
     view = to_raw(top, tmp_path)
     other = _img(tmp_path / "other.qcow2", "1M", "write -P 0x77 0 1M")
-    job = _job(["commit", "--events", "--speed", "256K", "top.qcow2"], tmp_path)
+    job = _job(["commit", "top.qcow2"], tmp_path, "base.qcow2")
     try:
-        _events_until_running(job)
+        _held(job)
         p = run_blkjobs("convert", "-n", "-O", "qcow2", other, base)
         assert p.returncode == 1
         assert p.stderr == (f"blkjobs: Could not open '{base}': Failed to get \"write\" lock\n"

@@ -171,19 +171,21 @@ def test_daemon_blockdev_del_of_failing_close_removes_node(tmp_path):
 
 
 def _start_convert(*args):
-    return subprocess.Popen(BLKJOBS + ["convert", "--progress-json", "-r", "1M",
+    # at 1 byte/s the copy cannot end: still copying when interrupted
+    return subprocess.Popen(BLKJOBS + ["convert", "--progress-json", "-r", "1",
                                        *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_progress(proc) -> list[str]:
-    """stderr lines up to the first progress record with bytes copied."""
+    """stderr lines up to the first progress record: the target is made and
+    the copy started."""
     seen = []
     while True:
         line = proc.stderr.readline()
         assert line, f"convert ended early: {seen}"
         seen.append(line)
-        if line.startswith("{") and json.loads(line)["done"] > 0:
+        if line.startswith("{") and json.loads(line)["total"] > 0:
             return seen
 
 

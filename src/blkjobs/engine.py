@@ -117,14 +117,16 @@ class Engine:
 
     def close(self) -> None:
         """Cancel what still runs, wait for it, close front ends and nodes."""
-        if self.io.breaks is not None:
-            self.io.breaks.close()      # nothing may stay suspended
         for job in self.jobs.jobs():
             try:
                 if not job.is_completed:
                     self.jobs.cancel_job(job, True)
             except JobError:
                 pass
+        # then nothing may stay suspended (after the cancel: a job held at a
+        # break point must not run on to its end and complete)
+        if self.io.breaks is not None:
+            self.io.breaks.close()
         try:
             self.jobs.wait_until(lambda: all(j.is_completed or not j.started
                                              for j in self.jobs.jobs()), 30)

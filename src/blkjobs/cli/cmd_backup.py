@@ -25,6 +25,7 @@ import sys
 
 from ..errors import BlkjobsError, JobError, Terminated
 from ..job import JsonLinesWriter
+from . import xbreak
 from .progress import Progress
 from ..units import human, parse_size
 
@@ -128,6 +129,7 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
     if args.events:
         eng.add_listener(JsonLinesWriter(sys.stdout))
     prog = Progress(label=args.job_id) if args.progress else None
+    xbreak.arm(eng)
     job = start()
     synced = False
     # A job stopped by its error policy (stop, enospc, auto) waits for the
@@ -174,6 +176,7 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
             eng.jobs.cancel_job(job, True)
         except JobError:        # it ended first: say so below
             pass
+        xbreak.let_go(eng)
         eng.wait_job(job, 30)
         how, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         if job.outcome.value == "completed":

@@ -435,7 +435,14 @@ class Node:
                 raise PermissionConflict(f"node '{self.name}' is still used for writing")
         self.driver.flush()
         new = open_image(self.filename, self.format, read_only=read_only)
-        old, self.driver = self.driver, new
+        # a fault-injection wrapper (blkdebug: rules, break points) stays, now
+        # around the new driver
+        wrapper = self.driver if getattr(self.driver, "injects_faults", False) else None
+        old = wrapper.inner if wrapper is not None else self.driver
+        if wrapper is not None:
+            wrapper.inner = new
+        else:
+            self.driver = new
         if self._lock is not None:
             newlock = FileLock(new.fd, new.filename)
             # Our old description still holds the same bytes: move them over
@@ -446,7 +453,10 @@ class Node:
                 newlock.apply(*self.lock_bits())
             except BaseException:
                 new.close()
-                self.driver = old
+                if wrapper is not None:
+                    wrapper.inner = old
+                else:
+                    self.driver = old
                 for b in sorted(held):
                     _lock_set(old.fd, fcntl.F_RDLCK, b)
                 self._lock.held = held
