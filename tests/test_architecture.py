@@ -100,9 +100,10 @@ ALLOWED = {
     "imageops": {"graph", "formats", "native"},
     "engine": {"jobs", "job", "graph", "formats", "native", "options"},
     "bench": {"native"},
-    "daemon": {"blkjobs", "engine", "job", "graph", "formats", "native", "options"},
+    "nbd": set(),                              # the NBD protocol alone
+    "daemon": {"blkjobs", "engine", "job", "graph", "formats", "native", "options", "nbd"},
     "cli": {"blkjobs", "daemon", "engine", "imageops", "bench", "job", "graph", "formats",
-            "native", "options"},
+            "native", "options", "nbd"},
     # the package's lazy exports (TYPE_CHECKING imports for type checkers)
     "blkjobs": {"engine", "job", "graph", "options"},
     "__main__": {"cli"},

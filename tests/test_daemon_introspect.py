@@ -12,7 +12,8 @@ from qemu.qmp import ExecuteError
 from blkjobs.daemon.schema import COMMANDS
 
 EVENTS = {"JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR",
-          "BLOCK_JOB_READY", "BLOCK_JOB_PENDING", "BLOCK_WRITE_THRESHOLD"}
+          "BLOCK_JOB_READY", "BLOCK_JOB_PENDING", "BLOCK_WRITE_THRESHOLD",
+          "BLOCK_EXPORT_DELETED"}
 #: Commands whose arguments and result are the same in QEMU 7.2 (the
 #: qemu-storage-daemon installed here) and in the QEMU 10.1 surface we
 #: implement: their schema must be identical, type for type.
@@ -24,7 +25,9 @@ SAME_AS_QEMU = [
     "block-job-dismiss", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear", "block-dirty-bitmap-enable", "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge", "x-debug-block-dirty-bitmap-sha256", "blockdev-snapshot",
-    "block_resize", "block-set-write-threshold", "x-debug-query-block-graph", *sorted(EVENTS)]
+    "block_resize", "block-set-write-threshold", "x-debug-query-block-graph",
+    "nbd-server-stop", "nbd-server-remove", "block-export-del", "query-block-exports",
+    "object-del", *sorted(EVENTS)]
 
 
 def shaper(schema: list[dict]):

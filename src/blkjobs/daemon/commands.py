@@ -39,6 +39,7 @@ from .bitmap_commands import BitmapCommands
 from .blkdebug_qmp import BlkdebugCommands
 from .create import CreateCommands
 from .drive import DriveCommands
+from .export_commands import ExportCommands
 from .graphcmds import GraphCommands
 from .reopen import ReopenCommands
 from .introspect import QEMU_VERSION, IntrospectCommands, version  # noqa: F401
@@ -60,7 +61,8 @@ def _qmp_error(e: BaseException) -> QMPError:
 
 
 class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, ReopenCommands,
-               DriveCommands, BitmapCommands, BlkdebugCommands, IntrospectCommands):
+               DriveCommands, BitmapCommands, BlkdebugCommands, IntrospectCommands,
+               ExportCommands):
     """Every command of ``schema.COMMANDS``. :meth:`run` dispatches one
     (arguments already checked) and returns its result; errors are raised
     as :class:`QMPError`. ``quit_cb`` is called by ``quit``."""

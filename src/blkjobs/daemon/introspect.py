@@ -163,6 +163,12 @@ GRAPH_EVENTS: dict[str, Struct] = {
 
 _JOB_EVENT = [("type", JobType), ("device", "str"), ("len", "int"), ("offset", "int"),
               ("speed", "int")]
+# NBD exports (export_commands.py)
+RETURNS["query-block-exports"] = [Struct("BlockExportInfo", [
+    ("id", "str"), ("type", Enum("BlockExportType", ("nbd", "vhost-user-blk", "fuse",
+                                                     "vduse-blk"))),
+    ("node-name", "str"), ("shutting-down", "bool")])]
+
 #: The events the daemon emits, with their data.
 EVENTS: dict[str, Struct] = {
     "JOB_STATUS_CHANGE": Struct("", [("id", "str"), ("status", JobStatus)]),
@@ -174,6 +180,7 @@ EVENTS: dict[str, Struct] = {
     "BLOCK_JOB_READY": Struct("", _JOB_EVENT),
     "BLOCK_JOB_PENDING": Struct("", [("type", JobType), ("id", "str")]),
     **GRAPH_EVENTS,
+    "BLOCK_EXPORT_DELETED": Struct("", [("id", "str")]),
 }
 
 #: ``transaction``'s actions as QEMU describes them: a union on ``type``
@@ -185,7 +192,7 @@ _TXN_ACTION = Union("TransactionAction", Struct("TransactionActionBase", [
 
 _BUILTIN = {"str": "string", "any": "value", "bool": "boolean", "int": "int", "null": "null",
             "number": "number"}
-_INTS = ("int", "int64", "size", "uint32", "uint64")
+_INTS = ("int", "int64", "size", "uint16", "uint32", "uint64")
 
 
 class _Builder:

@@ -29,8 +29,9 @@ from .protocol import QMPError
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 _RANGES = {"int": INT64, "int64": INT64, "size": (0, (1 << 64) - 1),
+           "uint16": (0, (1 << 16) - 1),
            "uint32": (0, (1 << 32) - 1), "uint64": (0, (1 << 64) - 1)}
-_RANGE_NAMES = {"uint32": "uint32_t"}
+_RANGE_NAMES = {"uint16": "uint16_t", "uint32": "uint32_t"}
 _UINT64 = ("size", "uint64")
 
 
@@ -382,6 +383,63 @@ GRAPH_COMMANDS: dict[str, Any] = {
 ACTION_DATA["drive-backup"] = DriveBackup
 ACTION_DATA["blockdev-snapshot"] = BlockdevSnapshot
 
+# NBD exports and the TLS objects they use (qapi/block-export.json,
+# sockets.json, qom.json); handlers in export_commands.py
+SocketAddressLegacy = Union("SocketAddressLegacy", Struct("q_obj_SocketAddressLegacy-base", [
+    ("type", Enum("SocketAddressType", ("inet", "unix", "vsock", "fd")))]), "type", {
+    "inet": Struct("InetSocketAddressWrapper", [("data", Struct("InetSocketAddress", [
+        ("host", "str"), ("port", "str"), ("*numeric", "bool"), ("*to", "uint16"),
+        ("*ipv4", "bool"), ("*ipv6", "bool"), ("*keep-alive", "bool"),
+        ("*mptcp", "bool")]))]),
+    "unix": Struct("UnixSocketAddressWrapper", [("data", Struct("UnixSocketAddress", [
+        ("path", "str"), ("*abstract", "bool"), ("*tight", "bool")]))]),
+    "vsock": Struct("VsockSocketAddressWrapper", [("data", Struct("VsockSocketAddress", [
+        ("cid", "str"), ("port", "str")]))]),
+    "fd": Struct("FdSocketAddressWrapper", [("data", Struct("FdSocketAddress", [
+        ("str", "str")]))])})
+BlockExportRemoveMode = Enum("BlockExportRemoveMode", ("safe", "hard"))
+BlockExportOptions = Union("BlockExportOptions", Struct("q_obj_BlockExportOptions-base", [
+    ("type", Enum("BlockExportType", ("nbd", "vhost-user-blk", "fuse", "vduse-blk"))),
+    ("id", "str"), ("*fixed-iothread", "bool"), ("*iothread", "str"), ("node-name", "str"),
+    ("*writable", "bool"), ("*writethrough", "bool"), ("*allow-inactive", "bool")]), "type", {
+    "nbd": Struct("BlockExportOptionsNbd", [
+        ("*name", "str"), ("*description", "str"),
+        ("*bitmaps", [BlockDirtyBitmapMerge.members[2][1][0]]),
+        ("*allocation-depth", "bool")])})
+ObjectOptions = Union("ObjectOptions", Struct("q_obj_ObjectOptions-base", [
+    ("qom-type", Enum("ObjectType", (
+        "authz-list", "authz-listfile", "authz-pam", "authz-simple", "can-bus",
+        "can-host-socketcan", "colo-compare", "cryptodev-backend", "cryptodev-backend-builtin",
+        "cryptodev-backend-lkcf", "cryptodev-vhost-user", "dbus-vmstate", "filter-buffer",
+        "filter-dump", "filter-mirror", "filter-redirector", "filter-replay",
+        "filter-rewriter", "input-barrier", "input-linux", "iothread", "main-loop",
+        "memory-backend-epc", "memory-backend-file", "memory-backend-memfd",
+        "memory-backend-ram", "pef-guest", "pr-manager-helper", "qtest", "rng-builtin",
+        "rng-egd", "rng-random", "secret", "secret_keyring", "sev-guest", "thread-context",
+        "s390-pv-guest", "throttle-group", "tls-creds-anon", "tls-creds-psk",
+        "tls-creds-x509", "tls-cipher-suites", "x-remote-object", "x-vfio-user-server"))),
+    ("id", "str")]), "qom-type", {
+    "tls-creds-x509": Struct("TlsCredsX509Properties", [
+        ("*verify-peer", "bool"), ("*dir", "str"),
+        ("*endpoint", Enum("QCryptoTLSCredsEndpoint", ("client", "server"))),
+        ("*priority", "str"), ("*loaded", "bool"), ("*sanity-check", "bool"),
+        ("*passwordid", "str")])})
+EXPORT_COMMANDS: dict[str, Any] = {
+    "nbd-server-start": Struct("NbdServerOptionsLegacy", [
+        ("*handshake-max-seconds", "uint32"), ("*tls-creds", "str"), ("*tls-authz", "str"),
+        ("*max-connections", "uint32"), ("addr", SocketAddressLegacy)]),
+    "nbd-server-stop": None,
+    "nbd-server-add": Struct("NbdServerAddOptions", [
+        ("*name", "str"), ("*description", "str"), ("device", "str"), ("*writable", "bool"),
+        ("*bitmap", "str")]),
+    "nbd-server-remove": Struct("", [("name", "str"), ("*mode", BlockExportRemoveMode)]),
+    "block-export-add": BlockExportOptions,
+    "block-export-del": Struct("", [("id", "str"), ("*mode", BlockExportRemoveMode)]),
+    "query-block-exports": None,
+    "object-add": ObjectOptions,
+    "object-del": Struct("", [("id", "str")]),
+}
+
 _ID = [("id", "str")]
 _DEV = [("device", "str")]
 
@@ -452,6 +510,7 @@ COMMANDS: dict[str, Any] = {
         ("*properties", Struct("TransactionProperties", [
             ("*completion-mode", CompletionMode)]))]),
     **GRAPH_COMMANDS,
+    **EXPORT_COMMANDS,
 }
 
 

@@ -136,6 +136,7 @@ class Server:
     # -- lifecycle ---------------------------------------------------------
     async def start(self, unix_paths: list[str] = (), tcp: list[tuple[str, int]] = ()) -> None:
         self._loop = asyncio.get_running_loop()
+        self.commands.loop = self._loop         # the NBD server runs on it
         self._stop = asyncio.Event()
         self.eng.add_listener(self._listener)
         for path in unix_paths:
@@ -169,6 +170,7 @@ class Server:
         close the images and the connections."""
         for srv in self._servers:
             srv.close()
+        await self.commands.close_exports()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._worker, self.eng.close)
         self._pump()
@@ -275,7 +277,7 @@ class Server:
 
 async def serve(engine, unix_paths: list[str] = (), tcp: list[tuple[str, int]] = (),
                 ready=None, commands: Commands | None = None,
-                exiting: bool = False) -> None:
+                exiting: bool = False, startup=None) -> None:
     """Run a server until it is asked to stop, then shut down cleanly.
     ``ready(server)`` is called once the sockets listen. SIGTERM, SIGINT and
     SIGHUP request the stop. With ``exiting`` (the process ends when this
@@ -287,6 +289,14 @@ async def serve(engine, unix_paths: list[str] = (), tcp: list[tuple[str, int]] =
     server = Server(engine, commands)
     await server.start(unix_paths, tcp)
     loop = asyncio.get_running_loop()
+    if startup is not None:
+        # ``startup(commands)`` (e.g. --export) runs in the command worker,
+        # once the loop runs (the NBD server needs it); it may raise
+        try:
+            await loop.run_in_executor(server._worker, startup, server.commands)
+        except BaseException:
+            await server.shutdown()
+            raise
 
     # Plain signal handlers, not loop.add_signal_handler: removing one of
     # those (as the loop does when it closes) puts back the default action

@@ -113,16 +113,21 @@ class Frontend:
     change under it (a pivot); :attr:`node` is the current one.
     """
 
-    def __init__(self, io: FrontendIO, node: Node, name: str):
+    def __init__(self, io: FrontendIO, node: Node, name: str, writable: bool = True):
         self._io = io
         self.name = name
         self.node = node
-        self._perm = node.take(name, Perm.CONSISTENT_READ | Perm.WRITE, ALL)
+        #: False: a reader only (a read-only export), holds no write permission
+        self.writable = writable
+        self._perm = node.take(name, self._wanted(), ALL)
         self.closed = False
+
+    def _wanted(self) -> Perm:
+        return Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else Perm(0))
 
     def _move(self, node: Node) -> None:
         """Re-point to ``node`` (I/O lock held): the pivot of a job."""
-        perm = node.take(self.name, Perm.CONSISTENT_READ | Perm.WRITE, ALL)
+        perm = node.take(self.name, self._wanted(), ALL)
         self._perm.release()
         self.node, self._perm = node, perm
 
@@ -146,18 +151,23 @@ class Frontend:
         self._check(offset, len(buf))
         self._io.guest_read(self, offset, buf)
 
+    def _check_write(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        if not self.writable:
+            raise UsageError(f"frontend {self.name} is read-only")
+
     def write(self, offset: int, data) -> None:
-        self._check(offset, len(data))
+        self._check_write(offset, len(data))
         self._io.guest_write(self, "write", offset, len(data),
                                lambda n: n.write(offset, data), data)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
-        self._check(offset, length)
+        self._check_write(offset, length)
         self._io.guest_write(self, "zero", offset, length,
                                lambda n: n.write_zeroes(offset, length, may_unmap))
 
     def discard(self, offset: int, length: int) -> None:
-        self._check(offset, length)
+        self._check_write(offset, length)
         self._io.guest_write(self, "discard", offset, length,
                                lambda n: n.discard(offset, length))
 

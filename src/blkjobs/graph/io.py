@@ -202,11 +202,12 @@ class BlockIO:
     # ------------------------------------------------------------------
     # Front ends and the guest path
 
-    def attach(self, node: Node) -> Frontend:
-        """A front end for live I/O on ``node`` (it takes write permission)."""
+    def attach(self, node: Node, writable: bool = True) -> Frontend:
+        """A front end for live I/O on ``node`` (it takes write permission
+        unless not ``writable``)."""
         with self.lock:
             self._fe_count += 1
-            fe = Frontend(self, node, f"frontend{self._fe_count}")
+            fe = Frontend(self, node, f"frontend{self._fe_count}", writable)
             self._frontends.append(fe)
             return fe
 

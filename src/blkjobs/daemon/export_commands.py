@@ -1,0 +1,394 @@
+"""NBD exports over QMP: ``nbd-server-start``/``stop``, ``block-export-add``/
+``del``, ``query-block-exports``, ``nbd-server-add``/``remove``, and the
+``tls-creds-x509`` objects (``object-add``/``object-del``) TLS needs.
+
+The protocol is :mod:`blkjobs.nbd`; this mixin serves a node through a
+graph front end (:class:`NodeBackend`): an NBD client's writes take the
+guest path, so a backup copies before they land, a mirror tracks them (and
+its pivot moves the export to the target), the node's bitmaps are dirtied.
+The export attaches above the node's job filters, as a device would.
+
+The NBD server runs on the daemon's event loop; the handlers run in the
+command worker and hand the socket work to the loop
+(``run_coroutine_threadsafe``). ``BLOCK_EXPORT_DELETED`` is emitted once an
+export is gone: at once without clients, else when its last client left.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from ..graph import Node
+from ..graph.frontend import Frontend
+from ..nbd import proto as P
+from ..nbd.proto import NBDRequestError
+from ..nbd.server import Export, NBDServer
+from .protocol import QMPError
+
+#: how long a handler waits for the event loop
+LOOP_TIMEOUT = 30.0
+
+
+class NodeBackend:
+    """An NBD :class:`~blkjobs.nbd.server.Backend` over a graph front end."""
+
+    def __init__(self, io: Any, fe: Frontend, bitmaps: dict[str, Any]):
+        self.io = io
+        self.fe = fe
+        self.bitmaps = bitmaps          # name -> DirtyBitmap
+
+    @property
+    def size(self) -> int:
+        return self.fe.size
+
+    def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.fe.readinto(offset, buf)
+        return buf
+
+    def write(self, offset: int, data: bytes, fua: bool) -> None:
+        self.fe.write(offset, data)
+        if fua:
+            self.fe.flush()
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool,
+                     fast: bool) -> None:
+        self.fe.write_zeroes(offset, length, may_unmap=may_trim)
+        if fua:
+            self.fe.flush()
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        self.fe.discard(offset, length)
+        if fua:
+            self.fe.flush()
+
+    def flush(self) -> None:
+        self.fe.flush()
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        with self.io:
+            runs = self.fe.node.block_status(offset, length)
+        return [(r["length"], (0 if r["data"] else P.STATE_HOLE)
+                 | (P.STATE_ZERO if r["zero"] else 0)) for r in runs]
+
+    def bitmap_status(self, name: str, offset: int, length: int) -> list[tuple[int, int]]:
+        bm = self.bitmaps.get(name)
+        if bm is None:
+            raise NBDRequestError(P.EINVAL, f"no bitmap '{name}'")
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        pos = offset
+        with self.io:
+            for start, n in bm.bitmap.areas(offset, length):
+                s, e = max(start, offset), min(start + n, end)
+                if e <= s:
+                    continue
+                if s > pos:
+                    out.append((s - pos, 0))
+                out.append((e - s, P.STATE_DIRTY))
+                pos = e
+        if pos < end:
+            out.append((end - pos, 0))
+        return out
+
+
+class BlockExport:
+    """A ``block-export-add``: the NBD export and what it holds."""
+
+    def __init__(self, id: str, node: Node, exp: Export, fe: Frontend, busy: list[Any]):
+        self.id = id
+        self.node = node
+        self.exp = exp
+        self.fe = fe
+        self.busy_bitmaps = busy
+
+
+def _tls_context(obj: dict[str, Any]) -> ssl.SSLContext:
+    """QEMU's tls-creds-x509 directory layout: ca-cert.pem, server-cert.pem,
+    server-key.pem; verify-peer (default on) asks for a client certificate
+    signed by the CA."""
+    d = obj.get("dir", "")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    files = {k: os.path.join(d, f"{k}.pem") for k in ("ca-cert", "server-cert", "server-key")}
+    for path in files.values():
+        if not os.access(path, os.R_OK):
+            raise QMPError(f"Unable to access credentials {path}: No such file or directory")
+    try:
+        ctx.load_verify_locations(files["ca-cert"])
+        ctx.load_cert_chain(files["server-cert"], files["server-key"])
+    except (ssl.SSLError, OSError) as e:
+        raise QMPError(f"Unable to load credentials in {d}: {e}") from None
+    ctx.verify_mode = ssl.CERT_REQUIRED if obj.get("verify-peer", True) else ssl.CERT_NONE
+    return ctx
+
+
+class ExportCommands:
+    """Mixin of :class:`~.commands.Commands` (see the module docstring)."""
+
+    eng: Any
+    #: the daemon's event loop (set by the server when it starts)
+    loop: asyncio.AbstractEventLoop | None = None
+    _nbd: NBDServer | None = None
+    _nbd_paths: list[str]
+    _exports: dict[str, BlockExport]
+    _objects: dict[str, dict[str, Any]]
+
+    _lookup: Callable[[str], Node]                  # Commands'
+
+    def _export_state(self) -> None:
+        if not hasattr(self, "_exports"):
+            self._exports, self._objects, self._nbd_paths = {}, {}, []
+
+    def _on_loop(self, coro: Any) -> Any:
+        if self.loop is None:
+            coro.close()
+            raise QMPError("the NBD server needs the daemon's event loop")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(LOOP_TIMEOUT)
+
+    # -- objects ---------------------------------------------------------------
+    def cmd_object_add(self, **args: Any) -> dict[str, Any]:
+        self._export_state()
+        oid = args["id"]
+        if oid in self._objects:
+            raise QMPError(f"attempt to add duplicate property '{oid}' to object "
+                           "(type 'container')")
+        if args["qom-type"] != "tls-creds-x509":
+            raise QMPError(f"blkjobs does not support objects of type '{args['qom-type']}'")
+        obj = {k: v for k, v in args.items()}
+        obj.setdefault("endpoint", "client")
+        if obj["endpoint"] == "server":
+            obj["ssl"] = _tls_context(obj)
+        self._objects[oid] = obj
+        return {}
+
+    def cmd_object_del(self, id: str) -> dict[str, Any]:
+        self._export_state()
+        if id not in self._objects:
+            raise QMPError(f"object '{id}' not found")
+        if self._nbd is not None and self._nbd_tls_id == id:
+            raise QMPError(f"object '{id}' is in use, can not be deleted")
+        del self._objects[id]
+        return {}
+
+    _nbd_tls_id: str | None = None
+
+    # -- the server -------------------------------------------------------------
+    def cmd_nbd_server_start(self, addr: dict[str, Any], **args: Any) -> dict[str, Any]:
+        self._export_state()
+        if self._nbd is not None:
+            raise QMPError("NBD server already running")
+        tls = None
+        tls_id = args.get("tls-creds")
+        if tls_id is not None:
+            obj = self._objects.get(tls_id)
+            if obj is None:
+                raise QMPError(f"No TLS credentials with id '{tls_id}'")
+            if obj["endpoint"] != "server":
+                raise QMPError("Expecting TLS credentials with a server endpoint")
+            tls = obj["ssl"]
+        if args.get("tls-authz") is not None:
+            raise QMPError("blkjobs does not support 'tls-authz'")
+        kind, data = addr["type"], addr["data"]
+        if kind not in ("unix", "inet"):
+            raise QMPError(f"blkjobs does not support NBD addresses of type '{kind}'")
+        srv = NBDServer(tls, args.get("max-connections", 0))
+        try:
+            self._on_loop(self._listen(srv, kind, data))
+        except OSError as e:
+            self._on_loop(srv.close())
+            where = data.get("path") or f"{data.get('host')}:{data.get('port')}"
+            raise QMPError(f"Failed to bind socket to {where}: {e.strerror or e}") from None
+        self._nbd, self._nbd_tls_id = srv, tls_id
+        return {}
+
+    async def _listen(self, srv: NBDServer, kind: str, data: dict[str, Any]) -> None:
+        if kind == "unix":
+            if data.get("abstract"):
+                raise OSError(0, "abstract sockets are not supported")
+            await srv.listen_unix(data["path"])
+            self._nbd_paths.append(data["path"])
+        else:
+            port = data["port"]
+            if not str(port).isdigit():
+                raise OSError(0, f"invalid port '{port}'")
+            await srv.listen_tcp(data["host"], int(port))
+
+    def nbd_port(self) -> int | None:
+        """The TCP port the NBD server listens on (for port 0)."""
+        srv = self._nbd
+        for s in (srv._servers if srv is not None else []):
+            for sock in s.sockets:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    return int(name[1])
+        return None
+
+    def cmd_nbd_server_stop(self) -> dict[str, Any]:
+        self._export_state()
+        if self._nbd is None:
+            raise QMPError("NBD server not running")
+        for be in list(self._exports.values()):
+            if be.exp.on_gone is not None:      # still served by this server
+                self._remove_export(be, hard=True)
+        self._stop_server()
+        return {}
+
+    def _stop_server(self) -> None:
+        srv, self._nbd, self._nbd_tls_id = self._nbd, None, None
+        if srv is not None:
+            self._on_loop(srv.close())
+        for path in self._nbd_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._nbd_paths.clear()
+
+    async def close_exports(self) -> None:
+        """The daemon stops (in the loop): drop the clients, release the
+        front ends."""
+        self._export_state()
+        srv, self._nbd = self._nbd, None
+        if srv is not None:
+            for be in list(self._exports.values()):
+                srv.remove_export(be.exp, hard=True)
+            await srv.close()
+        for path in self._nbd_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    # -- exports -----------------------------------------------------------------
+    def cmd_block_export_add(self, **args: Any) -> dict[str, Any]:
+        self._export_state()
+        if args["type"] != "nbd":
+            raise QMPError(f"blkjobs does not support exports of type '{args['type']}'")
+        eid = args["id"]
+        if eid in self._exports:
+            raise QMPError(f"Block export id '{eid}' is already in use")
+        if self._nbd is None:
+            raise QMPError("NBD server not running")
+        for key in ("iothread", "fixed-iothread", "writethrough", "allocation-depth"):
+            if args.get(key):
+                raise QMPError(f"blkjobs does not support '{key}' for NBD exports")
+        node = self._lookup(args["node-name"])
+        name = args.get("name", args["node-name"])
+        if len(name) > P.MAX_STRING:
+            raise QMPError(f"export name '{name}' too long")
+        desc = args.get("description", "")
+        if len(desc) > P.MAX_STRING:
+            raise QMPError(f"description '{desc}' too long")
+        if name in self._nbd.exports:
+            raise QMPError(f"NBD server already has export named '{name}'")
+        writable = bool(args.get("writable", False))
+        self._add_export(eid, node, name, desc, writable, args.get("bitmaps", []))
+        return {}
+
+    def _find_bitmaps(self, node: Node, refs: list[Any], writable: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for ref in refs:
+            if isinstance(ref, str):
+                bm = None
+                for n in node.below_filters().chain():
+                    bm = self.eng.io.bitmaps_of(n).get(ref)
+                    if bm is not None:
+                        break
+                if bm is None:
+                    raise QMPError(f"Bitmap '{ref}' is not found")
+            else:
+                g = self._lookup(ref["node"])
+                bm = self.eng.io.bitmaps_of(g).get(ref["name"])
+                if bm is None:
+                    raise QMPError(f"Bitmap '{ref['name']}' is not found")
+            if bm.busy:
+                raise QMPError(f"Bitmap '{bm.name}' is currently in use by another operation "
+                               "and cannot be used")
+            if not writable and not node.read_only and bm.enabled:
+                raise QMPError(f"Enabled bitmap '{bm.name}' incompatible with readonly export")
+            if bm.name in out:
+                raise QMPError(f"Bitmap '{bm.name}' is specified twice")
+            out[bm.name] = bm
+        return out
+
+    def _add_export(self, eid: str, node: Node, name: str, desc: str, writable: bool,
+                    bitmap_refs: list[Any]) -> None:
+        assert self._nbd is not None
+        io = self.eng.io
+        with io:
+            if writable and node.read_only:
+                raise QMPError("Block node is read-only")
+            bms = self._find_bitmaps(node, bitmap_refs, writable)
+            fe = io.attach(io.above_filters(node), writable=writable)
+            for bm in bms.values():
+                bm.busy = True
+        exp = Export(name, NodeBackend(io, fe, bms), writable, desc, tuple(bms))
+        be = BlockExport(eid, node, exp, fe, list(bms.values()))
+        exp.on_gone = lambda _e: self._export_gone(be)
+        self._exports[eid] = be
+        srv = self._nbd
+        self._on_loop(_call(srv.add_export, exp))
+
+    def _export_gone(self, be: BlockExport) -> None:
+        """The export's last client left after its removal (in the loop)."""
+        self._exports.pop(be.id, None)
+        with self.eng.io:
+            for bm in be.busy_bitmaps:
+                bm.busy = False
+        be.fe.close()
+        jobs = self.eng.jobs
+        with jobs.lock:
+            jobs._emit("BLOCK_EXPORT_DELETED", {"id": be.id})
+
+    def _remove_export(self, be: BlockExport, hard: bool) -> None:
+        srv = self._nbd
+        if srv is None:
+            return
+        self._on_loop(_call(srv.remove_export, be.exp, hard))
+
+    def cmd_block_export_del(self, id: str, mode: str = "safe") -> dict[str, Any]:
+        self._export_state()
+        be = self._exports.get(id)
+        if be is None:
+            raise QMPError(f"Export '{id}' is not found")
+        if be.exp.shutting_down:
+            raise QMPError(f"Export '{id}' is already shutting down")
+        if mode == "safe" and be.exp.clients:
+            raise QMPError(f"export '{id}' still in use")
+        self._remove_export(be, hard=mode == "hard")
+        return {}
+
+    def cmd_query_block_exports(self) -> list[dict[str, Any]]:
+        self._export_state()
+        return [{"type": "nbd", "id": be.id, "node-name": be.node.name,
+                 "shutting-down": be.exp.shutting_down} for be in self._exports.values()]
+
+    # -- the legacy spellings ----------------------------------------------------------
+    def cmd_nbd_server_add(self, device: str, **args: Any) -> dict[str, Any]:
+        self._export_state()
+        if self._nbd is None:
+            raise QMPError("NBD server not running")
+        name = args.get("name", device)
+        opts: dict[str, Any] = {"type": "nbd", "id": name, "node-name": device, "name": name,
+                                "writable": args.get("writable", False)}
+        if "description" in args:
+            opts["description"] = args["description"]
+        if "bitmap" in args:
+            opts["bitmaps"] = [args["bitmap"]]
+        return self.cmd_block_export_add(**opts)
+
+    def cmd_nbd_server_remove(self, name: str, mode: str = "safe") -> dict[str, Any]:
+        self._export_state()
+        for be in self._exports.values():
+            if be.exp.name == name and not be.exp.shutting_down:
+                return self.cmd_block_export_del(be.id, mode)
+        raise QMPError(f"Export '{name}' is not found")
+
+
+async def _call(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` in the event loop (exports are the loop's data)."""
+    return fn(*args)

@@ -1,0 +1,220 @@
+"""The fixed-newstyle option haggling of an NBD server connection.
+
+:func:`negotiate` reads options until the client picks an export
+(``NBD_OPT_GO`` or ``NBD_OPT_EXPORT_NAME``) or leaves (``NBD_OPT_ABORT``,
+EOF): it returns the export, or None. Error replies carry a message, as
+qemu-nbd's do.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from . import proto as P
+
+#: server.Connection and server.Export (server.py imports this module)
+Connection = Any
+Export = Any
+
+
+class _OptError(Exception):
+    def __init__(self, rtype: int, message: str):
+        super().__init__(message)
+        self.rtype = rtype
+
+
+class _Abort(Exception):
+    """Close the connection (no reply possible)."""
+
+
+def _send(conn: Connection, option: int, rtype: int, data: bytes = b"") -> None:
+    conn.writer.write(P.option_reply(option, rtype, data))
+
+
+def _string(data: bytes, pos: int, what: str) -> tuple[str, int]:
+    if pos + 4 > len(data):
+        raise _OptError(P.REP_ERR_INVALID, f"{what}: option too short")
+    (n,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    if n > P.MAX_STRING or pos + n > len(data):
+        raise _OptError(P.REP_ERR_INVALID, f"{what}: bad length {n}")
+    try:
+        return data[pos:pos + n].decode(), pos + n
+    except UnicodeDecodeError:
+        raise _OptError(P.REP_ERR_INVALID, f"{what}: not UTF-8") from None
+
+
+async def negotiate(conn: Connection) -> Export | None:
+    server = conn.server
+    while True:
+        try:
+            hdr = await conn.reader.readexactly(P.OPTION.size)
+        except EOFError:
+            return None
+        magic, option, length = P.OPTION.unpack(hdr)
+        if magic != P.IHAVEOPT:
+            return None
+        if length > P.MAX_OPTION:
+            # drain it in pieces, then refuse
+            left = length
+            while left:
+                left -= len(await conn.reader.readexactly(min(left, 65536)))
+            _send(conn, option, P.REP_ERR_TOO_BIG,
+                  f"option {option} of {length} bytes is too large".encode())
+            await conn.writer.drain()
+            continue
+        data = await conn.reader.readexactly(length)
+        if server.tls is not None and not conn.tls_done and option not in (
+                P.OPT_STARTTLS, P.OPT_ABORT):
+            if option == P.OPT_EXPORT_NAME:
+                return None         # no way to refuse it: hang up
+            _send(conn, option, P.REP_ERR_TLS_REQD,
+                  f"Option {option:#x} not permitted before TLS".encode())
+            await conn.writer.drain()
+            continue
+        try:
+            exp = await _option(conn, option, data)
+        except _OptError as e:
+            _send(conn, option, e.rtype, str(e).encode())
+            exp = None
+        except _Abort:
+            await conn.writer.drain()
+            return None
+        await conn.writer.drain()
+        if exp is not None:
+            return exp
+
+
+async def _option(conn: Connection, option: int, data: bytes) -> Export | None:
+    server = conn.server
+    if option == P.OPT_ABORT:
+        _send(conn, option, P.REP_ACK)
+        raise _Abort()
+    if option == P.OPT_STARTTLS:
+        await _starttls(conn, option, data)
+        return None
+    if option == P.OPT_LIST:
+        if data:
+            raise _OptError(P.REP_ERR_INVALID, "no payload expected")
+        for exp in server.exports.values():
+            name = exp.name.encode()
+            _send(conn, option, P.REP_SERVER, struct.pack(">I", len(name)) + name
+                  + exp.description.encode())
+        _send(conn, option, P.REP_ACK)
+        return None
+    if option == P.OPT_STRUCTURED_REPLY:
+        if data:
+            raise _OptError(P.REP_ERR_INVALID, "no payload expected")
+        if conn.structured:
+            raise _OptError(P.REP_ERR_INVALID, "structured reply already negotiated")
+        conn.structured = True
+        _send(conn, option, P.REP_ACK)
+        return None
+    if option in (P.OPT_INFO, P.OPT_GO):
+        return _info(conn, option, data)
+    if option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+        _meta(conn, option, data)
+        return None
+    if option == P.OPT_EXPORT_NAME:
+        exp = server.exports.get(data.decode(errors="replace"))
+        if exp is None:
+            raise _Abort()
+        reply = struct.pack(">QH", exp.backend.size, exp.flags())
+        if not conn.no_zeroes:
+            reply += bytes(124)
+        conn.writer.write(reply)
+        return exp
+    raise _OptError(P.REP_ERR_UNSUP, f"Unsupported option {option:#x}")
+
+
+async def _starttls(conn: Connection, option: int, data: bytes) -> None:
+    if data:
+        raise _OptError(P.REP_ERR_INVALID, "no payload expected")
+    if conn.server.tls is None:
+        raise _OptError(P.REP_ERR_POLICY, "TLS not configured")
+    if conn.tls_done:
+        raise _OptError(P.REP_ERR_INVALID, "TLS already negotiated")
+    _send(conn, option, P.REP_ACK)
+    await conn.writer.drain()
+    await conn.writer.start_tls(conn.server.tls)
+    conn.tls_done = True
+    return None
+
+
+def _info(conn: Connection, option: int, data: bytes) -> Export | None:
+    name, pos = _string(data, 0, "export name")
+    if pos + 2 > len(data):
+        raise _OptError(P.REP_ERR_INVALID, "request too short")
+    (n,) = struct.unpack_from(">H", data, pos)
+    pos += 2
+    if pos + 2 * n != len(data):
+        raise _OptError(P.REP_ERR_INVALID, "bad number of information requests")
+    wanted = set(struct.unpack_from(f">{n}H", data, pos))
+    exp = conn.server.exports.get(name)
+    if exp is None:
+        raise _OptError(P.REP_ERR_UNKNOWN, f"export '{name}' not present")
+    if P.INFO_NAME in wanted:
+        _send(conn, option, P.REP_INFO, struct.pack(">H", P.INFO_NAME) + exp.name.encode())
+    if P.INFO_DESCRIPTION in wanted and exp.description:
+        _send(conn, option, P.REP_INFO,
+              struct.pack(">H", P.INFO_DESCRIPTION) + exp.description.encode())
+    # always sent: min 1, preferred 4 KiB, max 32 MiB (as qemu-nbd)
+    _send(conn, option, P.REP_INFO, P.BLOCK_SIZE_INFO.pack(
+        P.INFO_BLOCK_SIZE, 1, 4096, P.MAX_BUFFER_SIZE))
+    _send(conn, option, P.REP_INFO, P.EXPORT_INFO.pack(P.INFO_EXPORT, exp.backend.size,
+                                                       exp.flags()))
+    _send(conn, option, P.REP_ACK)
+    if option == P.OPT_GO:
+        if conn.contexts and conn.contexts_export != name:
+            conn.contexts = []      # negotiated for another export
+        return exp
+    return None
+
+
+def _meta(conn: Connection, option: int, data: bytes) -> None:
+    if not conn.structured:
+        raise _OptError(P.REP_ERR_INVALID, "structured replies not negotiated")
+    name, pos = _string(data, 0, "export name")
+    if pos + 4 > len(data):
+        raise _OptError(P.REP_ERR_INVALID, "request too short")
+    (nq,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    queries = []
+    for _ in range(nq):
+        q, pos = _string(data, pos, "query")
+        queries.append(q)
+    if pos != len(data):
+        raise _OptError(P.REP_ERR_INVALID, "trailing data")
+    exp = conn.server.exports.get(name)
+    if exp is None:
+        raise _OptError(P.REP_ERR_UNKNOWN, f"export '{name}' not present")
+    offered = exp.contexts()
+    if option == P.OPT_LIST_META_CONTEXT and not queries:
+        chosen = offered
+    else:
+        chosen = []
+        for q in queries:
+            for c in offered:
+                if c in chosen:
+                    continue
+                if option == P.OPT_LIST_META_CONTEXT and _prefix_match(q, c):
+                    chosen.append(c)
+                elif c == q:
+                    chosen.append(c)
+    if option == P.OPT_SET_META_CONTEXT:
+        conn.contexts = list(chosen)
+        conn.contexts_export = name
+    for i, c in enumerate(chosen):
+        cid = i + 1 if option == P.OPT_SET_META_CONTEXT else 0
+        _send(conn, option, P.REP_META_CONTEXT, struct.pack(">I", cid) + c.encode())
+    _send(conn, option, P.REP_ACK)
+
+
+def _prefix_match(query: str, context: str) -> bool:
+    """LIST_META_CONTEXT's wildcards: ``base:`` or ``qemu:`` (a namespace),
+    ``qemu:dirty-bitmap:`` (every bitmap), or the exact name."""
+    if query == context:
+        return True
+    if query in ("base:", "qemu:", P.CONTEXT_DIRTY_BITMAP):
+        return context.startswith(query)
+    return False

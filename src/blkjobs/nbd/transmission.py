@@ -1,0 +1,155 @@
+"""One NBD request in the transmission phase: checks, the backend call (in
+the server's thread pool), the reply (simple or structured).
+
+The checks and their errors follow qemu-nbd: a request past the end of the
+export or larger than ``MAX_BUFFER_SIZE`` gets ``EINVAL``, a write to a
+read-only export ``EPERM``, an unknown command or flag ``EINVAL``;
+``BLOCK_STATUS`` needs structured replies and at least one meta context.
+Backend errors are sent as their errno when the protocol has it, else EIO.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any
+
+from . import proto as P
+from .proto import MAX_EXTENTS, NBDRequestError
+
+#: server.Connection and server.Export (server.py imports this module)
+Connection = Any
+Export = Any
+
+log = logging.getLogger(__name__)
+
+_WIRE_ERRNOS = {P.EPERM, P.EIO, P.ENOMEM, P.EINVAL, P.ENOSPC, P.EOVERFLOW, P.ENOTSUP,
+                P.ESHUTDOWN}
+#: the flags each command accepts
+_FLAGS = {
+    P.CMD_READ: P.CMD_FLAG_DF | P.CMD_FLAG_FUA,
+    P.CMD_WRITE: P.CMD_FLAG_FUA,
+    P.CMD_FLUSH: 0,
+    P.CMD_TRIM: P.CMD_FLAG_FUA,
+    P.CMD_CACHE: 0,
+    P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
+    P.CMD_BLOCK_STATUS: P.CMD_FLAG_REQ_ONE,
+}
+
+
+def _wire_errno(e: BaseException) -> tuple[int, str]:
+    if isinstance(e, NBDRequestError):
+        return e.errno, str(e)
+    if isinstance(e, OSError) and e.errno in _WIRE_ERRNOS:
+        return e.errno, e.strerror or str(e)
+    if isinstance(e, OSError) and e.errno is not None:
+        return P.EIO, e.strerror or str(e)
+    log.debug("NBD request failed", exc_info=e)
+    return P.EIO, str(e)
+
+
+def _check(exp: Export, conn: Connection, flags: int, cmd: int, offset: int,
+           length: int) -> None:
+    allowed = _FLAGS.get(cmd)
+    if allowed is None:
+        raise NBDRequestError(P.EINVAL, f"unsupported command {cmd}")
+    if flags & ~allowed:
+        raise NBDRequestError(P.EINVAL, f"unsupported flags {flags:#x} for command {cmd}")
+    if cmd in (P.CMD_READ, P.CMD_WRITE) and length > P.MAX_BUFFER_SIZE:
+        raise NBDRequestError(P.EINVAL, f"len ({length}) is larger than max len "
+                                        f"({P.MAX_BUFFER_SIZE})")
+    if cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES) and not exp.writable:
+        raise NBDRequestError(P.EPERM, "export is read-only")
+    if cmd != P.CMD_FLUSH and offset + length > exp.backend.size:
+        raise NBDRequestError(P.EINVAL, "operation past EOF")
+    if cmd == P.CMD_BLOCK_STATUS and (not conn.structured or not conn.contexts):
+        raise NBDRequestError(P.EINVAL, "need non-empty meta context list for block status")
+    if cmd == P.CMD_READ and flags & P.CMD_FLAG_DF and not conn.structured:
+        raise NBDRequestError(P.EINVAL, "DF flag needs structured replies")
+
+
+def _send_error(conn: Connection, handle: int, err: int, msg: str) -> None:
+    if conn.structured:
+        conn.writer.write(P.error_chunk(handle, err, msg))
+    else:
+        conn.writer.write(P.simple_reply(handle, err))
+
+
+def _done(conn: Connection, handle: int) -> None:
+    if conn.structured:
+        conn.writer.write(P.chunk(handle, P.REPLY_TYPE_NONE))
+    else:
+        conn.writer.write(P.simple_reply(handle))
+
+
+async def serve_request(conn: Connection, exp: Export, flags: int, cmd: int, handle: int,
+                        offset: int, length: int, data: bytes) -> None:
+    server, be = conn.server, exp.backend
+    fua = bool(flags & P.CMD_FLAG_FUA)
+    try:
+        _check(exp, conn, flags, cmd, offset, length)
+        if cmd == P.CMD_READ:
+            buf = await server.run_io(be.read, offset, length) if length else b""
+            if conn.structured:
+                conn.writer.write(P.chunk_header(handle, P.REPLY_TYPE_OFFSET_DATA, 8 + len(buf))
+                                  + struct.pack(">Q", offset))
+            else:
+                conn.writer.write(P.simple_reply(handle))
+            conn.writer.write(buf)
+            return
+        if cmd == P.CMD_WRITE:
+            await server.run_io(be.write, offset, data, fua)
+        elif cmd == P.CMD_FLUSH:
+            await server.run_io(be.flush)
+        elif cmd == P.CMD_TRIM:
+            await server.run_io(be.trim, offset, length, fua)
+        elif cmd == P.CMD_WRITE_ZEROES:
+            await server.run_io(be.write_zeroes, offset, length,
+                                not flags & P.CMD_FLAG_NO_HOLE, fua,
+                                bool(flags & P.CMD_FLAG_FAST_ZERO))
+        elif cmd == P.CMD_CACHE:
+            pass                    # advisory: nothing to prefetch into
+        elif cmd == P.CMD_BLOCK_STATUS:
+            await _block_status(conn, exp, flags, handle, offset, length)
+            return
+    except Exception as e:
+        err, msg = _wire_errno(e)
+        _send_error(conn, handle, err, msg)
+        return
+    _done(conn, handle)
+
+
+async def _block_status(conn: Connection, exp: Export, flags: int, handle: int,
+                        offset: int, length: int) -> None:
+    be = exp.backend
+    out = []
+    for i, ctx in enumerate(conn.contexts):
+        if ctx == P.CONTEXT_BASE_ALLOCATION:
+            ext = await conn.server.run_io(be.block_status, offset, length)
+        else:
+            name = ctx[len(P.CONTEXT_DIRTY_BITMAP):]
+            ext = await conn.server.run_io(be.bitmap_status, name, offset, length)
+        ext = _trim(ext, length, bool(flags & P.CMD_FLAG_REQ_ONE))
+        out.append((i + 1, ext))
+    for k, (cid, ext) in enumerate(out):
+        conn.writer.write(P.block_status_chunk(handle, cid, ext, done=k == len(out) - 1))
+
+
+def _trim(ext: list[tuple[int, int]], length: int, one: bool) -> list[tuple[int, int]]:
+    """Merge neighbours with equal flags, stop at ``length`` (and at one
+    extent with REQ_ONE, or :data:`MAX_EXTENTS`)."""
+    out: list[tuple[int, int]] = []
+    total = 0
+    for n, f in ext:
+        n = min(n, length - total, 0xFFFFFFFF)
+        if n <= 0:
+            break
+        if out and out[-1][1] == f and out[-1][0] + n <= 0xFFFFFFFF:
+            out[-1] = (out[-1][0] + n, f)
+        else:
+            if len(out) == (1 if one else MAX_EXTENTS):
+                break
+            out.append((n, f))
+        total += n
+    if not out:
+        out.append((max(1, min(length, 0xFFFFFFFF)), 0))
+    return out
