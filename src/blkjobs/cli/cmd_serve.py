@@ -12,6 +12,11 @@ jobs, dirty bitmaps and transactions (see ``daemon/``). Monitors:
   ``host=H,port=P``) with ``--monitor chardev=ID``: qemu-storage-daemon's
   spelling of the same.
 
+``--export NODE=IMAGE[,writable]`` (repeatable) opens IMAGE (qcow2 or raw,
+by its magic) as node NODE and exports it over NBD under the name NODE, on
+the server ``--nbd-socket PATH`` or ``--nbd-tcp HOST:PORT`` starts
+(``--print-ready`` then says ``"nbd-port"``).
+
 ``--blockdev`` (repeatable) adds a node before serving, as JSON or as
 QEMU's dotted key=value form (``driver=qcow2,node-name=d,file.driver=file,
 file.filename=d.qcow2``). Nothing is printed on stdout except, with
@@ -48,6 +53,14 @@ def register(sub):
                    help="a QMP monitor on a --chardev")
     p.add_argument("--blockdev", action="append", default=[], metavar="OPTIONS",
                    help="add a node at start (JSON or dotted key=value)")
+    p.add_argument("--export", action="append", default=[], metavar="NODE=IMAGE[,writable]",
+                   help="open IMAGE as node NODE and export it over NBD as NODE "
+                        "(needs --nbd-socket or --nbd-tcp; repeatable)")
+    p.add_argument("--nbd-socket", metavar="PATH",
+                   help="start the NBD server on this UNIX socket")
+    p.add_argument("--nbd-tcp", metavar="HOST:PORT",
+                   help="start the NBD server on this TCP address (no TLS: mind who can "
+                        "reach it)")
     p.add_argument("--print-ready", action="store_true",
                    help="print one JSON line on stdout once listening")
     p.add_argument("--pidfile", metavar="PATH", help="write the process id here")
@@ -150,6 +163,52 @@ def monitors(args) -> tuple[list[str], list[tuple[str, int]]]:
     return unix, tcp
 
 
+def parse_export(text: str) -> tuple[str, str, bool]:
+    """``NODE=IMAGE[,writable]`` -> (node, image, writable)."""
+    node, sep, rest = text.partition("=")
+    image, _, flag = rest.rpartition(",") if rest.endswith(",writable") else (rest, "", "")
+    if not sep or not node or not image:
+        raise UsageError(f"--export: expected NODE=IMAGE[,writable], got '{text}'")
+    return node, image, flag == "writable"
+
+
+def _export_blockdev(node: str, image: str) -> dict:
+    try:
+        with open(image, "rb") as f:
+            fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    except OSError as e:
+        raise UsageError(f"--export: could not open '{image}': {e.strerror}") from None
+    return {"driver": fmt, "node-name": node, "file": {"driver": "file", "filename": image}}
+
+
+def _nbd_startup(args, exports: list[tuple[str, str, bool]]):
+    """What runs once the loop serves: the NBD server and the exports."""
+    if not exports and not args.nbd_socket and not args.nbd_tcp:
+        return None
+    if args.nbd_socket and args.nbd_tcp:
+        raise UsageError("--nbd-socket and --nbd-tcp: give one of them")
+    if args.nbd_socket:
+        addr = {"type": "unix", "data": {"path": args.nbd_socket}}
+    elif args.nbd_tcp:
+        host, sep, port = args.nbd_tcp.rpartition(":")
+        if not sep or not port.isdigit():
+            raise UsageError(f"--nbd-tcp: expected HOST:PORT, got '{args.nbd_tcp}'")
+        addr = {"type": "inet", "data": {"host": host.strip("[]") or "0.0.0.0", "port": port}}
+    else:
+        raise UsageError("--export needs --nbd-socket PATH or --nbd-tcp HOST:PORT")
+
+    def startup(cmds) -> None:
+        from ..daemon.protocol import QMPError
+        try:
+            cmds.run("nbd-server-start", {"addr": addr})
+            for node, _image, writable in exports:
+                cmds.run("block-export-add", {"type": "nbd", "id": node, "node-name": node,
+                                              "writable": writable})
+        except QMPError as e:
+            raise UsageError(f"--export: {e.desc}") from None
+    return startup
+
+
 def run(args) -> int:
     from ..daemon.protocol import QMPError
     from ..daemon.schema import check_arguments
@@ -158,6 +217,9 @@ def run(args) -> int:
 
     unix, tcp = monitors(args)
     blockdevs = [parse_blockdev(b) for b in args.blockdev]
+    exports = [parse_export(e) for e in args.export]
+    startup = _nbd_startup(args, exports)
+    blockdevs += [_export_blockdev(node, image) for node, image, _w in exports]
     from ..daemon.commands import Commands
     eng = Engine()
     cmds = Commands(eng)
@@ -167,7 +229,8 @@ def run(args) -> int:
                 check_arguments("blockdev-add", opts)
                 cmds.run("blockdev-add", opts)
             except QMPError as e:
-                raise UsageError(f"--blockdev: {e.desc}") from None
+                what = "--export" if opts in blockdevs[len(args.blockdev):] else "--blockdev"
+                raise UsageError(f"{what}: {e.desc}") from None
     except BaseException:
         eng.close()
         raise
@@ -183,12 +246,16 @@ def run(args) -> int:
                 os.fchmod(fd, 0o600)
                 f.write(f"{os.getpid()}\n")
         if args.print_ready:
-            sys.stdout.write(json.dumps({"ready": True, "sockets": unix,
-                                         "tcp-ports": server.tcp_ports()}) + "\n")
+            ready_info = {"ready": True, "sockets": unix, "tcp-ports": server.tcp_ports()}
+            port = server.commands.nbd_port()
+            if port is not None:
+                ready_info["nbd-port"] = port
+            sys.stdout.write(json.dumps(ready_info) + "\n")
             sys.stdout.flush()
 
     try:
-        asyncio.run(serve(eng, unix, tcp, ready=ready, commands=cmds, exiting=True))
+        asyncio.run(serve(eng, unix, tcp, ready=ready, commands=cmds, exiting=True,
+                          startup=startup))
     finally:
         for path in unix:
             try:

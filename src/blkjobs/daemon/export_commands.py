@@ -271,12 +271,15 @@ class ExportCommands:
         eid = args["id"]
         if eid in self._exports:
             raise QMPError(f"Block export id '{eid}' is already in use")
+        node_name = args["node-name"]
+        if node_name not in self.eng.graph.nodes:      # QEMU's bdrv_lookup_bs(NULL, ...)
+            raise QMPError(f"Cannot find device='' nor node-name='{node_name}'")
+        node = self._lookup(node_name)
         if self._nbd is None:
             raise QMPError("NBD server not running")
         for key in ("iothread", "fixed-iothread", "writethrough", "allocation-depth"):
             if args.get(key):
                 raise QMPError(f"blkjobs does not support '{key}' for NBD exports")
-        node = self._lookup(args["node-name"])
         name = args.get("name", args["node-name"])
         if len(name) > P.MAX_STRING:
             raise QMPError(f"export name '{name}' too long")
@@ -364,8 +367,17 @@ class ExportCommands:
 
     def cmd_query_block_exports(self) -> list[dict[str, Any]]:
         self._export_state()
+        # newest first, as QEMU lists them
         return [{"type": "nbd", "id": be.id, "node-name": be.node.name,
-                 "shutting-down": be.exp.shutting_down} for be in self._exports.values()]
+                 "shutting-down": be.exp.shutting_down}
+                for be in reversed(list(self._exports.values()))]
+
+    def _check_export_users(self, g: Node) -> None:
+        """``blockdev-del`` of an exported node: the export's BlockBackend
+        holds it in QEMU (``Node x is in use``)."""
+        for be in getattr(self, "_exports", {}).values():
+            if be.node is g:
+                raise QMPError(f"Node {g.name} is in use")
 
     # -- the legacy spellings ----------------------------------------------------------
     def cmd_nbd_server_add(self, device: str, **args: Any) -> dict[str, Any]:

@@ -75,6 +75,8 @@ class NodeCommands:
     _bitmaps_of: Callable[[Node], dict]
     _bitmap_info: Callable[[Any], dict[str, Any]]
     _dirty_bitmaps_info: Callable[[Node], list[dict[str, Any]]]
+    # from the export commands (export_commands.py)
+    _check_export_users: Callable[[Node], None]
 
     # ------------------------------------------------------------------
     # Node lookups
@@ -271,6 +273,7 @@ class NodeCommands:
         then the jobs' blockers (the newest first): a backup's target, a
         mirror's source, what a stream or commit claimed; then being an
         overlay's backing."""
+        self._check_export_users(g)
         for job in self.eng.jobs.jobs():
             d = job.driver
             if job.is_completed or job.type not in ("backup", "mirror"):
