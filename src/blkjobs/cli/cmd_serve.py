@@ -172,13 +172,14 @@ def parse_export(text: str) -> tuple[str, str, bool]:
     return node, image, flag == "writable"
 
 
-def _export_blockdev(node: str, image: str) -> dict:
+def _export_blockdev(node: str, image: str, writable: bool) -> dict:
     try:
         with open(image, "rb") as f:
             fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
     except OSError as e:
         raise UsageError(f"--export: could not open '{image}': {e.strerror}") from None
-    return {"driver": fmt, "node-name": node, "file": {"driver": "file", "filename": image}}
+    return {"driver": fmt, "node-name": node, "read-only": not writable,
+            "file": {"driver": "file", "filename": image, "read-only": not writable}}
 
 
 def _nbd_startup(args, exports: list[tuple[str, str, bool]]):
@@ -219,7 +220,7 @@ def run(args) -> int:
     blockdevs = [parse_blockdev(b) for b in args.blockdev]
     exports = [parse_export(e) for e in args.export]
     startup = _nbd_startup(args, exports)
-    blockdevs += [_export_blockdev(node, image) for node, image, _w in exports]
+    blockdevs += [_export_blockdev(node, image, w) for node, image, w in exports]
     from ..daemon.commands import Commands
     eng = Engine()
     cmds = Commands(eng)

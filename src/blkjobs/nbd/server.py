@@ -88,10 +88,10 @@ class Export:
         self.on_gone: Callable[[Export], None] | None = None
 
     def flags(self) -> int:
-        f = (P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA
-             | P.FLAG_SEND_WRITE_ZEROES | P.FLAG_SEND_DF | P.FLAG_SEND_CACHE)
+        f = (P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_SEND_DF
+             | P.FLAG_SEND_CACHE)
         if self.writable:
-            f |= P.FLAG_SEND_TRIM | P.FLAG_SEND_FAST_ZERO
+            f |= P.FLAG_SEND_WRITE_ZEROES | P.FLAG_SEND_TRIM | P.FLAG_SEND_FAST_ZERO
         else:
             f |= P.FLAG_READ_ONLY
         if self.multi_conn:

@@ -58,7 +58,7 @@ def _check(exp: Export, conn: Connection, flags: int, cmd: int, offset: int,
         raise NBDRequestError(P.EINVAL, f"len ({length}) is larger than max len "
                                         f"({P.MAX_BUFFER_SIZE})")
     if cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES) and not exp.writable:
-        raise NBDRequestError(P.EPERM, "export is read-only")
+        raise NBDRequestError(P.EINVAL, "export is read-only")
     if cmd != P.CMD_FLUSH and offset + length > exp.backend.size:
         raise NBDRequestError(P.EINVAL, "operation past EOF")
     if cmd == P.CMD_BLOCK_STATUS and (not conn.structured or not conn.contexts):
