@@ -2,8 +2,9 @@
 the server's thread pool), the reply (simple or structured).
 
 The checks and their errors follow qemu-nbd: a request past the end of the
-export or larger than ``MAX_BUFFER_SIZE`` gets ``EINVAL``, a write to a
-read-only export ``EPERM``, an unknown command or flag ``EINVAL``;
+export or larger than ``MAX_BUFFER_SIZE`` gets ``EINVAL``, and so do a
+write, trim or zeroing on a read-only export (qemu-nbd answers EINVAL
+there, not EPERM) and an unknown command or flag;
 ``BLOCK_STATUS`` needs structured replies and at least one meta context.
 Backend errors are sent as their errno when the protocol has it, else EIO.
 """
