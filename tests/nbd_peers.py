@@ -7,6 +7,8 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -88,3 +90,59 @@ def blkjobs_export(tmp_path, image: str, name: str, writable: bool = False) -> I
         yield uri(sock, name)
     finally:
         assert daemon.stop() == 0, daemon.stderr
+
+
+# --------------------------------------------------------------------------
+# a bare NBD handshake (to hold a connection open, or look at raw replies)
+
+
+def handshake(sock_path: str) -> socket.socket:
+    """A bare fixed-newstyle handshake up to the option phase."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(15)
+    s.connect(sock_path)
+    hello = recv(s, 18)
+    assert hello[:16] == b"NBDMAGICIHAVEOPT" and struct.unpack(">H", hello[16:])[0] == 3
+    s.sendall(struct.pack(">I", 3))
+    return s
+
+
+def recv(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        d = s.recv(n - len(buf))
+        assert d, "server closed"
+        buf += d
+    return buf
+
+
+def option(s: socket.socket, opt: int, data: bytes = b"") -> tuple[int, bytes]:
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, opt, len(data)) + data)
+    magic, ropt, rtype, n = struct.unpack(">QIII", recv(s, 20))
+    assert magic == 0x3E889045565A9 and ropt == opt
+    return rtype, recv(s, n)
+
+
+def go(s: socket.socket, name: bytes) -> tuple[int, int]:
+    """NBD_OPT_GO: (size, flags) from NBD_INFO_EXPORT."""
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(name) + 6)
+              + struct.pack(">I", len(name)) + name + b"\0\0")
+    size = flags = -1
+    while True:
+        magic, _opt, rtype, n = struct.unpack(">QIII", recv(s, 20))
+        data = recv(s, n)
+        if rtype == 3 and struct.unpack(">H", data[:2])[0] == 0:
+            size, flags = struct.unpack(">QH", data[2:])
+        if rtype == 1:
+            return size, flags
+        assert rtype == 3, rtype
+
+
+def simple(s: socket.socket, cmd: int, offset: int, length: int, data: bytes = b"",
+            handle: int = 7) -> int:
+    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, cmd, handle, offset, length) + data)
+    magic, err, h = struct.unpack(">IIQ", recv(s, 16))
+    assert magic == 0x67446698 and h == handle
+    if cmd == 0 and err == 0:
+        recv(s, length)
+    return err

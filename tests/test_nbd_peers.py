@@ -5,11 +5,11 @@ zeroes, trims, over ``nbd+unix://``)."""
 from __future__ import annotations
 
 import shutil
-import socket
 import struct
 
 from daemon_util import qemu_img, qemu_io
-from nbd_peers import blkjobs_export, nbd_map, qemu_io_nbd, qemu_nbd, run
+from nbd_peers import (blkjobs_export, go, handshake, nbd_map, option, qemu_io_nbd,
+                       qemu_nbd, run, simple)
 
 #: nbdinfo facts both servers must state alike (qemu-nbd -r for read-only)
 FACTS = ("export-size", "is_read_only", "can_flush", "can_fua", "can_zero", "can_df",
@@ -110,33 +110,6 @@ def test_raw_image_holes_and_several_clients(tmp_path):
         assert (tmp_path / "copy.raw").read_bytes() == open(img, "rb").read()
 
 
-def _handshake(sock_path: str) -> socket.socket:
-    """A bare fixed-newstyle handshake up to the option phase."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(15)
-    s.connect(sock_path)
-    hello = _recv(s, 18)
-    assert hello[:16] == b"NBDMAGICIHAVEOPT" and struct.unpack(">H", hello[16:])[0] == 3
-    s.sendall(struct.pack(">I", 3))
-    return s
-
-
-def _recv(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        d = s.recv(n - len(buf))
-        assert d, "server closed"
-        buf += d
-    return buf
-
-
-def _option(s: socket.socket, opt: int, data: bytes = b"") -> tuple[int, bytes]:
-    s.sendall(struct.pack(">QII", 0x49484156454F5054, opt, len(data)) + data)
-    magic, ropt, rtype, n = struct.unpack(">QIII", _recv(s, 20))
-    assert magic == 0x3E889045565A9 and ropt == opt
-    return rtype, _recv(s, n)
-
-
 def test_unknown_export_and_option_refused_like_qemu_nbd(tmp_path):
     img = str(tmp_path / "disk.raw")
     assert qemu_img("create", "-f", "raw", img, "1M").returncode == 0
@@ -147,40 +120,15 @@ def test_unknown_export_and_option_refused_like_qemu_nbd(tmp_path):
         got = {}
         for who, path in (("ref", str(tmp_path / "qn.sock")),
                           ("ours", str(ours_dir / "blkjobs-nbd.sock"))):
-            s = _handshake(path)
+            s = handshake(path)
             name = b"nope"
-            r_go, _ = _option(s, 7, struct.pack(">I", len(name)) + name + b"\0\0")
-            r_bad, _ = _option(s, 200)
-            r_abort, _ = _option(s, 2)
+            r_go, _ = option(s, 7, struct.pack(">I", len(name)) + name + b"\0\0")
+            r_bad, _ = option(s, 200)
+            r_abort, _ = option(s, 2)
             s.close()
             got[who] = (r_go, r_bad, r_abort)
         # NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_ACK
         assert got["ours"] == got["ref"] == ((1 << 31) | 6, (1 << 31) | 1, 1)
-
-
-def _go(s: socket.socket, name: bytes) -> tuple[int, int]:
-    """NBD_OPT_GO: (size, flags) from NBD_INFO_EXPORT."""
-    s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(name) + 6)
-              + struct.pack(">I", len(name)) + name + b"\0\0")
-    size = flags = -1
-    while True:
-        magic, _opt, rtype, n = struct.unpack(">QIII", _recv(s, 20))
-        data = _recv(s, n)
-        if rtype == 3 and struct.unpack(">H", data[:2])[0] == 0:
-            size, flags = struct.unpack(">QH", data[2:])
-        if rtype == 1:
-            return size, flags
-        assert rtype == 3, rtype
-
-
-def _simple(s: socket.socket, cmd: int, offset: int, length: int, data: bytes = b"",
-            handle: int = 7) -> int:
-    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, cmd, handle, offset, length) + data)
-    magic, err, h = struct.unpack(">IIQ", _recv(s, 16))
-    assert magic == 0x67446698 and h == handle
-    if cmd == 0 and err == 0:
-        _recv(s, length)
-    return err
 
 
 def test_request_errors_equal_qemu_nbd(tmp_path):
@@ -193,16 +141,16 @@ def test_request_errors_equal_qemu_nbd(tmp_path):
         got = {}
         for who, path in (("ref", str(tmp_path / "qn.sock")),
                           ("ours", str(ours_dir / "blkjobs-nbd.sock"))):
-            s = _handshake(path)
-            size, _flags = _go(s, b"d")
+            s = handshake(path)
+            size, _flags = go(s, b"d")
             got[who] = (size,
-                        _simple(s, 0, 0, 4096),                 # read: fine
-                        _simple(s, 1, 0, 4, b"abcd"),           # write: EINVAL
-                        _simple(s, 4, 0, 4096),                 # trim: EINVAL
-                        _simple(s, 6, 0, 4096),                 # write zeroes: EINVAL
-                        _simple(s, 0, size - 512, 1024),        # read past EOF: EINVAL
-                        _simple(s, 0, 0, (32 << 20) + 1),       # too large: EINVAL
-                        _simple(s, 3, 0, 0))                    # flush: fine
+                        simple(s, 0, 0, 4096),                 # read: fine
+                        simple(s, 1, 0, 4, b"abcd"),           # write: EINVAL
+                        simple(s, 4, 0, 4096),                 # trim: EINVAL
+                        simple(s, 6, 0, 4096),                 # write zeroes: EINVAL
+                        simple(s, 0, size - 512, 1024),        # read past EOF: EINVAL
+                        simple(s, 0, 0, (32 << 20) + 1),       # too large: EINVAL
+                        simple(s, 3, 0, 0))                    # flush: fine
             s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))    # DISC
             s.close()
         # qemu-nbd answers EINVAL (not EPERM) to writes on a read-only export
