@@ -367,8 +367,9 @@ class ExportCommands:
 
     def cmd_query_block_exports(self) -> list[dict[str, Any]]:
         self._export_state()
-        # newest first, as QEMU lists them
-        return [{"type": "nbd", "id": be.id, "node-name": be.node.name,
+        # newest first, as QEMU lists them; the node the export uses now (a
+        # job's filter above it, a mirror's target after the pivot)
+        return [{"type": "nbd", "id": be.id, "node-name": be.fe.node.name,
                  "shutting-down": be.exp.shutting_down}
                 for be in reversed(list(self._exports.values()))]
 
@@ -376,7 +377,7 @@ class ExportCommands:
         """``blockdev-del`` of an exported node: the export's BlockBackend
         holds it in QEMU (``Node x is in use``)."""
         for be in getattr(self, "_exports", {}).values():
-            if be.node is g:
+            if g is be.fe.node or g is be.fe.node.below_filters():
                 raise QMPError(f"Node {g.name} is in use")
 
     # -- the legacy spellings ----------------------------------------------------------
