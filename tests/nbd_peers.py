@@ -96,11 +96,12 @@ def blkjobs_export(tmp_path, image: str, name: str, writable: bool = False) -> I
 # a bare NBD handshake (to hold a connection open, or look at raw replies)
 
 
-def handshake(sock_path: str) -> socket.socket:
-    """A bare fixed-newstyle handshake up to the option phase."""
-    s = socket.socket(socket.AF_UNIX)
+def handshake(addr: str | tuple[str, int]) -> socket.socket:
+    """A bare fixed-newstyle handshake up to the option phase (``addr``: a
+    UNIX socket path or (host, port))."""
+    s = socket.socket(socket.AF_UNIX if isinstance(addr, str) else socket.AF_INET)
     s.settimeout(15)
-    s.connect(sock_path)
+    s.connect(addr)
     hello = recv(s, 18)
     assert hello[:16] == b"NBDMAGICIHAVEOPT" and struct.unpack(">H", hello[16:])[0] == 3
     s.sendall(struct.pack(">I", 3))

@@ -162,6 +162,10 @@ class ExportCommands:
         obj.setdefault("endpoint", "client")
         if obj["endpoint"] == "server":
             obj["ssl"] = _tls_context(obj)
+        else:       # kept for QEMU's checks only: blkjobs has no NBD client here
+            ca = os.path.join(obj.get("dir", ""), "ca-cert.pem")
+            if not os.access(ca, os.R_OK):
+                raise QMPError(f"Unable to access credentials {ca}: No such file or directory")
         self._objects[oid] = obj
         return {}
 
@@ -169,8 +173,7 @@ class ExportCommands:
         self._export_state()
         if id not in self._objects:
             raise QMPError(f"object '{id}' not found")
-        if self._nbd is not None and self._nbd_tls_id == id:
-            raise QMPError(f"object '{id}' is in use, can not be deleted")
+        # a running server keeps the SSL context it started with (QEMU: a reference)
         del self._objects[id]
         return {}
 
