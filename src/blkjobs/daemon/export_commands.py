@@ -177,8 +177,6 @@ class ExportCommands:
         del self._objects[id]
         return {}
 
-    _nbd_tls_id: str | None = None
-
     # -- the server -------------------------------------------------------------
     def cmd_nbd_server_start(self, addr: dict[str, Any], **args: Any) -> dict[str, Any]:
         self._export_state()
@@ -198,14 +196,15 @@ class ExportCommands:
         kind, data = addr["type"], addr["data"]
         if kind not in ("unix", "inet"):
             raise QMPError(f"blkjobs does not support NBD addresses of type '{kind}'")
-        srv = NBDServer(tls, args.get("max-connections", 0))
+        srv = NBDServer(tls, args.get("max-connections", 0),
+                        handshake_timeout=float(args.get("handshake-max-seconds", 10)))
         try:
             self._on_loop(self._listen(srv, kind, data))
         except OSError as e:
             self._on_loop(srv.close())
             where = data.get("path") or f"{data.get('host')}:{data.get('port')}"
             raise QMPError(f"Failed to bind socket to {where}: {e.strerror or e}") from None
-        self._nbd, self._nbd_tls_id = srv, tls_id
+        self._nbd = srv
         return {}
 
     async def _listen(self, srv: NBDServer, kind: str, data: dict[str, Any]) -> None:
@@ -241,7 +240,7 @@ class ExportCommands:
         return {}
 
     def _stop_server(self) -> None:
-        srv, self._nbd, self._nbd_tls_id = self._nbd, None, None
+        srv, self._nbd = self._nbd, None
         if srv is not None:
             self._on_loop(srv.close())
         for path in self._nbd_paths:
@@ -379,7 +378,7 @@ class ExportCommands:
     def _check_export_users(self, g: Node) -> None:
         """``blockdev-del`` of an exported node: the export's BlockBackend
         holds it in QEMU (``Node x is in use``)."""
-        for be in getattr(self, "_exports", {}).values():
+        for be in list(getattr(self, "_exports", {}).values()):
             if g is be.fe.node or g is be.fe.node.below_filters():
                 raise QMPError(f"Node {g.name} is in use")
 
@@ -399,7 +398,7 @@ class ExportCommands:
 
     def cmd_nbd_server_remove(self, name: str, mode: str = "safe") -> dict[str, Any]:
         self._export_state()
-        for be in self._exports.values():
+        for be in list(self._exports.values()):
             if be.exp.name == name and not be.exp.shutting_down:
                 return self.cmd_block_export_del(be.id, mode)
         raise QMPError(f"Export '{name}' is not found")

@@ -26,6 +26,7 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from ..job import Event
@@ -134,7 +135,7 @@ class Server:
                     mon.send(msg)
 
     # -- lifecycle ---------------------------------------------------------
-    async def start(self, unix_paths: list[str] = (), tcp: list[tuple[str, int]] = ()) -> None:
+    async def start(self, unix_paths: Sequence[str] = (), tcp: Sequence[tuple[str, int]] = ()) -> None:
         self._loop = asyncio.get_running_loop()
         self.commands.loop = self._loop         # the NBD server runs on it
         self._stop = asyncio.Event()
@@ -275,7 +276,7 @@ class Server:
         return await loop.run_in_executor(self._worker, self.commands.run, name, args)
 
 
-async def serve(engine, unix_paths: list[str] = (), tcp: list[tuple[str, int]] = (),
+async def serve(engine, unix_paths: Sequence[str] = (), tcp: Sequence[tuple[str, int]] = (),
                 ready=None, commands: Commands | None = None,
                 exiting: bool = False, startup=None) -> None:
     """Run a server until it is asked to stop, then shut down cleanly.

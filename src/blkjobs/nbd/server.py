@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 #: Bytes of request payloads (read buffers and write data) one connection
 #: may hold at once; a larger request runs alone.
 INFLIGHT_BYTES = 64 << 20
+#: QEMU's default handshake-max-seconds
+HANDSHAKE_SECONDS = 10.0
 
 
 class Backend(Protocol):
@@ -113,9 +115,11 @@ class NBDServer:
     ``max_connections``: 0 for no limit. Use from the event loop."""
 
     def __init__(self, tls: ssl.SSLContext | None = None, max_connections: int = 0,
-                 workers: int = 4):
+                 workers: int = 4, handshake_timeout: float = HANDSHAKE_SECONDS):
         self.tls = tls
         self.max_connections = max_connections
+        #: a client still haggling after this many seconds is dropped (0: never)
+        self.handshake_timeout = handshake_timeout
         self.exports: dict[str, Export] = {}
         self.connections: set[Connection] = set()
         self._servers: list[asyncio.base_events.Server] = []
@@ -176,7 +180,7 @@ class NBDServer:
         except (_Closed, ConnectionError, OSError, asyncio.IncompleteReadError,
                 ssl.SSLError):
             pass
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, asyncio.TimeoutError):
             pass
         except Exception:           # a bug: log it, drop this client only
             log.exception("NBD connection failed")
@@ -232,11 +236,17 @@ class Connection:
         self.writer.write(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT,
                                            P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
         await self.writer.drain()
-        (cflags,) = struct.unpack(">I", await self._read(4))
+        (cflags,) = struct.unpack(">I", await asyncio.wait_for(
+            self._read(4), self.server.handshake_timeout or None))
         if cflags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
             raise _Closed("unknown client flags")
         self.no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
-        exp = await negotiate(self)
+        timeout = self.server.handshake_timeout or None
+        try:
+            exp = await asyncio.wait_for(negotiate(self), timeout)
+        except asyncio.TimeoutError:
+            log.info("NBD client dropped: no export chosen within %s s", timeout)
+            return
         if exp is None:
             return
         self.export = exp
