@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Our NBD export against qemu-nbd: nbdcopy reads the same image from
+``blkjobs serve --export`` and from ``qemu-nbd -r``, to ``null:`` (the
+server's read path and the protocol, no target disk) and to a file.
+
+Method: both servers run for the whole benchmark, each serving the image
+read-only on a UNIX socket. Per (image, target): one warm-up round, then
+ROUNDS rounds; in each round both contenders run once, the order
+alternating per round, so drift hits both alike. The image stays in the
+page cache (read once with cat before the rounds). We report per contender
+the median and min wall time and MB/s of virtual size, and the MEDIAN OF
+THE PER-ROUND RATIOS qemu-nbd time / blkjobs time (> 1: blkjobs is faster)
+with their min-max.
+
+Images: ``dense`` (random bytes, all data) and ``vm`` (data, written
+zeroes and holes; nbdcopy skips what block status says is a hole).
+
+Usage: benchmarks/nbd_export.py [--size 512M] [--rounds 5] [--image dense,vm]
+       [--target null,file] [--connections N] [--dir DIR] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+
+from blkjobs.imageops.vmimage import make_vm_image  # noqa: E402
+from blkjobs.units import parse_size  # noqa: E402
+
+BLKJOBS = os.path.join(os.path.dirname(sys.executable), "blkjobs")
+
+
+def make_dense(path: str, size: int, seed: int = 1) -> None:
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        for off in range(0, size, 1 << 20):
+            f.write(rnd.randbytes(min(1 << 20, size - off)))
+
+
+def wait_for(path: str, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"nbd_export.py: {what} did not start")
+        time.sleep(0.02)
+
+
+class Servers:
+    """qemu-nbd and blkjobs serving ``image`` read-only, until close()."""
+
+    def __init__(self, d: str, image: str):
+        self.procs: list[subprocess.Popen] = []
+        q, b = os.path.join(d, "qemu-nbd.sock"), os.path.join(d, "blkjobs-nbd.sock")
+        p = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "raw", f"--socket={q}", "-x", "disk",
+                              image], stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        wait_for(q, p, "qemu-nbd")
+        p = subprocess.Popen([BLKJOBS, "serve", "--socket", os.path.join(d, "qmp.sock"),
+                              "--export", f"disk={image}", "--nbd-socket", b, "--print-ready"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.procs.append(p)
+        if not p.stdout or not p.stdout.readline():
+            raise SystemExit("nbd_export.py: blkjobs serve did not start")
+        self.uris = {"blkjobs export": f"nbd+unix:///disk?socket={b}",
+                     "qemu-nbd": f"nbd+unix:///disk?socket={q}"}
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def one(uri: str, target: str, out: str, conns: int) -> float:
+    dst = "null:" if target == "null" else out
+    t0 = time.perf_counter()
+    subprocess.run(["nbdcopy", "-C", str(conns), uri, dst], check=True)
+    t = time.perf_counter() - t0
+    if target == "file":
+        os.unlink(out)
+    return t
+
+
+def bench(servers: Servers, target: str, out: str, rounds: int, conns: int) -> dict:
+    names = list(servers.uris)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds + 1):          # round 0: warm-up
+        order = names if r % 2 == 0 else names[::-1]
+        got = {n: one(servers.uris[n], target, out, conns) for n in order}
+        if r:
+            for n in names:
+                times[n].append(got[n])
+    ratios = [q / b for q, b in zip(times["qemu-nbd"], times["blkjobs export"])]
+    return {"times": times, "ratios": ratios}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="512M")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--image", default="dense,vm")
+    ap.add_argument("--target", default="null,file")
+    ap.add_argument("--connections", type=int, default=4, help="nbdcopy -C (multi-conn)")
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if a.rounds < 5:
+        ap.error("--rounds: at least 5 (the method needs a median)")
+    for t in ("qemu-nbd", "nbdcopy"):
+        if not shutil.which(t):
+            raise SystemExit(f"nbd_export.py: {t} is not installed")
+    size = parse_size(a.size)
+    d = tempfile.mkdtemp(prefix="nbd-export-bench.", dir=a.dir)
+    report = []
+    try:
+        for kind in a.image.split(","):
+            image = os.path.join(d, f"{kind}.raw")
+            if kind == "dense":
+                make_dense(image, size)
+            else:
+                make_vm_image(image, size)
+            subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
+            servers = Servers(d, image)
+            try:
+                for target in a.target.split(","):
+                    res = bench(servers, target, os.path.join(d, "out.raw"), a.rounds,
+                                a.connections)
+                    report.append({"image": kind, "target": target, **res})
+                    print(f"\n{kind} image, {a.size}, nbdcopy -C {a.connections} -> {target}")
+                    for n, ts in res["times"].items():
+                        med = statistics.median(ts)
+                        print(f"  {n:15s} median {med:7.3f} s  min {min(ts):7.3f} s  "
+                              f"{size / med / 1e6:8.1f} MB/s")
+                    rs = res["ratios"]
+                    print(f"  qemu-nbd / blkjobs: median {statistics.median(rs):.2f} "
+                          f"(min {min(rs):.2f}, max {max(rs):.2f}; > 1: blkjobs faster)")
+            finally:
+                servers.close()
+                os.unlink(image)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
