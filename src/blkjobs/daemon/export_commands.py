@@ -8,10 +8,10 @@ guest path, so a backup copies before they land, a mirror tracks them (and
 its pivot moves the export to the target), the node's bitmaps are dirtied.
 The export attaches above the node's job filters, as a device would.
 
-The NBD server runs on the daemon's event loop; the handlers run in the
-command worker and hand the socket work to the loop
-(``run_coroutine_threadsafe``). ``BLOCK_EXPORT_DELETED`` is emitted once an
-export is gone: at once without clients, else when its last client left.
+The NBD server has its own threads (one per client, see
+:mod:`blkjobs.nbd.server`); the handlers call it directly.
+``BLOCK_EXPORT_DELETED`` is emitted once an export is gone: at once
+without clients, else when its last client left.
 """
 from __future__ import annotations
 
@@ -28,9 +28,6 @@ from ..nbd.proto import NBDRequestError
 from ..nbd.server import Export, NBDServer
 from .protocol import QMPError
 
-#: how long a handler waits for the event loop
-LOOP_TIMEOUT = 30.0
-
 
 class NodeBackend:
     """An NBD :class:`~blkjobs.nbd.server.Backend` over a graph front end."""
@@ -44,12 +41,10 @@ class NodeBackend:
     def size(self) -> int:
         return self.fe.size
 
-    def read(self, offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
+    def readinto(self, offset: int, buf: memoryview) -> None:
         self.fe.readinto(offset, buf)
-        return buf
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         self.fe.write(offset, data)
         if fua:
             self.fe.flush()
@@ -130,8 +125,6 @@ class ExportCommands:
     """Mixin of :class:`~.commands.Commands` (see the module docstring)."""
 
     eng: Any
-    #: the daemon's event loop (set by the server when it starts)
-    loop: asyncio.AbstractEventLoop | None = None
     _nbd: NBDServer | None = None
     _nbd_paths: list[str]
     _exports: dict[str, BlockExport]
@@ -142,12 +135,6 @@ class ExportCommands:
     def _export_state(self) -> None:
         if not hasattr(self, "_exports"):
             self._exports, self._objects, self._nbd_paths = {}, {}, []
-
-    def _on_loop(self, coro: Any) -> Any:
-        if self.loop is None:
-            coro.close()
-            raise QMPError("the NBD server needs the daemon's event loop")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(LOOP_TIMEOUT)
 
     # -- objects ---------------------------------------------------------------
     def cmd_object_add(self, **args: Any) -> dict[str, Any]:
@@ -199,35 +186,31 @@ class ExportCommands:
         srv = NBDServer(tls, args.get("max-connections", 0),
                         handshake_timeout=float(args.get("handshake-max-seconds", 10)))
         try:
-            self._on_loop(self._listen(srv, kind, data))
+            self._listen(srv, kind, data)
         except OSError as e:
-            self._on_loop(srv.close())
+            srv.close()
             where = data.get("path") or f"{data.get('host')}:{data.get('port')}"
             raise QMPError(f"Failed to bind socket to {where}: {e.strerror or e}") from None
         self._nbd = srv
         return {}
 
-    async def _listen(self, srv: NBDServer, kind: str, data: dict[str, Any]) -> None:
+    def _listen(self, srv: NBDServer, kind: str, data: dict[str, Any]) -> None:
         if kind == "unix":
             if data.get("abstract"):
                 raise OSError(0, "abstract sockets are not supported")
-            await srv.listen_unix(data["path"])
+            srv.listen_unix(data["path"])
             self._nbd_paths.append(data["path"])
         else:
             port = data["port"]
             if not str(port).isdigit():
                 raise OSError(0, f"invalid port '{port}'")
-            await srv.listen_tcp(data["host"], int(port))
+            srv.listen_tcp(data["host"], int(port))
 
     def nbd_port(self) -> int | None:
         """The TCP port the NBD server listens on (for port 0)."""
-        srv = self._nbd
-        for s in (srv._servers if srv is not None else []):
-            for sock in s.sockets:
-                name = sock.getsockname()
-                if isinstance(name, tuple):
-                    return int(name[1])
-        return None
+        srv = getattr(self, "_nbd", None)
+        ports = srv.ports() if srv is not None else []
+        return ports[0] if ports else None
 
     def cmd_nbd_server_stop(self) -> dict[str, Any]:
         self._export_state()
@@ -242,7 +225,7 @@ class ExportCommands:
     def _stop_server(self) -> None:
         srv, self._nbd = self._nbd, None
         if srv is not None:
-            self._on_loop(srv.close())
+            srv.close()
         for path in self._nbd_paths:
             try:
                 os.unlink(path)
@@ -251,19 +234,16 @@ class ExportCommands:
         self._nbd_paths.clear()
 
     async def close_exports(self) -> None:
-        """The daemon stops (in the loop): drop the clients, release the
-        front ends."""
+        """The daemon stops: drop the clients, release the front ends."""
+        await asyncio.to_thread(self._close_exports)
+
+    def _close_exports(self) -> None:
         self._export_state()
-        srv, self._nbd = self._nbd, None
+        srv = self._nbd
         if srv is not None:
             for be in list(self._exports.values()):
                 srv.remove_export(be.exp, hard=True)
-            await srv.close()
-        for path in self._nbd_paths:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        self._stop_server()
 
     # -- exports -----------------------------------------------------------------
     def cmd_block_export_add(self, **args: Any) -> dict[str, Any]:
@@ -335,11 +315,11 @@ class ExportCommands:
         be = BlockExport(eid, node, exp, fe, list(bms.values()))
         exp.on_gone = lambda _e: self._export_gone(be)
         self._exports[eid] = be
-        srv = self._nbd
-        self._on_loop(_call(srv.add_export, exp))
+        self._nbd.add_export(exp)
 
     def _export_gone(self, be: BlockExport) -> None:
-        """The export's last client left after its removal (in the loop)."""
+        """The export's last client left after its removal (in the thread
+        that saw it go: a client's, or the command worker)."""
         self._exports.pop(be.id, None)
         with self.eng.io:
             for bm in be.busy_bitmaps:
@@ -350,10 +330,8 @@ class ExportCommands:
             jobs._emit("BLOCK_EXPORT_DELETED", {"id": be.id})
 
     def _remove_export(self, be: BlockExport, hard: bool) -> None:
-        srv = self._nbd
-        if srv is None:
-            return
-        self._on_loop(_call(srv.remove_export, be.exp, hard))
+        if self._nbd is not None:
+            self._nbd.remove_export(be.exp, hard)
 
     def cmd_block_export_del(self, id: str, mode: str = "safe") -> dict[str, Any]:
         self._export_state()
@@ -403,7 +381,3 @@ class ExportCommands:
                 return self.cmd_block_export_del(be.id, mode)
         raise QMPError(f"Export '{name}' is not found")
 
-
-async def _call(fn: Any, *args: Any) -> Any:
-    """Run ``fn`` in the event loop (exports are the loop's data)."""
-    return fn(*args)

@@ -137,7 +137,6 @@ class Server:
     # -- lifecycle ---------------------------------------------------------
     async def start(self, unix_paths: Sequence[str] = (), tcp: Sequence[tuple[str, int]] = ()) -> None:
         self._loop = asyncio.get_running_loop()
-        self.commands.loop = self._loop         # the NBD server runs on it
         self._stop = asyncio.Event()
         self.eng.add_listener(self._listener)
         for path in unix_paths:

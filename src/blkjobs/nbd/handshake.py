@@ -28,7 +28,7 @@ class _Abort(Exception):
 
 
 def _send(conn: Connection, option: int, rtype: int, data: bytes = b"") -> None:
-    conn.writer.write(P.option_reply(option, rtype, data))
+    conn.send(P.option_reply(option, rtype, data))
 
 
 def _string(data: bytes, pos: int, what: str) -> tuple[str, int]:
@@ -44,13 +44,16 @@ def _string(data: bytes, pos: int, what: str) -> tuple[str, int]:
         raise _OptError(P.REP_ERR_INVALID, f"{what}: not UTF-8") from None
 
 
-async def negotiate(conn: Connection) -> Export | None:
+def negotiate(conn: Connection) -> Export | None:
     server = conn.server
+    conn.send(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT,
+                               P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+    (cflags,) = struct.unpack(">I", conn.recv(4))
+    if cflags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
+        return None                 # unknown client flags: hang up
+    conn.no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
     while True:
-        try:
-            hdr = await conn.reader.readexactly(P.OPTION.size)
-        except EOFError:
-            return None
+        hdr = conn.recv(P.OPTION.size)      # EOFError: the client left
         magic, option, length = P.OPTION.unpack(hdr)
         if magic != P.IHAVEOPT:
             return None
@@ -58,40 +61,36 @@ async def negotiate(conn: Connection) -> Export | None:
             # drain it in pieces, then refuse
             left = length
             while left:
-                left -= len(await conn.reader.readexactly(min(left, 65536)))
+                left -= len(conn.recv(min(left, 65536)))
             _send(conn, option, P.REP_ERR_TOO_BIG,
                   f"option {option} of {length} bytes is too large".encode())
-            await conn.writer.drain()
             continue
-        data = await conn.reader.readexactly(length)
+        data = conn.recv(length)
         if server.tls is not None and not conn.tls_done and option not in (
                 P.OPT_STARTTLS, P.OPT_ABORT):
             if option == P.OPT_EXPORT_NAME:
                 return None         # no way to refuse it: hang up
             _send(conn, option, P.REP_ERR_TLS_REQD,
                   f"Option {option:#x} not permitted before TLS".encode())
-            await conn.writer.drain()
             continue
         try:
-            exp = await _option(conn, option, data)
+            exp = _option(conn, option, data)
         except _OptError as e:
             _send(conn, option, e.rtype, str(e).encode())
             exp = None
         except _Abort:
-            await conn.writer.drain()
             return None
-        await conn.writer.drain()
         if exp is not None:
             return exp
 
 
-async def _option(conn: Connection, option: int, data: bytes) -> Export | None:
+def _option(conn: Connection, option: int, data: bytes) -> Export | None:
     server = conn.server
     if option == P.OPT_ABORT:
         _send(conn, option, P.REP_ACK)
         raise _Abort()
     if option == P.OPT_STARTTLS:
-        await _starttls(conn, option, data)
+        _starttls(conn, option, data)
         return None
     if option == P.OPT_LIST:
         if data:
@@ -122,12 +121,12 @@ async def _option(conn: Connection, option: int, data: bytes) -> Export | None:
         reply = struct.pack(">QH", exp.backend.size, exp.flags())
         if not conn.no_zeroes:
             reply += bytes(124)
-        conn.writer.write(reply)
+        conn.send(reply)
         return exp
     raise _OptError(P.REP_ERR_UNSUP, f"Unsupported option {option:#x}")
 
 
-async def _starttls(conn: Connection, option: int, data: bytes) -> None:
+def _starttls(conn: Connection, option: int, data: bytes) -> None:
     if data:
         raise _OptError(P.REP_ERR_INVALID, "no payload expected")
     if conn.server.tls is None:
@@ -135,10 +134,7 @@ async def _starttls(conn: Connection, option: int, data: bytes) -> None:
     if conn.tls_done:
         raise _OptError(P.REP_ERR_INVALID, "TLS already negotiated")
     _send(conn, option, P.REP_ACK)
-    await conn.writer.drain()
-    await conn.writer.start_tls(conn.server.tls)
-    conn.tls_done = True
-    return None
+    conn.start_tls(conn.server.tls)
 
 
 def _info(conn: Connection, option: int, data: bytes) -> Export | None:

@@ -1,5 +1,5 @@
-"""One NBD request in the transmission phase: checks, the backend call (in
-the server's thread pool), the reply (simple or structured).
+"""The transmission phase of an NBD connection (in the client's thread):
+each request's checks, the backend call, the reply (simple or structured).
 
 The checks and their errors follow qemu-nbd: a request past the end of the
 export or larger than ``MAX_BUFFER_SIZE`` gets ``EINVAL``, and so do a
@@ -70,69 +70,85 @@ def _check(exp: Export, conn: Connection, flags: int, cmd: int, offset: int,
 
 def _send_error(conn: Connection, handle: int, err: int, msg: str) -> None:
     if conn.structured:
-        conn.writer.write(P.error_chunk(handle, err, msg))
+        conn.send(P.error_chunk(handle, err, msg))
     else:
-        conn.writer.write(P.simple_reply(handle, err))
+        conn.send(P.simple_reply(handle, err))
 
 
-def _done(conn: Connection, handle: int) -> None:
-    if conn.structured:
-        conn.writer.write(P.chunk(handle, P.REPLY_TYPE_NONE))
-    else:
-        conn.writer.write(P.simple_reply(handle))
+def serve(conn: Connection, exp: Export) -> None:
+    """Requests until DISC or EOF (raised as EOFError/OSError)."""
+    hdr = bytearray(P.REQUEST.size)
+    while not conn.closing:
+        conn.recv_into(memoryview(hdr))
+        magic, flags, cmd, handle, offset, length = P.REQUEST.unpack(hdr)
+        if magic != P.REQUEST_MAGIC:
+            return
+        if cmd == P.CMD_DISC:
+            return
+        data = None
+        if cmd == P.CMD_WRITE:
+            if length > P.MAX_BUFFER_SIZE:
+                return              # cannot skip it safely: hang up, as qemu-nbd
+            data = bytearray(length)
+            conn.recv_into(memoryview(data))
+        _request(conn, exp, flags, cmd, handle, offset, length, data)
 
 
-async def serve_request(conn: Connection, exp: Export, flags: int, cmd: int, handle: int,
-                        offset: int, length: int, data: bytes) -> None:
-    server, be = conn.server, exp.backend
+def _request(conn: Connection, exp: Export, flags: int, cmd: int, handle: int,
+             offset: int, length: int, data: bytearray | None) -> None:
+    be = exp.backend
     fua = bool(flags & P.CMD_FLAG_FUA)
     try:
         _check(exp, conn, flags, cmd, offset, length)
         if cmd == P.CMD_READ:
-            buf = await server.run_io(be.read, offset, length) if length else b""
+            buf = bytearray(length)
+            if length:
+                be.readinto(offset, memoryview(buf))
             if conn.structured:
-                conn.writer.write(P.chunk_header(handle, P.REPLY_TYPE_OFFSET_DATA, 8 + len(buf))
-                                  + struct.pack(">Q", offset))
+                conn.send(P.chunk_header(handle, P.REPLY_TYPE_OFFSET_DATA, 8 + length)
+                          + struct.pack(">Q", offset), buf)
             else:
-                conn.writer.write(P.simple_reply(handle))
-            conn.writer.write(buf)
+                conn.send(P.simple_reply(handle), buf)
             return
         if cmd == P.CMD_WRITE:
-            await server.run_io(be.write, offset, data, fua)
+            assert data is not None
+            be.write(offset, data, fua)
         elif cmd == P.CMD_FLUSH:
-            await server.run_io(be.flush)
+            be.flush()
         elif cmd == P.CMD_TRIM:
-            await server.run_io(be.trim, offset, length, fua)
+            be.trim(offset, length, fua)
         elif cmd == P.CMD_WRITE_ZEROES:
-            await server.run_io(be.write_zeroes, offset, length,
-                                not flags & P.CMD_FLAG_NO_HOLE, fua,
-                                bool(flags & P.CMD_FLAG_FAST_ZERO))
+            be.write_zeroes(offset, length, not flags & P.CMD_FLAG_NO_HOLE, fua,
+                            bool(flags & P.CMD_FLAG_FAST_ZERO))
         elif cmd == P.CMD_CACHE:
             pass                    # advisory: nothing to prefetch into
         elif cmd == P.CMD_BLOCK_STATUS:
-            await _block_status(conn, exp, flags, handle, offset, length)
+            _block_status(conn, exp, flags, handle, offset, length)
             return
+    except (EOFError, ConnectionError):
+        raise
     except Exception as e:
         err, msg = _wire_errno(e)
         _send_error(conn, handle, err, msg)
         return
-    _done(conn, handle)
+    if conn.structured:
+        conn.send(P.chunk(handle, P.REPLY_TYPE_NONE))
+    else:
+        conn.send(P.simple_reply(handle))
 
 
-async def _block_status(conn: Connection, exp: Export, flags: int, handle: int,
-                        offset: int, length: int) -> None:
+def _block_status(conn: Connection, exp: Export, flags: int, handle: int,
+                  offset: int, length: int) -> None:
     be = exp.backend
     out = []
     for i, ctx in enumerate(conn.contexts):
         if ctx == P.CONTEXT_BASE_ALLOCATION:
-            ext = await conn.server.run_io(be.block_status, offset, length)
+            ext = be.block_status(offset, length)
         else:
-            name = ctx[len(P.CONTEXT_DIRTY_BITMAP):]
-            ext = await conn.server.run_io(be.bitmap_status, name, offset, length)
-        ext = _trim(ext, length, bool(flags & P.CMD_FLAG_REQ_ONE))
-        out.append((i + 1, ext))
-    for k, (cid, ext) in enumerate(out):
-        conn.writer.write(P.block_status_chunk(handle, cid, ext, done=k == len(out) - 1))
+            ext = be.bitmap_status(ctx[len(P.CONTEXT_DIRTY_BITMAP):], offset, length)
+        out.append((i + 1, _trim(ext, length, bool(flags & P.CMD_FLAG_REQ_ONE))))
+    conn.send(b"".join(P.block_status_chunk(handle, cid, ext, done=k == len(out) - 1)
+                       for k, (cid, ext) in enumerate(out)))
 
 
 def _trim(ext: list[tuple[int, int]], length: int, one: bool) -> list[tuple[int, int]]:
