@@ -8,13 +8,35 @@ qemu-nbd's do.
 from __future__ import annotations
 
 import struct
-from typing import Any
+import ssl
+from typing import Any, Protocol
 
 from . import proto as P
 
-#: server.Connection and server.Export (server.py imports this module)
-Connection = Any
+#: a server.Export (server.py imports this module: see Connection)
 Export = Any
+
+
+class Connection(Protocol):
+    """What the handshake and transmission need of a server connection
+    (``server.Connection``; a Protocol because server.py imports these
+    modules, docs/architecture.md)."""
+
+    server: Any
+    structured: bool
+    no_zeroes: bool
+    tls_done: bool
+    closing: bool
+    contexts: list[str]
+    contexts_export: str | None
+
+    def send(self, *parts: bytes | bytearray | memoryview) -> None: ...
+
+    def recv(self, n: int) -> bytes: ...
+
+    def recv_into(self, mv: memoryview) -> None: ...
+
+    def start_tls(self, ctx: ssl.SSLContext) -> None: ...
 
 
 class _OptError(Exception):

@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Any
-
 from . import proto as P
+from .handshake import Connection, Export
 from .proto import MAX_EXTENTS, NBDRequestError
-
-#: server.Connection and server.Export (server.py imports this module)
-Connection = Any
-Export = Any
 
 log = logging.getLogger(__name__)
 
