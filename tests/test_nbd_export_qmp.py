@@ -152,3 +152,34 @@ def test_fast_zero_and_no_hole_requests(tmp_path):
     assert ours[2] == ref[2]
     assert ours[2][65536:4 * 65536] == bytes(3 * 65536)
     assert ours[0] & 0x800 and ref[0] & 0x800        # NBD_FLAG_SEND_FAST_ZERO
+
+
+async def legacy_scenario(s, d) -> list:
+    out: list = []
+    img = str(d / "a.qcow2")
+    assert qemu_img("create", "-f", "qcow2", img, "1M").returncode == 0
+    sock = str(d / "nbd.sock")
+    await _try(s, out, "nbd-server-add", device="disk")
+    await _try(s, out, "blockdev-add", **qcow2_node("disk", img))
+    await _try(s, out, "nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    await _try(s, out, "block-dirty-bitmap-add", node="disk", name="b0")
+    await _try(s, out, "nbd-server-add", device="disk", name="x", writable=True, bitmap="b0",
+               description="legacy")
+    await _try(s, out, "nbd-server-add", device="disk")
+    await _try(s, out, "query-block-exports")
+    out.append(("list", await asyncio.to_thread(
+        lambda: run("nbdinfo", "--list", "--json", f"nbd+unix://?socket={sock}").stdout
+        .replace(str(d), "D"))))
+    await _try(s, out, "nbd-server-remove", name="nope")
+    await _try(s, out, "nbd-server-remove", name="x")
+    out.append(("ev", [(e["event"], e["data"]) for e in await s.until("BLOCK_EXPORT_DELETED")]))
+    await _try(s, out, "nbd-server-remove", name="disk", mode="hard")
+    out.append(("ev", [(e["event"], e["data"]) for e in await s.until("BLOCK_EXPORT_DELETED")]))
+    await _try(s, out, "query-block-exports")
+    await _try(s, out, "nbd-server-stop")
+    return out
+
+
+def test_legacy_nbd_server_add_remove_match_qemu_storage_daemon(tmp_path):
+    ref, ours = side_by_side(tmp_path, legacy_scenario)
+    assert ours == ref

@@ -363,6 +363,7 @@ class ExportCommands:
     # -- the legacy spellings ----------------------------------------------------------
     def cmd_nbd_server_add(self, device: str, **args: Any) -> dict[str, Any]:
         self._export_state()
+        self._lookup(device)
         if self._nbd is None:
             raise QMPError("NBD server not running")
         name = args.get("name", device)

@@ -1,12 +1,14 @@
 """NBD protocol constants and wire formats (the NBD project's proto.md).
 
 Shared by the server (:mod:`.server`) and any client: nothing here knows
-about the daemon or the block graph. All integers are big-endian.
+about the daemon or the block graph (``errors`` only). All integers are big-endian.
 """
 from __future__ import annotations
 
 import errno
 import struct
+
+from ..errors import BlkjobsError
 
 # -- handshake ------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943            # "NBDMAGIC"
@@ -128,7 +130,7 @@ MAX_OPTION = 4096 * 4 + 64
 MAX_EXTENTS = 1 << 16
 
 
-class NBDRequestError(Exception):
+class NBDRequestError(BlkjobsError):
     """A request failed with ``errno`` (a NBD error number, sent to the peer)."""
 
     def __init__(self, err: int, message: str = ""):
