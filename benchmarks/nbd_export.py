@@ -48,7 +48,7 @@ def make_dense(path: str, size: int, seed: int = 1) -> None:
             f.write(rnd.randbytes(min(1 << 20, size - off)))
 
 
-def wait_for(path: str, proc: subprocess.Popen, what: str) -> None:
+def wait_for(path: str, proc: subprocess.Popen[str], what: str) -> None:
     deadline = time.monotonic() + 30
     while not os.path.exists(path):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -60,10 +60,10 @@ class Servers:
     """qemu-nbd and blkjobs serving ``image`` read-only, until close()."""
 
     def __init__(self, d: str, image: str):
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[str]] = []
         q, b = os.path.join(d, "qemu-nbd.sock"), os.path.join(d, "blkjobs-nbd.sock")
         p = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "raw", f"--socket={q}", "-x", "disk",
-                              image], stderr=subprocess.DEVNULL)
+                              image], stderr=subprocess.DEVNULL, text=True)
         self.procs.append(p)
         wait_for(q, p, "qemu-nbd")
         p = subprocess.Popen([BLKJOBS, "serve", "--socket", os.path.join(d, "qmp.sock"),

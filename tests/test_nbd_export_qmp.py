@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import struct
 
+from qemu.qmp import ExecuteError
+
 from daemon_util import qcow2_node, qemu_img, qemu_io, side_by_side
 from nbd_peers import go, handshake, nbd_map, qemu_io_nbd, run, uri
 
@@ -13,7 +15,7 @@ from nbd_peers import go, handshake, nbd_map, qemu_io_nbd, run, uri
 async def _try(s, out: list, cmd: str, **args) -> None:
     try:
         out.append((cmd, "ok", await s.x(cmd, **args)))
-    except Exception as e:              # ExecuteError: class and text
+    except ExecuteError as e:
         out.append((cmd, e.error_class, e.error.error.desc))
 
 

@@ -59,8 +59,8 @@ async def fleecing_scenario(s, d) -> dict:
     nbdcopy = subprocess.Popen([tool("nbdcopy"), fl, str(d / "pulled.raw")],
                                stderr=subprocess.PIPE, text=True)
     await asyncio.to_thread(qemu_io_nbd, vm, *LATER[8:])
-    assert await asyncio.to_thread(nbdcopy.wait, 120) == 0, nbdcopy.stderr
-    nbdcopy.stderr.close()
+    err = (await asyncio.to_thread(nbdcopy.communicate, None, 120))[1]
+    assert nbdcopy.returncode == 0, err
     await asyncio.to_thread(qemu_io_nbd, vm, "write -z 0 16M")
     res = {"expected": expected, "pulled": (d / "pulled.raw").read_bytes(),
            "bitmap": await asyncio.to_thread(nbd_map, fl, "qemu:dirty-bitmap:b0")}

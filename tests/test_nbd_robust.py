@@ -24,8 +24,8 @@ def _eof(s) -> bool:
         return True
 
 
-def misbehave(path: str) -> list:
-    out = []
+def misbehave(path: str) -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
     # a request with a bad magic
     s = handshake(path)
     go(s, b"d")
