@@ -38,6 +38,8 @@ class Connection(Protocol):
 
     def start_tls(self, ctx: ssl.SSLContext) -> None: ...
 
+    def attach(self, exp: Any) -> bool: ...
+
 
 class _OptError(Exception):
     def __init__(self, rtype: int, message: str):
@@ -140,6 +142,8 @@ def _option(conn: Connection, option: int, data: bytes) -> Export | None:
         exp = server.exports.get(data.decode(errors="replace"))
         if exp is None:
             raise _Abort()
+        if not conn.attach(exp):
+            raise _Abort()
         reply = struct.pack(">QH", exp.backend.size, exp.flags())
         if not conn.no_zeroes:
             reply += bytes(124)
@@ -181,12 +185,15 @@ def _info(conn: Connection, option: int, data: bytes) -> Export | None:
         P.INFO_BLOCK_SIZE, 1, 4096, P.MAX_BUFFER_SIZE))
     _send(conn, option, P.REP_INFO, P.EXPORT_INFO.pack(P.INFO_EXPORT, exp.backend.size,
                                                        exp.flags()))
+    if option == P.OPT_INFO:
+        _send(conn, option, P.REP_ACK)
+        return None
+    if not conn.attach(exp):
+        raise _OptError(P.REP_ERR_UNKNOWN, f"export '{name}' not present")
+    if conn.contexts and conn.contexts_export != name:
+        conn.contexts = []          # negotiated for another export
     _send(conn, option, P.REP_ACK)
-    if option == P.OPT_GO:
-        if conn.contexts and conn.contexts_export != name:
-            conn.contexts = []      # negotiated for another export
-        return exp
-    return None
+    return exp
 
 
 def _meta(conn: Connection, option: int, data: bytes) -> None:

@@ -273,6 +273,17 @@ class Connection:
         for p in parts:
             self.sock.sendall(p)
 
+    def attach(self, exp: Export) -> bool:
+        """Become a client of ``exp`` (before the reply that says so: a
+        ``block-export-del`` racing with the reply must see the client);
+        False if it is being removed."""
+        with self.server.lock:
+            if exp.shutting_down or self.server.exports.get(exp.name) is not exp:
+                return False
+            self.export = exp
+            exp.clients.add(self)
+            return True
+
     def start_tls(self, ctx: ssl.SSLContext) -> None:
         self.sock.settimeout(self.server.handshake_timeout or None)
         self.sock = ctx.wrap_socket(self.sock, server_side=True)
@@ -285,11 +296,6 @@ class Connection:
             if exp is None:
                 return
             self.sock.settimeout(None)
-            with self.server.lock:
-                if exp.shutting_down:
-                    return
-                self.export = exp
-                exp.clients.add(self)
             serve(self, exp)
         except (EOFError, OSError, ssl.SSLError):
             pass            # the client left, or was dropped (timeouts included)
