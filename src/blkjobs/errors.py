@@ -79,9 +79,11 @@ class JobError(BlkjobsError):
 class OSErrorWithContext(BlkjobsError):
     """An errno, with what was being done when it happened."""
 
-    def __init__(self, err: int, what: str = "", path: str | None = None,
+    def __init__(self, err: int | None, what: str = "", path: str | None = None,
                  side: str | None = None, offset: int | None = None):
-        self.errno = abs(err)
+        # err None: an OSError raised without an errno (OSError("text")), a
+        # failed I/O all the same
+        self.errno = _errno.EIO if err is None else abs(err)
         self.what = what
         self.path = path
         self.side = side
@@ -112,9 +114,10 @@ class Cancelled(BlkjobsError):
         super().__init__(what)
 
 
-def from_errno(err: int, what: str = "", **kw) -> BlkjobsError:
+def from_errno(err: int, what: str = "", path: str | None = None, side: str | None = None,
+               offset: int | None = None) -> BlkjobsError:
     """Map a negative errno from the C core to the right exception."""
     e = abs(err)
     if e == _errno.ECANCELED:
         return Cancelled()
-    return OSErrorWithContext(e, what, **kw)
+    return OSErrorWithContext(e, what, path=path, side=side, offset=offset)

@@ -11,17 +11,18 @@ import abc
 from ..errors import from_errno
 
 try:
-    from .._core import ffi, lib  # noqa: F401  (compiled by setup.py / cffi)
+    from .._core import ffi, lib  # noqa: F401  (compiled by setup.py / cffi; typed by _core.pyi)
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
         "blkjobs._core is not built: run 'make venv' (or 'pip install -e .') first"
     ) from exc
 
 
-def ensure(rc: int, what: str = "", **context) -> int:
+def ensure(rc: int, what: str = "", path: str | None = None, side: str | None = None,
+           offset: int | None = None) -> int:
     """Return ``rc`` when it is >= 0, else raise the matching BlkjobsError."""
     if rc < 0:
-        raise from_errno(rc, what, **context)
+        raise from_errno(rc, what, path=path, side=side, offset=offset)
     return rc
 
 
