@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
 from ..errors import Cancelled, JobError
-from .events import BLOCK_JOB_ERROR, BLOCK_JOB_READY
+from .events import BLOCK_JOB_ERROR, BLOCK_JOB_READY, Clock
 from .status import COMPLETED, READY_ISH, JobStatus, transition
 from .txn import JobTxn
 
@@ -28,8 +28,8 @@ class JobOwner(Protocol):
 
     #: the manager's one re-entrant lock (a condition)
     lock: threading.Condition
-    #: the manager's clock (``blkjobs.job.events.Clock``)
-    clock: Any
+    #: the manager's clock
+    clock: Clock
 
     def _emit(self, name: str, data: dict[str, Any]) -> None: ...
 
@@ -100,7 +100,7 @@ class Progress:
     it has completed, not when it is issued.
     """
 
-    def __init__(self, lock: threading.RLock):
+    def __init__(self, lock: threading.Condition):
         self._lock = lock
         self.current = 0
         self.total = 0

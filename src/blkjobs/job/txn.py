@@ -16,14 +16,10 @@ A :class:`JobTxn` is what callers create for a QMP ``transaction``:
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-
-class Member(Protocol):
-    """What a transaction knows of its jobs (a :class:`~blkjobs.job.job.Job`):
-    this module does not import the job module, which imports it."""
-
-    id: str | None
+if TYPE_CHECKING:       # the job module imports this one
+    from .job import Job
 
 
 class CompletionMode(enum.StrEnum):
@@ -39,14 +35,14 @@ class JobTxn:
     def __init__(self, completion_mode: CompletionMode | str = CompletionMode.INDIVIDUAL):
         self.mode = CompletionMode(completion_mode)
         #: Every job created in this txn, in creation order (start / rollback).
-        self.members: list[Member] = []
+        self.members: list[Job] = []
         #: The completion group, in QEMU's list order (newest first, as
         #: ``QLIST_INSERT_HEAD``); a job leaves it when it concludes.
-        self.jobs: list[Member] = []
+        self.jobs: list[Job] = []
         #: Set once a member failed or was cancelled: the group is aborting.
         self.aborting = False
 
-    def _add(self, job: Member) -> JobTxn:
+    def _add(self, job: Job) -> JobTxn:
         """Record ``job``; return the completion group it belongs to."""
         self.members.append(job)
         group = self if self.mode is CompletionMode.GROUPED else JobTxn(CompletionMode.GROUPED)
