@@ -81,7 +81,7 @@ class Filter:
         (nothing is written then)."""
 
     def after_write(self, node: Node, op: str, offset: int, length: int,
-                    data=None) -> None:
+                    data: bytes | bytearray | memoryview | None = None) -> None:
         """After the request was done on ``node``. ``data``: what a "write"
         wrote (None for zero/discard)."""
 
@@ -147,7 +147,7 @@ class Frontend:
         self.readinto(offset, buf)
         return bytes(buf)
 
-    def readinto(self, offset: int, buf) -> None:
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         self._check(offset, len(buf))
         self._io.guest_read(self, offset, buf)
 
@@ -156,7 +156,7 @@ class Frontend:
         if not self.writable:
             raise UsageError(f"frontend {self.name} is read-only")
 
-    def write(self, offset: int, data) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_write(offset, len(data))
         self._io.guest_write(self, "write", offset, len(data),
                                lambda n: n.write(offset, data), data)
@@ -184,5 +184,5 @@ class Frontend:
     def __enter__(self) -> Frontend:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

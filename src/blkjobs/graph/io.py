@@ -147,7 +147,7 @@ def _levels(node: Node) -> list[Node]:
     """``node``, the filters below it, the image node."""
     levels = [node]
     while levels[-1].is_filter:
-        levels.append(levels[-1].file)
+        levels.append(levels[-1]._child())
     return levels
 
 
@@ -221,7 +221,7 @@ class BlockIO:
             return [f for f in self._frontends
                     if node is None or f.node is node or f.node.below_filters() is node]
 
-    def guest_read(self, fe: Frontend, offset: int, buf) -> None:
+    def guest_read(self, fe: Frontend, offset: int, buf: bytearray | memoryview) -> None:
         with self.lock:
             self.wait_filled(_levels(fe.node)[-1], offset, len(buf))
             fe.node.readinto(offset, buf)
@@ -312,6 +312,7 @@ class BlockIO:
                 continue
             if p.file is old:
                 held = p.file_perm
+                assert held is not None     # a filter holds its file child's permission
                 p.file, p.file_perm = new, new.take(held.owner, held.perm, held.shared)
                 held.release()
             else:
@@ -392,6 +393,7 @@ class BlockIO:
         """The ranges landed, or were given back (I/O lock held)."""
         st = state(node)
         uf = st.unfilled
+        assert uf is not None       # mark_unfilled() gave out the tokens
         for r in tokens:
             uf.remove(r)
         if not uf.total:

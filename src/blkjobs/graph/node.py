@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ImageError, UsageError
 from ..formats import open_image, probe_format
@@ -33,6 +35,10 @@ from ..formats.base import Kind
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
+
+if TYPE_CHECKING:       # both import this module
+    from ..job.job import Job
+    from .io import NodeState
 
 BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 #: what allows writing data: a copy that leaves the guest view as it was
@@ -108,7 +114,7 @@ class Graph:
         if not name or name.startswith("#"):
             raise UsageError(f"Invalid node-name: '{name}'")
 
-    def add(self, driver, name: str | None = None, fmt: str | None = None) -> "Node":
+    def add(self, driver: Any, name: str | None = None, fmt: str | None = None) -> "Node":
         self.check_name(name)
         if name is None:
             name = self.auto_name()
@@ -153,10 +159,12 @@ class Graph:
 
 
 class Node:
-    def __init__(self, graph: Graph, name: str, driver, fmt: str):
+    def __init__(self, graph: Graph, name: str, driver: Any, fmt: str):
         self.graph = graph
         self.name = name
-        self.driver = driver
+        #: a formats.base.Driver, a filter's FilterDriver, or a Blkdebug
+        #: wrapper around a Driver (it forwards attributes): duck-typed
+        self.driver: Any = driver
         self.format = fmt
         self.backing: Node | None = None
         self.backing_perm: Permission | None = None
@@ -165,7 +173,7 @@ class Node:
         self.file_perm: Permission | None = None
         self._perms: list[Permission] = []
         #: the job blocking this node for other jobs (BlockIO.claim), or None
-        self.claimed_by = None
+        self.claimed_by: Job | None = None
         self.is_filter = getattr(driver, "is_filter", False)
         self._lock = (FileLock(driver.fd, driver.filename)
                       if graph.locking and not self.is_filter else None)
@@ -173,7 +181,7 @@ class Node:
         #: per-node state of the I/O layer over the graph (graph/io.py's
         #: ``NodeState``: filter hooks, bitmaps, cache mode...). It lives and
         #: dies with the node: never keyed by ``id(node)``, which is reused.
-        self.io_state = None
+        self.io_state: NodeState | None = None
         #: QMP's block-set-write-threshold: 0 (off), or the offset writes may
         #: reach; ``threshold_cb(node, amount_exceeded, threshold)`` is called
         #: once, by the first write that goes past it (then it is 0 again)
@@ -192,20 +200,24 @@ class Node:
     # -- basic facts ---------------------------------------------------
     @property
     def filename(self) -> str:
-        return self.driver.filename
+        name: str = self.driver.filename
+        return name
 
     @property
     def size(self) -> int:
-        return self.driver.size
+        size: int = self.driver.size
+        return size
 
     @property
     def read_only(self) -> bool:
-        return self.driver.read_only
+        ro: bool = self.driver.read_only
+        return ro
 
     def chain(self) -> list["Node"]:
         """This node and its backing chain (a filter: itself, then its
         child's chain)."""
-        out, n = [], self
+        out: list[Node] = []
+        n: Node | None = self
         while n is not None:
             out.append(n)
             n = n.file if n.is_filter else n.backing
@@ -215,10 +227,17 @@ class Node:
         """The first node at or below this one that is not a filter."""
         n = self
         while n.is_filter:
-            n = n.file
+            n = n._child()
         return n
 
-    def __repr__(self):
+    def _child(self) -> Node:
+        """A filter's child (its ``file``); a filter already taken out of
+        the graph has none."""
+        if self.file is None:
+            raise ImageError(f"filter node '{self.name}' has been removed from the graph")
+        return self.file
+
+    def __repr__(self) -> str:
         return f"<Node {self.name} {self.format} '{self.filename}'>"
 
     # -- permissions ---------------------------------------------------
@@ -241,7 +260,8 @@ class Node:
             raise
         return p
 
-    def _check_conflict(self, perm, shared, owner, ignore=None):
+    def _check_conflict(self, perm: Perm, shared: Perm, owner: str,
+                        ignore: Permission | None = None) -> None:
         for o in self._perms:
             if o is ignore:
                 continue
@@ -283,7 +303,7 @@ class Node:
             unshared |= NO_SHARE
         return Perm(perm), Perm(unshared)
 
-    def _apply_locks(self):
+    def _apply_locks(self) -> None:
         if self._lock is None or self._closed:
             return
         self._lock.apply(*self.lock_bits())
@@ -291,7 +311,7 @@ class Node:
     def users(self) -> list[Permission]:
         return list(self._perms)
 
-    def _require(self, bit: Perm, what: str):
+    def _require(self, bit: Perm, what: str) -> None:
         """Some user holds one of the permissions in ``bit``."""
         if not any(p.perm & bit for p in self._perms):
             raise PermissionConflict(f"{what} on node '{self.name}' needs the "
@@ -312,10 +332,10 @@ class Node:
         self.backing, self.backing_perm = child, perm
 
     # -- I/O through the chain ---------------------------------------------
-    def readinto(self, offset: int, buf) -> None:
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         """The guest view of [offset, offset+len(buf)) through the chain."""
         if self.is_filter:
-            self.file.readinto(offset, buf)
+            self._child().readinto(offset, buf)
             return
         mv = memoryview(buf).cast("B")
         if offset + len(mv) > self.size:
@@ -330,7 +350,7 @@ class Node:
             else:
                 self.driver.readinto(m.start, v)
 
-    def _read_below(self, offset: int, mv) -> None:
+    def _read_below(self, offset: int, mv: memoryview) -> None:
         """Like readinto, but zeroes past this node's end (backing shorter
         than the overlay)."""
         n = max(0, min(len(mv), self.size - offset))
@@ -347,18 +367,18 @@ class Node:
         self.readinto(offset, b)
         return bytes(b)
 
-    def _fill(self):
+    def _fill(self) -> Callable[[int, bytearray | memoryview], None] | None:
         if self.backing is None:
             return None
         below = self.backing
         return lambda off, buf: below._read_below(off, memoryview(buf).cast("B"))
 
-    def write(self, offset: int, data) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write with copy-on-write from the backing chain."""
         self._require(_WRITES, "write")
         self.note_write(offset, memoryview(data).nbytes)
         if self.is_filter:
-            self.file.write(offset, data)
+            self._child().write(offset, data)
         elif self.backing is None:
             self.driver.write(offset, data)
         else:
@@ -368,7 +388,7 @@ class Node:
         self._require(_WRITES, "write_zeroes")
         self.note_write(offset, length)
         if self.is_filter:
-            self.file.write_zeroes(offset, length, may_unmap)
+            self._child().write_zeroes(offset, length, may_unmap)
         elif self.backing is None:
             self.driver.write_zeroes(offset, length, may_unmap)
         else:
@@ -378,30 +398,30 @@ class Node:
         self._require(Perm.WRITE, "discard")
         self.note_write(offset, length)
         if self.is_filter:
-            self.file.discard(offset, length)
+            self._child().discard(offset, length)
         else:
             self.driver.discard(offset, length)
 
     def flush(self) -> None:
         if self.is_filter:
-            self.file.flush()
+            self._child().flush()
         else:
             self.driver.flush()
 
-    def block_status(self, offset: int = 0, length: int | None = None) -> list[dict]:
+    def block_status(self, offset: int = 0, length: int | None = None) -> list[dict[str, Any]]:
         """Runs of [offset, offset+length) through the chain, as ``qemu-img
         map --output json`` prints them: start, length, depth, present, zero,
         data, compressed, and offset (host offset in the file of the node at
         ``depth``) when the data has one."""
         if length is None:
             length = self.size - offset
-        out: list[dict] = []
+        out: list[dict[str, Any]] = []
         self._status(offset, min(length, self.size - offset), 0, out)
         return out
 
-    def _status(self, offset, length, depth, out):
+    def _status(self, offset: int, length: int, depth: int, out: list[dict[str, Any]]) -> None:
         if self.is_filter:      # transparent, but a level of chain(): depth + 1
-            self.file._status(offset, length, depth + 1, out)
+            self._child()._status(offset, length, depth + 1, out)
             return
         for m in self.driver.map_host(offset, length):
             if m.kind == Kind.UNALLOCATED and self.backing is not None:
@@ -493,7 +513,9 @@ class Node:
             n.close()
 
 
-def _emit(out, start, length, depth, present, zero, data, compressed, offset, eof=False):
+def _emit(out: list[dict[str, Any]], start: int, length: int, depth: int, present: bool,
+          zero: bool, data: bool, compressed: bool, offset: int | None,
+          eof: bool = False) -> None:
     """``eof``: zeroes past the end of the node at ``depth`` (shorter than
     its overlay) that hide a longer node below it. Not "present", yet that
     node provides them (QEMU counts them as allocated there)."""
@@ -508,8 +530,8 @@ def _emit(out, start, length, depth, present, zero, data, compressed, offset, eo
                 and (offset is None or p["offset"] + p["length"] == offset):
             p["length"] += length
             return
-    e = {"start": start, "length": length, "depth": depth, "present": present,
-         "zero": zero, "data": data, "compressed": compressed}
+    e: dict[str, Any] = {"start": start, "length": length, "depth": depth, "present": present,
+                         "zero": zero, "data": data, "compressed": compressed}
     if offset is not None:
         e["offset"] = offset
     if eof:

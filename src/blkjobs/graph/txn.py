@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import abc
 import os
+from typing import Any, TypeVar
 
 from ..errors import ImageError, UsageError
 from .node import Node
+from .perm import Permission
 
 
 class Change(abc.ABC):
@@ -30,7 +32,7 @@ class Change(abc.ABC):
     def abort(self) -> None:
         """Restore the graph (and any rewritten header) exactly as it was."""
 
-    def _finish(self):
+    def _finish(self) -> None:
         if self.done:
             raise UsageError("graph change already committed or aborted")
         self.done = True
@@ -46,42 +48,44 @@ class ReplaceNode(Change):
         if old is new or old in new.chain():
             raise UsageError(f"cannot replace '{old.name}' by a node above it")
         self.old, self.new = old, new
-        self.moves = []          # (parent, old_perm)
+        #: (parent, its permission on old, its permission on new)
+        self.moves: list[tuple[Node, Permission, Permission | None]] = []
         try:
             for p in old.graph.parents(old):
+                held = p.file_perm if p.file is old else p.backing_perm
+                # a parent holds a permission on each child it links to
+                assert held is not None
                 if p.file is old:
-                    held = p.file_perm
                     perm = new.take(held.owner, held.perm, held.shared)
-                    self.moves.append((p, held))
+                    self.moves.append((p, held, perm))
                     held.pending_release = True
                     p.file, p.file_perm = new, perm
                     continue
-                perm = p._link(new)
-                self.moves.append((p, p.backing_perm))
-                p.backing_perm.pending_release = True
-                p.backing, p.backing_perm = new, perm
+                link = p._link(new)
+                self.moves.append((p, held, link))
+                held.pending_release = True
+                p.backing, p.backing_perm = new, link
         except BaseException:
             self._undo()
             raise
 
-    def _undo(self):
-        for p, old_perm in reversed(self.moves):
+    def _undo(self) -> None:
+        for p, old_perm, new_perm in reversed(self.moves):
+            if new_perm is not None:
+                new_perm.release()
+            old_perm.pending_release = False
             if p.file is self.new:
-                p.file_perm.release()
-                old_perm.pending_release = False
                 p.file, p.file_perm = self.old, old_perm
                 continue
-            p.backing_perm.release()
-            old_perm.pending_release = False
             p.backing, p.backing_perm = self.old, old_perm
         self.moves = []
 
-    def commit(self):
+    def commit(self) -> None:
         self._finish()
-        for _, old_perm in self.moves:
+        for _, old_perm, _new in self.moves:
             old_perm.release()
 
-    def abort(self):
+    def abort(self) -> None:
         self._finish()
         self._undo()
 
@@ -98,7 +102,7 @@ class SetBacking(Change):
             raise UsageError(f"making '{backing.name}' the backing of '{node.name}' "
                              "would create a loop")
         self.node, self.old_backing, self.old_perm = node, node.backing, node.backing_perm
-        self.header_saved = None
+        self.header_saved: tuple[bytes, str | None, str | None] | None = None
         drv = node.driver
         if update_header:
             if not drv.can_set_backing:
@@ -125,12 +129,12 @@ class SetBacking(Change):
             self.old_perm.pending_release = True
         node.backing, node.backing_perm = backing, new_perm
 
-    def commit(self):
+    def commit(self) -> None:
         self._finish()
         if self.old_perm is not None:
             self.old_perm.release()
 
-    def abort(self):
+    def abort(self) -> None:
         self._finish()
         n = self.node
         if n.backing_perm is not None:
@@ -172,12 +176,15 @@ class DropNode(Change):
         self._finish()
 
 
+C = TypeVar("C", bound=Change)
+
+
 class GraphTransaction:
-    def __init__(self):
+    def __init__(self) -> None:
         self.changes: list[Change] = []
         self.state = "open"
 
-    def add(self, change: Change) -> Change:
+    def add(self, change: C) -> C:
         if self.state != "open":
             raise UsageError(f"transaction already {self.state}")
         self.changes.append(change)
@@ -186,7 +193,7 @@ class GraphTransaction:
     def replace_node(self, old: Node, new: Node) -> ReplaceNode:
         return self.add(ReplaceNode(old, new))
 
-    def set_backing(self, node: Node, backing: Node | None, **kw) -> SetBacking:
+    def set_backing(self, node: Node, backing: Node | None, **kw: Any) -> SetBacking:
         return self.add(SetBacking(node, backing, **kw))
 
     def drop_node(self, node: Node) -> DropNode:
