@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CopyError, JobError  # noqa: F401
-from ..graph import ALL, Node, Perm
+from ..graph import ALL, Node, Perm, Permission
 from ..graph.io import BlockIO, DirtyBitmap, InFlight
 from ..graph.node import BACKING_SHARED
 from ..job import ErrorAction, Job
 from ..native.bitmap import Bitmap
 from .base import BlockJob, check_policy
-from .blockcopy import JOB_CLUSTER, Mover
+from .blockcopy import JOB_CLUSTER, Mover, Stats
 from .cbw import CbwFilter
 from .ranges import select_full, select_window
 
@@ -98,8 +98,8 @@ class BackupJob(BlockJob):
                            write_behind=True)
         self.cbw_mover = Mover(io, src, dst, select, compress=compress)
         self.cbw = CbwFilter(self, on_cbw_error)
-        self._perm = None
-        self._relaxed = None            # the fleecing target's backing link
+        self._perm: Permission | None = None
+        self._relaxed: Permission | None = None     # the fleecing target's backing link
         self._job: Job | None = None
         self._pos = 0
 
@@ -129,8 +129,10 @@ class BackupJob(BlockJob):
             # the overlay's users accept changing data, as the target's do).
             # The link stays on the source itself, not on the filter (QEMU
             # leaves parents the filter reaches where they are).
-            self.dst.backing_perm.update(shared=ALL)
-            self._relaxed = self.dst.backing_perm
+            link = self.dst.backing_perm
+            assert link is not None         # a node with a backing node has its link
+            link.update(shared=ALL)
+            self._relaxed = link
             keep = (self.dst,)
         if self.sync in ("full", "top", "none"):
             # none: the background loop copies nothing, but a guest
@@ -184,7 +186,8 @@ class BackupJob(BlockJob):
         self._pos = 0 if end >= self.size else end
         return area
 
-    def _release(self, area: tuple[int, int], stats) -> None:
+    def _release(self, area: tuple[int, int], stats: Stats | None) -> None:
+        assert self._job is not None    # set by run(), the only caller of the copy loop
         with self.io:
             self.inflight.remove((area[0], area[0] + area[1]))
             if stats is None or self._job_cancelled:

@@ -11,9 +11,10 @@ are looked up, claimed, filtered and quiesced through it.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import CopyError, JobError
 from ..graph import Node
@@ -23,6 +24,9 @@ from ..native.ratelimit import TokenBucket
 from .blockcopy import BATCH, Mover, Stats, Ticket
 
 POLICIES = ("report", "ignore", "enospc", "stop", "auto")
+
+#: what a copy loop's ``claim`` hands out: one area, or a batch of them
+Area = TypeVar("Area", bound="tuple[int, int] | list[tuple[int, int]]")
 
 
 def check_policy(name: str, value: str) -> None:
@@ -51,6 +55,11 @@ class BlockJob(JobDriver):
         self.bucket = TokenBucket(0)
         self.on_source_error = "report"
         self.on_target_error = "report"
+
+    @abstractmethod
+    def setup(self, job: Job) -> None:
+        """Claim the job's nodes and permissions, insert its filter (the
+        engine calls it once the job exists, before starting it)."""
 
     def insert_filter(self, node: Node, hooks: Any, drv: str, **kw: Any) -> None:
         """Put the job's filter node (driver ``drv``) above ``node`` (I/O lock
@@ -83,9 +92,9 @@ class BlockJob(JobDriver):
         return job.handle_error(op, e, policy)
 
     def copy_loop(self, job: Job, mover: Mover,
-                  claim: Callable[[Job], tuple[int, int] | None],
-                  release: Callable[[tuple[int, int], Stats | None], None],
-                  on_error: Callable[[Job, CopyError, tuple[int, int]], ErrorAction]
+                  claim: Callable[[Job], Area | None],
+                  release: Callable[[Area, Stats | None], None],
+                  on_error: Callable[[Job, CopyError, Area], ErrorAction]
                   | None = None, depth: int = 2) -> None:
         """Copy areas until ``claim`` returns None, ``depth`` batches in
         flight (one copying while the next is planned and queued).
@@ -100,7 +109,7 @@ class BlockJob(JobDriver):
         the loop goes on (the failed area was given back to be retried).
         """
         on_error = on_error or (lambda j, e, a: self.policy_action(j, e))
-        q: deque[tuple[tuple[int, int], Ticket]] = deque()
+        q: deque[tuple[Area, Ticket]] = deque()
 
         def finish_one() -> CopyError | None:
             area, t = q.popleft()

@@ -62,9 +62,9 @@ class QemuRules:
                     if fresh is None:
                         fresh = []
                     fresh.insert(0, r)
-            for r in self.set_state:
-                if r.event == event and r.state in (0, self.state):
-                    new_state = r.new_state
+            for s in self.set_state:
+                if s.event == event and s.state in (0, self.state):
+                    new_state = s.new_state
             if fresh is not None:
                 self.active = fresh
             self.state = new_state

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 
 from ..errors import CopyError, JobError
-from ..graph import GraphTransaction, Node, Perm
+from ..graph import GraphTransaction, Node, Perm, Permission
 from ..graph.frontend import Filter
 from ..graph.io import BlockIO
 from ..graph.node import BACKING_SHARED
@@ -44,8 +44,8 @@ class _BaseAccess:
     def __init__(self, io: BlockIO, base: Node):
         self.io, self.base = io, base
         self.was_ro = False
-        self.relaxed = None
-        self.perm = None
+        self.relaxed: Permission | None = None
+        self.perm: Permission | None = None
 
     def open(self, owner: str) -> None:
         base = self.base
@@ -81,7 +81,7 @@ class _BaseAccess:
             self.was_ro = False
 
 
-def make_commit(io: BlockIO, device: str, *, base_node: str | None = None,
+def make_commit(io: BlockIO, device: str | Node, *, base_node: str | None = None,
                 base: str | None = None, top_node: str | None = None, top: str | None = None,
                 backing_file: str | None = None, on_error: str = "report") -> BlockJob:
     """Validate (docs/jobs.md §4, exact messages) and build the right driver."""
@@ -97,6 +97,7 @@ def make_commit(io: BlockIO, device: str, *, base_node: str | None = None,
     if top_node is not None and top is not None:
         raise JobError("'top-node' and 'top' are mutually exclusive")
     chain = dev.chain()
+    top_n: Node | None
     if top_node is not None:
         top_n = lookup_node(io, top_node)
         if top_n not in chain:
@@ -109,6 +110,7 @@ def make_commit(io: BlockIO, device: str, *, base_node: str | None = None,
         top_n = dev
     if base_node is not None and base is not None:
         raise JobError("'base-node' and 'base' are mutually exclusive")
+    base_n: Node | None
     if base_node is not None:
         base_n = lookup_node(io, base_node)
         if base_n not in top_n.chain():
@@ -189,7 +191,8 @@ class CommitJob(BlockJob):
         return job.handle_error("read" if err.side == "source" else "write", err, self.on_error)
 
     def run(self, job: Job) -> None:
-        self._job, self._pos, self._retry = job, 0, []
+        self._job, self._pos = job, 0
+        self._retry: list[tuple[int, int]] = []
         self._size = min(self.top.size, self.base.size)
         self.copy_loop(job, self.mover, self._claim, self._release, self._on_error)
         self.mover.flush()

@@ -31,13 +31,13 @@ import time
 from typing import Any
 
 from ..errors import CopyError, JobError
-from ..graph import GraphTransaction, Node, Perm
+from ..graph import GraphTransaction, Node, Perm, Permission
 from ..graph.frontend import Filter
 from ..graph.io import BlockIO, InFlight
 from ..job import ErrorAction, Job
 from ..native.bitmap import Bitmap
 from .base import BlockJob, check_policy
-from .blockcopy import BATCH, KiB, MiB, Mover
+from .blockcopy import BATCH, KiB, MiB, Mover, Stats
 from .dirty import PartlyDirty
 from .ranges import Select, select_full, select_window
 
@@ -79,11 +79,12 @@ class MirrorFilter(Filter):
             job.kick()
 
 
-class Claim(list):
+class Claim(list[tuple[int, int]]):
     """The ranges of one batch, and how many bytes of whole granules they
     stand for (the unit of the dirty count and of progress)."""
 
     __slots__ = ("whole",)
+    whole: int
 
 
 #: How often a READY mirror copies what the guest wrote meanwhile.
@@ -170,7 +171,7 @@ class MirrorJob(BlockJob):
         self.escalated = False
         self.copied = 0
         self._pos = 0
-        self._perm = None
+        self._perm: Permission | None = None
         self._quiesced = False
 
     @property
@@ -246,7 +247,7 @@ class MirrorJob(BlockJob):
                     wrapped = True
         return areas or None
 
-    def _claim(self, job: Job) -> list[tuple[int, int]] | None:
+    def _claim(self, job: Job) -> Claim | None:
         """The background loop's next area; None to leave the loop: nothing
         dirty, or little enough left to converge with writes held off, or a
         completion / soft cancel to serve."""
@@ -257,8 +258,9 @@ class MirrorJob(BlockJob):
             return None
         return self._claim_any(job)
 
-    def _release(self, areas: Claim, stats) -> None:
+    def _release(self, areas: Claim, stats: Stats | None) -> None:
         job = self.job
+        assert job is not None          # set by setup(); copies run only in run()
         with self.io:
             for a, n in areas:
                 self.inflight.remove((a, a + n))
@@ -291,7 +293,7 @@ class MirrorJob(BlockJob):
             with self.io:
                 budget = [self.dirty.count()]
 
-            def claim(job: Job) -> list[tuple[int, int]] | None:
+            def claim(job: Job) -> Claim | None:
                 if budget[0] <= 0:
                     return None
                 areas = self._claim_any(job)

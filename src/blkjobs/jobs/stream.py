@@ -18,7 +18,7 @@ from __future__ import annotations
 
 
 from ..errors import CopyError, JobError
-from ..graph import ALL, GraphTransaction, Node, Perm
+from ..graph import ALL, GraphTransaction, Node, Perm, Permission
 from ..graph.frontend import Filter
 from ..graph.io import BlockIO, InFlight
 from ..job import ErrorAction, Job
@@ -119,7 +119,7 @@ class StreamJob(BlockJob):
         self.filter = _HoldWrites(self.inflight)
         self.failed_ignored: BaseException | None = None
         self._was_ro = False
-        self._perm = None
+        self._perm: Permission | None = None
         self._held: list = []
 
     def setup(self, job: Job) -> None:
@@ -185,7 +185,8 @@ class StreamJob(BlockJob):
         return action
 
     def run(self, job: Job) -> None:
-        self._job, self._pos, self._retry = job, 0, []
+        self._job, self._pos = job, 0
+        self._retry: list[tuple[int, int]] = []
         self.copy_loop(job, self.mover, self._claim, self._release, self._on_error)
         self.mover.flush()
         if self.failed_ignored is not None:
