@@ -13,7 +13,9 @@ import abc
 import enum
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Self
 
 from ..errors import ImageError
 
@@ -73,13 +75,20 @@ class Mapping:
     host_offset: int | None = None
 
 
+#: ``fill(guest_offset, buf)``: fills the writable ``buf`` with what lies
+#: below the layer being written (the backing chain's view), for the parts of
+#: a newly allocated cluster a write does not cover; None: zeroes
+Fill = Callable[[int, memoryview], None]
+
+
 class Driver(abc.ABC):
     """An open image. Subclasses set ``format_name``.
 
     Attributes every driver provides:
 
     * ``filename``: the path it was opened from;
-    * ``fd``: the OS file descriptor of the (data) file, for the C core;
+    * ``fd``: the OS file descriptor of the (data) file, for the C core (a
+      property: after :meth:`close` an error, never a number the OS reuses);
     * ``read_only``: opened without write access;
     * ``backing_filename`` / ``backing_format``: as recorded in the header,
       None when absent (raw: always None);
@@ -140,19 +149,23 @@ class Driver(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def readinto(self, offset: int, buf) -> None:
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill the writable buffer ``buf`` with this layer's view of
         [offset, offset+len(buf)). UNALLOCATED ranges read as zeroes here:
         the graph layer resolves them through the backing chain first."""
 
     @abc.abstractmethod
-    def write(self, offset: int, data) -> None:
-        """Write ``data`` (bytes-like) at ``offset``; allocates as needed."""
+    def write(self, offset: int, data: bytes | bytearray | memoryview,
+              fill: Fill | None = None) -> None:
+        """Write ``data`` (bytes-like) at ``offset``; allocates as needed
+        (``fill``: see :data:`Fill`)."""
 
     @abc.abstractmethod
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True,
+                     fill: Fill | None = None) -> None:
         """Make the range read as zeroes (and no longer fall through to the
-        backing file). qcow2 uses zero clusters where it can."""
+        backing file). qcow2 uses zero clusters where it can (``fill``: for
+        the rest of a partly zeroed new cluster, see :data:`Fill`)."""
 
     @abc.abstractmethod
     def discard(self, offset: int, length: int) -> None:
@@ -166,7 +179,7 @@ class Driver(abc.ABC):
     def close(self) -> None:
         """Flush (if writable) and release the file. Idempotent."""
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """Format-specific fields for ``info --output json``."""
         return {}
 
@@ -191,7 +204,7 @@ class Driver(abc.ABC):
         """Put back what :meth:`allocate` changed (``can_allocate``)."""
         raise self._unsupported("allocation")
 
-    def write_compressed(self, offset: int, cluster_data) -> None:
+    def write_compressed(self, offset: int, cluster_data: bytes | bytearray | memoryview) -> None:
         """Write one cluster compressed (``can_compress``)."""
         raise self._unsupported("compression")
 
@@ -200,7 +213,7 @@ class Driver(abc.ABC):
         (``can_set_backing``)."""
         raise self._unsupported("recording a backing file")
 
-    def check(self, repair: str | None = None) -> dict:
+    def check(self, repair: str | None = None) -> dict[str, Any]:
         """The consistency check (``can_check``)."""
         raise self._unsupported("checks")
 
@@ -213,8 +226,8 @@ class Driver(abc.ABC):
         (``injects_faults``)."""
         return 0
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

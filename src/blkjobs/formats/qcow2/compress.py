@@ -7,21 +7,24 @@ cluster is actually touched).
 from __future__ import annotations
 
 import zlib
+from types import ModuleType
 
 from ...errors import ImageError
 
-_ZSTD_MODULE: list = []
+_ZSTD_MODULE: list[ModuleType | None] = []
 
 
-def _zstd():
+def _zstd() -> ModuleType | None:
     """The optional ``zstandard`` module or None, imported on first use
     (2 ms that no command pays unless it meets a zstd cluster)."""
     if not _ZSTD_MODULE:
+        mod: ModuleType | None
         try:
-            import zstandard  # type: ignore
+            import zstandard
+            mod = zstandard
         except ImportError:  # pragma: no cover - depends on the environment
-            zstandard = None
-        _ZSTD_MODULE.append(zstandard)
+            mod = None
+        _ZSTD_MODULE.append(mod)
     return _ZSTD_MODULE[0]
 
 DEFLATE, ZSTD = 0, 1

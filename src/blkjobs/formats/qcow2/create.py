@@ -75,7 +75,8 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         from .driver import Qcow2
         with Qcow2(path, read_only=False) as img:
             runs = img.allocate(0, size)
-            last = max(m.host_offset + m.length for m in runs)
+            # allocate() hands back DATA runs: each has its host offset
+            last = max(m.host_offset + m.length for m in runs if m.host_offset is not None)
             cs = cluster_size
             os.ftruncate(img.fd, -(-last // cs) * cs)
             img.flush()
