@@ -127,7 +127,7 @@ class NodeState:
 
 def state(node: Node) -> NodeState:
     """The I/O layer's record of ``node`` (created on first use)."""
-    st = node.io_state
+    st: NodeState | None = node.io_state
     if st is None:
         st = node.io_state = NodeState()
     return st

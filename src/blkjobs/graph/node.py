@@ -27,7 +27,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ImageError, UsageError
 from ..formats import open_image, probe_format
@@ -35,10 +35,6 @@ from ..formats.base import Kind
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
-
-if TYPE_CHECKING:       # both import this module
-    from ..job.job import Job
-    from .io import NodeState
 
 BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 #: what allows writing data: a copy that leaves the guest view as it was
@@ -173,7 +169,8 @@ class Node:
         self.file_perm: Permission | None = None
         self._perms: list[Permission] = []
         #: the job blocking this node for other jobs (BlockIO.claim), or None
-        self.claimed_by: Job | None = None
+        #: (a blkjobs.job Job: the graph does not import the job core)
+        self.claimed_by: Any = None
         self.is_filter = getattr(driver, "is_filter", False)
         self._lock = (FileLock(driver.fd, driver.filename)
                       if graph.locking and not self.is_filter else None)
@@ -181,7 +178,7 @@ class Node:
         #: per-node state of the I/O layer over the graph (graph/io.py's
         #: ``NodeState``: filter hooks, bitmaps, cache mode...). It lives and
         #: dies with the node: never keyed by ``id(node)``, which is reused.
-        self.io_state: NodeState | None = None
+        self.io_state: Any = None
         #: QMP's block-set-write-threshold: 0 (off), or the offset writes may
         #: reach; ``threshold_cb(node, amount_exceeded, threshold)`` is called
         #: once, by the first write that goes past it (then it is 0 again)
@@ -550,7 +547,7 @@ def _check_backing_file(path: str, of: str) -> None:
     """A backing file must exist and be a regular file or a block device
     (a FIFO named by a hostile image would block the open forever). Checked
     on an fd opened non-blocking; the drivers check their own fd again."""
-    from ..formats import NotAnImageFile, open_file
+    from ..formats.base import NotAnImageFile, open_file
     try:
         os.close(open_file(path, devices=False))
     except OSError as e:
