@@ -51,10 +51,14 @@ from .job import CompletionMode, Event, EventListener, Job, JobManager, JobOutco
 from .job.events import Clock
 from .jobs.backup import BackupJob
 from .jobs.base import BlockJob
-from .jobs.blkdebug import EVENTS as BLKDEBUG_EVENTS  # noqa: F401 (for the daemon)
+from .jobs.blkdebug import EVENTS as _BLKDEBUG_EVENTS
 from .jobs.blkdebug import Blkdebug, Breaks, Rule, Suspended
-from .jobs.blkdebug_qemu import (DEFAULT_IOTYPES, InjectRule, QemuBlkdebug,  # noqa: F401
-                                 QemuRules, SetStateRule)
+# re-exported for the daemon, which does not import blkjobs.jobs (test_architecture)
+from .jobs.blkdebug_qemu import DEFAULT_IOTYPES as DEFAULT_IOTYPES
+from .jobs.blkdebug_qemu import InjectRule as InjectRule
+from .jobs.blkdebug_qemu import QemuBlkdebug
+from .jobs.blkdebug_qemu import QemuRules as QemuRules
+from .jobs.blkdebug_qemu import SetStateRule as SetStateRule
 from .jobs.commit import make_commit
 from .jobs.mirror import MirrorJob
 from .jobs.stream import StreamJob
@@ -62,6 +66,9 @@ from .options import (BitmapMode, CacheMode, CopyMode, ErrorPolicy, OnCbwError, 
                       coerce)
 
 __all__ = ["DirtyBitmap", "Engine"]
+
+#: blkdebug's event names, for the daemon (as the re-exports above)
+BLKDEBUG_EVENTS = _BLKDEBUG_EVENTS
 
 
 class Engine:
@@ -163,7 +170,7 @@ class Engine:
 
     # -- blkdebug break points (see blkjobs.jobs.blkdebug) ----------------
     def _blkdebug_breaks(self) -> Breaks:
-        b = self.io.breaks
+        b: Breaks | None = self.io.breaks
         if b is None:
             b = self.io.breaks = Breaks(self.io.lock)
         return b
@@ -379,8 +386,9 @@ class Engine:
                     raise JobError(f"Action 'block-{kind}' does not support transaction "
                                    "property completion-mode = grouped")
         txn = JobTxn(mode)
-        starters = {"backup": self.backup, "mirror": self.mirror, "stream": self.stream,
-                    "commit": self.commit}
+        starters: dict[str, Callable[..., Job]] = {
+            "backup": self.backup, "mirror": self.mirror, "stream": self.stream,
+            "commit": self.commit}
         jobs = []
         try:
             for kind, kw in actions:

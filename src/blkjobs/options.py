@@ -74,9 +74,10 @@ class CacheMode(enum.StrEnum):
 
 
 E = TypeVar("E", bound=enum.Enum)
+V = TypeVar("V")
 
 
-def coerce(cls: type[E], value):
+def coerce(cls: type[E], value: V) -> E | V:
     """``value`` as a member of ``cls`` when it is one of its values; any
     other value (None, a typo) is returned unchanged, for the caller's
     check to refuse with QEMU's text."""
