@@ -58,6 +58,7 @@ blkdebug node of the first layout (its format node is meant).
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Callable
 from typing import Any
 
 from ..engine import BLKDEBUG_EVENTS as EVENTS
@@ -156,6 +157,7 @@ class BlkdebugCommands:
 
     eng: Any
     nodes: dict
+    _lookup: Callable[[str], Any]       # Commands._lookup
 
     def _break_node(self, name: str) -> Any:
         mn = self.nodes.get(name)
