@@ -39,13 +39,15 @@ def make_empty(path: str, fmt: str) -> None:
 
 
 def _empty(path: str, fmt: str) -> None:
+    from ..formats.qcow2.driver import Qcow2
     from ..formats.qcow2.empty import make_empty as empty_in_place
     if empty_in_place(path):
         return
     drv = open_image(path, fmt, read_only=True)
     try:
+        assert isinstance(drv, Qcow2)   # make_empty() returns early for other formats
         size, cs = drv.size, drv.cluster_size
-        ext = bool(getattr(drv, "extended", False))
+        ext = drv.extended
         compat = "1.1" if drv.header.version >= 3 else "0.10"
         bf, bfmt = drv.backing_filename, drv.backing_format
     finally:

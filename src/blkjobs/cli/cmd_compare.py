@@ -45,5 +45,6 @@ def run(args) -> int:
         print("Images are identical.")
         return 0
     # qemu-img compares in 512-byte sectors and names the first differing sector
+    assert r.offset is not None         # images that differ differ somewhere
     print(f"Content mismatch at offset {r.offset // 512 * 512}!")
     return 1

@@ -47,7 +47,7 @@ def run(args) -> int:
               f"{human(os.stat(dst).st_blocks * 512)} on disk")
         print("3. Comparing source and copy")
         r = compare_raw(src, dst)
-        print(f"   blkjobs compare: {'Images are identical.' if r.identical else 'DIFFER at %d' % r.offset}")
+        print(f"   blkjobs compare: {'Images are identical.' if r.identical else f'DIFFER at {r.offset}'}")
         ok = r.identical
         if shutil.which("qemu-img"):
             q = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", src, dst],

@@ -20,7 +20,7 @@ _LOCK = re.compile(r'^Failed to get (shared )?"([a-z ]+)" lock on \'(.*)\': '
 _SIZE = re.compile(r"^(\d+(?:\.\d*)?)([bkmgtpe]?)$", re.I)
 
 
-def qemu_size(text: str) -> int:
+def qemu_size(text: str) -> int | None:
     """qemu_strtosz: a non-negative size with an optional binary suffix
     (a fraction only with a suffix); None when invalid."""
     m = _SIZE.match(text)
