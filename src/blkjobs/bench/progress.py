@@ -21,7 +21,7 @@ class Progress:
         self.interval = interval
         self.tty = self.stream.isatty() if tty is None else tty
         self.enabled = enabled
-        self._last = None
+        self._last: float | None = None
         self._shown = False
         self._step = ""
 

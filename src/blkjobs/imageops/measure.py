@@ -73,21 +73,22 @@ def parse_target_opts(texts: list[str] | None, fmt: str) -> dict:
     """``-o`` options of the target format, checked like qemu-img (its
     texts; each error one line or two, raised as UsageError)."""
     known = QCOW2_OPTS if fmt == "qcow2" else RAW_OPTS
-    out: dict = {}
+    out: dict[str, str | bool | int] = {}
     for text in texts or []:
         for item in filter(None, text.split(",")):
-            name, _, val = item.partition("=")
+            name, _, raw = item.partition("=")
+            val: str | bool | int = raw
             if name not in known:
                 raise UsageError(f"Invalid parameter '{name}'\n"
                                  f"blkjobs: Invalid options for file format '{fmt}'")
             if name in ("extended_l2", "lazy_refcounts", "data_file_raw", "encryption"):
-                if val.lower() not in ("on", "off"):
+                if raw.lower() not in ("on", "off"):
                     raise UsageError(f"Parameter '{name}' expects 'on' or 'off'\n"
                                      f"blkjobs: Invalid options for file format '{fmt}'")
-                val = val.lower() == "on"
+                val = raw.lower() == "on"
             elif name in ("size", "cluster_size"):
                 try:
-                    val = _opt_size(val)
+                    val = _opt_size(raw)
                 except ValueError:
                     raise UsageError(
                         f"Parameter '{name}' expects a non-negative number below 2^64\n"

@@ -22,6 +22,7 @@ refuses to record a probed one.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..errors import BlkjobsError, UsageError
 from ..formats.base import Kind
@@ -145,7 +146,7 @@ def _write_differing(top, off, a, b, old_end, oz):
     drv = top.driver
     g = getattr(drv, "scs", None) or drv.cluster_size     # allocation granule
     zero = bytes(g)
-    reqs = []                                   # [kind, start, end] in image offsets
+    reqs: list[list[Any]] = []                  # [kind, start, end] in image offsets
     i, n = 0, len(a)
     while i < n:
         j = min(n, (off + i) // g * g + g - off)
