@@ -53,9 +53,11 @@ man: venv
 dist: venv
 	.ci/dist
 
-# pyflakes-level checks of the Python code (config: pyproject.toml [tool.ruff])
+# Lint and type checks of the Python code (config: pyproject.toml [tool.ruff],
+# [tool.mypy]: strict for the public API's modules)
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 
 # The C core's own tests: the strict warning set (with -fanalyzer), then the
 # tests built with AddressSanitizer + UBSan, under valgrind, and under
