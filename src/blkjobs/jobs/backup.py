@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import CopyError, JobError  # noqa: F401
+from ..errors import CopyError, JobError
 from ..graph import ALL, Node, Perm, Permission
 from ..graph.io import BlockIO, DirtyBitmap, InFlight
 from ..graph.node import BACKING_SHARED

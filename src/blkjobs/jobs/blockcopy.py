@@ -374,7 +374,7 @@ class Mover:
             host += [(m.start, m.length, m.host_offset)
                      for m in self.dst.driver.allocate(s, n, undo)]
         items: list[tuple] = []
-        for s, n, p, da, dh in intersect(sorted(copy + fill, key=lambda t: t[0]), host):
+        for _s, n, p, da, dh in intersect(sorted(copy + fill, key=lambda t: t[0]), host):
             if p is None:
                 items.append((0, dh, n, ZERO))
             else:

@@ -293,12 +293,12 @@ class MirrorJob(BlockJob):
             with self.io:
                 budget = [self.dirty.count()]
 
-            def claim(job: Job) -> Claim | None:
-                if budget[0] <= 0:
+            def claim(job: Job) -> Claim | None:    # used in this pass only
+                if budget[0] <= 0:                  # noqa: B023
                     return None
                 areas = self._claim_any(job)
                 if areas:
-                    budget[0] -= areas.whole
+                    budget[0] -= areas.whole        # noqa: B023
                 return areas
 
             self.copy_loop(job, self.mover, claim, self._release)
