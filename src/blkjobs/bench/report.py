@@ -89,7 +89,7 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
     widths = [len(h) for h in HEADERS]
     for b in body:
         if len(b) == len(HEADERS):
-            widths = [max(w, len(x)) for w, x in zip(widths, b)]
+            widths = [max(w, len(x)) for w, x in zip(widths, b, strict=True)]
     numeric = {2, 6, 7, 8, 9, 10, 11}
 
     def fmt(cells):
@@ -103,7 +103,7 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
 
     lines.append(fmt(list(HEADERS)))
     prev = None
-    for b, r in zip(body, rows):
+    for b, r in zip(body, rows, strict=True):
         if prev is not None and r.case != prev:
             lines.append("")
         lines.append(fmt(b))

@@ -143,8 +143,10 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
     try:
         while job.outcome is None:
             try:
+                # (called before the loop goes on: `synced` is this turn's)
                 eng.jobs.wait_until(lambda: job.outcome is not None or
-                                    (job.is_ready and not synced) or resume.requested, 0.2)
+                                    (job.is_ready and not synced)  # noqa: B023
+                                    or resume.requested, 0.2)
             except TimeoutError:
                 pass
             if prog:

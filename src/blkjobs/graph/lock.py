@@ -63,7 +63,7 @@ class LockConflict(PermissionConflict):
         self.bare = msg         # without the 'Could not open' prefix
         self.prefixed = False
 
-    def opening(self, path: str, what: str = "Could not open") -> "LockConflict":
+    def opening(self, path: str, what: str = "Could not open") -> LockConflict:
         """The error as qemu-img reports it for opening ``path``: the image
         itself, or (when the conflict is on another file) its backing chain."""
         if self.prefixed:

@@ -52,7 +52,7 @@ class FilterDriver:
     backing_filename = None
     backing_format = None
 
-    def __init__(self, format_name: str, child: "Node"):
+    def __init__(self, format_name: str, child: Node):
         self.format_name = format_name
         self.child = child
 
@@ -110,7 +110,7 @@ class Graph:
         if not name or name.startswith("#"):
             raise UsageError(f"Invalid node-name: '{name}'")
 
-    def add(self, driver: Any, name: str | None = None, fmt: str | None = None) -> "Node":
+    def add(self, driver: Any, name: str | None = None, fmt: str | None = None) -> Node:
         self.check_name(name)
         if name is None:
             name = self.auto_name()
@@ -118,18 +118,18 @@ class Graph:
         self.nodes[name] = node
         return node
 
-    def __getitem__(self, name: str) -> "Node":
+    def __getitem__(self, name: str) -> Node:
         try:
             return self.nodes[name]
         except KeyError:
             raise UsageError(f"Cannot find node '{name}'") from None
 
-    def parents(self, node: "Node") -> list["Node"]:
+    def parents(self, node: Node) -> list[Node]:
         """Nodes using ``node`` as backing or (filters) as file child."""
         return [n for n in self.nodes.values() if n.backing is node or n.file is node]
 
-    def add_filter(self, drv: str, child: "Node", name: str | None = None,
-                   perm: Perm | None = None) -> "Node":
+    def add_filter(self, drv: str, child: Node, name: str | None = None,
+                   perm: Perm | None = None) -> Node:
         """A filter node of driver ``drv`` above ``child`` (nothing is
         re-pointed to it here). It holds what its users may need on the
         child: consistent read, and write unless the child is read-only;
@@ -146,7 +146,7 @@ class Graph:
         return node
 
     def open_chain(self, path: str, fmt: str | None = None, read_only: bool = True,
-                   name: str | None = None) -> "Node":
+                   name: str | None = None) -> Node:
         return open_chain(path, fmt, read_only, graph=self, name=name)
 
     def close(self) -> None:
@@ -210,7 +210,7 @@ class Node:
         ro: bool = self.driver.read_only
         return ro
 
-    def chain(self) -> list["Node"]:
+    def chain(self) -> list[Node]:
         """This node and its backing chain (a filter: itself, then its
         child's chain)."""
         out: list[Node] = []
@@ -220,7 +220,7 @@ class Node:
             n = n.file if n.is_filter else n.backing
         return out
 
-    def below_filters(self) -> "Node":
+    def below_filters(self) -> Node:
         """The first node at or below this one that is not a filter."""
         n = self
         while n.is_filter:
@@ -316,12 +316,12 @@ class Node:
                                      "take it first")
 
     # -- backing link ----------------------------------------------------
-    def _link(self, child: "Node | None") -> Permission | None:
+    def _link(self, child: Node | None) -> Permission | None:
         if child is None:
             return None
         return child.take(f"node '{self.name}' (backing)", Perm.CONSISTENT_READ, BACKING_SHARED)
 
-    def attach_backing(self, child: "Node | None") -> None:
+    def attach_backing(self, child: Node | None) -> None:
         """Set the in-memory backing link (no header change)."""
         perm = self._link(child)
         if self.backing_perm is not None:

@@ -9,7 +9,7 @@ its threads joined, and the KeyboardInterrupt propagates).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import UsageError
 from ._lib import Owned, ensure, ffi, lib

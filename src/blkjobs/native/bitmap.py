@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import errno
 import operator
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import UsageError
 from ._lib import ensure, ffi, lib
@@ -72,7 +72,7 @@ class Bitmap:
         self._gran = granularity
 
     @classmethod
-    def _adopt(cls, ptr, granularity: int) -> "Bitmap":
+    def _adopt(cls, ptr, granularity: int) -> Bitmap:
         self = cls.__new__(cls)
         self._b = ffi.gc(ptr, lib.bj_bitmap_free)
         self._gran = granularity
@@ -232,7 +232,7 @@ class Bitmap:
 
     # -- two bitmaps ----------------------------------------------------------
 
-    def _pair(self, fn, other: "Bitmap", what: str) -> int:
+    def _pair(self, fn, other: Bitmap, what: str) -> int:
         if not isinstance(other, Bitmap):
             raise UsageError(f"{what}: expected a Bitmap, got {type(other).__name__}")
         return self._check(
@@ -240,15 +240,15 @@ class Bitmap:
             lambda: (f"bitmaps differ: size {self.size}/granularity {self._gran} "
                      f"vs size {other.size}/granularity {other._gran}"))
 
-    def merge(self, other: "Bitmap") -> int:
+    def merge(self, other: Bitmap) -> int:
         """self |= other (same size and granularity). Returns granules changed."""
         return self._pair(lib.bj_bitmap_merge, other, "merge")
 
-    def subtract(self, other: "Bitmap") -> int:
+    def subtract(self, other: Bitmap) -> int:
         """self &= ~other (same size and granularity). Returns granules changed."""
         return self._pair(lib.bj_bitmap_subtract, other, "subtract")
 
-    def copy(self) -> "Bitmap":
+    def copy(self) -> Bitmap:
         """An independent snapshot, taken atomically."""
         p = ffi.new("struct bj_bitmap **")
         ensure(lib.bj_bitmap_copy(p, self._b), "copy")
@@ -310,7 +310,7 @@ class Bitmap:
                            "deserialize", lambda: self._ser_text(offset, length))
 
     @classmethod
-    def from_bytes(cls, data, size: int, granularity: int = 65536) -> "Bitmap":
+    def from_bytes(cls, data, size: int, granularity: int = 65536) -> Bitmap:
         """A new bitmap of ``size``/``granularity`` holding ``data`` (qcow2 order,
         exactly ceil(granules/8) bytes)."""
         bm = cls(size, granularity)

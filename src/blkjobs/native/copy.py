@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from ..errors import Cancelled, CopyError, UsageError
 from ._lib import Owned, ensure, ffi, lib

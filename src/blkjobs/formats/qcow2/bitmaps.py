@@ -273,7 +273,7 @@ class Bitmaps:
             b.enabled = False
             self.changed = True
 
-    def merge(self, dst_name: str, src_name: str, src: "Bitmaps | None" = None) -> None:
+    def merge(self, dst_name: str, src_name: str, src: Bitmaps | None = None) -> None:
         """Merge bitmap ``src_name`` (of ``src``, default this image) into
         ``dst_name`` (QEMU's checks and texts, in its order)."""
         dst = self.get(dst_name)

@@ -168,7 +168,7 @@ def _drop_empty_refblocks(img) -> None:
     rc.table_dirty = True
     rc.flush_increments()
     gone = {t for t, _, _ in dropped}
-    for t, c, own in dropped:
+    for _t, c, own in dropped:
         if not own and c // rc.rbe not in gone:
             rc.free_later(c)
     rc.apply_frees()
