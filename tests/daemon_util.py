@@ -60,7 +60,7 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-            raise AssertionError("daemon did not stop on SIGTERM")
+            raise AssertionError("daemon did not stop on SIGTERM") from None
         self.stderr = self.proc.stderr.read()
         self.proc.stdout.close()
         self.proc.stderr.close()

@@ -173,9 +173,9 @@ class BitmapMachine(RuleBasedStateMachine):
             off, length = self._range(data)
             other.set(off, length)
             om.set(off, length)
-        new = [a or b for a, b in zip(self.m.g, om.g)] if merge else \
-              [a and not b for a, b in zip(self.m.g, om.g)]
-        changed = sum(a != b for a, b in zip(new, self.m.g))
+        new = [a or b for a, b in zip(self.m.g, om.g, strict=True)] if merge else \
+              [a and not b for a, b in zip(self.m.g, om.g, strict=True)]
+        changed = sum(a != b for a, b in zip(new, self.m.g, strict=True))
         fn = self.bm.merge if merge else self.bm.subtract
         assert fn(other) == changed
         self.m.g = new

@@ -169,7 +169,7 @@ def test_progress_json_counts_to_total(tmp_path):
     import json
     src = make_sparse(tmp_path / "s.raw", 32 * MiB, [(0, 4 * MiB, "data")])
     p = run_blkjobs("convert", "--progress-json", src, tmp_path / "d.raw", check=True)
-    recs = [json.loads(l) for l in p.stderr.splitlines()]
+    recs = [json.loads(line) for line in p.stderr.splitlines()]
     assert recs[-1]["final"] is True
     assert recs[-1]["done"] == recs[-1]["total"] == 32 * MiB
     dones = [r["done"] for r in recs]

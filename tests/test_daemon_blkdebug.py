@@ -108,7 +108,7 @@ def test_set_state_rules(tmp_path):
             try:
                 await s.x("x-blkjobs-write", node="tgt", offset=0, length=4096, pattern=1)
                 out.append("ok")
-            except Exception as e:      # noqa: BLE001 - ExecuteError
+            except Exception as e:      # ExecuteError
                 out.append(str(e))
         return out
     out = run_daemon(start_blkjobs, tmp_path, sc)

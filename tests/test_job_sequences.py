@@ -58,7 +58,7 @@ def test_manual_finalize_and_dismiss():
     assert rec.seq("b0")[5:] == ["COMPLETED", "concluded"]
     assert rec.mgr.query_jobs() == [{"id": "b0", "type": "backup", "status": "concluded",
                                      "current-progress": 1, "total-progress": 1}]
-    with pytest.raises(JobError, match="^Job ID 'b0' already in use$"):
+    with pytest.raises(JobError, match=r"^Job ID 'b0' already in use$"):
         rec.mgr.create(StepDriver(), "b0")
     rec.mgr.job_dismiss("b0")
     assert rec.seq("b0")[-1] == "null" and rec.mgr.query_jobs() == []
@@ -168,7 +168,7 @@ def test_cancel_in_each_state(state, how):
     if how == "job-cancel":
         rec.mgr.job_cancel("j")
     elif how == "soft" and state in (S.PAUSED, S.STANDBY):
-        with pytest.raises(JobError, match="^The block job for device 'j' is currently paused$"):
+        with pytest.raises(JobError, match=r"^The block job for device 'j' is currently paused$"):
             rec.mgr.block_job_cancel("j")
         return
     else:
@@ -199,7 +199,7 @@ def test_pause_counter_nesting_user_and_internal():
     assert mgr.query_block_jobs()[0]["paused"] is True       # as soon as requested
     rec.idle()
     assert job.status is S.PAUSED
-    with pytest.raises(JobError, match="^Job is already paused$"):
+    with pytest.raises(JobError, match=r"^Job is already paused$"):
         mgr.job_pause("j")
     job.pause()                               # internal pause on top
     job.pause()
@@ -208,7 +208,7 @@ def test_pause_counter_nesting_user_and_internal():
     rec.idle()
     assert job.status is S.PAUSED and job.pause_count == 2     # ... does not override
     assert job.progress.current == 0           # no progress while paused
-    with pytest.raises(JobError, match="^Can't resume a job that was not paused$"):
+    with pytest.raises(JobError, match=r"^Can't resume a job that was not paused$"):
         mgr.job_resume("j")
     job.resume()
     mgr.job_pause("j")                        # internal resumes never undo the user's
@@ -389,7 +389,7 @@ def test_creation_id_errors(job_id, kw, msg):
 def test_good_ids_and_duplicates():
     rec = Recorder()
     rec.mgr.create(StepDriver(), "a-b.c_9")
-    with pytest.raises(JobError, match="^Job ID 'a-b.c_9' already in use$"):
+    with pytest.raises(JobError, match=r"^Job ID 'a-b\.c_9' already in use$"):
         rec.mgr.create(StepDriver(), "a-b.c_9")
 
 
@@ -470,12 +470,12 @@ def test_json_lines_and_timestamps():
     rec.mgr.create(StepDriver(), "j")
     clock.advance(1_500_000_123)
     rec.mgr.job_cancel("j")
-    lines = [json.loads(l) for l in out.getvalue().splitlines()]
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert lines[0] == {"event": "JOB_STATUS_CHANGE", "data": {"id": "j", "status": "created"},
                         "timestamp": {"seconds": 1_700_000_000, "microseconds": 250_000}}
     assert lines[1]["timestamp"] == {"seconds": 1_700_000_001, "microseconds": 750_000}
     assert list(json.loads(out.getvalue().splitlines()[0])) == ["event", "data", "timestamp"]
-    assert [l["data"]["status"] for l in lines] == ["created", "aborting", "concluded", "null"]
+    assert [e["data"]["status"] for e in lines] == ["created", "aborting", "concluded", "null"]
     sec, usec = SystemClock().wall()
     assert sec > 1_600_000_000 and 0 <= usec < 1_000_000
 

@@ -21,7 +21,7 @@ def _contract_table(header_prefix: str) -> tuple[list[str], dict[str, set[str]]]
     """Parse the markdown table whose header starts with ``header_prefix``:
     (column letters, row label -> set of letters with a check mark)."""
     lines = CONTRACT.read_text(encoding="utf-8").splitlines()
-    start = next(i for i, l in enumerate(lines) if l.startswith(header_prefix))
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_prefix))
     cols = [c.strip() for c in lines[start].strip("|").split("|")][1:]
     rows: dict[str, set[str]] = {}
     for line in lines[start + 2:]:
@@ -30,7 +30,7 @@ def _contract_table(header_prefix: str) -> tuple[list[str], dict[str, set[str]]]
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         assert len(cells) == len(cols) + 1, line
         assert set(cells[1:]) <= {"", "✔"}, line
-        rows[cells[0]] = {c for c, v in zip(cols, cells[1:]) if v == "✔"}
+        rows[cells[0]] = {c for c, v in zip(cols, cells[1:], strict=True) if v == "✔"}
     return cols, rows
 
 
@@ -72,9 +72,9 @@ def test_rendered_tables_equal_docs_file():
 
 def test_rendered_table_lines_appear_verbatim_in_contract():
     contract_lines = set(CONTRACT.read_text(encoding="utf-8").splitlines())
-    table_lines = [l for l in st.render_tables().splitlines() if l.startswith("|")]
+    table_lines = [ln for ln in st.render_tables().splitlines() if ln.startswith("|")]
     assert len(table_lines) == 2 * 2 + 11 + 8
-    assert [l for l in table_lines if l not in contract_lines] == []
+    assert [ln for ln in table_lines if ln not in contract_lines] == []
 
 
 class _Dummy:

@@ -198,7 +198,7 @@ def test_unknown_and_dismissed_ids():
     d = StepDriver(1, gated=False)
     rec.job(d, "gone")
     mgr.wait_until(lambda: rec.seq("gone")[-1:] == ["null"])
-    with pytest.raises(JobError, match="^Job not found$"):
+    with pytest.raises(JobError, match=r"^Job not found$"):
         mgr.job_dismiss("gone")
 
 
@@ -209,7 +209,7 @@ def test_block_job_verbs_do_not_find_non_block_jobs():
 
     rec = Recorder()
     job = rec.mgr.create(Generic(), "g")
-    with pytest.raises(JobError, match="^Block job 'g' not found$"):
+    with pytest.raises(JobError, match=r"^Block job 'g' not found$"):
         rec.mgr.block_job_pause("g")
     rec.mgr.job_pause("g")                      # the job-* spelling finds it
     assert [i["id"] for i in rec.mgr.query_jobs()] == ["g"]
@@ -240,7 +240,7 @@ def test_complete_refusals():
     d = NoComplete(rec.mgr, ready=True)
     job = rec.job(d, "j")
     assert d.reached.wait(TIMEOUT)
-    with pytest.raises(JobError, match="^The active block job 'j' cannot be completed$"):
+    with pytest.raises(JobError, match=r"^The active block job 'j' cannot be completed$"):
         rec.mgr.job_complete("j")
     assert not job.should_complete
     d.release.set()
@@ -250,7 +250,7 @@ def test_complete_refusals():
     assert d2.reached.wait(TIMEOUT)
     rec.mgr.block_job_cancel("k", force=False)
     assert job2.cancel_requested and not job2.is_cancelled
-    with pytest.raises(JobError, match="^The active block job 'k' cannot be completed$"):
+    with pytest.raises(JobError, match=r"^The active block job 'k' cannot be completed$"):
         rec.mgr.block_job_complete("k")
     d2.release.set()
     rec.mgr.wait_until(lambda: job.status is S.NULL and job2.status is S.NULL)

@@ -90,7 +90,7 @@ def test_node_whose_close_fails_leaves_graph_and_never_uses_its_fd(eng, tmp_path
     with pytest.raises(ImageError, match=r"^'/dev/null': image is closed$"):
         null.read(0, 512)
     with pytest.raises(ImageError, match=r"^'/dev/null': image is closed$"):
-        null.driver.fd
+        _ = null.driver.fd
     null.close()                                    # a second close does nothing
     assert other_path.read_bytes() == b"\x11" * 65536
     assert other.read(0, 512) == b"\x11" * 512

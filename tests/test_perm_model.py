@@ -84,10 +84,10 @@ def side_by_side(tmp_path, n: int, script) -> dict[str, tuple]:
         paths = make_chain(d, n)
         daemon = start(d)
         try:
-            async def main():
-                s = await connect(daemon.sock)
+            async def main():       # run at once: this iteration's daemon
+                s = await connect(daemon.sock)  # noqa: B023
                 try:
-                    return await script(s, paths, d)
+                    return await script(s, paths, d)  # noqa: B023
                 finally:
                     await s.close()
             res = asyncio.run(main())

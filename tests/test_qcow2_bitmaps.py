@@ -133,7 +133,7 @@ def test_every_granularity_in_one_image(tmp_path):
                                  for g in GRANULARITIES]
     check_clean(img)
     qemu_io(img, "write 100k 1")
-    for name, (g, flags, bits) in read_bitmaps(img).items():
+    for name, (g, _flags, bits) in read_bitmaps(img).items():
         assert bits == expected_bits(SIZE, g, [(100 * 1024, 1)]), name
 
 

@@ -77,7 +77,7 @@ def test_write_compressed_and_allocate(tmp_path):
     model = bytearray(SIZE)
     rnd = random.Random(5)
     with open_image(str(p), read_only=False) as img:
-        for i in range(0, 8):
+        for i in range(8):
             d = (bytes([i]) * 1000 + rnd.randbytes(100)) * 60
             d = d[:cs]
             img.write_compressed(i * cs, d)
@@ -123,11 +123,6 @@ def test_check_matches_qemu_and_repairs_leaks(tmp_path):
         fixed = img.check(repair="leaks")
     assert fixed.get("leaks-fixed") == 1 and "leaks" not in fixed
     check_clean(p)
-
-
-def qemu_check_json(p):  # noqa: F811  (clean image: rc 0)
-    import json
-    return json.loads(qemu_img("check", "--output", "json", p).stdout)
 
 
 def qemu_check_json_rc(p):

@@ -65,7 +65,7 @@ def issue_times(b, clk, takers, sizes, busy, idle_every, n):
 
 def worst_window(issued):
     worst = total = j = 0
-    for i, (t, n) in enumerate(issued):          # windows [t, t + 1 s)
+    for t, n in issued:                          # windows [t, t + 1 s)
         while j < len(issued) and issued[j][0] < t + S:
             total += issued[j][1]
             j += 1
@@ -132,7 +132,7 @@ def test_max_request_keeps_within_one_percent():
     j = 0
     total = 0
     worst = 0
-    for i, (t, n) in enumerate(issued):
+    for t, n in issued:
         total += n
         while times[j] <= t - S:
             total -= issued[j][1]

@@ -443,8 +443,8 @@ def main(argv=None) -> int:
             if pid == 0:
                 os.close(rpipe)
                 out = os.fdopen(wpipe, "w", buffering=1)
-                run_items(share, pristine, work, a.seed,
-                          lambda m: out.write(json.dumps(m) + "\n"))
+                run_items(share, pristine, work, a.seed,   # the child's own `out`
+                          lambda m: out.write(json.dumps(m) + "\n"))  # noqa: B023
                 out.close()
                 os._exit(0)
             pids.append(pid)
