@@ -147,7 +147,7 @@ def report(title, size, names, res, rss, modes):
             med, mn = statistics.median(ts), min(ts)
             us = statistics.median(u for _, u, _ in rows)
             sy = statistics.median(s for _, _, s in rows)
-            ratios = [t / b for t, b in zip(ts, base)]
+            ratios = [t / b for t, b in zip(ts, base, strict=True)]
             rm = statistics.median(ratios)
             rtxt = "" if n == "blkjobs convert" else \
                 f"{rm:6.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"

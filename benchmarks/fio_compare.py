@@ -121,7 +121,7 @@ def main():
         for k, v in figs.items():
             ratio = med[k] / med["fio-jobs"]
             best = max(v) / max(figs["fio-jobs"])  # the least disturbed runs
-            pr = sorted(x / y for x, y in zip(v, figs["fio-jobs"]))
+            pr = sorted(x / y for x, y in zip(v, figs["fio-jobs"], strict=True))
             paired = statistics.median(pr)
             q1, q3 = pr[len(pr) // 4], pr[(3 * len(pr)) // 4]
             if k == "blkjobs" and abs(paired - 1) > abs(worst - 1):

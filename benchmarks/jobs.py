@@ -270,7 +270,10 @@ def main() -> int:
         # backup / mirror full vs convert (qemu-img convert does not fsync its
         # target: -t unsafe makes blkjobs do the same)
         out = os.path.join(d, "out")
-        conv = lambda: ("qemu-img", "convert", "-O", "qcow2", vm, os.path.join(out, "o.qcow2"))
+
+        def conv() -> tuple[str, ...]:
+            return ("qemu-img", "convert", "-O", "qcow2", vm, os.path.join(out, "o.qcow2"))
+
         b, q = best_of([lambda: (*PY, "backup", "-t", "unsafe", vm, os.path.join(out, "o.qcow2")),
                         conv], lambda: fresh_out(out), a.repeat)
         ok &= row("backup full", b, q)

@@ -68,7 +68,7 @@ def windows(samples, rate):
             first = d_start + (d - d_start) * 1.0 / (t - t_start) if first is None else first
             break
     worst, j = 0.0, 0
-    for i, (t, d) in enumerate(samples):
+    for t, d in samples:
         while j < len(samples) and samples[j][0] - t < 1.0:
             j += 1
         if j == len(samples):
