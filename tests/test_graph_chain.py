@@ -126,3 +126,25 @@ def test_shorter_backing_reads_zero(tmp_path):
     node.close_chain()
     assert data == to_raw(top, tmp_path)
     assert st[-1]["present"] is False and st[-1]["zero"] is True
+
+
+def test_io_through_a_filter_taken_out_of_the_graph_is_a_clear_error(tmp_path):
+    """A filter node that left the graph (closed: no file child any more)
+    refuses I/O with one line, instead of an AttributeError on None."""
+    p = tmp_path / "d.qcow2"
+    qemu_img("create", "-f", "qcow2", p, SIZE)
+    g = Graph()
+    top = g.open_chain(str(p), read_only=False, name="disk")
+    f = g.add_filter("copy-before-write", top, name="cbw")
+    assert f.read(0, 512) == bytes(512)
+    f.close()
+    msg = "^filter node 'cbw' has been removed from the graph$"
+    with pytest.raises(ImageError, match=msg):
+        f.read(0, 512)
+    with pytest.raises(ImageError, match=msg):
+        f.flush()
+    with pytest.raises(ImageError, match=msg):
+        f.block_status()
+    with pytest.raises(ImageError, match=msg):
+        f.below_filters()
+    g.close()
