@@ -3,6 +3,7 @@ target, the bytes a failed job really wrote, a job paused on ENOSPC."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import select
@@ -164,3 +165,12 @@ def test_backup_paused_on_enospc_says_so_once_and_resumes_on_sigcont(tmp_path):
             proc.stderr.close()
         assert (rc, rest) == (0, "")
         assert dst.read_bytes() == src.read_bytes()
+
+
+def test_an_oserror_without_errno_reads_as_an_io_error():
+    """OSError("text") has errno None; the error that reports it still
+    has an errno and a one-line message (os.strerror(None) would raise)."""
+    from blkjobs.errors import OSErrorWithContext
+    e = OSErrorWithContext(OSError("no errno").errno, "Could not open", path="/x")
+    assert e.errno == errno.EIO
+    assert str(e) == "Could not open '/x': Input/output error"
