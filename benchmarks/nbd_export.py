@@ -105,7 +105,7 @@ def bench(servers: Servers, target: str, out: str, rounds: int, conns: int) -> d
         if r:
             for n in names:
                 times[n].append(got[n])
-    ratios = [q / b for q, b in zip(times["qemu-nbd"], times["blkjobs export"])]
+    ratios = [q / b for q, b in zip(times["qemu-nbd"], times["blkjobs export"], strict=True)]
     return {"times": times, "ratios": ratios}
 
 

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import JobError
-from .dirty_bitmap import DirtyBitmap
+from .dirty_bitmap import DirtyBitmap as DirtyBitmap  # re-exported (blkjobs.DirtyBitmap)
 from .frontend import Filter, Frontend, WriteRequest
 from .node import Graph, Node
 from .pbitmap import add_persistent, load_persistent, store_persistent

@@ -67,7 +67,7 @@ class PersistentDirtyBitmap(DirtyBitmap):
     def recording(self) -> bool:
         return not self.inconsistent and super().recording
 
-    @property           # type: ignore[override]
+    @property
     def bitmap(self) -> Bitmap:
         if self._pb.in_use:         # never read: shown empty, as QEMU does
             if self._empty is None:
@@ -81,7 +81,7 @@ class PersistentDirtyBitmap(DirtyBitmap):
         self._pb.dirty = True
         self._pbm.changed = True
 
-    @property           # type: ignore[override]
+    @property
     def enabled(self) -> bool:
         return bool(self._pb.enabled and not self._pb.in_use)
 
@@ -93,7 +93,7 @@ class PersistentDirtyBitmap(DirtyBitmap):
             else:
                 self._pbm.disable(self.name)
 
-    @property           # type: ignore[override]
+    @property
     def successor(self) -> Bitmap | None:
         return self._pb.successor
 
