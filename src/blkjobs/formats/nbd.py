@@ -167,7 +167,9 @@ class Nbd(Driver):
 
     def _run(self, fn, *args):
         """``fn(connection, *args)`` on a free connection. A failure breaks
-        the driver: every connection is closed, later calls raise it."""
+        the driver: later calls raise it. A connection is closed only by the
+        thread using it (or idle): another thread may be inside libnbd with
+        it."""
         c = self._take()
         try:
             return fn(c, *args)
@@ -175,17 +177,21 @@ class Nbd(Driver):
             with self._cond:
                 if self._broken is None:
                     self._broken = e
-                self._cond.notify_all()
-            self._close_all()
             raise
         finally:
             with self._cond:
-                self._free.append(c)
-                self._cond.notify()
+                if self._broken is not None or self._closed:
+                    c.close()
+                    self._close_idle()
+                else:
+                    self._free.append(c)
+                self._cond.notify_all()
 
-    def _close_all(self) -> None:
-        for c in self._all:
-            c.close()
+    def _close_idle(self) -> None:
+        """Close the connections nobody uses (the lock held)."""
+        for f in self._free:
+            f.close()
+        self._free.clear()
 
     def _writable(self) -> None:
         if self.read_only:
@@ -275,8 +281,8 @@ class Nbd(Driver):
         finally:
             with self._cond:
                 self._closed = True
+                self._close_idle()      # those in use: by their thread, when done
                 self._cond.notify_all()
-            self._close_all()
 
     def info(self) -> dict:
         return {}

@@ -126,11 +126,21 @@ class _NbdConvert:
             for r in runs:
                 s, ln = r["start"], r["length"]
                 if not r["data"]:
-                    q.put((s, ln, False))
+                    self._put(q, (s, ln, False))
                     continue
                 for c in range(s, s + ln, CHUNK):
-                    q.put((c, min(CHUNK, s + ln - c), True))
+                    self._put(q, (c, min(CHUNK, s + ln - c), True))
             pos += n
+
+    def _put(self, q: queue.Queue, item) -> None:
+        """Queue ``item``; give up (quietly) once the copy stops: the
+        workers that would take it are gone."""
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                pass
 
     def _read(self, off: int, mv) -> None:
         try:
@@ -186,7 +196,10 @@ class _NbdConvert:
         buf = memoryview(bytearray(CHUNK))
         try:
             while not self.stop.is_set():
-                item = q.get()
+                try:
+                    item = q.get(timeout=0.05)
+                except queue.Empty:
+                    continue
                 if item is None:
                     return
                 off, n, data = item
@@ -217,13 +230,7 @@ class _NbdConvert:
                 self.stop.set()
             finally:
                 for _ in workers:
-                    while True:
-                        try:
-                            q.put(None, timeout=0.05)
-                            break
-                        except queue.Full:
-                            if self.stop.is_set() and not any(w.is_alive() for w in workers):
-                                break
+                    self._put(q, None)
         planner = threading.Thread(target=plan, daemon=True, name="nbd-convert-plan")
         planner.start()
         try:
