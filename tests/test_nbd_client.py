@@ -360,3 +360,46 @@ def test_daemon_blockdev_add_nbd_and_backup_into_it(tmp_path, servers):
         ("nbd", f"nbd+unix://?socket={s.sock}", False)]
     assert bad[0] == "GenericError" and "none.sock" in bad[1]
     same(s.uri, img)
+
+
+# -- TLS, formats, a build without libnbd -------------------------------------------
+
+def test_tls_with_the_right_key_only(tmp_path, servers):
+    _, nbdkit = servers
+    keys, wrong = tmp_path / "keys.psk", tmp_path / "wrong.psk"
+    keys.write_text("alice:" + os.urandom(32).hex() + "\n")
+    wrong.write_text("alice:" + os.urandom(32).hex() + "\n")
+    s = nbdkit("--tls=require", f"--tls-psk={keys}", "pattern", "8M")
+    tls = f"nbds+unix://alice@/?socket={s.sock}&tls-psk-file={keys}"
+    dst = str(tmp_path / "o.raw")
+    run_blkjobs("convert", tls, dst, check=True)
+    pattern = b"".join(i.to_bytes(8, "big") for i in range(0, 8 << 20, 8))
+    with open(dst, "rb") as f:
+        assert f.read() == pattern
+    p = run_blkjobs("info", s.uri)                       # plaintext: refused
+    one_line_error(p, "Could not open", "requires TLS")
+    p = run_blkjobs("info", tls.replace(str(keys), str(wrong)))
+    one_line_error(p, "Could not open")
+
+
+def test_only_raw_over_nbd(tmp_path, servers):
+    _, nbdkit = servers
+    s = nbdkit("memory", "1M")
+    for args in (("info", "-f", "qcow2", s.uri), ("convert", "-O", "qcow2", str(tmp_path / "x"),
+                                                  s.uri)):
+        if args[0] == "convert":
+            assert qimg("create", "-f", "raw", args[3], "1M").returncode == 0
+        p = run_blkjobs(*args)
+        assert one_line_error(p) == f"blkjobs: '{s.uri}': only the raw format is supported over NBD"
+
+
+def test_without_libnbd_one_line_says_nbd_is_unavailable(tmp_path):
+    import sys
+    code = ("import sys; sys.modules['blkjobs._nbd'] = None\n"
+            "from blkjobs.cli.main import main\n"
+            f"sys.argv = ['blkjobs', 'info', 'nbd+unix:///?socket={tmp_path}/s.sock']\n"
+            "sys.exit(main())\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in p.stderr
+    assert one_line_error(p) == ("blkjobs: NBD is not available: blkjobs was built without "
+                                 "libnbd (install libnbd-dev, then rebuild: make venv)")

@@ -1,7 +1,7 @@
 """``convert`` where the source or the target is an NBD export.
 
 An export has no host file for the C copy engine's ``pread``/``pwrite``, so
-the bytes move through buffers: ``threads`` workers each take a piece of
+the bytes move through buffers: ``2 * threads`` workers each take a piece of
 the source's data runs (``CHUNK`` bytes), read it into their own buffer
 (from NBD: pipelined requests on the worker's own connection, GIL
 released; see :mod:`blkjobs.native.nbd`) and write it to the target (an
@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import BlkjobsError, CopyError, UsageError
 from ..formats.nbd import is_nbd_uri
@@ -52,7 +52,8 @@ class _NbdConvert:
     def __init__(self, src, dst, o: ConvertOptions, progress, check):
         self.src, self.dst, self.o = src, dst, o
         self.progress, self.check = progress, check
-        self.top = self.t = None
+        self.top: Any = None         # the source's top node
+        self.t: Any = None           # the target's driver
         self.tlock: ImageLock | None = None
         self.ours: tuple[int, int] | None = None
         self.written = False
@@ -60,7 +61,8 @@ class _NbdConvert:
         self.data_bytes = self.zero_bytes = 0
         self.err: BaseException | None = None
         self.stop = threading.Event()
-        self.src_lock = self.dst_lock = None
+        self.src_lock: threading.Lock | None = None
+        self.dst_lock: threading.Lock | None = None
         self.bucket = TokenBucket(o.rate) if o.rate else None
 
     # -- setup ---------------------------------------------------------------
@@ -93,7 +95,7 @@ class _NbdConvert:
             try:
                 create_image(dst, o.dst_fmt, size, **copts)
             except OSError as e:
-                raise CopyError(e.errno, "Could not create target", path=dst) from None
+                raise CopyError(e.errno or errno.EIO, "Could not create target", path=dst) from None
             st = os.lstat(dst)
             self.ours = (st.st_dev, st.st_ino)
             if self.tlock is None:
@@ -101,7 +103,7 @@ class _NbdConvert:
         try:
             self.t = open_image(dst, o.dst_fmt, read_only=False)
         except OSError as e:
-            raise CopyError(e.errno, "Could not open target", path=dst) from None
+            raise CopyError(e.errno or errno.EIO, "Could not open target", path=dst) from None
         if self.ours is not None:
             self.ours = _identity(self.t.fd)
         if self.t.size < self.size:
@@ -216,8 +218,10 @@ class _NbdConvert:
     def _copy(self) -> None:
         self.lock = threading.Lock()
         q: queue.Queue = queue.Queue(maxsize=64)
+        # two workers per -m slot: one reads while the other writes (each
+        # NBD connection stays busy; measured: 8 workers ~2x faster than 4)
         workers = [threading.Thread(target=self._worker, args=(q,), daemon=True,
-                                    name=f"nbd-convert-{i}") for i in range(self.o.threads)]
+                                    name=f"nbd-convert-{i}") for i in range(2 * self.o.threads)]
         for w in workers:
             w.start()
         planner_err: list[BaseException] = []
@@ -292,13 +296,15 @@ class _NbdConvert:
             if self.o.flush or t.has_metadata or not t.host_file:
                 t.flush()
         except OSError as e:
-            raise CopyError(e.errno, "error flushing", path=self.dst, side="target") from None
+            raise CopyError(e.errno or errno.EIO, "error flushing", path=self.dst, side="target") from None
 
     def _close_target(self, failed: bool) -> None:
         if self.t is not None:
             t, self.t = self.t, None
-            if failed and t.host_file:
-                t.read_only = True       # do not flush half-made metadata
+            if t.host_file and (failed or (not self.o.flush and not t.has_metadata)):
+                # failed: do not flush half-made metadata; -t unsafe into a
+                # raw file: no fsync (the raw driver's close would do one)
+                t.read_only = True
             try:
                 t.close()
             except (OSError, BlkjobsError):

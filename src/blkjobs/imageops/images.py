@@ -26,7 +26,9 @@ def probe(path: str, fmt: str | None = None) -> str:
     """Validate ``path`` as a readable image file and return its format."""
     check_format(fmt, "source" if fmt else "image")
     if is_nbd_uri(path):
-        return fmt or "raw"         # checked by formats.open_image
+        if fmt not in (None, "raw"):
+            raise UsageError(f"'{path}': only the raw format is supported over NBD")
+        return "raw"
     os.close(open_source(path))        # one-line errors for missing/dir/special files
     return fmt or probe_format(path)
 

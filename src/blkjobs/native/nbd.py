@@ -43,8 +43,12 @@ _SIZE_PREFERRED = 1
 def _libnbd_error(default: int = errno.EIO) -> tuple[int, str]:
     err = lib.nbd_get_errno() or default
     p = lib.nbd_get_error()
-    return err, (ffi.string(p).decode("utf-8", "replace") if p != ffi.NULL else
-                 os.strerror(err))
+    if p == ffi.NULL:
+        return err, os.strerror(err)
+    text = ffi.string(p).decode("utf-8", "replace")
+    # libnbd names its function first ("nbd_aio_connect_uri: connect: ...")
+    head, sep, rest = text.partition(": ")
+    return err, (rest if sep and head.startswith("nbd_") else text)
 
 
 class NbdIOError(OSError):
@@ -74,6 +78,9 @@ class Connection:
             if tls_certificates:
                 self._ok(lib.nbd_set_tls_certificates(h, tls_certificates.encode()))
             self._ok(lib.nbd_add_meta_context(h, BASE_ALLOCATION))
+            # the URI is the user's own (a command line argument): its
+            # tls-psk-file= / tls-certificates= may name local files
+            self._ok(lib.nbd_set_uri_allow_local_file(h, True))
             rc = lib.bj_nbd_connect(h, uri.encode(), self.timeout_ms)
             if rc < 0:
                 raise ImageError(f"Could not open '{uri}': {self._text(rc)}")
