@@ -403,3 +403,32 @@ def test_without_libnbd_one_line_says_nbd_is_unavailable(tmp_path):
     assert "Traceback" not in p.stderr
     assert one_line_error(p) == ("blkjobs: NBD is not available: blkjobs was built without "
                                  "libnbd (install libnbd-dev, then rebuild: make venv)")
+
+
+@pytest.mark.parametrize("path", ["c", "buffers"])     # -r: the buffer path
+def test_raw_files_to_and_from_exports_both_paths(tmp_path, servers, path):
+    from conftest import make_sparse
+    qemu_nbd, nbdkit = servers
+    rate = ["-r", "8G"] if path == "buffers" else []
+    src = make_sparse(str(tmp_path / "src.raw"), 48 << 20, [
+        (0, 3 << 20, "data"), (5 << 20, 2 << 20, "zero"), (9 << 20, 4096, 0x61),
+        (20 << 20, 7 << 20, "data"), ((48 << 20) - 512, 512, 0x7e)])
+    mem = nbdkit("memory", "48M")
+    run_blkjobs("convert", *rate, "-n", src, mem.uri, check=True)
+    same(src, mem.uri)
+    # into an export holding old data: zeroes must be written too
+    old = str(tmp_path / "old.raw")
+    with open(old, "wb") as f:
+        f.write(b"\xee" * (48 << 20))
+    q = qemu_nbd(old, "raw", name="old")
+    run_blkjobs("convert", *rate, "-n", src, q.uri, check=True)
+    same(src, q.uri)
+    # and back: a fresh file (sparse), and an existing one full of old bytes
+    fresh = str(tmp_path / "fresh.raw")
+    run_blkjobs("convert", *rate, q.uri, fresh, check=True)
+    same(fresh, src)
+    assert os.stat(fresh).st_blocks * 512 <= 11 << 20
+    full = tmp_path / "full.raw"
+    full.write_bytes(b"\xdd" * (48 << 20))
+    run_blkjobs("convert", *rate, "-n", q.uri, str(full), check=True)
+    same(str(full), src)

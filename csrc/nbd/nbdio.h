@@ -46,6 +46,15 @@ int bj_nbd_cmd(struct nbd_handle *h, int op, uint64_t off, uint64_t len, uint32_
                int timeout_ms);
 int64_t bj_nbd_extents(struct nbd_handle *h, uint64_t off, uint64_t len, uint32_t *out,
                        size_t max_pairs, int timeout_ms);
+struct bj_nbd_copy_stats {
+    uint64_t data_bytes;    /* copied as data */
+    uint64_t zero_bytes;    /* found zero: skipped or written as zeroes */
+    int error_side;         /* 0 none, 1 source, 2 target */
+    uint64_t error_offset;
+};
+int bj_nbd_copy_fd(struct nbd_handle *h, int fd, int to_nbd, uint64_t off, uint64_t len,
+                   uint64_t chunk, int depth, int skip_zero, int zero_flags, int timeout_ms,
+                   struct bj_nbd_copy_stats *st);
 /* cdef-end */
 
 #define BJ_NBD_FLUSH 0

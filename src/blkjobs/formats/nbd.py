@@ -270,6 +270,15 @@ class Nbd(Driver):
         # covers the writes completed on all of them
         self._run(lambda c: c.flush())
 
+    def copy_fd(self, fd: int, to_nbd: bool, offset: int, length: int, skip_zero: bool,
+                may_unmap: bool = True) -> tuple[int, int]:
+        """A local raw file <-> this export, on one connection, in C (see
+        :meth:`blkjobs.native.nbd.Connection.copy_fd`)."""
+        if to_nbd:
+            self._writable()
+        self._check(offset, length)
+        return self._run(lambda c: c.copy_fd(fd, to_nbd, offset, length, skip_zero, may_unmap))
+
     def close(self) -> None:
         """Flush (if writable) and disconnect. Idempotent; the connections
         are closed even when the flush fails (its error is raised after)."""

@@ -34,6 +34,7 @@ from .convert import (ConvertOptions, ConvertResult, _identity, _lock_target,
 
 WORK = 256 << 20            # block status asked per work range
 CHUNK = 4 << 20             # bytes per worker piece
+FAST_PIECE = 64 << 20       # bytes per piece of the C path (Nbd.copy_fd)
 SPARSE_BLOCK = 1 << 20      # zero detection granularity of data pieces
 
 
@@ -54,6 +55,7 @@ class _NbdConvert:
         self.progress, self.check = progress, check
         self.top: Any = None         # the source's top node
         self.t: Any = None           # the target's driver
+        self.fast: Any = None        # see _choose_path
         self.tlock: ImageLock | None = None
         self.ours: tuple[int, int] | None = None
         self.written = False
@@ -130,8 +132,9 @@ class _NbdConvert:
                 if not r["data"]:
                     self._put(q, (s, ln, False))
                     continue
-                for c in range(s, s + ln, CHUNK):
-                    self._put(q, (c, min(CHUNK, s + ln - c), True))
+                piece = FAST_PIECE if self.fast is not None else CHUNK
+                for c in range(s, s + ln, piece):
+                    self._put(q, (c, min(piece, s + ln - c), True))
             pos += n
 
     def _put(self, q: queue.Queue, item) -> None:
@@ -194,6 +197,43 @@ class _NbdConvert:
                     self.done += k
             pos += k
 
+    def _choose_path(self) -> None:
+        """``self.fast``: (export, local fd, to_nbd) when one side is an
+        export and the other a plain local raw file (no backing file, no
+        rate limit): then :meth:`Nbd.copy_fd` moves whole pieces in C.
+        Otherwise None: the buffer path."""
+        self.fast = None
+        if self.bucket is not None or self.top.backing is not None:
+            return
+        src, dst = self.top.driver, self.t
+        plain = (lambda d: d.host_file and d.format_name == "raw" and not d.cluster_size
+                 and not d.injects_faults)
+        if not src.host_file and plain(dst):
+            self.fast = (src, dst.fd, False)
+        elif not dst.host_file and plain(src):
+            self.fast = (dst, src.fd, True)
+
+    def _fast_piece(self, off: int, n: int) -> None:
+        from ..native.nbd import NbdCopyError
+        nbd, fd, to_nbd = self.fast
+        skip = self.o.sparse_size != 0 and self.target_zero
+        try:
+            data, zero = nbd.copy_fd(fd, to_nbd, off, n, skip, self.o.sparse_size != 0)
+        except NbdCopyError as e:
+            what = "error reading" if e.side == "source" else "error writing"
+            path = self.src if e.side == "source" else self.dst
+            raise CopyError(e.errno or errno.EIO, what, path=path, side=e.side,
+                            offset=e.offset) from None
+        except OSError as e:        # the export broke before (another worker)
+            side = "source" if not to_nbd else "target"
+            raise CopyError(e.errno or errno.EIO, "error reading" if not to_nbd else
+                            "error writing", path=self.src if not to_nbd else self.dst,
+                            side=side, offset=off) from None
+        with self.lock:
+            self.data_bytes += data
+            self.zero_bytes += zero
+            self.done += n
+
     def _worker(self, q: queue.Queue) -> None:
         buf = memoryview(bytearray(CHUNK))
         try:
@@ -205,7 +245,9 @@ class _NbdConvert:
                 if item is None:
                     return
                 off, n, data = item
-                if data:
+                if data and self.fast is not None:
+                    self._fast_piece(off, n)
+                elif data:
                     self._piece(buf, off, n)
                 else:
                     self._zero(off, n)
@@ -220,8 +262,10 @@ class _NbdConvert:
         q: queue.Queue = queue.Queue(maxsize=64)
         # two workers per -m slot: one reads while the other writes (each
         # NBD connection stays busy; measured: 8 workers ~2x faster than 4)
+        # (the C path: one worker per NBD connection, each copies both sides)
+        n = 2 * self.o.threads if self.fast is None else self.fast[0].connections
         workers = [threading.Thread(target=self._worker, args=(q,), daemon=True,
-                                    name=f"nbd-convert-{i}") for i in range(2 * self.o.threads)]
+                                    name=f"nbd-convert-{i}") for i in range(n)]
         for w in workers:
             w.start()
         planner_err: list[BaseException] = []
@@ -274,6 +318,7 @@ class _NbdConvert:
             if self.progress:
                 self.progress(0, self.size)
             self.written = True
+            self._choose_path()
             t0 = time.monotonic()
             self._copy()
             self._finish()

@@ -56,6 +56,15 @@ class NbdIOError(OSError):
     libnbd's text."""
 
 
+class NbdCopyError(NbdIOError):
+    """:meth:`Connection.copy_fd` failed on ``side`` ('source' or
+    'target') at ``offset``."""
+
+    def __init__(self, err: int, text: str, side: str, offset: int):
+        super().__init__(err, text)
+        self.side, self.offset = side, offset
+
+
 class Connection:
     """One open NBD connection to ``uri`` (see libnbd's nbd_connect_uri for
     the forms). ``tls_certificates``: the directory of x509 certificates for
@@ -187,6 +196,30 @@ class Connection:
         if not res or any(n == 0 for n, _ in res):
             raise self._fail(-errno.EPROTO, "block status: the server described nothing")
         return res
+
+    def copy_fd(self, fd: int, to_nbd: bool, offset: int, length: int, skip_zero: bool,
+                may_unmap: bool = True) -> tuple[int, int]:
+        """Copy [offset, offset+length) between the local file ``fd`` and the
+        export, the same offsets on both sides (``to_nbd``: file -> export),
+        entirely in C: requests pipelined, the file read or written as each
+        request is issued or completes. ``skip_zero``: chunks that read as
+        zero are not written (the target reads as zero already); else to an
+        export as WRITE_ZEROES. Returns (data bytes, zero bytes); raises
+        :class:`NbdCopyError` (the connection is closed then)."""
+        h = self._handle()
+        st = ffi.new("struct bj_nbd_copy_stats *")
+        rc = lib.bj_nbd_copy_fd(h, fd, int(to_nbd), offset, length, self.chunk, self.depth,
+                                int(skip_zero), 0 if may_unmap else CMD_FLAG_NO_HOLE,
+                                self.timeout_ms, st)
+        if rc < 0:
+            side = "source" if st.error_side == 1 else "target"
+            local = (side == "source") == to_nbd
+            text = os.strerror(-rc) if local else self._text(rc)
+            e = NbdCopyError(-rc, text, side, int(st.error_offset))
+            self._broken = e
+            self.close()
+            raise e
+        return int(st.data_bytes), int(st.zero_bytes)
 
     def close(self) -> None:
         h, self._h = self._h, None
