@@ -266,15 +266,17 @@ def test_a_stalled_server_times_out_with_one_line(tmp_path, servers):
 
 
 def test_a_stopped_qemu_nbd_times_out_and_the_target_keeps_its_data(tmp_path, servers):
+    """kill -STOP: the kernel still accepts the connection, nobody answers."""
     qemu_nbd, _ = servers
     img = qcow2_image(tmp_path)
     s = qemu_nbd(img, "qcow2")
     tgt = tmp_path / "keep.raw"
-    tgt.write_bytes(b"\x42" * (1 << 20))
+    tgt.write_bytes(b"\x42" * (64 << 20))
     s.proc.send_signal(signal.SIGSTOP)
     p = _run("convert", "-n", s.uri, str(tgt), env=_env("1"))
-    one_line_error(p, "timed out")
-    assert tgt.read_bytes() == b"\x42" * (1 << 20)
+    assert one_line_error(p) == (f"blkjobs: Could not open '{s.uri}': the server did not "
+                                 "answer in time (timed out)")
+    assert tgt.read_bytes() == b"\x42" * (64 << 20)
 
 
 def test_server_errors_fail_with_one_line(tmp_path, servers):
@@ -432,3 +434,16 @@ def test_raw_files_to_and_from_exports_both_paths(tmp_path, servers, path):
     full.write_bytes(b"\xdd" * (48 << 20))
     run_blkjobs("convert", *rate, "-n", q.uri, str(full), check=True)
     same(str(full), src)
+
+
+def test_the_export_is_flushed_with_t_writeback_only(tmp_path, servers):
+    _, nbdkit = servers
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x31" * (4 << 20))
+    for cache, flushes in (("unsafe", False), ("writeback", True)):
+        log = tmp_path / f"{cache}.log"
+        s = nbdkit("--filter=log", "memory", "4M", f"logfile={log}", name=cache)
+        run_blkjobs("convert", "-t", cache, "-n", str(src), s.uri, check=True)
+        s.stop()            # the log is complete once the server is gone
+        text = log.read_text()
+        assert "Write" in text and ("Flush" in text) == flushes, text

@@ -131,6 +131,7 @@ class Nbd(Driver):
         self._cond = threading.Condition()
         self._broken: OSError | None = None
         self._closed = False
+        self._unsafe = False
         if c0.can_multi_conn:
             self._more(connections - 1)
 
@@ -279,13 +280,18 @@ class Nbd(Driver):
         self._check(offset, length)
         return self._run(lambda c: c.copy_fd(fd, to_nbd, offset, length, skip_zero, may_unmap))
 
+    def set_unsafe(self, unsafe: bool) -> None:
+        """cache=unsafe: no flush when closed (explicit flushes still go)."""
+        self._unsafe = unsafe
+
     def close(self) -> None:
-        """Flush (if writable) and disconnect. Idempotent; the connections
-        are closed even when the flush fails (its error is raised after)."""
+        """Flush (if writable, unless cache=unsafe) and disconnect.
+        Idempotent; the connections are closed even when the flush fails
+        (its error is raised after)."""
         if self._closed:
             return
         try:
-            if self._broken is None:
+            if self._broken is None and not self._unsafe:
                 self.flush()
         finally:
             with self._cond:

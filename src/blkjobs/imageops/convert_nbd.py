@@ -82,6 +82,7 @@ class _NbdConvert:
         o, dst = self.o, self.dst
         if is_nbd_uri(dst):
             self.t = open_image(dst, "raw", read_only=False)
+            self.t.set_unsafe(not o.flush)
             if self.t.size < self.size:
                 raise UsageError("output file is smaller than input file" if o.no_create
                                  else f"{dst}: error while converting raw: Cannot grow NBD nodes")
@@ -338,8 +339,8 @@ class _NbdConvert:
     def _finish(self) -> None:
         t = self.t
         try:
-            if self.o.flush or t.has_metadata or not t.host_file:
-                t.flush()
+            if self.o.flush or t.has_metadata:
+                t.flush()       # -t unsafe (the default): an export is not flushed either
         except OSError as e:
             raise CopyError(e.errno or errno.EIO, "error flushing", path=self.dst, side="target") from None
 
