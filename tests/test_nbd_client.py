@@ -447,3 +447,27 @@ def test_the_export_is_flushed_with_t_writeback_only(tmp_path, servers):
         s.stop()            # the log is complete once the server is gone
         text = log.read_text()
         assert "Write" in text and ("Flush" in text) == flushes, text
+
+
+def test_daemon_nbd_node_as_qemu_storage_daemon_shows_it(tmp_path, servers):
+    from daemon_util import side_by_side
+    qemu_nbd, _ = servers
+    img = str(tmp_path / "d.raw")
+    with open(img, "wb") as f:
+        f.truncate(8 << 20)
+    s = qemu_nbd(img, "raw", name="d")
+
+    async def scenario(q, d):
+        await q.x("blockdev-add", driver="nbd", **{"node-name": "n0"},
+                  server={"type": "unix", "path": s.sock})
+        nodes = await q.x("query-named-block-nodes")
+        bad = await q.err("blockdev-add", driver="nbd", **{"node-name": "n1"},
+                          server={"type": "unix", "path": str(tmp_path / "none.sock")})
+        await q.x("blockdev-del", **{"node-name": "n0"})
+        keep = ("node-name", "drv", "file", "ro", "image", "backing_file_depth")
+        return [{k: n[k] for k in keep} for n in nodes], bad
+
+    ref, ours = side_by_side(tmp_path, scenario)
+    assert ours == ref
+    assert ref[1] == ("GenericError", f"Failed to connect to '{tmp_path}/none.sock': "
+                                      "No such file or directory")

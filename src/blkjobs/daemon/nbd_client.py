@@ -11,6 +11,7 @@ client does not reconnect), ``x-dirty-bitmap``.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..errors import BlkjobsError
@@ -30,10 +31,18 @@ def open_node(cmds: Any, opts: dict[str, Any], ro: bool) -> Node:
     name = opts.get("node-name")
     if name is not None:
         cmds._check_new_name(name)
+    from ..native.nbd import NbdConnectError
     timeout = opts.get("open-timeout") or None
+    server = opts["server"]
     try:
-        uri = qmp_uri(opts["server"], opts.get("export"))
+        uri = qmp_uri(server, opts.get("export"))
         drv = Nbd(uri, read_only=ro, timeout=float(timeout) if timeout else None)
+    except NbdConnectError as e:
+        if not e.socket:
+            raise QMPError(str(e)) from None
+        addr = server.get("path") if server.get("type") == "unix" else \
+            f"{server.get('host')}:{server.get('port')}"
+        raise QMPError(f"Failed to connect to '{addr}': {os.strerror(e.errno)}") from None
     except BlkjobsError as e:
         raise QMPError(str(e)) from None
     gnode = cmds.eng.graph.add(drv, name, "nbd")

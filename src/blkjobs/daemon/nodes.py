@@ -356,6 +356,8 @@ class NodeCommands:
             if not flat and g.file is not None:
                 img["backing-image"] = self._image_info(g.file, flat)
             return img
+        if g.format == "nbd":       # as QEMU shows a protocol node without a file
+            return {"virtual-size": g.size, "filename": g.filename, "format": "nbd"}
         try:
             img["actual-size"] = os.stat(g.filename).st_blocks * 512
         except OSError:

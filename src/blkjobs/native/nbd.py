@@ -54,6 +54,16 @@ def _libnbd_error(default: int = errno.EIO) -> tuple[int, str]:
     return err, (rest if sep and head.startswith("nbd_") else text)
 
 
+class NbdConnectError(ImageError):
+    """Could not connect: ``errno``, and ``socket`` True when the socket
+    itself could not be connected (libnbd's text starts with ``connect:``)
+    rather than the handshake failing."""
+
+    def __init__(self, text: str, err: int, socket: bool):
+        super().__init__(text)
+        self.errno, self.socket = err, socket
+
+
 class NbdIOError(OSError):
     """A request failed: ``errno`` (ETIMEDOUT for a silent server) and
     libnbd's text."""
@@ -95,7 +105,9 @@ class Connection:
             self._ok(lib.nbd_set_uri_allow_local_file(h, True))
             rc = lib.bj_nbd_connect(h, uri.encode(), self.timeout_ms)
             if rc < 0:
-                raise ImageError(f"Could not open '{uri}': {self._text(rc)}")
+                text = self._text(rc)
+                raise NbdConnectError(f"Could not open '{uri}': {text}", -rc,
+                                      text.startswith("connect: "))
             self.size = int(lib.nbd_get_size(h))
             if self.size < 0:
                 raise ImageError(f"Could not open '{uri}': {_libnbd_error()[1]}")
