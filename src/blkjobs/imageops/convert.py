@@ -303,10 +303,6 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
         if o.create_opts and set(o.create_opts) - {"preallocation"}:
             raise UsageError(f"Invalid parameter '{sorted(set(o.create_opts) - {'preallocation'})[0]}'"
                              " for format raw")
-    from ..formats.nbd import is_nbd_uri
-    if is_nbd_uri(src) or is_nbd_uri(dst):      # no host file: buffers, not the engine
-        from .convert_nbd import convert_nbd
-        return convert_nbd(src, dst, o, progress, check)
     if same_file(src, dst):
         raise UsageError(f"source and target are the same file: '{src}'")
     fmt = probe(src, o.src_fmt)

@@ -29,13 +29,30 @@ from ..formats.nbd import is_nbd_uri
 from ..graph.lock import ImageLock
 from ..native.extents import is_zero
 from ..native.ratelimit import TokenBucket
-from .convert import (ConvertOptions, ConvertResult, _identity, _lock_target,
+from .convert import (ConvertOptions, ConvertResult, _check_options, _identity, _lock_target,
                       _say_what_happened_to_target)
+from .convert import convert as convert_files
 
 WORK = 256 << 20            # block status asked per work range
 CHUNK = 4 << 20             # bytes per worker piece
 FAST_PIECE = 64 << 20       # bytes per piece of the C path (Nbd.copy_fd)
 SPARSE_BLOCK = 1 << 20      # zero detection granularity of data pieces
+
+
+def convert(src: str, dst: str, opts: ConvertOptions | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            check: Callable[[], None] | None = None) -> ConvertResult:
+    """:func:`blkjobs.imageops.convert.convert`, and NBD URIs on either side
+    (the command line's entry point; the NBD path lives here so that the
+    local converter does not depend on it)."""
+    from .images import check_format
+    o = opts or ConvertOptions()
+    if not (is_nbd_uri(src) or is_nbd_uri(dst)):
+        return convert_files(src, dst, o, progress, check)
+    check_format(o.dst_fmt, "target")
+    check_format(o.src_fmt, "source")
+    _check_options(o)
+    return convert_nbd(src, dst, o, progress, check)
 
 
 def convert_nbd(src: str, dst: str, o: ConvertOptions,
