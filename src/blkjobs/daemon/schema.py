@@ -265,7 +265,7 @@ BlockdevOptions.variants.update({
 
 _InetSocketAddress = Struct("InetSocketAddress", [
     ("host", "str"), ("port", "str"), ("*numeric", "bool"), ("*to", "int"),
-    ("*ipv4", "bool"), ("*ipv6", "bool"), ("*keep-alive", "bool")])
+    ("*ipv4", "bool"), ("*ipv6", "bool"), ("*keep-alive", "bool"), ("*mptcp", "bool")])
 SocketAddress = Union("SocketAddress", Struct("SocketAddressBase", [
     ("type", Enum("SocketAddressType", ("inet", "unix", "vsock", "fd")))]), "type", {
     "inet": _InetSocketAddress,
@@ -274,8 +274,9 @@ SocketAddress = Union("SocketAddress", Struct("SocketAddressBase", [
     "vsock": Struct("VsockSocketAddress", [("cid", "str"), ("port", "str")]),
     "fd": Struct("FdSocketAddress", [("str", "str")])})
 BlockdevOptions.variants["nbd"] = Struct("BlockdevOptionsNbd", [
-    ("server", SocketAddress), ("*export", "str"), ("*x-dirty-bitmap", "str"), ("*tls-creds", "str"),
-    ("*tls-hostname", "str"), ("*reconnect-delay", "int"), ("*open-timeout", "int")])
+    ("server", SocketAddress), ("*export", "str"), ("*tls-creds", "str"),
+    ("*tls-hostname", "str"), ("*x-dirty-bitmap", "str"), ("*reconnect-delay", "int"),
+    ("*open-timeout", "int")])
 
 BlkdebugEvent = Enum("BlkdebugEvent", (
     "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",
