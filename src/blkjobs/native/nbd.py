@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import ImageError
+from ..errors import BlkjobsError, ImageError
 
 try:
     from .._nbd import ffi, lib
@@ -64,9 +64,13 @@ class NbdConnectError(ImageError):
         self.errno, self.socket = err, socket
 
 
-class NbdIOError(OSError):
+class NbdIOError(BlkjobsError, OSError):
     """A request failed: ``errno`` (ETIMEDOUT for a silent server) and
-    libnbd's text."""
+    libnbd's text. Also an OSError, so the copy paths report it as an
+    error of their source or target side."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class NbdCopyError(NbdIOError):
