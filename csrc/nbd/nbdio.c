@@ -1,5 +1,7 @@
 /* See nbdio.h. */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <poll.h>
 #include <stdbool.h>

@@ -20,7 +20,7 @@ import os
 from ..errors import BlkjobsError, ImageError
 
 try:
-    from .._nbd import ffi, lib
+    from .._nbd import ffi, lib  # type: ignore[import-not-found]  # built by setup.py
     AVAILABLE = True
     WHY_NOT = ""
 except ImportError:          # built where libnbd-dev was not installed
