@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: venv deps demo test test-c lint bench dist man clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py csrc/nbd/*.[ch])
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q 'setuptools>=77' wheel build 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4' 'mypy>=1.8' 'argparse-manpage>=4'
@@ -77,5 +77,5 @@ bench: venv deps
 	  --benchmark-storage=benchmarks/.benchmarks --benchmark-compare=0001
 
 clean:
-	rm -rf $(VENV) build src/blkjobs/_core*.so src/blkjobs/_core.c *.egg-info src/*.egg-info
+	rm -rf $(VENV) build src/blkjobs/_core*.so src/blkjobs/_core.c src/blkjobs/_nbd*.so src/blkjobs/_nbd.c *.egg-info src/*.egg-info
 	$(MAKE) -C tests/c clean

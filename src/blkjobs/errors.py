@@ -10,7 +10,10 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      ├── ImageError                           malformed, corrupt or unsupported image
      │    ├── CheckNotSupported               exit 63: the format has no checks (qemu-img's 63)
      │    ├── NotSupported                    formats.base: a driver lacks the capability asked for
-     │    └── NotAnImageFile                  formats.base: not a file or device an image can be
+     │    ├── NotAnImageFile                  formats.base: not a file or device an image can be
+     │    └── NbdConnectError                 native.nbd: could not connect to an NBD server
+     ├── NbdIOError (also OSError)            native.nbd: an NBD request failed (errno, libnbd's text)
+     │    └── NbdCopyError                    native.nbd: a file <-> export copy failed (side, offset)
      ├── UsageError (also ValueError)         bad argument values (sizes, rates, options)
      ├── PermissionConflict                   graph.perm: a permission or lock is held elsewhere
      │    └── LockConflict                    graph.lock: another process holds QEMU's lock bytes

@@ -266,8 +266,9 @@ def register(sub):
 
 
 def open_target(eng, src_node, path, fmt, backing=None, cache="writeback"):
-    """TARGET opened, or created with SRC's size (``created`` tells which)."""
-    if os.path.exists(path):
+    """TARGET opened, or created with SRC's size (``created`` tells which).
+    An NBD URI names an existing export: opened, never created."""
+    if target_exists(path):
         return open_image_node(eng, path, fmt, node_name="target", cache=cache)
     fmt = fmt or "qcow2"
     opts = {}
@@ -336,6 +337,12 @@ def _create_overlay(eng, src, args):
                       backing_file=rel)
 
 
+def target_exists(path: str) -> bool:
+    """A file, or an NBD export (always there: never created)."""
+    from ..formats.nbd import is_nbd_uri
+    return is_nbd_uri(path) or os.path.exists(path)
+
+
 def run(args) -> int:
     refuse_same_file(args.src, args.target)
     _check_bitmap_args(args)
@@ -344,7 +351,7 @@ def run(args) -> int:
         # a bitmap is changed by the job: the source is then opened read-write
         src = open_image_node(eng, args.src, args.src_fmt, node_name="source",
                               read_only=not args.bitmap)
-        created = not os.path.exists(args.target)
+        created = not target_exists(args.target)
         speed = parse_size(args.speed, "speed")
         mode, new_bitmap = _source_bitmap(eng, src, args)
         try:

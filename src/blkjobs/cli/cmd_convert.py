@@ -5,7 +5,8 @@ from __future__ import annotations
 
 
 from ..errors import UsageError
-from ..imageops.convert import ConvertOptions, convert
+from ..imageops.convert import ConvertOptions
+from ..imageops.convert_nbd import convert      # files, and NBD URIs
 from .cmd_create import parse_opts
 from .progress import Progress
 from ..units import parse_size

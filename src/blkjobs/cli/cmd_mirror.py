@@ -6,10 +6,9 @@ until it is ready, then completes it (the target now holds SRC's content),
 or soft-cancels it with ``--cancel-when-ready`` (same data, no pivot)."""
 from __future__ import annotations
 
-import os
 
 from .cmd_backup import (POLICIES, add_common, cli_engine, copy_aftermath, open_image_node,
-                         open_target, refuse_same_file, run_job)
+                         open_target, refuse_same_file, run_job, target_exists)
 from ..units import parse_size
 
 
@@ -39,7 +38,7 @@ def run(args) -> int:
     eng = cli_engine()
     try:
         src = open_image_node(eng, args.src, args.src_fmt, node_name="source")
-        created = not os.path.exists(args.target)
+        created = not target_exists(args.target)
         tgt = open_target(eng, src, args.target, args.dst_fmt,
                           src.backing if args.sync == "top" else None, args.cache)
         gran = parse_size(args.granularity, "granularity") if args.granularity else None

@@ -25,11 +25,11 @@ from typing import Any
 from ..errors import BlkjobsError
 from ..formats import open_image
 from ..graph import ALL, Node, Perm, resolve_backing
-from . import blkdebug_qmp
+from . import blkdebug_qmp, nbd_client
 from .protocol import QMPError
 
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*", re.ASCII)
-_DRIVERS = ("file", "raw", "qcow2", "blkdebug")
+_DRIVERS = ("file", "raw", "qcow2", "blkdebug", "nbd")
 #: owner of the hold the monitor keeps on each node it added (blockdev-add)
 MONITOR = "monitor"
 
@@ -128,6 +128,12 @@ class NodeCommands:
             return self._add_file(opts, owned, ro)
         if drv == "blkdebug":
             return blkdebug_qmp.add(self, opts, owned)
+        if drv == "nbd":        # a protocol node: no file node below it
+            g = nbd_client.open_node(self, opts, ro)
+            if owned:
+                g.take(MONITOR, Perm(0), ALL)
+            mn = self.nodes[g.name] = MonitorNode(g.name, "nbd", g.filename, ro, owned, g)
+            return mn
         for key in ("offset", "size", "data-file", "encrypt"):
             if key in opts:
                 raise QMPError(f"blkjobs does not support '{key}' for driver '{drv}'")
@@ -313,7 +319,7 @@ class NodeCommands:
             # newest first, like QEMU's list of named nodes
             for g in reversed(list(self.eng.graph.nodes.values())):
                 out.append(self._node_info(g, flat))
-                if g.is_filter:     # a job's filter: no protocol node of its own
+                if g.is_filter or g.format == "nbd":   # a job's filter, or a protocol node
                     continue
                 fmn = files.get(id(g))
                 if fmn is None:
@@ -350,6 +356,8 @@ class NodeCommands:
             if not flat and g.file is not None:
                 img["backing-image"] = self._image_info(g.file, flat)
             return img
+        if g.format == "nbd":       # as QEMU shows a protocol node without a file
+            return {"virtual-size": g.size, "filename": g.filename, "format": "nbd"}
         try:
             img["actual-size"] = os.stat(g.filename).st_blocks * 512
         except OSError:

@@ -263,6 +263,21 @@ BlockdevOptions.variants.update({
         ("*data-file", BlockdevRef)]),
 })
 
+_InetSocketAddress = Struct("InetSocketAddress", [
+    ("host", "str"), ("port", "str"), ("*numeric", "bool"), ("*to", "int"),
+    ("*ipv4", "bool"), ("*ipv6", "bool"), ("*keep-alive", "bool"), ("*mptcp", "bool")])
+SocketAddress = Union("SocketAddress", Struct("SocketAddressBase", [
+    ("type", Enum("SocketAddressType", ("inet", "unix", "vsock", "fd")))]), "type", {
+    "inet": _InetSocketAddress,
+    "unix": Struct("UnixSocketAddress", [("path", "str"), ("*abstract", "bool"),
+                                         ("*tight", "bool")]),
+    "vsock": Struct("VsockSocketAddress", [("cid", "str"), ("port", "str")]),
+    "fd": Struct("FdSocketAddress", [("str", "str")])})
+BlockdevOptions.variants["nbd"] = Struct("BlockdevOptionsNbd", [
+    ("server", SocketAddress), ("*export", "str"), ("*tls-creds", "str"),
+    ("*tls-hostname", "str"), ("*x-dirty-bitmap", "str"), ("*reconnect-delay", "int"),
+    ("*open-timeout", "int")])
+
 BlkdebugEvent = Enum("BlkdebugEvent", (
     "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",
     "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write",

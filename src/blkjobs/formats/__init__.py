@@ -21,7 +21,10 @@ __all__ = ["Driver", "Kind", "Mapping", "FORMATS", "probe_format", "open_image",
 
 
 def probe_format(path: str) -> str:
+    from .nbd import is_nbd_uri
     from .qcow2 import probe
+    if is_nbd_uri(path):
+        return "raw"        # an NBD export's bytes are the disk (see formats.nbd)
     try:
         fd = open_file(path)
     except OSError as e:
@@ -34,7 +37,14 @@ def probe_format(path: str) -> str:
 
 
 def open_image(path: str, fmt: str | None = None, read_only: bool = True) -> Driver:
-    """Open ``path`` as ``fmt`` (probed when None)."""
+    """Open ``path`` as ``fmt`` (probed when None). An NBD URI opens the
+    ``nbd`` driver (format raw only)."""
+    from .nbd import is_nbd_uri
+    if is_nbd_uri(path):
+        if fmt not in (None, "raw"):
+            raise UsageError(f"'{path}': only the raw format is supported over NBD")
+        from .nbd import Nbd
+        return Nbd(path, read_only=read_only)
     if fmt is None:
         fmt = probe_format(path)
     try:

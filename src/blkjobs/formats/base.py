@@ -108,7 +108,11 @@ class Driver(abc.ABC):
       even with cache=unsafe (:meth:`set_unsafe`; qcow2) -- a raw image
       opened cache=unsafe has nothing to flush;
     * ``injects_faults``: :meth:`inject_check` may fail requests (the
-      blkdebug wrapper of :mod:`blkjobs.jobs.blkdebug`).
+      blkdebug wrapper of :mod:`blkjobs.jobs.blkdebug`);
+    * ``host_file``: the data lives in a host file at ``fd`` (the C engine
+      copies it by host offsets, QEMU's lock bytes apply). False for a
+      remote disk (``protocol`` ``nbd``): ``fd`` is -1, no locks, and the
+      bytes move only through :meth:`readinto` and :meth:`write`.
     """
 
     format_name: str = "?"
@@ -118,6 +122,8 @@ class Driver(abc.ABC):
     can_check: bool = False
     has_metadata: bool = False
     injects_faults: bool = False
+    host_file: bool = True
+    protocol: str = "file"
     filename: str
     read_only: bool
     backing_filename: str | None = None

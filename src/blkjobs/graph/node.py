@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import ImageError, UsageError
 from ..formats import open_image, probe_format
 from ..formats.base import Kind
+from ..formats.nbd import is_nbd_uri
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
@@ -172,8 +173,10 @@ class Node:
         #: (a blkjobs.job Job: the graph does not import the job core)
         self.claimed_by: Any = None
         self.is_filter = getattr(driver, "is_filter", False)
+        # no lock bytes where there is no host file (an NBD export)
         self._lock = (FileLock(driver.fd, driver.filename)
-                      if graph.locking and not self.is_filter else None)
+                      if graph.locking and not self.is_filter
+                      and getattr(driver, "host_file", True) else None)
         self._closed = False
         #: per-node state of the I/O layer over the graph (graph/io.py's
         #: ``NodeState``: filter hooks, bitmaps, cache mode...). It lives and
@@ -580,7 +583,7 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
         cur_path, cur_fmt, ro = path, fmt, read_only
         prev: Node | None = None
         while True:
-            real = os.path.realpath(cur_path)
+            real = cur_path if is_nbd_uri(cur_path) else os.path.realpath(cur_path)
             if real in seen:
                 raise ImageError(f"backing chain loop: '{cur_path}' is already in the chain "
                                  f"of '{path}'")

@@ -11,6 +11,7 @@ import os
 
 from ..errors import UsageError
 from ..formats import FORMATS, probe_format
+from ..formats.nbd import is_nbd_uri
 from ..graph import Graph, Node, open_chain
 from ..graph.lock import opening
 from .files import open_source
@@ -24,6 +25,10 @@ def check_format(fmt: str | None, what: str = "image") -> None:
 def probe(path: str, fmt: str | None = None) -> str:
     """Validate ``path`` as a readable image file and return its format."""
     check_format(fmt, "source" if fmt else "image")
+    if is_nbd_uri(path):
+        if fmt not in (None, "raw"):
+            raise UsageError(f"'{path}': only the raw format is supported over NBD")
+        return "raw"
     os.close(open_source(path))        # one-line errors for missing/dir/special files
     return fmt or probe_format(path)
 

@@ -16,6 +16,7 @@ import os
 from ..errors import CheckNotSupported, UsageError
 from ..graph.lock import LockConflict, opening
 from ..native.extents import extents
+from ..formats.nbd import is_nbd_uri
 from .files import fd_size, open_source
 from .images import cli_graph, open_ro, probe
 
@@ -31,8 +32,17 @@ def info_raw(path: str) -> dict:
         os.close(fd)
 
 
+def info_nbd(path: str) -> dict:
+    """An NBD export, as qemu-img info shows one (no disk size)."""
+    from ..formats import open_image
+    with opening(path), open_image(path, "raw") as drv:
+        return {"virtual-size": drv.size, "filename": drv.filename, "format": "raw"}
+
+
 def _node_info(node) -> dict:
     drv = node.driver
+    if not drv.host_file:
+        return {"virtual-size": drv.size, "filename": node.filename, "format": node.format}
     st = os.fstat(drv.fd)
     d: dict = {}
     if drv.backing_filename and drv.backing_format:
@@ -66,6 +76,8 @@ def info(path: str, fmt: str | None = None, backing_chain: bool = False,
     as with qemu-img."""
     if not backing_chain:
         fmt = probe(path, fmt)
+        if is_nbd_uri(path):
+            return [info_nbd(path)]
         if fmt == "raw":
             return [info_raw(path)]
         from ..formats import open_image

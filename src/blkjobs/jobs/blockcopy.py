@@ -129,6 +129,8 @@ class Mover:
         self._running: set[CopyEngine] = set()
         self._run_lock = threading.Lock()
         self._dst_raw = dst.driver.cluster_size == 0
+        #: no host file (an NBD export): everything is written through the driver
+        self._dst_remote = not dst.driver.host_file
         self._dst_is_ours = dst.driver
         self._tls = threading.local()       # see plan (blkdebug break points)
         #: bytes that batches which did not land wrote into the target and
@@ -235,8 +237,9 @@ class Mover:
                 stats.skipped += n
             elif what == "copy":
                 self._check_inject("read", chain[r["depth"]], s, n)
-                if r["compressed"] or "offset" not in r or self.compress:
-                    py.append((s, n))
+                if (r["compressed"] or "offset" not in r or self.compress or self._dst_remote
+                        or not chain[r["depth"]].driver.host_file):
+                    py.append((s, n))       # through buffers (also NBD nodes: no fd)
                 else:
                     copy.append((s, n, (chain[r["depth"]].driver.fd, r["offset"])))
                 stats.copied += n
@@ -318,7 +321,7 @@ class Mover:
         if zero:
             already = self._dst_reads_zero(off, length)
             for s, n in subtract(merge(zero), already):
-                if self._dst_raw:
+                if self._dst_raw and not self._dst_remote:
                     self.dst.note_write(s, n)
                     items.append((0, s, n, ZERO))
                 else:
@@ -357,7 +360,8 @@ class Mover:
         for s, n in subtract(self._need(copy), covered):
             chain = src.chain()
             for r in src.block_status(s, n):
-                if r["data"] and "offset" in r and not r["compressed"]:
+                if (r["data"] and "offset" in r and not r["compressed"]
+                        and chain[r["depth"]].driver.host_file):
                     fill.append((r["start"], r["length"], (chain[r["depth"]].driver.fd,
                                                            r["offset"])))
                 elif r["data"]:
@@ -574,7 +578,7 @@ class Mover:
             unsafe = self.io.cache_unsafe(self.dst)
             if unsafe and not self.dst.driver.has_metadata:
                 return          # raw, cache=unsafe: nothing to write, no fsync
-        if not unsafe:
+        if not unsafe and self.dst.driver.host_file:
             try:
                 os.fsync(self.dst.driver.fd)
             except OSError as e:

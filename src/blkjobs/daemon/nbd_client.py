@@ -1,0 +1,54 @@
+"""``blockdev-add`` of an ``nbd`` node in ``blkjobs serve``: QEMU's arguments
+(``server``: ``{"type": "unix", "path"}`` or ``{"type": "inet", "host",
+"port"}``, ``export``, ``open-timeout``), opened with the ``nbd`` driver of
+:mod:`blkjobs.formats.nbd`. The node is a protocol node as in QEMU (``drv``
+``nbd``, no file node below it); jobs use it directly as a source or target.
+
+Not supported, refused with one line: ``tls-creds`` (blkjobs serve has no
+``object-add`` for credentials objects; the command line's ``nbds://`` URIs
+take a certificates directory), ``reconnect-delay`` other than 0 (the
+client does not reconnect), ``x-dirty-bitmap``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import BlkjobsError
+from ..graph import ALL, Node, Perm
+from .protocol import QMPError
+
+
+def open_node(cmds: Any, opts: dict[str, Any], ro: bool) -> Node:
+    """The graph node of a ``blockdev-add`` of driver ``nbd`` (held open)."""
+    from ..formats.nbd import Nbd, qmp_uri
+    if "tls-creds" in opts:
+        raise QMPError(f"No TLS credentials with id '{opts['tls-creds']}'")
+    if opts.get("reconnect-delay", 0):
+        raise QMPError("blkjobs: the nbd driver does not reconnect ('reconnect-delay' must be 0)")
+    if "x-dirty-bitmap" in opts:
+        raise QMPError("blkjobs does not support 'x-dirty-bitmap' for driver 'nbd'")
+    name = opts.get("node-name")
+    if name is not None:
+        cmds._check_new_name(name)
+    from ..native.nbd import NbdConnectError
+    timeout = opts.get("open-timeout") or None
+    server = opts["server"]
+    try:
+        uri = qmp_uri(server, opts.get("export"))
+        drv = Nbd(uri, read_only=ro, timeout=float(timeout) if timeout else None)
+    except NbdConnectError as e:
+        if not e.socket:
+            raise QMPError(str(e)) from None
+        addr = server.get("path") if server.get("type") == "unix" else \
+            f"{server.get('host')}:{server.get('port')}"
+        raise QMPError(f"Failed to connect to '{addr}': {os.strerror(e.errno)}") from None
+    except BlkjobsError as e:
+        raise QMPError(str(e)) from None
+    gnode = cmds.eng.graph.add(drv, name, "nbd")
+    try:
+        gnode.take("open", Perm.CONSISTENT_READ, ALL)
+    except BaseException:
+        gnode.close()
+        raise
+    return gnode

@@ -1,0 +1,303 @@
+"""The ``nbd`` driver: a disk served by an NBD server (qemu-nbd, nbdkit,
+qemu-storage-daemon, ``blkjobs serve``), named by an NBD URI wherever a file
+name is accepted: ``nbd://host[:port]/export``, ``nbd+unix:///export?socket=PATH``
+and the TLS forms ``nbds://``, ``nbds+unix://``.
+
+The URI is handed to libnbd as it is (``nbd_connect_uri``: libnbd parses
+it); :func:`display_name` only spells it as QEMU prints it. The export holds
+the guest bytes as they are, like a raw image, so the node's format is
+``raw`` (as ``qemu-img`` reports an NBD export) and its protocol ``nbd``.
+
+Capabilities: no backing file, no allocation (there is no host file: the
+driver's ``host_file`` is False, ``fd`` is -1, and the copy paths move its
+bytes through buffers), no compression, no checks; no QEMU lock bytes
+either (the server decides who may use the export).
+
+Several connections: where the server advertises multi-conn, up to
+``connections`` (default 4) are opened and each caller (each copy worker)
+takes one for its request; big requests are split into pipelined
+requests on that connection (see :mod:`blkjobs.native.nbd`).
+
+Timeouts: a server that says nothing for ``timeout`` seconds (default 30,
+``BLKJOBS_NBD_TIMEOUT``) fails the request with ETIMEDOUT. After any failure
+the driver is broken: its connections are closed and every later request
+raises the first error (no reconnection).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from ..errors import ImageError, UsageError
+from .base import Driver, Kind, Mapping
+
+SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp",
+           "nbd+vsock", "nbds+vsock")
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_CONNECTIONS = 4
+#: the time an extra connection (multi-conn) may take: a server limiting its
+#: clients (qemu-nbd's default --shared=1) never answers it
+EXTRA_CONNECT_TIMEOUT = 2.0
+_ZEROES = bytes(1 << 20)
+
+
+def is_nbd_uri(name: str) -> bool:
+    """``name`` is an NBD URI (by its scheme), not a file name."""
+    scheme, sep, _ = name.partition("://")
+    return bool(sep) and scheme.lower() in SCHEMES
+
+
+def timeout_from_env() -> float:
+    """``BLKJOBS_NBD_TIMEOUT`` (seconds), else the default."""
+    v = os.environ.get("BLKJOBS_NBD_TIMEOUT")
+    if not v:
+        return DEFAULT_TIMEOUT
+    try:
+        t = float(v)
+    except ValueError:
+        t = -1.0
+    if not t > 0:
+        raise UsageError(f"BLKJOBS_NBD_TIMEOUT: invalid timeout '{v}' (seconds, > 0)")
+    return t
+
+
+def display_name(uri: str) -> str:
+    """The URI as QEMU spells an NBD node's file name: ``nbd://HOST:PORT[/EXPORT]``
+    or ``nbd+unix://[/EXPORT]?socket=PATH`` (for display only: libnbd parses the
+    URI that connects)."""
+    try:
+        u = urlsplit(uri)
+        export = unquote(u.path[1:]) if u.path.startswith("/") else unquote(u.path)
+        if "unix" in u.scheme:
+            sock = parse_qs(u.query).get("socket", [""])[0]
+            return f"nbd+unix://{'/' + export if export else ''}?socket={sock}"
+        if "+" in u.scheme and "tcp" not in u.scheme:
+            return uri
+        host = u.hostname or "localhost"
+        if ":" in host:
+            host = f"[{host}]"
+        port = u.port or 10809
+        return f"nbd://{host}:{port}{'/' + export if export else ''}"
+    except ValueError:
+        return uri
+
+
+def qmp_uri(server: dict, export: str | None) -> str:
+    """The URI of QEMU's blockdev-add ``nbd`` arguments (``server``:
+    ``{type: unix, path}`` or ``{type: inet, host, port}``)."""
+    from urllib.parse import quote
+    exp = quote(export or "", safe="")
+    kind = server.get("type")
+    if kind == "unix":
+        return f"nbd+unix:///{exp}?socket={quote(str(server.get('path', '')), safe='/')}"
+    if kind == "inet":
+        host = str(server.get("host", ""))
+        if ":" in host:
+            host = f"[{host}]"
+        return f"nbd://{host}:{server.get('port', 10809)}/{exp}"
+    raise UsageError(f"NBD server address type '{kind}' is not supported (unix, inet)")
+
+
+class Nbd(Driver):
+    """An open NBD export (see the module docstring)."""
+
+    format_name = "raw"
+    protocol = "nbd"
+    host_file = False
+    cluster_size = 0
+    fd = -1
+
+    def __init__(self, uri: str, read_only: bool = True, timeout: float | None = None,
+                 tls_certificates: str | None = None,
+                 connections: int = DEFAULT_CONNECTIONS):
+        from ..native.nbd import Connection
+        self.uri = uri
+        self.filename = display_name(uri)
+        self.read_only = read_only
+        self._timeout = timeout_from_env() if timeout is None else timeout
+        if tls_certificates is None:
+            tls_certificates = os.environ.get("BLKJOBS_NBD_TLS_CERTIFICATES") or None
+        self._tls = tls_certificates
+        c0 = Connection(uri, self._timeout, tls_certificates)
+        if not read_only and c0.read_only:
+            c0.close()
+            raise ImageError(f"Could not open '{self.filename}': the NBD export is read-only")
+        self._c0 = c0
+        self._size = c0.size
+        self._free = [c0]
+        self._all = [c0]
+        self._cond = threading.Condition()
+        self._broken: OSError | None = None
+        self._closed = False
+        self._unsafe = False
+        if c0.can_multi_conn:
+            self._more(connections - 1)
+
+    def _more(self, n: int) -> None:
+        from ..native.nbd import Connection
+        for _ in range(max(0, n)):
+            try:
+                c = Connection(self.uri, min(self._timeout, EXTRA_CONNECT_TIMEOUT), self._tls)
+            except ImageError:
+                return          # fewer connections, not an error
+            c.timeout_ms = self._c0.timeout_ms
+            self._all.append(c)
+            self._free.append(c)
+
+    @property
+    def connections(self) -> int:
+        return len(self._all)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    # -- the connection pool ---------------------------------------------------
+    def _take(self):
+        with self._cond:
+            while True:
+                if self._broken is not None:
+                    raise OSError(self._broken.errno, self._broken.strerror)
+                if self._closed:
+                    raise OSError(errno.ENOTCONN, f"'{self.filename}' is closed")
+                if self._free:
+                    return self._free.pop()
+                self._cond.wait()
+
+    def _run(self, fn, *args):
+        """``fn(connection, *args)`` on a free connection. A failure breaks
+        the driver: later calls raise it. A connection is closed only by the
+        thread using it (or idle): another thread may be inside libnbd with
+        it."""
+        c = self._take()
+        try:
+            return fn(c, *args)
+        except OSError as e:
+            with self._cond:
+                if self._broken is None:
+                    self._broken = e
+            raise
+        finally:
+            with self._cond:
+                if self._broken is not None or self._closed:
+                    c.close()
+                    self._close_idle()
+                else:
+                    self._free.append(c)
+                self._cond.notify_all()
+
+    def _close_idle(self) -> None:
+        """Close the connections nobody uses (the lock held)."""
+        for f in self._free:
+            f.close()
+        self._free.clear()
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ImageError(f"'{self.filename}': image is opened read-only")
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise UsageError(f"request [{offset}, {offset + length}) beyond the end of "
+                             f"'{self.filename}' ({self._size} bytes)")
+
+    # -- the Driver contract ---------------------------------------------------
+    def map_host(self, offset: int, length: int) -> list[Mapping]:
+        end = min(offset + length, self._size)
+        if end <= offset:
+            return []
+        if not self._c0.has_allocation:
+            return [Mapping(offset, end - offset, Kind.DATA, offset)]
+        out: list[Mapping] = []
+        pos = offset
+        while pos < end:
+            for n, flags in self._run(lambda c: c.extents(pos, end - pos)):
+                n = min(n, end - pos)
+                kind = Kind.ZERO if flags & 0x2 else Kind.DATA
+                if out and out[-1].kind == kind:
+                    p = out[-1]
+                    out[-1] = Mapping(p.start, p.length + n, kind, p.start)
+                else:
+                    out.append(Mapping(pos, n, kind, pos))
+                pos += n
+                if pos >= end:
+                    break
+        return out
+
+    def readinto(self, offset: int, buf) -> None:
+        mv = memoryview(buf).cast("B")
+        self._check(offset, len(mv))
+        self._run(lambda c: c.pread(offset, mv))
+
+    def read(self, offset: int, length: int) -> bytes:
+        b = bytearray(length)
+        self.readinto(offset, b)
+        return bytes(b)
+
+    def write(self, offset: int, data, fill=None) -> None:
+        self._writable()
+        mv = memoryview(data).cast("B")
+        self._check(offset, len(mv))
+        self._run(lambda c: c.pwrite(offset, mv))
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True,
+                     fill=None) -> None:
+        self._writable()
+        length = min(length, self._size - offset)
+        if length <= 0:
+            return
+        if self._c0.can_zero:
+            self._run(lambda c: c.zero(offset, length, may_unmap))
+            return
+        pos = offset
+        while pos < offset + length:
+            k = min(len(_ZEROES), offset + length - pos)
+            self.write(pos, memoryview(_ZEROES)[:k])
+            pos += k
+
+    def discard(self, offset: int, length: int) -> None:
+        """Trim where the server can (advisory: nothing otherwise)."""
+        self._writable()
+        length = min(length, self._size - offset)
+        if length > 0 and self._c0.can_trim:
+            self._run(lambda c: c.trim(offset, length))
+
+    def flush(self) -> None:
+        if self.read_only or self._closed or not self._c0.can_flush:
+            return
+        # multi-conn (several connections) promises that a flush on one
+        # covers the writes completed on all of them
+        self._run(lambda c: c.flush())
+
+    def copy_fd(self, fd: int, to_nbd: bool, offset: int, length: int, skip_zero: bool,
+                may_unmap: bool = True) -> tuple[int, int]:
+        """A local raw file <-> this export, on one connection, in C (see
+        :meth:`blkjobs.native.nbd.Connection.copy_fd`)."""
+        if to_nbd:
+            self._writable()
+        self._check(offset, length)
+        return self._run(lambda c: c.copy_fd(fd, to_nbd, offset, length, skip_zero, may_unmap))
+
+    def set_unsafe(self, unsafe: bool) -> None:
+        """cache=unsafe: no flush when closed (explicit flushes still go)."""
+        self._unsafe = unsafe
+
+    def close(self) -> None:
+        """Flush (if writable, unless cache=unsafe) and disconnect.
+        Idempotent; the connections are closed even when the flush fails
+        (its error is raised after)."""
+        if self._closed:
+            return
+        try:
+            if self._broken is None and not self._unsafe:
+                self.flush()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._close_idle()      # those in use: by their thread, when done
+                self._cond.notify_all()
+
+    def info(self) -> dict:
+        return {}
