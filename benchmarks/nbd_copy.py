@@ -69,7 +69,7 @@ def run_case(name: str, contenders: dict[str, list[str]], before, rounds: int) -
             before()
             times[n].append(timed(contenders[n]))
     out = {"case": name, "median_s": {n: statistics.median(v) for n, v in times.items()}}
-    out["ratio"] = {n: statistics.median(a / b for a, b in zip(times["blkjobs"], times[n]))
+    out["ratio"] = {n: statistics.median(a / b for a, b in zip(times["blkjobs"], times[n], strict=True))
                     for n in names if n != "blkjobs"}
     return out
 

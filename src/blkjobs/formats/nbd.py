@@ -213,7 +213,8 @@ class Nbd(Driver):
         out: list[Mapping] = []
         pos = offset
         while pos < end:
-            for n, flags in self._run(lambda c: c.extents(pos, end - pos)):
+            at = pos
+            for n, flags in self._run(lambda c, at=at: c.extents(at, end - at)):
                 n = min(n, end - pos)
                 kind = Kind.ZERO if flags & 0x2 else Kind.DATA
                 if out and out[-1].kind == kind:

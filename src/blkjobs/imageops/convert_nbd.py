@@ -22,7 +22,8 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ..errors import BlkjobsError, CopyError, UsageError
 from ..formats.nbd import is_nbd_uri
@@ -224,8 +225,11 @@ class _NbdConvert:
         if self.bucket is not None or self.top.backing is not None:
             return
         src, dst = self.top.driver, self.t
-        plain = (lambda d: d.host_file and d.format_name == "raw" and not d.cluster_size
-                 and not d.injects_faults)
+
+        def plain(d: Any) -> bool:
+            return bool(d.host_file and d.format_name == "raw" and not d.cluster_size
+                        and not d.injects_faults)
+
         if not src.host_file and plain(dst):
             self.fast = (src, dst.fd, False)
         elif not dst.host_file and plain(src):
