@@ -327,11 +327,6 @@ class Env:
             os.close(fd)
         self._laid_out.add("image")
 
-    def image_need(self) -> int:
-        """Bytes the copy workload may allocate: the source's data and zeroes
-        plus one full target (one target exists at a time)."""
-        return self.size * (self.density.data + self.density.zero) // 100 + self.size
-
 
 # -- contenders ----------------------------------------------------------------
 class Contender(abc.ABC):

@@ -129,7 +129,6 @@ class Mover:
         self._running: set[CopyEngine] = set()
         self._run_lock = threading.Lock()
         self._dst_raw = dst.driver.cluster_size == 0
-        self._dst_is_ours = dst.driver
         self._tls = threading.local()       # see plan (blkdebug break points)
         #: bytes that batches which did not land wrote into the target and
         #: that stayed there (no allocation put back), by batch offset; an
