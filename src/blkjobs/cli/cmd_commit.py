@@ -45,7 +45,7 @@ def _empty(path: str, fmt: str) -> None:
     drv = open_image(path, fmt, read_only=True)
     try:
         size, cs = drv.size, drv.cluster_size
-        ext = bool(getattr(drv, "extended", False))
+        ext = drv.extended
         compat = "1.1" if drv.header.version >= 3 else "0.10"
         bf, bfmt = drv.backing_filename, drv.backing_format
     finally:

@@ -45,6 +45,7 @@ class FilterDriver:
     """What a filter node has in place of an image driver: names only."""
 
     is_filter = True
+    wants_events = False
     fd = -1
     cluster_size = 0
     backing_filename = None
@@ -166,7 +167,7 @@ class Node:
         self._perms: list[Permission] = []
         #: the job blocking this node for other jobs (BlockIO.claim), or None
         self.claimed_by = None
-        self.is_filter = getattr(driver, "is_filter", False)
+        self.is_filter: bool = driver.is_filter
         self._lock = (FileLock(driver.fd, driver.filename)
                       if graph.locking and not self.is_filter else None)
         self._closed = False

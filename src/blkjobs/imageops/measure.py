@@ -209,7 +209,7 @@ def measure(out_fmt: str, opts: dict, size: int | None = None, node=None) -> dic
     full = prealloc_size(vsize, cs, order, ext)
     out = {"required": full - vsize + required, "fully-allocated": full}
     src = node.driver if node is not None else None
-    if version >= 3 and src is not None and getattr(src, "format_name", "") == "qcow2" \
+    if version >= 3 and src is not None and src.format_name == "qcow2" \
             and src.header.version >= 3:
         out["bitmaps"] = bitmaps_size(src, cs)
     return out

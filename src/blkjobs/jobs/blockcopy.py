@@ -218,7 +218,7 @@ class Mover:
         runs = src.block_status(off, length)
         breaks = self.io.breaks
         if (breaks is not None and breaks.rules) or any(
-                getattr(n.driver, "wants_events", False) for n in (*chain, dst)):
+                n.driver.wants_events for n in (*chain, dst)):
             runs = list(runs)
             # the blkdebug events this request raised already (it is planned
             # again after a break point held it): set by start_areas

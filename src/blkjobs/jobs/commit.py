@@ -258,7 +258,7 @@ class ActiveCommitJob(MirrorJob):
         self.access.release_write()
 
     def commit(self, job: Job) -> None:
-        if getattr(self, "pivoted", False):
+        if self.pivoted:
             with self.io:
                 self.io.drop_unused(self.nodes)
 

@@ -168,6 +168,8 @@ class MirrorJob(BlockJob):
         #: background mode that did not converge in a whole pass over the
         #: disk: guest writes are mirrored synchronously until READY
         self.escalated = False
+        #: completion's graph change was made (the target replaced the source)
+        self.pivoted = False
         self.copied = 0
         self._pos = 0
         self._perm = None
