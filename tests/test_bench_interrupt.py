@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from blkjobs.bench.matrix import Case
-from blkjobs.bench.runner import Contender, Runner, Settings
+from blkjobs.diskbench.matrix import Case
+from blkjobs.diskbench.runner import Contender, Runner, Settings
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from blkjobs.bench import matrix, runner
-from blkjobs.bench.matrix import Case, Density, parse_density, parse_matrix
-from blkjobs.bench.runner import parse_compare
-from blkjobs.bench.sizes import format_size, parse_size
+from blkjobs.diskbench import matrix, runner
+from blkjobs.diskbench.matrix import Case, Density, parse_density, parse_matrix
+from blkjobs.diskbench.runner import parse_compare
+from blkjobs.diskbench.sizes import format_size, parse_size
 from blkjobs.cli.main import main
 from blkjobs.errors import UsageError
 

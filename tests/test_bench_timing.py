@@ -10,12 +10,12 @@ import tempfile
 
 import pytest
 
-from blkjobs.bench import report
-from blkjobs.bench.matrix import Case
-from blkjobs.bench.progress import Progress
-from blkjobs.bench.runner import (Contender, Row, Runner, Settings, ToolError, run_external,
+from blkjobs.diskbench import report
+from blkjobs.diskbench.matrix import Case
+from blkjobs.diskbench.progress import Progress
+from blkjobs.diskbench.runner import (Contender, Row, Runner, Settings, ToolError, run_external,
                                   schedule)
-from blkjobs.bench.stats import Sample, summarize
+from blkjobs.diskbench.stats import Sample, summarize
 
 
 class FakeClock:

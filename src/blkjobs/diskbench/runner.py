@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import BlkjobsError, UsageError
-from ..native.bench import IOLoop
+from ..native.ioloop import IOLoop
 from ..native.copy import CopyEngine
 from .matrix import Case, Density
 from .progress import NullProgress, Progress
@@ -359,7 +359,7 @@ class Contender(abc.ABC):
 
 
 class Blkjobs(Contender):
-    """blkjobs itself: the C loops of csrc/bench.c, and for copy the copy
+    """blkjobs itself: the C loops of csrc/ioloop.c, and for copy the copy
     engine of `blkjobs convert` (sparse source, zero detection at 4 KiB,
     fresh target known to read as zeroes)."""
 
