@@ -12,7 +12,7 @@ import pytest
 
 from blkjobs.diskbench import report
 from blkjobs.diskbench.matrix import Case
-from blkjobs.diskbench.progress import Progress
+from blkjobs.diskbench.status_line import StatusLine
 from blkjobs.diskbench.runner import (Contender, Row, Runner, Settings, ToolError, run_external,
                                   schedule)
 from blkjobs.diskbench.stats import Sample, summarize
@@ -87,7 +87,7 @@ def test_run_external_times_with_the_given_clock():
 
 def test_progress_throttles_on_a_terminal():
     clock, out = FakeClock(0.0), io.StringIO()
-    p = Progress(out, clock=clock, interval=0.2, tty=True)
+    p = StatusLine(out, clock=clock, interval=0.2, tty=True)
     p.phase("seqread")
     p.step("seqread round 1/6 blkjobs")
     clock.t = 0.1
@@ -102,14 +102,14 @@ def test_progress_throttles_on_a_terminal():
 
 def test_progress_in_a_log_is_one_line_per_phase():
     out = io.StringIO()
-    p = Progress(out, tty=False)
+    p = StatusLine(out, tty=False)
     p.phase("laying out")
     p.step("round 1")
     p.update("1 MiB")
     p.phase("seqread")
     p.done()
     assert out.getvalue() == "laying out\nseqread\n"
-    q = Progress(out := io.StringIO(), tty=True, enabled=False)
+    q = StatusLine(out := io.StringIO(), tty=True, enabled=False)
     q.phase("x")
     assert out.getvalue() == ""
 

@@ -103,7 +103,7 @@ def settings_from_args(args):
 
 def run(args) -> int:
     from ..diskbench import report
-    from ..diskbench.progress import Progress
+    from ..diskbench.status_line import StatusLine
     from ..diskbench.runner import Runner
 
     settings = settings_from_args(args)
@@ -113,7 +113,7 @@ def run(args) -> int:
         plt = load_pyplot()  # fail before doing any I/O
     # Ctrl-C and SIGTERM (cli.main turns it into errors.Terminated) unwind
     # through the runner, which removes the files it made.
-    runner = Runner(settings, progress=Progress(sys.stderr, enabled=not args.quiet))
+    runner = Runner(settings, progress=StatusLine(sys.stderr, enabled=not args.quiet))
     rows, notes = runner.run()
     if args.plot:
         from ..diskbench.plot import plot

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..errors import UsageError
 from ..imageops.convert import ConvertOptions, convert
 from .cmd_create import parse_opts
-from .progress import Progress
+from .copy_progress import CopyProgress
 from ..units import parse_size
 
 
@@ -89,7 +89,7 @@ def run(args) -> int:
                                args.force_share)
     prog = None
     if (args.progress or args.progress_json) and not args.quiet:
-        prog = Progress(json_lines=args.progress_json)
+        prog = CopyProgress(json_lines=args.progress_json)
     convert(args.src, args.dst, opts, progress=prog.update if prog else None)
     if prog:
         prog.finish()

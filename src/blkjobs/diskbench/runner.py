@@ -34,7 +34,7 @@ from ..errors import BlkjobsError, UsageError
 from ..native.ioloop import IOLoop
 from ..native.copy import CopyEngine
 from .matrix import Case, Density
-from .progress import NullProgress, Progress
+from .status_line import NullStatusLine, StatusLine
 from .sizes import format_bytes
 from .stats import Sample, summarize
 
@@ -664,12 +664,12 @@ class Runner:
     """Runs the matrix of ``settings``; :meth:`run` returns (rows, notes)."""
 
     def __init__(self, settings: Settings, *, clock: Clock = time.monotonic,
-                 progress: Progress | None = None,
+                 progress: StatusLine | None = None,
                  contenders: list[Contender] | None = None,
                  cache: CacheControl | None = None):
         self.s = settings
         self.clock = clock
-        self.progress = progress or NullProgress()
+        self.progress = progress or NullStatusLine()
         self.contenders = contenders
         self.cache = cache
         self.notes: list[str] = []
