@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 
-from blkjobs.diskbench.sizes import parse_size
+from blkjobs.units import parse_size
 from blkjobs.native.ioloop import IOLoop
 
 

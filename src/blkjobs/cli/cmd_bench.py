@@ -73,7 +73,7 @@ def _untangle(args) -> None:
 def settings_from_args(args):
     from ..diskbench.matrix import parse_density, parse_matrix
     from ..diskbench.runner import Settings, parse_compare
-    from ..diskbench.sizes import parse_size
+    from ..units import parse_size
 
     _untangle(args)
     cases = parse_matrix(args.workload, args.bs, args.threads, args.direct, args.rand_bs)

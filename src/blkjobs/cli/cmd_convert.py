@@ -70,7 +70,7 @@ def run(args) -> int:
     except ValueError:
         raise UsageError(f"invalid number of threads '{args.threads}'") from None
     opts = ConvertOptions(
-        sparse_size=parse_size(args.sparse, "sparse size"),
+        sparse_size=parse_size(args.sparse, "buffer size for sparse output"),
         no_create=args.no_create, target_is_zero=args.target_is_zero,
         rate=parse_size(args.rate, "rate limit"), threads=threads,
         request_size=parse_size(args.request_size, "request size", 512, 1 << 30)

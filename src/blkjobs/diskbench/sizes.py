@@ -1,31 +1,10 @@
-"""Sizes on the command line, the way fio and qemu-img write them: ``4k``,
-``1M``, ``512``, ``1.5G``. Suffixes are binary (k = 1024), case-insensitive,
-with an optional ``B``/``iB`` (``4KiB``). A shared parser may replace this one
-(blkjobs.units) later; the bench package keeps its own to stay standalone.
+"""Sizes shown in ``blkjobs bench``'s labels (fio style: ``4k``, ``1M``) and
+messages (``1.5 GiB``), and comma lists of values. Sizes are parsed by
+:func:`blkjobs.units.parse_size`, qemu-img's grammar, as everywhere else.
 """
 from __future__ import annotations
 
-import re
-
 from ..errors import UsageError
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """'4k' -> 4096. Raises UsageError naming ``what`` on a bad value."""
-    m = _RE.match(str(text))
-    if not m:
-        raise UsageError(f"invalid {what} '{text}': use a number with an optional "
-                         f"suffix k, M, G or T (e.g. 4k, 1M)")
-    num, unit = m.group(1), m.group(2).lower()
-    if m.group(3) and m.group(3).lower() == "ib" and not unit:
-        raise UsageError(f"invalid {what} '{text}'")
-    value = float(num) * _UNITS[unit]
-    if value != int(value):
-        raise UsageError(f"invalid {what} '{text}': not a whole number of bytes")
-    return int(value)
 
 
 def format_size(n: float) -> str:
