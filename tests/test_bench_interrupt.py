@@ -13,7 +13,8 @@ import time
 import pytest
 
 from blkjobs.diskbench.matrix import Case
-from blkjobs.diskbench.runner import Contender, Runner, Settings
+from blkjobs.diskbench.contenders import Contender
+from blkjobs.diskbench.runner import Runner, Settings
 
 
 @pytest.fixture

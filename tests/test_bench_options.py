@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from blkjobs.diskbench import matrix, runner
+from blkjobs.diskbench import matrix, workspace
 from blkjobs.diskbench.matrix import Case, Density, parse_density, parse_matrix
-from blkjobs.diskbench.runner import parse_compare
+from blkjobs.diskbench.contenders import parse_compare
 from blkjobs.diskbench.sizes import format_size
 from blkjobs.cli.main import main
 from blkjobs.errors import UsageError
@@ -111,7 +111,7 @@ def test_read_only_dir(capsys, shm, monkeypatch):
     # injected where the workspace is created.
     def refuse(*a, **kw):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-    monkeypatch.setattr(runner.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(workspace.tempfile, "mkdtemp", refuse)
     rc, out, err = bench(capsys, shm, "-q", "-w", "seqread", "--size", "1M")
     assert rc == 1 and out == ""
     assert err.strip() == f"blkjobs: cannot write in '{shm}': read-only file system"
@@ -125,7 +125,7 @@ def test_dir_too_small(capsys, shm, monkeypatch):
             self.f_frsize = st.f_frsize
             self.f_bavail = (8 << 20) // st.f_frsize
 
-    monkeypatch.setattr(runner.os, "statvfs", lambda p: Small(real(p)))
+    monkeypatch.setattr(workspace.os, "statvfs", lambda p: Small(real(p)))
     rc, out, err = bench(capsys, shm, "-q", "-w", "seqread,copy", "--size", "64M")
     assert rc == 1 and out == ""
     # 64M data file + 60% of 64M source + a 64M target + 16M headroom
@@ -144,7 +144,7 @@ def test_direct_refused(capsys, shm, monkeypatch):
         if flags & os.O_DIRECT:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         return real_open(path, flags, *a, **kw)
-    monkeypatch.setattr(runner.os, "open", fake_open)
+    monkeypatch.setattr(workspace.os, "open", fake_open)
     rc, out, err = bench(capsys, shm, "-q", "--direct", "-w", "seqread", "--size", "1M")
     assert rc == 1 and out == ""
     assert f"the file system of '{shm}' refuses O_DIRECT (Invalid argument): run without " \

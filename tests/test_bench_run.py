@@ -10,7 +10,8 @@ import tempfile
 import pytest
 
 from blkjobs.diskbench.matrix import Case, Density
-from blkjobs.diskbench.runner import Blkjobs, CacheControl, Env, Workspace
+from blkjobs.diskbench.contenders import Blkjobs
+from blkjobs.diskbench.workspace import CacheControl, Env, Workspace
 from blkjobs.cli.main import main
 from blkjobs.errors import OSErrorWithContext
 from blkjobs.native.ioloop import IOLoop

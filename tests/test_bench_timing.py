@@ -13,8 +13,9 @@ import pytest
 from blkjobs.diskbench import report
 from blkjobs.diskbench.matrix import Case
 from blkjobs.diskbench.status_line import StatusLine
-from blkjobs.diskbench.runner import (Contender, Row, Runner, Settings, ToolError, run_external,
-                                  schedule)
+from blkjobs.diskbench.contenders import Contender
+from blkjobs.diskbench.measure import ToolError, run_external
+from blkjobs.diskbench.runner import Row, Runner, Settings, schedule
 from blkjobs.diskbench.stats import Sample, summarize
 
 

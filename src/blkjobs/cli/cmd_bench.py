@@ -59,7 +59,7 @@ def _untangle(args) -> None:
     them the DIR of `bench --direct /var/tmp`: hand it back when the value is
     not one of theirs and DIR was not given."""
     from ..diskbench.matrix import parse_direct
-    from ..diskbench.runner import TOOLS
+    from ..diskbench.contenders import TOOLS
     if args.dir == "." and args.compare not in (None, "all") and \
             not set(args.compare.split(",")) <= set(TOOLS):
         args.dir, args.compare = args.compare, "all"
@@ -72,7 +72,8 @@ def _untangle(args) -> None:
 
 def settings_from_args(args):
     from ..diskbench.matrix import parse_density, parse_matrix
-    from ..diskbench.runner import Settings, parse_compare
+    from ..diskbench.contenders import parse_compare
+    from ..diskbench.runner import Settings
     from ..units import parse_size
 
     _untangle(args)
