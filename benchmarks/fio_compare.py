@@ -7,7 +7,7 @@ by side, on the same file with the same settings.
 For each of read/write x threads (1, 4) it runs, round after round in a
 rotated order (so drift hits all alike), after one discarded warm-up round:
 
-  blkjobs      csrc/bench.c through blkjobs.native.bench.IOLoop: N threads
+  blkjobs      csrc/ioloop.c through blkjobs.native.ioloop.IOLoop: N threads
                doing pread/pwrite, each streaming its own 1/N of the file
   fio-jobs     fio --ioengine=psync --thread --numjobs=N, each job reading or
                writing its own 1/N of the file (offset_increment): the same
@@ -34,8 +34,8 @@ import subprocess
 import sys
 import tempfile
 
-from blkjobs.bench.sizes import parse_size
-from blkjobs.native.bench import IOLoop
+from blkjobs.units import parse_size
+from blkjobs.native.ioloop import IOLoop
 
 
 def run_blkjobs(path, rw, n, size, bs):

@@ -99,10 +99,10 @@ ALLOWED = {
     "jobs": {"job", "graph", "formats", "native"},
     "imageops": {"graph", "formats", "native"},
     "engine": {"jobs", "job", "graph", "formats", "native", "options"},
-    "bench": {"native"},
+    "diskbench": {"native"},
     "nbd": set(),                              # the NBD protocol alone
     "daemon": {"blkjobs", "engine", "job", "graph", "formats", "native", "options", "nbd"},
-    "cli": {"blkjobs", "daemon", "engine", "imageops", "bench", "job", "graph", "formats",
+    "cli": {"blkjobs", "daemon", "engine", "imageops", "diskbench", "job", "graph", "formats",
             "native", "options", "nbd"},
     # the package's lazy exports (TYPE_CHECKING imports for type checkers)
     "blkjobs": {"engine", "job", "graph", "options"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import resource
 
-from blkjobs.bench.runner import run_external
+from blkjobs.diskbench.measure import run_external
 
 
 def test_external_rss_is_the_tools_own():

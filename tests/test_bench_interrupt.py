@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from blkjobs.bench.matrix import Case
-from blkjobs.bench.runner import Contender, Runner, Settings
+from blkjobs.diskbench.matrix import Case
+from blkjobs.diskbench.contenders import Contender
+from blkjobs.diskbench.runner import Runner, Settings
 
 
 @pytest.fixture

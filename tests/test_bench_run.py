@@ -9,11 +9,12 @@ import tempfile
 
 import pytest
 
-from blkjobs.bench.matrix import Case, Density
-from blkjobs.bench.runner import Blkjobs, CacheControl, Env, Workspace
+from blkjobs.diskbench.matrix import Case, Density
+from blkjobs.diskbench.contenders import Blkjobs
+from blkjobs.diskbench.workspace import CacheControl, Env, Workspace
 from blkjobs.cli.main import main
 from blkjobs.errors import OSErrorWithContext
-from blkjobs.native.bench import IOLoop
+from blkjobs.native.ioloop import IOLoop
 
 TOOLS = ["fio", "dd", "qemu-img", "cp", "nbdcopy"]  # Debian: fio coreutils qemu-utils libnbd-bin
 
@@ -254,7 +255,7 @@ def test_keep_leaves_the_files(capsys, shm):
 def test_plot_with_a_recording_pyplot(shm, capsys, monkeypatch):
     # The drawing code runs against a stand-in pyplot that records calls
     # (matplotlib is an optional extra, not installed in CI).
-    from blkjobs.bench import plot as plotmod
+    from blkjobs.diskbench import plot as plotmod
     calls = []
 
     class Rec:

@@ -10,12 +10,13 @@ import tempfile
 
 import pytest
 
-from blkjobs.bench import report
-from blkjobs.bench.matrix import Case
-from blkjobs.bench.progress import Progress
-from blkjobs.bench.runner import (Contender, Row, Runner, Settings, ToolError, run_external,
-                                  schedule)
-from blkjobs.bench.stats import Sample, summarize
+from blkjobs.diskbench import report
+from blkjobs.diskbench.matrix import Case
+from blkjobs.diskbench.status_line import StatusLine
+from blkjobs.diskbench.contenders import Contender
+from blkjobs.diskbench.measure import ToolError, run_external
+from blkjobs.diskbench.runner import Row, Runner, Settings, schedule
+from blkjobs.diskbench.stats import Sample, summarize
 
 
 class FakeClock:
@@ -87,7 +88,7 @@ def test_run_external_times_with_the_given_clock():
 
 def test_progress_throttles_on_a_terminal():
     clock, out = FakeClock(0.0), io.StringIO()
-    p = Progress(out, clock=clock, interval=0.2, tty=True)
+    p = StatusLine(out, clock=clock, interval=0.2, tty=True)
     p.phase("seqread")
     p.step("seqread round 1/6 blkjobs")
     clock.t = 0.1
@@ -102,14 +103,14 @@ def test_progress_throttles_on_a_terminal():
 
 def test_progress_in_a_log_is_one_line_per_phase():
     out = io.StringIO()
-    p = Progress(out, tty=False)
+    p = StatusLine(out, tty=False)
     p.phase("laying out")
     p.step("round 1")
     p.update("1 MiB")
     p.phase("seqread")
     p.done()
     assert out.getvalue() == "laying out\nseqread\n"
-    q = Progress(out := io.StringIO(), tty=True, enabled=False)
+    q = StatusLine(out := io.StringIO(), tty=True, enabled=False)
     q.phase("x")
     assert out.getvalue() == ""
 

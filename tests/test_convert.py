@@ -109,7 +109,8 @@ def test_n_onto_smaller_target_refused(tmp_path):
     (["convert", "-S", "100", "{src}", "{dst}"],
      "blkjobs: invalid sparse size 100: must be a multiple of 512 up to 16 MiB (0 disables sparse output)\n"),
     (["convert", "-r", "fast", "{src}", "{dst}"],
-     "blkjobs: invalid rate limit 'fast': expected a number with an optional suffix k, M, G, T (e.g. 4k, 1.5G)\n"),
+     "blkjobs: Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
+     "blkjobs: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.\n"),
     (["convert", "-m", "0", "{src}", "{dst}"],
      "blkjobs: invalid number of coroutines/threads 0: must be 1..16\n"),
     (["convert", "-O", "vmdk", "{src}", "{dst}"], "blkjobs: unsupported target format 'vmdk' (supported: raw, qcow2)\n"),

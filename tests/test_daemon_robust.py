@@ -4,6 +4,7 @@ commands, bad x-blkjobs-write requests, and a socket only its user can use."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 import pytest
@@ -161,8 +162,9 @@ def test_command_exceptions_answered(daemon, tmp_path):
     asyncio.run(main())
 
 
-def test_unexpected_exception_is_an_error_reply(tmp_path, monkeypatch, capfd):
-    """Any exception in a command is a GenericError reply; the connection stays."""
+def test_unexpected_exception_is_an_error_reply(tmp_path, monkeypatch, caplog):
+    """Any exception in a command is a GenericError reply; the connection
+    stays. The monitor's logger gets the error with its traceback."""
     from blkjobs.daemon.commands import Commands
     from blkjobs.daemon.server import Server
     from blkjobs.engine import Engine
@@ -191,8 +193,13 @@ def test_unexpected_exception_is_an_error_reply(tmp_path, monkeypatch, capfd):
         finally:
             await srv.shutdown()
 
-    asyncio.run(main())
-    assert "internal error in command 'query-jobs': RuntimeError: boom" in capfd.readouterr().err
+    with caplog.at_level(logging.ERROR, logger="blkjobs"):
+        asyncio.run(main())
+    [rec] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert rec.name.startswith("blkjobs.daemon.monitor.") and rec.name.rsplit(".", 1)[1].isdigit()
+    assert rec.getMessage() == "internal error in command 'query-jobs': RuntimeError: boom"
+    assert rec.exc_text is not None and rec.exc_text.startswith("Traceback (most recent call")
+    assert rec.exc_text.endswith("RuntimeError: boom") and "in boom" in rec.exc_text
 
 
 def test_socket_and_pidfile_private(tmp_path):

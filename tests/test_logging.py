@@ -6,6 +6,8 @@ import asyncio
 import logging
 import sys
 
+import pytest
+
 from conftest import run_blkjobs
 from daemon_util import Daemon, Raw, make_images, qemu_img
 
@@ -64,10 +66,10 @@ def test_bad_log_level_is_one_usage_error():
         "Try 'blkjobs --help' for more information."]
 
 
-def _serve(tmp_path, *opts: str) -> Daemon:
+def _serve(tmp_path, *opts: str, serve_opts: tuple[str, ...] = ()) -> Daemon:
     sock = str(tmp_path / "blkjobs.sock")
-    return Daemon([sys.executable, "-m", "blkjobs", *opts, "serve", "--socket", sock,
-                   "--print-ready"], sock, True)
+    return Daemon([sys.executable, "-m", "blkjobs", *opts, "serve", *serve_opts, "--socket",
+                   sock, "--print-ready"], sock, True)
 
 
 def _talk(sock: str) -> None:
@@ -78,8 +80,12 @@ def _talk(sock: str) -> None:
     r.close()
 
 
-def test_daemon_logs_per_monitor(tmp_path):
-    d = _serve(tmp_path, "-vv")
+@pytest.mark.parametrize("opts,serve_opts", [
+    (["-vv"], []), ([], ["-vv"]), ([], ["-v", "--verbose"]), ([], ["--log-level", "debug"]),
+    (["--log-level", "error"], ["--log-level", "debug"]), (["-v"], ["-vv"])])
+def test_daemon_logs_per_monitor(tmp_path, opts, serve_opts):
+    """-v/--log-level before the command or after ``serve`` (serve's win)."""
+    d = _serve(tmp_path, *opts, serve_opts=tuple(serve_opts))
     try:
         _talk(d.sock)
         _talk(d.sock)
@@ -98,6 +104,38 @@ def test_daemon_logs_per_monitor(tmp_path):
     # the first monitor is done before the second connects
     assert lines.index(f"blkjobs: INFO: blkjobs.daemon.monitor.1: connected on {d.sock}") > \
         lines.index("blkjobs: INFO: blkjobs.daemon.monitor.0: disconnected")
+
+
+def test_serve_refuses_a_bad_log_level():
+    p = run_blkjobs("serve", "--log-level", "bogus", "--socket", "/nonexistent/x.sock")
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [
+        "blkjobs serve: argument --log-level: invalid choice: 'bogus' "
+        "(choose from 'debug', 'info', 'warning', 'error', 'critical')",
+        "Try 'blkjobs --help' for more information."]
+
+
+def test_lock_conflict_is_logged_at_debug(tmp_path):
+    """The lock byte another process holds is said at debug level; the error
+    line stays qemu-img's."""
+    from blkjobs.formats import open_image
+    from blkjobs.graph import Graph
+    from blkjobs.graph.perm import Perm
+    src, _ = make_images(tmp_path)
+    node = Graph().add(open_image(src, "qcow2", read_only=False), fmt="qcow2")
+    node.take("holder", Perm.CONSISTENT_READ | Perm.WRITE, Perm.CONSISTENT_READ)  # shares reads
+    try:
+        p = run_blkjobs("-vv", "resize", "-f", "qcow2", src, "+1M")
+        q = run_blkjobs("resize", "-f", "qcow2", src, "+1M")
+    finally:
+        node.close()
+    assert p.returncode == q.returncode == 1
+    assert q.stderr.startswith("blkjobs: Could not open")
+    debug = [ln for ln in p.stderr.splitlines() if ln.startswith("blkjobs: DEBUG: ")]
+    assert debug == [f"blkjobs: DEBUG: blkjobs.graph.lock: '{src}': lock byte 201 is held by "
+                     'another process: it does not share "write"']
+    assert [ln for ln in p.stderr.splitlines() if not ln.startswith("blkjobs: DEBUG: ")] == \
+        q.stderr.splitlines()
 
 
 def test_daemon_quiet_by_default(tmp_path):
@@ -193,3 +231,29 @@ def test_failing_listener_is_logged_as_warning(caplog):
     assert warnings[0].levelno == logging.WARNING
     assert warnings[0].getMessage().startswith("event listener <function ")
     assert warnings[0].getMessage().endswith(" failed on JOB_STATUS_CHANGE")
+
+
+def test_vv_logs_the_traceback_of_an_internal_error(monkeypatch, capsys):
+    """An internal error is still one line (and exit 70); with -vv its
+    traceback is logged at debug level before it."""
+    import argparse
+
+    from blkjobs.cli import main as cli_main
+
+    def boom(args):
+        raise KeyError("nowhere")
+
+    class Fixed:
+        def parse_args(self, argv):
+            return argparse.Namespace(func=boom, verbose=2, log_level=None)
+    monkeypatch.delenv("BLKJOBS_DEBUG", raising=False)
+    monkeypatch.setattr(cli_main, "build_parser", lambda argv: Fixed())
+    try:
+        assert cli_main.main(["x"]) == 70
+    finally:
+        cli_main._setup_logging(0, "warning")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "blkjobs: DEBUG: blkjobs.cli.main: internal error"
+    assert err[1] == "Traceback (most recent call last):"
+    assert err[-3:] == ["KeyError: 'nowhere'", "blkjobs: internal error: KeyError: 'nowhere'",
+                        "(set BLKJOBS_DEBUG=1 for the traceback; please report it)"]

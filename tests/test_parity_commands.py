@@ -103,7 +103,9 @@ def test_measure_bitmaps_size_is_shown(sources):
     "-O qcow2 --size 1G -o extended_l2=on,cluster_size=4k",
     "-O qcow2 --size 1G -o extended_l2=maybe", "-O qcow2 --size 1G -o foo=1",
     "-O qcow2 --size 1G -o compat=1.5", "-O qcow2 --size 1G --output=foo", "-O foo --size 1G",
-    "-O qcow2 -f qcow2 s3.raw"])
+    "-O qcow2 -f qcow2 s3.raw", "-O qcow2 --size 10GB", "-O qcow2 --size 10E",
+    "-O qcow2 --size 1.3k", "-O qcow2 --size 1G -o cluster_size=99999999999999999999",
+    "-O qcow2 --size 1G -o cluster_size=64KiB"])
 def test_measure_errors_as_qemu_img(sources, args):
     same(sources, "measure", *args.split())
 
@@ -190,7 +192,8 @@ def test_resize_qcow2_grows_the_l1_table(tmp_path):
     "--shrink --preallocation=full r.raw 1000", "nonexist 1M", "q.qcow2 5M",
     "--shrink q.qcow2 5M", "q.qcow2 20000001", "q.qcow2 +1M", "--shrink q.qcow2 0",
     "q.qcow2 -- -100M", "-f raw q.qcow2 +1M", "r.raw 1M 2M", "--shrink r.raw 0", "q.qcow2 9E",
-    "q.qcow2 20E", "-q q.qcow2 +1M", "q.qcow2 100G", "q.qcow2 --shrink 1M"])
+    "q.qcow2 20E", "-q q.qcow2 +1M", "q.qcow2 100G", "q.qcow2 --shrink 1M", "r.raw 1.5",
+    "r.raw 99999999999999999999k", "r.raw 16E", "r.raw +1.5M", "r.raw 10MB"])
 def test_resize_texts_and_results_as_qemu_img(tmp_path, args):
     res = []
     for d in ("ours", "theirs"):
@@ -303,7 +306,9 @@ DD_CASES = [
     "if=nonexist of=o", "-O qcow2 if=../in.raw of=o bs=3 skip=1000",
     "-O raw -f qcow2 if=../ov.qcow2 of=o bs=4k count=100 skip=3",
     "-O qcow2 if=../ov.qcow2 of=o bs=7k skip=5", "if=../in.raw of=o bs=1k count=0",
-    "if=../in.raw of=o bs=4k count=1 skip=1 conv=notrunc"]
+    "if=../in.raw of=o bs=4k count=1 skip=1 conv=notrunc", "if=../in.raw of=o count=9E",
+    "if=../in.raw of=o skip=99999999999999999999", "if=../in.raw of=o bs=1.5k count=1k",
+    "if=../in.raw of=o bs=1kB"]
 
 
 @pytest.fixture(scope="module")

@@ -184,7 +184,7 @@ def test_every_public_exception_is_in_the_tree():
     for q in ("blkjobs.graph.perm.PermissionConflict", "blkjobs.job.manager.DeviceNotActive",
               "blkjobs.jobs.commit.DeviceNotFound", "blkjobs.cli.cmd_backup.JobFailed",
               "blkjobs.job.status.IllegalTransition", "blkjobs.daemon.protocol.QMPError",
-              "blkjobs.bench.runner.ToolError"):
+              "blkjobs.diskbench.measure.ToolError"):
         assert issubclass(classes[q], errors.BlkjobsError), q
     # the docstring draws the whole tree
     drawn = set(re.findall(r"(?:── |^    )(\w+)", errors.__doc__, re.M))

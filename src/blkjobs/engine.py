@@ -162,12 +162,6 @@ class Engine:
             node = self.node(node)
             node.driver = QemuBlkdebug(node.driver, rules, node.name)
 
-    def blkdebug_remove(self, node: str | Node) -> None:
-        with self.io:
-            node = self.node(node)
-            if isinstance(node.driver, Blkdebug):
-                node.driver = node.driver.inner
-
     # -- blkdebug break points (see blkjobs.jobs.blkdebug) ----------------
     def _blkdebug_breaks(self) -> Breaks:
         b: Breaks | None = self.io.breaks

@@ -1,33 +1,122 @@
-"""Sizes and rates in qemu-img's spelling -- 512, 4k, 4K, 1M, 1.5G, 1T, 512b --
-and sizes shown to people. Suffixes are binary (k = 1024), as in qemu-img.
-Below every layer (like :mod:`.errors`): the command line, image operations
-and formats all use it."""
+"""Sizes and rates in qemu-img's spelling -- 512, 4k, 4K, 1M, 1.5G, 1T, 512b,
+0x1000 -- and sizes shown to people. Below every layer (like :mod:`.errors`):
+the command line, image operations, formats and ``blkjobs bench`` all use it.
+
+The one grammar is QEMU's ``qemu_strtosz`` (what ``qemu-img create IMG SIZE``
+accepts, compared with qemu-img 7.2 in tests/test_units.py): a decimal number
+with an optional suffix b/B (bytes), k/K, M, G, T, P or E (binary: k = 1024);
+leading white space and a ``+`` are allowed, nothing after the suffix (no
+``10GB``, ``10KiB``, ``1 k``); a fraction only with a multiplier (``1.5k``,
+``1.k``; ``1.5`` and ``1.5b`` are refused, ``1.0`` is 1) and no exponent
+(``1.5e3`` is refused; ``1.5e`` is 1.5 EiB), rounded half up to whole bytes;
+or hexadecimal ``0x1f`` without a fraction (a suffix on hex is deprecated in
+QEMU: accepted, with its warning logged). Values past 2**64 - 1 are out of
+range.
+"""
 from __future__ import annotations
 
 import re
 
 from .errors import UsageError
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-          "p": 1 << 50, "e": 1 << 60}
-_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpeb]?)(?:i?b)?\s*$", re.I)
+INT64_MAX = (1 << 63) - 1
+_U64_MAX = (1 << 64) - 1
+_MUL = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
+        "e": 1 << 60}
+_WS = " \t\n\v\f\r"                                   # C isspace()
+_DEC = re.compile(f"[{_WS}]*[+-]?[0-9]+")                # strtoull(s, 10)
+_HEX = re.compile(f"[{_WS}]*[+-]?(?:0[xX](?=[0-9a-fA-F]))?[0-9a-fA-F]+")    # strtoull(s, 16)
+_FRACTION = re.compile(r"\.[0-9]+([eE][+-]?[0-9]+)?")   # what strtod takes from ".5..."
+
+
+def _fraction(text: str, pos: int) -> tuple[int, int]:
+    """After the integer part: (the fraction as 64-bit fixed point, the
+    position after it), as QEMU reads it with strtod (a '.' without digits
+    is skipped; an exponent is refused)."""
+    m = _FRACTION.match(text, pos)
+    if m is None:
+        return 0, pos + 1
+    if m.group(1):
+        raise ValueError(text)
+    # (uint64_t)(fraction * 0x1p64), wrapping as QEMU's does when the
+    # fraction rounds to 1.0 (".99999999999999999999")
+    return int(float(m.group()) * 2.0 ** 64) & _U64_MAX, m.end()
+
+
+def strtosz(text: str) -> int:
+    """The value of ``text`` in qemu-img's size grammar (see the module).
+    Raises ValueError when it is not a size, OverflowError when it is one
+    above 2**64 - 1."""
+    m = _DEC.match(text)
+    if m is None or "-" in m.group():
+        raise ValueError(text)
+    val, pos, valf, is_hex = int(m.group()), m.end(), 0, False
+    if val == 0 and text[pos:pos + 1] in ("x", "X"):
+        m = _HEX.match(text)
+        assert m is not None
+        val, pos, is_hex = int(m.group(), 16), m.end(), True
+        if text[pos:pos + 1] == "." and val <= _U64_MAX:
+            raise ValueError(text)
+    if val > _U64_MAX:          # strtoull's ERANGE: a range error if nothing follows
+        raise (OverflowError if pos == len(text) else ValueError)(text)
+    if text[pos:pos + 1] == "." and not is_hex:
+        valf, pos = _fraction(text, pos)
+    mul = _MUL.get(text[pos:pos + 1].lower()) if pos < len(text) else None
+    if mul is not None:
+        pos += 1
+        if is_hex:
+            import logging      # (not at start-up: milliseconds of every command)
+            logging.getLogger(__name__).warning(
+                "Using a multiplier suffix on hex numbers is deprecated: %s", text)
+    if pos != len(text):
+        raise ValueError(text)
+    if mul is None or mul == 1:
+        if valf:                # a fraction needs a multiplier
+            raise ValueError(text)
+        return val
+    low = valf * mul                                    # 64.64 x 64.0 fixed point
+    val = val * mul + (low >> 64) + ((low >> 63) & 1)   # rounded half up
+    if val > _U64_MAX:
+        raise OverflowError(text)
+    return val
+
+
+def size_syntax_error(what: str) -> UsageError:
+    """qemu-img's refusal of a value that is not a size (two lines, as
+    qemu-img prints them)."""
+    return UsageError(f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes for\n"
+                      "blkjobs: kilobytes, megabytes, gigabytes, terabytes, petabytes and "
+                      "exabytes.")
 
 
 def parse_size(text: str, what: str = "size", minimum: int = 0,
-               maximum: int = (1 << 63) - 1) -> int:
-    """Parse a size; raise UsageError with a one-line message if invalid."""
-    m = _RE.match(str(text))
-    if not m:
-        raise UsageError(f"invalid {what} '{text}': expected a number with an optional "
-                         "suffix k, M, G, T (e.g. 4k, 1.5G)")
-    num, unit = m.group(1), m.group(2).lower()
-    value = float(num) * _UNITS[unit] if "." in num else int(num) * _UNITS[unit]
-    if value != int(value):
-        raise UsageError(f"invalid {what} '{text}': not a whole number of bytes")
-    value = int(value)
-    if value < minimum or value > maximum:
-        raise UsageError(f"invalid {what} '{text}': must be between {minimum} and {maximum} bytes")
+               maximum: int = INT64_MAX) -> int:
+    """A size argument, refused as qemu-img refuses it (``cvtnum``):
+    ``Invalid WHAT specified. You may use k, M, G, T, P or E suffixes for``
+    (with a second line) or ``Invalid WHAT specified. Must be between MIN and
+    MAX.``"""
+    try:
+        value = strtosz(str(text))
+    except ValueError:
+        raise size_syntax_error(what) from None
+    except OverflowError:
+        value = _U64_MAX + 1
+    if not minimum <= value <= maximum:
+        raise UsageError(f"Invalid {what} specified. Must be between {minimum} and {maximum}.")
     return value
+
+
+def parse_opt_size(text: str, name: str) -> int:
+    """A size given as an option value (``-o cluster_size=64k``, resize's
+    size), refused as QEMU's option parser refuses it."""
+    try:
+        return strtosz(str(text))
+    except ValueError:
+        raise UsageError(f"Parameter '{name}' expects a non-negative number below 2^64\n"
+                         "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
+                         "tera-, peta-\nand exabytes, respectively.") from None
+    except OverflowError:
+        raise UsageError(f"Value '{text}' is out of range for parameter '{name}'") from None
 
 
 def human(n: float, binary: bool = True) -> str:

@@ -26,7 +26,7 @@ import sys
 from ..errors import BlkjobsError, JobError, Terminated
 from ..job import JsonLinesWriter
 from . import xbreak
-from .progress import Progress
+from .copy_progress import CopyProgress
 from ..units import human, parse_size
 
 POLICIES = ["report", "ignore", "stop", "enospc", "auto"]
@@ -128,7 +128,7 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
     files (``synced``: it had reached READY), appended to the error line."""
     if args.events:
         eng.add_listener(JsonLinesWriter(sys.stdout))
-    prog = Progress(label=args.job_id) if args.progress else None
+    prog = CopyProgress(label=args.job_id) if args.progress else None
     xbreak.arm(eng)
     job = start()
     synced = False

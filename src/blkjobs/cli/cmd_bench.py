@@ -58,8 +58,8 @@ def _untangle(args) -> None:
     """`--direct` and `--compare` take an optional value, so argparse gives
     them the DIR of `bench --direct /var/tmp`: hand it back when the value is
     not one of theirs and DIR was not given."""
-    from ..bench.matrix import parse_direct
-    from ..bench.runner import TOOLS
+    from ..diskbench.matrix import parse_direct
+    from ..diskbench.contenders import TOOLS
     if args.dir == "." and args.compare not in (None, "all") and \
             not set(args.compare.split(",")) <= set(TOOLS):
         args.dir, args.compare = args.compare, "all"
@@ -71,9 +71,10 @@ def _untangle(args) -> None:
 
 
 def settings_from_args(args):
-    from ..bench.matrix import parse_density, parse_matrix
-    from ..bench.runner import Settings, parse_compare
-    from ..bench.sizes import parse_size
+    from ..diskbench.matrix import parse_density, parse_matrix
+    from ..diskbench.contenders import parse_compare
+    from ..diskbench.runner import Settings
+    from ..units import parse_size
 
     _untangle(args)
     cases = parse_matrix(args.workload, args.bs, args.threads, args.direct, args.rand_bs)
@@ -102,21 +103,21 @@ def settings_from_args(args):
 
 
 def run(args) -> int:
-    from ..bench import report
-    from ..bench.progress import Progress
-    from ..bench.runner import Runner
+    from ..diskbench import report
+    from ..diskbench.status_line import StatusLine
+    from ..diskbench.runner import Runner
 
     settings = settings_from_args(args)
     plt = None
     if args.plot:
-        from ..bench.plot import load_pyplot
+        from ..diskbench.plot import load_pyplot
         plt = load_pyplot()  # fail before doing any I/O
     # Ctrl-C and SIGTERM (cli.main turns it into errors.Terminated) unwind
     # through the runner, which removes the files it made.
-    runner = Runner(settings, progress=Progress(sys.stderr, enabled=not args.quiet))
+    runner = Runner(settings, progress=StatusLine(sys.stderr, enabled=not args.quiet))
     rows, notes = runner.run()
     if args.plot:
-        from ..bench.plot import plot
+        from ..diskbench.plot import plot
         plot(rows, args.plot, plt)
         notes.append(f"plot written to {args.plot}")
     if args.output == "json":

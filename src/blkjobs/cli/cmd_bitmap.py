@@ -104,8 +104,8 @@ def run(args) -> int:
             snode = src_graph.add(open_image(args.source_file, sfmt), fmt=sfmt)
             snode.take("bitmap", Perm.CONSISTENT_READ,
                        Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
-            src = getattr(snode.driver, "persistent_bitmaps", None)
-        pbm = getattr(node.driver, "persistent_bitmaps", None)
+            src = snode.driver.persistent_bitmaps
+        pbm = node.driver.persistent_bitmaps
         try:
             for verb, value in ops:
                 try:

@@ -8,7 +8,7 @@ from ..errors import UsageError
 from ..imageops.convert import ConvertOptions
 from ..imageops.convert_nbd import convert      # files, and NBD URIs
 from .cmd_create import parse_opts
-from .progress import Progress
+from .copy_progress import CopyProgress
 from ..units import parse_size
 
 
@@ -71,7 +71,7 @@ def run(args) -> int:
     except ValueError:
         raise UsageError(f"invalid number of threads '{args.threads}'") from None
     opts = ConvertOptions(
-        sparse_size=parse_size(args.sparse, "sparse size"),
+        sparse_size=parse_size(args.sparse, "buffer size for sparse output"),
         no_create=args.no_create, target_is_zero=args.target_is_zero,
         rate=parse_size(args.rate, "rate limit"), threads=threads,
         request_size=parse_size(args.request_size, "request size", 512, 1 << 30)
@@ -90,7 +90,7 @@ def run(args) -> int:
                                args.force_share)
     prog = None
     if (args.progress or args.progress_json) and not args.quiet:
-        prog = Progress(json_lines=args.progress_json)
+        prog = CopyProgress(json_lines=args.progress_json)
     convert(args.src, args.dst, opts, progress=prog.update if prog else None)
     if prog:
         prog.finish()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from ..errors import BlkjobsError, UsageError
-from ..units import parse_size
+from ..units import parse_opt_size, parse_size
 
 _BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 
@@ -42,9 +42,9 @@ def parse_opts(texts: list[str] | None, fmt: str) -> dict:
             if fmt == "raw" and name not in ("preallocation", "size"):
                 raise UsageError(f"Invalid parameter '{name}' for format raw")
             if name == "size":
-                out["size"] = parse_size(val, "image size")
+                out["size"] = parse_opt_size(val, "size")
             elif name == "cluster_size":
-                out["cluster_size"] = parse_size(val, "cluster size")
+                out["cluster_size"] = parse_opt_size(val, "cluster_size")
             elif name in ("extended_l2", "lazy_refcounts"):
                 b = _BOOL.get(val.lower())
                 if b is None:

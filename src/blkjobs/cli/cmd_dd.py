@@ -7,11 +7,8 @@ from __future__ import annotations
 import sys
 
 from ..errors import UsageError
-from .parity import check_fmt, open_chain_ro, open_rw, qemu_size
-
-_SUFFIX = ("Invalid {} specified. You may use k, M, G, T, P or E suffixes for\n"
-           "blkjobs: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
-
+from ..units import parse_size
+from .parity import check_fmt, open_chain_ro, open_rw
 
 def register(sub):
     p = sub.add_parser("dd", help="copy part of an image into a new image, dd style")
@@ -34,12 +31,7 @@ def run(args) -> int:
         if key in ("if", "of"):
             ops[key] = val
             continue
-        n = qemu_size(val)
-        if n is None or n >= 1 << 64:
-            raise UsageError(_SUFFIX.format(key))
-        if key == "bs" and not 1 <= n <= 2147483647:
-            raise UsageError("Invalid bs specified. Must be between 1 and 2147483647.")
-        ops[key] = n
+        ops[key] = parse_size(val, key, 1, 2147483647) if key == "bs" else parse_size(val, key)
     if not ops.get("if") or not ops.get("of"):
         raise UsageError("Must specify both input and output files")
     if args.out_fmt not in ("raw", "qcow2"):

@@ -11,7 +11,7 @@ import time
 from ..imageops.compare import compare_raw
 from ..imageops.convert import ConvertOptions, convert_raw
 from ..imageops.vmimage import make_vm_image
-from .progress import Progress
+from .copy_progress import CopyProgress
 from ..units import human, parse_size
 
 
@@ -37,7 +37,7 @@ def run(args) -> int:
         print(f"   data {human(lay.data)}, zeroes written as data {human(lay.zero)}, "
               f"holes {human(lay.hole)}; {human(st.st_blocks * 512)} on disk")
         print(f"2. blkjobs convert -p {src} {dst}", flush=True)
-        prog = Progress()
+        prog = CopyProgress()
         t0 = time.monotonic()
         res = convert_raw(src, dst, ConvertOptions(), progress=prog.update)
         prog.finish()

@@ -8,7 +8,8 @@ import json
 import sys
 
 from ..errors import UsageError
-from .parity import SIZE_ERROR, open_chain_ro, qemu_size
+from ..units import parse_size
+from .parity import open_chain_ro
 
 
 def register(sub):
@@ -33,12 +34,7 @@ def run(args) -> int:
         raise UsageError("--output must be used with human or json as argument.")
     size = None
     if args.size is not None:
-        size = qemu_size(args.size)
-        if size is None:
-            raise UsageError(SIZE_ERROR)
-        if size >= 1 << 63:
-            raise UsageError("Invalid image size specified. Must be between 0 and "
-                             "9223372036854775807.")
+        size = parse_size(args.size, "image size")
     if len(args.images) > 1:
         raise UsageError("At most one filename argument is allowed.")
     if args.images and size is not None:

@@ -8,12 +8,8 @@ import sys
 import argparse
 
 from ..errors import UsageError
-from .parity import RAW_PROBED, open_rw, qemu_size
-
-SIZE_SYNTAX = ("Parameter 'size' expects a non-negative number below 2^64\n"
-               "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-               "and exabytes, respectively.")
-
+from ..units import parse_opt_size
+from .parity import RAW_PROBED, open_rw
 
 def register(sub):
     p = sub.add_parser("resize", help="grow or shrink an image",
@@ -58,11 +54,7 @@ def run(args) -> int:
     if prealloc not in PREALLOC:
         raise UsageError(f"Invalid preallocation mode '{prealloc}'")
     sign = text[0] if text[:1] in ("+", "-") else ""
-    n = qemu_size(text[len(sign):])
-    if n is None:
-        raise UsageError(SIZE_SYNTAX)
-    if n >= 1 << 64:
-        raise UsageError(f"Value '{text[len(sign):]}' is out of range for parameter 'size'")
+    n = parse_opt_size(text[len(sign):], "size")
     node = open_rw(path, args.fmt, "resize", resize=True)
     try:
         if args.fmt is None and node.format == "raw":

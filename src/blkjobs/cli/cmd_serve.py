@@ -64,6 +64,8 @@ def register(sub):
     p.add_argument("--print-ready", action="store_true",
                    help="print one JSON line on stdout once listening")
     p.add_argument("--pidfile", metavar="PATH", help="write the process id here")
+    from .main import add_log_options
+    add_log_options(p)
     p.set_defaults(func=run)
 
 

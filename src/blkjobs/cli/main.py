@@ -9,7 +9,7 @@ ends the command quietly with status 0, as qemu-img does.
 
 Logging: the modules log to ``blkjobs.<module>`` loggers (the daemon's
 monitors to ``blkjobs.daemon.monitor.<n>``). The global options ``-v``
-(info; ``-vv`` debug) and ``--log-level LEVEL`` send them to stderr; by
+(info; ``-vv`` debug) and ``--log-level LEVEL`` (also after ``serve``) send them to stderr; by
 default only warnings are shown, and a normal run logs none.
 """
 from __future__ import annotations
@@ -62,10 +62,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     part of every copy a user times); otherwise (help, typos) all are."""
     p = _Parser(prog=PROG, description="Block jobs and image tools with a C data path.")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log to stderr: -v info, -vv debug (default: warnings only)")
-    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
-                   help="log messages of LEVEL and above to stderr: " + ", ".join(LOG_LEVELS))
+    add_log_options(p, default=0)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     first = _first_word(argv or [])
     mod = _command_module(first) if first is not None else None
@@ -78,6 +75,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for mod in mods:
         mod.register(sub)
     return p
+
+
+def add_log_options(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """``-v``/``--verbose`` (repeatable) and ``--log-level LEVEL``: global
+    options, and a command's too (``blkjobs serve -v``; there the default
+    SUPPRESS leaves the global value alone when the command's is not given)."""
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="log to stderr: -v info, -vv debug (default: warnings only)")
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
+                   default=None if default == 0 else default,
+                   help="log messages of LEVEL and above to stderr: " + ", ".join(LOG_LEVELS))
 
 
 def _first_word(argv: list[str]) -> str | None:
@@ -162,6 +170,7 @@ def _main(argv: list[str]) -> int:
     except InternalError as e:
         if os.environ.get("BLKJOBS_DEBUG"):
             raise
+        _log_traceback()
         sys.stderr.write(f"{PROG}: internal error: {e}\n"
                          "(set BLKJOBS_DEBUG=1 for the traceback; please report it)\n")
         return e.exit_code
@@ -186,10 +195,18 @@ def _main(argv: list[str]) -> int:
     except Exception:
         if os.environ.get("BLKJOBS_DEBUG"):
             raise
+        _log_traceback()
         import traceback
         sys.stderr.write(f"{PROG}: internal error: {traceback.format_exc().splitlines()[-1]}\n"
                          "(set BLKJOBS_DEBUG=1 for the traceback; please report it)\n")
         return 70
+
+
+def _log_traceback() -> None:
+    """The traceback of the bug being handled, at debug level (``-vv``)."""
+    if "logging" in sys.modules:        # else no -v: nothing would show it
+        import logging
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
 
 
 def _stdout_to_devnull() -> None:

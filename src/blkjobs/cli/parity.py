@@ -1,36 +1,18 @@
 """Helpers of the commands that mirror qemu-img's image subcommands
 (measure, resize, snapshot, amend, dd): opening images with qemu-img's
-error texts and its lock discipline, and its size argument."""
+error texts and its lock discipline (sizes: :mod:`blkjobs.units`)."""
 from __future__ import annotations
 
 import re
 
 from ..errors import BlkjobsError, OSErrorWithContext, UsageError
 
-SIZE_ERROR = ("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
-              "blkjobs: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 RAW_PROBED = ("WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
               "         Automatically detecting the format is dangerous for raw images, "
               "write operations on block 0 will be restricted.\n"
               "         Specify the 'raw' format explicitly to remove the restrictions.\n")
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-          "p": 1 << 50, "e": 1 << 60}
 _LOCK = re.compile(r'^Failed to get (shared )?"([a-z ]+)" lock on \'(.*)\': '
                    r'Is another process using the image\?$')
-_SIZE = re.compile(r"^(\d+(?:\.\d*)?)([bkmgtpe]?)$", re.I)
-
-
-def qemu_size(text: str) -> int | None:
-    """qemu_strtosz: a non-negative size with an optional binary suffix
-    (a fraction only with a suffix); None when invalid."""
-    m = _SIZE.match(text)
-    if not m:
-        return None
-    num, unit = m.group(1), m.group(2).lower()
-    if "." in num and not unit:
-        return None
-    v = float(num) * _UNITS[unit] if "." in num else int(num) * _UNITS[unit]
-    return int(v)
 
 
 def could_not_open(path: str, e: BlkjobsError) -> UsageError:

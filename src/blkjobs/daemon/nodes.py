@@ -15,9 +15,9 @@ Mixed into :class:`~.commands.Commands`, which sets ``eng``, ``nodes`` and
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
-import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -233,8 +233,9 @@ class NodeCommands:
                 # As QEMU's bdrv_close: the node goes all the same (its file
                 # is closed); the failed flush is only reported.
                 why = e.strerror if isinstance(e, OSError) and e.strerror else e
-                print(f"blkjobs serve: warning: node '{mn.name}' ('{mn.filename}'): flush on "
-                      f"close failed: {why}; the node was closed", file=sys.stderr, flush=True)
+                logging.getLogger(__name__).warning(
+                    "node '%s' ('%s'): flush on close failed: %s; the node was closed",
+                    mn.name, mn.filename, why)
             # backing files the image opened by itself leave with it
             self.eng.io.drop_unused([n for n in below if n.name not in self.nodes])
         if mn.file is not None:

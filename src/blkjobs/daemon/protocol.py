@@ -125,6 +125,13 @@ _KW_BODY = re.compile(rb"[A-Za-z0-9]*")
 _RECOVER = re.compile(rb"[\t\x20-\x5a\x5c\x5e-\x7a\x7c\x7e-\xfd]*")
 
 
+def _skip(rx: re.Pattern[bytes], data: bytes, i: int, end: int) -> int:
+    """Where ``rx`` (which matches the empty string too) stops in data[i:end]."""
+    m = rx.match(data, i, end)
+    assert m is not None
+    return m.end()
+
+
 class JsonStreamer:
     """Feed bytes with :meth:`feed`; it returns the finished messages, each
     ``(tokens, None)`` (give the tokens to :func:`parse`) or ``(None,
@@ -148,91 +155,102 @@ class JsonStreamer:
         if self._carry:
             data, self._carry = self._carry + data, b""
         i, n = 0, len(data)
-        while i < n:
+        while i < n:        # each step consumes bytes, or changes the state
             kind = self._kind
             if kind is None:
-                i = _WS.match(data, i).end()
-                if i >= n:
-                    break
-                c = data[i]
-                if c in _PUNCT:
-                    self._token(chr(c), None, 1, out)
-                    i += 1
-                    continue
-                if c == 0x22 or c == 0x27:
-                    self._kind, self._quote = "str", c
-                    self._parts, self._tlen = [data[i:i + 1]], 1
-                    i += 1
-                    continue
-                if c == 0x2D or 0x30 <= c <= 0x39:
-                    self._kind = "num"
-                elif 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A:
-                    self._kind = "kw"
-                else:
-                    self._stray(data[i:i + 1], out)
-                    i += 1
-                    continue
-                self._parts, self._tlen = [], 0
-                continue
-            if kind == "recover":
-                i = _RECOVER.match(data, i).end()
+                i = self._between_tokens(data, i, out)
+            elif kind == "recover":
+                i = _skip(_RECOVER, data, i, n)
                 if i < n:
                     self._kind = None
-                continue
-            end = min(n, i + MAX_TOKEN_SIZE + 1 - self._tlen)
-            if kind == "str":
-                j = _STR_BODY[self._quote].match(data, i, end).end()
-                self._parts.append(data[i:j])
-                self._tlen += j - i
-                if j == end:
-                    i = j
-                    if self._tlen > MAX_TOKEN_SIZE:
-                        self._too_long(out)
-                    continue
-                c = data[j]
-                if c == self._quote:
-                    self._parts.append(data[j:j + 1])
-                    raw = b"".join(self._parts)
-                    self._kind, self._parts = None, []
-                    self._token("str", raw, self._tlen + 1, out)
-                    i = j + 1
-                    continue
-                if c == 0x5C and j + 1 == end:
-                    if end == n:            # the escaped byte comes with the next feed
-                        self._carry = data[j:]
-                        i = n
-                        continue
-                    self._tlen += 1         # QEMU cuts the token right after the backslash
-                    self._too_long(out)
-                    i = end
-                    continue
-                # a control character (maybe escaped) or 0xFE/0xFF
-                bad = j + 2 if c == 0x5C else j + 1
-                self._parts.append(data[j:bad])
-                self._stray(b"".join(self._parts), out)
-                i = bad
-                continue
-            body = _NUM_BODY if kind == "num" else _KW_BODY
-            j = body.match(data, i, end).end()
-            self._parts.append(data[i:j])
-            self._tlen += j - i
-            i = j
-            if j == end:
-                if self._tlen > MAX_TOKEN_SIZE:
-                    self._too_long(out)
-                continue
-            text = b"".join(self._parts).decode("ascii")
-            self._kind, self._parts = None, []
-            if kind == "kw":
-                self._token("kw", text, len(text), out)
-                continue
-            try:
-                value: Any = int(text) if text.lstrip("-").isdigit() else float(text)
-            except ValueError:
-                self._stray(text.encode(), out)
+            elif kind == "str":
+                i = self._in_string(data, i, out)
             else:
-                self._token("num", value, len(text), out)
+                i = self._in_word(data, i, kind, out)
         return out
+
+    def _between_tokens(self, data: bytes, i: int, out: list) -> int:
+        """Skip white space; take a structural character, or start a string,
+        a number or a keyword (the state says which); a stray byte is a
+        lexical error. Returns where to go on."""
+        i = _skip(_WS, data, i, len(data))
+        if i >= len(data):
+            return i
+        c = data[i]
+        if c in _PUNCT:
+            self._token(chr(c), None, 1, out)
+            return i + 1
+        if c == 0x22 or c == 0x27:
+            self._kind, self._quote = "str", c
+            self._parts, self._tlen = [data[i:i + 1]], 1
+            return i + 1
+        if c == 0x2D or 0x30 <= c <= 0x39:
+            self._kind = "num"
+        elif 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A:
+            self._kind = "kw"
+        else:
+            self._stray(data[i:i + 1], out)
+            return i + 1
+        self._parts, self._tlen = [], 0
+        return i
+
+    def _in_string(self, data: bytes, i: int, out: list) -> int:
+        """Inside a string: take its body up to the closing quote, the token
+        size limit or the end of ``data`` (a backslash there waits for the
+        next feed); a control character or 0xFE/0xFF is a lexical error."""
+        n = len(data)
+        end = min(n, i + MAX_TOKEN_SIZE + 1 - self._tlen)
+        j = _skip(_STR_BODY[self._quote], data, i, end)
+        self._parts.append(data[i:j])
+        self._tlen += j - i
+        if j == end:
+            if self._tlen > MAX_TOKEN_SIZE:
+                self._too_long(out)
+            return j
+        c = data[j]
+        if c == self._quote:
+            self._parts.append(data[j:j + 1])
+            raw = b"".join(self._parts)
+            self._kind, self._parts = None, []
+            self._token("str", raw, self._tlen + 1, out)
+            return j + 1
+        if c == 0x5C and j + 1 == end:
+            if end == n:            # the escaped byte comes with the next feed
+                self._carry = data[j:]
+                return n
+            self._tlen += 1         # QEMU cuts the token right after the backslash
+            self._too_long(out)
+            return end
+        # a control character (maybe escaped) or 0xFE/0xFF
+        bad = j + 2 if c == 0x5C else j + 1
+        self._parts.append(data[j:bad])
+        self._stray(b"".join(self._parts), out)
+        return bad
+
+    def _in_word(self, data: bytes, i: int, kind: str, out: list) -> int:
+        """Inside a number or a keyword: take its characters up to the token
+        size limit or the end of ``data``; the first other byte ends it."""
+        end = min(len(data), i + MAX_TOKEN_SIZE + 1 - self._tlen)
+        body = _NUM_BODY if kind == "num" else _KW_BODY
+        j = _skip(body, data, i, end)
+        self._parts.append(data[i:j])
+        self._tlen += j - i
+        if j == end:
+            if self._tlen > MAX_TOKEN_SIZE:
+                self._too_long(out)
+            return j
+        text = b"".join(self._parts).decode("ascii")
+        self._kind, self._parts = None, []
+        if kind == "kw":
+            self._token("kw", text, len(text), out)
+            return j
+        try:
+            value: Any = int(text) if text.lstrip("-").isdigit() else float(text)
+        except ValueError:
+            self._stray(text.encode(), out)
+        else:
+            self._token("num", value, len(text), out)
+        return j
 
     def _too_long(self, out: list) -> None:
         self._kind, self._parts = None, []

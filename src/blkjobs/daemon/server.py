@@ -24,7 +24,6 @@ import itertools
 import logging
 import os
 import socket
-import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -43,14 +42,15 @@ MONITOR_LOGGER = __name__.rpartition(".")[0] + ".monitor"
 PARSE_IN_THREAD = 4096
 
 
-def internal_error(what: str, e: BaseException) -> QMPError:
+_log = logging.getLogger(__name__)
+
+
+def internal_error(what: str, e: BaseException, log: logging.Logger = _log) -> QMPError:
     """An unexpected exception (a bug) as an error reply; the connection
-    stays up. One line goes to stderr for whoever runs the daemon."""
+    stays up. ``log`` (the monitor's logger) gets it with its traceback, for
+    whoever runs the daemon (stderr, as ``blkjobs serve`` sets logging up)."""
     desc = f"internal error in {what}: {type(e).__name__}: {e}"
-    try:
-        print(f"blkjobs serve: {desc}", file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
+    log.error("%s", desc, exc_info=e)
     return QMPError(desc)
 
 
@@ -89,7 +89,7 @@ class Monitor:
             try:
                 data = encode(obj)
             except Exception as e:      # a result that is not JSON: a bug
-                data = encode(error_reply(internal_error("reply", e)))
+                data = encode(error_reply(internal_error("reply", e, self.log)))
             self.writer.write(data)
 
 
@@ -246,7 +246,8 @@ class Server:
             return error_reply(e, req_id, has_id)
         except Exception as e:          # a bug: answer, keep the connection
             name = value.get("execute") if isinstance(value, dict) else None
-            return error_reply(internal_error(f"command '{name}'", e), req_id, has_id)
+            return error_reply(internal_error(f"command '{name}'", e, mon.log), req_id,
+                               has_id)
         out: dict[str, Any] = {"return": result}
         if has_id:
             out["id"] = req_id

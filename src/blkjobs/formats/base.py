@@ -92,7 +92,14 @@ class Driver(abc.ABC):
     * ``read_only``: opened without write access;
     * ``backing_filename`` / ``backing_format``: as recorded in the header,
       None when absent (raw: always None);
-    * ``cluster_size``: allocation unit in bytes (raw: 0 = none).
+    * ``cluster_size``: allocation unit in bytes (raw: 0 = none);
+    * ``scs``: the smallest allocation unit, the subcluster size of a qcow2
+      image with extended L2 entries (else its cluster size; raw: 0);
+    * ``extended``: the image has extended L2 entries (qcow2
+      ``extended_l2=on``; others: False);
+    * ``persistent_bitmaps``: the dirty bitmaps stored in the image (qcow2:
+      :class:`blkjobs.formats.qcow2.bitmaps.Bitmaps`), None when the format
+      stores none.
 
     Capabilities are declared, not probed (class attributes; a method whose
     capability is False raises :class:`NotSupported` with a clear text):
@@ -113,6 +120,12 @@ class Driver(abc.ABC):
       copies it by host offsets, QEMU's lock bytes apply). False for a
       remote disk (``protocol`` ``nbd``): ``fd`` is -1, no locks, and the
       bytes move only through :meth:`readinto` and :meth:`write`.
+    * ``wants_events``: the job data path raises blkdebug events for this
+      driver even without break points (QEMU's blkdebug rules,
+      :mod:`blkjobs.jobs.blkdebug_qemu`);
+    * ``is_filter``: False; the graph's filter nodes have a
+      :class:`blkjobs.graph.node.FilterDriver` (True) instead of an image
+      driver.
     """
 
     format_name: str = "?"
@@ -124,11 +137,20 @@ class Driver(abc.ABC):
     injects_faults: bool = False
     host_file: bool = True
     protocol: str = "file"
+    wants_events: bool = False
+    is_filter: bool = False
     filename: str
     read_only: bool
     backing_filename: str | None = None
     backing_format: str | None = None
     cluster_size: int = 0
+    scs: int = 0
+    extended: bool = False
+
+    @property
+    def persistent_bitmaps(self) -> Any:
+        """The image's persistent dirty bitmaps, or None (see above)."""
+        return None
 
     @property
     @abc.abstractmethod

@@ -113,9 +113,19 @@ class FileLock:
         for i in range(4):
             bit = 1 << i
             if perm & bit and _held_by_other(self.fd, SHARED_BASE + i):
+                self._conflict(SHARED_BASE + i, "does not share", bit)
                 raise LockConflict(conflict_text(bit, False, self.path), self.path)
             if unshared & bit and _held_by_other(self.fd, PERM_BASE + i):
+                self._conflict(PERM_BASE + i, "uses", bit)
                 raise LockConflict(conflict_text(bit, True, self.path), self.path)
+
+    def _conflict(self, byte: int, how: str, bit: int) -> None:
+        """Say at debug level which byte conflicts (logging is imported on
+        this error path only: every command opens images)."""
+        import logging
+        logging.getLogger(__name__).debug(
+            "'%s': lock byte %d is held by another process: it %s \"%s\"", self.path, byte,
+            how, PERM_NAMES[Perm(bit)])
 
     def apply(self, perm: int, unshared: int) -> None:
         """Check, then hold exactly the bytes for (perm, unshared)."""

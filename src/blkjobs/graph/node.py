@@ -48,6 +48,7 @@ class FilterDriver:
     """What a filter node has in place of an image driver: names only."""
 
     is_filter = True
+    wants_events = False
     fd = -1
     cluster_size = 0
     backing_filename = None
@@ -172,11 +173,11 @@ class Node:
         #: the job blocking this node for other jobs (BlockIO.claim), or None
         #: (a blkjobs.job Job: the graph does not import the job core)
         self.claimed_by: Any = None
-        self.is_filter = getattr(driver, "is_filter", False)
+        self.is_filter: bool = driver.is_filter
         # no lock bytes where there is no host file (an NBD export)
         self._lock = (FileLock(driver.fd, driver.filename)
                       if graph.locking and not self.is_filter
-                      and getattr(driver, "host_file", True) else None)
+                      and driver.host_file else None)
         self._closed = False
         #: per-node state of the I/O layer over the graph (graph/io.py's
         #: ``NodeState``: filter hooks, bitmaps, cache mode...). It lives and

@@ -30,9 +30,9 @@ from ..formats.nbd import is_nbd_uri
 from ..graph.lock import ImageLock
 from ..native.extents import is_zero
 from ..native.ratelimit import TokenBucket
-from .convert import (ConvertOptions, ConvertResult, _check_options, _identity, _lock_target,
-                      _say_what_happened_to_target)
 from .convert import convert as convert_files
+from .convert_base import ConvertOptions, ConvertResult, check_options
+from .convert_target import identity, lock_target, say_what_happened_to_target
 
 WORK = 256 << 20            # block status asked per work range
 CHUNK = 4 << 20             # bytes per worker piece
@@ -52,7 +52,7 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
         return convert_files(src, dst, o, progress, check)
     check_format(o.dst_fmt, "target")
     check_format(o.src_fmt, "source")
-    _check_options(o)
+    check_options(o)
     return convert_nbd(src, dst, o, progress, check)
 
 
@@ -106,7 +106,7 @@ class _NbdConvert:
                                  else f"{dst}: error while converting raw: Cannot grow NBD nodes")
             self.target_zero = o.target_is_zero
             return
-        self.tlock = _lock_target(dst, o.dst_fmt, o.no_create)
+        self.tlock = lock_target(dst, o.dst_fmt, o.no_create)
         if not o.no_create:
             if os.path.isdir(dst):
                 raise CopyError(errno.EISDIR, "Could not create target", path=dst)
@@ -126,7 +126,7 @@ class _NbdConvert:
         except OSError as e:
             raise CopyError(e.errno or errno.EIO, "Could not open target", path=dst) from None
         if self.ours is not None:
-            self.ours = _identity(self.t.fd)
+            self.ours = identity(self.t.fd)
         if self.t.size < self.size:
             raise UsageError(f"target '{dst}' is smaller than the source "
                              f"({self.t.size} < {self.size} bytes)")
@@ -348,7 +348,7 @@ class _NbdConvert:
             return ConvertResult(self.size, self.data_bytes, self.zero_bytes)
         except BaseException as e:
             self._close_target(failed=True)
-            err = _say_what_happened_to_target(e, self.dst, self.ours, self.written)
+            err = say_what_happened_to_target(e, self.dst, self.ours, self.written)
             if err is not e:
                 raise err from None
             raise

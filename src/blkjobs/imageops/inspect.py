@@ -15,7 +15,6 @@ import os
 
 from ..errors import CheckNotSupported, UsageError
 from ..graph.lock import LockConflict, opening
-from ..native.extents import extents
 from ..formats.nbd import is_nbd_uri
 from .files import fd_size, open_source
 from .images import cli_graph, open_ro, probe
@@ -99,31 +98,6 @@ def info(path: str, fmt: str | None = None, backing_chain: bool = False,
         top.close_chain()
 
 
-def map_raw(path: str, work: int = 1 << 30):
-    """Yield qemu-img map entries; asked of the file system per work range."""
-    fd = open_source(path)
-    try:
-        size = fd_size(fd)
-        pos = 0
-        last = None
-        while pos < size:
-            n = min(work, size - pos)
-            for e in extents(fd, pos, n):
-                ent = {"start": e.offset, "length": e.length, "depth": 0, "present": True,
-                       "zero": not e.data, "data": e.data, "offset": e.offset}
-                if last and last["data"] == ent["data"] and last["start"] + last["length"] == e.offset:
-                    last["length"] += e.length
-                    continue
-                if last:
-                    yield last
-                last = ent
-            pos += n
-        if last:
-            yield last
-    finally:
-        os.close(fd)
-
-
 def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | None = None,
               work: int = 256 << 20, force_share: bool = False):
     """Yield ``qemu-img map --output json`` entries through the backing chain
@@ -167,9 +141,6 @@ def _joinable(a, b):
 
 # ---------------------------------------------------------------------------
 # check
-CHECK_UNSUPPORTED = CheckNotSupported.exit_code
-
-
 def check_image(path: str, fmt: str | None = None, repair: str | None = None,
                 force_share: bool = False) -> dict:
     """Run the qcow2 consistency check (``repair`` None | 'leaks' | 'all');

@@ -21,6 +21,7 @@ import os
 import struct
 
 from ..errors import UsageError
+from ..units import parse_opt_size
 
 L1E = 8
 REFTABLE_ENTRY = 8
@@ -76,35 +77,24 @@ def parse_target_opts(texts: list[str] | None, fmt: str) -> dict:
     out: dict[str, str | bool | int] = {}
     for text in texts or []:
         for item in filter(None, text.split(",")):
-            name, _, raw = item.partition("=")
-            val: str | bool | int = raw
+            name, _, val = item.partition("=")
             if name not in known:
                 raise UsageError(f"Invalid parameter '{name}'\n"
                                  f"blkjobs: Invalid options for file format '{fmt}'")
+            value: str | bool | int = val
             if name in ("extended_l2", "lazy_refcounts", "data_file_raw", "encryption"):
-                if raw.lower() not in ("on", "off"):
+                if val.lower() not in ("on", "off"):
                     raise UsageError(f"Parameter '{name}' expects 'on' or 'off'\n"
                                      f"blkjobs: Invalid options for file format '{fmt}'")
-                val = raw.lower() == "on"
+                value = val.lower() == "on"
             elif name in ("size", "cluster_size"):
                 try:
-                    val = _opt_size(raw)
-                except ValueError:
-                    raise UsageError(
-                        f"Parameter '{name}' expects a non-negative number below 2^64\n"
-                        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, "
-                        "peta-\nand exabytes, respectively.\n"
-                        f"blkjobs: Invalid options for file format '{fmt}'") from None
-            out[name] = val
+                    value = parse_opt_size(val, name)
+                except UsageError as e:
+                    raise UsageError(f"{e}\nblkjobs: Invalid options for file format "
+                                     f"'{fmt}'") from None
+            out[name] = value
     return out
-
-
-def _opt_size(text: str) -> int:
-    from ..units import parse_size
-    try:
-        return parse_size(text)
-    except UsageError:
-        raise ValueError(text) from None
 
 
 def qcow2_params(opts: dict) -> tuple[int, bool, int, int, str]:
@@ -210,7 +200,7 @@ def measure(out_fmt: str, opts: dict, size: int | None = None, node=None) -> dic
     full = prealloc_size(vsize, cs, order, ext)
     out = {"required": full - vsize + required, "fully-allocated": full}
     src = node.driver if node is not None else None
-    if version >= 3 and src is not None and getattr(src, "format_name", "") == "qcow2" \
+    if version >= 3 and src is not None and src.format_name == "qcow2" \
             and src.header.version >= 3:
         out["bitmaps"] = bitmaps_size(src, cs)
     return out

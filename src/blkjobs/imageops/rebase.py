@@ -144,7 +144,7 @@ def _write_differing(top, off, a, b, old_end, oz):
     when its old part is zero by block status (``oz``, as qemu's zero write
     checks)."""
     drv = top.driver
-    g = getattr(drv, "scs", None) or drv.cluster_size     # allocation granule
+    g = drv.scs or drv.cluster_size     # allocation granule
     zero = bytes(g)
     reqs: list[list[Any]] = []                  # [kind, start, end] in image offsets
     i, n = 0, len(a)

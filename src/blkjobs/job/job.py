@@ -280,7 +280,6 @@ class Job:
         self.deferred = False          # run() has returned
         self._kicked = False
         self._timer_sleep = False      # sleeping with a deadline
-        self._finalized = False
 
     # ------------------------------------------------------------------
     # Derived state

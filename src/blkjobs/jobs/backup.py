@@ -10,6 +10,7 @@ There is no graph change.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..errors import CopyError, JobError
@@ -22,6 +23,8 @@ from .base import BlockJob, check_policy
 from .blockcopy import JOB_CLUSTER, Mover, Stats
 from .cbw import CbwFilter
 from .ranges import select_full, select_window
+
+_log = logging.getLogger(__name__)
 
 SYNC_MODES = ("full", "top", "none", "incremental", "bitmap")
 BITMAP_MODES = ("on-success", "never", "always")
@@ -254,8 +257,8 @@ class BackupJob(BlockJob):
             if not self._relaxed.released:
                 try:
                     self._relaxed.update(shared=BACKING_SHARED)
-                except Exception:
-                    pass        # someone writes the source now: leave it shared
+                except Exception:       # someone writes the source now: leave it shared
+                    _log.debug("sharing '%s' again failed", self.src.name, exc_info=True)
             self._relaxed = None
         if self._perm is not None:
             self._perm.release()

@@ -131,7 +131,6 @@ class Mover:
         self._dst_raw = dst.driver.cluster_size == 0
         #: no host file (an NBD export): everything is written through the driver
         self._dst_remote = not dst.driver.host_file
-        self._dst_is_ours = dst.driver
         self._tls = threading.local()       # see plan (blkdebug break points)
         #: bytes that batches which did not land wrote into the target and
         #: that stayed there (no allocation put back), by batch offset; an
@@ -221,7 +220,7 @@ class Mover:
         runs = src.block_status(off, length)
         breaks = self.io.breaks
         if (breaks is not None and breaks.rules) or any(
-                getattr(n.driver, "wants_events", False) for n in (*chain, dst)):
+                n.driver.wants_events for n in (*chain, dst)):
             runs = list(runs)
             # the blkdebug events this request raised already (it is planned
             # again after a break point held it): set by start_areas

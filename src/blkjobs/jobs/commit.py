@@ -18,6 +18,8 @@ final fsync finds little left to write (``convert -t writeback``'s way).
 """
 from __future__ import annotations
 
+import logging
+
 
 from ..errors import CopyError, JobError
 from ..graph import GraphTransaction, Node, Perm, Permission
@@ -31,6 +33,8 @@ from .blockcopy import Mover
 from .mirror import MirrorJob
 from .ranges import batch_unit, select_window
 from .stream import find_in_chain, lookup_node
+
+_log = logging.getLogger(__name__)
 
 
 
@@ -70,14 +74,14 @@ class _BaseAccess:
             try:
                 self.relaxed.update(shared=BACKING_SHARED)
             except Exception:
-                pass
+                _log.debug("sharing '%s' again failed", self.base.name, exc_info=True)
         self.relaxed = None
         if self.was_ro and not self.io.frontends(self.base) \
                 and self.base.name in self.io.graph.nodes:
             try:
                 self.base.reopen(True)
             except Exception:
-                pass
+                _log.debug("reopening '%s' read-only failed", self.base.name, exc_info=True)
             self.was_ro = False
 
 
@@ -223,7 +227,8 @@ class CommitJob(BlockJob):
                 try:
                     self._overlay_ro.reopen(True)
                 except Exception:
-                    pass
+                    _log.debug("reopening '%s' read-only failed", self._overlay_ro.name,
+                               exc_info=True)
             self.io.release_claims(job)
         self.mover.close()
 
@@ -261,7 +266,7 @@ class ActiveCommitJob(MirrorJob):
         self.access.release_write()
 
     def commit(self, job: Job) -> None:
-        if getattr(self, "pivoted", False):
+        if self.pivoted:
             with self.io:
                 self.io.drop_unused(self.nodes)
 

@@ -27,6 +27,7 @@ flushes the guest may wait for find little left to write.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -40,6 +41,8 @@ from .base import BlockJob, check_policy
 from .blockcopy import BATCH, KiB, MiB, Mover, Stats
 from .dirty import PartlyDirty
 from .ranges import Select, select_full, select_window
+
+_log = logging.getLogger(__name__)
 
 
 
@@ -66,6 +69,8 @@ class MirrorFilter(Filter):
                 m.sync_bytes += length
                 return
             except Exception:
+                _log.debug("write-blocking copy of %d+%d failed; copied later", offset, length,
+                           exc_info=True)
                 m.sync_failed = True        # actively-synced is lost; copy it later
         m.parts.mark_written(offset, length)
 
@@ -169,6 +174,8 @@ class MirrorJob(BlockJob):
         #: background mode that did not converge in a whole pass over the
         #: disk: guest writes are mirrored synchronously until READY
         self.escalated = False
+        #: completion's graph change was made (the target replaced the source)
+        self.pivoted = False
         self.copied = 0
         self._pos = 0
         self._perm: Permission | None = None

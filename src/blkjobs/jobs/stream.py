@@ -16,6 +16,7 @@ The former intermediates leave the graph at ``commit`` (files untouched).
 """
 from __future__ import annotations
 
+import logging
 
 from ..errors import CopyError, JobError
 from ..graph import ALL, GraphTransaction, Node, Perm, Permission
@@ -26,6 +27,7 @@ from .base import BlockJob, check_policy
 from .blockcopy import Mover
 from .ranges import batch_unit, select_window
 
+_log = logging.getLogger(__name__)
 
 
 def lookup_node(io: BlockIO, name: str) -> Node:
@@ -220,7 +222,7 @@ class StreamJob(BlockJob):
             try:
                 self.top.reopen(True)
             except Exception:
-                pass
+                _log.debug("reopening '%s' read-only failed", self.top.name, exc_info=True)
             self._was_ro = False
 
     def clean(self, job: Job) -> None:

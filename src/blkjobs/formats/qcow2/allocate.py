@@ -58,10 +58,10 @@ class Allocation(L2Tables):
             if span_end - gc >= 16 and self._alloc_fresh_span(job, gc, span_end):
                 gc = span_end
                 continue
-            for gc in range(gc, span_end):
-                old = self._alloc_one_cluster(job, gc)
+            for c in range(gc, span_end):
+                old = self._alloc_one_cluster(job, c)
                 if old is not None:
-                    job.note(gc, 1, *old)
+                    job.note(c, 1, *old)
             gc = span_end
         job.flush_need()
         return [Mapping(s, n, Kind.DATA, h) for s, n, h in job.runs]

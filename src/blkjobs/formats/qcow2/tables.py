@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 from ...errors import ImageError
 from ...native import qcow2 as _nq

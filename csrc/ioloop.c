@@ -1,15 +1,15 @@
-/* bench.c: measured I/O loops for `blkjobs bench` — sequential or random,
+/* ioloop.c: measured I/O loops for `blkjobs bench` — sequential or random,
  * read or write, N threads over one open file.
  *
  * Design (the synchronous "psync" engine of fio, with the threads of one job
  * sharing one stream):
- *  - bj_bench_new() starts the workers at once. Each allocates its own
+ *  - bj_ioloop_new() starts the workers at once. Each allocates its own
  *    4 KiB-aligned buffer of bs bytes and touches every page of it (a write
  *    buffer gets a pseudo-random pattern, so no layer can compress or dedup
  *    it), then waits at a start gate. First-touch page faults and thread
  *    creation therefore stay outside the timed region: they cost up to 10x
  *    the I/O on a noisy small machine.
- *  - The first bj_bench_run() reads the clock and opens the gate.
+ *  - The first bj_ioloop_run() reads the clock and opens the gate.
  *    Sequential: worker t of N streams through its own section, blocks
  *    [t*nblocks/N, (t+1)*nblocks/N), wrapping inside it under a time
  *    budget, and does its share of the byte budget — fio's numjobs=N with
@@ -32,7 +32,7 @@
  * Cost: one pread/pwrite per request plus one atomic add and one clock
  * read; memory threads * bs.
  */
-#include "bench.h"
+#include "ioloop.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -43,15 +43,15 @@
 #include <unistd.h>
 
 struct worker {
-    struct bj_bench *b;
+    struct bj_ioloop *b;
     pthread_t thread;
     void *buf;
     uint64_t rng;
     int started;
 };
 
-struct bj_bench {
-    struct bj_bench_opts o;
+struct bj_ioloop {
+    struct bj_ioloop_opts o;
     uint64_t nblocks;          /* whole requests in the region */
     uint64_t nreq;             /* request budget (UINT64_MAX = time only) */
     struct worker *workers;
@@ -107,7 +107,7 @@ static int io_full(int fd, int wr, char *buf, uint64_t len, uint64_t off)
     return 0;
 }
 
-static void record_error(struct bj_bench *b, int err, uint64_t off)
+static void record_error(struct bj_ioloop *b, int err, uint64_t off)
 {
     int zero = 0;
     if (atomic_compare_exchange_strong(&b->error, &zero, err))
@@ -117,7 +117,7 @@ static void record_error(struct bj_bench *b, int err, uint64_t off)
 /* Allocate and touch the buffer. Returns 0 or -errno. */
 static int setup(struct worker *w, uint32_t index)
 {
-    struct bj_bench *b = w->b;
+    struct bj_ioloop *b = w->b;
     if (posix_memalign(&w->buf, 4096, b->o.bs)) {
         w->buf = NULL;
         return -ENOMEM;
@@ -134,7 +134,7 @@ static int setup(struct worker *w, uint32_t index)
     return 0;
 }
 
-static void finish(struct bj_bench *b)
+static void finish(struct bj_ioloop *b)
 {
     uint64_t fs = 0;
     if (b->o.write && b->o.fsync_end && !atomic_load(&b->error) && !atomic_load(&b->cancel)) {
@@ -155,8 +155,8 @@ static void finish(struct bj_bench *b)
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
-    struct bj_bench *b = w->b;
-    const struct bj_bench_opts *o = &b->o;
+    struct bj_ioloop *b = w->b;
+    const struct bj_ioloop_opts *o = &b->o;
     int rc = setup(w, (uint32_t)(w - b->workers));
 
     pthread_mutex_lock(&b->lock);
@@ -207,13 +207,13 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-int bj_bench_new(struct bj_bench **out, const struct bj_bench_opts *opts)
+int bj_ioloop_new(struct bj_ioloop **out, const struct bj_ioloop_opts *opts)
 {
     if (!out || !opts || opts->fd < 0 || opts->threads == 0 || opts->threads > 256 ||
         opts->bs < 512 || opts->bs > (1ull << 30) || opts->size < opts->bs ||
         opts->size > (uint64_t)INT64_MAX)
         return -EINVAL;
-    struct bj_bench *b = calloc(1, sizeof(*b));
+    struct bj_ioloop *b = calloc(1, sizeof(*b));
     if (!b)
         return -ENOMEM;
     b->o = *opts;
@@ -259,14 +259,14 @@ int bj_bench_new(struct bj_bench **out, const struct bj_bench_opts *opts)
         rc = b->setup_error;
     pthread_mutex_unlock(&b->lock);
     if (rc < 0) {
-        bj_bench_free(b);
+        bj_ioloop_free(b);
         return rc;
     }
     *out = b;
     return 0;
 }
 
-int bj_bench_run(struct bj_bench *b, uint32_t timeout_ms)
+int bj_ioloop_run(struct bj_ioloop *b, uint32_t timeout_ms)
 {
     if (!b)
         return -EINVAL;
@@ -298,13 +298,13 @@ int bj_bench_run(struct bj_bench *b, uint32_t timeout_ms)
     return atomic_load(&b->cancel) ? -ECANCELED : 0;
 }
 
-void bj_bench_cancel(struct bj_bench *b)
+void bj_ioloop_cancel(struct bj_ioloop *b)
 {
     if (b)
         atomic_store(&b->cancel, 1);
 }
 
-void bj_bench_get_result(struct bj_bench *b, struct bj_bench_result *r)
+void bj_ioloop_get_result(struct bj_ioloop *b, struct bj_ioloop_result *r)
 {
     if (!b || !r)
         return;
@@ -324,7 +324,7 @@ void bj_bench_get_result(struct bj_bench *b, struct bj_bench_result *r)
     r->error_offset = atomic_load(&b->error_offset);
 }
 
-void bj_bench_free(struct bj_bench *b)
+void bj_ioloop_free(struct bj_ioloop *b)
 {
     if (!b)
         return;

@@ -1,6 +1,10 @@
-"""Progress reporting for humans (one live line on stderr) and programs
-(JSON lines). Progress counts completed bytes; the total may grow. The clock
-is injectable so rate and ETA can be tested exactly."""
+"""The progress of one copy (convert, demo, the job commands' ``-p``): bytes
+done of a total, rate and ETA, for humans (one live line on stderr) and
+programs (JSON lines). Progress counts completed bytes; the total may grow.
+The clock is injectable so rate and ETA can be tested exactly.
+
+(``blkjobs bench`` shows its stages with another kind of line:
+:mod:`blkjobs.diskbench.status_line`.)"""
 from __future__ import annotations
 
 import json
@@ -12,7 +16,7 @@ from typing import TextIO
 from ..units import human
 
 
-class Progress:
+class CopyProgress:
     """Call ``update(done, total)`` as often as you like; output is throttled
     to ``interval`` seconds. ``finish()`` prints the final line."""
 

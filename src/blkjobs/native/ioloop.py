@@ -1,4 +1,4 @@
-"""Measured I/O loops (csrc/bench.c): sequential or random, read or write,
+"""Measured I/O loops (csrc/ioloop.c): sequential or random, read or write,
 N threads over one open file, with the GIL released.
 
 :meth:`IOLoop.run` returns a :class:`LoopResult` once the byte or time budget
@@ -36,7 +36,7 @@ class IOLoop(Owned):
             raise UsageError(f"invalid request size {bs}: must be 512 B..1 GiB")
         if size < bs:
             raise UsageError(f"region of {size} bytes is smaller than one request ({bs})")
-        o = ffi.new("struct bj_bench_opts *")
+        o = ffi.new("struct bj_ioloop_opts *")
         o.fd = fd
         o.write = int(write)
         o.random = int(random)
@@ -50,14 +50,14 @@ class IOLoop(Owned):
         self._path = path
         self._wr = bool(write)
         self._b = None
-        p = ffi.new("struct bj_bench **")
-        ensure(lib.bj_bench_new(p, o), "bench", path=path)
+        p = ffi.new("struct bj_ioloop **")
+        ensure(lib.bj_ioloop_new(p, o), "bench", path=path)
         self._b = p[0]
-        self._r = ffi.new("struct bj_bench_result *")
+        self._r = ffi.new("struct bj_ioloop_result *")
 
     def result(self) -> LoopResult:
         r = self._r
-        lib.bj_bench_get_result(self._b, r)
+        lib.bj_ioloop_get_result(self._b, r)
         return LoopResult(int(r.bytes), int(r.ops), int(r.elapsed_ns), int(r.fsync_ns))
 
     def run(self, progress: Callable[[int, int], None] | None = None,
@@ -66,14 +66,14 @@ class IOLoop(Owned):
         failing offset) on an I/O error, Cancelled after cancel()."""
         try:
             while True:
-                rc = lib.bj_bench_run(self._b, max(1, int(slice_s * 1000)))
+                rc = lib.bj_ioloop_run(self._b, max(1, int(slice_s * 1000)))
                 if rc == 2:
                     if progress:
                         r = self.result()
                         progress(r.bytes, r.ops)
                     continue
                 if rc < 0:
-                    lib.bj_bench_get_result(self._b, self._r)
+                    lib.bj_ioloop_get_result(self._b, self._r)
                     off = int(self._r.error_offset) if self._r.error else None
                     op = "write" if self._wr else "read"
                     ensure(rc, f"benchmark {op}", path=self._path, side="file" if off is not None
@@ -81,14 +81,14 @@ class IOLoop(Owned):
                 return self.result()
         except BaseException:
             self.cancel()
-            lib.bj_bench_run(self._b, 60_000)  # wait for in-flight requests
+            lib.bj_ioloop_run(self._b, 60_000)  # wait for in-flight requests
             raise
 
     def cancel(self) -> None:
         if self._b is not None:
-            lib.bj_bench_cancel(self._b)
+            lib.bj_ioloop_cancel(self._b)
 
     def close(self) -> None:
         if self._b is not None:
-            lib.bj_bench_free(self._b)
+            lib.bj_ioloop_free(self._b)
             self._b = None

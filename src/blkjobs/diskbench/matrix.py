@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import UsageError
-from .sizes import format_size, parse_list, parse_size
+from ..units import parse_size
+from .sizes import format_size, parse_list
 
 # name -> (writes?, random?)  ("copy" reads one file and writes another)
 WORKLOADS = {
@@ -137,4 +138,4 @@ def parse_matrix(workloads: str, bs: str, threads: str, direct: str,
                              f"of 512 between 512 and 1G")
     js = parse_list(threads, parse_threads, "thread count")
     ds = parse_list(direct, parse_direct, "--direct")
-    return build_matrix(ws, sizes, js, ds, parse_size(rand_bs))
+    return build_matrix(ws, sizes, js, ds, parse_size(rand_bs, "random request size"))

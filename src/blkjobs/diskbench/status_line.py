@@ -1,4 +1,6 @@
-"""The live progress line on stderr.
+"""``blkjobs bench``'s status line on stderr: which stage and run is going
+on, with a free-form detail (bytes done); no rate or ETA (a copy's progress
+meter is :mod:`blkjobs.cli.copy_progress`).
 
 On a terminal one line is redrawn in place (at most every ``interval``
 seconds for byte counts, at once for a new step) and erased at the end, so
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 
-class Progress:
+class StatusLine:
     def __init__(self, stream: TextIO | None = None, *, clock: Callable[[], float] = time.monotonic,
                  interval: float = 0.2, tty: bool | None = None, enabled: bool = True):
         self.stream = stream if stream is not None else sys.stderr
@@ -65,6 +67,6 @@ class Progress:
             self._shown = False
 
 
-class NullProgress(Progress):
+class NullStatusLine(StatusLine):
     def __init__(self):
         super().__init__(stream=sys.stderr, tty=False, enabled=False)

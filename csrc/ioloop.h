@@ -1,14 +1,14 @@
-#ifndef BJ_BENCH_H
-#define BJ_BENCH_H
+#ifndef BJ_IOLOOP_H
+#define BJ_IOLOOP_H
 #include <stdint.h>
 #include <stddef.h>
 
 /* cdef-begin */
-/* One measured I/O loop over [0, size) of an open file (see bench.c).
+/* One measured I/O loop over [0, size) of an open file (see ioloop.c).
  * The caller opens fd (O_DIRECT or not) and lays the file out beforehand;
  * with O_DIRECT, bs must suit the device's logical block size (buffers are
  * 4 KiB aligned). */
-struct bj_bench_opts {
+struct bj_ioloop_opts {
     int fd;
     uint32_t write;        /* 0 = pread, 1 = pwrite */
     uint32_t random;       /* 0 = sequential (each thread streams its own 1/threads
@@ -24,7 +24,7 @@ struct bj_bench_opts {
     uint64_t seed;         /* random offsets and the written pattern */
 };
 
-struct bj_bench_result {
+struct bj_ioloop_result {
     uint64_t bytes;        /* bytes whose requests completed */
     uint64_t ops;          /* requests completed */
     uint64_t elapsed_ns;   /* start .. last completion (+ fsync); so far if running */
@@ -34,20 +34,20 @@ struct bj_bench_result {
     int finished;          /* 1 once every worker stopped (and fsync ran) */
 };
 
-struct bj_bench;
+struct bj_ioloop;
 /* Validate opts, start the workers and let them allocate and touch their
- * buffers; no I/O happens until the first bj_bench_run(). */
-int bj_bench_new(struct bj_bench **out, const struct bj_bench_opts *opts);
+ * buffers; no I/O happens until the first bj_ioloop_run(). */
+int bj_ioloop_new(struct bj_ioloop **out, const struct bj_ioloop_opts *opts);
 /* Start the clock and the I/O on the first call; wait until the loop is
  * finished (returns 0), or timeout_ms elapsed (returns 2: call again), or
  * it failed / was cancelled (returns -errno, after every worker stopped).
  * Call with the GIL released (cffi does). */
-int bj_bench_run(struct bj_bench *b, uint32_t timeout_ms);
+int bj_ioloop_run(struct bj_ioloop *b, uint32_t timeout_ms);
 /* Ask the workers to stop after their current request (thread-safe). */
-void bj_bench_cancel(struct bj_bench *b);
-void bj_bench_get_result(struct bj_bench *b, struct bj_bench_result *r);
+void bj_ioloop_cancel(struct bj_ioloop *b);
+void bj_ioloop_get_result(struct bj_ioloop *b, struct bj_ioloop_result *r);
 /* Cancel, join the workers and free everything. */
-void bj_bench_free(struct bj_bench *b);
+void bj_ioloop_free(struct bj_ioloop *b);
 /* cdef-end */
 
 #endif

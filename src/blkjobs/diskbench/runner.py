@@ -1,0 +1,178 @@
+"""Running the matrix: the schedule and the :class:`Runner` (the scratch
+directory and the shared files are in :mod:`.workspace`, the contenders in
+:mod:`.contenders`, the measuring of one run in :mod:`.measure`).
+
+For every case of the matrix each contender (blkjobs itself first, then the
+tools of ``--compare``) runs ``warmup + repeat`` times, interleaved round by
+round and in a rotated order each round (A B C, B C A, C A B, ...), so drift
+over time (writeback, thermal, a neighbour's job) hits every contender alike;
+warm-up rounds are discarded. Everything it creates lives in one scratch
+directory under DIR, removed at the end, on error and on Ctrl-C (SIGINT and
+SIGTERM) unless ``keep``.
+
+Time enters through ``clock`` (seconds, monotonic) so the scheduling, the
+timing of external tools and the progress line are tested with a fake clock;
+the C loops time themselves (CLOCK_MONOTONIC, from the first request to the
+last completion and fsync).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .contenders import TOOLS, Blkjobs, Contender
+from .matrix import Case, Density
+from .measure import Clock, ToolError
+from .sizes import format_bytes
+from .stats import Sample, summarize
+from .status_line import NullStatusLine, StatusLine
+from .workspace import CacheControl, Env, Workspace
+
+HEADROOM = 16 << 20
+
+
+# -- the schedule --------------------------------------------------------------
+def schedule(n_contenders: int, warmup: int, repeat: int) -> list[tuple[int, int, bool]]:
+    """(round, contender index, measured?) in run order: every round runs
+    every contender once, starting one further each round."""
+    out = []
+    for r in range(warmup + repeat):
+        for k in range(n_contenders):
+            out.append((r, (r + k) % n_contenders, r >= warmup))
+    return out
+
+
+@dataclass
+class Settings:
+    dir: str
+    cases: list[Case]
+    size: int = 256 << 20
+    runtime: float = 0.0
+    repeat: int = 5
+    warmup: int = 1
+    cold: bool = False
+    density: Density = field(default_factory=Density)
+    compare: list[str] = field(default_factory=list)
+    keep: bool = False
+    seed: int = 1
+
+
+@dataclass
+class Row:
+    case: Case
+    tool: str
+    io: str
+    cache: str
+    samples: list[Sample] = field(default_factory=list)
+    error: str | None = None
+
+
+class Runner:
+    """Runs the matrix of ``settings``; :meth:`run` returns (rows, notes)."""
+
+    def __init__(self, settings: Settings, *, clock: Clock = time.monotonic,
+                 progress: StatusLine | None = None,
+                 contenders: list[Contender] | None = None,
+                 cache: CacheControl | None = None):
+        self.s = settings
+        self.clock = clock
+        self.progress = progress or NullStatusLine()
+        self.contenders = contenders
+        self.cache = cache
+        self.notes: list[str] = []
+
+    def _contenders(self) -> list[Contender]:
+        if self.contenders is not None:
+            return self.contenders
+        out: list[Contender] = [Blkjobs()]
+        for name in self.s.compare:
+            c = TOOLS[name]()
+            why = c.available()
+            if why:
+                self.notes.append(f"--compare: {why}: left out")
+            else:
+                out.append(c)
+        return out
+
+    def need_bytes(self) -> int:
+        s = self.s
+        need = HEADROOM
+        if any(c.workload != "copy" for c in s.cases):
+            need += s.size
+        if any(c.workload == "copy" for c in s.cases):
+            need += s.size * (s.density.data + s.density.zero) // 100 + s.size
+        return need
+
+    def run(self) -> tuple[list[Row], list[str]]:
+        s = self.s
+        ws = Workspace(s.dir, keep=s.keep)
+        try:
+            ws.check_space(self.need_bytes())
+            if any(c.direct for c in s.cases):
+                ws.probe_direct()
+            cache = self.cache or CacheControl(s.cold)
+            note = cache.note()
+            if note:
+                self.notes.append(note)
+            env = Env(ws, s.size, s.runtime, s.density, cache, self.clock, s.seed,
+                      progress=self.progress.phase)
+            contenders = self._contenders()
+            rows = []
+            skipped: set[str] = set()
+            for case in s.cases:
+                rows.extend(self._run_case(case, env, contenders, skipped))
+            self.notes.extend(sorted(skipped))
+            if s.keep:
+                self.notes.append(f"files kept in {ws.path}")
+            return rows, self.notes
+        finally:
+            self.progress.done()
+            ws.cleanup()
+
+    def _run_case(self, case: Case, env: Env, contenders: list[Contender],
+                  skipped: set) -> list[Row]:
+        s = self.s
+        if case.workload == "copy":
+            env.layout_image()
+        else:
+            env.layout_data()
+        active = []
+        for c in contenders:
+            why = c.skip(case)
+            if why:
+                skipped.add(f"{c.name}: {why}")
+            else:
+                active.append(c)
+        self.progress.phase(case.label)
+        rows = [Row(case, c.name, c.io(case), env.cache.label(c.io(case) == "direct"))
+                for c in active]
+        total_runs = (s.warmup + s.repeat)
+        for rnd, k, measured in schedule(len(active), s.warmup, s.repeat):
+            row, c = rows[k], active[k]
+            if row.error:
+                continue
+            tag = f"{case.label}  round {rnd + 1}/{total_runs}" + \
+                  ("" if measured else " (warm-up)") + f"  {c.name}"
+            self.progress.step(tag)
+            env.cache.before_run(c.files(case, env))
+            try:
+                sample = c.run(case, env, lambda done, _ops: self.progress.update(
+                    format_bytes(done)))
+            except ToolError as e:
+                row.error = str(e)
+                continue
+            if measured:
+                row.samples.append(sample)
+        return rows
+
+
+def result_dicts(rows: list[Row]) -> list[dict]:
+    out = []
+    for r in rows:
+        d = {"case": r.case.as_dict(), "tool": r.tool, "io": r.io, "cache": r.cache,
+             "error": r.error,
+             "runs": [{"bytes": x.bytes, "ops": x.ops, "elapsed_s": x.elapsed_s,
+                       "cpu_s": x.cpu_s, "peak_rss_bytes": x.rss_bytes} for x in r.samples],
+             "summary": summarize(r.samples).as_dict() if r.samples else None}
+        out.append(d)
+    return out
