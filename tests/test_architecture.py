@@ -94,18 +94,18 @@ ALLOWED = {
     "native": set(),
     "formats": {"native"},
     "graph": {"formats", "native"},
-    "job": set(),                              # the job core knows nothing of blocks
-    "options": {"job"},
-    "jobs": {"job", "graph", "formats", "native"},
+    "jobmodel": set(),                              # the job core knows nothing of blocks
+    "options": {"jobmodel"},
+    "jobs": {"jobmodel", "graph", "formats", "native"},
     "imageops": {"graph", "formats", "native"},
-    "engine": {"jobs", "job", "graph", "formats", "native", "options"},
+    "engine": {"jobs", "jobmodel", "graph", "formats", "native", "options"},
     "diskbench": {"native"},
     "nbd": set(),                              # the NBD protocol alone
-    "daemon": {"blkjobs", "engine", "job", "graph", "formats", "native", "options", "nbd"},
-    "cli": {"blkjobs", "daemon", "engine", "imageops", "diskbench", "job", "graph", "formats",
+    "daemon": {"blkjobs", "engine", "jobmodel", "graph", "formats", "native", "options", "nbd"},
+    "cli": {"blkjobs", "daemon", "engine", "imageops", "diskbench", "jobmodel", "graph", "formats",
             "native", "options", "nbd"},
     # the package's lazy exports (TYPE_CHECKING imports for type checkers)
-    "blkjobs": {"engine", "job", "graph", "options"},
+    "blkjobs": {"engine", "jobmodel", "graph", "options"},
     "__main__": {"cli"},
 }
 
@@ -129,8 +129,8 @@ def test_nothing_imports_the_facade_from_below():
 
 def test_job_core_imports_nothing_of_blocks():
     for m, ts in _edges().items():
-        if _area(m) == "job":
-            assert {_area(t) for t in ts} <= {"job", "errors", "units"}, (m, ts)
+        if _area(m) == "jobmodel":
+            assert {_area(t) for t in ts} <= {"jobmodel", "errors", "units"}, (m, ts)
 
 
 def test_the_cycle_finder_finds_a_cycle():

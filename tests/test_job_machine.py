@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from blkjobs.errors import JobError
-from blkjobs.job import JOB_STATUS_CHANGE, TRANSITIONS, VERBS, JobStatus, JobTxn, JobVerb
-from blkjobs.job.testing import ReadyDriver, Recorder, StepDriver, event_job_id
+from blkjobs.jobmodel import JOB_STATUS_CHANGE, TRANSITIONS, VERBS, JobStatus, JobTxn, JobVerb
+from blkjobs.jobmodel.testing import ReadyDriver, Recorder, StepDriver, event_job_id
 
 S = JobStatus
 T = 5.0

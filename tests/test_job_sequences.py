@@ -1,5 +1,5 @@
 """The worked event sequences of docs/job-model.md, checked token by token (see
-blkjobs.job.testing.compact: statuses are lower case, BLOCK_JOB_* events upper)."""
+blkjobs.jobmodel.testing.compact: statuses are lower case, BLOCK_JOB_* events upper)."""
 from __future__ import annotations
 
 import errno
@@ -9,9 +9,9 @@ import json
 import pytest
 
 from blkjobs.errors import JobError
-from blkjobs.job import (JOB_STATUS_CHANGE, FakeClock, JobOutcome, JobStatus, JobTxn,
+from blkjobs.jobmodel import (JOB_STATUS_CHANGE, FakeClock, JobOutcome, JobStatus, JobTxn,
                          JsonLinesWriter, SystemClock)
-from blkjobs.job.testing import ReadyDriver, Recorder, StepDriver
+from blkjobs.jobmodel.testing import ReadyDriver, Recorder, StepDriver
 
 S = JobStatus
 T = 5

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from blkjobs.errors import JobError
-from blkjobs.job import status as st
-from blkjobs.job.status import JobStatus, JobVerb
+from blkjobs.jobmodel import status as st
+from blkjobs.jobmodel.status import JobStatus, JobVerb
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRACT = REPO / "docs" / "job-model.md"

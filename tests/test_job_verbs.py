@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from blkjobs.errors import JobError
-from blkjobs.job import JobDriver, JobStatus, JobTxn, JobVerb, VERBS
-from blkjobs.job.testing import ReadyDriver, Recorder, StepDriver
+from blkjobs.jobmodel import JobDriver, JobStatus, JobTxn, JobVerb, VERBS
+from blkjobs.jobmodel.testing import ReadyDriver, Recorder, StepDriver
 
 S = JobStatus
 TIMEOUT = 5

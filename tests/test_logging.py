@@ -11,7 +11,7 @@ import pytest
 from conftest import run_blkjobs
 from daemon_util import Daemon, Raw, make_images, qemu_img
 
-from blkjobs.job.testing import Recorder, StepDriver
+from blkjobs.jobmodel.testing import Recorder, StepDriver
 
 STATES = ["undefined -> created", "created -> running", "running -> waiting",
           "waiting -> pending", None, "pending -> concluded", "concluded -> null"]
@@ -23,9 +23,9 @@ def job_lines(job_id: str, with_debug: bool, with_info: bool) -> list[str]:
     for s in STATES:
         if s is None:
             if with_info:
-                out.append(f"blkjobs: INFO: blkjobs.job.manager: backup job {job_id} completed")
+                out.append(f"blkjobs: INFO: blkjobs.jobmodel.manager: backup job {job_id} completed")
         elif with_debug:
-            out.append(f"blkjobs: DEBUG: blkjobs.job.status: job {job_id}: {s}")
+            out.append(f"blkjobs: DEBUG: blkjobs.jobmodel.status: job {job_id}: {s}")
     return out
 
 
@@ -198,9 +198,9 @@ def test_internal_errors_are_logged_besides_the_list(caplog):
     assert [str(e) for e in rec.mgr.internal_errors] == ["commit hook broke"]
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [(r.name, r.getMessage()) for r in errors] == [
-        ("blkjobs.job.manager", "internal error in commit of job j0")]
+        ("blkjobs.jobmodel.manager", "internal error in commit of job j0")]
     assert str(errors[0].exc_info[1]) == "commit hook broke"
-    states = [r.getMessage() for r in caplog.records if r.name == "blkjobs.job.status"]
+    states = [r.getMessage() for r in caplog.records if r.name == "blkjobs.jobmodel.status"]
     assert states == [f"job j0: {s}" for s in STATES if s is not None]
 
 
@@ -211,7 +211,7 @@ def test_failed_job_outcome_at_info(caplog):
         rec.idle()
     assert job.outcome.value == "failed"
     assert [(r.levelname, r.name, r.getMessage()) for r in caplog.records] == [
-        ("INFO", "blkjobs.job.manager", "backup job j2 failed: Input/output error")]
+        ("INFO", "blkjobs.jobmodel.manager", "backup job j2 failed: Input/output error")]
 
 
 def test_failing_listener_is_logged_as_warning(caplog):
@@ -226,7 +226,7 @@ def test_failing_listener_is_logged_as_warning(caplog):
         rec.idle()
     assert rec.mgr.events.errors and all(str(e) == "listener broke"
                                          for e in rec.mgr.events.errors)
-    warnings = [r for r in caplog.records if r.name == "blkjobs.job.events"]
+    warnings = [r for r in caplog.records if r.name == "blkjobs.jobmodel.events"]
     assert len(warnings) == len(rec.mgr.events.errors)
     assert warnings[0].levelno == logging.WARNING
     assert warnings[0].getMessage().startswith("event listener <function ")

@@ -29,7 +29,7 @@ def test_top_level_exports_are_the_internal_objects():
                          JobStatus, Node, OnCbwError, SyncMode)
     from blkjobs import errors as errs
     from blkjobs.graph.node import Node as N
-    from blkjobs.job import Event as Ev, EventListener as EL, Job as J, JobOutcome as JO, \
+    from blkjobs.jobmodel import Event as Ev, EventListener as EL, Job as J, JobOutcome as JO, \
         JobStatus as JS
     from blkjobs.engine import Engine as E
     from blkjobs.graph.frontend import Frontend as F
@@ -63,7 +63,7 @@ def test_import_blkjobs_is_cheap_and_exports_load_on_use():
         [sys.executable, "-X", "importtime", "-c", "import blkjobs"], capture_output=True,
         text=True, check=True).stderr.split()
     mods = _modules_after("from blkjobs import JobOutcome")
-    assert "blkjobs.job.job" in mods and "blkjobs.engine" not in mods
+    assert "blkjobs.jobmodel.job" in mods and "blkjobs.engine" not in mods
     assert "blkjobs.engine" in _modules_after("from blkjobs import Engine")
 
 
@@ -73,7 +73,7 @@ def test_version_imports_no_command():
     assert p.returncode == 0 and p.stdout == f"blkjobs {blkjobs.__version__}\n"
     imported = {ln.rsplit("|", 1)[-1].strip() for ln in p.stderr.splitlines()}
     assert not {m for m in imported if m.startswith("blkjobs.cli.cmd_")}
-    assert "asyncio" not in imported and "blkjobs.job" not in imported
+    assert "asyncio" not in imported and "blkjobs.jobmodel" not in imported
 
 
 # -- option enumerations -------------------------------------------------------
@@ -181,21 +181,21 @@ def test_every_public_exception_is_in_the_tree():
                      if not issubclass(c, errors.BlkjobsError) and not q.rsplit(".", 1)[1]
                      .startswith("_"))
     assert outside == ["blkjobs.errors.Terminated"]       # a KeyboardInterrupt on purpose
-    for q in ("blkjobs.graph.perm.PermissionConflict", "blkjobs.job.manager.DeviceNotActive",
+    for q in ("blkjobs.graph.perm.PermissionConflict", "blkjobs.jobmodel.manager.DeviceNotActive",
               "blkjobs.jobs.commit.DeviceNotFound", "blkjobs.cli.cmd_backup.JobFailed",
-              "blkjobs.job.status.IllegalTransition", "blkjobs.daemon.protocol.QMPError",
+              "blkjobs.jobmodel.status.IllegalTransition", "blkjobs.daemon.protocol.QMPError",
               "blkjobs.diskbench.measure.ToolError"):
         assert issubclass(classes[q], errors.BlkjobsError), q
     # the docstring draws the whole tree
     drawn = set(re.findall(r"(?:── |^    )(\w+)", errors.__doc__, re.M))
     assert drawn == {c.__name__ for c in classes.values() if issubclass(c, errors.BlkjobsError)}
-    assert issubclass(classes["blkjobs.job.status.IllegalTransition"], RuntimeError)
+    assert issubclass(classes["blkjobs.jobmodel.status.IllegalTransition"], RuntimeError)
     assert issubclass(errors.UsageError, ValueError)
 
 
 def test_exit_codes_are_class_attributes():
     from blkjobs.cli.cmd_backup import JobFailed
-    from blkjobs.job.status import IllegalTransition
+    from blkjobs.jobmodel.status import IllegalTransition
     assert errors.BlkjobsError.exit_code == 1
     assert errors.ImageError.exit_code == 1
     assert errors.CheckNotSupported.exit_code == 63
@@ -218,7 +218,7 @@ def test_check_of_raw_exits_63_like_qemu_img(tmp_path):
 
 def test_internal_error_is_one_line_exit_70(monkeypatch, capsys):
     from blkjobs.cli import main as cli_main
-    from blkjobs.job.status import IllegalTransition
+    from blkjobs.jobmodel.status import IllegalTransition
 
     def boom(args):
         raise IllegalTransition("job 'j': illegal transition null -> running")

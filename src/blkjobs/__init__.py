@@ -31,11 +31,11 @@ _EXPORTS = {
     "DirtyBitmap": "blkjobs.graph.io",
     "Frontend": "blkjobs.graph.frontend",
     "Node": "blkjobs.graph.node",
-    "Job": "blkjobs.job.job",
-    "JobOutcome": "blkjobs.job.job",
-    "JobStatus": "blkjobs.job.status",
-    "Event": "blkjobs.job.events",
-    "EventListener": "blkjobs.job.events",
+    "Job": "blkjobs.jobmodel.job",
+    "JobOutcome": "blkjobs.jobmodel.job",
+    "JobStatus": "blkjobs.jobmodel.status",
+    "Event": "blkjobs.jobmodel.events",
+    "EventListener": "blkjobs.jobmodel.events",
     "SyncMode": "blkjobs.options",
     "CopyMode": "blkjobs.options",
     "BitmapMode": "blkjobs.options",
@@ -51,11 +51,11 @@ TYPE_CHECKING = False    # typing.TYPE_CHECKING without importing typing (~5 ms)
 if TYPE_CHECKING:
     from . import errors as errors
     from .graph.node import Node as Node
-    from .job.events import Event as Event
-    from .job.events import EventListener as EventListener
-    from .job.job import Job as Job
-    from .job.job import JobOutcome as JobOutcome
-    from .job.status import JobStatus as JobStatus
+    from .jobmodel.events import Event as Event
+    from .jobmodel.events import EventListener as EventListener
+    from .jobmodel.job import Job as Job
+    from .jobmodel.job import JobOutcome as JobOutcome
+    from .jobmodel.status import JobStatus as JobStatus
     from .engine import Engine as Engine
     from .graph.frontend import Frontend as Frontend
     from .graph.io import DirtyBitmap as DirtyBitmap

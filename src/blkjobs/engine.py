@@ -25,7 +25,7 @@ daemon's: ``blkjobs.daemon.commands``.) Events reach listeners added with
 
 Layers: this module imports :mod:`blkjobs.jobs` (the drivers),
 :mod:`blkjobs.graph` (with its I/O layer, :mod:`blkjobs.graph.io`) and
-:mod:`blkjobs.job` (the job core); nothing below imports it. The job drivers
+:mod:`blkjobs.jobmodel` (the job core); nothing below imports it. The job drivers
 get :attr:`io`, not the Engine.
 
 Concurrency: the job core's lock orders job state; the I/O layer adds one
@@ -47,8 +47,8 @@ from .formats import create_image
 from .graph import Graph, Node
 from .graph.frontend import Frontend
 from .graph.io import BlockIO, DirtyBitmap
-from .job import CompletionMode, Event, EventListener, Job, JobManager, JobOutcome, JobTxn
-from .job.events import Clock
+from .jobmodel import CompletionMode, Event, EventListener, Job, JobManager, JobOutcome, JobTxn
+from .jobmodel.events import Clock
 from .jobs.backup import BackupJob
 from .jobs.base import BlockJob
 from .jobs.blkdebug import EVENTS as _BLKDEBUG_EVENTS

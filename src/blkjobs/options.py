@@ -24,8 +24,8 @@ from __future__ import annotations
 import enum
 from typing import TypeVar
 
-from .job.job import ErrorPolicy
-from .job.txn import CompletionMode
+from .jobmodel.job import ErrorPolicy
+from .jobmodel.txn import CompletionMode
 
 __all__ = ["BitmapMode", "CacheMode", "CompletionMode", "CopyMode", "ErrorPolicy", "OnCbwError",
            "SyncMode", "coerce"]

@@ -24,7 +24,7 @@ import signal
 import sys
 
 from ..errors import BlkjobsError, JobError, Terminated
-from ..job import JsonLinesWriter
+from ..jobmodel import JsonLinesWriter
 from . import xbreak
 from .copy_progress import CopyProgress
 from ..units import human, parse_size

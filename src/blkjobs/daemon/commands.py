@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import BlkjobsError
 from ..graph import Node
-from ..job import CompletionMode, JobTxn
+from ..jobmodel import CompletionMode, JobTxn
 from .bitmap_commands import BitmapCommands
 from .blkdebug_qmp import BlkdebugCommands
 from .create import CreateCommands

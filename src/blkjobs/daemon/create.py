@@ -22,7 +22,7 @@ import os
 from typing import Any
 
 from ..formats.qcow2.create import create as qcow2_create
-from ..job import Job, JobDriver
+from ..jobmodel import Job, JobDriver
 from .protocol import QMPError
 
 #: Drivers whose QEMU driver implements bdrv_co_create (QEMU 7.2).

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..formats import create_image, open_image, probe_format
 from ..graph import ALL, Node, Perm
-from ..job import JobTxn
+from ..jobmodel import JobTxn
 from .protocol import QMPError
 
 _FORMATS = ("qcow2", "raw")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..graph import Node
-from ..job import JobTxn
+from ..jobmodel import JobTxn
 from .protocol import QMPError
 
 

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ..job import Event
+from ..jobmodel import Event
 from .commands import Commands, version
 from .protocol import (JsonStreamer, QMPError, check_request, encode, error_reply, greeting,
                        parse)

@@ -427,7 +427,7 @@ class BlockIO:
     def claim(self, job: Any, nodes: list[Node]) -> None:
         """Block ``nodes`` for other jobs until :meth:`release_claims`
         (nothing is claimed when one of them is busy). ``job``: the
-        :class:`~blkjobs.job.Job` (its ``type`` is in the busy text)."""
+        :class:`~blkjobs.jobmodel.Job` (its ``type`` is in the busy text)."""
         with self.lock:
             for n in nodes:
                 if n.claimed_by is not job:

@@ -171,7 +171,7 @@ class Node:
         self.file_perm: Permission | None = None
         self._perms: list[Permission] = []
         #: the job blocking this node for other jobs (BlockIO.claim), or None
-        #: (a blkjobs.job Job: the graph does not import the job core)
+        #: (a blkjobs.jobmodel Job: the graph does not import the job core)
         self.claimed_by: Any = None
         self.is_filter: bool = driver.is_filter
         # no lock bytes where there is no host file (an NBD export)

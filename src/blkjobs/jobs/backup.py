@@ -17,7 +17,7 @@ from ..errors import CopyError, JobError
 from ..graph import ALL, Node, Perm, Permission
 from ..graph.io import BlockIO, DirtyBitmap, InFlight
 from ..graph.node import BACKING_SHARED
-from ..job import ErrorAction, Job
+from ..jobmodel import ErrorAction, Job
 from ..native.bitmap import Bitmap
 from .base import BlockJob, check_policy
 from .blockcopy import JOB_CLUSTER, Mover, Stats

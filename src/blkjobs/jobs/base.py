@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ..errors import CopyError, JobError
 from ..graph import Node
 from ..graph.io import BlockIO
-from ..job import ErrorAction, Job, JobDriver
+from ..jobmodel import ErrorAction, Job, JobDriver
 from ..native.ratelimit import TokenBucket
 from .blockcopy import BATCH, Mover, Stats, Ticket
 

@@ -41,7 +41,7 @@ from typing import Any
 from ..errors import Cancelled, CopyError, UsageError
 from ..graph import Node
 from ..graph.io import BlockIO
-from ..job import Job
+from ..jobmodel import Job
 from ..native.copy import COPY, COPY_SPARSE, ZERO, CopyEngine, RunResult
 from ..native.ratelimit import TokenBucket
 from .blkdebug import quiet_breaks

@@ -27,7 +27,7 @@ from ..graph.frontend import Filter
 from ..graph.io import BlockIO
 from ..graph.node import BACKING_SHARED
 from ..graph.perm import ALL
-from ..job import ErrorAction, Job
+from ..jobmodel import ErrorAction, Job
 from .base import BlockJob, check_policy
 from .blockcopy import Mover
 from .mirror import MirrorJob

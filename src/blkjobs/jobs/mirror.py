@@ -35,7 +35,7 @@ from ..errors import CopyError, JobError
 from ..graph import GraphTransaction, Node, Perm, Permission
 from ..graph.frontend import Filter
 from ..graph.io import BlockIO, InFlight
-from ..job import ErrorAction, Job
+from ..jobmodel import ErrorAction, Job
 from ..native.bitmap import Bitmap
 from .base import BlockJob, check_policy
 from .blockcopy import BATCH, KiB, MiB, Mover, Stats

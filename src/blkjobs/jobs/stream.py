@@ -22,7 +22,7 @@ from ..errors import CopyError, JobError
 from ..graph import ALL, GraphTransaction, Node, Perm, Permission
 from ..graph.frontend import Filter
 from ..graph.io import BlockIO, InFlight
-from ..job import ErrorAction, Job
+from ..jobmodel import ErrorAction, Job
 from .base import BlockJob, check_policy
 from .blockcopy import Mover
 from .ranges import batch_unit, select_window

@@ -4,7 +4,7 @@ Every job runs in a completion group (QEMU's ``JobTxn``), a lone job in a
 group of one. The group's members wait for each other in ``waiting``, move to
 ``pending`` together, run every ``prepare`` before any ``commit``, and, if
 one fails, are all force-cancelled and aborted (docs/job-model.md §6, §8). The logic lives
-in :mod:`blkjobs.job.manager`, under its lock; this module is the data.
+in :mod:`blkjobs.jobmodel.manager`, under its lock; this module is the data.
 
 A :class:`JobTxn` is what callers create for a QMP ``transaction``:
 
@@ -32,7 +32,7 @@ class JobTxn:
     def __init__(self, completion_mode: CompletionMode | str = CompletionMode.INDIVIDUAL):
         self.mode = CompletionMode(completion_mode)
         #: Every job created in this txn, in creation order (start / rollback).
-        #: (Jobs: blkjobs.job.job.Job, a module that imports this one, so
+        #: (Jobs: blkjobs.jobmodel.job.Job, a module that imports this one, so
         #: not named here -- test_architecture counts every import)
         self.members: list[Any] = []
         #: The completion group, in QEMU's list order (newest first, as

@@ -154,7 +154,7 @@ def render_tables() -> str:
     out = [
         "# Job tables",
         "",
-        "Generated from `src/blkjobs/job/status.py` by `python3 -m blkjobs.job`;",
+        "Generated from `src/blkjobs/jobmodel/status.py` by `python3 -m blkjobs.jobmodel`;",
         "do not edit. `tests/test_job_tables.py` checks that this file, the code and",
         "the contract (`docs/job-model.md` §2 and §3) agree.",
         "",

@@ -23,7 +23,7 @@ from .txn import JobTxn
 
 class JobOwner(Protocol):
     """What a :class:`Job` needs of the manager that owns it (the
-    :class:`~blkjobs.job.manager.JobManager` satisfies it). Declared here so
+    :class:`~blkjobs.jobmodel.manager.JobManager` satisfies it). Declared here so
     that this module does not import the manager, which imports it."""
 
     #: the manager's one re-entrant lock (a condition)

@@ -1,4 +1,0 @@
-"""``python3 -m blkjobs.job``: print the job tables (the text of docs/job-tables.md)."""
-from .status import render_tables
-
-print(render_tables(), end="")
