@@ -33,7 +33,7 @@ def test_names_and_relative_backing(tmp_path):
     os.chdir("/")
     try:
         g = Graph()
-        top = g.open_chain(str(paths[-1]), name="top")
+        top = open_chain(str(paths[-1]), graph=g, name="top")
         assert [n.name for n in top.chain()] == ["top", "#block1", "#block2"]
         assert [os.path.basename(n.filename) for n in top.chain()] == ["l2.qcow2", "l1.qcow2",
                                                                       "l0.qcow2"]
@@ -134,7 +134,7 @@ def test_io_through_a_filter_taken_out_of_the_graph_is_a_clear_error(tmp_path):
     p = tmp_path / "d.qcow2"
     qemu_img("create", "-f", "qcow2", p, SIZE)
     g = Graph()
-    top = g.open_chain(str(p), read_only=False, name="disk")
+    top = open_chain(str(p), graph=g, read_only=False, name="disk")
     f = g.add_filter("copy-before-write", top, name="cbw")
     assert f.read(0, 512) == bytes(512)
     f.close()

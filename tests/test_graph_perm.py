@@ -101,7 +101,7 @@ def test_set_backing_commit_and_abort(chain, tmp_path):
         o.write(0, b"\x07" * SIZE)
     node = open_chain(str(top), read_only=False)
     g = node.graph
-    new = g.open_chain(str(other))
+    new = open_chain(str(other), graph=g)
     before = _digest(top)
     old_backing = node.backing
     with pytest.raises(RuntimeError):
@@ -130,7 +130,7 @@ def test_set_backing_none_and_replace(chain, tmp_path):
     g = node.graph
     copy = tmp_path / "copy.qcow2"
     qemu_img("convert", "-U", "-O", "qcow2", base, copy)
-    newbase = g.open_chain(str(copy))
+    newbase = open_chain(str(copy), graph=g)
     oldbase = node.backing
     tx = GraphTransaction()
     tx.replace_node(oldbase, newbase)

@@ -44,7 +44,7 @@ from typing import Any
 
 from .errors import JobError, UsageError
 from .formats import create_image
-from .graph import Graph, Node
+from .graph import Graph, Node, open_chain
 from .graph.frontend import Frontend
 from .graph.io import BlockIO, DirtyBitmap
 from .jobmodel import CompletionMode, Event, EventListener, Job, JobManager, JobOutcome, JobTxn
@@ -100,7 +100,7 @@ class Engine:
         if cache not in ("writeback", "unsafe"):
             raise UsageError(f"invalid cache mode '{cache}' (writeback or unsafe)")
         with self.io:
-            node = self.graph.open_chain(path, fmt, read_only=read_only, name=node_name)
+            node = open_chain(path, fmt, read_only=read_only, graph=self.graph, name=node_name)
             if cache == "unsafe":
                 self.io.set_cache_unsafe(node)
             return node

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import BlkjobsError
 from ..formats import open_image
-from ..graph import ALL, Node, Perm, resolve_backing
+from ..graph import ALL, Node, Perm, open_chain, resolve_backing
 from . import blkdebug_qmp, nbd_client
 from .protocol import QMPError
 
@@ -166,7 +166,8 @@ class NodeCommands:
             if drv == "qcow2":
                 _check_qcow2_magic(fnode.filename)
             if backing is ...:
-                gnode = self.eng.graph.open_chain(fnode.filename, drv, read_only=ro, name=name)
+                gnode = open_chain(fnode.filename, drv, read_only=ro, graph=self.eng.graph,
+                                   name=name)
             else:
                 gnode = self.eng.graph.add(open_image(fnode.filename, drv, read_only=ro),
                                            name, drv)

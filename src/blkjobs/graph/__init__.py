@@ -6,7 +6,8 @@ QEMU-compatible file locks and transactional graph changes.
 * :class:`GraphTransaction`, :class:`ReplaceNode`, :class:`SetBacking`,
   :class:`DropNode` — :mod:`.txn`.
 """
-from .node import Graph, Node, open_chain, resolve_backing
+from .chain import open_chain, resolve_backing
+from .node import Graph, Node
 from .perm import ALL, Perm, Permission, PermissionConflict
 from .txn import DropNode, GraphTransaction, ReplaceNode, SetBacking
 

@@ -25,14 +25,12 @@ I/O layer keeps its write hooks on it; see :mod:`blkjobs.graph.io`.
 from __future__ import annotations
 
 import fcntl
-import os
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import ImageError, UsageError
-from ..formats import open_image, probe_format
+from ..formats import open_image
 from ..formats.base import Kind
-from ..formats.nbd import is_nbd_uri
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
@@ -146,10 +144,6 @@ class Graph:
             raise
         node.file = child
         return node
-
-    def open_chain(self, path: str, fmt: str | None = None, read_only: bool = True,
-                   name: str | None = None) -> Node:
-        return open_chain(path, fmt, read_only, graph=self, name=name)
 
     def close(self) -> None:
         for n in list(self.nodes.values()):
@@ -538,76 +532,3 @@ def _emit(out: list[dict[str, Any]], start: int, length: int, depth: int, presen
     if eof:
         e["eof"] = True
     out.append(e)
-
-
-def resolve_backing(overlay_path: str, backing: str) -> str:
-    """A relative backing name is relative to the overlay's directory."""
-    if os.path.isabs(backing):
-        return backing
-    return os.path.join(os.path.dirname(overlay_path), backing)
-
-
-def _check_backing_file(path: str, of: str) -> None:
-    """A backing file must exist and be a regular file or a block device
-    (a FIFO named by a hostile image would block the open forever). Checked
-    on an fd opened non-blocking; the drivers check their own fd again."""
-    from ..formats.base import NotAnImageFile, open_file
-    try:
-        os.close(open_file(path, devices=False))
-    except OSError as e:
-        why = e.strerror
-    except NotAnImageFile as e:
-        why = str(e).rsplit(": ", 1)[-1]
-    else:
-        return
-    # the name comes from the image: control characters must not break the line
-    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in path)
-    raise ImageError(f"Could not open backing file '{shown}' of '{of}': {why}")
-
-
-def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
-               graph: Graph | None = None, name: str | None = None,
-               locking: bool = True) -> Node:
-    """Open ``path`` and its whole backing chain; return the top node.
-
-    The top node is opened as asked; backing nodes always read-only. A
-    backing file whose format is not recorded is probed (so it opens as
-    qcow2 or as *read-only* raw, never as a writable raw guess). Loops
-    (a file appearing twice in its own chain) raise ImageError. The top node
-    is held by the owner ``'open'`` with consistent read, sharing all.
-    """
-    if graph is None:
-        graph = Graph(locking=locking)
-    opened: list[Node] = []
-    seen: dict[str, str] = {}
-    try:
-        cur_path, cur_fmt, ro = path, fmt, read_only
-        prev: Node | None = None
-        while True:
-            real = cur_path if is_nbd_uri(cur_path) else os.path.realpath(cur_path)
-            if real in seen:
-                raise ImageError(f"backing chain loop: '{cur_path}' is already in the chain "
-                                 f"of '{path}'")
-            seen[real] = cur_path
-            if cur_fmt is None:
-                cur_fmt = probe_format(cur_path)
-            drv = open_image(cur_path, cur_fmt, read_only=ro)
-            node = graph.add(drv, name if prev is None else None, cur_fmt)
-            opened.append(node)
-            if prev is None:
-                node.take("open", Perm.CONSISTENT_READ, ALL)
-            else:
-                prev.attach_backing(node)
-            bf = drv.backing_filename
-            if not bf:
-                break
-            if len(opened) > 256:
-                raise ImageError(f"backing chain of '{path}' is too long")
-            cur_path = resolve_backing(drv.filename, bf)
-            _check_backing_file(cur_path, drv.filename)
-            cur_fmt, ro, prev = drv.backing_format, True, node
-        return opened[0]
-    except BaseException:
-        for n in reversed(opened):
-            n.close()
-        raise
