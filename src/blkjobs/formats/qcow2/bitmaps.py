@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from ...errors import ImageError, UsageError
 from ...native.bitmap import Bitmap
@@ -310,67 +311,36 @@ class Bitmaps:
         self.tracking = False
 
     def _write(self, in_use: set) -> None:
+        """Store the bitmaps: new data clusters and tables, a new directory,
+        refcounts and data durable, then the header switch, then the old
+        clusters freed (a crash at any point leaves a consistent image)."""
         drv = self.drv
         if not drv._write_prepared:
             drv._prepare_write()
         drv.flush()               # guest metadata first: refcounts in one state
         rc = drv._rc()
         cs = drv.cluster_size
-        old = []                  # clusters to free after the header switch
         # 1. data clusters and tables of changed bitmaps
         for b in self.items:
-            if not ((b.dirty or b.successor is not None) and b.bitmap is not None):
-                continue
-            bits = b.bitmap
-            if b.successor is not None:   # stored while frozen: nothing may be lost
-                bits = bits.copy()
-                bits.merge(b.successor)
-            data = bits.to_bytes()
-            ncl = -(-len(data) // cs)
-            table = [0] * ncl
-            mv = memoryview(data)
-            zero = bytes(cs)
-            for i in range(ncl):
-                chunk = mv[i * cs:(i + 1) * cs]
-                if chunk == zero[:len(chunk)]:
-                    continue
-                c = rc.alloc_one()
-                off = c << drv.cb
-                os.pwrite(drv.fd, bytes(chunk).ljust(cs, b"\0"), off)
-                table[i] = off
-            toff = self._alloc_contig(ncl * 8)
-            os.pwrite(drv.fd, struct.pack(f">{ncl}Q", *table).ljust(_round(ncl * 8, cs), b"\0"),
-                      toff)
-            b.table_offset, b.table_size = toff, ncl
+            if (b.dirty or b.successor is not None) and b.bitmap is not None:
+                self._write_table(b)
         # 2. the tables on disk no bitmap uses any more (replaced or removed)
+        old = []                  # clusters to free after the header switch
         keep = {b.table_offset for b in self.items}
-        for e in getattr(drv, "bitmaps", None) or []:
+        for e in drv.bitmaps or []:
             if e.table_offset not in keep:
                 old += self._table_clusters_of(e.table_offset, e.table_size)
         # 3. the new directory
-        h = drv.header
         if self.dir_size:
-            old += [c for c in range(self.dir_offset >> drv.cb,
-                                     (self.dir_offset + self.dir_size - 1 >> drv.cb) + 1)]
-        if self.items:
-            d = bytearray()
-            for b in self.items:
-                flags = (BME_FLAG_IN_USE if (b.in_use or id(b) in in_use) else 0) \
-                    | (BME_FLAG_AUTO if b.enabled else 0)
-                nm = b.name.encode()
-                d += _ENTRY.pack(b.table_offset, b.table_size, flags, BT_DIRTY_TRACKING_BITMAP,
-                                 b.granularity.bit_length() - 1, len(nm), 0) + nm
-                d += bytes(-len(d) % 8)
-            doff = self._alloc_contig(len(d))
-            os.pwrite(drv.fd, bytes(d).ljust(_round(len(d), cs), b"\0"), doff)
-            self.dir_offset, self.dir_size = doff, len(d)
-        else:
-            self.dir_offset = self.dir_size = 0
+            old += list(range(self.dir_offset >> drv.cb,
+                              ((self.dir_offset + self.dir_size - 1) >> drv.cb) + 1))
+        self._write_directory(in_use)
         # 4. refcounts and data durable, then the header switch
         if os.fstat(drv.fd).st_size < rc.end << drv.cb:
             os.ftruncate(drv.fd, rc.end << drv.cb)
         rc.flush_increments()
         drv._fsync()
+        h = drv.header
         exts = [(t, x) for t, x in h.extensions if t != EXT_BITMAPS]
         if self.items:
             exts.append((EXT_BITMAPS, _EXT.pack(len(self.items), 0, self.dir_size,
@@ -388,10 +358,57 @@ class Bitmaps:
         rc.apply_frees()
         from .header import BitmapEntry
         drv.bitmaps = [BitmapEntry(b.name, b.table_offset, b.table_size,
-                                   (BME_FLAG_IN_USE if (b.in_use or id(b) in in_use) else 0)
-                                   | (BME_FLAG_AUTO if b.enabled else 0),
+                                   self._flags(b, in_use),
                                    b.granularity.bit_length() - 1) for b in self.items]
         drv.file_size = max(drv.file_size, os.fstat(drv.fd).st_size)
+
+    @staticmethod
+    def _flags(b: Any, in_use: set) -> int:
+        return ((BME_FLAG_IN_USE if (b.in_use or id(b) in in_use) else 0)
+                | (BME_FLAG_AUTO if b.enabled else 0))
+
+    def _write_table(self, b: Any) -> None:
+        """New data clusters (all-zero ones stay unallocated) and a new
+        table for bitmap ``b``; stored while frozen, with its successor
+        merged in, so nothing may be lost."""
+        drv, rc, cs = self.drv, self.drv._rc(), self.drv.cluster_size
+        bits = b.bitmap
+        if b.successor is not None:
+            bits = bits.copy()
+            bits.merge(b.successor)
+        data = bits.to_bytes()
+        ncl = -(-len(data) // cs)
+        table = [0] * ncl
+        mv = memoryview(data)
+        zero = bytes(cs)
+        for i in range(ncl):
+            chunk = mv[i * cs:(i + 1) * cs]
+            if chunk == zero[:len(chunk)]:
+                continue
+            off = rc.alloc_one() << drv.cb
+            os.pwrite(drv.fd, bytes(chunk).ljust(cs, b"\0"), off)
+            table[i] = off
+        toff = self._alloc_contig(ncl * 8)
+        os.pwrite(drv.fd, struct.pack(f">{ncl}Q", *table).ljust(_round(ncl * 8, cs), b"\0"),
+                  toff)
+        b.table_offset, b.table_size = toff, ncl
+
+    def _write_directory(self, in_use: set) -> None:
+        """A new bitmap directory in new clusters (dir_offset/dir_size)."""
+        drv, cs = self.drv, self.drv.cluster_size
+        if not self.items:
+            self.dir_offset = self.dir_size = 0
+            return
+        d = bytearray()
+        for b in self.items:
+            nm = b.name.encode()
+            d += _ENTRY.pack(b.table_offset, b.table_size, self._flags(b, in_use),
+                             BT_DIRTY_TRACKING_BITMAP, b.granularity.bit_length() - 1,
+                             len(nm), 0) + nm
+            d += bytes(-len(d) % 8)
+        doff = self._alloc_contig(len(d))
+        os.pwrite(drv.fd, bytes(d).ljust(_round(len(d), cs), b"\0"), doff)
+        self.dir_offset, self.dir_size = doff, len(d)
 
     def _alloc_contig(self, nbytes: int) -> int:
         """Offset of ceil(nbytes / cluster) newly allocated contiguous
