@@ -1,4 +1,4 @@
-"""blkdebug over QMP (src/blkjobs/daemon/blkdebug_qmp.py): QEMU's
+"""blkdebug over QMP (src/blkjobs/daemon/blkdebug_commands.py): QEMU's
 blockdev-add syntax for fault injection, error policies run side by side
 with qemu-storage-daemon, QEMU's state rules, and blkjobs' break-point
 commands."""

@@ -162,7 +162,7 @@ def test_daemon_blockdev_del_of_failing_close_removes_node(tmp_path):
     assert errs == [("GenericError", "Cannot find device='null0' nor node-name='null0'")] * 16
     data = (tmp_path / "blkjobs" / "img.raw").read_bytes()
     assert data == b"".join(bytes([0x40 + i]) * 4096 for i in range(16)) + bytes((1 << 20) - 65536)
-    assert daemon.stderr == ("blkjobs: WARNING: blkjobs.daemon.nodes: node 'null0' "
+    assert daemon.stderr == ("blkjobs: WARNING: blkjobs.daemon.node_commands: node 'null0' "
                              "('/dev/null'): flush on close failed: Invalid argument; the "
                              "node was closed\n")
 

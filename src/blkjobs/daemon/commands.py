@@ -2,24 +2,25 @@
 
 :class:`Commands` is the composition of one mixin per concept:
 
-* :class:`~.nodes.NodeCommands` (``nodes.py``): the monitor's view of
+* :class:`~.node_commands.NodeCommands` (``node_commands.py``): the monitor's view of
   nodes, ``blockdev-add``/``blockdev-del``, ``query-named-block-nodes`` and
   the lookups (``Cannot find device='x' nor node-name='x'``);
-* :class:`~.jobcmds.JobCommands` (``jobcmds.py``): backup, mirror, stream,
+* :class:`~.job_commands.JobCommands` (``job_commands.py``): backup, mirror, stream,
   commit, the job queries and verbs;
-* :class:`~.create.CreateCommands` (``create.py``): ``blockdev-create``;
-* :class:`~.graphcmds.GraphCommands` (``graphcmds.py``): snapshots, resize,
+* :class:`~.create_commands.CreateCommands` (``create_commands.py``): ``blockdev-create``;
+* :class:`~.graph_commands.GraphCommands` (``graph_commands.py``): snapshots, resize,
   write thresholds, ``query-block``, ``x-debug-query-block-graph``;
-* :class:`~.reopen.ReopenCommands` (``reopen.py``): ``blockdev-reopen``,
+* :class:`~.reopen_commands.ReopenCommands` (``reopen_commands.py``): ``blockdev-reopen``,
   ``blockdev-snapshot-sync``;
-* :class:`~.drive.DriveCommands` (``drive.py``): ``drive-backup``,
+* :class:`~.drive_commands.DriveCommands` (``drive_commands.py``): ``drive-backup``,
   ``drive-mirror``;
-* :class:`~.blkdebug_qmp.BlkdebugCommands`: blkdebug break points;
+* :class:`~.blkdebug_commands.BlkdebugCommands`: blkdebug break points;
 * :class:`~.introspect.IntrospectCommands`: version and schema queries;
+* :class:`~.bitmap_commands.BitmapCommands`: ``block-dirty-bitmap-*``;
+* :class:`~.export_commands.ExportCommands`: NBD server and exports;
 
 and, here, the session (``quit``), error classes (an exception's
-``qmp_class``), dirty-bitmap commands beyond add/remove, ``x-blkjobs-write``
-and ``transaction`` with bitmap actions rolled back exactly and
+``qmp_class``), ``x-blkjobs-write`` and ``transaction`` with bitmap actions rolled back exactly and
 ``blockdev-backup`` jobs started only at commit.
 
 Handlers run one at a time (the server serializes them), like QMP commands
@@ -36,15 +37,15 @@ from ..errors import BlkjobsError
 from ..graph import Node
 from ..jobmodel import CompletionMode, JobTxn
 from .bitmap_commands import BitmapCommands
-from .blkdebug_qmp import BlkdebugCommands
-from .create import CreateCommands
-from .drive import DriveCommands
+from .blkdebug_commands import BlkdebugCommands
+from .create_commands import CreateCommands
+from .drive_commands import DriveCommands
 from .export_commands import ExportCommands
-from .graphcmds import GraphCommands
-from .reopen import ReopenCommands
+from .graph_commands import GraphCommands
+from .reopen_commands import ReopenCommands
 from .introspect import QEMU_VERSION, IntrospectCommands, version  # noqa: F401
-from .jobcmds import JobCommands
-from .nodes import MonitorNode, NodeCommands
+from .job_commands import JobCommands
+from .node_commands import MonitorNode, NodeCommands
 from .protocol import QMPError
 
 #: Largest ``x-blkjobs-write`` request: its buffer is allocated at once.

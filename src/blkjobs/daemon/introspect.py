@@ -141,7 +141,7 @@ RETURNS: dict[str, Any] = {
         ("length", "int")]),
 }
 
-# --- graph commands (graphcmds.py) ---
+# --- graph commands (graph_commands.py) ---
 GRAPH_RETURNS: dict[str, Any] = {
     "query-block": [Struct("BlockInfo", [
         ("device", "str"), ("*qdev", "str"), ("type", "str"), ("removable", "bool"),

@@ -514,7 +514,7 @@ COMMANDS: dict[str, Any] = {
     # blkjobs' own (unstable): guest-like writes for tests, see commands.py
     "x-blkjobs-write": Struct("", [("node", "str"), ("offset", "int"), ("length", "int"),
                                    ("*pattern", "int"), ("*flush", "bool")]),
-    # blkjobs' own (unstable): blkdebug break points, see blkdebug_qmp.py
+    # blkjobs' own (unstable): blkdebug break points, see blkdebug_commands.py
     "x-blkjobs-blkdebug-break": Struct("", [("node", "str"), ("event", BlkdebugEvent),
                                             ("tag", "str")]),
     "x-blkjobs-blkdebug-wait-break": Struct("", [("tag", "str"), ("*timeout", "int")]),

@@ -1,6 +1,6 @@
 """QEMU's blkdebug rule semantics (block/blkdebug.c) on the library's
 blkdebug driver wrapper: the rules ``blockdev-add`` of a ``blkdebug`` node
-sets up over QMP (docs/qmp.md, ``blkjobs.daemon.blkdebug_qmp``).
+sets up over QMP (docs/qmp.md, ``blkjobs.daemon.blkdebug_commands``).
 
 The node has a state, 1 at first. An event the node raises processes the
 rules listed for it whose ``state`` is 0 or the current state: each

@@ -4,7 +4,7 @@
 (argument translation: QMP names -> the Engine's keyword names).
 
 Mixed into :class:`~.commands.Commands`; the node lookups are
-:class:`~.nodes.NodeCommands`'.
+:class:`~.node_commands.NodeCommands`'.
 """
 from __future__ import annotations
 

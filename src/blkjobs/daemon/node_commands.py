@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import BlkjobsError
 from ..formats import open_image
 from ..graph import ALL, Node, Perm, open_chain, resolve_backing
-from . import blkdebug_qmp, nbd_client
+from . import blkdebug_commands, nbd_client
 from .protocol import QMPError
 
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*", re.ASCII)
@@ -127,7 +127,7 @@ class NodeCommands:
         if drv == "file":
             return self._add_file(opts, owned, ro)
         if drv == "blkdebug":
-            return blkdebug_qmp.add(self, opts, owned)
+            return blkdebug_commands.add(self, opts, owned)
         if drv == "nbd":        # a protocol node: no file node below it
             g = nbd_client.open_node(self, opts, ro)
             if owned:
@@ -183,7 +183,7 @@ class NodeCommands:
                 self._drop(mn)
             raise
         if fnode.drv == "blkdebug":
-            blkdebug_qmp.install(self.eng, gnode, fnode.qrules)
+            blkdebug_commands.install(self.eng, gnode, fnode.qrules)
         if owned:
             # The monitor's reference (QEMU's monitor-owned node): a job that
             # drops the node out of a chain leaves it open and listed,
