@@ -162,3 +162,21 @@ def test_job_writes_mark_the_bitmaps_of_the_image_they_write(tmp_path):
     for img, name in ((base, "b"), (dst, "m")):
         assert qemu_dirty(img, name) == [(MiB, K64), (3 * MiB, K64)], img
         check_clean(img)
+
+
+def test_job_writes_mark_the_bitmaps_of_the_node_they_land_on(tmp_path):
+    """As QEMU's bdrv_set_dirty for every write to a node: a stream writing
+    the base's data into the top marks the top's in-memory bitmap with
+    exactly the clusters it copied (guest writes alone did before)."""
+    base = _img(tmp_path, "base.qcow2")
+    qemu_io(base, "write -P 1 1M 128k", "write -P 2 4M 64k")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    eng = Engine()
+    eng.open(str(top), node_name="top", read_only=False)
+    bm = eng.block_dirty_bitmap_add("top", "m")
+    assert not bm.persistent
+    job = eng.stream("top", job_id="s0")
+    assert eng.wait_job(job, 60).value == "completed"
+    assert list(bm.dirty_extents()) == [(MiB, 2 * K64), (4 * MiB, K64)]
+    eng.close()

@@ -185,7 +185,12 @@ class Node:
 
     def note_write(self, offset: int, length: int) -> None:
         """A write, write-zeroes or discard of [offset, offset+length) is
-        about to reach this node (QEMU's bdrv_write_threshold_check_write)."""
+        about to reach this node: its write threshold is checked (QEMU's
+        bdrv_write_threshold_check_write) and its dirty bitmaps marked, for
+        a job's writes as for a guest's (QEMU's bdrv_set_dirty)."""
+        st = self.io_state
+        for bm in (st.bitmaps.values() if st is not None else ()):
+            bm.mark(offset, length)
         thr = self.write_threshold
         if thr and offset + length > thr:
             self.write_threshold = 0
