@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import run_blkjobs
-from qemu_oracle import check_clean, qemu_img, qemu_io
+from qemu_oracle import check_clean, qemu_dirty, qemu_img, qemu_io
 
 
 def _ours(cwd, args):
@@ -345,15 +345,26 @@ def test_dd_as_qemu_img(dd_inputs, args, tmp_path):
         assert not (ours / "o").exists()
 
 
-def test_resize_refuses_qcow2_with_bitmaps(tmp_path):
-    """Bitmaps would keep their old size: refused, the image unchanged."""
-    img = tmp_path / "b.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
-    qemu_img("bitmap", "--add", img, "b0")
-    before = img.read_bytes()
-    p = run_blkjobs("resize", img, "2M")
-    assert p.returncode == 1 and p.stdout == ""
-    assert p.stderr == ("blkjobs: resizing a qcow2 image with persistent dirty bitmaps is not "
-                        "supported (remove them with 'qemu-img bitmap --remove' first)\n")
-    assert img.read_bytes() == before
-    check_clean(img)
+@pytest.mark.parametrize("new", ["16M", "6M", "7680K"])
+def test_resize_qcow2_with_bitmaps_like_qemu_img(tmp_path, new):
+    """Persistent bitmaps follow the disk, as qemu-img resizes them: grown
+    with clean granules, cut on shrink; then dirtied past the old end by
+    QEMU, read back by QEMU, equal on both images."""
+    a, b = _pair(tmp_path, "b.qcow2", "qcow2", "8M")
+    for img in (a, b):
+        qemu_img("bitmap", "--add", img, "b0")
+        qemu_img("bitmap", "--add", "-g", "128k", img, "b1")
+        qemu_io(img, "write 1M 64k", "write 5M 1M", "write 7M 1M")
+    p = run_blkjobs("resize", *(["--shrink"] if new != "16M" else []), a, new)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "Image resized.\n", "")
+    qemu_img("resize", *(["--shrink"] if new != "16M" else []), b, new)
+    for img in (a, b):
+        check_clean(img)
+        if new == "16M":
+            qemu_io(img, "write 12M 64k")
+    for name in ("b0", "b1"):
+        assert qemu_dirty(a, name) == qemu_dirty(b, name)
+    infos = [json.loads(qemu_img("info", "--output", "json", img).stdout) for img in (a, b)]
+    for d in infos:     # where the clusters went may differ
+        del d["filename"], d["actual-size"]
+    assert infos[0] == infos[1]

@@ -21,6 +21,7 @@ import struct
 
 from ...errors import ImageError, UsageError
 from ..base import Kind
+from .bitmaps import BitmapError
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_L1_BYTES
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -32,15 +33,30 @@ def resize(img, new_size: int) -> None:
         raise UsageError("The new size must be a multiple of 512")
     if img.header.nb_snapshots:
         raise UsageError("Can't resize an image which has snapshots")
+    # Persistent bitmaps follow the disk, as in QEMU: loaded first (an
+    # inconsistent one refuses the resize), then grown with clean granules
+    # or cut, and stored with the new size.
+    pbm = None
     if img.header.ext(EXT_BITMAPS) is not None and img.header.autoclear & AUTOCLEAR_BITMAPS:
-        raise UsageError("resizing a qcow2 image with persistent dirty bitmaps is not "
-                         "supported (remove them with 'qemu-img bitmap --remove' first)")
+        pbm = img.persistent_bitmaps
+        try:
+            for b in pbm:
+                pbm.load(b)
+        except BitmapError as e:
+            raise UsageError(str(e)) from None
     old = img.size
     img._check_writable(0, 0)          # prepares the image for writing
     if new_size > old:
         _grow(img, old, new_size)
     elif new_size < old:
         _shrink(img, old, new_size)
+    if pbm is not None and new_size != old:
+        for b in pbm:
+            assert b.bitmap is not None        # loaded above
+            b.bitmap.resize(new_size)
+            b.dirty = True
+        pbm.changed = True
+        pbm.store()
 
 
 def _l1_entries(img, size: int) -> int:
