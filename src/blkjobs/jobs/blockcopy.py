@@ -43,6 +43,7 @@ from ..graph import Node
 from ..graph.io import BlockIO
 from ..jobmodel import Job
 from ..native.copy import COPY, COPY_SPARSE, ZERO, CopyEngine, RunResult
+from ..native.extents import zero_blocks
 from ..native.ratelimit import TokenBucket
 from .blkdebug import quiet_breaks
 from .ranges import Select, intersect, merge, subtract
@@ -106,14 +107,20 @@ class Mover:
 
     ``select`` classifies the source's runs (see :func:`select_full`,
     :func:`select_window`). ``compress``: write compressed clusters (qcow2
-    targets). The target driver must stay the same object while the mover
-    lives (the engine holds its fd).
+    targets). ``detect_zeroes``: whole target clusters of copied data that
+    hold only zeroes become zero clusters instead of allocated ones (stream,
+    commit: QEMU's copy-on-read and ``qemu-img rebase`` leave no data there;
+    a raw target gets holes from the engine's zero scan anyway). The target
+    driver must stay the same object while the mover lives (the engine holds
+    its fd).
     """
 
     def __init__(self, io: BlockIO, src: Node, dst: Node, select: Select, *,
                  bucket: TokenBucket | None = None, compress: bool = False,
-                 threads: int = 4, write_behind: bool = False):
+                 threads: int = 4, write_behind: bool = False, detect_zeroes: bool = False):
         self.io = io
+        self.detect_zeroes = detect_zeroes
+        self._scan_buf: bytearray | None = None
         self.src, self.dst = src, dst
         self.select = select
         self.compress = compress
@@ -252,6 +259,9 @@ class Mover:
             self._write_zeroes(zero, off, length, items)
             self._write_compressed(merge([(s, n) for s, n, _ in copy] + py))
             return items
+        if (self.detect_zeroes and copy and not self._dst_raw
+                and not dst.driver.injects_faults and self._zero_clusters_ok()):
+            copy = self._split_zeroes(copy, zero, stats)
         # Where the target is in the source's chain (stream, commit), what
         # the source reads changes once a target cluster is allocated: the
         # rest of each cluster to allocate is classified, and the data the
@@ -275,6 +285,41 @@ class Mover:
         for s, buf in bufs:
             self._tgt(dst.write, s, buf)
         return items
+
+    def _zero_clusters_ok(self) -> bool:
+        """The target makes whole clusters read as zero without data (qcow2
+        v3; v2 only without a backing file)."""
+        hdr = getattr(self.dst.driver, "header", None)
+        return getattr(hdr, "version", 3) >= 3 or self.dst.driver.backing_filename is None
+
+    def _split_zeroes(self, copy, zero: list[tuple[int, int]], stats: Stats) -> list:
+        """Take the whole target clusters of the ``copy`` runs whose source
+        bytes are all zero out of them, into ``zero``. The bytes are read
+        here (the engine reads them again: the page cache has them then)."""
+        cs = self.dst.driver.cluster_size
+        out = []
+        for s, n, (fd, host) in copy:
+            a, b = -(-s // cs) * cs, (s + n) // cs * cs
+            if b <= a:
+                out.append((s, n, (fd, host)))
+                continue
+            if self._scan_buf is None or len(self._scan_buf) < b - a:
+                self._scan_buf = bytearray(max(b - a, PLAN_CHUNK))
+            view = memoryview(self._scan_buf)[:b - a]
+            got = self._src(lambda o: os.preadv(fd, [view], host + o - s), a)
+            pos = s
+            for zs, zn in zero_blocks(view[:got - got % cs], cs):
+                zs += a
+                zn = min(zn, s + n - zs)
+                if zs > pos:
+                    out.append((pos, zs - pos, (fd, host + pos - s)))
+                zero.append((zs, zn))
+                stats.copied -= zn
+                stats.zeroed += zn
+                pos = zs + zn
+            if pos < s + n:
+                out.append((pos, s + n - pos, (fd, host + pos - s)))
+        return out
 
     def _raise_events(self, chain: list[Node], runs: list[dict], off: int,
                       length: int, passed: set) -> None:

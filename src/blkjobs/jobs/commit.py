@@ -157,7 +157,7 @@ class CommitJob(BlockJob):
         self.access = _BaseAccess(io, base)
         depth = top.chain().index(base)
         self.mover = Mover(io, top, base, select_window(0, depth), bucket=self.bucket,
-                           write_behind=True)
+                           write_behind=True, detect_zeroes=True)
         self._overlay_ro: Node | None = None
 
     def setup(self, job: Job) -> None:
@@ -244,7 +244,7 @@ class ActiveCommitJob(MirrorJob):
                          "background", False, on_error, on_error)
         self.mover.close()
         self.mover = Mover(io, top, base, select_window(0, depth), bucket=self.bucket,
-                           write_behind=True)
+                           write_behind=True, detect_zeroes=True)
         self.nodes = nodes
         self.access = _BaseAccess(io, base)
         self.base = base

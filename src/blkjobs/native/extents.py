@@ -44,3 +44,19 @@ def is_zero(buf) -> bool:
     """True when the bytes-like ``buf`` holds only zero bytes."""
     mv = memoryview(buf)
     return bool(lib.bj_is_zero(ffi.from_buffer(mv), mv.nbytes))
+
+
+def zero_blocks(buf, block: int) -> list[tuple[int, int]]:
+    """The runs (start, length) of whole ``block``-sized blocks of ``buf``
+    that hold only zero bytes (a short last block counts as a block)."""
+    mv = memoryview(buf)
+    p = ffi.from_buffer(mv)
+    size, pos, out = mv.nbytes, 0, []
+    while pos < size:
+        n = lib.bj_zero_run(p + pos, size - pos, block, 1)
+        if n:
+            out.append((pos, n))
+            pos += n
+        if pos < size:
+            pos += lib.bj_zero_run(p + pos, size - pos, block, 0)
+    return out
