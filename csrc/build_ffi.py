@@ -40,6 +40,7 @@ ffibuilder.set_source(
                         "-D_GNU_SOURCE", "-D_FILE_OFFSET_BITS=64"]
     + os.environ.get("BLKJOBS_CFLAGS", "").split(),
     extra_link_args=["-pthread"],
+    libraries=["z"],
 )
 
 if __name__ == "__main__":

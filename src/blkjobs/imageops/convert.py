@@ -20,8 +20,10 @@ Python decides what to copy; the C engine moves the bytes. Per work range
   up unallocated as with qemu-img. Known flaw: their host clusters become
   free holes inside the file (refcount 0, no disk space) instead of not
   existing, so the file's apparent size is larger than qemu-img's;
-* ``-c``: clusters holding data are read through the chain (chunked) and
-  stored with ``Qcow2.write_compressed`` (zlib, per cluster, in Python);
+* ``-c``: clusters holding data are read through the chain (chunked),
+  compressed on ``-m`` threads (zlib: a chunk per call of the C core's
+  ``bj_deflate_clusters``; zstd: a Python thread pool) and stored in order
+  with ``Qcow2.write_compressed``;
 * ``-B``: the target records a backing file; when it is the source's own
   backing file only the source's top layer is copied (qemu-img's rule),
   otherwise source and backing are compared chunk by chunk and only target

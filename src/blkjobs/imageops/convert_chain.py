@@ -59,6 +59,9 @@ class ChainConvert:
         self.target_zero = False       # the target reads as zeroes where not written
         self.py_done = 0           # bytes handled without the engine
         self.allocated: list = []  # host runs handed out by Qcow2.allocate
+        self._pool: Any = None     # -c, zstd: the compressing threads
+        self._deflater: Any = None  # -c, zlib: the C compressor (_compress)
+        self._cbuf: memoryview | None = None   # -c: its input buffer
 
     # -- setup -----------------------------------------------------------
     def _open(self):
@@ -346,27 +349,82 @@ class ChainConvert:
         self.allocated = []
 
     def _compress(self, a, b):
-        from ..native.extents import is_zero
-        t, cs = self.tg.t, self.tg.t.cluster_size
+        """Compress [a, b) on ``-m`` threads, storing the clusters in order.
+        zlib (QEMU's default): the C core compresses a chunk of clusters at a
+        time, no Python (nor GIL) per cluster; zstd: the codec's Python
+        binding on a thread pool (it releases the GIL)."""
+        t = self.tg.t
+        cs = t.cluster_size
         must_zero = t.backing_filename is not None or not self.target_zero
         chunk = max(cs, BUF // cs * cs)
-        buf = memoryview(bytearray(chunk))
+        if t.ctype != 0:
+            self._compress_pool_path(a, b, must_zero, chunk)
+            return
+        from ..native.compress import ZERO, Deflater
+        if self._deflater is None:
+            # a stream of cs - 512 bytes or more is stored plain (write_compressed's rule)
+            self._deflater = Deflater(cs, chunk // cs, self.o.threads, max(0, cs - 513))
+        d = self._deflater
+        if self._cbuf is None:
+            self._cbuf = memoryview(bytearray(chunk))
+        buf = self._cbuf
         pos = a
         while pos < b:
             k = min(chunk, b - pos)
             self._read_src(pos, buf[:k])
-            for x in range(0, k, cs):
-                c = buf[x:min(k, x + cs)]
-                try:
-                    if is_zero(c):
-                        if must_zero:
-                            t.write_zeroes(pos + x, len(c))
-                    else:
-                        t.write_compressed(pos + x, c)
-                except OSError as e:
-                    raise CopyError(e.errno or errno.EIO, "error writing", path=self.dst,
-                                    side="target", offset=pos + x) from None
+            work: list[tuple[int, memoryview, bytes | None]] = []
+            for i, n in enumerate(d.run(buf[:k])):
+                c = buf[i * cs:min(k, i * cs + cs)]
+                if n == ZERO:
+                    work.append((pos + i * cs, c, None))
+                else:
+                    # a stream as long as the cluster: write_compressed stores it plain
+                    z = bytes(d.out[i * cs:i * cs + n]) if n else bytes(cs)
+                    work.append((pos + i * cs, c, z))
+            self._store_compressed(work, must_zero)
             pos += k
+
+    def _compress_pool_path(self, a, b, must_zero: bool, chunk: int) -> None:
+        """zstd: chunk k+1 is read and compressing on the pool while chunk k
+        is stored."""
+        from collections import deque
+
+        from ..native.extents import is_zero
+        t = self.tg.t
+        cs = t.cluster_size
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.o.threads, thread_name_prefix="compress")
+        pending: deque = deque()
+        pos = a
+        while pos < b or pending:
+            if pos < b:
+                k = min(chunk, b - pos)
+                buf = memoryview(bytearray(k))
+                self._read_src(pos, buf)
+                work = []
+                for x in range(0, k, cs):
+                    c = buf[x:min(k, x + cs)]
+                    fut = None if is_zero(c) else self._pool.submit(t.compress_cluster, c)
+                    work.append((pos + x, c, fut))
+                pending.append(work)
+                pos += k
+            if len(pending) > 1 or pos >= b:
+                self._store_compressed([(o, c, f if f is None else f.result())
+                                        for o, c, f in pending.popleft()], must_zero)
+
+    def _store_compressed(self, work, must_zero: bool) -> None:
+        t: Any = self.tg.t
+        for off, c, z in work:
+            try:
+                if z is None:
+                    if must_zero:
+                        t.write_zeroes(off, len(c))
+                else:
+                    t.write_compressed(off, c, z)
+            except OSError as e:
+                raise CopyError(e.errno or errno.EIO, "error writing", path=self.dst,
+                                side="target", offset=off) from None
 
     def _feed(self, eng) -> None:
         """Plan work ranges until about half a work range of items is queued."""
@@ -423,6 +481,9 @@ class ChainConvert:
                 raise err from None
             raise
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
             self.tg.close(failed=False)
             for n in (self.top, self.base):
                 if n is not None:

@@ -43,6 +43,8 @@ from ..graph import Node
 from ..graph.io import BlockIO
 from ..jobmodel import Job
 from ..native.copy import COPY, COPY_SPARSE, ZERO, CopyEngine, RunResult
+from ..native.compress import ZERO as DEFLATE_ZERO
+from ..native.compress import Deflater
 from ..native.extents import zero_blocks
 from ..native.ratelimit import TokenBucket
 from .blkdebug import quiet_breaks
@@ -121,6 +123,7 @@ class Mover:
         self.io = io
         self.detect_zeroes = detect_zeroes
         self._scan_buf: bytearray | None = None
+        self._deflater: Any = None          # compress, zlib: see _write_compressed
         self.src, self.dst = src, dst
         self.select = select
         self.compress = compress
@@ -430,25 +433,47 @@ class Mover:
         return items
 
     def _write_compressed(self, ranges: list[tuple[int, int]]) -> None:
+        """Whole target clusters, read through the source's chain in chunks
+        of up to 4 MiB; zlib targets compress each chunk on the C core's
+        threads (:class:`~blkjobs.native.compress.Deflater`), zstd ones
+        cluster by cluster. Stored in order."""
         src, dst = self.src, self.dst
         cs = dst.driver.cluster_size
         if not dst.driver.can_compress or not cs:
             raise UsageError(f"Compression is not supported for this drive {dst.name}")
-        done = set()
-        for s, n in ranges:
-            c = s - s % cs
-            while c < s + n:
-                if c not in done:
-                    done.add(c)
-                    ln = min(cs, dst.size - c)
-                    buf = bytearray(ln)
-                    self._src(src.readinto, c, buf)
-                    if not any(buf):
-                        self._tgt(dst.write_zeroes, c, ln)
+        zlib = getattr(dst.driver, "ctype", 0) == 0
+        chunk = max(cs, (4 * MiB) // cs * cs)
+        for c0, c1 in self._cluster_spans(ranges, cs):
+            pos = c0
+            while pos < c1:
+                ln = min(chunk, c1 - pos)
+                buf = bytearray(ln)
+                self._src(src.readinto, pos, buf)
+                lens = self._deflate(buf, cs, chunk) if zlib else None
+                for i, x in enumerate(range(0, ln, cs)):
+                    c = memoryview(buf)[x:min(ln, x + cs)]
+                    if lens is not None and lens[i] == DEFLATE_ZERO or \
+                            lens is None and not any(c):
+                        self._tgt(dst.write_zeroes, pos + x, len(c))
+                    elif lens is not None:
+                        z = bytes(self._deflater.out[x:x + lens[i]]) if lens[i] else bytes(cs)
+                        dst.note_write(pos + x, len(c))
+                        self._tgt(dst.driver.write_compressed, pos + x, c, z)
                     else:
-                        dst.note_write(c, ln)
-                        self._tgt(dst.driver.write_compressed, c, buf)
-                c += cs
+                        dst.note_write(pos + x, len(c))
+                        self._tgt(dst.driver.write_compressed, pos + x, c)
+                pos += ln
+
+    def _cluster_spans(self, ranges: list[tuple[int, int]], cs: int) -> list[tuple[int, int]]:
+        """The (merged) runs of whole target clusters the ranges touch."""
+        size = self.dst.size
+        return [(s, s + n) for s, n in merge([
+            (s - s % cs, min(-(-(s + n) // cs) * cs, size) - (s - s % cs)) for s, n in ranges])]
+
+    def _deflate(self, buf: bytearray, cs: int, chunk: int) -> list[int]:
+        if self._deflater is None:
+            self._deflater = Deflater(cs, chunk // cs, self.threads, max(0, cs - 513))
+        return self._deflater.run(buf)
 
     # -- moving --------------------------------------------------------------
     def start(self, off: int, length: int) -> Ticket:

@@ -136,20 +136,30 @@ class Writes(L2Tables):
             b = min(end, cend)
             self._write_cluster(gc, pos - cstart, data[pos - offset:b - offset], fill)
             pos = b
-    def write_compressed(self, offset: int, cluster_data) -> None:
+    def compress_cluster(self, cluster_data) -> bytes:
+        """The compressed form of one cluster (padded with zeroes to
+        cluster_size), for :meth:`write_compressed`. Touches no state of the
+        image: threads may call it in parallel (zlib and zstd release the
+        GIL)."""
+        cs = self.cluster_size
+        if len(cluster_data) < cs:
+            cluster_data = bytes(cluster_data).ljust(cs, b"\0")
+        return _compress(self.ctype, cluster_data)
+
+    def write_compressed(self, offset: int, cluster_data, compressed: bytes | None = None) -> None:
         """Store one whole guest cluster compressed (for convert -c).
         ``cluster_data`` is cluster_size bytes (the last cluster of the image
-        may be shorter: it is padded with zeroes). Falls back to a normal
+        may be shorter: it is padded with zeroes); ``compressed``: its
+        :meth:`compress_cluster`, when done already. Falls back to a normal
         cluster when compression does not save space."""
         cs = self.cluster_size
-        data = bytes(cluster_data)
-        self._check_writable(offset, min(len(data), self.size - offset))
-        if offset % cs or len(data) > cs or (len(data) < cs and offset + len(data) != self.size):
+        n = len(cluster_data)
+        self._check_writable(offset, min(n, self.size - offset))
+        if offset % cs or n > cs or (n < cs and offset + n != self.size):
             raise UsageError("write_compressed needs one whole, aligned cluster")
-        data = data.ljust(cs, b"\0")
-        comp = _compress(self.ctype, data)
+        comp = compressed if compressed is not None else self.compress_cluster(cluster_data)
         if len(comp) >= cs - 512:
-            self.write(offset, data[:min(cs, self.size - offset)])
+            self.write(offset, bytes(cluster_data)[:min(cs, self.size - offset)])
             return
         gc = offset >> self.cb
         _, _, e, bm = self._entry(gc)
