@@ -14,15 +14,16 @@ default only warnings are shown, and a normal run logs none.
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import importlib
 import os
-import signal
 import sys
 
 from .. import __version__
 from ..errors import BlkjobsError, InternalError, Terminated
+
+TYPE_CHECKING = False      # typing costs 10 ms to import: not for --version
+if TYPE_CHECKING:
+    import argparse
 
 PROG = "blkjobs"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -30,11 +31,45 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _VALUED = ("--log-level",)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 1 like qemu-img
-        sys.stderr.write(f"{self.prog}: {message}\n")
-        sys.stderr.write(f"Try '{PROG} --help' for more information.\n")
-        raise SystemExit(1)
+def _parser_class() -> type[argparse.ArgumentParser]:
+    """argparse is imported here, not at start-up: ``--version`` skips it
+    (with ``re`` and ``enum`` under it: most of its start-up time)."""
+    import argparse
+
+    class _Formatter(argparse.HelpFormatter):
+        """argparse's, with the terminal width found without importing
+        shutil (and bz2, lzma under it) on every start: argparse builds a
+        formatter for each add_argument."""
+        def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+            if width is None:
+                width = _columns() - 2
+            super().__init__(prog, indent_increment, max_help_position, width)
+
+    class _Parser(argparse.ArgumentParser):
+        def __init__(self, *args, **kw):
+            kw.setdefault("formatter_class", _Formatter)
+            super().__init__(*args, **kw)
+
+        def error(self, message):  # one line, exit 1 like qemu-img
+            sys.stderr.write(f"{self.prog}: {message}\n")
+            sys.stderr.write(f"Try '{PROG} --help' for more information.\n")
+            raise SystemExit(1)
+    return _Parser
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else stdout's terminal,
+    else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 def _command_modules() -> list[str]:
@@ -47,6 +82,7 @@ def _command_module(name: str):
     """The module of command ``name``, or None when there is none."""
     if not name.isidentifier():
         return None
+    import importlib
     full = f"{__package__}.cmd_{name}"
     try:
         return importlib.import_module(full)
@@ -60,6 +96,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser. Module ``cmd_<name>`` defines command ``<name>``: when
     ``argv`` names a command only its module is imported (start-up time is
     part of every copy a user times); otherwise (help, typos) all are."""
+    import importlib
+    _Parser = _parser_class()
     p = _Parser(prog=PROG, description="Block jobs and image tools with a C data path.")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     add_log_options(p, default=0)
@@ -141,6 +179,11 @@ def _on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         return _main(argv)
+    if sys.argv[1:] in (["--version"], ["-V"]):
+        # what argparse's version action prints, without importing argparse
+        sys.stdout.write(f"{PROG} {__version__}\n")
+        return 0
+    import signal
     # SIGTERM (a service manager, `timeout`, `kill`) unwinds like Ctrl-C:
     # jobs are cancelled, what they left is said, made files are removed.
     # `blkjobs serve` replaces it with its own orderly shutdown.

@@ -1,0 +1,47 @@
+"""Start-up: ``blkjobs --version`` answers without importing argparse (nor
+typing, re, enum under it); ``info`` imports neither json (unless
+``--output json``) nor shutil. The output is argparse's."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import blkjobs
+from conftest import run_blkjobs
+from qemu_oracle import qemu_img
+
+PROBE = """
+import sys
+sys.argv = ["blkjobs"] + sys.argv[1:]
+from blkjobs.cli.main import main
+rc = main()
+sys.stdout.flush()
+print(sorted(m for m in ("argparse", "typing", "json", "shutil") if m in sys.modules),
+      file=sys.stderr)
+raise SystemExit(rc)
+"""
+
+
+def probe(*args):
+    p = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True,
+                       text=True, timeout=60)
+    return p.returncode, p.stdout, p.stderr.strip()
+
+
+def test_version_without_argparse():
+    for opt in ("--version", "-V"):
+        rc, out, mods = probe(opt)
+        assert (rc, out, mods) == (0, f"blkjobs {blkjobs.__version__}\n", "[]")
+    # through argparse (another argument follows): the same answer
+    p = run_blkjobs("--version", "info")
+    assert (p.returncode, p.stdout) == (0, f"blkjobs {blkjobs.__version__}\n")
+
+
+def test_info_imports(tmp_path):
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", img, "1M")
+    rc, out, mods = probe("info", img)
+    assert rc == 0 and out.startswith(f"image: {img}\n")
+    assert "json" not in mods and "shutil" not in mods
+    rc, out, mods = probe("info", "--output", "json", img)
+    assert rc == 0 and '"virtual-size": 1048576' in out and "json" in mods
