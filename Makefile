@@ -66,11 +66,15 @@ test-c: deps
 	$(MAKE) -C tests/c warnings run valgrind tsan
 
 # Every raw -> raw comparison in one run (dense and VM-shaped images, page
-# cache and durable, quiet and with every core busy), then the rate limit's
-# end-to-end measure, then the C hot paths' micro-benchmarks against the
+# cache and durable, quiet and with every core busy), qcow2 and chains
+# against qemu-img, convert -c, backup/mirror against our convert, the rate
+# limit's end-to-end measure, then the C hot paths' micro-benchmarks against the
 # stored baseline (benchmarks/README.md).
 bench: venv deps
 	$(PY) benchmarks/convert_raw.py
+	$(PY) benchmarks/convert_qcow2.py --size 2G --rounds 7 --load quiet,busy
+	$(PY) benchmarks/convert_compress.py --size 512M --rounds 7
+	$(PY) benchmarks/jobs_vs_convert.py --size 1G --rounds 7
 	$(PY) benchmarks/ratelimit.py
 	$(PY) -m pip install -q pytest-benchmark numpy
 	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_micro.py \

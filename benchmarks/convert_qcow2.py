@@ -7,9 +7,15 @@ copy of it (made by qemu-img) and a 3-deep qcow2 chain over it, then times,
 in one run with warm caches, alternating the contenders every round
 (1 warm-up + N rounds, median and min):
 
-* qcow2 -> raw, raw -> qcow2, 3-deep chain -> raw;
+* qcow2 -> raw, raw -> qcow2, 3-deep chain -> raw, 3-deep chain -> qcow2;
 * ``blkjobs convert`` vs ``qemu-img convert`` with defaults and with
-  ``-m 16 -W``.
+  ``-m 16 -W``;
+* quiet, and busy (``--load busy``: one CPU hog per core, convert_raw.py's
+  Hogs, for the whole case).
+
+Besides median and min, each row has the MEDIAN OF THE PER-ROUND RATIOS
+(qemu-img's best time in the round / blkjobs -t unsafe's): within a round
+they ran back to back under the same drift.
 
 Durability: ``qemu-img convert`` (7.2) never fsyncs the target, with its
 default cache mode or ``-t writeback`` (checked with ``strace -e fsync``).
@@ -27,7 +33,8 @@ The bar: blkjobs at least as fast (median) as qemu-img's fastest variant on
 every case. MB/s = 10^6 bytes of virtual size per second. The machine this
 was written on has 2 cores and noisy neighbours: look at min and median.
 
-    python3 benchmarks/convert_qcow2.py [--size 4G] [--rounds 5] [--dir /var/tmp]
+    python3 benchmarks/convert_qcow2.py [--size 4G] [--rounds 5] [--load quiet,busy]
+        [--dir /var/tmp]
 """
 from __future__ import annotations
 
@@ -140,12 +147,55 @@ def run_once(cmd, out) -> float:
     return t
 
 
+def run_cases(cases, a, size, load):
+    sys.path.insert(0, HERE)
+    from convert_raw import Hogs
+    results = {}
+    hogs = Hogs(os.cpu_count() or 1) if load == "busy" else None
+    la = os.getloadavg()[0]
+    try:
+        for name, out, cmds in cases:
+            times = {k: [] for k in cmds}
+            for rnd in range(a.warmup + a.rounds):
+                order = list(cmds)[rnd % len(cmds):] + list(cmds)[:rnd % len(cmds)]
+                for k in order:
+                    t = run_once(cmds[k], out)
+                    if rnd >= a.warmup:
+                        times[k].append(t)
+            results[name] = times
+            os.unlink(out)
+    finally:
+        if hogs:
+            hogs.close()
+    print(f"\n{load} (load average {la:.1f} before the hogs)")
+    print(f"{'case':<18}{'contender':<21}{'median s':>9}{'min s':>8}{'MB/s':>7}"
+          f"{'vs best qemu':>13}{'  per-round ratio: median [min-max]'}")
+    verdicts = []
+    for name, times in results.items():
+        best_q = min(statistics.median(v) for k, v in times.items() if k.startswith("qemu"))
+        qround = [min(v[i] for k, v in times.items() if k.startswith("qemu"))
+                  for i in range(a.rounds)]
+        for k, v in times.items():
+            med = statistics.median(v)
+            r = [q / t for q, t in zip(qround, v)]
+            rt = "" if k.startswith("qemu") else \
+                f"  {statistics.median(r):.2f} [{min(r):.2f}-{max(r):.2f}]"
+            print(f"{name:<18}{k:<21}{med:>9.2f}{min(v):>8.2f}{size / med / 1e6:>7.0f}"
+                  f"{best_q / med:>12.2f}x{rt}")
+        r = [q / t for q, t in zip(qround, times["blkjobs -t unsafe"])]
+        ok = statistics.median(r) >= 1.0
+        verdicts.append(f"{name}: {'meets' if ok else 'MISSES'} the bar (-t unsafe)")
+    print("; ".join(verdicts))
+    print("(ratio = qemu-img's best / blkjobs; > 1 means faster than qemu-img's best)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="4G")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--load", default="quiet", help="quiet,busy (quiet by default)")
     ap.add_argument("--keep", action="store_true", help="keep the images")
     ap.add_argument("--verify", action="store_true",
                     help="qemu-img compare/check every blkjobs output once")
@@ -185,6 +235,13 @@ def main():
                 "qemu-img": ["qemu-img", "convert", "-O", "qcow2", raw, out_q],
                 "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "qcow2", raw,
                                      out_q]}),
+            ("chain(3) -> qcow2", out_q, {
+                "blkjobs -t unsafe": bju + ["-O", "qcow2", top, out_q],
+                "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "qcow2", top,
+                                              out_q],
+                "qemu-img": ["qemu-img", "convert", "-O", "qcow2", top, out_q],
+                "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "qcow2", top,
+                                     out_q]}),
             ("chain(3) -> raw", out_raw, {
                 "blkjobs -t unsafe": bju + ["-O", "raw", top, out_raw],
                 "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "raw", top, out_raw],
@@ -202,32 +259,8 @@ def main():
                 if out.endswith(".qcow2"):
                     ok = ok and subprocess.run(["qemu-img", "check", "-q", out]).returncode == 0
                 print(f"# verify {name}: {'ok' if ok else 'FAILED ' + r.stdout}", flush=True)
-        results = {}
-        for name, out, cmds in cases:
-            times = {k: [] for k in cmds}
-            for rnd in range(a.warmup + a.rounds):
-                order = list(cmds) if rnd % 2 == 0 else list(reversed(cmds))
-                for k in order:
-                    t = run_once(cmds[k], out)
-                    if rnd >= a.warmup:
-                        times[k].append(t)
-            results[name] = times
-            os.unlink(out)
-        print(f"\n{'case':<17}{'contender':<19}{'median s':>9}{'min s':>8}{'MB/s':>9}"
-              f"{'vs best qemu':>14}")
-        verdicts = []
-        for name, times in results.items():
-            best_q = min(statistics.median(v) for k, v in times.items()
-                         if k.startswith("qemu"))
-            for k, v in times.items():
-                med = statistics.median(v)
-                print(f"{name:<17}{k:<19}{med:>9.2f}{min(v):>8.2f}{size / med / 1e6:>9.0f}"
-                      f"{best_q / med:>13.2f}x")
-            ok = statistics.median(times["blkjobs -t unsafe"]) <= best_q
-            verdicts.append(f"{name}: {'meets' if ok else 'MISSES'} the bar (-t unsafe)")
-        print("\n" + "; ".join(verdicts))
-        print("(ratio = best qemu-img median / contender median; > 1 means faster than "
-              "qemu-img's best)")
+        for load in a.load.split(","):
+            run_cases(cases, a, size, load)
     finally:
         if a.keep:
             print(f"# kept {d}")
