@@ -177,12 +177,12 @@ def run_cases(cases, a, size, load):
                   for i in range(a.rounds)]
         for k, v in times.items():
             med = statistics.median(v)
-            r = [q / t for q, t in zip(qround, v)]
+            r = [q / t for q, t in zip(qround, v, strict=True)]
             rt = "" if k.startswith("qemu") else \
                 f"  {statistics.median(r):.2f} [{min(r):.2f}-{max(r):.2f}]"
             print(f"{name:<18}{k:<21}{med:>9.2f}{min(v):>8.2f}{size / med / 1e6:>7.0f}"
                   f"{best_q / med:>12.2f}x{rt}")
-        r = [q / t for q, t in zip(qround, times["blkjobs -t unsafe"])]
+        r = [q / t for q, t in zip(qround, times["blkjobs -t unsafe"], strict=True)]
         ok = statistics.median(r) >= 1.0
         verdicts.append(f"{name}: {'meets' if ok else 'MISSES'} the bar (-t unsafe)")
     print("; ".join(verdicts))

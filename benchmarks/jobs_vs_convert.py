@@ -76,7 +76,7 @@ def main() -> None:
             print(f"\n{a.size} VM-shaped qcow2 -> qcow2, {load} (load average {la:.1f}):")
             for n in names:
                 ts = [t for t, _, _ in res[n]]
-                r = [t / b for t, b in zip(ts, base)]
+                r = [t / b for t, b in zip(ts, base, strict=True)]
                 print(f"  {n:17s} median {statistics.median(ts):6.3f} s  user "
                       f"{statistics.median(u for _, u, _ in res[n]):5.2f}  sys "
                       f"{statistics.median(s for _, _, s in res[n]):5.2f}   time / our convert: "

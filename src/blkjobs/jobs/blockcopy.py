@@ -309,7 +309,7 @@ class Mover:
             if self._scan_buf is None or len(self._scan_buf) < b - a:
                 self._scan_buf = bytearray(max(b - a, PLAN_CHUNK))
             view = memoryview(self._scan_buf)[:b - a]
-            got = self._src(lambda o: os.preadv(fd, [view], host + o - s), a)
+            got = self._src(lambda o, fd=fd, v=view, h=host - s: os.preadv(fd, [v], h + o), a)
             pos = s
             for zs, zn in zero_blocks(view[:got - got % cs], cs):
                 zs += a
@@ -452,8 +452,8 @@ class Mover:
                 lens = self._deflate(buf, cs, chunk) if zlib else None
                 for i, x in enumerate(range(0, ln, cs)):
                     c = memoryview(buf)[x:min(ln, x + cs)]
-                    if lens is not None and lens[i] == DEFLATE_ZERO or \
-                            lens is None and not any(c):
+                    if (lens is not None and lens[i] == DEFLATE_ZERO) or \
+                            (lens is None and not any(c)):
                         self._tgt(dst.write_zeroes, pos + x, len(c))
                     elif lens is not None:
                         z = bytes(self._deflater.out[x:x + lens[i]]) if lens[i] else bytes(cs)
