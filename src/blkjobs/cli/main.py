@@ -115,10 +115,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def add_log_options(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+#: stands for argparse.SUPPRESS (argparse is not imported at start-up, and
+#: argparse compares its SUPPRESS by identity)
+_SUPPRESS = object()
+
+
+def add_log_options(p: argparse.ArgumentParser, default: object = _SUPPRESS) -> None:
     """``-v``/``--verbose`` (repeatable) and ``--log-level LEVEL``: global
     options, and a command's too (``blkjobs serve -v``; there the default
     SUPPRESS leaves the global value alone when the command's is not given)."""
+    import argparse
+    if default is _SUPPRESS:
+        default = argparse.SUPPRESS
     p.add_argument("-v", "--verbose", action="count", default=default,
                    help="log to stderr: -v info, -vv debug (default: warnings only)")
     p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
