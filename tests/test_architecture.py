@@ -148,3 +148,38 @@ def test_relative_package_import_counts_as_importing_the_package(tmp_path, monke
     monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
     edges = _edges()
     assert edges["blkjobs.p.b"] == {"blkjobs.p", "blkjobs.p.a"}
+
+
+#: sizes a reader can hold in mind; longer needs a reason written at its top
+MAX_FILE_LINES = 600
+MAX_FUNCTION_LINES = 80
+LONG_REASON = "# long because:"
+
+
+def _too_long(root: Path) -> list[str]:
+    out = []
+    for p in sorted(root.rglob("*.py")):
+        text = p.read_text()
+        lines = text.splitlines()
+        rel = p.relative_to(root)
+        if len(lines) > MAX_FILE_LINES and LONG_REASON not in "\n".join(lines[:30]):
+            out.append(f"{rel}: {len(lines)} lines")
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            n = (node.end_lineno or node.lineno) - node.lineno + 1
+            head = "\n".join(lines[node.lineno - 1:node.lineno + 4])
+            if n > MAX_FUNCTION_LINES and LONG_REASON not in head:
+                out.append(f"{rel}:{node.lineno} {node.name}: {n} lines")
+    return out
+
+
+def test_no_file_or_function_too_long_without_a_reason():
+    assert _too_long(SRC / "blkjobs") == []
+
+
+def test_the_size_check_finds_a_long_function(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "m.py").write_text(f"def f():\n{body}\n\ndef g():\n    {LONG_REASON} a table\n"
+                                   f"{body}")
+    assert _too_long(tmp_path) == ["m.py:1 f: 81 lines"]
