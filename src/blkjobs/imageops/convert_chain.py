@@ -58,6 +58,7 @@ class ChainConvert:
         self.next_pos = 0              # the next guest offset to plan
         self.target_zero = False       # the target reads as zeroes where not written
         self.py_done = 0           # bytes handled without the engine
+        self.zfd = -1              # /dev/zero for -S 0
         self.allocated: list = []  # host runs handed out by Qcow2.allocate
         self._pool: Any = None     # -c, zstd: the compressing threads
         self._deflater: Any = None  # -c, zlib: the C compressor (_compress)
@@ -238,10 +239,20 @@ class ChainConvert:
             if kind == DATA:
                 items.append((host, s, n, self.copy_kind, fd))
             elif kind == ZERO:
-                if not tz:
+                if not self.o.sparse_size:      # -S 0: zeroes written as data
+                    items.append((0, s, n, COPY, self._zero_fd()))
+                elif not tz:
                     items.append((0, s, n, 1))
             else:
                 self._through(s, n, s)
+
+    def _zero_fd(self) -> int:
+        """/dev/zero, the source of the zeroes -S 0 writes as data (qemu-img
+        writes them: a fully allocated target, which FALLOC_FL_ZERO_RANGE's
+        unwritten extents are not to SEEK_DATA)."""
+        if self.zfd < 0:
+            self.zfd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+        return self.zfd
 
     def _through(self, guest, n, host):
         """Read [guest, guest+n) through the source chain (compressed data)
@@ -277,7 +288,7 @@ class ChainConvert:
             e = s + ln
             if e >= self.size:
                 e = end          # the target may be rounded up (qcow2: 512 bytes)
-            if kind != ZERO:
+            if kind != ZERO or not self.o.sparse_size:    # -S 0: every cluster allocated
                 need.append((down(s), up(e)))
             elif must_zero:
                 ia, ib = up(s), (e if e == end else down(e))
@@ -313,7 +324,7 @@ class ChainConvert:
             j = i
             while j < len(pieces) and pieces[j][0] < b:
                 s, ln, kind, fd, host, _ = pieces[j]
-                if kind != ZERO:
+                if kind != ZERO or not self.o.sparse_size:
                     ps, pe = max(s, a), min(s + ln, b)
                     for m in maps:
                         ms, me = max(ps, m.start), min(pe, m.start + m.length)
@@ -322,6 +333,8 @@ class ChainConvert:
                         h = m.host_offset + (ms - m.start)
                         if kind == DATA:
                             items.append((host + (ms - s), h, me - ms, self.copy_kind, fd))
+                        elif kind == ZERO:       # -S 0: zeroes written as data
+                            items.append((0, h, me - ms, COPY, self._zero_fd()))
                         else:
                             self._through(ms, me - ms, h)
                 j += 1
@@ -485,6 +498,9 @@ class ChainConvert:
                 self._pool.shutdown(cancel_futures=True)
                 self._pool = None
             self.tg.close(failed=False)
+            if self.zfd >= 0:
+                os.close(self.zfd)
+                self.zfd = -1
             for n in (self.top, self.base):
                 if n is not None:
                     n.close_chain()

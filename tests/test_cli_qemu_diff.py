@@ -1,0 +1,43 @@
+"""Behaviour that scripts written for qemu-img rely on, checked against
+qemu-img itself: the same invocation given to both tools must leave the same
+files, print the same things and exit the same way."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import blocks, run_blkjobs
+from qemu_oracle import qemu_img, qemu_io, qemu_map
+
+MiB = 1 << 20
+
+
+def _mapping(path):
+    """qemu-img map without host offsets (they differ between writers)."""
+    return [{k: v for k, v in e.items() if k != "offset"} for e in qemu_map(path)]
+
+
+def _source(tmp_path, fmt):
+    src = tmp_path / f"src.{fmt}"
+    qemu_img("create", "-f", fmt, src, "16M")
+    qemu_io(src, "write -P 1 1M 2M", "write -z 8M 1M", fmt=fmt)
+    return src
+
+
+@pytest.mark.parametrize("src_fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("dst_fmt", ["raw", "qcow2"])
+def test_convert_S0_allocates_everything_as_qemu_img(tmp_path, src_fmt, dst_fmt):
+    src = _source(tmp_path, src_fmt)
+    ours, theirs = tmp_path / f"ours.{dst_fmt}", tmp_path / f"theirs.{dst_fmt}"
+    run_blkjobs("convert", "-S", "0", "-f", src_fmt, "-O", dst_fmt, src, ours, check=True)
+    qemu_img("convert", "-S", "0", "-f", src_fmt, "-O", dst_fmt, src, theirs)
+    assert qemu_img("compare", "-f", src_fmt, "-F", dst_fmt, src, ours).returncode == 0
+    assert _mapping(ours) == _mapping(theirs)
+    assert _mapping(ours) == [{"start": 0, "length": 16 * MiB, "depth": 0, "present": True,
+                               "zero": False, "data": True}]
+    assert blocks(ours) >= 16 * MiB        # really on disk, not holes behind the tables
+    if dst_fmt == "qcow2":
+        assert qemu_img("check", ours).returncode == 0
+    else:
+        assert blocks(ours) == blocks(theirs) == os.path.getsize(ours)
