@@ -41,3 +41,21 @@ def test_convert_S0_allocates_everything_as_qemu_img(tmp_path, src_fmt, dst_fmt)
         assert qemu_img("check", ours).returncode == 0
     else:
         assert blocks(ours) == blocks(theirs) == os.path.getsize(ours)
+
+
+def test_convert_o_backing_file_copies_only_the_difference_as_qemu_img(tmp_path):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", base, "16M")
+    qemu_io(base, "write -P 2 0 1M")
+    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    qemu_io(top, "write -P 3 4M 1M")
+    opts = f"backing_file={base.name},backing_fmt=qcow2"
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    run_blkjobs("convert", "-O", "qcow2", "-o", opts, top, ours, check=True)
+    qemu_img("convert", "-O", "qcow2", "-o", opts, top, theirs)
+    assert qemu_map(ours) == qemu_map(theirs)       # only 4M..5M allocated in the top
+    assert [e["start"] for e in qemu_map(ours) if e["depth"] == 0 and e["data"]] == [4 * MiB]
+    assert os.path.getsize(ours) == os.path.getsize(theirs)
+    info = qemu_img("info", "--output", "json", ours).stdout
+    assert '"backing-filename": "base.qcow2"' in info and '"backing-filename-format": "qcow2"' in info
+    assert qemu_img("compare", top, ours).returncode == 0

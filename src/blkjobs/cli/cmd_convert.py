@@ -70,6 +70,12 @@ def run(args) -> int:
             8 if args.cache == "writeback" else 4)
     except ValueError:
         raise UsageError(f"invalid number of threads '{args.threads}'") from None
+    create_opts = parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2")
+                             else "raw") if args.options else {}
+    # -o backing_file=,backing_fmt= is -B/-F (qemu-img: the -o value wins): only
+    # what differs from the backing file is copied
+    backing = create_opts.pop("backing_file", None) or args.backing
+    backing_fmt = create_opts.pop("backing_format", None) or args.backing_fmt
     opts = ConvertOptions(
         sparse_size=parse_size(args.sparse, "buffer size for sparse output"),
         no_create=args.no_create, target_is_zero=args.target_is_zero,
@@ -77,10 +83,8 @@ def run(args) -> int:
         request_size=parse_size(args.request_size, "request size", 512, 1 << 30)
         if args.request_size else None,
         flush=args.cache != "unsafe", src_fmt=args.src_fmt, dst_fmt=args.dst_fmt,
-        compress=args.compress, backing=args.backing, backing_fmt=args.backing_fmt,
-        force_share=args.force_share,
-        create_opts=parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2")
-                               else "raw") if args.options else {})
+        compress=args.compress, backing=backing, backing_fmt=backing_fmt,
+        force_share=args.force_share, create_opts=create_opts)
     names = None
     if args.skip_broken_bitmaps and not args.bitmaps:
         raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
