@@ -59,3 +59,31 @@ def test_convert_o_backing_file_copies_only_the_difference_as_qemu_img(tmp_path)
     info = qemu_img("info", "--output", "json", ours).stdout
     assert '"backing-filename": "base.qcow2"' in info and '"backing-filename-format": "qcow2"' in info
     assert qemu_img("compare", top, ours).returncode == 0
+
+
+def _leaky(path):
+    """A leaks-only image: two data clusters counted twice, 17 clusters past
+    the end counted once and referenced by nothing (16-bit refcounts, first
+    refcount block at 0x20000, as qemu-img creates them)."""
+    qemu_img("create", "-f", "qcow2", path, "16M")
+    qemu_io(path, "write -P 1 0 128k")
+    data = qemu_map(path)[0]["offset"] // 65536
+    with open(path, "r+b") as f:
+        for c, n in [(data, 2), (data + 1, 2)] + [(c, 1) for c in range(7, 24)]:
+            f.seek(0x20000 + 2 * c)
+            f.write(n.to_bytes(2, "big"))
+        f.truncate(24 * 65536)
+
+
+def test_check_r_leaks_on_a_leaks_only_image_as_qemu_img(tmp_path):
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    _leaky(ours)
+    theirs.write_bytes(ours.read_bytes())
+    before = qemu_img("check", ours, check=False)
+    assert before.returncode == 2 and "ERROR OFLAG_COPIED" in before.stderr
+    a = run_blkjobs("check", "-r", "leaks", ours)
+    b = qemu_img("check", "-r", "leaks", theirs, check=False)
+    assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr)
+    assert a.returncode == 0 and "Leaked cluster 7 refcount=1 reference=0\n" in a.stderr
+    after = qemu_img("check", ours, check=False)
+    assert after.returncode == 0 and after.stderr == ""

@@ -290,6 +290,13 @@ class Checker:
         """Stored refcounts against the references counted: leaks (stored
         more) and corruptions (stored fewer), repaired as ``repair`` asks."""
         extra = sorted(c for c in self.refs if c >= self.nfile)
+        if self.repair:
+            # qemu-img compares once without fixing (its lines first), then again fixing
+            for c in itertools.chain(range(self.nfile), extra):
+                s, r = self.stored(c), self.refs.get(c, 0)
+                if s != r:
+                    self.msgs.append(f"{'Leaked' if s > r else 'ERROR'} cluster {c} "
+                                     f"refcount={s} reference={r}")
         for c in itertools.chain(range(self.nfile), extra):
             s = self.stored(c)
             r = self.refs.get(c, 0)
