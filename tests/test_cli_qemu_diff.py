@@ -3,11 +3,15 @@ qemu-img itself: the same invocation given to both tools must leave the same
 files, print the same things and exit the same way."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
+import subprocess
 
 import pytest
 
-from conftest import blocks, run_blkjobs
+from conftest import BLKJOBS, blocks, run_blkjobs
 from qemu_oracle import qemu_img, qemu_io, qemu_map
 
 MiB = 1 << 20
@@ -87,3 +91,156 @@ def test_check_r_leaks_on_a_leaks_only_image_as_qemu_img(tmp_path):
     assert a.returncode == 0 and "Leaked cluster 7 refcount=1 reference=0\n" in a.stderr
     after = qemu_img("check", ours, check=False)
     assert after.returncode == 0 and after.stderr == ""
+
+
+# -- progress -----------------------------------------------------------------
+LINE = re.compile(r"\((\d+\.\d\d)/100%\)")
+QEMU_SIGNAL_LINE = re.compile(r"^    \(\d+\.\d\d/100%\)$")   # qemu-img's, on SIGUSR1
+
+
+def _plain_progress(out: str) -> list[float]:
+    """The percentages of -p's lines; none may carry \\r or escapes (a pipe)."""
+    assert "\r" not in out and "\x1b" not in out, repr(out)
+    return [float(m.group(1)) for m in map(LINE.search, out.splitlines()) if m]
+
+
+def test_p_goes_to_stdout_as_plain_lines_as_qemu_img(tmp_path):
+    src = _source(tmp_path, "qcow2")
+    theirs = qemu_img("convert", "-p", "-O", "raw", src, tmp_path / "theirs.raw")
+    assert theirs.stderr == "" and "(100.00/100%)" in theirs.stdout
+    ours = run_blkjobs("convert", "-p", "-O", "raw", src, tmp_path / "ours.raw", check=True)
+    assert ours.stderr == ""
+    pcts = _plain_progress(ours.stdout)
+    assert pcts[-1] == 100.0 and pcts == sorted(pcts)
+
+
+def _overlay(tmp_path, name="top.qcow2"):
+    base, top = tmp_path / f"base-{name}", tmp_path / name
+    qemu_img("create", "-f", "qcow2", base, "16M")
+    qemu_io(base, "write -P 1 0 8M")
+    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    qemu_io(top, "write -P 2 1M 2M")
+    return base, top
+
+
+def test_compare_q_prints_nothing_as_qemu_img(tmp_path):
+    base, top = _overlay(tmp_path)
+    other = tmp_path / "other.qcow2"
+    qemu_img("create", "-f", "qcow2", other, "16M")
+    for a, b, rc in ((top, top, 0), (top, other, 1)):
+        theirs = qemu_img("compare", "-q", a, b, check=False)
+        ours = run_blkjobs("compare", "-q", a, b)
+        assert (ours.returncode, ours.stdout, ours.stderr) == \
+            (theirs.returncode, theirs.stdout, theirs.stderr) == (rc, "", "")
+
+
+def test_compare_p_and_rebase_p_show_progress(tmp_path):
+    base, top = _overlay(tmp_path)
+    copy = tmp_path / "copy.qcow2"
+    qemu_img("convert", "-O", "qcow2", top, copy)
+    theirs = qemu_img("compare", "-p", top, copy)
+    ours = run_blkjobs("compare", "-p", top, copy)
+    assert ours.returncode == theirs.returncode == 0
+    def verdict(out):
+        return [x for x in out.splitlines() if x.strip() and not LINE.search(x)]
+    assert verdict(ours.stdout) == verdict(theirs.stdout) == ["Images are identical."]
+    assert _plain_progress(ours.stdout)[-1] == 100.0
+
+    r = run_blkjobs("rebase", "-p", "-b", "", top, check=True)
+    assert r.stderr == "" and _plain_progress(r.stdout)[-1] == 100.0
+    assert qemu_img("compare", copy, top).returncode == 0
+    assert "backing-filename" not in qemu_img("info", "--output", "json", top).stdout
+
+
+def test_commit_q_t_r_as_qemu_img(tmp_path):
+    _, ours = _overlay(tmp_path, "ours.qcow2")
+    _, theirs = _overlay(tmp_path, "theirs.qcow2")
+    view = tmp_path / "view.raw"
+    qemu_img("convert", "-O", "raw", ours, view)
+    a = run_blkjobs("commit", "-q", "-t", "none", "-r", "100M", ours)
+    b = qemu_img("commit", "-q", "-t", "none", "-r", "100M", theirs)
+    assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr) == (0, "", "")
+    for img in (ours, theirs):
+        assert qemu_img("compare", "-f", "raw", view, img).returncode == 0
+    assert _mapping(ours) == _mapping(theirs)
+    assert qemu_img("compare", tmp_path / "base-ours.qcow2",
+                    tmp_path / "base-theirs.qcow2").returncode == 0
+    p = run_blkjobs("commit", "-p", tmp_path / "base-ours.qcow2")
+    assert p.returncode == 1 and p.stderr == "blkjobs: Image does not have a backing file\n"
+
+
+def _slow(tmp_path, cmd, *extra):
+    """A convert or backup of 16 MiB of data at 4 MiB/s, --progress-json
+    on stderr (its first line says the copy is under way)."""
+    src = tmp_path / "slow.qcow2"
+    qemu_img("create", "-f", "qcow2", src, "16M")
+    qemu_io(src, "write -P 7 0 16M")
+    dst = tmp_path / f"slow-{cmd}.qcow2"
+    rate = ["-r", "4M"] if cmd == "convert" else ["--speed", "4M"]
+    args = [cmd, "--progress-json", *rate, *extra, "-O" if cmd == "convert" else "--format",
+            "qcow2", src, dst]
+    if cmd == "backup":
+        args = [cmd, "--progress-json", *rate, *extra, src, dst]
+    return src, dst, args
+
+
+@pytest.mark.parametrize("cmd", ["convert", "backup"])
+def test_sigusr1_prints_a_progress_line_and_carries_on(tmp_path, cmd):
+    src, dst, args = _slow(tmp_path, cmd)
+    p = subprocess.Popen(BLKJOBS + [str(a) for a in args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stderr.readline().startswith("{")      # copying
+        os.kill(p.pid, signal.SIGUSR1)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    lines = [x for x in out.splitlines() if not x.startswith("{")]
+    assert len(lines) == 1 and QEMU_SIGNAL_LINE.match(lines[0]), out
+    assert "Traceback" not in err
+    assert qemu_img("compare", src, dst).returncode == 0
+
+
+@pytest.mark.parametrize("cmd", ["convert", "backup"])
+def test_progress_fd_writes_nbdcopy_lines(tmp_path, cmd):
+    src = _source(tmp_path, "qcow2")
+    dst = tmp_path / f"fd-{cmd}.qcow2"
+    r, w = os.pipe()
+    args = [cmd, "--progress-fd", str(w)] + (["-O", "qcow2"] if cmd == "convert" else []) + \
+        [src, dst]
+    try:
+        p = subprocess.run(BLKJOBS + [str(a) for a in args], pass_fds=[w],
+                           capture_output=True, text=True, timeout=120)
+        os.close(w)
+        with os.fdopen(r) as f:
+            got = f.read()
+    except BaseException:
+        os.close(r)
+        raise
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p.stderr
+    lines = got.splitlines()
+    assert all(re.fullmatch(r"\d{1,3}/100", x) for x in lines) and lines[-1] == "100/100"
+    pcts = [int(x.split("/")[0]) for x in lines]
+    assert pcts == sorted(pcts) and len(set(pcts)) == len(pcts)
+    assert qemu_img("compare", src, dst).returncode == 0
+    bad = run_blkjobs(cmd, "--progress-fd", "97", src, tmp_path / "never.qcow2")
+    assert bad.returncode == 1
+    assert bad.stderr == "blkjobs: --progress-fd 97: not an open file descriptor\n"
+
+
+def test_job_progress_json_and_events(tmp_path):
+    src, dst, args = _slow(tmp_path, "backup", "--events")
+    p = run_blkjobs(*args)
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(x) for x in p.stderr.splitlines()]
+    assert recs[-1]["final"] is True and recs[-1]["done"] == recs[-1]["total"] == 16 * MiB
+    events = [json.loads(x) for x in p.stdout.splitlines()]
+    prog = [e["data"] for e in events if e["event"] == "JOB_PROGRESS"]
+    assert prog and all(d["id"] == "job0" and d["total-progress"] == 16 * MiB for d in prog)
+    cur = [d["current-progress"] for d in prog]
+    assert cur == sorted(cur) and len(cur) >= 2
+    names = [e["event"] for e in events]
+    assert names.index("JOB_PROGRESS") < names.index("BLOCK_JOB_COMPLETED")

@@ -26,7 +26,7 @@ import sys
 from ..errors import BlkjobsError, JobError, Terminated
 from ..jobmodel import JsonLinesWriter
 from . import xbreak
-from .copy_progress import CopyProgress
+from .copy_progress import Reporter, add_progress_options
 from ..units import human, parse_size
 
 POLICIES = ["report", "ignore", "stop", "enospc", "auto"]
@@ -47,9 +47,10 @@ def add_common(p) -> None:
     p.add_argument("--job-id", default="job0", help="job id in events (default job0)")
     p.add_argument("--speed", default="0", metavar="RATE",
                    help="rate limit in bytes per second (e.g. 100M; 0 = unlimited)")
-    p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    add_progress_options(p, "the job")
     p.add_argument("--events", action="store_true",
-                   help="print QMP-shaped events as JSON lines on stdout")
+                   help="print QMP-shaped events as JSON lines on stdout, with JOB_PROGRESS "
+                   "events (id, current-progress, total-progress) as the job advances")
 
 
 def cli_engine():
@@ -128,9 +129,29 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
     files (``synced``: it had reached READY), appended to the error line."""
     if args.events:
         eng.add_listener(JsonLinesWriter(sys.stdout))
-    prog = CopyProgress(label=args.job_id) if args.progress else None
+    prog = Reporter(args, label=args.job_id, quiet=getattr(args, "quiet", False))
     xbreak.arm(eng)
+    try:
+        _drive(eng, start, args, prog, ready_action, aftermath)
+    finally:
+        prog.close()
+
+
+def _progress_event(job, cur: int, total: int) -> None:
+    """A JOB_PROGRESS line among --events' (the fields of query-jobs)."""
+    import json
+    import time
+    now = time.time()
+    sys.stdout.write(json.dumps({
+        "event": "JOB_PROGRESS", "data": {"id": job.id, "current-progress": cur,
+                                          "total-progress": total},
+        "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}}) + "\n")
+    sys.stdout.flush()
+
+
+def _drive(eng, start, args, prog, ready_action, aftermath) -> None:
     job = start()
+    seen = (-1, -1)
     synced = False
     # A job stopped by its error policy (stop, enospc, auto) waits for the
     # user: one line says so, and SIGCONT (`kill -CONT PID`) resumes it.
@@ -149,9 +170,11 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
                                     or resume.requested, 0.2)
             except TimeoutError:
                 pass
-            if prog:
-                cur, total = job.progress.snapshot()
-                prog.update(cur, total)
+            cur, total = job.progress.snapshot()
+            prog.update(cur, total)
+            if args.events and (cur, total) != seen and job.outcome is None:
+                seen = (cur, total)
+                _progress_event(job, cur, total)
             if job.is_ready and not synced:
                 synced = True
                 if ready_action:
@@ -165,15 +188,14 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
                 announced = False
             elif error_paused and not announced:
                 announced = True
-                if prog:
-                    sys.stderr.write("\n")
+                if args.progress and sys.stdout.isatty():
+                    sys.stdout.write("\n")     # ends the live line
                 sys.stderr.write(f"blkjobs: {_paused_line(job, args, stopped_on)}\n")
                 sys.stderr.flush()
     except KeyboardInterrupt as e:
         # Cancel and wait, so the job's last writes and flush happen before
         # we say what is in the files (a second Ctrl-C gives up waiting).
-        if prog:
-            prog.finish()
+        prog.finish()
         try:
             eng.jobs.cancel_job(job, True)
         except JobError:        # it ended first: say so below
@@ -187,10 +209,9 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
                         code) from None
     finally:
         resume.restore()
-    if prog:
-        cur, total = job.progress.snapshot()
-        prog.update(cur, total, force=True)
-        prog.finish()
+    cur, total = job.progress.snapshot()
+    prog.update(cur, total)
+    prog.finish()
     if job.outcome.value == "failed":
         raise JobFailed(f"{job.type} job failed: {job.error}{_left(aftermath, job, synced)}", 1)
     if job.outcome.value == "cancelled":

@@ -6,6 +6,7 @@ import sys
 
 from ..errors import BlkjobsError
 from ..imageops.compare import compare_images
+from .copy_progress import Reporter, add_progress_options
 
 
 def register(sub):
@@ -15,7 +16,9 @@ def register(sub):
     p.add_argument("-F", dest="fmt_b", metavar="FMT")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="force share: compare images another process is writing")
-    p.add_argument("-q", dest="quiet", action="store_true", help="accepted; output is short")
+    p.add_argument("-q", dest="quiet", action="store_true",
+                   help="quiet: print nothing; the exit status tells")
+    add_progress_options(p, "the comparison")
     p.add_argument("-s", dest="strict", action="store_true",
                    help="strict: images of different sizes differ")
     p.add_argument("a")
@@ -24,27 +27,36 @@ def register(sub):
 
 
 def run(args) -> int:
+    prog = Reporter(args, quiet=args.quiet)
     try:
         r = compare_images(args.a, args.b, args.fmt_a, args.fmt_b, strict=args.strict,
-                           force_share=args.force_share)
+                           force_share=args.force_share, progress=prog.update)
+        prog.finish()
     except BlkjobsError as e:
         sys.stderr.write(f"blkjobs: {e}\n")
         return 2
     except OSError as e:
         sys.stderr.write(f"blkjobs: {e}\n")
         return 2
+    finally:
+        prog.close()
+    rc, msg = _verdict(r, args.strict)
+    if not args.quiet:
+        print(msg)
+    return rc
+
+
+def _verdict(r, strict: bool) -> tuple[int, str]:
+    """(exit status, qemu-img's line)."""
+    warn = ""
     if r.size_mismatch:
-        if args.strict:
-            print("Strict mode: Image size mismatch!")
-            return 1
-        print("Warning: Image size mismatch!")
+        if strict:
+            return 1, "Strict mode: Image size mismatch!"
+        warn = "Warning: Image size mismatch!\n"
     if r.status_mismatch:
-        print(f"Strict mode: Offset {r.offset} block status mismatch!")
-        return 1
+        return 1, f"{warn}Strict mode: Offset {r.offset} block status mismatch!"
     if r.identical:
-        print("Images are identical.")
-        return 0
-    # qemu-img compares in 512-byte sectors and names the first differing sector
+        return 0, f"{warn}Images are identical."
     assert r.offset is not None         # images that differ differ somewhere
-    print(f"Content mismatch at offset {r.offset // 512 * 512}!")
-    return 1
+    # qemu-img compares in 512-byte sectors and names the first differing sector
+    return 1, f"{warn}Content mismatch at offset {r.offset // 512 * 512}!"

@@ -8,7 +8,7 @@ from ..errors import UsageError
 from ..imageops.convert import ConvertOptions
 from ..imageops.convert_nbd import convert      # files, and NBD URIs
 from .cmd_create import parse_opts
-from .copy_progress import CopyProgress
+from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
 
 
@@ -34,9 +34,7 @@ def register(sub):
     p.add_argument("-U", "--force-share", action="store_true",
                    help="force share: read a source another process is writing (the "
                    "target is always locked for writing)")
-    p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
-    p.add_argument("--progress-json", action="store_true",
-                   help="progress as JSON lines on stderr (for programs)")
+    add_progress_options(p)
     p.add_argument("-S", dest="sparse", default="4k", metavar="SIZE",
                    help="consecutive zero bytes that become a hole (default 4k; 0: fully "
                    "allocate the target)")
@@ -92,12 +90,12 @@ def run(args) -> int:
         from ..imageops.convert_bitmaps import source_bitmaps
         names = source_bitmaps(args.src, args.src_fmt, args.dst_fmt, args.skip_broken_bitmaps,
                                args.force_share)
-    prog = None
-    if (args.progress or args.progress_json) and not args.quiet:
-        prog = CopyProgress(json_lines=args.progress_json)
-    convert(args.src, args.dst, opts, progress=prog.update if prog else None)
-    if prog:
+    prog = Reporter(args, quiet=args.quiet)
+    try:
+        convert(args.src, args.dst, opts, progress=prog.update)
         prog.finish()
+    finally:
+        prog.close()
     if names is not None:
         from ..imageops.convert_bitmaps import copy_bitmaps
         copy_bitmaps(args.src, args.src_fmt, args.dst, names, args.force_share)

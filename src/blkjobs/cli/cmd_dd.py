@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+from .copy_progress import Reporter
 from ..errors import UsageError
 from ..units import parse_size
 from .parity import check_fmt, open_chain_ro, open_rw
@@ -53,7 +54,11 @@ def run(args) -> int:
         try:
             if past:
                 sys.stderr.write(f"blkjobs: {ops['if']}: cannot skip to specified offset\n")
-            copy(src, dst, start, end, bs)
+            prog = Reporter()       # SIGUSR1: one progress line, as qemu-img
+            try:
+                copy(src, dst, start, end, bs, prog.update)
+            finally:
+                prog.close()
         finally:
             dst.close()
     finally:

@@ -6,6 +6,7 @@ rewrites the header. -b "" makes IMG standalone."""
 from __future__ import annotations
 
 from ..imageops.rebase import rebase
+from .copy_progress import Reporter, add_progress_options
 
 
 def register(sub):
@@ -16,8 +17,8 @@ def register(sub):
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the new backing file")
     p.add_argument("-u", dest="unsafe", action="store_true",
                    help="unsafe: only rewrite the backing file name in the header")
-    p.add_argument("-p", dest="progress", action="store_true", help="accepted (no progress yet)")
-    p.add_argument("-q", dest="quiet", action="store_true")
+    add_progress_options(p, "the comparison of the backing files (safe mode)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet: no progress")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="force share: read a new backing file another process is writing")
     p.add_argument("image")
@@ -25,6 +26,13 @@ def register(sub):
 
 
 def run(args) -> int:
-    rebase(args.image, args.backing, args.backing_fmt, args.fmt, args.unsafe,
-           force_share=args.force_share)
+    prog = Reporter(args, quiet=args.quiet)
+    try:
+        rebase(args.image, args.backing, args.backing_fmt, args.fmt, args.unsafe,
+               force_share=args.force_share, progress=prog.update)
+        if not prog.total:      # -u, or nothing to compare: done all the same
+            prog.update(1, 1)
+        prog.finish()
+    finally:
+        prog.close()
     return 0

@@ -1,17 +1,21 @@
-"""The progress of one copy (convert, demo, the job commands' ``-p``): bytes
-done of a total, rate and ETA, for humans (one live line on stderr) and
-programs (JSON lines). Progress counts completed bytes; the total may grow.
-The clock is injectable so rate and ETA can be tested exactly.
+"""Progress reporting for humans (``-p``: on stdout as qemu-img's; one live
+line on a terminal, plain lines otherwise) and programs (``--progress-json``:
+JSON lines on stderr; ``--progress-fd N``: nbdcopy's ``N/100`` lines on fd
+N). SIGUSR1 prints one progress line on stdout and the command carries on,
+as qemu-img does. Progress counts completed bytes; the total may grow. The
+clock is injectable so rate and ETA can be tested exactly.
 
 (``blkjobs bench`` shows its stages with another kind of line:
 :mod:`blkjobs.diskbench.status_line`.)"""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
 from ..units import human
 
@@ -20,10 +24,14 @@ class CopyProgress:
     """Call ``update(done, total)`` as often as you like; output is throttled
     to ``interval`` seconds. ``finish()`` prints the final line."""
 
-    def __init__(self, stream: TextIO = sys.stderr, interval: float = 0.2,
+    def __init__(self, stream: TextIO | None = None, interval: float = 0.2,
                  now: Callable[[], float] = time.monotonic, json_lines: bool = False,
-                 label: str = ""):
-        self.stream = stream
+                 label: str = "", tty: bool | None = None, fd_lines: bool = False):
+        self.stream = stream if stream is not None else sys.stdout
+        # a live line (\r, ESC[K) only on a terminal; plain lines elsewhere
+        self.tty = _isatty(self.stream) if tty is None else tty
+        self.fd_lines = fd_lines       # nbdcopy's --progress=FD: "N/100" lines
+        self._last_pct = -1
         self.interval = interval
         self.now = now
         self.json_lines = json_lines
@@ -65,17 +73,104 @@ class CopyProgress:
         eta = self.eta()
         eta_s = "--:--" if eta is None else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
         label = f"{self.label} " if self.label else ""
-        return (f"{label}({pct:6.2f}/100%) {human(self.done)} of {human(self.total)}, "
+        return (f"{label}({pct:.2f}/100%) {human(self.done)} of {human(self.total)}, "
                 f"{human(self.rate())}/s, ETA {eta_s}")
+
+    def record(self, final: bool = False) -> dict[str, Any]:
+        return {"done": self.done, "total": self.total, "rate": round(self.rate()),
+                "elapsed": round(self.now() - self.start, 3), "final": final}
 
     def _emit(self, final: bool) -> None:
         if self.json_lines:
-            rec = {"done": self.done, "total": self.total, "rate": round(self.rate()),
-                   "elapsed": round(self.now() - self.start, 3), "final": final}
-            self.stream.write(json.dumps(rec) + "\n")
-        else:
+            self.stream.write(json.dumps(self.record(final)) + "\n")
+        elif self.fd_lines:
+            pct = 100 * self.done // self.total if self.total else 100
+            if pct == self._last_pct:
+                return
+            self._last_pct = pct
+            self.stream.write(f"{pct}/100\n")
+        elif self.tty:
             self.stream.write("\r" + self.line() + ("\n" if final else "\x1b[K"))
+        else:
+            self.stream.write(self.line() + "\n")
         self.stream.flush()
 
     def finish(self) -> None:
         self._emit(final=True)
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def add_progress_options(p, what: str = "the copy") -> None:
+    """-p, --progress-json, --progress-fd N (the options of every long command)."""
+    p.add_argument("-p", dest="progress", action="store_true",
+                   help=f"show the progress of {what} on stdout (a live line on a terminal, "
+                   "plain lines otherwise); SIGUSR1 prints one line without -p too")
+    p.add_argument("--progress-json", action="store_true",
+                   help="progress as JSON lines on stderr (for programs): done, total, "
+                   "rate, elapsed, final")
+    p.add_argument("--progress-fd", type=int, metavar="N",
+                   help="write progress as 'N/100' lines to file descriptor N (as nbdcopy's "
+                   "--progress=FD)")
+
+
+class Reporter:
+    """The progress outputs a command's options ask for, fed together, and
+    the SIGUSR1 handler: a signal prints one line on stdout (qemu-img's
+    ``    (12.50/100%)``) at the next update and the command carries on."""
+
+    def __init__(self, args=None, label: str = "", quiet: bool = False):
+        self.outs: list[CopyProgress] = []
+        self.done = self.total = 0
+        self._usr1 = False
+        self._old: Any = None
+        if args is not None and not quiet:
+            if getattr(args, "progress", False):
+                self.outs.append(CopyProgress(label=label))
+            if getattr(args, "progress_json", False):
+                self.outs.append(CopyProgress(sys.stderr, json_lines=True))
+        fd = getattr(args, "progress_fd", None) if args is not None else None
+        if fd is not None:
+            try:
+                stream = os.fdopen(fd, "w", closefd=False)
+                os.fstat(fd)
+            except (OSError, ValueError):
+                from ..errors import UsageError
+                raise UsageError(f"--progress-fd {fd}: not an open file descriptor") from None
+            self.outs.append(CopyProgress(stream, fd_lines=True))
+        try:
+            self._old = signal.signal(signal.SIGUSR1, self._on_usr1)
+        except ValueError:        # not the main thread (a test calling run())
+            self._old = None
+
+    def _on_usr1(self, signum, frame) -> None:
+        self._usr1 = True
+
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = done, max(total, done)
+        for o in self.outs:
+            o.update(done, total)
+        if self._usr1:
+            self._usr1 = False
+            self.signal_line()
+
+    def signal_line(self) -> None:
+        pct = 100.0 * self.done / self.total if self.total else 0.0
+        sys.stdout.write(f"    ({pct:.2f}/100%)\n")
+        sys.stdout.flush()
+
+    def finish(self) -> None:
+        for o in self.outs:
+            o.finish()
+        self.close()
+
+    def close(self) -> None:
+        """Restores SIGUSR1's previous handling."""
+        if self._old is not None:
+            signal.signal(signal.SIGUSR1, self._old)
+            self._old = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from ..native.extents import extents, is_zero
 from .files import fd_size, open_source
@@ -40,7 +41,8 @@ def _data_ranges(fd: int, start: int, length: int):
     return [(e.offset, e.length) for e in extents(fd, start, length) if e.data]
 
 
-def compare_raw(path_a: str, path_b: str, strict: bool = False) -> CompareResult:
+def compare_raw(path_a: str, path_b: str, strict: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> CompareResult:
     fa, fb = open_source(path_a), open_source(path_b)
     try:
         sa, sb = fd_size(fa), fd_size(fb)
@@ -71,7 +73,11 @@ def compare_raw(path_a: str, path_b: str, strict: bool = False) -> CompareResult
                     if mva[:n] != mvb[:n]:
                         return CompareResult(False, off + _first_diff(mva[:n], mvb[:n]))
                     off += n
+                    if progress:
+                        progress(off, common)
             pos += wl
+            if progress:
+                progress(pos, common)
         if sa != sb:
             if strict:
                 return CompareResult(False, common, size_mismatch=True)
@@ -129,18 +135,20 @@ def _read_cmp(na, nb, a, b, za, zb, bufs):
 
 def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
                    fmt_b: str | None = None, strict: bool = False,
-                   force_share: bool = False) -> CompareResult:
+                   force_share: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> CompareResult:
     """Compare the guest views of two images (any format, with their backing
     chains). Runs that read as zeroes on both sides (by block status) are not
     read. ``strict``: sizes and allocation status (present) must match too;
     a status mismatch is reported as ``status_mismatch``. Locks as qemu-img
     compare (a qcow2 image, or one in a backing chain, lets nobody write it
     meanwhile, unless ``force_share``; two raw files are read sharing
-    everything, as qemu-img reads them)."""
+    everything, as qemu-img reads them). ``progress(done, total)``: bytes of
+    the common size compared so far."""
     from .images import open_ro, probe
     fa, fb = probe(path_a, fmt_a), probe(path_b, fmt_b)
     if fa == "raw" and fb == "raw" and not strict:
-        return compare_raw(path_a, path_b, strict)
+        return compare_raw(path_a, path_b, strict, progress)
     na = open_ro(path_a, fa, force_share)
     try:
         nb = open_ro(path_b, fb, force_share)
@@ -165,7 +173,11 @@ def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
                 d = _read_cmp(na, nb, a, b, x["zero"], y["zero"], bufs)
                 if d is not None:
                     return CompareResult(False, d)
+                if progress:
+                    progress(b, common)
             pos += n
+            if progress:
+                progress(pos, common)
         if sa != sb:
             longer, lsize = (na, sa) if sa > sb else (nb, sb)
             pos = common

@@ -29,9 +29,9 @@ def length(node) -> int:
     return -(-node.size // 512) * 512
 
 
-def copy(src, dst, start: int, end: int, bs: int) -> None:
+def copy(src, dst, start: int, end: int, bs: int, progress=None) -> None:
     """Copy src[start:end] to dst[0:end-start] (graph nodes); zeroes past
-    the end of ``src``."""
+    the end of ``src``. ``progress(done, total)``: bytes written so far."""
     real = src.size
     step = max(bs, CHUNK // bs * bs)
     buf = bytearray(min(step, max(0, end - start)))
@@ -46,4 +46,6 @@ def copy(src, dst, start: int, end: int, bs: int) -> None:
         dst.write(out, mv)
         pos += n
         out += n
+        if progress:
+            progress(out, end - start)
     dst.flush()

@@ -22,7 +22,7 @@ refuses to record a probed one.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import BlkjobsError, UsageError
 from ..formats.base import Kind
@@ -35,7 +35,10 @@ CHUNK = 4 << 20
 
 
 def rebase(path: str, backing: str | None, backing_fmt: str | None = None,
-           fmt: str | None = None, unsafe: bool = False, force_share: bool = False) -> None:
+           fmt: str | None = None, unsafe: bool = False, force_share: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> None:
+    """``progress(done, total)``: bytes of the image compared between the
+    old and the new backing file so far (safe mode)."""
     fmt = probe(path, fmt)
     if fmt != "qcow2":
         raise UsageError(f"rebase: '{path}' is a {fmt} image; only qcow2 images have a "
@@ -75,7 +78,7 @@ def rebase(path: str, backing: str | None, backing_fmt: str | None = None,
                 raise UsageError(f"rebase: '{path}' would be its own backing file")
         top.take("rebase", Perm.WRITE | Perm.CONSISTENT_READ)
         if top.backing is not None or new is not None:
-            _copy_differences(top, new)
+            _copy_differences(top, new, progress)
         top.flush()
         top.driver.set_backing(backing, backing_fmt)
     finally:
@@ -98,7 +101,7 @@ def _covered(runs, a, b):
     return any(s <= a and e >= b for s, e in runs)
 
 
-def _copy_differences(top, new) -> None:
+def _copy_differences(top, new, progress=None) -> None:
     """``top.backing`` (the old backing, possibly None: it then reads as
     zeroes, as it does past its end) against ``new`` (None: zeroes)."""
     old = top.backing
@@ -131,7 +134,11 @@ def _copy_differences(top, new) -> None:
                 if va[:k] != vb[:k]:
                     _write_differing(top, off, va[:k], vb[:k], old_end, oz)
                 off += k
+                if progress:
+                    progress(off, size)
         pos += n
+        if progress:
+            progress(pos, size)
 
 
 def _write_differing(top, off, a, b, old_end, oz):
