@@ -61,7 +61,16 @@ def register(sub):
     p.add_argument("-f", dest="fmt", metavar="FMT")
     p.add_argument("-b", dest="base", metavar="BASE", help="commit down into this backing file")
     p.add_argument("-d", dest="keep", action="store_true", help="do not empty IMAGE afterwards")
-    p.add_argument("--on-error", default="report", choices=POLICIES)
+    p.add_argument("--on-error", default="report", choices=POLICIES,
+                   help="what an I/O error does to the job (default report: it fails)")
+    p.add_argument("-q", dest="quiet", action="store_true",
+                   help="quiet: no progress and no 'Image committed.'")
+    p.add_argument("-t", dest="cache", metavar="CACHE", default="writeback",
+                   choices=["writeback", "unsafe", "writethrough", "directsync", "none"],
+                   help="cache mode of the images (accepted as qemu-img's; the job flushes "
+                   "the base when it completes in every mode)")
+    p.add_argument("-r", dest="rate", metavar="RATE",
+                   help="rate limit in bytes per second (qemu-img's name for --speed)")
     add_common(p)
     p.add_argument("image")
     p.set_defaults(func=run)
@@ -76,7 +85,7 @@ def run(args) -> int:
         base = top.backing
         if args.base:
             base = find_base(top, args.image, args.base)
-        speed = parse_size(args.speed, "speed")
+        speed = parse_size(args.rate if args.rate is not None else args.speed, "speed")
         path, fmt = top.filename, top.format
         base_path = args.base or top.driver.backing_filename   # as the user knows it
 
@@ -93,5 +102,6 @@ def run(args) -> int:
         eng.close()
     if not args.keep and not args.base:
         make_empty(path, fmt)
-    print("Image committed.")
+    if not args.quiet:
+        print("Image committed.")
     return 0
