@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from ..native.extents import extents, is_zero
 from .files import fd_size, open_source

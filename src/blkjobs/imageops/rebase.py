@@ -22,7 +22,8 @@ refuses to record a probed one.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ..errors import BlkjobsError, UsageError
 from ..formats.base import Kind
