@@ -244,3 +244,42 @@ def test_job_progress_json_and_events(tmp_path):
     assert cur == sorted(cur) and len(cur) >= 2
     names = [e["event"] for e in events]
     assert names.index("JOB_PROGRESS") < names.index("BLOCK_JOB_COMPLETED")
+
+
+# -- help that teaches ----------------------------------------------------------
+def _commands():
+    import argparse
+
+    from blkjobs.cli.main import build_parser
+    p = build_parser([])
+    return p, next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_option_has_help_and_every_command_an_example_and_exit_codes():
+    import argparse
+    top, cmds = _commands()
+    assert "exit status:" in top.format_help()
+    missing = [(name, a.option_strings or a.dest) for name, p in cmds.items()
+               for a in p._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert missing == []
+    for name, p in cmds.items():
+        text = p.format_help()
+        assert f"examples:\n  blkjobs {name} " in text, name
+        assert "\nexit status: 0 " in text, name
+
+
+def test_mistyped_command_says_did_you_mean():
+    p = run_blkjobs("conver", "a.raw", "b.raw")
+    assert (p.returncode, p.stdout) == (1, "")
+    assert p.stderr == ("blkjobs: unknown command 'conver'; did you mean 'convert'?\n"
+                        "Try 'blkjobs --help' for the list of commands.\n")
+
+
+def test_usage_error_shows_the_commands_own_usage():
+    for args, what in ((["convert", "-Z", "a", "b"], "unrecognized arguments: -Z"),
+                       (["convert"], "the following arguments are required: src, dst")):
+        p = run_blkjobs(*args)
+        assert p.returncode == 1 and p.stdout == ""
+        assert p.stderr.startswith("usage: blkjobs convert [-h] ")
+        assert p.stderr.endswith(f"blkjobs convert: {what}\n"
+                                 "Try 'blkjobs convert --help' for more information.\n")

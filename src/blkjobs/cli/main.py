@@ -50,10 +50,16 @@ def _parser_class() -> type[argparse.ArgumentParser]:
             kw.setdefault("formatter_class", _Formatter)
             super().__init__(*args, **kw)
 
-        def error(self, message):  # one line, exit 1 like qemu-img
-            sys.stderr.write(f"{self.prog}: {message}\n")
-            sys.stderr.write(f"Try '{PROG} --help' for more information.\n")
-            raise SystemExit(1)
+        def error(self, message):  # exit 1 like qemu-img
+            from .help_texts import usage_error
+            usage_error(self, message)
+
+        def parse_args(self, args=None, namespace=None):
+            ns, extra = self.parse_known_args(args, namespace)
+            if extra:       # said by the command's own parser: its usage
+                from .help_texts import command_parser
+                command_parser(self, ns).error(f"unrecognized arguments: {' '.join(extra)}")
+            return ns
     return _Parser
 
 
@@ -112,6 +118,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         mods = [importlib.import_module(f"{__package__}.{name}") for name in _command_modules()]
     for mod in mods:
         mod.register(sub)
+    from .help_texts import apply
+    apply(p, sub)
     return p
 
 
