@@ -235,6 +235,8 @@ def _main(argv: list[str]) -> int:
         return e.exit_code
     except BlkjobsError as e:
         sys.stderr.write(f"{PROG}: {e}\n")
+        from .error_json import print_if_json
+        print_if_json(args, e, e.exit_code)
         return e.exit_code
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly and exit 0 as
@@ -245,6 +247,8 @@ def _main(argv: list[str]) -> int:
     except OSError as e:
         where = f"'{e.filename}'" if e.filename else ""
         sys.stderr.write(f"{PROG}: {where + ': ' if where else ''}{e.strerror or e}\n")
+        from .error_json import print_if_json
+        print_if_json(args, e, 1)
         return 1
     except KeyboardInterrupt as e:
         # args: what became of the files, when the command knows (convert)
