@@ -286,22 +286,23 @@ def test_usage_error_shows_the_commands_own_usage():
 
 
 # -- errors for programs ------------------------------------------------------------
-def test_output_json_errors_are_one_json_object(tmp_path):
+def test_error_format_json_is_one_json_object(tmp_path):
     missing = tmp_path / "missing.qcow2"
-    p = run_blkjobs("info", "--output", "json", missing)
-    q = qemu_img("info", "--output", "json", missing, check=False)
-    assert p.returncode == q.returncode == 1 and q.stdout == ""
-    assert p.stderr.count("\n") == 1 and p.stderr.startswith("blkjobs: ")   # the line stays
-    assert json.loads(p.stdout) == {"error": {
+    p = run_blkjobs("--error-format", "json", "info", "--output", "json", missing)
+    assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1
+    assert json.loads(p.stderr) == {"error": {
         "class": "OSErrorWithContext", "exit-code": 1, "errno": "ENOENT", "side": None,
         "offset": None, "path": str(missing),
         "message": f"Could not open '{missing}': No such file or directory"}}
     raw = tmp_path / "r.raw"
     raw.write_bytes(bytes(4096))
-    p = run_blkjobs("check", "--output", "json", raw)
+    p = run_blkjobs("--error-format", "json", "check", raw)
     assert p.returncode == qemu_img("check", raw, check=False).returncode == 63
-    assert json.loads(p.stdout)["error"] == {
+    assert json.loads(p.stderr)["error"] == {
         "class": "CheckNotSupported", "exit-code": 63, "errno": None, "side": None,
         "offset": None, "path": None, "message": "This image format does not support checks"}
-    p = run_blkjobs("info", missing)        # human output: the line only
-    assert p.returncode == 1 and p.stdout == ""
+    # by default (also with --output json) qemu-img's: nothing on stdout, one line
+    q = qemu_img("info", "--output", "json", missing, check=False)
+    p = run_blkjobs("info", "--output", "json", missing)
+    assert p.returncode == q.returncode == 1 and p.stdout == q.stdout == ""
+    assert p.stderr == f"blkjobs: Could not open '{missing}': No such file or directory\n"

@@ -67,9 +67,9 @@ def run(args) -> int:
     try:
         res = check_image(args.image, args.fmt, args.repair, force_share=args.force_share)
     except BlkjobsError as e:
-        sys.stderr.write(f"blkjobs: {e}\n")
         from .error_json import print_if_json
-        print_if_json(args, e, e.exit_code)
+        if not print_if_json(args, e, e.exit_code):
+            sys.stderr.write(f"blkjobs: {e}\n")
         return e.exit_code
     for m in getattr(res, "messages", []):
         sys.stderr.write(m + "\n")

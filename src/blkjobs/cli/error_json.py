@@ -1,8 +1,9 @@
-"""Errors for programs: with ``--output json`` (info, map, check, measure) a
-failing command prints, besides qemu-img's line on stderr, one JSON object on
-stdout -- where its JSON result would have been -- e.g.
-``{"error": {"class": "CopyError", "exit-code": 1, "errno": "ENOENT", "side":
-"source", "offset": null, "path": "a.qcow2", "message": "..."}}``."""
+"""Errors for programs: with the global option ``--error-format json`` a
+failing command writes, instead of its one line, one JSON object on stderr,
+e.g. ``{"error": {"class": "CopyError", "exit-code": 1, "errno": "ENOENT",
+"side": "source", "offset": null, "path": "a.qcow2", "message": "..."}}``.
+(Not tied to ``--output json``: qemu-img prints nothing on stdout and its
+line on stderr then too, and scripts and QEMU's tests rely on that.)"""
 from __future__ import annotations
 
 import errno as _errno
@@ -26,9 +27,11 @@ def error_object(e: BaseException, exit_code: int) -> dict:
                       "path": None if path is None else str(path), "message": message}}
 
 
-def print_if_json(args, e: BaseException, exit_code: int) -> None:
-    """The JSON object on stdout when the command was asked for ``--output json``."""
-    if getattr(args, "output", None) != "json":
-        return
-    sys.stdout.write(json.dumps(error_object(e, exit_code), indent=4) + "\n")
-    sys.stdout.flush()
+def print_if_json(args, e: BaseException, exit_code: int) -> bool:
+    """The JSON object on stderr when ``--error-format json`` was given:
+    True when written (the caller then writes no line)."""
+    if getattr(args, "error_format", None) != "json":
+        return False
+    sys.stderr.write(json.dumps(error_object(e, exit_code)) + "\n")
+    sys.stderr.flush()
+    return True

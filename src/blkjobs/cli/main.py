@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 PROG = "blkjobs"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: Global options that take a value (skipped when looking for the command).
-_VALUED = ("--log-level",)
+_VALUED = ("--log-level", "--error-format")
 
 
 def _parser_class() -> type[argparse.ArgumentParser]:
@@ -107,6 +107,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Block jobs and image tools with a C data path.")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     add_log_options(p, default=0)
+    p.add_argument("--error-format", choices=["line", "json"], default="line",
+                   help="an error as qemu-img's one line (default) or as one JSON object "
+                   "on stderr: class, exit-code, errno, side, offset, path, message")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     first = _first_word(argv or [])
     mod = _command_module(first) if first is not None else None
@@ -234,9 +237,9 @@ def _main(argv: list[str]) -> int:
                          "(set BLKJOBS_DEBUG=1 for the traceback; please report it)\n")
         return e.exit_code
     except BlkjobsError as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
         from .error_json import print_if_json
-        print_if_json(args, e, e.exit_code)
+        if not print_if_json(args, e, e.exit_code):
+            sys.stderr.write(f"{PROG}: {e}\n")
         return e.exit_code
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly and exit 0 as
@@ -246,9 +249,9 @@ def _main(argv: list[str]) -> int:
         return 0
     except OSError as e:
         where = f"'{e.filename}'" if e.filename else ""
-        sys.stderr.write(f"{PROG}: {where + ': ' if where else ''}{e.strerror or e}\n")
         from .error_json import print_if_json
-        print_if_json(args, e, 1)
+        if not print_if_json(args, e, 1):
+            sys.stderr.write(f"{PROG}: {where + ': ' if where else ''}{e.strerror or e}\n")
         return 1
     except KeyboardInterrupt as e:
         # args: what became of the files, when the command knows (convert)
