@@ -28,6 +28,7 @@ from ..jobmodel import JsonLinesWriter
 from . import xbreak
 from .copy_progress import CopyProgress
 from ..units import human, parse_size
+from . import progname
 
 POLICIES = ["report", "ignore", "stop", "enospc", "auto"]
 
@@ -167,7 +168,7 @@ def run_job(eng, start, args, ready_action=None, aftermath=None) -> None:
                 announced = True
                 if prog:
                     sys.stderr.write("\n")
-                sys.stderr.write(f"blkjobs: {_paused_line(job, args, stopped_on)}\n")
+                sys.stderr.write(f"{progname()}: {_paused_line(job, args, stopped_on)}\n")
                 sys.stderr.flush()
     except KeyboardInterrupt as e:
         # Cancel and wait, so the job's last writes and flush happen before

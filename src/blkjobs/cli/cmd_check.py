@@ -9,6 +9,7 @@ import sys
 
 from ..errors import BlkjobsError
 from ..imageops.inspect import check_exit_code, check_image
+from . import progname
 
 
 # qemu-img 7.2 prints ImageCheck keys in this (hash) order
@@ -67,7 +68,7 @@ def run(args) -> int:
     try:
         res = check_image(args.image, args.fmt, args.repair, force_share=args.force_share)
     except BlkjobsError as e:
-        sys.stderr.write(f"blkjobs: {e}\n")
+        sys.stderr.write(f"{progname()}: {e}\n")
         return e.exit_code
     for m in getattr(res, "messages", []):
         sys.stderr.write(m + "\n")

@@ -6,6 +6,7 @@ import sys
 
 from ..errors import BlkjobsError
 from ..imageops.compare import compare_images
+from . import progname
 
 
 def register(sub):
@@ -28,10 +29,10 @@ def run(args) -> int:
         r = compare_images(args.a, args.b, args.fmt_a, args.fmt_b, strict=args.strict,
                            force_share=args.force_share)
     except BlkjobsError as e:
-        sys.stderr.write(f"blkjobs: {e}\n")
+        sys.stderr.write(f"{progname()}: {e}\n")
         return 2
     except OSError as e:
-        sys.stderr.write(f"blkjobs: {e}\n")
+        sys.stderr.write(f"{progname()}: {e}\n")
         return 2
     if r.size_mismatch:
         if args.strict:

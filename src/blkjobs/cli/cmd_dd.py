@@ -9,6 +9,8 @@ import sys
 from ..errors import UsageError
 from ..units import parse_size
 from .parity import check_fmt, open_chain_ro, open_rw
+from . import progname
+
 
 def register(sub):
     p = sub.add_parser("dd", help="copy part of an image into a new image, dd style")
@@ -52,7 +54,7 @@ def run(args) -> int:
         dst = open_rw(ops["of"], args.out_fmt, "dd")
         try:
             if past:
-                sys.stderr.write(f"blkjobs: {ops['if']}: cannot skip to specified offset\n")
+                sys.stderr.write(f"{progname()}: {ops['if']}: cannot skip to specified offset\n")
             copy(src, dst, start, end, bs)
         finally:
             dst.close()
