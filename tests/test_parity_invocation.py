@@ -78,3 +78,49 @@ def test_options_after_operands(twins):
     assert a.pop("actual-size") > 0 and b.pop("actual-size") > 0
     assert a == b
     same(twins, "map", "top2.qcow2", "--output=json")
+
+
+@pytest.mark.parametrize("size", ["12Q", "1.5", "10GB", "1e3", "99999999999E"])
+def test_create_size_errors(twins, size):
+    same(twins, "create", "-f", "qcow2", "x.qcow2", size)
+    same(twins, "create", "-f", "raw", "x.raw", size)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_create_rounds_size_to_sectors(twins, fmt):
+    """`create IMG 1234` says size=1234 and makes a 1536-byte image."""
+    same(twins, "create", "-f", fmt, f"x.{fmt}", "1234")
+    infos = [json.loads(qemu_img("info", "--output", "json", d / f"x.{fmt}").stdout)
+             for d in twins]
+    assert infos[0]["virtual-size"] == infos[1]["virtual-size"] == 1536
+    if fmt == "raw":
+        assert [os.path.getsize(d / "x.raw") for d in twins] == [1536, 1536]
+
+
+@pytest.mark.parametrize("opts", [
+    "lazy_refcounts=on", "compression_type=zstd", "lazy_refcounts=on,compression_type=zstd",
+    "extent_size_hint=1M", "compat=0.10,refcount_bits=16,extent_size_hint=0",
+    "cluster_size=4k,preallocation=metadata,lazy_refcounts=off"])
+def test_create_qcow2_options(twins, opts):
+    """Same Formatting line and the same image (qemu-img info, check, compare)."""
+    same(twins, "create", "-f", "qcow2", "-o", opts, "x.qcow2", "1M")
+    ours, theirs = (json.loads(qemu_img("info", "--output", "json", d / "x.qcow2").stdout)
+                    for d in twins)
+    for info in (ours, theirs):
+        info.pop("filename")
+        info.pop("actual-size")
+    assert ours == theirs
+    qemu_img("check", twins[0] / "x.qcow2")
+    qemu_img("compare", twins[0] / "x.qcow2", twins[1] / "x.qcow2")
+
+
+def test_create_raw_extent_size_hint(twins):
+    same(twins, "create", "-f", "raw", "-o", "preallocation=off,extent_size_hint=4k", "x.raw",
+         "1M")
+
+
+def test_create_data_file_refused(twins):
+    rc, out, err = run(twins[0], "create", "-f", "qcow2", "-o", "data_file=d.raw", "x.qcow2", "1M")
+    assert (rc, out, err) == (1, "", "qemu-img: data_file: external data files are not "
+                              "supported by blkjobs\n")
+    assert not (twins[0] / "x.qcow2").exists()
