@@ -124,3 +124,11 @@ def test_create_data_file_refused(twins):
     assert (rc, out, err) == (1, "", "qemu-img: data_file: external data files are not "
                               "supported by blkjobs\n")
     assert not (twins[0] / "x.qcow2").exists()
+
+
+@pytest.mark.parametrize("cmd", [["info"], ["check"], ["map"], ["convert", "-O", "raw"],
+                                 ["compare", "missing"]])
+def test_missing_image_text(twins, cmd):
+    """qemu-img names the image, then the file layer's own failed open."""
+    args = [*cmd, "missing"] if cmd[0] != "convert" else [*cmd, "missing", "out.raw"]
+    same(twins, *args)
