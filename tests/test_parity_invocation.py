@@ -132,3 +132,31 @@ def test_missing_image_text(twins, cmd):
     """qemu-img names the image, then the file layer's own failed open."""
     args = [*cmd, "missing"] if cmd[0] != "convert" else [*cmd, "missing", "out.raw"]
     same(twins, *args)
+
+
+@pytest.mark.parametrize("opts", [
+    "cluster_size=1234", "cluster_size=256", "cluster_size=4M", "refcount_bits=3",
+    "refcount_bits=128", "compat=0.10,refcount_bits=8", "compat=0.42",
+    "compat=0.10,lazy_refcounts=on", "compat=0.10,compression_type=zstd",
+    "extended_l2=on,cluster_size=4k", "extended_l2=on,compat=0.10",
+    "cluster_size=512,refcount_bits=64"])
+def test_create_qcow2_refusals(twins, opts):
+    """The Formatting line, then qemu-img's refusal naming the image."""
+    same(twins, "create", "-f", "qcow2", "-o", opts, "z.qcow2", "1M")
+
+
+def test_create_backing_with_preallocation_refused(twins):
+    for d in twins:
+        qemu_img("create", "-f", "qcow2", d / "base.qcow2", "1M")
+    same(twins, "create", "-f", "qcow2", "-o", "preallocation=metadata", "-b", "base.qcow2",
+         "-F", "qcow2", "z.qcow2", "1M")
+
+
+@pytest.mark.parametrize("mode", ["full", "falloc", "off", "metadata", "foo"])
+def test_create_raw_preallocation(twins, mode):
+    """full writes every block (as qemu-img: the same blocks in use); the
+    modes raw has not are refused naming the image."""
+    same(twins, "create", "-f", "raw", "-o", f"preallocation={mode}", "x.raw", "3M")
+    if mode in ("full", "falloc"):
+        used = [os.stat(d / "x.raw").st_blocks for d in twins]
+        assert used[0] == used[1] >= 3 * 2048

@@ -100,6 +100,50 @@ def formatting_line(path: str, fmt: str, size: int, opts: dict) -> str:
     return " ".join(parts + tail)
 
 
+_V3 = "only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+
+
+def check_qcow2(path: str, opts: dict) -> None:
+    """qemu-img's refusals of qcow2 options (said after the Formatting line,
+    naming the image), in its order."""
+    compat = opts.get("compat", "1.1")
+    if compat not in ("0.10", "1.1", "v2", "v3"):
+        raise UsageError(f"{path}: Parameter 'version' does not accept value '{compat}'")
+    v2 = compat in ("0.10", "v2")
+    cs = opts.get("cluster_size", 65536)
+    if cs < 512 or cs > 2 << 20 or cs & (cs - 1):
+        raise UsageError(f"{path}: Cluster size must be a power of two between 512 and 2048k")
+    if opts.get("extended_l2"):
+        if v2:
+            raise UsageError(f"{path}: Extended L2 entries are {_V3}")
+        if cs < 16384:
+            raise UsageError(f"{path}: Extended L2 entries are only supported with cluster "
+                             "sizes of at least 16384 bytes")
+    if v2 and opts.get("lazy_refcounts"):
+        raise UsageError(f"{path}: Lazy refcounts {_V3}")
+    bits = opts.get("refcount_bits", 16)
+    if bits > 64 or bits < 1 or bits & (bits - 1):
+        raise UsageError(f"{path}: Refcount width must be a power of two and may not "
+                         "exceed 64 bits")
+    if v2 and bits != 16:
+        raise UsageError(f"{path}: Different refcount widths than 16 bits require "
+                         "compatibility level 1.1 or above (use version=v3 or greater)")
+    if v2 and opts.get("compression_type", "zlib") != "zlib":
+        raise UsageError(f"{path}: Non-zlib compression type is {_V3}")
+    if opts.get("backing_file") and opts.get("preallocation", "off") != "off" \
+            and not opts.get("extended_l2"):
+        raise UsageError(f"{path}: Backing file and preallocation can only be used at the "
+                         "same time if extended_l2 is on")
+
+
+def check_raw(path: str, opts: dict) -> None:
+    mode = opts.get("preallocation", "off")
+    if mode == "metadata":
+        raise UsageError(f"{path}: Unsupported preallocation mode: metadata")
+    if mode not in ("off", "falloc", "full"):
+        raise UsageError(f"{path}: invalid parameter value: {mode}")
+
+
 def run(args) -> int:
     from ..formats import FORMATS, create_image, open_image
     from ..graph import resolve_backing
@@ -133,6 +177,7 @@ def run(args) -> int:
     if not args.quiet:
         print(formatting_line(args.image, args.fmt, size, opts), flush=True)
     opts.pop("extent_size_hint", None)
+    (check_qcow2 if args.fmt == "qcow2" else check_raw)(args.image, opts)
     size = -(-size // 512) * 512        # qemu-img makes images of whole sectors
     # an existing image is locked (write, nobody else writing) before it is
     # overwritten, as qemu-img does: one in use is refused, not truncated
