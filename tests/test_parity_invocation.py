@@ -72,7 +72,7 @@ def test_options_after_operands(twins):
         info.pop("full-backing-filename", None)
     assert infos[0] == infos[2] and infos[1] == infos[3]
     outs = [run(d, "info", "top.qcow2", "--output", "json", "-U") for d in twins]
-    for rc, out, err in outs:
+    for rc, _out, err in outs:
         assert (rc, err) == (0, "")
     a, b = (json.loads(o[1]) for o in outs)
     assert a.pop("actual-size") > 0 and b.pop("actual-size") > 0
