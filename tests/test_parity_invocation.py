@@ -160,3 +160,15 @@ def test_create_raw_preallocation(twins, mode):
     if mode in ("full", "falloc"):
         used = [os.stat(d / "x.raw").st_blocks for d in twins]
         assert used[0] == used[1] >= 3 * 2048
+
+
+def test_backing_chain_loop_text(twins):
+    """A chain that comes back to a file it went through."""
+    for d in twins:
+        qemu_img("create", "-f", "qcow2", d / "a.qcow2", "1M")
+        qemu_img("create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", d / "b.qcow2")
+        qemu_img("rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", d / "a.qcow2")
+        qemu_img("create", "-f", "qcow2", d / "s.qcow2", "1M")
+        qemu_img("rebase", "-u", "-b", "s.qcow2", "-F", "qcow2", d / "s.qcow2")
+    same(twins, "info", "--backing-chain", "b.qcow2")
+    same(twins, "info", "--backing-chain", "s.qcow2")

@@ -226,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     # jobs are cancelled, what they left is said, made files are removed.
     # `blkjobs serve` replaces it with its own orderly shutdown.
     signal.signal(signal.SIGTERM, _on_sigterm)
-    set_progname(sys.argv[0])
     try:
         return _main(sys.argv[1:])
     finally:
