@@ -87,19 +87,6 @@ def _columns() -> int:
             columns = 0
     return columns or 80
 
-    def parse_known_args(self, args=None, namespace=None):
-        """A command's options may follow its operands, as qemu-img's getopt
-        permutes them (``create -f qcow2 IMG -F qcow2 SIZE``)."""
-        if self._intermixing or self._subparsers is not None:
-            return super().parse_known_args(args, namespace)
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        except TypeError:      # a command whose operands argparse cannot intermix
-            return super().parse_known_args(args, namespace)
-        finally:
-            self._intermixing = False
-
 
 def _command_modules() -> list[str]:
     import pkgutil
