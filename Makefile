@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv deps demo test test-c lint bench dist man clean
+.PHONY: venv deps demo test test-c lint bench dist man clean iotests
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py csrc/nbd/*.[ch])
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ man: venv
 # sdist -> wheel (cp311-abi3) -> clean venv per Python 3.11+ -> blkjobs demo
 dist: venv
 	.ci/dist
+
+# QEMU's own qemu-iotests (those needing no VM), -raw and -qcow2, with the real
+# qemu-img and with blkjobs as qemu-img: per-test outcomes and pass counts.
+# `make iotests IOTESTS_ARGS=--only-passing-set`: blkjobs on tests/iotests/passing.txt.
+iotests: venv deps
+	$(PY) scripts/iotests $(IOTESTS_ARGS)
 
 # Lint and type checks of the Python code (config: pyproject.toml [tool.ruff],
 # [tool.mypy]: strict for the public API's modules)

@@ -293,7 +293,8 @@ def test_error_format_json_is_one_json_object(tmp_path):
     assert json.loads(p.stderr) == {"error": {
         "class": "OSErrorWithContext", "exit-code": 1, "errno": "ENOENT", "side": None,
         "offset": None, "path": str(missing),
-        "message": f"Could not open '{missing}': No such file or directory"}}
+        "message": f"Could not open '{missing}': Could not open '{missing}': "
+                   "No such file or directory"}}
     raw = tmp_path / "r.raw"
     raw.write_bytes(bytes(4096))
     p = run_blkjobs("--error-format", "json", "check", raw)
@@ -305,4 +306,5 @@ def test_error_format_json_is_one_json_object(tmp_path):
     q = qemu_img("info", "--output", "json", missing, check=False)
     p = run_blkjobs("info", "--output", "json", missing)
     assert p.returncode == q.returncode == 1 and p.stdout == q.stdout == ""
-    assert p.stderr == f"blkjobs: Could not open '{missing}': No such file or directory\n"
+    assert p.stderr == (f"blkjobs: Could not open '{missing}': Could not open '{missing}': "
+                        "No such file or directory\n")

@@ -103,7 +103,7 @@ def test_n_onto_smaller_target_refused(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["convert", "{missing}", "{dst}"], "blkjobs: Could not open '{missing}': No such file or directory\n"),
+    (["convert", "{missing}", "{dst}"], "blkjobs: Could not open '{missing}': Could not open '{missing}': No such file or directory\n"),
     (["convert", "{dir}", "{dst}"], "blkjobs: Could not open '{dir}': Is a directory\n"),
     (["convert", "{src}", "{src}"], "blkjobs: source and target are the same file: '{src}'\n"),
     (["convert", "-S", "100", "{src}", "{dst}"],

@@ -28,6 +28,7 @@ from ..jobmodel import JsonLinesWriter
 from . import xbreak
 from .copy_progress import Reporter, add_progress_options
 from ..units import human, parse_size
+from . import progname
 
 POLICIES = ["report", "ignore", "stop", "enospc", "auto"]
 
@@ -190,7 +191,7 @@ def _drive(eng, start, args, prog, ready_action, aftermath) -> None:
                 announced = True
                 if args.progress and sys.stdout.isatty():
                     sys.stdout.write("\n")     # ends the live line
-                sys.stderr.write(f"blkjobs: {_paused_line(job, args, stopped_on)}\n")
+                sys.stderr.write(f"{progname()}: {_paused_line(job, args, stopped_on)}\n")
                 sys.stderr.flush()
     except KeyboardInterrupt as e:
         # Cancel and wait, so the job's last writes and flush happen before

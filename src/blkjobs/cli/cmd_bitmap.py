@@ -16,8 +16,8 @@ import argparse
 import sys
 
 from ..errors import BlkjobsError
+from . import progname
 
-_PROG = "blkjobs"
 
 
 class _Op(argparse.Action):
@@ -50,7 +50,7 @@ def register(sub):
 
 
 def _fail(msg: str) -> int:
-    sys.stderr.write(f"{_PROG}: {msg}\n")
+    sys.stderr.write(f"{progname()}: {msg}\n")
     return 1
 
 
@@ -73,7 +73,7 @@ def run(args) -> int:
         gran = _granularity(args.granularity)
         if gran is None:
             return _fail("Invalid granularity specified. You may use k, M, G, T, P or E "
-                         f"suffixes for\n{_PROG}: kilobytes, megabytes, gigabytes, terabytes, "
+                         f"suffixes for\n{progname()}: kilobytes, megabytes, gigabytes, terabytes, "
                          "petabytes and exabytes.")
     verbs = {v for v, _ in ops}
     if gran and "add" not in verbs:

@@ -9,6 +9,7 @@ import sys
 
 from ..errors import BlkjobsError
 from ..imageops.inspect import check_exit_code, check_image
+from . import progname
 
 
 # qemu-img 7.2 prints ImageCheck keys in this (hash) order
@@ -69,7 +70,7 @@ def run(args) -> int:
     except BlkjobsError as e:
         from .error_json import print_if_json
         if not print_if_json(args, e, e.exit_code):
-            sys.stderr.write(f"blkjobs: {e}\n")
+            sys.stderr.write(f"{progname()}: {e}\n")
         return e.exit_code
     for m in getattr(res, "messages", []):
         sys.stderr.write(m + "\n")

@@ -7,6 +7,7 @@ import sys
 from ..errors import BlkjobsError
 from ..imageops.compare import compare_images
 from .copy_progress import Reporter, add_progress_options
+from . import progname
 
 
 def register(sub):
@@ -33,10 +34,10 @@ def run(args) -> int:
                            force_share=args.force_share, progress=prog.update)
         prog.finish()
     except BlkjobsError as e:
-        sys.stderr.write(f"blkjobs: {e}\n")
+        sys.stderr.write(f"{progname()}: {e}\n")
         return 2
     except OSError as e:
-        sys.stderr.write(f"blkjobs: {e}\n")
+        sys.stderr.write(f"{progname()}: {e}\n")
         return 2
     finally:
         prog.close()

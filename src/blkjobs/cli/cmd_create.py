@@ -39,7 +39,7 @@ def parse_opts(texts: list[str] | None, fmt: str) -> dict:
         for item in filter(None, text.split(",")):
             name, _, val = item.partition("=")
             name, val = name.strip(), val.strip()
-            if fmt == "raw" and name not in ("preallocation", "size"):
+            if fmt == "raw" and name not in ("preallocation", "size", "extent_size_hint"):
                 raise UsageError(f"Invalid parameter '{name}' for format raw")
             if name == "size":
                 out["size"] = parse_opt_size(val, "size")
@@ -49,11 +49,13 @@ def parse_opts(texts: list[str] | None, fmt: str) -> dict:
                 b = _BOOL.get(val.lower())
                 if b is None:
                     raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
-                if name == "lazy_refcounts":
-                    if b:
-                        raise UsageError("lazy_refcounts=on is not supported")
-                    continue
-                out["extended_l2"] = b
+                out[name] = b
+            elif name == "extent_size_hint":
+                # QEMU gives it to XFS (FS_IOC_FSSETXATTR) only; blkjobs shows
+                # it as qemu-img does and leaves the filesystem's default
+                out["extent_size_hint"] = parse_opt_size(val, "extent_size_hint")
+            elif name == "data_file":
+                raise UsageError("data_file: external data files are not supported by blkjobs")
             elif name in ("preallocation", "compat"):
                 out[name] = val
             elif name == "refcount_bits":
@@ -66,31 +68,80 @@ def parse_opts(texts: list[str] | None, fmt: str) -> dict:
             elif name == "backing_fmt":
                 out["backing_format"] = val
             elif name == "compression_type":
-                if val != "zlib":
-                    raise UsageError(f"compression_type '{val}' is not supported (zlib only)")
+                if val not in ("zlib", "zstd"):
+                    raise UsageError(f"Parameter 'compression-type' does not accept value '{val}'")
+                out[name] = val
             else:
                 raise UsageError(f"Invalid parameter '{name}'")
     return out
 
 
 def formatting_line(path: str, fmt: str, size: int, opts: dict) -> str:
+    """qemu-img's line: its options in its order (the size as given)."""
+    hint = opts.get("extent_size_hint")
+    tail = [] if hint is None else [f"extent_size_hint={hint}"]
     if fmt == "raw":
-        extra = f" preallocation={opts['preallocation']}" if opts.get("preallocation") else ""
-        return f"Formatting '{path}', fmt=raw size={size}{extra}"
+        extra = [f"preallocation={opts['preallocation']}"] if opts.get("preallocation") else []
+        return " ".join([f"Formatting '{path}', fmt=raw size={size}", *extra, *tail])
     parts = [f"Formatting '{path}', fmt=qcow2",
              f"cluster_size={opts.get('cluster_size', 65536)}",
              f"extended_l2={'on' if opts.get('extended_l2') else 'off'}"]
-    if opts.get("compat"):
-        parts.append(f"compat={opts['compat']}")
     if opts.get("preallocation"):
         parts.append(f"preallocation={opts['preallocation']}")
-    parts += ["compression_type=zlib", f"size={size}"]
+    parts += [f"compression_type={opts.get('compression_type', 'zlib')}", f"size={size}"]
+    if opts.get("compat"):
+        parts.append(f"compat={opts['compat']}")
     if opts.get("backing_file"):
         parts.append(f"backing_file={opts['backing_file']}")
         if opts.get("backing_format"):
             parts.append(f"backing_fmt={opts['backing_format']}")
-    parts += ["lazy_refcounts=off", f"refcount_bits={opts.get('refcount_bits', 16)}"]
-    return " ".join(parts)
+    parts += [f"lazy_refcounts={'on' if opts.get('lazy_refcounts') else 'off'}",
+              f"refcount_bits={opts.get('refcount_bits', 16)}"]
+    return " ".join(parts + tail)
+
+
+_V3 = "only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+
+
+def check_qcow2(path: str, opts: dict) -> None:
+    """qemu-img's refusals of qcow2 options (said after the Formatting line,
+    naming the image), in its order."""
+    compat = opts.get("compat", "1.1")
+    if compat not in ("0.10", "1.1", "v2", "v3"):
+        raise UsageError(f"{path}: Parameter 'version' does not accept value '{compat}'")
+    v2 = compat in ("0.10", "v2")
+    cs = opts.get("cluster_size", 65536)
+    if cs < 512 or cs > 2 << 20 or cs & (cs - 1):
+        raise UsageError(f"{path}: Cluster size must be a power of two between 512 and 2048k")
+    if opts.get("extended_l2"):
+        if v2:
+            raise UsageError(f"{path}: Extended L2 entries are {_V3}")
+        if cs < 16384:
+            raise UsageError(f"{path}: Extended L2 entries are only supported with cluster "
+                             "sizes of at least 16384 bytes")
+    if v2 and opts.get("lazy_refcounts"):
+        raise UsageError(f"{path}: Lazy refcounts {_V3}")
+    bits = opts.get("refcount_bits", 16)
+    if bits > 64 or bits < 1 or bits & (bits - 1):
+        raise UsageError(f"{path}: Refcount width must be a power of two and may not "
+                         "exceed 64 bits")
+    if v2 and bits != 16:
+        raise UsageError(f"{path}: Different refcount widths than 16 bits require "
+                         "compatibility level 1.1 or above (use version=v3 or greater)")
+    if v2 and opts.get("compression_type", "zlib") != "zlib":
+        raise UsageError(f"{path}: Non-zlib compression type is {_V3}")
+    if opts.get("backing_file") and opts.get("preallocation", "off") != "off" \
+            and not opts.get("extended_l2"):
+        raise UsageError(f"{path}: Backing file and preallocation can only be used at the "
+                         "same time if extended_l2 is on")
+
+
+def check_raw(path: str, opts: dict) -> None:
+    mode = opts.get("preallocation", "off")
+    if mode == "metadata":
+        raise UsageError(f"{path}: Unsupported preallocation mode: metadata")
+    if mode not in ("off", "falloc", "full"):
+        raise UsageError(f"{path}: invalid parameter value: {mode}")
 
 
 def run(args) -> int:
@@ -123,10 +174,11 @@ def run(args) -> int:
                 size = bsize
     if size is None:
         raise UsageError("Image creation needs a size parameter")
-    if args.fmt == "qcow2" and size % 512:
-        size = -(-size // 512) * 512         # qemu-img rounds qcow2 sizes up to sectors
     if not args.quiet:
         print(formatting_line(args.image, args.fmt, size, opts), flush=True)
+    opts.pop("extent_size_hint", None)
+    (check_qcow2 if args.fmt == "qcow2" else check_raw)(args.image, opts)
+    size = -(-size // 512) * 512        # qemu-img makes images of whole sectors
     # an existing image is locked (write, nobody else writing) before it is
     # overwritten, as qemu-img does: one in use is refused, not truncated
     from ..graph.lock import ImageLock, LockConflict

@@ -10,6 +10,8 @@ from .copy_progress import Reporter
 from ..errors import UsageError
 from ..units import parse_size
 from .parity import check_fmt, open_chain_ro, open_rw
+from . import progname
+
 
 def register(sub):
     p = sub.add_parser("dd", help="copy part of an image into a new image, dd style")
@@ -53,7 +55,7 @@ def run(args) -> int:
         dst = open_rw(ops["of"], args.out_fmt, "dd")
         try:
             if past:
-                sys.stderr.write(f"blkjobs: {ops['if']}: cannot skip to specified offset\n")
+                sys.stderr.write(f"{progname()}: {ops['if']}: cannot skip to specified offset\n")
             prog = Reporter()       # SIGUSR1: one progress line, as qemu-img
             try:
                 copy(src, dst, start, end, bs, prog.update)

@@ -160,7 +160,9 @@ def usage_error(parser: argparse.ArgumentParser, message: str) -> None:
         sys.stderr.write(f"{parser.prog}: {message}\n"
                          f"Try '{prog} --help' for the list of commands.\n")
         raise SystemExit(1)
-    if parser.prog != prog:         # a command's parser: its own usage
+    # a command's parser: its own usage first -- but not under another name
+    # (a qemu-img symlink): scripts and QEMU's tests expect qemu-img's lines
+    if parser.prog != prog and prog == "blkjobs":
         parser.print_usage(sys.stderr)
     sys.stderr.write(f"{parser.prog}: {message}\n"
                      f"Try '{parser.prog} --help' for more information.\n")

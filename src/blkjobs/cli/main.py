@@ -20,6 +20,7 @@ import sys
 
 from .. import __version__
 from ..errors import BlkjobsError, InternalError, Terminated
+from . import progname, set_progname
 
 TYPE_CHECKING = False      # typing costs 10 ms to import: not for --version
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ def _parser_class() -> type[argparse.ArgumentParser]:
             kw.setdefault("formatter_class", _Formatter)
             super().__init__(*args, **kw)
 
+        _intermixing = False
+
         def error(self, message):  # exit 1 like qemu-img
             from .help_texts import usage_error
             usage_error(self, message)
@@ -60,6 +63,19 @@ def _parser_class() -> type[argparse.ArgumentParser]:
                 from .help_texts import command_parser
                 command_parser(self, ns).error(f"unrecognized arguments: {' '.join(extra)}")
             return ns
+
+        def parse_known_args(self, args=None, namespace=None):
+            """A command's options may follow its operands, as qemu-img's getopt
+            permutes them (``create -f qcow2 IMG -F qcow2 SIZE``)."""
+            if self._intermixing or self._subparsers is not None:
+                return super().parse_known_args(args, namespace)
+            self._intermixing = True
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            except TypeError:      # a command whose operands argparse cannot intermix
+                return super().parse_known_args(args, namespace)
+            finally:
+                self._intermixing = False
     return _Parser
 
 
@@ -104,8 +120,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     part of every copy a user times); otherwise (help, typos) all are."""
     import importlib
     _Parser = _parser_class()
-    p = _Parser(prog=PROG, description="Block jobs and image tools with a C data path.")
-    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    p = _Parser(prog=progname(), description="Block jobs and image tools with a C data path.")
+    p.add_argument("-V", "--version", action="version", version=f"{progname()} {__version__}")
     add_log_options(p, default=0)
     p.add_argument("--error-format", choices=["line", "json"], default="line",
                    help="an error as qemu-img's one line (default) or as one JSON object "
@@ -186,7 +202,7 @@ def _setup_logging(verbose: int, level: str | None) -> None:
             pass
 
     h = Stderr()
-    h.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(name)s: %(message)s"))
+    h.setFormatter(logging.Formatter(f"{progname()}: %(levelname)s: %(name)s: %(message)s"))
     log.addHandler(h)
     log.setLevel(getattr(logging, level.upper()))
 
@@ -198,9 +214,10 @@ def _on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         return _main(argv)
+    set_progname(sys.argv[0])
     if sys.argv[1:] in (["--version"], ["-V"]):
         # what argparse's version action prints, without importing argparse
-        sys.stdout.write(f"{PROG} {__version__}\n")
+        sys.stdout.write(f"{progname()} {__version__}\n")
         return 0
     import signal
     # SIGTERM (a service manager, `timeout`, `kill`) unwinds like Ctrl-C:
@@ -216,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    prog = progname()
     parser = build_parser(argv)
     if "_ARGCOMPLETE" in os.environ:      # the shell asks for completions
         import argcomplete
@@ -233,13 +251,13 @@ def _main(argv: list[str]) -> int:
         if os.environ.get("BLKJOBS_DEBUG"):
             raise
         _log_traceback()
-        sys.stderr.write(f"{PROG}: internal error: {e}\n"
+        sys.stderr.write(f"{prog}: internal error: {e}\n"
                          "(set BLKJOBS_DEBUG=1 for the traceback; please report it)\n")
         return e.exit_code
     except BlkjobsError as e:
         from .error_json import print_if_json
         if not print_if_json(args, e, e.exit_code):
-            sys.stderr.write(f"{PROG}: {e}\n")
+            sys.stderr.write(f"{prog}: {_named(str(e), prog)}\n")
         return e.exit_code
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly and exit 0 as
@@ -251,19 +269,19 @@ def _main(argv: list[str]) -> int:
         where = f"'{e.filename}'" if e.filename else ""
         from .error_json import print_if_json
         if not print_if_json(args, e, 1):
-            sys.stderr.write(f"{PROG}: {where + ': ' if where else ''}{e.strerror or e}\n")
+            sys.stderr.write(f"{prog}: {where + ': ' if where else ''}{e.strerror or e}\n")
         return 1
     except KeyboardInterrupt as e:
         # args: what became of the files, when the command knows (convert)
         how, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-        sys.stderr.write(f"{PROG}: {how}{': ' + str(e.args[0]) if e.args else ''}\n")
+        sys.stderr.write(f"{prog}: {how}{': ' + str(e.args[0]) if e.args else ''}\n")
         return code
     except Exception:
         if os.environ.get("BLKJOBS_DEBUG"):
             raise
         _log_traceback()
         import traceback
-        sys.stderr.write(f"{PROG}: internal error: {traceback.format_exc().splitlines()[-1]}\n"
+        sys.stderr.write(f"{prog}: internal error: {traceback.format_exc().splitlines()[-1]}\n"
                          "(set BLKJOBS_DEBUG=1 for the traceback; please report it)\n")
         return 70
 
@@ -273,6 +291,11 @@ def _log_traceback() -> None:
     if "logging" in sys.modules:        # else no -v: nothing would show it
         import logging
         logging.getLogger(__name__).debug("internal error", exc_info=True)
+
+
+def _named(text: str, prog: str) -> str:
+    """A message's continuation lines start with the program's name too."""
+    return text.replace("\nblkjobs: ", f"\n{prog}: ") if prog != "blkjobs" else text
 
 
 def _stdout_to_devnull() -> None:

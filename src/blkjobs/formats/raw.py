@@ -191,12 +191,17 @@ class Raw(Driver):
 def create(path: str, size: int, preallocation: str = "off") -> None:
     if size < 0:
         raise UsageError(f"invalid size {size}")
+    if preallocation not in ("off", "falloc", "full"):
+        raise UsageError(f"unsupported preallocation mode {preallocation!r} for raw")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, size)
         if preallocation == "falloc" and size:
             os.posix_fallocate(fd, 0, size)
-        elif preallocation not in ("off", "falloc"):
-            raise UsageError(f"unsupported preallocation mode {preallocation!r} for raw")
+        elif preallocation == "full":       # zeroes written: every block allocated
+            zero = bytes(min(size, 1 << 20))
+            pos = 0
+            while pos < size:
+                pos += os.pwrite(fd, memoryview(zero)[:min(len(zero), size - pos)], pos)
     finally:
         os.close(fd)

@@ -57,8 +57,8 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
         while True:
             real = cur_path if is_nbd_uri(cur_path) else os.path.realpath(cur_path)
             if real in seen:
-                raise ImageError(f"backing chain loop: '{cur_path}' is already in the chain "
-                                 f"of '{path}'")
+                # qemu-img's words (info --backing-chain)
+                raise ImageError(f"Backing file '{cur_path}' creates an infinite loop.")
             seen[real] = cur_path
             if cur_fmt is None:
                 cur_fmt = probe_format(cur_path)

@@ -7,9 +7,10 @@ read-only through the graph layer.
 """
 from __future__ import annotations
 
+import errno
 import os
 
-from ..errors import UsageError
+from ..errors import OSErrorWithContext, UsageError
 from ..formats import FORMATS, probe_format
 from ..formats.nbd import is_nbd_uri
 from ..graph import Graph, Node, open_chain
@@ -29,7 +30,14 @@ def probe(path: str, fmt: str | None = None) -> str:
         if fmt not in (None, "raw"):
             raise UsageError(f"'{path}': only the raw format is supported over NBD")
         return "raw"
-    os.close(open_source(path))        # one-line errors for missing/dir/special files
+    try:
+        os.close(open_source(path))    # one-line errors for missing/dir/special files
+    except OSErrorWithContext as e:
+        if e.errno == errno.EISDIR:
+            raise
+        # qemu-img names the image, then the file layer's own open
+        raise OSErrorWithContext(e.errno, f"Could not open '{path}': Could not open",
+                                 path=path) from None
     return fmt or probe_format(path)
 
 
