@@ -50,10 +50,12 @@ def check_schema(doc):
     assert set(doc["host"]) == {"kernel", "cpus", "filesystem"}
     assert all(isinstance(n, str) for n in doc["notes"])
     for r in doc["results"]:
-        assert set(r) == {"case", "tool", "io", "cache", "error", "runs", "summary"}
+        assert set(r) == {"case", "tool", "io", "cache", "rank", "error", "runs", "summary"}
         assert set(r["case"]) == {"workload", "bs", "threads", "direct"}
         assert r["io"] in ("direct", "buffered")
-        assert r["cache"] in ("bypassed", "warm", "cold:drop_caches", "cold:fadvise")
+        assert r["cache"] in ("bypassed", "page-cache", "cold:drop_caches", "cold:fadvise")
+        assert r["cache"] == "bypassed" if r["io"] == "direct" else r["cache"] != "bypassed"
+        assert (r["rank"] is None) == (r["summary"] is None)
         for run in r["runs"]:
             assert set(run) == {"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes"}
             assert all(isinstance(v, NUM) for v in run.values())
@@ -107,23 +109,25 @@ def test_compare_tools_in_the_same_table(capsys, shm):
 
 def test_human_table(capsys, shm):
     rc = main(["bench", shm, "-w", "seqread,randwrite", "-b", "64k", "--size", "1M",
-               "--repeat", "2", "--warmup", "0", "-q"])
+               "--repeat", "2", "--warmup", "0", "-q", "--direct=0"])
     out, err = capsys.readouterr()
     assert rc == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["workload", "bs", "jobs", "io", "cache", "tool", "MB/s",
+    assert lines[0].split() == ["workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s",
                                 "MiB/s", "min-max", "MB/s", "IOPS", "CPU", "s", "peak", "RSS"]
     seq = next(line for line in lines if line.startswith("seqread"))
-    assert seq.split()[:6] == ["seqread", "64k", "1", "buffered", "warm", "blkjobs"]
+    assert seq.split()[:7] == ["seqread", "64k", "1", "buffered", "page-cache", "blkjobs", "1"]
     rnd = next(line for line in lines if line.startswith("randwrite"))
-    assert rnd.split()[9] != "-"  # IOPS for small requests
+    assert rnd.split()[10] != "-"  # IOPS for small requests
+    assert "page-cache: buffered runs on a warm cache measure what the page cache absorbed " \
+           "or served, not the disk (--cold evicts it before every run)." in lines
     assert "MB/s = 10^6 bytes/s, MiB/s = 2^20 bytes/s: the median of 2 runs" in out
     assert "Writes include the final fsync." in out
 
 
 def test_progress_lines_go_to_stderr(capsys, shm):
     rc = main(["bench", shm, "-w", "seqread", "-b", "64k", "--size", "1M", "--repeat", "1",
-               "--warmup", "0", "--output", "json"])
+               "--warmup", "0", "--output", "json", "--direct=0"])
     out, err = capsys.readouterr()
     assert rc == 0
     json.loads(out)  # stdout is only the document

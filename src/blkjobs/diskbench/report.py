@@ -9,7 +9,10 @@ JSON (schema "blkjobs-bench/1")::
      "host": {"kernel", "cpus", "filesystem"},
      "notes": ["..."],
      "results": [{"case": {"workload", "bs", "threads", "direct"},
-                  "tool", "io": "direct"|"buffered", "cache": "bypassed"|"warm"|"cold:...",
+                  "tool", "io": "direct"|"buffered",
+                  "cache": "bypassed"|"page-cache"|"cold:drop_caches"|"cold:fadvise",
+                  "rank": null | 1.. (by median throughput among the case's rows
+                          of the same "io"),
                   "error": null | "message",
                   "runs": [{"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes"}],
                   "summary": null | {"runs", "median_bps", "min_bps", "max_bps",
@@ -23,7 +26,8 @@ import json
 import os
 import platform
 
-from .runner import Row, Settings, result_dicts
+from .runner import Row, Settings, ranks, result_dicts
+from .workspace import PAGE_CACHE
 from .sizes import format_size
 from .stats import MB, MiB, summarize
 
@@ -67,16 +71,17 @@ def dumps(doc: dict) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-HEADERS = ("workload", "bs", "jobs", "io", "cache", "tool", "MB/s", "MiB/s", "min-max MB/s",
+HEADERS = ("workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s", "MiB/s", "min-max MB/s",
            "IOPS", "CPU s", "peak RSS")
 
 
 def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
     lines = []
     body = []
-    for r in rows:
+    for r, rank in zip(rows, ranks(rows), strict=True):
         c = r.case
-        head = [c.workload, format_size(c.bs), str(c.threads), r.io, r.cache, r.tool]
+        head = [c.workload, format_size(c.bs), str(c.threads), r.io, r.cache, r.tool,
+                f"{rank}" if rank else "-"]
         if r.error or not r.samples:
             body.append(head + [f"error: {r.error or 'no runs'}"])
             continue
@@ -90,7 +95,7 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
     for b in body:
         if len(b) == len(HEADERS):
             widths = [max(w, len(x)) for w, x in zip(widths, b, strict=True)]
-    numeric = {2, 6, 7, 8, 9, 10, 11}
+    numeric = {2, 6, 7, 8, 9, 10, 11, 12}
 
     def fmt(cells):
         out = []
@@ -115,6 +120,12 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
     lines.append("Writes include the final fsync. IOPS shown for requests up to "
                  f"{format_size(IOPS_MAX_BS)}. CPU s: user+system time per run (median). "
                  "Peak RSS: largest of the runs.")
+    if len({r.tool for r in rows}) > 1:
+        lines.append("rank: by median MB/s among the rows of the same case and the same io; "
+                     "buffered and direct contenders are never ranked together.")
+    if any(r.cache == PAGE_CACHE for r in rows):
+        lines.append("page-cache: buffered runs on a warm cache measure what the page cache "
+                     "absorbed or served, not the disk (--cold evicts it before every run).")
     if any(r.case.workload == "copy" for r in rows):
         lines.append(f"copy: a {format_size(settings.size)} raw image ({settings.density}); "
                      "throughput counts its virtual size.")

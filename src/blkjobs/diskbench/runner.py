@@ -18,7 +18,7 @@ last completion and fsync).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .contenders import TOOLS, Blkjobs, Contender
 from .matrix import Case, Density
@@ -55,6 +55,9 @@ class Settings:
     compare: list[str] = field(default_factory=list)
     keep: bool = False
     seed: int = 1
+    #: --direct not given: O_DIRECT where the file system takes it, else
+    #: buffered with a cold cache (see Runner._direct_or_cold)
+    direct_auto: bool = False
 
 
 @dataclass
@@ -108,8 +111,7 @@ class Runner:
         ws = Workspace(s.dir, keep=s.keep)
         try:
             ws.check_space(self.need_bytes())
-            if any(c.direct for c in s.cases):
-                ws.probe_direct()
+            self._direct_or_cold(ws)
             cache = self.cache or CacheControl(s.cold)
             note = cache.note()
             if note:
@@ -128,6 +130,30 @@ class Runner:
         finally:
             self.progress.done()
             ws.cleanup()
+
+    def _direct_or_cold(self, ws: Workspace) -> None:
+        """An explicit --direct fails on a file system that refuses
+        O_DIRECT; the default falls back to buffered runs on a cold cache,
+        so that the figures are still the disk's, and says so."""
+        s = self.s
+        if not any(c.direct for c in s.cases):
+            return
+        if not s.direct_auto:
+            ws.probe_direct()
+            return
+        why = ws.direct_refused()
+        if why is None:
+            return
+        cases: list[Case] = []
+        for c in s.cases:
+            b = replace(c, direct=False)
+            if b not in cases:
+                cases.append(b)
+        s.cases = cases
+        s.cold = True
+        self.notes.append(f"the file system of '{s.dir}' refuses O_DIRECT ({why}): measured "
+                          "buffered with a cold cache instead (the files' pages evicted "
+                          "before every run)")
 
     def _run_case(self, case: Case, env: Env, contenders: list[Contender],
                   skipped: set) -> list[Row]:
@@ -166,11 +192,28 @@ class Runner:
         return rows
 
 
+def ranks(rows: list[Row]) -> list[int | None]:
+    """Each row's rank by median throughput (1 = fastest) among the rows of
+    the same case doing the same kind of I/O: a buffered contender is never
+    ranked against a direct one. None for a row without runs."""
+    med = [summarize(r.samples).median_bps if r.samples and not r.error else None
+           for r in rows]
+    out: list[int | None] = []
+    for i, r in enumerate(rows):
+        m = med[i]
+        if m is None:
+            out.append(None)
+            continue
+        out.append(1 + sum(1 for j, o in enumerate(rows) if o.case == r.case and
+                           o.io == r.io and (mj := med[j]) is not None and mj > m))
+    return out
+
+
 def result_dicts(rows: list[Row]) -> list[dict]:
     out = []
-    for r in rows:
+    for r, rank in zip(rows, ranks(rows), strict=True):
         d = {"case": r.case.as_dict(), "tool": r.tool, "io": r.io, "cache": r.cache,
-             "error": r.error,
+             "rank": rank, "error": r.error,
              "runs": [{"bytes": x.bytes, "ops": x.ops, "elapsed_s": x.elapsed_s,
                        "cpu_s": x.cpu_s, "peak_rss_bytes": x.rss_bytes} for x in r.samples],
              "summary": summarize(r.samples).as_dict() if r.samples else None}
