@@ -236,3 +236,18 @@ def test_default_falls_back_to_a_cold_cache_where_o_direct_is_refused(capsys, sh
            "buffered with a cold cache instead (the files' pages evicted before every run)" \
            in doc["notes"]
     assert os.listdir(shm) == []
+
+
+@pytest.mark.parametrize("gone, text", [
+    ({"psutil"}, "psutil"), ({"numpy", "psutil"}, "numpy and psutil")])
+def test_bench_without_its_extra(capsys, shm, monkeypatch, gone, text):
+    import importlib.util
+    real = importlib.util.find_spec
+
+    def find_spec(name, *a):
+        return None if name in gone else real(name, *a)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    rc, out, err = bench(capsys, shm, "-q", "-w", "seqread", "--size", "1M")
+    assert (rc, out, err) == (1, "", f"blkjobs: bench needs {text}: pip install "
+                                     "'blkjobs[bench]'\n")
+    assert os.listdir(shm) == []

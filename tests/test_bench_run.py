@@ -50,7 +50,21 @@ def check_schema(doc):
     assert set(doc["host"]) == {"kernel", "cpus", "filesystem"}
     assert all(isinstance(n, str) for n in doc["notes"])
     for r in doc["results"]:
-        assert set(r) == {"case", "tool", "io", "cache", "rank", "error", "runs", "summary"}
+        assert set(r) == {"case", "tool", "io", "cache", "rank", "error", "runs", "summary",
+                          "latency"}
+        lat = r["latency"]
+        if r["tool"] == "blkjobs" and r["case"]["workload"] != "copy":
+            # every request of the measured runs, in non-empty buckets
+            assert lat["requests"] == sum(x["ops"] for x in r["runs"])
+            assert sum(lat["histogram"]["count"]) == lat["requests"]
+            assert all(c > 0 for c in lat["histogram"]["count"])
+            lows = lat["histogram"]["bucket_low_ns"]
+            assert lows == sorted(set(lows))
+            p = lat["percentiles_ns"]
+            assert list(p) == ["p50", "p90", "p99", "p99.9"]
+            assert 0 < p["p50"] <= p["p90"] <= p["p99"] <= p["p99.9"]
+        else:
+            assert lat is None
         assert set(r["case"]) == {"workload", "bs", "threads", "direct"}
         assert r["io"] in ("direct", "buffered")
         assert r["cache"] in ("bypassed", "page-cache", "cold:drop_caches", "cold:fadvise")
@@ -114,11 +128,16 @@ def test_human_table(capsys, shm):
     assert rc == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].split() == ["workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s",
-                                "MiB/s", "min-max", "MB/s", "IOPS", "CPU", "s", "peak", "RSS"]
+                                "MiB/s", "min-max", "MB/s", "IOPS", "CPU", "s", "peak", "RSS",
+                                "p50", "p90", "p99", "p99.9"]
     seq = next(line for line in lines if line.startswith("seqread"))
     assert seq.split()[:7] == ["seqread", "64k", "1", "buffered", "page-cache", "blkjobs", "1"]
     rnd = next(line for line in lines if line.startswith("randwrite"))
     assert rnd.split()[10] != "-"  # IOPS for small requests
+    p50, p90, p99, p999 = (float(x.replace(",", "")) for x in rnd.split()[-4:])
+    assert 0 < p50 <= p90 <= p99 <= p999
+    assert "p50..p99.9: per-request latency in microseconds (issue to completion), " \
+           "percentiles over all measured runs." in lines
     assert "page-cache: buffered runs on a warm cache measure what the page cache absorbed " \
            "or served, not the disk (--cold evicts it before every run)." in lines
     assert "MB/s = 10^6 bytes/s, MiB/s = 2^20 bytes/s: the median of 2 runs" in out

@@ -129,7 +129,8 @@ def test_report_table_and_json_from_known_samples():
     text = report.table(s, rows, ["a note"])
     lines = text.splitlines()
     assert lines[1].split() == ["randread", "4k", "2", "direct", "bypassed", "blkjobs", "1",
-                                "8.4", "8.0", "4.2-16.8", "2,048", "0.01", "20", "MiB"]
+                                "8.4", "8.0", "4.2-16.8", "2,048", "0.01", "20", "MiB",
+                                "-", "-", "-", "-"]
     assert lines[2].split()[:8] == ["randread", "4k", "2", "direct", "bypassed", "fio", "-",
                                     "error:"]
     assert "note: a note" in lines
@@ -141,6 +142,7 @@ def test_report_table_and_json_from_known_samples():
     assert blk["summary"]["peak_rss_bytes"] == 20 << 20
     assert [r["elapsed_s"] for r in blk["runs"]] == [0.5, 0.25, 1.0]
     assert fio["summary"] is None and fio["error"].startswith("fio failed")
+    assert blk["latency"] is None and fio["latency"] is None
     assert report.dumps(doc).endswith("}\n")
 
 

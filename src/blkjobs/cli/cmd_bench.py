@@ -106,7 +106,16 @@ def settings_from_args(args):
                     keep=args.keep, seed=args.seed, direct_auto=auto)
 
 
+def _need_bench_extra() -> None:
+    """numpy and psutil come with the package's `bench` extra."""
+    import importlib.util
+    missing = [m for m in ("numpy", "psutil") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"bench needs {' and '.join(missing)}: pip install 'blkjobs[bench]'")
+
+
 def run(args) -> int:
+    _need_bench_extra()
     from ..diskbench import report
     from ..diskbench.status_line import StatusLine
     from ..diskbench.runner import Runner

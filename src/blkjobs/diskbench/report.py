@@ -18,7 +18,15 @@ JSON (schema "blkjobs-bench/1")::
                   "summary": null | {"runs", "median_bps", "min_bps", "max_bps",
                       "median_mb_s", "median_mib_s", "min_mb_s", "max_mb_s", "spread",
                       "median_iops", "median_elapsed_s", "median_cpu_s",
-                      "peak_rss_bytes"}}]}
+                      "peak_rss_bytes"},
+                  "latency": null | {"requests", "mean_ns",
+                      "percentiles_ns": {"p50", "p90", "p99", "p99.9"},
+                      "histogram": {"bucket_low_ns": [...], "count": [...]}}}]}
+
+``latency`` is per request (issue to completion of one pread/pwrite) over
+all measured runs of the row, from the C loops' log-linear histogram: a
+bucket ``i`` holds [bucket_low_ns[i], next bucket's low), only non-empty
+buckets are listed; external tools and the copy workload have none.
 """
 from __future__ import annotations
 
@@ -26,7 +34,8 @@ import json
 import os
 import platform
 
-from .runner import Row, Settings, ranks, result_dicts
+from .latency import PERCENTILES, pname
+from .runner import Row, Settings, ranks, result_dicts, row_latency
 from .workspace import PAGE_CACHE
 from .sizes import format_size
 from .stats import MB, MiB, summarize
@@ -72,7 +81,12 @@ def dumps(doc: dict) -> str:
 
 
 HEADERS = ("workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s", "MiB/s", "min-max MB/s",
-           "IOPS", "CPU s", "peak RSS")
+           "IOPS", "CPU s", "peak RSS") + tuple(pname(p) for p in PERCENTILES)
+
+
+def _us(ns: float) -> str:
+    us = ns / 1000
+    return f"{us:,.0f}" if us >= 100 else f"{us:.1f}" if us >= 10 else f"{us:.2f}"
 
 
 def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
@@ -88,14 +102,16 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
         s = summarize(r.samples)
         iops = f"{s.median_iops:,.0f}" if c.bs <= IOPS_MAX_BS and s.median_iops else "-"
         rss = f"{s.peak_rss_bytes / MiB:.0f} MiB" if s.peak_rss_bytes else "-"
+        lat = row_latency(r)
+        pct = [_us(lat.percentiles_ns[pname(p)]) if lat else "-" for p in PERCENTILES]
         body.append(head + [f"{s.median_bps / MB:,.1f}", f"{s.median_bps / MiB:,.1f}",
                             f"{s.min_bps / MB:,.1f}-{s.max_bps / MB:,.1f}", iops,
-                            f"{s.median_cpu_s:.2f}", rss])
+                            f"{s.median_cpu_s:.2f}", rss] + pct)
     widths = [len(h) for h in HEADERS]
     for b in body:
         if len(b) == len(HEADERS):
             widths = [max(w, len(x)) for w, x in zip(widths, b, strict=True)]
-    numeric = {2, 6, 7, 8, 9, 10, 11, 12}
+    numeric = {2} | set(range(6, len(HEADERS)))
 
     def fmt(cells):
         out = []
@@ -120,6 +136,8 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
     lines.append("Writes include the final fsync. IOPS shown for requests up to "
                  f"{format_size(IOPS_MAX_BS)}. CPU s: user+system time per run (median). "
                  "Peak RSS: largest of the runs.")
+    lines.append("p50..p99.9: per-request latency in microseconds (issue to completion), "
+                 "percentiles over all measured runs.")
     if len({r.tool for r in rows}) > 1:
         lines.append("rank: by median MB/s among the rows of the same case and the same io; "
                      "buffered and direct contenders are never ranked together.")

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .contenders import TOOLS, Blkjobs, Contender
+from .latency import Latency, summarize_latency
 from .matrix import Case, Density
 from .measure import Clock, ToolError
 from .sizes import format_bytes
@@ -209,6 +210,12 @@ def ranks(rows: list[Row]) -> list[int | None]:
     return out
 
 
+def row_latency(row: Row) -> Latency | None:
+    """The latency of every request of the row's measured runs (None when
+    the contender does not measure it)."""
+    return summarize_latency([x.latency for x in row.samples if x.latency is not None])
+
+
 def result_dicts(rows: list[Row]) -> list[dict]:
     out = []
     for r, rank in zip(rows, ranks(rows), strict=True):
@@ -217,5 +224,7 @@ def result_dicts(rows: list[Row]) -> list[dict]:
              "runs": [{"bytes": x.bytes, "ops": x.ops, "elapsed_s": x.elapsed_s,
                        "cpu_s": x.cpu_s, "peak_rss_bytes": x.rss_bytes} for x in r.samples],
              "summary": summarize(r.samples).as_dict() if r.samples else None}
+        lat = row_latency(r)
+        d["latency"] = lat.as_dict() if lat else None
         out.append(d)
     return out

@@ -21,6 +21,8 @@ class Sample:
     elapsed_s: float    # wall time of the measured part
     cpu_s: float        # user + system CPU time, all threads
     rss_bytes: int      # peak resident set size during the run (0 = unknown)
+    #: requests per latency bucket (csrc/ioloop.c), None when not measured
+    latency: tuple[int, ...] | None = None
 
     @property
     def bps(self) -> float:
