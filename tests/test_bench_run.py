@@ -37,7 +37,8 @@ def bench_json(capsys, *args):
 NUM = (int, float)
 SUMMARY_KEYS = {"runs", "median_bps", "min_bps", "max_bps", "median_mb_s", "median_mib_s",
                 "min_mb_s", "max_mb_s", "spread", "median_iops", "median_elapsed_s",
-                "median_cpu_s", "peak_rss_bytes"}
+                "median_cpu_s", "peak_rss_bytes", "median_cpu_s_per_gb", "median_device_bps",
+                "median_device_read_bytes", "median_device_write_bytes"}
 
 
 def check_schema(doc):
@@ -71,7 +72,11 @@ def check_schema(doc):
         assert r["cache"] == "bypassed" if r["io"] == "direct" else r["cache"] != "bypassed"
         assert (r["rank"] is None) == (r["summary"] is None)
         for run in r["runs"]:
-            assert set(run) == {"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes"}
+            assert set(run) == {"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes",
+                                "device"}
+            dev = run.pop("device")
+            assert dev is None or (set(dev) == {"read_bytes", "write_bytes", "busy_ms"} and
+                                   all(isinstance(v, int) and v >= 0 for v in dev.values()))
             assert all(isinstance(v, NUM) for v in run.values())
             assert run["elapsed_s"] > 0 and run["bytes"] > 0
         if r["error"] is None:
@@ -129,7 +134,7 @@ def test_human_table(capsys, shm):
     lines = out.splitlines()
     assert lines[0].split() == ["workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s",
                                 "MiB/s", "min-max", "MB/s", "IOPS", "CPU", "s", "peak", "RSS",
-                                "p50", "p90", "p99", "p99.9"]
+                                "dev", "MB/s", "CPU", "s/GB", "p50", "p90", "p99", "p99.9"]
     seq = next(line for line in lines if line.startswith("seqread"))
     assert seq.split()[:7] == ["seqread", "64k", "1", "buffered", "page-cache", "blkjobs", "1"]
     rnd = next(line for line in lines if line.startswith("randwrite"))

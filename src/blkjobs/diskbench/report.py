@@ -14,11 +14,13 @@ JSON (schema "blkjobs-bench/1")::
                   "rank": null | 1.. (by median throughput among the case's rows
                           of the same "io"),
                   "error": null | "message",
-                  "runs": [{"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes"}],
+                  "runs": [{"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes",
+                            "device": null | {"read_bytes", "write_bytes", "busy_ms"}}],
                   "summary": null | {"runs", "median_bps", "min_bps", "max_bps",
                       "median_mb_s", "median_mib_s", "min_mb_s", "max_mb_s", "spread",
                       "median_iops", "median_elapsed_s", "median_cpu_s",
-                      "peak_rss_bytes"},
+                      "peak_rss_bytes", "median_cpu_s_per_gb", "median_device_bps",
+                      "median_device_read_bytes", "median_device_write_bytes"},
                   "latency": null | {"requests", "mean_ns",
                       "percentiles_ns": {"p50", "p90", "p99", "p99.9"},
                       "histogram": {"bucket_low_ns": [...], "count": [...]}}}]}
@@ -81,7 +83,8 @@ def dumps(doc: dict) -> str:
 
 
 HEADERS = ("workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s", "MiB/s", "min-max MB/s",
-           "IOPS", "CPU s", "peak RSS") + tuple(pname(p) for p in PERCENTILES)
+           "IOPS", "CPU s", "peak RSS", "dev MB/s", "CPU s/GB") + \
+    tuple(pname(p) for p in PERCENTILES)
 
 
 def _us(ns: float) -> str:
@@ -102,11 +105,13 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
         s = summarize(r.samples)
         iops = f"{s.median_iops:,.0f}" if c.bs <= IOPS_MAX_BS and s.median_iops else "-"
         rss = f"{s.peak_rss_bytes / MiB:.0f} MiB" if s.peak_rss_bytes else "-"
+        dev = "-" if s.median_device_bps is None else f"{s.median_device_bps / MB:,.1f}"
         lat = row_latency(r)
         pct = [_us(lat.percentiles_ns[pname(p)]) if lat else "-" for p in PERCENTILES]
         body.append(head + [f"{s.median_bps / MB:,.1f}", f"{s.median_bps / MiB:,.1f}",
                             f"{s.min_bps / MB:,.1f}-{s.max_bps / MB:,.1f}", iops,
-                            f"{s.median_cpu_s:.2f}", rss] + pct)
+                            f"{s.median_cpu_s:.2f}", rss, dev, f"{s.median_cpu_s_per_gb:.2f}"]
+                    + pct)
     widths = [len(h) for h in HEADERS]
     for b in body:
         if len(b) == len(HEADERS):
@@ -136,6 +141,9 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
     lines.append("Writes include the final fsync. IOPS shown for requests up to "
                  f"{format_size(IOPS_MAX_BS)}. CPU s: user+system time per run (median). "
                  "Peak RSS: largest of the runs.")
+    lines.append("dev MB/s: bytes read + written at the block device under DIR (its disk "
+                 "counters) per second of the run, median; CPU s/GB: CPU seconds per 10^9 "
+                 "bytes of the workload, median.")
     lines.append("p50..p99.9: per-request latency in microseconds (issue to completion), "
                  "percentiles over all measured runs.")
     if len({r.tool for r in rows}) > 1:

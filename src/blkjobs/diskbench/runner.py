@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .contenders import TOOLS, Blkjobs, Contender
+from .devio import DeviceCounters
 from .latency import Latency, summarize_latency
 from .matrix import Case, Density
 from .measure import Clock, ToolError
@@ -84,6 +85,7 @@ class Runner:
         self.contenders = contenders
         self.cache = cache
         self.notes: list[str] = []
+        self.dev: DeviceCounters | None = None
 
     def _contenders(self) -> list[Contender]:
         if self.contenders is not None:
@@ -117,6 +119,9 @@ class Runner:
             note = cache.note()
             if note:
                 self.notes.append(note)
+            self.dev = DeviceCounters(s.dir)
+            self.notes.append(self.dev.why or f"device counters: {self.dev.name} (the whole "
+                              "device's, other work on it during a run included)")
             env = Env(ws, s.size, s.runtime, s.density, cache, self.clock, s.seed,
                       progress=self.progress.phase)
             contenders = self._contenders()
@@ -182,12 +187,15 @@ class Runner:
                   ("" if measured else " (warm-up)") + f"  {c.name}"
             self.progress.step(tag)
             env.cache.before_run(c.files(case, env))
+            dev = self.dev or DeviceCounters(s.dir)
+            before = dev.snapshot()
             try:
                 sample = c.run(case, env, lambda done, _ops: self.progress.update(
                     format_bytes(done)))
             except ToolError as e:
                 row.error = str(e)
                 continue
+            sample = replace(sample, device=dev.delta(before, dev.snapshot()))
             if measured:
                 row.samples.append(sample)
         return rows
@@ -222,7 +230,9 @@ def result_dicts(rows: list[Row]) -> list[dict]:
         d = {"case": r.case.as_dict(), "tool": r.tool, "io": r.io, "cache": r.cache,
              "rank": rank, "error": r.error,
              "runs": [{"bytes": x.bytes, "ops": x.ops, "elapsed_s": x.elapsed_s,
-                       "cpu_s": x.cpu_s, "peak_rss_bytes": x.rss_bytes} for x in r.samples],
+                       "cpu_s": x.cpu_s, "peak_rss_bytes": x.rss_bytes,
+                       "device": x.device.as_dict() if x.device else None}
+                      for x in r.samples],
              "summary": summarize(r.samples).as_dict() if r.samples else None}
         lat = row_latency(r)
         d["latency"] = lat.as_dict() if lat else None
