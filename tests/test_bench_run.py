@@ -296,11 +296,16 @@ def test_plot_with_a_recording_pyplot(shm, capsys, monkeypatch):
     monkeypatch.setattr(plotmod, "load_pyplot", lambda: Rec())
     png = os.path.join(shm, "out.png")
     rc = main(["bench", shm, "-w", "seqread", "-b", "64k", "--size", "1M", "--repeat", "2",
-               "--warmup", "0", "-q", "--plot", png])
+               "--warmup", "0", "-q", "--plot", png, "--direct"])
     out, _ = capsys.readouterr()
     assert rc == 0
     names = [c[0] for c in calls]
-    assert names[:2] == ["subplots", "bar"] and ("savefig", (png,), {}) in calls
-    bar = calls[1]
-    assert len(bar[1][1]) == 1 and bar[1][1][0] > 0  # one median bar, in MB/s
+    assert names[:2] == ["figure", "add_subplot"] and ("savefig", (png,), {}) in calls
+    lines = [c for c in calls if c[0] == "plot"]
+    assert [c[1][0] for c in lines] == [[65536]]          # one series, at 64k
+    assert lines[0][1][1][0] > 0 and lines[0][2]["label"] == "seqread j1 direct blkjobs"
+    steps = [c for c in calls if c[0] == "step"]
+    assert len(steps) == 1 and steps[0][1][1][-1] == 1.0   # the CDF reaches all requests
+    xs = steps[0][1][0]
+    assert xs == sorted(xs) and xs[0] > 0
     assert f"note: plot written to {png}" in out

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
                    help="copy source shares in percent (default: data=50,zero=10,hole=40)")
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help="table (human) or JSON on stdout")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw throughput by request size and threads and a latency CDF (needs matplotlib)")
     p.add_argument("--keep", action="store_true", help="keep the files it made")
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
