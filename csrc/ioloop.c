@@ -29,8 +29,13 @@
  * Known flaw: bytes of requests that completed after the time budget ran
  * out are counted, and their time too; the overshoot is one request per
  * thread, at most threads*bs bytes.
- * Cost: one pread/pwrite per request plus one atomic add and one clock
- * read; memory threads * bs.
+ *  - Latency: each request's time from issue to completion (two clock
+ *    reads around the pread/pwrite) is counted in the worker's own
+ *    log-linear histogram (BJ_LAT_BUCKETS counters, allocated with the
+ *    buffer: nothing is allocated or shared per request);
+ *    bj_ioloop_get_latency() sums them once the loop finished.
+ * Cost: one pread/pwrite per request plus one atomic add, two clock reads
+ * and one counter increment; memory threads * (bs + 30 KiB).
  */
 #include "ioloop.h"
 
@@ -46,6 +51,7 @@ struct worker {
     struct bj_ioloop *b;
     pthread_t thread;
     void *buf;
+    uint64_t *lat;     /* BJ_LAT_BUCKETS counters, this worker's only */
     uint64_t rng;
     int started;
 };
@@ -89,6 +95,27 @@ static uint64_t xorshift64s(uint64_t *s)
     return x * 0x2545F4914F6CDD1Dull;
 }
 
+uint32_t bj_lat_bucket(uint64_t ns)
+{
+    const uint64_t sub = 1u << BJ_LAT_SUB_BITS;
+    if (ns < sub)
+        return (uint32_t)ns;
+    uint32_t msb = 63u - (uint32_t)__builtin_clzll(ns);
+    uint32_t e = msb - BJ_LAT_SUB_BITS;            /* bucket width 2^e */
+    return (uint32_t)(sub + e * sub + ((ns >> e) - sub));
+}
+
+uint64_t bj_lat_bucket_low(uint32_t idx)
+{
+    const uint64_t sub = 1u << BJ_LAT_SUB_BITS;
+    if (idx < sub)
+        return idx;
+    if (idx >= BJ_LAT_BUCKETS)
+        return UINT64_MAX;
+    uint32_t e = (uint32_t)((idx - sub) / sub);
+    return (sub + (idx - sub) % sub) << e;
+}
+
 static int io_full(int fd, int wr, char *buf, uint64_t len, uint64_t off)
 {
     uint64_t n = 0;
@@ -122,6 +149,9 @@ static int setup(struct worker *w, uint32_t index)
         w->buf = NULL;
         return -ENOMEM;
     }
+    w->lat = calloc(BJ_LAT_BUCKETS, sizeof(*w->lat));
+    if (!w->lat)
+        return -ENOMEM;
     w->rng = (b->o.seed ^ (0x9E3779B97F4A7C15ull * (index + 1))) | 1;
     if (b->o.write) {
         uint64_t s = w->rng ^ 0xD1B54A32D192ED03ull, *p = w->buf;
@@ -191,14 +221,17 @@ static void *worker_main(void *arg)
             blk = first + k % len;
         }
         uint64_t off = blk * o->bs;
+        uint64_t t0 = now_ns();
         int err = io_full(o->fd, (int)o->write, w->buf, o->bs, off);
+        uint64_t t1 = now_ns();
         if (err < 0) {
             record_error(b, err, off);
             break;
         }
+        w->lat[bj_lat_bucket(t1 - t0)]++;
         atomic_fetch_add_explicit(&b->bytes, o->bs, memory_order_relaxed);
         atomic_fetch_add_explicit(&b->ops, 1, memory_order_relaxed);
-        if (o->runtime_ns && now_ns() - start >= o->runtime_ns)
+        if (o->runtime_ns && t1 - start >= o->runtime_ns)
             break;
     }
     /* The last one out runs the fsync and stops the clock. */
@@ -324,6 +357,28 @@ void bj_ioloop_get_result(struct bj_ioloop *b, struct bj_ioloop_result *r)
     r->error_offset = atomic_load(&b->error_offset);
 }
 
+int bj_ioloop_get_latency(struct bj_ioloop *b, uint64_t *counts)
+{
+    if (!b || !counts)
+        return -EINVAL;
+    /* finished is set under the lock after every worker stopped (the
+     * stopped counter orders their last increments before it) */
+    pthread_mutex_lock(&b->lock);
+    int finished = b->finished;
+    pthread_mutex_unlock(&b->lock);
+    if (!finished)
+        return -EBUSY;
+    memset(counts, 0, BJ_LAT_BUCKETS * sizeof(*counts));
+    for (uint32_t i = 0; i < b->nworkers; i++) {
+        const uint64_t *lat = b->workers[i].lat;
+        if (!lat)
+            continue;
+        for (uint32_t k = 0; k < BJ_LAT_BUCKETS; k++)
+            counts[k] += lat[k];
+    }
+    return 0;
+}
+
 void bj_ioloop_free(struct bj_ioloop *b)
 {
     if (!b)
@@ -337,6 +392,7 @@ void bj_ioloop_free(struct bj_ioloop *b)
         if (b->workers[i].started)
             pthread_join(b->workers[i].thread, NULL);
         free(b->workers[i].buf);
+        free(b->workers[i].lat);
     }
     pthread_cond_destroy(&b->cv);
     pthread_mutex_destroy(&b->lock);

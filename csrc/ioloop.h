@@ -48,6 +48,21 @@ void bj_ioloop_cancel(struct bj_ioloop *b);
 void bj_ioloop_get_result(struct bj_ioloop *b, struct bj_ioloop_result *r);
 /* Cancel, join the workers and free everything. */
 void bj_ioloop_free(struct bj_ioloop *b);
+
+/* Per-request latency (issue .. completion of one pread/pwrite, ns) in a
+ * log-linear histogram: values below 64 ns have a bucket each; above, every
+ * power-of-two range [2^k, 2^(k+1)) is cut into 64 equal buckets, so a
+ * bucket is at most 1/64 (1.6%) of its values wide. Covers all of uint64. */
+#define BJ_LAT_SUB_BITS 6
+#define BJ_LAT_BUCKETS 3776   /* 64 + 64 * (64 - 6) */
+/* The bucket of a latency of ns nanoseconds. */
+uint32_t bj_lat_bucket(uint64_t ns);
+/* The smallest value of bucket idx (< BJ_LAT_BUCKETS); the bucket holds
+ * [bj_lat_bucket_low(idx), bj_lat_bucket_low(idx + 1)). */
+uint64_t bj_lat_bucket_low(uint32_t idx);
+/* The workers' histograms summed into counts[BJ_LAT_BUCKETS] (overwritten).
+ * Returns 0, or -EBUSY while the loop has not finished. */
+int bj_ioloop_get_latency(struct bj_ioloop *b, uint64_t *counts);
 /* cdef-end */
 
 #endif

@@ -3,6 +3,7 @@ read-only, too small, O_DIRECT refused, matplotlib missing)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -193,3 +194,60 @@ def test_optional_values_do_not_swallow_dir(shm):
     s = settings_from_args(p.parse_args(["bench", shm, "--direct=0,1", "--compare", "dd"]))
     assert s.dir == shm and s.compare == ["dd"]
     assert {c.direct for c in s.cases} == {False, True}
+
+
+def test_default_measures_the_disk_with_o_direct(capsys, shm):
+    # tmpfs takes O_DIRECT since Linux 6.6: the default then bypasses the cache.
+    ws = workspace.Workspace(shm)
+    refused = ws.direct_refused()
+    ws.cleanup()
+    rc, out, err = bench(capsys, shm, "-q", "-w", "seqread,seqwrite", "--size", "1M", "-b",
+                         "64k", "--repeat", "1", "--warmup", "0", "--output", "json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    if refused is None:
+        assert [(r["io"], r["cache"]) for r in doc["results"]] == [("direct", "bypassed")] * 2
+        assert doc["settings"]["cold"] is False
+    else:
+        assert {r["cache"] for r in doc["results"]} <= {"cold:fadvise", "cold:drop_caches"}
+    assert os.listdir(shm) == []
+
+
+def test_default_falls_back_to_a_cold_cache_where_o_direct_is_refused(capsys, shm,
+                                                                      monkeypatch):
+    real_open = os.open
+
+    def fake_open(path, flags, *a, **kw):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        return real_open(path, flags, *a, **kw)
+    monkeypatch.setattr(workspace.os, "open", fake_open)
+    rc, out, err = bench(capsys, shm, "-q", "-w", "seqread,randread", "--size", "1M", "-b",
+                         "64k", "--repeat", "1", "--warmup", "0", "--output", "json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    rows = doc["results"]
+    assert [r["case"]["workload"] for r in rows] == ["seqread", "randread"]
+    assert all(r["io"] == "buffered" and not r["case"]["direct"] for r in rows)
+    cold = "cold:drop_caches" if os.geteuid() == 0 else "cold:fadvise"
+    assert {r["cache"] for r in rows} <= {cold, "cold:fadvise"}
+    assert doc["settings"]["cold"] is True
+    assert f"the file system of '{shm}' refuses O_DIRECT (Invalid argument): measured " \
+           "buffered with a cold cache instead (the files' pages evicted before every run)" \
+           in doc["notes"]
+    assert os.listdir(shm) == []
+
+
+@pytest.mark.parametrize("gone, text", [
+    ({"psutil"}, "psutil"), ({"numpy", "psutil"}, "numpy and psutil")])
+def test_bench_without_its_extra(capsys, shm, monkeypatch, gone, text):
+    import importlib.util
+    real = importlib.util.find_spec
+
+    def find_spec(name, *a):
+        return None if name in gone else real(name, *a)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    rc, out, err = bench(capsys, shm, "-q", "-w", "seqread", "--size", "1M")
+    assert (rc, out, err) == (1, "", f"blkjobs: bench needs {text}: pip install "
+                                     "'blkjobs[bench]'\n")
+    assert os.listdir(shm) == []

@@ -37,7 +37,8 @@ def bench_json(capsys, *args):
 NUM = (int, float)
 SUMMARY_KEYS = {"runs", "median_bps", "min_bps", "max_bps", "median_mb_s", "median_mib_s",
                 "min_mb_s", "max_mb_s", "spread", "median_iops", "median_elapsed_s",
-                "median_cpu_s", "peak_rss_bytes"}
+                "median_cpu_s", "peak_rss_bytes", "median_cpu_s_per_gb", "median_device_bps",
+                "median_device_read_bytes", "median_device_write_bytes"}
 
 
 def check_schema(doc):
@@ -50,12 +51,32 @@ def check_schema(doc):
     assert set(doc["host"]) == {"kernel", "cpus", "filesystem"}
     assert all(isinstance(n, str) for n in doc["notes"])
     for r in doc["results"]:
-        assert set(r) == {"case", "tool", "io", "cache", "error", "runs", "summary"}
+        assert set(r) == {"case", "tool", "io", "cache", "rank", "error", "runs", "summary",
+                          "latency"}
+        lat = r["latency"]
+        if r["tool"] == "blkjobs" and r["case"]["workload"] != "copy":
+            # every request of the measured runs, in non-empty buckets
+            assert lat["requests"] == sum(x["ops"] for x in r["runs"])
+            assert sum(lat["histogram"]["count"]) == lat["requests"]
+            assert all(c > 0 for c in lat["histogram"]["count"])
+            lows = lat["histogram"]["bucket_low_ns"]
+            assert lows == sorted(set(lows))
+            p = lat["percentiles_ns"]
+            assert list(p) == ["p50", "p90", "p99", "p99.9"]
+            assert 0 < p["p50"] <= p["p90"] <= p["p99"] <= p["p99.9"]
+        else:
+            assert lat is None
         assert set(r["case"]) == {"workload", "bs", "threads", "direct"}
         assert r["io"] in ("direct", "buffered")
-        assert r["cache"] in ("bypassed", "warm", "cold:drop_caches", "cold:fadvise")
+        assert r["cache"] in ("bypassed", "page-cache", "cold:drop_caches", "cold:fadvise")
+        assert r["cache"] == "bypassed" if r["io"] == "direct" else r["cache"] != "bypassed"
+        assert (r["rank"] is None) == (r["summary"] is None)
         for run in r["runs"]:
-            assert set(run) == {"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes"}
+            assert set(run) == {"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes",
+                                "device"}
+            dev = run.pop("device")
+            assert dev is None or (set(dev) == {"read_bytes", "write_bytes", "busy_ms"} and
+                                   all(isinstance(v, int) and v >= 0 for v in dev.values()))
             assert all(isinstance(v, NUM) for v in run.values())
             assert run["elapsed_s"] > 0 and run["bytes"] > 0
         if r["error"] is None:
@@ -107,23 +128,30 @@ def test_compare_tools_in_the_same_table(capsys, shm):
 
 def test_human_table(capsys, shm):
     rc = main(["bench", shm, "-w", "seqread,randwrite", "-b", "64k", "--size", "1M",
-               "--repeat", "2", "--warmup", "0", "-q"])
+               "--repeat", "2", "--warmup", "0", "-q", "--direct=0"])
     out, err = capsys.readouterr()
     assert rc == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["workload", "bs", "jobs", "io", "cache", "tool", "MB/s",
-                                "MiB/s", "min-max", "MB/s", "IOPS", "CPU", "s", "peak", "RSS"]
+    assert lines[0].split() == ["workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s",
+                                "MiB/s", "min-max", "MB/s", "IOPS", "CPU", "s", "peak", "RSS",
+                                "dev", "MB/s", "CPU", "s/GB", "p50", "p90", "p99", "p99.9"]
     seq = next(line for line in lines if line.startswith("seqread"))
-    assert seq.split()[:6] == ["seqread", "64k", "1", "buffered", "warm", "blkjobs"]
+    assert seq.split()[:7] == ["seqread", "64k", "1", "buffered", "page-cache", "blkjobs", "1"]
     rnd = next(line for line in lines if line.startswith("randwrite"))
-    assert rnd.split()[9] != "-"  # IOPS for small requests
+    assert rnd.split()[10] != "-"  # IOPS for small requests
+    p50, p90, p99, p999 = (float(x.replace(",", "")) for x in rnd.split()[-4:])
+    assert 0 < p50 <= p90 <= p99 <= p999
+    assert "p50..p99.9: per-request latency in microseconds (issue to completion), " \
+           "percentiles over all measured runs." in lines
+    assert "page-cache: buffered runs on a warm cache measure what the page cache absorbed " \
+           "or served, not the disk (--cold evicts it before every run)." in lines
     assert "MB/s = 10^6 bytes/s, MiB/s = 2^20 bytes/s: the median of 2 runs" in out
     assert "Writes include the final fsync." in out
 
 
 def test_progress_lines_go_to_stderr(capsys, shm):
     rc = main(["bench", shm, "-w", "seqread", "-b", "64k", "--size", "1M", "--repeat", "1",
-               "--warmup", "0", "--output", "json"])
+               "--warmup", "0", "--output", "json", "--direct=0"])
     out, err = capsys.readouterr()
     assert rc == 0
     json.loads(out)  # stdout is only the document
@@ -268,11 +296,16 @@ def test_plot_with_a_recording_pyplot(shm, capsys, monkeypatch):
     monkeypatch.setattr(plotmod, "load_pyplot", lambda: Rec())
     png = os.path.join(shm, "out.png")
     rc = main(["bench", shm, "-w", "seqread", "-b", "64k", "--size", "1M", "--repeat", "2",
-               "--warmup", "0", "-q", "--plot", png])
+               "--warmup", "0", "-q", "--plot", png, "--direct"])
     out, _ = capsys.readouterr()
     assert rc == 0
     names = [c[0] for c in calls]
-    assert names[:2] == ["subplots", "bar"] and ("savefig", (png,), {}) in calls
-    bar = calls[1]
-    assert len(bar[1][1]) == 1 and bar[1][1][0] > 0  # one median bar, in MB/s
+    assert names[:2] == ["figure", "add_subplot"] and ("savefig", (png,), {}) in calls
+    lines = [c for c in calls if c[0] == "plot"]
+    assert [c[1][0] for c in lines] == [[65536]]          # one series, at 64k
+    assert lines[0][1][1][0] > 0 and lines[0][2]["label"] == "seqread j1 direct blkjobs"
+    steps = [c for c in calls if c[0] == "step"]
+    assert len(steps) == 1 and steps[0][1][1][-1] == 1.0   # the CDF reaches all requests
+    xs = steps[0][1][0]
+    assert xs == sorted(xs) and xs[0] > 0
     assert f"note: plot written to {png}" in out

@@ -15,7 +15,7 @@ from blkjobs.diskbench.matrix import Case
 from blkjobs.diskbench.status_line import StatusLine
 from blkjobs.diskbench.contenders import Contender
 from blkjobs.diskbench.measure import ToolError, run_external
-from blkjobs.diskbench.runner import Row, Runner, Settings, schedule
+from blkjobs.diskbench.runner import Row, Runner, Settings, ranks, schedule
 from blkjobs.diskbench.stats import Sample, summarize
 
 
@@ -128,21 +128,45 @@ def test_report_table_and_json_from_known_samples():
     rows = list(_rows())
     text = report.table(s, rows, ["a note"])
     lines = text.splitlines()
-    assert lines[1].split() == ["randread", "4k", "2", "direct", "bypassed", "blkjobs",
-                                "8.4", "8.0", "4.2-16.8", "2,048", "0.01", "20", "MiB"]
-    assert lines[2].split()[:7] == ["randread", "4k", "2", "direct", "bypassed", "fio",
+    assert lines[1].split() == ["randread", "4k", "2", "direct", "bypassed", "blkjobs", "1",
+                                "8.4", "8.0", "4.2-16.8", "2,048", "0.01", "20", "MiB",
+                                "-", "2.38", "-", "-", "-", "-"]
+    assert lines[2].split()[:8] == ["randread", "4k", "2", "direct", "bypassed", "fio", "-",
                                     "error:"]
     assert "note: a note" in lines
     doc = report.to_json(s, rows, ["a note"])
     blk, fio = doc["results"]
+    assert blk["rank"] == 1 and fio["rank"] is None
     assert blk["summary"]["median_bps"] == (4 << 20) / 0.5
     assert blk["summary"]["median_iops"] == 2048
     assert blk["summary"]["peak_rss_bytes"] == 20 << 20
     assert [r["elapsed_s"] for r in blk["runs"]] == [0.5, 0.25, 1.0]
     assert fio["summary"] is None and fio["error"].startswith("fio failed")
+    assert blk["latency"] is None and fio["latency"] is None
     assert report.dumps(doc).endswith("}\n")
 
 
 def test_summarize_rejects_nothing():
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_buffered_and_direct_contenders_are_ranked_apart():
+    c = Case("copy", 1 << 20, 1, True)
+    d = Case("copy", 1 << 20, 1, False)
+
+    def row(case, tool, io, secs):
+        return Row(case, tool, io, "bypassed" if io == "direct" else "page-cache",
+                   [Sample(1 << 20, 1, secs, 0.0, 0)])
+    rows = [row(c, "blkjobs", "direct", 0.5), row(c, "qemu-img", "direct", 0.25),
+            row(c, "cp", "buffered", 0.1), row(c, "nbdcopy", "buffered", 0.2),
+            row(d, "blkjobs", "buffered", 1.0),
+            Row(c, "dd", "direct", "bypassed", error="dd failed")]
+    assert ranks(rows) == [2, 1, 1, 2, 1, None]
+    doc = report.to_json(Settings(dir="/x", cases=[]), rows, [])
+    assert [r["rank"] for r in doc["results"]] == [2, 1, 1, 2, 1, None]
+    text = report.table(Settings(dir="/x", cases=[]), rows, [])
+    assert [ln.split()[5:7] for ln in text.splitlines()[1:5]] == \
+        [["blkjobs", "2"], ["qemu-img", "1"], ["cp", "1"], ["nbdcopy", "2"]]
+    assert "rank: by median MB/s among the rows of the same case and the same io; buffered " \
+           "and direct contenders are never ranked together." in text

@@ -32,8 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("--rand-bs", default="4k", metavar="BS",
                    help="request size of the random workloads (default: 4k)")
     p.add_argument("-j", "--threads", default="1", help="worker threads (default: 1)")
-    p.add_argument("--direct", nargs="?", const="1", default="0", metavar="0|1|0,1",
-                   help="O_DIRECT with aligned buffers (1), buffered (0) or both (0,1)")
+    p.add_argument("--direct", nargs="?", const="1", default="auto", metavar="0|1|0,1",
+                   help="O_DIRECT with aligned buffers (1), buffered (0) or both (0,1); "
+                        "default: O_DIRECT where the file system takes it, else buffered "
+                        "with a cold cache")
     p.add_argument("--size", default="256M", help="file size per workload (default: 256M)")
     p.add_argument("--runtime", default=None, metavar="SECONDS",
                    help="time budget per run (default: one pass over --size)")
@@ -47,7 +49,7 @@ def register(subparsers) -> None:
                    help="copy source shares in percent (default: data=50,zero=10,hole=40)")
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help="table (human) or JSON on stdout")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw throughput by request size and threads and a latency CDF (needs matplotlib)")
     p.add_argument("--keep", action="store_true", help="keep the files it made")
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
@@ -63,7 +65,7 @@ def _untangle(args) -> None:
     if args.dir == "." and args.compare not in (None, "all") and \
             not set(args.compare.split(",")) <= set(TOOLS):
         args.dir, args.compare = args.compare, "all"
-    if args.dir == "." and args.direct not in ("0", "1"):
+    if args.dir == "." and args.direct not in ("0", "1", "auto"):
         try:
             [parse_direct(x) for x in args.direct.split(",")]
         except UsageError:
@@ -77,7 +79,9 @@ def settings_from_args(args):
     from ..units import parse_size
 
     _untangle(args)
-    cases = parse_matrix(args.workload, args.bs, args.threads, args.direct, args.rand_bs)
+    auto = args.direct == "auto"
+    cases = parse_matrix(args.workload, args.bs, args.threads, "1" if auto else args.direct,
+                         args.rand_bs)
     size = parse_size(args.size, "--size")
     biggest = max(c.bs for c in cases)
     if size < biggest:
@@ -99,10 +103,19 @@ def settings_from_args(args):
     return Settings(dir=args.dir, cases=cases, size=size, runtime=runtime,
                     repeat=args.repeat, warmup=args.warmup, cold=args.cold,
                     density=parse_density(args.density), compare=parse_compare(args.compare),
-                    keep=args.keep, seed=args.seed)
+                    keep=args.keep, seed=args.seed, direct_auto=auto)
+
+
+def _need_bench_extra() -> None:
+    """numpy and psutil come with the package's `bench` extra."""
+    import importlib.util
+    missing = [m for m in ("numpy", "psutil") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"bench needs {' and '.join(missing)}: pip install 'blkjobs[bench]'")
 
 
 def run(args) -> int:
+    _need_bench_extra()
     from ..diskbench import report
     from ..diskbench.status_line import StatusLine
     from ..diskbench.runner import Runner

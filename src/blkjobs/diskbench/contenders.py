@@ -8,6 +8,7 @@ import abc
 import json
 import os
 import shutil
+from dataclasses import replace
 from collections.abc import Callable
 
 from ..errors import UsageError
@@ -67,7 +68,7 @@ class Blkjobs(Contender):
                 def go():
                     r = loop.run(progress=progress)
                     return r.bytes, r.ops, r.elapsed_ns / 1e9
-                return measure_inproc(go)
+                return replace(measure_inproc(go), latency=loop.latency())
         finally:
             os.close(fd)
 

@@ -9,13 +9,26 @@ JSON (schema "blkjobs-bench/1")::
      "host": {"kernel", "cpus", "filesystem"},
      "notes": ["..."],
      "results": [{"case": {"workload", "bs", "threads", "direct"},
-                  "tool", "io": "direct"|"buffered", "cache": "bypassed"|"warm"|"cold:...",
+                  "tool", "io": "direct"|"buffered",
+                  "cache": "bypassed"|"page-cache"|"cold:drop_caches"|"cold:fadvise",
+                  "rank": null | 1.. (by median throughput among the case's rows
+                          of the same "io"),
                   "error": null | "message",
-                  "runs": [{"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes"}],
+                  "runs": [{"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes",
+                            "device": null | {"read_bytes", "write_bytes", "busy_ms"}}],
                   "summary": null | {"runs", "median_bps", "min_bps", "max_bps",
                       "median_mb_s", "median_mib_s", "min_mb_s", "max_mb_s", "spread",
                       "median_iops", "median_elapsed_s", "median_cpu_s",
-                      "peak_rss_bytes"}}]}
+                      "peak_rss_bytes", "median_cpu_s_per_gb", "median_device_bps",
+                      "median_device_read_bytes", "median_device_write_bytes"},
+                  "latency": null | {"requests", "mean_ns",
+                      "percentiles_ns": {"p50", "p90", "p99", "p99.9"},
+                      "histogram": {"bucket_low_ns": [...], "count": [...]}}}]}
+
+``latency`` is per request (issue to completion of one pread/pwrite) over
+all measured runs of the row, from the C loops' log-linear histogram: a
+bucket ``i`` holds [bucket_low_ns[i], next bucket's low), only non-empty
+buckets are listed; external tools and the copy workload have none.
 """
 from __future__ import annotations
 
@@ -23,7 +36,9 @@ import json
 import os
 import platform
 
-from .runner import Row, Settings, result_dicts
+from .latency import PERCENTILES, pname
+from .runner import Row, Settings, ranks, result_dicts, row_latency
+from .workspace import PAGE_CACHE
 from .sizes import format_size
 from .stats import MB, MiB, summarize
 
@@ -67,30 +82,41 @@ def dumps(doc: dict) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-HEADERS = ("workload", "bs", "jobs", "io", "cache", "tool", "MB/s", "MiB/s", "min-max MB/s",
-           "IOPS", "CPU s", "peak RSS")
+HEADERS = ("workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s", "MiB/s", "min-max MB/s",
+           "IOPS", "CPU s", "peak RSS", "dev MB/s", "CPU s/GB") + \
+    tuple(pname(p) for p in PERCENTILES)
+
+
+def _us(ns: float) -> str:
+    us = ns / 1000
+    return f"{us:,.0f}" if us >= 100 else f"{us:.1f}" if us >= 10 else f"{us:.2f}"
 
 
 def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
     lines = []
     body = []
-    for r in rows:
+    for r, rank in zip(rows, ranks(rows), strict=True):
         c = r.case
-        head = [c.workload, format_size(c.bs), str(c.threads), r.io, r.cache, r.tool]
+        head = [c.workload, format_size(c.bs), str(c.threads), r.io, r.cache, r.tool,
+                f"{rank}" if rank else "-"]
         if r.error or not r.samples:
             body.append(head + [f"error: {r.error or 'no runs'}"])
             continue
         s = summarize(r.samples)
         iops = f"{s.median_iops:,.0f}" if c.bs <= IOPS_MAX_BS and s.median_iops else "-"
         rss = f"{s.peak_rss_bytes / MiB:.0f} MiB" if s.peak_rss_bytes else "-"
+        dev = "-" if s.median_device_bps is None else f"{s.median_device_bps / MB:,.1f}"
+        lat = row_latency(r)
+        pct = [_us(lat.percentiles_ns[pname(p)]) if lat else "-" for p in PERCENTILES]
         body.append(head + [f"{s.median_bps / MB:,.1f}", f"{s.median_bps / MiB:,.1f}",
                             f"{s.min_bps / MB:,.1f}-{s.max_bps / MB:,.1f}", iops,
-                            f"{s.median_cpu_s:.2f}", rss])
+                            f"{s.median_cpu_s:.2f}", rss, dev, f"{s.median_cpu_s_per_gb:.2f}"]
+                    + pct)
     widths = [len(h) for h in HEADERS]
     for b in body:
         if len(b) == len(HEADERS):
             widths = [max(w, len(x)) for w, x in zip(widths, b, strict=True)]
-    numeric = {2, 6, 7, 8, 9, 10, 11}
+    numeric = {2} | set(range(6, len(HEADERS)))
 
     def fmt(cells):
         out = []
@@ -115,6 +141,17 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
     lines.append("Writes include the final fsync. IOPS shown for requests up to "
                  f"{format_size(IOPS_MAX_BS)}. CPU s: user+system time per run (median). "
                  "Peak RSS: largest of the runs.")
+    lines.append("dev MB/s: bytes read + written at the block device under DIR (its disk "
+                 "counters) per second of the run, median; CPU s/GB: CPU seconds per 10^9 "
+                 "bytes of the workload, median.")
+    lines.append("p50..p99.9: per-request latency in microseconds (issue to completion), "
+                 "percentiles over all measured runs.")
+    if len({r.tool for r in rows}) > 1:
+        lines.append("rank: by median MB/s among the rows of the same case and the same io; "
+                     "buffered and direct contenders are never ranked together.")
+    if any(r.cache == PAGE_CACHE for r in rows):
+        lines.append("page-cache: buffered runs on a warm cache measure what the page cache "
+                     "absorbed or served, not the disk (--cold evicts it before every run).")
     if any(r.case.workload == "copy" for r in rows):
         lines.append(f"copy: a {format_size(settings.size)} raw image ({settings.density}); "
                      "throughput counts its virtual size.")

@@ -18,9 +18,11 @@ last completion and fsync).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .contenders import TOOLS, Blkjobs, Contender
+from .devio import DeviceCounters
+from .latency import Latency, summarize_latency
 from .matrix import Case, Density
 from .measure import Clock, ToolError
 from .sizes import format_bytes
@@ -55,6 +57,9 @@ class Settings:
     compare: list[str] = field(default_factory=list)
     keep: bool = False
     seed: int = 1
+    #: --direct not given: O_DIRECT where the file system takes it, else
+    #: buffered with a cold cache (see Runner._direct_or_cold)
+    direct_auto: bool = False
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Runner:
         self.contenders = contenders
         self.cache = cache
         self.notes: list[str] = []
+        self.dev: DeviceCounters | None = None
 
     def _contenders(self) -> list[Contender]:
         if self.contenders is not None:
@@ -108,12 +114,14 @@ class Runner:
         ws = Workspace(s.dir, keep=s.keep)
         try:
             ws.check_space(self.need_bytes())
-            if any(c.direct for c in s.cases):
-                ws.probe_direct()
+            self._direct_or_cold(ws)
             cache = self.cache or CacheControl(s.cold)
             note = cache.note()
             if note:
                 self.notes.append(note)
+            self.dev = DeviceCounters(s.dir)
+            self.notes.append(self.dev.why or f"device counters: {self.dev.name} (the whole "
+                              "device's, other work on it during a run included)")
             env = Env(ws, s.size, s.runtime, s.density, cache, self.clock, s.seed,
                       progress=self.progress.phase)
             contenders = self._contenders()
@@ -128,6 +136,30 @@ class Runner:
         finally:
             self.progress.done()
             ws.cleanup()
+
+    def _direct_or_cold(self, ws: Workspace) -> None:
+        """An explicit --direct fails on a file system that refuses
+        O_DIRECT; the default falls back to buffered runs on a cold cache,
+        so that the figures are still the disk's, and says so."""
+        s = self.s
+        if not any(c.direct for c in s.cases):
+            return
+        if not s.direct_auto:
+            ws.probe_direct()
+            return
+        why = ws.direct_refused()
+        if why is None:
+            return
+        cases: list[Case] = []
+        for c in s.cases:
+            b = replace(c, direct=False)
+            if b not in cases:
+                cases.append(b)
+        s.cases = cases
+        s.cold = True
+        self.notes.append(f"the file system of '{s.dir}' refuses O_DIRECT ({why}): measured "
+                          "buffered with a cold cache instead (the files' pages evicted "
+                          "before every run)")
 
     def _run_case(self, case: Case, env: Env, contenders: list[Contender],
                   skipped: set) -> list[Row]:
@@ -155,24 +187,54 @@ class Runner:
                   ("" if measured else " (warm-up)") + f"  {c.name}"
             self.progress.step(tag)
             env.cache.before_run(c.files(case, env))
+            dev = self.dev or DeviceCounters(s.dir)
+            before = dev.snapshot()
             try:
                 sample = c.run(case, env, lambda done, _ops: self.progress.update(
                     format_bytes(done)))
             except ToolError as e:
                 row.error = str(e)
                 continue
+            sample = replace(sample, device=dev.delta(before, dev.snapshot()))
             if measured:
                 row.samples.append(sample)
         return rows
 
 
+def ranks(rows: list[Row]) -> list[int | None]:
+    """Each row's rank by median throughput (1 = fastest) among the rows of
+    the same case doing the same kind of I/O: a buffered contender is never
+    ranked against a direct one. None for a row without runs."""
+    med = [summarize(r.samples).median_bps if r.samples and not r.error else None
+           for r in rows]
+    out: list[int | None] = []
+    for i, r in enumerate(rows):
+        m = med[i]
+        if m is None:
+            out.append(None)
+            continue
+        out.append(1 + sum(1 for j, o in enumerate(rows) if o.case == r.case and
+                           o.io == r.io and (mj := med[j]) is not None and mj > m))
+    return out
+
+
+def row_latency(row: Row) -> Latency | None:
+    """The latency of every request of the row's measured runs (None when
+    the contender does not measure it)."""
+    return summarize_latency([x.latency for x in row.samples if x.latency is not None])
+
+
 def result_dicts(rows: list[Row]) -> list[dict]:
     out = []
-    for r in rows:
+    for r, rank in zip(rows, ranks(rows), strict=True):
         d = {"case": r.case.as_dict(), "tool": r.tool, "io": r.io, "cache": r.cache,
-             "error": r.error,
+             "rank": rank, "error": r.error,
              "runs": [{"bytes": x.bytes, "ops": x.ops, "elapsed_s": x.elapsed_s,
-                       "cpu_s": x.cpu_s, "peak_rss_bytes": x.rss_bytes} for x in r.samples],
+                       "cpu_s": x.cpu_s, "peak_rss_bytes": x.rss_bytes,
+                       "device": x.device.as_dict() if x.device else None}
+                      for x in r.samples],
              "summary": summarize(r.samples).as_dict() if r.samples else None}
+        lat = row_latency(r)
+        d["latency"] = lat.as_dict() if lat else None
         out.append(d)
     return out

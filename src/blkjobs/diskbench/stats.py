@@ -9,6 +9,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass
 
+from .devio import DevIO
+
 MB = 1_000_000
 MiB = 1 << 20
 
@@ -21,6 +23,15 @@ class Sample:
     elapsed_s: float    # wall time of the measured part
     cpu_s: float        # user + system CPU time, all threads
     rss_bytes: int      # peak resident set size during the run (0 = unknown)
+    #: requests per latency bucket (csrc/ioloop.c), None when not measured
+    latency: tuple[int, ...] | None = None
+    #: what reached the block device under DIR during the run (devio.DevIO)
+    device: DevIO | None = None
+
+    @property
+    def cpu_s_per_gb(self) -> float:
+        """CPU seconds per 10^9 bytes of the workload."""
+        return self.cpu_s / (self.bytes / 1e9) if self.bytes else 0.0
 
     @property
     def bps(self) -> float:
@@ -41,6 +52,12 @@ class Summary:
     median_elapsed_s: float
     median_cpu_s: float
     peak_rss_bytes: int
+    median_cpu_s_per_gb: float = 0.0
+    #: median of the runs' device bytes (read + written) per second; None
+    #: without device counters
+    median_device_bps: float | None = None
+    median_device_read_bytes: float | None = None
+    median_device_write_bytes: float | None = None
 
     @property
     def spread(self) -> float:
@@ -67,4 +84,16 @@ def summarize(samples: list[Sample]) -> Summary:
         median_elapsed_s=statistics.median(s.elapsed_s for s in samples),
         median_cpu_s=statistics.median(s.cpu_s for s in samples),
         peak_rss_bytes=max(s.rss_bytes for s in samples),
+        median_cpu_s_per_gb=statistics.median(s.cpu_s_per_gb for s in samples),
+        **_device(samples),
     )
+
+
+def _device(samples: list[Sample]) -> dict:
+    devs = [(s.device, s.elapsed_s) for s in samples if s.device is not None]
+    if not devs:
+        return {}
+    return {"median_device_bps": statistics.median(d.bytes / t if t > 0 else 0.0
+                                                   for d, t in devs),
+            "median_device_read_bytes": statistics.median(d.read_bytes for d, _ in devs),
+            "median_device_write_bytes": statistics.median(d.write_bytes for d, _ in devs)}

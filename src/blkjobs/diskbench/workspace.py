@@ -55,6 +55,16 @@ class Workspace:
     def probe_direct(self) -> None:
         """Fail with a clear message when the file system refuses O_DIRECT
         (open or an aligned write answers EINVAL)."""
+        why = self.direct_refused()
+        if why:
+            raise UsageError(
+                f"the file system of '{self.base}' refuses O_DIRECT ({why}): run "
+                f"without --direct, or benchmark a directory on a local disk "
+                f"(tmpfs before Linux 6.6 and some FUSE/network file systems refuse it)")
+
+    def direct_refused(self) -> str | None:
+        """None when the file system takes O_DIRECT (an open and an aligned
+        write), else why not (the strerror of EINVAL or EOPNOTSUPP)."""
         p = self.file("direct-probe")
         buf = mmap.mmap(-1, 4096)  # page aligned
         try:
@@ -65,11 +75,7 @@ class Workspace:
                 os.close(fd)
         except OSError as e:
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise UsageError(
-                    f"the file system of '{self.base}' refuses O_DIRECT ({e.strerror}): run "
-                    f"without --direct, or benchmark a directory on a local disk "
-                    f"(tmpfs before Linux 6.6 and some FUSE/network file systems refuse it)"
-                ) from None
+                return e.strerror or os.strerror(e.errno)
             raise
         finally:
             buf.close()
@@ -77,10 +83,14 @@ class Workspace:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+        return None
 
     def cleanup(self) -> None:
         if not self.keep:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+PAGE_CACHE = "page-cache"
 
 
 # -- caches --------------------------------------------------------------------
@@ -112,9 +122,12 @@ class CacheControl:
             return False
 
     def label(self, direct: bool) -> str:
+        """'bypassed' (O_DIRECT), 'cold:METHOD' (pages evicted before the
+        run) or 'page-cache': a buffered run on a warm cache, whose figure
+        is what the page cache absorbed or served, not the disk's."""
         if direct:
             return "bypassed"
-        return f"cold:{self.method}" if self.cold else "warm"
+        return f"cold:{self.method}" if self.cold else PAGE_CACHE
 
     def note(self) -> str | None:
         if not self.cold:

@@ -60,6 +60,13 @@ class IOLoop(Owned):
         lib.bj_ioloop_get_result(self._b, r)
         return LoopResult(int(r.bytes), int(r.ops), int(r.elapsed_ns), int(r.fsync_ns))
 
+    def latency(self) -> tuple[int, ...]:
+        """Requests counted per latency bucket (bj_lat_bucket_low() gives the
+        bounds, in ns), all threads summed; only once the loop finished."""
+        counts = ffi.new("uint64_t[]", int(lib.BJ_LAT_BUCKETS))
+        ensure(lib.bj_ioloop_get_latency(self._b, counts), "bench latency", path=self._path)
+        return tuple(int(x) for x in ffi.unpack(counts, int(lib.BJ_LAT_BUCKETS)))
+
     def run(self, progress: Callable[[int, int], None] | None = None,
             slice_s: float = 0.2) -> LoopResult:
         """Run to the end of the budget. Raises OSErrorWithContext (with the
