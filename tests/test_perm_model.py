@@ -203,10 +203,15 @@ def test_commit_top_node_base_node_under_overlay(tmp_path):
         guest_view(paths[3], str(d / "view3.qcow2"))
         guest_view(paths[2], str(d / "view2.qcow2"))
         await add_chain(s, 4, paths)
+        # held before finalize (the graph changes there), so n2 is surely
+        # still under n3 when the second commit names it: not a root
         r = {"start": await s.x("block-commit", **{"job-id": "c0", "top-node": "n2",
-                                                   "base-node": "n0"}, device="n3"),
+                                                   "base-node": "n0", "auto-finalize": False},
+                                device="n3"),
              "not-root": await s.err("block-commit", **{"job-id": "x"}, device="n2")}
-        r["events"] = drop_transient_pauses(brief(await wait_null(s, "c0")))
+        evs = await s.until("JOB_STATUS_CHANGE", id="c0", status="pending")
+        await s.x("job-finalize", id="c0")
+        r["events"] = drop_transient_pauses(brief(evs + await wait_null(s, "c0")))
         r["after"] = await names(s)
         r["del"] = [await s.x("blockdev-del", **{"node-name": n}) for n in ("n2", "n1")]
         r["after-del"] = await names(s)

@@ -74,8 +74,8 @@ def plot(rows: list[Row], path: str, plt=None) -> None:
     ax.legend(fontsize=7)
     cx = fig.add_subplot(1, 2, 2)
     cdfs = latency_cdfs(rows)
-    for label, (xs, ys) in cdfs.items():
-        cx.step(xs, ys, where="post", label=label)
+    for label, (lat, frac) in cdfs.items():
+        cx.step(lat, frac, where="post", label=label)
     if cdfs:
         cx.set_xscale("log")
         cx.legend(fontsize=7)
