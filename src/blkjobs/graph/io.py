@@ -107,7 +107,8 @@ class NodeState:
     it goes away with the node, so a later node can never inherit it (an
     ``id(node)`` key can: ids are reused once a node is freed)."""
 
-    __slots__ = ("unsafe", "filter", "bitmaps", "loaded", "quiesced", "unfilled")
+    __slots__ = ("unsafe", "filter", "bitmaps", "loaded", "quiesced", "unfilled",
+                 "writing", "serial", "write_waiters")
 
     def __init__(self) -> None:
         #: opened cache=unsafe: never fsync'ed
@@ -123,6 +124,14 @@ class NodeState:
         #: guest ranges of clusters a job's batch allocated and has not
         #: filled yet (see blockcopy.Mover); reads reaching the node wait
         self.unfilled: InFlight | None = None
+        #: guest writes being done on the node (they passed every filter;
+        #: one may be suspended inside the driver, the I/O lock let go)
+        self.writing: InFlight | None = None
+        #: ranges jobs are copying into the node (:meth:`BlockIO.serialize`):
+        #: a guest write reaching the node waits until they landed
+        self.serial: list[InFlight] = []
+        #: jobs waiting in :meth:`BlockIO.wait_writes` right now
+        self.write_waiters = 0
 
 
 def state(node: Node) -> NodeState:
@@ -261,12 +270,12 @@ class BlockIO:
         """``req`` reaches ``node``: a filter node hands it to its hooks with
         the way on (``next``: the node below); the image node does it."""
         if not node.is_filter:
-            do(node)
+            self._land(node, req, do)
             return
         if node.file is None:
             # taken out (its job ended) while the request waited in a filter
             # above it: the request goes on to the image node it aimed at
-            do(req.node)
+            self._land(req.node, req, do)
             return
 
         def next(r: WriteRequest) -> None:
@@ -280,6 +289,57 @@ class BlockIO:
             return
         req.passed.append(f)
         f.write(req, next)
+
+    def _land(self, node: Node, req: WriteRequest, do: Callable[[Node], None]) -> None:
+        """The image node does ``req``: QEMU's serialising requests. It waits
+        while a job copies into an overlapping range (:meth:`serialize`),
+        then is tracked in ``writing`` until done, so a job about to copy a
+        range waits for it (:meth:`wait_writes`) even when it is suspended
+        inside the driver with the I/O lock let go (a break point now; slow
+        I/O once drivers let go of the lock). Without it, a stream could
+        allocate and copy a cluster while a guest write to that cluster is
+        between its filter and the driver, and land over the guest's data."""
+        st = state(node)
+        off, n = req.offset, req.length
+        while any(s.busy(off, n) for s in st.serial):
+            self.lock.wait(1.0)
+        writing = st.writing
+        if writing is None:
+            writing = st.writing = InFlight(self.lock)
+        r = writing.add(off, n)
+        try:
+            do(node)
+        finally:
+            writing.remove(r)
+
+    def serialize(self, node: Node, inflight: InFlight) -> None:
+        """Guest writes reaching ``node`` wait for the ranges in ``inflight``
+        (a job's copies into ``node``) from now on (I/O lock held). The job
+        takes a range with :meth:`wait_writes` first."""
+        state(node).serial.append(inflight)
+
+    def unserialize(self, node: Node, inflight: InFlight) -> None:
+        """Undo :meth:`serialize` (I/O lock held; a no-op if not there)."""
+        st = node.io_state
+        if st is not None and inflight in st.serial:
+            st.serial.remove(inflight)
+            self.lock.notify_all()
+
+    def wait_writes(self, node: Node, offset: int, length: int) -> None:
+        """Wait (I/O lock held, released meanwhile) until no guest write to
+        [offset, offset+length) is being done on ``node``. A job calls it
+        before it registers the range in a serialising ``InFlight`` (both
+        under one hold of the lock): later writes wait for the job, earlier
+        ones are waited for."""
+        st = node.io_state
+        if st is None or st.writing is None or not st.writing.busy(offset, length):
+            return
+        st.write_waiters += 1
+        self.lock.notify_all()          # observers (tests) of write_waiters
+        try:
+            st.writing.wait_clear(offset, length)
+        finally:
+            st.write_waiters -= 1
 
     # ------------------------------------------------------------------
     # Filters and repointing parents

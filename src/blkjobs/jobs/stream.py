@@ -4,8 +4,11 @@
 copies into the top image (through ``allocate()`` and the C engine) every
 run that a layer strictly between the top and the base provides, zero
 clusters included; runs the top already has, or that come from the base or
-below, are skipped. Guest writes to a range being streamed wait until its
-copy landed (the copy would overwrite them); reads and flushes wait for the
+below, are skipped. The top serialises as QEMU's copy-on-read requests do
+(``BlockIO.serialize``/``wait_writes``): a guest write reaching the top waits
+while its range is being streamed (the copy would overwrite it), and a batch
+waits for guest writes already being done on its range, even one suspended
+inside the driver; reads and flushes wait for the
 clusters allocated and not yet filled (``BlockIO.mark_unfilled``); a batch
 that does not land gives its clusters back (``Mover._give_back``).
 
@@ -59,14 +62,6 @@ def find_in_chain(top: Node, filename: str) -> Node | None:
 _INTERMEDIATE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 
 
-class _HoldWrites(Filter):
-    def __init__(self, inflight: InFlight):
-        self.inflight = inflight
-
-    def before_write(self, node: Node, op: str, offset: int, length: int) -> None:
-        self.inflight.wait_clear(offset, length)
-
-
 class StreamJob(BlockJob):
     job_type = "stream"
 
@@ -117,8 +112,11 @@ class StreamJob(BlockJob):
         # VM-shaped base into an empty overlay: 1.9-8.0 s -> 1.4-1.7 s
         self.mover = Mover(io, top, top, select_window(1, depth), bucket=self.bucket,
                            write_behind=True, detect_zeroes=True)
+        #: the ranges being streamed: serialising at the top
+        #: (``BlockIO.serialize``), so guest writes reaching the top wait
         self.inflight = InFlight(io.lock)
-        self.filter = _HoldWrites(self.inflight)
+        #: the copy-on-read filter node's hooks (none: the top serialises)
+        self.filter = Filter()
         self.failed_ignored: BaseException | None = None
         self._was_ro = False
         self._perm: Permission | None = None
@@ -150,6 +148,7 @@ class StreamJob(BlockJob):
                 if all(p.shared & Perm.WRITE for p in self.top.users()):
                     perm |= Perm.WRITE
                 self.insert_filter(self.top, self.filter, "copy-on-read", perm=perm)
+                self.io.serialize(self.top, self.inflight)
             except BaseException:
                 self._let_go(job)
                 raise
@@ -165,6 +164,9 @@ class StreamJob(BlockJob):
         else:
             return None
         with self.io:
+            # a guest write already past the top's check (suspended in the
+            # driver) lands first; later ones wait for the copy
+            self.io.wait_writes(self.top, *area)
             self.inflight.add(*area)
         return area
 
@@ -212,6 +214,7 @@ class StreamJob(BlockJob):
     def _let_go(self, job: Job) -> None:
         """Everything setup took (I/O lock held; what it did not get is
         skipped)."""
+        self.io.unserialize(self.top, self.inflight)
         self.remove_filter()
         self._release_intermediates()
         self.io.release_claims(job)
