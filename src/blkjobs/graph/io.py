@@ -73,6 +73,11 @@ class InFlight:
     def ranges(self) -> list[tuple[int, int]]:
         return list(self._sorted)
 
+    @property
+    def count(self) -> int:
+        """Ranges in flight (zero-length ones too)."""
+        return len(self._sorted)
+
     def add(self, start: int, length: int) -> tuple[int, int]:
         r = (start, start + length)
         bisect.insort(self._sorted, r)
@@ -325,19 +330,29 @@ class BlockIO:
             st.serial.remove(inflight)
             self.lock.notify_all()
 
-    def wait_writes(self, node: Node, offset: int, length: int) -> None:
+    def wait_writes(self, node: Node, offset: int = 0, length: int | None = None) -> None:
         """Wait (I/O lock held, released meanwhile) until no guest write to
-        [offset, offset+length) is being done on ``node``. A job calls it
-        before it registers the range in a serialising ``InFlight`` (both
-        under one hold of the lock): later writes wait for the job, earlier
-        ones are waited for."""
+        [offset, offset+length) (default: anywhere) is being done on
+        ``node``. A job calls it before it registers the range in a
+        serialising ``InFlight`` (both under one hold of the lock): later
+        writes wait for the job, earlier ones are waited for. QEMU's drain,
+        when the whole node is asked for."""
         st = node.io_state
-        if st is None or st.writing is None or not st.writing.busy(offset, length):
+        w = st.writing if st is not None else None
+        if w is None:
             return
+
+        def busy() -> bool:
+            return bool(w.count) if length is None else w.busy(offset, length)
+
+        if not busy():
+            return
+        assert st is not None
         st.write_waiters += 1
         self.lock.notify_all()          # observers (tests) of write_waiters
         try:
-            st.writing.wait_clear(offset, length)
+            while busy():
+                self.lock.wait(1.0)
         finally:
             st.write_waiters -= 1
 
@@ -424,9 +439,12 @@ class BlockIO:
 
     def quiesce(self, node: Node) -> None:
         """Hold off front-end writes to ``node`` (nested) until :meth:`unquiesce`.
-        When it returns no write is in progress on ``node``."""
+        When it returns no write is in progress on ``node``: writes already
+        past the check (one may be suspended inside the driver, the lock let
+        go) are waited for, as QEMU's drain waits for requests in flight."""
         with self.lock:
             state(node).quiesced += 1
+            self.wait_writes(_levels(node)[-1])
 
     def unquiesce(self, node: Node) -> None:
         with self.lock:

@@ -339,6 +339,9 @@ class MirrorJob(BlockJob):
         if self.src.size != self.dst.size:
             raise JobError("Source and target image have different sizes")
         with self.io:
+            # a guest write in flight since before the filter went in (held
+            # in the driver) would land unseen by it: it lands first
+            self.io.wait_writes(self.src)
             self.initial_dirty()
         self._progress(job)
         while True:
