@@ -163,6 +163,11 @@ class BackupJob(BlockJob):
 
     def run(self, job: Job) -> None:
         self._job = job
+        with self.io:
+            # the point in time: a guest write in flight since before the
+            # copy-before-write filter went in (held in the driver) lands
+            # first, whole, rather than torn across clusters copied around it
+            self.io.wait_writes(self.src)
         if self.sync == "none":
             while True:
                 job.sleep(100_000_000)
