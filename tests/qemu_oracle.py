@@ -58,9 +58,12 @@ def qemu_info(path):
 
 def qemu_dirty(path, name) -> list[tuple[int, int]]:
     """The dirty extents of persistent bitmap ``name`` of a qcow2 image as
-    QEMU reads them (qemu-nbd -B, nbdinfo --map=qemu:dirty-bitmap:NAME)."""
+    QEMU reads them (qemu-nbd -B, nbdinfo --map=qemu:dirty-bitmap:NAME).
+    Shared (force-share=on, qemu-img's -U): the engine may hold the image
+    read-write, which refuses readers wanting a stable view, as QEMU does."""
+    opts = f"driver=qcow2,force-share=on,read-only=on,file.driver=file,file.filename={path}"
     p = subprocess.run([_tool("nbdinfo"), f"--map=qemu:dirty-bitmap:{name}", "--json", "--",
-                        "[", _tool("qemu-nbd"), "-r", "-f", "qcow2", "-B", name, str(path),
+                        "[", _tool("qemu-nbd"), "-r", "--image-opts", "-B", name, opts,
                         "]"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     return [(e["offset"], e["length"]) for e in json.loads(p.stdout) if e["type"] & 1]

@@ -6,6 +6,7 @@ checked with qemu-img."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 from daemon_util import (brief, compare, drop_transient_pauses, make_images, qcow2_node,
                          qemu_img, qemu_io, side_by_side)
@@ -370,3 +371,33 @@ def test_blockdev_snapshot_in_a_transaction_matches_qemu(tmp_path):
     for name in ("qsd", "blkjobs"):
         d = tmp_path / name
         assert compare(str(d / "base.qcow2"), str(d / "tgt.qcow2"))[0] == 0
+
+
+def test_qcow2_nodes_hold_qemus_locks_as_qsd(tmp_path):
+    """QEMU's qcow2 rule in the daemon, as qemu-storage-daemon's
+    blockdev-add: a read-write qcow2 node with no user yet already holds
+    write and resize (its metadata is cached here), so qemu-io can neither
+    write it nor read it with a stable view; a read-only one refuses other
+    writers only; an inline backing object opens read-only. (The daemon used
+    to take nothing until a user came: another process could write an image
+    whose L1/L2/refcounts it held in memory.)"""
+    async def sc(s, d):
+        rw, ro, ov = img(d, "rw.qcow2"), img(d, "ro.qcow2"), str(d / "ov.qcow2")
+        assert qemu_img("create", "-f", "qcow2", "-b", ro, "-F", "qcow2", ov).returncode == 0
+        await s.x("blockdev-add", **qcow2_node("rw", rw))
+        await s.x("blockdev-add", **qcow2_node("ro", ro, **{"read-only": True}))
+        await s.x("blockdev-add", **qcow2_node("ov", ov, backing={
+            "driver": "qcow2", "file": {"driver": "file", "filename": ro}}))
+        out = {}
+        for name, path in (("rw", rw), ("ro", ro)):
+            for how in (["-c", "write 0 512"], ["-r", "-c", "read 0 512"], ["-r", "-U", "-c", "read 0 512"]):
+                p = subprocess.run(["qemu-io", "-f", "qcow2", *how, path],
+                                   capture_output=True, text=True, timeout=60)
+                text = __import__("re").sub(r"\d+ bytes, \d+ ops;.*\n", "", p.stdout + p.stderr)
+                out[f"{name} {' '.join(how)}"] = [p.returncode, text.replace(str(d), "D")]
+        return out
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    assert "Failed to get \"write\" lock" in ours["rw -c write 0 512"][1]
+    assert "Failed to get shared \"write\" lock" in ours["rw -r -c read 0 512"][1]
+    assert ours["ro -r -c read 0 512"][0] == 0

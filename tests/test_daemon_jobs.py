@@ -337,12 +337,15 @@ def test_chain_backing_refs_stream_and_active_commit(daemon, tmp_path):
 
     async def main():
         s = await connect(daemon.sock)
-        await s.x("blockdev-add", **qcow2_node("base", base))
-        await s.x("blockdev-add", **qcow2_node("mid", mid, backing="base"))
+        # base and mid read-only, as libvirt adds backing images: a
+        # read-write qcow2 node holds write (QEMU's qcow2 rule), and "view"
+        # and "view2" open them again
+        await s.x("blockdev-add", **qcow2_node("base", base, **{"read-only": True}))
+        await s.x("blockdev-add", **qcow2_node("mid", mid, backing="base", **{"read-only": True}))
         await s.x("blockdev-add", **qcow2_node("top", top, backing="mid"))
         await s.x("blockdev-add", **qcow2_node("view", ref, backing={
             "driver": "qcow2", "file": {"driver": "file", "filename": base}}))
-        await s.x("blockdev-add", **qcow2_node("view2", mid))          # opens its chain
+        await s.x("blockdev-add", **qcow2_node("view2", mid, **{"read-only": True}))  # opens its chain
         nodes = {n["node-name"]: n for n in await s.x("query-named-block-nodes", flat=True)}
         assert nodes["top"]["backing_file_depth"] == 2
         assert nodes["top"]["backing_file"] == mid

@@ -56,8 +56,11 @@ def mkimg(path, fmt="qcow2", size=SIZE, backing=None, backing_fmt=None, writes=(
 
 
 def snapshot(path, fmt, out):
-    """The guest view of ``path`` now, as a raw file (independent oracle)."""
-    qimg("convert", "-f", fmt, "-O", "raw", path, out)
+    """The guest view of ``path`` now, as a raw file (independent oracle).
+    ``-U``: the engine may hold the image (a qcow2 node opened read-write
+    refuses other readers' stable view, as qemu-storage-daemon's does); the
+    tests take it while nothing writes."""
+    qimg("convert", "-U", "-f", fmt, "-O", "raw", path, out)
     return str(out)
 
 

@@ -160,7 +160,9 @@ class NodeCommands:
             if isinstance(backing, str):
                 bnode = self._lookup(backing)
             elif isinstance(backing, dict):
-                bmn = self._add(backing, owned=False)
+                # a backing child opens read-only unless it says otherwise
+                # (QEMU's bdrv_backing_options)
+                bmn = self._add({"read-only": True, **backing}, owned=False)
                 created.append(bmn)
                 bnode = bmn.gnode
             if drv == "qcow2":

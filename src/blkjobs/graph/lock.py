@@ -146,6 +146,15 @@ class FileLock:
             _set(self.fd, fcntl.F_UNLCK, b)
             self.held.discard(b)
 
+    def drop_unwanted(self, perm: int, unshared: int) -> None:
+        """Let go of the held bytes (perm, unshared) does not ask for; take
+        none (a rollback after a failed :meth:`apply`)."""
+        want = {PERM_BASE + i for i in range(4) if perm >> i & 1}
+        want |= {SHARED_BASE + i for i in range(4) if unshared >> i & 1}
+        for b in sorted(self.held - want):
+            _set(self.fd, fcntl.F_UNLCK, b)
+            self.held.discard(b)
+
     def release(self) -> None:
         for b in sorted(self.held):
             try:

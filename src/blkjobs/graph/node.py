@@ -77,15 +77,16 @@ class Graph:
 
     Locks (``locking``): each node's lock bytes are the union of its users'
     permissions plus what QEMU's format layer takes on the file (see
-    :meth:`Node.lock_bits`). ``format_locks``: also what QEMU's qcow2 driver
-    takes on its file (the commands; the library and the daemon keep to their
-    users' permissions for now). ``share_writes=False`` is a qemu-img style
+    :meth:`Node.lock_bits`). ``format_locks`` (the default, everywhere: the
+    commands, the library and the daemon): also what QEMU's qcow2 driver
+    takes on its file, so no other process writes a qcow2 image whose
+    metadata we hold in memory. ``share_writes=False`` is a qemu-img style
     command: every image it opens refuses other writers (its readers need a
     stable view). ``force_share`` (``-U``) makes read-only nodes share
     everything and take nothing but consistent read."""
 
     def __init__(self, locking: bool = True, share_writes: bool = True,
-                 force_share: bool = False, format_locks: bool = False):
+                 force_share: bool = False, format_locks: bool = True):
         self.nodes: dict[str, Node] = {}
         self.locking = locking
         self.share_writes = share_writes
@@ -256,7 +257,11 @@ class Node:
             self._apply_locks()
         except BaseException:
             self._perms.remove(p)
-            self._apply_locks()
+            # let go of what the failed apply took; take nothing (the node's
+            # own format bits -- a read-write qcow2 holds write -- may be
+            # what conflicts: the first error stands, said once)
+            if self._lock is not None and not self._closed:
+                self._lock.drop_unwanted(*self.lock_bits())
             raise
         return p
 
