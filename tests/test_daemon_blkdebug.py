@@ -199,3 +199,39 @@ def test_blkdebug_node_is_listed_and_deleted_with_its_parent(tmp_path):
     assert nodes == [("tgt", "qcow2"), ("dbg", "blkdebug")]
     assert after == []
     assert qemu_img("check", str(tmp_path / "tgt.qcow2")).returncode == 0
+
+
+def test_sigterm_while_a_command_waits_for_a_break_point(tmp_path):
+    """SIGTERM while x-blkjobs-blkdebug-wait-break blocks the only command
+    worker (a job held at another break point): the wait gives up, the job
+    is cancelled, the daemon exits 0 at once -- it used to sit out the
+    wait's timeout (here 600 s) before it could close anything."""
+    import asyncio
+    import signal
+
+    from daemon_util import connect
+    d = start_blkjobs(tmp_path)
+    src, tgt = make_images(tmp_path)
+
+    async def sc():
+        s = await connect(d.sock)
+        await s.x("blockdev-add", **qcow2_node("src", src))
+        await s.x("blockdev-add", **over_blkdebug("tgt", tgt, []))
+        await s.x("x-blkjobs-blkdebug-break", node="dbg", event="write_aio", tag="w")
+        await s.x("blockdev-backup", **{"job-id": "j"}, device="src", target="tgt",
+                  sync="full")
+        await s.x("x-blkjobs-blkdebug-wait-break", tag="w", timeout=60)
+        waiting = asyncio.ensure_future(
+            s.qmp.execute("x-blkjobs-blkdebug-wait-break", {"tag": "never", "timeout": 600}))
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(waiting, 60)
+        except Exception as e:          # the error reply, or the connection closing
+            return type(e).__name__
+        return "replied"
+    try:
+        outcome = asyncio.run(sc())
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.stderr
+    assert outcome != "TimeoutError"

@@ -172,6 +172,11 @@ class Server:
             srv.close()
         await self.commands.close_exports()
         loop = asyncio.get_running_loop()
+        # the command worker may be blocked in x-blkjobs-blkdebug-wait-break
+        # (up to its timeout): it gives up now, so the close below can run
+        breaks = self.eng.io.breaks
+        if breaks is not None:
+            await asyncio.to_thread(breaks.interrupt)
         await loop.run_in_executor(self._worker, self.eng.close)
         self._pump()
         for mon in list(self.monitors):

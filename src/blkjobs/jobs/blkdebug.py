@@ -109,6 +109,8 @@ class Breaks:
         self.rules: list[tuple[Any, str, str]] = []     # (Blkdebug, event, tag)
         self.suspended: list[Suspended] = []
         self.closed = False
+        #: waiters (:meth:`wait`) give up: the owner shuts down
+        self.interrupted = False
 
     def add(self, drv: Blkdebug, event: str, tag: str) -> None:
         if event not in EVENTS:
@@ -152,11 +154,21 @@ class Breaks:
 
             def held() -> bool:
                 found[:] = [s for s in self.suspended if s.tag == tag]
-                return bool(found)
+                return bool(found) or self.interrupted or self.closed
             if not self.cond.wait_for(held, timeout):
                 raise TimeoutError(f"blkdebug: no request was suspended at break point "
                                    f"'{tag}' within {timeout:g} s")
+            if not found:
+                raise UsageError(f"blkdebug: stopped waiting for break point '{tag}': "
+                                 "the engine is closing")
             return found[0]
+
+    def interrupt(self) -> None:
+        """Make every :meth:`wait` give up now, resuming nothing (a daemon
+        shutting down: its only command worker may be waiting here)."""
+        with self.cond:
+            self.interrupted = True
+            self.cond.notify_all()
 
     def is_suspended(self, tag: str) -> bool:
         with self.cond:
