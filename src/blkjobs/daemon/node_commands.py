@@ -160,9 +160,7 @@ class NodeCommands:
             if isinstance(backing, str):
                 bnode = self._lookup(backing)
             elif isinstance(backing, dict):
-                # a backing child opens read-only unless it says otherwise
-                # (QEMU's bdrv_backing_options)
-                bmn = self._add({"read-only": True, **backing}, owned=False)
+                bmn = self._add({"read-only": True, **backing}, owned=False)  # QEMU's default
                 created.append(bmn)
                 bnode = bmn.gnode
             if drv == "qcow2":
