@@ -194,7 +194,8 @@ def run(args) -> int:
             raise UsageError("Backing file specified without backing format (use -F FMT)")
         if not args.unsafe:
             try:
-                with open_image(bpath, opts["backing_format"]) as b:
+                # its size only: an encrypted backing file needs no key here
+                with open_image(bpath, opts["backing_format"], header_only=True) as b:
                     bsize = b.size
             except BlkjobsError as e:
                 raise UsageError(f"Could not open backing image: {e}") from None

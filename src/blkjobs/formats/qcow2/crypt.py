@@ -188,6 +188,12 @@ def add_luks_area(path: str, password: bytes, o: CreateOpts) -> None:
         cs = img.cluster_size
         rc = img._rc()
         n = -(-len(area) // cs)
+        while True:     # refcount blocks for the whole run first: it stays in one piece
+            c = rc.end
+            for t in range(c // rc.rbe, (c + n - 1) // rc.rbe + 1):
+                rc._ensure_block(t * rc.rbe)
+            if rc.end == c:
+                break
         runs = rc.alloc(n)
         if len(runs) != 1:
             raise ImageError(f"'{path}': the LUKS header needs {n} contiguous clusters; "
