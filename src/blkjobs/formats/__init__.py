@@ -52,6 +52,9 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True,
         return Nbd(path, read_only=read_only)
     if fmt is None:
         fmt = probe_format(path)
+    if key_secret is None and fmt in ("qcow2", "luks"):
+        from .secrets import bound_key
+        key_secret = bound_key(path)
     try:
         if fmt == "qcow2":
             from .qcow2 import Qcow2
@@ -82,6 +85,15 @@ def _qcow2_encrypted(path: str) -> bool:
     return len(head) == 36 and int.from_bytes(head[32:36], "big") != 0
 
 
+def is_encrypted(path: str, fmt: str | None) -> bool:
+    """``path`` (format ``fmt``, probed when None) is an encrypted image."""
+    from .nbd import is_nbd_uri
+    if is_nbd_uri(path) or not os.path.exists(path):
+        return False
+    fmt = fmt or probe_format(path)
+    return fmt == "luks" or (fmt == "qcow2" and _qcow2_encrypted(path))
+
+
 def create_image(path: str, fmt: str, size: int | None, **opts) -> None:
     """Create an image. qcow2 options: cluster_size, extended_l2, backing_file,
     backing_format, preallocation ('off'|'metadata'), compat ('1.1'|'0.10'),
@@ -107,11 +119,15 @@ def create_image(path: str, fmt: str, size: int | None, **opts) -> None:
                 add_luks_area(path, enc[2], enc[1])
             else:
                 set_aes(path)
+            from .secrets import bind_key
+            bind_key(path, enc[1].key_secret)      # opened with its key from now on
     elif fmt == "luks":
         from .luks import create as create_luks
         if size is None:
             raise UsageError("image size is required")
         create_luks(path, size, **opts)
+        from .secrets import bind_key
+        bind_key(path, opts.get("key_secret"))
     elif fmt == "raw":
         from .raw import create as create_raw
         if size is None:

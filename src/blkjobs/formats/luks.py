@@ -231,7 +231,7 @@ class LuksHeader:
             mk = af_merge(self.hash_spec, mat, self.key_bytes, STRIPES)
             if pbkdf2(self.hash_spec, mk, self.mk_salt, self.mk_iters, 20) == self.mk_digest:
                 return mk
-        raise ImageError("Invalid password, cannot unlock any keyslot")
+        raise CryptoOpenError("Invalid password, cannot unlock any keyslot")
 
     def info(self, fmt: bool = False) -> dict[str, Any]:
         """QEMU's format-specific fields, in the order qemu-img prints them
@@ -347,8 +347,13 @@ def parse_create_opts(opts: dict[str, Any], prefix: str = "") -> CreateOpts:
     return o
 
 
-def key_required(what: str = "key-secret") -> ImageError:
-    return ImageError(f"Parameter '{what}' is required for cipher")
+class CryptoOpenError(ImageError):
+    """An encrypted image cannot be unlocked (no key, wrong password):
+    QEMU's text; the commands prefix ``Could not open 'PATH': ``."""
+
+
+def key_required(what: str = "key-secret") -> CryptoOpenError:
+    return CryptoOpenError(f"Parameter '{what}' is required for cipher")
 
 
 class Luks(Driver):

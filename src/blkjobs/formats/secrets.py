@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 
 from ..errors import UsageError
 
 _SECRETS: dict[str, bytes] = {}
+#: image (real path) -> the id of the secret that unlocks it
+_KEYS: dict[str, str] = {}
 
 
 def add_secret(props: dict[str, str]) -> None:
@@ -96,6 +99,24 @@ def secret(sid: str) -> bytes:
         return _SECRETS[sid]
     except KeyError:
         raise UsageError(f"No secret with id '{sid}'") from None
+
+
+def bind_key(path: str, sid: str | None) -> None:
+    """Open the encrypted image ``path`` with secret ``sid`` from now on
+    when no key is named at the open (what ``--image-opts
+    driver=luks,key-secret=ID,file.filename=PATH`` or
+    ``encrypt.key-secret=ID`` says; an image created with a key is bound to
+    it). ``sid`` None: unbind."""
+    real = os.path.realpath(path)
+    if sid is None:
+        _KEYS.pop(real, None)
+    else:
+        _KEYS[real] = sid
+
+
+def bound_key(path: str) -> str | None:
+    """The secret id bound to ``path`` (:func:`bind_key`), or None."""
+    return _KEYS.get(os.path.realpath(path)) if _KEYS else None
 
 
 def remove_secret(sid: str) -> None:

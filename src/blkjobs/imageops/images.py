@@ -59,7 +59,11 @@ def open_ro(path: str, fmt: str | None = None, force_share: bool = False,
     raises qemu-img's error (``Could not open 'PATH': Failed to get shared
     "write" lock``). Returns the top node; close with ``node.close_chain()``.
     ``key_secret``: the secret of an encrypted top image (formats.secrets)."""
+    from ..formats.luks import CryptoOpenError
     fmt = probe(path, fmt)
-    with opening(path, what):
-        return open_chain(path, fmt, read_only=True, graph=cli_graph(force_share, stable),
-                          key_secret=key_secret)
+    try:
+        with opening(path, what):
+            return open_chain(path, fmt, read_only=True, graph=cli_graph(force_share, stable),
+                              key_secret=key_secret)
+    except CryptoOpenError as e:        # qemu-img's prefix
+        raise CryptoOpenError(f"{what} '{path}': {e}") from None
