@@ -306,3 +306,29 @@ def test_convert_encrypted_source(kind, tmp_path):
     assert q.returncode == 1 and b.returncode == 1
     assert b.stderr == q.stderr.replace("qemu-img:", "blkjobs:", 1)
     assert not (tmp_path / "b.raw").exists()
+
+
+def test_qcow2_luks_small_clusters(tmp_path):
+    """512-byte clusters: the 4040-cluster LUKS area spans many refcount
+    blocks and must still be one run (iotest 284's image); QEMU opens it,
+    reads what we wrote, and its check is clean."""
+    img = tmp_path / "s.qcow2"
+    ours_create("qcow2-luks", img, size=MiB, extra=",cluster_size=512")
+    with open_image(str(img), "qcow2", read_only=False, key_secret="sec0") as d:
+        d.write(700, b"\xc4" * 3000)
+    p = qio("qcow2-luks", img, "read -P 0 0 700", "read -P 0xc4 700 3000")
+    assert p.returncode == 0 and "verification failed" not in p.stdout, p.stdout + p.stderr
+    p = subprocess.run(["qemu-img", "check", "--object", OBJ, "--image-opts",
+                        image_opts("qcow2-luks", img)], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith("No errors were found"), p.stdout
+
+
+def test_overlay_over_encrypted_backing_needs_no_key(tmp_path):
+    """create -b ENC.qcow2 -F qcow2 reads only the backing file's size (no
+    key), as qemu-img create does (iotests 189, 198)."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_create("qcow2-luks", base, size=2 * MiB)
+    q = qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", tmp_path / "q.qcow2")
+    b = run_blkjobs("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top, check=True)
+    assert b.stdout == q.stdout.replace("q.qcow2", "top.qcow2")
+    assert json.loads(qemu_img("info", "--output", "json", top).stdout)["virtual-size"] == 2 * MiB
