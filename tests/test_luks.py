@@ -376,3 +376,14 @@ def test_backup_job_through_ciphers(src_kind, dst_kind, tmp_path):
     p = subprocess.run(["qemu-img", "compare", "--object", OBJ, "--image-opts", spec, dspec],
                        capture_output=True, text=True)
     assert p.stdout == "Images are identical.\n", p.stdout + p.stderr
+
+
+def test_info_backing_chain_without_key(tmp_path):
+    """info --backing-chain over an encrypted backing file needs no key:
+    the same JSON as qemu-img's."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_create("qcow2-luks", base, size=2 * MiB)
+    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    q = qemu_img("info", "--backing-chain", "--output", "json", top).stdout
+    b = run_blkjobs("info", "--backing-chain", "--output", "json", top, check=True).stdout
+    assert json.loads(b) == json.loads(q)

@@ -92,7 +92,7 @@ def info(path: str, fmt: str | None = None, backing_chain: bool = False,
         finally:
             node.close()
     try:
-        top = open_ro(path, fmt, force_share)
+        top = open_ro(path, fmt, force_share, header_only=True)
     except LockConflict as e:   # qemu-img opens each image of the chain by itself
         raise LockConflict(f"Could not open '{e.path}': {e.bare}", e.path) from None
     try:
