@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py csrc/nbd/*.[ch])
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q 'setuptools>=77' wheel build 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4' 'mypy>=1.8' 'argparse-manpage>=4' 'numpy>=1.24' 'psutil>=5.9'
+	$(PY) -m pip install -q 'setuptools>=77' wheel build 'cffi>=1.16' 'pytest>=7' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4' 'mypy>=1.8' 'argparse-manpage>=4' 'numpy>=1.24' 'psutil>=5.9' 'cryptography>=41'
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -m compileall -q src    # start-up time counts in every copy a user times
 	touch $(STAMP)

@@ -113,7 +113,7 @@ def test_n_onto_smaller_target_refused(tmp_path):
      "blkjobs: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.\n"),
     (["convert", "-m", "0", "{src}", "{dst}"],
      "blkjobs: invalid number of coroutines/threads 0: must be 1..16\n"),
-    (["convert", "-O", "vmdk", "{src}", "{dst}"], "blkjobs: unsupported target format 'vmdk' (supported: raw, qcow2)\n"),
+    (["convert", "-O", "vmdk", "{src}", "{dst}"], "blkjobs: unsupported target format 'vmdk' (supported: raw, qcow2, luks)\n"),
     (["convert", "--target-is-zero", "{src}", "{dst}"],
      "blkjobs: --target-is-zero requires -n (use an existing target)\n"),
 ])

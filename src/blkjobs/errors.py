@@ -11,6 +11,7 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      │    ├── CheckNotSupported               exit 63: the format has no checks (qemu-img's 63)
      │    ├── NotSupported                    formats.base: a driver lacks the capability asked for
      │    ├── NotAnImageFile                  formats.base: not a file or device an image can be
+     │    ├── CryptoOpenError                 formats.luks: an encrypted image without its key (QEMU's text)
      │    └── NbdConnectError                 native.nbd: could not connect to an NBD server
      ├── NbdIOError (also OSError)            native.nbd: an NBD request failed (errno, libnbd's text)
      │    └── NbdCopyError                    native.nbd: a file <-> export copy failed (side, offset)

@@ -18,6 +18,9 @@ def register(sub):
                        "zero blocks become holes.")
     p.add_argument("-f", dest="src_fmt", metavar="FMT", help="source format (raw, qcow2; "
                    "probed by default)")
+    p.add_argument("--object", dest="objects", action="append", metavar="OBJECT",
+                   help="secret,id=ID,data=TEXT|file=PATH: the password of an encrypted "
+                   "target (-O luks -o key-secret=ID; -O qcow2 -o encrypt.key-secret=ID)")
     p.add_argument("-O", dest="dst_fmt", metavar="FMT", default="raw",
                    help="target format (raw, qcow2; default raw)")
     p.add_argument("-c", dest="compress", action="store_true",
@@ -68,7 +71,10 @@ def run(args) -> int:
             8 if args.cache == "writeback" else 4)
     except ValueError:
         raise UsageError(f"invalid number of threads '{args.threads}'") from None
-    create_opts = parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2")
+    from ..formats.secrets import add_secret_object
+    for obj in args.objects or []:
+        add_secret_object(obj)
+    create_opts = parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2", "luks")
                              else "raw") if args.options else {}
     # -o backing_file=,backing_fmt= is -B/-F (qemu-img: the -o value wins): only
     # what differs from the backing file is copied

@@ -10,6 +10,10 @@ import os
 from ..errors import BlkjobsError, UsageError
 from ..units import parse_opt_size, parse_size
 
+#: qemu-img's luks create options (qcow2: with the prefix ``encrypt.``), in
+#: the order its Formatting line lists them
+_LUKS = ("key-secret", "cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg",
+         "hash-alg", "iter-time")
 _BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 
 
@@ -17,7 +21,11 @@ def register(sub):
     p = sub.add_parser("create", help="create a raw or qcow2 image",
                        description="Create IMG of SIZE (a qcow2 overlay may take its "
                        "backing file's size).")
-    p.add_argument("-f", dest="fmt", default="raw", metavar="FMT", help="raw (default) or qcow2")
+    p.add_argument("-f", dest="fmt", default="raw", metavar="FMT",
+                   help="raw (default), qcow2 or luks")
+    p.add_argument("--object", dest="objects", action="append", metavar="OBJECT",
+                   help="secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]: a password "
+                   "for key-secret=ID (luks) or encrypt.key-secret=ID (qcow2)")
     p.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="cluster_size=..,extended_l2=on|off,preallocation=..,compat=..,"
                    "refcount_bits=..")
@@ -41,7 +49,18 @@ def parse_opts(texts: list[str] | None, fmt: str) -> dict:
             name, val = name.strip(), val.strip()
             if fmt == "raw" and name not in ("preallocation", "size", "extent_size_hint"):
                 raise UsageError(f"Invalid parameter '{name}' for format raw")
-            if name == "size":
+            if fmt == "luks" and name not in _LUKS + ("preallocation", "size"):
+                raise UsageError(f"Invalid parameter '{name}' for format luks")
+            if fmt == "luks" and name in _LUKS:
+                out[name.replace("-", "_")] = val
+            elif fmt == "qcow2" and name.startswith("encrypt.") and name[8:] in _LUKS + ("format",):
+                out[name] = val
+            elif fmt == "qcow2" and name == "encryption":
+                b = _BOOL.get(val.lower() or "on")
+                if b is None:
+                    raise UsageError("Parameter 'encryption' expects 'on' or 'off'")
+                out[name] = b
+            elif name == "size":
                 out["size"] = parse_opt_size(val, "size")
             elif name == "cluster_size":
                 out["cluster_size"] = parse_opt_size(val, "cluster_size")
@@ -80,10 +99,16 @@ def formatting_line(path: str, fmt: str, size: int, opts: dict) -> str:
     """qemu-img's line: its options in its order (the size as given)."""
     hint = opts.get("extent_size_hint")
     tail = [] if hint is None else [f"extent_size_hint={hint}"]
-    if fmt == "raw":
-        extra = [f"preallocation={opts['preallocation']}"] if opts.get("preallocation") else []
-        return " ".join([f"Formatting '{path}', fmt=raw size={size}", *extra, *tail])
-    parts = [f"Formatting '{path}', fmt=qcow2",
+    if fmt in ("raw", "luks"):
+        extra = [f"{k}={opts[k.replace('-', '_')]}" for k in _LUKS
+                 if opts.get(k.replace("-", "_")) is not None] if fmt == "luks" else []
+        if opts.get("preallocation"):
+            extra.append(f"preallocation={opts['preallocation']}")
+        return " ".join([f"Formatting '{path}', fmt={fmt} size={size}", *extra, *tail])
+    enc = ["encryption=on"] if opts.get("encryption") else []
+    enc += [f"encrypt.{k}={opts['encrypt.' + k]}" for k in ("format",) + _LUKS
+            if opts.get("encrypt." + k) is not None]
+    parts = [f"Formatting '{path}', fmt=qcow2", *enc,
              f"cluster_size={opts.get('cluster_size', 65536)}",
              f"extended_l2={'on' if opts.get('extended_l2') else 'off'}"]
     if opts.get("preallocation"):
@@ -146,7 +171,10 @@ def check_raw(path: str, opts: dict) -> None:
 
 def run(args) -> int:
     from ..formats import FORMATS, create_image, open_image
+    from ..formats.secrets import add_secret_object
     from ..graph import resolve_backing
+    for obj in args.objects or []:
+        add_secret_object(obj)
     if args.fmt not in FORMATS:
         raise UsageError(f"unsupported image format '{args.fmt}' (supported: {', '.join(FORMATS)})")
     opts = parse_opts(args.options, args.fmt)
@@ -166,7 +194,8 @@ def run(args) -> int:
             raise UsageError("Backing file specified without backing format (use -F FMT)")
         if not args.unsafe:
             try:
-                with open_image(bpath, opts["backing_format"]) as b:
+                # its size only: an encrypted backing file needs no key here
+                with open_image(bpath, opts["backing_format"], header_only=True) as b:
                     bsize = b.size
             except BlkjobsError as e:
                 raise UsageError(f"Could not open backing image: {e}") from None
@@ -177,7 +206,8 @@ def run(args) -> int:
     if not args.quiet:
         print(formatting_line(args.image, args.fmt, size, opts), flush=True)
     opts.pop("extent_size_hint", None)
-    (check_qcow2 if args.fmt == "qcow2" else check_raw)(args.image, opts)
+    if args.fmt != "luks":
+        (check_qcow2 if args.fmt == "qcow2" else check_raw)(args.image, opts)
     size = -(-size // 512) * 512        # qemu-img makes images of whole sectors
     # an existing image is locked (write, nobody else writing) before it is
     # overwritten, as qemu-img does: one in use is refused, not truncated
@@ -194,6 +224,10 @@ def run(args) -> int:
         create_image(args.image, args.fmt, size, **opts)
     except OSError as e:
         raise UsageError(f"{args.image}: Could not create image: {e.strerror}") from None
+    except BlkjobsError as e:
+        if args.fmt != "luks" and not any(k.startswith("encrypt") for k in opts):
+            raise
+        raise UsageError(f"{args.image}: {e}") from None      # qemu-img names the image
     finally:
         if lock is not None:
             lock.release()

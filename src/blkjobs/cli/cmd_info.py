@@ -27,6 +27,8 @@ def _human(d: dict) -> str:
     lines = [f"image: {d['filename']}", f"file format: {d['format']}",
              f"virtual size: {human(d['virtual-size'])} ({d['virtual-size']} bytes)",
              f"disk size: {human(d['actual-size']) if 'actual-size' in d else 'unavailable'}"]
+    if d.get("encrypted"):
+        lines.append("encrypted: yes")
     if "cluster-size" in d:
         lines.append(f"cluster_size: {d['cluster-size']}")
     if "backing-filename" in d:

@@ -10,11 +10,12 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..errors import ImageError, UsageError
 from .base import Driver, Kind, Mapping, NotAnImageFile, open_file  # noqa: F401
 
-FORMATS = ("raw", "qcow2")
+FORMATS = ("raw", "qcow2", "luks")
 
 __all__ = ["Driver", "Kind", "Mapping", "FORMATS", "probe_format", "open_image",
            "create_image"]
@@ -33,12 +34,16 @@ def probe_format(path: str) -> str:
         head = os.pread(fd, 8, 0)
     finally:
         os.close(fd)
-    return "qcow2" if probe(head) else "raw"
+    from .luks import MAGIC as LUKS_MAGIC
+    return "qcow2" if probe(head) else "luks" if head[:6] == LUKS_MAGIC else "raw"
 
 
-def open_image(path: str, fmt: str | None = None, read_only: bool = True) -> Driver:
+def open_image(path: str, fmt: str | None = None, read_only: bool = True,
+               key_secret: str | None = None, header_only: bool = False) -> Driver:
     """Open ``path`` as ``fmt`` (probed when None). An NBD URI opens the
-    ``nbd`` driver (format raw only)."""
+    ``nbd`` driver (format raw only). An encrypted image (luks, encrypted
+    qcow2) is unlocked with the secret ``key_secret`` (:mod:`.secrets`);
+    without one it opens only with ``header_only`` (what ``info`` reads)."""
     from .nbd import is_nbd_uri
     if is_nbd_uri(path):
         if fmt not in (None, "raw"):
@@ -47,10 +52,19 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True) -> Dri
         return Nbd(path, read_only=read_only)
     if fmt is None:
         fmt = probe_format(path)
+    if key_secret is None and fmt in ("qcow2", "luks"):
+        from .secrets import bound_key
+        key_secret = bound_key(path)
     try:
         if fmt == "qcow2":
             from .qcow2 import Qcow2
+            if _qcow2_encrypted(path):
+                from .qcow2.crypt import CryptQcow2
+                return CryptQcow2(path, read_only, key_secret, header_only)
             return Qcow2(path, read_only=read_only)
+        if fmt == "luks":
+            from .luks import Luks
+            return Luks(path, read_only, key_secret, header_only)
         if fmt == "raw":
             from .raw import Raw
             return Raw(path, read_only=read_only)
@@ -59,6 +73,25 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True) -> Dri
     except PermissionError:
         raise ImageError(f"could not open '{path}': Permission denied") from None
     raise UsageError(f"unknown image format '{fmt}' (supported: {', '.join(FORMATS)})")
+
+
+def _qcow2_encrypted(path: str) -> bool:
+    """The qcow2 header's crypt_method field is set."""
+    fd = open_file(path)
+    try:
+        head = os.pread(fd, 36, 0)
+    finally:
+        os.close(fd)
+    return len(head) == 36 and int.from_bytes(head[32:36], "big") != 0
+
+
+def is_encrypted(path: str, fmt: str | None) -> bool:
+    """``path`` (format ``fmt``, probed when None) is an encrypted image."""
+    from .nbd import is_nbd_uri
+    if is_nbd_uri(path) or not os.path.exists(path):
+        return False
+    fmt = fmt or probe_format(path)
+    return fmt == "luks" or (fmt == "qcow2" and _qcow2_encrypted(path))
 
 
 def create_image(path: str, fmt: str, size: int | None, **opts) -> None:
@@ -78,7 +111,23 @@ def create_image(path: str, fmt: str, size: int | None, **opts) -> None:
                     size = b.size
         if size is None:
             raise UsageError("image size is required")
+        enc = _encryption({k: opts.pop(k) for k in list(opts) if k.startswith("encrypt")})
         create_qcow2(path, size, **opts)
+        if enc is not None:
+            from .qcow2.crypt import add_luks_area, set_aes
+            if enc[0] == "luks":
+                add_luks_area(path, enc[2], enc[1])
+            else:
+                set_aes(path)
+            from .secrets import bind_key
+            bind_key(path, enc[1].key_secret)      # opened with its key from now on
+    elif fmt == "luks":
+        from .luks import create as create_luks
+        if size is None:
+            raise UsageError("image size is required")
+        create_luks(path, size, **opts)
+        from .secrets import bind_key
+        bind_key(path, opts.get("key_secret"))
     elif fmt == "raw":
         from .raw import create as create_raw
         if size is None:
@@ -86,3 +135,28 @@ def create_image(path: str, fmt: str, size: int | None, **opts) -> None:
         create_raw(path, size, **opts)
     else:
         raise UsageError(f"unknown image format '{fmt}' (supported: {', '.join(FORMATS)})")
+
+
+def _encryption(enc: dict) -> tuple[str, Any, bytes] | None:
+    """``encrypt.format=luks|aes`` (``encryption=on``: aes) with
+    ``encrypt.key-secret`` and the LUKS options ``encrypt.cipher-alg``...:
+    (format, LUKS options, password) for :mod:`.qcow2.crypt`, checked before
+    anything is created; None: not encrypted."""
+    from .luks import parse_create_opts
+    from .secrets import secret
+    fmt = enc.pop("encrypt.format", None)
+    if enc.pop("encryption", False):
+        if fmt not in (None, "aes"):
+            raise UsageError("Conflicting options 'encryption' and 'encrypt.format'")
+        fmt = "aes"
+    o = parse_create_opts(enc, "encrypt.")
+    if enc:
+        raise UsageError(f"Invalid parameter '{sorted(enc)[0]}'")
+    if fmt is None:
+        return None
+    if fmt not in ("luks", "aes"):
+        raise UsageError(f"Parameter 'encrypt.format' does not accept value '{fmt}'")
+    if o.key_secret is None:
+        raise UsageError("Parameter 'encrypt.key-secret' is required for cipher")
+    o.check()
+    return fmt, o, secret(o.key_secret)

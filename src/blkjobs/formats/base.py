@@ -139,6 +139,9 @@ class Driver(abc.ABC):
     protocol: str = "file"
     wants_events: bool = False
     is_filter: bool = False
+    #: the guest data is encrypted (luks, qcow2 encrypt.format=luks|aes):
+    #: never read or written at host offsets, only through the driver
+    encrypted: bool = False
     filename: str
     read_only: bool
     backing_filename: str | None = None

@@ -38,7 +38,8 @@ def _check_backing_file(path: str, of: str) -> None:
 
 def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
                graph: Graph | None = None, name: str | None = None,
-               locking: bool = True) -> Node:
+               locking: bool = True, key_secret: str | None = None,
+               header_only: bool = False) -> Node:
     """Open ``path`` and its whole backing chain; return the top node.
 
     The top node is opened as asked; backing nodes always read-only. A
@@ -46,6 +47,9 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
     qcow2 or as *read-only* raw, never as a writable raw guess). Loops
     (a file appearing twice in its own chain) raise ImageError. The top node
     is held by the owner ``'open'`` with consistent read, sharing all.
+    ``key_secret``: the secret unlocking the top image when it is encrypted
+    (``formats.open_image``); ``header_only``: encrypted images without a
+    key open for their headers only (``info --backing-chain``).
     """
     if graph is None:
         graph = Graph(locking=locking)
@@ -62,7 +66,9 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
             seen[real] = cur_path
             if cur_fmt is None:
                 cur_fmt = probe_format(cur_path)
-            drv = open_image(cur_path, cur_fmt, read_only=ro)
+            drv = open_image(cur_path, cur_fmt, read_only=ro,
+                             key_secret=key_secret if prev is None else None,
+                             header_only=header_only)
             node = graph.add(drv, name if prev is None else None, cur_fmt)
             opened.append(node)
             if prev is None:

@@ -48,7 +48,7 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
     local converter does not depend on it)."""
     from .images import check_format
     o = opts or ConvertOptions()
-    if not (is_nbd_uri(src) or is_nbd_uri(dst)):
+    if not (is_nbd_uri(src) or is_nbd_uri(dst) or _encrypted(src, dst, o)):
         return convert_files(src, dst, o, progress, check)
     check_format(o.dst_fmt, "target")
     check_format(o.src_fmt, "source")
@@ -56,12 +56,28 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
     return convert_nbd(src, dst, o, progress, check)
 
 
+def _encrypted(src: str, dst: str, o: ConvertOptions) -> bool:
+    """An encrypted source or target: its bytes move through the drivers'
+    ciphers, on this module's buffer path (the C engine copies host bytes)."""
+    from ..formats import is_encrypted
+    try:
+        if is_encrypted(src, o.src_fmt):
+            return True
+        if o.no_create:
+            return is_encrypted(dst, o.dst_fmt)
+    except OSError:
+        return False            # the converter says what is wrong with the file
+    return o.dst_fmt == "luks" or any(k.startswith("encrypt") for k in o.create_opts)
+
+
 def convert_nbd(src: str, dst: str, o: ConvertOptions,
                 progress: Callable[[int, int], None] | None = None,
                 check: Callable[[], None] | None = None) -> ConvertResult:
     """Convert where ``src`` or ``dst`` is an NBD URI (see the module)."""
     if o.backing or o.compress:
-        raise UsageError(f"convert: {'-B' if o.backing else '-c'} is not supported with NBD")
+        with_what = "NBD" if is_nbd_uri(src) or is_nbd_uri(dst) else "encrypted images"
+        raise UsageError(f"convert: {'-B' if o.backing else '-c'} is not supported with "
+                         f"{with_what}")
     if is_nbd_uri(dst) and o.dst_fmt != "raw":
         raise UsageError(f"'{dst}': only the raw format is supported over NBD")
     return _NbdConvert(src, dst, o, progress, check).run()
@@ -133,7 +149,9 @@ class _NbdConvert:
         if o.dst_fmt == "qcow2":
             self.t.unsafe = not o.flush
             self.dst_lock = threading.Lock()
-        self.target_zero = self.ours is not None or o.target_is_zero
+        # a fresh luks payload reads as noise, not zeroes: holes are written
+        self.target_zero = o.target_is_zero or (self.ours is not None
+                                                and self.t.format_name != "luks")
 
     # -- the work ----------------------------------------------------------------
     def _plan(self, q: queue.Queue) -> None:

@@ -52,11 +52,18 @@ def cli_graph(force_share: bool = False, stable: bool = False) -> Graph:
 
 
 def open_ro(path: str, fmt: str | None = None, force_share: bool = False,
-            stable: bool = False, what: str = "Could not open") -> Node:
+            stable: bool = False, what: str = "Could not open",
+            key_secret: str | None = None, header_only: bool = False) -> Node:
     """Open ``path`` (format given or probed) and its backing chain read-only,
     holding what qemu-img's readers hold (see :func:`cli_graph`). A conflict
     raises qemu-img's error (``Could not open 'PATH': Failed to get shared
-    "write" lock``). Returns the top node; close with ``node.close_chain()``."""
+    "write" lock``). Returns the top node; close with ``node.close_chain()``.
+    ``key_secret``: the secret of an encrypted top image (formats.secrets)."""
+    from ..formats.luks import CryptoOpenError
     fmt = probe(path, fmt)
-    with opening(path, what):
-        return open_chain(path, fmt, read_only=True, graph=cli_graph(force_share, stable))
+    try:
+        with opening(path, what):
+            return open_chain(path, fmt, read_only=True, graph=cli_graph(force_share, stable),
+                              key_secret=key_secret, header_only=header_only)
+    except CryptoOpenError as e:        # qemu-img's prefix
+        raise CryptoOpenError(f"{what} '{path}': {e}") from None

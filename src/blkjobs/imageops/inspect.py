@@ -62,6 +62,8 @@ def _node_info(node) -> dict:
         from ..graph import resolve_backing
         d["full-backing-filename"] = resolve_backing(node.filename, drv.backing_filename)
         d["backing-filename"] = drv.backing_filename
+    if drv.encrypted:
+        d["encrypted"] = True
     d["dirty-flag"] = drv.dirty_flag
     return d
 
@@ -81,7 +83,8 @@ def info(path: str, fmt: str | None = None, backing_chain: bool = False,
             return [info_raw(path)]
         from ..formats import open_image
         from ..graph import Perm
-        node = cli_graph(force_share).add(open_image(path, fmt), fmt=fmt)
+        # header only: info needs no key of an encrypted image, as qemu-img
+        node = cli_graph(force_share).add(open_image(path, fmt, header_only=True), fmt=fmt)
         try:
             with opening(path):
                 node.take("open", Perm.CONSISTENT_READ)
@@ -89,7 +92,7 @@ def info(path: str, fmt: str | None = None, backing_chain: bool = False,
         finally:
             node.close()
     try:
-        top = open_ro(path, fmt, force_share)
+        top = open_ro(path, fmt, force_share, header_only=True)
     except LockConflict as e:   # qemu-img opens each image of the chain by itself
         raise LockConflict(f"Could not open '{e.path}': {e.bare}", e.path) from None
     try:

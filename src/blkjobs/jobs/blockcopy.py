@@ -128,8 +128,9 @@ class Mover(TargetWrites):
         self._running: set[CopyEngine] = set()
         self._run_lock = threading.Lock()
         self._dst_raw = dst.driver.cluster_size == 0
-        #: no host file (an NBD export): everything is written through the driver
-        self._dst_remote = not dst.driver.host_file
+        #: no host file (an NBD export) or encrypted data (its host bytes are
+        #: ciphertext): everything is written through the driver
+        self._dst_remote = not dst.driver.host_file or dst.driver.encrypted
         self._tls = threading.local()       # see plan (blkdebug break points)
         #: bytes that batches which did not land wrote into the target and
         #: that stayed there (no allocation put back), by batch offset; an

@@ -133,6 +133,9 @@ class Checker:
     # the walk
     def walk_header(self) -> None:
         self.refs[0] += 1
+        crypt = self.h.ext(0x0537BE77)    # the LUKS area (qcow2/crypt.py)
+        if crypt is not None and len(crypt) >= 16:
+            self.ref_range(*struct.unpack(">QQ", crypt[:16]))
 
     def walk_l1(self, l1_off: int, l1_size: int, active: bool) -> None:
         """An L1 table, its L2 tables and their data clusters (``active``:

@@ -110,6 +110,9 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self.file_size = st.st_size
         buf = os.pread(self.fd, 2 << 20, 0)
         h = self.header = parse_header(buf, self.file_size, self.filename)
+        if h.crypt_method and not self.encrypted:    # never ciphertext as data
+            raise ImageError(f"'{self.filename}': encrypted qcow2 image: open it "
+                             "with its key (formats.open_image(key_secret=))")
         self.cb = h.cluster_bits
         self.cluster_size = cs = h.cluster_size
         self.extended = h.extended_l2

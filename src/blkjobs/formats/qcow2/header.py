@@ -287,8 +287,8 @@ def _parse_backing_name(h: Header, buf: bytes, bf_off: int, bf_size: int, ext_en
 
 def _check_features(h: Header, bad: _Bad) -> None:
     """Features blkjobs refuses, and feature fields that disagree."""
-    if h.crypt_method:
-        raise bad(f"encrypted qcow2 images are not supported (crypt_method={h.crypt_method})")
+    if h.crypt_method not in (0, 1, 2):     # 1 AES, 2 LUKS: formats/qcow2/crypt.py
+        raise bad(f"Unsupported encryption method: {h.crypt_method}")
     if h.refcount_order > 6:
         raise bad(f"invalid refcount_order {h.refcount_order}")
     if h.incompatible & INCOMPAT_DATA_FILE:
