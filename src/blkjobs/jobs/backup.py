@@ -28,6 +28,9 @@ _log = logging.getLogger(__name__)
 
 SYNC_MODES = ("full", "top", "none", "incremental", "bitmap")
 BITMAP_MODES = ("on-success", "never", "always")
+#: Most dirty areas one batch takes (see BackupJob._claim).
+CLAIM_AREAS = 1024
+
 class BackupJob(BlockJob):
     job_type = "backup"
 
@@ -179,29 +182,45 @@ class BackupJob(BlockJob):
         self._sync_progress(job)
         self._check_cbw()
 
-    def _claim(self, job: Job) -> tuple[int, int] | None:
+    def _claim(self, job: Job) -> list[tuple[int, int]] | None:
+        """Dirty areas from the cursor on, up to one batch and CLAIM_AREAS
+        areas: scattered clusters (an incremental backup's) travel together,
+        one engine round trip for all of them, and the engine merges the
+        ones adjacent in both files into one request."""
         self._check_cbw()
-        n = self.batch_size(job, self.cluster)
+        left = self.batch_size(job, self.cluster)
+        areas: list[tuple[int, int]] = []
         with self.io:
-            area = self.copy_bm.next_dirty_area(self._pos, n)
-            if area is None and self._pos:
-                area = self.copy_bm.next_dirty_area(0, n)
-            if area is None:
-                return None
-            self.copy_bm.reset(*area)
-            self.inflight.add(*area)
-        end = area[0] + area[1]
-        self._pos = 0 if end >= self.size else end
-        return area
+            wrapped = not self._pos
+            while left >= self.cluster and len(areas) < CLAIM_AREAS:
+                area = self.copy_bm.next_dirty_area(self._pos, left)
+                if area is None:
+                    if wrapped:
+                        break
+                    wrapped, self._pos = True, 0
+                    continue
+                self.copy_bm.reset(*area)
+                self.inflight.add(*area)
+                areas.append(area)
+                left -= area[1]
+                end = area[0] + area[1]
+                self._pos = 0 if end >= self.size else end
+                if self._pos == 0:
+                    if wrapped:
+                        break
+                    wrapped = True
+        return areas or None
 
-    def _release(self, area: tuple[int, int], stats: Stats | None) -> None:
+    def _release(self, areas: list[tuple[int, int]], stats: Stats | None) -> None:
         assert self._job is not None    # set by run(), the only caller of the copy loop
         with self.io:
-            self.inflight.remove((area[0], area[0] + area[1]))
+            for a, n in areas:
+                self.inflight.remove((a, a + n))
             if stats is None or self._job_cancelled:
-                self.copy_bm.set(*area)
+                for a, n in areas:
+                    self.copy_bm.set(a, n)
             else:
-                self.done += area[1] - stats.skipped
+                self.done += sum(n for _, n in areas) - stats.skipped
         self._sync_progress(self._job)
 
     def _flush_target(self, job: Job) -> None:
