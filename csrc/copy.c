@@ -111,6 +111,9 @@ struct bj_copy {
 
     /* state */
     int active, shutdown;
+    uint32_t idle;            /* workers waiting on work_cv */
+    uint32_t done_waiters;    /* run / drain callers waiting on done_cv */
+    uint64_t low_water;       /* of the bj_copy_run() waiting, 0 = none */
     uint32_t in_flight;       /* requests (and the mapping) in progress */
     uint32_t throttled;       /* of which: waiting in the rate limiter */
     atomic_int cancel;
@@ -119,7 +122,7 @@ struct bj_copy {
     pthread_mutex_t wlock;    /* held around each data write to the target */
 
     /* status */
-    uint64_t queued, done, data_bytes, zero_bytes;
+    uint64_t queued, done, data_bytes, zero_bytes, requests;
     int error, error_side;
     uint64_t error_offset;
 };
@@ -153,6 +156,37 @@ static int zeroes_by_writing(struct bj_copy *c)
     return !c->o.target_is_zero &&
            atomic_load_explicit(&c->zeroer.no_zero_range, memory_order_relaxed) &&
            (!c->o.may_unmap || atomic_load_explicit(&c->zeroer.no_punch, memory_order_relaxed));
+}
+
+/* Work may have become claimable: wake one idle worker. A worker that
+ * claims leaves the next one to wake (wake_next), so only as many workers
+ * wake as there is work for, not every worker per item (a broadcast per
+ * queued 64 KiB cluster cost tens of thousands of futex calls and context
+ * switches for an incremental backup). Called with the lock held. */
+static void wake_worker(struct bj_copy *c)
+{
+    if (c->idle)
+        pthread_cond_signal(&c->work_cv);
+}
+
+/* After a claim: if more is claimable, hand the wake-up on. */
+static void wake_next(struct bj_copy *c)
+{
+    if (c->idle && (c->n_returned || c->unclaimed))
+        pthread_cond_signal(&c->work_cv);
+}
+
+/* Something a run / drain waits for may have happened: everything done,
+ * nothing in flight, an error, the low-water mark. Called with the lock
+ * held; a plain completion wakes nobody (run returns at its timeout for
+ * progress anyway). */
+static void wake_waiters(struct bj_copy *c)
+{
+    if (!c->done_waiters)
+        return;
+    if (c->in_flight == 0 || c->error || atomic_load(&c->cancel) || c->done == c->queued ||
+        (c->low_water && c->unclaimed < c->low_water))
+        pthread_cond_broadcast(&c->done_cv);
 }
 
 /* Cut the next request off item it, of which *pos bytes are claimed; zero
@@ -309,7 +343,7 @@ static void map_work_range(struct bj_copy *c, const struct bj_range *wr)
             return;
         }
         pos = cur;
-        pthread_cond_broadcast(&c->work_cv);
+        wake_worker(c);
     }
 }
 
@@ -602,18 +636,22 @@ static void *worker_main(void *arg)
     struct bj_copy *c = w->c;
     pthread_mutex_lock(&c->lock);
     for (;;) {
-        struct req q;
-        while (!c->shutdown && (!c->active || stopping(c) || !claim(c, &q)))
+        struct req q = { .kind = REQ_COPY }; /* (set by claim; the analyzer cannot tell) */
+        while (!c->shutdown && (!c->active || stopping(c) || !claim(c, &q))) {
+            c->idle++;
             pthread_cond_wait(&c->work_cv, &c->lock);
+            c->idle--;
+        }
         if (c->shutdown)
             break;
         c->in_flight++;
+        wake_next(c);
         if (q.kind == REQ_MAP) {
             map_work_range(c, &q.r);
             c->mapping = 0;
             c->in_flight--;
-            pthread_cond_broadcast(&c->work_cv);
-            pthread_cond_broadcast(&c->done_cv);
+            wake_worker(c); /* the items after the range are claimable now */
+            wake_waiters(c);
             continue;
         }
         pthread_mutex_unlock(&c->lock);
@@ -648,8 +686,9 @@ static void *worker_main(void *arg)
             c->done += q.r.len;
             c->data_bytes += data;
             c->zero_bytes += zero;
+            c->requests++;
         }
-        pthread_cond_broadcast(&c->done_cv);
+        wake_waiters(c);
     }
     pthread_mutex_unlock(&c->lock);
     return NULL;
@@ -724,6 +763,29 @@ void bj_copy_free(struct bj_copy *c)
     free(c);
 }
 
+/* Merge item it into the queue's last item when it continues it in both
+ * files (QEMU's block-copy merges adjacent dirty clusters into one request
+ * the same way): the clusters an incremental backup copies are scattered in
+ * the guest's view but mostly consecutive in both host files (a qcow2 image
+ * allocates in write order), so thousands of 64 KiB items become requests
+ * of request_size. Only a last item not yet wholly claimed (at or after the
+ * head; a sparse item being mapped grows past its mapped bytes, which
+ * are claimed from the mapped queue). Called with the lock held. Returns 1
+ * when merged. */
+static int extend_last(struct bj_copy *c, const struct bj_range *it)
+{
+    if (c->n_items == 0 || c->n_items - 1 < c->head)
+        return 0;
+    struct bj_range *last = &c->items[c->n_items - 1];
+    if (last->kind != it->kind || last->dst_off + last->len != it->dst_off)
+        return 0;
+    if (it->kind != BJ_RANGE_ZERO &&
+        (last->src_fd != it->src_fd || last->src_off + last->len != it->src_off))
+        return 0;
+    last->len += it->len;
+    return 1;
+}
+
 int bj_copy_add(struct bj_copy *c, const struct bj_range *r, size_t n)
 {
     if (!c || (n && !r))
@@ -758,14 +820,18 @@ int bj_copy_add(struct bj_copy *c, const struct bj_range *r, size_t n)
     for (size_t i = 0; i < n; i++) {
         if (r[i].len == 0)
             continue;
-        c->items[c->n_items] = r[i];
-        if (r[i].src_fd < 0)
-            c->items[c->n_items].src_fd = c->o.src_fd;
-        c->n_items++;
-        c->unclaimed += r[i].len;
-        c->queued += r[i].len;
+        struct bj_range it = r[i];
+        if (it.src_fd < 0)
+            it.src_fd = c->o.src_fd;
+        if (!extend_last(c, &it)) {
+            c->items[c->n_items] = it;
+            c->n_items++;
+        }
+        c->unclaimed += it.len;
+        c->queued += it.len;
     }
-    pthread_cond_broadcast(&c->work_cv);
+    /* one worker; each claim wakes the next while work is left */
+    wake_worker(c);
     pthread_mutex_unlock(&c->lock);
     return 0;
 }
@@ -784,8 +850,10 @@ static void deadline_after(struct timespec *ts, uint32_t ms)
 static void drain_locked(struct bj_copy *c)
 {
     c->active = 0;
+    c->done_waiters++;
     while (c->in_flight > 0)
         pthread_cond_wait(&c->done_cv, &c->lock);
+    c->done_waiters--;
 }
 
 int bj_copy_run(struct bj_copy *c, uint32_t timeout_ms, uint64_t low_water)
@@ -796,8 +864,12 @@ int bj_copy_run(struct bj_copy *c, uint32_t timeout_ms, uint64_t low_water)
     deadline_after(&dl, timeout_ms);
     int ret;
     pthread_mutex_lock(&c->lock);
-    c->active = 1;
-    pthread_cond_broadcast(&c->work_cv);
+    if (!c->active) { /* (re)start: wake every idle worker once */
+        c->active = 1;
+        pthread_cond_broadcast(&c->work_cv);
+    }
+    c->low_water = low_water;
+    c->done_waiters++;
     for (;;) {
         if (atomic_load(&c->cancel)) {
             drain_locked(c);
@@ -822,6 +894,8 @@ int bj_copy_run(struct bj_copy *c, uint32_t timeout_ms, uint64_t low_water)
             break;
         }
     }
+    c->done_waiters--;
+    c->low_water = 0;
     pthread_mutex_unlock(&c->lock);
     return ret;
 }
@@ -864,5 +938,6 @@ void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st)
     st->error_offset = c->error_offset;
     st->in_flight = c->in_flight;
     st->throttled = c->throttled;
+    st->requests = c->requests;
     pthread_mutex_unlock(&c->lock);
 }

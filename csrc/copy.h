@@ -52,12 +52,15 @@ struct bj_copy_status {
     uint64_t error_offset;  /* offset in the failing file */
     uint32_t in_flight;     /* requests being processed right now */
     uint32_t throttled;     /* of which: waiting in the rate limiter */
+    uint64_t requests;      /* requests completed (adjacent items merge into one) */
 };
 
 struct bj_copy;
 int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts);
 void bj_copy_free(struct bj_copy *c);
-/* Queue n items (copied into the engine). */
+/* Queue n items (copied into the engine). An item that continues the
+ * queue's last one in both files (same kind, same source file) is merged
+ * into it, so it may be copied by the same request. */
 int bj_copy_add(struct bj_copy *c, const struct bj_range *r, size_t n);
 /* Let the workers run and wait until every queued byte is done (returns 0),
  * fewer than low_water queued bytes are left unclaimed while work is still

@@ -155,3 +155,50 @@ def test_sparse_items_probe_holes(tmp_path):
     assert st.data_bytes == 4096 and st.zero_bytes == 300 * MiB - 4096
     assert os.pread(dfd, 4096, 250 * MiB) == b"x" * 4096
     assert is_zero(os.pread(dfd, MiB, 0))
+
+
+def test_adjacent_items_merge_into_requests(tmp_path):
+    """Items that continue each other in both files (an incremental backup's
+    clusters: scattered in the guest, consecutive on the hosts) are copied by
+    requests of request_size; a gap in the source, another source file or
+    another kind keeps them apart."""
+    sfd, dfd, s, d = _files(tmp_path, 8 * MiB)
+    c64 = 64 << 10
+    eng = CopyEngine(sfd, dfd, request_size=MiB, zero_block=0)
+    eng.add([(i * c64, i * c64, c64, COPY) for i in range(32)])        # 2 MiB: 2 requests
+    st = eng.run_to_end()
+    assert (st.done, st.requests) == (2 * MiB, 2)
+    # the source skips a cluster between items: 16 requests
+    eng.add([(2 * MiB + 2 * i * c64, 2 * MiB + i * c64, c64, COPY) for i in range(16)])
+    st = eng.run_to_end()
+    assert (st.done, st.requests) == (3 * MiB, 2 + 16)
+    # zero items merge by their target offsets
+    eng.add([(0, 4 * MiB + i * c64, c64, ZERO) for i in range(16)])
+    st = eng.run_to_end()
+    assert (st.done, st.requests) == (4 * MiB, 2 + 16 + 1)
+    eng.close()
+    data = s.read_bytes()
+    got = d.read_bytes()
+    assert got[:2 * MiB] == data[:2 * MiB]
+    assert got[2 * MiB:3 * MiB] == b"".join(
+        data[2 * MiB + 2 * i * c64:2 * MiB + 2 * i * c64 + c64] for i in range(16))
+    assert got[3 * MiB:] == bytes(5 * MiB)
+
+
+def test_item_continuing_a_finished_one_is_copied(tmp_path):
+    """An engine is reused batch after batch: an item continuing the last one,
+    which was wholly copied already, merges into it and is copied too (and
+    the items from another fd after it keep their own source)."""
+    sfd, dfd, s, d = _files(tmp_path, 4 * MiB)
+    other = tmp_path / "o"
+    other.write_bytes(b"O" * MiB)
+    ofd = os.open(other, os.O_RDONLY)
+    eng = CopyEngine(sfd, dfd, request_size=MiB, zero_block=0, threads=2)
+    eng.add([(0, 0, MiB, COPY)])
+    assert eng.run_to_end().done == MiB
+    eng.add([(MiB, MiB, MiB, COPY), (2 * MiB, 2 * MiB, MiB, COPY, sfd),
+             (0, 3 * MiB, MiB, COPY, ofd)])
+    st = eng.run_to_end()
+    assert (st.done, st.data_bytes) == (4 * MiB, 4 * MiB)
+    eng.close()
+    assert d.read_bytes() == s.read_bytes()[:3 * MiB] + b"O" * MiB

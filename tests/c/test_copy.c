@@ -373,6 +373,49 @@ static void test_bad_args_and_cancel(void)
     close(d);
 }
 
+/* Items continuing each other in both files merge into requests of
+ * request_size; a gap between them does not. An item continuing the last
+ * one after it was wholly copied (an engine reused) is copied too. */
+static void test_merge_adjacent(void)
+{
+    uint64_t size = 4ull << 20, c64 = 65536;
+    int s = mkfile("s", size), d = mkfile("d", size);
+    fill(s, 0, size, 9);
+    struct bj_copy *c;
+    struct bj_copy_opts o = { .src_fd = s, .dst_fd = d, .threads = 2, .request_size = 1 << 20 };
+    CHECK_EQ(bj_copy_new(&c, &o), 0);
+    struct bj_range r[32];
+    for (int i = 0; i < 32; i++)
+        r[i] = (struct bj_range){ (uint64_t)i * c64, (uint64_t)i * c64, c64, BJ_RANGE_COPY, -1 };
+    CHECK_EQ(bj_copy_add(c, r, 32), 0);
+    int rc;
+    while ((rc = bj_copy_run(c, 100, 0)) == 2)
+        ;
+    CHECK_EQ(rc, 0);
+    struct bj_copy_status st;
+    bj_copy_get_status(c, &st);
+    CHECK_EQ(st.done, 2ull << 20);
+    CHECK_EQ(st.requests, 2);
+    /* continues the finished item: merged, copied */
+    struct bj_range more = { 2ull << 20, 2ull << 20, 1ull << 20, BJ_RANGE_COPY, s };
+    CHECK_EQ(bj_copy_add(c, &more, 1), 0);
+    /* a gap in the target between items: each its own request */
+    for (int i = 0; i < 8; i++)
+        r[i] = (struct bj_range){ (3ull << 20) + (uint64_t)i * c64,
+                                  (3ull << 20) + (uint64_t)i * c64 * 2, c64, BJ_RANGE_COPY, -1 };
+    CHECK_EQ(bj_copy_add(c, r, 8), 0);
+    while ((rc = bj_copy_run(c, 100, 0)) == 2)
+        ;
+    CHECK_EQ(rc, 0);
+    bj_copy_get_status(c, &st);
+    CHECK_EQ(st.done, (3ull << 20) + 8 * c64);
+    CHECK_EQ(st.requests, 2 + 1 + 8);
+    bj_copy_free(c);
+    CHECK(same(s, d, 3ull << 20));
+    close(s);
+    close(d);
+}
+
 int main(void)
 {
     CHECK(mkdtemp(dir) != NULL);
@@ -384,6 +427,7 @@ int main(void)
     test_drain_resume_sparse();
     test_bad_args_and_cancel();
     test_zero_fallback_paced();
+    test_merge_adjacent();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     CHECK(system(cmd) == 0);

@@ -38,6 +38,7 @@ class CopyStatus:
     error_offset: int
     in_flight: int
     throttled: int = 0      # of in_flight: waiting in the rate limiter
+    requests: int = 0       # requests completed (adjacent items merge into one)
 
 
 class CopyEngine(Owned):
@@ -86,7 +87,9 @@ class CopyEngine(Owned):
     # -- queueing --------------------------------------------------------
     def add(self, ranges: Iterable[tuple]) -> None:
         """Queue (src_off, dst_off, length, kind[, src_fd]) tuples, kind in
-        COPY, ZERO, COPY_SPARSE; src_fd defaults to the engine's source."""
+        COPY, ZERO, COPY_SPARSE; src_fd defaults to the engine's source. An
+        item continuing the queue's last one in both files (same kind and
+        source file) merges into it (one request for adjacent clusters)."""
         rs = list(ranges)
         if not rs:
             return
@@ -133,7 +136,8 @@ class CopyEngine(Owned):
         lib.bj_copy_get_status(self._c, st)
         return CopyStatus(int(st.done), int(st.queued), int(st.data_bytes),
                           int(st.zero_bytes), int(st.error), _SIDES.get(st.error_side),
-                          int(st.error_offset), int(st.in_flight), int(st.throttled))
+                          int(st.error_offset), int(st.in_flight), int(st.throttled),
+                          int(st.requests))
 
     def run_to_end(self, progress: Callable[[int, int], None] | None = None,
                    slice_s: float = 0.1, check: Callable[[], None] | None = None) -> CopyStatus:
