@@ -192,7 +192,7 @@ class Mover(TargetWrites):
         if (length <= FAST_MAX and not self.compress
                 and not src.driver.injects_faults
                 and not dst.driver.injects_faults):
-            item = self._plan_fast(off, length, stats)
+            item = self._plan_fast(off, length, stats, undo)
             if item is not None:
                 self.dst.note_write(off, length)
                 return [item]
@@ -309,11 +309,14 @@ class Mover(TargetWrites):
             events += ["pwritev", "pwritev_zero"]
         raise_(self.dst.driver, events, off, length)
 
-    def _plan_fast(self, off: int, length: int, stats: Stats) -> tuple | None:
+    def _plan_fast(self, off: int, length: int, stats: Stats,
+                   undo: list[tuple[int, int, int, int]] | None) -> tuple | None:
         """One item for a small range the source's top layer holds as plain
         data and the target can take in place (a granule a guest wrote while
-        a mirror runs): two lookups instead of block status, allocation and
-        run arithmetic. None: use the general path."""
+        a mirror runs), or, being one whole target cluster, in a cluster
+        allocated for it (an incremental backup's changed cluster): two
+        lookups (and the allocation) instead of block status and run
+        arithmetic. None: use the general path."""
         if self.select(_TOP_DATA) != "copy":
             return None
         hs = self.src.driver.host_run(off, length)
@@ -321,9 +324,28 @@ class Mover(TargetWrites):
             return None
         hd = self.dst.driver.host_run(off, length, for_write=True)
         if hd is None:
-            return None
+            hd = self._alloc_whole_cluster(off, length, undo)
+            if hd is None:
+                return None
         stats.copied += length
         return (hs, hd, length, COPY_SPARSE if self._dst_raw else COPY, self.src.driver.fd)
+
+    def _alloc_whole_cluster(self, off: int, length: int,
+                             undo: list[tuple[int, int, int, int]] | None) -> int | None:
+        """The host offset of a target cluster allocated for [off, off+length)
+        when that is exactly one whole cluster (the copy fills all of it: no
+        rest to fill from the source) of a qcow2 target; None otherwise.
+        Not where whole zero clusters are to be detected (stream, commit:
+        the general path's _split_zeroes)."""
+        drv = self.dst.driver
+        cs = drv.cluster_size
+        if (self._dst_raw or self._dst_remote or self.detect_zeroes or off % cs
+                or (length != cs and off + length != self.dst.size) or length > cs):
+            return None
+        m = drv.allocate(off, length, undo)
+        if len(m) != 1 or m[0].length != length:
+            return None     # (cannot happen) the general path allocates in place
+        return m[0].host_offset
 
     # -- moving --------------------------------------------------------------
     def start(self, off: int, length: int) -> Ticket:
