@@ -197,13 +197,12 @@ class BackupJob(BlockJob):
         with self.io:
             wrapped = not self._pos
             while left >= self.cluster and len(areas) < CLAIM_AREAS:
-                area = self.copy_bm.next_dirty_area(self._pos, left)
+                area = self.copy_bm.take_dirty_area(self._pos, left)
                 if area is None:
                     if wrapped:
                         break
                     wrapped, self._pos = True, 0
                     continue
-                self.copy_bm.reset(*area)
                 self.inflight.add(*area)
                 areas.append(area)
                 left -= area[1]
