@@ -13,11 +13,13 @@
   a qcow2 node is refused with QEMU's permission-conflict text, one alone is
   truncated. Nodes that are some node's backing carry QEMU's op blocker
   (``Device '<device>' is in use``, ``(null)`` when no ``device`` was given).
-* write thresholds are kept on format nodes (the Engine's graph nodes) and
+* write thresholds on format nodes are kept on the Engine's graph nodes and
   checked by every write, write-zeroes and discard that reaches the node: a
-  front end's (``x-blkjobs-write``) or a job's. QEMU also checks them on
-  protocol nodes (host offsets of the image file); blkjobs does not see
-  those writes, so it refuses a threshold on a ``file`` node.
+  front end's (an export's, ``x-blkjobs-write``) or a job's. On a protocol
+  node (``file``, host offsets of the image file) the value is kept on the
+  monitor node and, once a format node sits on it, armed on that graph
+  node's ``set_file_threshold`` (raw: its requests; qcow2: the file growing
+  by allocation); the event names the protocol node.
 * ``query-block`` lists BlockBackends: qemu-storage-daemon has none unless
   exports exist, nor does blkjobs: ``[]``.
 * ``x-debug-query-block-graph``: nodes in creation order (each ``file``
@@ -159,13 +161,29 @@ class GraphCommands:
         with self.eng.io:
             g = self.eng.graph.nodes.get(name)
             if g is None:
-                if name in self.nodes:
-                    raise QMPError(f"blkjobs keeps write thresholds on format nodes only: "
-                                   f"'{name}' is a protocol node")
-                raise QMPError(f"Device '{name}' not found")
+                mn = self.nodes.get(name)
+                if mn is None:
+                    raise QMPError(f"Device '{name}' not found")
+                # a protocol node (file, or blkdebug over one): kept on it
+                # while it has no format node, else on the format node's file
+                mn.write_threshold = thr
+                if mn.parent is not None and mn.parent.gnode is not None:
+                    self._arm_file_threshold(mn)
+                return {}
             g.write_threshold = thr
             g.threshold_cb = self._threshold_exceeded
         return {}
+
+    def _arm_file_threshold(self, fmn: Any) -> None:
+        """Move the threshold of the protocol node ``fmn`` onto its format
+        node's graph node (which watches its image file's host offsets)."""
+        name = fmn.name
+
+        def exceeded(g: Node, amount: int, thr: int) -> None:
+            fmn.write_threshold = 0
+            self.eng.jobs.events.emit(BLOCK_WRITE_THRESHOLD, {
+                "node-name": name, "amount-exceeded": amount, "write-threshold": thr})
+        fmn.parent.gnode.set_file_threshold(fmn.write_threshold, exceeded)
 
     def _threshold_exceeded(self, g: Node, amount: int, thr: int) -> None:
         self.eng.jobs.events.emit(BLOCK_WRITE_THRESHOLD, {

@@ -62,6 +62,9 @@ class MonitorNode:
         self.parent: MonitorNode | None = None    # file node -> its format node
         self.children: list[MonitorNode] = []
         self.qrules: Any = None                   # a blkdebug node's rules
+        #: a protocol node's write threshold (block-set-write-threshold);
+        #: under a format node its graph node watches it (file_threshold)
+        self.write_threshold = 0
 
 
 
@@ -77,6 +80,8 @@ class NodeCommands:
     _dirty_bitmaps_info: Callable[[Node], list[dict[str, Any]]]
     # from the export commands (export_commands.py)
     _check_export_users: Callable[[Node], None]
+    # from the graph commands (graph_commands.py)
+    _arm_file_threshold: Callable[[MonitorNode], None]
 
     # ------------------------------------------------------------------
     # Node lookups
@@ -194,6 +199,7 @@ class NodeCommands:
         mn.file, fnode.parent = fnode, mn
         mn.children = created
         self.nodes[mn.name] = mn
+        self._arm_file_threshold(fnode)      # its block-set-write-threshold, if any
         return mn
 
     def _add_file(self, opts: dict[str, Any], owned: bool, ro: bool) -> MonitorNode:
@@ -241,7 +247,7 @@ class NodeCommands:
             self.eng.io.drop_unused([n for n in below if n.name not in self.nodes])
         if mn.file is not None:
             if mn.file.owned:
-                mn.file.parent = None
+                mn.file.parent = None   # keeps its threshold (write_threshold)
             else:
                 self._drop(mn.file)
         for child in mn.children:
@@ -406,6 +412,9 @@ class NodeCommands:
             size, actual = -(-st.st_size // 512) * 512, st.st_blocks * 512
         except OSError:
             size, actual = 0, 0
-        return self._common(mn.name, mn.drv, mn.filename, mn.read_only,
+        info = self._common(mn.name, mn.drv, mn.filename, mn.read_only,
                             {"filename": mn.filename, "format": mn.drv, "virtual-size": size,
                              "actual-size": actual, "dirty-flag": False})
+        thr = mn.write_threshold
+        info["write_threshold"] = thr - (1 << 64) if thr >= 1 << 63 else thr
+        return info
