@@ -401,3 +401,59 @@ def test_qcow2_nodes_hold_qemus_locks_as_qsd(tmp_path):
     assert "Failed to get \"write\" lock" in ours["rw -c write 0 512"][1]
     assert "Failed to get shared \"write\" lock" in ours["rw -r -c read 0 512"][1]
     assert ours["ro -r -c read 0 512"][0] == 0
+
+
+def test_blockdev_snapshot_sync_in_a_transaction_matches_qemu(tmp_path):
+    """blockdev-snapshot-sync as a transaction action: rolled back when a
+    later action fails (the old node stays writable; the overlay file it
+    created stays on disk, as QEMU leaves it), committed with a bitmap
+    action (the old node read-only with its new bitmap, the overlay gone:
+    nothing holds it). (A backup of the new overlay in the same transaction
+    makes qemu-storage-daemon 7.2 abort when the job ends: not compared.)"""
+    async def sc(s, d):
+        base = img(d, "base.qcow2")
+        top = img(d, "top.qcow2", "4M", "-b", base, "-F", "qcow2")
+        qemu_io(top, "write -P 0x5a 64k 128k")
+        tgt = img(d, "tgt.qcow2")
+        await s.x("blockdev-add", **qcow2_node("top", top))
+        await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+
+        def snap(f: str) -> dict:
+            return {"type": "blockdev-snapshot-sync",
+                    "data": {"node-name": "top", "snapshot-file": str(d / f),
+                             "snapshot-node-name": "s"}}
+        backup = {"type": "blockdev-backup", "data": {"job-id": "b", "device": "s",
+                                                      "target": "tgt", "sync": "full"}}
+        out = {"errors": [
+            await s.err("transaction", actions=[snap("s1.qcow2"), {"type": "abort", "data": {}}]),
+            await s.err("transaction", actions=[snap("s2.qcow2"), backup],
+                        properties={"completion-mode": "grouped"}),
+            await s.err("transaction", actions=[
+                {"type": "blockdev-snapshot-sync",
+                 "data": {"node-name": "top", "snapshot-file": str(d / "s3.qcow2")}}]),
+            await s.err("transaction", actions=[snap("s4.qcow2"), snap("s5.qcow2")]),
+        ]}
+        out["rolled-back"] = nodes(await s.x("query-named-block-nodes"))
+        out["files"] = sorted(p.name for p in d.iterdir() if p.name.startswith("s"))
+        await s.x("transaction", actions=[snap("s.qcow2"), {
+            "type": "block-dirty-bitmap-add", "data": {"node": "top", "name": "bm"}}])
+        out["bitmaps"] = [(n["node-name"], [b["name"] for b in n.get("dirty-bitmaps", [])])
+                          for n in await s.x("query-named-block-nodes")
+                          if not n["node-name"].startswith("#")]
+        out["nodes"] = nodes(await s.x("query-named-block-nodes"))
+        out["del"] = await s.err("blockdev-del", **{"node-name": "s"})
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours
+    assert ours["errors"][0] == ["GenericError", "Transaction aborted using Abort action"]
+    assert ours["errors"][3] == ["GenericError",
+                                 "Node 'top' is busy: node is used as backing hd of 's'"]
+    assert [n[2] for n in ours["rolled-back"] if n[0] == "top"] == [False]
+    assert [n[2] for n in ours["nodes"] if n[0] == "top"] == [True]
+    assert not [n for n in ours["nodes"] if n[0] == "s"]
+    assert ours["files"] == ["s1.qcow2", "s4.qcow2"]     # grouped: refused before
+    assert ours["bitmaps"] == [["tgt", []], ["top", ["bm"]]]
+    for name in ("qsd", "blkjobs"):
+        d = tmp_path / name
+        info = json.loads(qemu_img("info", "--output=json", str(d / "s.qcow2")).stdout)
+        assert info["backing-filename"] == str(d / "top.qcow2")

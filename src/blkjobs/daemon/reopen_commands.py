@@ -174,42 +174,67 @@ class ReopenCommands:
     # blockdev-snapshot-sync
 
     def cmd_blockdev_snapshot_sync(self, **a: Any) -> dict[str, Any]:
-        device, node_name = a.get("device"), a.get("node-name")
-        path, new_name = a["snapshot-file"], a.get("snapshot-node-name")
-        fmt, mode = a.get("format", "qcow2"), a.get("mode", "absolute-paths")
         with self.eng.io:
-            old = self.eng.graph.nodes.get(node_name) if node_name else None
-            if old is None:
-                raise QMPError(f"Cannot find device='{device or ''}' nor "
-                               f"node-name='{node_name or ''}'")
-            self._check_op_blockers(old)
-            if node_name and not new_name:
-                raise QMPError("New overlay node-name missing")
-            if new_name and (new_name in self.nodes or new_name in self.eng.graph.nodes):
-                raise QMPError("New overlay node-name already in use")
-            if mode != "existing":
-                if fmt == "raw":
-                    raise QMPError("Backing file not supported for file format 'raw'")
-                if fmt != "qcow2":
-                    raise QMPError(f"blkjobs creates qcow2 overlays only, not '{fmt}'")
-                try:
-                    create_image(path, "qcow2", old.size, backing_file=old.filename,
-                                 backing_format=old.format)
-                except OSError as e:
-                    raise QMPError(f"Could not create '{path}': {e.strerror}") from None
+            old, new = self._snapshot_sync_prepare(a)
             try:
-                os.close(os.open(path, os.O_RDWR))
-                drv = open_image(path, fmt, read_only=False)
-            except OSError as e:
-                raise QMPError(f"Could not open '{path}': {e.strerror}") from None
-            new = self.eng.graph.add(drv, new_name, fmt)
-            try:
-                new.take("open", Perm.CONSISTENT_READ, ALL)
-                if fmt != "qcow2":
-                    raise QMPError("The overlay does not support backing images")
-                new.attach_backing(old)
                 self._reopen_ro(old)
             finally:
                 # no BlockBackend above it and no monitor reference: it goes
                 new.close()
         return {}
+
+    def _snapshot_sync_prepare(self, a: dict[str, Any]) -> tuple[Node, Node]:
+        """Create (or open) the overlay and link it over the old node: the
+        prepare step of the command and of its transaction action (commit:
+        the old node read-only; abort: unlinked; both then close the
+        overlay, which nothing else holds). The file stays on disk either
+        way, as QEMU leaves it."""
+        device, node_name = a.get("device"), a.get("node-name")
+        path, new_name = a["snapshot-file"], a.get("snapshot-node-name")
+        fmt, mode = a.get("format", "qcow2"), a.get("mode", "absolute-paths")
+        old = self.eng.graph.nodes.get(node_name) if node_name else None
+        if old is None:
+            raise QMPError(f"Cannot find device='{device or ''}' nor "
+                           f"node-name='{node_name or ''}'")
+        self._check_op_blockers(old)
+        if node_name and not new_name:
+            raise QMPError("New overlay node-name missing")
+        if new_name and (new_name in self.nodes or new_name in self.eng.graph.nodes):
+            raise QMPError("New overlay node-name already in use")
+        if mode != "existing":
+            if fmt == "raw":
+                raise QMPError("Backing file not supported for file format 'raw'")
+            if fmt != "qcow2":
+                raise QMPError(f"blkjobs creates qcow2 overlays only, not '{fmt}'")
+            try:
+                create_image(path, "qcow2", old.size, backing_file=old.filename,
+                             backing_format=old.format)
+            except OSError as e:
+                raise QMPError(f"Could not create '{path}': {e.strerror}") from None
+        try:
+            os.close(os.open(path, os.O_RDWR))
+            drv = open_image(path, fmt, read_only=False)
+        except OSError as e:
+            raise QMPError(f"Could not open '{path}': {e.strerror}") from None
+        new = self.eng.graph.add(drv, new_name, fmt)
+        try:
+            new.take("open", Perm.CONSISTENT_READ, ALL)
+            if fmt != "qcow2":
+                raise QMPError("The overlay does not support backing images")
+            new.attach_backing(old)
+        except BaseException:
+            new.close()
+            raise
+        return old, new
+
+    def _snapshot_sync_end(self, new: Node, old: Node | None) -> None:
+        """The end of a ``blockdev-snapshot-sync`` transaction action:
+        committed (``old`` given), the old node goes read-only; aborted,
+        the overlay is unlinked. Then the overlay goes unless a job of the
+        same transaction uses it (it then goes with the job)."""
+        with self.eng.io:
+            if old is not None:
+                self._reopen_ro(old)
+            else:
+                new.attach_backing(None)
+            self.eng.io.drop_unused([new])
