@@ -169,10 +169,12 @@ async def _qcow2_in_file(s, d, name: str, jid: str, **options) -> bytes:
 def test_blockdev_create_qcow2_bytes_match_qemu(tmp_path):
     """The images are QEMU's byte for byte, small clusters included (QEMU
     writes no feature name table into images with clusters of 4 KiB or
-    less)."""
+    less) and an empty one (no L1 table: its offset is 0)."""
     async def sc(s, d):
-        return [await _qcow2_in_file(s, d, f"c{cs}.qcow2", f"j{cs}", size=3 << 20,
+        return [await _qcow2_in_file(s, d, f"c{cs}-{size}.qcow2", f"j{cs}-{size}", size=size,
                                      **{"cluster-size": cs})
-                for cs in (512, 4096, 8192, 65536)]
+                for cs, size in ((512, 3 << 20), (4096, 3 << 20), (8192, 3 << 20),
+                                 (65536, 3 << 20), (65536, 0))]
     ref, ours = side_by_side(tmp_path, sc)
     assert ref == ours
+

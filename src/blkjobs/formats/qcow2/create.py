@@ -64,7 +64,7 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
     h.l1_size = lay.l1_size
     h.refcount_table_offset = lay.rt_offset
     h.refcount_table_clusters = lay.rt
-    h.l1_table_offset = lay.l1_offset
+    h.l1_table_offset = lay.l1_offset if lay.l1_size else 0     # QEMU: none allocated
     head = h.pack()      # raises when the backing name does not fit
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
