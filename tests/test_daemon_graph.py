@@ -457,3 +457,44 @@ def test_blockdev_snapshot_sync_in_a_transaction_matches_qemu(tmp_path):
         d = tmp_path / name
         info = json.loads(qemu_img("info", "--output=json", str(d / "s.qcow2")).stdout)
         assert info["backing-filename"] == str(d / "top.qcow2")
+
+
+def test_block_graph_with_jobs_and_exports_matches_qemu(tmp_path):
+    """x-debug-query-block-graph while a backup, then a mirror runs, with an
+    NBD export of the source: QEMU's block-backend entries (the export's,
+    the mirror target's), block-job entries and the jobs' filters, every
+    edge with QEMU's name, perm and shared-perm."""
+    async def sc(s, d):
+        src, tgt = make_images(d)
+        tgt2 = img(d, "tgt2.qcow2")
+        await s.x("blockdev-add", **qcow2_node("src", src))
+        await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        await s.x("blockdev-add", **qcow2_node("tgt2", tgt2))
+        await s.x("nbd-server-start",
+                  addr={"type": "unix", "data": {"path": str(d / "nbd.sock")}})
+        out = {}
+        for job, cmd, target, writable in (("b", "blockdev-backup", "tgt", False),
+                                           ("m", "blockdev-mirror", "tgt2", True)):
+            extra = await s.hold(target, job)
+            await s.x(cmd, **{"job-id": job}, device="src", target=target, sync="full",
+                      **extra)
+            await s.held(job)
+            await s.x("block-export-add", type="nbd", id="e", **{"node-name": "src"},
+                      writable=writable)
+            out[job] = await s.x("x-debug-query-block-graph")
+            await s.x("block-export-del", id="e")
+            await s.until("BLOCK_EXPORT_DELETED")
+            await s.cancel_held(job, job)
+        out["idle"] = await s.x("x-debug-query-block-graph")
+        await s.x("nbd-server-stop")
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    kinds = sorted(n["type"] for n in ours["m"]["nodes"])
+    assert kinds == ["block-backend"] * 2 + ["block-driver"] * 7 + ["block-job"]
+    names = {(e["name"], tuple(e["perm"])) for e in ours["m"]["edges"]}
+    assert ("main node", ("consistent-read",)) in names
+    assert ("root", ("write",)) in names                    # the mirror's target
+    assert ("root", ("write", "consistent-read")) in names   # the writable export
+    assert {e["name"] for e in ours["b"]["edges"]} == {"file", "target", "main node", "root"}
+    assert {n["type"] for n in ours["idle"]["nodes"]} == {"block-driver"}

@@ -131,6 +131,7 @@ class ExportCommands:
     _objects: dict[str, dict[str, Any]]
 
     _lookup: Callable[[str], Node]                  # Commands'
+    _note_backend: Callable[[Any], None]            # GraphCommands'
 
     def _export_state(self) -> None:
         if not hasattr(self, "_exports"):
@@ -315,6 +316,7 @@ class ExportCommands:
         be = BlockExport(eid, node, exp, fe, list(bms.values()))
         exp.on_gone = lambda _e: self._export_gone(be)
         self._exports[eid] = be
+        self._note_backend(be)              # its BlockBackend (graph_commands.py)
         self._nbd.add_export(exp)
 
     def _export_gone(self, be: BlockExport) -> None:

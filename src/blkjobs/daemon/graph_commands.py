@@ -22,30 +22,28 @@
   by allocation); the event names the protocol node.
 * ``query-block`` lists BlockBackends: qemu-storage-daemon has none unless
   exports exist, nor does blkjobs: ``[]``.
-* ``x-debug-query-block-graph``: nodes in creation order (each ``file``
-  node before its format node; the backing files a qcow2 node opened by
-  itself after it), numbered from 1 when first met (as a node or as an
-  edge's child), both lists reversed as QEMU builds them; edges ``file`` and ``backing`` with QEMU's permissions. Jobs'
-  nodes (QEMU's ``block-job`` and ``block-backend`` entries) are not shown;
-  a job's filter node is, as a ``block-driver`` node with its ``file``.
+* ``x-debug-query-block-graph``: :mod:`.block_graph` (BlockBackends of
+  exports and mirror targets, backup and mirror jobs, then the nodes in
+  creation order: each ``file`` node before its format node, the backing
+  files a qcow2 node opened by itself after it; QEMU's permissions). Here:
+  the node order and the BlockBackends' order (:meth:`_note_backend`).
 """
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from ..formats.qcow2.resize import resize as qcow2_resize
-from ..graph import Node, Perm
+from ..graph import Node
+from .block_graph import BlockGraph
 from .protocol import QMPError
 
 BLOCK_WRITE_THRESHOLD = "BLOCK_WRITE_THRESHOLD"
-_PERM_ORDER = ((Perm.RESIZE, "resize"), (Perm.WRITE_UNCHANGED, "write-unchanged"),
-               (Perm.WRITE, "write"), (Perm.CONSISTENT_READ, "consistent-read"))
-
-
-def _perms(p: int) -> list[str]:
-    return [name for bit, name in _PERM_ORDER if p & bit]
+#: the order BlockBackends were made in (exports, mirror targets)
+_BACKENDS = itertools.count(1)
 
 
 class GraphCommands:
@@ -196,21 +194,15 @@ class GraphCommands:
         return []
 
     def cmd_x_debug_query_block_graph(self) -> dict[str, Any]:
-        """As QEMU's bdrv_get_xdbg_block_graph: the nodes in creation order,
-        each numbered when first met (as a node or as an edge's child),
-        its edges after it; both lists come out reversed (QEMU prepends)."""
+        """QEMU's debug view of the graph with its users (block_graph.py)."""
         with self.eng.io:
-            ids: dict[int, int] = {}
+            return BlockGraph(self).build()
 
-            def num(x: Any) -> int:
-                return ids.setdefault(id(x), len(ids) + 1)
-            nodes, edges = [], []
-            for x in self._graph_order():
-                nodes.append({"id": num(x), "type": "block-driver", "name": x.name})
-                for child, name, perm, shared in self._children(x):
-                    edges.append({"parent": num(x), "child": num(child), "name": name,
-                                  "perm": _perms(perm), "shared-perm": _perms(shared)})
-        return {"nodes": nodes[::-1], "edges": edges[::-1]}
+    def _note_backend(self, owner: Any) -> None:
+        """``owner`` (an export, a mirror job) made a BlockBackend now: the
+        graph lists them in that order."""
+        seq = self.__dict__.setdefault("_bb_seq", weakref.WeakKeyDictionary())
+        seq[owner] = next(_BACKENDS)
 
     def _graph_order(self) -> list[Any]:
         """Monitor nodes (file nodes and format nodes) and the graph nodes
@@ -247,31 +239,6 @@ class GraphCommands:
             fmn = cls(self._auto_name(), "file", g.filename, g.read_only, False)
             self._implicit_files[g] = fmn
         return fmn
-
-    def _children(self, x: Any) -> list[tuple[Any, str, int, int]]:
-        """(child, edge name, perm, shared) of a monitor node or graph node,
-        with QEMU's permissions for a node no user above asks anything of."""
-        g = x if isinstance(x, Node) else x.gnode
-        out: list[tuple[Any, str, int, int]] = []
-        if g is None:
-            if x.drv == "blkdebug" and x.file is not None:
-                out.append((x.file, "image", Perm(0), Perm(0xF)))
-            return out
-        if g.is_filter:
-            if g.file is not None:
-                out.append((self._monitor_view(g.file), "file", Perm(0), Perm(0xF)))
-            return out
-        if g.backing is not None:
-            out.append((self._monitor_view(g.backing), "backing", Perm(0), Perm(0xF)))
-        f = x.file if not isinstance(x, Node) else self._implicit_files.get(g)
-        if f is not None:
-            if g.format == "qcow2":
-                perm = Perm.CONSISTENT_READ if g.read_only else \
-                    Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
-                out.append((f, "file", perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED))
-            else:
-                out.append((f, "file", Perm(0), Perm(0xF)))
-        return out
 
     def _monitor_view(self, g: Node) -> Any:
         for mn in self.nodes.values():
