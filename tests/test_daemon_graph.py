@@ -498,3 +498,45 @@ def test_block_graph_with_jobs_and_exports_matches_qemu(tmp_path):
     assert ("root", ("write", "consistent-read")) in names   # the writable export
     assert {e["name"] for e in ours["b"]["edges"]} == {"file", "target", "main node", "root"}
     assert {n["type"] for n in ours["idle"]["nodes"]} == {"block-driver"}
+
+
+def test_exports_and_backup_filter_match_qemu(tmp_path):
+    """An export made before a backup moves onto its copy-before-write
+    filter (QEMU's bdrv_append); a writable export made on the source while
+    the backup runs is refused with QEMU's permission-conflict text (the
+    filter shares no write below it); a read-only one is fine."""
+    import re
+
+    async def sc(s, d):
+        src, tgt = make_images(d)
+        await s.x("blockdev-add", **qcow2_node("src", src))
+        await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        await s.x("nbd-server-start",
+                  addr={"type": "unix", "data": {"path": str(d / "nbd.sock")}})
+        await s.x("block-export-add", type="nbd", id="e", **{"node-name": "src"},
+                  writable=True)
+        extra = await s.hold("tgt", "b")
+        await s.x("blockdev-backup", **{"job-id": "b"}, device="src", target="tgt",
+                  sync="full", **extra)
+        await s.held("b")
+        out = {"moved": await s.x("x-debug-query-block-graph"),
+               "refused": await s.err("block-export-add", type="nbd", id="e2", name="w",
+                                      **{"node-name": "src"}, writable=True)}
+        await s.x("block-export-add", type="nbd", id="e2", name="r", **{"node-name": "src"})
+        out["both"] = await s.x("x-debug-query-block-graph")
+        for e in ("e2", "e"):
+            await s.x("block-export-del", id=e)
+            await s.until("BLOCK_EXPORT_DELETED", id=e)
+        await s.cancel_held("b", "b")
+        await s.x("nbd-server-stop")
+        return json.loads(re.sub(r"#block\d+", "#auto", json.dumps(norm(out, d))))
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    assert ours["refused"] == [
+        "GenericError", "Permission conflict on node 'src': permissions 'write' are both "
+        "required by an unnamed block device (uses node 'src' as 'root' child) and unshared "
+        "by node '#auto' (uses node 'src' as 'file' child)."]
+    g = ours["moved"]
+    names = {n["id"]: n["name"] for n in g["nodes"]}
+    [root] = [e for e in g["edges"] if e["name"] == "root"]
+    assert names[root["child"]] == "#auto"       # the filter, not src

@@ -6,7 +6,8 @@ met (as an entry or as an edge's child), its edges after it; both lists come
 out reversed (QEMU prepends).
 
 **Entries.** BlockBackends, in the order they were made: an NBD export's
-(``root`` on the node named, as QEMU attaches it even under a job's filter)
+(``root`` on the node named, as QEMU attaches it even under a job's filter;
+moved onto a job's filter put in later)
 and a mirror job's target. Jobs, newest first: ``backup`` and ``mirror``
 with QEMU's edges (``main node`` to the job's filter, ``source``,
 ``target``). Nodes: the monitor's (file and format nodes), the images a
@@ -92,8 +93,13 @@ class BlockGraph:
         seq = getattr(self.cmds, "_bb_seq", {})
         for be in getattr(self.cmds, "_exports", {}).values():
             perm = _CR | (_W if be.exp.writable else 0)
+            root: Any = be.node
+            # a job's filter put in above it since: QEMU moved the root onto it
+            for job in reversed(self._block_jobs("backup", "mirror")):      # oldest first
+                if job.driver.src is root and seq.get(job, 0) > seq.get(be, 0):
+                    root = job.driver.fnode
             bbs.append((seq.get(be, 0), _Entry("block-backend", "", [
-                (self.view(be.node), "root", _fixed(perm, _CR | _W | _WU))])))
+                (self.view(root), "root", _fixed(perm, _CR | _W | _WU))])))
         for job in self._block_jobs("mirror"):
             bbs.append((seq.get(job, 0), _Entry("block-backend", "", [
                 (self.view(job.driver.dst), "root", _fixed(_W, _WU))])))

@@ -199,8 +199,10 @@ class GraphCommands:
             return BlockGraph(self).build()
 
     def _note_backend(self, owner: Any) -> None:
-        """``owner`` (an export, a mirror job) made a BlockBackend now: the
-        graph lists them in that order."""
+        """``owner`` (an export, a mirror job) made a BlockBackend now, or
+        (a backup or mirror job) put its filter in: the graph lists the
+        BlockBackends in that order, and an export made before a job's
+        filter has its root moved onto it, as QEMU's bdrv_append does."""
         seq = self.__dict__.setdefault("_bb_seq", weakref.WeakKeyDictionary())
         seq[owner] = next(_BACKENDS)
 

@@ -43,8 +43,10 @@ class JobCommands:
         kw = _kw(args, drop=("x-perf", "discard-source"))
         if args.get("discard-source"):
             raise QMPError("blkjobs does not support 'discard-source'")
-        return self.eng.backup(src, dst, kw.pop("sync"), job_id=job_id, txn=txn,
-                               start=txn is None, **kw)
+        job = self.eng.backup(src, dst, kw.pop("sync"), job_id=job_id, txn=txn,
+                              start=txn is None, **kw)
+        self._note_backend(job)      # when its filter went in (x-debug-query-block-graph)
+        return job
 
     def cmd_blockdev_backup(self, **args: Any) -> dict[str, Any]:
         self._start_backup(args)
@@ -61,7 +63,7 @@ class JobCommands:
         job_id = self._job_id(args)
         kw = _kw(args)
         job = self.eng.mirror(src, dst, kw.pop("sync"), job_id=job_id, **kw)
-        self._note_backend(job)         # its target's BlockBackend
+        self._note_backend(job)         # its target's BlockBackend, its filter
         return {}
 
     def cmd_block_stream(self, **args: Any) -> dict[str, Any]:
