@@ -128,7 +128,7 @@ def test_drive_mirror_unmap_false_matches_qemu(tmp_path):
                 jid = f"m-{fmt}-{unmap}"
                 out[jid] = await job(s, "drive-mirror", jid, device="src", target=tgt,
                                      sync="full", mode="existing", format=fmt, unmap=unmap)
-                m = json.loads(qemu_img("map", "--output=json", "-f", fmt, tgt).stdout)
+                m = json.loads(qemu_img("map", "--output=json", "-U", "-f", fmt, tgt).stdout)
                 out[f"map-{fmt}-{unmap}"] = m
                 out[f"cmp-{fmt}-{unmap}"] = qemu_img("compare", "-U", "-f", "qcow2", "-F", fmt,
                                                      src, tgt).returncode
