@@ -106,3 +106,36 @@ def test_drive_backup_and_mirror_match_qemu(tmp_path):
         assert p.returncode == 0, p.stdout
     assert infos["qsd"] == infos["blkjobs"]
     assert infos["blkjobs"][2]["backing-filename"] == "D/base.qcow2"       # sync=top
+
+
+def test_drive_mirror_unmap_false_matches_qemu(tmp_path):
+    """drive-mirror unmap=false into existing targets full of data: the
+    source's zeroes are written as zeroes that keep the target's clusters
+    (qcow2: zero clusters with their host offset; raw: no hole punched),
+    where unmap=true (the default) frees them; maps and data as QEMU's."""
+    async def sc(s, d):
+        src = str(d / "src.qcow2")
+        assert qemu_img("create", "-f", "qcow2", src, "4M").returncode == 0
+        qemu_io(src, "write -P 0xaa 0 1M")
+        qemu_io(src, "write -z 1M 1M")
+        await s.x("blockdev-add", **qcow2_node("src", src))
+        out = {}
+        for fmt in ("qcow2", "raw"):
+            for unmap in (False, True):
+                tgt = str(d / f"t-{unmap}.{fmt}")
+                assert qemu_img("create", "-f", fmt, tgt, "4M").returncode == 0
+                qemu_io(tgt, "write -P 0x11 0 4M", fmt=fmt)
+                jid = f"m-{fmt}-{unmap}"
+                out[jid] = await job(s, "drive-mirror", jid, device="src", target=tgt,
+                                     sync="full", mode="existing", format=fmt, unmap=unmap)
+                m = json.loads(qemu_img("map", "--output=json", "-U", "-f", fmt, tgt).stdout)
+                out[f"map-{fmt}-{unmap}"] = m
+                out[f"cmp-{fmt}-{unmap}"] = qemu_img("compare", "-U", "-f", "qcow2", "-F", fmt,
+                                                     src, tgt).returncode
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    assert [ours[f"cmp-{f}-{u}"] for f in ("qcow2", "raw") for u in (False, True)] == [0] * 4
+    kept, freed = ours["map-qcow2-False"][1], ours["map-qcow2-True"][1]
+    assert (kept["zero"], "offset" in kept) == (True, True)
+    assert (freed["zero"], "offset" in freed) == (True, False)

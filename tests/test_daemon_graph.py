@@ -401,3 +401,142 @@ def test_qcow2_nodes_hold_qemus_locks_as_qsd(tmp_path):
     assert "Failed to get \"write\" lock" in ours["rw -c write 0 512"][1]
     assert "Failed to get shared \"write\" lock" in ours["rw -r -c read 0 512"][1]
     assert ours["ro -r -c read 0 512"][0] == 0
+
+
+def test_blockdev_snapshot_sync_in_a_transaction_matches_qemu(tmp_path):
+    """blockdev-snapshot-sync as a transaction action: rolled back when a
+    later action fails (the old node stays writable; the overlay file it
+    created stays on disk, as QEMU leaves it), committed with a bitmap
+    action (the old node read-only with its new bitmap, the overlay gone:
+    nothing holds it). (A backup of the new overlay in the same transaction
+    makes qemu-storage-daemon 7.2 abort when the job ends: not compared.)"""
+    async def sc(s, d):
+        base = img(d, "base.qcow2")
+        top = img(d, "top.qcow2", "4M", "-b", base, "-F", "qcow2")
+        qemu_io(top, "write -P 0x5a 64k 128k")
+        tgt = img(d, "tgt.qcow2")
+        await s.x("blockdev-add", **qcow2_node("top", top))
+        await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+
+        def snap(f: str) -> dict:
+            return {"type": "blockdev-snapshot-sync",
+                    "data": {"node-name": "top", "snapshot-file": str(d / f),
+                             "snapshot-node-name": "s"}}
+        backup = {"type": "blockdev-backup", "data": {"job-id": "b", "device": "s",
+                                                      "target": "tgt", "sync": "full"}}
+        out = {"errors": [
+            await s.err("transaction", actions=[snap("s1.qcow2"), {"type": "abort", "data": {}}]),
+            await s.err("transaction", actions=[snap("s2.qcow2"), backup],
+                        properties={"completion-mode": "grouped"}),
+            await s.err("transaction", actions=[
+                {"type": "blockdev-snapshot-sync",
+                 "data": {"node-name": "top", "snapshot-file": str(d / "s3.qcow2")}}]),
+            await s.err("transaction", actions=[snap("s4.qcow2"), snap("s5.qcow2")]),
+        ]}
+        out["rolled-back"] = nodes(await s.x("query-named-block-nodes"))
+        out["files"] = sorted(p.name for p in d.iterdir() if p.name.startswith("s"))
+        await s.x("transaction", actions=[snap("s.qcow2"), {
+            "type": "block-dirty-bitmap-add", "data": {"node": "top", "name": "bm"}}])
+        out["bitmaps"] = [(n["node-name"], [b["name"] for b in n.get("dirty-bitmaps", [])])
+                          for n in await s.x("query-named-block-nodes")
+                          if not n["node-name"].startswith("#")]
+        out["nodes"] = nodes(await s.x("query-named-block-nodes"))
+        out["del"] = await s.err("blockdev-del", **{"node-name": "s"})
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours
+    assert ours["errors"][0] == ["GenericError", "Transaction aborted using Abort action"]
+    assert ours["errors"][3] == ["GenericError",
+                                 "Node 'top' is busy: node is used as backing hd of 's'"]
+    assert [n[2] for n in ours["rolled-back"] if n[0] == "top"] == [False]
+    assert [n[2] for n in ours["nodes"] if n[0] == "top"] == [True]
+    assert not [n for n in ours["nodes"] if n[0] == "s"]
+    assert ours["files"] == ["s1.qcow2", "s4.qcow2"]     # grouped: refused before
+    assert ours["bitmaps"] == [["tgt", []], ["top", ["bm"]]]
+    for name in ("qsd", "blkjobs"):
+        d = tmp_path / name
+        info = json.loads(qemu_img("info", "--output=json", str(d / "s.qcow2")).stdout)
+        assert info["backing-filename"] == str(d / "top.qcow2")
+
+
+def test_block_graph_with_jobs_and_exports_matches_qemu(tmp_path):
+    """x-debug-query-block-graph while a backup, then a mirror runs, with an
+    NBD export of the source: QEMU's block-backend entries (the export's,
+    the mirror target's), block-job entries and the jobs' filters, every
+    edge with QEMU's name, perm and shared-perm."""
+    async def sc(s, d):
+        src, tgt = make_images(d)
+        tgt2 = img(d, "tgt2.qcow2")
+        await s.x("blockdev-add", **qcow2_node("src", src))
+        await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        await s.x("blockdev-add", **qcow2_node("tgt2", tgt2))
+        await s.x("nbd-server-start",
+                  addr={"type": "unix", "data": {"path": str(d / "nbd.sock")}})
+        out = {}
+        for job, cmd, target, writable in (("b", "blockdev-backup", "tgt", False),
+                                           ("m", "blockdev-mirror", "tgt2", True)):
+            extra = await s.hold(target, job)
+            await s.x(cmd, **{"job-id": job}, device="src", target=target, sync="full",
+                      **extra)
+            await s.held(job)
+            await s.x("block-export-add", type="nbd", id="e", **{"node-name": "src"},
+                      writable=writable)
+            out[job] = await s.x("x-debug-query-block-graph")
+            await s.x("block-export-del", id="e")
+            await s.until("BLOCK_EXPORT_DELETED")
+            await s.cancel_held(job, job)
+        out["idle"] = await s.x("x-debug-query-block-graph")
+        await s.x("nbd-server-stop")
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    kinds = sorted(n["type"] for n in ours["m"]["nodes"])
+    assert kinds == ["block-backend"] * 2 + ["block-driver"] * 7 + ["block-job"]
+    names = {(e["name"], tuple(e["perm"])) for e in ours["m"]["edges"]}
+    assert ("main node", ("consistent-read",)) in names
+    assert ("root", ("write",)) in names                    # the mirror's target
+    assert ("root", ("write", "consistent-read")) in names   # the writable export
+    assert {e["name"] for e in ours["b"]["edges"]} == {"file", "target", "main node", "root"}
+    assert {n["type"] for n in ours["idle"]["nodes"]} == {"block-driver"}
+
+
+def test_exports_and_backup_filter_match_qemu(tmp_path):
+    """An export made before a backup moves onto its copy-before-write
+    filter (QEMU's bdrv_append); a writable export made on the source while
+    the backup runs is refused with QEMU's permission-conflict text (the
+    filter shares no write below it); a read-only one is fine."""
+    import re
+
+    async def sc(s, d):
+        src, tgt = make_images(d)
+        await s.x("blockdev-add", **qcow2_node("src", src))
+        await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        await s.x("nbd-server-start",
+                  addr={"type": "unix", "data": {"path": str(d / "nbd.sock")}})
+        await s.x("block-export-add", type="nbd", id="e", **{"node-name": "src"},
+                  writable=True)
+        extra = await s.hold("tgt", "b")
+        await s.x("blockdev-backup", **{"job-id": "b"}, device="src", target="tgt",
+                  sync="full", **extra)
+        await s.held("b")
+        out = {"moved": await s.x("x-debug-query-block-graph"),
+               "refused": await s.err("block-export-add", type="nbd", id="e2", name="w",
+                                      **{"node-name": "src"}, writable=True)}
+        await s.x("block-export-add", type="nbd", id="e2", name="r", **{"node-name": "src"})
+        out["both"] = await s.x("x-debug-query-block-graph")
+        for e in ("e2", "e"):
+            await s.x("block-export-del", id=e)
+            await s.until("BLOCK_EXPORT_DELETED", id=e)
+        await s.cancel_held("b", "b")
+        await s.x("nbd-server-stop")
+        return json.loads(re.sub(r"#block\d+", "#auto", json.dumps(norm(out, d))))
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    assert ours["refused"] == [
+        "GenericError", "Permission conflict on node 'src': permissions 'write' are both "
+        "required by an unnamed block device (uses node 'src' as 'root' child) and unshared "
+        "by node '#auto' (uses node 'src' as 'file' child)."]
+    g = ours["moved"]
+    names = {n["id"]: n["name"] for n in g["nodes"]}
+    [root] = [e for e in g["edges"] if e["name"] == "root"]
+    assert names[root["child"]] == "#auto"       # the filter, not src

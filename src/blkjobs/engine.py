@@ -313,7 +313,7 @@ class Engine:
                copy_mode: CopyMode | str = CopyMode.BACKGROUND, target_is_zero: bool = False,
                auto_finalize: bool = True, auto_dismiss: bool = True,
                filter_node_name: str | None = None, txn: JobTxn | None = None,
-               start: bool = True) -> Job:
+               start: bool = True, unmap: bool = True) -> Job:
         """``blockdev-mirror`` (docs/jobs.md §2): keeps ``target`` in sync with
         ``device`` until completed (pivot) or cancelled."""
         sync, copy_mode = coerce(SyncMode, sync), coerce(CopyMode, copy_mode)
@@ -323,7 +323,7 @@ class Engine:
                                granularity=granularity, buf_size=buf_size,
                                on_source_error=on_source_error,
                                on_target_error=on_target_error, copy_mode=copy_mode,
-                               target_is_zero=target_is_zero)
+                               target_is_zero=target_is_zero, unmap=unmap)
         drv.filter_node_name = filter_node_name
         return self._launch(drv, self._job_id(job_id, drv.src), txn=txn, speed=speed,
                             auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,

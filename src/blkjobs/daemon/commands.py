@@ -20,7 +20,8 @@
 * :class:`~.export_commands.ExportCommands`: NBD server and exports;
 
 and, here, the session (``quit``), error classes (an exception's
-``qmp_class``), ``x-blkjobs-write`` and ``transaction`` with bitmap actions rolled back exactly and
+``qmp_class``), ``x-blkjobs-write`` and ``transaction`` with bitmap actions rolled back exactly,
+``blockdev-snapshot``/``blockdev-snapshot-sync`` unlinked on rollback and
 ``blockdev-backup`` jobs started only at commit.
 
 Handlers run one at a time (the server serializes them), like QMP commands
@@ -157,6 +158,13 @@ class Commands(NodeCommands, JobCommands, CreateCommands, GraphCommands, ReopenC
                         old, new = self._snapshot_link(**data)
                     undo.append(functools.partial(new.attach_backing, None))
                     commit.append(functools.partial(self._reopen_ro, old))
+                elif kind == "blockdev-snapshot-sync":
+                    with self.eng.io:
+                        old, new = self._snapshot_sync_prepare(data)
+                    # the overlay has no user but the transaction: it goes
+                    # at the end either way (qemu-storage-daemon without exports)
+                    undo.append(functools.partial(self._snapshot_sync_end, new, None))
+                    commit.append(functools.partial(self._snapshot_sync_end, new, old))
                 else:
                     raise QMPError(f"Action '{kind}' is not supported by blkjobs")
         except BaseException:

@@ -11,7 +11,9 @@ Progress is 0/1, then 1/1. No ``BLOCK_JOB_*`` events: it is not a block job.
 Drivers: ``file`` (QEMU's file-posix: create without truncating, then
 truncate to 0 and to ``size`` with ``preallocation`` off, falloc or full)
 and ``qcow2`` written into an existing ``file`` node (or one defined
-inline), with QEMU's checks in QEMU's order and texts. ``raw`` and other
+inline), with QEMU's checks in QEMU's order and texts; qcow2 preallocation
+``falloc``/``full`` creates the image empty, then grows it as QEMU does
+(``formats/qcow2/prealloc.py``). ``raw`` and other
 drivers QEMU cannot create: ``Driver does not support blockdev-create``;
 drivers QEMU creates but blkjobs does not: one line saying so.
 """
@@ -21,7 +23,9 @@ import errno
 import os
 from typing import Any
 
+from ..errors import UsageError
 from ..formats.qcow2.create import create as qcow2_create
+from ..formats.qcow2.prealloc import preallocate as qcow2_preallocate
 from ..jobmodel import Job, JobDriver
 from .protocol import QMPError
 
@@ -121,17 +125,22 @@ class CreateJob(JobDriver):
             if key in o:
                 raise QMPError(f"blkjobs does not support '{key}' for driver 'qcow2'")
         prealloc = o.get("preallocation", "off")
-        if prealloc not in ("off", "metadata"):
-            raise QMPError(f"blkjobs does not support preallocation '{prealloc}' for qcow2 "
-                           "(off, metadata)")
-        qcow2_create(path, o["size"], cluster_size=o.get("cluster-size", 65536),
+        # falloc, full: created empty, then grown as QEMU grows it
+        full = prealloc in ("falloc", "full")
+        qcow2_create(path, 0 if full else o["size"], cluster_size=o.get("cluster-size", 65536),
                      extended_l2=o.get("extended-l2", False),
                      backing_file=o.get("backing-file"), backing_format=o.get("backing-fmt"),
-                     preallocation=prealloc, compat="1.1" if version == 3 else "0.10",
+                     preallocation="off" if full else prealloc,
+                     compat="1.1" if version == 3 else "0.10",
                      refcount_bits=o.get("refcount-bits", 16),
                      lazy_refcounts=o.get("lazy-refcounts", False),
                      compression_type=o.get("compression-type", "zlib"),
                      backing_format_optional=True)
+        if full:
+            try:
+                qcow2_preallocate(path, o["size"], prealloc)
+            except UsageError as e:
+                raise QMPError(str(e)) from None
 
 
 class CreateCommands:

@@ -142,8 +142,6 @@ class DriveCommands:
         if "replaces" in args and name is None:
             raise QMPError("a node-name must be provided when replacing a named node of "
                            "the graph")
-        if args.pop("unmap", True) is False:
-            raise QMPError("blkjobs does not support 'unmap': false")
         dev = args["device"]
         src = self.eng.graph.nodes.get(dev)
         if src is None:

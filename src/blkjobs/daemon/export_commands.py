@@ -131,6 +131,7 @@ class ExportCommands:
     _objects: dict[str, dict[str, Any]]
 
     _lookup: Callable[[str], Node]                  # Commands'
+    _note_backend: Callable[[Any], None]            # GraphCommands'
 
     def _export_state(self) -> None:
         if not hasattr(self, "_exports"):
@@ -307,6 +308,8 @@ class ExportCommands:
         with io:
             if writable and node.read_only:
                 raise QMPError("Block node is read-only")
+            if writable:
+                self._check_cbw_conflict(node)
             bms = self._find_bitmaps(node, bitmap_refs, writable)
             fe = io.attach(io.above_filters(node), writable=writable)
             for bm in bms.values():
@@ -315,7 +318,21 @@ class ExportCommands:
         be = BlockExport(eid, node, exp, fe, list(bms.values()))
         exp.on_gone = lambda _e: self._export_gone(be)
         self._exports[eid] = be
+        self._note_backend(be)              # its BlockBackend (graph_commands.py)
         self._nbd.add_export(exp)
+
+    def _check_cbw_conflict(self, node: Node) -> None:
+        """QEMU attaches an export's BlockBackend to the node named, under a
+        running backup's copy-before-write filter, which shares no write on
+        it: a writable export there is a permission conflict."""
+        for job in self.eng.jobs.jobs():
+            f = getattr(job.driver, "fnode", None)
+            if job.type == "backup" and not job.is_completed and f is not None \
+                    and job.driver.src is node:
+                raise QMPError(f"Permission conflict on node '{node.name}': permissions "
+                               "'write' are both required by an unnamed block device (uses "
+                               f"node '{node.name}' as 'root' child) and unshared by node "
+                               f"'{f.name}' (uses node '{node.name}' as 'file' child).")
 
     def _export_gone(self, be: BlockExport) -> None:
         """The export's last client left after its removal (in the thread

@@ -13,37 +13,37 @@
   a qcow2 node is refused with QEMU's permission-conflict text, one alone is
   truncated. Nodes that are some node's backing carry QEMU's op blocker
   (``Device '<device>' is in use``, ``(null)`` when no ``device`` was given).
-* write thresholds are kept on format nodes (the Engine's graph nodes) and
+* write thresholds on format nodes are kept on the Engine's graph nodes and
   checked by every write, write-zeroes and discard that reaches the node: a
-  front end's (``x-blkjobs-write``) or a job's. QEMU also checks them on
-  protocol nodes (host offsets of the image file); blkjobs does not see
-  those writes, so it refuses a threshold on a ``file`` node.
+  front end's (an export's, ``x-blkjobs-write``) or a job's. On a protocol
+  node (``file``, host offsets of the image file) the value is kept on the
+  monitor node and, once a format node sits on it, armed on that graph
+  node's ``set_file_threshold`` (raw: its requests; qcow2: the file growing
+  by allocation); the event names the protocol node.
 * ``query-block`` lists BlockBackends: qemu-storage-daemon has none unless
   exports exist, nor does blkjobs: ``[]``.
-* ``x-debug-query-block-graph``: nodes in creation order (each ``file``
-  node before its format node; the backing files a qcow2 node opened by
-  itself after it), numbered from 1 when first met (as a node or as an
-  edge's child), both lists reversed as QEMU builds them; edges ``file`` and ``backing`` with QEMU's permissions. Jobs'
-  nodes (QEMU's ``block-job`` and ``block-backend`` entries) are not shown;
-  a job's filter node is, as a ``block-driver`` node with its ``file``.
+* ``x-debug-query-block-graph``: :mod:`.block_graph` (BlockBackends of
+  exports and mirror targets, backup and mirror jobs, then the nodes in
+  creation order: each ``file`` node before its format node, the backing
+  files a qcow2 node opened by itself after it; QEMU's permissions). Here:
+  the node order and the BlockBackends' order (:meth:`_note_backend`).
 """
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from ..formats.qcow2.resize import resize as qcow2_resize
-from ..graph import Node, Perm
+from ..graph import Node
+from .block_graph import BlockGraph
 from .protocol import QMPError
 
 BLOCK_WRITE_THRESHOLD = "BLOCK_WRITE_THRESHOLD"
-_PERM_ORDER = ((Perm.RESIZE, "resize"), (Perm.WRITE_UNCHANGED, "write-unchanged"),
-               (Perm.WRITE, "write"), (Perm.CONSISTENT_READ, "consistent-read"))
-
-
-def _perms(p: int) -> list[str]:
-    return [name for bit, name in _PERM_ORDER if p & bit]
+#: the order BlockBackends were made in (exports, mirror targets)
+_BACKENDS = itertools.count(1)
 
 
 class GraphCommands:
@@ -159,13 +159,29 @@ class GraphCommands:
         with self.eng.io:
             g = self.eng.graph.nodes.get(name)
             if g is None:
-                if name in self.nodes:
-                    raise QMPError(f"blkjobs keeps write thresholds on format nodes only: "
-                                   f"'{name}' is a protocol node")
-                raise QMPError(f"Device '{name}' not found")
+                mn = self.nodes.get(name)
+                if mn is None:
+                    raise QMPError(f"Device '{name}' not found")
+                # a protocol node (file, or blkdebug over one): kept on it
+                # while it has no format node, else on the format node's file
+                mn.write_threshold = thr
+                if mn.parent is not None and mn.parent.gnode is not None:
+                    self._arm_file_threshold(mn)
+                return {}
             g.write_threshold = thr
             g.threshold_cb = self._threshold_exceeded
         return {}
+
+    def _arm_file_threshold(self, fmn: Any) -> None:
+        """Move the threshold of the protocol node ``fmn`` onto its format
+        node's graph node (which watches its image file's host offsets)."""
+        name = fmn.name
+
+        def exceeded(g: Node, amount: int, thr: int) -> None:
+            fmn.write_threshold = 0
+            self.eng.jobs.events.emit(BLOCK_WRITE_THRESHOLD, {
+                "node-name": name, "amount-exceeded": amount, "write-threshold": thr})
+        fmn.parent.gnode.set_file_threshold(fmn.write_threshold, exceeded)
 
     def _threshold_exceeded(self, g: Node, amount: int, thr: int) -> None:
         self.eng.jobs.events.emit(BLOCK_WRITE_THRESHOLD, {
@@ -178,21 +194,17 @@ class GraphCommands:
         return []
 
     def cmd_x_debug_query_block_graph(self) -> dict[str, Any]:
-        """As QEMU's bdrv_get_xdbg_block_graph: the nodes in creation order,
-        each numbered when first met (as a node or as an edge's child),
-        its edges after it; both lists come out reversed (QEMU prepends)."""
+        """QEMU's debug view of the graph with its users (block_graph.py)."""
         with self.eng.io:
-            ids: dict[int, int] = {}
+            return BlockGraph(self).build()
 
-            def num(x: Any) -> int:
-                return ids.setdefault(id(x), len(ids) + 1)
-            nodes, edges = [], []
-            for x in self._graph_order():
-                nodes.append({"id": num(x), "type": "block-driver", "name": x.name})
-                for child, name, perm, shared in self._children(x):
-                    edges.append({"parent": num(x), "child": num(child), "name": name,
-                                  "perm": _perms(perm), "shared-perm": _perms(shared)})
-        return {"nodes": nodes[::-1], "edges": edges[::-1]}
+    def _note_backend(self, owner: Any) -> None:
+        """``owner`` (an export, a mirror job) made a BlockBackend now, or
+        (a backup or mirror job) put its filter in: the graph lists the
+        BlockBackends in that order, and an export made before a job's
+        filter has its root moved onto it, as QEMU's bdrv_append does."""
+        seq = self.__dict__.setdefault("_bb_seq", weakref.WeakKeyDictionary())
+        seq[owner] = next(_BACKENDS)
 
     def _graph_order(self) -> list[Any]:
         """Monitor nodes (file nodes and format nodes) and the graph nodes
@@ -229,31 +241,6 @@ class GraphCommands:
             fmn = cls(self._auto_name(), "file", g.filename, g.read_only, False)
             self._implicit_files[g] = fmn
         return fmn
-
-    def _children(self, x: Any) -> list[tuple[Any, str, int, int]]:
-        """(child, edge name, perm, shared) of a monitor node or graph node,
-        with QEMU's permissions for a node no user above asks anything of."""
-        g = x if isinstance(x, Node) else x.gnode
-        out: list[tuple[Any, str, int, int]] = []
-        if g is None:
-            if x.drv == "blkdebug" and x.file is not None:
-                out.append((x.file, "image", Perm(0), Perm(0xF)))
-            return out
-        if g.is_filter:
-            if g.file is not None:
-                out.append((self._monitor_view(g.file), "file", Perm(0), Perm(0xF)))
-            return out
-        if g.backing is not None:
-            out.append((self._monitor_view(g.backing), "backing", Perm(0), Perm(0xF)))
-        f = x.file if not isinstance(x, Node) else self._implicit_files.get(g)
-        if f is not None:
-            if g.format == "qcow2":
-                perm = Perm.CONSISTENT_READ if g.read_only else \
-                    Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
-                out.append((f, "file", perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED))
-            else:
-                out.append((f, "file", Perm(0), Perm(0xF)))
-        return out
 
     def _monitor_view(self, g: Node) -> Any:
         for mn in self.nodes.values():

@@ -28,6 +28,7 @@ class JobCommands:
     # from NodeCommands
     _lookup: Callable[[str], Node]
     _check_job_blockers: Callable[..., None]
+    _note_backend: Callable[[Any], None]        # GraphCommands
 
     def _job_id(self, args: dict[str, Any]) -> str:
         # No BlockBackends here, so QEMU's default (the device name) is "".
@@ -42,8 +43,10 @@ class JobCommands:
         kw = _kw(args, drop=("x-perf", "discard-source"))
         if args.get("discard-source"):
             raise QMPError("blkjobs does not support 'discard-source'")
-        return self.eng.backup(src, dst, kw.pop("sync"), job_id=job_id, txn=txn,
-                               start=txn is None, **kw)
+        job = self.eng.backup(src, dst, kw.pop("sync"), job_id=job_id, txn=txn,
+                              start=txn is None, **kw)
+        self._note_backend(job)      # when its filter went in (x-debug-query-block-graph)
+        return job
 
     def cmd_blockdev_backup(self, **args: Any) -> dict[str, Any]:
         self._start_backup(args)
@@ -59,7 +62,8 @@ class JobCommands:
             self._check_job_blockers(src, dst)
         job_id = self._job_id(args)
         kw = _kw(args)
-        self.eng.mirror(src, dst, kw.pop("sync"), job_id=job_id, **kw)
+        job = self.eng.mirror(src, dst, kw.pop("sync"), job_id=job_id, **kw)
+        self._note_backend(job)         # its target's BlockBackend, its filter
         return {}
 
     def cmd_block_stream(self, **args: Any) -> dict[str, Any]:

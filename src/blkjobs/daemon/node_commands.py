@@ -62,6 +62,23 @@ class MonitorNode:
         self.parent: MonitorNode | None = None    # file node -> its format node
         self.children: list[MonitorNode] = []
         self.qrules: Any = None                   # a blkdebug node's rules
+        #: a protocol node's write threshold (block-set-write-threshold);
+        #: under a format node its graph node watches it (file_threshold)
+        self.write_threshold = 0
+        #: the options it was last opened or reopened with (blockdev-add,
+        #: blockdev-reopen); its cache mode (inherited by the file node made
+        #: inline for it) and detect-zeroes, as query-named-block-nodes shows
+        self.opts: dict[str, Any] = {}
+        self.cache = {"direct": False, "no-flush": False}
+        self.detect_zeroes = "off"
+
+    def set_options(self, opts: dict[str, Any], inherited: dict[str, bool] | None) -> None:
+        """Record ``opts`` (``inherited``: the parent's cache mode, for a
+        node that inherits from it)."""
+        self.opts = dict(opts)
+        self.cache = {"direct": False, "no-flush": False, **(inherited or {}),
+                      **opts.get("cache", {})}
+        self.detect_zeroes = opts.get("detect-zeroes", "off")
 
 
 
@@ -77,6 +94,8 @@ class NodeCommands:
     _dirty_bitmaps_info: Callable[[Node], list[dict[str, Any]]]
     # from the export commands (export_commands.py)
     _check_export_users: Callable[[Node], None]
+    # from the graph commands (graph_commands.py)
+    _arm_file_threshold: Callable[[MonitorNode], None]
 
     # ------------------------------------------------------------------
     # Node lookups
@@ -190,10 +209,20 @@ class NodeCommands:
             # parentless, until blockdev-del; implicit nodes go with their
             # last user (Engine.drop_unused).
             gnode.take(MONITOR, Perm(0), ALL)
-        mn = MonitorNode(gnode.name, drv, fnode.filename, ro, owned, gnode)
+        return self._add_format(gnode, opts, fnode, created, owned)
+
+    def _add_format(self, gnode: Node, opts: dict[str, Any], fnode: MonitorNode,
+                    created: list[MonitorNode], owned: bool) -> MonitorNode:
+        """The monitor's view of a format node just opened over ``fnode``."""
+        mn = MonitorNode(gnode.name, opts["driver"], fnode.filename,
+                         bool(opts.get("read-only", False)), owned, gnode)
         mn.file, fnode.parent = fnode, mn
         mn.children = created
+        mn.set_options(opts, None)
+        if isinstance(opts["file"], dict):      # made inline: inherits the cache mode
+            fnode.set_options(opts["file"], mn.cache)
         self.nodes[mn.name] = mn
+        self._arm_file_threshold(fnode)      # its block-set-write-threshold, if any
         return mn
 
     def _add_file(self, opts: dict[str, Any], owned: bool, ro: bool) -> MonitorNode:
@@ -209,6 +238,7 @@ class NodeCommands:
         else:
             name = self._auto_name()
         mn = MonitorNode(name, "file", path, ro, owned)
+        mn.set_options(opts, None)
         self.nodes[name] = mn
         return mn
 
@@ -241,7 +271,7 @@ class NodeCommands:
             self.eng.io.drop_unused([n for n in below if n.name not in self.nodes])
         if mn.file is not None:
             if mn.file.owned:
-                mn.file.parent = None
+                mn.file.parent = None   # keeps its threshold (write_threshold)
             else:
                 self._drop(mn.file)
         for child in mn.children:
@@ -383,6 +413,9 @@ class NodeCommands:
     def _node_info(self, g: Node, flat: bool) -> dict[str, Any]:
         info = self._common(g.name, g.format, g.filename, g.read_only,
                             self._image_info(g, flat))
+        mn = self.nodes.get(g.name)
+        if mn is not None and mn.gnode is g:
+            self._show_options(info, mn)
         info["backing_file_depth"] = len(g.chain()) - 1
         thr = g.write_threshold          # an int64 in QEMU's BlockDeviceInfo
         info["write_threshold"] = thr - (1 << 64) if thr >= 1 << 63 else thr
@@ -406,6 +439,15 @@ class NodeCommands:
             size, actual = -(-st.st_size // 512) * 512, st.st_blocks * 512
         except OSError:
             size, actual = 0, 0
-        return self._common(mn.name, mn.drv, mn.filename, mn.read_only,
+        info = self._common(mn.name, mn.drv, mn.filename, mn.read_only,
                             {"filename": mn.filename, "format": mn.drv, "virtual-size": size,
                              "actual-size": actual, "dirty-flag": False})
+        thr = mn.write_threshold
+        info["write_threshold"] = thr - (1 << 64) if thr >= 1 << 63 else thr
+        self._show_options(info, mn)
+        return info
+
+    @staticmethod
+    def _show_options(info: dict[str, Any], mn: MonitorNode) -> None:
+        info["detect_zeroes"] = mn.detect_zeroes
+        info["cache"] = {"writeback": True, **mn.cache}

@@ -9,8 +9,22 @@ and, for qcow2, ``backing`` (a node name, or null to detach; the image
 header is not rewritten). As in QEMU, a qcow2 node that has a backing node
 must say what it is now (``backing is missing for '<node>'``), ``driver``,
 ``file`` and ``filename`` cannot change, and the list is applied all or
-nothing. Other options are refused with one line. An empty list does
-nothing (qemu-storage-daemon 7.2 aborts on it).
+nothing. An empty list does nothing (qemu-storage-daemon 7.2 aborts on it).
+
+The other options QEMU lets a reopen change are accepted and recorded as
+the node's options (``discard``, ``detect-zeroes``, ``cache``,
+``auto-read-only``; qcow2's ``lazy-refcounts``, ``pass-discard-*``,
+``overlap-check`` and cache sizes; file's ``drop-cache`` and
+``x-check-cache-dropped``): ``query-named-block-nodes`` shows the new
+``detect_zeroes`` and ``cache`` as QEMU does (a file node made inline for its
+format node and not listed on its own inherits the cache mode). They do not
+change blkjobs' I/O, as at ``blockdev-add``. QEMU's refusals, with its texts:
+``force-share``, ``locking``, ``aio``, ``aio-max-batch``, ``pr-manager``
+given otherwise than before (``Cannot change the option '<k>'``),
+``detect-zeroes`` ``unmap`` without ``discard`` ``unmap``, and a
+``drop-cache`` given before left out now (``Option 'drop-cache' cannot be
+reset to its default value``). Options no QEMU driver changes are refused
+with one line.
 
 ``blockdev-snapshot-sync``: creates the overlay file (``mode``
 ``absolute-paths``, the default: backing file and format the old node's)
@@ -32,6 +46,23 @@ from ..graph import ALL, Node, Perm
 from .protocol import QMPError
 
 _REOPEN_KEYS = {"driver", "node-name", "file", "backing", "read-only", "filename"}
+#: options any node may be given again with another value (recorded; see
+#: the module docstring for what they change)
+_COMMON = {"discard", "detect-zeroes", "cache", "auto-read-only"}
+#: the same, per driver (QEMU's drivers accept a new value for them)
+_MUTABLE = {
+    "qcow2": {"lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+              "pass-discard-other", "overlap-check", "cache-size", "l2-cache-size",
+              "refcount-cache-size", "cache-clean-interval"},
+    "file": {"drop-cache", "x-check-cache-dropped"},
+}
+#: options that cannot change (QEMU: ``Cannot change the option '<k>'``):
+#: given as they were given before (or left out as before); force-share
+#: is compared with its value (false when not given)
+_FIXED = ("locking", "aio", "aio-max-batch", "pr-manager")
+#: options that, once given, must be given again (file-posix: ``Option
+#: '<k>' cannot be reset to its default value``)
+_NO_RESET = ("drop-cache",)
 
 
 class ReopenCommands:
@@ -64,7 +95,10 @@ class ReopenCommands:
                 backing = self._reopen_plan(mn, o)
                 if backing is not ...:
                     backings.append((mn.gnode, backing))
+            opts = self._options_plan(found)
             self._apply_ro(ro)
+            for mn, o, inherited in opts:
+                mn.set_options(o, inherited)
             for g, backing in backings:
                 old = g.backing
                 g.attach_backing(backing)
@@ -158,11 +192,49 @@ class ReopenCommands:
                     fref.get("filename", mn.file.filename) != mn.file.filename or \
                     fref.get("node-name", mn.file.name) != mn.file.name:
                 raise QMPError("blkjobs does not change a node's file child")
-        other = sorted(set(o) - _REOPEN_KEYS)
-        if other:
-            raise QMPError(f"blkjobs' blockdev-reopen changes only 'read-only' and 'backing', "
-                           f"not '{other[0]}'")
         return backing
+
+    @staticmethod
+    def _check_options(mn: Any, o: dict[str, Any]) -> None:
+        """QEMU's checks of the options a node is reopened with."""
+        if o.get("force-share", False) != mn.opts.get("force-share", False):
+            raise QMPError("Cannot change the option 'force-share'")
+        for k in _FIXED:
+            if o.get(k) != mn.opts.get(k):
+                raise QMPError(f"Cannot change the option '{k}'")
+        for k in _NO_RESET:
+            if k in mn.opts and k not in o:
+                raise QMPError(f"Option '{k}' cannot be reset to its default value")
+        if o.get("detect-zeroes") == "unmap" and o.get("discard") != "unmap":
+            raise QMPError("setting detect-zeroes to unmap is not allowed without setting "
+                           "discard operation to unmap")
+        other = sorted(set(o) - _REOPEN_KEYS - _COMMON - set(_FIXED) - {"force-share"}
+                       - _MUTABLE.get(mn.drv, set()))
+        if other:
+            raise QMPError(f"blkjobs' blockdev-reopen does not change '{other[0]}' "
+                           f"for driver '{mn.drv}'")
+
+    def _options_plan(self, found: list[tuple[Any, dict[str, Any]]]) -> list[tuple]:
+        """Check every entry's options (and those of a file node given
+        inline in one); what each node records: (node, options, the cache
+        mode it inherits). As QEMU's reopen queue: a file node made inline
+        for its format node and not listed on its own is reopened with it,
+        inheriting its cache mode; one given inline, with its own options."""
+        plan: dict[int, tuple] = {}
+        listed = {id(mn) for mn, _ in found}
+        for mn, o in found:
+            self._check_options(mn, o)
+            new = {"direct": False, "no-flush": False, **o.get("cache", {})}
+            plan.setdefault(id(mn), (mn, o, None))
+            f, fref = mn.file, o.get("file")
+            if f is None:
+                continue
+            if isinstance(fref, dict):
+                self._check_options(f, fref)
+                plan[id(f)] = (f, fref, new)
+            elif not f.owned and id(f) not in listed:
+                plan[id(f)] = (f, f.opts, new)
+        return list(plan.values())
 
     def _lookup_reopen(self, name: str) -> Node:
         g = self.eng.graph.nodes.get(name)
@@ -174,42 +246,67 @@ class ReopenCommands:
     # blockdev-snapshot-sync
 
     def cmd_blockdev_snapshot_sync(self, **a: Any) -> dict[str, Any]:
-        device, node_name = a.get("device"), a.get("node-name")
-        path, new_name = a["snapshot-file"], a.get("snapshot-node-name")
-        fmt, mode = a.get("format", "qcow2"), a.get("mode", "absolute-paths")
         with self.eng.io:
-            old = self.eng.graph.nodes.get(node_name) if node_name else None
-            if old is None:
-                raise QMPError(f"Cannot find device='{device or ''}' nor "
-                               f"node-name='{node_name or ''}'")
-            self._check_op_blockers(old)
-            if node_name and not new_name:
-                raise QMPError("New overlay node-name missing")
-            if new_name and (new_name in self.nodes or new_name in self.eng.graph.nodes):
-                raise QMPError("New overlay node-name already in use")
-            if mode != "existing":
-                if fmt == "raw":
-                    raise QMPError("Backing file not supported for file format 'raw'")
-                if fmt != "qcow2":
-                    raise QMPError(f"blkjobs creates qcow2 overlays only, not '{fmt}'")
-                try:
-                    create_image(path, "qcow2", old.size, backing_file=old.filename,
-                                 backing_format=old.format)
-                except OSError as e:
-                    raise QMPError(f"Could not create '{path}': {e.strerror}") from None
+            old, new = self._snapshot_sync_prepare(a)
             try:
-                os.close(os.open(path, os.O_RDWR))
-                drv = open_image(path, fmt, read_only=False)
-            except OSError as e:
-                raise QMPError(f"Could not open '{path}': {e.strerror}") from None
-            new = self.eng.graph.add(drv, new_name, fmt)
-            try:
-                new.take("open", Perm.CONSISTENT_READ, ALL)
-                if fmt != "qcow2":
-                    raise QMPError("The overlay does not support backing images")
-                new.attach_backing(old)
                 self._reopen_ro(old)
             finally:
                 # no BlockBackend above it and no monitor reference: it goes
                 new.close()
         return {}
+
+    def _snapshot_sync_prepare(self, a: dict[str, Any]) -> tuple[Node, Node]:
+        """Create (or open) the overlay and link it over the old node: the
+        prepare step of the command and of its transaction action (commit:
+        the old node read-only; abort: unlinked; both then close the
+        overlay, which nothing else holds). The file stays on disk either
+        way, as QEMU leaves it."""
+        device, node_name = a.get("device"), a.get("node-name")
+        path, new_name = a["snapshot-file"], a.get("snapshot-node-name")
+        fmt, mode = a.get("format", "qcow2"), a.get("mode", "absolute-paths")
+        old = self.eng.graph.nodes.get(node_name) if node_name else None
+        if old is None:
+            raise QMPError(f"Cannot find device='{device or ''}' nor "
+                           f"node-name='{node_name or ''}'")
+        self._check_op_blockers(old)
+        if node_name and not new_name:
+            raise QMPError("New overlay node-name missing")
+        if new_name and (new_name in self.nodes or new_name in self.eng.graph.nodes):
+            raise QMPError("New overlay node-name already in use")
+        if mode != "existing":
+            if fmt == "raw":
+                raise QMPError("Backing file not supported for file format 'raw'")
+            if fmt != "qcow2":
+                raise QMPError(f"blkjobs creates qcow2 overlays only, not '{fmt}'")
+            try:
+                create_image(path, "qcow2", old.size, backing_file=old.filename,
+                             backing_format=old.format)
+            except OSError as e:
+                raise QMPError(f"Could not create '{path}': {e.strerror}") from None
+        try:
+            os.close(os.open(path, os.O_RDWR))
+            drv = open_image(path, fmt, read_only=False)
+        except OSError as e:
+            raise QMPError(f"Could not open '{path}': {e.strerror}") from None
+        new = self.eng.graph.add(drv, new_name, fmt)
+        try:
+            new.take("open", Perm.CONSISTENT_READ, ALL)
+            if fmt != "qcow2":
+                raise QMPError("The overlay does not support backing images")
+            new.attach_backing(old)
+        except BaseException:
+            new.close()
+            raise
+        return old, new
+
+    def _snapshot_sync_end(self, new: Node, old: Node | None) -> None:
+        """The end of a ``blockdev-snapshot-sync`` transaction action:
+        committed (``old`` given), the old node goes read-only; aborted,
+        the overlay is unlinked. Then the overlay goes unless a job of the
+        same transaction uses it (it then goes with the job)."""
+        with self.eng.io:
+            if old is not None:
+                self._reopen_ro(old)
+            else:
+                new.attach_backing(None)
+            self.eng.io.drop_unused([new])

@@ -183,6 +183,11 @@ class Node:
         #: once, by the first write that goes past it (then it is 0 again)
         self.write_threshold = 0
         self.threshold_cb = None
+        #: the same for the node's image file (QEMU's threshold on the
+        #: protocol node under a format node), in host offsets: see
+        #: set_file_threshold
+        self.file_threshold = 0
+        self.file_threshold_cb: Callable[[Node, int, int], None] | None = None
 
     def note_write(self, offset: int, length: int) -> None:
         """A write, write-zeroes or discard of [offset, offset+length) is
@@ -197,6 +202,38 @@ class Node:
             self.write_threshold = 0
             if self.threshold_cb is not None:
                 self.threshold_cb(self, offset + length - thr, thr)
+        if self.file_threshold:
+            if self.format == "raw":        # host offsets are guest offsets
+                self._file_reached(offset + length)
+            else:           # a reopen may have replaced the driver
+                self._hook_file_growth()
+
+    def set_file_threshold(self, thr: int, cb: Callable[[Node, int, int], None]) -> None:
+        """A write threshold on this node's image file (0: off): ``cb(node,
+        amount_exceeded, threshold)`` is called once, when a write first
+        reaches past host offset ``thr``, as QEMU's threshold on a protocol
+        node. raw: the write's own range. qcow2: the file's growth, when an
+        allocation (data cluster, L2 table, refcount block) takes clusters
+        past ``thr`` -- before they are written, as QEMU checks a request
+        before it runs; the amount is the new end of the clusters in use."""
+        self.file_threshold, self.file_threshold_cb = thr, cb
+        if thr and self.format != "raw":
+            self._hook_file_growth()
+
+    def _hook_file_growth(self) -> None:
+        drv = getattr(self.driver, "inner", self.driver)    # under a blkdebug wrapper
+        rc = getattr(drv, "_rc", None)
+        if rc is not None and not drv.read_only:
+            refcounts = rc()
+            if refcounts.grow_cb is None:
+                refcounts.grow_cb = self._file_reached
+
+    def _file_reached(self, end: int) -> None:
+        thr = self.file_threshold
+        if thr and end > thr:
+            self.file_threshold = 0
+            if self.file_threshold_cb is not None:
+                self.file_threshold_cb(self, end - thr, thr)
 
     # -- basic facts ---------------------------------------------------
     @property

@@ -128,6 +128,9 @@ class Mover(TargetWrites):
         self._running: set[CopyEngine] = set()
         self._run_lock = threading.Lock()
         self._dst_raw = dst.driver.cluster_size == 0
+        #: zeroes may be written as holes / zero clusters that free their
+        #: host clusters (QEMU's BDRV_REQ_MAY_UNMAP; a mirror's ``unmap``)
+        self.may_unmap = True
         #: no host file (an NBD export) or encrypted data (its host bytes are
         #: ciphertext): everything is written through the driver
         self._dst_remote = not dst.driver.host_file or dst.driver.encrypted
@@ -151,7 +154,7 @@ class Mover(TargetWrites):
             return self._pool.pop()
         return CopyEngine(self.src.driver.fd, self.dst.driver.fd, threads=self.threads,
                           request_size=2 * MiB, zero_block=4096 if self._dst_raw else 0,
-                          target_is_zero=False, may_unmap=True,
+                          target_is_zero=False, may_unmap=self.may_unmap,
                           allow_copy_range=False, bucket=self.bucket,
                           write_behind=self.write_behind and not self.io.cache_unsafe(self.dst),
                           src_path=self.src.filename, dst_path=self.dst.filename)

@@ -38,6 +38,7 @@ class TargetWrites:
     threads: int
     _dst_raw: bool
     _dst_remote: bool
+    may_unmap: bool
     _scan_buf: bytearray | None
     _deflater: Any
 
@@ -105,7 +106,7 @@ class TargetWrites:
                     self.dst.note_write(s, n)
                     items.append((0, s, n, ZERO))
                 else:
-                    self._tgt(self.dst.write_zeroes, s, n)
+                    self._tgt(self.dst.write_zeroes, s, n, self.may_unmap)
 
     def _need(self, copy) -> list[tuple[int, int]]:
         """The target clusters the ``copy`` runs touch."""

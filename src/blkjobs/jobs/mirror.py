@@ -114,7 +114,7 @@ class MirrorJob(BlockJob):
                replaces: str | None = None, granularity: int | None = None,
                buf_size: int | None = None, on_source_error: str = "report",
                on_target_error: str = "report", copy_mode: str = "background",
-               target_is_zero: bool = False) -> MirrorJob:
+               target_is_zero: bool = False, unmap: bool = True) -> MirrorJob:
         src, dst = io.node(device), io.node(target)
         if sync in ("incremental", "bitmap"):
             raise JobError(f"Sync mode '{sync}' not supported")
@@ -146,8 +146,10 @@ class MirrorJob(BlockJob):
         if sync == "top" and src.backing is None:
             sync = "full"
         select = select_window(0, 1) if sync == "top" else select_full
-        return cls(io, src, dst, sync, select, granularity, copy_mode, target_is_zero,
-                   on_source_error, on_target_error, rep)
+        job = cls(io, src, dst, sync, select, granularity, copy_mode, target_is_zero,
+                  on_source_error, on_target_error, rep)
+        job.mover.may_unmap = unmap     # false: zeroes keep the target's clusters
+        return job
 
     def __init__(self, io: BlockIO, src: Node, dst: Node, sync: str, select: Select,
                  granularity: int, copy_mode: str, target_is_zero: bool,

@@ -56,12 +56,15 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
                backing_format=backing_format if backing_file else None)
     if version >= 3:
         h.tail = bytes(8)
-        h.extensions = [(EXT_FEATURE_TABLE, feature_table_ext())]
+        # QEMU 7.2 leaves the feature name table out of images with clusters
+        # of 4 KiB and less (qemu-img create, blockdev-create)
+        if cluster_size > 4096:
+            h.extensions = [(EXT_FEATURE_TABLE, feature_table_ext())]
     lay = Layout(size, cluster_size, h.l2_entries, refcount_bits)
     h.l1_size = lay.l1_size
     h.refcount_table_offset = lay.rt_offset
     h.refcount_table_clusters = lay.rt
-    h.l1_table_offset = lay.l1_offset
+    h.l1_table_offset = lay.l1_offset if lay.l1_size else 0     # QEMU: none allocated
     head = h.pack()      # raises when the backing name does not fit
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import array
 import os
 import sys
+from collections.abc import Callable
 
 from ...errors import ImageError
 
@@ -62,8 +63,23 @@ class Refcounts:
         self.dirty: set[int] = set()
         self.pending: list[int] = []      # clusters to decrement after L2/L1 are durable
         self.pool: list[int] = []         # clusters freed this session, reusable
-        self.end = -(-file_size // self.cs)
+        #: called with the new end (bytes) whenever allocation grows the
+        #: file past it (the graph's write threshold on the image file)
+        self.grow_cb: Callable[[int], None] | None = None
+        self._end = -(-file_size // self.cs)
         self.unsafe = False               # cache=unsafe: keep the write order, skip fsync
+
+    @property
+    def end(self) -> int:
+        """First cluster past the clusters in use (fresh allocation starts here)."""
+        return self._end
+
+    @end.setter
+    def end(self, v: int) -> None:
+        grew = v > self._end
+        self._end = v
+        if grew and self.grow_cb is not None:
+            self.grow_cb(v << self.cb)
 
     # -- blocks --------------------------------------------------------
     def _decode(self, raw: bytes) -> list:
