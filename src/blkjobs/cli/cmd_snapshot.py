@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UsageError
+from . import progname
 from .parity import RAW_PROBED, open_chain_ro, open_rw
 
 
@@ -32,10 +33,10 @@ def run(args) -> int:
                if getattr(args, a) not in (None, False)]
     if len(actions) > 1:
         raise UsageError("Cannot mix '-l', '-a', '-c', '-d'\n"
-                         "Try 'blkjobs --help' for more information")
+                         f"Try '{progname()} --help' for more information")
     if len(args.images) != 1:
         raise UsageError("Expecting one image file name\n"
-                         "Try 'blkjobs --help' for more information")
+                         f"Try '{progname()} --help' for more information")
     path = args.images[0]
     if actions and actions[0] != "list":
         return _modify(args, actions[0], path)
@@ -65,6 +66,8 @@ def _modify(args, action: str, path: str) -> int:
     try:
         if args.fmt is None and node.format == "raw":
             sys.stderr.write(RAW_PROBED.format(path))
+            if action == "apply":    # qemu-img reopens the file to try it: probes again
+                sys.stderr.write(RAW_PROBED.format(path))
         getattr(snapshot, action)(node, getattr(args, action))
     finally:
         node.close()

@@ -33,6 +33,7 @@ import errno
 import os
 import struct
 import time
+from collections import Counter
 
 from ...errors import ImageError
 from .snapshots import Snapshot, pack_table, read_table
@@ -77,9 +78,21 @@ def _read_l1(drv, sn: Snapshot) -> list[int]:
 
 
 def _alloc_run(drv, nbytes: int) -> int:
-    """Host offset of max(1, nbytes / cluster_size) fresh contiguous clusters."""
+    """Host offset of max(1, nbytes / cluster_size) contiguous free clusters:
+    the first such run in the file, as QEMU's allocator takes them (so that
+    a snapshot table or L1 copy lands where qemu-img puts it), else at the
+    end of the file."""
     rc = drv._rc()
     n = max(1, -(-nbytes // drv.cluster_size))
+    run = 0
+    for c in range(1, rc.end):
+        run = run + 1 if rc.get(c) == 0 and rc.block_offset(c // rc.rbe) else 0
+        if run == n:
+            for k in range(c - n + 1, c + 1):
+                rc._set(k, 1)
+                if k in rc.pool:
+                    rc.pool.remove(k)
+            return (c - n + 1) << drv.cb
     while True:
         runs = rc.alloc(n)
         if len(runs) == 1:
@@ -90,60 +103,53 @@ def _alloc_run(drv, nbytes: int) -> int:
                 rc.pool.append(c)
 
 
-def _l2_clusters(drv, t: bytearray) -> list[int]:
-    """The host clusters the entries of one L2 table reference (a cluster
-    once per entry that references it)."""
-    n = len(t) // 8
-    vals = struct.unpack(f">{n}Q", t)
-    if drv.extended:
-        vals = vals[::2]
-    out: list[int] = []
+def _entry_clusters(drv, e: int) -> tuple[list[int], bool]:
+    """The host clusters an L2 entry references, and whether it can carry
+    COPIED (a normal or allocated-zero cluster; never a compressed one)."""
     cb = drv.cb
-    for e in vals:
-        if not e:
-            continue
-        if e & COMPRESSED:
-            off = e & drv._coff_mask
-            nsec = (e >> (62 - drv._csec_bits)) & ((1 << drv._csec_bits) - 1)
-            last = off + (nsec + 1) * 512 - (off & 511) - 1
-            out.extend(range(off >> cb, (last >> cb) + 1))
-        elif e & OFFSET_MASK:
-            out.append((e & OFFSET_MASK) >> cb)
-    return out
+    if e & COMPRESSED:
+        off = e & drv._coff_mask
+        nsec = (e >> (62 - drv._csec_bits)) & ((1 << drv._csec_bits) - 1)
+        last = off + (nsec + 1) * 512 - (off & 511) - 1
+        return list(range(off >> cb, (last >> cb) + 1)), False
+    h = e & OFFSET_MASK
+    return ([h >> cb], True) if h else ([], False)
 
 
-def add_refs(drv, l1: list[int], addend: int) -> list[int]:
-    """Add ``addend`` to the refcount of every L2 table and cluster the L1
-    table ``l1`` reaches (in memory; :meth:`flush` or ``flush_increments``
-    writes them). All or nothing: on an overflow (or a count below zero)
-    what was added is taken back and SnapshotError(EINVAL) raised. Returns
-    the clusters whose refcount dropped to 0."""
+def _precheck(drv, l1: list[int], addend: int) -> None:
+    """SnapshotError(EINVAL) before anything changes when a refcount would
+    leave its range (QEMU's update_refcount fails with EINVAL)."""
     rc = drv._rc()
-    done: list[int] = []
-    try:
-        for le in l1:
-            off = le & L1_OFFSET_MASK
-            if not off:
-                continue
-            for c in _l2_clusters(drv, drv._l2(off)) + [off >> drv.cb]:
-                v = rc.get(c) + addend
-                if not 0 <= v <= rc.max_refcount:
-                    raise SnapshotError(errno.EINVAL)
-                rc._set(c, v)
-                done.append(c)
-    except BaseException:
-        for c in reversed(done):
-            rc._set(c, rc.get(c) - addend)
-        raise
-    return [c for c in dict.fromkeys(done) if rc.get(c) == 0]
+    count: Counter[int] = Counter()
+    step = 2 if drv.extended else 1
+    for le in l1:
+        off = le & L1_OFFSET_MASK
+        if not off:
+            continue
+        t = drv._l2(off)
+        for e in struct.unpack(f">{len(t) // 8}Q", t)[::step]:
+            if e:
+                count.update(_entry_clusters(drv, e)[0])
+        count[off >> drv.cb] += 1
+    for c, k in count.items():
+        if not 0 <= rc.get(c) + addend * k <= rc.max_refcount:
+            raise SnapshotError(errno.EINVAL)
 
 
-def fix_copied(drv) -> None:
-    """Recompute the COPIED flags of the active L1 table and its L2 tables
-    from the refcounts (QEMU's update_snapshot_refcount with addend 0)."""
+def update_refs(drv, l1: list[int], addend: int) -> tuple[bool, list[int]]:
+    """QEMU's qcow2_update_snapshot_refcount on the L1 table ``l1`` (changed
+    in place): add ``addend`` to the refcount of every L2 table and cluster
+    it reaches, and set COPIED on the L2 and L1 entries exactly where the
+    refcount (after the change) is 1. In memory: the caller flushes. All or
+    nothing (see :func:`_precheck`). Returns (L1 changed, the clusters
+    whose refcount dropped to 0; their L2 tables leave the cache)."""
+    if addend:
+        _precheck(drv, l1, addend)
     rc, cb = drv._rc(), drv.cb
     step = 2 if drv.extended else 1
-    for i, le in enumerate(drv.l1):
+    zero: list[int] = []
+    l1_changed = False
+    for i, le in enumerate(l1):
         off = le & L1_OFFSET_MASK
         if not off:
             continue
@@ -153,25 +159,51 @@ def fix_copied(drv) -> None:
         changed = False
         for j in range(0, n, step):
             e = vals[j]
-            h = e & OFFSET_MASK
-            if not h or e & COMPRESSED:
-                continue
-            ne = e | COPIED if rc.get(h >> cb) == 1 else e & ~COPIED
+            ne = e & ~COPIED
+            cls, flaggable = _entry_clusters(drv, ne)
+            for c in cls if addend else ():
+                rc._set(c, rc.get(c) + addend)
+                if not rc.get(c):
+                    zero.append(c)
+            if flaggable and rc.get(cls[0]) == 1:
+                ne |= COPIED
             if ne != e:
                 vals[j] = ne
                 changed = True
         if changed:
             struct.pack_into(f">{n}Q", t, 0, *vals)
             drv.l2dirty.add(off)
-        ne = le | COPIED if rc.get(off >> cb) == 1 else le & ~COPIED
+        if addend:
+            rc._set(off >> cb, rc.get(off >> cb) + addend)
+        r = rc.get(off >> cb)
+        if not r:
+            zero.append(off >> cb)
+            drv.l2dirty.discard(off)
+            drv.l2cache.pop(off, None)
+        ne = off | COPIED if r == 1 else off
         if ne != le:
-            drv.l1[i] = ne
-            drv.l1_dirty = True
+            l1[i] = ne
+            l1_changed = True
+    return l1_changed, zero
+
+
+def _write_l1(drv, l1: list[int], offset: int) -> None:
+    drv.flush()             # the refcounts and L2 tables it relies on first
+    os.pwrite(drv.fd, struct.pack(f">{len(l1)}Q", *l1), offset)
+    drv._fsync()
 
 
 def _free_now(drv, clusters: list[int]) -> None:
-    """Clusters whose refcount reached 0 (already written): reusable."""
-    drv._rc().pool.extend(clusters)
+    """Clusters whose refcount reached 0 (already written): reusable, and
+    their space given back to the file system (QEMU discards clusters that
+    snapshot operations free: they read as zeroes afterwards)."""
+    from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
+    rc, cs = drv._rc(), drv.cluster_size
+    for c in sorted(set(clusters)):
+        if rc.get(c) == 0:
+            if c not in rc.pool:
+                rc.pool.append(c)
+            _fallocate(drv.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, c * cs, cs)
 
 
 def write_table(drv, snaps: list[Snapshot], old_size: int) -> None:
@@ -192,9 +224,11 @@ def write_table(drv, snaps: list[Snapshot], old_size: int) -> None:
     drv._write_header()
     if old_off and old_size:
         rc = drv._rc()
-        for c in range(old_off >> drv.cb, ((old_off + old_size - 1) >> drv.cb) + 1):
+        old = range(old_off >> drv.cb, ((old_off + old_size - 1) >> drv.cb) + 1)
+        for c in old:
             rc.free_later(c)
         rc.apply_frees()
+        _free_now(drv, list(old))
 
 
 def create(drv, name: str, now_us: int | None = None) -> Snapshot:
@@ -215,8 +249,8 @@ def create(drv, name: str, now_us: int | None = None) -> Snapshot:
     l1_off = _alloc_run(drv, len(l1) * 8)
     os.pwrite(drv.fd, struct.pack(f">{len(l1)}Q", *l1), l1_off)
     drv.flush()                     # the L1 copy's refcount, durable
-    add_refs(drv, l1, 1)
-    fix_copied(drv)
+    if update_refs(drv, drv.l1, 1)[0]:
+        drv.l1_dirty = True
     drv.flush()
     sn = Snapshot(str(max(ids) + 1), name.encode()[:255].decode("utf-8", "ignore"),
                   l1_off, len(l1), rt // 1_000_000, rt % 1_000_000 * 1000, 0, 0,
@@ -255,21 +289,23 @@ def delete(drv, name: str) -> None:
     drv.flush()
     write_table(drv, snaps[:idx] + snaps[idx + 1:], old_size)
     rc = drv._rc()
-    zero = add_refs(drv, _read_l1(drv, sn), -1)
+    zero = update_refs(drv, _read_l1(drv, sn), -1)[1]
     for c in range(sn.l1_table_offset >> drv.cb,
                    ((sn.l1_table_offset + max(1, sn.l1_size * 8) - 1) >> drv.cb) + 1):
         rc._set(c, rc.get(c) - 1)
         if rc.get(c) == 0:
             zero.append(c)
-    rc.flush_increments()            # the decrements, before any COPIED flag is set
+    drv.flush()            # the decrements, before any COPIED flag is set
     _free_now(drv, zero)
-    fix_copied(drv)
+    if update_refs(drv, drv.l1, 0)[0]:
+        drv.l1_dirty = True
     _drop_l2_cache(drv)
 
 
 def apply(drv, key: str) -> None:
     """``qemu-img snapshot -a KEY`` (an ID, else a name): the active L1 table
-    becomes a copy of the snapshot's."""
+    becomes a copy of the snapshot's (as it was on disk before this counted
+    its references)."""
     snaps, _ = read_table(drv)
     idx = find_by_id_or_name(snaps, key)
     if idx < 0:
@@ -281,16 +317,17 @@ def apply(drv, key: str) -> None:
                             "on apply is not supported")
     _prepare(drv)
     drv.flush()
-    new_l1 = _read_l1(drv, sn) + [0] * (len(drv.l1) - sn.l1_size)
-    add_refs(drv, new_l1, 1)
+    sn_l1 = _read_l1(drv, sn)
+    new_l1 = sn_l1 + [0] * (len(drv.l1) - sn.l1_size)
+    copy = list(sn_l1)
+    if update_refs(drv, copy, 1)[0]:
+        _write_l1(drv, copy, sn.l1_table_offset)
     drv.flush()                     # the new references, durable
-    os.pwrite(drv.fd, struct.pack(f">{len(new_l1)}Q", *new_l1), drv.header.l1_table_offset)
-    drv._fsync()
-    old_l1 = drv.l1
-    drv.l1 = new_l1
-    drv.l1_dirty = True
-    zero = add_refs(drv, old_l1, -1)
-    drv._rc().flush_increments()
+    _write_l1(drv, new_l1, drv.header.l1_table_offset)
+    zero = update_refs(drv, drv.l1, -1)[1]
+    drv.flush()
     _free_now(drv, zero)
-    fix_copied(drv)
+    drv.l1 = new_l1
+    update_refs(drv, drv.l1, 0)
+    drv.l1_dirty = True
     _drop_l2_cache(drv)
