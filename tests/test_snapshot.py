@@ -168,3 +168,27 @@ def test_snapshots_made_by_qemu_img_applied_and_deleted_by_blkjobs(twins, tmp_pa
         same(twins, "snapshot", flag, name, "t.qcow2")
         assert masked(ours) == masked(theirs)
         check_clean(ours)
+
+
+def test_convert_from_a_snapshot_matches_qemu_img(twins, tmp_path):
+    """convert -l ID-or-name / snapshot.id=,snapshot.name=: the snapshot's
+    data (not the active state's), byte for byte as qemu-img converts it;
+    qemu-img's texts for what cannot be loaded."""
+    ours, theirs = mk(twins)
+    before = to_raw(ours, tmp_path)
+    for p in (ours, theirs):
+        qemu_img("snapshot", "-c", "s1", p)
+        qemu_io(p, "write -P 5 0 2M")
+    for args in (("-l", "s1"), ("-l", "1"), ("-l", "snapshot.name=s1"),
+                 ("-l", "snapshot.id=1,snapshot.name=s1"), ("-O", "qcow2", "-l", "1")):
+        same(twins, "convert", *args, "t.qcow2", "o.img")
+        assert to_raw(twins[0] / "o.img", tmp_path, fmt=args[1] if args[0] == "-O" else "raw") \
+            == before
+        assert qemu_img("compare", twins[0] / "o.img", twins[1] / "o.img").returncode == 0
+    for d in twins:
+        qemu_img("create", "-f", "raw", d / "r.raw", "1M")
+    for args in (("-l", "nope", "t.qcow2"), ("-l", "snapshot.id=1,snapshot.name=x", "t.qcow2"),
+                 ("-l", "snapshot.foo=1", "t.qcow2"), ("-l", "x", "-f", "raw", "r.raw")):
+        rc, _, err = same(twins, "convert", *args, "n.img")
+        assert rc == 1 and err.startswith("qemu-img: ")
+        assert not (twins[0] / "n.img").exists()

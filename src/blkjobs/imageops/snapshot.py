@@ -48,3 +48,28 @@ def delete(node, name: str) -> None:
         _delete(node.driver, name)
     except SnapshotError as e:
         raise UsageError(f"Could not delete snapshot '{name}': {e}") from None
+
+
+def load_tmp(node, snapshot: tuple[str | None, str | None] | str) -> None:
+    """``convert -l``: make the read-only ``node`` read a snapshot: a string
+    is an ID, else a name; a pair (ID, name) must match both given ones.
+    UsageError with qemu-img's text (and the node closed) when it cannot."""
+    from ..formats.qcow2.snapshot_ops import SnapshotError, load_tmp as _load
+    try:
+        if node.format != "qcow2":
+            raise UsageError(f"Block format '{node.format}' used by device '' does not "
+                             "support temporarily loading internal snapshots")
+        if isinstance(snapshot, str):
+            try:
+                _load(node.driver, snapshot, None)
+            except SnapshotError as e:
+                if e.errno not in (errno.ENOENT, errno.EINVAL):
+                    raise
+                _load(node.driver, None, snapshot)
+        else:
+            if snapshot == (None, None):
+                raise UsageError("snapshot_id and name are both NULL")
+            _load(node.driver, *snapshot)
+    except (SnapshotError, UsageError) as e:
+        node.close_chain()
+        raise UsageError(f"Failed to load snapshot: {e}") from None

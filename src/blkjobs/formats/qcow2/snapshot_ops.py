@@ -331,3 +331,21 @@ def apply(drv, key: str) -> None:
     update_refs(drv, drv.l1, 0)
     drv.l1_dirty = True
     _drop_l2_cache(drv)
+
+
+def load_tmp(drv, snap_id: str | None, name: str | None) -> None:
+    """Make a read-only driver read snapshot (ID and/or name; both given:
+    both must match) instead of the active state: its L1 table and disk
+    size (QEMU's qcow2_snapshot_load_tmp, for ``convert -l``)."""
+    if not drv.read_only:
+        raise SnapshotError(errno.EINVAL, "Device is not readonly")
+    snaps, _ = read_table(drv)
+    for sn in snaps:
+        if (snap_id is None or sn.id == snap_id) and (name is None or sn.name == name):
+            break
+    else:
+        raise SnapshotError(errno.ENOENT, "Can't find snapshot")
+    _validate_l1(drv, sn)
+    drv.l1 = _read_l1(drv, sn)
+    drv.l2cache.clear()
+    drv.header.size = sn.disk_size if sn.disk_size is not None else drv.size
