@@ -48,7 +48,10 @@ EPILOGS: dict[str, tuple[tuple[str, ...], str]] = {
     "resize": (("blkjobs resize disk.qcow2 +1G",
                 "blkjobs resize --shrink disk.raw 512M"), _PLAIN_EXIT),
     "serve": (("blkjobs serve --socket /run/blkjobs.sock",), "0 shut down cleanly, 1 error"),
-    "snapshot": (("blkjobs snapshot -l disk.qcow2",), _PLAIN_EXIT),
+    "snapshot": (("blkjobs snapshot -l disk.qcow2",
+                  "blkjobs snapshot -c before-upgrade disk.qcow2"), _PLAIN_EXIT),
+    "amend": (("blkjobs amend -o compat=0.10 disk.qcow2",
+               "blkjobs amend -o lazy_refcounts=on disk.qcow2"), _PLAIN_EXIT),
     "stream": (("blkjobs stream -p overlay.qcow2",
                 "blkjobs stream -b mid.qcow2 top.qcow2"), _JOB_EXIT),
 }
