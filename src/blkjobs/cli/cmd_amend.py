@@ -22,6 +22,8 @@ def register(sub):
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--image-opts", action="store_true",
+                   help="IMG is driver=FMT,file.filename=PATH[,...] (other keys ignored)")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="IMG")
     p.set_defaults(func=run)
 
@@ -45,12 +47,15 @@ class _Progress:
             sys.stdout.write("\n")
 
 
+_FLAGS = {"-p": "progress", "-q": "quiet", "--force": "force", "--image-opts": "image_opts"}
+
+
 def run(args) -> int:
     from ..imageops import amend as am
     rest = []
     for a in args.args:           # options after IMG (getopt permutes them)
-        if a in ("-p", "-q", "--force"):
-            setattr(args, {"-p": "progress", "-q": "quiet", "--force": "force"}[a], True)
+        if a in _FLAGS:
+            setattr(args, _FLAGS[a], True)
         else:
             rest.append(a)
     if not args.options:
@@ -65,6 +70,8 @@ def run(args) -> int:
         if len(rest) != 1:
             raise UsageError("Expecting one image file name")
         path = rest[0]
+        if args.image_opts:
+            path, args.fmt = _image_opts(path)
         node = open_rw(path, args.fmt, "amend", resize=True)
         try:
             if args.fmt is None and node.format == "raw":
@@ -93,3 +100,11 @@ def _help(fmt: str) -> int:
         raise UsageError(f"Format driver '{fmt}' does not support option amendment")
     sys.stdout.write(AMEND_HELP)
     return 0
+
+
+def _image_opts(text: str) -> tuple[str, str | None]:
+    """--image-opts: (file.filename, driver) of ``driver=...,file.filename=...``."""
+    kv = dict(item.partition("=")[::2] for item in text.split(",") if item)
+    if "file.filename" not in kv:
+        raise UsageError("A block device must be specified for \"file\"")
+    return kv["file.filename"], kv.get("driver")
