@@ -14,7 +14,11 @@ features (extended L2 entries...); a dirty image is made clean; compatible
 and autoclear features are cleared; every zero cluster (active and snapshot
 L2 tables) becomes a data cluster of zeroes, or -- a plain zero cluster of
 an image without a backing file -- unallocated; then the header is written
-as version 2.
+as version 2. One deliberate difference from QEMU 7.2: a zero cluster whose
+host cluster is also referenced from another L2 table (an internal snapshot
+reading data there) gets a new cluster of zeroes; QEMU zeroes the shared
+cluster in place, which changes the snapshot's data, and sets COPIED on
+it (``qemu-img check`` then reports OFLAG_COPIED errors).
 """
 from __future__ import annotations
 
@@ -161,16 +165,23 @@ def _expand_l2(drv, off: int, active: bool, has_backing: bool) -> None:
         if e & COMPRESSED or not e & ZERO:
             continue
         h = e & OFFSET_MASK
+        if h and rc.get(h >> drv.cb) != l2_ref:
+            # Shared beyond this table (a snapshot reads its data or its own
+            # zero flag): zeroing it in place would change what the other
+            # table reads -- QEMU does that; a new cluster instead.
+            for _ in range(l2_ref):
+                rc.free_later(h >> drv.cb)
+            h = 0
+        elif not h and not has_backing:
+            vals[j] = 0
+            dirty = True
+            continue
         if not h:
-            if not has_backing:
-                vals[j] = 0
-                dirty = True
-                continue
             c = rc.alloc_one()
             if l2_ref > 1:
                 rc._set(c, l2_ref)
             h = c << drv.cb
-        drv.flush()                 # the new cluster's refcount first
+        rc.flush_increments()       # the new cluster's refcount first
         os.pwrite(drv.fd, bytes(cs), h)
         vals[j] = h | COPIED if l2_ref == 1 else h
         dirty = True
@@ -180,10 +191,11 @@ def _expand_l2(drv, off: int, active: bool, has_backing: bool) -> None:
     if active:
         drv.l2dirty.add(off)
     else:
-        drv.flush()
+        rc.flush_increments()
         os.pwrite(drv.fd, t, off)
         drv._fsync()
         drv.l2cache.pop(off, None)
+        drv.flush()                 # then the references it dropped
 
 
 def _has_compressed(drv, tables) -> bool:
