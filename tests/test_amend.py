@@ -127,3 +127,40 @@ def test_upgrade_rewrites_a_v2_snapshot_table(twins, tmp_path):
     assert info_no_dates(ours)[0].get("icount") is None      # -1: not recorded
     run(twins[0], "snapshot", "-a", "old", "t.qcow2")
     check_clean(ours)
+
+
+@pytest.mark.parametrize("create_bits,io,bits", [
+    ("16", ("write -P 1 16M 32M",), "1"), ("1", ("write -P 2 0 1M",), "64"),
+    ("16", ("write -P 3 0 64k",), "8"), ("64", (), "2")])
+def test_refcount_width_change(twins, tmp_path, create_bits, io, bits):
+    """refcount_bits=N: the same output as qemu-img; the image reads the
+    same, has the new width and checks clean (the new refcount structures
+    are placed at the end of the file, not where qemu-img puts them; -p
+    prints fewer steps than qemu-img there)."""
+    ours, theirs = both(twins, ("-o", f"refcount_bits={create_bits}"), io)
+    before = to_raw(ours, tmp_path)
+    same(twins, "amend", "-o", f"refcount_bits={bits}", "t.qcow2")   # -p: QEMU steps differ
+    res = check_clean(ours)
+    assert res.get("allocated-clusters") == check_clean(theirs).get("allocated-clusters")
+    assert to_raw(ours, tmp_path) == before
+    for p in (ours, theirs):
+        assert f"refcount bits: {bits}" in qemu_img("info", p).stdout
+    qemu_io(ours, "write -P 4 0 64k")            # and it is written through the new ones
+    check_clean(ours)
+
+
+def test_refcount_width_too_small_for_a_snapshot(twins):
+    ours, theirs = both(twins, io=("write 0 64k",))
+    for p in (ours, theirs):
+        qemu_img("snapshot", "-c", "foo", p)
+        qemu_io(p, "write 1M 1M")          # the L2 table copied, cluster 0 still shared
+    rc, _, err = same(twins, "amend", "-o", "refcount_bits=1", "t.qcow2")
+    assert (rc, err) == (1, "qemu-img: Cannot decrease refcount entry width to 1 bits: Cluster "
+                            "at offset 0x50000 has a refcount of 2\n")
+    assert ours.read_bytes() == theirs.read_bytes() or masked(ours) == masked(theirs)
+    same(twins, "amend", "-o", "refcount_bits=2", "t.qcow2")
+    check_clean(ours)
+    assert "refcount bits: 2" in qemu_img("info", ours).stdout
+    same(twins, "snapshot", "-a", "foo", "t.qcow2")
+    check_clean(ours)
+    assert qemu_img("compare", ours, theirs).returncode == 0

@@ -104,8 +104,7 @@ def amend(node, opts: dict[str, str], progress: Callable[[float], None] | None =
             if new_version < 3 and bits != 16:
                 raise UsageError("Refcount widths other than 16 bits require compatibility "
                                  "level 1.1 or above (use compat=1.1 or greater)")
-            raise UsageError(f"refcount_bits={bits}: changing the refcount width of an "
-                             "existing image is not supported by blkjobs (use qemu-img amend)")
+            qa.change_refcount_bits(drv, bits, progress)
         size = parse_opt_size(opts["size"], "size") if opts.get("size") else 0
         if size:
             resize_node(node, size)
