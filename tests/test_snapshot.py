@@ -77,6 +77,12 @@ def test_texts_and_exit_codes_match_qemu_img(twins):
         assert rc == 1 and err
     rc, out, err = same(twins, "snapshot", "-c", "a", "t.qcow2")
     assert (rc, out, err) == (0, "", "")
+    for d in twins:
+        qemu_img("bitmap", "--add", d / "t.qcow2", "b0")
+    for flag in ("-c", "-a", "-d"):     # -a refused: the bitmaps are active ones
+        rc, _, err = same(twins, "snapshot", flag, "a", "t.qcow2")
+        assert rc == (1 if flag == "-a" else 0), err
+    check_clean(twins[0] / "t.qcow2")
 
 
 def test_list_and_info_show_created_snapshots_as_qemu_img(twins):

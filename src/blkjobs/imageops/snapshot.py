@@ -31,6 +31,8 @@ def apply(node, name: str) -> None:
     if node.format != "qcow2":
         raise UsageError(f"Could not apply snapshot '{name}': Block driver does not "
                          "support snapshots")
+    if node.driver.bitmaps:     # QEMU loads persistent bitmaps as active ones
+        raise UsageError(f"Could not apply snapshot '{name}': Device has active dirty bitmaps")
     try:
         _apply(node.driver, name)
     except SnapshotError as e:
