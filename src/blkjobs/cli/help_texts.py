@@ -102,6 +102,12 @@ OPTION_HELP: dict[tuple[str, str], str] = {
     ("resize", "-f"): _F, ("resize", "-q"): _Q, ("resize", "args"): "IMG [+|-]SIZE",
     ("snapshot", "-f"): _F, ("snapshot", "-q"): _Q, ("snapshot", "-U"): _U,
     ("snapshot", "images"): "[SNAPSHOT] IMG",
+    ("amend", "-o"): "options to change: compat=0.10|1.1, lazy_refcounts=on|off, "
+    "refcount_bits=N, size=N (-o help lists them); may repeat",
+    ("amend", "-f"): _F, ("amend", "-q"): _Q, ("amend", "-p"): "show progress (qemu-img's lines)",
+    ("amend", "-t"): "cache mode (accepted for qemu-img's command lines; no effect)",
+    ("amend", "--force"): "accepted for qemu-img's command lines (nothing here needs it)",
+    ("amend", "args"): "IMG",
     ("stream", "-f"): _F, ("stream", "--on-error"): _ERR, ("stream", "image"): _IMG,
 }
 
