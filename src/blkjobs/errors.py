@@ -12,7 +12,9 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      │    ├── NotSupported                    formats.base: a driver lacks the capability asked for
      │    ├── NotAnImageFile                  formats.base: not a file or device an image can be
      │    ├── CryptoOpenError                 formats.luks: an encrypted image without its key (QEMU's text)
-     │    └── NbdConnectError                 native.nbd: could not connect to an NBD server
+     │    ├── NbdConnectError                 native.nbd: could not connect to an NBD server
+     │    ├── SnapshotError                   formats.qcow2.snapshot_ops: errno as QEMU's (EINVAL...)
+     │    └── AmendError                      formats.qcow2.amend: an option that cannot be amended
      ├── NbdIOError (also OSError)            native.nbd: an NBD request failed (errno, libnbd's text)
      │    └── NbdCopyError                    native.nbd: a file <-> export copy failed (side, offset)
      ├── UsageError (also ValueError)         bad argument values (sizes, rates, options)

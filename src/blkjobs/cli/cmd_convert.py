@@ -34,6 +34,9 @@ def register(sub):
     p.add_argument("-W", dest="out_of_order", action="store_true",
                    help="accepted for qemu-img compatibility (writes are always parallel)")
     p.add_argument("-q", dest="quiet", action="store_true", help="no progress output")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT_PARAM",
+                   help="convert an internal snapshot of a qcow2 source: its ID or "
+                   "name, or snapshot.id=ID[,snapshot.name=NAME]")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="force share: read a source another process is writing (the "
                    "target is always locked for writing)")
@@ -88,7 +91,8 @@ def run(args) -> int:
         if args.request_size else None,
         flush=args.cache != "unsafe", src_fmt=args.src_fmt, dst_fmt=args.dst_fmt,
         compress=args.compress, backing=backing, backing_fmt=backing_fmt,
-        force_share=args.force_share, create_opts=create_opts)
+        force_share=args.force_share, create_opts=create_opts,
+        snapshot=_snapshot_param(args.snapshot))
     names = None
     if args.skip_broken_bitmaps and not args.bitmaps:
         raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
@@ -106,3 +110,17 @@ def run(args) -> int:
         from ..imageops.convert_bitmaps import copy_bitmaps
         copy_bitmaps(args.src, args.src_fmt, args.dst, names, args.force_share)
     return 0
+
+
+def _snapshot_param(text: str | None) -> tuple[str | None, str | None] | str | None:
+    """-l: an ID or name, or ``snapshot.id=ID,snapshot.name=NAME`` (either)."""
+    if text is None or not text.startswith("snapshot."):
+        return text
+    got: dict[str, str] = {}
+    for part in text.split(","):
+        key, _, val = part.partition("=")
+        if key not in ("snapshot.id", "snapshot.name"):
+            raise UsageError(f"Invalid parameter '{key}'\nblkjobs: Failed in parsing "
+                             f"snapshot param '{text}'")
+        got[key] = val
+    return got.get("snapshot.id"), got.get("snapshot.name")

@@ -48,7 +48,10 @@ EPILOGS: dict[str, tuple[tuple[str, ...], str]] = {
     "resize": (("blkjobs resize disk.qcow2 +1G",
                 "blkjobs resize --shrink disk.raw 512M"), _PLAIN_EXIT),
     "serve": (("blkjobs serve --socket /run/blkjobs.sock",), "0 shut down cleanly, 1 error"),
-    "snapshot": (("blkjobs snapshot -l disk.qcow2",), _PLAIN_EXIT),
+    "snapshot": (("blkjobs snapshot -l disk.qcow2",
+                  "blkjobs snapshot -c before-upgrade disk.qcow2"), _PLAIN_EXIT),
+    "amend": (("blkjobs amend -o compat=0.10 disk.qcow2",
+               "blkjobs amend -o lazy_refcounts=on disk.qcow2"), _PLAIN_EXIT),
     "stream": (("blkjobs stream -p overlay.qcow2",
                 "blkjobs stream -b mid.qcow2 top.qcow2"), _JOB_EXIT),
 }
@@ -99,6 +102,12 @@ OPTION_HELP: dict[tuple[str, str], str] = {
     ("resize", "-f"): _F, ("resize", "-q"): _Q, ("resize", "args"): "IMG [+|-]SIZE",
     ("snapshot", "-f"): _F, ("snapshot", "-q"): _Q, ("snapshot", "-U"): _U,
     ("snapshot", "images"): "[SNAPSHOT] IMG",
+    ("amend", "-o"): "options to change: compat=0.10|1.1, lazy_refcounts=on|off, "
+    "refcount_bits=N, size=N (-o help lists them); may repeat",
+    ("amend", "-f"): _F, ("amend", "-q"): _Q, ("amend", "-p"): "show progress (qemu-img's lines)",
+    ("amend", "-t"): "cache mode (accepted for qemu-img's command lines; no effect)",
+    ("amend", "--force"): "accepted for qemu-img's command lines (nothing here needs it)",
+    ("amend", "args"): "IMG",
     ("stream", "-f"): _F, ("stream", "--on-error"): _ERR, ("stream", "image"): _IMG,
 }
 

@@ -77,6 +77,6 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
     if same_file(src, dst):
         raise UsageError(f"source and target are the same file: '{src}'")
     fmt = probe(src, o.src_fmt)
-    if fmt == "raw" and o.dst_fmt == "raw" and not o.create_opts:
+    if fmt == "raw" and o.dst_fmt == "raw" and not o.create_opts and o.snapshot is None:
         return convert_raw(src, dst, o, progress, check)
     return ChainConvert(src, fmt, dst, o, progress, check).run()

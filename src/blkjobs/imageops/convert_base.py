@@ -36,6 +36,7 @@ class ConvertOptions:
     backing_fmt: str | None = None  # -F: its format (probed when None)
     create_opts: dict = field(default_factory=dict)   # -o (qcow2/raw creation options)
     force_share: bool = False      # -U: read a source another process is writing
+    snapshot: tuple[str | None, str | None] | str | None = None  # -l: (id, name) or ID-or-name
 
 
 @dataclass

@@ -69,6 +69,9 @@ class ChainConvert:
         from .images import open_ro
         o = self.o
         self.top = open_ro(self.src, self.fmt, force_share=o.force_share, stable=True)
+        if o.snapshot is not None:
+            from .snapshot import load_tmp
+            load_tmp(self.top, o.snapshot)
         self.size = self.top.size
         self.chain = self.top.chain()
         self.fds = [n.driver.fd for n in self.chain]

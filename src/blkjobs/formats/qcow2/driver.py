@@ -32,11 +32,11 @@ view below this layer (the graph passes one that reads its backing child;
 ``None`` means zeroes). ``fill`` is called only for the uncovered head/tail
 of newly allocated (sub)clusters and never beyond the virtual size.
 
-Internal snapshots: images with snapshots open read-only only (writable
-opens raise ImageError). Without snapshots every allocated cluster has
-refcount 1; a normal cluster whose COPIED flag is clear is still treated
-correctly (copied to a new cluster before a write), but a shared L2 table is
-refused as corrupt.
+Internal snapshots (:mod:`.snapshot_ops`) share L2 tables and data
+clusters (refcount > 1, COPIED clear). A data cluster whose COPIED flag is
+clear is copied to a new cluster before a write (``writes``), an L2 table
+whose L1 entry has COPIED clear is copied before its first change
+(``tables._l2_for_write``); the old copies keep serving the snapshots.
 
 Flush ordering: data is written in place or into freshly allocated clusters
 before any metadata that references it; :meth:`flush` then writes refcount
@@ -164,9 +164,6 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         h = self.header
         if h.incompatible & INCOMPAT_CORRUPT:
             raise ImageError(f"'{self.filename}': image is corrupt; cannot be opened read/write")
-        if h.nb_snapshots:
-            raise ImageError(f"'{self.filename}': image has internal snapshots; blkjobs "
-                             "opens such images read-only only")
         self._write_prepared = False
 
     @property

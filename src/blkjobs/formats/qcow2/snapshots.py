@@ -4,8 +4,9 @@ Each entry: L1 table offset and size, the ID and name strings, the date
 (seconds and nanoseconds), the VM clock (nanoseconds), the VM state size
 (32 bits, or 64 in the extra data), and in the extra data the disk size at
 the snapshot and the instruction count (absent: -1). Entries are 8-byte
-aligned. Only reading is implemented: creating, deleting and applying
-snapshots (which share clusters between L1 tables through refcounts) is not.
+aligned. Extra data past the 24 bytes QEMU knows is kept as it is when the
+table is rewritten. Creating, applying and deleting snapshots (which share
+clusters between L1 tables through refcounts): :mod:`.snapshot_ops`.
 """
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ class Snapshot:
     vm_state_size: int
     disk_size: int | None
     icount: int          # -1: not recorded
+    extra_unknown: bytes = b""   # extra data past the 24 bytes QEMU knows
+
+    def pack(self) -> bytes:
+        """The table entry as QEMU writes it (qcow2_write_snapshots): at
+        least 24 bytes of extra data; no padding after the name."""
+        ident, name = self.id.encode(), self.name.encode()
+        extra = struct.pack(">QQq", self.vm_state_size, self.disk_size or 0,
+                            self.icount) + self.extra_unknown
+        vm32 = self.vm_state_size if self.vm_state_size <= 0xFFFFFFFF else 0
+        return _ENTRY.pack(self.l1_table_offset, self.l1_size, len(ident), len(name),
+                           self.date_sec, self.date_nsec, self.vm_clock_nsec, vm32,
+                           len(extra)) + extra + ident + name
 
     def qapi(self) -> dict:
         """SnapshotInfo as qemu-img 7.2 prints it in JSON (its key order)."""
@@ -43,11 +56,27 @@ class Snapshot:
         return d
 
 
+def pack_table(snaps: list[Snapshot]) -> bytes:
+    """The snapshot table: the entries, each 8-byte aligned."""
+    out = bytearray()
+    for s in snaps:
+        out += bytes(-len(out) % 8)
+        out += s.pack()
+    return bytes(out)
+
+
 def read_snapshots(drv) -> list[Snapshot]:
     """The snapshot table of an open qcow2 driver, in table order."""
+    return read_table(drv)[0]
+
+
+def read_table(drv) -> tuple[list[Snapshot], int]:
+    """The snapshot table and its size in bytes (to the end of the last
+    entry's name)."""
     h = drv.header
     if not h.nb_snapshots:
-        return []
+        return [], 0
+    end = 0
     out = []
     pos = h.snapshots_offset
     for i in range(h.nb_snapshots):
@@ -65,15 +94,16 @@ def read_snapshots(drv) -> list[Snapshot]:
         if len(strs) != id_len + name_len or len(extra) != extra_len:
             raise ImageError(f"'{drv.filename}': snapshot table truncated (entry {i})")
         pos += id_len + name_len
+        end = pos - h.snapshots_offset
         pos += -(pos - h.snapshots_offset) % 8
         if len(extra) >= 8:
             vmsize = struct.unpack_from(">Q", extra, 0)[0]
-        disk = struct.unpack_from(">Q", extra, 8)[0] if len(extra) >= 16 else None
+        disk = struct.unpack_from(">Q", extra, 8)[0] if len(extra) >= 16 else h.size
         icount = struct.unpack_from(">q", extra, 16)[0] if len(extra) >= 24 else -1
         out.append(Snapshot(strs[:id_len].decode("utf-8", "replace"),
                             strs[id_len:].decode("utf-8", "replace"), l1_off, l1_size,
-                            dsec, dnsec, clock, vmsize, disk, icount))
-    return out
+                            dsec, dnsec, clock, vmsize, disk, icount, extra[24:]))
+    return out, end
 
 
 def dump_table(snaps: list[Snapshot]) -> str:

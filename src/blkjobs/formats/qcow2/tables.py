@@ -117,8 +117,7 @@ class L2Tables(Driver):
         e = self.l1[l1i]
         off = e & L1_OFFSET_MASK
         if off and not e & COPIED:
-            raise ImageError(f"'{self.filename}': L2 table 0x{off:x} is shared "
-                             "(COPIED clear); refusing to write")
+            off = self._cow_l2(l1i, off)
         if not off:
             c = self._rc().alloc_one()
             off = c << self.cb
@@ -127,6 +126,28 @@ class L2Tables(Driver):
             self.l1[l1i] = off | COPIED
             self.l1_dirty = True
         return self._l2(off), off
+
+    def _cow_l2(self, l1i: int, off: int) -> int:
+        """Copy the shared L2 table at ``off`` (an internal snapshot uses it
+        too) to a new cluster for L1 entry l1i; the old one loses a
+        reference once the new L1 entry is on disk (flush order). Entries of
+        the copy keep COPIED only where the data cluster's refcount is 1."""
+        rc = self._rc()
+        t = bytearray(self._l2(off))
+        n = len(t) // 8
+        vals = list(struct.unpack(f">{n}Q", t))
+        for j in range(0, n, 2 if self.extended else 1):
+            e = vals[j]
+            if e & COPIED and rc.get((e & OFFSET_MASK) >> self.cb) != 1:
+                vals[j] = e & ~COPIED
+        struct.pack_into(f">{n}Q", t, 0, *vals)
+        noff = rc.alloc_one() << self.cb
+        self.l2cache[noff] = t
+        self.l2dirty.add(noff)
+        self.l1[l1i] = noff | COPIED
+        self.l1_dirty = True
+        rc.free_later(off >> self.cb)
+        return noff
 
     def _set_entry(self, gc: int, e: int, bm: int = 0) -> None:
         t, off = self._l2_for_write(gc)

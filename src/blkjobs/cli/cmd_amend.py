@@ -1,0 +1,110 @@
+"""blkjobs amend [-p] [-q] [-f FMT] [-t CACHE] [--force] -o OPTIONS IMG
+
+As ``qemu-img amend``: changes the options of an existing qcow2 image
+(compat, lazy_refcounts, size; backing_file/backing_fmt only to their
+current values), with qemu-img's texts and progress lines
+(:mod:`blkjobs.imageops.amend`). ``-o help`` lists the options."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UsageError
+from . import progname
+from .parity import RAW_PROBED, check_fmt, open_rw
+
+
+def register(sub):
+    p = sub.add_parser("amend", help="change the options of an existing qcow2 image")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTIONS")
+    p.add_argument("-f", dest="fmt", metavar="FMT")
+    p.add_argument("-t", dest="cache", metavar="CACHE")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--image-opts", action="store_true",
+                   help="IMG is driver=FMT,file.filename=PATH[,...] (other keys ignored)")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="IMG")
+    p.set_defaults(func=run)
+
+
+class _Progress:
+    """qemu-img's progress lines: ``    (N.NN/100%)`` and a carriage return,
+    printed at 0, 100 and each step of at least 1%; a newline at the end."""
+
+    def __init__(self, on: bool) -> None:
+        self.on, self.last = on, 0.0
+
+    def __call__(self, frac: float) -> None:
+        cur = min(100.0, frac * 100)
+        if self.on and (abs(cur - self.last) > 1.0 or cur in (0.0, 100.0)):
+            self.last = cur
+            sys.stdout.write(f"    ({cur:3.2f}/100%)\r")
+            sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.on:
+            sys.stdout.write("\n")
+
+
+_FLAGS = {"-p": "progress", "-q": "quiet", "--force": "force", "--image-opts": "image_opts"}
+
+
+def run(args) -> int:
+    from ..imageops import amend as am
+    rest = []
+    for a in args.args:           # options after IMG (getopt permutes them)
+        if a in _FLAGS:
+            setattr(args, _FLAGS[a], True)
+        else:
+            rest.append(a)
+    if not args.options:
+        raise UsageError(f"Must specify options (-o)\nTry '{progname()} --help' for more "
+                         "information")
+    options = ",".join(args.options)
+    prog = _Progress(args.progress and not args.quiet)
+    try:
+        if args.fmt and am.wants_help(options):
+            check_fmt(args.fmt)
+            return _help(args.fmt)
+        if len(rest) != 1:
+            raise UsageError("Expecting one image file name")
+        path = rest[0]
+        if args.image_opts:
+            path, args.fmt = _image_opts(path)
+        node = open_rw(path, args.fmt, "amend", resize=True)
+        try:
+            if args.fmt is None and node.format == "raw":
+                sys.stderr.write(RAW_PROBED.format(path))
+            if am.wants_help(options):
+                return _help(node.format)
+            if node.format != "qcow2":
+                raise UsageError(f"Format driver '{node.format}' does not support option "
+                                 "amendment")
+            opts = am.parse(options)
+            prog(0.0)
+            try:
+                am.amend(node, opts, prog)
+            finally:
+                prog(1.0)
+        finally:
+            node.close()
+    finally:
+        prog.end()
+    return 0
+
+
+def _help(fmt: str) -> int:
+    from ..imageops.amend import AMEND_HELP
+    if fmt != "qcow2":
+        raise UsageError(f"Format driver '{fmt}' does not support option amendment")
+    sys.stdout.write(AMEND_HELP)
+    return 0
+
+
+def _image_opts(text: str) -> tuple[str, str | None]:
+    """--image-opts: (file.filename, driver) of ``driver=...,file.filename=...``."""
+    kv = dict(item.partition("=")[::2] for item in text.split(",") if item)
+    if "file.filename" not in kv:
+        raise UsageError("A block device must be specified for \"file\"")
+    return kv["file.filename"], kv.get("driver")

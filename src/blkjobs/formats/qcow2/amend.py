@@ -1,0 +1,265 @@
+"""qcow2 ``amend``: changing the options of an existing image as QEMU 7.2's
+qcow2_amend_options does -- compat (upgrade to 1.1, downgrade to 0.10),
+lazy_refcounts, and the checks of backing_file/backing_fmt, data_file,
+data_file_raw and refcount_bits. The size is changed by the caller (the
+resize operation) between the header update and the downgrade, as QEMU does.
+
+Upgrade (0.10 -> 1.1): a snapshot table whose entries lack the 64-bit VM
+state size or the disk size is rewritten first (always in the 1.1 form),
+then the header is written as version 3 with the feature name table.
+
+Downgrade (1.1 -> 0.10): refused for refcount_bits other than 16, an
+external data file, snapshots of another disk size, and incompatible
+features (extended L2 entries...); a dirty image is made clean; compatible
+and autoclear features are cleared; every zero cluster (active and snapshot
+L2 tables) becomes a data cluster of zeroes, or -- a plain zero cluster of
+an image without a backing file -- unallocated; then the header is written
+as version 2. One deliberate difference from QEMU 7.2: a zero cluster whose
+host cluster is also referenced from another L2 table (an internal snapshot
+reading data there) gets a new cluster of zeroes; QEMU zeroes the shared
+cluster in place, which changes the snapshot's data, and sets COPIED on
+it (``qemu-img check`` then reports OFLAG_COPIED errors).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+
+from ...errors import ImageError
+from .header import (COMPAT_LAZY_REFCOUNTS, EXT_FEATURE_TABLE, INCOMPAT_DIRTY,
+                     feature_table_ext)
+from .snapshots import read_table
+from .tables import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK, ZERO
+
+INCOMPAT_COMPRESSION = 1 << 3
+Progress = Callable[[float], None] | None
+
+
+class AmendError(ImageError):
+    """An option that cannot be amended (qemu-img's text)."""
+
+
+def upgrade(drv, progress: Progress = None) -> None:
+    """compat=1.1 on a version 2 image."""
+    from .snapshot_ops import write_table
+    h = drv.header
+    if progress:
+        progress(0.0)
+    if _short_extra(drv):
+        snaps, size = read_table(drv)
+        write_table(drv, snaps, size)
+    if progress:
+        progress(0.5)
+    h.version = 3
+    h.header_length = 112
+    h.tail = b""
+    h.compression_type = 0
+    if h.ext(EXT_FEATURE_TABLE) is None:
+        h.extensions.insert(0, (EXT_FEATURE_TABLE, feature_table_ext()))
+    drv.flush()
+    drv._write_header()
+    if progress:
+        progress(1.0)
+
+
+def _short_extra(drv) -> bool:
+    """Whether an entry of the snapshot table has less than 16 bytes of
+    extra data (no 64-bit VM state size and disk size)."""
+    h = drv.header
+    pos = h.snapshots_offset
+    for _ in range(h.nb_snapshots):
+        raw = os.pread(drv.fd, 40, pos)
+        id_len, name_len = struct.unpack_from(">HH", raw, 12)
+        extra = struct.unpack_from(">I", raw, 36)[0]
+        if extra < 16:
+            return True
+        pos += 40 + extra + id_len + name_len
+        pos += -(pos - h.snapshots_offset) % 8
+    return False
+
+
+def set_lazy_refcounts(drv, on: bool) -> None:
+    h = drv.header
+    if on == bool(h.compatible & COMPAT_LAZY_REFCOUNTS):
+        return
+    if on:
+        if h.version < 3:
+            raise AmendError("Lazy refcounts only supported with compatibility level 1.1 "
+                             "and above (use compat=1.1 or greater)")
+        h.compatible |= COMPAT_LAZY_REFCOUNTS
+    else:
+        _mark_clean(drv)
+        h.compatible &= ~COMPAT_LAZY_REFCOUNTS
+    drv.flush()
+    drv._write_header()
+
+
+def _mark_clean(drv) -> None:
+    """Clear the dirty flag (the refcounts were rebuilt when the image was
+    prepared for writing)."""
+    if not drv._write_prepared:
+        drv._prepare_write()
+    if drv.header.incompatible & INCOMPAT_DIRTY:
+        drv.flush()
+        drv.header.incompatible &= ~INCOMPAT_DIRTY
+        drv._write_header()
+
+
+def downgrade(drv, has_backing: bool, progress: Progress = None) -> None:
+    """compat=0.10 on a version 3 image (see the module docstring)."""
+    h = drv.header
+    if h.refcount_order != 4:
+        raise AmendError("compat=0.10 requires refcount_bits=16")
+    if h.incompatible & 0x4:
+        raise AmendError("Cannot downgrade an image with a data file")
+    snaps, _ = read_table(drv)
+    if any(s.vm_state_size > 0xFFFFFFFF or s.disk_size != drv.size for s in snaps):
+        raise AmendError("Internal snapshots prevent downgrade of image")
+    _mark_clean(drv)
+    rest = h.incompatible & ~INCOMPAT_COMPRESSION
+    if rest:
+        raise AmendError(f"Cannot downgrade an image with incompatible features 0x{rest:x} set")
+    h.compatible = 0
+    h.autoclear = 0
+    tables = [(drv.l1, True)] + [(_snap_l1(drv, s), False) for s in snaps]
+    total = sum(len(t) for t, _ in tables) or 1
+    done = 0
+    for l1, active in tables:
+        for le in l1:
+            off = le & L1_OFFSET_MASK
+            if off:
+                _expand_l2(drv, off, active, has_backing)
+            done += 1
+            if progress:
+                progress(done / total)
+    drv.flush()
+    if h.incompatible & INCOMPAT_COMPRESSION:
+        if _has_compressed(drv, tables):
+            raise AmendError("Cannot downgrade an image with zstd compression type and "
+                             "existing compressed clusters")
+        h.incompatible &= ~INCOMPAT_COMPRESSION
+        h.compression_type = 0
+    h.version = 2
+    h.extensions = [(t, d) for t, d in h.extensions if t != EXT_FEATURE_TABLE]
+    drv._header_len = drv.cluster_size      # zeroes after it, as QEMU writes cluster 0
+    drv._write_header()
+
+
+def _snap_l1(drv, s) -> list[int]:
+    raw = os.pread(drv.fd, s.l1_size * 8, s.l1_table_offset).ljust(s.l1_size * 8, b"\0")
+    return list(struct.unpack(f">{s.l1_size}Q", raw))
+
+
+def _expand_l2(drv, off: int, active: bool, has_backing: bool) -> None:
+    """Turn the zero clusters of the L2 table at ``off`` into data clusters
+    of zeroes (plain ones without a backing file: unallocated)."""
+    rc = drv._rc()
+    cs = drv.cluster_size
+    l2_ref = rc.get(off >> drv.cb)
+    t = drv._l2(off) if active else bytearray(os.pread(drv.fd, cs, off))
+    n = cs // 8
+    vals = list(struct.unpack(f">{n}Q", t))
+    dirty = False
+    for j, e in enumerate(vals):
+        if e & COMPRESSED or not e & ZERO:
+            continue
+        h = e & OFFSET_MASK
+        if h and rc.get(h >> drv.cb) != l2_ref:
+            # Shared beyond this table (a snapshot reads its data or its own
+            # zero flag): zeroing it in place would change what the other
+            # table reads -- QEMU does that; a new cluster instead.
+            for _ in range(l2_ref):
+                rc.free_later(h >> drv.cb)
+            h = 0
+        elif not h and not has_backing:
+            vals[j] = 0
+            dirty = True
+            continue
+        if not h:
+            c = rc.alloc_one()
+            if l2_ref > 1:
+                rc._set(c, l2_ref)
+            h = c << drv.cb
+        rc.flush_increments()       # the new cluster's refcount first
+        os.pwrite(drv.fd, bytes(cs), h)
+        vals[j] = h | COPIED if l2_ref == 1 else h
+        dirty = True
+    if not dirty:
+        return
+    struct.pack_into(f">{n}Q", t, 0, *vals)
+    if active:
+        drv.l2dirty.add(off)
+    else:
+        rc.flush_increments()
+        os.pwrite(drv.fd, t, off)
+        drv._fsync()
+        drv.l2cache.pop(off, None)
+        drv.flush()                 # then the references it dropped
+
+
+def _has_compressed(drv, tables) -> bool:
+    for l1, _ in tables:
+        for le in l1:
+            off = le & L1_OFFSET_MASK
+            if off:
+                t = drv._l2(off)
+                if any(e & COMPRESSED for e in struct.unpack(f">{len(t) // 8}Q", t)):
+                    return True
+    return False
+
+
+def change_refcount_bits(drv, bits: int, progress: Progress = None) -> None:
+    """refcount_bits=N: new refcount blocks and table of the new width at
+    the end of the file, written and fsync'd, then the header switched
+    (fsync'd), then the old table and blocks freed in the new blocks.
+    Refused (nothing changed) when a refcount does not fit the new width."""
+    from types import SimpleNamespace
+    from .refcount import Refcounts
+    drv.flush()
+    rc = drv._rc()
+    cs, cb = drv.cluster_size, drv.cb
+    new_max = (1 << bits) - 1
+    vals = [rc.get(c) for c in range(rc.end)]
+    for c, v in enumerate(vals):
+        if v > new_max:
+            raise AmendError(f"Cannot decrease refcount entry width to {bits} bits: Cluster "
+                             f"at offset 0x{c << cb:x} has a refcount of {v}")
+    rbe = cs * 8 // bits
+    first = len(vals)
+    nb = nt = 0
+    while True:                 # blocks and table covering themselves too
+        total = first + nb + nt
+        nb2 = -(-total // rbe)
+        nt2 = -(-(nb2 * 8) // cs)
+        if (nb2, nt2) == (nb, nt):
+            break
+        nb, nt = nb2, nt2
+    vals += [1] * (nb + nt)
+    vals += [0] * (nb * rbe - len(vals))
+    old = list(range(rc.table_offset >> cb, (rc.table_offset >> cb) + rc.table_clusters))
+    old += [rc.block_offset(t) >> cb for t in range(len(rc.table)) if rc.block_offset(t)]
+    enc = SimpleNamespace(bits=bits)
+
+    def write_blocks() -> None:
+        for i in range(nb):
+            os.pwrite(drv.fd, Refcounts._encode(enc, vals[i * rbe:(i + 1) * rbe]),  # type: ignore[arg-type]
+                      (first + i) << cb)
+            if progress:
+                progress((i + 1) / (nb + 1) * 0.9)
+    write_blocks()
+    table = struct.pack(f">{nb}Q", *[(first + i) << cb for i in range(nb)])
+    os.pwrite(drv.fd, table.ljust(nt * cs, b"\0"), (first + nb) << cb)
+    drv._fsync()
+    h = drv.header
+    h.refcount_order = bits.bit_length() - 1
+    h.refcount_table_offset, h.refcount_table_clusters = (first + nb) << cb, nt
+    drv._write_header()
+    for c in old:
+        vals[c] -= 1
+    write_blocks()
+    drv._fsync()
+    drv.rc = None
+    drv.file_size = max(drv.file_size, (first + nb + nt) << cb)
+    if progress:
+        progress(1.0)
