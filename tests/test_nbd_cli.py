@@ -24,7 +24,7 @@ def test_export_option_errors(tmp_path):
         (["--export", f"d={img}"], "blkjobs: --export needs --nbd-socket PATH or --nbd-tcp "
                                    "HOST:PORT\n"),
         (["--export", "d", "--nbd-socket", "n.sock"],
-         "blkjobs: --export: expected NODE=IMAGE[,writable], got 'd'\n"),
+         "blkjobs: --export: expected NODE=IMAGE[,writable][,discard=unmap], got 'd'\n"),
         (["--export", f"d={tmp_path}/nope.qcow2", "--nbd-socket", str(tmp_path / "n.sock")],
          f"blkjobs: --export: could not open '{tmp_path}/nope.qcow2': No such file or "
          "directory\n"),

@@ -62,6 +62,7 @@ class MonitorNode:
         self.parent: MonitorNode | None = None    # file node -> its format node
         self.children: list[MonitorNode] = []
         self.qrules: Any = None                   # a blkdebug node's rules
+        self.unmap = False                        # blockdev-add discard=unmap
 
 
 
@@ -113,7 +114,7 @@ class NodeCommands:
         if opts.get("node-name") is None:
             raise QMPError("'node-name' must be specified for the root node")
         with self.eng.io:
-            self._add(opts, owned=True)
+            self._add(opts, owned=True).unmap = opts.get("discard") == "unmap"
         return {}
 
     def _add(self, opts: dict[str, Any], owned: bool) -> MonitorNode:
