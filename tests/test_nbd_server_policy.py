@@ -79,3 +79,55 @@ def test_discard_follows_the_nodes_discard_option(tmp_path):
     assert ours["unmap-data"] == [b"3", b"\0", b"\0", b"\0"]
     assert ours["unmap-map"][1] == (False, True, False)           # discarded
     assert ours["ign-map"][3] == (False, True, True)              # NO_HOLE: still allocated
+
+
+def _waits(c: socket.socket, seconds: float) -> str:
+    """What a client that just connected gets within ``seconds``: 'nothing'
+    (it waits: the server has not accepted it), 'eof' (turned away) or
+    'greeting'. The one bounded wait of these tests: nothing must happen."""
+    c.settimeout(seconds)
+    try:
+        first = c.recv(8)
+    except TimeoutError:
+        return "nothing"
+    finally:
+        c.settimeout(15)
+    return "greeting" if first == b"NBDMAGIC" else "eof" if not first else repr(first)
+
+
+async def max_connections_scenario(s, d) -> list:
+    out: list = []
+    img = str(d / "a.qcow2")
+    assert qemu_img("create", "-f", "qcow2", img, "1M").returncode == 0
+    sock = str(d / "nbd.sock")
+    await s.x("blockdev-add", **qcow2_node("disk", img))
+    await s.x("nbd-server-start", addr={"type": "unix", "data": {"path": sock}},
+              **{"max-connections": 1})
+    await s.x("block-export-add", type="nbd", id="e0", **{"node-name": "disk"})
+
+    def clients() -> None:
+        a = handshake(sock)
+        size, flags = go(a, b"disk")
+        out.append(("a", size, bool(flags & 0x100)))       # NBD_FLAG_CAN_MULTI_CONN
+        b = socket.socket(socket.AF_UNIX)
+        b.connect(sock)                     # queued by the kernel: the connect succeeds
+        out.append(("b while a is connected", _waits(b, 1.0)))
+        a.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))    # DISC
+        a.close()
+        # the slot is free: b is served now (waits at most the socket timeout)
+        hello = recv(b, 18)
+        out.append(("b after a left", hello[:8]))
+        b.sendall(struct.pack(">I", 3))
+        size, flags = go(b, b"disk")
+        out.append(("b", size, bool(flags & 0x100)))
+        b.close()
+    await asyncio.to_thread(clients)
+    await s.x("nbd-server-stop")
+    return out
+
+
+def test_clients_over_max_connections_wait(tmp_path):
+    ref, ours = side_by_side(tmp_path, max_connections_scenario)
+    assert ours == ref
+    assert ours == [("a", MiB, False), ("b while a is connected", "nothing"),
+                    ("b after a left", b"NBDMAGIC"), ("b", MiB, False)]

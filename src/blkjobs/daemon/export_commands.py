@@ -316,8 +316,9 @@ class ExportCommands:
             fe = io.attach(io.above_filters(node), writable=writable)
             for bm in bms.values():
                 bm.busy = True
+        # max-connections=1: no multi-conn either (QEMU's rule)
         exp = Export(name, NodeBackend(io, fe, bms, self._discard_unmap(node)), writable, desc,
-                     tuple(bms))
+                     tuple(bms), multi_conn=self._nbd.max_connections != 1)
         be = BlockExport(eid, node, exp, fe, list(bms.values()))
         exp.on_gone = lambda _e: self._export_gone(be)
         self._exports[eid] = be
