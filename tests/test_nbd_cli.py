@@ -90,3 +90,16 @@ def test_max_connections_and_handshake_limit(tmp_path):
     assert size == 1 << 20
     assert eof == b""
     assert third == "1048576\n"
+
+
+def test_nbd_convert_path_does_not_import_the_local_converter():
+    """Start-up is part of every copy a user times: the modules of
+    ``blkjobs convert`` to/from NBD leave out the local converter and
+    ctypes.util (subprocess, tempfile)."""
+    code = ("import sys, blkjobs.cli.cmd_convert, blkjobs.formats.raw, blkjobs.formats.nbd\n"
+            "print(sorted(m for m in ('blkjobs.imageops.convert', 'blkjobs.imageops.convert_chain',"
+            " 'blkjobs.imageops.convert_raw', 'ctypes.util', 'subprocess', 'tempfile')"
+            " if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "[]\n"
