@@ -81,10 +81,13 @@ def qemu_nbd(image: str, sock: str, name: str, fmt: str = "qcow2",
 
 
 @contextlib.contextmanager
-def blkjobs_export(tmp_path, image: str, name: str, writable: bool = False) -> Iterator[str]:
-    """``blkjobs serve --export name=image[,writable]``; yields the URI."""
+def blkjobs_export(tmp_path, image: str, name: str, writable: bool = False,
+                   unmap: bool = False) -> Iterator[str]:
+    """``blkjobs serve --export name=image[,writable][,discard=unmap]``;
+    yields the URI."""
     sock = str(tmp_path / "blkjobs-nbd.sock")
-    spec = f"{name}={image}" + (",writable" if writable else "")
+    spec = f"{name}={image}" + (",writable" if writable else "") + (
+        ",discard=unmap" if unmap else "")
     daemon = start_blkjobs(tmp_path, "--export", spec, "--nbd-socket", sock)
     try:
         yield uri(sock, name)

@@ -79,7 +79,7 @@ def test_writes_zeroes_trims_equal_qemu_nbd(tmp_path):
             "write -P 0x77 15M 1M", "write -z -u 15M 512k", "flush")
     with qemu_nbd(ref_img, str(tmp_path / "qn.sock"), "disk", "qcow2",
                   "--discard=unmap") as ref, \
-            blkjobs_export(ours_dir, ours_img, "disk", writable=True) as ours:
+            blkjobs_export(ours_dir, ours_img, "disk", writable=True, unmap=True) as ours:
         assert facts(ours) == facts(ref)
         assert facts(ours)["is_read_only"] == "false"
         qemu_io_nbd(ref, *cmds)

@@ -6,14 +6,20 @@ one trusting another CA, are refused -- and see no data."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import socket
 import struct
 import subprocess
+import time
+from collections.abc import Iterator
 
 import pytest
-from daemon_util import connect, qcow2_node, qemu_img, qemu_io, start_blkjobs
+from conftest import BLKJOBS, run_blkjobs
+from daemon_util import TIMEOUT, connect, qcow2_node, qemu_img, qemu_io, start_blkjobs
 from nbd_peers import handshake, option, run, tool
+from test_nbd_client import one_line_error
 
 
 def _openssl(*args: str, cwd) -> None:
@@ -163,3 +169,76 @@ def test_tls_object_errors(tmp_path):
                   f"{tmp_path}/ca-cert.pem: No such file or directory"),
                  ("GenericError", "No TLS credentials with id 't0'"),
                  ("GenericError", "object 't0' not found")]
+
+
+@contextlib.contextmanager
+def qemu_nbd_x509(image: str, creds, port: int) -> Iterator[subprocess.Popen]:
+    """``qemu-nbd`` serving ``image`` (raw, read-only) on 127.0.0.1:``port``
+    with x509 credentials from ``creds`` (client certificates verified)."""
+    proc = subprocess.Popen(
+        [tool("qemu-nbd"), "-t", "-r", "-e", "4", "-f", "raw", "-b", "127.0.0.1", "-p",
+         str(port), "--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=server",
+         "--tls-creds", "tls0", image],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:             # until it listens (a probe client leaves at once)
+            assert proc.poll() is None, "qemu-nbd exited"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "qemu-nbd did not listen"
+                time.sleep(0.02)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+
+
+def test_client_x509_against_qemu_nbd(pki):
+    """Our client (libnbd under it) with x509 certificates against qemu-nbd
+    with tls-creds-x509: reads the export with the right CA and client
+    certificate (in the URI or BLKJOBS_NBD_TLS_CERTIFICATES), as qemu-img
+    does; a CA that did not sign the server's certificate, a client
+    certificate the server's CA did not sign and plaintext are refused in
+    one line, and no target is left behind."""
+    img = pki / "disk.raw"
+    data = b"".join(bytes([i]) * (256 << 10) for i in range(16))
+    img.write_bytes(data)
+    # trusts another CA, though its own certificate is one the server accepts
+    (pki / "mixed").mkdir()
+    shutil.copy(pki / "other-ca" / "ca-cert.pem", pki / "mixed" / "ca-cert.pem")
+    for f in ("client-cert.pem", "client-key.pem"):
+        shutil.copy(pki / "client" / f, pki / "mixed" / f)
+    port = free_port()
+    base = f"nbds://127.0.0.1:{port}/"
+    with qemu_nbd_x509(str(img), pki / "server", port):
+        run_blkjobs("convert", f"{base}?tls-certificates={pki / 'client'}",
+                    pki / "ours.raw", check=True)
+        env = dict(os.environ, BLKJOBS_NBD_TLS_CERTIFICATES=str(pki / "client"))
+        info = subprocess.run([*BLKJOBS, "info", base], capture_output=True, text=True,
+                              env=env, timeout=120)
+        p = run("qemu-img", "convert", "-O", "raw", "--object",
+                f"tls-creds-x509,id=t,dir={pki / 'client'},endpoint=client", "--image-opts",
+                f"driver=nbd,host=127.0.0.1,port={port},tls-creds=t", str(pki / "qemu.raw"))
+        mixed = run_blkjobs("convert", f"{base}?tls-certificates={pki / 'mixed'}",
+                            pki / "mixed.raw")
+        stranger = run_blkjobs("info", f"{base}?tls-certificates={pki / 'stranger'}")
+        plain = run_blkjobs("info", f"nbd://127.0.0.1:{port}/")
+    assert p.returncode == 0
+    assert (pki / "ours.raw").read_bytes() == (pki / "qemu.raw").read_bytes() == data
+    assert info.returncode == 0, info.stderr
+    assert info.stdout.splitlines()[:3] == [
+        f"image: nbd://127.0.0.1:{port}", "file format: raw",
+        f"virtual size: 4 MiB ({len(data)} bytes)"]
+    # the client checks the server's certificate (libnbd does over TCP):
+    # libnbd's words, not a connection reset
+    line = one_line_error(mixed)
+    assert line.startswith(f"blkjobs: Could not open '{base}?tls-certificates="), line
+    assert "gnutls_handshake: Error in the certificate verification" in line, line
+    assert not (pki / "mixed.raw").exists()
+    assert one_line_error(stranger).startswith(f"blkjobs: Could not open '{base}")
+    assert one_line_error(plain) == (f"blkjobs: Could not open 'nbd://127.0.0.1:{port}/': "
+                                     "handshake: server requires TLS encryption first: "
+                                     "Operation not supported")

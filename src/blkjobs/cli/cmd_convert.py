@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from ..errors import UsageError
-from ..imageops.convert import ConvertOptions
+from ..imageops.convert_base import ConvertOptions
 from ..imageops.convert_nbd import convert      # files, and NBD URIs
 from .cmd_create import parse_opts
 from .copy_progress import Reporter, add_progress_options

@@ -12,8 +12,10 @@ jobs, dirty bitmaps and transactions (see ``daemon/``). Monitors:
   ``host=H,port=P``) with ``--monitor chardev=ID``: qemu-storage-daemon's
   spelling of the same.
 
-``--export NODE=IMAGE[,writable]`` (repeatable) opens IMAGE (qcow2 or raw,
-by its magic) as node NODE and exports it over NBD under the name NODE, on
+``--export NODE=IMAGE[,writable][,discard=unmap]`` (repeatable) opens IMAGE
+(qcow2 or raw, by its magic) as node NODE (``discard=unmap``: a client's
+TRIM discards, else it is ignored, as qemu-nbd's ``--discard``) and exports
+it over NBD under the name NODE, on
 the server ``--nbd-socket PATH`` or ``--nbd-tcp HOST:PORT`` starts
 (``--print-ready`` then says ``"nbd-port"``).
 
@@ -53,7 +55,7 @@ def register(sub):
                    help="a QMP monitor on a --chardev")
     p.add_argument("--blockdev", action="append", default=[], metavar="OPTIONS",
                    help="add a node at start (JSON or dotted key=value)")
-    p.add_argument("--export", action="append", default=[], metavar="NODE=IMAGE[,writable]",
+    p.add_argument("--export", action="append", default=[], metavar="NODE=IMAGE[,writable][,discard=unmap]",
                    help="open IMAGE as node NODE and export it over NBD as NODE "
                         "(needs --nbd-socket or --nbd-tcp; repeatable)")
     p.add_argument("--nbd-socket", metavar="PATH",
@@ -165,26 +167,32 @@ def monitors(args) -> tuple[list[str], list[tuple[str, int]]]:
     return unix, tcp
 
 
-def parse_export(text: str) -> tuple[str, str, bool]:
-    """``NODE=IMAGE[,writable]`` -> (node, image, writable)."""
-    node, sep, rest = text.partition("=")
-    image, _, flag = rest.rpartition(",") if rest.endswith(",writable") else (rest, "", "")
+def parse_export(text: str) -> tuple[str, str, bool, bool]:
+    """``NODE=IMAGE[,writable][,discard=unmap]`` -> (node, image, writable,
+    unmap)."""
+    node, sep, image = text.partition("=")
+    flags = set()
+    while f := next((f for f in (",writable", ",discard=unmap") if image.endswith(f)), ""):
+        flags.add(f)
+        image = image[:-len(f)]
     if not sep or not node or not image:
-        raise UsageError(f"--export: expected NODE=IMAGE[,writable], got '{text}'")
-    return node, image, flag == "writable"
+        raise UsageError("--export: expected NODE=IMAGE[,writable][,discard=unmap], "
+                         f"got '{text}'")
+    return node, image, ",writable" in flags, ",discard=unmap" in flags
 
 
-def _export_blockdev(node: str, image: str, writable: bool) -> dict:
+def _export_blockdev(node: str, image: str, writable: bool, unmap: bool) -> dict:
     try:
         with open(image, "rb") as f:
             fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
     except OSError as e:
         raise UsageError(f"--export: could not open '{image}': {e.strerror}") from None
     return {"driver": fmt, "node-name": node, "read-only": not writable,
+            "discard": "unmap" if unmap else "ignore",
             "file": {"driver": "file", "filename": image, "read-only": not writable}}
 
 
-def _nbd_startup(args, exports: list[tuple[str, str, bool]]):
+def _nbd_startup(args, exports: list[tuple[str, str, bool, bool]]):
     """What runs once the loop serves: the NBD server and the exports."""
     if not exports and not args.nbd_socket and not args.nbd_tcp:
         return None
@@ -204,7 +212,7 @@ def _nbd_startup(args, exports: list[tuple[str, str, bool]]):
         from ..daemon.protocol import QMPError
         try:
             cmds.run("nbd-server-start", {"addr": addr})
-            for node, _image, writable in exports:
+            for node, _image, writable, _unmap in exports:
                 cmds.run("block-export-add", {"type": "nbd", "id": node, "node-name": node,
                                               "writable": writable})
         except QMPError as e:
@@ -222,7 +230,7 @@ def run(args) -> int:
     blockdevs = [parse_blockdev(b) for b in args.blockdev]
     exports = [parse_export(e) for e in args.export]
     startup = _nbd_startup(args, exports)
-    blockdevs += [_export_blockdev(node, image, w) for node, image, w in exports]
+    blockdevs += [_export_blockdev(*e) for e in exports]
     from ..daemon.commands import Commands
     eng = Engine()
     cmds = Commands(eng)

@@ -32,10 +32,13 @@ from .protocol import QMPError
 class NodeBackend:
     """An NBD :class:`~blkjobs.nbd.server.Backend` over a graph front end."""
 
-    def __init__(self, io: Any, fe: Frontend, bitmaps: dict[str, Any]):
+    def __init__(self, io: Any, fe: Frontend, bitmaps: dict[str, Any], unmap: bool = False):
         self.io = io
         self.fe = fe
         self.bitmaps = bitmaps          # name -> DirtyBitmap
+        #: the node's ``discard=unmap``: else a TRIM does nothing (QEMU's
+        #: default ``discard=ignore``; qemu-nbd's ``--discard``)
+        self.unmap = unmap
 
     @property
     def size(self) -> int:
@@ -56,7 +59,8 @@ class NodeBackend:
             self.fe.flush()
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
-        self.fe.discard(offset, length)
+        if self.unmap:
+            self.fe.discard(offset, length)
         if fua:
             self.fe.flush()
 
@@ -132,6 +136,7 @@ class ExportCommands:
 
     _lookup: Callable[[str], Node]                  # Commands'
     _note_backend: Callable[[Any], None]            # GraphCommands'
+    nodes: dict[str, Any]                           # Commands' monitor nodes
 
     def _export_state(self) -> None:
         if not hasattr(self, "_exports"):
@@ -314,7 +319,9 @@ class ExportCommands:
             fe = io.attach(io.above_filters(node), writable=writable)
             for bm in bms.values():
                 bm.busy = True
-        exp = Export(name, NodeBackend(io, fe, bms), writable, desc, tuple(bms))
+        # max-connections=1: no multi-conn either (QEMU's rule)
+        exp = Export(name, NodeBackend(io, fe, bms, self._discard_unmap(node)), writable, desc,
+                     tuple(bms), multi_conn=self._nbd.max_connections != 1)
         be = BlockExport(eid, node, exp, fe, list(bms.values()))
         exp.on_gone = lambda _e: self._export_gone(be)
         self._exports[eid] = be
@@ -333,6 +340,15 @@ class ExportCommands:
                                "'write' are both required by an unnamed block device (uses "
                                f"node '{node.name}' as 'root' child) and unshared by node "
                                f"'{f.name}' (uses node '{node.name}' as 'file' child).")
+
+    def _discard_unmap(self, node: Node) -> bool:
+        """The exported node's blockdev-add ``discard=unmap`` (a job's
+        filter: the node's below it)."""
+        for n in (node, node.below_filters()):
+            mn = self.nodes.get(n.name)
+            if mn is not None:
+                return bool(mn.unmap)
+        return False
 
     def _export_gone(self, be: BlockExport) -> None:
         """The export's last client left after its removal (in the thread

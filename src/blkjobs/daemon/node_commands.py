@@ -80,6 +80,8 @@ class MonitorNode:
                       **opts.get("cache", {})}
         self.detect_zeroes = opts.get("detect-zeroes", "off")
 
+        self.unmap = False                        # blockdev-add discard=unmap
+
 
 
 class NodeCommands:
@@ -132,7 +134,7 @@ class NodeCommands:
         if opts.get("node-name") is None:
             raise QMPError("'node-name' must be specified for the root node")
         with self.eng.io:
-            self._add(opts, owned=True)
+            self._add(opts, owned=True).unmap = opts.get("discard") == "unmap"
         return {}
 
     def _add(self, opts: dict[str, Any], owned: bool) -> MonitorNode:

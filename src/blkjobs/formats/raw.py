@@ -7,8 +7,6 @@ answers EOPNOTSUPP/EINVAL is remembered per driver object and not tried again.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -23,6 +21,8 @@ _libc = None
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     """0 or an errno (os.posix_fallocate has no mode argument)."""
+    import ctypes       # here: ctypes.util costs every command ~20 ms of start-up
+    import ctypes.util
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

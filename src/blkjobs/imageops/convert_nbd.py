@@ -30,7 +30,6 @@ from ..formats.nbd import is_nbd_uri
 from ..graph.lock import ImageLock
 from ..native.extents import is_zero
 from ..native.ratelimit import TokenBucket
-from .convert import convert as convert_files
 from .convert_base import ConvertOptions, ConvertResult, check_options
 from .convert_target import identity, lock_target, say_what_happened_to_target
 
@@ -49,6 +48,9 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
     from .images import check_format
     o = opts or ConvertOptions()
     if not (is_nbd_uri(src) or is_nbd_uri(dst) or _encrypted(src, dst, o)):
+        # imported here: an NBD copy does not load the local converter
+        # (start-up time is part of every copy)
+        from .convert import convert as convert_files
         return convert_files(src, dst, o, progress, check)
     check_format(o.dst_fmt, "target")
     check_format(o.src_fmt, "source")

@@ -109,7 +109,7 @@ class Connection:
             self._ok(lib.nbd_set_uri_allow_local_file(h, True))
             rc = lib.bj_nbd_connect(h, uri.encode(), self.timeout_ms)
             if rc < 0:
-                text = self._text(rc)
+                text = self._connect_text(rc)
                 raise NbdConnectError(f"Could not open '{uri}': {text}", -rc,
                                       text.startswith("connect: "))
             self.size = int(lib.nbd_get_size(h))
@@ -140,6 +140,19 @@ class Connection:
             return "the server did not answer in time (timed out)"
         err, text = _libnbd_error(-rc)
         return text if lib.nbd_get_errno() else os.strerror(-rc)
+
+    @staticmethod
+    def _connect_text(rc: int) -> str:
+        """The text of a failed connection: libnbd's own whenever it has one
+        (every failure of the handshake sets it, fresh, in this thread),
+        even without an errno: a TLS certificate that does not verify
+        leaves errno 0 and only the text says so."""
+        if -rc == errno.ETIMEDOUT:
+            return "the server did not answer in time (timed out)"
+        p = lib.nbd_get_error()
+        if p == ffi.NULL or not ffi.string(p):
+            return os.strerror(-rc)
+        return _libnbd_error(-rc)[1]
 
     def _fail(self, rc: int, what: str) -> NbdIOError:
         """Close the connection (requests in flight die with it) and keep the

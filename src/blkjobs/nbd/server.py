@@ -111,7 +111,9 @@ class NBDServer:
     """Exports served on any number of listening sockets.
 
     ``tls``: a server-side :class:`ssl.SSLContext` (clients must STARTTLS);
-    ``max_connections``: 0 for no limit (more clients are turned away)."""
+    ``max_connections``: 0 for no limit; at the limit the server stops
+    accepting (as QEMU): more clients wait in the listen queue until one
+    leaves."""
 
     def __init__(self, tls: ssl.SSLContext | None = None, max_connections: int = 0,
                  handshake_timeout: float = HANDSHAKE_SECONDS):
@@ -119,6 +121,8 @@ class NBDServer:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.lock = threading.Lock()        # exports, connections, export clients
+        #: notified (under ``lock``) when a client leaves or the server closes
+        self._slot_free = threading.Condition(self.lock)
         self.exports: dict[str, Export] = {}
         self.connections: set[Connection] = set()
         self._listeners: list[tuple[socket.socket, threading.Thread]] = []
@@ -164,8 +168,21 @@ class NBDServer:
         self._listeners.append((sock, t))
         t.start()
 
+    def _full(self) -> bool:
+        return bool(self.max_connections) and len(self.connections) >= self.max_connections
+
+    def _wait_for_slot(self) -> bool:
+        """Wait (the lock held) until a client may be added; False once the
+        server closes."""
+        while self._full() and not self._closing:
+            self._slot_free.wait()
+        return not self._closing
+
     def _accept_loop(self, sock: socket.socket) -> None:
         while not self._closing:
+            with self.lock:         # at the limit: accept nobody (they queue)
+                if not self._wait_for_slot():
+                    return
             ready, _, _ = select.select([sock.fileno(), self._wake_r], [], [])
             if self._closing or sock.fileno() not in ready:
                 return
@@ -173,15 +190,13 @@ class NBDServer:
                 conn_sock, _ = sock.accept()
             except OSError:
                 continue
-            with self.lock:
-                full = bool(self.max_connections) and \
-                    len(self.connections) >= self.max_connections
-                conn = None if full else Connection(self, conn_sock)
+            with self.lock:         # another listener may have taken the slot
+                conn = Connection(self, conn_sock) if self._wait_for_slot() else None
                 if conn is not None:
                     self.connections.add(conn)
             if conn is None:
                 conn_sock.close()
-                continue
+                return
             conn.thread.start()
 
     # -- exports -----------------------------------------------------------------
@@ -211,7 +226,9 @@ class NBDServer:
 
     def close(self) -> None:
         """Stop listening, drop every client, wait for their threads."""
-        self._closing = True
+        with self.lock:
+            self._closing = True
+            self._slot_free.notify_all()
         os.write(self._wake_w, b"x")
         for sock, t in self._listeners:
             t.join()
@@ -306,6 +323,7 @@ class Connection:
                 self.sock.close()
             with self.server.lock:
                 self.server.connections.discard(self)
+                self.server._slot_free.notify_all()
                 if self.export is not None:
                     self.export.clients.discard(self)
             if self.export is not None:
