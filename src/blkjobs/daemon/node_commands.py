@@ -71,6 +71,7 @@ class MonitorNode:
         self.opts: dict[str, Any] = {}
         self.cache = {"direct": False, "no-flush": False}
         self.detect_zeroes = "off"
+        self.unmap = False                        # blockdev-add discard=unmap
 
     def set_options(self, opts: dict[str, Any], inherited: dict[str, bool] | None) -> None:
         """Record ``opts`` (``inherited``: the parent's cache mode, for a
@@ -79,8 +80,6 @@ class MonitorNode:
         self.cache = {"direct": False, "no-flush": False, **(inherited or {}),
                       **opts.get("cache", {})}
         self.detect_zeroes = opts.get("detect-zeroes", "off")
-
-        self.unmap = False                        # blockdev-add discard=unmap
 
 
 
