@@ -12,9 +12,10 @@ from ..imageops.inspect import check_exit_code, check_image
 from . import progname
 
 
-# qemu-img 7.2 prints ImageCheck keys in this (hash) order
-_ORDER = ("image-end-offset", "corruptions", "compressed-clusters", "total-clusters",
-          "check-errors", "leaks", "corruptions-fixed", "leaks-fixed", "allocated-clusters",
+# qemu-img 7.2 prints ImageCheck keys in the order of its QDict's hash buckets
+# (tdb_hash(key) % 512: image-end-offset 30, compressed-clusters 67, ...)
+_ORDER = ("image-end-offset", "compressed-clusters", "total-clusters", "corruptions",
+          "corruptions-fixed", "check-errors", "leaks", "leaks-fixed", "allocated-clusters",
           "filename", "format", "fragmented-clusters")
 
 
@@ -74,6 +75,10 @@ def run(args) -> int:
         return e.exit_code
     for m in getattr(res, "messages", []):
         sys.stderr.write(m + "\n")
+    failed = getattr(res, "failed", None)
+    if failed:         # the check could not complete: qemu-img prints no result
+        sys.stderr.write(f"{progname()}: Check failed: {failed}\n")
+        return 1
     if args.output == "json":
         order = [k for k in _ORDER if k in res] + [k for k in res if k not in _ORDER]
         d = {k: res[k] for k in order}

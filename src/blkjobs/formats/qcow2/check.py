@@ -22,7 +22,9 @@ from collections import Counter
 from typing import Any
 
 from ...errors import ImageError
-from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, read_bitmap_directory
+from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
+from .header import (AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+                     read_bitmap_directory)
 from .refcount import Refcounts
 from .tables import COMPRESSED, COPIED, L1_RESERVED, OFFSET_MASK, STD_RESERVED, L2Tables
 
@@ -32,6 +34,7 @@ class CheckResult(dict):
     per-cluster lines qemu-img prints on stderr."""
 
     messages: list[str]
+    failed: str | None = None     # set: qemu-img's "Check failed: <failed>" (exit 1)
 
 
 def check(img: L2Tables, repair: str | None = None) -> CheckResult:
@@ -42,6 +45,8 @@ def check(img: L2Tables, repair: str | None = None) -> CheckResult:
     if not img.read_only:
         img.flush()
     res = Checker(img, repair).run()
+    if repair and not (res.check_errors or res.corrupt):
+        _mark_clean(img)
     if repair and (res.fixed_leaks or res.fixed_corruptions):
         img.flush()
         again = Checker(img, None).run()
@@ -53,6 +58,16 @@ def check(img: L2Tables, repair: str | None = None) -> CheckResult:
         out.messages = res.result.messages + again.result.messages
         return out
     return res.result
+
+
+def _mark_clean(img: L2Tables) -> None:
+    """A repair that left no corruption clears the dirty and corrupt bits
+    (qemu's qcow2_mark_clean and qcow2_mark_consistent)."""
+    img.flush()
+    h = img.header
+    if h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT):
+        h.incompatible &= ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+        img._write_header()
 
 
 class Checker:
@@ -87,9 +102,23 @@ class Checker:
         self.copied_checks: list[tuple[str, Any, int, int]] = []  # (kind, where, entry, cluster)
         self.fixed_leaks = self.fixed_corruptions = 0
         self.end_cluster = 0
+        self.rebuild = False        # a stored refcount 0 under a reference
+        self.nb = 0                 # clusters the rebuild's counted references cover
+        self.failed: str | None = None   # the check could not complete (why)
         self.result = CheckResult()
 
     def run(self) -> Checker:
+        self.walk_all()
+        self.compare_refcounts()
+        if self.failed:
+            self.result = self.report()
+            return self
+        self.check_copied_flags()
+        self.result = self.report()
+        return self
+
+    def walk_all(self) -> None:
+        """Count the references of every structure (qemu's calculate_refcounts)."""
         self.walk_header()
         # the active L1 (in memory when open read/write: flushed first)
         if not self.img.read_only:
@@ -99,10 +128,6 @@ class Checker:
         self.rc = self.img._rc()
         self.walk_refcounts()
         self.walk_bitmaps()
-        self.compare_refcounts()
-        self.check_copied_flags()
-        self.result = self.report()
-        return self
 
     # ------------------------------------------------------------------
     # helpers
@@ -290,68 +315,191 @@ class Checker:
             return 0
 
     def compare_refcounts(self) -> None:
-        """Stored refcounts against the references counted: leaks (stored
-        more) and corruptions (stored fewer), repaired as ``repair`` asks."""
+        """Stored refcounts against the references counted, as qemu-img's
+        qcow2_check_refcounts: a first comparison only reports (leaks: stored
+        more; corruptions: stored fewer; a stored 0 under a reference means
+        the refcount structure must be rebuilt); then, as ``repair`` asks,
+        either the structure is rebuilt (``-r all``) or the mismatches are
+        compared again and fixed one by one."""
+        clusters = self._clusters()
+        before = (self.corrupt, self.leaks)
+        self._compare(clusters, None)
+        if not self.repair:
+            return
+        if self.rebuild and self.repair == "all":
+            self.msgs.append("Rebuilding refcount structure")
+            self.rebuild_refcounts()
+        elif self.rebuild:
+            self.msgs.append("ERROR need to rebuild refcount structures")
+            self.check_errors += 1
+            self.failed = "Input/output error"
+        elif self.leaks or self.corrupt:
+            self.corrupt, self.leaks = before
+            self._compare(clusters, self.repair)
+
+    def _clusters(self) -> list[int]:
         extra = sorted(c for c in self.refs if c >= self.nfile)
-        if self.repair:
-            # qemu-img compares once without fixing (its lines first), then again fixing
-            for c in itertools.chain(range(self.nfile), extra):
-                s, r = self.stored(c), self.refs.get(c, 0)
-                if s != r:
-                    self.msgs.append(f"{'Leaked' if s > r else 'ERROR'} cluster {c} "
-                                     f"refcount={s} reference={r}")
-        for c in itertools.chain(range(self.nfile), extra):
-            s = self.stored(c)
-            r = self.refs.get(c, 0)
+        return list(itertools.chain(range(self.nfile), extra))
+
+    def _compare(self, clusters: list[int], fix: str | None) -> None:
+        """One comparison (qemu's compare_refcounts): ``fix`` 'leaks' lowers
+        leaked refcounts, 'all' also raises too low ones (never a stored 0:
+        that sets ``rebuild``)."""
+        self.end_cluster = 0
+        for c in clusters:
+            s, r = self.stored(c), self.refs.get(c, 0)
             if s or r:
-                self.end_cluster = max(self.end_cluster, c + 1)
+                self.end_cluster = c + 1
             if s == r:
                 continue
-            if s > r:
-                self.leaks += 1
-                self.msgs.append(f"{'Repairing' if self.repair else 'Leaked'} cluster {c} "
-                                 f"refcount={s} reference={r}")
-                if self.repair:
+            fixing = False
+            if s == 0:
+                self.rebuild = True
+            elif s > r and fix in ("leaks", "all"):
+                fixing = True
+            elif s < r and fix == "all":
+                fixing = True
+            word = "Repairing" if fixing else "ERROR" if s < r else "Leaked"
+            self.msgs.append(f"{word} cluster {c} refcount={s} reference={r}")
+            if fixing:
+                if r > self.rc.max_refcount:
+                    self.msgs.append(f"ERROR refcount of cluster {c} cannot hold {r}")
+                else:
                     self.rc._set(c, r)
-                    self.fixed_leaks += 1
+                    if r == 0:      # freed: discarded as qemu-img does (a hole)
+                        _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                                   c << self.cb, self.cs)
+                    if s > r:
+                        self.fixed_leaks += 1
+                    else:
+                        self.fixed_corruptions += 1
+                    continue
+            if s < r:
+                self.corrupt += 1
             else:
-                self.error(f"{'Repairing' if self.repair == 'all' else 'ERROR'} cluster {c} "
-                           f"refcount={s} reference={r}")
-                if self.repair == "all":
-                    self.rc._ensure_block(c)
-                    self.rc._set(c, r)
-                    self.fixed_corruptions += 1
+                self.leaks += 1
+
+    def rebuild_refcounts(self) -> None:
+        """Write a new refcount structure from the references counted (qemu's
+        rebuild_refcount_structure: refcount blocks and then the table in
+        the first free clusters, the header switched last), count the
+        references again and free the old structure (its leaks)."""
+        img = self.img
+        old_corrupt, old_leaks = self.corrupt, self.leaks
+        self.nb = max([self.nfile] + [c + 1 for c in self.refs])
+        table: list[int] = []
+        self._write_refblocks(0, self.nb, table)
+        while True:
+            n = -(-len(table) * 8 // self.cs)
+            rt, _ = self._alloc_imrt(n, 0)
+            if not self._write_refblocks(rt, rt + n, table):
+                break
+        os.pwrite(self.fd, struct.pack(f">{len(table)}Q", *table), rt << self.cb)
+        img._set_rt_location(rt << self.cb, n)      # header written and synced
+        img.rc = None
+        self.rc = img._rc()
+        # the references once more, through the new table (walk errors again)
+        again = Checker(img, None)
+        again.walk_all()
+        self.msgs += again.msgs
+        self.refs, self.file_size, self.nfile = again.refs, again.file_size, again.nfile
+        counters = (self.fixed_leaks, self.fixed_corruptions)
+        self.corrupt, self.leaks, self.rebuild = 0, 0, False
+        # the old structure is leaked now: free it (these fixes are not counted)
+        self._compare(self._clusters(), "leaks")
+        if self.rebuild:
+            self.msgs.append("ERROR rebuilt refcount structure is still broken")
+        fresh_leaks = self.leaks
+        self.fixed_leaks, self.fixed_corruptions = counters
+        self.corrupt, self.leaks = again.corrupt, 0
+        self.fixed_corruptions += max(0, old_corrupt - self.corrupt)
+        self.fixed_leaks += old_leaks
+        self.leaks += fresh_leaks
+        self.rc.flush_increments()
+
+    def _alloc_imrt(self, n: int, first_free: int) -> tuple[int, int]:
+        """``n`` contiguous clusters free in the counted references, from
+        ``first_free`` on (the image grows when none are): marks them used;
+        returns (first cluster, the new first free cluster)."""
+        c, run, first_gap = first_free, 0, True
+        while run < n:
+            if c >= self.nb or not self.refs.get(c):
+                if first_gap:
+                    first_free, first_gap = c, False
+                run += 1
+            else:
+                run = 0
+            c += 1
+        self.nb = max(self.nb, c)
+        for i in range(c - n, c):
+            self.refs[i] = 1
+        return c - n, first_free
+
+    def _write_refblocks(self, first: int, end: int, table: list[int]) -> bool:
+        """Write the refcount blocks covering the used clusters of [first,
+        end), allocating those ``table`` lacks; True when ``table`` grew."""
+        rbe, cs, grown, first_free = self.rc.rbe, self.cs, False, 0
+        c = first
+        while c < end:
+            if not self.refs.get(c):
+                c += 1
+                continue
+            t = c // rbe
+            start = t * rbe
+            if t < len(table) and table[t]:
+                off = table[t]
+            else:
+                first_free = max(first_free, start)
+                bc, first_free = self._alloc_imrt(1, first_free)
+                end = max(end, bc + 1)
+                if len(table) <= t:
+                    want = -(-(t + 1) * 8 // cs) * cs // 8
+                    table.extend([0] * (want - len(table)))
+                    grown = True
+                table[t] = off = bc << self.cb
+            vals = [min(self.refs.get(i, 0), self.rc.max_refcount)
+                    for i in range(start, start + rbe)]
+            os.pwrite(self.fd, self.rc._encode(vals), off)
+            c = start + rbe
+        return grown
 
     def check_copied_flags(self) -> None:
         """COPIED flags against the stored refcount (after any repair above):
-        set exactly when the refcount is 1."""
+        set exactly when the refcount is 1. Repaired with ``-r all``, and
+        with ``-r leaks`` when nothing else is left wrong (as qemu-img)."""
         img = self.img
+        fix = self.repair == "all" or (self.repair == "leaks" and not (
+            self.check_errors or self.corrupt or self.leaks))
+        word = "Repairing" if fix else "ERROR"
         for kind, where, e, c in self.copied_checks:
             want = self.stored(c) == 1
             if bool(e & COPIED) == want:
                 continue
             ne = (e | COPIED) if want else (e & ~COPIED)
             if kind == "L2":
-                self.error(f"ERROR OFLAG_COPIED L2 cluster: l1_index={where} l1_entry={e:x} "
-                           f"refcount={self.stored(c)}")
-                if self.repair == "all":
+                self.msgs.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={where} "
+                                 f"l1_entry={e:x} refcount={self.stored(c)}")
+                if fix:
                     img.l1[where] = ne
                     img.l1_dirty = True
-                    self.fixed_corruptions += 1
             else:
-                self.error(f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} "
-                           f"refcount={self.stored(c)}")
-                if self.repair == "all":
+                self.msgs.append(f"{word} OFLAG_COPIED data cluster: l2_entry={e:x} "
+                                 f"refcount={self.stored(c)}")
+                if fix:
                     l2off, j = where
                     struct.pack_into(">Q", img._l2(l2off), j * self.esz, ne)
                     img.l2dirty.add(l2off)
-                    self.fixed_corruptions += 1
+            if fix:
+                self.fixed_corruptions += 1
+            else:
+                self.corrupt += 1
 
     def report(self) -> CheckResult:
         """The result, keys in qemu-img's order."""
         cs = self.cs
         out = CheckResult()
         out.messages = self.msgs
+        out.failed = self.failed
         out["filename"] = self.img.filename
         out["format"] = "qcow2"
         out["check-errors"] = self.check_errors
