@@ -134,3 +134,46 @@ def test_check_r_leaks_repairs_copied_flags_when_nothing_else_is_wrong(twins):
     assert rc == 0 and err.startswith("Repairing OFLAG_COPIED data cluster: l2_entry=")
     assert (twins[0] / "t.qcow2").read_bytes() == (twins[1] / "t.qcow2").read_bytes()
     assert run(twins[0], "check", "t.qcow2")[0] == 0
+
+
+# -- unknown incompatible features (iotests 036) --------------------------------
+def _with_features(img: Path, bits: list[int], entries: list[tuple[int, int, bytes]]) -> None:
+    """Set incompatible feature ``bits`` and overwrite the feature name
+    table's first entries with ``entries`` (type, bit, name)."""
+    _poke(img, 72, _be(img, 72) | sum(1 << b for b in bits))
+    head = img.read_bytes()[:4096]
+    at = head.index(bytes.fromhex("6803f857")) + 8
+    with open(img, "r+b") as f:
+        for i, (kind, bit, name) in enumerate(entries):
+            f.seek(at + 48 * i)
+            f.write(bytes([kind, bit]) + name.ljust(46, b"\0"))
+
+
+def test_unsupported_incompatible_features_in_qemu_img_words(twins):
+    cases = [([63], []),                                    # no name: a hex mask
+             ([61, 62, 63], [(0, 63, b"Test feature")]),    # names first, table order
+             ([61, 62, 63], [(0, 62, b"test2\0ignored"), (0, 61, b"test1")]),
+             ([61, 63], [(1, 61, b"compatible"), (0, 63, b"x" * 46)]),
+             ([62], [(0, 5, b""), (0, 62, b"after the end")])]   # an empty name ends it
+    for bits, entries in cases:
+        for d in twins:
+            img = d / "t.qcow2"
+            qemu_img("create", "-f", "qcow2", img, "64M")
+            _with_features(img, bits, entries)
+        for cmd in (("info", "t.qcow2"), ("check", "t.qcow2"), ("map", "t.qcow2"),
+                    ("convert", "-O", "raw", "t.qcow2", "t.raw"), ("resize", "t.qcow2", "1G")):
+            rc, out, err = same(twins, *cmd)
+            assert rc == 1 and out == "" and err.startswith(
+                "qemu-img: Could not open 't.qcow2': Unsupported qcow2 feature(s): "), err
+    assert err.endswith("feature(s): Unknown incompatible feature: 4000000000000000\n")
+
+
+def test_check_r_all_clears_unknown_autoclear_bits(twins):
+    for d in twins:
+        img = d / "t.qcow2"
+        qemu_img("create", "-f", "qcow2", img, "64M")
+        _poke(img, 88, 1 << 63)         # autoclear_features
+    assert same(twins, "check", "-r", "all", "t.qcow2") == (
+        0, "No errors were found on the image.\nImage end offset: 262144\n", "")
+    assert _be(twins[0] / "t.qcow2", 88) == 0
+    assert (twins[0] / "t.qcow2").read_bytes() == (twins[1] / "t.qcow2").read_bytes()

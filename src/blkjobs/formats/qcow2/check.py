@@ -23,7 +23,7 @@ from typing import Any
 
 from ...errors import ImageError
 from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
-from .header import (AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+from .header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
                      read_bitmap_directory)
 from .refcount import Refcounts
 from .tables import COMPRESSED, COPIED, L1_RESERVED, OFFSET_MASK, STD_RESERVED, L2Tables
@@ -44,6 +44,10 @@ def check(img: L2Tables, repair: str | None = None) -> CheckResult:
         raise ImageError(f"'{img.filename}': repair needs the image opened read/write")
     if not img.read_only:
         img.flush()
+    h = img.header
+    if repair and h.autoclear & ~AUTOCLEAR_KNOWN:     # as qemu-img's read/write open
+        h.autoclear &= AUTOCLEAR_KNOWN
+        img._write_header()
     res = Checker(img, repair).run()
     if repair and not (res.check_errors or res.corrupt):
         _mark_clean(img)

@@ -237,8 +237,9 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         rc = self.rc
         if rc is not None:
             # Every allocated cluster must lie inside the file (qemu-img check
-            # counts references past EOF as errors): extend sparsely.
-            if os.fstat(self.fd).st_size < rc.end << self.cb:
+            # counts references past EOF as errors): extend sparsely (not
+            # merely to round a partial last cluster up: qemu-img does not).
+            if rc.end > rc.opened_end and os.fstat(self.fd).st_size < rc.end << self.cb:
                 os.ftruncate(self.fd, rc.end << self.cb)
             rc.flush_increments()
         if self.l2dirty:

@@ -111,12 +111,23 @@ class Header:
                 return d
         return None
 
-    def feature_name(self, kind: int, bit: int) -> str:
+    def unsupported_features(self, mask: int) -> str:
+        """qemu-img's list of the incompatible features in ``mask``: the
+        names the feature table gives them (in the table's order; a name is
+        a C string of at most 46 bytes), then the rest as a hex mask."""
         table = self.ext(EXT_FEATURE_TABLE) or b""
-        for i in range(0, len(table) - 47, 48):
-            if table[i] == kind and table[i + 1] == bit:
-                return table[i + 2:i + 48].rstrip(b"\0").decode("utf-8", "replace")
-        return f"bit {bit}"
+        table += bytes(-len(table) % 48 + 48)      # read zero-padded, as qemu-img
+        names = []
+        for i in range(0, len(table), 48):
+            bit, name = table[i + 1], table[i + 2:i + 48].split(b"\0", 1)[0]
+            if not name:        # an empty name ends the table
+                break
+            if table[i] == 0 and bit < 64 and mask >> bit & 1:
+                names.append(name.decode("utf-8", "replace"))
+                mask &= ~(1 << bit)
+        if mask:
+            names.append(f"Unknown incompatible feature: {mask:x}")
+        return ", ".join(names)
 
     # -- serialisation -------------------------------------------------
     def pack(self) -> bytes:
@@ -189,9 +200,9 @@ def parse_header(buf: bytes, file_size: int, path: str = "") -> Header:
     # Extensions first: the feature table names unknown features.
     ext_end = _parse_extensions(h, buf, bad)
     unknown = h.incompatible & ~INCOMPAT_KNOWN
-    if unknown:
-        names = [h.feature_name(0, b) for b in range(64) if unknown >> b & 1]
-        raise bad("unsupported qcow2 incompatible features: " + ", ".join(names))
+    if unknown:     # in qemu-img's words (it says which file could not be opened)
+        msg = f"Unsupported qcow2 feature(s): {h.unsupported_features(unknown)}"
+        raise ImageError(f"Could not open '{path}': {msg}" if path else msg)
     if bf_off:
         _parse_backing_name(h, buf, bf_off, bf_size, ext_end, bad)
     _check_features(h, bad)

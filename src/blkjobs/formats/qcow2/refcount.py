@@ -67,6 +67,7 @@ class Refcounts:
         #: file past it (the graph's write threshold on the image file)
         self.grow_cb: Callable[[int], None] | None = None
         self._end = -(-file_size // self.cs)
+        self.opened_end = self._end       # clusters the file (partly) held at open
         self.unsafe = False               # cache=unsafe: keep the write order, skip fsync
 
     @property
