@@ -129,7 +129,7 @@ def test_convert_B_other_image_copies_differences(tmp_path, chain3):
     top, flat = chain3
     base = tmp_path / "base.qcow2"
     out = tmp_path / "o.qcow2"
-    run_blkjobs("convert", "-O", "qcow2", "-B", base.name, top, out, check=True)
+    run_blkjobs("convert", "-O", "qcow2", "-B", base.name, "-F", "qcow2", top, out, check=True)
     check_clean(out)
     same(flat, out, "raw", "qcow2")
     m = qemu_map(out)
@@ -156,6 +156,9 @@ def test_convert_qcow2_errors(tmp_path, src_raw):
     p = run_blkjobs("convert", "-c", src_raw, tmp_path / "x.raw")
     assert p.returncode == 1 and "Compression not supported" in p.stderr
     p = run_blkjobs("convert", "-O", "qcow2", "-B", "nope.qcow2", src_raw, q)
+    assert (p.returncode, p.stderr) == (
+        1, "blkjobs: Use of backing file requires explicit backing format\n")
+    p = run_blkjobs("convert", "-O", "qcow2", "-B", "nope.qcow2", "-F", "qcow2", src_raw, q)
     assert p.returncode == 1 and p.stderr.startswith("blkjobs: Could not open backing file")
     assert not q.exists()
     # a broken qcow2 source: one line, target removed, source untouched

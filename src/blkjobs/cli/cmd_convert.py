@@ -83,6 +83,9 @@ def run(args) -> int:
     # what differs from the backing file is copied
     backing = create_opts.pop("backing_file", None) or args.backing
     backing_fmt = create_opts.pop("backing_format", None) or args.backing_fmt
+    if backing and not backing_fmt and not args.no_create and args.dst_fmt != "raw":
+        # qemu-img refuses to probe it (the library probes: ConvertOptions)
+        raise UsageError("Use of backing file requires explicit backing format")
     opts = ConvertOptions(
         sparse_size=parse_size(args.sparse, "buffer size for sparse output"),
         no_create=args.no_create, target_is_zero=args.target_is_zero,

@@ -6,6 +6,7 @@ it lists are qemu-img's defaults plus what was given).
 from __future__ import annotations
 
 import os
+import sys
 
 from ..errors import BlkjobsError, UsageError
 from ..units import parse_opt_size, parse_size
@@ -48,7 +49,7 @@ def parse_opts(texts: list[str] | None, fmt: str) -> dict:
             name, _, val = item.partition("=")
             name, val = name.strip(), val.strip()
             if fmt == "raw" and name not in ("preallocation", "size", "extent_size_hint"):
-                raise UsageError(f"Invalid parameter '{name}' for format raw")
+                raise UsageError(f"Invalid parameter '{name}'")
             if fmt == "luks" and name not in _LUKS + ("preallocation", "size"):
                 raise UsageError(f"Invalid parameter '{name}' for format luks")
             if fmt == "luks" and name in _LUKS:
@@ -81,7 +82,7 @@ def parse_opts(texts: list[str] | None, fmt: str) -> dict:
                 try:
                     out["refcount_bits"] = int(val)
                 except ValueError:
-                    raise UsageError(f"invalid refcount_bits '{val}'") from None
+                    raise UsageError("Parameter 'refcount_bits' expects a number") from None
             elif name == "backing_file":
                 out["backing_file"] = val
             elif name == "backing_fmt":
@@ -134,6 +135,9 @@ def check_qcow2(path: str, opts: dict) -> None:
     compat = opts.get("compat", "1.1")
     if compat not in ("0.10", "1.1", "v2", "v3"):
         raise UsageError(f"{path}: Parameter 'version' does not accept value '{compat}'")
+    prealloc = opts.get("preallocation", "off")
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise UsageError(f"{path}: Parameter 'preallocation' does not accept value '{prealloc}'")
     v2 = compat in ("0.10", "v2")
     cs = opts.get("cluster_size", 65536)
     if cs < 512 or cs > 2 << 20 or cs & (cs - 1):
@@ -155,6 +159,10 @@ def check_qcow2(path: str, opts: dict) -> None:
                          "compatibility level 1.1 or above (use version=v3 or greater)")
     if v2 and opts.get("compression_type", "zlib") != "zlib":
         raise UsageError(f"{path}: Non-zlib compression type is {_V3}")
+    l2_bytes = cs * (cs // (16 if opts.get("extended_l2") else 8))    # what an L1 entry maps
+    if -(-opts.get("size", 0) // l2_bytes) > (32 << 20) // 8:      # the L1 table's limit
+        raise UsageError(f"{path}: The image size is too large for file format 'qcow2' "
+                         "(try using a larger cluster size)")
     if opts.get("backing_file") and opts.get("preallocation", "off") != "off" \
             and not opts.get("extended_l2"):
         raise UsageError(f"{path}: Backing file and preallocation can only be used at the "
@@ -169,45 +177,90 @@ def check_raw(path: str, opts: dict) -> None:
         raise UsageError(f"{path}: invalid parameter value: {mode}")
 
 
-def run(args) -> int:
-    from ..formats import FORMATS, create_image, open_image
-    from ..formats.secrets import add_secret_object
+def _backing(args, opts: dict, size: int | None) -> str | int | None:
+    """qemu-img's checks of a backing file, in its order: the name, then
+    (unless -u) the file opened (with -F's driver; its size when none was
+    given), then -F required. Returns what qemu-img prints on stderr when
+    it refuses (the image named; hints on lines of their own), else the
+    backing file's size (None with -u)."""
+    from ..formats import FORMATS, open_image, probe_format
     from ..graph import resolve_backing
+    from . import progname
+    image, name, fmt = args.image, opts["backing_file"], opts.get("backing_format")
+    err = f"{progname()}: {image}: "
+    if name == "":
+        return err + "Expected backing file name, got empty string\n"
+    if os.path.abspath(resolve_backing(os.path.abspath(image), name)) == os.path.abspath(image):
+        return err + "Error: Trying to create an image with the same filename as the backing file\n"
+    bsize = None
+    if not args.unsafe:
+        # the name qemu-img opens (and says): relative to the image's directory as given
+        shown = name if name.startswith("/") or "/" not in image else \
+            image[:image.rindex("/") + 1] + name
+        path = resolve_backing(os.path.abspath(image), name)
+        try:
+            if fmt is not None and fmt not in FORMATS:
+                raise UsageError(f"Unknown driver '{fmt}'")
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+            except OSError as e:
+                raise UsageError(f"Could not open '{shown}': {e.strerror}") from None
+            detected = fmt or probe_format(path)
+            # its size only: an encrypted backing file needs no key here
+            with open_image(path, detected, header_only=True) as b:
+                bsize = -(-b.size // 512) * 512       # whole sectors, as qemu-img sees it
+        except BlkjobsError as e:
+            text = str(e)
+            for p in (f"'{path}': ", f"'{shown}': "):
+                text = text[len(p):] if text.startswith(p) else text
+            if text == "not a qcow2 image (bad magic)":
+                text = "Image is not in qcow2 format"
+            return f"{err}{text}\nCould not open backing image.\n"
+        if fmt is None:     # qemu-img's hint ends without a newline
+            return f"{err}Backing file specified without backing format\n" \
+                f"Detected format of {detected}."
+    elif fmt is None:
+        return err + "Backing file specified without backing format\n"
+    return bsize
+
+
+def run(args) -> int:
+    from ..formats import FORMATS, create_image
+    from ..formats.secrets import add_secret_object
     for obj in args.objects or []:
         add_secret_object(obj)
     if args.fmt not in FORMATS:
         raise UsageError(f"unsupported image format '{args.fmt}' (supported: {', '.join(FORMATS)})")
-    opts = parse_opts(args.options, args.fmt)
+    try:
+        opts = parse_opts(args.options, args.fmt)
+    except UsageError as e:         # qemu-img names the image (blkjobs' own refusals: not)
+        if str(e).startswith("data_file: "):
+            raise
+        raise UsageError(f"{args.image}: {e}") from None
     size = opts.pop("size", None)
     if args.size is not None:
+        if size is not None:
+            raise UsageError(f"{args.image}: The image size must be specified only once")
         size = parse_size(args.size, "image size")
-    if args.backing:
+    if args.backing is not None:
         opts["backing_file"] = args.backing
     if args.backing_fmt:
         opts["backing_format"] = args.backing_fmt
-    if opts.get("backing_file"):
+    if opts.get("backing_file") is not None:
         if args.fmt == "raw":
             raise UsageError("Backing file not supported for file format 'raw'")
-        bpath = resolve_backing(os.path.abspath(args.image), opts["backing_file"])
-        if not opts.get("backing_format"):
-            # qemu-img 7.2 refuses to guess: the format must be given
-            raise UsageError("Backing file specified without backing format (use -F FMT)")
-        if not args.unsafe:
-            try:
-                # its size only: an encrypted backing file needs no key here
-                with open_image(bpath, opts["backing_format"], header_only=True) as b:
-                    bsize = b.size
-            except BlkjobsError as e:
-                raise UsageError(f"Could not open backing image: {e}") from None
-            if size is None:
-                size = bsize
+        failed = _backing(args, opts, size)
+        if isinstance(failed, str):
+            sys.stderr.write(failed)
+            return 1
+        size = failed if size is None else size
     if size is None:
-        raise UsageError("Image creation needs a size parameter")
+        raise UsageError(f"{args.image}: Image creation needs a size parameter")
     if not args.quiet:
         print(formatting_line(args.image, args.fmt, size, opts), flush=True)
     opts.pop("extent_size_hint", None)
     if args.fmt != "luks":
-        (check_qcow2 if args.fmt == "qcow2" else check_raw)(args.image, opts)
+        (check_qcow2 if args.fmt == "qcow2" else check_raw)(args.image, dict(opts, size=size))
     size = -(-size // 512) * 512        # qemu-img makes images of whole sectors
     # an existing image is locked (write, nobody else writing) before it is
     # overwritten, as qemu-img does: one in use is refused, not truncated

@@ -25,6 +25,8 @@ def could_not_open(path: str, e: BlkjobsError) -> UsageError:
                           f"lock\nIs another process using the image [{m.group(3)}]?")
     if text.startswith((f"Could not open '{path}': Failed to get",
                         f"Could not open '{path}': Unsupported qcow2 feature(s): ",
+                        f"Could not open '{path}': Image is too big",
+                        f"Could not open '{path}': L1 table is too small",
                         f"Could not open '{path}': Could not open '{path}': ")):
         return UsageError(text)      # already qemu-img's text (lock conflict, failed open)
     if isinstance(e, OSErrorWithContext) or text.startswith(f"Could not open '{path}'"):

@@ -72,8 +72,7 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
         if o.compress:
             raise UsageError("Compression not supported for this file format (raw)")
         if o.create_opts and set(o.create_opts) - {"preallocation"}:
-            raise UsageError(f"Invalid parameter '{sorted(set(o.create_opts) - {'preallocation'})[0]}'"
-                             " for format raw")
+            raise UsageError(f"Invalid parameter '{sorted(set(o.create_opts) - {'preallocation'})[0]}'")
     if same_file(src, dst):
         raise UsageError(f"source and target are the same file: '{src}'")
     fmt = probe(src, o.src_fmt)

@@ -195,19 +195,21 @@ def parse_header(buf: bytes, file_size: int, path: str = "") -> Header:
     def bad(msg: str) -> ImageError:
         return ImageError(f"{who}{msg}")
 
+    def refused(msg: str) -> ImageError:      # qemu-img's words: the file it could not open
+        return ImageError(f"Could not open '{path}': {msg}" if path else msg)
+
     h, bf_off, bf_size = _parse_fixed_fields(buf, bad)
     _parse_v3_fields(h, buf, bad)
     # Extensions first: the feature table names unknown features.
     ext_end = _parse_extensions(h, buf, bad)
     unknown = h.incompatible & ~INCOMPAT_KNOWN
-    if unknown:     # in qemu-img's words (it says which file could not be opened)
-        msg = f"Unsupported qcow2 feature(s): {h.unsupported_features(unknown)}"
-        raise ImageError(f"Could not open '{path}': {msg}" if path else msg)
+    if unknown:
+        raise refused(f"Unsupported qcow2 feature(s): {h.unsupported_features(unknown)}")
     if bf_off:
         _parse_backing_name(h, buf, bf_off, bf_size, ext_end, bad)
     _check_features(h, bad)
     # Tables: aligned, inside the file, of sane size.
-    _check_l1_table(h, file_size, bad)
+    _check_l1_table(h, file_size, bad, refused)
     _check_refcount_table(h, file_size, bad)
     _check_snapshot_table(h, file_size, bad)
     bitmaps_ext = h.ext(EXT_BITMAPS)
@@ -256,8 +258,8 @@ def _parse_v3_fields(h: Header, buf: bytes, bad: _Bad) -> None:
     h.compression_type = h.tail[0] if h.tail else 0
 
 
-_SINGLE_EXTENSIONS = (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_CRYPTO,
-                      EXT_DATA_FILE)        # may appear once only
+# may appear once only (a repeated backing format: the last one counts, as qemu-img)
+_SINGLE_EXTENSIONS = (EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE)
 
 
 def _parse_extensions(h: Header, buf: bytes, bad: _Bad) -> int:
@@ -314,14 +316,17 @@ def _check_features(h: Header, bad: _Bad) -> None:
         raise bad("feature bits in a version 2 header")
 
 
-def _check_l1_table(h: Header, file_size: int, bad: _Bad) -> None:
-    """The virtual size, and an L1 table that covers it, aligned, inside the file."""
+def _check_l1_table(h: Header, file_size: int, bad: _Bad, refused: _Bad) -> None:
+    """The virtual size, and an L1 table that covers it, aligned, inside the file
+    (``refused``: an error in qemu-img's words)."""
     size, l1_size, l1_off, cs = h.size, h.l1_size, h.l1_table_offset, h.cluster_size
+    need_l1 = -(-size // (cs * h.l2_entries))
+    if need_l1 > 0x7FFFFFFF:        # qemu-img's words (the file it could not open)
+        raise refused("Image is too big")
     if size >= 1 << 62:
         raise bad(f"virtual size {size} too large")
-    need_l1 = -(-size // (cs * h.l2_entries))
     if l1_size < need_l1:
-        raise bad(f"L1 table too small for the virtual size (l1_size={l1_size}, need {need_l1})")
+        raise refused("L1 table is too small")
     if l1_size * 8 > MAX_L1_BYTES:
         raise bad(f"L1 table too large (l1_size={l1_size})")
     if l1_size and (l1_off % cs or l1_off == 0 or l1_off + l1_size * 8 > file_size):
