@@ -1,6 +1,6 @@
 """blkjobs convert [-f FMT] [-O raw|qcow2] [-c] [-B BACKING [-F FMT]] [-o OPTS]
 [-p] [-S SIZE] [-n] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [-r RATE]
-[-m THREADS] [-t CACHE] SRC DST"""
+[-m THREADS] [-t CACHE] SRC [SRC...] DST"""
 from __future__ import annotations
 
 
@@ -63,9 +63,24 @@ def register(sub):
                    help="copy the source's persistent dirty bitmaps (qcow2 target)")
     p.add_argument("--skip-broken-bitmaps", action="store_true",
                    help="with --bitmaps: skip inconsistent (in-use) bitmaps, with a warning")
-    p.add_argument("src")
+    p.add_argument("srcs", nargs="+", metavar="SRC",
+                   help="the source image; several: concatenated into DST")
     p.add_argument("dst")
     p.set_defaults(func=run)
+
+
+def _concat(args, opts: ConvertOptions) -> int:
+    """Several sources, one after the other (:mod:`..imageops.convert_concat`)."""
+    from ..imageops.convert_concat import convert_concat
+    if args.bitmaps:
+        raise UsageError("Cannot copy bitmaps when concatenating multiple input images")
+    prog = Reporter(args, quiet=args.quiet)
+    try:
+        convert_concat(args.srcs, args.dst, opts, progress=prog.update)
+        prog.finish()
+    finally:
+        prog.close()
+    return 0
 
 
 def run(args) -> int:
@@ -77,12 +92,18 @@ def run(args) -> int:
     from ..formats.secrets import add_secret_object
     for obj in args.objects or []:
         add_secret_object(obj)
+    if args.no_create and args.options:
+        raise UsageError("-o has no effect when skipping image creation")
     create_opts = parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2", "luks")
                              else "raw") if args.options else {}
     # -o backing_file=,backing_fmt= is -B/-F (qemu-img: the -o value wins): only
     # what differs from the backing file is copied
     backing = create_opts.pop("backing_file", None) or args.backing
     backing_fmt = create_opts.pop("backing_format", None) or args.backing_fmt
+    args.src = args.srcs[0]
+    if backing and len(args.srcs) > 1:
+        from ..imageops.convert_concat import check_concat
+        check_concat(ConvertOptions(backing=backing))
     if backing and not backing_fmt and not args.no_create and args.dst_fmt != "raw":
         # qemu-img refuses to probe it (the library probes: ConvertOptions)
         raise UsageError("Use of backing file requires explicit backing format")
@@ -99,6 +120,8 @@ def run(args) -> int:
     names = None
     if args.skip_broken_bitmaps and not args.bitmaps:
         raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if len(args.srcs) > 1:
+        return _concat(args, opts)
     if args.bitmaps:
         from ..imageops.convert_bitmaps import source_bitmaps
         names = source_bitmaps(args.src, args.src_fmt, args.dst_fmt, args.skip_broken_bitmaps,

@@ -63,6 +63,7 @@ class ChainConvert:
         self._pool: Any = None     # -c, zstd: the compressing threads
         self._deflater: Any = None  # -c, zlib: the C compressor (_compress)
         self._cbuf: memoryview | None = None   # -c: its input buffer
+        self._zeros_z: dict[int, bytes] = {}     # -c -S 0: zero clusters, compressed
 
     # -- setup -----------------------------------------------------------
     def _open(self):
@@ -391,7 +392,9 @@ class ChainConvert:
             work: list[tuple[int, memoryview, bytes | None]] = []
             for i, n in enumerate(d.run(buf[:k])):
                 c = buf[i * cs:min(k, i * cs + cs)]
-                if n == ZERO:
+                if n == ZERO and not self.o.sparse_size:   # -S 0: zeroes stored too
+                    work.append((pos + i * cs, c, self._zero_compressed(len(c))))
+                elif n == ZERO:
                     work.append((pos + i * cs, c, None))
                 else:
                     # a stream as long as the cluster: write_compressed stores it plain
@@ -399,6 +402,14 @@ class ChainConvert:
                     work.append((pos + i * cs, c, z))
             self._store_compressed(work, must_zero)
             pos += k
+
+    def _zero_compressed(self, n: int) -> bytes:
+        """A cluster of ``n`` zero bytes, compressed (``-c -S 0`` stores them
+        as qemu-img does)."""
+        z = self._zeros_z.get(n)
+        if z is None:
+            z = self._zeros_z[n] = self.tg.t.compress_cluster(bytes(n))
+        return z
 
     def _compress_pool_path(self, a, b, must_zero: bool, chunk: int) -> None:
         """zstd: chunk k+1 is read and compressing on the pool while chunk k
@@ -421,7 +432,8 @@ class ChainConvert:
                 work = []
                 for x in range(0, k, cs):
                     c = buf[x:min(k, x + cs)]
-                    fut = None if is_zero(c) else self._pool.submit(t.compress_cluster, c)
+                    fut = None if is_zero(c) and self.o.sparse_size else \
+                        self._pool.submit(t.compress_cluster, c)
                     work.append((pos + x, c, fut))
                 pending.append(work)
                 pos += k
