@@ -63,10 +63,30 @@ def register(sub):
                    help="copy the source's persistent dirty bitmaps (qcow2 target)")
     p.add_argument("--skip-broken-bitmaps", action="store_true",
                    help="with --bitmaps: skip inconsistent (in-use) bitmaps, with a warning")
-    p.add_argument("srcs", nargs="+", metavar="SRC",
+    p.add_argument("srcs", nargs="+", metavar="src",
                    help="the source image; several: concatenated into DST")
     p.add_argument("dst")
     p.set_defaults(func=run)
+
+
+def _plan(args, opts: ConvertOptions) -> list[int] | None:
+    """qemu-img's progress chunks of this convert (``-p`` as qemu-img), from
+    the sources' allocation; None when a source cannot be read here (the
+    convert then says why)."""
+    from ..errors import BlkjobsError
+    from ..imageops.images import open_ro
+    from .copy_progress import qemu_convert_plan
+    runs: list = []
+    try:
+        for src in args.srcs:
+            top = open_ro(src, opts.src_fmt, force_share=True)
+            try:
+                runs += top.block_status()
+            finally:
+                top.close_chain()
+    except (BlkjobsError, OSError):
+        return None
+    return qemu_convert_plan(runs, opts.sparse_size == 0)
 
 
 def _concat(args, opts: ConvertOptions) -> int:
@@ -74,7 +94,7 @@ def _concat(args, opts: ConvertOptions) -> int:
     from ..imageops.convert_concat import convert_concat
     if args.bitmaps:
         raise UsageError("Cannot copy bitmaps when concatenating multiple input images")
-    prog = Reporter(args, quiet=args.quiet)
+    prog = Reporter(args, quiet=args.quiet, plan=lambda: _plan(args, opts))
     try:
         convert_concat(args.srcs, args.dst, opts, progress=prog.update)
         prog.finish()
@@ -126,7 +146,7 @@ def run(args) -> int:
         from ..imageops.convert_bitmaps import source_bitmaps
         names = source_bitmaps(args.src, args.src_fmt, args.dst_fmt, args.skip_broken_bitmaps,
                                args.force_share)
-    prog = Reporter(args, quiet=args.quiet)
+    prog = Reporter(args, quiet=args.quiet, plan=lambda: _plan(args, opts))
     try:
         convert(args.src, args.dst, opts, progress=prog.update)
         prog.finish()

@@ -1,5 +1,6 @@
 """Progress reporting for humans (``-p``: on stdout as qemu-img's; one live
-line on a terminal, plain lines otherwise) and programs (``--progress-json``:
+line on a terminal, plain lines otherwise; invoked as ``qemu-img``: exactly
+qemu-img's lines, :class:`QemuLines`) and programs (``--progress-json``:
 JSON lines on stderr; ``--progress-fd N``: nbdcopy's ``N/100`` lines on fd
 N). SIGUSR1 prints one progress line on stdout and the command carries on,
 as qemu-img does. Progress counts completed bytes; the total may grow. The
@@ -99,6 +100,11 @@ class CopyProgress:
         self._emit(final=True)
 
 
+def _as_qemu_img() -> bool:
+    from . import progname
+    return progname() == "qemu-img"
+
+
 def _isatty(stream: TextIO) -> bool:
     try:
         return stream.isatty()
@@ -119,18 +125,89 @@ def add_progress_options(p, what: str = "the copy") -> None:
                    "--progress=FD)")
 
 
+class QemuLines:
+    """``-p`` when invoked as ``qemu-img``: qemu-img's own lines, exactly
+    (``    (25.00/100%)`` ended by ``\\r``, a newline at the end, on a terminal
+    or not), so that whatever parses qemu-img's output parses ours.
+
+    Like qemu-img, a line is printed when the percentage moved by more than
+    1 point, and at 0 and 100 (100 twice: the last chunk, then the end).
+    ``plan``: the cumulative ends of qemu-img's copy chunks (convert counts
+    only allocated data, in chunks of at most 2 MiB; see
+    :func:`qemu_convert_plan`); the percentage then steps at those chunks,
+    each printed once the copy has certainly passed it (the bytes done
+    less every byte that is not data). Without a plan: bytes done of the
+    total."""
+
+    def __init__(self, stream: TextIO | None = None, plan: list[int] | None = None):
+        self.stream = stream if stream is not None else sys.stdout
+        self.plan = plan
+        self.data = plan[-1] if plan else 0
+        self._next = 0
+        self._last = 0.0
+        self._print(0.0)
+
+    def _print(self, cur: float) -> None:
+        if cur > self._last + 1.0 or cur < self._last - 1.0 or cur in (0.0, 100.0):
+            self._last = cur
+            self.stream.write(f"    ({cur:.2f}/100%)\r")
+            self.stream.flush()
+
+    def update(self, done: int, total: int) -> None:
+        if self.plan is None:
+            if total:
+                self._print(min(100.0, 100.0 * done / total))
+            return
+        passed = done - (max(total, done) - self.data)
+        while self._next < len(self.plan) and self.plan[self._next] <= passed:
+            self._print(100.0 * self.plan[self._next] / self.data)
+            self._next += 1
+
+    def finish(self) -> None:
+        if self.plan is not None:
+            self.update(1, 1)
+        self._print(100.0)
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def qemu_convert_plan(runs, zeros_too: bool) -> list[int]:
+    """qemu-img convert's progress chunks: ``runs`` are block status runs
+    (``length``, ``data``, ``zero``) of the sources in order; data runs (zero
+    ones too with ``-S 0``) count, split into chunks of at most 2 MiB.
+    Returns the cumulative ends."""
+    out, pos = [], 0
+    for r in runs:
+        if not (r["data"] or (zeros_too and r["zero"])):
+            continue
+        n = r["length"]
+        while n > 0:
+            k = min(n, 2 << 20)
+            pos += k
+            out.append(pos)
+            n -= k
+    return out
+
+
 class Reporter:
     """The progress outputs a command's options ask for, fed together, and
     the SIGUSR1 handler: a signal prints one line on stdout (qemu-img's
     ``    (12.50/100%)``) at the next update and the command carries on."""
 
-    def __init__(self, args=None, label: str = "", quiet: bool = False):
-        self.outs: list[CopyProgress] = []
+    def __init__(self, args=None, label: str = "", quiet: bool = False,
+                 plan: Callable[[], list[int] | None] | None = None):
+        """``plan`` (convert): invoked as ``qemu-img``, ``-p`` prints
+        :class:`QemuLines` at the chunks it returns. The other commands keep
+        the richer line under either name: it holds qemu-img's
+        ``(P/100%)`` too, so the same pattern finds the percentage."""
+        self.outs: list[Any] = []
         self.done = self.total = 0
         self._usr1 = False
         self._old: Any = None
         if args is not None and not quiet:
-            if getattr(args, "progress", False):
+            if getattr(args, "progress", False) and plan is not None and _as_qemu_img():
+                self.outs.append(QemuLines(plan=plan()))
+            elif getattr(args, "progress", False):
                 self.outs.append(CopyProgress(label=label))
             if getattr(args, "progress_json", False):
                 self.outs.append(CopyProgress(sys.stderr, json_lines=True))
