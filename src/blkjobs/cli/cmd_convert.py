@@ -14,7 +14,8 @@ from ..units import parse_size
 
 def register(sub):
     p = sub.add_parser("convert", help="copy an image into another image",
-                       description="Convert (copy) SRC into DST. Holes stay holes and "
+                       description="Convert (copy) SRC into DST (several SRC: one after the "
+                       "other, as qemu-img concatenates them). Holes stay holes and "
                        "zero blocks become holes.")
     p.add_argument("-f", dest="src_fmt", metavar="FMT", help="source format (raw, qcow2; "
                    "probed by default)")
