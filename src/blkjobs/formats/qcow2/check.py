@@ -399,6 +399,8 @@ class Checker:
             if not self._write_refblocks(rt, rt + n, table):
                 break
         os.pwrite(self.fd, struct.pack(f">{len(table)}Q", *table), rt << self.cb)
+        if not self.rc.unsafe:      # the new structure durable before the header names it
+            os.fsync(self.fd)
         img._set_rt_location(rt << self.cb, n)      # header written and synced
         img.rc = None
         self.rc = img._rc()
