@@ -22,7 +22,6 @@ from collections import Counter
 from typing import Any
 
 from ...errors import ImageError
-from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
 from .header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
                      read_bitmap_directory)
 from .refcount import Refcounts
@@ -371,6 +370,7 @@ class Checker:
                 else:
                     self.rc._set(c, r)
                     if r == 0:      # freed: discarded as qemu-img does (a hole)
+                        from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
                         _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                                    c << self.cb, self.cs)
                     if s > r:
