@@ -17,6 +17,7 @@ import sys
 
 from ..errors import BlkjobsError
 from . import progname
+from . import image_opts
 
 
 
@@ -46,6 +47,7 @@ def register(sub):
     p.add_argument("-F", "--source-format", dest="source_fmt", metavar="SOURCE_FMT")
     p.add_argument("-f", dest="fmt", metavar="FMT")
     p.add_argument("args", nargs="*", metavar="FILENAME BITMAP")
+    image_opts.add(p, "args[0]")
     p.set_defaults(func=run, ops=[])
 
 

@@ -13,6 +13,7 @@ from ..formats import create_image, open_image
 from .cmd_backup import (POLICIES, add_common, cli_engine, copied, find_base, open_image_node,
                          run_job)
 from ..units import parse_size
+from . import image_opts
 
 
 def make_empty(path: str, fmt: str) -> None:
@@ -73,6 +74,7 @@ def register(sub):
                    help="rate limit in bytes per second (qemu-img's name for --speed)")
     add_common(p)
     p.add_argument("image")
+    image_opts.add(p, "image")
     p.set_defaults(func=run)
 
 

@@ -8,6 +8,7 @@ from ..errors import BlkjobsError
 from ..imageops.compare import compare_images
 from .copy_progress import Reporter, add_progress_options
 from . import progname
+from . import image_opts
 
 
 def register(sub):
@@ -24,6 +25,7 @@ def register(sub):
                    help="strict: images of different sizes differ")
     p.add_argument("a")
     p.add_argument("b")
+    image_opts.add(p, "a", "b", fmt=("fmt_a", "fmt_b"))
     p.set_defaults(func=run)
 
 

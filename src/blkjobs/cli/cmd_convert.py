@@ -10,6 +10,7 @@ from ..imageops.convert_nbd import convert      # files, and NBD URIs
 from .cmd_create import parse_opts
 from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
+from . import image_opts
 
 
 def register(sub):
@@ -65,6 +66,7 @@ def register(sub):
                    help="with --bitmaps: skip inconsistent (in-use) bitmaps, with a warning")
     p.add_argument("src")
     p.add_argument("dst")
+    image_opts.add(p, "src", fmt=("src_fmt",))
     p.set_defaults(func=run)
 
 

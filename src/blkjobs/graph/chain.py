@@ -7,13 +7,14 @@ import os
 from ..errors import ImageError
 from ..formats import open_image, probe_format
 from ..formats.nbd import is_nbd_uri
+from .blockspec import is_spec, open_spec, parse
 from .node import Graph, Node
 from .perm import ALL, Perm
 
 
 def resolve_backing(overlay_path: str, backing: str) -> str:
     """A relative backing name is relative to the overlay's directory."""
-    if os.path.isabs(backing):
+    if os.path.isabs(backing) or is_spec(backing):
         return backing
     return os.path.join(os.path.dirname(overlay_path), backing)
 
@@ -59,16 +60,20 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
         cur_path, cur_fmt, ro = path, fmt, read_only
         prev: Node | None = None
         while True:
-            real = cur_path if is_nbd_uri(cur_path) else os.path.realpath(cur_path)
+            real = cur_path if is_nbd_uri(cur_path) or is_spec(cur_path) \
+                else os.path.realpath(cur_path)
             if real in seen:
                 # qemu-img's words (info --backing-chain)
                 raise ImageError(f"Backing file '{cur_path}' creates an infinite loop.")
             seen[real] = cur_path
-            if cur_fmt is None:
-                cur_fmt = probe_format(cur_path)
-            drv = open_image(cur_path, cur_fmt, read_only=ro,
-                             key_secret=key_secret if prev is None else None,
-                             header_only=header_only)
+            if is_spec(cur_path):      # json:{...}, file:NAME, blkdebug:...
+                drv, cur_fmt = open_spec(parse(cur_path, cur_fmt), read_only=ro)
+            else:
+                if cur_fmt is None:
+                    cur_fmt = probe_format(cur_path)
+                drv = open_image(cur_path, cur_fmt, read_only=ro,
+                                 key_secret=key_secret if prev is None else None,
+                                 header_only=header_only)
             node = graph.add(drv, name if prev is None else None, cur_fmt)
             opened.append(node)
             if prev is None:
@@ -81,7 +86,8 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
             if len(opened) > 256:
                 raise ImageError(f"backing chain of '{path}' is too long")
             cur_path = resolve_backing(drv.filename, bf)
-            _check_backing_file(cur_path, drv.filename)
+            if not is_spec(cur_path):
+                _check_backing_file(cur_path, drv.filename)
             cur_fmt, ro, prev = drv.backing_format, True, node
         return opened[0]
     except BaseException:

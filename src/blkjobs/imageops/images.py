@@ -10,10 +10,11 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import OSErrorWithContext, UsageError
-from ..formats import FORMATS, probe_format
+from ..errors import ImageError, OSErrorWithContext, UsageError
+from ..formats import FORMATS, Driver, open_image, probe_format
 from ..formats.nbd import is_nbd_uri
 from ..graph import Graph, Node, open_chain
+from ..graph.blockspec import is_spec, open_spec, parse
 from ..graph.lock import opening
 from .files import open_source
 
@@ -26,6 +27,8 @@ def check_format(fmt: str | None, what: str = "image") -> None:
 def probe(path: str, fmt: str | None = None) -> str:
     """Validate ``path`` as a readable image file and return its format."""
     check_format(fmt, "source" if fmt else "image")
+    if is_spec(path):
+        return probe_spec(path, fmt)
     if is_nbd_uri(path):
         if fmt not in (None, "raw"):
             raise UsageError(f"'{path}': only the raw format is supported over NBD")
@@ -39,6 +42,25 @@ def probe(path: str, fmt: str | None = None) -> str:
         raise OSErrorWithContext(e.errno, f"Could not open '{path}': Could not open",
                                  path=path) from None
     return fmt or probe_format(path)
+
+
+def probe_spec(name: str, fmt: str | None = None) -> str:
+    """The format of the image ``name`` in one of qemu-img's other name
+    syntaxes (:mod:`blkjobs.graph.blockspec`), opened once to find it;
+    qemu-img's ``Could not open 'NAME': WHY`` when it does not open."""
+    try:
+        drv, found = open_spec(parse(name, fmt))
+    except ImageError as e:
+        raise ImageError(f"Could not open '{name}': {e}") from None
+    drv.close()
+    return found
+
+
+def open_one(path: str, fmt: str | None, read_only: bool = True) -> Driver:
+    """The image ``path`` alone (no backing chain), any name syntax."""
+    if is_spec(path):
+        return open_spec(parse(path, fmt), read_only)[0]
+    return open_image(path, fmt, read_only)
 
 
 def cli_graph(force_share: bool = False, stable: bool = False) -> Graph:
