@@ -173,6 +173,8 @@ def run(args) -> int:
     from ..formats import FORMATS, create_image, open_image
     from ..formats.secrets import add_secret_object
     from ..graph import resolve_backing
+    from ..graph.blockspec import is_spec
+    from ..imageops.images import open_one
     for obj in args.objects or []:
         add_secret_object(obj)
     if args.fmt not in FORMATS:
@@ -195,7 +197,8 @@ def run(args) -> int:
         if not args.unsafe:
             try:
                 # its size only: an encrypted backing file needs no key here
-                with open_image(bpath, opts["backing_format"], header_only=True) as b:
+                with (open_one(bpath, opts["backing_format"]) if is_spec(bpath) else
+                      open_image(bpath, opts["backing_format"], header_only=True)) as b:
                     bsize = b.size
             except BlkjobsError as e:
                 raise UsageError(f"Could not open backing image: {e}") from None
@@ -209,19 +212,20 @@ def run(args) -> int:
     if args.fmt != "luks":
         (check_qcow2 if args.fmt == "qcow2" else check_raw)(args.image, opts)
     size = -(-size // 512) * 512        # qemu-img makes images of whole sectors
+    path = args.image[5:] if args.image.startswith("file:") else args.image   # a name with a colon
     # an existing image is locked (write, nobody else writing) before it is
     # overwritten, as qemu-img does: one in use is refused, not truncated
     from ..graph.lock import ImageLock, LockConflict
     lock = None
-    if os.path.isfile(args.image):
+    if os.path.isfile(path):
         try:
-            lock = ImageLock(args.image, write=True)
+            lock = ImageLock(path, write=True)
         except LockConflict as e:
             raise LockConflict(f"{args.image}: {e.bare}", e.path) from None
         except OSError:
             pass                # create_image says what is wrong
     try:
-        create_image(args.image, args.fmt, size, **opts)
+        create_image(path, args.fmt, size, **opts)
     except OSError as e:
         raise UsageError(f"{args.image}: Could not create image: {e.strerror}") from None
     except BlkjobsError as e:

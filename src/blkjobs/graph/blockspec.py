@@ -371,10 +371,12 @@ def qdict_json(value: Any) -> str:
 def open_spec(spec: Spec, read_only: bool = True) -> tuple[Driver, str]:
     """Open ``spec`` as one driver; returns it with its format's name."""
     drv = _open(spec.top, read_only)
-    try:
-        drv.filename = spec.display
-    except AttributeError:
-        pass
+    drv.filename = spec.display
+    layer: Layer | None = spec.top
+    while layer is not None:        # qemu-img map names the file holding the data
+        if layer.driver == "file":
+            drv.map_filename = str(layer.opts["filename"])      # type: ignore[attr-defined]
+        layer = layer.child
     return drv, drv.format_name
 
 

@@ -26,9 +26,9 @@ def check_format(fmt: str | None, what: str = "image") -> None:
 
 def probe(path: str, fmt: str | None = None) -> str:
     """Validate ``path`` as a readable image file and return its format."""
+    if is_spec(path):      # fmt: given, or what this found before
+        return probe_spec(path, fmt if fmt in FORMATS else None)
     check_format(fmt, "source" if fmt else "image")
-    if is_spec(path):
-        return probe_spec(path, fmt)
     if is_nbd_uri(path):
         if fmt not in (None, "raw"):
             raise UsageError(f"'{path}': only the raw format is supported over NBD")

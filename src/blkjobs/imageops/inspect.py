@@ -118,7 +118,7 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
         end = size if length is None else min(size, start + length)
         if start < 0 or start > size:
             raise UsageError(f"invalid start offset {start}")
-        names = [n.filename for n in top.chain()]
+        names = [getattr(n.driver, "map_filename", n.filename) for n in top.chain()]
         last = None
         pos = start
         while pos < end:
