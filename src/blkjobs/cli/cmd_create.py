@@ -9,6 +9,7 @@ import os
 
 from ..errors import BlkjobsError, UsageError
 from ..units import parse_opt_size, parse_size
+from . import image_opts
 
 #: qemu-img's luks create options (qcow2: with the prefix ``encrypt.``), in
 #: the order its Formatting line lists them
@@ -36,6 +37,7 @@ def register(sub):
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("image")
     p.add_argument("size", nargs="?")
+    image_opts.add(p)
     p.set_defaults(func=run)
 
 
@@ -117,7 +119,8 @@ def formatting_line(path: str, fmt: str, size: int, opts: dict) -> str:
     if opts.get("compat"):
         parts.append(f"compat={opts['compat']}")
     if opts.get("backing_file"):
-        parts.append(f"backing_file={opts['backing_file']}")
+        # qemu-img prints option strings as option syntax: a comma doubled
+        parts.append(f"backing_file={opts['backing_file'].replace(',', ',,')}")
         if opts.get("backing_format"):
             parts.append(f"backing_fmt={opts['backing_format']}")
     parts += [f"lazy_refcounts={'on' if opts.get('lazy_refcounts') else 'off'}",
@@ -197,9 +200,12 @@ def run(args) -> int:
         if not args.unsafe:
             try:
                 # its size only: an encrypted backing file needs no key here
-                with (open_one(bpath, opts["backing_format"]) if is_spec(bpath) else
-                      open_image(bpath, opts["backing_format"], header_only=True)) as b:
+                b = (open_one(bpath, opts["backing_format"]) if is_spec(bpath) else
+                     open_image(bpath, opts["backing_format"], header_only=True))
+                try:
                     bsize = b.size
+                finally:
+                    b.close()
             except BlkjobsError as e:
                 raise UsageError(f"Could not open backing image: {e}") from None
             if size is None:

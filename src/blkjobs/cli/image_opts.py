@@ -13,10 +13,11 @@ from ..errors import UsageError
 
 def add(p: Any, *operands: str, fmt: tuple[str, ...] = ("fmt",)) -> None:
     """``--image-opts`` (the ``operands``: dests, ``NAME[0]`` for the first
-    of a list) and ``--object``; ``fmt``: the dests of the format options
-    that --image-opts excludes."""
-    p.add_argument("--image-opts", action="store_true",
-                   help="the image names are option strings (driver=qcow2,file.filename=F)")
+    of a list; none: no --image-opts, as create) and ``--object``; ``fmt``:
+    the dests of the format options that --image-opts excludes."""
+    if operands:
+        p.add_argument("--image-opts", action="store_true",
+                       help="the image names are option strings (driver=qcow2,file.filename=F)")
     p.add_argument("--object", action="append", default=[], metavar="OBJECTDEF",
                    help="define an object, e.g. secret,id=sec0,data=PASSWORD (repeatable)")
     p.set_defaults(_image_operands=operands, _image_fmts=fmt)

@@ -372,6 +372,7 @@ def open_spec(spec: Spec, read_only: bool = True) -> tuple[Driver, str]:
     """Open ``spec`` as one driver; returns it with its format's name."""
     drv = _open(spec.top, read_only)
     drv.filename = spec.display
+    drv.spec_name = spec.name          # type: ignore[attr-defined]   # to reopen it
     layer: Layer | None = spec.top
     while layer is not None:        # qemu-img map names the file holding the data
         if layer.driver == "file":
