@@ -110,7 +110,7 @@ def parse(name: str, fmt: str | None = None) -> Spec:
     else:
         path = name[5:] if name.startswith("file:") else name
         tree = {"file": {"driver": "file", "filename": path}}
-        display = path
+        display = _plain(path)
     if fmt is not None and "driver" not in tree:
         tree["driver"] = fmt
     top = _layer(tree)
@@ -331,9 +331,15 @@ def _display(top: Layer, tree: dict[str, Any]) -> str:
         if extra or layer.driver not in (*FORMAT_DRIVERS, "file", None):
             break
         if layer.driver == "file":
-            return str(layer.opts["filename"])
+            return _plain(str(layer.opts["filename"]))
         layer = layer.child
     return "json:" + qdict_json(_options(top))
+
+
+def _plain(path: str) -> str:
+    """A file's name as QEMU shows it: ``./`` before a relative name whose
+    first component has a colon (else it would read as a protocol prefix)."""
+    return "./" + path if ":" in path.split("/", 1)[0] else path
 
 
 def _options(layer: Layer) -> dict[str, Any]:
