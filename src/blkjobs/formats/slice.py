@@ -14,13 +14,13 @@ class Slice(Driver):
     cluster_size = 0
 
     def __init__(self, inner: Driver, offset: int, size: int | None):
-        whole = inner.size
+        whole = -(-inner.size // 512) * 512      # QEMU sees a file in whole sectors
         if offset > whole:
             inner.close()
             raise ImageError(f"Offset ({offset}) cannot be greater than size of the containing "
                              f"file ({whole})")
         if size is None:
-            size = whole - offset
+            size = max(0, inner.size - offset)
         elif offset + size > whole:
             inner.close()
             raise ImageError(f"The sum of offset ({offset}) and size ({size}) has to be smaller "

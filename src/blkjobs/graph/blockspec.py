@@ -74,6 +74,19 @@ def is_spec(name: str) -> bool:
     return name in _image_opts or name.startswith(("json:", "file:", "blkdebug:"))
 
 
+def file_name(name: str) -> str:
+    """The file under the image ``name`` (``name`` itself unless it is a
+    spec naming a file; a spec without one: ``name``)."""
+    if not is_spec(name):
+        return name
+    layer: Layer | None = parse(name).top
+    while layer is not None:
+        if layer.driver == "file":
+            return str(layer.opts["filename"])
+        layer = layer.child
+    return name
+
+
 @dataclass
 class Layer:
     """One block node of a spec: its driver (None: a format to probe), its

@@ -482,8 +482,9 @@ class Node:
                 _emit(out, m.start, m.length, depth, True, False, True, True, None)
             elif m.kind == Kind.ZERO:
                 _emit(out, m.start, m.length, depth, True, True, False, False, m.host_offset)
-            else:
-                _emit(out, m.start, m.length, depth, False, True, False, False, m.host_offset)
+            else:       # not allocated, nothing below: zeroes (null-co: unknown, says QEMU)
+                _emit(out, m.start, m.length, depth, False,
+                      getattr(self.driver, "read_zeroes", True), False, False, m.host_offset)
 
     # -- lifecycle ---------------------------------------------------------
     def reopen(self, read_only: bool) -> None:

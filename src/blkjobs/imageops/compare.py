@@ -160,9 +160,10 @@ def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
     meanwhile, unless ``force_share``; two raw files are read sharing
     everything, as qemu-img reads them). ``progress(done, total)``: bytes of
     the common size compared so far."""
+    from ..graph.blockspec import is_spec
     from .images import open_ro, probe
     fa, fb = probe(path_a, fmt_a), probe(path_b, fmt_b)
-    if fa == "raw" and fb == "raw" and not strict:
+    if fa == "raw" and fb == "raw" and not strict and not (is_spec(path_a) or is_spec(path_b)):
         return compare_raw(path_a, path_b, strict, progress)
     na = open_ro(path_a, fa, force_share)
     try:
