@@ -74,7 +74,7 @@ def test_blkdebug_config(tmp_path):
     assert read_blkdebug_config(str(conf)) == [
         ("inject-error", {"event": "read_aio", "errno": 28, "once": True, "sector": 8}),
         ("set-state", {"state": 1, "event": "write_aio", "new_state": 2})]
-    with pytest.raises(ImageError, match="^Could not read blkdebug config file: No such file"):
+    with pytest.raises(ImageError, match=r"^Could not read blkdebug config file: No such file"):
         read_blkdebug_config(str(tmp_path / "missing"))
 
 
@@ -92,9 +92,9 @@ def test_secrets(tmp_path):
         assert secrets.secret("b") == b"from a file\n"
         assert secrets.secret("c") == b"\0x,y"
         assert secrets.secret("d") == b"a,b"
-        with pytest.raises(UsageError, match="^Invalid base64 data$"):
+        with pytest.raises(UsageError, match=r"^Invalid base64 data$"):
             secrets.secret("e")
-        with pytest.raises(UsageError, match="^No secret with id 'z'$"):
+        with pytest.raises(UsageError, match=r"^No secret with id 'z'$"):
             secrets.secret("z")
         with pytest.raises(UsageError, match="duplicate property 'a'"):
             secrets.add_object("secret,id=a,data=x")

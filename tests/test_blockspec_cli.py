@@ -9,10 +9,10 @@ import json
 import pytest
 
 from qemu_oracle import qemu_img, qemu_io
-from test_parity_invocation import run, same, twins  # noqa: F401  (the fixture)
+from test_parity_invocation import same, twins  # noqa: F401  (the fixture)
 
 
-def _both(twins, *args):  # noqa: F811
+def _both(twins, *args):
     for d in twins:
         qemu_img(*[str(a).replace("DIR", str(d)) for a in args])
 
@@ -27,7 +27,7 @@ def _both(twins, *args):  # noqa: F811
     "json:{'driver':'null-co','size':1048576,'read-zeroes':true}",
     "file:a.qcow2",
 ])
-def test_info_of_json_and_file_names(twins, name):  # noqa: F811
+def test_info_of_json_and_file_names(twins, name):
     _both(twins, "create", "-f", "qcow2", "DIR/a.qcow2", "1M")
     if "'driver':'file'" in name:       # qemu-img shows the file's size rounded up to sectors
         for d in twins:
@@ -50,7 +50,7 @@ def test_info_of_json_and_file_names(twins, name):  # noqa: F811
     "json:{'file.filename':'missing.qcow2'}",
     "file:missing", "blkdebug:missing.conf:a.qcow2",
 ])
-def test_bad_names(twins, name):  # noqa: F811
+def test_bad_names(twins, name):
     """qemu-img's texts for bad JSON, unknown drivers and options, missing keys."""
     _both(twins, "create", "-f", "qcow2", "DIR/a.qcow2", "1M")
     rc, out, err = same(twins, "info", name)
@@ -64,7 +64,7 @@ def test_bad_names(twins, name):  # noqa: F811
     "driver=qcow2,file.filename=a.qcow2,foo=1", "driver=raw,file.filename=a.qcow2,offset=x",
     "driver=null-co,size=1M",
 ])
-def test_image_opts_info_map(twins, opts):  # noqa: F811
+def test_image_opts_info_map(twins, opts):
     _both(twins, "create", "-f", "qcow2", "DIR/a.qcow2", "1M")
     for d in twins:
         qemu_io(d / "a.qcow2", "write -P 7 64k 64k")
@@ -73,11 +73,11 @@ def test_image_opts_info_map(twins, opts):  # noqa: F811
     same(twins, "map", "--image-opts", opts)
 
 
-def test_image_opts_excludes_format(twins):  # noqa: F811
+def test_image_opts_excludes_format(twins):
     same(twins, "info", "-f", "qcow2", "--image-opts", "driver=qcow2,file.filename=a.qcow2")
 
 
-def test_image_opts_commands(twins):  # noqa: F811
+def test_image_opts_commands(twins):
     """check, compare, bitmap, convert, rebase and commit take option strings."""
     _both(twins, "create", "-f", "qcow2", "DIR/b.qcow2", "1M")
     _both(twins, "create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "DIR/a.qcow2")
@@ -103,7 +103,7 @@ def test_image_opts_commands(twins):  # noqa: F811
 
 
 @pytest.mark.parametrize("sparse", ["512", "0"])
-def test_convert_from_null_co(twins, sparse):  # noqa: F811
+def test_convert_from_null_co(twins, sparse):
     """iotest 150: a null-co source with read-zeroes makes an empty image."""
     src = "json:{ 'driver': 'null-co', 'size': 1048576, 'read-zeroes': true }"
     same(twins, "convert", "-O", "qcow2", "-S", sparse, src, "n.qcow2")
@@ -112,7 +112,7 @@ def test_convert_from_null_co(twins, sparse):  # noqa: F811
     same(twins, "compare", "json:{'driver':'null-co','size':1048576}", "n.qcow2")
 
 
-def test_raw_window(twins):  # noqa: F811
+def test_raw_window(twins):
     """raw's offset and size options: a window of the file."""
     for d in twins:
         (d / "f.raw").write_bytes(bytes(range(256)) * 64)
@@ -124,7 +124,7 @@ def test_raw_window(twins):  # noqa: F811
     same(twins, "compare", name, "w.raw")
 
 
-def test_file_names_with_colons(twins):  # noqa: F811
+def test_file_names_with_colons(twins):
     """iotest 126: file:NAME creates and opens a name with a colon; it shows
     as ./NAME, and a backing file resolves next to it."""
     same(twins, "create", "-f", "qcow2", "base.qcow2", "1M")
@@ -137,7 +137,7 @@ def test_file_names_with_colons(twins):  # noqa: F811
     same(twins, "map", "--output=json", "file:image:top.qcow2")
 
 
-def test_json_backing_in_header(twins):  # noqa: F811
+def test_json_backing_in_header(twins):
     """A backing file named json:{...} in the header opens (info, map,
     convert), the name printed with qemu-img's doubled commas."""
     _both(twins, "create", "-f", "qcow2", "DIR/base.qcow2", "1M")
@@ -157,7 +157,7 @@ _READ_EIO = '[inject-error]\nevent = "read_aio"\nerrno = "5"\nonce ="off"\n'
 
 
 @pytest.mark.parametrize("size_b", ["1G", "0"])
-def test_blkdebug_name_compare_read_error(twins, size_b):  # noqa: F811
+def test_blkdebug_name_compare_read_error(twins, size_b):
     """iotest 074: blkdebug:CONFIG:IMAGE; a failed read is 'Error while
     reading offset N of NAME', exit 4 (with the size warning when sizes
     differ)."""
@@ -170,7 +170,7 @@ def test_blkdebug_name_compare_read_error(twins, size_b):  # noqa: F811
     assert rc == 4
 
 
-def test_blkdebug_backing_commit_fails(twins, monkeypatch):  # noqa: F811
+def test_blkdebug_backing_commit_fails(twins, monkeypatch):
     """iotest 020: a backing file under blkdebug named in the header; the
     commit into it fails as the rule says, with qemu-img's text."""
     same(twins, "create", "-f", "qcow2", "base.qcow2", "1M")
@@ -186,7 +186,7 @@ def test_blkdebug_backing_commit_fails(twins, monkeypatch):  # noqa: F811
     same(twins, "compare", "-f", "qcow2", "base.qcow2", "json:{'driver':'null-co','size':1048576}")
 
 
-def test_blkdebug_over_format_map(twins):  # noqa: F811
+def test_blkdebug_over_format_map(twins):
     """iotest 204: blkdebug over a qcow2 node, in an option string; map
     names the file."""
     _both(twins, "create", "-f", "qcow2", "DIR/a.qcow2", "4M")
@@ -203,18 +203,18 @@ def test_blkdebug_over_format_map(twins):  # noqa: F811
     "secret,id=s,data=x,file=y", "secret,id=s", "secret,id=s,file=missing",
     "foo,id=x", "secret,data=x", "id=s,data=x",
 ])
-def test_object_texts(twins, obj):  # noqa: F811
+def test_object_texts(twins, obj):
     _both(twins, "create", "-f", "qcow2", "DIR/a.qcow2", "1M")
     same(twins, "info", "--object", obj, "a.qcow2")
 
 
-def test_object_duplicate_id(twins):  # noqa: F811
+def test_object_duplicate_id(twins):
     _both(twins, "create", "-f", "qcow2", "DIR/a.qcow2", "1M")
     rc, _out, err = same(twins, "info", "--object", "secret,id=s,data=x", "--object",
                          "secret,id=s,data=y", "a.qcow2")
     assert rc == 1 and "duplicate" in err
 
 
-def test_json_info_output_of_null_co(twins):  # noqa: F811
+def test_json_info_output_of_null_co(twins):
     rc, out, _err = same(twins, "info", "--output=json", "json:{'driver':'null-co','size':4096}")
     assert rc == 0 and json.loads(out)["format"] == "null-co"
