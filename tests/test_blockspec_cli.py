@@ -218,3 +218,18 @@ def test_object_duplicate_id(twins):
 def test_json_info_output_of_null_co(twins):
     rc, out, _err = same(twins, "info", "--output=json", "json:{'driver':'null-co','size':4096}")
     assert rc == 0 and json.loads(out)["format"] == "null-co"
+
+
+def test_json_name_over_blkdebug_in_a_directory(twins):
+    """iotest 110: under a json: name with blkdebug over the file, the
+    backing file resolves next to the image's file; qemu-img's name of it
+    (the list of rules flattened) and no disk size."""
+    for d in twins:
+        (d / "sub").mkdir()
+    _both(twins, "create", "-f", "qcow2", "DIR/sub/b.qcow2", "1M")
+    _both(twins, "create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "DIR/sub/t.qcow2")
+    name = ("json:{'driver':'qcow2','file':{'driver':'blkdebug','image':{'driver':'file',"
+            "'filename':'sub/t.qcow2'},'set-state':[{'event':'read_aio','new_state':42}]}}")
+    same(twins, "info", name)
+    same(twins, "info", "--output=json", name)
+    same(twins, "map", "--output=json", name)

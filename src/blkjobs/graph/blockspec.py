@@ -356,8 +356,16 @@ def _plain(path: str) -> str:
 
 
 def _options(layer: Layer) -> dict[str, Any]:
-    out = {k: v for k, v in layer.opts.items()
-           if k not in _GENERIC and not k.startswith("cache") and k != "backing"}
+    out: dict[str, Any] = {}
+    for k, v in layer.opts.items():
+        if k in _GENERIC or k.startswith("cache") or k == "backing":
+            continue
+        if isinstance(v, list):         # QEMU keeps a list's items flattened
+            for i, item in enumerate(v):
+                for sub, x in (item.items() if isinstance(item, dict) else [("", item)]):
+                    out[f"{k}.{i}.{sub}" if sub else f"{k}.{i}"] = x
+        else:
+            out[k] = v
     out["driver"] = layer.driver or "raw"
     if layer.child is not None:
         out["image" if layer.driver in FILTER_DRIVERS else "file"] = _options(layer.child)
@@ -395,7 +403,9 @@ def open_spec(spec: Spec, read_only: bool = True) -> tuple[Driver, str]:
     layer: Layer | None = spec.top
     while layer is not None:        # qemu-img map names the file holding the data
         if layer.driver == "file":
-            drv.map_filename = str(layer.opts["filename"])      # type: ignore[attr-defined]
+            drv.map_filename = _plain(str(layer.opts["filename"]))  # type: ignore[attr-defined]
+        if layer.driver in FILTER_DRIVERS and layer is not spec.top:
+            drv.disk_size_unknown = True    # type: ignore[attr-defined]   # qemu-img: unavailable
         layer = layer.child
     return drv, drv.format_name
 

@@ -85,7 +85,8 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
                 break
             if len(opened) > 256:
                 raise ImageError(f"backing chain of '{path}' is too long")
-            cur_path = resolve_backing(drv.filename, bf)
+            # relative to the overlay's file (under a json: name too)
+            cur_path = resolve_backing(getattr(drv, "map_filename", drv.filename), bf)
             if not is_spec(cur_path):
                 _check_backing_file(cur_path, drv.filename)
             cur_fmt, ro, prev = drv.backing_format, True, node

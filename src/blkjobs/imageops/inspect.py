@@ -58,13 +58,15 @@ def _node_info(node) -> dict:
     if drv.cluster_size:
         d["cluster-size"] = drv.cluster_size
     d["format"] = node.format
-    d["actual-size"] = st.st_blocks * 512
+    if not getattr(drv, "disk_size_unknown", False):
+        d["actual-size"] = st.st_blocks * 512
     fs = drv.info()
     if fs:
         d["format-specific"] = fs
     if drv.backing_filename:
         from ..graph import resolve_backing
-        d["full-backing-filename"] = resolve_backing(node.filename, drv.backing_filename)
+        d["full-backing-filename"] = resolve_backing(getattr(drv, "map_filename", node.filename),
+                                                     drv.backing_filename)
         d["backing-filename"] = drv.backing_filename
     if drv.encrypted:
         d["encrypted"] = True
