@@ -233,3 +233,18 @@ def test_json_name_over_blkdebug_in_a_directory(twins):
     same(twins, "info", name)
     same(twins, "info", "--output=json", name)
     same(twins, "map", "--output=json", name)
+
+
+def test_image_opts_resize_dd_measure_snapshot(twins):
+    _both(twins, "create", "-f", "qcow2", "DIR/a.qcow2", "1M")
+    for d in twins:
+        qemu_io(d / "a.qcow2", "write -P 4 0 192k")
+    a = "driver=qcow2,file.filename=a.qcow2"
+    same(twins, "measure", "-O", "qcow2", "--image-opts", a)
+    same(twins, "snapshot", "-l", "--image-opts", a)
+    same(twins, "dd", "--image-opts", f"if={a}", "of=o.raw", "bs=64k", "count=2")
+    assert (twins[0] / "o.raw").read_bytes() == (twins[1] / "o.raw").read_bytes() == b"\4" * 131072
+    same(twins, "resize", "--image-opts", a, "2M")
+    same(twins, "compare", "a.qcow2", "json:{'file.filename':'a.qcow2'}")
+    qemu_img("compare", twins[0] / "a.qcow2", twins[1] / "a.qcow2")
+    same(twins, "map", "--output=json", "a.qcow2")

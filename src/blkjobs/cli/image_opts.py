@@ -13,7 +13,8 @@ from ..errors import UsageError
 
 def add(p: Any, *operands: str, fmt: tuple[str, ...] = ("fmt",)) -> None:
     """``--image-opts`` (the ``operands``: dests, ``NAME[0]`` for the first
-    of a list; none: no --image-opts, as create) and ``--object``; ``fmt``:
+    of a list, ``NAME:PREFIX`` for the items starting with PREFIX, without
+    it; none: no --image-opts, as create) and ``--object``; ``fmt``:
     the dests of the format options that --image-opts excludes."""
     if operands:
         p.add_argument("--image-opts", action="store_true",
@@ -36,12 +37,14 @@ def apply(args: Any) -> None:
     if any(getattr(args, f, None) for f in args._image_fmts):
         raise UsageError("--image-opts and --format are mutually exclusive")
     for dest in args._image_operands:
+        dest, _, prefix = dest.partition(":")       # "operands:if=": dd's if=NAME
         first = dest.endswith("[0]")
         value = getattr(args, dest[:-3] if first else dest, None)
         if isinstance(value, list):
             value = value[:1] if first else value
         for name in [value] if isinstance(value, str) else value or []:
-            blockspec.mark_image_opts(name)
+            if name.startswith(prefix):
+                blockspec.mark_image_opts(name[len(prefix):])
 
 
 def _blkdebug(inner: Any, opts: dict[str, Any]) -> Any:

@@ -49,13 +49,17 @@ def open_rw(path: str, fmt: str | None, owner: str, resize: bool = False):
     from ..formats import open_image, probe_format
     from ..graph import Graph
     from ..graph.perm import ALL, Perm
+    from ..graph.blockspec import is_spec, open_spec, parse
     from ..imageops.files import open_source
     import os
     check_fmt(fmt)
     try:
-        os.close(open_source(path))
-        fmt = fmt or probe_format(path)
-        drv = open_image(path, fmt, read_only=False)
+        if is_spec(path):       # json:, file:, --image-opts
+            drv, fmt = open_spec(parse(path, fmt), read_only=False)
+        else:
+            os.close(open_source(path))
+            fmt = fmt or probe_format(path)
+            drv = open_image(path, fmt, read_only=False)
     except BlkjobsError as e:
         raise could_not_open(path, e) from None
     except OSError as e:
