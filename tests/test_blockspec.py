@@ -9,8 +9,9 @@ import pytest
 from blkjobs.errors import ImageError, UsageError
 from blkjobs.formats import secrets
 from blkjobs.graph import blockspec
-from blkjobs.graph.blockspec import (mark_image_opts, parse, parse_json, parse_opts, qdict_json,
+from blkjobs.graph.blockspec import (mark_image_opts, parse, parse_opts, qdict_json,
                                      read_blkdebug_config, unflatten)
+from blkjobs.graph.qemu_json import parse_json
 
 
 def test_option_strings():

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import ImageError
 from ..formats.base import Driver
+from .qemu_json import parse_json
 
 FORMAT_DRIVERS = ("qcow2", "raw")
 PROTOCOL_DRIVERS = ("file", "null-co", "nbd")
@@ -115,7 +116,7 @@ def parse(name: str, fmt: str | None = None) -> Spec:
         tree: dict[str, Any] = unflatten(parse_opts(name))
         display = None
     elif name.startswith("json:"):
-        tree = parse_json(name[5:])
+        tree = unflatten(parse_json(name[5:]))
         display = None
     elif name.startswith("blkdebug:"):
         tree = {"file": _blkdebug_name(name[9:])}
@@ -183,114 +184,6 @@ def _lists(d: dict[str, Any]) -> Any:
     if d and all(k.isdigit() for k in d):
         return [d[k] for k in sorted(d, key=int)]
     return d
-
-
-def parse_json(text: str) -> dict[str, Any]:
-    """``json:`` options: QEMU's JSON, where strings may be single-quoted."""
-    value = _Json(text).document()
-    if not isinstance(value, dict):
-        raise ImageError("Invalid JSON object given")
-    return unflatten(value)
-
-
-class _Json:
-    """A JSON reader with QEMU's extension (``'...'`` strings) and its error
-    texts."""
-    _TOKEN = re.compile(r"\s*(?:([{}\[\]:,])|(\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*')"
-                        r"|(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|([A-Za-z_][A-Za-z0-9_]*)"
-                        r"|(\S))", re.S)
-
-    def __init__(self, text: str):
-        self.tokens: list[tuple[str, Any]] = []
-        for m in self._TOKEN.finditer(text):
-            punct, string, number, word, other = m.groups()
-            if punct:
-                self.tokens.append(("p", punct))
-            elif string:
-                self.tokens.append(("v", _unquote(string)))
-            elif number:
-                self.tokens.append(("v", float(number) if "." in number or "e" in number.lower()
-                                    else int(number)))
-            elif word:
-                if word not in ("true", "false", "null"):
-                    raise ImageError(_json_error(f"invalid keyword '{word}'"))
-                self.tokens.append(("v", {"true": True, "false": False, "null": None}[word]))
-            elif other:
-                if other in "\"'":
-                    raise ImageError(_json_error("premature EOI"))
-                raise ImageError(_json_error(f"stray '{other}'"))
-        self.pos = 0
-
-    def document(self) -> Any:
-        if not self.tokens:
-            raise ImageError("Could not parse the JSON options: Expecting a JSON value")
-        value = self.value()
-        if self.pos != len(self.tokens):
-            raise ImageError(_json_error("expecting value"))
-        return value
-
-    def _next(self) -> tuple[str, Any]:
-        if self.pos >= len(self.tokens):
-            raise ImageError(_json_error("premature EOI"))
-        tok = self.tokens[self.pos]
-        self.pos += 1
-        return tok
-
-    def value(self) -> Any:
-        kind, v = self._next()
-        if kind == "v":
-            return v
-        if v == "{":
-            return self._object()
-        if v == "[":
-            return self._array()
-        raise ImageError(_json_error("expecting value"))
-
-    def _object(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.tokens[self.pos:self.pos + 1] == [("p", "}")]:
-            self.pos += 1
-            return out
-        while True:
-            kind, key = self._next()
-            if kind != "v" or not isinstance(key, str):
-                raise ImageError(_json_error("key is not a string in object"))
-            if self._next() != ("p", ":"):
-                raise ImageError(_json_error("missing : in object pair"))
-            out[key] = self.value()
-            tok = self._next()
-            if tok == ("p", "}"):
-                return out
-            if tok != ("p", ","):
-                raise ImageError(_json_error("expected separator in dict"))
-
-    def _array(self) -> list[Any]:
-        out: list[Any] = []
-        if self.tokens[self.pos:self.pos + 1] == [("p", "]")]:
-            self.pos += 1
-            return out
-        while True:
-            out.append(self.value())
-            tok = self._next()
-            if tok == ("p", "]"):
-                return out
-            if tok != ("p", ","):
-                raise ImageError(_json_error("expected separator in list"))
-
-
-def _json_error(what: str) -> str:
-    return f"Could not parse the JSON options: JSON parse error, {what}"
-
-
-def _unquote(s: str) -> str:
-    body = s[1:-1]
-    if s[0] == "'":
-        body = re.sub(r"\\'", "'", body).replace('"', '\\"')
-    try:
-        out = json.loads(f'"{body}"')
-    except ValueError:
-        raise ImageError(_json_error("invalid escape sequence in string")) from None
-    return str(out)
 
 
 # -- the layers ----------------------------------------------------------------------
