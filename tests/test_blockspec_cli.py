@@ -248,3 +248,17 @@ def test_image_opts_resize_dd_measure_snapshot(twins):
     same(twins, "compare", "a.qcow2", "json:{'file.filename':'a.qcow2'}")
     qemu_img("compare", twins[0] / "a.qcow2", twins[1] / "a.qcow2")
     same(twins, "map", "--output=json", "a.qcow2")
+
+
+@pytest.mark.parametrize("cmd", [
+    ["info"], ["map"], ["check"], ["compare", "a.qcow2"], ["measure", "-O", "qcow2"],
+    ["snapshot", "-l"], ["commit"], ["rebase", "-u", "-b", ""], ["bitmap", "--add"],
+    ["resize"], ["convert", "-O", "raw"], ["dd"]])
+@pytest.mark.parametrize("name", ["json:{'driver':'foo'}", "file:missing"])
+def test_bad_name_in_every_command(twins, cmd, name):
+    """Each command names the image, then says why, as qemu-img does."""
+    _both(twins, "create", "-f", "qcow2", "DIR/a.qcow2", "1M")
+    args = {"bitmap": [name, "bm"], "resize": [name, "2M"], "convert": [name, "o.raw"],
+            "dd": [f"if={name}", "of=o.raw"]}.get(cmd[0], [name])
+    rc, _out, err = same(twins, *cmd, *args)
+    assert rc != 0 and err.startswith(f"qemu-img: Could not open '{name}': ")

@@ -18,13 +18,15 @@ _LOCK = re.compile(r'^Failed to get (shared )?"([a-z ]+)" lock on \'(.*)\': '
 def could_not_open(path: str, e: BlkjobsError) -> UsageError:
     """qemu-img's ``Could not open 'PATH': REASON`` (the file layer's own
     "Could not open" text stays inside, as qemu-img prints it)."""
+    from ..graph.blockspec import is_spec
     text = str(e)
     m = _LOCK.match(text)
     if m:       # QEMU's wording of a lock conflict
         return UsageError(f"Could not open '{path}': Failed to get {m.group(1) or ''}\"{m.group(2)}\" "
                           f"lock\nIs another process using the image [{m.group(3)}]?")
     if text.startswith((f"Could not open '{path}': Failed to get",
-                        f"Could not open '{path}': Could not open '{path}': ")):
+                        f"Could not open '{path}': Could not open '{path}': ")) \
+            or (text.startswith(f"Could not open '{path}': ") and is_spec(path)):
         return UsageError(text)      # already qemu-img's text (lock conflict, failed open)
     if isinstance(e, OSErrorWithContext) or text.startswith(f"Could not open '{path}'"):
         return UsageError(f"Could not open '{path}': {text}")
