@@ -262,3 +262,17 @@ def test_bad_name_in_every_command(twins, cmd, name):
             "dd": [f"if={name}", "of=o.raw"]}.get(cmd[0], [name])
     rc, _out, err = same(twins, *cmd, *args)
     assert rc != 0 and err.startswith(f"qemu-img: Could not open '{name}': ")
+
+
+@pytest.mark.parametrize("backing", ["null", "'x'", "{'driver':'qcow2','file.filename':'b.qcow2'}"])
+def test_backing_option(twins, backing):
+    """"backing": null opens the image without its backing file (info still
+    names it); a backing given otherwise is refused as qemu-img refuses it."""
+    _both(twins, "create", "-f", "qcow2", "DIR/b.qcow2", "1M")
+    _both(twins, "create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "DIR/a.qcow2")
+    for d in twins:
+        qemu_io(d / "b.qcow2", "write -P 1 0 64k")
+    name = f"json:{{'driver':'qcow2','file.filename':'a.qcow2','backing':{backing}}}"
+    same(twins, "info", name)
+    same(twins, "map", "--output=json", name)
+    same(twins, "compare", name, "json:{'driver':'null-co','size':1048576}")

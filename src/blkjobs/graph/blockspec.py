@@ -288,10 +288,29 @@ def qdict_json(value: Any) -> str:
 # -- opening -------------------------------------------------------------------------
 
 
-def open_spec(spec: Spec, read_only: bool = True) -> tuple[Driver, str]:
-    """Open ``spec`` as one driver; returns it with its format's name."""
+def open_spec(spec: Spec, read_only: bool = True,
+              with_backing: bool = True) -> tuple[Driver, str]:
+    """Open ``spec`` as one driver; returns it with its format's name.
+    Its ``backing`` option is left on the driver for :func:`.chain.open_chain`:
+    ``no_backing`` (null), ``backing_spec`` (options: a json: name),
+    ``backing_ref`` (a node's name, which never exists here). Without
+    ``with_backing`` (qemu-img info opens no backing file) only null is
+    taken, as qemu-img takes it."""
+    backing = spec.top.opts.get("backing", None)
+    if backing is not None and not with_backing:
+        key = "backing"
+        if isinstance(backing, dict) and backing:
+            key += "." + sorted(reversed(list(backing)), key=_qdict_bucket)[0]
+        raise ImageError(f"Block format '{spec.top.driver or 'raw'}' does not support the "
+                         f"option '{key}'")
     drv = _open(spec.top, read_only)
     drv.filename = spec.display
+    if "backing" in spec.top.opts:
+        if isinstance(backing, dict):
+            drv.backing_spec = "json:" + json.dumps(backing)    # type: ignore[attr-defined]
+        elif backing is not None:
+            drv.backing_ref = str(backing)      # type: ignore[attr-defined]
+        drv.no_backing = True           # type: ignore[attr-defined]   # not the header's
     drv.spec_name = spec.name          # type: ignore[attr-defined]   # to reopen it
     layer: Layer | None = spec.top
     while layer is not None:        # qemu-img map names the file holding the data

@@ -80,16 +80,24 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
                 node.take("open", Perm.CONSISTENT_READ, ALL)
             else:
                 prev.attach_backing(node)
-            bf = drv.backing_filename
-            if not bf:
+            ref = getattr(drv, "backing_ref", None)      # a json: name's "backing"
+            if ref is not None:
+                raise ImageError(f"Could not open backing file: Cannot find device='{ref}' "
+                                 f"nor node-name='{ref}'")
+            bspec = getattr(drv, "backing_spec", None)
+            bf = None if getattr(drv, "no_backing", False) else drv.backing_filename
+            if not bf and not bspec:
                 break
             if len(opened) > 256:
                 raise ImageError(f"backing chain of '{path}' is too long")
+            cur_fmt, ro, prev = None if bspec else drv.backing_format, True, node
+            if bspec or not bf:
+                cur_path = bspec
+                continue
             # relative to the overlay's file (under a json: name too)
             cur_path = resolve_backing(getattr(drv, "map_filename", drv.filename), bf)
             if not is_spec(cur_path):
                 _check_backing_file(cur_path, drv.filename)
-            cur_fmt, ro, prev = drv.backing_format, True, node
         return opened[0]
     except BaseException:
         for n in reversed(opened):

@@ -59,7 +59,10 @@ def probe_spec(name: str, fmt: str | None = None) -> str:
 def open_one(path: str, fmt: str | None, read_only: bool = True) -> Driver:
     """The image ``path`` alone (no backing chain), any name syntax."""
     if is_spec(path):
-        return open_spec(parse(path, fmt), read_only)[0]
+        try:
+            return open_spec(parse(path, fmt), read_only, with_backing=False)[0]
+        except ImageError as e:
+            raise ImageError(f"Could not open '{path}': {e}") from None
     return open_image(path, fmt, read_only)
 
 
@@ -89,3 +92,7 @@ def open_ro(path: str, fmt: str | None = None, force_share: bool = False,
                               key_secret=key_secret, header_only=header_only)
     except CryptoOpenError as e:        # qemu-img's prefix
         raise CryptoOpenError(f"{what} '{path}': {e}") from None
+    except ImageError as e:     # json:, file:...: qemu-img names the image first
+        if not is_spec(path) or str(e).startswith(f"{what} '{path}'"):
+            raise
+        raise ImageError(f"{what} '{path}': {e}") from None
