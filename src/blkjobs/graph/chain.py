@@ -84,7 +84,7 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
             if ref is not None:
                 raise ImageError(f"Could not open backing file: Cannot find device='{ref}' "
                                  f"nor node-name='{ref}'")
-            bspec = getattr(drv, "backing_spec", None)
+            bspec: str = getattr(drv, "backing_spec", "")
             bf = None if getattr(drv, "no_backing", False) else drv.backing_filename
             if not bf and not bspec:
                 break
