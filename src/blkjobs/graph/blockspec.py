@@ -25,7 +25,6 @@ with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from typing import Any
 
 from ..errors import ImageError
 from ..formats.base import Driver
-from .qemu_json import parse_json
 
 FORMAT_DRIVERS = ("qcow2", "raw")
 PROTOCOL_DRIVERS = ("file", "null-co", "nbd")
@@ -116,6 +114,7 @@ def parse(name: str, fmt: str | None = None) -> Spec:
         tree: dict[str, Any] = unflatten(parse_opts(name))
         display = None
     elif name.startswith("json:"):
+        from .qemu_json import parse_json
         tree = unflatten(parse_json(name[5:]))
         display = None
     elif name.startswith("blkdebug:"):
@@ -277,6 +276,7 @@ def _qdict_bucket(key: str) -> int:
 def qdict_json(value: Any) -> str:
     """``value`` as QEMU writes a QDict's JSON (keys in its bucket order;
     the later of two keys in one bucket first)."""
+    import json         # here: 2 ms of every command's start-up otherwise
     if isinstance(value, dict):
         keys = sorted(reversed(list(value)), key=_qdict_bucket)
         return "{" + ", ".join(f"{json.dumps(k)}: {qdict_json(value[k])}" for k in keys) + "}"
@@ -307,7 +307,7 @@ def open_spec(spec: Spec, read_only: bool = True,
     drv.filename = spec.display
     if "backing" in spec.top.opts:
         if isinstance(backing, dict):
-            drv.backing_spec = "json:" + json.dumps(backing)    # type: ignore[attr-defined]
+            drv.backing_spec = "json:" + qdict_json(backing)    # type: ignore[attr-defined]
         elif backing is not None:
             drv.backing_ref = str(backing)      # type: ignore[attr-defined]
         drv.no_backing = True           # type: ignore[attr-defined]   # not the header's
