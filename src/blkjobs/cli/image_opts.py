@@ -19,8 +19,9 @@ def add(p: Any, *operands: str, fmt: tuple[str, ...] = ("fmt",)) -> None:
     if operands:
         p.add_argument("--image-opts", action="store_true",
                        help="the image names are option strings (driver=qcow2,file.filename=F)")
-    p.add_argument("--object", action="append", default=[], metavar="OBJECTDEF",
-                   help="define an object, e.g. secret,id=sec0,data=PASSWORD (repeatable)")
+    if "--object" not in p._option_string_actions:    # a command that defines its own
+        p.add_argument("--object", action="append", default=[], metavar="OBJECTDEF",
+                       help="define an object, e.g. secret,id=sec0,data=PASSWORD (repeatable)")
     p.set_defaults(_image_operands=operands, _image_fmts=fmt)
 
 
