@@ -1,13 +1,11 @@
-"""The parser of qemu-img's image-name syntaxes (graph/blockspec.py) and the
---object registry (formats/secrets.py), as functions."""
+"""The parser of qemu-img's image-name syntaxes (graph/blockspec.py), as
+functions."""
 from __future__ import annotations
 
-import base64
 
 import pytest
 
-from blkjobs.errors import ImageError, UsageError
-from blkjobs.formats import secrets
+from blkjobs.errors import ImageError
 from blkjobs.graph import blockspec
 from blkjobs.graph.blockspec import (mark_image_opts, parse, parse_opts, qdict_json,
                                      read_blkdebug_config, unflatten)
@@ -77,27 +75,3 @@ def test_blkdebug_config(tmp_path):
         ("set-state", {"state": 1, "event": "write_aio", "new_state": 2})]
     with pytest.raises(ImageError, match=r"^Could not read blkdebug config file: No such file"):
         read_blkdebug_config(str(tmp_path / "missing"))
-
-
-def test_secrets(tmp_path):
-    """A secret by id: data, file, base64 (decoded when asked)."""
-    secrets.clear()
-    try:
-        (tmp_path / "key").write_bytes(b"from a file\n")
-        secrets.add_object("secret,id=a,data=letmein")
-        secrets.add_object(f"secret,id=b,file={tmp_path / 'key'}")
-        secrets.add_object("secret,id=c,format=base64,data=" + base64.b64encode(b"\0x,y").decode())
-        secrets.add_object("secret,id=d,data=a,,b")
-        secrets.add_object("secret,id=e,format=base64,data=@@")
-        assert secrets.secret("a") == b"letmein"
-        assert secrets.secret("b") == b"from a file\n"
-        assert secrets.secret("c") == b"\0x,y"
-        assert secrets.secret("d") == b"a,b"
-        with pytest.raises(UsageError, match=r"^Invalid base64 data$"):
-            secrets.secret("e")
-        with pytest.raises(UsageError, match=r"^No secret with id 'z'$"):
-            secrets.secret("z")
-        with pytest.raises(UsageError, match="duplicate property 'a'"):
-            secrets.add_object("secret,id=a,data=x")
-    finally:
-        secrets.clear()

@@ -199,9 +199,7 @@ def test_blkdebug_over_format_map(twins):
 
 
 @pytest.mark.parametrize("obj", [
-    "secret,id=s,data=x", "secret,id=s,data=x,format=base64", "qom-type=secret,id=s,data=x",
-    "secret,id=s,data=x,file=y", "secret,id=s", "secret,id=s,file=missing",
-    "foo,id=x", "secret,data=x", "id=s,data=x",
+    "secret,id=s,data=x", "qom-type=secret,id=s,data=x", "secret,id=s", "secret,data=x",
 ])
 def test_object_texts(twins, obj):
     _both(twins, "create", "-f", "qcow2", "DIR/a.qcow2", "1M")

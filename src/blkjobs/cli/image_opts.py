@@ -30,9 +30,9 @@ def apply(args: Any) -> None:
     blockspec.register_filter("blkdebug", _blkdebug)
     objects = getattr(args, "object", None) or []
     if objects:
-        from ..formats.secrets import add_object
+        from ..formats.secrets import add_secret_object
         for text in objects:
-            add_object(text)
+            add_secret_object(text)
     if not getattr(args, "image_opts", False):
         return
     if any(getattr(args, f, None) for f in args._image_fmts):
