@@ -56,7 +56,7 @@ from .jobs.blkdebug import Blkdebug, Breaks, Rule, Suspended
 # re-exported for the daemon, which does not import blkjobs.jobs (test_architecture)
 from .jobs.blkdebug_qemu import DEFAULT_IOTYPES as DEFAULT_IOTYPES
 from .jobs.blkdebug_qemu import InjectRule as InjectRule
-from .jobs.blkdebug_qemu import QemuBlkdebug
+from .jobs.blkdebug_qemu import QemuBlkdebug as QemuBlkdebug
 from .jobs.blkdebug_qemu import QemuRules as QemuRules
 from .jobs.blkdebug_qemu import SetStateRule as SetStateRule
 from .jobs.commit import make_commit

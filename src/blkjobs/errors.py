@@ -27,6 +27,7 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      ├── JobFailed                            cli.cmd_backup: a job command's job did not complete;
      │                                        exit 1 failed, 2 cancelled, 130/143 interrupted
      ├── ToolError                            diskbench.measure: an external tool failed
+     ├── ReadFailed                           imageops.compare: exit 4, a read failed (qemu-img's)
  ├── NBDRequestError                      nbd.proto: an NBD request failed (errno: the reply's)
      └── InternalError                        exit 70: a bug in blkjobs (printed as "internal error")
           └── IllegalTransition (also RuntimeError)   job.status: an edge outside the job matrix

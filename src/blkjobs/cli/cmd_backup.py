@@ -70,9 +70,16 @@ def cli_engine():
 def open_image_node(eng, path, fmt, **kw):
     """``eng.open`` with qemu-img's text for a lock conflict (``Could not open
     'PATH': Failed to get "write" lock ...``)."""
+    from ..errors import ImageError
+    from ..graph.blockspec import is_spec
     from ..graph.lock import opening
-    with opening(path):
-        return eng.open(path, fmt, **kw)
+    try:
+        with opening(path):
+            return eng.open(path, fmt, **kw)
+    except ImageError as e:     # json:, file:...: qemu-img names the image first
+        if not is_spec(path) or str(e).startswith(f"Could not open '{path}'"):
+            raise
+        raise ImageError(f"Could not open '{path}': {e}") from None
 
 
 def refuse_same_file(src: str, target: str) -> None:

@@ -17,6 +17,7 @@ import sys
 
 from ..errors import BlkjobsError
 from . import progname
+from . import image_opts
 
 
 
@@ -46,6 +47,7 @@ def register(sub):
     p.add_argument("-F", "--source-format", dest="source_fmt", metavar="SOURCE_FMT")
     p.add_argument("-f", dest="fmt", metavar="FMT")
     p.add_argument("args", nargs="*", metavar="FILENAME BITMAP")
+    image_opts.add(p, "args[0]")
     p.set_defaults(func=run, ops=[])
 
 
@@ -87,12 +89,11 @@ def run(args) -> int:
     filename, name = args.args
     disabled = "disable" in verbs
 
-    from ..formats import open_image
     from ..graph import Graph, Perm
-    from ..imageops.images import probe
+    from ..imageops.images import open_one, probe
     fmt = probe(filename, args.fmt)
     g = Graph()
-    node = g.add(open_image(filename, fmt, read_only=False), fmt=fmt)
+    node = g.add(open_one(filename, fmt, read_only=False), fmt=fmt)
     src_graph = None
     try:
         node.take("bitmap", Perm.WRITE | Perm.CONSISTENT_READ,
@@ -101,7 +102,7 @@ def run(args) -> int:
         if args.source_file:
             sfmt = probe(args.source_file, args.source_fmt)
             src_graph = Graph()
-            snode = src_graph.add(open_image(args.source_file, sfmt), fmt=sfmt)
+            snode = src_graph.add(open_one(args.source_file, sfmt), fmt=sfmt)
             snode.take("bitmap", Perm.CONSISTENT_READ,
                        Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
             src = snode.driver.persistent_bitmaps

@@ -10,6 +10,7 @@ import sys
 from ..errors import BlkjobsError
 from ..imageops.inspect import check_exit_code, check_image
 from . import progname
+from . import image_opts
 
 
 # qemu-img 7.2 prints ImageCheck keys in the order of its QDict's hash buckets
@@ -32,6 +33,7 @@ def register(sub):
                    help="force share: check an image another process is writing "
                    "(not with -r)")
     p.add_argument("image")
+    image_opts.add(p, "image")
     p.set_defaults(func=run)
 
 

@@ -10,9 +10,11 @@ import os
 
 from ..errors import UsageError
 from ..formats import create_image, open_image
-from .cmd_backup import (POLICIES, add_common, cli_engine, copied, find_base, open_image_node,
+from .cmd_backup import (POLICIES, add_common, cli_engine, copied, find_base, JobFailed,
+                         open_image_node,
                          run_job)
 from ..units import parse_size
+from . import image_opts, progname
 
 
 def make_empty(path: str, fmt: str) -> None:
@@ -73,6 +75,7 @@ def register(sub):
                    help="rate limit in bytes per second (qemu-img's name for --speed)")
     add_common(p)
     p.add_argument("image")
+    image_opts.add(p, "image")
     p.set_defaults(func=run)
 
 
@@ -84,7 +87,11 @@ def run(args) -> int:
             raise UsageError("Image does not have a backing file")   # qemu-img's text
         base = top.backing
         if args.base:
-            base = find_base(top, args.image, args.base)
+            try:
+                base = find_base(top, args.image, args.base)
+            except UsageError:      # qemu-img commit's words
+                raise UsageError(f"Did not find '{args.base}' in the backing chain of "
+                                 f"'{args.image}'") from None
         speed = parse_size(args.rate if args.rate is not None else args.speed, "speed")
         path, fmt = top.filename, top.format
         base_path = args.base or top.driver.backing_filename   # as the user knows it
@@ -95,9 +102,19 @@ def run(args) -> int:
                     else f"has been partly written ({copied(job, 'committed')})")
             return f"'{base_path}' {left}; '{args.image}' still reads the same and was not emptied"
 
-        run_job(eng, lambda: eng.commit(top, base_node=base.name, job_id=args.job_id,
-                                        speed=speed, on_error=args.on_error), args,
-                ready_action=lambda job: eng.jobs.complete_job(job), aftermath=aftermath)
+        jobs: list = []
+
+        def start():
+            jobs.append(eng.commit(top, base_node=base.name, job_id=args.job_id,
+                                   speed=speed, on_error=args.on_error))
+            return jobs[0]
+        try:
+            run_job(eng, start, args, ready_action=lambda job: eng.jobs.complete_job(job),
+                    aftermath=aftermath)
+        except JobFailed as e:
+            if progname() == "qemu-img" and e.exit_code == 1 and jobs:   # qemu-img's words
+                raise JobFailed(f"Block job failed: {jobs[0].error}") from None
+            raise
     finally:
         eng.close()
     if not args.keep and not args.base:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 
 from ..errors import BlkjobsError
-from ..imageops.compare import compare_images
+from ..imageops.compare import ReadFailed, compare_images
 from .copy_progress import Reporter, add_progress_options
 from . import progname
+from . import image_opts
 
 
 def register(sub):
@@ -24,6 +25,7 @@ def register(sub):
                    help="strict: images of different sizes differ")
     p.add_argument("a")
     p.add_argument("b")
+    image_opts.add(p, "a", "b", fmt=("fmt_a", "fmt_b"))
     p.set_defaults(func=run)
 
 
@@ -33,6 +35,11 @@ def run(args) -> int:
         r = compare_images(args.a, args.b, args.fmt_a, args.fmt_b, strict=args.strict,
                            force_share=args.force_share, progress=prog.update)
         prog.finish()
+    except ReadFailed as e:
+        sys.stderr.write(f"{progname()}: {e}\n")
+        if e.size_mismatch:
+            print("Warning: Image size mismatch!")
+        return e.exit_code
     except BlkjobsError as e:
         sys.stderr.write(f"{progname()}: {e}\n")
         return 2

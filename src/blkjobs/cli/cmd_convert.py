@@ -10,6 +10,7 @@ from ..imageops.convert_nbd import convert      # files, and NBD URIs
 from .cmd_create import parse_opts
 from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
+from . import image_opts
 
 
 def register(sub):
@@ -67,6 +68,7 @@ def register(sub):
     p.add_argument("srcs", nargs="+", metavar="src",
                    help="the source image; several: concatenated into DST")
     p.add_argument("dst")
+    image_opts.add(p, "src", fmt=("src_fmt",))
     p.set_defaults(func=run)
 
 

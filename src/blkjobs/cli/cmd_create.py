@@ -10,6 +10,7 @@ import sys
 
 from ..errors import BlkjobsError, UsageError
 from ..units import parse_opt_size, parse_size
+from . import image_opts
 
 #: qemu-img's luks create options (qcow2: with the prefix ``encrypt.``), in
 #: the order its Formatting line lists them
@@ -37,6 +38,7 @@ def register(sub):
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("image")
     p.add_argument("size", nargs="?")
+    image_opts.add(p)
     p.set_defaults(func=run)
 
 
@@ -118,7 +120,8 @@ def formatting_line(path: str, fmt: str, size: int, opts: dict) -> str:
     if opts.get("compat"):
         parts.append(f"compat={opts['compat']}")
     if opts.get("backing_file"):
-        parts.append(f"backing_file={opts['backing_file']}")
+        # qemu-img prints option strings as option syntax: a comma doubled
+        parts.append(f"backing_file={opts['backing_file'].replace(',', ',,')}")
         if opts.get("backing_format"):
             parts.append(f"backing_fmt={opts['backing_format']}")
     parts += [f"lazy_refcounts={'on' if opts.get('lazy_refcounts') else 'off'}",
@@ -185,6 +188,8 @@ def _backing(args, opts: dict, size: int | None) -> str | int | None:
     backing file's size (None with -u)."""
     from ..formats import FORMATS, open_image, probe_format
     from ..graph import resolve_backing
+    from ..graph.blockspec import is_spec
+    from ..imageops.images import open_one
     from . import progname
     image, name, fmt = args.image, opts["backing_file"], opts.get("backing_format")
     err = f"{progname()}: {image}: "
@@ -201,14 +206,22 @@ def _backing(args, opts: dict, size: int | None) -> str | int | None:
         try:
             if fmt is not None and fmt not in FORMATS:
                 raise UsageError(f"Unknown driver '{fmt}'")
-            try:
-                os.close(os.open(path, os.O_RDONLY))
-            except OSError as e:
-                raise UsageError(f"Could not open '{shown}': {e.strerror}") from None
-            detected = fmt or probe_format(path)
-            # its size only: an encrypted backing file needs no key here
-            with open_image(path, detected, header_only=True) as b:
-                bsize = -(-b.size // 512) * 512       # whole sectors, as qemu-img sees it
+            if is_spec(path):           # json:, file:, blkdebug: (graph/blockspec.py)
+                detected = fmt
+                b = open_one(path, fmt)
+                try:
+                    bsize = -(-b.size // 512) * 512
+                finally:
+                    b.close()
+            else:
+                try:
+                    os.close(os.open(path, os.O_RDONLY))
+                except OSError as e:
+                    raise UsageError(f"Could not open '{shown}': {e.strerror}") from None
+                detected = fmt or probe_format(path)
+                # its size only: an encrypted backing file needs no key here
+                with open_image(path, detected, header_only=True) as b:
+                    bsize = -(-b.size // 512) * 512       # whole sectors, as qemu-img sees it
         except BlkjobsError as e:
             text = str(e)
             for p in (f"'{path}': ", f"'{shown}': "):
@@ -262,19 +275,20 @@ def run(args) -> int:
     if args.fmt != "luks":
         (check_qcow2 if args.fmt == "qcow2" else check_raw)(args.image, dict(opts, size=size))
     size = -(-size // 512) * 512        # qemu-img makes images of whole sectors
+    path = args.image[5:] if args.image.startswith("file:") else args.image   # a name with a colon
     # an existing image is locked (write, nobody else writing) before it is
     # overwritten, as qemu-img does: one in use is refused, not truncated
     from ..graph.lock import ImageLock, LockConflict
     lock = None
-    if os.path.isfile(args.image):
+    if os.path.isfile(path):
         try:
-            lock = ImageLock(args.image, write=True)
+            lock = ImageLock(path, write=True)
         except LockConflict as e:
             raise LockConflict(f"{args.image}: {e.bare}", e.path) from None
         except OSError:
             pass                # create_image says what is wrong
     try:
-        create_image(args.image, args.fmt, size, **opts)
+        create_image(path, args.fmt, size, **opts)
     except OSError as e:
         raise UsageError(f"{args.image}: Could not create image: {e.strerror}") from None
     except BlkjobsError as e:

@@ -11,6 +11,7 @@ from ..errors import UsageError
 from ..units import parse_size
 from .parity import check_fmt, open_chain_ro, open_rw
 from . import progname
+from . import image_opts
 
 
 def register(sub):
@@ -20,6 +21,7 @@ def register(sub):
                    help="output format (raw, default, or qcow2)")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("operands", nargs="*", metavar="if=|of=|bs=|count=|skip=")
+    image_opts.add(p, "operands:if=")
     p.set_defaults(func=run)
 
 

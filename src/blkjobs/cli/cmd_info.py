@@ -8,6 +8,7 @@ import sys
 
 from ..imageops.inspect import info
 from ..units import human
+from . import image_opts
 
 
 def register(sub):
@@ -20,6 +21,7 @@ def register(sub):
                    help="force share: read an image another process is writing (no lock "
                    "conflict; what is read may be inconsistent)")
     p.add_argument("image")
+    image_opts.add(p, "image")
     p.set_defaults(func=run)
 
 

@@ -10,6 +10,7 @@ import sys
 from ..errors import ImageError
 from ..imageops.inspect import map_image
 from ..units import parse_size
+from . import image_opts
 
 _KEYS = ("start", "length", "depth", "present", "zero", "data", "offset")
 
@@ -23,6 +24,7 @@ def register(sub):
     p.add_argument("-U", "--force-share", action="store_true",
                    help="force share: read an image another process is writing")
     p.add_argument("image")
+    image_opts.add(p, "image")
     p.set_defaults(func=run)
 
 

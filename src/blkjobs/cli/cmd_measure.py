@@ -10,6 +10,7 @@ import sys
 from ..errors import UsageError
 from ..units import parse_size
 from .parity import open_chain_ro
+from . import image_opts
 
 
 def register(sub):
@@ -25,6 +26,7 @@ def register(sub):
     p.add_argument("--size", metavar="N")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("images", nargs="*", metavar="IMG")
+    image_opts.add(p, "images")
     p.set_defaults(func=run)
 
 

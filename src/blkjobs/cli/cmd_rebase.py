@@ -6,6 +6,7 @@ rewrites the header. -b "" makes IMG standalone."""
 from __future__ import annotations
 
 from ..imageops.rebase import rebase
+from . import image_opts
 from .copy_progress import Reporter, add_progress_options
 
 
@@ -22,6 +23,7 @@ def register(sub):
     p.add_argument("-U", "--force-share", action="store_true",
                    help="force share: read a new backing file another process is writing")
     p.add_argument("image")
+    image_opts.add(p, "image")
     p.set_defaults(func=run)
 
 

@@ -10,6 +10,7 @@ import argparse
 from ..errors import UsageError
 from ..units import parse_opt_size
 from .parity import RAW_PROBED, open_rw
+from . import image_opts
 
 def register(sub):
     p = sub.add_parser("resize", help="grow or shrink an image",
@@ -23,6 +24,7 @@ def register(sub):
     p.add_argument("-q", dest="quiet", action="store_true")
     # options may follow IMG (getopt permutes them for qemu-img): taken from here too
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="IMG SIZE")
+    image_opts.add(p, "args[0]")
     p.set_defaults(func=run)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UsageError
-from . import progname
+from . import image_opts, progname
 from .parity import RAW_PROBED, open_chain_ro, open_rw
 
 
@@ -25,6 +25,7 @@ def register(sub):
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("images", nargs="*", metavar="IMG")
+    image_opts.add(p, "images")
     p.set_defaults(func=run)
 
 

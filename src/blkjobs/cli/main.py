@@ -244,6 +244,9 @@ def _main(argv: list[str]) -> int:
         return 1
     _setup_logging(args.verbose, args.log_level)
     try:
+        if hasattr(args, "_image_operands"):      # --image-opts, --object
+            from .image_opts import apply
+            apply(args)
         rc = args.func(args)
         sys.stdout.flush()     # a closed pipe is noticed here, not at exit
         return int(rc or 0)

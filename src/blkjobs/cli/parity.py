@@ -18,6 +18,7 @@ _LOCK = re.compile(r'^Failed to get (shared )?"([a-z ]+)" lock on \'(.*)\': '
 def could_not_open(path: str, e: BlkjobsError) -> UsageError:
     """qemu-img's ``Could not open 'PATH': REASON`` (the file layer's own
     "Could not open" text stays inside, as qemu-img prints it)."""
+    from ..graph.blockspec import is_spec
     text = str(e)
     m = _LOCK.match(text)
     if m:       # QEMU's wording of a lock conflict
@@ -27,7 +28,8 @@ def could_not_open(path: str, e: BlkjobsError) -> UsageError:
                         f"Could not open '{path}': Unsupported qcow2 feature(s): ",
                         f"Could not open '{path}': Image is too big",
                         f"Could not open '{path}': L1 table is too small",
-                        f"Could not open '{path}': Could not open '{path}': ")):
+                        f"Could not open '{path}': Could not open '{path}': ")) \
+            or (text.startswith(f"Could not open '{path}': ") and is_spec(path)):
         return UsageError(text)      # already qemu-img's text (lock conflict, failed open)
     if isinstance(e, OSErrorWithContext) or text.startswith(f"Could not open '{path}'"):
         return UsageError(f"Could not open '{path}': {text}")
@@ -52,13 +54,17 @@ def open_rw(path: str, fmt: str | None, owner: str, resize: bool = False):
     from ..formats import open_image, probe_format
     from ..graph import Graph
     from ..graph.perm import ALL, Perm
+    from ..graph.blockspec import is_spec, open_spec, parse
     from ..imageops.files import open_source
     import os
     check_fmt(fmt)
     try:
-        os.close(open_source(path))
-        fmt = fmt or probe_format(path)
-        drv = open_image(path, fmt, read_only=False)
+        if is_spec(path):       # json:, file:, --image-opts
+            drv, fmt = open_spec(parse(path, fmt), read_only=False)
+        else:
+            os.close(open_source(path))
+            fmt = fmt or probe_format(path)
+            drv = open_image(path, fmt, read_only=False)
     except BlkjobsError as e:
         raise could_not_open(path, e) from None
     except OSError as e:

@@ -7,13 +7,14 @@ import os
 from ..errors import ImageError
 from ..formats import open_image, probe_format
 from ..formats.nbd import is_nbd_uri
+from .blockspec import is_spec, open_spec, parse
 from .node import Graph, Node
 from .perm import ALL, Perm
 
 
 def resolve_backing(overlay_path: str, backing: str) -> str:
     """A relative backing name is relative to the overlay's directory."""
-    if os.path.isabs(backing):
+    if os.path.isabs(backing) or is_spec(backing):
         return backing
     return os.path.join(os.path.dirname(overlay_path), backing)
 
@@ -59,30 +60,44 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
         cur_path, cur_fmt, ro = path, fmt, read_only
         prev: Node | None = None
         while True:
-            real = cur_path if is_nbd_uri(cur_path) else os.path.realpath(cur_path)
+            real = cur_path if is_nbd_uri(cur_path) or is_spec(cur_path) \
+                else os.path.realpath(cur_path)
             if real in seen:
                 # qemu-img's words (info --backing-chain)
                 raise ImageError(f"Backing file '{cur_path}' creates an infinite loop.")
             seen[real] = cur_path
-            if cur_fmt is None:
-                cur_fmt = probe_format(cur_path)
-            drv = open_image(cur_path, cur_fmt, read_only=ro,
-                             key_secret=key_secret if prev is None else None,
-                             header_only=header_only)
+            if is_spec(cur_path):      # json:{...}, file:NAME, blkdebug:...
+                drv, cur_fmt = open_spec(parse(cur_path, cur_fmt), read_only=ro)
+            else:
+                if cur_fmt is None:
+                    cur_fmt = probe_format(cur_path)
+                drv = open_image(cur_path, cur_fmt, read_only=ro,
+                                 key_secret=key_secret if prev is None else None,
+                                 header_only=header_only)
             node = graph.add(drv, name if prev is None else None, cur_fmt)
             opened.append(node)
             if prev is None:
                 node.take("open", Perm.CONSISTENT_READ, ALL)
             else:
                 prev.attach_backing(node)
-            bf = drv.backing_filename
-            if not bf:
+            ref = getattr(drv, "backing_ref", None)      # a json: name's "backing"
+            if ref is not None:
+                raise ImageError(f"Could not open backing file: Cannot find device='{ref}' "
+                                 f"nor node-name='{ref}'")
+            bspec: str = getattr(drv, "backing_spec", "")
+            bf = None if getattr(drv, "no_backing", False) else drv.backing_filename
+            if not bf and not bspec:
                 break
             if len(opened) > 256:
                 raise ImageError(f"backing chain of '{path}' is too long")
-            cur_path = resolve_backing(drv.filename, bf)
-            _check_backing_file(cur_path, drv.filename)
-            cur_fmt, ro, prev = drv.backing_format, True, node
+            cur_fmt, ro, prev = None if bspec else drv.backing_format, True, node
+            if bspec or not bf:
+                cur_path = bspec
+                continue
+            # relative to the overlay's file (under a json: name too)
+            cur_path = resolve_backing(getattr(drv, "map_filename", drv.filename), bf)
+            if not is_spec(cur_path):
+                _check_backing_file(cur_path, drv.filename)
         return opened[0]
     except BaseException:
         for n in reversed(opened):

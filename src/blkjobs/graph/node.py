@@ -482,8 +482,9 @@ class Node:
                 _emit(out, m.start, m.length, depth, True, False, True, True, None)
             elif m.kind == Kind.ZERO:
                 _emit(out, m.start, m.length, depth, True, True, False, False, m.host_offset)
-            else:
-                _emit(out, m.start, m.length, depth, False, True, False, False, m.host_offset)
+            else:       # not allocated, nothing below: zeroes (null-co: unknown, says QEMU)
+                _emit(out, m.start, m.length, depth, False,
+                      getattr(self.driver, "read_zeroes", True), False, False, m.host_offset)
 
     # -- lifecycle ---------------------------------------------------------
     def reopen(self, read_only: bool) -> None:
@@ -496,7 +497,14 @@ class Node:
             if perm & (Perm.WRITE | Perm.RESIZE):
                 raise PermissionConflict(f"node '{self.name}' is still used for writing")
         self.driver.flush()
-        new = open_image(self.filename, self.format, read_only=read_only)
+        spec = getattr(self.driver, "spec_name", None)
+        if spec is not None:       # a json:/--image-opts name: opened the same way again
+            from .blockspec import open_spec, parse
+            new = open_spec(parse(spec, self.format), read_only)[0]
+            if getattr(new, "injects_faults", False):
+                new = new.inner     # type: ignore[attr-defined]   # the wrapper stays, below
+        else:
+            new = open_image(self.filename, self.format, read_only=read_only)
         # a fault-injection wrapper (blkdebug: rules, break points) stays, now
         # around the new driver
         wrapper = self.driver if getattr(self.driver, "injects_faults", False) else None

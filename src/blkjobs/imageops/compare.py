@@ -9,11 +9,24 @@ import os
 from dataclasses import dataclass
 from collections.abc import Callable
 
+from ..errors import BlkjobsError
 from ..native.extents import extents, is_zero
 from .files import fd_size, open_source
 
 CHUNK = 4 << 20
 WORK = 256 << 20
+
+
+class ReadFailed(BlkjobsError):
+    """A read of one image failed: qemu-img compare's ``Error while reading
+    offset N of NAME: WHY``, exit status 4 (``size_mismatch``: the images'
+    sizes differ, which qemu-img says too)."""
+    exit_code = 4
+
+    def __init__(self, offset: int, name: str, e: OSError, size_mismatch: bool = False):
+        super().__init__(f"Error while reading offset {offset} of {name}: "
+                         f"{e.strerror or os.strerror(e.errno or 5)}")
+        self.size_mismatch = size_mismatch
 
 
 @dataclass
@@ -123,10 +136,12 @@ def _read_cmp(na, nb, a, b, za, zb, bufs):
         n = min(CHUNK, b - off)
         x = zero[:n] if za else va[:n]
         y = zero[:n] if zb else vb[:n]
-        if not za:
-            na.readinto(off, x)
-        if not zb:
-            nb.readinto(off, y)
+        for node, z, buf in ((na, za, x), (nb, zb, y)):
+            if not z:
+                try:
+                    node.readinto(off, buf)
+                except OSError as e:
+                    raise ReadFailed(off, node.filename, e, na is nb) from None
         if x != y:
             return off + _first_diff(x, y)
         off += n
@@ -145,9 +160,10 @@ def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
     meanwhile, unless ``force_share``; two raw files are read sharing
     everything, as qemu-img reads them). ``progress(done, total)``: bytes of
     the common size compared so far."""
+    from ..graph.blockspec import is_spec
     from .images import open_ro, probe
     fa, fb = probe(path_a, fmt_a), probe(path_b, fmt_b)
-    if fa == "raw" and fb == "raw" and not strict:
+    if fa == "raw" and fb == "raw" and not strict and not (is_spec(path_a) or is_spec(path_b)):
         return compare_raw(path_a, path_b, strict, progress)
     na = open_ro(path_a, fa, force_share)
     try:

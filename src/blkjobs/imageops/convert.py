@@ -61,6 +61,7 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
             check: Callable[[], None] | None = None) -> ConvertResult:
     """Convert ``src`` (any supported format, with its backing chain) into
     ``dst``. raw -> raw without -B/-c takes :func:`convert_raw`."""
+    from ..graph.blockspec import is_spec
     from .images import check_format, probe
     o = opts or ConvertOptions()
     check_format(o.dst_fmt, "target")
@@ -76,6 +77,7 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
     if same_file(src, dst):
         raise UsageError(f"source and target are the same file: '{src}'")
     fmt = probe(src, o.src_fmt)
-    if fmt == "raw" and o.dst_fmt == "raw" and not o.create_opts and o.snapshot is None:
+    if fmt == "raw" and o.dst_fmt == "raw" and not o.create_opts and o.snapshot is None \
+            and not is_spec(src):
         return convert_raw(src, dst, o, progress, check)
     return ChainConvert(src, fmt, dst, o, progress, check).run()

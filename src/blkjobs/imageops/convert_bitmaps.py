@@ -13,15 +13,14 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from ..formats import open_image
 from ..graph import Graph, Perm
-from .images import probe
+from .images import open_one, probe
 
 
 def _open(path: str, fmt: str | None, read_only: bool, force_share: bool = False) -> Any:
     fmt = probe(path, fmt)
     g = Graph()
-    node = g.add(open_image(path, fmt, read_only=read_only), fmt=fmt)
+    node = g.add(open_one(path, fmt, read_only=read_only), fmt=fmt)
     try:
         if read_only:
             shared = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED

@@ -10,10 +10,11 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import OSErrorWithContext, UsageError
-from ..formats import FORMATS, probe_format
+from ..errors import ImageError, OSErrorWithContext, UsageError
+from ..formats import FORMATS, Driver, open_image, probe_format
 from ..formats.nbd import is_nbd_uri
 from ..graph import Graph, Node, open_chain
+from ..graph.blockspec import is_spec, open_spec, parse
 from ..graph.lock import opening
 from .files import open_source
 
@@ -25,6 +26,8 @@ def check_format(fmt: str | None, what: str = "image") -> None:
 
 def probe(path: str, fmt: str | None = None) -> str:
     """Validate ``path`` as a readable image file and return its format."""
+    if is_spec(path):      # fmt: given, or what this found before
+        return probe_spec(path, fmt if fmt in FORMATS else None)
     check_format(fmt, "source" if fmt else "image")
     if is_nbd_uri(path):
         if fmt not in (None, "raw"):
@@ -39,6 +42,28 @@ def probe(path: str, fmt: str | None = None) -> str:
         raise OSErrorWithContext(e.errno, f"Could not open '{path}': Could not open",
                                  path=path) from None
     return fmt or probe_format(path)
+
+
+def probe_spec(name: str, fmt: str | None = None) -> str:
+    """The format of the image ``name`` in one of qemu-img's other name
+    syntaxes (:mod:`blkjobs.graph.blockspec`), opened once to find it;
+    qemu-img's ``Could not open 'NAME': WHY`` when it does not open."""
+    try:
+        drv, found = open_spec(parse(name, fmt))
+    except ImageError as e:
+        raise ImageError(f"Could not open '{name}': {e}") from None
+    drv.close()
+    return found
+
+
+def open_one(path: str, fmt: str | None, read_only: bool = True) -> Driver:
+    """The image ``path`` alone (no backing chain), any name syntax."""
+    if is_spec(path):
+        try:
+            return open_spec(parse(path, fmt), read_only, with_backing=False)[0]
+        except ImageError as e:
+            raise ImageError(f"Could not open '{path}': {e}") from None
+    return open_image(path, fmt, read_only)
 
 
 def cli_graph(force_share: bool = False, stable: bool = False) -> Graph:
@@ -67,3 +92,7 @@ def open_ro(path: str, fmt: str | None = None, force_share: bool = False,
                               key_secret=key_secret, header_only=header_only)
     except CryptoOpenError as e:        # qemu-img's prefix
         raise CryptoOpenError(f"{what} '{path}': {e}") from None
+    except ImageError as e:     # json:, file:...: qemu-img names the image first
+        if not is_spec(path) or str(e).startswith(f"{what} '{path}'"):
+            raise
+        raise ImageError(f"{what} '{path}': {e}") from None

@@ -17,7 +17,8 @@ from ..errors import CheckNotSupported, UsageError
 from ..graph.lock import LockConflict, opening
 from ..formats.nbd import is_nbd_uri
 from .files import fd_size, open_source
-from .images import cli_graph, open_ro, probe
+from ..graph.blockspec import is_spec
+from .images import cli_graph, open_one, open_ro, probe
 
 
 def info_raw(path: str) -> dict:
@@ -41,7 +42,10 @@ def info_nbd(path: str) -> dict:
 def _node_info(node) -> dict:
     drv = node.driver
     if not drv.host_file:
-        return {"virtual-size": drv.size, "filename": node.filename, "format": node.format}
+        bare = {"virtual-size": drv.size, "filename": node.filename, "format": node.format}
+        if drv.protocol == "null-co":
+            bare["actual-size"] = 0        # qemu-img's "disk size: 0 B"
+        return bare
     st = os.fstat(drv.fd)
     d: dict = {}
     if drv.backing_filename and drv.backing_format:
@@ -54,13 +58,15 @@ def _node_info(node) -> dict:
     if drv.cluster_size:
         d["cluster-size"] = drv.cluster_size
     d["format"] = node.format
-    d["actual-size"] = st.st_blocks * 512
+    if not getattr(drv, "disk_size_unknown", False):
+        d["actual-size"] = st.st_blocks * 512
     fs = drv.info()
     if fs:
         d["format-specific"] = fs
     if drv.backing_filename:
         from ..graph import resolve_backing
-        d["full-backing-filename"] = resolve_backing(node.filename, drv.backing_filename)
+        d["full-backing-filename"] = resolve_backing(getattr(drv, "map_filename", node.filename),
+                                                     drv.backing_filename)
         d["backing-filename"] = drv.backing_filename
     if drv.encrypted:
         d["encrypted"] = True
@@ -79,12 +85,13 @@ def info(path: str, fmt: str | None = None, backing_chain: bool = False,
         fmt = probe(path, fmt)
         if is_nbd_uri(path):
             return [info_nbd(path)]
-        if fmt == "raw":
+        if fmt == "raw" and not is_spec(path):
             return [info_raw(path)]
-        from ..formats import open_image
         from ..graph import Perm
+        from ..formats import open_image
         # header only: info needs no key of an encrypted image, as qemu-img
-        node = cli_graph(force_share).add(open_image(path, fmt, header_only=True), fmt=fmt)
+        drv = open_one(path, fmt) if is_spec(path) else open_image(path, fmt, header_only=True)
+        node = cli_graph(force_share).add(drv, fmt=fmt)
         try:
             with opening(path):
                 node.take("open", Perm.CONSISTENT_READ)
@@ -113,7 +120,7 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
         end = size if length is None else min(size, start + length)
         if start < 0 or start > size:
             raise UsageError(f"invalid start offset {start}")
-        names = [n.filename for n in top.chain()]
+        names = [getattr(n.driver, "map_filename", n.filename) for n in top.chain()]
         last = None
         pos = start
         while pos < end:

@@ -29,7 +29,8 @@ from ..errors import BlkjobsError, UsageError
 from ..formats.base import Kind
 from ..graph import Perm, open_chain, resolve_backing
 from ..graph.lock import ImageLock, LockConflict, opening
-from .images import check_format, cli_graph, open_ro, probe
+from ..graph.blockspec import file_name
+from .images import check_format, cli_graph, open_one, open_ro, probe
 
 WORK = 256 << 20
 CHUNK = 4 << 20
@@ -52,11 +53,14 @@ def rebase(path: str, backing: str | None, backing_fmt: str | None = None,
     check_format(backing_fmt, "backing file")
     if unsafe:
         # the image alone, read-write (qemu-img opens no backing file here)
-        from ..formats import open_image
         with opening(path):
-            lock = ImageLock(path, write=True)
-        with lock, open_image(path, "qcow2", read_only=False) as img:
-            img.set_backing(backing, backing_fmt)
+            lock = ImageLock(file_name(path), write=True)
+        with lock:
+            img = open_one(path, "qcow2", read_only=False)
+            try:
+                img.set_backing(backing, backing_fmt)
+            finally:
+                img.close()
         return
     with opening(path):
         top = open_chain(path, fmt, read_only=False, graph=cli_graph(stable=True))

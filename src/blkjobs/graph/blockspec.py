@@ -1,0 +1,489 @@
+"""qemu-img's image-name syntaxes, parsed into a tree of block layers and
+opened as one driver.
+
+Wherever qemu-img takes an image name it also takes:
+
+* ``json:{...}``: QEMU's block options as JSON (single-quoted strings too),
+  nested (``"file": {"filename": ...}``) or dotted (``"file.filename"``);
+* ``file:PATH``: a plain file whose name may hold a colon;
+* ``blkdebug:CONFIG:IMAGE``: IMAGE under blkdebug's fault injection, its
+  rules read from the config file (``[inject-error]``/``[set-state]``
+  sections of ``key = "value"`` lines);
+* with ``--image-opts``, an option string ``driver=qcow2,file.filename=F``
+  (``,,`` is a comma inside a value): :func:`mark_image_opts` tells this
+  module which names are such strings.
+
+A tree is made of layers (:class:`Layer`): a format (``qcow2``, ``raw``, or
+none given: probed) over a protocol (``file``, ``null-co``, ``nbd``), with
+``blkdebug`` as a filter anywhere between. :func:`open_spec` opens it as one
+driver: the format driver over the protocol's file, ``null-co`` as
+:class:`~blkjobs.formats.null.Null`, ``raw``'s ``offset``/``size`` as
+:class:`~blkjobs.formats.slice.Slice`, and blkdebug as the filter that the
+layer owning it registered (:func:`register_filter`; the graph layer has no
+fault injection of its own). Bad names raise :class:`~blkjobs.errors.ImageError`
+with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ImageError
+from ..formats.base import Driver
+
+FORMAT_DRIVERS = ("qcow2", "raw")
+PROTOCOL_DRIVERS = ("file", "null-co", "nbd")
+FILTER_DRIVERS = ("blkdebug",)
+#: options every node takes (QEMU's generic block options), ignored here
+_GENERIC = {"driver", "node-name", "read-only", "auto-read-only", "force-share", "discard",
+            "detect-zeroes", "cache", "cache.direct", "cache.no-flush", "locking", "aio",
+            "aio-max-batch", "x-check-cache-dropped", "drop-cache", "pr-manager"}
+_OPTIONS = {
+    "qcow2": {"file", "backing", "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+              "pass-discard-other", "overlap-check", "l2-cache-size", "l2-cache-entry-size",
+              "refcount-cache-size", "cache-size", "cache-clean-interval", "data-file", "encrypt"},
+    "raw": {"file", "offset", "size"},
+    "file": {"filename"},
+    "null-co": {"size", "read-zeroes", "latency-ns"},
+    "nbd": {"server", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap",
+            "reconnect-delay", "open-timeout"},
+    "blkdebug": {"image", "config", "inject-error", "set-state", "align", "max-transfer",
+                 "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"},
+}
+
+_image_opts: set[str] = set()
+#: filter driver name -> wrap(driver, the layer's options) -> driver
+_FILTERS: dict[str, Callable[[Driver, dict[str, Any]], Driver]] = {}
+
+
+def mark_image_opts(name: str) -> None:
+    """``name`` is an ``--image-opts`` option string, not a file name."""
+    _image_opts.add(name)
+
+
+def register_filter(driver: str, wrap: Callable[[Driver, dict[str, Any]], Driver]) -> None:
+    """How a filter layer (``blkdebug``) is put over the driver under it."""
+    _FILTERS[driver] = wrap
+
+
+def is_spec(name: str) -> bool:
+    """``name`` is one of the syntaxes above, not a plain file name."""
+    return name in _image_opts or name.startswith(("json:", "file:", "blkdebug:"))
+
+
+def file_name(name: str) -> str:
+    """The file under the image ``name`` (``name`` itself unless it is a
+    spec naming a file; a spec without one: ``name``)."""
+    if not is_spec(name):
+        return name
+    layer: Layer | None = parse(name).top
+    while layer is not None:
+        if layer.driver == "file":
+            return str(layer.opts["filename"])
+        layer = layer.child
+    return name
+
+
+@dataclass
+class Layer:
+    """One block node of a spec: its driver (None: a format to probe), its
+    own options, and its children (``file``, ``image``)."""
+    driver: str | None
+    opts: dict[str, Any] = field(default_factory=dict)
+    child: Layer | None = None
+
+
+@dataclass
+class Spec:
+    name: str          # as given (error messages)
+    top: Layer
+    display: str       # what qemu-img shows as the image's file name
+
+
+# -- the syntaxes -------------------------------------------------------------------
+
+
+def parse(name: str, fmt: str | None = None) -> Spec:
+    """The spec of ``name`` (any syntax; a plain name is a file)."""
+    if name in _image_opts:
+        first = name.replace(",,", "\0").split(",", 1)[0].replace("\0", ",")
+        if first and "=" not in first:
+            raise ImageError(f"Cannot find device='{first}' nor node-name='{first}'")
+        tree: dict[str, Any] = unflatten(parse_opts(name))
+        display = None
+    elif name.startswith("json:"):
+        from .qemu_json import parse_json
+        tree = unflatten(parse_json(name[5:]))
+        display = None
+    elif name.startswith("blkdebug:"):
+        tree = {"file": _blkdebug_name(name[9:])}
+        display = name
+    else:
+        path = name[5:] if name.startswith("file:") else name
+        tree = {"file": {"driver": "file", "filename": path}}
+        display = _plain(path)
+    if fmt is not None and "driver" not in tree:
+        tree["driver"] = fmt
+    top = _layer(tree)
+    return Spec(name, top, display or _display(top, tree))
+
+
+def _blkdebug_name(rest: str) -> dict[str, Any]:
+    config, sep, image = rest.partition(":")
+    if not sep:
+        raise ImageError("Could not parse the blkdebug filename")
+    out: dict[str, Any] = {"driver": "blkdebug", "image": {"driver": "file", "filename": image}}
+    if config:
+        out["config"] = config
+    return out
+
+
+def parse_opts(text: str) -> dict[str, str]:
+    """QEMU's option string: ``key=value`` items split at commas, ``,,`` a
+    comma inside a value; a bare ``key`` is ``key=on``."""
+    out: dict[str, str] = {}
+    for item in re.split(r"(?<!,),(?!,)", text.replace(",,", "\0")):
+        item = item.replace("\0", ",")
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        out[key] = value if sep else "on"
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys (``file.filename``) into nested dicts, nested dicts with
+    dotted keys merged too; a dict keyed ``0``, ``1``... becomes a list."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if isinstance(value, dict):
+            value = unflatten(value)
+        elif isinstance(value, list):
+            value = [unflatten(v) if isinstance(v, dict) else v for v in value]
+        parts = key.split(".")
+        d = out
+        for p in parts[:-1]:
+            sub = d.setdefault(p, {})
+            if not isinstance(sub, dict):
+                raise ImageError(f"Cannot add option '{key}': '{p}' has a value already")
+            d = sub
+        if isinstance(value, dict) and isinstance(d.get(parts[-1]), dict):
+            d[parts[-1]].update(value)
+        else:
+            d[parts[-1]] = value
+    return _lists(out)
+
+
+def _lists(d: dict[str, Any]) -> Any:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            d[k] = _lists(v)
+    if d and all(k.isdigit() for k in d):
+        return [d[k] for k in sorted(d, key=int)]
+    return d
+
+
+# -- the layers ----------------------------------------------------------------------
+
+
+def _layer(tree: dict[str, Any], probe: bool = True) -> Layer:
+    """The layer of ``tree`` (its children recursively), checked."""
+    driver = tree.get("driver")
+    if driver is not None and not isinstance(driver, str):
+        raise ImageError("Must specify either driver or file")
+    if driver is None and not probe:
+        driver = "file"
+    if driver is not None and driver not in (*FORMAT_DRIVERS, *PROTOCOL_DRIVERS, *FILTER_DRIVERS):
+        raise ImageError(f"Unknown driver '{driver}'")
+    if driver is None and "filename" in tree and "file" not in tree:
+        tree = {**{k: v for k, v in tree.items() if k != "filename"},
+                "file": {"filename": tree["filename"]}}
+    allowed = _OPTIONS[driver or "qcow2"] | (_OPTIONS["raw"] if driver is None else set())
+    for key in tree:
+        if key not in allowed and key not in _GENERIC and not key.startswith("cache"):
+            kind = "protocol" if driver in PROTOCOL_DRIVERS else "format"
+            raise ImageError(f"Block {kind} '{driver or 'raw'}' does not support the option "
+                             f"'{key}'")
+    opts = {k: v for k, v in tree.items() if k not in ("file", "image")}
+    if driver in PROTOCOL_DRIVERS:
+        if driver == "file" and not isinstance(tree.get("filename"), str):
+            raise ImageError("The 'file' block driver requires a file name")
+        if driver == "nbd" and "server" not in tree:
+            raise ImageError("NBD server address missing")
+        return Layer(driver, opts)
+    role = "image" if driver == "blkdebug" else "file"
+    child = tree.get(role)
+    if child is None:
+        raise ImageError(f'A block device must be specified for "{role}"')
+    if not isinstance(child, dict):
+        raise ImageError(f"Cannot find device='{child}' nor node-name='{child}'")
+    return Layer(driver, opts, _layer(child, probe=False))
+
+
+def _display(top: Layer, tree: dict[str, Any]) -> str:
+    """qemu-img's name of the image: the file's name when the options say
+    no more than a driver over a file, ``null-co://`` for a bare null-co,
+    else ``json:`` with the options that matter (QEMU's key order)."""
+    layer: Layer | None = top
+    while layer is not None:
+        extra = {k for k in layer.opts if k not in _GENERIC and k != "filename"}
+        if layer.opts.get("backing", 0) is None:
+            extra.discard("backing")
+        if layer.driver == "null-co" and not extra:
+            return "null-co://"
+        if extra or layer.driver not in (*FORMAT_DRIVERS, "file", None):
+            break
+        if layer.driver == "file":
+            return _plain(str(layer.opts["filename"]))
+        layer = layer.child
+    return "json:" + qdict_json(_options(top))
+
+
+def _plain(path: str) -> str:
+    """A file's name as QEMU shows it: ``./`` before a relative name whose
+    first component has a colon (else it would read as a protocol prefix)."""
+    return "./" + path if ":" in path.split("/", 1)[0] else path
+
+
+def _options(layer: Layer) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in layer.opts.items():
+        if k in _GENERIC or k.startswith("cache") or k == "backing":
+            continue
+        if isinstance(v, list):         # QEMU keeps a list's items flattened
+            for i, item in enumerate(v):
+                for sub, x in (item.items() if isinstance(item, dict) else [("", item)]):
+                    out[f"{k}.{i}.{sub}" if sub else f"{k}.{i}"] = x
+        else:
+            out[k] = v
+    out["driver"] = layer.driver or "raw"
+    if layer.child is not None:
+        out["image" if layer.driver in FILTER_DRIVERS else "file"] = _options(layer.child)
+    return out
+
+
+def _qdict_bucket(key: str) -> int:
+    """QEMU's QDict bucket of ``key`` (tdb_hash modulo 512): a QDict lists
+    its keys by bucket, so its JSON does too."""
+    v = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, c in enumerate(key.encode()):
+        v = (v + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * v + 12345) & 0xFFFFFFFF) % 512
+
+
+def qdict_json(value: Any) -> str:
+    """``value`` as QEMU writes a QDict's JSON (keys in its bucket order;
+    the later of two keys in one bucket first)."""
+    import json         # here: 2 ms of every command's start-up otherwise
+    if isinstance(value, dict):
+        keys = sorted(reversed(list(value)), key=_qdict_bucket)
+        return "{" + ", ".join(f"{json.dumps(k)}: {qdict_json(value[k])}" for k in keys) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(qdict_json(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+# -- opening -------------------------------------------------------------------------
+
+
+def open_spec(spec: Spec, read_only: bool = True,
+              with_backing: bool = True) -> tuple[Driver, str]:
+    """Open ``spec`` as one driver; returns it with its format's name.
+    Its ``backing`` option is left on the driver for :func:`.chain.open_chain`:
+    ``no_backing`` (null), ``backing_spec`` (options: a json: name),
+    ``backing_ref`` (a node's name, which never exists here). Without
+    ``with_backing`` (qemu-img info opens no backing file) only null is
+    taken, as qemu-img takes it."""
+    backing = spec.top.opts.get("backing", None)
+    if backing is not None and not with_backing:
+        key = "backing"
+        if isinstance(backing, dict) and backing:
+            key += "." + sorted(reversed(list(backing)), key=_qdict_bucket)[0]
+        raise ImageError(f"Block format '{spec.top.driver or 'raw'}' does not support the "
+                         f"option '{key}'")
+    drv = _open(spec.top, read_only)
+    drv.filename = spec.display
+    if "backing" in spec.top.opts:
+        if isinstance(backing, dict):
+            drv.backing_spec = "json:" + qdict_json(backing)    # type: ignore[attr-defined]
+        elif backing is not None:
+            drv.backing_ref = str(backing)      # type: ignore[attr-defined]
+        drv.no_backing = True           # type: ignore[attr-defined]   # not the header's
+    drv.spec_name = spec.name          # type: ignore[attr-defined]   # to reopen it
+    layer: Layer | None = spec.top
+    while layer is not None:        # qemu-img map names the file holding the data
+        if layer.driver == "file":
+            drv.map_filename = _plain(str(layer.opts["filename"]))  # type: ignore[attr-defined]
+        if layer.driver in FILTER_DRIVERS and layer is not spec.top:
+            drv.disk_size_unknown = True    # type: ignore[attr-defined]   # qemu-img: unavailable
+        layer = layer.child
+    return drv, drv.format_name
+
+
+def _open(layer: Layer, read_only: bool) -> Driver:
+    d = layer.driver
+    if d in FILTER_DRIVERS:
+        assert layer.child is not None
+        inner = _open(layer.child, read_only)
+        return _filter(layer, inner)
+    if d in PROTOCOL_DRIVERS:
+        return _open_protocol(layer, "file", read_only)
+    assert layer.child is not None
+    below = layer.child
+    filters: list[Layer] = []
+    while below.driver in FILTER_DRIVERS:       # a filter between format and file
+        filters.append(below)
+        assert below.child is not None
+        below = below.child
+    drv = _open_protocol(below, d, read_only)
+    if d == "raw" and ("offset" in layer.opts or "size" in layer.opts):
+        from ..formats.slice import Slice
+        drv = Slice(drv, _size(layer.opts.get("offset", 0), "offset"),
+                    None if "size" not in layer.opts else _size(layer.opts["size"], "size"))
+    for f in reversed(filters):
+        drv = _filter(f, drv)
+    return drv
+
+
+def _open_protocol(layer: Layer, fmt: str | None, read_only: bool) -> Driver:
+    """The format ``fmt`` (None: probed; for a bare protocol: none) over the
+    protocol ``layer``."""
+    from ..formats import open_image, probe_format
+    if layer.driver == "null-co":
+        from ..formats.null import DEFAULT_SIZE, Null
+        if fmt == "qcow2":
+            raise ImageError("Image is not in qcow2 format")
+        size = _size(layer.opts.get("size", DEFAULT_SIZE), "size")
+        drv: Driver = Null(size, _bool(layer.opts.get("read-zeroes", False)), read_only=read_only)
+        if fmt == "raw":
+            drv.format_name = "raw"
+        return drv
+    if layer.driver == "nbd":
+        from ..formats.nbd import qmp_uri
+        if "x-dirty-bitmap" in layer.opts:
+            raise ImageError("blkjobs does not support the NBD client option 'x-dirty-bitmap'")
+        uri = qmp_uri(layer.opts["server"], layer.opts.get("export"))
+        return open_image(uri, fmt if fmt != "file" else "raw", read_only=read_only)
+    path = str(layer.opts["filename"])
+    try:
+        if fmt is None:
+            fmt = probe_format(path)
+        drv = open_image(path, "raw" if fmt == "file" else fmt, read_only=read_only)
+    except (ImageError, OSError) as e:
+        text = str(e) if isinstance(e, ImageError) else str(e.strerror)
+        if text.lower().startswith(f"could not open '{path}': "):
+            text = text[len(f"could not open '{path}': "):]
+        raise ImageError(f"Could not open '{path}': {text}") from None
+    if fmt == "file":
+        drv.format_name = "file"
+    return drv
+
+
+def _filter(layer: Layer, inner: Driver) -> Driver:
+    assert layer.driver is not None
+    wrap = _FILTERS.get(layer.driver)
+    if wrap is None:
+        inner.close()
+        raise ImageError(f"the '{layer.driver}' driver is not available here")
+    opts = dict(layer.opts)
+    if layer.driver == "blkdebug":
+        opts = _blkdebug_opts(opts)
+    try:
+        return wrap(inner, opts)
+    except BaseException:
+        inner.close()
+        raise
+
+
+def _size(value: Any, key: str) -> int:
+    from ..units import parse_size
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    try:
+        n = parse_size(str(value)) if isinstance(value, str) else -1
+    except Exception:
+        n = -1
+    if n < 0:
+        raise ImageError(f"Parameter '{key}' expects a non-negative number below 2^64\n"
+                         "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
+                         "tera-, peta-\nand exabytes, respectively.")
+    return n
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "true", "yes"):
+        return True
+    if value in ("off", "false", "no"):
+        return False
+    raise ImageError("Parameter 'read-zeroes' expects 'on' or 'off'")
+
+
+# -- blkdebug's config file ----------------------------------------------------------
+
+
+def _blkdebug_opts(opts: dict[str, Any]) -> dict[str, Any]:
+    """The rules of a blkdebug layer: its config file's, then its own
+    (typed as QMP gives them)."""
+    inject: list[dict[str, Any]] = []
+    set_state: list[dict[str, Any]] = []
+    config = opts.pop("config", None)
+    if config:
+        for section, rule in read_blkdebug_config(str(config)):
+            (inject if section == "inject-error" else set_state).append(rule)
+    inject += [_typed(r) for r in opts.pop("inject-error", [])]
+    set_state += [_typed(r) for r in opts.pop("set-state", [])]
+    out = {k: v for k, v in opts.items() if k in ("inject-error", "set-state")}
+    out["inject-error"], out["set-state"] = inject, set_state
+    return out
+
+
+_INT_KEYS = ("errno", "sector", "state", "new_state")
+
+
+def _typed(rule: Any) -> dict[str, Any]:
+    if not isinstance(rule, dict):
+        raise ImageError("Invalid parameter type for 'inject-error', expected: object")
+    out: dict[str, Any] = {}
+    for k, v in rule.items():
+        k = k.replace("-", "_") if k == "new-state" else k
+        if k in _INT_KEYS and isinstance(v, str):
+            try:
+                v = int(v, 0)
+            except ValueError:
+                raise ImageError(f"Parameter '{k}' expects a number") from None
+        elif k == "once" and isinstance(v, str):
+            v = _bool(v)
+        out[k] = v
+    return out
+
+
+def read_blkdebug_config(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rules of blkdebug's config file: ``(section, rule)`` in order."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ImageError(f"Could not read blkdebug config file: {e.strerror}") from None
+    rules: list[tuple[str, dict[str, Any]]] = []
+    current: dict[str, Any] | None = None
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"\[\s*([A-Za-z-]+)\s*\]", line)
+        if m:
+            if m.group(1) not in ("inject-error", "set-state"):
+                raise ImageError(f"Could not read blkdebug config file: unknown section "
+                                 f"'{m.group(1)}'")
+            current = {}
+            rules.append((m.group(1), current))
+            continue
+        m = re.fullmatch(r'([A-Za-z_-]+)\s*=\s*"?(.*?)"?', line)
+        if m is None or current is None:
+            raise ImageError("Could not read blkdebug config file: Invalid argument")
+        current[m.group(1)] = m.group(2)
+    return [(s, _typed(r)) for s, r in rules]
