@@ -26,6 +26,23 @@ def register(sub):
     p.set_defaults(func=run)
 
 
+def _attach_backing(node, path: str) -> None:
+    """qemu-img resize opens the backing chain too: growing over a longer
+    backing file zeroes the new area (see imageops.resize)."""
+    from ..errors import BlkjobsError
+    from ..graph.chain import open_chain, resolve_backing
+    from .parity import could_not_open
+    bf = getattr(node.driver, "backing_filename", None)
+    if node.format != "qcow2" or not bf:
+        return
+    try:
+        below = open_chain(resolve_backing(node.driver.filename, bf),
+                           node.driver.backing_format, graph=node.graph)
+    except BlkjobsError as e:
+        raise could_not_open(path, e) from None
+    node.attach_backing(below)
+
+
 def run(args) -> int:
     from ..imageops.resize import PREALLOC, resize_node
     rest, opts_done = [], False
@@ -57,6 +74,7 @@ def run(args) -> int:
     n = parse_opt_size(text[len(sign):], "size")
     node = open_rw(path, args.fmt, "resize", resize=True)
     try:
+        _attach_backing(node, path)
         if args.fmt is None and node.format == "raw":
             sys.stderr.write(RAW_PROBED.format(path))
         cur = node.size
@@ -70,7 +88,7 @@ def run(args) -> int:
                              "make sure there is no important data there.")
         resize_node(node, total, prealloc)
     finally:
-        node.close()
+        node.graph.close()
     if not args.quiet:
         print("Image resized.")
     return 0

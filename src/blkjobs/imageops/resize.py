@@ -38,5 +38,15 @@ def resize_node(node, new_size: int, prealloc: str = "off") -> None:
         raise UsageError(f"preallocation={prealloc} is not supported when resizing a qcow2 "
                          "image (only off)")
     from ..formats.qcow2.resize import resize
-    resize(drv, new_size)
+    resize(drv, new_size, *backing_args(node))
     drv.flush()
+
+
+def backing_args(node) -> tuple:
+    """The backing node's size and the copy-on-write hook for growing a
+    qcow2 image: the new area is zeroed when the backing node is longer than
+    the old size (else the backing file would show through), as in QEMU."""
+    below = node.backing
+    if below is None:
+        return None, None
+    return below.size, node._fill()

@@ -7,6 +7,11 @@ switched to it (with the new size) and only then the old table's clusters
 freed: a crash leaves the old or the new table, at worst a leak. A cluster
 that the old end cut through is zeroed past the old end when it holds data,
 so everything past the old end reads as zeroes (without a backing file).
+With a backing file longer than the old size (QEMU's bdrv_co_truncate), the
+new area is zeroed instead so the backing file cannot show through: zero
+(sub)clusters from the old end rounded up to a subcluster (no host clusters
+allocated), explicit zeroes (copy-on-write through ``fill``) for the head
+before that.
 
 Shrink (QEMU 7.2's behaviour): the clusters past the new end are discarded
 (entries cleared, then their refcounts dropped), L1 entries past the new end
@@ -27,8 +32,10 @@ from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_L1_BYTES
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 
-def resize(img, new_size: int) -> None:
-    """Resize the open, writable qcow2 driver ``img`` to ``new_size``."""
+def resize(img, new_size: int, backing_size: int | None = None, fill=None) -> None:
+    """Resize the open, writable qcow2 driver ``img`` to ``new_size``.
+    ``backing_size`` is the size of the opened backing node (None: none
+    opened); ``fill`` reads the guest view below this image (copy-on-write)."""
     if new_size % 512:
         raise UsageError("The new size must be a multiple of 512")
     if img.header.nb_snapshots:
@@ -45,9 +52,17 @@ def resize(img, new_size: int) -> None:
         except BitmapError as e:
             raise UsageError(str(e)) from None
     old = img.size
+    zero_new = new_size > old and backing_size is not None and backing_size > old
+    if zero_new and img.header.version < 3:
+        # v2 has no zero clusters: QEMU refuses (the image unchanged)
+        raise UsageError("Failed to zero out new clusters: Operation not supported")
     img._check_writable(0, 0)          # prepares the image for writing
     if new_size > old:
         _grow(img, old, new_size)
+        if zero_new:
+            _zero_new_area(img, old, new_size, fill)
+        else:
+            _zero_cut_cluster(img, old)
     elif new_size < old:
         _shrink(img, old, new_size)
     if pbm is not None and new_size != old:
@@ -101,7 +116,23 @@ def _grow(img, old: int, new: int) -> None:
     else:
         h.size = new
         img._write_header()
-    # the cluster the old end cut through: zero its tail when it holds data
+
+
+def _zero_new_area(img, old: int, new: int, fill) -> None:
+    """Make ``[old, new)`` read as zeroes over a backing file (as QEMU's
+    qcow2_co_truncate with BDRV_REQ_ZERO_WRITE)."""
+    zs = -(-old // img.scs) * img.scs
+    if new > zs:
+        img.write_zeroes(zs, new - zs, may_unmap=False, fill=fill)
+    if zs > old:
+        img.write(old, bytes(min(zs, new) - old), fill=fill)
+    img.flush()
+
+
+def _zero_cut_cluster(img, old: int) -> None:
+    """Without a backing file: zero the tail of the cluster the old end cut
+    through when it holds data."""
+    cs = img.cluster_size
     tail = -(-old // cs) * cs
     if old % cs and tail > old:
         kinds = {m.kind for m in img.map_host(old - 1, 1)}
