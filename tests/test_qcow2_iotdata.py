@@ -93,3 +93,17 @@ def test_grow_v2_over_backing_refused(twins):
                  d / "v2b.qcow2", "512k")
     assert same(twins, "resize", "v2b.qcow2", "2M") == (0, "Image resized.\n", "")
     same(twins, "info", "v2b.qcow2")
+
+
+def test_rebase_unsafe_records_any_qemu_driver(twins):
+    """qemu-iotests 031: ``rebase -u -F host_device`` records the name (any
+    block driver qemu-img knows); an unknown name is refused with its text.
+    The headers are the same byte for byte."""
+    for d in twins:
+        qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", d / "h.qcow2", "64M")
+    assert same(twins, "rebase", "-u", "-b", "/some/backing/file/path", "-F", "host_device",
+                "h.qcow2") == (0, "", "")
+    ours, theirs = (open(d / "h.qcow2", "rb").read(65536) for d in twins)
+    assert ours == theirs
+    assert same(twins, "rebase", "-u", "-b", "/x", "-F", "foo", "h.qcow2") == \
+        (1, "", "qemu-img: Invalid format name: 'foo'\n")
