@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from qemu_oracle import check_clean, qemu_img, qemu_io, qemu_map, to_raw
+from qemu_oracle import check_clean, qemu_img, qemu_info, qemu_io, qemu_map, to_raw
 from test_parity_invocation import same, twins  # noqa: F401  (fixture)
 
 KiB = 1024
@@ -107,3 +107,79 @@ def test_rebase_unsafe_records_any_qemu_driver(twins):
     assert ours == theirs
     assert same(twins, "rebase", "-u", "-b", "/x", "-F", "foo", "h.qcow2") == \
         (1, "", "qemu-img: Invalid format name: 'foo'\n")
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_create_preallocation_file_size(twins, mode):
+    """qemu-iotests 243: ``create -o preallocation=falloc|full`` as qemu-img:
+    the same output, file size and layout; falloc and full allocate the
+    file's blocks, metadata leaves them sparse."""
+    same(twins, "create", "-f", "qcow2", "-o", f"preallocation={mode}", "p.qcow2", "64M")
+    ours, theirs = (d / "p.qcow2" for d in twins)
+    assert ours.stat().st_size == theirs.stat().st_size == 67436544
+    assert qemu_map(ours) == qemu_map(theirs)
+    check_clean(ours)
+    used = ours.stat().st_blocks * 512
+    assert used >= 64 << 20 if mode != "metadata" else used < 1 << 20
+
+
+@pytest.mark.parametrize("old", ["31k", "33k"])
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_resize_preallocation_over_backing(twins, old, mode):
+    """qemu-iotests 125: ``resize --preallocation`` of an image over a
+    backing file: the old part keeps the backing data, the new part reads
+    zeroes, the same layout as qemu-img's (7 clusters)."""
+    for d in twins:
+        qemu_img("create", "-f", "raw", d / "base", "128k")
+        qemu_io(d / "base", "write -q -P 1 0 128k", fmt="raw")
+        qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", "base", "-o", "cluster_size=64k",
+                 d / "t.qcow2", old)
+    assert same(twins, "resize", "-f", "qcow2", f"--preallocation={mode}", "t.qcow2",
+                "96k") == (0, "Image resized.\n", "")
+    ours, theirs = (d / "t.qcow2" for d in twins)
+    assert ours.stat().st_size == theirs.stat().st_size == 7 * 65536
+    assert qemu_map(ours) == qemu_map(theirs)
+    check_clean(ours)
+    n = int(old[:-1]) * KiB
+    qemu_io(ours, f"read -q -P 1 0 {n}", f"read -q -P 0 {n} {96 * KiB - n}")
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_resize_preallocation_writes_do_not_grow(twins, mode):
+    """qemu-iotests 125: after a preallocated grow, writing the new area
+    grows neither the file nor (falloc, full) its allocated blocks."""
+    size = 2048000
+    for d in twins:
+        qemu_img("create", "-f", "qcow2", d / "g.qcow2", size)
+    same(twins, "resize", "-f", "qcow2", f"--preallocation={mode}", "g.qcow2", "+80K")
+    img = twins[0] / "g.qcow2"
+    check_clean(img)
+    length, used = img.stat().st_size, img.stat().st_blocks
+    qemu_io(img, f"read -q -P 0 {size} 80k", f"write -q -P 3 {size} 80k")
+    assert img.stat().st_size == length
+    if mode != "metadata":
+        assert img.stat().st_blocks <= used
+    qemu_io(img, f"read -q -P 3 {size} 80k")
+    check_clean(img)
+
+
+def test_resize_negative_size_and_preallocation_texts(twins):
+    """qemu-iotests 106: a negative size after the image needs no ``--``;
+    preallocation when shrinking and metadata for raw: qemu-img's texts."""
+    for d in twins:
+        qemu_img("create", "-f", "raw", d / "r.raw", "1M")
+        qemu_img("create", "-f", "qcow2", d / "q.qcow2", "1M")
+    msg = (1, "", "qemu-img: Preallocation can only be used for growing images\n")
+    for fmt, img in (("raw", "r.raw"), ("qcow2", "q.qcow2")):
+        for mode in ("metadata", "falloc", "full"):
+            assert same(twins, "resize", "-f", fmt, "--shrink", f"--preallocation={mode}",
+                        img, "-256K") == msg
+            assert same(twins, "resize", "-f", fmt, f"--preallocation={mode}", img,
+                        "--", "-256K") == msg
+    assert same(twins, "resize", "-f", "raw", "--preallocation=metadata", "r.raw", "2M") == \
+        (1, "", "qemu-img: Unsupported preallocation mode: metadata\n")
+    assert same(twins, "resize", "-f", "raw", "--shrink", "r.raw", "-256K") == \
+        (0, "Image resized.\n", "")
+    assert same(twins, "resize", "-f", "qcow2", "--shrink", "q.qcow2", "-256K") == \
+        (0, "Image resized.\n", "")
+    assert qemu_info(twins[0] / "q.qcow2")["virtual-size"] == 768 * KiB

@@ -46,7 +46,10 @@ def _attach_backing(node, path: str) -> None:
 def run(args) -> int:
     from ..imageops.resize import PREALLOC, resize_node
     rest, opts_done = [], False
-    for a in args.args:
+    # qemu-img takes the last argument as the size before getopt sees it:
+    # a negative size needs no ``--``
+    size_arg = args.args[-1:] if len(args.args) >= 2 else []
+    for a in args.args[:len(args.args) - len(size_arg)]:
         if opts_done or not a.startswith("-") or a == "-":
             rest.append(a)
         elif a == "--":
@@ -60,7 +63,7 @@ def run(args) -> int:
         else:
             raise UsageError(f"unrecognized option '{a}'\n"
                              "Try 'blkjobs --help' for more information")
-    args.args = rest
+    args.args = rest + size_arg
     if len(args.args) < 2:
         raise UsageError("Not enough arguments\nTry 'blkjobs --help' for more information")
     if len(args.args) > 2:
@@ -81,6 +84,8 @@ def run(args) -> int:
         total = cur + n if sign == "+" else cur - n if sign == "-" else n
         if total <= 0 or total >= 1 << 63:
             raise UsageError("New image size must be positive")
+        if total < cur and prealloc != "off":
+            raise UsageError("Preallocation can only be used for growing images")
         if total < cur and not args.shrink:
             raise UsageError("Use the --shrink option to perform a shrink operation.\n"
                              "blkjobs: warning: Shrinking an image will delete all data beyond "

@@ -27,15 +27,19 @@ import struct
 from ...errors import ImageError, UsageError
 from ..base import Kind
 from .bitmaps import BitmapError
+from .tables import ZERO
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_L1_BYTES
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 
-def resize(img, new_size: int, backing_size: int | None = None, fill=None) -> None:
+def resize(img, new_size: int, backing_size: int | None = None, fill=None,
+           prealloc: str = "off") -> None:
     """Resize the open, writable qcow2 driver ``img`` to ``new_size``.
     ``backing_size`` is the size of the opened backing node (None: none
-    opened); ``fill`` reads the guest view below this image (copy-on-write)."""
+    opened); ``fill`` reads the guest view below this image (copy-on-write).
+    ``prealloc`` (growing only): ``metadata`` allocates the new clusters,
+    ``falloc`` also their blocks in the file, ``full`` writes their zeroes."""
     if new_size % 512:
         raise UsageError("The new size must be a multiple of 512")
     if img.header.nb_snapshots:
@@ -63,6 +67,8 @@ def resize(img, new_size: int, backing_size: int | None = None, fill=None) -> No
             _zero_new_area(img, old, new_size, fill)
         else:
             _zero_cut_cluster(img, old)
+        if prealloc != "off":
+            _preallocate(img, old, new_size, prealloc, fill)
     elif new_size < old:
         _shrink(img, old, new_size)
     if pbm is not None and new_size != old:
@@ -127,6 +133,47 @@ def _zero_new_area(img, old: int, new: int, fill) -> None:
     if zs > old:
         img.write(old, bytes(min(zs, new) - old), fill=fill)
     img.flush()
+
+
+def _preallocate(img, old: int, new: int, mode: str, fill) -> None:
+    """Allocate the clusters of ``[old, new)`` (reading as zeroes): the
+    cluster the old end cuts through by a write of its zeroes (its head
+    copied from the backing file when unallocated), the rest through
+    :meth:`allocate`; ``falloc``/``full`` allocate the blocks in the file."""
+    cs = img.cluster_size
+    a = min(new, -(-old // cs) * cs)
+    if a > old:
+        img.write(old, bytes(a - old), fill=fill)
+    if new > a:
+        fresh = img.alloc_end
+        g0, g1 = a >> img.cb, -(-new // cs)
+        # metadata: zero clusters (the zeroed area over a backing file) stay
+        # zero, now with a host cluster (QEMU's preallocated zero clusters);
+        # falloc/full: the file's new area reads zeroes, plain data clusters
+        zeroed = [] if img.extended or mode != "metadata" else \
+            [g for g in range(g0, g1) if img._entry(g)[2] & ZERO]
+        runs = [(m.host_offset, m.length) for m in img.allocate(a, new - a)
+                if m.host_offset is not None]
+        for g in zeroed:
+            _, _, e, bm = img._entry(g)
+            img._set_entry(g, e | ZERO, bm)
+        end = max(-(-(h + n) // cs) * cs for h, n in runs)
+        if end > os.fstat(img.fd).st_size:
+            os.ftruncate(img.fd, end)
+        for h, n in runs:
+            if mode == "full" or h < fresh:      # a reused cluster holds old bytes
+                _write_zeroes(img.fd, h, -(-n // cs) * cs)
+            elif mode == "falloc":
+                os.posix_fallocate(img.fd, h, -(-n // cs) * cs)
+    img.flush()
+    img.file_size = max(img.file_size, os.fstat(img.fd).st_size)
+
+
+def _write_zeroes(fd: int, pos: int, n: int) -> None:
+    zero = bytes(min(n, 1 << 20))
+    end = pos + n
+    while pos < end:
+        pos += os.pwrite(fd, memoryview(zero)[:min(len(zero), end - pos)], pos)
 
 
 def _zero_cut_cluster(img, old: int) -> None:
