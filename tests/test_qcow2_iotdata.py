@@ -183,3 +183,25 @@ def test_resize_negative_size_and_preallocation_texts(twins):
     assert same(twins, "resize", "-f", "qcow2", "--shrink", "q.qcow2", "-256K") == \
         (0, "Image resized.\n", "")
     assert qemu_info(twins[0] / "q.qcow2")["virtual-size"] == 768 * KiB
+
+
+def test_block_resize_over_longer_backing_matches_qsd(tmp_path):
+    """QMP block_resize of an overlay over a longer backing node: the new
+    area reads zeroes, as qemu-storage-daemon leaves it (the same map)."""
+    from daemon_util import qcow2_node, side_by_side
+
+    async def sc(s, d):
+        base = str(d / "base.qcow2")
+        top = str(d / "top.qcow2")
+        qemu_img("create", "-f", "qcow2", base, "4M")
+        qemu_io(base, "write -q -P 0x11 0 4M")
+        qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", base, top, "1M")
+        await s.x("blockdev-add", **qcow2_node("base", base))
+        await s.x("blockdev-add", **qcow2_node("top", top, backing="base"))
+        return await s.x("block_resize", **{"node-name": "top"}, size=4 << 20)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours == {}
+    tops = [tmp_path / name / "top.qcow2" for name in ("qsd", "blkjobs")]
+    assert qemu_map(tops[0]) == qemu_map(tops[1])
+    check_clean(tops[1])
+    qemu_io(tops[1], "read -q -P 0x11 0 1M", "read -q -P 0 1M 3M")
