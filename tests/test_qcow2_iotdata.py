@@ -205,3 +205,21 @@ def test_block_resize_over_longer_backing_matches_qsd(tmp_path):
     assert qemu_map(tops[0]) == qemu_map(tops[1])
     check_clean(tops[1])
     qemu_io(tops[1], "read -q -P 0x11 0 1M", "read -q -P 0 1M 3M")
+
+
+@pytest.mark.parametrize("grow", ["540k", "567k", "600k"])
+def test_grow_inside_the_cut_cluster(twins, tmp_path, grow):  # noqa: F811
+    """qemu-iotests 292 without a backing file: a shrink cutting a data
+    cluster, then a grow ending inside (or past) that cluster; the old tail
+    reads as zeroes and nothing is written past the new end (it failed with
+    'write beyond the end of the image')."""
+    for d in twins:
+        qemu_img("create", "-f", "qcow2", d / "t.qcow2", "1M")
+        qemu_io(d / "t.qcow2", "write -q -P 0x22 0 1M")
+    same(twins, "resize", "--shrink", "t.qcow2", "520k")
+    assert same(twins, "resize", "t.qcow2", grow) == (0, "Image resized.\n", "")
+    ours, theirs = (d / "t.qcow2" for d in twins)
+    check_clean(ours)
+    assert qemu_map(ours) == qemu_map(theirs)
+    n = int(grow[:-1]) * KiB
+    assert to_raw(ours, tmp_path) == b"\x22" * (520 * KiB) + bytes(n - 520 * KiB)

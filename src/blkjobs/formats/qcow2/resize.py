@@ -66,7 +66,7 @@ def resize(img, new_size: int, backing_size: int | None = None, fill=None,
         if zero_new:
             _zero_new_area(img, old, new_size, fill)
         else:
-            _zero_cut_cluster(img, old)
+            _zero_cut_cluster(img, old)         # (img.size is the new size)
         if prealloc != "off":
             _preallocate(img, old, new_size, prealloc, fill)
     elif new_size < old:
@@ -178,9 +178,9 @@ def _write_zeroes(fd: int, pos: int, n: int) -> None:
 
 def _zero_cut_cluster(img, old: int) -> None:
     """Without a backing file: zero the tail of the cluster the old end cut
-    through when it holds data."""
+    through when it holds data (up to the new end)."""
     cs = img.cluster_size
-    tail = -(-old // cs) * cs
+    tail = min(-(-old // cs) * cs, img.size)
     if old % cs and tail > old:
         kinds = {m.kind for m in img.map_host(old - 1, 1)}
         if kinds & {Kind.DATA, Kind.COMPRESSED}:
