@@ -208,7 +208,7 @@ def test_block_resize_over_longer_backing_matches_qsd(tmp_path):
 
 
 @pytest.mark.parametrize("grow", ["540k", "567k", "600k"])
-def test_grow_inside_the_cut_cluster(twins, tmp_path, grow):  # noqa: F811
+def test_grow_inside_the_cut_cluster(twins, tmp_path, grow):
     """qemu-iotests 292 without a backing file: a shrink cutting a data
     cluster, then a grow ending inside (or past) that cluster; the old tail
     reads as zeroes and nothing is written past the new end (it failed with
@@ -223,3 +223,52 @@ def test_grow_inside_the_cut_cluster(twins, tmp_path, grow):  # noqa: F811
     assert qemu_map(ours) == qemu_map(theirs)
     n = int(grow[:-1]) * KiB
     assert to_raw(ours, tmp_path) == b"\x22" * (520 * KiB) + bytes(n - 520 * KiB)
+
+
+def _zero_cases():
+    """(offset, length) zero writes: every alignment of head and tail to a
+    2 KiB subcluster (extended L2, 64 KiB clusters) and to a cluster."""
+    sc, cl = 2 * KiB, 64 * KiB
+    out = []
+    for c, start in enumerate([0, 512, sc, sc + 512, 3 * sc - 512, cl - sc, cl - 512]):
+        for length in (512, sc - 512, sc, sc + 512, 3 * sc, cl, cl + sc + 512):
+            out.append((2 * c * cl + start, length))
+    return out
+
+
+@pytest.mark.parametrize("backing", [False, True])
+@pytest.mark.parametrize("extended", ["on", "off"])
+def test_zero_writes_as_qemu_io(tmp_path, extended, backing):
+    """Zero writes (qemu-io ``write -z``, blkjobs' write_zeroes without
+    unmapping) at every (sub)cluster alignment, over unallocated, zero and
+    data clusters, with and without a backing file: the same data byte for
+    byte and the same map as QEMU leaves (a partial (sub)cluster whose rest
+    reads zeroes becomes a zero (sub)cluster, as in qemu-iotests 271)."""
+    from blkjobs.graph import Perm, open_chain
+    cases = _zero_cases()
+    size = 2 * len(cases) // 7 * 64 * KiB + 256 * KiB
+    paths = [tmp_path / "qemu.qcow2", tmp_path / "ours.qcow2"]
+    if backing:
+        qemu_img("create", "-f", "raw", tmp_path / "base", size)
+        qemu_io(tmp_path / "base", f"write -q -P 0xff 0 {size}", fmt="raw")
+    for p in paths:
+        extra = ["-F", "raw", "-b", tmp_path / "base"] if backing else []
+        qemu_img("create", "-f", "qcow2", "-o", f"extended_l2={extended}", *extra, p, size)
+        # the second run of every case over data, the third over zeroes
+        qemu_io(p, f"write -q -P 5 {size - 128 * KiB} 64k", f"write -q -z {size - 64 * KiB} 64k")
+    qemu_io(paths[0], *[f"write -q -z {o} {n}" for o, n in cases],
+            *[f"write -q -z {size - 128 * KiB + o % (64 * KiB)} {min(n, 4 * KiB)}"
+              for o, n in cases[:7]])
+    node = open_chain(str(paths[1]), "qcow2", read_only=False)
+    try:
+        node.take("test", Perm.CONSISTENT_READ | Perm.WRITE)
+        for o, n in cases:
+            node.write_zeroes(o, n, may_unmap=False)
+        for o, n in cases[:7]:
+            node.write_zeroes(size - 128 * KiB + o % (64 * KiB), min(n, 4 * KiB),
+                              may_unmap=False)
+    finally:
+        node.graph.close()
+    check_clean(paths[1])
+    assert to_raw(paths[1], tmp_path) == to_raw(paths[0], tmp_path)
+    assert qemu_map(paths[1]) == qemu_map(paths[0])
