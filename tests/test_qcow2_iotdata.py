@@ -272,3 +272,16 @@ def test_zero_writes_as_qemu_io(tmp_path, extended, backing):
     check_clean(paths[1])
     assert to_raw(paths[1], tmp_path) == to_raw(paths[0], tmp_path)
     assert qemu_map(paths[1]) == qemu_map(paths[0])
+
+
+def test_resize_missing_backing_file(twins):
+    """resize opens the backing chain, as qemu-img does: a missing backing
+    file is refused with its text and the image is left as it was."""
+    for d in twins:
+        qemu_img("create", "-f", "raw", d / "gone", "1M")
+        qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", "gone", d / "t.qcow2", "1M")
+        (d / "gone").unlink()
+    assert same(twins, "resize", "t.qcow2", "2M") == (
+        1, "", "qemu-img: Could not open 't.qcow2': Could not open backing file: "
+        "Could not open 'gone': No such file or directory\n")
+    assert qemu_info(twins[0] / "t.qcow2")["virtual-size"] == 1 << 20

@@ -3,6 +3,7 @@
 As ``qemu-img resize``: shrinking needs --shrink; prints ``Image resized.``."""
 from __future__ import annotations
 
+import os
 import sys
 
 import argparse
@@ -35,9 +36,14 @@ def _attach_backing(node, path: str) -> None:
     bf = getattr(node.driver, "backing_filename", None)
     if node.format != "qcow2" or not bf:
         return
+    bpath = resolve_backing(node.driver.filename, bf)
     try:
-        below = open_chain(resolve_backing(node.driver.filename, bf),
-                           node.driver.backing_format, graph=node.graph)
+        os.close(os.open(bpath, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as e:
+        raise UsageError(f"Could not open '{path}': Could not open backing file: "
+                         f"Could not open '{bpath}': {e.strerror}") from None
+    try:
+        below = open_chain(bpath, node.driver.backing_format, graph=node.graph)
     except BlkjobsError as e:
         raise could_not_open(path, e) from None
     node.attach_backing(below)
