@@ -3,6 +3,7 @@
 As ``qemu-img resize``: shrinking needs --shrink; prints ``Image resized.``."""
 from __future__ import annotations
 
+import os
 import sys
 
 import argparse
@@ -28,10 +29,35 @@ def register(sub):
     p.set_defaults(func=run)
 
 
+def _attach_backing(node, path: str) -> None:
+    """qemu-img resize opens the backing chain too: growing over a longer
+    backing file zeroes the new area (see imageops.resize)."""
+    from ..errors import BlkjobsError
+    from ..graph.chain import open_chain, resolve_backing
+    from .parity import could_not_open
+    bf = getattr(node.driver, "backing_filename", None)
+    if node.format != "qcow2" or not bf:
+        return
+    bpath = resolve_backing(node.driver.filename, bf)
+    try:
+        os.close(os.open(bpath, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as e:
+        raise UsageError(f"Could not open '{path}': Could not open backing file: "
+                         f"Could not open '{bpath}': {e.strerror}") from None
+    try:
+        below = open_chain(bpath, node.driver.backing_format, graph=node.graph)
+    except BlkjobsError as e:
+        raise could_not_open(path, e) from None
+    node.attach_backing(below)
+
+
 def run(args) -> int:
     from ..imageops.resize import PREALLOC, resize_node
     rest, opts_done = [], False
-    for a in args.args:
+    # qemu-img takes the last argument as the size before getopt sees it:
+    # a negative size needs no ``--``
+    size_arg = args.args[-1:] if len(args.args) >= 2 else []
+    for a in args.args[:len(args.args) - len(size_arg)]:
         if opts_done or not a.startswith("-") or a == "-":
             rest.append(a)
         elif a == "--":
@@ -45,7 +71,7 @@ def run(args) -> int:
         else:
             raise UsageError(f"unrecognized option '{a}'\n"
                              "Try 'blkjobs --help' for more information")
-    args.args = rest
+    args.args = rest + size_arg
     if len(args.args) < 2:
         raise UsageError("Not enough arguments\nTry 'blkjobs --help' for more information")
     if len(args.args) > 2:
@@ -59,12 +85,15 @@ def run(args) -> int:
     n = parse_opt_size(text[len(sign):], "size")
     node = open_rw(path, args.fmt, "resize", resize=True)
     try:
+        _attach_backing(node, path)
         if args.fmt is None and node.format == "raw":
             sys.stderr.write(RAW_PROBED.format(path))
         cur = node.size
         total = cur + n if sign == "+" else cur - n if sign == "-" else n
         if total <= 0 or total >= 1 << 63:
             raise UsageError("New image size must be positive")
+        if total < cur and prealloc != "off":
+            raise UsageError("Preallocation can only be used for growing images")
         if total < cur and not args.shrink:
             raise UsageError("Use the --shrink option to perform a shrink operation.\n"
                              "blkjobs: warning: Shrinking an image will delete all data beyond "
@@ -72,7 +101,7 @@ def run(args) -> int:
                              "make sure there is no important data there.")
         resize_node(node, total, prealloc)
     finally:
-        node.close()
+        node.graph.close()
     if not args.quiet:
         print("Image resized.")
     return 0

@@ -130,7 +130,9 @@ class GraphCommands:
             if g.read_only:
                 raise QMPError("Image is read-only")
             if g.format == "qcow2":
-                qcow2_resize(g.driver, size)
+                # a longer backing node: the new area is zeroed (as QEMU)
+                qcow2_resize(g.driver, size, g.backing.size if g.backing else None,
+                             g._fill())
             else:
                 os.ftruncate(g.driver.fd, size)
             g.driver.flush()

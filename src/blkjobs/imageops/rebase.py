@@ -26,6 +26,7 @@ from typing import Any
 from collections.abc import Callable
 
 from ..errors import BlkjobsError, UsageError
+from ..formats import FORMATS
 from ..formats.base import Kind
 from ..graph import Perm, open_chain, resolve_backing
 from ..graph.lock import ImageLock, LockConflict, opening
@@ -34,6 +35,13 @@ from .images import check_format, cli_graph, open_one, open_ro, probe
 
 WORK = 256 << 20
 CHUNK = 4 << 20
+#: the block drivers of Debian's qemu-img 7.2 (its --help): ``rebase -u -F``
+#: records any of them as the backing format, as qemu-img does
+QEMU_DRIVERS = frozenset(
+    "blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read "
+    "dmg file ftp ftps gluster host_cdrom host_device http https iscsi iser luks nbd nfs "
+    "null-aio null-co nvme parallels preallocate qcow qcow2 qed quorum raw rbd replication "
+    "snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat".split())
 
 
 def rebase(path: str, backing: str | None, backing_fmt: str | None = None,
@@ -50,7 +58,12 @@ def rebase(path: str, backing: str | None, backing_fmt: str | None = None,
     if backing is not None and backing_fmt is None:
         raise UsageError(f"Could not change the backing file to '{backing}': "
                          "backing format must be specified")
-    check_format(backing_fmt, "backing file")
+    if unsafe and backing_fmt is not None and backing_fmt not in FORMATS:
+        # only recorded, as qemu-img -u does for any driver it knows
+        if backing_fmt not in QEMU_DRIVERS:
+            raise UsageError(f"Invalid format name: '{backing_fmt}'")
+    else:
+        check_format(backing_fmt, "backing file")
     if unsafe:
         # the image alone, read-write (qemu-img opens no backing file here)
         with opening(path):

@@ -3,7 +3,8 @@
 Cluster 0 header, then the refcount table, the refcount block(s) and the L1
 table, all refcounted 1; nothing else. ``preallocation='metadata'``
 additionally allocates every L2 table and data cluster (reading as zeroes:
-the file is extended sparsely).
+the file is extended sparsely); ``falloc`` and ``full`` also allocate the
+file's blocks (see :func:`preallocate`).
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         raise UsageError("extended_l2 needs compat=1.1 and a cluster size of at least 16K")
     if refcount_bits not in (1, 2, 4, 8, 16, 32, 64) or (version < 3 and refcount_bits != 16):
         raise UsageError(f"invalid refcount_bits {refcount_bits}")
-    if preallocation not in ("off", "metadata"):
-        raise UsageError(f"unsupported preallocation mode {preallocation!r} (off, metadata)")
+    if preallocation not in ("off", "metadata", "falloc", "full"):
+        raise UsageError(f"unsupported preallocation mode {preallocation!r} "
+                         "(off, metadata, falloc, full)")
     if (lazy_refcounts or compression_type != "zlib") and version < 3:
         raise UsageError("lazy refcounts and zstd compression need compat=1.1")
     if compression_type not in ("zlib", "zstd"):
@@ -74,17 +76,38 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         os.fsync(fd)
     finally:
         os.close(fd)
-    if preallocation == "metadata" and size:
-        from .driver import Qcow2
-        with Qcow2(path, read_only=False) as img:
-            runs = img.allocate(0, size)
-            # allocate() hands back DATA runs: each has its host offset
-            last = max(m.host_offset + m.length for m in runs if m.host_offset is not None)
-            cs = cluster_size
-            os.ftruncate(img.fd, -(-last // cs) * cs)
-            img.flush()
+    if preallocation != "off" and size:
+        preallocate(path, size, preallocation)
     if not os.path.exists(path):   # pragma: no cover
         raise ImageError(f"could not create '{path}'")
+
+
+def preallocate(path: str, size: int, mode: str, start: int = 0) -> None:
+    """Allocate every L2 table and data cluster of ``[start, size)`` (the
+    data reading as zeroes) as QEMU's preallocate_co: ``metadata`` extends
+    the file sparsely to the last data cluster, ``falloc`` allocates the
+    file's blocks up to there (fallocate), ``full`` writes zeroes over the
+    new data clusters."""
+    from .driver import Qcow2
+    with Qcow2(path, read_only=False) as img:
+        old_len = os.fstat(img.fd).st_size
+        runs = img.allocate(start, size - start)
+        # allocate() hands back DATA runs: each has its host offset
+        hosts = [(m.host_offset, m.length) for m in runs if m.host_offset is not None]
+        cs = img.cluster_size
+        end = -(-max(h + n for h, n in hosts) // cs) * cs
+        if end > os.fstat(img.fd).st_size:
+            os.ftruncate(img.fd, end)
+        if mode == "falloc" and end > old_len:
+            os.posix_fallocate(img.fd, old_len, end - old_len)
+        elif mode == "full":
+            zero = bytes(min(1 << 20, max(n for _, n in hosts)))
+            for h, n in hosts:
+                pos = h
+                while pos < h + n:
+                    pos += os.pwrite(img.fd, memoryview(zero)[:min(len(zero), h + n - pos)],
+                                     pos)
+        img.flush()
 
 
 class Layout:

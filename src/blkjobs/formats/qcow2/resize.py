@@ -7,6 +7,11 @@ switched to it (with the new size) and only then the old table's clusters
 freed: a crash leaves the old or the new table, at worst a leak. A cluster
 that the old end cut through is zeroed past the old end when it holds data,
 so everything past the old end reads as zeroes (without a backing file).
+With a backing file longer than the old size (QEMU's bdrv_co_truncate), the
+new area is zeroed instead so the backing file cannot show through: zero
+(sub)clusters from the old end rounded up to a subcluster (no host clusters
+allocated), explicit zeroes (copy-on-write through ``fill``) for the head
+before that.
 
 Shrink (QEMU 7.2's behaviour): the clusters past the new end are discarded
 (entries cleared, then their refcounts dropped), L1 entries past the new end
@@ -22,13 +27,19 @@ import struct
 from ...errors import ImageError, UsageError
 from ..base import Kind
 from .bitmaps import BitmapError
+from .tables import ZERO
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_L1_BYTES
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 
-def resize(img, new_size: int) -> None:
-    """Resize the open, writable qcow2 driver ``img`` to ``new_size``."""
+def resize(img, new_size: int, backing_size: int | None = None, fill=None,
+           prealloc: str = "off") -> None:
+    """Resize the open, writable qcow2 driver ``img`` to ``new_size``.
+    ``backing_size`` is the size of the opened backing node (None: none
+    opened); ``fill`` reads the guest view below this image (copy-on-write).
+    ``prealloc`` (growing only): ``metadata`` allocates the new clusters,
+    ``falloc`` also their blocks in the file, ``full`` writes their zeroes."""
     if new_size % 512:
         raise UsageError("The new size must be a multiple of 512")
     if img.header.nb_snapshots:
@@ -45,9 +56,19 @@ def resize(img, new_size: int) -> None:
         except BitmapError as e:
             raise UsageError(str(e)) from None
     old = img.size
+    zero_new = new_size > old and backing_size is not None and backing_size > old
+    if zero_new and img.header.version < 3:
+        # v2 has no zero clusters: QEMU refuses (the image unchanged)
+        raise UsageError("Failed to zero out new clusters: Operation not supported")
     img._check_writable(0, 0)          # prepares the image for writing
     if new_size > old:
         _grow(img, old, new_size)
+        if zero_new:
+            _zero_new_area(img, old, new_size, fill)
+        else:
+            _zero_cut_cluster(img, old)         # (img.size is the new size)
+        if prealloc != "off":
+            _preallocate(img, old, new_size, prealloc, fill)
     elif new_size < old:
         _shrink(img, old, new_size)
     if pbm is not None and new_size != old:
@@ -101,8 +122,65 @@ def _grow(img, old: int, new: int) -> None:
     else:
         h.size = new
         img._write_header()
-    # the cluster the old end cut through: zero its tail when it holds data
-    tail = -(-old // cs) * cs
+
+
+def _zero_new_area(img, old: int, new: int, fill) -> None:
+    """Make ``[old, new)`` read as zeroes over a backing file (as QEMU's
+    qcow2_co_truncate with BDRV_REQ_ZERO_WRITE)."""
+    zs = -(-old // img.scs) * img.scs
+    if new > zs:
+        img.write_zeroes(zs, new - zs, may_unmap=False, fill=fill)
+    if zs > old:
+        img.write(old, bytes(min(zs, new) - old), fill=fill)
+    img.flush()
+
+
+def _preallocate(img, old: int, new: int, mode: str, fill) -> None:
+    """Allocate the clusters of ``[old, new)`` (reading as zeroes): the
+    cluster the old end cuts through by a write of its zeroes (its head
+    copied from the backing file when unallocated), the rest through
+    :meth:`allocate`; ``falloc``/``full`` allocate the blocks in the file."""
+    cs = img.cluster_size
+    a = min(new, -(-old // cs) * cs)
+    if a > old:
+        img.write(old, bytes(a - old), fill=fill)
+    if new > a:
+        fresh = img.alloc_end
+        g0, g1 = a >> img.cb, -(-new // cs)
+        # metadata: zero clusters (the zeroed area over a backing file) stay
+        # zero, now with a host cluster (QEMU's preallocated zero clusters);
+        # falloc/full: the file's new area reads zeroes, plain data clusters
+        zeroed = [] if img.extended or mode != "metadata" else \
+            [g for g in range(g0, g1) if img._entry(g)[2] & ZERO]
+        runs = [(m.host_offset, m.length) for m in img.allocate(a, new - a)
+                if m.host_offset is not None]
+        for g in zeroed:
+            _, _, e, bm = img._entry(g)
+            img._set_entry(g, e | ZERO, bm)
+        end = max(-(-(h + n) // cs) * cs for h, n in runs)
+        if end > os.fstat(img.fd).st_size:
+            os.ftruncate(img.fd, end)
+        for h, n in runs:
+            if mode == "full" or h < fresh:      # a reused cluster holds old bytes
+                _write_zeroes(img.fd, h, -(-n // cs) * cs)
+            elif mode == "falloc":
+                os.posix_fallocate(img.fd, h, -(-n // cs) * cs)
+    img.flush()
+    img.file_size = max(img.file_size, os.fstat(img.fd).st_size)
+
+
+def _write_zeroes(fd: int, pos: int, n: int) -> None:
+    zero = bytes(min(n, 1 << 20))
+    end = pos + n
+    while pos < end:
+        pos += os.pwrite(fd, memoryview(zero)[:min(len(zero), end - pos)], pos)
+
+
+def _zero_cut_cluster(img, old: int) -> None:
+    """Without a backing file: zero the tail of the cluster the old end cut
+    through when it holds data (up to the new end)."""
+    cs = img.cluster_size
+    tail = min(-(-old // cs) * cs, img.size)
     if old % cs and tail > old:
         kinds = {m.kind for m in img.map_host(old - 1, 1)}
         if kinds & {Kind.DATA, Kind.COMPRESSED}:

@@ -74,17 +74,56 @@ class Zeroes(L2Tables):
                 if e or bm:
                     self._classify(gc, e, bm)
                 if sa < sb and not e & COMPRESSED and (not e or e & COPIED):
-                    self._write_zero_bytes(pos, sa, fill)
+                    self._zero_pieces(pos, sa, fill)
                     j0, j1 = (sa - cstart) // scs, (sb - cstart) // scs
                     bits = ((1 << j1) - 1) ^ ((1 << j0) - 1)
                     _, _, e, bm = self._entry(gc)
                     self._set_entry(gc, e, (bm & ~bits) | (bits << 32))
-                    self._write_zero_bytes(min(sb, cend), cend, fill)
+                    self._zero_pieces(min(sb, cend), cend, fill)
                 else:
-                    self._write_zero_bytes(pos, cend, fill)
+                    self._zero_pieces(pos, cend, fill)
                 pos = cend
             return
-        self._write_zero_bytes(start, end, fill)
+        self._zero_pieces(start, end, fill)
+
+    def _zero_pieces(self, start: int, end: int, fill: Fill) -> None:
+        """Parts of (sub)clusters: as QEMU's qcow2_co_pwrite_zeroes, a
+        (sub)cluster whose rest reads as zeroes becomes a zero (sub)cluster
+        (v3): one already zero, or an unallocated one without a backing file
+        (with one, the backing data may show: zero bytes are written, the
+        rest copied up). Others get zero bytes written."""
+        scs = self.scs
+        pos, run = start, start         # run: start of the bytes still to write
+        while pos < end:
+            s0 = pos // scs * scs
+            e_ = min(end, s0 + scs)
+            if self._mark_zero_sub(s0, fill):
+                self._write_zero_bytes(run, pos, fill)
+                run = e_
+            pos = e_
+        self._write_zero_bytes(run, end, fill)     # one write: one allocation
+
+    def _mark_zero_sub(self, s0: int, fill: Fill) -> bool:
+        if self.header.version < 3:
+            return False
+        gc = s0 >> self.cb
+        _, _, e, bm = self._entry(gc)
+        if e & COMPRESSED:
+            return False
+        if self.extended:
+            bit = 1 << ((s0 - (gc << self.cb)) // self.scs)
+            if bm & (bit << 32):
+                return True                      # already a zero subcluster
+            if bm & bit or fill is not None or (e and not e & COPIED):
+                return False
+            self._set_entry(gc, e, bm | (bit << 32))
+            return True
+        if e & ZERO:
+            return True
+        if e or fill is not None:
+            return False
+        self._set_entry(gc, ZERO, 0)
+        return True
 
     def _write_zero_bytes(self, start: int, end: int, fill: Fill) -> None:
         if start < end:
