@@ -242,6 +242,14 @@ class MirrorJob(BlockJob):
                         break
                     wrapped, self._pos = True, 0
                     continue
+                if self.inflight.busy(*area):
+                    # dirtied again while a batch still copies it: that
+                    # batch may have read the old data and land after a
+                    # copy of the new data made now (QEMU's mirror waits
+                    # on such conflicts too). It waits for that batch.
+                    self.dirty.set(*area)
+                    self._pos = area[0]
+                    break
                 k = len(areas)
                 self.parts.split(*area, areas)
                 for r in areas[k:]:
