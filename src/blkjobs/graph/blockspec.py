@@ -33,7 +33,7 @@ from typing import Any
 from ..errors import ImageError
 from ..formats.base import Driver
 
-FORMAT_DRIVERS = ("qcow2", "raw")
+FORMAT_DRIVERS = ("qcow2", "raw", "luks")
 PROTOCOL_DRIVERS = ("file", "null-co", "nbd")
 FILTER_DRIVERS = ("blkdebug",)
 #: options every node takes (QEMU's generic block options), ignored here
@@ -45,6 +45,7 @@ _OPTIONS = {
               "pass-discard-other", "overlap-check", "l2-cache-size", "l2-cache-entry-size",
               "refcount-cache-size", "cache-size", "cache-clean-interval", "data-file", "encrypt"},
     "raw": {"file", "offset", "size"},
+    "luks": {"file", "key-secret"},
     "file": {"filename"},
     "null-co": {"size", "read-zeroes", "latency-ns"},
     "nbd": {"server", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap",
@@ -337,6 +338,7 @@ def _open(layer: Layer, read_only: bool) -> Driver:
         filters.append(below)
         assert below.child is not None
         below = below.child
+    _bind_key(layer, below)
     drv = _open_protocol(below, d, read_only)
     if d == "raw" and ("offset" in layer.opts or "size" in layer.opts):
         from ..formats.slice import Slice
@@ -345,6 +347,18 @@ def _open(layer: Layer, read_only: bool) -> Driver:
     for f in reversed(filters):
         drv = _filter(f, drv)
     return drv
+
+
+def _bind_key(layer: Layer, below: Layer) -> None:
+    """An encrypted image's secret named in its options (luks ``key-secret``,
+    qcow2 ``encrypt.key-secret``): the file opens with it
+    (``formats.secrets.bind_key``)."""
+    enc = layer.opts.get("encrypt")
+    sid = layer.opts.get("key-secret") if layer.driver == "luks" else \
+        enc.get("key-secret") if isinstance(enc, dict) else None
+    if sid is not None and below.driver == "file":
+        from ..formats.secrets import bind_key
+        bind_key(str(below.opts["filename"]), str(sid))
 
 
 def _open_protocol(layer: Layer, fmt: str | None, read_only: bool) -> Driver:

@@ -151,9 +151,12 @@ class _NbdConvert:
         if o.dst_fmt == "qcow2":
             self.t.unsafe = not o.flush
             self.dst_lock = threading.Lock()
-        # a fresh luks payload reads as noise, not zeroes: holes are written
-        self.target_zero = o.target_is_zero or (self.ours is not None
-                                                and self.t.format_name != "luks")
+        # a fresh luks payload reads as noise, not zeroes, and so do the
+        # clusters an encrypted qcow2 preallocates: holes are written
+        prealloc = o.create_opts.get("preallocation", "off") not in ("off", None)
+        self.target_zero = o.target_is_zero or (
+            self.ours is not None and self.t.format_name != "luks"
+            and not (prealloc and getattr(self.t, "encrypted", False)))
 
     # -- the work ----------------------------------------------------------------
     def _plan(self, q: queue.Queue) -> None:
