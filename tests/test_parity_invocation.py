@@ -97,6 +97,16 @@ def test_create_rounds_size_to_sectors(twins, fmt):
         assert [os.path.getsize(d / "x.raw") for d in twins] == [1536, 1536]
 
 
+@pytest.mark.parametrize("size", ["100", "5000", "1M"])
+def test_create_raw_allocates_the_first_block(twins, size):
+    """QEMU's file driver writes the first block of a new file (512 bytes
+    below 4 KiB, else 4 KiB): `map` of a fresh raw image shows it as data
+    (iotests 150, 253)."""
+    same(twins, "create", "-f", "raw", "x.raw", size)
+    maps = [qemu_img("map", "--output", "json", d / "x.raw").stdout for d in twins]
+    assert maps[0] == maps[1]
+
+
 @pytest.mark.parametrize("opts", [
     "lazy_refcounts=on", "compression_type=zstd", "lazy_refcounts=on,compression_type=zstd",
     "extent_size_hint=1M", "compat=0.10,refcount_bits=16,extent_size_hint=0",

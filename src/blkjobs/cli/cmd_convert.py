@@ -68,7 +68,7 @@ def register(sub):
     p.add_argument("srcs", nargs="+", metavar="src",
                    help="the source image; several: concatenated into DST")
     p.add_argument("dst")
-    image_opts.add(p, "src", fmt=("src_fmt",))
+    image_opts.add(p, "srcs", fmt=("src_fmt",))
     p.set_defaults(func=run)
 
 

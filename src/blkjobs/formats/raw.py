@@ -196,6 +196,11 @@ def create(path: str, size: int, preallocation: str = "off") -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, size)
+        if preallocation == "off" and size:
+            # QEMU's file driver allocates the first block of a new file (for
+            # its alignment probing): qemu-img map shows it as data, 512
+            # bytes of zeroes below 4 KiB, else 4 KiB
+            os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0)
         if preallocation == "falloc" and size:
             os.posix_fallocate(fd, 0, size)
         elif preallocation == "full":       # zeroes written: every block allocated
