@@ -80,3 +80,39 @@ def test_keyboard_interrupt_inside_a_run(shm):
         Runner(s, contenders=[c]).run()
     assert c.runs == 1
     assert os.listdir(shm) == []
+
+
+@pytest.mark.parametrize("which", ["ioloop", "copy"])
+def test_close_interrupted_as_the_free_returns_frees_once(which, monkeypatch, tmp_path):
+    """A signal's exception raised right as the C free returns (SIGTERM
+    during the join of the loop's threads) left the pointer on the object,
+    and __del__ freed it again: 'double free or corruption' in CI."""
+    import blkjobs.native.copy as copy_mod
+    import blkjobs.native.ioloop as ioloop_mod
+    mod, free = (ioloop_mod, "bj_ioloop_free") if which == "ioloop" else (copy_mod, "bj_copy_free")
+    real = mod.lib
+
+    class Interrupting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    def interrupted_free(obj):
+        getattr(real, free)(obj)
+        raise KeyboardInterrupt         # what the signal handler raises
+
+    proxy = Interrupting()
+    setattr(proxy, free, interrupted_free)
+    p = tmp_path / "f"
+    p.write_bytes(bytes(1 << 20))
+    fd = os.open(p, os.O_RDWR)
+    if which == "ioloop":
+        obj = ioloop_mod.IOLoop(fd, write=False, random=False, bs=65536, size=1 << 20)
+    else:
+        obj = copy_mod.CopyEngine(fd, fd, threads=1)
+    monkeypatch.setattr(mod, "lib", proxy)
+    with pytest.raises(KeyboardInterrupt):
+        obj.close()
+    monkeypatch.setattr(mod, "lib", real)
+    obj.close()                         # __del__'s call: must free nothing
+    assert getattr(obj, "_b" if which == "ioloop" else "_c") is None
+    os.close(fd)

@@ -195,15 +195,19 @@ def test_grouped_transaction_one_target_fails(eng, tmp_path):
     exp = [pair(eng, tmp_path, str(i)) for i in range(3)]
     before = [snapshot(s, "qcow2", tmp_path / f"before{i}.raw") for i, (s, _, _) in enumerate(exp)]
     eng.blkdebug("dst1", [Rule("write", errno.EIO)])
-    for i in (0, 2):                # held: still running when j1 fails
+    # all three held at their first write; j1 let go first, so j0 and j2 are
+    # surely still running when it fails (unheld, j1 could fail and cancel
+    # j2 before j2 reached its break point)
+    for i in (0, 1, 2):
         eng.blkdebug_break(f"dst{i}", "write_aio", f"h{i}")
     ev = eng.listen()
     jobs = eng.transaction(
         [("backup", dict(device=f"src{i}", target=f"dst{i}", sync="full", job_id=f"j{i}"))
          for i in range(3)],
         completion_mode="grouped")
-    for i in (0, 2):
+    for i in (0, 1, 2):
         eng.blkdebug_wait_break(f"h{i}")
+    eng.blkdebug_resume("h1")
     eng.jobs.wait_until(lambda: jobs[0].cancel_requested and jobs[2].cancel_requested, 60)
     for i in (0, 2):
         eng.blkdebug_resume(f"h{i}")

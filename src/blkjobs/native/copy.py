@@ -159,6 +159,9 @@ class CopyEngine(Owned):
             raise
 
     def close(self) -> None:
-        if self._c is not None:
-            lib.bj_copy_free(self._c)
-            self._c = None
+        # taken off the object before it is freed: a signal's exception
+        # (SIGTERM, Ctrl-C) raised as the free returns must not leave it
+        # there for __del__ to free again (a double free seen in CI)
+        obj, self._c = self._c, None
+        if obj is not None:
+            lib.bj_copy_free(obj)

@@ -96,6 +96,9 @@ class IOLoop(Owned):
             lib.bj_ioloop_cancel(self._b)
 
     def close(self) -> None:
-        if self._b is not None:
-            lib.bj_ioloop_free(self._b)
-            self._b = None
+        # taken off the object before it is freed: a signal's exception
+        # (SIGTERM, Ctrl-C) raised as the free returns must not leave it
+        # there for __del__ to free again (a double free seen in CI)
+        obj, self._b = self._b, None
+        if obj is not None:
+            lib.bj_ioloop_free(obj)
