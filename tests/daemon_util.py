@@ -24,7 +24,7 @@ TIMEOUT = 60.0
 class Daemon:
     """A QMP daemon subprocess listening on ``sock``."""
 
-    def __init__(self, argv: list[str], sock: str, ready_line: bool):
+    def __init__(self, argv: list[str], sock: str, ready_line: bool, ready_file: str = ""):
         self.sock = sock
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
@@ -33,11 +33,11 @@ class Daemon:
             line = self.proc.stdout.readline()
             assert line, f"daemon exited: {self.proc.stderr.read()}"
             self.ready = json.loads(line)
-        while not os.path.exists(sock):
+        while not os.path.exists(ready_file or sock):
             assert self.proc.poll() is None, f"daemon exited: {self.proc.stderr.read()}"
             assert time.monotonic() < deadline, "daemon socket did not appear"
             time.sleep(0.02)
-        if not ready_line:
+        if not ready_line and not ready_file:
             # qemu-storage-daemon binds the socket (the file appears) before
             # it listens: connecting in between is refused
             while True:
@@ -78,9 +78,13 @@ def start_qsd(tmp_path) -> Daemon:
     if not qsd:
         pytest.fail("qemu-storage-daemon is not installed (Debian qemu-system-common): "
                     "it is the reference of the comparison test")
-    sock = str(tmp_path / "qsd.sock")
+    sock, pid = str(tmp_path / "qsd.sock"), str(tmp_path / "qsd.pid")
+    # the pid file is written once every option was processed: the monitor
+    # listens. (A probe connection instead raced with the test's own under
+    # load: qsd's single-client monitor dropped one, "Failed to receive
+    # Greeting: EOFError".)
     return Daemon([qsd, "--chardev", f"socket,path={sock},server=on,wait=off,id=m0",
-                   "--monitor", "chardev=m0"], sock, False)
+                   "--monitor", "chardev=m0", "--pidfile", pid], sock, False, ready_file=pid)
 
 
 # --------------------------------------------------------------------------
