@@ -33,7 +33,7 @@ class Daemon:
             line = self.proc.stdout.readline()
             assert line, f"daemon exited: {self.proc.stderr.read()}"
             self.ready = json.loads(line)
-        while not os.path.exists(ready_file or sock):
+        while not (os.path.exists(sock) and (not ready_file or os.path.exists(ready_file))):
             assert self.proc.poll() is None, f"daemon exited: {self.proc.stderr.read()}"
             assert time.monotonic() < deadline, "daemon socket did not appear"
             time.sleep(0.02)
@@ -79,6 +79,9 @@ def start_qsd(tmp_path) -> Daemon:
         pytest.fail("qemu-storage-daemon is not installed (Debian qemu-system-common): "
                     "it is the reference of the comparison test")
     sock, pid = str(tmp_path / "qsd.sock"), str(tmp_path / "qsd.pid")
+    for stale in (pid,):                # a killed qsd's, in the same directory
+        if os.path.exists(stale):
+            os.unlink(stale)
     # the pid file is written once every option was processed: the monitor
     # listens. (A probe connection instead raced with the test's own under
     # load: qsd's single-client monitor dropped one, "Failed to receive
