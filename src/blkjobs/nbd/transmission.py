@@ -46,6 +46,23 @@ _FLAGS = {
 }
 
 
+#: a thread keeps its read buffer up to this size (larger reads get their own)
+_KEEP_BUFFER = 4 << 20
+_buffers = threading.local()
+
+
+def _read_buffer(length: int) -> memoryview:
+    """A buffer for a read's data, reused by the thread's next read (the
+    reply is sent before it): a fresh 256 KiB bytearray per request costs
+    page faults (malloc maps it) and zeroing."""
+    if length > _KEEP_BUFFER:
+        return memoryview(bytearray(length))
+    b: bytearray | None = getattr(_buffers, "buf", None)
+    if b is None or len(b) < length:
+        b = _buffers.buf = bytearray(max(length, 256 << 10))
+    return memoryview(b)[:length]
+
+
 def _wire_errno(e: BaseException) -> tuple[int, str]:
     if isinstance(e, NBDRequestError):
         return e.errno, str(e)
@@ -171,9 +188,9 @@ def _request(conn: Connection, exp: Export, flags: int, cmd: int, handle: int,
     try:
         _check(exp, conn, flags, cmd, offset, length)
         if cmd == P.CMD_READ:
-            buf = bytearray(length)
+            buf = _read_buffer(length)
             if length:
-                be.readinto(offset, memoryview(buf))
+                be.readinto(offset, buf)
             if conn.structured:
                 conn.send(P.chunk_header(handle, P.REPLY_TYPE_OFFSET_DATA, 8 + length)
                           + struct.pack(">Q", offset), buf)
