@@ -124,6 +124,8 @@ class Nbd(Driver):
     host_file = False
     cluster_size = 0
     fd = -1
+    #: readinto takes a connection of the pool: several threads may read
+    parallel_reads = True
 
     def __init__(self, uri: str, read_only: bool = True, timeout: float | None = None,
                  tls_certificates: str | None = None,

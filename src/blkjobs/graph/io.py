@@ -13,7 +13,8 @@ and everything guest I/O and the jobs share below the job core:
   travels down the chain of filter nodes above the image node, each
   filter's :meth:`~.frontend.Filter.write` passing it to its ``next``
   (nbdkit's filters, QEMU's ``bs->file``), then marks the node's dirty
-  bitmaps;
+  bitmaps; a read of a raw node runs outside the lock, tracked in flight
+  (``NodeState.reading``: writes to its range, quiesce and close wait);
 * **filters** (:meth:`add_filter`, :meth:`remove_filter`,
   :meth:`above_filters`, :meth:`filter_of`) and **repointing** parents
   (:meth:`repoint`, :meth:`undo_repoint`: a mirror's pivot);
@@ -35,9 +36,6 @@ Read API for the layers above (the daemon): :meth:`frontends`,
 :meth:`filter_of`, :meth:`above_filters`, :meth:`bitmaps_of`,
 :meth:`cache_unsafe`, ``Node.claimed_by``; all take the lock themselves or
 are plain reads of one attribute.
-
-Moved here from ``jobs/engine.py`` (the ``Engine``'s internal half) and
-``jobs/base.py`` (``InFlight``).
 """
 from __future__ import annotations
 
