@@ -116,11 +116,12 @@ def _quiesced(node: Node) -> int:
 
 
 def _parallel(node: Node) -> bool:
-    """Reads of ``node`` may run outside the I/O lock: its driver reads
-    with plain preads and keeps no state a write changes (raw), and no
-    blkdebug rule applies to it."""
+    """Reads of ``node`` may run outside the I/O lock: its driver's reads
+    change no state of it (``Driver.parallel_reads``: raw files, NBD
+    nodes), and no blkdebug rule applies to it."""
     d = node.driver
-    return bool(getattr(d, "parallel_reads", False)) and not d.injects_faults
+    return (bool(getattr(d, "parallel_reads", False))
+            and not getattr(d, "injects_faults", False))
 
 
 def _levels(node: Node) -> list[Node]:
@@ -205,7 +206,7 @@ class BlockIO:
         """A front end's read: it waits for clusters a job allocated in its
         range and has not filled, then reads the image node below the
         filters. Where every node of the chain may (:func:`_parallel`: raw
-        images) it reads outside the I/O lock, tracked in each node's
+        files, NBD nodes) it reads outside the I/O lock, tracked in each node's
         ``NodeState.reading`` meanwhile: a write landing in its range
         (:meth:`_land`), a pivot (:meth:`quiesce`) and closing the node
         (``Node.close``) wait for it, so the node stays open and the bytes
