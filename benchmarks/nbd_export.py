@@ -10,7 +10,9 @@ alternating per round, so drift hits both alike. The image stays in the
 page cache (read once with cat before the rounds). We report per contender
 the median and min wall time and MB/s of virtual size, and the MEDIAN OF
 THE PER-ROUND RATIOS qemu-nbd time / blkjobs time (> 1: blkjobs is faster)
-with their min-max.
+with their min-max, and the median CPU time each server used per run
+(user + system, from /proc: less sensitive to the machine's load than the
+wall time).
 
 Images: ``dense`` (random bytes, all data) and ``vm`` (data, written
 zeroes and holes; nbdcopy skips what block status says is a hole).
@@ -74,6 +76,13 @@ class Servers:
             raise SystemExit("nbd_export.py: blkjobs serve did not start")
         self.uris = {"blkjobs export": f"nbd+unix:///disk?socket={b}",
                      "qemu-nbd": f"nbd+unix:///disk?socket={q}"}
+        self.pids = {"qemu-nbd": self.procs[0].pid, "blkjobs export": self.procs[1].pid}
+
+    def cpu(self, name: str) -> float:
+        """CPU seconds (user + system) the server used so far."""
+        with open(f"/proc/{self.pids[name]}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         for p in self.procs:
@@ -99,14 +108,20 @@ def one(uri: str, target: str, out: str, conns: int) -> float:
 def bench(servers: Servers, target: str, out: str, rounds: int, conns: int) -> dict:
     names = list(servers.uris)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds + 1):          # round 0: warm-up
         order = names if r % 2 == 0 else names[::-1]
-        got = {n: one(servers.uris[n], target, out, conns) for n in order}
+        got, used = {}, {}
+        for n in order:
+            c0 = servers.cpu(n)
+            got[n] = one(servers.uris[n], target, out, conns)
+            used[n] = servers.cpu(n) - c0
         if r:
             for n in names:
                 times[n].append(got[n])
+                cpu[n].append(used[n])
     ratios = [q / b for q, b in zip(times["qemu-nbd"], times["blkjobs export"], strict=True)]
-    return {"times": times, "ratios": ratios}
+    return {"times": times, "cpu": cpu, "ratios": ratios}
 
 
 def main() -> int:
@@ -145,7 +160,8 @@ def main() -> int:
                     for n, ts in res["times"].items():
                         med = statistics.median(ts)
                         print(f"  {n:15s} median {med:7.3f} s  min {min(ts):7.3f} s  "
-                              f"{size / med / 1e6:8.1f} MB/s")
+                              f"{size / med / 1e6:8.1f} MB/s  server CPU "
+                              f"{statistics.median(res['cpu'][n]):6.2f} s")
                     rs = res["ratios"]
                     print(f"  qemu-nbd / blkjobs: median {statistics.median(rs):.2f} "
                           f"(min {min(rs):.2f}, max {max(rs):.2f}; > 1: blkjobs faster)")

@@ -32,13 +32,16 @@ from .protocol import QMPError
 class NodeBackend:
     """An NBD :class:`~blkjobs.nbd.server.Backend` over a graph front end."""
 
-    def __init__(self, io: Any, fe: Frontend, bitmaps: dict[str, Any], unmap: bool = False):
+    def __init__(self, io: Any, fe: Frontend, bitmaps: dict[str, Any], unmap: bool = False,
+                 detect_zeroes: Callable[[], str] = lambda: "off"):
         self.io = io
         self.fe = fe
         self.bitmaps = bitmaps          # name -> DirtyBitmap
         #: the node's ``discard=unmap``: else a TRIM does nothing (QEMU's
         #: default ``discard=ignore``; qemu-nbd's ``--discard``)
         self.unmap = unmap
+        #: the node's ``detect-zeroes`` now (blockdev-reopen may change it)
+        self.detect_zeroes = detect_zeroes
 
     @property
     def size(self) -> int:
@@ -48,7 +51,13 @@ class NodeBackend:
         self.fe.readinto(offset, buf)
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
-        self.fe.write(offset, data)
+        dz = self.detect_zeroes()
+        if dz != "off" and _all_zero(data):
+            # QEMU's detect-zeroes: a zero write, unmapping only with
+            # detect-zeroes=unmap on a discard=unmap node
+            self.fe.write_zeroes(offset, len(data), may_unmap=dz == "unmap" and self.unmap)
+        else:
+            self.fe.write(offset, data)
         if fua:
             self.fe.flush()
 
@@ -92,6 +101,11 @@ class NodeBackend:
         if pos < end:
             out.append((end - pos, 0))
         return out
+
+
+def _all_zero(data: bytes | bytearray | memoryview) -> bool:
+    b = data if isinstance(data, (bytes, bytearray)) else data.tobytes()
+    return b.count(0) == len(b)
 
 
 class BlockExport:
@@ -320,8 +334,10 @@ class ExportCommands:
             for bm in bms.values():
                 bm.busy = True
         # max-connections=1: no multi-conn either (QEMU's rule)
-        exp = Export(name, NodeBackend(io, fe, bms, self._discard_unmap(node)), writable, desc,
-                     tuple(bms), multi_conn=self._nbd.max_connections != 1)
+        backend = NodeBackend(io, fe, bms, self._discard_unmap(node),
+                              lambda: self._detect_zeroes(fe.node))
+        exp = Export(name, backend, writable, desc, tuple(bms),
+                     multi_conn=self._nbd.max_connections != 1)
         be = BlockExport(eid, node, exp, fe, list(bms.values()))
         exp.on_gone = lambda _e: self._export_gone(be)
         self._exports[eid] = be
@@ -349,6 +365,14 @@ class ExportCommands:
             if mn is not None:
                 return bool(mn.unmap)
         return False
+
+    def _detect_zeroes(self, node: Node) -> str:
+        """The exported node's ``detect-zeroes`` (as ``_discard_unmap``)."""
+        for n in (node, node.below_filters()):
+            mn = self.nodes.get(n.name)
+            if mn is not None:
+                return str(mn.detect_zeroes)
+        return "off"
 
     def _export_gone(self, be: BlockExport) -> None:
         """The export's last client left after its removal (in the thread

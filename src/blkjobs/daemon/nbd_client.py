@@ -1,13 +1,12 @@
 """``blockdev-add`` of an ``nbd`` node in ``blkjobs serve``: QEMU's arguments
 (``server``: ``{"type": "unix", "path"}`` or ``{"type": "inet", "host",
-"port"}``, ``export``, ``open-timeout``), opened with the ``nbd`` driver of
+"port"}``, ``export``, ``open-timeout``, ``reconnect-delay``), opened with the ``nbd`` driver of
 :mod:`blkjobs.formats.nbd`. The node is a protocol node as in QEMU (``drv``
 ``nbd``, no file node below it); jobs use it directly as a source or target.
 
 Not supported, refused with one line: ``tls-creds`` (blkjobs serve has no
 ``object-add`` for credentials objects; the command line's ``nbds://`` URIs
-take a certificates directory), ``reconnect-delay`` other than 0 (the
-client does not reconnect), ``x-dirty-bitmap``.
+take a certificates directory), ``x-dirty-bitmap``.
 """
 from __future__ import annotations
 
@@ -24,8 +23,6 @@ def open_node(cmds: Any, opts: dict[str, Any], ro: bool) -> Node:
     from ..formats.nbd import Nbd, qmp_uri
     if "tls-creds" in opts:
         raise QMPError(f"No TLS credentials with id '{opts['tls-creds']}'")
-    if opts.get("reconnect-delay", 0):
-        raise QMPError("blkjobs: the nbd driver does not reconnect ('reconnect-delay' must be 0)")
     if "x-dirty-bitmap" in opts:
         raise QMPError("blkjobs does not support 'x-dirty-bitmap' for driver 'nbd'")
     name = opts.get("node-name")
@@ -36,7 +33,8 @@ def open_node(cmds: Any, opts: dict[str, Any], ro: bool) -> Node:
     server = opts["server"]
     try:
         uri = qmp_uri(server, opts.get("export"))
-        drv = Nbd(uri, read_only=ro, timeout=float(timeout) if timeout else None)
+        drv = Nbd(uri, read_only=ro, timeout=float(timeout) if timeout else None,
+                  reconnect_delay=float(opts.get("reconnect-delay", 0)))
     except NbdConnectError as e:
         if not e.socket:
             raise QMPError(str(e)) from None

@@ -123,6 +123,9 @@ class Driver(abc.ABC):
     * ``wants_events``: the job data path raises blkdebug events for this
       driver even without break points (QEMU's blkdebug rules,
       :mod:`blkjobs.jobs.blkdebug_qemu`);
+    * ``parallel_reads``: :meth:`readinto` is plain preads that keep no
+      state a write changes, so reads may run outside the graph's I/O lock
+      and in parallel (raw); False where reads share state (qcow2's L2 cache);
     * ``is_filter``: False; the graph's filter nodes have a
       :class:`blkjobs.graph.node.FilterDriver` (True) instead of an image
       driver.
@@ -139,6 +142,7 @@ class Driver(abc.ABC):
     protocol: str = "file"
     wants_events: bool = False
     is_filter: bool = False
+    parallel_reads: bool = False
     #: the guest data is encrypted (luks, qcow2 encrypt.format=luks|aes):
     #: never read or written at host offsets, only through the driver
     encrypted: bool = False

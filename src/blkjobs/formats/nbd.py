@@ -21,13 +21,24 @@ requests on that connection (see :mod:`blkjobs.native.nbd`).
 Timeouts: a server that says nothing for ``timeout`` seconds (default 30,
 ``BLKJOBS_NBD_TIMEOUT``) fails the request with ETIMEDOUT. After any failure
 the driver is broken: its connections are closed and every later request
-raises the first error (no reconnection).
+raises the first error.
+
+Reconnection (``reconnect_delay`` > 0, QEMU's ``reconnect-delay``): a request
+whose connection was lost (reset, closed, broken pipe: not a server's error
+reply, not a timeout) waits while the driver connects again -- a new
+libnbd handle to the same URI, tried every ``RECONNECT_INTERVAL`` s -- and
+is sent again on it; the new export must have the same size. When no
+connection succeeds within ``reconnect_delay`` seconds the request fails
+with EIO (as in QEMU: a job reports ``Input/output error``) and a text that
+says so, and the driver is broken as above (QEMU goes
+on trying in the background and later requests may succeed again).
 """
 from __future__ import annotations
 
 import errno
 import os
 import threading
+import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import ImageError, UsageError
@@ -41,6 +52,11 @@ DEFAULT_CONNECTIONS = 4
 #: clients (qemu-nbd's default --shared=1) never answers it
 EXTRA_CONNECT_TIMEOUT = 2.0
 _ZEROES = bytes(1 << 20)
+#: seconds between two connection attempts while reconnecting
+RECONNECT_INTERVAL = 0.05
+#: a request failed with these: its connection is gone (reconnection may help)
+_LOST = {errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE, errno.ESHUTDOWN,
+         errno.ECONNABORTED}
 
 
 def is_nbd_uri(name: str) -> bool:
@@ -108,10 +124,12 @@ class Nbd(Driver):
     host_file = False
     cluster_size = 0
     fd = -1
+    #: readinto takes a connection of the pool: several threads may read
+    parallel_reads = True
 
     def __init__(self, uri: str, read_only: bool = True, timeout: float | None = None,
                  tls_certificates: str | None = None,
-                 connections: int = DEFAULT_CONNECTIONS):
+                 connections: int = DEFAULT_CONNECTIONS, reconnect_delay: float = 0.0):
         from ..native.nbd import Connection
         self.uri = uri
         self.filename = display_name(uri)
@@ -132,6 +150,7 @@ class Nbd(Driver):
         self._broken: OSError | None = None
         self._closed = False
         self._unsafe = False
+        self.reconnect_delay = reconnect_delay
         if c0.can_multi_conn:
             self._more(connections - 1)
 
@@ -173,7 +192,13 @@ class Nbd(Driver):
         it."""
         c = self._take()
         try:
-            return fn(c, *args)
+            while True:
+                try:
+                    return fn(c, *args)
+                except OSError as e:
+                    if not self.reconnect_delay or e.errno not in _LOST or self._closed:
+                        raise
+                    c = self._reconnect(c, e)
         except OSError as e:
             with self._cond:
                 if self._broken is None:
@@ -187,6 +212,35 @@ class Nbd(Driver):
                 else:
                     self._free.append(c)
                 self._cond.notify_all()
+
+    def _reconnect(self, lost, why: OSError):
+        """A new connection in place of ``lost`` (whose request failed with
+        ``why``), tried until ``reconnect_delay`` seconds have passed; then
+        the error says what happened."""
+        from ..native.nbd import Connection
+        lost.close()
+        with self._cond:
+            if lost in self._all:
+                self._all.remove(lost)
+        deadline = time.monotonic() + self.reconnect_delay
+        while True:
+            try:
+                c = Connection(self.uri, self._timeout, self._tls)
+            except ImageError as e:
+                left = deadline - time.monotonic()
+                if left <= 0:       # EIO, as QEMU fails the delayed requests
+                    raise OSError(errno.EIO, f"{why.strerror}; no reconnection within "
+                                             f"reconnect-delay ({self.reconnect_delay:g} s): "
+                                             f"{e}") from None
+                time.sleep(min(RECONNECT_INTERVAL, left))
+                continue
+            if c.size != self._size:
+                c.close()
+                raise OSError(errno.EIO, f"{why.strerror}; the export reconnected to has "
+                                         f"another size ({c.size} bytes, was {self._size})")
+            with self._cond:
+                self._all.append(c)
+            return c
 
     def _close_idle(self) -> None:
         """Close the connections nobody uses (the lock held)."""

@@ -38,6 +38,7 @@ _ZEROES = bytes(1 << 20)
 class Raw(Driver):
     format_name = "raw"
     cluster_size = 0
+    parallel_reads = True
 
     def __init__(self, path: str, read_only: bool = True):
         self.filename = path

@@ -13,7 +13,8 @@ and everything guest I/O and the jobs share below the job core:
   travels down the chain of filter nodes above the image node, each
   filter's :meth:`~.frontend.Filter.write` passing it to its ``next``
   (nbdkit's filters, QEMU's ``bs->file``), then marks the node's dirty
-  bitmaps;
+  bitmaps; a read of a raw node runs outside the lock, tracked in flight
+  (``NodeState.reading``: writes to its range, quiesce and close wait);
 * **filters** (:meth:`add_filter`, :meth:`remove_filter`,
   :meth:`above_filters`, :meth:`filter_of`) and **repointing** parents
   (:meth:`repoint`, :meth:`undo_repoint`: a mirror's pivot);
@@ -35,13 +36,9 @@ Read API for the layers above (the daemon): :meth:`frontends`,
 :meth:`filter_of`, :meth:`above_filters`, :meth:`bitmaps_of`,
 :meth:`cache_unsafe`, ``Node.claimed_by``; all take the lock themselves or
 are plain reads of one attribute.
-
-Moved here from ``jobs/engine.py`` (the ``Engine``'s internal half) and
-``jobs/base.py`` (``InFlight``).
 """
 from __future__ import annotations
 
-import bisect
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -49,62 +46,11 @@ from typing import Any
 from ..errors import JobError
 from .dirty_bitmap import DirtyBitmap as DirtyBitmap  # re-exported (blkjobs.DirtyBitmap)
 from .frontend import Filter, Frontend, WriteRequest
+from .inflight import InFlight as InFlight  # re-exported (the jobs' import)
+from .inflight import Reads
 from .node import Graph, Node
 from .pbitmap import add_persistent, load_persistent, store_persistent
 from .perm import Perm
-
-
-class InFlight:
-    """Guest ranges a job is copying right now. All methods need the I/O
-    lock (``cond``) held; :meth:`wait_clear` releases it while waiting.
-
-    Every guest write asks :meth:`busy`, and a mirror batch may hold a
-    thousand scattered granules, so the ranges are kept sorted (bisect):
-    add/remove cost O(log n) plus a memmove, ``busy`` looks only at the
-    ranges that can reach the request (starts within the longest length)."""
-
-    def __init__(self, cond: threading.Condition):
-        self.cond = cond
-        self._sorted: list[tuple[int, int]] = []   # (start, end), duplicates allowed
-        self._longest = 0
-        self.total = 0                              # bytes in flight
-
-    @property
-    def ranges(self) -> list[tuple[int, int]]:
-        return list(self._sorted)
-
-    @property
-    def count(self) -> int:
-        """Ranges in flight (zero-length ones too)."""
-        return len(self._sorted)
-
-    def add(self, start: int, length: int) -> tuple[int, int]:
-        r = (start, start + length)
-        bisect.insort(self._sorted, r)
-        self._longest = max(self._longest, length)
-        self.total += length
-        return r
-
-    def remove(self, r: tuple[int, int]) -> None:
-        i = bisect.bisect_left(self._sorted, r)
-        if i == len(self._sorted) or self._sorted[i] != r:
-            raise ValueError(f"range {r} is not in flight")
-        del self._sorted[i]
-        self.total -= r[1] - r[0]
-        if not self._sorted:
-            self._longest = 0
-        self.cond.notify_all()
-
-    def busy(self, start: int, length: int) -> bool:
-        end = start + length
-        rs = self._sorted
-        i = bisect.bisect_left(rs, (start - self._longest + 1, 0))
-        j = bisect.bisect_left(rs, (end, 0))
-        return any(e > start for _, e in rs[i:j])
-
-    def wait_clear(self, start: int, length: int) -> None:
-        while self.busy(start, length):
-            self.cond.wait(1.0)
 
 
 class NodeState:
@@ -113,7 +59,7 @@ class NodeState:
     ``id(node)`` key can: ids are reused once a node is freed)."""
 
     __slots__ = ("unsafe", "filter", "bitmaps", "loaded", "quiesced", "unfilled",
-                 "writing", "serial", "write_waiters")
+                 "writing", "reading", "serial", "write_waiters")
 
     def __init__(self) -> None:
         #: opened cache=unsafe: never fsync'ed
@@ -132,11 +78,23 @@ class NodeState:
         #: guest writes being done on the node (they passed every filter;
         #: one may be suspended inside the driver, the I/O lock let go)
         self.writing: InFlight | None = None
+        #: guest reads being done on the node outside the I/O lock
+        #: (:meth:`BlockIO.guest_read`): writes landing in their range and
+        #: closing the node wait for them
+        self.reading: Reads | None = None
         #: ranges jobs are copying into the node (:meth:`BlockIO.serialize`):
         #: a guest write reaching the node waits until they landed
         self.serial: list[InFlight] = []
         #: jobs waiting in :meth:`BlockIO.wait_writes` right now
         self.write_waiters = 0
+
+    def before_close(self) -> None:
+        """The node is being closed (``Node.close``): reads still in flight
+        on it end first (they read its file descriptor)."""
+        r = self.reading
+        if r is not None:
+            with r.cond:
+                r.drain()
 
 
 def state(node: Node) -> NodeState:
@@ -155,6 +113,15 @@ def _unfilled(node: Node) -> InFlight | None:
 def _quiesced(node: Node) -> int:
     st = node.io_state
     return st.quiesced if st is not None else 0
+
+
+def _parallel(node: Node) -> bool:
+    """Reads of ``node`` may run outside the I/O lock: its driver's reads
+    change no state of it (``Driver.parallel_reads``: raw files, NBD
+    nodes), and no blkdebug rule applies to it."""
+    d = node.driver
+    return (bool(getattr(d, "parallel_reads", False))
+            and not getattr(d, "injects_faults", False))
 
 
 def _levels(node: Node) -> list[Node]:
@@ -236,9 +203,44 @@ class BlockIO:
                     if node is None or f.node is node or f.node.below_filters() is node]
 
     def guest_read(self, fe: Frontend, offset: int, buf: bytearray | memoryview) -> None:
+        """A front end's read: it waits for clusters a job allocated in its
+        range and has not filled, then reads the image node below the
+        filters. Where every node of the chain may (:func:`_parallel`: raw
+        files, NBD nodes) it reads outside the I/O lock, tracked in each node's
+        ``NodeState.reading`` meanwhile: a write landing in its range
+        (:meth:`_land`), a pivot (:meth:`quiesce`) and closing the node
+        (``Node.close``) wait for it, so the node stays open and the bytes
+        stable under the read. Elsewhere (qcow2: its L2 cache and
+        allocations are state a write changes) it reads under the lock."""
+        n = len(buf)
         with self.lock:
-            self.wait_filled(_levels(fe.node)[-1], offset, len(buf))
-            fe.node.readinto(offset, buf)
+            img = _levels(fe.node)[-1]
+            self.wait_filled(img, offset, n)
+            chain = img.chain()
+            if not all(_parallel(x) for x in chain):
+                img.readinto(offset, buf)
+                return
+            tracked = [(r, r.add(offset, n)) for r in map(self._reads, chain)]
+        try:
+            img.readinto(offset, buf)
+        finally:
+            with self.lock:
+                for r, t in tracked:
+                    r.remove(t)
+
+    def _reads(self, node: Node) -> Reads:
+        st = state(node)
+        if st.reading is None:
+            st.reading = Reads(self.lock)
+        return st.reading
+
+    def wait_reads(self, node: Node) -> None:
+        """Wait until the reads in flight on ``node`` now (outside the I/O
+        lock, :meth:`guest_read`) are done; later ones are not waited for."""
+        with self.lock:
+            st = node.io_state
+            if st is not None and st.reading is not None:
+                st.reading.drain()
 
     def guest_flush(self, fe: Frontend) -> None:
         with self.lock:
@@ -297,7 +299,8 @@ class BlockIO:
 
     def _land(self, node: Node, req: WriteRequest, do: Callable[[Node], None]) -> None:
         """The image node does ``req``: QEMU's serialising requests. It waits
-        while a job copies into an overlapping range (:meth:`serialize`),
+        while a job copies into an overlapping range (:meth:`serialize`) or
+        a guest read of it is in flight outside the lock (:meth:`guest_read`),
         then is tracked in ``writing`` until done, so a job about to copy a
         range waits for it (:meth:`wait_writes`) even when it is suspended
         inside the driver with the I/O lock let go (a break point now; slow
@@ -306,7 +309,8 @@ class BlockIO:
         between its filter and the driver, and land over the guest's data."""
         st = state(node)
         off, n = req.offset, req.length
-        while any(s.busy(off, n) for s in st.serial):
+        while (any(s.busy(off, n) for s in st.serial)
+               or (st.reading is not None and st.reading.busy(off, n))):
             self.lock.wait(1.0)
         writing = st.writing
         if writing is None:
@@ -441,10 +445,12 @@ class BlockIO:
         """Hold off front-end writes to ``node`` (nested) until :meth:`unquiesce`.
         When it returns no write is in progress on ``node``: writes already
         past the check (one may be suspended inside the driver, the lock let
-        go) are waited for, as QEMU's drain waits for requests in flight."""
+        go) are waited for, and so are reads in flight outside the lock, as
+        QEMU's drain waits for requests in flight."""
         with self.lock:
             state(node).quiesced += 1
             self.wait_writes(_levels(node)[-1])
+            self.wait_reads(_levels(node)[-1])
 
     def unquiesce(self, node: Node) -> None:
         with self.lock:

@@ -538,6 +538,8 @@ class Node:
         """Close this node and drop it from the graph (its backing node stays)."""
         if self._closed:
             return
+        if self.io_state is not None:       # reads outside the I/O lock end first
+            self.io_state.before_close()
         if self.backing_perm is not None:
             self.backing_perm.release()
             self.backing_perm = None

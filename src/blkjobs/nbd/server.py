@@ -19,11 +19,12 @@ server spent most of its time there and read 4x slower than qemu-nbd).
   client still haggling after ``handshake_timeout`` seconds is dropped.
 * **Transmission** (:mod:`.transmission`): READ, WRITE (FUA), FLUSH, TRIM,
   WRITE_ZEROES (NO_HOLE, FAST_ZERO), BLOCK_STATUS (REQ_ONE), CACHE, DISC;
-  simple or structured replies. A client's requests are served in order, so
-  it holds at most one request's payload: at most ``MAX_BUFFER_SIZE``
-  (qemu-nbd's 32 MiB) -- a larger read gets ``EINVAL``, a larger write
-  closes the connection, as in qemu-nbd. Several clients (multi-conn) are
-  served in parallel.
+  simple or structured replies. Up to ``workers`` requests of a client are
+  served at once, by threads of its connection (replies in the order they
+  are ready), so it holds at most that many payloads of at most
+  ``MAX_BUFFER_SIZE`` (qemu-nbd's 32 MiB) -- a larger read gets ``EINVAL``,
+  a larger write closes the connection, as in qemu-nbd. Several clients
+  (multi-conn) are served in parallel.
 """
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ log = logging.getLogger(__name__)
 
 #: QEMU's default handshake-max-seconds
 HANDSHAKE_SECONDS = 10.0
+#: requests of one connection served at once (benchmarks/README.md);
+#: ``BLKJOBS_NBD_WORKERS=N`` in the environment overrides it
+WORKERS = 4
+
+
+def default_workers() -> int:
+    v = os.environ.get("BLKJOBS_NBD_WORKERS", "")
+    return int(v) if v.isdigit() and int(v) > 0 else WORKERS
 
 
 class Backend(Protocol):
@@ -113,11 +122,13 @@ class NBDServer:
     ``tls``: a server-side :class:`ssl.SSLContext` (clients must STARTTLS);
     ``max_connections``: 0 for no limit; at the limit the server stops
     accepting (as QEMU): more clients wait in the listen queue until one
-    leaves."""
+    leaves. ``workers``: requests of one connection served at once (1: in
+    order, in the connection's thread; TLS connections always)."""
 
     def __init__(self, tls: ssl.SSLContext | None = None, max_connections: int = 0,
-                 handshake_timeout: float = HANDSHAKE_SECONDS):
+                 handshake_timeout: float = HANDSHAKE_SECONDS, workers: int | None = None):
         self.tls = tls
+        self.workers = default_workers() if workers is None else workers
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.lock = threading.Lock()        # exports, connections, export clients
@@ -259,6 +270,8 @@ class Connection:
         #: the export those contexts were negotiated for
         self.contexts_export: str | None = None
         self.closing = False
+        #: a reply goes out whole (several workers send on one connection)
+        self._send_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="nbd-client", daemon=True)
 
     def abort(self) -> None:
@@ -281,6 +294,10 @@ class Connection:
             pos += k
 
     def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        with self._send_lock:
+            self._send(parts)
+
+    def _send(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
         if len(parts) > 1 and not isinstance(self.sock, ssl.SSLSocket):
             total = sum(len(p) for p in parts)
             sent = self.sock.sendmsg(parts)

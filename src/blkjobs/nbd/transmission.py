@@ -7,11 +7,25 @@ write, trim or zeroing on a read-only export (qemu-nbd answers EINVAL
 there, not EPERM) and an unknown command or flag;
 ``BLOCK_STATUS`` needs structured replies and at least one meta context.
 Backend errors are sent as their errno when the protocol has it, else EIO.
+
+Concurrency: the connection's thread reads the requests (a write's payload
+too) and hands each to a pool of ``server.workers`` threads of the
+connection, which serve it and send its reply; replies go out in the order
+they are ready, each whole under the connection's send lock (NBD matches
+them by handle). At most ``workers`` requests are being served at once, so
+a client holds at most that many payloads (each at most
+``MAX_BUFFER_SIZE``) plus the one being read. On ``DISC`` or EOF the
+requests being served are finished (their replies sent) before the
+connection closes. ``workers=1`` and TLS connections (an ``ssl`` socket
+cannot send and receive from two threads at once) serve one request at a
+time in the connection's thread.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import struct
+import threading
 from . import proto as P
 from .handshake import Connection, Export
 from .proto import MAX_EXTENTS, NBDRequestError
@@ -30,6 +44,23 @@ _FLAGS = {
     P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
     P.CMD_BLOCK_STATUS: P.CMD_FLAG_REQ_ONE,
 }
+
+
+#: a thread keeps its read buffer up to this size (larger reads get their own)
+_KEEP_BUFFER = 4 << 20
+_buffers = threading.local()
+
+
+def _read_buffer(length: int) -> memoryview:
+    """A buffer for a read's data, reused by the thread's next read (the
+    reply is sent before it): a fresh 256 KiB bytearray per request costs
+    page faults (malloc maps it) and zeroing."""
+    if length > _KEEP_BUFFER:
+        return memoryview(bytearray(length))
+    b: bytearray | None = getattr(_buffers, "buf", None)
+    if b is None or len(b) < length:
+        b = _buffers.buf = bytearray(max(length, 256 << 10))
+    return memoryview(b)[:length]
 
 
 def _wire_errno(e: BaseException) -> tuple[int, str]:
@@ -70,23 +101,84 @@ def _send_error(conn: Connection, handle: int, err: int, msg: str) -> None:
         conn.send(P.simple_reply(handle, err))
 
 
+#: a request as read: (flags, cmd, handle, offset, length, write payload)
+_Req = tuple[int, int, int, int, int, "bytearray | None"]
+
+
+def _read_request(conn: Connection, hdr: bytearray) -> _Req | None:
+    """The next request (None: DISC, a bad magic, or a write too large to
+    skip: the connection ends, as in qemu-nbd)."""
+    conn.recv_into(memoryview(hdr))
+    magic, flags, cmd, handle, offset, length = P.REQUEST.unpack(hdr)
+    if magic != P.REQUEST_MAGIC or cmd == P.CMD_DISC:
+        return None
+    data = None
+    if cmd == P.CMD_WRITE:
+        if length > P.MAX_BUFFER_SIZE:
+            return None
+        data = bytearray(length)
+        conn.recv_into(memoryview(data))
+    return flags, cmd, handle, offset, length, data
+
+
 def serve(conn: Connection, exp: Export) -> None:
     """Requests until DISC or EOF (raised as EOFError/OSError)."""
     hdr = bytearray(P.REQUEST.size)
-    while not conn.closing:
-        conn.recv_into(memoryview(hdr))
-        magic, flags, cmd, handle, offset, length = P.REQUEST.unpack(hdr)
-        if magic != P.REQUEST_MAGIC:
-            return
-        if cmd == P.CMD_DISC:
-            return
-        data = None
-        if cmd == P.CMD_WRITE:
-            if length > P.MAX_BUFFER_SIZE:
-                return              # cannot skip it safely: hang up, as qemu-nbd
-            data = bytearray(length)
-            conn.recv_into(memoryview(data))
-        _request(conn, exp, flags, cmd, handle, offset, length, data)
+    workers = conn.server.workers
+    if workers <= 1 or conn.tls_done:
+        while not conn.closing:
+            req = _read_request(conn, hdr)
+            if req is None:
+                return
+            _request(conn, exp, *req)
+        return
+    pool = _Workers(conn, exp, workers)
+    try:
+        while not conn.closing:
+            req = _read_request(conn, hdr)
+            if req is None:
+                return
+            pool.submit(req)
+    finally:
+        pool.close()
+
+
+class _Workers:
+    """The threads serving one connection's requests (see the module
+    docstring). A worker whose reply cannot be sent drops the connection."""
+
+    def __init__(self, conn: Connection, exp: Export, n: int):
+        self.conn, self.exp = conn, exp
+        self.slots = threading.Semaphore(n)
+        self.todo: queue.SimpleQueue[_Req | None] = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._run, name="nbd-worker", daemon=True)
+                        for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, req: _Req) -> None:
+        self.slots.acquire()        # at most n requests (and payloads) at once
+        self.todo.put(req)
+
+    def close(self) -> None:
+        """Finish the requests handed out, then stop the threads."""
+        for _ in self.threads:
+            self.todo.put(None)
+        for t in self.threads:
+            t.join()
+
+    def _run(self) -> None:
+        while (req := self.todo.get()) is not None:
+            try:
+                if not self.conn.closing:
+                    _request(self.conn, self.exp, *req)
+            except (EOFError, OSError):
+                self.conn.abort()       # the reply cannot go out: the client is gone
+            except Exception:
+                log.exception("NBD request failed")
+                self.conn.abort()
+            finally:
+                self.slots.release()
 
 
 def _request(conn: Connection, exp: Export, flags: int, cmd: int, handle: int,
@@ -96,9 +188,9 @@ def _request(conn: Connection, exp: Export, flags: int, cmd: int, handle: int,
     try:
         _check(exp, conn, flags, cmd, offset, length)
         if cmd == P.CMD_READ:
-            buf = bytearray(length)
+            buf = _read_buffer(length)
             if length:
-                be.readinto(offset, memoryview(buf))
+                be.readinto(offset, buf)
             if conn.structured:
                 conn.send(P.chunk_header(handle, P.REPLY_TYPE_OFFSET_DATA, 8 + length)
                           + struct.pack(">Q", offset), buf)

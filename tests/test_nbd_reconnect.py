@@ -1,0 +1,139 @@
+"""Client reconnection: a ``blockdev-add driver=nbd`` node with QEMU's
+``reconnect-delay``. When qemu-nbd goes away and comes back on the same
+socket within the delay, I/O on the node resumes (a read through an export
+of the node waits, then returns the data); past the delay the request fails
+with one error that says so. Every step waits for an event (a socket
+appearing, a connection accepted, a process's output), never for time."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import subprocess
+
+import pytest
+
+from daemon_util import run_daemon, side_by_side, start_blkjobs
+from test_nbd_client import Server, _need, qio
+
+WAIT = 60.0
+MiB = 1 << 20
+
+
+def _image(tmp_path) -> str:
+    img = str(tmp_path / "d.raw")
+    with open(img, "wb") as f:
+        f.truncate(4 * MiB)
+    qio("raw", img, "write -P 0x5a 0 4M")
+    return img
+
+
+def _qemu_nbd(img: str, sock: str) -> Server:
+    return Server([_need("qemu-nbd"), "-k", sock, "-f", "raw", "-t", "-e", "8", img], sock)
+
+
+def _stop(s: Server, sock: str) -> None:
+    s.stop()
+    if os.path.exists(sock):
+        os.unlink(sock)
+
+
+def _qemu_io_read(uri: str) -> subprocess.Popen:
+    return subprocess.Popen([_need("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x5a 0 1M",
+                             uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_io_resumes_when_the_server_comes_back_within_the_delay(tmp_path):
+    img = _image(tmp_path)
+    sock = str(tmp_path / "q.sock")
+    exp = str(tmp_path / "e.sock")
+    uri = f"nbd+unix:///r?socket={exp}"
+    servers = [_qemu_nbd(img, sock)]
+
+    async def scenario(q, d):
+        await q.x("blockdev-add", driver="nbd", **{"node-name": "r", "reconnect-delay": 30},
+                  server={"type": "unix", "path": sock})
+        await q.x("nbd-server-start", addr={"type": "unix", "data": {"path": exp}})
+        await q.x("block-export-add", type="nbd", id="e", **{"node-name": "r"})
+        out = []
+        first = await asyncio.to_thread(lambda: _qemu_io_read(uri).communicate(timeout=WAIT))
+        out.append(first[0])
+        _stop(servers.pop(), sock)
+
+        def outage() -> str:
+            # the server is gone; a stand-in listens on its socket, so the
+            # daemon's reconnection attempt is seen (accepted, then dropped)
+            stand_in = socket.socket(socket.AF_UNIX)
+            stand_in.bind(sock)
+            stand_in.listen(1)
+            stand_in.settimeout(WAIT)
+            reader = _qemu_io_read(uri)
+            conn, _ = stand_in.accept()         # the read is waiting for a connection
+            conn.close()
+            stand_in.close()
+            os.unlink(sock)
+            servers.append(_qemu_nbd(img, sock))      # back on the same socket
+            return reader.communicate(timeout=WAIT)[0]
+        out.append(await asyncio.to_thread(outage))
+        await q.x("block-export-del", id="e", mode="hard")
+        await q.until("BLOCK_EXPORT_DELETED")
+        await q.x("nbd-server-stop")
+        await q.x("blockdev-del", **{"node-name": "r"})
+        return out
+
+    try:
+        first, resumed = run_daemon(lambda d: start_blkjobs(d), tmp_path, scenario)
+    finally:
+        for s in servers:
+            s.stop()
+    assert "read 1048576/1048576 bytes at offset 0" in first, first
+    assert "read 1048576/1048576 bytes at offset 0" in resumed, resumed
+    assert "fail" not in resumed.lower(), resumed
+
+
+async def past_the_delay(q, d) -> dict:
+    """qemu-nbd stops; a backup reads the node: the job fails once the delay
+    has passed."""
+    img = _image(d)
+    sock = str(d / "q.sock")
+    tgt = str(d / "t.raw")
+    with open(tgt, "wb") as f:
+        f.truncate(4 * MiB)
+    server = _qemu_nbd(img, sock)
+    try:
+        await q.x("blockdev-add", driver="nbd", **{"node-name": "r", "reconnect-delay": 1},
+                  server={"type": "unix", "path": sock})
+        await q.x("blockdev-add", driver="raw", **{"node-name": "t"},
+                  file={"driver": "file", "filename": tgt})
+        await asyncio.to_thread(_stop, server, sock)
+        await q.x("blockdev-backup", device="r", target="t", sync="full", **{"job-id": "b"})
+        ev = (await q.until("BLOCK_JOB_COMPLETED", device="b"))[-1]
+        await q.x("blockdev-del", **{"node-name": "r"})
+    finally:
+        server.stop()
+    return {k: ev["data"].get(k) for k in ("error", "len", "type")}
+
+
+def test_past_the_delay_a_job_fails_as_in_qemu(tmp_path):
+    ref, ours = side_by_side(tmp_path, past_the_delay)
+    assert ours == ref
+    assert ours["error"] == "Input/output error"
+
+
+def test_past_the_delay_the_error_says_why(tmp_path):
+    from blkjobs.formats.nbd import Nbd
+    img = _image(tmp_path)
+    sock = str(tmp_path / "q.sock")
+    server = _qemu_nbd(img, sock)
+    try:
+        drv = Nbd(f"nbd+unix:///?socket={sock}", reconnect_delay=0.5)
+        assert drv.read(0, 512) == b"\x5a" * 512
+        _stop(server, sock)
+        with pytest.raises(OSError) as e:
+            drv.read(0, 512)
+        drv.close()
+    finally:
+        server.stop()
+    assert e.value.errno == errno.EIO
+    assert "; no reconnection within reconnect-delay (0.5 s): Could not open" in str(e.value)
