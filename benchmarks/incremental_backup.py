@@ -3,7 +3,7 @@
 qemu-storage-daemon's bitmap backup of the same change, in one run.
 
     python benchmarks/incremental_backup.py [--dir /var/tmp] [--size 16G]
-        [--data 2G] [--rounds 5] [--busy]
+        [--data 2G] [--rounds 5] [--busy] [--baseline BLKJOBS]
 
 Lays out a qcow2 image of ``--size`` (64 KiB clusters) holding ``--data`` of
 data in 64 MiB runs spread over the disk, adds a persistent dirty bitmap with
@@ -27,6 +27,8 @@ incremental targets are checked once: both hold exactly the changed clusters
 (``qemu-img map``), with the same data (``qemu-img compare`` of the two).
 Ratios are medians of per-round ratios (other / blkjobs incremental; > 1 means
 we are faster). ``--busy`` keeps every core busy with a spinning process.
+``--baseline BLKJOBS`` adds another blkjobs' incremental backup ("blkjobs
+before", checked like ours), to measure a change against main in one run.
 """
 from __future__ import annotations
 
@@ -90,9 +92,9 @@ def on_disk(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def run_blkjobs(args: list[str]) -> float:
+def run_blkjobs(args: list[str], blkjobs: list[str] = BLKJOBS) -> float:
     t = time.perf_counter()
-    sh(*BLKJOBS, *args)
+    sh(*blkjobs, *args)
     return time.perf_counter() - t
 
 
@@ -157,6 +159,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds (after a warm-up)")
     ap.add_argument("--busy", action="store_true", help="keep every core busy meanwhile")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--baseline", default=None, metavar="BLKJOBS",
+                    help="another blkjobs (e.g. the main branch's .venv/bin/blkjobs): "
+                         "its incremental backup as 'blkjobs before'")
     a = ap.parse_args()
     size, data = parse_size(a.size), parse_size(a.data)
     d = tempfile.mkdtemp(prefix="blkjobs-incbench-", dir=a.dir)
@@ -175,6 +180,12 @@ def main() -> None:
             "qsd incremental": lambda: run_qsd(img, q, size),
         }
         targets = {"blkjobs incremental": inc, "blkjobs full": full, "qsd incremental": q}
+        if a.baseline:
+            contenders["blkjobs before"] = lambda: run_blkjobs(
+                ["backup", "-t", "unsafe", "--sync", "bitmap", "--bitmap", "b0",
+                 "--bitmap-mode", "never", "-B", os.path.join(d, "base.qcow2"), img, inc],
+                [a.baseline])
+            targets["blkjobs before"] = inc
         names = list(contenders)
         times: dict[str, list[float]] = {n: [] for n in names}
         written: dict[str, int] = {}

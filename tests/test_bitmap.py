@@ -313,6 +313,7 @@ def test_copy_and_serialize_into_no_copies():
     (lambda: Bitmap(4096, 512).next_dirty_area(0, 0), "max_len must be > 0"),
     (lambda: Bitmap(4096, 512).take_dirty_area(0, 100), "smaller than the granularity"),
     (lambda: Bitmap(4096, 512).take_dirty_area(10, 512), "must be a multiple of 512"),
+    (lambda: Bitmap(4096, 512).take_dirty_areas(10, 512, 4), "must be a multiple of 512"),
     (lambda: Bitmap(4096, 512).merge(Bitmap(4096, 1024)), "bitmaps differ"),
     (lambda: Bitmap(4096, 512).subtract(Bitmap(4608, 512)), "bitmaps differ"),
     (lambda: Bitmap(4096, 512).merge(b"x"), "expected a Bitmap"),
@@ -443,3 +444,30 @@ def test_threads_hammer_counts_exact():
     rt.join()
     assert bm.to_bytes() == model.to_bytes()
     assert bm.count() == model.count()
+
+
+@pytest.mark.parametrize("offset, max_bytes, max_areas", [
+    (0, 2**40, 10**6), (0, 37 * 4096, 10**6), (64 * 4096, 2**40, 25), (0, 2**40, 1),
+    (1000 * 4096, 2**40, 10**6), (0, 4095, 10)])
+def test_take_dirty_areas_is_take_dirty_area_repeated(offset, max_bytes, max_areas):
+    """take_dirty_areas (a job's claim of scattered clusters in one call)
+    takes what take_dirty_area called again from the end of each area, with
+    what is left of the byte budget, would take, and leaves the same bitmap."""
+    import random
+    rnd = random.Random(11)
+    a, b = Bitmap(1024 * 4096, 4096), Bitmap(1024 * 4096, 4096)
+    for _ in range(300):
+        s, n = rnd.randrange(1024) * 4096, rnd.randrange(1, 4) * 4096
+        a.set(s, min(n, a.size - s))
+        b.set(s, min(n, b.size - s))
+    want: list[tuple[int, int]] = []
+    off, left = offset, max_bytes
+    while left >= 4096 and len(want) < max_areas:
+        area = b.take_dirty_area(off, left)
+        if area is None:
+            break
+        want.append(area)
+        left -= area[1]
+        off = area[0] + area[1]
+    assert a.take_dirty_areas(offset, max_bytes, max_areas) == want
+    assert list(a.areas()) == list(b.areas())

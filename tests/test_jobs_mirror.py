@@ -186,6 +186,13 @@ def test_ready_copies_only_the_sub_blocks_written(eng, tmp_path, monkeypatch, fm
     plan = Mover.plan
     monkeypatch.setattr(Mover, "plan", lambda self, off, n, st, undo=None:
                         planned.append((off, n)) or plan(self, off, n, st, undo))
+    many = Mover._plan_many
+
+    def plan_many(self, pieces, st, undo, items):      # several planned together
+        m = many(self, pieces, st, undo, items)
+        planned.extend(pieces[:m])
+        return m
+    monkeypatch.setattr(Mover, "_plan_many", plan_many)
     vm.write(2 * MiB + 4096 + 8192, b"\x5a" * 4096)   # data cluster: copied in place
     vm.write(3 * MiB + 128 * 1024 + 4096, b"\x5b" * 4096)   # a zero area of the target
     end = time.monotonic() + 20

@@ -235,6 +235,12 @@ class Driver(abc.ABC):
         allocation changed is appended, for :meth:`undo_allocate`."""
         raise self._unsupported("allocation")
 
+    def allocate_many(self, ranges: list[tuple[int, int]],
+                      undo: list | None = None) -> list[Mapping]:
+        """:meth:`allocate` of several ranges in increasing order (qcow2
+        takes their new clusters in one go)."""
+        return [m for o, n in ranges for m in self.allocate(o, n, undo)]
+
     def undo_allocate(self, undo: list) -> None:
         """Put back what :meth:`allocate` changed (``can_allocate``)."""
         raise self._unsupported("allocation")

@@ -60,9 +60,9 @@ class ChainConvert:
         self.py_done = 0           # bytes handled without the engine
         self.zfd = -1              # /dev/zero for -S 0
         self.allocated: list = []  # host runs handed out by Qcow2.allocate
-        self._pool: Any = None     # -c, zstd: the compressing threads
-        self._deflater: Any = None  # -c, zlib: the C compressor (_compress)
-        self._cbuf: memoryview | None = None   # -c: its input buffer
+        self._pool: Any = None     # -c: the compressing threads (zlib: one, calling C)
+        self._deflater: Any = None  # -c, zlib: the C compressors (_compress)
+        self._cbuf: memoryview | None = None   # -c: their input buffers
         self._zeros_z: dict[int, bytes] = {}     # -c -S 0: zero clusters, compressed
 
     # -- setup -----------------------------------------------------------
@@ -368,8 +368,10 @@ class ChainConvert:
     def _compress(self, a, b):
         """Compress [a, b) on ``-m`` threads, storing the clusters in order.
         zlib (QEMU's default): the C core compresses a chunk of clusters at a
-        time, no Python (nor GIL) per cluster; zstd: the codec's Python
-        binding on a thread pool (it releases the GIL)."""
+        time, no Python (nor GIL) per cluster, called from a thread of its
+        own so that chunk k+1 is read and compressed while chunk k is stored;
+        zstd: the codec's Python binding on a thread pool (it releases the
+        GIL)."""
         t = self.tg.t
         cs = t.cluster_size
         must_zero = t.backing_filename is not None or not self.target_zero
@@ -377,31 +379,50 @@ class ChainConvert:
         if t.ctype != 0:
             self._compress_pool_path(a, b, must_zero, chunk)
             return
-        from ..native.compress import ZERO, Deflater
+        from ..native.compress import Deflater
         if self._deflater is None:
-            # a stream of cs - 512 bytes or more is stored plain (write_compressed's rule)
-            self._deflater = Deflater(cs, chunk // cs, self.o.threads, max(0, cs - 513))
-        d = self._deflater
-        if self._cbuf is None:
-            self._cbuf = memoryview(bytearray(chunk))
-        buf = self._cbuf
-        pos = a
-        while pos < b:
-            k = min(chunk, b - pos)
-            self._read_src(pos, buf[:k])
-            work: list[tuple[int, memoryview, bytes | None]] = []
-            for i, n in enumerate(d.run(buf[:k])):
-                c = buf[i * cs:min(k, i * cs + cs)]
-                if n == ZERO and not self.o.sparse_size:   # -S 0: zeroes stored too
-                    work.append((pos + i * cs, c, self._zero_compressed(len(c))))
-                elif n == ZERO:
-                    work.append((pos + i * cs, c, None))
-                else:
-                    # a stream as long as the cluster: write_compressed stores it plain
-                    z = bytes(d.out[i * cs:i * cs + n]) if n else bytes(cs)
-                    work.append((pos + i * cs, c, z))
-            self._store_compressed(work, must_zero)
-            pos += k
+            # a stream of cs - 512 bytes or more is stored plain (write_compressed's
+            # rule); two of each: chunk k+1 compresses while chunk k is stored
+            self._deflater = [Deflater(cs, chunk // cs, self.o.threads, max(0, cs - 513))
+                              for _ in range(2)]
+            self._cbuf = memoryview(bytearray(2 * chunk))
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="compress")
+        assert self._cbuf is not None
+        pending = None
+        pos, j = a, 0
+        while pos < b or pending is not None:
+            nxt = None
+            if pos < b:
+                k = min(chunk, b - pos)
+                buf = self._cbuf[j * chunk:j * chunk + k]
+                self._read_src(pos, buf)
+                nxt = (pos, buf, self._deflater[j], self._pool.submit(self._deflater[j].run, buf))
+                pos += k
+                j ^= 1
+            if pending is not None:
+                self._store_deflated(*pending, must_zero)
+            pending = nxt
+
+    def _store_deflated(self, pos: int, buf: memoryview, d: Any, fut: Any,
+                        must_zero: bool) -> None:
+        """Store the chunk at ``pos`` once its Deflater ``d`` is done."""
+        from ..native.compress import ZERO
+        cs = self.tg.t.cluster_size
+        k = len(buf)
+        work: list[tuple[int, memoryview, bytes | None]] = []
+        for i, n in enumerate(fut.result()):
+            c = buf[i * cs:min(k, i * cs + cs)]
+            if n == ZERO and not self.o.sparse_size:   # -S 0: zeroes stored too
+                work.append((pos + i * cs, c, self._zero_compressed(len(c))))
+            elif n == ZERO:
+                work.append((pos + i * cs, c, None))
+            else:
+                # a stream as long as the cluster: write_compressed stores it plain
+                z = bytes(d.out[i * cs:i * cs + n]) if n else bytes(cs)
+                work.append((pos + i * cs, c, z))
+        self._store_compressed(work, must_zero)
 
     def _zero_compressed(self, n: int) -> bytes:
         """A cluster of ``n`` zero bytes, compressed (``-c -S 0`` stores them

@@ -197,16 +197,17 @@ class BackupJob(BlockJob):
         with self.io:
             wrapped = not self._pos
             while left >= self.cluster and len(areas) < CLAIM_AREAS:
-                area = self.copy_bm.take_dirty_area(self._pos, left)
-                if area is None:
+                got = self.copy_bm.take_dirty_areas(self._pos, left, CLAIM_AREAS - len(areas))
+                if not got:
                     if wrapped:
                         break
                     wrapped, self._pos = True, 0
                     continue
-                self.inflight.add(*area)
-                areas.append(area)
-                left -= area[1]
-                end = area[0] + area[1]
+                for a, n in got:
+                    self.inflight.add(a, n)
+                    left -= n
+                areas += got
+                end = got[-1][0] + got[-1][1]
                 self._pos = 0 if end >= self.size else end
                 if self._pos == 0:
                     if wrapped:

@@ -45,6 +45,7 @@ from ..jobmodel import Job
 from ..native.copy import COPY, COPY_SPARSE, CopyEngine, RunResult
 from ..native.ratelimit import TokenBucket
 from .blkdebug import quiet_breaks
+from .blockcopy_batch import _TOP_DATA, FAST_MAX, PLAN_BATCH, BatchPlanning
 from .blockcopy_writes import PLAN_CHUNK, Stats, TargetWrites
 from .ranges import Select, merge, subtract
 
@@ -54,10 +55,6 @@ JOB_CLUSTER = 64 * KiB
 #: Bytes handed to the engine per batch (the unit of progress and pausing).
 BATCH = 64 * MiB
 
-#: Ranges up to this size try :meth:`Mover._plan_fast` first.
-FAST_MAX = 2 * MiB
-#: What the fast path copies, as a block-status run for ``select``.
-_TOP_DATA = {"depth": 0, "present": True, "data": True, "zero": False}
 
 #: Planning holds the I/O lock for at most this much guest range, or this
 #: many areas (scattered granules: ~4 us each on the fast path), at a time.
@@ -93,7 +90,7 @@ class _Suspend(Exception):
         self.held = held
 
 
-class Mover(TargetWrites):
+class Mover(TargetWrites, BatchPlanning):
     """Moves guest ranges of ``src`` (read through its chain) into ``dst``.
 
     ``select`` classifies the source's runs (see :func:`select_full`,
@@ -377,7 +374,13 @@ class Mover(TargetWrites):
                 held = None
                 with self.io, quiet_breaks():
                     budget, k = PLAN_CHUNK, 0
+                    batch = len(pieces) - i > 1 and self._batchable()
                     while i < len(pieces) and k < PLAN_AREAS and budget > 0:
+                        if batch:
+                            m = self._batch(pieces[i:i + PLAN_BATCH], t, items)
+                            if m:
+                                i += m
+                                break       # one batch per hold of the lock
                         o, n = pieces[i]
                         undo: list[tuple[int, int, int, int]] = []
                         try:
@@ -387,10 +390,7 @@ class Mover(TargetWrites):
                             held = e.held
                             break
                         finally:    # before the lock is let go (also in a
-                            if undo:   # wait of the next plan): readers wait
-                                t.undo += undo
-                                t.unfilled += self.io.mark_unfilled(
-                                    self.dst, [(s, n) for s, n, _, _ in undo])
+                            self._keep_undo(t, undo)    # wait of the next plan)
                         budget -= n
                         i += 1
                         k += 1
@@ -424,6 +424,21 @@ class Mover(TargetWrites):
             with self._run_lock:
                 self._running.add(ce)
         return t
+
+    def _batch(self, pieces: list[tuple[int, int]], t: Ticket, items: list[tuple]) -> int:
+        """:meth:`_plan_many` into ticket ``t``: how many pieces it took."""
+        undo: list[tuple[int, int, int, int]] = []
+        try:
+            return self._plan_many(pieces, t.stats, undo, items)
+        finally:
+            self._keep_undo(t, undo)
+
+    def _keep_undo(self, t: Ticket, undo: list[tuple[int, int, int, int]]) -> None:
+        """What a planning's allocations made undefined goes with the batch;
+        readers wait for it until it lands (I/O lock held)."""
+        if undo:
+            t.undo += undo
+            t.unfilled += self.io.mark_unfilled(self.dst, [(s, n) for s, n, _, _ in undo])
 
     def throttled(self) -> bool:
         """The copy waits in the rate limiter: some requests do, and none is

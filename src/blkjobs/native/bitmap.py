@@ -216,6 +216,32 @@ class Bitmap:
         return self._area(lib.bj_bitmap_take_dirty_area, offset, max_len,
                           "take_dirty_area", explain)
 
+    def take_dirty_areas(self, offset: int, max_bytes: int,
+                         max_areas: int) -> list[tuple[int, int]]:
+        """take_dirty_area() repeatedly from ``offset`` on (each from where
+        the last one ended, with what is left of ``max_bytes`` as its
+        max_len): up to ``max_areas`` areas, until less than a granule is
+        left or nothing is dirty up to the end (no wrap). A job claiming a
+        thousand scattered clusters: one call, not a thousand."""
+        areas: list[tuple[int, int]] = []
+        left = _int("max_bytes", max_bytes)
+        out = ffi.new("uint64_t[2]")
+        b, fn, gran = self._b, lib.bj_bitmap_take_dirty_area, self._gran
+        off = _int("offset", offset)
+        while left >= gran and len(areas) < max_areas:
+            rc = fn(b, off, left, out, out + 1)
+            if rc <= 0:
+                if rc:
+                    self._check(rc, "take_dirty_area", lambda o=off: (
+                        f"offset {o} must be a multiple of {gran} "
+                        f"and at most size {self.size}"))
+                break
+            s, n = int(out[0]), int(out[1])
+            areas.append((s, n))
+            left -= n
+            off = s + n
+        return areas
+
     def areas(self, offset: int = 0, max_len: int | None = None
               ) -> Iterator[tuple[int, int]]:
         """Iterate over dirty areas ``(start, length)`` from ``offset`` to the

@@ -66,6 +66,66 @@ class Allocation(L2Tables):
         job.flush_need()
         return [Mapping(s, n, Kind.DATA, h) for s, n, h in job.runs]
 
+    def allocate_many(self, ranges: list[tuple[int, int]],
+                      undo: list[tuple[int, int, int, int]] | None = None) -> list[Mapping]:
+        """:meth:`allocate` for many cluster-aligned guest ranges, in
+        increasing guest order and not overlapping, in one call (an
+        incremental backup's scattered changed clusters): the clusters that
+        need new host clusters, over all the ranges, are taken in one
+        refcount allocation (one contiguous run at the end of the file when
+        possible) and their L2 entries set table by table. Returns the DATA
+        runs in guest order (a run may span adjacent ranges). Same contract
+        as :meth:`allocate` (every byte written before the next flush, or
+        put back; the metadata reaches the disk only at the flush, after the
+        data: the order data, refcounts, L2 is that of :meth:`flush`)."""
+        cs, cb = self.cluster_size, self.cb
+        job = _Pending(self, undo)
+        end = 0
+        for offset, length in ranges:
+            if offset < end:
+                raise UsageError(f"allocate: range {offset}+{length} is not after the "
+                                 "previous one")
+            end = offset + length
+            self._check_writable(offset, length)
+            if offset % cs or (length % cs and end != self.size):
+                raise UsageError(f"allocate: range {offset}+{length} is not cluster aligned")
+        try:
+            if self.extended:
+                for offset, length in ranges:
+                    for c in range(offset >> cb, -(-(offset + length) // cs)):
+                        old = self._alloc_one_cluster(job, c)
+                        if old is not None:
+                            job.note(c, 1, *old)
+            else:
+                self._alloc_many_std(job, ranges)
+        finally:
+            # clusters queued get their entries even when a later one failed
+            # (their old references are released already)
+            job.flush_need()
+        return [Mapping(s, n, Kind.DATA, h) for s, n, h in job.runs]
+
+    def _alloc_many_std(self, job: _Pending, ranges: list[tuple[int, int]]) -> None:
+        """allocate_many() with standard L2 entries: an unallocated cluster
+        (entry 0, the usual case) is queued after one look at its table
+        entry; any other goes through :meth:`_alloc_one_cluster`."""
+        cs, cb, l2e = self.cluster_size, self.cb, self.l2e
+        unpack, need, note = struct.unpack_from, job.need, job.note
+        l1i, t = -1, None
+        for offset, length in ranges:
+            for c in range(offset >> cb, -(-(offset + length) // cs)):
+                if c // l2e != l1i:
+                    l1i = c // l2e
+                    off = self._l2_offset(l1i)
+                    t = self._l2(off) if off else None
+                if t is None or not unpack(">Q", t, (c % l2e) << 3)[0]:
+                    need.append(c)
+                    note(c, 1)
+                    continue
+                old = self._alloc_one_cluster(job, c)
+                if old is not None:
+                    note(c, 1, *old)
+                l1i = -1        # it may have replaced (copied) or added a table
+
     def _alloc_fresh_span(self, job: _Pending, a: int, b: int) -> bool:
         """allocate() for guest clusters [a, b), inside one L2 table, when all
         their entries are zero (a fresh convert target): in bulk, one
@@ -181,12 +241,23 @@ class _Pending:
         """Give the queued guest clusters their new host clusters."""
         if not self.need:
             return
-        drv, cb = self.drv, self.drv.cb
-        it = iter(self.need)
+        drv, cb, l2e, esz = self.drv, self.drv.cb, self.drv.l2e, self.drv.esz
+        hosts: list[int] = []
         for c0, k in drv._rc().alloc(len(self.need)):
-            for i in range(k):
-                gc = next(it)
-                drv._set_entry(gc, ((c0 + i) << cb) | COPIED,
-                               ALL_ALLOC if drv.extended else 0)
-                self.add(gc << cb, (c0 + i) << cb, 1)
+            hosts += range(c0, c0 + k)
+        # the entries, table by table (the L2 tables are allocated, or copied
+        # when shared, after the data clusters: those stay contiguous)
+        fmt, ext = (">QQ", True) if drv.extended else (">Q", False)
+        l1i, t = -1, bytearray()
+        pack, add = struct.pack_into, self.add
+        for gc, hc in zip(self.need, hosts, strict=True):
+            if gc // l2e != l1i:
+                l1i = gc // l2e
+                t, toff = drv._l2_for_write(gc)
+                drv.l2dirty.add(toff)
+            if ext:
+                pack(fmt, t, (gc % l2e) * esz, (hc << cb) | COPIED, ALL_ALLOC)
+            else:
+                pack(fmt, t, (gc % l2e) * esz, (hc << cb) | COPIED)
+            add(gc << cb, hc << cb, 1)
         self.need.clear()
