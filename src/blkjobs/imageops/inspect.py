@@ -26,10 +26,51 @@ def info_raw(path: str) -> dict:
     fd = open_source(path)
     try:
         st = os.fstat(fd)
-        return {"virtual-size": fd_size(fd), "filename": path, "format": "raw",
+        return {"virtual-size": sector_size(fd_size(fd)), "filename": path, "format": "raw",
                 "actual-size": st.st_blocks * 512, "dirty-flag": False}
     finally:
         os.close(fd)
+
+
+def sector_size(size: int) -> int:
+    """A file's size as QEMU's block layer gives it (``bdrv_getlength``: a
+    whole number of 512-byte sectors, rounded up): ``qemu-img info`` and
+    ``map`` of a raw file of 65537 bytes show 66048."""
+    return -(-size // 512) * 512
+
+
+def _unaligned_raw(node) -> bool:
+    """A raw (or bare file) node on a host file whose size is not a whole
+    number of sectors."""
+    drv = node.driver
+    return node.format in ("raw", "file") and drv.host_file and drv.size % 512 != 0
+
+
+def _direct(path: str) -> bool:
+    """``--image-opts`` with ``cache.direct=on``: QEMU opens the file with
+    O_DIRECT and its block status rounds the data run at EOF up to a sector."""
+    if not is_spec(path):
+        return False
+    from ..graph.blockspec import parse_opts
+    try:
+        return parse_opts(path).get("cache.direct") in ("on", "true", "yes")
+    except Exception:       # not key=value (json:...): not a direct open we know of
+        return False
+
+
+def _eof_tail(path: str, size: int, end: int, last: dict | None) -> dict | None:
+    """The sectors' part past the end of an unaligned raw file up to ``end``:
+    QEMU's file driver reports it as a hole past EOF (zeroes), unless opened
+    with O_DIRECT, where the data run at EOF covers the whole sector. Returns
+    the entry to add (None: ``last`` was extended, or nothing to add)."""
+    if end <= size:
+        return None
+    if (last is not None and last["data"] and last["start"] + last["length"] == size
+            and _direct(path)):
+        last["length"] += end - size
+        return None
+    return {"start": size, "length": end - size, "depth": 0, "present": True, "zero": True,
+            "data": False, "compressed": False, "offset": size}
 
 
 def info_nbd(path: str) -> dict:
@@ -53,7 +94,7 @@ def _node_info(node) -> dict:
     if node.format == "qcow2" and drv.header.nb_snapshots:
         from ..formats.qcow2.snapshots import read_snapshots
         d["snapshots"] = [s.qapi() for s in read_snapshots(drv)]
-    d["virtual-size"] = drv.size
+    d["virtual-size"] = sector_size(drv.size) if _unaligned_raw(node) else drv.size
     d["filename"] = node.filename
     if drv.cluster_size:
         d["cluster-size"] = drv.cluster_size
@@ -116,7 +157,8 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
     The chain is locked as qemu-img map locks it (see :func:`.images.open_ro`)."""
     top = open_ro(path, fmt, force_share)
     try:
-        size = top.size
+        real = top.size
+        size = sector_size(real) if _unaligned_raw(top) else real
         end = size if length is None else min(size, start + length)
         if start < 0 or start > size:
             raise UsageError(f"invalid start offset {start}")
@@ -125,7 +167,9 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
         pos = start
         while pos < end:
             n = min(work, end - pos)
-            for e in top.block_status(pos, n):
+            runs = top.block_status(pos, min(n, real - pos)) if pos < real else []
+            tail = _eof_tail(path, max(pos, real), pos + n, runs[-1] if runs else last)
+            for e in runs + ([tail] if tail else []):
                 if last is not None and _joinable(last, e):
                     last["length"] += e["length"]
                     continue
