@@ -11,6 +11,7 @@ Differences from qemu-img 7.2 we know of (documented, tests allow them):
 """
 from __future__ import annotations
 
+import errno
 import os
 
 from ..errors import CheckNotSupported, UsageError
@@ -162,12 +163,15 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
         end = size if length is None else min(size, start + length)
         if start < 0 or start > size:
             raise UsageError(f"invalid start offset {start}")
-        names = [getattr(n.driver, "map_filename", n.filename) for n in top.chain()]
+        nodes = top.chain()
+        names = [getattr(n.driver, "map_filename", n.filename) for n in nodes]
+        prealloc: dict[int, bool] = {}
         last = None
         pos = start
         while pos < end:
             n = min(work, end - pos)
             runs = top.block_status(pos, min(n, real - pos)) if pos < real else []
+            runs = list(_preallocated_zeroes(runs, nodes, prealloc))
             tail = _eof_tail(path, max(pos, real), pos + n, runs[-1] if runs else last)
             for e in runs + ([tail] if tail else []):
                 if last is not None and _joinable(last, e):
@@ -182,6 +186,61 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
             yield last
     finally:
         top.close_chain()
+
+
+def metadata_preallocated(node) -> bool:
+    """QEMU's guess that a qcow2 image was made with preallocation=metadata
+    (``qcow2_detect_metadata_preallocation``): its file's clusters in use
+    (refcount not 0) are at least max(allocated / cluster * 10 / 9,
+    allocated / cluster + 2), allocated being the bytes the file system
+    gave the file. Then its block status asks the file about the data runs:
+    its holes read as zeroes."""
+    drv = node.driver
+    if node.format != "qcow2" or not drv.host_file or drv.encrypted:
+        return False
+    st = os.fstat(drv.fd)
+    cs = drv.cluster_size
+    real = st.st_blocks * 512 // cs
+    threshold = max(real * 10 // 9, real + 2)
+    rc = drv._rc()
+    count = 0
+    for c in range(-(-st.st_size // cs)):
+        if count >= threshold:
+            break
+        count += rc.get(c) != 0
+    return count >= threshold
+
+
+def _preallocated_zeroes(runs, nodes, known: dict[int, bool]):
+    """``runs`` with the data runs of a metadata-preallocated qcow2 layer
+    split by its file's data and holes (past EOF too): the parts in holes
+    are zero (and still data), as QEMU's block status says."""
+    for e in runs:
+        d = e["depth"]
+        if not e["data"] or e["zero"] or "offset" not in e or d >= len(nodes):
+            yield e
+            continue
+        if d not in known:
+            known[d] = metadata_preallocated(nodes[d])
+        if not known[d]:
+            yield e
+            continue
+        fd = nodes[d].driver.fd
+        eof = os.fstat(fd).st_size
+        pos, end = e["offset"], e["offset"] + e["length"]
+        while pos < end:
+            zero, nxt = True, end
+            if pos < eof:
+                try:
+                    nxt = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as err:  # ENXIO: a hole up to EOF, then past EOF
+                    nxt = end
+                    zero = err.errno == errno.ENXIO     # else: no SEEK_DATA, all data
+                if zero and nxt <= pos:
+                    zero, nxt = False, os.lseek(fd, pos, os.SEEK_HOLE)
+            n = min(nxt, end) - pos
+            yield dict(e, start=e["start"] + pos - e["offset"], length=n, offset=pos, zero=zero)
+            pos += n
 
 
 def _joinable(a, b):
