@@ -35,7 +35,7 @@ def _wait_for(cond, proc, what):
         select.select([], [], [], 0.01)
 
 
-def _finish(proc, out=None):
+def _finish(proc):
     try:
         o, e = proc.communicate(timeout=WAIT)
     finally:
