@@ -11,6 +11,7 @@ import sys
 
 from ..errors import UsageError
 from . import progname
+from .copy_progress import signal_line, take_sigusr1
 from .parity import RAW_PROBED, check_fmt, open_rw
 
 
@@ -30,17 +31,22 @@ def register(sub):
 
 class _Progress:
     """qemu-img's progress lines: ``    (N.NN/100%)`` and a carriage return,
-    printed at 0, 100 and each step of at least 1%; a newline at the end."""
+    printed at 0, 100 and each step of at least 1%; a newline at the end.
+    Without them, a SIGUSR1 prints one line on stderr at the next such
+    point (qemu-img's progress meter without -p)."""
 
     def __init__(self, on: bool) -> None:
         self.on, self.last = on, 0.0
 
     def __call__(self, frac: float) -> None:
         cur = min(100.0, frac * 100)
-        if self.on and (abs(cur - self.last) > 1.0 or cur in (0.0, 100.0)):
+        if abs(cur - self.last) > 1.0 or cur in (0.0, 100.0):
             self.last = cur
-            sys.stdout.write(f"    ({cur:3.2f}/100%)\r")
-            sys.stdout.flush()
+            if self.on:
+                sys.stdout.write(f"    ({cur:3.2f}/100%)\r")
+                sys.stdout.flush()
+            elif take_sigusr1():
+                signal_line(cur)
 
     def end(self) -> None:
         if self.on:

@@ -117,7 +117,6 @@ def _need_bench_extra() -> None:
 def run(args) -> int:
     _need_bench_extra()
     from ..diskbench import report
-    from ..diskbench.status_line import StatusLine
     from ..diskbench.runner import Runner
 
     settings = settings_from_args(args)
@@ -127,7 +126,7 @@ def run(args) -> int:
         plt = load_pyplot()  # fail before doing any I/O
     # Ctrl-C and SIGTERM (cli.main turns it into errors.Terminated) unwind
     # through the runner, which removes the files it made.
-    runner = Runner(settings, progress=StatusLine(sys.stderr, enabled=not args.quiet))
+    runner = Runner(settings, progress=_signalled_status(enabled=not args.quiet))
     rows, notes = runner.run()
     if args.plot:
         from ..diskbench.plot import plot
@@ -138,3 +137,40 @@ def run(args) -> int:
     else:
         sys.stdout.write(report.table(settings, rows, notes))
     return 1 if any(r.error for r in rows) else 0
+
+
+def _signalled_status(enabled: bool):
+    """diskbench's StatusLine on stderr that answers a SIGUSR1, as the
+    copy commands do: one plain line on stderr, -q too, at the next stage,
+    run or byte count (at the end at the latest), ``now: `` and the current
+    run (and its bytes done when known); the bench carries on."""
+    from ..diskbench.status_line import StatusLine
+    from .copy_progress import take_sigusr1
+
+    class Signalled(StatusLine):
+        def _usr1(self, detail: str = "") -> None:
+            if not take_sigusr1():
+                return
+            if self.tty and self._shown:        # the live line gives way
+                self.stream.write("\r\x1b[K")
+                self._shown = False
+            self.stream.write(f"now: {self._step or 'starting'}{'  ' + detail if detail else ''}\n")
+            self.stream.flush()
+
+        def phase(self, text: str) -> None:
+            super().phase(text)
+            self._usr1()
+
+        def step(self, text: str) -> None:
+            super().step(text)
+            self._usr1()
+
+        def update(self, text: str) -> None:
+            super().update(text)
+            self._usr1(text)
+
+        def done(self) -> None:
+            super().done()
+            self._usr1()
+
+    return Signalled(sys.stderr, enabled=enabled)

@@ -108,7 +108,8 @@ def formatting_line(path: str, fmt: str, size: int, opts: dict) -> str:
         if opts.get("preallocation"):
             extra.append(f"preallocation={opts['preallocation']}")
         return " ".join([f"Formatting '{path}', fmt={fmt} size={size}", *extra, *tail])
-    enc = ["encryption=on"] if opts.get("encryption") else []
+    # given, encryption=off too (qemu-img lists the options that were set)
+    enc = [f"encryption={'on' if opts['encryption'] else 'off'}"] if "encryption" in opts else []
     enc += [f"encrypt.{k}={opts['encrypt.' + k]}" for k in ("format",) + _LUKS
             if opts.get("encrypt." + k) is not None]
     parts = [f"Formatting '{path}', fmt=qcow2", *enc,

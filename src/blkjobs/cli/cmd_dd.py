@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 
-from .copy_progress import Reporter
 from ..errors import UsageError
 from ..units import parse_size
 from .parity import check_fmt, open_chain_ro, open_rw
@@ -58,11 +57,8 @@ def run(args) -> int:
         try:
             if past:
                 sys.stderr.write(f"{progname()}: {ops['if']}: cannot skip to specified offset\n")
-            prog = Reporter()       # SIGUSR1: one progress line, as qemu-img
-            try:
-                copy(src, dst, start, end, bs, prog.update)
-            finally:
-                prog.close()
+            # no progress meter: a SIGUSR1 stays held and unanswered, as qemu-img dd's
+            copy(src, dst, start, end, bs, lambda done, total: None)
         finally:
             dst.close()
     finally:

@@ -49,7 +49,7 @@ def run(args) -> int:
         return 0
     out(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
     for e in entries:
-        if not e["data"]:
+        if not e["data"] or e["zero"]:      # qemu-img lists data that is not zero
             continue
         if "offset" not in e:
             raise ImageError("File contains external, encrypted or compressed clusters.")

@@ -24,29 +24,60 @@ def register(sub):
                    "refcount_bits, preallocation, backing_file...)")
     p.add_argument("-f", dest="fmt", metavar="FMT", help="format of IMG")
     p.add_argument("--size", metavar="N")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT_PARAM",
+                   help="measure an internal snapshot of a qcow2 image: its ID or name, "
+                   "or snapshot.id=ID[,snapshot.name=NAME]")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("images", nargs="*", metavar="IMG")
     image_opts.add(p, "images")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ..imageops.measure import measure, parse_target_opts
+def valid_option_list(text: str) -> bool:
+    """qemu-img's check of one ``-o`` argument: not empty, not starting
+    with a comma, not ending in an odd number of commas (``,,`` is an
+    escaped comma)."""
+    if not text or text[0] == ",":
+        return False
+    return (len(text) - len(text.rstrip(","))) % 2 == 0
+
+
+def _check_options(args) -> None:
+    """What qemu-img checks while it reads its options, before the operands."""
+    for text in args.options or []:
+        if not valid_option_list(text):
+            raise UsageError(f"Invalid option list: {text}")
+    if args.snapshot is not None:
+        from .cmd_convert import _snapshot_param
+        _snapshot_param(args.snapshot)
     if args.output not in ("human", "json"):
         raise UsageError("--output must be used with human or json as argument.")
+
+
+def run(args) -> int:
+    from ..imageops.measure import measure, parse_target_opts
+    _check_options(args)
     size = None
     if args.size is not None:
         size = parse_size(args.size, "image size")
     if len(args.images) > 1:
         raise UsageError("At most one filename argument is allowed.")
+    if not args.images and (args.image_opts or args.fmt or args.snapshot is not None):
+        raise UsageError("--image-opts, -f, and -l require a filename argument.")
     if args.images and size is not None:
         raise UsageError("--size N cannot be used together with a filename.")
     if not args.images and size is None:
         raise UsageError("Either --size N or one filename must be specified.")
-    if args.out_fmt not in ("raw", "qcow2"):
-        raise UsageError(f"Unknown file format '{args.out_fmt}'")
     node = open_chain_ro(args.images[0], args.fmt, args.force_share) if args.images else None
+    if node is not None and args.snapshot is not None:
+        from ..imageops.snapshot import load_tmp
+        from .cmd_convert import _snapshot_param
+        snap = _snapshot_param(args.snapshot)
+        assert snap is not None
+        load_tmp(node, snap)        # closes the node when it fails
     try:
+        if args.out_fmt not in ("raw", "qcow2"):
+            raise UsageError(f"Unknown file format '{args.out_fmt}'")
         opts = parse_target_opts(args.options, args.out_fmt)
         info = measure(args.out_fmt, opts, size=size, node=node)
     finally:

@@ -2,8 +2,8 @@
 line on a terminal, plain lines otherwise; invoked as ``qemu-img``: exactly
 qemu-img's lines, :class:`QemuLines`) and programs (``--progress-json``:
 JSON lines on stderr; ``--progress-fd N``: nbdcopy's ``N/100`` lines on fd
-N). SIGUSR1 prints one progress line on stdout and the command carries on,
-as qemu-img does. Progress counts completed bytes; the total may grow. The
+N). SIGUSR1 prints one progress line on stderr (without -p) and the command
+carries on, as qemu-img does. Progress counts completed bytes; the total may grow. The
 clock is injectable so rate and ETA can be tested exactly.
 
 (``blkjobs bench`` shows its stages with another kind of line:
@@ -189,10 +189,29 @@ def qemu_convert_plan(runs, zeros_too: bool) -> list[int]:
     return out
 
 
+def take_sigusr1() -> bool:
+    """Whether a SIGUSR1 is pending (``main`` holds it blocked); takes it."""
+    try:
+        if signal.SIGUSR1 not in signal.sigpending():
+            return False
+        signal.sigtimedwait([signal.SIGUSR1], 0)
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def signal_line(pct: float) -> None:
+    """qemu-img's line for a SIGUSR1 (its progress meter without -p): on
+    stderr, ``    (12.50/100%)``."""
+    sys.stderr.write(f"    ({pct:3.2f}/100%)\n")
+    sys.stderr.flush()
+
+
 class Reporter:
-    """The progress outputs a command's options ask for, fed together, and
-    the SIGUSR1 handler: a signal prints one line on stdout (qemu-img's
-    ``    (12.50/100%)``) at the next update and the command carries on."""
+    """The progress outputs a command's options ask for, fed together; and
+    as qemu-img without -p (-q too), a SIGUSR1 prints one line on stderr
+    (``    (12.50/100%)``) at the next update or at the end, and the command
+    carries on (with -p the signal is left alone, as qemu-img's)."""
 
     def __init__(self, args=None, label: str = "", quiet: bool = False,
                  plan: Callable[[], list[int] | None] | None = None):
@@ -202,8 +221,7 @@ class Reporter:
         ``(P/100%)`` too, so the same pattern finds the percentage."""
         self.outs: list[Any] = []
         self.done = self.total = 0
-        self._usr1 = False
-        self._old: Any = None
+        self._usr1 = not (args is not None and not quiet and getattr(args, "progress", False))
         if args is not None and not quiet:
             if getattr(args, "progress", False) and plan is not None and _as_qemu_img():
                 self.outs.append(QemuLines(plan=plan()))
@@ -220,34 +238,23 @@ class Reporter:
                 from ..errors import UsageError
                 raise UsageError(f"--progress-fd {fd}: not an open file descriptor") from None
             self.outs.append(CopyProgress(stream, fd_lines=True))
-        try:
-            self._old = signal.signal(signal.SIGUSR1, self._on_usr1)
-        except ValueError:        # not the main thread (a test calling run())
-            self._old = None
-
-    def _on_usr1(self, signum, frame) -> None:
-        self._usr1 = True
 
     def update(self, done: int, total: int) -> None:
         self.done, self.total = done, max(total, done)
         for o in self.outs:
             o.update(done, total)
-        if self._usr1:
-            self._usr1 = False
+        if self._usr1 and take_sigusr1():
             self.signal_line()
 
     def signal_line(self) -> None:
-        pct = 100.0 * self.done / self.total if self.total else 0.0
-        sys.stdout.write(f"    ({pct:.2f}/100%)\n")
-        sys.stdout.flush()
+        signal_line(min(100.0, 100.0 * self.done / self.total) if self.total else 0.0)
 
     def finish(self) -> None:
         for o in self.outs:
             o.finish()
+        if self._usr1 and take_sigusr1():      # qemu-img's last print: at 100%
+            signal_line(100.0)
         self.close()
 
     def close(self) -> None:
-        """Restores SIGUSR1's previous handling."""
-        if self._old is not None:
-            signal.signal(signal.SIGUSR1, self._old)
-            self._old = None
+        """Nothing to undo (kept for the callers' try/finally)."""

@@ -60,6 +60,8 @@ class Target:
             os.ftruncate(self.dfd, size)
             if falloc and size:
                 os.posix_fallocate(self.dfd, 0, size)
+            elif size:      # QEMU's file driver allocates a new file's first block
+                os.pwrite(self.dfd, bytes(min(size, 512 if size < 4096 else 4096)), 0)
         except OSError as e:
             raise CopyError(e.errno or errno.EIO, "Could not resize target", path=dst) from None
 

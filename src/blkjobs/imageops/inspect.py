@@ -11,6 +11,7 @@ Differences from qemu-img 7.2 we know of (documented, tests allow them):
 """
 from __future__ import annotations
 
+import errno
 import os
 
 from ..errors import CheckNotSupported, UsageError
@@ -26,10 +27,51 @@ def info_raw(path: str) -> dict:
     fd = open_source(path)
     try:
         st = os.fstat(fd)
-        return {"virtual-size": fd_size(fd), "filename": path, "format": "raw",
+        return {"virtual-size": sector_size(fd_size(fd)), "filename": path, "format": "raw",
                 "actual-size": st.st_blocks * 512, "dirty-flag": False}
     finally:
         os.close(fd)
+
+
+def sector_size(size: int) -> int:
+    """A file's size as QEMU's block layer gives it (``bdrv_getlength``: a
+    whole number of 512-byte sectors, rounded up): ``qemu-img info`` and
+    ``map`` of a raw file of 65537 bytes show 66048."""
+    return -(-size // 512) * 512
+
+
+def _unaligned_raw(node) -> bool:
+    """A raw (or bare file) node on a host file whose size is not a whole
+    number of sectors."""
+    drv = node.driver
+    return node.format in ("raw", "file") and drv.host_file and drv.size % 512 != 0
+
+
+def _direct(path: str) -> bool:
+    """``--image-opts`` with ``cache.direct=on``: QEMU opens the file with
+    O_DIRECT and its block status rounds the data run at EOF up to a sector."""
+    if not is_spec(path):
+        return False
+    from ..graph.blockspec import parse_opts
+    try:
+        return parse_opts(path).get("cache.direct") in ("on", "true", "yes")
+    except Exception:       # not key=value (json:...): not a direct open we know of
+        return False
+
+
+def _eof_tail(path: str, size: int, end: int, last: dict | None) -> dict | None:
+    """The sectors' part past the end of an unaligned raw file up to ``end``:
+    QEMU's file driver reports it as a hole past EOF (zeroes), unless opened
+    with O_DIRECT, where the data run at EOF covers the whole sector. Returns
+    the entry to add (None: ``last`` was extended, or nothing to add)."""
+    if end <= size:
+        return None
+    if (last is not None and last["data"] and last["start"] + last["length"] == size
+            and _direct(path)):
+        last["length"] += end - size
+        return None
+    return {"start": size, "length": end - size, "depth": 0, "present": True, "zero": True,
+            "data": False, "compressed": False, "offset": size}
 
 
 def info_nbd(path: str) -> dict:
@@ -53,7 +95,7 @@ def _node_info(node) -> dict:
     if node.format == "qcow2" and drv.header.nb_snapshots:
         from ..formats.qcow2.snapshots import read_snapshots
         d["snapshots"] = [s.qapi() for s in read_snapshots(drv)]
-    d["virtual-size"] = drv.size
+    d["virtual-size"] = sector_size(drv.size) if _unaligned_raw(node) else drv.size
     d["filename"] = node.filename
     if drv.cluster_size:
         d["cluster-size"] = drv.cluster_size
@@ -116,16 +158,22 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
     The chain is locked as qemu-img map locks it (see :func:`.images.open_ro`)."""
     top = open_ro(path, fmt, force_share)
     try:
-        size = top.size
+        real = top.size
+        size = sector_size(real) if _unaligned_raw(top) else real
         end = size if length is None else min(size, start + length)
         if start < 0 or start > size:
             raise UsageError(f"invalid start offset {start}")
-        names = [getattr(n.driver, "map_filename", n.filename) for n in top.chain()]
+        nodes = top.chain()
+        names = [getattr(n.driver, "map_filename", n.filename) for n in nodes]
+        prealloc: dict[int, bool] = {}
         last = None
         pos = start
         while pos < end:
             n = min(work, end - pos)
-            for e in top.block_status(pos, n):
+            runs = top.block_status(pos, min(n, real - pos)) if pos < real else []
+            runs = list(_preallocated_zeroes(runs, nodes, prealloc))
+            tail = _eof_tail(path, max(pos, real), pos + n, runs[-1] if runs else last)
+            for e in runs + ([tail] if tail else []):
                 if last is not None and _joinable(last, e):
                     last["length"] += e["length"]
                     continue
@@ -138,6 +186,61 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
             yield last
     finally:
         top.close_chain()
+
+
+def metadata_preallocated(node) -> bool:
+    """QEMU's guess that a qcow2 image was made with preallocation=metadata
+    (``qcow2_detect_metadata_preallocation``): its file's clusters in use
+    (refcount not 0) are at least max(allocated / cluster * 10 / 9,
+    allocated / cluster + 2), allocated being the bytes the file system
+    gave the file. Then its block status asks the file about the data runs:
+    its holes read as zeroes."""
+    drv = node.driver
+    if node.format != "qcow2" or not drv.host_file or drv.encrypted:
+        return False
+    st = os.fstat(drv.fd)
+    cs = drv.cluster_size
+    real = st.st_blocks * 512 // cs
+    threshold = max(real * 10 // 9, real + 2)
+    rc = drv._rc()
+    count = 0
+    for c in range(-(-st.st_size // cs)):
+        if count >= threshold:
+            break
+        count += rc.get(c) != 0
+    return count >= threshold
+
+
+def _preallocated_zeroes(runs, nodes, known: dict[int, bool]):
+    """``runs`` with the data runs of a metadata-preallocated qcow2 layer
+    split by its file's data and holes (past EOF too): the parts in holes
+    are zero (and still data), as QEMU's block status says."""
+    for e in runs:
+        d = e["depth"]
+        if not e["data"] or e["zero"] or "offset" not in e or d >= len(nodes):
+            yield e
+            continue
+        if d not in known:
+            known[d] = metadata_preallocated(nodes[d])
+        if not known[d]:
+            yield e
+            continue
+        fd = nodes[d].driver.fd
+        eof = os.fstat(fd).st_size
+        pos, end = e["offset"], e["offset"] + e["length"]
+        while pos < end:
+            zero, nxt = True, end
+            if pos < eof:
+                try:
+                    nxt = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as err:  # ENXIO: a hole up to EOF, then past EOF
+                    nxt = end
+                    zero = err.errno == errno.ENXIO     # else: no SEEK_DATA, all data
+                if zero and nxt <= pos:
+                    zero, nxt = False, os.lseek(fd, pos, os.SEEK_HOLE)
+            n = min(nxt, end) - pos
+            yield dict(e, start=e["start"] + pos - e["offset"], length=n, offset=pos, zero=zero)
+            pos += n
 
 
 def _joinable(a, b):

@@ -27,7 +27,7 @@ import struct
 from ...errors import ImageError, UsageError
 from ..base import Kind
 from .bitmaps import BitmapError
-from .tables import ZERO
+from .tables import COMPRESSED, OFFSET_MASK, ZERO
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_L1_BYTES
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -192,6 +192,7 @@ def _shrink(img, old: int, new: int) -> None:
     cs, cb, l2e = img.cluster_size, img.cb, img.l2e
     first = -(-new // cs)                 # first guest cluster dropped
     last = -(-old // cs)
+    freed = []          # host clusters to give back to the file system
     for gc in range(first, last):
         l1i = gc // l2e
         if not img._l2_offset(l1i):
@@ -200,6 +201,8 @@ def _shrink(img, old: int, new: int) -> None:
         if e or bm:
             if e:
                 img._release(e)
+                if not e & COMPRESSED and e & OFFSET_MASK:
+                    freed.append((e & OFFSET_MASK) >> cb)
             img._set_entry(gc, 0, 0)
     img.flush()                           # tables first, then the frees
     keep = _l1_entries(img, new)
@@ -214,9 +217,11 @@ def _shrink(img, old: int, new: int) -> None:
             img.l2cache.pop(off, None)
             img.l2dirty.discard(off)
             rc.free_later(off >> cb)
+            freed.append(off >> cb)
     if changed:
         img.l1_dirty = True
     img.flush()
+    _discard(img, freed)
     img.header.size = new
     img._write_header()
     _drop_empty_refblocks(img)
@@ -231,6 +236,26 @@ def _shrink(img, old: int, new: int) -> None:
         img.file_size = os.fstat(img.fd).st_size
         if img.file_size < end << cb:
             raise ImageError(f"'{img.filename}': file shorter than its last cluster")
+
+
+def _discard(img, freed: list[int]) -> None:
+    """QEMU discards the clusters a shrink frees (QCOW2_DISCARD_ALWAYS):
+    holes punched in the file, runs of adjacent clusters at once, in the
+    order they were freed (as its discard queue)."""
+    from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
+    rc, cs = img._rc(), img.cluster_size
+    runs: list[list[int]] = []
+    for c in freed:
+        if rc.get(c) != 0:
+            continue
+        if c not in rc.pool:
+            rc.pool.append(c)
+        if runs and runs[-1][0] + runs[-1][1] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    for c, n in runs:
+        _fallocate(img.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, c * cs, n * cs)
 
 
 def _drop_empty_refblocks(img) -> None:
