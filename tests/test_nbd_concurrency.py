@@ -278,3 +278,38 @@ def test_worker_count_from_environment(monkeypatch):
         srv = NBDServer()
         srv.close()
         assert srv.workers == workers
+
+
+def test_settle_lets_clients_that_hung_up_leave(tmp_path):
+    """A client that sent DISC and closed while its request was still being
+    served stays attached until its thread ends (``block-export-del`` sent
+    right after a qemu-io exited found the export 'still in use' on a busy
+    host); ``settle`` waits for it, and keeps a client still connected."""
+    srv = NBDServer(workers=4)
+    be = SlowBackend()
+    exp = Export("d", be)
+    srv.add_export(exp)
+    path = str(tmp_path / "s.sock")
+    srv.listen_unix(path)
+    try:
+        stay = handshake(path)
+        go(stay, b"d")
+        s = handshake(path)
+        go(s, b"d")
+        _read(s, 1, 0, 4096)
+        assert be.inside.wait(WAIT)
+        s.sendall(struct.pack(">IHHQQI", REQ, 0, 2, 9, 0, 0))      # DISC
+        s.close()
+        assert len(exp.clients) == 2        # its request is still in flight
+        leaving = [c for c in exp.clients if c.peer_left()]
+        assert len(leaving) == 1
+        t, _ = _start(srv.settle, exp)
+        be.release.set()
+        t.join(WAIT)
+        assert not t.is_alive()
+        assert len(exp.clients) == 1 and leaving[0] not in exp.clients
+        srv.settle(exp, timeout=0)          # the one still connected stays
+        assert len(exp.clients) == 1
+        stay.close()
+    finally:
+        srv.close()

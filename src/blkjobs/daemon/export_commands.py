@@ -397,6 +397,8 @@ class ExportCommands:
             raise QMPError(f"Export '{id}' is not found")
         if be.exp.shutting_down:
             raise QMPError(f"Export '{id}' is already shutting down")
+        if mode == "safe" and be.exp.clients and self._nbd is not None:
+            self._nbd.settle(be.exp)        # clients that already hung up leave first
         if mode == "safe" and be.exp.clients:
             raise QMPError(f"export '{id}' still in use")
         self._remove_export(be, hard=mode == "hard")

@@ -35,6 +35,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -227,6 +228,19 @@ class NBDServer:
             c.abort()
         self.maybe_gone(exp)
 
+    def settle(self, exp: Export, timeout: float = 10.0) -> None:
+        """Let the clients of ``exp`` that already hung up finish leaving:
+        their threads end the requests in flight and drop out of
+        ``exp.clients``. A ``block-export-del`` sent right after a client
+        exited (qemu-io, nbdcopy) must not find it still attached only
+        because its thread had not run yet on a busy host. A client still
+        connected, or one whose requests outlast ``timeout``, stays."""
+        with self.lock:
+            left = [c for c in exp.clients if c.peer_left()]
+        deadline = time.monotonic() + timeout
+        for c in left:
+            c.thread.join(max(0.0, deadline - time.monotonic()))
+
     def maybe_gone(self, exp: Export) -> None:
         with self.lock:
             cb = None
@@ -279,6 +293,17 @@ class Connection:
         self.closing = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+
+    def peer_left(self) -> bool:
+        """The client closed its end (after DISC, or without): nothing more
+        comes from it; only this connection's own clean-up is left."""
+        try:
+            p = select.poll()
+            p.register(self.sock.fileno(), select.POLLRDHUP)
+            return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                       for _, ev in p.poll(0))
+        except (OSError, ValueError):       # closed here already
+            return True
 
     def recv(self, n: int) -> bytes:
         buf = bytearray(n)
