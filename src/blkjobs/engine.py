@@ -53,6 +53,7 @@ from .jobs.backup import BackupJob
 from .jobs.base import BlockJob
 from .jobs.blkdebug import EVENTS as _BLKDEBUG_EVENTS
 from .jobs.blkdebug import Blkdebug, Breaks, Rule, Suspended
+from .jobs.blkdebug import rule_event as _blkdebug_rule_event
 # re-exported for the daemon, which does not import blkjobs.jobs (test_architecture)
 from .jobs.blkdebug_qemu import DEFAULT_IOTYPES as DEFAULT_IOTYPES
 from .jobs.blkdebug_qemu import InjectRule as InjectRule
@@ -69,6 +70,8 @@ __all__ = ["DirtyBitmap", "Engine"]
 
 #: blkdebug's event names, for the daemon (as the re-exports above)
 BLKDEBUG_EVENTS = _BLKDEBUG_EVENTS
+#: a blkdebug rule's event checked (QEMU's text for unknown names)
+blkdebug_rule_event = _blkdebug_rule_event
 
 
 class Engine:

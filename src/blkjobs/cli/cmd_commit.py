@@ -17,13 +17,14 @@ from ..units import parse_size
 from . import image_opts, progname
 
 
-def make_empty(path: str, fmt: str) -> None:
+def make_empty(path: str, fmt: str, debug=None, name: str | None = None) -> None:
     """Empty a qcow2 overlay (qemu-img's make_empty): every cluster
     unallocated again, so it reads through to its backing file. In place
     (formats.qcow2.empty: same file, header and backing link; crash-safe
     order); an image whose tables are not where a fresh one has them is
     re-created with the same size, cluster size, extended L2, version and
-    backing link instead."""
+    backing link instead. ``debug``: the image's blkdebug hook; an error it
+    injects fails as qemu-img's does (``Failed to empty NAME: ...``)."""
     if fmt != "qcow2":
         return
     # Hold QEMU's lock bytes meanwhile, as qemu-img does (write, sharing only
@@ -34,16 +35,18 @@ def make_empty(path: str, fmt: str) -> None:
     lock = FileLock(fd, path)
     try:
         lock.apply(Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, ALL & ~Perm.CONSISTENT_READ)
-        _empty(path, fmt)
+        _empty(path, fmt, debug)
+    except OSError as e:
+        raise UsageError(f"Failed to empty {name or path}: {e.strerror}") from None
     finally:
         lock.release()
         os.close(fd)
 
 
-def _empty(path: str, fmt: str) -> None:
+def _empty(path: str, fmt: str, debug=None) -> None:
     from ..formats.qcow2.driver import Qcow2
     from ..formats.qcow2.empty import make_empty as empty_in_place
-    if empty_in_place(path):
+    if empty_in_place(path, debug):
         return
     drv = open_image(path, fmt, read_only=True)
     try:
@@ -94,6 +97,9 @@ def run(args) -> int:
                                  f"'{args.image}'") from None
         speed = parse_size(args.rate if args.rate is not None else args.speed, "speed")
         path, fmt = top.filename, top.format
+        from ..graph.blockspec import file_name
+        fpath = file_name(args.image)
+        debug = getattr(top.driver, "blkdebug", None)     # blkdebug under a qcow2 image
         base_path = args.base or top.driver.backing_filename   # as the user knows it
 
         def aftermath(job, synced: bool) -> str:
@@ -118,7 +124,7 @@ def run(args) -> int:
     finally:
         eng.close()
     if not args.keep and not args.base:
-        make_empty(path, fmt)
+        make_empty(fpath, fmt, debug, path)
     if not args.quiet:
         print("Image committed.")
     return 0

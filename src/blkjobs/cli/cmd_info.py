@@ -34,8 +34,10 @@ def _human(d: dict) -> str:
     if "cluster-size" in d:
         lines.append(f"cluster_size: {d['cluster-size']}")
     if "backing-filename" in d:
-        b, full = d["backing-filename"], d["full-backing-filename"]
-        lines.append(f"backing file: {b}" + ("" if b == full else f" (actual path: {full})"))
+        b, full = d["backing-filename"], d.get("full-backing-filename")
+        lines.append(f"backing file: {b}" + (" (cannot determine actual path)" if full is None
+                                              else "" if b == full
+                                              else f" (actual path: {full})"))
         if "backing-filename-format" in d:
             lines.append(f"backing file format: {d['backing-filename-format']}")
     if d.get("snapshots"):

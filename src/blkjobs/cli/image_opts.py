@@ -53,8 +53,9 @@ def _blkdebug(inner: Any, opts: dict[str, Any]) -> Any:
     from ..daemon.blkdebug_commands import parse_rules
     from ..daemon.protocol import QMPError
     from ..engine import QemuBlkdebug
+    from ..errors import ImageError
     try:
         rules = parse_rules(opts)
-    except QMPError as e:
-        raise UsageError(str(e)) from None
+    except QMPError as e:       # qemu-img names the image first
+        raise ImageError(str(e)) from None
     return QemuBlkdebug(inner, rules, "")

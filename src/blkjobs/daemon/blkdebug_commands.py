@@ -24,7 +24,7 @@ layouts are accepted (docs/qmp.md §"blkdebug"):
 **Rules**, with QEMU's semantics (block/blkdebug.c; the rule engine and
 the driver wrapper are the library's :mod:`blkjobs.jobs.blkdebug_qemu`,
 reached through ``Engine.blkdebug_qemu``; this module parses QMP): the node has a state,
-1 at first. An event (one of :data:`~blkjobs.jobs.blkdebug.EVENTS`, the ones
+1 at first. An event (one of :data:`~blkjobs.jobs.blkdebug.RULE_EVENTS`, the ones
 blkjobs raises) processes the rules listed for it whose ``state`` is 0 or the
 current state: each ``set-state`` rule moves the state (once all rules of
 the event are processed); the ``inject-error`` rules become the *active*
@@ -61,8 +61,9 @@ import errno as _errno
 from collections.abc import Callable
 from typing import Any
 
-from ..engine import BLKDEBUG_EVENTS as EVENTS
+from ..errors import UsageError
 from ..engine import DEFAULT_IOTYPES, InjectRule, QemuRules, SetStateRule
+from ..engine import blkdebug_rule_event as rule_event
 from .protocol import QMPError
 
 _UNSUPPORTED = ("config", "align", "max-transfer", "opt-write-zero", "max-write-zero",
@@ -70,10 +71,10 @@ _UNSUPPORTED = ("config", "align", "max-transfer", "opt-write-zero", "max-write-
 
 
 def _event(ev: str) -> str:
-    if ev not in EVENTS:
-        raise QMPError(f"blkdebug event '{ev}' is not raised by blkjobs "
-                       f"(supported: {', '.join(EVENTS)})")
-    return ev
+    try:
+        return rule_event(ev)
+    except UsageError as e:
+        raise QMPError(str(e)) from None
 
 
 def parse_rules(opts: dict[str, Any]) -> QemuRules:

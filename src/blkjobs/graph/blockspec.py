@@ -36,6 +36,8 @@ from ..formats.base import Driver
 FORMAT_DRIVERS = ("qcow2", "raw", "luks")
 PROTOCOL_DRIVERS = ("file", "null-co", "nbd")
 FILTER_DRIVERS = ("blkdebug",)
+#: drivers over a list of ``children`` (formats.quorum: read-only, file children)
+QUORUM_DRIVERS = ("quorum",)
 #: options every node takes (QEMU's generic block options), ignored here
 _GENERIC = {"driver", "node-name", "read-only", "auto-read-only", "force-share", "discard",
             "detect-zeroes", "cache", "cache.direct", "cache.no-flush", "locking", "aio",
@@ -50,6 +52,7 @@ _OPTIONS = {
     "null-co": {"size", "read-zeroes", "latency-ns"},
     "nbd": {"server", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap",
             "reconnect-delay", "open-timeout"},
+    "quorum": {"children", "vote-threshold", "blkverify", "rewrite-corrupted", "read-pattern"},
     "blkdebug": {"image", "config", "inject-error", "set-state", "align", "max-transfer",
                  "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"},
 }
@@ -94,6 +97,7 @@ class Layer:
     driver: str | None
     opts: dict[str, Any] = field(default_factory=dict)
     child: Layer | None = None
+    children: list[Layer] = field(default_factory=list)     # a quorum's
 
 
 @dataclass
@@ -196,7 +200,8 @@ def _layer(tree: dict[str, Any], probe: bool = True) -> Layer:
         raise ImageError("Must specify either driver or file")
     if driver is None and not probe:
         driver = "file"
-    if driver is not None and driver not in (*FORMAT_DRIVERS, *PROTOCOL_DRIVERS, *FILTER_DRIVERS):
+    if driver is not None and driver not in (*FORMAT_DRIVERS, *PROTOCOL_DRIVERS, *FILTER_DRIVERS,
+                                             *QUORUM_DRIVERS):
         raise ImageError(f"Unknown driver '{driver}'")
     if driver is None and "filename" in tree and "file" not in tree:
         tree = {**{k: v for k, v in tree.items() if k != "filename"},
@@ -207,7 +212,9 @@ def _layer(tree: dict[str, Any], probe: bool = True) -> Layer:
             kind = "protocol" if driver in PROTOCOL_DRIVERS else "format"
             raise ImageError(f"Block {kind} '{driver or 'raw'}' does not support the option "
                              f"'{key}'")
-    opts = {k: v for k, v in tree.items() if k not in ("file", "image")}
+    opts = {k: v for k, v in tree.items() if k not in ("file", "image", "children")}
+    if driver in QUORUM_DRIVERS:
+        return _quorum_layer(driver, opts, tree.get("children"))
     if driver in PROTOCOL_DRIVERS:
         if driver == "file" and not isinstance(tree.get("filename"), str):
             raise ImageError("The 'file' block driver requires a file name")
@@ -221,6 +228,22 @@ def _layer(tree: dict[str, Any], probe: bool = True) -> Layer:
     if not isinstance(child, dict):
         raise ImageError(f"Cannot find device='{child}' nor node-name='{child}'")
     return Layer(driver, opts, _layer(child, probe=False))
+
+
+def _quorum_layer(driver: str, opts: dict[str, Any], children: Any) -> Layer:
+    from ..formats.quorum import check_options
+    kids = children if isinstance(children, list) else [] if children is None else [children]
+    check_options(opts, len(kids))
+    layers = []
+    for c in kids:
+        if not isinstance(c, dict):
+            raise ImageError(f"Cannot find device='{c}' nor node-name='{c}'")
+        layer = _layer(c, probe=False)
+        if layer.driver != "file":
+            raise ImageError(f"blkjobs: a quorum child must be a 'file' node, not "
+                             f"'{layer.driver}'")
+        layers.append(layer)
+    return Layer(driver, opts, children=layers)
 
 
 def _display(top: Layer, tree: dict[str, Any]) -> str:
@@ -260,6 +283,8 @@ def _options(layer: Layer) -> dict[str, Any]:
         else:
             out[k] = v
     out["driver"] = layer.driver or "raw"
+    if layer.children:
+        out["children"] = [_options(c) for c in layer.children]
     if layer.child is not None:
         out["image" if layer.driver in FILTER_DRIVERS else "file"] = _options(layer.child)
     return out
@@ -325,6 +350,10 @@ def open_spec(spec: Spec, read_only: bool = True,
 
 def _open(layer: Layer, read_only: bool) -> Driver:
     d = layer.driver
+    if d in QUORUM_DRIVERS:        # bare: its elected file, as raw bytes
+        drv = _open_quorum(layer, "raw", read_only)
+        drv.format_name = "quorum"
+        return drv
     if d in FILTER_DRIVERS:
         assert layer.child is not None
         inner = _open(layer.child, read_only)
@@ -338,6 +367,11 @@ def _open(layer: Layer, read_only: bool) -> Driver:
         filters.append(below)
         assert below.child is not None
         below = below.child
+    if below.driver in QUORUM_DRIVERS:
+        drv = _open_quorum(below, d, read_only)
+        for f in reversed(filters):
+            drv = _filter(f, drv)
+        return drv
     _bind_key(layer, below)
     drv = _open_protocol(below, d, read_only)
     if d == "raw" and ("offset" in layer.opts or "size" in layer.opts):
@@ -346,6 +380,20 @@ def _open(layer: Layer, read_only: bool) -> Driver:
                     None if "size" not in layer.opts else _size(layer.opts["size"], "size"))
     for f in reversed(filters):
         drv = _filter(f, drv)
+    return drv
+
+
+def _open_quorum(layer: Layer, fmt: str | None, read_only: bool) -> Driver:
+    """The format ``fmt`` (None: probed; a bare quorum: raw) over the child
+    the quorum elects (:func:`blkjobs.formats.quorum.elect`)."""
+    from ..formats.quorum import check_options, disk_size, elect
+    if not read_only:
+        raise ImageError("blkjobs opens a quorum read-only")
+    paths = [str(c.opts["filename"]) for c in layer.children]
+    path = elect(paths, check_options(layer.opts, len(paths)))
+    drv = _open_protocol(Layer("file", {"filename": path}), fmt, read_only)
+    drv.quorum_disk_size = disk_size(paths)      # type: ignore[attr-defined]
+    drv.no_dirname = True       # type: ignore[attr-defined]   # backing names: unresolvable
     return drv
 
 

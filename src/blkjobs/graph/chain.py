@@ -94,6 +94,8 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
             if bspec or not bf:
                 cur_path = bspec
                 continue
+            if getattr(drv, "no_dirname", False) and not os.path.isabs(bf) and not is_spec(bf):
+                raise ImageError("Cannot generate a base directory for quorum nodes")
             # relative to the overlay's file (under a json: name too)
             cur_path = resolve_backing(getattr(drv, "map_filename", drv.filename), bf)
             if not is_spec(cur_path):

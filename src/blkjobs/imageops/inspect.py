@@ -101,14 +101,15 @@ def _node_info(node) -> dict:
         d["cluster-size"] = drv.cluster_size
     d["format"] = node.format
     if not getattr(drv, "disk_size_unknown", False):
-        d["actual-size"] = st.st_blocks * 512
+        d["actual-size"] = getattr(drv, "quorum_disk_size", st.st_blocks * 512)
     fs = drv.info()
     if fs:
         d["format-specific"] = fs
-    if drv.backing_filename:
+    if drv.backing_filename and not getattr(drv, "no_dirname", False):
         from ..graph import resolve_backing
         d["full-backing-filename"] = resolve_backing(getattr(drv, "map_filename", node.filename),
                                                      drv.backing_filename)
+    if drv.backing_filename:
         d["backing-filename"] = drv.backing_filename
     if drv.encrypted:
         d["encrypted"] = True

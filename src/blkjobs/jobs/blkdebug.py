@@ -57,21 +57,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
+from ..formats.qcow2.debug import EVENTS as QCOW2_EVENTS
 
-#: QEMU's blkdebug events (``BlkdebugEvent``) we raise.
+#: QEMU's blkdebug events (``BlkdebugEvent``) our requests raise (break
+#: points can be set on these).
 EVENTS = ("read_aio", "pwritev", "write_aio", "pwritev_zero", "write_compressed",
           "cluster_alloc", "flush_to_os", "flush_to_disk")
+#: the events an inject-error or set-state rule may name: those, and the ones
+#: the qcow2 driver raises in its metadata updates (formats.qcow2.debug)
+RULE_EVENTS = EVENTS + QCOW2_EVENTS
 #: QEMU's other event names: accepted nowhere (they would never fire here).
-QEMU_ONLY = (
+QEMU_ONLY = tuple(e for e in (
     "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",
     "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write",
-    "read_backing_aio", "read_compressed", "write_aio_before", "refblock_load",
+    "read_backing_aio", "read_compressed", "vmstate_load", "vmstate_save", "cow_read",
+    "cow_write", "reftable_load", "reftable_grow", "reftable_update", "refblock_load",
     "refblock_update", "refblock_update_part", "refblock_alloc", "refblock_alloc_hookup",
     "refblock_alloc_write", "refblock_alloc_write_blocks", "refblock_alloc_write_table",
     "refblock_alloc_switch_table", "cluster_alloc_bytes", "cluster_free", "pwritev_rmw_head",
     "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev_done",
     "empty_image_prepare", "l1_shrink_write_table", "l1_shrink_free_l2_clusters",
-    "cor_write", "cluster_alloc_space", "none")
+    "cor_write", "cluster_alloc_space", "none", "write_aio_before") if e not in RULE_EVENTS)
+
+
+def rule_event(ev: str) -> str:
+    """``ev`` as a rule's event; UsageError with QEMU's text for a name
+    QEMU does not know, ours for one blkjobs never raises."""
+    if ev in RULE_EVENTS:
+        return ev
+    if ev in QEMU_ONLY:
+        raise UsageError(f"blkdebug event '{ev}' is not raised by blkjobs "
+                         f"(supported: {', '.join(RULE_EVENTS)})")
+    raise UsageError(f"invalid parameter value: {ev}")
+
 
 _tls = threading.local()
 
@@ -114,7 +132,7 @@ class Breaks:
 
     def add(self, drv: Blkdebug, event: str, tag: str) -> None:
         if event not in EVENTS:
-            if event in QEMU_ONLY:
+            if event in QEMU_ONLY or event in RULE_EVENTS:
                 raise UsageError(f"blkdebug: event '{event}' is not raised by blkjobs "
                                  f"(supported: {', '.join(EVENTS)})")
             raise UsageError(f"blkdebug: unknown event '{event}'")

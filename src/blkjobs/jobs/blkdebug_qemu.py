@@ -92,6 +92,8 @@ class QemuBlkdebug(Blkdebug):
     def __init__(self, inner: Any, qrules: QemuRules, node_name: str):
         super().__init__(inner, [], None, node_name)
         self.qrules = qrules
+        if hasattr(inner, "blkdebug"):      # a qcow2 image: its metadata events too
+            inner.blkdebug = qrules
 
     def _events(self, events: Any) -> None:
         for ev in events:

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING
 from ...errors import ImageError, UsageError
 from ..base import open_file  # open_file: refuses FIFOs & co.
 from .allocate import Allocation
+from .debug import Hook
 from .header import (AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT,
                      INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, parse_header,
                      read_bitmap_directory)
@@ -79,6 +80,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
     can_set_backing = True
     can_check = True
     has_metadata = True
+    #: a blkdebug layer between the image and its file (:mod:`.debug`)
+    blkdebug: Hook | None = None
 
     def __init__(self, path: str, read_only: bool = True) -> None:
         self.filename = path

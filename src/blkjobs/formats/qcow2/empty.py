@@ -7,14 +7,23 @@ extended L2, backing link, header extensions).
 Done in place when the metadata sits where :class:`.create.Layout` puts it
 (every image ``qemu-img create`` or blkjobs made and nobody resized): then
 the empty image has the same header, refcount table, refcount block and L1
-offsets, and only their contents change. Each step is made durable before
-the next, so a crash anywhere leaves a consistent image:
+offsets, and only their contents change. The steps are QEMU's
+(make_completely_empty), each raising its blkdebug event first
+(:mod:`.debug`: an injected error stops the emptying right there, leaving
+the file as QEMU leaves it):
 
-1. the L1 table is zeroed: from here on the image reads through, and the
-   clusters it referenced are merely leaked;
-2. the refcount table and blocks are rewritten for the metadata alone
-   (everything else: refcount 0, referenced by nothing);
-3. the file is cut after the L1 table (the data clusters are freed).
+1. the dirty flag is set (version 3; refcounts are about to be wrong, and
+   an interrupted emptying is repaired on the next open);
+2. ``l1_update``: the L1 table's clusters are zeroed: from here on the
+   image reads through, and the clusters it referenced are merely leaked;
+3. ``empty_image_prepare``: the refcount table, refcount blocks and L1 table
+   are zeroed;
+4. ``l1_update``, ``reftable_update``: the header's L1 and refcount table
+   fields are written (the values they have: the layout stays);
+5. ``refblock_alloc``: the refcount table and blocks are written for the
+   metadata alone (everything else: refcount 0, referenced by nothing);
+6. the dirty flag is cleared, and the file cut after the L1 table (the data
+   clusters are freed).
 
 Anything else (internal snapshots, persistent bitmaps, a dirty or corrupt
 image, tables moved by a resize) is left alone: :func:`make_empty` returns
@@ -25,15 +34,19 @@ from __future__ import annotations
 import os
 import struct
 
+from . import debug as dbg
 from .create import Layout
+from .debug import Hook
 from .header import EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, parse_header
 
 RT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 
-def make_empty(path: str) -> bool:
+def make_empty(path: str, debug: Hook | None = None) -> bool:
     """Empty the qcow2 image at ``path`` in place (see the module notes);
-    False, with the file untouched, when its layout is not the standard one."""
+    False, with the file untouched, when its layout is not the standard one.
+    ``debug``: the image's blkdebug hook (an injected error: OSError, the
+    file left as it is at that step)."""
     fd = os.open(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
@@ -50,12 +63,37 @@ def make_empty(path: str) -> bool:
         blocks = [e & RT_OFFSET_MASK for e in struct.unpack(f">{lay.rb}Q", raw)]
         if blocks != [lay.rb_offset + i * lay.cluster_size for i in range(lay.rb)]:
             return False
-        os.pwrite(fd, bytes(lay.l1_size * 8), lay.l1_offset)
-        os.fsync(fd)
-        lay.write_refcounts(fd)
-        os.fsync(fd)
-        os.ftruncate(fd, lay.end)
-        os.fsync(fd)
+        _empty(fd, h, lay, debug)
         return True
     finally:
         os.close(fd)
+
+
+def _empty(fd: int, h, lay: Layout, debug: Hook | None) -> None:
+    cs = lay.cluster_size
+    v3 = h.version >= 3
+    if v3:
+        dbg.io(debug, "write", 72, 8)
+        os.pwrite(fd, struct.pack(">Q", h.incompatible | INCOMPAT_DIRTY), 72)
+        os.fsync(fd)
+    dbg.event(debug, "l1_update")
+    l1_bytes = lay.l1_clusters * cs
+    dbg.io(debug, "write-zeroes", lay.l1_offset, l1_bytes)
+    os.pwrite(fd, bytes(l1_bytes), lay.l1_offset)
+    os.fsync(fd)
+    dbg.event(debug, "empty_image_prepare")
+    dbg.io(debug, "write-zeroes", lay.rt_offset, lay.l1_offset + l1_bytes - lay.rt_offset)
+    os.pwrite(fd, bytes(lay.l1_offset - lay.rt_offset), lay.rt_offset)
+    dbg.event(debug, "l1_update")
+    dbg.event(debug, "reftable_update")
+    dbg.io(debug, "write", 40, 20)      # l1_table_offset, refcount_table_offset/clusters
+    os.pwrite(fd, struct.pack(">QQI", lay.l1_offset, lay.rt_offset, lay.rt), 40)
+    dbg.event(debug, "refblock_alloc")
+    dbg.io(debug, "write", lay.rt_offset, 8)
+    lay.write_refcounts(fd)
+    os.fsync(fd)
+    if v3:
+        os.pwrite(fd, struct.pack(">Q", h.incompatible & ~INCOMPAT_DIRTY), 72)
+        os.fsync(fd)
+    os.ftruncate(fd, lay.end)
+    os.fsync(fd)

@@ -32,10 +32,12 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import sys
 import time
 from collections import Counter
 
 from ...errors import ImageError
+from . import debug as dbg
 from .snapshots import Snapshot, pack_table, read_table
 from .tables import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK
 
@@ -225,10 +227,28 @@ def write_table(drv, snaps: list[Snapshot], old_size: int) -> None:
     if old_off and old_size:
         rc = drv._rc()
         old = range(old_off >> drv.cb, ((old_off + old_size - 1) >> drv.cb) + 1)
+        if not _free_hook(drv, rc, old[0]):
+            return
         for c in old:
             rc.free_later(c)
         rc.apply_frees()
         _free_now(drv, list(old))
+
+
+def _free_hook(drv, rc, first: int) -> bool:
+    """blkdebug's ``cluster_free`` before clusters are counted down (QEMU's
+    qcow2_free_clusters); False: an injected error failed the refcount
+    update, reported on stderr as QEMU does, and the clusters stay leaked."""
+    hook = drv.blkdebug
+    if hook is None:
+        return True
+    dbg.event(hook, "cluster_free")
+    try:
+        dbg.io(hook, "write", rc.block_offset(first // rc.rbe), drv.cluster_size)
+    except OSError as e:
+        print(f"qcow2_free_clusters failed: {e.strerror}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def create(drv, name: str, now_us: int | None = None) -> Snapshot:
@@ -289,6 +309,11 @@ def delete(drv, name: str) -> None:
     drv.flush()
     write_table(drv, snaps[:idx] + snaps[idx + 1:], old_size)
     rc = drv._rc()
+    try:
+        dbg.io(drv.blkdebug, "read", sn.l1_table_offset, sn.l1_size * 8)
+    except OSError as e:
+        raise SnapshotError(e.errno or errno.EIO, f"Failed to free the cluster and L1 table: "
+                            f"{e.strerror}") from None
     zero = update_refs(drv, _read_l1(drv, sn), -1)[1]
     for c in range(sn.l1_table_offset >> drv.cb,
                    ((sn.l1_table_offset + max(1, sn.l1_size * 8) - 1) >> drv.cb) + 1):
