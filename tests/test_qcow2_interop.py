@@ -186,7 +186,8 @@ def test_corrupt_bit_refuses_write(tmp_path):
     open_image(str(p)).close()
 
 
-@pytest.mark.parametrize("feature,msg", [(1 << 2, "external data"), (1 << 9, "incompatible")])
+@pytest.mark.parametrize("feature,msg", [(1 << 2, "'data-file' is required for this image"),
+                                           (1 << 9, "incompatible")])
 def test_unsupported_features(tmp_path, feature, msg):
     p = tmp_path / "f.qcow2"
     create_image(str(p), "qcow2", SIZE)

@@ -67,7 +67,7 @@ def parse_opts(texts: list[str] | None, fmt: str) -> dict:
                 out["size"] = parse_opt_size(val, "size")
             elif name == "cluster_size":
                 out["cluster_size"] = parse_opt_size(val, "cluster_size")
-            elif name in ("extended_l2", "lazy_refcounts"):
+            elif name in ("extended_l2", "lazy_refcounts", "data_file_raw"):
                 b = _BOOL.get(val.lower())
                 if b is None:
                     raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
@@ -77,7 +77,7 @@ def parse_opts(texts: list[str] | None, fmt: str) -> dict:
                 # it as qemu-img does and leaves the filesystem's default
                 out["extent_size_hint"] = parse_opt_size(val, "extent_size_hint")
             elif name == "data_file":
-                raise UsageError("data_file: external data files are not supported by blkjobs")
+                out["data_file"] = val
             elif name in ("preallocation", "compat"):
                 out[name] = val
             elif name == "refcount_bits":
@@ -125,6 +125,10 @@ def formatting_line(path: str, fmt: str, size: int, opts: dict) -> str:
         parts.append(f"backing_file={opts['backing_file'].replace(',', ',,')}")
         if opts.get("backing_format"):
             parts.append(f"backing_fmt={opts['backing_format']}")
+    if opts.get("data_file") is not None:
+        parts.append(f"data_file={opts['data_file'].replace(',', ',,')}")
+    if opts.get("data_file_raw") is not None:
+        parts.append(f"data_file_raw={'on' if opts['data_file_raw'] else 'off'}")
     parts += [f"lazy_refcounts={'on' if opts.get('lazy_refcounts') else 'off'}",
               f"refcount_bits={opts.get('refcount_bits', 16)}"]
     return " ".join(parts + tail)
@@ -161,6 +165,13 @@ def check_qcow2(path: str, opts: dict) -> None:
     if v2 and bits != 16:
         raise UsageError(f"{path}: Different refcount widths than 16 bits require "
                          "compatibility level 1.1 or above (use version=v3 or greater)")
+    if opts.get("data_file_raw") and opts.get("data_file") is None:
+        raise UsageError(f"{path}: data-file-raw requires data-file")
+    if opts.get("data_file_raw") and opts.get("backing_file"):
+        raise UsageError(f"{path}: Backing file and data-file-raw cannot be used at the "
+                         "same time")
+    if v2 and opts.get("data_file") is not None:
+        raise UsageError(f"{path}: External data files are {_V3}")
     if v2 and opts.get("compression_type", "zlib") != "zlib":
         raise UsageError(f"{path}: Non-zlib compression type is {_V3}")
     l2_bytes = cs * (cs // (16 if opts.get("extended_l2") else 8))    # what an L1 entry maps
@@ -248,8 +259,6 @@ def run(args) -> int:
     try:
         opts = parse_opts(args.options, args.fmt)
     except UsageError as e:         # qemu-img names the image (blkjobs' own refusals: not)
-        if str(e).startswith("data_file: "):
-            raise
         raise UsageError(f"{args.image}: {e}") from None
     size = opts.pop("size", None)
     if args.size is not None:
@@ -293,7 +302,8 @@ def run(args) -> int:
     except OSError as e:
         raise UsageError(f"{args.image}: Could not create image: {e.strerror}") from None
     except BlkjobsError as e:
-        if args.fmt != "luks" and not any(k.startswith("encrypt") for k in opts):
+        if args.fmt != "luks" and opts.get("data_file") is None \
+                and not any(k.startswith("encrypt") for k in opts):
             raise
         raise UsageError(f"{args.image}: {e}") from None      # qemu-img names the image
     finally:

@@ -61,7 +61,7 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True,
             if _qcow2_encrypted(path):
                 from .qcow2.crypt import CryptQcow2
                 return CryptQcow2(path, read_only, key_secret, header_only)
-            return Qcow2(path, read_only=read_only)
+            return Qcow2(path, read_only=read_only, header_only=header_only)
         if fmt == "luks":
             from .luks import Luks
             return Luks(path, read_only, key_secret, header_only)

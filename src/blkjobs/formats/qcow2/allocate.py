@@ -22,7 +22,10 @@ class Allocation(L2Tables):
     def alloc_end(self) -> int:
         """Host offset where fresh allocation starts: a cluster that
         :meth:`allocate` returns at or past this offset was never used before
-        (it reads as zeroes); clusters below it may be reused ones."""
+        (it reads as zeroes); clusters below it may be reused ones. With an
+        external data file none is known fresh (the file may be reused)."""
+        if self.external:
+            return 1 << 62
         return self._rc().end << self.cb
 
     def allocate(self, offset: int, length: int,
@@ -141,7 +144,7 @@ class Allocation(L2Tables):
         t, off = self._l2_for_write(a)
         job.note(a, b - a)
         gc = a
-        for c0, k in self._rc().alloc(b - a):
+        for c0, k in self._host_runs(a, b - a):
             if self.extended:
                 vals = [v for c in range(c0, c0 + k) for v in ((c << cb) | COPIED, ALL_ALLOC)]
             else:
@@ -152,6 +155,14 @@ class Allocation(L2Tables):
         self.l2dirty.add(off)
         return True
 
+    def _host_runs(self, gc: int, n: int) -> list[tuple[int, int]]:
+        """Host clusters for n guest clusters from gc: (first, count) runs
+        taken from the refcounts, or the guest clusters themselves in an
+        external data file."""
+        if self.external:
+            return [(gc, n)]
+        return self._rc().alloc(n)
+
     def _alloc_one_cluster(self, job: _Pending, gc: int) -> tuple[int, int] | None:
         """allocate() for one guest cluster: reuse it in place or queue it.
         The old (entry, bitmap) when what it read is now undefined until
@@ -161,7 +172,7 @@ class Allocation(L2Tables):
         if e or bm:
             self._classify(gc, e, bm)
         h = e & OFFSET_MASK
-        if h and e & COPIED and not e & COMPRESSED:
+        if (h or self._has_host(e)) and e & COPIED and not e & COMPRESSED:
             self._check_overlap(h)
             job.flush_need()
             changed = None
@@ -196,9 +207,10 @@ class Allocation(L2Tables):
                 if e or bm:
                     self._classify(gc, e, bm)
                 h = e & OFFSET_MASK
-                if h and h != old_e & OFFSET_MASK:      # a cluster allocate() took
+                if (self._has_host(e) and not self._has_host(old_e) if self.external
+                        else h and h != old_e & OFFSET_MASK):      # a cluster allocate() took
                     self._release(e)
-                    _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, h, cs)
+                    _fallocate(self.data_fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, h, cs)
                 self._set_entry(gc, old_e, old_bm)
 
 
@@ -243,8 +255,11 @@ class _Pending:
             return
         drv, cb, l2e, esz = self.drv, self.drv.cb, self.drv.l2e, self.drv.esz
         hosts: list[int] = []
-        for c0, k in drv._rc().alloc(len(self.need)):
-            hosts += range(c0, c0 + k)
+        if drv.external:            # the data file: host offset == guest offset
+            hosts = list(self.need)
+        else:
+            for c0, k in drv._rc().alloc(len(self.need)):
+                hosts += range(c0, c0 + k)
         # the entries, table by table (the L2 tables are allocated, or copied
         # when shared, after the data clusters: those stay contiguous)
         fmt, ext = (">QQ", True) if drv.extended else (">Q", False)

@@ -218,19 +218,22 @@ class Checker:
             hoff = le & OFFSET_MASK
             if extended and (bm & 0xFFFFFFFF) and not hoff:
                 self.error("ERROR unallocated cluster with allocated subclusters")
-            if not hoff:
+            ext = self.img.external     # data file clusters: no refcounts (refcount 1)
+            if not hoff and not (ext and le & COPIED):
                 continue
             if hoff % self.cs:
                 self.error(f"ERROR offset={hoff:x}: Data cluster is not properly aligned; "
                            "L2 entry corrupted.")
                 continue
-            self.ref_range(hoff, self.cs)
+            if not ext:
+                self.ref_range(hoff, self.cs)
             if active:
                 self.allocated += 1
                 if self.next_host and hoff != self.next_host:
                     self.fragmented += 1
                 self.next_host = hoff + self.cs
-                self.copied_checks.append(("data", (off, j), le, hoff >> self.cb))
+                if not ext:
+                    self.copied_checks.append(("data", (off, j), le, hoff >> self.cb))
 
     def walk_compressed(self, le: int, bm: int, active: bool) -> None:
         """A compressed cluster's L2 entry ``le`` (``bm``: its bitmap)."""

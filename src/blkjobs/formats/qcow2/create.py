@@ -12,7 +12,7 @@ import os
 import struct
 
 from ...errors import ImageError, UsageError
-from .header import (COMPAT_LAZY_REFCOUNTS, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
+from .header import (AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE, COMPAT_LAZY_REFCOUNTS, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
                      INCOMPAT_EXTL2, Header, feature_table_ext)
 
 
@@ -20,8 +20,12 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
            backing_file: str | None = None, backing_format: str | None = None,
            preallocation: str = "off", compat: str = "1.1", refcount_bits: int = 16,
            lazy_refcounts: bool = False, compression_type: str = "zlib",
-           backing_format_optional: bool = False) -> None:
-    """Create (or overwrite) a qcow2 image at ``path``. ``lazy_refcounts``
+           backing_format_optional: bool = False, data_file: str | None = None,
+           data_file_raw: bool = False) -> None:
+    """Create (or overwrite) a qcow2 image at ``path``. ``data_file``: the
+    guest data goes to that external file, created (or truncated) first as
+    qemu-img does, with the preallocation applied to it; ``data_file_raw``
+    keeps it a valid raw image (metadata preallocated: a 1:1 mapping). ``lazy_refcounts``
     sets the compatible feature bit; ``compression_type`` ``zstd`` sets the
     header field and incompatible bit 3 (both need compat 1.1).
     ``backing_format_optional``: write a backing name without a format (as
@@ -44,6 +48,15 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         raise UsageError("lazy refcounts and zstd compression need compat=1.1")
     if compression_type not in ("zlib", "zstd"):
         raise UsageError(f"unknown compression type {compression_type!r} (zlib, zstd)")
+    if data_file_raw and data_file is None:
+        raise UsageError("data-file-raw requires data-file")
+    if data_file_raw and backing_file:
+        raise UsageError("Backing file and data-file-raw cannot be used at the same time")
+    if data_file is not None and version < 3:
+        raise UsageError("External data files are only supported with compatibility level "
+                         "1.1 and above (use version=v3 or greater)")
+    if data_file_raw and preallocation == "off":
+        preallocation = "metadata"      # the tables must map 1:1 (QEMU)
     if backing_file and not backing_format and not backing_format_optional:
         raise UsageError("a backing file needs a backing format (probe it with open_image)")
     cb = cluster_size.bit_length() - 1
@@ -67,11 +80,22 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
     h.refcount_table_offset = lay.rt_offset
     h.refcount_table_clusters = lay.rt
     h.l1_table_offset = lay.l1_offset if lay.l1_size else 0     # QEMU: none allocated
+    if data_file is not None:
+        h.incompatible |= INCOMPAT_DATA_FILE
+        h.autoclear |= AUTOCLEAR_DATA_FILE_RAW if data_file_raw else 0
+        h.data_file = data_file
     head = h.pack()      # raises when the backing name does not fit
+    if data_file is not None:
+        _create_data_file(data_file, size, preallocation)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.pwrite(fd, head, 0)
+        # every cluster written whole, the L1 table too, as QEMU does: the
+        # same blocks allocated (qemu-img's metadata preallocation guess,
+        # and so its map, depend on them)
+        os.pwrite(fd, head.ljust(cluster_size, b"\0"), 0)
         lay.write_refcounts(fd)
+        if lay.l1_size:
+            os.pwrite(fd, bytes(lay.l1_size * 8), lay.l1_offset)
         os.ftruncate(fd, lay.end)
         os.fsync(fd)
     finally:
@@ -80,6 +104,17 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         preallocate(path, size, preallocation)
     if not os.path.exists(path):   # pragma: no cover
         raise ImageError(f"could not create '{path}'")
+
+
+def _create_data_file(name: str, size: int, preallocation: str) -> None:
+    """The external data file as qemu-img creates it: a new raw file of the
+    virtual size (its old content dropped), preallocated with ``falloc`` or
+    ``full`` (``metadata`` concerns only the qcow2 tables)."""
+    from ..raw import create as create_raw
+    try:
+        create_raw(name, size, preallocation if preallocation in ("falloc", "full") else "off")
+    except OSError as e:
+        raise UsageError(f"Could not create '{name}': {e.strerror}") from None
 
 
 def preallocate(path: str, size: int, mode: str, start: int = 0) -> None:
@@ -92,6 +127,9 @@ def preallocate(path: str, size: int, mode: str, start: int = 0) -> None:
     with Qcow2(path, read_only=False) as img:
         old_len = os.fstat(img.fd).st_size
         runs = img.allocate(start, size - start)
+        if img.external:        # the data file is preallocated when created
+            img.flush()
+            return
         # allocate() hands back DATA runs: each has its host offset
         hosts = [(m.host_offset, m.length) for m in runs if m.host_offset is not None]
         cs = img.cluster_size

@@ -82,17 +82,21 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
     has_metadata = True
     #: a blkdebug layer between the image and its file (:mod:`.debug`)
     blkdebug: Hook | None = None
+    #: the external data file's name as opened (None: the data is in the image)
+    data_path: str | None = None
 
-    def __init__(self, path: str, read_only: bool = True) -> None:
+    def __init__(self, path: str, read_only: bool = True, header_only: bool = False) -> None:
         self.filename = path
         self.read_only = read_only
         # cache=unsafe (``convert -t unsafe``, qemu-img's default for convert):
         # metadata is still written in the safe order, but never fsync'd.
         self.unsafe = False
         self._fd = open_file(path, os.O_RDONLY if read_only else os.O_RDWR)
+        self._dfd: int | None = None
         self._closed = False
         try:
             self._open()
+            self._open_data_file(header_only)
         except BaseException:
             self._closed = True
             os.close(self._fd)
@@ -106,8 +110,45 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
             raise ImageError(f"'{self.filename}': image is closed")
         return self._fd
 
+    @property
+    def data_fd(self) -> int:
+        """The descriptor of the file holding the guest data: the external
+        data file's (docs/qcow2.md §10), else :attr:`fd`'s."""
+        if self._dfd is not None and not self._closed:
+            return self._dfd
+        if self.external:
+            raise ImageError(f"'{self.filename}': its data file '{self.data_path}' is not open")
+        return self.fd
+
     # ------------------------------------------------------------------
     # open
+    def _open_data_file(self, header_only: bool) -> None:
+        """Open the external data file (incompatible bit 2): the file the
+        options name (:func:`.datafile.bind_data_file`), else the one the
+        header extension names, relative to the working directory as QEMU
+        opens it. ``header_only`` (``info``): a missing one is no error."""
+        from .datafile import bound_data_file
+        h = self.header
+        given = bound_data_file(self.filename)
+        refused = f"Could not open '{self.filename}': "
+        if not self.external:
+            if given is not None:
+                raise ImageError(refused + "'data-file' can only be set for images with "
+                                 "an external data file")
+            if h.data_file_raw:
+                raise ImageError(refused + "data-file-raw requires a data file")
+            return
+        name = given if given is not None else h.data_file
+        if name is None:
+            raise ImageError(refused + "'data-file' is required for this image")
+        self.data_path = name
+        self.can_compress = False
+        try:
+            self._dfd = open_file(name, os.O_RDONLY if self.read_only else os.O_RDWR)
+        except OSError as e:
+            if not header_only:
+                raise ImageError(f"{refused}Could not open '{name}': {e.strerror}") from None
+
     def _open(self) -> None:
         st = os.fstat(self.fd)
         self.file_size = st.st_size
@@ -124,6 +165,10 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self.scs = cs // 32 if self.extended else cs         # (sub)cluster size
         self.backing_filename = h.backing_file
         self.backing_format = h.backing_format
+        #: an external data file holds the guest data, at host offset ==
+        #: guest offset, with no refcounts (docs/qcow2.md §10)
+        self.external = h.has_data_file
+        self.data_path = None
         self.ctype = h.compression_type
         self._csec_bits = self.cb - 8
         self._coff_mask = (1 << (62 - self._csec_bits)) - 1
@@ -238,6 +283,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         if self.read_only or self._closed:
             return
         rc = self.rc
+        if self._dfd is not None and not self.unsafe:
+            os.fsync(self._dfd)         # the data before the metadata naming it
         if rc is not None:
             # Every allocated cluster must lie inside the file (qemu-img check
             # counts references past EOF as errors): extend sparsely (not
@@ -278,6 +325,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         finally:
             self._closed = True
             os.close(self._fd)
+            if self._dfd is not None:
+                os.close(self._dfd)
 
     # ------------------------------------------------------------------
     # header changes
@@ -316,13 +365,18 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
              "compression-type": "zstd" if h.compression_type == 1 else "zlib"}
         if h.version >= 3:
             d.update({"lazy-refcounts": bool(h.compatible & COMPAT_LAZY_REFCOUNTS),
-                      "refcount-bits": h.refcount_bits,
-                      "corrupt": bool(h.incompatible & INCOMPAT_CORRUPT),
+                      "refcount-bits": h.refcount_bits})
+            if self.external:
+                if h.data_file is not None:
+                    d["data-file"] = h.data_file
+                d["data-file-raw"] = h.data_file_raw
+            d.update({"corrupt": bool(h.incompatible & INCOMPAT_CORRUPT),
                       "extended-l2": self.extended})
         else:
             d["refcount-bits"] = h.refcount_bits
         if self.bitmaps:       # after lazy-refcounts, as qemu-img prints them
-            rest: dict[str, object] = {k: d.pop(k) for k in ("refcount-bits", "corrupt", "extended-l2") if k in d}
+            rest: dict[str, object] = {k: d.pop(k) for k in ("refcount-bits", "data-file", "data-file-raw",
+                                                   "corrupt", "extended-l2") if k in d}
             d["bitmaps"] = self.persistent_bitmaps.info()
             d.update(rest)
         return {"type": "qcow2", "data": d}

@@ -105,6 +105,32 @@ class Header:
     def refcount_bits(self) -> int:
         return 1 << self.refcount_order
 
+    @property
+    def data_file(self) -> str | None:
+        """The external data file's name (extension 0x44415441), or None."""
+        d = self.ext(EXT_DATA_FILE)
+        return None if d is None else d.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    @data_file.setter
+    def data_file(self, name: str | None) -> None:
+        """Set (or with None drop) the data file name; a new one goes where
+        QEMU writes it: after the backing format, before the other extensions."""
+        if name is None:
+            self.extensions = [(t, d) for t, d in self.extensions if t != EXT_DATA_FILE]
+        elif self.ext(EXT_DATA_FILE) is not None:
+            self.extensions = [(t, name.encode() if t == EXT_DATA_FILE else d)
+                               for t, d in self.extensions]
+        else:
+            self.extensions.insert(0, (EXT_DATA_FILE, name.encode()))
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.incompatible & INCOMPAT_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.autoclear & AUTOCLEAR_DATA_FILE_RAW)
+
     def ext(self, etype: int) -> bytes | None:
         for t, d in self.extensions:
             if t == etype:
@@ -304,8 +330,6 @@ def _check_features(h: Header, bad: _Bad) -> None:
         raise bad(f"Unsupported encryption method: {h.crypt_method}")
     if h.refcount_order > 6:
         raise bad(f"invalid refcount_order {h.refcount_order}")
-    if h.incompatible & INCOMPAT_DATA_FILE:
-        raise bad("qcow2 images with an external data file are not supported")
     if h.extended_l2 and h.cluster_bits < 14:
         raise bad("extended L2 entries need a cluster size of at least 16 KiB")
     if bool(h.incompatible & INCOMPAT_COMPRESSION) != bool(h.compression_type):

@@ -34,7 +34,11 @@ class Reads(L2Tables):
             return None
         _, _, e, _ = self._entry(offset >> cb)
         h = e & OFFSET_MASK
-        if (not h or e & (COMPRESSED | ZERO | STD_RESERVED) or h & (self.cluster_size - 1)
+        if self.external:
+            if (e & (COMPRESSED | ZERO | STD_RESERVED) or not e & COPIED
+                    or h != (offset >> cb) << cb):
+                return None
+        elif (not h or e & (COMPRESSED | ZERO | STD_RESERVED) or h & (self.cluster_size - 1)
                 or (for_write and not e & COPIED)
                 or (h >= self.file_size and not self._may_extend(h))):
             return None
@@ -81,7 +85,7 @@ class Reads(L2Tables):
             return
         n = gc1 - gc0 + 1
         k0 = 0
-        if not self.extended:
+        if not self.extended and not self.external:    # (the C decoder knows no data file)
             k0 = self._map_decoded(runs, t, l1i, gc0, n, pos, span_end)
             if k0 >= n:
                 return
@@ -131,9 +135,11 @@ class Reads(L2Tables):
             return
         kind, h = self._classify(gc, e, bm)
         if isinstance(kind, Kind):      # else "ext": h is (host, alloc, zero) bits
-            runs.emit(s, e_ - s, kind, (h + s - cstart) if h else None)
+            runs.emit(s, e_ - s, kind, (h + s - cstart) if h or kind == Kind.DATA else None)
             return
         h, alloc, zero = h
+        if self._has_host(e):
+            h = h or cstart          # external data file: guest cluster 0 at host 0
         if alloc == ALL_ALLOC:
             runs.emit(s, e_ - s, Kind.DATA, h + s - cstart)
             return
@@ -149,7 +155,8 @@ class Reads(L2Tables):
             elif zero >> j & 1:
                 runs.emit(a, b - a, Kind.ZERO, (h + a - cstart) if h else None)
             else:   # QEMU reports the host cluster of such subclusters too
-                runs.emit(a, b - a, Kind.UNALLOCATED, (h + a - cstart) if h else None)
+                runs.emit(a, b - a, Kind.UNALLOCATED,
+                          (h + a - cstart) if self._has_host(e) else None)
 
     # ------------------------------------------------------------------
     # reads
@@ -166,7 +173,7 @@ class Reads(L2Tables):
     def _pread_into(self, mv: memoryview, host: int) -> None:
         done = 0
         while done < len(mv):
-            n = os.preadv(self.fd, [mv[done:]], host + done)
+            n = os.preadv(self.data_fd, [mv[done:]], host + done)
             if n <= 0:
                 _zero(mv, done, len(mv))   # preallocated clusters past EOF read as zeroes
                 return

@@ -69,6 +69,7 @@ class L2Tables(Driver):
     _comp_cache: tuple[int | None, bytes]   # (guest cluster, its data) last decompressed
     _comp_free: int         # next free byte for compressed data (this session)
     _comp_limit: int
+    external: bool          # an external data file holds the data (host == guest offset)
 
     if TYPE_CHECKING:
         # What the mixins use of each other (driver.py, mapping.py, writes.py).
@@ -78,6 +79,8 @@ class L2Tables(Driver):
         def _pread_into(self, mv: memoryview, host: int) -> None: ...
         def write(self, offset: int, data, fill: Fill = None) -> None: ...
         def _write_header(self) -> None: ...
+        @property
+        def data_fd(self) -> int: ...
         def _set_rt_location(self, offset: int, clusters: int) -> None: ...
 
     # ------------------------------------------------------------------
@@ -166,6 +169,14 @@ class L2Tables(Driver):
         return ImageError(f"'{self.filename}': L2 entry for guest offset "
                           f"0x{gc << self.cb:x} is corrupt (0x{e:016x}): {why}")
 
+    def _has_host(self, e: int) -> bool:
+        """A standard entry (or extended L2 entry's first word) that names a
+        host cluster: a non-zero offset, or -- with an external data file,
+        where guest cluster 0 lives at host offset 0 -- COPIED (QEMU's
+        qcow2_get_cluster_type)."""
+        return bool(e & OFFSET_MASK) or (self.external and bool(e & COPIED)
+                                         and not e & (COMPRESSED | ZERO))
+
     def _compressed_span(self, gc: int, e: int) -> tuple[int, int]:
         off = e & self._coff_mask
         nsec = (e >> (62 - self._csec_bits)) & ((1 << self._csec_bits) - 1)
@@ -179,6 +190,9 @@ class L2Tables(Driver):
         """Return ('c', None) compressed, or a list of 32 (or 1) subcluster
         states: (Kind, host_offset_of_cluster)."""
         if e & COMPRESSED:
+            if self.external:
+                raise self._bad_entry(gc, e, "compressed cluster in an image with an "
+                                      "external data file")
             if e & COPIED or bm:
                 raise self._bad_entry(gc, e, "invalid compressed entry")
             self._compressed_span(gc, e)
@@ -188,20 +202,24 @@ class L2Tables(Driver):
         h = e & OFFSET_MASK
         if h & (self.cluster_size - 1):
             raise self._bad_entry(gc, e, "data cluster not aligned")
-        if h and h >= self.file_size and not self._may_extend(h) and h >= self._refresh_size():
+        if self.external:
+            if h and h != gc << self.cb:
+                raise self._bad_entry(gc, e, "external data file host cluster offset does "
+                                      "not match the guest cluster offset")
+        elif h and h >= self.file_size and not self._may_extend(h) and h >= self._refresh_size():
             raise self._bad_entry(gc, e, "data cluster beyond the end of the file")
         if not self.extended:
             if e & ZERO:
                 if self.header.version < 3:
                     raise self._bad_entry(gc, e, "zero flag in a version 2 image")
                 return Kind.ZERO, h
-            return (Kind.DATA, h) if h else (Kind.UNALLOCATED, 0)
+            return (Kind.DATA, h) if self._has_host(e) else (Kind.UNALLOCATED, 0)
         if e & ZERO:
             raise self._bad_entry(gc, e, "zero flag set in an extended L2 entry")
         alloc, zero = bm & ALL_ALLOC, bm >> 32
         if alloc & zero:
             raise self._bad_entry(gc, e, "subcluster both allocated and zero")
-        if alloc and not h:
+        if alloc and not self._has_host(e):
             raise self._bad_entry(gc, e, "allocated subclusters without a host cluster")
         return "ext", (h, alloc, zero)
 
@@ -215,7 +233,10 @@ class L2Tables(Driver):
     # ------------------------------------------------------------------
     # the host clusters an entry uses
     def _release(self, e: int) -> None:
-        """Queue the refcount decrements for the host clusters an entry used."""
+        """Queue the refcount decrements for the host clusters an entry used
+        (none in an external data file: its clusters have no refcounts)."""
+        if self.external:
+            return
         rc = self._rc()
         if e & COMPRESSED:
             off = e & self._coff_mask
@@ -231,6 +252,8 @@ class L2Tables(Driver):
     def _check_overlap(self, h: int) -> None:
         """Cheap guard: never write guest data over the header, L1 or
         refcount table (QEMU would mark the image corrupt)."""
+        if self.external:
+            return          # the data file holds no metadata
         c = h >> self.cb
         hd = self.header
         l1a = hd.l1_table_offset >> self.cb

@@ -46,7 +46,7 @@ class Writes(L2Tables):
         else:
             if e & ZERO:
                 _zero(mv, 0, len(mv))
-            elif h:
+            elif self._has_host(e):
                 self._pread_into(mv, h + a_in)
             else:
                 self._fill(fill, cstart + a_in, mv)
@@ -58,8 +58,9 @@ class Writes(L2Tables):
         if e or bm:
             self._classify(gc, e, bm)
         h = e & OFFSET_MASK
+        has = self._has_host(e) or (bool(h) and bool(e & ZERO))
         b = a + len(data)
-        if e & COMPRESSED or (h and not e & COPIED):
+        if e & COMPRESSED or (h and not e & COPIED and not self.external):
             # COW of the whole cluster into a fresh one
             buf = bytearray(cs)
             mv = memoryview(buf)
@@ -71,8 +72,8 @@ class Writes(L2Tables):
             self._set_entry(gc, nh | COPIED, ALL_ALLOC if self.extended else 0)
             self._release(e)
             return
-        if not h:
-            h = self._rc().alloc_one() << self.cb
+        if not has:
+            h = self._new_host(gc)
             if not self.extended:
                 bm = 0
         else:
@@ -84,7 +85,7 @@ class Writes(L2Tables):
                     # bytes; no read-modify-write of the rest of the cluster.
                     done, n = 0, len(data)
                     while done < n:
-                        done += os.pwrite(self.fd, data[done:], h + a + done)
+                        done += os.pwrite(self.data_fd, data[done:], h + a + done)
                     return
         # (sub)cluster-aligned window [sa, sb) around [a, b)
         sa = a // scs * scs
@@ -97,13 +98,20 @@ class Writes(L2Tables):
         if b < sb:
             self._old_sub(gc, e, bm, j1, mv[b - sa:], b, fill)
         buf[a - sa:b - sa] = data
-        os.pwrite(self.fd, buf, h + sa)
+        os.pwrite(self.data_fd, buf, h + sa)
         if self.extended:
             bits = ((1 << (j1 + 1)) - 1) ^ ((1 << j0) - 1)
             bm = (bm | bits) & ~(bits << 32)
             self._set_entry(gc, h | COPIED, bm)
         elif (e & ~COPIED) != h or not e & COPIED:
             self._set_entry(gc, h | COPIED)
+
+    def _new_host(self, gc: int) -> int:
+        """The host offset of a new cluster for guest cluster gc: a fresh
+        one, or in an external data file the guest offset itself."""
+        if self.external:
+            return gc << self.cb
+        return self._rc().alloc_one() << self.cb
 
     def write(self, offset: int, data, fill: Fill = None) -> None:
         """Write ``data`` at ``offset``. ``fill(guest_offset, buf)`` provides
@@ -130,7 +138,7 @@ class Writes(L2Tables):
                     assert host is not None         # allocate returns DATA runs
                     done = 0
                     while done < len(d):
-                        done += os.pwrite(self.fd, d[done:], host + done)
+                        done += os.pwrite(self.data_fd, d[done:], host + done)
                 pos = full_end
                 continue
             b = min(end, cend)
@@ -157,6 +165,9 @@ class Writes(L2Tables):
         self._check_writable(offset, min(n, self.size - offset))
         if offset % cs or n > cs or (n < cs and offset + n != self.size):
             raise UsageError("write_compressed needs one whole, aligned cluster")
+        if self.external:
+            raise UsageError(f"'{self.filename}': compressed clusters are not supported "
+                             "with an external data file")
         comp = compressed if compressed is not None else self.compress_cluster(cluster_data)
         if len(comp) >= cs - 512:
             self.write(offset, bytes(cluster_data)[:min(cs, self.size - offset)])

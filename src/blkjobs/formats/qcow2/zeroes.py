@@ -6,6 +6,8 @@ Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
 """
 from __future__ import annotations
 
+import os
+
 from .tables import ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, ZERO, Fill, L2Tables
 
 
@@ -28,6 +30,9 @@ class Zeroes(L2Tables):
         zero flag: whole clusters are unmapped when there is no backing file,
         else zeroes are written."""
         self._check_writable(offset, length)
+        if self.header.data_file_raw:
+            # the raw data file must read the same: zero it first (as QEMU)
+            self._zero_data_file(offset, length)
         a, b = self._full_clusters(offset, length)
         v2 = self.header.version < 3
         if (v2 and self.backing_filename) or a >= b:
@@ -40,7 +45,8 @@ class Zeroes(L2Tables):
             if e or bm:
                 self._classify(gc, e, bm)
             h = e & OFFSET_MASK
-            keep = (not may_unmap) and h and e & COPIED and not e & COMPRESSED
+            keep = (not may_unmap) and (h or self._has_host(e)) and e & COPIED \
+                and not e & COMPRESSED
             if v2:
                 ne, nbm = 0, 0
             elif self.extended:
@@ -54,6 +60,14 @@ class Zeroes(L2Tables):
             if e or bm or ne or nbm:
                 self._set_entry(gc, ne, nbm)
         self._zero_partial(b, offset + length, fill)
+
+    def _zero_data_file(self, offset: int, length: int) -> None:
+        from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
+        fd = self.data_fd
+        if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+            pos, end = offset, offset + length
+            while pos < end:
+                pos += os.pwrite(fd, bytes(min(end - pos, 1 << 20)), pos)
 
     def _zero_partial(self, start: int, end: int, fill: Fill) -> None:
         if start >= end:
