@@ -39,11 +39,14 @@ def probe_format(path: str) -> str:
 
 
 def open_image(path: str, fmt: str | None = None, read_only: bool = True,
-               key_secret: str | None = None, header_only: bool = False) -> Driver:
+               key_secret: str | None = None, header_only: bool = False,
+               data_file: str | None = None) -> Driver:
     """Open ``path`` as ``fmt`` (probed when None). An NBD URI opens the
     ``nbd`` driver (format raw only). An encrypted image (luks, encrypted
     qcow2) is unlocked with the secret ``key_secret`` (:mod:`.secrets`);
-    without one it opens only with ``header_only`` (what ``info`` reads)."""
+    without one it opens only with ``header_only`` (what ``info`` reads).
+    ``data_file``: a qcow2 image's external data file, in place of the one
+    its header names (the ``data-file`` option)."""
     from .nbd import is_nbd_uri
     if is_nbd_uri(path):
         if fmt not in (None, "raw"):
@@ -61,7 +64,8 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True,
             if _qcow2_encrypted(path):
                 from .qcow2.crypt import CryptQcow2
                 return CryptQcow2(path, read_only, key_secret, header_only)
-            return Qcow2(path, read_only=read_only, header_only=header_only)
+            return Qcow2(path, read_only=read_only, header_only=header_only,
+                         data_file=data_file)
         if fmt == "luks":
             from .luks import Luks
             return Luks(path, read_only, key_secret, header_only)

@@ -31,6 +31,17 @@ class NotAnImageFile(ImageError):
     since reading a FIFO or a tty can block forever."""
 
 
+class FormatOpenError(ImageError):
+    """A format driver refuses to open the image for a reason of its own
+    (``reason``, the text QEMU's format driver gives): the message names
+    the image file as qemu-img does for a plain name; opened from options
+    (``json:``, ``--image-opts``) qemu-img names only the option string."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"Could not open '{path}': {reason}")
+        self.reason = reason
+
+
 def open_file(path: str, flags: int = os.O_RDONLY, devices: bool = True) -> int:
     """Open ``path`` for an image driver and return the fd. It is opened
     with O_NONBLOCK (opening a FIFO then cannot hang) and checked with
@@ -163,6 +174,12 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def fd(self) -> int:
         """The OS file descriptor of the (data) file."""
+
+    @property
+    def data_fd(self) -> int:
+        """The descriptor of the file the DATA runs' host offsets point into:
+        :attr:`fd`, except for a qcow2 image with an external data file."""
+        return self.fd
 
     @property
     @abc.abstractmethod

@@ -38,6 +38,10 @@ class Slice(Driver):
         return self.inner.fd
 
     @property
+    def data_fd(self) -> int:
+        return self.inner.data_fd
+
+    @property
     def size(self) -> int:
         return self._size
 

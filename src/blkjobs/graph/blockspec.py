@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ImageError
-from ..formats.base import Driver
+from ..formats.base import Driver, FormatOpenError
 
 FORMAT_DRIVERS = ("qcow2", "raw", "luks")
 PROTOCOL_DRIVERS = ("file", "null-co", "nbd")
@@ -255,6 +255,7 @@ def _display(top: Layer, tree: dict[str, Any]) -> str:
         extra = {k for k in layer.opts if k not in _GENERIC and k != "filename"}
         if layer.opts.get("backing", 0) is None:
             extra.discard("backing")
+        extra.discard("data-file")      # QEMU names the image by its qcow2 file
         if layer.driver == "null-co" and not extra:
             return "null-co://"
         if extra or layer.driver not in (*FORMAT_DRIVERS, "file", None):
@@ -373,7 +374,7 @@ def _open(layer: Layer, read_only: bool) -> Driver:
             drv = _filter(f, drv)
         return drv
     _bind_key(layer, below)
-    drv = _open_protocol(below, d, read_only)
+    drv = _open_protocol(below, d, read_only, _data_file(layer))
     if d == "raw" and ("offset" in layer.opts or "size" in layer.opts):
         from ..formats.slice import Slice
         drv = Slice(drv, _size(layer.opts.get("offset", 0), "offset"),
@@ -409,7 +410,24 @@ def _bind_key(layer: Layer, below: Layer) -> None:
         bind_key(str(below.opts["filename"]), str(sid))
 
 
-def _open_protocol(layer: Layer, fmt: str | None, read_only: bool) -> Driver:
+def _data_file(layer: Layer) -> str | None:
+    """The file a qcow2 layer's ``data-file`` option names (a file node, or
+    raw over one); blkjobs opens no other kind of data file."""
+    ref = layer.opts.get("data-file")
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        raise ImageError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+    node = ref.get("file") if ref.get("driver") == "raw" else ref
+    if not isinstance(node, dict) or node.get("driver", "file") != "file" \
+            or not isinstance(node.get("filename"), str) or (node is not ref and set(ref) - {"driver", "file"}):
+        raise ImageError("blkjobs opens an external data file only as a plain file "
+                         "(data-file.driver=file)")
+    return node["filename"]
+
+
+def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
+                   data_file: str | None = None) -> Driver:
     """The format ``fmt`` (None: probed; for a bare protocol: none) over the
     protocol ``layer``."""
     from ..formats import open_image, probe_format
@@ -432,7 +450,10 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool) -> Driver:
     try:
         if fmt is None:
             fmt = probe_format(path)
-        drv = open_image(path, "raw" if fmt == "file" else fmt, read_only=read_only)
+        drv = open_image(path, "raw" if fmt == "file" else fmt, read_only=read_only,
+                         data_file=data_file)
+    except FormatOpenError as e:
+        raise ImageError(e.reason) from None
     except (ImageError, OSError) as e:
         text = str(e) if isinstance(e, ImageError) else str(e.strerror)
         if text.lower().startswith(f"could not open '{path}': "):

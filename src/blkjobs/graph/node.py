@@ -48,6 +48,7 @@ class FilterDriver:
     is_filter = True
     wants_events = False
     fd = -1
+    data_fd = -1
     cluster_size = 0
     backing_filename = None
     backing_format = None

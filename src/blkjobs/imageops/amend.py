@@ -83,9 +83,9 @@ def amend(node, opts: dict[str, str], progress: Callable[[float], None] | None =
     bits = int(opts["refcount_bits"]) if "refcount_bits" in opts else h.refcount_bits
     if bits <= 0 or bits > 64 or bits & (bits - 1):
         raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
-    if opts.get("data_file"):
+    if opts.get("data_file") and not drv.external:
         raise UsageError("data-file can only be set for images that use an external data file")
-    if _BOOL.get(opts.get("data_file_raw", "off")):
+    if _BOOL.get(opts.get("data_file_raw", "off")) and not h.data_file_raw:
         raise UsageError("data-file-raw cannot be set on existing images")
     try:
         if new_version > old_version:
@@ -105,6 +105,8 @@ def amend(node, opts: dict[str, str], progress: Callable[[float], None] | None =
                 raise UsageError("Refcount widths other than 16 bits require compatibility "
                                  "level 1.1 or above (use compat=1.1 or greater)")
             qa.change_refcount_bits(drv, bits, progress)
+        if "data_file" in opts or "data_file_raw" in opts:
+            qa.set_data_file(drv, opts.get("data_file"), _BOOL.get(opts.get("data_file_raw", "")))
         size = parse_opt_size(opts["size"], "size") if opts.get("size") else 0
         if size:
             resize_node(node, size)

@@ -75,7 +75,7 @@ class ChainConvert:
             load_tmp(self.top, o.snapshot)
         self.size = self.top.size
         self.chain = self.top.chain()
-        self.fds = [n.driver.fd for n in self.chain]
+        self.fds = [n.driver.data_fd for n in self.chain]
         self.fast_base = False
         if o.backing:
             from ..graph import resolve_backing
@@ -109,7 +109,7 @@ class ChainConvert:
             except OSError as e:
                 raise CopyError(e.errno or errno.EIO, "Could not open target", path=dst) from None
             self.tg.t.unsafe = not o.flush
-            self.tg.dfd = self.tg.t.fd
+            self.tg.dfd = self.tg.t.data_fd
             check_target_size(dst, self.tg.t.size, self.size)
             self.tsize = self.tg.t.size
         elif o.dst_fmt == "raw":
@@ -139,7 +139,7 @@ class ChainConvert:
         self.tg.t = open_image(dst, "qcow2", read_only=False)
         self.tg.ours = identity(self.tg.t.fd)
         self.tg.t.unsafe = not o.flush      # -t unsafe: no fsync of metadata either
-        self.tg.dfd = self.tg.t.fd
+        self.tg.dfd = self.tg.t.data_fd
 
     # -- planning ----------------------------------------------------------
     def _pieces(self, pos, n):
@@ -354,7 +354,7 @@ class ChainConvert:
         if not self.o.sparse_size or (t.backing_filename and t.header.version < 3):
             return
         for m in self.allocated:
-            for e in extents(t.fd, m.host_offset, m.length):
+            for e in extents(t.data_fd, m.host_offset, m.length):
                 if e.data:
                     continue
                 # whole clusters only (host runs are cluster-aligned at their start)

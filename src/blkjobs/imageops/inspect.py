@@ -165,7 +165,9 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
         if start < 0 or start > size:
             raise UsageError(f"invalid start offset {start}")
         nodes = top.chain()
-        names = [getattr(n.driver, "map_filename", n.filename) for n in nodes]
+        # the file holding each layer's data (qcow2: its external data file)
+        names = [getattr(n.driver, "data_path", None) or getattr(n.driver, "map_filename", n.filename)
+                 for n in nodes]
         prealloc: dict[int, bool] = {}
         last = None
         pos = start
@@ -226,7 +228,7 @@ def _preallocated_zeroes(runs, nodes, known: dict[int, bool]):
         if not known[d]:
             yield e
             continue
-        fd = nodes[d].driver.fd
+        fd = nodes[d].driver.data_fd      # the data file holds the runs
         eof = os.fstat(fd).st_size
         pos, end = e["offset"], e["offset"] + e["length"]
         while pos < end:

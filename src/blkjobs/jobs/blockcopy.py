@@ -149,7 +149,7 @@ class Mover(TargetWrites, BatchPlanning):
     def _engine(self) -> CopyEngine:
         if self._pool:
             return self._pool.pop()
-        return CopyEngine(self.src.driver.fd, self.dst.driver.fd, threads=self.threads,
+        return CopyEngine(self.src.driver.data_fd, self.dst.driver.data_fd, threads=self.threads,
                           request_size=2 * MiB, zero_block=4096 if self._dst_raw else 0,
                           target_is_zero=False, may_unmap=self.may_unmap,
                           allow_copy_range=False, bucket=self.bucket,
@@ -262,7 +262,7 @@ class Mover(TargetWrites, BatchPlanning):
                         or not chain[r["depth"]].driver.host_file):
                     py.append((s, n))       # through buffers (also NBD nodes: no fd)
                 else:
-                    copy.append((s, n, (chain[r["depth"]].driver.fd, r["offset"])))
+                    copy.append((s, n, (chain[r["depth"]].driver.data_fd, r["offset"])))
                 stats.copied += n
             else:
                 zero.append((s, n))
@@ -328,7 +328,7 @@ class Mover(TargetWrites, BatchPlanning):
             if hd is None:
                 return None
         stats.copied += length
-        return (hs, hd, length, COPY_SPARSE if self._dst_raw else COPY, self.src.driver.fd)
+        return (hs, hd, length, COPY_SPARSE if self._dst_raw else COPY, self.src.driver.data_fd)
 
     def _alloc_whole_cluster(self, off: int, length: int,
                              undo: list[tuple[int, int, int, int]] | None) -> int | None:
@@ -539,7 +539,7 @@ class Mover(TargetWrites, BatchPlanning):
                 return          # raw, cache=unsafe: nothing to write, no fsync
         if not unsafe and self.dst.driver.host_file:
             try:
-                os.fsync(self.dst.driver.fd)
+                os.fsync(self.dst.driver.data_fd)
             except OSError as e:
                 raise CopyError(e.errno or 5, "error writing", path=self.dst.filename,
                                 side="target") from None

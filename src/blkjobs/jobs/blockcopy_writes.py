@@ -127,7 +127,7 @@ class TargetWrites:
             for r in src.block_status(s, n):
                 if (r["data"] and "offset" in r and not r["compressed"]
                         and chain[r["depth"]].driver.host_file):
-                    fill.append((r["start"], r["length"], (chain[r["depth"]].driver.fd,
+                    fill.append((r["start"], r["length"], (chain[r["depth"]].driver.data_fd,
                                                            r["offset"])))
                 elif r["data"]:
                     py.append((r["start"], r["length"]))

@@ -106,6 +106,21 @@ def _mark_clean(drv) -> None:
         drv._write_header()
 
 
+def set_data_file(drv, name: str | None, raw: bool | None) -> None:
+    """``data_file=`` / ``data_file_raw=off`` on an image with an external
+    data file: the name in the header (empty: none; the image then needs
+    the ``data-file`` option to open), the raw bit cleared (as QEMU)."""
+    from .header import AUTOCLEAR_DATA_FILE_RAW
+    h = drv.header
+    if raw is not None:
+        h.autoclear = (h.autoclear | AUTOCLEAR_DATA_FILE_RAW) if raw else \
+            (h.autoclear & ~AUTOCLEAR_DATA_FILE_RAW)
+    if name is not None:
+        h.data_file = name or None
+    drv.flush()
+    drv._write_header()
+
+
 def downgrade(drv, has_backing: bool, progress: Progress = None) -> None:
     """compat=0.10 on a version 3 image (see the module docstring)."""
     h = drv.header

@@ -54,7 +54,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from ...errors import ImageError, UsageError
-from ..base import open_file  # open_file: refuses FIFOs & co.
+from ..base import FormatOpenError, open_file  # open_file: refuses FIFOs & co.
 from .allocate import Allocation
 from .debug import Hook
 from .header import (AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT,
@@ -85,7 +85,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
     #: the external data file's name as opened (None: the data is in the image)
     data_path: str | None = None
 
-    def __init__(self, path: str, read_only: bool = True, header_only: bool = False) -> None:
+    def __init__(self, path: str, read_only: bool = True, header_only: bool = False,
+                 data_file: str | None = None) -> None:
         self.filename = path
         self.read_only = read_only
         # cache=unsafe (``convert -t unsafe``, qemu-img's default for convert):
@@ -96,7 +97,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self._closed = False
         try:
             self._open()
-            self._open_data_file(header_only)
+            self._open_data_file(header_only, data_file)
         except BaseException:
             self._closed = True
             os.close(self._fd)
@@ -122,32 +123,32 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
 
     # ------------------------------------------------------------------
     # open
-    def _open_data_file(self, header_only: bool) -> None:
-        """Open the external data file (incompatible bit 2): the file the
-        options name (:func:`.datafile.bind_data_file`), else the one the
-        header extension names, relative to the working directory as QEMU
-        opens it. ``header_only`` (``info``): a missing one is no error."""
-        from .datafile import bound_data_file
+    def _open_data_file(self, header_only: bool, given: str | None) -> None:
+        """Open the external data file (incompatible bit 2): ``given`` (the
+        ``data-file`` option), else the one the header extension names,
+        relative to the working directory as QEMU opens it. ``header_only``
+        (``info``): a missing one is no error."""
         h = self.header
-        given = bound_data_file(self.filename)
-        refused = f"Could not open '{self.filename}': "
         if not self.external:
             if given is not None:
-                raise ImageError(refused + "'data-file' can only be set for images with "
-                                 "an external data file")
+                raise FormatOpenError(self.filename, "'data-file' can only be set for images "
+                                      "with an external data file")
             if h.data_file_raw:
-                raise ImageError(refused + "data-file-raw requires a data file")
+                raise FormatOpenError(self.filename, "data-file-raw requires a data file")
             return
         name = given if given is not None else h.data_file
         if name is None:
-            raise ImageError(refused + "'data-file' is required for this image")
+            if header_only:
+                return
+            raise FormatOpenError(self.filename, "'data-file' is required for this image")
         self.data_path = name
         self.can_compress = False
         try:
             self._dfd = open_file(name, os.O_RDONLY if self.read_only else os.O_RDWR)
         except OSError as e:
             if not header_only:
-                raise ImageError(f"{refused}Could not open '{name}': {e.strerror}") from None
+                raise FormatOpenError(self.filename,
+                                      f"Could not open '{name}': {e.strerror}") from None
 
     def _open(self) -> None:
         st = os.fstat(self.fd)
