@@ -63,8 +63,11 @@ def test_convert_raw_qcow2_raw(tmp_path, src_raw, opts):
     assert r.read_bytes() == src_raw.read_bytes()
     info = qemu_info(q)
     assert info["virtual-size"] == SIZE
-    # holes of the source stay unallocated in the target
-    assert info["actual-size"] < SIZE // 2
+    # holes of the source stay unallocated in the target: less than half of
+    # it allocated, or with big clusters no more than qemu-img's convert
+    # (which writes its metadata clusters whole: 6 MiB of 2 MiB clusters)
+    qemu_img("convert", "-O", "qcow2", "-o", opts, src_raw, tmp_path / "q.qcow2")
+    assert info["actual-size"] <= max(SIZE // 2, qemu_info(tmp_path / "q.qcow2")["actual-size"])
 
 
 def test_convert_allocation_like_qemu_img(tmp_path, src_raw):

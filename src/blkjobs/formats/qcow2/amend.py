@@ -157,7 +157,6 @@ def downgrade(drv, has_backing: bool, progress: Progress = None) -> None:
         h.compression_type = 0
     h.version = 2
     h.extensions = [(t, d) for t, d in h.extensions if t != EXT_FEATURE_TABLE]
-    drv._header_len = drv.cluster_size      # zeroes after it, as QEMU writes cluster 0
     drv._write_header()
 
 

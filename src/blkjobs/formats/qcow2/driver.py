@@ -251,10 +251,10 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self._write_header()
 
     def _write_header(self) -> None:
+        # the whole first cluster, zero-padded, as QEMU's qcow2_update_header:
+        # nothing of a longer old backing name or extension is left behind
         data = self.header.pack()
-        old = getattr(self, "_header_len", 0)
-        os.pwrite(self.fd, data.ljust(max(old, len(data)), b"\0"), 0)
-        self._header_len = len(data)
+        os.pwrite(self.fd, data.ljust(self.cluster_size, b"\0"), 0)
         self._fsync()
         self._header_dirty = False
 
