@@ -18,8 +18,11 @@ _LOCK = re.compile(r'^Failed to get (shared )?"([a-z ]+)" lock on \'(.*)\': '
 def could_not_open(path: str, e: BlkjobsError) -> UsageError:
     """qemu-img's ``Could not open 'PATH': REASON`` (the file layer's own
     "Could not open" text stays inside, as qemu-img prints it)."""
+    from ..formats.base import FormatOpenError
     from ..graph.blockspec import is_spec
     text = str(e)
+    if isinstance(e, FormatOpenError):
+        return UsageError(text)     # the format driver's refusal, worded as qemu-img's
     m = _LOCK.match(text)
     if m:       # QEMU's wording of a lock conflict
         return UsageError(f"Could not open '{path}': Failed to get {m.group(1) or ''}\"{m.group(2)}\" "

@@ -25,6 +25,10 @@ the file as QEMU leaves it):
 6. the dirty flag is cleared, and the file cut after the L1 table (the data
    clusters are freed).
 
+An image with an external data file is emptied as QEMU does it (its
+make_empty cannot reset such an image): every L2 entry cleared, the tables
+kept, the data file's clusters punched (:func:`_discard_all`).
+
 Anything else (internal snapshots, persistent bitmaps, a dirty or corrupt
 image, tables moved by a resize) is left alone: :func:`make_empty` returns
 False and the caller re-creates the image.
@@ -37,7 +41,8 @@ import struct
 from . import debug as dbg
 from .create import Layout
 from .debug import Hook
-from .header import EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, parse_header
+from .header import (EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+                     parse_header)
 
 RT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
@@ -54,6 +59,9 @@ def make_empty(path: str, debug: Hook | None = None) -> bool:
         if (h.nb_snapshots or h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
                 or h.ext(EXT_BITMAPS) is not None):
             return False
+        if h.incompatible & INCOMPAT_DATA_FILE:
+            _discard_all(path)
+            return True
         lay = Layout(h.size, h.cluster_size, h.l2_entries, h.refcount_bits)
         if ((h.refcount_table_offset, h.refcount_table_clusters, h.l1_table_offset,
              h.l1_size) != (lay.rt_offset, lay.rt, lay.l1_offset, lay.l1_size)
@@ -97,3 +105,23 @@ def _empty(fd: int, h, lay: Layout, debug: Hook | None) -> None:
         os.fsync(fd)
     os.ftruncate(fd, lay.end)
     os.fsync(fd)
+
+
+def _discard_all(path: str) -> None:
+    """Every guest cluster of the image at ``path`` (with an external data
+    file) unallocated: its L2 entry cleared (the L2 tables stay), its data
+    file cluster punched, as QEMU's discard of a whole image."""
+    from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
+    from .driver import Qcow2
+    with Qcow2(path, read_only=False) as img:
+        img._check_writable(0, 0)
+        cs, n = img.cluster_size, -(-img.size // img.cluster_size)
+        tables = [i for i in range(len(img.l1)) if img._l2_offset(i)]
+        for gc in (g for i in tables for g in range(i * img.l2e, min(n, (i + 1) * img.l2e))):
+            _, _, e, bm = img._entry(gc)
+            if not (e or bm):
+                continue
+            if img._has_host(e) or (e & 1 and e & ~1):
+                _fallocate(img.data_fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                           gc * cs, cs)
+            img._set_entry(gc, 0, 0)
