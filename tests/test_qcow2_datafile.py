@@ -226,3 +226,24 @@ def test_measure_parity(twins, args):
             qemu_io("src.qcow2", "write -P 1 0 1M")
     same(twins, "measure", *args)
     assert not Path(twins[0] / "x.raw").exists()
+
+
+def test_header_rewrite_leaves_no_old_bytes(twins):
+    """A header rewrite writes the whole first cluster: rebase -u to a
+    shorter backing name leaves nothing of the old one (as qemu-img)."""
+    for d in twins:
+        qemu_img("create", "-f", "qcow2", "-b", "a-long-backing-name.qcow2", "-F", "qcow2",
+                 "-u", d / "top.qcow2", "1M")
+    same(twins, "rebase", "-u", "-b", "short.qcow2", "-F", "qcow2", "top.qcow2")
+    files_same(twins, "top.qcow2")
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=2M",
+                                  "data_file=d.raw,preallocation=metadata"])
+def test_create_allocates_as_qemu_img(twins, opts):
+    """The metadata clusters are written whole, as qemu-img writes them: the
+    same blocks allocated (qemu-img guesses metadata preallocation, and so
+    answers map, from the file's allocation)."""
+    same(twins, "create", "-f", "qcow2", "-o", opts, "a.qcow2", "64M")
+    files_same(twins, "a.qcow2")
+    assert data_bytes(twins[0] / "a.qcow2") == data_bytes(twins[1] / "a.qcow2")
