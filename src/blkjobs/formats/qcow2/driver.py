@@ -114,7 +114,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
     @property
     def data_fd(self) -> int:
         """The descriptor of the file holding the guest data: the external
-        data file's (docs/qcow2.md §10), else :attr:`fd`'s."""
+        data file's (docs/qcow2.md §12), else :attr:`fd`'s."""
         if self._dfd is not None and not self._closed:
             return self._dfd
         if self.external:
@@ -167,7 +167,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self.backing_filename = h.backing_file
         self.backing_format = h.backing_format
         #: an external data file holds the guest data, at host offset ==
-        #: guest offset, with no refcounts (docs/qcow2.md §10)
+        #: guest offset, with no refcounts (docs/qcow2.md §12)
         self.external = h.has_data_file
         self.data_path = None
         self.ctype = h.compression_type
