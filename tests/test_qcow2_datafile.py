@@ -247,3 +247,52 @@ def test_create_allocates_as_qemu_img(twins, opts):
     same(twins, "create", "-f", "qcow2", "-o", opts, "a.qcow2", "64M")
     files_same(twins, "a.qcow2")
     assert data_bytes(twins[0] / "a.qcow2") == data_bytes(twins[1] / "a.qcow2")
+
+
+def test_daemon_blockdev_add_data_file(tmp_path):
+    """blockdev-add of a qcow2 node with a ``data-file`` (inline or a file
+    node): the same answers as qemu-storage-daemon, and a full backup of it
+    holds the guest data (byte for byte: qemu-img compare)."""
+    from daemon_util import brief, drop_transient_pauses, qcow2_node, side_by_side
+
+    def setup(d: Path) -> None:
+        with chdir(d):
+            qemu_img("create", "-f", "qcow2", "-o", "data_file=d.raw", "src.qcow2", "4M")
+            qemu_io("src.qcow2", "write -P 0xaa 0 1M", "write -P 0x55 2M 64k")
+            qemu_img("convert", "-O", "raw", "src.qcow2", "want.raw")
+            qemu_img("create", "-f", "qcow2", "tgt.qcow2", "4M")
+            os.rename("d.raw", "moved.raw")     # the header's name no longer opens
+            (d / "src2.qcow2").write_bytes((d / "src.qcow2").read_bytes())
+            (d / "moved2.raw").write_bytes((d / "moved.raw").read_bytes())
+            qemu_img("create", "-f", "qcow2", "tgt2.qcow2", "4M")
+
+    async def scenario(s, d):
+        setup(d)
+        src, moved = str(d / "src.qcow2"), str(d / "moved.raw")
+        out = {"missing": await s.err("blockdev-add", **qcow2_node("src", src))}
+        await s.x("blockdev-add", driver="file", filename=moved, **{"node-name": "df"})
+        await s.x("blockdev-add", **qcow2_node("src", src, **{"data-file": "df"}))
+        await s.x("blockdev-add", **qcow2_node(
+            "src2", str(d / "src2.qcow2"),
+            **{"data-file": {"driver": "file", "filename": str(d / "moved2.raw")}}))
+        await s.x("blockdev-add", **qcow2_node("tgt", str(d / "tgt.qcow2")))
+        await s.x("blockdev-add", **qcow2_node("tgt2", str(d / "tgt2.qcow2")))
+        await s.x("blockdev-backup", **{"job-id": "b0"}, device="src", target="tgt",
+                  sync="full")
+        out["events"] = drop_transient_pauses(
+            brief(await s.until("JOB_STATUS_CHANGE", id="b0", status="null")))
+        await s.x("blockdev-backup", **{"job-id": "b1"}, device="src2", target="tgt2",
+                  sync="full")
+        out["events2"] = drop_transient_pauses(
+            brief(await s.until("JOB_STATUS_CHANGE", id="b1", status="null")))
+        return out
+
+    ref, ours = side_by_side(tmp_path, scenario)
+    assert ours["missing"] == ref["missing"]
+    assert ours["events"] == ref["events"] and ours["events2"] == ref["events2"]
+    assert ref["missing"][1].endswith("Could not open 'd.raw': No such file or directory")
+    for name in ("qsd", "blkjobs"):
+        d = tmp_path / name
+        for tgt in ("tgt.qcow2", "tgt2.qcow2"):
+            assert qemu_img("compare", "-f", "raw", d / "want.raw", d / tgt,
+                            check=False).returncode == 0, (name, tgt)

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import BlkjobsError
 from ..formats import open_image
+from ..formats.base import FormatOpenError
 from ..graph import ALL, Node, Perm, open_chain, resolve_backing
 from . import blkdebug_commands, nbd_client
 from .protocol import QMPError
@@ -154,7 +155,7 @@ class NodeCommands:
                 g.take(MONITOR, Perm(0), ALL)
             mn = self.nodes[g.name] = MonitorNode(g.name, "nbd", g.filename, ro, owned, g)
             return mn
-        for key in ("offset", "size", "data-file", "encrypt"):
+        for key in ("offset", "size", "encrypt") + (("data-file",) if drv != "qcow2" else ()):
             if key in opts:
                 raise QMPError(f"blkjobs does not support '{key}' for driver '{drv}'")
         created: list[MonitorNode] = []
@@ -185,12 +186,16 @@ class NodeCommands:
                 bnode = bmn.gnode
             if drv == "qcow2":
                 _check_qcow2_magic(fnode.filename)
-            if backing is ...:
-                gnode = open_chain(fnode.filename, drv, read_only=ro, graph=self.eng.graph,
-                                   name=name)
-            else:
-                gnode = self.eng.graph.add(open_image(fnode.filename, drv, read_only=ro),
-                                           name, drv)
+            dfile = self._data_file(opts.get("data-file"))
+            try:
+                if backing is ...:
+                    gnode = open_chain(fnode.filename, drv, read_only=ro,
+                                       graph=self.eng.graph, name=name, data_file=dfile)
+                else:
+                    gnode = self.eng.graph.add(open_image(fnode.filename, drv, read_only=ro,
+                                                          data_file=dfile), name, drv)
+            except FormatOpenError as e:        # QEMU's text names no file
+                raise QMPError(e.reason) from None
                 try:
                     gnode.take("open", Perm.CONSISTENT_READ, ALL)
                     if bnode is not None:
@@ -211,6 +216,21 @@ class NodeCommands:
             # last user (Engine.drop_unused).
             gnode.take(MONITOR, Perm(0), ALL)
         return self._add_format(gnode, opts, fnode, created, owned)
+
+    def _data_file(self, ref: Any) -> str | None:
+        """The file a qcow2 node's ``data-file`` names: an existing ``file``
+        node or one defined inline (blkjobs takes no other data file)."""
+        if ref is None:
+            return None
+        if isinstance(ref, str):
+            n = self.nodes.get(ref)
+            if n is None:
+                raise QMPError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            if n.drv == "file":
+                return n.filename
+        elif ref.get("driver") == "file" and isinstance(ref.get("filename"), str):
+            return ref["filename"]
+        raise QMPError("blkjobs takes a qcow2 data-file only as a 'file' node")
 
     def _add_format(self, gnode: Node, opts: dict[str, Any], fnode: MonitorNode,
                     created: list[MonitorNode], owned: bool) -> MonitorNode:

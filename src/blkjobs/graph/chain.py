@@ -40,7 +40,7 @@ def _check_backing_file(path: str, of: str) -> None:
 def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
                graph: Graph | None = None, name: str | None = None,
                locking: bool = True, key_secret: str | None = None,
-               header_only: bool = False) -> Node:
+               header_only: bool = False, data_file: str | None = None) -> Node:
     """Open ``path`` and its whole backing chain; return the top node.
 
     The top node is opened as asked; backing nodes always read-only. A
@@ -50,7 +50,9 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
     is held by the owner ``'open'`` with consistent read, sharing all.
     ``key_secret``: the secret unlocking the top image when it is encrypted
     (``formats.open_image``); ``header_only``: encrypted images without a
-    key open for their headers only (``info --backing-chain``).
+    key open for their headers only (``info --backing-chain``);
+    ``data_file``: the top qcow2 image's external data file (its
+    ``data-file`` option).
     """
     if graph is None:
         graph = Graph(locking=locking)
@@ -73,7 +75,8 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
                     cur_fmt = probe_format(cur_path)
                 drv = open_image(cur_path, cur_fmt, read_only=ro,
                                  key_secret=key_secret if prev is None else None,
-                                 header_only=header_only)
+                                 header_only=header_only,
+                                 data_file=data_file if prev is None else None)
             node = graph.add(drv, name if prev is None else None, cur_fmt)
             opened.append(node)
             if prev is None:
