@@ -296,3 +296,29 @@ def test_daemon_blockdev_add_data_file(tmp_path):
         for tgt in ("tgt.qcow2", "tgt2.qcow2"):
             assert qemu_img("compare", "-f", "raw", d / "want.raw", d / tgt,
                             check=False).returncode == 0, (name, tgt)
+
+
+def test_snapshot_and_resize_parity(twins):
+    """No internal snapshots with a data file; resize takes the data file
+    along (grown, cut, preallocated; kept 1:1 with data_file_raw)."""
+    for d in twins:
+        with chdir(d):
+            qemu_img("create", "-f", "qcow2", "-o", "data_file=d.raw", "a.qcow2", "1M")
+            qemu_io("a.qcow2", "write -P 1 0 64k")
+            qemu_img("create", "-f", "qcow2", "-o", "data_file=r.raw,data_file_raw=on",
+                     "r.qcow2", "1M")
+    rc, _, err = same(twins, "snapshot", "-c", "s1", "a.qcow2")
+    assert (rc, err) == (1, "qemu-img: Could not create snapshot 's1': -95 (Operation not "
+                         "supported)\n")
+    same(twins, "resize", "a.qcow2", "2M")
+    files_same(twins, "a.qcow2", "d.raw")
+    same(twins, "resize", "--shrink", "a.qcow2", "512k")
+    files_same(twins, "a.qcow2", "d.raw")
+    same(twins, "resize", "--preallocation=full", "a.qcow2", "1M")
+    same(twins, "resize", "--preallocation=metadata", "a.qcow2", "3M")
+    same(twins, "resize", "r.qcow2", "2M")
+    files_same(twins, "a.qcow2", "d.raw", "r.qcow2", "r.raw")
+    assert data_bytes(twins[0] / "d.raw") == data_bytes(twins[1] / "d.raw")
+    for img in ("a.qcow2", "r.qcow2"):
+        same(twins, "check", img)
+        same(twins, "map", "--output=json", img)

@@ -62,6 +62,8 @@ def resize(img, new_size: int, backing_size: int | None = None, fill=None,
         raise UsageError("Failed to zero out new clusters: Operation not supported")
     img._check_writable(0, 0)          # prepares the image for writing
     if new_size > old:
+        if img.external and img.header.data_file_raw:
+            prealloc = "metadata" if prealloc == "off" else prealloc    # stays 1:1 (QEMU)
         _grow(img, old, new_size)
         if zero_new:
             _zero_new_area(img, old, new_size, fill)
@@ -71,6 +73,8 @@ def resize(img, new_size: int, backing_size: int | None = None, fill=None,
             _preallocate(img, old, new_size, prealloc, fill)
     elif new_size < old:
         _shrink(img, old, new_size)
+    if img.external and (prealloc == "off" and not img.header.data_file_raw):
+        os.ftruncate(img.data_fd, new_size)     # the data file follows the disk (QEMU)
     if pbm is not None and new_size != old:
         for b in pbm:
             assert b.bitmap is not None        # loaded above
@@ -144,7 +148,22 @@ def _preallocate(img, old: int, new: int, mode: str, fill) -> None:
     a = min(new, -(-old // cs) * cs)
     if a > old:
         img.write(old, bytes(a - old), fill=fill)
-    if new > a:
+    if new > a and img.external:
+        # the tables point at the guest offsets; the data file is extended
+        # over them (falloc/full: preallocated), as QEMU's preallocate_co
+        img.allocate(a, new - a)
+        dfd = img.data_fd
+        start = os.fstat(dfd).st_size
+        if start < new:
+            from ..raw import _ZEROES
+            os.ftruncate(dfd, new)
+            if mode == "falloc":
+                os.posix_fallocate(dfd, start, new - start)
+            elif mode == "full":
+                pos = start
+                while pos < new:
+                    pos += os.pwrite(dfd, _ZEROES[:min(len(_ZEROES), new - pos)], pos)
+    elif new > a:
         fresh = img.alloc_end
         g0, g1 = a >> img.cb, -(-new // cs)
         # metadata: zero clusters (the zeroed area over a backing file) stay

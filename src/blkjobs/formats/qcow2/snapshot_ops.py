@@ -254,6 +254,8 @@ def _free_hook(drv, rc, first: int) -> bool:
 def create(drv, name: str, now_us: int | None = None) -> Snapshot:
     """``qemu-img snapshot -c NAME``: a disk-only snapshot of the active
     state (VM state 0, VM clock 0, icount 0, the date now)."""
+    if drv.external:        # no refcounts in the data file: nothing to share
+        raise SnapshotError(errno.ENOTSUP)
     snaps, old_size = read_table(drv)
     if len(snaps) >= MAX_SNAPSHOTS:
         raise SnapshotError(errno.EFBIG)
