@@ -48,13 +48,7 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         raise UsageError("lazy refcounts and zstd compression need compat=1.1")
     if compression_type not in ("zlib", "zstd"):
         raise UsageError(f"unknown compression type {compression_type!r} (zlib, zstd)")
-    if data_file_raw and data_file is None:
-        raise UsageError("data-file-raw requires data-file")
-    if data_file_raw and backing_file:
-        raise UsageError("Backing file and data-file-raw cannot be used at the same time")
-    if data_file is not None and version < 3:
-        raise UsageError("External data files are only supported with compatibility level "
-                         "1.1 and above (use version=v3 or greater)")
+    _check_data_file(data_file, data_file_raw, bool(backing_file), version)
     if data_file_raw and preallocation == "off":
         preallocation = "metadata"      # the tables must map 1:1 (QEMU)
     if backing_file and not backing_format and not backing_format_optional:
@@ -87,12 +81,32 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
     head = h.pack()      # raises when the backing name does not fit
     if data_file is not None:
         _create_data_file(data_file, size, preallocation)
+    _write_new(path, head, lay)
+    if preallocation != "off" and size:
+        preallocate(path, size, preallocation)
+    if not os.path.exists(path):   # pragma: no cover
+        raise ImageError(f"could not create '{path}'")
+
+
+def _check_data_file(data_file: str | None, raw: bool, backing: bool, version: int) -> None:
+    """qemu-img's refusals of the data file options."""
+    if raw and data_file is None:
+        raise UsageError("data-file-raw requires data-file")
+    if raw and backing:
+        raise UsageError("Backing file and data-file-raw cannot be used at the same time")
+    if data_file is not None and version < 3:
+        raise UsageError("External data files are only supported with compatibility level "
+                         "1.1 and above (use version=v3 or greater)")
+
+
+def _write_new(path: str, head: bytes, lay: Layout) -> None:
+    """The new image's file: header, refcounts, L1 table. Every cluster is
+    written whole, the L1 table too, as QEMU does: the same blocks allocated
+    (qemu-img's metadata preallocation guess, and so its map, depend on
+    them)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        # every cluster written whole, the L1 table too, as QEMU does: the
-        # same blocks allocated (qemu-img's metadata preallocation guess,
-        # and so its map, depend on them)
-        os.pwrite(fd, head.ljust(cluster_size, b"\0"), 0)
+        os.pwrite(fd, head.ljust(lay.cluster_size, b"\0"), 0)
         lay.write_refcounts(fd)
         if lay.l1_size:
             os.pwrite(fd, bytes(lay.l1_size * 8), lay.l1_offset)
@@ -100,10 +114,6 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         os.fsync(fd)
     finally:
         os.close(fd)
-    if preallocation != "off" and size:
-        preallocate(path, size, preallocation)
-    if not os.path.exists(path):   # pragma: no cover
-        raise ImageError(f"could not create '{path}'")
 
 
 def _create_data_file(name: str, size: int, preallocation: str) -> None:
