@@ -196,6 +196,7 @@ class NodeCommands:
                                                           data_file=dfile), name, drv)
             except FormatOpenError as e:        # QEMU's text names no file
                 raise QMPError(e.reason) from None
+            if backing is not ...:
                 try:
                     gnode.take("open", Perm.CONSISTENT_READ, ALL)
                     if bnode is not None:
