@@ -11,6 +11,7 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      │    ├── CheckNotSupported               exit 63: the format has no checks (qemu-img's 63)
      │    ├── NotSupported                    formats.base: a driver lacks the capability asked for
      │    ├── NotAnImageFile                  formats.base: not a file or device an image can be
+     │    ├── FormatOpenError                 formats.base: a format driver refuses to open (QEMU's reason)
      │    ├── CryptoOpenError                 formats.luks: an encrypted image without its key (QEMU's text)
      │    ├── NbdConnectError                 native.nbd: could not connect to an NBD server
      │    ├── SnapshotError                   formats.qcow2.snapshot_ops: errno as QEMU's (EINVAL...)
