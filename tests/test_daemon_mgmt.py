@@ -8,7 +8,7 @@ import json
 import re
 
 from daemon_util import (brief, compare, drop_transient_pauses, make_images, qcow2_node,
-                         qemu_img, side_by_side)
+                         qemu_img, qemu_io, side_by_side)
 
 
 def norm(out, d):
@@ -66,3 +66,58 @@ def test_snapshot_sync_and_backup_of_the_old_node_in_one_transaction(tmp_path):
     assert [n for n in ours["nodes"] if n[0] == "disk0"] == [["disk0", "qcow2", True, None,
                                                               4 << 20]]
     assert not [n for n in ours["nodes"] if n[0] == "ov"]
+
+
+def test_block_graph_with_stream_and_commit_jobs_matches_qemu(tmp_path):
+    """x-debug-query-block-graph while a stream (to a base node, then
+    whole), a commit of an intermediate node and an active commit are held
+    at their first write: QEMU's block-job entries (main node, active node,
+    intermediate node, base; source and target for the active commit), the
+    jobs' BlockBackends and filters (copy-on-read, commit_top, mirror_top),
+    every edge's perm and shared-perm."""
+    async def sc(s, d):
+        def img(name: str, *extra: str) -> str:
+            p = str(d / name)
+            assert qemu_img("create", "-f", "qcow2", *extra, p, "4M").returncode == 0
+            return p
+        base = img("base.qcow2")
+        qemu_io(base, "write -P 0x11 0 1M")
+        mid = img("mid.qcow2", "-b", base, "-F", "qcow2")
+        qemu_io(mid, "write -P 0x22 1M 1M")
+        top = img("top.qcow2", "-b", mid, "-F", "qcow2")
+        below = None
+        for name, path in (("base", base), ("mid", mid), ("top", top)):
+            await s.x("blockdev-add", driver="qcow2", **{"node-name": name},
+                      file={"driver": "file", "filename": path, "node-name": f"{name}-f"},
+                      **({"backing": below} if below else {}))
+            below = name
+        out = {}
+        for job, cmd, args, written in (
+                ("st", "block-stream", {"device": "top", "base-node": "base"}, "top"),
+                ("sw", "block-stream", {"device": "top"}, "top"),
+                ("cm", "block-commit", {"device": "top", "top-node": "mid",
+                                        "base-node": "base"}, "base"),
+                ("ac", "block-commit", {"device": "top"}, "base")):
+            extra = await s.hold(written, job)
+            await s.x(cmd, **{"job-id": job}, **args, **extra)
+            await s.held(job)
+            out[job] = await s.x("x-debug-query-block-graph")
+            await s.cancel_held(job, job)
+        out["idle"] = await s.x("x-debug-query-block-graph")
+        return norm(out, d)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+
+    def edges(g: dict) -> set:
+        names = {n["id"]: n["name"] for n in g["nodes"]}
+        return {(names[e["parent"]], e["name"], names[e["child"]]) for e in g["edges"]}
+    assert {e for e in edges(ours["st"]) if e[0] == "st"} == {
+        ("st", "main node", "#auto"), ("st", "active node", "top"),
+        ("st", "intermediate node", "mid")}
+    assert ("sw", "intermediate node", "base") in edges(ours["sw"])
+    assert {e for e in edges(ours["cm"]) if e[0] == "cm"} == {
+        ("cm", "main node", "top"), ("cm", "intermediate node", "mid"), ("cm", "base", "base")}
+    assert {e for e in edges(ours["ac"]) if e[0] == "ac"} == {
+        ("ac", "main node", "#auto"), ("ac", "source", "top"), ("ac", "target", "base"),
+        ("ac", "intermediate node", "mid")}
+    assert {n["type"] for n in ours["idle"]["nodes"]} == {"block-driver"}

@@ -8,9 +8,9 @@ out reversed (QEMU prepends).
 **Entries.** BlockBackends, in the order they were made: an NBD export's
 (``root`` on the node named, as QEMU attaches it even under a job's filter;
 moved onto a job's filter put in later)
-and a mirror job's target. Jobs, newest first: ``backup`` and ``mirror``
-with QEMU's edges (``main node`` to the job's filter, ``source``,
-``target``). Nodes: the monitor's (file and format nodes), the images a
+and the jobs' own (a mirror's target, a stream's, a commit's). Jobs,
+newest first, with QEMU's edges (``main node`` to the job's filter,
+``source``, ``target``...). Nodes: the monitor's (file and format nodes), the images a
 qcow2 node opened by itself (with an auto-named file node each) and the
 jobs' filters: a backup's ``copy-before-write`` (children ``file`` and
 ``target``), a mirror's ``mirror_top`` (child ``backing``), other jobs'
@@ -28,7 +28,14 @@ and resize when the node is writable; never shares write or resize) and
 if all parents do) and copy-before-write's (its ``file`` shares neither
 write nor resize; its ``target`` takes write).
 
-Stream and commit jobs are not listed (their filters are, as nodes).
+Stream and commit jobs are listed as QEMU lists them: a stream with its
+``copy-on-read`` filter (child ``file``), a BlockBackend on it and the edges
+``main node``, ``active node``, ``intermediate node``; a commit with its
+``commit_top`` filter (child ``backing``, taking nothing), BlockBackends on
+the base and the top and the edges ``main node`` (the device),
+``intermediate node``, ``base``; an active commit as a mirror into the base
+(``main node``, ``source``, ``target``, ``intermediate node``; its filter
+takes no consistent read and shares write).
 """
 from __future__ import annotations
 
@@ -100,9 +107,8 @@ class BlockGraph:
                     root = job.driver.fnode
             bbs.append((seq.get(be, 0), _Entry("block-backend", "", [
                 (self.view(root), "root", _fixed(perm, _CR | _W | _WU))])))
-        for job in self._block_jobs("mirror"):
-            bbs.append((seq.get(job, 0), _Entry("block-backend", "", [
-                (self.view(job.driver.dst), "root", _fixed(_W, _WU))])))
+        for job in self._block_jobs("mirror", "stream", "commit"):
+            bbs.extend((seq.get(job, 0), e) for e in self._job_backends(job))
         bbs.sort(key=lambda b: b[0])
         return [(e, "block-backend") for _, e in bbs]
 
@@ -111,19 +117,62 @@ class BlockGraph:
                 if j.type in types and not j.is_completed
                 and getattr(j.driver, "fnode", None) is not None]
 
+    def _job_backends(self, job: Any) -> list[_Entry]:
+        """A job's own BlockBackends, oldest first: a mirror's (an active
+        commit's) target; a stream's on its filter; a commit's on its base,
+        then on its top. (A base smaller than the top, which QEMU takes
+        resize on, is not compared.)"""
+        d = job.driver
+        if job.type == "stream":
+            roots: list[tuple[Node, int, int]] = [(d.fnode, _CR, _CR | _W | _WU)]
+        elif job.type == "mirror":
+            roots = [(d.dst, _W, _WU)]
+        elif hasattr(d, "dst"):                  # active commit: a mirror into base
+            roots = [(d.dst, _W, _CR | _W | _WU)]
+        else:
+            roots = [(d.base, _CR | _W, _CR | _WU),
+                     (d.top, 0, _ALL)]
+        return [_Entry("block-backend", "", [(self.view(n), "root", _fixed(p, s))])
+                for n, p, s in roots]
+
     def _jobs(self) -> list[tuple[Any, str]]:
         out: list[tuple[Any, str]] = []
-        for job in self._block_jobs("backup", "mirror"):        # newest first
-            d = job.driver
-            dst, src, top = self.view(d.dst), self.view(d.src), self.view(d.fnode)
-            if job.type == "backup":
-                edges = [(dst, "target", _fixed(0, _ALL)), (top, "main node", _fixed(0, _ALL))]
-            else:
-                edges = [(dst, "target", _fixed(0, _ALL)),
-                         (src, "source", _fixed(0, _CR | _W | _WU)),
-                         (top, "main node", _fixed(_CR, _CR | _W | _WU))]
-            out.append((_Entry("block-job", job.id, edges), "block-job"))
+        for job in self._block_jobs("backup", "mirror", "stream", "commit"):  # newest first
+            out.append((_Entry("block-job", job.id, self._job_edges(job)), "block-job"))
         return out
+
+    def _job_edges(self, job: Any) -> list[tuple[Any, str, Any]]:
+        """A job's edges, newest first, with QEMU's names and permissions
+        (block_job_add_bdrv in backup.c, mirror.c, stream.c, commit.c)."""
+        d = job.driver
+        top = self.view(d.fnode)
+        mid = _fixed(0, _W | _WU)          # commit's intermediate nodes
+        if job.type == "backup":
+            return [(self.view(d.dst), "target", _fixed(0, _ALL)),
+                    (top, "main node", _fixed(0, _ALL))]
+        if job.type == "stream":
+            return [*[(self.view(n), "intermediate node", _fixed(0, _CR | _WU))
+                      for n in reversed(d.intermediates)],
+                    (self.view(d.top), "active node", _fixed(0, _CR | _W | _WU)),
+                    (top, "main node", _fixed(0, _ALL))]
+        if job.type == "commit" and not hasattr(d, "dst"):
+            return [(self.view(d.base), "base", _fixed(0, _ALL)),
+                    *[(self.view(n), "intermediate node", mid) for n in reversed(d.nodes)],
+                    (self.view(self._root(d.fnode)), "main node", _fixed(0, _ALL))]
+        edges = [(self.view(d.dst), "target", _fixed(0, _ALL)),
+                 (self.view(d.src), "source", _fixed(0, _CR | _W | _WU)),
+                 (top, "main node", _fixed(_CR, _CR | _W | _WU))]
+        if job.type == "commit":            # active commit: the nodes above base
+            edges[:0] = [(self.view(n), "intermediate node", mid) for n in reversed(d.nodes[1:])]
+        return edges
+
+    def _root(self, g: Node) -> Node:
+        """The node at the top of ``g``'s graph (a commit's device)."""
+        while True:
+            up = self.cmds.eng.graph.parents(g)
+            if not up:
+                return g
+            g = up[0]
 
     # -- the nodes' children ----------------------------------------------------
     def _links(self, x: Any) -> list[tuple[Any, str, Any]]:
@@ -145,6 +194,12 @@ class BlockGraph:
                         (child, "file", ("cbw-file",))]
             if owner is not None and owner.type == "mirror":
                 return [(child, "backing", ("pass",))]
+            if owner is not None and owner.type == "commit":
+                if hasattr(owner.driver, "dst"):        # active commit's mirror_top
+                    return [(child, "backing", ("commit-top",))]
+                return [(child, "backing", _fixed(0, _ALL))]
+            if owner is not None and owner.type == "stream":
+                return [(child, "file", ("cor",))]
             return [(child, "file", ("pass",))]
         out: list[tuple[Any, str, Any]] = []
         if g.backing is not None:
@@ -180,6 +235,10 @@ class BlockGraph:
             return perm, shared
         if rule[0] == "cbw-file":
             return perm, shared & ~(_W | _RS)
+        if rule[0] == "cor":                 # copy-on-read: writes unchanged data
+            return perm & (_CR | _W | _RS) | _WU, shared & (_CR | _W | _RS) | _WU
+        if rule[0] == "commit-top":          # mirror_top of an active commit
+            return perm & ~_CR, shared | _W
         if rule[0] == "cow":
             return perm & _CR, (_W | _RS if shared & _W else 0) | _CR | _WU
         g: Node = rule[1]                    # format-file: qcow2 metadata

@@ -69,7 +69,9 @@ class JobCommands:
     def cmd_block_stream(self, **args: Any) -> dict[str, Any]:
         top = self._lookup(args.pop("device"))
         job_id = self._job_id(args)
-        self.eng.stream(top, job_id=job_id, **_kw(args, drop=("backing-mask-protocol",)))
+        job = self.eng.stream(top, job_id=job_id,
+                              **_kw(args, drop=("backing-mask-protocol",)))
+        self._note_backend(job)         # its BlockBackend (on its filter)
         return {}
 
     def cmd_block_commit(self, **args: Any) -> dict[str, Any]:
@@ -77,8 +79,9 @@ class JobCommands:
         if dev not in self.eng.graph.nodes:
             raise QMPError(f"Device '{dev}' not found", "DeviceNotFound")
         job_id = self._job_id(args)
-        self.eng.commit(self.eng.graph.nodes[dev], job_id=job_id,
-                        **_kw(args, drop=("backing-mask-protocol",)))
+        job = self.eng.commit(self.eng.graph.nodes[dev], job_id=job_id,
+                              **_kw(args, drop=("backing-mask-protocol",)))
+        self._note_backend(job)         # its BlockBackends (base, top)
         return {}
 
     def cmd_query_jobs(self) -> list[dict[str, Any]]:
