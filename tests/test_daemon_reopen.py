@@ -85,3 +85,68 @@ def test_blockdev_reopen_options_match_qemu(tmp_path):
                                                             ("off", direct, False)]
     assert shown[("n", "{'detect-zeroes': 'unmap', 'discard': 'unmap'}")] == [
         ("unmap", off, False), ("off", off, False)]
+
+
+def test_reopened_discard_and_detect_zeroes_change_the_writes(tmp_path):
+    """discard and detect-zeroes, given at blockdev-add or by a reopen,
+    change what the next requests through an NBD export do, as in QEMU: with
+    discard=ignore (the default) a TRIM does nothing and a write-zeroes keeps
+    its clusters; with detect-zeroes a write of zeroes is a write-zeroes
+    (unmap: the clusters are freed). The image's map, check and data equal
+    qemu-storage-daemon's."""
+    import asyncio
+    import json
+
+    from daemon_util import qcow2_node, qemu_io
+    from nbd_peers import qemu_io_nbd, uri
+
+    def io(u: str, *cmds: str) -> Any:
+        return asyncio.to_thread(qemu_io_nbd, u, *cmds)
+
+    async def sc(s, d):
+        img = str(d / "a.qcow2")
+        assert qemu_img("create", "-f", "qcow2", img, "2M").returncode == 0
+        qemu_io(img, "write -P 0xaa 0 1M")
+        sock = str(d / "nbd.sock")
+        await s.x("blockdev-add", **qcow2_node("n", img, **{"detect-zeroes": "on"}))
+        await s.x("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        await s.x("block-export-add", type="nbd", id="e", **{"node-name": "n"}, writable=True)
+        u = uri(sock, "n")
+        # blockdev-add: discard=ignore, detect-zeroes=on
+        await io(u, "write -z -u 0 64k", "discard 64k 64k", "write -P 0 128k 64k",
+                 "write -P 0 1M 64k")
+        async def reopen(**o: str) -> None:
+            await s.x("blockdev-reopen", options=[{
+                "driver": "qcow2", "node-name": "n",
+                "file": {"driver": "file", "filename": img}, **o}])
+        await reopen(discard="unmap", **{"detect-zeroes": "unmap"})
+        await io(u, "write -P 0 256k 64k", "discard 320k 64k", "write -z -u 384k 64k",
+                 "write -P 0 1088k 64k")
+        await reopen(discard="unmap")           # detect-zeroes: off again
+        await io(u, "write -P 0 448k 64k", "discard 512k 64k")
+        await reopen()                          # discard: kept
+        await io(u, "discard 576k 64k", "write -z -u 640k 64k")
+        await reopen(**{"detect-zeroes": "unmap"})
+        await io(u, "write -P 0 704k 64k")
+        await reopen(discard="ignore")
+        await io(u, "discard 768k 64k")
+        await s.x("block-export-del", id="e")
+        await s.until("BLOCK_EXPORT_DELETED")
+        await s.x("nbd-server-stop")
+        await s.x("blockdev-del", **{"node-name": "n"})
+        return (json.loads(qemu_img("map", "--output=json", img).stdout),
+                qemu_img("check", img).stdout)
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    assert "No errors were found" in ours[1]
+    rc = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(tmp_path / "qsd" / "a.qcow2"),
+                  str(tmp_path / "blkjobs" / "a.qcow2"))
+    assert rc.returncode == 0, rc.stdout
+    m = {r["start"]: (r["data"], r["zero"], "offset" in r) for r in ours[0]}
+    assert m[0] == (False, True, False)         # write-zeroes may unmap, whatever discard
+    assert m[64 << 10] == (True, False, True)   # discard=ignore: the TRIM did nothing
+    assert m[128 << 10] == (False, True, True)  # detect-zeroes=on: zero, cluster kept
+    assert m[256 << 10] == (False, True, False)  # detect-zeroes=unmap: freed; then the TRIM
+    assert m[448 << 10] == (True, False, True)  # detect-zeroes off again: zeroes written
+    assert m[512 << 10] == (False, True, False)  # TRIMs with discard=unmap, kept by reopen
+    assert m[768 << 10] == (True, False, True)  # discard=ignore again

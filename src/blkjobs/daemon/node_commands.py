@@ -72,7 +72,7 @@ class MonitorNode:
         self.opts: dict[str, Any] = {}
         self.cache = {"direct": False, "no-flush": False}
         self.detect_zeroes = "off"
-        self.unmap = False                        # blockdev-add discard=unmap
+        self.unmap = False                        # discard=unmap
 
     def set_options(self, opts: dict[str, Any], inherited: dict[str, bool] | None) -> None:
         """Record ``opts`` (``inherited``: the parent's cache mode, for a
@@ -81,6 +81,10 @@ class MonitorNode:
         self.cache = {"direct": False, "no-flush": False, **(inherited or {}),
                       **opts.get("cache", {})}
         self.detect_zeroes = opts.get("detect-zeroes", "off")
+        if "discard" in opts:           # left out of a reopen: kept, as in QEMU
+            self.unmap = opts["discard"] == "unmap"
+        if self.gnode is not None:      # what a front end's requests do there
+            self.gnode.unmap, self.gnode.detect_zeroes = self.unmap, self.detect_zeroes
 
 
 
@@ -134,7 +138,7 @@ class NodeCommands:
         if opts.get("node-name") is None:
             raise QMPError("'node-name' must be specified for the root node")
         with self.eng.io:
-            self._add(opts, owned=True).unmap = opts.get("discard") == "unmap"
+            self._add(opts, owned=True)
         return {}
 
     def _add(self, opts: dict[str, Any], owned: bool) -> MonitorNode:

@@ -17,8 +17,12 @@ the node's options (``discard``, ``detect-zeroes``, ``cache``,
 ``overlap-check`` and cache sizes; file's ``drop-cache`` and
 ``x-check-cache-dropped``): ``query-named-block-nodes`` shows the new
 ``detect_zeroes`` and ``cache`` as QEMU does (a file node made inline for its
-format node and not listed on its own inherits the cache mode). They do not
-change blkjobs' I/O, as at ``blockdev-add``. QEMU's refusals, with its texts:
+format node and not listed on its own inherits the cache mode).
+``discard`` and ``detect-zeroes`` change what a front end's requests (an
+NBD export's) do from the next request on, as at ``blockdev-add``
+(graph/frontend.py): ``ignore`` drops discards and the may-unmap of
+write-zeroes, ``detect-zeroes`` writes zeroes as a write-zeroes. The
+others do not change blkjobs' I/O (``cache.direct``: no O_DIRECT). QEMU's refusals, with its texts:
 ``force-share``, ``locking``, ``aio``, ``aio-max-batch``, ``pr-manager``
 given otherwise than before (``Cannot change the option '<k>'``),
 ``detect-zeroes`` ``unmap`` without ``discard`` ``unmap``, and a
@@ -74,6 +78,7 @@ class ReopenCommands:
     _check_op_blockers: Callable[[Node], None]
     _reopen_ro: Callable[[Node], None]
     _monitor_view: Callable[[Node], Any]
+    _discard_unmap: Callable[[Node], bool]          # ExportCommands'
 
     # ------------------------------------------------------------------
     # blockdev-reopen
@@ -99,6 +104,9 @@ class ReopenCommands:
             self._apply_ro(ro)
             for mn, o, inherited in opts:
                 mn.set_options(o, inherited)
+            # an export's TRIM follows its node's discard option from now on
+            for be in getattr(self, "_exports", {}).values():
+                be.exp.backend.unmap = self._discard_unmap(be.fe.node)
             for g, backing in backings:
                 old = g.backing
                 g.attach_backing(backing)
@@ -205,7 +213,9 @@ class ReopenCommands:
         for k in _NO_RESET:
             if k in mn.opts and k not in o:
                 raise QMPError(f"Option '{k}' cannot be reset to its default value")
-        if o.get("detect-zeroes") == "unmap" and o.get("discard") != "unmap":
+        # discard left out keeps the node's (QEMU parses it only when given)
+        if o.get("detect-zeroes") == "unmap" and \
+                o.get("discard", "unmap" if mn.unmap else "ignore") != "unmap":
             raise QMPError("setting detect-zeroes to unmap is not allowed without setting "
                            "discard operation to unmap")
         other = sorted(set(o) - _REOPEN_KEYS - _COMMON - set(_FIXED) - {"force-share"}

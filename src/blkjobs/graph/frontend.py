@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import UsageError
+from ..native.extents import is_zero
 from .node import Node
 from .perm import ALL, Perm
 
@@ -159,7 +160,7 @@ class Frontend:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_write(offset, len(data))
         self._io.guest_write(self, "write", offset, len(data),
-                               lambda n: n.write(offset, data), data)
+                               lambda n: _land_write(n, offset, data), data)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         self._check_write(offset, length)
@@ -167,7 +168,12 @@ class Frontend:
                                lambda n: n.write_zeroes(offset, length, may_unmap))
 
     def discard(self, offset: int, length: int) -> None:
+        """A discard; nothing (not even a dirty bit) where the image node
+        ignores discards, as QEMU's bdrv_co_pdiscard without BDRV_O_UNMAP."""
         self._check_write(offset, length)
+        with self._io:
+            if not self.node.below_filters().unmap:
+                return
         self._io.guest_write(self, "discard", offset, length,
                                lambda n: n.discard(offset, length))
 
@@ -186,3 +192,12 @@ class Frontend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _land_write(n: Node, offset: int, data: bytes | bytearray | memoryview) -> None:
+    """A front end's write lands on image node ``n``: with detect-zeroes,
+    zeroes are written as a write-zeroes (QEMU's bdrv_aligned_pwritev)."""
+    if n.detect_zeroes != "off" and is_zero(data):
+        n.write_zeroes(offset, memoryview(data).nbytes, n.detect_zeroes == "unmap" and n.unmap)
+    else:
+        n.write(offset, data)

@@ -144,17 +144,22 @@ class Zeroes(L2Tables):
             self.write(start, bytes(end - start), fill=fill)
 
     def discard(self, offset: int, length: int) -> None:
-        """Drop whole clusters (partial ones are left alone, like QEMU).
-        Afterwards they read as zeroes when the image is v3 or has no backing
-        file (a zero cluster is used when there is a backing file), and from
-        the backing file in a v2 image with one."""
+        """Drop whole clusters (partial ones are left alone, like QEMU's
+        qcow2 discard without full_discard). In a v3 image a cluster with a
+        host cluster, or any cluster when there is a backing file, becomes a
+        zero cluster (reads as zeroes); a v2 image's is unallocated (reads
+        from the backing file, if any). A cluster without a host cluster and
+        no backing file stays as it is."""
         self._check_writable(offset, length)
         a, b = self._full_clusters(offset, length)
         if a >= b:
             return
-        use_zero = bool(self.backing_filename) and self.header.version >= 3
+        backing = bool(self.backing_filename)
+        use_zero = self.header.version >= 3
         for gc in range(a >> self.cb, -(-b // self.cluster_size)):
             _, _, e, bm = self._entry(gc)
+            if not backing and not e & (OFFSET_MASK | COMPRESSED):
+                continue        # QEMU leaves a cluster without a host cluster alone
             if e or bm:
                 self._classify(gc, e, bm)
             if self.extended:
