@@ -85,6 +85,8 @@ class MonitorNode:
             self.unmap = opts["discard"] == "unmap"
         if self.gnode is not None:      # what a front end's requests do there
             self.gnode.unmap, self.gnode.detect_zeroes = self.unmap, self.detect_zeroes
+            if self.gnode.format == "qcow2":
+                self.gnode.driver.qemu_discard = True    # a request's, as QEMU's
 
 
 

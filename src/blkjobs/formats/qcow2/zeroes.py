@@ -14,6 +14,12 @@ from .tables import ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, ZERO, Fill, L2Tab
 class Zeroes(L2Tables):
     """write_zeroes and discard of :class:`.driver.Qcow2`."""
 
+    #: discard as QEMU discards a guest's request (set by the daemon for its
+    #: nodes); False: without a backing file every discarded cluster is
+    #: unallocated (what blkjobs' own tools want, e.g. convert freeing
+    #: clusters it did not write)
+    qemu_discard = False
+
     def _full_clusters(self, offset: int, length: int) -> tuple[int, int]:
         cs = self.cluster_size
         end = offset + length
@@ -144,21 +150,22 @@ class Zeroes(L2Tables):
             self.write(start, bytes(end - start), fill=fill)
 
     def discard(self, offset: int, length: int) -> None:
-        """Drop whole clusters (partial ones are left alone, like QEMU's
-        qcow2 discard without full_discard). In a v3 image a cluster with a
-        host cluster, or any cluster when there is a backing file, becomes a
-        zero cluster (reads as zeroes); a v2 image's is unallocated (reads
-        from the backing file, if any). A cluster without a host cluster and
-        no backing file stays as it is."""
+        """Drop whole clusters (partial ones are left alone, like QEMU).
+        Afterwards they read as zeroes when the image is v3 or has no backing
+        file (a zero cluster is used when there is a backing file), and from
+        the backing file in a v2 image with one. With :attr:`qemu_discard`,
+        as QEMU's qcow2 discard of a request: without a backing file too, a
+        v3 cluster with a host cluster becomes a zero cluster, and one
+        without is left as it is."""
         self._check_writable(offset, length)
         a, b = self._full_clusters(offset, length)
         if a >= b:
             return
-        backing = bool(self.backing_filename)
-        use_zero = self.header.version >= 3
+        backing, qemu = bool(self.backing_filename), self.qemu_discard
+        use_zero = self.header.version >= 3 and (backing or qemu)
         for gc in range(a >> self.cb, -(-b // self.cluster_size)):
             _, _, e, bm = self._entry(gc)
-            if not backing and not e & (OFFSET_MASK | COMPRESSED):
+            if qemu and not backing and not e & (OFFSET_MASK | COMPRESSED):
                 continue        # QEMU leaves a cluster without a host cluster alone
             if e or bm:
                 self._classify(gc, e, bm)
