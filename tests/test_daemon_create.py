@@ -209,3 +209,48 @@ def test_blockdev_create_qcow2_preallocated_matches_qemu(tmp_path):
                 [(0, size, True, False)]
             assert blocks >= size
     assert ours[2][2][0]["offset"] == 5 * 4096     # after header, L2, refblock, L1, table
+
+
+def test_blockdev_create_preallocated_beyond_one_refcount_block_matches_qemu(tmp_path):
+    """qcow2 preallocation falloc, full and metadata of images more than one
+    refcount block covers (new refcount blocks after the L1 table and a new
+    refcount table for falloc/full; each block after the run that first
+    needs it for metadata), and with extended L2 entries (subcluster bitmaps
+    left 0): the files are QEMU's byte for byte, with the same map, check and
+    allocation. Small clusters (or 64-bit refcounts) make small images need
+    many refcount blocks; one 3 GiB image has the default layout."""
+    import hashlib
+    cases = [("falloc", 1 << 20, 512, {}), ("full", 16 << 20, 4096, {}),
+             ("metadata", 4 << 20, 512, {}), ("metadata", 3 << 30, 65536, {}),
+             ("falloc", 1 << 30, 65536, {"refcount-bits": 64}),
+             ("falloc", 256 << 20, 16384, {"extended-l2": True}),
+             ("full", 4 << 20, 16384, {"extended-l2": True}),
+             ("metadata", 1 << 20, 65536, {"extended-l2": True})]
+
+    async def sc(s, d):
+        out = []
+        for i, (mode, size, cs, extra) in enumerate(cases):
+            path = str(d / f"p{i}.qcow2")
+            await create(s, f"p{i}f", {"driver": "file", "filename": path, "size": 0})
+            await s.x("blockdev-add", driver="file", filename=path, **{"node-name": f"p{i}"})
+            res = await create(s, f"p{i}", {"driver": "qcow2", "file": f"p{i}", "size": size,
+                                            "preallocation": mode, "cluster-size": cs, **extra})
+            await s.x("blockdev-del", **{"node-name": f"p{i}"})
+            assert res["jobs"][0].get("error") is None, res
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+            out.append((h.hexdigest(), data_bytes(path),
+                        json.loads(qemu_img("map", "--output=json", path).stdout),
+                        qemu_img("check", path).stdout))
+            if size > 64 << 20:
+                (d / f"p{i}.qcow2").unlink()      # the disk space, at once
+        return out
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    for (mode, size, _, _), (_, blocks, m, check) in zip(cases, ours, strict=True):
+        assert "No errors were found" in check
+        assert (m[0]["start"], m[-1]["start"] + m[-1]["length"]) == (0, size)
+        if mode != "metadata":
+            assert blocks >= size

@@ -13,7 +13,8 @@ truncate to 0 and to ``size`` with ``preallocation`` off, falloc or full)
 and ``qcow2`` written into an existing ``file`` node (or one defined
 inline), with QEMU's checks in QEMU's order and texts; qcow2 preallocation
 ``falloc``/``full`` creates the image empty, then grows it as QEMU does
-(``formats/qcow2/prealloc.py``). ``raw`` and other
+(``formats/qcow2/prealloc.py``: any number of refcount blocks, extended L2
+entries too). ``raw`` and other
 drivers QEMU cannot create: ``Driver does not support blockdev-create``;
 drivers QEMU creates but blkjobs does not: one line saying so.
 """

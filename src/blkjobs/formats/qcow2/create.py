@@ -137,6 +137,11 @@ def preallocate(path: str, size: int, mode: str, start: int = 0) -> None:
     with Qcow2(path, read_only=False) as img:
         old_len = os.fstat(img.fd).st_size
         runs = img.allocate(start, size - start)
+        if img.extended:
+            # QEMU links preallocated clusters without marking their
+            # subclusters allocated (they read as zeroes, or the backing file)
+            for gc in range(start // img.cluster_size, -(-size // img.cluster_size)):
+                img._set_entry(gc, img._entry(gc)[2], 0)
         if img.external:        # the data file is preallocated when created
             img.flush()
             return

@@ -8,10 +8,15 @@ refcount table, 2 the refcount block):
 
 1. the L1 table grows to ``T`` entries: allocated at cluster 3 (``L``
    clusters);
-2. the refcount structures are made to cover the image to be: a new
-   refcount table right after the L1 table (cluster ``3 + L``), the old one
-   (cluster 1) freed; the refcount block stays where it is when it covers
-   everything (the only case handled here);
+2. the refcount structures are made to cover the image to be
+   (``qcow2_refcount_area``): the clusters in use, the data clusters and
+   one L2 table per L2 table's worth of data clusters plus one, counted to
+   a fixed point with the refcount blocks and table themselves
+   (``qcow2_refcount_metadata_size``). The first refcount block stays where
+   it is; the others follow the L1 table (cluster ``3 + L`` on), then the
+   new refcount table, sized to a whole cluster of entries; the old table
+   (cluster 1) is freed. The L1 table must lie within the first refcount
+   block's reach (anything else is refused);
 3. the data clusters, contiguous after the new refcount table; the file is
    extended over them with ``fallocate`` (``falloc``) or with written zeroes
    (``full``);
@@ -19,7 +24,9 @@ refcount table, 2 the refcount block):
    freed cluster 1 for the first, after the data for the others.
 
 Every L2 entry then points at its data cluster (a normal allocated cluster,
-reading what the file holds there: zeroes). ``qemu-img map``, ``check`` and
+reading what the file holds there: zeroes). With extended L2 entries (16
+bytes an entry) the subcluster bitmaps stay 0: QEMU links preallocated
+clusters without marking their subclusters allocated. ``qemu-img map``, ``check`` and
 the file's allocation are QEMU's (tests/test_daemon_create.py).
 """
 from __future__ import annotations
@@ -28,11 +35,26 @@ import os
 import struct
 
 from ...errors import UsageError
-from .header import parse_header
+from .header import Header, parse_header
 from .refcount import Refcounts
 
 _COPIED = 1 << 63
 _ZEROS = bytes(1 << 20)
+
+
+def refcount_blocks(clusters: int, cluster_size: int, refcount_bits: int) -> int:
+    """How many refcount blocks cover ``clusters`` clusters and the refcount
+    blocks and table themselves: QEMU's qcow2_refcount_metadata_size (no
+    generous increase), a fixed point."""
+    per_table, per_block = cluster_size // 8, cluster_size * 8 // refcount_bits
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table)
+        n = clusters + blocks + table
+        if n == last:
+            return blocks
 
 
 def preallocate(path: str, size: int, mode: str) -> None:
@@ -44,54 +66,63 @@ def preallocate(path: str, size: int, mode: str) -> None:
     fd = os.open(path, os.O_RDWR)
     try:
         h = parse_header(os.pread(fd, 1 << 21, 0), os.fstat(fd).st_size, path)
-        cs = h.cluster_size
-        if h.extended_l2:
-            raise UsageError("blkjobs does not preallocate (falloc, full) images with "
-                             "extended L2 entries")
-        if h.l1_size or h.refcount_table_offset != cs or h.refcount_table_clusters != 1:
+        if h.l1_size or h.refcount_table_offset != h.cluster_size or \
+                h.refcount_table_clusters != 1:
             raise UsageError(f"preallocate: '{path}' is not a freshly created empty image")
-        l2e = cs // 8
-        ndata = -(-size // cs)
-        nl2 = -(-size // (cs * l2e))
-        l1c = -(-nl2 * 8 // cs)
-        rt = 3 + l1c                    # the new refcount table
-        start = rt + 1                  # the data clusters
-        rbe = cs * 8 // h.refcount_bits
-        # QEMU sizes the refcount area for the data, their L2 tables and one more
-        if rt + 1 + ndata + -(-ndata // l2e) + 1 > rbe:
-            raise UsageError(f"blkjobs preallocates (falloc, full) qcow2 images only as far "
-                             f"as one refcount block reaches ({rbe} clusters of {cs} bytes "
-                             f"with {h.refcount_bits}-bit refcounts)")
-        l2s = ([1] + [start + ndata + i for i in range(nl2 - 1)])[:nl2]
-        used = [0, 2, *range(3, 3 + l1c), rt, *range(start, start + ndata), *l2s]
-        # 2. the refcount table, then 3. the data area
-        os.pwrite(fd, struct.pack(">Q", 2 * cs).ljust(cs, b"\0"), rt * cs)
-        data_end = (start + ndata) * cs
-        if mode == "falloc":
-            os.posix_fallocate(fd, start * cs, data_end - start * cs)
-        else:
-            pos = start * cs
-            while pos < data_end:
-                pos += os.pwrite(fd, _ZEROS[:min(len(_ZEROS), data_end - pos)], pos)
-        # 4. the L2 tables; 1. the L1 table (QEMU writes it in 512-byte units)
-        for t, c in enumerate(l2s):
-            first = start + t * l2e
-            n = min(l2e, ndata - t * l2e)
-            entries = [(first + i) * cs | _COPIED for i in range(n)]
-            os.pwrite(fd, struct.pack(f">{n}Q", *entries).ljust(cs, b"\0"), c * cs)
-        if nl2:
-            l1 = struct.pack(f">{nl2}Q", *[c * cs | _COPIED for c in l2s])
-            os.pwrite(fd, l1.ljust(-(-len(l1) // 512) * 512, b"\0"), 3 * cs)
-        refs = [0] * rbe
-        for c in used:
-            refs[c] = 1
-        enc = Refcounts.__new__(Refcounts)
-        enc.bits = h.refcount_bits
-        os.pwrite(fd, enc._encode(refs), 2 * cs)
-        h.size, h.l1_size, h.l1_table_offset = size, nl2, 3 * cs if nl2 else 0
-        h.refcount_table_offset = rt * cs
-        # the header cluster, written whole as QEMU does
-        os.pwrite(fd, h.pack().ljust(cs, b"\0"), 0)
+        _grow(fd, h, size, mode)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _grow(fd: int, h: Header, size: int, mode: str) -> None:
+    """The steps of the module docstring on the open image ``fd``."""
+    cs, esz = h.cluster_size, 16 if h.extended_l2 else 8
+    l2e = cs // esz
+    ndata = -(-size // cs)
+    nl2 = -(-size // (cs * l2e))
+    l1c = -(-nl2 * 8 // cs)
+    start = 3 + l1c                     # after header, table, block 0, L1 table
+    rbe = cs * 8 // h.refcount_bits
+    if start > rbe:
+        raise UsageError(f"blkjobs preallocates (falloc, full) qcow2 images only while "
+                         f"their L1 table lies within the first refcount block ({rbe} "
+                         f"clusters of {cs} bytes with {h.refcount_bits}-bit refcounts)")
+    # 2. the refcount area: new blocks 1.., then the table
+    nblocks = refcount_blocks(start + ndata + -(-ndata // l2e) + 1, cs, h.refcount_bits)
+    tclusters = -(-nblocks * 8 // cs)
+    rt = start + nblocks - 1
+    data = rt + tclusters               # 3. the data clusters
+    l2s = ([1] + [data + ndata + i for i in range(nl2 - 1)])[:nl2]
+    table = [2 * cs] + [(start + i) * cs for i in range(nblocks - 1)]
+    os.pwrite(fd, struct.pack(f">{nblocks}Q", *table).ljust(tclusters * cs, b"\0"), rt * cs)
+    data_end = (data + ndata) * cs
+    if mode == "falloc":
+        if ndata:
+            os.posix_fallocate(fd, data * cs, data_end - data * cs)
+    else:
+        pos = data * cs
+        while pos < data_end:
+            pos += os.pwrite(fd, _ZEROS[:min(len(_ZEROS), data_end - pos)], pos)
+    # 4. the L2 tables; 1. the L1 table (QEMU writes it in 512-byte units)
+    for t, c in enumerate(l2s):
+        first = data + t * l2e
+        n = min(l2e, ndata - t * l2e)
+        entries = [0] * (n * esz // 8)
+        entries[::esz // 8] = [(first + i) * cs | _COPIED for i in range(n)]
+        os.pwrite(fd, struct.pack(f">{len(entries)}Q", *entries).ljust(cs, b"\0"), c * cs)
+    if nl2:
+        l1 = struct.pack(f">{nl2}Q", *[c * cs | _COPIED for c in l2s])
+        os.pwrite(fd, l1.ljust(-(-len(l1) // 512) * 512, b"\0"), 3 * cs)
+    used = [0, 2, *range(3, 3 + l1c), *range(start, data + ndata), *l2s]
+    refs = [0] * (nblocks * rbe)
+    for c in used:
+        refs[c] = 1
+    enc = Refcounts.__new__(Refcounts)
+    enc.bits = h.refcount_bits
+    for b, off in enumerate(table):
+        os.pwrite(fd, enc._encode(refs[b * rbe:(b + 1) * rbe]), off)
+    h.size, h.l1_size, h.l1_table_offset = size, nl2, 3 * cs if nl2 else 0
+    h.refcount_table_offset, h.refcount_table_clusters = rt * cs, tclusters
+    # the header cluster, written whole as QEMU does
+    os.pwrite(fd, h.pack().ljust(cs, b"\0"), 0)

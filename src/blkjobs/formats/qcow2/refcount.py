@@ -177,7 +177,9 @@ class Refcounts:
     def alloc(self, n: int = 1) -> list[tuple[int, int]]:
         """Allocate ``n`` clusters with refcount 1; return runs
         [(first_cluster, count)] (one run unless a new refcount block had to
-        be placed in between)."""
+        be placed in between). A run that reaches into clusters no refcount
+        block covers yet keeps its place, and the missing block goes right
+        after it, as QEMU places it."""
         runs: list[tuple[int, int]] = []
         if n == 1 and self.pool:
             c = self.pool.pop()
@@ -185,16 +187,18 @@ class Refcounts:
             return [(c, 1)]
         while n:
             c = self.end
-            self._ensure_block(c)
-            if self.end != c:          # a block was placed at c: retry after it
-                continue
-            t_end = (c // self.rbe + 1) * self.rbe
-            k = min(n, t_end - c)
+            # the run up to the end of the next block's reach; the blocks
+            # it lacks are placed after it
+            k = min(n, (c // self.rbe + 2) * self.rbe - c)
             self.end = c + k
-            b = self._block(c // self.rbe)
-            i = c % self.rbe
-            b[i:i + k] = [1] * k
-            self.dirty.add(c // self.rbe)
+            ts = range(c // self.rbe, (c + k - 1) // self.rbe + 1)
+            for t in ts:
+                self._ensure_block(t * self.rbe)
+            for t in ts:
+                lo, hi = max(c, t * self.rbe), min(c + k, (t + 1) * self.rbe)
+                b = self._block(t)
+                b[lo - t * self.rbe:hi - t * self.rbe] = [1] * (hi - lo)
+                self.dirty.add(t)
             if runs and runs[-1][0] + runs[-1][1] == c:
                 runs[-1] = (runs[-1][0], runs[-1][1] + k)
             else:
