@@ -121,3 +121,86 @@ def test_block_graph_with_stream_and_commit_jobs_matches_qemu(tmp_path):
         ("ac", "main node", "#auto"), ("ac", "source", "top"), ("ac", "target", "base"),
         ("ac", "intermediate node", "mid")}
     assert {n["type"] for n in ours["idle"]["nodes"]} == {"block-driver"}
+
+
+def _strip(x):
+    """Replies without what differs by nature: ``active`` (QEMU 10.1's
+    member, which qemu-storage-daemon 7.2 lacks) and ``actual-size`` (how the
+    file system allocated the file)."""
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if k not in ("active", "actual-size")}
+    if isinstance(x, list):
+        return [_strip(v) for v in x]
+    return x
+
+
+def test_libvirt_style_session_matches_qemu(tmp_path):
+    """What libvirt does to a disk, step by step: probe the schema, query
+    the nodes, add a file and a qcow2 node, add an overlay and make it the
+    active layer (blockdev-snapshot), a full backup in a transaction with a
+    persistent bitmap, an incremental backup, an active commit completed by
+    job-complete, job-dismiss, blockdev-del. Every reply and event equals
+    qemu-storage-daemon's (query-named-block-nodes flat, as libvirt asks),
+    but the base's read-only flag after the commit (blkjobs makes it
+    read-only again, QEMU leaves it writable)."""
+    async def sc(s, d):
+        out: dict = {"schema": sorted(e["name"] for e in await s.x("query-qmp-schema")
+                                      if e["meta-type"] == "command")}
+        base, ov = str(d / "base.qcow2"), str(d / "ov.qcow2")
+        full, inc = str(d / "full.qcow2"), str(d / "inc.qcow2")
+        assert qemu_img("create", "-f", "qcow2", base, "4M").returncode == 0
+        qemu_io(base, "write -P 0x11 0 1M")
+        out["qb0"] = await s.x("query-block")
+        await s.x("blockdev-add", driver="file", filename=base, **{"node-name": "base-f"})
+        await s.x("blockdev-add", driver="qcow2", file="base-f", **{"node-name": "base"})
+        out["qnbn1"] = await s.x("query-named-block-nodes", flat=True)
+        assert qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", ov).returncode == 0
+        await s.x("blockdev-add", driver="file", filename=ov, **{"node-name": "ov-f"})
+        await s.x("blockdev-add", driver="qcow2", file="ov-f", backing=None,
+                  **{"node-name": "ov"})
+        out["snap"] = await s.x("blockdev-snapshot", node="base", overlay="ov")
+        out["qnbn2"] = await s.x("query-named-block-nodes", flat=True)
+        assert qemu_img("create", "-f", "qcow2", full, "4M").returncode == 0
+        await s.x("blockdev-add", **qcow2_node("full", full))
+        out["txn"] = await s.x("transaction", actions=[
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "ov", "name": "inc0", "persistent": True}},
+            {"type": "blockdev-backup",
+             "data": {"job-id": "bf", "device": "ov", "target": "full", "sync": "full",
+                      "auto-dismiss": False}}])
+
+        async def to_end(job: str, key: str) -> None:
+            evs = await s.until("JOB_STATUS_CHANGE", id=job, status="concluded")
+            out[f"qj-{key}"] = await s.x("query-jobs")
+            out[f"dismiss-{key}"] = await s.x("job-dismiss", id=job)
+            evs += await s.until("JOB_STATUS_CHANGE", id=job, status="null")
+            out[f"ev-{key}"] = drop_transient_pauses(brief(evs))
+        await to_end("bf", "full")
+        assert qemu_img("create", "-f", "qcow2", "-b", full, "-F", "qcow2", inc).returncode == 0
+        await s.x("blockdev-add", **qcow2_node("inc", inc, backing="full"))
+        await s.x("blockdev-backup", **{"job-id": "bi"}, device="ov", target="inc",
+                  sync="incremental", bitmap="inc0", **{"auto-dismiss": False})
+        await to_end("bi", "inc")
+        out["qnbn3"] = await s.x("query-named-block-nodes", flat=True)
+        await s.x("block-commit", **{"job-id": "c"}, device="ov", **{"auto-dismiss": False})
+        out["ev-ready"] = brief(await s.until("BLOCK_JOB_READY", device="c"))
+        out["qbj"] = await s.x("query-block-jobs")
+        out["complete"] = await s.x("job-complete", id="c")
+        await to_end("c", "commit")
+        out["qnbn4"] = [{**n, "ro": None} if n["node-name"].startswith("base") else n
+                        for n in await s.x("query-named-block-nodes", flat=True)]
+        out["qb1"] = await s.x("query-block")
+        out["del"] = [await s.x("blockdev-del", **{"node-name": n})
+                      for n in ("inc", "full", "ov", "ov-f", "base", "base-f")]
+        out["qnbn5"] = await s.x("query-named-block-nodes", flat=True)
+        return _strip(norm(out, d))
+    ref, ours = side_by_side(tmp_path, sc)
+    used = {"query-block", "query-named-block-nodes", "blockdev-add", "blockdev-snapshot",
+            "transaction", "blockdev-backup", "query-jobs", "job-dismiss", "block-commit",
+            "query-block-jobs", "job-complete", "blockdev-del"}
+    assert used <= set(ours["schema"]) and used <= set(ref["schema"])
+    ref.pop("schema"), ours.pop("schema")
+    assert ours == ref
+    assert [n["backing_file_depth"] for n in ours["qnbn3"]] == [0] * len(ours["qnbn3"])
+    assert [n["ro"] for n in ours["qnbn2"] if n["node-name"] == "base-f"] == [False]
+    assert ours["qnbn5"] == []

@@ -94,7 +94,10 @@ class GraphCommands:
         mn = self._monitor_view(g)
         if not isinstance(mn, Node):
             mn.read_only = True
-            if mn.file is not None:
+            # the file node follows when it was made inline for the node (it
+            # inherits its options); one added by name stays as it is, as
+            # QEMU's reopen queue leaves a child that does not inherit
+            if mn.file is not None and mn.file in mn.children:
                 mn.file.read_only = True
 
     def _check_op_blockers(self, g: Node) -> None:

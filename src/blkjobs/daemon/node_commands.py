@@ -444,7 +444,8 @@ class NodeCommands:
         mn = self.nodes.get(g.name)
         if mn is not None and mn.gnode is g:
             self._show_options(info, mn)
-        info["backing_file_depth"] = len(g.chain()) - 1
+        # QEMU counts the depth while nesting backing-image: 0 when flat
+        info["backing_file_depth"] = 0 if flat else len(g.chain()) - 1
         thr = g.write_threshold          # an int64 in QEMU's BlockDeviceInfo
         info["write_threshold"] = thr - (1 << 64) if thr >= 1 << 63 else thr
         if g.backing is not None:
