@@ -195,10 +195,8 @@ class Node:
         self.file_threshold_cb: Callable[[Node, int, int], None] | None = None
         #: what a front end's requests do here (QEMU's node options, set by
         #: the daemon's blockdev-add and blockdev-reopen): ``unmap`` False
-        #: (``discard=ignore``) drops discards (a write-zeroes' may-unmap
-        #: stays: QEMU strips it only below the node a request enters);
-        #: ``detect_zeroes`` "on"/"unmap" turns a write of zeroes into a
-        #: write-zeroes (may-unmap with "unmap")
+        #: (``discard=ignore``) drops discards; ``detect_zeroes`` "on"/"unmap"
+        #: writes zeroes as a write-zeroes (may-unmap with "unmap")
         self.unmap = True
         self.detect_zeroes = "off"
 
