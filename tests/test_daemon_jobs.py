@@ -346,7 +346,8 @@ def test_chain_backing_refs_stream_and_active_commit(daemon, tmp_path):
         await s.x("blockdev-add", **qcow2_node("view", ref, backing={
             "driver": "qcow2", "file": {"driver": "file", "filename": base}}))
         await s.x("blockdev-add", **qcow2_node("view2", mid, **{"read-only": True}))  # opens its chain
-        nodes = {n["node-name"]: n for n in await s.x("query-named-block-nodes", flat=True)}
+        # (the depth is counted while nesting backing-image: not with flat)
+        nodes = {n["node-name"]: n for n in await s.x("query-named-block-nodes")}
         assert nodes["top"]["backing_file_depth"] == 2
         assert nodes["top"]["backing_file"] == mid
         assert nodes["view"]["backing_file_depth"] == 1
