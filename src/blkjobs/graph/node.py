@@ -135,15 +135,13 @@ class Graph:
         """A filter node of driver ``drv`` above ``child`` (nothing is
         re-pointed to it here). It holds what its users may need on the
         child: consistent read, and write unless the child is read-only or a
-        user of it shares no write (an overlay's backing link: as QEMU's
-        filter, which asks what its parents need, the overlay among them);
-        or ``perm`` (commit's filter: nothing, as QEMU's commit_top)."""
+        user shares no write (QEMU's filter asks what its parents need); or
+        ``perm`` (commit's filter: nothing, as QEMU's commit_top)."""
         node = self.add(FilterDriver(drv, child), name)
         try:
             if perm is None:
-                writable = not child.read_only and all(p.shared & Perm.WRITE
-                                                       for p in child.users())
-                perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
+                w = not child.read_only and all(p.shared & Perm.WRITE for p in child.users())
+                perm = Perm.CONSISTENT_READ | (Perm.WRITE if w else Perm(0))
             node.file_perm = child.take(f"node '{node.name}' (file)", perm, ALL)
         except BaseException:
             del self.nodes[node.name]
