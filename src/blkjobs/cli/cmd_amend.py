@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from . import progname
+from . import image_opts, progname
 from .copy_progress import signal_line, take_sigusr1
 from .parity import RAW_PROBED, check_fmt, open_rw
 
@@ -26,6 +26,7 @@ def register(sub):
     p.add_argument("--image-opts", action="store_true",
                    help="IMG is driver=FMT,file.filename=PATH[,...] (other keys ignored)")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="IMG")
+    image_opts.add(p)         # --object (this parser has its own --image-opts)
     p.set_defaults(func=run)
 
 
@@ -59,9 +60,14 @@ _FLAGS = {"-p": "progress", "-q": "quiet", "--force": "force", "--image-opts": "
 def run(args) -> int:
     from ..imageops import amend as am
     rest = []
-    for a in args.args:           # options after IMG (getopt permutes them)
+    items = iter(args.args)
+    for a in items:               # options after IMG (getopt permutes them)
         if a in _FLAGS:
             setattr(args, _FLAGS[a], True)
+        elif a == "-o":
+            args.options = (args.options or []) + [next(items, "")]
+        elif a.startswith("-o") and len(a) > 2:
+            args.options = (args.options or []) + [a[2:]]
         else:
             rest.append(a)
     if not args.options:
@@ -84,13 +90,15 @@ def run(args) -> int:
                 sys.stderr.write(RAW_PROBED.format(path))
             if am.wants_help(options):
                 return _help(node.format)
+            if node.format == "luks":
+                return _luks(node, options, args.force)
             if node.format != "qcow2":
                 raise UsageError(f"Format driver '{node.format}' does not support option "
                                  "amendment")
             opts = am.parse(options)
             prog(0.0)
             try:
-                am.amend(node, opts, prog)
+                am.amend(node, opts, prog, force=args.force)
             finally:
                 prog(1.0)
         finally:
@@ -100,8 +108,17 @@ def run(args) -> int:
     return 0
 
 
+def _luks(node, options: str, force: bool) -> int:
+    from ..imageops.amend import amend_luks
+    amend_luks(node, options, force)
+    return 0
+
+
 def _help(fmt: str) -> int:
-    from ..imageops.amend import AMEND_HELP
+    from ..imageops.amend import AMEND_HELP, LUKS_AMEND_HELP
+    if fmt == "luks":
+        sys.stdout.write(LUKS_AMEND_HELP)
+        return 0
     if fmt != "qcow2":
         raise UsageError(f"Format driver '{fmt}' does not support option amendment")
     sys.stdout.write(AMEND_HELP)
@@ -109,8 +126,15 @@ def _help(fmt: str) -> int:
 
 
 def _image_opts(text: str) -> tuple[str, str | None]:
-    """--image-opts: (file.filename, driver) of ``driver=...,file.filename=...``."""
-    kv = dict(item.partition("=")[::2] for item in text.split(",") if item)
+    """--image-opts: (file.filename, driver) of ``driver=...,file.filename=...``;
+    an encrypted image's key secret (``key-secret``, ``encrypt.key-secret``)
+    is bound to the file."""
+    from ..graph.blockspec import parse_opts
+    kv = parse_opts(text)
     if "file.filename" not in kv:
         raise UsageError("A block device must be specified for \"file\"")
+    sid = kv.get("encrypt.key-secret", kv.get("key-secret"))
+    if sid is not None:
+        from ..formats.secrets import bind_key
+        bind_key(kv["file.filename"], sid)
     return kv["file.filename"], kv.get("driver")

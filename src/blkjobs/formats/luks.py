@@ -374,11 +374,13 @@ class Luks(Driver):
             self.header = LuksHeader.parse(os.pread(self._fd, HEADER_LEN, 0))
             self.payload = self.header.payload_offset * SECTOR
             self._cipher: SectorCipher | None = None
+            self.master_key: bytes | None = None     # key slot amends need it
             if key_secret is not None:
                 from .secrets import secret
                 pw = secret(key_secret)
                 mk = self.header.unlock(pw, lambda o, n: os.pread(self._fd, n, o))
                 self._cipher = self.header.cipher(mk)
+                self.master_key = mk
             elif not header_only:
                 raise key_required()
         except BaseException:
@@ -476,6 +478,20 @@ class Luks(Driver):
 
     def info(self) -> dict[str, Any]:
         return {"type": "luks", "data": self.header.info()}
+
+    def key_slots(self) -> Any:
+        """The header's key slots, to amend (:mod:`.luks_slots`)."""
+        from .luks_slots import KeySlots
+        if self.master_key is None:
+            raise key_required()
+        return KeySlots(self.header, self.master_key, lambda o, n: os.pread(self.fd, n, o),
+                        lambda o, d: self._write_area(o, d))
+
+    def _write_area(self, offset: int, data: bytes) -> None:
+        if self.read_only:
+            raise ImageError(f"'{self.filename}': image is opened read-only")
+        os.pwrite(self.fd, data, offset)
+        os.fsync(self.fd)
 
 
 def create(path: str, size: int, preallocation: str = "off", **opts: Any) -> None:

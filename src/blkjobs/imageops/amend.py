@@ -5,6 +5,7 @@ downgrade (:mod:`blkjobs.formats.qcow2.amend`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from ..errors import UsageError
 from ..units import parse_opt_size
@@ -31,6 +32,15 @@ _CREATE_ONLY = ("encryption", "cluster_size", "preallocation", "extended_l2",
                 "compression_type", "encrypt.format", "encrypt.key-secret",
                 "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
                 "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "nocow", "extent_size_hint")
+_LUKS_CREATE_ONLY = ("key-secret", "cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg",
+                     "hash-alg", "size")
+LUKS_AMEND_HELP = """Amend options for 'luks':
+  iter-time=<num>        - Time to spend in PBKDF in milliseconds
+  keyslot=<num>          - Select a single keyslot to modify explicitly
+  new-secret=<str>       - New secret to set in the matching keyslots. Empty string to erase
+  old-secret=<str>       - Select all keyslots that match this password
+  state=<str>            - Select new state of affected keyslots (active/inactive)
+"""
 _BOOL = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False}
 
 
@@ -60,9 +70,41 @@ def parse(options: str) -> dict[str, str]:
     return out
 
 
-def amend(node, opts: dict[str, str], progress: Callable[[float], None] | None = None) -> None:
+def _key_slots(drv, opts: dict[str, str]) -> tuple[Any, Any] | None:
+    """The key slots of an encrypted qcow2 image and the ``encrypt.*``
+    options to apply to them (QEMU's refusals); None without such options."""
+    if not any(k.startswith("encrypt.") for k in opts):
+        return None
+    if not getattr(drv, "encrypted", False):
+        raise UsageError("Can't amend encryption options - encryption not present")
+    from ..formats.luks_slots import parse_amend
+    slots = drv.key_slots()
+    return slots, parse_amend(opts, "encrypt.")
+
+
+def amend_luks(node, options: str, force: bool = False) -> None:
+    """``qemu-img amend`` of a ``luks`` image: its key slots (QEMU's option
+    names and texts)."""
+    from ..formats.luks_slots import AMEND_OPTIONS, parse_amend
+    opts: dict[str, str] = {}
+    for item in options.split(","):
+        if not item:
+            continue
+        name, _, val = item.partition("=")
+        if name not in AMEND_OPTIONS:
+            hint = ("\nThis option is only supported for image creation"
+                    if name in _LUKS_CREATE_ONLY else "")
+            raise UsageError(f"Invalid parameter '{name}'{hint}")
+        opts[name] = val
+    o = parse_amend(opts)
+    node.driver.key_slots().amend(o, force)
+
+
+def amend(node, opts: dict[str, str], progress: Callable[[float], None] | None = None,
+          force: bool = False) -> None:
     """Apply ``opts`` (from :func:`parse`) to the qcow2 image of ``node``
-    (opened writable, holding resize)."""
+    (opened writable, holding resize); ``encrypt.*``: its LUKS key slots
+    (``force``: amend's ``--force``)."""
     from ..formats.qcow2 import amend as qa
     from .resize import resize_node
     drv = node.driver
@@ -77,8 +119,7 @@ def amend(node, opts: dict[str, str], progress: Callable[[float], None] | None =
             new_version = 3
         else:
             raise UsageError(f"Unknown compatibility level {compat}")
-    if any(k.startswith("encrypt.") for k in opts):
-        raise UsageError("Can't amend encryption options - encryption not present")
+    slots = _key_slots(drv, opts)
     lazy = _BOOL[opts["lazy_refcounts"]] if "lazy_refcounts" in opts else None
     bits = int(opts["refcount_bits"]) if "refcount_bits" in opts else h.refcount_bits
     if bits <= 0 or bits > 64 or bits & (bits - 1):
@@ -95,6 +136,8 @@ def amend(node, opts: dict[str, str], progress: Callable[[float], None] | None =
                     h.backing_file, h.backing_format):
                 raise UsageError("Cannot amend the backing file\n"
                                  "You can use 'qemu-img rebase' instead.")
+        if slots is not None:
+            slots[0].amend(slots[1], force)
         if lazy is not None:
             if lazy and new_version < 3 and not h.compatible & 1:
                 raise qa.AmendError("Lazy refcounts only supported with compatibility level "

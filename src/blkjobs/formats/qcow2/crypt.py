@@ -54,6 +54,7 @@ class CryptQcow2(Qcow2):
         self.method = h.crypt_method
         self.luks: LuksHeader | None = None
         self.cipher: SectorCipher | None = None
+        self.master_key: bytes | None = None     # key slot amends need it
         if self.method == CRYPT_LUKS:
             ext = h.ext(EXT_CRYPTO)
             if ext is None or len(ext) < 16:
@@ -74,6 +75,7 @@ class CryptQcow2(Qcow2):
             off = self.crypt_off
             mk = self.luks.unlock(pw, lambda o, n: os.pread(self.fd, n, off + o))
             self.cipher = self.luks.cipher(mk)
+            self.master_key = mk
         else:
             self.cipher = SectorCipher("aes-128", "cbc", "plain64", pw[:16].ljust(16, b"\0"))
 
@@ -167,6 +169,23 @@ class CryptQcow2(Qcow2):
     def write_compressed(self, offset: int, cluster_data: Any,
                          compressed: bytes | None = None) -> None:
         raise self._unsupported("compression (it is encrypted)")
+
+    def key_slots(self) -> Any:
+        """The LUKS area's key slots, to amend (:mod:`..luks_slots`); QEMU's
+        texts for an image without one."""
+        from ..luks_slots import KeySlots
+        if self.luks is None:
+            raise UsageError("Only LUKS encryption options can be amended")
+        if self.master_key is None:
+            raise key_required("encrypt.key-secret")
+        off = self.crypt_off
+
+        def write(o: int, data: bytes) -> None:
+            self._check_writable(0, 0)
+            os.pwrite(self.fd, data, off + o)
+            os.fsync(self.fd)
+        return KeySlots(self.luks, self.master_key, lambda o, n: os.pread(self.fd, n, off + o),
+                        write)
 
     def info(self) -> dict:
         d = super().info()
