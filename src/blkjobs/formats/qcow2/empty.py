@@ -25,6 +25,11 @@ the file as QEMU leaves it):
 6. the dirty flag is cleared, and the file cut after the L1 table (the data
    clusters are freed).
 
+An encrypted image is neither cut nor re-created (its LUKS area, in clusters
+after the tables, holds the keys): every L2 entry is cleared and its
+cluster freed (:func:`unmap_all`), as QEMU discards every cluster of an
+image it cannot rebuild.
+
 An image with an external data file is emptied as QEMU does it (its
 make_empty cannot reset such an image): every L2 entry cleared, the tables
 kept, the data file's clusters punched (:func:`_discard_all`).
@@ -61,6 +66,9 @@ def make_empty(path: str, debug: Hook | None = None) -> bool:
             return False
         if h.incompatible & INCOMPAT_DATA_FILE:
             _discard_all(path)
+            return True
+        if h.crypt_method:      # its LUKS area lives in clusters after the tables
+            unmap_all(path)
             return True
         lay = Layout(h.size, h.cluster_size, h.l2_entries, h.refcount_bits)
         if ((h.refcount_table_offset, h.refcount_table_clusters, h.l1_table_offset,
@@ -125,3 +133,20 @@ def _discard_all(path: str) -> None:
                 _fallocate(img.data_fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                            gc * cs, cs)
             img._set_entry(gc, 0, 0)
+
+
+def unmap_all(path: str) -> None:
+    """Every guest cluster of the encrypted qcow2 image at ``path``
+    unallocated (its L2 entry cleared, its host cluster freed), the rest of
+    the file as it was."""
+    from .crypt import CryptQcow2
+    with CryptQcow2(path, read_only=False, header_only=True) as img:   # no data read
+        img._check_writable(0, 0)
+        n = -(-img.size // img.cluster_size)
+        tables = [i for i in range(len(img.l1)) if img._l2_offset(i)]
+        for gc in (g for i in tables for g in range(i * img.l2e, min(n, (i + 1) * img.l2e))):
+            _, _, e, bm = img._entry(gc)
+            if e or bm:
+                img._classify(gc, e, bm)        # refuses a corrupt entry
+                img._release(e)
+                img._set_entry(gc, 0, 0)
