@@ -358,8 +358,9 @@ def key_required(what: str = "key-secret") -> CryptoOpenError:
 
 class Luks(Driver):
     """A ``luks`` image: the LUKS1 header, then the payload (the guest disk,
-    encrypted). Opened without a key (``key_secret`` None, ``header_only``)
-    only its header can be read (``info``)."""
+    encrypted). Opened ``header_only`` only its header can be read
+    (``info``): the key is then neither looked up nor tried, as QEMU's
+    no-I/O open does not."""
 
     format_name = "luks"
     encrypted = True
@@ -375,7 +376,7 @@ class Luks(Driver):
             self.payload = self.header.payload_offset * SECTOR
             self._cipher: SectorCipher | None = None
             self.master_key: bytes | None = None     # key slot amends need it
-            if key_secret is not None:
+            if key_secret is not None and not header_only:
                 from .secrets import secret
                 pw = secret(key_secret)
                 mk = self.header.unlock(pw, lambda o, n: os.pread(self._fd, n, o))

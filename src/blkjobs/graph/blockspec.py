@@ -315,14 +315,15 @@ def qdict_json(value: Any) -> str:
 # -- opening -------------------------------------------------------------------------
 
 
-def open_spec(spec: Spec, read_only: bool = True,
-              with_backing: bool = True) -> tuple[Driver, str]:
+def open_spec(spec: Spec, read_only: bool = True, with_backing: bool = True,
+              header_only: bool = False) -> tuple[Driver, str]:
     """Open ``spec`` as one driver; returns it with its format's name.
     Its ``backing`` option is left on the driver for :func:`.chain.open_chain`:
     ``no_backing`` (null), ``backing_spec`` (options: a json: name),
     ``backing_ref`` (a node's name, which never exists here). Without
     ``with_backing`` (qemu-img info opens no backing file) only null is
-    taken, as qemu-img takes it."""
+    taken, as qemu-img takes it. ``header_only``: an encrypted image opens
+    for its header, its key not looked up (qemu-img info's no-I/O open)."""
     backing = spec.top.opts.get("backing", None)
     if backing is not None and not with_backing:
         key = "backing"
@@ -330,7 +331,7 @@ def open_spec(spec: Spec, read_only: bool = True,
             key += "." + sorted(reversed(list(backing)), key=_qdict_bucket)[0]
         raise ImageError(f"Block format '{spec.top.driver or 'raw'}' does not support the "
                          f"option '{key}'")
-    drv = _open(spec.top, read_only)
+    drv = _open(spec.top, read_only, header_only)
     drv.filename = spec.display
     if "backing" in spec.top.opts:
         if isinstance(backing, dict):
@@ -349,7 +350,7 @@ def open_spec(spec: Spec, read_only: bool = True,
     return drv, drv.format_name
 
 
-def _open(layer: Layer, read_only: bool) -> Driver:
+def _open(layer: Layer, read_only: bool, header_only: bool = False) -> Driver:
     d = layer.driver
     if d in QUORUM_DRIVERS:        # bare: its elected file, as raw bytes
         drv = _open_quorum(layer, "raw", read_only)
@@ -374,7 +375,7 @@ def _open(layer: Layer, read_only: bool) -> Driver:
             drv = _filter(f, drv)
         return drv
     _bind_key(layer, below)
-    drv = _open_protocol(below, d, read_only, _data_file(layer))
+    drv = _open_protocol(below, d, read_only, _data_file(layer), header_only)
     if d == "raw" and ("offset" in layer.opts or "size" in layer.opts):
         from ..formats.slice import Slice
         drv = Slice(drv, _size(layer.opts.get("offset", 0), "offset"),
@@ -427,7 +428,7 @@ def _data_file(layer: Layer) -> str | None:
 
 
 def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
-                   data_file: str | None = None) -> Driver:
+                   data_file: str | None = None, header_only: bool = False) -> Driver:
     """The format ``fmt`` (None: probed; for a bare protocol: none) over the
     protocol ``layer``."""
     from ..formats import open_image, probe_format
@@ -451,7 +452,7 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
         if fmt is None:
             fmt = probe_format(path)
         drv = open_image(path, "raw" if fmt == "file" else fmt, read_only=read_only,
-                         data_file=data_file)
+                         data_file=data_file, header_only=header_only)
     except FormatOpenError as e:
         raise ImageError(e.reason) from None
     except (ImageError, OSError) as e:

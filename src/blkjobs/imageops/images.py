@@ -24,10 +24,11 @@ def check_format(fmt: str | None, what: str = "image") -> None:
         raise UsageError(f"unsupported {what} format '{fmt}' (supported: {', '.join(FORMATS)})")
 
 
-def probe(path: str, fmt: str | None = None) -> str:
-    """Validate ``path`` as a readable image file and return its format."""
+def probe(path: str, fmt: str | None = None, header_only: bool = False) -> str:
+    """Validate ``path`` as a readable image file and return its format
+    (``header_only``: an encrypted image's key is not tried, as by info)."""
     if is_spec(path):      # fmt: given, or what this found before
-        return probe_spec(path, fmt if fmt in FORMATS else None)
+        return probe_spec(path, fmt if fmt in FORMATS else None, header_only)
     check_format(fmt, "source" if fmt else "image")
     if is_nbd_uri(path):
         if fmt not in (None, "raw"):
@@ -44,26 +45,29 @@ def probe(path: str, fmt: str | None = None) -> str:
     return fmt or probe_format(path)
 
 
-def probe_spec(name: str, fmt: str | None = None) -> str:
+def probe_spec(name: str, fmt: str | None = None, header_only: bool = False) -> str:
     """The format of the image ``name`` in one of qemu-img's other name
     syntaxes (:mod:`blkjobs.graph.blockspec`), opened once to find it;
     qemu-img's ``Could not open 'NAME': WHY`` when it does not open."""
     try:
-        drv, found = open_spec(parse(name, fmt))
+        drv, found = open_spec(parse(name, fmt), header_only=header_only)
     except ImageError as e:
         raise ImageError(f"Could not open '{name}': {e}") from None
     drv.close()
     return found
 
 
-def open_one(path: str, fmt: str | None, read_only: bool = True) -> Driver:
-    """The image ``path`` alone (no backing chain), any name syntax."""
+def open_one(path: str, fmt: str | None, read_only: bool = True,
+             header_only: bool = False) -> Driver:
+    """The image ``path`` alone (no backing chain), any name syntax
+    (``header_only``: an encrypted image without unlocking it)."""
     if is_spec(path):
         try:
-            return open_spec(parse(path, fmt), read_only, with_backing=False)[0]
+            return open_spec(parse(path, fmt), read_only, with_backing=False,
+                             header_only=header_only)[0]
         except ImageError as e:
             raise ImageError(f"Could not open '{path}': {e}") from None
-    return open_image(path, fmt, read_only)
+    return open_image(path, fmt, read_only, header_only=header_only)
 
 
 def cli_graph(force_share: bool = False, stable: bool = False) -> Graph:

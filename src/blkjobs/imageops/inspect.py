@@ -125,15 +125,14 @@ def info(path: str, fmt: str | None = None, backing_chain: bool = False,
     without ``backing_chain`` the backing files are not opened (nor locked),
     as with qemu-img."""
     if not backing_chain:
-        fmt = probe(path, fmt)
+        fmt = probe(path, fmt, header_only=True)
         if is_nbd_uri(path):
             return [info_nbd(path)]
         if fmt == "raw" and not is_spec(path):
             return [info_raw(path)]
         from ..graph import Perm
-        from ..formats import open_image
         # header only: info needs no key of an encrypted image, as qemu-img
-        drv = open_one(path, fmt) if is_spec(path) else open_image(path, fmt, header_only=True)
+        drv = open_one(path, fmt, header_only=True)
         node = cli_graph(force_share).add(drv, fmt=fmt)
         try:
             with opening(path):

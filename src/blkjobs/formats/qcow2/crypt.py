@@ -65,10 +65,10 @@ class CryptQcow2(Qcow2):
         elif self.method != CRYPT_AES:
             raise ImageError(f"'{self.filename}': Unsupported encryption method "
                              f"{self.method}")
-        if key_secret is None:
-            if not header_only:
-                raise key_required("encrypt.key-secret")
+        if header_only:         # info: QEMU's no-I/O open looks no key up
             return
+        if key_secret is None:
+            raise key_required("encrypt.key-secret")
         from ..secrets import secret
         pw = secret(key_secret)
         if self.luks is not None:
