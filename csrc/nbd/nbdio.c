@@ -136,8 +136,10 @@ static int extent_cb(void *user_data, const char *metacontext, uint64_t offset,
                      uint32_t *entries, size_t nr_entries, int *error)
 {
     struct extents *x = user_data;
-    if (strcmp(metacontext, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0)
-        return 0;
+    /* a connection asks for one context: base:allocation, or the one
+     * QEMU's x-dirty-bitmap names (its bits are then read as if they were
+     * base:allocation's) */
+    (void)metacontext;
     if (x->n == 0)
         x->end = offset;
     for (size_t i = 0; i + 1 < nr_entries && x->n < x->max_pairs; i += 2) {
@@ -149,8 +151,9 @@ static int extent_cb(void *user_data, const char *metacontext, uint64_t offset,
     return 0;
 }
 
-/* base:allocation of [off, off+len): (length, flags) pairs into out; the
- * count of pairs (the server may describe less than asked). */
+/* The block status of [off, off+len) in the connection's meta context
+ * (base:allocation unless asked otherwise): (length, flags) pairs into out;
+ * the count of pairs (the server may describe less than asked). */
 int64_t bj_nbd_extents(struct nbd_handle *h, uint64_t off, uint64_t len, uint32_t *out,
                        size_t max_pairs, int timeout_ms)
 {

@@ -32,6 +32,14 @@ connection succeeds within ``reconnect_delay`` seconds the request fails
 with EIO (as in QEMU: a job reports ``Input/output error``) and a text that
 says so, and the driver is broken as above (QEMU goes
 on trying in the background and later requests may succeed again).
+
+``dirty_bitmap`` (QEMU's ``x-dirty-bitmap`` option: ``qemu:allocation-depth``,
+``qemu:dirty-bitmap:NAME``): block status is asked in that meta context
+instead of base:allocation and its bits are read as if they were
+base:allocation's, QEMU's documented hack for reading them with ``qemu-img
+map``: bit 0 (HOLE) clear is data, bit 1 set is zero, and a run with bit 0
+set and bit 1 clear is neither (not present). Meant for ``map`` only: the
+reads are still the export's bytes.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ import errno
 import os
 import threading
 import time
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import ImageError, UsageError
@@ -116,6 +125,14 @@ def qmp_uri(server: dict, export: str | None) -> str:
     raise UsageError(f"NBD server address type '{kind}' is not supported (unix, inet)")
 
 
+@dataclass(frozen=True)
+class ZeroData(Mapping):
+    """A ZERO run that is data too (HOLE clear, ZERO set): qemu-img map
+    prints ``"zero": true, "data": true``."""
+
+    zero_data: bool = True
+
+
 class Nbd(Driver):
     """An open NBD export (see the module docstring)."""
 
@@ -129,8 +146,9 @@ class Nbd(Driver):
 
     def __init__(self, uri: str, read_only: bool = True, timeout: float | None = None,
                  tls_certificates: str | None = None,
-                 connections: int = DEFAULT_CONNECTIONS, reconnect_delay: float = 0.0):
-        from ..native.nbd import Connection
+                 connections: int = DEFAULT_CONNECTIONS, reconnect_delay: float = 0.0,
+                 dirty_bitmap: str | None = None):
+        from ..native.nbd import BASE_ALLOCATION, Connection
         self.uri = uri
         self.filename = display_name(uri)
         self.read_only = read_only
@@ -138,7 +156,12 @@ class Nbd(Driver):
         if tls_certificates is None:
             tls_certificates = os.environ.get("BLKJOBS_NBD_TLS_CERTIFICATES") or None
         self._tls = tls_certificates
-        c0 = Connection(uri, self._timeout, tls_certificates)
+        self._context = dirty_bitmap.encode() if dirty_bitmap else BASE_ALLOCATION
+        self.read_zeroes = dirty_bitmap is None     # the hack's "not present" is no zero
+        c0 = Connection(uri, self._timeout, tls_certificates, meta_context=self._context)
+        if dirty_bitmap is not None and not c0.has_allocation:
+            c0.close()
+            raise ImageError("Could not open image: Invalid argument")     # qemu-img's
         if not read_only and c0.read_only:
             c0.close()
             raise ImageError(f"Could not open '{self.filename}': the NBD export is read-only")
@@ -158,7 +181,8 @@ class Nbd(Driver):
         from ..native.nbd import Connection
         for _ in range(max(0, n)):
             try:
-                c = Connection(self.uri, min(self._timeout, EXTRA_CONNECT_TIMEOUT), self._tls)
+                c = Connection(self.uri, min(self._timeout, EXTRA_CONNECT_TIMEOUT), self._tls,
+                               meta_context=self._context)
             except ImageError:
                 return          # fewer connections, not an error
             c.timeout_ms = self._c0.timeout_ms
@@ -225,7 +249,7 @@ class Nbd(Driver):
         deadline = time.monotonic() + self.reconnect_delay
         while True:
             try:
-                c = Connection(self.uri, self._timeout, self._tls)
+                c = Connection(self.uri, self._timeout, self._tls, meta_context=self._context)
             except ImageError as e:
                 left = deadline - time.monotonic()
                 if left <= 0:       # EIO, as QEMU fails the delayed requests
@@ -270,16 +294,27 @@ class Nbd(Driver):
             at = pos
             for n, flags in self._run(lambda c, at=at: c.extents(at, end - at)):
                 n = min(n, end - pos)
-                kind = Kind.ZERO if flags & 0x2 else Kind.DATA
-                if out and out[-1].kind == kind:
-                    p = out[-1]
-                    out[-1] = Mapping(p.start, p.length + n, kind, p.start)
+                m = self._mapping(pos, n, flags)
+                if out and (out[-1].kind, type(out[-1])) == (m.kind, type(m)):
+                    m = replace(m, start=out[-1].start, length=out[-1].length + n,
+                                host_offset=out[-1].host_offset)
+                    out[-1] = m
                 else:
-                    out.append(Mapping(pos, n, kind, pos))
+                    out.append(m)
                 pos += n
                 if pos >= end:
                     break
         return out
+
+    def _mapping(self, pos: int, n: int, flags: int) -> Mapping:
+        """A run of (NBD) flags: HOLE 0x1, ZERO 0x2."""
+        if flags & 0x2:
+            if self._context != b"base:allocation" and not flags & 0x1:
+                return ZeroData(pos, n, Kind.ZERO, pos)
+            return Mapping(pos, n, Kind.ZERO, pos)
+        if flags & 0x1 and self._context != b"base:allocation":
+            return Mapping(pos, n, Kind.UNALLOCATED, None)
+        return Mapping(pos, n, Kind.DATA, pos)
 
     def readinto(self, offset: int, buf) -> None:
         mv = memoryview(buf).cast("B")

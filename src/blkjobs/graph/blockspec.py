@@ -442,10 +442,12 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
             drv.format_name = "raw"
         return drv
     if layer.driver == "nbd":
-        from ..formats.nbd import qmp_uri
-        if "x-dirty-bitmap" in layer.opts:
-            raise ImageError("blkjobs does not support the NBD client option 'x-dirty-bitmap'")
+        from ..formats.nbd import Nbd, qmp_uri
         uri = qmp_uri(layer.opts["server"], layer.opts.get("export"))
+        if "x-dirty-bitmap" in layer.opts:      # map reads a context's bits (formats.nbd)
+            if fmt not in ("file", "raw", None):
+                raise ImageError(f"'{uri}': only the raw format is supported over NBD")
+            return Nbd(uri, read_only, dirty_bitmap=str(layer.opts["x-dirty-bitmap"]))
         return open_image(uri, fmt if fmt != "file" else "raw", read_only=read_only)
     path = str(layer.opts["filename"])
     try:

@@ -86,10 +86,13 @@ class Connection:
     """One open NBD connection to ``uri`` (see libnbd's nbd_connect_uri for
     the forms). ``tls_certificates``: the directory of x509 certificates for
     ``nbds://`` (libnbd's default otherwise). Raises ImageError when it cannot
-    connect."""
+    connect. ``meta_context``: the block status context to ask for (QEMU's
+    x-dirty-bitmap: ``qemu:allocation-depth``, ``qemu:dirty-bitmap:NAME``);
+    ``has_allocation`` says whether the server offers it."""
 
     def __init__(self, uri: str, timeout: float, tls_certificates: str | None = None,
-                 chunk: int = 256 << 10, depth: int = 16):
+                 chunk: int = 256 << 10, depth: int = 16,
+                 meta_context: bytes = BASE_ALLOCATION):
         if not AVAILABLE:
             raise ImageError(WHY_NOT)
         self.uri = uri
@@ -103,7 +106,7 @@ class Connection:
         try:
             if tls_certificates:
                 self._ok(lib.nbd_set_tls_certificates(h, tls_certificates.encode()))
-            self._ok(lib.nbd_add_meta_context(h, BASE_ALLOCATION))
+            self._ok(lib.nbd_add_meta_context(h, meta_context))
             # the URI is the user's own (a command line argument): its
             # tls-psk-file= / tls-certificates= may name local files
             self._ok(lib.nbd_set_uri_allow_local_file(h, True))
@@ -121,7 +124,7 @@ class Connection:
             self.can_zero = lib.nbd_can_zero(h) == 1
             self.can_fast_zero = lib.nbd_can_fast_zero(h) == 1
             self.can_multi_conn = lib.nbd_can_multi_conn(h) == 1
-            self.has_allocation = lib.nbd_can_meta_context(h, BASE_ALLOCATION) == 1
+            self.has_allocation = lib.nbd_can_meta_context(h, meta_context) == 1
             pref = int(lib.nbd_get_block_size(h, _SIZE_PREFERRED))
             if pref > 0:
                 self.chunk = max(self.chunk, min(pref, 32 << 20))
@@ -214,7 +217,8 @@ class Connection:
         self._cmd(_FLUSH, 0, 0, 0, "flush")
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """base:allocation of [offset, offset+length): (length, flags) pairs
+        """Block status (base:allocation, or the connection's meta context)
+        of [offset, offset+length): (length, flags) pairs
         from ``offset`` on; the server may describe less than asked, never
         nothing."""
         h = self._handle()
