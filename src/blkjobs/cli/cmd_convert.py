@@ -147,8 +147,9 @@ def run(args) -> int:
         return _concat(args, opts)
     if args.bitmaps:
         from ..imageops.convert_bitmaps import source_bitmaps
+        from . import progname
         names = source_bitmaps(args.src, args.src_fmt, args.dst_fmt, args.skip_broken_bitmaps,
-                               args.force_share)
+                               args.force_share, prog=progname())
     prog = Reporter(args, quiet=args.quiet, plan=lambda: _plan(args, opts))
     try:
         convert(args.src, args.dst, opts, progress=prog.update)

@@ -37,9 +37,10 @@ def _open(path: str, fmt: str | None, read_only: bool, force_share: bool = False
 
 
 def source_bitmaps(src: str, src_fmt: str | None, dst_fmt: str, skip_broken: bool,
-                   force_share: bool = False) -> list[str]:
+                   force_share: bool = False, prog: str = "blkjobs") -> list[str]:
     """The names of the source's bitmaps to copy (QEMU's checks and texts,
-    in its order); warnings for the skipped ones go to stderr."""
+    in its order); warnings for the skipped ones go to stderr (``prog``:
+    the program's name in the texts)."""
     if dst_fmt != "qcow2":
         raise UsageError(f"Format driver '{dst_fmt}' does not support bitmaps")
     node = _open(src, src_fmt, True, force_share)
@@ -48,17 +49,20 @@ def source_bitmaps(src: str, src_fmt: str | None, dst_fmt: str, skip_broken: boo
         if pbm is None:
             raise UsageError("Source lacks bitmap support")
         names = []
-        for b in pbm:
+        # QEMU checks (and warns) from the last bitmap of the directory to
+        # the first (its list of a node's bitmaps is built by prepending);
+        # the copies keep the directory's order
+        for b in reversed(list(pbm)):
             if b.in_use:
                 if not skip_broken:
                     raise UsageError(f"Cannot copy inconsistent bitmap '{b.name}'\nTry "
-                                     "--skip-broken-bitmaps, or use 'blkjobs bitmap --remove' "
+                                     f"--skip-broken-bitmaps, or use '{prog} bitmap --remove' "
                                      "to delete it")
-                print(f"blkjobs: warning: Skipping inconsistent bitmap '{b.name}'",
+                print(f"{prog}: warning: Skipping inconsistent bitmap '{b.name}'",
                       file=sys.stderr, flush=True)
                 continue
             names.append(b.name)
-        return names
+        return names[::-1]
     finally:
         node.close()
 
