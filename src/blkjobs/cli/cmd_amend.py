@@ -82,11 +82,14 @@ def run(args) -> int:
         if len(rest) != 1:
             raise UsageError("Expecting one image file name")
         path = rest[0]
-        if args.image_opts:
-            path, args.fmt = _image_opts(path)
+        if args.image_opts:         # opened as the options say (their key-secret too)
+            if args.fmt:
+                raise UsageError("--image-opts and --format are mutually exclusive")
+            from ..graph.blockspec import mark_image_opts
+            mark_image_opts(path)
         node = open_rw(path, args.fmt, "amend", resize=True)
         try:
-            if args.fmt is None and node.format == "raw":
+            if args.fmt is None and node.format == "raw" and not args.image_opts:
                 sys.stderr.write(RAW_PROBED.format(path))
             if am.wants_help(options):
                 return _help(node.format)
@@ -123,18 +126,3 @@ def _help(fmt: str) -> int:
         raise UsageError(f"Format driver '{fmt}' does not support option amendment")
     sys.stdout.write(AMEND_HELP)
     return 0
-
-
-def _image_opts(text: str) -> tuple[str, str | None]:
-    """--image-opts: (file.filename, driver) of ``driver=...,file.filename=...``;
-    an encrypted image's key secret (``key-secret``, ``encrypt.key-secret``)
-    is bound to the file."""
-    from ..graph.blockspec import parse_opts
-    kv = parse_opts(text)
-    if "file.filename" not in kv:
-        raise UsageError("A block device must be specified for \"file\"")
-    sid = kv.get("encrypt.key-secret", kv.get("key-secret"))
-    if sid is not None:
-        from ..formats.secrets import bind_key
-        bind_key(kv["file.filename"], sid)
-    return kv["file.filename"], kv.get("driver")

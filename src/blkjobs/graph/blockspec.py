@@ -458,6 +458,9 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
     except FormatOpenError as e:
         raise ImageError(e.reason) from None
     except (ImageError, OSError) as e:
+        from ..formats.luks import CryptoOpenError
+        if isinstance(e, CryptoOpenError):      # the format's words: no file named
+            raise ImageError(str(e)) from None
         text = str(e) if isinstance(e, ImageError) else str(e.strerror)
         if text.lower().startswith(f"could not open '{path}': "):
             text = text[len(f"could not open '{path}': "):]
