@@ -92,3 +92,40 @@ def test_convert_bitmaps_refusals_as_qemu_img(tmp_path):
         assert (q.returncode, q.stderr) == (p.returncode,
                                             p.stderr.replace("qemu-img", "blkjobs")), args
         assert q.returncode == 1
+
+
+def test_inconsistent_bitmaps_in_qemus_order_and_invoked_name(tmp_path):
+    """QEMU checks the bitmaps from the last of the directory to the first:
+    the first refused, and the order of the warnings, are those (iotest
+    qemu-img-bitmaps); invoked as qemu-img, the hint names qemu-img. The
+    copies keep the directory's order."""
+    import os
+    src = tmp_path / "s.qcow2"
+    qemu_img("create", "-f", "qcow2", src, "1M")
+    for name in ("x1", "x2", "x3"):
+        qemu_img("bitmap", "--add", src, name)
+    code = ("import os, sys\nfrom blkjobs import Engine\neng = Engine()\n"
+            "eng.attach(eng.open(sys.argv[1])).write(0, b'x')\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(src)], check=True, timeout=60)
+    for name in ("y2", "y1"):
+        qemu_img("bitmap", "--add", src, name)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "qemu-img").symlink_to(os.path.join(os.path.dirname(sys.executable), "blkjobs"))
+    outs = []
+    for exe in (str(bindir / "qemu-img"), "qemu-img"):
+        refused = subprocess.run([exe, "convert", "--bitmaps", "-O", "qcow2", src,
+                                  tmp_path / "r.qcow2"], capture_output=True, text=True)
+        skipped = subprocess.run([exe, "convert", "--bitmaps", "--skip-broken-bitmaps", "-O",
+                                  "qcow2", src, tmp_path / f"{len(outs)}.qcow2"],
+                                 capture_output=True, text=True)
+        outs.append((refused.returncode, refused.stderr, skipped.returncode, skipped.stderr))
+    assert outs[0] == outs[1] == (
+        1, "qemu-img: Cannot copy inconsistent bitmap 'x3'\nTry --skip-broken-bitmaps, or use "
+        "'qemu-img bitmap --remove' to delete it\n", 0,
+        "qemu-img: warning: Skipping inconsistent bitmap 'x3'\n"
+        "qemu-img: warning: Skipping inconsistent bitmap 'x2'\n"
+        "qemu-img: warning: Skipping inconsistent bitmap 'x1'\n")
+    assert [b["name"] for b in _bitmaps(tmp_path / "0.qcow2")] == \
+        [b["name"] for b in _bitmaps(tmp_path / "1.qcow2")] == ["y2", "y1"]
+    check_clean(tmp_path / "0.qcow2")
