@@ -6,7 +6,6 @@ reports that meta context's bits as if they were base:allocation's, so
 options is the expected output, byte for byte."""
 from __future__ import annotations
 
-
 from conftest import run_blkjobs
 from nbd_peers import qemu_nbd
 from qemu_oracle import qemu_img, qemu_io

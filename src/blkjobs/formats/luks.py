@@ -480,13 +480,14 @@ class Luks(Driver):
     def info(self) -> dict[str, Any]:
         return {"type": "luks", "data": self.header.info()}
 
-    def key_slots(self) -> Any:
-        """The header's key slots, to amend (:mod:`.luks_slots`)."""
-        from .luks_slots import KeySlots
+    def luks_area(self) -> tuple[LuksHeader, bytes, Callable[[int, int], bytes],
+                                 Callable[[int, bytes], None]]:
+        """(header, master key, read, write) of the LUKS area (offsets from
+        the header's start), to amend its key slots (:mod:`.luks_slots`)."""
         if self.master_key is None:
             raise key_required()
-        return KeySlots(self.header, self.master_key, lambda o, n: os.pread(self.fd, n, o),
-                        lambda o, d: self._write_area(o, d))
+        return (self.header, self.master_key, lambda o, n: os.pread(self.fd, n, o),
+                self._write_area)
 
     def _write_area(self, offset: int, data: bytes) -> None:
         if self.read_only:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import UsageError
 from .luks import (MIN_ITERS, NUM_SLOTS, SECTOR, SLOT_ACTIVE, SLOT_DISABLED, STRIPES,
@@ -73,6 +74,12 @@ class KeySlots:
     def __init__(self, header: LuksHeader, master_key: bytes, read: Reader,
                  write: Writer) -> None:
         self.h, self.mk, self.read, self.write = header, master_key, read, write
+
+    @classmethod
+    def of(cls, drv: Any) -> KeySlots:
+        """The key slots of an open encrypted image (``luks``, qcow2 with
+        LUKS): its ``luks_area()``."""
+        return cls(*drv.luks_area())
 
     def amend(self, o: AmendOpts, force: bool = False) -> None:
         if o.state == "active":

@@ -77,15 +77,15 @@ def _key_slots(drv, opts: dict[str, str]) -> tuple[Any, Any] | None:
         return None
     if not getattr(drv, "encrypted", False):
         raise UsageError("Can't amend encryption options - encryption not present")
-    from ..formats.luks_slots import parse_amend
-    slots = drv.key_slots()
+    from ..formats.luks_slots import KeySlots, parse_amend
+    slots = KeySlots.of(drv)
     return slots, parse_amend(opts, "encrypt.")
 
 
 def amend_luks(node, options: str, force: bool = False) -> None:
     """``qemu-img amend`` of a ``luks`` image: its key slots (QEMU's option
     names and texts)."""
-    from ..formats.luks_slots import AMEND_OPTIONS, parse_amend
+    from ..formats.luks_slots import AMEND_OPTIONS, KeySlots, parse_amend
     opts: dict[str, str] = {}
     for item in options.split(","):
         if not item:
@@ -97,7 +97,7 @@ def amend_luks(node, options: str, force: bool = False) -> None:
             raise UsageError(f"Invalid parameter '{name}'{hint}")
         opts[name] = val
     o = parse_amend(opts)
-    node.driver.key_slots().amend(o, force)
+    KeySlots.of(node.driver).amend(o, force)
 
 
 def amend(node, opts: dict[str, str], progress: Callable[[float], None] | None = None,

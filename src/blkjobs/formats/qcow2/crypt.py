@@ -170,10 +170,10 @@ class CryptQcow2(Qcow2):
                          compressed: bytes | None = None) -> None:
         raise self._unsupported("compression (it is encrypted)")
 
-    def key_slots(self) -> Any:
-        """The LUKS area's key slots, to amend (:mod:`..luks_slots`); QEMU's
+    def luks_area(self) -> tuple[LuksHeader, bytes, Any, Any]:
+        """(header, master key, read, write) of the LUKS area (offsets from
+        its start), to amend its key slots (:mod:`..luks_slots`); QEMU's
         texts for an image without one."""
-        from ..luks_slots import KeySlots
         if self.luks is None:
             raise UsageError("Only LUKS encryption options can be amended")
         if self.master_key is None:
@@ -184,8 +184,7 @@ class CryptQcow2(Qcow2):
             self._check_writable(0, 0)
             os.pwrite(self.fd, data, off + o)
             os.fsync(self.fd)
-        return KeySlots(self.luks, self.master_key, lambda o, n: os.pread(self.fd, n, off + o),
-                        write)
+        return self.luks, self.master_key, lambda o, n: os.pread(self.fd, n, off + o), write
 
     def info(self) -> dict:
         d = super().info()
