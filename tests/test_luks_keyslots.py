@@ -102,10 +102,11 @@ def same_state(twins, fmt: str, want: list[str]) -> None:
     assert slots(twins[0], fmt) == slots(twins[1], fmt)
 
 
-@pytest.mark.parametrize("fmt", list(KINDS))
-def test_keyslot_lifecycle_as_qemu_img(fmt, twins):
+def test_keyslot_lifecycle_as_qemu_img(twins):
     """Adding (a given slot, the first free one), erasing (by slot, by old
-    password), every refusal iotest 293 checks, and --force, as qemu-img."""
+    password), every refusal iotest 293 checks, and --force, as qemu-img
+    (qcow2, the iotest's format; the luks format shares the code, below)."""
+    fmt = "qcow2"
     create(twins, fmt)
     it = "iter-time=10"
     assert amend(twins, fmt, "sec0", f"state=active,new-secret=sec4,{it},keyslot=4") == \
@@ -148,6 +149,19 @@ def test_keyslot_lifecycle_as_qemu_img(fmt, twins):
     assert amend(twins, fmt, "sec1", "state=inactive,keyslot=1", "--force")[0] == 0
     assert amend(twins, fmt, "sec1", "state=inactive,keyslot=0", "--force")[0] == 0
     same_state(twins, fmt, [])
+
+
+def test_luks_format_add_and_erase_as_qemu_img(twins):
+    """The luks format's header at the file's start: a slot added, then the
+    original erased by its password, as qemu-img."""
+    fmt = "luks"
+    create(twins, fmt)
+    assert amend(twins, fmt, "sec0", "state=active,new-secret=sec2,iter-time=10") == \
+        (0, "", "")
+    same_state(twins, fmt, ["sec0", "sec2"])
+    assert amend(twins, fmt, "sec2", "state=inactive,old-secret=sec0") == (0, "", "")
+    same_state(twins, fmt, ["sec2"])
+    assert slots(twins[0], fmt) == [False, True] + [False] * 6
 
 
 @pytest.mark.parametrize("fmt", list(KINDS))
