@@ -489,9 +489,8 @@ class Node:
                 _emit(out, m.start, m.length, depth, True, False, True, False, m.host_offset)
             elif m.kind == Kind.COMPRESSED:
                 _emit(out, m.start, m.length, depth, True, False, True, True, None)
-            elif m.kind == Kind.ZERO:       # zero_data: NBD's x-dirty-bitmap hack
-                _emit(out, m.start, m.length, depth, True, True,
-                      getattr(m, "zero_data", False), False, m.host_offset)
+            elif m.kind == Kind.ZERO:   # zero_data: NBD's x-dirty-bitmap hack
+                _emit(out, m.start, m.length, depth, True, True, getattr(m, "zero_data", False), False, m.host_offset)
             else:       # not allocated, nothing below: zeroes (null-co: unknown, says QEMU)
                 _emit(out, m.start, m.length, depth, False,
                       getattr(self.driver, "read_zeroes", True), False, False, m.host_offset)
