@@ -76,6 +76,8 @@ def run(args) -> int:
             sys.stderr.write(f"{progname()}: {e}\n")
         return e.exit_code
     for m in getattr(res, "messages", []):
+        if m.startswith("\x01"):        # check_snapshots.PROG: an error qemu-img names itself in
+            m = f"{progname()}: {m[1:]}"
         sys.stderr.write(m + "\n")
     failed = getattr(res, "failed", None)
     if failed:         # the check could not complete: qemu-img prints no result

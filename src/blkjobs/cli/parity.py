@@ -31,6 +31,8 @@ def could_not_open(path: str, e: BlkjobsError) -> UsageError:
                         f"Could not open '{path}': Unsupported qcow2 feature(s): ",
                         f"Could not open '{path}': Image is too big",
                         f"Could not open '{path}': L1 table is too small",
+                        f"Could not open '{path}': Snapshot table ",
+                        f"Could not open '{path}': Too much extra metadata in snapshot",
                         f"Could not open '{path}': Could not open '{path}': ")) \
             or (text.startswith(f"Could not open '{path}': ") and is_spec(path)):
         return UsageError(text)      # already qemu-img's text (lock conflict, failed open)

@@ -22,7 +22,7 @@ from ...errors import ImageError
 from .check_walk import Walker
 from .header import AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .refcount import Refcounts
-from .snapshots import read_table
+from .check_snapshots import SnapshotCheck
 from .tables import COMPRESSED, COPIED, OFFSET_MASK, L2Tables
 
 
@@ -45,12 +45,12 @@ def check(img: L2Tables, repair: str | None = None) -> CheckResult:
     if repair and h.autoclear & ~AUTOCLEAR_KNOWN:     # as qemu-img's read/write open
         h.autoclear &= AUTOCLEAR_KNOWN
         img._write_header()
-    res = Checker(img, repair).run()
+    res = Checker(img, repair, SnapshotCheck(img, repair)).run()
     if repair and not (res.check_errors or res.corrupt):
         _mark_clean(img)
-    if repair and (res.fixed_leaks or res.fixed_corruptions):
+    if repair and (res.fixed_leaks or res.fixed_corruptions) and not res.failed:
         img.flush()
-        again = Checker(img, None).run()
+        again = Checker(img, None, SnapshotCheck(img, None)).run()
         out = again.result
         if res.fixed_leaks:
             out["leaks-fixed"] = res.fixed_leaks
@@ -71,12 +71,6 @@ def _mark_clean(img: L2Tables) -> None:
         img._write_header()
 
 
-def snapshot_list(img: L2Tables) -> tuple[list[tuple[str, str, int, int]], int]:
-    """The snapshots' (id, name, L1 offset, L1 entries) and the table's size."""
-    snaps, size = read_table(img)
-    return [(s.id, s.name, s.l1_table_offset, s.l1_size) for s in snaps], size
-
-
 class Checker(Walker):
     """One pass of the check over the open qcow2 image ``img``.
 
@@ -89,15 +83,24 @@ class Checker(Walker):
 
     rc: Refcounts       # the image's, taken once the walk reaches them
 
-    def __init__(self, img: L2Tables, repair: str | None) -> None:
+    def __init__(self, img: L2Tables, repair: str | None, snap: SnapshotCheck) -> None:
         super().__init__(img, repair)
+        self.snap = snap
+        self.msgs = snap.msgs
         self.end_cluster = 0
         self.nb = 0                 # clusters the rebuild's counted references cover
         self.failed: str | None = None   # the check could not complete (why)
         self.result = CheckResult()
-        self.snaps, self.snap_size = snapshot_list(img)
+        self.snaps = [(s.id, s.name, s.l1_table_offset, s.l1_size) for s in snap.snaps]
+        self.snap_size = snap.size
 
     def run(self) -> Checker:
+        """The snapshot table was read (``snap``); the references counted
+        and compared, then the COPIED flags and the snapshot table fixed."""
+        if self.snap.failed:
+            self.failed, self.check_errors = self.snap.failed, self.snap.check_errors
+            self.result = self.report()
+            return self
         self.walk_all()
         self.rc = self.img._rc()
         self.compare_refcounts()
@@ -105,6 +108,11 @@ class Checker(Walker):
             self.result = self.report()
             return self
         self.check_copied_flags()
+        sc = self.snap
+        sc.fix_table()
+        self.corrupt += sc.corrupt
+        self.check_errors += sc.check_errors
+        self.fixed_corruptions += sc.fixed
         self.result = self.report()
         return self
 
@@ -201,7 +209,7 @@ class Checker(Walker):
         img.rc = None
         self.rc = img._rc()
         # the references once more, through the new table (walk errors again)
-        again = Checker(img, None)
+        again = Checker(img, None, SnapshotCheck.of(self.snap))
         again.walk_all()
         self.msgs += again.msgs
         self.refs, self.file_size, self.nfile = again.refs, again.file_size, again.nfile

@@ -57,11 +57,12 @@ from ...errors import ImageError, UsageError
 from ..base import FormatOpenError, open_file  # open_file: refuses FIFOs & co.
 from .allocate import Allocation
 from .debug import Hook
-from .header import (AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT,
+from .header import (AUTOCLEAR_KNOWN, CHECK_OPEN, INCOMPAT_CORRUPT,
                      INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, parse_header,
                      read_bitmap_directory)
 from .mapping import Reads
 from .refcount import Refcounts
+from .snapshots import load_table
 from .tables import L1_OFFSET_MASK, L1_RESERVED
 from .writes import Writes
 from .zeroes import Zeroes
@@ -175,6 +176,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self._coff_mask = (1 << (62 - self._csec_bits)) - 1
         # validated (and bounded) like qemu-img does at open
         self.bitmaps = read_bitmap_directory(self.fd, h, self.file_size, self.filename)
+        if h.nb_snapshots and not CHECK_OPEN.get():   # refused at open, as qemu-img does
+            load_table(self.fd, h, self.filename)
         self._pbm: Bitmaps | None = None     # loaded on first use
         raw = os.pread(self.fd, h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         if len(raw) != h.l1_size * 8:

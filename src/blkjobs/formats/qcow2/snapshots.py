@@ -32,6 +32,7 @@ class Snapshot:
     disk_size: int | None
     icount: int          # -1: not recorded
     extra_unknown: bytes = b""   # extra data past the 24 bytes QEMU knows
+    extra_size: int = 24         # the entry's extra data size as read
 
     def pack(self) -> bytes:
         """The table entry as QEMU writes it (qcow2_write_snapshots): at
@@ -65,6 +66,29 @@ def pack_table(snaps: list[Snapshot]) -> bytes:
     return bytes(out)
 
 
+MAX_EXTRA = 1024                # QCOW_MAX_SNAPSHOT_EXTRA_DATA
+MAX_TABLE_BYTES = 1024 * 65536  # QCOW_MAX_SNAPSHOTS_SIZE
+
+
+class SnapshotTableError(ImageError):
+    """The table cannot be read (qcow2_do_read_snapshots' refusal: EFBIG);
+    ``hint``: the line qemu-img prints after the error."""
+
+    def __init__(self, path: str, text: str, hint: str) -> None:
+        super().__init__(f"Could not open '{path}': {text}\n{hint}" if path
+                         else f"{text}\n{hint}")
+        self.text, self.hint = text, hint
+
+
+@dataclass
+class TableRead:
+    """What :func:`load_table` read (and, repairing, dropped)."""
+    snaps: list[Snapshot]
+    size: int                   # bytes, to the end of the last entry's name
+    reduced: int = 0            # overhanging snapshots discarded
+    dropped: int = 0            # entries whose too large extra data was cut
+
+
 def read_snapshots(drv) -> list[Snapshot]:
     """The snapshot table of an open qcow2 driver, in table order."""
     return read_table(drv)[0]
@@ -73,37 +97,83 @@ def read_snapshots(drv) -> list[Snapshot]:
 def read_table(drv) -> tuple[list[Snapshot], int]:
     """The snapshot table and its size in bytes (to the end of the last
     entry's name)."""
-    h = drv.header
+    t = load_table(drv.fd, drv.header, drv.filename)
+    return t.snaps, t.size
+
+
+def _pread(fd: int, n: int, off: int) -> bytes:
+    """A read of the image file; zeroes past its end (as qemu reads it)."""
+    d = os.pread(fd, n, off) if n else b""
+    return d + bytes(n - len(d))
+
+
+# long because: one pass in qcow2_do_read_snapshots' order, messages included
+def load_table(fd: int, h, path: str, repair: bool = False,
+               msgs: list[str] | None = None) -> TableRead:
+    """qcow2_do_read_snapshots: the table at ``h.snapshots_offset``. Too much
+    extra data in an entry or a table over 64 MiB is refused
+    (:class:`SnapshotTableError`) or, ``repair``ing, cut (the extra data to
+    1024 bytes; the overhanging entries off the end), with qemu-img's lines
+    appended to ``msgs``."""
+    out = TableRead([], 0)
     if not h.nb_snapshots:
-        return [], 0
-    end = 0
-    out = []
-    pos = h.snapshots_offset
+        return out
+    pos = start = h.snapshots_offset
+    length = 0
     for i in range(h.nb_snapshots):
-        raw = os.pread(drv.fd, _ENTRY.size, pos)
-        if len(raw) != _ENTRY.size:
-            raise ImageError(f"'{drv.filename}': snapshot table truncated (entry {i})")
+        pre = pos
+        length += -length % 8
+        pos += -pos % 8
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize,
-         extra_len) = _ENTRY.unpack(raw)
-        if extra_len > 1024 or id_len > 1024 or name_len > 1024:
-            raise ImageError(f"'{drv.filename}': snapshot table entry {i} is corrupt")
+         eds) = _ENTRY.unpack(_pread(fd, _ENTRY.size, pos))
         pos += _ENTRY.size
-        extra = os.pread(drv.fd, extra_len, pos) if extra_len else b""
-        pos += extra_len
-        strs = os.pread(drv.fd, id_len + name_len, pos)
-        if len(strs) != id_len + name_len or len(extra) != extra_len:
-            raise ImageError(f"'{drv.filename}': snapshot table truncated (entry {i})")
-        pos += id_len + name_len
-        end = pos - h.snapshots_offset
-        pos += -(pos - h.snapshots_offset) % 8
-        if len(extra) >= 8:
+        cut = False
+        if eds > MAX_EXTRA:
+            if not repair:
+                raise SnapshotTableError(
+                    path, f"Too much extra metadata in snapshot table entry {i}",
+                    "You can force-remove this extra metadata with qemu-img check -r all")
+            if msgs is not None:
+                msgs.append(f"Discarding too much extra metadata in snapshot table entry {i} "
+                            f"({eds} > {MAX_EXTRA})")
+            out.dropped += 1
+            cut = True
+        extra = _pread(fd, min(24, eds), pos)
+        pos += len(extra)
+        if eds >= 8:
             vmsize = struct.unpack_from(">Q", extra, 0)[0]
-        disk = struct.unpack_from(">Q", extra, 8)[0] if len(extra) >= 16 else h.size
-        icount = struct.unpack_from(">q", extra, 16)[0] if len(extra) >= 24 else -1
-        out.append(Snapshot(strs[:id_len].decode("utf-8", "replace"),
-                            strs[id_len:].decode("utf-8", "replace"), l1_off, l1_size,
-                            dsec, dnsec, clock, vmsize, disk, icount, extra[24:]))
-    return out, end
+        disk = struct.unpack_from(">Q", extra, 8)[0] if eds >= 16 else h.size
+        icount = struct.unpack_from(">q", extra, 16)[0] if eds >= 24 else -1
+        unknown = b""
+        if eds > 24:
+            end = pos + eds - 24
+            if cut:
+                eds = MAX_EXTRA
+            unknown = _pread(fd, eds - 24, pos)
+            pos = end
+        strs = _pread(fd, id_len + name_len, pos)
+        pos += id_len + name_len
+        length += _ENTRY.size + eds + id_len + name_len
+        if length > MAX_TABLE_BYTES or pos - start > 0x7FFFFFFF:
+            over = h.nb_snapshots - i
+            if not repair:
+                raise SnapshotTableError(
+                    path, "Snapshot table is too big",
+                    f"You can force-remove all {over} overhanging snapshots with "
+                    "qemu-img check -r all")
+            if msgs is not None:
+                msgs.append(f"Discarding {over} overhanging snapshots (snapshot table is "
+                            "too big)")
+            out.reduced += over
+            pos = pre
+            break
+        # C strings, as qemu keeps them: each ends at its first NUL
+        sid, name = (b.split(b"\0", 1)[0].decode("utf-8", "replace")
+                     for b in (strs[:id_len], strs[id_len:]))
+        out.snaps.append(Snapshot(sid, name, l1_off, l1_size,
+                                  dsec, dnsec, clock, vmsize, disk, icount, unknown, eds))
+    out.size = pos - start
+    return out
 
 
 def dump_table(snaps: list[Snapshot]) -> str:

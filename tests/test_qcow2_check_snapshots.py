@@ -1,0 +1,157 @@
+"""The snapshot table at open and in ``check`` as qemu-img 7.2 judges and
+repairs it (qemu-iotests 261 and 080): the same refusals, the same lines in
+the same order, and the repaired images equal byte for byte."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from qemu_oracle import check_clean, qemu_img
+from test_check_repair import _be, _poke
+from test_parity_invocation import run, same, twins  # noqa: F401  (twins: a fixture)
+
+
+def _entries(img: Path) -> list[tuple[bytes, bytes, bytes]]:
+    """The snapshot table's entries: (the 40 fixed bytes, extra, id+name)."""
+    data = img.read_bytes()
+    pos, out = _be(img, 64), []
+    for _ in range(_be(img, 60, 4)):
+        pos += -pos % 8
+        fixed = data[pos:pos + 40]
+        idl, nml = struct.unpack_from(">HH", fixed, 12)
+        eds = struct.unpack_from(">I", fixed, 36)[0]
+        out.append((fixed, data[pos + 40:pos + 40 + eds],
+                    data[pos + 40 + eds:pos + 40 + eds + idl + nml]))
+        pos += 40 + eds + idl + nml
+    return out
+
+
+def _botched_v3(d: Path) -> Path:
+    """261's botched v3 image: a v2 image with three snapshots whose extra
+    data are 0, 50 (26 unknown bytes) and 8 bytes long, then made v3."""
+    img = d / "t.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", img, "64M")
+    for n in ("sn0", "sn1", "sn2"):
+        qemu_img("snapshot", "-c", n, img)
+    table = bytearray()
+    for (fixed, extra, names), eds in zip(_entries(img), (0, 50, 8), strict=True):
+        table += bytes(-len(table) % 8)
+        new_extra = (extra + b"very important data").ljust(eds, b"\0")[:eds]
+        table += fixed[:36] + struct.pack(">I", eds) + new_extra + names
+    with open(img, "r+b") as f:
+        f.seek(_be(img, 64))
+        f.write(table)
+    _poke(img, 4, 3, 4)             # version 3
+    _poke(img, 100, 104, 4)         # header length
+    _poke(img, 96, 4, 4)            # refcount order
+    return img
+
+
+def _both(twins, make) -> list[Path]:
+    """The image ``make`` builds in ours, copied to theirs (the snapshots'
+    dates then agree)."""
+    img = make(twins[0])
+    (twins[1] / img.name).write_bytes(img.read_bytes())
+    return [img, twins[1] / img.name]
+
+
+def test_incomplete_v3_entries_are_repaired(twins):
+    imgs = _both(twins, _botched_v3)
+    rc, out, err = same(twins, "check", "t.qcow2")
+    assert rc == 2
+    assert err == ("ERROR snapshot table entry 0 is incomplete\n"
+                   "ERROR snapshot table entry 2 is incomplete\n")
+    rc, out, err = same(twins, "check", "-r", "all", "t.qcow2")
+    assert rc == 0
+    assert err == ("Repairing snapshot table entry 0 is incomplete\n"
+                   "Repairing snapshot table entry 2 is incomplete\n")
+    assert out.startswith("The following inconsistencies were found and repaired:\n\n"
+                          "    0 leaked clusters\n    2 corruptions\n\n"
+                          "Double checking the fixed image now...\n"
+                          "No errors were found on the image.\n")
+    assert imgs[0].read_bytes() == imgs[1].read_bytes()
+    assert [len(e[1]) for e in _entries(imgs[0])] == [24, 50, 24]
+    same(twins, "snapshot", "-l", "t.qcow2")
+
+
+def _too_much_extra(d: Path) -> Path:
+    """261: a v3 image whose last snapshot claims 64 KiB of extra data."""
+    img = d / "t.qcow2"
+    qemu_img("create", "-f", "qcow2", img, "64M")
+    qemu_img("snapshot", "-c", "sn0", img)
+    qemu_img("snapshot", "-c", "sn1", img)
+    first = _entries(img)[0]
+    pos = _be(img, 64) + 40 + len(first[1]) + len(first[2])
+    pos += -pos % 8
+    _poke(img, pos + 36, 0x10000, 4)
+    return img
+
+
+def test_too_much_extra_data_is_refused_then_cut(twins):
+    imgs = _both(twins, _too_much_extra)
+    rc, out, err = same(twins, "info", "t.qcow2")
+    assert err == ("qemu-img: Could not open 't.qcow2': Too much extra metadata in snapshot "
+                   "table entry 1\n"
+                   "You can force-remove this extra metadata with qemu-img check -r all\n")
+    rc, out, err = same(twins, "check", "t.qcow2")
+    assert rc == 1
+    assert err == ("qemu-img: ERROR failed to read the snapshot table: Too much extra "
+                   "metadata in snapshot table entry 1\n"
+                   "You can force-remove this extra metadata with qemu-img check -r all\n"
+                   "qemu-img: Check failed: File too large\n")
+    rc, out, err = same(twins, "check", "-r", "all", "t.qcow2")
+    assert rc == 0
+    assert err.startswith("Discarding too much extra metadata in snapshot table entry 1 "
+                          "(65536 > 1024)\n")
+    assert imgs[0].read_bytes() == imgs[1].read_bytes()
+    check_clean(imgs[0])
+
+
+def _too_many(d: Path) -> Path:
+    """261's "Too many snapshots": 131072 empty entries from 1 MiB on, the
+    last of the first 65536 naming a one-entry L1 table, all of it counted
+    in refcount block 0."""
+    img = d / "t.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", img, "64M")
+    _poke(img, 64, 0x100000)
+    _poke(img, 60, 0x20000, 4)
+    with open(img, "r+b") as f:
+        f.truncate(0x100000 + 40 * 131072)
+    _poke(img, 0x100000 + 40 * 65536, 0xE0000)
+    _poke(img, 0x100000 + 40 * 65536 + 8, 1, 4)
+    _poke(img, 0x100000 - 2 * 65536, 0x80000000000F0000)
+    rb = _be(img, _be(img, 48))
+    for c in range((0x100000 - 2 * 65536) // 65536, -(-(0x100000 + 40 * 131072) // 65536)):
+        _poke(img, rb + c * 2, 1, 2)
+    return img
+
+
+def test_too_many_snapshots_are_refused_then_discarded(twins):
+    imgs = [_too_many(d) for d in twins]
+    rc, out, err = same(twins, "info", "t.qcow2")
+    assert err == "qemu-img: Could not open 't.qcow2': Snapshot table too large\n"
+    rc, out, err = same(twins, "check", "t.qcow2")
+    assert (rc, err) == (1, "qemu-img: ERROR snapshot table too large\n"
+                            "You can force-remove all 65536 overhanging snapshots with "
+                            "qemu-img check -r all\n"
+                            "qemu-img: Check failed: File too large\n")
+    rc, out, err = same(twins, "check", "-r", "all", "t.qcow2")
+    assert rc == 0
+    assert err.startswith("Discarding 65536 overhanging snapshots\n"
+                          "Leaked cluster 14 refcount=1 reference=0\n")
+    assert "    42 leaked clusters\n    65536 corruptions\n" in out
+    assert imgs[0].read_bytes() == imgs[1].read_bytes()
+    assert _be(imgs[0], 60, 4) == 65536
+
+
+def test_snapshot_table_past_the_end_opens(twins):
+    """080: 65536 snapshots at 16 MiB, past the end of the file: the image
+    opens (the entries read as zeroes) and a new snapshot is one too many."""
+    for d in twins:
+        img = d / "t.qcow2"
+        qemu_img("create", "-f", "qcow2", img, "64M")
+        _poke(img, 64, 0x1000000)
+        _poke(img, 60, 0x10000, 4)
+    rc, out, err = same(twins, "snapshot", "-c", "test", "t.qcow2")
+    assert (rc, err) == (1, "qemu-img: Could not create snapshot 'test': -27 (File too large)\n")
+    assert run(twins[0], "info", "t.qcow2")[0] == 0
