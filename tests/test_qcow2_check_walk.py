@@ -95,3 +95,25 @@ def test_l2_reserved_bits_in_qemu_words(twins):
     rc, out, err = same(twins, "check", "t.qcow2")
     assert rc == 2
     assert err == "ERROR found l2 entry with reserved bits set: 8000000000050100\n"
+
+
+def test_amend_of_a_dirty_image_prints_the_repair(twins):
+    """061: opening a dirty image read/write repairs it first, and qemu-img
+    prints that repair's lines; the amended images are equal."""
+    import subprocess
+    for d in twins:
+        img = d / "t.qcow2"
+        qemu_img("create", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=on", img, "64M")
+        p = subprocess.run(["qemu-io", "-c", "write -P 0x2a 0 128k", "-c", "flush",
+                            "-c", "sigraise 9", str(img)], capture_output=True)
+        assert p.returncode == -9
+    imgs = [d / "t.qcow2" for d in twins]
+    imgs[1].write_bytes(imgs[0].read_bytes())
+    rc, out, err = same(twins, "amend", "-o", "compat=0.10", "t.qcow2")
+    assert rc == 0
+    assert err == ("ERROR cluster 5 refcount=0 reference=1\n"
+                   "ERROR cluster 6 refcount=0 reference=1\n"
+                   "Rebuilding refcount structure\n"
+                   "Repairing cluster 1 refcount=1 reference=0\n"
+                   "Repairing cluster 2 refcount=1 reference=0\n")
+    assert imgs[0].read_bytes() == imgs[1].read_bytes()

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from typing import TYPE_CHECKING
 
 from ...errors import ImageError, UsageError
@@ -238,6 +239,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
             # Refcounts may be stale (lazy refcounts): rebuild them first.
             from .check import check
             res = check(self, repair="all")
+            for m in res.messages:      # qemu-img prints them as it repairs at open
+                sys.stderr.write(m.lstrip("\x01") + "\n")
             if res.get("corruptions", 0) - res.get("corruptions-fixed", 0) > 0:
                 raise ImageError(f"'{self.filename}': dirty image could not be repaired")
             h.incompatible &= ~INCOMPAT_DIRTY
