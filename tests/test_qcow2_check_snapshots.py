@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from qemu_oracle import check_clean, qemu_img
+from qemu_oracle import check_clean, qemu_img, qemu_io
 from test_check_repair import _be, _poke
 from test_parity_invocation import run, same, twins  # noqa: F401  (twins: a fixture)
 
@@ -155,3 +155,21 @@ def test_snapshot_table_past_the_end_opens(twins):
     rc, out, err = same(twins, "snapshot", "-c", "test", "t.qcow2")
     assert (rc, err) == (1, "qemu-img: Could not create snapshot 'test': -27 (File too large)\n")
     assert run(twins[0], "info", "t.qcow2")[0] == 0
+
+
+def test_snapshot_of_a_cluster_without_refcount_block(twins):
+    """080: an L2 entry naming a cluster no refcount block covers. QEMU
+    takes a new refcount block and fails: EFBIG where the refcount table
+    could never reach it, EAGAIN where it has the entry (block hooked up)."""
+    for d in twins:
+        img = d / "t.qcow2"
+        qemu_img("create", "-f", "qcow2", img, "64M")
+        qemu_io(img, "write 0 512")
+    imgs = [d / "t.qcow2" for d in twins]
+    for entry, text in ((0xBFFFFFFFFFFF0000, "-27 (File too large)"),
+                        (0x800000FFFFFF0000, "-11 (Resource temporarily unavailable)")):
+        for img in imgs:
+            _poke(img, 0x40000, entry)
+        rc, out, err = same(twins, "snapshot", "-c", "test", "t.qcow2")
+        assert (rc, err) == (1, f"qemu-img: Could not create snapshot 'test': {text}\n")
+        assert imgs[0].read_bytes() == imgs[1].read_bytes()

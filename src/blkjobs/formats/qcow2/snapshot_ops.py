@@ -44,6 +44,7 @@ from .tables import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK
 MAX_SNAPSHOTS = 65536
 MAX_TABLE_SIZE = 1024 * MAX_SNAPSHOTS
 MAX_L1_BYTES = 32 << 20
+MAX_REFTABLE_ENTRIES = 8 << 20     # QEMU compares the refblock count with 8 MiB
 
 
 class SnapshotError(ImageError):
@@ -120,7 +121,8 @@ def _entry_clusters(drv, e: int) -> tuple[list[int], bool]:
 
 def _precheck(drv, l1: list[int], addend: int) -> None:
     """SnapshotError(EINVAL) before anything changes when a refcount would
-    leave its range (QEMU's update_refcount fails with EINVAL)."""
+    leave its range (QEMU's update_refcount fails with EINVAL); a cluster
+    without a refcount block fails as in QEMU (:func:`_no_refblock`)."""
     rc = drv._rc()
     count: Counter[int] = Counter()
     step = 2 if drv.extended else 1
@@ -131,11 +133,39 @@ def _precheck(drv, l1: list[int], addend: int) -> None:
         t = drv._l2(off)
         for e in struct.unpack(f">{len(t) // 8}Q", t)[::step]:
             if e:
-                count.update(_entry_clusters(drv, e)[0])
+                cls = _entry_clusters(drv, e)[0]
+                if addend > 0 and cls and rc.block_offset(cls[0] // rc.rbe) == 0:
+                    _no_refblock(drv, cls[0])
+                count.update(cls)
         count[off >> drv.cb] += 1
     for c, k in count.items():
         if not 0 <= rc.get(c) + addend * k <= rc.max_refcount:
             raise SnapshotError(errno.EINVAL)
+
+
+def _no_refblock(drv, c: int) -> None:
+    """QEMU's alloc_refcount_block for a cluster (``c``) whose refcount
+    block is missing, in the middle of a snapshot's refcount update: a new
+    block is taken (the first free cluster, refcount 1, zeroed); if the
+    refcount table has its entry, the block is hooked up there and the
+    update fails with EAGAIN (QEMU's "restart the search", which the
+    snapshot code does not do); a table that would have to grow beyond
+    QEMU's limit fails with EFBIG (the new block stays, leaked)."""
+    rc = drv._rc()
+    t = c // rc.rbe
+    new = _alloc_run(drv, drv.cluster_size)
+    os.pwrite(drv.fd, bytes(drv.cluster_size), new)
+    if t < len(rc.table):
+        rc.table[t] = new
+        os.pwrite(drv.fd, struct.pack(">Q", new), rc.table_offset + t * 8)
+        drv.flush()
+        raise SnapshotError(errno.EAGAIN)
+    drv.flush()
+    if -(-max(c + 1, (new >> drv.cb) + 1) // rc.rbe) > MAX_REFTABLE_ENTRIES:
+        raise SnapshotError(errno.EFBIG)
+    # QEMU would grow the refcount table here (then EAGAIN); blkjobs fails
+    # the same way without growing it
+    raise SnapshotError(errno.EAGAIN)
 
 
 def update_refs(drv, l1: list[int], addend: int) -> tuple[bool, list[int]]:
