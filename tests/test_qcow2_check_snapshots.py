@@ -173,3 +173,22 @@ def test_snapshot_of_a_cluster_without_refcount_block(twins):
         rc, out, err = same(twins, "snapshot", "-c", "test", "t.qcow2")
         assert (rc, err) == (1, f"qemu-img: Could not create snapshot 'test': {text}\n")
         assert imgs[0].read_bytes() == imgs[1].read_bytes()
+
+
+def test_downgrade_judges_each_snapshot_l1_table(twins):
+    """080: amend -o compat=0.10 with a snapshot whose L1 table is invalid
+    (unaligned; too large) reports it, then the downgrade's failure."""
+    for poke, err_text in (((0x70000, 0x400200, 8), ("Snapshot L1 table offset invalid",
+                                                     "Invalid argument")),
+                           ((0x70008, 0x10000000, 4), ("Snapshot L1 table too large",
+                                                       "File too large"))):
+        img = twins[0] / "t.qcow2"
+        qemu_img("create", "-f", "qcow2", img, "64M")
+        qemu_io(img, "write 0 512")
+        qemu_img("snapshot", "-c", "test", img)
+        _poke(img, *poke)
+        (twins[1] / "t.qcow2").write_bytes(img.read_bytes())
+        rc, out, err = same(twins, "amend", "-o", "compat=0.10", "t.qcow2")
+        assert (rc, err) == (1, f"qemu-img: {err_text[0]}\n"
+                                f"qemu-img: Failed to turn zero into data clusters: {err_text[1]}\n")
+        assert img.read_bytes() == (twins[1] / "t.qcow2").read_bytes()

@@ -137,10 +137,14 @@ def downgrade(drv, has_backing: bool, progress: Progress = None) -> None:
         raise AmendError(f"Cannot downgrade an image with incompatible features 0x{rest:x} set")
     h.compatible = 0
     h.autoclear = 0
-    tables = [(drv.l1, True)] + [(_snap_l1(drv, s), False) for s in snaps]
-    total = sum(len(t) for t, _ in tables) or 1
+    tables = [(drv.l1, True)]
+    total = (len(drv.l1) + sum(s.l1_size for s in snaps)) or 1
     done = 0
-    for l1, active in tables:
+    for k in range(len(snaps) + 1):
+        if k:       # a snapshot's L1 table, judged when its turn comes (as QEMU)
+            _validate_snap_l1(drv, snaps[k - 1])
+            tables.append((_snap_l1(drv, snaps[k - 1]), False))
+        l1, active = tables[k]
         for le in l1:
             off = le & L1_OFFSET_MASK
             if off:
@@ -158,6 +162,17 @@ def downgrade(drv, has_backing: bool, progress: Progress = None) -> None:
     h.version = 2
     h.extensions = [(t, d) for t, d in h.extensions if t != EXT_FEATURE_TABLE]
     drv._write_header()
+
+
+def _validate_snap_l1(drv, s) -> None:
+    """qcow2_expand_zero_clusters' check of a snapshot's L1 table: its
+    error reported, then the downgrade's failure."""
+    from .snapshot_ops import SnapshotError, _validate_l1
+    try:
+        _validate_l1(drv, s)
+    except SnapshotError as e:
+        raise AmendError(f"{e}\nblkjobs: Failed to turn zero into data clusters: "
+                         f"{os.strerror(e.errno)}") from None
 
 
 def _snap_l1(drv, s) -> list[int]:
