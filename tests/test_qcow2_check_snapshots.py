@@ -192,3 +192,27 @@ def test_downgrade_judges_each_snapshot_l1_table(twins):
         assert (rc, err) == (1, f"qemu-img: {err_text[0]}\n"
                                 f"qemu-img: Failed to turn zero into data clusters: {err_text[1]}\n")
         assert img.read_bytes() == (twins[1] / "t.qcow2").read_bytes()
+
+
+def test_downgrade_with_a_snapshot_sharing_the_l2_table(twins):
+    """061: zero clusters in an L2 table the snapshot shares with the
+    active L1 (with and without a backing file): expanded once, through the
+    active table, as qemu-img does; images equal, clean."""
+    for backed in (False, True):
+        d = twins[0]
+        img = d / "t.qcow2"
+        for f in d.glob("t.qcow2*"):
+            f.unlink()
+        opts = ["-b", "t.qcow2.base", "-F", "qcow2"] if backed else []
+        if backed:
+            qemu_img("create", "-f", "qcow2", d / "t.qcow2.base", "64M")
+            qemu_io(d / "t.qcow2.base", "write -P 0x2a 0 128k")
+        qemu_img("create", "-f", "qcow2", "-o", "compat=1.1", *opts, img, "64M")
+        qemu_io(img, "write -z 0 128k")
+        qemu_img("snapshot", "-c", "foo", img)
+        for f in d.glob("t.qcow2*"):
+            (twins[1] / f.name).write_bytes(f.read_bytes())
+        rc, out, err = same(twins, "amend", "-o", "compat=0.10", "t.qcow2")
+        assert (rc, err) == (0, "")
+        assert img.read_bytes() == (twins[1] / "t.qcow2").read_bytes()
+        check_clean(img)

@@ -141,6 +141,9 @@ def downgrade(drv, has_backing: bool, progress: Progress = None) -> None:
     total = (len(drv.l1) + sum(s.l1_size for s in snaps)) or 1
     done = 0
     for k in range(len(snaps) + 1):
+        if k == 1:  # qcow2_cache_empty: snapshots may share the active L2 tables
+            drv.flush()
+            drv.l2cache.clear()
         if k:       # a snapshot's L1 table, judged when its turn comes (as QEMU)
             _validate_snap_l1(drv, snaps[k - 1])
             tables.append((_snap_l1(drv, snaps[k - 1]), False))
