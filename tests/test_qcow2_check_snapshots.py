@@ -216,3 +216,33 @@ def test_downgrade_with_a_snapshot_sharing_the_l2_table(twins):
         assert (rc, err) == (0, "")
         assert img.read_bytes() == (twins[1] / "t.qcow2").read_bytes()
         check_clean(img)
+
+
+def test_resize_and_apply_with_snapshots(twins):
+    """061: a v2 image with snapshots cannot be resized; a v3 one can, and
+    applying a snapshot of another disk size gives the image that size
+    back. Same texts and sizes as qemu-img, clean images, the data kept
+    (the layout after the shrink differs: QEMU copies the shared L2 table
+    even though the cut leaves it unchanged)."""
+    for d in twins:
+        img = d / "t.qcow2"
+        qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", img, "32M")
+        qemu_io(img, "write -P 0x2a 24M 64k")
+        run(d, "snapshot", "-c", "foo", "t.qcow2")
+    rc, out, err = same(twins, "resize", "t.qcow2", "64M")
+    assert (rc, err) == (1, "qemu-img: Can't resize a v2 image which has snapshots\n")
+    same(twins, "amend", "-o", "compat=1.1,size=128M", "t.qcow2")
+    for d in twins:
+        run(d, "snapshot", "-c", "bar", "t.qcow2")
+    assert same(twins, "resize", "--shrink", "t.qcow2", "64M")[:2] == (0, "Image resized.\n")
+    rc, out, err = same(twins, "amend", "-o", "compat=0.10,size=32M", "t.qcow2")
+    assert (rc, err) == (1, "qemu-img: Internal snapshots prevent downgrade of image\n")
+    for expect in (32 << 20, 128 << 20):
+        sizes = [_be(d / "t.qcow2", 24) for d in twins]
+        assert sizes == [expect, expect]
+        if expect == 32 << 20:
+            assert same(twins, "snapshot", "-a", "bar", "t.qcow2")[0] == 0
+    for d in twins:
+        img = d / "t.qcow2"
+        check_clean(img)
+        assert "read 65536/65536" in qemu_io(img, "read -P 0x2a 24M 64k").stdout

@@ -42,8 +42,9 @@ def resize(img, new_size: int, backing_size: int | None = None, fill=None,
     ``falloc`` also their blocks in the file, ``full`` writes their zeroes."""
     if new_size % 512:
         raise UsageError("The new size must be a multiple of 512")
-    if img.header.nb_snapshots:
-        raise UsageError("Can't resize an image which has snapshots")
+    if img.header.nb_snapshots and img.header.version < 3:
+        # a v2 snapshot need not record its disk size (QEMU's reason)
+        raise UsageError("Can't resize a v2 image which has snapshots")
     # Persistent bitmaps follow the disk, as in QEMU: loaded first (an
     # inconsistent one refuses the resize), then grown with clean granules
     # or cut, and stored with the new size.

@@ -369,10 +369,13 @@ def apply(drv, key: str) -> None:
         raise SnapshotError(errno.ENOENT)
     sn = snaps[idx]
     _validate_l1(drv, sn)
-    if sn.disk_size != drv.size or sn.l1_size > len(drv.l1):
-        raise SnapshotError(errno.ENOTSUP, "snapshot of another disk size: resizing "
-                            "on apply is not supported")
     _prepare(drv)
+    if sn.disk_size is not None and sn.disk_size != drv.size:
+        from .resize import resize      # the image takes the snapshot's disk size first
+        resize(drv, sn.disk_size)
+    if sn.l1_size > len(drv.l1):
+        raise SnapshotError(errno.ENOTSUP, "snapshot L1 table larger than its disk size "
+                            "needs: not supported")
     drv.flush()
     sn_l1 = _read_l1(drv, sn)
     new_l1 = sn_l1 + [0] * (len(drv.l1) - sn.l1_size)
