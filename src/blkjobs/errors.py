@@ -15,6 +15,7 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      │    ├── CryptoOpenError                 formats.luks: an encrypted image without its key (QEMU's text)
      │    ├── NbdConnectError                 native.nbd: could not connect to an NBD server
      │    ├── SnapshotError                   formats.qcow2.snapshot_ops: errno as QEMU's (EINVAL...)
+     │    ├── SnapshotTableError              formats.qcow2.snapshots: a snapshot table refused at open
      │    └── AmendError                      formats.qcow2.amend: an option that cannot be amended
      ├── NbdIOError (also OSError)            native.nbd: an NBD request failed (errno, libnbd's text)
      │    └── NbdCopyError                    native.nbd: a file <-> export copy failed (side, offset)

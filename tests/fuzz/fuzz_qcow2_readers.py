@@ -315,6 +315,8 @@ def _one_op(main, op: str, img: str, work: str) -> tuple[str, str]:
     if op == "check" and rc == 1:
         # the check could not complete: per-cluster lines may come first
         lines = lines[-1:] if lines and lines[-1].startswith("blkjobs: ") else lines
+    if len(lines) == 2 and lines[1].startswith("You can force-remove "):
+        lines = lines[:1]           # qemu-img's hint after a refused snapshot table
     if len(lines) == 1 and lines[0].startswith("blkjobs: ") and "internal error" not in e:
         if op in ("map", "info") and out.getvalue():
             return "bad-error", f"rc={rc} but stdout has {out.getvalue()[:200]!r}"
