@@ -37,7 +37,7 @@ import time
 from collections import Counter
 
 from ...errors import ImageError
-from . import debug as dbg
+from .debug import event as _dbg_event, io as _dbg_io
 from .snapshots import Snapshot, pack_table, read_table
 from .tables import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK
 
@@ -272,9 +272,9 @@ def _free_hook(drv, rc, first: int) -> bool:
     hook = drv.blkdebug
     if hook is None:
         return True
-    dbg.event(hook, "cluster_free")
+    _dbg_event(hook, "cluster_free")
     try:
-        dbg.io(hook, "write", rc.block_offset(first // rc.rbe), drv.cluster_size)
+        _dbg_io(hook, "write", rc.block_offset(first // rc.rbe), drv.cluster_size)
     except OSError as e:
         print(f"qcow2_free_clusters failed: {e.strerror}", file=sys.stderr, flush=True)
         return False
@@ -342,7 +342,7 @@ def delete(drv, name: str) -> None:
     write_table(drv, snaps[:idx] + snaps[idx + 1:], old_size)
     rc = drv._rc()
     try:
-        dbg.io(drv.blkdebug, "read", sn.l1_table_offset, sn.l1_size * 8)
+        _dbg_io(drv.blkdebug, "read", sn.l1_table_offset, sn.l1_size * 8)
     except OSError as e:
         raise SnapshotError(e.errno or errno.EIO, f"Failed to free the cluster and L1 table: "
                             f"{e.strerror}") from None
