@@ -48,18 +48,25 @@ def wants_help(options: str) -> bool:
     return any(item in ("help", "?") for item in options.split(","))
 
 
-def parse(options: str) -> dict[str, str]:
-    """``a=b,c=d`` (later values win) with qemu-img's refusals."""
+def _items(options: str, allowed, create_only) -> dict[str, str]:
+    """``a=b,c=d`` (later values win); a name not in ``allowed`` is refused
+    as qemu-img refuses it (with a hint when only create takes it)."""
     out: dict[str, str] = {}
     for item in options.split(","):
         if not item:
             continue
         name, _, val = item.partition("=")
-        if name not in _AMEND:
+        if name not in allowed:
             hint = ("\nThis option is only supported for image creation"
-                    if name in _CREATE_ONLY else "")
+                    if name in create_only else "")
             raise UsageError(f"Invalid parameter '{name}'{hint}")
         out[name] = val
+    return out
+
+
+def parse(options: str) -> dict[str, str]:
+    """``a=b,c=d`` (later values win) with qemu-img's refusals."""
+    out = _items(options, _AMEND, _CREATE_ONLY)
     for name in ("lazy_refcounts", "data_file_raw"):
         if name in out and out[name] not in _BOOL:
             raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
@@ -86,17 +93,7 @@ def amend_luks(node, options: str, force: bool = False) -> None:
     """``qemu-img amend`` of a ``luks`` image: its key slots (QEMU's option
     names and texts)."""
     from ..formats.luks_slots import AMEND_OPTIONS, KeySlots, parse_amend
-    opts: dict[str, str] = {}
-    for item in options.split(","):
-        if not item:
-            continue
-        name, _, val = item.partition("=")
-        if name not in AMEND_OPTIONS:
-            hint = ("\nThis option is only supported for image creation"
-                    if name in _LUKS_CREATE_ONLY else "")
-            raise UsageError(f"Invalid parameter '{name}'{hint}")
-        opts[name] = val
-    o = parse_amend(opts)
+    o = parse_amend(_items(options, AMEND_OPTIONS, _LUKS_CREATE_ONLY))
     KeySlots.of(node.driver).amend(o, force)
 
 

@@ -42,18 +42,9 @@ def _round_up(n: int, m: int) -> int:
 def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:
     """Bytes of refcount table and blocks that count ``clusters`` clusters
     and themselves (QEMU's qcow2_refcount_metadata_size fixpoint)."""
-    per_table = cluster_size // REFTABLE_ENTRY
-    per_block = cluster_size * 8 // (1 << refcount_order)
-    table = blocks = 0
-    n = 0
-    while True:
-        last = n
-        blocks = -(-(clusters + table + blocks) // per_block)
-        table = -(-blocks // per_table)
-        n = clusters + blocks + table
-        if n == last:
-            break
-    return (blocks + table) * cluster_size
+    from ..formats.qcow2.prealloc import refcount_blocks
+    blocks = refcount_blocks(clusters, cluster_size, 1 << refcount_order)
+    return (blocks + -(-blocks // (cluster_size // REFTABLE_ENTRY))) * cluster_size
 
 
 def prealloc_size(total: int, cluster_size: int, refcount_order: int, extended_l2: bool) -> int:
