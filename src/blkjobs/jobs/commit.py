@@ -268,6 +268,11 @@ class ActiveCommitJob(MirrorJob):
     def commit(self, job: Job) -> None:
         if self.pivoted:
             with self.io:
+                # base took top's place: it keeps top's read-write mode, as
+                # QEMU's base takes the overlay's flags (a management tool
+                # writes to it next), whether or not a front end is on it
+                if not self.nodes[0].read_only:
+                    self.access.was_ro = False
                 self.io.drop_unused(self.nodes)
 
     def clean(self, job: Job) -> None:
