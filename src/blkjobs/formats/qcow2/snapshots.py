@@ -101,10 +101,26 @@ def read_table(drv) -> tuple[list[Snapshot], int]:
     return t.snaps, t.size
 
 
-def _pread(fd: int, n: int, off: int) -> bytes:
-    """A read of the image file; zeroes past its end (as qemu reads it)."""
-    d = os.pread(fd, n, off) if n else b""
-    return d + bytes(n - len(d))
+class _Window:
+    """The table's bytes through one buffer: large reads, not four preads
+    per entry (a damaged count must not make thousands of system calls);
+    zeroes past the file's end, as qemu reads it."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fd: int):
+        self.fd, self.base, self.buf, self.at_eof = fd, 0, b"", False
+
+    def read(self, n: int, off: int) -> bytes:
+        if not n:
+            return b""
+        end = self.base + len(self.buf)
+        if not (self.base <= off and (off + n <= end or self.at_eof)):
+            want = max(n, self.CHUNK)
+            self.base, self.buf = off, os.pread(self.fd, want, off)
+            self.at_eof = len(self.buf) < want
+        d = self.buf[off - self.base:off - self.base + n]
+        return d + bytes(n - len(d))
 
 
 # long because: one pass in qcow2_do_read_snapshots' order, messages included
@@ -119,13 +135,14 @@ def load_table(fd: int, h, path: str, repair: bool = False,
     if not h.nb_snapshots:
         return out
     pos = start = h.snapshots_offset
+    w = _Window(fd)
     length = 0
     for i in range(h.nb_snapshots):
         pre = pos
         length += -length % 8
         pos += -pos % 8
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize,
-         eds) = _ENTRY.unpack(_pread(fd, _ENTRY.size, pos))
+         eds) = _ENTRY.unpack(w.read(_ENTRY.size, pos))
         pos += _ENTRY.size
         cut = False
         if eds > MAX_EXTRA:
@@ -138,7 +155,7 @@ def load_table(fd: int, h, path: str, repair: bool = False,
                             f"({eds} > {MAX_EXTRA})")
             out.dropped += 1
             cut = True
-        extra = _pread(fd, min(24, eds), pos)
+        extra = w.read(min(24, eds), pos)
         pos += len(extra)
         if eds >= 8:
             vmsize = struct.unpack_from(">Q", extra, 0)[0]
@@ -149,9 +166,9 @@ def load_table(fd: int, h, path: str, repair: bool = False,
             end = pos + eds - 24
             if cut:
                 eds = MAX_EXTRA
-            unknown = _pread(fd, eds - 24, pos)
+            unknown = w.read(eds - 24, pos)
             pos = end
-        strs = _pread(fd, id_len + name_len, pos)
+        strs = w.read(id_len + name_len, pos)
         pos += id_len + name_len
         length += _ENTRY.size + eds + id_len + name_len
         if length > MAX_TABLE_BYTES or pos - start > 0x7FFFFFFF:
