@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from test_parity_invocation import twins  # noqa: F401  (the fixture: twin dirs, each with a qemu-img)
 
 SECRETS = [f"secret,id=sec{i},data=hunter{i}" for i in range(5)]
 OBJECTS = [a for s in SECRETS for a in ("--object", s)]
@@ -22,18 +22,6 @@ KINDS = {
     "luks": ("", "key-secret=sec0,iter-time=10"),
     "qcow2": ("encrypt.", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"),
 }
-
-
-@pytest.fixture
-def twins(tmp_path):
-    """(ours, theirs): directories with a ``qemu-img`` (ours: blkjobs)."""
-    exe = Path(sys.executable).parent / "blkjobs"
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    for d in (ours, theirs):
-        (d / "bin").mkdir(parents=True)
-    (ours / "bin" / "qemu-img").symlink_to(exe)
-    (theirs / "bin" / "qemu-img").symlink_to(shutil.which("qemu-img") or "/usr/bin/qemu-img")
-    return ours, theirs
 
 
 def run(d: Path, *args: str) -> tuple[int, str, str]:
