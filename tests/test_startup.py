@@ -45,3 +45,30 @@ def test_info_imports(tmp_path):
     assert "json" not in mods and "shutil" not in mods
     rc, out, mods = probe("info", "--output", "json", img)
     assert rc == 0 and '"virtual-size": 1048576' in out and "json" in mods
+
+
+LOOKERS = """
+import sys
+sys.argv = ["blkjobs"] + sys.argv[1:]
+from blkjobs.cli.main import main
+rc = main()
+sys.stdout.flush()
+heavy = ("blkjobs.formats.luks", "blkjobs.formats.nbd", "blkjobs.formats.qcow2.check",
+         "uuid", "hashlib", "urllib.parse")
+print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
+raise SystemExit(rc)
+"""
+
+
+def test_commands_that_look_import_no_crypto_nbd_or_check(tmp_path):
+    """info and map of a plain qcow2 (and a raw file) need neither the LUKS
+    code (hashlib, uuid), the NBD client (urllib) nor qcow2's check;
+    check needs its module and nothing else of those."""
+    img, raw = tmp_path / "a.qcow2", tmp_path / "b.raw"
+    qemu_img("create", "-f", "qcow2", img, "1M")
+    qemu_img("create", "-f", "raw", raw, "1M")
+    for args, want in ((["info", img], "[]"), (["info", raw], "[]"), (["map", img], "[]"),
+                       (["check", img], "['blkjobs.formats.qcow2.check']")):
+        p = subprocess.run([sys.executable, "-c", LOOKERS, *map(str, args)],
+                           capture_output=True, text=True, timeout=60)
+        assert (p.returncode, p.stderr.strip()) == (0, want), args

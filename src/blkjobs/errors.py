@@ -12,7 +12,7 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      │    ├── NotSupported                    formats.base: a driver lacks the capability asked for
      │    ├── NotAnImageFile                  formats.base: not a file or device an image can be
      │    ├── FormatOpenError                 formats.base: a format driver refuses to open (QEMU's reason)
-     │    ├── CryptoOpenError                 formats.luks: an encrypted image without its key (QEMU's text)
+     │    ├── CryptoOpenError                 formats.base (raised by formats.luks): an encrypted image without its key (QEMU's text)
      │    ├── NbdConnectError                 native.nbd: could not connect to an NBD server
      │    ├── SnapshotError                   formats.qcow2.snapshot_ops: errno as QEMU's (EINVAL...)
      │    ├── SnapshotTableError              formats.qcow2.snapshots: a snapshot table refused at open

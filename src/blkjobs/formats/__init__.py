@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import ImageError, UsageError
 from .base import Driver, Kind, Mapping, NotAnImageFile, open_file  # noqa: F401
+from .sniff import LUKS_MAGIC, is_nbd_uri
 
 FORMATS = ("raw", "qcow2", "luks")
 
@@ -22,7 +23,6 @@ __all__ = ["Driver", "Kind", "Mapping", "FORMATS", "probe_format", "open_image",
 
 
 def probe_format(path: str) -> str:
-    from .nbd import is_nbd_uri
     from .qcow2 import probe
     if is_nbd_uri(path):
         return "raw"        # an NBD export's bytes are the disk (see formats.nbd)
@@ -34,7 +34,6 @@ def probe_format(path: str) -> str:
         head = os.pread(fd, 8, 0)
     finally:
         os.close(fd)
-    from .luks import MAGIC as LUKS_MAGIC
     return "qcow2" if probe(head) else "luks" if head[:6] == LUKS_MAGIC else "raw"
 
 
@@ -47,7 +46,6 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True,
     without one it opens only with ``header_only`` (what ``info`` reads).
     ``data_file``: a qcow2 image's external data file, in place of the one
     its header names (the ``data-file`` option)."""
-    from .nbd import is_nbd_uri
     if is_nbd_uri(path):
         if fmt not in (None, "raw"):
             raise UsageError(f"'{path}': only the raw format is supported over NBD")
@@ -91,7 +89,6 @@ def _qcow2_encrypted(path: str) -> bool:
 
 def is_encrypted(path: str, fmt: str | None) -> bool:
     """``path`` (format ``fmt``, probed when None) is an encrypted image."""
-    from .nbd import is_nbd_uri
     if is_nbd_uri(path) or not os.path.exists(path):
         return False
     fmt = fmt or probe_format(path)

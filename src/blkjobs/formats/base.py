@@ -31,6 +31,12 @@ class NotAnImageFile(ImageError):
     since reading a FIFO or a tty can block forever."""
 
 
+class CryptoOpenError(ImageError):
+    """An encrypted image cannot be unlocked (no key, wrong password):
+    QEMU's text; the commands prefix ``Could not open 'PATH': ``. Raised by
+    formats.luks; here so that catching it does not import the crypto."""
+
+
 class FormatOpenError(ImageError):
     """A format driver refuses to open the image for a reason of its own
     (``reason``, the text QEMU's format driver gives): the message names

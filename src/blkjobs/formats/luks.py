@@ -37,10 +37,11 @@ from typing import Any
 from collections.abc import Callable
 
 from ..errors import ImageError, UsageError
-from .base import Driver, Fill, Kind, Mapping, open_file
+from .base import CryptoOpenError, Driver, Fill, Kind, Mapping, open_file
+from .sniff import LUKS_MAGIC
 
 SECTOR = 512
-MAGIC = b"LUKS\xba\xbe"
+MAGIC = LUKS_MAGIC
 STRIPES = 4000
 NUM_SLOTS = 8
 SLOT_ACTIVE = 0x00AC71F3
@@ -345,11 +346,6 @@ def parse_create_opts(opts: dict[str, Any], prefix: str = "") -> CreateOpts:
                 raise UsageError(f"Parameter '{key}' expects a number") from None
         setattr(o, attr, val)
     return o
-
-
-class CryptoOpenError(ImageError):
-    """An encrypted image cannot be unlocked (no key, wrong password):
-    QEMU's text; the commands prefix ``Could not open 'PATH': ``."""
 
 
 def key_required(what: str = "key-secret") -> CryptoOpenError:

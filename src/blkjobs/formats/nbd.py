@@ -52,9 +52,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import ImageError, UsageError
 from .base import Driver, Kind, Mapping
+from .sniff import SCHEMES, is_nbd_uri  # noqa: F401  (re-exported)
 
-SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp",
-           "nbd+vsock", "nbds+vsock")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECTIONS = 4
 #: the time an extra connection (multi-conn) may take: a server limiting its
@@ -66,12 +65,6 @@ RECONNECT_INTERVAL = 0.05
 #: a request failed with these: its connection is gone (reconnection may help)
 _LOST = {errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE, errno.ESHUTDOWN,
          errno.ECONNABORTED}
-
-
-def is_nbd_uri(name: str) -> bool:
-    """``name`` is an NBD URI (by its scheme), not a file name."""
-    scheme, sep, _ = name.partition("://")
-    return bool(sep) and scheme.lower() in SCHEMES
 
 
 def timeout_from_env() -> float:

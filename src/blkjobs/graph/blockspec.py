@@ -458,7 +458,7 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
     except FormatOpenError as e:
         raise ImageError(e.reason) from None
     except (ImageError, OSError) as e:
-        from ..formats.luks import CryptoOpenError
+        from ..formats.base import CryptoOpenError
         if isinstance(e, CryptoOpenError):      # the format's words: no file named
             raise ImageError(str(e)) from None
         text = str(e) if isinstance(e, ImageError) else str(e.strerror)

@@ -6,7 +6,7 @@ import os
 
 from ..errors import ImageError
 from ..formats import open_image, probe_format
-from ..formats.nbd import is_nbd_uri
+from ..formats.sniff import is_nbd_uri
 from .blockspec import is_spec, open_spec, parse
 from .node import Graph, Node
 from .perm import ALL, Perm

@@ -12,7 +12,7 @@ import os
 
 from ..errors import ImageError, OSErrorWithContext, UsageError
 from ..formats import FORMATS, Driver, open_image, probe_format
-from ..formats.nbd import is_nbd_uri
+from ..formats.sniff import is_nbd_uri
 from ..graph import Graph, Node, open_chain
 from ..graph.blockspec import is_spec, open_spec, parse
 from ..graph.lock import opening
@@ -88,7 +88,7 @@ def open_ro(path: str, fmt: str | None = None, force_share: bool = False,
     raises qemu-img's error (``Could not open 'PATH': Failed to get shared
     "write" lock``). Returns the top node; close with ``node.close_chain()``.
     ``key_secret``: the secret of an encrypted top image (formats.secrets)."""
-    from ..formats.luks import CryptoOpenError
+    from ..formats.base import CryptoOpenError
     fmt = probe(path, fmt)
     try:
         with opening(path, what):

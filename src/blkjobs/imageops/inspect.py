@@ -16,7 +16,7 @@ import os
 
 from ..errors import CheckNotSupported, UsageError
 from ..graph.lock import LockConflict, opening
-from ..formats.nbd import is_nbd_uri
+from ..formats.sniff import is_nbd_uri
 from .files import fd_size, open_source
 from ..graph.blockspec import is_spec
 from .images import cli_graph, open_one, open_ro, probe

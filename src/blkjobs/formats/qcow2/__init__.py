@@ -2,14 +2,28 @@
 
 * :class:`Qcow2` — open an image (``Qcow2(path, read_only=True)``);
 * :func:`create` — make a new image;
-* :func:`check` — ``qemu-img check`` compatible consistency check/repair.
+* :func:`check` — ``qemu-img check`` compatible consistency check/repair
+  (imported on first use: opening an image does not need it).
 """
-from .check import check
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .create import create
 from .driver import Qcow2
 from .header import MAGIC
 
+if TYPE_CHECKING:
+    from .check import check
+
 __all__ = ["Qcow2", "create", "check", "MAGIC", "probe"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "check":
+        from .check import check
+        return check
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def probe(head: bytes) -> bool:

@@ -1,0 +1,15 @@
+"""What a name or a file's first bytes say about an image, before any driver
+is imported: NBD URIs by their scheme, LUKS by its magic. Kept apart from
+the drivers so that commands that only look (``info``, ``map``) do not pay
+for importing the NBD client or LUKS cryptography (start-up time)."""
+from __future__ import annotations
+
+SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp",
+           "nbd+vsock", "nbds+vsock")
+LUKS_MAGIC = b"LUKS\xba\xbe"
+
+
+def is_nbd_uri(name: str) -> bool:
+    """``name`` is an NBD URI (by its scheme), not a file name."""
+    scheme, sep, _ = name.partition("://")
+    return bool(sep) and scheme.lower() in SCHEMES
