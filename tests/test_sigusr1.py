@@ -237,3 +237,40 @@ def test_bench_answers_with_its_current_stage(tmp_path):
     assert err.splitlines().count(f"now: {stage}") == 1, err
     assert [x for x in err.splitlines() if x.startswith("now: ")] == [f"now: {stage}"], err
     assert os.listdir(tmp_path) == []
+
+
+def test_bench_children_get_sigusr1_back(tmp_path):
+    """blkjobs holds SIGUSR1 blocked (and Python ignores SIGPIPE); the tools
+    `bench --compare` runs get neither: their /proc/PID/status has no
+    SIGUSR1 bit in SigBlk or SigIgn, and no SIGPIPE bit in SigIgn. Stand-in
+    fio and dd on PATH record what they got (fio then prints a real
+    report); they are perl scripts, as perl leaves the mask and these
+    dispositions as it found them (a shell clears its mask)."""
+    sample = os.path.join(os.path.dirname(__file__), "data", "fio-randread-4k-2jobs.json")
+    bindir, work = tmp_path / "bin", tmp_path / "work"
+    bindir.mkdir()
+    work.mkdir()
+    for tool, then in (("fio", f'open(my $j, "<", "{sample}"); print <$j>;'), ("dd", "")):
+        script = bindir / tool
+        script.write_text(f'#!/usr/bin/perl\nopen(my $s, "<", "/proc/self/status");\n'
+                          f'open(my $o, ">", "{tmp_path}/{tool}.status");\n'
+                          f'print $o grep {{ /^Sig/ }} <$s>;\nclose($o);\n{then}\n')
+        script.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    r = subprocess.run(BLKJOBS + ["bench", str(work), "-q", "-w", "seqread", "-b", "64k",
+                                  "--size", "1M", "--repeat", "1", "--warmup", "0",
+                                  "--compare", "fio,dd"],
+                       env=env, capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    assert [ln.split()[5] for ln in r.stdout.splitlines()[1:4]] == ["blkjobs", "fio", "dd"]
+
+    def bit(sig):
+        return 1 << (sig - 1)
+    for tool in ("fio", "dd"):
+        status = dict(ln.split(":\t") for ln in
+                      (tmp_path / f"{tool}.status").read_text().splitlines())
+        blk, ign = int(status["SigBlk"], 16), int(status["SigIgn"], 16)
+        assert not blk & bit(signal.SIGUSR1), (tool, status)
+        assert not ign & bit(signal.SIGUSR1), (tool, status)
+        assert not ign & bit(signal.SIGPIPE), (tool, status)
+    assert os.listdir(work) == []

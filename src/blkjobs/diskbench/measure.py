@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
-import subprocess
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -69,24 +69,51 @@ class ExtResult:
 GNU_TIME = "/usr/bin/time"
 
 
+#: what Python or blkjobs changed that a child must not inherit: SIGUSR1
+#: (blkjobs holds it blocked to print progress lines, cli.main), SIGPIPE and
+#: SIGXFSZ (Python ignores them; subprocess's restore_signals resets them)
+CHILD_DEFAULT_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGPIPE, signal.SIGXFSZ})
+
+
+def spawn(argv: list[str], stdout: int, stderr: int) -> int:
+    """Start argv (looked up in PATH) in its own process group, stdin from
+    /dev/null, and return its pid. The child gets the default disposition
+    of SIGUSR1, SIGPIPE and SIGXFSZ and this thread's signal mask without
+    SIGUSR1: a tool blkjobs runs answers SIGUSR1 as it would run alone
+    (fio, dd print their progress). posix_spawn sets both in the child
+    only, so no other thread of ours is touched (a preexec_fn is not safe
+    with threads; restore_signals leaves the mask alone)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    return os.posix_spawnp(
+        argv[0], argv, os.environ,
+        file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                      (os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)],
+        setpgroup=0, setsigmask=set(mask) - {signal.SIGUSR1},
+        setsigdef=CHILD_DEFAULT_SIGNALS)
+
+
 def run_external(argv: list[str], clock: Clock = time.monotonic) -> ExtResult:
     """Run a tool, timing it with ``clock``; its CPU time and peak RSS come
     from GNU time when installed (else from wait4(), whose RSS then includes
-    what the child inherited from us). Killed if we are interrupted."""
+    what the child inherited from us). Killed, with its process group, if
+    we are interrupted."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
             tempfile.NamedTemporaryFile("w+") as usage:
         gnu = os.access(GNU_TIME, os.X_OK)
         cmd = [GNU_TIME, "-f", "%M %U %S", "-o", usage.name] + argv if gnu else argv
         t0 = clock()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        pid = spawn(cmd, out.fileno(), err.fileno())
         try:
-            _, status, ru = os.wait4(p.pid, 0)
+            _, status, ru = os.wait4(pid, 0)
         except BaseException:
-            p.kill()
-            p.wait()
+            try:
+                os.killpg(pid, signal.SIGKILL)  # the tool too, not only GNU time
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
             raise
         elapsed = clock() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
+        rc = os.waitstatus_to_exitcode(status)
         cpu, rss = _cpu(ru), ru.ru_maxrss * 1024
         if gnu:
             usage.seek(0)
@@ -99,7 +126,7 @@ def run_external(argv: list[str], clock: Clock = time.monotonic) -> ExtResult:
                 pass      # time could not run the tool: keep wait4's figures
         out.seek(0)
         err.seek(0)
-        return ExtResult(p.returncode, elapsed, cpu, rss, out.read(), err.read())
+        return ExtResult(rc, elapsed, cpu, rss, out.read(), err.read())
 
 
 class ToolError(BlkjobsError):
