@@ -68,13 +68,14 @@ def test_table_and_json_show_the_row_latency():
                    hist_of([20_000] * 50 + [63_000] * 40 + [5_000_000] * 10))]
     rows = [Row(c, "blkjobs", "direct", "bypassed", runs)]
     text = report.table(Settings(dir="/x", cases=[]), rows, [])
-    # reported at the midpoint of their buckets: 20 us lies in [19968, 20224),
-    # 63 us in [62976, 63488), 5 ms in [4980736, 5046272)
+    # reported at low + width/2 of their buckets, as fio reports its
+    # percentiles: 20 us lies in [19968, 20224), 63 us in [62976, 63488),
+    # 5 ms in [4980736, 5046272)
     assert text.splitlines()[1].split()[-4:] == ["20.1", "63.2", "5,014", "5,014"]
     doc = report.to_json(Settings(dir="/x", cases=[]), rows, [])
     lat = doc["results"][0]["latency"]
     assert lat["requests"] == 200
-    assert lat["percentiles_ns"] == {"p50": 20_095.0, "p90": 63_231.0, "p99": 5_013_503.0,
-                                     "p99.9": 5_013_503.0}
+    assert lat["percentiles_ns"] == {"p50": 20_096.0, "p90": 63_232.0, "p99": 5_013_504.0,
+                                     "p99.9": 5_013_504.0}
     assert lat["histogram"]["bucket_low_ns"] == [19_968, 62_976, 499_712, 4_980_736]
     assert lat["histogram"]["count"] == [100, 80, 10, 10]

@@ -38,7 +38,8 @@ NUM = (int, float)
 SUMMARY_KEYS = {"runs", "median_bps", "min_bps", "max_bps", "median_mb_s", "median_mib_s",
                 "min_mb_s", "max_mb_s", "spread", "median_iops", "median_elapsed_s",
                 "median_cpu_s", "peak_rss_bytes", "median_cpu_s_per_gb", "median_device_bps",
-                "median_device_read_bytes", "median_device_write_bytes"}
+                "median_device_read_bytes", "median_device_write_bytes", "median_device_ios",
+                "median_device_util"}
 
 
 def check_schema(doc):
@@ -54,7 +55,7 @@ def check_schema(doc):
         assert set(r) == {"case", "tool", "io", "cache", "rank", "error", "runs", "summary",
                           "latency"}
         lat = r["latency"]
-        if r["tool"] == "blkjobs" and r["case"]["workload"] != "copy":
+        if r["tool"] in ("blkjobs", "fio") and r["case"]["workload"] != "copy":
             # every request of the measured runs, in non-empty buckets
             assert lat["requests"] == sum(x["ops"] for x in r["runs"])
             assert sum(lat["histogram"]["count"]) == lat["requests"]
@@ -73,10 +74,13 @@ def check_schema(doc):
         assert (r["rank"] is None) == (r["summary"] is None)
         for run in r["runs"]:
             assert set(run) == {"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes",
-                                "device"}
+                                "device", "tool_disk"}
             dev = run.pop("device")
-            assert dev is None or (set(dev) == {"read_bytes", "write_bytes", "busy_ms"} and
-                                   all(isinstance(v, int) and v >= 0 for v in dev.values()))
+            tool_disk = run.pop("tool_disk")
+            assert tool_disk is None or r["tool"] == "fio"   # fio's disk_util, on a disk
+            assert dev is None or (set(dev) == {"read_bytes", "write_bytes", "busy_ms",
+                                                "read_ios", "write_ios", "window_ms"} and
+                                   all(isinstance(v, NUM) and v >= 0 for v in dev.values()))
             assert all(isinstance(v, NUM) for v in run.values())
             assert run["elapsed_s"] > 0 and run["bytes"] > 0
         if r["error"] is None:
@@ -134,7 +138,8 @@ def test_human_table(capsys, shm):
     lines = out.splitlines()
     assert lines[0].split() == ["workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s",
                                 "MiB/s", "min-max", "MB/s", "IOPS", "CPU", "s", "peak", "RSS",
-                                "dev", "MB/s", "CPU", "s/GB", "p50", "p90", "p99", "p99.9"]
+                                "dev", "MB", "dev", "MB/s", "dev", "util%", "CPU", "s/GB",
+                                "p50", "p90", "p99", "p99.9"]
     seq = next(line for line in lines if line.startswith("seqread"))
     assert seq.split()[:7] == ["seqread", "64k", "1", "buffered", "page-cache", "blkjobs", "1"]
     rnd = next(line for line in lines if line.startswith("randwrite"))
@@ -142,7 +147,8 @@ def test_human_table(capsys, shm):
     p50, p90, p99, p999 = (float(x.replace(",", "")) for x in rnd.split()[-4:])
     assert 0 < p50 <= p90 <= p99 <= p999
     assert "p50..p99.9: per-request latency in microseconds (issue to completion), " \
-           "percentiles over all measured runs." in lines
+           "percentiles over all measured runs; fio's from its clat histogram, computed " \
+           "alike." in lines
     assert "page-cache: buffered runs on a warm cache measure what the page cache absorbed " \
            "or served, not the disk (--cold evicts it before every run)." in lines
     assert "MB/s = 10^6 bytes/s, MiB/s = 2^20 bytes/s: the median of 2 runs" in out

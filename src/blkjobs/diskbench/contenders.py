@@ -5,7 +5,6 @@ nbdcopy), each a :class:`Contender` that runs one case and returns a
 from __future__ import annotations
 
 import abc
-import json
 import os
 import shutil
 from dataclasses import replace
@@ -15,6 +14,7 @@ from ..errors import UsageError
 from ..native.copy import CopyEngine
 from ..native.ioloop import IOLoop
 from .matrix import Case
+from .fiojson import parse_fio
 from .measure import ExtResult, ToolError, measure_inproc, run_external
 from .stats import Sample
 from .workspace import Env
@@ -135,17 +135,24 @@ class External(Contender):
                 total = ExtResult(0, total.elapsed_s + r.elapsed_s, total.cpu_s + r.cpu_s,
                                   max(total.rss_bytes, r.rss_bytes), total.out, total.err)
         assert total is not None, "a contender runs at least one command"
-        nbytes, ops, elapsed = self.parse(total, case, env)
-        return Sample(nbytes, ops, elapsed, total.cpu_s, total.rss_bytes)
+        return self.sample(total, case, env)
+
+    def sample(self, res: ExtResult, case: Case, env: Env) -> Sample:
+        nbytes, ops, elapsed = self.parse(res, case, env)
+        return Sample(nbytes, ops, elapsed, res.cpu_s, res.rss_bytes)
 
 
 class Fio(External):
     """fio with the psync engine, one job per thread (``--thread``): the same
     mechanism as blkjobs' loops. Sequential jobs each take 1/N of the file
     (offset_increment); random jobs each do 1/N of the requests over the
-    whole file. Figures are fio's own (io_bytes / runtime, end_fsync
+    whole file, offsets drawn with repeats (norandommap). Writes keep one
+    buffer (scramble_buffers=0), as the C loops do, and fsync at the end
+    (end_fsync). Figures are fio's own (io_bytes / runtime, end_fsync
     included), so its start-up and layout are not counted; fio's runtime has
-    1 ms resolution."""
+    1 ms resolution. ``--output-format=json+`` gives its completion latency
+    histogram (clat_ns bins), summarised as the C loops' is, and its own
+    disk_util."""
 
     name = binary = "fio"
 
@@ -158,7 +165,7 @@ class Fio(External):
         n = case.threads
         a = ["fio", "--name=blkjobs-bench", f"--filename={env.data_file}", f"--rw={rw}",
              f"--bs={case.bs}", f"--direct={int(case.direct)}", "--ioengine=psync",
-             "--thread", f"--numjobs={n}", "--group_reporting", "--output-format=json",
+             "--thread", f"--numjobs={n}", "--group_reporting", "--output-format=json+",
              f"--invalidate={int(env.cache.cold and not case.direct)}", "--randrepeat=0",
              "--norandommap", "--allow_file_create=0"]
         per_job = env.size // n // case.bs * case.bs
@@ -167,22 +174,18 @@ class Fio(External):
         else:
             a += [f"--size={per_job}", f"--offset_increment={per_job}"]
         if case.writes:
-            a.append("--end_fsync=1")
+            a += ["--end_fsync=1", "--scramble_buffers=0"]
         if env.runtime:
             a += ["--time_based", f"--runtime={env.runtime}s"]
         return [a]
 
-    def parse(self, res, case, env):
-        text = res.out[res.out.find("{"):]
-        try:
-            job = json.loads(text)["jobs"][0]
-            part = job["write" if case.writes else "read"]
-            # fio counts runtime in whole ms: a run under 1 ms says 0, then
-            # only the time around the process is left.
-            elapsed = part["runtime"] / 1000.0 or res.elapsed_s
-            return int(part["io_bytes"]), int(part["total_ios"]), elapsed
-        except (ValueError, KeyError, IndexError) as e:
-            raise ToolError(f"cannot read fio's JSON output: {e}") from None
+    def sample(self, res, case, env):
+        f = parse_fio(res.out, case.writes)
+        # fio counts runtime in whole ms: a run under 1 ms says 0, then
+        # only the time around the process is left.
+        elapsed = f.runtime_ms / 1000.0 or res.elapsed_s
+        return Sample(f.io_bytes, f.total_ios, elapsed, res.cpu_s, res.rss_bytes,
+                      latency=f.latency, tool_disk=f.disk_util[0] if f.disk_util else None)
 
 
 class Dd(External):

@@ -4,9 +4,12 @@ BJ_LAT_BUCKETS buckets, ns) summarised with numpy.
 A row's latency is that of every request of its measured runs: their
 histograms are summed, then a percentile is the bucket where the cumulative
 count first reaches that share of the requests, reported at the bucket's
-midpoint (a bucket is at most 1/64 of its values wide, so the figure is
-within 0.8% of the exact order statistic) -- fio's clat percentiles are
-computed the same way from its own log-linear buckets.
+midpoint, low + width/2 (a bucket is at most 1/64 of its values wide, so
+the figure is within 0.8% of the exact order statistic). fio's clat
+histogram has the same buckets (64 per power of two, one per ns below 128)
+and fio reports a percentile the same way, at low + width/2: a fio job's
+bins (``--output-format=json+``) summarised here give fio's own figures, so
+the two tools' rows are computed alike (:func:`histogram_of_values`).
 """
 from __future__ import annotations
 
@@ -47,6 +50,18 @@ def pname(p: float) -> str:
     return f"p{p:g}"
 
 
+def histogram_of_values(values: dict[int, int]) -> tuple[int, ...]:
+    """Our histogram of {latency ns: requests}, e.g. fio's json+ ``bins``
+    (keyed by its buckets' reported values, which fall in the same buckets
+    here)."""
+    from ..native._lib import lib
+    n = int(lib.BJ_LAT_BUCKETS)
+    counts = [0] * n
+    for v, c in values.items():
+        counts[min(int(lib.bj_lat_bucket(int(v))), n - 1)] += int(c)
+    return tuple(counts)
+
+
 def summarize_latency(hists: list[tuple[int, ...]],
                       percentiles: tuple[float, ...] = PERCENTILES) -> Latency | None:
     """Sum the histograms (one per run) and summarise; None when empty."""
@@ -58,7 +73,7 @@ def summarize_latency(hists: list[tuple[int, ...]],
         return None
     bounds = bucket_bounds()
     lo, hi = bounds[:-1], bounds[1:]
-    mid = lo + np.floor((hi - lo - 1) / 2)       # width-1 buckets: the value itself
+    mid = lo + np.floor((hi - lo) / 2)           # width-1 buckets: the value itself
     cum = np.cumsum(counts)
     out = {}
     for p in percentiles:

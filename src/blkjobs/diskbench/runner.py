@@ -120,8 +120,9 @@ class Runner:
             if note:
                 self.notes.append(note)
             self.dev = DeviceCounters(s.dir)
-            self.notes.append(self.dev.why or f"device counters: {self.dev.name} (the whole "
-                              "device's, other work on it during a run included)")
+            self.notes.append(self.dev.why or f"device counters: {self.dev.what}, for every "
+                              "row (the whole device's: other work on it during a run is "
+                              "counted too)")
             env = Env(ws, s.size, s.runtime, s.density, cache, self.clock, s.seed,
                       progress=self.progress.phase)
             contenders = self._contenders()
@@ -188,14 +189,15 @@ class Runner:
             self.progress.step(tag)
             env.cache.before_run(c.files(case, env))
             dev = self.dev or DeviceCounters(s.dir)
-            before = dev.snapshot()
+            t0, before = self.clock(), dev.snapshot()
             try:
                 sample = c.run(case, env, lambda done, _ops: self.progress.update(
                     format_bytes(done)))
             except ToolError as e:
                 row.error = str(e)
                 continue
-            sample = replace(sample, device=dev.delta(before, dev.snapshot()))
+            sample = replace(sample, device=dev.delta(before, dev.snapshot(),
+                                                      self.clock() - t0))
             if measured:
                 row.samples.append(sample)
         return rows
@@ -231,7 +233,8 @@ def result_dicts(rows: list[Row]) -> list[dict]:
              "rank": rank, "error": r.error,
              "runs": [{"bytes": x.bytes, "ops": x.ops, "elapsed_s": x.elapsed_s,
                        "cpu_s": x.cpu_s, "peak_rss_bytes": x.rss_bytes,
-                       "device": x.device.as_dict() if x.device else None}
+                       "device": x.device.as_dict() if x.device else None,
+                       "tool_disk": x.tool_disk}
                       for x in r.samples],
              "summary": summarize(r.samples).as_dict() if r.samples else None}
         lat = row_latency(r)

@@ -27,6 +27,9 @@ class Sample:
     latency: tuple[int, ...] | None = None
     #: what reached the block device under DIR during the run (devio.DevIO)
     device: DevIO | None = None
+    #: the tool's own account of the device (fio's disk_util entry for it:
+    #: name, read_ios, write_ios, util in percent...), None when it has none
+    tool_disk: dict | None = None
 
     @property
     def cpu_s_per_gb(self) -> float:
@@ -58,6 +61,10 @@ class Summary:
     median_device_bps: float | None = None
     median_device_read_bytes: float | None = None
     median_device_write_bytes: float | None = None
+    #: median requests the device completed per run, and the share (percent)
+    #: of the run's time it was busy
+    median_device_ios: float | None = None
+    median_device_util: float | None = None
 
     @property
     def spread(self) -> float:
@@ -96,4 +103,6 @@ def _device(samples: list[Sample]) -> dict:
     return {"median_device_bps": statistics.median(d.bytes / t if t > 0 else 0.0
                                                    for d, t in devs),
             "median_device_read_bytes": statistics.median(d.read_bytes for d, _ in devs),
-            "median_device_write_bytes": statistics.median(d.write_bytes for d, _ in devs)}
+            "median_device_write_bytes": statistics.median(d.write_bytes for d, _ in devs),
+            "median_device_ios": statistics.median(d.ios for d, _ in devs),
+            "median_device_util": statistics.median(d.util for d, _ in devs)}
