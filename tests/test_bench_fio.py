@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,7 +101,7 @@ def test_fio_runs_the_c_loops_job(workload, threads, tail):
 
 
 def _fio_sample(path: Path, writes: bool, device: DevIO | None = None) -> Sample:
-    res = ExtResult(0, 0.5, 0.1, 8 << 20, path.read_text(), "")
+    res = ExtResult(0, 0.5, 0.1, 8 << 20, path.read_text(), "", (16 << 20, 4096))
     s = Fio().sample(res, Case("randread", 4096, 2, True), FakeEnv()) if not writes else \
         Fio().sample(res, Case("seqwrite", 1 << 20, 1, True), FakeEnv())
     return replace(s, device=device)
@@ -120,8 +122,9 @@ def test_fio_row_shows_its_latency_device_and_disk_util():
     assert pct == ["90.6", "132", "399", "3,588"]
     fio_line = lines[2].split()
     assert fio_line[5:7] == ["fio", "1"] and fio_line[-4:] == pct
-    # dev MB, dev MB/s (device bytes over fio's own runtime), dev util%
-    assert fio_line[14:17] == ["17.8", "78.2", "48"]
+    # dev MB, own MB (fio's own block I/O), dev MB/s (device bytes over
+    # fio's own runtime), dev util%
+    assert fio_line[14:18] == ["17.8", "16.8", "78.2", "48"]
     assert lines[1].split()[5:7] == ["blkjobs", "2"]
     assert "note: fio's own disk_util for randread bs=4k jobs=2 direct (vda): 2,891 ios, " \
            "util 39.2%; device counters over the same runs: 4,100 ios, util 47.5% " \
@@ -139,6 +142,8 @@ def test_fio_row_shows_its_latency_device_and_disk_util():
     assert [r["rank"] for r in doc["results"]] == [2, 1]
     assert f["summary"]["median_device_ios"] == 4100
     assert f["summary"]["median_device_util"] == 47.5
+    assert f["runs"][0]["block_io"] == {"read_bytes": 16 << 20, "write_bytes": 4096}
+    assert f["summary"]["median_block_io_bytes"] == (16 << 20) + 4096
 
 
 def test_fio_rows_are_ranked_with_blkjobs_by_io():
@@ -153,11 +158,18 @@ def test_fio_rows_are_ranked_with_blkjobs_by_io():
     assert lat is not None and lat.percentiles_ns["p90"] == 15400960
 
 
-def test_real_fio_row_beside_blkjobs(capsys, tmp_path):
+@pytest.fixture
+def disk_dir():
+    """A directory on a real disk (not tmpfs): /var/tmp."""
+    d = tempfile.mkdtemp(prefix="test-bench-fio.", dir="/var/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_real_fio_row_beside_blkjobs(capsys, disk_dir):
     # a real run on the disk: fio's row has its latency of every request and
-    # its disk_util, every row the device counters
-    d = tmp_path if os.stat(tmp_path).st_dev >> 8 else Path("/var/tmp")
-    rc = main(["bench", str(d), "-q", "-w", "randread,seqwrite", "-b", "256k", "-j", "1,2",
+    # its disk_util, every row the device counters and its own block I/O
+    rc = main(["bench", disk_dir, "-q", "-w", "randread,seqwrite", "-b", "256k", "-j", "1,2",
                "--size", "4M", "--repeat", "2", "--warmup", "0", "--direct", "--compare",
                "fio", "--output", "json"])
     out, err = capsys.readouterr()
@@ -174,3 +186,9 @@ def test_real_fio_row_beside_blkjobs(capsys, tmp_path):
         for run in r["runs"]:
             assert run["device"] is not None
             assert (run["tool_disk"] is not None) == (r["tool"] == "fio")
+            # each moved its own workload at the block layer (O_DIRECT:
+            # nothing cached), plus a little (a binary's pages, metadata)
+            own = run["block_io"]["write_bytes" if r["case"]["workload"] == "seqwrite"
+                                  else "read_bytes"]
+            assert run["bytes"] <= own <= run["bytes"] + (8 << 20), (r["tool"], run)
+    assert os.listdir(disk_dir) == []

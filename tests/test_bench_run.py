@@ -39,7 +39,7 @@ SUMMARY_KEYS = {"runs", "median_bps", "min_bps", "max_bps", "median_mb_s", "medi
                 "min_mb_s", "max_mb_s", "spread", "median_iops", "median_elapsed_s",
                 "median_cpu_s", "peak_rss_bytes", "median_cpu_s_per_gb", "median_device_bps",
                 "median_device_read_bytes", "median_device_write_bytes", "median_device_ios",
-                "median_device_util"}
+                "median_device_util", "median_block_io_bytes"}
 
 
 def check_schema(doc):
@@ -74,7 +74,9 @@ def check_schema(doc):
         assert (r["rank"] is None) == (r["summary"] is None)
         for run in r["runs"]:
             assert set(run) == {"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes",
-                                "device", "tool_disk"}
+                                "device", "tool_disk", "block_io"}
+            bio = run.pop("block_io")
+            assert set(bio) == {"read_bytes", "write_bytes"} and min(bio.values()) >= 0
             dev = run.pop("device")
             tool_disk = run.pop("tool_disk")
             assert tool_disk is None or r["tool"] == "fio"   # fio's disk_util, on a disk
@@ -138,7 +140,8 @@ def test_human_table(capsys, shm):
     lines = out.splitlines()
     assert lines[0].split() == ["workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s",
                                 "MiB/s", "min-max", "MB/s", "IOPS", "CPU", "s", "peak", "RSS",
-                                "dev", "MB", "dev", "MB/s", "dev", "util%", "CPU", "s/GB",
+                                "dev", "MB", "own", "MB", "dev", "MB/s", "dev", "util%", "CPU",
+                                "s/GB",
                                 "p50", "p90", "p99", "p99.9"]
     seq = next(line for line in lines if line.startswith("seqread"))
     assert seq.split()[:7] == ["seqread", "64k", "1", "buffered", "page-cache", "blkjobs", "1"]

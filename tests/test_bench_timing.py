@@ -130,7 +130,7 @@ def test_report_table_and_json_from_known_samples():
     lines = text.splitlines()
     assert lines[1].split() == ["randread", "4k", "2", "direct", "bypassed", "blkjobs", "1",
                                 "8.4", "8.0", "4.2-16.8", "2,048", "0.01", "20", "MiB",
-                                "-", "-", "-", "2.38", "-", "-", "-", "-"]
+                                "-", "-", "-", "-", "2.38", "-", "-", "-", "-"]
     assert lines[2].split()[:8] == ["randread", "4k", "2", "direct", "bypassed", "fio", "-",
                                     "error:"]
     assert "note: a note" in lines

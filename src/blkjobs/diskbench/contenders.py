@@ -133,13 +133,15 @@ class External(Contender):
                 total = r
             else:  # e.g. cp then sync: add the second command's time
                 total = ExtResult(0, total.elapsed_s + r.elapsed_s, total.cpu_s + r.cpu_s,
-                                  max(total.rss_bytes, r.rss_bytes), total.out, total.err)
+                                  max(total.rss_bytes, r.rss_bytes), total.out, total.err,
+                                  (total.block_io[0] + r.block_io[0],
+                                   total.block_io[1] + r.block_io[1]))
         assert total is not None, "a contender runs at least one command"
         return self.sample(total, case, env)
 
     def sample(self, res: ExtResult, case: Case, env: Env) -> Sample:
         nbytes, ops, elapsed = self.parse(res, case, env)
-        return Sample(nbytes, ops, elapsed, res.cpu_s, res.rss_bytes)
+        return Sample(nbytes, ops, elapsed, res.cpu_s, res.rss_bytes, block_io=res.block_io)
 
 
 class Fio(External):
@@ -185,7 +187,8 @@ class Fio(External):
         # only the time around the process is left.
         elapsed = f.runtime_ms / 1000.0 or res.elapsed_s
         return Sample(f.io_bytes, f.total_ios, elapsed, res.cpu_s, res.rss_bytes,
-                      latency=f.latency, tool_disk=f.disk_util[0] if f.disk_util else None)
+                      latency=f.latency, tool_disk=f.disk_util[0] if f.disk_util else None,
+                      block_io=res.block_io)
 
 
 class Dd(External):

@@ -44,6 +44,12 @@ def _cpu(ru) -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _block_io(r0, r1) -> tuple[int, int]:
+    """Bytes read and written at the block layer between two rusages (the
+    kernel counts them in 512-byte units, O_DIRECT and writeback alike)."""
+    return ((r1.ru_inblock - r0.ru_inblock) * 512, (r1.ru_oublock - r0.ru_oublock) * 512)
+
+
 def measure_inproc(fn: Callable[[], tuple[int, int, float]]) -> Sample:
     """Run fn() -> (bytes, ops, elapsed_s) in this process, adding the CPU
     time of all its threads and its peak RSS during the call."""
@@ -51,7 +57,8 @@ def measure_inproc(fn: Callable[[], tuple[int, int, float]]) -> Sample:
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     nbytes, ops, elapsed = fn()
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return Sample(nbytes, ops, elapsed, _cpu(r1) - _cpu(r0), _peak_rss())
+    return Sample(nbytes, ops, elapsed, _cpu(r1) - _cpu(r0), _peak_rss(),
+                  block_io=_block_io(r0, r1))
 
 
 @dataclass
@@ -62,6 +69,8 @@ class ExtResult:
     rss_bytes: int
     out: str
     err: str
+    #: bytes the tool (and its children) read and wrote at the block layer
+    block_io: tuple[int, int] = (0, 0)
 
 
 #: GNU time reports a tool's own peak RSS. wait4() on a child we forked would
@@ -126,7 +135,8 @@ def run_external(argv: list[str], clock: Clock = time.monotonic) -> ExtResult:
                 pass      # time could not run the tool: keep wait4's figures
         out.seek(0)
         err.seek(0)
-        return ExtResult(rc, elapsed, cpu, rss, out.read(), err.read())
+        zero = resource.struct_rusage((0,) * 16)
+        return ExtResult(rc, elapsed, cpu, rss, out.read(), err.read(), _block_io(zero, ru))
 
 
 class ToolError(BlkjobsError):

@@ -18,13 +18,15 @@ JSON (schema "blkjobs-bench/1")::
                             "device": null | {"read_bytes", "write_bytes", "busy_ms",
                                               "read_ios", "write_ios", "window_ms"},
                             "tool_disk": null | fio's disk_util entry {"name",
-                                "read_ios", "write_ios", "util", ...}}],
+                                "read_ios", "write_ios", "util", ...},
+                            "block_io": null | {"read_bytes", "write_bytes"}}],
                   "summary": null | {"runs", "median_bps", "min_bps", "max_bps",
                       "median_mb_s", "median_mib_s", "min_mb_s", "max_mb_s", "spread",
                       "median_iops", "median_elapsed_s", "median_cpu_s",
                       "peak_rss_bytes", "median_cpu_s_per_gb", "median_device_bps",
                       "median_device_read_bytes", "median_device_write_bytes",
-                      "median_device_ios", "median_device_util"},
+                      "median_device_ios", "median_device_util",
+                      "median_block_io_bytes"},
                   "latency": null | {"requests", "mean_ns",
                       "percentiles_ns": {"p50", "p90", "p99", "p99.9"},
                       "histogram": {"bucket_low_ns": [...], "count": [...]}}}]}
@@ -90,7 +92,7 @@ def dumps(doc: dict) -> str:
 
 
 HEADERS = ("workload", "bs", "jobs", "io", "cache", "tool", "rank", "MB/s", "MiB/s", "min-max MB/s",
-           "IOPS", "CPU s", "peak RSS", "dev MB", "dev MB/s", "dev util%", "CPU s/GB") + \
+           "IOPS", "CPU s", "peak RSS", "dev MB", "own MB", "dev MB/s", "dev util%", "CPU s/GB") + \
     tuple(pname(p) for p in PERCENTILES)
 
 
@@ -144,6 +146,8 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
         dev = ["-"] * 3 if s.median_device_bps is None else [
             f"{_dev_bytes(r) / MB:,.1f}", f"{s.median_device_bps / MB:,.1f}",
             f"{s.median_device_util or 0:.0f}"]
+        dev.insert(1, "-" if s.median_block_io_bytes is None else
+                   f"{s.median_block_io_bytes / MB:,.1f}")
         lat = row_latency(r)
         pct = [_us(lat.percentiles_ns[pname(p)]) if lat else "-" for p in PERCENTILES]
         body.append(head + [f"{s.median_bps / MB:,.1f}", f"{s.median_bps / MiB:,.1f}",
@@ -180,9 +184,11 @@ def table(settings: Settings, rows: list[Row], notes: list[str]) -> str:
                  f"{format_size(IOPS_MAX_BS)}. CPU s: user+system time per run (median). "
                  "Peak RSS: largest of the runs.")
     lines.append("dev MB, dev MB/s, dev util%: bytes read + written at the block device "
-                 "under DIR (its disk counters) per run, per second of the run, and the "
-                 "share of the time between the counter readings it was busy, medians, for every tool alike; CPU s/GB: "
-                 "CPU seconds per 10^9 bytes of the workload, median.")
+                 "under DIR (its disk counters, neighbours' I/O included) per run, per "
+                 "second of the run, and the share of the time between the counter readings "
+                 "it was busy; own MB: what the tool's own process read + wrote at the block "
+                 "layer (getrusage); medians, for every tool alike. CPU s/GB: CPU seconds "
+                 "per 10^9 bytes of the workload, median.")
     lines.append("p50..p99.9: per-request latency in microseconds (issue to completion), "
                  "percentiles over all measured runs; fio's from its clat histogram, "
                  "computed alike.")

@@ -234,7 +234,9 @@ def result_dicts(rows: list[Row]) -> list[dict]:
              "runs": [{"bytes": x.bytes, "ops": x.ops, "elapsed_s": x.elapsed_s,
                        "cpu_s": x.cpu_s, "peak_rss_bytes": x.rss_bytes,
                        "device": x.device.as_dict() if x.device else None,
-                       "tool_disk": x.tool_disk}
+                       "tool_disk": x.tool_disk,
+                       "block_io": None if x.block_io is None else
+                       {"read_bytes": x.block_io[0], "write_bytes": x.block_io[1]}}
                       for x in r.samples],
              "summary": summarize(r.samples).as_dict() if r.samples else None}
         lat = row_latency(r)

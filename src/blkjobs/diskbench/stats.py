@@ -30,6 +30,10 @@ class Sample:
     #: the tool's own account of the device (fio's disk_util entry for it:
     #: name, read_ios, write_ios, util in percent...), None when it has none
     tool_disk: dict | None = None
+    #: bytes the contender's own process(es) read and wrote at the block
+    #: layer (getrusage's ru_inblock/ru_oublock): unlike the device
+    #: counters, a neighbour's I/O is not in it; None when not known
+    block_io: tuple[int, int] | None = None
 
     @property
     def cpu_s_per_gb(self) -> float:
@@ -65,6 +69,8 @@ class Summary:
     #: of the run's time it was busy
     median_device_ios: float | None = None
     median_device_util: float | None = None
+    #: median of the runs' own block-layer bytes (read + written)
+    median_block_io_bytes: float | None = None
 
     @property
     def spread(self) -> float:
@@ -93,6 +99,9 @@ def summarize(samples: list[Sample]) -> Summary:
         peak_rss_bytes=max(s.rss_bytes for s in samples),
         median_cpu_s_per_gb=statistics.median(s.cpu_s_per_gb for s in samples),
         **_device(samples),
+        median_block_io_bytes=statistics.median(sum(s.block_io) for s in samples
+                                                if s.block_io is not None)
+        if any(s.block_io is not None for s in samples) else None,
     )
 
 
