@@ -192,3 +192,32 @@ def test_real_fio_row_beside_blkjobs(capsys, disk_dir):
                                   else "read_bytes"]
             assert run["bytes"] <= own <= run["bytes"] + (8 << 20), (r["tool"], run)
     assert os.listdir(disk_dir) == []
+
+
+def test_plot_draws_fio_beside_blkjobs():
+    # throughput lines and latency CDFs for both tools, fio dashed; the CDF
+    # is fio's histogram: it reaches all requests
+    from blkjobs.diskbench import plot as plotmod
+    calls = []
+
+    class Rec:
+        def __getattr__(self, name):
+            def f(*a, **kw):
+                calls.append((name, a, kw))
+                return self
+            return f
+    c = Case("randread", 4096, 2, True)
+    fio = _fio_sample(RANDREAD, False)
+    blk = Sample(16 << 20, 4096, 0.25, 0.05, 0, fio.latency)
+    rows = [Row(c, "blkjobs", "direct", "bypassed", [blk]),
+            Row(c, "fio", "direct", "bypassed", [fio])]
+    plotmod.plot(rows, "/nowhere.png", Rec())
+    steps = [(kw["label"], kw["linestyle"], a) for n, a, kw in calls if n == "step"]
+    assert [(lab, st) for lab, st, _ in steps] == [("randread 4k j2 direct blkjobs", "-"),
+                                                   ("randread 4k j2 direct fio", "--")]
+    xs, ys = steps[1][2]
+    assert ys[-1] == 1.0 and xs == sorted(xs)
+    lat = summarize_latency([fio.latency])
+    assert xs[0] * 1000 == lat.bucket_low_ns[0]
+    lines = [(kw["label"], kw["linestyle"]) for n, a, kw in calls if n == "plot"]
+    assert lines == [("randread j2 direct blkjobs", "-"), ("randread j2 direct fio", "--")]

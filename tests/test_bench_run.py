@@ -313,6 +313,7 @@ def test_plot_with_a_recording_pyplot(shm, capsys, monkeypatch):
     lines = [c for c in calls if c[0] == "plot"]
     assert [c[1][0] for c in lines] == [[65536]]          # one series, at 64k
     assert lines[0][1][1][0] > 0 and lines[0][2]["label"] == "seqread j1 direct blkjobs"
+    assert lines[0][2]["linestyle"] == "-"
     steps = [c for c in calls if c[0] == "step"]
     assert len(steps) == 1 and steps[0][1][1][-1] == 1.0   # the CDF reaches all requests
     xs = steps[0][1][0]

@@ -1,7 +1,8 @@
 """``--plot FILE.png``: what a reader would rather see than read, side by
 side: the median throughput by request size, one line per workload, thread
-count, kind of I/O and tool; and the latency CDF of every row the C loops
-timed (the share of requests that completed within a time). matplotlib is an
+count, kind of I/O and tool; and the latency CDF of every row that has its
+requests' latency (the C loops' and fio's: the share of requests that
+completed within a time), blkjobs solid, other tools dashed. matplotlib is an
 optional extra (``pip install blkjobs[plot]``); without it ``--plot`` fails
 before any I/O is done."""
 from __future__ import annotations
@@ -56,6 +57,11 @@ def latency_cdfs(rows: list[Row]) -> dict[str, tuple[list[float], list[float]]]:
     return out
 
 
+def _style(label: str) -> str:
+    """blkjobs' lines solid, the other tools' dashed (a label ends with the tool)."""
+    return "-" if label.endswith(" blkjobs") else "--"
+
+
 def plot(rows: list[Row], path: str, plt=None) -> None:
     plt = plt or load_pyplot()
     fig = plt.figure(figsize=(13, 5))
@@ -63,7 +69,7 @@ def plot(rows: list[Row], path: str, plt=None) -> None:
     series = throughput_series(rows)
     sizes: set[int] = set()
     for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(xs, ys, marker="o", label=label, linestyle=_style(label))
         sizes.update(xs)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(sizes))
@@ -75,7 +81,7 @@ def plot(rows: list[Row], path: str, plt=None) -> None:
     cx = fig.add_subplot(1, 2, 2)
     cdfs = latency_cdfs(rows)
     for label, (lat, frac) in cdfs.items():
-        cx.step(lat, frac, where="post", label=label)
+        cx.step(lat, frac, where="post", label=label, linestyle=_style(label))
     if cdfs:
         cx.set_xscale("log")
         cx.legend(fontsize=7)
