@@ -13,8 +13,9 @@ and everything guest I/O and the jobs share below the job core:
   travels down the chain of filter nodes above the image node, each
   filter's :meth:`~.frontend.Filter.write` passing it to its ``next``
   (nbdkit's filters, QEMU's ``bs->file``), then marks the node's dirty
-  bitmaps; a read of a raw node runs outside the lock, tracked in flight
-  (``NodeState.reading``: writes to its range, quiesce and close wait);
+  bitmaps; a read is mapped under the lock and its bytes read outside it
+  (:mod:`.readplan`), tracked in flight (``NodeState.reading``: writes to
+  its range, quiesce and close wait);
 * **filters** (:meth:`add_filter`, :meth:`remove_filter`,
   :meth:`above_filters`, :meth:`filter_of`) and **repointing** parents
   (:meth:`repoint`, :meth:`undo_repoint`: a mirror's pivot);
@@ -48,6 +49,7 @@ from .dirty_bitmap import DirtyBitmap as DirtyBitmap  # re-exported (blkjobs.Dir
 from .frontend import Filter, Frontend, WriteRequest
 from .inflight import InFlight as InFlight  # re-exported (the jobs' import)
 from .inflight import Reads
+from . import readplan
 from .node import Graph, Node
 from .pbitmap import add_persistent, load_persistent, store_persistent
 from .perm import Perm
@@ -113,15 +115,6 @@ def _unfilled(node: Node) -> InFlight | None:
 def _quiesced(node: Node) -> int:
     st = node.io_state
     return st.quiesced if st is not None else 0
-
-
-def _parallel(node: Node) -> bool:
-    """Reads of ``node`` may run outside the I/O lock: its driver's reads
-    change no state of it (``Driver.parallel_reads``: raw files, NBD
-    nodes), and no blkdebug rule applies to it."""
-    d = node.driver
-    return (bool(getattr(d, "parallel_reads", False))
-            and not getattr(d, "injects_faults", False))
 
 
 def _levels(node: Node) -> list[Node]:
@@ -205,25 +198,28 @@ class BlockIO:
     def guest_read(self, fe: Frontend, offset: int, buf: bytearray | memoryview) -> None:
         """A front end's read: it waits for clusters a job allocated in its
         range and has not filled, then reads the image node below the
-        filters. Where every node of the chain may (:func:`_parallel`: raw
-        files, NBD nodes) it reads outside the I/O lock, tracked in each node's
-        ``NodeState.reading`` meanwhile: a write landing in its range
-        (:meth:`_land`), a pivot (:meth:`quiesce`) and closing the node
-        (``Node.close``) wait for it, so the node stays open and the bytes
-        stable under the read. Elsewhere (qcow2: its L2 cache and
-        allocations are state a write changes) it reads under the lock."""
-        n = len(buf)
+        filters. The chain is mapped under the I/O lock and the bytes are
+        read outside it (:mod:`.readplan`: raw files and NBD nodes whole,
+        qcow2 nodes' host clusters; other drivers read under the lock),
+        tracked in each chain node's ``NodeState.reading`` meanwhile: a
+        write landing in its range (:meth:`_land`), a pivot
+        (:meth:`quiesce`) and closing the node (``Node.close``) wait for
+        it, so the node stays open and the bytes stable under the read; a
+        qcow2 image's freed clusters wait too (its read pins)."""
+        mv = memoryview(buf).cast("B")
+        n = len(mv)
         with self.lock:
             img = _levels(fe.node)[-1]
             self.wait_filled(img, offset, n)
-            chain = img.chain()
-            if not all(_parallel(x) for x in chain):
-                img.readinto(offset, buf)
+            rp = readplan.plan(img, offset, mv)
+            if rp.empty:
+                rp.release()
                 return
-            tracked = [(r, r.add(offset, n)) for r in map(self._reads, chain)]
+            tracked = [(r, r.add(offset, n)) for r in map(self._reads, img.chain())]
         try:
-            img.readinto(offset, buf)
+            rp.run()
         finally:
+            rp.release()
             with self.lock:
                 for r, t in tracked:
                     r.remove(t)

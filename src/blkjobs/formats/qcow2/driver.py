@@ -61,7 +61,7 @@ from .debug import Hook
 from .header import (AUTOCLEAR_KNOWN, CHECK_OPEN, INCOMPAT_CORRUPT,
                      INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, parse_header,
                      read_bitmap_directory)
-from .mapping import Reads
+from .mapping import ReadPins, Reads
 from .refcount import Refcounts
 from .snapshots import load_table
 from .tables import L1_OFFSET_MASK, L1_RESERVED
@@ -97,6 +97,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self._fd = open_file(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._dfd: int | None = None
         self._closed = False
+        self.read_pins = ReadPins()     # reads outside the graph's lock (mapping.py)
         try:
             self._open()
             self._open_data_file(header_only, data_file)
@@ -310,6 +311,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
             self.l1_dirty = False
             self._fsync()
         if rc is not None:
+            if rc.pending:
+                self.read_pins.drain()  # no freed cluster reused under a read
             rc.apply_frees()
         if self._header_dirty:
             self._write_header()
@@ -330,6 +333,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
                     self._pbm.store()
                 self.flush()
         finally:
+            self.read_pins.drain()
             self._closed = True
             os.close(self._fd)
             if self._dfd is not None:

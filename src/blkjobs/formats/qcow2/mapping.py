@@ -1,6 +1,7 @@
 """qcow2 reads: :meth:`Reads.map_host` (this layer's runs of a guest range),
 :meth:`Reads.host_run` (the fast path for one plain data cluster) and the
-reads built on them.
+reads built on them; :meth:`Reads.map_for_read` and the read pins
+(:class:`ReadPins`) for reads of the host bytes outside the caller's lock.
 
 Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
 :mod:`.driver`.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 
 from ...errors import ImageError, UsageError
 from ..base import Kind, Mapping
@@ -18,8 +20,60 @@ from .tables import (ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, STD_RESERVED, Z
 from ...native import qcow2 as _nq
 
 
+class ReadPins:
+    """Reads of this image's host clusters being done outside the graph's
+    I/O lock (:meth:`Reads.map_for_read`). A cluster an L2 entry stopped
+    referencing is freed (made reusable) only by ``Refcounts.apply_frees``
+    at a flush, and the flush first drains the pins taken before it
+    (:meth:`drain`), so a cluster such a read maps is never handed out
+    again, and written with other data, while the read is in flight. Closing
+    the image drains them too (their descriptor stays open). Its own small
+    lock: a reader unpins without the I/O lock, so a flush or close holding
+    that lock can wait here."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self._next = 0
+        self._live: set[int] = set()
+
+    def pin(self) -> int:
+        with self.cond:
+            t = self._next
+            self._next += 1
+            self._live.add(t)
+            return t
+
+    def unpin(self, ticket: int) -> None:
+        with self.cond:
+            self._live.discard(ticket)
+            self.cond.notify_all()
+
+    def drain(self) -> None:
+        """Wait for the pins taken before this call (not for later ones:
+        those mapped after the frees, and cannot reach a freed cluster)."""
+        with self.cond:
+            last = self._next
+            while any(t < last for t in self._live):
+                self.cond.wait(1.0)
+
+
 class Reads(L2Tables):
     """map_host and reads for :class:`.driver.Qcow2`."""
+
+    #: set by ``Qcow2.__init__`` (driver.py)
+    read_pins: ReadPins
+
+    def map_for_read(self, offset: int, length: int) -> list[Mapping] | None:
+        """This layer's runs of [offset, offset+length) for a reader that
+        ``pread``s the DATA runs from :attr:`data_fd` itself, later, outside
+        the lock it maps under (the caller pins the image first:
+        :attr:`read_pins`). None where the host bytes are not the guest's
+        plain data or reading them has side effects: an encrypted image, a
+        blkdebug layer below. ZERO runs read as zeroes, UNALLOCATED ones
+        from the backing chain, COMPRESSED ones through :meth:`readinto`."""
+        if self.encrypted or getattr(self, "blkdebug", None) is not None:
+            return None
+        return self.map_host(offset, length)
 
     def host_run(self, offset: int, length: int, for_write: bool = False) -> int | None:
         """Inside one plain data cluster (standard L2 entries only); for_write:

@@ -1,0 +1,140 @@
+"""A guest read through a chain, mapped under the I/O lock and done outside
+it (:meth:`~.io.BlockIO.guest_read`).
+
+:func:`plan` runs with the I/O lock held. It walks the node's chain as
+``Node.readinto`` does and sorts each run of the request:
+
+* a node whose driver reads change no state of it (``parallel_reads``: raw
+  files, NBD nodes) is read later, whole, by its driver;
+* a qcow2 node (``map_for_read``) is mapped now, from its L2 cache: its
+  DATA runs become ``pread``s of host bytes done later (the image pinned
+  meanwhile: ``formats.qcow2.mapping.ReadPins``), ZERO runs zero fills,
+  UNALLOCATED runs are planned in the backing node (zeroes past its end);
+  a compressed cluster is read now, through the driver (it decompresses,
+  and keeps a cache);
+* any other node (encrypted, blkdebug, other formats) is read now, under
+  the lock, as before.
+
+:meth:`ReadPlan.run` then does the deferred work without the lock and
+:meth:`ReadPlan.release` unpins. Why that is safe (the caller tracks the
+read on every node of the chain meanwhile): docs/architecture.md, "Reads in
+flight".
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import UsageError
+from ..formats.base import Kind
+from .node import Node
+
+_ZEROES = bytes(1 << 20)
+
+
+def _zero(mv: memoryview) -> None:
+    pos, n = 0, len(mv)
+    while pos < n:
+        k = min(n - pos, len(_ZEROES))
+        mv[pos:pos + k] = _ZEROES[:k]
+        pos += k
+
+
+def _pread(fd: int, mv: memoryview, host: int) -> None:
+    """All of ``mv`` from ``fd`` at ``host``; bytes past the end of the
+    file read as zeroes (clusters preallocated past EOF)."""
+    done, n = 0, len(mv)
+    while done < n:
+        k = os.preadv(fd, [mv[done:]], host + done)
+        if k <= 0:
+            _zero(mv[done:])
+            return
+        done += k
+
+
+class ReadPlan:
+    """What is left of one read once the I/O lock is let go (see the
+    module docstring)."""
+
+    __slots__ = ("preads", "reads", "zeroes", "pins")
+
+    def __init__(self) -> None:
+        #: (fd, host offset, destination): qcow2 DATA runs
+        self.preads: list[tuple[int, int, memoryview]] = []
+        #: (driver, guest offset, destination): parallel-read drivers
+        self.reads: list[tuple[Any, int, memoryview]] = []
+        #: destinations that read as zeroes
+        self.zeroes: list[memoryview] = []
+        #: (ReadPins, ticket) taken on the qcow2 images read
+        self.pins: list[tuple[Any, int]] = []
+
+    @property
+    def empty(self) -> bool:
+        return not (self.preads or self.reads or self.zeroes)
+
+    def run(self) -> None:
+        """The deferred reads (no lock needed)."""
+        for fd, host, mv in self.preads:
+            _pread(fd, mv, host)
+        for drv, off, mv in self.reads:
+            drv.readinto(off, mv)
+        for mv in self.zeroes:
+            _zero(mv)
+
+    def release(self) -> None:
+        """Unpin the images (no lock needed); idempotent."""
+        pins, self.pins = self.pins, []
+        for p, t in pins:
+            p.unpin(t)
+
+
+def plan(node: Node, offset: int, mv: memoryview) -> ReadPlan:
+    """Plan the guest read of [offset, offset+len(mv)) of ``node`` into
+    ``mv`` (I/O lock held). On an error nothing stays pinned."""
+    p = ReadPlan()
+    try:
+        _plan(node, offset, mv, p, {})
+    except BaseException:
+        p.release()
+        raise
+    return p
+
+
+def _plan(node: Node, offset: int, mv: memoryview, p: ReadPlan, pinned: dict[int, Any]) -> None:
+    while node.is_filter:
+        node = node._child()
+    if offset + len(mv) > node.size:
+        raise UsageError(f"read beyond the end of node '{node.name}'")
+    d = node.driver
+    if node.backing is None and getattr(d, "parallel_reads", False) \
+            and not getattr(d, "injects_faults", False):
+        p.reads.append((d, offset, mv))
+        return
+    map_for_read = getattr(d, "map_for_read", None)
+    maps = map_for_read(offset, len(mv)) if map_for_read is not None else None
+    if maps is None:
+        node.readinto(offset, mv)       # under the lock, as before
+        return
+    for m in maps:
+        v = mv[m.start - offset:m.start - offset + m.length]
+        if m.kind == Kind.DATA:
+            if id(d) not in pinned:
+                pins = d.read_pins
+                pinned[id(d)] = pins
+                p.pins.append((pins, pins.pin()))
+            p.preads.append((d.data_fd, m.host_offset, v))
+        elif m.kind == Kind.UNALLOCATED and node.backing is not None:
+            _below(node.backing, m.start, v, p, pinned)
+        elif m.kind == Kind.COMPRESSED:
+            d.readinto(m.start, v)
+        else:
+            p.zeroes.append(v)
+
+
+def _below(node: Node, offset: int, mv: memoryview, p: ReadPlan, pinned: dict[int, Any]) -> None:
+    """A backing node's part: zeroes past its end (shorter than its overlay)."""
+    n = max(0, min(len(mv), node.size - offset))
+    if n:
+        _plan(node, offset, mv[:n], p, pinned)
+    if n < len(mv):
+        p.zeroes.append(mv[n:])
