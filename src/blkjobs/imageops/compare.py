@@ -127,6 +127,13 @@ def _segments(sa, sb, start, end):
         pos = e
 
 
+def _status(r: dict) -> tuple[bool, bool, bool]:
+    """What ``compare -s`` compares of a run's block status, as qemu-img
+    compares the flags: allocated, zero, data (a hole and written zeroes
+    differ)."""
+    return r["present"], r["zero"], r["data"]
+
+
 def _read_cmp(na, nb, a, b, za, zb, bufs):
     """First differing offset in [a, b) or None. A side whose status says
     zero is not read."""
@@ -154,16 +161,20 @@ def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
                    progress: Callable[[int, int], None] | None = None) -> CompareResult:
     """Compare the guest views of two images (any format, with their backing
     chains). Runs that read as zeroes on both sides (by block status) are not
-    read. ``strict``: sizes and allocation status (present) must match too;
+    read. ``strict``: sizes and block status (present, zero, data) must match too;
     a status mismatch is reported as ``status_mismatch``. Locks as qemu-img
     compare (a qcow2 image, or one in a backing chain, lets nobody write it
     meanwhile, unless ``force_share``; two raw files are read sharing
     everything, as qemu-img reads them). ``progress(done, total)``: bytes of
     the common size compared so far."""
+    from ..formats.nbd import is_nbd_uri
     from ..graph.blockspec import is_spec
     from .images import open_ro, probe
     fa, fb = probe(path_a, fmt_a), probe(path_b, fmt_b)
-    if fa == "raw" and fb == "raw" and not strict and not (is_spec(path_a) or is_spec(path_b)):
+    # two raw files: compared file to file; an NBD URI (raw over the NBD
+    # protocol node, as in qemu-img) goes through the graph
+    files = not any(is_spec(p) or is_nbd_uri(p) for p in (path_a, path_b))
+    if fa == "raw" and fb == "raw" and not strict and files:
         return compare_raw(path_a, path_b, strict, progress)
     na = open_ro(path_a, fa, force_share)
     try:
@@ -182,7 +193,7 @@ def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
             n = min(WORK, common - pos)
             for a, b, x, y in _segments(na.block_status(pos, n), nb.block_status(pos, n),
                                         pos, pos + n):
-                if strict and x["present"] != y["present"]:
+                if strict and _status(x) != _status(y):
                     return CompareResult(False, a, status_mismatch=True)
                 if x["zero"] and y["zero"]:
                     continue
