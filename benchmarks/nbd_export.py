@@ -14,11 +14,18 @@ with their min-max, and the median CPU time each server used per run
 (user + system, from /proc: less sensitive to the machine's load than the
 wall time).
 
-Images: ``dense`` (random bytes, all data) and ``vm`` (data, written
-zeroes and holes; nbdcopy skips what block status says is a hole).
+Images: ``dense`` (random bytes, all data), ``vm`` (data, written
+zeroes and holes; nbdcopy skips what block status says is a hole) and
+``sparse`` (5 % data in 64 KiB pieces, the rest holes), each as ``raw``
+and as ``qcow2`` (``--format``: qemu-img convert of the raw image, 64 KiB
+clusters; both servers serve the same file).
 
-Usage: benchmarks/nbd_export.py [--size 512M] [--rounds 5] [--image dense,vm]
-       [--target null,file] [--connections N] [--dir DIR] [--json FILE]
+``--busy``: two CPU hogs (busy-looping processes) run through every round,
+both contenders alike.
+
+Usage: benchmarks/nbd_export.py [--size 512M] [--rounds 5] [--image dense,vm,sparse]
+       [--format raw,qcow2] [--target null,file] [--connections N] [--busy]
+       [--dir DIR] [--json FILE]
 """
 from __future__ import annotations
 
@@ -50,6 +57,18 @@ def make_dense(path: str, size: int, seed: int = 1) -> None:
             f.write(rnd.randbytes(min(1 << 20, size - off)))
 
 
+def make_sparse(path: str, size: int, seed: int = 3) -> None:
+    """5 % of the image random data in 64 KiB pieces, the rest holes."""
+    rnd = random.Random(seed)
+    piece = 64 << 10
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for k in range(size // piece):
+            if rnd.random() < 0.05:
+                f.seek(k * piece)
+                f.write(rnd.randbytes(piece))
+
+
 def wait_for(path: str, proc: subprocess.Popen[str], what: str) -> None:
     deadline = time.monotonic() + 30
     while not os.path.exists(path):
@@ -61,10 +80,10 @@ def wait_for(path: str, proc: subprocess.Popen[str], what: str) -> None:
 class Servers:
     """qemu-nbd and blkjobs serving ``image`` read-only, until close()."""
 
-    def __init__(self, d: str, image: str):
+    def __init__(self, d: str, image: str, fmt: str = "raw"):
         self.procs: list[subprocess.Popen[str]] = []
         q, b = os.path.join(d, "qemu-nbd.sock"), os.path.join(d, "blkjobs-nbd.sock")
-        p = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "raw", f"--socket={q}", "-x", "disk",
+        p = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", fmt, f"--socket={q}", "-x", "disk",
                               image], stderr=subprocess.DEVNULL, text=True)
         self.procs.append(p)
         wait_for(q, p, "qemu-nbd")
@@ -124,11 +143,38 @@ def bench(servers: Servers, target: str, out: str, rounds: int, conns: int) -> d
     return {"times": times, "cpu": cpu, "ratios": ratios}
 
 
+def run_image(a: argparse.Namespace, d: str, image: str, label: str, fmt: str,
+              size: int) -> list[dict]:
+    subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
+    servers = Servers(d, image, fmt)
+    report = []
+    try:
+        for target in a.target.split(","):
+            res = bench(servers, target, os.path.join(d, "out.raw"), a.rounds, a.connections)
+            report.append({"image": label, "target": target, **res})
+            load = os.getloadavg()[0]
+            print(f"\n{label} image, {a.size}, nbdcopy -C {a.connections} -> {target}"
+                  f"{' (busy: 2 hogs)' if a.busy else ''}, load average {load:.1f}")
+            for n, ts in res["times"].items():
+                med = statistics.median(ts)
+                print(f"  {n:15s} median {med:7.3f} s  min {min(ts):7.3f} s  "
+                      f"{size / med / 1e6:8.1f} MB/s  server CPU "
+                      f"{statistics.median(res['cpu'][n]):6.2f} s")
+            rs = res["ratios"]
+            print(f"  qemu-nbd / blkjobs: median {statistics.median(rs):.2f} "
+                  f"(min {min(rs):.2f}, max {max(rs):.2f}; > 1: blkjobs faster)", flush=True)
+    finally:
+        servers.close()
+    return report
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="512M")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--image", default="dense,vm")
+    ap.add_argument("--image", default="dense,vm,sparse")
+    ap.add_argument("--format", default="raw,qcow2")
+    ap.add_argument("--busy", action="store_true", help="two CPU hogs meanwhile")
     ap.add_argument("--target", default="null,file")
     ap.add_argument("--connections", type=int, default=4, help="nbdcopy -C (multi-conn)")
     ap.add_argument("--dir", default=None)
@@ -141,34 +187,34 @@ def main() -> int:
             raise SystemExit(f"nbd_export.py: {t} is not installed")
     size = parse_size(a.size)
     d = tempfile.mkdtemp(prefix="nbd-export-bench.", dir=a.dir)
-    report = []
+    report: list[dict] = []
+    hogs = None
+    if a.busy:
+        sys.path.insert(0, HERE)
+        from convert_raw import Hogs
+        hogs = Hogs(2)
     try:
         for kind in a.image.split(","):
-            image = os.path.join(d, f"{kind}.raw")
+            raw = os.path.join(d, f"{kind}.raw")
             if kind == "dense":
-                make_dense(image, size)
+                make_dense(raw, size)
+            elif kind == "sparse":
+                make_sparse(raw, size)
             else:
-                make_vm_image(image, size)
-            subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
-            servers = Servers(d, image)
-            try:
-                for target in a.target.split(","):
-                    res = bench(servers, target, os.path.join(d, "out.raw"), a.rounds,
-                                a.connections)
-                    report.append({"image": kind, "target": target, **res})
-                    print(f"\n{kind} image, {a.size}, nbdcopy -C {a.connections} -> {target}")
-                    for n, ts in res["times"].items():
-                        med = statistics.median(ts)
-                        print(f"  {n:15s} median {med:7.3f} s  min {min(ts):7.3f} s  "
-                              f"{size / med / 1e6:8.1f} MB/s  server CPU "
-                              f"{statistics.median(res['cpu'][n]):6.2f} s")
-                    rs = res["ratios"]
-                    print(f"  qemu-nbd / blkjobs: median {statistics.median(rs):.2f} "
-                          f"(min {min(rs):.2f}, max {max(rs):.2f}; > 1: blkjobs faster)")
-            finally:
-                servers.close()
-                os.unlink(image)
+                make_vm_image(raw, size)
+            for fmt in a.format.split(","):
+                image = raw
+                if fmt == "qcow2":
+                    image = os.path.join(d, f"{kind}.qcow2")
+                    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw,
+                                    image], check=True)
+                report += run_image(a, d, image, f"{kind} {fmt}", fmt, size)
+                if image != raw:
+                    os.unlink(image)
+            os.unlink(raw)
     finally:
+        if hogs:
+            hogs.close()
         shutil.rmtree(d, ignore_errors=True)
     if a.json:
         with open(a.json, "w") as f:

@@ -30,6 +30,7 @@ from ..formats.base import Kind
 from .node import Node
 
 _ZEROES = bytes(1 << 20)
+DATA, UNALLOCATED, COMPRESSED = Kind.DATA, Kind.UNALLOCATED, Kind.COMPRESSED
 
 
 def _zero(mv: memoryview) -> None:
@@ -115,18 +116,18 @@ def _plan(node: Node, offset: int, mv: memoryview, p: ReadPlan, pinned: dict[int
     if maps is None:
         node.readinto(offset, mv)       # under the lock, as before
         return
-    for m in maps:
-        v = mv[m.start - offset:m.start - offset + m.length]
-        if m.kind == Kind.DATA:
+    for start, n, kind, host in maps:
+        v = mv[start - offset:start - offset + n]
+        if kind == DATA:
             if id(d) not in pinned:
                 pins = d.read_pins
                 pinned[id(d)] = pins
                 p.pins.append((pins, pins.pin()))
-            p.preads.append((d.data_fd, m.host_offset, v))
-        elif m.kind == Kind.UNALLOCATED and node.backing is not None:
-            _below(node.backing, m.start, v, p, pinned)
-        elif m.kind == Kind.COMPRESSED:
-            d.readinto(m.start, v)
+            p.preads.append((d.data_fd, host, v))
+        elif kind == UNALLOCATED and node.backing is not None:
+            _below(node.backing, start, v, p, pinned)
+        elif kind == COMPRESSED:
+            d.readinto(start, v)
         else:
             p.zeroes.append(v)
 

@@ -32,29 +32,38 @@ class ReadPins:
     that lock can wait here."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
+        # a plain lock (every read takes it twice; a Condition's ``with``
+        # is Python code), the condition only for drain()'s waits
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._next = 0
         self._live: set[int] = set()
+        self._waiters = 0
 
     def pin(self) -> int:
-        with self.cond:
+        with self._lock:
             t = self._next
-            self._next += 1
+            self._next = t + 1
             self._live.add(t)
             return t
 
     def unpin(self, ticket: int) -> None:
-        with self.cond:
+        with self._lock:
             self._live.discard(ticket)
-            self.cond.notify_all()
+            if self._waiters:
+                self._cond.notify_all()
 
     def drain(self) -> None:
         """Wait for the pins taken before this call (not for later ones:
         those mapped after the frees, and cannot reach a freed cluster)."""
-        with self.cond:
+        with self._lock:
             last = self._next
-            while any(t < last for t in self._live):
-                self.cond.wait(1.0)
+            self._waiters += 1
+            try:
+                while any(t < last for t in self._live):
+                    self._cond.wait(1.0)
+            finally:
+                self._waiters -= 1
 
 
 class Reads(L2Tables):
@@ -63,17 +72,19 @@ class Reads(L2Tables):
     #: set by ``Qcow2.__init__`` (driver.py)
     read_pins: ReadPins
 
-    def map_for_read(self, offset: int, length: int) -> list[Mapping] | None:
+    def map_for_read(self, offset: int, length: int) -> list[list] | None:
         """This layer's runs of [offset, offset+length) for a reader that
         ``pread``s the DATA runs from :attr:`data_fd` itself, later, outside
         the lock it maps under (the caller pins the image first:
         :attr:`read_pins`). None where the host bytes are not the guest's
         plain data or reading them has side effects: an encrypted image, a
         blkdebug layer below. ZERO runs read as zeroes, UNALLOCATED ones
-        from the backing chain, COMPRESSED ones through :meth:`readinto`."""
+        from the backing chain, COMPRESSED ones through :meth:`readinto`.
+        The runs are ``[start, length, kind, host]`` lists (no
+        :class:`Mapping` objects: this is every NBD read's path)."""
         if self.encrypted or getattr(self, "blkdebug", None) is not None:
             return None
-        return self.map_host(offset, length)
+        return self._map_runs(offset, length).out
 
     def host_run(self, offset: int, length: int, for_write: bool = False) -> int | None:
         """Inside one plain data cluster (standard L2 entries only); for_write:
@@ -109,6 +120,9 @@ class Reads(L2Tables):
         """Runs of this layer, coalesced (DATA runs contiguous in the file).
         ZERO runs carry the host offset of a preallocated zero cluster
         (``qemu-img map`` prints it); the C copy engine uses DATA runs only."""
+        return self._map_runs(offset, length).mappings()
+
+    def _map_runs(self, offset: int, length: int) -> _Runs:
         if self._closed:        # every read starts here: no stale answers
             raise ImageError(f"'{self.filename}': image is closed")
         end = min(offset + length, self.size)
@@ -120,7 +134,7 @@ class Reads(L2Tables):
             span_end = min(end, (l1i + 1) * table_span)
             self._map_table(runs, l1i, pos, span_end)
             pos = span_end
-        return runs.mappings()
+        return runs
 
     def _map_table(self, runs: _Runs, l1i: int, pos: int, span_end: int) -> None:
         """map_host for [pos, span_end), all in the guest range of L2 table
