@@ -13,10 +13,13 @@ waits for an event there), so each step waits for an event, never for time:
 * a backing chain (compressed and zero clusters, a short backing file) reads
   byte for byte as qemu-img converts it, and a read of the backing node is
   tracked on both nodes;
-* a mirror's pivot waits for a read in flight on its source.
+* a mirror's pivot waits for a read in flight on its source;
+* a blkdebug rule on a qcow2 node still fails its reads (the wrapper hands
+  out the qcow2 driver's map: a read must not go round it).
 """
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Iterator
 
@@ -25,6 +28,7 @@ import pytest
 from blkjobs import Engine
 from blkjobs.formats.base import Kind
 from blkjobs.graph import readplan
+from blkjobs.jobs.blkdebug import Rule
 from qemu_oracle import check_clean, qemu_img, qemu_io, to_raw
 
 WAIT = 30           # seconds: only a bound on a failure, never slept
@@ -241,3 +245,15 @@ def test_mirror_pivot_waits_for_a_read_in_flight(tmp_path, monkeypatch):
     finally:
         eng.close()
     check_clean(dst)
+
+
+def test_blkdebug_rule_fails_a_qcow2_read(q):
+    eng, node, _ = q
+    fe = eng.attach(node)
+    eng.blkdebug(node, [Rule("read", errno.EIO, offset=CS, length=4096)])
+    assert fe.read(0, 4096) == b"a" * 4096
+    with pytest.raises(OSError) as e:
+        fe.read(CS, 4096)
+    assert e.value.errno == errno.EIO
+    with eng.io:
+        assert not eng.io._reads(node).count

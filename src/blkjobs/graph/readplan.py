@@ -107,12 +107,16 @@ def _plan(node: Node, offset: int, mv: memoryview, p: ReadPlan, pinned: dict[int
     if offset + len(mv) > node.size:
         raise UsageError(f"read beyond the end of node '{node.name}'")
     d = node.driver
-    if node.backing is None and getattr(d, "parallel_reads", False) \
-            and not getattr(d, "injects_faults", False):
-        p.reads.append((d, offset, mv))
-        return
-    map_for_read = getattr(d, "map_for_read", None)
-    maps = map_for_read(offset, len(mv)) if map_for_read is not None else None
+    maps = None
+    # a fault-injection wrapper (blkdebug) hands out its inner driver's
+    # attributes: its reads must go through its own readinto
+    if not getattr(d, "injects_faults", False):
+        if node.backing is None and getattr(d, "parallel_reads", False):
+            p.reads.append((d, offset, mv))
+            return
+        map_for_read = getattr(d, "map_for_read", None)
+        if map_for_read is not None:
+            maps = map_for_read(offset, len(mv))
     if maps is None:
         node.readinto(offset, mv)       # under the lock, as before
         return
