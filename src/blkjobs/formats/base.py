@@ -142,7 +142,8 @@ class Driver(abc.ABC):
       :mod:`blkjobs.jobs.blkdebug_qemu`);
     * ``parallel_reads``: :meth:`readinto` is plain preads that keep no
       state a write changes, so reads may run outside the graph's I/O lock
-      and in parallel (raw); False where reads share state (qcow2's L2 cache);
+      and in parallel (raw); False where reads share state (qcow2's L2 cache:
+      it offers ``map_for_read`` instead, ``graph/readplan.py``);
     * ``is_filter``: False; the graph's filter nodes have a
       :class:`blkjobs.graph.node.FilterDriver` (True) instead of an image
       driver.
