@@ -15,7 +15,9 @@ waits for an event there), so each step waits for an event, never for time:
   tracked on both nodes;
 * a mirror's pivot waits for a read in flight on its source;
 * a blkdebug rule on a qcow2 node still fails its reads (the wrapper hands
-  out the qcow2 driver's map: a read must not go round it).
+  out the qcow2 driver's map: a read must not go round it);
+* a read's end (tracking and pin) is recorded without the lock and wakes
+  whoever waits for it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ import pytest
 
 from blkjobs import Engine
 from blkjobs.formats.base import Kind
+from blkjobs.formats.qcow2.mapping import ReadPins
 from blkjobs.graph import readplan
+from blkjobs.graph.inflight import Reads
 from blkjobs.jobs.blkdebug import Rule
 from qemu_oracle import check_clean, qemu_img, qemu_io, to_raw
 
@@ -257,3 +261,50 @@ def test_blkdebug_rule_fails_a_qcow2_read(q):
     assert e.value.errno == errno.EIO
     with eng.io:
         assert not eng.io._reads(node).count
+
+
+def _no_timeout(cond: threading.Condition) -> threading.Event:
+    """``cond.wait`` ignores its 1 s poll (a missed wake-up would hang the
+    test, not pass it late); the event is set once a thread waits."""
+    waiting = threading.Event()
+    real = cond.wait
+
+    def wait(timeout=None):
+        waiting.set()
+        return real(WAIT)
+    cond.wait = wait
+    return waiting
+
+
+def test_read_end_wakes_waiters_without_the_io_lock():
+    """``Reads.remove`` runs without the I/O lock; a write waiting for the
+    read (``wait_clear``) and a drain are woken all the same."""
+    lock = threading.Condition(threading.RLock())
+    r = Reads(lock)
+    waiting = _no_timeout(lock)
+    for wait in (lambda: r.wait_clear(0, 4096), r.drain):
+        with lock:
+            t = r.add(0, 4096)
+        waiting.clear()
+
+        def waiter(wait=wait):
+            with lock:
+                wait()
+        w, _ = _start(waiter)
+        assert waiting.wait(WAIT)
+        r.remove(t)                 # this thread does not hold the lock
+        w.join(WAIT)
+        assert not w.is_alive() and r.waiters == 0 and not r.count
+
+
+def test_unpin_wakes_a_drain():
+    pins = ReadPins()
+    waiting = _no_timeout(pins._cond)
+    t = pins.pin()
+    d, _ = _start(pins.drain)
+    assert waiting.wait(WAIT)
+    later = pins.pin()              # taken after the drain began: not waited for
+    pins.unpin(t)
+    d.join(WAIT)
+    assert not d.is_alive()
+    pins.unpin(later)

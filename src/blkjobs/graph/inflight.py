@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Callable
 
 
 class InFlight:
@@ -66,8 +67,19 @@ class InFlight:
 
 class Reads:
     """Guest reads of one node being done outside the I/O lock
-    (:meth:`~.io.BlockIO.guest_read`). All methods need the I/O lock
-    (``cond``) held; the waits release it.
+    (:meth:`~.io.BlockIO.guest_read`). :meth:`add` and the waits need the
+    I/O lock (``cond``) held (the waits release it); :meth:`remove` does
+    not: a read ending takes the lock again only when someone waits for
+    reads (``waiters``), which saves every read a second trip through the
+    contended lock.
+
+    Why a waiter cannot miss a read's end: it counts itself in ``waiters``
+    (lock held) *before* it looks at the reads in flight; a read's end
+    drops its ticket and *then* looks at ``waiters``. If the waiter saw the
+    ticket, the drop came after its look, so the read sees the count and
+    notifies, which needs the lock the waiter holds until it waits. (Each
+    step is one operation under the GIL; the views of ``_live`` are copied
+    first, as a read may drop its ticket meanwhile.)
 
     Few reads are in flight at once (one per server worker), so they are a
     plain dict. Each has a ticket, a serial number: :meth:`drain` waits for
@@ -79,6 +91,8 @@ class Reads:
         self.cond = cond
         self._next = 0
         self._live: dict[int, tuple[int, int]] = {}    # ticket -> (start, end)
+        #: threads in :meth:`wait_clear` or :meth:`drain`
+        self.waiters = 0
 
     @property
     def count(self) -> int:
@@ -91,15 +105,32 @@ class Reads:
         return ticket
 
     def remove(self, ticket: int) -> None:
+        """The read ended (the I/O lock need not be held)."""
         del self._live[ticket]
-        self.cond.notify_all()
+        if self.waiters:
+            with self.cond:
+                self.cond.notify_all()
 
     def busy(self, start: int, length: int) -> bool:
         end = start + length
-        return any(s < end and e > start for s, e in self._live.values())
+        return any(s < end and e > start for s, e in list(self._live.values()))
+
+    def wait_clear(self, start: int, length: int, also: Callable[[], bool] = lambda: False) -> None:
+        """Wait until no read in flight overlaps [start, start+length) and
+        ``also()`` is false (another condition on the same lock)."""
+        self.waiters += 1
+        try:
+            while self.busy(start, length) or also():
+                self.cond.wait(1.0)
+        finally:
+            self.waiters -= 1
 
     def drain(self) -> None:
         """Wait until every read in flight now is done."""
         last = self._next
-        while any(t < last for t in self._live):
-            self.cond.wait(1.0)
+        self.waiters += 1
+        try:
+            while any(t < last for t in list(self._live)):
+                self.cond.wait(1.0)
+        finally:
+            self.waiters -= 1

@@ -220,9 +220,8 @@ class BlockIO:
             rp.run()
         finally:
             rp.release()
-            with self.lock:
-                for r, t in tracked:
-                    r.remove(t)
+            for r, t in tracked:        # (without the lock: Reads.remove)
+                r.remove(t)
 
     def _reads(self, node: Node) -> Reads:
         st = state(node)
@@ -305,9 +304,7 @@ class BlockIO:
         between its filter and the driver, and land over the guest's data."""
         st = state(node)
         off, n = req.offset, req.length
-        while (any(s.busy(off, n) for s in st.serial)
-               or (st.reading is not None and st.reading.busy(off, n))):
-            self.lock.wait(1.0)
+        self._reads(node).wait_clear(off, n, lambda: any(s.busy(off, n) for s in st.serial))
         writing = st.writing
         if writing is None:
             writing = st.writing = InFlight(self.lock)

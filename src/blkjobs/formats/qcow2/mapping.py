@@ -8,6 +8,7 @@ Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
 """
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import threading
@@ -32,35 +33,37 @@ class ReadPins:
     that lock can wait here."""
 
     def __init__(self) -> None:
-        # a plain lock (every read takes it twice; a Condition's ``with``
-        # is Python code), the condition only for drain()'s waits
+        # Every read pins and unpins: both are single operations under the
+        # GIL (a counter's next(), a set's add/discard), without a lock. The
+        # lock and condition serve drain()'s waits: a drainer counts itself
+        # in ``_waiters`` before it looks at the pins, an unpin drops its
+        # ticket before it looks at ``_waiters`` (so one of them sees the
+        # other; see graph/inflight.py Reads).
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._next = 0
+        self._tickets = itertools.count()
         self._live: set[int] = set()
         self._waiters = 0
 
     def pin(self) -> int:
-        with self._lock:
-            t = self._next
-            self._next = t + 1
-            self._live.add(t)
-            return t
+        t = next(self._tickets)
+        self._live.add(t)
+        return t
 
     def unpin(self, ticket: int) -> None:
-        with self._lock:
-            self._live.discard(ticket)
-            if self._waiters:
+        self._live.discard(ticket)
+        if self._waiters:
+            with self._lock:
                 self._cond.notify_all()
 
     def drain(self) -> None:
         """Wait for the pins taken before this call (not for later ones:
         those mapped after the frees, and cannot reach a freed cluster)."""
         with self._lock:
-            last = self._next
             self._waiters += 1
+            last = next(self._tickets)
             try:
-                while any(t < last for t in self._live):
+                while any(t < last for t in list(self._live)):
                     self._cond.wait(1.0)
             finally:
                 self._waiters -= 1
