@@ -167,7 +167,7 @@ def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
     meanwhile, unless ``force_share``; two raw files are read sharing
     everything, as qemu-img reads them). ``progress(done, total)``: bytes of
     the common size compared so far."""
-    from ..formats.nbd import is_nbd_uri
+    from ..formats.sniff import is_nbd_uri
     from ..graph.blockspec import is_spec
     from .images import open_ro, probe
     fa, fb = probe(path_a, fmt_a), probe(path_b, fmt_b)
