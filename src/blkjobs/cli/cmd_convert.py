@@ -11,6 +11,7 @@ from .cmd_create import parse_opts
 from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
 from . import image_opts
+from .opts_help import OptsAction, print_help, wants_help
 
 
 def register(sub):
@@ -31,8 +32,8 @@ def register(sub):
                    help="the target gets this backing file; only data differing from it "
                    "is copied")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of -B (probed)")
-    p.add_argument("-o", dest="options", action="append", metavar="OPTS",
-                   help="target creation options, as for create")
+    p.add_argument("-o", dest="options", action=OptsAction, metavar="OPTS",
+                   help="target creation options, as for create; -o help lists them")
     p.add_argument("-W", dest="out_of_order", action="store_true",
                    help="accepted for qemu-img compatibility (writes are always parallel)")
     p.add_argument("-q", dest="quiet", action="store_true", help="no progress output")
@@ -117,6 +118,8 @@ def run(args) -> int:
         add_secret_object(obj)
     if args.no_create and args.options:
         raise UsageError("-o has no effect when skipping image creation")
+    if wants_help(args.options):        # the target named: with its protocol's options
+        return print_help(args.dst_fmt, args.dst if args.srcs else None)
     create_opts = parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2", "luks")
                              else "raw") if args.options else {}
     # -o backing_file=,backing_fmt= is -B/-F (qemu-img: the -o value wins): only
