@@ -27,3 +27,16 @@ def test_o_help_lists_the_options(twins, args):
     same(twins, *args.split())
     for d in twins:
         assert sorted(p.name for p in d.iterdir()) == ["a.raw", "bin"]
+
+
+@pytest.mark.parametrize("args", ["-b nonexist", "-b nonexist -F qcow2", "-b nonexist -F raw",
+                                  "-b base.qcow2", "-u -b nonexist"])
+def test_rebase_new_backing_file_errors(twins, args):
+    """In safe mode the new backing file is opened (probed) before its
+    format is asked for; its open error is said once, not twice."""
+    for d in twins:
+        qemu_img("create", "-f", "qcow2", d / "base.qcow2", "1M")
+        qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", d / "top.qcow2")
+    rc, _out, err = same(twins, "rebase", *args.split(), "top.qcow2")
+    assert rc == 1 and err.count("\n") == 1
+    assert (twins[0] / "top.qcow2").read_bytes() == (twins[1] / "top.qcow2").read_bytes()
