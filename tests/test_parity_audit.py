@@ -40,3 +40,36 @@ def test_rebase_new_backing_file_errors(twins, args):
     rc, _out, err = same(twins, "rebase", *args.split(), "top.qcow2")
     assert rc == 1 and err.count("\n") == 1
     assert (twins[0] / "top.qcow2").read_bytes() == (twins[1] / "top.qcow2").read_bytes()
+
+
+BLKDEBUG_EIO = """[inject-error]
+event = "read_aio"
+sector = "8"
+errno = "5"
+once = "off"
+"""
+
+
+@pytest.mark.parametrize("args", ["--salvage -O raw", "--salvage -q -O raw",
+                                  "--salvage -O qcow2", "-C -O raw", "-C -O qcow2"])
+def test_convert_salvage_and_copy_offloading(twins, args):
+    """--salvage: a sector that fails to read becomes zeroes, with qemu-img's
+    warning (-q: none); -C is taken. The same target, byte for byte."""
+    for d in twins:
+        qemu_img("create", "-f", "raw", d / "s.raw", "1M")
+        (d / "s.raw").write_bytes(b"\x09" * (1 << 20))
+        (d / "bd.conf").write_text(BLKDEBUG_EIO)
+    src = "blkdebug:bd.conf:s.raw" if "--salvage" in args else "s.raw"
+    rc, _out, err = same(twins, "convert", *args.split(), src, "o")
+    assert rc == 0 and err.count("warning: error while reading offset 4096") == (
+        1 if args.startswith("--salvage -O") else 0)
+    assert (twins[0] / "o").read_bytes() == (twins[1] / "o").read_bytes()
+    qemu_img("compare", twins[0] / "o", twins[1] / "o")
+
+
+@pytest.mark.parametrize("args", ["-C -c -O qcow2", "-C -S 4k", "-C --salvage", "-C -S 0 -c"])
+def test_convert_copy_offloading_refusals(twins, args):
+    for d in twins:
+        qemu_img("create", "-f", "raw", d / "s.raw", "1M")
+    rc, _out, _err = same(twins, "convert", *args.split(), "s.raw", "o")
+    assert rc == 1 and not (twins[0] / "o").exists()

@@ -44,7 +44,7 @@ def register(sub):
                    help="force share: read a source another process is writing (the "
                    "target is always locked for writing)")
     add_progress_options(p)
-    p.add_argument("-S", dest="sparse", default="4k", metavar="SIZE",
+    p.add_argument("-S", dest="sparse", default=None, metavar="SIZE",
                    help="consecutive zero bytes that become a hole (default 4k; 0: fully "
                    "allocate the target)")
     p.add_argument("-n", dest="no_create", action="store_true",
@@ -62,6 +62,12 @@ def register(sub):
                    "durable (fsync) before exiting, starting writeback while it copies")
     p.add_argument("--request-size", default=None, metavar="SIZE",
                    help="bytes per request (default 2M for raw -> raw, else 512k)")
+    p.add_argument("--salvage", action="store_true",
+                   help="go on past read errors: a sector that cannot be read is written "
+                   "as zeroes, with a warning (as qemu-img --salvage)")
+    p.add_argument("-C", dest="copy_range", action="store_true",
+                   help="copy offloading, as qemu-img -C: accepted (blkjobs' engine already "
+                   "copies without a detour), refused with -c, -S and --salvage as qemu-img does")
     p.add_argument("--bitmaps", action="store_true",
                    help="copy the source's persistent dirty bitmaps (qcow2 target)")
     p.add_argument("--skip-broken-bitmaps", action="store_true",
@@ -134,7 +140,7 @@ def run(args) -> int:
         # qemu-img refuses to probe it (the library probes: ConvertOptions)
         raise UsageError("Use of backing file requires explicit backing format")
     opts = ConvertOptions(
-        sparse_size=parse_size(args.sparse, "buffer size for sparse output"),
+        sparse_size=parse_size(args.sparse or "4k", "buffer size for sparse output"),
         no_create=args.no_create, target_is_zero=args.target_is_zero,
         rate=parse_size(args.rate, "rate limit"), threads=threads,
         request_size=parse_size(args.request_size, "request size", 512, 1 << 30)
@@ -142,10 +148,13 @@ def run(args) -> int:
         flush=args.cache != "unsafe", src_fmt=args.src_fmt, dst_fmt=args.dst_fmt,
         compress=args.compress, backing=backing, backing_fmt=backing_fmt,
         force_share=args.force_share, create_opts=create_opts,
-        snapshot=_snapshot_param(args.snapshot))
+        snapshot=_snapshot_param(args.snapshot), salvage=args.salvage,
+        on_salvage=None if args.quiet else _salvage_warning)
     names = None
     if args.skip_broken_bitmaps and not args.bitmaps:
         raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if args.copy_range:
+        _check_copy_range(args)
     if len(args.srcs) > 1:
         return _concat(args, opts)
     if args.bitmaps:
@@ -163,6 +172,23 @@ def run(args) -> int:
         from ..imageops.convert_bitmaps import copy_bitmaps
         copy_bitmaps(args.src, args.src_fmt, args.dst, names, args.force_share)
     return 0
+
+
+def _check_copy_range(args) -> None:
+    """-C: what qemu-img refuses with it."""
+    if args.compress:
+        raise UsageError("Cannot enable copy offloading when -c is used")
+    if args.sparse is not None:
+        raise UsageError("Cannot enable copy offloading when -S is used")
+    if args.salvage:
+        raise UsageError("Cannot use copy offloading in salvaging mode")
+
+
+def _salvage_warning(offset: int, err: int) -> None:
+    import os
+    from . import progname
+    os.write(2, f"{progname()}: warning: error while reading offset {offset}: "
+             f"{os.strerror(err)}\n".encode())
 
 
 def _snapshot_param(text: str | None) -> tuple[str | None, str | None] | str | None:
