@@ -73,3 +73,23 @@ def test_convert_copy_offloading_refusals(twins, args):
         qemu_img("create", "-f", "raw", d / "s.raw", "1M")
     rc, _out, _err = same(twins, "convert", *args.split(), "s.raw", "o")
     assert rc == 1 and not (twins[0] / "o").exists()
+
+
+@pytest.mark.parametrize("args", [
+    "convert -m 0", "convert -m 17", "convert -m x", "convert -m 0x10", "convert -S 513",
+    "convert -S 32M", "convert -S 16M", "convert --target-is-zero", "convert -O foo",
+    "convert -f foo", "convert -O foo -f foo"])
+def test_convert_option_errors(twins, args):
+    """Refusals of convert's option values in qemu-img's words (and what
+    they accept, accepted)."""
+    for d in twins:
+        qemu_img("create", "-f", "raw", d / "s.raw", "1M")
+    same(twins, *args.split(), "s.raw", "o")
+
+
+@pytest.mark.parametrize("rate", ["10MB", "-5", "1x"])
+def test_commit_r_error_says_rate_limit(twins, rate):
+    for d in twins:
+        qemu_img("create", "-f", "qcow2", d / "b.qcow2", "1M")
+        qemu_img("create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", d / "t.qcow2")
+    assert same(twins, "commit", "-r", rate, "t.qcow2")[0] == 1

@@ -114,14 +114,19 @@ def _concat(args, opts: ConvertOptions) -> int:
 
 
 def run(args) -> int:
-    try:
-        threads = int(args.threads) if args.threads is not None else (
-            8 if args.cache == "writeback" else 4)
-    except ValueError:
-        raise UsageError(f"invalid number of threads '{args.threads}'") from None
+    threads = _coroutines(args.threads) if args.threads is not None else (
+        8 if args.cache == "writeback" else 4)
+    sparse = parse_size(args.sparse or "4k", "buffer size for sparse output")
+    if sparse % 512 or sparse > 16 << 20:
+        raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are "
+                         "multiples of 512 up to 16777216. Select 0 to disable sparse "
+                         "detection (fully allocates output).")
     from ..formats.secrets import add_secret_object
     for obj in args.objects or []:
         add_secret_object(obj)
+    _unknown_formats(args)
+    if args.target_is_zero and not args.no_create:
+        raise UsageError("--target-is-zero requires use of -n flag")
     if args.no_create and args.options:
         raise UsageError("-o has no effect when skipping image creation")
     if wants_help(args.options):        # the target named: with its protocol's options
@@ -140,7 +145,7 @@ def run(args) -> int:
         # qemu-img refuses to probe it (the library probes: ConvertOptions)
         raise UsageError("Use of backing file requires explicit backing format")
     opts = ConvertOptions(
-        sparse_size=parse_size(args.sparse or "4k", "buffer size for sparse output"),
+        sparse_size=sparse,
         no_create=args.no_create, target_is_zero=args.target_is_zero,
         rate=parse_size(args.rate, "rate limit"), threads=threads,
         request_size=parse_size(args.request_size, "request size", 512, 1 << 30)
@@ -172,6 +177,30 @@ def run(args) -> int:
         from ..imageops.convert_bitmaps import copy_bitmaps
         copy_bitmaps(args.src, args.src_fmt, args.dst, names, args.force_share)
     return 0
+
+
+def _unknown_formats(args) -> None:
+    """A format no qemu-img knows, refused in qemu-img's words (one it knows
+    but blkjobs does not write: the library says so)."""
+    from ..formats import FORMATS
+    from ..imageops.rebase import QEMU_DRIVERS
+    if args.src_fmt is not None and args.src_fmt not in FORMATS \
+            and args.src_fmt not in QEMU_DRIVERS and args.srcs:
+        raise UsageError(f"Could not open '{args.srcs[0]}': Unknown driver '{args.src_fmt}'")
+    if args.dst_fmt not in FORMATS and args.dst_fmt not in QEMU_DRIVERS:
+        raise UsageError(f"Unknown file format '{args.dst_fmt}'")
+
+
+def _coroutines(text: str) -> int:
+    """-m N, read as qemu-img reads it (C's strtol, base 0), refused in its words."""
+    try:
+        n = int(text, 8) if text[:1] == "0" and text[1:2].isdigit() else int(text, 0)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 16:
+        raise UsageError("Invalid number of coroutines. Allowed number of coroutines is "
+                         "between 1 and 16")
+    return n
 
 
 def _check_copy_range(args) -> None:
