@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import run_blkjobs
 from qemu_oracle import qemu_img
 from test_parity_invocation import same, twins  # noqa: F401  (the fixture: twin dirs)
 
@@ -127,3 +128,14 @@ def test_stale_bitmaps_warning_and_drop(twins, version, args):
     rc, _out, err = same(twins, *(words if "s.qcow2" in words else [*words, "s.qcow2"]))
     assert "inconsistent\nSome clusters may be leaked" in err
     assert img.read_bytes() == (twins[1] / "s.qcow2").read_bytes()
+
+
+@pytest.mark.parametrize("size", ["10MB", "1.5Q", "1e6", "4KiB"])
+def test_bench_takes_qemu_img_sizes(tmp_path, size):
+    """bench's sizes are qemu-img's (no MB = 10^6): what qemu-img refuses as
+    an image size, bench refuses in the same words, naming its option."""
+    theirs = qemu_img("create", "-f", "raw", tmp_path / "x.raw", size, check=False)
+    ours = run_blkjobs("bench", "--size", size, "-q", tmp_path)
+    assert theirs.returncode == ours.returncode == 1
+    assert ours.stderr == theirs.stderr.replace("qemu-img: ", "blkjobs: ").replace(
+        "image size", "--size")
