@@ -107,15 +107,16 @@ def test_n_onto_smaller_target_refused(tmp_path):
     (["convert", "{dir}", "{dst}"], "blkjobs: Could not open '{dir}': Is a directory\n"),
     (["convert", "{src}", "{src}"], "blkjobs: source and target are the same file: '{src}'\n"),
     (["convert", "-S", "100", "{src}", "{dst}"],
-     "blkjobs: invalid sparse size 100: must be a multiple of 512 up to 16 MiB (0 disables sparse output)\n"),
+     "blkjobs: Invalid buffer size for sparse output specified. Valid sizes are multiples of "
+     "512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).\n"),
     (["convert", "-r", "fast", "{src}", "{dst}"],
      "blkjobs: Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
      "blkjobs: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.\n"),
     (["convert", "-m", "0", "{src}", "{dst}"],
-     "blkjobs: invalid number of coroutines/threads 0: must be 1..16\n"),
+     "blkjobs: Invalid number of coroutines. Allowed number of coroutines is between 1 and 16\n"),
     (["convert", "-O", "vmdk", "{src}", "{dst}"], "blkjobs: unsupported target format 'vmdk' (supported: raw, qcow2, luks)\n"),
     (["convert", "--target-is-zero", "{src}", "{dst}"],
-     "blkjobs: --target-is-zero requires -n (use an existing target)\n"),
+     "blkjobs: --target-is-zero requires use of -n flag\n"),
 ])
 def test_bad_input_one_line(tmp_path, args, message):
     src = tmp_path / "s.raw"

@@ -130,3 +130,18 @@ def from_errno(err: int, what: str = "", path: str | None = None, side: str | No
     if e == _errno.ECANCELED:
         return Cancelled()
     return OSErrorWithContext(e, what, path=path, side=side, offset=offset)
+
+
+#: the name warnings start with: the command line sets it to the name it was
+#: invoked as (QEMU's tools say ``qemu-img: warning: ...``)
+program_name = "blkjobs"
+
+
+def warn_report(text: str, more: str = "") -> None:
+    """A warning on stderr as QEMU's ``warn_report`` (and ``error_printf``
+    ``more`` after it). QEMU ends ``more`` without a newline; so does this
+    under QEMU's name (scripts compare the bytes), else the line is ended."""
+    import sys
+    end = "" if program_name == "qemu-img" or not more else "\n"
+    sys.stderr.write(f"{program_name}: warning: {text}\n{more}{end}")
+    sys.stderr.flush()

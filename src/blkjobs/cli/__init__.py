@@ -19,3 +19,5 @@ def set_progname(argv0: str) -> None:
     global _progname
     base = argv0.rsplit("/", 1)[-1]
     _progname = base if base and not base.endswith(".py") else "blkjobs"
+    from .. import errors
+    errors.program_name = _progname

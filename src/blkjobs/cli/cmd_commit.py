@@ -95,7 +95,8 @@ def run(args) -> int:
             except UsageError:      # qemu-img commit's words
                 raise UsageError(f"Did not find '{args.base}' in the backing chain of "
                                  f"'{args.image}'") from None
-        speed = parse_size(args.rate if args.rate is not None else args.speed, "speed")
+        speed = parse_size(args.rate, "rate limit") if args.rate is not None else \
+            parse_size(args.speed, "speed")
         path, fmt = top.filename, top.format
         from ..graph.blockspec import file_name
         fpath = file_name(args.image)

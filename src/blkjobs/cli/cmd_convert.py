@@ -11,6 +11,7 @@ from .cmd_create import parse_opts
 from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
 from . import image_opts
+from .opts_help import OptsAction, print_help, wants_help
 
 
 def register(sub):
@@ -31,8 +32,8 @@ def register(sub):
                    help="the target gets this backing file; only data differing from it "
                    "is copied")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of -B (probed)")
-    p.add_argument("-o", dest="options", action="append", metavar="OPTS",
-                   help="target creation options, as for create")
+    p.add_argument("-o", dest="options", action=OptsAction, metavar="OPTS",
+                   help="target creation options, as for create; -o help lists them")
     p.add_argument("-W", dest="out_of_order", action="store_true",
                    help="accepted for qemu-img compatibility (writes are always parallel)")
     p.add_argument("-q", dest="quiet", action="store_true", help="no progress output")
@@ -43,7 +44,7 @@ def register(sub):
                    help="force share: read a source another process is writing (the "
                    "target is always locked for writing)")
     add_progress_options(p)
-    p.add_argument("-S", dest="sparse", default="4k", metavar="SIZE",
+    p.add_argument("-S", dest="sparse", default=None, metavar="SIZE",
                    help="consecutive zero bytes that become a hole (default 4k; 0: fully "
                    "allocate the target)")
     p.add_argument("-n", dest="no_create", action="store_true",
@@ -61,6 +62,12 @@ def register(sub):
                    "durable (fsync) before exiting, starting writeback while it copies")
     p.add_argument("--request-size", default=None, metavar="SIZE",
                    help="bytes per request (default 2M for raw -> raw, else 512k)")
+    p.add_argument("--salvage", action="store_true",
+                   help="go on past read errors: a sector that cannot be read is written "
+                   "as zeroes, with a warning (as qemu-img --salvage)")
+    p.add_argument("-C", dest="copy_range", action="store_true",
+                   help="copy offloading, as qemu-img -C: accepted (blkjobs' engine already "
+                   "copies without a detour), refused with -c, -S and --salvage as qemu-img does")
     p.add_argument("--bitmaps", action="store_true",
                    help="copy the source's persistent dirty bitmaps (qcow2 target)")
     p.add_argument("--skip-broken-bitmaps", action="store_true",
@@ -107,16 +114,23 @@ def _concat(args, opts: ConvertOptions) -> int:
 
 
 def run(args) -> int:
-    try:
-        threads = int(args.threads) if args.threads is not None else (
-            8 if args.cache == "writeback" else 4)
-    except ValueError:
-        raise UsageError(f"invalid number of threads '{args.threads}'") from None
+    threads = _coroutines(args.threads) if args.threads is not None else (
+        8 if args.cache == "writeback" else 4)
+    sparse = parse_size(args.sparse or "4k", "buffer size for sparse output")
+    if sparse % 512 or sparse > 16 << 20:
+        raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are "
+                         "multiples of 512 up to 16777216. Select 0 to disable sparse "
+                         "detection (fully allocates output).")
     from ..formats.secrets import add_secret_object
     for obj in args.objects or []:
         add_secret_object(obj)
+    _unknown_formats(args)
+    if args.target_is_zero and not args.no_create:
+        raise UsageError("--target-is-zero requires use of -n flag")
     if args.no_create and args.options:
         raise UsageError("-o has no effect when skipping image creation")
+    if wants_help(args.options):        # the target named: with its protocol's options
+        return print_help(args.dst_fmt, args.dst if args.srcs else None)
     create_opts = parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2", "luks")
                              else "raw") if args.options else {}
     # -o backing_file=,backing_fmt= is -B/-F (qemu-img: the -o value wins): only
@@ -131,7 +145,7 @@ def run(args) -> int:
         # qemu-img refuses to probe it (the library probes: ConvertOptions)
         raise UsageError("Use of backing file requires explicit backing format")
     opts = ConvertOptions(
-        sparse_size=parse_size(args.sparse, "buffer size for sparse output"),
+        sparse_size=sparse,
         no_create=args.no_create, target_is_zero=args.target_is_zero,
         rate=parse_size(args.rate, "rate limit"), threads=threads,
         request_size=parse_size(args.request_size, "request size", 512, 1 << 30)
@@ -139,10 +153,13 @@ def run(args) -> int:
         flush=args.cache != "unsafe", src_fmt=args.src_fmt, dst_fmt=args.dst_fmt,
         compress=args.compress, backing=backing, backing_fmt=backing_fmt,
         force_share=args.force_share, create_opts=create_opts,
-        snapshot=_snapshot_param(args.snapshot))
+        snapshot=_snapshot_param(args.snapshot), salvage=args.salvage,
+        on_salvage=None if args.quiet else _salvage_warning)
     names = None
     if args.skip_broken_bitmaps and not args.bitmaps:
         raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if args.copy_range:
+        _check_copy_range(args)
     if len(args.srcs) > 1:
         return _concat(args, opts)
     if args.bitmaps:
@@ -160,6 +177,47 @@ def run(args) -> int:
         from ..imageops.convert_bitmaps import copy_bitmaps
         copy_bitmaps(args.src, args.src_fmt, args.dst, names, args.force_share)
     return 0
+
+
+def _unknown_formats(args) -> None:
+    """A format no qemu-img knows, refused in qemu-img's words (one it knows
+    but blkjobs does not write: the library says so)."""
+    from ..formats import FORMATS
+    from ..imageops.rebase import QEMU_DRIVERS
+    if args.src_fmt is not None and args.src_fmt not in FORMATS \
+            and args.src_fmt not in QEMU_DRIVERS and args.srcs:
+        raise UsageError(f"Could not open '{args.srcs[0]}': Unknown driver '{args.src_fmt}'")
+    if args.dst_fmt not in FORMATS and args.dst_fmt not in QEMU_DRIVERS:
+        raise UsageError(f"Unknown file format '{args.dst_fmt}'")
+
+
+def _coroutines(text: str) -> int:
+    """-m N, read as qemu-img reads it (C's strtol, base 0), refused in its words."""
+    try:
+        n = int(text, 8) if text[:1] == "0" and text[1:2].isdigit() else int(text, 0)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 16:
+        raise UsageError("Invalid number of coroutines. Allowed number of coroutines is "
+                         "between 1 and 16")
+    return n
+
+
+def _check_copy_range(args) -> None:
+    """-C: what qemu-img refuses with it."""
+    if args.compress:
+        raise UsageError("Cannot enable copy offloading when -c is used")
+    if args.sparse is not None:
+        raise UsageError("Cannot enable copy offloading when -S is used")
+    if args.salvage:
+        raise UsageError("Cannot use copy offloading in salvaging mode")
+
+
+def _salvage_warning(offset: int, err: int) -> None:
+    import os
+    from . import progname
+    os.write(2, f"{progname()}: warning: error while reading offset {offset}: "
+             f"{os.strerror(err)}\n".encode())
 
 
 def _snapshot_param(text: str | None) -> tuple[str | None, str | None] | str | None:

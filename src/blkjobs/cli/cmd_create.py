@@ -11,6 +11,7 @@ import sys
 from ..errors import BlkjobsError, UsageError
 from ..units import parse_opt_size, parse_size
 from . import image_opts
+from .opts_help import OptsAction, print_help, wants_help
 
 #: qemu-img's luks create options (qcow2: with the prefix ``encrypt.``), in
 #: the order its Formatting line lists them
@@ -28,9 +29,9 @@ def register(sub):
     p.add_argument("--object", dest="objects", action="append", metavar="OBJECT",
                    help="secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]: a password "
                    "for key-secret=ID (luks) or encrypt.key-secret=ID (qcow2)")
-    p.add_argument("-o", dest="options", action="append", metavar="OPTS",
+    p.add_argument("-o", dest="options", action=OptsAction, metavar="OPTS",
                    help="cluster_size=..,extended_l2=on|off,preallocation=..,compat=..,"
-                   "refcount_bits=..")
+                   "refcount_bits=..; -o help lists them")
     p.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (qcow2)")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="backing file format")
     p.add_argument("-u", dest="unsafe", action="store_true",
@@ -254,6 +255,8 @@ def run(args) -> int:
     from ..formats.secrets import add_secret_object
     for obj in args.objects or []:
         add_secret_object(obj)
+    if wants_help(args.options):
+        return print_help(args.fmt, args.image)
     if args.fmt not in FORMATS:
         raise UsageError(f"unsupported image format '{args.fmt}' (supported: {', '.join(FORMATS)})")
     try:

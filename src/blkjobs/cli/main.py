@@ -55,6 +55,8 @@ def _parser_class() -> type[argparse.ArgumentParser]:
 
         def error(self, message):  # exit 1 like qemu-img
             from .help_texts import usage_error
+            from .opts_help import operands_missing
+            operands_missing(self, message)     # `-o help` needs no operands
             usage_error(self, message)
 
         def parse_args(self, args=None, namespace=None):
@@ -242,7 +244,14 @@ def _main(argv: list[str]) -> int:
     if "_ARGCOMPLETE" in os.environ:      # the shell asks for completions
         import argcomplete
         argcomplete.autocomplete(parser)  # prints them and exits
-    args = parser.parse_args(argv)
+    from .opts_help import OptionsHelp
+    try:
+        args = parser.parse_args(argv)
+    except OptionsHelp as e:        # `create -f qcow2 -o help`: the command lists them
+        args = e.args_ns
+        for a in parser._actions:   # the global options' defaults
+            if not hasattr(args, a.dest) and a.default != "==SUPPRESS==":
+                setattr(args, a.dest, a.default)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 1

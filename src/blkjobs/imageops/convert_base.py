@@ -37,6 +37,9 @@ class ConvertOptions:
     create_opts: dict = field(default_factory=dict)   # -o (qcow2/raw creation options)
     force_share: bool = False      # -U: read a source another process is writing
     snapshot: tuple[str | None, str | None] | str | None = None  # -l: (id, name) or ID-or-name
+    salvage: bool = False          # --salvage: unreadable sectors read as zeroes
+    #: with --salvage: told (offset, errno) of each sector that could not be read
+    on_salvage: Callable[[int, int], None] | None = None
 
 
 @dataclass

@@ -47,7 +47,7 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
     local converter does not depend on it)."""
     from .images import check_format
     o = opts or ConvertOptions()
-    if not (is_nbd_uri(src) or is_nbd_uri(dst) or _encrypted(src, dst, o)):
+    if not (is_nbd_uri(src) or is_nbd_uri(dst) or o.salvage or _encrypted(src, dst, o)):
         # imported here: an NBD copy does not load the local converter
         # (start-up time is part of every copy)
         from .convert import convert as convert_files
@@ -77,7 +77,8 @@ def convert_nbd(src: str, dst: str, o: ConvertOptions,
                 check: Callable[[], None] | None = None) -> ConvertResult:
     """Convert where ``src`` or ``dst`` is an NBD URI (see the module)."""
     if o.backing or o.compress:
-        with_what = "NBD" if is_nbd_uri(src) or is_nbd_uri(dst) else "encrypted images"
+        with_what = "NBD" if is_nbd_uri(src) or is_nbd_uri(dst) else \
+            "--salvage" if o.salvage else "encrypted images"
         raise UsageError(f"convert: {'-B' if o.backing else '-c'} is not supported with "
                          f"{with_what}")
     if is_nbd_uri(dst) and o.dst_fmt != "raw":
@@ -191,14 +192,31 @@ class _NbdConvert:
 
     def _read(self, off: int, mv) -> None:
         try:
-            if self.src_lock is None:
-                self.top.readinto(off, mv)
-            else:
-                with self.src_lock:
-                    self.top.readinto(off, mv)
+            self._read_once(off, mv)
         except OSError as e:
+            if self.o.salvage:
+                return self._salvage(off, mv)
             raise CopyError(e.errno or errno.EIO, "error reading", path=self.src,
                             side="source", offset=off) from None
+
+    def _read_once(self, off: int, mv) -> None:
+        if self.src_lock is None:
+            self.top.readinto(off, mv)
+        else:
+            with self.src_lock:
+                self.top.readinto(off, mv)
+
+    def _salvage(self, off: int, mv) -> None:
+        """--salvage: read sector by sector; one that fails reads as zeroes
+        (and is told to ``on_salvage``)."""
+        for pos in range(0, len(mv), 512):
+            sector = mv[pos:pos + 512]
+            try:
+                self._read_once(off + pos, sector)
+            except OSError as e:
+                sector[:] = bytes(len(sector))
+                if self.o.on_salvage is not None:
+                    self.o.on_salvage(off + pos, e.errno or errno.EIO)
 
     def _write(self, fn, off: int, *args) -> None:
         try:

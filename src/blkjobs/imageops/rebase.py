@@ -55,9 +55,8 @@ def rebase(path: str, backing: str | None, backing_fmt: str | None = None,
                          "backing file")
     if not backing:
         backing, backing_fmt = None, None
-    if backing is not None and backing_fmt is None:
-        raise UsageError(f"Could not change the backing file to '{backing}': "
-                         "backing format must be specified")
+    if backing is not None and backing_fmt is None and unsafe:
+        raise _format_needed(backing)
     if unsafe and backing_fmt is not None and backing_fmt not in FORMATS:
         # only recorded, as qemu-img -u does for any driver it knows
         if backing_fmt not in QEMU_DRIVERS:
@@ -90,8 +89,11 @@ def rebase(path: str, backing: str | None, backing_fmt: str | None = None,
                     raise UsageError(f"rebase: '{path}' would be its own backing file") \
                         from None
                 raise
-            except BlkjobsError as e:
-                raise UsageError(f"{what} '{new_path}': {e}") from None
+            except BlkjobsError as e:     # qemu-img's: this line, then the file's
+                text = str(e).removeprefix(f"Could not open '{new_path}': ")
+                raise UsageError(f"{what} '{new_path}': {text}") from None
+            if backing_fmt is None:     # said once the new backing file opened, as qemu-img
+                raise _format_needed(backing)
             if any(os.path.samefile(n.filename, path) for n in new.chain()):
                 raise UsageError(f"rebase: '{path}' would be its own backing file")
         top.take("rebase", Perm.WRITE | Perm.CONSISTENT_READ)
@@ -103,6 +105,11 @@ def rebase(path: str, backing: str | None, backing_fmt: str | None = None,
         top.close_chain()
         if new is not None:
             new.close_chain()
+
+
+def _format_needed(backing: str) -> UsageError:
+    return UsageError(f"Could not change the backing file to '{backing}': "
+                      "backing format must be specified")
 
 
 def _zero_runs(node, pos, n):

@@ -20,7 +20,8 @@ import struct
 
 from ...errors import ImageError
 from .check_walk import Walker
-from .header import AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from .header import (AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, drop_stale_bitmaps,
+                     stale_bitmaps)
 from .refcount import Refcounts
 from .check_snapshots import SnapshotCheck
 from .tables import COMPRESSED, COPIED, OFFSET_MASK, L2Tables
@@ -42,8 +43,9 @@ def check(img: L2Tables, repair: str | None = None) -> CheckResult:
     if not img.read_only:
         img.flush()
     h = img.header
-    if repair and h.autoclear & ~AUTOCLEAR_KNOWN:     # as qemu-img's read/write open
-        h.autoclear &= AUTOCLEAR_KNOWN
+    if repair and (h.autoclear & ~AUTOCLEAR_KNOWN or stale_bitmaps(h)):
+        h.autoclear &= AUTOCLEAR_KNOWN      # as qemu-img's read/write open
+        drop_stale_bitmaps(h)
         img._write_header()
     res = Checker(img, repair, SnapshotCheck(img, repair)).run()
     if repair and not (res.check_errors or res.corrupt):

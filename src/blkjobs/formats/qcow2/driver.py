@@ -59,8 +59,8 @@ from ..base import FormatOpenError, open_file  # open_file: refuses FIFOs & co.
 from .allocate import Allocation
 from .debug import Hook
 from .header import (AUTOCLEAR_KNOWN, CHECK_OPEN, INCOMPAT_CORRUPT,
-                     INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, parse_header,
-                     read_bitmap_directory)
+                     INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, drop_stale_bitmaps, parse_header,
+                     read_bitmap_directory, stale_bitmaps)
 from .mapping import ReadPins, Reads
 from .refcount import Refcounts
 from .snapshots import load_table
@@ -71,6 +71,26 @@ from ...native import qcow2 as _nq
 
 if TYPE_CHECKING:
     from .bitmaps import Bitmaps
+
+
+#: images whose inconsistent bitmaps were reported (once per process)
+_REPORTED: set[str] = set()
+
+
+def _inconsistent_bitmaps(path: str, version: int) -> None:
+    """qemu's warning for a bitmaps extension that a program without bitmap
+    support may have left stale (the autoclear bit clear, or a v2 image)."""
+    from ...errors import warn_report
+    key = os.path.realpath(path)
+    if key in _REPORTED:       # a command may open it more than once (qemu-img: once)
+        return
+    _REPORTED.add(key)
+    warn_report("This qcow2 v2 image contains bitmaps, but they may have been modified by "
+                "a program without persistent bitmap support; so now they must all be "
+                "considered inconsistent" if version < 3 else
+                "a program lacking bitmap support modified this file, so all bitmaps are "
+                "now considered inconsistent",
+                "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
 
 
 class Qcow2(Reads, Writes, Allocation, Zeroes):
@@ -158,6 +178,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self.file_size = st.st_size
         buf = os.pread(self.fd, 2 << 20, 0)
         h = self.header = parse_header(buf, self.file_size, self.filename)
+        if stale_bitmaps(h):
+            _inconsistent_bitmaps(self.filename, h.version)
         if h.crypt_method and not self.encrypted:    # never ciphertext as data
             raise ImageError(f"'{self.filename}': encrypted qcow2 image: open it "
                              "with its key (formats.open_image(key_secret=))")
@@ -248,6 +270,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
             self._header_dirty = True
         if h.autoclear & ~AUTOCLEAR_KNOWN:
             h.autoclear &= AUTOCLEAR_KNOWN
+            self._header_dirty = True
+        if drop_stale_bitmaps(h):
             self._header_dirty = True
         if self._header_dirty:
             self._write_header()

@@ -245,6 +245,21 @@ def parse_header(buf: bytes, file_size: int, path: str = "") -> Header:
     return h
 
 
+def stale_bitmaps(h: Header) -> bool:
+    """A bitmaps extension that a program without bitmap support may have
+    left stale: the autoclear bit clear (always, in a v2 image)."""
+    return h.ext(EXT_BITMAPS) is not None and not h.autoclear & AUTOCLEAR_BITMAPS
+
+
+def drop_stale_bitmaps(h: Header) -> bool:
+    """Drop such an extension (its clusters leak), as QEMU does when it
+    opens the image read/write; True when there was one."""
+    if not stale_bitmaps(h):
+        return False
+    h.extensions = [(t, d) for t, d in h.extensions if t != EXT_BITMAPS]
+    return True
+
+
 _Bad = Callable[[str], ImageError]      # makes the one-line error for a problem
 
 #: set while ``check`` opens an image (qemu's BDRV_O_CHECK): the snapshot
