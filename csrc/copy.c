@@ -62,6 +62,7 @@
  * scan; memory threads*PIECE.
  */
 #include "copy.h"
+#include "dio.h"
 #include "extents.h"
 
 #include <errno.h>
@@ -126,6 +127,9 @@ struct bj_copy {
     uint32_t throttled;       /* of which: waiting in the rate limiter */
     atomic_int cancel;
     atomic_int no_copy_range; /* copy_file_range refused: read/write */
+    int direct;               /* the target or default source is O_DIRECT: no
+                                 copy_file_range (it would move the bytes
+                                 through the page cache) */
     struct bj_zeroer zeroer;  /* shared by the workers (atomic flags) */
     pthread_mutex_t wlock;    /* held around each data write to the target */
 
@@ -362,43 +366,22 @@ static int zero_target(struct bj_copy *c, uint64_t off, uint64_t len)
     return bj_zero_range(&c->zeroer, c->o.dst_fd, off, len, c->o.may_unmap);
 }
 
+/* Reads and writes go through dio.c: they work on an O_DIRECT fd too
+ * (unaligned requests through an aligned bounce buffer). */
 static int pread_full(int fd, char *buf, uint64_t len, uint64_t off)
 {
-    uint64_t got = 0;
-    while (got < len) {
-        ssize_t r = pread(fd, buf + got, len - got, (off_t)(off + got));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0) { /* past the end of the source: reads as zeroes */
-            memset(buf + got, 0, len - got);
-            break;
-        }
-        got += (uint64_t)r;
-    }
+    int64_t got = bj_dio_pread(fd, buf, len, off);
+    if (got < 0)
+        return (int)got;
+    if ((uint64_t)got < len) /* past the end of the source: reads as zeroes */
+        memset(buf + got, 0, len - (uint64_t)got);
     return 0;
 }
 
 static int pwrite_full(int fd, const char *buf, uint64_t len, uint64_t off, uint64_t *fail_off)
 {
-    uint64_t put = 0;
-    while (put < len) {
-        ssize_t w = pwrite(fd, buf + put, len - put, (off_t)(off + put));
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            *fail_off = off + put;
-            return -errno;
-        }
-        if (w == 0) {
-            *fail_off = off + put;
-            return -EIO;
-        }
-        put += (uint64_t)w;
-    }
-    return 0;
+    int64_t rc = bj_dio_pwrite(fd, buf, len, off, fail_off);
+    return rc < 0 ? (int)rc : 0;
 }
 
 /* A data write to the target: one writer at a time (see the top). */
@@ -581,7 +564,8 @@ static int do_request(struct worker *w, const struct req *q, int *side, uint64_t
         }
         return rc;
     }
-    if (c->o.zero_block == 0 && c->o.allow_copy_range &&
+    if (c->o.zero_block == 0 && c->o.allow_copy_range && !c->direct &&
+        !(r->src_fd >= 0 && r->src_fd != c->o.src_fd && bj_dio_align(r->src_fd) > 1) &&
         !atomic_load_explicit(&c->no_copy_range, memory_order_relaxed)) {
         rc = copy_range(c, r, side, fail_off);
         if (rc <= 0) {
@@ -785,6 +769,8 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts)
     pthread_condattr_destroy(&ca);
     atomic_init(&c->cancel, 0);
     atomic_init(&c->no_copy_range, 0);
+    c->direct = (fcntl(opts->dst_fd, F_GETFL) & O_DIRECT) != 0 ||
+                (opts->src_fd >= 0 && (fcntl(opts->src_fd, F_GETFL) & O_DIRECT) != 0);
     bj_zeroer_init(&c->zeroer);
     for (uint32_t i = 0; i < c->nworkers; i++) {
         c->workers[i].c = c;

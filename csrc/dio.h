@@ -1,0 +1,27 @@
+#ifndef BJ_DIO_H
+#define BJ_DIO_H
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+/* cdef-begin */
+/* I/O that works on any fd, opened with O_DIRECT or not (dio.c).
+ *
+ * bj_dio_align(fd): 1 when fd is not O_DIRECT, else the request alignment
+ * O_DIRECT needs on it, probed once per device as QEMU's file driver does
+ * (BLKSSZGET on a block device, else the first of 512, 4096 a read of that
+ * size at offset 0 accepts) and remembered. */
+uint32_t bj_dio_align(int fd);
+/* Read len bytes at off into buf (any address, offset or length: an
+ * unaligned request on an O_DIRECT fd goes through an aligned bounce
+ * buffer). Returns the bytes read (fewer only at the end of the file) or
+ * -errno. */
+int64_t bj_dio_pread(int fd, void *buf, uint64_t len, uint64_t off);
+/* Write all len bytes of buf at off. On an O_DIRECT fd an unaligned head or
+ * tail block is read, patched and written whole (read-modify-write); a tail
+ * block past the end of the file leaves the file no longer than
+ * max(its size before, off + len). Returns len or -errno (*fail_off: where). */
+int64_t bj_dio_pwrite(int fd, const void *buf, uint64_t len, uint64_t off, uint64_t *fail_off);
+/* cdef-end */
+
+#endif
