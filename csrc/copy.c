@@ -771,6 +771,8 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts)
     atomic_init(&c->no_copy_range, 0);
     c->direct = (fcntl(opts->dst_fd, F_GETFL) & O_DIRECT) != 0 ||
                 (opts->src_fd >= 0 && (fcntl(opts->src_fd, F_GETFL) & O_DIRECT) != 0);
+    if (fcntl(opts->dst_fd, F_GETFL) & O_DIRECT)
+        c->o.write_behind = 0; /* no page cache to write behind */
     bj_zeroer_init(&c->zeroer);
     for (uint32_t i = 0; i < c->nworkers; i++) {
         c->workers[i].c = c;

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import ImageError, UsageError
 from .base import Driver, Kind, Mapping, NotAnImageFile, open_file  # noqa: F401
 from .sniff import LUKS_MAGIC, is_nbd_uri
+from ..native import dio
 
 FORMATS = ("raw", "qcow2", "luks")
 
@@ -31,7 +32,7 @@ def probe_format(path: str) -> str:
     except OSError as e:
         raise ImageError(f"could not open '{path}': {e.strerror}") from None
     try:
-        head = os.pread(fd, 8, 0)
+        head = dio.pread(fd, 8, 0)
     finally:
         os.close(fd)
     return "qcow2" if probe(head) else "luks" if head[:6] == LUKS_MAGIC else "raw"
@@ -81,7 +82,7 @@ def _qcow2_encrypted(path: str) -> bool:
     """The qcow2 header's crypt_method field is set."""
     fd = open_file(path)
     try:
-        head = os.pread(fd, 36, 0)
+        head = dio.pread(fd, 36, 0)
     finally:
         os.close(fd)
     return len(head) == 36 and int.from_bytes(head[32:36], "big") != 0

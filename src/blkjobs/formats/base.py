@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -48,6 +49,24 @@ class FormatOpenError(ImageError):
         self.reason = reason
 
 
+def open_cached(path: str, flags: int, mode: int = 0o777) -> int:
+    """``os.open`` with the cache mode's flags (O_DIRECT, O_DSYNC:
+    :mod:`.cache`) for a read-only or a writable open; a file system that
+    refuses O_DIRECT gets QEMU's text (its qemu_open tells that EINVAL
+    apart by opening again without O_DIRECT)."""
+    from .cache import O_DIRECT, extra_flags
+    extra = extra_flags((flags & os.O_ACCMODE) != os.O_RDONLY)
+    try:
+        return os.open(path, flags | extra, mode)
+    except OSError as e:
+        if e.errno == errno.EINVAL and extra & O_DIRECT:
+            os.close(os.open(path, flags | (extra & ~O_DIRECT), mode))
+            action = "create" if flags & os.O_CREAT else "open"
+            raise ImageError(f"Could not {action} '{path}': filesystem does not support "
+                             "O_DIRECT") from None
+        raise
+
+
 def open_file(path: str, flags: int = os.O_RDONLY, devices: bool = True) -> int:
     """Open ``path`` for an image driver and return the fd. It is opened
     with O_NONBLOCK (opening a FIFO then cannot hang) and checked with
@@ -55,8 +74,10 @@ def open_file(path: str, flags: int = os.O_RDONLY, devices: bool = True) -> int:
     or (``devices``, as qemu-img takes ``/dev/null`` as an image) a
     character device; anything else is refused with one line. Backing files
     pass ``devices=False``: a name in a hostile image must not reach
-    ``/dev/tty`` or ``/dev/zero``. The fd is then made blocking."""
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    ``/dev/tty`` or ``/dev/zero``. The fd is then made blocking. It takes
+    the cache mode's flags (O_DIRECT, O_DSYNC: :mod:`.cache`); a file
+    system that refuses O_DIRECT gets QEMU's text."""
+    fd = open_cached(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or (devices and stat.S_ISCHR(mode))):

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from ..errors import ImageError, UsageError
 from .base import CryptoOpenError, Driver, Fill, Kind, Mapping, open_file
 from .sniff import LUKS_MAGIC
+from ..native import dio
 
 SECTOR = 512
 MAGIC = LUKS_MAGIC
@@ -368,14 +369,14 @@ class Luks(Driver):
         self._fd = open_file(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._closed = False
         try:
-            self.header = LuksHeader.parse(os.pread(self._fd, HEADER_LEN, 0))
+            self.header = LuksHeader.parse(dio.pread(self._fd, HEADER_LEN, 0))
             self.payload = self.header.payload_offset * SECTOR
             self._cipher: SectorCipher | None = None
             self.master_key: bytes | None = None     # key slot amends need it
             if key_secret is not None and not header_only:
                 from .secrets import secret
                 pw = secret(key_secret)
-                mk = self.header.unlock(pw, lambda o, n: os.pread(self._fd, n, o))
+                mk = self.header.unlock(pw, lambda o, n: dio.pread(self._fd, n, o))
                 self._cipher = self.header.cipher(mk)
                 self.master_key = mk
             elif not header_only:
@@ -415,7 +416,7 @@ class Luks(Driver):
         while pos < n:           # 1 MiB of ciphertext at a time: bounded memory
             a = (offset + pos) // SECTOR * SECTOR
             b = min(-(-(offset + n) // SECTOR) * SECTOR, a + (1 << 20))
-            raw = os.pread(self.fd, b - a, self.payload + a)
+            raw = dio.pread(self.fd, b - a, self.payload + a)
             if len(raw) != b - a:
                 raise ImageError(f"'{self.filename}': short read")
             plain = self._c().decrypt(a // SECTOR, raw)
@@ -446,7 +447,7 @@ class Luks(Driver):
             else:
                 plain = bytearray(b - a)
             plain[lo:lo + k] = mv[pos:pos + k]
-            os.pwrite(self.fd, self._c().encrypt(a // SECTOR, plain), self.payload + a)
+            dio.pwrite(self.fd, self._c().encrypt(a // SECTOR, plain), self.payload + a)
             pos += k
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True,
@@ -482,13 +483,13 @@ class Luks(Driver):
         the header's start), to amend its key slots (:mod:`.luks_slots`)."""
         if self.master_key is None:
             raise key_required()
-        return (self.header, self.master_key, lambda o, n: os.pread(self.fd, n, o),
+        return (self.header, self.master_key, lambda o, n: dio.pread(self.fd, n, o),
                 self._write_area)
 
     def _write_area(self, offset: int, data: bytes) -> None:
         if self.read_only:
             raise ImageError(f"'{self.filename}': image is opened read-only")
-        os.pwrite(self.fd, data, offset)
+        dio.pwrite(self.fd, data, offset)
         os.fsync(self.fd)
 
 
@@ -506,7 +507,7 @@ def create(path: str, size: int, preallocation: str = "off", **opts: Any) -> Non
     area, _, h = build_header(secret(o.key_secret), o)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.pwrite(fd, area, 0)
+        dio.pwrite(fd, area, 0)
         os.ftruncate(fd, len(area) + size)
         if preallocation != "off" and size:
             os.posix_fallocate(fd, len(area), size)

@@ -12,6 +12,7 @@ import os
 
 from ..errors import ImageError, OSErrorWithContext, UsageError
 from .base import Driver, Kind, Mapping, open_file
+from ..native import dio
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -121,7 +122,7 @@ class Raw(Driver):
         mv = memoryview(data).cast("B")
         done = 0
         while done < len(mv):
-            done += os.pwrite(self.fd, mv[done:], offset + done)
+            done += dio.pwrite(self.fd, mv[done:], offset + done)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True, fill=None) -> None:
         self._writable()
@@ -148,7 +149,7 @@ class Raw(Driver):
         pos = offset
         while pos < end:
             k = min(end - pos, len(_ZEROES))
-            os.pwrite(self.fd, _ZEROES[:k], pos)
+            dio.pwrite(self.fd, _ZEROES[:k], pos)
             pos += k
 
     def discard(self, offset: int, length: int) -> None:
@@ -201,13 +202,13 @@ def create(path: str, size: int, preallocation: str = "off") -> None:
             # QEMU's file driver allocates the first block of a new file (for
             # its alignment probing): qemu-img map shows it as data, 512
             # bytes of zeroes below 4 KiB, else 4 KiB
-            os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0)
+            dio.pwrite(fd, bytes(512 if size < 4096 else 4096), 0)
         if preallocation == "falloc" and size:
             os.posix_fallocate(fd, 0, size)
         elif preallocation == "full":       # zeroes written: every block allocated
             zero = bytes(min(size, 1 << 20))
             pos = 0
             while pos < size:
-                pos += os.pwrite(fd, memoryview(zero)[:min(len(zero), size - pos)], pos)
+                pos += dio.pwrite(fd, memoryview(zero)[:min(len(zero), size - pos)], pos)
     finally:
         os.close(fd)

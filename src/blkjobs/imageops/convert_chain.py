@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import BlkjobsError, CopyError, UsageError
 from ..graph.lock import ImageLock, LockConflict
+from ..native import dio
 from ..native.copy import COPY, CopyEngine
 from ..native.ratelimit import TokenBucket
 from .convert_base import CHAIN_REQUEST, ConvertOptions, ConvertResult, drive
@@ -31,7 +32,7 @@ def _punch(fd: int, offset: int, length: int) -> None:
     z = bytes(min(length, 1 << 20))
     pos = offset
     while pos < offset + length:
-        pos += os.pwrite(fd, z[:min(len(z), offset + length - pos)], pos)
+        pos += dio.pwrite(fd, z[:min(len(z), offset + length - pos)], pos)
 
 
 def _merge(ranges):
@@ -269,7 +270,7 @@ class ChainConvert:
             w = 0
             try:
                 while w < k:
-                    w += os.pwrite(self.tg.dfd, buf[w:k], host + done + w)
+                    w += dio.pwrite(self.tg.dfd, buf[w:k], host + done + w)
             except OSError as e:
                 raise CopyError(e.errno or errno.EIO, "error writing", path=self.dst,
                                 side="target", offset=guest + done + w) from None

@@ -10,7 +10,16 @@ from typing import Any
 
 from ..errors import BlkjobsError, CopyError, OSErrorWithContext, UsageError
 from ..graph.lock import ImageLock, LockConflict
+from ..formats.base import open_cached
+from ..formats.cache import O_DIRECT, extra_flags
+from ..native import dio
 from .files import fd_size, same_file
+
+
+def _wr() -> int:
+    """The access mode of a raw target: O_WRONLY, but O_RDWR with O_DIRECT
+    (a partial block is read before it is written; qemu-img opens O_RDWR)."""
+    return os.O_RDWR if extra_flags(True) & O_DIRECT else os.O_WRONLY
 
 
 class Target:
@@ -36,7 +45,7 @@ class Target:
     def open_existing_raw(self, size: int) -> int:
         """``-n``: open the raw target for writing; its size (at least ``size``)."""
         try:
-            self.dfd = os.open(self.dst, os.O_WRONLY | os.O_CLOEXEC)
+            self.dfd = open_cached(self.dst, _wr() | os.O_CLOEXEC)
             tsize = fd_size(self.dfd)
         except OSError as e:
             raise CopyError(e.errno or errno.EIO, "Could not open target", path=self.dst) from None
@@ -51,6 +60,12 @@ class Target:
             raise CopyError(errno.EISDIR, "Could not create target", path=dst)
         try:
             self.dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            if extra_flags(True):       # -t none|directsync|writethrough: reopened so
+                fd, self.dfd = self.dfd, -1
+                try:
+                    self.dfd = open_cached(dst, _wr() | os.O_CLOEXEC)
+                finally:
+                    os.close(fd)
         except OSError as e:
             raise CopyError(e.errno or errno.EIO, "Could not create target", path=dst) from None
         self.ours = identity(self.dfd)
@@ -61,7 +76,7 @@ class Target:
             if falloc and size:
                 os.posix_fallocate(self.dfd, 0, size)
             elif size:      # QEMU's file driver allocates a new file's first block
-                os.pwrite(self.dfd, bytes(min(size, 512 if size < 4096 else 4096)), 0)
+                dio.pwrite(self.dfd, bytes(min(size, 512 if size < 4096 else 4096)), 0)
         except OSError as e:
             raise CopyError(e.errno or errno.EIO, "Could not resize target", path=dst) from None
 

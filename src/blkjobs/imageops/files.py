@@ -7,13 +7,14 @@ import os
 import stat
 
 from ..errors import OSErrorWithContext, UsageError
+from ..formats.base import open_cached
 
 
 def open_source(path: str) -> int:
     """Open ``path`` read-only; refuse directories and non-files clearly."""
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer (refused below)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_cached(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # -T
     except OSError as e:
         raise OSErrorWithContext(e.errno, "Could not open", path=path) from None
     st = os.fstat(fd)

@@ -31,6 +31,7 @@ from .header import (COMPAT_LAZY_REFCOUNTS, EXT_FEATURE_TABLE, INCOMPAT_DIRTY,
                      feature_table_ext)
 from .snapshots import read_table
 from .tables import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK, ZERO
+from ...native import dio
 
 INCOMPAT_COMPRESSION = 1 << 3
 Progress = Callable[[float], None] | None
@@ -69,7 +70,7 @@ def _short_extra(drv) -> bool:
     h = drv.header
     pos = h.snapshots_offset
     for _ in range(h.nb_snapshots):
-        raw = os.pread(drv.fd, 40, pos)
+        raw = dio.pread(drv.fd, 40, pos)
         id_len, name_len = struct.unpack_from(">HH", raw, 12)
         extra = struct.unpack_from(">I", raw, 36)[0]
         if extra < 16:
@@ -179,7 +180,7 @@ def _validate_snap_l1(drv, s) -> None:
 
 
 def _snap_l1(drv, s) -> list[int]:
-    raw = os.pread(drv.fd, s.l1_size * 8, s.l1_table_offset).ljust(s.l1_size * 8, b"\0")
+    raw = dio.pread(drv.fd, s.l1_size * 8, s.l1_table_offset).ljust(s.l1_size * 8, b"\0")
     return list(struct.unpack(f">{s.l1_size}Q", raw))
 
 
@@ -189,7 +190,7 @@ def _expand_l2(drv, off: int, active: bool, has_backing: bool) -> None:
     rc = drv._rc()
     cs = drv.cluster_size
     l2_ref = rc.get(off >> drv.cb)
-    t = drv._l2(off) if active else bytearray(os.pread(drv.fd, cs, off))
+    t = drv._l2(off) if active else bytearray(dio.pread(drv.fd, cs, off))
     n = cs // 8
     vals = list(struct.unpack(f">{n}Q", t))
     dirty = False
@@ -214,7 +215,7 @@ def _expand_l2(drv, off: int, active: bool, has_backing: bool) -> None:
                 rc._set(c, l2_ref)
             h = c << drv.cb
         rc.flush_increments()       # the new cluster's refcount first
-        os.pwrite(drv.fd, bytes(cs), h)
+        dio.pwrite(drv.fd, bytes(cs), h)
         vals[j] = h | COPIED if l2_ref == 1 else h
         dirty = True
     if not dirty:
@@ -224,7 +225,7 @@ def _expand_l2(drv, off: int, active: bool, has_backing: bool) -> None:
         drv.l2dirty.add(off)
     else:
         rc.flush_increments()
-        os.pwrite(drv.fd, t, off)
+        dio.pwrite(drv.fd, t, off)
         drv._fsync()
         drv.l2cache.pop(off, None)
         drv.flush()                 # then the references it dropped
@@ -275,13 +276,13 @@ def change_refcount_bits(drv, bits: int, progress: Progress = None) -> None:
 
     def write_blocks() -> None:
         for i in range(nb):
-            os.pwrite(drv.fd, Refcounts._encode(enc, vals[i * rbe:(i + 1) * rbe]),  # type: ignore[arg-type]
+            dio.pwrite(drv.fd, Refcounts._encode(enc, vals[i * rbe:(i + 1) * rbe]),  # type: ignore[arg-type]
                       (first + i) << cb)
             if progress:
                 progress((i + 1) / (nb + 1) * 0.9)
     write_blocks()
     table = struct.pack(f">{nb}Q", *[(first + i) << cb for i in range(nb)])
-    os.pwrite(drv.fd, table.ljust(nt * cs, b"\0"), (first + nb) << cb)
+    dio.pwrite(drv.fd, table.ljust(nt * cs, b"\0"), (first + nb) << cb)
     drv._fsync()
     h = drv.header
     h.refcount_order = bits.bit_length() - 1

@@ -37,6 +37,7 @@ from .header import (AUTOCLEAR_BITMAPS, BME_FLAG_IN_USE, BME_MAX_GRANULARITY_BIT
                      BME_MAX_NAME_SIZE, BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE,
                      BME_MIN_GRANULARITY_BITS, BT_DIRTY_TRACKING_BITMAP, EXT_BITMAPS,
                      MAX_BITMAP_DIRECTORY_SIZE, MAX_BITMAPS)
+from ...native import dio
 
 BME_FLAG_AUTO = 1 << 1
 TABLE_RESERVED = 0xFF000000000001FE
@@ -151,7 +152,7 @@ class Bitmaps:
         need = -(-nbytes // cs)
         if b.table_size < need:
             raise ImageError(f"'{drv.filename}': Bitmap '{b.name}' doesn't satisfy the constraints")
-        raw = os.pread(drv.fd, b.table_size * 8, b.table_offset)
+        raw = dio.pread(drv.fd, b.table_size * 8, b.table_offset)
         if len(raw) != b.table_size * 8:
             raise ImageError(f"'{drv.filename}': Could not read bitmap '{b.name}' from image: "
                              "bitmap table truncated")
@@ -386,10 +387,10 @@ class Bitmaps:
             if chunk == zero[:len(chunk)]:
                 continue
             off = rc.alloc_one() << drv.cb
-            os.pwrite(drv.fd, bytes(chunk).ljust(cs, b"\0"), off)
+            dio.pwrite(drv.fd, bytes(chunk).ljust(cs, b"\0"), off)
             table[i] = off
         toff = self._alloc_contig(ncl * 8)
-        os.pwrite(drv.fd, struct.pack(f">{ncl}Q", *table).ljust(_round(ncl * 8, cs), b"\0"),
+        dio.pwrite(drv.fd, struct.pack(f">{ncl}Q", *table).ljust(_round(ncl * 8, cs), b"\0"),
                   toff)
         b.table_offset, b.table_size = toff, ncl
 
@@ -407,7 +408,7 @@ class Bitmaps:
                              len(nm), 0) + nm
             d += bytes(-len(d) % 8)
         doff = self._alloc_contig(len(d))
-        os.pwrite(drv.fd, bytes(d).ljust(_round(len(d), cs), b"\0"), doff)
+        dio.pwrite(drv.fd, bytes(d).ljust(_round(len(d), cs), b"\0"), doff)
         self.dir_offset, self.dir_size = doff, len(d)
 
     def _alloc_contig(self, nbytes: int) -> int:
@@ -428,7 +429,7 @@ class Bitmaps:
     def _table_clusters_of(self, toff: int, tsize: int) -> list[int]:
         drv = self.drv
         cs = drv.cluster_size
-        raw = os.pread(drv.fd, tsize * 8, toff)
+        raw = dio.pread(drv.fd, tsize * 8, toff)
         out = [c for c in range(toff >> drv.cb, ((toff + tsize * 8 - 1) >> drv.cb) + 1)]
         for (e,) in struct.iter_unpack(">Q", raw):
             off = e & TABLE_OFFSET_MASK

@@ -25,6 +25,7 @@ from .header import (AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, drop_sta
 from .refcount import Refcounts
 from .check_snapshots import SnapshotCheck
 from .tables import COMPRESSED, COPIED, OFFSET_MASK, L2Tables
+from ...native import dio
 
 
 class CheckResult(dict):
@@ -204,7 +205,7 @@ class Checker(Walker):
             rt, _ = self._alloc_imrt(n, 0)
             if not self._write_refblocks(rt, rt + n, table):
                 break
-        os.pwrite(self.fd, struct.pack(f">{len(table)}Q", *table), rt << self.cb)
+        dio.pwrite(self.fd, struct.pack(f">{len(table)}Q", *table), rt << self.cb)
         if not self.rc.unsafe:      # the new structure durable before the header names it
             os.fsync(self.fd)
         img._set_rt_location(rt << self.cb, n)      # header written and synced
@@ -271,7 +272,7 @@ class Checker(Walker):
                 table[t] = off = bc << self.cb
             vals = [min(self.refs.get(i, 0), self.rc.max_refcount)
                     for i in range(start, start + rbe)]
-            os.pwrite(self.fd, self.rc._encode(vals), off)
+            dio.pwrite(self.fd, self.rc._encode(vals), off)
             c = start + rbe
         return grown
 

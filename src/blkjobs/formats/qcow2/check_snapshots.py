@@ -19,6 +19,7 @@ import struct
 from ...errors import ImageError
 from .snapshots import Snapshot, SnapshotTableError, load_table
 from .tables import L2Tables
+from ...native import dio
 
 MAX_SNAPSHOTS = 65536
 #: a message starting with this is an error qemu-img reports with its name
@@ -85,7 +86,7 @@ class SnapshotCheck:
         self.corrupt += reduced + t.dropped
         if reduced:
             h.nb_snapshots = len(t.snaps)
-            os.pwrite(img.fd, struct.pack(">I", h.nb_snapshots), 60)
+            dio.pwrite(img.fd, struct.pack(">I", h.nb_snapshots), 60)
             os.fsync(img.fd)
             self.fixed += reduced
             self.corrupt -= reduced

@@ -18,6 +18,7 @@ from collections import Counter
 
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, read_bitmap_directory
 from .tables import COMPRESSED, COPIED, L1_RESERVED, OFFSET_MASK, STD_RESERVED, ZERO, L2Tables
+from ...native import dio
 
 ALL_ALLOC = 0xFFFFFFFF
 ALL_ZERO = ALL_ALLOC << 32
@@ -78,7 +79,7 @@ class Walker:
     def pread(self, off: int, n: int) -> bytes:
         """``n`` bytes at ``off``; zeroes past the end of the file (what a
         read of the file there gives qemu)."""
-        d = os.pread(self.fd, n, off) if off < self.file_size else b""
+        d = dio.pread(self.fd, n, off) if off < self.file_size else b""
         return d + bytes(n - len(d))
 
     def walk_all(self) -> None:
@@ -180,7 +181,7 @@ class Walker:
             new = struct.pack(">QQ", 0, bm)
         else:
             new = struct.pack(">Q", ZERO)
-        os.pwrite(self.fd, new, l2_off + j * self.esz)
+        dio.pwrite(self.fd, new, l2_off + j * self.esz)
         os.fsync(self.fd)
         self.img.l2cache.pop(l2_off, None)
         self.corrupt -= 1

@@ -14,6 +14,7 @@ import struct
 from ...errors import ImageError, UsageError
 from .header import (AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE, COMPAT_LAZY_REFCOUNTS, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
                      INCOMPAT_EXTL2, Header, feature_table_ext)
+from ...native import dio
 
 
 def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = False,
@@ -106,10 +107,10 @@ def _write_new(path: str, head: bytes, lay: Layout) -> None:
     them)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.pwrite(fd, head.ljust(lay.cluster_size, b"\0"), 0)
+        dio.pwrite(fd, head.ljust(lay.cluster_size, b"\0"), 0)
         lay.write_refcounts(fd)
         if lay.l1_size:
-            os.pwrite(fd, bytes(lay.l1_size * 8), lay.l1_offset)
+            dio.pwrite(fd, bytes(lay.l1_size * 8), lay.l1_offset)
         os.ftruncate(fd, lay.end)
         os.fsync(fd)
     finally:
@@ -158,7 +159,7 @@ def preallocate(path: str, size: int, mode: str, start: int = 0) -> None:
             for h, n in hosts:
                 pos = h
                 while pos < h + n:
-                    pos += os.pwrite(img.fd, memoryview(zero)[:min(len(zero), h + n - pos)],
+                    pos += dio.pwrite(img.fd, memoryview(zero)[:min(len(zero), h + n - pos)],
                                      pos)
         img.flush()
 
@@ -195,11 +196,11 @@ class Layout:
         0 for every other one."""
         cs, rb = self.cluster_size, self.rb
         table = struct.pack(f">{rb}Q", *[self.rb_offset + i * cs for i in range(rb)])
-        os.pwrite(fd, table.ljust(self.rt * cs, b"\0"), self.rt_offset)
+        dio.pwrite(fd, table.ljust(self.rt * cs, b"\0"), self.rt_offset)
         from .refcount import Refcounts
         enc = Refcounts.__new__(Refcounts)
         enc.bits = self.refcount_bits
         for i in range(rb):
             lo, hi = i * self.rbe, min(self.clusters, (i + 1) * self.rbe)
             vals = [1] * (hi - lo) + [0] * (self.rbe - (hi - lo))
-            os.pwrite(fd, enc._encode(vals), self.rb_offset + i * cs)
+            dio.pwrite(fd, enc._encode(vals), self.rb_offset + i * cs)

@@ -27,6 +27,7 @@ from ..luks import CreateOpts, LuksHeader, SectorCipher, build_header, key_requi
 from .driver import Qcow2
 from .header import EXT_CRYPTO
 from .mapping import Reads
+from ...native import dio
 
 CRYPT_AES, CRYPT_LUKS = 1, 2
 _CHUNK = 1 << 20
@@ -60,7 +61,7 @@ class CryptQcow2(Qcow2):
             if ext is None or len(ext) < 16:
                 raise ImageError(f"'{self.filename}': No encryption layer header found")
             self.crypt_off, self.crypt_len = struct.unpack(">QQ", ext[:16])
-            self.luks = LuksHeader.parse(os.pread(self.fd, 4096, self.crypt_off),
+            self.luks = LuksHeader.parse(dio.pread(self.fd, 4096, self.crypt_off),
                                          f"'{self.filename}': ")
         elif self.method != CRYPT_AES:
             raise ImageError(f"'{self.filename}': Unsupported encryption method "
@@ -73,7 +74,7 @@ class CryptQcow2(Qcow2):
         pw = secret(key_secret)
         if self.luks is not None:
             off = self.crypt_off
-            mk = self.luks.unlock(pw, lambda o, n: os.pread(self.fd, n, off + o))
+            mk = self.luks.unlock(pw, lambda o, n: dio.pread(self.fd, n, off + o))
             self.cipher = self.luks.cipher(mk)
             self.master_key = mk
         else:
@@ -119,7 +120,7 @@ class CryptQcow2(Qcow2):
             a = (guest + pos) // 512 * 512
             b = min(-(-(guest + n) // 512) * 512, a + _CHUNK)
             ha = host + (a - guest)
-            raw = os.pread(self.fd, b - a, ha).ljust(b - a, b"\0")
+            raw = dio.pread(self.fd, b - a, ha).ljust(b - a, b"\0")
             plain = self._c().decrypt(self._sector(a, ha), raw)
             k = min(b, guest + n) - (guest + pos)
             mv[pos:pos + k] = plain[guest + pos - a:guest + pos - a + k]
@@ -160,7 +161,7 @@ class CryptQcow2(Qcow2):
             s = m.start - a
             ln = -(-m.length // 512) * 512
             chunk = bytes(view[s:s + m.length]).ljust(ln, b"\0")
-            os.pwrite(self.fd, self._c().encrypt(self._sector(m.start, m.host_offset), chunk),
+            dio.pwrite(self.fd, self._c().encrypt(self._sector(m.start, m.host_offset), chunk),
                       m.host_offset)
 
     def allocate(self, offset: int, length: int, undo: list | None = None) -> list[Mapping]:
@@ -182,9 +183,9 @@ class CryptQcow2(Qcow2):
 
         def write(o: int, data: bytes) -> None:
             self._check_writable(0, 0)
-            os.pwrite(self.fd, data, off + o)
+            dio.pwrite(self.fd, data, off + o)
             os.fsync(self.fd)
-        return self.luks, self.master_key, lambda o, n: os.pread(self.fd, n, off + o), write
+        return self.luks, self.master_key, lambda o, n: dio.pread(self.fd, n, off + o), write
 
     def info(self) -> dict:
         d = super().info()
@@ -217,7 +218,7 @@ def add_luks_area(path: str, password: bytes, o: CreateOpts) -> None:
             raise ImageError(f"'{path}': the LUKS header needs {n} contiguous clusters; "
                              "use a larger cluster size")
         host = runs[0][0] * cs
-        os.pwrite(img.fd, area.ljust(n * cs, b"\0"), host)
+        dio.pwrite(img.fd, area.ljust(n * cs, b"\0"), host)
         img.flush()
         h = img.header
         h.crypt_method = CRYPT_LUKS

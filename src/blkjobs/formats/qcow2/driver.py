@@ -68,6 +68,7 @@ from .tables import L1_OFFSET_MASK, L1_RESERVED
 from .writes import Writes
 from .zeroes import Zeroes
 from ...native import qcow2 as _nq
+from ...native import dio
 
 if TYPE_CHECKING:
     from .bitmaps import Bitmaps
@@ -176,7 +177,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
     def _open(self) -> None:
         st = os.fstat(self.fd)
         self.file_size = st.st_size
-        buf = os.pread(self.fd, 2 << 20, 0)
+        buf = dio.pread(self.fd, 2 << 20, 0)
         h = self.header = parse_header(buf, self.file_size, self.filename)
         if stale_bitmaps(h):
             _inconsistent_bitmaps(self.filename, h.version)
@@ -203,7 +204,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         if h.nb_snapshots and not CHECK_OPEN.get():   # refused at open, as qemu-img does
             load_table(self.fd, h, self.filename)
         self._pbm: Bitmaps | None = None     # loaded on first use
-        raw = os.pread(self.fd, h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
+        raw = dio.pread(self.fd, h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         if len(raw) != h.l1_size * 8:
             raise ImageError(f"'{self.filename}': L1 table truncated")
         self.l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
@@ -285,7 +286,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         # the whole first cluster, zero-padded, as QEMU's qcow2_update_header:
         # nothing of a longer old backing name or extension is left behind
         data = self.header.pack()
-        os.pwrite(self.fd, data.ljust(self.cluster_size, b"\0"), 0)
+        dio.pwrite(self.fd, data.ljust(self.cluster_size, b"\0"), 0)
         self._fsync()
         self._header_dirty = False
 
@@ -326,11 +327,11 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
             rc.flush_increments()
         if self.l2dirty:
             for off in sorted(self.l2dirty):
-                os.pwrite(self.fd, self.l2cache[off], off)
+                dio.pwrite(self.fd, self.l2cache[off], off)
             self.l2dirty.clear()
             self._fsync()
         if self.l1_dirty:
-            os.pwrite(self.fd, struct.pack(f">{len(self.l1)}Q", *self.l1),
+            dio.pwrite(self.fd, struct.pack(f">{len(self.l1)}Q", *self.l1),
                       self.header.l1_table_offset)
             self.l1_dirty = False
             self._fsync()
@@ -385,7 +386,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self.backing_filename, self.backing_format = h.backing_file, h.backing_format
 
     def header_bytes(self) -> bytes:
-        return os.pread(self.fd, self.cluster_size, 0)
+        return dio.pread(self.fd, self.cluster_size, 0)
 
     def set_unsafe(self, unsafe: bool) -> None:
         self.unsafe = unsafe

@@ -48,6 +48,7 @@ from .create import Layout
 from .debug import Hook
 from .header import (EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                      parse_header)
+from ...native import dio
 
 RT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
@@ -60,7 +61,7 @@ def make_empty(path: str, debug: Hook | None = None) -> bool:
     fd = os.open(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
-        h = parse_header(os.pread(fd, 2 << 20, 0), size, path)
+        h = parse_header(dio.pread(fd, 2 << 20, 0), size, path)
         if (h.nb_snapshots or h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
                 or h.ext(EXT_BITMAPS) is not None):
             return False
@@ -75,7 +76,7 @@ def make_empty(path: str, debug: Hook | None = None) -> bool:
              h.l1_size) != (lay.rt_offset, lay.rt, lay.l1_offset, lay.l1_size)
                 or size < lay.end):
             return False
-        raw = os.pread(fd, lay.rb * 8, lay.rt_offset)
+        raw = dio.pread(fd, lay.rb * 8, lay.rt_offset)
         blocks = [e & RT_OFFSET_MASK for e in struct.unpack(f">{lay.rb}Q", raw)]
         if blocks != [lay.rb_offset + i * lay.cluster_size for i in range(lay.rb)]:
             return False
@@ -90,26 +91,26 @@ def _empty(fd: int, h, lay: Layout, debug: Hook | None) -> None:
     v3 = h.version >= 3
     if v3:
         dbg.io(debug, "write", 72, 8)
-        os.pwrite(fd, struct.pack(">Q", h.incompatible | INCOMPAT_DIRTY), 72)
+        dio.pwrite(fd, struct.pack(">Q", h.incompatible | INCOMPAT_DIRTY), 72)
         os.fsync(fd)
     dbg.event(debug, "l1_update")
     l1_bytes = lay.l1_clusters * cs
     dbg.io(debug, "write-zeroes", lay.l1_offset, l1_bytes)
-    os.pwrite(fd, bytes(l1_bytes), lay.l1_offset)
+    dio.pwrite(fd, bytes(l1_bytes), lay.l1_offset)
     os.fsync(fd)
     dbg.event(debug, "empty_image_prepare")
     dbg.io(debug, "write-zeroes", lay.rt_offset, lay.l1_offset + l1_bytes - lay.rt_offset)
-    os.pwrite(fd, bytes(lay.l1_offset - lay.rt_offset), lay.rt_offset)
+    dio.pwrite(fd, bytes(lay.l1_offset - lay.rt_offset), lay.rt_offset)
     dbg.event(debug, "l1_update")
     dbg.event(debug, "reftable_update")
     dbg.io(debug, "write", 40, 20)      # l1_table_offset, refcount_table_offset/clusters
-    os.pwrite(fd, struct.pack(">QQI", lay.l1_offset, lay.rt_offset, lay.rt), 40)
+    dio.pwrite(fd, struct.pack(">QQI", lay.l1_offset, lay.rt_offset, lay.rt), 40)
     dbg.event(debug, "refblock_alloc")
     dbg.io(debug, "write", lay.rt_offset, 8)
     lay.write_refcounts(fd)
     os.fsync(fd)
     if v3:
-        os.pwrite(fd, struct.pack(">Q", h.incompatible & ~INCOMPAT_DIRTY), 72)
+        dio.pwrite(fd, struct.pack(">Q", h.incompatible & ~INCOMPAT_DIRTY), 72)
         os.fsync(fd)
     os.ftruncate(fd, lay.end)
     os.fsync(fd)

@@ -10,13 +10,13 @@ damaged header fails at open, before any table is read.
 """
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from contextvars import ContextVar
 
 from ...errors import ImageError
+from ...native import dio
 
 MAGIC = 0x514649FB
 
@@ -446,7 +446,7 @@ def read_bitmap_directory(fd: int, h: Header, file_size: int, path: str = "") ->
         raise ImageError(f"{who}Requested bitmap directory size is zero")
     # what lies past the end of the file reads as zeroes (as in qemu-img)
     have = max(0, min(dsize, file_size - doff))
-    d = os.pread(fd, have, doff) if have else b""
+    d = dio.pread(fd, have, doff) if have else b""
     d = d + bytes(dsize - len(d))
     out: list[BitmapEntry] = []
     p = 0

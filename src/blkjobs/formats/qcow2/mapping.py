@@ -19,6 +19,7 @@ from .compress import decompress as _decompress
 from .tables import (ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, STD_RESERVED, ZERO,
                      L2Tables, _zero)
 from ...native import qcow2 as _nq
+from ...native import dio
 
 
 class ReadPins:
@@ -236,7 +237,7 @@ class Reads(L2Tables):
             return self._comp_cache[1]
         _, _, e, bm = self._entry(gc)
         off, nbytes = self._compressed_span(gc, e)
-        raw = os.pread(self.fd, nbytes, off)
+        raw = dio.pread(self.fd, nbytes, off)
         data = _decompress(self.ctype, raw, self.cluster_size)
         self._comp_cache = (gc, data)
         return data

@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable
 
 from ...errors import ImageError
+from ...native import dio
 
 RT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
@@ -51,7 +52,7 @@ class Refcounts:
         self.file_size = file_size
         self.path = path
         self._set_table_location = set_table_location
-        raw = os.pread(fd, table_clusters * self.cs, table_offset)
+        raw = dio.pread(fd, table_clusters * self.cs, table_offset)
         if len(raw) != table_clusters * self.cs:
             raise ImageError(f"'{path}': refcount table truncated")
         t = array.array("Q", raw)
@@ -129,7 +130,7 @@ class Refcounts:
             return None
         if off + self.cs > max(self.file_size, os.fstat(self.fd).st_size):
             raise ImageError(f"'{self.path}': refcount block at 0x{off:x} is beyond the end of the file")
-        raw = os.pread(self.fd, self.cs, off)
+        raw = dio.pread(self.fd, self.cs, off)
         if len(raw) != self.cs:
             raise ImageError(f"'{self.path}': refcount block at 0x{off:x} is beyond the end of the file")
         b = self.blocks[t] = self._decode(raw)
@@ -242,14 +243,14 @@ class Refcounts:
         wrote = False
         for t in sorted(self.dirty):
             off = self.block_offset(t)
-            os.pwrite(self.fd, self._encode(self.blocks[t]), off)
+            dio.pwrite(self.fd, self._encode(self.blocks[t]), off)
             wrote = True
         self.dirty.clear()
         if self.table_dirty:
             table = array.array("Q", self.table)
             if sys.byteorder == "little":
                 table.byteswap()
-            os.pwrite(self.fd, table.tobytes(), self.table_offset)
+            dio.pwrite(self.fd, table.tobytes(), self.table_offset)
             self.table_dirty = False
             wrote = True
         if wrote and not self.unsafe:

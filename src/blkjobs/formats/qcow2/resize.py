@@ -29,6 +29,7 @@ from ..base import Kind
 from .bitmaps import BitmapError
 from .tables import COMPRESSED, OFFSET_MASK, ZERO
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_L1_BYTES
+from ...native import dio
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
@@ -114,7 +115,7 @@ def _grow(img, old: int, new: int) -> None:
         if os.fstat(img.fd).st_size < (new_off + n * cs):
             os.ftruncate(img.fd, new_off + n * cs)
         rc.flush_increments()
-        os.pwrite(img.fd, struct.pack(f">{need}Q", *table).ljust(n * cs, b"\0"), new_off)
+        dio.pwrite(img.fd, struct.pack(f">{need}Q", *table).ljust(n * cs, b"\0"), new_off)
         img._fsync()
         img.l1 = table
         h.l1_table_offset, h.l1_size, h.size = new_off, need, new
@@ -163,7 +164,7 @@ def _preallocate(img, old: int, new: int, mode: str, fill) -> None:
             elif mode == "full":
                 pos = start
                 while pos < new:
-                    pos += os.pwrite(dfd, _ZEROES[:min(len(_ZEROES), new - pos)], pos)
+                    pos += dio.pwrite(dfd, _ZEROES[:min(len(_ZEROES), new - pos)], pos)
     elif new > a:
         fresh = img.alloc_end
         g0, g1 = a >> img.cb, -(-new // cs)
@@ -193,7 +194,7 @@ def _write_zeroes(fd: int, pos: int, n: int) -> None:
     zero = bytes(min(n, 1 << 20))
     end = pos + n
     while pos < end:
-        pos += os.pwrite(fd, memoryview(zero)[:min(len(zero), end - pos)], pos)
+        pos += dio.pwrite(fd, memoryview(zero)[:min(len(zero), end - pos)], pos)
 
 
 def _zero_cut_cluster(img, old: int) -> None:

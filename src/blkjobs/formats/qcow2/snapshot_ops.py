@@ -40,6 +40,7 @@ from ...errors import ImageError
 from .debug import event as _dbg_event, io as _dbg_io
 from .snapshots import Snapshot, pack_table, read_table
 from .tables import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK
+from ...native import dio
 
 MAX_SNAPSHOTS = 65536
 MAX_TABLE_SIZE = 1024 * MAX_SNAPSHOTS
@@ -75,7 +76,7 @@ def _prepare(drv) -> None:
 
 
 def _read_l1(drv, sn: Snapshot) -> list[int]:
-    raw = os.pread(drv.fd, sn.l1_size * 8, sn.l1_table_offset)
+    raw = dio.pread(drv.fd, sn.l1_size * 8, sn.l1_table_offset)
     raw = raw.ljust(sn.l1_size * 8, b"\0")      # past the end: zeroes, as QEMU reads
     return list(struct.unpack(f">{sn.l1_size}Q", raw))
 
@@ -154,10 +155,10 @@ def _no_refblock(drv, c: int) -> None:
     rc = drv._rc()
     t = c // rc.rbe
     new = _alloc_run(drv, drv.cluster_size)
-    os.pwrite(drv.fd, bytes(drv.cluster_size), new)
+    dio.pwrite(drv.fd, bytes(drv.cluster_size), new)
     if t < len(rc.table):
         rc.table[t] = new
-        os.pwrite(drv.fd, struct.pack(">Q", new), rc.table_offset + t * 8)
+        dio.pwrite(drv.fd, struct.pack(">Q", new), rc.table_offset + t * 8)
         drv.flush()
         raise SnapshotError(errno.EAGAIN)
     drv.flush()
@@ -221,7 +222,7 @@ def update_refs(drv, l1: list[int], addend: int) -> tuple[bool, list[int]]:
 
 def _write_l1(drv, l1: list[int], offset: int) -> None:
     drv.flush()             # the refcounts and L2 tables it relies on first
-    os.pwrite(drv.fd, struct.pack(f">{len(l1)}Q", *l1), offset)
+    dio.pwrite(drv.fd, struct.pack(f">{len(l1)}Q", *l1), offset)
     drv._fsync()
 
 
@@ -248,7 +249,7 @@ def write_table(drv, snaps: list[Snapshot], old_size: int) -> None:
     new_off = 0
     if snaps:
         new_off = _alloc_run(drv, len(blob))
-        os.pwrite(drv.fd, blob, new_off)
+        dio.pwrite(drv.fd, blob, new_off)
     drv.flush()
     drv._fsync()
     old_off = h.snapshots_offset
@@ -299,7 +300,7 @@ def create(drv, name: str, now_us: int | None = None) -> Snapshot:
     drv.flush()
     l1 = list(drv.l1)
     l1_off = _alloc_run(drv, len(l1) * 8)
-    os.pwrite(drv.fd, struct.pack(f">{len(l1)}Q", *l1), l1_off)
+    dio.pwrite(drv.fd, struct.pack(f">{len(l1)}Q", *l1), l1_off)
     drv.flush()                     # the L1 copy's refcount, durable
     if update_refs(drv, drv.l1, 1)[0]:
         drv.l1_dirty = True

@@ -10,11 +10,11 @@ clusters between L1 tables through refcounts): :mod:`.snapshot_ops`.
 """
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 
 from ...errors import ImageError
+from ...native import dio
 
 _ENTRY = struct.Struct(">QIHHIIQII")       # 40 bytes
 
@@ -117,7 +117,7 @@ class _Window:
         end = self.base + len(self.buf)
         if not (self.base <= off and (off + n <= end or self.at_eof)):
             want = max(n, self.CHUNK)
-            self.base, self.buf = off, os.pread(self.fd, want, off)
+            self.base, self.buf = off, dio.pread(self.fd, want, off)
             self.at_eof = len(self.buf) < want
         d = self.buf[off - self.base:off - self.base + n]
         return d + bytes(n - len(d))

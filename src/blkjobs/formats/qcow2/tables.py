@@ -17,6 +17,7 @@ from ...native import qcow2 as _nq
 from ..base import Driver, Kind
 from .header import Header
 from .refcount import Refcounts
+from ...native import dio
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1_RESERVED = 0x7F000000000001FF
@@ -92,7 +93,7 @@ class L2Tables(Driver):
                 if self.l2dirty:
                     self.flush()
                 self.l2cache.clear()
-            raw = os.pread(self.fd, self.cluster_size, off)
+            raw = dio.pread(self.fd, self.cluster_size, off)
             if len(raw) != self.cluster_size:
                 raise ImageError(f"'{self.filename}': L2 table at 0x{off:x} truncated")
             t = self.l2cache[off] = bytearray(raw)

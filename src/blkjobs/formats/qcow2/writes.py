@@ -6,11 +6,11 @@ Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
 """
 from __future__ import annotations
 
-import os
 
 from ...errors import UsageError
 from .compress import compress as _compress
 from .tables import ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, ZERO, Fill, L2Tables, _zero
+from ...native import dio
 
 
 class Writes(L2Tables):
@@ -68,7 +68,7 @@ class Writes(L2Tables):
                 self._old_sub(gc, e, bm, j, mv[j * scs:(j + 1) * scs], j * scs, fill)
             buf[a:b] = data
             nh = self._rc().alloc_one() << self.cb
-            os.pwrite(self.fd, buf, nh)
+            dio.pwrite(self.fd, buf, nh)
             self._set_entry(gc, nh | COPIED, ALL_ALLOC if self.extended else 0)
             self._release(e)
             return
@@ -85,7 +85,7 @@ class Writes(L2Tables):
                     # bytes; no read-modify-write of the rest of the cluster.
                     done, n = 0, len(data)
                     while done < n:
-                        done += os.pwrite(self.data_fd, data[done:], h + a + done)
+                        done += dio.pwrite(self.data_fd, data[done:], h + a + done)
                     return
         # (sub)cluster-aligned window [sa, sb) around [a, b)
         sa = a // scs * scs
@@ -98,7 +98,7 @@ class Writes(L2Tables):
         if b < sb:
             self._old_sub(gc, e, bm, j1, mv[b - sa:], b, fill)
         buf[a - sa:b - sa] = data
-        os.pwrite(self.data_fd, buf, h + sa)
+        dio.pwrite(self.data_fd, buf, h + sa)
         if self.extended:
             bits = ((1 << (j1 + 1)) - 1) ^ ((1 << j0) - 1)
             bm = (bm | bits) & ~(bits << 32)
@@ -138,7 +138,7 @@ class Writes(L2Tables):
                     assert host is not None         # allocate returns DATA runs
                     done = 0
                     while done < len(d):
-                        done += os.pwrite(self.data_fd, d[done:], host + done)
+                        done += dio.pwrite(self.data_fd, d[done:], host + done)
                 pos = full_end
                 continue
             b = min(end, cend)
@@ -184,7 +184,7 @@ class Writes(L2Tables):
         else:
             off = rc.alloc_one() << self.cb
             self._comp_limit = off + cs
-        os.pwrite(self.fd, comp, off)
+        dio.pwrite(self.fd, comp, off)
         self._comp_free = off + n
         if self._comp_free >= self._comp_limit:
             self._comp_free = self._comp_limit = 0

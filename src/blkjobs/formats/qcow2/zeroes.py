@@ -6,9 +6,8 @@ Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
 """
 from __future__ import annotations
 
-import os
-
 from .tables import ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, ZERO, Fill, L2Tables
+from ...native import dio
 
 
 class Zeroes(L2Tables):
@@ -73,7 +72,7 @@ class Zeroes(L2Tables):
         if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
             pos, end = offset, offset + length
             while pos < end:
-                pos += os.pwrite(fd, bytes(min(end - pos, 1 << 20)), pos)
+                pos += dio.pwrite(fd, bytes(min(end - pos, 1 << 20)), pos)
 
     def _zero_partial(self, start: int, end: int, fill: Fill) -> None:
         if start >= end:

@@ -1,0 +1,91 @@
+"""Cache modes: qemu-img's ``-t CACHE`` / ``-T SRC_CACHE`` and the daemon's
+``cache.direct``, as the open flags of the image files.
+
+=============  ==========  ===========================  ======================
+mode           O_DIRECT    each write durable (O_DSYNC)  flush at the end
+=============  ==========  ===========================  ======================
+writeback      no          no                            yes
+unsafe         no          no                            no
+none           yes         no                            yes
+directsync     yes         yes                           yes
+writethrough   no          yes                           yes
+=============  ==========  ===========================  ======================
+
+QEMU makes writethrough and directsync durable by flushing after each
+write; blkjobs opens the file with O_DSYNC, the same guarantee (each write
+is on disk when it returns) without the extra calls. On an O_DIRECT file the
+drivers and the copy engine align their requests (``native.dio``).
+
+The flags apply to the files :func:`.base.open_file` opens: the CLI sets
+them per side (:func:`set_cli_modes`: read-only opens take the source's
+mode, writable ones the target's), the daemon per node
+(:func:`opening`, a block of opens in one thread).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+
+from ..errors import UsageError
+
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+O_DSYNC = getattr(os, "O_DSYNC", 0)
+
+#: mode -> (extra open flags, flush at the end)
+MODES: dict[str, tuple[int, bool]] = {
+    "writeback": (0, True),
+    "unsafe": (0, False),
+    "none": (O_DIRECT, True),
+    "off": (O_DIRECT, True),            # qemu-img's other spelling of none
+    "directsync": (O_DIRECT | O_DSYNC, True),
+    "writethrough": (O_DSYNC, True),
+}
+CHOICES = ("none", "writeback", "unsafe", "directsync", "writethrough")
+
+#: extra flags of read-only and of writable opens (the CLI's -T and -t)
+_cli = {False: 0, True: 0}
+_local = threading.local()
+
+
+def parse(mode: str) -> str:
+    """A cache mode as qemu-img spells it, checked (qemu-img's text)."""
+    if mode not in MODES:
+        raise UsageError(f"Invalid cache option: {mode}")
+    return "none" if mode == "off" else mode
+
+
+def flags(mode: str) -> int:
+    return MODES[parse(mode)][0]
+
+
+def flushes(mode: str) -> bool:
+    return MODES[parse(mode)][1]
+
+
+def set_cli_modes(src: str | None = None, dst: str | None = None) -> None:
+    """The CLI's ``-T`` (``src``: files opened read-only) and ``-t``
+    (``dst``: files opened for writing); None leaves a side as it is."""
+    if src is not None:
+        _cli[False] = flags(src)
+    if dst is not None:
+        _cli[True] = flags(dst)
+
+
+@contextlib.contextmanager
+def opening(extra: int) -> Iterator[None]:
+    """Files this thread opens in the block take ``extra`` flags (O_DIRECT,
+    O_DSYNC), whatever the CLI set: a daemon node's ``cache``."""
+    old = getattr(_local, "extra", None)
+    _local.extra = extra
+    try:
+        yield
+    finally:
+        _local.extra = old
+
+
+def extra_flags(writable: bool) -> int:
+    """The flags an image file opened now takes beyond its access mode."""
+    extra = getattr(_local, "extra", None)
+    return _cli[writable] if extra is None else extra
