@@ -10,7 +10,8 @@ from ..imageops.convert_nbd import convert      # files, and NBD URIs
 from .cmd_create import parse_opts
 from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
-from . import image_opts
+from ..formats import cache
+from . import cache_mode, image_opts
 from .opts_help import OptsAction, print_help, wants_help
 
 
@@ -56,10 +57,7 @@ def register(sub):
     p.add_argument("-m", dest="threads", default=None, metavar="N",
                    help="parallel requests (worker threads, 1..16; default 4, or 8 with "
                    "-t writeback, where workers also wait for the disk)")
-    p.add_argument("-t", dest="cache", default="unsafe", choices=["writeback", "unsafe"],
-                   help="target cache mode: 'unsafe' (the default, as in qemu-img convert) "
-                   "leaves the data to the kernel's writeback; 'writeback' makes the copy "
-                   "durable (fsync) before exiting, starting writeback while it copies")
+    cache_mode.add(p, t="unsafe", T="writeback")
     p.add_argument("--request-size", default=None, metavar="SIZE",
                    help="bytes per request (default 2M for raw -> raw, else 512k)")
     p.add_argument("--salvage", action="store_true",
@@ -150,7 +148,7 @@ def run(args) -> int:
         rate=parse_size(args.rate, "rate limit"), threads=threads,
         request_size=parse_size(args.request_size, "request size", 512, 1 << 30)
         if args.request_size else None,
-        flush=args.cache != "unsafe", src_fmt=args.src_fmt, dst_fmt=args.dst_fmt,
+        flush=cache.flushes(args.cache), src_fmt=args.src_fmt, dst_fmt=args.dst_fmt,
         compress=args.compress, backing=backing, backing_fmt=backing_fmt,
         force_share=args.force_share, create_opts=create_opts,
         snapshot=_snapshot_param(args.snapshot), salvage=args.salvage,

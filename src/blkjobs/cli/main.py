@@ -260,6 +260,9 @@ def _main(argv: list[str]) -> int:
         if hasattr(args, "_image_operands"):      # --image-opts, --object
             from .image_opts import apply
             apply(args)
+        if hasattr(args, "_cache_sides"):         # -t / -T
+            from .cache_mode import apply as apply_cache
+            apply_cache(args)
         rc = args.func(args)
         sys.stdout.flush()     # a closed pipe is noticed here, not at exit
         return int(rc or 0)
