@@ -89,3 +89,17 @@ def extra_flags(writable: bool) -> int:
     """The flags an image file opened now takes beyond its access mode."""
     extra = getattr(_local, "extra", None)
     return _cli[writable] if extra is None else extra
+
+
+def fd_extra(fd: int) -> int:
+    """The cache flags (O_DIRECT, O_DSYNC) an open fd has (-1: none)."""
+    if fd < 0:
+        return 0
+    import fcntl
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & (O_DIRECT | O_DSYNC)
+
+
+def reopening(driver) -> contextlib.AbstractContextManager[None]:
+    """Opens in the block take the cache flags ``driver``'s file has now
+    (a node reopened read-only or read-write keeps its cache mode)."""
+    return opening(fd_extra(driver.fd if driver.host_file else -1))

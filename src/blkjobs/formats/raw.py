@@ -103,7 +103,7 @@ class Raw(Driver):
         mv = memoryview(buf).cast("B")
         done = 0
         while done < len(mv):
-            n = os.preadv(self.fd, [mv[done:]], offset + done)
+            n = dio.preadinto(self.fd, mv[done:], offset + done)
             if n <= 0:
                 raise UsageError(f"read beyond the end of '{self.filename}'")
             done += n

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ImageError, UsageError
-from ..formats import open_image
+from ..formats import cache, open_image
 from ..formats.base import Kind
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
@@ -507,15 +507,15 @@ class Node:
                 raise PermissionConflict(f"node '{self.name}' is still used for writing")
         self.driver.flush()
         spec = getattr(self.driver, "spec_name", None)
-        if spec is not None:       # a json:/--image-opts name: opened the same way again
-            from .blockspec import open_spec, parse
-            new = open_spec(parse(spec, self.format), read_only)[0]
-            if getattr(new, "injects_faults", False):
-                new = new.inner     # type: ignore[attr-defined]   # the wrapper stays, below
-        else:
-            new = open_image(self.filename, self.format, read_only=read_only)
-        # a fault-injection wrapper (blkdebug: rules, break points) stays, now
-        # around the new driver
+        with cache.reopening(self.driver):      # the new fd keeps O_DIRECT / O_DSYNC
+            if spec is not None:       # a json:/--image-opts name: opened the same way again
+                from .blockspec import open_spec, parse
+                new = open_spec(parse(spec, self.format), read_only)[0]
+                if getattr(new, "injects_faults", False):
+                    new = new.inner     # type: ignore[attr-defined]   # the wrapper stays, below
+            else:
+                new = open_image(self.filename, self.format, read_only=read_only)
+        # a fault-injection wrapper (blkdebug: rules, break points) stays, around the new driver
         wrapper = self.driver if getattr(self.driver, "injects_faults", False) else None
         old = wrapper.inner if wrapper is not None else self.driver
         if wrapper is not None:

@@ -15,6 +15,7 @@ import os
 from typing import Any, TypeVar
 
 from ..errors import ImageError, UsageError
+from ..native import dio
 from .node import Node
 from .perm import Permission
 
@@ -146,7 +147,7 @@ class SetBacking(Change):
             raw, bf, bfmt = self.header_saved
             drv = n.driver
             # restore exactly the old bytes of cluster 0, then re-read the header
-            os.pwrite(drv.fd, raw, 0)
+            dio.pwrite(drv.fd, raw, 0)
             os.fsync(drv.fd)
             drv.header.backing_file, drv.header.backing_format = bf, bfmt
             drv.backing_filename, drv.backing_format = bf, bfmt

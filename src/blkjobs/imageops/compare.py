@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from collections.abc import Callable
 
 from ..errors import BlkjobsError
+from ..native import dio
 from ..native.extents import extents, is_zero
 from .files import fd_size, open_source
 
@@ -77,8 +78,8 @@ def compare_raw(path_a: str, path_b: str, strict: bool = False,
                 off = s
                 while off < e:
                     n = min(CHUNK, e - off)
-                    ra = os.preadv(fa, [mva[:n]], off)
-                    rb = os.preadv(fb, [mvb[:n]], off)
+                    ra = dio.preadinto(fa, mva[:n], off)
+                    rb = dio.preadinto(fb, mvb[:n], off)
                     if ra < n:
                         mva[ra:n] = bytes(n - ra)
                     if rb < n:
@@ -99,7 +100,7 @@ def compare_raw(path_a: str, path_b: str, strict: bool = False,
                 off = s
                 while off < s + n:
                     k = min(CHUNK, s + n - off)
-                    r = os.preadv(longer, [mva[:k]], off)
+                    r = dio.preadinto(longer, mva[:k], off)
                     if not is_zero(mva[:r]):
                         z = _first_diff(mva[:r], memoryview(bytes(r)))
                         return CompareResult(False, off + z, size_mismatch=True)

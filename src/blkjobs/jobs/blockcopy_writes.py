@@ -7,11 +7,11 @@ whole zero clusters taken out of copied runs, compressed clusters.
 attributes it uses are set by the Mover's constructor."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ..errors import CopyError, UsageError
 from ..graph import Node
+from ..native import dio
 from ..native.compress import ZERO as DEFLATE_ZERO
 from ..native.compress import Deflater
 from ..native.copy import COPY, ZERO
@@ -83,7 +83,7 @@ class TargetWrites:
             if self._scan_buf is None or len(self._scan_buf) < b - a:
                 self._scan_buf = bytearray(max(b - a, PLAN_CHUNK))
             view = memoryview(self._scan_buf)[:b - a]
-            got = self._src(lambda o, fd=fd, v=view, h=host - s: os.preadv(fd, [v], h + o), a)
+            got = self._src(lambda o, fd=fd, v=view, h=host - s: dio.preadinto(fd, v, h + o), a)
             pos = s
             for zs, zn in zero_blocks(view[:got - got % cs], cs):
                 zs += a

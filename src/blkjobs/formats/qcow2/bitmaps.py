@@ -167,7 +167,7 @@ class Bitmaps:
                 raise ImageError(f"'{drv.filename}': Could not read bitmap '{b.name}' from "
                                  f"image: corrupt bitmap table entry {i} (0x{e:x})")
             if off:
-                got = os.preadv(drv.fd, [mv[i * cs:(i + 1) * cs]], off)
+                got = dio.preadinto(drv.fd, mv[i * cs:(i + 1) * cs], off)
                 if got != cs:
                     raise ImageError(f"'{drv.filename}': Could not read bitmap '{b.name}' "
                                      f"from image: data cluster 0x{off:x} truncated")

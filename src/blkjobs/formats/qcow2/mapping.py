@@ -9,7 +9,6 @@ Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
 from __future__ import annotations
 
 import itertools
-import os
 import struct
 import threading
 
@@ -245,7 +244,7 @@ class Reads(L2Tables):
     def _pread_into(self, mv: memoryview, host: int) -> None:
         done = 0
         while done < len(mv):
-            n = os.preadv(self.data_fd, [mv[done:]], host + done)
+            n = dio.preadinto(self.data_fd, mv[done:], host + done)
             if n <= 0:
                 _zero(mv, done, len(mv))   # preallocated clusters past EOF read as zeroes
                 return
