@@ -13,13 +13,14 @@ from ..errors import UsageError
 from . import image_opts, progname
 from .copy_progress import signal_line, take_sigusr1
 from .parity import RAW_PROBED, check_fmt, open_rw
+from . import cache_mode
 
 
 def register(sub):
     p = sub.add_parser("amend", help="change the options of an existing qcow2 image")
     p.add_argument("-o", dest="options", action="append", metavar="OPTIONS")
     p.add_argument("-f", dest="fmt", metavar="FMT")
-    p.add_argument("-t", dest="cache", metavar="CACHE")
+    cache_mode.add(p, t="writeback")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("--force", action="store_true")

@@ -11,6 +11,7 @@ from ..errors import BlkjobsError
 from ..imageops.inspect import check_exit_code, check_image
 from . import progname
 from . import image_opts
+from . import cache_mode
 
 
 # qemu-img 7.2 prints ImageCheck keys in the order of its QDict's hash buckets
@@ -29,6 +30,7 @@ def register(sub):
                    help="repair leaks, or leaks and corruptions")
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("-q", dest="quiet", action="store_true")
+    cache_mode.add(p, T="writeback")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="force share: check an image another process is writing "
                    "(not with -r)")

@@ -15,6 +15,7 @@ from .cmd_backup import (POLICIES, add_common, cli_engine, copied, find_base, Jo
                          run_job)
 from ..units import parse_size
 from . import image_opts, progname
+from . import cache_mode
 
 
 def make_empty(path: str, fmt: str, debug=None, name: str | None = None) -> None:
@@ -70,10 +71,7 @@ def register(sub):
                    help="what an I/O error does to the job (default report: it fails)")
     p.add_argument("-q", dest="quiet", action="store_true",
                    help="quiet: no progress and no 'Image committed.'")
-    p.add_argument("-t", dest="cache", metavar="CACHE", default="writeback",
-                   choices=["writeback", "unsafe", "writethrough", "directsync", "none"],
-                   help="cache mode of the images (accepted as qemu-img's; the job flushes "
-                   "the base when it completes in every mode)")
+    cache_mode.add(p, t="writeback")
     p.add_argument("-r", dest="rate", metavar="RATE",
                    help="rate limit in bytes per second (qemu-img's name for --speed)")
     add_common(p)

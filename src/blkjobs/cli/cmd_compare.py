@@ -9,6 +9,7 @@ from ..imageops.compare import ReadFailed, compare_images
 from .copy_progress import Reporter, add_progress_options
 from . import progname
 from . import image_opts
+from . import cache_mode
 
 
 def register(sub):
@@ -16,6 +17,7 @@ def register(sub):
                        description="Exit status: 0 identical, 1 different, 2 error.")
     p.add_argument("-f", dest="fmt_a", metavar="FMT")
     p.add_argument("-F", dest="fmt_b", metavar="FMT")
+    cache_mode.add(p, T="writeback")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="force share: compare images another process is writing")
     p.add_argument("-q", dest="quiet", action="store_true",

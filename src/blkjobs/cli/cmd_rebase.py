@@ -8,6 +8,7 @@ from __future__ import annotations
 from ..imageops.rebase import rebase
 from . import image_opts
 from .copy_progress import Reporter, add_progress_options
+from . import cache_mode
 
 
 def register(sub):
@@ -20,6 +21,7 @@ def register(sub):
                    help="unsafe: only rewrite the backing file name in the header")
     add_progress_options(p, "the comparison of the backing files (safe mode)")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet: no progress")
+    cache_mode.add(p, t="writeback", T="writeback")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="force share: read a new backing file another process is writing")
     p.add_argument("image")

@@ -105,7 +105,6 @@ OPTION_HELP: dict[tuple[str, str], str] = {
     ("amend", "-o"): "options to change: compat=0.10|1.1, lazy_refcounts=on|off, "
     "refcount_bits=N, size=N (-o help lists them); may repeat",
     ("amend", "-f"): _F, ("amend", "-q"): _Q, ("amend", "-p"): "show progress (qemu-img's lines)",
-    ("amend", "-t"): "cache mode (accepted for qemu-img's command lines; no effect)",
     ("amend", "--force"): "accepted for qemu-img's command lines (nothing here needs it)",
     ("amend", "args"): "IMG",
     ("stream", "-f"): _F, ("stream", "--on-error"): _ERR, ("stream", "image"): _IMG,
