@@ -11,10 +11,11 @@
  * may share a block (the copy engine writes one at a time, the drivers
  * under the graph's I/O lock).
  *
- * The alignment is probed once per device (st_dev, or st_rdev for a block
- * device) and kept in a small table: BLKSSZGET for a block device, else a
- * read of 512 then 4096 bytes at offset 0, the first not refused with
- * EINVAL (QEMU's raw_probe_alignment guesses the same way).
+ * The alignment is probed once per file (st_dev, st_ino) and kept in a
+ * small table, as QEMU's raw_probe_alignment guesses it: BLKSSZGET for a
+ * block device, else the first of 1, 512, 1024, 2048, 4096 bytes a read at
+ * offset 0 does not refuse with EINVAL -- 1 meaning "cannot tell" (a hole
+ * at offset 0 reads without alignment on ext4), taken as 4096.
  */
 #include "dio.h"
 
@@ -35,6 +36,7 @@
 static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct {
     dev_t dev;
+    ino_t ino;
     uint32_t align;
 } cache[NCACHE];
 static unsigned ncache;
@@ -49,15 +51,17 @@ static uint32_t probe(int fd, const struct stat *st)
     void *buf;
     if (posix_memalign(&buf, MEM_ALIGN, 4096))
         return 4096;
+    /* QEMU's guess: the first length a read at offset 0 accepts; 1 byte
+     * accepted (a hole there, an empty file) tells nothing: 4096 */
     uint32_t align = 4096;
-    static const uint32_t tries[] = { 512, 4096 };
+    static const uint32_t tries[] = { 1, 512, 1024, 2048, 4096 };
     for (size_t i = 0; i < sizeof(tries) / sizeof(tries[0]); i++) {
         ssize_t r;
         do
             r = pread(fd, buf, tries[i], 0);
         while (r < 0 && errno == EINTR);
         if (r >= 0 || errno != EINVAL) {
-            align = tries[i];
+            align = tries[i] == 1 ? 4096 : tries[i];
             break;
         }
     }
@@ -73,10 +77,9 @@ uint32_t bj_dio_align(int fd)
     struct stat st;
     if (fstat(fd, &st) < 0)
         return 4096;
-    dev_t dev = S_ISBLK(st.st_mode) ? st.st_rdev : st.st_dev;
     pthread_mutex_lock(&cache_lock);
     for (unsigned i = 0; i < ncache; i++) {
-        if (cache[i].dev == dev) {
+        if (cache[i].dev == st.st_dev && cache[i].ino == st.st_ino) {
             uint32_t a = cache[i].align;
             pthread_mutex_unlock(&cache_lock);
             return a;
@@ -85,8 +88,9 @@ uint32_t bj_dio_align(int fd)
     pthread_mutex_unlock(&cache_lock);
     uint32_t a = probe(fd, &st);
     pthread_mutex_lock(&cache_lock);
-    unsigned slot = ncache < NCACHE ? ncache++ : (unsigned)(dev % NCACHE);
-    cache[slot].dev = dev;
+    unsigned slot = ncache < NCACHE ? ncache++ : (unsigned)(st.st_ino % NCACHE);
+    cache[slot].dev = st.st_dev;
+    cache[slot].ino = st.st_ino;
     cache[slot].align = a;
     pthread_mutex_unlock(&cache_lock);
     return a;

@@ -8,9 +8,9 @@
 /* I/O that works on any fd, opened with O_DIRECT or not (dio.c).
  *
  * bj_dio_align(fd): 1 when fd is not O_DIRECT, else the request alignment
- * O_DIRECT needs on it, probed once per device as QEMU's file driver does
- * (BLKSSZGET on a block device, else the first of 512, 4096 a read of that
- * size at offset 0 accepts) and remembered. */
+ * O_DIRECT needs on it, probed once per file as QEMU's file driver does
+ * (BLKSSZGET on a block device, else the first of 1, 512 ... 4096 bytes a
+ * read at offset 0 accepts, 1 meaning 4096) and remembered. */
 uint32_t bj_dio_align(int fd);
 /* Read len bytes at off into buf (any address, offset or length: an
  * unaligned request on an O_DIRECT fd goes through an aligned bounce

@@ -25,7 +25,7 @@ def is_direct(fd: int) -> bool:
 
 def alignment(fd: int) -> int:
     """1 for a buffered fd, else the request alignment O_DIRECT needs on it
-    (probed once per device: BLKSSZGET, else 512 or 4096)."""
+    (probed once per file as QEMU does: BLKSSZGET, else a read at offset 0)."""
     return int(lib.bj_dio_align(fd))
 
 
