@@ -221,7 +221,7 @@ def test_other_commands_with_o_direct_match_qemu_img(tmp_path):
         qemu_io(top, "write -P 2 65536 1000")
         exe = [*BLKJOBS] if tool == "blkjobs" else ["qemu-img"]
 
-        def run(*a: str) -> tuple[int, str]:
+        def run(*a: str, exe: list[str] = exe) -> tuple[int, str]:
             p = subprocess.run(exe + list(a), capture_output=True, text=True)
             assert "Traceback" not in p.stderr
             return p.returncode, p.stdout

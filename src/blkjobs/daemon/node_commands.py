@@ -24,7 +24,8 @@ from typing import Any
 
 from ..errors import BlkjobsError
 from ..formats import open_image
-from ..formats.base import FormatOpenError
+from ..formats import cache
+from ..formats.base import FormatOpenError, open_cached
 from ..graph import ALL, Node, Perm, open_chain, resolve_backing
 from . import blkdebug_commands, nbd_client
 from .protocol import QMPError
@@ -88,6 +89,16 @@ class MonitorNode:
             if self.gnode.format == "qcow2":
                 self.gnode.driver.qemu_discard = True    # a request's, as QEMU's
 
+
+
+def _direct(opts: dict[str, Any], fnode: MonitorNode) -> bool:
+    """The ``cache.direct`` of the file a format node is added over: an
+    inline file's own, else the format node's (inherited, as in QEMU); a
+    file node added before by name keeps its own."""
+    fref = opts["file"]
+    if isinstance(fref, dict):
+        return bool({**opts.get("cache", {}), **fref.get("cache", {})}.get("direct", False))
+    return bool(fnode.cache.get("direct", False))
 
 
 class NodeCommands:
@@ -194,12 +205,15 @@ class NodeCommands:
                 _check_qcow2_magic(fnode.filename)
             dfile = self._data_file(opts.get("data-file"))
             try:
-                if backing is ...:
-                    gnode = open_chain(fnode.filename, drv, read_only=ro,
-                                       graph=self.eng.graph, name=name, data_file=dfile)
-                else:
-                    gnode = self.eng.graph.add(open_image(fnode.filename, drv, read_only=ro,
-                                                          data_file=dfile), name, drv)
+                # the file node's cache.direct: its fd (and the backing files
+                # the image opens itself, which inherit it) get O_DIRECT
+                with cache.opening(cache.O_DIRECT if _direct(opts, fnode) else 0):
+                    if backing is ...:
+                        gnode = open_chain(fnode.filename, drv, read_only=ro,
+                                           graph=self.eng.graph, name=name, data_file=dfile)
+                    else:
+                        gnode = self.eng.graph.add(open_image(fnode.filename, drv, read_only=ro,
+                                                              data_file=dfile), name, drv)
             except FormatOpenError as e:        # QEMU's text names no file
                 raise QMPError(e.reason) from None
             if backing is not ...:
@@ -256,9 +270,12 @@ class NodeCommands:
     def _add_file(self, opts: dict[str, Any], owned: bool, ro: bool) -> MonitorNode:
         path = opts["filename"]
         try:
-            fd = os.open(path, os.O_RDONLY if ro else os.O_RDWR)
+            with cache.opening(cache.O_DIRECT if opts.get("cache", {}).get("direct") else 0):
+                fd = open_cached(path, os.O_RDONLY if ro else os.O_RDWR)
         except OSError as e:
             raise QMPError(f"Could not open '{path}': {e.strerror}") from None
+        except BlkjobsError as e:       # a file system that refuses O_DIRECT
+            raise QMPError(str(e)) from None
         os.close(fd)
         name = opts.get("node-name")
         if name is not None:

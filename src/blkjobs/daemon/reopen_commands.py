@@ -21,8 +21,11 @@ format node and not listed on its own inherits the cache mode).
 ``discard`` and ``detect-zeroes`` change what a front end's requests (an
 NBD export's) do from the next request on, as at ``blockdev-add``
 (graph/frontend.py): ``ignore`` drops discards and the may-unmap of
-write-zeroes, ``detect-zeroes`` writes zeroes as a write-zeroes. The
-others do not change blkjobs' I/O (``cache.direct``: no O_DIRECT). QEMU's refusals, with its texts:
+write-zeroes, ``detect-zeroes`` writes zeroes as a write-zeroes. A file
+node's ``cache.direct`` (its own, or inherited from the format node it was
+made inline for) switches O_DIRECT on or off on the image's open fd, as
+qemu-storage-daemon reopens its fd; ``cache.no-flush`` is recorded only.
+QEMU's refusals, with its texts:
 ``force-share``, ``locking``, ``aio``, ``aio-max-batch``, ``pr-manager``
 given otherwise than before (``Cannot change the option '<k>'``),
 ``detect-zeroes`` ``unmap`` without ``discard`` ``unmap``, and a
@@ -47,6 +50,7 @@ from typing import Any
 
 from ..formats import create_image, open_image
 from ..graph import ALL, Node, Perm
+from ..native import dio
 from .protocol import QMPError
 
 _REOPEN_KEYS = {"driver", "node-name", "file", "backing", "read-only", "filename"}
@@ -104,6 +108,7 @@ class ReopenCommands:
             self._apply_ro(ro)
             for mn, o, inherited in opts:
                 mn.set_options(o, inherited)
+            self._apply_direct([mn for mn, _, _ in opts])
             # an export's TRIM follows its node's discard option from now on
             for be in getattr(self, "_exports", {}).values():
                 be.exp.backend.unmap = self._discard_unmap(be.fe.node)
@@ -149,6 +154,29 @@ class ReopenCommands:
                 raise QMPError(f"Read-only block node '{mn.name}' cannot support read-write "
                                "users")
         return ro
+
+    def _apply_direct(self, mns: list[Any]) -> None:
+        """A file node's ``cache.direct`` now set otherwise than its fd's
+        O_DIRECT: switched on the open file (``fcntl(F_SETFL)``, as QEMU's
+        file driver reopens), with the node's I/O drained (``quiesce``: no
+        request is between its alignment check and its system call)."""
+        for mn in mns:
+            fmt = mn.parent if mn.drv == "file" else None
+            g = fmt.gnode if fmt is not None else None
+            if g is None or not g.driver.host_file:
+                continue
+            fds = {g.driver.fd, g.driver.data_fd}
+            want = bool(mn.cache.get("direct", False))
+            if all(dio.is_direct(fd) == want for fd in fds):
+                continue
+            self.eng.io.quiesce(g)
+            try:
+                for fd in fds:
+                    dio.set_direct(fd, want)
+            except OSError as e:
+                raise QMPError(f"Could not reopen file: {e.strerror}") from None
+            finally:
+                self.eng.io.unquiesce(g)
 
     @staticmethod
     def _apply_ro(ro: dict[int, tuple[Any, bool]]) -> None:
