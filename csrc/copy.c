@@ -127,6 +127,7 @@ struct bj_copy {
     uint32_t throttled;       /* of which: waiting in the rate limiter */
     atomic_int cancel;
     atomic_int no_copy_range; /* copy_file_range refused: read/write */
+    uint32_t dst_align;       /* the target's O_DIRECT alignment, 1: buffered */
     int direct;               /* the target or default source is O_DIRECT: no
                                  copy_file_range (it would move the bytes
                                  through the page cache) */
@@ -384,10 +385,17 @@ static int pwrite_full(int fd, const char *buf, uint64_t len, uint64_t off, uint
     return rc < 0 ? (int)rc : 0;
 }
 
-/* A data write to the target: one writer at a time (see the top). */
+/* A data write to the target: one writer at a time (see the top). On an
+ * O_DIRECT target no page cache is copied into, and the writers wait for
+ * the disk: block-aligned writes go in parallel (a request's aligned blocks
+ * are its own); an unaligned one (its partial blocks are read, patched and
+ * written: dio.c) still takes the lock, as the request next to it may
+ * patch the same block. */
 static int write_target(struct bj_copy *c, const char *buf, uint64_t len, uint64_t off,
                         uint64_t *fail_off)
 {
+    if (c->dst_align > 1 && off % c->dst_align == 0 && len % c->dst_align == 0)
+        return pwrite_full(c->o.dst_fd, buf, len, off, fail_off);
     pthread_mutex_lock(&c->wlock);
     int rc = pwrite_full(c->o.dst_fd, buf, len, off, fail_off);
     pthread_mutex_unlock(&c->wlock);
@@ -578,9 +586,11 @@ static int do_request(struct worker *w, const struct req *q, int *side, uint64_t
      * while it is in the CPU's cache), aligned to target offsets and a
      * multiple of the zero block, so no block straddles two pieces. */
     uint64_t zb = c->o.zero_block;
-    uint64_t piece = PIECE;
+    /* O_DIRECT: no cache to keep the piece in between read and write, and
+     * each call waits for the disk: the whole request at once */
+    uint64_t piece = c->direct && c->o.request_size > PIECE ? c->o.request_size : PIECE;
     if (zb)
-        piece = zb >= PIECE ? zb : PIECE - PIECE % zb;
+        piece = zb >= piece ? zb : piece - piece % zb;
     uint64_t bufsz = r->len < piece ? r->len : piece;
     if (!w->buf || w->bufsz < bufsz) {
         free(w->buf);
@@ -596,7 +606,11 @@ static int do_request(struct worker *w, const struct req *q, int *side, uint64_t
     struct zrun zr = { 0, 0 };
     uint64_t pos = 0;
     while (pos < r->len) {
-        uint64_t n = piece - (r->dst_off + pos) % piece;
+        /* pieces end at multiples of piece in the target (so the page
+         * cache's copy stays in the CPU cache); under O_DIRECT the whole
+         * request, only its zero blocks kept whole */
+        uint64_t n = c->direct ? piece - (zb ? (r->dst_off + pos) % zb : 0)
+                               : piece - (r->dst_off + pos) % piece;
         if (n > r->len - pos)
             n = r->len - pos;
         rc = pread_full(r->src_fd, w->buf, n, r->src_off + pos);
@@ -771,7 +785,8 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts)
     atomic_init(&c->no_copy_range, 0);
     c->direct = (fcntl(opts->dst_fd, F_GETFL) & O_DIRECT) != 0 ||
                 (opts->src_fd >= 0 && (fcntl(opts->src_fd, F_GETFL) & O_DIRECT) != 0);
-    if (fcntl(opts->dst_fd, F_GETFL) & O_DIRECT)
+    c->dst_align = bj_dio_align(opts->dst_fd);
+    if (c->dst_align > 1)
         c->o.write_behind = 0; /* no page cache to write behind */
     bj_zeroer_init(&c->zeroer);
     for (uint32_t i = 0; i < c->nworkers; i++) {

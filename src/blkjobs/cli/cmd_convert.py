@@ -56,7 +56,7 @@ def register(sub):
                    help="rate limit in bytes per second (e.g. 100M)")
     p.add_argument("-m", dest="threads", default=None, metavar="N",
                    help="parallel requests (worker threads, 1..16; default 4, or 8 with "
-                   "-t writeback, where workers also wait for the disk)")
+                   "-t other than unsafe, where workers also wait for the disk)")
     cache_mode.add(p, t="unsafe", T="writeback")
     p.add_argument("--request-size", default=None, metavar="SIZE",
                    help="bytes per request (default 2M for raw -> raw, else 512k)")
@@ -112,8 +112,9 @@ def _concat(args, opts: ConvertOptions) -> int:
 
 
 def run(args) -> int:
+    # workers that wait for the disk (a durable copy, O_DIRECT): 8
     threads = _coroutines(args.threads) if args.threads is not None else (
-        8 if args.cache == "writeback" else 4)
+        8 if args.cache != "unsafe" else 4)
     sparse = parse_size(args.sparse or "4k", "buffer size for sparse output")
     if sparse % 512 or sparse > 16 << 20:
         raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are "

@@ -14,7 +14,7 @@ from ..graph.lock import ImageLock, LockConflict
 from ..native import dio
 from ..native.copy import COPY, CopyEngine
 from ..native.ratelimit import TokenBucket
-from .convert_base import CHAIN_REQUEST, ConvertOptions, ConvertResult, drive
+from .convert_base import CHAIN_REQUEST, WB_REQUEST, ConvertOptions, ConvertResult, drive
 from .convert_target import Target, check_target_size, identity, refuse_target_in_chain
 from .files import same_file
 
@@ -513,8 +513,10 @@ class ChainConvert:
             self.copy_kind = COPY
             self.next_pos = 0
             bucket = TokenBucket(o.rate) if o.rate else None
+            # an O_DIRECT target: each write waits for the disk, larger ones pay
+            req = o.request_size or (WB_REQUEST if dio.is_direct(self.tg.dfd) else CHAIN_REQUEST)
             with CopyEngine(self.fds[0], self.tg.dfd, threads=o.threads,
-                            request_size=o.request_size or CHAIN_REQUEST, zero_block=o.sparse_size,
+                            request_size=req, zero_block=o.sparse_size,
                             target_is_zero=eng_zero, may_unmap=o.sparse_size != 0,
                             write_behind=o.flush,     # the final fsync finds little left
                             bucket=bucket, src_path=self.src, dst_path=self.dst) as eng:
