@@ -205,15 +205,7 @@ class NodeCommands:
                 _check_qcow2_magic(fnode.filename)
             dfile = self._data_file(opts.get("data-file"))
             try:
-                # the file node's cache.direct: its fd (and the backing files
-                # the image opens itself, which inherit it) get O_DIRECT
-                with cache.opening(cache.O_DIRECT if _direct(opts, fnode) else 0):
-                    if backing is ...:
-                        gnode = open_chain(fnode.filename, drv, read_only=ro,
-                                           graph=self.eng.graph, name=name, data_file=dfile)
-                    else:
-                        gnode = self.eng.graph.add(open_image(fnode.filename, drv, read_only=ro,
-                                                              data_file=dfile), name, drv)
+                gnode = self._open_over(opts, fnode, name, dfile, backing is ...)
             except FormatOpenError as e:        # QEMU's text names no file
                 raise QMPError(e.reason) from None
             if backing is not ...:
@@ -237,6 +229,20 @@ class NodeCommands:
             # last user (Engine.drop_unused).
             gnode.take(MONITOR, Perm(0), ALL)
         return self._add_format(gnode, opts, fnode, created, owned)
+
+    def _open_over(self, opts: dict[str, Any], fnode: MonitorNode, name: str | None,
+                   dfile: str | None, chain: bool) -> Node:
+        """Open the image of format node ``opts`` over ``fnode``: with the
+        backing chain its header names (``chain``) or alone. The file
+        node's cache.direct: its fd (and the backing files the image opens
+        itself, which inherit it) get O_DIRECT."""
+        drv, ro = opts["driver"], bool(opts.get("read-only", False))
+        with cache.opening(cache.O_DIRECT if _direct(opts, fnode) else 0):
+            if chain:
+                return open_chain(fnode.filename, drv, read_only=ro, graph=self.eng.graph,
+                                  name=name, data_file=dfile)
+            return self.eng.graph.add(open_image(fnode.filename, drv, read_only=ro,
+                                                 data_file=dfile), name, drv)
 
     def _data_file(self, ref: Any) -> str | None:
         """The file a qcow2 node's ``data-file`` names: an existing ``file``
