@@ -13,7 +13,8 @@ from __future__ import annotations
 import fcntl
 import os
 
-from ._lib import ffi, lib
+# The extension (._lib) is imported on the O_DIRECT path only: a buffered
+# command (info, map: start-up time) never pays for it here.
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -26,6 +27,7 @@ def is_direct(fd: int) -> bool:
 def alignment(fd: int) -> int:
     """1 for a buffered fd, else the request alignment O_DIRECT needs on it
     (probed once per file as QEMU does: BLKSSZGET, else a read at offset 0)."""
+    from ._lib import lib
     return int(lib.bj_dio_align(fd))
 
 
@@ -44,6 +46,7 @@ def preadinto(fd: int, buf, offset: int) -> int:
     mv = memoryview(buf).cast("B")
     if not is_direct(fd):
         return os.preadv(fd, [mv], offset)
+    from ._lib import ffi, lib
     got = lib.bj_dio_pread(fd, ffi.from_buffer(mv, require_writable=True), len(mv), offset)
     if got < 0:
         raise OSError(-got, os.strerror(-got))
@@ -67,6 +70,7 @@ def pwrite(fd: int, data, offset: int) -> int:
         while done < len(mv):
             done += os.pwrite(fd, mv[done:], offset + done)
         return done
+    from ._lib import ffi, lib
     rc = lib.bj_dio_pwrite(fd, ffi.from_buffer(mv), len(mv), offset, ffi.NULL)
     if rc < 0:      # an OSError, as os.pwrite raises (callers catch it)
         raise OSError(-rc, os.strerror(-rc))
