@@ -22,11 +22,11 @@ flight".
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ..errors import UsageError
 from ..formats.base import Kind
+from ..native import dio
 from .node import Node
 
 _ZEROES = bytes(1 << 20)
@@ -46,7 +46,7 @@ def _pread(fd: int, mv: memoryview, host: int) -> None:
     file read as zeroes (clusters preallocated past EOF)."""
     done, n = 0, len(mv)
     while done < n:
-        k = os.preadv(fd, [mv[done:]], host + done)
+        k = dio.preadinto(fd, mv[done:], host + done)      # O_DIRECT too
         if k <= 0:
             _zero(mv[done:])
             return
