@@ -30,8 +30,10 @@ libnbd handle to the same URI, tried every ``RECONNECT_INTERVAL`` s -- and
 is sent again on it; the new export must have the same size. When no
 connection succeeds within ``reconnect_delay`` seconds the request fails
 with EIO (as in QEMU: a job reports ``Input/output error``) and a text that
-says so, and the driver is broken as above (QEMU goes
-on trying in the background and later requests may succeed again).
+says so. The driver is not broken then: as QEMU, it goes on connecting in
+the background (a thread, every ``RECONNECT_INTERVAL`` s) while every
+request fails at once with EIO; once a connection succeeds, requests work
+again.
 
 ``dirty_bitmap`` (QEMU's ``x-dirty-bitmap`` option: ``qemu:allocation-depth``,
 ``qemu:dirty-bitmap:NAME``): block status is asked in that meta context
@@ -126,6 +128,10 @@ class ZeroData(Mapping):
     zero_data: bool = True
 
 
+class _Outage(OSError):
+    """No reconnection within the reconnect delay (EIO)."""
+
+
 class Nbd(Driver):
     """An open NBD export (see the module docstring)."""
 
@@ -164,6 +170,10 @@ class Nbd(Driver):
         self._all = [c0]
         self._cond = threading.Condition()
         self._broken: OSError | None = None
+        #: past the reconnect delay: requests fail at once with this while
+        #: a background thread connects again (:meth:`_outage`)
+        self._down: OSError | None = None
+        self._reconnector: threading.Thread | None = None
         self._closed = False
         self._unsafe = False
         self.reconnect_delay = reconnect_delay
@@ -198,15 +208,18 @@ class Nbd(Driver):
                     raise OSError(self._broken.errno, self._broken.strerror)
                 if self._closed:
                     raise OSError(errno.ENOTCONN, f"'{self.filename}' is closed")
+                if self._down is not None:
+                    raise OSError(self._down.errno, self._down.strerror)
                 if self._free:
                     return self._free.pop()
                 self._cond.wait()
 
     def _run(self, fn, *args):
         """``fn(connection, *args)`` on a free connection. A failure breaks
-        the driver: later calls raise it. A connection is closed only by the
-        thread using it (or idle): another thread may be inside libnbd with
-        it."""
+        the driver: later calls raise it -- except a connection lost with a
+        reconnect delay (:meth:`_reconnect`, :meth:`_outage`). A connection
+        is closed only by the thread using it (or idle): another thread may
+        be inside libnbd with it."""
         c = self._take()
         try:
             while True:
@@ -215,7 +228,11 @@ class Nbd(Driver):
                 except OSError as e:
                     if not self.reconnect_delay or e.errno not in _LOST or self._closed:
                         raise
-                    c = self._reconnect(c, e)
+                    lost, c = c, None           # closed by _reconnect
+                    c = self._reconnect(lost, e)
+        except _Outage as e:        # past the delay: not broken, see _outage
+            self._outage(e)
+            raise OSError(e.errno, e.strerror) from None
         except OSError as e:
             with self._cond:
                 if self._broken is None:
@@ -223,18 +240,30 @@ class Nbd(Driver):
             raise
         finally:
             with self._cond:
-                if self._broken is not None or self._closed:
+                if c is None:
+                    pass
+                elif self._broken is not None or self._closed:
                     c.close()
                     self._close_idle()
                 else:
                     self._free.append(c)
                 self._cond.notify_all()
 
+    def _connect(self):
+        """A new connection to the same URI and export size (ImageError:
+        none)."""
+        from ..native.nbd import Connection
+        c = Connection(self.uri, self._timeout, self._tls, meta_context=self._context)
+        if c.size != self._size:
+            c.close()
+            raise ImageError(f"the export reconnected to has another size ({c.size} "
+                             f"bytes, was {self._size})")
+        return c
+
     def _reconnect(self, lost, why: OSError):
         """A new connection in place of ``lost`` (whose request failed with
         ``why``), tried until ``reconnect_delay`` seconds have passed; then
-        the error says what happened."""
-        from ..native.nbd import Connection
+        :class:`_Outage` says what happened."""
         lost.close()
         with self._cond:
             if lost in self._all:
@@ -242,22 +271,56 @@ class Nbd(Driver):
         deadline = time.monotonic() + self.reconnect_delay
         while True:
             try:
-                c = Connection(self.uri, self._timeout, self._tls, meta_context=self._context)
+                c = self._connect()
             except ImageError as e:
                 left = deadline - time.monotonic()
-                if left <= 0:       # EIO, as QEMU fails the delayed requests
-                    raise OSError(errno.EIO, f"{why.strerror}; no reconnection within "
+                if left <= 0 or self._down is not None or self._closed:
+                    # EIO, as QEMU fails the delayed requests
+                    raise _Outage(errno.EIO, f"{why.strerror}; no reconnection within "
                                              f"reconnect-delay ({self.reconnect_delay:g} s): "
                                              f"{e}") from None
                 time.sleep(min(RECONNECT_INTERVAL, left))
                 continue
-            if c.size != self._size:
-                c.close()
-                raise OSError(errno.EIO, f"{why.strerror}; the export reconnected to has "
-                                         f"another size ({c.size} bytes, was {self._size})")
             with self._cond:
                 self._all.append(c)
             return c
+
+    def _outage(self, e: OSError) -> None:
+        """Past the reconnect delay: requests fail at once with ``e`` while
+        a background thread connects again, as QEMU does; its connection
+        ends the outage."""
+        with self._cond:
+            if self._down is None:
+                self._down = OSError(e.errno, e.strerror)
+            if self._reconnector is None and not self._closed:
+                t = threading.Thread(target=self._reconnect_loop, daemon=True,
+                                     name="nbd-reconnect")
+                self._reconnector = t
+                t.start()
+            self._cond.notify_all()
+
+    def _reconnect_loop(self) -> None:
+        while True:
+            try:
+                c = self._connect()
+            except ImageError:
+                with self._cond:
+                    if not self._closed:
+                        self._cond.wait(RECONNECT_INTERVAL)
+                    if self._closed:
+                        self._reconnector = None
+                        return
+                continue
+            with self._cond:
+                self._reconnector = None
+                if self._closed:
+                    c.close()
+                    return
+                self._all.append(c)
+                self._free.append(c)
+                self._down = None
+                self._cond.notify_all()
+                return
 
     def _close_idle(self) -> None:
         """Close the connections nobody uses (the lock held)."""
@@ -374,7 +437,7 @@ class Nbd(Driver):
         if self._closed:
             return
         try:
-            if self._broken is None and not self._unsafe:
+            if self._broken is None and self._down is None and not self._unsafe:
                 self.flush()
         finally:
             with self._cond:
