@@ -104,3 +104,68 @@ def test_not_qcow2_and_writes_are_one_line(tmp_path, servers):
     p = run_blkjobs("convert", "-n", "-O", "qcow2", src, s.uri)
     assert one_line_error(p) == (f"blkjobs: '{s.uri}': only the raw format is written over "
                                  "NBD (qcow2 is read-only there)")
+
+
+def test_a_backup_job_reads_qcow2_over_nbd(tmp_path, servers):
+    qemu_nbd, _ = servers
+    img = _rich_qcow2(tmp_path)
+    s = qemu_nbd(img, "raw", "-r")
+    out = str(tmp_path / "b.qcow2")
+    p = run_blkjobs("backup", "-f", "qcow2", s.uri, out)
+    assert p.returncode == 0, p.stderr
+    same(out, img)
+
+
+async def qcow2_on_an_nbd_node(q, d) -> dict:
+    """blockdev-add qcow2 over an nbd node (by name, then inline), a backup
+    of each, and the errors: an export that is no qcow2 image, and deleting
+    the nbd node under the qcow2 one."""
+    import asyncio
+
+    from test_nbd_client import Server, _need
+    img = _rich_qcow2(d)
+    raw = str(d / "plain.raw")
+    assert qimg("create", "-f", "raw", raw, "1M").returncode == 0
+    sock, rsock = str(d / "q.sock"), str(d / "r.sock")
+    procs = [await asyncio.to_thread(Server, [_need("qemu-nbd"), "-k", p, "-f", "raw", "-t", "-e", "8",
+                                              "-r", f], p) for p, f in ((sock, img), (rsock, raw))]
+    out: dict = {}
+    try:
+        for i in (1, 2):
+            tgt = str(d / f"t{i}.raw")
+            assert qimg("create", "-f", "raw", tgt, "64M").returncode == 0
+            await q.x("blockdev-add", driver="raw", **{"node-name": f"t{i}"},
+                      file={"driver": "file", "filename": tgt})
+        server = {"type": "unix", "path": sock}
+        await q.x("blockdev-add", driver="nbd", **{"node-name": "n", "read-only": True},
+                  server=server)
+        await q.x("blockdev-add", driver="qcow2", **{"node-name": "q1", "read-only": True},
+                  file="n")
+        out["del-busy"] = await q.err("blockdev-del", **{"node-name": "n"})
+        await q.x("blockdev-add", driver="qcow2", **{"node-name": "q2", "read-only": True},
+                  file={"driver": "nbd", "server": server})
+        out["not-qcow2"] = await q.err(
+            "blockdev-add", driver="qcow2", **{"node-name": "q3", "read-only": True},
+            file={"driver": "nbd", "server": {"type": "unix", "path": rsock}})
+        for i in (1, 2):
+            await q.x("blockdev-backup", device=f"q{i}", target=f"t{i}", sync="full",
+                      **{"job-id": f"b{i}"})
+            ev = (await q.until("BLOCK_JOB_COMPLETED", device=f"b{i}"))[-1]
+            out[f"b{i}"] = {k: ev["data"].get(k) for k in ("error", "len", "offset", "type")}
+        for node in ("q1", "n", "q2", "t1", "t2"):
+            await q.x("blockdev-del", **{"node-name": node})
+    finally:
+        for s in procs:
+            await asyncio.to_thread(s.stop)
+    for i in (1, 2):
+        same(str(d / f"t{i}.raw"), img, "-f", "raw", "-F", "qcow2")
+    return out
+
+
+def test_daemon_qcow2_over_an_nbd_node_as_qemu_storage_daemon(tmp_path):
+    from daemon_util import side_by_side
+    ref, ours = side_by_side(tmp_path, qcow2_on_an_nbd_node)
+    assert ours == ref, (ours, ref)
+    assert ours["not-qcow2"] == ("GenericError", "Image is not in qcow2 format")
+    assert ours["b1"] == ours["b2"] == {"error": None, "len": 64 * MiB, "offset": 64 * MiB,
+                                        "type": "backup"}

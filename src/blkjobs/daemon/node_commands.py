@@ -171,13 +171,14 @@ class NodeCommands:
                 fnode = self.nodes.get(fref)
                 if fnode is None:
                     raise QMPError(f"Cannot find device='{fref}' nor node-name='{fref}'")
-                if fnode.drv not in ("file", "blkdebug"):
+                if fnode.drv not in ("file", "blkdebug") and (drv, fnode.drv) != ("qcow2", "nbd"):
                     raise QMPError(f"blkjobs stacks '{drv}' only on a 'file' node, "
                                    f"not on '{fref}' ({fnode.drv})")
                 if fnode.parent is not None:
                     raise QMPError(f"Node '{fref}' already has a parent")
-            else:
-                fnode = self._add(fref, owned=False)
+            else:       # an inline nbd file opens as its qcow2 node (QEMU's inheritance)
+                fnode = self._add({"read-only": ro, **fref} if fref.get("driver") == "nbd"
+                                  else fref, owned=False)
                 created.append(fnode)
             name = opts.get("node-name")      # None: the graph picks "#blockN"
             if name is not None:
@@ -190,11 +191,13 @@ class NodeCommands:
                 bmn = self._add({"read-only": True, **backing}, owned=False)  # QEMU's default
                 created.append(bmn)
                 bnode = bmn.gnode
-            if drv == "qcow2":
+            if drv == "qcow2" and fnode.drv != "nbd":
                 _check_qcow2_magic(fnode.filename)
             dfile = self._data_file(opts.get("data-file"))
             try:
-                if backing is ...:
+                if fnode.drv == "nbd":
+                    gnode = nbd_client.qcow2_node(self, fnode.gnode, opts, name, ro)
+                elif backing is ...:
                     gnode = open_chain(fnode.filename, drv, read_only=ro,
                                        graph=self.eng.graph, name=name, data_file=dfile)
                 else:
@@ -307,7 +310,7 @@ class NodeCommands:
                 self._drop(child)
 
     def _in_use(self, mn: MonitorNode) -> bool:
-        if mn.gnode is None:
+        if mn.gnode is None or mn.parent is not None:      # a file (or nbd) node below a format
             return mn.parent is not None
         g, eng = mn.gnode, self.eng
         # Read from the engine and the node (never changed): filters on the node
