@@ -58,3 +58,17 @@ def _urllib_display(uri: str) -> str:
 def test_the_uri_is_shown_as_urllib_splits_it(uri):
     from blkjobs.formats.nbd import display_name
     assert display_name(uri) == _urllib_display(uri)
+
+
+def test_one_connection_per_cpu_at_most_four(servers):
+    """nbdcopy's rule for a multi-conn export (its threads are the CPUs)."""
+    import os
+
+    from blkjobs.formats.nbd import Nbd
+    _, nbdkit = servers
+    s = nbdkit("memory", "1M")
+    drv = Nbd(s.uri)
+    try:
+        assert drv.connections == min(4, len(os.sched_getaffinity(0)))
+    finally:
+        drv.close()

@@ -14,8 +14,8 @@ bytes through buffers), no compression, no checks; no QEMU lock bytes
 either (the server decides who may use the export).
 
 Several connections: where the server advertises multi-conn, up to
-``connections`` (default 4) are opened and each caller (each copy worker)
-takes one for its request; big requests are split into pipelined
+``connections`` (default: one per CPU, at most 4) are opened and each
+caller (each copy worker) takes one for its request; big requests are split into pipelined
 requests on that connection (see :mod:`blkjobs.native.nbd`).
 
 Timeouts: a server that says nothing for ``timeout`` seconds (default 30,
@@ -66,6 +66,19 @@ RECONNECT_INTERVAL = 0.05
 #: a request failed with these: its connection is gone (reconnection may help)
 _LOST = {errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE, errno.ESHUTDOWN,
          errno.ECONNABORTED}
+
+
+def default_connections() -> int:
+    """Connections of a multi-conn export: one per CPU this process may run
+    on, at most DEFAULT_CONNECTIONS (nbdcopy's rule: its threads are the
+    CPUs, its connections at most its threads). On the 2-core test machine
+    2 connections copied faster than 4, with less system time
+    (benchmarks/README.md, "NBD client")."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(DEFAULT_CONNECTIONS, cpus))
 
 
 def timeout_from_env() -> float:
@@ -170,7 +183,7 @@ class Nbd(Driver):
 
     def __init__(self, uri: str, read_only: bool = True, timeout: float | None = None,
                  tls_certificates: str | None = None,
-                 connections: int = DEFAULT_CONNECTIONS, reconnect_delay: float = 0.0,
+                 connections: int | None = None, reconnect_delay: float = 0.0,
                  dirty_bitmap: str | None = None):
         from ..native.nbd import BASE_ALLOCATION, Connection
         self.uri = uri
@@ -202,6 +215,8 @@ class Nbd(Driver):
         self._closed = False
         self._unsafe = False
         self.reconnect_delay = reconnect_delay
+        if connections is None:
+            connections = default_connections()
         if c0.can_multi_conn:
             self._more(connections - 1)
 
