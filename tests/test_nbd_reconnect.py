@@ -162,28 +162,20 @@ def test_past_the_delay_requests_fail_at_once_then_work_when_the_server_is_back(
         # the second request failed with the first one's error: the node
         # stays down until the background connection succeeds
         assert errors[1] == errors[0]
+        reconnector = drv._reconnector
+        assert reconnector is not None
         servers.append(_qemu_nbd(img, sock))      # its socket appeared
-        got = _read_until_it_works(lambda: drv.read(1 * MiB, 4096))
-        assert got == b"\x5a" * 4096
+        # the event: the background connection succeeds (its thread ends),
+        # with no request asking for it
+        reconnector.join(WAIT)
+        assert not reconnector.is_alive(), "no reconnection"
+        assert drv.read(1 * MiB, 4096) == b"\x5a" * 4096
         drv.close()
     finally:
         for s in servers:
             s.stop()
     assert errors[0][0] == errno.EIO
     assert "; no reconnection within reconnect-delay (0.5 s): Could not open" in errors[0][1]
-
-
-def _read_until_it_works(read, attempts: int = 100000):
-    """A request's result is the event: the first one that succeeds (each
-    failed one fails at once while the reconnection goes on)."""
-    deadline = time.monotonic() + WAIT
-    for _ in range(attempts):
-        try:
-            return read()
-        except OSError as e:
-            assert e.errno == errno.EIO, e
-            assert time.monotonic() < deadline, "no reconnection"
-    raise AssertionError("no reconnection")
 
 
 async def past_the_delay_and_back(q, d) -> list:
