@@ -168,14 +168,7 @@ class NodeCommands:
         try:
             fref = opts["file"]
             if isinstance(fref, str):
-                fnode = self.nodes.get(fref)
-                if fnode is None:
-                    raise QMPError(f"Cannot find device='{fref}' nor node-name='{fref}'")
-                if fnode.drv not in ("file", "blkdebug") and (drv, fnode.drv) != ("qcow2", "nbd"):
-                    raise QMPError(f"blkjobs stacks '{drv}' only on a 'file' node, "
-                                   f"not on '{fref}' ({fnode.drv})")
-                if fnode.parent is not None:
-                    raise QMPError(f"Node '{fref}' already has a parent")
+                fnode = self._file_node(fref, drv)
             else:       # an inline nbd file opens as its qcow2 node (QEMU's inheritance)
                 fnode = self._add({"read-only": ro, **fref} if fref.get("driver") == "nbd"
                                   else fref, owned=False)
@@ -226,6 +219,18 @@ class NodeCommands:
             # last user (Engine.drop_unused).
             gnode.take(MONITOR, Perm(0), ALL)
         return self._add_format(gnode, opts, fnode, created, owned)
+
+    def _file_node(self, ref: str, drv: str) -> MonitorNode:
+        """The existing node ``ref`` as the file of a new ``drv`` node."""
+        fnode = self.nodes.get(ref)
+        if fnode is None:
+            raise QMPError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+        if fnode.drv not in ("file", "blkdebug") and (drv, fnode.drv) != ("qcow2", "nbd"):
+            raise QMPError(f"blkjobs stacks '{drv}' only on a 'file' node, "
+                           f"not on '{ref}' ({fnode.drv})")
+        if fnode.parent is not None:
+            raise QMPError(f"Node '{ref}' already has a parent")
+        return fnode
 
     def _data_file(self, ref: Any) -> str | None:
         """The file a qcow2 node's ``data-file`` names: an existing ``file``
