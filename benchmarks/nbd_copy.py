@@ -9,7 +9,13 @@ rotates each round; the figure is the median over rounds of each round's
 ratio (ours / theirs: below 1 is faster). Each target file is removed before
 a run (a fresh file for everyone).
 
-    .venv/bin/python benchmarks/nbd_copy.py [--size 512M] [--rounds 5]
+    .venv/bin/python benchmarks/nbd_copy.py [--size 512M] [--rounds 5] [--busy]
+
+``--busy``: two CPU hogs (busy loops, one per core of the 2-core test
+machine) run during the whole measurement, so that the figures show how
+the contenders fare when the CPU is contended (as on the shared machine,
+where start-up CPU time costs several times its length in wall time). The
+load average is printed before and after.
 """
 from __future__ import annotations
 
@@ -78,6 +84,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="512M")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--busy", action="store_true", help="two CPU hogs during the run")
     a = ap.parse_args()
     size = _size(a.size)
     for tool in ("nbdkit", "qemu-nbd", "nbdcopy", "qemu-img"):
@@ -86,6 +93,9 @@ def main() -> int:
     d = tempfile.mkdtemp(prefix="nbd-bench-")
     servers: list[Server] = []
     results = []
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(2 if a.busy else 0)]
+    load0 = os.getloadavg()
     try:
         out = os.path.join(d, "out.raw")
 
@@ -125,10 +135,16 @@ def main() -> int:
             "qemu-img": ["qemu-img", "convert", "-n", "-O", "raw", img, w.uri]},
             lambda: None, a.rounds))
     finally:
+        load1 = os.getloadavg()
+        for h in hogs:
+            h.kill()
+            h.wait()
         for s in servers:
             s.stop()
         shutil.rmtree(d, ignore_errors=True)
-    print(f"size {a.size}, {a.rounds} rounds (median of per-round ratios; < 1: blkjobs faster)")
+    print(f"size {a.size}, {a.rounds} rounds (median of per-round ratios; < 1: blkjobs faster)"
+          f"{', 2 CPU hogs' if a.busy else ''}; load average {load0[0]:.1f} before, "
+          f"{load1[0]:.1f} after")
     for r in results:
         med = "  ".join(f"{n} {t:.3f}s" for n, t in r["median_s"].items())
         rat = "  ".join(f"vs {n} {x:.2f}" for n, x in r["ratio"].items())

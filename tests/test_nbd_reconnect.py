@@ -2,7 +2,9 @@
 ``reconnect-delay``. When qemu-nbd goes away and comes back on the same
 socket within the delay, I/O on the node resumes (a read through an export
 of the node waits, then returns the data); past the delay the request fails
-with one error that says so. Every step waits for an event (a socket
+with one error that says so, later requests fail at once while the node
+keeps connecting in the background, and once the server is back they work
+again (as in qemu-storage-daemon). Every step waits for an event (a socket
 appearing, a connection accepted, a process's output), never for time."""
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import errno
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -137,3 +140,93 @@ def test_past_the_delay_the_error_says_why(tmp_path):
         server.stop()
     assert e.value.errno == errno.EIO
     assert "; no reconnection within reconnect-delay (0.5 s): Could not open" in str(e.value)
+
+
+def test_past_the_delay_requests_fail_at_once_then_work_when_the_server_is_back(tmp_path):
+    """The driver is not broken past the delay: it goes on connecting in the
+    background, requests fail with EIO meanwhile, and once qemu-nbd is back
+    on the same socket they work again (as QEMU's nbd node)."""
+    from blkjobs.formats.nbd import Nbd
+    img = _image(tmp_path)
+    sock = str(tmp_path / "q.sock")
+    servers = [_qemu_nbd(img, sock)]
+    try:
+        drv = Nbd(f"nbd+unix:///?socket={sock}", reconnect_delay=0.5)
+        assert drv.read(0, 512) == b"\x5a" * 512
+        _stop(servers.pop(), sock)
+        errors = []
+        for _ in range(2):
+            with pytest.raises(OSError) as e:
+                drv.read(0, 512)
+            errors.append((e.value.errno, str(e.value)))
+        # the second request failed with the first one's error: the node
+        # stays down until the background connection succeeds
+        assert errors[1] == errors[0]
+        reconnector = drv._reconnector
+        assert reconnector is not None
+        servers.append(_qemu_nbd(img, sock))      # its socket appeared
+        # the event: the background connection succeeds (its thread ends),
+        # with no request asking for it
+        reconnector.join(WAIT)
+        assert not reconnector.is_alive(), "no reconnection"
+        assert drv.read(1 * MiB, 4096) == b"\x5a" * 4096
+        drv.close()
+    finally:
+        for s in servers:
+            s.stop()
+    assert errors[0][0] == errno.EIO
+    assert "; no reconnection within reconnect-delay (0.5 s): Could not open" in errors[0][1]
+
+
+async def past_the_delay_and_back(q, d) -> list:
+    """qemu-nbd stops: a backup of the node fails once the delay has passed,
+    the next one fails too (the server is still away); qemu-nbd comes back
+    on the same socket: backups are retried until one succeeds (QEMU's
+    background connection retries with a growing pause, up to 16 s), and it
+    copies the data."""
+    img = _image(d)
+    sock = str(d / "q.sock")
+    tgt = str(d / "t.raw")
+    with open(tgt, "wb") as f:
+        f.truncate(4 * MiB)
+    servers = [_qemu_nbd(img, sock)]
+    outcomes: list = []
+
+    async def backup(job: str) -> dict:
+        await q.x("blockdev-backup", device="r", target="t", sync="full", **{"job-id": job})
+        ev = (await q.until("BLOCK_JOB_COMPLETED", device=job))[-1]
+        return {k: ev["data"].get(k) for k in ("error", "len", "offset", "type")}
+    try:
+        await q.x("blockdev-add", driver="nbd", **{"node-name": "r", "reconnect-delay": 1},
+                  server={"type": "unix", "path": sock})
+        await q.x("blockdev-add", driver="raw", **{"node-name": "t"},
+                  file={"driver": "file", "filename": tgt})
+        await asyncio.to_thread(_stop, servers.pop(), sock)
+        outcomes.append(await backup("b1"))
+        outcomes.append(await backup("b2"))
+        servers.append(await asyncio.to_thread(_qemu_nbd, img, sock))
+        deadline = time.monotonic() + WAIT
+        n = 3
+        while True:
+            r = await backup(f"b{n}")
+            if r["error"] is None:
+                break
+            assert r == outcomes[1], r
+            assert time.monotonic() < deadline, "no reconnection"
+            n += 1
+        outcomes.append(r)
+        await q.x("blockdev-del", **{"node-name": "r"})
+        await q.x("blockdev-del", **{"node-name": "t"})
+    finally:
+        for s in servers:
+            await asyncio.to_thread(s.stop)
+    with open(tgt, "rb") as f:
+        outcomes.append(f.read() == b"\x5a" * 4 * MiB)
+    return outcomes
+
+
+def test_past_the_delay_the_node_works_again_when_the_server_is_back(tmp_path):
+    ref, ours = side_by_side(tmp_path, past_the_delay_and_back)
+    assert ours == ref
+    assert ours[0]["error"] == ours[1]["error"] == "Input/output error"
+    assert ours[2]["error"] is None and ours[3] is True

@@ -120,8 +120,8 @@ def run(args) -> int:
         raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are "
                          "multiples of 512 up to 16777216. Select 0 to disable sparse "
                          "detection (fully allocates output).")
-    from ..formats.secrets import add_secret_object
     for obj in args.objects or []:
+        from ..formats.secrets import add_secret_object     # start-up: only when used
         add_secret_object(obj)
     _unknown_formats(args)
     if args.target_is_zero and not args.no_create:

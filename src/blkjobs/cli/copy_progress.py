@@ -10,7 +10,6 @@ clock is injectable so rate and ETA can be tested exactly.
 :mod:`blkjobs.diskbench.status_line`.)"""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -83,6 +82,7 @@ class CopyProgress:
 
     def _emit(self, final: bool) -> None:
         if self.json_lines:
+            import json         # here: --progress-json only (start-up time)
             self.stream.write(json.dumps(self.record(final)) + "\n")
         elif self.fd_lines:
             pct = 100 * self.done // self.total if self.total else 100

@@ -4,6 +4,12 @@
 :mod:`blkjobs.formats.nbd`. The node is a protocol node as in QEMU (``drv``
 ``nbd``, no file node below it); jobs use it directly as a source or target.
 
+A ``qcow2`` node over an ``nbd`` node (``file``: its name or an inline
+``nbd`` definition), as QEMU stacks them, opens read-only
+(:mod:`blkjobs.formats.nbd_qcow2`) on the nbd node's connections; its
+backing is given as ``backing`` (a node name, or null) -- a backing file
+named in the image is not opened over NBD.
+
 Not supported, refused with one line: ``tls-creds`` (blkjobs serve has no
 ``object-add`` for credentials objects; the command line's ``nbds://`` URIs
 take a certificates directory), ``x-dirty-bitmap``.
@@ -49,4 +55,33 @@ def open_node(cmds: Any, opts: dict[str, Any], ro: bool) -> Node:
     except BaseException:
         gnode.close()
         raise
+    return gnode
+
+
+def qcow2_node(cmds: Any, nbd_node: Node | None, opts: dict[str, Any], name: str | None,
+               ro: bool) -> Node:
+    """The graph node of a ``blockdev-add`` of driver ``qcow2`` whose file is
+    the nbd node ``nbd_node`` (read-only; the caller attaches ``backing``)."""
+    from ..formats.nbd_qcow2 import NbdQcow2
+    assert nbd_node is not None
+    if not ro:
+        raise QMPError("blkjobs opens qcow2 over NBD read-only: add the node with "
+                       "\"read-only\": true")
+    if "data-file" in opts:
+        raise QMPError("blkjobs does not support 'data-file' for qcow2 over NBD")
+    try:
+        drv = NbdQcow2(nbd_node.driver, owns_nbd=False)
+    except BlkjobsError as e:
+        raise QMPError(str(e).replace(f"Could not open '{nbd_node.driver.uri}': ", "")) from None
+    if drv.backing_filename and opts.get("backing", ...) is ...:
+        drv.close()
+        raise QMPError(f"'{drv.filename}' has a backing file: blkjobs opens none over NBD "
+                       "(give 'backing': a node name, or null)")
+    gnode = cmds.eng.graph.add(drv, name, "qcow2")
+    if opts.get("backing", ...) is ...:        # else taken with the backing attached
+        try:
+            gnode.take("open", Perm.CONSISTENT_READ, ALL)
+        except BaseException:
+            gnode.close()
+            raise
     return gnode

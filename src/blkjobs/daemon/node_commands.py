@@ -179,16 +179,10 @@ class NodeCommands:
         try:
             fref = opts["file"]
             if isinstance(fref, str):
-                fnode = self.nodes.get(fref)
-                if fnode is None:
-                    raise QMPError(f"Cannot find device='{fref}' nor node-name='{fref}'")
-                if fnode.drv not in ("file", "blkdebug"):
-                    raise QMPError(f"blkjobs stacks '{drv}' only on a 'file' node, "
-                                   f"not on '{fref}' ({fnode.drv})")
-                if fnode.parent is not None:
-                    raise QMPError(f"Node '{fref}' already has a parent")
-            else:
-                fnode = self._add(fref, owned=False)
+                fnode = self._file_node(fref, drv)
+            else:       # an inline nbd file opens as its qcow2 node (QEMU's inheritance)
+                fnode = self._add({"read-only": ro, **fref} if fref.get("driver") == "nbd"
+                                  else fref, owned=False)
                 created.append(fnode)
             name = opts.get("node-name")      # None: the graph picks "#blockN"
             if name is not None:
@@ -201,11 +195,14 @@ class NodeCommands:
                 bmn = self._add({"read-only": True, **backing}, owned=False)  # QEMU's default
                 created.append(bmn)
                 bnode = bmn.gnode
-            if drv == "qcow2":
+            if drv == "qcow2" and fnode.drv != "nbd":
                 _check_qcow2_magic(fnode.filename)
             dfile = self._data_file(opts.get("data-file"))
             try:
-                gnode = self._open_over(opts, fnode, name, dfile, backing is ...)
+                if fnode.drv == "nbd":
+                    gnode = nbd_client.qcow2_node(self, fnode.gnode, opts, name, ro)
+                else:
+                    gnode = self._open_over(opts, fnode, name, dfile, backing is ...)
             except FormatOpenError as e:        # QEMU's text names no file
                 raise QMPError(e.reason) from None
             if backing is not ...:
@@ -243,6 +240,18 @@ class NodeCommands:
                                   name=name, data_file=dfile)
             return self.eng.graph.add(open_image(fnode.filename, drv, read_only=ro,
                                                  data_file=dfile), name, drv)
+
+    def _file_node(self, ref: str, drv: str) -> MonitorNode:
+        """The existing node ``ref`` as the file of a new ``drv`` node."""
+        fnode = self.nodes.get(ref)
+        if fnode is None:
+            raise QMPError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+        if fnode.drv not in ("file", "blkdebug") and (drv, fnode.drv) != ("qcow2", "nbd"):
+            raise QMPError(f"blkjobs stacks '{drv}' only on a 'file' node, "
+                           f"not on '{ref}' ({fnode.drv})")
+        if fnode.parent is not None:
+            raise QMPError(f"Node '{ref}' already has a parent")
+        return fnode
 
     def _data_file(self, ref: Any) -> str | None:
         """The file a qcow2 node's ``data-file`` names: an existing ``file``
@@ -330,7 +339,7 @@ class NodeCommands:
                 self._drop(child)
 
     def _in_use(self, mn: MonitorNode) -> bool:
-        if mn.gnode is None:
+        if mn.gnode is None or mn.parent is not None:      # a file (or nbd) node below a format
             return mn.parent is not None
         g, eng = mn.gnode, self.eng
         # Read from the engine and the node (never changed): filters on the node

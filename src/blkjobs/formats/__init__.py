@@ -42,14 +42,17 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True,
                key_secret: str | None = None, header_only: bool = False,
                data_file: str | None = None) -> Driver:
     """Open ``path`` as ``fmt`` (probed when None). An NBD URI opens the
-    ``nbd`` driver (format raw only). An encrypted image (luks, encrypted
+    ``nbd`` driver (format raw; qcow2 read-only). An encrypted image (luks, encrypted
     qcow2) is unlocked with the secret ``key_secret`` (:mod:`.secrets`);
     without one it opens only with ``header_only`` (what ``info`` reads).
     ``data_file``: a qcow2 image's external data file, in place of the one
     its header names (the ``data-file`` option)."""
     if is_nbd_uri(path):
+        if fmt == "qcow2":      # read-only (formats.nbd_qcow2)
+            from .nbd_qcow2 import open_qcow2
+            return open_qcow2(path, read_only, header_only)
         if fmt not in (None, "raw"):
-            raise UsageError(f"'{path}': only the raw format is supported over NBD")
+            raise UsageError(f"'{path}': only the raw and qcow2 formats are supported over NBD")
         from .nbd import Nbd
         return Nbd(path, read_only=read_only)
     if fmt is None:

@@ -14,8 +14,8 @@ bytes through buffers), no compression, no checks; no QEMU lock bytes
 either (the server decides who may use the export).
 
 Several connections: where the server advertises multi-conn, up to
-``connections`` (default 4) are opened and each caller (each copy worker)
-takes one for its request; big requests are split into pipelined
+``connections`` (default: one per CPU, at most 4) are opened and each
+caller (each copy worker) takes one for its request; big requests are split into pipelined
 requests on that connection (see :mod:`blkjobs.native.nbd`).
 
 Timeouts: a server that says nothing for ``timeout`` seconds (default 30,
@@ -30,8 +30,10 @@ libnbd handle to the same URI, tried every ``RECONNECT_INTERVAL`` s -- and
 is sent again on it; the new export must have the same size. When no
 connection succeeds within ``reconnect_delay`` seconds the request fails
 with EIO (as in QEMU: a job reports ``Input/output error``) and a text that
-says so, and the driver is broken as above (QEMU goes
-on trying in the background and later requests may succeed again).
+says so. The driver is not broken then: as QEMU, it goes on connecting in
+the background (a thread, every ``RECONNECT_INTERVAL`` s) while every
+request fails at once with EIO; once a connection succeeds, requests work
+again.
 
 ``dirty_bitmap`` (QEMU's ``x-dirty-bitmap`` option: ``qemu:allocation-depth``,
 ``qemu:dirty-bitmap:NAME``): block status is asked in that meta context
@@ -48,7 +50,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, replace
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import ImageError, UsageError
 from .base import Driver, Kind, Mapping
@@ -67,6 +68,19 @@ _LOST = {errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE, errno.ESHUTDOWN,
          errno.ECONNABORTED}
 
 
+def default_connections() -> int:
+    """Connections of a multi-conn export: one per CPU this process may run
+    on, at most DEFAULT_CONNECTIONS (nbdcopy's rule: its threads are the
+    CPUs, its connections at most its threads). On the 2-core test machine
+    2 connections copied faster than 4, with less system time
+    (benchmarks/README.md, "NBD client")."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(DEFAULT_CONNECTIONS, cpus))
+
+
 def timeout_from_env() -> float:
     """``BLKJOBS_NBD_TIMEOUT`` (seconds), else the default."""
     v = os.environ.get("BLKJOBS_NBD_TIMEOUT")
@@ -81,22 +95,48 @@ def timeout_from_env() -> float:
     return t
 
 
+def _split(uri: str) -> tuple[str, str | None, int | None, str, dict[str, list[str]]]:
+    """(scheme, host, port, export, query) of an NBD URI. The plain forms are
+    split here: urllib.parse (with ipaddress) costs ~10 ms of start-up, a
+    tenth of a small copy's CPU; escapes, IPv6 hosts and '+' in the query
+    go through it."""
+    scheme, _, rest = uri.partition("://")
+    if "%" in uri or "[" in rest or "#" in rest or "+" in rest.partition("?")[2]:
+        from urllib.parse import parse_qs, unquote, urlsplit
+        u = urlsplit(uri)
+        export = unquote(u.path[1:]) if u.path.startswith("/") else unquote(u.path)
+        return u.scheme, u.hostname, u.port, export, parse_qs(u.query)
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    path, _, query = tail.partition("?")
+    hostport = netloc.rpartition("@")[2]
+    host, colon, port = hostport.partition(":")
+    if port and not (port.isdigit() and port.isascii() and int(port) <= 65535):
+        raise ValueError(f"bad port in '{uri}'")
+    qs: dict[str, list[str]] = {}
+    for kv in query.split("&"):
+        k, eq, v = kv.partition("=")
+        if k and eq and v:
+            qs.setdefault(k, []).append(v)
+    return (scheme.lower(), host.lower() or None, int(port) if port else None,
+            path[1:] if path.startswith("/") else path, qs)
+
+
 def display_name(uri: str) -> str:
     """The URI as QEMU spells an NBD node's file name: ``nbd://HOST:PORT[/EXPORT]``
     or ``nbd+unix://[/EXPORT]?socket=PATH`` (for display only: libnbd parses the
     URI that connects)."""
     try:
-        u = urlsplit(uri)
-        export = unquote(u.path[1:]) if u.path.startswith("/") else unquote(u.path)
-        if "unix" in u.scheme:
-            sock = parse_qs(u.query).get("socket", [""])[0]
+        scheme, hostname, port, export, query = _split(uri)
+        if "unix" in scheme:
+            sock = query.get("socket", [""])[0]
             return f"nbd+unix://{'/' + export if export else ''}?socket={sock}"
-        if "+" in u.scheme and "tcp" not in u.scheme:
+        if "+" in scheme and "tcp" not in scheme:
             return uri
-        host = u.hostname or "localhost"
+        host = hostname or "localhost"
         if ":" in host:
             host = f"[{host}]"
-        port = u.port or 10809
+        port = port or 10809
         return f"nbd://{host}:{port}{'/' + export if export else ''}"
     except ValueError:
         return uri
@@ -126,6 +166,10 @@ class ZeroData(Mapping):
     zero_data: bool = True
 
 
+class _Outage(OSError):
+    """No reconnection within the reconnect delay (EIO)."""
+
+
 class Nbd(Driver):
     """An open NBD export (see the module docstring)."""
 
@@ -139,7 +183,7 @@ class Nbd(Driver):
 
     def __init__(self, uri: str, read_only: bool = True, timeout: float | None = None,
                  tls_certificates: str | None = None,
-                 connections: int = DEFAULT_CONNECTIONS, reconnect_delay: float = 0.0,
+                 connections: int | None = None, reconnect_delay: float = 0.0,
                  dirty_bitmap: str | None = None):
         from ..native.nbd import BASE_ALLOCATION, Connection
         self.uri = uri
@@ -164,9 +208,15 @@ class Nbd(Driver):
         self._all = [c0]
         self._cond = threading.Condition()
         self._broken: OSError | None = None
+        #: past the reconnect delay: requests fail at once with this while
+        #: a background thread connects again (:meth:`_outage`)
+        self._down: OSError | None = None
+        self._reconnector: threading.Thread | None = None
         self._closed = False
         self._unsafe = False
         self.reconnect_delay = reconnect_delay
+        if connections is None:
+            connections = default_connections()
         if c0.can_multi_conn:
             self._more(connections - 1)
 
@@ -198,15 +248,18 @@ class Nbd(Driver):
                     raise OSError(self._broken.errno, self._broken.strerror)
                 if self._closed:
                     raise OSError(errno.ENOTCONN, f"'{self.filename}' is closed")
+                if self._down is not None:
+                    raise OSError(self._down.errno, self._down.strerror)
                 if self._free:
                     return self._free.pop()
                 self._cond.wait()
 
     def _run(self, fn, *args):
         """``fn(connection, *args)`` on a free connection. A failure breaks
-        the driver: later calls raise it. A connection is closed only by the
-        thread using it (or idle): another thread may be inside libnbd with
-        it."""
+        the driver: later calls raise it -- except a connection lost with a
+        reconnect delay (:meth:`_reconnect`, :meth:`_outage`). A connection
+        is closed only by the thread using it (or idle): another thread may
+        be inside libnbd with it."""
         c = self._take()
         try:
             while True:
@@ -215,7 +268,11 @@ class Nbd(Driver):
                 except OSError as e:
                     if not self.reconnect_delay or e.errno not in _LOST or self._closed:
                         raise
-                    c = self._reconnect(c, e)
+                    lost, c = c, None           # closed by _reconnect
+                    c = self._reconnect(lost, e)
+        except _Outage as e:        # past the delay: not broken, see _outage
+            self._outage(e)
+            raise OSError(e.errno, e.strerror) from None
         except OSError as e:
             with self._cond:
                 if self._broken is None:
@@ -223,18 +280,30 @@ class Nbd(Driver):
             raise
         finally:
             with self._cond:
-                if self._broken is not None or self._closed:
+                if c is None:
+                    pass
+                elif self._broken is not None or self._closed:
                     c.close()
                     self._close_idle()
                 else:
                     self._free.append(c)
                 self._cond.notify_all()
 
+    def _connect(self):
+        """A new connection to the same URI and export size (ImageError:
+        none)."""
+        from ..native.nbd import Connection
+        c = Connection(self.uri, self._timeout, self._tls, meta_context=self._context)
+        if c.size != self._size:
+            c.close()
+            raise ImageError(f"the export reconnected to has another size ({c.size} "
+                             f"bytes, was {self._size})")
+        return c
+
     def _reconnect(self, lost, why: OSError):
         """A new connection in place of ``lost`` (whose request failed with
         ``why``), tried until ``reconnect_delay`` seconds have passed; then
-        the error says what happened."""
-        from ..native.nbd import Connection
+        :class:`_Outage` says what happened."""
         lost.close()
         with self._cond:
             if lost in self._all:
@@ -242,22 +311,56 @@ class Nbd(Driver):
         deadline = time.monotonic() + self.reconnect_delay
         while True:
             try:
-                c = Connection(self.uri, self._timeout, self._tls, meta_context=self._context)
+                c = self._connect()
             except ImageError as e:
                 left = deadline - time.monotonic()
-                if left <= 0:       # EIO, as QEMU fails the delayed requests
-                    raise OSError(errno.EIO, f"{why.strerror}; no reconnection within "
+                if left <= 0 or self._down is not None or self._closed:
+                    # EIO, as QEMU fails the delayed requests
+                    raise _Outage(errno.EIO, f"{why.strerror}; no reconnection within "
                                              f"reconnect-delay ({self.reconnect_delay:g} s): "
                                              f"{e}") from None
                 time.sleep(min(RECONNECT_INTERVAL, left))
                 continue
-            if c.size != self._size:
-                c.close()
-                raise OSError(errno.EIO, f"{why.strerror}; the export reconnected to has "
-                                         f"another size ({c.size} bytes, was {self._size})")
             with self._cond:
                 self._all.append(c)
             return c
+
+    def _outage(self, e: OSError) -> None:
+        """Past the reconnect delay: requests fail at once with ``e`` while
+        a background thread connects again, as QEMU does; its connection
+        ends the outage."""
+        with self._cond:
+            if self._down is None:
+                self._down = OSError(e.errno, e.strerror)
+            if self._reconnector is None and not self._closed:
+                t = threading.Thread(target=self._reconnect_loop, daemon=True,
+                                     name="nbd-reconnect")
+                self._reconnector = t
+                t.start()
+            self._cond.notify_all()
+
+    def _reconnect_loop(self) -> None:
+        while True:
+            try:
+                c = self._connect()
+            except ImageError:
+                with self._cond:
+                    if not self._closed:
+                        self._cond.wait(RECONNECT_INTERVAL)
+                    if self._closed:
+                        self._reconnector = None
+                        return
+                continue
+            with self._cond:
+                self._reconnector = None
+                if self._closed:
+                    c.close()
+                    return
+                self._all.append(c)
+                self._free.append(c)
+                self._down = None
+                self._cond.notify_all()
+                return
 
     def _close_idle(self) -> None:
         """Close the connections nobody uses (the lock held)."""
@@ -374,7 +477,7 @@ class Nbd(Driver):
         if self._closed:
             return
         try:
-            if self._broken is None and not self._unsafe:
+            if self._broken is None and self._down is None and not self._unsafe:
                 self.flush()
         finally:
             with self._cond:

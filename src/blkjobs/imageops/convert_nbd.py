@@ -82,7 +82,8 @@ def convert_nbd(src: str, dst: str, o: ConvertOptions,
         raise UsageError(f"convert: {'-B' if o.backing else '-c'} is not supported with "
                          f"{with_what}")
     if is_nbd_uri(dst) and o.dst_fmt != "raw":
-        raise UsageError(f"'{dst}': only the raw format is supported over NBD")
+        raise UsageError(f"'{dst}': only the raw format is written over NBD (qcow2 is "
+                         "read-only there)")
     return _NbdConvert(src, dst, o, progress, check).run()
 
 
@@ -111,7 +112,7 @@ class _NbdConvert:
                            stable=True)
         self.size = self.top.size
         # drivers that keep caches (qcow2) are read by one worker at a time
-        if any(n.driver.host_file and n.driver.cluster_size for n in self.top.chain()):
+        if any(n.driver.cluster_size and not n.driver.parallel_reads for n in self.top.chain()):
             self.src_lock = threading.Lock()
 
     def _open_target(self) -> None:
@@ -271,9 +272,12 @@ class _NbdConvert:
             return bool(d.host_file and d.format_name == "raw" and not d.cluster_size
                         and not d.injects_faults)
 
-        if not src.host_file and plain(dst):
+        def export(d: Any) -> bool:       # the export itself (not qcow2 over it)
+            return d.protocol == "nbd" and not d.has_metadata
+
+        if export(src) and plain(dst):
             self.fast = (src, dst.fd, False)
-        elif not dst.host_file and plain(src):
+        elif export(dst) and plain(src):
             self.fast = (dst, src.fd, True)
 
     def _fast_piece(self, off: int, n: int) -> None:

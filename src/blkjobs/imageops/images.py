@@ -31,9 +31,9 @@ def probe(path: str, fmt: str | None = None, header_only: bool = False) -> str:
         return probe_spec(path, fmt if fmt in FORMATS else None, header_only)
     check_format(fmt, "source" if fmt else "image")
     if is_nbd_uri(path):
-        if fmt not in (None, "raw"):
-            raise UsageError(f"'{path}': only the raw format is supported over NBD")
-        return "raw"
+        if fmt not in (None, "raw", "qcow2"):
+            raise UsageError(f"'{path}': only the raw and qcow2 formats are supported over NBD")
+        return fmt or "raw"
     try:
         os.close(open_source(path))    # one-line errors for missing/dir/special files
     except OSErrorWithContext as e:

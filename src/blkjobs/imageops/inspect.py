@@ -83,12 +83,12 @@ def info_nbd(path: str) -> dict:
 
 def _node_info(node) -> dict:
     drv = node.driver
-    if not drv.host_file:
+    if not drv.host_file and not drv.has_metadata:      # qcow2 over NBD: below
         bare = {"virtual-size": drv.size, "filename": node.filename, "format": node.format}
         if drv.protocol == "null-co":
             bare["actual-size"] = 0        # qemu-img's "disk size: 0 B"
         return bare
-    st = os.fstat(drv.fd)
+    st = os.fstat(drv.fd)     # qcow2 over NBD: its metadata mirror (formats.nbd_qcow2)
     d: dict = {}
     if drv.backing_filename and drv.backing_format:
         d["backing-filename-format"] = drv.backing_format
@@ -126,7 +126,7 @@ def info(path: str, fmt: str | None = None, backing_chain: bool = False,
     as with qemu-img."""
     if not backing_chain:
         fmt = probe(path, fmt, header_only=True)
-        if is_nbd_uri(path):
+        if is_nbd_uri(path) and fmt == "raw":
             return [info_nbd(path)]
         if fmt == "raw" and not is_spec(path):
             return [info_raw(path)]
