@@ -47,8 +47,13 @@ class Allocation(L2Tables):
         until written, (start, length, old L2 entry, old bitmap) is appended:
         :meth:`undo_allocate` puts it back (ranges that read through to the
         backing file, zero clusters, extended-L2 subclusters not allocated).
-        A compressed or shared cluster replaced by a new one is not recorded:
-        its old reference is already released."""
+        With ``undo`` the clusters are also *held* (tables.py: what a flush
+        may write): until :meth:`release_allocated` (the data landed) or
+        :meth:`undo_allocate`, a flush writes their old entries, so the
+        caller may let other threads flush meanwhile. A compressed or shared
+        cluster replaced by a new one is recorded too (its old reference is
+        dropped when it lands); without ``undo`` it is not, and its old
+        reference is released at once."""
         self._check_writable(offset, length)
         cs, cb = self.cluster_size, self.cb
         if offset % cs or (length % cs and offset + length != self.size):
@@ -185,9 +190,15 @@ class Allocation(L2Tables):
                 changed = (e, bm)
             job.add(gc << cb, h, 1)
             return changed
+        job.need.append(gc)
+        if (h or e & COMPRESSED) and job.undo is not None and not self.external:
+            # compressed, or shared with a snapshot: the old entry stays on
+            # disk while held, so its reference is dropped only when the new
+            # cluster lands (undo_allocate puts the entry back instead)
+            self._held_refs[gc] = e
+            return e, bm
         if e:
             self._release(e)
-        job.need.append(gc)
         # no host cluster was referenced (unallocated, zero): restorable
         return None if h or e & COMPRESSED else (e, bm)
 
@@ -212,6 +223,7 @@ class Allocation(L2Tables):
                     self._release(e)
                     _fallocate(self.data_fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, h, cs)
                 self._set_entry(gc, old_e, old_bm)
+                self._unhold(gc, False)
 
 
 class _Pending:
@@ -233,6 +245,7 @@ class _Pending:
         if undo is None:
             return
         cb = self.drv.cb
+        self.drv._hold(gc0, ncl, e, bm)     # before the entries are set
         s, n = gc0 << cb, min(ncl << cb, self.drv.size - (gc0 << cb))
         last = undo[-1] if undo else None
         if last and not (e or bm or last[2] or last[3]) and last[0] + last[1] == s:
