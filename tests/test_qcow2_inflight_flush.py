@@ -155,3 +155,38 @@ def test_commit_over_compressed_base_clusters_in_flight(eng, tmp_path):
     assert not bad, f"clusters reading neither old nor new data: {bad[:8]} ..."
     same_view(base, "qcow2", new)
     check(base)
+
+
+def test_write_of_many_tables_flushes_no_entry_before_its_data(tmp_path, monkeypatch):
+    # Qcow2.write() of whole clusters: allocate, then pwrite. Allocating a
+    # range of many L2 tables evicts (flushes) the cache between the two.
+    from blkjobs.formats import open_image
+    monkeypatch.setattr(tables, "L2_CACHE_BYTES", 1024)
+    base, top = top_over_base(tmp_path, "cluster_size=512", 32 << 10)
+    old = open(snapshot(top, "qcow2", tmp_path / "old.raw"), "rb").read()
+    crashes = []
+    with open_image(top, read_only=False) as img:
+        flush = img.flush
+
+        def flush_and_crash():
+            flush()
+            crashes.append(crash_copy_plain(top, tmp_path / f"crash{len(crashes)}.qcow2"))
+        img.flush = flush_and_crash
+        img.write(0, b"\x77" * MiB)
+        assert crashes         # the eviction did flush inside the write
+        del img.flush
+    new = b"\x77" * MiB + old[MiB:]
+    for c in crashes:
+        leaks_only(c)
+        got = open(snapshot(c, "qcow2", tmp_path / "got.raw"), "rb").read()
+        bad = [o for o in range(0, len(got), 512)
+               if got[o:o + 512] not in (old[o:o + 512], new[o:o + 512])]
+        assert not bad, f"{c}: clusters reading neither old nor new data: {bad[:8]} ..."
+    (tmp_path / "new.raw").write_bytes(new)
+    same_view(top, "qcow2", tmp_path / "new.raw")
+    check(top)
+
+
+def crash_copy_plain(path, out):
+    subprocess.run(["cp", "--sparse=always", str(path), str(out)], check=True)
+    return str(out)

@@ -33,12 +33,14 @@ class Allocation(L2Tables):
         """Allocate host clusters for the cluster-aligned guest range (the end
         may be the virtual size) and return DATA runs in guest order.
 
-        The L2 entries point at the returned runs immediately (in memory):
-        the caller must write every byte of every run to ``fd`` before the
-        next :meth:`flush` (a crash before the flush loses nothing: the
-        metadata is not on disk yet), or put back what it could not fill with
-        :meth:`undo_allocate`. Until then those clusters read whatever the
-        file holds there, so readers of this image must be held off them.
+        The L2 entries point at the returned runs immediately (in memory).
+        Without ``undo`` the caller must write every byte of every run to
+        ``fd`` before the next :meth:`flush` (nothing else may flush the
+        image meanwhile: a flush -- an L2 cache eviction inside this very
+        call included -- would put the entries on disk before the data); with
+        ``undo`` see below. Until the data is written those clusters read
+        whatever the file holds there, so readers of this image must be held
+        off them.
         Clusters already allocated with refcount 1 are reused in place;
         others get new clusters, taken as one contiguous run at the end of
         the file when possible.
@@ -84,8 +86,9 @@ class Allocation(L2Tables):
         possible) and their L2 entries set table by table. Returns the DATA
         runs in guest order (a run may span adjacent ranges). Same contract
         as :meth:`allocate` (every byte written before the next flush, or
-        put back; the metadata reaches the disk only at the flush, after the
-        data: the order data, refcounts, L2 is that of :meth:`flush`)."""
+        put back, or with ``undo`` held until released; the metadata reaches
+        the disk only at a flush, after the data: the order data, refcounts,
+        L2 is that of :meth:`flush`)."""
         cs, cb = self.cluster_size, self.cb
         job = _Pending(self, undo)
         end = 0
