@@ -190,3 +190,35 @@ def test_write_of_many_tables_flushes_no_entry_before_its_data(tmp_path, monkeyp
 def crash_copy_plain(path, out):
     subprocess.run(["cp", "--sparse=always", str(path), str(out)], check=True)
     return str(out)
+
+
+def test_released_data_is_fsynced_before_the_entries_naming_it(tmp_path, monkeypatch):
+    # a flush while held wrote the refcounts (fsync'd); the data lands after
+    # it; the next flush has no refcount to write but must still make the
+    # data durable before it writes the L2 table naming it
+    import os
+    from blkjobs.formats import open_image
+    base, top = top_over_base(tmp_path, "cluster_size=512", 32 << 10)
+    with open_image(top, read_only=False) as img:
+        undo: list = []
+        runs = img.allocate(1024, 4096, undo)
+        img.flush()                                 # held: refcounts only
+        ops = []
+        real_pwrite, real_fsync = os.pwrite, os.fsync
+        monkeypatch.setattr(os, "pwrite", lambda fd, b, off: (ops.append(("w", off)),
+                                                              real_pwrite(fd, b, off))[1])
+        monkeypatch.setattr(os, "fsync", lambda fd: (ops.append(("sync", fd)), real_fsync(fd))[0])
+        for m in runs:                              # the engine's writes
+            os.pwrite(img.data_fd, b"\x77" * m.length, m.host_offset)
+        img.release_allocated(undo)
+        img.flush()
+        monkeypatch.undo()
+        l2 = img.l1[0] & tables.L1_OFFSET_MASK
+        first_l2 = ops.index(("w", l2))
+        last_data = max(i for i, (op, off) in enumerate(ops)
+                        if op == "w" and any(m.host_offset <= off < m.host_offset + m.length
+                                             for m in runs))
+        assert ("sync", img.data_fd) in ops[last_data:first_l2], ops
+    got = open(snapshot(top, "qcow2", tmp_path / "got.raw"), "rb").read()
+    assert got[1024:5120] == b"\x77" * 4096
+    check(top)

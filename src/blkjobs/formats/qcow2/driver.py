@@ -322,13 +322,15 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         rc = self.rc
         if self._dfd is not None and not self.unsafe:
             os.fsync(self._dfd)         # the data before the metadata naming it
+            self._landed_unsynced = False
         if rc is not None:
             # Every allocated cluster must lie inside the file (qemu-img check
             # counts references past EOF as errors): extend sparsely (not
             # merely to round a partial last cluster up: qemu-img does not).
             if rc.end > rc.opened_end and os.fstat(self.fd).st_size < rc.end << self.cb:
                 os.ftruncate(self.fd, rc.end << self.cb)
-            rc.flush_increments()
+            if rc.flush_increments() and self._dfd is None:
+                self._landed_unsynced = False   # fsync'd: the data too (same file)
         if self._write_l2_tables():     # held entries: their old value
             self._fsync()
         if self.l1_dirty:
