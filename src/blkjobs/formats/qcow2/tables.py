@@ -132,9 +132,17 @@ class L2Tables(Driver):
     def _hold(self, gc0: int, ncl: int, e: int, bm: int) -> None:
         """Hold guest clusters [gc0, gc0+ncl), whose entry on disk must stay
         (e, bm) (the first hold of a cluster wins)."""
-        held = self._held
-        for gc in range(gc0, gc0 + ncl):
-            held.setdefault(gc // self.l2e, {}).setdefault(gc, (e, bm))
+        held, l2e, v = self._held, self.l2e, (e, bm)
+        a, end = gc0, gc0 + ncl
+        while a < end:
+            b = min(end, (a // l2e + 1) * l2e)     # one table at a time
+            tab = held.get(a // l2e)
+            if tab is None:
+                held[a // l2e] = dict.fromkeys(range(a, b), v)
+            else:
+                for gc in range(a, b):
+                    tab.setdefault(gc, v)
+            a = b
 
     def _unhold(self, gc: int, land: bool) -> None:
         """Let guest cluster gc's entry reach the disk (``land``: its data is
@@ -150,10 +158,22 @@ class L2Tables(Driver):
     def release_allocated(self, undo: list[tuple[int, int, int, int]]) -> None:
         """The data of the clusters :meth:`allocate` recorded in ``undo``
         landed: their new entries may reach the disk (at the next flush)."""
-        cb = self.cb
+        cb, l2e, held = self.cb, self.l2e, self._held
         for s, n, _, _ in undo:
-            for gc in range(s >> cb, -(-(s + n) >> cb)):
-                self._unhold(gc, True)
+            a, end = s >> cb, -(-(s + n) >> cb)
+            if self._held_refs:
+                for gc in range(a, end):
+                    self._unhold(gc, True)
+                continue
+            while a < end:                  # one table at a time
+                b = min(end, (a // l2e + 1) * l2e)
+                tab = held.get(a // l2e)
+                if tab is not None:
+                    for gc in range(a, b):
+                        tab.pop(gc, None)
+                    if not tab:
+                        del held[a // l2e]
+                a = b
         self._landed_unsynced = True    # flush: the data durable before the entries
 
     def _write_l2_tables(self) -> bool:
