@@ -78,9 +78,11 @@ def test_undo_allocate_gives_the_space_back(tmp_path):
         img.undo_allocate(undo)
         assert os.fstat(img.fd).st_blocks <= blocks - 32 * CS // 512
         img.flush()
-        again = img.allocate(16 * CS, 32 * CS, [])
+        undo = []
+        again = img.allocate(16 * CS, 32 * CS, undo)
         for r in again:
             os.pwrite(img.fd, b"\x77" * r.length, r.host_offset)
+        img.release_allocated(undo)
         img.flush()
     check_clean(top)
     data = to_raw(top, tmp_path)

@@ -290,6 +290,10 @@ class Driver(abc.ABC):
         """Put back what :meth:`allocate` changed (``can_allocate``)."""
         raise self._unsupported("allocation")
 
+    def release_allocated(self, undo: list) -> None:
+        """The data of what :meth:`allocate` recorded in ``undo`` is written
+        (``can_allocate``; qcow2 holds those entries off the disk until then)."""
+
     def write_compressed(self, offset: int, cluster_data: bytes | bytearray | memoryview) -> None:
         """Write one cluster compressed (``can_compress``)."""
         raise self._unsupported("compression")

@@ -435,7 +435,10 @@ class Mover(TargetWrites, BatchPlanning):
 
     def _keep_undo(self, t: Ticket, undo: list[tuple[int, int, int, int]]) -> None:
         """What a planning's allocations made undefined goes with the batch;
-        readers wait for it until it lands (I/O lock held)."""
+        readers wait for it until it lands (I/O lock held). The driver holds
+        those clusters already (``allocate`` with ``undo``: a flush meanwhile
+        writes their old entries, even one inside the allocation itself);
+        :meth:`_landed` releases them, :meth:`_give_back` puts them back."""
         if undo:
             t.undo += undo
             t.unfilled += self.io.mark_unfilled(self.dst, [(s, n) for s, n, _, _ in undo])
@@ -477,10 +480,13 @@ class Mover(TargetWrites, BatchPlanning):
         if self._stray:
             for k in [k for k in self._stray if t.off <= k < t.off + t.length]:
                 del self._stray[k]
-        t.undo = []
-        if t.unfilled:
+        undo, t.undo = t.undo, []
+        if t.unfilled or undo:
             with self.io:
-                self.io.mark_filled(self.dst, t.unfilled)
+                if undo:    # the data is written: the new entries may reach the disk
+                    self.dst.driver.release_allocated(undo)
+                if t.unfilled:
+                    self.io.mark_filled(self.dst, t.unfilled)
             t.unfilled = []
 
     def abandon(self, t: Ticket) -> None:
@@ -509,7 +515,8 @@ class Mover(TargetWrites, BatchPlanning):
         (unallocated clusters, zero clusters, extended-L2 subclusters). Left
         as allocated, they would read as zeroes (or stale bytes) where the
         target used to read through to its backing file -- in a stream's top,
-        what the guest sees -- and a retry would take them as copied."""
+        what the guest sees -- and a retry would take them as copied.
+        (``undo_allocate`` also ends the driver's hold on them.)"""
         undo, t.undo = t.undo, []
         unfilled, t.unfilled = t.unfilled, []
         if undo:

@@ -33,12 +33,14 @@ class Allocation(L2Tables):
         """Allocate host clusters for the cluster-aligned guest range (the end
         may be the virtual size) and return DATA runs in guest order.
 
-        The L2 entries point at the returned runs immediately (in memory):
-        the caller must write every byte of every run to ``fd`` before the
-        next :meth:`flush` (a crash before the flush loses nothing: the
-        metadata is not on disk yet), or put back what it could not fill with
-        :meth:`undo_allocate`. Until then those clusters read whatever the
-        file holds there, so readers of this image must be held off them.
+        The L2 entries point at the returned runs immediately (in memory).
+        Without ``undo`` the caller must write every byte of every run to
+        ``fd`` before the next :meth:`flush` (nothing else may flush the
+        image meanwhile: a flush -- an L2 cache eviction inside this very
+        call included -- would put the entries on disk before the data); with
+        ``undo`` see below. Until the data is written those clusters read
+        whatever the file holds there, so readers of this image must be held
+        off them.
         Clusters already allocated with refcount 1 are reused in place;
         others get new clusters, taken as one contiguous run at the end of
         the file when possible.
@@ -47,8 +49,13 @@ class Allocation(L2Tables):
         until written, (start, length, old L2 entry, old bitmap) is appended:
         :meth:`undo_allocate` puts it back (ranges that read through to the
         backing file, zero clusters, extended-L2 subclusters not allocated).
-        A compressed or shared cluster replaced by a new one is not recorded:
-        its old reference is already released."""
+        With ``undo`` the clusters are also *held* (tables.py: what a flush
+        may write): until :meth:`release_allocated` (the data landed) or
+        :meth:`undo_allocate`, a flush writes their old entries, so the
+        caller may let other threads flush meanwhile. A compressed or shared
+        cluster replaced by a new one is recorded too (its old reference is
+        dropped when it lands); without ``undo`` it is not, and its old
+        reference is released at once."""
         self._check_writable(offset, length)
         cs, cb = self.cluster_size, self.cb
         if offset % cs or (length % cs and offset + length != self.size):
@@ -79,8 +86,9 @@ class Allocation(L2Tables):
         possible) and their L2 entries set table by table. Returns the DATA
         runs in guest order (a run may span adjacent ranges). Same contract
         as :meth:`allocate` (every byte written before the next flush, or
-        put back; the metadata reaches the disk only at the flush, after the
-        data: the order data, refcounts, L2 is that of :meth:`flush`)."""
+        put back, or with ``undo`` held until released; the metadata reaches
+        the disk only at a flush, after the data: the order data, refcounts,
+        L2 is that of :meth:`flush`)."""
         cs, cb = self.cluster_size, self.cb
         job = _Pending(self, undo)
         end = 0
@@ -185,9 +193,15 @@ class Allocation(L2Tables):
                 changed = (e, bm)
             job.add(gc << cb, h, 1)
             return changed
+        job.need.append(gc)
+        if (h or e & COMPRESSED) and job.undo is not None and not self.external:
+            # compressed, or shared with a snapshot: the old entry stays on
+            # disk while held, so its reference is dropped only when the new
+            # cluster lands (undo_allocate puts the entry back instead)
+            self._held_refs[gc] = e
+            return e, bm
         if e:
             self._release(e)
-        job.need.append(gc)
         # no host cluster was referenced (unallocated, zero): restorable
         return None if h or e & COMPRESSED else (e, bm)
 
@@ -212,6 +226,7 @@ class Allocation(L2Tables):
                     self._release(e)
                     _fallocate(self.data_fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, h, cs)
                 self._set_entry(gc, old_e, old_bm)
+                self._unhold(gc, False)
 
 
 class _Pending:
@@ -233,6 +248,7 @@ class _Pending:
         if undo is None:
             return
         cb = self.drv.cb
+        self.drv._hold(gc0, ncl, e, bm)     # before the entries are set
         s, n = gc0 << cb, min(ncl << cb, self.drv.size - (gc0 << cb))
         last = undo[-1] if undo else None
         if last and not (e or bm or last[2] or last[3]) and last[0] + last[1] == s:

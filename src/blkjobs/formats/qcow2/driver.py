@@ -19,6 +19,8 @@ Structure (the format: docs/qcow2.md):
 * L2 tables are read on first use into ``bytearray``s keyed by host offset;
   dirty ones are written back by :meth:`flush`. When the cache grows past
   ``L2_CACHE_BYTES`` a full flush is done and clean tables are dropped;
+  entries of clusters held for data in flight are written as they were
+  (what a flush may write: ``tables.L2Tables._hold``);
 * refcounts live in :class:`.refcount.Refcounts`.
 
 Copy-on-write from the backing file (the hook). At this level an
@@ -219,6 +221,9 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self.l2cache: dict[int, bytearray] = {}
         self._l2dec = _nq.L2Decoder()
         self.l2dirty: set[int] = set()
+        self._held = {}
+        self._held_refs = {}
+        self._landed_unsynced = False
         self._header_dirty = False
         self._comp_cache = (None, b"")
         self._comp_free = 0       # next free byte for compressed data (this session)
@@ -318,17 +323,16 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         rc = self.rc
         if self._dfd is not None and not self.unsafe:
             os.fsync(self._dfd)         # the data before the metadata naming it
+            self._landed_unsynced = False
         if rc is not None:
             # Every allocated cluster must lie inside the file (qemu-img check
             # counts references past EOF as errors): extend sparsely (not
             # merely to round a partial last cluster up: qemu-img does not).
             if rc.end > rc.opened_end and os.fstat(self.fd).st_size < rc.end << self.cb:
                 os.ftruncate(self.fd, rc.end << self.cb)
-            rc.flush_increments()
-        if self.l2dirty:
-            for off in sorted(self.l2dirty):
-                dio.pwrite(self.fd, self.l2cache[off], off)
-            self.l2dirty.clear()
+            if rc.flush_increments() and self._dfd is None:
+                self._landed_unsynced = False   # fsync'd: the data too (same file)
+        if self._write_l2_tables():     # held entries: their old value
             self._fsync()
         if self.l1_dirty:
             dio.pwrite(self.fd, struct.pack(f">{len(self.l1)}Q", *self.l1),

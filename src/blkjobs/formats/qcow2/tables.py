@@ -63,6 +63,12 @@ class L2Tables(Driver):
     l1_dirty: bool
     l2cache: dict[int, bytearray]   # L2 tables by host offset
     l2dirty: set[int]               # ... of which changed since the last flush
+    #: held guest clusters (see _hold) by L1 index: {gc: (entry, bitmap) on disk}
+    _held: dict[int, dict[int, tuple[int, int]]]
+    #: held clusters whose old entry's reference is dropped when they land
+    _held_refs: dict[int, int]
+    _landed_unsynced: bool  # released since the last fsync of the data
+    unsafe: bool            # cache=unsafe: no fsync
     _l2dec: _nq.L2Decoder
     rc: Refcounts | None    # loaded on first use (see _rc)
     _closed: bool
@@ -90,14 +96,119 @@ class L2Tables(Driver):
         t = self.l2cache.get(off)
         if t is None:
             if len(self.l2cache) * self.cluster_size > L2_CACHE_BYTES:
-                if self.l2dirty:
-                    self.flush()
-                self.l2cache.clear()
+                self._evict()
             raw = dio.pread(self.fd, self.cluster_size, off)
             if len(raw) != self.cluster_size:
                 raise ImageError(f"'{self.filename}': L2 table at 0x{off:x} truncated")
             t = self.l2cache[off] = bytearray(raw)
         return t
+
+    def _evict(self) -> None:
+        """Make room in the L2 cache: write what may be written
+        (:meth:`flush`) and drop the clean tables. A table with held entries
+        stays dirty after the flush, so it stays cached: those are bounded by
+        the allocations in flight."""
+        if self.l2dirty:
+            self.flush()
+        dirty = self.l2dirty
+        for off in [o for o in self.l2cache if o not in dirty]:
+            del self.l2cache[off]
+
+    # ------------------------------------------------------------------
+    # Held clusters: what a flush may write.
+    #
+    # allocate() with an ``undo`` list (the copy machinery: the C engine
+    # writes the data later, without the I/O lock) *holds* every guest
+    # cluster whose entry it points at a host cluster not yet written: the
+    # entry in the cache is the new one (readers are kept off by the graph),
+    # but what reaches the disk is the old one until the caller says the data
+    # landed (:meth:`release_allocated`) or puts the old entry back
+    # (:meth:`undo_allocate`). So no flush -- an eviction, a front end's, a
+    # second job's, a bitmap store -- ever writes an L2 entry naming data that
+    # is not on disk. The refcounts of held clusters may reach the disk
+    # first: after a crash that is a leak, never a wrong read. When an old
+    # entry named a host cluster that the allocation stops using (compressed,
+    # or shared with a snapshot), its reference is dropped only on release.
+
+    def _hold(self, gc0: int, ncl: int, e: int, bm: int) -> None:
+        """Hold guest clusters [gc0, gc0+ncl), whose entry on disk must stay
+        (e, bm) (the first hold of a cluster wins)."""
+        held, l2e, v = self._held, self.l2e, (e, bm)
+        a, end = gc0, gc0 + ncl
+        while a < end:
+            b = min(end, (a // l2e + 1) * l2e)     # one table at a time
+            tab = held.get(a // l2e)
+            if tab is None:
+                held[a // l2e] = dict.fromkeys(range(a, b), v)
+            else:
+                for gc in range(a, b):
+                    tab.setdefault(gc, v)
+            a = b
+
+    def _unhold(self, gc: int, land: bool) -> None:
+        """Let guest cluster gc's entry reach the disk (``land``: its data is
+        written; the reference its old entry held is dropped) or forget the
+        hold (its old entry was put back)."""
+        tab = self._held.get(gc // self.l2e)
+        if tab is not None and tab.pop(gc, None) is not None and not tab:
+            del self._held[gc // self.l2e]
+        old = self._held_refs.pop(gc, None)
+        if old is not None and land:
+            self._release(old)
+
+    def release_allocated(self, undo: list[tuple[int, int, int, int]]) -> None:
+        """The data of the clusters :meth:`allocate` recorded in ``undo``
+        landed: their new entries may reach the disk (at the next flush)."""
+        cb, l2e, held = self.cb, self.l2e, self._held
+        for s, n, _, _ in undo:
+            a, end = s >> cb, -(-(s + n) >> cb)
+            if self._held_refs:
+                for gc in range(a, end):
+                    self._unhold(gc, True)
+                continue
+            while a < end:                  # one table at a time
+                b = min(end, (a // l2e + 1) * l2e)
+                tab = held.get(a // l2e)
+                if tab is not None:
+                    for gc in range(a, b):
+                        tab.pop(gc, None)
+                    if not tab:
+                        del held[a // l2e]
+                a = b
+        self._landed_unsynced = True    # flush: the data durable before the entries
+
+    def _write_l2_tables(self) -> bool:
+        """Write the dirty L2 tables (flush): with the old entry of every
+        held cluster, and those tables stay dirty. True when something was
+        written (the caller fsyncs)."""
+        if not self.l2dirty:
+            return False
+        if self._landed_unsynced:
+            # data the C engine wrote (no fsync of its own) before the entries
+            # released for it: they may be in this write
+            self._landed_unsynced = False
+            if not self.unsafe:
+                os.fsync(self.data_fd)
+        patch: dict[int, dict[int, tuple[int, int]]] = {}
+        for l1i, ents in self._held.items():
+            off = self._l2_offset(l1i)
+            if off in self.l2dirty:
+                patch[off] = ents
+        esz, l2e = self.esz, self.l2e
+        for off in sorted(self.l2dirty):
+            t = self.l2cache[off]
+            if off in patch:
+                ents = patch[off]
+                t = bytearray(t)
+                for gc, (e, bm) in ents.items():
+                    if esz == 16:
+                        struct.pack_into(">QQ", t, (gc % l2e) * 16, e, bm)
+                    else:
+                        struct.pack_into(">Q", t, (gc % l2e) * 8, e)
+            dio.pwrite(self.fd, t, off)
+        self.l2dirty.clear()
+        self.l2dirty.update(patch)
+        return True
 
     def _l2_offset(self, l1i: int) -> int:
         return self.l1[l1i] & L1_OFFSET_MASK if l1i < len(self.l1) else 0

@@ -132,13 +132,19 @@ class Writes(L2Tables):
                 full_end = cstart + ((last - cstart) // cs) * cs
                 if last == self.size:
                     full_end = self.size
-                for m in self.allocate(cstart, full_end - cstart):
-                    d = data[m.start - offset:m.start - offset + m.length]
-                    host = m.host_offset
-                    assert host is not None         # allocate returns DATA runs
-                    done = 0
-                    while done < len(d):
-                        done += dio.pwrite(self.data_fd, d[done:], host + done)
+                # held (an L2 cache eviction while allocating a range of many
+                # tables flushes: the entries not before their data)
+                undo: list[tuple[int, int, int, int]] = []
+                try:
+                    for m in self.allocate(cstart, full_end - cstart, undo):
+                        d = data[m.start - offset:m.start - offset + m.length]
+                        host = m.host_offset
+                        assert host is not None         # allocate returns DATA runs
+                        done = 0
+                        while done < len(d):
+                            done += dio.pwrite(self.data_fd, d[done:], host + done)
+                finally:
+                    self.release_allocated(undo)
                 pos = full_end
                 continue
             b = min(end, cend)
