@@ -656,6 +656,7 @@ static int throttle(struct bj_copy *c, uint64_t n)
     pthread_mutex_lock(&c->lock);
     c->throttled++;            /* the job reads as not busy (QEMU: sleeping) */
     pthread_mutex_unlock(&c->lock);
+    uint64_t rate = bj_bucket_rate(c->o.bucket);
     while (wait > 0) {
         uint64_t slice = wait < 10000000u ? wait : 10000000u; /* 10 ms */
         struct timespec ts = { (time_t)(slice / 1000000000u), (long)(slice % 1000000000u) };
@@ -664,6 +665,14 @@ static int throttle(struct bj_copy *c, uint64_t n)
         if (interrupted(c)) {
             handed_back = 1;
             break;
+        }
+        /* set-speed while sleeping (QEMU kicks a job sleeping in its rate
+         * limit): what is left of the wait is owed at the new rate; none
+         * when the limit is lifted */
+        uint64_t now_rate = bj_bucket_rate(c->o.bucket);
+        if (now_rate != rate && wait > 0) {
+            wait = now_rate ? (uint64_t)((double)wait * (double)rate / (double)now_rate) : 0;
+            rate = now_rate;
         }
     }
     pthread_mutex_lock(&c->lock);

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
@@ -249,3 +250,31 @@ def test_compressed_clusters_replaced_then_undone_or_landed(tmp_path, lands):
     check_clean(img_path)
     got = open(snapshot(img_path, "qcow2", tmp_path / "got.raw"), "rb").read()
     assert got == (b"\x77" * (64 << 10) + before[64 << 10:] if lands else before)
+
+
+def test_guest_flush_does_not_wait_for_the_jobs_batches(eng, tmp_path):
+    """A front end's flush (a guest's, an NBD client's) makes the guest's
+    completed writes durable; it need not wait for a job's copies in flight,
+    since the driver holds their entries off the disk. It used to wait until
+    the node had no unfilled range at all: behind a rate-limited stream that
+    is the whole job (a guest's flush timing out)."""
+    base, top = top_over_base(tmp_path, "cluster_size=512", 32 << 10)
+    expect = snapshot(top, "qcow2", tmp_path / "expect.raw")
+    t = eng.open(top, node_name="top")
+    fe = eng.attach(t)
+    job = eng.stream("top", job_id="s0", speed=1)       # one byte a second: never lands
+    wait_in_flight(job)
+    done = threading.Event()
+    th = threading.Thread(target=lambda: (fe.flush(), done.set()), daemon=True)
+    th.start()
+    flushed = done.wait(60)
+    crash = crash_copy(eng, top, tmp_path / "crash.qcow2")
+    # lifting the limit wakes the engine sleeping in it (QEMU kicks the job)
+    eng.job_set_speed("s0", 0)
+    th.join(60)
+    assert flushed, "the guest's flush waited for the job's batch"
+    assert eng.wait_job(job, 60).value == "completed"
+    same_view(crash, "qcow2", expect)
+    leaks_only(crash)
+    eng.close()
+    same_view(top, "qcow2", expect)

@@ -238,11 +238,14 @@ class BlockIO:
                 st.reading.drain()
 
     def guest_flush(self, fe: Frontend) -> None:
+        """A front end's flush: the guest's completed writes made durable.
+        It does not wait for a job's batches in flight (clusters allocated,
+        not yet written): the driver that allocates them (qcow2) holds their
+        L2 entries off the disk until they land, so the flush cannot name
+        unwritten data (docs/qcow2.md, what a flush may write), and a guest
+        write into such a cluster waits for it before it completes."""
         with self.lock:
             node = _levels(fe.node)[-1]
-            uf = _unfilled(node)
-            if uf is not None:
-                uf.wait_clear(0, node.size)
             fe.node.flush()
             if not node.read_only:
                 self.store_bitmaps(node)
