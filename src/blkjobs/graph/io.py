@@ -243,9 +243,7 @@ class BlockIO:
             uf = _unfilled(node)
             if uf is not None:
                 uf.wait_clear(0, node.size)
-            fe.node.flush()
-            if not node.read_only:
-                self.store_bitmaps(node)
+            fe.node.flush()     # (bitmaps are stored at close, as QEMU stores them)
 
     def guest_write(self, fe: Frontend, op: str, offset: int, length: int,
                     do: Callable[[Node], None], data: Any = None) -> None:
