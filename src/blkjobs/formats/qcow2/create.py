@@ -54,6 +54,22 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         preallocation = "metadata"      # the tables must map 1:1 (QEMU)
     if backing_file and not backing_format and not backing_format_optional:
         raise UsageError("a backing file needs a backing format (probe it with open_image)")
+    if preallocation in ("falloc", "full") and size and data_file is None:
+        # QEMU creates the image empty, then grows it with the mode
+        # (qcow2_co_create, then truncate): prealloc.py lays it out so
+        args = dict(cluster_size=cluster_size, extended_l2=extended_l2,
+                    backing_file=backing_file, backing_format=backing_format, compat=compat,
+                    refcount_bits=refcount_bits, lazy_refcounts=lazy_refcounts,
+                    compression_type=compression_type,
+                    backing_format_optional=backing_format_optional)
+        create(path, 0, **args)     # type: ignore[arg-type]
+        from .prealloc import L1BeyondFirstBlock
+        from .prealloc import preallocate as grow
+        try:
+            grow(path, size, preallocation)
+            return
+        except L1BeyondFirstBlock:
+            pass        # not laid out as QEMU's there: allocated below, valid
     cb = cluster_size.bit_length() - 1
     h = Header(version=version, cluster_bits=cb, size=size,
                refcount_order=refcount_bits.bit_length() - 1,
