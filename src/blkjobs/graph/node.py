@@ -309,10 +309,6 @@ class Node:
             if self._lock is not None and not self._closed:
                 self._lock.drop_unwanted(*self.lock_bits())
             raise
-        if not self.read_only:      # a qcow2 image's bitmaps: in use from now (QEMU's open)
-            activate = getattr(self.driver, "activate_bitmaps", None)
-            if activate is not None:
-                activate()
         return p
 
     def _check_conflict(self, perm: Perm, shared: Perm, owner: str,
@@ -509,9 +505,6 @@ class Node:
             perm, _ = self.cumulative()
             if perm & (Perm.WRITE | Perm.RESIZE):
                 raise PermissionConflict(f"node '{self.name}' is still used for writing")
-            store = getattr(self.driver, "reopen_bitmaps_ro", None)
-            if store is not None:
-                store()
         self.driver.flush()
         spec = getattr(self.driver, "spec_name", None)
         with cache.reopening(self.driver):      # the new fd keeps O_DIRECT / O_DSYNC

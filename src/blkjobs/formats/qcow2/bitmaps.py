@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 from ...errors import ImageError, UsageError
 from ...native import dio
@@ -443,9 +442,9 @@ class Bitmaps:
         if old_dir[1]:
             free += _clusters(old_dir[0], old_dir[1], drv.cb)
         for toff, tsize in drop:
-            d = self._data_clusters_of(toff, tsize)
-            data += d
-            free += d + _clusters(toff, tsize * 8, drv.cb)
+            dc = self._data_clusters_of(toff, tsize)
+            data += dc
+            free += dc + _clusters(toff, tsize * 8, drv.cb)
         nfile = -(-os.fstat(drv.fd).st_size // drv.cluster_size)
         freed = [c for c in free if c < nfile and rc.get(c) > 0]   # hostile tables
         for c in freed:
