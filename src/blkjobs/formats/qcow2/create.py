@@ -102,12 +102,11 @@ def _grown(path: str, size: int, mode: str, args: dict) -> bool:
     mode (qcow2_co_create, then truncate): prealloc.py lays it out so. False
     where it does not (the L1 table beyond the first refcount block): the
     caller makes its own valid layout instead."""
-    from .prealloc import L1BeyondFirstBlock
     from .prealloc import preallocate as grow
     create(path, 0, **args)
     try:
         grow(path, size, mode)
-    except L1BeyondFirstBlock:
+    except UsageError:      # its one refusal on a fresh empty image: that layout
         return False
     return True
 

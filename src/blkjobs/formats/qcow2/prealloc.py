@@ -42,11 +42,6 @@ _COPIED = 1 << 63
 _ZEROS = bytes(1 << 20)
 
 
-class L1BeyondFirstBlock(UsageError):
-    """The one layout :func:`preallocate` does not make (QEMU's is not
-    reproduced there): the L1 table beyond the first refcount block."""
-
-
 def refcount_blocks(clusters: int, cluster_size: int, refcount_bits: int) -> int:
     """How many refcount blocks cover ``clusters`` clusters and the refcount
     blocks and table themselves: QEMU's qcow2_refcount_metadata_size (no
@@ -90,7 +85,7 @@ def _grow(fd: int, h: Header, size: int, mode: str) -> None:
     start = 3 + l1c                     # after header, table, block 0, L1 table
     rbe = cs * 8 // h.refcount_bits
     if start > rbe:
-        raise L1BeyondFirstBlock(f"blkjobs preallocates (falloc, full) qcow2 images only while "
+        raise UsageError(f"blkjobs preallocates (falloc, full) qcow2 images only while "
                          f"their L1 table lies within the first refcount block ({rbe} "
                          f"clusters of {cs} bytes with {h.refcount_bits}-bit refcounts)")
     # 2. the refcount area: new blocks 1.., then the table
