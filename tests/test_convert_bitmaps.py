@@ -3,6 +3,9 @@ convert --bitmaps: the same bitmaps (names, granularity, flags, bits read
 by QEMU), the same refusals and exit codes."""
 from __future__ import annotations
 
+import os
+import shutil
+import struct
 import subprocess
 import sys
 
@@ -87,11 +90,19 @@ def test_convert_bitmaps_refusals_as_qemu_img(tmp_path):
         (["-n", "--bitmaps", "-O", "qcow2", src, taken]),
     ]
     for args in cases:
+        # each tool on its own copy of an existing target (qemu-img stores
+        # the bitmaps it added before the refusal)
+        twin = args[-1].with_name("twin-" + args[-1].name)
+        if args[-1].exists():
+            shutil.copyfile(args[-1], twin)
         p = qemu_img("convert", *args, check=False)
-        q = run_blkjobs("convert", *args)
+        q = run_blkjobs("convert", *args[:-1], twin if twin.exists() else args[-1])
         assert (q.returncode, q.stderr) == (p.returncode,
                                             p.stderr.replace("qemu-img", "blkjobs")), args
         assert q.returncode == 1
+    assert _bitmaps(tmp_path / "twin-taken.qcow2") == _bitmaps(taken) == [
+        {"flags": ["auto"], "name": "a", "granularity": 65536},
+        {"flags": ["auto"], "name": "b", "granularity": 524288}]
 
 
 def test_inconsistent_bitmaps_in_qemus_order_and_invoked_name(tmp_path):
@@ -129,3 +140,40 @@ def test_inconsistent_bitmaps_in_qemus_order_and_invoked_name(tmp_path):
     assert [b["name"] for b in _bitmaps(tmp_path / "0.qcow2")] == \
         [b["name"] for b in _bitmaps(tmp_path / "1.qcow2")] == ["y2", "y1"]
     check_clean(tmp_path / "0.qcow2")
+
+
+
+def bitmap_layout(path) -> tuple:
+    """Where the image's bitmaps lie and their bytes: the directory's
+    offset and bytes, each table's offset and bytes, each data cluster's
+    offset and bytes; and the file's length."""
+    from blkjobs.formats.qcow2.header import parse_header, read_bitmap_directory
+    data = path.read_bytes()
+    h = parse_header(data[:2 << 20], len(data), str(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        entries = read_bitmap_directory(fd, h, len(data))
+    finally:
+        os.close(fd)
+    _, _, dsize, doff = struct.unpack(">IIQQ", h.ext(0x23852875))
+    out: list = [len(data), doff, data[doff:doff + dsize]]
+    for e in entries:
+        table = data[e.table_offset:e.table_offset + 8 * e.table_size]
+        out.append((e.table_offset, table))
+        for (x,) in struct.iter_unpack(">Q", table):
+            off = x & 0x00FFFFFFFFFFFE00
+            out.append((off, data[off:off + h.cluster_size] if off else x))
+    return tuple(out)
+
+
+def test_convert_bitmaps_stored_where_qemu_img_stores_them(tmp_path):
+    """The target's bitmaps lie where qemu-img puts them, byte for byte:
+    the directory's order (QEMU adds them from the source's last), the
+    clusters found first-fit, tables and directory written as long as they
+    are (the file ends inside its last cluster, as qemu-img's)."""
+    src = _source(tmp_path)
+    ref, ours = tmp_path / "ref.qcow2", tmp_path / "ours.qcow2"
+    qemu_img("convert", "--bitmaps", "-O", "qcow2", src, ref)
+    run_blkjobs("convert", "--bitmaps", "-O", "qcow2", src, ours, check=True)
+    assert bitmap_layout(ours) == bitmap_layout(ref)
+    assert len(bitmap_layout(ref)) == 2 + 1 + 4    # two tables, two data clusters

@@ -9,6 +9,7 @@ import re
 
 from daemon_util import (brief, compare, drop_transient_pauses, make_images, qcow2_node,
                          qemu_img, qemu_io, side_by_side)
+from test_daemon_pbitmaps import guest_write
 
 
 def norm(out, d):
@@ -203,3 +204,44 @@ def test_libvirt_style_session_matches_qemu(tmp_path):
     assert [n["ro"] for n in ours["qnbn2"] if n["node-name"] == "base-f"] == [False]
     assert [n["ro"] for n in ours["qnbn4"] if n["node-name"] == "base"] == [False]
     assert ours["qnbn5"] == []
+
+
+def test_persistent_bitmap_of_a_node_made_read_only_by_snapshot(tmp_path):
+    """A persistent bitmap (with bits) on the node blockdev-snapshot makes
+    read-only: QEMU stores it at the reopen (qcow2_reopen_bitmaps_ro), so
+    the node's format-specific lists it from then on, and nothing is stored
+    again at close; the file is qemu-storage-daemon's byte for byte (the
+    directory written as long as it is ends the file)."""
+    async def sc(s, d):
+        base, ov = str(d / "base.qcow2"), str(d / "ov.qcow2")
+        assert qemu_img("create", "-f", "qcow2", base, "4M").returncode == 0
+        qemu_io(base, "write -P 0x11 0 1M")
+        await s.x("blockdev-add", driver="file", filename=base, **{"node-name": "base-f"})
+        await s.x("blockdev-add", driver="qcow2", file="base-f", **{"node-name": "base"})
+        await s.x("block-dirty-bitmap-add", node="base", name="p", persistent=True)
+        await s.x("block-dirty-bitmap-add", node="base", name="q", persistent=True,
+                  granularity=512, disabled=True)
+        await guest_write(s, d, "base", 1 << 20, 4096, 0x22)
+        out: dict = {"before": await s.x("query-named-block-nodes", flat=True)}
+        assert qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", ov).returncode == 0
+        await s.x("blockdev-add", driver="file", filename=ov, **{"node-name": "ov-f"})
+        await s.x("blockdev-add", driver="qcow2", file="ov-f", backing=None,
+                  **{"node-name": "ov"})
+        await s.x("blockdev-snapshot", node="base", overlay="ov")
+        out["after"] = await s.x("query-named-block-nodes", flat=True)
+        out["qb"] = await s.x("query-block")
+        for n in ("ov", "ov-f", "base", "base-f"):
+            await s.x("blockdev-del", **{"node-name": n})
+        return _strip(norm(out, d))
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    fs = [n["image"]["format-specific"]["data"] for n in ours["after"]
+          if n["node-name"] == "base"]
+    assert [b["name"] for b in fs[0]["bitmaps"]] == ["q", "p"]     # newest first
+    assert "bitmaps" not in [n for n in ours["before"]
+                             if n["node-name"] == "base"][0]["image"]["format-specific"]["data"]
+    files = [(tmp_path / w / "base.qcow2").read_bytes() for w in ("qsd", "blkjobs")]
+    assert files[0] == files[1]
+    assert qemu_img("compare", "-f", "qcow2", "-F", "qcow2", *(str(tmp_path / w / "base.qcow2")
+                    for w in ("qsd", "blkjobs"))).returncode == 0
+    assert len(files[1]) % 65536 == 64      # the directory of two entries ends the file

@@ -244,8 +244,9 @@ def test_sigkill_leaves_bitmap_in_use_refused_then_removed(tmp_path):
 
 
 def test_daemon_exit_stores_bitmaps_in_use(tmp_path):
-    """A bitmap written without a flush is in use on disk; quitting the
-    daemon (SIGTERM, as qemu-storage-daemon) stores it consistent."""
+    """A bitmap added is stored at close, as QEMU stores it (not on disk
+    meanwhile, even after a write without a flush); quitting the daemon
+    (SIGTERM, as qemu-storage-daemon) stores it consistent."""
     async def sc(s, d):
         src, _ = make_images(d)
         await s.x("blockdev-add", **qcow2_node("src", src))
@@ -254,7 +255,7 @@ def test_daemon_exit_stores_bitmaps_in_use(tmp_path):
         return info_bitmaps(src)
 
     ref, ours = side_by_side(tmp_path, sc)
-    assert ours == [{"flags": ["in-use", "auto"], "name": "p", "granularity": 65536}]
+    assert ours == ref == []
     for name in ("qsd", "blkjobs"):
         src = str(tmp_path / name / "src.qcow2")
         assert info_bitmaps(src) == [{"flags": ["auto"], "name": "p", "granularity": 65536}]
@@ -327,3 +328,41 @@ def test_disabled_bitmap_backup_matches_qsd(tmp_path):
     assert [b["count"] for b in ours[3]] == [0]
     assert ours[2][1] == {"recording": False, "persistent": False, "busy": False,
                           "granularity": 65536, "count": 0}
+
+
+def test_bitmaps_of_an_image_opened_read_write_laid_out_as_qsd(tmp_path):
+    """An image with two bitmaps added read-write: QEMU flags them in use on
+    disk at once (format-specific shows it), a removal leaves the image at
+    once, two new ones are stored at close newest first after the one left;
+    the files are qemu-storage-daemon's byte for byte."""
+    async def sc(s, d):
+        src, _ = make_images(d)
+        for name in ("a", "b"):
+            assert qemu_img("bitmap", "--add", src, name).returncode == 0
+        await s.x("blockdev-add", **qcow2_node("src", src))
+        await s.x("block-dirty-bitmap-add", node="src", name="p", persistent=True)
+        await s.x("block-dirty-bitmap-add", node="src", name="q", persistent=True)
+        # into allocated clusters (where a new data cluster goes is not
+        # QEMU's: blkjobs takes it at the end of the file, QEMU first-fit)
+        await guest_write(s, d, "src", 0, 65536, 0x33)
+
+        async def fs():
+            for n in await s.x("query-named-block-nodes"):
+                if n["node-name"] == "src":
+                    return n["image"]["format-specific"]["data"].get("bitmaps")
+        out = {"open": await fs(), "disk": info_bitmaps(src)}
+        await s.x("block-dirty-bitmap-remove", node="src", name="a")
+        out["removed"] = await fs()
+        await s.x("blockdev-del", **{"node-name": "src"})
+        out["closed"] = info_bitmaps(src)
+        check_clean(src)
+        return out
+
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ours == ref
+    assert ours["open"] == ours["disk"] == [
+        {"flags": ["in-use", "auto"], "name": n, "granularity": 65536} for n in "ab"]
+    assert ours["removed"] == [{"flags": ["in-use", "auto"], "name": "b", "granularity": 65536}]
+    assert [b["name"] for b in ours["closed"]] == ["b", "q", "p"]
+    files = [(tmp_path / w / "src.qcow2").read_bytes() for w in ("qsd", "blkjobs")]
+    assert files[0] == files[1]

@@ -16,6 +16,7 @@ from blkjobs.formats.qcow2 import Qcow2
 from conftest import BLKJOBS, run_blkjobs
 from daemon_util import connect, start_qsd
 from qemu_oracle import check_clean, qemu_img, qemu_info, qemu_io
+from test_parity_invocation import same, twins  # noqa: F401  (the fixture)
 
 GRANULARITIES = [1 << b for b in range(9, 32)]          # 512 B .. 2 GiB: the spec's range
 SIZE = 64 * 1024 * 1024 + 3 * 4096 + 512               # a partial last granule for most
@@ -331,7 +332,9 @@ def test_in_use_bitmap_is_inconsistent_never_used(tmp_path):
                                  "granularity": 65536}
 
 
-def test_writes_mark_enabled_bitmaps_in_use_until_close(tmp_path):
+def test_writes_mark_bitmaps_in_use_until_close(tmp_path):
+    """Every consistent bitmap is flagged in use while the image is written,
+    a disabled one too (QEMU flags all it loads when it opens read-write)."""
     img = new_image(tmp_path / "a.qcow2", 10 << 20)
     qemu_img("bitmap", "--add", img, "live")
     qemu_img("bitmap", "--add", "--disable", img, "off")
@@ -342,7 +345,7 @@ def test_writes_mark_enabled_bitmaps_in_use_until_close(tmp_path):
         seen = json.loads(qemu_img("info", "-U", "--output", "json", img).stdout)
         assert seen["format-specific"]["data"]["bitmaps"] == [
             {"flags": ["in-use", "auto"], "name": "live", "granularity": 65536},
-            {"flags": [], "name": "off", "granularity": 65536}]
+            {"flags": ["in-use"], "name": "off", "granularity": 65536}]
     finally:
         d.close()
     assert info_bitmaps(img)[0]["flags"] == ["auto"]
@@ -430,3 +433,36 @@ def test_mirror_writes_in_place_dirty_the_targets_bitmap(tmp_path):
     writes = [(3 << 20, 4096), (5 << 20, 4096)]
     assert read_bitmaps(dst)["live"][2] == expected_bits(size, 65536, writes)
     check_clean(dst)
+
+
+# ---------------------------------------------------------------------------
+# where the bitmaps lie: qemu-img's file, byte for byte
+
+def test_bitmap_sessions_lay_the_file_out_as_qemu_img(twins):
+    """iotest 190's steps at a smaller size (2 MiB clusters): each
+    `bitmap --add` stores every bitmap anew (the ones on disk were flagged in
+    use at open), first-fit, the tables and the directory written as long as
+    they are, so the file ends inside its last cluster and `measure` of it
+    as raw says what qemu-img's says; then a --remove (at once: a new
+    directory, the old one and the bitmap's clusters freed) with a --clear
+    and bits set by a write. The files are equal after every step."""
+    steps = [("create", "-f", "qcow2", "-o", "cluster_size=2M", "t.qcow2", "32G"),
+             ("bitmap", "--add", "--granularity", "512", "-f", "qcow2", "t.qcow2", "b1"),
+             ("bitmap", "--add", "-g", "2M", "-f", "qcow2", "t.qcow2", "b2"),
+             ("bitmap", "--add", "t.qcow2", "b3")]
+    for args in steps:
+        same(twins, *args)
+        assert [(d / "t.qcow2").read_bytes() for d in twins].count(
+            (twins[1] / "t.qcow2").read_bytes()) == 2, args
+    for d in twins:
+        qemu_io(d / "t.qcow2", "write -P 1 1G 64k", "write -P 2 20G 3M")
+    for args in (("bitmap", "--remove", "t.qcow2", "b2"),
+                 ("bitmap", "--clear", "t.qcow2", "b3"),
+                 ("bitmap", "--add", "-g", "64k", "t.qcow2", "b4")):
+        same(twins, *args)
+        assert (twins[0] / "t.qcow2").read_bytes() == (twins[1] / "t.qcow2").read_bytes(), args
+    same(twins, "measure", "-O", "qcow2", "-f", "raw", "t.qcow2")
+    # the directory (3 entries of 32 bytes) ends the file
+    assert (twins[0] / "t.qcow2").stat().st_size % (2 << 20) == 96
+    for d in twins:
+        check_clean(d / "t.qcow2")

@@ -88,6 +88,9 @@ class GraphCommands:
         """The old active layer goes read-only, its file node with it; a
         failure is ignored, as QEMU's external_snapshot_commit does."""
         try:
+            # its bitmaps stored first, as QEMU's qcow2_reopen_bitmaps_ro: the
+            # node reopened read-only then lists them in format-specific
+            getattr(g.driver, "reopen_bitmaps_ro", lambda: None)()
             g.reopen(read_only=True)
         except Exception:       # ignored, see the docstring
             return

@@ -280,6 +280,8 @@ class NodeCommands:
             fnode.set_options(opts["file"], mn.cache)
         self.nodes[mn.name] = mn
         self._arm_file_threshold(fnode)      # its block-set-write-threshold, if any
+        if not gnode.read_only:     # QEMU's open: the image's bitmaps in use on disk
+            getattr(gnode.driver, "activate_bitmaps", lambda: None)()
         return mn
 
     def _add_file(self, opts: dict[str, Any], owned: bool, ro: bool) -> MonitorNode:

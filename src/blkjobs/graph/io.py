@@ -245,10 +245,7 @@ class BlockIO:
         unwritten data (docs/qcow2.md, what a flush may write), and a guest
         write into such a cluster waits for it before it completes."""
         with self.lock:
-            node = _levels(fe.node)[-1]
-            fe.node.flush()
-            if not node.read_only:
-                self.store_bitmaps(node)
+            fe.node.flush()     # (bitmaps are stored at close, as QEMU stores them)
 
     def guest_write(self, fe: Frontend, op: str, offset: int, length: int,
                     do: Callable[[Node], None], data: Any = None) -> None:

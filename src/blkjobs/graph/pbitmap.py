@@ -5,12 +5,12 @@ A :class:`PersistentDirtyBitmap` is a view of one bitmap of the image's
 ``drv.persistent_bitmaps``: its bits, ``enabled`` ('auto') flag and
 successor live there, so the one copy is what the engine uses and what
 the image gets. The qcow2 driver marks it on every write through it (the
-guest's, a job's), before the data: the first write flags the enabled
-bitmaps in use on disk. They are stored back, in-use flag cleared, when
-the node is flushed by a front end (:meth:`~.io.BlockIO.store_bitmaps`)
-and when it is closed (``blockdev-del``, ``Engine.close``, daemon exit);
-a bitmap found in use at open (a crash) is *inconsistent*: listed,
-removable, never used. See docs/bitmaps.md.
+guest's, a job's), before the data. As in QEMU, the image's bitmaps are
+flagged in use on disk once a read-write node holds its locks, and stored
+back, in-use flag cleared, when it is closed (``blockdev-del``,
+``Engine.close``, daemon exit) or reopened read-only; one added meanwhile
+is on disk only from then. A bitmap found in use at open (a crash) is
+*inconsistent*: listed, removable, never used. See docs/bitmaps.md.
 """
 from __future__ import annotations
 
@@ -105,10 +105,9 @@ class PersistentDirtyBitmap(DirtyBitmap):
         """Nothing: the driver marks it with the write itself."""
 
     def drop(self) -> None:
-        """Removed from the node: from the image too (at the next store)."""
+        """Removed from the node: from the image too, at once (as QEMU)."""
         if self._pbm.find(self.name) is self._pb:
-            self._pbm.items.remove(self._pb)
-            self._pbm.changed = True
+            self._pbm.remove(self.name)
 
     def restore(self) -> None:
         """Undo :meth:`drop` (a transaction rolled back)."""

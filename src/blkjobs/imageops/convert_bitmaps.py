@@ -79,7 +79,9 @@ def copy_bitmaps(src: str, src_fmt: str | None, dst: str, names: list[str],
             if dnode.driver.header.version < 3:
                 raise UsageError("Format driver 'qcow2' does not support bitmaps")
             try:
-                for name in names:
+                # added as QEMU walks the source's list (the directory's last
+                # bitmap first); stored newest first: the directory's order
+                for name in reversed(names):
                     sb = spbm.get(name)
                     try:
                         dpbm.add(name, sb.granularity, disabled=not sb.enabled,

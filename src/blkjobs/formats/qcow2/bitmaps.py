@@ -23,21 +23,28 @@ go to newly allocated clusters, their refcounts are written and synced, then
 the header extension is switched to the new directory, then the clusters of
 the old directory and of replaced tables are freed. A crash at any point
 leaves the old or the new set of bitmaps, plus leaked clusters at worst.
+
+Where the bytes go is QEMU's too, so that the files are equal: opened
+read-write (once the node holds its locks), the consistent bitmaps are
+flagged in use in the directory in place; at close every consistent bitmap
+is stored anew, in directory order then the new ones newest first, each in
+clusters found first-fit as qcow2_alloc_clusters finds them, its table and
+the directory written only as long as they are (the file may end inside
+its last cluster); a removed bitmap leaves the image at once.
 """
 from __future__ import annotations
 
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 from ...errors import ImageError, UsageError
+from ...native import dio
 from ...native.bitmap import Bitmap
-from .header import (AUTOCLEAR_BITMAPS, BME_FLAG_IN_USE, BME_MAX_GRANULARITY_BITS,
+from .header import (AUTOCLEAR_BITMAPS, BitmapEntry, BME_FLAG_IN_USE, BME_MAX_GRANULARITY_BITS,
                      BME_MAX_NAME_SIZE, BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE,
                      BME_MIN_GRANULARITY_BITS, BT_DIRTY_TRACKING_BITMAP, EXT_BITMAPS,
                      MAX_BITMAP_DIRECTORY_SIZE, MAX_BITMAPS)
-from ...native import dio
 
 BME_FLAG_AUTO = 1 << 1
 TABLE_RESERVED = 0xFF000000000001FE
@@ -84,8 +91,8 @@ class PersistentBitmap:
 
 
 def default_granularity(cluster_size: int) -> int:
-    """QEMU's default: the cluster size, at least 4 KiB."""
-    return max(4096, cluster_size)
+    """QEMU's default: the cluster size, at least 4 KiB and at most 64 KiB."""
+    return min(65536, max(4096, cluster_size))
 
 
 class Bitmaps:
@@ -113,7 +120,13 @@ class Bitmaps:
             _, _, self.dir_size, self.dir_offset = _EXT.unpack(ext)
         else:
             self.dir_size = self.dir_offset = 0
-        self.tracking = False     # enabled bitmaps marked in use on disk
+        self.tracking = False     # enabled bitmaps loaded for guest writes
+        #: the consistent bitmaps are flagged in use on disk (activate): they
+        #: are stored anew at close
+        self.active = False
+        #: stored before a reopen read-only: nothing is stored any more
+        self.readonly = False
+        self._hint = 0            # QEMU's free_cluster_index (see _alloc)
 
     # -- lookup ----------------------------------------------------------
     def __iter__(self):
@@ -178,18 +191,16 @@ class Bitmaps:
 
     # -- guest writes ----------------------------------------------------
     def start_tracking(self) -> None:
-        """Before the first guest write: load the enabled bitmaps and mark
-        them in use on disk (a crash from here on leaves them inconsistent,
-        which is what they would be)."""
+        """Before the first guest write: the bitmaps flagged in use on disk
+        (if they are not yet: a crash from here on leaves them inconsistent,
+        which is what they would be) and the enabled ones loaded."""
         if self.tracking:
             return
-        live = [b for b in self.items if b.enabled and not b.in_use]
-        for b in live:
-            self.load(b)
+        self.activate()
+        for b in self.items:
+            if b.enabled and not b.in_use:
+                self.load(b)
         self.tracking = True
-        if live:
-            self._write(in_use={id(b) for b in live})
-            self.changed = True
 
     def mark_dirty(self, offset: int, length: int) -> None:
         if length <= 0:
@@ -247,9 +258,13 @@ class Bitmaps:
         return None
 
     def remove(self, name: str) -> None:
+        """Out of memory and, as QEMU does it at once, out of the image (its
+        bits stay with ``b``: a transaction rolled back adds it again)."""
         b = self.get(name)
+        if not b.in_use:
+            self.load(b)
         self.items.remove(b)
-        self.changed = True
+        self._remove_on_disk(name)
 
     def clear(self, name: str) -> None:
         b = self.get(name)
@@ -298,82 +313,82 @@ class Bitmaps:
         dst.dirty = True
         self.changed = True
 
-    # -- storing ---------------------------------------------------------
-    def store(self) -> None:
-        """Write every change (new/changed tables, flags, removed bitmaps) in
-        the crash-safe order; the tracked bitmaps leave the in-use state."""
-        if not self.changed and not self.stale:
+    # -- storing (QEMU's qcow2-bitmap.c, step for step) -------------------
+    def activate(self) -> None:
+        """What QEMU does when it opens the image read-write: every
+        consistent bitmap of the directory gets the in-use flag, written in
+        place (the autoclear bit dropped around the write), and from then on
+        all of them are stored anew at close. Called once the node holds its
+        locks, and before anything changes the bitmaps on disk."""
+        drv = self.drv
+        if self.active or self.readonly or drv.read_only or self.stale:
             return
-        self._write(in_use=set())
+        entries = drv.bitmaps or []
+        todo = [e for e in entries if not e.flags & BME_FLAG_IN_USE]
+        if not todo:
+            return
+        self.active = True
+        h = drv.header
+        h.autoclear &= ~AUTOCLEAR_BITMAPS
+        drv._write_header()
+        for e in todo:
+            e.flags |= BME_FLAG_IN_USE
+        dio.pwrite(drv.fd, _pack_directory(entries), self.dir_offset)
+        drv._fsync()
+        h.autoclear |= AUTOCLEAR_BITMAPS
+        drv._write_header()
+
+    def store(self) -> None:
+        """QEMU's store at close: every consistent bitmap gets new data
+        clusters and a new table (in directory order, then the new ones,
+        newest first), a new directory follows, the header is switched,
+        then the old directory and the old tables are freed. The in-use
+        flags are cleared; the next guest write sets them again."""
+        if self.readonly or self.drv.read_only:
+            return
+        if not (self.changed or self.stale or self.active):
+            return
+        self.activate()
+        if self.stale or any(not b.in_use for b in self.items):
+            self._store_all()
         for b in self.items:
             b.dirty = False
-        self.changed = False
-        self.stale = False
-        self.tracking = False
+        self.changed = self.stale = self.tracking = self.active = False
 
-    def _write(self, in_use: set) -> None:
-        """Store the bitmaps: new data clusters and tables, a new directory,
-        refcounts and data durable, then the header switch, then the old
-        clusters freed (a crash at any point leaves a consistent image)."""
+    def store_read_only(self) -> None:
+        """Before the node is reopened read-only (QEMU's
+        qcow2_reopen_bitmaps_ro): stored now, nothing stored after."""
+        self.store()
+        self.readonly = True
+
+    def _store_all(self) -> None:
         drv = self.drv
         if not drv._write_prepared:
             drv._prepare_write()
         drv.flush()               # guest metadata first: refcounts in one state
-        rc = drv._rc()
-        cs = drv.cluster_size
-        # 1. data clusters and tables of changed bitmaps
-        for b in self.items:
-            if (b.dirty or b.successor is not None) and b.bitmap is not None:
-                self._write_table(b)
-        # 2. the tables on disk no bitmap uses any more (replaced or removed)
-        old = []                  # clusters to free after the header switch
-        keep = {b.table_offset for b in self.items}
+        byname = {b.name: b for b in self.items}
+        entries: list[BitmapEntry] = []
+        drop: list[tuple[int, int]] = []
         for e in drv.bitmaps or []:
-            if e.table_offset not in keep:
-                old += self._table_clusters_of(e.table_offset, e.table_size)
-        # 3. the new directory
-        if self.dir_size:
-            old += list(range(self.dir_offset >> drv.cb,
-                              ((self.dir_offset + self.dir_size - 1) >> drv.cb) + 1))
-        self._write_directory(in_use)
-        # 4. refcounts and data durable, then the header switch
-        if os.fstat(drv.fd).st_size < rc.end << drv.cb:
-            os.ftruncate(drv.fd, rc.end << drv.cb)
-        rc.flush_increments()
-        drv._fsync()
-        h = drv.header
-        exts = [(t, x) for t, x in h.extensions if t != EXT_BITMAPS]
-        if self.items:
-            exts.append((EXT_BITMAPS, _EXT.pack(len(self.items), 0, self.dir_size,
-                                                self.dir_offset)))
-            h.autoclear |= AUTOCLEAR_BITMAPS
-        else:
-            h.autoclear &= ~AUTOCLEAR_BITMAPS
-        h.extensions = exts
-        drv._write_header()
-        # 5. free what the old header referenced
-        nfile = -(-os.fstat(drv.fd).st_size // cs)
-        for c in sorted(set(old)):
-            if c < nfile and rc.get(c) > 0:    # hostile tables: never underflow
-                rc.free_later(c)
-        rc.apply_frees()
-        from .header import BitmapEntry
-        drv.bitmaps = [BitmapEntry(b.name, b.table_offset, b.table_size,
-                                   self._flags(b, in_use),
-                                   b.granularity.bit_length() - 1) for b in self.items]
-        drv.file_size = max(drv.file_size, os.fstat(drv.fd).st_size)
+            b = byname.get(e.name)
+            if b is None or b.in_use:
+                entries.append(e)         # kept as it is (inconsistent)
+                continue
+            drop.append((e.table_offset, e.table_size))
+            entries.append(self._store_bitmap(b))
+        on_disk = {e.name for e in entries}
+        for b in reversed(self.items):    # QEMU's list of bitmaps: newest first
+            if b.name not in on_disk and not b.in_use:
+                entries.append(self._store_bitmap(b))
+        self._switch_directory(entries, drop)
 
-    @staticmethod
-    def _flags(b: Any, in_use: set) -> int:
-        return ((BME_FLAG_IN_USE if (b.in_use or id(b) in in_use) else 0)
-                | (BME_FLAG_AUTO if b.enabled else 0))
-
-    def _write_table(self, b: Any) -> None:
-        """New data clusters (all-zero ones stay unallocated) and a new
-        table for bitmap ``b``; stored while frozen, with its successor
-        merged in, so nothing may be lost."""
-        drv, rc, cs = self.drv, self.drv._rc(), self.drv.cluster_size
-        bits = b.bitmap
+    def _store_bitmap(self, b: PersistentBitmap) -> BitmapEntry:
+        """New data clusters (one per cluster of serialized bitmap holding a
+        set bit, written whole) and a new table (written as long as it is)
+        for bitmap ``b``; stored while frozen, with its successor merged in,
+        so nothing may be lost."""
+        drv, cs = self.drv, self.drv.cluster_size
+        bits = self.load(b)
         if b.successor is not None:
             bits = bits.copy()
             bits.merge(b.successor)
@@ -386,68 +401,161 @@ class Bitmaps:
             chunk = mv[i * cs:(i + 1) * cs]
             if chunk == zero[:len(chunk)]:
                 continue
-            off = rc.alloc_one() << drv.cb
+            off = self._alloc(cs)
             dio.pwrite(drv.fd, bytes(chunk).ljust(cs, b"\0"), off)
             table[i] = off
-        toff = self._alloc_contig(ncl * 8)
-        dio.pwrite(drv.fd, struct.pack(f">{ncl}Q", *table).ljust(_round(ncl * 8, cs), b"\0"),
-                  toff)
+        toff = self._alloc(ncl * 8)
+        dio.pwrite(drv.fd, struct.pack(f">{ncl}Q", *table), toff)
         b.table_offset, b.table_size = toff, ncl
+        return BitmapEntry(b.name, toff, ncl, BME_FLAG_AUTO if b.enabled else 0,
+                           b.granularity.bit_length() - 1)
 
-    def _write_directory(self, in_use: set) -> None:
-        """A new bitmap directory in new clusters (dir_offset/dir_size)."""
-        drv, cs = self.drv, self.drv.cluster_size
-        if not self.items:
+    def _switch_directory(self, entries: list[BitmapEntry],
+                          drop: list[tuple[int, int]]) -> None:
+        """QEMU's update_ext_header_and_dir, then the dropped tables freed:
+        the new directory (none for no bitmaps) in new clusters, refcounts
+        and data durable, the header switched, then the old directory's
+        clusters freed, then each dropped table's data clusters and its own."""
+        drv, rc = self.drv, self.drv._rc()
+        old_dir = (self.dir_offset, self.dir_size)
+        if entries:
+            d = _pack_directory(entries)
+            self.dir_offset = self._alloc(len(d))
+            self.dir_size = len(d)
+            dio.pwrite(drv.fd, d, self.dir_offset)
+        else:
             self.dir_offset = self.dir_size = 0
-            return
-        d = bytearray()
-        for b in self.items:
-            nm = b.name.encode()
-            d += _ENTRY.pack(b.table_offset, b.table_size, self._flags(b, in_use),
-                             BT_DIRTY_TRACKING_BITMAP, b.granularity.bit_length() - 1,
-                             len(nm), 0) + nm
-            d += bytes(-len(d) % 8)
-        doff = self._alloc_contig(len(d))
-        dio.pwrite(drv.fd, bytes(d).ljust(_round(len(d), cs), b"\0"), doff)
-        self.dir_offset, self.dir_size = doff, len(d)
+        rc.flush_increments()
+        drv._fsync()
+        h = drv.header
+        h.extensions = [(t, x) for t, x in h.extensions if t != EXT_BITMAPS]
+        if entries:
+            h.extensions.append((EXT_BITMAPS, _EXT.pack(len(entries), 0, self.dir_size,
+                                                        self.dir_offset)))
+            h.autoclear |= AUTOCLEAR_BITMAPS
+        else:
+            h.autoclear &= ~AUTOCLEAR_BITMAPS
+        drv._write_header()
+        drv.bitmaps = entries
+        free: list[int] = []
+        data: list[int] = []
+        if old_dir[1]:
+            free += _clusters(old_dir[0], old_dir[1], drv.cb)
+        for toff, tsize in drop:
+            dc = self._data_clusters_of(toff, tsize)
+            data += dc
+            free += dc + _clusters(toff, tsize * 8, drv.cb)
+        nfile = -(-os.fstat(drv.fd).st_size // drv.cluster_size)
+        freed = [c for c in free if c < nfile and rc.get(c) > 0]   # hostile tables
+        for c in freed:
+            rc.free_later(c)
+        rc.apply_frees()
+        if freed:
+            self._hint = min(self._hint, min(freed))
+        # QEMU frees a bitmap's data clusters with a discard passed down to
+        # the file (QCOW2_DISCARD_ALWAYS): they read as zeroes
+        from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
+        for c in sorted(set(data) & set(freed)):
+            if rc.get(c) == 0:
+                _fallocate(drv.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                           c << drv.cb, drv.cluster_size)
+        # the file holds (part of) every cluster in use: QEMU writes a table
+        # or directory only as long as it is, so the file may end inside the
+        # last cluster, and a flush must not round it up
+        if os.fstat(drv.fd).st_size > (rc.end - 1) << drv.cb:
+            rc.opened_end = max(rc.opened_end, rc.end)
+        drv.file_size = max(drv.file_size, os.fstat(drv.fd).st_size)
 
-    def _alloc_contig(self, nbytes: int) -> int:
-        """Offset of ceil(nbytes / cluster) newly allocated contiguous
-        clusters (a refcount block placed in between makes alloc return two
-        runs: those are given back and the allocation retried past it)."""
+    def _remove_on_disk(self, name: str) -> None:
+        """QEMU removes a persistent bitmap from the image at once: a new
+        directory without it, the header switched, then the old directory
+        and the bitmap's table and data clusters freed."""
+        drv = self.drv
+        if drv.read_only or self.readonly:
+            return
+        e = next((x for x in drv.bitmaps or [] if x.name == name), None)
+        if e is None:
+            return
+        self.activate()
+        if not drv._write_prepared:
+            drv._prepare_write()
+        drv.flush()
+        self._switch_directory([x for x in drv.bitmaps if x is not e],
+                               [(e.table_offset, e.table_size)])
+
+    def _alloc(self, nbytes: int) -> int:
+        """QEMU's qcow2_alloc_clusters: the first run of free clusters from
+        the session's hint (lowered by the clusters freed here), past the
+        end of the file if none is free before."""
         rc = self.drv._rc()
         n = max(1, -(-nbytes // self.drv.cluster_size))
+        c = self._hint
         while True:
-            runs = rc.alloc(n)
-            if len(runs) == 1:
-                return runs[0][0] << self.drv.cb
-            for c0, k in runs:
-                for c in range(c0, c0 + k):
-                    rc.free_later(c)
-            rc.apply_frees()
+            busy = next((i for i in range(n) if c + i < rc.end and rc.get(c + i)), None)
+            if busy is None:
+                break
+            c += busy + 1
+        inside = max(0, min(n, rc.end - c))
+        for i in range(inside):
+            rc._set(c + i, 1)
+            if c + i in rc.pool:
+                rc.pool.remove(c + i)
+        if inside < n:
+            runs = rc.alloc(n - inside)
+            if runs != [(c + inside, n - inside)]:
+                # a refcount block placed in between: all given back, and
+                # the run taken past it (rare: QEMU would place it alike)
+                for x in [c + i for i in range(inside)] + [
+                        y for c0, k in runs for y in range(c0, c0 + k)]:
+                    rc.free_later(x)
+                rc.apply_frees()
+                while True:
+                    runs = rc.alloc(n)
+                    if len(runs) == 1:
+                        break
+                    for c0, k in runs:
+                        for y in range(c0, c0 + k):
+                            rc.free_later(y)
+                    rc.apply_frees()
+                c = runs[0][0]
+        self._hint = c + n
+        return c << self.drv.cb
 
-    def _table_clusters_of(self, toff: int, tsize: int) -> list[int]:
+    def _data_clusters_of(self, toff: int, tsize: int) -> list[int]:
+        """The data clusters a bitmap table names, in its order."""
         drv = self.drv
-        cs = drv.cluster_size
-        raw = dio.pread(drv.fd, tsize * 8, toff)
-        out = [c for c in range(toff >> drv.cb, ((toff + tsize * 8 - 1) >> drv.cb) + 1)]
-        for (e,) in struct.iter_unpack(">Q", raw):
+        out = []
+        for (e,) in struct.iter_unpack(">Q", dio.pread(drv.fd, tsize * 8, toff)):
             off = e & TABLE_OFFSET_MASK
-            if off and not e & TABLE_RESERVED and off % cs == 0:
+            if off and not e & TABLE_RESERVED and off % drv.cluster_size == 0:
                 out.append(off >> drv.cb)
         return out
 
     # -- info ------------------------------------------------------------
     def info(self) -> list[dict]:
-        """``format-specific.data.bitmaps`` as qemu-img info prints it."""
-        return [{"flags": b.flags(), "name": b.name, "granularity": b.granularity}
-                for b in self.items]
+        """``format-specific.data.bitmaps`` as QEMU shows it: the directory
+        on disk, with its flags (in use while an image is open read-write)."""
+        return [{"flags": (["in-use"] if e.flags & BME_FLAG_IN_USE else [])
+                 + (["auto"] if e.flags & BME_FLAG_AUTO else []),
+                 "name": e.name, "granularity": 1 << e.granularity_bits}
+                for e in self.drv.bitmaps or []]
+
+
+def _pack_directory(entries: list[BitmapEntry]) -> bytes:
+    d = bytearray()
+    for e in entries:
+        nm = e.name.encode()
+        d += _ENTRY.pack(e.table_offset, e.table_size, e.flags, BT_DIRTY_TRACKING_BITMAP,
+                         e.granularity_bits, len(nm), 0) + nm
+        d += bytes(-len(d) % 8)
+    return bytes(d)
+
+
+def _clusters(off: int, nbytes: int, cb: int) -> list[int]:
+    return list(range(off >> cb, ((off + max(nbytes, 1) - 1) >> cb) + 1))
 
 
 def _entry_size(name: str) -> int:
     n = _ENTRY.size + len(name.encode())
     return n + (-n % 8)
 
-
-def _round(n: int, cs: int) -> int:
-    return -(-n // cs) * cs

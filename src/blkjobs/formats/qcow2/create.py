@@ -54,6 +54,14 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         preallocation = "metadata"      # the tables must map 1:1 (QEMU)
     if backing_file and not backing_format and not backing_format_optional:
         raise UsageError("a backing file needs a backing format (probe it with open_image)")
+    if preallocation in ("falloc", "full") and size and data_file is None and _grown(
+            path, size, preallocation, dict(
+                cluster_size=cluster_size, extended_l2=extended_l2,
+                backing_file=backing_file, backing_format=backing_format, compat=compat,
+                refcount_bits=refcount_bits, lazy_refcounts=lazy_refcounts,
+                compression_type=compression_type,
+                backing_format_optional=backing_format_optional)):
+        return
     cb = cluster_size.bit_length() - 1
     h = Header(version=version, cluster_bits=cb, size=size,
                refcount_order=refcount_bits.bit_length() - 1,
@@ -87,6 +95,20 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
         preallocate(path, size, preallocation)
     if not os.path.exists(path):   # pragma: no cover
         raise ImageError(f"could not create '{path}'")
+
+
+def _grown(path: str, size: int, mode: str, args: dict) -> bool:
+    """QEMU creates the image empty, then grows it with the preallocation
+    mode (qcow2_co_create, then truncate): prealloc.py lays it out so. False
+    where it does not (the L1 table beyond the first refcount block): the
+    caller makes its own valid layout instead."""
+    from .prealloc import preallocate as grow
+    create(path, 0, **args)
+    try:
+        grow(path, size, mode)
+    except UsageError:      # its one refusal on a fresh empty image: that layout
+        return False
+    return True
 
 
 def _check_data_file(data_file: str | None, raw: bool, backing: bool, version: int) -> None:

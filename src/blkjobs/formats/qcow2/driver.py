@@ -258,6 +258,18 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
             self._pbm = Bitmaps(self)
         return self._pbm
 
+    def activate_bitmaps(self) -> None:
+        """Once the node holds its locks, read-write: the bitmaps flagged in
+        use on disk, as QEMU's open does (:meth:`.bitmaps.Bitmaps.activate`)."""
+        if self.bitmaps and not self.read_only:
+            self.persistent_bitmaps.activate()
+
+    def reopen_bitmaps_ro(self) -> None:
+        """Before a reopen read-only: the bitmaps stored now (QEMU's
+        qcow2_reopen_bitmaps_ro), not again at close."""
+        if not self.read_only and (self.bitmaps or self._pbm is not None):
+            self.persistent_bitmaps.store_read_only()
+
     def _prepare_write(self) -> None:
         """Before the first modification (not at open: opening never
         writes): rebuild refcounts of a dirty image, clear unknown autoclear
