@@ -30,13 +30,15 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      │                                        exit 1 failed, 2 cancelled, 130/143 interrupted
      ├── ToolError                            diskbench.measure: an external tool failed
      ├── ReadFailed                           imageops.compare: exit 4, a read failed (qemu-img's)
- ├── NBDRequestError                      nbd.proto: an NBD request failed (errno: the reply's)
+     ├── NBDRequestError                      nbd.proto: an NBD request failed (errno: the reply's)
      └── InternalError                        exit 70: a bug in blkjobs (printed as "internal error")
           └── IllegalTransition (also RuntimeError)   job.status: an edge outside the job matrix
 
 and, outside the tree on purpose, :class:`Terminated` (a ``KeyboardInterrupt``):
 SIGTERM in the command line, which must unwind like Ctrl-C and not be caught
-by ``except BlkjobsError`` or ``except Exception``.
+by ``except BlkjobsError`` or ``except Exception``; and
+``cli.opts_help.OptionsHelp``, not an error: ``-o help`` with the operands
+left out ends the parsing early to print the option list.
 """
 from __future__ import annotations
 
