@@ -62,11 +62,13 @@ def _link(img, g0: int, g1: int, data: int) -> None:
     cb, l2e = img.cb, img.l2e
     rc = img._rc()
     gc = g0
+    free_index = 0              # QEMU's free_cluster_index: first fit from here
     while gc < g1:
         l1i = gc // l2e
         stop = min(g1, (l1i + 1) * l2e)
         if not img.l1[l1i] & L1_OFFSET_MASK:
-            c = _first_free(rc)
+            c = _first_free(rc, free_index)
+            free_index = c + 1
             rc._set(c, 1)
             rc.end = max(rc.end, c + 1)
             off = c << cb
@@ -80,6 +82,8 @@ def _link(img, g0: int, g1: int, data: int) -> None:
                 img._release(e)
             img._set_entry(g, ((data + g - g0) << cb) | COPIED)
         img.flush()             # the table written, then the old clusters freed
+        if rc.pool:             # a free lowers the index (QEMU's update_refcount)
+            free_index = min(free_index, min(rc.pool))
         gc = stop
 
 
@@ -97,8 +101,7 @@ def _head(img, start: int, old: int, fill) -> bytes:
     return bytes(buf)
 
 
-def _first_free(rc) -> int:
-    c = 0
+def _first_free(rc, c: int) -> int:
     while rc.get(c):
         c += 1
     return c
