@@ -245,9 +245,6 @@ def _has_compressed(drv, tables) -> bool:
 def change_refcount_bits(drv, bits: int, progress: Progress = None) -> None:
     """refcount_bits=N, as QEMU (:mod:`.refcount_order`); refused (nothing
     changed) when a refcount does not fit the new width."""
-    from .refcount_order import RefcountOverflow, change_refcount_order
+    from .refcount_order import change_refcount_order
     status = None if progress is None else (lambda off, total: progress(off / total))
-    try:
-        change_refcount_order(drv, bits, status)
-    except RefcountOverflow as e:
-        raise AmendError(str(e)) from None
+    change_refcount_order(drv, bits, status)

@@ -26,13 +26,10 @@ import struct
 from collections.abc import Callable
 from types import SimpleNamespace
 
+from .amend import AmendError
 from .refcount import Refcounts
 
 Status = Callable[[int, int], None] | None
-
-
-class RefcountOverflow(Exception):
-    """A refcount does not fit the new width (QEMU's text)."""
 
 
 def change_refcount_order(drv, bits: int, status: Status = None) -> None:
@@ -104,7 +101,7 @@ class _Change:
         for c, v in enumerate(self.vals):
             if v >> self.bits:
                 self._report(0, 3, upto=c // self.rc.rbe)
-                raise RefcountOverflow(
+                raise AmendError(
                     f"Cannot decrease refcount entry width to {self.bits} bits: Cluster at "
                     f"offset 0x{c << self.cb:x} has a refcount of {v}")
 
