@@ -245,6 +245,9 @@ def _has_compressed(drv, tables) -> bool:
 def change_refcount_bits(drv, bits: int, progress: Progress = None) -> None:
     """refcount_bits=N, as QEMU (:mod:`.refcount_order`); refused (nothing
     changed) when a refcount does not fit the new width."""
-    from .refcount_order import change_refcount_order
+    from .refcount_order import _Overflow, change_refcount_order
     status = None if progress is None else (lambda off, total: progress(off / total))
-    change_refcount_order(drv, bits, status)
+    try:
+        change_refcount_order(drv, bits, status)
+    except _Overflow as e:
+        raise AmendError(str(e)) from None

@@ -26,10 +26,16 @@ import struct
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from .amend import AmendError
+from ...errors import ImageError
+from ...native import dio
 from .refcount import Refcounts
 
 Status = Callable[[int, int], None] | None
+
+
+class _Overflow(ImageError):
+    """A refcount does not fit the new width (QEMU's text; amend raises it
+    as its AmendError)."""
 
 
 def change_refcount_order(drv, bits: int, status: Status = None) -> None:
@@ -101,7 +107,7 @@ class _Change:
         for c, v in enumerate(self.vals):
             if v >> self.bits:
                 self._report(0, 3, upto=c // self.rc.rbe)
-                raise AmendError(
+                raise _Overflow(
                     f"Cannot decrease refcount entry width to {self.bits} bits: Cluster at "
                     f"offset 0x{c << self.cb:x} has a refcount of {v}")
 
@@ -141,14 +147,14 @@ class _Change:
         self._report(self.walks, self.walks + 1)
         for j, c in enumerate(self.table):
             if c:
-                os.pwrite(drv.fd, self._new_block(j), c << cb)
+                dio.pwrite(drv.fd, self._new_block(j), c << cb)
         for t in range(self.old_size):
             off = rc.block_offset(t)
             if off:
                 part = self.vals[t * rc.rbe:(t + 1) * rc.rbe]
-                os.pwrite(drv.fd, rc._encode(part + [0] * (rc.rbe - len(part))), off)
+                dio.pwrite(drv.fd, rc._encode(part + [0] * (rc.rbe - len(part))), off)
         table = struct.pack(f">{len(self.table)}Q", *[c << cb for c in self.table])
-        os.pwrite(drv.fd, table.ljust(self.table_clusters * self.cs, b"\0"),
+        dio.pwrite(drv.fd, table.ljust(self.table_clusters * self.cs, b"\0"),
                   self.table_off << cb)
         drv._fsync()
         h = drv.header
@@ -165,5 +171,5 @@ class _Change:
                                           (rc.table_offset >> cb) + rc.table_clusters)}
         for j in sorted(touched):
             if j < len(self.table) and self.table[j]:
-                os.pwrite(drv.fd, self._new_block(j), self.table[j] << cb)
+                dio.pwrite(drv.fd, self._new_block(j), self.table[j] << cb)
         drv._fsync()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+from ...native import dio
 from .tables import COPIED, OFFSET_MASK
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -50,7 +51,7 @@ def grow(img, old: int, new: int, mode: str, fill) -> None:
         else:
             _zeroes(img.fd, cur, end - cur)
     if head:
-        os.pwrite(img.fd, head, data << cb)     # QEMU's copy-on-write of the head
+        dio.pwrite(img.fd, head, data << cb)     # QEMU's copy-on-write of the head
     _link(img, g0, g1, data)
     img.flush()
     img.file_size = max(img.file_size, os.fstat(img.fd).st_size)
@@ -149,5 +150,5 @@ def _zeroes(fd: int, pos: int, n: int) -> None:
     zero = bytes(min(n, 1 << 20))
     end = pos + n
     while pos < end:
-        pos += os.pwrite(fd, memoryview(zero)[:min(len(zero), end - pos)], pos)
+        pos += dio.pwrite(fd, memoryview(zero)[:min(len(zero), end - pos)], pos)
 
