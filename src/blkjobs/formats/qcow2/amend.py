@@ -243,56 +243,11 @@ def _has_compressed(drv, tables) -> bool:
 
 
 def change_refcount_bits(drv, bits: int, progress: Progress = None) -> None:
-    """refcount_bits=N: new refcount blocks and table of the new width at
-    the end of the file, written and fsync'd, then the header switched
-    (fsync'd), then the old table and blocks freed in the new blocks.
-    Refused (nothing changed) when a refcount does not fit the new width."""
-    from types import SimpleNamespace
-    from .refcount import Refcounts
-    drv.flush()
-    rc = drv._rc()
-    cs, cb = drv.cluster_size, drv.cb
-    new_max = (1 << bits) - 1
-    vals = [rc.get(c) for c in range(rc.end)]
-    for c, v in enumerate(vals):
-        if v > new_max:
-            raise AmendError(f"Cannot decrease refcount entry width to {bits} bits: Cluster "
-                             f"at offset 0x{c << cb:x} has a refcount of {v}")
-    rbe = cs * 8 // bits
-    first = len(vals)
-    nb = nt = 0
-    while True:                 # blocks and table covering themselves too
-        total = first + nb + nt
-        nb2 = -(-total // rbe)
-        nt2 = -(-(nb2 * 8) // cs)
-        if (nb2, nt2) == (nb, nt):
-            break
-        nb, nt = nb2, nt2
-    vals += [1] * (nb + nt)
-    vals += [0] * (nb * rbe - len(vals))
-    old = list(range(rc.table_offset >> cb, (rc.table_offset >> cb) + rc.table_clusters))
-    old += [rc.block_offset(t) >> cb for t in range(len(rc.table)) if rc.block_offset(t)]
-    enc = SimpleNamespace(bits=bits)
-
-    def write_blocks() -> None:
-        for i in range(nb):
-            dio.pwrite(drv.fd, Refcounts._encode(enc, vals[i * rbe:(i + 1) * rbe]),  # type: ignore[arg-type]
-                      (first + i) << cb)
-            if progress:
-                progress((i + 1) / (nb + 1) * 0.9)
-    write_blocks()
-    table = struct.pack(f">{nb}Q", *[(first + i) << cb for i in range(nb)])
-    dio.pwrite(drv.fd, table.ljust(nt * cs, b"\0"), (first + nb) << cb)
-    drv._fsync()
-    h = drv.header
-    h.refcount_order = bits.bit_length() - 1
-    h.refcount_table_offset, h.refcount_table_clusters = (first + nb) << cb, nt
-    drv._write_header()
-    for c in old:
-        vals[c] -= 1
-    write_blocks()
-    drv._fsync()
-    drv.rc = None
-    drv.file_size = max(drv.file_size, (first + nb + nt) << cb)
-    if progress:
-        progress(1.0)
+    """refcount_bits=N, as QEMU (:mod:`.refcount_order`); refused (nothing
+    changed) when a refcount does not fit the new width."""
+    from .refcount_order import _Overflow, change_refcount_order
+    status = None if progress is None else (lambda off, total: progress(off / total))
+    try:
+        change_refcount_order(drv, bits, status)
+    except _Overflow as e:
+        raise AmendError(str(e)) from None

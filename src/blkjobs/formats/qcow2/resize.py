@@ -67,9 +67,11 @@ def resize(img, new_size: int, backing_size: int | None = None, fill=None,
         if img.external and img.header.data_file_raw:
             prealloc = "metadata" if prealloc == "off" else prealloc    # stays 1:1 (QEMU)
         _grow(img, old, new_size)
-        if zero_new:
+        # falloc/full: the new clusters (the cut one moved) read zeroes
+        moved = prealloc in ("falloc", "full") and not img.external and not img.extended
+        if zero_new and not moved:
             _zero_new_area(img, old, new_size, fill)
-        else:
+        elif not moved:
             _zero_cut_cluster(img, old)         # (img.size is the new size)
         if prealloc != "off":
             _preallocate(img, old, new_size, prealloc, fill)
@@ -146,6 +148,10 @@ def _preallocate(img, old: int, new: int, mode: str, fill) -> None:
     cluster the old end cuts through by a write of its zeroes (its head
     copied from the backing file when unallocated), the rest through
     :meth:`allocate`; ``falloc``/``full`` allocate the blocks in the file."""
+    if mode != "metadata" and not img.external and not img.extended:
+        from .resize_falloc import grow          # QEMU's layout (the "moved" case)
+        grow(img, old, new, mode, fill)
+        return
     cs = img.cluster_size
     a = min(new, -(-old // cs) * cs)
     if a > old:
