@@ -187,10 +187,12 @@ def test_real_fio_row_beside_blkjobs(capsys, disk_dir):
             assert run["device"] is not None
             assert (run["tool_disk"] is not None) == (r["tool"] == "fio")
             # each moved its own workload at the block layer (O_DIRECT:
-            # nothing cached), plus a little (a binary's pages, metadata)
+            # nothing cached), plus what it does besides: a binary's pages,
+            # metadata, fio laying out its file first when it finds none
+            # (one more pass of the size per job); never the whole device's
             own = run["block_io"]["write_bytes" if r["case"]["workload"] == "seqwrite"
                                   else "read_bytes"]
-            assert run["bytes"] <= own <= run["bytes"] + (8 << 20), (r["tool"], run)
+            assert run["bytes"] <= own <= 5 * run["bytes"] + (16 << 20), (r["tool"], run)
     assert os.listdir(disk_dir) == []
 
 
