@@ -34,6 +34,7 @@ from blkjobs.graph import readplan
 from blkjobs.graph.inflight import Reads
 from blkjobs.jobs.blkdebug import Rule
 from qemu_oracle import check_clean, qemu_img, qemu_io, to_raw
+from test_nbd_concurrency import _on_call, _start
 
 WAIT = 30           # seconds: only a bound on a failure, never slept
 CS = 64 << 10
@@ -60,30 +61,6 @@ class HeldPread:
 
     def go(self) -> None:
         self.release.set()
-
-
-def _start(fn, *args) -> tuple[threading.Thread, list[object]]:
-    out: list[object] = []
-    t = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
-    t.start()
-    return t, out
-
-
-def _on_call(obj, name: str) -> threading.Event:
-    """An event set when ``obj.name`` is called (``busy``: when it returns
-    true), the call going on as before."""
-    ev = threading.Event()
-    orig = getattr(obj, name)
-
-    def hook(*a):
-        if name != "busy":
-            ev.set()
-        r = orig(*a)
-        if r:
-            ev.set()
-        return r
-    setattr(obj, name, hook)
-    return ev
 
 
 def _host(node, offset: int) -> int:
