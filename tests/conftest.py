@@ -4,6 +4,7 @@ pass without really running them."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,3 +113,24 @@ def small_tmpfs(tmp_path):
         pytest.fail(f"cannot mount a small tmpfs for the ENOSPC test (needs root): {r.stderr}")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)])
+
+
+def fd_flags(pid: int, path: str) -> list[int]:
+    """The open flags (/proc/PID/fdinfo) of every fd of process ``pid`` on
+    ``path``; none when the process is gone or not ours to read."""
+    out = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                m = re.search(r"^flags:\s*([0-7]+)", f.read(), re.M)
+        except OSError:
+            continue
+        assert m
+        out.append(int(m.group(1), 8))
+    return out

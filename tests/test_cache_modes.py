@@ -12,34 +12,17 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import subprocess
 
 import pytest
 
-from conftest import BLKJOBS, make_sparse, qemu_compare, run_blkjobs
+from conftest import BLKJOBS, fd_flags, make_sparse, qemu_compare, run_blkjobs
 from qemu_oracle import check_clean, qemu_img, qemu_io
 
 MASK = os.O_ACCMODE | os.O_DIRECT | os.O_DSYNC
 UNALIGNED = (1 << 20) + 512 + 1          # 1 MiB + 513: the tail block is partial
 CHUNKS = [(0, 70000, "data"), (200 << 10, 4096, "zero"), (300 << 10, 5000, 0x5a),
           ((1 << 20) - 300, 813, "data")]
-
-
-def fd_flags(pid: int, path: str) -> list[int]:
-    """The open flags of every fd of process ``pid`` on ``path``."""
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                m = re.search(r"^flags:\s*([0-7]+)", f.read(), re.M)
-        except FileNotFoundError:
-            continue
-        assert m
-        out.append(int(m.group(1), 8))
-    return out
 
 
 def direct_fds(pid: int, path: str) -> list[int]:

@@ -12,6 +12,7 @@ import os
 import re
 from typing import Any
 
+from conftest import fd_flags
 from daemon_util import qcow2_node, qemu_img, qemu_io, side_by_side
 from nbd_peers import qemu_io_nbd, uri
 
@@ -20,25 +21,8 @@ def direct_of(path: str) -> list[bool]:
     """For every fd of any process open read-write on ``path``: O_DIRECT?
     (The test's directory is the daemon's own, so only it opens the file;
     blkjobs' read-only fd for QEMU's lock bytes is left out.)"""
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    m = re.search(r"^flags:\s*([0-7]+)", f.read(), re.M)
-            except OSError:
-                continue
-            assert m
-            flags = int(m.group(1), 8)
-            if flags & os.O_ACCMODE == os.O_RDWR:
-                out.append(bool(flags & os.O_DIRECT))
-    return out
+    return [bool(f & os.O_DIRECT) for pid in filter(str.isdigit, os.listdir("/proc"))
+            for f in fd_flags(int(pid), path) if f & os.O_ACCMODE == os.O_RDWR]
 
 
 def test_cache_direct_opens_and_reopens_the_fd_as_qemu(tmp_path):
