@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..formats import create_image, open_image, probe_format
-from ..graph import ALL, Node, Perm
+from ..graph import Node
 from ..jobmodel import JobTxn
 from .protocol import QMPError
 
@@ -85,15 +85,8 @@ class DriveCommands:
         if fmt not in _FORMATS:
             drv.close()
             raise QMPError(f"blkjobs opens '{', '.join(_FORMATS)}' images only, not '{fmt}'")
-        g = self.eng.graph.add(drv, name, fmt)
-        try:
-            g.take("open", Perm.CONSISTENT_READ, ALL)
-            if backing is not None and fmt == "qcow2":
-                g.attach_backing(backing)
-        except BaseException:
-            g.close()
-            raise
-        return g
+        return self.eng.graph.add(drv, name, fmt).hold_open(
+            backing if fmt == "qcow2" else None)
 
     def _drive_target(self, src: Node, args: dict[str, Any], sync: str, backing: Node | None,
                       name: str | None = None) -> Node:

@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from ..errors import BlkjobsError
-from ..graph import ALL, Node, Perm
+from ..graph import Node
 from .protocol import QMPError
 
 
@@ -49,13 +49,7 @@ def open_node(cmds: Any, opts: dict[str, Any], ro: bool) -> Node:
         raise QMPError(f"Failed to connect to '{addr}': {os.strerror(e.errno)}") from None
     except BlkjobsError as e:
         raise QMPError(str(e)) from None
-    gnode = cmds.eng.graph.add(drv, name, "nbd")
-    try:
-        gnode.take("open", Perm.CONSISTENT_READ, ALL)
-    except BaseException:
-        gnode.close()
-        raise
-    return gnode
+    return cmds.eng.graph.add(drv, name, "nbd").hold_open()
 
 
 def qcow2_node(cmds: Any, nbd_node: Node | None, opts: dict[str, Any], name: str | None,
@@ -79,9 +73,5 @@ def qcow2_node(cmds: Any, nbd_node: Node | None, opts: dict[str, Any], name: str
                        "(give 'backing': a node name, or null)")
     gnode = cmds.eng.graph.add(drv, name, "qcow2")
     if opts.get("backing", ...) is ...:        # else taken with the backing attached
-        try:
-            gnode.take("open", Perm.CONSISTENT_READ, ALL)
-        except BaseException:
-            gnode.close()
-            raise
+        gnode.hold_open()
     return gnode

@@ -206,13 +206,7 @@ class NodeCommands:
             except FormatOpenError as e:        # QEMU's text names no file
                 raise QMPError(e.reason) from None
             if backing is not ...:
-                try:
-                    gnode.take("open", Perm.CONSISTENT_READ, ALL)
-                    if bnode is not None:
-                        gnode.attach_backing(bnode)
-                except BaseException:
-                    gnode.close()
-                    raise
+                gnode.hold_open(bnode)
         except BaseException:
             for mn in reversed(created):
                 self._drop(mn)

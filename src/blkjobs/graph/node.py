@@ -369,6 +369,19 @@ class Node:
                                      f"'{perm_names(bit & Perm.WRITE or bit)}' permission: "
                                      "take it first")
 
+    def hold_open(self, backing: Node | None = None) -> Node:
+        """Take the "open" permission a node added for a user holds (read,
+        everything shared) and attach ``backing``; on failure close the node
+        and re-raise. Returns the node."""
+        try:
+            self.take("open", Perm.CONSISTENT_READ, ALL)
+            if backing is not None:
+                self.attach_backing(backing)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
     # -- backing link ----------------------------------------------------
     def _link(self, child: Node | None) -> Permission | None:
         if child is None:
