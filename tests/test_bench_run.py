@@ -72,9 +72,19 @@ def check_schema(doc):
         assert r["cache"] in ("bypassed", "page-cache", "cold:drop_caches", "cold:fadvise")
         assert r["cache"] == "bypassed" if r["io"] == "direct" else r["cache"] != "bypassed"
         assert (r["rank"] is None) == (r["summary"] is None)
+        summed: dict[int, int] = {}
         for run in r["runs"]:
             assert set(run) == {"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes",
-                                "device", "tool_disk", "block_io"}
+                                "device", "tool_disk", "block_io", "latency"}
+            rl = run.pop("latency")
+            if lat is None:
+                assert rl is None
+            else:   # each run's own histogram; the row's is their sum
+                assert rl["requests"] == run["ops"] == sum(rl["histogram"]["count"])
+                assert list(rl["percentiles_ns"]) == ["p50", "p90", "p99", "p99.9"]
+                for low, c in zip(rl["histogram"]["bucket_low_ns"], rl["histogram"]["count"],
+                                  strict=True):
+                    summed[low] = summed.get(low, 0) + c
             bio = run.pop("block_io")
             assert set(bio) == {"read_bytes", "write_bytes"} and min(bio.values()) >= 0
             dev = run.pop("device")
@@ -85,6 +95,9 @@ def check_schema(doc):
                                    all(isinstance(v, NUM) and v >= 0 for v in dev.values()))
             assert all(isinstance(v, NUM) for v in run.values())
             assert run["elapsed_s"] > 0 and run["bytes"] > 0
+        if lat is not None:
+            assert summed == dict(zip(lat["histogram"]["bucket_low_ns"],
+                                      lat["histogram"]["count"], strict=True))
         if r["error"] is None:
             assert set(r["summary"]) == SUMMARY_KEYS
             assert r["summary"]["runs"] == len(r["runs"]) == s["repeat"]
