@@ -147,34 +147,52 @@ def figures(row):
             "cpu us/req": statistics.median(r["cpu_s"] / r["ops"] * 1e6 for r in runs)}
 
 
+def add_doc(per, doc):
+    for key, rows in rows_of(doc).items():
+        if rows:
+            per.setdefault(key, []).append(
+                {t: (figures(r), run_hists(r)) for t, r in rows.items()})
+
+
+def undecided(rounds):
+    """Whether a percentile's interval still straddles 0.90 or 1.10."""
+    from blkjobs.diskbench.agreement import percentile_ratios
+    if len(rounds) < 2:
+        return True
+    vs = percentile_ratios([r["blkjobs"][1] for r in rounds], [r["fio"][1] for r in rounds],
+                           resamples=500)
+    return any(ci.verdict() == "open" for ci in vs.values())
+
+
 def collect(a):
     """Run the rounds (or read saved documents): {case: [round]}, a round
-    being {tool: (figures, [run histograms])}."""
-    threads = [int(t) for t in a.threads.split(",")]
-    docs = []
+    being {tool: (figures, [run histograms])}. After --rounds, a case whose
+    interval is still open at some percentile gets more rounds, up to
+    --max-rounds."""
+    per = {}
     if a.load:
         for f in a.load:
             with open(f) as fh:
-                docs.append(json.load(fh))
-    else:
-        for rnd in range(a.rounds):
-            for w, bs, size in [c for c in AGREEMENT_CASES if f"{c[0]}/{c[1]}" in a.cases]:
-                for n in threads:
-                    sys.stderr.write(f"\r\x1b[Kround {rnd + 1}/{a.rounds}: {w} {bs} j{n}")
-                    doc = bench_round(a.dir, w, bs, size, n)
-                    if a.save:
-                        os.makedirs(a.save, exist_ok=True)
-                        with open(os.path.join(a.save, f"r{rnd + 1}-{w}-{bs}-j{n}.json"),
-                                  "w") as fh:
-                            json.dump(doc, fh)
-                    docs.append(doc)
-        sys.stderr.write("\r\x1b[K")
-    per = {}
-    for doc in docs:
-        for key, rows in rows_of(doc).items():
-            if rows:
-                per.setdefault(key, []).append(
-                    {t: (figures(r), run_hists(r)) for t, r in rows.items()})
+                add_doc(per, json.load(fh))
+        return per
+    threads = [int(t) for t in a.threads.split(",")]
+    cases = [(w, bs, size, n) for w, bs, size in AGREEMENT_CASES if f"{w}/{bs}" in a.cases
+             for n in threads]
+    last = max(a.rounds, a.max_rounds or 0)
+    for rnd in range(last):
+        for w, bs, size, n in cases:
+            key = (w, parse_size(bs), n)
+            if rnd >= a.rounds and not undecided(per.get(key, [])):
+                continue
+            sys.stderr.write(f"\r\x1b[Kround {rnd + 1}/{a.rounds}"
+                             f"{f' (up to {last})' if last > a.rounds else ''}: {w} {bs} j{n}")
+            doc = bench_round(a.dir, w, bs, size, n)
+            if a.save:
+                os.makedirs(a.save, exist_ok=True)
+                with open(os.path.join(a.save, f"r{rnd + 1}-{w}-{bs}-j{n}.json"), "w") as fh:
+                    json.dump(doc, fh)
+            add_doc(per, doc)
+    sys.stderr.write("\r\x1b[K")
     return per
 
 
@@ -262,6 +280,9 @@ def main():
                    help="check `blkjobs bench --compare fio`: latency and device ratios")
     p.add_argument("--cases", default=",".join(f"{w}/{b}" for w, b, _ in AGREEMENT_CASES),
                    help="--agreement's cases (default: all of randread,seqwrite x 4k,1M)")
+    p.add_argument("--max-rounds", type=int, default=0,
+                   help="--agreement: after --rounds, go on with the cases whose interval "
+                        "is still open at a percentile, up to this many rounds")
     p.add_argument("--save", metavar="DIR", help="--agreement: keep each round's JSON in DIR")
     p.add_argument("--load", nargs="+", metavar="JSON",
                    help="--agreement: analyse saved `bench --compare fio --output json` "

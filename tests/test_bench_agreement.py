@@ -103,6 +103,9 @@ def test_verdicts():
     assert RatioCI(0.8, 0.7, 0.89, 5, 1, 1).verdict() == "differ"
     assert RatioCI(1.05, 0.98, 1.14, 5, 1, 1).verdict() == "open"
     assert RatioCI(1.05, 0.98, 1.14, 5, 1, 1).verdict(tolerance=0.15) == "agree"
+    # too few rounds for a bootstrap: no verdict, however narrow
+    assert RatioCI(1.3, 1.29, 1.31, 4, 1, 1).verdict() == "open"
+    assert RatioCI(1.0, 1.0, 1.0, 4, 1, 1).verdict() == "open"
 
 
 def test_bad_input():

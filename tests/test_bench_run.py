@@ -332,3 +332,34 @@ def test_plot_with_a_recording_pyplot(shm, capsys, monkeypatch):
     xs = steps[0][1][0]
     assert xs == sorted(xs) and xs[0] > 0
     assert f"note: plot written to {png}" in out
+
+
+def written_blocks(path, bs):
+    data = open(path, "rb").read()
+    return {i for i in range(len(data) // bs) if data[i * bs:(i + 1) * bs] != bytes(bs)}
+
+
+def test_random_runs_draw_their_own_offsets(shm):
+    # every run of a bench has its own offsets, as fio's (randrepeat=0):
+    # a measured run does not repeat the warm-up's requests; a bench with
+    # the same --seed repeats the same runs
+    def runs(n):
+        ws = Workspace(shm)
+        try:
+            env = Env(ws, 1 << 20, 0.0, Density(), CacheControl(False), clock=lambda: 0,
+                      seed=7)
+            blk, out = Blkjobs(), []
+            for _ in range(n):
+                with open(env.data_file, "wb") as f:
+                    f.truncate(1 << 20)         # zeroes: what a run writes shows
+                s = blk.run(Case("randwrite", 4096, 1, False), env, lambda d, o: None)
+                assert s.ops == 256
+                out.append(written_blocks(env.data_file, 4096))
+            return out
+        finally:
+            ws.cleanup()
+    first, second, third = runs(3)
+    # 256 uniform draws over 256 blocks touch about 63% of them; two runs
+    # with the same offsets would touch the same set
+    assert 120 < len(first) < 200 and first != second != third != first
+    assert runs(1) == [first]

@@ -25,6 +25,9 @@ import numpy as np
 from ..errors import UsageError
 from .latency import PERCENTILES, bucket_bounds, pname
 
+#: rounds below which no verdict is given
+MIN_ROUNDS = 5
+
 #: a histogram per run (latency.py's buckets), the runs of one round
 Round = Sequence[Sequence[int]]
 
@@ -42,7 +45,12 @@ class RatioCI:
 
     def verdict(self, tolerance: float = 0.10) -> str:
         """'agree': the whole interval is within ``tolerance`` of 1;
-        'differ': none of it is; 'open': more rounds are needed to say."""
+        'differ': none of it is; 'open': more rounds are needed to say
+        (always, below :data:`MIN_ROUNDS`: a bootstrap over two or three
+        rounds has only a handful of distinct resamples, its interval is
+        far too narrow)."""
+        if self.rounds < MIN_ROUNDS:
+            return "open"
         lo, hi = 1 - tolerance, 1 + tolerance
         if lo <= self.low and self.high <= hi:
             return "agree"
