@@ -18,17 +18,27 @@ rotated order (so drift hits all alike), after one discarded warm-up round:
 With ``--agreement`` it checks `blkjobs bench --compare fio` itself instead
 (issue 16: latency percentiles and device counters that agree with fio's):
 
-    python3 benchmarks/fio_compare.py --agreement /var/tmp --rounds 7
+    python3 benchmarks/fio_compare.py --agreement /var/tmp --rounds 10 --max-rounds 40
 
 Each round runs one `blkjobs bench DIR --compare fio --direct --repeat 2
 --warmup 1 --output json` per case (randread and seqwrite at 4k and 1M, one
 thread unless --threads): after a discarded warm-up each tool runs twice,
 once first and once second, so neither always follows the other's writes.
-It prints the median over rounds of the per-round blkjobs/fio ratios of
-p50, p90, p99, p99.9 (each over the round's two runs), MB/s, the bytes
-that reached the device (its counters: a neighbour's I/O is in them) and
-the tool's own block-layer bytes, with their min-max. It exits 1 when a
-median ratio of p50, p90 or own bytes is off 1 by more than 10%.
+For p50, p90, p99 and p99.9 it prints the ratio blkjobs/fio of the
+percentiles of all rounds pooled (every request of every measured run) with
+a 95% paired bootstrap interval over the rounds (blkjobs.diskbench.agreement)
+and its verdict: 'agree' (the whole interval within 10% of 1), 'differ'
+(none of it), 'open' (more rounds needed; always below 5 rounds); beside it
+the median (min-max) of the rounds' own ratios, and the noise floor: fio's
+first measured run of each round against its second, pooled the same way,
+and blkjobs' likewise. Then the per-round ratios of MB/s, the bytes that
+reached the device (its counters: a neighbour's I/O is in them), the tool's
+own block-layer bytes and the CPU time per request (user + sys; fio's
+includes its start-up, about 0.1 s a run). --max-rounds goes on, after
+--rounds, with the cases that still have an open percentile. --save DIR
+keeps each round's JSON, --load FILE... analyses saved ones. It exits 1
+when a percentile's interval lies wholly outside 10%, or the median ratio
+of own bytes is off 1 by more than 10%.
 
 Writes use --end_fsync=1 in fio and an fsync in blkjobs, both timed. fio's
 figures are its own (io_bytes / runtime); blkjobs' are the C loop's clock.
@@ -221,16 +231,18 @@ def agreement(a):
         bb = percentile_ratios([h[:1] for h in blk], [h[1:2] for h in blk])
         reqs = vs["p50"].requests_a, vs["p50"].requests_b
         print(f"\n{w} {bs} j{n}: {k} rounds pooled, {reqs[0]:,} requests of blkjobs, "
-              f"{reqs[1]:,} of fio; ratio [95% bootstrap interval over the rounds]")
-        print(f"  {'':6} {'blkjobs/fio':>20} {'verdict':>7} {'per round: median (min-max)':>28}"
-              f" {'fio#1/fio#2':>20} {'blkjobs#1/#2':>20}")
+              f"{reqs[1]:,} of fio; ratio [95% bootstrap interval over the rounds]; per "
+              "round: median (min-max) of the rounds' own ratios")
+        print(f"  {'':6} {'blkjobs/fio':>20} {'verdict':>7} {'per round':>17}"
+              f" {'fio#1/fio#2':>20} {'per round':>17} {'blkjobs#1/#2':>20}")
         for p in PCTS:
             per_round = [r["blkjobs"][0][p] / r["fio"][0][p] for r in rounds]
+            ff_round = [_pct(r["fio"][1][0], p) / _pct(r["fio"][1][1], p) for r in rounds]
             v = vs[p].verdict()
             if v == "differ":
                 bad.append(f"{w} {bs} j{n} {p}")
-            print(f"  {p:6} {_ci(vs[p]):>20} {v:>7} {_range(per_round):>28} "
-                  f"{_ci(ff[p]):>20} {_ci(bb[p]):>20}")
+            print(f"  {p:6} {_ci(vs[p]):>20} {v:>7} {_range(per_round):>17} "
+                  f"{_ci(ff[p]):>20} {_range(ff_round):>17} {_ci(bb[p]):>20}")
         for q in ("MB/s", "dev bytes", "own bytes", "cpu us/req"):
             vals = [r["blkjobs"][0][q] / r["fio"][0][q] for r in rounds
                     if r["blkjobs"][0][q] and r["fio"][0][q]]
@@ -249,6 +261,11 @@ def agreement(a):
     print("\nno percentile's interval lies outside 10%; 'agree': the whole interval is "
           "within 10%, 'open': it straddles 0.90 or 1.10 (more rounds narrow it)")
     return 0
+
+
+def _pct(hist, p):
+    from blkjobs.diskbench.agreement import pooled_percentiles
+    return pooled_percentiles([[hist]])[p]
 
 
 def _ci(ci):
@@ -294,7 +311,7 @@ def main():
         if a.threads == "1,4":
             a.threads = "1"
         if a.rounds == 11:
-            a.rounds = 5
+            a.rounds = 10     # benchmarks/README.md "How many rounds"
         return agreement(a)
     size, bs = parse_size(a.size), parse_size(a.bs)
     work = tempfile.mkdtemp(prefix="fio-compare.", dir=a.dir)
