@@ -233,16 +233,16 @@ def agreement(a):
         print(f"\n{w} {bs} j{n}: {k} rounds pooled, {reqs[0]:,} requests of blkjobs, "
               f"{reqs[1]:,} of fio; ratio [95% bootstrap interval over the rounds]; per "
               "round: median (min-max) of the rounds' own ratios")
-        print(f"  {'':6} {'blkjobs/fio':>20} {'verdict':>7} {'per round':>17}"
-              f" {'fio#1/fio#2':>20} {'per round':>17} {'blkjobs#1/#2':>20}")
+        print(f"  {'':6} {'blkjobs/fio':>20} {'verdict':>7} {'per round':>18}"
+              f" {'fio#1/fio#2':>20} {'per round':>18} {'blkjobs#1/#2':>20}")
         for p in PCTS:
             per_round = [r["blkjobs"][0][p] / r["fio"][0][p] for r in rounds]
             ff_round = [_pct(r["fio"][1][0], p) / _pct(r["fio"][1][1], p) for r in rounds]
             v = vs[p].verdict()
             if v == "differ":
                 bad.append(f"{w} {bs} j{n} {p}")
-            print(f"  {p:6} {_ci(vs[p]):>20} {v:>7} {_range(per_round):>17} "
-                  f"{_ci(ff[p]):>20} {_range(ff_round):>17} {_ci(bb[p]):>20}")
+            print(f"  {p:6} {_ci(vs[p]):>20} {v:>7} {_range(per_round):>18} "
+                  f"{_ci(ff[p]):>20} {_range(ff_round):>18} {_ci(bb[p]):>20}")
         for q in ("MB/s", "dev bytes", "own bytes", "cpu us/req"):
             vals = [r["blkjobs"][0][q] / r["fio"][0][q] for r in rounds
                     if r["blkjobs"][0][q] and r["fio"][0][q]]
