@@ -363,3 +363,21 @@ def test_random_runs_draw_their_own_offsets(shm):
     # with the same offsets would touch the same set
     assert 120 < len(first) < 200 and first != second != third != first
     assert runs(1) == [first]
+
+
+def test_ioloop_neighbouring_seeds_draw_different_offsets(shm):
+    # the C loop used to OR its state with 1, so seeds 2 and 3 (and any
+    # 2k, 2k+1) drew the same offsets
+    path = os.path.join(shm, "f")
+    sets = []
+    for seed in (2, 3):
+        with open(path, "wb") as f:
+            f.truncate(1 << 20)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with IOLoop(fd, write=True, random=True, bs=4096, size=1 << 20, seed=seed) as loop:
+                assert loop.run().ops == 256
+        finally:
+            os.close(fd)
+        sets.append(written_blocks(path, 4096))
+    assert 120 < len(sets[0]) < 200 and sets[0] != sets[1]

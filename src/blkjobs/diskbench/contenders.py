@@ -52,8 +52,7 @@ class Contender(abc.ABC):
 def run_seed(seed: int, run: int) -> int:
     """The C loop's seed for the ``run``-th run (0, 1, ...) of a bench with
     ``--seed`` ``seed``: splitmix64 of both, so every run draws its own
-    offsets (a plain seed + run would not do: the C loop sets the lowest
-    bit of its state, so seeds 2k and 2k+1 give the same offsets)."""
+    offsets, and runs of benches with nearby seeds do not line up."""
     def mix(z: int) -> int:
         z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
