@@ -18,17 +18,27 @@ rotated order (so drift hits all alike), after one discarded warm-up round:
 With ``--agreement`` it checks `blkjobs bench --compare fio` itself instead
 (issue 16: latency percentiles and device counters that agree with fio's):
 
-    python3 benchmarks/fio_compare.py --agreement /var/tmp --rounds 7
+    python3 benchmarks/fio_compare.py --agreement /var/tmp --rounds 10 --max-rounds 40
 
 Each round runs one `blkjobs bench DIR --compare fio --direct --repeat 2
 --warmup 1 --output json` per case (randread and seqwrite at 4k and 1M, one
 thread unless --threads): after a discarded warm-up each tool runs twice,
 once first and once second, so neither always follows the other's writes.
-It prints the median over rounds of the per-round blkjobs/fio ratios of
-p50, p90, p99, p99.9 (each over the round's two runs), MB/s, the bytes
-that reached the device (its counters: a neighbour's I/O is in them) and
-the tool's own block-layer bytes, with their min-max. It exits 1 when a
-median ratio of p50, p90 or own bytes is off 1 by more than 10%.
+For p50, p90, p99 and p99.9 it prints the ratio blkjobs/fio of the
+percentiles of all rounds pooled (every request of every measured run) with
+a 95% paired bootstrap interval over the rounds (blkjobs.diskbench.agreement)
+and its verdict: 'agree' (the whole interval within 10% of 1), 'differ'
+(none of it), 'open' (more rounds needed; always below 5 rounds); beside it
+the median (min-max) of the rounds' own ratios, and the noise floor: fio's
+first measured run of each round against its second, pooled the same way,
+and blkjobs' likewise. Then the per-round ratios of MB/s, the bytes that
+reached the device (its counters: a neighbour's I/O is in them), the tool's
+own block-layer bytes and the CPU time per request (user + sys; fio's
+includes its start-up, about 0.1 s a run). --max-rounds goes on, after
+--rounds, with the cases that still have an open percentile. --save DIR
+keeps each round's JSON, --load FILE... analyses saved ones. It exits 1
+when a percentile's interval lies wholly outside 10%, or the median ratio
+of own bytes is off 1 by more than 10%.
 
 Writes use --end_fsync=1 in fio and an fsync in blkjobs, both timed. fio's
 figures are its own (io_bytes / runtime); blkjobs' are the C loop's clock.
@@ -88,24 +98,50 @@ def run_fio(path, rw, n, size, bs, mode):
 #: (workload, request size, --size): enough requests for a p99 in each run
 AGREEMENT_CASES = [("randread", "4k", "64M"), ("randread", "1M", "1G"),
                    ("seqwrite", "4k", "64M"), ("seqwrite", "1M", "1G")]
-RATIOS = ("p50", "p90", "p99", "p99.9", "MB/s", "dev bytes", "own bytes")
+PCTS = ("p50", "p90", "p99", "p99.9")
+RATIOS = PCTS + ("MB/s", "dev bytes", "own bytes")
 
 
 def bench_round(d, workload, bs, size, threads):
-    """One `blkjobs bench --compare fio` of one case: {tool: row}."""
+    """One `blkjobs bench --compare fio` of one case: its JSON document."""
     argv = [sys.executable, "-m", "blkjobs", "bench", d, "-q", "-w", workload, "-b", bs,
             "--rand-bs", bs, "-j", str(threads), "--size", size, "--direct", "--repeat", "2",
             "--warmup", "1", "--compare", "fio", "--output", "json"]
     p = subprocess.run(argv, capture_output=True, text=True)
     try:
-        rows = {r["tool"]: r for r in json.loads(p.stdout)["results"]}
+        return json.loads(p.stdout)
     except ValueError:
         sys.exit(f"blkjobs bench failed (exit {p.returncode}): {p.stderr.strip()}")
-    errors = [f"{t}: {r['error']}" for t, r in rows.items() if r["error"]]
-    if errors:      # a failed run (a neighbour filled the disk...): the round goes
-        sys.stderr.write(f"\n{workload} {bs}: {'; '.join(errors)}: round left out\n")
-        return None
-    return rows
+
+
+def rows_of(doc):
+    """{case key: {tool: row}} of one bench document; None for a case with
+    a failed row (a neighbour filled the disk...): that round goes."""
+    out = {}
+    for r in doc["results"]:
+        c = r["case"]
+        key = (c["workload"], c["bs"], c["threads"])
+        out.setdefault(key, {})[r["tool"]] = r
+    for key, rows in list(out.items()):
+        errors = [f"{t}: {r['error']}" for t, r in rows.items() if r["error"]]
+        if errors or set(rows) != {"blkjobs", "fio"}:
+            sys.stderr.write(f"\n{key}: {'; '.join(errors) or 'no fio row'}: round left out\n")
+            out[key] = None
+    return out
+
+
+def run_hists(row):
+    """Each measured run's latency histogram, dense (latency.py's buckets)."""
+    from blkjobs.native._lib import lib
+    n = int(lib.BJ_LAT_BUCKETS)
+    out = []
+    for run in row["runs"]:
+        h = [0] * n
+        hist = run["latency"]["histogram"]
+        for low, c in zip(hist["bucket_low_ns"], hist["count"], strict=True):
+            h[int(lib.bj_lat_bucket(int(low)))] += int(c)
+        out.append(h)
+    return out
 
 
 def figures(row):
@@ -117,64 +153,134 @@ def figures(row):
     return {"p50": lat["p50"], "p90": lat["p90"], "p99": lat["p99"], "p99.9": lat["p99.9"],
             "MB/s": row["summary"]["median_mb_s"],
             "dev bytes": statistics.mean(devs) if devs else None,
-            "own bytes": statistics.mean(own)}
+            "own bytes": statistics.mean(own),
+            "cpu us/req": statistics.median(r["cpu_s"] / r["ops"] * 1e6 for r in runs)}
+
+
+def add_doc(per, doc):
+    for key, rows in rows_of(doc).items():
+        if rows:
+            per.setdefault(key, []).append(
+                {t: (figures(r), run_hists(r)) for t, r in rows.items()})
+
+
+def undecided(rounds):
+    """Whether a percentile's interval still straddles 0.90 or 1.10."""
+    from blkjobs.diskbench.agreement import percentile_ratios
+    if len(rounds) < 2:
+        return True
+    vs = percentile_ratios([r["blkjobs"][1] for r in rounds], [r["fio"][1] for r in rounds],
+                           resamples=500)
+    return any(ci.verdict() == "open" for ci in vs.values())
+
+
+def collect(a):
+    """Run the rounds (or read saved documents): {case: [round]}, a round
+    being {tool: (figures, [run histograms])}. After --rounds, a case whose
+    interval is still open at some percentile gets more rounds, up to
+    --max-rounds."""
+    per = {}
+    if a.load:
+        for f in a.load:
+            with open(f) as fh:
+                add_doc(per, json.load(fh))
+        return per
+    threads = [int(t) for t in a.threads.split(",")]
+    cases = [(w, bs, size, n) for w, bs, size in AGREEMENT_CASES if f"{w}/{bs}" in a.cases
+             for n in threads]
+    last = max(a.rounds, a.max_rounds or 0)
+    for rnd in range(last):
+        for w, bs, size, n in cases:
+            key = (w, parse_size(bs), n)
+            if rnd >= a.rounds and not undecided(per.get(key, [])):
+                continue
+            sys.stderr.write(f"\r\x1b[Kround {rnd + 1}/{a.rounds}"
+                             f"{f' (up to {last})' if last > a.rounds else ''}: {w} {bs} j{n}")
+            doc = bench_round(a.dir, w, bs, size, n)
+            if a.save:
+                os.makedirs(a.save, exist_ok=True)
+                with open(os.path.join(a.save, f"r{rnd + 1}-{w}-{bs}-j{n}.json"), "w") as fh:
+                    json.dump(doc, fh)
+            add_doc(per, doc)
+    sys.stderr.write("\r\x1b[K")
+    return per
 
 
 def agreement(a):
-    threads = [int(t) for t in a.threads.split(",")]
+    from blkjobs.diskbench.agreement import percentile_ratios
     load0 = os.getloadavg()
-    per = {}     # (case, threads) -> {ratio name: [per-round ratios]}
-    raw = {}     # (case, threads) -> [{tool: figures}] per round
-    for rnd in range(a.rounds):
-        for w, bs, size in [c for c in AGREEMENT_CASES if f"{c[0]}/{c[1]}" in a.cases]:
-            for n in threads:
-                sys.stderr.write(f"\r\x1b[Kround {rnd + 1}/{a.rounds}: {w} {bs} j{n}")
-                rows = bench_round(a.dir, w, bs, size, n)
-                if rows is None:
-                    continue
-                f = {t: figures(r) for t, r in rows.items()}
-                raw.setdefault((w, bs, n), []).append(f)
-                rs = per.setdefault((w, bs, n), {k: [] for k in RATIOS})
-                for k in RATIOS:
-                    if f["blkjobs"][k] and f["fio"][k]:
-                        rs[k].append(f["blkjobs"][k] / f["fio"][k])
-    sys.stderr.write("\r\x1b[K")
+    per = collect(a)
     load1 = os.getloadavg()
-    print(f"blkjobs bench --compare fio in {a.dir}, O_DIRECT, {a.rounds} rounds (each: one "
-          f"warm-up run then two measured runs of each tool, alternating); load average "
-          f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end, {os.cpu_count()} CPUs")
-    print("blkjobs/fio: median of the per-round ratios (min-max)")
-    print(f"{'case':15}" + "".join(f"{k:>17}" for k in RATIOS))
-    worst = 1.0
-    for (w, bs, n), rs in per.items():
-        cells = []
-        for k in RATIOS:
-            v = rs[k]
-            if not v:
-                cells.append(f"{'-':>17}")
-                continue
-            m = statistics.median(v)
-            if k in ("p50", "p90", "own bytes") and abs(m - 1) > abs(worst - 1):
-                worst = m
-            cells.append(f"{m:5.2f} ({min(v):.2f}-{max(v):.2f})".rjust(17))
-        print(f"{f'{w} {bs} j{n}':15}" + "".join(cells))
-    print("medians of the figures over the rounds (us; MB/s; MB), blkjobs | fio:")
-    for key, rounds in raw.items():
-        med = {t: {k: statistics.median(r[t][k] for r in rounds if r[t][k] is not None)
-                   for k in RATIOS} for t in ("blkjobs", "fio")}
-        print(f"  {key[0]} {key[1]} j{key[2]}: " + ", ".join(
-            f"{k} {_fmt(k, med['blkjobs'][k])} | {_fmt(k, med['fio'][k])}" for k in RATIOS))
-    if a.json:
-        print(json.dumps({f"{w}/{bs}/{n}": r for (w, bs, n), r in raw.items()}))
-    ok = abs(worst - 1) <= 0.10
-    print(f"median ratio of p50, p90 and own bytes farthest from 1: {worst:.2f} "
-          f"({'within' if ok else 'NOT within'} 10%)")
-    return 0 if ok else 1
+    src = f"{len(a.load)} saved documents" if a.load else \
+        f"{a.dir}, load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end"
+    print(f"blkjobs bench --compare fio, O_DIRECT ({src}; {os.cpu_count()} CPUs); each round: "
+          "one warm-up run then two measured runs of each tool, alternating")
+    bad = []
+    for key, rounds in per.items():
+        w, bs, n = key
+        k = len(rounds)
+        blk = [r["blkjobs"][1] for r in rounds]
+        fio = [r["fio"][1] for r in rounds]
+        if k < 2:
+            print(f"\n{w} {bs} j{n}: {k} round: no interval; run more rounds")
+            continue
+        vs = percentile_ratios(blk, fio)
+        # the noise floor: fio's first measured run of each round against
+        # its second (one ran first and one second), blkjobs' likewise
+        ff = percentile_ratios([h[:1] for h in fio], [h[1:2] for h in fio])
+        bb = percentile_ratios([h[:1] for h in blk], [h[1:2] for h in blk])
+        reqs = vs["p50"].requests_a, vs["p50"].requests_b
+        print(f"\n{w} {bs} j{n}: {k} rounds pooled, {reqs[0]:,} requests of blkjobs, "
+              f"{reqs[1]:,} of fio; ratio [95% bootstrap interval over the rounds]; per "
+              "round: median (min-max) of the rounds' own ratios")
+        print(f"  {'':6} {'blkjobs/fio':>20} {'verdict':>7} {'per round':>18}"
+              f" {'fio#1/fio#2':>20} {'per round':>18} {'blkjobs#1/#2':>20}")
+        for p in PCTS:
+            per_round = [r["blkjobs"][0][p] / r["fio"][0][p] for r in rounds]
+            ff_round = [_pct(r["fio"][1][0], p) / _pct(r["fio"][1][1], p) for r in rounds]
+            v = vs[p].verdict()
+            if v == "differ":
+                bad.append(f"{w} {bs} j{n} {p}")
+            print(f"  {p:6} {_ci(vs[p]):>20} {v:>7} {_range(per_round):>18} "
+                  f"{_ci(ff[p]):>20} {_range(ff_round):>18} {_ci(bb[p]):>20}")
+        for q in ("MB/s", "dev bytes", "own bytes", "cpu us/req"):
+            vals = [r["blkjobs"][0][q] / r["fio"][0][q] for r in rounds
+                    if r["blkjobs"][0][q] and r["fio"][0][q]]
+            if q == "own bytes" and vals and abs(statistics.median(vals) - 1) > 0.10:
+                bad.append(f"{w} {bs} j{n} own bytes")
+            print(f"  {q:10} per round: {_range(vals) if vals else '-'}")
+        med = {t: {q: statistics.median(r[t][0][q] for r in rounds if r[t][0][q] is not None)
+                   for q in RATIOS + ("cpu us/req",)} for t in ("blkjobs", "fio")}
+        print("  medians over the rounds (us; MB/s; MB; CPU us per request, fio's with its "
+              "start-up), blkjobs | fio: " + ", ".join(
+                  f"{q} {_fmt(q, med['blkjobs'][q])} | {_fmt(q, med['fio'][q])}"
+                  for q in RATIOS + ("cpu us/req",)))
+    if bad:
+        print(f"\nNOT within 10% (the whole interval outside): {', '.join(bad)}")
+        return 1
+    print("\nno percentile's interval lies outside 10%; 'agree': the whole interval is "
+          "within 10%, 'open': it straddles 0.90 or 1.10 (more rounds narrow it)")
+    return 0
+
+
+def _pct(hist, p):
+    from blkjobs.diskbench.agreement import pooled_percentiles
+    return pooled_percentiles([[hist]])[p]
+
+
+def _ci(ci):
+    return f"{ci.ratio:.3f} [{ci.low:.2f}-{ci.high:.2f}]"
+
+
+def _range(v):
+    return f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"
 
 
 def _fmt(k, v):
     if k.startswith("p"):
         return f"{v / 1000:.1f}"
+    if k == "cpu us/req":
+        return f"{v:.1f}"
     return f"{v / 1e6:.1f}" if k.endswith("bytes") else f"{v:.1f}"
 
 
@@ -191,6 +297,13 @@ def main():
                    help="check `blkjobs bench --compare fio`: latency and device ratios")
     p.add_argument("--cases", default=",".join(f"{w}/{b}" for w, b, _ in AGREEMENT_CASES),
                    help="--agreement's cases (default: all of randread,seqwrite x 4k,1M)")
+    p.add_argument("--max-rounds", type=int, default=0,
+                   help="--agreement: after --rounds, go on with the cases whose interval "
+                        "is still open at a percentile, up to this many rounds")
+    p.add_argument("--save", metavar="DIR", help="--agreement: keep each round's JSON in DIR")
+    p.add_argument("--load", nargs="+", metavar="JSON",
+                   help="--agreement: analyse saved `bench --compare fio --output json` "
+                        "documents instead of running")
     a = p.parse_args()
     if not shutil.which("fio"):
         sys.exit("fio is not installed (Debian: apt install fio)")
@@ -198,7 +311,7 @@ def main():
         if a.threads == "1,4":
             a.threads = "1"
         if a.rounds == 11:
-            a.rounds = 5
+            a.rounds = 10     # benchmarks/README.md "How many rounds"
         return agreement(a)
     size, bs = parse_size(a.size), parse_size(a.bs)
     work = tempfile.mkdtemp(prefix="fio-compare.", dir=a.dir)

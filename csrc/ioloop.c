@@ -85,6 +85,16 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* splitmix64's finaliser: a seed turned into a well-mixed xorshift state
+ * (seeds that differ in one bit give unrelated states) */
+static uint64_t mix64(uint64_t z)
+{
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 static uint64_t xorshift64s(uint64_t *s)
 {
     uint64_t x = *s;
@@ -152,7 +162,10 @@ static int setup(struct worker *w, uint32_t index)
     w->lat = calloc(BJ_LAT_BUCKETS, sizeof(*w->lat));
     if (!w->lat)
         return -ENOMEM;
-    w->rng = (b->o.seed ^ (0x9E3779B97F4A7C15ull * (index + 1))) | 1;
+    /* mixed, not just OR-ed with 1: that made seeds 2k and 2k+1 the same */
+    w->rng = mix64(b->o.seed ^ (0x9E3779B97F4A7C15ull * (index + 1)));
+    if (w->rng == 0) /* xorshift's one fixed point */
+        w->rng = 1;
     if (b->o.write) {
         uint64_t s = w->rng ^ 0xD1B54A32D192ED03ull, *p = w->buf;
         for (uint64_t i = 0; i < b->o.bs / 8; i++)

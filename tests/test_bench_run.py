@@ -72,9 +72,19 @@ def check_schema(doc):
         assert r["cache"] in ("bypassed", "page-cache", "cold:drop_caches", "cold:fadvise")
         assert r["cache"] == "bypassed" if r["io"] == "direct" else r["cache"] != "bypassed"
         assert (r["rank"] is None) == (r["summary"] is None)
+        summed: dict[int, int] = {}
         for run in r["runs"]:
             assert set(run) == {"bytes", "ops", "elapsed_s", "cpu_s", "peak_rss_bytes",
-                                "device", "tool_disk", "block_io"}
+                                "device", "tool_disk", "block_io", "latency"}
+            rl = run.pop("latency")
+            if lat is None:
+                assert rl is None
+            else:   # each run's own histogram; the row's is their sum
+                assert rl["requests"] == run["ops"] == sum(rl["histogram"]["count"])
+                assert list(rl["percentiles_ns"]) == ["p50", "p90", "p99", "p99.9"]
+                for low, c in zip(rl["histogram"]["bucket_low_ns"], rl["histogram"]["count"],
+                                  strict=True):
+                    summed[low] = summed.get(low, 0) + c
             bio = run.pop("block_io")
             assert set(bio) == {"read_bytes", "write_bytes"} and min(bio.values()) >= 0
             dev = run.pop("device")
@@ -85,6 +95,9 @@ def check_schema(doc):
                                    all(isinstance(v, NUM) and v >= 0 for v in dev.values()))
             assert all(isinstance(v, NUM) for v in run.values())
             assert run["elapsed_s"] > 0 and run["bytes"] > 0
+        if lat is not None:
+            assert summed == dict(zip(lat["histogram"]["bucket_low_ns"],
+                                      lat["histogram"]["count"], strict=True))
         if r["error"] is None:
             assert set(r["summary"]) == SUMMARY_KEYS
             assert r["summary"]["runs"] == len(r["runs"]) == s["repeat"]
@@ -319,3 +332,52 @@ def test_plot_with_a_recording_pyplot(shm, capsys, monkeypatch):
     xs = steps[0][1][0]
     assert xs == sorted(xs) and xs[0] > 0
     assert f"note: plot written to {png}" in out
+
+
+def written_blocks(path, bs):
+    data = open(path, "rb").read()
+    return {i for i in range(len(data) // bs) if data[i * bs:(i + 1) * bs] != bytes(bs)}
+
+
+def test_random_runs_draw_their_own_offsets(shm):
+    # every run of a bench has its own offsets, as fio's (randrepeat=0):
+    # a measured run does not repeat the warm-up's requests; a bench with
+    # the same --seed repeats the same runs
+    def runs(n):
+        ws = Workspace(shm)
+        try:
+            env = Env(ws, 1 << 20, 0.0, Density(), CacheControl(False), clock=lambda: 0,
+                      seed=7)
+            blk, out = Blkjobs(), []
+            for _ in range(n):
+                with open(env.data_file, "wb") as f:
+                    f.truncate(1 << 20)         # zeroes: what a run writes shows
+                s = blk.run(Case("randwrite", 4096, 1, False), env, lambda d, o: None)
+                assert s.ops == 256
+                out.append(written_blocks(env.data_file, 4096))
+            return out
+        finally:
+            ws.cleanup()
+    first, second, third = runs(3)
+    # 256 uniform draws over 256 blocks touch about 63% of them; two runs
+    # with the same offsets would touch the same set
+    assert 120 < len(first) < 200 and first != second != third != first
+    assert runs(1) == [first]
+
+
+def test_ioloop_neighbouring_seeds_draw_different_offsets(shm):
+    # the C loop used to OR its state with 1, so seeds 2 and 3 (and any
+    # 2k, 2k+1) drew the same offsets
+    path = os.path.join(shm, "f")
+    sets = []
+    for seed in (2, 3):
+        with open(path, "wb") as f:
+            f.truncate(1 << 20)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with IOLoop(fd, write=True, random=True, bs=4096, size=1 << 20, seed=seed) as loop:
+                assert loop.run().ops == 256
+        finally:
+            os.close(fd)
+        sets.append(written_blocks(path, 4096))
+    assert 120 < len(sets[0]) < 200 and sets[0] != sets[1]

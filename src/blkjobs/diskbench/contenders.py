@@ -49,22 +49,46 @@ class Contender(abc.ABC):
         """One measured run of ``case``."""
 
 
+def run_seed(seed: int, run: int) -> int:
+    """The C loop's seed for the ``run``-th run (0, 1, ...) of a bench with
+    ``--seed`` ``seed``: splitmix64 of both, so every run draws its own
+    offsets, and runs of benches with nearby seeds do not line up."""
+    def mix(z: int) -> int:
+        z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        return z ^ (z >> 31)
+    return mix(mix(seed & 0xFFFFFFFFFFFFFFFF) ^ run)
+
+
 class Blkjobs(Contender):
     """blkjobs itself: the C loops of csrc/ioloop.c, and for copy the copy
     engine of `blkjobs convert` (sparse source, zero detection at 4 KiB,
-    fresh target known to read as zeroes)."""
+    fresh target known to read as zeroes).
+
+    Every run of the loops has its own seed (:func:`run_seed`: the bench's
+    seed and the run's number), so a random run reads or writes offsets of
+    its own, as fio's runs do (``--randrepeat=0``), not the ones the warm-up
+    run has just brought into the caches below the file (the host's, the
+    device's): with one seed for all, every measured run repeated its
+    warm-up's requests, in order."""
 
     name = "blkjobs"
+
+    def __init__(self) -> None:
+        self.runs = 0       # loop runs so far: the next run's number
 
     def run(self, case, env, progress):
         flags = os.O_DIRECT if case.direct else 0
         if case.workload == "copy":
             return self._copy(case, env, flags, progress)
         fd = os.open(env.data_file, (os.O_RDWR if case.writes else os.O_RDONLY) | flags)
+        seed = run_seed(env.seed, self.runs)
+        self.runs += 1
         try:
             with IOLoop(fd, write=case.writes, random=case.random, bs=case.bs,
                         size=env.size, threads=case.threads, runtime_s=env.runtime,
-                        fsync=True, seed=env.seed, path=env.data_file) as loop:
+                        fsync=True, seed=seed, path=env.data_file) as loop:
                 def go():
                     r = loop.run(progress=progress)
                     return r.bytes, r.ops, r.elapsed_ns / 1e9

@@ -19,7 +19,8 @@ JSON (schema "blkjobs-bench/1")::
                                               "read_ios", "write_ios", "window_ms"},
                             "tool_disk": null | fio's disk_util entry {"name",
                                 "read_ios", "write_ios", "util", ...},
-                            "block_io": null | {"read_bytes", "write_bytes"}}],
+                            "block_io": null | {"read_bytes", "write_bytes"},
+                            "latency": null | this run's, as the row's below}],
                   "summary": null | {"runs", "median_bps", "min_bps", "max_bps",
                       "median_mb_s", "median_mib_s", "min_mb_s", "max_mb_s", "spread",
                       "median_iops", "median_elapsed_s", "median_cpu_s",
@@ -32,7 +33,7 @@ JSON (schema "blkjobs-bench/1")::
                       "histogram": {"bucket_low_ns": [...], "count": [...]}}}]}
 
 ``latency`` is per request (issue to completion of one pread/pwrite) over
-all measured runs of the row, from the C loops' log-linear histogram, or for
+all measured runs of the row (each run's own in its ``runs`` entry), from the C loops' log-linear histogram, or for
 fio from its clat_ns histogram (the same buckets): a bucket ``i`` holds
 [bucket_low_ns[i], next bucket's low), only non-empty buckets are listed;
 the other external tools and the copy workload have none. ``device`` is the

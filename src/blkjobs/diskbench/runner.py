@@ -226,6 +226,13 @@ def row_latency(row: Row) -> Latency | None:
     return summarize_latency([x.latency for x in row.samples if x.latency is not None])
 
 
+def _run_latency(x: Sample) -> dict | None:
+    """One run's latency, as the row's (its histogram, so that a program can
+    compare runs with each other or pool them as it likes)."""
+    lat = summarize_latency([x.latency]) if x.latency is not None else None
+    return lat.as_dict() if lat else None
+
+
 def result_dicts(rows: list[Row]) -> list[dict]:
     out = []
     for r, rank in zip(rows, ranks(rows), strict=True):
@@ -236,7 +243,8 @@ def result_dicts(rows: list[Row]) -> list[dict]:
                        "device": x.device.as_dict() if x.device else None,
                        "tool_disk": x.tool_disk,
                        "block_io": None if x.block_io is None else
-                       {"read_bytes": x.block_io[0], "write_bytes": x.block_io[1]}}
+                       {"read_bytes": x.block_io[0], "write_bytes": x.block_io[1]},
+                       "latency": _run_latency(x)}
                       for x in r.samples],
              "summary": summarize(r.samples).as_dict() if r.samples else None}
         lat = row_latency(r)
