@@ -166,7 +166,7 @@ class Driver(abc.ABC):
       and in parallel (raw); False where reads share state (qcow2's L2 cache:
       it offers ``map_for_read`` instead, ``graph/readplan.py``);
     * ``is_filter``: False; the graph's filter nodes have a
-      :class:`blkjobs.graph.node.FilterDriver` (True) instead of an image
+      :class:`blkjobs.graph.filter.FilterDriver` (True) instead of an image
       driver.
     """
 

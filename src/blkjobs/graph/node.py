@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import ImageError, UsageError
 from ..formats import cache, open_image
 from ..formats.base import Kind
+from .filter import FilterDriver
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
@@ -40,37 +41,6 @@ BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 #: (stream pulling the chain into its top) needs only write-unchanged
 _WRITES = Perm.WRITE | Perm.WRITE_UNCHANGED
 _ZEROES = bytes(1 << 20)
-
-
-class FilterDriver:
-    """What a filter node has in place of an image driver: names only."""
-
-    is_filter = True
-    wants_events = False
-    fd = -1
-    data_fd = -1
-    cluster_size = 0
-    backing_filename = None
-    backing_format = None
-
-    def __init__(self, format_name: str, child: Node):
-        self.format_name = format_name
-        self.child = child
-
-    @property
-    def filename(self) -> str:
-        return self.child.filename
-
-    @property
-    def size(self) -> int:
-        return self.child.size
-
-    @property
-    def read_only(self) -> bool:
-        return self.child.read_only
-
-    def close(self) -> None:
-        pass
 
 
 class Graph:

@@ -1,0 +1,46 @@
+"""What a filter node (a job's copy-before-write, mirror_top or copy-on-read
+node: :meth:`blkjobs.graph.node.Graph.add_filter`) has in place of an image
+driver: names only; its ``file`` child does the I/O."""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class _Child(Protocol):          # a graph Node (not imported: node imports us)
+    @property
+    def filename(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def read_only(self) -> bool: ...
+
+
+class FilterDriver:
+    """What a filter node has in place of an image driver: names only."""
+
+    is_filter = True
+    wants_events = False
+    fd = -1
+    data_fd = -1
+    cluster_size = 0
+    backing_filename = None
+    backing_format = None
+
+    def __init__(self, format_name: str, child: _Child):
+        self.format_name = format_name
+        self.child = child
+
+    @property
+    def filename(self) -> str:
+        return self.child.filename
+
+    @property
+    def size(self) -> int:
+        return self.child.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.child.read_only
+
+    def close(self) -> None:
+        pass
