@@ -94,6 +94,7 @@ class QemuBlkdebug(Blkdebug):
         self.qrules = qrules
         if hasattr(inner, "blkdebug"):      # a qcow2 image: its metadata events too
             inner.blkdebug = qrules
+        qrules.debug_event("none")          # QEMU raises it as the node opens
 
     def _events(self, events: Any) -> None:
         for ev in events:
