@@ -29,7 +29,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from ..errors import CopyError
+from ..errors import BlkjobsError, CopyError
 
 SECTOR = 512
 #: QEMU's BDRV_REQUEST_MAX_SECTORS: the longest block status asked
@@ -45,7 +45,7 @@ def injects_faults(name: str) -> bool:
         return False
     try:
         layer: Any = parse(name).top
-    except Exception:       # noqa: BLE001 -- opening it says what is wrong
+    except BlkjobsError:        # a bad name: opening it says what is wrong
         return False
     while layer is not None:
         if layer.driver in FILTER_DRIVERS:
