@@ -27,14 +27,12 @@ def names(fmt: str) -> dict[str, list[str]]:
     file = {"driver": "file", "filename": f"s.{fmt}"}
     over = {"driver": "blkdebug", "config": "bd.conf", "image": {"driver": fmt, "file": file}}
     under = {"driver": fmt, "file": {"driver": "blkdebug", "config": "bd.conf", "image": file}}
-    out = {"over-format": ["json:" + json.dumps(over)]}
-    if fmt == "raw":        # under a qcow2 node QEMU counts sectors in the file (a known gap)
-        out["colon"] = ["-f", "raw", "blkdebug:bd.conf:s.raw"]
-        out["under-format"] = ["json:" + json.dumps(under)]
-        out["image-opts"] = ["--image-opts", "driver=raw,file.driver=blkdebug,"
-                             "file.config=bd.conf,file.image.driver=file,"
-                             "file.image.filename=s.raw"]
-    return out
+    return {"over-format": ["json:" + json.dumps(over)],
+            "colon": ["-f", fmt, f"blkdebug:bd.conf:s.{fmt}"],
+            "under-format": ["json:" + json.dumps(under)],
+            "image-opts": ["--image-opts", f"driver={fmt},file.driver=blkdebug,"
+                           "file.config=bd.conf,file.image.driver=file,"
+                           f"file.image.filename=s.{fmt}"]}
 
 
 def event(kind: str) -> str:
@@ -59,7 +57,9 @@ def pattern(d) -> str:
     return str(p)
 
 
-CASES = [(fmt, kind) for fmt in ("raw", "qcow2") for kind in names(fmt)]
+# sectors in guest offsets: every layout over raw, blkdebug over a qcow2 node
+CASES = [(fmt, kind) for fmt in ("raw", "qcow2") for kind in names(fmt)
+         if fmt == "raw" or kind == "over-format"]
 
 
 @pytest.mark.parametrize("fmt,kind", CASES)
@@ -124,3 +124,29 @@ def test_format_events_do_not_reach_a_blkdebug_node_above_the_format(twins, fmt)
     ours, theirs = (run(d, *args) for d in twins)
     assert ours == theirs == (0, "", "")
     assert (twins[0] / "o.raw").read_bytes() == (twins[1] / "o.raw").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["colon", "under-format", "image-opts"])
+@pytest.mark.parametrize("salvage", [False, True])
+def test_under_a_qcow2_node_sectors_count_in_the_file(twins, kind, salvage):
+    """Between a qcow2 node and its file, a rule's sector is a byte of the
+    file: here 64 KiB into the host cluster run holding guest 3 MiB (the
+    failing request: guest 2 MiB..4 MiB; the sector: guest 3 MiB + 64 KiB)."""
+    source(twins, "qcow2", "")
+    [host] = [r["offset"] + 3 * MiB - r["start"] for r in json.loads(qemu_img(
+        "map", "--output", "json", twins[1] / "s.qcow2").stdout)
+        if r["data"] and r["start"] <= 3 * MiB < r["start"] + r["length"]]
+    assert host != 3 * MiB          # else the test could not tell file from guest
+    for d in twins:
+        (d / "bd.conf").write_text(conf((host + 65536) // 512))
+    args = ["convert", *(["--salvage"] if salvage else []), *names("qcow2")[kind],
+            "-O", "raw", "o.raw"]
+    ours, theirs = (run(d, *args) for d in twins)
+    if salvage:
+        assert ours == theirs == (0, "", "qemu-img: warning: error while reading offset "
+                                         f"{3 * MiB + 65536}: Input/output error\n")
+        assert (twins[0] / "o.raw").read_bytes() == (twins[1] / "o.raw").read_bytes()
+    else:
+        assert theirs == (1, "", f"qemu-img: error while reading at byte {2 * MiB}: "
+                                 "Input/output error\n")
+        assert ours == (1, "", theirs[2].rstrip("\n") + NOTE + "\n")

@@ -59,4 +59,4 @@ def _blkdebug(inner: Any, opts: dict[str, Any]) -> Any:
         rules = parse_rules(opts)
     except QMPError as e:       # qemu-img names the image first
         raise ImageError(str(e)) from None
-    return QemuBlkdebug(inner, rules, "", format_events=not above)
+    return QemuBlkdebug(inner, rules, "", format_events=not above, file_offsets=not above)
