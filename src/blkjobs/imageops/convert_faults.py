@@ -121,6 +121,11 @@ def copy_in_order(cv: Any) -> None:
         data, n = walk.status(pos)
         n = min(n, cv.size - pos)
         if data:
+            if cv.bucket is not None:       # -r, as the buffer path's pieces
+                with cv.lock:
+                    wait_ns = cv.bucket.take(n)
+                if wait_ns > 0:
+                    cv.stop.wait(wait_ns / 1e9)
             mv = buf[:n]
             _read(cv, pos, mv)
             cv._store(mv, pos, n)
