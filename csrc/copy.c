@@ -413,8 +413,12 @@ static int copy_range(struct bj_copy *c, const struct bj_range *r, int *side, ui
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            if (done == 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
-                              errno == EOPNOTSUPP || errno == ENOTSUP || errno == EBADF)) {
+            /* EINVAL part-way: O_DIRECT switched on meanwhile (a reopen, dio.c):
+             * the read/write path does the whole request again */
+            if ((done == 0 || (errno == EINVAL && (bj_dio_align(c->o.dst_fd) > 1 ||
+                                                   bj_dio_align(r->src_fd) > 1))) &&
+                (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
+                 errno == EOPNOTSUPP || errno == ENOTSUP || errno == EBADF)) {
                 atomic_store_explicit(&c->no_copy_range, 1, memory_order_relaxed);
                 return 1;
             }

@@ -136,9 +136,8 @@ static int aligned(const void *buf, uint64_t len, uint64_t off, uint32_t a)
     return off % a == 0 && len % a == 0 && (uintptr_t)buf % a == 0;
 }
 
-int64_t bj_dio_pread(int fd, void *buf, uint64_t len, uint64_t off)
+static int64_t dio_pread(int fd, void *buf, uint64_t len, uint64_t off, uint32_t a)
 {
-    uint32_t a = bj_dio_align(fd);
     if (a <= 1 || aligned(buf, len, off, a))
         return read_full(fd, buf, len, off);
     char *b;
@@ -179,12 +178,9 @@ static int64_t read_block(int fd, char *dst, uint64_t blk, uint32_t a)
     return 0;
 }
 
-int64_t bj_dio_pwrite(int fd, const void *buf, uint64_t len, uint64_t off, uint64_t *fail_off)
+static int64_t dio_pwrite(int fd, const void *buf, uint64_t len, uint64_t off,
+                          uint64_t *fail_off, uint32_t a)
 {
-    uint64_t dummy;
-    if (!fail_off)
-        fail_off = &dummy;
-    uint32_t a = bj_dio_align(fd);
     if (a <= 1 || aligned(buf, len, off, a))
         return write_full(fd, buf, len, off, fail_off);
     uint64_t end = off + len;
@@ -226,4 +222,38 @@ int64_t bj_dio_pwrite(int fd, const void *buf, uint64_t len, uint64_t off, uint6
         }
     }
     return rc < 0 ? rc : (int64_t)len;
+}
+
+/* O_DIRECT may be switched on or off while a request is between its
+ * alignment check and its system calls: a daemon's blockdev-reopen of
+ * cache.direct (fcntl F_SETFL) while a job's requests run in the copy
+ * engine, which no drain holds. An unaligned request then meets EINVAL
+ * from the kernel. A request done buffered that failed with EINVAL (a
+ * buffered fd never refuses a request's shape), or done aligned that did
+ * while the fd's mode changed, is done again, whole, in the mode the fd is
+ * in now (the same bytes: doing them twice is harmless), a bounded number
+ * of times (the mode may flip again meanwhile). */
+#define MODE_RETRIES 16
+
+int64_t bj_dio_pread(int fd, void *buf, uint64_t len, uint64_t off)
+{
+    for (int i = 0;; i++) {
+        uint32_t a = bj_dio_align(fd);
+        int64_t rc = dio_pread(fd, buf, len, off, a);
+        if (rc != -EINVAL || i == MODE_RETRIES || (a > 1 && bj_dio_align(fd) == a))
+            return rc;
+    }
+}
+
+int64_t bj_dio_pwrite(int fd, const void *buf, uint64_t len, uint64_t off, uint64_t *fail_off)
+{
+    uint64_t dummy;
+    if (!fail_off)
+        fail_off = &dummy;
+    for (int i = 0;; i++) {
+        uint32_t a = bj_dio_align(fd);
+        int64_t rc = dio_pwrite(fd, buf, len, off, fail_off, a);
+        if (rc != -EINVAL || i == MODE_RETRIES || (a > 1 && bj_dio_align(fd) == a))
+            return rc;
+    }
 }

@@ -153,7 +153,8 @@ def run(args) -> int:
         compress=args.compress, backing=backing, backing_fmt=backing_fmt,
         force_share=args.force_share, create_opts=create_opts,
         snapshot=_snapshot_param(args.snapshot), salvage=args.salvage,
-        on_salvage=None if args.quiet else _salvage_warning)
+        on_salvage=None if args.quiet else _salvage_warning,
+        on_status_salvage=None if args.quiet else _status_warning)
     names = None
     if args.skip_broken_bitmaps and not args.bitmaps:
         raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
@@ -216,6 +217,13 @@ def _salvage_warning(offset: int, err: int) -> None:
     import os
     from . import progname
     os.write(2, f"{progname()}: warning: error while reading offset {offset}: "
+             f"{os.strerror(err)}\n".encode())
+
+
+def _status_warning(offset: int, err: int) -> None:
+    import os
+    from . import progname
+    os.write(2, f"{progname()}: warning: error while reading block status at offset {offset}: "
              f"{os.strerror(err)}\n".encode())
 
 

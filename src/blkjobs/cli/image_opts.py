@@ -54,8 +54,9 @@ def _blkdebug(inner: Any, opts: dict[str, Any]) -> Any:
     from ..daemon.protocol import QMPError
     from ..engine import QemuBlkdebug
     from ..errors import ImageError
+    above = bool(opts.pop("x-above", False))
     try:
         rules = parse_rules(opts)
     except QMPError as e:       # qemu-img names the image first
         raise ImageError(str(e)) from None
-    return QemuBlkdebug(inner, rules, "")
+    return QemuBlkdebug(inner, rules, "", format_events=not above, file_offsets=not above)

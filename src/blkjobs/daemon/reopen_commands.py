@@ -158,8 +158,10 @@ class ReopenCommands:
     def _apply_direct(self, mns: list[Any]) -> None:
         """A file node's ``cache.direct`` now set otherwise than its fd's
         O_DIRECT: switched on the open file (``fcntl(F_SETFL)``, as QEMU's
-        file driver reopens), with the node's I/O drained (``quiesce``: no
-        request is between its alignment check and its system call)."""
+        file driver reopens), with the node's front-end I/O drained
+        (``quiesce``). A job copying meanwhile goes on: a request of its
+        copy engine that the switch catches between its alignment check and
+        its system call is done again in the new mode (csrc/dio.c)."""
         for mn in mns:
             fmt = mn.parent if mn.drv == "file" else None
             g = fmt.gnode if fmt is not None else None

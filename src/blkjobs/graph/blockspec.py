@@ -359,7 +359,7 @@ def _open(layer: Layer, read_only: bool, header_only: bool = False) -> Driver:
     if d in FILTER_DRIVERS:
         assert layer.child is not None
         inner = _open(layer.child, read_only)
-        return _filter(layer, inner)
+        return _filter(layer, inner, above=True)
     if d in PROTOCOL_DRIVERS:
         return _open_protocol(layer, "file", read_only)
     assert layer.child is not None
@@ -470,7 +470,10 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
     return drv
 
 
-def _filter(layer: Layer, inner: Driver) -> Driver:
+def _filter(layer: Layer, inner: Driver, above: bool = False) -> Driver:
+    """``layer`` over ``inner``: between a format and its file, or (``above``)
+    the top of the name, over a format or a protocol: no format raises its
+    events there (the wrapper is told so: ``x-above``)."""
     assert layer.driver is not None
     wrap = _FILTERS.get(layer.driver)
     if wrap is None:
@@ -479,6 +482,7 @@ def _filter(layer: Layer, inner: Driver) -> Driver:
     opts = dict(layer.opts)
     if layer.driver == "blkdebug":
         opts = _blkdebug_opts(opts)
+    opts["x-above"] = above
     try:
         return wrap(inner, opts)
     except BaseException:

@@ -19,7 +19,7 @@ class FilterDriver:
     """What a filter node has in place of an image driver: names only."""
 
     is_filter = True
-    wants_events = False
+    wants_events = injects_faults = False
     fd = -1
     data_fd = -1
     cluster_size = 0

@@ -15,9 +15,8 @@ default for backing children). A job that must write a backing node (commit)
 relaxes it first with ``parent.backing_perm.update(shared=ALL)``.
 
 Writes go through a node only while some user holds WRITE on it
-(:meth:`Node.take`), which also takes the QEMU lock bytes in the file.
-
-A *filter node* (:meth:`Graph.add_filter`: a job's copy-before-write,
+(:meth:`Node.take`), which also takes the QEMU lock bytes in the file. A
+*filter node* (:meth:`Graph.add_filter`: a job's copy-before-write,
 mirror_top or copy-on-read node) has no file of its own: its ``file`` child
 does the I/O, and it is transparent to reads, writes and block status. The
 I/O layer keeps its write hooks on it; see :mod:`blkjobs.graph.io`.
@@ -25,6 +24,7 @@ I/O layer keeps its write hooks on it; see :mod:`blkjobs.graph.io`.
 from __future__ import annotations
 
 import fcntl
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -231,8 +231,7 @@ class Node:
         return ro
 
     def chain(self) -> list[Node]:
-        """This node and its backing chain (a filter: itself, then its
-        child's chain)."""
+        """This node and its backing chain (a filter: itself, its child's)."""
         out: list[Node] = []
         n: Node | None = self
         while n is not None:
@@ -446,9 +445,10 @@ class Node:
         """Runs of [offset, offset+length) through the chain, as ``qemu-img
         map --output json`` prints them: start, length, depth, present, zero,
         data, compressed, and offset (host offset in the file of the node at
-        ``depth``) when the data has one."""
-        if length is None:
-            length = self.size - offset
+        ``depth``) when the data has one. Fault injection may fail it (OSError)."""
+        length, d = self.size - offset if length is None else length, self.driver
+        if d.injects_faults and (e := d.inject_check("block-status", offset, length)):
+            raise OSError(e, os.strerror(e))
         out: list[dict[str, Any]] = []
         self._status(offset, min(length, self.size - offset), 0, out)
         return out

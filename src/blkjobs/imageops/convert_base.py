@@ -40,6 +40,9 @@ class ConvertOptions:
     salvage: bool = False          # --salvage: unreadable sectors read as zeroes
     #: with --salvage: told (offset, errno) of each sector that could not be read
     on_salvage: Callable[[int, int], None] | None = None
+    #: with --salvage: told (offset, errno) of each sector whose block status
+    #: could not be read (a source under fault injection: convert_faults)
+    on_status_salvage: Callable[[int, int], None] | None = None
 
 
 @dataclass

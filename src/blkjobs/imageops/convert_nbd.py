@@ -31,6 +31,7 @@ from ..graph.lock import ImageLock
 from ..native.extents import is_zero
 from ..native.ratelimit import TokenBucket
 from .convert_base import ConvertOptions, ConvertResult, check_options
+from .convert_faults import copy_in_order, injects_faults
 from .convert_target import identity, lock_target, say_what_happened_to_target
 
 WORK = 256 << 20            # block status asked per work range
@@ -47,7 +48,8 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
     local converter does not depend on it)."""
     from .images import check_format
     o = opts or ConvertOptions()
-    if not (is_nbd_uri(src) or is_nbd_uri(dst) or o.salvage or _encrypted(src, dst, o)):
+    faults = injects_faults(src) and not (o.backing or o.compress)
+    if not (is_nbd_uri(src) or is_nbd_uri(dst) or o.salvage or faults or _encrypted(src, dst, o)):
         # imported here: an NBD copy does not load the local converter
         # (start-up time is part of every copy)
         from .convert import convert as convert_files
@@ -104,6 +106,8 @@ class _NbdConvert:
         self.src_lock: threading.Lock | None = None
         self.dst_lock: threading.Lock | None = None
         self.bucket = TokenBucket(o.rate) if o.rate else None
+        #: qemu-img's own loop, one request after the other (convert_faults)
+        self.in_order = injects_faults(src) and not is_nbd_uri(dst)
 
     # -- setup ---------------------------------------------------------------
     def _open(self) -> None:
@@ -245,6 +249,10 @@ class _NbdConvert:
                 self.stop.wait(wait_ns / 1e9)
         mv = buf[:n]
         self._read(off, mv)
+        self._store(mv, off, n)
+
+    def _store(self, mv: memoryview, off: int, n: int) -> None:
+        """Write the ``n`` bytes read at ``off`` (runs of zeroes as zeroes)."""
         sparse = self.o.sparse_size != 0
         pos = 0
         while pos < n:
@@ -326,6 +334,8 @@ class _NbdConvert:
 
     def _copy(self) -> None:
         self.lock = threading.Lock()
+        if self.in_order:
+            return copy_in_order(self)
         q: queue.Queue = queue.Queue(maxsize=64)
         # two workers per -m slot: one reads while the other writes (each
         # NBD connection stays busy; measured: 8 workers ~2x faster than 4)

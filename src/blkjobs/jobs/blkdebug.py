@@ -63,9 +63,11 @@ from ..formats.qcow2.debug import EVENTS as QCOW2_EVENTS
 #: points can be set on these).
 EVENTS = ("read_aio", "pwritev", "write_aio", "pwritev_zero", "write_compressed",
           "cluster_alloc", "flush_to_os", "flush_to_disk")
-#: the events an inject-error or set-state rule may name: those, and the ones
-#: the qcow2 driver raises in its metadata updates (formats.qcow2.debug)
-RULE_EVENTS = EVENTS + QCOW2_EVENTS
+#: the events an inject-error or set-state rule may name: those, the ones
+#: the qcow2 driver raises in its metadata updates (formats.qcow2.debug), and
+#: ``none``, which QEMU's blkdebug raises once, when it is opened (its rules
+#: are active from the start)
+RULE_EVENTS = EVENTS + QCOW2_EVENTS + ("none",)
 #: QEMU's other event names: accepted nowhere (they would never fire here).
 QEMU_ONLY = tuple(e for e in (
     "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",

@@ -89,13 +89,32 @@ class QemuBlkdebug(Blkdebug):
     #: the job data path raises events for this node even without break points
     wants_events = True
 
-    def __init__(self, inner: Any, qrules: QemuRules, node_name: str):
+    def __init__(self, inner: Any, qrules: QemuRules, node_name: str,
+                 format_events: bool = True, file_offsets: bool = False):
         super().__init__(inner, [], None, node_name)
         self.qrules = qrules
-        if hasattr(inner, "blkdebug"):      # a qcow2 image: its metadata events too
+        #: the events of the format's requests reach the rules. False: a
+        #: blkdebug node *above* a format node (a json: name whose top driver
+        #: is blkdebug), where QEMU's format driver raises its events on its
+        #: own file, never on the blkdebug node: only ``none`` fires
+        self.format_events = format_events
+        #: ``file_offsets``: the layer is between a qcow2 node and its file (a
+        #: ``blkdebug:`` name): the qcow2 driver checks the reads of its file
+        #: itself, at the file's offsets, which QEMU's ``sector`` counts
+        self.file_offsets = file_offsets and hasattr(inner, "blkdebug")
+        if format_events and hasattr(inner, "blkdebug"):   # qcow2: its metadata events too
             inner.blkdebug = qrules
+        qrules.debug_event("none")          # QEMU raises it as the node opens
+
+    def readinto(self, offset: int, buf) -> None:
+        if not self.file_offsets:
+            return super().readinto(offset, buf)
+        self.event(("read_aio",), offset, len(buf))
+        self.inner.readinto(offset, buf)
 
     def _events(self, events: Any) -> None:
+        if not self.format_events:
+            return
         for ev in events:
             self.qrules.debug_event(ev)
 

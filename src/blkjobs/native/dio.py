@@ -10,6 +10,7 @@ calls the same C functions.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -40,12 +41,25 @@ def set_direct(fd: int, direct: bool) -> None:
         fcntl.fcntl(fd, fcntl.F_SETFL, want)
 
 
+def _switched(e: OSError, fd: int) -> None:
+    """A buffered request failed: re-raise ``e`` unless it is an EINVAL,
+    which a buffered fd never gives for a request's shape: the fd was
+    switched to O_DIRECT meanwhile (a blockdev-reopen's cache.direct). The
+    caller then does the request again in C, which takes the fd as it is
+    now (and retries so itself: csrc/dio.c)."""
+    if e.errno != errno.EINVAL:
+        raise e
+
+
 def preadinto(fd: int, buf, offset: int) -> int:
     """Read into the writable buffer ``buf`` at ``offset``; the bytes read
     (fewer only at the end of the file)."""
     mv = memoryview(buf).cast("B")
     if not is_direct(fd):
-        return os.preadv(fd, [mv], offset)
+        try:
+            return os.preadv(fd, [mv], offset)
+        except OSError as e:
+            _switched(e, fd)
     from ._lib import ffi, lib
     got = lib.bj_dio_pread(fd, ffi.from_buffer(mv, require_writable=True), len(mv), offset)
     if got < 0:
@@ -56,7 +70,10 @@ def preadinto(fd: int, buf, offset: int) -> int:
 def pread(fd: int, length: int, offset: int) -> bytes:
     """``os.pread`` on any fd."""
     if not is_direct(fd):
-        return os.pread(fd, length, offset)
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as e:
+            _switched(e, fd)
     b = bytearray(length)
     n = preadinto(fd, b, offset)
     return bytes(b) if n == length else bytes(b[:n])
@@ -66,10 +83,13 @@ def pwrite(fd: int, data, offset: int) -> int:
     """``os.pwrite`` on any fd, always all of ``data``; its length."""
     mv = memoryview(data).cast("B")
     if not is_direct(fd):
-        done = 0
-        while done < len(mv):
-            done += os.pwrite(fd, mv[done:], offset + done)
-        return done
+        try:
+            done = 0
+            while done < len(mv):
+                done += os.pwrite(fd, mv[done:], offset + done)
+            return done
+        except OSError as e:
+            _switched(e, fd)
     from ._lib import ffi, lib
     rc = lib.bj_dio_pwrite(fd, ffi.from_buffer(mv), len(mv), offset, ffi.NULL)
     if rc < 0:      # an OSError, as os.pwrite raises (callers catch it)

@@ -14,6 +14,7 @@ import threading
 
 from ...errors import ImageError, UsageError
 from ..base import Kind, Mapping
+from .debug import io as _dbg_io
 from .compress import decompress as _decompress
 from .tables import (ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, STD_RESERVED, ZERO,
                      L2Tables, _zero)
@@ -236,6 +237,7 @@ class Reads(L2Tables):
             return self._comp_cache[1]
         _, _, e, bm = self._entry(gc)
         off, nbytes = self._compressed_span(gc, e)
+        _dbg_io(getattr(self, "blkdebug", None), "read", off, nbytes)
         raw = dio.pread(self.fd, nbytes, off)
         data = _decompress(self.ctype, raw, self.cluster_size)
         self._comp_cache = (gc, data)
@@ -259,6 +261,8 @@ class Reads(L2Tables):
             a, b = m.start - offset, m.start - offset + m.length
             if m.kind == Kind.DATA:
                 assert m.host_offset is not None
+                # a blkdebug layer below sees the file's offsets (QEMU's sector)
+                _dbg_io(getattr(self, "blkdebug", None), "read", m.host_offset, m.length)
                 self._pread_into(mv[a:b], m.host_offset)
             elif m.kind == Kind.COMPRESSED:
                 pos = m.start
