@@ -46,8 +46,8 @@ class Spy(NodeBackend):
 
     def plan_reads(self, reqs):
         got = super().plan_reads(reqs)
-        out = [None if off in self.python_at else g for (off, _), g in zip(reqs, got)]
-        for g, o in zip(got, out):
+        out = [None if off in self.python_at else g for (off, _), g in zip(reqs, got, strict=True)]
+        for g, o in zip(got, out, strict=True):
             if g is not None and o is None:
                 self.end_reads([g[1]])
         self.c_reads += sum(o is not None for o in out)
