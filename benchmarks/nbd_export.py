@@ -11,8 +11,11 @@ page cache (read once with cat before the rounds). We report per contender
 the median and min wall time and MB/s of virtual size, and the MEDIAN OF
 THE PER-ROUND RATIOS qemu-nbd time / blkjobs time (> 1: blkjobs is faster)
 with their min-max, and the median CPU time each server used per run
-(user + system, from /proc: less sensitive to the machine's load than the
-wall time).
+and per GiB of virtual size (user + system, from /proc: less sensitive to
+the machine's load than the wall time).
+
+``BLKJOBS_NBD_C=0`` in the environment serves every request of the
+blkjobs export on the Python path (before the C data path) for an A/B run.
 
 Images: ``dense`` (random bytes, all data), ``vm`` (data, written
 zeroes and holes; nbdcopy skips what block status says is a hole) and
@@ -157,9 +160,10 @@ def run_image(a: argparse.Namespace, d: str, image: str, label: str, fmt: str,
                   f"{' (busy: 2 hogs)' if a.busy else ''}, load average {load:.1f}")
             for n, ts in res["times"].items():
                 med = statistics.median(ts)
+                cpu = statistics.median(res["cpu"][n])
                 print(f"  {n:15s} median {med:7.3f} s  min {min(ts):7.3f} s  "
                       f"{size / med / 1e6:8.1f} MB/s  server CPU "
-                      f"{statistics.median(res['cpu'][n]):6.2f} s")
+                      f"{cpu:6.2f} s ({cpu * (1 << 30) / size:5.2f} s/GiB)")
             rs = res["ratios"]
             print(f"  qemu-nbd / blkjobs: median {statistics.median(rs):.2f} "
                   f"(min {min(rs):.2f}, max {max(rs):.2f}; > 1: blkjobs faster)", flush=True)

@@ -3,7 +3,7 @@ path in C"): a :class:`~blkjobs.native.nbdserve.Session` reads the request
 headers and serves READs from file descriptors with the GIL released; this
 module decides, per batch of headers, what goes where.
 
-* A READ that passes the checks (:func:`.transmission._check`) is mapped by
+* A READ that passes the checks (:func:`.transmission._check`'s) is mapped by
   the backend's ``plan_reads`` -- several in one hold of its lock, each
   tracked and pinned as an ordinary read is -- and handed to the session's
   threads, which ``pread`` its segments and send its reply (simple, or
@@ -30,8 +30,10 @@ from typing import Any, Protocol
 from ..native.nbdserve import Session
 from . import proto as P
 from .handshake import Connection, Export
-from .proto import NBDRequestError
-from .transmission import _check, _Workers
+from .transmission import _Workers
+
+#: the flags a READ may carry (transmission._FLAGS)
+_READ_FLAGS = P.CMD_FLAG_DF | P.CMD_FLAG_FUA
 
 
 class FastBackend(Protocol):
@@ -89,17 +91,18 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
         reads: list[tuple[int, int, int, int]] = []
         other: list[tuple[int, int, int, int, int, bytearray | None]] = []
         stop = False
+        size = exp.backend.size
         for magic, flags, cmd, handle, offset, length in sess.next():
             if magic != P.REQUEST_MAGIC or cmd == P.CMD_DISC:
                 stop = True
                 break
-            if cmd == P.CMD_READ and length:
-                try:
-                    _check(exp, conn, flags, cmd, offset, length)
-                    reads.append((flags, handle, offset, length))
-                    continue
-                except NBDRequestError:
-                    pass            # a Python worker sends the error
+            if (cmd == P.CMD_READ and length and not flags & ~_READ_FLAGS
+                    and length <= P.MAX_BUFFER_SIZE and offset + length <= size
+                    and (conn.structured or not flags & P.CMD_FLAG_DF)):
+                reads.append((flags, handle, offset, length))
+                continue
+            # anything else, a READ failing _check's tests included (a
+            # Python worker sends its error)
             data = None
             if cmd == P.CMD_WRITE:
                 if length > P.MAX_BUFFER_SIZE:
