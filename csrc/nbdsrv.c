@@ -27,6 +27,7 @@
 /* a worker keeps its buffer up to this size; larger reads get their own */
 #define KEEP_BUF (4u << 20)
 #define MAX_WORKERS 64
+#define DONE_BATCH 16
 
 struct seg {
     uint64_t kind, fd, host, len;
@@ -50,7 +51,7 @@ struct bj_nbds {
     struct job *head, *tail;
     uint64_t *done;
     size_t ndone, capdone;
-    int inflight, stop, broken, stop_done;
+    int inflight, unread, stop, broken, stop_done, flush;
 
     pthread_mutex_t send_lock;
     int nthreads;
@@ -84,13 +85,32 @@ static uint64_t get_be64(const unsigned char *p)
     return (uint64_t)get_be32(p) << 32 | get_be32(p + 4);
 }
 
-/* All of iov out, the send lock held by the caller. */
-static int send_all(int sock, struct iovec *iov, int n)
+/* Hand the reaper the tokens there are now (a worker is about to wait:
+ * for the send lock or the socket). */
+static void flush_done(struct bj_nbds *s)
 {
+    pthread_mutex_lock(&s->lock);
+    if (s->ndone) {
+        s->flush = 1;
+        pthread_cond_signal(&s->donecv);
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* All of iov out, the send lock held by the caller; before the first
+ * wait for the socket the tokens are flushed. */
+static int send_all(struct bj_nbds *s, struct iovec *iov, int n)
+{
+    int flags = MSG_NOSIGNAL | MSG_DONTWAIT;
     while (n > 0) {
         struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)(n > IOV_MAX ? IOV_MAX : n)};
-        ssize_t k = sendmsg(sock, &m, MSG_NOSIGNAL);
+        ssize_t k = sendmsg(s->sock, &m, flags);
         if (k < 0) {
+            if (errno == EAGAIN && (flags & MSG_DONTWAIT)) {
+                flush_done(s);
+                flags = MSG_NOSIGNAL;
+                continue;
+            }
             if (errno == EINTR)
                 continue;
             return -errno;
@@ -111,8 +131,11 @@ static int send_all(int sock, struct iovec *iov, int n)
 static int send_locked(struct bj_nbds *s, struct iovec *iov, int n)
 {
     int r;
-    pthread_mutex_lock(&s->send_lock);
-    r = __atomic_load_n(&s->broken, __ATOMIC_ACQUIRE) ? -EPIPE : send_all(s->sock, iov, n);
+    if (pthread_mutex_trylock(&s->send_lock) != 0) {
+        flush_done(s);
+        pthread_mutex_lock(&s->send_lock);
+    }
+    r = __atomic_load_n(&s->broken, __ATOMIC_ACQUIRE) ? -EPIPE : send_all(s, iov, n);
     if (r < 0 && !__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
         /* the client is gone: so is the reader */
         __atomic_store_n(&s->broken, 1, __ATOMIC_RELEASE);
@@ -287,21 +310,39 @@ static int build_sparse(const struct job *j, struct wbuf *w)
     return n;
 }
 
+/* The read's bytes are in the worker's buffer (or it failed): its token
+ * goes to the reaper, before the reply is sent -- a client that does not
+ * read its replies must not keep writes of others waiting on its reads.
+ * The reaper (Python: the GIL) is woken per DONE_BATCH reads, or when no
+ * read is left to do: a waiter for one waits at most for those queued
+ * with it. */
+static void read_done(struct bj_nbds *s, uint64_t token)
+{
+    pthread_mutex_lock(&s->lock);
+    /* capdone >= every job queued (grown in submit): no failure here */
+    s->done[s->ndone++] = token;
+    s->unread--;
+    if (!s->unread || s->ndone >= DONE_BATCH)
+        pthread_cond_signal(&s->donecv);
+    pthread_mutex_unlock(&s->lock);
+}
+
 static void serve(struct bj_nbds *s, const struct job *j, struct wbuf *w)
 {
     int r, n = 0, sparse = 0;
-    if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
+    if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
+        read_done(s, j->token);
         return;
+    }
     r = wbuf_reserve(w, j->length, j->nsegs);
-    if (r < 0) {
-        send_error(s, j, -r);
-        return;
+    if (r == 0) {
+        if (s->structured && !(j->flags & FLAG_DF)) {
+            for (int i = 0; i < j->nsegs; i++)
+                sparse |= j->segs[i].kind == BJ_NBDS_ZERO;
+        }
+        r = fill(j, w->data, sparse);
     }
-    if (s->structured && !(j->flags & FLAG_DF)) {
-        for (int i = 0; i < j->nsegs; i++)
-            sparse |= j->segs[i].kind == BJ_NBDS_ZERO;
-    }
-    r = fill(j, w->data, sparse);
+    read_done(s, j->token);
     if (r < 0) {
         send_error(s, j, -r);
         wbuf_trim(w);
@@ -341,15 +382,10 @@ static void *worker(void *arg)
             s->tail = NULL;
         pthread_mutex_unlock(&s->lock);
         serve(s, j, &w);
-        uint64_t token = j->token;
         free(j);
         pthread_mutex_lock(&s->lock);
-        /* capdone >= every job queued (grown in submit): no failure here */
-        s->done[s->ndone++] = token;
         s->inflight--;
-        if (!s->inflight)
-            pthread_cond_broadcast(&s->idle);
-        pthread_cond_signal(&s->donecv);
+        pthread_cond_broadcast(&s->idle);
     }
     pthread_mutex_unlock(&s->lock);
     free(w.data);
@@ -427,8 +463,9 @@ static int take_done_locked(struct bj_nbds *s, uint64_t *done, int maxdone)
 int bj_nbds_wait_done(struct bj_nbds *s, uint64_t *done, int maxdone)
 {
     pthread_mutex_lock(&s->lock);
-    while (!s->ndone && !s->stop_done)
+    while (!s->stop_done && (!s->ndone || (s->unread && s->ndone < DONE_BATCH && !s->flush)))
         pthread_cond_wait(&s->donecv, &s->lock);
+    s->flush = 0;
     int n = take_done_locked(s, done, maxdone);
     pthread_mutex_unlock(&s->lock);
     return n;
@@ -440,6 +477,16 @@ void bj_nbds_stop_done(struct bj_nbds *s)
     s->stop_done = 1;
     pthread_cond_broadcast(&s->donecv);
     pthread_mutex_unlock(&s->lock);
+}
+
+int bj_nbds_wait_slots(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&s->lock);
+    while (s->inflight >= s->nthreads)
+        pthread_cond_wait(&s->idle, &s->lock);
+    int n = s->nthreads - s->inflight;
+    pthread_mutex_unlock(&s->lock);
+    return n;
 }
 
 int bj_nbds_inflight(struct bj_nbds *s)
@@ -601,7 +648,9 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
         s->tail = t;
     }
     s->inflight += nreq;
-    pthread_cond_broadcast(&s->more);
+    s->unread += nreq;
+    for (int i = 0; i < nreq && i < s->nthreads; i++)
+        pthread_cond_signal(&s->more);      /* one worker per job, no herd */
     pthread_mutex_unlock(&s->lock);
     return 0;
 }

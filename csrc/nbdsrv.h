@@ -17,7 +17,8 @@
  *   bj_nbds_send    sends a reply Python made (the other requests), whole,
  *                   under the same lock as the workers' replies;
  *   bj_nbds_recv    a WRITE's payload (bytes bj_nbds_next read ahead first);
- *   bj_nbds_wait_done  the tokens of finished reads, for Python to end
+ *   bj_nbds_wait_done  the tokens of reads done (bytes in a worker's
+ *                   buffer, before the reply is sent), for Python to end
  *                   their tracking (its own thread: the reader may wait
  *                   for a Python worker that waits for such a read).
  *
@@ -66,10 +67,18 @@ int bj_nbds_send(struct bj_nbds *s, const void *const *bufs, const size_t *lens,
 /* Wait until every queued read is finished (its reply sent or dropped). */
 void bj_nbds_wait_idle(struct bj_nbds *s);
 
-/* Tokens of finished reads (up to maxdone into done): waits until there
- * is one, or returns 0 once bj_nbds_stop_done was called and none is left. */
+/* Tokens of reads whose bytes were read (the reply may still be on its
+ * way; up to maxdone into done): waits until there are DONE_BATCH (16) of
+ * them, or some and no read left to do; returns 0 once bj_nbds_stop_done
+ * was called and none is left. */
 int bj_nbds_wait_done(struct bj_nbds *s, uint64_t *done, int maxdone);
 void bj_nbds_stop_done(struct bj_nbds *s);
+
+/* Wait until a worker is free; the number of free workers. The caller
+ * plans (tracks, pins) and submits no more reads than that: a planned
+ * read is read at once, and none waits tracked behind workers stuck
+ * sending to a client that does not read. */
+int bj_nbds_wait_slots(struct bj_nbds *s);
 
 /* Reads queued and not finished. */
 int bj_nbds_inflight(struct bj_nbds *s);

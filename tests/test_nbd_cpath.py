@@ -303,3 +303,26 @@ def test_c_reply_overtakes_a_read_python_serves(tmp_path, serve):
     assert s.recv(1) == b""
     s.close()
     assert be.c_reads == 1
+
+
+def test_a_client_not_reading_its_replies_holds_up_no_write(tmp_path, serve):
+    """Its reads are untracked once their bytes are read, not once the
+    replies are sent (as on the Python path): a write to the same range
+    lands while those replies are stuck in the socket."""
+    top = _chain(tmp_path)
+    path, be, eng, node, srv, exp = serve(top, "qcow2", read_only=False)
+    s = handshake(path)
+    go(s, b"d")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"".join(struct.pack(">IHHQQI", REQ, 0, 0, i, 0, 2 * MiB) for i in range(16)))
+    _simple_reply(s)                    # replies are going out, and stuck
+    fe = eng.attach(node)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (fe.write(0, b"\x77" * 65536), done.set()),
+                         daemon=True)
+    t.start()
+    assert done.wait(WAIT), "the write waits for reads whose replies are stuck"
+    assert be.c_reads > 0
+    s.close()
+    srv.settle(exp, timeout=WAIT)
+    assert eng.io._reads(node).count == 0

@@ -5,7 +5,8 @@
  * chunk), bytes past the end of the file as an EIO error or as zeroes,
  * segments that do not add up refused, many reads in flight each answered
  * once by handle, a client gone mid-reply (the session breaks, every
- * token still comes back), EOF; no leak (ASan, valgrind), no race (TSan). */
+ * token still comes back), a token back before its reply is sent (a
+ * client that does not read), EOF; no leak (ASan, valgrind), no race (TSan). */
 #include "check.h"
 #include "nbdsrv.h"
 
@@ -143,6 +144,7 @@ static void test_headers_and_simple_reads(int dfd)
     CHECK_EQ(bj_nbds_submit(s, bad, 1, gbad, 1), -EINVAL);
     bad[5] = 2;
     CHECK_EQ(bj_nbds_submit(s, bad, 1, gbad, 1), -EINVAL);
+    bj_nbds_wait_idle(s);
     CHECK_EQ(bj_nbds_inflight(s), 0);
     /* a reply of Python's goes out whole */
     const void *parts[2] = {"abc", "de"};
@@ -281,6 +283,35 @@ static void test_many_and_gone(int dfd)
     close(sv[0]);
 }
 
+/* A client that does not read its replies: the read's token comes back
+ * while its reply still waits to be sent (no write of another client waits
+ * for it meanwhile). */
+static void test_token_before_send(int dfd)
+{
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    struct bj_nbds *s = bj_nbds_new(sv[0], 0, 1);
+    CHECK(s);
+    CHECK_EQ(bj_nbds_wait_slots(s), 1);
+    uint64_t q[6] = {1, 0, FSIZE, 0, 42, 1};
+    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)dfd, 0, FSIZE};
+    CHECK_EQ(bj_nbds_submit(s, q, 1, g, 1), 0);
+    uint64_t t = 0;
+    CHECK_EQ(bj_nbds_wait_done(s, &t, 1), 1);
+    CHECK_EQ(t, 42);
+    static unsigned char data[FSIZE];
+    unsigned char h[16];
+    readn(sv[1], h, 16);
+    readn(sv[1], data, FSIZE);
+    CHECK(memcmp(data, file, FSIZE) == 0);
+    bj_nbds_wait_idle(s);
+    CHECK_EQ(bj_nbds_wait_slots(s), 1);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 int main(void)
 {
     char path[] = "/tmp/bjnbdsXXXXXX";
@@ -297,6 +328,7 @@ int main(void)
     test_headers_and_simple_reads(fd);
     test_structured(fd);
     test_many_and_gone(fd);
+    test_token_before_send(fd);
     close(fd);
     puts("nbdsrv: ok");
     return 0;

@@ -82,6 +82,10 @@ class Session(Owned):
         if rc < 0:
             _raise(rc)
 
+    def wait_slots(self) -> int:
+        """Wait for a free worker; how many are free (submit no more)."""
+        return int(lib.bj_nbds_wait_slots(self._s))
+
     def wait_idle(self) -> None:
         """Wait until every queued read is finished."""
         lib.bj_nbds_wait_idle(self._s)

@@ -14,9 +14,12 @@ module decides, per batch of headers, what goes where.
   WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE -- goes to the
   connection's Python workers as before (:class:`.transmission._Workers`),
   whose replies are sent through the session (one send lock for both).
-* A reaper thread ends the tracking of the reads the session finished
-  (``end_reads``): the reader cannot, as it may wait for a free Python
-  worker while that worker's write waits for such a read.
+* No more reads are planned than the session has free workers
+  (``wait_slots``), so a planned read is read at once: none stays tracked
+  behind workers stuck sending to a client that does not read.
+* A reaper thread ends the tracking of the reads read (``end_reads``),
+  before their replies go out: the reader cannot, as it may wait for a
+  free Python worker while that worker's write waits for such a read.
 
 On ``DISC``, EOF or a bad magic the requests being served are finished
 (their replies sent) before the connection closes, as on the Python path.
@@ -111,8 +114,11 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
                 data = bytearray(length)
                 sess.recv_into(data)
             other.append((flags, cmd, handle, offset, length, data))
-        if reads:
-            serial = _submit(sess, exp, reads, tokens, serial, other)
+        i = 0
+        while i < len(reads):       # no more planned than free workers read at once
+            free = sess.wait_slots()
+            serial = _submit(sess, exp, reads[i:i + free], tokens, serial, other)
+            i += free
         for req in other:           # after the reads: a worker's write may wait for them
             pool.submit(req)
         if stop:
