@@ -313,16 +313,17 @@ static int build_sparse(const struct job *j, struct wbuf *w)
 /* The read's bytes are in the worker's buffer (or it failed): its token
  * goes to the reaper, before the reply is sent -- a client that does not
  * read its replies must not keep writes of others waiting on its reads.
- * The reaper (Python: the GIL) is woken per DONE_BATCH reads, or when no
- * read is left to do: a waiter for one waits at most for those queued
- * with it. */
+ * The reaper (Python: the GIL) is woken per DONE_BATCH reads, when no read
+ * is left in flight, or before a worker waits (for the socket or the send
+ * lock: flush_done): a waiter for one of them waits at most for the reads
+ * in flight with it, which wait for nothing but their pread. */
 static void read_done(struct bj_nbds *s, uint64_t token)
 {
     pthread_mutex_lock(&s->lock);
     /* capdone >= every job queued (grown in submit): no failure here */
     s->done[s->ndone++] = token;
     s->unread--;
-    if (!s->unread || s->ndone >= DONE_BATCH)
+    if (s->ndone >= DONE_BATCH)
         pthread_cond_signal(&s->donecv);
     pthread_mutex_unlock(&s->lock);
 }
@@ -386,6 +387,8 @@ static void *worker(void *arg)
         pthread_mutex_lock(&s->lock);
         s->inflight--;
         pthread_cond_broadcast(&s->idle);
+        if (!s->inflight && s->ndone)
+            pthread_cond_signal(&s->donecv);
     }
     pthread_mutex_unlock(&s->lock);
     free(w.data);
@@ -463,7 +466,7 @@ static int take_done_locked(struct bj_nbds *s, uint64_t *done, int maxdone)
 int bj_nbds_wait_done(struct bj_nbds *s, uint64_t *done, int maxdone)
 {
     pthread_mutex_lock(&s->lock);
-    while (!s->stop_done && (!s->ndone || (s->unread && s->ndone < DONE_BATCH && !s->flush)))
+    while (!s->stop_done && (!s->ndone || (s->inflight && s->ndone < DONE_BATCH && !s->flush)))
         pthread_cond_wait(&s->donecv, &s->lock);
     s->flush = 0;
     int n = take_done_locked(s, done, maxdone);
@@ -651,6 +654,9 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
     s->unread += nreq;
     for (int i = 0; i < nreq && i < s->nthreads; i++)
         pthread_cond_signal(&s->more);      /* one worker per job, no herd */
+    while (s->inflight >= s->nthreads)      /* (bj_nbds_wait_slots, in one call) */
+        pthread_cond_wait(&s->idle, &s->lock);
+    int n = s->nthreads - s->inflight;
     pthread_mutex_unlock(&s->lock);
-    return 0;
+    return n;
 }

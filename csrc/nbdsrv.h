@@ -56,7 +56,9 @@ int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len);
  * each request's length in order. kind: BJ_NBDS_DATA (bytes past the end
  * of the file are an error, EIO), BJ_NBDS_DATA_PAD (they read as zeroes:
  * qcow2 clusters preallocated past EOF), BJ_NBDS_ZERO (zeroes, fd unused).
- * Returns 0, or -EINVAL (segments that do not add up: nothing queued). */
+ * Then waits for a free worker (bj_nbds_wait_slots) and returns the number
+ * of free workers; -EINVAL (segments that do not add up: nothing queued),
+ * -ENOMEM. */
 int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
                    int nsegs);
 
@@ -69,8 +71,9 @@ void bj_nbds_wait_idle(struct bj_nbds *s);
 
 /* Tokens of reads whose bytes were read (the reply may still be on its
  * way; up to maxdone into done): waits until there are DONE_BATCH (16) of
- * them, or some and no read left to do; returns 0 once bj_nbds_stop_done
- * was called and none is left. */
+ * them, or some and none in flight, or some and a worker about to wait
+ * for the socket or the send lock; returns 0 once bj_nbds_stop_done was
+ * called and none is left. */
 int bj_nbds_wait_done(struct bj_nbds *s, uint64_t *done, int maxdone);
 void bj_nbds_stop_done(struct bj_nbds *s);
 

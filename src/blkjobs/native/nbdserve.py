@@ -67,13 +67,15 @@ class Session(Owned):
             if rc < 0:
                 _raise(rc)
 
-    def submit(self, reqs: Sequence[int], segs: Sequence[int]) -> None:
+    def submit(self, reqs: Sequence[int], segs: Sequence[int]) -> int:
         """Queue reads: ``reqs`` 6 ints each (handle, offset, length, flags,
-        token, number of segments), ``segs`` 4 each (kind, fd, host, length)."""
+        token, number of segments), ``segs`` 4 each (kind, fd, host, length);
+        then wait for a free worker: how many are free (:meth:`wait_slots`)."""
         rc = lib.bj_nbds_submit(self._s, ffi.new("uint64_t[]", reqs), len(reqs) // 6,
                                 ffi.new("uint64_t[]", segs), len(segs) // 4)
         if rc < 0:
             _raise(rc)
+        return int(rc)
 
     def send(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         """One reply, whole, between the C threads' replies."""

@@ -15,7 +15,7 @@ module decides, per batch of headers, what goes where.
   connection's Python workers as before (:class:`.transmission._Workers`),
   whose replies are sent through the session (one send lock for both).
 * No more reads are planned than the session has free workers
-  (``wait_slots``), so a planned read is read at once: none stays tracked
+  (``wait_slots``, and what ``submit`` returns), so a planned read is read at once: none stays tracked
   behind workers stuck sending to a client that does not read.
 * A reaper thread ends the tracking of the reads read (``end_reads``),
   before their replies go out: the reader cannot, as it may wait for a
@@ -114,11 +114,11 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
                 data = bytearray(length)
                 sess.recv_into(data)
             other.append((flags, cmd, handle, offset, length, data))
-        i = 0
+        i, free = 0, sess.wait_slots() if reads else 0
         while i < len(reads):       # no more planned than free workers read at once
-            free = sess.wait_slots()
-            serial = _submit(sess, exp, reads[i:i + free], tokens, serial, other)
+            chunk = reads[i:i + free]
             i += free
+            serial, free = _submit(sess, exp, chunk, tokens, serial, other, free)
         for req in other:           # after the reads: a worker's write may wait for them
             pool.submit(req)
         if stop:
@@ -127,7 +127,10 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
 
 def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
             tokens: dict[int, Any], serial: int,
-            other: list[tuple[int, int, int, int, int, bytearray | None]]) -> int:
+            other: list[tuple[int, int, int, int, int, bytearray | None]],
+            free: int) -> tuple[int, int]:
+    """Plan and queue ``reads`` (at most ``free``); (last token, free
+    workers now)."""
     be: Any = exp.backend
     plans = be.plan_reads([(off, n) for _, _, off, n in reads])
     rq: list[int] = []
@@ -146,8 +149,8 @@ def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
             sg += s
     if rq:
         try:
-            sess.submit(rq, sg)
+            free = sess.submit(rq, sg)
         except BaseException:
             be.end_reads([tokens.pop(t) for t in mine])
             raise
-    return serial
+    return serial, free
