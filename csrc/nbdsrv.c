@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,8 @@
 #define KEEP_BUF (4u << 20)
 #define MAX_WORKERS 64
 #define DONE_BATCH 16
+/* a socket taking nothing for this long: its sender flushes the tokens */
+#define STUCK_MS 10
 
 struct seg {
     uint64_t kind, fd, host, len;
@@ -52,6 +55,7 @@ struct bj_nbds {
     uint64_t *done;
     size_t ndone, capdone;
     int inflight, unread, stop, broken, stop_done, flush;
+    int stuck;                      /* a sender waits for the socket */
 
     pthread_mutex_t send_lock;
     int nthreads;
@@ -107,6 +111,14 @@ static int send_all(struct bj_nbds *s, struct iovec *iov, int n)
         ssize_t k = sendmsg(s->sock, &m, flags);
         if (k < 0) {
             if (errno == EAGAIN && (flags & MSG_DONTWAIT)) {
+                /* a client reading along frees room within a few ms (a
+                 * reply larger than the socket buffer always waits) */
+                struct pollfd pf = {.fd = s->sock, .events = POLLOUT};
+                if (poll(&pf, 1, STUCK_MS) > 0)
+                    continue;
+                /* about to wait for the socket: so will the workers that
+                 * queue on the send lock meanwhile (they flush too) */
+                __atomic_store_n(&s->stuck, 1, __ATOMIC_RELEASE);
                 flush_done(s);
                 flags = MSG_NOSIGNAL;
                 continue;
@@ -114,6 +126,10 @@ static int send_all(struct bj_nbds *s, struct iovec *iov, int n)
             if (errno == EINTR)
                 continue;
             return -errno;
+        }
+        if (!(flags & MSG_DONTWAIT)) {      /* the socket took some: try again without waiting */
+            __atomic_store_n(&s->stuck, 0, __ATOMIC_RELEASE);
+            flags = MSG_NOSIGNAL | MSG_DONTWAIT;
         }
         while (n > 0 && (size_t)k >= iov->iov_len) {
             k -= (ssize_t)iov->iov_len;
@@ -132,7 +148,8 @@ static int send_locked(struct bj_nbds *s, struct iovec *iov, int n)
 {
     int r;
     if (pthread_mutex_trylock(&s->send_lock) != 0) {
-        flush_done(s);
+        if (__atomic_load_n(&s->stuck, __ATOMIC_ACQUIRE))
+            flush_done(s);
         pthread_mutex_lock(&s->send_lock);
     }
     r = __atomic_load_n(&s->broken, __ATOMIC_ACQUIRE) ? -EPIPE : send_all(s, iov, n);
@@ -654,7 +671,9 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
     s->unread += nreq;
     for (int i = 0; i < nreq && i < s->nthreads; i++)
         pthread_cond_signal(&s->more);      /* one worker per job, no herd */
-    while (s->inflight >= s->nthreads)      /* (bj_nbds_wait_slots, in one call) */
+    /* (bj_nbds_wait_slots, in one call; for half the workers: fewer,
+     * larger batches for the caller) */
+    while (s->inflight > s->nthreads / 2)
         pthread_cond_wait(&s->idle, &s->lock);
     int n = s->nthreads - s->inflight;
     pthread_mutex_unlock(&s->lock);

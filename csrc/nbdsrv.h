@@ -56,8 +56,8 @@ int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len);
  * each request's length in order. kind: BJ_NBDS_DATA (bytes past the end
  * of the file are an error, EIO), BJ_NBDS_DATA_PAD (they read as zeroes:
  * qcow2 clusters preallocated past EOF), BJ_NBDS_ZERO (zeroes, fd unused).
- * Then waits for a free worker (bj_nbds_wait_slots) and returns the number
- * of free workers; -EINVAL (segments that do not add up: nothing queued),
+ * Then waits until half the workers (at least one) are free and returns
+ * the number of free workers; -EINVAL (segments that do not add up: nothing queued),
  * -ENOMEM. */
 int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
                    int nsegs);

@@ -70,7 +70,7 @@ class Session(Owned):
     def submit(self, reqs: Sequence[int], segs: Sequence[int]) -> int:
         """Queue reads: ``reqs`` 6 ints each (handle, offset, length, flags,
         token, number of segments), ``segs`` 4 each (kind, fd, host, length);
-        then wait for a free worker: how many are free (:meth:`wait_slots`)."""
+        then wait until half the workers are free: how many are."""
         rc = lib.bj_nbds_submit(self._s, ffi.new("uint64_t[]", reqs), len(reqs) // 6,
                                 ffi.new("uint64_t[]", segs), len(segs) // 4)
         if rc < 0:

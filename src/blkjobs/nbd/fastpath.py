@@ -35,6 +35,9 @@ from . import proto as P
 from .handshake import Connection, Export
 from .transmission import _Workers
 
+#: the session's threads per Python worker: reads are planned in chunks of
+#: the free ones (half of them at least), so more threads, larger chunks
+C_WORKERS = 2
 #: the flags a READ may carry (transmission._FLAGS)
 _READ_FLAGS = P.CMD_FLAG_DF | P.CMD_FLAG_FUA
 
@@ -64,7 +67,7 @@ def usable(conn: Connection, exp: Export) -> bool:
 def serve(conn: Connection, exp: Export) -> None:
     """Requests until DISC or EOF (raised as EOFError/OSError)."""
     be: Any = exp.backend
-    sess = Session(conn.sock.fileno(), conn.structured, conn.server.workers)
+    sess = Session(conn.sock.fileno(), conn.structured, C_WORKERS * conn.server.workers)
     tokens: dict[int, Any] = {}
     reaper = threading.Thread(target=_reap, args=(sess, tokens, be), name="nbd-reaper",
                               daemon=True)
