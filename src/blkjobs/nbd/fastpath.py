@@ -116,14 +116,18 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
                     break
                 data = bytearray(length)
                 sess.recv_into(data)
-            other.append((flags, cmd, handle, offset, length, data))
+            # at once (a BLOCK_STATUS the client waits for before its next
+            # reads must not wait for this batch's reads); no read of this
+            # batch is planned yet, and those planned before are in C
+            pool.submit((flags, cmd, handle, offset, length, data))
         i, free = 0, sess.wait_slots() if reads else 0
         while i < len(reads):       # no more planned than free workers read at once
             chunk = reads[i:i + free]
             i += free
             serial, free = _submit(sess, exp, chunk, tokens, serial, other, free)
-        for req in other:           # after the reads: a worker's write may wait for them
-            pool.submit(req)
+            for req in other:       # after the chunk is in C: a worker's write may wait for it
+                pool.submit(req)
+            other.clear()
         if stop:
             return
 
