@@ -65,13 +65,13 @@ def serve(tmp_path) -> Iterator:
     """serve(image, fmt) -> (socket path, Spy, Engine, node, server, export)."""
     made: list[tuple[NBDServer, Engine]] = []
 
-    def start(image: str, fmt: str, read_only: bool = True, **kw):
+    def start(image: str, fmt: str, read_only: bool = True, workers: int = 4, **kw):
         eng = Engine()
         node = eng.open(image, fmt, node_name="d", read_only=read_only)
         with eng.io:
             fe = eng.io.attach(node, writable=not read_only)
         be = Spy(eng.io, fe, {}, **kw)
-        srv = NBDServer(workers=4)
+        srv = NBDServer(workers=workers)
         made.append((srv, eng))
         exp = Export("d", be)
         srv.add_export(exp)
@@ -326,3 +326,23 @@ def test_a_client_not_reading_its_replies_holds_up_no_write(tmp_path, serve):
     s.close()
     srv.settle(exp, timeout=WAIT)
     assert eng.io._reads(node).count == 0
+
+
+def test_many_workers_and_no_session_still_serve(tmp_path, serve, monkeypatch):
+    """40 workers (the session's threads capped at 64); and a session that
+    cannot be made (no memory, no threads): the Python path serves."""
+    top = _chain(tmp_path)
+    path, be, *_ = serve(top, "qcow2", workers=40)
+    out = str(tmp_path / "out.raw")
+    _run("nbdcopy", "-C", "2", uri(path, "d"), out)
+    assert be.c_reads > 0
+    assert qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", top, out).returncode == 0
+    from blkjobs.nbd import fastpath
+
+    def no_session(*a):
+        raise OSError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(fastpath, "Session", no_session)
+    path, be, *_ = serve(top, "qcow2")
+    _run("nbdcopy", "-C", "2", uri(path, "d"), out)
+    assert be.c_reads == 0
+    assert qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", top, out).returncode == 0

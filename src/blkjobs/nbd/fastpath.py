@@ -26,6 +26,7 @@ On ``DISC``, EOF or a bad magic the requests being served are finished
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any, Protocol
@@ -33,11 +34,16 @@ from typing import Any, Protocol
 from ..native.nbdserve import Session
 from . import proto as P
 from .handshake import Connection, Export
+from . import transmission
 from .transmission import _Workers
+
+log = logging.getLogger(__name__)
 
 #: the session's threads per Python worker: reads are planned in chunks of
 #: the free ones (half of them at least), so more threads, larger chunks
 C_WORKERS = 2
+#: at most (csrc/nbdsrv.c's MAX_WORKERS)
+MAX_THREADS = 64
 #: the flags a READ may carry (transmission._FLAGS)
 _READ_FLAGS = P.CMD_FLAG_DF | P.CMD_FLAG_FUA
 
@@ -67,7 +73,13 @@ def usable(conn: Connection, exp: Export) -> bool:
 def serve(conn: Connection, exp: Export) -> None:
     """Requests until DISC or EOF (raised as EOFError/OSError)."""
     be: Any = exp.backend
-    sess = Session(conn.sock.fileno(), conn.structured, C_WORKERS * conn.server.workers)
+    try:
+        sess = Session(conn.sock.fileno(), conn.structured,
+                       min(MAX_THREADS, C_WORKERS * conn.server.workers))
+    except OSError as e:        # no memory or threads for it: the Python path
+        log.warning("NBD: serving a client without the C data path: %s", e)
+        transmission.serve(conn, exp)
+        return
     tokens: dict[int, Any] = {}
     reaper = threading.Thread(target=_reap, args=(sess, tokens, be), name="nbd-reaper",
                               daemon=True)
@@ -87,7 +99,10 @@ def serve(conn: Connection, exp: Export) -> None:
 
 def _reap(sess: Session, tokens: dict[int, Any], be: Any) -> None:
     while done := sess.wait_done():
-        be.end_reads([tokens.pop(t) for t in done])
+        try:
+            be.end_reads([tokens.pop(t) for t in done])
+        except Exception:       # a bug: log it, keep ending the others
+            log.exception("NBD: ending reads failed")
 
 
 def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
