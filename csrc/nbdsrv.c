@@ -403,7 +403,10 @@ static void *worker(void *arg)
         free(j);
         pthread_mutex_lock(&s->lock);
         s->inflight--;
-        pthread_cond_broadcast(&s->idle);
+        /* only where a waiter's condition turns true (wait_idle: none in
+         * flight; submit: half the workers free; wait_slots: one free) */
+        if (s->inflight <= s->nthreads / 2 || s->inflight == s->nthreads - 1)
+            pthread_cond_broadcast(&s->idle);
         if (!s->inflight && s->ndone)
             pthread_cond_signal(&s->donecv);
     }
