@@ -11,8 +11,11 @@ page cache (read once with cat before the rounds). We report per contender
 the median and min wall time and MB/s of virtual size, and the MEDIAN OF
 THE PER-ROUND RATIOS qemu-nbd time / blkjobs time (> 1: blkjobs is faster)
 with their min-max, and the median CPU time each server used per run
-(user + system, from /proc: less sensitive to the machine's load than the
-wall time).
+and per GiB of virtual size (user + system, from /proc: less sensitive to
+the machine's load than the wall time).
+
+``BLKJOBS_NBD_C=0`` in the environment serves every request of the
+blkjobs export on the Python path (before the C data path) for an A/B run.
 
 Images: ``dense`` (random bytes, all data), ``vm`` (data, written
 zeroes and holes; nbdcopy skips what block status says is a hole) and
@@ -24,7 +27,7 @@ clusters; both servers serve the same file).
 both contenders alike.
 
 Usage: benchmarks/nbd_export.py [--size 512M] [--rounds 5] [--image dense,vm,sparse]
-       [--format raw,qcow2] [--target null,file] [--connections N] [--busy]
+       [--format raw,qcow2] [--target null,file] [--connections N] [--busy] [--python-path]
        [--dir DIR] [--json FILE]
 """
 from __future__ import annotations
@@ -80,7 +83,7 @@ def wait_for(path: str, proc: subprocess.Popen[str], what: str) -> None:
 class Servers:
     """qemu-nbd and blkjobs serving ``image`` read-only, until close()."""
 
-    def __init__(self, d: str, image: str, fmt: str = "raw"):
+    def __init__(self, d: str, image: str, fmt: str = "raw", python_path: bool = False):
         self.procs: list[subprocess.Popen[str]] = []
         q, b = os.path.join(d, "qemu-nbd.sock"), os.path.join(d, "blkjobs-nbd.sock")
         p = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", fmt, f"--socket={q}", "-x", "disk",
@@ -96,6 +99,18 @@ class Servers:
         self.uris = {"blkjobs export": f"nbd+unix:///disk?socket={b}",
                      "qemu-nbd": f"nbd+unix:///disk?socket={q}"}
         self.pids = {"qemu-nbd": self.procs[0].pid, "blkjobs export": self.procs[1].pid}
+        if python_path:         # a third contender: the export without its C data path
+            pb = os.path.join(d, "blkjobs-py.sock")
+            p = subprocess.Popen([BLKJOBS, "serve", "--socket", os.path.join(d, "qmp-py.sock"),
+                                  "--export", f"disk={image}", "--nbd-socket", pb,
+                                  "--print-ready"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True,
+                                 env={**os.environ, "BLKJOBS_NBD_C": "0"})
+            self.procs.append(p)
+            if not p.stdout or not p.stdout.readline():
+                raise SystemExit("nbd_export.py: blkjobs serve did not start")
+            self.uris["blkjobs (Python)"] = f"nbd+unix:///disk?socket={pb}"
+            self.pids["blkjobs (Python)"] = p.pid
 
     def cpu(self, name: str) -> float:
         """CPU seconds (user + system) the server used so far."""
@@ -129,7 +144,7 @@ def bench(servers: Servers, target: str, out: str, rounds: int, conns: int) -> d
     times: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds + 1):          # round 0: warm-up
-        order = names if r % 2 == 0 else names[::-1]
+        order = names[r % len(names):] + names[:r % len(names)]   # rotated
         got, used = {}, {}
         for n in order:
             c0 = servers.cpu(n)
@@ -146,7 +161,7 @@ def bench(servers: Servers, target: str, out: str, rounds: int, conns: int) -> d
 def run_image(a: argparse.Namespace, d: str, image: str, label: str, fmt: str,
               size: int) -> list[dict]:
     subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
-    servers = Servers(d, image, fmt)
+    servers = Servers(d, image, fmt, a.python_path)
     report = []
     try:
         for target in a.target.split(","):
@@ -157,12 +172,18 @@ def run_image(a: argparse.Namespace, d: str, image: str, label: str, fmt: str,
                   f"{' (busy: 2 hogs)' if a.busy else ''}, load average {load:.1f}")
             for n, ts in res["times"].items():
                 med = statistics.median(ts)
+                cpu = statistics.median(res["cpu"][n])
                 print(f"  {n:15s} median {med:7.3f} s  min {min(ts):7.3f} s  "
                       f"{size / med / 1e6:8.1f} MB/s  server CPU "
-                      f"{statistics.median(res['cpu'][n]):6.2f} s")
+                      f"{cpu:6.2f} s ({cpu * (1 << 30) / size:5.2f} s/GiB)")
             rs = res["ratios"]
             print(f"  qemu-nbd / blkjobs: median {statistics.median(rs):.2f} "
                   f"(min {min(rs):.2f}, max {max(rs):.2f}; > 1: blkjobs faster)", flush=True)
+            if "blkjobs (Python)" in res["times"]:
+                pr = [p / b for p, b in zip(res["times"]["blkjobs (Python)"],
+                                            res["times"]["blkjobs export"], strict=True)]
+                print(f"  Python path / C path: median {statistics.median(pr):.2f} "
+                      f"(min {min(pr):.2f}, max {max(pr):.2f})", flush=True)
     finally:
         servers.close()
     return report
@@ -177,6 +198,8 @@ def main() -> int:
     ap.add_argument("--busy", action="store_true", help="two CPU hogs meanwhile")
     ap.add_argument("--target", default="null,file")
     ap.add_argument("--connections", type=int, default=4, help="nbdcopy -C (multi-conn)")
+    ap.add_argument("--python-path", action="store_true",
+                    help="a third contender: our export with BLKJOBS_NBD_C=0")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()

@@ -50,6 +50,14 @@ class NodeBackend:
     def readinto(self, offset: int, buf: memoryview) -> None:
         self.fe.readinto(offset, buf)
 
+    def plan_reads(self, reqs: list[tuple[int, int]]) -> list[Any]:
+        """The C data path's reads (:mod:`blkjobs.nbd.fastpath`): mapped
+        to file segments and tracked as ``readinto``'s are."""
+        return self.io.guest_read_segments(self.fe, reqs)
+
+    def end_reads(self, tokens: list[Any]) -> None:
+        self.io.guest_read_end(tokens)
+
     def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         dz = self.detect_zeroes()
         if dz != "off" and _all_zero(data):

@@ -223,6 +223,20 @@ class BlockIO:
             for r, t in tracked:        # (without the lock: Reads.remove)
                 r.remove(t)
 
+    def guest_read_segments(self, fe: Frontend, reqs: list[tuple[int, int]]
+                            ) -> list[readplan.Planned | None]:
+        """:meth:`guest_read`'s mapping of many reads done outside Python
+        (the NBD export's C data path) in one lock hold: per read its file
+        segments, tracked and pinned until :meth:`guest_read_end`, or None
+        (use :meth:`guest_read`: clusters unfilled, a driver reads itself)."""
+        with self.lock:
+            if self._n_unfilled or fe.closed:
+                return [None] * len(reqs)
+            img = _levels(fe.node)[-1]
+            return readplan.plan_batch(img, reqs, [self._reads(n) for n in img.chain()])
+
+    guest_read_end = staticmethod(readplan.end_batch)
+
     def _reads(self, node: Node) -> Reads:
         st = state(node)
         if st.reading is None:

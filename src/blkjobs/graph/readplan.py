@@ -22,10 +22,12 @@ flight".
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import BlkjobsError, UsageError
 from ..formats.base import Kind
+from ..formats.raw import Raw
 from ..native import dio
 from .node import Node
 
@@ -143,3 +145,177 @@ def _below(node: Node, offset: int, mv: memoryview, p: ReadPlan, pinned: dict[in
         _plan(node, offset, mv[:n], p, pinned)
     if n < len(mv):
         p.zeroes.append(mv[n:])
+
+
+# -- the NBD export's C data path ---------------------------------------------
+#: segment kinds, as csrc/nbdsrv.h numbers them (native.nbdserve)
+SEG_DATA, SEG_DATA_PAD, SEG_ZERO = 0, 1, 2
+#: (kind, fd, host offset, length)
+Segment = tuple[int, int, int, int]
+
+
+def plan_segments(node: Node, offset: int, length: int) -> tuple[list[Segment], ReadPlan] | None:
+    """The guest read of [offset, offset+length) of ``node`` as file
+    segments a reader outside Python does (I/O lock held): raw files read
+    whole, qcow2 DATA runs as host bytes (the image pinned in the returned
+    plan, released as :meth:`ReadPlan.release`), ZERO runs and the part
+    past a short backing node as zeroes. None (nothing pinned) where a part
+    must be read by a driver itself: what :func:`plan` reads at once under
+    the lock (compressed clusters, encrypted images, blkdebug, other
+    formats) or a parallel-read driver without a plain file (NBD nodes)."""
+    p = ReadPlan()
+    segs: list[Segment] = []
+    try:
+        ok = _segments(node, offset, length, segs, p, {})
+    except BaseException:
+        p.release()
+        raise
+    if not ok:
+        p.release()
+        return None
+    return segs, p
+
+
+def _plain_fd(d: Any) -> int | None:
+    """The raw file a raw driver reads with plain preads (not one whose
+    ``readinto`` was replaced on the instance: a test's hook)."""
+    if type(d) is not Raw or "readinto" in vars(d):
+        return None
+    return int(d.fd)
+
+
+def _segments(node: Node, offset: int, n: int, segs: list[Segment], p: ReadPlan,
+              pinned: dict[int, Any]) -> bool:
+    while node.is_filter:
+        node = node._child()
+    if offset + n > node.size:
+        raise UsageError(f"read beyond the end of node '{node.name}'")
+    d = node.driver
+    if getattr(d, "injects_faults", False):
+        return False
+    if node.backing is None and getattr(d, "parallel_reads", False):
+        fd = _plain_fd(d)
+        if fd is None:
+            return False
+        segs.append((SEG_DATA, fd, offset, n))
+        return True
+    map_for_read = getattr(d, "map_for_read", None)
+    maps = map_for_read(offset, n) if map_for_read is not None else None
+    if maps is None:
+        return False
+    for start, k, kind, host in maps:
+        if kind == DATA:
+            if id(d) not in pinned:
+                pins = d.read_pins
+                pinned[id(d)] = pins
+                p.pins.append((pins, pins.pin()))
+            segs.append((SEG_DATA_PAD, d.data_fd, host, k))
+        elif kind == UNALLOCATED and node.backing is not None:
+            m = max(0, min(k, node.backing.size - start))
+            if m and not _segments(node.backing, start, m, segs, p, pinned):
+                return False
+            if m < k:
+                segs.append((SEG_ZERO, 0, 0, k - m))
+        elif kind == COMPRESSED:
+            return False
+        else:
+            segs.append((SEG_ZERO, 0, 0, k))
+    return True
+
+
+class _Shared:
+    """The pins of a group of reads mapped together, released with the
+    group's last read."""
+
+    __slots__ = ("rp", "left", "lock")
+
+    def __init__(self, rp: ReadPlan, n: int):
+        self.rp, self.left, self.lock = rp, n, threading.Lock()
+
+    def done(self) -> None:
+        with self.lock:
+            self.left -= 1
+            last = not self.left
+        if last:
+            self.rp.release()
+
+
+#: a token of :func:`plan_batch`: the group's pins, the read's tickets
+Token = tuple[_Shared, list[tuple[Any, int]]]
+#: what :func:`plan_batch` hands out per read: its segments and its token
+Planned = tuple[list[Segment], Token]
+#: reads of a batch closer than this are mapped as one range (nbdcopy's
+#: are back to back); a group spans at most _SPAN
+_GAP, _SPAN = 1 << 20, 64 << 20
+
+
+def _groups(reqs: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
+    """(start, end, indices sorted by offset) of reads close together."""
+    out: list[tuple[int, int, list[int]]] = []
+    for i in sorted(range(len(reqs)), key=lambda k: reqs[k][0]):
+        off, n = reqs[i]
+        if out and off <= out[-1][1] + _GAP and max(out[-1][1], off + n) - out[-1][0] <= _SPAN:
+            start, end, idx = out[-1]
+            idx.append(i)
+            out[-1] = (start, max(end, off + n), idx)
+        else:
+            out.append((off, off + n, [i]))
+    return out
+
+
+def _try(img: Node, off: int, n: int) -> tuple[list[Segment], ReadPlan] | None:
+    try:
+        return plan_segments(img, off, n)
+    except (BlkjobsError, OSError):
+        return None
+
+
+def plan_batch(img: Node, reqs: list[tuple[int, int]], reads: list[Any]) -> list[Planned | None]:
+    """:func:`plan_segments` of several reads of ``img`` (I/O lock held),
+    each tracked on ``reads`` (the ``Reads`` of every node of its chain)
+    until :func:`end_batch`. Reads close together are mapped as one range
+    (one walk of the L2 tables) and cut apart. None for a read that cannot
+    be done this way or whose mapping failed (the caller reads it the
+    ordinary way, which reports the error)."""
+    out: list[Planned | None] = [None] * len(reqs)
+    for start, end, idx in _groups(reqs):
+        got = _try(img, start, end - start) if len(idx) > 1 else None
+        if got is None:             # alone: a compressed cluster is not the others'
+            for i in idx:
+                one = _try(img, *reqs[i])
+                if one is not None:
+                    off, n = reqs[i]
+                    out[i] = (one[0], (_Shared(one[1], 1), [(r, r.add(off, n)) for r in reads]))
+            continue
+        segs, rp = got
+        shared = _Shared(rp, len(idx))
+        k, pos = 0, start           # segs[k] starts at guest offset pos
+        for i in idx:
+            off, n = reqs[i]
+            while pos + segs[k][3] <= off:
+                pos += segs[k][3]
+                k += 1
+            out[i] = (_cut(segs, k, pos, off, off + n),
+                      (shared, [(r, r.add(off, n)) for r in reads]))
+    return out
+
+
+def _cut(segs: list[Segment], k: int, pos: int, off: int, end: int) -> list[Segment]:
+    """The part [off, end) of segments from segs[k] (at guest offset pos)."""
+    out: list[Segment] = []
+    while pos < end:
+        kind, fd, host, n = segs[k]
+        s, e = max(pos, off), min(pos + n, end)
+        out.append((kind, fd, host + (s - pos) if kind != SEG_ZERO else 0, e - s))
+        pos += n
+        k += 1
+    return out
+
+
+def end_batch(tokens: list[Token]) -> None:
+    """The reads of :func:`plan_batch` are done: unpin, untrack (no lock
+    needed, as at the end of ``guest_read``)."""
+    for shared, tracked in tokens:
+        shared.done()
+        for r, t in tracked:
+            r.remove(t)

@@ -23,6 +23,10 @@ class Connection(Protocol):
     modules, docs/architecture.md)."""
 
     server: Any
+    sock: Any
+    #: what sends the replies instead of the socket (the C data path's
+    #: session: one send lock for its threads and Python's), or None
+    sender: Any
     structured: bool
     no_zeroes: bool
     tls_done: bool

@@ -37,11 +37,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import proto as P
 from .handshake import negotiate
 from .proto import NBDRequestError  # noqa: F401  (re-exported)
+from . import fastpath
 from .transmission import serve
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,8 @@ class Connection:
         #: the export those contexts were negotiated for
         self.contexts_export: str | None = None
         self.closing = False
+        #: the C data path's session while it serves (replies go through it)
+        self.sender: Any = None
         #: a reply goes out whole (several workers send on one connection)
         self._send_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="nbd-client", daemon=True)
@@ -319,6 +322,10 @@ class Connection:
             pos += k
 
     def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        sender = self.sender
+        if sender is not None:
+            sender.send(parts)
+            return
         with self._send_lock:
             self._send(parts)
 
@@ -355,7 +362,10 @@ class Connection:
             if exp is None:
                 return
             self.sock.settimeout(None)
-            serve(self, exp)
+            if fastpath.usable(self, exp):
+                fastpath.serve(self, exp)
+            else:
+                serve(self, exp)
         except (EOFError, OSError, ssl.SSLError):
             pass            # the client left, or was dropped (timeouts included)
         except Exception:   # a bug: log it, drop this client only

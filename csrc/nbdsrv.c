@@ -1,0 +1,684 @@
+/* The NBD export's data path: request headers and READ replies in C, the
+ * GIL released (see nbdsrv.h and docs/nbd.md, "The data path in C"). */
+#include "nbdsrv.h"
+#include "dio.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define REQUEST_MAGIC 0x25609513u
+#define SIMPLE_MAGIC 0x67446698u
+#define STRUCT_MAGIC 0x668e33efu
+#define CMD_WRITE 1
+#define CMD_DISC 2
+#define FLAG_DF (1u << 2)
+#define REPLY_DONE 1
+#define TYPE_DATA 1
+#define TYPE_HOLE 2
+#define TYPE_ERROR ((1u << 15) | 1)
+#define HDR 28
+#define RBUF (64 * 1024)
+/* a worker keeps its buffer up to this size; larger reads get their own */
+#define KEEP_BUF (4u << 20)
+#define MAX_WORKERS 64
+#define DONE_BATCH 16
+/* a socket taking nothing for this long: its sender flushes the tokens */
+#define STUCK_MS 10
+
+struct seg {
+    uint64_t kind, fd, host, len;
+};
+
+struct job {
+    struct job *next;
+    uint64_t handle, offset, length, flags, token;
+    int nsegs;
+    struct seg segs[];
+};
+
+struct bj_nbds {
+    int sock, structured;
+    /* headers read ahead (only the reading thread touches these) */
+    unsigned char rbuf[RBUF];
+    size_t rpos, rlen;
+
+    pthread_mutex_t lock;           /* queue, done, inflight, stop */
+    pthread_cond_t more, idle, donecv;
+    struct job *head, *tail;
+    uint64_t *done;
+    size_t ndone, capdone;
+    int inflight, unread, stop, broken, stop_done, flush;
+    int stuck;                      /* a sender waits for the socket */
+
+    pthread_mutex_t send_lock;
+    int nthreads;
+    pthread_t threads[MAX_WORKERS];
+};
+
+static void put_be16(unsigned char *p, uint16_t v)
+{
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+static void put_be32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+static void put_be64(unsigned char *p, uint64_t v)
+{
+    put_be32(p, (uint32_t)(v >> 32));
+    put_be32(p + 4, (uint32_t)v);
+}
+static uint16_t get_be16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint32_t get_be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static uint64_t get_be64(const unsigned char *p)
+{
+    return (uint64_t)get_be32(p) << 32 | get_be32(p + 4);
+}
+
+/* Hand the reaper the tokens there are now (a worker is about to wait:
+ * for the send lock or the socket). */
+static void flush_done(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&s->lock);
+    if (s->ndone) {
+        s->flush = 1;
+        pthread_cond_signal(&s->donecv);
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* All of iov out, the send lock held by the caller; before the first
+ * wait for the socket the tokens are flushed. */
+static int send_all(struct bj_nbds *s, struct iovec *iov, int n)
+{
+    int flags = MSG_NOSIGNAL | MSG_DONTWAIT;
+    while (n > 0) {
+        struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)(n > IOV_MAX ? IOV_MAX : n)};
+        ssize_t k = sendmsg(s->sock, &m, flags);
+        if (k < 0) {
+            if (errno == EAGAIN && (flags & MSG_DONTWAIT)) {
+                /* a client reading along frees room within a few ms (a
+                 * reply larger than the socket buffer always waits) */
+                struct pollfd pf = {.fd = s->sock, .events = POLLOUT};
+                if (poll(&pf, 1, STUCK_MS) > 0)
+                    continue;
+                /* about to wait for the socket: so will the workers that
+                 * queue on the send lock meanwhile (they flush too) */
+                __atomic_store_n(&s->stuck, 1, __ATOMIC_RELEASE);
+                flush_done(s);
+                flags = MSG_NOSIGNAL;
+                continue;
+            }
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (!(flags & MSG_DONTWAIT)) {      /* the socket took some: try again without waiting */
+            __atomic_store_n(&s->stuck, 0, __ATOMIC_RELEASE);
+            flags = MSG_NOSIGNAL | MSG_DONTWAIT;
+        }
+        while (n > 0 && (size_t)k >= iov->iov_len) {
+            k -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (char *)iov->iov_base + k;
+            iov->iov_len -= (size_t)k;
+        }
+    }
+    return 0;
+}
+
+static int send_locked(struct bj_nbds *s, struct iovec *iov, int n)
+{
+    int r;
+    if (pthread_mutex_trylock(&s->send_lock) != 0) {
+        if (__atomic_load_n(&s->stuck, __ATOMIC_ACQUIRE))
+            flush_done(s);
+        pthread_mutex_lock(&s->send_lock);
+    }
+    r = __atomic_load_n(&s->broken, __ATOMIC_ACQUIRE) ? -EPIPE : send_all(s, iov, n);
+    if (r < 0 && !__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
+        /* the client is gone: so is the reader */
+        __atomic_store_n(&s->broken, 1, __ATOMIC_RELEASE);
+        shutdown(s->sock, SHUT_RDWR);
+    }
+    pthread_mutex_unlock(&s->send_lock);
+    return r;
+}
+
+int bj_nbds_send(struct bj_nbds *s, const void *const *bufs, const size_t *lens, int n)
+{
+    struct iovec iov[8];
+    if (n < 0 || n > 8)
+        return -EINVAL;
+    for (int i = 0; i < n; i++) {
+        iov[i].iov_base = (void *)bufs[i];
+        iov[i].iov_len = lens[i];
+    }
+    return send_locked(s, iov, n);
+}
+
+/* -- a worker's read ------------------------------------------------------ */
+
+struct wbuf {
+    unsigned char *data;
+    size_t cap;
+    struct iovec *iov;
+    unsigned char *hdrs;
+    size_t capseg;
+};
+
+static int wbuf_reserve(struct wbuf *w, size_t len, int nsegs)
+{
+    if (!w->data || len > w->cap) {
+        unsigned char *p = malloc(len ? len : 1);
+        if (!p)
+            return -ENOMEM;
+        free(w->data);
+        w->data = p;
+        w->cap = len;
+    }
+    if (!w->iov || !w->hdrs || (size_t)nsegs + 1 > w->capseg) {
+        size_t n = (size_t)nsegs + 1;
+        struct iovec *iov = malloc(sizeof(*iov) * (2 * n + 1));
+        unsigned char *h = malloc(32 * n);
+        if (!iov || !h) {
+            free(iov);
+            free(h);
+            return -ENOMEM;
+        }
+        free(w->iov);
+        free(w->hdrs);
+        w->iov = iov;
+        w->hdrs = h;
+        w->capseg = n;
+    }
+    return 0;
+}
+
+static void wbuf_trim(struct wbuf *w)
+{
+    if (w->cap > KEEP_BUF) {
+        free(w->data);
+        w->data = NULL;
+        w->cap = 0;
+    }
+}
+
+/* One segment's bytes into dst; 0 or -errno. */
+static int fill_seg(const struct seg *g, unsigned char *dst)
+{
+    uint64_t got = 0;
+    if (g->kind == BJ_NBDS_ZERO) {
+        memset(dst, 0, g->len);
+        return 0;
+    }
+    while (got < g->len) {
+        int64_t k = bj_dio_pread((int)g->fd, dst + got, g->len - got, g->host + got);
+        if (k < 0)
+            return (int)k;
+        if (k == 0)
+            break;
+        got += (uint64_t)k;
+    }
+    if (got < g->len) {
+        if (g->kind == BJ_NBDS_DATA)
+            return -EIO;            /* the file shrank under the export */
+        memset(dst + got, 0, g->len - got);
+    }
+    return 0;
+}
+
+/* The request's bytes into buf (zero segments left alone with skip_zero:
+ * they go out as holes); 0 or -errno. */
+static int fill(const struct job *j, unsigned char *buf, int skip_zero)
+{
+    uint64_t pos = 0;
+    for (int i = 0; i < j->nsegs; i++) {
+        const struct seg *g = &j->segs[i];
+        if (!(skip_zero && g->kind == BJ_NBDS_ZERO)) {
+            int r = fill_seg(g, buf + pos);
+            if (r < 0)
+                return r;
+        }
+        pos += g->len;
+    }
+    return 0;
+}
+
+static void chunk_header(unsigned char *h, uint16_t flags, uint16_t type, uint64_t handle,
+                         uint32_t len)
+{
+    put_be32(h, STRUCT_MAGIC);
+    put_be16(h + 4, flags);
+    put_be16(h + 6, type);
+    put_be64(h + 8, handle);
+    put_be32(h + 16, len);
+}
+
+static int send_error(struct bj_nbds *s, const struct job *j, int err)
+{
+    unsigned char h[32 + 128];
+    struct iovec iov[1];
+    /* NBD's errno numbers are Linux's; the protocol knows only a few */
+    uint32_t e = err == ENOMEM || err == EINVAL || err == ENOSPC || err == EOVERFLOW
+                 || err == EPERM ? (uint32_t)err : EIO;
+    if (s->structured) {
+        const char *msg = strerror(err);
+        size_t n = strlen(msg);
+        if (n > 128)
+            n = 128;
+        chunk_header(h, REPLY_DONE, TYPE_ERROR, j->handle, (uint32_t)(6 + n));
+        put_be32(h + 20, e);
+        put_be16(h + 24, (uint16_t)n);
+        memcpy(h + 26, msg, n);
+        iov[0] = (struct iovec){h, 26 + n};
+    } else {
+        put_be32(h, SIMPLE_MAGIC);
+        put_be32(h + 4, e);
+        put_be64(h + 8, j->handle);
+        iov[0] = (struct iovec){h, 16};
+    }
+    return send_locked(s, iov, 1);
+}
+
+/* Structured reply of runs: consecutive data segments one OFFSET_DATA
+ * chunk, consecutive zero segments one OFFSET_HOLE chunk. */
+static int build_sparse(const struct job *j, struct wbuf *w)
+{
+    int n = 0, k = 0;
+    uint64_t pos = 0;
+    for (int i = 0; i < j->nsegs;) {
+        int zero = j->segs[i].kind == BJ_NBDS_ZERO;
+        uint64_t len = 0;
+        while (i < j->nsegs && (j->segs[i].kind == BJ_NBDS_ZERO) == zero)
+            len += j->segs[i++].len;
+        unsigned char *h = w->hdrs + 32 * k++;
+        uint16_t flags = i == j->nsegs ? REPLY_DONE : 0;
+        if (zero) {
+            chunk_header(h, flags, TYPE_HOLE, j->handle, 12);
+            put_be64(h + 20, j->offset + pos);
+            put_be32(h + 28, (uint32_t)len);
+            w->iov[n++] = (struct iovec){h, 32};
+        } else {
+            chunk_header(h, flags, TYPE_DATA, j->handle, (uint32_t)(8 + len));
+            put_be64(h + 20, j->offset + pos);
+            w->iov[n++] = (struct iovec){h, 28};
+            w->iov[n++] = (struct iovec){w->data + pos, len};
+        }
+        pos += len;
+    }
+    return n;
+}
+
+/* The read's bytes are in the worker's buffer (or it failed): its token
+ * goes to the reaper, before the reply is sent -- a client that does not
+ * read its replies must not keep writes of others waiting on its reads.
+ * The reaper (Python: the GIL) is woken per DONE_BATCH reads, when no read
+ * is left in flight, or before a worker waits (for the socket or the send
+ * lock: flush_done): a waiter for one of them waits at most for the reads
+ * in flight with it, which wait for nothing but their pread. */
+static void read_done(struct bj_nbds *s, uint64_t token)
+{
+    pthread_mutex_lock(&s->lock);
+    /* capdone >= every job queued (grown in submit): no failure here */
+    s->done[s->ndone++] = token;
+    s->unread--;
+    if (s->ndone >= DONE_BATCH)
+        pthread_cond_signal(&s->donecv);
+    pthread_mutex_unlock(&s->lock);
+}
+
+static void serve(struct bj_nbds *s, const struct job *j, struct wbuf *w)
+{
+    int r, n = 0, sparse = 0;
+    if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
+        read_done(s, j->token);
+        return;
+    }
+    r = wbuf_reserve(w, j->length, j->nsegs);
+    if (r == 0) {
+        if (s->structured && !(j->flags & FLAG_DF)) {
+            for (int i = 0; i < j->nsegs; i++)
+                sparse |= j->segs[i].kind == BJ_NBDS_ZERO;
+        }
+        r = fill(j, w->data, sparse);
+    }
+    read_done(s, j->token);
+    if (r < 0) {
+        send_error(s, j, -r);
+        wbuf_trim(w);
+        return;
+    }
+    if (sparse) {
+        n = build_sparse(j, w);
+    } else if (s->structured) {
+        chunk_header(w->hdrs, REPLY_DONE, TYPE_DATA, j->handle, (uint32_t)(8 + j->length));
+        put_be64(w->hdrs + 20, j->offset);
+        w->iov[n++] = (struct iovec){w->hdrs, 28};
+        w->iov[n++] = (struct iovec){w->data, j->length};
+    } else {
+        put_be32(w->hdrs, SIMPLE_MAGIC);
+        put_be32(w->hdrs + 4, 0);
+        put_be64(w->hdrs + 8, j->handle);
+        w->iov[n++] = (struct iovec){w->hdrs, 16};
+        w->iov[n++] = (struct iovec){w->data, j->length};
+    }
+    send_locked(s, w->iov, n);
+    wbuf_trim(w);
+}
+
+static void *worker(void *arg)
+{
+    struct bj_nbds *s = arg;
+    struct wbuf w = {0};
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        while (!s->head && !s->stop)
+            pthread_cond_wait(&s->more, &s->lock);
+        if (!s->head)
+            break;
+        struct job *j = s->head;
+        s->head = j->next;
+        if (!s->head)
+            s->tail = NULL;
+        pthread_mutex_unlock(&s->lock);
+        serve(s, j, &w);
+        free(j);
+        pthread_mutex_lock(&s->lock);
+        s->inflight--;
+        /* only where a waiter's condition turns true (wait_idle: none in
+         * flight; submit: half the workers free; wait_slots: one free) */
+        if (s->inflight <= s->nthreads / 2 || s->inflight == s->nthreads - 1)
+            pthread_cond_broadcast(&s->idle);
+        if (!s->inflight && s->ndone)
+            pthread_cond_signal(&s->donecv);
+    }
+    pthread_mutex_unlock(&s->lock);
+    free(w.data);
+    free(w.iov);
+    free(w.hdrs);
+    return NULL;
+}
+
+/* -- the session ------------------------------------------------------------- */
+
+struct bj_nbds *bj_nbds_new(int sock, int structured, int workers)
+{
+    if (workers < 1 || workers > MAX_WORKERS) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct bj_nbds *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->sock = sock;
+    s->structured = structured;
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->send_lock, NULL);
+    pthread_cond_init(&s->more, NULL);
+    pthread_cond_init(&s->idle, NULL);
+    pthread_cond_init(&s->donecv, NULL);
+    for (int i = 0; i < workers; i++) {
+        int r = pthread_create(&s->threads[i], NULL, worker, s);
+        if (r) {
+            bj_nbds_free(s);
+            errno = r;
+            return NULL;
+        }
+        s->nthreads++;
+    }
+    return s;
+}
+
+void bj_nbds_free(struct bj_nbds *s)
+{
+    if (!s)
+        return;
+    pthread_mutex_lock(&s->lock);
+    s->stop = 1;
+    pthread_cond_broadcast(&s->more);
+    pthread_mutex_unlock(&s->lock);
+    for (int i = 0; i < s->nthreads; i++)
+        pthread_join(s->threads[i], NULL);
+    while (s->head) {               /* only when no thread ever started */
+        struct job *j = s->head;
+        s->head = j->next;
+        free(j);
+    }
+    pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->send_lock);
+    pthread_cond_destroy(&s->more);
+    pthread_cond_destroy(&s->idle);
+    pthread_cond_destroy(&s->donecv);
+    free(s->done);
+    free(s);
+}
+
+static int take_done_locked(struct bj_nbds *s, uint64_t *done, int maxdone)
+{
+    int n = 0;
+    if (maxdone <= 0)
+        return 0;
+    n = s->ndone < (size_t)maxdone ? (int)s->ndone : maxdone;
+    memcpy(done, s->done, sizeof(*done) * (size_t)n);
+    memmove(s->done, s->done + n, sizeof(*done) * (s->ndone - (size_t)n));
+    s->ndone -= (size_t)n;
+    return n;
+}
+
+int bj_nbds_wait_done(struct bj_nbds *s, uint64_t *done, int maxdone)
+{
+    pthread_mutex_lock(&s->lock);
+    while (!s->stop_done && (!s->ndone || (s->inflight && s->ndone < DONE_BATCH && !s->flush)))
+        pthread_cond_wait(&s->donecv, &s->lock);
+    s->flush = 0;
+    int n = take_done_locked(s, done, maxdone);
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+void bj_nbds_stop_done(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->stop_done = 1;
+    pthread_cond_broadcast(&s->donecv);
+    pthread_mutex_unlock(&s->lock);
+}
+
+int bj_nbds_wait_slots(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&s->lock);
+    while (s->inflight >= s->nthreads)
+        pthread_cond_wait(&s->idle, &s->lock);
+    int n = s->nthreads - s->inflight;
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+int bj_nbds_inflight(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&s->lock);
+    int n = s->inflight;
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+void bj_nbds_wait_idle(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&s->lock);
+    while (s->inflight)
+        pthread_cond_wait(&s->idle, &s->lock);
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* Headers complete in rbuf, up to max (stopping after WRITE/DISC/bad magic). */
+static int parse(struct bj_nbds *s, struct bj_nbds_req *reqs, int max)
+{
+    int n = 0;
+    while (n < max && s->rlen - s->rpos >= HDR) {
+        const unsigned char *p = s->rbuf + s->rpos;
+        struct bj_nbds_req *r = &reqs[n++];
+        r->magic = get_be32(p);
+        r->flags = get_be16(p + 4);
+        r->type = get_be16(p + 6);
+        r->handle = get_be64(p + 8);
+        r->offset = get_be64(p + 16);
+        r->length = get_be32(p + 24);
+        s->rpos += HDR;
+        if (r->magic != REQUEST_MAGIC || r->type == CMD_WRITE || r->type == CMD_DISC)
+            break;
+    }
+    return n;
+}
+
+int bj_nbds_next(struct bj_nbds *s, struct bj_nbds_req *reqs, int max)
+{
+    for (;;) {
+        int n = parse(s, reqs, max);
+        if (n)
+            return n;
+        /* keep the partial header, read more behind it */
+        if (s->rpos) {
+            memmove(s->rbuf, s->rbuf + s->rpos, s->rlen - s->rpos);
+            s->rlen -= s->rpos;
+            s->rpos = 0;
+        }
+        ssize_t k = recv(s->sock, s->rbuf + s->rlen, RBUF - s->rlen, 0);
+        if (k == 0)
+            return -ECONNRESET;
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        s->rlen += (size_t)k;
+    }
+}
+
+int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len)
+{
+    unsigned char *p = buf;
+    size_t have = s->rlen - s->rpos;
+    if (have > len)
+        have = len;
+    memcpy(p, s->rbuf + s->rpos, have);
+    s->rpos += have;
+    len -= have;
+    p += have;
+    while (len > 0) {
+        ssize_t k = recv(s->sock, p, len, 0);
+        if (k == 0)
+            return -ECONNRESET;
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += k;
+        len -= (uint64_t)k;
+    }
+    return 0;
+}
+
+int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                   int nsegs)
+{
+    struct job *first = NULL, **link = &first;
+    int used = 0, r = 0;
+    if (nreq < 0 || nsegs < 0)
+        return -EINVAL;
+    for (int i = 0; i < nreq; i++) {
+        const uint64_t *q = reqs + 6 * i;
+        uint64_t k = q[5], sum = 0;
+        if (k == 0 || k > (uint64_t)(nsegs - used)) {
+            r = -EINVAL;
+            break;
+        }
+        struct job *j = malloc(sizeof(*j) + sizeof(struct seg) * k);
+        if (!j) {
+            r = -ENOMEM;
+            break;
+        }
+        *j = (struct job){.handle = q[0], .offset = q[1], .length = q[2], .flags = q[3],
+                          .token = q[4], .nsegs = (int)k};
+        for (uint64_t g = 0; g < k; g++) {
+            const uint64_t *w = segs + 4 * (used + (int)g);
+            j->segs[g] = (struct seg){w[0], w[1], w[2], w[3]};
+            sum += w[3];
+            if (w[0] > BJ_NBDS_ZERO || w[3] > 0xffffffffu)
+                sum = UINT64_MAX;
+        }
+        *link = j;
+        link = &j->next;
+        used += (int)k;
+        if (sum != j->length || j->length > 0xffffffffu) {
+            r = -EINVAL;
+            break;
+        }
+    }
+    if (r == 0 && used != nsegs)
+        r = -EINVAL;
+    if (r < 0) {
+        while (first) {
+            struct job *j = first;
+            first = j->next;
+            free(j);
+        }
+        return r;
+    }
+    pthread_mutex_lock(&s->lock);
+    size_t need = s->ndone + (size_t)s->inflight + (size_t)nreq;
+    if (need > s->capdone) {
+        size_t cap = need * 2;
+        uint64_t *d = realloc(s->done, sizeof(*d) * cap);
+        if (!d) {
+            pthread_mutex_unlock(&s->lock);
+            while (first) {
+                struct job *j = first;
+                first = j->next;
+                free(j);
+            }
+            return -ENOMEM;
+        }
+        s->done = d;
+        s->capdone = cap;
+    }
+    if (first) {
+        if (s->tail)
+            s->tail->next = first;
+        else
+            s->head = first;
+        struct job *t = first;
+        while (t->next)
+            t = t->next;
+        s->tail = t;
+    }
+    s->inflight += nreq;
+    s->unread += nreq;
+    for (int i = 0; i < nreq && i < s->nthreads; i++)
+        pthread_cond_signal(&s->more);      /* one worker per job, no herd */
+    /* (bj_nbds_wait_slots, in one call; for half the workers: fewer,
+     * larger batches for the caller) */
+    while (s->inflight > s->nthreads / 2)
+        pthread_cond_wait(&s->idle, &s->lock);
+    int n = s->nthreads - s->inflight;
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}

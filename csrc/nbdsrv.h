@@ -1,0 +1,99 @@
+#ifndef BJ_NBDSRV_H
+#define BJ_NBDSRV_H
+#include <stdint.h>
+#include <stddef.h>
+
+/* cdef-begin */
+/* The NBD export's data path (nbdsrv.c): one session per client connection
+ * in its transmission phase. Python (blkjobs.nbd.transmission) drives it:
+ *
+ *   bj_nbds_next    reads request headers (GIL released);
+ *   bj_nbds_submit  queues READs Python has checked and mapped (under the
+ *                   I/O lock, in one batch) as segments of file descriptors:
+ *                   the session's worker threads pread them into their own
+ *                   buffer and send the reply (simple, or structured with
+ *                   OFFSET_DATA / OFFSET_HOLE chunks), in the order they
+ *                   finish;
+ *   bj_nbds_send    sends a reply Python made (the other requests), whole,
+ *                   under the same lock as the workers' replies;
+ *   bj_nbds_recv    a WRITE's payload (bytes bj_nbds_next read ahead first);
+ *   bj_nbds_wait_done  the tokens of reads done (bytes in a worker's
+ *                   buffer, before the reply is sent), for Python to end
+ *                   their tracking (its own thread: the reader may wait
+ *                   for a Python worker that waits for such a read).
+ *
+ * Every function returns >= 0 or -errno; none crashes on what a client
+ * sends (a bad magic, a DISC, a request Python refuses are Python's). */
+struct bj_nbds;
+
+/* A request header as read (magic checked by Python: a bad one ends it). */
+struct bj_nbds_req {
+    uint32_t magic;
+    uint16_t flags;
+    uint16_t type;
+    uint64_t handle;
+    uint64_t offset;
+    uint32_t length;
+};
+
+/* sock: the connected socket (not closed by the session); structured:
+ * structured replies negotiated; workers: threads (1..64). NULL: out of
+ * memory or threads (errno set). */
+struct bj_nbds *bj_nbds_new(int sock, int structured, int workers);
+
+/* Wait until request headers are there: up to max of them go to reqs (it
+ * stops after a WRITE, whose payload follows, a DISC or a bad magic).
+ * Returns their number, or -ECONNRESET at EOF, -errno on a socket error. */
+int bj_nbds_next(struct bj_nbds *s, struct bj_nbds_req *reqs, int max);
+
+/* Read exactly len bytes of the stream (after the headers bj_nbds_next
+ * returned). 0 or -errno (-ECONNRESET at EOF). */
+int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len);
+
+/* Queue nreq reads. reqs: 6 words each (handle, offset, length, flags,
+ * token, number of segments); segs: 4 words per segment (kind, fd, host
+ * offset, length), the requests' segments one after the other, covering
+ * each request's length in order. kind: BJ_NBDS_DATA (bytes past the end
+ * of the file are an error, EIO), BJ_NBDS_DATA_PAD (they read as zeroes:
+ * qcow2 clusters preallocated past EOF), BJ_NBDS_ZERO (zeroes, fd unused).
+ * Then waits until half the workers (at least one) are free and returns
+ * the number of free workers; -EINVAL (segments that do not add up: nothing queued),
+ * -ENOMEM. */
+int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                   int nsegs);
+
+/* Send n buffers as one reply (whole, under the send lock). 0 or -errno
+ * (the session is then broken: the socket is shut down). */
+int bj_nbds_send(struct bj_nbds *s, const void *const *bufs, const size_t *lens, int n);
+
+/* Wait until every queued read is finished (its reply sent or dropped). */
+void bj_nbds_wait_idle(struct bj_nbds *s);
+
+/* Tokens of reads whose bytes were read (the reply may still be on its
+ * way; up to maxdone into done): waits until there are DONE_BATCH (16) of
+ * them, or some and none in flight, or some and a worker about to wait
+ * for the socket or the send lock; returns 0 once bj_nbds_stop_done was
+ * called and none is left. */
+int bj_nbds_wait_done(struct bj_nbds *s, uint64_t *done, int maxdone);
+void bj_nbds_stop_done(struct bj_nbds *s);
+
+/* Wait until a worker is free; the number of free workers. The caller
+ * plans (tracks, pins) and submits no more reads than that: a planned
+ * read is read at once, and none waits tracked behind workers stuck
+ * sending to a client that does not read. */
+int bj_nbds_wait_slots(struct bj_nbds *s);
+
+/* Reads queued and not finished. */
+int bj_nbds_inflight(struct bj_nbds *s);
+
+/* Stop the workers (after finishing what is queued) and free the session.
+ * The tokens of reads finished meanwhile must have been taken first
+ * (bj_nbds_wait_idle, bj_nbds_stop_done, bj_nbds_wait_done until 0). */
+void bj_nbds_free(struct bj_nbds *s);
+/* cdef-end */
+
+#define BJ_NBDS_DATA 0
+#define BJ_NBDS_DATA_PAD 1
+#define BJ_NBDS_ZERO 2
+
+#endif

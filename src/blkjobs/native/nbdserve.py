@@ -1,0 +1,98 @@
+"""The NBD export's data path in C (csrc/nbdsrv.c): one :class:`Session`
+per client connection in transmission. It reads request headers and sends
+READ replies from file descriptors with the GIL released, in its own
+threads; Python checks and maps the reads (in batches) and serves every
+other request (docs/nbd.md, "The data path in C").
+"""
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+
+from ._lib import Owned, ffi, lib
+
+#: segment kinds (csrc/nbdsrv.h): file bytes (a short read is an error),
+#: file bytes read as zeroes past the end of the file, zeroes
+DATA, DATA_PAD, ZERO = 0, 1, 2
+#: a segment: (kind, fd, host offset, length)
+Segment = tuple[int, int, int, int]
+#: a request header: (magic, flags, type, handle, offset, length)
+Header = tuple[int, int, int, int, int, int]
+
+_BATCH = 256
+
+
+def _raise(rc: int) -> None:
+    if rc == -errno.ECONNRESET:
+        raise EOFError("client closed the connection")
+    raise OSError(-rc, os.strerror(-rc))
+
+
+class Session(Owned):
+    """A connection's C data path over socket ``fd`` (not closed here)."""
+
+    def __init__(self, fd: int, structured: bool, workers: int):
+        s = lib.bj_nbds_new(fd, int(structured), workers)
+        if s == ffi.NULL:
+            e = ffi.errno or errno.ENOMEM
+            raise OSError(e, os.strerror(e))
+        self._s = s
+        self._reqs = ffi.new("struct bj_nbds_req[]", _BATCH)
+        self._done = ffi.new("uint64_t[]", _BATCH)
+
+    def next(self) -> list[Header]:
+        """Request headers (at least one); EOFError at the client's EOF,
+        OSError on a socket error."""
+        n = lib.bj_nbds_next(self._s, self._reqs, _BATCH)
+        if n < 0:
+            _raise(n)
+        r = self._reqs
+        return [(q.magic, q.flags, q.type, q.handle, q.offset, q.length)
+                for q in (r[i] for i in range(n))]
+
+    def wait_done(self) -> list[int]:
+        """Tokens of finished reads (waits for one); [] once :meth:`stop_done`
+        was called and every token was handed out. One thread only."""
+        n = lib.bj_nbds_wait_done(self._s, self._done, _BATCH)
+        return list(self._done[0:n])
+
+    def stop_done(self) -> None:
+        lib.bj_nbds_stop_done(self._s)
+
+    def recv_into(self, buf: bytearray) -> None:
+        """The next len(buf) bytes of the stream (a WRITE's payload)."""
+        if buf:
+            rc = lib.bj_nbds_recv(self._s, ffi.from_buffer(buf), len(buf))
+            if rc < 0:
+                _raise(rc)
+
+    def submit(self, reqs: Sequence[int], segs: Sequence[int]) -> int:
+        """Queue reads: ``reqs`` 6 ints each (handle, offset, length, flags,
+        token, number of segments), ``segs`` 4 each (kind, fd, host, length);
+        then wait until half the workers are free: how many are."""
+        rc = lib.bj_nbds_submit(self._s, ffi.new("uint64_t[]", reqs), len(reqs) // 6,
+                                ffi.new("uint64_t[]", segs), len(segs) // 4)
+        if rc < 0:
+            _raise(rc)
+        return int(rc)
+
+    def send(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """One reply, whole, between the C threads' replies."""
+        keep = [ffi.from_buffer(p) for p in parts]
+        rc = lib.bj_nbds_send(self._s, keep, [len(p) for p in keep], len(keep))
+        if rc < 0:
+            _raise(rc)
+
+    def wait_slots(self) -> int:
+        """Wait for a free worker; how many are free (submit no more)."""
+        return int(lib.bj_nbds_wait_slots(self._s))
+
+    def wait_idle(self) -> None:
+        """Wait until every queued read is finished."""
+        lib.bj_nbds_wait_idle(self._s)
+
+    def close(self) -> None:
+        s, self._s = getattr(self, "_s", None), None
+        if s is not None:
+            lib.bj_nbds_free(s)

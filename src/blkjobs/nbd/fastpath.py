@@ -1,0 +1,178 @@
+"""The transmission phase with its data path in C (docs/nbd.md, "The data
+path in C"): a :class:`~blkjobs.native.nbdserve.Session` reads the request
+headers and serves READs from file descriptors with the GIL released; this
+module decides, per batch of headers, what goes where.
+
+* A READ that passes the checks (:func:`.transmission._check`'s) is mapped by
+  the backend's ``plan_reads`` -- several in one hold of its lock, each
+  tracked and pinned as an ordinary read is -- and handed to the session's
+  threads, which ``pread`` its segments and send its reply (simple, or
+  structured: OFFSET_DATA, and OFFSET_HOLE for zero runs unless the client
+  set DF) as soon as it is ready, so replies go out of order.
+* Everything else -- a READ the backend cannot map to files (compressed
+  clusters, encryption, blkdebug...), a request that fails its checks,
+  WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE -- goes to the
+  connection's Python workers as before (:class:`.transmission._Workers`),
+  whose replies are sent through the session (one send lock for both).
+* No more reads are planned than the session has free workers
+  (``wait_slots``, and what ``submit`` returns), so a planned read is read at once: none stays tracked
+  behind workers stuck sending to a client that does not read.
+* A reaper thread ends the tracking of the reads read (``end_reads``),
+  before their replies go out: the reader cannot, as it may wait for a
+  free Python worker while that worker's write waits for such a read.
+
+On ``DISC``, EOF or a bad magic the requests being served are finished
+(their replies sent) before the connection closes, as on the Python path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Protocol
+
+from ..native.nbdserve import Session
+from . import proto as P
+from .handshake import Connection, Export
+from . import transmission
+from .transmission import _Workers
+
+log = logging.getLogger(__name__)
+
+#: the session's threads per Python worker: reads are planned in chunks of
+#: the free ones (half of them at least), so more threads, larger chunks
+C_WORKERS = 2
+#: at most (csrc/nbdsrv.c's MAX_WORKERS)
+MAX_THREADS = 64
+#: the flags a READ may carry (transmission._FLAGS)
+_READ_FLAGS = P.CMD_FLAG_DF | P.CMD_FLAG_FUA
+
+
+class FastBackend(Protocol):
+    """What a backend offers for the C path (besides the Backend methods)."""
+
+    def plan_reads(self, reqs: list[tuple[int, int]]) -> list[Any]:
+        """Per (offset, length): ``(segments, token)`` -- segments as
+        ``(kind, fd, host offset, length)``, kinds as in
+        :mod:`blkjobs.native.nbdserve` -- or None (read it with readinto)."""
+        ...
+
+    def end_reads(self, tokens: list[Any]) -> None:
+        """Those reads are done (sent or dropped)."""
+        ...
+
+
+def usable(conn: Connection, exp: Export) -> bool:
+    """The C path serves this connection: the backend can map reads to
+    files, the socket is plain (not TLS), requests are served concurrently
+    (``workers`` > 1), and ``BLKJOBS_NBD_C=0`` is not set."""
+    return (hasattr(exp.backend, "plan_reads") and not conn.tls_done
+            and conn.server.workers > 1 and os.environ.get("BLKJOBS_NBD_C", "1") != "0")
+
+
+def serve(conn: Connection, exp: Export) -> None:
+    """Requests until DISC or EOF (raised as EOFError/OSError)."""
+    be: Any = exp.backend
+    try:
+        sess = Session(conn.sock.fileno(), conn.structured,
+                       min(MAX_THREADS, C_WORKERS * conn.server.workers))
+    except OSError as e:        # no memory or threads for it: the Python path
+        log.warning("NBD: serving a client without the C data path: %s", e)
+        transmission.serve(conn, exp)
+        return
+    tokens: dict[int, Any] = {}
+    reaper = threading.Thread(target=_reap, args=(sess, tokens, be), name="nbd-reaper",
+                              daemon=True)
+    reaper.start()
+    pool = _Workers(conn, exp, conn.server.workers)
+    conn.sender = sess
+    try:
+        _loop(conn, exp, sess, pool, tokens)
+    finally:
+        pool.close()
+        sess.wait_idle()
+        sess.stop_done()
+        reaper.join()
+        conn.sender = None
+        sess.close()
+
+
+def _reap(sess: Session, tokens: dict[int, Any], be: Any) -> None:
+    while done := sess.wait_done():
+        try:
+            be.end_reads([tokens.pop(t) for t in done])
+        except Exception:       # a bug: log it, keep ending the others
+            log.exception("NBD: ending reads failed")
+
+
+def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
+          tokens: dict[int, Any]) -> None:
+    serial = 0
+    while not conn.closing:
+        reads: list[tuple[int, int, int, int]] = []
+        other: list[tuple[int, int, int, int, int, bytearray | None]] = []
+        stop = False
+        size = exp.backend.size
+        for magic, flags, cmd, handle, offset, length in sess.next():
+            if magic != P.REQUEST_MAGIC or cmd == P.CMD_DISC:
+                stop = True
+                break
+            if (cmd == P.CMD_READ and length and not flags & ~_READ_FLAGS
+                    and length <= P.MAX_BUFFER_SIZE and offset + length <= size
+                    and (conn.structured or not flags & P.CMD_FLAG_DF)):
+                reads.append((flags, handle, offset, length))
+                continue
+            # anything else, a READ failing _check's tests included (a
+            # Python worker sends its error)
+            data = None
+            if cmd == P.CMD_WRITE:
+                if length > P.MAX_BUFFER_SIZE:
+                    stop = True     # too large to skip: the connection ends
+                    break
+                data = bytearray(length)
+                sess.recv_into(data)
+            # at once (a BLOCK_STATUS the client waits for before its next
+            # reads must not wait for this batch's reads); no read of this
+            # batch is planned yet, and those planned before are in C
+            pool.submit((flags, cmd, handle, offset, length, data))
+        i, free = 0, sess.wait_slots() if reads else 0
+        while i < len(reads):       # no more planned than free workers read at once
+            chunk = reads[i:i + free]
+            i += free
+            serial, free = _submit(sess, exp, chunk, tokens, serial, other, free)
+            for req in other:       # after the chunk is in C: a worker's write may wait for it
+                pool.submit(req)
+            other.clear()
+        if stop:
+            return
+
+
+def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
+            tokens: dict[int, Any], serial: int,
+            other: list[tuple[int, int, int, int, int, bytearray | None]],
+            free: int) -> tuple[int, int]:
+    """Plan and queue ``reads`` (at most ``free``); (last token, free
+    workers now)."""
+    be: Any = exp.backend
+    plans = be.plan_reads([(off, n) for _, _, off, n in reads])
+    rq: list[int] = []
+    sg: list[int] = []
+    mine: list[int] = []
+    for (flags, handle, off, n), pl in zip(reads, plans, strict=True):
+        if pl is None:
+            other.append((flags, P.CMD_READ, handle, off, n, None))
+            continue
+        segs, tok = pl
+        serial += 1
+        tokens[serial] = tok
+        mine.append(serial)
+        rq += (handle, off, n, flags, serial, len(segs))
+        for s in segs:
+            sg += s
+    if rq:
+        try:
+            free = sess.submit(rq, sg)
+        except BaseException:
+            be.end_reads([tokens.pop(t) for t in mine])
+            raise
+    return serial, free

@@ -1,0 +1,348 @@
+"""The NBD export's READ data path in C (``blkjobs.nbd.fastpath`` over
+csrc/nbdsrv.c): the bytes nbdcopy and qemu-io read equal qemu-img's over a
+qcow2 chain (data, zero and unallocated clusters, a raw backing file
+shorter than its overlay), many requests in flight per connection; the
+structured replies' OFFSET_DATA/OFFSET_HOLE chunks are qemu-nbd's; a
+request of length 0, past the end, too large, with a bad magic get what
+qemu-nbd answers; a client that closes mid-reply leaves no read tracked
+or pinned; a reply of the C threads overtakes one Python still serves.
+
+Each test checks that the reads did go through the C path (the backend's
+``plan_reads`` mapped them), so none passes on the Python path alone."""
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from blkjobs import Engine
+from blkjobs.daemon.export_commands import NodeBackend
+from blkjobs.nbd.server import Export, NBDServer
+from daemon_util import qemu_img, qemu_io
+from nbd_peers import go, handshake, option, qemu_nbd, recv, tool, uri
+
+WAIT = 30
+REQ = 0x25609513
+SIMPLE = 0x67446698
+STRUCT = 0x668E33EF
+KiB, MiB = 1 << 10, 1 << 20
+
+
+class Spy(NodeBackend):
+    """A NodeBackend that counts the reads it mapped for the C path;
+    ``python_at``: offsets whose reads it leaves to Python (held there
+    until ``release``)."""
+
+    def __init__(self, *a, python_at: tuple[int, ...] = (), **kw):
+        super().__init__(*a, **kw)
+        self.c_reads = 0
+        self.python_at = python_at
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def plan_reads(self, reqs):
+        got = super().plan_reads(reqs)
+        out = [None if off in self.python_at else g for (off, _), g in zip(reqs, got, strict=True)]
+        for g, o in zip(got, out, strict=True):
+            if g is not None and o is None:
+                self.end_reads([g[1]])
+        self.c_reads += sum(o is not None for o in out)
+        return out
+
+    def readinto(self, offset, buf):
+        if offset in self.python_at:
+            self.inside.set()
+            assert self.release.wait(WAIT)
+        super().readinto(offset, buf)
+
+
+@pytest.fixture
+def serve(tmp_path) -> Iterator:
+    """serve(image, fmt) -> (socket path, Spy, Engine, node, server, export)."""
+    made: list[tuple[NBDServer, Engine]] = []
+
+    def start(image: str, fmt: str, read_only: bool = True, workers: int = 4, **kw):
+        eng = Engine()
+        node = eng.open(image, fmt, node_name="d", read_only=read_only)
+        with eng.io:
+            fe = eng.io.attach(node, writable=not read_only)
+        be = Spy(eng.io, fe, {}, **kw)
+        srv = NBDServer(workers=workers)
+        made.append((srv, eng))
+        exp = Export("d", be)
+        srv.add_export(exp)
+        path = str(tmp_path / f"c{len(made)}.sock")
+        srv.listen_unix(path)
+        return path, be, eng, node, srv, exp
+    yield start
+    for srv, eng in made:
+        srv.close()
+        eng.close()
+
+
+def _chain(tmp_path) -> str:
+    """A qcow2 overlay of 8 MiB over a raw base of 6 MiB: data in both,
+    zero clusters, a compressed cluster (read by Python: the reads mapped
+    with it in one batch are mapped again one by one), unallocated
+    clusters read from the base, and past the base's end as zeroes."""
+    base = str(tmp_path / "base.raw")
+    top = str(tmp_path / "top.qcow2")
+    assert qemu_img("create", "-f", "raw", base, "6M").returncode == 0
+    qemu_io(base, "write -P 0x11 0 6M", fmt="raw")
+    assert qemu_img("create", "-f", "qcow2", "-b", base, "-F", "raw", top,
+                    "8M").returncode == 0
+    for cmd in ("write -P 0x22 64k 192k", "write -z 1M 128k", "write -c -P 0x55 3M 64k",
+                "write -P 0x33 5M 2M",
+                "write -P 0x44 7344128 4k"):
+        qemu_io(top, cmd)
+    return top
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    p = subprocess.run([tool(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (argv, p.stdout, p.stderr)
+    return p
+
+
+@pytest.mark.parametrize("flags", [["-C", "4"], ["-C", "1", "--requests=64",
+                                                 "--request-size=4096"]])
+def test_nbdcopy_reads_what_qemu_img_reads(tmp_path, serve, flags):
+    top = _chain(tmp_path)
+    path, be, *_ = serve(top, "qcow2")
+    out = str(tmp_path / "out.raw")
+    _run("nbdcopy", *flags, uri(path, "d"), out)
+    assert be.c_reads > 0
+    p = qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", top, out)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_qemu_io_reads_in_flight_see_the_right_bytes(tmp_path, serve):
+    top = _chain(tmp_path)
+    path, be, *_ = serve(top, "qcow2")
+    cmds = ["aio_read -P 0x11 0 64k", "aio_read -P 0x22 64k 192k", "aio_read -P 0 1M 128k",
+            "aio_read -P 0x11 2M 1M", "aio_read -P 0x55 3M 64k",
+            "aio_read -P 0x33 5M 2M", "aio_read -P 0 7M 4k",
+            "aio_read -P 0x44 7344128 4k", "aio_read -P 0 7348224 1016k", "aio_flush"]
+    argv = ["qemu-io", "-r", "-f", "raw"]
+    for c in cmds:
+        argv += ["-c", c]
+    p = _run(*argv, uri(path, "d"))
+    assert "fail" not in p.stdout.lower() and "error" not in p.stdout.lower(), p.stdout
+    assert p.stdout.count("read ") == 9
+    assert be.c_reads >= 8
+
+
+def _structured(path: str) -> socket.socket:
+    s = handshake(path)
+    rtype, _ = option(s, 8)             # NBD_OPT_STRUCTURED_REPLY
+    assert rtype == 1
+    go(s, b"d")
+    return s
+
+
+def _chunks(s: socket.socket, handle: int) -> list[tuple[str, int, int, bytes]]:
+    """A structured reply's chunks: (type, offset, length, data)."""
+    out = []
+    while True:
+        magic, flags, ctype, h, n = struct.unpack(">IHHQI", recv(s, 20))
+        assert magic == STRUCT and h == handle
+        payload = recv(s, n)
+        if ctype == 1:
+            off = struct.unpack(">Q", payload[:8])[0]
+            out.append(("data", off, n - 8, payload[8:]))
+        elif ctype == 2:
+            off, ln = struct.unpack(">QI", payload)
+            out.append(("hole", off, ln, b""))
+        else:
+            out.append(("error", struct.unpack(">I", payload[:4])[0], 0, b""))
+        if flags & 1:
+            return out
+
+
+def _read(s: socket.socket, handle: int, offset: int, length: int, flags: int = 0) -> None:
+    s.sendall(struct.pack(">IHHQQI", REQ, flags, 0, handle, offset, length))
+
+
+def _merged(chunks: list[tuple[str, int, int, bytes]]) -> list[tuple[str, int, int, bytes]]:
+    out: list[tuple[str, int, int, bytes]] = []
+    for c in chunks:
+        if out and out[-1][0] == c[0] and out[-1][1] + out[-1][2] == c[1]:
+            t, off, n, d = out.pop()
+            c = (t, off, n + c[2], d + c[3])
+        out.append(c)
+    return out
+
+
+def test_structured_reads_send_holes_as_qemu_nbd(tmp_path, serve):
+    p = str(tmp_path / "s.qcow2")
+    assert qemu_img("create", "-f", "qcow2", p, "4M").returncode == 0
+    qemu_io(p, "write -P 0x55 0 64k")
+    qemu_io(p, "write -z 64k 64k")
+    qemu_io(p, "write -P 0x66 256k 64k")
+    path, be, *_ = serve(p, "qcow2")
+    ref_sock = str(tmp_path / "qn.sock")
+    got = {}
+    with qemu_nbd(p, ref_sock, "d", "qcow2", "-r"):
+        for name, sp in (("ours", path), ("qemu-nbd", ref_sock)):
+            res = {}
+            for h, fl in ((1, 0), (2, 1 << 2)):
+                s = _structured(sp)
+                _read(s, h, 0, 512 * KiB, flags=fl)
+                res[h] = _chunks(s, h)
+                s.close()
+            got[name] = res
+    # the same runs (qemu-nbd splits a hole where a zero cluster meets an
+    # unallocated one: a block-status boundary)
+    assert {h: _merged(c) for h, c in got["ours"].items()} == \
+        {h: _merged(c) for h, c in got["qemu-nbd"].items()}
+    assert [c[:3] for c in got["ours"][1]] == [("data", 0, 64 * KiB),
+                                               ("hole", 64 * KiB, 192 * KiB),
+                                               ("data", 256 * KiB, 64 * KiB),
+                                               ("hole", 320 * KiB, 192 * KiB)]
+    assert [c[:3] for c in got["ours"][2]] == [("data", 0, 512 * KiB)]
+    assert be.c_reads == 2
+
+
+def _simple_reply(s: socket.socket) -> tuple[int, int]:
+    magic, err, h = struct.unpack(">IIQ", recv(s, 16))
+    assert magic == SIMPLE
+    return h, err
+
+
+def _edge_cases(path: str, bad_magic: bool) -> list[object]:
+    out: list[object] = []
+    s = handshake(path)
+    go(s, b"d")
+    # length 0, past the end, across the end, too large, then a good read
+    for h, off, n in ((1, 0, 0), (2, 4 * MiB, 512), (3, 4 * MiB - 512, 1024),
+                      (4, 0, (32 << 20) + 1), (5, 2**63, 512)):
+        _read(s, h, off, n)
+        out.append((off, n, _simple_reply(s)))
+    _read(s, 6, 4 * MiB - 4096, 4096)
+    out.append(("last", _simple_reply(s), recv(s, 4096) == b"\x42" * 4096))
+    # 64 reads in one go, answered once each by handle, with their bytes
+    s.sendall(b"".join(struct.pack(">IHHQQI", REQ, 0, 0, 100 + i, i * 61440, 4096 + i)
+                       for i in range(64)))
+    seen = {}
+    for _ in range(64):
+        h, err = _simple_reply(s)
+        seen[h] = (err, recv(s, 4096 + h - 100))
+    out.append(("64", sorted(seen) == list(range(100, 164)),
+                all(e == 0 and d == b"\x42" * len(d) for e, d in seen.values())))
+    if not bad_magic:       # (qemu-nbd may close before a read in flight is answered)
+        s.close()
+        return out
+    # a bad magic after a read: the read is answered, then the connection ends
+    _read(s, 7, 0, 512)
+    s.sendall(struct.pack(">IHHQQI", 0xDEADBEEF, 0, 0, 8, 0, 512))
+    out.append(("bad magic", _simple_reply(s), recv(s, 512) == b"\x42" * 512))
+    s.settimeout(WAIT)
+    out.append(("eof", s.recv(1)))
+    s.close()
+    return out
+
+
+def test_protocol_edge_cases_answered_as_qemu_nbd(tmp_path, serve):
+    img = str(tmp_path / "e.raw")
+    assert qemu_img("create", "-f", "raw", img, "4M").returncode == 0
+    qemu_io(img, "write -P 0x42 0 4M", fmt="raw")
+    path, be, *_ = serve(img, "raw")
+    ref_sock = str(tmp_path / "qn.sock")
+    with qemu_nbd(img, ref_sock, "d", "raw", "-r"):
+        ref = _edge_cases(ref_sock, False)
+    ours = _edge_cases(path, True)
+    assert ours[:-2] == ref
+    assert ours[-2:] == [("bad magic", (7, 0), True), ("eof", b"")]
+    assert ours[0] == (0, 0, (1, 0)) and ours[1][2] == (2, 22)
+    assert be.c_reads >= 64
+
+
+def test_client_gone_mid_reply_leaves_nothing_tracked(tmp_path, serve):
+    top = _chain(tmp_path)
+    path, be, eng, node, srv, exp = serve(top, "qcow2", read_only=False)
+    s = handshake(path)
+    go(s, b"d")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"".join(struct.pack(">IHHQQI", REQ, 0, 0, i, (i % 4) * 2 * MiB, 2 * MiB)
+                       for i in range(32)))
+    _simple_reply(s)                    # the first reply has begun
+    s.close()
+    # the connection ends once its reads are done: none stays tracked or pinned
+    srv.settle(exp, timeout=WAIT)
+    assert not exp.clients
+    assert eng.io._reads(node).count == 0
+    assert not node.driver.read_pins._live
+    assert be.c_reads > 0
+    fe = eng.attach(node)
+    fe.write(0, b"\x99" * 65536)
+    # and the export goes on serving
+    p = _run("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x99 0 64k", "-c",
+             "read -P 0x22 64k 64k", uri(path, "d"))
+    assert "fail" not in p.stdout.lower(), p.stdout
+
+
+def test_c_reply_overtakes_a_read_python_serves(tmp_path, serve):
+    img = str(tmp_path / "o.raw")
+    assert qemu_img("create", "-f", "raw", img, "1M").returncode == 0
+    qemu_io(img, "write -P 0x61 0 1M", fmt="raw")
+    path, be, *_ = serve(img, "raw", python_at=(0,))
+    s = handshake(path)
+    go(s, b"d")
+    _read(s, 1, 0, 4096)
+    assert be.inside.wait(WAIT)         # held in a Python worker
+    _read(s, 2, 65536, 512)
+    assert _simple_reply(s) == (2, 0) and recv(s, 512) == b"a" * 512
+    be.release.set()
+    assert _simple_reply(s) == (1, 0) and recv(s, 4096) == b"a" * 4096
+    s.sendall(struct.pack(">IHHQQI", REQ, 0, 2, 9, 0, 0))      # DISC
+    s.settimeout(WAIT)
+    assert s.recv(1) == b""
+    s.close()
+    assert be.c_reads == 1
+
+
+def test_a_client_not_reading_its_replies_holds_up_no_write(tmp_path, serve):
+    """Its reads are untracked once their bytes are read, not once the
+    replies are sent (as on the Python path): a write to the same range
+    lands while those replies are stuck in the socket."""
+    top = _chain(tmp_path)
+    path, be, eng, node, srv, exp = serve(top, "qcow2", read_only=False)
+    s = handshake(path)
+    go(s, b"d")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"".join(struct.pack(">IHHQQI", REQ, 0, 0, i, 0, 2 * MiB) for i in range(16)))
+    _simple_reply(s)                    # replies are going out, and stuck
+    fe = eng.attach(node)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (fe.write(0, b"\x77" * 65536), done.set()),
+                         daemon=True)
+    t.start()
+    assert done.wait(WAIT), "the write waits for reads whose replies are stuck"
+    assert be.c_reads > 0
+    s.close()
+    srv.settle(exp, timeout=WAIT)
+    assert eng.io._reads(node).count == 0
+
+
+def test_many_workers_and_no_session_still_serve(tmp_path, serve, monkeypatch):
+    """40 workers (the session's threads capped at 64); and a session that
+    cannot be made (no memory, no threads): the Python path serves."""
+    top = _chain(tmp_path)
+    path, be, *_ = serve(top, "qcow2", workers=40)
+    out = str(tmp_path / "out.raw")
+    _run("nbdcopy", "-C", "2", uri(path, "d"), out)
+    assert be.c_reads > 0
+    assert qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", top, out).returncode == 0
+    from blkjobs.nbd import fastpath
+
+    def no_session(*a):
+        raise OSError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(fastpath, "Session", no_session)
+    path, be, *_ = serve(top, "qcow2")
+    _run("nbdcopy", "-C", "2", uri(path, "d"), out)
+    assert be.c_reads == 0
+    assert qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", top, out).returncode == 0
