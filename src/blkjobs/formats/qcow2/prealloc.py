@@ -7,16 +7,16 @@ clusters and ``T`` L2 tables created empty (cluster 0 the header, 1 the
 refcount table, 2 the refcount block):
 
 1. the L1 table grows to ``T`` entries: allocated at cluster 3 (``L``
-   clusters);
+   clusters); the refcount blocks this run reaches into (past the first
+   block's range) follow it, placed as QEMU hooks them up;
 2. the refcount structures are made to cover the image to be
    (``qcow2_refcount_area``): the clusters in use, the data clusters and
    one L2 table per L2 table's worth of data clusters plus one, counted to
    a fixed point with the refcount blocks and table themselves
-   (``qcow2_refcount_metadata_size``). The first refcount block stays where
-   it is; the others follow the L1 table (cluster ``3 + L`` on), then the
-   new refcount table, sized to a whole cluster of entries; the old table
-   (cluster 1) is freed. The L1 table must lie within the first refcount
-   block's reach (anything else is refused);
+   (``qcow2_refcount_metadata_size``). The blocks there stay where they
+   are; the others follow them, then the new refcount table, sized to a
+   whole cluster of entries; the old table (cluster 1) is freed. Refused
+   only where the L1 table alone would need a larger refcount table;
 3. the data clusters, contiguous after the new refcount table; the file is
    extended over them with ``fallocate`` (``falloc``) or with written zeroes
    (``full``);

@@ -308,7 +308,8 @@ class Refcounts:
         [(first_cluster, count)] (one run unless a new refcount block had to
         be placed in between). A run that reaches into clusters no refcount
         block covers yet keeps its place, and the missing block goes right
-        after it, as QEMU places it."""
+        after it, as QEMU places it. After a table growth the free gaps it
+        left below the end are tried first (:meth:`_from_gaps`)."""
         runs: list[tuple[int, int]] = []
         while n == 1 and self.pool:
             c = self.pool.pop()
@@ -317,9 +318,9 @@ class Refcounts:
                 return [(c, 1)]
         self._grew = False
         while n:
-            c = self._from_gaps(n) if self.gaps else None
-            if c is not None:
-                runs.append((c, n))
+            g = self._from_gaps(n) if self.gaps else None
+            if g is not None:       # first fit below the end (after a table growth)
+                runs.append((g, n))
                 break
             c = self.end
             # the run up to the end of the next block's reach; the blocks
