@@ -115,6 +115,8 @@ class Refcounts:
     def end(self, v: int) -> None:
         grew = v > self._end
         self._end = v
+        if not grew and self.gaps:      # a shrink: no gap past the new end
+            self.gaps = [[a, min(b, v)] for a, b in self.gaps if a < v]
         if grew and self.grow_cb is not None:
             self.grow_cb(v << self.cb)
 
