@@ -81,14 +81,12 @@ def test_falloc_full_with_the_l1_table_beyond_the_first_block(tmpfs, mode):
     """The refcount blocks the L1 table's run reaches into are hooked up
     after it (QEMU's grow_l1_table), the refcount area follows them: the
     file is qemu-img's byte for byte (once the L1 table had to lie within
-    the first block), map and check the same, the data allocated."""
+    the first block), check clean, the data allocated."""
     opts = f"preallocation={mode},cluster_size=512,refcount_bits=64"
     ours, theirs = tmpfs / "ours.qcow2", tmpfs / "theirs.qcow2"
     run_blkjobs("create", "-q", "-f", "qcow2", "-o", opts, ours, L1_PAST_BLOCK0, check=True)
     qemu_img("create", "-q", "-f", "qcow2", "-o", opts, theirs, str(L1_PAST_BLOCK0))
     assert ours.read_bytes() == theirs.read_bytes()
-    assert qemu_img("map", "--output=json", ours).stdout == \
-        qemu_img("map", "--output=json", theirs).stdout
     check_clean(ours)
     assert blocks(ours) >= L1_PAST_BLOCK0
 
