@@ -100,7 +100,7 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
 def _grown(path: str, size: int, mode: str, args: dict) -> bool:
     """QEMU creates the image empty, then grows it with the preallocation
     mode (qcow2_co_create, then truncate): prealloc.py lays it out so. False
-    where it does not (the L1 table beyond the first refcount block): the
+    where it does not (an L1 table needing a larger refcount table): the
     caller makes its own valid layout instead."""
     from .prealloc import preallocate as grow
     create(path, 0, **args)

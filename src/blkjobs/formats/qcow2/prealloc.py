@@ -7,16 +7,16 @@ clusters and ``T`` L2 tables created empty (cluster 0 the header, 1 the
 refcount table, 2 the refcount block):
 
 1. the L1 table grows to ``T`` entries: allocated at cluster 3 (``L``
-   clusters);
+   clusters); the refcount blocks this run reaches into (past the first
+   block's range) follow it, placed as QEMU hooks them up;
 2. the refcount structures are made to cover the image to be
    (``qcow2_refcount_area``): the clusters in use, the data clusters and
    one L2 table per L2 table's worth of data clusters plus one, counted to
    a fixed point with the refcount blocks and table themselves
-   (``qcow2_refcount_metadata_size``). The first refcount block stays where
-   it is; the others follow the L1 table (cluster ``3 + L`` on), then the
-   new refcount table, sized to a whole cluster of entries; the old table
-   (cluster 1) is freed. The L1 table must lie within the first refcount
-   block's reach (anything else is refused);
+   (``qcow2_refcount_metadata_size``). The blocks there stay where they
+   are; the others follow them, then the new refcount table, sized to a
+   whole cluster of entries; the old table (cluster 1) is freed. Refused
+   only where the L1 table alone would need a larger refcount table;
 3. the data clusters, contiguous after the new refcount table; the file is
    extended over them with ``fallocate`` (``falloc``) or with written zeroes
    (``full``);
@@ -36,7 +36,7 @@ import struct
 
 from ...errors import UsageError
 from .header import Header, parse_header
-from .refcount import Refcounts
+from .refcount import Refcounts, metadata_blocks
 
 _COPIED = 1 << 63
 _ZEROS = bytes(1 << 20)
@@ -46,15 +46,29 @@ def refcount_blocks(clusters: int, cluster_size: int, refcount_bits: int) -> int
     """How many refcount blocks cover ``clusters`` clusters and the refcount
     blocks and table themselves: QEMU's qcow2_refcount_metadata_size (no
     generous increase), a fixed point."""
-    per_table, per_block = cluster_size // 8, cluster_size * 8 // refcount_bits
-    table = blocks = n = 0
-    while True:
-        last = n
-        blocks = -(-(clusters + table + blocks) // per_block)
-        table = -(-blocks // per_table)
-        n = clusters + blocks + table
-        if n == last:
-            return blocks
+    return metadata_blocks(clusters, cluster_size, refcount_bits)
+
+
+def _l1_blocks(table: dict[int, int], first: int, n: int, rbe: int) -> int:
+    """The refcount blocks QEMU hooks up while it allocates the L1 table's
+    run ``[first, first + n)`` (qcow2_grow_l1_table): each block the run
+    lacks, in cluster order, at the first free cluster after the run; a
+    block outside its own range is counted by the block of that range,
+    placed right after it. Enters them in ``table`` (index -> cluster) and
+    returns the first free cluster after them."""
+    end = first + n
+
+    def ensure(c: int) -> None:
+        nonlocal end
+        t = c // rbe
+        if t in table:
+            return
+        table[t] = b = end
+        end += 1
+        ensure(b)
+    for t in range(first // rbe, (first + n - 1) // rbe + 1):
+        ensure(max(first, t * rbe))
+    return end
 
 
 def preallocate(path: str, size: int, mode: str) -> None:
@@ -82,19 +96,24 @@ def _grow(fd: int, h: Header, size: int, mode: str) -> None:
     ndata = -(-size // cs)
     nl2 = -(-size // (cs * l2e))
     l1c = -(-nl2 * 8 // cs)
-    start = 3 + l1c                     # after header, table, block 0, L1 table
-    rbe = cs * 8 // h.refcount_bits
-    if start > rbe:
+    rbe, per = cs * 8 // h.refcount_bits, cs // 8
+    # 1. the L1 table at cluster 3, the refcount blocks it reaches into after it
+    blocks = {0: 2}
+    start = _l1_blocks(blocks, 3, l1c, rbe) if l1c else 3
+    if max(blocks) >= per:
         raise UsageError(f"blkjobs preallocates (falloc, full) qcow2 images only while "
-                         f"their L1 table lies within the first refcount block ({rbe} "
+                         f"their L1 table needs no larger refcount table ({per * rbe} "
                          f"clusters of {cs} bytes with {h.refcount_bits}-bit refcounts)")
-    # 2. the refcount area: new blocks 1.., then the table
+    # 2. the refcount area: the blocks missing from ``start`` on, then the table
     nblocks = refcount_blocks(start + ndata + -(-ndata // l2e) + 1, cs, h.refcount_bits)
+    rt = start
+    for i in range(start // rbe, nblocks):
+        if i not in blocks:
+            blocks[i], rt = rt, rt + 1
     tclusters = -(-nblocks * 8 // cs)
-    rt = start + nblocks - 1
     data = rt + tclusters               # 3. the data clusters
     l2s = ([1] + [data + ndata + i for i in range(nl2 - 1)])[:nl2]
-    table = [2 * cs] + [(start + i) * cs for i in range(nblocks - 1)]
+    table = [blocks[i] * cs for i in range(nblocks)]
     os.pwrite(fd, struct.pack(f">{nblocks}Q", *table).ljust(tclusters * cs, b"\0"), rt * cs)
     data_end = (data + ndata) * cs
     if mode == "falloc":
@@ -114,7 +133,7 @@ def _grow(fd: int, h: Header, size: int, mode: str) -> None:
     if nl2:
         l1 = struct.pack(f">{nl2}Q", *[c * cs | _COPIED for c in l2s])
         os.pwrite(fd, l1.ljust(-(-len(l1) // 512) * 512, b"\0"), 3 * cs)
-    used = [0, 2, *range(3, 3 + l1c), *range(start, data + ndata), *l2s]
+    used = [0, *blocks.values(), *range(3, 3 + l1c), *range(start, data + ndata), *l2s]
     refs = [0] * (nblocks * rbe)
     for c in used:
         refs[c] = 1

@@ -20,9 +20,17 @@ runs of a sequential convert contiguous, or single clusters from the pool of
 clusters freed in this session. Holes left by other writers are not reused
 (a known, harmless waste). A missing refcount block is placed at the current
 end of the file, which is inside its own range or inside an existing block's
-range, so it can always record its own refcount. When the table is full it is
-moved to a larger copy at the end of the file (written, fsync'd, then the
-header switched) and the old copy is freed.
+range, so it can always record its own refcount. When the table is full it
+grows as QEMU's alloc_refcount_block grows it (:meth:`Refcounts.refcount_area`):
+the new block is placed as usual (describing itself), then from the start of
+the next block's range a *refcount area*: the refcount blocks missing to cover
+it, then a new, larger table (half as large again as needed), all counting
+themselves; the header is switched to the new table (after the blocks and the
+table are durable) and the old table freed. The clusters left free below the
+area (the rest of the new block's range, the old table, the run whose
+allocation ran into the full table) are taken first fit by the next
+allocations that fit in them, as QEMU's free cluster index takes them
+(:attr:`Refcounts.gaps`).
 """
 from __future__ import annotations
 
@@ -35,6 +43,27 @@ from ...errors import ImageError
 from ...native import dio
 
 RT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+
+
+def metadata_blocks(clusters: int, cluster_size: int, refcount_bits: int,
+                    generous: bool = False) -> int:
+    """How many refcount blocks cover ``clusters`` clusters and the refcount
+    blocks and table themselves (QEMU's qcow2_refcount_metadata_size, a
+    fixed point). ``generous``: room for a table half as large again is
+    counted too (once the fixed point is reached, half the table's clusters
+    are added and the point sought again)."""
+    per_table, per_block = cluster_size // 8, cluster_size * 8 // refcount_bits
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table)
+        n = clusters + blocks + table
+        if n == last and generous:
+            clusters += -(-table // 2)
+            n, generous = 0, False
+        elif n == last:
+            return blocks
 
 
 class Refcounts:
@@ -64,6 +93,12 @@ class Refcounts:
         self.dirty: set[int] = set()
         self.pending: list[int] = []      # clusters to decrement after L2/L1 are durable
         self.pool: list[int] = []         # clusters freed this session, reusable
+        #: free runs [start, stop) below ``end``, in file order, that QEMU's
+        #: free cluster index visits before the end of the file (left by a
+        #: table growth): an allocation takes the first that holds it whole,
+        #: passing over (and dropping) those too short, as QEMU's does
+        self.gaps: list[list[int]] = []
+        self._grew = False                # a table growth happened (alloc retries)
         #: called with the new end (bytes) whenever allocation grows the
         #: file past it (the graph's write threshold on the image file)
         self.grow_cb: Callable[[int], None] | None = None
@@ -80,6 +115,8 @@ class Refcounts:
     def end(self, v: int) -> None:
         grew = v > self._end
         self._end = v
+        if not grew and self.gaps:      # a shrink: no gap past the new end
+            self.gaps = [[a, min(b, v)] for a, b in self.gaps if a < v]
         if grew and self.grow_cb is not None:
             self.grow_cb(v << self.cb)
 
@@ -160,14 +197,20 @@ class Refcounts:
     def _ensure_block(self, c: int) -> None:
         """Make sure cluster ``c`` has a refcount block, placing a missing one
         at the end of the file (which records its own refcount, possibly
-        after placing the block that covers it first)."""
+        after placing the block that covers it first). Past the end of a
+        full table, QEMU's growth (:meth:`_grow_for`)."""
         t = c // self.rbe
-        if t >= len(self.table):
-            self._grow_table(t + 1)
-        if self.block_offset(t):
+        if t < len(self.table) and self.block_offset(t):
             return
         b = self.end
         self.end += 1
+        if t >= len(self.table) and b // self.rbe == t:
+            self._grow_for(t, b)
+            return
+        if t >= len(self.table):
+            # the new block's own count first: its block grows the table
+            # (QEMU recurses into alloc_refcount_block for it)
+            self._ensure_block(b)
         self.table[t] = b << self.cb
         self.table_dirty = True
         self.blocks[t] = [0] * self.rbe
@@ -175,18 +218,112 @@ class Refcounts:
         self._ensure_block(b)
         self._set(b, 1)
 
+    def _grow_for(self, t: int, b: int) -> None:
+        """The table is full and block ``t`` is placed at cluster ``b`` (in
+        its own range): QEMU's alloc_refcount_block grows the table with a
+        refcount area from the start of the next block's range (the clusters
+        in between stay free, a gap), entering ``b`` in the new table."""
+        self.flush_increments()     # the old table as QEMU leaves it (entries written at once)
+        blk = [0] * self.rbe
+        blk[b % self.rbe] = 1
+        self.blocks[t] = blk
+        self.dirty.add(t)
+        meta = (b // self.rbe + 1) * self.rbe
+        self.refcount_area(meta, 0, exact=False, new_index=t, new_block=b)
+        if b + 1 < meta:
+            self._add_gap(b + 1, meta)
+        self._grew = True
+
+    def refcount_area(self, start: int, more: int, exact: bool = True,
+                      new_index: int = -1, new_block: int = 0) -> int:
+        """QEMU's qcow2_refcount_area: from cluster ``start`` (free up to the
+        end of the file), the refcount blocks missing to cover everything up
+        to ``start + more`` clusters and themselves, then a new refcount
+        table (``exact``: as large as needed, else half as large again,
+        rounded up to whole clusters), all with refcount 1; the old table's
+        entries copied, ``new_block`` entered at ``new_index``. Written and
+        synced, the header switched to the new table, the old table freed
+        (its clusters a gap). Returns the first cluster after the area."""
+        per, rbe, cb = self.cs // 8, self.rbe, self.cb
+        total = metadata_blocks(start + more, self.cs, self.bits, generous=not exact)
+        size = total if exact else total + -(-total // 2)
+        size = -(-size // per) * per
+        table = (self.table + [0] * size)[:size]
+        if new_block:
+            table[new_index] = new_block << cb
+        missing = [i for i in range(start // rbe, total) if not table[i] & RT_OFFSET_MASK]
+        for k, i in enumerate(missing):
+            table[i] = (start + k) << cb
+            self.blocks[i] = [0] * rbe
+            self.dirty.add(i)
+        t_off = start + len(missing)
+        t_clusters = size // per
+        old_off, old_n = self.table_offset >> cb, self.table_clusters
+        self.table = table
+        for c in range(start, t_off + t_clusters):
+            self._set(c, 1)
+        self.table_offset, self.table_clusters = t_off << cb, t_clusters
+        self.table_dirty = True
+        self.end = max(self.end, t_off + t_clusters)
+        self.flush_increments()         # blocks and table before the header names them
+        if self._set_table_location:
+            self._set_table_location(self.table_offset, self.table_clusters)
+        # the old table freed at once (QEMU's qcow2_free_clusters), first in
+        # line for the next allocations
+        for c in range(old_off, old_off + old_n):
+            self._set(c, self.get(c) - 1)
+        self._add_gap(old_off, old_off + old_n)
+        self.flush_increments()
+        return t_off + t_clusters
+
+    def _add_gap(self, a: int, b: int) -> None:
+        self.gaps.append([a, b])
+        self.gaps.sort()
+
+    def _from_gaps(self, n: int) -> int | None:
+        """First fit of ``n`` contiguous free clusters in the gaps (QEMU's
+        alloc_clusters_noref from its free index): the run with refcount 1
+        and its blocks ensured, or None (every gap passed over)."""
+        while self.gaps:
+            g = self.gaps[0]
+            c = g[0]
+            while c + n <= g[1]:
+                busy = next((i for i in range(c, c + n) if self.get(i)), None)
+                if busy is None:
+                    break
+                c = busy + 1
+            if c + n > g[1]:
+                self.gaps.pop(0)
+                continue
+            g[0] = c + n
+            if g[0] >= g[1]:
+                self.gaps.pop(0)
+            for t in range(c // self.rbe, (c + n - 1) // self.rbe + 1):
+                self._ensure_block(t * self.rbe)
+            for i in range(c, c + n):
+                self._set(i, 1)
+            return c
+        return None
+
     def alloc(self, n: int = 1) -> list[tuple[int, int]]:
         """Allocate ``n`` clusters with refcount 1; return runs
         [(first_cluster, count)] (one run unless a new refcount block had to
         be placed in between). A run that reaches into clusters no refcount
         block covers yet keeps its place, and the missing block goes right
-        after it, as QEMU places it."""
+        after it, as QEMU places it. After a table growth the free gaps it
+        left below the end are tried first (:meth:`_from_gaps`)."""
         runs: list[tuple[int, int]] = []
-        if n == 1 and self.pool:
+        while n == 1 and self.pool:
             c = self.pool.pop()
-            self._set(c, 1)
-            return [(c, 1)]
+            if not self.get(c):     # not taken meanwhile from a gap
+                self._set(c, 1)
+                return [(c, 1)]
+        self._grew = False
         while n:
+            g = self._from_gaps(n) if self.gaps else None
+            if g is not None:       # first fit below the end (after a table growth)
+                runs.append((g, n))
+                break
             c = self.end
             # the run up to the end of the next block's reach; the blocks
             # it lacks are placed after it
@@ -195,6 +332,15 @@ class Refcounts:
             ts = range(c // self.rbe, (c + k - 1) // self.rbe + 1)
             for t in ts:
                 self._ensure_block(t * self.rbe)
+                if self._grew:
+                    break
+            if self._grew:
+                # QEMU's -EAGAIN: the run is sought anew (first fit from the
+                # lowest free cluster: the old table, this run, the rest of
+                # the new block's range)
+                self._grew = False
+                self._add_gap(c, c + k)
+                continue
             for t in ts:
                 lo, hi = max(c, t * self.rbe), min(c + k, (t + 1) * self.rbe)
                 b = self._block(t)
@@ -209,32 +355,6 @@ class Refcounts:
 
     def alloc_one(self) -> int:
         return self.alloc(1)[0][0]
-
-    def _grow_table(self, need_entries: int) -> None:
-        per = self.cs // 8
-        k = max(self.table_clusters * 2, -(-need_entries // per))
-        while True:
-            e = self.end
-            # blocks for the new table clusters and a few new blocks after them
-            cover = max(need_entries, (e + k + 4) // self.rbe + 2)
-            if cover <= k * per:
-                break
-            k = -(-cover // per)
-        old_off, old_n = self.table_offset, self.table_clusters
-        self.table.extend([0] * (k * per - len(self.table)))
-        first = self.end
-        self.end += k
-        for c in range(first, first + k):
-            self._ensure_block(c)
-            self._set(c, 1)
-        # Durable switch: blocks, new table, fsync, header, fsync.
-        self.table_offset, self.table_clusters = first << self.cb, k
-        self.table_dirty = True
-        self.flush_increments()
-        if self._set_table_location:
-            self._set_table_location(self.table_offset, self.table_clusters)
-        for c in range(old_off >> self.cb, (old_off >> self.cb) + old_n):
-            self.free_later(c)
 
     # -- writing -------------------------------------------------------
     def flush_increments(self) -> bool:

@@ -37,7 +37,7 @@ def grow(img, old: int, new: int, mode: str, fill) -> None:
         start -= 1
     n_data = g1 - g0
     n_l2 = -(-n_data // img.l2e) + 1
-    data = _refcount_area(img, rc, start, n_data + n_l2)
+    data = rc.refcount_area(start, n_data + n_l2)     # exact, the header switched
     for c in range(data, data + n_data):
         rc._set(c, 1)
     rc.end = data + n_data
@@ -106,44 +106,6 @@ def _first_free(rc, c: int) -> int:
     while rc.get(c):
         c += 1
     return c
-
-
-def _refcount_area(img, rc, start: int, more: int) -> int:
-    """QEMU's qcow2_refcount_area(start, more, exact): refcount blocks for
-    the clusters up to ``start + more`` that lack one, placed from
-    ``start``, then a new table; returns the first cluster after them."""
-    cs, cb, rbe = img.cluster_size, img.cb, rc.rbe
-    per = cs // 8
-    blocks = table = n = 0
-    while True:                 # qcow2_refcount_metadata_size's fixed point
-        last = n
-        blocks = -(-(start + more + table + blocks) // rbe)
-        table = -(-blocks // per)
-        n = start + more + blocks + table
-        if n == last:
-            break
-    size = -(-blocks // per) * per
-    new_table = (rc.table + [0] * size)[:max(size, len(rc.table))]
-    missing = [i for i in range(start // rbe, blocks) if not new_table[i] & ~0x1FF]
-    for k, i in enumerate(missing):
-        new_table[i] = (start + k) << cb
-        rc.blocks[i] = [0] * rbe
-        rc.dirty.add(i)
-    t_off = start + len(missing)
-    t_clusters = size // per
-    old_off, old_clusters = rc.table_offset, rc.table_clusters
-    rc.table = new_table[:size]
-    for c in range(start, t_off + t_clusters):
-        rc._set(c, 1)
-    rc.table_offset, rc.table_clusters = t_off << cb, t_clusters
-    rc.table_dirty = True
-    rc.end = max(rc.end, t_off + t_clusters)
-    rc.flush_increments()
-    img._set_rt_location(t_off << cb, t_clusters)
-    for c in range(old_off >> cb, (old_off >> cb) + old_clusters):
-        rc.free_later(c)
-    rc.apply_frees()
-    return t_off + t_clusters
 
 
 def _zeroes(fd: int, pos: int, n: int) -> None:

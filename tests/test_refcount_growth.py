@@ -1,0 +1,144 @@
+"""QEMU's refcount-table growth (formats/qcow2/refcount.py: refcount_area):
+images whose refcount table must grow, or whose L1 table lies beyond the
+first refcount block, laid out as QEMU 7.2 lays them out.
+
+512-byte clusters make the thresholds small: a one-cluster table holds 64
+blocks of 256 counts, 16384 clusters (8 MiB of file). Metadata
+preallocation needs a larger table from 8 224 768 bytes (7.84375 MiB) on;
+falloc/full reach past the first refcount block with the L1 table from
+506 MiB + 512 bytes on (a 254-cluster L1 table from cluster 3), from
+about 122 MiB on with 64-bit refcounts (64 counts a block), the sizes used
+here. Those tests work on a tmpfs: QEMU syncs each metadata update, which
+takes it tens of seconds on a loaded disk, and not on a tmpfs.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+import subprocess
+
+import pytest
+
+from conftest import blocks, qemu_compare, run_blkjobs
+from daemon_util import side_by_side
+from qemu_oracle import check_clean, qemu_img, qemu_io
+from test_daemon_create import create as daemon_create
+from test_parity_invocation import same, twins  # noqa: F401  (twins: a fixture)
+
+#: the first size whose metadata preallocation grows the table (512 B clusters)
+META_THRESHOLD = 8224768
+#: an L1 table of 62 clusters from cluster 3: past the first block of 64
+#: counts (512 B clusters, 64-bit refcounts)
+L1_PAST_BLOCK0 = 123 << 20
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A tmpfs (1 GiB at most) for the large preallocated images. Needs
+    root, as CI runs: fails, not skips."""
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (needs root): {r.stderr}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def _table(path) -> tuple[int, int]:
+    """(refcount_table_offset, refcount_table_clusters) from the header."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return struct.unpack(">QI", head[48:60])
+
+
+@pytest.mark.parametrize("opts,size,table", [
+    (",cluster_size=512", META_THRESHOLD - 512, (512, 1)),      # just fits the first table
+    (",cluster_size=512", META_THRESHOLD, (16641 * 512, 2)),     # the first growth
+    (",cluster_size=512", 17 << 20, None),                       # two growths
+    (",cluster_size=512,refcount_bits=64", 3 << 20, None),       # 64 counts a block
+])
+def test_metadata_prealloc_growing_the_table_as_qemu_img(twins, opts, size, table):
+    """The new block, the gap up to the next block's range, the refcount
+    area there (missing blocks, a table half as large again), the old table
+    freed (its bytes left), the next L2 tables and data first fit in the
+    gap: the file is qemu-img's byte for byte."""
+    same(twins, "create", "-f", "qcow2", "-o", f"preallocation=metadata{opts}", "t.qcow2",
+         str(size))
+    ours, theirs = (d / "t.qcow2" for d in twins)
+    assert ours.read_bytes() == theirs.read_bytes()
+    check_clean(ours)
+    if table:
+        assert _table(ours) == table
+    else:
+        assert _table(ours)[1] > 1
+
+
+@pytest.mark.parametrize("mode", ["falloc", "full"])
+def test_falloc_full_with_the_l1_table_beyond_the_first_block(tmpfs, mode):
+    """The refcount blocks the L1 table's run reaches into are hooked up
+    after it (QEMU's grow_l1_table), the refcount area follows them: the
+    file is qemu-img's byte for byte (once the L1 table had to lie within
+    the first block), check clean, the data allocated."""
+    opts = f"preallocation={mode},cluster_size=512,refcount_bits=64"
+    ours, theirs = tmpfs / "ours.qcow2", tmpfs / "theirs.qcow2"
+    run_blkjobs("create", "-q", "-f", "qcow2", "-o", opts, ours, L1_PAST_BLOCK0, check=True)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, theirs, str(L1_PAST_BLOCK0))
+    assert ours.read_bytes() == theirs.read_bytes()
+    check_clean(ours)
+    assert blocks(ours) >= L1_PAST_BLOCK0
+
+
+def test_blockdev_create_growing_the_table_matches_qsd(tmpfs):
+    """The daemon's blockdev-create, metadata past the first table and
+    falloc with the L1 table past the first block (once refused): the
+    files are qemu-storage-daemon's byte for byte (their SHA-256), check
+    clean. (qemu-storage-daemon takes some 6 s for the falloc one.)"""
+    cases = [("metadata", 9 << 20, 16), ("falloc", L1_PAST_BLOCK0, 64)]
+
+    async def sc(s, d):
+        out = []
+        for i, (mode, size, bits) in enumerate(cases):
+            path = str(d / f"g{i}.qcow2")
+            await daemon_create(s, f"g{i}f", {"driver": "file", "filename": path, "size": 0})
+            await s.x("blockdev-add", driver="file", filename=path, **{"node-name": f"g{i}"})
+            res = await daemon_create(s, f"g{i}", {"driver": "qcow2", "file": f"g{i}",
+                                                   "size": size, "preallocation": mode,
+                                                   "cluster-size": 512, "refcount-bits": bits})
+            await s.x("blockdev-del", **{"node-name": f"g{i}"})
+            assert res["jobs"][0].get("error") is None, res
+            with open(path, "rb") as f:
+                out.append(hashlib.sha256(f.read()).hexdigest())
+            check_clean(path)
+            (d / f"g{i}.qcow2").unlink()
+        return out
+    ref, ours = side_by_side(tmpfs, sc)
+    assert ours == ref
+
+
+def test_convert_grows_the_table_twice(tmp_path):
+    """convert into 512-byte clusters, 20 MiB of data: the table grows past
+    its first cluster and again; the image is clean and holds the data."""
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(13).randbytes(20 << 20))
+    dst = tmp_path / "dst.qcow2"
+    run_blkjobs("convert", "-O", "qcow2", "-o", "cluster_size=512", src, dst, check=True)
+    check_clean(dst)
+    assert _table(dst)[1] > 2
+    assert qemu_compare(src, dst, "raw", "qcow2") == (0, "Images are identical.\n")
+
+
+def test_commit_grows_the_base_table(tmp_path):
+    """A commit job writing 12 MiB into a base with 512-byte clusters: the
+    base's table grows while the job writes; clean, and equal to the top."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512", base, "12M")
+    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    qemu_io(top, *(f"write -P {i + 1} {i}M 1M" for i in range(12)))
+    assert _table(base) == (512, 1)
+    run_blkjobs("commit", top, check=True)
+    check_clean(base)
+    assert _table(base)[1] > 1
+    assert qemu_compare(top, base, "qcow2", "qcow2") == (0, "Images are identical.\n")
