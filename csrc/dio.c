@@ -138,7 +138,11 @@ static int aligned(const void *buf, uint64_t len, uint64_t off, uint32_t a)
 
 int64_t bj_dio_pread(int fd, void *buf, uint64_t len, uint64_t off)
 {
-    uint32_t a = bj_dio_align(fd);
+    return bj_dio_pread_a(fd, bj_dio_align(fd), buf, len, off);
+}
+
+int64_t bj_dio_pread_a(int fd, uint32_t a, void *buf, uint64_t len, uint64_t off)
+{
     if (a <= 1 || aligned(buf, len, off, a))
         return read_full(fd, buf, len, off);
     char *b;
@@ -181,10 +185,15 @@ static int64_t read_block(int fd, char *dst, uint64_t blk, uint32_t a)
 
 int64_t bj_dio_pwrite(int fd, const void *buf, uint64_t len, uint64_t off, uint64_t *fail_off)
 {
+    return bj_dio_pwrite_a(fd, bj_dio_align(fd), buf, len, off, fail_off);
+}
+
+int64_t bj_dio_pwrite_a(int fd, uint32_t a, const void *buf, uint64_t len, uint64_t off,
+                        uint64_t *fail_off)
+{
     uint64_t dummy;
     if (!fail_off)
         fail_off = &dummy;
-    uint32_t a = bj_dio_align(fd);
     if (a <= 1 || aligned(buf, len, off, a))
         return write_full(fd, buf, len, off, fail_off);
     uint64_t end = off + len;

@@ -26,7 +26,7 @@ from typing import Any
 from collections.abc import Callable
 
 from ..errors import BlkjobsError, CopyError, UsageError
-from ..formats.nbd import is_nbd_uri
+from ..formats.sniff import is_nbd_uri
 from ..graph.lock import ImageLock
 from ..native.extents import is_zero
 from ..native.ratelimit import TokenBucket
