@@ -13,12 +13,13 @@ import os
 from ..errors import ImageError, OSErrorWithContext, UsageError
 from ..formats import FORMATS, Driver, open_image, probe_format
 from ..formats.sniff import is_nbd_uri
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from ..graph import Graph, Node
 from ..graph.blockspec import is_spec, open_spec, parse
 from ..graph.lock import opening
 from .files import open_source
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..graph import Graph, Node
 
 
 def check_format(fmt: str | None, what: str = "image") -> None:
