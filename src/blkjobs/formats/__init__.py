@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from ..errors import ImageError, UsageError
 from .base import Driver, Kind, Mapping, NotAnImageFile, open_file  # noqa: F401
 from .sniff import LUKS_MAGIC, is_nbd_uri, is_qcow2
 from ..native import dio
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 FORMATS = ("raw", "qcow2", "luks")
 

@@ -22,7 +22,6 @@ import os
 import queue
 import threading
 import time
-from typing import Any
 from collections.abc import Callable
 
 from ..errors import BlkjobsError, CopyError, UsageError
@@ -32,6 +31,10 @@ from ..native.extents import is_zero
 from ..native.ratelimit import TokenBucket
 from .convert_base import ConvertOptions, ConvertResult, check_options
 from .convert_target import identity, lock_target, say_what_happened_to_target
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 WORK = 256 << 20            # block status asked per work range
 CHUNK = 4 << 20             # bytes per worker piece
