@@ -57,9 +57,16 @@
  *    recorded with its side and offset, the workers stop claiming. An engine
  *    that failed or was cancelled is not run again (the caller drains and
  *    frees it).
- * Cost: one pread + one pwrite per piece of a request (or one
- * copy_file_range per request), one pass over each data buffer for the zero
- * scan; memory threads*PIECE.
+ *  - A buffered source is read through a mapping of the request's range
+ *    (copy_mapped: mmap MAP_POPULATE, the pieces scanned and pwritten from
+ *    it, munmap), which spares pread's copy into the buffer; a source that
+ *    shrinks meanwhile (SIGBUS, EFAULT) sends the request back to pread.
+ * Cost: one pwrite per piece of a request and one mmap + munmap per request
+ * (or one pread + one pwrite per piece: O_DIRECT, a source that refuses
+ * mmap; or one copy_file_range per request), one pass over each piece for
+ * the zero scan; memory threads*PIECE, plus the mapped pages of the
+ * requests in flight (threads*request_size, page cache shared with the
+ * source's readers).
  */
 #include "copy.h"
 #include "dio.h"
