@@ -13,7 +13,9 @@ in one run with warm caches, alternating the contenders every round
 * quiet, and busy (``--load busy``: one CPU hog per core, convert_raw.py's
   Hogs, for the whole case).
 
-Besides median and min, each row has the MEDIAN OF THE PER-ROUND RATIOS
+Besides median and min (wall clock) and the median CPU seconds (user +
+system, the command's own from wait4: on a loaded machine the steadier
+figure), each row has the MEDIAN OF THE PER-ROUND RATIOS
 (qemu-img's best time in the round / blkjobs -t unsafe's): within a round
 they ran back to back under the same drift.
 
@@ -34,7 +36,7 @@ every case. MB/s = 10^6 bytes of virtual size per second. The machine this
 was written on has 2 cores and noisy neighbours: look at min and median.
 
     python3 benchmarks/convert_qcow2.py [--size 4G] [--rounds 5] [--load quiet,busy]
-        [--dir /var/tmp]
+        [--dir /var/tmp] [--baseline /work/main/.venv/bin/blkjobs]
 """
 from __future__ import annotations
 
@@ -134,41 +136,49 @@ def warm(paths):
 ENV = dict(os.environ)
 
 
-def run_once(cmd, out) -> float:
+def run_once(cmd, out) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + system of the command, from wait4)."""
     if os.path.exists(out):
         os.unlink(out)
     os.sync()   # start every run with no dirty pages of earlier runs (not timed)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                       env=ENV)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=ENV)
+    err = p.stderr.read() if p.stderr else ""
+    _, status, ru = os.wait4(p.pid, 0)
     t = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}: {p.stderr}")
-    return t
+        raise SystemExit(f"failed: {' '.join(cmd)}: {err}")
+    return t, ru.ru_utime + ru.ru_stime
 
 
 def run_cases(cases, a, size, load):
     sys.path.insert(0, HERE)
     from convert_raw import Hogs
     results = {}
+    cpus: dict[str, dict[str, list[float]]] = {}
     hogs = Hogs(os.cpu_count() or 1) if load == "busy" else None
     la = os.getloadavg()[0]
     try:
         for name, out, cmds in cases:
-            times = {k: [] for k in cmds}
+            times: dict[str, list[float]] = {k: [] for k in cmds}
+            cpu: dict[str, list[float]] = {k: [] for k in cmds}
             for rnd in range(a.warmup + a.rounds):
                 order = list(cmds)[rnd % len(cmds):] + list(cmds)[:rnd % len(cmds)]
                 for k in order:
-                    t = run_once(cmds[k], out)
+                    t, c = run_once(cmds[k], out)
                     if rnd >= a.warmup:
                         times[k].append(t)
+                        cpu[k].append(c)
             results[name] = times
+            cpus[name] = cpu
             os.unlink(out)
     finally:
         if hogs:
             hogs.close()
-    print(f"\n{load} (load average {la:.1f} before the hogs)")
-    print(f"{'case':<18}{'contender':<21}{'median s':>9}{'min s':>8}{'MB/s':>7}"
+    print(f"\n{load} (load average {la:.1f} before the hogs, {os.getloadavg()[0]:.1f} at the end)")
+    print(f"{'case':<18}{'contender':<21}{'median s':>9}{'min s':>8}{'CPU s':>7}{'MB/s':>7}"
           f"{'vs best qemu':>13}{'  per-round ratio: median [min-max]'}")
     verdicts = []
     for name, times in results.items():
@@ -180,7 +190,8 @@ def run_cases(cases, a, size, load):
             r = [q / t for q, t in zip(qround, v, strict=True)]
             rt = "" if k.startswith("qemu") else \
                 f"  {statistics.median(r):.2f} [{min(r):.2f}-{max(r):.2f}]"
-            print(f"{name:<18}{k:<21}{med:>9.2f}{min(v):>8.2f}{size / med / 1e6:>7.0f}"
+            c = statistics.median(cpus[name][k])
+            print(f"{name:<18}{k:<21}{med:>9.2f}{min(v):>8.2f}{c:>7.2f}{size / med / 1e6:>7.0f}"
                   f"{best_q / med:>12.2f}x{rt}")
         r = [q / t for q, t in zip(qround, times["blkjobs -t unsafe"], strict=True)]
         ok = statistics.median(r) >= 1.0
@@ -197,6 +208,8 @@ def main():
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--load", default="quiet", help="quiet,busy (quiet by default)")
     ap.add_argument("--keep", action="store_true", help="keep the images")
+    ap.add_argument("--baseline", help="another blkjobs (e.g. the main branch's "
+                    ".venv/bin/blkjobs), run -t unsafe as 'blkjobs before'")
     ap.add_argument("--verify", action="store_true",
                     help="qemu-img compare/check every blkjobs output once")
     a = ap.parse_args()
@@ -249,6 +262,10 @@ def main():
                 "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", top,
                                      out_raw]}),
         ]
+        if a.baseline:
+            for _name, _out, cmds in cases:
+                cmds["blkjobs before"] = [a.baseline, "convert", "-t", "unsafe"] + \
+                    cmds["blkjobs -t unsafe"][len(bju):]
         if a.verify:
             for name, out, cmds in cases:
                 run_once(cmds["blkjobs -t unsafe"], out)

@@ -200,8 +200,10 @@ def main():
             for load in loads:
                 subprocess.run(["cat", src], stdout=subprocess.DEVNULL)   # warm the source
                 print(f"{image} image, {load}:", file=sys.stderr)
+                la0 = os.getloadavg()[0]
                 res, rss = bench_block(a, names, cs, src, dst, d, load, modes)
-                title = f"{image} {a.size} raw->raw, {load}"
+                title = (f"{image} {a.size} raw->raw, {load} (load average {la0:.1f} before, "
+                         f"{os.getloadavg()[0]:.1f} after)")
                 out["results"][f"{image}/{load}"] = report(title, size, names, res, rss, modes)
             os.unlink(src)
     finally:

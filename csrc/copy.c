@@ -57,9 +57,16 @@
  *    recorded with its side and offset, the workers stop claiming. An engine
  *    that failed or was cancelled is not run again (the caller drains and
  *    frees it).
- * Cost: one pread + one pwrite per piece of a request (or one
- * copy_file_range per request), one pass over each data buffer for the zero
- * scan; memory threads*PIECE.
+ *  - A buffered source is read through a mapping of the request's range
+ *    (copy_mapped: mmap MAP_POPULATE, the pieces scanned and pwritten from
+ *    it, munmap), which spares pread's copy into the buffer; a source that
+ *    shrinks meanwhile (SIGBUS, EFAULT) sends the request back to pread.
+ * Cost: one pwrite per piece of a request and one mmap + munmap per request
+ * (or one pread + one pwrite per piece: O_DIRECT, a source that refuses
+ * mmap; or one copy_file_range per request), one pass over each piece for
+ * the zero scan; memory threads*PIECE, plus the mapped pages of the
+ * requests in flight (threads*request_size, page cache shared with the
+ * source's readers).
  */
 #include "copy.h"
 #include "dio.h"
@@ -68,9 +75,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -91,6 +102,10 @@ struct worker {
     uint64_t bufsz;
     uint64_t wb_off, wb_len;  /* previous request, for write-behind */
     int started;
+    /* O_DIRECT alignment of the source fds this worker read (bj_dio_align
+     * costs an fcntl, and was asked twice per 256 KiB piece) */
+    struct { int fd; uint32_t align; } fds[4];
+    unsigned nfds;
 };
 
 struct bj_copy {
@@ -127,6 +142,10 @@ struct bj_copy {
     uint32_t throttled;       /* of which: waiting in the rate limiter */
     atomic_int cancel;
     atomic_int no_copy_range; /* copy_file_range refused: read/write */
+    atomic_int no_mmap;       /* a source refused mmap: read into buffers */
+    uint64_t page;            /* the page size (mmap offsets are multiples) */
+    /* tests only: called after a request's source range is mapped */
+    void (*after_map)(int fd, uint64_t off, uint64_t len);
     uint32_t dst_align;       /* the target's O_DIRECT alignment, 1: buffered */
     int direct;               /* the target or default source is O_DIRECT: no
                                  copy_file_range (it would move the bytes
@@ -369,9 +388,9 @@ static int zero_target(struct bj_copy *c, uint64_t off, uint64_t len)
 
 /* Reads and writes go through dio.c: they work on an O_DIRECT fd too
  * (unaligned requests through an aligned bounce buffer). */
-static int pread_full(int fd, char *buf, uint64_t len, uint64_t off)
+static int pread_full(int fd, uint32_t align, char *buf, uint64_t len, uint64_t off)
 {
-    int64_t got = bj_dio_pread(fd, buf, len, off);
+    int64_t got = bj_dio_pread_a(fd, align, buf, len, off);
     if (got < 0)
         return (int)got;
     if ((uint64_t)got < len) /* past the end of the source: reads as zeroes */
@@ -379,9 +398,10 @@ static int pread_full(int fd, char *buf, uint64_t len, uint64_t off)
     return 0;
 }
 
-static int pwrite_full(int fd, const char *buf, uint64_t len, uint64_t off, uint64_t *fail_off)
+static int pwrite_full(int fd, uint32_t align, const char *buf, uint64_t len, uint64_t off,
+                       uint64_t *fail_off)
 {
-    int64_t rc = bj_dio_pwrite(fd, buf, len, off, fail_off);
+    int64_t rc = bj_dio_pwrite_a(fd, align, buf, len, off, fail_off);
     return rc < 0 ? (int)rc : 0;
 }
 
@@ -395,9 +415,9 @@ static int write_target(struct bj_copy *c, const char *buf, uint64_t len, uint64
                         uint64_t *fail_off)
 {
     if (c->dst_align > 1 && off % c->dst_align == 0 && len % c->dst_align == 0)
-        return pwrite_full(c->o.dst_fd, buf, len, off, fail_off);
+        return pwrite_full(c->o.dst_fd, c->dst_align, buf, len, off, fail_off);
     pthread_mutex_lock(&c->wlock);
-    int rc = pwrite_full(c->o.dst_fd, buf, len, off, fail_off);
+    int rc = pwrite_full(c->o.dst_fd, c->dst_align, buf, len, off, fail_off);
     pthread_mutex_unlock(&c->wlock);
     return rc;
 }
@@ -540,6 +560,133 @@ static int put_piece(struct bj_copy *c, const char *buf, uint64_t n, uint64_t of
     return 0;
 }
 
+/* The O_DIRECT alignment of source fd (1: buffered), remembered per worker
+ * (an engine's fds stay open and keep their flags while it runs). */
+static uint32_t src_align(struct worker *w, int fd)
+{
+    for (unsigned i = 0; i < w->nfds; i++)
+        if (w->fds[i].fd == fd)
+            return w->fds[i].align;
+    uint32_t a = bj_dio_align(fd);
+    unsigned slot = w->nfds < 4 ? w->nfds++ : (unsigned)fd % 4;
+    w->fds[slot].fd = fd;
+    w->fds[slot].align = a;
+    return a;
+}
+
+/* Reading a mapped source: the page cache's bytes are scanned and written
+ * to the target straight from the mapping, without the copy of pread into
+ * the worker's buffer (a third of a dense raw -> raw copy's CPU, as much as
+ * the write's copy into the target's page cache). A source that shrinks
+ * under the mapping (another process truncating it) raises SIGBUS on the
+ * scan's access and EFAULT on the pwrite's: both end the mapped attempt and
+ * the request is done again with pread (whose short read reads as zeroes).
+ * The SIGBUS handler jumps back only for a worker inside a mapped scan
+ * (bus_jb, per thread); any other SIGBUS goes to the handler found when it
+ * was installed (Python's faulthandler under pytest), or the default. */
+/* initial-exec: the handler reads it without a lazy TLS allocation */
+static _Thread_local sigjmp_buf *bus_jb __attribute__((tls_model("initial-exec")));
+static struct sigaction bus_prev;
+static pthread_mutex_t bus_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    sigjmp_buf *jb = bus_jb;
+    if (jb)
+        siglongjmp(*jb, 1);
+    if (bus_prev.sa_flags & SA_SIGINFO) {
+        if (bus_prev.sa_sigaction) {
+            bus_prev.sa_sigaction(sig, si, uc);
+            return;
+        }
+    } else if (bus_prev.sa_handler != SIG_DFL && bus_prev.sa_handler != SIG_IGN) {
+        bus_prev.sa_handler(sig);
+        return;
+    }
+    /* the default action: on return the fault repeats (or the raise lands) */
+    signal(SIGBUS, SIG_DFL);
+    raise(SIGBUS);
+}
+
+/* Install on_sigbus unless it is the handler now (installed again when
+ * something replaced it since). 0, or -errno: no mapped reads. */
+static int install_sigbus(void)
+{
+    struct sigaction cur, sa;
+    int rc = 0;
+    pthread_mutex_lock(&bus_lock);
+    if (sigaction(SIGBUS, NULL, &cur) < 0) {
+        rc = -errno;
+    } else if (!((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_sigbus)) {
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER; /* (jumped out of: not left blocked) */
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &bus_prev) < 0)
+            rc = -errno;
+    }
+    pthread_mutex_unlock(&bus_lock);
+    return rc;
+}
+
+/* The request's pieces scanned and written from a mapping of the source.
+ * Returns 0 or -errno like do_request, or 1: not done (mmap refused, the
+ * source is shorter than the request or shrank meanwhile), do it with pread;
+ * *data and *zero are then as on entry. */
+static int copy_mapped(struct worker *w, const struct bj_range *r, uint64_t piece, int *side,
+                       uint64_t *fail_off, uint64_t *data, uint64_t *zero)
+{
+    struct bj_copy *c = w->c;
+    uint64_t pg = c->page;
+    struct stat st;
+    if (fstat(r->src_fd, &st) < 0 || (uint64_t)st.st_size < r->src_off + r->len)
+        return 1; /* past the end of the source (reads as zeroes): pread does that */
+    uint64_t moff = r->src_off - r->src_off % pg;
+    size_t mlen = (size_t)(r->src_off + r->len - moff);
+    void *m = mmap(NULL, mlen, PROT_READ, MAP_SHARED | MAP_POPULATE, r->src_fd, (off_t)moff);
+    if (m == MAP_FAILED) {
+        if (errno != ENOMEM && errno != EAGAIN)
+            atomic_store_explicit(&c->no_mmap, 1, memory_order_relaxed);
+        return 1;
+    }
+    if (c->after_map)
+        c->after_map(r->src_fd, r->src_off, r->len);
+    const char *base = (const char *)m + (r->src_off - moff);
+    uint64_t data0 = *data, zero0 = *zero;
+    int rc;
+    sigjmp_buf jb;
+    if (sigsetjmp(jb, 0) == 0) {
+        bus_jb = &jb;
+        struct zrun zr = { 0, 0 };
+        uint64_t pos = 0;
+        rc = 0;
+        while (pos < r->len && rc == 0) {
+            uint64_t n = piece - (r->dst_off + pos) % piece;
+            if (n > r->len - pos)
+                n = r->len - pos;
+            rc = put_piece(c, base + pos, n, r->dst_off + pos, &zr, side, fail_off, data, zero);
+            pos += n;
+        }
+        bus_jb = NULL;
+        if (rc == 0) {
+            rc = flush_zeroes(c, &zr, fail_off, zero);
+            if (rc < 0)
+                *side = BJ_SIDE_TARGET;
+        } else if (rc == -EFAULT) {
+            rc = 1; /* the pwrite met a page the source lost */
+        }
+    } else {
+        bus_jb = NULL; /* SIGBUS: the source shrank under the scan */
+        rc = 1;
+    }
+    munmap(m, mlen);
+    if (rc == 1) {
+        *data = data0;
+        *zero = zero0;
+    }
+    return rc;
+}
+
 /* Do one request. Returns 0 or -errno with *side / *fail_off set, or 1 when
  * a zero request stopped part-way (cancel, drain, error elsewhere): its first
  * *partial bytes are done, the rest is to be handed back. */
@@ -577,7 +724,7 @@ static int do_request(struct worker *w, const struct req *q, int *side, uint64_t
         return rc;
     }
     if (c->o.zero_block == 0 && c->o.allow_copy_range && !c->direct &&
-        !(r->src_fd >= 0 && r->src_fd != c->o.src_fd && bj_dio_align(r->src_fd) > 1) &&
+        !(r->src_fd >= 0 && r->src_fd != c->o.src_fd && src_align(w, r->src_fd) > 1) &&
         !atomic_load_explicit(&c->no_copy_range, memory_order_relaxed)) {
         rc = copy_range(c, r, side, fail_off);
         if (rc <= 0) {
@@ -595,6 +742,12 @@ static int do_request(struct worker *w, const struct req *q, int *side, uint64_t
     uint64_t piece = c->direct && c->o.request_size > PIECE ? c->o.request_size : PIECE;
     if (zb)
         piece = zb >= piece ? zb : piece - piece % zb;
+    if (!c->direct && !atomic_load_explicit(&c->no_mmap, memory_order_relaxed) &&
+        src_align(w, r->src_fd) <= 1) {
+        rc = copy_mapped(w, r, piece, side, fail_off, data, zero);
+        if (rc <= 0)
+            return rc;
+    }
     uint64_t bufsz = r->len < piece ? r->len : piece;
     if (!w->buf || w->bufsz < bufsz) {
         free(w->buf);
@@ -617,7 +770,7 @@ static int do_request(struct worker *w, const struct req *q, int *side, uint64_t
                                : piece - (r->dst_off + pos) % piece;
         if (n > r->len - pos)
             n = r->len - pos;
-        rc = pread_full(r->src_fd, w->buf, n, r->src_off + pos);
+        rc = pread_full(r->src_fd, src_align(w, r->src_fd), w->buf, n, r->src_off + pos);
         if (rc < 0) {
             *side = BJ_SIDE_SOURCE;
             *fail_off = r->src_off + pos;
@@ -796,6 +949,9 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts)
     pthread_condattr_destroy(&ca);
     atomic_init(&c->cancel, 0);
     atomic_init(&c->no_copy_range, 0);
+    atomic_init(&c->no_mmap, install_sigbus() < 0);
+    long ps = sysconf(_SC_PAGESIZE);
+    c->page = ps > 0 ? (uint64_t)ps : 4096;
     c->direct = (fcntl(opts->dst_fd, F_GETFL) & O_DIRECT) != 0 ||
                 (opts->src_fd >= 0 && (fcntl(opts->src_fd, F_GETFL) & O_DIRECT) != 0);
     c->dst_align = bj_dio_align(opts->dst_fd);
@@ -1003,6 +1159,11 @@ void bj_copy_cancel(struct bj_copy *c)
 void bj_copy_test_fallocate(struct bj_copy *c, int (*fn)(int fd, int mode, off_t offset, off_t len))
 {
     c->zeroer.fallocate = fn;
+}
+
+void bj_copy_test_after_map(struct bj_copy *c, void (*fn)(int fd, uint64_t off, uint64_t len))
+{
+    c->after_map = fn;
 }
 
 void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st)

@@ -80,5 +80,8 @@ void bj_copy_get_status(struct bj_copy *c, struct bj_copy_status *st);
 
 /* Tests only: the zeroer's fallocate hook (zero.h), before the first run. */
 void bj_copy_test_fallocate(struct bj_copy *c, int (*fn)(int fd, int mode, off_t offset, off_t len));
+/* Tests only: fn is called by a worker after it mapped a request's source
+ * range (the mapped read path), before it reads the mapping. */
+void bj_copy_test_after_map(struct bj_copy *c, void (*fn)(int fd, uint64_t off, uint64_t len));
 
 #endif

@@ -257,3 +257,22 @@ int64_t bj_dio_pwrite(int fd, const void *buf, uint64_t len, uint64_t off, uint6
             return rc;
     }
 }
+
+/* The same with the fd's alignment as the caller knows it (the copy engine
+ * reads it once per fd, not once per request): an EINVAL, which a switch
+ * of the fd's mode since then may cause, is handed to the checking path. */
+int64_t bj_dio_pread_a(int fd, uint32_t a, void *buf, uint64_t len, uint64_t off)
+{
+    int64_t rc = dio_pread(fd, buf, len, off, a);
+    return rc == -EINVAL ? bj_dio_pread(fd, buf, len, off) : rc;
+}
+
+int64_t bj_dio_pwrite_a(int fd, uint32_t a, const void *buf, uint64_t len, uint64_t off,
+                        uint64_t *fail_off)
+{
+    uint64_t dummy;
+    if (!fail_off)
+        fail_off = &dummy;
+    int64_t rc = dio_pwrite(fd, buf, len, off, fail_off, a);
+    return rc == -EINVAL ? bj_dio_pwrite(fd, buf, len, off, fail_off) : rc;
+}

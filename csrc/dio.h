@@ -22,6 +22,12 @@ int64_t bj_dio_pread(int fd, void *buf, uint64_t len, uint64_t off);
  * block past the end of the file leaves the file no longer than
  * max(its size before, off + len). Returns len or -errno (*fail_off: where). */
 int64_t bj_dio_pwrite(int fd, const void *buf, uint64_t len, uint64_t off, uint64_t *fail_off);
+/* The same with the fd's alignment a (bj_dio_align) known: no fcntl per
+ * call (the copy engine asks it once per file); an EINVAL (the fd's mode
+ * switched since) goes on as bj_dio_pread/bj_dio_pwrite do. */
+int64_t bj_dio_pread_a(int fd, uint32_t a, void *buf, uint64_t len, uint64_t off);
+int64_t bj_dio_pwrite_a(int fd, uint32_t a, const void *buf, uint64_t len, uint64_t off,
+                        uint64_t *fail_off);
 /* cdef-end */
 
 #endif

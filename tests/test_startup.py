@@ -72,3 +72,34 @@ def test_commands_that_look_import_no_crypto_nbd_or_check(tmp_path):
         p = subprocess.run([sys.executable, "-c", LOOKERS, *map(str, args)],
                            capture_output=True, text=True, timeout=60)
         assert (p.returncode, p.stderr.strip()) == (0, want), args
+
+
+CONVERTER = """
+import sys
+sys.argv = ["blkjobs"] + sys.argv[1:]
+from blkjobs.cli.main import main
+rc = main()
+heavy = ("blkjobs.formats.qcow2", "blkjobs.formats.nbd", "blkjobs.graph.node",
+         "blkjobs.graph.chain", "blkjobs.imageops.convert_chain", "blkjobs.imageops.rebase",
+         "typing")
+print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
+raise SystemExit(rc)
+"""
+
+
+def test_raw_convert_imports_no_qcow2_nor_graph(tmp_path):
+    """A raw -> raw convert (one C engine over two files) imports neither the
+    qcow2 driver (the format is probed by its magic), the NBD driver, the
+    graph's nodes and chains, the chain converter, rebase nor typing
+    (start-up time is part of every copy); raw -> qcow2 imports what it
+    needs. The copies are qemu-img's bytes."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    for fmt, want in (("raw", "[]"),
+                      ("qcow2", "['blkjobs.formats.qcow2', 'blkjobs.graph.chain', "
+                                "'blkjobs.graph.node', 'blkjobs.imageops.convert_chain', 'typing']")):
+        dst = tmp_path / f"b.{fmt}"
+        p = subprocess.run([sys.executable, "-c", CONVERTER, "convert", "-O", fmt, str(src),
+                            str(dst)], capture_output=True, text=True, timeout=60)
+        assert (p.returncode, p.stderr.strip()) == (0, want), fmt
+        assert qemu_img("compare", "-f", "raw", "-F", fmt, src, dst).returncode == 0

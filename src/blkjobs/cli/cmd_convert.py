@@ -183,6 +183,8 @@ def _unknown_formats(args) -> None:
     """A format no qemu-img knows, refused in qemu-img's words (one it knows
     but blkjobs does not write: the library says so)."""
     from ..formats import FORMATS
+    if (args.src_fmt is None or args.src_fmt in FORMATS) and args.dst_fmt in FORMATS:
+        return          # (the usual case: no need to import rebase for its list)
     from ..imageops.rebase import QEMU_DRIVERS
     if args.src_fmt is not None and args.src_fmt not in FORMATS \
             and args.src_fmt not in QEMU_DRIVERS and args.srcs:

@@ -15,9 +15,12 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
 
 from ..units import human
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 
 class CopyProgress:

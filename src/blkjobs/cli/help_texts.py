@@ -6,7 +6,10 @@ generated from it (``make man``)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 _JOB_EXIT = ("0 the job completed, 1 it failed (or bad usage), 2 it was cancelled, "
              "130 Ctrl-C, 143 SIGTERM (both cancel the job and say what is in the files)")

@@ -6,9 +6,12 @@ objects and marks those operands as option strings
 ``blkdebug`` filter of the job layer, for names that ask for it."""
 from __future__ import annotations
 
-from typing import Any
 
 from ..errors import UsageError
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def add(p: Any, *operands: str, fmt: tuple[str, ...] = ("fmt",)) -> None:

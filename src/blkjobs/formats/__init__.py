@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from ..errors import ImageError, UsageError
 from .base import Driver, Kind, Mapping, NotAnImageFile, open_file  # noqa: F401
-from .sniff import LUKS_MAGIC, is_nbd_uri
+from .sniff import LUKS_MAGIC, is_nbd_uri, is_qcow2
 from ..native import dio
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 FORMATS = ("raw", "qcow2", "luks")
 
@@ -24,7 +27,7 @@ __all__ = ["Driver", "Kind", "Mapping", "FORMATS", "probe_format", "open_image",
 
 
 def probe_format(path: str) -> str:
-    from .qcow2 import probe
+    # the magic, not the qcow2 driver: a raw -> raw convert never imports it
     if is_nbd_uri(path):
         return "raw"        # an NBD export's bytes are the disk (see formats.nbd)
     try:
@@ -35,7 +38,7 @@ def probe_format(path: str) -> str:
         head = dio.pread(fd, 8, 0)
     finally:
         os.close(fd)
-    return "qcow2" if probe(head) else "luks" if head[:6] == LUKS_MAGIC else "raw"
+    return "qcow2" if is_qcow2(head) else "luks" if head[:6] == LUKS_MAGIC else "raw"
 
 
 def open_image(path: str, fmt: str | None = None, read_only: bool = True,

@@ -16,9 +16,12 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Self
 
 from ..errors import ImageError
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any, Self
 
 
 class NotSupported(ImageError):

@@ -1,5 +1,5 @@
 """What a name or a file's first bytes say about an image, before any driver
-is imported: NBD URIs by their scheme, LUKS by its magic. Kept apart from
+is imported: NBD URIs by their scheme, LUKS and qcow2 by their magic. Kept apart from
 the drivers so that commands that only look (``info``, ``map``) do not pay
 for importing the NBD client or LUKS cryptography (start-up time)."""
 from __future__ import annotations
@@ -7,6 +7,12 @@ from __future__ import annotations
 SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp",
            "nbd+vsock", "nbds+vsock")
 LUKS_MAGIC = b"LUKS\xba\xbe"
+QCOW2_MAGIC = b"QFI\xfb"      # formats.qcow2.header.MAGIC, big-endian
+
+
+def is_qcow2(head: bytes) -> bool:
+    """``head`` (a file's first bytes) starts with the qcow2 magic."""
+    return head[:4] == QCOW2_MAGIC
 
 
 def is_nbd_uri(name: str) -> bool:

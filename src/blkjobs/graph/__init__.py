@@ -5,11 +5,37 @@ QEMU-compatible file locks and transactional graph changes.
 * :class:`Perm`, :class:`Permission`, :class:`PermissionConflict` — :mod:`.perm`;
 * :class:`GraphTransaction`, :class:`ReplaceNode`, :class:`SetBacking`,
   :class:`DropNode` — :mod:`.txn`.
+
+The names are imported on first use: a module that needs only
+:mod:`.lock` (a raw -> raw convert takes the image locks and nothing else
+of the graph) does not pay for the node, chain and transaction modules
+(start-up time is part of every copy).
 """
-from .chain import open_chain, resolve_backing
-from .node import Graph, Node
-from .perm import ALL, Perm, Permission, PermissionConflict
-from .txn import DropNode, GraphTransaction, ReplaceNode, SetBacking
+from __future__ import annotations
+
+TYPE_CHECKING = False    # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from .chain import open_chain as open_chain, resolve_backing as resolve_backing
+    from .node import Graph as Graph, Node as Node
+    from .perm import (ALL as ALL, Perm as Perm, Permission as Permission,
+                       PermissionConflict as PermissionConflict)
+    from .txn import (DropNode as DropNode, GraphTransaction as GraphTransaction,
+                      ReplaceNode as ReplaceNode, SetBacking as SetBacking)
+
+_WHERE = {"open_chain": "chain", "resolve_backing": "chain", "Graph": "node", "Node": "node",
+          "ALL": "perm", "Perm": "perm", "Permission": "perm", "PermissionConflict": "perm",
+          "DropNode": "txn", "GraphTransaction": "txn", "ReplaceNode": "txn",
+          "SetBacking": "txn"}
 
 __all__ = ["Graph", "Node", "open_chain", "resolve_backing", "ALL", "Perm", "Permission",
            "PermissionConflict", "GraphTransaction", "ReplaceNode", "SetBacking", "DropNode"]
+
+
+def __getattr__(name: str) -> object:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+    value = getattr(import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value

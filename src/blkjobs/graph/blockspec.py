@@ -28,10 +28,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import ImageError
 from ..formats.base import Driver, FormatOpenError
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 FORMAT_DRIVERS = ("qcow2", "raw", "luks")
 PROTOCOL_DRIVERS = ("file", "null-co", "nbd")

@@ -49,7 +49,6 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 from .convert_base import ConvertOptions, ConvertResult, check_options
-from .convert_chain import ChainConvert
 from .convert_raw import convert_raw
 from .files import same_file
 
@@ -80,4 +79,5 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
     if fmt == "raw" and o.dst_fmt == "raw" and not o.create_opts and o.snapshot is None \
             and not is_spec(src):
         return convert_raw(src, dst, o, progress, check)
+    from .convert_chain import ChainConvert     # here: raw -> raw does not need it
     return ChainConvert(src, fmt, dst, o, progress, check).run()

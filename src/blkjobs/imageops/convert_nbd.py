@@ -22,17 +22,20 @@ import os
 import queue
 import threading
 import time
-from typing import Any
 from collections.abc import Callable
 
 from ..errors import BlkjobsError, CopyError, UsageError
-from ..formats.nbd import is_nbd_uri
+from ..formats.sniff import is_nbd_uri
 from ..graph.lock import ImageLock
 from ..native.extents import is_zero
 from ..native.ratelimit import TokenBucket
 from .convert_base import ConvertOptions, ConvertResult, check_options
 from .convert_faults import copy_in_order, injects_faults
 from .convert_target import identity, lock_target, say_what_happened_to_target
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 WORK = 256 << 20            # block status asked per work range
 CHUNK = 4 << 20             # bytes per worker piece

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
 
 from ..errors import BlkjobsError, CopyError, OSErrorWithContext, UsageError
 from ..graph.lock import ImageLock, LockConflict
@@ -14,6 +13,10 @@ from ..formats.base import open_cached
 from ..formats.cache import O_DIRECT, extra_flags
 from ..native import dio
 from .files import fd_size, same_file
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _wr() -> int:

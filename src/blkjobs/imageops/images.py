@@ -13,10 +13,13 @@ import os
 from ..errors import ImageError, OSErrorWithContext, UsageError
 from ..formats import FORMATS, Driver, open_image, probe_format
 from ..formats.sniff import is_nbd_uri
-from ..graph import Graph, Node, open_chain
 from ..graph.blockspec import is_spec, open_spec, parse
 from ..graph.lock import opening
 from .files import open_source
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..graph import Graph, Node
 
 
 def check_format(fmt: str | None, what: str = "image") -> None:
@@ -71,6 +74,7 @@ def open_one(path: str, fmt: str | None, read_only: bool = True,
 
 
 def cli_graph(force_share: bool = False, stable: bool = False) -> Graph:
+    from ..graph import Graph       # here: a raw -> raw convert needs no graph
     """A graph for a qemu-img style command, holding QEMU's lock bytes.
     ``stable``: every image refuses other writers (qemu-img convert's source,
     rebase's backing files, the job commands); otherwise a qcow2 image (and
@@ -89,6 +93,7 @@ def open_ro(path: str, fmt: str | None = None, force_share: bool = False,
     "write" lock``). Returns the top node; close with ``node.close_chain()``.
     ``key_secret``: the secret of an encrypted top image (formats.secrets)."""
     from ..formats.base import CryptoOpenError
+    from ..graph import open_chain
     fmt = probe(path, fmt)
     try:
         with opening(path, what):
