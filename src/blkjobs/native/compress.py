@@ -5,8 +5,11 @@ Two codecs write the same format (raw deflate, no match further back than
 QEMU's 4 KiB window): zlib, always built in, and ISA-L's igzip where the
 build found libisal-dev (several times less CPU per cluster, streams a few
 per cent longer or shorter depending on the data: benchmarks/README.md).
-:data:`DEFAULT_CODEC` is igzip when built in."""
+:data:`DEFAULT_CODEC` is igzip when built in; ``BLKJOBS_DEFLATE=zlib`` in
+the environment chooses zlib (the benchmarks compare the two)."""
 from __future__ import annotations
+
+import os
 
 from ._lib import ensure, ffi, lib
 
@@ -15,7 +18,8 @@ ZERO = lib.BJ_DEFLATE_ZERO
 ZLIB, ISAL = lib.BJ_CODEC_ZLIB, lib.BJ_CODEC_ISAL
 #: the codecs built in
 CODECS = frozenset(c for c in (ZLIB, ISAL) if lib.bj_deflate_codecs() & (1 << c))
-DEFAULT_CODEC = ISAL if ISAL in CODECS else ZLIB
+DEFAULT_CODEC = ZLIB if (ISAL not in CODECS
+                         or os.environ.get("BLKJOBS_DEFLATE", "").lower() == "zlib") else ISAL
 #: each codec's level: zlib's QEMU's (6), igzip's its strongest (3)
 LEVEL = {ZLIB: 6, ISAL: 3}
 
