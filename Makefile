@@ -19,10 +19,13 @@ venv: $(STAMP)
 # Debian packages the tests use: qemu-utils (qemu-img, qemu-io: the oracle),
 # qemu-system-common (qemu-storage-daemon: the reference daemon), fio and
 # libnbd-bin (nbdcopy, nbdinfo), nbdkit and libnbd-dev for NBD (peers and
-# the client binding), valgrind for the C tests.
+# the client binding), valgrind for the C tests, libisal-dev (ISA-L's
+# igzip: the fast deflate of convert -c and compressed backup; without it
+# the build falls back on zlib) and pkg-config, which finds it.
 DEB_TOOLS := qemu-utils:qemu-img qemu-utils:qemu-io qemu-system-common:qemu-storage-daemon \
              fio:fio libnbd-bin:nbdcopy libnbd-bin:nbdinfo nbdkit:nbdkit \
-             libnbd-dev:/usr/include/libnbd.h valgrind:valgrind time:/usr/bin/time
+             libnbd-dev:/usr/include/libnbd.h valgrind:valgrind time:/usr/bin/time \
+             libisal-dev:/usr/include/isa-l/igzip_lib.h pkg-config:pkg-config
 deps:
 	@need=""; for pt in $(DEB_TOOLS); do \
 	  p="$${pt#*:}"; case "$$p" in /*) test -e "$$p";; *) command -v "$$p" >/dev/null;; esac \
@@ -34,14 +37,14 @@ deps:
 	  else echo "missing Debian packages:$$need (as root: apt-get install$$need)" >&2; exit 1; fi; \
 	fi
 
-demo: venv deps
+demo: deps venv
 	$(VENV)/bin/blkjobs demo
 
 # The suite runs on every core, at most four (tests wait on qemu-img, the
 # reference daemons and the page cache as much as on the CPU): TEST_JOBS=1
 # runs it in one process.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
-test: venv deps test-c lint
+test: deps venv test-c lint
 	$(PY) -m pytest -q -rs -n $(TEST_JOBS) tests
 
 # The man page and the shell completion script, generated from the parser

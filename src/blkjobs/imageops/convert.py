@@ -21,7 +21,7 @@ Python decides what to copy; the C engine moves the bytes. Per work range
   free holes inside the file (refcount 0, no disk space) instead of not
   existing, so the file's apparent size is larger than qemu-img's;
 * ``-c``: clusters holding data are read through the chain (chunked),
-  compressed on ``-m`` threads (zlib: a chunk per call of the C core's
+  compressed on ``-m`` threads (deflate, igzip or zlib: a chunk per call of the C core's
   ``bj_deflate_clusters``; zstd: a Python thread pool) and stored in order
   with ``Qcow2.write_compressed``;
 * ``-B``: the target records a backing file; when it is the source's own

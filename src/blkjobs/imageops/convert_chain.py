@@ -382,9 +382,9 @@ class ChainConvert:
             return
         from ..native.compress import Deflater
         if self._deflater is None:
-            # a stream of cs - 512 bytes or more is stored plain (write_compressed's
+            # a stream of cs bytes or more is stored plain (write_compressed's
             # rule); two of each: chunk k+1 compresses while chunk k is stored
-            self._deflater = [Deflater(cs, chunk // cs, self.o.threads, max(0, cs - 513))
+            self._deflater = [Deflater(cs, chunk // cs, self.o.threads, cs - 1)
                               for _ in range(2)]
             self._cbuf = memoryview(bytearray(2 * chunk))
         if self._pool is None:

@@ -15,8 +15,11 @@ How a range moves (:meth:`Mover.move`):
    exposes stale bytes.
 3. Queue (src host offset, dst host offset, length, kind, layer fd) items into
    the C engine and let it move the bytes with the GIL released; the I/O lock
-   is *not* held meanwhile. Compressed source clusters (no host offset) and
-   compressed targets go through Python, cluster by cluster.
+   is *not* held meanwhile. Compressed source clusters (no host offset)
+   go through Python; for a compressed target the planning reads the
+   source, and the chunks read are compressed once the lock is let go (on
+   every core, :meth:`TargetWrites.compress_pending`) and stored in order
+   under the lock again.
 
 A caller that must keep guest writes off a range until its copy landed
 (backup's copy-before-write, stream, write-blocking mirror) registers the
@@ -109,7 +112,8 @@ class Mover(TargetWrites, BatchPlanning):
         self.io = io
         self.detect_zeroes = detect_zeroes
         self._scan_buf: bytearray | None = None
-        self._deflater: Any = None          # compress, zlib: see _write_compressed
+        self._deflater: Any = None          # compress, zlib: see compress_pending
+        self._cpool: Any = None             # compress: the compressing worker(s)
         self.src, self.dst = src, dst
         self.select = select
         self.compress = compress
@@ -159,6 +163,9 @@ class Mover(TargetWrites, BatchPlanning):
     def close(self) -> None:
         while self._pool:
             self._pool.pop().close()
+        if self._cpool is not None:
+            self._cpool.shutdown()
+            self._cpool = None
 
     # -- fault injection (blkdebug nodes) -----------------------------------
     def _check_inject(self, op: str, node: Node, off: int, length: int) -> None:
@@ -212,7 +219,7 @@ class Mover(TargetWrites, BatchPlanning):
         items: list[tuple] = []
         if self.compress:
             self._write_zeroes(zero, off, length, items)
-            self._write_compressed(merge([(s, n) for s, n, _ in copy] + py))
+            self._read_compressed(merge([(s, n) for s, n, _ in copy] + py))
             return items
         if (self.detect_zeroes and copy and not self._dst_raw
                 and not dst.driver.injects_faults and self._zero_clusters_ok()):
@@ -395,6 +402,9 @@ class Mover(TargetWrites, BatchPlanning):
                         i += 1
                         k += 1
                         passed = set()
+                # compressed target: what this hold read compresses now,
+                # without the lock (stored in order under it)
+                self.compress_pending()
                 if held is not None:
                     # a break point holds piece i: what was planned before it
                     # goes to the engine now (it must not wait with it)
@@ -407,6 +417,7 @@ class Mover(TargetWrites, BatchPlanning):
                         items = []
                     self.io.breaks.suspend(held)
         except BaseException:
+            self.drop_pending()
             self._drop(ce, t)       # what the planned part allocated is put back
             raise
         if items:

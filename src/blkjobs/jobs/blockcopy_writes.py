@@ -15,12 +15,14 @@ from ..native import dio
 from ..native.compress import ZERO as DEFLATE_ZERO
 from ..native.compress import Deflater
 from ..native.copy import COPY, ZERO
-from ..native.extents import zero_blocks
+from ..native.extents import is_zero, zero_blocks
 from .ranges import intersect, merge, subtract
 
 MiB = 1 << 20
 #: bytes planned per hold of the I/O lock (and the zero scan's buffer size)
 PLAN_CHUNK = 8 * MiB
+#: bytes compressed per call of the C core (compressed targets)
+CHUNK = 4 * MiB
 
 
 class Stats:
@@ -41,6 +43,9 @@ class TargetWrites:
     may_unmap: bool
     _scan_buf: bytearray | None
     _deflater: Any
+    _cpool: Any
+    _tls: Any
+    io: Any
 
     # -- Python-side I/O: an OSError becomes a CopyError of its side ---------
     def _src(self, fn, *args) -> Any:
@@ -150,45 +155,101 @@ class TargetWrites:
                 items.append((p[1] + da, dh, n, COPY, p[0]))
         return items
 
-    def _write_compressed(self, ranges: list[tuple[int, int]]) -> None:
-        """Whole target clusters, read through the source's chain in chunks
-        of up to 4 MiB; zlib targets compress each chunk on the C core's
-        threads (:class:`~blkjobs.native.compress.Deflater`), zstd ones
-        cluster by cluster. Stored in order."""
+    def _read_compressed(self, ranges: list[tuple[int, int]]) -> None:
+        """(I/O lock held) Read the whole target clusters the ranges touch
+        through the source's chain, in chunks of up to 4 MiB, for
+        :meth:`compress_pending`, which compresses them once the lock is let
+        go and stores them in order."""
         src, dst = self.src, self.dst
         cs = dst.driver.cluster_size
         if not dst.driver.can_compress or not cs:
             raise UsageError(f"Compression is not supported for this drive {dst.name}")
-        zlib = getattr(dst.driver, "ctype", 0) == 0
-        chunk = max(cs, (4 * MiB) // cs * cs)
+        chunk = max(cs, CHUNK // cs * cs)
+        work = self._cwork()
         for c0, c1 in self._cluster_spans(ranges, cs):
-            pos = c0
-            while pos < c1:
-                ln = min(chunk, c1 - pos)
-                buf = bytearray(ln)
+            for pos in range(c0, c1, chunk):
+                buf = bytearray(min(chunk, c1 - pos))
                 self._src(src.readinto, pos, buf)
-                lens = self._deflate(buf, cs, chunk) if zlib else None
-                for i, x in enumerate(range(0, ln, cs)):
-                    c = memoryview(buf)[x:min(ln, x + cs)]
-                    if (lens is not None and lens[i] == DEFLATE_ZERO) or \
-                            (lens is None and not any(c)):
-                        self._tgt(dst.write_zeroes, pos + x, len(c))
-                    elif lens is not None:
-                        z = bytes(self._deflater.out[x:x + lens[i]]) if lens[i] else bytes(cs)
-                        dst.note_write(pos + x, len(c))
-                        self._tgt(dst.driver.write_compressed, pos + x, c, z)
-                    else:
-                        dst.note_write(pos + x, len(c))
-                        self._tgt(dst.driver.write_compressed, pos + x, c)
-                pos += ln
+                work.append((pos, buf))
+
+    def _cwork(self) -> list[tuple[int, bytearray]]:
+        """This thread's chunks read and not yet compressed (a backup's
+        loop and its copy-before-write plan on different threads)."""
+        w = getattr(self._tls, "cwork", None)
+        if w is None:
+            w = self._tls.cwork = []
+        return w
+
+    def drop_pending(self) -> None:
+        """Forget the chunks read by a planning that failed."""
+        self._tls.cwork = []
+
+    def compress_pending(self) -> None:
+        """Compress the chunks read by the planning (the I/O lock let go,
+        unless the caller holds it: a copy-before-write) and store them in
+        order: chunk k compresses on a worker (zlib: the C core's threads;
+        zstd: one task per cluster) while chunk k-1 is stored under the
+        lock."""
+        work = self._cwork()
+        if not work:
+            return
+        self._tls.cwork = []
+        pending = None
+        for j, (pos, buf) in enumerate(work):
+            nxt = (pos, buf, self._compress_chunk(j & 1, buf))
+            if pending is not None:
+                self._store_chunk(*pending)
+            pending = nxt
+        if pending is not None:
+            self._store_chunk(*pending)
+
+    def _compress_chunk(self, k: int, buf: bytearray) -> Any:
+        """Start compressing one chunk: (Deflater ``k``, a future of its
+        lengths) for zlib, or a list of futures, one per cluster (None for
+        an all-zero one), for zstd."""
+        drv = self.dst.driver
+        cs = drv.cluster_size
+        if self._cpool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._cpool = ThreadPoolExecutor(max(1, self.threads),
+                                             thread_name_prefix="compress")
+        if getattr(drv, "ctype", 0) == 0:
+            if self._deflater is None:
+                n = max(cs, CHUNK // cs * cs) // cs
+                self._deflater = [Deflater(cs, n, self.threads, cs - 1) for _ in range(2)]
+            return self._deflater[k], self._cpool.submit(self._deflater[k].run, buf)
+        mv = memoryview(buf)
+        return [None if is_zero(mv[x:x + cs]) else
+                self._cpool.submit(drv.compress_cluster, mv[x:x + cs])
+                for x in range(0, len(buf), cs)]
+
+    def _store_chunk(self, pos: int, buf: bytearray, res: Any) -> None:
+        """Store one compressed chunk, cluster by cluster, in order (I/O lock
+        taken here): zero clusters as zeroes, the others compressed (plain
+        when the stream does not fit in cs - 1 bytes)."""
+        dst = self.dst
+        cs = dst.driver.cluster_size
+        ln = len(buf)
+        mv = memoryview(buf)
+        zs: list[bytes | None]
+        if isinstance(res, list):           # zstd: one future per cluster
+            zs = [None if f is None else f.result() for f in res]
+        else:                               # zlib: (Deflater, future of the lengths)
+            d, fut = res
+            zs = [None if n == DEFLATE_ZERO else
+                  bytes(d.out[i * cs:i * cs + n]) if n else bytes(cs)
+                  for i, n in enumerate(fut.result())]
+        with self.io:
+            for i, x in enumerate(range(0, ln, cs)):
+                c = mv[x:min(ln, x + cs)]
+                if zs[i] is None:
+                    self._tgt(dst.write_zeroes, pos + x, len(c))
+                else:
+                    dst.note_write(pos + x, len(c))
+                    self._tgt(dst.driver.write_compressed, pos + x, c, zs[i])
 
     def _cluster_spans(self, ranges: list[tuple[int, int]], cs: int) -> list[tuple[int, int]]:
         """The (merged) runs of whole target clusters the ranges touch."""
         size = self.dst.size
         return [(s, s + n) for s, n in merge([
             (s - s % cs, min(-(-(s + n) // cs) * cs, size) - (s - s % cs)) for s, n in ranges])]
-
-    def _deflate(self, buf: bytearray, cs: int, chunk: int) -> list[int]:
-        if self._deflater is None:
-            self._deflater = Deflater(cs, chunk // cs, self.threads, max(0, cs - 513))
-        return self._deflater.run(buf)

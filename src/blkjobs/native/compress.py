@@ -1,11 +1,27 @@
 """Parallel deflate of qcow2 clusters (csrc/compress.c): one call per chunk,
-every cluster compressed on ``threads`` C threads with the GIL released."""
+every cluster compressed on ``threads`` C threads with the GIL released.
+
+Two codecs write the same format (raw deflate, no match further back than
+QEMU's 4 KiB window): zlib, always built in, and ISA-L's igzip where the
+build found libisal-dev (several times less CPU per cluster, streams a few
+per cent longer or shorter depending on the data: benchmarks/README.md).
+:data:`DEFAULT_CODEC` is igzip when built in; ``BLKJOBS_DEFLATE=zlib`` in
+the environment chooses zlib (the benchmarks compare the two)."""
 from __future__ import annotations
+
+import os
 
 from ._lib import ensure, ffi, lib
 
 #: the length reported for an all-zero cluster (nothing compressed)
 ZERO = lib.BJ_DEFLATE_ZERO
+ZLIB, ISAL = lib.BJ_CODEC_ZLIB, lib.BJ_CODEC_ISAL
+#: the codecs built in
+CODECS = frozenset(c for c in (ZLIB, ISAL) if lib.bj_deflate_codecs() & (1 << c))
+DEFAULT_CODEC = ZLIB if (ISAL not in CODECS
+                         or os.environ.get("BLKJOBS_DEFLATE", "").lower() == "zlib") else ISAL
+#: each codec's level: zlib's QEMU's (6), igzip's its strongest (3)
+LEVEL = {ZLIB: 6, ISAL: 3}
 
 
 class Deflater:
@@ -15,9 +31,12 @@ class Deflater:
     cluster plain."""
 
     def __init__(self, cs: int, max_clusters: int, threads: int, limit: int,
-                 level: int = 6, window_bits: int = 12):
+                 level: int | None = None, window_bits: int = 12,
+                 codec: int | None = None):
         self.cs, self.max, self.threads = cs, max_clusters, threads
-        self.limit, self.level, self.wbits = limit, level, window_bits
+        self.codec = DEFAULT_CODEC if codec is None else codec
+        self.level = LEVEL[self.codec] if level is None else level
+        self.limit, self.wbits = limit, window_bits
         self._out = ffi.new("uint8_t[]", cs * max_clusters)
         self._len = ffi.new("uint32_t[]", max_clusters)
         self.out = ffi.buffer(self._out)
@@ -35,6 +54,6 @@ class Deflater:
             return []
         last = size - (n - 1) * self.cs
         ensure(lib.bj_deflate_clusters(ffi.from_buffer(mv), n, self.cs, last, self._out,
-                                       self._len, self.limit, self.level, self.wbits,
-                                       self.threads), "compress")
+                                       self._len, self.limit, self.codec, self.level,
+                                       self.wbits, self.threads), "compress")
         return list(self._len[0:n])

@@ -160,6 +160,33 @@ class Writes(L2Tables):
             cluster_data = bytes(cluster_data).ljust(cs, b"\0")
         return _compress(self.ctype, cluster_data)
 
+    def _comp_bytes(self, n: int) -> int:
+        """Where the next ``n`` bytes of compressed data go (QEMU's
+        qcow2_alloc_bytes): packed after the previous compressed cluster,
+        running on into the next host cluster when that is the one allocated
+        next (a stream may span two host clusters), else from a new cluster;
+        every host cluster the bytes touch gets one more reference."""
+        rc, cs, cb = self._rc(), self.cluster_size, self.cb
+        off = self._comp_free
+        if off and rc.get(off >> cb) >= rc.max_refcount:
+            off = 0
+        if off and off + n <= self._comp_limit:
+            rc.incref(off >> cb)               # one more compressed cluster touches it
+        elif off:
+            new = rc.alloc_one() << cb
+            if new == self._comp_limit:        # contiguous: the stream runs on into it
+                rc.incref(off >> cb)
+                self._comp_limit = new + cs
+            else:
+                off, self._comp_limit = new, new + cs
+        else:
+            off = rc.alloc_one() << cb
+            self._comp_limit = off + cs
+        self._comp_free = off + n
+        if self._comp_free >= self._comp_limit:
+            self._comp_free = self._comp_limit = 0
+        return off
+
     def write_compressed(self, offset: int, cluster_data, compressed: bytes | None = None) -> None:
         """Store one whole guest cluster compressed (for convert -c).
         ``cluster_data`` is cluster_size bytes (the last cluster of the image
@@ -175,25 +202,16 @@ class Writes(L2Tables):
             raise UsageError(f"'{self.filename}': compressed clusters are not supported "
                              "with an external data file")
         comp = compressed if compressed is not None else self.compress_cluster(cluster_data)
-        if len(comp) >= cs - 512:
+        if len(comp) >= cs:         # QEMU's rule: compressed when it fits in cs - 1
             self.write(offset, bytes(cluster_data)[:min(cs, self.size - offset)])
             return
         gc = offset >> self.cb
         _, _, e, bm = self._entry(gc)
         if e or bm:
             self._classify(gc, e, bm)
-        rc = self._rc()
-        n = len(comp)       # < cluster_size - 512: never spans two host clusters
-        if self._comp_free and self._comp_free + n <= self._comp_limit:
-            off = self._comp_free
-            rc.incref(off >> self.cb)          # one more compressed cluster touches it
-        else:
-            off = rc.alloc_one() << self.cb
-            self._comp_limit = off + cs
+        n = len(comp)
+        off = self._comp_bytes(n)
         dio.pwrite(self.fd, comp, off)
-        self._comp_free = off + n
-        if self._comp_free >= self._comp_limit:
-            self._comp_free = self._comp_limit = 0
         nsec = ((off + n - 1) >> 9) - (off >> 9)
         entry = COMPRESSED | (nsec << (62 - self._csec_bits)) | off
         self._set_entry(gc, entry, 0)
