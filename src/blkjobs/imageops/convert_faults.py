@@ -27,9 +27,12 @@ extents in order; the reads of one request are in order too).
 from __future__ import annotations
 
 import errno
-from typing import Any
 
 from ..errors import BlkjobsError, CopyError
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 SECTOR = 512
 #: QEMU's BDRV_REQUEST_MAX_SECTORS: the longest block status asked
