@@ -9,7 +9,7 @@ import errno
 import os
 from typing import Any
 
-from ..errors import BlkjobsError, CopyError, UsageError
+from ..errors import BlkjobsError, CopyError, OSErrorWithContext, UsageError
 from ..graph.lock import ImageLock, LockConflict
 from ..native import dio
 from ..native.copy import COPY, CopyEngine
@@ -86,8 +86,9 @@ class ChainConvert:
             except LockConflict as e:     # qemu-img opens it as the new target's backing
                 raise LockConflict(f"Could not open '{self.dst}': Could not open backing "
                                    f"file: {e.bare}", e.path) from None
-            except BlkjobsError as e:
-                raise UsageError(f"Could not open backing file '{o.backing}': {e}") from None
+            except BlkjobsError as e:     # qemu-img's words: it opens the new target's
+                raise UsageError(f"Could not open '{self.dst}': Could not open backing "
+                                 f"file: {_open_failure(path, e)}") from None
             if o.backing_fmt is None:
                 o.backing_fmt = self.base.format
             below = self.top.backing
@@ -556,3 +557,14 @@ class ChainConvert:
                 os.fsync(self.tg.dfd)
         except OSError as e:
             raise CopyError(e.errno or errno.EIO, "error flushing", path=self.dst, side="target") from None
+
+
+def _open_failure(path: str, e: BlkjobsError) -> str:
+    """Why ``path`` did not open, as QEMU's block layer says it (the file
+    layer's ``Could not open 'PATH': REASON``, a format's reason alone)."""
+    if isinstance(e, OSErrorWithContext):
+        return f"Could not open '{path}': {os.strerror(e.errno)}"
+    text = str(e)
+    if text.startswith(f"'{path}': "):
+        text = text[len(path) + 4:]
+    return "Image is not in qcow2 format" if text == "not a qcow2 image (bad magic)" else text

@@ -21,7 +21,7 @@ import os
 import struct
 
 from ..errors import UsageError
-from ..units import parse_opt_size
+from ..units import option_items, parse_opt_size
 
 L1E = 8
 REFTABLE_ENTRY = 8
@@ -66,25 +66,24 @@ def parse_target_opts(texts: list[str] | None, fmt: str) -> dict:
     texts; each error one line or two, raised as UsageError)."""
     known = QCOW2_OPTS if fmt == "qcow2" else RAW_OPTS
     out: dict[str, str | bool | int] = {}
-    for text in texts or []:
-        for item in filter(None, text.split(",")):
-            name, _, val = item.partition("=")
-            if name not in known:
-                raise UsageError(f"Invalid parameter '{name}'\n"
+    for item in option_items(texts):        # ``,,``: a comma inside a value
+        name, _, val = item.partition("=")
+        if name not in known:
+            raise UsageError(f"Invalid parameter '{name}'\n"
+                             f"blkjobs: Invalid options for file format '{fmt}'")
+        value: str | bool | int = val
+        if name in ("extended_l2", "lazy_refcounts", "data_file_raw", "encryption"):
+            if val.lower() not in ("on", "off"):
+                raise UsageError(f"Parameter '{name}' expects 'on' or 'off'\n"
                                  f"blkjobs: Invalid options for file format '{fmt}'")
-            value: str | bool | int = val
-            if name in ("extended_l2", "lazy_refcounts", "data_file_raw", "encryption"):
-                if val.lower() not in ("on", "off"):
-                    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'\n"
-                                     f"blkjobs: Invalid options for file format '{fmt}'")
-                value = val.lower() == "on"
-            elif name in ("size", "cluster_size"):
-                try:
-                    value = parse_opt_size(val, name)
-                except UsageError as e:
-                    raise UsageError(f"{e}\nblkjobs: Invalid options for file format "
-                                     f"'{fmt}'") from None
-            out[name] = value
+            value = val.lower() == "on"
+        elif name in ("size", "cluster_size"):
+            try:
+                value = parse_opt_size(val, name)
+            except UsageError as e:
+                raise UsageError(f"{e}\nblkjobs: Invalid options for file format "
+                                 f"'{fmt}'") from None
+        out[name] = value
     return out
 
 
