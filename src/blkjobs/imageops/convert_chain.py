@@ -57,6 +57,9 @@ class ChainConvert:
         self.top: Any = None
         self.base: Any = None
         self.next_pos = 0              # the next guest offset to plan
+        #: -o preallocation=metadata|falloc|full of a created qcow2 target:
+        #: its clusters are allocated (and read zero) before the copy
+        self.prealloc = False
         self.target_zero = False       # the target reads as zeroes where not written
         self.py_done = 0           # bytes handled without the engine
         self.zfd = -1              # /dev/zero for -S 0
@@ -128,8 +131,10 @@ class ChainConvert:
         copts.pop("size", None)
         if o.backing:
             copts["backing_file"], copts["backing_format"] = o.backing, o.backing_fmt
-        if copts.get("preallocation", "off") != "off":
-            raise UsageError("convert: preallocation of a qcow2 target is not supported")
+        # preallocated as create does it; the copy then writes the data into
+        # those clusters and leaves the rest as it is (qemu-img: the image
+        # reads zeroes, so only data is written)
+        self.prealloc = copts.get("preallocation", "off") != "off"
         try:
             create_image(dst, "qcow2", self.tsize, **copts)
         except OSError as e:
@@ -323,7 +328,7 @@ class ChainConvert:
             maps = t.allocate(a, b - a)
             self.allocated.extend(maps)
             for m in maps:
-                if m.host_offset < fresh_from:
+                if m.host_offset < fresh_from and not self.prealloc:   # -n: old data
                     _punch(self.tg.dfd, m.host_offset, -(-m.length // 512) * 512)
             while i < len(pieces) and pieces[i][0] + pieces[i][1] <= a:
                 i += 1
@@ -350,10 +355,12 @@ class ChainConvert:
         found zeroes in data the source stores, e.g. zeroes written as data)
         are dropped again (``discard``: unallocated, or a zero cluster over a
         backing file), so the target maps like qemu-img's. Skipped for -S 0
-        (fully allocate) and for v2 images with a backing file (no zero flag)."""
+        (fully allocate), for v2 images with a backing file (no zero flag)
+        and for preallocated targets."""
         from ..native.extents import extents
         t, cs = self.tg.t, self.tg.t.cluster_size
-        if not self.o.sparse_size or (t.backing_filename and t.header.version < 3):
+        if not self.o.sparse_size or (t.backing_filename and t.header.version < 3) \
+                or self.prealloc:       # preallocated clusters stay
             return
         for m in self.allocated:
             for e in extents(t.data_fd, m.host_offset, m.length):
