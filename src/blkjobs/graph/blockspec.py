@@ -25,6 +25,7 @@ with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ _OPTIONS = {
     "file": {"filename"},
     "null-co": {"size", "read-zeroes", "latency-ns"},
     "nbd": {"server", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap",
-            "reconnect-delay", "open-timeout"},
+            "reconnect-delay", "open-timeout", "host", "port", "path"},
     "quorum": {"children", "vote-threshold", "blkverify", "rewrite-corrupted", "read-pattern"},
     "blkdebug": {"image", "config", "inject-error", "set-state", "align", "max-transfer",
                  "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"},
@@ -218,8 +219,10 @@ def _layer(tree: dict[str, Any], probe: bool = True) -> Layer:
     if driver in PROTOCOL_DRIVERS:
         if driver == "file" and not isinstance(tree.get("filename"), str):
             raise ImageError("The 'file' block driver requires a file name")
-        if driver == "nbd" and "server" not in tree:
-            raise ImageError("NBD server address missing")
+        if driver == "nbd":
+            opts = _nbd_legacy(opts)
+            if "server" not in opts:
+                raise ImageError("NBD server address missing")
         return Layer(driver, opts)
     role = "image" if driver == "blkdebug" else "file"
     child = tree.get(role)
@@ -228,6 +231,43 @@ def _layer(tree: dict[str, Any], probe: bool = True) -> Layer:
     if not isinstance(child, dict):
         raise ImageError(f"Cannot find device='{child}' nor node-name='{child}'")
     return Layer(driver, opts, _layer(child, probe=False))
+
+
+def _nbd_legacy(opts: dict[str, Any]) -> dict[str, Any]:
+    """QEMU's legacy NBD address options ``path``, or ``host`` and ``port``,
+    as the ``server`` they stand for (values of any JSON type: as text)."""
+    legacy = {k: opts[k] for k in ("path", "host", "port") if k in opts}
+    if not legacy:
+        return opts
+    out = {k: v for k, v in opts.items() if k not in legacy}
+    if "server" in out:
+        raise ImageError("Cannot use 'server' and path/host/port at the same time")
+    text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in legacy.items()}
+    if "path" in text and "host" in text:
+        raise ImageError("path and host may not be used at the same time")
+    if "path" in text:
+        if "port" in text:
+            raise ImageError("port may not be used without host")
+        out["server"] = {"type": "unix", "path": text["path"]}
+    elif "host" in text:
+        out["server"] = {"type": "inet", "host": text["host"], "port": text.get("port", "10809")}
+    return out
+
+
+def _nbd_connect_failure(server: dict[str, Any], e: Any) -> str:
+    """QEMU's words for an NBD server that could not be reached (the
+    address as its options give it); a failed handshake: libnbd's."""
+    import os
+    text = str(e).split("': ", 1)[-1]
+    if server.get("type") == "unix":
+        addr = str(server.get("path"))
+    else:
+        addr = f"{server.get('host')}:{server.get('port', 10809)}"
+        if text.startswith("getaddrinfo: "):
+            return f"address resolution failed for {addr}: {text.rsplit(': ', 1)[-1]}"
+    if e.socket:
+        return f"Failed to connect to '{addr}': {os.strerror(e.errno)}"
+    return text
 
 
 def _quorum_layer(driver: str, opts: dict[str, Any], children: Any) -> Layer:
@@ -258,6 +298,20 @@ def _display(top: Layer, tree: dict[str, Any]) -> str:
         extra.discard("data-file")      # QEMU names the image by its qcow2 file
         if layer.driver == "null-co" and not extra:
             return "null-co://"
+        if layer.driver == "nbd" and extra <= {"server", "export"}:
+            # QEMU's name of an NBD node: its URI (a legacy host/port/path too)
+            from ..formats.nbd import display_name, qmp_uri
+            server = layer.opts.get("server")
+            if isinstance(server, dict) and server.get("type") in ("inet", "unix"):
+                return display_name(qmp_uri(server, layer.opts.get("export")))
+            break
+        if layer.driver == "blkdebug" and extra <= {"config"} and layer.child is not None:
+            # blkdebug:CONFIG:IMAGE when its image has a plain name
+            below = _display(layer.child, tree)
+            if below.startswith("json:"):
+                break
+            config = layer.opts.get("config", "")
+            return f"blkdebug:{config if isinstance(config, str) else json.dumps(config)}:{below}"
         if extra or layer.driver not in (*FORMAT_DRIVERS, "file", None):
             break
         if layer.driver == "file":
@@ -331,7 +385,11 @@ def open_spec(spec: Spec, read_only: bool = True, with_backing: bool = True,
             key += "." + sorted(reversed(list(backing)), key=_qdict_bucket)[0]
         raise ImageError(f"Block format '{spec.top.driver or 'raw'}' does not support the "
                          f"option '{key}'")
-    drv = _open(spec.top, read_only, header_only)
+    kept = _kept.pop(spec.name, None)
+    if kept is not None and kept.read_only and not read_only:
+        kept.close()
+        kept = None
+    drv = kept if kept is not None else _open(spec.top, read_only, header_only)
     drv.filename = spec.display
     if "backing" in spec.top.opts:
         if isinstance(backing, dict):
@@ -348,6 +406,29 @@ def open_spec(spec: Spec, read_only: bool = True, with_backing: bool = True,
             drv.disk_size_unknown = True    # type: ignore[attr-defined]   # qemu-img: unavailable
         layer = layer.child
     return drv, drv.format_name
+
+
+#: drivers opened to find a format, kept for the open that follows (see
+#: :func:`keep_probed`)
+_kept: dict[str, Driver] = {}
+
+
+def keep_probed(spec: Spec, drv: Driver) -> bool:
+    """Keep ``drv`` (``spec`` opened read-only to find its format) for the
+    next :func:`open_spec` of the same name when it reaches an NBD server:
+    as QEMU, which opens an image once, connect once (a server that serves
+    one client, as ``qemu-nbd`` without ``--persistent``, has gone when a
+    second connection comes). False: not kept, close it."""
+    layer: Layer | None = spec.top
+    while layer is not None and layer.driver != "nbd":
+        layer = layer.child
+    if layer is None:
+        return False
+    old = _kept.pop(spec.name, None)
+    if old is not None:
+        old.close()
+    _kept[spec.name] = drv
+    return True
 
 
 def _open(layer: Layer, read_only: bool, header_only: bool = False) -> Driver:
@@ -443,12 +524,16 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
         return drv
     if layer.driver == "nbd":
         from ..formats.nbd import Nbd, qmp_uri
+        from ..native.nbd import NbdConnectError
         uri = qmp_uri(layer.opts["server"], layer.opts.get("export"))
         if "x-dirty-bitmap" in layer.opts:      # map reads a context's bits (formats.nbd)
             if fmt not in ("file", "raw", None):
                 raise ImageError(f"'{uri}': only the raw format is supported over NBD")
             return Nbd(uri, read_only, dirty_bitmap=str(layer.opts["x-dirty-bitmap"]))
-        return open_image(uri, fmt if fmt != "file" else "raw", read_only=read_only)
+        try:
+            return open_image(uri, fmt if fmt != "file" else "raw", read_only=read_only)
+        except NbdConnectError as e:
+            raise ImageError(_nbd_connect_failure(layer.opts["server"], e)) from None
     path = str(layer.opts["filename"])
     try:
         if fmt is None:
