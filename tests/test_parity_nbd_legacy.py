@@ -64,3 +64,21 @@ def test_blkdebug_name(twins):
     outs = [_image_line(d, 'json:{"driver": "blkdebug", "config": 42, '
                            '"image.driver": "null-co"}') for d in twins]
     assert outs[0] == outs[1] == (0, ["image: blkdebug:42:null-co://"], "")
+
+
+@pytest.mark.parametrize("args", [
+    ['json:{"driver": "ssh", "host": "localhost", "port": "0", "path": "/foo"}'],  # refused
+    ["--image-opts", "driver=ssh,host=localhost,port=0,path=/foo"],
+    ['json:{"driver": "ssh", "host": "localhost", "port": 0.42, "path": "/foo"}'],
+    ["--image-opts", "driver=ssh,host=localhost,port=0.42,path=/foo"],
+    ['json:{"driver": "ssh", "host": "localhost", "port": 0}'],           # no path
+    ['json:{"driver": "ssh", "port": 1, "path": "/x"}'],
+    ['json:{"driver": "ssh", "path": "/x"}'],
+    ['json:{"driver": "ssh", "server": {"host": "localhost", "port": "1"}, "path": "/x"}'],
+    ['json:{"driver": "ssh", "host": "nonexist.invalid", "path": "/x"}'],
+])
+def test_ssh_options_and_connection_failures(twins, args):
+    """What 162 asks of ssh needs no SSH server: the options are checked
+    and the connection fails, in qemu-img's words."""
+    rc, out, err = same(twins, "info", *args)
+    assert (rc, out) == (1, "") and err.count("\n") == 1

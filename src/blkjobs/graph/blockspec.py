@@ -35,7 +35,7 @@ from ..errors import ImageError
 from ..formats.base import Driver, FormatOpenError
 
 FORMAT_DRIVERS = ("qcow2", "raw", "luks")
-PROTOCOL_DRIVERS = ("file", "null-co", "nbd")
+PROTOCOL_DRIVERS = ("file", "null-co", "nbd", "ssh")
 FILTER_DRIVERS = ("blkdebug",)
 #: drivers over a list of ``children`` (formats.quorum: read-only, file children)
 QUORUM_DRIVERS = ("quorum",)
@@ -53,6 +53,8 @@ _OPTIONS = {
     "null-co": {"size", "read-zeroes", "latency-ns"},
     "nbd": {"server", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap",
             "reconnect-delay", "open-timeout", "host", "port", "path"},
+    # options checked and the server connected, the SSH session not spoken
+    "ssh": {"server", "path", "user", "host-key-check", "host", "port"},
     "quorum": {"children", "vote-threshold", "blkverify", "rewrite-corrupted", "read-pattern"},
     "blkdebug": {"image", "config", "inject-error", "set-state", "align", "max-transfer",
                  "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"},
@@ -219,6 +221,8 @@ def _layer(tree: dict[str, Any], probe: bool = True) -> Layer:
     if driver in PROTOCOL_DRIVERS:
         if driver == "file" and not isinstance(tree.get("filename"), str):
             raise ImageError("The 'file' block driver requires a file name")
+        if driver == "ssh":
+            opts = _ssh_options(opts)
         if driver == "nbd":
             opts = _nbd_legacy(opts)
             if "server" not in opts:
@@ -252,6 +256,72 @@ def _nbd_legacy(opts: dict[str, Any]) -> dict[str, Any]:
     elif "host" in text:
         out["server"] = {"type": "inet", "host": text["host"], "port": text.get("port", "10809")}
     return out
+
+
+def _ssh_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """QEMU's ssh options checked in its order: the legacy ``port`` a
+    number, ``host``/``port`` as ``server``, then ``path`` required."""
+    port = opts.get("port")
+    if port is not None and not _qemu_number(port):
+        raise ImageError("Parameter 'port' expects a number")
+    out = {k: v for k, v in opts.items() if k not in ("host", "port")}
+    if "host" not in opts and port is not None:
+        raise ImageError("port may not be used without host")
+    if "host" in opts:
+        host = opts["host"]
+        out["server"] = {"host": host if isinstance(host, str) else json.dumps(host),
+                         "port": str(port) if port is not None else "22"}
+    if "server" not in out:
+        raise ImageError("Parameter 'server' is missing")
+    if not isinstance(out["server"], dict) or "host" not in out["server"]:
+        raise ImageError("Parameter 'server.host' is missing")
+    if "path" not in out:
+        raise ImageError("Parameter 'path' is missing")
+    return out
+
+
+def _qemu_number(value: Any) -> bool:
+    """What QEMU's number options take: an integer, or text strtoull reads whole."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    if not isinstance(value, str) or value.strip() != value or value.startswith("-"):
+        return False
+    try:
+        int(value, 8 if value[:1] == "0" and value[1:2].isdigit() else 0)
+    except ValueError:
+        return False
+    return True
+
+
+def _open_ssh(layer: Layer) -> Driver:
+    """The ssh protocol as far as blkjobs goes: the server is connected to,
+    with QEMU's words when that fails; an SSH session is not implemented."""
+    import socket
+    server = layer.opts["server"]
+    host, port = str(server.get("host")), str(server.get("port", "22"))
+    addr = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ImageError(f"address resolution failed for {addr}: {e.strerror}") from None
+    err: OSError | None = None
+    for family, kind, proto, _, sa in infos:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(30)
+                sock.connect(sa)
+            err = None
+            break
+        except OSError as e:
+            err = e
+    if err is not None:
+        import os
+        raise ImageError(f"Failed to connect to '{addr}': "
+                         f"{os.strerror(err.errno) if err.errno else err}")
+    raise ImageError(f"blkjobs does not speak SSH: '{addr}' answers, but the ssh protocol "
+                     "is not supported (file, nbd, null-co)")
 
 
 def _nbd_connect_failure(server: dict[str, Any], e: Any) -> str:
@@ -522,6 +592,8 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
         if fmt == "raw":
             drv.format_name = "raw"
         return drv
+    if layer.driver == "ssh":
+        return _open_ssh(layer)
     if layer.driver == "nbd":
         from ..formats.nbd import Nbd, qmp_uri
         from ..native.nbd import NbdConnectError
