@@ -25,12 +25,13 @@ with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .blockspec_net import (blkdebug_display, nbd_connect_failure, nbd_display, net_options,
+                            open_ssh, take_probed)
 from ..errors import ImageError
 from ..formats.base import Driver, FormatOpenError
 
@@ -221,13 +222,7 @@ def _layer(tree: dict[str, Any], probe: bool = True) -> Layer:
     if driver in PROTOCOL_DRIVERS:
         if driver == "file" and not isinstance(tree.get("filename"), str):
             raise ImageError("The 'file' block driver requires a file name")
-        if driver == "ssh":
-            opts = _ssh_options(opts)
-        if driver == "nbd":
-            opts = _nbd_legacy(opts)
-            if "server" not in opts:
-                raise ImageError("NBD server address missing")
-        return Layer(driver, opts)
+        return Layer(driver, net_options(driver, opts))     # nbd, ssh: their checks
     role = "image" if driver == "blkdebug" else "file"
     child = tree.get(role)
     if child is None:
@@ -235,109 +230,6 @@ def _layer(tree: dict[str, Any], probe: bool = True) -> Layer:
     if not isinstance(child, dict):
         raise ImageError(f"Cannot find device='{child}' nor node-name='{child}'")
     return Layer(driver, opts, _layer(child, probe=False))
-
-
-def _nbd_legacy(opts: dict[str, Any]) -> dict[str, Any]:
-    """QEMU's legacy NBD address options ``path``, or ``host`` and ``port``,
-    as the ``server`` they stand for (values of any JSON type: as text)."""
-    legacy = {k: opts[k] for k in ("path", "host", "port") if k in opts}
-    if not legacy:
-        return opts
-    out = {k: v for k, v in opts.items() if k not in legacy}
-    if "server" in out:
-        raise ImageError("Cannot use 'server' and path/host/port at the same time")
-    text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in legacy.items()}
-    if "path" in text and "host" in text:
-        raise ImageError("path and host may not be used at the same time")
-    if "path" in text:
-        if "port" in text:
-            raise ImageError("port may not be used without host")
-        out["server"] = {"type": "unix", "path": text["path"]}
-    elif "host" in text:
-        out["server"] = {"type": "inet", "host": text["host"], "port": text.get("port", "10809")}
-    return out
-
-
-def _ssh_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """QEMU's ssh options checked in its order: the legacy ``port`` a
-    number, ``host``/``port`` as ``server``, then ``path`` required."""
-    port = opts.get("port")
-    if port is not None and not _qemu_number(port):
-        raise ImageError("Parameter 'port' expects a number")
-    out = {k: v for k, v in opts.items() if k not in ("host", "port")}
-    if "host" not in opts and port is not None:
-        raise ImageError("port may not be used without host")
-    if "host" in opts:
-        host = opts["host"]
-        out["server"] = {"host": host if isinstance(host, str) else json.dumps(host),
-                         "port": str(port) if port is not None else "22"}
-    if "server" not in out:
-        raise ImageError("Parameter 'server' is missing")
-    if not isinstance(out["server"], dict) or "host" not in out["server"]:
-        raise ImageError("Parameter 'server.host' is missing")
-    if "path" not in out:
-        raise ImageError("Parameter 'path' is missing")
-    return out
-
-
-def _qemu_number(value: Any) -> bool:
-    """What QEMU's number options take: an integer, or text strtoull reads whole."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return value >= 0
-    if not isinstance(value, str) or value.strip() != value or value.startswith("-"):
-        return False
-    try:
-        int(value, 8 if value[:1] == "0" and value[1:2].isdigit() else 0)
-    except ValueError:
-        return False
-    return True
-
-
-def _open_ssh(layer: Layer) -> Driver:
-    """The ssh protocol as far as blkjobs goes: the server is connected to,
-    with QEMU's words when that fails; an SSH session is not implemented."""
-    import socket
-    server = layer.opts["server"]
-    host, port = str(server.get("host")), str(server.get("port", "22"))
-    addr = f"{host}:{port}"
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ImageError(f"address resolution failed for {addr}: {e.strerror}") from None
-    err: OSError | None = None
-    for family, kind, proto, _, sa in infos:
-        try:
-            with socket.socket(family, kind, proto) as sock:
-                sock.settimeout(30)
-                sock.connect(sa)
-            err = None
-            break
-        except OSError as e:
-            err = e
-    if err is not None:
-        import os
-        raise ImageError(f"Failed to connect to '{addr}': "
-                         f"{os.strerror(err.errno) if err.errno else err}")
-    raise ImageError(f"blkjobs does not speak SSH: '{addr}' answers, but the ssh protocol "
-                     "is not supported (file, nbd, null-co)")
-
-
-def _nbd_connect_failure(server: dict[str, Any], e: Any) -> str:
-    """QEMU's words for an NBD server that could not be reached (the
-    address as its options give it); a failed handshake: libnbd's."""
-    import os
-    text = str(e).split("': ", 1)[-1]
-    if server.get("type") == "unix":
-        addr = str(server.get("path"))
-    else:
-        addr = f"{server.get('host')}:{server.get('port', 10809)}"
-        if text.startswith("getaddrinfo: "):
-            return f"address resolution failed for {addr}: {text.rsplit(': ', 1)[-1]}"
-    if e.socket:
-        return f"Failed to connect to '{addr}': {os.strerror(e.errno)}"
-    return text
 
 
 def _quorum_layer(driver: str, opts: dict[str, Any], children: Any) -> Layer:
@@ -369,19 +261,10 @@ def _display(top: Layer, tree: dict[str, Any]) -> str:
         if layer.driver == "null-co" and not extra:
             return "null-co://"
         if layer.driver == "nbd" and extra <= {"server", "export"}:
-            # QEMU's name of an NBD node: its URI (a legacy host/port/path too)
-            from ..formats.nbd import display_name, qmp_uri
-            server = layer.opts.get("server")
-            if isinstance(server, dict) and server.get("type") in ("inet", "unix"):
-                return display_name(qmp_uri(server, layer.opts.get("export")))
-            break
+            return nbd_display(layer.opts) or "json:" + qdict_json(_options(top))
         if layer.driver == "blkdebug" and extra <= {"config"} and layer.child is not None:
-            # blkdebug:CONFIG:IMAGE when its image has a plain name
-            below = _display(layer.child, tree)
-            if below.startswith("json:"):
-                break
-            config = layer.opts.get("config", "")
-            return f"blkdebug:{config if isinstance(config, str) else json.dumps(config)}:{below}"
+            name = blkdebug_display(layer.opts, _display(layer.child, tree))
+            return name or "json:" + qdict_json(_options(top))
         if extra or layer.driver not in (*FORMAT_DRIVERS, "file", None):
             break
         if layer.driver == "file":
@@ -455,11 +338,7 @@ def open_spec(spec: Spec, read_only: bool = True, with_backing: bool = True,
             key += "." + sorted(reversed(list(backing)), key=_qdict_bucket)[0]
         raise ImageError(f"Block format '{spec.top.driver or 'raw'}' does not support the "
                          f"option '{key}'")
-    kept = _kept.pop(spec.name, None)
-    if kept is not None and kept.read_only and not read_only:
-        kept.close()
-        kept = None
-    drv = kept if kept is not None else _open(spec.top, read_only, header_only)
+    drv = take_probed(spec.name, read_only) or _open(spec.top, read_only, header_only)
     drv.filename = spec.display
     if "backing" in spec.top.opts:
         if isinstance(backing, dict):
@@ -476,29 +355,6 @@ def open_spec(spec: Spec, read_only: bool = True, with_backing: bool = True,
             drv.disk_size_unknown = True    # type: ignore[attr-defined]   # qemu-img: unavailable
         layer = layer.child
     return drv, drv.format_name
-
-
-#: drivers opened to find a format, kept for the open that follows (see
-#: :func:`keep_probed`)
-_kept: dict[str, Driver] = {}
-
-
-def keep_probed(spec: Spec, drv: Driver) -> bool:
-    """Keep ``drv`` (``spec`` opened read-only to find its format) for the
-    next :func:`open_spec` of the same name when it reaches an NBD server:
-    as QEMU, which opens an image once, connect once (a server that serves
-    one client, as ``qemu-nbd`` without ``--persistent``, has gone when a
-    second connection comes). False: not kept, close it."""
-    layer: Layer | None = spec.top
-    while layer is not None and layer.driver != "nbd":
-        layer = layer.child
-    if layer is None:
-        return False
-    old = _kept.pop(spec.name, None)
-    if old is not None:
-        old.close()
-    _kept[spec.name] = drv
-    return True
 
 
 def _open(layer: Layer, read_only: bool, header_only: bool = False) -> Driver:
@@ -593,7 +449,7 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
             drv.format_name = "raw"
         return drv
     if layer.driver == "ssh":
-        return _open_ssh(layer)
+        return open_ssh(layer)
     if layer.driver == "nbd":
         from ..formats.nbd import Nbd, qmp_uri
         from ..native.nbd import NbdConnectError
@@ -605,7 +461,7 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
         try:
             return open_image(uri, fmt if fmt != "file" else "raw", read_only=read_only)
         except NbdConnectError as e:
-            raise ImageError(_nbd_connect_failure(layer.opts["server"], e)) from None
+            raise ImageError(nbd_connect_failure(layer.opts["server"], e)) from None
     path = str(layer.opts["filename"])
     try:
         if fmt is None:

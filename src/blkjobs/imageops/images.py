@@ -14,7 +14,8 @@ from ..errors import ImageError, OSErrorWithContext, UsageError
 from ..formats import FORMATS, Driver, open_image, probe_format
 from ..formats.sniff import is_nbd_uri
 from ..graph import Graph, Node, open_chain
-from ..graph.blockspec import is_spec, keep_probed, open_spec, parse
+from ..graph.blockspec import is_spec, open_spec, parse
+from ..graph.blockspec_net import keep_probed
 from ..graph.lock import opening
 from .files import open_source
 
