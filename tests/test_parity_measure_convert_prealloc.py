@@ -16,13 +16,13 @@ SECRET = ["--object", "secret,id=sec0,data=base"]
 @pytest.fixture
 def sources(twins):
     for d in twins:
-        qemu_img("create", "-f", "qcow2", d / "s.qcow2", "64M")
+        qemu_img("create", "-f", "qcow2", d / "s.qcow2", "16M")
         # whole clusters: a partly written one leaves an unwritten extent,
         # which QEMU counts as data or not depending on the page cache
-        qemu_io(d / "s.qcow2", "write -P 7 0 64k", "write -P 8 128k 64k", "write -P 9 40M 64k")
+        qemu_io(d / "s.qcow2", "write -P 7 0 64k", "write -P 8 128k 64k", "write -P 9 10M 64k")
         qemu_img("snapshot", "-c", "snap1", d / "s.qcow2")
-        qemu_img("create", "-f", "raw", d / "s.raw", "64M")
-        qemu_io(d / "s.raw", "write -P 7 0 4k", "write -P 9 40M 64k", fmt="raw")
+        qemu_img("create", "-f", "raw", d / "s.raw", "16M")
+        qemu_io(d / "s.raw", "write -P 7 0 4k", "write -P 9 10M 64k", fmt="raw")
     return twins
 
 
