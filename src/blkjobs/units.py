@@ -131,3 +131,48 @@ def human(n: float, binary: bool = True) -> str:
             return f"{x:.3g} {u}"
         x /= base
     return f"{n} B"
+
+
+# qemu-img's ``-o`` option lists (create, convert, amend, measure): items
+# split at a comma, ``,,`` a comma inside an item; several ``-o`` are joined
+# with a comma (each one checked first, so the join cannot fuse two items).
+
+def valid_option_list(text: str) -> bool:
+    """qemu-img's check of one ``-o`` argument: not empty, not starting
+    with a comma, not ending in an odd number of commas."""
+    if not text or text[0] == ",":
+        return False
+    return (len(text) - len(text.rstrip(","))) % 2 == 0
+
+
+def split_option_list(text: str) -> list[str]:
+    """``a=1,b=x,,y`` -> ``['a=1', 'b=x,y']`` (QEMU's get_opt_value; empty
+    items kept)."""
+    items: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    items.append("".join(cur))
+    return items
+
+
+def option_items(texts: list[str] | str | None) -> list[str]:
+    """The non-empty items of one or several ``-o`` arguments."""
+    if isinstance(texts, str):
+        texts = [texts]
+    return [item for text in texts or [] for item in split_option_list(text) if item]
+
+
+def has_help_option(texts: list[str] | str | None) -> bool:
+    """Whether an item is ``help`` or ``?`` (``x,,help`` is the one item ``x,help``)."""
+    return any(item in ("help", "?") for item in option_items(texts))

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
+from ..units import valid_option_list
 from . import image_opts, progname
 from .copy_progress import signal_line, take_sigusr1
 from .parity import RAW_PROBED, check_fmt, open_rw
@@ -71,6 +72,9 @@ def run(args) -> int:
             args.options = (args.options or []) + [a[2:]]
         else:
             rest.append(a)
+    for text in args.options or []:     # qemu-img stops at the first invalid one
+        if not valid_option_list(text):
+            raise UsageError(f"Invalid option list: {text}")
     if not args.options:
         raise UsageError(f"Must specify options (-o)\nTry '{progname()} --help' for more "
                          "information")
@@ -78,8 +82,10 @@ def run(args) -> int:
     prog = _Progress(args.progress and not args.quiet)
     try:
         if args.fmt and am.wants_help(options):
-            check_fmt(args.fmt)
-            return _help(args.fmt)
+            from ..imageops.rebase import QEMU_DRIVERS
+            if args.fmt not in QEMU_DRIVERS:
+                check_fmt(args.fmt)
+            return _help(args.fmt)      # only qcow2 and luks have amend options
         if len(rest) != 1:
             raise UsageError("Expecting one image file name")
         path = rest[0]

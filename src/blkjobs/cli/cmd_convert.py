@@ -3,8 +3,9 @@
 [-m THREADS] [-t CACHE] SRC [SRC...] DST"""
 from __future__ import annotations
 
+import os
 
-from ..errors import UsageError
+from ..errors import OSErrorWithContext, UsageError
 from ..imageops.convert_base import ConvertOptions
 from ..imageops.convert_nbd import convert      # files, and NBD URIs
 from .cmd_create import parse_opts
@@ -12,7 +13,7 @@ from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
 from ..formats import cache
 from . import cache_mode, image_opts
-from .opts_help import OptsAction, print_help, wants_help
+from .opts_help import OptsAction, check_lists, print_help, wants_help
 
 
 def register(sub):
@@ -112,6 +113,7 @@ def _concat(args, opts: ConvertOptions) -> int:
 
 
 def run(args) -> int:
+    check_lists(args)       # qemu-img refuses it while it reads its options
     # workers that wait for the disk (a durable copy, O_DIRECT): 8
     threads = _coroutines(args.threads) if args.threads is not None else (
         8 if args.cache != "unsafe" else 4)
@@ -130,6 +132,7 @@ def run(args) -> int:
         raise UsageError("-o has no effect when skipping image creation")
     if wants_help(args.options):        # the target named: with its protocol's options
         return print_help(args.dst_fmt, args.dst if args.srcs else None)
+    _no_create(args)
     create_opts = parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2", "luks")
                              else "raw") if args.options else {}
     # -o backing_file=,backing_fmt= is -B/-F (qemu-img: the -o value wins): only
@@ -193,6 +196,25 @@ def _unknown_formats(args) -> None:
         raise UsageError(f"Unknown file format '{args.dst_fmt}'")
 
 
+def _no_create(args) -> None:
+    """A target format qemu-img knows but cannot create (bochs, cloop...):
+    refused in its words once the sources are found (it opens them first)."""
+    from ..formats.sniff import is_nbd_uri
+    from ..graph.blockspec import is_spec
+    from ..imageops.files import open_source
+    from ..imageops.rebase import QEMU_NO_CREATE
+    if args.dst_fmt not in QEMU_NO_CREATE or args.no_create:
+        return
+    for src in args.srcs:
+        if not is_spec(src) and not is_nbd_uri(src):
+            try:
+                os.close(open_source(src))
+            except OSErrorWithContext as e:
+                raise UsageError(f"Could not open '{src}': Could not open '{src}': "
+                                 f"{os.strerror(e.errno)}") from None
+    raise UsageError(f"Format driver '{args.dst_fmt}' does not support image creation")
+
+
 def _coroutines(text: str) -> int:
     """-m N, read as qemu-img reads it (C's strtol, base 0), refused in its words."""
     try:
@@ -216,7 +238,6 @@ def _check_copy_range(args) -> None:
 
 
 def _salvage_warning(offset: int, err: int) -> None:
-    import os
     from . import progname
     os.write(2, f"{progname()}: warning: error while reading offset {offset}: "
              f"{os.strerror(err)}\n".encode())

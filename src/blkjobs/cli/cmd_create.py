@@ -9,9 +9,9 @@ import os
 import sys
 
 from ..errors import BlkjobsError, UsageError
-from ..units import parse_opt_size, parse_size
+from ..units import option_items, parse_opt_size, parse_size
 from . import image_opts
-from .opts_help import OptsAction, print_help, wants_help
+from .opts_help import OptsAction, check_lists, print_help, refuse_format, wants_help
 
 #: qemu-img's luks create options (qcow2: with the prefix ``encrypt.``), in
 #: the order its Formatting line lists them
@@ -47,55 +47,54 @@ def parse_opts(texts: list[str] | None, fmt: str) -> dict:
     """``-o a=b,c=d`` (may repeat) into create_image keyword arguments.
     Unknown names are refused like qemu-img (``Invalid parameter 'x'``)."""
     out: dict = {}
-    for text in texts or []:
-        for item in filter(None, text.split(",")):
-            name, _, val = item.partition("=")
-            name, val = name.strip(), val.strip()
-            if fmt == "raw" and name not in ("preallocation", "size", "extent_size_hint"):
-                raise UsageError(f"Invalid parameter '{name}'")
-            if fmt == "luks" and name not in _LUKS + ("preallocation", "size"):
-                raise UsageError(f"Invalid parameter '{name}' for format luks")
-            if fmt == "luks" and name in _LUKS:
-                out[name.replace("-", "_")] = val
-            elif fmt == "qcow2" and name.startswith("encrypt.") and name[8:] in _LUKS + ("format",):
-                out[name] = val
-            elif fmt == "qcow2" and name == "encryption":
-                b = _BOOL.get(val.lower() or "on")
-                if b is None:
-                    raise UsageError("Parameter 'encryption' expects 'on' or 'off'")
-                out[name] = b
-            elif name == "size":
-                out["size"] = parse_opt_size(val, "size")
-            elif name == "cluster_size":
-                out["cluster_size"] = parse_opt_size(val, "cluster_size")
-            elif name in ("extended_l2", "lazy_refcounts", "data_file_raw"):
-                b = _BOOL.get(val.lower())
-                if b is None:
-                    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
-                out[name] = b
-            elif name == "extent_size_hint":
-                # QEMU gives it to XFS (FS_IOC_FSSETXATTR) only; blkjobs shows
-                # it as qemu-img does and leaves the filesystem's default
-                out["extent_size_hint"] = parse_opt_size(val, "extent_size_hint")
-            elif name == "data_file":
-                out["data_file"] = val
-            elif name in ("preallocation", "compat"):
-                out[name] = val
-            elif name == "refcount_bits":
-                try:
-                    out["refcount_bits"] = int(val)
-                except ValueError:
-                    raise UsageError("Parameter 'refcount_bits' expects a number") from None
-            elif name == "backing_file":
-                out["backing_file"] = val
-            elif name == "backing_fmt":
-                out["backing_format"] = val
-            elif name == "compression_type":
-                if val not in ("zlib", "zstd"):
-                    raise UsageError(f"Parameter 'compression-type' does not accept value '{val}'")
-                out[name] = val
-            else:
-                raise UsageError(f"Invalid parameter '{name}'")
+    for item in option_items(texts):        # ``,,``: a comma inside a value
+        name, _, val = item.partition("=")
+        name, val = name.strip(), val.strip()
+        if fmt == "raw" and name not in ("preallocation", "size", "extent_size_hint"):
+            raise UsageError(f"Invalid parameter '{name}'")
+        if fmt == "luks" and name not in _LUKS + ("preallocation", "size"):
+            raise UsageError(f"Invalid parameter '{name}' for format luks")
+        if fmt == "luks" and name in _LUKS:
+            out[name.replace("-", "_")] = val
+        elif fmt == "qcow2" and name.startswith("encrypt.") and name[8:] in _LUKS + ("format",):
+            out[name] = val
+        elif fmt == "qcow2" and name == "encryption":
+            b = _BOOL.get(val.lower() or "on")
+            if b is None:
+                raise UsageError("Parameter 'encryption' expects 'on' or 'off'")
+            out[name] = b
+        elif name == "size":
+            out["size"] = parse_opt_size(val, "size")
+        elif name == "cluster_size":
+            out["cluster_size"] = parse_opt_size(val, "cluster_size")
+        elif name in ("extended_l2", "lazy_refcounts", "data_file_raw"):
+            b = _BOOL.get(val.lower())
+            if b is None:
+                raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
+            out[name] = b
+        elif name == "extent_size_hint":
+            # QEMU gives it to XFS (FS_IOC_FSSETXATTR) only; blkjobs shows
+            # it as qemu-img does and leaves the filesystem's default
+            out["extent_size_hint"] = parse_opt_size(val, "extent_size_hint")
+        elif name == "data_file":
+            out["data_file"] = val
+        elif name in ("preallocation", "compat"):
+            out[name] = val
+        elif name == "refcount_bits":
+            try:
+                out["refcount_bits"] = int(val)
+            except ValueError:
+                raise UsageError("Parameter 'refcount_bits' expects a number") from None
+        elif name == "backing_file":
+            out["backing_file"] = val
+        elif name == "backing_fmt":
+            out["backing_format"] = val
+        elif name == "compression_type":
+            if val not in ("zlib", "zstd"):
+                raise UsageError(f"Parameter 'compression-type' does not accept value '{val}'")
+            out[name] = val
+        else:
+            raise UsageError(f"Invalid parameter '{name}'")
     return out
 
 
@@ -253,12 +252,16 @@ def _backing(args, opts: dict, size: int | None) -> str | int | None:
 def run(args) -> int:
     from ..formats import FORMATS, create_image
     from ..formats.secrets import add_secret_object
+    check_lists(args)
     for obj in args.objects or []:
         add_secret_object(obj)
     if wants_help(args.options):
         return print_help(args.fmt, args.image)
     if args.fmt not in FORMATS:
-        raise UsageError(f"unsupported image format '{args.fmt}' (supported: {', '.join(FORMATS)})")
+        try:
+            refuse_format(args.fmt, args.image)
+        except UsageError as e:         # qemu-img names the image
+            raise UsageError(f"{args.image}: {e}") from None
     try:
         opts = parse_opts(args.options, args.fmt)
     except UsageError as e:         # qemu-img names the image (blkjobs' own refusals: not)

@@ -8,7 +8,7 @@ import json
 import sys
 
 from ..errors import UsageError
-from ..units import parse_size
+from ..units import parse_size, valid_option_list
 from .parity import open_chain_ro
 from . import image_opts
 
@@ -31,15 +31,6 @@ def register(sub):
     p.add_argument("images", nargs="*", metavar="IMG")
     image_opts.add(p, "images")
     p.set_defaults(func=run)
-
-
-def valid_option_list(text: str) -> bool:
-    """qemu-img's check of one ``-o`` argument: not empty, not starting
-    with a comma, not ending in an odd number of commas (``,,`` is an
-    escaped comma)."""
-    if not text or text[0] == ",":
-        return False
-    return (len(text) - len(text.rstrip(","))) % 2 == 0
 
 
 def _check_options(args) -> None:

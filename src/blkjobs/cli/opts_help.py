@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
+from ..units import has_help_option, valid_option_list
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
@@ -64,23 +65,36 @@ _NBD = """\
 _PROTOCOLS = {"file": _FILE, "nbd": _NBD, "nbd+tcp": _NBD, "nbd+unix": _NBD, "ssh": _SIZE}
 #: protocols qemu-img knows that create no image
 _NO_CREATE = ("blkdebug", "blkverify", "http", "https", "ftp", "ftps", "null-co", "null-aio")
-#: formats qemu-img knows that blkjobs does not write
-_QEMU_FORMATS = ("vmdk", "vdi", "vhdx", "vpc", "qcow", "qed", "parallels", "cloop", "dmg",
-                 "bochs", "vvfat", "copy-on-read", "throttle", "compress", "preallocate")
 
 
 def wants_help(texts: list[str] | None) -> bool:
-    """Whether the ``-o`` values ask for the list (an item ``help`` or ``?``)."""
-    return any(item in ("help", "?") for text in texts or [] for item in text.split(","))
+    """Whether the ``-o`` values ask for the list (an item ``help`` or ``?``;
+    ``x,,help`` is the one item ``x,help``)."""
+    return has_help_option(texts)
 
 
 class OptsAction(argparse._AppendAction):
     """``-o`` (appended); ``-o help`` marks the parse so that missing
-    operands do not stop it (:func:`operands_missing`)."""
+    operands do not stop it (:func:`operands_missing`). An invalid option
+    list (``a,``, ``,b``) ends the reading of ``-o`` as qemu-img's does (it
+    stops there): the command refuses it first (:func:`check_lists`)."""
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None):
+        if getattr(namespace, "_invalid_opts", None) is not None:
+            return
+        if not valid_option_list(values):
+            namespace._invalid_opts = values
+            parser._opts_help_ns = namespace
+            return
         super().__call__(parser, namespace, values, option_string)
         if wants_help(getattr(namespace, self.dest)):
             parser._opts_help_ns = namespace
+
+
+def check_lists(args: Any) -> None:
+    """qemu-img's refusal of the first invalid ``-o`` argument."""
+    bad = getattr(args, "_invalid_opts", None)
+    if bad is not None:
+        raise UsageError(f"Invalid option list: {bad}")
 
 
 class OptionsHelp(Exception):
@@ -114,9 +128,7 @@ def print_help(fmt: str, filename: str | None) -> int:
     """qemu-img's ``print_block_option_help``: the format's options, with the
     protocol's (sorted, the format's first) when a file is named."""
     if fmt not in FORMAT_OPTIONS:
-        if fmt in _QEMU_FORMATS:
-            raise UsageError(f"Format '{fmt}' is not supported by blkjobs (raw, qcow2, luks)")
-        raise UsageError(f"Unknown file format '{fmt}'")
+        refuse_format(fmt, None)
     lines = FORMAT_OPTIONS[fmt].splitlines()
     if filename is None:
         sys.stdout.write(f"Supported {fmt} options:\n" + "\n".join(sorted(lines)) +
@@ -133,3 +145,20 @@ def print_help(fmt: str, filename: str | None) -> int:
               if line.split("=")[0] not in names]
     sys.stdout.write("Supported options:\n" + "\n".join(sorted(lines)) + "\n")
     return 0
+
+
+def refuse_format(fmt: str, filename: str | None) -> None:
+    """Refuse to create an image of ``fmt`` (not one blkjobs writes): in
+    qemu-img's words for a format it does not know or cannot create (its
+    order: the format, the protocol of ``filename``, then whether the format
+    creates images), in blkjobs' for one qemu-img writes and blkjobs does not."""
+    from ..imageops.rebase import QEMU_DRIVERS, QEMU_NO_CREATE
+    if fmt not in QEMU_DRIVERS:
+        raise UsageError(f"Unknown file format '{fmt}'")
+    if filename is not None:
+        proto = _protocol(filename)
+        if proto not in _PROTOCOLS and proto not in _NO_CREATE:
+            raise UsageError(f"Unknown protocol '{proto}'")
+    if fmt in QEMU_NO_CREATE:
+        raise UsageError(f"Format driver '{fmt}' does not support image creation")
+    raise UsageError(f"Format '{fmt}' is not supported by blkjobs (raw, qcow2, luks)")

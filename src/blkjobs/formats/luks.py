@@ -296,11 +296,35 @@ class CreateOpts:
                 raise UsageError(f"Parameter 'hash-alg' does not accept value '{h}'")
 
 
+def _key_bytes(o: CreateOpts) -> int:
+    return CIPHERS[o.cipher_alg] * (2 if o.cipher_mode == "xts" else 1)
+
+
+def _slot_step(key_bytes: int) -> int:
+    """Sectors from one key slot's material to the next (4 KiB aligned)."""
+    material = -(-key_bytes * STRIPES // SECTOR) * SECTOR
+    return -(-material // KEY_SLOT_OFFSET) * KEY_SLOT_OFFSET // SECTOR
+
+
+def payload_bytes(o: CreateOpts, prefix: str = "") -> int:
+    """The LUKS area (header and the 8 key slots) a new image of these
+    options starts with: where its payload begins, in bytes. The options
+    are checked, and the secret looked up, as creating the image does
+    (QEMU's measure creates a throwaway header; the key derivation changes
+    nothing of the size, so it is left out here)."""
+    from .secrets import secret
+    if o.key_secret is None:
+        raise key_required(prefix + "key-secret")
+    o.check()
+    secret(o.key_secret)
+    return KEY_SLOT_OFFSET + _slot_step(_key_bytes(o)) * NUM_SLOTS * SECTOR
+
+
 def build_header(password: bytes, o: CreateOpts) -> tuple[bytes, bytes, LuksHeader]:
     """A new LUKS1 area as QEMU lays it out: (the bytes of header and slot 0's
     material up to the payload offset, the master key, the header)."""
     o.check()
-    kb = CIPHERS[o.cipher_alg] * (2 if o.cipher_mode == "xts" else 1)
+    kb = _key_bytes(o)
     ivname = o.ivgen_alg + (f":{o.ivgen_hash_alg or 'sha256'}" if o.ivgen_alg == "essiv" else "")
     h = LuksHeader("aes", f"{o.cipher_mode}-{ivname}", o.hash_alg, key_bytes=kb,
                    uuid=str(uuid.uuid4()))
@@ -309,7 +333,7 @@ def build_header(password: bytes, o: CreateOpts) -> tuple[bytes, bytes, LuksHead
         while mk[:kb // 2] == mk[kb // 2:]:
             mk = os.urandom(kb)
     rate = _iters_per_second(o.hash_alg, kb)
-    step = -(-h.material_len() // KEY_SLOT_OFFSET) * KEY_SLOT_OFFSET // SECTOR
+    step = _slot_step(kb)
     for i in range(NUM_SLOTS):
         h.slots.append(Slot(key_offset=KEY_SLOT_OFFSET // SECTOR + step * i))
     h.payload_offset = KEY_SLOT_OFFSET // SECTOR + step * NUM_SLOTS
@@ -341,8 +365,9 @@ def parse_create_opts(opts: dict[str, Any], prefix: str = "") -> CreateOpts:
             continue
         val = opts.pop(name)
         if attr == "iter_time":
-            try:
-                val = int(val)
+            try:        # QEMU's number options: strtoull, base 0 (0x10, 010)
+                val = int(val, 8 if val[:1] == "0" and val[1:2].isdigit() else 0) \
+                    if isinstance(val, str) else int(val)
             except ValueError:
                 raise UsageError(f"Parameter '{key}' expects a number") from None
         setattr(o, attr, val)

@@ -29,6 +29,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .blockspec_net import (blkdebug_display, nbd_connect_failure, nbd_display, net_options,
+                            open_ssh, take_probed)
 from ..errors import ImageError
 from ..formats.base import Driver, FormatOpenError
 
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 FORMAT_DRIVERS = ("qcow2", "raw", "luks")
-PROTOCOL_DRIVERS = ("file", "null-co", "nbd")
+PROTOCOL_DRIVERS = ("file", "null-co", "nbd", "ssh")
 FILTER_DRIVERS = ("blkdebug",)
 #: drivers over a list of ``children`` (formats.quorum: read-only, file children)
 QUORUM_DRIVERS = ("quorum",)
@@ -54,7 +56,9 @@ _OPTIONS = {
     "file": {"filename"},
     "null-co": {"size", "read-zeroes", "latency-ns"},
     "nbd": {"server", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap",
-            "reconnect-delay", "open-timeout"},
+            "reconnect-delay", "open-timeout", "host", "port", "path"},
+    # options checked and the server connected, the SSH session not spoken
+    "ssh": {"server", "path", "user", "host-key-check", "host", "port"},
     "quorum": {"children", "vote-threshold", "blkverify", "rewrite-corrupted", "read-pattern"},
     "blkdebug": {"image", "config", "inject-error", "set-state", "align", "max-transfer",
                  "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"},
@@ -221,9 +225,7 @@ def _layer(tree: dict[str, Any], probe: bool = True) -> Layer:
     if driver in PROTOCOL_DRIVERS:
         if driver == "file" and not isinstance(tree.get("filename"), str):
             raise ImageError("The 'file' block driver requires a file name")
-        if driver == "nbd" and "server" not in tree:
-            raise ImageError("NBD server address missing")
-        return Layer(driver, opts)
+        return Layer(driver, net_options(driver, opts))     # nbd, ssh: their checks
     role = "image" if driver == "blkdebug" else "file"
     child = tree.get(role)
     if child is None:
@@ -261,6 +263,11 @@ def _display(top: Layer, tree: dict[str, Any]) -> str:
         extra.discard("data-file")      # QEMU names the image by its qcow2 file
         if layer.driver == "null-co" and not extra:
             return "null-co://"
+        if layer.driver == "nbd" and extra <= {"server", "export"}:
+            return nbd_display(layer.opts) or "json:" + qdict_json(_options(top))
+        if layer.driver == "blkdebug" and extra <= {"config"} and layer.child is not None:
+            name = blkdebug_display(layer.opts, _display(layer.child, tree))
+            return name or "json:" + qdict_json(_options(top))
         if extra or layer.driver not in (*FORMAT_DRIVERS, "file", None):
             break
         if layer.driver == "file":
@@ -334,7 +341,7 @@ def open_spec(spec: Spec, read_only: bool = True, with_backing: bool = True,
             key += "." + sorted(reversed(list(backing)), key=_qdict_bucket)[0]
         raise ImageError(f"Block format '{spec.top.driver or 'raw'}' does not support the "
                          f"option '{key}'")
-    drv = _open(spec.top, read_only, header_only)
+    drv = take_probed(spec.name, read_only) or _open(spec.top, read_only, header_only)
     drv.filename = spec.display
     if "backing" in spec.top.opts:
         if isinstance(backing, dict):
@@ -444,14 +451,20 @@ def _open_protocol(layer: Layer, fmt: str | None, read_only: bool,
         if fmt == "raw":
             drv.format_name = "raw"
         return drv
+    if layer.driver == "ssh":
+        return open_ssh(layer)
     if layer.driver == "nbd":
         from ..formats.nbd import Nbd, qmp_uri
+        from ..native.nbd import NbdConnectError
         uri = qmp_uri(layer.opts["server"], layer.opts.get("export"))
         if "x-dirty-bitmap" in layer.opts:      # map reads a context's bits (formats.nbd)
             if fmt not in ("file", "raw", None):
                 raise ImageError(f"'{uri}': only the raw format is supported over NBD")
             return Nbd(uri, read_only, dirty_bitmap=str(layer.opts["x-dirty-bitmap"]))
-        return open_image(uri, fmt if fmt != "file" else "raw", read_only=read_only)
+        try:
+            return open_image(uri, fmt if fmt != "file" else "raw", read_only=read_only)
+        except NbdConnectError as e:
+            raise ImageError(nbd_connect_failure(layer.opts["server"], e)) from None
     path = str(layer.opts["filename"])
     try:
         if fmt is None:

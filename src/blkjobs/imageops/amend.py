@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import UsageError
-from ..units import parse_opt_size
+from ..units import has_help_option, option_items, parse_opt_size
 
 AMEND_HELP = """Amend options for 'qcow2':
   backing_file=<str>     - File name of a base image
@@ -45,16 +45,14 @@ _BOOL = {"on": True, "off": False, "yes": True, "no": False, "true": True, "fals
 
 
 def wants_help(options: str) -> bool:
-    return any(item in ("help", "?") for item in options.split(","))
+    return has_help_option(options)
 
 
 def _items(options: str, allowed, create_only) -> dict[str, str]:
     """``a=b,c=d`` (later values win); a name not in ``allowed`` is refused
     as qemu-img refuses it (with a hint when only create takes it)."""
     out: dict[str, str] = {}
-    for item in options.split(","):
-        if not item:
-            continue
+    for item in option_items(options):     # ``,,``: a comma inside a value
         name, _, val = item.partition("=")
         if name not in allowed:
             hint = ("\nThis option is only supported for image creation"

@@ -9,7 +9,7 @@ import errno
 import os
 from typing import Any
 
-from ..errors import BlkjobsError, CopyError, UsageError
+from ..errors import BlkjobsError, CopyError, OSErrorWithContext, UsageError
 from ..graph.lock import ImageLock, LockConflict
 from ..native import dio
 from ..native.copy import COPY, CopyEngine
@@ -57,6 +57,9 @@ class ChainConvert:
         self.top: Any = None
         self.base: Any = None
         self.next_pos = 0              # the next guest offset to plan
+        #: -o preallocation=metadata|falloc|full of a created qcow2 target:
+        #: its clusters are allocated (and read zero) before the copy
+        self.prealloc = False
         self.target_zero = False       # the target reads as zeroes where not written
         self.py_done = 0           # bytes handled without the engine
         self.zfd = -1              # /dev/zero for -S 0
@@ -86,8 +89,9 @@ class ChainConvert:
             except LockConflict as e:     # qemu-img opens it as the new target's backing
                 raise LockConflict(f"Could not open '{self.dst}': Could not open backing "
                                    f"file: {e.bare}", e.path) from None
-            except BlkjobsError as e:
-                raise UsageError(f"Could not open backing file '{o.backing}': {e}") from None
+            except BlkjobsError as e:     # qemu-img's words: it opens the new target's
+                raise UsageError(f"Could not open '{self.dst}': Could not open backing "
+                                 f"file: {_open_failure(path, e)}") from None
             if o.backing_fmt is None:
                 o.backing_fmt = self.base.format
             below = self.top.backing
@@ -127,8 +131,10 @@ class ChainConvert:
         copts.pop("size", None)
         if o.backing:
             copts["backing_file"], copts["backing_format"] = o.backing, o.backing_fmt
-        if copts.get("preallocation", "off") != "off":
-            raise UsageError("convert: preallocation of a qcow2 target is not supported")
+        # preallocated as create does it; the copy then writes the data into
+        # those clusters and leaves the rest as it is (qemu-img: the image
+        # reads zeroes, so only data is written)
+        self.prealloc = copts.get("preallocation", "off") != "off"
         try:
             create_image(dst, "qcow2", self.tsize, **copts)
         except OSError as e:
@@ -322,7 +328,7 @@ class ChainConvert:
             maps = t.allocate(a, b - a)
             self.allocated.extend(maps)
             for m in maps:
-                if m.host_offset < fresh_from:
+                if m.host_offset < fresh_from and not self.prealloc:   # -n: old data
                     _punch(self.tg.dfd, m.host_offset, -(-m.length // 512) * 512)
             while i < len(pieces) and pieces[i][0] + pieces[i][1] <= a:
                 i += 1
@@ -349,10 +355,12 @@ class ChainConvert:
         found zeroes in data the source stores, e.g. zeroes written as data)
         are dropped again (``discard``: unallocated, or a zero cluster over a
         backing file), so the target maps like qemu-img's. Skipped for -S 0
-        (fully allocate) and for v2 images with a backing file (no zero flag)."""
+        (fully allocate), for v2 images with a backing file (no zero flag)
+        and for preallocated targets."""
         from ..native.extents import extents
         t, cs = self.tg.t, self.tg.t.cluster_size
-        if not self.o.sparse_size or (t.backing_filename and t.header.version < 3):
+        if not self.o.sparse_size or (t.backing_filename and t.header.version < 3) \
+                or self.prealloc:       # preallocated clusters stay
             return
         for m in self.allocated:
             for e in extents(t.data_fd, m.host_offset, m.length):
@@ -556,3 +564,14 @@ class ChainConvert:
                 os.fsync(self.tg.dfd)
         except OSError as e:
             raise CopyError(e.errno or errno.EIO, "error flushing", path=self.dst, side="target") from None
+
+
+def _open_failure(path: str, e: BlkjobsError) -> str:
+    """Why ``path`` did not open, as QEMU's block layer says it (the file
+    layer's ``Could not open 'PATH': REASON``, a format's reason alone)."""
+    if isinstance(e, OSErrorWithContext):
+        return f"Could not open '{path}': {os.strerror(e.errno)}"
+    text = str(e)
+    if text.startswith(f"'{path}': "):
+        text = text[len(path) + 4:]
+    return "Image is not in qcow2 format" if text == "not a qcow2 image (bad magic)" else text

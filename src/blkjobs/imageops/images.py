@@ -14,6 +14,7 @@ from ..errors import ImageError, OSErrorWithContext, UsageError
 from ..formats import FORMATS, Driver, open_image, probe_format
 from ..formats.sniff import is_nbd_uri
 from ..graph.blockspec import is_spec, open_spec, parse
+from ..graph.blockspec_net import keep_probed
 from ..graph.lock import opening
 from .files import open_source
 
@@ -53,10 +54,12 @@ def probe_spec(name: str, fmt: str | None = None, header_only: bool = False) -> 
     syntaxes (:mod:`blkjobs.graph.blockspec`), opened once to find it;
     qemu-img's ``Could not open 'NAME': WHY`` when it does not open."""
     try:
-        drv, found = open_spec(parse(name, fmt), header_only=header_only)
+        spec = parse(name, fmt)
+        drv, found = open_spec(spec, header_only=header_only)
     except ImageError as e:
         raise ImageError(f"Could not open '{name}': {e}") from None
-    drv.close()
+    if not keep_probed(spec, drv):      # an NBD connection: kept for the open that follows
+        drv.close()
     return found
 
 

@@ -21,7 +21,7 @@ import os
 import struct
 
 from ..errors import UsageError
-from ..units import parse_opt_size
+from ..units import option_items, parse_opt_size
 
 L1E = 8
 REFTABLE_ENTRY = 8
@@ -30,7 +30,10 @@ _BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "n
 #: the creation options each target format knows (qemu-img's lists)
 QCOW2_OPTS = ("size", "compat", "backing_file", "backing_fmt", "encryption", "cluster_size",
               "preallocation", "lazy_refcounts", "refcount_bits", "extended_l2",
-              "compression_type", "data_file", "data_file_raw", "encrypt.format")
+              "compression_type", "data_file", "data_file_raw", "encrypt.format",
+              "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
+              "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg",
+              "encrypt.iter-time")
 RAW_OPTS = ("size", "preallocation")
 PREALLOC = ("off", "metadata", "falloc", "full")
 
@@ -66,26 +69,37 @@ def parse_target_opts(texts: list[str] | None, fmt: str) -> dict:
     texts; each error one line or two, raised as UsageError)."""
     known = QCOW2_OPTS if fmt == "qcow2" else RAW_OPTS
     out: dict[str, str | bool | int] = {}
-    for text in texts or []:
-        for item in filter(None, text.split(",")):
-            name, _, val = item.partition("=")
-            if name not in known:
-                raise UsageError(f"Invalid parameter '{name}'\n"
+    for item in option_items(texts):        # ``,,``: a comma inside a value
+        name, _, val = item.partition("=")
+        if name not in known:
+            raise UsageError(f"Invalid parameter '{name}'\n"
+                             f"blkjobs: Invalid options for file format '{fmt}'")
+        value: str | bool | int = val
+        if name in ("extended_l2", "lazy_refcounts", "data_file_raw", "encryption"):
+            if val.lower() not in ("on", "off"):
+                raise UsageError(f"Parameter '{name}' expects 'on' or 'off'\n"
                                  f"blkjobs: Invalid options for file format '{fmt}'")
-            value: str | bool | int = val
-            if name in ("extended_l2", "lazy_refcounts", "data_file_raw", "encryption"):
-                if val.lower() not in ("on", "off"):
-                    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'\n"
-                                     f"blkjobs: Invalid options for file format '{fmt}'")
-                value = val.lower() == "on"
-            elif name in ("size", "cluster_size"):
-                try:
-                    value = parse_opt_size(val, name)
-                except UsageError as e:
-                    raise UsageError(f"{e}\nblkjobs: Invalid options for file format "
-                                     f"'{fmt}'") from None
-            out[name] = value
+            value = val.lower() == "on"
+        elif name == "encrypt.iter-time" and not _number(val):
+            raise UsageError(f"Parameter '{name}' expects a number\n"
+                             f"blkjobs: Invalid options for file format '{fmt}'")
+        elif name in ("size", "cluster_size"):
+            try:
+                value = parse_opt_size(val, name)
+            except UsageError as e:
+                raise UsageError(f"{e}\nblkjobs: Invalid options for file format "
+                                 f"'{fmt}'") from None
+        out[name] = value
     return out
+
+
+def _number(text: str) -> bool:
+    """What QEMU's number options take (strtoull, base 0)."""
+    try:
+        int(text, 8 if text[:1] == "0" and text[1:2].isdigit() else 0)
+    except ValueError:
+        return False
+    return not text.startswith("-")
 
 
 def qcow2_params(opts: dict) -> tuple[int, bool, int, int, str]:
@@ -119,6 +133,18 @@ def qcow2_params(opts: dict) -> tuple[int, bool, int, int, str]:
     if prealloc not in PREALLOC:
         raise UsageError(f"invalid parameter value: {prealloc}")
     return cs, ext, version, rb.bit_length() - 1, prealloc
+
+
+def luks_area(opts: dict, cluster_size: int) -> int:
+    """The clusters of a LUKS header a qcow2 target with
+    ``encrypt.format=luks`` holds (none for ``aes``, the legacy
+    ``encryption=on``, or no encryption)."""
+    if opts.get("encrypt.format") != "luks":
+        return 0
+    from ..formats.luks import parse_create_opts, payload_bytes
+    o = parse_create_opts({k: v for k, v in opts.items() if k.startswith("encrypt.")},
+                          "encrypt.")
+    return _round_up(payload_bytes(o, "encrypt."), cluster_size)
 
 
 def data_bytes(node, cluster_size: int) -> int:
@@ -188,7 +214,7 @@ def measure(out_fmt: str, opts: dict, size: int | None = None, node=None) -> dic
         required = vsize if opts.get("backing_file") else data_bytes(node, cs)
     if prealloc in ("full", "falloc"):
         required = vsize
-    full = prealloc_size(vsize, cs, order, ext)
+    full = prealloc_size(vsize, cs, order, ext) + luks_area(opts, cs)
     out = {"required": full - vsize + required, "fully-allocated": full}
     src = node.driver if node is not None else None
     if version >= 3 and src is not None and src.format_name == "qcow2" \

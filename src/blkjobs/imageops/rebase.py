@@ -42,6 +42,12 @@ QEMU_DRIVERS = frozenset(
     "dmg file ftp ftps gluster host_cdrom host_device http https iscsi iser luks nbd nfs "
     "null-aio null-co nvme parallels preallocate qcow qcow2 qed quorum raw rbd replication "
     "snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat".split())
+#: those of them that create no image (no creation options: ``create -f
+#: FMT`` and ``convert -O FMT`` refuse them, "does not support image creation")
+QEMU_NO_CREATE = frozenset(
+    "blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read "
+    "dmg ftp ftps http https null-aio null-co preallocate quorum replication "
+    "snapshot-access throttle vvfat".split())
 
 
 def rebase(path: str, backing: str | None, backing_fmt: str | None = None,

@@ -103,11 +103,18 @@ def _grown(path: str, size: int, mode: str, args: dict) -> bool:
     where it does not (an L1 table needing a larger refcount table): the
     caller makes its own valid layout instead."""
     from .prealloc import preallocate as grow
-    create(path, 0, **args)
+    # One descriptor stays open from the first write to the last, as in
+    # QEMU: closing the last writable one drops the file system's
+    # reservation for the file (ext4), and the data would be placed elsewhere.
+    keep = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        grow(path, size, mode)
-    except UsageError:      # its one refusal on a fresh empty image: that layout
-        return False
+        create(path, 0, **args)
+        try:
+            grow(path, size, mode)
+        except UsageError:      # its one refusal on a fresh empty image: that layout
+            return False
+    finally:
+        os.close(keep)
     return True
 
 

@@ -114,25 +114,10 @@ def _grow(fd: int, h: Header, size: int, mode: str) -> None:
     data = rt + tclusters               # 3. the data clusters
     l2s = ([1] + [data + ndata + i for i in range(nl2 - 1)])[:nl2]
     table = [blocks[i] * cs for i in range(nblocks)]
-    os.pwrite(fd, struct.pack(f">{nblocks}Q", *table).ljust(tclusters * cs, b"\0"), rt * cs)
-    data_end = (data + ndata) * cs
-    if mode == "falloc":
-        if ndata:
-            os.posix_fallocate(fd, data * cs, data_end - data * cs)
-    else:
-        pos = data * cs
-        while pos < data_end:
-            pos += os.pwrite(fd, _ZEROS[:min(len(_ZEROS), data_end - pos)], pos)
-    # 4. the L2 tables; 1. the L1 table (QEMU writes it in 512-byte units)
-    for t, c in enumerate(l2s):
-        first = data + t * l2e
-        n = min(l2e, ndata - t * l2e)
-        entries = [0] * (n * esz // 8)
-        entries[::esz // 8] = [(first + i) * cs | _COPIED for i in range(n)]
-        os.pwrite(fd, struct.pack(f">{len(entries)}Q", *entries).ljust(cs, b"\0"), c * cs)
-    if nl2:
+    if nl2:         # 1. the L1 table (QEMU writes it in 512-byte units)
         l1 = struct.pack(f">{nl2}Q", *[c * cs | _COPIED for c in l2s])
         os.pwrite(fd, l1.ljust(-(-len(l1) // 512) * 512, b"\0"), 3 * cs)
+    os.pwrite(fd, struct.pack(f">{nblocks}Q", *table).ljust(tclusters * cs, b"\0"), rt * cs)
     used = [0, *blocks.values(), *range(3, 3 + l1c), *range(start, data + ndata), *l2s]
     refs = [0] * (nblocks * rbe)
     for c in used:
@@ -141,6 +126,31 @@ def _grow(fd: int, h: Header, size: int, mode: str) -> None:
     enc.bits = h.refcount_bits
     for b, off in enumerate(table):
         os.pwrite(fd, enc._encode(refs[b * rbe:(b + 1) * rbe]), off)
+    # The metadata written so far gets its blocks before the data area does,
+    # as in QEMU (which syncs after each metadata update): with delayed
+    # allocation the file system would otherwise place the data first and
+    # the file would end up with other extents than QEMU's (ext4: one more
+    # extent-tree block once the data is written, qemu-iotests 125).
+    os.fdatasync(fd)
+    data_end = (data + ndata) * cs
+    if mode == "falloc":
+        if ndata:
+            os.posix_fallocate(fd, data * cs, data_end - data * cs)
+    else:
+        # QEMU's file driver: the new length first, then zeroes in 64 KiB
+        # writes from the old end, then fsync
+        pos = data * cs
+        os.ftruncate(fd, data_end)
+        while pos < data_end:
+            pos += os.pwrite(fd, _ZEROS[:min(1 << 16, data_end - pos)], pos)
+        os.fsync(fd)
+    # 4. the L2 tables
+    for t, c in enumerate(l2s):
+        first = data + t * l2e
+        n = min(l2e, ndata - t * l2e)
+        entries = [0] * (n * esz // 8)
+        entries[::esz // 8] = [(first + i) * cs | _COPIED for i in range(n)]
+        os.pwrite(fd, struct.pack(f">{len(entries)}Q", *entries).ljust(cs, b"\0"), c * cs)
     h.size, h.l1_size, h.l1_table_offset = size, nl2, 3 * cs if nl2 else 0
     h.refcount_table_offset, h.refcount_table_clusters = rt * cs, tclusters
     # the header cluster, written whole as QEMU does
