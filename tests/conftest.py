@@ -6,12 +6,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 
 BLKJOBS = [sys.executable, "-m", "blkjobs"]
+
+# A shell without job control starts its background jobs (`make test &`,
+# `nohup .ci/run &`) with SIGINT ignored; Python then installs no
+# KeyboardInterrupt handler and every program the tests start inherits the
+# ignore: the Ctrl-C tests (test_bench_external's waits on a `sleep 600`)
+# then hang for minutes. Ctrl-C is put back as it is in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _need(tool: str) -> str:
