@@ -76,7 +76,8 @@ lint: venv
 # tests built with AddressSanitizer + UBSan, under valgrind, and under
 # ThreadSanitizer (data races between the copy engine's threads).
 test-c: deps
-	$(MAKE) -C tests/c warnings run valgrind tsan
+	$(MAKE) -C tests/c -j$(TEST_JOBS) warnings binaries
+	$(MAKE) -C tests/c run valgrind tsan
 
 # Every raw -> raw comparison in one run (dense and VM-shaped images, page
 # cache and durable, quiet and with every core busy), qcow2 and chains

@@ -6,12 +6,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 
 BLKJOBS = [sys.executable, "-m", "blkjobs"]
+
+# A shell without job control starts its background jobs (`make test &`,
+# `nohup .ci/run &`) with SIGINT ignored; Python then installs no
+# KeyboardInterrupt handler and every program the tests start inherits the
+# ignore: the Ctrl-C tests (test_bench_external's waits on a `sleep 600`)
+# then hang for minutes. Ctrl-C is put back as it is in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _need(tool: str) -> str:
@@ -134,3 +143,36 @@ def fd_flags(pid: int, path: str) -> list[int]:
         assert m
         out.append(int(m.group(1), 8))
     return out
+
+
+def content_digest(path, block=1 << 20) -> str:
+    """A digest of the file's bytes: two files have the same digest exactly
+    when they hold the same bytes (their sizes included), however each is
+    allocated. Each ``block``-sized piece that is all zeroes -- a hole,
+    an unwritten (fallocated) extent or zeroes written as data -- counts
+    only as such, and a piece that lies wholly in a hole (SEEK_DATA) is
+    not read: a multi-GiB preallocated image is digested at the cost of
+    its data, not of its size."""
+    import hashlib
+    h = hashlib.sha256()
+    zero = bytes(block)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(size.to_bytes(8, "little"))
+        off = 0
+        while off < size:
+            try:
+                data = os.lseek(f.fileno(), off, os.SEEK_DATA)
+            except OSError:                          # ENXIO: only a hole is left
+                data = size
+            skip = (data - off) // block * block     # whole pieces inside the hole
+            off += skip
+            if off >= size:
+                break
+            n = min(block, size - off)
+            piece = os.pread(f.fileno(), n, off)
+            assert len(piece) == n, (path, off)
+            if piece != zero[:n]:
+                h.update(off.to_bytes(8, "little") + piece)
+            off += n
+    return h.hexdigest()

@@ -6,16 +6,17 @@ counts as importing the package too (its ``__init__`` runs)."""
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
-def _modules() -> dict[str, Path]:
+def _modules(src: Path) -> dict[str, Path]:
     mods = {}
-    for p in (SRC / "blkjobs").rglob("*.py"):
-        m = ".".join(p.relative_to(SRC).with_suffix("").parts)
+    for p in (src / "blkjobs").rglob("*.py"):
+        m = ".".join(p.relative_to(src).with_suffix("").parts)
         if m.endswith(".__init__"):
             m = m[: -len(".__init__")]
         mods[m] = p
@@ -23,7 +24,14 @@ def _modules() -> dict[str, Path]:
 
 
 def _edges() -> dict[str, set[str]]:
-    mods = _modules()
+    """Each module's imports of other modules under SRC (parsed once per SRC
+    for the whole run: four tests read them; a copy for each caller)."""
+    return {m: set(ts) for m, ts in _edges_under(SRC).items()}
+
+
+@functools.cache
+def _edges_under(src: Path) -> dict[str, frozenset[str]]:
+    mods = _modules(src)
     edges: dict[str, set[str]] = {m: set() for m in mods}
     for m, p in mods.items():
         pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
@@ -40,7 +48,7 @@ def _edges() -> dict[str, set[str]]:
             else:
                 continue
             edges[m] |= {c for c in cands if c in mods and c != m}
-    return edges
+    return {m: frozenset(ts) for m, ts in edges.items()}
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:

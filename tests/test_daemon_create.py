@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import data_bytes
+from conftest import content_digest, data_bytes
 from daemon_util import brief, qemu_img, side_by_side
 
 
@@ -219,7 +219,6 @@ def test_blockdev_create_preallocated_beyond_one_refcount_block_matches_qemu(tmp
     left 0): the files are QEMU's byte for byte, with the same map, check and
     allocation. Small clusters (or 64-bit refcounts) make small images need
     many refcount blocks; one 3 GiB image has the default layout."""
-    import hashlib
     cases = [("falloc", 1 << 20, 512, {}), ("full", 16 << 20, 4096, {}),
              ("metadata", 4 << 20, 512, {}), ("metadata", 3 << 30, 65536, {}),
              ("falloc", 1 << 30, 65536, {"refcount-bits": 64}),
@@ -237,11 +236,7 @@ def test_blockdev_create_preallocated_beyond_one_refcount_block_matches_qemu(tmp
                                             "preallocation": mode, "cluster-size": cs, **extra})
             await s.x("blockdev-del", **{"node-name": f"p{i}"})
             assert res["jobs"][0].get("error") is None, res
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    h.update(chunk)
-            out.append((h.hexdigest(), data_bytes(path),
+            out.append((content_digest(path), data_bytes(path),
                         json.loads(qemu_img("map", "--output=json", path).stdout),
                         qemu_img("check", path).stdout))
             if size > 64 << 20:

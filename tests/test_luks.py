@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -50,17 +52,46 @@ def qio(kind: str, path, *cmds: str, obj: str = OBJ) -> subprocess.CompletedProc
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 
+#: (kind, size, extra, name) -> (the QEMU-made image, its create's CompletedProcess)
+_pristine: dict[tuple, tuple[Path, subprocess.CompletedProcess]] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pristine_dir(tmp_path_factory):
+    """Where qemu_create keeps the images qemu-img made for this module."""
+    global _PRISTINE
+    _PRISTINE = tmp_path_factory.mktemp("qemu-made")
+    yield
+    _pristine.clear()
+
+
 def qemu_create(kind: str, path, size: int = 4 * MiB,
                 extra: str = "") -> subprocess.CompletedProcess:
-    """qemu-img create; again when QEMU's PBKDF2 timing says "Unable to get
-    accurate CPU usage" (its getrusage() saw no time pass: a busy machine)."""
-    fmt, _, o = KINDS[kind]
-    for _ in range(5):
-        p = qemu_img("create", "--object", OBJ, "-f", fmt, "-o", o + extra, path, size,
-                     check=False)
-        if "Unable to get accurate CPU usage" not in p.stderr:
-            break
-    assert p.returncode == 0, p.stderr
+    """The image qemu-img create makes, at ``path``. qemu-img spends about
+    two CPU seconds measuring PBKDF2's speed for each luks create, whatever
+    iter-time says, so each (kind, size, options) is created once per
+    module and copied: the copies share the salts and the master key of one
+    create, which no test compares. Its CompletedProcess is returned; the
+    name in its "Formatting" line is ``path`` as given when ``path`` is a
+    bare file name (created under that name), else "pristine.img".
+    Created again when QEMU's PBKDF2 timing says "Unable to get accurate
+    CPU usage" (its getrusage() saw no time pass: a busy machine)."""
+    name = str(path) if os.sep not in str(path) else "pristine.img"
+    key = (kind, size, extra, name)
+    if key not in _pristine:
+        d = _PRISTINE / str(len(_pristine))
+        d.mkdir()
+        fmt, _, o = KINDS[kind]
+        for _ in range(5):
+            p = subprocess.run(["qemu-img", "create", "--object", OBJ, "-f", fmt,
+                                "-o", o + extra, name, str(size)],
+                               capture_output=True, text=True, timeout=120, cwd=d)
+            if "Unable to get accurate CPU usage" not in p.stderr:
+                break
+        assert p.returncode == 0, p.stderr
+        _pristine[key] = (d / name, p)
+    made, p = _pristine[key]
+    shutil.copyfile(made, path)
     return p
 
 
