@@ -104,7 +104,10 @@ def test_io_through_an_o_direct_node(tmp_path):
         reads = await io(u, "read -P 0x22 1 7", "read -P 0x33 4095 2",
                          "read -P 0x44 65535 70001", "read -P 0x11 8 4087",
                          "read -P 0 300001 5000")
-        await s.x("block-export-del", id="e")
+        # hard: qemu-io has exited, but a daemon may not have seen its
+        # connection close yet (qemu-storage-daemon's main loop can take the
+        # QMP command first on a busy host: "export 'e' still in use")
+        await s.x("block-export-del", id="e", mode="hard")
         await s.until("BLOCK_EXPORT_DELETED")
         await s.x("nbd-server-stop")
         await s.x("blockdev-add", driver="raw", **{"node-name": "bk"},
