@@ -8,20 +8,28 @@ refcount table, 2 the refcount block):
 
 1. the L1 table grows to ``T`` entries: allocated at cluster 3 (``L``
    clusters); the refcount blocks this run reaches into (past the first
-   block's range) follow it, placed as QEMU hooks them up;
+   block's range) follow it, placed as QEMU hooks them up. Where those
+   blocks need more than the first table's entries (512-byte clusters,
+   8 451 523 072 bytes and up with 64-bit refcounts), the table grows
+   meanwhile: the block past it counts itself, a refcount area (a table
+   half as large again) comes from the next block's range, the old table
+   is freed and the L1 run sought anew;
 2. the refcount structures are made to cover the image to be
    (``qcow2_refcount_area``): the clusters in use, the data clusters and
    one L2 table per L2 table's worth of data clusters plus one, counted to
    a fixed point with the refcount blocks and table themselves
    (``qcow2_refcount_metadata_size``). The blocks there stay where they
    are; the others follow them, then the new refcount table, sized to a
-   whole cluster of entries; the old table (cluster 1) is freed. Refused
-   only where the L1 table alone would need a larger refcount table;
+   whole cluster of entries; the old table is freed;
 3. the data clusters, contiguous after the new refcount table; the file is
    extended over them with ``fallocate`` (``falloc``) or with written zeroes
    (``full``);
 4. the L2 tables, allocated in guest order at the first free clusters: the
-   freed cluster 1 for the first, after the data for the others.
+   freed cluster 1 for the first (and the clusters a growth in step 1 left
+   free), after the data for the others.
+
+Steps 1, 2 and 4 run QEMU's allocator in memory (:class:`_Sim`), so the
+layout is QEMU's wherever its refcount blocks and tables land.
 
 Every L2 entry then points at its data cluster (a normal allocated cluster,
 reading what the file holds there: zeroes). With extended L2 entries (16
@@ -72,7 +80,9 @@ class _Sim:
         self.free = 0
         self.rt = (1, 1)                # table cluster, clusters
         self.data = (0, 0)
-        self.stale: list[tuple[int, list[int]]] = []    # tables written, later freed
+        #: the tables freed, with the entries they held then (QEMU writes
+        #: each hooked-up block's entry at once): their bytes stay
+        self.stale: list[tuple[int, list[int]]] = []
 
     def busy(self, c: int) -> bool:
         return c in self.used or self.data[0] <= c < self.data[1]
@@ -148,7 +158,7 @@ class _Sim:
         tcl = size // self.per
         self.used.update(range(start, at + tcl))
         old = self.rt
-        self.stale.append((at, table))
+        self.stale.append((old[0], list(self.table)))   # as it is when freed
         self.table, self.rt = table, (at, tcl)
         for c in range(old[0], old[0] + old[1]):
             self.dec(c)
@@ -194,7 +204,7 @@ def _grow(fd: int, h: Header, size: int, mode: str) -> None:
     l2s = [sim.alloc(1) for _ in range(nl2)]
     nblocks = len(sim.table)
     table = [c * cs for c in sim.table]
-    for at, stale in sim.stale[:-1]:    # freed tables: their bytes stay (or L2 tables cover them)
+    for at, stale in sim.stale:     # freed tables: their bytes stay (or L2 tables cover them)
         os.pwrite(fd, struct.pack(f">{len(stale)}Q", *[c * cs for c in stale]), at * cs)
     os.pwrite(fd, struct.pack(f">{nblocks}Q", *table), rt * cs)
     data_end = (data + ndata) * cs
@@ -205,26 +215,37 @@ def _grow(fd: int, h: Header, size: int, mode: str) -> None:
         pos = data * cs
         while pos < data_end:
             pos += os.pwrite(fd, _ZEROS[:min(len(_ZEROS), data_end - pos)], pos)
-    # 4. the L2 tables; 1. the L1 table (QEMU writes it in 512-byte units)
+    # 4. the L2 tables (runs of adjacent ones in one write); 1. the L1 table
+    # (QEMU writes it in 512-byte units)
+    run: list[bytes] = []
     for t, c in enumerate(l2s):
         first = data + t * l2e
         n = min(l2e, ndata - t * l2e)
-        entries = [0] * (n * esz // 8)
-        entries[::esz // 8] = [(first + i) * cs | _COPIED for i in range(n)]
-        os.pwrite(fd, struct.pack(f">{len(entries)}Q", *entries).ljust(cs, b"\0"), c * cs)
+        if esz == 8:
+            raw = struct.pack(f">{n}Q", *range(first * cs | _COPIED, (first + n) * cs | _COPIED, cs))
+        else:
+            entries = [0] * (n * esz // 8)
+            entries[::esz // 8] = [(first + i) * cs | _COPIED for i in range(n)]
+            raw = struct.pack(f">{len(entries)}Q", *entries)
+        run.append(raw.ljust(cs, b"\0"))
+        if t + 1 == nl2 or l2s[t + 1] != c + 1:
+            os.pwrite(fd, b"".join(run), (c + 1 - len(run)) * cs)
+            run = []
     if nl2:
         l1t = struct.pack(f">{nl2}Q", *[c * cs | _COPIED for c in l2s])
         os.pwrite(fd, l1t.ljust(-(-len(l1t) // 512) * 512, b"\0"), l1 * cs)
     rbe = sim.rbe
-    refs = [0] * (nblocks * rbe)
-    for c in sim.used:
-        refs[c] = 1
-    refs[data:data + ndata] = [1] * ndata
     enc = Refcounts.__new__(Refcounts)
     enc.bits = h.refcount_bits
+    ones = enc._encode([1] * rbe)
     for b, off in enumerate(table):
-        if off:
-            os.pwrite(fd, enc._encode(refs[b * rbe:(b + 1) * rbe]), off)
+        lo = b * rbe
+        if not off:
+            continue
+        if data <= lo and lo + rbe <= data + ndata:
+            os.pwrite(fd, ones, off)
+        else:
+            os.pwrite(fd, enc._encode([int(sim.busy(c)) for c in range(lo, lo + rbe)]), off)
     h.size, h.l1_size, h.l1_table_offset = size, nl2, l1 * cs if nl2 else 0
     h.refcount_table_offset, h.refcount_table_clusters = rt * cs, tclusters
     # the header cluster, written whole as QEMU does
