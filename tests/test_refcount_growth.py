@@ -214,18 +214,22 @@ def test_blockdev_create_whose_l1_table_grows_the_refcount_table(tmp_path):
     assert run_daemon(start_blkjobs, tmp_path, sc) == L1_GROWS_TABLE_QEMU
 
 
-@pytest.mark.parametrize("opts,old,new", [
-    ("cluster_size=512", "4M", "9M"),       # the new L1 table ends inside its last cluster
-    ("cluster_size=512", "0", "600M"),      # a 300-cluster L1 table past the first block
-    ("cluster_size=65536", "1G", "100G"),
+@pytest.mark.parametrize("opts,old,new,prealloc", [
+    # the new L1 table ends inside its last cluster
+    ("cluster_size=512", "4M", "9M", "off"), ("cluster_size=512", "4M", "9M", "metadata"),
+    # a 300-cluster L1 table past the first block
+    ("cluster_size=512", "0", "600M", "off"), ("cluster_size=512", "0", "600M", "metadata"),
+    ("cluster_size=65536", "1G", "100G", "off"),
 ])
-def test_resize_growing_the_l1_table_as_qemu_img(twins, opts, old, new):
+def test_resize_growing_the_l1_table_as_qemu_img(twins, opts, old, new, prealloc):
     """resize growing the L1 table: the run at the first free clusters, the
     refcount blocks it lacks after it, the table's bytes written (not a
-    whole cluster: the file may end inside it), the old table freed: the
-    file is qemu-img's byte for byte, check clean."""
+    whole cluster: the file may end inside it), the old table freed and
+    taken first fit (metadata: the first new L2 table there, the data run
+    passing over what is left): the file is qemu-img's byte for byte, check
+    clean."""
     same(twins, "create", "-q", "-f", "qcow2", "-o", opts, "t.qcow2", old)
-    same(twins, "resize", "t.qcow2", new)
+    same(twins, "resize", f"--preallocation={prealloc}", "t.qcow2", new)
     ours, theirs = (d / "t.qcow2" for d in twins)
     assert ours.read_bytes() == theirs.read_bytes()
     check_clean(ours)

@@ -135,9 +135,15 @@ def _grow(img, old: int, new: int) -> None:
         h.l1_table_offset, h.l1_size, h.size = new_off, need, new
         img._write_header()
         if old_off and len(table):
-            for c in range(old_off >> cb, (old_off >> cb) + old_n):
+            first = old_off >> cb
+            for c in range(first, first + old_n):
                 rc.free_later(c)
             rc.apply_frees()
+            # taken first fit by the next allocations, passed over by a run
+            # too long for them (QEMU's free cluster index), not kept for
+            # single clusters as other frees are
+            rc.pool = [c for c in rc.pool if not first <= c < first + old_n]
+            rc._add_gap(first, first + old_n)
         img.file_size = max(img.file_size, os.fstat(img.fd).st_size)
     else:
         h.size = new
