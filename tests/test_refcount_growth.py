@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import blocks, qemu_compare, run_blkjobs
-from daemon_util import side_by_side
+from daemon_util import run_daemon, side_by_side, start_blkjobs
 from qemu_oracle import check_clean, qemu_img, qemu_io
 from test_daemon_create import create as daemon_create
 from test_parity_invocation import same, twins  # noqa: F401  (twins: a fixture)
@@ -34,6 +34,19 @@ META_THRESHOLD = 8224768
 #: an L1 table of 62 clusters from cluster 3: past the first block of 64
 #: counts (512 B clusters, 64-bit refcounts)
 L1_PAST_BLOCK0 = 123 << 20
+#: the smallest size whose falloc/full L1 table needs a larger refcount
+#: table (512 B clusters, 64-bit refcounts): 4031 L1 clusters from cluster 3,
+#: the refcount blocks they need after them reach block 64, one past the
+#: first table's 64 entries (one L1 cluster less, 2 MiB less, still fits)
+L1_GROWS_TABLE = 4030 * (2 << 20) + 512
+#: qemu-img 7.2's image of that size, SHA-256 of the file outside its data
+#: run (every other byte: header, L1 table, refcount blocks and tables, the
+#: gaps, the L2 tables), and its size. Made by ``qemu-img create -f qcow2 -o
+#: preallocation=falloc,cluster_size=512,refcount_bits=64 t.qcow2
+#: 8451523072`` (about 20 minutes: too long to run in a test) and
+#: :func:`_outside_data`
+L1_GROWS_TABLE_QEMU = ("26706946cee7b5d9e8ff87a25fce555eb5310dd545cd65df152ede7112904a8e",
+                       8724089344)
 
 
 @pytest.fixture
@@ -142,3 +155,81 @@ def test_commit_grows_the_base_table(tmp_path):
     check_clean(base)
     assert _table(base)[1] > 1
     assert qemu_compare(top, base, "qcow2", "qcow2") == (0, "Images are identical.\n")
+
+
+def _outside_data(path) -> tuple[str, int]:
+    """SHA-256 of a falloc-preallocated image's bytes outside its data run
+    (from the first L2 entry's cluster, one cluster per guest cluster), and
+    the file's size."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(112)
+        size, = struct.unpack(">Q", head[24:32])
+        l1_off, = struct.unpack(">Q", head[40:48])
+        f.seek(l1_off)
+        f.seek(struct.unpack(">Q", f.read(8))[0] & ((1 << 56) - 512))
+        start = struct.unpack(">Q", f.read(8))[0] & ((1 << 56) - 512)
+        end = start + -(-size // 512) * 512
+        f.seek(0)
+        h.update(f.read(start))
+        f.seek(end)
+        while chunk := f.read(64 << 20):
+            h.update(chunk)
+    return h.hexdigest(), os.path.getsize(path)
+
+
+def test_falloc_whose_l1_table_grows_the_refcount_table(tmp_path):
+    """falloc where the L1 table's refcount blocks need a larger refcount
+    table (once laid out otherwise): QEMU's allocator as it runs (the block
+    past the table counting itself, a refcount area half as large again from
+    the next block's range, the L1 run sought anew, then the exact area for
+    the data, the L2 tables first fit in the freed clusters): qemu-img's
+    bytes (outside the data run, which falloc leaves reading zeroes) and
+    size. On the disk (fallocate there allocates nothing but extents; 8 GiB
+    on a tmpfs would be memory). ``full`` lays out the same clusters but
+    writes 8 GiB of zeroes: not tested."""
+    img = tmp_path / "t.qcow2"
+    run_blkjobs("create", "-q", "-f", "qcow2", "-o",
+                "preallocation=falloc,cluster_size=512,refcount_bits=64", img,
+                L1_GROWS_TABLE, check=True)
+    assert _outside_data(img) == L1_GROWS_TABLE_QEMU
+    assert blocks(img) >= L1_GROWS_TABLE
+
+
+def test_blockdev_create_whose_l1_table_grows_the_refcount_table(tmp_path):
+    """The daemon's blockdev-create of that image (once refused): the same
+    bytes as qemu-img's (qemu-storage-daemon takes as long as qemu-img)."""
+    async def sc(s, d):
+        path = str(d / "g.qcow2")
+        await daemon_create(s, "gf", {"driver": "file", "filename": path, "size": 0})
+        await s.x("blockdev-add", driver="file", filename=path, **{"node-name": "g"})
+        res = await daemon_create(s, "g", {"driver": "qcow2", "file": "g",
+                                           "size": L1_GROWS_TABLE, "preallocation": "falloc",
+                                           "cluster-size": 512, "refcount-bits": 64})
+        await s.x("blockdev-del", **{"node-name": "g"})
+        assert res["jobs"][0].get("error") is None, res
+        out = _outside_data(path)
+        os.unlink(path)
+        return out
+    assert run_daemon(start_blkjobs, tmp_path, sc) == L1_GROWS_TABLE_QEMU
+
+
+@pytest.mark.parametrize("opts,old,new,prealloc", [
+    # the new L1 table ends inside its last cluster
+    ("cluster_size=512", "4M", "9M", "off"), ("cluster_size=512", "4M", "9M", "metadata"),
+    # a 300-cluster L1 table past the first block
+    ("cluster_size=512", "0", "600M", "off"), ("cluster_size=512", "0", "600M", "metadata"),
+    ("cluster_size=65536", "1G", "100G", "off"),
+])
+def test_resize_growing_the_l1_table_as_qemu_img(twins, opts, old, new, prealloc):
+    """resize growing the L1 table: the run at the first free clusters, the
+    refcount blocks it lacks after it, the table's bytes written (not a
+    whole cluster: the file may end inside it), the old table freed and
+    taken first fit (metadata: the first new L2 table there, the data run
+    passing over what is left): the file is qemu-img's byte for byte, check
+    clean."""
+    same(twins, "create", "-q", "-f", "qcow2", "-o", opts, "t.qcow2", old)
+    same(twins, "resize", f"--preallocation={prealloc}", "t.qcow2", new)
+    ours, theirs = (d / "t.qcow2" for d in twins)
+    assert ours.read_bytes() == theirs.read_bytes()
+    check_clean(ours)

@@ -99,8 +99,9 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
 
 def _grown(path: str, size: int, mode: str, args: dict) -> bool:
     """QEMU creates the image empty, then grows it with the preallocation
-    mode (qcow2_co_create, then truncate): prealloc.py lays it out so. False
-    where it does not (an L1 table needing a larger refcount table): the
+    mode (qcow2_co_create, then truncate): prealloc.py lays it out so (every
+    size, an L1 table that grows the refcount table included). False where
+    prealloc.py refuses the empty image it is given (not expected): the
     caller makes its own valid layout instead."""
     from .prealloc import preallocate as grow
     # One descriptor stays open from the first write to the last, as in

@@ -340,7 +340,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
             # Every allocated cluster must lie inside the file (qemu-img check
             # counts references past EOF as errors): extend sparsely (not
             # merely to round a partial last cluster up: qemu-img does not).
-            if rc.end > rc.opened_end and os.fstat(self.fd).st_size < rc.end << self.cb:
+            if rc.end > rc.opened_end and os.fstat(self.fd).st_size <= (rc.end - 1) << self.cb:
                 os.ftruncate(self.fd, rc.end << self.cb)
             if rc.flush_increments() and self._dfd is None:
                 self._landed_unsynced = False   # fsync'd: the data too (same file)

@@ -103,29 +103,47 @@ def _grow(img, old: int, new: int) -> None:
     if need > len(img.l1):
         rc = img._rc()
         n = -(-need * 8 // cs)
-        while True:                 # refcount blocks for the run first, then the run
-            c0 = rc.end
+        c0, rbe = rc.end, rc.rbe
+        if not rc.gaps and (c0 + n + n // rbe + 2) // rbe < len(rc.table):
+            # QEMU's grow_l1_table: the run at the first free clusters, the
+            # refcount blocks it lacks after it, in range order (each found
+            # at the first free cluster after the run), the run kept
+            rc.end = c0 + n
+            for t in range(c0 // rbe, (c0 + n - 1) // rbe + 1):
+                rc._ensure_block(max(c0, t * rbe))
             for c in range(c0, c0 + n):
-                rc._ensure_block(c)
-            if rc.end == c0:
-                break
-        runs = rc.alloc(n)
-        assert len(runs) == 1 and runs[0][1] == n, runs
-        new_off = runs[0][0] << cb
+                rc._set(c, 1)
+            new_off = c0 << cb
+        else:
+            while True:             # refcount blocks for the run first, then the run
+                c0 = rc.end
+                for c in range(c0, c0 + n):
+                    rc._ensure_block(c)
+                if rc.end == c0:
+                    break
+            runs = rc.alloc(n)
+            assert len(runs) == 1 and runs[0][1] == n, runs
+            new_off = runs[0][0] << cb
         old_off, old_n = h.l1_table_offset, -(-len(img.l1) * 8 // cs)
         table = img.l1 + [0] * (need - len(img.l1))
-        if os.fstat(img.fd).st_size < (new_off + n * cs):
-            os.ftruncate(img.fd, new_off + n * cs)
         rc.flush_increments()
-        dio.pwrite(img.fd, struct.pack(f">{need}Q", *table).ljust(n * cs, b"\0"), new_off)
+        # the table's bytes only, as QEMU writes them (the file may end
+        # inside its last cluster)
+        dio.pwrite(img.fd, struct.pack(f">{need}Q", *table), new_off)
         img._fsync()
         img.l1 = table
         h.l1_table_offset, h.l1_size, h.size = new_off, need, new
         img._write_header()
         if old_off and len(table):
-            for c in range(old_off >> cb, (old_off >> cb) + old_n):
+            first = old_off >> cb
+            for c in range(first, first + old_n):
                 rc.free_later(c)
             rc.apply_frees()
+            # taken first fit by the next allocations, passed over by a run
+            # too long for them (QEMU's free cluster index), not kept for
+            # single clusters as other frees are
+            rc.pool = [c for c in rc.pool if not first <= c < first + old_n]
+            rc._add_gap(first, first + old_n)
         img.file_size = max(img.file_size, os.fstat(img.fd).st_size)
     else:
         h.size = new
