@@ -10,16 +10,7 @@ from blkjobs.diskbench.agreement import (RatioCI, percentile_ratios,
                                          pooled_percentiles)
 from blkjobs.errors import UsageError
 from blkjobs.diskbench.latency import summarize_latency
-from blkjobs.native._lib import lib
-
-N = int(lib.BJ_LAT_BUCKETS)
-
-
-def hist_of(values) -> tuple[int, ...]:
-    counts = [0] * N
-    for v in values:
-        counts[lib.bj_lat_bucket(int(v))] += 1
-    return tuple(counts)
+from test_bench_latency import N, hist_of
 
 
 def disk(rng, n, scale=1.0, tail=0.002, tail_ns=5_000_000):
