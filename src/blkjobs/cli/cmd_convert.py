@@ -199,12 +199,15 @@ def _unknown_formats(args) -> None:
 def _no_create(args) -> None:
     """A target format qemu-img knows but cannot create (bochs, cloop...):
     refused in its words once the sources are found (it opens them first)."""
+    from ..formats import FORMATS
+    if args.dst_fmt in FORMATS or args.no_create:
+        return          # the usual case: nothing more imported (start-up time)
+    from ..imageops.rebase import QEMU_NO_CREATE
+    if args.dst_fmt not in QEMU_NO_CREATE:
+        return
     from ..formats.sniff import is_nbd_uri
     from ..graph.blockspec import is_spec
     from ..imageops.files import open_source
-    from ..imageops.rebase import QEMU_NO_CREATE
-    if args.dst_fmt not in QEMU_NO_CREATE or args.no_create:
-        return
     for src in args.srcs:
         if not is_spec(src) and not is_nbd_uri(src):
             try:

@@ -5,10 +5,12 @@ one connection an NBD name gets (a driver opened to find the format is kept
 for the open that follows)."""
 from __future__ import annotations
 
-from typing import Any
-
 from ..errors import ImageError
 from ..formats.base import Driver
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def net_options(driver: str, opts: dict[str, Any]) -> dict[str, Any]:
