@@ -18,6 +18,17 @@ from .tables import ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, ZERO, L2Tables
 class Allocation(L2Tables):
     """Cluster allocation of :class:`.driver.Qcow2`."""
 
+    #: the end of the last data cluster allocated since the image was opened
+    #: (a flush extends the file to it: QEMU writes a new data cluster whole,
+    #: zeroes around a partial write, so its file ends on a cluster boundary)
+    data_end = 0
+
+    def _runs(self, job: _Pending) -> list[Mapping]:
+        cs = self.cluster_size
+        for _s, n, h in job.runs:
+            self.data_end = max(self.data_end, -(-(h + n) // cs) * cs)
+        return [Mapping(s, n, Kind.DATA, h) for s, n, h in job.runs]
+
     @property
     def alloc_end(self) -> int:
         """Host offset where fresh allocation starts: a cluster that
@@ -74,7 +85,7 @@ class Allocation(L2Tables):
                     job.note(c, 1, *old)
             gc = span_end
         job.flush_need()
-        return [Mapping(s, n, Kind.DATA, h) for s, n, h in job.runs]
+        return self._runs(job)
 
     def allocate_many(self, ranges: list[tuple[int, int]],
                       undo: list[tuple[int, int, int, int]] | None = None) -> list[Mapping]:
@@ -113,7 +124,7 @@ class Allocation(L2Tables):
             # clusters queued get their entries even when a later one failed
             # (their old references are released already)
             job.flush_need()
-        return [Mapping(s, n, Kind.DATA, h) for s, n, h in job.runs]
+        return self._runs(job)
 
     def _alloc_many_std(self, job: _Pending, ranges: list[tuple[int, int]]) -> None:
         """allocate_many() with standard L2 entries: an unallocated cluster

@@ -338,10 +338,15 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
             self._landed_unsynced = False
         if rc is not None:
             # Every allocated cluster must lie inside the file (qemu-img check
-            # counts references past EOF as errors): extend sparsely (not
-            # merely to round a partial last cluster up: qemu-img does not).
-            if rc.end > rc.opened_end and os.fstat(self.fd).st_size <= (rc.end - 1) << self.cb:
-                os.ftruncate(self.fd, rc.end << self.cb)
+            # counts references past EOF as errors): extend sparsely; a
+            # partial last cluster is rounded up only when it holds data (QEMU
+            # writes a new data cluster whole, metadata only its own bytes)
+            if rc.end > rc.opened_end:
+                size = os.fstat(self.fd).st_size
+                want = rc.end << self.cb if size <= (rc.end - 1) << self.cb else \
+                    min(self.data_end, rc.end << self.cb)
+                if size < want:
+                    os.ftruncate(self.fd, want)
             if rc.flush_increments() and self._dfd is None:
                 self._landed_unsynced = False   # fsync'd: the data too (same file)
         if self._write_l2_tables():     # held entries: their old value
