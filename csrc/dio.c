@@ -227,44 +227,50 @@ static int64_t dio_pwrite(int fd, const void *buf, uint64_t len, uint64_t off,
 /* O_DIRECT may be switched on or off while a request is between its
  * alignment check and its system calls: a daemon's blockdev-reopen of
  * cache.direct (fcntl F_SETFL) while a job's requests run in the copy
- * engine, which no drain holds. An unaligned request then meets EINVAL
- * from the kernel. A request done buffered that failed with EINVAL (a
- * buffered fd never refuses a request's shape), or done aligned that did
- * while the fd's mode changed, is done again, whole, in the mode the fd is
- * in now (the same bytes: doing them twice is harmless), a bounded number
- * of times (the mode may flip again meanwhile). */
-#define MODE_RETRIES 16
+ * engine, which no drain holds. An unaligned request done buffered then
+ * meets EINVAL from the kernel. Such a request is done again, whole (the
+ * same bytes: doing them twice is harmless), through the bounce buffer at
+ * an alignment both modes accept: the file's probed one if known, at least
+ * 4096. Retrying in "the mode the fd is in now" is not enough: the mode may
+ * flip again between the check and the call, any number of times. An
+ * EINVAL from a request that was already done aligned is the kernel's
+ * answer and is returned. */
+static uint32_t safe_align(int fd)
+{
+    uint32_t a = 4096;
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return a;
+    pthread_mutex_lock(&cache_lock);
+    for (unsigned i = 0; i < ncache; i++)
+        if (cache[i].dev == st.st_dev && cache[i].ino == st.st_ino && cache[i].align > a)
+            a = cache[i].align;
+    pthread_mutex_unlock(&cache_lock);
+    return a;
+}
 
 int64_t bj_dio_pread(int fd, void *buf, uint64_t len, uint64_t off)
 {
-    for (int i = 0;; i++) {
-        uint32_t a = bj_dio_align(fd);
-        int64_t rc = dio_pread(fd, buf, len, off, a);
-        if (rc != -EINVAL || i == MODE_RETRIES || (a > 1 && bj_dio_align(fd) == a))
-            return rc;
-    }
+    return bj_dio_pread_a(fd, bj_dio_align(fd), buf, len, off);
 }
 
 int64_t bj_dio_pwrite(int fd, const void *buf, uint64_t len, uint64_t off, uint64_t *fail_off)
 {
-    uint64_t dummy;
-    if (!fail_off)
-        fail_off = &dummy;
-    for (int i = 0;; i++) {
-        uint32_t a = bj_dio_align(fd);
-        int64_t rc = dio_pwrite(fd, buf, len, off, fail_off, a);
-        if (rc != -EINVAL || i == MODE_RETRIES || (a > 1 && bj_dio_align(fd) == a))
-            return rc;
-    }
+    return bj_dio_pwrite_a(fd, bj_dio_align(fd), buf, len, off, fail_off);
 }
 
 /* The same with the fd's alignment as the caller knows it (the copy engine
  * reads it once per fd, not once per request): an EINVAL, which a switch
- * of the fd's mode since then may cause, is handed to the checking path. */
+ * of the fd's mode since then may cause, is retried as above. */
 int64_t bj_dio_pread_a(int fd, uint32_t a, void *buf, uint64_t len, uint64_t off)
 {
     int64_t rc = dio_pread(fd, buf, len, off, a);
-    return rc == -EINVAL ? bj_dio_pread(fd, buf, len, off) : rc;
+    if (rc == -EINVAL) {
+        uint32_t s = safe_align(fd);
+        if (a < s)
+            rc = dio_pread(fd, buf, len, off, s);
+    }
+    return rc;
 }
 
 int64_t bj_dio_pwrite_a(int fd, uint32_t a, const void *buf, uint64_t len, uint64_t off,
@@ -274,5 +280,10 @@ int64_t bj_dio_pwrite_a(int fd, uint32_t a, const void *buf, uint64_t len, uint6
     if (!fail_off)
         fail_off = &dummy;
     int64_t rc = dio_pwrite(fd, buf, len, off, fail_off, a);
-    return rc == -EINVAL ? bj_dio_pwrite(fd, buf, len, off, fail_off) : rc;
+    if (rc == -EINVAL) {
+        uint32_t s = safe_align(fd);
+        if (a < s)
+            rc = dio_pwrite(fd, buf, len, off, fail_off, s);
+    }
+    return rc;
 }
