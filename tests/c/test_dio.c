@@ -57,7 +57,7 @@ static void racing_the_mode_switch(void)
     CHECK(pthread_create(&t, NULL, switcher, &fd) == 0);
     unsigned char data[1000], back[1000];
     int failed = 0;
-    for (int i = 0; i < 12000; i++) {
+    for (int i = 0; i < 4000; i++) {
         memset(data, i % 251, sizeof data);
         uint64_t off = 4096 + 7 + (uint64_t)(i % 64) * 1000, fail = 0;
         if (bj_dio_pwrite(fd, data, sizeof data, off, &fail) != (int64_t)sizeof data)
