@@ -113,6 +113,7 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
         other: list[tuple[int, int, int, int, int, bytearray | None]] = []
         stop = False
         size = exp.backend.size
+        alloc = _allocation_context(conn)
         for magic, flags, cmd, handle, offset, length in sess.next():
             if magic != P.REQUEST_MAGIC or cmd == P.CMD_DISC:
                 stop = True
@@ -121,6 +122,12 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
                     and length <= P.MAX_BUFFER_SIZE and offset + length <= size
                     and (conn.structured or not flags & P.CMD_FLAG_DF)):
                 reads.append((flags, handle, offset, length))
+                continue
+            if (cmd == P.CMD_BLOCK_STATUS and alloc and length and offset + length <= size
+                    and not flags & ~P.CMD_FLAG_REQ_ONE):
+                # base:allocation alone: the C threads answer from the mapping
+                reads.append((flags | P.CMD_BLOCK_STATUS << 16 | alloc << 32, handle, offset,
+                              length))
                 continue
             # anything else, a READ failing _check's tests included (a
             # Python worker sends its error)
@@ -147,6 +154,15 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
             return
 
 
+def _allocation_context(conn: Connection) -> int:
+    """The id of ``base:allocation`` when it is the connection's only meta
+    context (0: block status stays Python's: none negotiated, or dirty
+    bitmaps with it)."""
+    if conn.structured and conn.contexts == [P.CONTEXT_BASE_ALLOCATION]:
+        return 1
+    return 0
+
+
 def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
             tokens: dict[int, Any], serial: int,
             other: list[tuple[int, int, int, int, int, bytearray | None]],
@@ -159,8 +175,8 @@ def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
     sg: list[int] = []
     mine: list[int] = []
     for (flags, handle, off, n), pl in zip(reads, plans, strict=True):
-        if pl is None:
-            other.append((flags, P.CMD_READ, handle, off, n, None))
+        if pl is None:      # (a block status's command is in bits 16-31 of its flags)
+            other.append((flags & 0xFFFF, flags >> 16 & 0xFFFF, handle, off, n, None))
             continue
         segs, tok = pl
         serial += 1
