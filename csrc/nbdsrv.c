@@ -69,7 +69,8 @@ struct bj_nbds {
     int stuck;                      /* a sender waits for the socket */
 
     pthread_mutex_t send_lock;
-    int nthreads;
+    int nthreads;                   /* workers at most (the free ones counted of these) */
+    int started;                    /* workers running: one at first, more on demand */
     pthread_t threads[MAX_WORKERS];
 };
 
@@ -604,16 +605,32 @@ struct bj_nbds *bj_nbds_new(int sock, int structured, int workers)
     pthread_cond_init(&s->more, NULL);
     pthread_cond_init(&s->idle, NULL);
     pthread_cond_init(&s->donecv, NULL);
-    for (int i = 0; i < workers; i++) {
-        int r = pthread_create(&s->threads[i], NULL, worker, s);
-        if (r) {
-            bj_nbds_free(s);
-            errno = r;
-            return NULL;
-        }
-        s->nthreads++;
+    /* one worker now, the others once there is work for them (a
+     * connection that reads little -- nbdcopy's idle ones on a sparse
+     * image -- starts and joins fewer threads) */
+    int r = pthread_create(&s->threads[0], NULL, worker, s);
+    if (r) {
+        bj_nbds_free(s);
+        errno = r;
+        return NULL;
     }
+    s->started = 1;
+    s->nthreads = workers;
     return s;
+}
+
+/* A worker for each request in flight, up to nthreads (s->lock held); a
+ * thread that cannot be started lowers nthreads to those running. */
+static void start_workers(struct bj_nbds *s)
+{
+    int want = s->inflight < s->nthreads ? s->inflight : s->nthreads;
+    while (s->started < want) {
+        if (pthread_create(&s->threads[s->started], NULL, worker, s) != 0) {
+            s->nthreads = s->started;
+            break;
+        }
+        s->started++;
+    }
 }
 
 void bj_nbds_free(struct bj_nbds *s)
@@ -624,7 +641,7 @@ void bj_nbds_free(struct bj_nbds *s)
     s->stop = 1;
     pthread_cond_broadcast(&s->more);
     pthread_mutex_unlock(&s->lock);
-    for (int i = 0; i < s->nthreads; i++)
+    for (int i = 0; i < s->started; i++)
         pthread_join(s->threads[i], NULL);
     while (s->head) {               /* only when no thread ever started */
         struct job *j = s->head;
@@ -849,6 +866,7 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
     }
     s->inflight += nreq;
     s->unread += nreq;
+    start_workers(s);
     for (int i = 0; i < nreq && i < s->nthreads; i++)
         pthread_cond_signal(&s->more);      /* one worker per job, no herd */
     /* (bj_nbds_wait_slots, in one call; for half the workers: fewer,

@@ -26,8 +26,10 @@ On ``DISC``, EOF or a bad magic the requests being served are finished
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 from typing import Any, Protocol
 
@@ -80,21 +82,56 @@ def serve(conn: Connection, exp: Export) -> None:
         log.warning("NBD: serving a client without the C data path: %s", e)
         transmission.serve(conn, exp)
         return
-    tokens: dict[int, Any] = {}
-    reaper = threading.Thread(target=_reap, args=(sess, tokens, be), name="nbd-reaper",
-                              daemon=True)
-    reaper.start()
-    pool = _Workers(conn, exp, conn.server.workers)
+    side = _Side(conn, exp, sess)
     conn.sender = sess
     try:
-        _loop(conn, exp, sess, pool, tokens)
+        _loop(conn, exp, sess, side)
     finally:
-        pool.close()
-        sess.wait_idle()
-        sess.stop_done()
-        reaper.join()
+        side.close()
         conn.sender = None
+        # every reply is out: the client sees the end now (after a DISC it
+        # waits for it), not after the session's threads are joined
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
         sess.close()
+
+
+class _Side:
+    """The connection's Python threads, started when first needed (a
+    client whose requests all go to C -- nbdcopy's reads and block status
+    -- costs no Python thread's start and join): the workers
+    (:class:`.transmission._Workers`) for the other requests, and the
+    reaper that ends the tracking of the reads the C threads read."""
+
+    def __init__(self, conn: Connection, exp: Export, sess: Session):
+        self.conn, self.exp, self.sess = conn, exp, sess
+        self.tokens: dict[int, Any] = {}
+        self.pool: _Workers | None = None
+        self.reaper: threading.Thread | None = None
+
+    def submit(self, req: tuple[int, int, int, int, int, bytearray | None]) -> None:
+        if self.pool is None:
+            self.pool = _Workers(self.conn, self.exp, self.conn.server.workers)
+        self.pool.submit(req)
+
+    def reaping(self) -> dict[int, Any]:
+        """The tokens of the reads in C (the reaper started)."""
+        if self.reaper is None:
+            self.reaper = threading.Thread(target=_reap, args=(self.sess, self.tokens,
+                                                                self.exp.backend),
+                                           name="nbd-reaper", daemon=True)
+            self.reaper.start()
+        return self.tokens
+
+    def close(self) -> None:
+        """Finish what was handed out (the Python workers' requests, the
+        reads in C, their tokens)."""
+        if self.pool is not None:
+            self.pool.close()
+        self.sess.wait_idle()
+        self.sess.stop_done()
+        if self.reaper is not None:
+            self.reaper.join()
 
 
 def _reap(sess: Session, tokens: dict[int, Any], be: Any) -> None:
@@ -105,8 +142,7 @@ def _reap(sess: Session, tokens: dict[int, Any], be: Any) -> None:
             log.exception("NBD: ending reads failed")
 
 
-def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
-          tokens: dict[int, Any]) -> None:
+def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
     serial = 0
     while not conn.closing:
         reads: list[tuple[int, int, int, int]] = []
@@ -141,14 +177,14 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
             # at once (a BLOCK_STATUS the client waits for before its next
             # reads must not wait for this batch's reads); no read of this
             # batch is planned yet, and those planned before are in C
-            pool.submit((flags, cmd, handle, offset, length, data))
+            side.submit((flags, cmd, handle, offset, length, data))
         i, free = 0, sess.wait_slots() if reads else 0
         while i < len(reads):       # no more planned than free workers read at once
             chunk = reads[i:i + free]
             i += free
-            serial, free = _submit(sess, exp, chunk, tokens, serial, other, free)
+            serial, free = _submit(sess, exp, chunk, side.reaping(), serial, other, free)
             for req in other:       # after the chunk is in C: a worker's write may wait for it
-                pool.submit(req)
+                side.submit(req)
             other.clear()
         if stop:
             return
