@@ -7,13 +7,19 @@ module decides, per batch of headers, what goes where.
   the backend's ``plan_reads`` -- several in one hold of its lock, each
   tracked and pinned as an ordinary read is -- and handed to the session's
   threads, which ``pread`` its segments and send its reply (simple, or
-  structured: OFFSET_DATA, and OFFSET_HOLE for zero runs unless the client
-  set DF) as soon as it is ready, so replies go out of order.
-* Everything else -- a READ the backend cannot map to files (compressed
-  clusters, encryption, blkdebug...), a request that fails its checks,
-  WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE -- goes to the
-  connection's Python workers as before (:class:`.transmission._Workers`),
-  whose replies are sent through the session (one send lock for both).
+  structured: OFFSET_DATA, and OFFSET_HOLE for zero runs and a raw file's
+  holes unless the client set DF) as soon as it is ready, so replies go
+  out of order.
+* A BLOCK_STATUS when ``base:allocation`` is the only meta context is
+  mapped the same way (a read of its range) and the session's threads
+  send its extents (a raw file's holes found with SEEK_DATA/SEEK_HOLE).
+* Everything else -- a READ or BLOCK_STATUS the backend cannot map to
+  files (compressed clusters, encryption, blkdebug...), a request that
+  fails its checks, a block status with dirty-bitmap contexts, WRITE,
+  FLUSH, TRIM, WRITE_ZEROES, CACHE -- goes to the connection's Python
+  workers as before (:class:`.transmission._Workers`, started with the
+  first such request), whose replies are sent through the session (one
+  send lock for both).
 * No more reads are planned than the session has free workers
   (``wait_slots``, and what ``submit`` returns), so a planned read is read at once: none stays tracked
   behind workers stuck sending to a client that does not read.
@@ -74,7 +80,6 @@ def usable(conn: Connection, exp: Export) -> bool:
 
 def serve(conn: Connection, exp: Export) -> None:
     """Requests until DISC or EOF (raised as EOFError/OSError)."""
-    be: Any = exp.backend
     try:
         sess = Session(conn.sock.fileno(), conn.structured,
                        min(MAX_THREADS, C_WORKERS * conn.server.workers))
