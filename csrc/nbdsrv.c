@@ -286,40 +286,55 @@ static int push(struct wbuf *w, uint64_t kind, uint64_t fd, uint64_t host, uint6
     return 0;
 }
 
-/* A raw file's [host, host+len) cut at its holes (SEEK_DATA/SEEK_HOLE, as
+/* A raw file's [host, host+len) cut at its holes (SEEK_HOLE/SEEK_DATA, as
  * blkjobs.formats.raw maps it): data as DATA, holes as ZERO; a file system
- * that cannot tell: all DATA. read: a hole up to the end that is past the
- * end of the file stays DATA (its pread fails: EIO, as without the cut).
- * Stops once xs has more than maxruns runs (0: no limit). 0 or -errno. */
+ * that cannot tell: all DATA. SEEK_HOLE first: a range of data (the common
+ * case of a read) costs one lseek. A position at or past the end of the
+ * file (ENXIO): a hole for block status; DATA for a read (its pread fails:
+ * EIO, as without the cut). Stops once xs has more than maxruns runs (0:
+ * no limit). 0 or -errno. */
 static int split_holes(struct wbuf *w, int fd, uint64_t host, uint64_t len, int read,
                        size_t maxruns)
 {
     uint64_t pos = host, end = host + len;
     int r = 0;
     while (pos < end && r == 0 && !(maxruns && w->runs > maxruns)) {
-        off_t d = lseek(fd, (off_t)pos, SEEK_DATA);
-        if (d < 0) {
-            struct stat st;
-            if (errno == ENXIO) {           /* a hole up to EOF */
-                if (read && (fstat(fd, &st) < 0 || (uint64_t)st.st_size < end))
-                    return push(w, BJ_NBDS_DATA, (uint64_t)fd, pos, end - pos);
-                return push(w, BJ_NBDS_ZERO, 0, 0, end - pos);
-            }
+        off_t h = lseek(fd, (off_t)pos, SEEK_HOLE);
+        if (h < 0) {
+            if (errno == ENXIO)             /* at or past the end of the file */
+                return push(w, read ? BJ_NBDS_DATA : BJ_NBDS_ZERO, read ? (uint64_t)fd : 0,
+                            read ? pos : 0, end - pos);
             if (errno == EINVAL || errno == EOPNOTSUPP)
                 return push(w, BJ_NBDS_DATA, (uint64_t)fd, pos, end - pos);
             return -errno;
         }
-        if ((uint64_t)d > pos) {
-            uint64_t e = (uint64_t)d < end ? (uint64_t)d : end;
-            r = push(w, BJ_NBDS_ZERO, 0, 0, e - pos);
+        if ((uint64_t)h > pos) {            /* data up to the hole */
+            uint64_t e = (uint64_t)h < end ? (uint64_t)h : end;
+            r = push(w, BJ_NBDS_DATA, (uint64_t)fd, pos, e - pos);
             pos = e;
             continue;
         }
-        off_t h = lseek(fd, (off_t)pos, SEEK_HOLE);
-        if (h < 0)
-            return -errno;
-        uint64_t e = (uint64_t)h > pos && (uint64_t)h < end ? (uint64_t)h : end;
-        r = push(w, BJ_NBDS_DATA, (uint64_t)fd, pos, e - pos);
+        off_t d = lseek(fd, (off_t)pos, SEEK_DATA);
+        if (d < 0) {
+            if (errno != ENXIO)
+                return -errno;
+            /* a hole up to the end of the file; a read past it (the file
+             * shrank under the export) stays DATA there: EIO */
+            uint64_t eof = end;
+            if (read) {
+                struct stat st;
+                if (fstat(fd, &st) < 0)
+                    return -errno;
+                eof = (uint64_t)st.st_size;
+            }
+            if (eof >= end)
+                return push(w, BJ_NBDS_ZERO, 0, 0, end - pos);
+            uint64_t e = eof > pos ? eof : pos;
+            r = push(w, BJ_NBDS_ZERO, 0, 0, e - pos);
+            return r ? r : push(w, BJ_NBDS_DATA, (uint64_t)fd, e, end - e);
+        }
+        uint64_t e = (uint64_t)d > pos && (uint64_t)d < end ? (uint64_t)d : end;
+        r = push(w, BJ_NBDS_ZERO, 0, 0, e - pos);
         pos = e;
     }
     return r;
