@@ -395,10 +395,11 @@ def _qcow2_kinds(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("kind", ["raw sparse", "raw over nothing", "qcow2 chain",
-                                  "qcow2 alone"])
+                                  "qcow2 alone", "qcow2 compressed"])
 def test_block_status_map_equals_qemu_nbd(tmp_path, serve, kind, monkeypatch):
     """nbdinfo --map of our export equals qemu-nbd's on the same image, and
-    ours with the C path equals ours without it."""
+    ours with the C path equals ours without it (a compressed cluster: the
+    block status stays Python's)."""
     if kind == "raw sparse":
         img, fmt = _sparse_raw(tmp_path), "raw"
     elif kind == "raw over nothing":
@@ -407,6 +408,8 @@ def test_block_status_map_equals_qemu_nbd(tmp_path, serve, kind, monkeypatch):
             f.truncate(3 * MiB)
     elif kind == "qcow2 chain":
         img, fmt = _qcow2_kinds(tmp_path), "qcow2"
+    elif kind == "qcow2 compressed":
+        img, fmt = _chain(tmp_path), "qcow2"
     else:
         img, fmt = str(tmp_path / "a.qcow2"), "qcow2"
         assert qemu_img("create", "-f", "qcow2", img, "2M").returncode == 0
@@ -414,7 +417,8 @@ def test_block_status_map_equals_qemu_nbd(tmp_path, serve, kind, monkeypatch):
         qemu_io(img, "write -z 1M 512k")
     path, be, *_ = serve(img, fmt)
     ours = _map(uri(path, "d"))
-    assert be.c_reads > 0               # the block status went to C
+    # the block status went to C (not with a compressed cluster in its range)
+    assert (be.c_reads > 0) == (kind != "qcow2 compressed")
     ref_sock = str(tmp_path / "qn.sock")
     with qemu_nbd(img, ref_sock, "d", fmt, "-r") as ref:
         theirs = _map(ref)
