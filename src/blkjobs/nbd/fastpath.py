@@ -151,6 +151,7 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
     serial = 0
     while not conn.closing:
         reads: list[tuple[int, int, int, int]] = []
+        status: list[tuple[int, int, int, int]] = []
         other: list[tuple[int, int, int, int, int, bytearray | None]] = []
         stop = False
         size = exp.backend.size
@@ -167,8 +168,8 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
             if (cmd == P.CMD_BLOCK_STATUS and alloc and length and offset + length <= size
                     and not flags & ~P.CMD_FLAG_REQ_ONE):
                 # base:allocation alone: the C threads answer from the mapping
-                reads.append((flags | P.CMD_BLOCK_STATUS << 16 | alloc << 32, handle, offset,
-                              length))
+                status.append((flags | P.CMD_BLOCK_STATUS << 16 | alloc << 32, handle, offset,
+                               length))
                 continue
             # anything else, a READ failing _check's tests included (a
             # Python worker sends its error)
@@ -183,6 +184,10 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
             # reads must not wait for this batch's reads); no read of this
             # batch is planned yet, and those planned before are in C
             side.submit((flags, cmd, handle, offset, length, data))
+        # block status first: a client waits for it before the reads it
+        # plans (nbdcopy asks for the next range while reads of the last
+        # are in flight), the reads before it in the batch need not wait
+        reads = status + reads
         i, free = 0, sess.wait_slots() if reads else 0
         while i < len(reads):       # no more planned than free workers read at once
             chunk = reads[i:i + free]
