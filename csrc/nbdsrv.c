@@ -526,18 +526,19 @@ static void serve_status(struct bj_nbds *s, const struct job *j, struct wbuf *w)
 
 static void serve_read(struct bj_nbds *s, const struct job *j, struct wbuf *w)
 {
-    int r, n = 0, sparse = 0;
-    int split = s->structured && !(j->flags & FLAG_DF);
-    r = expand(j, w, split, 0);
-    if (r == 0)
-        r = wbuf_reserve(w, j->length, w->nxs);
-    if (r == 0) {
-        if (split) {
-            for (size_t i = 0; i < w->nxs; i++)
-                sparse |= is_zero(w->xs[i].kind);
+    int r, n = 0, sparse = 0, data = !s->structured || (j->flags & FLAG_DF);
+    r = expand(j, w, !data, 0);
+    if (!data) {
+        for (size_t i = 0; i < w->nxs; i++) {
+            sparse |= is_zero(w->xs[i].kind);
+            data |= !is_zero(w->xs[i].kind);
         }
-        r = fill(w, w->data, sparse);
     }
+    /* (a read of holes only needs no buffer: it goes out as one hole) */
+    if (r == 0)
+        r = wbuf_reserve(w, data ? j->length : 0, w->nxs);
+    if (r == 0)
+        r = fill(w, w->data, sparse);
     read_done(s, j->token);
     if (r < 0) {
         send_error(s, j, -r);
