@@ -26,9 +26,17 @@ clusters; both servers serve the same file).
 ``--busy``: two CPU hogs (busy-looping processes) run through every round,
 both contenders alike.
 
+``--baseline BLKJOBS``: a third contender, another build's ``blkjobs``
+(e.g. main's ``.venv/bin/blkjobs``) serving the same image: a before/after
+in one run, alternated with the others.
+
+Server CPU: /proc counts it in 10 ms ticks, so on the small images (tens of
+ms a run) the per-run median is one or two ticks; the mean over the rounds
+(total / rounds) is printed too.
+
 Usage: benchmarks/nbd_export.py [--size 512M] [--rounds 5] [--image dense,vm,sparse]
        [--format raw,qcow2] [--target null,file] [--connections N] [--busy] [--python-path]
-       [--dir DIR] [--json FILE]
+       [--baseline BLKJOBS] [--dir DIR] [--json FILE]
 """
 from __future__ import annotations
 
@@ -83,7 +91,8 @@ def wait_for(path: str, proc: subprocess.Popen[str], what: str) -> None:
 class Servers:
     """qemu-nbd and blkjobs serving ``image`` read-only, until close()."""
 
-    def __init__(self, d: str, image: str, fmt: str = "raw", python_path: bool = False):
+    def __init__(self, d: str, image: str, fmt: str = "raw", python_path: bool = False,
+                 baseline: str | None = None):
         self.procs: list[subprocess.Popen[str]] = []
         q, b = os.path.join(d, "qemu-nbd.sock"), os.path.join(d, "blkjobs-nbd.sock")
         p = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", fmt, f"--socket={q}", "-x", "disk",
@@ -111,6 +120,17 @@ class Servers:
                 raise SystemExit("nbd_export.py: blkjobs serve did not start")
             self.uris["blkjobs (Python)"] = f"nbd+unix:///disk?socket={pb}"
             self.pids["blkjobs (Python)"] = p.pid
+        if baseline:            # another build of blkjobs (before/after)
+            pb = os.path.join(d, "blkjobs-base.sock")
+            p = subprocess.Popen([baseline, "serve", "--socket", os.path.join(d, "qmp-base.sock"),
+                                  "--export", f"disk={image}", "--nbd-socket", pb,
+                                  "--print-ready"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True)
+            self.procs.append(p)
+            if not p.stdout or not p.stdout.readline():
+                raise SystemExit("nbd_export.py: the baseline blkjobs serve did not start")
+            self.uris["baseline"] = f"nbd+unix:///disk?socket={pb}"
+            self.pids["baseline"] = p.pid
 
     def cpu(self, name: str) -> float:
         """CPU seconds (user + system) the server used so far."""
@@ -161,7 +181,7 @@ def bench(servers: Servers, target: str, out: str, rounds: int, conns: int) -> d
 def run_image(a: argparse.Namespace, d: str, image: str, label: str, fmt: str,
               size: int) -> list[dict]:
     subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
-    servers = Servers(d, image, fmt, a.python_path)
+    servers = Servers(d, image, fmt, a.python_path, a.baseline)
     report = []
     try:
         for target in a.target.split(","):
@@ -173,12 +193,19 @@ def run_image(a: argparse.Namespace, d: str, image: str, label: str, fmt: str,
             for n, ts in res["times"].items():
                 med = statistics.median(ts)
                 cpu = statistics.median(res["cpu"][n])
+                mean = sum(res["cpu"][n]) / len(res["cpu"][n])
                 print(f"  {n:15s} median {med:7.3f} s  min {min(ts):7.3f} s  "
                       f"{size / med / 1e6:8.1f} MB/s  server CPU "
-                      f"{cpu:6.2f} s ({cpu * (1 << 30) / size:5.2f} s/GiB)")
+                      f"{cpu:6.2f} s ({cpu * (1 << 30) / size:5.2f} s/GiB; mean "
+                      f"{mean * (1 << 30) / size:5.3f} s/GiB)")
             rs = res["ratios"]
             print(f"  qemu-nbd / blkjobs: median {statistics.median(rs):.2f} "
                   f"(min {min(rs):.2f}, max {max(rs):.2f}; > 1: blkjobs faster)", flush=True)
+            if "baseline" in res["times"]:
+                br = [q / b for q, b in zip(res["times"]["qemu-nbd"],
+                                            res["times"]["baseline"], strict=True)]
+                print(f"  qemu-nbd / baseline: median {statistics.median(br):.2f} "
+                      f"(min {min(br):.2f}, max {max(br):.2f})", flush=True)
             if "blkjobs (Python)" in res["times"]:
                 pr = [p / b for p, b in zip(res["times"]["blkjobs (Python)"],
                                             res["times"]["blkjobs export"], strict=True)]
@@ -200,6 +227,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=4, help="nbdcopy -C (multi-conn)")
     ap.add_argument("--python-path", action="store_true",
                     help="a third contender: our export with BLKJOBS_NBD_C=0")
+    ap.add_argument("--baseline", default=None, metavar="BLKJOBS",
+                    help="a third contender: another build's blkjobs executable")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()

@@ -10,18 +10,27 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #define REQUEST_MAGIC 0x25609513u
 #define SIMPLE_MAGIC 0x67446698u
 #define STRUCT_MAGIC 0x668e33efu
+#define CMD_READ 0
 #define CMD_WRITE 1
 #define CMD_DISC 2
+#define CMD_BLOCK_STATUS 7
 #define FLAG_DF (1u << 2)
+#define FLAG_REQ_ONE (1u << 3)
 #define REPLY_DONE 1
 #define TYPE_DATA 1
 #define TYPE_HOLE 2
+#define TYPE_BLOCK_STATUS 5
+#define STATE_HOLE 1u
+#define STATE_ZERO 2u
+/* extents of one BLOCK_STATUS reply at most (blkjobs.nbd.proto.MAX_EXTENTS) */
+#define MAX_EXTENTS (1u << 16)
 #define TYPE_ERROR ((1u << 15) | 1)
 #define HDR 28
 #define RBUF (64 * 1024)
@@ -39,6 +48,8 @@ struct seg {
 struct job {
     struct job *next;
     uint64_t handle, offset, length, flags, token;
+    int cmd;                        /* CMD_READ or CMD_BLOCK_STATUS */
+    uint32_t ctx;                   /* BLOCK_STATUS: the meta context's id */
     int nsegs;
     struct seg segs[];
 };
@@ -58,7 +69,8 @@ struct bj_nbds {
     int stuck;                      /* a sender waits for the socket */
 
     pthread_mutex_t send_lock;
-    int nthreads;
+    int nthreads;                   /* workers at most (the free ones counted of these) */
+    int started;                    /* workers running: one at first, more on demand */
     pthread_t threads[MAX_WORKERS];
 };
 
@@ -174,17 +186,20 @@ int bj_nbds_send(struct bj_nbds *s, const void *const *bufs, const size_t *lens,
     return send_locked(s, iov, n);
 }
 
-/* -- a worker's read ------------------------------------------------------ */
+/* -- a worker's request ----------------------------------------------------- */
 
 struct wbuf {
     unsigned char *data;
     size_t cap;
     struct iovec *iov;
-    unsigned char *hdrs;
+    unsigned char *hdrs;            /* chunk headers, 32 bytes per run */
     size_t capseg;
+    struct seg *xs;                 /* the request's segments as they go out */
+    size_t nxs, capxs;
+    size_t runs;                    /* runs of xs by NBD state (block status) */
 };
 
-static int wbuf_reserve(struct wbuf *w, size_t len, int nsegs)
+static int wbuf_reserve(struct wbuf *w, size_t len, size_t nsegs)
 {
     if (!w->data || len > w->cap) {
         unsigned char *p = malloc(len ? len : 1);
@@ -194,8 +209,8 @@ static int wbuf_reserve(struct wbuf *w, size_t len, int nsegs)
         w->data = p;
         w->cap = len;
     }
-    if (!w->iov || !w->hdrs || (size_t)nsegs + 1 > w->capseg) {
-        size_t n = (size_t)nsegs + 1;
+    if (!w->iov || !w->hdrs || nsegs + 1 > w->capseg) {
+        size_t n = nsegs + 1;
         struct iovec *iov = malloc(sizeof(*iov) * (2 * n + 1));
         unsigned char *h = malloc(32 * n);
         if (!iov || !h) {
@@ -219,6 +234,127 @@ static void wbuf_trim(struct wbuf *w)
         w->data = NULL;
         w->cap = 0;
     }
+    if (w->capseg > 4096) {
+        free(w->iov);
+        free(w->hdrs);
+        w->iov = NULL;
+        w->hdrs = NULL;
+        w->capseg = 0;
+    }
+    if (w->capxs > 4096) {
+        free(w->xs);
+        w->xs = NULL;
+        w->capxs = 0;
+    }
+}
+
+static void wbuf_free(struct wbuf *w)
+{
+    free(w->data);
+    free(w->iov);
+    free(w->hdrs);
+    free(w->xs);
+}
+
+static int is_zero(uint64_t kind) { return kind == BJ_NBDS_ZERO; }
+
+/* Append a segment to xs, joined to the last one where it continues it. */
+static int push(struct wbuf *w, uint64_t kind, uint64_t fd, uint64_t host, uint64_t len)
+{
+    if (!len)
+        return 0;
+    if (w->nxs) {
+        struct seg *l = &w->xs[w->nxs - 1];
+        if (l->kind == kind && (is_zero(kind) || (l->fd == fd && l->host + l->len == host))) {
+            l->len += len;
+            return 0;
+        }
+        if (is_zero(l->kind) != is_zero(kind))
+            w->runs++;
+    } else {
+        w->runs = 1;
+    }
+    if (w->nxs == w->capxs) {
+        size_t cap = w->capxs ? 2 * w->capxs : 16;
+        struct seg *x = realloc(w->xs, sizeof(*x) * cap);
+        if (!x)
+            return -ENOMEM;
+        w->xs = x;
+        w->capxs = cap;
+    }
+    w->xs[w->nxs++] = (struct seg){kind, fd, host, len};
+    return 0;
+}
+
+/* A raw file's [host, host+len) cut at its holes (SEEK_HOLE/SEEK_DATA, as
+ * blkjobs.formats.raw maps it): data as DATA, holes as ZERO; a file system
+ * that cannot tell: all DATA. SEEK_HOLE first: a range of data (the common
+ * case of a read) costs one lseek. A position at or past the end of the
+ * file (ENXIO): a hole for block status; DATA for a read (its pread fails:
+ * EIO, as without the cut). Stops once xs has more than maxruns runs (0:
+ * no limit). 0 or -errno. */
+static int split_holes(struct wbuf *w, int fd, uint64_t host, uint64_t len, int read,
+                       size_t maxruns)
+{
+    uint64_t pos = host, end = host + len;
+    int r = 0;
+    while (pos < end && r == 0 && !(maxruns && w->runs > maxruns)) {
+        off_t h = lseek(fd, (off_t)pos, SEEK_HOLE);
+        if (h < 0) {
+            if (errno == ENXIO)             /* at or past the end of the file */
+                return push(w, read ? BJ_NBDS_DATA : BJ_NBDS_ZERO, read ? (uint64_t)fd : 0,
+                            read ? pos : 0, end - pos);
+            if (errno == EINVAL || errno == EOPNOTSUPP)
+                return push(w, BJ_NBDS_DATA, (uint64_t)fd, pos, end - pos);
+            return -errno;
+        }
+        if ((uint64_t)h > pos) {            /* data up to the hole */
+            uint64_t e = (uint64_t)h < end ? (uint64_t)h : end;
+            r = push(w, BJ_NBDS_DATA, (uint64_t)fd, pos, e - pos);
+            pos = e;
+            continue;
+        }
+        off_t d = lseek(fd, (off_t)pos, SEEK_DATA);
+        if (d < 0) {
+            if (errno != ENXIO)
+                return -errno;
+            /* a hole up to the end of the file; a read past it (the file
+             * shrank under the export) stays DATA there: EIO */
+            uint64_t eof = end;
+            if (read) {
+                struct stat st;
+                if (fstat(fd, &st) < 0)
+                    return -errno;
+                eof = (uint64_t)st.st_size;
+            }
+            if (eof >= end)
+                return push(w, BJ_NBDS_ZERO, 0, 0, end - pos);
+            uint64_t e = eof > pos ? eof : pos;
+            r = push(w, BJ_NBDS_ZERO, 0, 0, e - pos);
+            return r ? r : push(w, BJ_NBDS_DATA, (uint64_t)fd, e, end - e);
+        }
+        uint64_t e = (uint64_t)d > pos && (uint64_t)d < end ? (uint64_t)d : end;
+        r = push(w, BJ_NBDS_ZERO, 0, 0, e - pos);
+        pos = e;
+    }
+    return r;
+}
+
+/* The job's segments as they go out, into w->xs: with split, the DATA
+ * ones (raw files) cut at the file's holes. 0 or -errno. */
+static int expand(const struct job *j, struct wbuf *w, int split, size_t maxruns)
+{
+    int r = 0;
+    w->nxs = 0;
+    w->runs = 0;
+    for (int i = 0; i < j->nsegs && r == 0 && !(maxruns && w->runs > maxruns); i++) {
+        const struct seg *g = &j->segs[i];
+        if (split && g->kind == BJ_NBDS_DATA)
+            r = split_holes(w, (int)g->fd, g->host, g->len, j->cmd == CMD_READ, maxruns);
+        else
+            r = push(w, g->kind, g->fd, g->host, g->len);
+    }
+    return r;
 }
 
 /* One segment's bytes into dst; 0 or -errno. */
@@ -247,12 +383,12 @@ static int fill_seg(const struct seg *g, unsigned char *dst)
 
 /* The request's bytes into buf (zero segments left alone with skip_zero:
  * they go out as holes); 0 or -errno. */
-static int fill(const struct job *j, unsigned char *buf, int skip_zero)
+static int fill(const struct wbuf *w, unsigned char *buf, int skip_zero)
 {
     uint64_t pos = 0;
-    for (int i = 0; i < j->nsegs; i++) {
-        const struct seg *g = &j->segs[i];
-        if (!(skip_zero && g->kind == BJ_NBDS_ZERO)) {
+    for (size_t i = 0; i < w->nxs; i++) {
+        const struct seg *g = &w->xs[i];
+        if (!(skip_zero && is_zero(g->kind))) {
             int r = fill_seg(g, buf + pos);
             if (r < 0)
                 return r;
@@ -304,13 +440,13 @@ static int build_sparse(const struct job *j, struct wbuf *w)
 {
     int n = 0, k = 0;
     uint64_t pos = 0;
-    for (int i = 0; i < j->nsegs;) {
-        int zero = j->segs[i].kind == BJ_NBDS_ZERO;
+    for (size_t i = 0; i < w->nxs;) {
+        int zero = is_zero(w->xs[i].kind);
         uint64_t len = 0;
-        while (i < j->nsegs && (j->segs[i].kind == BJ_NBDS_ZERO) == zero)
-            len += j->segs[i++].len;
+        while (i < w->nxs && is_zero(w->xs[i].kind) == zero)
+            len += w->xs[i++].len;
         unsigned char *h = w->hdrs + 32 * k++;
-        uint16_t flags = i == j->nsegs ? REPLY_DONE : 0;
+        uint16_t flags = i == w->nxs ? REPLY_DONE : 0;
         if (zero) {
             chunk_header(h, flags, TYPE_HOLE, j->handle, 12);
             put_be64(h + 20, j->offset + pos);
@@ -345,21 +481,64 @@ static void read_done(struct bj_nbds *s, uint64_t token)
     pthread_mutex_unlock(&s->lock);
 }
 
-static void serve(struct bj_nbds *s, const struct job *j, struct wbuf *w)
+/* BLOCK_STATUS of base:allocation: the segments' runs as extents (file
+ * data and qcow2 data clusters: 0; holes, zero clusters, unallocated:
+ * HOLE|ZERO), neighbours with equal flags merged, at most one with
+ * REQ_ONE, else MAX_EXTENTS -- blkjobs.nbd.transmission._trim's shape. */
+static void serve_status(struct bj_nbds *s, const struct job *j, struct wbuf *w)
 {
-    int r, n = 0, sparse = 0;
-    if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
-        read_done(s, j->token);
+    size_t max = j->flags & FLAG_REQ_ONE ? 1 : MAX_EXTENTS;
+    int r = expand(j, w, 1, max);
+    read_done(s, j->token);
+    if (r == 0)
+        r = wbuf_reserve(w, 8 * (w->runs < max ? w->runs : max), 0);
+    if (r < 0) {
+        send_error(s, j, -r);
+        wbuf_trim(w);
         return;
     }
-    r = wbuf_reserve(w, j->length, j->nsegs);
-    if (r == 0) {
-        if (s->structured && !(j->flags & FLAG_DF)) {
-            for (int i = 0; i < j->nsegs; i++)
-                sparse |= j->segs[i].kind == BJ_NBDS_ZERO;
+    unsigned char *p = w->data;
+    size_t n = 0;
+    uint32_t flags = 0, len = 0;
+    for (size_t i = 0; i <= w->nxs; i++) {
+        uint32_t f = i < w->nxs && is_zero(w->xs[i].kind) ? STATE_HOLE | STATE_ZERO : 0;
+        if (i < w->nxs && i && f == flags) {
+            len += (uint32_t)w->xs[i].len;
+            continue;
         }
-        r = fill(j, w->data, sparse);
+        if (i) {                    /* the extent before this one is complete */
+            put_be32(p + 8 * n, len);
+            put_be32(p + 8 * n + 4, flags);
+            if (++n == max)
+                break;
+        }
+        if (i < w->nxs) {
+            flags = f;
+            len = (uint32_t)w->xs[i].len;
+        }
     }
+    chunk_header(w->hdrs, REPLY_DONE, TYPE_BLOCK_STATUS, j->handle, (uint32_t)(4 + 8 * n));
+    put_be32(w->hdrs + 20, j->ctx);
+    struct iovec iov[2] = {{w->hdrs, 24}, {p, 8 * n}};
+    send_locked(s, iov, 2);
+    wbuf_trim(w);
+}
+
+static void serve_read(struct bj_nbds *s, const struct job *j, struct wbuf *w)
+{
+    int r, n = 0, sparse = 0, data = !s->structured || (j->flags & FLAG_DF);
+    r = expand(j, w, !data, 0);
+    if (!data) {
+        for (size_t i = 0; i < w->nxs; i++) {
+            sparse |= is_zero(w->xs[i].kind);
+            data |= !is_zero(w->xs[i].kind);
+        }
+    }
+    /* (a read of holes only needs no buffer: it goes out as one hole) */
+    if (r == 0)
+        r = wbuf_reserve(w, data ? j->length : 0, w->nxs);
+    if (r == 0)
+        r = fill(w, w->data, sparse);
     read_done(s, j->token);
     if (r < 0) {
         send_error(s, j, -r);
@@ -384,6 +563,15 @@ static void serve(struct bj_nbds *s, const struct job *j, struct wbuf *w)
     wbuf_trim(w);
 }
 
+static void serve(struct bj_nbds *s, const struct job *j, struct wbuf *w)
+{
+    if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
+        read_done(s, j->token);
+    else if (j->cmd == CMD_BLOCK_STATUS)
+        serve_status(s, j, w);
+    else
+        serve_read(s, j, w);
+}
 static void *worker(void *arg)
 {
     struct bj_nbds *s = arg;
@@ -411,9 +599,7 @@ static void *worker(void *arg)
             pthread_cond_signal(&s->donecv);
     }
     pthread_mutex_unlock(&s->lock);
-    free(w.data);
-    free(w.iov);
-    free(w.hdrs);
+    wbuf_free(&w);
     return NULL;
 }
 
@@ -435,16 +621,32 @@ struct bj_nbds *bj_nbds_new(int sock, int structured, int workers)
     pthread_cond_init(&s->more, NULL);
     pthread_cond_init(&s->idle, NULL);
     pthread_cond_init(&s->donecv, NULL);
-    for (int i = 0; i < workers; i++) {
-        int r = pthread_create(&s->threads[i], NULL, worker, s);
-        if (r) {
-            bj_nbds_free(s);
-            errno = r;
-            return NULL;
-        }
-        s->nthreads++;
+    /* one worker now, the others once there is work for them (a
+     * connection that reads little -- nbdcopy's idle ones on a sparse
+     * image -- starts and joins fewer threads) */
+    int r = pthread_create(&s->threads[0], NULL, worker, s);
+    if (r) {
+        bj_nbds_free(s);
+        errno = r;
+        return NULL;
     }
+    s->started = 1;
+    s->nthreads = workers;
     return s;
+}
+
+/* A worker for each request in flight, up to nthreads (s->lock held); a
+ * thread that cannot be started lowers nthreads to those running. */
+static void start_workers(struct bj_nbds *s)
+{
+    int want = s->inflight < s->nthreads ? s->inflight : s->nthreads;
+    while (s->started < want) {
+        if (pthread_create(&s->threads[s->started], NULL, worker, s) != 0) {
+            s->nthreads = s->started;
+            break;
+        }
+        s->started++;
+    }
 }
 
 void bj_nbds_free(struct bj_nbds *s)
@@ -455,7 +657,7 @@ void bj_nbds_free(struct bj_nbds *s)
     s->stop = 1;
     pthread_cond_broadcast(&s->more);
     pthread_mutex_unlock(&s->lock);
-    for (int i = 0; i < s->nthreads; i++)
+    for (int i = 0; i < s->started; i++)
         pthread_join(s->threads[i], NULL);
     while (s->head) {               /* only when no thread ever started */
         struct job *j = s->head;
@@ -548,6 +750,21 @@ static int parse(struct bj_nbds *s, struct bj_nbds_req *reqs, int max)
     return n;
 }
 
+/* Some bytes of the stream into buf (up to len): their number, or
+ * -ECONNRESET at EOF, -errno. */
+static ssize_t recv_some(struct bj_nbds *s, void *buf, size_t len)
+{
+    for (;;) {
+        ssize_t k = recv(s->sock, buf, len, 0);
+        if (k > 0)
+            return k;
+        if (k == 0)
+            return -ECONNRESET;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
 int bj_nbds_next(struct bj_nbds *s, struct bj_nbds_req *reqs, int max)
 {
     for (;;) {
@@ -560,14 +777,9 @@ int bj_nbds_next(struct bj_nbds *s, struct bj_nbds_req *reqs, int max)
             s->rlen -= s->rpos;
             s->rpos = 0;
         }
-        ssize_t k = recv(s->sock, s->rbuf + s->rlen, RBUF - s->rlen, 0);
-        if (k == 0)
-            return -ECONNRESET;
-        if (k < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
+        ssize_t k = recv_some(s, s->rbuf + s->rlen, RBUF - s->rlen);
+        if (k < 0)
+            return (int)k;
         s->rlen += (size_t)k;
     }
 }
@@ -583,14 +795,9 @@ int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len)
     len -= have;
     p += have;
     while (len > 0) {
-        ssize_t k = recv(s->sock, p, len, 0);
-        if (k == 0)
-            return -ECONNRESET;
-        if (k < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
+        ssize_t k = recv_some(s, p, len);
+        if (k < 0)
+            return (int)k;
         p += k;
         len -= (uint64_t)k;
     }
@@ -616,8 +823,10 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
             r = -ENOMEM;
             break;
         }
-        *j = (struct job){.handle = q[0], .offset = q[1], .length = q[2], .flags = q[3],
-                          .token = q[4], .nsegs = (int)k};
+        *j = (struct job){.handle = q[0], .offset = q[1], .length = q[2],
+                          .flags = q[3] & 0xffff, .token = q[4],
+                          .cmd = (int)(q[3] >> 16 & 0xffff), .ctx = (uint32_t)(q[3] >> 32),
+                          .nsegs = (int)k};
         for (uint64_t g = 0; g < k; g++) {
             const uint64_t *w = segs + 4 * (used + (int)g);
             j->segs[g] = (struct seg){w[0], w[1], w[2], w[3]};
@@ -628,7 +837,8 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
         *link = j;
         link = &j->next;
         used += (int)k;
-        if (sum != j->length || j->length > 0xffffffffu) {
+        if (sum != j->length || j->length > 0xffffffffu
+            || (j->cmd != CMD_READ && (j->cmd != CMD_BLOCK_STATUS || !s->structured))) {
             r = -EINVAL;
             break;
         }
@@ -672,6 +882,7 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
     }
     s->inflight += nreq;
     s->unread += nreq;
+    start_workers(s);
     for (int i = 0; i < nreq && i < s->nthreads; i++)
         pthread_cond_signal(&s->more);      /* one worker per job, no herd */
     /* (bj_nbds_wait_slots, in one call; for half the workers: fewer,

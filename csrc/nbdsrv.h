@@ -8,12 +8,14 @@
  * in its transmission phase. Python (blkjobs.nbd.transmission) drives it:
  *
  *   bj_nbds_next    reads request headers (GIL released);
- *   bj_nbds_submit  queues READs Python has checked and mapped (under the
- *                   I/O lock, in one batch) as segments of file descriptors:
- *                   the session's worker threads pread them into their own
- *                   buffer and send the reply (simple, or structured with
- *                   OFFSET_DATA / OFFSET_HOLE chunks), in the order they
- *                   finish;
+ *   bj_nbds_submit  queues READs and BLOCK_STATUS requests (base:allocation)
+ *                   Python has checked and mapped (under the I/O lock, in
+ *                   one batch) as segments of file descriptors: the
+ *                   session's worker threads pread them into their own
+ *                   buffer (holes of raw files found with SEEK_DATA/
+ *                   SEEK_HOLE, not read) and send the reply (simple, or
+ *                   structured with OFFSET_DATA / OFFSET_HOLE chunks; the
+ *                   extents of a block status), in the order they finish;
  *   bj_nbds_send    sends a reply Python made (the other requests), whole,
  *                   under the same lock as the workers' replies;
  *   bj_nbds_recv    a WRITE's payload (bytes bj_nbds_next read ahead first);
@@ -50,15 +52,29 @@ int bj_nbds_next(struct bj_nbds *s, struct bj_nbds_req *reqs, int max);
  * returned). 0 or -errno (-ECONNRESET at EOF). */
 int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len);
 
-/* Queue nreq reads. reqs: 6 words each (handle, offset, length, flags,
- * token, number of segments); segs: 4 words per segment (kind, fd, host
- * offset, length), the requests' segments one after the other, covering
- * each request's length in order. kind: BJ_NBDS_DATA (bytes past the end
- * of the file are an error, EIO), BJ_NBDS_DATA_PAD (they read as zeroes:
- * qcow2 clusters preallocated past EOF), BJ_NBDS_ZERO (zeroes, fd unused).
+/* Queue nreq reads and block status requests. reqs: 6 words each
+ * (handle, offset, length, flags, token, number of segments); flags: the
+ * request's NBD flags (bits 0-15), its command (bits 16-31: NBD_CMD_READ
+ * 0, or NBD_CMD_BLOCK_STATUS 7 -- structured replies only) and, for block
+ * status, the id of its meta context base:allocation (bits 32-63). segs:
+ * 4 words per segment (kind, fd, host offset, length), the requests'
+ * segments one after the other, covering each request's length in order.
+ * kind: BJ_NBDS_DATA (a raw file: bytes past its end are an error, EIO;
+ * its holes, found with SEEK_DATA/SEEK_HOLE, are holes), BJ_NBDS_DATA_PAD
+ * (qcow2 data clusters: data; bytes past the end of the file read as
+ * zeroes, clusters preallocated past EOF), BJ_NBDS_ZERO (zeroes, fd
+ * unused).
+ *
+ * A READ goes out as a simple reply, or structured: with DF one
+ * OFFSET_DATA chunk, else OFFSET_DATA chunks for data and OFFSET_HOLE
+ * chunks for zero segments and file holes (not read). A BLOCK_STATUS
+ * goes out as one BLOCK_STATUS chunk of extents: data 0, zeroes and holes
+ * HOLE|ZERO, neighbours with equal flags merged, at most one with
+ * NBD_CMD_FLAG_REQ_ONE, else 65536.
+ *
  * Then waits until half the workers (at least one) are free and returns
- * the number of free workers; -EINVAL (segments that do not add up: nothing queued),
- * -ENOMEM. */
+ * the number of free workers; -EINVAL (segments that do not add up, an
+ * unknown command: nothing queued), -ENOMEM. */
 int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
                    int nsegs);
 

@@ -52,10 +52,20 @@ def qemu_io_nbd(u: str, *cmds: str, read_only: bool = False) -> str:
 
 
 def _wait_for(path: str, proc: subprocess.Popen) -> None:
+    """Until the server accepts on ``path``: the socket file appears at
+    bind(), before listen() (a client connecting in between is refused:
+    test_protocol_edge_cases_answered_as_qemu_nbd failed so under load)."""
     deadline = time.monotonic() + TIMEOUT
-    while not os.path.exists(path):
+    while True:
         assert proc.poll() is None, f"server exited: {proc.stderr.read() if proc.stderr else ''}"
         assert time.monotonic() < deadline, f"{path} did not appear"
+        if os.path.exists(path):
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(path)
+                    return
+                except ConnectionRefusedError:
+                    pass
         time.sleep(0.02)
 
 

@@ -346,3 +346,194 @@ def test_many_workers_and_no_session_still_serve(tmp_path, serve, monkeypatch):
     _run("nbdcopy", "-C", "2", uri(path, "d"), out)
     assert be.c_reads == 0
     assert qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", top, out).returncode == 0
+
+
+# -- BLOCK_STATUS (base:allocation) and holes in C ----------------------------
+
+
+def _map(u: str) -> list[tuple[int, int, int]]:
+    """``nbdinfo --map``'s extents: (start, length, flags)."""
+    p = _run("nbdinfo", "--map", u)
+    return [(int(a), int(b), int(c)) for a, b, c, *_ in (ln.split() for ln in p.stdout.splitlines())]
+
+
+def _clip(ext: list[tuple[int, int, int]], size: int) -> list[tuple[int, int, int]]:
+    """The extents inside [0, size) (qemu-nbd serves a raw file of a size
+    no multiple of 512 rounded up, the tail as a hole)."""
+    return [(s, min(n, size - s), f) for s, n, f in ext if s < size]
+
+
+def _sparse_raw(tmp_path, name: str = "sp.raw") -> str:
+    """A raw file with holes and data (4 KiB at 0, as qemu-img create
+    allocates it), 64 KiB pieces, one at an odd place, and an unaligned
+    tail of data (the file 4 MiB + 1000 bytes)."""
+    img = str(tmp_path / name)
+    assert qemu_img("create", "-f", "raw", img, "4M").returncode == 0
+    with open(img, "r+b") as f:
+        f.truncate(4 * MiB + 1000)
+    for cmd in ("write -P 0x11 1M 64k", "write -P 0x22 1216k 4k", "write -P 0x33 3M 128k",
+                "write -P 0x44 4194304 1000"):
+        qemu_io(img, cmd, fmt="raw")
+    return img
+
+
+def _qcow2_kinds(tmp_path) -> str:
+    """A qcow2 overlay over a qcow2 base: data in both, zero clusters over
+    base data, unallocated clusters (base data, base unallocated), and past
+    the shorter base's end."""
+    base = str(tmp_path / "kb.qcow2")
+    top = str(tmp_path / "kt.qcow2")
+    assert qemu_img("create", "-f", "qcow2", base, "3M").returncode == 0
+    qemu_io(base, "write -P 0x11 0 1M")
+    qemu_io(base, "write -P 0x12 2M 64k")
+    assert qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top,
+                    "6M").returncode == 0
+    for cmd in ("write -P 0x22 64k 64k", "write -z 256k 128k", "write -z 1536k 64k",
+                "write -P 0x33 4M 192k", "write -z 5M 64k"):
+        qemu_io(top, cmd)
+    return top
+
+
+@pytest.mark.parametrize("kind", ["raw sparse", "raw over nothing", "qcow2 chain",
+                                  "qcow2 alone", "qcow2 compressed"])
+def test_block_status_map_equals_qemu_nbd(tmp_path, serve, kind, monkeypatch):
+    """nbdinfo --map of our export equals qemu-nbd's on the same image, and
+    ours with the C path equals ours without it (a compressed cluster: the
+    block status stays Python's)."""
+    if kind == "raw sparse":
+        img, fmt = _sparse_raw(tmp_path), "raw"
+    elif kind == "raw over nothing":
+        img, fmt = str(tmp_path / "e.raw"), "raw"
+        with open(img, "wb") as f:
+            f.truncate(3 * MiB)
+    elif kind == "qcow2 chain":
+        img, fmt = _qcow2_kinds(tmp_path), "qcow2"
+    elif kind == "qcow2 compressed":
+        img, fmt = _chain(tmp_path), "qcow2"
+    else:
+        img, fmt = str(tmp_path / "a.qcow2"), "qcow2"
+        assert qemu_img("create", "-f", "qcow2", img, "2M").returncode == 0
+        qemu_io(img, "write -P 0x55 64k 64k")
+        qemu_io(img, "write -z 1M 512k")
+    path, be, *_ = serve(img, fmt)
+    ours = _map(uri(path, "d"))
+    # the block status went to C (not with a compressed cluster in its range)
+    assert (be.c_reads > 0) == (kind != "qcow2 compressed")
+    ref_sock = str(tmp_path / "qn.sock")
+    with qemu_nbd(img, ref_sock, "d", fmt, "-r") as ref:
+        theirs = _map(ref)
+    size = sum(n for _, n, _ in ours)
+    assert ours == _clip(theirs, size)
+    assert len(ours) > 1 or kind == "raw over nothing"
+    monkeypatch.setenv("BLKJOBS_NBD_C", "0")
+    path, be, *_ = serve(img, fmt)
+    assert _map(uri(path, "d")) == ours
+    assert be.c_reads == 0
+
+
+def _alloc_client(path: str) -> socket.socket:
+    """Structured replies and the meta context base:allocation, then GO."""
+    s = handshake(path)
+    assert option(s, 8)[0] == 1         # NBD_OPT_STRUCTURED_REPLY
+    q = b"base:allocation"
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, 10, 4 + 1 + 4 + 4 + len(q))
+              + struct.pack(">I", 1) + b"d" + struct.pack(">II", 1, len(q)) + q)
+    while True:
+        magic, _o, rtype, n = struct.unpack(">QIII", recv(s, 20))
+        recv(s, n)
+        if rtype == 1:
+            break
+        assert rtype == 4               # NBD_REP_META_CONTEXT
+    go(s, b"d")
+    return s
+
+
+def _status(s: socket.socket, handle: int, offset: int, length: int,
+            flags: int = 0) -> list[tuple[int, int]] | int:
+    """A BLOCK_STATUS's extents (or its error number)."""
+    s.sendall(struct.pack(">IHHQQI", REQ, flags, 7, handle, offset, length))
+    magic, fl, ctype, h, n = struct.unpack(">IHHQI", recv(s, 20))
+    assert magic == STRUCT and h == handle and fl & 1
+    payload = recv(s, n)
+    if ctype != 5:
+        return struct.unpack(">I", payload[:4])[0]
+    return [struct.unpack(">II", payload[i:i + 8]) for i in range(4, n, 8)]
+
+
+def test_block_status_requests_answered_as_qemu_nbd(tmp_path, serve):
+    """REQ_ONE, ranges starting and ending inside extents, unaligned, the
+    last bytes of an unaligned file, past the end: qemu-nbd's extents."""
+    img = _sparse_raw(tmp_path)
+    top = _qcow2_kinds(tmp_path)
+    reqs = [(0, 4 * MiB, 0), (0, 4 * MiB, 8), (1 * MiB + 4096, 200 * KiB, 0),
+            (1 * MiB + 4096, 200 * KiB, 8), (12345, 1 * MiB + 777, 0), (4 * MiB, 1000, 0),
+            (4 * MiB - 512, 1512, 8), (4 * MiB, 1024, 0), (5 * MiB, 512, 0)]
+    for image, fmt in ((img, "raw"), (top, "qcow2")):
+        path, be, *_ = serve(image, fmt)
+        ref_sock = str(tmp_path / f"qn-{fmt}.sock")
+        got = {}
+        with qemu_nbd(image, ref_sock, "d", fmt, "-r"):
+            for name, sp in (("ours", path), ("qemu-nbd", ref_sock)):
+                s = _alloc_client(sp)
+                got[name] = [_status(s, h, off, n, fl) for h, (off, n, fl) in enumerate(reqs)]
+                s.close()
+        if fmt == "raw":            # qemu-nbd's export is 4M + 1024 (rounded up): ours
+            assert got["ours"][7] == 22     # 4M + 1000 ends before, EINVAL
+            assert got["qemu-nbd"][7] == [(1000, 0), (24, 3)]
+            del got["ours"][7], got["qemu-nbd"][7]
+        assert got["ours"] == got["qemu-nbd"], fmt
+        assert be.c_reads == (7 if fmt == "raw" else len(reqs))  # past the end: Python
+
+
+def test_raw_reads_send_holes_as_qemu_nbd(tmp_path, serve):
+    img = _sparse_raw(tmp_path)
+    path, be, *_ = serve(img, "raw")
+    ref_sock = str(tmp_path / "qn.sock")
+    reqs = ((1, 0, 2 * MiB, 0), (2, 1 * MiB - 4096, 128 * KiB, 0), (3, 2 * MiB, 256 * KiB, 0),
+            (4, 1 * MiB, 512 * KiB, 1 << 2), (5, 4 * MiB - 24, 1024, 0))
+    got = {}
+    with qemu_nbd(img, ref_sock, "d", "raw", "-r"):
+        for name, sp in (("ours", path), ("qemu-nbd", ref_sock)):
+            s = _structured(sp)
+            res = {}
+            for h, off, n, fl in reqs:
+                _read(s, h, off, n, flags=fl)
+                res[h] = _merged(_chunks(s, h))
+            s.close()
+            got[name] = res
+    assert got["ours"] == got["qemu-nbd"]
+    assert [c[:3] for c in got["ours"][2]] == [("hole", 1 * MiB - 4096, 4096),
+                                               ("data", 1 * MiB, 64 * KiB),
+                                               ("hole", 1 * MiB + 64 * KiB, 60 * KiB)]
+    assert got["ours"][3] == [("hole", 2 * MiB, 256 * KiB, b"")]
+    assert [c[0] for c in got["ours"][4]] == ["data"]
+    assert be.c_reads == len(reqs)
+
+
+def test_block_status_sees_writes_and_a_client_gone_mid_reply(tmp_path, serve):
+    """A write through another front end (a job's, a guest's) is in the
+    next block status as before; a client that sends block status and reads
+    and closes without reading the replies leaves nothing tracked."""
+    top = _qcow2_kinds(tmp_path)
+    path, be, eng, node, srv, exp = serve(top, "qcow2", read_only=False)
+    s = _alloc_client(path)
+    assert _status(s, 1, 0, 6 * MiB) == [(256 * KiB, 0), (128 * KiB, 3), (640 * KiB, 0),
+                                         (1 * MiB, 3), (64 * KiB, 0), (1984 * KiB, 3),
+                                         (192 * KiB, 0), (1856 * KiB, 3)]
+    fe = eng.attach(node)
+    fe.write(3 * MiB, b"\x99" * 65536)      # past the base's end: was a hole
+    fe.write_zeroes(4 * MiB, 64 * KiB)      # was data
+    assert _status(s, 2, 3 * MiB, 2 * MiB) == [(64 * KiB, 0), (1 * MiB, 3), (128 * KiB, 0),
+                                               (832 * KiB, 3)]
+    assert be.c_reads >= 2
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"".join(struct.pack(">IHHQQI", REQ, 0, 7 if i % 2 else 0, 100 + i,
+                                   (i % 6) * MiB, MiB) for i in range(40)))
+    s.close()
+    srv.settle(exp, timeout=WAIT)
+    assert not exp.clients
+    assert eng.io._reads(node).count == 0
+    assert not node.driver.read_pins._live
+    s = _alloc_client(path)
+    assert _status(s, 3, 3 * MiB, 64 * KiB) == [(64 * KiB, 0)]
+    s.close()

@@ -6,7 +6,10 @@
  * segments that do not add up refused, many reads in flight each answered
  * once by handle, a client gone mid-reply (the session breaks, every
  * token still comes back), a token back before its reply is sent (a
- * client that does not read), EOF; no leak (ASan, valgrind), no race (TSan). */
+ * client that does not read), EOF; a raw file's holes as OFFSET_HOLE
+ * chunks and HOLE|ZERO extents, block status replies (REQ_ONE, merged
+ * neighbours, the 65536-extent cap, a client gone before one); no leak
+ * (ASan, valgrind), no race (TSan). */
 #include "check.h"
 #include "nbdsrv.h"
 
@@ -332,6 +335,164 @@ static void test_token_before_send(int dfd)
     close(sv[1]);
 }
 
+
+/* The flags word of a block status request: NBD flags, the command, the
+ * meta context's id (nbdsrv.h). */
+static uint64_t bs_flags(uint64_t nbd_flags, uint64_t ctx)
+{
+    return nbd_flags | 7u << 16 | ctx << 32;
+}
+
+/* A block status reply: its extents into ext (pairs), their number. */
+static size_t read_status(int fd, uint64_t handle, uint32_t ctx, uint32_t *ext, size_t max)
+{
+    unsigned char h[24];
+    readn(fd, h, 24);
+    CHECK_EQ(get32(h), 0x668e33efu);
+    CHECK_EQ(h[5], 1);                      /* DONE */
+    CHECK_EQ(h[7], 5);                      /* BLOCK_STATUS */
+    CHECK_EQ(get64(h + 8), handle);
+    uint32_t n = get32(h + 16);
+    CHECK(n >= 12 && (n - 4) % 8 == 0 && (n - 4) / 8 <= max);
+    CHECK_EQ(get32(h + 20), ctx);
+    static unsigned char buf[8u << 16];
+    readn(fd, buf, n - 4);
+    for (size_t i = 0; i < (n - 4) / 4; i++)
+        ext[i] = get32(buf + 4 * i);
+    return (n - 4) / 8;
+}
+
+/* A raw file with holes: structured reads send them as OFFSET_HOLE chunks
+ * (with DF, and in simple replies, as zeroes), block status reports them
+ * HOLE|ZERO (REQ_ONE: the first extent only); qcow2-like segments (data
+ * clusters, zeroes) as extents with neighbours merged; a request of more
+ * than 65536 extents gets 65536; block status refused without structured
+ * replies, an unknown command refused; a client gone before its block
+ * status reply. */
+static void test_holes_and_status(void)
+{
+    char path[] = "/tmp/bjnbdsXXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    unlink(path);
+    CHECK(ftruncate(fd, 1 << 20) == 0);
+    CHECK_EQ(pwrite(fd, file, 65536, 65536), 65536);
+    CHECK_EQ(pwrite(fd, file + 4096, 4096, 512 << 10), 4096);
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    struct bj_nbds *s = bj_nbds_new(sv[0], 1, 2);
+    CHECK(s);
+    /* READ of [32K, 1M): hole 32K, data 64K, hole 384K, data 4K, hole 508K */
+    uint64_t q[6] = {1, 32768, (1 << 20) - 32768, 0, 1, 1};
+    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)fd, 32768, (1 << 20) - 32768};
+    CHECK(bj_nbds_submit(s, q, 1, g, 1) > 0);
+    static const struct { int type; uint64_t off, len; } want[] = {
+        {2, 32768, 32768}, {1, 65536, 65536}, {2, 131072, 393216}, {1, 524288, 4096},
+        {2, 528384, 520192}};
+    static unsigned char data[65536];
+    for (size_t i = 0; i < 5; i++) {
+        unsigned char h[32];
+        readn(sv[1], h, 20);
+        CHECK_EQ(h[5], i == 4);
+        CHECK_EQ(h[7], want[i].type);
+        CHECK_EQ(get64(h + 8), 1);
+        if (want[i].type == 2) {
+            CHECK_EQ(get32(h + 16), 12);
+            readn(sv[1], h + 20, 12);
+            CHECK_EQ(get64(h + 20), want[i].off);
+            CHECK_EQ(get32(h + 28), want[i].len);
+        } else {
+            CHECK_EQ(get32(h + 16), 8 + want[i].len);
+            readn(sv[1], h + 20, 8);
+            CHECK_EQ(get64(h + 20), want[i].off);
+            readn(sv[1], data, want[i].len);
+            CHECK(memcmp(data, file + (i == 1 ? 0 : 4096), want[i].len) == 0);
+        }
+    }
+    take_tokens(s, 1);
+    /* DF: the holes as zeroes, one chunk */
+    uint64_t q2[6] = {2, 0, 131072, 4, 2, 1};
+    uint64_t g2[4] = {BJ_NBDS_DATA, (uint64_t)fd, 0, 131072};
+    CHECK(bj_nbds_submit(s, q2, 1, g2, 1) > 0);
+    unsigned char h[28];
+    readn(sv[1], h, 28);
+    CHECK_EQ(h[5], 1);
+    CHECK_EQ(h[7], 1);
+    CHECK_EQ(get32(h + 16), 8 + 131072);
+    static unsigned char big[131072];
+    readn(sv[1], big, 131072);
+    for (int i = 0; i < 65536; i++)
+        CHECK_EQ(big[i], 0);
+    CHECK(memcmp(big + 65536, file, 65536) == 0);
+    take_tokens(s, 1);
+    /* BLOCK_STATUS of the whole file, context id 3; then REQ_ONE */
+    static uint32_t ext[2u << 16];
+    uint64_t q3[6] = {3, 0, 1 << 20, bs_flags(0, 3), 3, 1};
+    uint64_t g3[4] = {BJ_NBDS_DATA, (uint64_t)fd, 0, 1 << 20};
+    CHECK(bj_nbds_submit(s, q3, 1, g3, 1) > 0);
+    CHECK_EQ(read_status(sv[1], 3, 3, ext, 16), 5);
+    static const uint32_t wext[10] = {65536, 3, 65536, 0, 393216, 3, 4096, 0, 520192, 3};
+    CHECK(memcmp(ext, wext, sizeof(wext)) == 0);
+    q3[3] = bs_flags(8, 1);
+    q3[0] = 4;
+    CHECK(bj_nbds_submit(s, q3, 1, g3, 1) > 0);
+    CHECK_EQ(read_status(sv[1], 4, 1, ext, 1), 1);
+    CHECK(ext[0] == 65536 && ext[1] == 3);
+    take_tokens(s, 2);
+    /* qcow2-like: data cluster (DATA_PAD, even over the file's hole), a raw
+     * part (data), zeroes twice, a data cluster: 0, 0 merged; 3 */
+    uint64_t q4[6] = {5, 0, 5000, bs_flags(0, 1), 4, 5};
+    uint64_t g4[20] = {BJ_NBDS_DATA_PAD, (uint64_t)fd, 0, 1000,
+                       BJ_NBDS_DATA, (uint64_t)fd, 65536, 1000,
+                       BJ_NBDS_ZERO, 0, 0, 1000, BJ_NBDS_ZERO, 0, 0, 1000,
+                       BJ_NBDS_DATA_PAD, (uint64_t)fd, 0, 1000};
+    CHECK(bj_nbds_submit(s, q4, 1, g4, 5) > 0);
+    CHECK_EQ(read_status(sv[1], 5, 1, ext, 16), 3);
+    static const uint32_t wext4[6] = {2000, 0, 2000, 3, 1000, 0};
+    CHECK(memcmp(ext, wext4, sizeof(wext4)) == 0);
+    take_tokens(s, 1);
+    /* 65537 runs of zeroes and data: 65536 extents */
+    enum { RUNS = 65537 };
+    static uint64_t g5[4 * RUNS];
+    for (int i = 0; i < RUNS; i++) {
+        uint64_t *w = g5 + 4 * i;
+        w[0] = i % 2 ? BJ_NBDS_DATA_PAD : BJ_NBDS_ZERO;
+        w[1] = i % 2 ? (uint64_t)fd : 0;
+        w[2] = 0;
+        w[3] = 512;
+    }
+    uint64_t q5[6] = {6, 0, 512u * RUNS, bs_flags(0, 1), 5, RUNS};
+    CHECK(bj_nbds_submit(s, q5, 1, g5, RUNS) > 0);
+    CHECK_EQ(read_status(sv[1], 6, 1, ext, 1u << 16), 1u << 16);
+    for (size_t i = 0; i < (1u << 16); i++)
+        CHECK(ext[2 * i] == 512 && ext[2 * i + 1] == (i % 2 ? 0u : 3u));
+    take_tokens(s, 1);
+    /* an unknown command: refused, nothing queued */
+    uint64_t q6[6] = {7, 0, 512, 9u << 16, 6, 1};
+    uint64_t g6[4] = {BJ_NBDS_ZERO, 0, 0, 512};
+    CHECK_EQ(bj_nbds_submit(s, q6, 1, g6, 1), -EINVAL);
+    /* a client gone: the block status's token still comes back */
+    close(sv[1]);
+    q3[0] = 8;
+    q3[3] = bs_flags(0, 1);
+    CHECK(bj_nbds_submit(s, q3, 1, g3, 1) > 0);
+    take_tokens(s, 1);
+    bj_nbds_wait_idle(s);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+    close(sv[0]);
+    /* block status needs structured replies */
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    s = bj_nbds_new(sv[0], 0, 1);
+    CHECK(s);
+    CHECK_EQ(bj_nbds_submit(s, q3, 1, g3, 1), -EINVAL);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+    close(sv[0]);
+    close(sv[1]);
+    close(fd);
+}
+
 int main(void)
 {
     char path[] = "/tmp/bjnbdsXXXXXX";
@@ -349,6 +510,7 @@ int main(void)
     test_structured(fd);
     test_many_and_gone(fd);
     test_token_before_send(fd);
+    test_holes_and_status();
     close(fd);
     puts("nbdsrv: ok");
     return 0;

@@ -7,13 +7,19 @@ module decides, per batch of headers, what goes where.
   the backend's ``plan_reads`` -- several in one hold of its lock, each
   tracked and pinned as an ordinary read is -- and handed to the session's
   threads, which ``pread`` its segments and send its reply (simple, or
-  structured: OFFSET_DATA, and OFFSET_HOLE for zero runs unless the client
-  set DF) as soon as it is ready, so replies go out of order.
-* Everything else -- a READ the backend cannot map to files (compressed
-  clusters, encryption, blkdebug...), a request that fails its checks,
-  WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE -- goes to the
-  connection's Python workers as before (:class:`.transmission._Workers`),
-  whose replies are sent through the session (one send lock for both).
+  structured: OFFSET_DATA, and OFFSET_HOLE for zero runs and a raw file's
+  holes unless the client set DF) as soon as it is ready, so replies go
+  out of order.
+* A BLOCK_STATUS when ``base:allocation`` is the only meta context is
+  mapped the same way (a read of its range) and the session's threads
+  send its extents (a raw file's holes found with SEEK_DATA/SEEK_HOLE).
+* Everything else -- a READ or BLOCK_STATUS the backend cannot map to
+  files (compressed clusters, encryption, blkdebug...), a request that
+  fails its checks, a block status with dirty-bitmap contexts, WRITE,
+  FLUSH, TRIM, WRITE_ZEROES, CACHE -- goes to the connection's Python
+  workers as before (:class:`.transmission._Workers`, started with the
+  first such request), whose replies are sent through the session (one
+  send lock for both).
 * No more reads are planned than the session has free workers
   (``wait_slots``, and what ``submit`` returns), so a planned read is read at once: none stays tracked
   behind workers stuck sending to a client that does not read.
@@ -26,8 +32,10 @@ On ``DISC``, EOF or a bad magic the requests being served are finished
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 from typing import Any, Protocol
 
@@ -72,7 +80,6 @@ def usable(conn: Connection, exp: Export) -> bool:
 
 def serve(conn: Connection, exp: Export) -> None:
     """Requests until DISC or EOF (raised as EOFError/OSError)."""
-    be: Any = exp.backend
     try:
         sess = Session(conn.sock.fileno(), conn.structured,
                        min(MAX_THREADS, C_WORKERS * conn.server.workers))
@@ -80,21 +87,56 @@ def serve(conn: Connection, exp: Export) -> None:
         log.warning("NBD: serving a client without the C data path: %s", e)
         transmission.serve(conn, exp)
         return
-    tokens: dict[int, Any] = {}
-    reaper = threading.Thread(target=_reap, args=(sess, tokens, be), name="nbd-reaper",
-                              daemon=True)
-    reaper.start()
-    pool = _Workers(conn, exp, conn.server.workers)
+    side = _Side(conn, exp, sess)
     conn.sender = sess
     try:
-        _loop(conn, exp, sess, pool, tokens)
+        _loop(conn, exp, sess, side)
     finally:
-        pool.close()
-        sess.wait_idle()
-        sess.stop_done()
-        reaper.join()
+        side.close()
         conn.sender = None
+        # every reply is out: the client sees the end now (after a DISC it
+        # waits for it), not after the session's threads are joined
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
         sess.close()
+
+
+class _Side:
+    """The connection's Python threads, started when first needed (a
+    client whose requests all go to C -- nbdcopy's reads and block status
+    -- costs no Python thread's start and join): the workers
+    (:class:`.transmission._Workers`) for the other requests, and the
+    reaper that ends the tracking of the reads the C threads read."""
+
+    def __init__(self, conn: Connection, exp: Export, sess: Session):
+        self.conn, self.exp, self.sess = conn, exp, sess
+        self.tokens: dict[int, Any] = {}
+        self.pool: _Workers | None = None
+        self.reaper: threading.Thread | None = None
+
+    def submit(self, req: tuple[int, int, int, int, int, bytearray | None]) -> None:
+        if self.pool is None:
+            self.pool = _Workers(self.conn, self.exp, self.conn.server.workers)
+        self.pool.submit(req)
+
+    def reaping(self) -> dict[int, Any]:
+        """The tokens of the reads in C (the reaper started)."""
+        if self.reaper is None:
+            self.reaper = threading.Thread(target=_reap, args=(self.sess, self.tokens,
+                                                                self.exp.backend),
+                                           name="nbd-reaper", daemon=True)
+            self.reaper.start()
+        return self.tokens
+
+    def close(self) -> None:
+        """Finish what was handed out (the Python workers' requests, the
+        reads in C, their tokens)."""
+        if self.pool is not None:
+            self.pool.close()
+        self.sess.wait_idle()
+        self.sess.stop_done()
+        if self.reaper is not None:
+            self.reaper.join()
 
 
 def _reap(sess: Session, tokens: dict[int, Any], be: Any) -> None:
@@ -105,14 +147,15 @@ def _reap(sess: Session, tokens: dict[int, Any], be: Any) -> None:
             log.exception("NBD: ending reads failed")
 
 
-def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
-          tokens: dict[int, Any]) -> None:
+def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
     serial = 0
     while not conn.closing:
         reads: list[tuple[int, int, int, int]] = []
+        status: list[tuple[int, int, int, int]] = []
         other: list[tuple[int, int, int, int, int, bytearray | None]] = []
         stop = False
         size = exp.backend.size
+        alloc = _allocation_context(conn)
         for magic, flags, cmd, handle, offset, length in sess.next():
             if magic != P.REQUEST_MAGIC or cmd == P.CMD_DISC:
                 stop = True
@@ -121,6 +164,12 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
                     and length <= P.MAX_BUFFER_SIZE and offset + length <= size
                     and (conn.structured or not flags & P.CMD_FLAG_DF)):
                 reads.append((flags, handle, offset, length))
+                continue
+            if (cmd == P.CMD_BLOCK_STATUS and alloc and length and offset + length <= size
+                    and not flags & ~P.CMD_FLAG_REQ_ONE):
+                # base:allocation alone: the C threads answer from the mapping
+                status.append((flags | P.CMD_BLOCK_STATUS << 16 | alloc << 32, handle, offset,
+                               length))
                 continue
             # anything else, a READ failing _check's tests included (a
             # Python worker sends its error)
@@ -134,17 +183,30 @@ def _loop(conn: Connection, exp: Export, sess: Session, pool: _Workers,
             # at once (a BLOCK_STATUS the client waits for before its next
             # reads must not wait for this batch's reads); no read of this
             # batch is planned yet, and those planned before are in C
-            pool.submit((flags, cmd, handle, offset, length, data))
+            side.submit((flags, cmd, handle, offset, length, data))
+        # block status first: a client waits for it before the reads it
+        # plans (nbdcopy asks for the next range while reads of the last
+        # are in flight), the reads before it in the batch need not wait
+        reads = status + reads
         i, free = 0, sess.wait_slots() if reads else 0
         while i < len(reads):       # no more planned than free workers read at once
             chunk = reads[i:i + free]
             i += free
-            serial, free = _submit(sess, exp, chunk, tokens, serial, other, free)
+            serial, free = _submit(sess, exp, chunk, side.reaping(), serial, other, free)
             for req in other:       # after the chunk is in C: a worker's write may wait for it
-                pool.submit(req)
+                side.submit(req)
             other.clear()
         if stop:
             return
+
+
+def _allocation_context(conn: Connection) -> int:
+    """The id of ``base:allocation`` when it is the connection's only meta
+    context (0: block status stays Python's: none negotiated, or dirty
+    bitmaps with it)."""
+    if conn.structured and conn.contexts == [P.CONTEXT_BASE_ALLOCATION]:
+        return 1
+    return 0
 
 
 def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
@@ -159,8 +221,8 @@ def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
     sg: list[int] = []
     mine: list[int] = []
     for (flags, handle, off, n), pl in zip(reads, plans, strict=True):
-        if pl is None:
-            other.append((flags, P.CMD_READ, handle, off, n, None))
+        if pl is None:      # (a block status's command is in bits 16-31 of its flags)
+            other.append((flags & 0xFFFF, flags >> 16 & 0xFFFF, handle, off, n, None))
             continue
         segs, tok = pl
         serial += 1
