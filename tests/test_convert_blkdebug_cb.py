@@ -38,14 +38,16 @@ def source(twins, fmt: str, rules: str) -> str:
 
 def left_on_disk(twins, name: str = "o.qcow2") -> None:
     """Both kept the target, and it is the same image."""
+    fmt = name.rsplit(".", 1)[1]
     maps = []
     for d in twins:
         assert (d / name).exists(), d
-        p = qemu_img("check", d / name)
-        assert p.returncode == 0, p.stdout + p.stderr
-        maps.append(qemu_img("map", "--output", "json", d / name).stdout)
+        if fmt == "qcow2":
+            p = qemu_img("check", d / name)
+            assert p.returncode == 0, p.stdout + p.stderr
+        maps.append(qemu_img("map", "-f", fmt, "--output", "json", d / name).stdout)
     assert maps[0] == maps[1]
-    p = qemu_img("compare", twins[0] / name, twins[1] / name)
+    p = qemu_img("compare", "-f", fmt, "-F", fmt, twins[0] / name, twins[1] / name)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
