@@ -52,7 +52,7 @@ class ChainConvert:
     def __init__(self, src, fmt, dst, o: ConvertOptions, progress, check):
         self.src, self.fmt, self.dst, self.o = src, fmt, dst, o
         self.progress, self.check = progress, check
-        self.tg = Target(dst)
+        self.tg = Target(dst, keep=o.keep_failed_target)
         #: the source chain's top and base nodes once open (graph Nodes)
         self.top: Any = None
         self.base: Any = None
