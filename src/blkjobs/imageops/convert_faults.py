@@ -27,6 +27,7 @@ extents in order; the reads of one request are in order too).
 from __future__ import annotations
 
 import errno
+import os
 
 from ..errors import BlkjobsError, CopyError
 from ..native.extents import is_zero
@@ -223,7 +224,33 @@ def _several(errors: list[CopyError]) -> CopyError:
 
 
 def _write(cv: Any, pos: int, n: int, kind: int, mv: Any) -> None:
-    """qemu-img's convert_co_write of one request."""
+    """qemu-img's convert_co_write of one request; a failure said in its
+    words (``error while writing at byte N``, N the request's start)."""
+    try:
+        _write_request(cv, pos, n, kind, mv)
+    except CopyError as e:
+        if e.side != "target":
+            raise
+        err = CopyError(e.errno, f"error while writing at byte {pos}")
+        err.path, err.side, err.offset = cv.dst, "target", pos
+        raise err from None
+
+
+def _overwrites(cv: Any, pos: int, n: int) -> bool:
+    """A compressed write over a cluster that has host space (data, a
+    preallocated zero cluster, a compressed one): QEMU refuses it (EIO)."""
+    from ..formats.base import Kind
+    return any(m.kind in (Kind.DATA, Kind.COMPRESSED) or m.host_offset is not None
+               for m in cv.t.map_host(pos, n))
+
+
+def _compressed(cv: Any, pos: int, mv: Any) -> None:
+    if _overwrites(cv, pos, len(mv)):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    cv.t.write_compressed(pos, mv)
+
+
+def _write_request(cv: Any, pos: int, n: int, kind: int, mv: Any) -> None:
     if kind == BACKING:
         pass
     elif kind == ZERO:
@@ -232,7 +259,7 @@ def _write(cv: Any, pos: int, n: int, kind: int, mv: Any) -> None:
         if cv.o.sparse_size and is_zero(mv):
             cv._zero(pos, n)
         else:
-            cv._write(cv.t.write_compressed, pos, mv)
+            cv._write(lambda off, b: _compressed(cv, off, b), pos, mv)
             with cv.lock:
                 cv.data_bytes += n
                 cv.done += n
