@@ -106,6 +106,7 @@ class _Walk:
                 n = self.backing_end - pos
         if self.next_status <= pos:
             o = self.cv.o
+            kind = DATA
             while True:
                 try:
                     runs = self.top.block_status(pos, min(n, self.size - pos))

@@ -187,6 +187,7 @@ class _NbdConvert:
         target unallocated past it where the source reads zeroes)."""
         from ..graph import resolve_backing
         from .images import open_ro
+        assert self.o.backing is not None
         b = open_ro(resolve_backing(self.dst, self.o.backing), self.o.backing_fmt,
                     force_share=True)
         try:

@@ -374,7 +374,7 @@ class Refcounts:
         self._holes_found = True
         end = min(self._end, self.opened_end)
         holes: list[list[int]] = []
-        for t in range(0, -(-end // self.rbe)):
+        for t in range(-(-end // self.rbe)):
             b = self._block(t)
             base = t * self.rbe
             stop = min(self.rbe, end - base)
