@@ -23,6 +23,14 @@ faults are met where qemu-img meets them and said with its words:
 
 Warnings therefore come in qemu-img's order (qemu-img's coroutines take the
 extents in order; the reads of one request are in order too).
+
+``-c``: each request is one target cluster (qemu-img's buffer), a short
+extent counting as data; ``-B``: what the source's top does not hold above
+its own backing file is left to the new backing file, zeroes are written
+(a target with a backing file does not start zeroed), past the backing
+file's end zeroes are left to it too. The ``-m`` coroutines' window decides
+what is written before a read error (:func:`copy_in_order`); a failed write
+is ``error while writing at byte N``.
 """
 from __future__ import annotations
 

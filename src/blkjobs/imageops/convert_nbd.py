@@ -12,8 +12,9 @@ pieces that read as zeroes (``-S``, checked per ``SPARSE_BLOCK``) likewise.
 
 Targets: an existing export (with or without ``-n``: it is never created
 or grown, qemu-img's texts when it is smaller), or a local raw/qcow2 file
-(created unless ``-n``; removed again when the copy fails). qcow2 is not
-layered over NBD (raw only), nor are ``-B``/``-c`` supported here.
+(created unless ``-n``; removed again when the copy fails, unless invoked
+as qemu-img). qcow2 is not layered over NBD (raw only), nor are ``-B``/``-c``
+supported here, except from a source under fault injection (convert_faults).
 """
 from __future__ import annotations
 

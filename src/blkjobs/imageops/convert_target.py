@@ -1,7 +1,8 @@
 """The target of a convert: locking it as qemu-img does before touching it,
 creating or opening it (:class:`Target`), and, when the copy fails, removing
 the file we created -- only while its path still names it -- and saying in
-the error what became of the target."""
+the error what became of the target (invoked as qemu-img: kept and not said,
+as qemu-img does)."""
 from __future__ import annotations
 
 import errno
