@@ -383,16 +383,22 @@ class Refcounts:
                 continue
             i = 0
             while i < stop:
-                if b[i]:
-                    i += 1
-                    continue
+                try:                # (the next free entry, found in C)
+                    i = b.index(0, i, stop)
+                except ValueError:
+                    break
                 j = i
                 while j < stop and not b[j]:
                     j += 1
                 self._hole(holes, base + i, base + j)
                 i = j
-        for a, z in holes:
-            self._merge_gap(a, z)
+        merged: list[list[int]] = []
+        for a, z in sorted(holes + self.gaps):      # one pass: the union
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], z)
+            else:
+                merged.append([a, z])
+        self.gaps = merged
 
     @staticmethod
     def _hole(holes: list[list[int]], a: int, z: int) -> None:
@@ -400,14 +406,6 @@ class Refcounts:
             holes[-1][1] = z
         else:
             holes.append([a, z])
-
-    def _merge_gap(self, a: int, z: int) -> None:
-        """Add [a, z) to the gaps, merged with those it touches or overlaps."""
-        for g in self.gaps:
-            if g[0] <= z and a <= g[1]:
-                a, z = min(a, g[0]), max(z, g[1])
-        self.gaps = [g for g in self.gaps if not (g[0] <= z and a <= g[1])]
-        self._add_gap(a, z)
 
     def alloc_one(self) -> int:
         return self.alloc(1)[0][0]
