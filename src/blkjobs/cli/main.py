@@ -311,7 +311,10 @@ def _die_of(sig: int) -> None:
     """End the process by ``sig``'s default action (what was unwound is
     done: a convert's target is closed and kept, as qemu-img leaves it)."""
     import signal
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
     signal.signal(sig, signal.SIG_DFL)
     os.kill(os.getpid(), sig)
 
