@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from conftest import make_sparse
-from qemu_oracle import qemu_img
+from qemu_oracle import qemu_img, qemu_io
 from test_convert_blkdebug import pattern
 from test_convert_blkdebug_cb import left_on_disk, rule, source
 from test_parity_invocation import run, twins  # noqa: F401  (the fixture: twin dirs)
@@ -118,3 +118,28 @@ def test_signal_keeps_the_target(twins, fmt, no_create, sig):
         if fmt == "qcow2":
             p = qemu_img("check", d / "d.qcow2")
             assert p.returncode == 0, p.stdout
+
+
+@pytest.mark.parametrize("pre", ["write -P 9 0 64k", "write -P 9 1M 64k", "write -z 0 64k",
+                                 "discard 0 64k"])
+def test_compressed_never_overwrites_a_cluster(twins, pre):
+    """convert -n -c into an image whose cluster holds data: QEMU's compressed
+    write refuses it (EIO, the cluster's offset said); a zero cluster
+    without host space is written over."""
+    for d in twins:
+        pattern(d)
+        qemu_img("create", "-f", "qcow2", d / "o.qcow2", "6M")
+        qemu_io(d / "o.qcow2", pre)
+    args = ["convert", "-n", "-c", "-f", "raw", "pattern.raw", "-O", "qcow2", "o.qcow2"]
+    ours, theirs = (run(d, *args) for d in twins)
+    assert ours == theirs
+    if pre.startswith("write -P"):
+        at = 0 if " 0 " in pre else MiB
+        assert theirs == (1, "", f"qemu-img: error while writing at byte {at}: "
+                                 "Input/output error\n")
+        for d in twins:
+            p = qemu_img("check", d / "o.qcow2")
+            assert p.returncode == 0, p.stdout
+    else:
+        assert theirs == (0, "", "")
+        left_on_disk(twins)

@@ -245,16 +245,16 @@ def _write(cv: Any, pos: int, n: int, kind: int, mv: Any) -> None:
         raise err from None
 
 
-def _overwrites(cv: Any, pos: int, n: int) -> bool:
+def overwrites(t: Any, pos: int, n: int) -> bool:
     """A compressed write over a cluster that has host space (data, a
     preallocated zero cluster, a compressed one): QEMU refuses it (EIO)."""
     from ..formats.base import Kind
     return any(m.kind in (Kind.DATA, Kind.COMPRESSED) or m.host_offset is not None
-               for m in cv.t.map_host(pos, n))
+               for m in t.map_host(pos, n))
 
 
 def _compressed(cv: Any, pos: int, mv: Any) -> None:
-    if _overwrites(cv, pos, len(mv)):
+    if overwrites(cv.t, pos, len(mv)):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
     cv.t.write_compressed(pos, mv)
 
