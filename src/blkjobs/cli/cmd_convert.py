@@ -157,7 +157,9 @@ def run(args) -> int:
         force_share=args.force_share, create_opts=create_opts,
         snapshot=_snapshot_param(args.snapshot), salvage=args.salvage,
         on_salvage=None if args.quiet else _salvage_warning,
-        on_status_salvage=None if args.quiet else _status_warning)
+        on_status_salvage=None if args.quiet else _status_warning,
+        coroutines=_coroutines(args.threads) if args.threads is not None else 8,
+        keep_failed_target=_as_qemu_img())
     names = None
     if args.skip_broken_bitmaps and not args.bitmaps:
         raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
@@ -216,6 +218,12 @@ def _no_create(args) -> None:
                 raise UsageError(f"Could not open '{src}': Could not open '{src}': "
                                  f"{os.strerror(e.errno)}") from None
     raise UsageError(f"Format driver '{args.dst_fmt}' does not support image creation")
+
+
+def _as_qemu_img() -> bool:
+    """Invoked as ``qemu-img``: a failed convert keeps its target, as qemu-img's."""
+    from . import progname
+    return progname() == "qemu-img"
 
 
 def _coroutines(text: str) -> int:

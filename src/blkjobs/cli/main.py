@@ -291,6 +291,8 @@ def _main(argv: list[str]) -> int:
             sys.stderr.write(f"{prog}: {where + ': ' if where else ''}{e.strerror or e}\n")
         return 1
     except KeyboardInterrupt as e:
+        if prog == "qemu-img":      # qemu-img dies of the signal, saying nothing
+            _die_of(15 if isinstance(e, Terminated) else 2)     # SIGTERM, SIGINT
         # args: what became of the files, when the command knows (convert)
         how, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         sys.stderr.write(f"{prog}: {how}{': ' + str(e.args[0]) if e.args else ''}\n")
@@ -303,6 +305,18 @@ def _main(argv: list[str]) -> int:
         sys.stderr.write(f"{prog}: internal error: {traceback.format_exc().splitlines()[-1]}\n"
                          "(set BLKJOBS_DEBUG=1 for the traceback; please report it)\n")
         return 70
+
+
+def _die_of(sig: int) -> None:
+    """End the process by ``sig``'s default action (what was unwound is
+    done: a convert's target is closed and kept, as qemu-img leaves it)."""
+    import signal
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
 
 
 def _log_traceback() -> None:

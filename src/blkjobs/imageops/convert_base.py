@@ -43,6 +43,12 @@ class ConvertOptions:
     #: with --salvage: told (offset, errno) of each sector whose block status
     #: could not be read (a source under fault injection: convert_faults)
     on_status_salvage: Callable[[int, int], None] | None = None
+    #: qemu-img's -m as given (default 8): its requests in flight, which a
+    #: source under fault injection copies as qemu-img would (convert_faults)
+    coroutines: int = 8
+    #: a failed convert keeps the target, as qemu-img does (invoked as
+    #: qemu-img); else a target we created is removed and the error says so
+    keep_failed_target: bool = False
 
 
 @dataclass

@@ -15,6 +15,7 @@ from ..native import dio
 from ..native.copy import COPY, CopyEngine
 from ..native.ratelimit import TokenBucket
 from .convert_base import CHAIN_REQUEST, WB_REQUEST, ConvertOptions, ConvertResult, drive
+from .convert_faults import overwrites
 from .convert_target import Target, check_target_size, identity, refuse_target_in_chain
 from .files import same_file
 
@@ -52,7 +53,7 @@ class ChainConvert:
     def __init__(self, src, fmt, dst, o: ConvertOptions, progress, check):
         self.src, self.fmt, self.dst, self.o = src, fmt, dst, o
         self.progress, self.check = progress, check
-        self.tg = Target(dst)
+        self.tg = Target(dst, keep=o.keep_failed_target)
         #: the source chain's top and base nodes once open (graph Nodes)
         self.top: Any = None
         self.base: Any = None
@@ -479,8 +480,16 @@ class ChainConvert:
                     if must_zero:
                         t.write_zeroes(off, len(c))
                 else:
+                    if self.o.no_create and overwrites(t, off, len(c)):
+                        # QEMU's compressed write never goes over a cluster
+                        # that has host space: EIO (qemu-img convert -n -c)
+                        raise OSError(errno.EIO, os.strerror(errno.EIO))
                     t.write_compressed(off, c, z)
             except OSError as e:
+                if self.o.keep_failed_target:       # qemu-img's words: the request (cluster)
+                    err = CopyError(e.errno or errno.EIO, f"error while writing at byte {off}")
+                    err.path, err.side, err.offset = self.dst, "target", off
+                    raise err from None
                 raise CopyError(e.errno or errno.EIO, "error writing", path=self.dst,
                                 side="target", offset=off) from None
 

@@ -23,12 +23,22 @@ faults are met where qemu-img meets them and said with its words:
 
 Warnings therefore come in qemu-img's order (qemu-img's coroutines take the
 extents in order; the reads of one request are in order too).
+
+``-c``: each request is one target cluster (qemu-img's buffer), a short
+extent counting as data; ``-B``: what the source's top does not hold above
+its own backing file is left to the new backing file, zeroes are written
+(a target with a backing file does not start zeroed), past the backing
+file's end zeroes are left to it too. The ``-m`` coroutines' window decides
+what is written before a read error (:func:`copy_in_order`); a failed write
+is ``error while writing at byte N``.
 """
 from __future__ import annotations
 
 import errno
+import os
 
 from ..errors import BlkjobsError, CopyError
+from ..native.extents import is_zero
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
@@ -39,6 +49,8 @@ SECTOR = 512
 REQUEST_MAX = (0x7FFFFFFF >> 9) * SECTOR
 #: qemu-img convert's buffer (IO_BUF_SIZE): the longest read
 BUF = 2 << 20
+#: the kinds of a request (qemu-img's BLK_DATA, BLK_ZERO, BLK_BACKING_FILE)
+DATA, ZERO, BACKING = 0, 1, 2
 
 
 def injects_faults(name: str) -> bool:
@@ -66,7 +78,10 @@ def _fail(err: int, what: str, cv: Any, offset: int) -> CopyError:
 
 class _Walk:
     """qemu-img's convert_iteration_sectors over one source: the extent
-    from ``pos`` on, asking the block status only where the last one ended."""
+    from ``pos`` on, asking the block status only where the last one ended.
+    ``kind`` of an extent: ``DATA`` (read and written), ``ZERO`` (written as
+    zeroes unless the target reads as zeroes) or ``BACKING`` (-B: left
+    unallocated, the target's backing file shows through)."""
 
     def __init__(self, cv: Any):
         self.cv = cv
@@ -75,18 +90,43 @@ class _Walk:
         self.end = -(-cv.size // SECTOR) * SECTOR
         self.align = max(SECTOR, getattr(self.top.driver, "cluster_size", 0) or 0)
         self.next_status = 0
-        self.data = True
+        self.kind = DATA
+        #: -c: qemu-img's buffer is one target cluster, and so is each request
+        self.cluster = cv.cluster if cv.o.compress else 0
+        self.buf = self.cluster or BUF
+        #: -B: the extents the source's top holds not, below this depth (the
+        #: source's own backing chain: qemu-img's base), are the backing's
+        self.backed = bool(cv.o.backing)
+        chain = self.top.chain()
+        own = next((i for i, n in enumerate(chain) if not n.is_filter), 0)
+        self.own_depth = own if len(chain) > own + 1 else None
+        #: -B: past the backing file's end zeroes are the backing's too
+        self.backing_end = getattr(cv, "backing_size", None)
 
-    def status(self, pos: int) -> tuple[bool, int]:
-        """(data?, length) of the extent starting at ``pos``."""
+    def status(self, pos: int) -> tuple[int, int]:
+        """(kind, length) of the request starting at ``pos``."""
         n = min(self.end - pos, REQUEST_MAX)
+        post_backing_zero = False
+        if self.backing_end is not None:
+            if pos >= self.backing_end:
+                post_backing_zero = True
+            elif pos + n > self.backing_end:
+                n = self.backing_end - pos
         if self.next_status <= pos:
             o = self.cv.o
+            kind = DATA
             while True:
                 try:
                     runs = self.top.block_status(pos, min(n, self.size - pos))
                     first = runs[0]
-                    data, count = not first["zero"], first["length"]
+                    count = first["length"]
+                    if self.backed and self.own_depth is not None \
+                            and first["depth"] > self.own_depth:
+                        kind = BACKING       # unallocated above the base
+                    elif first["zero"]:
+                        kind = BACKING if post_backing_zero else ZERO
+                    else:
+                        kind = DATA
                     break
                 except OSError as e:
                     err = e.errno or errno.EIO
@@ -98,47 +138,142 @@ class _Walk:
                         continue
                     if o.on_status_salvage is not None:
                         o.on_status_salvage(pos, err)
-                    data, count = True, SECTOR
+                    kind, count = DATA, SECTOR
                     break
             n = -(-count // SECTOR) * SECTOR
             tail = (pos + n) % self.align
             if n > tail:
                 n -= tail
-            self.data = data
+            self.kind = kind
             self.next_status = pos + n
         n = min(n, self.next_status - pos)
-        return self.data, min(n, BUF) if self.data else n
+        kind = self.kind
+        if kind == DATA:
+            n = min(n, self.buf)
+        if self.cluster:        # -c: whole clusters; a short extent is data
+            if n < self.cluster:
+                n, kind = min(self.cluster, self.end - pos), DATA
+                self.kind = DATA
+            else:
+                n -= n % self.cluster
+        return kind, n
+
+
+def requests(cv: Any):
+    """qemu-img's requests: (offset, length, kind), in its order."""
+    walk = _Walk(cv)
+    pos = 0
+    while pos < walk.end:
+        kind, n = walk.status(pos)
+        yield pos, n, kind
+        pos += max(n, SECTOR)
 
 
 def copy_in_order(cv: Any) -> None:
     """The copy of :mod:`.convert_nbd`'s converter ``cv``, in qemu-img's
-    order (see the module): a walk of the block status, then the copy."""
-    walk = _Walk(cv)
-    pos = 0
-    while pos < walk.end:
-        pos += walk.status(pos)[1]
-    walk = _Walk(cv)
-    buf = memoryview(bytearray(BUF))
-    pos = 0
-    while pos < walk.end:
-        data, n = walk.status(pos)
+    order (see the module): a walk of the block status, then the copy.
+
+    qemu-img's ``-m`` coroutines (``cv.o.coroutines``) each hold one request:
+    all of the first ``m`` are read before any is written, so a read error
+    among them leaves nothing written (and each failing one says so); later,
+    while one request is read the ``m - 2`` before it are still on their
+    way (read, not written: a read error drops them). That is where qemu-img
+    7.2's writes stop (in order; with -W its order varies from run to run)."""
+    for _ in requests(cv):
+        pass
+    m = max(1, cv.o.coroutines)
+    lag = max(0, m - 2)
+    pending: list[tuple[int, int, int, Any]] = []   # read, not yet written
+    errors: list[CopyError] = []
+    first = True
+    for i, (pos, n, kind) in enumerate(requests(cv)):
+        if first and i == m:
+            if errors:
+                break
+            first = False
+        if not first:       # a coroutine is free for this request
+            while len(pending) > lag:
+                _write(cv, *pending.pop(0))
+            if cv.check:
+                cv.check()
+            if cv.progress:
+                cv.progress(min(cv.done, cv.size), cv.size)
         n = min(n, cv.size - pos)
-        if data:
+        mv = None
+        if kind == DATA:
             if cv.bucket is not None:       # -r, as the buffer path's pieces
                 with cv.lock:
                     wait_ns = cv.bucket.take(n)
                 if wait_ns > 0:
                     cv.stop.wait(wait_ns / 1e9)
-            mv = buf[:n]
-            _read(cv, pos, mv)
-            cv._store(mv, pos, n)
-        else:
-            cv._zero(pos, n)
-        pos += max(n, SECTOR)
-        if cv.check:
-            cv.check()
+            mv = memoryview(bytearray(n))
+            try:
+                _read(cv, pos, mv)
+            except CopyError as e:
+                errors.append(e)
+                if not first:
+                    break
+                continue
+        pending.append((pos, n, kind, mv))
+    if errors:
+        raise _several(errors)
+    for p in pending:
+        _write(cv, *p)
         if cv.progress:
             cv.progress(min(cv.done, cv.size), cv.size)
+
+
+def _several(errors: list[CopyError]) -> CopyError:
+    """The first request's error, with a line for each other one that failed
+    (qemu-img says each)."""
+    e = errors[0]
+    if len(errors) > 1:
+        e.args = ("\nblkjobs: ".join(str(x) for x in errors),)
+    return e
+
+
+def _write(cv: Any, pos: int, n: int, kind: int, mv: Any) -> None:
+    """qemu-img's convert_co_write of one request; a failure said in its
+    words (``error while writing at byte N``, N the request's start)."""
+    try:
+        _write_request(cv, pos, n, kind, mv)
+    except CopyError as e:
+        if e.side != "target":
+            raise
+        err = CopyError(e.errno, f"error while writing at byte {pos}")
+        err.path, err.side, err.offset = cv.dst, "target", pos
+        raise err from None
+
+
+def overwrites(t: Any, pos: int, n: int) -> bool:
+    """A compressed write over a cluster that has host space (data, a
+    preallocated zero cluster, a compressed one): QEMU refuses it (EIO)."""
+    from ..formats.base import Kind
+    return any(m.kind in (Kind.DATA, Kind.COMPRESSED) or m.host_offset is not None
+               for m in t.map_host(pos, n))
+
+
+def _compressed(cv: Any, pos: int, mv: Any) -> None:
+    if overwrites(cv.t, pos, len(mv)):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    cv.t.write_compressed(pos, mv)
+
+
+def _write_request(cv: Any, pos: int, n: int, kind: int, mv: Any) -> None:
+    if kind == BACKING:
+        pass
+    elif kind == ZERO:
+        cv._zero(pos, n)
+    elif cv.o.compress:
+        if cv.o.sparse_size and is_zero(mv):
+            cv._zero(pos, n)
+        else:
+            cv._write(lambda off, b: _compressed(cv, off, b), pos, mv)
+            with cv.lock:
+                cv.data_bytes += n
+                cv.done += n
+    else:
+        cv._store(mv, pos, n)
 
 
 def _read(cv: Any, off: int, mv: memoryview) -> None:

@@ -12,8 +12,9 @@ pieces that read as zeroes (``-S``, checked per ``SPARSE_BLOCK``) likewise.
 
 Targets: an existing export (with or without ``-n``: it is never created
 or grown, qemu-img's texts when it is smaller), or a local raw/qcow2 file
-(created unless ``-n``; removed again when the copy fails). qcow2 is not
-layered over NBD (raw only), nor are ``-B``/``-c`` supported here.
+(created unless ``-n``; removed again when the copy fails, unless invoked
+as qemu-img). qcow2 is not layered over NBD (raw only), nor are ``-B``/``-c``
+supported here, except from a source under fault injection (convert_faults).
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
     local converter does not depend on it)."""
     from .images import check_format
     o = opts or ConvertOptions()
-    faults = injects_faults(src) and not (o.backing or o.compress)
+    # -B, -c: qemu-img's order on the buffer path too (not into an export)
+    faults = injects_faults(src) and not ((o.backing or o.compress) and is_nbd_uri(dst))
     if not (is_nbd_uri(src) or is_nbd_uri(dst) or o.salvage or faults or _encrypted(src, dst, o)):
         # imported here: an NBD copy does not load the local converter
         # (start-up time is part of every copy)
@@ -81,7 +83,13 @@ def convert_nbd(src: str, dst: str, o: ConvertOptions,
                 progress: Callable[[int, int], None] | None = None,
                 check: Callable[[], None] | None = None) -> ConvertResult:
     """Convert where ``src`` or ``dst`` is an NBD URI (see the module)."""
-    if o.backing or o.compress:
+    in_order = injects_faults(src) and not is_nbd_uri(dst) and not o.salvage \
+        and not _encrypted(src, dst, o)
+    if (o.backing or o.compress) and in_order:
+        if o.dst_fmt != "qcow2":
+            raise UsageError("Backing file not supported for file format 'raw'" if o.backing
+                             else f"Compression not supported for this file format ({o.dst_fmt})")
+    elif o.backing or o.compress:
         with_what = "NBD" if is_nbd_uri(src) or is_nbd_uri(dst) else \
             "--salvage" if o.salvage else "encrypted images"
         raise UsageError(f"convert: {'-B' if o.backing else '-c'} is not supported with "
@@ -111,6 +119,8 @@ class _NbdConvert:
         self.bucket = TokenBucket(o.rate) if o.rate else None
         #: qemu-img's own loop, one request after the other (convert_faults)
         self.in_order = injects_faults(src) and not is_nbd_uri(dst)
+        self.backing_size: int | None = None     # -B: the backing file's size
+        self.cluster = 0                         # the target's cluster size
 
     # -- setup ---------------------------------------------------------------
     def _open(self) -> None:
@@ -139,6 +149,8 @@ class _NbdConvert:
                 raise CopyError(errno.EISDIR, "Could not create target", path=dst)
             copts = dict(o.create_opts)
             copts.pop("size", None)
+            if o.backing:
+                copts["backing_file"], copts["backing_format"] = o.backing, o.backing_fmt
             size = self.size if o.dst_fmt == "raw" else -(-self.size // 512) * 512
             try:
                 create_image(dst, o.dst_fmt, size, **copts)
@@ -166,6 +178,23 @@ class _NbdConvert:
         self.target_zero = o.target_is_zero or (
             self.ours is not None and self.t.format_name != "luks"
             and not (prealloc and getattr(self.t, "encrypted", False)))
+        if o.backing:       # (qemu-img: no zero init with a backing file)
+            self.target_zero = o.target_is_zero
+            self.backing_size = self._backing_size()
+        self.cluster = getattr(self.t, "cluster_size", 0) or 0
+
+    def _backing_size(self) -> int:
+        """-B: the size of the target's backing file (qemu-img leaves the
+        target unallocated past it where the source reads zeroes)."""
+        from ..graph import resolve_backing
+        from .images import open_ro
+        assert self.o.backing is not None
+        b = open_ro(resolve_backing(self.dst, self.o.backing), self.o.backing_fmt,
+                    force_share=True)
+        try:
+            return b.size
+        finally:
+            b.close_chain()
 
     # -- the work ----------------------------------------------------------------
     def _plan(self, q: queue.Queue) -> None:
@@ -405,6 +434,9 @@ class _NbdConvert:
             self.elapsed = time.monotonic() - t0
             return ConvertResult(self.size, self.data_bytes, self.zero_bytes)
         except BaseException as e:
+            if self.o.keep_failed_target:       # qemu-img's: closed, kept, not said
+                self._close_target(failed=False)
+                raise
             self._close_target(failed=True)
             err = say_what_happened_to_target(e, self.dst, self.ours, self.written)
             if err is not e:

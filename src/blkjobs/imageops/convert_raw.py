@@ -30,7 +30,7 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
     if same_file(src, dst):
         raise UsageError(f"source and target are the same file: '{src}'")
     sfd = open_source(src)
-    target = Target(dst)
+    target = Target(dst, keep=o.keep_failed_target)
     try:
         with opening(src):      # the source: nobody else writes it meanwhile
             lock_fd(sfd, src, force_share=o.force_share)

@@ -1,7 +1,8 @@
 """The target of a convert: locking it as qemu-img does before touching it,
 creating or opening it (:class:`Target`), and, when the copy fails, removing
 the file we created -- only while its path still names it -- and saying in
-the error what became of the target."""
+the error what became of the target (invoked as qemu-img: kept and not said,
+as qemu-img does)."""
 from __future__ import annotations
 
 import errno
@@ -30,10 +31,12 @@ class Target:
     descriptor (-1: none open), ``t`` its qcow2 driver (None for raw),
     ``ours`` its identity when we created it (None: it existed, or nothing
     was created yet), ``tlock`` the writer's locks, ``written`` whether the
-    copy into it began."""
+    copy into it began, ``keep``: a failed copy keeps the target and says
+    nothing of it (qemu-img's way)."""
 
-    def __init__(self, dst: str):
+    def __init__(self, dst: str, keep: bool = False):
         self.dst = dst
+        self.keep = keep
         self.dfd = -1
         #: the target's driver once open (raw or qcow2: the chain path uses
         #: qcow2's allocation calls), None before and after
@@ -106,8 +109,27 @@ class Target:
     def failed(self, e: BaseException) -> BaseException:
         """After ``e``: close the target, remove it if we made it, and
         return the exception to raise (it says what became of the target)."""
+        raw = self.t is None or self.t.format_name == "raw"
         self.close(failed=True)
+        if self.keep:
+            return qemu_img_text(e, raw)
         return say_what_happened_to_target(e, self.dst, self.ours, self.written)
+
+
+#: qemu-img convert's requests (IO_BUF_SIZE): where a failed write is said to begin
+QEMU_BUF = 2 << 20
+
+
+def qemu_img_text(e: BaseException, raw: bool) -> BaseException:
+    """A failed write into a ``raw`` target in qemu-img's words: ``error
+    while writing at byte N``, N the start of qemu-img's 2 MiB request that
+    holds the failed write (host offsets are guest offsets in a raw file)."""
+    if raw and isinstance(e, CopyError) and e.side == "target" and e.what == "error writing" \
+            and e.offset is not None:
+        err = CopyError(e.errno, f"error while writing at byte {e.offset // QEMU_BUF * QEMU_BUF}")
+        err.path, err.side, err.offset = e.path, e.side, e.offset
+        return err
+    return e
 
 
 def check_target_size(dst: str, tsize: int, size: int) -> None:

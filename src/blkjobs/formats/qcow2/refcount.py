@@ -99,6 +99,9 @@ class Refcounts:
         #: passing over (and dropping) those too short, as QEMU's does
         self.gaps: list[list[int]] = []
         self._grew = False                # a table growth happened (alloc retries)
+        #: the free clusters the file held at open are gaps (found at the
+        #: first allocation): QEMU's free cluster index starts at 0
+        self._holes_found = False
         #: called with the new end (bytes) whenever allocation grows the
         #: file past it (the graph's write threshold on the image file)
         self.grow_cb: Callable[[int], None] | None = None
@@ -294,6 +297,13 @@ class Refcounts:
                 c = busy + 1
             if c + n > g[1]:
                 self.gaps.pop(0)
+                if g[1] >= self._end and c < self._end \
+                        and not any(self.get(i) for i in range(c, self._end)):
+                    # free up to the end: QEMU's run starts here and goes on
+                    # past the end (the end path takes it from here)
+                    self._end = c
+                    self.gaps.clear()
+                    return None
                 continue
             g[0] = c + n
             if g[0] >= g[1]:
@@ -313,6 +323,8 @@ class Refcounts:
         after it, as QEMU places it. After a table growth the free gaps it
         left below the end are tried first (:meth:`_from_gaps`)."""
         runs: list[tuple[int, int]] = []
+        if not self._holes_found:
+            self._find_holes()
         while n == 1 and self.pool:
             c = self.pool.pop()
             if not self.get(c):     # not taken meanwhile from a gap
@@ -352,6 +364,48 @@ class Refcounts:
                 runs.append((c, k))
             n -= k
         return runs
+
+    def _find_holes(self) -> None:
+        """The runs of free clusters (refcount 0) below the end that the file
+        held when it was opened become gaps: QEMU's free cluster index starts
+        at cluster 0 in each session, so its first allocations fill them, the
+        lowest first (e.g. clusters another session freed), before the file
+        grows."""
+        self._holes_found = True
+        end = min(self._end, self.opened_end)
+        holes: list[list[int]] = []
+        for t in range(-(-end // self.rbe)):
+            b = self._block(t)
+            base = t * self.rbe
+            stop = min(self.rbe, end - base)
+            if b is None:
+                self._hole(holes, base, base + stop)
+                continue
+            i = 0
+            while i < stop:
+                try:                # (the next free entry, found in C)
+                    i = b.index(0, i, stop)
+                except ValueError:
+                    break
+                j = i
+                while j < stop and not b[j]:
+                    j += 1
+                self._hole(holes, base + i, base + j)
+                i = j
+        merged: list[list[int]] = []
+        for a, z in sorted(holes + self.gaps):      # one pass: the union
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], z)
+            else:
+                merged.append([a, z])
+        self.gaps = merged
+
+    @staticmethod
+    def _hole(holes: list[list[int]], a: int, z: int) -> None:
+        if holes and holes[-1][1] == a:
+            holes[-1][1] = z
+        else:
+            holes.append([a, z])
 
     def alloc_one(self) -> int:
         return self.alloc(1)[0][0]
