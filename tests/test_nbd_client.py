@@ -324,6 +324,42 @@ def test_a_server_that_closes_mid_request(tmp_path, servers):
     one_line_error(p, "error reading source")
 
 
+def test_a_source_truncated_while_it_is_sent_fails_with_one_line(tmp_path, servers):
+    """file -> export sends from the file mapped into memory: a source cut
+    short meanwhile (by someone else) makes the copy fail with one line
+    (source side, EIO), not die of SIGBUS. The server holds its first write
+    until the file is truncated (FIFOs: no timing)."""
+    import sys
+    _, nbdkit = servers
+    started, go = tmp_path / "started", tmp_path / "go"
+    os.mkfifo(started)
+    os.mkfifo(go)
+    script = _sh_plugin(tmp_path, (
+        "  get_size) echo 8388608 ;;\n"
+        "  can_write) exit 0 ;;\n"
+        "  pread) head -c $3 /dev/zero ;;\n"
+        f"  pwrite) cat >/dev/null\n"
+        f"          if mkdir {tmp_path}/once 2>/dev/null; then\n"
+        f"            echo >{started}; read x <{go}; fi ;;\n"))
+    s = nbdkit("sh", script)
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(8 << 20))
+    p = subprocess.Popen([sys.executable, "-m", "blkjobs", "convert", "-n", str(src), s.uri],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env("30"))
+    with open(started) as f:        # the first write arrived: the file is mapped
+        f.read()
+    os.truncate(src, 0)
+    with open(go, "w") as f:
+        f.write("\n")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1, (p.returncode, err)
+    assert "Traceback" not in err
+    line = one_line_error(subprocess.CompletedProcess(p.args, p.returncode, out, err),
+                          "error reading source", "Input/output error")
+    assert "the target was left partially written" in line
+
+
 def test_an_unreachable_server_and_a_bad_timeout(tmp_path):
     p = _run("info", f"nbd+unix:///?socket={tmp_path}/none.sock", env=_env("1"))
     one_line_error(p, "Could not open", "none.sock")
@@ -410,11 +446,15 @@ def test_without_libnbd_one_line_says_nbd_is_unavailable(tmp_path):
                                  "libnbd (install libnbd-dev, then rebuild: make venv)")
 
 
-@pytest.mark.parametrize("path", ["c", "buffers"])     # -r: the buffer path
-def test_raw_files_to_and_from_exports_both_paths(tmp_path, servers, path):
+@pytest.mark.parametrize("path", ["c", "c-pread", "buffers"])     # -r: the buffer path
+def test_raw_files_to_and_from_exports_both_paths(tmp_path, servers, path, monkeypatch):
+    """c: file -> export sends from the file mapped into memory (one copy);
+    c-pread: from buffers the file is read into (where it cannot be mapped)."""
     from conftest import make_sparse
     qemu_nbd, nbdkit = servers
     rate = ["-r", "8G"] if path == "buffers" else []
+    if path == "c-pread":
+        monkeypatch.setenv("BLKJOBS_NBD_NO_MMAP", "1")
     src = make_sparse(str(tmp_path / "src.raw"), 48 << 20, [
         (0, 3 << 20, "data"), (5 << 20, 2 << 20, "zero"), (9 << 20, 4096, 0x61),
         (20 << 20, 7 << 20, "data"), ((48 << 20) - 512, 512, 0x7e)])
