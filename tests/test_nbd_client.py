@@ -479,6 +479,62 @@ def test_raw_files_to_and_from_exports_both_paths(tmp_path, servers, path, monke
     same(str(full), src)
 
 
+@pytest.mark.parametrize("server", ["qemu-nbd", "nbdkit-memory"])
+def test_multi_conn_copies_into_and_out_of_an_export(tmp_path, servers, server):
+    """A multi-conn export: one connection per CPU (at most 4), each copy
+    worker on its own; 1 MiB writes sent from the mapped file, pieces of
+    64 MiB spread over the workers. Data equal (qemu-img compare), a qcow2
+    copy of the export clean (qemu-img check)."""
+    from conftest import make_sparse
+
+    from blkjobs.formats.nbd import Nbd, default_connections
+    qemu_nbd, nbdkit = servers
+    size = 160 << 20
+    src = make_sparse(str(tmp_path / "src.raw"), size, [
+        (0, 9 << 20, "data"), (66 << 20, 5 << 20, "data"), (70 << 20, 1 << 20, "zero"),
+        (140 << 20, 10 << 20, "data"), (size - 4096, 4096, 0x5a)])
+    if server == "qemu-nbd":
+        tgt = tmp_path / "tgt.raw"
+        tgt.write_bytes(b"")
+        os.truncate(tgt, size)
+        s = qemu_nbd(str(tgt), "raw", "-e", "8")
+    else:
+        s = nbdkit("memory", str(size))
+    d = Nbd(s.uri, read_only=True)
+    try:
+        assert d.connections == default_connections() > 1 or os.cpu_count() == 1
+    finally:
+        d.close()
+    run_blkjobs("convert", "-n", src, s.uri, check=True)
+    same(src, s.uri)
+    back = str(tmp_path / "back.raw")
+    run_blkjobs("convert", s.uri, back, check=True)
+    same(back, src)
+    q = str(tmp_path / "back.qcow2")
+    run_blkjobs("convert", "-O", "qcow2", s.uri, q, check=True)
+    r = qimg("check", q)
+    assert r.returncode == 0 and "No errors were found" in r.stdout, r.stdout + r.stderr
+    same(q, src, "-f", "qcow2", "-F", "raw")
+
+
+@pytest.mark.parametrize("path", ["c", "buffers"])     # -r: the buffer path
+def test_requests_stay_within_the_servers_maximum_block_size(tmp_path, servers, path):
+    """A server that advertises a 64 KiB maximum and refuses larger requests
+    (nbdkit's blocksize-policy filter): reads and writes are split to it
+    (were 256 KiB: 'Invalid argument')."""
+    _, nbdkit = servers
+    rate = ["-r", "8G"] if path == "buffers" else []
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(1 << 20))
+    s = nbdkit("--filter=blocksize-policy", "memory", "5M", "blocksize-maximum=64K",
+               "blocksize-error-policy=error")
+    run_blkjobs("convert", *rate, "-n", str(src), s.uri, check=True)
+    same(str(src), s.uri)
+    back = str(tmp_path / "back.raw")
+    run_blkjobs("convert", *rate, s.uri, back, check=True)
+    same(back, str(src))
+
+
 def test_the_export_is_flushed_with_t_writeback_only(tmp_path, servers):
     _, nbdkit = servers
     src = tmp_path / "src.raw"
