@@ -482,7 +482,7 @@ def test_raw_files_to_and_from_exports_both_paths(tmp_path, servers, path, monke
 @pytest.mark.parametrize("server", ["qemu-nbd", "nbdkit-memory"])
 def test_multi_conn_copies_into_and_out_of_an_export(tmp_path, servers, server):
     """A multi-conn export: one connection per CPU (at most 4), each copy
-    worker on its own; 1 MiB writes sent from the mapped file, pieces of
+    worker on its own; writes sent from the mapped file, pieces of
     64 MiB spread over the workers. Data equal (qemu-img compare), a qcow2
     copy of the export clean (qemu-img check)."""
     from conftest import make_sparse
