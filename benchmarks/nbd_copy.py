@@ -9,7 +9,13 @@ rotates each round; the figure is the median over rounds of each round's
 ratio (ours / theirs: below 1 is faster). Each target file is removed before
 a run (a fresh file for everyone).
 
-    .venv/bin/python benchmarks/nbd_copy.py [--size 512M] [--rounds 5] [--busy]
+    .venv/bin/python benchmarks/nbd_copy.py [--size 512M] [--rounds 5] [--busy] [--cases sr,qn,wq]
+
+Besides the wall times, each line gives the median CPU seconds (user +
+system) of the client (from ``wait4``) and of the server during that
+client's runs (from ``/proc/PID/stat``): on the loaded 2-core machine they
+move far less than the wall times, and a client's requests cost the server
+CPU too. ``[min-max]`` is the range of the per-round ratios.
 
 ``--busy``: two CPU hogs (busy loops, one per core of the 2-core test
 machine) run during the whole measurement, so that the figures show how
