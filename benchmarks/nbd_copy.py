@@ -9,7 +9,13 @@ rotates each round; the figure is the median over rounds of each round's
 ratio (ours / theirs: below 1 is faster). Each target file is removed before
 a run (a fresh file for everyone).
 
-    .venv/bin/python benchmarks/nbd_copy.py [--size 512M] [--rounds 5] [--busy]
+    .venv/bin/python benchmarks/nbd_copy.py [--size 512M] [--rounds 5] [--busy] [--cases sr,qn,wq]
+
+Besides the wall times, each line gives the median CPU seconds (user +
+system) of the client (from ``wait4``) and of the server during that
+client's runs (from ``/proc/PID/stat``): on the loaded 2-core machine they
+move far less than the wall times, and a client's requests cost the server
+CPU too. ``[min-max]`` is the range of the per-round ratios.
 
 ``--busy``: two CPU hogs (busy loops, one per core of the 2-core test
 machine) run during the whole measurement, so that the figures show how
@@ -49,32 +55,55 @@ class Server:
                 raise SystemExit(f"{argv[0]} did not start")
             time.sleep(0.01)
 
+    def cpu(self) -> float:
+        """The server's CPU seconds so far (user + system, all threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(15)
 
 
-def timed(argv: list[str]) -> float:
+def timed(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + system) of one run of ``argv``."""
     t0 = time.monotonic()
-    r = subprocess.run(argv, capture_output=True, text=True)
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    err = p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
     dt = time.monotonic() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed: {r.stderr.strip()}")
-    return dt
+    p.returncode = os.waitstatus_to_exitcode(status)
+    p.stderr.close()
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed: {err.decode(errors='replace').strip()}")
+    return dt, ru.ru_utime + ru.ru_stime
 
 
-def run_case(name: str, contenders: dict[str, list[str]], before, rounds: int) -> dict:
+def run_case(name: str, contenders: dict[str, list[str]], before, rounds: int,
+             server: Server) -> dict:
     names = list(contenders)
     for n in names:                    # warm-up
         before()
         timed(contenders[n])
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    scpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
             before()
-            times[n].append(timed(contenders[n]))
-    out = {"case": name, "median_s": {n: statistics.median(v) for n, v in times.items()}}
+            s0 = server.cpu()
+            wall, c = timed(contenders[n])
+            scpu[n].append(server.cpu() - s0)
+            times[n].append(wall)
+            cpu[n].append(c)
+    out = {"case": name, "median_s": {n: statistics.median(v) for n, v in times.items()},
+           "cpu_s": {n: statistics.median(v) for n, v in cpu.items()},
+           "server_cpu_s": {n: statistics.median(v) for n, v in scpu.items()},
+           "ratios": {n: [a / b for a, b in zip(times["blkjobs"], times[n], strict=True)]
+                      for n in names if n != "blkjobs"}}
     out["ratio"] = {n: statistics.median(a / b for a, b in zip(times["blkjobs"], times[n], strict=True))
                     for n in names if n != "blkjobs"}
     return out
@@ -85,6 +114,9 @@ def main() -> int:
     ap.add_argument("--size", default="512M")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--busy", action="store_true", help="two CPU hogs during the run")
+    ap.add_argument("--cases", default="sr,qn,wq",
+                    help="comma-separated: sr (sparse-random -> file), qn (qemu-nbd -> file), "
+                         "wq (file -> qemu-nbd)")
     a = ap.parse_args()
     size = _size(a.size)
     for tool in ("nbdkit", "qemu-nbd", "nbdcopy", "qemu-img"):
@@ -103,14 +135,16 @@ def main() -> int:
             if os.path.exists(out):
                 os.unlink(out)
 
+        cases = set(a.cases.split(","))
         # 1. nbdkit sparse-random -> file
         s = Server(["nbdkit", "-f", "-U", f"{d}/sr.sock", "sparse-random", str(size),
                     "seed=1", "percent=50"], f"{d}/sr.sock")
         servers.append(s)
-        results.append(run_case("sparse-random -> file", {
-            "blkjobs": BLKJOBS + ["convert", s.uri, out],
-            "nbdcopy": ["nbdcopy", s.uri, out],
-            "qemu-img": ["qemu-img", "convert", "-O", "raw", s.uri, out]}, fresh, a.rounds))
+        if "sr" in cases:
+            results.append(run_case("sparse-random -> file", {
+                "blkjobs": BLKJOBS + ["convert", s.uri, out],
+                "nbdcopy": ["nbdcopy", s.uri, out],
+                "qemu-img": ["qemu-img", "convert", "-O", "raw", s.uri, out]}, fresh, a.rounds, s))
         # 2. qemu-nbd (read-only, raw file of data) -> file
         img = os.path.join(d, "src.raw")
         subprocess.run(["nbdkit", "-U", "-", "sparse-random", str(size), "seed=2",
@@ -118,10 +152,11 @@ def main() -> int:
         q = Server(["qemu-nbd", "-r", "-t", "-e", "8", "-f", "raw", "-k", f"{d}/q.sock", img],
                    f"{d}/q.sock")
         servers.append(q)
-        results.append(run_case("qemu-nbd -> file", {
-            "blkjobs": BLKJOBS + ["convert", q.uri, out],
-            "nbdcopy": ["nbdcopy", q.uri, out],
-            "qemu-img": ["qemu-img", "convert", "-O", "raw", q.uri, out]}, fresh, a.rounds))
+        if "qn" in cases:
+            results.append(run_case("qemu-nbd -> file", {
+                "blkjobs": BLKJOBS + ["convert", q.uri, out],
+                "nbdcopy": ["nbdcopy", q.uri, out],
+                "qemu-img": ["qemu-img", "convert", "-O", "raw", q.uri, out]}, fresh, a.rounds, q))
         # 3. file -> qemu-nbd (writable)
         tgt = os.path.join(d, "tgt.raw")
         with open(tgt, "wb") as f:
@@ -129,11 +164,12 @@ def main() -> int:
         w = Server(["qemu-nbd", "-t", "-e", "8", "-f", "raw", "-k", f"{d}/w.sock", tgt],
                    f"{d}/w.sock")
         servers.append(w)
-        results.append(run_case("file -> qemu-nbd", {
-            "blkjobs": BLKJOBS + ["convert", "-n", img, w.uri],
-            "nbdcopy": ["nbdcopy", img, w.uri],
-            "qemu-img": ["qemu-img", "convert", "-n", "-O", "raw", img, w.uri]},
-            lambda: None, a.rounds))
+        if "wq" in cases:
+            results.append(run_case("file -> qemu-nbd", {
+                "blkjobs": BLKJOBS + ["convert", "-n", img, w.uri],
+                "nbdcopy": ["nbdcopy", img, w.uri],
+                "qemu-img": ["qemu-img", "convert", "-n", "-O", "raw", img, w.uri]},
+                lambda: None, a.rounds, w))
     finally:
         load1 = os.getloadavg()
         for h in hogs:
@@ -142,12 +178,15 @@ def main() -> int:
         for s in servers:
             s.stop()
         shutil.rmtree(d, ignore_errors=True)
-    print(f"size {a.size}, {a.rounds} rounds (median of per-round ratios; < 1: blkjobs faster)"
-          f"{', 2 CPU hogs' if a.busy else ''}; load average {load0[0]:.1f} before, "
-          f"{load1[0]:.1f} after")
+    print(f"size {a.size}, {a.rounds} rounds{', 2 CPU hogs' if a.busy else ''}; load average "
+          f"{load0[0]:.1f} before, {load1[0]:.1f} after. Per contender: median wall time (median "
+          f"CPU seconds of the client + the server); median of per-round ratios ours/theirs "
+          f"[min-max], < 1: blkjobs faster")
     for r in results:
-        med = "  ".join(f"{n} {t:.3f}s" for n, t in r["median_s"].items())
-        rat = "  ".join(f"vs {n} {x:.2f}" for n, x in r["ratio"].items())
+        med = "  ".join(f"{n} {t:.3f}s (cpu {r['cpu_s'][n]:.3f}+{r['server_cpu_s'][n]:.2f}s)"
+                        for n, t in r["median_s"].items())
+        rat = "  ".join(f"vs {n} {x:.2f} [{min(r['ratios'][n]):.2f}-{max(r['ratios'][n]):.2f}]"
+                        for n, x in r["ratio"].items())
         print(f"{r['case']:<24} {med}   {rat}")
     return 0
 

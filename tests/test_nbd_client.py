@@ -324,6 +324,42 @@ def test_a_server_that_closes_mid_request(tmp_path, servers):
     one_line_error(p, "error reading source")
 
 
+def test_a_source_truncated_while_it_is_sent_fails_with_one_line(tmp_path, servers):
+    """file -> export sends from the file mapped into memory: a source cut
+    short meanwhile (by someone else) makes the copy fail with one line
+    (source side, EIO), not die of SIGBUS. The server holds its first write
+    until the file is truncated (FIFOs: no timing)."""
+    import sys
+    _, nbdkit = servers
+    started, go = tmp_path / "started", tmp_path / "go"
+    os.mkfifo(started)
+    os.mkfifo(go)
+    script = _sh_plugin(tmp_path, (
+        "  get_size) echo 8388608 ;;\n"
+        "  can_write) exit 0 ;;\n"
+        "  pread) head -c $3 /dev/zero ;;\n"
+        f"  pwrite) cat >/dev/null\n"
+        f"          if mkdir {tmp_path}/once 2>/dev/null; then\n"
+        f"            echo >{started}; read x <{go}; fi ;;\n"))
+    s = nbdkit("sh", script)
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(8 << 20))
+    p = subprocess.Popen([sys.executable, "-m", "blkjobs", "convert", "-n", str(src), s.uri],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env("30"))
+    with open(started) as f:        # the first write arrived: the file is mapped
+        f.read()
+    os.truncate(src, 0)
+    with open(go, "w") as f:
+        f.write("\n")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1, (p.returncode, err)
+    assert "Traceback" not in err
+    line = one_line_error(subprocess.CompletedProcess(p.args, p.returncode, out, err),
+                          "error reading source", "Input/output error")
+    assert "the target was left partially written" in line
+
+
 def test_an_unreachable_server_and_a_bad_timeout(tmp_path):
     p = _run("info", f"nbd+unix:///?socket={tmp_path}/none.sock", env=_env("1"))
     one_line_error(p, "Could not open", "none.sock")
@@ -410,11 +446,15 @@ def test_without_libnbd_one_line_says_nbd_is_unavailable(tmp_path):
                                  "libnbd (install libnbd-dev, then rebuild: make venv)")
 
 
-@pytest.mark.parametrize("path", ["c", "buffers"])     # -r: the buffer path
-def test_raw_files_to_and_from_exports_both_paths(tmp_path, servers, path):
+@pytest.mark.parametrize("path", ["c", "c-pread", "buffers"])     # -r: the buffer path
+def test_raw_files_to_and_from_exports_both_paths(tmp_path, servers, path, monkeypatch):
+    """c: file -> export sends from the file mapped into memory (one copy);
+    c-pread: from buffers the file is read into (where it cannot be mapped)."""
     from conftest import make_sparse
     qemu_nbd, nbdkit = servers
     rate = ["-r", "8G"] if path == "buffers" else []
+    if path == "c-pread":
+        monkeypatch.setenv("BLKJOBS_NBD_NO_MMAP", "1")
     src = make_sparse(str(tmp_path / "src.raw"), 48 << 20, [
         (0, 3 << 20, "data"), (5 << 20, 2 << 20, "zero"), (9 << 20, 4096, 0x61),
         (20 << 20, 7 << 20, "data"), ((48 << 20) - 512, 512, 0x7e)])
@@ -437,6 +477,62 @@ def test_raw_files_to_and_from_exports_both_paths(tmp_path, servers, path):
     full.write_bytes(b"\xdd" * (48 << 20))
     run_blkjobs("convert", *rate, "-n", q.uri, str(full), check=True)
     same(str(full), src)
+
+
+@pytest.mark.parametrize("server", ["qemu-nbd", "nbdkit-memory"])
+def test_multi_conn_copies_into_and_out_of_an_export(tmp_path, servers, server):
+    """A multi-conn export: one connection per CPU (at most 4), each copy
+    worker on its own; writes sent from the mapped file, pieces of
+    64 MiB spread over the workers. Data equal (qemu-img compare), a qcow2
+    copy of the export clean (qemu-img check)."""
+    from conftest import make_sparse
+
+    from blkjobs.formats.nbd import Nbd, default_connections
+    qemu_nbd, nbdkit = servers
+    size = 160 << 20
+    src = make_sparse(str(tmp_path / "src.raw"), size, [
+        (0, 9 << 20, "data"), (66 << 20, 5 << 20, "data"), (70 << 20, 1 << 20, "zero"),
+        (140 << 20, 10 << 20, "data"), (size - 4096, 4096, 0x5a)])
+    if server == "qemu-nbd":
+        tgt = tmp_path / "tgt.raw"
+        tgt.write_bytes(b"")
+        os.truncate(tgt, size)
+        s = qemu_nbd(str(tgt), "raw", "-e", "8")
+    else:
+        s = nbdkit("memory", str(size))
+    d = Nbd(s.uri, read_only=True)
+    try:
+        assert d.connections == default_connections() > 1 or os.cpu_count() == 1
+    finally:
+        d.close()
+    run_blkjobs("convert", "-n", src, s.uri, check=True)
+    same(src, s.uri)
+    back = str(tmp_path / "back.raw")
+    run_blkjobs("convert", s.uri, back, check=True)
+    same(back, src)
+    q = str(tmp_path / "back.qcow2")
+    run_blkjobs("convert", "-O", "qcow2", s.uri, q, check=True)
+    r = qimg("check", q)
+    assert r.returncode == 0 and "No errors were found" in r.stdout, r.stdout + r.stderr
+    same(q, src, "-f", "qcow2", "-F", "raw")
+
+
+@pytest.mark.parametrize("path", ["c", "buffers"])     # -r: the buffer path
+def test_requests_stay_within_the_servers_maximum_block_size(tmp_path, servers, path):
+    """A server that advertises a 64 KiB maximum and refuses larger requests
+    (nbdkit's blocksize-policy filter): reads and writes are split to it
+    (were 256 KiB: 'Invalid argument')."""
+    _, nbdkit = servers
+    rate = ["-r", "8G"] if path == "buffers" else []
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(1 << 20))
+    s = nbdkit("--filter=blocksize-policy", "memory", "5M", "blocksize-maximum=64K",
+               "blocksize-error-policy=error")
+    run_blkjobs("convert", *rate, "-n", str(src), s.uri, check=True)
+    same(str(src), s.uri)
+    back = str(tmp_path / "back.raw")
+    run_blkjobs("convert", *rate, s.uri, back, check=True)
+    same(back, str(src))
 
 
 def test_the_export_is_flushed_with_t_writeback_only(tmp_path, servers):

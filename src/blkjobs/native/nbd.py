@@ -42,8 +42,9 @@ _FLUSH, _TRIM, _ZERO = 0, 1, 2
 COPY_DEPTH = 16
 COPY_DEPTH_UNIX = 4
 BASE_ALLOCATION = b"base:allocation"
-#: preferred block size (nbd_get_block_size's LIBNBD_SIZE_PREFERRED)
+#: preferred and maximum block size (nbd_get_block_size's LIBNBD_SIZE_*)
 _SIZE_PREFERRED = 1
+_SIZE_MAXIMUM = 2
 
 
 def _libnbd_error(default: int = errno.EIO) -> tuple[int, str]:
@@ -131,6 +132,12 @@ class Connection:
             pref = int(lib.nbd_get_block_size(h, _SIZE_PREFERRED))
             if pref > 0:
                 self.chunk = max(self.chunk, min(pref, 32 << 20))
+            #: the largest request the server takes (32 MiB, NBD's safe
+            #: limit, when it does not say)
+            self.max_request = int(lib.nbd_get_block_size(h, _SIZE_MAXIMUM))
+            if self.max_request <= 0:
+                self.max_request = 32 << 20
+            self.chunk = min(self.chunk, self.max_request)
         except BaseException:
             lib.nbd_close(h)
             self._h = None
@@ -248,6 +255,9 @@ class Connection:
         h = self._handle()
         st = ffi.new("struct bj_nbd_copy_stats *")
         depth = COPY_DEPTH_UNIX if "+unix:" in self.uri.lower() else COPY_DEPTH
+        # 256 KiB requests both ways: 1 MiB writes, though sent from the
+        # mapped file without a buffer, cost a freshly started qemu-nbd 50 %
+        # more CPU (0.59-0.68 s against 0.41-0.43 s per GiB; its buffers)
         rc = lib.bj_nbd_copy_fd(h, fd, int(to_nbd), offset, length, self.chunk, depth,
                                 int(skip_zero), 0 if may_unmap else CMD_FLAG_NO_HOLE,
                                 self.timeout_ms, st)
