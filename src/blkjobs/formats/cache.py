@@ -23,9 +23,9 @@ mode, writable ones the target's), the daemon per node
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
 
 from ..errors import UsageError
@@ -46,7 +46,7 @@ CHOICES = ("none", "writeback", "unsafe", "directsync", "writethrough")
 
 #: extra flags of read-only and of writable opens (the CLI's -T and -t)
 _cli = {False: 0, True: 0}
-_local = threading.local()
+_local = _thread._local()   # threading.local, without importing threading (start-up)
 
 
 def parse(mode: str) -> str:

@@ -49,7 +49,6 @@ import errno
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
 
 from ..errors import ImageError, UsageError
 from .base import Driver, Kind, Mapping
@@ -158,12 +157,11 @@ def qmp_uri(server: dict, export: str | None) -> str:
     raise UsageError(f"NBD server address type '{kind}' is not supported (unix, inet)")
 
 
-@dataclass(frozen=True)
 class ZeroData(Mapping):
     """A ZERO run that is data too (HOLE clear, ZERO set): qemu-img map
     prints ``"zero": true, "data": true``."""
-
-    zero_data: bool = True
+    __slots__ = ()
+    zero_data = True
 
 
 class _Outage(OSError):
@@ -392,8 +390,8 @@ class Nbd(Driver):
                 n = min(n, end - pos)
                 m = self._mapping(pos, n, flags)
                 if out and (out[-1].kind, type(out[-1])) == (m.kind, type(m)):
-                    m = replace(m, start=out[-1].start, length=out[-1].length + n,
-                                host_offset=out[-1].host_offset)
+                    m = type(m)(out[-1].start, out[-1].length + n, m.kind,
+                                out[-1].host_offset)
                     out[-1] = m
                 else:
                     out.append(m)

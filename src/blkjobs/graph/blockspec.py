@@ -23,11 +23,12 @@ layer owning it registered (:func:`register_filter`; the graph layer has no
 fault injection of its own). Bad names raise :class:`~blkjobs.errors.ImageError`
 with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
 """
+# long because: one reader for every syntax above, and the tree's two classes
+# written out by hand (not dataclasses: see Layer)
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from .blockspec_net import (blkdebug_display, nbd_connect_failure, nbd_display, net_options,
                             open_ssh, take_probed)
@@ -97,21 +98,32 @@ def file_name(name: str) -> str:
     return name
 
 
-@dataclass
 class Layer:
     """One block node of a spec: its driver (None: a format to probe), its
-    own options, and its children (``file``, ``image``)."""
-    driver: str | None
-    opts: dict[str, Any] = field(default_factory=dict)
-    child: Layer | None = None
-    children: list[Layer] = field(default_factory=list)     # a quorum's
+    own options, and its children (``file``, ``image``). Not a dataclass
+    (nor Spec): ``dataclasses`` imports ``inspect``, ~8 ms of start-up."""
+
+    def __init__(self, driver: str | None, opts: dict[str, Any] | None = None,
+                 child: Layer | None = None, children: list[Layer] | None = None):
+        self.driver = driver
+        self.opts: dict[str, Any] = {} if opts is None else opts
+        self.child = child
+        self.children: list[Layer] = [] if children is None else children   # a quorum's
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({vars(self)!r})"
 
 
-@dataclass
 class Spec:
-    name: str          # as given (error messages)
-    top: Layer
-    display: str       # what qemu-img shows as the image's file name
+    def __init__(self, name: str, top: Layer, display: str):
+        self.name = name            # as given (error messages)
+        self.top = top
+        self.display = display      # what qemu-img shows as the image's file name
+
+    __eq__, __repr__ = Layer.__eq__, Layer.__repr__
 
 
 # -- the syntaxes -------------------------------------------------------------------

@@ -4,7 +4,6 @@
 (see :mod:`.convert` for the whole picture)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
 
 from ..errors import UsageError
@@ -20,42 +19,84 @@ CHAIN_REQUEST = 512 << 10
 MAX_SPARSE_SIZE = 16 << 20
 
 
-@dataclass
 class ConvertOptions:
-    sparse_size: int = 4096        # -S: zero detection granularity, 0 = fully allocate
-    no_create: bool = False        # -n: the target exists, do not create it
-    target_is_zero: bool = False   # --target-is-zero (with -n)
-    rate: int = 0                  # -r: bytes/s, 0 = unlimited
-    threads: int = 4               # -m: worker threads
-    request_size: int | None = None   # bytes per engine request; None = per path default
-    flush: bool = True             # fsync the target at the end (-t writeback)
-    src_fmt: str | None = None     # -f: probed when None
-    dst_fmt: str = "raw"           # -O: raw | qcow2
-    compress: bool = False         # -c: compressed qcow2 clusters
-    backing: str | None = None     # -B: backing file recorded in the target
-    backing_fmt: str | None = None  # -F: its format (probed when None)
-    create_opts: dict = field(default_factory=dict)   # -o (qcow2/raw creation options)
-    force_share: bool = False      # -U: read a source another process is writing
-    snapshot: tuple[str | None, str | None] | str | None = None  # -l: (id, name) or ID-or-name
-    salvage: bool = False          # --salvage: unreadable sectors read as zeroes
-    #: with --salvage: told (offset, errno) of each sector that could not be read
-    on_salvage: Callable[[int, int], None] | None = None
-    #: with --salvage: told (offset, errno) of each sector whose block status
-    #: could not be read (a source under fault injection: convert_faults)
-    on_status_salvage: Callable[[int, int], None] | None = None
-    #: qemu-img's -m as given (default 8): its requests in flight, which a
-    #: source under fault injection copies as qemu-img would (convert_faults)
-    coroutines: int = 8
-    #: a failed convert keeps the target, as qemu-img does (invoked as
-    #: qemu-img); else a target we created is removed and the error says so
-    keep_failed_target: bool = False
+    """The ``qemu-img convert`` flags. (A plain class, not a dataclass:
+    ``dataclasses`` imports ``inspect``, ~8 ms of every raw -> raw convert's
+    start-up.)"""
+
+    def __init__(self, *, sparse_size: int = 4096,
+                 no_create: bool = False,
+                 target_is_zero: bool = False,
+                 rate: int = 0,
+                 threads: int = 4,
+                 request_size: int | None = None,
+                 flush: bool = True,
+                 src_fmt: str | None = None,
+                 dst_fmt: str = "raw",
+                 compress: bool = False,
+                 backing: str | None = None,
+                 backing_fmt: str | None = None,
+                 create_opts: dict | None = None,
+                 force_share: bool = False,
+                 snapshot: tuple[str | None, str | None] | str | None = None,
+                 salvage: bool = False,
+                 on_salvage: Callable[[int, int], None] | None = None,
+                 on_status_salvage: Callable[[int, int], None] | None = None,
+                 coroutines: int = 8,
+                 keep_failed_target: bool = False):
+        self.sparse_size: int = sparse_size  # -S: zero detection granularity, 0 = fully allocate
+        self.no_create: bool = no_create  # -n: the target exists, do not create it
+        self.target_is_zero: bool = target_is_zero  # --target-is-zero (with -n)
+        self.rate: int = rate  # -r: bytes/s, 0 = unlimited
+        self.threads: int = threads  # -m: worker threads
+        # bytes per engine request; None = per path default
+        self.request_size: int | None = request_size
+        self.flush: bool = flush  # fsync the target at the end (-t writeback)
+        self.src_fmt: str | None = src_fmt  # -f: probed when None
+        self.dst_fmt: str = dst_fmt  # -O: raw | qcow2
+        self.compress: bool = compress  # -c: compressed qcow2 clusters
+        self.backing: str | None = backing  # -B: backing file recorded in the target
+        self.backing_fmt: str | None = backing_fmt  # -F: its format (probed when None)
+        # -o (qcow2/raw creation options)
+        self.create_opts: dict = {} if create_opts is None else create_opts
+        self.force_share: bool = force_share  # -U: read a source another process is writing
+        # -l: (id, name) or ID-or-name
+        self.snapshot: tuple[str | None, str | None] | str | None = snapshot
+        self.salvage: bool = salvage  # --salvage: unreadable sectors read as zeroes
+        # with --salvage: told (offset, errno) of each sector that could not be read
+        self.on_salvage: Callable[[int, int], None] | None = on_salvage
+        # with --salvage: told (offset, errno) of each sector whose block status
+        # could not be read (a source under fault injection: convert_faults)
+        self.on_status_salvage: Callable[[int, int], None] | None = on_status_salvage
+        # qemu-img's -m as given (default 8): its requests in flight, which a
+        # source under fault injection copies as qemu-img would (convert_faults)
+        self.coroutines: int = coroutines
+        # a failed convert keeps the target, as qemu-img does (invoked as
+        # qemu-img); else a target we created is removed and the error says so
+        self.keep_failed_target: bool = keep_failed_target
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is ConvertOptions and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return "ConvertOptions(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
 
 
-@dataclass
 class ConvertResult:
-    size: int
-    data_bytes: int
-    zero_bytes: int
+    __slots__ = ("size", "data_bytes", "zero_bytes")
+
+    def __init__(self, size: int, data_bytes: int, zero_bytes: int):
+        self.size = size
+        self.data_bytes = data_bytes
+        self.zero_bytes = zero_bytes
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is ConvertResult and (self.size, self.data_bytes, self.zero_bytes) \
+            == (other.size, other.data_bytes, other.zero_bytes)
+
+    def __repr__(self) -> str:
+        return (f"ConvertResult(size={self.size!r}, data_bytes={self.data_bytes!r}, "
+                f"zero_bytes={self.zero_bytes!r})")
 
 
 def check_options(o: ConvertOptions) -> None:

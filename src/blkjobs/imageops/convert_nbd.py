@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable
 
@@ -36,6 +34,8 @@ from .convert_target import identity, lock_target, say_what_happened_to_target
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    import queue
+    import threading
     from typing import Any
 
 WORK = 256 << 20            # block status asked per work range
@@ -102,6 +102,8 @@ def convert_nbd(src: str, dst: str, o: ConvertOptions,
 
 class _NbdConvert:
     def __init__(self, src, dst, o: ConvertOptions, progress, check):
+        # here, not at the top: a local convert needs no threads of ours (start-up)
+        import threading
         self.src, self.dst, self.o = src, dst, o
         self.progress, self.check = progress, check
         self.top: Any = None         # the source's top node
@@ -124,6 +126,7 @@ class _NbdConvert:
 
     # -- setup ---------------------------------------------------------------
     def _open(self) -> None:
+        import threading
         from .images import open_ro
         self.top = open_ro(self.src, self.o.src_fmt, force_share=self.o.force_share,
                            stable=True)
@@ -133,6 +136,7 @@ class _NbdConvert:
             self.src_lock = threading.Lock()
 
     def _open_target(self) -> None:
+        import threading
         from ..formats import create_image, open_image
         o, dst = self.o, self.dst
         if is_nbd_uri(dst):
@@ -220,6 +224,7 @@ class _NbdConvert:
     def _put(self, q: queue.Queue, item) -> None:
         """Queue ``item``; give up (quietly) once the copy stops: the
         workers that would take it are gone."""
+        import queue
         while not self.stop.is_set():
             try:
                 q.put(item, timeout=0.05)
@@ -342,6 +347,7 @@ class _NbdConvert:
             self.done += n
 
     def _worker(self, q: queue.Queue) -> None:
+        import queue
         buf = memoryview(bytearray(CHUNK))
         try:
             while not self.stop.is_set():
@@ -365,6 +371,8 @@ class _NbdConvert:
             self.stop.set()
 
     def _copy(self) -> None:
+        import queue
+        import threading
         self.lock = threading.Lock()
         if self.in_order:
             return copy_in_order(self)
@@ -414,6 +422,7 @@ class _NbdConvert:
 
     @staticmethod
     def _drain(q: queue.Queue) -> None:
+        import queue
         try:
             while True:
                 q.get_nowait()
