@@ -1,7 +1,8 @@
 """What a convert into a new qcow2 image spends besides copying: with
 ``-t unsafe`` nothing is fsync'd (the new file's creation included, as
-qemu-img with ``-t unsafe``), with ``-t writeback`` the target is; an
-unencrypted target imports none of the LUKS code (hashlib, uuid). The
+qemu-img's ``-t unsafe`` does after creating it), with ``-t writeback``
+the target is; unencrypted images without internal snapshots import
+neither the LUKS code (hashlib, uuid) nor the snapshot table's module. The
 targets are qemu-img's bytes and ``qemu-img check`` clean."""
 from __future__ import annotations
 
@@ -55,17 +56,26 @@ import sys
 sys.argv = ["blkjobs"] + sys.argv[1:]
 from blkjobs.cli.main import main
 rc = main()
-heavy = ("blkjobs.formats.luks", "blkjobs.formats.qcow2.crypt", "hashlib", "uuid")
+heavy = ("blkjobs.formats.luks", "blkjobs.formats.qcow2.crypt", "hashlib", "uuid",
+         "blkjobs.formats.qcow2.snapshots")
 print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
 raise SystemExit(rc)
 """
 
 
-def test_plain_qcow2_target_imports_no_luks(tmp_path):
+def test_plain_qcow2_convert_imports_no_luks_nor_snapshots(tmp_path):
+    """raw -> qcow2 and a qcow2 chain (no internal snapshots) -> qcow2: the
+    LUKS code is imported only for encrypted images, the snapshot table's
+    module only for images that have snapshots."""
     src = _source(tmp_path)
-    dst = tmp_path / "b.qcow2"
-    p = subprocess.run([sys.executable, "-c", PROBE, "convert", "-t", "unsafe", "-O", "qcow2",
-                        str(src), str(dst)], capture_output=True, text=True, timeout=60)
-    assert (p.returncode, p.stderr.strip()) == (0, "[]")
-    check_clean(dst)
-    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, dst).returncode == 0
+    top = tmp_path / "top.qcow2"
+    qemu_img("convert", "-O", "qcow2", src, tmp_path / "base.qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    for i, s in enumerate((src, top)):
+        dst = tmp_path / f"b{i}.qcow2"
+        p = subprocess.run([sys.executable, "-c", PROBE, "convert", "-t", "unsafe", "-O",
+                            "qcow2", str(s), str(dst)], capture_output=True, text=True,
+                           timeout=60)
+        assert (p.returncode, p.stderr.strip()) == (0, "[]"), s
+        check_clean(dst)
+        assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, dst).returncode == 0
