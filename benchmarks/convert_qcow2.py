@@ -35,8 +35,11 @@ The bar: blkjobs at least as fast (median) as qemu-img's fastest variant on
 every case. MB/s = 10^6 bytes of virtual size per second. The machine this
 was written on has 2 cores and noisy neighbours: look at min and median.
 
+``--image dense``: every byte of the raw image is random data (no holes, no
+zeroes), and the qcow2 copy and the chain are built over it the same way.
+
     python3 benchmarks/convert_qcow2.py [--size 4G] [--rounds 5] [--load quiet,busy]
-        [--dir /var/tmp] [--baseline /work/main/.venv/bin/blkjobs]
+        [--image vm,dense] [--dir /var/tmp] [--baseline /work/main/.venv/bin/blkjobs]
 """
 from __future__ import annotations
 
@@ -97,6 +100,21 @@ def build_raw(path: str, size: int, seed: int = 42) -> dict:
             stats[kind] += n
             pos += n
     return stats
+
+
+def build_dense(path: str, size: int, seed: int = 42) -> dict:
+    """Dense: random data from one 64 MiB pool at varying offsets, no holes
+    and no zero blocks."""
+    rnd = random.Random(seed)
+    pool = rnd.randbytes(64 * MiB)
+    with open(path, "wb") as f:
+        pos = 0
+        while pos < size:
+            k = min(size - pos, 32 * MiB)
+            o = rnd.randrange(0, len(pool) - k + 1) & ~4095
+            f.write(pool[o:o + k])
+            pos += k
+    return {"data": size, "zero": 0, "hole": 0}
 
 
 def qemu_io(path, cmds):
@@ -207,6 +225,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--load", default="quiet", help="quiet,busy (quiet by default)")
+    ap.add_argument("--image", default="vm", help="vm,dense (VM-shaped by default)")
     ap.add_argument("--keep", action="store_true", help="keep the images")
     ap.add_argument("--baseline", help="another blkjobs (e.g. the main branch's "
                     ".venv/bin/blkjobs), run -t unsafe as 'blkjobs before'")
@@ -219,70 +238,80 @@ def main():
             raise SystemExit(f"{tool} is required (Debian qemu-utils)")
     d = tempfile.mkdtemp(prefix="blkjobs-convert-qcow2-", dir=a.dir)
     try:
-        raw = os.path.join(d, "vm.raw")
-        t0 = time.perf_counter()
-        st = build_raw(raw, size)
-        q = os.path.join(d, "vm.qcow2")
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, q], check=True)
-        top = build_chain(d, raw, size)
-        print(f"# images built in {time.perf_counter() - t0:.1f}s in {d}: size {size / 2**30:g} GiB,"
-              f" data {st['data'] / 2**30:.2f} GiB, zeroes-as-data {st['zero'] / 2**30:.2f} GiB,"
-              f" holes {st['hole'] / 2**30:.2f} GiB; chain: 3-deep qcow2 over the same data",
-              flush=True)
-        warm([raw, q] + [os.path.join(d, f"chain-{n}.qcow2") for n in ("base", "mid", "top")])
-        bj = blkjobs_cmd()
-        ENV.pop("PYTHONDONTWRITEBYTECODE", None)
-        ENV["PYTHONPYCACHEPREFIX"] = os.path.join(d, "pycache")
-        bju = bj + ["convert", "-t", "unsafe"]
-        out_raw, out_q = os.path.join(d, "out.raw"), os.path.join(d, "out.qcow2")
-        cases = [
-            ("qcow2 -> raw", out_raw, {
-                "blkjobs -t unsafe": bju + ["-O", "raw", q, out_raw],
-                "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "raw", q, out_raw],
-                "qemu-img": ["qemu-img", "convert", "-O", "raw", q, out_raw],
-                "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", q,
-                                     out_raw]}),
-            ("raw -> qcow2", out_q, {
-                "blkjobs -t unsafe": bju + ["-O", "qcow2", raw, out_q],
-                "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "qcow2", raw, out_q],
-                "qemu-img": ["qemu-img", "convert", "-O", "qcow2", raw, out_q],
-                "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "qcow2", raw,
-                                     out_q]}),
-            ("chain(3) -> qcow2", out_q, {
-                "blkjobs -t unsafe": bju + ["-O", "qcow2", top, out_q],
-                "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "qcow2", top,
-                                              out_q],
-                "qemu-img": ["qemu-img", "convert", "-O", "qcow2", top, out_q],
-                "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "qcow2", top,
-                                     out_q]}),
-            ("chain(3) -> raw", out_raw, {
-                "blkjobs -t unsafe": bju + ["-O", "raw", top, out_raw],
-                "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "raw", top, out_raw],
-                "qemu-img": ["qemu-img", "convert", "-O", "raw", top, out_raw],
-                "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", top,
-                                     out_raw]}),
-        ]
-        if a.baseline:
-            for _name, _out, cmds in cases:
-                cmds["blkjobs before"] = [a.baseline, "convert", "-t", "unsafe"] + \
-                    cmds["blkjobs -t unsafe"][len(bju):]
-        if a.verify:
-            for name, out, cmds in cases:
-                run_once(cmds["blkjobs -t unsafe"], out)
-                src = cmds["qemu-img"][-2]
-                r = subprocess.run(["qemu-img", "compare", src, out], capture_output=True,
-                                   text=True)
-                ok = r.returncode == 0
-                if out.endswith(".qcow2"):
-                    ok = ok and subprocess.run(["qemu-img", "check", "-q", out]).returncode == 0
-                print(f"# verify {name}: {'ok' if ok else 'FAILED ' + r.stdout}", flush=True)
-        for load in a.load.split(","):
-            run_cases(cases, a, size, load)
+        for image in a.image.split(","):
+            if image not in ("vm", "dense"):
+                raise SystemExit(f"unknown image kind {image!r} (vm, dense)")
+            sub = os.path.join(d, image)
+            os.makedirs(sub)
+            run_image(a, size, sub, image)
     finally:
         if a.keep:
             print(f"# kept {d}")
         else:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def run_image(a, size: int, d: str, image: str) -> None:
+    """Build the images of one kind in ``d`` and run every case on them."""
+    raw = os.path.join(d, "vm.raw")
+    t0 = time.perf_counter()
+    st = (build_dense if image == "dense" else build_raw)(raw, size)
+    q = os.path.join(d, "vm.qcow2")
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, q], check=True)
+    top = build_chain(d, raw, size)
+    print(f"# {image} images built in {time.perf_counter() - t0:.1f}s in {d}: size {size / 2**30:g} GiB,"
+          f" data {st['data'] / 2**30:.2f} GiB, zeroes-as-data {st['zero'] / 2**30:.2f} GiB,"
+          f" holes {st['hole'] / 2**30:.2f} GiB; chain: 3-deep qcow2 over the same data",
+          flush=True)
+    warm([raw, q] + [os.path.join(d, f"chain-{n}.qcow2") for n in ("base", "mid", "top")])
+    bj = blkjobs_cmd()
+    ENV.pop("PYTHONDONTWRITEBYTECODE", None)
+    ENV["PYTHONPYCACHEPREFIX"] = os.path.join(d, "pycache")
+    bju = bj + ["convert", "-t", "unsafe"]
+    out_raw, out_q = os.path.join(d, "out.raw"), os.path.join(d, "out.qcow2")
+    cases = [
+        ("qcow2 -> raw", out_raw, {
+            "blkjobs -t unsafe": bju + ["-O", "raw", q, out_raw],
+            "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "raw", q, out_raw],
+            "qemu-img": ["qemu-img", "convert", "-O", "raw", q, out_raw],
+            "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", q,
+                                 out_raw]}),
+        ("raw -> qcow2", out_q, {
+            "blkjobs -t unsafe": bju + ["-O", "qcow2", raw, out_q],
+            "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "qcow2", raw, out_q],
+            "qemu-img": ["qemu-img", "convert", "-O", "qcow2", raw, out_q],
+            "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "qcow2", raw,
+                                 out_q]}),
+        ("chain(3) -> qcow2", out_q, {
+            "blkjobs -t unsafe": bju + ["-O", "qcow2", top, out_q],
+            "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "qcow2", top,
+                                          out_q],
+            "qemu-img": ["qemu-img", "convert", "-O", "qcow2", top, out_q],
+            "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "qcow2", top,
+                                 out_q]}),
+        ("chain(3) -> raw", out_raw, {
+            "blkjobs -t unsafe": bju + ["-O", "raw", top, out_raw],
+            "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "raw", top, out_raw],
+            "qemu-img": ["qemu-img", "convert", "-O", "raw", top, out_raw],
+            "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", top,
+                                 out_raw]}),
+    ]
+    if a.baseline:
+        for _name, _out, cmds in cases:
+            cmds["blkjobs before"] = [a.baseline, "convert", "-t", "unsafe"] + \
+                cmds["blkjobs -t unsafe"][len(bju):]
+    if a.verify:
+        for name, out, cmds in cases:
+            run_once(cmds["blkjobs -t unsafe"], out)
+            src = cmds["qemu-img"][-2]
+            r = subprocess.run(["qemu-img", "compare", src, out], capture_output=True,
+                               text=True)
+            ok = r.returncode == 0
+            if out.endswith(".qcow2"):
+                ok = ok and subprocess.run(["qemu-img", "check", "-q", out]).returncode == 0
+            print(f"# verify {name}: {'ok' if ok else 'FAILED ' + r.stdout}", flush=True)
+    for load in a.load.split(","):
+        run_cases(cases, a, size, load)
 
 
 if __name__ == "__main__":

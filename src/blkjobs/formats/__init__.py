@@ -150,6 +150,8 @@ def _encryption(enc: dict) -> tuple[str, Any, bytes] | None:
     ``encrypt.key-secret`` and the LUKS options ``encrypt.cipher-alg``...:
     (format, LUKS options, password) for :mod:`.qcow2.crypt`, checked before
     anything is created; None: not encrypted."""
+    if not enc:         # not encrypted: spares the import of luks (hashlib, uuid)
+        return None
     from .luks import parse_create_opts
     from .secrets import secret
     fmt = enc.pop("encrypt.format", None)

@@ -136,6 +136,8 @@ class ChainConvert:
         # those clusters and leaves the rest as it is (qemu-img: the image
         # reads zeroes, so only data is written)
         self.prealloc = copts.get("preallocation", "off") != "off"
+        if not o.flush:
+            copts["sync"] = False       # -t unsafe: no fsync of the new file either
         try:
             create_image(dst, "qcow2", self.tsize, **copts)
         except OSError as e:

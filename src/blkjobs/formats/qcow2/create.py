@@ -22,7 +22,7 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
            preallocation: str = "off", compat: str = "1.1", refcount_bits: int = 16,
            lazy_refcounts: bool = False, compression_type: str = "zlib",
            backing_format_optional: bool = False, data_file: str | None = None,
-           data_file_raw: bool = False) -> None:
+           data_file_raw: bool = False, sync: bool = True) -> None:
     """Create (or overwrite) a qcow2 image at ``path``. ``data_file``: the
     guest data goes to that external file, created (or truncated) first as
     qemu-img does, with the preallocation applied to it; ``data_file_raw``
@@ -30,7 +30,9 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
     sets the compatible feature bit; ``compression_type`` ``zstd`` sets the
     header field and incompatible bit 3 (both need compat 1.1).
     ``backing_format_optional``: write a backing name without a format (as
-    QEMU's blockdev-create without ``backing-fmt``) instead of refusing."""
+    QEMU's blockdev-create without ``backing-fmt``) instead of refusing.
+    ``sync=False``: the new file is not fsync'd (a convert with ``-t unsafe``
+    creates its target so: nothing of it is made durable)."""
     if cluster_size < 512 or cluster_size > (2 << 20) or cluster_size & (cluster_size - 1):
         raise UsageError(f"cluster size must be a power of two between 512 and 2M, not {cluster_size}")
     if size < 0 or size % 512:
@@ -90,7 +92,7 @@ def create(path: str, size: int, cluster_size: int = 65536, extended_l2: bool = 
     head = h.pack()      # raises when the backing name does not fit
     if data_file is not None:
         _create_data_file(data_file, size, preallocation)
-    _write_new(path, head, lay)
+    _write_new(path, head, lay, sync)
     if preallocation != "off" and size:
         preallocate(path, size, preallocation)
     if not os.path.exists(path):   # pragma: no cover
@@ -130,7 +132,7 @@ def _check_data_file(data_file: str | None, raw: bool, backing: bool, version: i
                          "1.1 and above (use version=v3 or greater)")
 
 
-def _write_new(path: str, head: bytes, lay: Layout) -> None:
+def _write_new(path: str, head: bytes, lay: Layout, sync: bool = True) -> None:
     """The new image's file: header, refcounts, L1 table. Every cluster is
     written whole, the L1 table too, as QEMU does: the same blocks allocated
     (qemu-img's metadata preallocation guess, and so its map, depend on
@@ -142,7 +144,8 @@ def _write_new(path: str, head: bytes, lay: Layout) -> None:
         if lay.l1_size:
             dio.pwrite(fd, bytes(lay.l1_size * 8), lay.l1_offset)
         os.ftruncate(fd, lay.end)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -65,7 +65,6 @@ from .header import (AUTOCLEAR_KNOWN, CHECK_OPEN, INCOMPAT_CORRUPT,
                      read_bitmap_directory, stale_bitmaps)
 from .mapping import ReadPins, Reads
 from .refcount import Refcounts
-from .snapshots import load_table
 from .tables import L1_OFFSET_MASK, L1_RESERVED
 from .writes import Writes
 from .zeroes import Zeroes
@@ -204,6 +203,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         # validated (and bounded) like qemu-img does at open
         self.bitmaps = read_bitmap_directory(self.fd, h, self.file_size, self.filename)
         if h.nb_snapshots and not CHECK_OPEN.get():   # refused at open, as qemu-img does
+            from .snapshots import load_table    # here: most images have none (start-up)
             load_table(self.fd, h, self.filename)
         self._pbm: Bitmaps | None = None     # loaded on first use
         raw = dio.pread(self.fd, h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
