@@ -74,10 +74,12 @@ lint: venv
 
 # The C core's own tests: the strict warning set (with -fanalyzer), then the
 # tests built with AddressSanitizer + UBSan, under valgrind, and under
-# ThreadSanitizer (data races between the copy engine's threads).
+# ThreadSanitizer (data races between the copy engine's threads). The three
+# flavours run side by side (valgrind is one thread), each one's output
+# printed whole when it ends; every test makes its own temporary files.
 test-c: deps
 	$(MAKE) -C tests/c -j$(TEST_JOBS) warnings binaries
-	$(MAKE) -C tests/c run valgrind tsan
+	$(MAKE) -C tests/c -j$(TEST_JOBS) --output-sync=target run valgrind tsan
 
 # Every raw -> raw comparison in one run (dense and VM-shaped images, page
 # cache and durable, quiet and with every core busy), qcow2 and chains

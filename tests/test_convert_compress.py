@@ -233,7 +233,7 @@ def test_convert_c_packs_as_qemu_img(tmp_path, monkeypatch):
     for _ in range(64):
         share = rnd.uniform(0.1, 0.5)
         k = int(CS * share)
-        data += rnd.randbytes(k) + b" ".join(rnd.choice(words) for _ in range(CS))[:CS - k]
+        data += rnd.randbytes(k) + b" ".join(rnd.choices(words, k=CS))[:CS - k]
     src.write_bytes(bytes(data))
     ours, theirs = tmp_path / "o.qcow2", tmp_path / "q.qcow2"
     run_blkjobs("convert", "-c", "-O", "qcow2", src, ours, check=True)

@@ -59,17 +59,30 @@ COMMANDS = [
 ]
 
 
-def _fresh(d):
-    """(Re)make every image but held.qcow2, which the holder keeps open."""
-    for name in ("over.qcow2", "base.qcow2", "top.qcow2", "other.qcow2", "new.qcow2"):
-        p = d / name
-        if p.exists():
-            p.unlink()
+_SPARES = ("over.qcow2", "base.qcow2", "top.qcow2", "other.qcow2")
+
+
+def _make_spares(d):
+    """The images but held.qcow2, as qemu-img creates them, in ``d``
+    (their backing names are relative: copies elsewhere work alike)."""
+    d.mkdir()
     qemu_img("create", "-u", "-f", "qcow2", "-b", "held.qcow2", "-F", "qcow2",
              d / "over.qcow2", "1M")
     qemu_img("create", "-f", "qcow2", d / "base.qcow2", "1M")
     qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", d / "top.qcow2")
     qemu_img("create", "-f", "qcow2", d / "other.qcow2", "1M")
+
+
+def _fresh(d, spares):
+    """(Re)make every image but held.qcow2, which the holder keeps open:
+    copies of the ones qemu-img made once (4 creates per command and tool
+    cost more than 250 qemu-img processes per holder)."""
+    for name in (*_SPARES, "new.qcow2"):
+        p = d / name
+        if p.exists():
+            p.unlink()
+    for name in _SPARES:
+        shutil.copyfile(spares / name, d / name)
 
 
 class Holder:
@@ -131,13 +144,14 @@ def test_commands_lock_like_qemu_img(tmp_path, kind):
     qemu_img("create", "-f", "qcow2", d / "held.qcow2", "1M")
     qemu_io(d / "held.qcow2", "write -P 0x5a 0 64k")
     before = (d / "held.qcow2").read_bytes()
+    _make_spares(d / "spares")
     holder = Holder(kind, d)
     mismatches = []
     try:
         for cmd in COMMANDS:
             results = []
             for tool in (BLKJOBS, [shutil.which("qemu-img")]):
-                _fresh(d)
+                _fresh(d, d / "spares")
                 p = subprocess.run(tool + cmd.split(), capture_output=True, text=True,
                                    cwd=d, timeout=120)
                 results.append(p)

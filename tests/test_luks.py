@@ -71,7 +71,8 @@ def qemu_create(kind: str, path, size: int = 4 * MiB,
     two CPU seconds measuring PBKDF2's speed for each luks create, whatever
     iter-time says, so each (kind, size, options) is created once per
     module and copied: the copies share the salts and the master key of one
-    create, which no test compares. Its CompletedProcess is returned; the
+    create, which no test compares (the tests share the default size where
+    theirs does not matter). Its CompletedProcess is returned; the
     name in its "Formatting" line is ``path`` as given when ``path`` is a
     bare file name (created under that name), else "pristine.img".
     Created again when QEMU's PBKDF2 timing says "Unable to get accurate
@@ -280,11 +281,11 @@ def test_probe_and_map_luks(tmp_path):
     ciphertext), as qemu-img map says."""
     from blkjobs.formats import probe_format
     img = tmp_path / "a.luks"
-    qemu_create("luks", img, size=MiB)
+    qemu_create("luks", img)
     assert probe_format(str(img)) == "luks"
     with open_image(str(img), key_secret="sec0") as d:
-        m = d.map_host(0, MiB)
-        assert [(x.start, x.length, x.host_offset) for x in m] == [(0, MiB, None)]
+        m = d.map_host(0, 4 * MiB)
+        assert [(x.start, x.length, x.host_offset) for x in m] == [(0, 4 * MiB, None)]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -318,7 +319,7 @@ def test_convert_encrypted_source(kind, tmp_path):
     from blkjobs.imageops.convert import ConvertOptions
     from blkjobs.imageops.convert_nbd import convert
     img, out = tmp_path / "e.img", tmp_path / "out.raw"
-    qemu_create(kind, img, size=2 * MiB)
+    qemu_create(kind, img)       # (past 2M, a luks payload never written: noise)
     subprocess.run(["qemu-io", "--object", OBJ, "--image-opts", image_opts(kind, img),
                     "-c", "write -P 0x5e 0 2M", "-c", "write -P 0 64k 64k"],
                    check=True, capture_output=True)
@@ -358,11 +359,11 @@ def test_overlay_over_encrypted_backing_needs_no_key(tmp_path):
     """create -b ENC.qcow2 -F qcow2 reads only the backing file's size (no
     key), as qemu-img create does (iotests 189, 198)."""
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-    qemu_create("qcow2-luks", base, size=2 * MiB)
+    qemu_create("qcow2-luks", base)
     q = qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", tmp_path / "q.qcow2")
     b = run_blkjobs("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top, check=True)
     assert b.stdout == q.stdout.replace("q.qcow2", "top.qcow2")
-    assert json.loads(qemu_img("info", "--output", "json", top).stdout)["virtual-size"] == 2 * MiB
+    assert json.loads(qemu_img("info", "--output", "json", top).stdout)["virtual-size"] == 4 * MiB
 
 
 @pytest.mark.parametrize("src_kind,dst_kind", [("qcow2-luks", None), (None, "luks"),
@@ -413,7 +414,7 @@ def test_info_backing_chain_without_key(tmp_path):
     """info --backing-chain over an encrypted backing file needs no key:
     the same JSON as qemu-img's."""
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-    qemu_create("qcow2-luks", base, size=2 * MiB)
+    qemu_create("qcow2-luks", base)
     qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
     q = qemu_img("info", "--backing-chain", "--output", "json", top).stdout
     b = run_blkjobs("info", "--backing-chain", "--output", "json", top, check=True).stdout
@@ -444,7 +445,7 @@ def test_image_opts_key_secret_opens_encrypted_images(tmp_path):
     luks' key-secret) opens with that secret (iotests 188, 284)."""
     for kind in ("luks", "qcow2-luks"):
         img = tmp_path / f"{kind}.img"
-        qemu_create(kind, img, size=1 * MiB)
+        qemu_create(kind, img)
         qio(kind, img, "write -P 0x5a 0 64k")
         p = run_blkjobs("compare", "--object", OBJ, "--image-opts", image_opts(kind, img),
                         image_opts(kind, img))

@@ -7,7 +7,10 @@ the base). And ``info`` of an encrypted image needs no secret, as
 qemu-img's no-I/O open."""
 from __future__ import annotations
 
+import shutil
 import subprocess
+
+import pytest
 
 from conftest import run_blkjobs
 
@@ -30,24 +33,43 @@ def _qio(spec: str, cmd: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def _chain(tmp_path) -> tuple[str, str, str]:
-    base, top = tmp_path / "t.qcow2.base", tmp_path / "t.qcow2"
+@pytest.fixture(scope="module")
+def _made_chain(tmp_path_factory):
+    """The chain, made once per module (qemu-img's PBKDF2 timing costs ~1.8 s
+    of CPU per LUKS create); the overlay names its base relative to itself,
+    so the two files can be copied together."""
+    d = tmp_path_factory.mktemp("luks_chain")
+    base, top = d / "t.qcow2.base", d / "t.qcow2"
     _create("--object", S0, "-o", "encrypt.format=luks,encrypt.key-secret=sec0,"
             "encrypt.iter-time=10", str(base), "4M")
-    spec_base = f"driver=qcow2,file.filename={base},encrypt.key-secret=sec0"
+    spec_base, _, spec = _specs(d)
     assert _qio(spec_base, "write -P 0xa 0 4M").returncode == 0
     _create("--object", S1, "-o", "encrypt.format=luks,encrypt.key-secret=sec1,"
-            "encrypt.iter-time=10", "-b", str(base), "-F", "qcow2", str(top))
+            "encrypt.iter-time=10", "-b", base.name, "-F", "qcow2", str(top))
+    p = _qio(spec, "write -P 0x9 1M 2M")
+    assert p.returncode == 0, p.stderr
+    return d
+
+
+def _specs(d) -> tuple[str, str, str]:
+    base, top = d / "t.qcow2.base", d / "t.qcow2"
+    spec_base = f"driver=qcow2,file.filename={base},encrypt.key-secret=sec0"
     spec_top = f"driver=qcow2,file.filename={top},encrypt.key-secret=sec1"
     spec = (f"{spec_top},backing.driver=qcow2,backing.file.filename={base},"
             "backing.encrypt.key-secret=sec0")
-    p = _qio(spec, "write -P 0x9 1M 2M")
-    assert p.returncode == 0, p.stderr
     return spec_base, spec_top, spec
 
 
-def test_commit_encrypted_overlay_into_base_with_another_key(tmp_path):
-    spec_base, spec_top, spec = _chain(tmp_path)
+@pytest.fixture
+def chain(_made_chain, tmp_path) -> tuple[str, str, str]:
+    """(base, overlay, overlay with its backing) as --image-opts, on a copy of the chain."""
+    for name in ("t.qcow2.base", "t.qcow2"):
+        shutil.copyfile(_made_chain / name, tmp_path / name)
+    return _specs(tmp_path)
+
+
+def test_commit_encrypted_overlay_into_base_with_another_key(chain):
+    spec_base, spec_top, spec = chain
     p = run_blkjobs("commit", *OBJ, "--image-opts", spec)
     assert (p.returncode, p.stdout, p.stderr) == (0, "Image committed.\n", "")
     for cmd in ("read -P 0xa 0 1M", "read -P 0x9 1M 2M", "read -P 0xa 3M 1M"):
@@ -66,10 +88,10 @@ def test_commit_encrypted_overlay_into_base_with_another_key(tmp_path):
         assert c.returncode == 0 and "No errors were found" in c.stdout, c.stdout + c.stderr
 
 
-def test_info_of_encrypted_image_needs_no_secret(tmp_path):
+def test_info_of_encrypted_image_needs_no_secret(chain):
     """qemu-img info opens without I/O: the key-secret named in the options
     is never looked up (here no --object defines it)."""
-    spec_base, spec_top, _ = _chain(tmp_path)
+    spec_base, spec_top, _ = chain
     for spec in (spec_base, spec_top):
         ours = run_blkjobs("info", "--image-opts", spec)
         theirs = subprocess.run(["qemu-img", "info", "--image-opts", spec],

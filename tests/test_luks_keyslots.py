@@ -37,23 +37,37 @@ def spec(fmt: str, key: str) -> str:
     return f"driver={fmt},file.filename=t.img,{prefix}key-secret={key}"
 
 
-def create(twins, fmt: str) -> None:
-    """The same image in both directories: made by the real qemu-img (again
-    when QEMU says its PBKDF2 timing saw no CPU time pass), written by
-    qemu-io, then copied to the other twin, byte for byte (a second create
-    would cost qemu-img's ~2 s of PBKDF2 timing again)."""
-    d = twins[1]
-    for _ in range(5):
-        p = subprocess.run(["qemu-img", "create", "-f", fmt, *OBJECTS[:2], "-o",
-                            KINDS[fmt][1], "t.img", "4M"], cwd=d, capture_output=True,
-                           text=True, timeout=120)
-        if "Unable to get accurate CPU usage" not in p.stderr:
-            break
-    assert p.returncode == 0, p.stderr
-    subprocess.run(["qemu-io", *OBJECTS[:2], "--image-opts", spec(fmt, "sec0"), "-c",
-                    "write -P 0x5a 0 1M"], cwd=d, check=True, capture_output=True,
-                   timeout=120)
-    shutil.copyfile(d / "t.img", twins[0] / "t.img")
+@pytest.fixture(scope="module")
+def _made(tmp_path_factory):
+    """fmt -> the image qemu-img made (and qemu-io wrote), once per module."""
+    return {"dir": tmp_path_factory.mktemp("luks_made")}
+
+
+@pytest.fixture
+def create(_made):
+    """create(twins, fmt): the same image in both directories, made by the
+    real qemu-img (again when QEMU says its PBKDF2 timing saw no CPU time
+    pass), written by qemu-io, then copied to both twins byte for byte. Each
+    format is created once per module: a create costs qemu-img ~2 s of CPU
+    timing PBKDF2, whatever iter-time says."""
+    def make(twins, fmt: str) -> None:
+        if fmt not in _made:
+            d = _made["dir"] / fmt
+            d.mkdir()
+            for _ in range(5):
+                p = subprocess.run(["qemu-img", "create", "-f", fmt, *OBJECTS[:2], "-o",
+                                    KINDS[fmt][1], "t.img", "4M"], cwd=d, capture_output=True,
+                                   text=True, timeout=120)
+                if "Unable to get accurate CPU usage" not in p.stderr:
+                    break
+            assert p.returncode == 0, p.stderr
+            subprocess.run(["qemu-io", *OBJECTS[:2], "--image-opts", spec(fmt, "sec0"), "-c",
+                            "write -P 0x5a 0 1M"], cwd=d, check=True, capture_output=True,
+                           timeout=120)
+            _made[fmt] = d / "t.img"
+        for t in twins:
+            shutil.copyfile(_made[fmt], t / "t.img")
+    return make
 
 
 def amend(twins, fmt: str, key: str, opts: str, *extra: str) -> tuple[int, str, str]:
@@ -94,7 +108,7 @@ def same_state(twins, fmt: str, want: list[str]) -> None:
     assert slots(twins[0], fmt) == slots(twins[1], fmt)
 
 
-def test_keyslot_lifecycle_as_qemu_img(twins):
+def test_keyslot_lifecycle_as_qemu_img(twins, create):
     """Adding (a given slot, the first free one), erasing (by slot, by old
     password), every refusal iotest 293 checks, and --force, as qemu-img
     (qcow2, the iotest's format; the luks format shares the code, below)."""
@@ -143,7 +157,7 @@ def test_keyslot_lifecycle_as_qemu_img(twins):
     same_state(twins, fmt, [])
 
 
-def test_luks_format_add_and_erase_as_qemu_img(twins):
+def test_luks_format_add_and_erase_as_qemu_img(twins, create):
     """The luks format's header at the file's start: a slot added, then the
     original erased by its password, as qemu-img."""
     fmt = "luks"
@@ -157,7 +171,7 @@ def test_luks_format_add_and_erase_as_qemu_img(twins):
 
 
 @pytest.mark.parametrize("fmt", list(KINDS))
-def test_option_refusals_as_qemu_img(fmt, twins):
+def test_option_refusals_as_qemu_img(fmt, twins, create):
     """The checks of the options themselves, each with qemu-img's text."""
     create(twins, fmt)
     bad = ["new-secret=sec1", "state=foo", "state=active", "state=inactive",
@@ -177,7 +191,7 @@ def test_option_refusals_as_qemu_img(fmt, twins):
     same_state(twins, fmt, ["sec0"])
 
 
-def test_amend_help_and_refusals_of_luks(twins):
+def test_amend_help_and_refusals_of_luks(twins, create):
     create(twins, "luks")
     assert run(twins[0], "amend", "-f", "luks", "-o", "help") == \
         run(twins[1], "amend", "-f", "luks", "-o", "help")
@@ -203,7 +217,7 @@ def test_encrypt_options_of_unencrypted_qcow2(twins):
             (1, "", "qemu-img: Can't amend encryption options - encryption not present\n")
 
 
-def test_slot_written_by_us_is_qemus_layout(twins, tmp_path):
+def test_slot_written_by_us_is_qemus_layout(twins, tmp_path, create):
     """A slot we add: active, its PBKDF2 iterations for iter-time (at least
     1000), its key material where the header says, 4000 stripes; the other
     slots untouched (QEMU's key offsets), qemu-img check clean."""

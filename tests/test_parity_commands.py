@@ -184,6 +184,18 @@ def test_resize_qcow2_grows_the_l1_table(tmp_path):
     check_clean(img)
 
 
+@pytest.fixture(scope="module")
+def resize_inputs(tmp_path_factory):
+    """r.raw and q.qcow2 as qemu-img and qemu-io make them, once per module
+    (each case copies them twice)."""
+    w = tmp_path_factory.mktemp("resize")
+    qemu_img("create", "-q", "-f", "raw", w / "r.raw", "10M")
+    qemu_io(w / "r.raw", "write -P 5 0 10M", fmt="raw")
+    qemu_img("create", "-q", "-f", "qcow2", w / "q.qcow2", "10M")
+    qemu_io(w / "q.qcow2", "write -P 6 1M 8M")
+    return w
+
+
 @pytest.mark.parametrize("args", [
     "r.raw 5M", "--shrink r.raw 5M", "r.raw +1M", "r.raw -- -1M", "--shrink r.raw -- -1M",
     "r.raw", "r.raw abc", "--shrink r.raw 1001", "-f raw r.raw 3M",
@@ -194,15 +206,14 @@ def test_resize_qcow2_grows_the_l1_table(tmp_path):
     "q.qcow2 -- -100M", "-f raw q.qcow2 +1M", "r.raw 1M 2M", "--shrink r.raw 0", "q.qcow2 9E",
     "q.qcow2 20E", "-q q.qcow2 +1M", "q.qcow2 100G", "q.qcow2 --shrink 1M", "r.raw 1.5",
     "r.raw 99999999999999999999k", "r.raw 16E", "r.raw +1.5M", "r.raw 10MB"])
-def test_resize_texts_and_results_as_qemu_img(tmp_path, args):
+def test_resize_texts_and_results_as_qemu_img(resize_inputs, tmp_path, args):
+    import shutil
     res = []
     for d in ("ours", "theirs"):
         w = tmp_path / d
         w.mkdir()
-        qemu_img("create", "-q", "-f", "raw", w / "r.raw", "10M")
-        qemu_io(w / "r.raw", "write -P 5 0 10M", fmt="raw")
-        qemu_img("create", "-q", "-f", "qcow2", w / "q.qcow2", "10M")
-        qemu_io(w / "q.qcow2", "write -P 6 1M 8M")
+        for f in ("r.raw", "q.qcow2"):
+            shutil.copyfile(resize_inputs / f, w / f)
         if d == "ours":
             p = _ours(w, ["resize", *args.split()])
             res.append((p.returncode, p.stdout, p.stderr))

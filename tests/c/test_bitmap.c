@@ -571,7 +571,11 @@ int main(void)
     test_errors();
     test_odd_sizes();
     test_serialize_order();
+#ifndef __SANITIZE_THREAD__
+    /* one thread against a model: the ASan and valgrind builds run it; under
+     * ThreadSanitizer (races only) it took 5 of the binary's 6 s of CPU */
     test_random();
+#endif
     test_large();
     for (int r = 0; r < ROUNDS; r++)
         test_threads_take();
