@@ -66,6 +66,35 @@ class Terminated(KeyboardInterrupt):
     saying so) and the command exits 143 (128 + SIGTERM) instead of 130."""
 
 
+#: The stop signal (2: SIGINT, 15: SIGTERM) whose exception the command
+#: line's handler raised and nothing has handled yet (0: none). Python drops
+#: an exception raised inside a finalizer (``__del__``: "Exception ignored
+#: in ...") -- a signal arriving while one runs would be lost and the
+#: command run on to its end. So the handler notes it, a long loop asks
+#: :func:`raise_pending_stop` on each turn, and what handles the exception
+#: takes it (:func:`take_stop`).
+_stop_pending = 0
+
+
+def note_stop(sig: int) -> None:
+    global _stop_pending
+    _stop_pending = sig
+
+
+def take_stop() -> int:
+    """The stop signal noted and not yet handled (0: none); forgets it."""
+    global _stop_pending
+    sig, _stop_pending = _stop_pending, 0
+    return sig
+
+
+def raise_pending_stop(note: str | None = None) -> None:
+    """Raise again the stop whose exception was dropped (see ``_stop_pending``)."""
+    if _stop_pending:
+        args = () if note is None else (note,)
+        raise Terminated(*args) if _stop_pending == 15 else KeyboardInterrupt(*args)
+
+
 class UsageError(BlkjobsError, ValueError):
     """An argument has an invalid value."""
 

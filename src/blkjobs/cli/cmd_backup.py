@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 
-from ..errors import BlkjobsError, JobError, Terminated
+from ..errors import BlkjobsError, JobError, Terminated, raise_pending_stop, take_stop
 from ..jobmodel import JsonLinesWriter
 from . import xbreak
 from .copy_progress import Reporter, add_progress_options
@@ -178,6 +178,7 @@ def _drive(eng, start, args, prog, ready_action, aftermath) -> None:
                                     or resume.requested, 0.2)
             except TimeoutError:
                 pass
+            raise_pending_stop()        # a Ctrl-C that a finalizer dropped
             cur, total = job.progress.snapshot()
             prog.update(cur, total)
             if args.events and (cur, total) != seen and job.outcome is None:
@@ -203,6 +204,7 @@ def _drive(eng, start, args, prog, ready_action, aftermath) -> None:
     except KeyboardInterrupt as e:
         # Cancel and wait, so the job's last writes and flush happen before
         # we say what is in the files (a second Ctrl-C gives up waiting).
+        take_stop()
         prog.finish()
         try:
             eng.jobs.cancel_job(job, True)

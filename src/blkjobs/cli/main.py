@@ -19,7 +19,8 @@ import os
 import sys
 
 from .. import __version__
-from ..errors import BlkjobsError, InternalError, Terminated
+from ..errors import (BlkjobsError, InternalError, Terminated, note_stop, raise_pending_stop,
+                      take_stop)
 from . import progname, set_progname
 
 TYPE_CHECKING = False      # typing costs 10 ms to import: not for --version
@@ -210,7 +211,13 @@ def _setup_logging(verbose: int, level: str | None) -> None:
 
 
 def _on_sigterm(signum, frame):
+    note_stop(15)
     raise Terminated
+
+
+def _on_sigint(signum, frame):
+    note_stop(2)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +250,10 @@ def _main_process() -> int:
     # jobs are cancelled, what they left is said, made files are removed.
     # `blkjobs serve` replaces it with its own orderly shutdown.
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C as Python's own handler, but noted (errors.note_stop): one that
+    # lands in a finalizer, which drops it, is raised again later.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         return _main(sys.argv[1:])
     finally:
@@ -280,6 +291,8 @@ def _main(argv: list[str]) -> int:
             gc.freeze()
             gc.enable()
         rc = args.func(args)
+        # a Ctrl-C or SIGTERM that a finalizer dropped, after the last check
+        raise_pending_stop("it came as the command ended: what it did is complete")
         sys.stdout.flush()     # a closed pipe is noticed here, not at exit
         return int(rc or 0)
     except InternalError as e:
@@ -307,6 +320,7 @@ def _main(argv: list[str]) -> int:
             sys.stderr.write(f"{prog}: {where + ': ' if where else ''}{e.strerror or e}\n")
         return 1
     except KeyboardInterrupt as e:
+        take_stop()
         if prog == "qemu-img":      # qemu-img dies of the signal, saying nothing
             _die_of(15 if isinstance(e, Terminated) else 2)     # SIGTERM, SIGINT
         # args: what became of the files, when the command knows (convert)

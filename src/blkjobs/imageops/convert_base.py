@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import UsageError
+from ..errors import UsageError, raise_pending_stop
 from ..native.copy import CopyEngine, RunResult
 
 WORK_RANGE = 1 << 30           # bytes queued per feed of the engine
@@ -134,6 +134,7 @@ def drive(eng: CopyEngine, feed: Callable[[], None], more: Callable[[], bool],
                 feed()
             if check:
                 check()
+            raise_pending_stop()        # a Ctrl-C that a finalizer dropped
     except BaseException:
         eng.cancel()
         eng.drain()
