@@ -269,33 +269,19 @@ def run_image(a, size: int, d: str, image: str) -> None:
     ENV["PYTHONPYCACHEPREFIX"] = os.path.join(d, "pycache")
     bju = bj + ["convert", "-t", "unsafe"]
     out_raw, out_q = os.path.join(d, "out.raw"), os.path.join(d, "out.qcow2")
-    cases = [
-        ("qcow2 -> raw", out_raw, {
-            "blkjobs -t unsafe": bju + ["-O", "raw", q, out_raw],
-            "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "raw", q, out_raw],
-            "qemu-img": ["qemu-img", "convert", "-O", "raw", q, out_raw],
-            "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", q,
-                                 out_raw]}),
-        ("raw -> qcow2", out_q, {
-            "blkjobs -t unsafe": bju + ["-O", "qcow2", raw, out_q],
-            "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "qcow2", raw, out_q],
-            "qemu-img": ["qemu-img", "convert", "-O", "qcow2", raw, out_q],
-            "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "qcow2", raw,
-                                 out_q]}),
-        ("chain(3) -> qcow2", out_q, {
-            "blkjobs -t unsafe": bju + ["-O", "qcow2", top, out_q],
-            "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "qcow2", top,
-                                          out_q],
-            "qemu-img": ["qemu-img", "convert", "-O", "qcow2", top, out_q],
-            "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "qcow2", top,
-                                 out_q]}),
-        ("chain(3) -> raw", out_raw, {
-            "blkjobs -t unsafe": bju + ["-O", "raw", top, out_raw],
-            "blkjobs -t writeback": bj + ["convert", "-t", "writeback", "-O", "raw", top, out_raw],
-            "qemu-img": ["qemu-img", "convert", "-O", "raw", top, out_raw],
-            "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", top,
-                                 out_raw]}),
-    ]
+
+    def case(label: str, src: str, fmt: str) -> tuple[str, str, dict[str, list[str]]]:
+        """The contenders of one ``src`` -> ``fmt`` convert."""
+        out = out_raw if fmt == "raw" else out_q
+        tail = ["-O", fmt, src, out]
+        return (label, out, {
+            "blkjobs -t unsafe": bju + tail,
+            "blkjobs -t writeback": bj + ["convert", "-t", "writeback"] + tail,
+            "qemu-img": ["qemu-img", "convert"] + tail,
+            "qemu-img -m16 -W": ["qemu-img", "convert", "-m", "16", "-W"] + tail})
+
+    cases = [case("qcow2 -> raw", q, "raw"), case("raw -> qcow2", raw, "qcow2"),
+             case("chain(3) -> qcow2", top, "qcow2"), case("chain(3) -> raw", top, "raw")]
     if a.baseline:
         for _name, _out, cmds in cases:
             cmds["blkjobs before"] = [a.baseline, "convert", "-t", "unsafe"] + \
