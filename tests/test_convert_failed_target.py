@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -81,23 +82,30 @@ def test_write_error_keeps_the_target(twins, small_tmpfs, fmt, no_create):
 
 
 def _interrupted(d, fmt: str, no_create: bool, sig: int):
-    """Convert 8 MiB at 1 MiB/s with -p; the signal once a progress line
-    says some of it is copied. Returns (exit, stderr)."""
+    """Convert 8 MiB at 1 MiB/s with -p; the signal once the target holds
+    at least 1 MiB more than before (so it is being written, and the rate
+    limit keeps the copy from ending for seconds). Returns (exit, stderr).
+    (Waiting for the first progress line past 0 instead was flaky: under
+    load ours printed it only as the copy ended, and the signal came after
+    the exit.)"""
     if no_create:
         qemu_img("create", "-f", fmt, d / f"d.{fmt}", "16M")
+    target = d / f"d.{fmt}"
+
+    def held() -> int:
+        try:
+            return os.stat(target).st_blocks * 512
+        except FileNotFoundError:
+            return 0
+    before = held()
     p = subprocess.Popen([str(d / "bin" / "qemu-img"), "convert", "-p", "-r", "1M",
                           *(["-n"] if no_create else []), "-O", fmt, "-f", "raw", "s.raw",
                           f"d.{fmt}"], cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout is not None
-    line = b""
-    while True:         # the first progress line past 0: the target is being written
-        ch = p.stdout.read(1)
-        assert ch, "the convert ended before the signal"
-        line += ch
-        if ch == b"\r":
-            if b"(0.00/100%)" not in line:
-                break
-            line = b""
+    assert p.stdout.read(1), "the convert ended before the signal"   # it has begun
+    while held() < before + MiB:    # an event (the target grew), not a time
+        assert p.poll() is None, "the convert ended before the signal"
+        time.sleep(0.01)
     p.send_signal(sig)
     _out, err = p.communicate(timeout=120)
     return p.returncode, err.decode()
