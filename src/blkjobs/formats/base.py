@@ -16,6 +16,7 @@ import os
 import stat
 from collections.abc import Callable
 
+from ..native.record import Record
 from ..errors import ImageError
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
@@ -101,7 +102,7 @@ class Kind(enum.IntEnum):
     COMPRESSED = 3   # stored compressed: read through the driver, not the host file
 
 
-class Mapping:
+class Mapping(Record):
     """One run of the virtual disk, [start, start+length), all of one kind.
 
     ``host_offset`` is the offset in the driver's file for DATA (a contiguous
@@ -115,18 +116,6 @@ class Mapping:
         self.length = length
         self.kind = kind
         self.host_offset = host_offset
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and isinstance(other, Mapping) and \
-            (self.start, self.length, self.kind, self.host_offset) == \
-            (other.start, other.length, other.kind, other.host_offset)
-
-    def __hash__(self) -> int:
-        return hash((self.start, self.length, self.kind, self.host_offset))
-
-    def __repr__(self) -> str:
-        return (f"Mapping(start={self.start!r}, length={self.length!r}, kind={self.kind!r}, "
-                f"host_offset={self.host_offset!r})")
 
 
 #: ``fill(guest_offset, buf)``: fills the writable ``buf`` with what lies

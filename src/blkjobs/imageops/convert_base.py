@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..native.record import Record
 from ..errors import UsageError, raise_pending_stop
 from ..native.copy import CopyEngine, RunResult
 
@@ -82,21 +83,13 @@ class ConvertOptions:
         return "ConvertOptions(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
 
 
-class ConvertResult:
+class ConvertResult(Record):
     __slots__ = ("size", "data_bytes", "zero_bytes")
 
     def __init__(self, size: int, data_bytes: int, zero_bytes: int):
         self.size = size
         self.data_bytes = data_bytes
         self.zero_bytes = zero_bytes
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is ConvertResult and (self.size, self.data_bytes, self.zero_bytes) \
-            == (other.size, other.data_bytes, other.zero_bytes)
-
-    def __repr__(self) -> str:
-        return (f"ConvertResult(size={self.size!r}, data_bytes={self.data_bytes!r}, "
-                f"zero_bytes={self.zero_bytes!r})")
 
 
 def check_options(o: ConvertOptions) -> None:

@@ -10,6 +10,7 @@ import enum
 import struct
 from collections.abc import Callable, Iterable
 
+from .record import Record
 from ..errors import Cancelled, CopyError, UsageError
 from ._lib import Owned, ensure, ffi, lib
 from .ratelimit import TokenBucket
@@ -31,7 +32,7 @@ class RunResult(enum.IntEnum):
     TIMEOUT = 2     # time slice over; workers keep going
 
 
-class CopyStatus:
+class CopyStatus(Record):
     """The engine's counters (``bj_copy_status``). A plain class, not a
     dataclass: ``dataclasses`` imports ``inspect``, ~8 ms of every raw -> raw
     convert's start-up."""
@@ -51,18 +52,6 @@ class CopyStatus:
         self.in_flight = in_flight
         self.throttled = throttled      # of in_flight: waiting in the rate limiter
         self.requests = requests        # requests completed (adjacent items merge into one)
-
-    def _values(self) -> tuple:
-        return tuple(getattr(self, k) for k in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is CopyStatus and self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        return "CopyStatus(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
 
 class CopyEngine(Owned):

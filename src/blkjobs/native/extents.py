@@ -1,12 +1,13 @@
 """Data/hole extents of a file (SEEK_DATA/SEEK_HOLE, csrc/extents.c)."""
 from __future__ import annotations
 
+from .record import Record
 from ._lib import ensure, ffi, lib
 
 _BATCH = 256
 
 
-class Extent:
+class Extent(Record):
     """[offset, offset+length) of the file, data or a hole. (A plain class,
     not a dataclass: ``dataclasses`` imports ``inspect``, ~8 ms of every
     raw -> raw convert's start-up.)"""
@@ -16,16 +17,6 @@ class Extent:
         self.offset = offset
         self.length = length
         self.data = data
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is Extent and (self.offset, self.length, self.data) == \
-            (other.offset, other.length, other.data)
-
-    def __hash__(self) -> int:
-        return hash((self.offset, self.length, self.data))
-
-    def __repr__(self) -> str:
-        return f"Extent(offset={self.offset!r}, length={self.length!r}, data={self.data!r})"
 
 
 def extents(fd: int, offset: int, length: int, path: str | None = None) -> list[Extent]:
