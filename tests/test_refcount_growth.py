@@ -178,6 +178,15 @@ def _outside_data(path) -> tuple[str, int]:
     return h.hexdigest(), os.path.getsize(path)
 
 
+def _need_disk(where) -> None:
+    """These tests allocate L1_GROWS_TABLE bytes for real: say so plainly
+    (a failure, not a skip) instead of an ENOSPC deep in the run."""
+    free = os.statvfs(where).f_bavail * os.statvfs(where).f_frsize
+    need = L1_GROWS_TABLE + (512 << 20)
+    assert free >= need, (f"{where}: {free >> 20} MiB free, this test allocates "
+                          f"{need >> 20} MiB")
+
+
 def test_falloc_whose_l1_table_grows_the_refcount_table(tmp_path):
     """falloc where the L1 table's refcount blocks need a larger refcount
     table (once laid out otherwise): QEMU's allocator as it runs (the block
@@ -188,29 +197,38 @@ def test_falloc_whose_l1_table_grows_the_refcount_table(tmp_path):
     size. On the disk (fallocate there allocates nothing but extents; 8 GiB
     on a tmpfs would be memory). ``full`` lays out the same clusters but
     writes 8 GiB of zeroes: not tested."""
+    _need_disk(tmp_path)
     img = tmp_path / "t.qcow2"
-    run_blkjobs("create", "-q", "-f", "qcow2", "-o",
-                "preallocation=falloc,cluster_size=512,refcount_bits=64", img,
-                L1_GROWS_TABLE, check=True)
-    assert _outside_data(img) == L1_GROWS_TABLE_QEMU
-    assert blocks(img) >= L1_GROWS_TABLE
+    try:
+        run_blkjobs("create", "-q", "-f", "qcow2", "-o",
+                    "preallocation=falloc,cluster_size=512,refcount_bits=64", img,
+                    L1_GROWS_TABLE, check=True)
+        outside, allocated = _outside_data(img), blocks(img)
+    finally:
+        img.unlink(missing_ok=True)     # 8 GiB: not kept even when the test fails
+    assert outside == L1_GROWS_TABLE_QEMU
+    assert allocated >= L1_GROWS_TABLE
 
 
 def test_blockdev_create_whose_l1_table_grows_the_refcount_table(tmp_path):
     """The daemon's blockdev-create of that image (once refused): the same
     bytes as qemu-img's (qemu-storage-daemon takes as long as qemu-img)."""
+    _need_disk(tmp_path)
+
     async def sc(s, d):
         path = str(d / "g.qcow2")
-        await daemon_create(s, "gf", {"driver": "file", "filename": path, "size": 0})
-        await s.x("blockdev-add", driver="file", filename=path, **{"node-name": "g"})
-        res = await daemon_create(s, "g", {"driver": "qcow2", "file": "g",
-                                           "size": L1_GROWS_TABLE, "preallocation": "falloc",
-                                           "cluster-size": 512, "refcount-bits": 64})
-        await s.x("blockdev-del", **{"node-name": "g"})
-        assert res["jobs"][0].get("error") is None, res
-        out = _outside_data(path)
-        os.unlink(path)
-        return out
+        try:
+            await daemon_create(s, "gf", {"driver": "file", "filename": path, "size": 0})
+            await s.x("blockdev-add", driver="file", filename=path, **{"node-name": "g"})
+            res = await daemon_create(s, "g", {"driver": "qcow2", "file": "g",
+                                               "size": L1_GROWS_TABLE, "preallocation": "falloc",
+                                               "cluster-size": 512, "refcount-bits": 64})
+            await s.x("blockdev-del", **{"node-name": "g"})
+            assert res["jobs"][0].get("error") is None, res
+            return _outside_data(path)
+        finally:
+            if os.path.exists(path):    # 8 GiB: not kept even when the test fails
+                os.unlink(path)
     assert run_daemon(start_blkjobs, tmp_path, sc) == L1_GROWS_TABLE_QEMU
 
 
