@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py csrc/nbd/*.[ch])
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q 'setuptools>=77' wheel build 'cffi>=1.16' 'pytest>=7' 'pytest-xdist>=3' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4' 'mypy>=1.8' 'argparse-manpage>=4' 'numpy>=1.24' 'psutil>=5.9' 'cryptography>=41'
+	$(PY) -m pip install -q 'setuptools>=77' wheel build 'cffi>=1.16' 'pytest>=7.3' 'pytest-xdist>=3.2' 'hypothesis>=6' 'qemu.qmp' zstandard 'ruff>=0.4' 'mypy>=1.8' 'argparse-manpage>=4' 'numpy>=1.24' 'psutil>=5.9' 'cryptography>=41'
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -m compileall -q src    # start-up time counts in every copy a user times
 	touch $(STAMP)
@@ -45,7 +45,7 @@ demo: deps venv
 # runs it in one process.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 test: deps venv test-c lint
-	$(PY) -m pytest -q -rs -n $(TEST_JOBS) tests
+	$(PY) -m pytest -q -rs --durations=15 -n $(TEST_JOBS) --dist worksteal tests
 
 # The man page and the shell completion script, generated from the parser
 # (tests/test_cli_docs.py fails when the committed ones are stale).
