@@ -164,7 +164,7 @@ def main() -> None:
 def bench(a, image, load, size, names, cs, src, dsts, d) -> None:
     res: dict = {(n, "cache"): [] for n in names}
     rss = {n: 0 for n in names}
-    hogs = Hogs(os.cpu_count() or 1) if load == "busy" else None
+    hogs = Hogs.for_load(load)
     try:
         for rnd in range(a.rounds + 1):
             for n in names[rnd % len(names):] + names[:rnd % len(names)]:

@@ -176,7 +176,7 @@ def run_cases(cases, a, size, load):
     from convert_raw import Hogs
     results = {}
     cpus: dict[str, dict[str, list[float]]] = {}
-    hogs = Hogs(os.cpu_count() or 1) if load == "busy" else None
+    hogs = Hogs.for_load(load)
     la = os.getloadavg()[0]
     try:
         for name, out, cmds in cases:
@@ -224,7 +224,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--dir", default="/var/tmp")
-    ap.add_argument("--load", default="quiet", help="quiet,busy (quiet by default)")
+    ap.add_argument("--load", default="quiet", help="quiet,busy,busy-apart (quiet by default; see convert_raw.Hogs)")
     ap.add_argument("--image", default="vm", help="vm,dense (VM-shaped by default)")
     ap.add_argument("--keep", action="store_true", help="keep the images")
     ap.add_argument("--baseline", help="another blkjobs (e.g. the main branch's "

@@ -56,7 +56,7 @@ def main() -> None:
         subprocess.run(["cat", vm], stdout=subprocess.DEVNULL)
         for load in a.load.split(","):
             res: dict = {n: [] for n in names}
-            hogs = Hogs(os.cpu_count() or 1) if load == "busy" else None
+            hogs = Hogs.for_load(load)
             la = os.getloadavg()[0]
             try:
                 for rnd in range(a.rounds + 1):
