@@ -18,7 +18,6 @@ from .debug import io as _dbg_io
 from .compress import decompress as _decompress
 from .tables import (ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, STD_RESERVED, ZERO,
                      L2Tables, _zero)
-from ...native import qcow2 as _nq
 from ...native import dio
 
 #: the C mapper's kinds (native.qcow2 *_RUN: Kind's values) as Kind
