@@ -219,6 +219,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
                                  f"of the file (0x{off:x})")
         self.l1_dirty = False
         self.l2cache: dict[int, bytearray] = {}
+        self._l2dec = _nq.L2Decoder()
         self._l2map = _nq.L2Mapper()
         self.l2dirty: set[int] = set()
         self._held = {}
