@@ -177,7 +177,7 @@ class Reads(L2Tables):
         the well-formed entries into runs in one call; it stops at anything
         unusual, whose cluster goes through :meth:`_map_entry` (which
         classifies it, and diagnoses a corrupt entry), and goes on after."""
-        cb, l2e, kinds, out = self.cb, self.l2e, _KINDS, runs.out
+        cb, l2e, kinds, out, unpack = self.cb, self.l2e, _KINDS, runs.out, struct.unpack_from
         v3 = self.header.version >= 3
         table_guest = (l1i * l2e) << cb
         while pos < span_end:
@@ -191,11 +191,16 @@ class Reads(L2Tables):
                         for j in range(4, len(flat), 4)]
             if stop >= span_end:
                 return
-            gc = stop >> cb
-            e_ = min(span_end, (gc + 1) << cb)
-            self._map_entry(runs, gc, struct.unpack_from(">Q", t, (gc % l2e) * 8)[0], 0,
-                            stop, e_)
-            pos = e_
+            # Python takes that entry, and the compressed ones right after it
+            # (in a compressed image, all of them: a C call each costs more)
+            gc, s = stop >> cb, stop
+            while True:
+                e_ = min(span_end, (gc + 1) << cb)
+                self._map_entry(runs, gc, unpack(">Q", t, (gc % l2e) * 8)[0], 0, s, e_)
+                gc, s = gc + 1, e_
+                if s >= span_end or not unpack(">Q", t, (gc % l2e) * 8)[0] & COMPRESSED:
+                    break
+            pos = s
 
     def _map_entry(self, runs: _Runs, gc: int, e: int, bm: int, s: int, e_: int) -> None:
         """map_host for [s, e_) inside guest cluster ``gc`` whose L2 entry is
