@@ -172,9 +172,13 @@ class Zeroes(L2Tables):
         while gc < gend:                # a table at a time
             stop = min(gend, (gc // l2e + 1) * l2e)
             gc = self._discard_table(gc, stop, ZERO if use_zero else 0)
-            if gc < stop:               # an entry the C decoder left to Python
-                self._discard_one(gc, backing, qemu, use_zero)
-                gc += 1
+            if gc < stop:
+                # an entry the C decoder left to Python (compressed: in a
+                # compressed image the rest are too, and a C call each would
+                # cost more; or corrupt: it fails) and the rest of the table
+                for g in range(gc, stop):
+                    self._discard_one(g, backing, qemu, use_zero)
+                gc = stop
 
     def _discard_one(self, gc: int, backing: bool, qemu: bool, use_zero: bool) -> None:
         _, _, e, bm = self._entry(gc)
