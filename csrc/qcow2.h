@@ -27,6 +27,24 @@ struct bj_l2run {
 long bj_qcow2_l2_runs(const uint8_t *table, size_t table_len, size_t first, size_t n,
                       unsigned cluster_bits, uint64_t host_limit, int v3,
                       struct bj_l2run *out, size_t max, size_t *stop_out);
+
+/* Map guest bytes [pos, end) of the range that one standard L2 table maps
+ * (its entry 0 maps guest offset table_guest) into coalesced runs, written
+ * as 4 uint64 each: guest start, length, kind (BJ_MAP_*: the values of
+ * formats.base.Kind), host offset of the run's first byte (0: none; an
+ * unallocated run, a zero run without preallocated clusters). Runs merge
+ * when of one kind and, if they have host offsets, contiguous in the file.
+ * Entries the fast path does not handle (those bj_qcow2_l2_runs stops at)
+ * stop the walk at their cluster; so does a full buffer (max runs).
+ * Returns the number of runs, *stop_out the guest offset where the walk
+ * stopped (end when it is done; pos with 0 runs: the entry of the cluster
+ * at pos is the caller's), or -EINVAL. */
+#define BJ_MAP_DATA 0
+#define BJ_MAP_ZERO 1
+#define BJ_MAP_UNALLOCATED 2
+long bj_qcow2_map(const uint8_t *table, size_t table_len, uint64_t table_guest,
+                  uint64_t pos, uint64_t end, unsigned cluster_bits, uint64_t host_limit,
+                  int v3, uint64_t *out, size_t max, uint64_t *stop_out);
 /* cdef-end */
 
 #endif

@@ -11,6 +11,76 @@ static void put(uint8_t *t, size_t i, uint64_t e)
         t[8 * i + b] = (uint8_t)(e >> (56 - 8 * b));
 }
 
+/* bj_qcow2_map: the worked example of qcow2.c, merges, stops, a full
+ * buffer, bad arguments (each entry read is checked by ASan/valgrind). */
+static void test_map(void)
+{
+    uint8_t t[8 * 16];
+    uint64_t o[4 * 8], stop;
+    memset(t, 0, sizeof t);
+    put(t, 0, 0x8000000000050000ull);
+    put(t, 1, 0x8000000000060000ull);
+    put(t, 2, 0);
+    put(t, 3, 1);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 0x8000, 0x38000, 16, 1ull << 30, 1, o, 8, &stop), 3);
+    CHECK_EQ(stop, 0x38000);
+    uint64_t want[] = { 0x8000, 0x18000, BJ_MAP_DATA, 0x58000,
+                        0x20000, 0x10000, BJ_MAP_UNALLOCATED, 0,
+                        0x30000, 0x8000, BJ_MAP_ZERO, 0 };
+    for (size_t i = 0; i < 12; i++)
+        CHECK_EQ(o[i], want[i]);
+    /* the table maps from table_guest on; a range outside it is refused */
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 1ull << 30, (1ull << 30) + 0x10000, (1ull << 30) + 0x20000,
+                          16, 1ull << 30, 1, o, 8, &stop), 1);
+    CHECK_EQ(o[0], (1ull << 30) + 0x10000);
+    CHECK_EQ(o[3], 0x60000);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 1ull << 30, 0, 0x10000, 16, 1ull << 30, 1, o, 8, &stop),
+             -EINVAL);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 0, 17 * 0x10000, 16, 1ull << 30, 1, o, 8, &stop),
+             -EINVAL);
+    /* data not contiguous: two runs; preallocated zero clusters merge when
+     * contiguous, and not with plain zero clusters */
+    put(t, 1, 0x8000000000090000ull);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 0, 0x20000, 16, 1ull << 30, 1, o, 8, &stop), 2);
+    put(t, 4, 0x8000000000070001ull);
+    put(t, 5, 0x8000000000080001ull);
+    put(t, 6, 1);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 0x40000, 0x70000, 16, 1ull << 30, 1, o, 8, &stop), 2);
+    CHECK_EQ(o[1], 0x20000);
+    CHECK_EQ(o[2], BJ_MAP_ZERO);
+    CHECK_EQ(o[3], 0x70000);
+    CHECK_EQ(o[7], 0);
+    /* an unusual entry stops the walk at its cluster: at pos, no runs */
+    uint64_t bad[] = { 1ull << 62, 0x8000000000050200ull, 0x80000000F0000000ull,
+                       0x8000000000050002ull, 0x80FFFFFFFFFF0000ull };
+    for (size_t i = 0; i < 5; i++) {
+        put(t, 8, bad[i]);
+        CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 0x70000, 0xA0000, 16, 1ull << 30, 1, o, 8, &stop), 1);
+        CHECK_EQ(stop, 0x80000);
+        CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 0x80000, 0xA0000, 16, 1ull << 30, 1, o, 8, &stop), 0);
+        CHECK_EQ(stop, 0x80000);
+    }
+    /* the zero flag in a version 2 image */
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 0x30000, 0x40000, 16, 1ull << 30, 0, o, 8, &stop), 0);
+    CHECK_EQ(stop, 0x30000);
+    /* a full buffer: max runs and where to go on */
+    for (size_t i = 0; i < 16; i++)
+        put(t, i, (i & 1) ? 1 : 0);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 0, 16 * 0x10000, 16, 1ull << 30, 1, o, 8, &stop), 8);
+    CHECK_EQ(stop, 8 * 0x10000);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, stop, 16 * 0x10000, 16, 1ull << 30, 1, o, 8, &stop), 8);
+    CHECK_EQ(stop, 16 * 0x10000);
+    /* bad arguments; an empty range */
+    CHECK_EQ(bj_qcow2_map(NULL, 8, 0, 0, 1, 16, 1, 1, o, 8, &stop), -EINVAL);
+    CHECK_EQ(bj_qcow2_map(t, 7, 0, 0, 1, 16, 1, 1, o, 8, &stop), -EINVAL);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 0, 1, 8, 1, 1, o, 8, &stop), -EINVAL);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 2, 1, 16, 1, 1, o, 8, &stop), -EINVAL);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, UINT64_MAX - 0x10000, UINT64_MAX - 1, UINT64_MAX,
+                          16, 1, 1, o, 8, &stop), -EINVAL);
+    CHECK_EQ(bj_qcow2_map(t, sizeof t, 0, 0x10000, 0x10000, 16, 1, 1, o, 8, &stop), 0);
+    CHECK_EQ(stop, 0x10000);
+}
+
 int main(void)
 {
     uint8_t t[8 * 16];
@@ -57,6 +127,7 @@ int main(void)
     CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 15, 2, 16, 1, 1, r, 8, &stop), -EINVAL);
     CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 0, 1, 8, 1, 1, r, 8, &stop), -EINVAL);
     CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 16, 0, 16, 1, 1, r, 8, &stop), 0);
+    test_map();
     printf("test_qcow2: ok\n");
     return 0;
 }

@@ -203,13 +203,16 @@ def _segments(node: Node, offset: int, n: int, segs: list[Segment], p: ReadPlan,
     maps = map_for_read(offset, n) if map_for_read is not None else None
     if maps is None:
         return False
+    fd = -1
     for start, k, kind, host in maps:
         if kind == DATA:
-            if id(d) not in pinned:
-                pins = d.read_pins
-                pinned[id(d)] = pins
-                p.pins.append((pins, pins.pin()))
-            segs.append((SEG_DATA_PAD, d.data_fd, host, k))
+            if fd < 0:              # (once per node: a property, per run it shows)
+                if id(d) not in pinned:
+                    pins = d.read_pins
+                    pinned[id(d)] = pins
+                    p.pins.append((pins, pins.pin()))
+                fd = d.data_fd
+            segs.append((SEG_DATA_PAD, fd, host, k))
         elif kind == UNALLOCATED and node.backing is not None:
             m = max(0, min(k, node.backing.size - start))
             if m and not _segments(node.backing, start, m, segs, p, pinned):

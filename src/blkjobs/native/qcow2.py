@@ -38,3 +38,54 @@ class L2Decoder:
                 return out, stop
             pos = stop          # ENOBUFS: continue where it stopped
         return out, end
+
+
+class L2Mapper:
+    """A guest range's runs through one L2 table in one C call per 1024
+    runs (csrc/qcow2.c ``bj_qcow2_map``). Reusable buffer: one per open
+    image, used under its lock."""
+
+    _MAX = 1024
+
+    def __init__(self) -> None:
+        self._out = ffi.new("uint64_t[]", 4 * self._MAX)
+        self._stop = ffi.new("uint64_t *")
+
+    def map(self, table, table_guest: int, pos: int, end: int, cluster_bits: int,
+            host_limit: int, v3: bool) -> tuple[list[int], int]:
+        """Runs of guest [pos, end) (inside the range ``table`` maps, its
+        entry 0 at guest ``table_guest``) as a flat list, 4 ints a run:
+        start, length, kind (:data:`DATA_RUN`, :data:`ZERO_RUN`,
+        :data:`UNALLOCATED_RUN`), host offset (0: none); and where the walk
+        stopped: ``end``, or the start of a cluster whose entry is the
+        caller's (unusual: compressed, reserved bits, out of the file...).
+        Adjacent runs are merged as the C loop merges them."""
+        buf = ffi.from_buffer(table)
+        out: list[int] = []
+        while True:
+            n = lib.bj_qcow2_map(buf, len(buf), table_guest, pos, end, cluster_bits,
+                                 host_limit, int(v3), self._out, self._MAX, self._stop)
+            if n < 0:
+                raise ValueError("bad L2 map arguments")
+            stop = int(self._stop[0])
+            if n:
+                got = ffi.unpack(self._out, 4 * n)
+                if out and _continues(out, got):
+                    out[-3] += got[1]
+                    del got[:4]
+                out += got
+            if n < self._MAX or stop >= end:
+                return out, stop
+            pos = stop          # the buffer was full: on from there
+
+
+#: kinds of L2Mapper runs (formats.base.Kind's values)
+DATA_RUN, ZERO_RUN, UNALLOCATED_RUN = 0, 1, 2
+
+
+def _continues(a: list[int], b: list[int]) -> bool:
+    """Does the first run of flat list ``b`` continue the last of ``a``
+    (one kind, adjacent, hosts both none or contiguous)?"""
+    s, n, k, h = a[-4:]
+    return (b[2] == k and s + n == b[0]
+            and ((h == 0 and b[3] == 0) or (h != 0 and b[3] != 0 and h + n == b[3])))

@@ -220,6 +220,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self.l1_dirty = False
         self.l2cache: dict[int, bytearray] = {}
         self._l2dec = _nq.L2Decoder()
+        self._l2map = _nq.L2Mapper()
         self.l2dirty: set[int] = set()
         self._held = {}
         self._held_refs = {}

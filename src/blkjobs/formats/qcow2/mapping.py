@@ -18,8 +18,10 @@ from .debug import io as _dbg_io
 from .compress import decompress as _decompress
 from .tables import (ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, STD_RESERVED, ZERO,
                      L2Tables, _zero)
-from ...native import qcow2 as _nq
 from ...native import dio
+
+#: the C mapper's kinds (native.qcow2 *_RUN: Kind's values) as Kind
+_KINDS = (Kind.DATA, Kind.ZERO, Kind.UNALLOCATED)
 
 
 class ReadPins:
@@ -142,7 +144,7 @@ class Reads(L2Tables):
 
     def _map_table(self, runs: _Runs, l1i: int, pos: int, span_end: int) -> None:
         """map_host for [pos, span_end), all in the guest range of L2 table
-        ``l1i``: the C decoder takes the well-formed standard entries, the
+        ``l1i``: the C mapper takes the well-formed standard entries, the
         rest (and extended L2 entries) one by one in Python."""
         cb, l2e, esz = self.cb, self.l2e, self.esz
         l2off = self._l2_offset(l1i)
@@ -155,17 +157,12 @@ class Reads(L2Tables):
         if t[i0:i1].count(0) == i1 - i0:
             runs.emit(pos, span_end - pos, Kind.UNALLOCATED)
             return
+        if not self.extended and not self.external:    # (the C mapper knows no data file)
+            self._map_fast(runs, t, l1i, pos, span_end)
+            return
         n = gc1 - gc0 + 1
-        k0 = 0
-        if not self.extended and not self.external:    # (the C decoder knows no data file)
-            k0 = self._map_decoded(runs, t, l1i, gc0, n, pos, span_end)
-            if k0 >= n:
-                return
-        if self.extended:
-            vals = struct.unpack_from(f">{2 * n}Q", t, i0)
-        else:
-            vals = struct.unpack_from(f">{n}Q", t, i0)
-        for k in range(k0, n):
+        vals = struct.unpack_from(f">{(2 if self.extended else 1) * n}Q", t, i0)
+        for k in range(n):
             gc = gc0 + k
             cstart = gc << cb
             s = max(pos, cstart)
@@ -175,28 +172,35 @@ class Reads(L2Tables):
             else:
                 self._map_entry(runs, gc, vals[k], 0, s, e_)
 
-    def _map_decoded(self, runs: _Runs, t: bytearray, l1i: int, gc0: int, n: int,
-                     pos: int, span_end: int) -> int:
-        """The C hot loop decodes the well-formed standard entries of
-        clusters [gc0, gc0+n) into runs; it stops at anything unusual.
-        Returns how many entries it took (the caller does the rest)."""
-        cb, l2e = self.cb, self.l2e
-        limit = self.file_size
-        if self.rc is not None:
-            limit = max(limit, self.rc.end << cb)
-        decoded, stop = self._l2dec.runs(t, gc0 % l2e, n, cb, limit, self.header.version >= 3)
-        base = l1i * l2e
-        for first, count, kind, host in decoded:
-            cstart = (base + first) << cb
-            s = max(pos, cstart)
-            e_ = min(span_end, (base + first + count) << cb)
-            if kind == _nq.DATA:
-                runs.emit(s, e_ - s, Kind.DATA, host + s - cstart)
-            elif kind == _nq.ZERO:
-                runs.emit(s, e_ - s, Kind.ZERO, (host + s - cstart) if host else None)
-            else:
-                runs.emit(s, e_ - s, Kind.UNALLOCATED)
-        return stop - gc0 % l2e
+    def _map_fast(self, runs: _Runs, t: bytearray, l1i: int, pos: int, span_end: int) -> None:
+        """[pos, span_end) of standard L2 table ``l1i``: the C mapper turns
+        the well-formed entries into runs in one call; it stops at anything
+        unusual, whose cluster goes through :meth:`_map_entry` (which
+        classifies it, and diagnoses a corrupt entry), and goes on after."""
+        cb, l2e, kinds, out, unpack = self.cb, self.l2e, _KINDS, runs.out, struct.unpack_from
+        v3 = self.header.version >= 3
+        table_guest = (l1i * l2e) << cb
+        while pos < span_end:
+            limit = self.file_size      # (again: _map_entry may have refreshed it)
+            if self.rc is not None:
+                limit = max(limit, self.rc.end << cb)
+            flat, stop = self._l2map.map(t, table_guest, pos, span_end, cb, limit, v3)
+            if flat:
+                runs.emit(flat[0], flat[1], kinds[flat[2]], flat[3] or None)
+                out += [[flat[j], flat[j + 1], kinds[flat[j + 2]], flat[j + 3] or None]
+                        for j in range(4, len(flat), 4)]
+            if stop >= span_end:
+                return
+            # Python takes that entry, and the compressed ones right after it
+            # (in a compressed image, all of them: a C call each costs more)
+            gc, s = stop >> cb, stop
+            while True:
+                e_ = min(span_end, (gc + 1) << cb)
+                self._map_entry(runs, gc, unpack(">Q", t, (gc % l2e) * 8)[0], 0, s, e_)
+                gc, s = gc + 1, e_
+                if s >= span_end or not unpack(">Q", t, (gc % l2e) * 8)[0] & COMPRESSED:
+                    break
+            pos = s
 
     def _map_entry(self, runs: _Runs, gc: int, e: int, bm: int, s: int, e_: int) -> None:
         """map_host for [s, e_) inside guest cluster ``gc`` whose L2 entry is

@@ -70,6 +70,7 @@ class L2Tables(Driver):
     _landed_unsynced: bool  # released since the last fsync of the data
     unsafe: bool            # cache=unsafe: no fsync
     _l2dec: _nq.L2Decoder
+    _l2map: _nq.L2Mapper
     rc: Refcounts | None    # loaded on first use (see _rc)
     _closed: bool
     _write_prepared: bool

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .tables import ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, ZERO, Fill, L2Tables
 from ...native import dio
+from ...native import qcow2 as _nq
 
 
 class Zeroes(L2Tables):
@@ -162,18 +163,75 @@ class Zeroes(L2Tables):
             return
         backing, qemu = bool(self.backing_filename), self.qemu_discard
         use_zero = self.header.version >= 3 and (backing or qemu)
-        for gc in range(a >> self.cb, -(-b // self.cluster_size)):
-            _, _, e, bm = self._entry(gc)
-            if qemu and not backing and not e & (OFFSET_MASK | COMPRESSED):
-                continue        # QEMU leaves a cluster without a host cluster alone
-            if e or bm:
-                self._classify(gc, e, bm)
-            if self.extended:
-                ne, nbm = (0, ALL_ZERO) if use_zero else (0, 0)
-            else:
-                ne, nbm = (ZERO, 0) if use_zero else (0, 0)
-            if (e, bm) == (ne, nbm):
-                continue
-            if e:
-                self._release(e)
-            self._set_entry(gc, ne, nbm)
+        gc, gend = a >> self.cb, -(-b // self.cluster_size)
+        if self.extended or self.external or qemu:
+            for g in range(gc, gend):
+                self._discard_one(g, backing, qemu, use_zero)
+            return
+        l2e = self.l2e
+        while gc < gend:                # a table at a time
+            stop = min(gend, (gc // l2e + 1) * l2e)
+            gc = self._discard_table(gc, stop, ZERO if use_zero else 0)
+            if gc < stop:
+                # an entry the C decoder left to Python (compressed: in a
+                # compressed image the rest are too, and a C call each would
+                # cost more; or corrupt: it fails) and the rest of the table
+                for g in range(gc, stop):
+                    self._discard_one(g, backing, qemu, use_zero)
+                gc = stop
+
+    def _discard_one(self, gc: int, backing: bool, qemu: bool, use_zero: bool) -> None:
+        _, _, e, bm = self._entry(gc)
+        if qemu and not backing and not e & (OFFSET_MASK | COMPRESSED):
+            return          # QEMU leaves a cluster without a host cluster alone
+        if e or bm:
+            self._classify(gc, e, bm)
+        if self.extended:
+            ne, nbm = (0, ALL_ZERO) if use_zero else (0, 0)
+        else:
+            ne, nbm = (ZERO, 0) if use_zero else (0, 0)
+        if (e, bm) == (ne, nbm):
+            return
+        if e:
+            self._release(e)
+        self._set_entry(gc, ne, nbm)
+
+    def _discard_table(self, gc: int, stop: int, ne: int) -> int:
+        """discard of guest clusters [gc, stop), all in one standard L2 table,
+        their entries becoming ``ne`` (0 or ZERO): the C decoder classifies
+        the well-formed entries in runs (what :meth:`_discard_one` checks of
+        each), their host clusters are released and the entries rewritten
+        in one slice. Returns where it stopped: ``stop``, or an entry left to
+        :meth:`_discard_one` (compressed, corrupt...)."""
+        cb, l2e = self.cb, self.l2e
+        want = ne.to_bytes(8, "big") * (stop - gc)
+        i0, i1 = (gc % l2e) * 8, (stop - gc + gc % l2e) * 8
+        off = self._l2_offset(gc // l2e)
+        if not off:
+            if not ne:
+                return stop     # no table: unallocated already
+            t, off = self._l2_for_write(gc)     # a new table, all zeroes
+            t[i0:i1] = want
+            self.l2dirty.add(off)
+            return stop
+        t = self._l2(off)
+        if t[i0:i1] == want:
+            return stop
+        limit = self.file_size
+        if self.rc is not None:
+            limit = max(limit, self.rc.end << cb)
+        runs, end = self._l2dec.runs(t, gc % l2e, stop - gc, cb, limit,
+                                     self.header.version >= 3)
+        done = gc - gc % l2e + end          # guest cluster where the decoder stopped
+        if done == gc:
+            return gc
+        if not self.external:
+            rc = self._rc()
+            for _, count, kind, host in runs:
+                if host and kind != _nq.UNALLOCATED:     # data, preallocated zero
+                    for c in range(host >> cb, (host >> cb) + count):
+                        rc.free_later(c)
+        t, off = self._l2_for_write(gc)     # (a copy of a table a snapshot shares)
+        t[i0:(done - gc + gc % l2e) * 8] = want[:(done - gc) * 8]
+        self.l2dirty.add(off)
+        return done
