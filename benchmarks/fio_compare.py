@@ -248,8 +248,6 @@ def agreement(a):
     for key, rounds in per.items():
         w, bs, n = key
         k = len(rounds)
-        blk = [r["blkjobs"][1] for r in rounds]
-        fio = [r["fio"][1] for r in rounds]
         if k < 2:
             print(f"\n{w} {bs} j{n}: {k} round: no interval; run more rounds")
             continue

@@ -18,11 +18,11 @@
  *    request from 256 scattered 4 KiB pages is split into two device
  *    requests and costs 40% more than one from contiguous pages
  *    (benchmarks/README.md, "Why blkjobs' 1 MiB writes were 9% slower").
- *    Freeing a buffer and faulting a new one at once gets back the pages
+ *    Freeing a buffer and faulting a new one at once can get back the pages
  *    just freed in reverse order (the kernel's per-CPU free lists are LIFO):
- *    a contiguous buffer's successor is scattered, and vice versa, so
- *    every other run of a process paid for the split. bj_ioloop_release_
- *    buffers() frees the kept ones.
+ *    a contiguous buffer's successor is scattered, and vice versa, so the
+ *    runs of one process did not draw their layouts as fio's processes do.
+ *    bj_ioloop_release_buffers() frees the kept ones.
  *  - The first bj_ioloop_run() reads the clock and opens the gate.
  *    Sequential: worker t of N streams through its own section, blocks
  *    [t*nblocks/N, (t+1)*nblocks/N), wrapping inside it under a time
