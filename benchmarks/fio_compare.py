@@ -26,19 +26,25 @@ thread unless --threads): after a discarded warm-up each tool runs twice,
 once first and once second, so neither always follows the other's writes.
 For p50, p90, p99 and p99.9 it prints the ratio blkjobs/fio of the
 percentiles of all rounds pooled (every request of every measured run) with
-a 95% paired bootstrap interval over the rounds (blkjobs.diskbench.agreement)
-and its verdict: 'agree' (the whole interval within 10% of 1), 'differ'
-(none of it), 'open' (more rounds needed; always below 5 rounds); beside it
-the median (min-max) of the rounds' own ratios, and the noise floor: fio's
-first measured run of each round against its second, pooled the same way,
-and blkjobs' likewise. Then the per-round ratios of MB/s, the bytes that
+a 95% paired bootstrap interval over the rounds (blkjobs.diskbench.agreement),
+beside it the median (min-max) of the rounds' own ratios, and the noise
+floor: fio's first measured run of each round against its second, pooled
+the same way, and blkjobs' likewise. The verdict per cell
+(agreement.cell_verdict): 'agree' when the interval lies within [0.90,
+1.10]; for p99 and p99.9 also 'agree (noise)' when it is no wider (high/low)
+than fio-against-itself's for that cell; 'differ' when it lies wholly
+outside [0.90, 1.10] (a tail too, however narrow); else 'open' (always
+below 5 rounds). Then the per-round ratios of MB/s, the bytes that
 reached the device (its counters: a neighbour's I/O is in them), the tool's
-own block-layer bytes and the CPU time per request (user + sys; fio's
-includes its start-up, about 0.1 s a run). --max-rounds goes on, after
---rounds, with the cases that still have an open percentile. --save DIR
-keeps each round's JSON, --load FILE... analyses saved ones. It exits 1
-when a percentile's interval lies wholly outside 10%, or the median ratio
-of own bytes is off 1 by more than 10%.
+own block-layer bytes, the CPU time per request (user + sys; fio's
+includes its start-up, about 0.1 s a run) and the device's requests per
+request (1.00: each request reached the device whole; 2.00: each was split
+in two, as a 1 MiB O_DIRECT request from 256 scattered pages is on a
+virtio disk: csrc/ioloop.c), and a markdown table of the cells.
+--max-rounds goes on, after --rounds, with the cases that still have an
+open cell. --save DIR keeps each round's JSON, --load FILE... analyses
+saved ones. It exits 1 when a cell differs, or the median ratio of own
+bytes is off 1 by more than 10%.
 
 Writes use --end_fsync=1 in fio and an fsync in blkjobs, both timed. fio's
 figures are its own (io_bytes / runtime); blkjobs' are the C loop's clock.
@@ -100,6 +106,14 @@ AGREEMENT_CASES = [("randread", "4k", "64M"), ("randread", "1M", "1G"),
                    ("seqwrite", "4k", "64M"), ("seqwrite", "1M", "1G")]
 PCTS = ("p50", "p90", "p99", "p99.9")
 RATIOS = PCTS + ("MB/s", "dev bytes", "own bytes")
+#: printed per round and in the medians: device requests per request of the
+#: tool (1.00: each went to the device whole; 2.00: each was split in two)
+EXTRA = ("cpu us/req", "dev req/req")
+CRITERION = ("a cell agrees when its ratio's 95% interval lies within [0.90, 1.10] "
+             "('agree'), or, for p99 and p99.9, when it is no wider (high/low) than fio "
+             "against itself's for that cell ('agree (noise)'); it differs when the whole "
+             "interval lies outside [0.90, 1.10] ('differ', exit 1); otherwise it is "
+             "'open' (more rounds narrow it; always below 5 rounds)")
 
 
 def bench_round(d, workload, bs, size, threads):
@@ -154,7 +168,10 @@ def figures(row):
             "MB/s": row["summary"]["median_mb_s"],
             "dev bytes": statistics.mean(devs) if devs else None,
             "own bytes": statistics.mean(own),
-            "cpu us/req": statistics.median(r["cpu_s"] / r["ops"] * 1e6 for r in runs)}
+            "cpu us/req": statistics.median(r["cpu_s"] / r["ops"] * 1e6 for r in runs),
+            "dev req/req": statistics.mean(
+                (r["device"]["read_ios"] + r["device"]["write_ios"]) / r["ops"]
+                for r in runs if r["device"] and r["ops"]) if devs else None}
 
 
 def add_doc(per, doc):
@@ -164,14 +181,25 @@ def add_doc(per, doc):
                 {t: (figures(r), run_hists(r)) for t, r in rows.items()})
 
 
+def verdicts(rounds, resamples=2000):
+    """{percentile: (blkjobs/fio interval, fio#1/fio#2 interval, blkjobs#1/#2
+    interval, verdict)} of a case's rounds (agreement.cell_verdict)."""
+    from blkjobs.diskbench.agreement import cell_verdict, percentile_ratios
+    blk = [r["blkjobs"][1] for r in rounds]
+    fio = [r["fio"][1] for r in rounds]
+    vs = percentile_ratios(blk, fio, resamples=resamples)
+    # the noise floor: fio's first measured run of each round against its
+    # second (one ran first and one second), blkjobs' likewise
+    ff = percentile_ratios([h[:1] for h in fio], [h[1:2] for h in fio], resamples=resamples)
+    bb = percentile_ratios([h[:1] for h in blk], [h[1:2] for h in blk], resamples=resamples)
+    return {p: (vs[p], ff[p], bb[p], cell_verdict(p, vs[p], ff[p])) for p in PCTS}
+
+
 def undecided(rounds):
-    """Whether a percentile's interval still straddles 0.90 or 1.10."""
-    from blkjobs.diskbench.agreement import percentile_ratios
+    """Whether a percentile's verdict is still 'open'."""
     if len(rounds) < 2:
         return True
-    vs = percentile_ratios([r["blkjobs"][1] for r in rounds], [r["fio"][1] for r in rounds],
-                           resamples=500)
-    return any(ci.verdict() == "open" for ci in vs.values())
+    return any(v[3] == "open" for v in verdicts(rounds, resamples=500).values())
 
 
 def collect(a):
@@ -207,7 +235,6 @@ def collect(a):
 
 
 def agreement(a):
-    from blkjobs.diskbench.agreement import percentile_ratios
     load0 = os.getloadavg()
     per = collect(a)
     load1 = os.getloadavg()
@@ -215,51 +242,55 @@ def agreement(a):
         f"{a.dir}, load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end"
     print(f"blkjobs bench --compare fio, O_DIRECT ({src}; {os.cpu_count()} CPUs); each round: "
           "one warm-up run then two measured runs of each tool, alternating")
+    print(f"criterion: {CRITERION}")
     bad = []
+    table = []
     for key, rounds in per.items():
         w, bs, n = key
         k = len(rounds)
-        blk = [r["blkjobs"][1] for r in rounds]
-        fio = [r["fio"][1] for r in rounds]
         if k < 2:
             print(f"\n{w} {bs} j{n}: {k} round: no interval; run more rounds")
             continue
-        vs = percentile_ratios(blk, fio)
-        # the noise floor: fio's first measured run of each round against
-        # its second (one ran first and one second), blkjobs' likewise
-        ff = percentile_ratios([h[:1] for h in fio], [h[1:2] for h in fio])
-        bb = percentile_ratios([h[:1] for h in blk], [h[1:2] for h in blk])
-        reqs = vs["p50"].requests_a, vs["p50"].requests_b
+        cells = verdicts(rounds)
+        reqs = cells["p50"][0].requests_a, cells["p50"][0].requests_b
         print(f"\n{w} {bs} j{n}: {k} rounds pooled, {reqs[0]:,} requests of blkjobs, "
               f"{reqs[1]:,} of fio; ratio [95% bootstrap interval over the rounds]; per "
               "round: median (min-max) of the rounds' own ratios")
-        print(f"  {'':6} {'blkjobs/fio':>20} {'verdict':>7} {'per round':>18}"
+        print(f"  {'':6} {'blkjobs/fio':>20} {'verdict':>13} {'per round':>18}"
               f" {'fio#1/fio#2':>20} {'per round':>18} {'blkjobs#1/#2':>20}")
+        row = [f"{w} {_size(bs)}" + (f" j{n}" if n != 1 else "")]
         for p in PCTS:
+            ci, ff, bb, v = cells[p]
             per_round = [r["blkjobs"][0][p] / r["fio"][0][p] for r in rounds]
             ff_round = [_pct(r["fio"][1][0], p) / _pct(r["fio"][1][1], p) for r in rounds]
-            v = vs[p].verdict()
             if v == "differ":
                 bad.append(f"{w} {bs} j{n} {p}")
-            print(f"  {p:6} {_ci(vs[p]):>20} {v:>7} {_range(per_round):>18} "
-                  f"{_ci(ff[p]):>20} {_range(ff_round):>18} {_ci(bb[p]):>20}")
-        for q in ("MB/s", "dev bytes", "own bytes", "cpu us/req"):
+            print(f"  {p:6} {_ci(ci):>20} {v:>13} {_range(per_round):>18} "
+                  f"{_ci(ff):>20} {_range(ff_round):>18} {_ci(bb):>20}")
+            row.append(f"{_ci(ci, 2)} {v} (fio/fio {_ci(ff, 2)})")
+        table.append(row)
+        for q in ("MB/s", "dev bytes", "own bytes", "cpu us/req", "dev req/req"):
             vals = [r["blkjobs"][0][q] / r["fio"][0][q] for r in rounds
                     if r["blkjobs"][0][q] and r["fio"][0][q]]
             if q == "own bytes" and vals and abs(statistics.median(vals) - 1) > 0.10:
                 bad.append(f"{w} {bs} j{n} own bytes")
             print(f"  {q:10} per round: {_range(vals) if vals else '-'}")
-        med = {t: {q: statistics.median(r[t][0][q] for r in rounds if r[t][0][q] is not None)
-                   for q in RATIOS + ("cpu us/req",)} for t in ("blkjobs", "fio")}
+        med = {t: {q: _median(r[t][0][q] for r in rounds) for q in RATIOS + EXTRA}
+               for t in ("blkjobs", "fio")}
         print("  medians over the rounds (us; MB/s; MB; CPU us per request, fio's with its "
-              "start-up), blkjobs | fio: " + ", ".join(
+              "start-up; device requests per request), blkjobs | fio: " + ", ".join(
                   f"{q} {_fmt(q, med['blkjobs'][q])} | {_fmt(q, med['fio'][q])}"
-                  for q in RATIOS + ("cpu us/req",)))
+                  for q in RATIOS + EXTRA))
+    if table:
+        print("\nper cell, blkjobs/fio [95% interval], verdict (fio/fio [its interval]):")
+        print("| case | " + " | ".join(PCTS) + " |")
+        print("|---|" + "---|" * len(PCTS))
+        for row in table:
+            print("| " + " | ".join(row) + " |")
     if bad:
         print(f"\nNOT within 10% (the whole interval outside): {', '.join(bad)}")
         return 1
-    print("\nno percentile's interval lies outside 10%; 'agree': the whole interval is "
-          "within 10%, 'open': it straddles 0.90 or 1.10 (more rounds narrow it)")
+    print("\nno cell differs (no interval wholly outside [0.90, 1.10])")
     return 0
 
 
@@ -268,8 +299,18 @@ def _pct(hist, p):
     return pooled_percentiles([[hist]])[p]
 
 
-def _ci(ci):
-    return f"{ci.ratio:.3f} [{ci.low:.2f}-{ci.high:.2f}]"
+def _ci(ci, digits=3):
+    return f"{ci.ratio:.{digits}f} [{ci.low:.2f}-{ci.high:.2f}]"
+
+
+def _median(values):
+    v = [x for x in values if x is not None]
+    return statistics.median(v) if v else None
+
+
+def _size(n):
+    return f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else \
+        f"{n >> 10}k" if n % 1024 == 0 else str(n)
 
 
 def _range(v):
@@ -277,6 +318,10 @@ def _range(v):
 
 
 def _fmt(k, v):
+    if v is None:
+        return "-"
+    if k == "dev req/req":
+        return f"{v:.2f}"
     if k.startswith("p"):
         return f"{v / 1000:.1f}"
     if k == "cpu us/req":

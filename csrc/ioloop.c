@@ -3,12 +3,26 @@
  *
  * Design (the synchronous "psync" engine of fio, with the threads of one job
  * sharing one stream):
- *  - bj_ioloop_new() starts the workers at once. Each allocates its own
- *    4 KiB-aligned buffer of bs bytes and touches every page of it (a write
- *    buffer gets a pseudo-random pattern, so no layer can compress or dedup
- *    it), then waits at a start gate. First-touch page faults and thread
- *    creation therefore stay outside the timed region: they cost up to 10x
- *    the I/O on a noisy small machine.
+ *  - bj_ioloop_new() starts the workers at once. Each takes a 4 KiB-aligned
+ *    buffer of bs bytes and touches every page of it (a write buffer gets a
+ *    pseudo-random pattern, so no layer can compress or dedup it), then
+ *    waits at a start gate. First-touch page faults and thread creation
+ *    therefore stay outside the timed region: they cost up to 10x the I/O
+ *    on a noisy small machine.
+ *  - Buffers outlive their loop: bj_ioloop_free() keeps them (up to
+ *    POOL_MAX_BYTES) and the next loop of the same bs takes them back, so
+ *    the runs of one process use the pages of its first loop, as each fio
+ *    process allocates its buffer once. Why it matters: an O_DIRECT request
+ *    is one segment per physically contiguous run of its buffer's pages, and
+ *    a device takes a bounded number (virtio-blk here: 254), so a 1 MiB
+ *    request from 256 scattered 4 KiB pages is split into two device
+ *    requests and costs 40% more than one from contiguous pages
+ *    (benchmarks/README.md, "Why blkjobs' 1 MiB writes were 9% slower").
+ *    Freeing a buffer and faulting a new one at once can get back the pages
+ *    just freed in reverse order (the kernel's per-CPU free lists are LIFO):
+ *    a contiguous buffer's successor is scattered, and vice versa, so the
+ *    runs of one process did not draw their layouts as fio's processes do.
+ *    bj_ioloop_release_buffers() frees the kept ones.
  *  - The first bj_ioloop_run() reads the clock and opens the gate.
  *    Sequential: worker t of N streams through its own section, blocks
  *    [t*nblocks/N, (t+1)*nblocks/N), wrapping inside it under a time
@@ -35,7 +49,8 @@
  *    buffer: nothing is allocated or shared per request);
  *    bj_ioloop_get_latency() sums them once the loop finished.
  * Cost: one pread/pwrite per request plus one atomic add, two clock reads
- * and one counter increment; memory threads * (bs + 30 KiB).
+ * and one counter increment; memory threads * (bs + 30 KiB), the buffers
+ * kept afterwards.
  */
 #include "ioloop.h"
 
@@ -46,6 +61,68 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+/* The buffers kept between loops: at most POOL_SLOTS of them and
+ * POOL_MAX_BYTES in all; a buffer that does not fit is freed. */
+#define POOL_SLOTS 64
+#define POOL_MAX_BYTES (256ull << 20)
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    void *p;
+    uint64_t len;
+} pool[POOL_SLOTS];
+static uint64_t pool_bytes;
+
+/* A kept buffer of len bytes, or a new one; NULL when out of memory. */
+static void *buf_get(uint64_t len)
+{
+    void *p = NULL;
+    pthread_mutex_lock(&pool_lock);
+    for (int i = 0; i < POOL_SLOTS; i++) {
+        if (pool[i].p && pool[i].len == len) {
+            p = pool[i].p;
+            pool[i].p = NULL;
+            pool_bytes -= len;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&pool_lock);
+    if (!p && posix_memalign(&p, 4096, len))
+        p = NULL;
+    return p;
+}
+
+/* Keep p for the next loop, or free it when the pool is full. */
+static void buf_put(void *p, uint64_t len)
+{
+    if (!p)
+        return;
+    pthread_mutex_lock(&pool_lock);
+    if (pool_bytes + len <= POOL_MAX_BYTES) {
+        for (int i = 0; i < POOL_SLOTS; i++) {
+            if (!pool[i].p) {
+                pool[i].p = p;
+                pool[i].len = len;
+                pool_bytes += len;
+                p = NULL;
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&pool_lock);
+    free(p);
+}
+
+void bj_ioloop_release_buffers(void)
+{
+    pthread_mutex_lock(&pool_lock);
+    for (int i = 0; i < POOL_SLOTS; i++) {
+        free(pool[i].p);
+        pool[i].p = NULL;
+    }
+    pool_bytes = 0;
+    pthread_mutex_unlock(&pool_lock);
+}
 
 struct worker {
     struct bj_ioloop *b;
@@ -155,10 +232,9 @@ static void record_error(struct bj_ioloop *b, int err, uint64_t off)
 static int setup(struct worker *w, uint32_t index)
 {
     struct bj_ioloop *b = w->b;
-    if (posix_memalign(&w->buf, 4096, b->o.bs)) {
-        w->buf = NULL;
+    w->buf = buf_get(b->o.bs);
+    if (!w->buf)
         return -ENOMEM;
-    }
     w->lat = calloc(BJ_LAT_BUCKETS, sizeof(*w->lat));
     if (!w->lat)
         return -ENOMEM;
@@ -404,7 +480,7 @@ void bj_ioloop_free(struct bj_ioloop *b)
     for (uint32_t i = 0; i < b->nworkers; i++) {
         if (b->workers[i].started)
             pthread_join(b->workers[i].thread, NULL);
-        free(b->workers[i].buf);
+        buf_put(b->workers[i].buf, b->o.bs);
         free(b->workers[i].lat);
     }
     pthread_cond_destroy(&b->cv);

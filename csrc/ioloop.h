@@ -46,8 +46,12 @@ int bj_ioloop_run(struct bj_ioloop *b, uint32_t timeout_ms);
 /* Ask the workers to stop after their current request (thread-safe). */
 void bj_ioloop_cancel(struct bj_ioloop *b);
 void bj_ioloop_get_result(struct bj_ioloop *b, struct bj_ioloop_result *r);
-/* Cancel, join the workers and free everything. */
+/* Cancel, join the workers and free everything but the request buffers,
+ * which the next loop of the same bs takes (ioloop.c: why). */
 void bj_ioloop_free(struct bj_ioloop *b);
+/* Free the buffers kept by bj_ioloop_free() (thread-safe; a loop still
+ * alive keeps its own). */
+void bj_ioloop_release_buffers(void);
 
 /* Per-request latency (issue .. completion of one pread/pwrite, ns) in a
  * log-linear histogram: values below 64 ns have a bucket each; above, every

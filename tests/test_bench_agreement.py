@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blkjobs.diskbench.agreement import (RatioCI, percentile_ratios,
+from blkjobs.diskbench.agreement import (RatioCI, cell_verdict, percentile_ratios,
                                          pooled_percentiles)
 from blkjobs.errors import UsageError
 from blkjobs.diskbench.latency import summarize_latency
@@ -110,3 +110,25 @@ def test_bad_input():
         percentile_ratios([[(1, 2, 3)]], [[(1, 2, 3)]])
     with pytest.raises(UsageError, match="without requests"):
         percentile_ratios([[(0,) * N]], a[:1])
+
+
+def test_cell_verdicts():
+    floor = RatioCI(1.0, 0.80, 1.25, 10, 1, 1)      # fio against itself, width 1.5625
+    # within the band: agree, tail or not, whatever the floor
+    assert cell_verdict("p50", RatioCI(1.0, 0.95, 1.08, 10, 1, 1), floor) == "agree"
+    assert cell_verdict("p99.9", RatioCI(1.0, 0.95, 1.08, 10, 1, 1), None) == "agree"
+    # straddling the band: open at p50/p90 even when narrower than fio's own
+    assert cell_verdict("p50", RatioCI(1.05, 0.98, 1.14, 10, 1, 1), floor) == "open"
+    assert cell_verdict("p90", RatioCI(1.05, 0.98, 1.14, 10, 1, 1), floor) == "open"
+    # a tail no wider than fio's own interval agrees as noise ...
+    assert cell_verdict("p99", RatioCI(1.05, 0.85, 1.30, 10, 1, 1), floor) == "agree (noise)"
+    assert cell_verdict("p99.9", RatioCI(1.0, 0.80, 1.25, 10, 1, 1), floor) == "agree (noise)"
+    # ... not one wider than it, nor one without a floor
+    assert cell_verdict("p99", RatioCI(1.05, 0.75, 1.30, 10, 1, 1), floor) == "open"
+    assert cell_verdict("p99", RatioCI(1.05, 0.85, 1.30, 10, 1, 1), None) == "open"
+    # a tail wholly outside the band differs, however narrow
+    assert cell_verdict("p99.9", RatioCI(1.3, 1.25, 1.35, 10, 1, 1), floor) == "differ"
+    # too few rounds: open, floor or not
+    few = RatioCI(1.0, 0.85, 1.30, 4, 1, 1)
+    assert cell_verdict("p99", few, RatioCI(1.0, 0.5, 2.0, 4, 1, 1)) == "open"
+    assert RatioCI(1.0, 0.8, 1.25, 10, 1, 1).width == 1.5625

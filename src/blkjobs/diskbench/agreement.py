@@ -43,6 +43,12 @@ class RatioCI:
     requests_a: int
     requests_b: int
 
+    @property
+    def width(self) -> float:
+        """high / low: how many times wider the top of the interval is than
+        its bottom (a width on the ratio's own, multiplicative, scale)."""
+        return self.high / self.low if self.low > 0 else float("inf")
+
     def verdict(self, tolerance: float = 0.10) -> str:
         """'agree': the whole interval is within ``tolerance`` of 1;
         'differ': none of it is; 'open': more rounds are needed to say
@@ -122,3 +128,29 @@ def percentile_ratios(a: Sequence[Round], b: Sequence[Round], *,
         out[pname(p)] = RatioCI(float(ratios[0, j]), float(lo), float(hi), k,
                                 int(ha.sum()), int(hb.sum()))
     return out
+
+
+#: the percentiles judged against the noise floor as well as the band
+TAILS = ("p99", "p99.9")
+
+
+def cell_verdict(name: str, ci: RatioCI, floor: RatioCI | None,
+                 tolerance: float = 0.10) -> str:
+    """The verdict on one cell (a percentile of a case), blkjobs/fio's
+    interval ``ci`` beside fio-against-itself's ``floor``:
+
+    - 'differ': the whole interval lies outside [1 - tolerance, 1 + tolerance]
+      (a tail too, however narrow: the noise floor does not excuse that);
+    - 'agree': the whole interval lies within it;
+    - 'agree (noise)': a tail (p99, p99.9) whose interval is no wider than
+      fio's own against itself (:attr:`RatioCI.width`): fio cannot tell
+      itself apart more closely, so the comparison says nothing more;
+    - 'open': otherwise (and always below :data:`MIN_ROUNDS` rounds).
+    """
+    v = ci.verdict(tolerance)
+    if v != "open" or ci.rounds < MIN_ROUNDS:
+        return v
+    if name in TAILS and floor is not None and floor.rounds >= MIN_ROUNDS \
+            and ci.width <= floor.width:
+        return "agree (noise)"
+    return "open"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from ..native.ioloop import release_buffers
 from .contenders import TOOLS, Blkjobs, Contender
 from .devio import DeviceCounters
 from .latency import Latency, summarize_latency
@@ -137,6 +138,7 @@ class Runner:
         finally:
             self.progress.done()
             ws.cleanup()
+            release_buffers()
 
     def _direct_or_cold(self, ws: Workspace) -> None:
         """An explicit --direct fails on a file system that refuses
