@@ -150,7 +150,7 @@ def _option(conn: Connection, option: int, data: bytes) -> Export | None:
             raise _Abort()
         if not conn.attach(exp):
             raise _Abort()
-        reply = struct.pack(">QH", exp.backend.size, exp.flags())
+        reply = struct.pack(">QH", exp.size, exp.flags())
         if not conn.no_zeroes:
             reply += bytes(124)
         conn.send(reply)
@@ -189,7 +189,7 @@ def _info(conn: Connection, option: int, data: bytes) -> Export | None:
     # always sent: min 1, preferred 4 KiB, max 32 MiB (as qemu-nbd)
     _send(conn, option, P.REP_INFO, P.BLOCK_SIZE_INFO.pack(
         P.INFO_BLOCK_SIZE, 1, 4096, P.MAX_BUFFER_SIZE))
-    _send(conn, option, P.REP_INFO, P.EXPORT_INFO.pack(P.INFO_EXPORT, exp.backend.size,
+    _send(conn, option, P.REP_INFO, P.EXPORT_INFO.pack(P.INFO_EXPORT, exp.size,
                                                        exp.flags()))
     if option == P.OPT_INFO:
         _send(conn, option, P.REP_ACK)

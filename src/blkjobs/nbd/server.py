@@ -114,6 +114,15 @@ class Export:
             f |= P.FLAG_CAN_MULTI_CONN
         return f
 
+    @property
+    def size(self) -> int:
+        """The size the export advertises: the backend's in whole 512-byte
+        sectors, rounded up, as QEMU's block layer gives a node's length
+        (qemu-nbd exports a raw file of 1000 bytes as 1024); the padding
+        reads as zeroes and its block status is ``hole,zero``
+        (:mod:`.transmission`)."""
+        return -(-self.backend.size // P.SECTOR) * P.SECTOR
+
     def contexts(self) -> list[str]:
         return [P.CONTEXT_BASE_ALLOCATION] + [P.CONTEXT_DIRTY_BITMAP + b for b in self.bitmaps]
 
