@@ -70,7 +70,7 @@ struct bj_nbds {
 
     pthread_mutex_t send_lock;
     int nthreads;                   /* workers at most (the free ones counted of these) */
-    int started;                    /* workers running: one at first, more on demand */
+    int started;                    /* workers running: started on demand */
     pthread_t threads[MAX_WORKERS];
 };
 
@@ -621,28 +621,23 @@ struct bj_nbds *bj_nbds_new(int sock, int structured, int workers)
     pthread_cond_init(&s->more, NULL);
     pthread_cond_init(&s->idle, NULL);
     pthread_cond_init(&s->donecv, NULL);
-    /* one worker now, the others once there is work for them (a
-     * connection that reads little -- nbdcopy's idle ones on a sparse
-     * image -- starts and joins fewer threads) */
-    int r = pthread_create(&s->threads[0], NULL, worker, s);
-    if (r) {
-        bj_nbds_free(s);
-        errno = r;
-        return NULL;
-    }
-    s->started = 1;
+    /* no worker yet: they start once there is work for them
+     * (bj_nbds_submit), so a connection that reads little starts and
+     * joins fewer threads, and one that reads nothing -- nbdinfo --size,
+     * nbdcopy's idle connections on a sparse image -- none */
     s->nthreads = workers;
     return s;
 }
 
 /* A worker for each request in flight, up to nthreads (s->lock held); a
- * thread that cannot be started lowers nthreads to those running. */
+ * thread that cannot be started lowers nthreads to those running (if any). */
 static void start_workers(struct bj_nbds *s)
 {
     int want = s->inflight < s->nthreads ? s->inflight : s->nthreads;
     while (s->started < want) {
         if (pthread_create(&s->threads[s->started], NULL, worker, s) != 0) {
-            s->nthreads = s->started;
+            if (s->started)     /* (none: bj_nbds_submit fails) */
+                s->nthreads = s->started;
             break;
         }
         s->started++;
@@ -883,6 +878,20 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
     s->inflight += nreq;
     s->unread += nreq;
     start_workers(s);
+    if (!s->started) {
+        /* not even one thread: nothing was started before either, so the
+         * queue holds only these jobs; hand them back */
+        s->inflight -= nreq;
+        s->unread -= nreq;
+        while (s->head) {
+            struct job *j = s->head;
+            s->head = j->next;
+            free(j);
+        }
+        s->tail = NULL;
+        pthread_mutex_unlock(&s->lock);
+        return -EAGAIN;
+    }
     for (int i = 0; i < nreq && i < s->nthreads; i++)
         pthread_cond_signal(&s->more);      /* one worker per job, no herd */
     /* (bj_nbds_wait_slots, in one call; for half the workers: fewer,
