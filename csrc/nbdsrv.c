@@ -674,6 +674,8 @@ static int take_done_locked(struct bj_nbds *s, uint64_t *done, int maxdone)
     if (maxdone <= 0)
         return 0;
     n = s->ndone < (size_t)maxdone ? (int)s->ndone : maxdone;
+    if (n == 0)
+        return 0;       /* (s->done may be NULL yet: nothing queued ever) */
     memcpy(done, s->done, sizeof(*done) * (size_t)n);
     memmove(s->done, s->done + n, sizeof(*done) * (s->ndone - (size_t)n));
     s->ndone -= (size_t)n;

@@ -14,8 +14,9 @@ bytes through buffers), no compression, no checks; no QEMU lock bytes
 either (the server decides who may use the export).
 
 Several connections: where the server advertises multi-conn, up to
-``connections`` (default: one per CPU, at most 4) are opened and each
-caller (each copy worker) takes one for its request; big requests are split into pipelined
+``connections`` (default: one per CPU, at most 4): one is opened with the
+driver, the others when a caller (a copy worker) finds every open one busy;
+each caller takes one for its request; big requests are split into pipelined
 requests on that connection (see :mod:`blkjobs.native.nbd`).
 
 Timeouts: a server that says nothing for ``timeout`` seconds (default 30,
