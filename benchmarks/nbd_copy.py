@@ -41,6 +41,16 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fresh_bytecode() -> None:
+    """Compile our package's .pyc files now: with PYTHONDONTWRITEBYTECODE=1
+    (set on the shared machine) an edited tree is compiled from source by
+    every process, which weighed a 1 MiB NBD convert 35 % more
+    (benchmarks/README.md, "Issue 14 remainders"). A --baseline tree needs
+    them fresh too (``python -m compileall``)."""
+    import compileall
+    compileall.compile_dir(os.path.join(HERE, "..", "src", "blkjobs"), quiet=1)
 BLKJOBS = [sys.executable, "-m", "blkjobs"]
 
 
@@ -126,6 +136,7 @@ def main() -> int:
                     help="comma-separated: sr (sparse-random -> file), qn (qemu-nbd -> file), "
                          "wq (file -> qemu-nbd)")
     a = ap.parse_args()
+    fresh_bytecode()
     size = _size(a.size)
     base = [a.baseline, "-m", "blkjobs"] if a.baseline else None
 

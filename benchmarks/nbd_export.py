@@ -60,6 +60,16 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fresh_bytecode() -> None:
+    """Compile our package's .pyc files now: with PYTHONDONTWRITEBYTECODE=1
+    (set on the shared machine) an edited tree is compiled from source by
+    every process, which weighed a 1 MiB NBD convert 35 % more
+    (benchmarks/README.md, "Issue 14 remainders"). A --baseline tree needs
+    them fresh too (``python -m compileall``)."""
+    import compileall
+    compileall.compile_dir(os.path.join(HERE, "..", "src", "blkjobs"), quiet=1)
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 from blkjobs.imageops.vmimage import make_vm_image  # noqa: E402
@@ -334,6 +344,7 @@ def main() -> int:
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    fresh_bytecode()
     if a.rounds < 5:
         ap.error("--rounds: at least 5 (the method needs a median)")
     for t in ("qemu-nbd", "nbdcopy"):

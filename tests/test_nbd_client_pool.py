@@ -81,3 +81,16 @@ def test_extra_connections_only_when_all_are_busy(tmp_path):
     finally:
         srv.close()
         eng.close()
+
+
+def test_the_binding_loads_lazily_and_restores_the_dlopen_flags():
+    """native/nbd.py loads the libnbd extension with lazy binding and puts
+    Python's dlopen flags back as they were (other extensions keep
+    RTLD_NOW)."""
+    import subprocess
+    import sys
+    code = ("import os, sys; f = sys.getdlopenflags(); import blkjobs.native.nbd as n; "
+            "assert n.AVAILABLE, n.WHY_NOT; assert sys.getdlopenflags() == f; "
+            "c = n.Connection; print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == "ok\n", p.stderr
