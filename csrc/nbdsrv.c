@@ -7,6 +7,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -56,8 +57,8 @@ struct job {
 
 struct bj_nbds {
     int sock, structured;
-    /* headers read ahead (only the reading thread touches these) */
-    unsigned char rbuf[RBUF];
+    /* headers read ahead (only the reading thread touches these; rbuf
+     * last: bj_nbds_new does not zero it) */
     size_t rpos, rlen;
 
     pthread_mutex_t lock;           /* queue, done, inflight, stop */
@@ -72,6 +73,7 @@ struct bj_nbds {
     int nthreads;                   /* workers at most (the free ones counted of these) */
     int started;                    /* workers running: started on demand */
     pthread_t threads[MAX_WORKERS];
+    unsigned char rbuf[RBUF];       /* only [rpos, rlen) is ever read */
 };
 
 static void put_be16(unsigned char *p, uint16_t v)
@@ -611,9 +613,12 @@ struct bj_nbds *bj_nbds_new(int sock, int structured, int workers)
         errno = EINVAL;
         return NULL;
     }
-    struct bj_nbds *s = calloc(1, sizeof(*s));
+    /* every field zeroed but the 64 KiB read-ahead buffer (a memset of
+     * it per connection, for bytes only ever read after recv wrote them) */
+    struct bj_nbds *s = malloc(sizeof(*s));
     if (!s)
         return NULL;
+    memset(s, 0, offsetof(struct bj_nbds, rbuf));
     s->sock = sock;
     s->structured = structured;
     pthread_mutex_init(&s->lock, NULL);
