@@ -10,6 +10,11 @@ ratio (ours / theirs: below 1 is faster). Each target file is removed before
 a run (a fresh file for everyone).
 
     .venv/bin/python benchmarks/nbd_copy.py [--size 512M] [--rounds 5] [--busy] [--cases sr,qn,wq]
+        [--baseline PYTHON]
+
+``--baseline PYTHON``: one more contender, ``PYTHON -m blkjobs`` (another
+build, e.g. main's ``.venv/bin/python``) with our arguments: a before/after
+in the same rounds.
 
 Besides the wall times, each line gives the median CPU seconds (user +
 system) of the client (from ``wait4``) and of the server during that
@@ -36,6 +41,16 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fresh_bytecode() -> None:
+    """Compile our package's .pyc files now: with PYTHONDONTWRITEBYTECODE=1
+    (set on the shared machine) an edited tree is compiled from source by
+    every process, which weighed a 1 MiB NBD convert 35 % more
+    (benchmarks/README.md, "Issue 14 remainders"). A --baseline tree needs
+    them fresh too (``python -m compileall``)."""
+    import compileall
+    compileall.compile_dir(os.path.join(HERE, "..", "src", "blkjobs"), quiet=1)
 BLKJOBS = [sys.executable, "-m", "blkjobs"]
 
 
@@ -114,11 +129,22 @@ def main() -> int:
     ap.add_argument("--size", default="512M")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--busy", action="store_true", help="two CPU hogs during the run")
+    ap.add_argument("--baseline", default=None, metavar="PYTHON",
+                    help="one more contender: blkjobs run by another build's python "
+                         "(e.g. main's .venv/bin/python), a before/after in one run")
     ap.add_argument("--cases", default="sr,qn,wq",
                     help="comma-separated: sr (sparse-random -> file), qn (qemu-nbd -> file), "
                          "wq (file -> qemu-nbd)")
     a = ap.parse_args()
+    fresh_bytecode()
     size = _size(a.size)
+    base = [a.baseline, "-m", "blkjobs"] if a.baseline else None
+
+    def with_base(c: dict[str, list[str]]) -> dict[str, list[str]]:
+        if base is not None:    # the same arguments as ours
+            c["baseline"] = base + c["blkjobs"][len(BLKJOBS):]
+        return c
+
     for tool in ("nbdkit", "qemu-nbd", "nbdcopy", "qemu-img"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed (make deps)")
@@ -141,10 +167,10 @@ def main() -> int:
                     "seed=1", "percent=50"], f"{d}/sr.sock")
         servers.append(s)
         if "sr" in cases:
-            results.append(run_case("sparse-random -> file", {
+            results.append(run_case("sparse-random -> file", with_base({
                 "blkjobs": BLKJOBS + ["convert", s.uri, out],
                 "nbdcopy": ["nbdcopy", s.uri, out],
-                "qemu-img": ["qemu-img", "convert", "-O", "raw", s.uri, out]}, fresh, a.rounds, s))
+                "qemu-img": ["qemu-img", "convert", "-O", "raw", s.uri, out]}), fresh, a.rounds, s))
         # 2. qemu-nbd (read-only, raw file of data) -> file
         img = os.path.join(d, "src.raw")
         subprocess.run(["nbdkit", "-U", "-", "sparse-random", str(size), "seed=2",
@@ -153,10 +179,10 @@ def main() -> int:
                    f"{d}/q.sock")
         servers.append(q)
         if "qn" in cases:
-            results.append(run_case("qemu-nbd -> file", {
+            results.append(run_case("qemu-nbd -> file", with_base({
                 "blkjobs": BLKJOBS + ["convert", q.uri, out],
                 "nbdcopy": ["nbdcopy", q.uri, out],
-                "qemu-img": ["qemu-img", "convert", "-O", "raw", q.uri, out]}, fresh, a.rounds, q))
+                "qemu-img": ["qemu-img", "convert", "-O", "raw", q.uri, out]}), fresh, a.rounds, q))
         # 3. file -> qemu-nbd (writable)
         tgt = os.path.join(d, "tgt.raw")
         with open(tgt, "wb") as f:
@@ -165,10 +191,10 @@ def main() -> int:
                    f"{d}/w.sock")
         servers.append(w)
         if "wq" in cases:
-            results.append(run_case("file -> qemu-nbd", {
+            results.append(run_case("file -> qemu-nbd", with_base({
                 "blkjobs": BLKJOBS + ["convert", "-n", img, w.uri],
                 "nbdcopy": ["nbdcopy", img, w.uri],
-                "qemu-img": ["qemu-img", "convert", "-n", "-O", "raw", img, w.uri]},
+                "qemu-img": ["qemu-img", "convert", "-n", "-O", "raw", img, w.uri]}),
                 lambda: None, a.rounds, w))
     finally:
         load1 = os.getloadavg()

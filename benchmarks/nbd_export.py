@@ -34,9 +34,16 @@ Server CPU: /proc counts it in 10 ms ticks, so on the small images (tens of
 ms a run) the per-run median is one or two ticks; the mean over the rounds
 (total / rounds) is printed too.
 
+``--sessions N``: the per-session cost instead of the copy: in each round
+each server gets N ``nbdinfo`` sessions, then N ``nbdcopy URI null:``
+sessions of the image (``--size 1M``: the handshake, the option haggling,
+setting up and tearing down the connection weigh most); the server's CPU
+and the wall time per session, medians over the rounds, and the per-round
+ratios against qemu-nbd (and the baseline's).
+
 Usage: benchmarks/nbd_export.py [--size 512M] [--rounds 5] [--image dense,vm,sparse]
        [--format raw,qcow2] [--target null,file] [--connections N] [--busy] [--python-path]
-       [--baseline BLKJOBS] [--dir DIR] [--json FILE]
+       [--baseline BLKJOBS] [--sessions N] [--dir DIR] [--json FILE]
 """
 from __future__ import annotations
 
@@ -53,6 +60,16 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fresh_bytecode() -> None:
+    """Compile our package's .pyc files now: with PYTHONDONTWRITEBYTECODE=1
+    (set on the shared machine) an edited tree is compiled from source by
+    every process, which weighed a 1 MiB NBD convert 35 % more
+    (benchmarks/README.md, "Issue 14 remainders"). A --baseline tree needs
+    them fresh too (``python -m compileall``)."""
+    import compileall
+    compileall.compile_dir(os.path.join(HERE, "..", "src", "blkjobs"), quiet=1)
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 from blkjobs.imageops.vmimage import make_vm_image  # noqa: E402
@@ -178,8 +195,100 @@ def bench(servers: Servers, target: str, out: str, rounds: int, conns: int) -> d
     return {"times": times, "cpu": cpu, "ratios": ratios}
 
 
+#: the short sessions of --sessions: what one client session runs
+SESSIONS = {"nbdinfo": lambda u: ["nbdinfo", u],
+            "nbdcopy": lambda u: ["nbdcopy", u, "null:"]}
+
+
+def _perf_ok() -> bool:
+    """``perf stat -p`` works here (the server's task-clock in ns; /proc
+    counts 10 ms ticks, too coarse for sessions of a fraction of a ms)."""
+    if not shutil.which("perf"):
+        return False
+    p = subprocess.run(["perf", "stat", "-e", "task-clock", "-x,", "-p", str(os.getpid()),
+                        "--", "true"], capture_output=True, text=True)
+    return p.returncode == 0 and "task-clock" in p.stderr
+
+
+def sessions_cpu(servers: Servers, m: str, cmd: list[str], n: int, perf: bool,
+                 d: str) -> tuple[float, float]:
+    """``n`` sessions ``cmd`` against server ``m``: (server CPU, wall) in
+    seconds per session. With perf: ``perf stat -p`` counts the server's
+    task-clock (its threads born meanwhile too) while a shell runs them."""
+    if not perf:
+        c0, t0 = servers.cpu(m), time.perf_counter()
+        for _ in range(n):
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+        return (servers.cpu(m) - c0) / n, (time.perf_counter() - t0) / n
+    out = os.path.join(d, "perf.csv")
+    loop = f"i=0; while [ $i -lt {n} ]; do \"$@\" >/dev/null || exit 1; i=$((i+1)); done"
+    t0 = time.perf_counter()
+    subprocess.run(["perf", "stat", "-e", "task-clock", "-x,", "-o", out,
+                    "-p", str(servers.pids[m]), "--", "sh", "-c", loop, "sh", *cmd],
+                   check=True)
+    wall = (time.perf_counter() - t0) / n
+    with open(out) as f:
+        ms = next(float(ln.split(",")[0]) for ln in f if "task-clock" in ln)
+    os.unlink(out)
+    return ms / 1000 / n, wall
+
+
+def session_bench(servers: Servers, rounds: int, n: int, d: str) -> dict:
+    """Per round and contender (order rotated per round): ``n`` sessions of
+    each kind back to back; the server's CPU and the wall time per session
+    (:func:`sessions_cpu`)."""
+    names = list(servers.uris)
+    perf = _perf_ok()
+    out: dict = {k: {"cpu": {m: [] for m in names}, "wall": {m: [] for m in names}}
+                 for k in SESSIONS}
+    out["cpu_from"] = "perf stat -p (task-clock)" if perf else "/proc ticks"
+    for r in range(rounds + 1):          # round 0: warm-up
+        order = names[r % len(names):] + names[:r % len(names)]
+        for kind, argv in SESSIONS.items():
+            for m in order:
+                cpu, wall = sessions_cpu(servers, m, argv(servers.uris[m]), n, perf, d)
+                if r:
+                    out[kind]["cpu"][m].append(cpu)
+                    out[kind]["wall"][m].append(wall)
+    return out
+
+
+def run_sessions(a: argparse.Namespace, d: str, image: str, label: str, fmt: str) -> dict:
+    subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
+    servers = Servers(d, image, fmt, a.python_path, a.baseline)
+    try:
+        res = session_bench(servers, a.rounds, a.sessions, d)
+    finally:
+        servers.close()
+    load = os.getloadavg()[0]
+    print(f"\n{label} image, {a.size}: {a.sessions} sessions a round and contender, "
+          f"{a.rounds} rounds, server CPU from {res['cpu_from']}, load average {load:.1f}")
+    for kind in SESSIONS:
+        r = res[kind]
+        print(f"  {kind}:")
+        for m in r["cpu"]:
+            print(f"    {m:15s} server CPU {1000 * statistics.median(r['cpu'][m]):6.3f} ms"
+                  f"/session  wall {1000 * statistics.median(r['wall'][m]):6.2f} ms/session")
+        for m in r["cpu"]:
+            if m == "qemu-nbd":
+                continue
+            cr = [x / q for x, q in zip(r["cpu"][m], r["cpu"]["qemu-nbd"], strict=True)]
+            wr = [x / q for x, q in zip(r["wall"][m], r["wall"]["qemu-nbd"], strict=True)]
+            print(f"    {m} / qemu-nbd: CPU median {statistics.median(cr):.2f} "
+                  f"(min {min(cr):.2f}, max {max(cr):.2f}), wall median "
+                  f"{statistics.median(wr):.2f} (min {min(wr):.2f}, max {max(wr):.2f})")
+        if "baseline" in r["cpu"]:
+            cr = [x / b for x, b in zip(r["cpu"]["blkjobs export"], r["cpu"]["baseline"],
+                                        strict=True)]
+            print(f"    blkjobs export / baseline: CPU median {statistics.median(cr):.2f} "
+                  f"(min {min(cr):.2f}, max {max(cr):.2f})", flush=True)
+    return {"image": label, "sessions": a.sessions, **res}
+
+
 def run_image(a: argparse.Namespace, d: str, image: str, label: str, fmt: str,
               size: int) -> list[dict]:
+    if a.sessions:
+        return [run_sessions(a, d, image, label, fmt)]
     subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
     servers = Servers(d, image, fmt, a.python_path, a.baseline)
     report = []
@@ -229,9 +338,13 @@ def main() -> int:
                     help="a third contender: our export with BLKJOBS_NBD_C=0")
     ap.add_argument("--baseline", default=None, metavar="BLKJOBS",
                     help="a third contender: another build's blkjobs executable")
+    ap.add_argument("--sessions", type=int, default=0, metavar="N",
+                    help="short sessions instead of copies: per round N nbdinfo and N "
+                         "nbdcopy -> null: of the image (use --size 1M)")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    fresh_bytecode()
     if a.rounds < 5:
         ap.error("--rounds: at least 5 (the method needs a median)")
     for t in ("qemu-nbd", "nbdcopy"):

@@ -7,6 +7,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -56,8 +57,8 @@ struct job {
 
 struct bj_nbds {
     int sock, structured;
-    /* headers read ahead (only the reading thread touches these) */
-    unsigned char rbuf[RBUF];
+    /* headers read ahead (only the reading thread touches these; rbuf
+     * last: bj_nbds_new does not zero it) */
     size_t rpos, rlen;
 
     pthread_mutex_t lock;           /* queue, done, inflight, stop */
@@ -70,8 +71,9 @@ struct bj_nbds {
 
     pthread_mutex_t send_lock;
     int nthreads;                   /* workers at most (the free ones counted of these) */
-    int started;                    /* workers running: one at first, more on demand */
+    int started;                    /* workers running: started on demand */
     pthread_t threads[MAX_WORKERS];
+    unsigned char rbuf[RBUF];       /* only [rpos, rlen) is ever read */
 };
 
 static void put_be16(unsigned char *p, uint16_t v)
@@ -611,9 +613,12 @@ struct bj_nbds *bj_nbds_new(int sock, int structured, int workers)
         errno = EINVAL;
         return NULL;
     }
-    struct bj_nbds *s = calloc(1, sizeof(*s));
+    /* every field zeroed but the 64 KiB read-ahead buffer (a memset of
+     * it per connection, for bytes only ever read after recv wrote them) */
+    struct bj_nbds *s = malloc(sizeof(*s));
     if (!s)
         return NULL;
+    memset(s, 0, offsetof(struct bj_nbds, rbuf));
     s->sock = sock;
     s->structured = structured;
     pthread_mutex_init(&s->lock, NULL);
@@ -621,28 +626,23 @@ struct bj_nbds *bj_nbds_new(int sock, int structured, int workers)
     pthread_cond_init(&s->more, NULL);
     pthread_cond_init(&s->idle, NULL);
     pthread_cond_init(&s->donecv, NULL);
-    /* one worker now, the others once there is work for them (a
-     * connection that reads little -- nbdcopy's idle ones on a sparse
-     * image -- starts and joins fewer threads) */
-    int r = pthread_create(&s->threads[0], NULL, worker, s);
-    if (r) {
-        bj_nbds_free(s);
-        errno = r;
-        return NULL;
-    }
-    s->started = 1;
+    /* no worker yet: they start once there is work for them
+     * (bj_nbds_submit), so a connection that reads little starts and
+     * joins fewer threads, and one that reads nothing -- nbdinfo --size,
+     * nbdcopy's idle connections on a sparse image -- none */
     s->nthreads = workers;
     return s;
 }
 
 /* A worker for each request in flight, up to nthreads (s->lock held); a
- * thread that cannot be started lowers nthreads to those running. */
+ * thread that cannot be started lowers nthreads to those running (if any). */
 static void start_workers(struct bj_nbds *s)
 {
     int want = s->inflight < s->nthreads ? s->inflight : s->nthreads;
     while (s->started < want) {
         if (pthread_create(&s->threads[s->started], NULL, worker, s) != 0) {
-            s->nthreads = s->started;
+            if (s->started)     /* (none: bj_nbds_submit fails) */
+                s->nthreads = s->started;
             break;
         }
         s->started++;
@@ -679,6 +679,8 @@ static int take_done_locked(struct bj_nbds *s, uint64_t *done, int maxdone)
     if (maxdone <= 0)
         return 0;
     n = s->ndone < (size_t)maxdone ? (int)s->ndone : maxdone;
+    if (n == 0)
+        return 0;       /* (s->done may be NULL yet: nothing queued ever) */
     memcpy(done, s->done, sizeof(*done) * (size_t)n);
     memmove(s->done, s->done + n, sizeof(*done) * (s->ndone - (size_t)n));
     s->ndone -= (size_t)n;
@@ -883,6 +885,20 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
     s->inflight += nreq;
     s->unread += nreq;
     start_workers(s);
+    if (!s->started) {
+        /* not even one thread: nothing was started before either, so the
+         * queue holds only these jobs; hand them back */
+        s->inflight -= nreq;
+        s->unread -= nreq;
+        while (s->head) {
+            struct job *j = s->head;
+            s->head = j->next;
+            free(j);
+        }
+        s->tail = NULL;
+        pthread_mutex_unlock(&s->lock);
+        return -EAGAIN;
+    }
     for (int i = 0; i < nreq && i < s->nthreads; i++)
         pthread_cond_signal(&s->more);      /* one worker per job, no herd */
     /* (bj_nbds_wait_slots, in one call; for half the workers: fewer,

@@ -39,8 +39,9 @@ struct bj_nbds_req {
 };
 
 /* sock: the connected socket (not closed by the session); structured:
- * structured replies negotiated; workers: threads (1..64). NULL: out of
- * memory or threads (errno set). */
+ * structured replies negotiated; workers: threads (1..64), started as
+ * requests come (none for a session that reads nothing). NULL: out of
+ * memory (errno set). */
 struct bj_nbds *bj_nbds_new(int sock, int structured, int workers);
 
 /* Wait until request headers are there: up to max of them go to reqs (it
@@ -74,7 +75,8 @@ int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len);
  *
  * Then waits until half the workers (at least one) are free and returns
  * the number of free workers; -EINVAL (segments that do not add up, an
- * unknown command: nothing queued), -ENOMEM. */
+ * unknown command: nothing queued), -ENOMEM, -EAGAIN (not one worker
+ * thread could be started: nothing queued). */
 int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
                    int nsegs);
 

@@ -8,7 +8,8 @@
  * token still comes back), a token back before its reply is sent (a
  * client that does not read), EOF; a raw file's holes as OFFSET_HOLE
  * chunks and HOLE|ZERO extents, block status replies (REQ_ONE, merged
- * neighbours, the 65536-extent cap, a client gone before one); no leak
+ * neighbours, the 65536-extent cap, a client gone before one); worker
+ * threads started on demand (none for a session that reads nothing); no leak
  * (ASan, valgrind), no race (TSan). */
 #include "check.h"
 #include "nbdsrv.h"
@@ -17,6 +18,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -493,6 +495,55 @@ static void test_holes_and_status(void)
     close(fd);
 }
 
+static int threads_now(void)
+{
+    int n = 0;
+    char line[256];
+    FILE *f = fopen("/proc/self/status", "r");
+    CHECK(f);
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "Threads: %d", &n) == 1)
+            break;
+    fclose(f);
+    return n;
+}
+
+/* A session starts no thread before its first request (one that reads
+ * nothing -- nbdinfo --size -- starts and joins none), then one per read
+ * in flight up to its workers. */
+static void test_threads_on_demand(int dfd)
+{
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    int before = threads_now();
+    struct bj_nbds *s = bj_nbds_new(sv[0], 0, 4);
+    CHECK(s);
+    CHECK_EQ(threads_now(), before);
+    uint64_t q[6] = {1, 0, 4096, 0, 1, 1};
+    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)dfd, 0, 4096};
+    CHECK(bj_nbds_submit(s, q, 1, g, 1) > 0);
+    unsigned char r[16 + 4096];
+    readn(sv[1], r, sizeof(r));
+    CHECK_EQ(get32(r), 0x67446698u);
+    CHECK_EQ(get32(r + 4), 0);
+    CHECK(memcmp(r + 16, file, 4096) == 0);
+    CHECK_EQ(threads_now(), before + 1);
+    take_tokens(s, 1);
+    bj_nbds_wait_idle(s);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+    CHECK_EQ(threads_now(), before);
+    /* a session that never reads */
+    s = bj_nbds_new(sv[0], 1, 4);
+    CHECK(s);
+    CHECK_EQ(threads_now(), before);
+    bj_nbds_wait_idle(s);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 int main(void)
 {
     char path[] = "/tmp/bjnbdsXXXXXX";
@@ -511,6 +562,7 @@ int main(void)
     test_many_and_gone(fd);
     test_token_before_send(fd);
     test_holes_and_status();
+    test_threads_on_demand(fd);
     close(fd);
     puts("nbdsrv: ok");
     return 0;

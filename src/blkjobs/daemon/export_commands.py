@@ -45,7 +45,15 @@ class NodeBackend:
 
     @property
     def size(self) -> int:
-        return self.fe.size
+        """The node's length as QEMU's block layer gives it: a qcow2 image
+        whose virtual size is not a whole number of sectors ends at the
+        last whole one (qcow2_do_open's total_sectors; qemu-nbd exports a
+        1600-byte qcow2 as 1536 bytes). The export rounds the rest up
+        (nbd.server.Export.size)."""
+        size = self.fe.size
+        if size % 512 and self.fe.node.below_filters().format == "qcow2":
+            size -= size % 512
+        return size
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         self.fe.readinto(offset, buf)

@@ -14,8 +14,9 @@ bytes through buffers), no compression, no checks; no QEMU lock bytes
 either (the server decides who may use the export).
 
 Several connections: where the server advertises multi-conn, up to
-``connections`` (default: one per CPU, at most 4) are opened and each
-caller (each copy worker) takes one for its request; big requests are split into pipelined
+``connections`` (default: one per CPU, at most 4): one is opened with the
+driver, the others when a caller (a copy worker) finds every open one busy;
+each caller takes one for its request; big requests are split into pipelined
 requests on that connection (see :mod:`blkjobs.native.nbd`).
 
 Timeouts: a server that says nothing for ``timeout`` seconds (default 30,
@@ -215,24 +216,18 @@ class Nbd(Driver):
         self.reconnect_delay = reconnect_delay
         if connections is None:
             connections = default_connections()
-        if c0.can_multi_conn:
-            self._more(connections - 1)
-
-    def _more(self, n: int) -> None:
-        from ..native.nbd import Connection
-        for _ in range(max(0, n)):
-            try:
-                c = Connection(self.uri, min(self._timeout, EXTRA_CONNECT_TIMEOUT), self._tls,
-                               meta_context=self._context)
-            except ImageError:
-                return          # fewer connections, not an error
-            c.timeout_ms = self._c0.timeout_ms
-            self._all.append(c)
-            self._free.append(c)
+        #: connections the pool may open: the others (multi-conn) are opened
+        #: when a caller finds none free (:meth:`_take`), so a small copy
+        #: that never has two requests at once opens one, and the server
+        #: serves one session, not 2-4 (each a handshake on both sides)
+        self._want = max(1, connections) if c0.can_multi_conn else 1
+        self._opening = 0
 
     @property
     def connections(self) -> int:
-        return len(self._all)
+        """Connections of the pool: those open, and those it may still
+        open (one fewer than asked each time one cannot be)."""
+        return self._want
 
     @property
     def size(self) -> int:
@@ -240,17 +235,50 @@ class Nbd(Driver):
 
     # -- the connection pool ---------------------------------------------------
     def _take(self):
-        with self._cond:
-            while True:
-                if self._broken is not None:
-                    raise OSError(self._broken.errno, self._broken.strerror)
-                if self._closed:
-                    raise OSError(errno.ENOTCONN, f"'{self.filename}' is closed")
-                if self._down is not None:
-                    raise OSError(self._down.errno, self._down.strerror)
-                if self._free:
-                    return self._free.pop()
-                self._cond.wait()
+        while True:
+            with self._cond:
+                while True:
+                    if self._broken is not None:
+                        raise OSError(self._broken.errno, self._broken.strerror)
+                    if self._closed:
+                        raise OSError(errno.ENOTCONN, f"'{self.filename}' is closed")
+                    if self._down is not None:
+                        raise OSError(self._down.errno, self._down.strerror)
+                    if self._free:
+                        return self._free.pop()
+                    if len(self._all) + self._opening < self._want:
+                        self._opening += 1
+                        break           # open one more, outside the lock
+                    self._cond.wait()
+            c = self._extra()
+            if c is not None:
+                return c
+
+    def _extra(self):
+        """Open one more connection of the pool for the caller (None: it
+        could not be -- fewer connections, not an error -- or the driver
+        was closed or broken meanwhile; the caller looks again)."""
+        from ..native.nbd import Connection
+        c = None
+        try:
+            c = Connection(self.uri, min(self._timeout, EXTRA_CONNECT_TIMEOUT), self._tls,
+                           meta_context=self._context)
+            c.timeout_ms = self._c0.timeout_ms
+        except ImageError:
+            pass
+        finally:
+            with self._cond:
+                self._opening -= 1
+                if c is None:
+                    self._want = max(1, len(self._all) + self._opening)
+                elif (self._closed or self._broken is not None
+                      or self._down is not None):
+                    c.close()
+                    c = None
+                else:
+                    self._all.append(c)
+                self._cond.notify_all()
+        return c
 
     def _run(self, fn, *args):
         """``fn(connection, *args)`` on a free connection. A failure breaks

@@ -39,7 +39,7 @@ import socket
 import threading
 from typing import Any, Protocol
 
-from ..native.nbdserve import Session
+from ..native.nbdserve import ZERO, Session
 from . import proto as P
 from .handshake import Connection, Export
 from . import transmission
@@ -142,7 +142,8 @@ class _Side:
 def _reap(sess: Session, tokens: dict[int, Any], be: Any) -> None:
     while done := sess.wait_done():
         try:
-            be.end_reads([tokens.pop(t) for t in done])
+            # (a read wholly in the padding past the backend's end has no token)
+            be.end_reads([tokens.pop(t) for t in done if t in tokens])
         except Exception:       # a bug: log it, keep ending the others
             log.exception("NBD: ending reads failed")
 
@@ -154,7 +155,7 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
         status: list[tuple[int, int, int, int]] = []
         other: list[tuple[int, int, int, int, int, bytearray | None]] = []
         stop = False
-        size = exp.backend.size
+        size = exp.size         # the backend's rounded up to a sector: see _submit
         alloc = _allocation_context(conn)
         for magic, flags, cmd, handle, offset, length in sess.next():
             if magic != P.REQUEST_MAGIC or cmd == P.CMD_DISC:
@@ -216,7 +217,11 @@ def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
     """Plan and queue ``reads`` (at most ``free``); (last token, free
     workers now)."""
     be: Any = exp.backend
-    plans = be.plan_reads([(off, n) for _, _, off, n in reads])
+    bsize = be.size
+    inside = [(off, min(n, bsize - off)) for _, _, off, n in reads if off < bsize]
+    plans = be.plan_reads(inside) if inside else []
+    if len(inside) < len(reads) or any(off + n > bsize for _, _, off, n in reads):
+        plans = _pad(reads, plans, bsize)
     rq: list[int] = []
     sg: list[int] = []
     mine: list[int] = []
@@ -226,7 +231,8 @@ def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
             continue
         segs, tok = pl
         serial += 1
-        tokens[serial] = tok
+        if tok is not None:
+            tokens[serial] = tok
         mine.append(serial)
         rq += (handle, off, n, flags, serial, len(segs))
         for s in segs:
@@ -235,6 +241,27 @@ def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
         try:
             free = sess.submit(rq, sg)
         except BaseException:
-            be.end_reads([tokens.pop(t) for t in mine])
+            be.end_reads([tokens.pop(t) for t in mine if t in tokens])
             raise
     return serial, free
+
+
+def _pad(reads: list[tuple[int, int, int, int]], plans: list[Any],
+         bsize: int) -> list[Any]:
+    """The plans of ``reads`` from those of their parts inside the backend
+    (``plans``, in order): the padding of the export's last sector past the
+    backend's end (server.Export.size) is a zero segment -- a hole in a
+    structured reply and in block status, as qemu-nbd answers there. A read
+    wholly in it has no token (nothing tracked)."""
+    it = iter(plans)
+    out: list[Any] = []
+    for _, _, off, n in reads:
+        if off >= bsize:
+            out.append(([(ZERO, 0, 0, n)], None))
+            continue
+        pl = next(it)
+        if pl is not None and off + n > bsize:
+            segs, tok = pl
+            pl = (list(segs) + [(ZERO, 0, 0, off + n - bsize)], tok)
+        out.append(pl)
+    return out

@@ -36,6 +36,10 @@ class Connection(Protocol):
 
     def send(self, *parts: bytes | bytearray | memoryview) -> None: ...
 
+    def send_later(self, data: bytes) -> None: ...
+
+    def flush_later(self) -> None: ...
+
     def recv(self, n: int) -> bytes: ...
 
     def recv_into(self, mv: memoryview) -> None: ...
@@ -58,7 +62,7 @@ class _Abort(Exception):
 
 
 def _send(conn: Connection, option: int, rtype: int, data: bytes = b"") -> None:
-    conn.send(P.option_reply(option, rtype, data))
+    conn.send_later(P.option_reply(option, rtype, data))
 
 
 def _string(data: bytes, pos: int, what: str) -> tuple[str, int]:
@@ -75,6 +79,16 @@ def _string(data: bytes, pos: int, what: str) -> tuple[str, int]:
 
 
 def negotiate(conn: Connection) -> Export | None:
+    """The export the client picked, or None (see the module docstring).
+    Replies are queued (``send_later``) and go out together when the
+    client is to answer, and before this returns."""
+    try:
+        return _negotiate(conn)
+    finally:
+        conn.flush_later()
+
+
+def _negotiate(conn: Connection) -> Export | None:
     server = conn.server
     conn.send(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT,
                                P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
@@ -150,7 +164,7 @@ def _option(conn: Connection, option: int, data: bytes) -> Export | None:
             raise _Abort()
         if not conn.attach(exp):
             raise _Abort()
-        reply = struct.pack(">QH", exp.backend.size, exp.flags())
+        reply = struct.pack(">QH", exp.size, exp.flags())
         if not conn.no_zeroes:
             reply += bytes(124)
         conn.send(reply)
@@ -189,7 +203,7 @@ def _info(conn: Connection, option: int, data: bytes) -> Export | None:
     # always sent: min 1, preferred 4 KiB, max 32 MiB (as qemu-nbd)
     _send(conn, option, P.REP_INFO, P.BLOCK_SIZE_INFO.pack(
         P.INFO_BLOCK_SIZE, 1, 4096, P.MAX_BUFFER_SIZE))
-    _send(conn, option, P.REP_INFO, P.EXPORT_INFO.pack(P.INFO_EXPORT, exp.backend.size,
+    _send(conn, option, P.REP_INFO, P.EXPORT_INFO.pack(P.INFO_EXPORT, exp.size,
                                                        exp.flags()))
     if option == P.OPT_INFO:
         _send(conn, option, P.REP_ACK)

@@ -121,6 +121,9 @@ CONTEXT_DIRTY_BITMAP = "qemu:dirty-bitmap:"
 #: Largest request (READ/WRITE payload) a server accepts, and largest
 #: block size it advertises: qemu-nbd's NBD_MAX_BUFFER_SIZE.
 MAX_BUFFER_SIZE = 32 << 20
+#: An export's size is a whole number of these (QEMU's BDRV_SECTOR_SIZE:
+#: qemu-nbd exports a node's length as its block layer gives it).
+SECTOR = 512
 #: Longest export name or option string (the protocol's limit).
 MAX_STRING = 4096
 #: Largest option payload a server reads (qemu's limit on options too).

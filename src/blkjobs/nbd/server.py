@@ -114,6 +114,15 @@ class Export:
             f |= P.FLAG_CAN_MULTI_CONN
         return f
 
+    @property
+    def size(self) -> int:
+        """The size the export advertises: the backend's in whole 512-byte
+        sectors, rounded up, as QEMU's block layer gives a node's length
+        (qemu-nbd exports a raw file of 1000 bytes as 1024); the padding
+        reads as zeroes and its block status is ``hole,zero``
+        (:mod:`.transmission`)."""
+        return -(-self.backend.size // P.SECTOR) * P.SECTOR
+
     def contexts(self) -> list[str]:
         return [P.CONTEXT_BASE_ALLOCATION] + [P.CONTEXT_DIRTY_BITMAP + b for b in self.bitmaps]
 
@@ -289,6 +298,8 @@ class Connection:
         self.sender: Any = None
         #: a reply goes out whole (several workers send on one connection)
         self._send_lock = threading.Lock()
+        #: the handshake's replies not sent yet (:meth:`send_later`)
+        self._later: list[bytes] = []
         self.thread = threading.Thread(target=self._run, name="nbd-client", daemon=True)
 
     def abort(self) -> None:
@@ -314,6 +325,8 @@ class Connection:
         return bytes(buf)
 
     def recv_into(self, mv: memoryview) -> None:
+        if self._later:
+            self.flush_later()      # the client waits for them before it says more
         pos = 0
         while pos < len(mv):
             k = self.sock.recv_into(mv[pos:])
@@ -321,7 +334,22 @@ class Connection:
                 raise EOFError("client closed the connection")
             pos += k
 
+    def send_later(self, data: bytes) -> None:
+        """Queue a handshake reply: those of one option go out in one
+        ``sendmsg`` when the connection next reads or sends (qemu-nbd's
+        replies to NBD_OPT_GO are 3 to 5 messages; each one's own send was
+        a system call on both sides)."""
+        self._later.append(data)
+
+    def flush_later(self) -> None:
+        if self._later:
+            parts, self._later = self._later, []
+            with self._send_lock:
+                self._send(tuple(parts))
+
     def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        if self._later:
+            self.flush_later()
         sender = self.sender
         if sender is not None:
             sender.send(parts)
@@ -351,6 +379,7 @@ class Connection:
             return True
 
     def start_tls(self, ctx: ssl.SSLContext) -> None:
+        self.flush_later()          # the ACK in clear
         self.sock.settimeout(self.server.handshake_timeout or None)
         self.sock = ctx.wrap_socket(self.sock, server_side=True)
         self.tls_done = True

@@ -26,6 +26,8 @@ import logging
 import queue
 import struct
 import threading
+from typing import Any
+
 from . import proto as P
 from .handshake import Connection, Export
 from .proto import MAX_EXTENTS, NBDRequestError
@@ -86,7 +88,7 @@ def _check(exp: Export, conn: Connection, flags: int, cmd: int, offset: int,
                                         f"({P.MAX_BUFFER_SIZE})")
     if cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES) and not exp.writable:
         raise NBDRequestError(P.EINVAL, "export is read-only")
-    if cmd != P.CMD_FLUSH and offset + length > exp.backend.size:
+    if cmd != P.CMD_FLUSH and offset + length > exp.size:
         raise NBDRequestError(P.EINVAL, "operation past EOF")
     if cmd == P.CMD_BLOCK_STATUS and (not conn.structured or not conn.contexts):
         raise NBDRequestError(P.EINVAL, "need non-empty meta context list for block status")
@@ -190,7 +192,7 @@ def _request(conn: Connection, exp: Export, flags: int, cmd: int, handle: int,
         if cmd == P.CMD_READ:
             buf = _read_buffer(length)
             if length:
-                be.readinto(offset, buf)
+                _readinto(be, offset, buf)
             if conn.structured:
                 conn.send(P.chunk_header(handle, P.REPLY_TYPE_OFFSET_DATA, 8 + length)
                           + struct.pack(">Q", offset), buf)
@@ -199,14 +201,29 @@ def _request(conn: Connection, exp: Export, flags: int, cmd: int, handle: int,
             return
         if cmd == P.CMD_WRITE:
             assert data is not None
-            be.write(offset, data, fua)
+            n = _in_backend(be, offset, length)
+            if n < length and any(memoryview(data)[n:]):
+                raise NBDRequestError(P.ENOSPC, "cannot write data into the padding "
+                                                "past the end of the image")
+            if n == length and offset <= be.size:
+                be.write(offset, data, fua)
+            elif n:
+                be.write(offset, memoryview(data)[:n], fua)
+            elif fua:
+                be.flush()
         elif cmd == P.CMD_FLUSH:
             be.flush()
-        elif cmd == P.CMD_TRIM:
-            be.trim(offset, length, fua)
-        elif cmd == P.CMD_WRITE_ZEROES:
-            be.write_zeroes(offset, length, not flags & P.CMD_FLAG_NO_HOLE, fua,
-                            bool(flags & P.CMD_FLAG_FAST_ZERO))
+        elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+            # the padding past the backend's end reads as zeroes already
+            n = _in_backend(be, offset, length)
+            if n == 0 and (length or offset > be.size):
+                if fua:
+                    be.flush()
+            elif cmd == P.CMD_TRIM:
+                be.trim(offset, n, fua)
+            else:
+                be.write_zeroes(offset, n, not flags & P.CMD_FLAG_NO_HOLE, fua,
+                                bool(flags & P.CMD_FLAG_FAST_ZERO))
         elif cmd == P.CMD_CACHE:
             pass                    # advisory: nothing to prefetch into
         elif cmd == P.CMD_BLOCK_STATUS:
@@ -224,15 +241,36 @@ def _request(conn: Connection, exp: Export, flags: int, cmd: int, handle: int,
         conn.send(P.simple_reply(handle))
 
 
+def _in_backend(be: Any, offset: int, length: int) -> int:
+    """How much of ``length`` bytes from ``offset`` lies inside the backend
+    (the rest is the padding of the export's last sector, server.Export.size)."""
+    return max(0, min(length, be.size - offset))
+
+
+def _readinto(be: Any, offset: int, buf: memoryview) -> None:
+    """A read; the padding past the backend's end reads as zeroes (QEMU:
+    the tail of an unaligned raw file's last sector)."""
+    n = _in_backend(be, offset, len(buf))
+    if n:
+        be.readinto(offset, buf[:n] if n < len(buf) else buf)
+    if n < len(buf):
+        buf[n:] = bytes(len(buf) - n)
+
+
 def _block_status(conn: Connection, exp: Export, flags: int, handle: int,
                   offset: int, length: int) -> None:
     be = exp.backend
     out = []
+    inside = _in_backend(be, offset, length)
     for i, ctx in enumerate(conn.contexts):
-        if ctx == P.CONTEXT_BASE_ALLOCATION:
-            ext = be.block_status(offset, length)
-        else:
-            ext = be.bitmap_status(ctx[len(P.CONTEXT_DIRTY_BITMAP):], offset, length)
+        ext = []
+        if inside and ctx == P.CONTEXT_BASE_ALLOCATION:
+            ext = be.block_status(offset, inside)
+        elif inside:
+            ext = be.bitmap_status(ctx[len(P.CONTEXT_DIRTY_BITMAP):], offset, inside)
+        if inside < length:         # the padding: a hole of zeroes, clean
+            ext = ext + [(length - inside, P.STATE_HOLE | P.STATE_ZERO
+                          if ctx == P.CONTEXT_BASE_ALLOCATION else 0)]
         out.append((i + 1, _trim(ext, length, bool(flags & P.CMD_FLAG_REQ_ONE))))
     conn.send(b"".join(P.block_status_chunk(handle, cid, ext, done=k == len(out) - 1)
                        for k, (cid, ext) in enumerate(out)))
