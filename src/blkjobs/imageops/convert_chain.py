@@ -280,9 +280,9 @@ class ChainConvert:
             try:
                 while w < k:
                     w += dio.pwrite(self.tg.dfd, buf[w:k], host + done + w)
-            except OSError as e:
+            except OSError as e:      # at the host offset, as the engine's errors
                 raise CopyError(e.errno or errno.EIO, "error writing", path=self.dst,
-                                side="target", offset=guest + done + w) from None
+                                side="target", offset=host + done + w) from None
             done += k
 
     def _plan_qcow2(self, pieces, pos, n):
@@ -547,7 +547,7 @@ class ChainConvert:
             self._finish()
             return ConvertResult(self.size, st.data_bytes, st.zero_bytes)
         except BaseException as e:
-            err = self.tg.failed(e)
+            err = self.tg.failed(self._at_guest(e), self._status_run)
             if err is not e:
                 raise err from None
             raise
@@ -562,6 +562,26 @@ class ChainConvert:
             for n in (self.top, self.base):
                 if n is not None:
                     n.close_chain()
+
+    def _at_guest(self, e: BaseException) -> BaseException:
+        """A failed write into a qcow2 target names the host offset the
+        engine wrote at: the same error at the guest offset instead (what
+        qemu-img names, and what the user can look up in the source)."""
+        if self.tg.t is None or not isinstance(e, CopyError) or e.side != "target" \
+                or e.offset is None:
+            return e
+        for m in self.allocated:
+            if m.host_offset <= e.offset < m.host_offset + m.length:
+                return CopyError(e.errno, e.what, path=e.path, side=e.side,
+                                 offset=m.start + e.offset - m.host_offset)
+        return e
+
+    def _status_run(self, guest: int) -> tuple[int, int]:
+        """(start, length) of the source's block status run that holds
+        ``guest`` (runs as qemu-img map merges them: one kind, one layer,
+        contiguous host offsets), where qemu-img convert's requests start."""
+        last = self.top.block_status(0, min(self.size, guest + 1))[-1]
+        return last["start"], last["length"]
 
     def _finish(self) -> None:
         """Once the data is written: a qcow2 target's zero clusters made
