@@ -123,10 +123,11 @@ class QemuBlkdebug(Blkdebug):
 
     def backing_read(self, offset: int, length: int) -> None:
         """The image reads [offset, offset+length) from its backing file
-        (graph.node: a read through the chain). Under a qcow2 image QEMU
-        raises ``read_backing_aio`` on this layer; the read itself goes to
-        the backing file, past the layer."""
-        if self.file_offsets:
+        (graph.node: a read through the chain). Under the image QEMU's
+        format raises ``read_backing_aio`` on this layer (not over it:
+        ``format_events`` False); the read itself goes to the backing file,
+        past the layer."""
+        if self.format_events:
             self.event(("read_backing_aio",), offset, length)
 
     def _events(self, events: Any) -> None:
