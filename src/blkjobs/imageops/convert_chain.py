@@ -17,6 +17,7 @@ from ..native.ratelimit import TokenBucket
 from .convert_base import CHAIN_REQUEST, WB_REQUEST, ConvertOptions, ConvertResult, drive
 from .convert_faults import overwrites
 from .convert_target import Target, check_target_size, identity, refuse_target_in_chain
+from .convert_zeroes import not_in_place, old_hosts, sparsify
 from .files import same_file
 
 CHAIN_WORK = 128 << 20         # work range per block-status query (multiple of 2 MiB)
@@ -334,13 +335,13 @@ class ChainConvert:
             fresh_from = t.alloc_end
             # -n --target-is-zero: qemu-img writes no zeroes, so a cluster
             # reused in place keeps its old bytes where the source is zero
-            old = self._old_hosts(a, b) if self.o.no_create and self.o.target_is_zero \
+            old = old_hosts(self, a, b) if self.o.no_create and self.o.target_is_zero \
                 else {}
             maps = t.allocate(a, b - a)
             self.allocated.extend(maps)
             for m in maps:
                 if m.host_offset < fresh_from and not self.prealloc:   # -n: old data
-                    for h, ln in self._not_in_place(m, old):
+                    for h, ln in not_in_place(self, m, old):
                         _punch(self.tg.dfd, h, -(-ln // 512) * 512)
             while i < len(pieces) and pieces[i][0] + pieces[i][1] <= a:
                 i += 1
@@ -361,100 +362,6 @@ class ChainConvert:
                         else:
                             self._through(ms, me - ms, h)
                 j += 1
-
-    def _old_hosts(self, a: int, b: int) -> dict[int, int]:
-        """{guest cluster start: host offset} of the target's data clusters
-        in [a, b) before they are allocated for the copy (its zero clusters
-        are added to ``self.old_zero``)."""
-        from ..formats.base import Kind
-        cs, out = self.tg.t.cluster_size, {}
-        for m in self.tg.t.map_host(a, b - a):
-            if m.kind == Kind.DATA and m.host_offset is not None:
-                for g in range(m.start, m.start + m.length, cs):
-                    out[g] = m.host_offset + g - m.start
-            elif m.kind == Kind.ZERO:       # whole zero clusters
-                g0 = -(-m.start // cs) * cs
-                self.old_zero.update(range(g0, m.start + m.length - cs + 1, cs))
-                if m.start + m.length >= self.tg.t.size and g0 < m.start + m.length:
-                    self.old_zero.add((m.start + m.length - 1) // cs * cs)
-        return out
-
-    def _not_in_place(self, m, old: dict[int, int]):
-        """The host ranges of the allocated run ``m`` that are not clusters
-        reused in place (those in ``old`` at the same host offset; they are
-        remembered in ``self.in_place``)."""
-        if not old:
-            yield m.host_offset, m.length
-            return
-        cs = self.tg.t.cluster_size
-        run = None
-        for g in range(m.start, m.start + m.length, cs):
-            h = m.host_offset + g - m.start
-            ln = min(cs, m.start + m.length - g)
-            if old.get(g) == h:
-                self.in_place.add(g)
-                if run is not None:
-                    yield run
-                    run = None
-            elif run is None:
-                run = (h, ln)
-            else:
-                run = (run[0], run[1] + ln)
-        if run is not None:
-            yield run
-
-    def _sparsify(self):
-        """Clusters we allocated whose host range stayed a hole (the engine
-        found zeroes in data the source stores, e.g. zeroes written as data)
-        are dropped again, so the target maps like qemu-img's: a new target
-        gets them unallocated (``discard``; a zero cluster over a backing
-        file), as qemu-img writes nothing there; an existing one (-n) zero
-        clusters, as qemu-img writes zeroes there (with --target-is-zero it
-        writes nothing: clusters it reused in place stay as they were), and
-        the holes left in a reused cluster get zero bytes, as qemu-img writes
-        them. Skipped for -S 0 (fully allocate), for v2 images with a backing
-        file (no zero flag) and for preallocated targets."""
-        from ..native.extents import extents
-        t, cs = self.tg.t, self.tg.t.cluster_size
-        if not self.o.sparse_size or (t.backing_filename and t.header.version < 3) \
-                or self.prealloc:       # preallocated clusters stay
-            return
-        # -n: qemu-img wrote zeroes there (zero clusters; their host clusters
-        # freed and discarded); a fresh target: it wrote nothing (unallocated);
-        # -n --target-is-zero: nothing either, the clusters stay as they were
-        noc, tiz = self.o.no_create, self.o.target_is_zero
-        for m in self.allocated:
-            for e in extents(t.data_fd, m.host_offset, m.length):
-                if e.data:
-                    continue
-                # whole clusters only (host runs are cluster-aligned at their start)
-                a = m.start + (-(-(e.offset - m.host_offset) // cs) * cs)
-                end = m.start + (e.offset + e.length - m.host_offset)
-                b = end if end >= t.size else m.start + (end - m.start) // cs * cs
-                if noc:
-                    # the rest of a data cluster: qemu-img's copy wrote zero
-                    # bytes there (QEMU makes only whole clusters zero clusters)
-                    e_end = e.offset + e.length
-                    for hs, he in ((e.offset, min(e_end, m.host_offset + a - m.start)),
-                                   (m.host_offset + max(b, a) - m.start, e_end)):
-                        g = (m.start + hs - m.host_offset) // cs * cs
-                        if he > hs and g not in self.in_place:
-                            self._zero_bytes(hs, he)
-                if b <= a:
-                    continue
-                if not tiz:
-                    (t.write_zeroes if noc else t.discard)(a, b - a)
-                    continue
-                for g in range(a, b, cs):
-                    if g not in self.in_place:
-                        (t.write_zeroes if g in self.old_zero else t.discard)(g, min(cs, b - g))
-        self.allocated = []
-
-    def _zero_bytes(self, host: int, end: int) -> None:
-        """Write zero bytes at [host, end) of the target file."""
-        z = bytes(min(end - host, 1 << 20))
-        while host < end:
-            host += dio.pwrite(self.tg.dfd, z[:min(len(z), end - host)], host)
 
     def _compress(self, a, b):
         """Compress [a, b) on ``-m`` threads, storing the clusters in order.
@@ -668,7 +575,7 @@ class ChainConvert:
         raw one's data flushed (-t writeback)."""
         try:
             if self.tg.t is not None:
-                self._sparsify()
+                sparsify(self)
                 self.tg.t.flush()
             elif self.o.flush:
                 os.fsync(self.tg.dfd)
