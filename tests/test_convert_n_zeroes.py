@@ -44,26 +44,34 @@ TARGETS = {
 }
 
 
-def _convert(tmp_path, tool: str, src_fmt: str, fmt: str, target: str, opts: list[str]):
+def _convert(tmp_path, tool: str, src_fmt: str, fmt: str, target: str, opts: list[str],
+             via: str = "file"):
+    """``via`` blkdebug: the source under a blkdebug layer without rules
+    (our buffer path, convert_nbd, as for NBD sources)."""
     d = tmp_path / tool
     d.mkdir()
     src = _source(d, src_fmt)
     dst = d / f"t.{fmt}"
     qemu_img("create", "-f", fmt, dst, "4M")
     qemu_io(dst, *TARGETS[target], fmt=fmt)
-    args = ["convert", "-n", *opts, "-f", src_fmt, "-O", fmt, src, dst]
+    name = str(src)
+    if via == "blkdebug":
+        (d / "bd.conf").write_text("")
+        name = f"blkdebug:{d / 'bd.conf'}:{src}"
+    args = ["convert", "-n", *opts, "-f", src_fmt, "-O", fmt, name, dst]
     p = run_blkjobs(*args) if tool == "ours" else qemu_img(*args, check=False)
     assert (p.returncode, p.stderr) == (0, ""), p.stderr
     return src, dst
 
 
 @pytest.mark.parametrize("opts", ["", "-S 64k", "-S 1k", "-S 0", "--target-is-zero"])
-@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("via,target", [("file", t) for t in sorted(TARGETS)]
+                         + [("blkdebug", "full")])
 @pytest.mark.parametrize("src_fmt", ["raw", "qcow2"])
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_convert_n_over_data_as_qemu_img(tmp_path, fmt, src_fmt, target, opts):
-    theirs_src, theirs = _convert(tmp_path, "theirs", src_fmt, fmt, target, opts.split())
-    _, ours = _convert(tmp_path, "ours", src_fmt, fmt, target, opts.split())
+def test_convert_n_over_data_as_qemu_img(tmp_path, via, fmt, src_fmt, target, opts):
+    theirs_src, theirs = _convert(tmp_path, "theirs", src_fmt, fmt, target, opts.split(), via)
+    _, ours = _convert(tmp_path, "ours", src_fmt, fmt, target, opts.split(), via)
     maps = [json.loads(qemu_img("map", "--output", "json", "-f", fmt, p).stdout)
             for p in (ours, theirs)]
     if fmt == "raw" or target == "full" or opts in ("-S 0", "--target-is-zero"):
