@@ -99,4 +99,4 @@ def test_event_names(twins):
                    "'l2_load' is not raised by blkjobs (supported: read_aio, pwritev, write_aio, "
                    "pwritev_zero, write_compressed, cluster_alloc, flush_to_os, flush_to_disk, "
                    "l1_update, empty_image_prepare, reftable_update, refblock_alloc, "
-                   "cluster_free, none)\n")
+                   "cluster_free, none, read_backing_aio, read_compressed)\n")

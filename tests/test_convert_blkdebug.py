@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from qemu_oracle import qemu_img
+from qemu_oracle import qemu_img, qemu_io
 from test_parity_invocation import run, twins  # noqa: F401  (the fixture: twin dirs)
 
 
@@ -156,3 +156,50 @@ def test_under_a_qcow2_node_sectors_count_in_the_file(twins, kind, salvage):
                                  "Input/output error\n")
         assert ours == theirs
         left_on_disk(twins, "o.raw")
+
+
+# -- a qcow2 source with a backing file, blkdebug between it and its file ----
+
+#: rules against the reads of the top's own data (read_aio), of what it
+#: leaves to its backing file (read_backing_aio: raised on the layer, the
+#: backing read itself does not pass it) and of its compressed cluster; its
+#: zero cluster raises nothing
+CHAIN_RULES = {
+    "backing-then-data": '[set-state]\nevent = "read_backing_aio"\nstate = "1"\n'
+                         'new_state = "2"\n[inject-error]\nevent = "read_aio"\nstate = "2"\n'
+                         'errno = "5"\n',
+    "third-backing-read": '[set-state]\nevent = "read_backing_aio"\nstate = "1"\n'
+                          'new_state = "2"\n[set-state]\nevent = "read_backing_aio"\n'
+                          'state = "2"\nnew_state = "3"\n[inject-error]\n'
+                          'event = "read_backing_aio"\nstate = "3"\nerrno = "5"\n',
+    "backing-enospc-once": '[inject-error]\nevent = "read_backing_aio"\nerrno = "28"\n'
+                           'once = "on"\n',
+    "third-data-read": '[set-state]\nevent = "read_aio"\nstate = "1"\nnew_state = "2"\n'
+                       '[set-state]\nevent = "read_aio"\nstate = "2"\nnew_state = "3"\n'
+                       '[inject-error]\nevent = "read_aio"\nstate = "3"\nerrno = "5"\n',
+    "compressed": '[inject-error]\nevent = "read_compressed"\nerrno = "5"\n',
+    "data-always": '[inject-error]\nevent = "read_aio"\nerrno = "5"\n',
+}
+
+
+@pytest.mark.parametrize("rules", sorted(CHAIN_RULES))
+@pytest.mark.parametrize("m", ["1", "8"])
+def test_blkdebug_under_a_top_with_a_backing_file(twins, rules, m):
+    """Only the top's own file is under blkdebug: its data reads raise
+    read_aio and are checked, a compressed cluster raises read_compressed,
+    a zero cluster nothing, a range read from the backing file
+    read_backing_aio (the read itself is not checked). qemu-img's error
+    line and what it left in the target, as qemu-img 7.2."""
+    for d in twins:
+        qemu_img("create", "-f", "qcow2", d / "base.qcow2", "4M")
+        qemu_io(d / "base.qcow2", "write -P 1 0 4M")
+        qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", d / "top.qcow2")
+        qemu_io(d / "top.qcow2", "write -P 2 0 64k", "write -z 512k 64k", "write -P 3 1M 64k",
+                "write -c -P 4 2M 64k", "write -P 5 3M 64k")
+        (d / "bd.conf").write_text(CHAIN_RULES[rules])
+    ours, theirs = (run(d, "convert", "-m", m, "-O", "raw", "blkdebug:bd.conf:top.qcow2",
+                        "o.raw") for d in twins)
+    assert ours == theirs
+    assert theirs[0] == 1 and theirs[2].startswith("qemu-img: error while reading at byte ")
+    if m == "1":        # with 8 coroutines what qemu-img wrote before the error varies
+        assert (twins[0] / "o.raw").read_bytes() == (twins[1] / "o.raw").read_bytes()

@@ -9,9 +9,11 @@ check`` clean)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -49,7 +51,7 @@ def test_read_error_into_an_existing_target(twins, fmt, opts):
     left_on_disk(twins, f"o.{fmt}")
 
 
-def _enospc(d, mnt, fmt: str, no_create: bool):
+def _enospc(d, mnt, fmt: str, no_create: bool, src: str = "s.raw"):
     """qemu-img (``d``'s) converts 8 MiB of data into a 2 MiB tmpfs, one
     request at a time (-m 1: which of several parallel writes fails first
     varies from run to run); the target is then moved into ``d``. Returns
@@ -57,8 +59,7 @@ def _enospc(d, mnt, fmt: str, no_create: bool):
     dst = mnt / f"d.{fmt}"
     if no_create:
         qemu_img("create", "-f", fmt, dst, "16M")
-    res = run(d, "convert", "-m", "1", *(["-n"] if no_create else []), "-O", fmt, "-f", "raw",
-              "s.raw", dst)
+    res = run(d, "convert", "-m", "1", *(["-n"] if no_create else []), "-O", fmt, src, dst)
     if dst.exists():
         shutil.move(dst, d / f"d.{fmt}")
     return res
@@ -66,19 +67,43 @@ def _enospc(d, mnt, fmt: str, no_create: bool):
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 @pytest.mark.parametrize("no_create", [False, True])
-def test_write_error_keeps_the_target(twins, small_tmpfs, fmt, no_create):
+@pytest.mark.parametrize("start", [0, 1088 << 10])
+@pytest.mark.parametrize("src_fmt", ["raw", "qcow2"])
+def test_write_error_keeps_the_target(twins, small_tmpfs, fmt, no_create, start, src_fmt):
+    """ENOSPC: qemu-img's one line names the guest byte where its request
+    began (the start of the source's data run, then 2 MiB steps), for a
+    qcow2 target too (where ours once named the host offset in the file)."""
     for d in twins:
-        make_sparse(d / "s.raw", 16 * MiB, [(0, 8 * MiB, "data")])
-    ours, theirs = (_enospc(d, small_tmpfs, fmt, no_create) for d in twins)
+        make_sparse(d / "s.raw", 16 * MiB, [(start, 8 * MiB, "data")])
+        if src_fmt == "qcow2":
+            qemu_img("convert", "-O", "qcow2", d / "s.raw", d / "s.qcow2")
+    ours, theirs = (_enospc(d, small_tmpfs, fmt, no_create, f"s.{src_fmt}") for d in twins)
     assert theirs[0] == ours[0] == 1
     assert all((d / f"d.{fmt}").exists() for d in twins)
-    if fmt == "raw":
-        assert ours == theirs == (1, "", "qemu-img: error while writing at byte 2097152: "
-                                         "No space left on device\n")
-    else:
+    assert ours == theirs
+    if (fmt, start) == ("raw", 0):
+        assert theirs == (1, "", "qemu-img: error while writing at byte 2097152: "
+                                 "No space left on device\n")
+    if fmt == "qcow2":          # its 2 MiB request past the metadata fails: the first
+        assert theirs == (1, "", f"qemu-img: error while writing at byte {start}: "
+                                 "No space left on device\n")
         for d in twins:
             p = qemu_img("check", d / "d.qcow2")
             assert p.returncode == 0, p.stdout
+
+
+def test_write_error_names_the_guest_byte(tmp_path, small_tmpfs):
+    """Invoked as blkjobs, a qcow2 target's failed write is said at its
+    guest offset (inside the source's data), not at its offset in the file."""
+    make_sparse(tmp_path / "s.raw", 16 * MiB, [(1088 << 10, 8 * MiB, "data")])
+    p = subprocess.run([sys.executable, "-m", "blkjobs", "convert", "-m", "1", "-O", "qcow2",
+                        tmp_path / "s.raw", small_tmpfs / "d.qcow2"], capture_output=True,
+                       text=True, timeout=300)
+    m = re.fullmatch(r"blkjobs: error writing target '.*' at offset (\d+): No space left on "
+                     r"device \(the incomplete target was removed\)\n", p.stderr)
+    assert p.returncode == 1 and m, p.stderr
+    # the 2 MiB tmpfs holds the metadata and less than 2 MiB of data clusters
+    assert (1088 << 10) + MiB <= int(m[1]) < (1088 << 10) + 2 * MiB
 
 
 def _interrupted(d, fmt: str, no_create: bool, sig: int):

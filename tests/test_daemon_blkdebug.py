@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from daemon_util import (brief, compare, drop_transient_pauses, make_images, qcow2_node,
-                         qemu_img, run_daemon, side_by_side, start_blkjobs)
+                         qemu_img, qemu_io, run_daemon, side_by_side, start_blkjobs)
 
 
 def over_blkdebug(name: str, path: str, rules: list[dict], **extra) -> dict:
@@ -235,3 +235,35 @@ def test_sigterm_while_a_command_waits_for_a_break_point(tmp_path):
         rc = d.stop()
     assert rc == 0, d.stderr
     assert outcome != "TimeoutError"
+
+
+@pytest.mark.parametrize("rule_event,fails", [("read_backing_aio", True), ("read_aio", False)])
+def test_backup_source_with_a_backing_file_raises_read_backing_aio(tmp_path, rule_event, fails):
+    """blkdebug under a source qcow2 that has a backing file: the job's reads
+    of what the backing file holds raise read_backing_aio on it (QEMU's
+    qcow2), not read_aio; a set-state rule on that event arms the error of
+    the next own-data read, as in qemu-storage-daemon."""
+    async def sc(s, d):
+        base, src, tgt = (str(d / n) for n in ("base.qcow2", "src.qcow2", "tgt.qcow2"))
+        assert qemu_img("create", "-f", "qcow2", base, "4M").returncode == 0
+        qemu_io(base, "write -P 0x11 0 3M")
+        assert qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", src).returncode == 0
+        qemu_io(src, "write -P 0x22 3M 64k")
+        assert qemu_img("create", "-f", "qcow2", tgt, "4M").returncode == 0
+        await s.x("blockdev-add", **qcow2_node("base", base, **{"read-only": True}))
+        node = {"driver": "qcow2", "node-name": "src", "backing": "base",
+                "file": {"driver": "blkdebug", "node-name": "dbg",
+                         "image": {"driver": "file", "filename": src},
+                         "set-state": [{"event": rule_event, "state": 1, "new_state": 2}],
+                         "inject-error": [{"event": "read_aio", "state": 2, "errno": 5}]}}
+        await s.x("blockdev-add", **node)
+        await s.x("blockdev-add", **qcow2_node("tgt", tgt))
+        await s.x("blockdev-backup", **{"job-id": "j", "on-source-error": "report"},
+                  device="src", target="tgt", sync="full")
+        ev = await s.until("JOB_STATUS_CHANGE", id="j", status="null")
+        return [e for e in without_offsets(drop_transient_pauses(brief(ev)))
+                if e[0] in ("BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED")]
+    ref, ours = side_by_side(tmp_path, sc)
+    assert ref == ours
+    assert (("BLOCK_JOB_ERROR", {"device": "j", "operation": "read", "action": "report"})
+            in ours) == fails

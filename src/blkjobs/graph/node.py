@@ -376,9 +376,14 @@ class Node:
         if self.backing is None:
             self.driver.readinto(offset, mv)
             return
+        # a blkdebug layer under this image hears of reads left to the backing
+        # file (QEMU's read_backing_aio), which do not pass it
+        note = getattr(self.driver, "backing_read", None) if self.driver.wants_events else None
         for m in self.driver.map_host(offset, len(mv)):
             v = mv[m.start - offset:m.start - offset + m.length]
             if m.kind == Kind.UNALLOCATED:
+                if note is not None:
+                    note(m.start, m.length)
                 self.backing._read_below(m.start, v)
             else:
                 self.driver.readinto(m.start, v)

@@ -17,6 +17,7 @@ from ..native.ratelimit import TokenBucket
 from .convert_base import CHAIN_REQUEST, WB_REQUEST, ConvertOptions, ConvertResult, drive
 from .convert_faults import overwrites
 from .convert_target import Target, check_target_size, identity, refuse_target_in_chain
+from .convert_zeroes import not_in_place, old_hosts, sparsify
 from .files import same_file
 
 CHAIN_WORK = 128 << 20         # work range per block-status query (multiple of 2 MiB)
@@ -65,6 +66,9 @@ class ChainConvert:
         self.py_done = 0           # bytes handled without the engine
         self.zfd = -1              # /dev/zero for -S 0
         self.allocated: list = []  # host runs handed out by Qcow2.allocate
+        #: guest clusters reused in place and left unpunched (-n --target-is-zero)
+        self.in_place: set[int] = set()
+        self.old_zero: set[int] = set()    # and those that were zero clusters
         self._pool: Any = None     # -c: the compressing threads (zlib: one, calling C)
         self._deflater: Any = None  # -c, zlib: the C compressors (_compress)
         self._cbuf: memoryview | None = None   # -c: their input buffers
@@ -115,6 +119,7 @@ class ChainConvert:
             except OSError as e:
                 raise CopyError(e.errno or errno.EIO, "Could not open target", path=dst) from None
             self.tg.t.unsafe = not o.flush
+            self.tg.t.unmap_freed = bool(o.sparse_size)     # qemu-img: discard=unmap
             self.tg.dfd = self.tg.t.data_fd
             check_target_size(dst, self.tg.t.size, self.size)
             self.tsize = self.tg.t.size
@@ -280,9 +285,9 @@ class ChainConvert:
             try:
                 while w < k:
                     w += dio.pwrite(self.tg.dfd, buf[w:k], host + done + w)
-            except OSError as e:
+            except OSError as e:      # at the host offset, as the engine's errors
                 raise CopyError(e.errno or errno.EIO, "error writing", path=self.dst,
-                                side="target", offset=guest + done + w) from None
+                                side="target", offset=host + done + w) from None
             done += k
 
     def _plan_qcow2(self, pieces, pos, n):
@@ -328,11 +333,16 @@ class ChainConvert:
         i = 0
         for a, b in need:
             fresh_from = t.alloc_end
+            # -n --target-is-zero: qemu-img writes no zeroes, so a cluster
+            # reused in place keeps its old bytes where the source is zero
+            old = old_hosts(self, a, b) if self.o.no_create and self.o.target_is_zero \
+                else {}
             maps = t.allocate(a, b - a)
             self.allocated.extend(maps)
             for m in maps:
                 if m.host_offset < fresh_from and not self.prealloc:   # -n: old data
-                    _punch(self.tg.dfd, m.host_offset, -(-m.length // 512) * 512)
+                    for h, ln in not_in_place(self, m, old):
+                        _punch(self.tg.dfd, h, -(-ln // 512) * 512)
             while i < len(pieces) and pieces[i][0] + pieces[i][1] <= a:
                 i += 1
             j = i
@@ -352,30 +362,6 @@ class ChainConvert:
                         else:
                             self._through(ms, me - ms, h)
                 j += 1
-
-    def _sparsify(self):
-        """Clusters we allocated whose host range stayed a hole (the engine
-        found zeroes in data the source stores, e.g. zeroes written as data)
-        are dropped again (``discard``: unallocated, or a zero cluster over a
-        backing file), so the target maps like qemu-img's. Skipped for -S 0
-        (fully allocate), for v2 images with a backing file (no zero flag)
-        and for preallocated targets."""
-        from ..native.extents import extents
-        t, cs = self.tg.t, self.tg.t.cluster_size
-        if not self.o.sparse_size or (t.backing_filename and t.header.version < 3) \
-                or self.prealloc:       # preallocated clusters stay
-            return
-        for m in self.allocated:
-            for e in extents(t.data_fd, m.host_offset, m.length):
-                if e.data:
-                    continue
-                # whole clusters only (host runs are cluster-aligned at their start)
-                a = m.start + (-(-(e.offset - m.host_offset) // cs) * cs)
-                end = m.start + (e.offset + e.length - m.host_offset)
-                b = end if end >= t.size else m.start + (end - m.start) // cs * cs
-                if b > a:
-                    t.discard(a, b - a)
-        self.allocated = []
 
     def _compress(self, a, b):
         """Compress [a, b) on ``-m`` threads, storing the clusters in order.
@@ -547,7 +533,7 @@ class ChainConvert:
             self._finish()
             return ConvertResult(self.size, st.data_bytes, st.zero_bytes)
         except BaseException as e:
-            err = self.tg.failed(e)
+            err = self.tg.failed(self._at_guest(e), self._status_run)
             if err is not e:
                 raise err from None
             raise
@@ -563,13 +549,33 @@ class ChainConvert:
                 if n is not None:
                     n.close_chain()
 
+    def _at_guest(self, e: BaseException) -> BaseException:
+        """A failed write into a qcow2 target names the host offset the
+        engine wrote at: the same error at the guest offset instead (what
+        qemu-img names, and what the user can look up in the source)."""
+        if self.tg.t is None or not isinstance(e, CopyError) or e.side != "target" \
+                or e.offset is None:
+            return e
+        for m in self.allocated:
+            if m.host_offset <= e.offset < m.host_offset + m.length:
+                return CopyError(e.errno, e.what, path=e.path, side=e.side,
+                                 offset=m.start + e.offset - m.host_offset)
+        return e
+
+    def _status_run(self, guest: int) -> tuple[int, int]:
+        """(start, length) of the source's block status run that holds
+        ``guest`` (runs as qemu-img map merges them: one kind, one layer,
+        contiguous host offsets), where qemu-img convert's requests start."""
+        last = self.top.block_status(0, min(self.size, guest + 1))[-1]
+        return last["start"], last["length"]
+
     def _finish(self) -> None:
         """Once the data is written: a qcow2 target's zero clusters made
         holes again and its metadata flushed (refcounts, L2, L1, header); a
         raw one's data flushed (-t writeback)."""
         try:
             if self.tg.t is not None:
-                self._sparsify()
+                sparsify(self)
                 self.tg.t.flush()
             elif self.o.flush:
                 os.fsync(self.tg.dfd)

@@ -8,7 +8,7 @@ released; see :mod:`blkjobs.native.nbd`) and write it to the target (an
 export: the same; a local raw file: ``pwrite``; qcow2: its driver, one
 writer at a time). Runs the source's block status calls zero are written as
 zeroes (NBD ``WRITE_ZEROES``) or, in a fresh local file, skipped; data
-pieces that read as zeroes (``-S``, checked per ``SPARSE_BLOCK``) likewise.
+pieces that read as zeroes (``-S``, as qemu-img detects them) likewise.
 
 Targets: an existing export (with or without ``-n``: it is never created
 or grown, qemu-img's texts when it is smaller), or a local raw/qcow2 file
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from ..errors import BlkjobsError, CopyError, UsageError
 from ..formats.sniff import is_nbd_uri
 from ..graph.lock import ImageLock
-from ..native.extents import is_zero
+from ..native.extents import zero_blocks
 from ..native.ratelimit import TokenBucket
 from .convert_base import ConvertOptions, ConvertResult, check_options
 from .convert_faults import copy_in_order, injects_faults
@@ -175,6 +175,7 @@ class _NbdConvert:
                              f"({self.t.size} < {self.size} bytes)")
         if o.dst_fmt == "qcow2":
             self.t.unsafe = not o.flush
+            self.t.unmap_freed = bool(o.sparse_size)     # qemu-img: discard=unmap
             self.dst_lock = threading.Lock()
         # a fresh luks payload reads as noise, not zeroes, and so do the
         # clusters an encrypted qcow2 preallocates: holes are written
@@ -272,8 +273,11 @@ class _NbdConvert:
                             side="target", offset=off) from None
 
     def _zero(self, off: int, n: int) -> None:
+        if not self.o.sparse_size:      # -S 0: qemu-img writes the zeroes as data
+            self._data(memoryview(bytes(min(n, SPARSE_BLOCK))), off, 0, n, repeat=True)
+            return
         if not self.target_zero:
-            self._write(self.t.write_zeroes, off, n, self.o.sparse_size != 0)
+            self._write(self.t.write_zeroes, off, n, True)
         with self.lock:
             self.zero_bytes += n
             self.done += n
@@ -289,19 +293,41 @@ class _NbdConvert:
         self._store(mv, off, n)
 
     def _store(self, mv: memoryview, off: int, n: int) -> None:
-        """Write the ``n`` bytes read at ``off`` (runs of zeroes as zeroes)."""
-        sparse = self.o.sparse_size != 0
+        """Write the ``n`` bytes read at ``off``; runs of zeroes as zeroes
+        (skipped where the target reads as zeroes), as qemu-img finds them
+        (is_allocated_sectors_min): at least ``-S`` bytes of whole zero
+        blocks of its alignment (``-S`` rounded down to a power of two),
+        aligned in the image."""
         pos = 0
-        while pos < n:
-            k = min(SPARSE_BLOCK, n - pos)
-            if sparse and is_zero(mv[pos:pos + k]):
-                self._zero(off + pos, k)
-            else:
-                self._write(self.t.write, off + pos, mv[pos:pos + k])
-                with self.lock:
-                    self.data_bytes += k
-                    self.done += k
-            pos += k
+        for z0, zn in self._zero_runs(mv, off, n):
+            if z0 > pos:
+                self._data(mv, off, pos, z0)
+            self._zero(off + z0, zn)
+            pos = z0 + zn
+        if pos < n:
+            self._data(mv, off, pos, n)
+
+    def _data(self, mv: memoryview, off: int, a: int, b: int, repeat: bool = False) -> None:
+        """Write mv[a:b] at off+a (``repeat``: mv is one block of zeroes,
+        written over and over)."""
+        for pos in range(a, b, SPARSE_BLOCK):
+            k = min(SPARSE_BLOCK, b - pos)
+            self._write(self.t.write, off + pos, mv[:k] if repeat else mv[pos:pos + k])
+            with self.lock:
+                self.data_bytes += k
+                self.done += k
+
+    def _zero_runs(self, mv: memoryview, off: int, n: int) -> list[tuple[int, int]]:
+        """(start, length) in ``mv`` of the zero runs qemu-img would not
+        write as data (see _store); none with -S 0."""
+        min_sparse = self.o.sparse_size
+        if not min_sparse:
+            return []
+        align = 1 << (min_sparse.bit_length() - 1)
+        head = min(n, -off % align)         # up to the first aligned block
+        # (a short last block counts: qemu-img's request ends there)
+        runs = [(head + s, k) for s, k in zero_blocks(mv[head:n], align)]
+        return [(s, k) for s, k in runs if k >= min(min_sparse, n)]
 
     def _choose_path(self) -> None:
         """``self.fast``: (export, local fd, to_nbd) when one side is an

@@ -48,7 +48,7 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
                 raise CopyError(e.errno or errno.EIO, "error flushing", path=dst, side="target") from None
         return ConvertResult(size, st.data_bytes, st.zero_bytes)
     except BaseException as e:
-        err = target.failed(e)
+        err = target.failed(e, lambda guest: _file_run(sfd, guest))
         if err is not e:
             raise err from None
         raise
@@ -82,3 +82,11 @@ def _copy(sfd: int, target: Target, size: int, o: ConvertOptions, src: str,
         drive(eng, feed, lambda: fed < size, lambda: eng.status().done, size,
               WORK_RANGE // 2, progress, check)
         return eng.status()
+
+
+def _file_run(fd: int, guest: int) -> tuple[int, int]:
+    """(start, length) of the data or hole run of the source file up to
+    ``guest`` (SEEK_DATA/SEEK_HOLE): where qemu-img's requests start."""
+    from ..native.extents import extents
+    last = extents(fd, 0, guest + 1)[-1]
+    return last.offset, last.length

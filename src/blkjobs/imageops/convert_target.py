@@ -17,6 +17,7 @@ from .files import fd_size, same_file
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -106,27 +107,55 @@ class Target:
             self.tlock.release()
             self.tlock = None
 
-    def failed(self, e: BaseException) -> BaseException:
+    def failed(self, e: BaseException,
+               run_at: Callable[[int], tuple[int, int]] | None = None) -> BaseException:
         """After ``e``: close the target, remove it if we made it, and
-        return the exception to raise (it says what became of the target)."""
-        raw = self.t is None or self.t.format_name == "raw"
+        return the exception to raise (it says what became of the target).
+        A failed write's offset is a guest offset (the convert translated a
+        qcow2 target's host offset); ``run_at(guest)``: the source's block
+        status run holding it, for qemu-img's text (see qemu_img_text)."""
+        buf = QEMU_BUF
+        if self.t is not None and self.t.format_name != "raw":
+            # qemu-img's buffer grows to the target's discard alignment (a qcow2 cluster)
+            buf = min(16 << 20, max(QEMU_BUF, self.t.cluster_size))
         self.close(failed=True)
         if self.keep:
-            return qemu_img_text(e, raw)
+            return qemu_img_text(e, run_at, buf)
         return say_what_happened_to_target(e, self.dst, self.ours, self.written)
 
 
 #: qemu-img convert's requests (IO_BUF_SIZE): where a failed write is said to begin
 QEMU_BUF = 2 << 20
+#: the longest block status qemu-img convert asks for (BDRV_REQUEST_MAX_SECTORS)
+QEMU_MAX_STATUS = ((1 << 31) - 1) >> 9 << 9
 
 
-def qemu_img_text(e: BaseException, raw: bool) -> BaseException:
-    """A failed write into a ``raw`` target in qemu-img's words: ``error
-    while writing at byte N``, N the start of qemu-img's 2 MiB request that
-    holds the failed write (host offsets are guest offsets in a raw file)."""
-    if raw and isinstance(e, CopyError) and e.side == "target" and e.what == "error writing" \
+def qemu_request_start(guest: int, run: tuple[int, int] | None, buf: int = QEMU_BUF) -> int:
+    """Where qemu-img convert's request holding ``guest`` begins: it asks
+    the source's block status from each run's start (at most
+    QEMU_MAX_STATUS bytes at a time) and copies a data run ``buf`` bytes per
+    request from there. ``run``: (start, length) of the source's block
+    status run holding ``guest``; None: runs from 0."""
+    s = run[0] if run is not None else 0
+    s += (guest - s) // QEMU_MAX_STATUS * QEMU_MAX_STATUS
+    return s + (guest - s) // buf * buf
+
+
+def qemu_img_text(e: BaseException, run_at: Callable[[int], tuple[int, int]] | None = None,
+                  buf: int = QEMU_BUF) -> BaseException:
+    """A failed write into the target in qemu-img's words: ``error while
+    writing at byte N``, N the guest offset where qemu-img's request that
+    holds the failed write begins (qemu_request_start)."""
+    if isinstance(e, CopyError) and e.side == "target" and e.what == "error writing" \
             and e.offset is not None:
-        err = CopyError(e.errno, f"error while writing at byte {e.offset // QEMU_BUF * QEMU_BUF}")
+        run = None
+        if run_at is not None:
+            try:
+                run = run_at(e.offset)
+            except (OSError, BlkjobsError):
+                run = None          # no block status now: a request from 0
+        err = CopyError(e.errno, "error while writing at byte "
+                        f"{qemu_request_start(e.offset, run, buf)}")
         err.path, err.side, err.offset = e.path, e.side, e.offset
         return err
     return e

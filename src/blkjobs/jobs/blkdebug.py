@@ -67,7 +67,13 @@ EVENTS = ("read_aio", "pwritev", "write_aio", "pwritev_zero", "write_compressed"
 #: the qcow2 driver raises in its metadata updates (formats.qcow2.debug), and
 #: ``none``, which QEMU's blkdebug raises once, when it is opened (its rules
 #: are active from the start)
-RULE_EVENTS = EVENTS + QCOW2_EVENTS + ("none",)
+#: (with READ_EVENTS, those of a qcow2 image's reads on a blkdebug layer
+#: between it and its file, ``blkdebug:CONF:IMG``, besides ``read_aio`` for
+#: its own data: ``read_backing_aio`` for a range it leaves to its backing
+#: file, whose read does not pass the layer, ``read_compressed`` for a
+#: compressed cluster)
+READ_EVENTS = ("read_backing_aio", "read_compressed")
+RULE_EVENTS = EVENTS + QCOW2_EVENTS + ("none",) + READ_EVENTS
 #: QEMU's other event names: accepted nowhere (they would never fire here).
 QEMU_ONLY = tuple(e for e in (
     "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",

@@ -107,10 +107,28 @@ class QemuBlkdebug(Blkdebug):
         qrules.debug_event("none")          # QEMU raises it as the node opens
 
     def readinto(self, offset: int, buf) -> None:
+        """Under a qcow2 image (``file_offsets``), as QEMU's qcow2 reads: per
+        run of the request its event (``read_aio`` data, ``read_compressed``,
+        none for zeroes), then its I/O, checked at the file's offsets."""
         if not self.file_offsets:
             return super().readinto(offset, buf)
-        self.event(("read_aio",), offset, len(buf))
-        self.inner.readinto(offset, buf)
+        from ..formats.base import Kind
+        mv = memoryview(buf).cast("B")
+        for m in self.inner.map_host(offset, len(mv)):
+            if m.kind == Kind.DATA:
+                self.event(("read_aio",), m.start, m.length)
+            elif m.kind == Kind.COMPRESSED:
+                self.event(("read_compressed",), m.start, m.length)
+            self.inner.readinto(m.start, mv[m.start - offset:m.start - offset + m.length])
+
+    def backing_read(self, offset: int, length: int) -> None:
+        """The image reads [offset, offset+length) from its backing file
+        (graph.node: a read through the chain). Under the image QEMU's
+        format raises ``read_backing_aio`` on this layer (not over it:
+        ``format_events`` False); the read itself goes to the backing file,
+        past the layer."""
+        if self.format_events:
+            self.event(("read_backing_aio",), offset, length)
 
     def _events(self, events: Any) -> None:
         if not self.format_events:

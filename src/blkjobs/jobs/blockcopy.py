@@ -299,6 +299,10 @@ class Mover(TargetWrites, BatchPlanning):
         for r in runs:
             what = self.select(r)
             if what == "copy":
+                # each layer above the one holding the run leaves it to its
+                # backing file: QEMU's read_backing_aio on its file's blkdebug
+                for above in chain[:r["depth"]]:
+                    raise_(above.driver, ["read_backing_aio"], r["start"], r["length"])
                 raise_(chain[r["depth"]].driver, ["read_aio"], r["start"], r["length"])
                 copy.append((r["start"], r["length"], None))
             elif what == "zero":

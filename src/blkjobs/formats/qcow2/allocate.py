@@ -281,25 +281,30 @@ class _Pending:
         if not self.need:
             return
         drv, cb, l2e, esz = self.drv, self.drv.cb, self.drv.l2e, self.drv.esz
-        hosts: list[int] = []
-        if drv.external:            # the data file: host offset == guest offset
-            hosts = list(self.need)
-        else:
-            for c0, k in drv._rc().alloc(len(self.need)):
-                hosts += range(c0, c0 + k)
-        # the entries, table by table (the L2 tables are allocated, or copied
-        # when shared, after the data clusters: those stay contiguous)
+        # table by table, as QEMU allocates: the L2 table first (allocated, or
+        # copied when shared), then that table's data clusters in one run --
+        # so a small image's first data cluster lands where qemu-img's does
         fmt, ext = (">QQ", True) if drv.extended else (">Q", False)
-        l1i, t = -1, bytearray()
-        pack, add = struct.pack_into, self.add
-        for gc, hc in zip(self.need, hosts, strict=True):
-            if gc // l2e != l1i:
-                l1i = gc // l2e
-                t, toff = drv._l2_for_write(gc)
-                drv.l2dirty.add(toff)
-            if ext:
-                pack(fmt, t, (gc % l2e) * esz, (hc << cb) | COPIED, ALL_ALLOC)
+        pack, add, need = struct.pack_into, self.add, self.need
+        i = 0
+        while i < len(need):
+            l1i = need[i] // l2e
+            j = i + 1
+            while j < len(need) and need[j] // l2e == l1i:
+                j += 1
+            t, toff = drv._l2_for_write(need[i])
+            drv.l2dirty.add(toff)
+            if drv.external:            # the data file: host offset == guest offset
+                hosts = need[i:j]
             else:
-                pack(fmt, t, (gc % l2e) * esz, (hc << cb) | COPIED)
-            add(gc << cb, hc << cb, 1)
+                hosts = []
+                for c0, k in drv._rc().alloc(j - i):
+                    hosts += range(c0, c0 + k)
+            for gc, hc in zip(need[i:j], hosts, strict=True):
+                if ext:
+                    pack(fmt, t, (gc % l2e) * esz, (hc << cb) | COPIED, ALL_ALLOC)
+                else:
+                    pack(fmt, t, (gc % l2e) * esz, (hc << cb) | COPIED)
+                add(gc << cb, hc << cb, 1)
+            i = j
         self.need.clear()

@@ -360,7 +360,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         if rc is not None:
             if rc.pending:
                 self.read_pins.drain()  # no freed cluster reused under a read
-            rc.apply_frees()
+            rc.apply_frees(punch=self.unmap_freed)
         if self._header_dirty:
             self._write_header()
         self.file_size = max(self.file_size, os.fstat(self.fd).st_size)

@@ -431,11 +431,14 @@ class Refcounts:
             os.fsync(self.fd)
         return wrote
 
-    def apply_frees(self) -> bool:
+    def apply_frees(self, punch: bool = False) -> bool:
         """Apply queued decrements (call only after the L2/L1 tables that
-        dropped the references are durable)."""
+        dropped the references are durable). ``punch``: the clusters whose
+        refcount dropped to 0 are punched from the file once their counts
+        are written (QEMU's discard of a freed cluster)."""
         if not self.pending:
             return False
+        freed = []
         for c in self.pending:
             v = self.get(c)
             if v == 0:
@@ -443,5 +446,18 @@ class Refcounts:
             self._set(c, v - 1)
             if v == 1:
                 self.pool.append(c)
+                freed.append(c)
         self.pending.clear()
-        return self.flush_increments()
+        wrote = self.flush_increments()
+        if punch and freed:
+            from ..raw import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
+            freed.sort()
+            a = b = freed[0]
+            for c in freed[1:] + [-1]:
+                if c == b + 1:
+                    b = c
+                    continue
+                _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                           a << self.cb, (b - a + 1) << self.cb)
+                a = b = c
+        return wrote

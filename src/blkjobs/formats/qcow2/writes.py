@@ -67,12 +67,14 @@ class Writes(L2Tables):
             for j in range(cs // scs):
                 self._old_sub(gc, e, bm, j, mv[j * scs:(j + 1) * scs], j * scs, fill)
             buf[a:b] = data
+            self._l2_for_write(gc)      # QEMU's order: the L2 table, then the data
             nh = self._rc().alloc_one() << self.cb
             dio.pwrite(self.fd, buf, nh)
             self._set_entry(gc, nh | COPIED, ALL_ALLOC if self.extended else 0)
             self._release(e)
             return
         if not has:
+            self._l2_for_write(gc)      # QEMU's order: the L2 table, then the data
             h = self._new_host(gc)
             if not self.extended:
                 bm = 0

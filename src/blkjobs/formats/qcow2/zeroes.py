@@ -19,6 +19,11 @@ class Zeroes(L2Tables):
     #: unallocated (what blkjobs' own tools want, e.g. convert freeing
     #: clusters it did not write)
     qemu_discard = False
+    #: host clusters whose refcount drops to 0 are punched from the file at
+    #: the flush that frees them, as QEMU passes a freed cluster's discard
+    #: down when the image is opened with discard=unmap (qemu-img convert's
+    #: target, unless -S 0)
+    unmap_freed = False
 
     def _full_clusters(self, offset: int, length: int) -> tuple[int, int]:
         cs = self.cluster_size
