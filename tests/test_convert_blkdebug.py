@@ -14,9 +14,9 @@ from qemu_oracle import qemu_img, qemu_io
 from test_parity_invocation import run, twins  # noqa: F401  (the fixture: twin dirs)
 
 
-def left_on_disk(twins, name: str = "o.qcow2") -> None:
+def left_on_disk(twins, name: str = "o.qcow2", args: list[str] | None = None) -> None:
     from test_convert_blkdebug_cb import left_on_disk as same_target
-    same_target(twins, name)
+    same_target(twins, name, args)
 
 MiB = 1 << 20
 
@@ -78,7 +78,7 @@ def test_read_error_fails_the_convert_as_qemu_img(twins, fmt, kind, sector):
     assert theirs == (1, "", f"qemu-img: error while reading at byte {start}: "
                               "Input/output error\n")
     assert ours == theirs
-    left_on_disk(twins)
+    left_on_disk(twins, args=args)
 
 
 @pytest.mark.parametrize("fmt,kind", CASES)
@@ -109,7 +109,7 @@ def test_block_status_error_as_qemu_img(twins, fmt, salvage):
         assert theirs == (1, "", "qemu-img: error while reading block status at offset 0: "
                                  "Input/output error\n")
         assert ours == theirs
-        left_on_disk(twins, "o.raw")
+        left_on_disk(twins, "o.raw", args)
         return
     assert ours == theirs
     assert theirs[2] == "".join(f"qemu-img: warning: error while reading {what}: "
@@ -155,7 +155,7 @@ def test_under_a_qcow2_node_sectors_count_in_the_file(twins, kind, salvage):
         assert theirs == (1, "", f"qemu-img: error while reading at byte {2 * MiB}: "
                                  "Input/output error\n")
         assert ours == theirs
-        left_on_disk(twins, "o.raw")
+        left_on_disk(twins, "o.raw", args)
 
 
 # -- a qcow2 source with a backing file, blkdebug between it and its file ----

@@ -36,17 +36,30 @@ def source(twins, fmt: str, rules: str) -> str:
         "driver": fmt, "file": {"driver": "file", "filename": f"s.{fmt}"}}})
 
 
-def left_on_disk(twins, name: str = "o.qcow2") -> None:
-    """Both kept the target, and it is the same image."""
+def left_on_disk(twins, name: str = "o.qcow2", args: list[str] | None = None) -> None:
+    """Both kept the target, and it is the same image.
+
+    With ``-m`` 2 or more, what qemu-img leaves written before a read error
+    is a race among its own coroutines (seen: 4 of 20 identical runs wrote
+    2 MiB, the others 4 MiB). ``args``: the convert that made the targets;
+    while the maps differ, qemu-img's is made again (up to 9 more times)
+    and ours must equal one of the images qemu-img itself leaves."""
     fmt = name.rsplit(".", 1)[1]
-    maps = []
-    for d in twins:
-        assert (d / name).exists(), d
+
+    def image_map(d):
         if fmt == "qcow2":
             p = qemu_img("check", d / name)
             assert p.returncode == 0, p.stdout + p.stderr
-        maps.append(qemu_img("map", "-f", fmt, "--output", "json", d / name).stdout)
-    assert maps[0] == maps[1]
+        return qemu_img("map", "-f", fmt, "--output", "json", d / name).stdout
+
+    for d in twins:
+        assert (d / name).exists(), d
+    ours = image_map(twins[0])
+    theirs = [image_map(twins[1])]
+    while args is not None and ours not in theirs and len(theirs) < 10:
+        run(twins[1], *args)
+        theirs.append(image_map(twins[1]))
+    assert ours == theirs[-1], theirs
     p = qemu_img("compare", "-f", fmt, "-F", fmt, twins[0] / name, twins[1] / name)
     assert p.returncode == 0, p.stdout + p.stderr
 
@@ -74,7 +87,7 @@ def test_read_error_as_qemu_img(twins, fmt, opts, sector):
     else:
         assert theirs == (1, "", f"qemu-img: error while reading at byte {sector * 512 // c * c}"
                                  ": Input/output error\n")
-    left_on_disk(twins)
+    left_on_disk(twins, args=args)
 
 
 @pytest.mark.parametrize("opts", ["", "-m 2", "-c", "-c -m 2"])
@@ -86,7 +99,7 @@ def test_errors_in_the_first_requests_each_said(twins, opts):
     ours, theirs = (run(d, *args) for d in twins)
     assert ours == theirs
     assert theirs[2].count("error while reading at byte") == (1 if "-c" in opts else 2)
-    left_on_disk(twins)
+    left_on_disk(twins, args=args)
 
 
 @pytest.mark.parametrize("opts", ["", "-c"])
@@ -95,7 +108,7 @@ def test_an_error_injected_once(twins, opts):
     args = ["convert", *opts.split(), src, "-O", "qcow2", "o.qcow2"]
     ours, theirs = (run(d, *args) for d in twins)
     assert ours == theirs and theirs[0] == 1
-    left_on_disk(twins)
+    left_on_disk(twins, args=args)
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
