@@ -176,3 +176,21 @@ def content_digest(path, block=1 << 20) -> str:
                 h.update(off.to_bytes(8, "little") + piece)
             off += n
     return h.hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _working_directory_kept():
+    """A test that changes the working directory must restore it
+    (monkeypatch.chdir does): a passed test's tmp_path is removed at its
+    teardown, and the next tests on that worker would run in a directory
+    that no longer exists (os.getcwd() raising FileNotFoundError)."""
+    before = os.getcwd()
+    yield
+    try:
+        after = os.getcwd()
+    except FileNotFoundError:
+        after = "(a removed directory)"
+    if after != before:
+        os.chdir(before)
+        pytest.fail(f"the test left the working directory at {after}: use monkeypatch.chdir",
+                    pytrace=False)

@@ -239,8 +239,8 @@ def test_no_key_texts(kind, text, tmp_path):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_formatting_line_as_qemu_img(kind, tmp_path):
-    os.chdir(tmp_path)
+def test_formatting_line_as_qemu_img(kind, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     fmt, _, o = KINDS[kind]
     q = qemu_create(kind, "x.img", size=MiB).stdout
     os.unlink("x.img")
