@@ -3,6 +3,7 @@ typing, re, enum under it); ``info`` imports neither json (unless
 ``--output json``) nor shutil. The output is argparse's."""
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -133,7 +134,7 @@ def _chain(tmp_path):
     from test_nbd_client import qio
     names = [tmp_path / n for n in ("base.qcow2", "mid.qcow2", "top.qcow2")]
     qemu_img("create", "-f", "qcow2", names[0], "1M")
-    for below, img in zip(names, names[1:], strict=False):
+    for below, img in itertools.pairwise(names):
         qemu_img("create", "-f", "qcow2", "-b", below, "-F", "qcow2", img)
     for i, img in enumerate(names):
         qio("qcow2", str(img), f"write -P {i + 1} {i * 256}k 192k")
