@@ -9,6 +9,11 @@ the median over the rounds of each contender's mean task-clock, and the
 median of the per-round ratios before / ours.
 
     benchmarks/startup.py [--rounds 5] [--repeat 30] [--before SRC] [--only convert-raw-qcow2,...]
+                          [--importtime N]
+
+``--importtime N``: instead, ``python -X importtime`` of each command N
+times per checkout: the modules imported and the sum over them of the
+least self time seen (importtime's own overhead included).
 
 ``--before SRC``: a ``src`` directory of another checkout (with its built
 ``_core``/``_nbd`` modules), run with this interpreter through PYTHONPATH;
@@ -79,12 +84,28 @@ def task_clock(argv: list[str], env: dict[str, str], repeat: int) -> float:
     raise SystemExit(f"no task-clock in perf's output for {argv}: {p.stderr.strip()}")
 
 
+def importtime(argv: list[str], env: dict[str, str], n: int) -> tuple[int, float]:
+    """(modules imported, ms: the sum of each module's least self time of n runs)."""
+    least: dict[str, int] = {}
+    for _ in range(n):
+        p = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in p.stderr.splitlines():
+            if line.startswith("import time:") and "self [us]" not in line:
+                us, _, name = line[len("import time:"):].split("|")
+                key = name.strip()
+                least[key] = min(least.get(key, 1 << 60), int(us))
+    return len(least), sum(least.values()) / 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--before", help="src directory of the checkout to compare with")
     ap.add_argument("--only", help="comma-separated command names: " + ", ".join(COMMANDS))
+    ap.add_argument("--importtime", type=int, metavar="N",
+                    help="python -X importtime of each command N times instead")
     a = ap.parse_args()
     names = a.only.split(",") if a.only else list(COMMANDS)
     py = sys.executable
@@ -105,7 +126,21 @@ def main() -> None:
             if nbd.poll() is not None:
                 raise SystemExit("qemu-nbd failed")
             os.sched_yield()
-        res = {(n, c): [] for n in names for c in cons}
+        if a.importtime:
+            print(f"python -X importtime, {a.importtime} runs: modules, sum of least self ms")
+            hdr = ["command"] + [c for c in cons if c != "qemu-img"]
+            print("| " + " | ".join(hdr) + " |")
+            print("|" + "---|" * len(hdr))
+            for n in names:
+                row = [n]
+                for c in hdr[1:]:
+                    pre, env = cons[c]
+                    mods, ms = importtime(pre + [x.format(d=d) for x in COMMANDS[n]], env,
+                                          a.importtime)
+                    row.append(f"{mods}, {ms:.1f}")
+                print("| " + " | ".join(row) + " |")
+            return
+        res: dict[tuple[str, str], list[float]] = {(n, c): [] for n in names for c in cons}
         la0 = os.getloadavg()[0]
         for r in range(a.rounds):
             for n in names:
