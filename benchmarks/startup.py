@@ -17,7 +17,11 @@ least self time seen (importtime's own overhead included).
 
 ``--before SRC``: a ``src`` directory of another checkout (with its built
 ``_core``/``_nbd`` modules), run with this interpreter through PYTHONPATH;
-ours runs with PYTHONPATH set to this checkout's ``src`` the same way.
+ours runs with PYTHONPATH set to this checkout's ``src`` the same way (or
+``--ours SRC``: a copy that does not change while the benchmark runs, e.g.
+``git archive HEAD src``). Compile both first (``python -m compileall``):
+with PYTHONDONTWRITEBYTECODE set, a stale ``.pyc`` is compiled again at
+every run.
 The images (1 MiB raw with data and a hole; the same as qcow2; a 3-deep
 qcow2 chain; a qemu-nbd export of the qcow2 over a Unix socket) are made
 in a temporary directory under /var/tmp and removed at the end.
@@ -103,6 +107,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--before", help="src directory of the checkout to compare with")
+    ap.add_argument("--ours", default=SRC, help="src directory of ours (default: this one)")
     ap.add_argument("--only", help="comma-separated command names: " + ", ".join(COMMANDS))
     ap.add_argument("--importtime", type=int, metavar="N",
                     help="python -X importtime of each command N times instead")
@@ -110,7 +115,7 @@ def main() -> None:
     names = a.only.split(",") if a.only else list(COMMANDS)
     py = sys.executable
     cons: dict[str, tuple[list[str], dict[str, str]]] = {}
-    ours = dict(os.environ, PYTHONPATH=SRC)
+    ours = dict(os.environ, PYTHONPATH=a.ours)
     cons["ours"] = ([py, "-c", "import sys; from blkjobs.cli.main import main; "
                      "sys.argv[0] = 'blkjobs'; sys.exit(main())"], ours)
     if a.before:

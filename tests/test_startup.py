@@ -115,7 +115,7 @@ sys.argv = ["blkjobs"] + sys.argv[1:]
 from blkjobs.cli.main import main
 rc = main()
 sys.stdout.flush()
-heavy = ("dataclasses", "inspect", "typing", "json", "base64", "hashlib", "uuid",
+heavy = ("argparse", "dataclasses", "inspect", "typing", "json", "base64", "hashlib", "uuid",
          "urllib.parse", "blkjobs.formats.luks", "blkjobs.formats.nbd",
          "blkjobs.formats.qcow2.check")
 print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
@@ -142,8 +142,8 @@ def _chain(tmp_path):
 
 
 def test_qcow2_converts_import_neither_dataclasses_typing_nor_json(tmp_path):
-    """raw -> qcow2, qcow2 -> raw and a 3-deep chain -> qcow2: no
-    dataclasses (with inspect, ast, dis, tokenize: ~8 ms), typing (~2.5 ms),
+    """raw -> qcow2, qcow2 -> raw and a 3-deep chain -> qcow2: no argparse
+    (the command line is plain: cli/quickparse.py), no dataclasses (with inspect, ast, dis, tokenize: ~8 ms), typing (~2.5 ms),
     json, base64, the LUKS code (hashlib, uuid), the NBD client (urllib) nor
     qcow2's check. The copies are qemu-img's bytes."""
     src = tmp_path / "a.raw"
@@ -160,7 +160,7 @@ def test_qcow2_converts_import_neither_dataclasses_typing_nor_json(tmp_path):
 
 
 def test_looking_commands_import_json_only_for_json(tmp_path):
-    """info, map, check, compare of qcow2 images: no dataclasses, typing,
+    """info, map, check, compare of qcow2 images: no argparse, dataclasses, typing,
     base64, LUKS nor NBD; json only for ``--output json``;
     qcow2's check only for check. The outputs are what the commands print."""
     top = _chain(tmp_path)
@@ -183,7 +183,7 @@ def test_looking_commands_import_json_only_for_json(tmp_path):
 
 def test_nbd_convert_imports_neither_dataclasses_typing_nor_qcow2(tmp_path, servers):
     """A convert from an NBD export (the client) to a raw file: no
-    dataclasses, typing, json, base64, LUKS nor qcow2's check; the bytes are
+    argparse, dataclasses, typing, json, base64, LUKS nor qcow2's check; the bytes are
     the export's."""
     qemu_nbd, _ = servers
     src = tmp_path / "a.raw"
