@@ -5,8 +5,10 @@ milliseconds per run; the load moves it much less than the wall clock).
 
 ROUNDS rounds; in each, every command's contenders run once each (a
 ``perf stat -r REPEAT``), in an order rotated per round. Prints per command
-the median over the rounds of each contender's mean task-clock, and the
-median of the per-round ratios before / ours.
+the median over the rounds of each contender's mean task-clock [and the
+least of them], and the median of the per-round ratios before / ours; and
+the interpreter's own start-up (``python -c pass``, ``python -S -c pass``)
+measured in the same rounds.
 
     benchmarks/startup.py [--rounds 5] [--repeat 30] [--before SRC] [--only convert-raw-qcow2,...]
                           [--importtime N]
@@ -146,6 +148,8 @@ def main() -> None:
                 print("| " + " | ".join(row) + " |")
             return
         res: dict[tuple[str, str], list[float]] = {(n, c): [] for n in names for c in cons}
+        bare = {"python -c pass": [py, "-c", "pass"], "python -S -c pass": [py, "-S", "-c", "pass"]}
+        bare_res: dict[str, list[float]] = {b: [] for b in bare}
         la0 = os.getloadavg()[0]
         for r in range(a.rounds):
             for n in names:
@@ -156,17 +160,22 @@ def main() -> None:
                     pre, env = cons[c]
                     argv = pre + [x.format(d=d) for x in args]
                     res[n, c].append(task_clock(argv, env, a.repeat))
+            for b, argv in bare.items():
+                bare_res[b].append(task_clock(argv, dict(os.environ), a.repeat))
         print(f"task-clock ms, median of {a.rounds} rounds of perf stat -r {a.repeat}; "
               f"load {la0:.1f} -> {os.getloadavg()[0]:.1f}")
         hdr = ["command"] + list(cons) + (["before/ours"] if a.before else [])
         print("| " + " | ".join(hdr) + " |")
         print("|" + "---|" * len(hdr))
         for n in names:
-            row = [n] + [f"{statistics.median(res[n, c]):.1f}" for c in cons]
+            row = [n] + [f"{statistics.median(res[n, c]):.1f} [{min(res[n, c]):.1f}]"
+                         for c in cons]
             if a.before:
                 ratios = [b / o for b, o in zip(res[n, "before"], res[n, "ours"], strict=True)]
                 row.append(f"{statistics.median(ratios):.2f}")
             print("| " + " | ".join(row) + " |")
+        for b, v in bare_res.items():
+            print(f"| {b} | {statistics.median(v):.1f} [{min(v):.1f}] |" + " |" * (len(hdr) - 2))
     finally:
         if nbd is not None:
             nbd.terminate()
