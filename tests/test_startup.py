@@ -115,7 +115,7 @@ sys.argv = ["blkjobs"] + sys.argv[1:]
 from blkjobs.cli.main import main
 rc = main()
 sys.stdout.flush()
-heavy = ("argparse", "dataclasses", "inspect", "typing", "json", "base64", "hashlib", "uuid",
+heavy = ("argparse", "re", "dataclasses", "inspect", "typing", "json", "base64", "hashlib", "uuid",
          "urllib.parse", "blkjobs.formats.luks", "blkjobs.formats.nbd",
          "blkjobs.formats.qcow2.check")
 print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
@@ -143,7 +143,8 @@ def _chain(tmp_path):
 
 def test_qcow2_converts_import_neither_dataclasses_typing_nor_json(tmp_path):
     """raw -> qcow2, qcow2 -> raw and a 3-deep chain -> qcow2: no argparse
-    (the command line is plain: cli/quickparse.py), no dataclasses (with inspect, ast, dis, tokenize: ~8 ms), typing (~2.5 ms),
+    (the command line is plain: cli/quickparse.py) nor re (units reads
+    plain sizes, blockspec its option strings, without it), no dataclasses (with inspect, ast, dis, tokenize: ~8 ms), typing (~2.5 ms),
     json, base64, the LUKS code (hashlib, uuid), the NBD client (urllib) nor
     qcow2's check. The copies are qemu-img's bytes."""
     src = tmp_path / "a.raw"
@@ -160,8 +161,8 @@ def test_qcow2_converts_import_neither_dataclasses_typing_nor_json(tmp_path):
 
 
 def test_looking_commands_import_json_only_for_json(tmp_path):
-    """info, map, check, compare of qcow2 images: no argparse, dataclasses, typing,
-    base64, LUKS nor NBD; json only for ``--output json``;
+    """info, map, check, compare of qcow2 images: no argparse, re, dataclasses, typing,
+    base64, LUKS nor NBD; json (and re, under it) only for ``--output json``;
     qcow2's check only for check. The outputs are what the commands print."""
     top = _chain(tmp_path)
     a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
@@ -169,12 +170,12 @@ def test_looking_commands_import_json_only_for_json(tmp_path):
     qemu_img("convert", "-O", "qcow2", top, b)
     for args, want, out in (
             (["info", a], "[]", f"image: {a}\n"),
-            (["info", "--output", "json", a], "['json']", "{\n"),
+            (["info", "--output", "json", a], "['json', 're']", "{\n"),
             (["map", top], "[]", "Offset          Length          Mapped to       File\n"),
-            (["map", "--output", "json", top], "['json']", '[{ "start": 0, '),
+            (["map", "--output", "json", top], "['json', 're']", '[{ "start": 0, '),
             (["check", a], "['blkjobs.formats.qcow2.check']", "No errors were found"),
-            (["check", "--output", "json", a], "['blkjobs.formats.qcow2.check', 'json']",
-             "{\n"),
+            (["check", "--output", "json", a],
+             "['blkjobs.formats.qcow2.check', 'json', 're']", "{\n"),
             (["compare", a, b], "[]", "Images are identical.\n")):
         rc, stdout, mods = _paths_probe(*args)
         assert (rc, mods) == (0, want), args
