@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,8 @@ def main() -> None:
     if a.before:
         cons["before"] = (cons["ours"][0], dict(os.environ, PYTHONPATH=a.before))
     cons["qemu-img"] = (["qemu-img"], dict(os.environ))
+    # a SIGTERM unwinds too: qemu-nbd stopped, the images removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     d = tempfile.mkdtemp(prefix="startup-", dir="/var/tmp")
     nbd = None
     try:
