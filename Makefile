@@ -47,14 +47,17 @@ TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; ec
 test: deps venv test-c lint
 	$(PY) -m pytest -q -rs --durations=15 -n $(TEST_JOBS) --dist worksteal tests
 
-# The man page and the shell completion script, generated from the parser
-# (tests/test_cli_docs.py fails when the committed ones are stale).
+# The man page, the shell completion script and the table of the command
+# lines read without argparse (src/blkjobs/cli/quickparse_table.py), generated
+# from the parser (tests/test_cli_docs.py, tests/test_quickparse.py fail when
+# the committed ones are stale).
 man: venv
 	$(VENV)/bin/argparse-manpage --module blkjobs.cli.main --function build_parser \
 	  --project-name blkjobs --prog blkjobs --version "$$($(PY) -c 'import blkjobs; print(blkjobs.__version__)')" \
 	  --description "block jobs (backup, mirror, stream, commit) and qemu-img-style image tools" \
 	  --manual-title "blkjobs manual" --output docs/man/blkjobs.1
 	$(VENV)/bin/register-python-argcomplete blkjobs > docs/completion/blkjobs
+	$(PY) -m blkjobs.cli.quickparse_gen
 
 # sdist -> wheel (cp311-abi3) -> clean venv per Python 3.11+ -> blkjobs demo
 dist: venv

@@ -3,12 +3,14 @@ typing, re, enum under it); ``info`` imports neither json (unless
 ``--output json``) nor shutil. The output is argparse's."""
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
 import blkjobs
 from conftest import run_blkjobs
 from qemu_oracle import qemu_img
+from test_nbd_client import servers  # noqa: F401  (the NBD servers fixture)
 
 PROBE = """
 import sys
@@ -99,9 +101,95 @@ def test_raw_convert_imports_no_qcow2_nor_graph(tmp_path):
     for fmt, want in (("raw", "[]"),
                       ("qcow2", "['blkjobs.formats.qcow2', 'blkjobs.graph.chain', "
                                 "'blkjobs.graph.node', 'blkjobs.imageops.convert_chain', "
-                                "'dataclasses', 'threading', 'typing']")):
+                                "'threading']")):
         dst = tmp_path / f"b.{fmt}"
         p = subprocess.run([sys.executable, "-c", CONVERTER, "convert", "-O", fmt, str(src),
                             str(dst)], capture_output=True, text=True, timeout=60)
         assert (p.returncode, p.stderr.strip()) == (0, want), fmt
         assert qemu_img("compare", "-f", "raw", "-F", fmt, src, dst).returncode == 0
+
+
+PATHS = """
+import sys
+sys.argv = ["blkjobs"] + sys.argv[1:]
+from blkjobs.cli.main import main
+rc = main()
+sys.stdout.flush()
+heavy = ("argparse", "re", "dataclasses", "inspect", "typing", "json", "base64", "hashlib", "uuid",
+         "urllib.parse", "blkjobs.formats.luks", "blkjobs.formats.nbd",
+         "blkjobs.formats.qcow2.check")
+print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
+raise SystemExit(rc)
+"""
+
+
+def _paths_probe(*args):
+    p = subprocess.run([sys.executable, "-c", PATHS, *map(str, args)], capture_output=True,
+                       text=True, timeout=60)
+    return p.returncode, p.stdout, p.stderr.strip()
+
+
+def _chain(tmp_path):
+    """A 3-deep qcow2 chain with data in each layer, and the same as raw."""
+    from test_nbd_client import qio
+    names = [tmp_path / n for n in ("base.qcow2", "mid.qcow2", "top.qcow2")]
+    qemu_img("create", "-f", "qcow2", names[0], "1M")
+    for below, img in itertools.pairwise(names):
+        qemu_img("create", "-f", "qcow2", "-b", below, "-F", "qcow2", img)
+    for i, img in enumerate(names):
+        qio("qcow2", str(img), f"write -P {i + 1} {i * 256}k 192k")
+    return names[-1]
+
+
+def test_qcow2_converts_import_neither_dataclasses_typing_nor_json(tmp_path):
+    """raw -> qcow2, qcow2 -> raw and a 3-deep chain -> qcow2: no argparse
+    (the command line is plain: cli/quickparse.py) nor re (units reads
+    plain sizes, blockspec its option strings, without it), no dataclasses (with inspect, ast, dis, tokenize: ~8 ms), typing (~2.5 ms),
+    json, base64, the LUKS code (hashlib, uuid), the NBD client (urllib) nor
+    qcow2's check. The copies are qemu-img's bytes."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    top = _chain(tmp_path)
+    q = tmp_path / "a.qcow2"
+    for args, ref, want in (
+            (["-O", "qcow2", src, tmp_path / "b.qcow2"], src, "[]"),
+            (["-O", "raw", top, q.with_suffix(".raw")], top, "[]"),
+            (["-O", "qcow2", top, q], top, "[]")):
+        rc, _, mods = _paths_probe("convert", *args)
+        assert (rc, mods) == (0, want), args
+        assert qemu_img("compare", ref, args[-1]).returncode == 0
+
+
+def test_looking_commands_import_json_only_for_json(tmp_path):
+    """info, map, check, compare of qcow2 images: no argparse, re, dataclasses, typing,
+    base64, LUKS nor NBD; json (and re, under it) only for ``--output json``;
+    qcow2's check only for check. The outputs are what the commands print."""
+    top = _chain(tmp_path)
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qemu_img("convert", "-O", "qcow2", top, a)
+    qemu_img("convert", "-O", "qcow2", top, b)
+    for args, want, out in (
+            (["info", a], "[]", f"image: {a}\n"),
+            (["info", "--output", "json", a], "['json', 're']", "{\n"),
+            (["map", top], "[]", "Offset          Length          Mapped to       File\n"),
+            (["map", "--output", "json", top], "['json', 're']", '[{ "start": 0, '),
+            (["check", a], "['blkjobs.formats.qcow2.check']", "No errors were found"),
+            (["check", "--output", "json", a],
+             "['blkjobs.formats.qcow2.check', 'json', 're']", "{\n"),
+            (["compare", a, b], "[]", "Images are identical.\n")):
+        rc, stdout, mods = _paths_probe(*args)
+        assert (rc, mods) == (0, want), args
+        assert stdout.startswith(out), (args, stdout)
+
+
+def test_nbd_convert_imports_neither_dataclasses_typing_nor_qcow2(tmp_path, servers):
+    """A convert from an NBD export (the client) to a raw file: no
+    argparse, dataclasses, typing, json, base64, LUKS nor qcow2's check; the bytes are
+    the export's."""
+    qemu_nbd, _ = servers
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    s = qemu_nbd(str(src), "raw")
+    rc, _, mods = _paths_probe("convert", s.uri, tmp_path / "o.raw")
+    assert (rc, mods) == (0, "['blkjobs.formats.nbd']")
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0

@@ -15,8 +15,6 @@ range.
 """
 from __future__ import annotations
 
-import re
-
 from .errors import UsageError
 
 INT64_MAX = (1 << 63) - 1
@@ -24,16 +22,19 @@ _U64_MAX = (1 << 64) - 1
 _MUL = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
         "e": 1 << 60}
 _WS = " \t\n\v\f\r"                                   # C isspace()
-_DEC = re.compile(f"[{_WS}]*[+-]?[0-9]+")                # strtoull(s, 10)
-_HEX = re.compile(f"[{_WS}]*[+-]?(?:0[xX](?=[0-9a-fA-F]))?[0-9a-fA-F]+")    # strtoull(s, 16)
-_FRACTION = re.compile(r"\.[0-9]+([eE][+-]?[0-9]+)?")   # what strtod takes from ".5..."
+# Patterns compiled on first use (re's cache), and re imported then: every
+# command imports this module, few parse more than a plain number (start-up)
+_DEC = f"[{_WS}]*[+-]?[0-9]+"                            # strtoull(s, 10)
+_HEX = f"[{_WS}]*[+-]?(?:0[xX](?=[0-9a-fA-F]))?[0-9a-fA-F]+"    # strtoull(s, 16)
+_FRACTION = r"\.[0-9]+([eE][+-]?[0-9]+)?"                 # what strtod takes from ".5..."
 
 
 def _fraction(text: str, pos: int) -> tuple[int, int]:
     """After the integer part: (the fraction as 64-bit fixed point, the
     position after it), as QEMU reads it with strtod (a '.' without digits
     is skipped; an exponent is refused)."""
-    m = _FRACTION.match(text, pos)
+    import re
+    m = re.compile(_FRACTION).match(text, pos)
     if m is None:
         return 0, pos + 1
     if m.group(1):
@@ -47,12 +48,24 @@ def strtosz(text: str) -> int:
     """The value of ``text`` in qemu-img's size grammar (see the module).
     Raises ValueError when it is not a size, OverflowError when it is one
     above 2**64 - 1."""
-    m = _DEC.match(text)
+    # plain digits with at most a suffix (``4k``, the defaults): read without re
+    suffix = text[-1:].lower() if text[-1:].isalpha() else ""
+    digits = text[:len(text) - len(suffix)]
+    if digits.isdigit() and digits.isascii() and (not suffix or suffix in _MUL):
+        val = int(digits)
+        if val > _U64_MAX:      # strtoull's ERANGE: a range error if nothing follows
+            raise (ValueError if suffix else OverflowError)(text)
+        val *= _MUL[suffix] if suffix else 1
+        if val > _U64_MAX:
+            raise OverflowError(text)
+        return val
+    import re
+    m = re.match(_DEC, text)
     if m is None or "-" in m.group():
         raise ValueError(text)
     val, pos, valf, is_hex = int(m.group()), m.end(), 0, False
     if val == 0 and text[pos:pos + 1] in ("x", "X"):
-        m = _HEX.match(text)
+        m = re.match(_HEX, text)
         assert m is not None
         val, pos, is_hex = int(m.group(), 16), m.end(), True
         if text[pos:pos + 1] == "." and val <= _U64_MAX:

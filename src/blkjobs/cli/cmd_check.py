@@ -4,7 +4,6 @@ Exit status like qemu-img: 0 clean, 1 the check could not complete, 2
 corruptions, 3 leaks only, 63 format without checks (raw)."""
 from __future__ import annotations
 
-import json
 import sys
 
 from ..errors import BlkjobsError
@@ -86,6 +85,7 @@ def run(args) -> int:
         sys.stderr.write(f"{progname()}: Check failed: {failed}\n")
         return 1
     if args.output == "json":
+        import json         # here: the human output does not need it (start-up)
         order = [k for k in _ORDER if k in res] + [k for k in res if k not in _ORDER]
         d = {k: res[k] for k in order}
         sys.stdout.write(json.dumps(d, indent=4) + "\n")

@@ -13,7 +13,7 @@ from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
 from ..formats import cache
 from . import cache_mode, image_opts
-from .opts_help import OptsAction, check_lists, print_help, wants_help
+from .opts_help import check_lists, print_help, wants_help
 
 
 def register(sub):
@@ -34,6 +34,7 @@ def register(sub):
                    help="the target gets this backing file; only data differing from it "
                    "is copied")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of -B (probed)")
+    from .opts_action import OptsAction     # argparse: only with the parser
     p.add_argument("-o", dest="options", action=OptsAction, metavar="OPTS",
                    help="target creation options, as for create; -o help lists them")
     p.add_argument("-W", dest="out_of_order", action="store_true",

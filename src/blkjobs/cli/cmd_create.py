@@ -11,7 +11,7 @@ import sys
 from ..errors import BlkjobsError, UsageError
 from ..units import option_items, parse_opt_size, parse_size
 from . import image_opts
-from .opts_help import OptsAction, check_lists, print_help, refuse_format, wants_help
+from .opts_help import check_lists, print_help, refuse_format, wants_help
 
 #: qemu-img's luks create options (qcow2: with the prefix ``encrypt.``), in
 #: the order its Formatting line lists them
@@ -29,6 +29,7 @@ def register(sub):
     p.add_argument("--object", dest="objects", action="append", metavar="OBJECT",
                    help="secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]: a password "
                    "for key-secret=ID (luks) or encrypt.key-secret=ID (qcow2)")
+    from .opts_action import OptsAction     # argparse: only with the parser
     p.add_argument("-o", dest="options", action=OptsAction, metavar="OPTS",
                    help="cluster_size=..,extended_l2=on|off,preallocation=..,compat=..,"
                    "refcount_bits=..; -o help lists them")

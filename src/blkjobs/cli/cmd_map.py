@@ -4,7 +4,6 @@ Walks the backing chain like ``qemu-img map``: ``depth`` is the layer that
 provides each run. JSON lines are qemu-img 7.2's (no ``compressed`` key)."""
 from __future__ import annotations
 
-import json
 import sys
 
 from ..errors import ImageError
@@ -38,6 +37,7 @@ def run(args) -> int:
     length = parse_size(args.max_length, "max length") if args.max_length else None
     entries = map_image(args.image, args.fmt, start, length, force_share=args.force_share)
     if args.output == "json":
+        import json         # here: the human output does not need it (start-up)
         first = True
         out("[")
         for e in entries:

@@ -26,6 +26,7 @@ from . import progname, set_progname
 TYPE_CHECKING = False      # typing costs 10 ms to import: not for --version
 if TYPE_CHECKING:
     import argparse
+    from typing import Any
 
 PROG = "blkjobs"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -264,21 +265,16 @@ def _main_process() -> int:
 
 def _main(argv: list[str]) -> int:
     prog = progname()
-    parser = build_parser(argv)
-    if "_ARGCOMPLETE" in os.environ:      # the shell asks for completions
-        import argcomplete
-        argcomplete.autocomplete(parser)  # prints them and exits
-    from .opts_help import OptionsHelp
-    try:
-        args = parser.parse_args(argv)
-    except OptionsHelp as e:        # `create -f qcow2 -o help`: the command lists them
-        args = e.args_ns
-        for a in parser._actions:   # the global options' defaults
-            if not hasattr(args, a.dest) and a.default != "==SUPPRESS==":
-                setattr(args, a.dest, a.default)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 1
+    args: Any = None
+    if "_ARGCOMPLETE" not in os.environ:
+        # a plain convert, info, map, check or compare: read without argparse
+        # (~8-10 ms of start-up); anything else (help, errors) is argparse's
+        from .quickparse import parse as quick_parse
+        args = quick_parse(argv)
+    if args is None:
+        args = _parse(argv)
+        if args is None:
+            return 1
     _setup_logging(args.verbose, args.log_level)
     try:
         if hasattr(args, "_image_operands"):      # --image-opts, --object
@@ -335,6 +331,27 @@ def _main(argv: list[str]) -> int:
         sys.stderr.write(f"{prog}: internal error: {traceback.format_exc().splitlines()[-1]}\n"
                          "(set BLKJOBS_DEBUG=1 for the traceback; please report it)\n")
         return 70
+
+
+def _parse(argv: list[str]) -> Any:
+    """The command line through argparse (None: no command; the help was
+    printed)."""
+    parser = build_parser(argv)
+    if "_ARGCOMPLETE" in os.environ:      # the shell asks for completions
+        import argcomplete
+        argcomplete.autocomplete(parser)  # prints them and exits
+    from .opts_help import OptionsHelp
+    try:
+        args = parser.parse_args(argv)
+    except OptionsHelp as e:        # `create -f qcow2 -o help`: the command lists them
+        args = e.args_ns
+        for a in parser._actions:   # the global options' defaults
+            if not hasattr(args, a.dest) and a.default != "==SUPPRESS==":
+                setattr(args, a.dest, a.default)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return None
+    return args
 
 
 def _die_of(sig: int) -> None:

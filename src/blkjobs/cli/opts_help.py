@@ -1,15 +1,14 @@
 """``-o help`` (or ``-o ?``) of ``create`` and ``convert``: qemu-img's list
 of the creation options of a format, with the protocol's options when a
-target file is named. The ``-o`` of these commands is :class:`OptsAction`:
-it lets ``-o help`` stand without the operands (qemu-img prints the list
+target file is named. The ``-o`` of these commands is
+:class:`.opts_action.OptsAction`: it lets ``-o help`` stand without the operands (qemu-img prints the list
 before it looks for them)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..errors import UsageError
-from ..units import has_help_option, valid_option_list
+from ..units import has_help_option
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
@@ -71,23 +70,6 @@ def wants_help(texts: list[str] | None) -> bool:
     """Whether the ``-o`` values ask for the list (an item ``help`` or ``?``;
     ``x,,help`` is the one item ``x,help``)."""
     return has_help_option(texts)
-
-
-class OptsAction(argparse._AppendAction):
-    """``-o`` (appended); ``-o help`` marks the parse so that missing
-    operands do not stop it (:func:`operands_missing`). An invalid option
-    list (``a,``, ``,b``) ends the reading of ``-o`` as qemu-img's does (it
-    stops there): the command refuses it first (:func:`check_lists`)."""
-    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None):
-        if getattr(namespace, "_invalid_opts", None) is not None:
-            return
-        if not valid_option_list(values):
-            namespace._invalid_opts = values
-            parser._opts_help_ns = namespace
-            return
-        super().__call__(parser, namespace, values, option_string)
-        if wants_help(getattr(namespace, self.dest)):
-            parser._opts_help_ns = namespace
 
 
 def check_lists(args: Any) -> None:

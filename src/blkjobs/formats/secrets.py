@@ -11,8 +11,6 @@ errors a user makes.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 
 from ..errors import UsageError
@@ -52,6 +50,8 @@ def add_secret(props: dict[str, str]) -> None:
     else:
         raise UsageError("Either 'file' or 'data' must be provided")
     if fmt == "base64":
+        import base64       # here: every qcow2 open imports this module (start-up)
+        import binascii
         try:
             value = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):

@@ -27,7 +27,6 @@ with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
 # written out by hand (not dataclasses: see Layer)
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from .blockspec_net import (blkdebug_display, nbd_connect_failure, nbd_display, net_options,
@@ -167,6 +166,7 @@ def _blkdebug_name(rest: str) -> dict[str, Any]:
 def parse_opts(text: str) -> dict[str, str]:
     """QEMU's option string: ``key=value`` items split at commas, ``,,`` a
     comma inside a value; a bare ``key`` is ``key=on``."""
+    import re       # here: not at every command's start
     out: dict[str, str] = {}
     for item in re.split(r"(?<!,),(?!,)", text.replace(",,", "\0")):
         item = item.replace("\0", ",")
@@ -589,6 +589,7 @@ def read_blkdebug_config(path: str) -> list[tuple[str, dict[str, Any]]]:
             lines = f.read().splitlines()
     except OSError as e:
         raise ImageError(f"Could not read blkdebug config file: {e.strerror}") from None
+    import re       # here: not at every command's start
     rules: list[tuple[str, dict[str, Any]]] = []
     current: dict[str, Any] | None = None
     for line in lines:

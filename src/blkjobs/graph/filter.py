@@ -3,7 +3,11 @@ node: :meth:`blkjobs.graph.node.Graph.add_filter`) has in place of an image
 driver: names only; its ``file`` child does the I/O."""
 from __future__ import annotations
 
-from typing import Protocol
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object    # a plain base at run time: the class is for the type checker
 
 
 class _Child(Protocol):          # a graph Node (not imported: node imports us)

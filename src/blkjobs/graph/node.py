@@ -26,7 +26,6 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable
-from typing import Any
 
 from ..errors import ImageError, UsageError
 from ..formats import cache, open_image
@@ -35,6 +34,10 @@ from .filter import FilterDriver
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 #: what allows writing data: a copy that leaves the guest view as it was

@@ -6,12 +6,12 @@ one (qemu-img's rule, unless strict)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
 
 from ..errors import BlkjobsError
 from ..native import dio
 from ..native.extents import extents, is_zero
+from ..native.record import Record
 from .files import fd_size, open_source
 
 CHUNK = 4 << 20
@@ -30,12 +30,18 @@ class ReadFailed(BlkjobsError):
         self.size_mismatch = size_mismatch
 
 
-@dataclass
-class CompareResult:
-    identical: bool
-    offset: int | None = None      # first differing byte
-    size_mismatch: bool = False
-    status_mismatch: bool = False  # strict: allocation status differs at offset
+class CompareResult(Record):
+    """A plain class, not a dataclass (``dataclasses`` imports ``inspect``:
+    start-up); unhashable as the dataclass it was."""
+    __slots__ = ("identical", "offset", "size_mismatch", "status_mismatch")
+    __hash__ = None     # type: ignore[assignment]  # mutable
+
+    def __init__(self, identical: bool, offset: int | None = None,
+                 size_mismatch: bool = False, status_mismatch: bool = False) -> None:
+        self.identical = identical
+        self.offset = offset                # first differing byte
+        self.size_mismatch = size_mismatch
+        self.status_mismatch = status_mismatch  # strict: allocation status differs at offset
 
 
 def _first_diff(a: memoryview, b: memoryview) -> int:

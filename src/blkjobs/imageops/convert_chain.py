@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
 
 from ..errors import BlkjobsError, CopyError, OSErrorWithContext, UsageError
 from ..graph.lock import ImageLock, LockConflict
@@ -19,6 +18,10 @@ from .convert_faults import overwrites
 from .convert_target import Target, check_target_size, identity, refuse_target_in_chain
 from .convert_zeroes import not_in_place, old_hosts, sparsify
 from .files import same_file
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 CHAIN_WORK = 128 << 20         # work range per block-status query (multiple of 2 MiB)
 BUF = 4 << 20                  # buffer for data read through a driver

@@ -7,13 +7,14 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from .create import create
 from .driver import Qcow2
 from .header import MAGIC
 
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .check import check
 
 __all__ = ["Qcow2", "create", "check", "MAGIC", "probe"]

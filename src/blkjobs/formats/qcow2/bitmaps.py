@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
 from ...errors import ImageError, UsageError
 from ...native import dio
 from ...native.bitmap import Bitmap
+from ...native.record import Record
 from .header import (AUTOCLEAR_BITMAPS, BitmapEntry, BME_FLAG_IN_USE, BME_MAX_GRANULARITY_BITS,
                      BME_MAX_NAME_SIZE, BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE,
                      BME_MIN_GRANULARITY_BITS, BT_DIRTY_TRACKING_BITMAP, EXT_BITMAPS,
@@ -64,22 +64,31 @@ def inconsistent_text(name: str) -> str:
             "Try block-dirty-bitmap-remove to delete this bitmap from disk")
 
 
-@dataclass
-class PersistentBitmap:
+class PersistentBitmap(Record):
     """One bitmap of the image. ``bitmap`` is the in-memory
     :class:`~blkjobs.native.bitmap.Bitmap` once loaded; ``dirty`` says its
-    content differs from its table on disk (which is then rewritten)."""
-    name: str
-    granularity: int
-    in_use: bool = False          # found in use at open: inconsistent
-    enabled: bool = True          # the 'auto' flag
-    table_offset: int = 0
-    table_size: int = 0
-    bitmap: Bitmap | None = None
-    dirty: bool = False
-    #: while a backup holds the bitmap (frozen), writes set bits here
-    #: instead (the engine's hand-over then decides what the bitmap becomes)
-    successor: Bitmap | None = None
+    content differs from its table on disk (which is then rewritten). A
+    plain class, not a dataclass (``dataclasses`` imports ``inspect``: start-up);
+    unhashable as the dataclass it was."""
+    __slots__ = ("name", "granularity", "in_use", "enabled", "table_offset", "table_size",
+                 "bitmap", "dirty", "successor")
+    __hash__ = None     # type: ignore[assignment]  # mutable
+
+    def __init__(self, name: str, granularity: int, in_use: bool = False,
+                 enabled: bool = True, table_offset: int = 0, table_size: int = 0,
+                 bitmap: Bitmap | None = None, dirty: bool = False,
+                 successor: Bitmap | None = None) -> None:
+        self.name = name
+        self.granularity = granularity
+        self.in_use = in_use            # found in use at open: inconsistent
+        self.enabled = enabled          # the 'auto' flag
+        self.table_offset = table_offset
+        self.table_size = table_size
+        self.bitmap = bitmap
+        self.dirty = dirty
+        #: while a backup holds the bitmap (frozen), writes set bits here
+        #: instead (the engine's hand-over then decides what the bitmap becomes)
+        self.successor = successor
 
     @property
     def inconsistent(self) -> bool:

@@ -21,7 +21,12 @@ Where they are raised:
 from __future__ import annotations
 
 import os
-from typing import Protocol
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object    # a plain base at run time: the class is for the type checker
 
 #: the events the qcow2 driver raises
 EVENTS = ("l1_update", "empty_image_prepare", "reftable_update", "refblock_alloc",

@@ -54,7 +54,6 @@ from __future__ import annotations
 import os
 import struct
 import sys
-from typing import TYPE_CHECKING
 
 from ...errors import ImageError, UsageError
 from ..base import FormatOpenError, open_file  # open_file: refuses FIFOs & co.
@@ -71,6 +70,7 @@ from .zeroes import Zeroes
 from ...native import qcow2 as _nq
 from ...native import dio
 
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
     from .bitmaps import Bitmaps
 

@@ -11,12 +11,12 @@ damaged header fails at open, before any table is read.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 from collections.abc import Callable
 from contextvars import ContextVar
 
 from ...errors import ImageError
 from ...native import dio
+from ...native.record import Record
 
 MAGIC = 0x514649FB
 
@@ -67,28 +67,47 @@ FEATURE_NAMES = [
 ]
 
 
-@dataclass
-class Header:
-    version: int = 3
-    cluster_bits: int = 16
-    size: int = 0
-    crypt_method: int = 0
-    l1_size: int = 0
-    l1_table_offset: int = 0
-    refcount_table_offset: int = 0
-    refcount_table_clusters: int = 0
-    nb_snapshots: int = 0
-    snapshots_offset: int = 0
-    incompatible: int = 0
-    compatible: int = 0
-    autoclear: int = 0
-    refcount_order: int = 4
-    header_length: int = 112
-    compression_type: int = 0
-    tail: bytes = b""            # header bytes after 104 (compression type + unknown), preserved
-    extensions: list = field(default_factory=list)   # [(type, bytes)] except END/backing format
-    backing_file: str | None = None
-    backing_format: str | None = None
+class Header(Record):
+    """The header fields (plain class, not a dataclass: ``dataclasses``
+    imports ``inspect``, ~8 ms of every qcow2 command's start-up; the same
+    constructor, equality and repr, and unhashable as it was)."""
+    __slots__ = ("version", "cluster_bits", "size", "crypt_method", "l1_size",
+                 "l1_table_offset", "refcount_table_offset", "refcount_table_clusters",
+                 "nb_snapshots", "snapshots_offset", "incompatible", "compatible",
+                 "autoclear", "refcount_order", "header_length", "compression_type",
+                 "tail", "extensions", "backing_file", "backing_format")
+    __hash__ = None     # type: ignore[assignment]  # mutable
+
+    def __init__(self, version: int = 3, cluster_bits: int = 16, size: int = 0,
+                 crypt_method: int = 0, l1_size: int = 0, l1_table_offset: int = 0,
+                 refcount_table_offset: int = 0, refcount_table_clusters: int = 0,
+                 nb_snapshots: int = 0, snapshots_offset: int = 0, incompatible: int = 0,
+                 compatible: int = 0, autoclear: int = 0, refcount_order: int = 4,
+                 header_length: int = 112, compression_type: int = 0,
+                 tail: bytes = b"", extensions: list | None = None,
+                 backing_file: str | None = None, backing_format: str | None = None) -> None:
+        self.version = version
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.crypt_method = crypt_method
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        self.incompatible = incompatible
+        self.compatible = compatible
+        self.autoclear = autoclear
+        self.refcount_order = refcount_order
+        self.header_length = header_length
+        self.compression_type = compression_type
+        #: header bytes after 104 (compression type + unknown), preserved
+        self.tail = tail
+        #: [(type, bytes)] except END/backing format (a new list when not given)
+        self.extensions: list = [] if extensions is None else extensions
+        self.backing_file = backing_file
+        self.backing_format = backing_format
 
     @property
     def cluster_size(self) -> int:
@@ -401,14 +420,19 @@ def _check_snapshot_table(h: Header, file_size: int, bad: _Bad) -> None:
         raise bad("Snapshot table offset invalid")
 
 
-@dataclass
-class BitmapEntry:
-    """One bitmap directory entry (spec: the bitmaps extension)."""
-    name: str
-    table_offset: int
-    table_size: int
-    flags: int
-    granularity_bits: int
+class BitmapEntry(Record):
+    """One bitmap directory entry (spec: the bitmaps extension). A plain
+    class (see Header), unhashable as the dataclass it was."""
+    __slots__ = ("name", "table_offset", "table_size", "flags", "granularity_bits")
+    __hash__ = None     # type: ignore[assignment]  # mutable
+
+    def __init__(self, name: str, table_offset: int, table_size: int, flags: int,
+                 granularity_bits: int) -> None:
+        self.name = name
+        self.table_offset = table_offset
+        self.table_size = table_size
+        self.flags = flags
+        self.granularity_bits = granularity_bits
 
 
 def _check_bitmaps_ext(data: bytes, cs: int, bad: _Bad) -> None:

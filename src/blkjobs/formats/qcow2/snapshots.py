@@ -11,28 +11,38 @@ clusters between L1 tables through refcounts): :mod:`.snapshot_ops`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from ...errors import ImageError
 from ...native import dio
+from ...native.record import Record
 
 _ENTRY = struct.Struct(">QIHHIIQII")       # 40 bytes
 
 
-@dataclass
-class Snapshot:
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    vm_state_size: int
-    disk_size: int | None
-    icount: int          # -1: not recorded
-    extra_unknown: bytes = b""   # extra data past the 24 bytes QEMU knows
-    extra_size: int = 24         # the entry's extra data size as read
+class Snapshot(Record):
+    """One table entry. A plain class, not a dataclass (``dataclasses``
+    imports ``inspect``: start-up); unhashable as the dataclass it was."""
+    __slots__ = ("id", "name", "l1_table_offset", "l1_size", "date_sec", "date_nsec",
+                 "vm_clock_nsec", "vm_state_size", "disk_size", "icount", "extra_unknown",
+                 "extra_size")
+    __hash__ = None     # type: ignore[assignment]  # mutable
+
+    def __init__(self, id: str, name: str, l1_table_offset: int, l1_size: int,
+                 date_sec: int, date_nsec: int, vm_clock_nsec: int, vm_state_size: int,
+                 disk_size: int | None, icount: int, extra_unknown: bytes = b"",
+                 extra_size: int = 24) -> None:
+        self.id = id
+        self.name = name
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.date_sec = date_sec
+        self.date_nsec = date_nsec
+        self.vm_clock_nsec = vm_clock_nsec
+        self.vm_state_size = vm_state_size
+        self.disk_size = disk_size
+        self.icount = icount                  # -1: not recorded
+        self.extra_unknown = extra_unknown    # extra data past the 24 bytes QEMU knows
+        self.extra_size = extra_size          # the entry's extra data size as read
 
     def pack(self) -> bytes:
         """The table entry as QEMU writes it (qcow2_write_snapshots): at
@@ -80,13 +90,18 @@ class SnapshotTableError(ImageError):
         self.text, self.hint = text, hint
 
 
-@dataclass
-class TableRead:
-    """What :func:`load_table` read (and, repairing, dropped)."""
-    snaps: list[Snapshot]
-    size: int                   # bytes, to the end of the last entry's name
-    reduced: int = 0            # overhanging snapshots discarded
-    dropped: int = 0            # entries whose too large extra data was cut
+class TableRead(Record):
+    """What :func:`load_table` read (and, repairing, dropped). A plain class
+    (see Snapshot)."""
+    __slots__ = ("snaps", "size", "reduced", "dropped")
+    __hash__ = None     # type: ignore[assignment]  # mutable
+
+    def __init__(self, snaps: list[Snapshot], size: int, reduced: int = 0,
+                 dropped: int = 0) -> None:
+        self.snaps = snaps
+        self.size = size            # bytes, to the end of the last entry's name
+        self.reduced = reduced      # overhanging snapshots discarded
+        self.dropped = dropped      # entries whose too large extra data was cut
 
 
 def read_snapshots(drv) -> list[Snapshot]:

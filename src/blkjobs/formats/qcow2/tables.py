@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
 
 from ...errors import ImageError
@@ -18,6 +17,10 @@ from ..base import Driver, Kind
 from .header import Header
 from .refcount import Refcounts
 from ...native import dio
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1_RESERVED = 0x7F000000000001FF

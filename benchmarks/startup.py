@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Start-up CPU of the common commands on 1 MiB images, against another
+checkout of blkjobs and qemu-img: ``perf stat -r REPEAT -e task-clock`` (CPU
+milliseconds per run; the load moves it much less than the wall clock).
+
+ROUNDS rounds; in each, every command's contenders run once each (a
+``perf stat -r REPEAT``), in an order rotated per round. Prints per command
+the median over the rounds of each contender's mean task-clock [and the
+least of them], and the median of the per-round ratios before / ours; and
+the interpreter's own start-up (``python -c pass``, ``python -S -c pass``)
+measured in the same rounds.
+
+    benchmarks/startup.py [--rounds 5] [--repeat 30] [--before SRC] [--only convert-raw-qcow2,...]
+                          [--importtime N]
+
+``--importtime N``: instead, ``python -X importtime`` of each command N
+times per checkout: the modules imported and the sum over them of the
+least self time seen (importtime's own overhead included).
+
+``--before SRC``: a ``src`` directory of another checkout (with its built
+``_core``/``_nbd`` modules), run with this interpreter through PYTHONPATH;
+ours runs with PYTHONPATH set to this checkout's ``src`` the same way (or
+``--ours SRC``: a copy that does not change while the benchmark runs, e.g.
+``git archive HEAD src``). Compile both first (``python -m compileall``):
+with PYTHONDONTWRITEBYTECODE set, a stale ``.pyc`` is compiled again at
+every run.
+The images (1 MiB raw with data and a hole; the same as qcow2; a 3-deep
+qcow2 chain; a qemu-nbd export of the qcow2 over a Unix socket) are made
+in a temporary directory under /var/tmp and removed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+
+#: name -> the arguments, the same for blkjobs and qemu-img (a convert overwrites its target)
+COMMANDS = {
+    "convert-raw-qcow2": ["convert", "-O", "qcow2", "{d}/a.raw", "{d}/o.qcow2"],
+    "convert-qcow2-raw": ["convert", "-O", "raw", "{d}/a.qcow2", "{d}/o.raw"],
+    "convert-chain-qcow2": ["convert", "-O", "qcow2", "{d}/top.qcow2", "{d}/o.qcow2"],
+    "convert-nbd-raw": ["convert", "-O", "raw", "nbd+unix:///?socket={d}/nbd.sock",
+                         "{d}/o.raw"],
+    "info": ["info", "{d}/a.qcow2"],
+    "info-json": ["info", "--output", "json", "{d}/a.qcow2"],
+    "map": ["map", "--output", "json", "{d}/top.qcow2"],
+    "check": ["check", "{d}/a.qcow2"],
+    "compare": ["compare", "{d}/a.qcow2", "{d}/b.qcow2"],
+}
+
+
+def make_images(d: str) -> None:
+    def run(*a: str) -> None:
+        subprocess.run(a, check=True, stdout=subprocess.DEVNULL)
+    with open(f"{d}/a.raw", "wb") as f:
+        f.truncate(1 << 20)
+        f.write(b"\1" * 65536)
+        f.seek(512 * 1024)
+        f.write(os.urandom(131072))
+    run("qemu-img", "convert", "-O", "qcow2", f"{d}/a.raw", f"{d}/a.qcow2")
+    shutil.copy(f"{d}/a.qcow2", f"{d}/b.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/base.qcow2", "1M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 256k", f"{d}/base.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{d}/base.qcow2", "-F", "qcow2",
+        f"{d}/mid.qcow2")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 2 256k 256k", f"{d}/mid.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{d}/mid.qcow2", "-F", "qcow2",
+        f"{d}/top.qcow2")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 3 768k 128k", f"{d}/top.qcow2")
+
+
+def task_clock(argv: list[str], env: dict[str, str], repeat: int) -> float:
+    """Mean task-clock (ms) of ``repeat`` runs, as perf stat reports it."""
+    p = subprocess.run(["perf", "stat", "-x,", "-r", str(repeat), "-e", "task-clock", "--",
+                        *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True)
+    if p.returncode not in (0, 1):      # compare/check of a clean pair exit 0
+        raise SystemExit(f"{argv} failed: {p.stderr.strip()}")
+    for line in p.stderr.splitlines():
+        f = line.split(",")
+        if len(f) > 2 and f[2].startswith("task-clock"):
+            return float(f[0])
+    raise SystemExit(f"no task-clock in perf's output for {argv}: {p.stderr.strip()}")
+
+
+def importtime(argv: list[str], env: dict[str, str], n: int) -> tuple[int, float]:
+    """(modules imported, ms: the sum of each module's least self time of n runs)."""
+    least: dict[str, int] = {}
+    for _ in range(n):
+        p = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in p.stderr.splitlines():
+            if line.startswith("import time:") and "self [us]" not in line:
+                us, _, name = line[len("import time:"):].split("|")
+                key = name.strip()
+                least[key] = min(least.get(key, 1 << 60), int(us))
+    return len(least), sum(least.values()) / 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--before", help="src directory of the checkout to compare with")
+    ap.add_argument("--ours", default=SRC, help="src directory of ours (default: this one)")
+    ap.add_argument("--only", help="comma-separated command names: " + ", ".join(COMMANDS))
+    ap.add_argument("--importtime", type=int, metavar="N",
+                    help="python -X importtime of each command N times instead")
+    a = ap.parse_args()
+    names = a.only.split(",") if a.only else list(COMMANDS)
+    py = sys.executable
+    cons: dict[str, tuple[list[str], dict[str, str]]] = {}
+    ours = dict(os.environ, PYTHONPATH=a.ours)
+    cons["ours"] = ([py, "-c", "import sys; from blkjobs.cli.main import main; "
+                     "sys.argv[0] = 'blkjobs'; sys.exit(main())"], ours)
+    if a.before:
+        cons["before"] = (cons["ours"][0], dict(os.environ, PYTHONPATH=a.before))
+    cons["qemu-img"] = (["qemu-img"], dict(os.environ))
+    # a SIGTERM unwinds too: qemu-nbd stopped, the images removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    d = tempfile.mkdtemp(prefix="startup-", dir="/var/tmp")
+    nbd = None
+    try:
+        make_images(d)
+        nbd = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "qcow2", "-k", f"{d}/nbd.sock",
+                                f"{d}/a.qcow2"], stdout=subprocess.DEVNULL)
+        while not os.path.exists(f"{d}/nbd.sock"):
+            if nbd.poll() is not None:
+                raise SystemExit("qemu-nbd failed")
+            os.sched_yield()
+        if a.importtime:
+            print(f"python -X importtime, {a.importtime} runs: modules, sum of least self ms")
+            hdr = ["command"] + [c for c in cons if c != "qemu-img"]
+            print("| " + " | ".join(hdr) + " |")
+            print("|" + "---|" * len(hdr))
+            for n in names:
+                row = [n]
+                for c in hdr[1:]:
+                    pre, env = cons[c]
+                    mods, ms = importtime(pre + [x.format(d=d) for x in COMMANDS[n]], env,
+                                          a.importtime)
+                    row.append(f"{mods}, {ms:.1f}")
+                print("| " + " | ".join(row) + " |")
+            return
+        res: dict[tuple[str, str], list[float]] = {(n, c): [] for n in names for c in cons}
+        bare = {"python -c pass": [py, "-c", "pass"], "python -S -c pass": [py, "-S", "-c", "pass"]}
+        bare_res: dict[str, list[float]] = {b: [] for b in bare}
+        la0 = os.getloadavg()[0]
+        for r in range(a.rounds):
+            for n in names:
+                args = COMMANDS[n]
+                cl = list(cons)
+                cl = cl[r % len(cl):] + cl[:r % len(cl)]
+                for c in cl:
+                    pre, env = cons[c]
+                    argv = pre + [x.format(d=d) for x in args]
+                    res[n, c].append(task_clock(argv, env, a.repeat))
+            for b, argv in bare.items():
+                bare_res[b].append(task_clock(argv, dict(os.environ), a.repeat))
+        print(f"task-clock ms, median of {a.rounds} rounds of perf stat -r {a.repeat}; "
+              f"load {la0:.1f} -> {os.getloadavg()[0]:.1f}")
+        hdr = ["command"] + list(cons) + (["before/ours"] if a.before else [])
+        print("| " + " | ".join(hdr) + " |")
+        print("|" + "---|" * len(hdr))
+        for n in names:
+            row = [n] + [f"{statistics.median(res[n, c]):.1f} [{min(res[n, c]):.1f}]"
+                         for c in cons]
+            if a.before:
+                ratios = [b / o for b, o in zip(res[n, "before"], res[n, "ours"], strict=True)]
+                row.append(f"{statistics.median(ratios):.2f}")
+            print("| " + " | ".join(row) + " |")
+        for b, v in bare_res.items():
+            print(f"| {b} | {statistics.median(v):.1f} [{min(v):.1f}] |" + " |" * (len(hdr) - 2))
+    finally:
+        if nbd is not None:
+            nbd.terminate()
+            nbd.wait()
+        shutil.rmtree(d)
+
+
+if __name__ == "__main__":
+    main()
