@@ -303,6 +303,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
     def _write_header(self) -> None:
         # the whole first cluster, zero-padded, as QEMU's qcow2_update_header:
         # nothing of a longer old backing name or extension is left behind
+        # the size in whole sectors, as qcow2_update_header writes total_sectors
+        self.header.size = self.size
         data = self.header.pack()
         dio.pwrite(self.fd, data.ljust(self.cluster_size, b"\0"), 0)
         self._fsync()
@@ -310,7 +312,11 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
 
     @property
     def size(self) -> int:
-        return self.header.size
+        """The virtual size as QEMU's block layer sees it: whole 512-byte
+        sectors, so a header's size of 1600 is 1536 bytes (qcow2_do_open's
+        ``total_sectors = size / 512``); the bytes past it are not the
+        image's for any command, job or export."""
+        return self.header.size // 512 * 512
 
     # ------------------------------------------------------------------
     # every modification starts here
