@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon_util import brief, qcow2_node, run_daemon, start_blkjobs, start_qsd
 from qemu_oracle import qemu_img, qemu_io
 from test_parity_invocation import same, twins  # noqa: F401  (twins: a fixture)
 
@@ -119,3 +120,39 @@ def _guest(img: Path, raw: Path) -> bytes:
     data = raw.read_bytes()
     raw.unlink()
     return data
+
+
+async def _daemon_view(s, d: Path) -> dict:
+    """Nodes of the 1600-byte qcow2 and the 1000-byte raw file as the
+    daemon sees them, and a full backup of the qcow2 (its completion event)."""
+    await s.x("blockdev-add", **qcow2_node("odd", str(d / "odd.qcow2")))
+    await s.x("blockdev-add", driver="raw", **{"node-name": "r1000"},
+              file={"driver": "file", "filename": str(d / "r1000.raw")})
+    await s.x("blockdev-add", **qcow2_node("tgt", str(d / "tgt.qcow2")))
+    sizes = {n["node-name"]: n["image"]["virtual-size"]
+             for n in await s.x("query-named-block-nodes") if not n["node-name"].startswith("#")}
+    await s.x("blockdev-backup", **{"job-id": "b0"}, device="odd", target="tgt", sync="full")
+    done = [e for e in brief(await s.until("JOB_STATUS_CHANGE", id="b0", status="null"))
+            if e[0] == "BLOCK_JOB_COMPLETED"]
+    for _, data in done:
+        # QEMU counts a backup's progress in whole clusters of its copy
+        # bitmap (65536 for any image under 64 KiB), blkjobs in bytes of the
+        # image: a difference of every image not a whole number of clusters
+        data.pop("len"), data.pop("offset")
+    return {"sizes": sizes, "done": done}
+
+
+def test_daemon_sees_whole_sectors_as_qemu_storage_daemon(tmp_path):
+    """query-named-block-nodes' virtual sizes and a backup job's length of
+    the same images, against qemu-storage-daemon."""
+    out = {}
+    for name, start in (("qsd", start_qsd), ("blkjobs", start_blkjobs)):
+        d = tmp_path / name
+        d.mkdir()
+        _inputs(d)
+        qemu_img("create", "-f", "qcow2", d / "tgt.qcow2", "1536")
+        out[name] = run_daemon(start, d, _daemon_view)
+        assert qemu_img("compare", "-f", "qcow2", "-F", "qcow2", d / "odd.qcow2",
+                        d / "tgt.qcow2").returncode == 0
+    assert out["blkjobs"] == out["qsd"]
+    assert out["qsd"]["sizes"] == {"odd": 1536, "r1000": 1024, "tgt": 1536}
