@@ -54,9 +54,9 @@ class NodeBackend:
         up to the end of the file and pads the rest itself, refusing data
         that would grow the file (docs/nbd.md)."""
         size: int = self.fe.size
-        drv = self.fe.node.below_filters().driver
-        if isinstance(getattr(drv, "file_size", None), int):
-            size = min(size, drv.file_size)
+        length = getattr(self.fe.node.below_filters().driver, "file_length", None)
+        if isinstance(length, int):     # (Raw's alone)
+            size = min(size, length)
         return size
 
     def readinto(self, offset: int, buf: memoryview) -> None:

@@ -63,10 +63,10 @@ class Raw(Driver):
         """The file's length as QEMU's block layer gives it: whole 512-byte
         sectors, rounded up (bdrv_getlength: a file of 1000 bytes is 1024);
         the part past the end of the file reads as zeroes."""
-        return -(-self.file_size // 512) * 512
+        return -(-self.file_length // 512) * 512
 
     @property
-    def file_size(self) -> int:
+    def file_length(self) -> int:
         """The file's length in bytes."""
         return os.fstat(self.fd).st_size
 
@@ -74,12 +74,12 @@ class Raw(Driver):
         # Guest offset = file offset. A hole is read as data (zeroes); the
         # engine's zero detection still keeps a raw target sparse.
         if (self._closed or (for_write and self.read_only) or offset < 0 or length <= 0
-                or offset + length > self.file_size):
+                or offset + length > self.file_length):
             return None
         return offset
 
     def map_host(self, offset: int, length: int) -> list[Mapping]:
-        fsize = self.file_size
+        fsize = self.file_length
         end = min(offset + length, -(-fsize // 512) * 512)
         out: list[Mapping] = []
         self._map_file(offset, min(end, fsize), out)
@@ -147,7 +147,7 @@ class Raw(Driver):
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True, fill=None) -> None:
         self._writable()
-        end = min(offset + length, self.file_size)   # never grow the file here
+        end = min(offset + length, self.file_length)   # never grow the file here
         if end <= offset:
             return
         n = end - offset
@@ -176,7 +176,7 @@ class Raw(Driver):
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole when the file system can (reads as zeroes after)."""
         self._writable()
-        end = min(offset + length, self.file_size)
+        end = min(offset + length, self.file_length)
         if end > offset and self._can_punch:
             err = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                              offset, end - offset)
