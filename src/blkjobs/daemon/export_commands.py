@@ -45,14 +45,18 @@ class NodeBackend:
 
     @property
     def size(self) -> int:
-        """The node's length as QEMU's block layer gives it: a qcow2 image
-        whose virtual size is not a whole number of sectors ends at the
-        last whole one (qcow2_do_open's total_sectors; qemu-nbd exports a
+        """The node's length as QEMU's block layer gives it (a qcow2 image
+        whose header's size is not a whole number of sectors ends at the
+        last whole one: the driver's size, Qcow2.size; qemu-nbd exports a
         1600-byte qcow2 as 1536 bytes). The export rounds the rest up
-        (nbd.server.Export.size)."""
-        size = self.fe.size
-        if size % 512 and self.fe.node.below_filters().format == "qcow2":
-            size -= size % 512
+        (nbd.server.Export.size). A raw file's node is rounded up too
+        (Raw.size: a 1000-byte file is 1024); the export serves its data
+        up to the end of the file and pads the rest itself, refusing data
+        that would grow the file (docs/nbd.md)."""
+        size: int = self.fe.size
+        length = getattr(self.fe.node.below_filters().driver, "file_length", None)
+        if isinstance(length, int):     # (Raw's alone)
+            size = min(size, length)
         return size
 
     def readinto(self, offset: int, buf: memoryview) -> None:

@@ -60,20 +60,39 @@ class Raw(Driver):
 
     @property
     def size(self) -> int:
+        """The file's length as QEMU's block layer gives it: whole 512-byte
+        sectors, rounded up (bdrv_getlength: a file of 1000 bytes is 1024);
+        the part past the end of the file reads as zeroes."""
+        return -(-self.file_length // 512) * 512
+
+    @property
+    def file_length(self) -> int:
+        """The file's length in bytes."""
         return os.fstat(self.fd).st_size
 
     def host_run(self, offset: int, length: int, for_write: bool = False) -> int | None:
         # Guest offset = file offset. A hole is read as data (zeroes); the
         # engine's zero detection still keeps a raw target sparse.
         if (self._closed or (for_write and self.read_only) or offset < 0 or length <= 0
-                or offset + length > self.size):
+                or offset + length > self.file_length):
             return None
         return offset
 
     def map_host(self, offset: int, length: int) -> list[Mapping]:
-        end = min(offset + length, self.size)
+        fsize = self.file_length
+        end = min(offset + length, -(-fsize // 512) * 512)
         out: list[Mapping] = []
-        pos = offset
+        self._map_file(offset, min(end, fsize), out)
+        start = max(offset, fsize)
+        if end > start:         # the last sector's part past the end of the file: a hole
+            if out and out[-1].kind == Kind.ZERO:
+                last = out.pop()
+                out.append(Mapping(last.start, end - last.start, Kind.ZERO, last.start))
+            else:
+                out.append(Mapping(start, end - start, Kind.ZERO, start))
+        return out
+
+    def _map_file(self, pos: int, end: int, out: list[Mapping]) -> None:
         while pos < end:
             if not self._can_seek_data:
                 out.append(Mapping(pos, end - pos, Kind.DATA, pos))
@@ -97,7 +116,6 @@ class Raw(Driver):
             e_ = min(hole, end)
             out.append(Mapping(pos, e_ - pos, Kind.DATA, pos))
             pos = e_
-        return out
 
     def readinto(self, offset: int, buf) -> None:
         mv = memoryview(buf).cast("B")
@@ -105,7 +123,10 @@ class Raw(Driver):
         while done < len(mv):
             n = dio.preadinto(self.fd, mv[done:], offset + done)
             if n <= 0:
-                raise UsageError(f"read beyond the end of '{self.filename}'")
+                if offset + len(mv) > self.size:
+                    raise UsageError(f"read beyond the end of '{self.filename}'")
+                mv[done:] = bytes(len(mv) - done)      # the last sector's tail
+                return
             done += n
 
     def read(self, offset: int, length: int) -> bytes:
@@ -126,7 +147,7 @@ class Raw(Driver):
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True, fill=None) -> None:
         self._writable()
-        end = min(offset + length, self.size)   # never grow the file here
+        end = min(offset + length, self.file_length)   # never grow the file here
         if end <= offset:
             return
         n = end - offset
@@ -155,7 +176,7 @@ class Raw(Driver):
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole when the file system can (reads as zeroes after)."""
         self._writable()
-        end = min(offset + length, self.size)
+        end = min(offset + length, self.file_length)
         if end > offset and self._can_punch:
             err = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                              offset, end - offset)

@@ -39,7 +39,9 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
         if o.no_create:
             target.open_existing_raw(size)
         else:
-            target.create_raw(size)
+            # QEMU sees the source in whole sectors (inspect.sector_size): a
+            # file of 1000 bytes makes a target of 1024, its tail a hole
+            target.create_raw(-(-size // 512) * 512)
         st = _copy(sfd, target, size, o, src, progress, check)
         if o.flush:
             try:

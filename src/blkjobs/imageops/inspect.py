@@ -44,7 +44,8 @@ def _unaligned_raw(node) -> bool:
     """A raw (or bare file) node on a host file whose size is not a whole
     number of sectors."""
     drv = node.driver
-    return node.format in ("raw", "file") and drv.host_file and drv.size % 512 != 0
+    return (node.format in ("raw", "file") and drv.host_file
+            and getattr(drv, "file_length", drv.size) % 512 != 0)
 
 
 def _direct(path: str) -> bool:
@@ -158,7 +159,9 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
     The chain is locked as qemu-img map locks it (see :func:`.images.open_ro`)."""
     top = open_ro(path, fmt, force_share)
     try:
-        real = top.size
+        # an unaligned raw file: its block status up to the end of the file,
+        # the rest of its last sector as _eof_tail says (Raw.size is rounded)
+        real = getattr(top.driver, "file_length", top.size) if _unaligned_raw(top) else top.size
         size = sector_size(real) if _unaligned_raw(top) else real
         end = size if length is None else min(size, start + length)
         if start < 0 or start > size:

@@ -336,7 +336,7 @@ class Checker(Walker):
             out["corruptions"] = self.corrupt
         if self.leaks:
             out["leaks"] = self.leaks
-        out["total-clusters"] = -(-self.h.size // cs)
+        out["total-clusters"] = -(-(self.h.size // 512 * 512) // cs)   # total_sectors, as QEMU
         if self.allocated:
             out["allocated-clusters"] = self.allocated
         if self.fragmented:

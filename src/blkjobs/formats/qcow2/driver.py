@@ -298,11 +298,16 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
     def _set_rt_location(self, offset: int, clusters: int) -> None:
         self.header.refcount_table_offset = offset
         self.header.refcount_table_clusters = clusters
-        self._write_header()
+        self._write_header(whole_sectors=False)
 
-    def _write_header(self) -> None:
+    def _write_header(self, whole_sectors: bool = True) -> None:
         # the whole first cluster, zero-padded, as QEMU's qcow2_update_header:
-        # nothing of a longer old backing name or extension is left behind
+        # nothing of a longer old backing name or extension is left behind;
+        # and the size in whole sectors, as it writes total_sectors. Not so
+        # (whole_sectors=False) where QEMU writes only some of the header's
+        # fields (the snapshot table's, the refcount table's): its size stays
+        if whole_sectors:
+            self.header.size = self.size
         data = self.header.pack()
         dio.pwrite(self.fd, data.ljust(self.cluster_size, b"\0"), 0)
         self._fsync()
@@ -310,7 +315,11 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
 
     @property
     def size(self) -> int:
-        return self.header.size
+        """The virtual size as QEMU's block layer sees it: whole 512-byte
+        sectors, so a header's size of 1600 is 1536 bytes (qcow2_do_open's
+        ``total_sectors = size / 512``); the bytes past it are not the
+        image's for any command, job or export."""
+        return self.header.size // 512 * 512
 
     # ------------------------------------------------------------------
     # every modification starts here

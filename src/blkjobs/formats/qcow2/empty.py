@@ -105,6 +105,8 @@ def _empty(fd: int, h, lay: Layout, debug: Hook | None) -> None:
     dbg.event(debug, "reftable_update")
     dbg.io(debug, "write", 40, 20)      # l1_table_offset, refcount_table_offset/clusters
     dio.pwrite(fd, struct.pack(">QQI", lay.l1_offset, lay.rt_offset, lay.rt), 40)
+    if h.size % 512:    # the size in whole sectors, as QEMU's header update (Qcow2.size)
+        dio.pwrite(fd, struct.pack(">Q", h.size // 512 * 512), 24)
     dbg.event(debug, "refblock_alloc")
     dbg.io(debug, "write", lay.rt_offset, 8)
     lay.write_refcounts(fd)

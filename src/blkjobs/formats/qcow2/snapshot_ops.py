@@ -254,7 +254,7 @@ def write_table(drv, snaps: list[Snapshot], old_size: int) -> None:
     drv._fsync()
     old_off = h.snapshots_offset
     h.nb_snapshots, h.snapshots_offset = len(snaps), new_off
-    drv._write_header()
+    drv._write_header(whole_sectors=False)
     if old_off and old_size:
         rc = drv._rc()
         old = range(old_off >> drv.cb, ((old_off + old_size - 1) >> drv.cb) + 1)
