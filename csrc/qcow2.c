@@ -35,6 +35,21 @@ static uint64_t be64(const uint8_t *p)
            ((uint64_t)p[6] << 8) | (uint64_t)p[7];
 }
 
+/* One standard L2 entry: its BJ_L2_* kind and host offset, or -1 where the
+ * caller's Python path takes over (compressed, reserved bits, an unaligned
+ * or out-of-file host offset, the zero flag in a version 2 image). */
+static int l2_entry(uint64_t e, uint64_t cs, uint64_t host_limit, int v3, uint64_t *host_out)
+{
+    uint64_t host = e & L2_OFFSET_MASK;
+    if ((e & (L2_COMPRESSED | L2_RESERVED)) || (host & (cs - 1)) ||
+        (host && (host >= host_limit || cs > host_limit - host)))
+        return -1;
+    *host_out = host;
+    if (e & L2_ZERO)
+        return v3 ? BJ_L2_ZERO : -1;
+    return host ? BJ_L2_DATA : BJ_L2_UNALLOCATED;
+}
+
 long bj_qcow2_l2_runs(const uint8_t *table, size_t table_len, size_t first, size_t n,
                       unsigned cluster_bits, uint64_t host_limit, int v3,
                       struct bj_l2run *out, size_t max, size_t *stop_out)
@@ -46,19 +61,11 @@ long bj_qcow2_l2_runs(const uint8_t *table, size_t table_len, size_t first, size
     size_t nr = 0;
     *stop_out = first;
     for (size_t i = first; i < first + n; i++) {
-        uint64_t e = be64(table + 8 * i);
-        uint64_t host = e & L2_OFFSET_MASK;
-        uint32_t kind;
-        if ((e & (L2_COMPRESSED | L2_RESERVED)) || (host & (cs - 1)) ||
-            (host && (host >= host_limit || cs > host_limit - host)))
+        uint64_t host = 0;
+        int k = l2_entry(be64(table + 8 * i), cs, host_limit, v3, &host);
+        if (k < 0)
             break;
-        if (e & L2_ZERO) {
-            if (!v3)
-                break;
-            kind = BJ_L2_ZERO;
-        } else {
-            kind = host ? BJ_L2_DATA : BJ_L2_UNALLOCATED;
-        }
+        uint32_t kind = (uint32_t)k;
         if (nr > 0) {
             struct bj_l2run *p = &out[nr - 1];
             int same = p->kind == kind &&
@@ -109,19 +116,14 @@ long bj_qcow2_map(const uint8_t *table, size_t table_len, uint64_t table_guest,
         uint64_t i = (pos - table_guest) >> cluster_bits;
         uint64_t cstart = table_guest + (i << cluster_bits);
         uint64_t cend = cstart + cs < end ? cstart + cs : end;
-        uint64_t e = be64(table + 8 * i);
-        uint64_t host = e & L2_OFFSET_MASK;
-        uint64_t kind;
-        if ((e & (L2_COMPRESSED | L2_RESERVED)) || (host & (cs - 1)) ||
-            (host && (host >= host_limit || cs > host_limit - host)))
+        static const uint64_t map_kind[] = {[BJ_L2_UNALLOCATED] = BJ_MAP_UNALLOCATED,
+                                            [BJ_L2_ZERO] = BJ_MAP_ZERO,
+                                            [BJ_L2_DATA] = BJ_MAP_DATA};
+        uint64_t host = 0;
+        int k = l2_entry(be64(table + 8 * i), cs, host_limit, v3, &host);
+        if (k < 0)
             break;
-        if (e & L2_ZERO) {
-            if (!v3)
-                break;
-            kind = BJ_MAP_ZERO;
-        } else {
-            kind = host ? BJ_MAP_DATA : BJ_MAP_UNALLOCATED;
-        }
+        uint64_t kind = map_kind[k];
         uint64_t h = host ? host + (pos - cstart) : 0;
         uint64_t n = cend - pos;
         uint64_t *p = nr ? out + 4 * (nr - 1) : NULL;
