@@ -42,15 +42,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+from nbd_export import fresh_bytecode  # noqa: E402  (the same fresh .pyc files)
 
-def fresh_bytecode() -> None:
-    """Compile our package's .pyc files now: with PYTHONDONTWRITEBYTECODE=1
-    (set on the shared machine) an edited tree is compiled from source by
-    every process, which weighed a 1 MiB NBD convert 35 % more
-    (benchmarks/README.md, "Issue 14 remainders"). A --baseline tree needs
-    them fresh too (``python -m compileall``)."""
-    import compileall
-    compileall.compile_dir(os.path.join(HERE, "..", "src", "blkjobs"), quiet=1)
 BLKJOBS = [sys.executable, "-m", "blkjobs"]
 
 
