@@ -51,13 +51,19 @@ class NodeBackend:
         1600-byte qcow2 as 1536 bytes). The export rounds the rest up
         (nbd.server.Export.size). A raw file's node is rounded up too
         (Raw.size: a 1000-byte file is 1024); the export serves its data
-        up to the end of the file and pads the rest itself, refusing data
-        that would grow the file (docs/nbd.md)."""
+        up to the end of the file and pads the rest itself (reads as
+        zeroes, block status ``hole,zero``) until a write grows the file
+        (:meth:`write`)."""
         size: int = self.fe.size
-        length = getattr(self.fe.node.below_filters().driver, "file_length", None)
-        if isinstance(length, int):     # (Raw's alone)
+        length = self._file_length()
+        if length is not None:
             size = min(size, length)
         return size
+
+    def _file_length(self) -> int | None:
+        """A raw file's length (None: not a raw file's node)."""
+        length = getattr(self.fe.node.below_filters().driver, "file_length", None)
+        return length if isinstance(length, int) else None     # (Raw's alone)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         self.fe.readinto(offset, buf)
@@ -71,25 +77,60 @@ class NodeBackend:
         self.io.guest_read_end(tokens)
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        """A write; into the padding past the end of a raw file it grows
+        the file to the write's end, as qemu-nbd 7.2 does (QEMU's file
+        driver writes there: a 1000-byte file written at 1010-1014 is 1014
+        bytes after, the bytes between zeroes; tests/test_nbd_unaligned.py).
+        Past the end of another node (only one whose size is no whole
+        number of sectors has any padding) zeroes are accepted and dropped,
+        data refused (ENOSPC)."""
+        n = len(data)
         dz = self.detect_zeroes()
         if dz != "off" and _all_zero(data):
             # QEMU's detect-zeroes: a zero write, unmapping only with
             # detect-zeroes=unmap on a discard=unmap node
-            self.fe.write_zeroes(offset, len(data), may_unmap=dz == "unmap" and self.unmap)
+            self._zeroes(offset, n, may_unmap=dz == "unmap" and self.unmap)
         else:
-            self.fe.write(offset, data)
+            inside = self._inside(offset, n)
+            if inside < n and any(memoryview(data)[inside:]):
+                raise NBDRequestError(P.ENOSPC, "cannot write data past the end of the "
+                                                "image")
+            if inside:
+                self.fe.write(offset, data if inside == n else memoryview(data)[:inside])
         if fua:
             self.fe.flush()
 
+    def _inside(self, offset: int, length: int) -> int:
+        """How much of ``length`` bytes from ``offset`` the node can take:
+        a raw file's node all (writes grow the file), another node up to
+        its size."""
+        return max(0, min(length, self.fe.size - offset))
+
+    def _zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Zeroes; the part past the end of a raw file grows it unless it
+        may be unmapped, as QEMU's file driver does (ZERO_RANGE past the
+        end extends the file; a punched hole keeps its size)."""
+        end = offset + self._inside(offset, length)
+        flen = self._file_length()
+        if flen is None or end <= flen or may_unmap:
+            if end > offset:    # (Raw.write_zeroes stops at the end of the file)
+                self.fe.write_zeroes(offset, end - offset, may_unmap=may_unmap)
+            return
+        if flen > offset:
+            self.fe.write_zeroes(offset, flen - offset, may_unmap=False)
+        start = max(offset, flen)
+        self.fe.write(start, bytes(end - start))
+
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool,
                      fast: bool) -> None:
-        self.fe.write_zeroes(offset, length, may_unmap=may_trim)
+        self._zeroes(offset, length, may_unmap=may_trim)
         if fua:
             self.fe.flush()
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
-        if self.unmap:
-            self.fe.discard(offset, length)
+        n = self._inside(offset, length)
+        if self.unmap and n:    # (a raw file's hole keeps its length)
+            self.fe.discard(offset, n)
         if fua:
             self.fe.flush()
 

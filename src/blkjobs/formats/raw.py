@@ -148,17 +148,24 @@ class Raw(Driver):
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True, fill=None) -> None:
         self._writable()
         end = min(offset + length, self.file_length)   # never grow the file here
-        if end <= offset:
+        # a hole is punched up to the request's end in the last sector, as
+        # QEMU's file driver punches (the length is kept; a punch from a
+        # block's start to past the end of the file frees that block)
+        pend = min(offset + length, self.size)
+        if pend <= offset:
             return
-        n = end - offset
         if may_unmap and self._can_punch:
-            err = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, n)
+            err = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset,
+                             pend - offset)
             if not err:
                 return
             if err in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 self._can_punch = False
             else:
                 raise OSErrorWithContext(err, "punch hole", path=self.filename)
+        if end <= offset:
+            return
+        n = end - offset
         if self._can_zero_range:
             err = _fallocate(self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, n)
             if not err:

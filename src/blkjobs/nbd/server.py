@@ -60,7 +60,13 @@ def default_workers() -> int:
 
 
 class Backend(Protocol):
-    """What an export serves. Every method but the properties may block."""
+    """What an export serves. Every method but the properties may block.
+
+    ``write``, ``write_zeroes`` and ``trim`` get any range inside the
+    export's size (:attr:`Export.size`: ``size`` rounded up to a sector);
+    what they make of the padding past ``size`` is the backend's (the
+    daemon's grows a raw file there as qemu-nbd does). Reads and block
+    status get ranges inside ``size`` only: the server pads the rest."""
 
     @property
     def size(self) -> int: ...

@@ -199,31 +199,19 @@ def _request(conn: Connection, exp: Export, flags: int, cmd: int, handle: int,
             else:
                 conn.send(P.simple_reply(handle), buf)
             return
+        # (writes, zeroes and trims inside the export's size go to the
+        # backend whole: what the padding past its end becomes -- a raw
+        # file grows as QEMU's file driver grows it -- is the backend's)
         if cmd == P.CMD_WRITE:
             assert data is not None
-            n = _in_backend(be, offset, length)
-            if n < length and any(memoryview(data)[n:]):
-                raise NBDRequestError(P.ENOSPC, "cannot write data into the padding "
-                                                "past the end of the image")
-            if n == length and offset <= be.size:
-                be.write(offset, data, fua)
-            elif n:
-                be.write(offset, memoryview(data)[:n], fua)
-            elif fua:
-                be.flush()
+            be.write(offset, data, fua)
         elif cmd == P.CMD_FLUSH:
             be.flush()
-        elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
-            # the padding past the backend's end reads as zeroes already
-            n = _in_backend(be, offset, length)
-            if n == 0 and (length or offset > be.size):
-                if fua:
-                    be.flush()
-            elif cmd == P.CMD_TRIM:
-                be.trim(offset, n, fua)
-            else:
-                be.write_zeroes(offset, n, not flags & P.CMD_FLAG_NO_HOLE, fua,
-                                bool(flags & P.CMD_FLAG_FAST_ZERO))
+        elif cmd == P.CMD_TRIM:
+            be.trim(offset, length, fua)
+        elif cmd == P.CMD_WRITE_ZEROES:
+            be.write_zeroes(offset, length, not flags & P.CMD_FLAG_NO_HOLE, fua,
+                            bool(flags & P.CMD_FLAG_FAST_ZERO))
         elif cmd == P.CMD_CACHE:
             pass                    # advisory: nothing to prefetch into
         elif cmd == P.CMD_BLOCK_STATUS:
