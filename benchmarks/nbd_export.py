@@ -315,6 +315,11 @@ def run_image(a: argparse.Namespace, d: str, image: str, label: str, fmt: str,
                                             res["times"]["baseline"], strict=True)]
                 print(f"  qemu-nbd / baseline: median {statistics.median(br):.2f} "
                       f"(min {min(br):.2f}, max {max(br):.2f})", flush=True)
+                ob = [b / o for b, o in zip(res["times"]["baseline"],
+                                            res["times"]["blkjobs export"], strict=True)]
+                print(f"  baseline / blkjobs: median {statistics.median(ob):.2f} "
+                      f"(min {min(ob):.2f}, max {max(ob):.2f}; > 1: this build faster)",
+                      flush=True)
             if "blkjobs (Python)" in res["times"]:
                 pr = [p / b for p, b in zip(res["times"]["blkjobs (Python)"],
                                             res["times"]["blkjobs export"], strict=True)]

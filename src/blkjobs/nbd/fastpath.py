@@ -36,12 +36,12 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 from typing import Any, Protocol
 
 from ..native.nbdserve import ZERO, Session
 from . import proto as P
 from .handshake import Connection, Export
+from .threads import Thread
 from . import transmission
 from .transmission import _Workers
 
@@ -112,21 +112,20 @@ class _Side:
         self.conn, self.exp, self.sess = conn, exp, sess
         self.tokens: dict[int, Any] = {}
         self.pool: _Workers | None = None
-        self.reaper: threading.Thread | None = None
+        self.reaper: Thread | None = None
 
     def submit(self, req: tuple[int, int, int, int, int, bytearray | None]) -> None:
         if self.pool is None:
             self.pool = _Workers(self.conn, self.exp, self.conn.server.workers)
         self.pool.submit(req)
 
-    def reaping(self) -> dict[int, Any]:
-        """The tokens of the reads in C (the reaper started)."""
+    def reaping(self) -> None:
+        """The reaper runs (started with the first reads for C, and not
+        waited for: :class:`.threads.Thread`)."""
         if self.reaper is None:
-            self.reaper = threading.Thread(target=_reap, args=(self.sess, self.tokens,
-                                                                self.exp.backend),
-                                           name="nbd-reaper", daemon=True)
+            sess, tokens, be = self.sess, self.tokens, self.exp.backend
+            self.reaper = Thread(lambda: _reap(sess, tokens, be))
             self.reaper.start()
-        return self.tokens
 
     def close(self) -> None:
         """Finish what was handed out (the Python workers' requests, the
@@ -155,7 +154,10 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
         status: list[tuple[int, int, int, int]] = []
         other: list[tuple[int, int, int, int, int, bytearray | None]] = []
         stop = False
-        size = exp.size         # the backend's rounded up to a sector: see _submit
+        # the backend's size (a raw file's: an fstat or two) once a batch;
+        # the export's is it rounded up to a sector: see _submit
+        bsize = exp.backend.size
+        size = -(-bsize // P.SECTOR) * P.SECTOR
         alloc = _allocation_context(conn)
         for magic, flags, cmd, handle, offset, length in sess.next():
             if magic != P.REQUEST_MAGIC or cmd == P.CMD_DISC:
@@ -193,7 +195,8 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
         while i < len(reads):       # no more planned than free workers read at once
             chunk = reads[i:i + free]
             i += free
-            serial, free = _submit(sess, exp, chunk, side.reaping(), serial, other, free)
+            side.reaping()      # (before: the submit may wait for workers stuck sending)
+            serial, free = _submit(sess, exp, bsize, chunk, side.tokens, serial, other, free)
             for req in other:       # after the chunk is in C: a worker's write may wait for it
                 side.submit(req)
             other.clear()
@@ -210,14 +213,13 @@ def _allocation_context(conn: Connection) -> int:
     return 0
 
 
-def _submit(sess: Session, exp: Export, reads: list[tuple[int, int, int, int]],
+def _submit(sess: Session, exp: Export, bsize: int, reads: list[tuple[int, int, int, int]],
             tokens: dict[int, Any], serial: int,
             other: list[tuple[int, int, int, int, int, bytearray | None]],
             free: int) -> tuple[int, int]:
-    """Plan and queue ``reads`` (at most ``free``); (last token, free
-    workers now)."""
+    """Plan and queue ``reads`` (at most ``free``; ``bsize``: the backend's
+    size when they were checked); (last token, free workers now)."""
     be: Any = exp.backend
-    bsize = be.size
     inside = [(off, min(n, bsize - off)) for _, _, off, n in reads if off < bsize]
     plans = be.plan_reads(inside) if inside else []
     if len(inside) < len(reads) or any(off + n > bsize for _, _, off, n in reads):

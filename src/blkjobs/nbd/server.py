@@ -43,6 +43,7 @@ from . import proto as P
 from .handshake import negotiate
 from .proto import NBDRequestError  # noqa: F401  (re-exported)
 from . import fastpath
+from .threads import Thread
 from .transmission import serve
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ class Connection:
         self._send_lock = threading.Lock()
         #: the handshake's replies not sent yet (:meth:`send_later`)
         self._later: list[bytes] = []
-        self.thread = threading.Thread(target=self._run, name="nbd-client", daemon=True)
+        self.thread = Thread(self._run)
 
     def abort(self) -> None:
         """Drop the client (any thread): its thread sees EOF and ends."""
