@@ -23,6 +23,11 @@ zeroes and holes; nbdcopy skips what block status says is a hole) and
 and as ``qcow2`` (``--format``: qemu-img convert of the raw image, 64 KiB
 clusters; both servers serve the same file).
 
+``--qemu-nbd-shared N``: qemu-nbd runs with ``-e N``; with N > 1 it
+advertises multi-conn (``qemu-nbd -r`` alone does not: nbdcopy then opens
+one connection to it and several to our export, which does), so both
+serve nbdcopy the same number of connections.
+
 ``--busy``: two CPU hogs (busy-looping processes) run through every round,
 both contenders alike.
 
@@ -43,7 +48,8 @@ ratios against qemu-nbd (and the baseline's).
 
 Usage: benchmarks/nbd_export.py [--size 512M] [--rounds 5] [--image dense,vm,sparse]
        [--format raw,qcow2] [--target null,file] [--connections N] [--busy] [--python-path]
-       [--baseline BLKJOBS] [--sessions N] [--dir DIR] [--json FILE]
+       [--baseline BLKJOBS] [--qemu-nbd-shared N] [--sessions N] [--proc-cpu]
+       [--dir DIR] [--json FILE]
 """
 from __future__ import annotations
 
@@ -109,11 +115,14 @@ class Servers:
     """qemu-nbd and blkjobs serving ``image`` read-only, until close()."""
 
     def __init__(self, d: str, image: str, fmt: str = "raw", python_path: bool = False,
-                 baseline: str | None = None):
+                 baseline: str | None = None, shared: int = 0):
         self.procs: list[subprocess.Popen[str]] = []
         q, b = os.path.join(d, "qemu-nbd.sock"), os.path.join(d, "blkjobs-nbd.sock")
+        # (-e N, N > 1: qemu-nbd advertises multi-conn, as our export does;
+        # without it nbdcopy opens one connection to qemu-nbd, several to ours)
         p = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", fmt, f"--socket={q}", "-x", "disk",
-                              image], stderr=subprocess.DEVNULL, text=True)
+                              *(["-e", str(shared)] if shared else []), image],
+                             stderr=subprocess.DEVNULL, text=True)
         self.procs.append(p)
         wait_for(q, p, "qemu-nbd")
         p = subprocess.Popen([BLKJOBS, "serve", "--socket", os.path.join(d, "qmp.sock"),
@@ -233,12 +242,12 @@ def sessions_cpu(servers: Servers, m: str, cmd: list[str], n: int, perf: bool,
     return ms / 1000 / n, wall
 
 
-def session_bench(servers: Servers, rounds: int, n: int, d: str) -> dict:
+def session_bench(servers: Servers, rounds: int, n: int, d: str, use_perf: bool = True) -> dict:
     """Per round and contender (order rotated per round): ``n`` sessions of
     each kind back to back; the server's CPU and the wall time per session
     (:func:`sessions_cpu`)."""
     names = list(servers.uris)
-    perf = _perf_ok()
+    perf = use_perf and _perf_ok()
     out: dict = {k: {"cpu": {m: [] for m in names}, "wall": {m: [] for m in names}}
                  for k in SESSIONS}
     out["cpu_from"] = "perf stat -p (task-clock)" if perf else "/proc ticks"
@@ -255,9 +264,9 @@ def session_bench(servers: Servers, rounds: int, n: int, d: str) -> dict:
 
 def run_sessions(a: argparse.Namespace, d: str, image: str, label: str, fmt: str) -> dict:
     subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
-    servers = Servers(d, image, fmt, a.python_path, a.baseline)
+    servers = Servers(d, image, fmt, a.python_path, a.baseline, a.qemu_nbd_shared)
     try:
-        res = session_bench(servers, a.rounds, a.sessions, d)
+        res = session_bench(servers, a.rounds, a.sessions, d, not a.proc_cpu)
     finally:
         servers.close()
     load = os.getloadavg()[0]
@@ -290,7 +299,7 @@ def run_image(a: argparse.Namespace, d: str, image: str, label: str, fmt: str,
     if a.sessions:
         return [run_sessions(a, d, image, label, fmt)]
     subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
-    servers = Servers(d, image, fmt, a.python_path, a.baseline)
+    servers = Servers(d, image, fmt, a.python_path, a.baseline, a.qemu_nbd_shared)
     report = []
     try:
         for target in a.target.split(","):
@@ -298,6 +307,7 @@ def run_image(a: argparse.Namespace, d: str, image: str, label: str, fmt: str,
             report.append({"image": label, "target": target, **res})
             load = os.getloadavg()[0]
             print(f"\n{label} image, {a.size}, nbdcopy -C {a.connections} -> {target}"
+                  f"{f' (qemu-nbd -e {a.qemu_nbd_shared})' if a.qemu_nbd_shared else ''}"
                   f"{' (busy: 2 hogs)' if a.busy else ''}, load average {load:.1f}")
             for n, ts in res["times"].items():
                 med = statistics.median(ts)
@@ -346,6 +356,14 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=0, metavar="N",
                     help="short sessions instead of copies: per round N nbdinfo and N "
                          "nbdcopy -> null: of the image (use --size 1M)")
+    ap.add_argument("--qemu-nbd-shared", type=int, default=0, metavar="N",
+                    help="qemu-nbd -e N: with N > 1 it advertises multi-conn as our export "
+                         "does, and nbdcopy -C opens as many connections to both (without "
+                         "it, one to qemu-nbd)")
+    ap.add_argument("--proc-cpu", action="store_true",
+                    help="--sessions: the server's CPU from /proc (10 ms ticks: use 200 "
+                         "sessions or more), not perf stat -p, whose count taxes every "
+                         "thread the server starts")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()

@@ -1,32 +1,84 @@
-"""Threads of the NBD server started without waiting for them."""
+"""Threads of the NBD server: started without waiting for them, and kept
+for the next connection once their work is done.
+
+``threading.Thread.start`` waits until the new thread holds the GIL and
+has begun, which on a loaded host is a scheduling delay -- milliseconds --
+on the path of a client's next connection (the accept loop) and of its
+first reply (the reaper, started with the first read). And a thread's start
+and end cost about 80 us of CPU (clone, Python's thread state, exit, join)
+where handing work to a thread that waits for it costs about 8: a short
+session (nbdinfo, a small nbdcopy) started two and ended two
+(benchmarks/README.md, "Per-session cost, nbdsess").
+"""
 from __future__ import annotations
 
 import _thread
+import logging
+import queue
 import threading
 from collections.abc import Callable
 
+log = logging.getLogger(__name__)
+
+#: idle threads kept for the next connection's work at most
+KEEP = 8
+
+
+class _Pool:
+    """Threads that run one function each, then wait for the next (up to
+    ``KEEP`` of them idle; more end)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._todo: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def run(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._todo.put(fn)
+                return
+        _thread.start_new_thread(self._thread, (fn,))
+
+    def _thread(self, fn: Callable[[], None]) -> None:
+        while True:
+            try:
+                fn()
+            except BaseException:   # a bug (the functions catch theirs): this thread ends
+                log.exception("NBD server thread failed")
+                return
+            del fn              # (nothing of the last connection kept alive)
+            with self._lock:
+                if self._idle >= KEEP:
+                    return
+                self._idle += 1
+            fn = self._todo.get()
+
+
+_pool = _Pool()
+
 
 class Thread:
-    """A thread started without waiting for it to run: ``threading.Thread.
-    start`` waits until the new thread holds the GIL and has begun, which on
-    a loaded host is a scheduling delay -- milliseconds -- on the path of a
-    client's next connection (the accept loop) and of its first reply (the
-    reaper, started with the first read; benchmarks/README.md, "Per-session
-    cost, nbdsess"). ``join`` as threading's (timeout in seconds)."""
+    """A function run by a thread of the pool, started without waiting for
+    it; ``join`` as threading's (timeout in seconds). The function must
+    catch what it raises (the thread goes on to the next connection)."""
 
     def __init__(self, target: Callable[[], object]):
-        self._target = target
+        self._target: Callable[[], object] | None = target
         self._done = threading.Event()
         self._started = False
 
     def start(self) -> None:
         self._started = True
-        _thread.start_new_thread(self._run, ())
+        _pool.run(self._run)
 
     def _run(self) -> None:
         try:
-            self._target()
+            if self._target is not None:
+                self._target()
         finally:
+            self._target = None     # (the connection it ran: no cycle through it)
             self._done.set()
 
     def join(self, timeout: float | None = None) -> None:
