@@ -30,8 +30,14 @@ class _Pool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        #: notified when a thread is back, idle (for the tests)
+        self.back = threading.Condition(self._lock)
         self._idle = 0
         self._todo: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def idle(self) -> int:
+        """Threads waiting for work (the lock held: :attr:`back`'s)."""
+        return self._idle
 
     def run(self, fn: Callable[[], None]) -> None:
         with self._lock:
@@ -53,6 +59,7 @@ class _Pool:
                 if self._idle >= KEEP:
                     return
                 self._idle += 1
+                self.back.notify_all()
             fn = self._todo.get()
 
 
