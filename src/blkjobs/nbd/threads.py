@@ -8,7 +8,7 @@ first reply (the reaper, started with the first read). And a thread's start
 and end cost about 80 us of CPU (clone, Python's thread state, exit, join)
 where handing work to a thread that waits for it costs about 8: a short
 session (nbdinfo, a small nbdcopy) started two and ended two
-(benchmarks/README.md, "Per-session cost, nbdsess").
+(benchmarks/README.md, "Issue 14: the export's sessions ... (`nbdsess`)").
 """
 from __future__ import annotations
 
