@@ -276,7 +276,7 @@ def test_read_end_wakes_waiters_without_the_io_lock():
 
 def test_unpin_wakes_a_drain():
     pins = ReadPins()
-    waiting = _no_timeout(pins._cond)
+    waiting = _no_timeout(pins._condition())
     t = pins.pin()
     d, _ = _start(pins.drain)
     assert waiting.wait(WAIT)

@@ -8,17 +8,20 @@ Part of the :class:`.driver.Qcow2` class (a mixin); the design notes are in
 """
 from __future__ import annotations
 
+import _thread
 import itertools
 import struct
-import threading
 
 from ...errors import ImageError, UsageError
 from ..base import Kind, Mapping
 from .debug import io as _dbg_io
-from .compress import decompress as _decompress
 from .tables import (ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, STD_RESERVED, ZERO,
                      L2Tables, _zero)
 from ...native import dio
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: the C mapper's kinds (native.qcow2 *_RUN: Kind's values) as Kind
 _KINDS = (Kind.DATA, Kind.ZERO, Kind.UNALLOCATED)
@@ -41,12 +44,22 @@ class ReadPins:
         # lock and condition serve drain()'s waits: a drainer counts itself
         # in ``_waiters`` before it looks at the pins, an unpin drops its
         # ticket before it looks at ``_waiters`` (so one of them sees the
-        # other; see graph/inflight.py Reads).
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        # other; see graph/inflight.py Reads). The condition is made by the
+        # first drain(), under the lock and before it counts itself in (an
+        # unpin that sees a waiter finds it): opening an image does not
+        # import threading (~1 ms of every qcow2 convert's start-up).
+        self._lock = _thread.allocate_lock()
+        self._cond: Any = None
         self._tickets = itertools.count()
         self._live: set[int] = set()
         self._waiters = 0
+
+    def _condition(self) -> Any:
+        """The condition drain() waits on (made on first use)."""
+        if self._cond is None:
+            import threading
+            self._cond = threading.Condition(self._lock)
+        return self._cond
 
     def pin(self) -> int:
         t = next(self._tickets)
@@ -62,12 +75,15 @@ class ReadPins:
     def drain(self) -> None:
         """Wait for the pins taken before this call (not for later ones:
         those mapped after the frees, and cannot reach a freed cluster)."""
+        if not self._live:      # none in flight (a pin taken from now on is a later one)
+            return
         with self._lock:
+            cond = self._condition()
             self._waiters += 1
             last = next(self._tickets)
             try:
                 while any(t < last for t in list(self._live)):
-                    self._cond.wait(1.0)
+                    cond.wait(1.0)
             finally:
                 self._waiters -= 1
 
@@ -243,7 +259,8 @@ class Reads(L2Tables):
         off, nbytes = self._compressed_span(gc, e)
         _dbg_io(getattr(self, "blkdebug", None), "read", off, nbytes)
         raw = dio.pread(self.fd, nbytes, off)
-        data = _decompress(self.ctype, raw, self.cluster_size)
+        from .compress import decompress     # (zlib: not imported unless needed)
+        data = decompress(self.ctype, raw, self.cluster_size)
         self._comp_cache = (gc, data)
         return data
 

@@ -196,6 +196,10 @@ class Refcounts:
     def free_later(self, c: int) -> None:
         self.pending.append(c)
 
+    def free_run_later(self, c: int, n: int) -> None:
+        """:meth:`free_later` for the ``n`` clusters from ``c``."""
+        self.pending.extend(range(c, c + n))
+
     # -- allocation ----------------------------------------------------
     def _ensure_block(self, c: int) -> None:
         """Make sure cluster ``c`` has a refcount block, placing a missing one
@@ -438,14 +442,22 @@ class Refcounts:
         are written (QEMU's discard of a freed cluster)."""
         if not self.pending:
             return False
-        freed = []
+        # one look-up of the block per run of clusters in it (a convert's
+        # discard frees thousands: per cluster get() and _set() were most
+        # of its finish)
+        freed: list[int] = []
+        rbe, dirty, pool = self.rbe, self.dirty, self.pool
+        t, blk, base = -1, None, -rbe
         for c in self.pending:
-            v = self.get(c)
-            if v == 0:
+            if not base <= c < base + rbe:
+                t = c // rbe
+                blk, base = self._block(t), t * rbe
+            if blk is None or not (v := blk[c - base]):
                 raise ImageError(f"'{self.path}': freeing cluster {c} whose refcount is already 0")
-            self._set(c, v - 1)
+            blk[c - base] = v - 1
+            dirty.add(t)
             if v == 1:
-                self.pool.append(c)
+                pool.append(c)
                 freed.append(c)
         self.pending.clear()
         wrote = self.flush_increments()

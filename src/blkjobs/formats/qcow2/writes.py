@@ -8,7 +8,6 @@ from __future__ import annotations
 
 
 from ...errors import UsageError
-from .compress import compress as _compress
 from .tables import ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, ZERO, Fill, L2Tables, _zero
 from ...native import dio
 
@@ -160,7 +159,8 @@ class Writes(L2Tables):
         cs = self.cluster_size
         if len(cluster_data) < cs:
             cluster_data = bytes(cluster_data).ljust(cs, b"\0")
-        return _compress(self.ctype, cluster_data)
+        from .compress import compress      # (zlib: not imported unless needed)
+        return compress(self.ctype, cluster_data)
 
     def _comp_bytes(self, n: int) -> int:
         """Where the next ``n`` bytes of compressed data go (QEMU's

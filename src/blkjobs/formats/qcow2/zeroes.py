@@ -234,8 +234,7 @@ class Zeroes(L2Tables):
             rc = self._rc()
             for _, count, kind, host in runs:
                 if host and kind != _nq.UNALLOCATED:     # data, preallocated zero
-                    for c in range(host >> cb, (host >> cb) + count):
-                        rc.free_later(c)
+                    rc.free_run_later(host >> cb, count)
         t, off = self._l2_for_write(gc)     # (a copy of a table a snapshot shares)
         t[i0:(done - gc + gc % l2e) * 8] = want[:(done - gc) * 8]
         self.l2dirty.add(off)
