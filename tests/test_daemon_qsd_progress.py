@@ -169,3 +169,27 @@ def test_mirror_stream_commit_progress_as_qemu(tmp_path):
     for size in (70000, 1 << 20):
         d = tmp_path / "blkjobs"
         assert compare(str(d / f"m{size}.qcow2"), str(d / f"m{size}-top.qcow2"))[0] == 0
+
+
+def test_copy_before_write_counts_whole_clusters(tmp_path):
+    """A guest write to the last, partial cluster of a 70000-byte image
+    under a sync=none backup: copy-before-write saves that cluster, and the
+    progress counts it as one whole cluster of the two (the unit the tests
+    above check against qemu-storage-daemon); BLOCK_JOB_CANCELLED says so."""
+    from blkjobs import Engine
+    src, dst = _img(tmp_path, "s.qcow2", 70000), _img(tmp_path, "t.qcow2", 70000)
+    qemu_io(src, "write -q -P 7 0 70000")
+    eng = Engine()
+    try:
+        s = eng.open(src, node_name="src")
+        eng.open(dst, node_name="dst")
+        vm = eng.attach(s)
+        ev = eng.listen(["BLOCK_JOB_CANCELLED"])
+        job = eng.backup("src", "dst", sync="none", job_id="b0")
+        vm.write(69900, b"\xee" * 100)
+        eng.job_cancel("b0")
+        assert eng.wait_job(job, 30).value == "cancelled"
+        got = ev.wait_for("BLOCK_JOB_CANCELLED", timeout=30)
+        assert (got.data["offset"], got.data["len"]) == (65536, 131072)
+    finally:
+        eng.close()

@@ -206,10 +206,13 @@ class BackupJob(BlockJob):
             # first, whole, rather than torn across clusters copied around it
             self.io.wait_writes(self.src)
         if self.sync == "none":
-            while True:
-                job.sleep(100_000_000)
+            try:
+                while True:
+                    job.sleep(100_000_000)
+                    self._sync_progress(job)
+                    self._check_cbw()
+            finally:        # cancelled: what copy-before-write saved since
                 self._sync_progress(job)
-                self._check_cbw()
         self._pos = 0
         self.copy_loop(job, self.mover, self._claim, self._release)
         self._flush_target(job)
