@@ -117,3 +117,44 @@ def test_amend_of_a_dirty_image_prints_the_repair(twins):
                    "Repairing cluster 1 refcount=1 reference=0\n"
                    "Repairing cluster 2 refcount=1 reference=0\n")
     assert imgs[0].read_bytes() == imgs[1].read_bytes()
+
+
+def _bad_reftable(d: Path, entries: dict[int, int]) -> Path:
+    """A 1 MiB qcow2 (refcount table at 0x10000, its one block at 0x20000)
+    with the refcount table ``entries`` (index -> raw entry) poked in."""
+    img = d / "t.qcow2"
+    qemu_img("create", "-f", "qcow2", img, "1M")
+    qemu_io(img, "write -q -P 1 0 64k")
+    for i, e in entries.items():
+        _poke(img, 0x10000 + 8 * i, e)
+    return img
+
+
+def test_refcount_table_entries_in_qemu_words(twins):
+    """check_refblocks: reserved bits, an unaligned block, a block referenced
+    twice, each reported as qemu-img does, in table order, wherever the
+    entry is in the table (entries 300, 600 and 1000 are on the table's
+    first, second and third 4 KiB page: the walk looks only at pages that
+    hold something)."""
+    for d in twins:
+        _bad_reftable(d, {300: 0x20000 | 0x100, 600: 0x28000, 1000: 0x20000})
+    rc, out, err = same(twins, "check", "t.qcow2")
+    assert rc == 2
+    assert err == ("ERROR refcount table entry 300 has reserved bits set\n"
+                   "ERROR refcount block 600 is not cluster aligned; refcount table entry "
+                   "corrupted\n"
+                   "ERROR refcount block 1000 refcount=2\n"
+                   "ERROR cluster 2 refcount=1 reference=2\n")
+
+
+def test_refcount_block_outside_image_is_reported_and_repaired(twins):
+    """A refcount table entry far past the end of the file: ERROR, and
+    ``-r all`` extends the file to hold the block, as qemu-img does (the
+    repaired files equal byte for byte)."""
+    imgs = [_bad_reftable(d, {700: 0x1000000}) for d in twins]
+    rc, out, err = same(twins, "check", "t.qcow2")
+    assert rc == 2 and err.startswith("ERROR refcount block 700 is outside image\n")
+    rc, out, err = same(twins, "check", "-r", "all", "t.qcow2")
+    assert err.startswith("Repairing refcount block 700 is outside image\n")
+    assert imgs[0].read_bytes() == imgs[1].read_bytes()
+    assert same(twins, "check", "t.qcow2")[0] == 0

@@ -123,3 +123,19 @@ def test_blkjobs_own_options_use_the_same_grammar(tmp_path, args, what):
     assert p.stderr == (f"blkjobs: Invalid {what} specified. You may use k, M, G, T, P or E "
                         "suffixes for\nblkjobs: kilobytes, megabytes, gigabytes, terabytes, "
                         "petabytes and exabytes.\n")
+
+
+def test_sector_size_is_the_length_qemu_img_gives_a_raw_file(tmp_path):
+    """units.sector_size (the one rounding to whole sectors: raw driver,
+    convert, dd, the daemon) gives what ``qemu-img info -f raw`` says of a
+    file of that many bytes."""
+    import json
+
+    from qemu_oracle import qemu_img
+
+    from blkjobs.units import sector_size
+    for n in (0, 1, 511, 512, 513, 1000, 65537):
+        f = tmp_path / f"{n}.raw"
+        f.write_bytes(b"\1" * n)
+        info = json.loads(qemu_img("info", "--output", "json", "-f", "raw", f).stdout)
+        assert (n, sector_size(n)) == (n, info["virtual-size"])

@@ -1,6 +1,7 @@
 """Sizes and rates in qemu-img's spelling -- 512, 4k, 4K, 1M, 1.5G, 1T, 512b,
 0x1000 -- and sizes shown to people. Below every layer (like :mod:`.errors`):
-the command line, image operations, formats and ``blkjobs bench`` all use it.
+the command line, image operations, formats and ``blkjobs bench`` all use it;
+and :func:`sector_size`, a size in QEMU's whole sectors.
 
 The one grammar is QEMU's ``qemu_strtosz`` (what ``qemu-img create IMG SIZE``
 accepts, compared with qemu-img 7.2 in tests/test_units.py): a decimal number
@@ -19,6 +20,15 @@ from .errors import UsageError
 
 INT64_MAX = (1 << 63) - 1
 _U64_MAX = (1 << 64) - 1
+SECTOR = 512
+
+
+def sector_size(size: int) -> int:
+    """``size`` rounded up to whole 512-byte sectors: a file's length as
+    QEMU's block layer gives it (``bdrv_getlength``; ``qemu-img info`` of a
+    raw file of 65537 bytes shows 66048), and the size qemu-img gives an
+    image it creates."""
+    return -(-size // SECTOR) * SECTOR
 _MUL = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
         "e": 1 << 60}
 _WS = " \t\n\v\f\r"                                   # C isspace()

@@ -110,7 +110,9 @@ def copied(job, verb: str = "copied") -> str:
     """'12.5 MiB of 64 MiB copied', for the lines below: the bytes really in
     the target -- the job's progress (batches that landed) and what a batch
     that failed or was cancelled wrote before it stopped."""
-    cur, total = job.progress.snapshot()
+    # a backup's progress is in whole clusters, as QEMU's: its bytes instead
+    by_bytes = getattr(job.driver, "bytes_progress", None)
+    cur, total = by_bytes() if by_bytes is not None else job.progress.snapshot()
     mover = getattr(job.driver, "mover", None)
     cur += mover.stray_written if mover is not None else 0
     return f"{human(min(cur, total) if total else cur)} of {human(total)} {verb}"

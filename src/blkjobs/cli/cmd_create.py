@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..errors import BlkjobsError, UsageError
-from ..units import option_items, parse_opt_size, parse_size
+from ..units import option_items, parse_opt_size, parse_size, sector_size
 from . import image_opts
 from .opts_help import check_lists, print_help, refuse_format, wants_help
 
@@ -223,7 +223,7 @@ def _backing(args, opts: dict, size: int | None) -> str | int | None:
                 detected = fmt
                 b = open_one(path, fmt)
                 try:
-                    bsize = -(-b.size // 512) * 512
+                    bsize = sector_size(b.size)
                 finally:
                     b.close()
             else:
@@ -234,7 +234,7 @@ def _backing(args, opts: dict, size: int | None) -> str | int | None:
                 detected = fmt or probe_format(path)
                 # its size only: an encrypted backing file needs no key here
                 with open_image(path, detected, header_only=True) as b:
-                    bsize = -(-b.size // 512) * 512       # whole sectors, as qemu-img sees it
+                    bsize = sector_size(b.size)       # whole sectors, as qemu-img sees it
         except BlkjobsError as e:
             text = str(e)
             for p in (f"'{path}': ", f"'{shown}': "):
@@ -291,7 +291,7 @@ def run(args) -> int:
     opts.pop("extent_size_hint", None)
     if args.fmt != "luks":
         (check_qcow2 if args.fmt == "qcow2" else check_raw)(args.image, dict(opts, size=size))
-    size = -(-size // 512) * 512        # qemu-img makes images of whole sectors
+    size = sector_size(size)        # qemu-img makes images of whole sectors
     path = args.image[5:] if args.image.startswith("file:") else args.image   # a name with a colon
     # an existing image is locked (write, nobody else writing) before it is
     # overwritten, as qemu-img does: one in use is refused, not truncated

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UsageError
-from ..units import parse_size
+from ..units import parse_size, sector_size
 from .parity import check_fmt, open_chain_ro, open_rw
 from . import progname
 from . import image_opts
@@ -47,7 +47,7 @@ def run(args) -> int:
         start, end, past = plan(length(src), bs, ops.get("count"), ops.get("skip"))
         out_size = end - start
         if args.out_fmt == "qcow2":
-            out_size = -(-out_size // 512) * 512
+            out_size = sector_size(out_size)
         try:
             create_image(ops["of"], args.out_fmt, out_size)
         except OSError as e:

@@ -27,6 +27,7 @@ from ..formats import open_image
 from ..formats import cache
 from ..formats.base import FormatOpenError, open_cached
 from ..graph import ALL, Node, Perm, open_chain, resolve_backing
+from ..units import sector_size
 from . import blkdebug_commands, nbd_client
 from .protocol import QMPError
 
@@ -493,7 +494,7 @@ class NodeCommands:
         try:
             st = os.stat(mn.filename)
             # QEMU counts a protocol node's length in 512-byte sectors
-            size, actual = -(-st.st_size // 512) * 512, st.st_blocks * 512
+            size, actual = sector_size(st.st_size), st.st_blocks * 512
         except OSError:
             size, actual = 0, 0
         info = self._common(mn.name, mn.drv, mn.filename, mn.read_only,

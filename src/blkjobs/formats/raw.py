@@ -13,6 +13,7 @@ import os
 from ..errors import ImageError, OSErrorWithContext, UsageError
 from .base import Driver, Kind, Mapping, open_file
 from ..native import dio
+from ..units import sector_size
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -63,7 +64,7 @@ class Raw(Driver):
         """The file's length as QEMU's block layer gives it: whole 512-byte
         sectors, rounded up (bdrv_getlength: a file of 1000 bytes is 1024);
         the part past the end of the file reads as zeroes."""
-        return -(-self.file_length // 512) * 512
+        return sector_size(self.file_length)
 
     @property
     def file_length(self) -> int:
@@ -80,7 +81,7 @@ class Raw(Driver):
 
     def map_host(self, offset: int, length: int) -> list[Mapping]:
         fsize = self.file_length
-        end = min(offset + length, -(-fsize // 512) * 512)
+        end = min(offset + length, sector_size(fsize))
         out: list[Mapping] = []
         self._map_file(offset, min(end, fsize), out)
         start = max(offset, fsize)

@@ -4,6 +4,7 @@ file under it as the whole disk (``json:{"driver": "raw", "offset": ...}``,
 from __future__ import annotations
 
 from ..errors import ImageError
+from ..units import sector_size
 from .base import Driver, Mapping
 
 
@@ -14,7 +15,7 @@ class Slice(Driver):
     cluster_size = 0
 
     def __init__(self, inner: Driver, offset: int, size: int | None):
-        whole = -(-inner.size // 512) * 512      # QEMU sees a file in whole sectors
+        whole = sector_size(inner.size)      # QEMU sees a file in whole sectors
         if offset > whole:
             inner.close()
             raise ImageError(f"Offset ({offset}) cannot be greater than size of the containing "

@@ -13,6 +13,7 @@ from ..graph.lock import ImageLock, LockConflict
 from ..native import dio
 from ..native.copy import COPY, CopyEngine
 from ..native.ratelimit import TokenBucket
+from ..units import sector_size
 from .convert_base import CHAIN_REQUEST, WB_REQUEST, ConvertOptions, ConvertResult, drive
 from .convert_faults import overwrites
 from .convert_target import Target, check_target_size, identity, refuse_target_in_chain
@@ -108,7 +109,7 @@ class ChainConvert:
     def _create_target(self):
         o, dst = self.o, self.dst
         if o.dst_fmt == "qcow2":
-            self.tsize = -(-self.size // 512) * 512
+            self.tsize = sector_size(self.size)
         else:
             self.tsize = self.size
         refuse_target_in_chain(dst, self.src, self.chain)
@@ -345,7 +346,7 @@ class ChainConvert:
             for m in maps:
                 if m.host_offset < fresh_from and not self.prealloc:   # -n: old data
                     for h, ln in not_in_place(self, m, old):
-                        _punch(self.tg.dfd, h, -(-ln // 512) * 512)
+                        _punch(self.tg.dfd, h, sector_size(ln))
             while i < len(pieces) and pieces[i][0] + pieces[i][1] <= a:
                 i += 1
             j = i

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 
 from ..errors import UsageError
+from ..units import sector_size
 from .convert_base import ConvertOptions, ConvertResult, check_options
 
 CHUNK = 1 << 20
@@ -115,7 +116,7 @@ def _target(dst: str, size: int, o: ConvertOptions):
         check_target_size(dst, t.size, size)
         return t, False
     if o.dst_fmt == "qcow2":
-        size = -(-size // 512) * 512
+        size = sector_size(size)
     create_image(dst, o.dst_fmt, size, **o.create_opts)
     return open_image(dst, o.dst_fmt, read_only=False), True
 

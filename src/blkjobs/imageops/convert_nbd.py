@@ -28,6 +28,7 @@ from ..formats.sniff import is_nbd_uri
 from ..graph.lock import ImageLock
 from ..native.extents import zero_blocks
 from ..native.ratelimit import TokenBucket
+from ..units import sector_size
 from .convert_base import ConvertOptions, ConvertResult, check_options
 from .convert_faults import copy_in_order, injects_faults
 from .convert_target import identity, lock_target, say_what_happened_to_target
@@ -155,7 +156,7 @@ class _NbdConvert:
             copts.pop("size", None)
             if o.backing:
                 copts["backing_file"], copts["backing_format"] = o.backing, o.backing_fmt
-            size = self.size if o.dst_fmt == "raw" else -(-self.size // 512) * 512
+            size = self.size if o.dst_fmt == "raw" else sector_size(self.size)
             try:
                 create_image(dst, o.dst_fmt, size, **copts)
             except OSError as e:

@@ -14,6 +14,7 @@ from ..native.ratelimit import TokenBucket
 from .convert_base import (RAW_REQUEST, WB_REQUEST, WORK_RANGE, ConvertOptions, ConvertResult,
                            check_options, drive)
 from .convert_target import Target
+from ..units import sector_size
 from .files import fd_size, open_source, same_file
 
 
@@ -39,9 +40,9 @@ def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
         if o.no_create:
             target.open_existing_raw(size)
         else:
-            # QEMU sees the source in whole sectors (inspect.sector_size): a
+            # QEMU sees the source in whole sectors (units.sector_size): a
             # file of 1000 bytes makes a target of 1024, its tail a hole
-            target.create_raw(-(-size // 512) * 512)
+            target.create_raw(sector_size(size))
         st = _copy(sfd, target, size, o, src, progress, check)
         if o.flush:
             try:

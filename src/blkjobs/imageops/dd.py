@@ -10,6 +10,8 @@ cluster). Reads and writes go in chunks of whole blocks of ``bs``.
 """
 from __future__ import annotations
 
+from ..units import sector_size
+
 CHUNK = 4 << 20
 INT64_MAX = (1 << 63) - 1
 
@@ -26,7 +28,7 @@ def plan(size: int, bs: int, count: int | None, skip: int | None) -> tuple[int, 
 def length(node) -> int:
     """The input's length as QEMU sees it: whole 512-byte sectors (a raw
     file's last partial sector reads as zeroes past its end)."""
-    return -(-node.size // 512) * 512
+    return sector_size(node.size)
 
 
 def copy(src, dst, start: int, end: int, bs: int, progress=None) -> None:

@@ -19,6 +19,7 @@ from ..graph.lock import LockConflict, opening
 from ..formats.sniff import is_nbd_uri
 from .files import fd_size, open_source
 from ..graph.blockspec import is_spec
+from ..units import sector_size
 from .images import cli_graph, open_one, open_ro, probe
 
 
@@ -32,12 +33,6 @@ def info_raw(path: str) -> dict:
     finally:
         os.close(fd)
 
-
-def sector_size(size: int) -> int:
-    """A file's size as QEMU's block layer gives it (``bdrv_getlength``: a
-    whole number of 512-byte sectors, rounded up): ``qemu-img info`` and
-    ``map`` of a raw file of 65537 bytes show 66048."""
-    return -(-size // 512) * 512
 
 
 def _unaligned_raw(node) -> bool:

@@ -263,6 +263,7 @@ class Mover(TargetWrites, BatchPlanning):
             s, n = r["start"], r["length"]
             if what == "skip":
                 stats.skipped += n
+                stats.skips.append((s, n))
             elif what == "copy":
                 self._check_inject("read", chain[r["depth"]], s, n)
                 if (r["compressed"] or "offset" not in r or self.compress or self._dst_remote

@@ -28,10 +28,13 @@ CHUNK = 4 * MiB
 class Stats:
     """What one :meth:`Mover.move` did, in guest bytes."""
 
-    __slots__ = ("copied", "zeroed", "skipped")
+    __slots__ = ("copied", "zeroed", "skipped", "skips")
 
     def __init__(self) -> None:
         self.copied = self.zeroed = self.skipped = 0
+        #: the runs skipped, (start, length): a backup's progress leaves out
+        #: the clusters wholly skipped (QEMU's unallocated clusters of sync=top)
+        self.skips: list[tuple[int, int]] = []
 
 
 class TargetWrites:

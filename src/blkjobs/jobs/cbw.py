@@ -21,7 +21,7 @@ from ..graph import Node
 from ..graph.frontend import Filter
 from ..graph.io import InFlight
 from ..native.bitmap import Bitmap
-from .blockcopy import Mover
+from .blockcopy import Mover, Stats
 
 
 class Backup(Protocol):
@@ -33,7 +33,8 @@ class Backup(Protocol):
     inflight: InFlight
     copy_bm: Bitmap
     cbw_mover: Mover
-    done: int
+
+    def landed(self, areas: list[tuple[int, int]], stats: Stats) -> None: ...
 
 
 class CbwFilter(Filter):
@@ -77,5 +78,5 @@ class CbwFilter(Filter):
                 raise OSError(code, f"copy-before-write failed: {e}") from e
             finally:
                 b.inflight.remove(r)
-            b.done += n - stats.skipped
+            b.landed([(a, n)], stats)
             pos = a + n

@@ -143,11 +143,17 @@ class MirrorJob(BlockJob):
             rep = io.node(replaces)
             if rep.size != src.size:
                 raise JobError("cannot replace image with a mirror image of different size")
+        # QEMU's blockdev-mirror: sync=top of a node without a backing file
+        # is full, but without zeroing the target first (that is decided
+        # for full alone): what the node does not allocate is neither copied
+        # nor counted in the progress, only what a guest writes later
+        zero_target = True
         if sync == "top" and src.backing is None:
-            sync = "full"
+            sync, zero_target = "full", False
         select = select_window(0, 1) if sync == "top" else select_full
         job = cls(io, src, dst, sync, select, granularity, copy_mode, target_is_zero,
                   on_source_error, on_target_error, rep)
+        job.zero_target = zero_target
         job.mover.may_unmap = unmap     # false: zeroes keep the target's clusters
         return job
 
@@ -160,6 +166,9 @@ class MirrorJob(BlockJob):
         self.granularity = granularity
         self.copy_mode = copy_mode
         self.target_is_zero = target_is_zero
+        #: sync=full writes the whole target (QEMU's zero_target); False:
+        #: only what the chain allocates (a top without a backing file)
+        self.zero_target = True
         self.on_source_error, self.on_target_error = on_source_error, on_target_error
         self.replaces = replaces
         self.dirty = Bitmap(src.size, granularity)
@@ -207,8 +216,13 @@ class MirrorJob(BlockJob):
             return
         # (guest writes since setup may have marked granules partly dirty:
         # these become wholly dirty here)
-        if self.sync == "full" and not self.target_is_zero:
+        if self.sync == "full" and not self.target_is_zero and self.zero_target:
             self.parts.mark_whole(0, self.src.size)
+            return
+        if not self.zero_target:
+            for r in self.src.block_status():
+                if r["present"] or r.get("eof"):
+                    self.parts.mark_whole(r["start"], r["length"])
             return
         for r in self.src.block_status():
             what = self.select(r)

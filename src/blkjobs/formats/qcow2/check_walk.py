@@ -230,15 +230,33 @@ class Walker:
                 elif be & OFFSET_MASK:
                     self.ref_range(be & OFFSET_MASK, cs)
 
-    def reftable(self) -> list[int]:
+    def reftable_entries(self) -> list[tuple[int, int]]:
+        """(index, entry) of each non-zero refcount table entry, in order. A
+        zero entry counts nothing and is no error, so the table is scanned a
+        page at a time (one bytes comparison per page) and only the pages
+        holding something are unpacked: a table of 8192 entries with 1 used
+        costs a few microseconds, not one Python step per entry."""
         h = self.h
-        n = h.refcount_table_clusters * self.cs
-        raw = self.pread(h.refcount_table_offset, n)
-        return list(struct.unpack(f">{n // 8}Q", raw))
+        raw = self.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        out: list[tuple[int, int]] = []
+        page = 4096
+        zero = bytes(page)
+        for base in range(0, len(raw), page):
+            chunk = raw[base:base + page]
+            if chunk == zero[:len(chunk)]:
+                continue
+            vals = struct.unpack(f">{len(chunk) // 8}Q", chunk)
+            first = base // 8
+            out.extend((first + i, e) for i, e in enumerate(vals) if e)
+        return out
 
     def walk_refblocks(self) -> None:
         """check_refblocks: every refcount block, referenced exactly once."""
-        for t, e in enumerate(self.reftable()):
+        # the clusters qemu's in-memory table covers: the file's, or up to
+        # the last cluster counted past its end; grows only when a block
+        # outside the image is repaired (the refs counted below are inside)
+        limit = max(self.nfile, max(self.refs, default=-1) + 1)
+        for t, e in self.reftable_entries():
             off = e & ~REFT_RESERVED
             c = off >> self.cb
             if e & REFT_RESERVED:
@@ -250,7 +268,7 @@ class Walker:
                            "refcount table entry corrupted")
                 self.rebuild = True
                 continue
-            if c >= max(self.nfile, max(self.refs, default=-1) + 1):
+            if c >= limit:
                 fix = self.repair == "all"
                 self.error(f"{'Repairing' if fix else 'ERROR'} refcount block {t} "
                            "is outside image")
@@ -258,6 +276,7 @@ class Walker:
                     os.ftruncate(self.fd, off + self.cs)
                     self.file_size = off + self.cs
                     self.nfile = c + 1
+                    limit = max(limit, c + 1)
                     self.corrupt -= 1
                     self.fixed_corruptions += 1
                     self.ref_range(off, self.cs)
