@@ -6,7 +6,9 @@ of benchmarks/convert_raw.py: --load busy or busy-apart), then reads
 ``perf sched timehist`` for the command's own threads and prints per thread
 the time on a CPU (run), runnable but waiting for a CPU (delay: after a
 wake-up, or preempted)
-and asleep (waiting on a lock or I/O), and for the process the average
+and asleep (waiting on a lock or I/O), and for the process the time its
+second thread started (the one-thread phase before it: a blkjobs command's
+Python start-up and set-up before the copy engine's workers), the average
 number of runnable threads: (run + delay) / wall. The scheduler shares a busy
 CPU per runnable thread (within one autogroup), so that number is what a
 copy asks of a busy host. Rounds alternate the commands; medians reported.
@@ -43,11 +45,12 @@ RUNNABLE = ("R", "R+", "W")
 
 
 def parse_timehist(text: str, pid: int) -> dict[int, dict]:
-    """{tid: {"name", "run", "delay", "preempt", "sleep", "n"}} (ms) of
+    """{tid: {"name", "run", "delay", "sleep" (ms), "n" (times on a CPU),
+    "first", "last" (s: its first and last moment on a CPU), "state"}} of
     process pid's threads, from ``perf sched timehist --state`` output. A
-    line's wait time is the time since the thread's previous switch-out: time
-    it stayed runnable (preempt: "delay" below adds it to the wake-up
-    latency) when it left the CPU runnable, else time asleep."""
+    line's wait time is the time since the thread's previous switch-out: it
+    counts as delay (with the line's wake-up latency) when the thread left
+    the CPU runnable (preempted), else as sleep."""
     out: dict[int, dict] = {}
     for line in text.splitlines():
         m = LINE.match(line)
@@ -73,13 +76,21 @@ def parse_timehist(text: str, pid: int) -> dict[int, dict]:
     return out
 
 
-def measure(cmd: list[str], data: str) -> None:
-    """Run cmd under perf sched record into data."""
-    p = subprocess.Popen(["perf", "sched", "record", "-q", "-o", data, "--"] + cmd,
+def measure(cmd: list[str], data: str) -> int:
+    """Run cmd under perf sched record into data; its pid."""
+    pidfile = data + ".pid"
+    # the command's pid as it runs (a shell that execs it): perf records the
+    # whole host, where other processes may have the same name
+    p = subprocess.Popen(["perf", "sched", "record", "-q", "-o", data, "--", "sh", "-c",
+                          f'echo $$ > {pidfile}; exec "$@"', "sh"] + cmd,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, err = p.communicate()
     if p.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed: {err.decode().strip()}")
+    with open(pidfile) as f:
+        pid = int(f.read())
+    os.unlink(pidfile)
+    return pid
 
 
 def main() -> None:
@@ -106,28 +117,28 @@ def main() -> None:
                 if os.path.exists(dst):
                     os.unlink(dst)
                 os.sync()
-                # perf forks the command: its pid is perf's child's; find it in the trace
                 # wall: the process's first to last moment on a CPU in the trace
                 # (perf's own start and end are not the command's)
-                measure(cmds[n], data)
+                pid = measure(cmds[n], data)
                 text = subprocess.run(["perf", "sched", "timehist", "--state", "-i", data],
                                       capture_output=True, text=True).stdout
-                comm = os.path.basename(cmds[n][0])[:15]
-                pids = {int(m["pid"] or m["tid"]) for m in map(LINE.match, text.splitlines())
-                        if m and m["name"] == comm}
-                threads: dict[int, dict] = {}
-                for pid in pids:
-                    threads.update(parse_timehist(text, pid))
+                threads = parse_timehist(text, pid)
                 wall = (max(t["last"] for t in threads.values())
                         - min(t["first"] for t in threads.values()))
                 run = sum(t["run"] for t in threads.values())
                 delay = sum(t["delay"] for t in threads.values())
                 sleep = sum(t["sleep"] for t in threads.values())
-                r = {"wall": wall, "run": run / 1e3, "delay": delay / 1e3, "sleep": sleep / 1e3,
+                # the one-thread start: from the process's first moment on a CPU
+                # to its second thread's (blkjobs: Python's start-up, options,
+                # locks and target creation before the copy engine's workers)
+                t0 = threads[pid]["first"] if pid in threads else 0.0
+                others = [t["first"] for tid, t in threads.items() if tid != pid]
+                start = (min(others) - t0) if others and pid in threads else wall
+                r = {"wall": wall, "start": start, "run": run / 1e3, "delay": delay / 1e3, "sleep": sleep / 1e3,
                      "threads": len(threads), "runnable": (run + delay) / 1e3 / wall,
                      "per_thread": sorted(threads.values(), key=lambda t: -t["run"])}
                 res[n].append(r)
-                print(f"  round {rnd} {n:22s} wall {wall:6.3f} s  run {r['run']:6.3f}  "
+                print(f"  round {rnd} {n:22s} wall {wall:6.3f} s  2nd thread at {start:6.3f}  run {r['run']:6.3f}  "
                       f"delay {r['delay']:6.3f}  sleep {r['sleep']:7.3f}  threads "
                       f"{r['threads']:3d}  runnable {r['runnable']:.2f}", file=sys.stderr)
     finally:
@@ -138,13 +149,14 @@ def main() -> None:
         for f in os.listdir(tmp):
             os.unlink(os.path.join(tmp, f))
         os.rmdir(tmp)
-    print(f"{a.load}, {a.rounds} rounds (median; s): wall, on CPU, waiting for a CPU, asleep, "
-          "threads, average runnable threads = (run + delay) / wall")
+    print(f"{a.load}, {a.rounds} rounds (median; s): wall, the second thread's start (the "
+          "one-thread phase before it), on CPU, waiting for a CPU, asleep, threads, average "
+          "runnable threads = (run + delay) / wall")
     for n in names:
         rs = res[n]
         med = {k: statistics.median(r[k] for r in rs) for k in
-               ("wall", "run", "delay", "sleep", "threads", "runnable")}
-        print(f"  {n:22s} wall {med['wall']:6.3f}  run {med['run']:6.3f}  delay "
+               ("wall", "start", "run", "delay", "sleep", "threads", "runnable")}
+        print(f"  {n:22s} wall {med['wall']:6.3f}  2nd thread at {med['start']:6.3f}  run {med['run']:6.3f}  delay "
               f"{med['delay']:6.3f}  sleep {med['sleep']:7.3f}  threads {med['threads']:3.0f}"
               f"  runnable {med['runnable']:.2f}")
         last = rs[-1]["per_thread"]
