@@ -22,11 +22,12 @@ and system CPU seconds (GNU time, median), peak RSS, and the MEDIAN OF THE
 PER-ROUND RATIOS peer time / blkjobs time (> 1: blkjobs is faster), with
 their min-max: within one round the two ran back to back under the same
 drift. --baseline BLKJOBS adds another blkjobs (e.g. the main branch's
-.venv/bin/blkjobs) as "blkjobs before".
+.venv/bin/blkjobs) as "blkjobs before"; --threads 1,2 adds "blkjobs -m 1"
+and "blkjobs -m 2" (worker threads).
 
 Usage: benchmarks/convert_raw.py [--size 2G] [--rounds 5] [--image dense,vm]
        [--load quiet,busy,busy-apart] [--mode cache,durable] [--only NAME,...]
-       [--baseline PATH] [--dir DIR] [--json FILE]
+       [--baseline PATH] [--threads 1,2] [--dir DIR] [--json FILE]
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from blkjobs.imageops.vmimage import make_vm_image  # noqa: E402
 BLKJOBS = os.path.join(os.path.dirname(sys.executable), "blkjobs")
 
 
-def contenders(src, dst, baseline=None):
+def contenders(src, dst, baseline=None, threads=()):
     c = {
         "blkjobs convert": [BLKJOBS, "convert", src, dst],     # default: -t unsafe, as qemu-img
         # durable copies: blkjobs flushes itself (-t writeback, with write-behind)
@@ -68,6 +69,8 @@ def contenders(src, dst, baseline=None):
     }
     if baseline:
         c["blkjobs before"] = [baseline, "convert", src, dst]
+    for m in threads:
+        c[f"blkjobs -m {m}"] = [BLKJOBS, "convert", "-m", str(m), src, dst]
     return {k: v for k, v in c.items() if shutil.which(v[0])}
 
 
@@ -190,6 +193,8 @@ def main():
     ap.add_argument("--only", default=None, help="contenders to run (comma list of names)")
     ap.add_argument("--baseline", default=None, metavar="BLKJOBS",
                     help="another blkjobs executable to compare, e.g. main's")
+    ap.add_argument("--threads", default="", metavar="N,...",
+                    help="add blkjobs convert -m N for each N (worker threads)")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -213,7 +218,8 @@ def main():
                 print(f"data {lay.data >> 20} MiB, zeroes-as-data {lay.zero >> 20} MiB, holes "
                       f"{lay.hole >> 20} MiB", file=sys.stderr)
                 out["layout"] = lay.__dict__
-            cs = contenders(src, dst, a.baseline)
+            cs = contenders(src, dst, a.baseline,
+                            [int(m) for m in a.threads.split(",") if m])
             names = [n for n in cs if a.only is None or n in a.only.split(",")
                      or n == "blkjobs convert"]
             names.remove("blkjobs convert")
