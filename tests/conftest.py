@@ -194,3 +194,11 @@ def _working_directory_kept():
         os.chdir(before)
         pytest.fail(f"the test left the working directory at {after}: use monkeypatch.chdir",
                     pytrace=False)
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked ``slow`` (the longest, 5-30 s each) run first: under
+    xdist's worksteal the suite then ends on short tests, and no worker
+    waits at the end for the other's long one. (The order is the same on
+    every worker, as xdist requires: a stable sort.)"""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -77,6 +77,7 @@ def test_nesting_limit_as_qemu(daemon):
     r.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("over", [True, False])
 def test_token_count_limit(over):
     """QEMU's per-message limit of tokens (2 Mi): 2 Mi + 1 refused, 2 Mi - 1

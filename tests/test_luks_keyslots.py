@@ -108,6 +108,7 @@ def same_state(twins, fmt: str, want: list[str]) -> None:
     assert slots(twins[0], fmt) == slots(twins[1], fmt)
 
 
+@pytest.mark.slow
 def test_keyslot_lifecycle_as_qemu_img(twins, create):
     """Adding (a given slot, the first free one), erasing (by slot, by old
     password), every refusal iotest 293 checks, and --force, as qemu-img

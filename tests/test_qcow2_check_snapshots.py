@@ -126,6 +126,7 @@ def _too_many(d: Path) -> Path:
     return img
 
 
+@pytest.mark.slow
 def test_too_many_snapshots_are_refused_then_discarded(twins):
     imgs = [_too_many(d) for d in twins]
     rc, out, err = same(twins, "info", "t.qcow2")

@@ -241,6 +241,7 @@ def test_blockdev_create_whose_l1_table_grows_the_refcount_table(tmp_path):
     assert run_daemon(start_blkjobs, tmp_path, sc) == L1_GROWS_TABLE_QEMU
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts,old,new,prealloc", [
     # the new L1 table ends inside its last cluster
     ("cluster_size=512", "4M", "9M", "off"), ("cluster_size=512", "4M", "9M", "metadata"),
@@ -248,6 +249,7 @@ def test_blockdev_create_whose_l1_table_grows_the_refcount_table(tmp_path):
     ("cluster_size=512", "0", "600M", "off"), ("cluster_size=512", "0", "600M", "metadata"),
     ("cluster_size=65536", "1G", "100G", "off"),
 ])
+@pytest.mark.slow
 def test_resize_growing_the_l1_table_as_qemu_img(tmpfs_twins, opts, old, new, prealloc):
     """resize growing the L1 table: the run at the first free clusters, the
     refcount blocks it lacks after it, the table's bytes written (not a
