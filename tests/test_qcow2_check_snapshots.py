@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
+
 from qemu_oracle import check_clean, qemu_img, qemu_io
 from test_check_repair import _be, _poke
 from test_parity_invocation import run, same, twins  # noqa: F401  (twins: a fixture)

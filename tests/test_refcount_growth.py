@@ -27,7 +27,7 @@ from conftest import blocks, qemu_compare, run_blkjobs
 from daemon_util import run_daemon, side_by_side, start_blkjobs
 from qemu_oracle import check_clean, qemu_img, qemu_io
 from test_daemon_create import create as daemon_create
-from test_parity_invocation import same, twins  # noqa: F401  (twins: a fixture)
+from test_parity_invocation import same, twins  # twins: the fixture tmpfs_twins calls
 
 #: the first size whose metadata preallocation grows the table (512 B clusters)
 META_THRESHOLD = 8224768
