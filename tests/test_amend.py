@@ -6,8 +6,16 @@ from __future__ import annotations
 import pytest
 
 from qemu_oracle import check_clean, qemu_img, qemu_io, to_raw
-from test_parity_invocation import run, same, twins  # noqa: F401  (fixture)
+import test_parity_invocation
+from test_parity_invocation import run, same
 from test_snapshot import info_no_dates, masked
+
+
+@pytest.fixture
+def twins(shm_path):
+    """test_parity_invocation's twins on a tmpfs: qemu-img syncs each
+    metadata update of an amend (most of these tests' time on a busy disk)."""
+    return test_parity_invocation.twins.__wrapped__(shm_path)
 
 
 def both(twins, create_opts=(), io=(), size="64M"):

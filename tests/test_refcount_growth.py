@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import random
 import struct
-from pathlib import Path
 
 import pytest
 
@@ -50,14 +47,9 @@ L1_GROWS_TABLE_QEMU = ("26706946cee7b5d9e8ff87a25fce555eb5310dd545cd65df152ede71
 
 
 @pytest.fixture
-def tmpfs():
-    """A directory on a tmpfs (/dev/shm, which every Linux mounts) for the
-    large preallocated images; removed after the test."""
-    if os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize < (1 << 30):
-        pytest.fail("/dev/shm (a tmpfs) has less than 1 GiB free")
-    d = Path(tempfile.mkdtemp(prefix="blkjobs-refcount-", dir="/dev/shm"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def tmpfs(shm_path):
+    """A directory on a tmpfs for the large preallocated images (conftest)."""
+    return shm_path
 
 
 @pytest.fixture
