@@ -239,7 +239,7 @@ class BitmapMachine(RuleBasedStateMachine):
 BitmapMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-TestBitmapModel = BitmapMachine.TestCase
+TestBitmapModel = pytest.mark.slow(BitmapMachine.TestCase)      # 5-8 s in CI
 
 
 # -- exact examples ----------------------------------------------------------

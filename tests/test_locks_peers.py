@@ -136,6 +136,7 @@ class Holder:
                 f.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["qsd-rw", "qsd-ro", "io-rw", "io-ro"])
 def test_commands_lock_like_qemu_img(tmp_path, kind):
     """Every image command against every holder: same exit status as

@@ -325,7 +325,7 @@ DD_CASES = [
     "if=../in.raw of=nodir/x", "if=../in.raw of=o count=abc",
     "if=../in.raw of=o bs=1k skip=1023 count=1024", "if=../in.raw of=o bs=1M skip=2",
     "if=../in.raw", "if=../in.raw of=o bs=0", "-f qcow2 if=../in.raw of=o",
-    "if=nonexist of=o", "-O qcow2 if=../in.raw of=o bs=3 skip=1000",
+    "if=nonexist of=o", "-O qcow2 if=../in64k.raw of=o bs=3 skip=1000",
     "-O raw -f qcow2 if=../ov.qcow2 of=o bs=4k count=100 skip=3",
     "-O qcow2 if=../ov.qcow2 of=o bs=7k skip=5", "if=../in.raw of=o bs=1k count=0",
     "if=../in.raw of=o bs=4k count=1 skip=1 conv=notrunc", "if=../in.raw of=o count=9E",
@@ -341,6 +341,10 @@ def dd_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dd")
     rnd = random.Random(7)
     (d / "in.raw").write_bytes(rnd.randbytes((1 << 20) + 4321))
+    # bs=3: qemu-img writes 3 bytes at a time (10 s of its CPU for in.raw);
+    # as in.raw, more than a 64k cluster after skip=1000 and 2 bytes in the
+    # last block
+    (d / "in64k.raw").write_bytes(rnd.randbytes((64 << 10) + 4321))
     qemu_img("create", "-f", "qcow2", d / "base.qcow2", "3M")
     qemu_io(d / "base.qcow2", "write -P 1 0 2M")
     qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", d / "ov.qcow2")

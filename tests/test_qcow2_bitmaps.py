@@ -138,6 +138,7 @@ def test_every_granularity_in_one_image(tmp_path):
         assert bits == expected_bits(SIZE, g, [(100 * 1024, 1)]), name
 
 
+@pytest.mark.slow
 def test_names_at_the_length_limit_and_many_bitmaps(tmp_path):
     img = new_image(tmp_path / "a.qcow2", 4 << 20)
     long = "n" * 1023

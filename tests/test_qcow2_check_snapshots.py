@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
+
 from qemu_oracle import check_clean, qemu_img, qemu_io
 from test_check_repair import _be, _poke
 from test_parity_invocation import run, same, twins  # noqa: F401  (twins: a fixture)
@@ -126,6 +128,7 @@ def _too_many(d: Path) -> Path:
     return img
 
 
+@pytest.mark.slow
 def test_too_many_snapshots_are_refused_then_discarded(twins):
     imgs = [_too_many(d) for d in twins]
     rc, out, err = same(twins, "info", "t.qcow2")

@@ -159,6 +159,7 @@ def test_commit_over_compressed_base_clusters_in_flight(eng, tmp_path):
     check(base)
 
 
+@pytest.mark.slow
 def test_write_of_many_tables_flushes_no_entry_before_its_data(tmp_path, monkeypatch):
     # Qcow2.write() of whole clusters: allocate, then pwrite. Allocating a
     # range of many L2 tables evicts (flushes) the cache between the two.

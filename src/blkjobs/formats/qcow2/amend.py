@@ -56,7 +56,9 @@ def upgrade(drv, progress: Progress = None) -> None:
     h.header_length = 112
     h.tail = b""
     h.compression_type = 0
-    if h.ext(EXT_FEATURE_TABLE) is None:
+    # QEMU 7.2 leaves the feature name table out of images with clusters of
+    # 4 KiB and less (as create does)
+    if h.ext(EXT_FEATURE_TABLE) is None and h.cluster_size > 4096:
         h.extensions.insert(0, (EXT_FEATURE_TABLE, feature_table_ext()))
     drv.flush()
     drv._write_header()
