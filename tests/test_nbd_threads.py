@@ -42,13 +42,17 @@ def test_join_waits_for_the_function():
     assert out == [1] and not t.is_alive()
 
 
-def test_a_function_that_raises_ends_its_thread_only():
+def test_a_function_that_raises_ends_its_thread_only(caplog):
     def boom() -> None:
         raise RuntimeError("bug")
     t = threads.Thread(boom)
     t.start()
     t.join(30)
     assert not t.is_alive()
+    # said by the time join returns, with its traceback
+    assert [(r.name, r.levelname, r.getMessage(), str(r.exc_info[1]))
+            for r in caplog.records] == [
+        ("blkjobs.nbd.threads", "ERROR", "NBD server thread failed", "bug")]
     ok = threads.Thread(lambda: None)
     ok.start()
     ok.join(30)

@@ -51,8 +51,7 @@ class _Pool:
         while True:
             try:
                 fn()
-            except BaseException:   # a bug (the functions catch theirs): this thread ends
-                log.exception("NBD server thread failed")
+            except BaseException:   # a bug, said by Thread._run: this thread ends
                 return
             del fn              # (nothing of the last connection kept alive)
             with self._lock:
@@ -84,6 +83,10 @@ class Thread:
         try:
             if self._target is not None:
                 self._target()
+        except BaseException:
+            # said before join returns (the caller's log, not a later one's)
+            log.exception("NBD server thread failed")
+            raise
         finally:
             self._target = None     # (the connection it ran: no cycle through it)
             self._done.set()
