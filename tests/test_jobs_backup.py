@@ -207,3 +207,25 @@ def test_progress_and_pause(eng, tmp_path):
     eng.job_set_speed("b0", 0)
     eng.job_resume("b0")
     assert eng.wait_job(job, 20).value == "completed"
+
+
+def test_unaligned_progress_in_clusters_the_message_in_bytes(eng, tmp_path):
+    """A backup of a 70000-byte raw image (70144 bytes: whole sectors): its
+    progress counts whole clusters of the copy bitmap, as QEMU's (131072;
+    tests/test_daemon_qsd_progress.py compares with qemu-storage-daemon), while
+    what the command line says it copied counts the image's bytes
+    (cli.cmd_backup.copied, the text of a failed or cancelled backup)."""
+    from blkjobs.cli.cmd_backup import copied
+    src, dst = tmp_path / "s.raw", tmp_path / "d.raw"
+    src.write_bytes(b"\x11" * 70000)
+    dst.write_bytes(bytes(70144))
+    eng.open(str(src), "raw", node_name="src")
+    eng.open(str(dst), "raw", node_name="dst")
+    ev = eng.listen()
+    job = eng.backup("src", "dst", sync="full", job_id="b0")
+    assert eng.wait_job(job, 20).value == "completed"
+    done = ev.wait_for("BLOCK_JOB_COMPLETED", timeout=5)
+    assert (done.data["len"], done.data["offset"]) == (131072, 131072)
+    assert copied(job) == "68.5 KiB of 68.5 KiB copied"
+    eng.close()
+    assert dst.read_bytes() == b"\x11" * 70000 + bytes(144)
