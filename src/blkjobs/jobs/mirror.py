@@ -152,14 +152,14 @@ class MirrorJob(BlockJob):
             sync, zero_target = "full", False
         select = select_window(0, 1) if sync == "top" else select_full
         job = cls(io, src, dst, sync, select, granularity, copy_mode, target_is_zero,
-                  on_source_error, on_target_error, rep)
-        job.zero_target = zero_target
+                  on_source_error, on_target_error, rep, zero_target=zero_target)
         job.mover.may_unmap = unmap     # false: zeroes keep the target's clusters
         return job
 
     def __init__(self, io: BlockIO, src: Node, dst: Node, sync: str, select: Select,
                  granularity: int, copy_mode: str, target_is_zero: bool,
-                 on_source_error: str, on_target_error: str, replaces: Node | None = None):
+                 on_source_error: str, on_target_error: str, replaces: Node | None = None,
+                 zero_target: bool = True):
         super().__init__(io)
         self.src, self.dst, self.sync = src, dst, sync
         self.select = select
@@ -168,7 +168,7 @@ class MirrorJob(BlockJob):
         self.target_is_zero = target_is_zero
         #: sync=full writes the whole target (QEMU's zero_target); False:
         #: only what the chain allocates (a top without a backing file)
-        self.zero_target = True
+        self.zero_target = zero_target
         self.on_source_error, self.on_target_error = on_source_error, on_target_error
         self.replaces = replaces
         self.dirty = Bitmap(src.size, granularity)
