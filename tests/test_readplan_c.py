@@ -62,7 +62,7 @@ def _merged(segs) -> list[tuple[int, int, int, int]]:
 def _python_segments(img, a: int, n: int, unalloc_zero: bool):
     """The Python path's segments of one read of a lone image."""
     segs = []
-    for start, k, kind, host in img.map_for_read(a, n):
+    for _start, k, kind, host in img.map_for_read(a, n):
         if kind == Kind.DATA:
             segs.append((DATA_PAD, img.data_fd, host, k))
         else:
