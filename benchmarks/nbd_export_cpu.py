@@ -128,7 +128,7 @@ def plan(a: argparse.Namespace, img: str) -> None:
     try:
         for r in range(a.rounds):
             for k in (["C", "Python"] if r % 2 else ["Python", "C"]):
-                readplan._plan_c = in_c if k == "C" else (lambda *_: None)  # type: ignore[assignment]
+                readplan._plan_c = in_c if k == "C" else (lambda *_: None)
                 res[k].append(run())
     finally:
         readplan._plan_c = in_c
