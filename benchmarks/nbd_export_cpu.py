@@ -39,14 +39,14 @@ from nbd_export import BLKJOBS, fresh_bytecode, make_sparse, wait_for  # noqa: E
 
 
 def start(name: str, exe: str | None, img: str, d: str) -> tuple[subprocess.Popen[str], str]:
-    sock = os.path.join(d, name + ".sock")
+    sock = os.path.join(d, name.replace(" ", "") + ".sock")    # (a URI: no spaces)
     if exe is None:         # qemu-nbd (-e 4: multi-conn, as our export)
         extra = ["-e", "4"] if name == "qemu-nbd -e 4" else []
         p = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "qcow2", f"--socket={sock}", "-x",
                               "disk", *extra, img], stderr=subprocess.DEVNULL, text=True)
         wait_for(sock, p, name)
     else:
-        p = subprocess.Popen([exe, "serve", "--socket", os.path.join(d, name + ".qmp"),
+        p = subprocess.Popen([exe, "serve", "--socket", os.path.join(d, name.replace(" ", "") + ".qmp"),
                               "--export", f"disk={img}", "--nbd-socket", sock, "--print-ready"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         if not p.stdout or not p.stdout.readline():
