@@ -2,6 +2,7 @@
  * GIL released (see nbdsrv.h and docs/nbd.md, "The data path in C"). */
 #include "nbdsrv.h"
 #include "dio.h"
+#include "qcow2.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -41,6 +42,10 @@
 #define DONE_BATCH 16
 /* a socket taking nothing for this long: its sender flushes the tokens */
 #define STUCK_MS 10
+
+/* qcow2.c writes these segments for the qcow2 reads (bj_qcow2_read_segs) */
+_Static_assert(BJ_QSEG_DATA_PAD == BJ_NBDS_DATA_PAD && BJ_QSEG_ZERO == BJ_NBDS_ZERO,
+               "qcow2.c's segment kinds are nbdsrv.h's");
 
 struct seg {
     uint64_t kind, fd, host, len;

@@ -45,6 +45,27 @@ long bj_qcow2_l2_runs(const uint8_t *table, size_t table_len, size_t first, size
 long bj_qcow2_map(const uint8_t *table, size_t table_len, uint64_t table_guest,
                   uint64_t pos, uint64_t end, unsigned cluster_bits, uint64_t host_limit,
                   int v3, uint64_t *out, size_t max, uint64_t *stop_out);
+/* The segments of reads of guest ranges through one standard L2 table, as
+ * the NBD export's data path takes them (nbdsrv.h: 4 words each, kind, fd,
+ * host offset, length): DATA clusters as BJ_QSEG_DATA_PAD on fd (bytes past
+ * the end of the file read as zeroes), ZERO clusters as BJ_QSEG_ZERO, and
+ * UNALLOCATED ones as BJ_QSEG_ZERO when unalloc_zero (no backing node) --
+ * neighbours of one kind merged (data while contiguous in the file).
+ * table: the L2 table's table_len bytes (its entry 0 maps guest offset
+ * table_guest), or NULL for a table not allocated (every entry 0: its
+ * range is table_len / 8 clusters). reqs: 2 words per read (guest offset,
+ * length). Each read's segments follow the last one's in segs (at most
+ * max_segs in all) and counts[i] gets their number; 0 for a read that is
+ * the caller's: empty or outside the table's range, an entry the fast path
+ * does not take (those bj_qcow2_l2_runs stops at), an unallocated cluster
+ * without unalloc_zero, or no room left in segs for it. Returns the number
+ * of segments written, or -EINVAL. */
+#define BJ_QSEG_DATA_PAD 1
+#define BJ_QSEG_ZERO 2
+long bj_qcow2_read_segs(const uint8_t *table, size_t table_len, uint64_t table_guest,
+                        unsigned cluster_bits, uint64_t host_limit, int v3, int unalloc_zero,
+                        uint64_t fd, const uint64_t *reqs, size_t nreq, uint64_t *segs,
+                        size_t max_segs, uint64_t *counts);
 /* cdef-end */
 
 #endif

@@ -81,6 +81,73 @@ static void test_map(void)
     CHECK_EQ(stop, 0x10000);
 }
 
+/* bj_qcow2_read_segs: the worked example of qcow2.c, reads left to the
+ * caller (unusual entries, unallocated with a backing node, outside the
+ * table, no room) while the others are mapped, a table not allocated, bad
+ * arguments. */
+static void test_read_segs(void)
+{
+    uint8_t t[8 * 16];
+    uint64_t sg[4 * 8], cnt[4];
+    memset(t, 0, sizeof t);
+    put(t, 0, 0x8000000000050000ull);
+    put(t, 2, 1);
+    put(t, 3, 0x8000000000070000ull);
+    put(t, 4, 0x8000000000080000ull);                  /* contiguous with 3 */
+    put(t, 5, 0x4000000000090000ull);                  /* compressed */
+    uint64_t rq[] = { 0x8000, 0x20000, 0x30000, 0x10000 };
+    CHECK_EQ(bj_qcow2_read_segs(t, sizeof t, 0, 16, 1ull << 30, 1, 1, 7, rq, 2, sg, 8, cnt), 3);
+    CHECK_EQ(cnt[0], 2);
+    CHECK_EQ(cnt[1], 1);
+    uint64_t want[] = { BJ_QSEG_DATA_PAD, 7, 0x58000, 0x8000,
+                        BJ_QSEG_ZERO, 0, 0, 0x18000,           /* unallocated + zero merged */
+                        BJ_QSEG_DATA_PAD, 7, 0x70000, 0x10000 };
+    for (size_t i = 0; i < 12; i++)
+        CHECK_EQ(sg[i], want[i]);
+    /* contiguous data merged; a compressed entry, an unallocated cluster
+     * with a backing node, a range past the table's: the caller's, and the
+     * reads after them still mapped */
+    uint64_t rq2[] = { 0x38000, 0x10000, 0x40000, 0x20000, 0x10000, 0x8000, 0xf8000, 0x10000 };
+    CHECK_EQ(bj_qcow2_read_segs(t, sizeof t, 0, 16, 1ull << 30, 1, 0, 7, rq2, 4, sg, 8, cnt), 1);
+    CHECK_EQ(cnt[0], 1);
+    CHECK_EQ(sg[0], BJ_QSEG_DATA_PAD);
+    CHECK_EQ(sg[2], 0x78000);
+    CHECK_EQ(sg[3], 0x10000);
+    CHECK_EQ(cnt[1], 0);
+    CHECK_EQ(cnt[2], 0);
+    CHECK_EQ(cnt[3], 0);
+    /* the zero flag of a v2 image and an entry past host_limit: the caller's */
+    CHECK_EQ(bj_qcow2_read_segs(t, sizeof t, 0, 16, 1ull << 30, 0, 1, 7, rq + 2, 1, sg, 8, cnt), 1);
+    CHECK_EQ(bj_qcow2_read_segs(t, sizeof t, 0, 16, 1ull << 30, 0, 1, 7, rq, 1, sg, 8, cnt), 0);
+    CHECK_EQ(cnt[0], 0);
+    CHECK_EQ(bj_qcow2_read_segs(t, sizeof t, 0, 16, 0x58000, 1, 1, 7, rq, 1, sg, 8, cnt), 0);
+    CHECK_EQ(cnt[0], 0);
+    /* no room for the second read: it is the caller's, the first stays */
+    CHECK_EQ(bj_qcow2_read_segs(t, sizeof t, 0, 16, 1ull << 30, 1, 1, 7, rq, 2, sg, 2, cnt), 2);
+    CHECK_EQ(cnt[0], 2);
+    CHECK_EQ(cnt[1], 0);
+    /* a table not allocated: zeroes, or the caller's with a backing node */
+    uint64_t rq3[] = { (1ull << 30) + 0x1000, 0x30000 };
+    CHECK_EQ(bj_qcow2_read_segs(NULL, sizeof t, 1ull << 30, 16, 1ull << 30, 1, 1, 7, rq3, 1, sg, 8,
+                                cnt), 1);
+    CHECK_EQ(cnt[0], 1);
+    CHECK_EQ(sg[0], BJ_QSEG_ZERO);
+    CHECK_EQ(sg[3], 0x30000);
+    CHECK_EQ(bj_qcow2_read_segs(NULL, sizeof t, 1ull << 30, 16, 1ull << 30, 1, 0, 7, rq3, 1, sg, 8,
+                                cnt), 0);
+    CHECK_EQ(cnt[0], 0);
+    /* an empty read, bad arguments */
+    uint64_t rq4[] = { 0, 0 };
+    CHECK_EQ(bj_qcow2_read_segs(t, sizeof t, 0, 16, 1ull << 30, 1, 1, 7, rq4, 1, sg, 8, cnt), 0);
+    CHECK_EQ(cnt[0], 0);
+    CHECK_EQ(bj_qcow2_read_segs(t, 7, 0, 16, 1ull << 30, 1, 1, 7, rq, 1, sg, 8, cnt), -EINVAL);
+    CHECK_EQ(bj_qcow2_read_segs(t, sizeof t, 0, 8, 1ull << 30, 1, 1, 7, rq, 1, sg, 8, cnt), -EINVAL);
+    CHECK_EQ(bj_qcow2_read_segs(t, sizeof t, 0, 16, 1ull << 30, 1, 1, 7, NULL, 1, sg, 8, cnt),
+             -EINVAL);
+    CHECK_EQ(bj_qcow2_read_segs(t, sizeof t, UINT64_MAX - 0x10000, 16, 1ull << 30, 1, 1, 7, rq, 1,
+                                sg, 8, cnt), -EINVAL);
+}
+
 int main(void)
 {
     uint8_t t[8 * 16];
@@ -128,6 +195,7 @@ int main(void)
     CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 0, 1, 8, 1, 1, r, 8, &stop), -EINVAL);
     CHECK_EQ(bj_qcow2_l2_runs(t, sizeof t, 16, 0, 16, 1, 1, r, 8, &stop), 0);
     test_map();
+    test_read_segs();
     printf("test_qcow2: ok\n");
     return 0;
 }

@@ -245,8 +245,10 @@ class _Shared:
 
 #: a token of :func:`plan_batch`: the group's pins, the read's tickets
 Token = tuple[_Shared, list[tuple[Any, int]]]
-#: what :func:`plan_batch` hands out per read: its segments and its token
-Planned = tuple[list[Segment], Token]
+#: what :func:`plan_batch` hands out per read: its segments -- a list of
+#: :data:`Segment`, or the C mapper's (``native.qcow2.Segments``: sized,
+#: iterable as Segments) -- and its token
+Planned = tuple[Any, Token]
 #: reads of a batch closer than this are mapped as one range (nbdcopy's
 #: are back to back); a group spans at most _SPAN
 _GAP, _SPAN = 1 << 20, 64 << 20
@@ -279,8 +281,54 @@ def plan_batch(img: Node, reqs: list[tuple[int, int]], reads: list[Any]) -> list
     until :func:`end_batch`. Reads close together are mapped as one range
     (one walk of the L2 tables) and cut apart. None for a read that cannot
     be done this way or whose mapping failed (the caller reads it the
-    ordinary way, which reports the error)."""
+    ordinary way, which reports the error).
+
+    A qcow2 image's reads are mapped in C first (``read_segments``: no
+    Python per run); the reads it leaves (anything unusual in their range,
+    an unallocated cluster read from a backing node) are mapped as below."""
     out: list[Planned | None] = [None] * len(reqs)
+    rest = _plan_c(img, reqs, reads, out)
+    if rest is None:
+        _plan_groups(img, reqs, reads, out)
+    elif rest:
+        sub: list[Planned | None] = [None] * len(rest)
+        _plan_groups(img, [reqs[i] for i in rest], reads, sub)
+        for i, g in zip(rest, sub, strict=True):
+            out[i] = g
+    return out
+
+
+def _plan_c(img: Node, reqs: list[tuple[int, int]], reads: list[Any],
+            out: list[Planned | None]) -> list[int] | None:
+    """The reads of a qcow2 image the C mapper takes, into ``out`` (one pin
+    for them all, released with the last); the indices of the others, or
+    None: this image is not for it (the Python path for all)."""
+    node = img
+    while node.is_filter:
+        node = node._child()
+    d = node.driver
+    if getattr(d, "injects_faults", False):
+        return None
+    read_segments = getattr(d, "read_segments", None)
+    got = read_segments(reqs, node.backing is None) if read_segments is not None else None
+    if got is None:
+        return None
+    rest = [i for i, g in enumerate(got) if g is None]
+    if len(rest) < len(reqs):
+        rp = ReadPlan()
+        pins = d.read_pins
+        rp.pins.append((pins, pins.pin()))
+        shared = _Shared(rp, len(reqs) - len(rest))
+        for i, g in enumerate(got):
+            if g is not None:
+                off, n = reqs[i]
+                out[i] = (g, (shared, [(r, r.add(off, n)) for r in reads]))
+    return rest
+
+
+def _plan_groups(img: Node, reqs: list[tuple[int, int]], reads: list[Any],
+                 out: list[Planned | None]) -> None:
+    """:func:`plan_batch` of ``reqs`` through :func:`plan_segments`."""
     for start, end, idx in _groups(reqs):
         got = _try(img, start, end - start) if len(idx) > 1 else None
         if got is None:             # alone: a compressed cluster is not the others'
@@ -300,7 +348,6 @@ def plan_batch(img: Node, reqs: list[tuple[int, int]], reads: list[Any]) -> list
                 k += 1
             out[i] = (_cut(segs, k, pos, off, off + n),
                       (shared, [(r, r.add(off, n)) for r in reads]))
-    return out
 
 
 def _cut(segs: list[Segment], k: int, pos: int, off: int, end: int) -> list[Segment]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from ._lib import Owned, ffi, lib
+from .qcow2 import Segments
 
 #: segment kinds (csrc/nbdsrv.h): file bytes (a short read is an error),
 #: file bytes read as zeroes past the end of the file, zeroes
@@ -21,6 +23,8 @@ Segment = tuple[int, int, int, int]
 Header = tuple[int, int, int, int, int, int]
 
 _BATCH = 256
+#: the segment words of a submit are written before they are read
+_alloc = ffi.new_allocator(should_clear_after_alloc=False)
 
 
 def _raise(rc: int) -> None:
@@ -67,12 +71,26 @@ class Session(Owned):
             if rc < 0:
                 _raise(rc)
 
-    def submit(self, reqs: Sequence[int], segs: Sequence[int]) -> int:
+    def submit(self, reqs: Sequence[int], segs: Sequence[Any]) -> int:
         """Queue reads: ``reqs`` 6 ints each (handle, offset, length, flags,
-        token, number of segments), ``segs`` 4 each (kind, fd, host, length);
-        then wait until half the workers are free: how many are."""
+        token, number of segments), ``segs`` per read its segments: (kind,
+        fd, host, length) tuples, or a :class:`.qcow2.Segments` (copied as
+        they are, no Python int per segment); then wait until half the
+        workers are free: how many are."""
+        words = 4 * sum(len(s) for s in segs)
+        sg = _alloc("uint64_t[]", words)
+        pos = 0
+        for s in segs:
+            if type(s) is Segments:
+                p, w = s.words()
+                ffi.memmove(sg + pos, p, 8 * w)
+            else:
+                flat = [x for t in s for x in t]
+                w = len(flat)
+                sg[pos:pos + w] = flat
+            pos += w
         rc = lib.bj_nbds_submit(self._s, ffi.new("uint64_t[]", reqs), len(reqs) // 6,
-                                ffi.new("uint64_t[]", segs), len(segs) // 4)
+                                sg, words // 4)
         if rc < 0:
             _raise(rc)
         return int(rc)

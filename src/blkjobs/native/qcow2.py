@@ -89,3 +89,67 @@ def _continues(a: list[int], b: list[int]) -> bool:
     s, n, k, h = a[-4:]
     return (b[2] == k and s + n == b[0]
             and ((h == 0 and b[3] == 0) or (h != 0 and b[3] != 0 and h + n == b[3])))
+
+
+# -- the NBD export's reads (csrc/qcow2.c bj_qcow2_read_segs) ------------------
+#: a batch's segment array at most (32 bytes each): a read that does not fit
+#: is the caller's (its Python path)
+_MAX_SEGS = 1 << 16
+#: segment buffers are not cleared (C writes every word handed out)
+_alloc = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+class Segments:
+    """One read's segments (kind, fd, host, length) in a C array that
+    :func:`read_segments` filled; :class:`.nbdserve.Session` copies them
+    into its queue as they are. Iterating gives the tuples (tests, the
+    padding of the export's last sector)."""
+
+    __slots__ = ("buf", "first", "n")
+
+    def __init__(self, buf, first: int, n: int):
+        self.buf, self.first, self.n = buf, first, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        b, f = self.buf, 4 * self.first
+        return iter([(int(b[f + 4 * i]), int(b[f + 4 * i + 1]), int(b[f + 4 * i + 2]),
+                      int(b[f + 4 * i + 3])) for i in range(self.n)])
+
+    def words(self) -> tuple[object, int]:
+        """(pointer to the first word, number of words): native only."""
+        return self.buf + 4 * self.first, 4 * self.n
+
+
+def read_segments(table: bytearray | None, nent: int, table_guest: int, cluster_bits: int,
+                  host_limit: int, v3: bool, unalloc_zero: bool, fd: int,
+                  reqs: list[tuple[int, int]]) -> list[Segments | None]:
+    """The segments of the reads ``reqs`` ((guest offset, length), each in
+    the range of the standard L2 ``table`` of ``nent`` entries whose entry 0
+    maps ``table_guest``; None: a table not allocated): DATA clusters as
+    data on ``fd`` (zeroes past the end of the file), ZERO clusters -- and
+    UNALLOCATED ones with ``unalloc_zero`` -- as zeroes. None for a read
+    that is the caller's (an entry the C mapper does not take, an
+    unallocated cluster without ``unalloc_zero``, no room)."""
+    n = len(reqs)
+    bound = (sum(k for _, k in reqs) >> cluster_bits) + 2 * n
+    cap = min(bound, _MAX_SEGS)
+    segs = _alloc("uint64_t[]", 4 * cap)
+    rq = ffi.new("uint64_t[]", [w for r in reqs for w in r])
+    counts = ffi.new("uint64_t[]", n)
+    tbl = ffi.from_buffer(table) if table is not None else ffi.NULL
+    rc = lib.bj_qcow2_read_segs(tbl, 8 * nent, table_guest, cluster_bits, host_limit, int(v3),
+                                int(unalloc_zero), fd, rq, n, segs, cap, counts)
+    if rc < 0:
+        raise ValueError("bad L2 read-segment arguments")
+    out: list[Segments | None] = []
+    pos = 0
+    for k in ffi.unpack(counts, n):
+        if k:
+            out.append(Segments(segs, pos, k))
+            pos += k
+        else:
+            out.append(None)
+    return out

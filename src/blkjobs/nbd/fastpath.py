@@ -225,7 +225,7 @@ def _submit(sess: Session, exp: Export, bsize: int, reads: list[tuple[int, int, 
     if len(inside) < len(reads) or any(off + n > bsize for _, _, off, n in reads):
         plans = _pad(reads, plans, bsize)
     rq: list[int] = []
-    sg: list[int] = []
+    sg: list[Any] = []          # per read its segments (tuples, or the C mapper's)
     mine: list[int] = []
     for (flags, handle, off, n), pl in zip(reads, plans, strict=True):
         if pl is None:      # (a block status's command is in bits 16-31 of its flags)
@@ -237,8 +237,7 @@ def _submit(sess: Session, exp: Export, bsize: int, reads: list[tuple[int, int, 
             tokens[serial] = tok
         mine.append(serial)
         rq += (handle, off, n, flags, serial, len(segs))
-        for s in segs:
-            sg += s
+        sg.append(segs)
     if rq:
         try:
             free = sess.submit(rq, sg)

@@ -18,6 +18,7 @@ from .debug import io as _dbg_io
 from .tables import (ALL_ALLOC, COMPRESSED, COPIED, OFFSET_MASK, STD_RESERVED, ZERO,
                      L2Tables, _zero)
 from ...native import dio
+from ...native import qcow2 as _nq
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
@@ -107,6 +108,50 @@ class Reads(L2Tables):
         if self.encrypted or getattr(self, "blkdebug", None) is not None:
             return None
         return self._map_runs(offset, length).out
+
+    def read_segments(self, reqs: list[tuple[int, int]], unalloc_zero: bool
+                      ) -> list[Any] | None:
+        """:meth:`map_for_read` of many reads at once, for the NBD export's
+        C data path (csrc/qcow2.c ``bj_qcow2_read_segs``): per read its
+        segments as that path takes them (``native.qcow2.Segments``: DATA
+        clusters as data of :attr:`data_fd`, ZERO clusters -- and
+        UNALLOCATED ones with ``unalloc_zero``, no backing node -- as zeroes),
+        or None where the read is the caller's: an entry the C mapper does
+        not take (compressed, corrupt, past the file...), an unallocated
+        cluster that reads from a backing node, a read across two L2 tables
+        or past the end, an L2 table that cannot be loaded. The caller's
+        path (:meth:`map_for_read`) classifies and diagnoses those as ever.
+        None for all of them: an image the C mapper does not know (encrypted,
+        blkdebug below, extended L2 entries, an external data file, closed).
+        The caller pins the image (:attr:`read_pins`) as for map_for_read."""
+        if (self.encrypted or getattr(self, "blkdebug", None) is not None or self.extended
+                or self.external or self._closed):
+            return None
+        cb, l2e, size = self.cb, self.l2e, self.size
+        out: list[Any] = [None] * len(reqs)
+        tables: dict[int, list[int]] = {}
+        for i, (off, n) in enumerate(reqs):
+            if 0 < n and 0 <= off and off + n <= size:
+                t = (off >> cb) // l2e
+                if ((off + n - 1) >> cb) // l2e == t:
+                    tables.setdefault(t, []).append(i)
+        if not tables:
+            return out
+        limit = self.file_size
+        if self.rc is not None:
+            limit = max(limit, self.rc.end << cb)
+        v3, fd = self.header.version >= 3, self.data_fd
+        for l1i, idx in tables.items():
+            try:
+                l2off = self._l2_offset(l1i)
+                table = self._l2(l2off) if l2off else None
+            except (ImageError, OSError):
+                continue            # the caller's path reports it
+            got = _nq.read_segments(table, l2e, (l1i * l2e) << cb, cb, limit, v3, unalloc_zero,
+                                    fd, [reqs[i] for i in idx])
+            for i, g in zip(idx, got, strict=True):
+                out[i] = g
+        return out
 
     def host_run(self, offset: int, length: int, for_write: bool = False) -> int | None:
         """Inside one plain data cluster (standard L2 entries only); for_write:
