@@ -17,7 +17,8 @@ from ..units import sector_size
 from .convert_base import CHAIN_REQUEST, WB_REQUEST, ConvertOptions, ConvertResult, drive
 from .convert_faults import overwrites
 from .convert_target import Target, check_target_size, identity, refuse_target_in_chain
-from .convert_zeroes import not_in_place, old_hosts, sparsify
+from .convert_zeroes import COMP, DATA, ZERO, not_in_place, old_hosts, prescan, sparsify, \
+    zero_clusters
 from .files import same_file
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 CHAIN_WORK = 128 << 20         # work range per block-status query (multiple of 2 MiB)
 BUF = 4 << 20                  # buffer for data read through a driver
-DATA, ZERO, COMP = 0, 1, 2     # piece kinds
 _FALLOC_PUNCH = 0x02 | 0x01    # PUNCH_HOLE | KEEP_SIZE
 
 
@@ -327,6 +327,8 @@ class ChainConvert:
 
     def _items_qcow2(self, pieces, pos, n, items):
         t = self.tg.t
+        if prescan(self):
+            pieces = zero_clusters(self, pieces)
         need, zeros = self._plan_qcow2(pieces, pos, n)
         for a, b in zeros:
             t.write_zeroes(a, b - a)
