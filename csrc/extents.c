@@ -113,7 +113,7 @@ int bj_extents(int fd, uint64_t offset, uint64_t length,
     return 0;
 }
 
-#define ZB_HEAD 4096u           /* first read of a block */
+#define ZB_HEAD 512u            /* first read of a block */
 #define ZB_CHUNK (1u << 20)     /* later reads of a block that began with zeroes */
 
 /* Read len bytes at off (past the end of the file: zeroes); 1 when they

@@ -24,7 +24,7 @@ int bj_extents(int fd, uint64_t offset, uint64_t length,
 /* Which blocks of [offset, offset+length) of fd hold only zero bytes:
  * out[i] = 1 when block i (block bytes from offset + i*block; the last one
  * may be shorter) reads as zeroes, else 0; n = the number of blocks (at
- * most nout). A block's first 4 KiB is read first, and the rest only when
+ * most nout). A block's first 512 bytes are read first, the rest only when
  * that was all zero, so a block of data costs one small read. Bytes past
  * the end of the file read as zeroes. Returns 0 or -errno (-EINVAL: bad
  * arguments, nout too small). */

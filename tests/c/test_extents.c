@@ -206,7 +206,7 @@ static void test_bad_input(void)
 }
 
 /* bj_zero_blocks: per block, zero or not, against what was written: data
- * in the first 4 KiB, only past the first 4 KiB (the second read), past the
+ * in the first read (512 bytes), only past it (the second read), past the
  * first MiB of a big block (the chunked reads), zeroes written as data,
  * holes, a short last block, a range past the end of the file; bad input. */
 static void test_zero_blocks(const char *d)
@@ -215,7 +215,7 @@ static void test_zero_blocks(const char *d)
     unsigned char one = 1, z[8192];
     memset(z, 0, sizeof z);
     CHECK(pwrite(fd, &one, 1, (off_t)(1 * K + 7)) == 1);          /* block 1: head */
-    CHECK(pwrite(fd, &one, 1, (off_t)(2 * K + 40000)) == 1);      /* block 2: past 4 KiB */
+    CHECK(pwrite(fd, &one, 1, (off_t)(2 * K + 40000)) == 1);      /* block 2: past the head */
     CHECK(pwrite(fd, z, sizeof z, (off_t)(3 * K)) == (ssize_t)sizeof z); /* 3: zero data */
     CHECK(pwrite(fd, &one, 1, (off_t)(4 * K - 1)) == 1);          /* 3's last byte: no */
     CHECK(pwrite(fd, &one, 1, (off_t)(32 * K + 1500000)) == 1);   /* a 2 MiB block, late */

@@ -18,7 +18,7 @@ Python decides what to copy; the C engine moves the bytes. Per work range
   clusters whose whole host range stayed a hole are discarded again (one
   SEEK_DATA walk over the runs we allocated), so zeroes written as data end
   up unallocated as with qemu-img. On a new target without a backing file
-  the clusters of data runs that read as zeroes are found before (one 4 KiB
+  the clusters of data runs that read as zeroes are found before (one 512-byte
   read per cluster of data: ``convert_zeroes.zero_clusters``) and never
   allocated, as qemu-img decides before it allocates, so the file is as
   long as qemu-img's; with ``-n``, ``-B`` or preallocation they are

@@ -137,9 +137,11 @@ def zero_clusters(cv: Any, pieces: list) -> list:
     zeroes and :func:`sparsify` free it after the copy,
     leaving a free hole inside the file: the target ~5% longer than
     qemu-img's on the VM-shaped benchmark image.) A cluster's worth of
-    data costs one 4 KiB read (``zero_blocks_at``). A source that cannot
+    data costs one 512-byte read (``zero_blocks_at``). A source that cannot
     be read here is copied as before: the engine meets the error and
-    reports it as it does."""
+    reports it as it does. Only where :func:`prescan` says so."""
+    if not prescan(cv):
+        return pieces
     from ..native.extents import zero_blocks_at
     cs, size = cv.tg.t.cluster_size, cv.size
     zero: list[list[int]] = []          # guest ranges that read as zeroes
