@@ -326,9 +326,17 @@ def run_image(a, size: int, d: str, image: str) -> None:
             r = subprocess.run(["qemu-img", "compare", src, out], capture_output=True,
                                text=True)
             ok = r.returncode == 0
+            length = ""
             if out.endswith(".qcow2"):
                 ok = ok and subprocess.run(["qemu-img", "check", "-q", out]).returncode == 0
-            print(f"# verify {name}: {'ok' if ok else 'FAILED ' + r.stdout}", flush=True)
+                # the target's length against qemu-img's (and the baseline's)
+                sizes = [f"blkjobs {os.path.getsize(out):,}"]
+                for k in ("qemu-img", "blkjobs before"):
+                    if k in cmds:
+                        run_once(cmds[k], out)
+                        sizes.append(f"{k} {os.path.getsize(out):,}")
+                length = "; file length: " + ", ".join(sizes)
+            print(f"# verify {name}: {'ok' if ok else 'FAILED ' + r.stdout}{length}", flush=True)
     for load in a.load.split(","):
         run_cases(cases, a, size, load)
 

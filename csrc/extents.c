@@ -10,8 +10,12 @@
  * Cost: O(number of extents in the range) syscalls; no allocation.
  */
 #include "extents.h"
+#include "dio.h"
+#include "zero.h"
 
 #include <errno.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -107,4 +111,52 @@ int bj_extents(int fd, uint64_t offset, uint64_t length,
         *n_out = n;
     }
     return 0;
+}
+
+#define ZB_HEAD 512u            /* first read of a block */
+#define ZB_CHUNK (1u << 20)     /* later reads of a block that began with zeroes */
+
+/* Read len bytes at off (past the end of the file: zeroes); 1 when they
+ * are all zero, 0 when not, or -errno. */
+static int zero_at(int fd, uint32_t align, char *buf, uint64_t len, uint64_t off)
+{
+    int64_t got = bj_dio_pread_a(fd, align, buf, len, off);
+    if (got < 0)
+        return (int)got;
+    return bj_is_zero(buf, (size_t)got);
+}
+
+int bj_zero_blocks(int fd, uint64_t offset, uint64_t length, uint64_t block,
+                   uint8_t *out, size_t nout)
+{
+    if (fd < 0 || block == 0 || (!out && length) || offset > UINT64_MAX - length)
+        return -EINVAL;
+    if ((length + block - 1) / block > nout)
+        return -EINVAL;
+    if (length == 0)
+        return 0;
+    uint32_t align = bj_dio_align(fd);
+    size_t bufsz = block < ZB_CHUNK ? (size_t)block : ZB_CHUNK;
+    if (bufsz < ZB_HEAD)
+        bufsz = ZB_HEAD;
+    void *buf = NULL;
+    if (posix_memalign(&buf, 4096, bufsz))
+        return -ENOMEM;
+    int rc = 0;
+    size_t i = 0;
+    for (uint64_t pos = offset; pos < offset + length; pos += block, i++) {
+        uint64_t n = offset + length - pos < block ? offset + length - pos : block;
+        uint64_t k = n < ZB_HEAD ? n : ZB_HEAD;
+        rc = zero_at(fd, align, buf, k, pos);
+        for (uint64_t done = k; rc == 1 && done < n; done += k) {
+            k = n - done < bufsz ? n - done : bufsz;
+            rc = zero_at(fd, align, buf, k, pos + done);
+        }
+        if (rc < 0)
+            break;
+        out[i] = (uint8_t)rc;
+        rc = 0;
+    }
+    free(buf);
+    return rc;
 }

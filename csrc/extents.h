@@ -21,6 +21,15 @@ struct bj_extent {
  * file size. Returns 0 or -errno. */
 int bj_extents(int fd, uint64_t offset, uint64_t length,
                struct bj_extent *out, size_t max, size_t *n_out, uint64_t *next_out);
+/* Which blocks of [offset, offset+length) of fd hold only zero bytes:
+ * out[i] = 1 when block i (block bytes from offset + i*block; the last one
+ * may be shorter) reads as zeroes, else 0; n = the number of blocks (at
+ * most nout). A block's first 512 bytes are read first, the rest only when
+ * that was all zero, so a block of data costs one small read. Bytes past
+ * the end of the file read as zeroes. Returns 0 or -errno (-EINVAL: bad
+ * arguments, nout too small). */
+int bj_zero_blocks(int fd, uint64_t offset, uint64_t length, uint64_t block,
+                   uint8_t *out, size_t nout);
 /* cdef-end */
 
 #endif

@@ -205,6 +205,50 @@ static void test_bad_input(void)
     close(z);
 }
 
+/* bj_zero_blocks: per block, zero or not, against what was written: data
+ * in the first read (512 bytes), only past it (the second read), past the
+ * first MiB of a big block (the chunked reads), zeroes written as data,
+ * holes, a short last block, a range past the end of the file; bad input. */
+static void test_zero_blocks(const char *d)
+{
+    int fd = mkfile(d, "z", 80 * K);
+    unsigned char one = 1, z[8192];
+    memset(z, 0, sizeof z);
+    CHECK(pwrite(fd, &one, 1, (off_t)(1 * K + 7)) == 1);          /* block 1: head */
+    CHECK(pwrite(fd, &one, 1, (off_t)(2 * K + 40000)) == 1);      /* block 2: past the head */
+    CHECK(pwrite(fd, z, sizeof z, (off_t)(3 * K)) == (ssize_t)sizeof z); /* 3: zero data */
+    CHECK(pwrite(fd, &one, 1, (off_t)(4 * K - 1)) == 1);          /* 3's last byte: no */
+    CHECK(pwrite(fd, &one, 1, (off_t)(32 * K + 1500000)) == 1);   /* a 2 MiB block, late */
+    uint8_t out[64];
+    memset(out, 0xee, sizeof out);
+    CHECK(bj_zero_blocks(fd, 0, 6 * K, K, out, 6) == 0);
+    CHECK(out[0] == 1 && out[1] == 0 && out[2] == 0 && out[3] == 0 && out[4] == 1 &&
+          out[5] == 1);
+    CHECK(out[6] == 0xee);                                        /* nothing past n */
+    CHECK(bj_zero_blocks(fd, 32 * K, 48 * K, 32 * K, out, 2) == 0); /* 1 MiB chunks */
+    CHECK(out[0] == 0 && out[1] == 1);
+    /* unaligned start, a short last block, past the end of the file */
+    CHECK(bj_zero_blocks(fd, K + 8, K - 8 + 100, K - 8, out, 2) == 0);
+    CHECK(out[0] == 1 && out[1] == 1);
+    CHECK(bj_zero_blocks(fd, K, 100, 4096, out, 1) == 0);
+    CHECK(out[0] == 0);
+    CHECK(bj_zero_blocks(fd, 79 * K, 3 * K, K, out, 3) == 0);
+    CHECK(out[0] == 1 && out[1] == 1 && out[2] == 1);
+    CHECK(bj_zero_blocks(fd, 0, 0, K, NULL, 0) == 0);
+    /* bad input */
+    CHECK(bj_zero_blocks(fd, 0, 6 * K, K, out, 5) == -EINVAL);    /* out too small */
+    CHECK(bj_zero_blocks(fd, 0, K, 0, out, 64) == -EINVAL);
+    CHECK(bj_zero_blocks(fd, 0, K, K, NULL, 1) == -EINVAL);
+    CHECK(bj_zero_blocks(-1, 0, K, K, out, 1) == -EINVAL);
+    CHECK(bj_zero_blocks(fd, UINT64_MAX, 2, 1, out, 2) == -EINVAL);
+    close(fd);
+    CHECK(bj_zero_blocks(fd, 0, K, K, out, 1) == -EBADF);
+    int dfd = open(d, O_RDONLY | O_DIRECTORY);
+    CHECK(dfd >= 0);
+    CHECK(bj_zero_blocks(dfd, 0, K, K, out, 1) == -EISDIR);
+    close(dfd);
+}
+
 int main(void)
 {
     CHECK(mkdtemp(dir) != NULL);
@@ -214,6 +258,8 @@ int main(void)
     test_edges(dir);
     test_edges(shm);
     test_bad_input();
+    test_zero_blocks(dir);
+    test_zero_blocks(shm);
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s %s", dir, shm);
     CHECK(system(cmd) == 0);

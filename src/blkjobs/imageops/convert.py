@@ -17,9 +17,12 @@ Python decides what to copy; the C engine moves the bytes. Per work range
   blocks found inside DATA runs stay holes in the qcow2 file. At the end,
   clusters whose whole host range stayed a hole are discarded again (one
   SEEK_DATA walk over the runs we allocated), so zeroes written as data end
-  up unallocated as with qemu-img. Known flaw: their host clusters become
-  free holes inside the file (refcount 0, no disk space) instead of not
-  existing, so the file's apparent size is larger than qemu-img's;
+  up unallocated as with qemu-img. On a new target without a backing file
+  the clusters of data runs that read as zeroes are found before (one 512-byte
+  read per cluster of data: ``convert_zeroes.zero_clusters``) and never
+  allocated, as qemu-img decides before it allocates, so the file is as
+  long as qemu-img's; with ``-n``, ``-B`` or preallocation they are
+  allocated and freed after the copy, free holes inside the file;
 * ``-c``: clusters holding data are read through the chain (chunked),
   compressed on ``-m`` threads (deflate, igzip or zlib: a chunk per call of the C core's
   ``bj_deflate_clusters``; zstd: a Python thread pool) and stored in order

@@ -17,7 +17,7 @@ from ..units import sector_size
 from .convert_base import CHAIN_REQUEST, WB_REQUEST, ConvertOptions, ConvertResult, drive
 from .convert_faults import overwrites
 from .convert_target import Target, check_target_size, identity, refuse_target_in_chain
-from .convert_zeroes import not_in_place, old_hosts, sparsify
+from .convert_zeroes import COMP, DATA, ZERO, not_in_place, old_hosts, sparsify, zero_clusters
 from .files import same_file
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 CHAIN_WORK = 128 << 20         # work range per block-status query (multiple of 2 MiB)
+LOW_WATER = CHAIN_WORK         # plan more below this: planning a range can take 75 ms (q2c19)
 BUF = 4 << 20                  # buffer for data read through a driver
-DATA, ZERO, COMP = 0, 1, 2     # piece kinds
 _FALLOC_PUNCH = 0x02 | 0x01    # PUNCH_HOLE | KEEP_SIZE
 
 
@@ -327,6 +327,7 @@ class ChainConvert:
 
     def _items_qcow2(self, pieces, pos, n, items):
         t = self.tg.t
+        pieces = zero_clusters(self, pieces)
         need, zeros = self._plan_qcow2(pieces, pos, n)
         for a, b in zeros:
             t.write_zeroes(a, b - a)
@@ -486,9 +487,9 @@ class ChainConvert:
                                 side="target", offset=off) from None
 
     def _feed(self, eng) -> None:
-        """Plan work ranges until about half a work range of items is queued."""
+        """Plan work ranges until about a work range of items is queued."""
         queued = 0
-        while self.next_pos < self.size and queued < CHAIN_WORK // 2:
+        while self.next_pos < self.size and queued < CHAIN_WORK:
             pos = self.next_pos
             n = min(CHAIN_WORK, self.size - pos)
             pieces = self._pieces(pos, n)
@@ -532,7 +533,7 @@ class ChainConvert:
                 self.tg.written = True
                 drive(eng, lambda: self._feed(eng), lambda: self.next_pos < self.size,
                       lambda: min(self.size, self.py_done + eng.status().done), self.size,
-                      CHAIN_WORK // 4, self.progress, self.check)
+                      LOW_WATER, self.progress, self.check)
                 st = eng.status()
             self._finish()
             return ConvertResult(self.size, st.data_bytes, st.zero_bytes)

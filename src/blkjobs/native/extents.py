@@ -64,3 +64,15 @@ def zero_blocks(buf, block: int) -> list[tuple[int, int]]:
         if pos < size:
             pos += lib.bj_zero_run(p + pos, size - pos, block, 0)
     return out
+
+
+def zero_blocks_at(fd: int, offset: int, length: int, block: int,
+                   path: str | None = None) -> bytes:
+    """Per ``block``-sized block of [offset, offset+length) of the file
+    ``fd`` (the last one may be shorter): 1 when it reads as zeroes, else 0
+    (``csrc/extents.c`` ``bj_zero_blocks``: a block of data costs one 512-byte
+    read). Past the end of the file reads as zeroes."""
+    n = -(-length // block) if length else 0
+    out = ffi.new("uint8_t[]", max(1, n))
+    ensure(lib.bj_zero_blocks(fd, offset, length, block, out, n), "read", path=path)
+    return bytes(ffi.buffer(out, n))
