@@ -4,6 +4,8 @@ typing, re, enum under it); ``info`` imports neither json (unless
 from __future__ import annotations
 
 import itertools
+import os
+import re
 import subprocess
 import sys
 
@@ -202,3 +204,67 @@ def test_nbd_convert_imports_neither_dataclasses_typing_nor_qcow2(tmp_path, serv
     rc, _, mods = _paths_probe("convert", s.uri, tmp_path / "o.raw")
     assert (rc, mods) == (0, "['blkjobs.formats.nbd', 'functools']")    # (threading's)
     assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+
+
+EXITS = """
+import os, sys
+mode, sys.argv = sys.argv[1], ["blkjobs"] + sys.argv[2:]
+import blkjobs.cli.main as cli
+if mode == "quick":
+    _exit = os._exit
+    def noted(rc):
+        sys.stderr.write(f"[os._exit({rc})]")
+        sys.stderr.flush()
+        _exit(rc)
+    os._exit = noted
+    cli.run()
+else:
+    raise SystemExit(cli.main())
+"""
+
+
+def _exits(mode, *args):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as usual
+    p = subprocess.run([sys.executable, "-c", EXITS, mode, *map(str, args)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    # (-p's lines hold the rate of the moment: the rest must be equal)
+    return p.returncode, re.sub(r"[0-9.]+ [KMGT]?i?B/s", "RATE", p.stdout), p.stderr
+
+
+def test_quick_exit_changes_no_output_nor_status(tmp_path):
+    """``blkjobs`` (cli.main.run) ends with os._exit after the command: the
+    same stdout, stderr and status as the interpreter's exit, for copies,
+    progress lines, JSON output, errors and their statuses; and the ordinary
+    exit where os._exit would skip something (-v's logging handler: an
+    atexit function), and argparse's own exits (SystemExit out of main)."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    q = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", q, "1M")
+    b = tmp_path / "b.qcow2"
+    qemu_img("convert", "-O", "qcow2", src, b)
+    cases = [
+        (True, 0, ["convert", "-O", "raw", src, tmp_path / "o.raw"]),
+        (True, 0, ["convert", "-p", "-O", "qcow2", src, tmp_path / "o.qcow2"]),
+        (True, 0, ["info", "--output", "json", q]),
+        (True, 0, ["map", "--output", "json", b]),
+        (True, 0, ["check", q]),
+        (True, 1, ["compare", q, b]),
+        (True, 1, ["info", tmp_path / "missing.qcow2"]),
+        (True, 1, ["convert", "-O", "vmdk", src, tmp_path / "x"]),
+        (True, 1, ["--error-format", "json", "convert", "-O", "raw", tmp_path / "missing",
+                   tmp_path / "x"]),
+        (False, 0, ["-v", "info", q]),
+        (False, 1, ["convert", "--no-such-option", src, tmp_path / "x"]),  # argparse's exit
+    ]
+    for quick, rc, args in cases:
+        ordinary = _exits("ordinary", *args)
+        got = _exits("quick", *args)
+        said = f"[os._exit({rc})]"
+        assert got[0] == ordinary[0] == rc, (args, got, ordinary)
+        assert got[1] == ordinary[1], args
+        assert got[2] == ordinary[2] + (said if quick else ""), (args, got[2], ordinary[2])
+        assert "Traceback" not in got[2]
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("check", tmp_path / "o.qcow2").returncode == 0
