@@ -240,7 +240,8 @@ def _quick_exit_ok() -> bool:
     pending: --progress-fd's stream flushes each line; image files are
     written by pwrite or the C engine, and what a cache mode makes durable
     was synced before the command returned), no thread the interpreter
-    would wait for, no atexit handler (logging's, weakref.finalize's...),
+    would wait for, no atexit handler (logging's, weakref.finalize's,
+    multiprocessing's; concurrent.futures' threading._register_atexit),
     and no NBD client connection (freeing it says goodbye to the server:
     NBD_CMD_DISC). The kernel closes the files and releases their locks, as
     for any exit."""
@@ -253,6 +254,8 @@ def _quick_exit_ok() -> bool:
         import threading
         main_thread = threading.main_thread()
         if any(t is not main_thread and not t.daemon for t in threading.enumerate()):
+            return False
+        if getattr(threading, "_threading_atexits", None):     # concurrent.futures'
             return False
     import atexit
     ncallbacks = getattr(atexit, "_ncallbacks", None)
