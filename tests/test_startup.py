@@ -87,7 +87,7 @@ rc = main()
 heavy = ("blkjobs.formats.qcow2", "blkjobs.formats.nbd", "blkjobs.graph.node",
          "blkjobs.graph.chain", "blkjobs.imageops.convert_chain", "blkjobs.imageops.rebase",
          "typing", "dataclasses", "threading", "signal", "enum", "contextlib", "functools",
-         "collections", "importlib")
+         "collections", "importlib", "blkjobs.cli.cmd_create")
 print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
 raise SystemExit(rc)
 """
@@ -102,8 +102,8 @@ def test_raw_convert_imports_no_qcow2_nor_graph(tmp_path):
     raw -> qcow2 imports what it needs (not threading either: the qcow2
     driver makes its pins' condition when a drain has pins to wait for). The copies are qemu-img's bytes.
     Neither imports signal (_signal: no enums), enum (native/intenum.py),
-    contextlib (native/contextgen.py), functools, importlib; raw -> raw not
-    collections either (qcow2's refcount table is read with array, which
+    contextlib (native/contextgen.py), functools, importlib, create's
+    command module (-o only); raw -> raw not collections either (qcow2's refcount table is read with array, which
     imports collections.abc)."""
     src = tmp_path / "a.raw"
     src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
