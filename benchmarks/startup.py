@@ -11,7 +11,11 @@ the interpreter's own start-up (``python -c pass``, ``python -S -c pass``)
 measured in the same rounds.
 
     benchmarks/startup.py [--rounds 5] [--repeat 30] [--before SRC] [--only convert-raw-qcow2,...]
-                          [--importtime N]
+                          [--importtime N] [--instructions]
+
+``--instructions``: instead, the instructions each command executes
+(``valgrind --tool=callgrind``, one run each: the same count whatever the
+load; millions).
 
 ``--importtime N``: instead, ``python -X importtime`` of each command N
 times per checkout: the modules imported and the sum over them of the
@@ -44,6 +48,8 @@ SRC = os.path.join(os.path.dirname(HERE), "src")
 
 #: name -> the arguments, the same for blkjobs and qemu-img (a convert overwrites its target)
 COMMANDS = {
+    "version": ["--version"],
+    "convert-raw-raw": ["convert", "-O", "raw", "{d}/a.raw", "{d}/o.raw"],
     "convert-raw-qcow2": ["convert", "-O", "qcow2", "{d}/a.raw", "{d}/o.qcow2"],
     "convert-qcow2-raw": ["convert", "-O", "raw", "{d}/a.qcow2", "{d}/o.raw"],
     "convert-chain-qcow2": ["convert", "-O", "qcow2", "{d}/top.qcow2", "{d}/o.qcow2"],
@@ -91,6 +97,17 @@ def task_clock(argv: list[str], env: dict[str, str], repeat: int) -> float:
     raise SystemExit(f"no task-clock in perf's output for {argv}: {p.stderr.strip()}")
 
 
+def instructions(argv: list[str], env: dict[str, str]) -> float:
+    """Millions of instructions one run executes (callgrind's total Ir)."""
+    with tempfile.NamedTemporaryFile(prefix="startup-cg-", dir="/var/tmp") as out:
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}",
+                        *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for line in open(out.name):
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1]) / 1e6
+    raise SystemExit(f"no callgrind totals for {argv}")
+
+
 def importtime(argv: list[str], env: dict[str, str], n: int) -> tuple[int, float]:
     """(modules imported, ms: the sum of each module's least self time of n runs)."""
     least: dict[str, int] = {}
@@ -114,13 +131,17 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated command names: " + ", ".join(COMMANDS))
     ap.add_argument("--importtime", type=int, metavar="N",
                     help="python -X importtime of each command N times instead")
+    ap.add_argument("--instructions", action="store_true",
+                    help="instructions of one run of each (callgrind) instead")
     a = ap.parse_args()
     names = a.only.split(",") if a.only else list(COMMANDS)
     py = sys.executable
     cons: dict[str, tuple[list[str], dict[str, str]]] = {}
     ours = dict(os.environ, PYTHONPATH=a.ours)
-    cons["ours"] = ([py, "-c", "import sys; from blkjobs.cli.main import main; "
-                     "sys.argv[0] = 'blkjobs'; sys.exit(main())"], ours)
+    # the console script's entry: run() (main() and the quick exit) where the
+    # checkout has it, else main()
+    cons["ours"] = ([py, "-c", "import sys; import blkjobs.cli.main as m; sys.argv[0] = 'blkjobs'; "
+                     "run = getattr(m, 'run', None); run() if run else sys.exit(m.main())"], ours)
     if a.before:
         cons["before"] = (cons["ours"][0], dict(os.environ, PYTHONPATH=a.before))
     cons["qemu-img"] = (["qemu-img"], dict(os.environ))
@@ -149,6 +170,24 @@ def main() -> None:
                                           a.importtime)
                     row.append(f"{mods}, {ms:.1f}")
                 print("| " + " | ".join(row) + " |")
+            return
+        if a.instructions:
+            print("instructions of one run, millions (valgrind --tool=callgrind)")
+            hdr = ["command", *cons] + (["before/ours"] if a.before else [])
+            print("| " + " | ".join(hdr) + " |")
+            print("|" + "---|" * len(hdr))
+            cl_ = {c: 0.0 for c in cons}
+            for n in names:
+                for c, (pre, env) in cons.items():
+                    cl_[c] = instructions(pre + [x.format(d=d) for x in COMMANDS[n]], env)
+                row = [n] + [f"{cl_[c]:.1f}" for c in cons]
+                if a.before:
+                    row.append(f"{cl_['before'] / cl_['ours']:.2f}")
+                print("| " + " | ".join(row) + " |")
+            for b, argv in (("python -c pass", [py, "-c", "pass"]),
+                            ("python -S -c pass", [py, "-S", "-c", "pass"])):
+                print(f"| {b} | {instructions(argv, dict(os.environ)):.1f} |"
+                      + " |" * (len(hdr) - 2))
             return
         res: dict[tuple[str, str], list[float]] = {(n, c): [] for n in names for c in cons}
         bare = {"python -c pass": [py, "-c", "pass"], "python -S -c pass": [py, "-S", "-c", "pass"]}

@@ -4,6 +4,8 @@ typing, re, enum under it); ``info`` imports neither json (unless
 from __future__ import annotations
 
 import itertools
+import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +20,8 @@ sys.argv = ["blkjobs"] + sys.argv[1:]
 from blkjobs.cli.main import main
 rc = main()
 sys.stdout.flush()
-print(sorted(m for m in ("argparse", "typing", "json", "shutil") if m in sys.modules),
+print(sorted(m for m in ("argparse", "typing", "json", "shutil", "signal", "enum", "importlib")
+             if m in sys.modules),
       file=sys.stderr)
 raise SystemExit(rc)
 """
@@ -83,7 +86,8 @@ from blkjobs.cli.main import main
 rc = main()
 heavy = ("blkjobs.formats.qcow2", "blkjobs.formats.nbd", "blkjobs.graph.node",
          "blkjobs.graph.chain", "blkjobs.imageops.convert_chain", "blkjobs.imageops.rebase",
-         "typing", "dataclasses", "threading")
+         "typing", "dataclasses", "threading", "signal", "enum", "contextlib", "functools",
+         "collections", "importlib", "blkjobs.cli.cmd_create")
 print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
 raise SystemExit(rc)
 """
@@ -96,12 +100,17 @@ def test_raw_convert_imports_no_qcow2_nor_graph(tmp_path):
     dataclasses (with inspect: ~8 ms) nor threading (the engine's threads are
     C's) (start-up time is part of every copy);
     raw -> qcow2 imports what it needs (not threading either: the qcow2
-    driver makes its pins' condition when a drain has pins to wait for). The copies are qemu-img's bytes."""
+    driver makes its pins' condition when a drain has pins to wait for). The copies are qemu-img's bytes.
+    Neither imports signal (_signal: no enums), enum (native/intenum.py),
+    contextlib (native/contextgen.py), functools, importlib, create's
+    command module (-o only); raw -> raw not collections either (qcow2's refcount table is read with array, which
+    imports collections.abc)."""
     src = tmp_path / "a.raw"
     src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
     for fmt, want in (("raw", "[]"),
                       ("qcow2", "['blkjobs.formats.qcow2', 'blkjobs.graph.chain', "
-                                "'blkjobs.graph.node', 'blkjobs.imageops.convert_chain']")):
+                                "'blkjobs.graph.node', 'blkjobs.imageops.convert_chain', "
+                                "'collections']")):
         dst = tmp_path / f"b.{fmt}"
         p = subprocess.run([sys.executable, "-c", CONVERTER, "convert", "-O", fmt, str(src),
                             str(dst)], capture_output=True, text=True, timeout=60)
@@ -117,7 +126,7 @@ rc = main()
 sys.stdout.flush()
 heavy = ("argparse", "re", "dataclasses", "inspect", "typing", "json", "base64", "hashlib", "uuid",
          "urllib.parse", "blkjobs.formats.luks", "blkjobs.formats.nbd",
-         "blkjobs.formats.qcow2.check")
+         "blkjobs.formats.qcow2.check", "signal", "enum", "contextlib", "functools", "importlib")
 print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
 raise SystemExit(rc)
 """
@@ -163,19 +172,21 @@ def test_qcow2_converts_import_neither_dataclasses_typing_nor_json(tmp_path):
 def test_looking_commands_import_json_only_for_json(tmp_path):
     """info, map, check, compare of qcow2 images: no argparse, re, dataclasses, typing,
     base64, LUKS nor NBD; json (and re, under it) only for ``--output json``;
-    qcow2's check only for check. The outputs are what the commands print."""
+    qcow2's check only for check; no signal, enum, contextlib, functools nor
+    importlib but under json (re makes its flags with enum). The outputs are
+    what the commands print."""
     top = _chain(tmp_path)
     a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
     qemu_img("convert", "-O", "qcow2", top, a)
     qemu_img("convert", "-O", "qcow2", top, b)
     for args, want, out in (
             (["info", a], "[]", f"image: {a}\n"),
-            (["info", "--output", "json", a], "['json', 're']", "{\n"),
+            (["info", "--output", "json", a], "['enum', 'functools', 'json', 're']", "{\n"),
             (["map", top], "[]", "Offset          Length          Mapped to       File\n"),
-            (["map", "--output", "json", top], "['json', 're']", '[{ "start": 0, '),
+            (["map", "--output", "json", top], "['enum', 'functools', 'json', 're']", '[{ "start": 0, '),
             (["check", a], "['blkjobs.formats.qcow2.check']", "No errors were found"),
             (["check", "--output", "json", a],
-             "['blkjobs.formats.qcow2.check', 'json', 're']", "{\n"),
+             "['blkjobs.formats.qcow2.check', 'enum', 'functools', 'json', 're']", "{\n"),
             (["compare", a, b], "[]", "Images are identical.\n")):
         rc, stdout, mods = _paths_probe(*args)
         assert (rc, mods) == (0, want), args
@@ -191,5 +202,69 @@ def test_nbd_convert_imports_neither_dataclasses_typing_nor_qcow2(tmp_path, serv
     src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
     s = qemu_nbd(str(src), "raw")
     rc, _, mods = _paths_probe("convert", s.uri, tmp_path / "o.raw")
-    assert (rc, mods) == (0, "['blkjobs.formats.nbd']")
+    assert (rc, mods) == (0, "['blkjobs.formats.nbd', 'functools']")    # (threading's)
     assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+
+
+EXITS = """
+import os, sys
+mode, sys.argv = sys.argv[1], ["blkjobs"] + sys.argv[2:]
+import blkjobs.cli.main as cli
+if mode == "quick":
+    _exit = os._exit
+    def noted(rc):
+        sys.stderr.write(f"[os._exit({rc})]")
+        sys.stderr.flush()
+        _exit(rc)
+    os._exit = noted
+    cli.run()
+else:
+    raise SystemExit(cli.main())
+"""
+
+
+def _exits(mode, *args):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as usual
+    p = subprocess.run([sys.executable, "-c", EXITS, mode, *map(str, args)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    # (-p's lines hold the rate of the moment: the rest must be equal)
+    return p.returncode, re.sub(r"[0-9.]+ [KMGT]?i?B/s", "RATE", p.stdout), p.stderr
+
+
+def test_quick_exit_changes_no_output_nor_status(tmp_path):
+    """``blkjobs`` (cli.main.run) ends with os._exit after the command: the
+    same stdout, stderr and status as the interpreter's exit, for copies,
+    progress lines, JSON output, errors and their statuses; and the ordinary
+    exit where os._exit would skip something (-v's logging handler: an
+    atexit function), and argparse's own exits (SystemExit out of main)."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    q = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", q, "1M")
+    b = tmp_path / "b.qcow2"
+    qemu_img("convert", "-O", "qcow2", src, b)
+    cases = [
+        (True, 0, ["convert", "-O", "raw", src, tmp_path / "o.raw"]),
+        (True, 0, ["convert", "-p", "-O", "qcow2", src, tmp_path / "o.qcow2"]),
+        (True, 0, ["info", "--output", "json", q]),
+        (True, 0, ["map", "--output", "json", b]),
+        (True, 0, ["check", q]),
+        (True, 1, ["compare", q, b]),
+        (True, 1, ["info", tmp_path / "missing.qcow2"]),
+        (True, 1, ["convert", "-O", "vmdk", src, tmp_path / "x"]),
+        (True, 1, ["--error-format", "json", "convert", "-O", "raw", tmp_path / "missing",
+                   tmp_path / "x"]),
+        (False, 0, ["-v", "info", q]),
+        (False, 1, ["convert", "--no-such-option", src, tmp_path / "x"]),  # argparse's exit
+    ]
+    for quick, rc, args in cases:
+        ordinary = _exits("ordinary", *args)
+        got = _exits("quick", *args)
+        said = f"[os._exit({rc})]"
+        assert got[0] == ordinary[0] == rc, (args, got, ordinary)
+        assert got[1] == ordinary[1], args
+        assert got[2] == ordinary[2] + (said if quick else ""), (args, got[2], ordinary[2])
+        assert "Traceback" not in got[2]
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("check", tmp_path / "o.qcow2").returncode == 0

@@ -1,3 +1,3 @@
-from blkjobs.cli.main import main
+from blkjobs.cli.main import run
 
-raise SystemExit(main())
+run()

@@ -8,7 +8,6 @@ import os
 from ..errors import OSErrorWithContext, UsageError
 from ..imageops.convert_base import ConvertOptions
 from ..imageops.convert_nbd import convert      # files, and NBD URIs
-from .cmd_create import parse_opts
 from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
 from ..formats import cache
@@ -134,6 +133,8 @@ def run(args) -> int:
     if wants_help(args.options):        # the target named: with its protocol's options
         return print_help(args.dst_fmt, args.dst if args.srcs else None)
     _no_create(args)
+    if args.options:
+        from .cmd_create import parse_opts      # -o only: not at start-up
     create_opts = parse_opts(args.options, args.dst_fmt if args.dst_fmt in ("raw", "qcow2", "luks")
                              else "raw") if args.options else {}
     # -o backing_file=,backing_fmt= is -B/-F (qemu-img: the -o value wins): only

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Callable
+from _collections_abc import Callable     # collections.abc's, without collections (start-up)
 
 from ..errors import ImageError, UsageError
 from ..formats import cache, open_image

@@ -12,9 +12,13 @@ lock bytes (see :mod:`.lock`), so another QEMU process sees them too.
 """
 from __future__ import annotations
 
-import enum
-
 from ..errors import BlkjobsError
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    import enum
+else:
+    from ..native import intenum as enum    # enum's IntFlag without enum (start-up)
 
 
 class Perm(enum.IntFlag):
