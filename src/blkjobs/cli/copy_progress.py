@@ -11,18 +11,16 @@ clock is injectable so rate and ETA can be tested exactly.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from ..units import human
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
-    import signal
     from typing import Any, TextIO
-else:       # not signal: its enums cost milliseconds of start-up (cli.main)
-    import _signal as signal
 
 
 class CopyProgress:

@@ -280,13 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_process() -> int:
-    # _signal, not signal: signal wraps its constants and handlers in enums
-    # made at import (with enum, functools, collections under them: ~7 ms of
-    # every command's start-up). The same functions, on plain ints.
-    if TYPE_CHECKING:
-        import signal
-    else:
-        import _signal as signal
+    import signal
     # First: SIGUSR1 (a progress line, please) never ends a command. Held
     # blocked here and in every thread made later, as qemu-img does; the
     # commands with a progress meter take it (copy_progress.take_sigusr1).
@@ -406,10 +400,7 @@ def _parse(argv: list[str]) -> Any:
 def _die_of(sig: int) -> None:
     """End the process by ``sig``'s default action (what was unwound is
     done: a convert's target is closed and kept, as qemu-img leaves it)."""
-    if TYPE_CHECKING:
-        import signal
-    else:
-        import _signal as signal    # (see _main_process)
+    import signal
     try:
         sys.stdout.flush()
     except (OSError, ValueError):

@@ -21,8 +21,6 @@ stale.
 """
 from __future__ import annotations
 
-import sys
-
 from .quickparse_table import COMMANDS, TOP_DEFAULTS
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
@@ -111,10 +109,8 @@ def parse(argv: list[str]) -> Namespace | None:
                                       for k, v in spec["defaults"].items()})
     for k, v in values.items():
         setattr(ns, k, v)
+    import importlib
     module, _, func = spec["func"].partition(":")
     setattr(ns, "command", name)    # noqa: B010  (not an attribute mypy knows)
-    # __import__, not importlib.import_module: importlib (with warnings) is
-    # not otherwise imported by these commands (start-up)
-    __import__(module)
-    setattr(ns, "func", getattr(sys.modules[module], func))  # noqa: B010
+    setattr(ns, "func", getattr(importlib.import_module(module), func))  # noqa: B010
     return ns

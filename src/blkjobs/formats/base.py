@@ -10,20 +10,18 @@ loops: bulk moves go through ``blkjobs.native`` using the host extents that
 from __future__ import annotations
 
 import abc
+import enum
 import errno
 import os
 import stat
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from ..native.record import Record
 from ..errors import ImageError
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
-    import enum
     from typing import Any, Self
-else:
-    from ..native import intenum as enum    # enum's IntEnum without enum (start-up)
 
 
 class NotSupported(ImageError):

@@ -24,16 +24,11 @@ mode, writable ones the target's), the daemon per node
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
-from _collections_abc import Iterator     # collections.abc's, without collections (start-up)
+from collections.abc import Iterator
 
 from ..errors import UsageError
-
-TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
-if TYPE_CHECKING:
-    import contextlib
-else:
-    from ..native import contextgen as contextlib   # its contextmanager only (start-up)
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 O_DSYNC = getattr(os, "O_DSYNC", 0)

@@ -35,8 +35,7 @@ def __getattr__(name: str) -> object:
     mod = _WHERE.get(name)
     if mod is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import sys      # __import__, not importlib.import_module: importlib is not
-    __import__(f"{__name__}.{mod}")     # otherwise imported by a command (start-up)
-    value = getattr(sys.modules[f"{__name__}.{mod}"], name)
+    from importlib import import_module
+    value = getattr(import_module(f"{__name__}.{mod}"), name)
     globals()[name] = value
     return value

@@ -27,7 +27,7 @@ with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
 # written out by hand (not dataclasses: see Layer)
 from __future__ import annotations
 
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from .blockspec_net import (blkdebug_display, nbd_connect_failure, nbd_display, net_options,
                             open_ssh, take_probed)

@@ -24,18 +24,13 @@ only) shares everything. The error texts are qemu-img's.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import struct
 
 from .perm import ALL, PERM_NAMES, Perm, PermissionConflict
-
-TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
-if TYPE_CHECKING:
-    import contextlib
-else:
-    from ..native import contextgen as contextlib   # its contextmanager only (start-up)
 
 PERM_BASE = 100
 SHARED_BASE = 200

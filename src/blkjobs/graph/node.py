@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from ..errors import ImageError, UsageError
 from ..formats import cache, open_image

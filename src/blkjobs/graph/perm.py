@@ -12,13 +12,9 @@ lock bytes (see :mod:`.lock`), so another QEMU process sees them too.
 """
 from __future__ import annotations
 
-from ..errors import BlkjobsError
+import enum
 
-TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
-if TYPE_CHECKING:
-    import enum
-else:
-    from ..native import intenum as enum    # enum's IntFlag without enum (start-up)
+from ..errors import BlkjobsError
 
 
 class Perm(enum.IntFlag):

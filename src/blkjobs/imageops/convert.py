@@ -48,7 +48,7 @@ failure), :mod:`.convert_raw` (raw -> raw), :mod:`.convert_chain` (the rest).
 """
 from __future__ import annotations
 
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from ..errors import UsageError
 from .convert_base import ConvertOptions, ConvertResult, check_options

@@ -4,7 +4,7 @@
 (see :mod:`.convert` for the whole picture)."""
 from __future__ import annotations
 
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from ..native.record import Record
 from ..errors import UsageError, raise_pending_stop

@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from ..errors import BlkjobsError, CopyError, UsageError
 from ..formats.sniff import is_nbd_uri

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from ..errors import CopyError, UsageError
 from ..graph.lock import lock_fd, opening

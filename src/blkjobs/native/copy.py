@@ -6,19 +6,14 @@ seconds so callers can report progress and honour pause/cancel.
 """
 from __future__ import annotations
 
+import enum
 import struct
+from collections.abc import Callable, Iterable
 
 from .record import Record
 from ..errors import Cancelled, CopyError, UsageError
 from ._lib import Owned, ensure, ffi, lib
 from .ratelimit import TokenBucket
-
-TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
-if TYPE_CHECKING:
-    import enum
-    from collections.abc import Callable, Iterable
-else:
-    from . import intenum as enum     # enum's IntEnum without enum (start-up)
 
 COPY = 0
 ZERO = 1

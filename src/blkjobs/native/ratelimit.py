@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from ..errors import UsageError
 from ._lib import ensure, ffi, lib

@@ -11,7 +11,7 @@ damaged header fails at open, before any table is read.
 from __future__ import annotations
 
 import struct
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 from contextvars import ContextVar
 
 from ...errors import ImageError

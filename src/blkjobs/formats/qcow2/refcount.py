@@ -37,7 +37,7 @@ from __future__ import annotations
 import array
 import os
 import sys
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from ...errors import ImageError
 from ...native import dio

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
-from _collections_abc import Callable     # collections.abc's, without collections (start-up)
+from collections.abc import Callable
 
 from ...errors import ImageError
 from ...native import qcow2 as _nq
