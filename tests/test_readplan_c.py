@@ -23,25 +23,9 @@ from blkjobs.graph import readplan
 from blkjobs.native.qcow2 import Segments
 from qemu_oracle import qemu_img, qemu_io
 
-CS = 65536
-N = 64                       # entries of the table the examples use
-COPIED, ZERO, COMPRESSED = 1 << 63, 1, 1 << 62
+from test_qcow2_map_c import CS, N, _entry      # the same tables' vocabulary
+
 DATA_PAD, SZERO = readplan.SEG_DATA_PAD, readplan.SEG_ZERO
-
-
-def _entry(kind: int, k: int) -> int:
-    host = (1 + k % 4) * CS          # inside the file (which holds >= 5 clusters)
-    return [
-        0,                                  # unallocated
-        ZERO,                               # zero
-        host | COPIED,                      # data
-        host | COPIED | ZERO,               # zero, preallocated
-        host,                               # data, shared (no COPIED)
-        COMPRESSED | (host + 512),          # compressed (1 sector)
-        host | COPIED | 0x100,              # reserved bit
-        (host + 512) | COPIED,              # unaligned
-        (1 << 40) | COPIED,                 # past the end of the file
-    ][kind]
 
 
 def _merged(segs) -> list[tuple[int, int, int, int]]:
