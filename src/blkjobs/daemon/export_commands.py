@@ -410,8 +410,7 @@ class ExportCommands:
         running backup's copy-before-write filter, which shares no write on
         it: a writable export there is a permission conflict."""
         for job in self.eng.jobs.jobs():
-            f = getattr(job.driver, "fnode", None)
-            if job.type == "backup" and not job.is_completed and f is not None \
+            if job.type == "backup" and not job.is_completed and job.driver.fnode is not None \
                     and job.driver.src is node:
                 raise QMPError(f"Permission conflict on node '{node.name}': permissions "
                                "'write' are both required by an unnamed block device (uses "
