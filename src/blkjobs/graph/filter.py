@@ -30,9 +30,8 @@ class FilterDriver:
     backing_filename = None
     backing_format = None
     #: the neutral answers of the Driver contract that callers ask any node
-    #: (formats/base.py): no reopen name, no bitmaps
+    #: (formats/base.py): no reopen name, no bitmaps, no file that grows
     spec_name = None
-    bitmaps = None
 
     def __init__(self, format_name: str, child: _Child):
         self.format_name = format_name
