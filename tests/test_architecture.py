@@ -196,7 +196,7 @@ def test_the_size_check_finds_a_long_function(tmp_path):
 
 #: the names a format driver or a job driver goes by in src/blkjobs: the last
 #: part of the expression probed (``node.driver``, ``job.driver``, ``drv``...)
-_DRIVER_NAMES = {"driver", "drv", "d", "inner", "img", "node", "gnode", "new", "wrapper"}
+_DRIVER_NAMES = {"driver", "drv", "d", "t", "inner", "img", "node", "gnode", "new", "wrapper"}
 _PROBE = re.compile(r"\b(?:getattr|hasattr)\(\s*([A-Za-z_][\w.]*)\s*,\s*[\"'](\w+)[\"']")
 #: probes kept, as "path:expression:name" (each with its reason); none today:
 #: the Driver contract (formats/base.py) and BlockJob (jobs/base.py) declare
