@@ -197,7 +197,7 @@ def test_the_size_check_finds_a_long_function(tmp_path):
 #: the names a format driver or a job driver goes by in src/blkjobs: the last
 #: part of the expression probed (``node.driver``, ``job.driver``, ``drv``...)
 _DRIVER_NAMES = {"driver", "drv", "d", "t", "inner", "img", "node", "gnode", "new", "wrapper"}
-_PROBE = re.compile(r"\b(?:getattr|hasattr)\(\s*([A-Za-z_][\w.]*)\s*,\s*[\"'](\w+)[\"']")
+_PROBE = re.compile(r"\b(?:getattr|hasattr)\(\s*([A-Za-z_][\w.()]*)\s*,\s*[\"'](\w+)[\"']")
 #: probes kept, as "path:expression:name" (each with its reason); none today:
 #: the Driver contract (formats/base.py) and BlockJob (jobs/base.py) declare
 #: every attribute callers ask of a driver, with its neutral default
@@ -209,7 +209,7 @@ def _driver_probes(root: Path) -> list[str]:
     for p in sorted(root.rglob("*.py")):
         for m in _PROBE.finditer(p.read_text()):
             expr, name = m.groups()
-            if expr.rsplit(".", 1)[-1] in _DRIVER_NAMES:
+            if expr.rsplit(".", 1)[-1].rstrip("()") in _DRIVER_NAMES:
                 key = f"{p.relative_to(root)}:{expr}:{name}"
                 if key not in PROBES_ALLOWED:
                     out.append(key)
@@ -224,5 +224,7 @@ def test_drivers_are_asked_what_they_declare_never_probed():
 
 def test_the_probe_check_finds_a_probe(tmp_path):
     (tmp_path / "m.py").write_text('x = getattr(node.driver, "spec_name", None)\n'
-                                   'y = hasattr(d, "dst")\nz = getattr(exp.backend, "f", 0)\n')
-    assert _driver_probes(tmp_path) == ["m.py:node.driver:spec_name", "m.py:d:dst"]
+                                   'y = hasattr(d, "dst")\nz = getattr(exp.backend, "f", 0)\n'
+                                   'w = getattr(n.below_filters().driver, "file_length", 0)\n')
+    assert _driver_probes(tmp_path) == ["m.py:node.driver:spec_name", "m.py:d:dst",
+                                        "m.py:n.below_filters().driver:file_length"]

@@ -62,8 +62,8 @@ class NodeBackend:
 
     def _file_length(self) -> int | None:
         """A raw file's length (None: not a raw file's node)."""
-        length = getattr(self.fe.node.below_filters().driver, "file_length", None)
-        return length if isinstance(length, int) else None     # (Raw's alone)
+        length: int | None = self.fe.node.below_filters().driver.file_length
+        return length     # (Raw's alone: the Driver contract's default is None)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         self.fe.readinto(offset, buf)
