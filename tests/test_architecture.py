@@ -200,7 +200,12 @@ _DRIVER_NAMES = {"driver", "drv", "d", "t", "inner", "img", "node", "gnode", "ne
 _PROBE = re.compile(r"\b(?:getattr|hasattr)\(\s*([A-Za-z_][\w.()]*)\s*,\s*[\"'](\w+)[\"']")
 #: probes kept, as "path:expression:name" (each with its reason); none today:
 #: the Driver contract (formats/base.py) and BlockJob (jobs/base.py) declare
-#: every attribute callers ask of a driver, with its neutral default
+#: every attribute callers ask of a driver, with its neutral default. Probes
+#: of things that are not drivers are not counted: nbd/fastpath.py's
+#: ``hasattr(exp.backend, "plan_reads")`` (an NBD export backend: the C path
+#: is an optional part of that protocol, FastBackend), blockcopy_writes.py's
+#: ``getattr(hdr, "version", 3)`` (the header record of a qcow2 or luks image,
+#: or None), graph/node.py's ``getattr(m, "zero_data", False)`` (a Mapping)
 PROBES_ALLOWED: dict[str, str] = {}
 
 
