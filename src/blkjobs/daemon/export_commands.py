@@ -410,8 +410,8 @@ class ExportCommands:
         running backup's copy-before-write filter, which shares no write on
         it: a writable export there is a permission conflict."""
         for job in self.eng.jobs.jobs():
-            if job.type == "backup" and not job.is_completed and job.driver.fnode is not None \
-                    and job.driver.src is node:
+            f = job.driver.fnode if job.type == "backup" else None
+            if f is not None and not job.is_completed and job.driver.src is node:
                 raise QMPError(f"Permission conflict on node '{node.name}': permissions "
                                "'write' are both required by an unnamed block device (uses "
                                f"node '{node.name}' as 'root' child) and unshared by node "
