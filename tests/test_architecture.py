@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -191,3 +192,44 @@ def test_the_size_check_finds_a_long_function(tmp_path):
     (tmp_path / "m.py").write_text(f"def f():\n{body}\n\ndef g():\n    {LONG_REASON} a table\n"
                                    f"{body}")
     assert _too_long(tmp_path) == ["m.py:1 f: 81 lines"]
+
+
+#: the names a format driver or a job driver goes by in src/blkjobs: the last
+#: part of the expression probed (``node.driver``, ``job.driver``, ``drv``...)
+_DRIVER_NAMES = {"driver", "drv", "d", "t", "inner", "img", "node", "gnode", "new", "wrapper"}
+_PROBE = re.compile(r"\b(?:getattr|hasattr)\(\s*([A-Za-z_][\w.()]*)\s*,\s*[\"'](\w+)[\"']")
+#: probes kept, as "path:expression:name" (each with its reason); none today:
+#: the Driver contract (formats/base.py) and BlockJob (jobs/base.py) declare
+#: every attribute callers ask of a driver, with its neutral default. Probes
+#: of things that are not drivers are not counted: nbd/fastpath.py's
+#: ``hasattr(exp.backend, "plan_reads")`` (an NBD export backend: the C path
+#: is an optional part of that protocol, FastBackend), blockcopy_writes.py's
+#: ``getattr(hdr, "version", 3)`` (the header record of a qcow2 or luks image,
+#: or None), graph/node.py's ``getattr(m, "zero_data", False)`` (a Mapping)
+PROBES_ALLOWED: dict[str, str] = {}
+
+
+def _driver_probes(root: Path) -> list[str]:
+    out = []
+    for p in sorted(root.rglob("*.py")):
+        for m in _PROBE.finditer(p.read_text()):
+            expr, name = m.groups()
+            if expr.rsplit(".", 1)[-1].rstrip("()") in _DRIVER_NAMES:
+                key = f"{p.relative_to(root)}:{expr}:{name}"
+                if key not in PROBES_ALLOWED:
+                    out.append(key)
+    return out
+
+
+def test_drivers_are_asked_what_they_declare_never_probed():
+    """A format or job driver declares what callers ask of it (the Driver
+    contract, BlockJob): a new getattr/hasattr probe of one fails here."""
+    assert _driver_probes(SRC / "blkjobs") == []
+
+
+def test_the_probe_check_finds_a_probe(tmp_path):
+    (tmp_path / "m.py").write_text('x = getattr(node.driver, "spec_name", None)\n'
+                                   'y = hasattr(d, "dst")\nz = getattr(exp.backend, "f", 0)\n'
+                                   'w = getattr(n.below_filters().driver, "file_length", 0)\n')
+    assert _driver_probes(tmp_path) == ["m.py:node.driver:spec_name", "m.py:d:dst",
+                                        "m.py:n.below_filters().driver:file_length"]

@@ -50,7 +50,7 @@ from .graph.io import BlockIO, DirtyBitmap
 from .jobmodel import CompletionMode, Event, EventListener, Job, JobManager, JobOutcome, JobTxn
 from .jobmodel.events import Clock
 from .jobs.backup import BackupJob
-from .jobs.base import BlockJob
+from .jobs.base import BlockJob as BlockJob    # re-exported: the daemon asks its contract
 from .jobs.blkdebug import EVENTS as _BLKDEBUG_EVENTS
 from .jobs.blkdebug import Blkdebug, Breaks, Rule, Suspended
 from .jobs.blkdebug import rule_event as _blkdebug_rule_event

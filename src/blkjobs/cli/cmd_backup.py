@@ -111,9 +111,9 @@ def copied(job, verb: str = "copied") -> str:
     the target -- the job's progress (batches that landed) and what a batch
     that failed or was cancelled wrote before it stopped."""
     # a backup's progress is in whole clusters, as QEMU's: its bytes instead
-    by_bytes = getattr(job.driver, "bytes_progress", None)
-    cur, total = by_bytes() if by_bytes is not None else job.progress.snapshot()
-    mover = getattr(job.driver, "mover", None)
+    by_bytes = job.driver.bytes_progress()
+    cur, total = by_bytes if by_bytes is not None else job.progress.snapshot()
+    mover = job.driver.mover
     cur += mover.stray_written if mover is not None else 0
     return f"{human(min(cur, total) if total else cur)} of {human(total)} {verb}"
 

@@ -98,7 +98,7 @@ def run(args) -> int:
         path, fmt = top.filename, top.format
         from ..graph.blockspec import file_name
         fpath = file_name(args.image)
-        debug = getattr(top.driver, "blkdebug", None)     # blkdebug under a qcow2 image
+        debug = top.driver.blkdebug     # blkdebug under a qcow2 image
         base_path = args.base or top.driver.backing_filename   # as the user knows it
 
         def aftermath(job, synced: bool) -> str:

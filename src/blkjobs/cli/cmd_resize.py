@@ -35,7 +35,7 @@ def _attach_backing(node, path: str) -> None:
     from ..errors import BlkjobsError
     from ..graph.chain import open_chain, resolve_backing
     from .parity import could_not_open
-    bf = getattr(node.driver, "backing_filename", None)
+    bf = node.driver.backing_filename
     if node.format != "qcow2" or not bf:
         return
     bpath = resolve_backing(node.driver.filename, bf)

@@ -52,14 +52,14 @@ class BitmapCommands:
         out: list[dict[str, Any]] = []
         for job in reversed(self.eng.jobs.jobs()):
             d = job.driver
-            if job.type != "backup" or getattr(d, "src", None) is not g:
+            if job.type != "backup" or d.src is not g:
                 continue
-            copy_bm = getattr(d, "copy_bm", None)
-            if copy_bm is not None and getattr(d, "fnode", None) is not None:
+            copy_bm = d.copy_bm
+            if copy_bm is not None and d.fnode is not None:
                 # QEMU's block-copy bitmap lives as long as the job's filter
                 out.append({"recording": False, "persistent": False, "busy": False,
                             "granularity": copy_bm.granularity, "count": copy_bm.count()})
-            bm = getattr(d, "bm", None)
+            bm = d.bm
             if bm is not None and bm.successor is not None:
                 out.append({"recording": bool(bm.enabled), "persistent": False,
                             "busy": False, "granularity": bm.granularity,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..engine import BlockJob
 from ..graph import Node, Perm
 
 _ALL = Perm(0xF)
@@ -115,7 +116,7 @@ class BlockGraph:
     def _block_jobs(self, *types: str) -> list[Any]:
         return [j for j in self.cmds.eng.jobs.jobs()
                 if j.type in types and not j.is_completed
-                and getattr(j.driver, "fnode", None) is not None]
+                and j.driver.fnode is not None]
 
     def _job_backends(self, job: Any) -> list[_Entry]:
         """A job's own BlockBackends, oldest first: a mirror's (an active
@@ -127,7 +128,7 @@ class BlockGraph:
             roots: list[tuple[Node, int, int]] = [(d.fnode, _CR, _CR | _W | _WU)]
         elif job.type == "mirror":
             roots = [(d.dst, _W, _WU)]
-        elif hasattr(d, "dst"):                  # active commit: a mirror into base
+        elif d.mirrors_into_base:                # active commit: a mirror into base
             roots = [(d.dst, _W, _CR | _W | _WU)]
         else:
             roots = [(d.base, _CR | _W, _CR | _WU),
@@ -155,7 +156,7 @@ class BlockGraph:
                       for n in reversed(d.intermediates)],
                     (self.view(d.top), "active node", _fixed(0, _CR | _W | _WU)),
                     (top, "main node", _fixed(0, _ALL))]
-        if job.type == "commit" and not hasattr(d, "dst"):
+        if job.type == "commit" and not d.mirrors_into_base:
             return [(self.view(d.base), "base", _fixed(0, _ALL)),
                     *[(self.view(n), "intermediate node", mid) for n in reversed(d.nodes)],
                     (self.view(self._root(d.fnode)), "main node", _fixed(0, _ALL))]
@@ -195,7 +196,7 @@ class BlockGraph:
             if owner is not None and owner.type == "mirror":
                 return [(child, "backing", ("pass",))]
             if owner is not None and owner.type == "commit":
-                if hasattr(owner.driver, "dst"):        # active commit's mirror_top
+                if owner.driver.mirrors_into_base:      # active commit's mirror_top
                     return [(child, "backing", ("commit-top",))]
                 return [(child, "backing", _fixed(0, _ALL))]
             if owner is not None and owner.type == "stream":
@@ -211,7 +212,8 @@ class BlockGraph:
 
     def _filter_job(self, g: Node) -> Any:
         for job in self.cmds.eng.jobs.jobs():
-            if getattr(job.driver, "fnode", None) is g and not job.is_completed:
+            if isinstance(job.driver, BlockJob) and job.driver.fnode is g \
+                    and not job.is_completed:
                 return job
         return None
 

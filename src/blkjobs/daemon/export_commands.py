@@ -62,8 +62,8 @@ class NodeBackend:
 
     def _file_length(self) -> int | None:
         """A raw file's length (None: not a raw file's node)."""
-        length = getattr(self.fe.node.below_filters().driver, "file_length", None)
-        return length if isinstance(length, int) else None     # (Raw's alone)
+        length: int | None = self.fe.node.below_filters().driver.file_length
+        return length     # (Raw's alone: the Driver contract's default is None)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         self.fe.readinto(offset, buf)
@@ -410,9 +410,8 @@ class ExportCommands:
         running backup's copy-before-write filter, which shares no write on
         it: a writable export there is a permission conflict."""
         for job in self.eng.jobs.jobs():
-            f = getattr(job.driver, "fnode", None)
-            if job.type == "backup" and not job.is_completed and f is not None \
-                    and job.driver.src is node:
+            f = job.driver.fnode if job.type == "backup" else None
+            if f is not None and not job.is_completed and job.driver.src is node:
                 raise QMPError(f"Permission conflict on node '{node.name}': permissions "
                                "'write' are both required by an unnamed block device (uses "
                                f"node '{node.name}' as 'root' child) and unshared by node "

@@ -90,7 +90,7 @@ class GraphCommands:
         try:
             # its bitmaps stored first, as QEMU's qcow2_reopen_bitmaps_ro: the
             # node reopened read-only then lists them in format-specific
-            getattr(g.driver, "reopen_bitmaps_ro", lambda: None)()
+            g.driver.reopen_bitmaps_ro()
             g.reopen(read_only=True)
         except Exception:       # ignored, see the docstring
             return

@@ -276,7 +276,7 @@ class NodeCommands:
         self.nodes[mn.name] = mn
         self._arm_file_threshold(fnode)      # its block-set-write-threshold, if any
         if not gnode.read_only:     # QEMU's open: the image's bitmaps in use on disk
-            getattr(gnode.driver, "activate_bitmaps", lambda: None)()
+            gnode.driver.activate_bitmaps()
         return mn
 
     def _add_file(self, opts: dict[str, Any], owned: bool, ro: bool) -> MonitorNode:
@@ -356,8 +356,8 @@ class NodeCommands:
                 d = job.driver
                 if job.is_completed:
                     continue
-                if (job.type == "backup" and getattr(d, "dst", None) is g) or \
-                        (job.type == "mirror" and getattr(d, "src", None) is g):
+                if (job.type == "backup" and d.dst is g) or \
+                        (job.type == "mirror" and d.src is g):
                     raise QMPError(f"Node '{g.name}' is busy: block device is in use by "
                                    f"block job: {job.type}")
 
@@ -373,7 +373,7 @@ class NodeCommands:
             d = job.driver
             if job.is_completed or job.type not in ("backup", "mirror"):
                 continue
-            if job.type == "mirror" and getattr(d, "dst", None) is g:
+            if job.type == "mirror" and d.dst is g:
                 raise QMPError(f"Node {g.name} is in use")
         self._check_job_blockers(g)
         for p in self.eng.graph.parents(g):

@@ -187,7 +187,7 @@ class ReopenCommands:
             for mn, r in ro.values():
                 if mn.gnode is not None and r != mn.gnode.read_only:
                     if r:       # bitmaps stored first (QEMU's qcow2_reopen_bitmaps_ro)
-                        getattr(mn.gnode.driver, "reopen_bitmaps_ro", lambda: None)()
+                        mn.gnode.driver.reopen_bitmaps_ro()
                     mn.gnode.reopen(read_only=r)
                     done.append(mn)
         except BaseException:

@@ -172,7 +172,41 @@ class Driver(abc.ABC):
       it offers ``map_for_read`` instead, ``graph/readplan.py``);
     * ``is_filter``: False; the graph's filter nodes have a
       :class:`blkjobs.graph.filter.FilterDriver` (True) instead of an image
-      driver.
+      driver;
+    * ``has_debug_hook``: the driver raises blkdebug events of its own
+      through its ``blkdebug`` hook (qcow2: metadata events, the reads of
+      its file), which a blkdebug layer below it sets.
+
+    What callers ask of every driver, declared here with the neutral answer
+    (callers use them directly, never ``getattr``/``hasattr``; the blkdebug
+    wrapper of :mod:`blkjobs.jobs.blkdebug` forwards them to its driver):
+
+    * ``map_for_read`` / ``read_segments``: a reader's runs mapped outside
+      the I/O lock (``graph/readplan.py``; qcow2), None: not offered, read
+      through :meth:`readinto`;
+    * ``file_length``: the host file's length in bytes when it differs from
+      ``size`` by a partial sector (raw), else None;
+    * ``data_path``: the external data file's name (qcow2), else None;
+    * ``read_zeroes``: an unallocated range with nothing below reads as
+      zeroes (False: unknown -- null-co without ``read-zeroes``, an NBD
+      export's dirty bitmap);
+    * ``disk_size_unknown``: ``info`` shows no ``actual-size``;
+    * ``bitmaps``: the image's bitmap directory (qcow2), None or empty when
+      it has none; ``bitmaps_loaded``: :attr:`persistent_bitmaps` was
+      loaded; :meth:`activate_bitmaps` / :meth:`reopen_bitmaps_ro`: what
+      opening read-write / reopening read-only does to them;
+    * ``blkdebug``: the blkdebug hook (with ``has_debug_hook``), else None;
+    * ``header``: the parsed header of a format that has one, else None;
+      ``ctype``: qcow2's compression type (0: deflate);
+    * :meth:`backing_read`: told of a read left to the backing file (only a
+      driver with ``wants_events``: QEMU's blkdebug rules);
+    * :meth:`watch_file_growth`: a callback when metadata allocation grows
+      the file (qcow2's refcounts; others: nothing to watch);
+    * set on a driver opened from a ``json:``/``--image-opts`` name
+      (``graph/blockspec.py``): ``spec_name`` (the name, to reopen it),
+      ``map_filename`` (the ``file`` layer's name), ``backing_spec`` /
+      ``backing_ref`` / ``no_backing`` (its ``backing`` option),
+      ``no_dirname`` and ``quorum_disk_size`` (a quorum's elected child).
     """
 
     format_name: str = "?"
@@ -197,11 +231,70 @@ class Driver(abc.ABC):
     cluster_size: int = 0
     scs: int = 0
     extended: bool = False
+    has_debug_hook: bool = False
+    # what callers ask of every driver (see the class docstring)
+    data_path: str | None = None
+    read_zeroes: bool = True
+    disk_size_unknown: bool = False
+    bitmaps: list[Any] | None = None
+    blkdebug: Any = None
+    header: Any = None
+    ctype: int = 0
+    spec_name: str | None = None
+    map_filename: str | None = None
+    backing_spec: str = ""
+    backing_ref: str | None = None
+    no_backing: bool = False
+    no_dirname: bool = False
+    quorum_disk_size: int | None = None
 
     @property
     def persistent_bitmaps(self) -> Any:
         """The image's persistent dirty bitmaps, or None (see above)."""
         return None
+
+    @property
+    def bitmaps_loaded(self) -> bool:
+        """:attr:`persistent_bitmaps` was loaded (never for a format that
+        stores none)."""
+        return False
+
+    def activate_bitmaps(self) -> None:
+        """Once the node holds its locks, read-write: the bitmaps flagged in
+        use (qcow2); nothing for a format that stores none."""
+
+    def reopen_bitmaps_ro(self) -> None:
+        """Before a reopen read-only: the bitmaps stored now (qcow2);
+        nothing for a format that stores none."""
+
+    @property
+    def file_length(self) -> int | None:
+        """The host file's length in bytes where ``size`` rounds it up to
+        whole sectors (raw), else None: ``size`` is the length."""
+        return None
+
+    def map_for_read(self, offset: int, length: int) -> list[list] | None:
+        """This layer's runs of [offset, offset+length) for a reader that
+        reads the DATA runs itself outside the I/O lock (qcow2:
+        ``formats/qcow2/mapping.py``); None: not offered, read through
+        :meth:`readinto`."""
+        return None
+
+    def read_segments(self, reqs: list[tuple[int, int]], unalloc_zero: bool
+                      ) -> list[Any] | None:
+        """:meth:`map_for_read` of many reads at once for the NBD export's C
+        data path (qcow2); None: not offered."""
+        return None
+
+    def backing_read(self, offset: int, length: int) -> None:
+        """The image reads [offset, offset+length) from its backing file
+        (``wants_events``: QEMU's blkdebug rules hear of it); nothing by
+        default."""
+
+    def watch_file_growth(self, cb: Callable[[int], None]) -> None:
+        """Call ``cb(end)`` when an allocation takes clusters past the end of
+        the file (a write threshold on the file; qcow2, writable). Nothing
+        to watch by default."""
 
     @property
     @abc.abstractmethod

@@ -357,17 +357,17 @@ def open_spec(spec: Spec, read_only: bool = True, with_backing: bool = True,
     drv.filename = spec.display
     if "backing" in spec.top.opts:
         if isinstance(backing, dict):
-            drv.backing_spec = "json:" + qdict_json(backing)    # type: ignore[attr-defined]
+            drv.backing_spec = "json:" + qdict_json(backing)
         elif backing is not None:
-            drv.backing_ref = str(backing)      # type: ignore[attr-defined]
-        drv.no_backing = True           # type: ignore[attr-defined]   # not the header's
-    drv.spec_name = spec.name          # type: ignore[attr-defined]   # to reopen it
+            drv.backing_ref = str(backing)
+        drv.no_backing = True  # not the header's
+    drv.spec_name = spec.name  # to reopen it
     layer: Layer | None = spec.top
     while layer is not None:        # qemu-img map names the file holding the data
         if layer.driver == "file":
-            drv.map_filename = _plain(str(layer.opts["filename"]))  # type: ignore[attr-defined]
+            drv.map_filename = _plain(str(layer.opts["filename"]))
         if layer.driver in FILTER_DRIVERS and layer is not spec.top:
-            drv.disk_size_unknown = True    # type: ignore[attr-defined]   # qemu-img: unavailable
+            drv.disk_size_unknown = True  # qemu-img: unavailable
         layer = layer.child
     return drv, drv.format_name
 
@@ -416,8 +416,8 @@ def _open_quorum(layer: Layer, fmt: str | None, read_only: bool) -> Driver:
     paths = [str(c.opts["filename"]) for c in layer.children]
     path = elect(paths, check_options(layer.opts, len(paths)))
     drv = _open_protocol(Layer("file", {"filename": path}), fmt, read_only)
-    drv.quorum_disk_size = disk_size(paths)      # type: ignore[attr-defined]
-    drv.no_dirname = True       # type: ignore[attr-defined]   # backing names: unresolvable
+    drv.quorum_disk_size = disk_size(paths)
+    drv.no_dirname = True  # backing names: unresolvable
     return drv
 
 

@@ -83,12 +83,12 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
                 node.take("open", Perm.CONSISTENT_READ, ALL)
             else:
                 prev.attach_backing(node)
-            ref = getattr(drv, "backing_ref", None)      # a json: name's "backing"
+            ref = drv.backing_ref      # a json: name's "backing"
             if ref is not None:
                 raise ImageError(f"Could not open backing file: Cannot find device='{ref}' "
                                  f"nor node-name='{ref}'")
-            bspec: str = getattr(drv, "backing_spec", "")
-            bf = None if getattr(drv, "no_backing", False) else drv.backing_filename
+            bspec: str = drv.backing_spec
+            bf = None if drv.no_backing else drv.backing_filename
             if not bf and not bspec:
                 break
             if len(opened) > 256:
@@ -97,10 +97,11 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
             if bspec or not bf:
                 cur_path = bspec
                 continue
-            if getattr(drv, "no_dirname", False) and not os.path.isabs(bf) and not is_spec(bf):
+            if drv.no_dirname and not os.path.isabs(bf) and not is_spec(bf):
                 raise ImageError("Cannot generate a base directory for quorum nodes")
             # relative to the overlay's file (under a json: name too)
-            cur_path = resolve_backing(getattr(drv, "map_filename", drv.filename), bf)
+            cur_path = resolve_backing(drv.map_filename if drv.map_filename is not None
+                                       else drv.filename, bf)
             if not is_spec(cur_path):
                 _check_backing_file(cur_path, drv.filename)
         return opened[0]

@@ -29,6 +29,9 @@ class FilterDriver:
     cluster_size = 0
     backing_filename = None
     backing_format = None
+    #: the neutral answers of the Driver contract that callers ask any node
+    #: (formats/base.py): no reopen name, no bitmaps, no file that grows
+    spec_name = None
 
     def __init__(self, format_name: str, child: _Child):
         self.format_name = format_name
@@ -48,3 +51,12 @@ class FilterDriver:
 
     def close(self) -> None:
         pass
+
+    def watch_file_growth(self, cb: object) -> None:
+        """No file of its own: nothing grows (formats/base.py)."""
+
+    def activate_bitmaps(self) -> None:
+        """No bitmaps (formats/base.py)."""
+
+    def reopen_bitmaps_ro(self) -> None:
+        """No bitmaps (formats/base.py)."""

@@ -203,12 +203,7 @@ class Node:
             self._hook_file_growth()
 
     def _hook_file_growth(self) -> None:
-        drv = getattr(self.driver, "inner", self.driver)    # under a blkdebug wrapper
-        rc = getattr(drv, "_rc", None)
-        if rc is not None and not drv.read_only:
-            refcounts = rc()
-            if refcounts.grow_cb is None:
-                refcounts.grow_cb = self._file_reached
+        self.driver.watch_file_growth(self._file_reached)   # a blkdebug wrapper: its driver's
 
     def _file_reached(self, end: int) -> None:
         thr = self.file_threshold
@@ -381,7 +376,7 @@ class Node:
             return
         # a blkdebug layer under this image hears of reads left to the backing
         # file (QEMU's read_backing_aio), which do not pass it
-        note = getattr(self.driver, "backing_read", None) if self.driver.wants_events else None
+        note = self.driver.backing_read if self.driver.wants_events else None
         for m in self.driver.map_host(offset, len(mv)):
             v = mv[m.start - offset:m.start - offset + m.length]
             if m.kind == Kind.UNALLOCATED:
@@ -484,7 +479,7 @@ class Node:
                 _emit(out, m.start, m.length, depth, True, True, getattr(m, "zero_data", False), False, m.host_offset)
             else:       # not allocated, nothing below: zeroes (null-co: unknown, says QEMU)
                 _emit(out, m.start, m.length, depth, False,
-                      getattr(self.driver, "read_zeroes", True), False, False, m.host_offset)
+                      self.driver.read_zeroes, False, False, m.host_offset)
 
     # -- lifecycle ---------------------------------------------------------
     def reopen(self, read_only: bool) -> None:
@@ -497,17 +492,17 @@ class Node:
             if perm & (Perm.WRITE | Perm.RESIZE):
                 raise PermissionConflict(f"node '{self.name}' is still used for writing")
         self.driver.flush()
-        spec = getattr(self.driver, "spec_name", None)
+        spec = self.driver.spec_name
         with cache.reopening(self.driver):      # the new fd keeps O_DIRECT / O_DSYNC
             if spec is not None:       # a json:/--image-opts name: opened the same way again
                 from .blockspec import open_spec, parse
                 new = open_spec(parse(spec, self.format), read_only)[0]
-                if getattr(new, "injects_faults", False):
+                if new.injects_faults:
                     new = new.inner     # type: ignore[attr-defined]   # the wrapper stays, below
             else:
                 new = open_image(self.filename, self.format, read_only=read_only)
         # a fault-injection wrapper (blkdebug: rules, break points) stays, around the new driver
-        wrapper = self.driver if getattr(self.driver, "injects_faults", False) else None
+        wrapper = self.driver if self.driver.injects_faults else None
         old = wrapper.inner if wrapper is not None else self.driver
         if wrapper is not None:
             wrapper.inner = new

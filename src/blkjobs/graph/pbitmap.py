@@ -26,9 +26,9 @@ def _pbm(node: Node, create: bool) -> Any:
     """The node's qcow2 ``Bitmaps`` (None: the node has none to show, or
     its format cannot store any)."""
     drv = node.driver
-    if node.is_filter or not hasattr(drv, "persistent_bitmaps"):
+    if node.is_filter:
         return None
-    if not create and not getattr(drv, "bitmaps", None) and getattr(drv, "_pbm", None) is None:
+    if not create and not drv.bitmaps and not drv.bitmaps_loaded:
         return None         # not loaded for nothing: most images have none
     return drv.persistent_bitmaps
 

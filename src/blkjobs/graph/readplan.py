@@ -112,13 +112,11 @@ def _plan(node: Node, offset: int, mv: memoryview, p: ReadPlan, pinned: dict[int
     maps = None
     # a fault-injection wrapper (blkdebug) hands out its inner driver's
     # attributes: its reads must go through its own readinto
-    if not getattr(d, "injects_faults", False):
-        if node.backing is None and getattr(d, "parallel_reads", False):
+    if not d.injects_faults:
+        if node.backing is None and d.parallel_reads:
             p.reads.append((d, offset, mv))
             return
-        map_for_read = getattr(d, "map_for_read", None)
-        if map_for_read is not None:
-            maps = map_for_read(offset, len(mv))
+        maps = d.map_for_read(offset, len(mv))
     if maps is None:
         node.readinto(offset, mv)       # under the lock, as before
         return
@@ -191,16 +189,15 @@ def _segments(node: Node, offset: int, n: int, segs: list[Segment], p: ReadPlan,
     if offset + n > node.size:
         raise UsageError(f"read beyond the end of node '{node.name}'")
     d = node.driver
-    if getattr(d, "injects_faults", False):
+    if d.injects_faults:
         return False
-    if node.backing is None and getattr(d, "parallel_reads", False):
+    if node.backing is None and d.parallel_reads:
         fd = _plain_fd(d)
         if fd is None:
             return False
         segs.append((SEG_DATA, fd, offset, n))
         return True
-    map_for_read = getattr(d, "map_for_read", None)
-    maps = map_for_read(offset, n) if map_for_read is not None else None
+    maps = d.map_for_read(offset, n)
     if maps is None:
         return False
     fd = -1
@@ -307,10 +304,9 @@ def _plan_c(img: Node, reqs: list[tuple[int, int]], reads: list[Any],
     while node.is_filter:
         node = node._child()
     d = node.driver
-    if getattr(d, "injects_faults", False):
+    if d.injects_faults:
         return None
-    read_segments = getattr(d, "read_segments", None)
-    got = read_segments(reqs, node.backing is None) if read_segments is not None else None
+    got = d.read_segments(reqs, node.backing is None)
     if got is None:
         return None
     rest = [i for i, g in enumerate(got) if g is None]

@@ -80,7 +80,7 @@ def _key_slots(drv, opts: dict[str, str]) -> tuple[Any, Any] | None:
     options to apply to them (QEMU's refusals); None without such options."""
     if not any(k.startswith("encrypt.") for k in opts):
         return None
-    if not getattr(drv, "encrypted", False):
+    if not drv.encrypted:
         raise UsageError("Can't amend encryption options - encryption not present")
     from ..formats.luks_slots import KeySlots, parse_amend
     slots = KeySlots.of(drv)

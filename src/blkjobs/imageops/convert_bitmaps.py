@@ -45,7 +45,7 @@ def source_bitmaps(src: str, src_fmt: str | None, dst_fmt: str, skip_broken: boo
         raise UsageError(f"Format driver '{dst_fmt}' does not support bitmaps")
     node = _open(src, src_fmt, True, force_share)
     try:
-        pbm = getattr(node.driver, "persistent_bitmaps", None)
+        pbm = node.driver.persistent_bitmaps
         if pbm is None:
             raise UsageError("Source lacks bitmap support")
         names = []

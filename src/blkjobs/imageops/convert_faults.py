@@ -88,7 +88,7 @@ class _Walk:
         self.top = cv.top
         self.size = cv.size
         self.end = -(-cv.size // SECTOR) * SECTOR
-        self.align = max(SECTOR, getattr(self.top.driver, "cluster_size", 0) or 0)
+        self.align = max(SECTOR, self.top.driver.cluster_size or 0)
         self.next_status = 0
         self.kind = DATA
         #: -c: qemu-img's buffer is one target cluster, and so is each request

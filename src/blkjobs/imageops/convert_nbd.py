@@ -183,11 +183,11 @@ class _NbdConvert:
         prealloc = o.create_opts.get("preallocation", "off") not in ("off", None)
         self.target_zero = o.target_is_zero or (
             self.ours is not None and self.t.format_name != "luks"
-            and not (prealloc and getattr(self.t, "encrypted", False)))
+            and not (prealloc and self.t.encrypted))
         if o.backing:       # (qemu-img: no zero init with a backing file)
             self.target_zero = o.target_is_zero
             self.backing_size = self._backing_size()
-        self.cluster = getattr(self.t, "cluster_size", 0) or 0
+        self.cluster = self.t.cluster_size or 0
 
     def _backing_size(self) -> int:
         """-B: the size of the target's backing file (qemu-img leaves the

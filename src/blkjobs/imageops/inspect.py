@@ -40,7 +40,13 @@ def _unaligned_raw(node) -> bool:
     number of sectors."""
     drv = node.driver
     return (node.format in ("raw", "file") and drv.host_file
-            and getattr(drv, "file_length", drv.size) % 512 != 0)
+            and _file_length(drv) % 512 != 0)
+
+
+def _file_length(drv) -> int:
+    """The host file's length: :attr:`Driver.file_length`, else the size."""
+    n = drv.file_length
+    return n if n is not None else drv.size
 
 
 def _direct(path: str) -> bool:
@@ -96,15 +102,17 @@ def _node_info(node) -> dict:
     if drv.cluster_size:
         d["cluster-size"] = drv.cluster_size
     d["format"] = node.format
-    if not getattr(drv, "disk_size_unknown", False):
-        d["actual-size"] = getattr(drv, "quorum_disk_size", st.st_blocks * 512)
+    if not drv.disk_size_unknown:
+        d["actual-size"] = (drv.quorum_disk_size if drv.quorum_disk_size is not None
+                            else st.st_blocks * 512)
     fs = drv.info()
     if fs:
         d["format-specific"] = fs
-    if drv.backing_filename and not getattr(drv, "no_dirname", False):
+    if drv.backing_filename and not drv.no_dirname:
         from ..graph import resolve_backing
-        d["full-backing-filename"] = resolve_backing(getattr(drv, "map_filename", node.filename),
-                                                     drv.backing_filename)
+        d["full-backing-filename"] = resolve_backing(
+            drv.map_filename if drv.map_filename is not None else node.filename,
+            drv.backing_filename)
     if drv.backing_filename:
         d["backing-filename"] = drv.backing_filename
     if drv.encrypted:
@@ -156,14 +164,15 @@ def map_image(path: str, fmt: str | None = None, start: int = 0, length: int | N
     try:
         # an unaligned raw file: its block status up to the end of the file,
         # the rest of its last sector as _eof_tail says (Raw.size is rounded)
-        real = getattr(top.driver, "file_length", top.size) if _unaligned_raw(top) else top.size
+        real = _file_length(top.driver) if _unaligned_raw(top) else top.size
         size = sector_size(real) if _unaligned_raw(top) else real
         end = size if length is None else min(size, start + length)
         if start < 0 or start > size:
             raise UsageError(f"invalid start offset {start}")
         nodes = top.chain()
         # the file holding each layer's data (qcow2: its external data file)
-        names = [getattr(n.driver, "data_path", None) or getattr(n.driver, "map_filename", n.filename)
+        names = [n.driver.data_path or (n.driver.map_filename if n.driver.map_filename is not None
+                                        else n.filename)
                  for n in nodes]
         prealloc: dict[int, bool] = {}
         last = None

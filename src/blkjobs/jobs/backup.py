@@ -33,6 +33,10 @@ CLAIM_AREAS = 1024
 
 class BackupJob(BlockJob):
     job_type = "backup"
+    src: Node
+    dst: Node
+    mover: Mover
+    copy_bm: Bitmap
 
     # ------------------------------------------------------------------
     @classmethod

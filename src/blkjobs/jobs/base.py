@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import CopyError, JobError
 from ..graph import Node
@@ -22,6 +22,10 @@ from ..graph.io import BlockIO
 from ..jobmodel import ErrorAction, Job, JobDriver
 from ..native.ratelimit import TokenBucket
 from .blockcopy import BATCH, Mover, Stats, Ticket
+
+if TYPE_CHECKING:
+    from ..graph.io import DirtyBitmap
+    from ..native.bitmap import Bitmap
 
 POLICIES = ("report", "ignore", "enospc", "stop", "auto")
 
@@ -46,6 +50,22 @@ class BlockJob(JobDriver):
     #: ``filter-node-name``: the name of the filter node the job inserts
     #: (None: an implicit ``#blockN``); set by the engine before setup
     filter_node_name: str | None = None
+
+    # What the daemon and the command line ask of a block job, declared here
+    # with the answer of a job that has none (callers never probe with
+    # getattr/hasattr; subclasses narrow the types of what they always set):
+    #: the node copied from and the node copied to (backup, mirror, active commit)
+    src: Node | None = None
+    dst: Node | None = None
+    #: the copy engine (:mod:`.blockcopy`; the four jobs set one)
+    mover: Mover | None = None
+    #: a backup's copy bitmap (what is left to copy) and the dirty bitmap
+    #: its sync=bitmap froze
+    copy_bm: Bitmap | None = None
+    bm: DirtyBitmap | None = None
+    #: an active commit: a mirror from the top into the base (``src``,
+    #: ``dst``), not a commit's ``top``/``base``/``nodes``
+    mirrors_into_base: bool = False
 
     def __init__(self, io: BlockIO):
         self.io = io
@@ -77,8 +97,13 @@ class BlockJob(JobDriver):
         self.bucket.rate = int(speed)
 
     def throttled(self, job: Job) -> bool:
-        mover = getattr(self, "mover", None)
-        return mover is not None and mover.throttled()
+        return self.mover is not None and self.mover.throttled()
+
+    def bytes_progress(self) -> tuple[int, int] | None:
+        """(bytes copied, bytes to copy in all) where the job's progress
+        counts something else (a backup: whole clusters); None: the
+        progress is the answer."""
+        return None
 
     def policy_action(self, job: Job, e: CopyError, policy: str | None = None) -> ErrorAction:
         """Send ``e`` through the job's error policy (``BLOCK_JOB_ERROR`` is

@@ -101,8 +101,8 @@ class QemuBlkdebug(Blkdebug):
         #: ``file_offsets``: the layer is between a qcow2 node and its file (a
         #: ``blkdebug:`` name): the qcow2 driver checks the reads of its file
         #: itself, at the file's offsets, which QEMU's ``sector`` counts
-        self.file_offsets = file_offsets and hasattr(inner, "blkdebug")
-        if format_events and hasattr(inner, "blkdebug"):   # qcow2: its metadata events too
+        self.file_offsets = file_offsets and inner.has_debug_hook
+        if format_events and inner.has_debug_hook:   # qcow2: its metadata events too
             inner.blkdebug = qrules
         qrules.debug_event("none")          # QEMU raises it as the node opens
 

@@ -74,7 +74,7 @@ class TargetWrites:
     def _zero_clusters_ok(self) -> bool:
         """The target makes whole clusters read as zero without data (qcow2
         v3; v2 only without a backing file)."""
-        hdr = getattr(self.dst.driver, "header", None)
+        hdr = self.dst.driver.header
         return getattr(hdr, "version", 3) >= 3 or self.dst.driver.backing_filename is None
 
     def _split_zeroes(self, copy, zero: list[tuple[int, int]], stats: Stats) -> list:
@@ -216,7 +216,7 @@ class TargetWrites:
             from concurrent.futures import ThreadPoolExecutor
             self._cpool = ThreadPoolExecutor(max(1, self.threads),
                                              thread_name_prefix="compress")
-        if getattr(drv, "ctype", 0) == 0:
+        if drv.ctype == 0:
             if self._deflater is None:
                 n = max(cs, CHUNK // cs * cs) // cs
                 self._deflater = [Deflater(cs, n, self.threads, cs - 1) for _ in range(2)]

@@ -147,6 +147,7 @@ def make_commit(io: BlockIO, device: str | Node, *, base_node: str | None = None
 
 class CommitJob(BlockJob):
     job_type = "commit"
+    mover: Mover
 
     def __init__(self, io: BlockIO, top: Node, base: Node, nodes: list[Node],
                  backing_file: str | None, on_error: str):
@@ -237,6 +238,7 @@ class ActiveCommitJob(MirrorJob):
     """Active commit: a mirror from top into base, type ``commit``."""
 
     job_type = "commit"
+    mirrors_into_base = True
 
     def __init__(self, io: BlockIO, top: Node, base: Node, nodes: list[Node], on_error: str):
         depth = top.chain().index(base)

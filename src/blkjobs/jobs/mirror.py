@@ -108,6 +108,9 @@ CATCH_UP_PASSES = 4
 class MirrorJob(BlockJob):
     job_type = "mirror"
     filter_drv = "mirror_top"      # QEMU's driver name, for active commit too
+    src: Node
+    dst: Node
+    mover: Mover
 
     @classmethod
     def create(cls, io: BlockIO, device: str | Node, target: str | Node, sync: str, *,

@@ -64,6 +64,7 @@ _INTERMEDIATE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 
 class StreamJob(BlockJob):
     job_type = "stream"
+    mover: Mover
 
     @classmethod
     def create(cls, io: BlockIO, device: str | Node, *, base: str | None = None,

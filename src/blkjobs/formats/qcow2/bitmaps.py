@@ -119,7 +119,7 @@ class Bitmaps:
         #: without bitmap support wrote the image; the bitmaps are ignored
         self.stale = h.ext(EXT_BITMAPS) is not None and not h.autoclear & AUTOCLEAR_BITMAPS
         self.changed = False
-        for e in getattr(drv, "bitmaps", None) or []:
+        for e in drv.bitmaps or []:
             self.items.append(PersistentBitmap(
                 e.name, 1 << e.granularity_bits, in_use=bool(e.flags & BME_FLAG_IN_USE),
                 enabled=bool(e.flags & BME_FLAG_AUTO), table_offset=e.table_offset,

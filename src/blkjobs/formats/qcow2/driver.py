@@ -72,6 +72,8 @@ from ...native import dio
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .bitmaps import Bitmaps
 
 
@@ -104,6 +106,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
     can_set_backing = True
     can_check = True
     has_metadata = True
+    has_debug_hook = True
     #: a blkdebug layer between the image and its file (:mod:`.debug`)
     blkdebug: Hook | None = None
     #: the external data file's name as opened (None: the data is in the image)
@@ -258,6 +261,17 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
             from .bitmaps import Bitmaps
             self._pbm = Bitmaps(self)
         return self._pbm
+
+    @property
+    def bitmaps_loaded(self) -> bool:
+        return self._pbm is not None
+
+    def watch_file_growth(self, cb: Callable[[int], None]) -> None:
+        """The refcounts' ``grow_cb`` (the first one set stays), writable only."""
+        if not self.read_only:
+            refcounts = self._rc()
+            if refcounts.grow_cb is None:
+                refcounts.grow_cb = cb
 
     def activate_bitmaps(self) -> None:
         """Once the node holds its locks, read-write: the bitmaps flagged in

@@ -105,7 +105,7 @@ class Reads(L2Tables):
         from the backing chain, COMPRESSED ones through :meth:`readinto`.
         The runs are ``[start, length, kind, host]`` lists (no
         :class:`Mapping` objects: this is every NBD read's path)."""
-        if self.encrypted or getattr(self, "blkdebug", None) is not None:
+        if self.encrypted or self.blkdebug is not None:
             return None
         return self._map_runs(offset, length).out
 
@@ -124,7 +124,7 @@ class Reads(L2Tables):
         None for all of them: an image the C mapper does not know (encrypted,
         blkdebug below, extended L2 entries, an external data file, closed).
         The caller pins the image (:attr:`read_pins`) as for map_for_read."""
-        if (self.encrypted or getattr(self, "blkdebug", None) is not None or self.extended
+        if (self.encrypted or self.blkdebug is not None or self.extended
                 or self.external or self._closed):
             return None
         cb, l2e, size = self.cb, self.l2e, self.size
@@ -302,7 +302,7 @@ class Reads(L2Tables):
             return self._comp_cache[1]
         _, _, e, bm = self._entry(gc)
         off, nbytes = self._compressed_span(gc, e)
-        _dbg_io(getattr(self, "blkdebug", None), "read", off, nbytes)
+        _dbg_io(self.blkdebug, "read", off, nbytes)
         raw = dio.pread(self.fd, nbytes, off)
         from .compress import decompress     # (zlib: not imported unless needed)
         data = decompress(self.ctype, raw, self.cluster_size)
@@ -328,7 +328,7 @@ class Reads(L2Tables):
             if m.kind == Kind.DATA:
                 assert m.host_offset is not None
                 # a blkdebug layer below sees the file's offsets (QEMU's sector)
-                _dbg_io(getattr(self, "blkdebug", None), "read", m.host_offset, m.length)
+                _dbg_io(self.blkdebug, "read", m.host_offset, m.length)
                 self._pread_into(mv[a:b], m.host_offset)
             elif m.kind == Kind.COMPRESSED:
                 pos = m.start
