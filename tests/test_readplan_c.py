@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import struct
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blkjobs import Engine
-from blkjobs.formats import open_image
 from blkjobs.formats.base import Kind
 from blkjobs.graph import readplan
 from blkjobs.native.qcow2 import Segments
 from qemu_oracle import qemu_img, qemu_io
 
-from test_qcow2_map_c import CS, N, _entry      # the same tables' vocabulary
+from test_qcow2_map_c import CS, N, _entry, image  # noqa: F401  (the same tables and image fixture)
 
 DATA_PAD, SZERO = readplan.SEG_DATA_PAD, readplan.SEG_ZERO
 
@@ -53,16 +51,6 @@ def _python_segments(img, a: int, n: int, unalloc_zero: bool):
             assert kind == Kind.ZERO or (kind == Kind.UNALLOCATED and unalloc_zero)
             segs.append((SZERO, 0, 0, k))
     return _merged(segs)
-
-
-@pytest.fixture(scope="module", params=["1.1", "0.10"])
-def image(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("segs") / "m.qcow2"
-    qemu_img("create", "-f", "qcow2", "-o", f"compat={request.param}", path, N * CS)
-    qemu_io(path, f"write -P 7 0 {4 * CS}")
-    img = open_image(str(path))
-    yield img
-    img.close()
 
 
 @settings(max_examples=300, deadline=None,
