@@ -137,9 +137,7 @@ class Reads(L2Tables):
                     tables.setdefault(t, []).append(i)
         if not tables:
             return out
-        limit = self.file_size
-        if self.rc is not None:
-            limit = max(limit, self.rc.end << cb)
+        limit = self._host_limit()
         v3, fd = self.header.version >= 3, self.data_fd
         for l1i, idx in tables.items():
             try:
@@ -152,6 +150,14 @@ class Reads(L2Tables):
             for i, g in zip(idx, got, strict=True):
                 out[i] = g
         return out
+
+    def _host_limit(self) -> int:
+        """Where host offsets stop being plausible for the C mappers: the
+        end of the file, or of the clusters the refcounts hand out (the
+        file may not have grown to them yet)."""
+        if self.rc is None:
+            return self.file_size
+        return max(self.file_size, self.rc.end << self.cb)
 
     def host_run(self, offset: int, length: int, for_write: bool = False) -> int | None:
         """Inside one plain data cluster (standard L2 entries only); for_write:
@@ -242,9 +248,7 @@ class Reads(L2Tables):
         v3 = self.header.version >= 3
         table_guest = (l1i * l2e) << cb
         while pos < span_end:
-            limit = self.file_size      # (again: _map_entry may have refreshed it)
-            if self.rc is not None:
-                limit = max(limit, self.rc.end << cb)
+            limit = self._host_limit()  # (again: _map_entry may have refreshed it)
             flat, stop = self._l2map.map(t, table_guest, pos, span_end, cb, limit, v3)
             if flat:
                 runs.emit(flat[0], flat[1], kinds[flat[2]], flat[3] or None)
