@@ -39,8 +39,9 @@ struct bj_nbds_req {
 };
 
 /* sock: the connected socket (not closed by the session); structured:
- * structured replies negotiated; workers: threads (1..64), started as
- * requests come (none for a session that reads nothing). NULL: out of
+ * structured replies negotiated; workers: threads (1..64), taken from the
+ * process's pool as requests come (none for a session that reads
+ * nothing). NULL: out of
  * memory (errno set). */
 struct bj_nbds *bj_nbds_new(int sock, int structured, int workers);
 
@@ -103,6 +104,14 @@ int bj_nbds_wait_slots(struct bj_nbds *s);
 
 /* Reads queued and not finished. */
 int bj_nbds_inflight(struct bj_nbds *s);
+
+/* The worker threads are one pool for the process: a session takes them
+ * as its requests come, and they go back parked when it ends (at most 64
+ * parked; more end). bj_nbds_pool_idle: the threads parked now;
+ * bj_nbds_pool_trim: end (and join) parked threads until keep are left
+ * (the tests; a program about to exit); returns those left. */
+int bj_nbds_pool_idle(void);
+int bj_nbds_pool_trim(int keep);
 
 /* Stop the workers (after finishing what is queued) and free the session.
  * The tokens of reads finished meanwhile must have been taken first

@@ -9,7 +9,8 @@
  * client that does not read), EOF; a raw file's holes as OFFSET_HOLE
  * chunks and HOLE|ZERO extents, block status replies (REQ_ONE, merged
  * neighbours, the 65536-extent cap, a client gone before one); worker
- * threads started on demand (none for a session that reads nothing); no leak
+ * threads taken on demand from the process's pool (none for a session that
+ * reads nothing), parked and reused by the next sessions; no leak
  * (ASan, valgrind), no race (TSan). */
 #include "check.h"
 #include "nbdsrv.h"
@@ -508,40 +509,95 @@ static int threads_now(void)
     return n;
 }
 
-/* A session starts no thread before its first request (one that reads
- * nothing -- nbdinfo --size -- starts and joins none), then one per read
- * in flight up to its workers. */
+/* One read of the file's first 4 KiB through session s (simple reply). */
+static void one_read(struct bj_nbds *s, int client, int dfd, uint64_t handle)
+{
+    uint64_t q[6] = {handle, 0, 4096, 0, handle, 1};
+    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)dfd, 0, 4096};
+    CHECK(bj_nbds_submit(s, q, 1, g, 1) > 0);
+    unsigned char r[16 + 4096];
+    readn(client, r, sizeof(r));
+    CHECK_EQ(get32(r), 0x67446698u);
+    CHECK_EQ(get32(r + 4), 0);
+    CHECK_EQ(get64(r + 8), handle);
+    CHECK(memcmp(r + 16, file, 4096) == 0);
+    take_tokens(s, 1);
+}
+
+static void end_session(struct bj_nbds *s)
+{
+    bj_nbds_wait_idle(s);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+}
+
+/* A session takes no thread before its first request (one that reads
+ * nothing -- nbdinfo --size -- takes none), then one per read in flight up
+ * to its workers, from the process's pool: they go back parked when the
+ * session ends, and the next sessions take them again -- the thread count
+ * after 20 sessions is that after 1 -- until bj_nbds_pool_trim ends them. */
 static void test_threads_on_demand(int dfd)
 {
     int sv[2];
     CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    CHECK_EQ(bj_nbds_pool_trim(0), 0);
+    CHECK_EQ(bj_nbds_pool_idle(), 0);
     int before = threads_now();
     struct bj_nbds *s = bj_nbds_new(sv[0], 0, 4);
     CHECK(s);
     CHECK_EQ(threads_now(), before);
-    uint64_t q[6] = {1, 0, 4096, 0, 1, 1};
-    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)dfd, 0, 4096};
-    CHECK(bj_nbds_submit(s, q, 1, g, 1) > 0);
-    unsigned char r[16 + 4096];
-    readn(sv[1], r, sizeof(r));
-    CHECK_EQ(get32(r), 0x67446698u);
-    CHECK_EQ(get32(r + 4), 0);
-    CHECK(memcmp(r + 16, file, 4096) == 0);
+    one_read(s, sv[1], dfd, 1);
     CHECK_EQ(threads_now(), before + 1);
-    take_tokens(s, 1);
-    bj_nbds_wait_idle(s);
-    bj_nbds_stop_done(s);
-    bj_nbds_free(s);
-    CHECK_EQ(threads_now(), before);
+    end_session(s);
+    /* parked, not ended */
+    CHECK_EQ(bj_nbds_pool_idle(), 1);
+    CHECK_EQ(threads_now(), before + 1);
     /* a session that never reads */
     s = bj_nbds_new(sv[0], 1, 4);
     CHECK(s);
-    CHECK_EQ(threads_now(), before);
-    bj_nbds_wait_idle(s);
-    bj_nbds_stop_done(s);
-    bj_nbds_free(s);
-    close(sv[0]);
+    end_session(s);
+    CHECK_EQ(bj_nbds_pool_idle(), 1);
+    /* 4 reads in flight at once take 4 threads; 20 such sessions, one
+     * after the other, no more */
+    int after_one = 0;
+    for (int k = 0; k < 20; k++) {
+        s = bj_nbds_new(sv[0], 0, 4);
+        CHECK(s);
+        uint64_t q[4 * 6], g[4 * 4];
+        for (int i = 0; i < 4; i++) {
+            uint64_t *r = q + 6 * i, *x = g + 4 * i;
+            r[0] = (uint64_t)(100 + i); r[1] = 0; r[2] = 4096; r[3] = 0;
+            r[4] = (uint64_t)(100 + i); r[5] = 1;
+            x[0] = BJ_NBDS_DATA; x[1] = (uint64_t)dfd; x[2] = 0; x[3] = 4096;
+        }
+        CHECK(bj_nbds_submit(s, q, 4, g, 4) >= 0);
+        unsigned char r[4 * (16 + 4096)];
+        readn(sv[1], r, sizeof(r));
+        take_tokens(s, 4);
+        one_read(s, sv[1], dfd, 7);
+        CHECK(threads_now() <= before + 4);
+        end_session(s);
+        if (k == 0)
+            after_one = threads_now();
+        CHECK_EQ(threads_now(), after_one);
+        CHECK_EQ(bj_nbds_pool_idle(), after_one - before);
+    }
+    CHECK(after_one > before && after_one <= before + 4);
+    /* a client gone with reads queued: the session ends, its threads park */
+    s = bj_nbds_new(sv[0], 0, 4);
+    CHECK(s);
     close(sv[1]);
+    uint64_t q[6] = {9, 0, 4096, 0, 9, 1};
+    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)dfd, 0, 4096};
+    CHECK(bj_nbds_submit(s, q, 1, g, 1) >= 0);
+    take_tokens(s, 1);
+    end_session(s);
+    CHECK_EQ(threads_now(), after_one);
+    CHECK_EQ(bj_nbds_pool_trim(1), 1);
+    CHECK_EQ(threads_now(), before + 1);
+    CHECK_EQ(bj_nbds_pool_trim(0), 0);
+    CHECK_EQ(threads_now(), before);
+    close(sv[0]);
 }
 
 int main(void)
@@ -563,6 +619,7 @@ int main(void)
     test_token_before_send(fd);
     test_holes_and_status();
     test_threads_on_demand(fd);
+    bj_nbds_pool_trim(0);           /* (no thread left for valgrind to see) */
     close(fd);
     puts("nbdsrv: ok");
     return 0;
