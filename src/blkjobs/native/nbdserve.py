@@ -114,3 +114,14 @@ class Session(Owned):
         s, self._s = getattr(self, "_s", None), None
         if s is not None:
             lib.bj_nbds_free(s)
+
+
+def pool_idle() -> int:
+    """The C workers parked in the process's pool (csrc/nbdsrv.c: a
+    session takes its workers there and gives them back when it ends)."""
+    return int(lib.bj_nbds_pool_idle())
+
+
+def pool_trim(keep: int = 0) -> int:
+    """End parked C workers until ``keep`` are left; how many are."""
+    return int(lib.bj_nbds_pool_trim(keep))
