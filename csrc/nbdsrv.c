@@ -74,6 +74,8 @@ struct bj_nbds {
     int inflight, unread, stop, broken, stop_done, flush;
     int stuck;                      /* a sender waits for the socket */
     int waiting;                    /* workers waiting for a job (more) */
+    int idle_waiters;               /* threads waiting on idle */
+    int idle_need;                  /* the least number of free workers they wait for */
 
     pthread_mutex_t send_lock;
     int nthreads;                   /* workers at most (the free ones counted of these) */
@@ -670,11 +672,12 @@ static int serve_session(struct pworker *pw, struct bj_nbds *s)
         free(j);
         pthread_mutex_lock(&s->lock);
         s->inflight--;
-        /* only where a waiter's condition turns true (wait_idle: none in
-         * flight; submit: half the workers free; wait_slots: one free),
-         * and not under the lock: the woken thread's first act is to take
+        /* only where a waiter's condition turns true (wait_free: the
+         * least need of the waiters met -- wait_idle: none in flight;
+         * submit: half the workers free; wait_slots: one free), and not
+         * under the lock: the woken thread's first act is to take
          * it (a futex wait and wake more per job, measured) */
-        int idle = s->inflight <= s->nthreads / 2 || s->inflight == s->nthreads - 1;
+        int idle = s->idle_waiters && s->nthreads - s->inflight >= s->idle_need;
         int reap = !s->inflight && s->ndone;
         if (idle || reap) {
             pthread_mutex_unlock(&s->lock);
@@ -903,12 +906,33 @@ void bj_nbds_stop_done(struct bj_nbds *s)
     pthread_mutex_unlock(&s->lock);
 }
 
+/* Wait (s->lock held) until need workers are free (need > nthreads: never
+ * more than nthreads; nthreads: none in flight); the workers wake the
+ * waiters only when the least need of theirs is met. Returns those free. */
+static int wait_free(struct bj_nbds *s, int need)
+{
+    if (need > s->nthreads)
+        need = s->nthreads;
+    while (s->nthreads - s->inflight < need) {
+        if (!s->idle_waiters || need < s->idle_need)
+            s->idle_need = need;
+        s->idle_waiters++;
+        pthread_cond_wait(&s->idle, &s->lock);
+        s->idle_waiters--;
+    }
+    return s->nthreads - s->inflight;
+}
+
 int bj_nbds_wait_slots(struct bj_nbds *s)
 {
+    return bj_nbds_wait_free(s, 1);
+}
+
+int bj_nbds_wait_free(struct bj_nbds *s, int want)
+{
     pthread_mutex_lock(&s->lock);
-    while (s->inflight >= s->nthreads)
-        pthread_cond_wait(&s->idle, &s->lock);
-    int n = s->nthreads - s->inflight;
+    int half = s->nthreads - s->nthreads / 2;
+    int n = wait_free(s, want < 1 ? 1 : want < half ? want : half);
     pthread_mutex_unlock(&s->lock);
     return n;
 }
@@ -924,8 +948,7 @@ int bj_nbds_inflight(struct bj_nbds *s)
 void bj_nbds_wait_idle(struct bj_nbds *s)
 {
     pthread_mutex_lock(&s->lock);
-    while (s->inflight)
-        pthread_cond_wait(&s->idle, &s->lock);
+    wait_free(s, s->nthreads);
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -1003,8 +1026,8 @@ int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len)
     return 0;
 }
 
-int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
-                   int nsegs)
+static int submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                  int nsegs, int wait)
 {
     struct job *first = NULL, **link = &first;
     int used = 0, r = 0;
@@ -1105,9 +1128,19 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
     pthread_mutex_lock(&s->lock);
     /* (bj_nbds_wait_slots, in one call; for half the workers: fewer,
      * larger batches for the caller) */
-    while (s->inflight > s->nthreads / 2)
-        pthread_cond_wait(&s->idle, &s->lock);
-    int n = s->nthreads - s->inflight;
+    int n = wait ? wait_free(s, s->nthreads - s->nthreads / 2) : s->nthreads - s->inflight;
     pthread_mutex_unlock(&s->lock);
     return n;
+}
+
+int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                   int nsegs)
+{
+    return submit(s, reqs, nreq, segs, nsegs, 1);
+}
+
+int bj_nbds_queue(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                  int nsegs)
+{
+    return submit(s, reqs, nreq, segs, nsegs, 0);
 }

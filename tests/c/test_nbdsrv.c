@@ -339,6 +339,109 @@ static void test_token_before_send(int dfd)
 }
 
 
+/* bj_nbds_queue queues without waiting for free workers: two reads larger
+ * than the socket takes, for a client that reads nothing yet, with both
+ * workers of the session busy sending them -- it returns at once (0 free;
+ * bj_nbds_submit would wait for the client), and the replies come whole
+ * once the client reads. */
+static void test_queue_does_not_wait(int dfd)
+{
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    struct bj_nbds *s = bj_nbds_new(sv[0], 0, 2);
+    CHECK(s);
+    /* 4 MiB each: the file 16 times over */
+    uint64_t q[12] = {1, 0, 16 * FSIZE, 0, 1, 16, 2, 0, 16 * FSIZE, 0, 2, 16};
+    uint64_t g[32 * 4];
+    for (int i = 0; i < 32; i++) {
+        g[4 * i] = BJ_NBDS_DATA;
+        g[4 * i + 1] = (uint64_t)dfd;
+        g[4 * i + 2] = 0;
+        g[4 * i + 3] = FSIZE;
+    }
+    CHECK_EQ(bj_nbds_queue(s, q, 2, g, 32), 0);
+    static unsigned char data[FSIZE];
+    unsigned char h[16];
+    for (int i = 0; i < 2; i++) {
+        readn(sv[1], h, 16);
+        CHECK_EQ(get32(h), 0x67446698u);
+        CHECK(get64(h + 8) == 1 || get64(h + 8) == 2);
+        for (int k = 0; k < 16; k++) {
+            readn(sv[1], data, FSIZE);
+            CHECK(memcmp(data, file, FSIZE) == 0);
+        }
+    }
+    take_tokens(s, 2);
+    bj_nbds_wait_idle(s);
+    CHECK_EQ(bj_nbds_wait_slots(s), 2);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+
+struct waiter {
+    struct bj_nbds *s;
+    int want, got;
+};
+
+static void *wait_free_thread(void *arg)
+{
+    struct waiter *w = arg;
+    w->got = bj_nbds_wait_free(w->s, w->want);
+    return NULL;
+}
+
+/* bj_nbds_wait_free waits for as many free workers as asked, or half of
+ * them: 4 workers busy sending 4 MiB replies to a client that reads them
+ * one after the other; a waiter for 8 returns with at least 2 free. */
+static void test_wait_free(int dfd)
+{
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    struct bj_nbds *s = bj_nbds_new(sv[0], 0, 4);
+    CHECK(s);
+    CHECK_EQ(bj_nbds_wait_free(s, 8), 4);
+    CHECK_EQ(bj_nbds_wait_free(s, 0), 4);
+    uint64_t q[4 * 6], g[4 * 16 * 4];
+    for (int i = 0; i < 4; i++) {
+        uint64_t *r = q + 6 * i;
+        r[0] = (uint64_t)i + 1; r[1] = 0; r[2] = 16 * FSIZE; r[3] = 0; r[4] = (uint64_t)i + 1;
+        r[5] = 16;
+    }
+    for (int i = 0; i < 64; i++) {
+        g[4 * i] = BJ_NBDS_DATA;
+        g[4 * i + 1] = (uint64_t)dfd;
+        g[4 * i + 2] = 0;
+        g[4 * i + 3] = FSIZE;
+    }
+    CHECK_EQ(bj_nbds_queue(s, q, 4, g, 64), 0);
+    struct waiter w = {s, 8, -1};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, wait_free_thread, &w) == 0);
+    static unsigned char data[FSIZE];
+    unsigned char h[16];
+    for (int i = 0; i < 4; i++) {
+        readn(sv[1], h, 16);
+        CHECK_EQ(get32(h), 0x67446698u);
+        for (int k = 0; k < 16; k++) {
+            readn(sv[1], data, FSIZE);
+            CHECK(memcmp(data, file, FSIZE) == 0);
+        }
+    }
+    pthread_join(t, NULL);
+    CHECK(w.got >= 2 && w.got <= 4);
+    take_tokens(s, 4);
+    bj_nbds_wait_idle(s);
+    CHECK_EQ(bj_nbds_wait_free(s, 3), 4);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+
 /* The flags word of a block status request: NBD flags, the command, the
  * meta context's id (nbdsrv.h). */
 static uint64_t bs_flags(uint64_t nbd_flags, uint64_t ctx)
@@ -617,6 +720,8 @@ int main(void)
     test_structured(fd);
     test_many_and_gone(fd);
     test_token_before_send(fd);
+    test_queue_does_not_wait(fd);
+    test_wait_free(fd);
     test_holes_and_status();
     test_threads_on_demand(fd);
     bj_nbds_pool_trim(0);           /* (no thread left for valgrind to see) */
