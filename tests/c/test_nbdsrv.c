@@ -10,7 +10,9 @@
  * chunks and HOLE|ZERO extents, block status replies (REQ_ONE, merged
  * neighbours, the 65536-extent cap, a client gone before one); worker
  * threads taken on demand from the process's pool (none for a session that
- * reads nothing), parked and reused by the next sessions; no leak
+ * reads nothing), parked and reused by the next sessions; bj_nbds_queue
+ * (no wait for free workers) and bj_nbds_wait_free (as many as asked, or
+ * half); no leak
  * (ASan, valgrind), no race (TSan). */
 #include "check.h"
 #include "nbdsrv.h"
