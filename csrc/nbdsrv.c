@@ -73,11 +73,15 @@ struct bj_nbds {
     size_t ndone, capdone;
     int inflight, unread, stop, broken, stop_done, flush;
     int stuck;                      /* a sender waits for the socket */
+    int waiting;                    /* workers waiting for a job (more) */
+    int idle_waiters;               /* threads waiting on idle */
+    int idle_need;                  /* the least number of free workers they wait for */
 
     pthread_mutex_t send_lock;
     int nthreads;                   /* workers at most (the free ones counted of these) */
-    int started;                    /* workers running: started on demand */
-    pthread_t threads[MAX_WORKERS];
+    int started;                    /* workers taken from the pool: on demand */
+    int attached;                   /* of those, still serving this session */
+    pthread_cond_t gone;            /* attached dropped to 0 (bj_nbds_free waits) */
     unsigned char rbuf[RBUF];       /* only [rpos, rlen) is ever read */
 };
 
@@ -499,9 +503,10 @@ static void read_done(struct bj_nbds *s, uint64_t token)
     /* capdone >= every job queued (grown in submit): no failure here */
     s->done[s->ndone++] = token;
     s->unread--;
-    if (s->ndone >= DONE_BATCH)
-        pthread_cond_signal(&s->donecv);
+    int wake = s->ndone >= DONE_BATCH;
     pthread_mutex_unlock(&s->lock);
+    if (wake)
+        pthread_cond_signal(&s->donecv);
 }
 
 /* BLOCK_STATUS of base:allocation: the segments' runs as extents (file
@@ -595,14 +600,67 @@ static void serve(struct bj_nbds *s, const struct job *j, struct wbuf *w)
     else
         serve_read(s, j, w);
 }
-static void *worker(void *arg)
+/* -- the worker threads: one pool for the process ---------------------------
+ *
+ * A session's workers are taken from the pool as its requests come and go
+ * back when the session ends: parked, not joined, so a connection costs no
+ * thread start and join (clone3, the stack mapped and unmapped, the first
+ * read's fcntl for the fd's alignment) -- nbdcopy opens 4 connections per
+ * copy. At most POOL_KEEP threads wait parked; one more ends (joined by the
+ * next call into the pool). A parked thread keeps its buffer (up to
+ * KEEP_BUF, as between two requests). */
+
+#define POOL_KEEP MAX_WORKERS
+
+struct pworker {
+    struct pworker *next;
+    struct bj_nbds *sess;           /* the session it serves; NULL: parked */
+    int quit;                       /* bj_nbds_pool_trim: end */
+    pthread_cond_t cv;              /* a session given, or quit */
+    pthread_t tid;
+    struct wbuf w;
+};
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct pworker *pool_idle;   /* parked */
+static int pool_nidle;
+static struct pworker *pool_dead;   /* ended (or ending) over POOL_KEEP: to join */
+
+static void pworker_free(struct pworker *pw)
 {
-    struct bj_nbds *s = arg;
-    struct wbuf w = {.afd = -1};
+    pthread_join(pw->tid, NULL);
+    pthread_cond_destroy(&pw->cv);
+    wbuf_free(&pw->w);
+    free(pw);
+}
+
+/* Join the threads that ended over POOL_KEEP (pool_lock not held). */
+static void pool_reap(void)
+{
+    pthread_mutex_lock(&pool_lock);
+    struct pworker *d = pool_dead;
+    pool_dead = NULL;
+    pthread_mutex_unlock(&pool_lock);
+    while (d) {
+        struct pworker *n = d->next;
+        pworker_free(d);
+        d = n;
+    }
+}
+
+/* Serve session s until it stops and no job is left; then the thread
+ * parks (or, over POOL_KEEP, goes to pool_dead) before it leaves the
+ * session: once bj_nbds_free returns, its threads are parked. Returns 0
+ * parked, 1 to end. */
+static int serve_session(struct pworker *pw, struct bj_nbds *s)
+{
     pthread_mutex_lock(&s->lock);
     for (;;) {
-        while (!s->head && !s->stop)
+        while (!s->head && !s->stop) {
+            s->waiting++;
             pthread_cond_wait(&s->more, &s->lock);
+            s->waiting--;
+        }
         if (!s->head)
             break;
         struct job *j = s->head;
@@ -610,20 +668,128 @@ static void *worker(void *arg)
         if (!s->head)
             s->tail = NULL;
         pthread_mutex_unlock(&s->lock);
-        serve(s, j, &w);
+        serve(s, j, &pw->w);
         free(j);
         pthread_mutex_lock(&s->lock);
         s->inflight--;
-        /* only where a waiter's condition turns true (wait_idle: none in
-         * flight; submit: half the workers free; wait_slots: one free) */
-        if (s->inflight <= s->nthreads / 2 || s->inflight == s->nthreads - 1)
-            pthread_cond_broadcast(&s->idle);
-        if (!s->inflight && s->ndone)
-            pthread_cond_signal(&s->donecv);
+        /* only where a waiter's condition turns true (wait_free: the
+         * least need of the waiters met -- wait_idle: none in flight;
+         * submit: half the workers free; wait_slots: one free), and not
+         * under the lock: the woken thread's first act is to take
+         * it (a futex wait and wake more per job, measured) */
+        int idle = s->idle_waiters && s->nthreads - s->inflight >= s->idle_need;
+        int reap = !s->inflight && s->ndone;
+        if (idle || reap) {
+            pthread_mutex_unlock(&s->lock);
+            if (idle)
+                pthread_cond_broadcast(&s->idle);
+            if (reap)
+                pthread_cond_signal(&s->donecv);
+            pthread_mutex_lock(&s->lock);
+        }
     }
+    wbuf_trim(&pw->w);
+    int end = 0;
+    pthread_mutex_lock(&pool_lock);     /* (lock order: a session's, then the pool's) */
+    pw->sess = NULL;
+    if (pool_nidle >= POOL_KEEP) {
+        pw->next = pool_dead;
+        pool_dead = pw;
+        end = 1;
+    } else {
+        pw->next = pool_idle;
+        pool_idle = pw;
+        pool_nidle++;
+    }
+    pthread_mutex_unlock(&pool_lock);
+    if (--s->attached == 0)
+        pthread_cond_broadcast(&s->gone);
+    /* (bj_nbds_free may free s once this unlock is done: s is not touched
+     * after it) */
     pthread_mutex_unlock(&s->lock);
-    wbuf_free(&w);
+    return end;
+}
+
+static void *pool_thread(void *arg)
+{
+    struct pworker *pw = arg;
+    pthread_setname_np(pthread_self(), "bj-nbds");
+    struct bj_nbds *s = pw->sess;       /* (set before the thread was created) */
+    while (serve_session(pw, s) == 0) {
+        /* parked: a session's pool_get hands it the next one */
+        pthread_mutex_lock(&pool_lock);
+        while (!pw->sess && !pw->quit)
+            pthread_cond_wait(&pw->cv, &pool_lock);
+        s = pw->sess;
+        pthread_mutex_unlock(&pool_lock);
+        if (!s)             /* quit (off the idle list: bj_nbds_pool_trim joins it) */
+            break;
+    }
     return NULL;
+}
+
+/* A thread for session s: a parked one, else a new one. 0 or -errno. */
+static int pool_get(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&pool_lock);
+    struct pworker *pw = pool_idle;
+    if (pw) {
+        pool_idle = pw->next;
+        pool_nidle--;
+        pw->sess = s;
+        pthread_cond_signal(&pw->cv);
+    }
+    int reap = pool_dead != NULL;
+    pthread_mutex_unlock(&pool_lock);
+    if (reap)
+        pool_reap();
+    if (pw)
+        return 0;
+    pw = calloc(1, sizeof(*pw));
+    if (!pw)
+        return -ENOMEM;
+    pw->sess = s;
+    pw->w.afd = -1;
+    pthread_cond_init(&pw->cv, NULL);
+    int r = pthread_create(&pw->tid, NULL, pool_thread, pw);
+    if (r != 0) {
+        pthread_cond_destroy(&pw->cv);
+        free(pw);
+        return -r;
+    }
+    return 0;
+}
+
+int bj_nbds_pool_trim(int keep)
+{
+    struct pworker *quit = NULL;
+    pthread_mutex_lock(&pool_lock);
+    while (pool_nidle > (keep < 0 ? 0 : keep)) {
+        struct pworker *pw = pool_idle;
+        pool_idle = pw->next;
+        pool_nidle--;
+        pw->quit = 1;
+        pthread_cond_signal(&pw->cv);
+        pw->next = quit;
+        quit = pw;
+    }
+    int n = pool_nidle;
+    pthread_mutex_unlock(&pool_lock);
+    while (quit) {
+        struct pworker *nx = quit->next;
+        pworker_free(quit);
+        quit = nx;
+    }
+    pool_reap();
+    return n;
+}
+
+int bj_nbds_pool_idle(void)
+{
+    pthread_mutex_lock(&pool_lock);
+    int n = pool_nidle;
+    pthread_mutex_unlock(&pool_lock);
+    return n;
 }
 
 /* -- the session ------------------------------------------------------------- */
@@ -642,11 +808,20 @@ struct bj_nbds *bj_nbds_new(int sock, int structured, int workers)
     memset(s, 0, offsetof(struct bj_nbds, rbuf));
     s->sock = sock;
     s->structured = structured;
-    pthread_mutex_init(&s->lock, NULL);
+    /* the session lock's holds are a few instructions (a job taken, a
+     * token, a count) contended by up to 64 workers, the reader and the
+     * reaper: spin a little before sleeping on it (a futex wait and wake
+     * each time otherwise) */
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
+    pthread_mutex_init(&s->lock, &ma);
+    pthread_mutexattr_destroy(&ma);
     pthread_mutex_init(&s->send_lock, NULL);
     pthread_cond_init(&s->more, NULL);
     pthread_cond_init(&s->idle, NULL);
     pthread_cond_init(&s->donecv, NULL);
+    pthread_cond_init(&s->gone, NULL);
     /* no worker yet: they start once there is work for them
      * (bj_nbds_submit), so a connection that reads little starts and
      * joins fewer threads, and one that reads nothing -- nbdinfo --size,
@@ -655,18 +830,20 @@ struct bj_nbds *bj_nbds_new(int sock, int structured, int workers)
     return s;
 }
 
-/* A worker for each request in flight, up to nthreads (s->lock held); a
- * thread that cannot be started lowers nthreads to those running (if any). */
+/* A worker for each request in flight, up to nthreads, from the pool
+ * (s->lock held); a thread that cannot be had lowers nthreads to those
+ * serving (if any). */
 static void start_workers(struct bj_nbds *s)
 {
     int want = s->inflight < s->nthreads ? s->inflight : s->nthreads;
     while (s->started < want) {
-        if (pthread_create(&s->threads[s->started], NULL, worker, s) != 0) {
+        if (pool_get(s) < 0) {
             if (s->started)     /* (none: bj_nbds_submit fails) */
                 s->nthreads = s->started;
             break;
         }
         s->started++;
+        s->attached++;
     }
 }
 
@@ -677,9 +854,10 @@ void bj_nbds_free(struct bj_nbds *s)
     pthread_mutex_lock(&s->lock);
     s->stop = 1;
     pthread_cond_broadcast(&s->more);
+    /* its workers finish what is queued and go back to the pool */
+    while (s->attached)
+        pthread_cond_wait(&s->gone, &s->lock);
     pthread_mutex_unlock(&s->lock);
-    for (int i = 0; i < s->started; i++)
-        pthread_join(s->threads[i], NULL);
     while (s->head) {               /* only when no thread ever started */
         struct job *j = s->head;
         s->head = j->next;
@@ -690,6 +868,7 @@ void bj_nbds_free(struct bj_nbds *s)
     pthread_cond_destroy(&s->more);
     pthread_cond_destroy(&s->idle);
     pthread_cond_destroy(&s->donecv);
+    pthread_cond_destroy(&s->gone);
     free(s->done);
     free(s);
 }
@@ -727,12 +906,33 @@ void bj_nbds_stop_done(struct bj_nbds *s)
     pthread_mutex_unlock(&s->lock);
 }
 
+/* Wait (s->lock held) until need workers are free (need > nthreads: never
+ * more than nthreads; nthreads: none in flight); the workers wake the
+ * waiters only when the least need of theirs is met. Returns those free. */
+static int wait_free(struct bj_nbds *s, int need)
+{
+    if (need > s->nthreads)
+        need = s->nthreads;
+    while (s->nthreads - s->inflight < need) {
+        if (!s->idle_waiters || need < s->idle_need)
+            s->idle_need = need;
+        s->idle_waiters++;
+        pthread_cond_wait(&s->idle, &s->lock);
+        s->idle_waiters--;
+    }
+    return s->nthreads - s->inflight;
+}
+
 int bj_nbds_wait_slots(struct bj_nbds *s)
 {
+    return bj_nbds_wait_free(s, 1);
+}
+
+int bj_nbds_wait_free(struct bj_nbds *s, int want)
+{
     pthread_mutex_lock(&s->lock);
-    while (s->inflight >= s->nthreads)
-        pthread_cond_wait(&s->idle, &s->lock);
-    int n = s->nthreads - s->inflight;
+    int half = s->nthreads - s->nthreads / 2;
+    int n = wait_free(s, want < 1 ? 1 : want < half ? want : half);
     pthread_mutex_unlock(&s->lock);
     return n;
 }
@@ -748,8 +948,7 @@ int bj_nbds_inflight(struct bj_nbds *s)
 void bj_nbds_wait_idle(struct bj_nbds *s)
 {
     pthread_mutex_lock(&s->lock);
-    while (s->inflight)
-        pthread_cond_wait(&s->idle, &s->lock);
+    wait_free(s, s->nthreads);
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -827,8 +1026,8 @@ int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len)
     return 0;
 }
 
-int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
-                   int nsegs)
+static int submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                  int nsegs, int wait)
 {
     struct job *first = NULL, **link = &first;
     int used = 0, r = 0;
@@ -920,13 +1119,28 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
         pthread_mutex_unlock(&s->lock);
         return -EAGAIN;
     }
-    for (int i = 0; i < nreq && i < s->nthreads; i++)
-        pthread_cond_signal(&s->more);      /* one worker per job, no herd */
+    /* one worker per job, no herd; as many as wait, and after the
+     * unlock (a worker woken under the lock would wait for it at once) */
+    int wake = nreq < s->waiting ? nreq : s->waiting;
+    pthread_mutex_unlock(&s->lock);
+    for (int i = 0; i < wake; i++)
+        pthread_cond_signal(&s->more);
+    pthread_mutex_lock(&s->lock);
     /* (bj_nbds_wait_slots, in one call; for half the workers: fewer,
      * larger batches for the caller) */
-    while (s->inflight > s->nthreads / 2)
-        pthread_cond_wait(&s->idle, &s->lock);
-    int n = s->nthreads - s->inflight;
+    int n = wait ? wait_free(s, s->nthreads - s->nthreads / 2) : s->nthreads - s->inflight;
     pthread_mutex_unlock(&s->lock);
     return n;
+}
+
+int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                   int nsegs)
+{
+    return submit(s, reqs, nreq, segs, nsegs, 1);
+}
+
+int bj_nbds_queue(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                  int nsegs)
+{
+    return submit(s, reqs, nreq, segs, nsegs, 0);
 }

@@ -39,8 +39,9 @@ struct bj_nbds_req {
 };
 
 /* sock: the connected socket (not closed by the session); structured:
- * structured replies negotiated; workers: threads (1..64), started as
- * requests come (none for a session that reads nothing). NULL: out of
+ * structured replies negotiated; workers: threads (1..64), taken from the
+ * process's pool as requests come (none for a session that reads
+ * nothing). NULL: out of
  * memory (errno set). */
 struct bj_nbds *bj_nbds_new(int sock, int structured, int workers);
 
@@ -79,6 +80,12 @@ int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len);
  * thread could be started: nothing queued). */
 int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
                    int nsegs);
+/* The same without the wait: the number of free workers now (maybe 0).
+ * For the last reads of a batch: the caller's next planning waits for a
+ * free worker anyway (bj_nbds_wait_slots), so it need not be woken here
+ * -- a wake-up less per batch. */
+int bj_nbds_queue(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                  int nsegs);
 
 /* Send n buffers as one reply (whole, under the send lock). 0 or -errno
  * (the session is then broken: the socket is shut down). */
@@ -101,8 +108,21 @@ void bj_nbds_stop_done(struct bj_nbds *s);
  * sending to a client that does not read. */
 int bj_nbds_wait_slots(struct bj_nbds *s);
 
+/* Wait until want workers are free, or half of them (at least one) if
+ * fewer: a caller with want reads to plan plans them in fewer, larger
+ * chunks (one planning and one submit per chunk). The number free. */
+int bj_nbds_wait_free(struct bj_nbds *s, int want);
+
 /* Reads queued and not finished. */
 int bj_nbds_inflight(struct bj_nbds *s);
+
+/* The worker threads are one pool for the process: a session takes them
+ * as its requests come, and they go back parked when it ends (at most 64
+ * parked; more end). bj_nbds_pool_idle: the threads parked now;
+ * bj_nbds_pool_trim: end (and join) parked threads until keep are left
+ * (the tests; a program about to exit); returns those left. */
+int bj_nbds_pool_idle(void);
+int bj_nbds_pool_trim(int keep);
 
 /* Stop the workers (after finishing what is queued) and free the session.
  * The tokens of reads finished meanwhile must have been taken first

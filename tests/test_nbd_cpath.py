@@ -11,6 +11,8 @@ Each test checks that the reads did go through the C path (the backend's
 ``plan_reads`` mapped them), so none passes on the Python path alone."""
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import struct
 import subprocess
@@ -528,3 +530,64 @@ def test_block_status_sees_writes_and_a_client_gone_mid_reply(tmp_path, serve):
     s = _alloc_client(path)
     assert _status(s, 3, 3 * MiB, 64 * KiB) == [(64 * KiB, 0)]
     s.close()
+
+
+def _c_workers() -> set[int]:
+    """The thread ids of the C data path's workers (csrc/nbdsrv.c names
+    them ``bj-nbds``) in this process."""
+    out = set()
+    for t in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError):
+            with open(f"/proc/self/task/{t}/comm") as f:
+                if f.read().strip() == "bj-nbds":
+                    out.add(int(t))
+    return out
+
+
+def _one_read_session(path: str, gone_mid_batch: bool = False) -> None:
+    """A connection that reads 64 KiB (and DISC), or that queues 32 reads
+    of 2 MiB and hangs up after the first reply has begun."""
+    s = handshake(path)
+    go(s, b"d")
+    if gone_mid_batch:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"".join(struct.pack(">IHHQQI", REQ, 0, 0, i, (i % 4) * 2 * MiB, 2 * MiB)
+                           for i in range(32)))
+        _simple_reply(s)
+        s.close()
+        return
+    s.sendall(struct.pack(">IHHQQI", REQ, 0, 0, 7, 0, 64 * KiB))
+    assert _simple_reply(s) == (7, 0)
+    assert recv(s, 64 * KiB) == b"\x5a" * (64 * KiB)
+    s.sendall(struct.pack(">IHHQQI", REQ, 0, 2, 8, 0, 0))       # DISC
+    s.close()
+
+
+def test_c_workers_are_kept_for_the_next_sessions(tmp_path, serve):
+    """The C workers are one pool for the process: the thread that served
+    the first connection serves the next 19 (no thread started or joined
+    per session), and after clients gone mid-batch every C worker is back,
+    parked (none left behind, none serving)."""
+    from blkjobs.native import nbdserve
+    img = str(tmp_path / "p.raw")
+    assert qemu_img("create", "-f", "raw", img, "8M").returncode == 0
+    qemu_io(img, "write -P 0x5a 0 8M", fmt="raw")
+    path, be, eng, node, srv, exp = serve(img, "raw")
+    nbdserve.pool_trim(0)            # (threads parked by earlier tests: ended)
+    _one_read_session(path)             # (one read at a time: one C worker)
+    srv.settle(exp, timeout=WAIT)
+    first = _c_workers()
+    assert len(first) == 1 and nbdserve.pool_idle() == 1
+    for _ in range(19):
+        _one_read_session(path)
+        srv.settle(exp, timeout=WAIT)
+        assert _c_workers() == first
+    for _ in range(3):
+        _one_read_session(path, gone_mid_batch=True)
+        srv.settle(exp, timeout=WAIT)
+        assert not exp.clients
+        # at most a session's workers (8: 2 per Python worker), all parked
+        now = _c_workers()
+        assert first <= now and len(now) <= 8 and nbdserve.pool_idle() == len(now)
+    assert be.c_reads >= 20
+    assert eng.io._reads(node).count == 0

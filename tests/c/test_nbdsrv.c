@@ -9,7 +9,10 @@
  * client that does not read), EOF; a raw file's holes as OFFSET_HOLE
  * chunks and HOLE|ZERO extents, block status replies (REQ_ONE, merged
  * neighbours, the 65536-extent cap, a client gone before one); worker
- * threads started on demand (none for a session that reads nothing); no leak
+ * threads taken on demand from the process's pool (none for a session that
+ * reads nothing), parked and reused by the next sessions; bj_nbds_queue
+ * (no wait for free workers) and bj_nbds_wait_free (as many as asked, or
+ * half); no leak
  * (ASan, valgrind), no race (TSan). */
 #include "check.h"
 #include "nbdsrv.h"
@@ -338,6 +341,109 @@ static void test_token_before_send(int dfd)
 }
 
 
+/* bj_nbds_queue queues without waiting for free workers: two reads larger
+ * than the socket takes, for a client that reads nothing yet, with both
+ * workers of the session busy sending them -- it returns at once (0 free;
+ * bj_nbds_submit would wait for the client), and the replies come whole
+ * once the client reads. */
+static void test_queue_does_not_wait(int dfd)
+{
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    struct bj_nbds *s = bj_nbds_new(sv[0], 0, 2);
+    CHECK(s);
+    /* 4 MiB each: the file 16 times over */
+    uint64_t q[12] = {1, 0, 16 * FSIZE, 0, 1, 16, 2, 0, 16 * FSIZE, 0, 2, 16};
+    uint64_t g[32 * 4];
+    for (int i = 0; i < 32; i++) {
+        g[4 * i] = BJ_NBDS_DATA;
+        g[4 * i + 1] = (uint64_t)dfd;
+        g[4 * i + 2] = 0;
+        g[4 * i + 3] = FSIZE;
+    }
+    CHECK_EQ(bj_nbds_queue(s, q, 2, g, 32), 0);
+    static unsigned char data[FSIZE];
+    unsigned char h[16];
+    for (int i = 0; i < 2; i++) {
+        readn(sv[1], h, 16);
+        CHECK_EQ(get32(h), 0x67446698u);
+        CHECK(get64(h + 8) == 1 || get64(h + 8) == 2);
+        for (int k = 0; k < 16; k++) {
+            readn(sv[1], data, FSIZE);
+            CHECK(memcmp(data, file, FSIZE) == 0);
+        }
+    }
+    take_tokens(s, 2);
+    bj_nbds_wait_idle(s);
+    CHECK_EQ(bj_nbds_wait_slots(s), 2);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+
+struct waiter {
+    struct bj_nbds *s;
+    int want, got;
+};
+
+static void *wait_free_thread(void *arg)
+{
+    struct waiter *w = arg;
+    w->got = bj_nbds_wait_free(w->s, w->want);
+    return NULL;
+}
+
+/* bj_nbds_wait_free waits for as many free workers as asked, or half of
+ * them: 4 workers busy sending 4 MiB replies to a client that reads them
+ * one after the other; a waiter for 8 returns with at least 2 free. */
+static void test_wait_free(int dfd)
+{
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    struct bj_nbds *s = bj_nbds_new(sv[0], 0, 4);
+    CHECK(s);
+    CHECK_EQ(bj_nbds_wait_free(s, 8), 4);
+    CHECK_EQ(bj_nbds_wait_free(s, 0), 4);
+    uint64_t q[4 * 6], g[4 * 16 * 4];
+    for (int i = 0; i < 4; i++) {
+        uint64_t *r = q + 6 * i;
+        r[0] = (uint64_t)i + 1; r[1] = 0; r[2] = 16 * FSIZE; r[3] = 0; r[4] = (uint64_t)i + 1;
+        r[5] = 16;
+    }
+    for (int i = 0; i < 64; i++) {
+        g[4 * i] = BJ_NBDS_DATA;
+        g[4 * i + 1] = (uint64_t)dfd;
+        g[4 * i + 2] = 0;
+        g[4 * i + 3] = FSIZE;
+    }
+    CHECK_EQ(bj_nbds_queue(s, q, 4, g, 64), 0);
+    struct waiter w = {s, 8, -1};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, wait_free_thread, &w) == 0);
+    static unsigned char data[FSIZE];
+    unsigned char h[16];
+    for (int i = 0; i < 4; i++) {
+        readn(sv[1], h, 16);
+        CHECK_EQ(get32(h), 0x67446698u);
+        for (int k = 0; k < 16; k++) {
+            readn(sv[1], data, FSIZE);
+            CHECK(memcmp(data, file, FSIZE) == 0);
+        }
+    }
+    pthread_join(t, NULL);
+    CHECK(w.got >= 2 && w.got <= 4);
+    take_tokens(s, 4);
+    bj_nbds_wait_idle(s);
+    CHECK_EQ(bj_nbds_wait_free(s, 3), 4);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+
 /* The flags word of a block status request: NBD flags, the command, the
  * meta context's id (nbdsrv.h). */
 static uint64_t bs_flags(uint64_t nbd_flags, uint64_t ctx)
@@ -508,40 +614,95 @@ static int threads_now(void)
     return n;
 }
 
-/* A session starts no thread before its first request (one that reads
- * nothing -- nbdinfo --size -- starts and joins none), then one per read
- * in flight up to its workers. */
+/* One read of the file's first 4 KiB through session s (simple reply). */
+static void one_read(struct bj_nbds *s, int client, int dfd, uint64_t handle)
+{
+    uint64_t q[6] = {handle, 0, 4096, 0, handle, 1};
+    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)dfd, 0, 4096};
+    CHECK(bj_nbds_submit(s, q, 1, g, 1) > 0);
+    unsigned char r[16 + 4096];
+    readn(client, r, sizeof(r));
+    CHECK_EQ(get32(r), 0x67446698u);
+    CHECK_EQ(get32(r + 4), 0);
+    CHECK_EQ(get64(r + 8), handle);
+    CHECK(memcmp(r + 16, file, 4096) == 0);
+    take_tokens(s, 1);
+}
+
+static void end_session(struct bj_nbds *s)
+{
+    bj_nbds_wait_idle(s);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+}
+
+/* A session takes no thread before its first request (one that reads
+ * nothing -- nbdinfo --size -- takes none), then one per read in flight up
+ * to its workers, from the process's pool: they go back parked when the
+ * session ends, and the next sessions take them again -- the thread count
+ * after 20 sessions is that after 1 -- until bj_nbds_pool_trim ends them. */
 static void test_threads_on_demand(int dfd)
 {
     int sv[2];
     CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    CHECK_EQ(bj_nbds_pool_trim(0), 0);
+    CHECK_EQ(bj_nbds_pool_idle(), 0);
     int before = threads_now();
     struct bj_nbds *s = bj_nbds_new(sv[0], 0, 4);
     CHECK(s);
     CHECK_EQ(threads_now(), before);
-    uint64_t q[6] = {1, 0, 4096, 0, 1, 1};
-    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)dfd, 0, 4096};
-    CHECK(bj_nbds_submit(s, q, 1, g, 1) > 0);
-    unsigned char r[16 + 4096];
-    readn(sv[1], r, sizeof(r));
-    CHECK_EQ(get32(r), 0x67446698u);
-    CHECK_EQ(get32(r + 4), 0);
-    CHECK(memcmp(r + 16, file, 4096) == 0);
+    one_read(s, sv[1], dfd, 1);
     CHECK_EQ(threads_now(), before + 1);
-    take_tokens(s, 1);
-    bj_nbds_wait_idle(s);
-    bj_nbds_stop_done(s);
-    bj_nbds_free(s);
-    CHECK_EQ(threads_now(), before);
+    end_session(s);
+    /* parked, not ended */
+    CHECK_EQ(bj_nbds_pool_idle(), 1);
+    CHECK_EQ(threads_now(), before + 1);
     /* a session that never reads */
     s = bj_nbds_new(sv[0], 1, 4);
     CHECK(s);
-    CHECK_EQ(threads_now(), before);
-    bj_nbds_wait_idle(s);
-    bj_nbds_stop_done(s);
-    bj_nbds_free(s);
-    close(sv[0]);
+    end_session(s);
+    CHECK_EQ(bj_nbds_pool_idle(), 1);
+    /* 4 reads in flight at once take 4 threads; 20 such sessions, one
+     * after the other, no more */
+    int after_one = 0;
+    for (int k = 0; k < 20; k++) {
+        s = bj_nbds_new(sv[0], 0, 4);
+        CHECK(s);
+        uint64_t q[4 * 6], g[4 * 4];
+        for (int i = 0; i < 4; i++) {
+            uint64_t *r = q + 6 * i, *x = g + 4 * i;
+            r[0] = (uint64_t)(100 + i); r[1] = 0; r[2] = 4096; r[3] = 0;
+            r[4] = (uint64_t)(100 + i); r[5] = 1;
+            x[0] = BJ_NBDS_DATA; x[1] = (uint64_t)dfd; x[2] = 0; x[3] = 4096;
+        }
+        CHECK(bj_nbds_submit(s, q, 4, g, 4) >= 0);
+        unsigned char r[4 * (16 + 4096)];
+        readn(sv[1], r, sizeof(r));
+        take_tokens(s, 4);
+        one_read(s, sv[1], dfd, 7);
+        CHECK(threads_now() <= before + 4);
+        end_session(s);
+        if (k == 0)
+            after_one = threads_now();
+        CHECK_EQ(threads_now(), after_one);
+        CHECK_EQ(bj_nbds_pool_idle(), after_one - before);
+    }
+    CHECK(after_one > before && after_one <= before + 4);
+    /* a client gone with reads queued: the session ends, its threads park */
+    s = bj_nbds_new(sv[0], 0, 4);
+    CHECK(s);
     close(sv[1]);
+    uint64_t q[6] = {9, 0, 4096, 0, 9, 1};
+    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)dfd, 0, 4096};
+    CHECK(bj_nbds_submit(s, q, 1, g, 1) >= 0);
+    take_tokens(s, 1);
+    end_session(s);
+    CHECK_EQ(threads_now(), after_one);
+    CHECK_EQ(bj_nbds_pool_trim(1), 1);
+    CHECK_EQ(threads_now(), before + 1);
+    CHECK_EQ(bj_nbds_pool_trim(0), 0);
+    CHECK_EQ(threads_now(), before);
+    close(sv[0]);
 }
 
 int main(void)
@@ -561,8 +722,11 @@ int main(void)
     test_structured(fd);
     test_many_and_gone(fd);
     test_token_before_send(fd);
+    test_queue_does_not_wait(fd);
+    test_wait_free(fd);
     test_holes_and_status();
     test_threads_on_demand(fd);
+    bj_nbds_pool_trim(0);           /* (no thread left for valgrind to see) */
     close(fd);
     puts("nbdsrv: ok");
     return 0;

@@ -71,12 +71,14 @@ class Session(Owned):
             if rc < 0:
                 _raise(rc)
 
-    def submit(self, reqs: Sequence[int], segs: Sequence[Any]) -> int:
+    def submit(self, reqs: Sequence[int], segs: Sequence[Any], wait: bool = True) -> int:
         """Queue reads: ``reqs`` 6 ints each (handle, offset, length, flags,
         token, number of segments), ``segs`` per read its segments: (kind,
         fd, host, length) tuples, or a :class:`.qcow2.Segments` (copied as
         they are, no Python int per segment); then wait until half the
-        workers are free: how many are."""
+        workers are free: how many are. ``wait=False``: no wait (the last
+        reads of a batch: the next batch waits in :meth:`wait_slots`), how
+        many are free now, maybe 0."""
         words = 4 * sum(len(s) for s in segs)
         sg = _alloc("uint64_t[]", words)
         pos = 0
@@ -89,8 +91,8 @@ class Session(Owned):
                 w = len(flat)
                 sg[pos:pos + w] = flat
             pos += w
-        rc = lib.bj_nbds_submit(self._s, ffi.new("uint64_t[]", reqs), len(reqs) // 6,
-                                sg, words // 4)
+        rc = (lib.bj_nbds_submit if wait else lib.bj_nbds_queue)(
+            self._s, ffi.new("uint64_t[]", reqs), len(reqs) // 6, sg, words // 4)
         if rc < 0:
             _raise(rc)
         return int(rc)
@@ -102,9 +104,10 @@ class Session(Owned):
         if rc < 0:
             _raise(rc)
 
-    def wait_slots(self) -> int:
-        """Wait for a free worker; how many are free (submit no more)."""
-        return int(lib.bj_nbds_wait_slots(self._s))
+    def wait_slots(self, want: int = 1) -> int:
+        """Wait until ``want`` workers are free, or half of them (at least
+        one) if fewer; how many are free (submit no more)."""
+        return int(lib.bj_nbds_wait_free(self._s, want))
 
     def wait_idle(self) -> None:
         """Wait until every queued read is finished."""
@@ -114,3 +117,14 @@ class Session(Owned):
         s, self._s = getattr(self, "_s", None), None
         if s is not None:
             lib.bj_nbds_free(s)
+
+
+def pool_idle() -> int:
+    """The C workers parked in the process's pool (csrc/nbdsrv.c: a
+    session takes its workers there and gives them back when it ends)."""
+    return int(lib.bj_nbds_pool_idle())
+
+
+def pool_trim(keep: int = 0) -> int:
+    """End parked C workers until ``keep`` are left; how many are."""
+    return int(lib.bj_nbds_pool_trim(keep))

@@ -191,12 +191,17 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
         # plans (nbdcopy asks for the next range while reads of the last
         # are in flight), the reads before it in the batch need not wait
         reads = status + reads
-        i, free = 0, sess.wait_slots() if reads else 0
+        # (free workers for the whole batch, or half of them: fewer, larger
+        # chunks -- each is one planning and one submit)
+        i, free = 0, sess.wait_slots(len(reads)) if reads else 0
         while i < len(reads):       # no more planned than free workers read at once
             chunk = reads[i:i + free]
             i += free
             side.reaping()      # (before: the submit may wait for workers stuck sending)
-            serial, free = _submit(sess, exp, bsize, chunk, side.tokens, serial, other, free)
+            # (the batch's last chunk: no wait for free workers -- the next
+            # batch waits in wait_slots before it plans -- a wake-up less)
+            serial, free = _submit(sess, exp, bsize, chunk, side.tokens, serial, other, free,
+                                   i < len(reads))
             for req in other:       # after the chunk is in C: a worker's write may wait for it
                 side.submit(req)
             other.clear()
@@ -216,9 +221,10 @@ def _allocation_context(conn: Connection) -> int:
 def _submit(sess: Session, exp: Export, bsize: int, reads: list[tuple[int, int, int, int]],
             tokens: dict[int, Any], serial: int,
             other: list[tuple[int, int, int, int, int, bytearray | None]],
-            free: int) -> tuple[int, int]:
+            free: int, wait: bool = True) -> tuple[int, int]:
     """Plan and queue ``reads`` (at most ``free``; ``bsize``: the backend's
-    size when they were checked); (last token, free workers now)."""
+    size when they were checked); (last token, free workers now: once half
+    are, or without ``wait`` at once)."""
     be: Any = exp.backend
     inside = [(off, min(n, bsize - off)) for _, _, off, n in reads if off < bsize]
     plans = be.plan_reads(inside) if inside else []
@@ -240,7 +246,7 @@ def _submit(sess: Session, exp: Export, bsize: int, reads: list[tuple[int, int, 
         sg.append(segs)
     if rq:
         try:
-            free = sess.submit(rq, sg)
+            free = sess.submit(rq, sg, wait)
         except BaseException:
             be.end_reads([tokens.pop(t) for t in mine if t in tokens])
             raise
