@@ -108,7 +108,7 @@ def create_image(path: str, fmt: str, size: int | None, **opts) -> None:
     refcount_bits. A backing file without a format is probed; ``size=None``
     takes the backing file's size. raw options: preallocation ('off'|'falloc')."""
     if fmt == "qcow2":
-        from .qcow2 import create as create_qcow2
+        from .qcow2.create import create as create_qcow2
         bf = opts.get("backing_file")
         if bf and (not opts.get("backing_format") or size is None):
             full = bf if os.path.isabs(bf) else os.path.join(os.path.dirname(os.path.abspath(path)), bf)

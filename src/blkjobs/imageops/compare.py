@@ -175,7 +175,7 @@ def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
     everything, as qemu-img reads them). ``progress(done, total)``: bytes of
     the common size compared so far."""
     from ..formats.sniff import is_nbd_uri
-    from ..graph.blockspec import is_spec
+    from ..formats.sniff import is_spec
     from .images import open_ro, probe
     fa, fb = probe(path_a, fmt_a), probe(path_b, fmt_b)
     # two raw files: compared file to file; an NBD URI (raw over the NBD
