@@ -269,7 +269,7 @@ from blkjobs.cli.main import main
 rc = main()
 sys.stdout.flush()
 heavy = ("blkjobs.graph.blockspec", "blkjobs.graph.blockspec_net", "blkjobs.cli.opts_help",
-         "blkjobs.formats.qcow2.create", "contextlib")
+         "blkjobs.formats.qcow2.create", "blkjobs.formats.secrets", "contextlib")
 print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
 raise SystemExit(rc)
 """
@@ -278,7 +278,8 @@ raise SystemExit(rc)
 def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
     """Commands on plain file names (no json:, file:, blkdebug:, no
     --image-opts, no -o) import neither the reader of qemu-img's other name
-    syntaxes (graph.blockspec) nor -o's help nor contextlib (the two
+    syntaxes (graph.blockspec), -o's help, the secrets (no key bound
+    without --object or a key option) nor contextlib (the two
     ``opening`` context managers are classes); qcow2's create only where a
     qcow2 target is made. The outputs are the commands' usual ones, and a
     json: name (the spec reader imported when needed) still opens."""
