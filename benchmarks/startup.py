@@ -11,11 +11,19 @@ the interpreter's own start-up (``python -c pass``, ``python -S -c pass``)
 measured in the same rounds.
 
     benchmarks/startup.py [--rounds 5] [--repeat 30] [--before SRC] [--only convert-raw-qcow2,...]
-                          [--importtime N] [--instructions]
+                          [--importtime N] [--instructions] [--imports]
 
 ``--instructions``: instead, the instructions each command executes
 (``valgrind --tool=callgrind``, one run each: the same count whatever the
 load; millions).
+
+``--imports``: instead, where one run's instructions go, module by module:
+callgrind with a hook on ``importlib._bootstrap._find_and_load`` that dumps
+the counters (``CALLGRIND_DUMP_STATS_AT``, from a small C helper built with
+gcc and valgrind's ``callgrind.h``, loaded with ctypes) as each import
+starts and ends; prints each module's inclusive and own millions (>= 0.3
+inclusive, as a tree) and the work between the top-level imports (the hook
+adds ~7 M of its own, mostly ctypes: compare rows, not totals).
 
 ``--importtime N``: instead, ``python -X importtime`` of each command N
 times per checkout: the modules imported and the sum over them of the
@@ -108,6 +116,86 @@ def instructions(argv: list[str], env: dict[str, str]) -> float:
     raise SystemExit(f"no callgrind totals for {argv}")
 
 
+_CG_HELPER = """#include <valgrind/callgrind.h>
+void cg_dump(const char *s) { CALLGRIND_DUMP_STATS_AT(s); }
+"""
+
+_HOOK = """
+import sys, ctypes, _frozen_importlib as B
+dump = ctypes.CDLL(sys.argv.pop(1)).cg_dump
+dump.argtypes = [ctypes.c_char_p]
+find_and_load = B._find_and_load
+def hooked(name, import_):
+    dump(b"enter " + name.encode())
+    try:
+        return find_and_load(name, import_)
+    finally:
+        dump(b"exit " + name.encode())
+B._find_and_load = hooked
+sys.argv[0] = "blkjobs"
+dump(b"start")
+import blkjobs.cli.main as m
+run = getattr(m, "run", None)
+run() if run else sys.exit(m.main())
+"""
+
+
+def imports(argv: list[str], env: dict[str, str], work: str) -> list[str]:
+    """The lines of :func:`main`'s ``--imports`` report for one command."""
+    lib = os.path.join(work, "libcgmark.so")
+    if not os.path.exists(lib):
+        src = os.path.join(work, "cgmark.c")
+        with open(src, "w") as f:
+            f.write(_CG_HELPER)
+        p = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", lib, src],
+                           capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"cannot build the callgrind helper (gcc, valgrind's "
+                             f"callgrind.h): {p.stderr.strip()}")
+    out = tempfile.mkdtemp(prefix="cg-", dir=work)
+    subprocess.run(["valgrind", "--tool=callgrind", "--dump-instr=no",
+                    f"--callgrind-out-file={out}/cg.out", argv[0], "-c", _HOOK, lib, *argv[3:]],
+                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = []
+    for name in os.listdir(out):
+        part, trig, tot = 0, "", 0
+        with open(os.path.join(out, name)) as f:
+            for line in f:
+                if line.startswith("part:"):
+                    part = int(line.split()[1])
+                elif line.startswith("desc: Trigger:"):
+                    trig = line.split(":", 2)[2].strip()
+                elif line.startswith(("summary:", "totals:")):
+                    tot = int(line.split()[1])
+                    break
+        parts.append((part, trig, tot))
+    shutil.rmtree(out)
+    parts.sort()
+    stack: list[int] = []
+    rows: list[list] = []         # [name, depth, inclusive, own]
+    between: list[str] = []
+    for _, trig, tot in parts:
+        # a part's cost ran before its trigger: inside the modules on the stack
+        if stack:
+            rows[stack[-1]][3] += tot
+        for i in stack:
+            rows[i][2] += tot
+        if not stack and tot >= 200_000:
+            last = rows[-1][0] if rows else "(interpreter start)"
+            between.append(f"between imports, after {last}: {tot / 1e6:.2f}")
+        what, _, mod = trig.partition("Client Request: ")[2].partition(" ")
+        if what == "enter":
+            stack.append(len(rows))
+            rows.append([mod, len(stack) - 1, 0, 0])
+        elif what == "exit" and stack:
+            stack.pop()
+    total = sum(t for _, _, t in parts)
+    lines = [f"total {total / 1e6:.1f} M (hook included); inclusive, own:"]
+    lines += [f"{inc / 1e6:7.2f} {own / 1e6:6.2f}  {'  ' * d}{n}"
+              for n, d, inc, own in rows if inc >= 300_000]
+    return lines + between
+
+
 def importtime(argv: list[str], env: dict[str, str], n: int) -> tuple[int, float]:
     """(modules imported, ms: the sum of each module's least self time of n runs)."""
     least: dict[str, int] = {}
@@ -133,6 +221,8 @@ def main() -> None:
                     help="python -X importtime of each command N times instead")
     ap.add_argument("--instructions", action="store_true",
                     help="instructions of one run of each (callgrind) instead")
+    ap.add_argument("--imports", action="store_true",
+                    help="one run's instructions module by module (callgrind) instead")
     a = ap.parse_args()
     names = a.only.split(",") if a.only else list(COMMANDS)
     py = sys.executable
@@ -157,6 +247,14 @@ def main() -> None:
             if nbd.poll() is not None:
                 raise SystemExit("qemu-nbd failed")
             os.sched_yield()
+        if a.imports:
+            for n in names:
+                for c, (pre, env) in cons.items():
+                    if c == "qemu-img":
+                        continue
+                    print(f"== {n}, {c}")
+                    print("\n".join(imports(pre + [x.format(d=d) for x in COMMANDS[n]], env, d)))
+            return
         if a.importtime:
             print(f"python -X importtime, {a.importtime} runs: modules, sum of least self ms")
             hdr = ["command"] + [c for c in cons if c != "qemu-img"]

@@ -360,3 +360,29 @@ def test_convert_qcow2_enospc_one_line_target_removed(tmp_path, chain3, small_tm
     assert lines[0].endswith(": No space left on device (the incomplete target was removed)")
     assert not dst.exists()
     assert top.read_bytes() == before
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_compare_small_and_large_images_as_qemu_img(tmp_path, fmt):
+    """compare's read buffers are as large as the larger image when that is
+    under 4 MiB: differences, and data past the shorter image's end, are
+    still found at qemu-img's offsets, for images smaller and larger than
+    the buffers and of sizes that are no multiple of anything."""
+    cases = [(3 << 20, 3 << 20, [("a", "write -P 1 0 64k"), ("b", "write -P 1 0 64k"),
+                                 ("b", "write -P 2 3000k 1k")]),
+             (5 << 20, 5 << 20, [("a", "write -P 3 4092k 8k"), ("b", "write -P 3 4092k 8k"),
+                                 ("b", "write -P 4 5119k 1k")]),
+             (1 << 20, 2 << 20, [("a", "write -P 5 0 4k"), ("b", "write -P 5 0 4k"),
+                                 ("b", "write -P 6 1536k 4k")]),
+             (8192, 12288, [("b", "write -P 7 8192 512")]),
+             (0, 4096, [])]
+    for i, (sa, sb, writes) in enumerate(cases):
+        a, b = tmp_path / f"a{i}.{fmt}", tmp_path / f"b{i}.{fmt}"
+        qemu_img("create", "-f", fmt, a, str(sa))
+        qemu_img("create", "-f", fmt, b, str(sb))
+        for side, cmd in writes:
+            qemu_io(a if side == "a" else b, cmd, fmt=fmt)
+        for args in ([a, b], [b, a]):
+            want = qemu_img("compare", *args, check=False)
+            got = run_blkjobs("compare", *args)
+            assert (got.returncode, got.stdout) == (want.returncode, want.stdout), (i, args)

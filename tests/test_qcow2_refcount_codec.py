@@ -41,3 +41,16 @@ def test_sub_byte_entries_fill_each_byte_from_its_low_bits():
     assert Refcounts._encode(_codec(1), [1, 0, 0, 0, 0, 0, 0, 1]) == b"\x81"
     assert Refcounts._encode(_codec(2), [1, 2, 3, 0]) == bytes([0b00111001])
     assert Refcounts._encode(_codec(4), [0xA, 0x5]) == b"\x5a"
+
+
+@pytest.mark.parametrize("bits,code", [(16, "H"), (32, "I"), (64, "Q")])
+def test_small_and_large_refcounts_encode_alike(bits, code):
+    """Blocks whose refcounts all fit a byte (the usual case, encoded from
+    the low bytes) and blocks with one larger value (packed entry by entry)
+    give the same big-endian bytes as struct, and decode back."""
+    n = 8 * 4096 // bits
+    for vals in ([1] * 7 + [0] * (n - 7), [v % 256 for v in range(n)],
+                 [1] * (n - 1) + [256], [0] * (n - 1) + [(1 << bits) - 1], [0] * n):
+        raw = Refcounts._encode(_codec(bits), vals)     # type: ignore[arg-type]
+        assert raw == struct.pack(f">{n}{code}", *vals)
+        assert Refcounts._decode(_codec(bits), raw) == vals     # type: ignore[arg-type]

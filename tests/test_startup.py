@@ -1,5 +1,5 @@
 """Start-up: ``blkjobs --version`` answers without importing argparse (nor
-typing, re, enum under it); ``info`` imports neither json (unless
+typing, re, enum under it) nor signal (enum under it too); ``info`` imports neither json (unless
 ``--output json``) nor shutil. The output is argparse's."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ sys.argv = ["blkjobs"] + sys.argv[1:]
 from blkjobs.cli.main import main
 rc = main()
 sys.stdout.flush()
-print(sorted(m for m in ("argparse", "typing", "json", "shutil") if m in sys.modules),
+print(sorted(m for m in ("argparse", "typing", "json", "shutil", "signal", "enum") if m in sys.modules),
       file=sys.stderr)
 raise SystemExit(rc)
 """
@@ -260,3 +260,54 @@ def test_quick_exit_changes_no_output_nor_status(tmp_path):
     assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
     assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
     assert qemu_img("check", tmp_path / "o.qcow2").returncode == 0
+
+
+NAMES = """
+import sys
+sys.argv = ["blkjobs"] + sys.argv[1:]
+from blkjobs.cli.main import main
+rc = main()
+sys.stdout.flush()
+heavy = ("blkjobs.graph.blockspec", "blkjobs.graph.blockspec_net", "blkjobs.cli.opts_help",
+         "blkjobs.formats.qcow2.create", "blkjobs.formats.secrets", "contextlib")
+print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
+raise SystemExit(rc)
+"""
+
+
+def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
+    """Commands on plain file names (no json:, file:, blkdebug:, no
+    --image-opts, no -o) import neither the reader of qemu-img's other name
+    syntaxes (graph.blockspec), -o's help, the secrets (no key bound
+    without --object or a key option) nor contextlib (the two
+    ``opening`` context managers are classes); qcow2's create only where a
+    qcow2 target is made. The outputs are the commands' usual ones, and a
+    json: name (the spec reader imported when needed) still opens."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    top = _chain(tmp_path)
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qemu_img("convert", "-O", "qcow2", top, a)
+    qemu_img("convert", "-O", "qcow2", top, b)
+    create = "['blkjobs.formats.qcow2.create']"
+    for args, want, out in (
+            (["convert", "-O", "raw", src, tmp_path / "o.raw"], "[]", ""),
+            (["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], create, ""),
+            (["convert", "-O", "raw", top, tmp_path / "c.raw"], "[]", ""),
+            (["convert", "-O", "qcow2", top, tmp_path / "c.qcow2"], create, ""),
+            (["info", a], "[]", f"image: {a}\n"),
+            (["map", top], "[]", "Offset          Length          Mapped to       File\n"),
+            (["check", a], "[]", "No errors were found"),
+            (["compare", a, b], "[]", "Images are identical.\n"),
+            (["info", f'json:{{"file": {{"driver": "file", "filename": "{a}"}}}}'],
+             "['blkjobs.graph.blockspec', 'blkjobs.graph.blockspec_net', 'contextlib']",
+             f"image: {a}\n")):
+        p = subprocess.run([sys.executable, "-c", NAMES, *map(str, args)], capture_output=True,
+                           text=True, timeout=60)
+        assert (p.returncode, p.stderr.strip()) == (0, want), args
+        assert p.stdout.startswith(out), (args, p.stdout)
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("compare", top, tmp_path / "c.raw").returncode == 0
+    assert qemu_img("compare", top, tmp_path / "c.qcow2").returncode == 0
+    assert qemu_img("check", tmp_path / "c.qcow2").returncode == 0

@@ -9,8 +9,6 @@ import sys
 from ..errors import BlkjobsError
 from ..imageops.inspect import check_exit_code, check_image
 from . import progname
-from . import image_opts
-from . import cache_mode
 
 
 # qemu-img 7.2 prints ImageCheck keys in the order of its QDict's hash buckets
@@ -21,6 +19,9 @@ _ORDER = ("image-end-offset", "compressed-clusters", "total-clusters", "corrupti
 
 
 def register(sub):
+    # argparse's options only: a plain command line (cli.quickparse) does not
+    # import them (start-up)
+    from . import cache_mode, image_opts
     p = sub.add_parser("check", help="check a qcow2 image for consistency",
                        description="Exit status: 0 clean, 1 check failed, 2 corruptions, "
                        "3 leaked clusters only, 63 format without checks.")

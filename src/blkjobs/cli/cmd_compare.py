@@ -8,11 +8,12 @@ from ..errors import BlkjobsError
 from ..imageops.compare import ReadFailed, compare_images
 from .copy_progress import Reporter, add_progress_options
 from . import progname
-from . import image_opts
-from . import cache_mode
 
 
 def register(sub):
+    # argparse's options only: a plain command line (cli.quickparse) does not
+    # import them (start-up)
+    from . import cache_mode, image_opts
     p = sub.add_parser("compare", help="compare the contents of two images",
                        description="Exit status: 0 identical, 1 different, 2 error.")
     p.add_argument("-f", dest="fmt_a", metavar="FMT")

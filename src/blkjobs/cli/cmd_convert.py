@@ -11,11 +11,12 @@ from ..imageops.convert_nbd import convert      # files, and NBD URIs
 from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
 from ..formats import cache
-from . import cache_mode, image_opts
-from .opts_help import check_lists, print_help, wants_help
 
 
 def register(sub):
+    # argparse's options only: a plain command line (cli.quickparse) does not
+    # import them (start-up)
+    from . import cache_mode, image_opts
     p = sub.add_parser("convert", help="copy an image into another image",
                        description="Convert (copy) SRC into DST (several SRC: one after the "
                        "other, as qemu-img concatenates them). Holes stay holes and "
@@ -113,7 +114,9 @@ def _concat(args, opts: ConvertOptions) -> int:
 
 
 def run(args) -> int:
-    check_lists(args)       # qemu-img refuses it while it reads its options
+    if getattr(args, "_invalid_opts", None) is not None:       # (set by -o's parsing)
+        from .opts_help import check_lists
+        check_lists(args)       # qemu-img refuses it while it reads its options
     # workers that wait for the disk (a durable copy, O_DIRECT): 8
     threads = _coroutines(args.threads) if args.threads is not None else (
         8 if args.cache != "unsafe" else 4)
@@ -130,8 +133,10 @@ def run(args) -> int:
         raise UsageError("--target-is-zero requires use of -n flag")
     if args.no_create and args.options:
         raise UsageError("-o has no effect when skipping image creation")
-    if wants_help(args.options):        # the target named: with its protocol's options
-        return print_help(args.dst_fmt, args.dst if args.srcs else None)
+    if args.options:
+        from .opts_help import print_help, wants_help
+        if wants_help(args.options):    # the target named: with its protocol's options
+            return print_help(args.dst_fmt, args.dst if args.srcs else None)
     _no_create(args)
     if args.options:
         from .cmd_create import parse_opts      # -o only: not at start-up
@@ -210,7 +215,7 @@ def _no_create(args) -> None:
     if args.dst_fmt not in QEMU_NO_CREATE:
         return
     from ..formats.sniff import is_nbd_uri
-    from ..graph.blockspec import is_spec
+    from ..formats.sniff import is_spec
     from ..imageops.files import open_source
     for src in args.srcs:
         if not is_spec(src) and not is_nbd_uri(src):

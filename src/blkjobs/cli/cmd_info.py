@@ -8,10 +8,12 @@ import sys
 
 from ..imageops.inspect import info
 from ..units import human
-from . import image_opts
 
 
 def register(sub):
+    # argparse's options only: a plain command line (cli.quickparse) does not
+    # import them (start-up)
+    from . import image_opts
     p = sub.add_parser("info", help="show information about an image")
     p.add_argument("-f", dest="fmt", metavar="FMT")
     p.add_argument("--backing-chain", action="store_true",

@@ -9,12 +9,14 @@ import sys
 from ..errors import ImageError
 from ..imageops.inspect import map_image
 from ..units import parse_size
-from . import image_opts
 
 _KEYS = ("start", "length", "depth", "present", "zero", "data", "offset")
 
 
 def register(sub):
+    # argparse's options only: a plain command line (cli.quickparse) does not
+    # import them (start-up)
+    from . import image_opts
     p = sub.add_parser("map", help="show the layout of an image and its backing chain")
     p.add_argument("-f", dest="fmt", metavar="FMT")
     p.add_argument("--output", choices=["human", "json"], default="human")

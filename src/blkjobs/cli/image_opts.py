@@ -29,8 +29,10 @@ def add(p: Any, *operands: str, fmt: tuple[str, ...] = ("fmt",)) -> None:
 
 
 def apply(args: Any) -> None:
-    from ..graph import blockspec
-    blockspec.register_filter("blkdebug", _blkdebug)
+    # (not graph.blockspec, which reads the names: a plain file name does not need it)
+    from ..formats.base import register_filter
+    from ..formats.sniff import mark_image_opts
+    register_filter("blkdebug", _blkdebug)
     objects = getattr(args, "object", None) or []
     if objects:
         from ..formats.secrets import add_secret_object
@@ -48,7 +50,7 @@ def apply(args: Any) -> None:
             value = value[:1] if first else value
         for name in [value] if isinstance(value, str) else value or []:
             if name.startswith(prefix):
-                blockspec.mark_image_opts(name[len(prefix):])
+                mark_image_opts(name[len(prefix):])
 
 
 def _blkdebug(inner: Any, opts: dict[str, Any]) -> Any:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from ..errors import ImageError, UsageError
 from .base import Driver, Kind, Mapping, NotAnImageFile, open_file  # noqa: F401
@@ -60,7 +61,8 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True,
         return Nbd(path, read_only=read_only)
     if fmt is None:
         fmt = probe_format(path)
-    if key_secret is None and fmt in ("qcow2", "luks"):
+    if key_secret is None and fmt in ("qcow2", "luks") and f"{__name__}.secrets" in sys.modules:
+        # (a key is bound only through that module: not imported, none is)
         from .secrets import bound_key
         key_secret = bound_key(path)
     try:
@@ -108,7 +110,7 @@ def create_image(path: str, fmt: str, size: int | None, **opts) -> None:
     refcount_bits. A backing file without a format is probed; ``size=None``
     takes the backing file's size. raw options: preallocation ('off'|'falloc')."""
     if fmt == "qcow2":
-        from .qcow2 import create as create_qcow2
+        from .qcow2.create import create as create_qcow2
         bf = opts.get("backing_file")
         if bf and (not opts.get("backing_format") or size is None):
             full = bf if os.path.isabs(bf) else os.path.join(os.path.dirname(os.path.abspath(path)), bf)

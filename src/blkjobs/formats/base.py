@@ -24,6 +24,17 @@ if TYPE_CHECKING:
     from typing import Any, Self
 
 
+#: filter driver name -> wrap(driver, the layer's options) -> driver: the
+#: filters a layer above provides (``blkdebug``, the job layer's), put over
+#: a driver by :mod:`blkjobs.graph.blockspec`
+_FILTERS: dict[str, Callable[[Driver, dict[str, Any]], Driver]] = {}
+
+
+def register_filter(driver: str, wrap: Callable[[Driver, dict[str, Any]], Driver]) -> None:
+    """How a filter layer (``blkdebug``) is put over the driver under it."""
+    _FILTERS[driver] = wrap
+
+
 class NotSupported(ImageError):
     """A driver was asked for something its format cannot do (see the
     capabilities of :class:`Driver`)."""

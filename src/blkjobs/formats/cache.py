@@ -24,9 +24,7 @@ mode, writable ones the target's), the daemon per node
 from __future__ import annotations
 
 import _thread
-import contextlib
 import os
-from collections.abc import Iterator
 
 from ..errors import UsageError
 
@@ -73,16 +71,22 @@ def set_cli_modes(src: str | None = None, dst: str | None = None) -> None:
         _cli[True] = flags(dst)
 
 
-@contextlib.contextmanager
-def opening(extra: int) -> Iterator[None]:
+class opening:     # (lower case: used as a function, ``with opening(extra):``)
     """Files this thread opens in the block take ``extra`` flags (O_DIRECT,
-    O_DSYNC), whatever the CLI set: a daemon node's ``cache``."""
-    old = getattr(_local, "extra", None)
-    _local.extra = extra
-    try:
-        yield
-    finally:
-        _local.extra = old
+    O_DSYNC), whatever the CLI set: a daemon node's ``cache``. (A class,
+    not a contextlib generator: see graph.lock.opening.)"""
+    __slots__ = ("extra", "old")
+
+    def __init__(self, extra: int) -> None:
+        self.extra = extra
+        self.old: int | None = None
+
+    def __enter__(self) -> None:
+        self.old = getattr(_local, "extra", None)
+        _local.extra = self.extra
+
+    def __exit__(self, tp: object, e: BaseException | None, tb: object) -> None:
+        _local.extra = self.old
 
 
 def extra_flags(writable: bool) -> int:
@@ -99,7 +103,7 @@ def fd_extra(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL) & (O_DIRECT | O_DSYNC)
 
 
-def reopening(driver) -> contextlib.AbstractContextManager[None]:
+def reopening(driver) -> opening:
     """Opens in the block take the cache flags ``driver``'s file has now
     (a node reopened read-only or read-write keeps its cache mode)."""
     return opening(fd_extra(driver.fd if driver.host_file else -1))

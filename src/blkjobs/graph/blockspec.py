@@ -19,7 +19,7 @@ none given: probed) over a protocol (``file``, ``null-co``, ``nbd``), with
 driver: the format driver over the protocol's file, ``null-co`` as
 :class:`~blkjobs.formats.null.Null`, ``raw``'s ``offset``/``size`` as
 :class:`~blkjobs.formats.slice.Slice`, and blkdebug as the filter that the
-layer owning it registered (:func:`register_filter`; the graph layer has no
+layer owning it registered (:func:`register_filter`, kept in formats.base; the graph layer has no
 fault injection of its own). Bad names raise :class:`~blkjobs.errors.ImageError`
 with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
 """
@@ -27,12 +27,13 @@ with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
 # written out by hand (not dataclasses: see Layer)
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from .blockspec_net import (blkdebug_display, nbd_connect_failure, nbd_display, net_options,
                             open_ssh, take_probed)
 from ..errors import ImageError
 from ..formats.base import Driver, FormatOpenError
+# (in modules every command imports anyway; callers import them from here too)
+from ..formats.base import _FILTERS, register_filter  # noqa: F401
+from ..formats.sniff import _image_opts, is_spec, mark_image_opts  # noqa: F401
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
@@ -64,24 +65,6 @@ _OPTIONS = {
                  "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"},
 }
 
-_image_opts: set[str] = set()
-#: filter driver name -> wrap(driver, the layer's options) -> driver
-_FILTERS: dict[str, Callable[[Driver, dict[str, Any]], Driver]] = {}
-
-
-def mark_image_opts(name: str) -> None:
-    """``name`` is an ``--image-opts`` option string, not a file name."""
-    _image_opts.add(name)
-
-
-def register_filter(driver: str, wrap: Callable[[Driver, dict[str, Any]], Driver]) -> None:
-    """How a filter layer (``blkdebug``) is put over the driver under it."""
-    _FILTERS[driver] = wrap
-
-
-def is_spec(name: str) -> bool:
-    """``name`` is one of the syntaxes above, not a plain file name."""
-    return name in _image_opts or name.startswith(("json:", "file:", "blkdebug:"))
 
 
 def file_name(name: str) -> str:

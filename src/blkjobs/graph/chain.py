@@ -6,8 +6,7 @@ import os
 
 from ..errors import ImageError
 from ..formats import open_image, probe_format
-from ..formats.sniff import is_nbd_uri
-from .blockspec import is_spec, open_spec, parse
+from ..formats.sniff import is_nbd_uri, is_spec
 from .node import Graph, Node
 from .perm import ALL, Perm
 
@@ -69,6 +68,7 @@ def open_chain(path: str, fmt: str | None = None, read_only: bool = True,
                 raise ImageError(f"Backing file '{cur_path}' creates an infinite loop.")
             seen[real] = cur_path
             if is_spec(cur_path):      # json:{...}, file:NAME, blkdebug:...
+                from .blockspec import open_spec, parse     # (only then: start-up)
                 drv, cur_fmt = open_spec(parse(cur_path, cur_fmt), read_only=ro)
             else:
                 if cur_fmt is None:

@@ -67,7 +67,8 @@ def compare_raw(path_a: str, path_b: str, strict: bool = False,
     try:
         sa, sb = fd_size(fa), fd_size(fb)
         common = min(sa, sb)
-        buf_a, buf_b = bytearray(CHUNK), bytearray(CHUNK)
+        chunk = min(CHUNK, max(sa, sb, 4096))   # (see compare_images)
+        buf_a, buf_b = bytearray(chunk), bytearray(chunk)
         mva, mvb = memoryview(buf_a), memoryview(buf_b)
         pos = 0
         while pos < common:
@@ -83,7 +84,7 @@ def compare_raw(path_a: str, path_b: str, strict: bool = False,
             for s, e in merged:
                 off = s
                 while off < e:
-                    n = min(CHUNK, e - off)
+                    n = min(chunk, e - off)
                     ra = dio.preadinto(fa, mva[:n], off)
                     rb = dio.preadinto(fb, mvb[:n], off)
                     if ra < n:
@@ -105,7 +106,7 @@ def compare_raw(path_a: str, path_b: str, strict: bool = False,
             for s, n in _data_ranges(longer, common, lsize - common):
                 off = s
                 while off < s + n:
-                    k = min(CHUNK, s + n - off)
+                    k = min(chunk, s + n - off)
                     r = dio.preadinto(longer, mva[:k], off)
                     if not is_zero(mva[:r]):
                         z = _first_diff(mva[:r], memoryview(bytes(r)))
@@ -144,10 +145,10 @@ def _status(r: dict) -> tuple[bool, bool, bool]:
 def _read_cmp(na, nb, a, b, za, zb, bufs):
     """First differing offset in [a, b) or None. A side whose status says
     zero is not read."""
-    (va, vb), zero = bufs, memoryview(bytes(CHUNK))
+    (va, vb), zero = bufs, memoryview(bytes(len(bufs[0])))
     off = a
     while off < b:
-        n = min(CHUNK, b - off)
+        n = min(len(va), b - off)
         x = zero[:n] if za else va[:n]
         y = zero[:n] if zb else vb[:n]
         for node, z, buf in ((na, za, x), (nb, zb, y)):
@@ -175,7 +176,7 @@ def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
     everything, as qemu-img reads them). ``progress(done, total)``: bytes of
     the common size compared so far."""
     from ..formats.sniff import is_nbd_uri
-    from ..graph.blockspec import is_spec
+    from ..formats.sniff import is_spec
     from .images import open_ro, probe
     fa, fb = probe(path_a, fmt_a), probe(path_b, fmt_b)
     # two raw files: compared file to file; an NBD URI (raw over the NBD
@@ -194,7 +195,12 @@ def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
         if strict and sa != sb:
             return CompareResult(False, min(sa, sb), size_mismatch=True)
         common = min(sa, sb)
-        bufs = (memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK)))
+        # CHUNK, or the larger image's size when less: a bytearray is zeroed
+        # as it is made (two of 4 MiB: ~8 M instructions, most of comparing
+        # two 1 MiB images); every segment of such images is still read
+        # whole, as with CHUNK
+        size = min(CHUNK, max(sa, sb, 4096))
+        bufs = (memoryview(bytearray(size)), memoryview(bytearray(size)))
         pos = 0
         while pos < common:
             n = min(WORK, common - pos)

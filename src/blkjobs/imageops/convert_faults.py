@@ -55,9 +55,10 @@ DATA, ZERO, BACKING = 0, 1, 2
 
 def injects_faults(name: str) -> bool:
     """``name`` is an image name with a ``blkdebug`` layer in it."""
-    from ..graph.blockspec import FILTER_DRIVERS, is_spec, parse
+    from ..formats.sniff import is_spec
     if not is_spec(name):
         return False
+    from ..graph.blockspec import FILTER_DRIVERS, parse     # (a spec only: start-up)
     try:
         layer: Any = parse(name).top
     except BlkjobsError:        # a bad name: opening it says what is wrong

@@ -13,8 +13,7 @@ import os
 from ..errors import ImageError, OSErrorWithContext, UsageError
 from ..formats import FORMATS, Driver, open_image, probe_format
 from ..formats.sniff import is_nbd_uri
-from ..graph.blockspec import is_spec, open_spec, parse
-from ..graph.blockspec_net import keep_probed
+from ..formats.sniff import is_spec      # (the reader of those names: only for them, start-up)
 from ..graph.lock import opening
 from .files import open_source
 
@@ -53,6 +52,8 @@ def probe_spec(name: str, fmt: str | None = None, header_only: bool = False) -> 
     """The format of the image ``name`` in one of qemu-img's other name
     syntaxes (:mod:`blkjobs.graph.blockspec`), opened once to find it;
     qemu-img's ``Could not open 'NAME': WHY`` when it does not open."""
+    from ..graph.blockspec import open_spec, parse
+    from ..graph.blockspec_net import keep_probed
     try:
         spec = parse(name, fmt)
         drv, found = open_spec(spec, header_only=header_only)
@@ -68,6 +69,7 @@ def open_one(path: str, fmt: str | None, read_only: bool = True,
     """The image ``path`` alone (no backing chain), any name syntax
     (``header_only``: an encrypted image without unlocking it)."""
     if is_spec(path):
+        from ..graph.blockspec import open_spec, parse
         try:
             return open_spec(parse(path, fmt), read_only, with_backing=False,
                              header_only=header_only)[0]

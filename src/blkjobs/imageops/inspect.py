@@ -18,7 +18,7 @@ from ..errors import CheckNotSupported, UsageError
 from ..graph.lock import LockConflict, opening
 from ..formats.sniff import is_nbd_uri
 from .files import fd_size, open_source
-from ..graph.blockspec import is_spec
+from ..formats.sniff import is_spec
 from ..units import sector_size
 from .images import cli_graph, open_one, open_ro, probe
 

@@ -1,13 +1,13 @@
 """qcow2 (v2 and v3) driver: see :mod:`.driver` for the design notes.
 
 * :class:`Qcow2` — open an image (``Qcow2(path, read_only=True)``);
-* :func:`create` — make a new image;
+* :func:`.create.create` — make a new image (its module is imported by
+  those who create: opening an image does not need it);
 * :func:`check` — ``qemu-img check`` compatible consistency check/repair
   (imported on first use: opening an image does not need it).
 """
 from __future__ import annotations
 
-from .create import create
 from .driver import Qcow2
 from .header import MAGIC
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from .check import check
 
-__all__ = ["Qcow2", "create", "check", "MAGIC", "probe"]
+__all__ = ["Qcow2", "check", "MAGIC", "probe"]
 
 
 def __getattr__(name: str) -> Any:
