@@ -66,12 +66,14 @@
  *    on the caller's thread, before any worker writes them. A buffered
  *    write into allocated (unwritten) blocks skips ext4's delayed
  *    allocation of every block (ext4_da_get_block_prep: reservation and
- *    extent status insert, 14% of a qcow2 -> raw copy's samples), and the
- *    target's writes are the serial part of the copy (the inode lock).
- *    Zero runs found in the data are punched out again (flush_zeroes), so
- *    the target holds no more blocks than without. 1 GiB qcow2 -> raw,
- *    engine alone, alternated: CPU -12..-17%, wall per round 1.15-1.24x
- *    (benchmarks/README.md, stop 20).
+ *    extent status insert, 14-17% of a qcow2 -> raw copy's samples; 7%
+ *    with prealloc), and the target's writes are the serial part of the
+ *    copy (the inode lock). Zero runs found in the data are punched out
+ *    again (flush_zeroes), so the target holds no more blocks than without.
+ *    1 GiB qcow2 -> raw, engine alone (benchmarks/engine_q2r.py), VM-shaped:
+ *    CPU -15..-18%, wall per round 1.18-1.24x; dense: CPU -4..-12%, wall
+ *    1.05-1.17x (benchmarks/README.md, stop 20). Only on a new file
+ *    (convert_chain): an existing one taken as zero keeps its data.
  * Cost: one pwrite per piece of a request and one mmap + munmap per request
  * (or one pread + one pwrite per piece: O_DIRECT, a source that refuses
  * mmap; or one copy_file_range per request), one pass over each piece for
