@@ -70,6 +70,8 @@
  *    with prealloc), and the target's writes are the serial part of the
  *    copy (the inode lock). Zero runs found in the data are punched out
  *    again (flush_zeroes), so the target holds no more blocks than without.
+ *    A sparse item's data extents are allocated by the mapper, as each
+ *    batch of them is published (raw -> raw).
  *    1 GiB qcow2 -> raw, engine alone (benchmarks/engine_q2r.py), VM-shaped:
  *    CPU -15..-18%, wall per round 1.18-1.24x; dense: CPU -4..-12%, wall
  *    1.05-1.17x (benchmarks/README.md, stop 20). Only on a new file
@@ -352,6 +354,34 @@ static int publish(struct bj_copy *c, const struct bj_range *wr, uint64_t src_of
     return 0;
 }
 
+static void prealloc_items(struct bj_copy *c, const struct bj_range *r, size_t n);
+
+/* prealloc, a sparse item: the data extents of a batch (clipped to
+ * [pos, end) of work range wr) allocated in the target before they are
+ * published, so before any worker writes them. Called without the lock. */
+static void prealloc_extents(struct bj_copy *c, const struct bj_range *wr, uint64_t pos,
+                             uint64_t end, const struct bj_extent *ext, size_t n)
+{
+    struct bj_range r[EXT_BATCH];
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t a = ext[i].offset, b = ext[i].offset + ext[i].length;
+        if (!(ext[i].flags & BJ_EXTENT_DATA))
+            continue;
+        a = a < pos ? pos : a;
+        b = b > end ? end : b;
+        if (b <= a)
+            continue;
+        r[k].src_off = a;
+        r[k].dst_off = wr->dst_off + (a - wr->src_off);
+        r[k].len = b - a;
+        r[k].kind = BJ_RANGE_COPY;
+        r[k].src_fd = wr->src_fd;
+        k++;
+    }
+    prealloc_items(c, r, k);
+}
+
 /* The mapper's work: ask the extents of work range wr without the lock, a
  * batch at a time, and publish each batch. Called (and returns) with the
  * lock held. Extents are taken as the file system reports them but never
@@ -365,6 +395,8 @@ static void map_work_range(struct bj_copy *c, const struct bj_range *wr)
         uint64_t next = end;
         pthread_mutex_unlock(&c->lock);
         int rc = bj_extents(wr->src_fd, pos, end - pos, ext, EXT_BATCH, &n, &next);
+        if (rc == 0 && c->o.prealloc)
+            prealloc_extents(c, wr, pos, end, ext, n);
         pthread_mutex_lock(&c->lock);
         if (rc < 0) {
             set_error(c, rc, BJ_SIDE_SOURCE, pos);
@@ -1076,7 +1108,8 @@ static void prealloc_items(struct bj_copy *c, const struct bj_range *r, size_t n
 {
     uint64_t off = 0, len = 0;
     for (size_t i = 0; i <= n; i++) {
-        /* not COPY_SPARSE: its holes are found by the workers and skipped */
+        /* not COPY_SPARSE: its holes are found by the mapper, which
+         * allocates its data extents (prealloc_extents) */
         int copy = i < n && r[i].len && r[i].kind == BJ_RANGE_COPY;
         if (copy && len && off + len == r[i].dst_off) {
             len += r[i].len;

@@ -1,5 +1,5 @@
-"""qcow2 / chain -> raw: the copy engine allocates a fresh raw target's data
-ranges as they are queued (``prealloc``: its serial buffered writes then skip
+"""qcow2 / chain / raw -> raw: the copy engine allocates a fresh raw target's
+data ranges as they are queued (raw sources: as the mapper finds them) (``prealloc``: its serial buffered writes then skip
 the file system's per-block delayed allocation) and punches the zero runs it
 finds in the data out again. The bytes are the source's (``qemu-img
 compare``), the target holds no more blocks than qemu-img's own copy, an
@@ -104,10 +104,40 @@ def test_data_and_blocks_as_qemu_img(tmp_path, kind, cache):
     assert sum(e[1] for e in mine) == sum(e[1] for e in theirs)
 
 
-def test_allocated_ahead_of_the_writes_and_cancel(tmp_path):
+def _raw_source(tmp_path):
+    """A sparse raw file: data, zeroes written as data, holes."""
+    src = str(tmp_path / "src.raw")
+    with open(src, "wb") as f:
+        f.truncate(SIZE)
+        f.write(os.urandom(MiB) + bytes(64 * KiB) + os.urandom(960 * KiB))
+        f.seek(2052 * KiB)
+        f.write(bytes(8 * KiB) + os.urandom(4 * KiB))
+        f.seek(3 * MiB)
+        f.write(os.urandom(MiB))
+        f.seek(6 * MiB)
+        f.write(os.urandom(2 * MiB))
+    return src
+
+
+@pytest.mark.parametrize("cache", ["unsafe", "writeback", "none"])
+def test_raw_to_raw_data_and_blocks_as_qemu_img(tmp_path, cache):
+    """raw -> raw: the mapper allocates each batch of data extents."""
+    src = _raw_source(tmp_path)
+    ours, ref = str(tmp_path / "ours.raw"), str(tmp_path / "ref.raw")
+    run_blkjobs("convert", "-t", cache, "-f", "raw", "-O", "raw", src, ours, check=True)
+    qemu_img("convert", "-f", "raw", "-O", "raw", src, ref)
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, ours).returncode == 0
+    assert _segments(ours) == _segments(ref)
+    mine, theirs = _extents(ours), _extents(ref)
+    assert not [e for e in mine if e[2]]
+    assert sum(e[1] for e in mine) == sum(e[1] for e in theirs)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_allocated_ahead_of_the_writes_and_cancel(tmp_path, fmt):
     """A rate-limited copy: at the first check the whole target's data is
     allocated while little of it is written; raising there cancels it."""
-    src = _source(tmp_path, "qcow2")
+    src = _source(tmp_path, "qcow2") if fmt == "qcow2" else _raw_source(tmp_path)
     dst = str(tmp_path / "out.raw")
     seen: list[tuple[int, int]] = []
     done = [0]
@@ -119,12 +149,13 @@ def test_allocated_ahead_of_the_writes_and_cancel(tmp_path):
         seen.append((os.stat(dst).st_blocks * 512, done[0]))
         raise KeyboardInterrupt
 
-    o = ConvertOptions(src_fmt="qcow2", dst_fmt="raw", rate=1 * MiB, flush=False)
+    o = ConvertOptions(src_fmt=fmt, dst_fmt="raw", rate=1 * MiB, flush=False)
     with pytest.raises((Cancelled, KeyboardInterrupt)):
         convert(src, dst, o, progress, check)
     assert len(seen) == 1
     blocks, written = seen[0]
-    data = 5 * MiB + 64 * KiB   # the source's data clusters, zeroes written as data included
+    # the source's data (qcow2 clusters, file extents), zeroes written as data included
+    data = 5 * MiB + (64 if fmt == "qcow2" else 12) * KiB
     assert blocks >= data
     assert written < 4 * MiB
 

@@ -510,6 +510,21 @@ static uint64_t allocated(int fd)
     return (uint64_t)st.st_blocks * 512;
 }
 
+/* The target's allocated bytes when the first request's source was mapped
+ * (before that request's writes). */
+static int alloc_fd = -1;
+static uint64_t alloc_seen;
+
+static void on_map_alloc(int fd, uint64_t off, uint64_t len)
+{
+    (void)fd;
+    (void)off;
+    (void)len;
+    uint64_t none = UINT64_MAX; /* the first call's figure (two workers may call) */
+    __atomic_compare_exchange_n(&alloc_seen, &none, allocated(alloc_fd), 0, __ATOMIC_SEQ_CST,
+                                __ATOMIC_SEQ_CST);
+}
+
 /* prealloc: the target ranges of copy items are allocated as they are
  * queued (before any worker runs), zero runs found in their data are
  * punched out again, holes (zero items) and sparse items stay unallocated;
@@ -556,7 +571,8 @@ static void test_prealloc(void)
         close(d);
     }
     /* a target not known to read as zero, or a sparse item: nothing
-     * allocated ahead of the writes */
+     * allocated when queued; the sparse item's data extents are allocated
+     * by the mapper, before the first request is read */
     for (int k = 0; k < 2; k++) {
         int d = mkfile("pd", size);
         struct bj_copy *c;
@@ -567,6 +583,9 @@ static void test_prealloc(void)
         struct bj_range r = { 0, 0, size, k ? BJ_RANGE_COPY_SPARSE : BJ_RANGE_COPY, -1 };
         CHECK_EQ(bj_copy_add(c, &r, 1), 0);
         CHECK_EQ(allocated(d), 0);
+        bj_copy_test_after_map(c, on_map_alloc);
+        alloc_fd = d;
+        alloc_seen = UINT64_MAX;
         int rc;
         while ((rc = bj_copy_run(c, 50, 0)) == 2)
             ;
@@ -574,6 +593,12 @@ static void test_prealloc(void)
         bj_copy_free(c);
         CHECK(same(s, d, size));
         CHECK_EQ(lseek(d, 5 * M, SEEK_DATA), (off_t)(6 * M)); /* the source's hole */
+        if (k) {
+            CHECK(alloc_seen >= 7 * M);             /* allocated before any write */
+            CHECK(allocated(d) <= 7 * M - zlen);    /* the zero run punched */
+        } else {
+            CHECK(alloc_seen < 7 * M);
+        }
         close(d);
     }
     close(s);
