@@ -160,6 +160,10 @@ struct bj_copy {
     atomic_int no_mmap;       /* a source refused mmap: read into buffers */
     atomic_int no_prealloc;   /* the target refused fallocate: prealloc off */
     atomic_int no_unalloc;    /* it refused a punch: zero runs stay allocated */
+    uint64_t keep_end;        /* prealloc: the target's data run at offset 0
+                                 when the engine was made (a new raw file's
+                                 first block, written by its creation): never
+                                 punched */
     uint64_t page;            /* the page size (mmap offsets are multiples) */
     /* tests only: called after a request's source range is mapped */
     void (*after_map)(int fd, uint64_t off, uint64_t len);
@@ -550,6 +554,12 @@ static void unprealloc(struct bj_copy *c, uint64_t off, uint64_t len)
 {
     if (atomic_load_explicit(&c->no_unalloc, memory_order_relaxed))
         return;
+    if (off < c->keep_end) { /* allocated before the copy: stays so */
+        if (off + len <= c->keep_end)
+            return;
+        len -= c->keep_end - off;
+        off = c->keep_end;
+    }
     if (fallocate(c->o.dst_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
                   (off_t)len) < 0 && errno != EINTR)
         atomic_store_explicit(&c->no_unalloc, 1, memory_order_relaxed);
@@ -1033,6 +1043,10 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts)
     if (c->o.prealloc && (!c->o.target_is_zero || c->dst_align > 1 ||
                           fstat(opts->dst_fd, &dst_st) < 0 || !S_ISREG(dst_st.st_mode)))
         c->o.prealloc = 0;
+    if (c->o.prealloc && lseek(opts->dst_fd, 0, SEEK_DATA) == 0) {
+        off_t h = lseek(opts->dst_fd, 0, SEEK_HOLE);
+        c->keep_end = h > 0 ? (uint64_t)h : 0;
+    }
     if (c->dst_align > 1)
         c->o.write_behind = 0; /* no page cache to write behind */
     bj_zeroer_init(&c->zeroer);
