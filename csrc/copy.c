@@ -109,6 +109,9 @@
  * (copy_folio_from_iter_atomic: 80% of the samples) made a dense 1 GiB
  * raw -> raw copy 3-6x slower than with 256 KiB (benchmarks/README.md). */
 #define PIECE (256ull << 10)
+/* prealloc: shorter runs of data are left to the writes (a fragmented
+ * sparse source would pay a fallocate, and the inode lock, per extent) */
+#define PREALLOC_MIN (256ull << 10)
 
 struct worker {
     struct bj_copy *c;
@@ -1129,7 +1132,7 @@ static void prealloc_items(struct bj_copy *c, const struct bj_range *r, size_t n
             len += r[i].len;
             continue;
         }
-        if (len && !atomic_load_explicit(&c->no_prealloc, memory_order_relaxed) &&
+        if (len >= PREALLOC_MIN && !atomic_load_explicit(&c->no_prealloc, memory_order_relaxed) &&
             !atomic_load(&c->cancel)) {
             /* refused (EOPNOTSUPP: NFS, FUSE; ENOSPC: what a range needs
              * before its zero runs are punched may not fit, the writes

@@ -69,7 +69,8 @@ void bj_copy_free(struct bj_copy *c);
  * queue's last one in both files (same kind, same source file) is merged
  * into it, so it may be copied by the same request. With prealloc, the
  * target ranges of the copy items are allocated first (adjacent ones in
- * one call; a refusal is ignored: the writes allocate as before). */
+ * one call, runs of 256 KiB or more; a refusal is ignored: the writes
+ * allocate as before). */
 int bj_copy_add(struct bj_copy *c, const struct bj_range *r, size_t n);
 /* Let the workers run and wait until every queued byte is done (returns 0),
  * fewer than low_water queued bytes are left unclaimed while work is still

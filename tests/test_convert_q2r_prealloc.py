@@ -154,8 +154,10 @@ def test_allocated_ahead_of_the_writes_and_cancel(tmp_path, fmt):
         convert(src, dst, o, progress, check)
     assert len(seen) == 1
     blocks, written = seen[0]
-    # the source's data (qcow2 clusters, file extents), zeroes written as data included
-    data = 5 * MiB + (64 if fmt == "qcow2" else 12) * KiB
+    # the source's runs of data of 256 KiB or more (qcow2 clusters, file
+    # extents), zeroes written as data included; shorter ones are left to
+    # the writes
+    data = 5 * MiB
     assert blocks >= data
     assert written < 4 * MiB
 

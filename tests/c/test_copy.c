@@ -570,6 +570,28 @@ static void test_prealloc(void)
         CHECK_EQ(lseek(d, 5 * M, SEEK_DATA), (off_t)(6 * M));
         close(d);
     }
+    /* runs of data shorter than 256 KiB are left to the writes */
+    {
+        int d = mkfile("pd", size);
+        struct bj_copy *c;
+        struct bj_copy_opts o = { .src_fd = s, .dst_fd = d, .threads = 1,
+                                  .request_size = 1 << 20, .zero_block = 4096,
+                                  .target_is_zero = 1, .may_unmap = 1, .prealloc = 1 };
+        CHECK_EQ(bj_copy_new(&c, &o), 0);
+        struct bj_range r[] = { { 0, 0, 128 << 10, BJ_RANGE_COPY, -1 },
+                                { 1 << 20, 1 << 20, 128 << 10, BJ_RANGE_COPY, -1 },
+                                { 2 << 20, 2 << 20, 128 << 10, BJ_RANGE_COPY, -1 },
+                                { (2 << 20) + (128 << 10), (2 << 20) + (128 << 10), 128 << 10,
+                                  BJ_RANGE_COPY, -1 } };  /* with the one before: 256 KiB */
+        CHECK_EQ(bj_copy_add(c, r, 4), 0);
+        CHECK_EQ(allocated(d), 256 << 10);
+        int rc;
+        while ((rc = bj_copy_run(c, 50, 0)) == 2)
+            ;
+        CHECK_EQ(rc, 0);
+        bj_copy_free(c);
+        close(d);
+    }
     /* a target not known to read as zero, or a sparse item: nothing
      * allocated when queued; the sparse item's data extents are allocated
      * by the mapper, before the first request is read */
