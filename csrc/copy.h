@@ -35,6 +35,13 @@ struct bj_copy_opts {
     int write_behind;         /* start writeback of each written request at once
                                  (sync_file_range), so a final fsync has little
                                  left to do: durable copies overlap disk I/O */
+    int prealloc;             /* a buffered target reading as zero: the
+                                 target ranges of copy items are allocated
+                                 (fallocate KEEP_SIZE) as they are queued,
+                                 and zero runs found in their data are
+                                 punched out again; ext4's buffered writes
+                                 then skip the delayed allocation of each
+                                 block (the serial part of a copy) */
     struct bj_bucket *bucket; /* rate limiter or NULL */
 };
 
@@ -60,7 +67,10 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts);
 void bj_copy_free(struct bj_copy *c);
 /* Queue n items (copied into the engine). An item that continues the
  * queue's last one in both files (same kind, same source file) is merged
- * into it, so it may be copied by the same request. */
+ * into it, so it may be copied by the same request. With prealloc, the
+ * target ranges of the copy items are allocated first (adjacent ones in
+ * one call, runs of 256 KiB or more; a refusal is ignored: the writes
+ * allocate as before). */
 int bj_copy_add(struct bj_copy *c, const struct bj_range *r, size_t n);
 /* Let the workers run and wait until every queued byte is done (returns 0),
  * fewer than low_water queued bytes are left unclaimed while work is still

@@ -503,6 +503,129 @@ static void test_mapped_source(void)
     close(d2);
 }
 
+static uint64_t allocated(int fd)
+{
+    struct stat st;
+    CHECK(fstat(fd, &st) == 0);
+    return (uint64_t)st.st_blocks * 512;
+}
+
+/* The target's allocated bytes when the first request's source was mapped
+ * (before that request's writes). */
+static int alloc_fd = -1;
+static uint64_t alloc_seen;
+
+static void on_map_alloc(int fd, uint64_t off, uint64_t len)
+{
+    (void)fd;
+    (void)off;
+    (void)len;
+    uint64_t none = UINT64_MAX; /* the first call's figure (two workers may call) */
+    __atomic_compare_exchange_n(&alloc_seen, &none, allocated(alloc_fd), 0, __ATOMIC_SEQ_CST,
+                                __ATOMIC_SEQ_CST);
+}
+
+/* prealloc: the target ranges of copy items are allocated as they are
+ * queued (before any worker runs), zero runs found in their data are
+ * punched out again, holes (zero items) and sparse items stay unallocated;
+ * not on a target that does not read as zero. */
+static void test_prealloc(void)
+{
+    const uint64_t M = 1ull << 20, size = 8 * M, zoff = 3 * M, zlen = 64 << 10;
+    int s = mkfile("ps", size);
+    fill(s, 0, 5 * M, 9);
+    fill(s, 6 * M, 2 * M, 11);
+    static const unsigned char zero[64 << 10];
+    CHECK(pwrite(s, zero, zlen, (off_t)zoff) == (ssize_t)zlen); /* zeroes as data */
+    struct bj_range items[] = {
+        { 0, 0, 5 * M, BJ_RANGE_COPY, -1 },
+        { 5 * M, 5 * M, M, BJ_RANGE_ZERO, -1 },
+        { 6 * M, 6 * M, M, BJ_RANGE_COPY, -1 },
+        { 7 * M, 7 * M, M, BJ_RANGE_COPY, -1 },  /* adjacent: one fallocate */
+    };
+    for (uint32_t threads = 1; threads <= 3; threads += 2) {
+        int d = mkfile("pd", size);
+        struct bj_copy *c;
+        struct bj_copy_opts o = { .src_fd = s, .dst_fd = d, .threads = threads,
+                                  .request_size = 256 << 10, .zero_block = 4096,
+                                  .target_is_zero = 1, .may_unmap = 1, .prealloc = 1 };
+        CHECK_EQ(bj_copy_new(&c, &o), 0);
+        CHECK_EQ(bj_copy_add(c, items, 4), 0);
+        /* allocated before the workers run (bj_copy_run starts them) */
+        CHECK(allocated(d) >= 7 * M); /* (unwritten: SEEK_DATA sees holes) */
+        int rc;
+        while ((rc = bj_copy_run(c, 50, 0)) == 2)
+            ;
+        CHECK_EQ(rc, 0);
+        struct bj_copy_status st;
+        bj_copy_get_status(c, &st);
+        CHECK_EQ(st.data_bytes, 7 * M - zlen);
+        CHECK_EQ(st.zero_bytes, M + zlen);
+        bj_copy_free(c);
+        CHECK(same(s, d, size));
+        /* the zero run in the data is deallocated again, the zero item
+         * never was: the data's blocks alone */
+        CHECK(allocated(d) <= 7 * M - zlen);
+        CHECK_EQ(lseek(d, zoff, SEEK_DATA), (off_t)(zoff + zlen));
+        CHECK_EQ(lseek(d, 5 * M, SEEK_DATA), (off_t)(6 * M));
+        close(d);
+    }
+    /* runs of data shorter than 256 KiB are left to the writes */
+    {
+        int d = mkfile("pd", size);
+        struct bj_copy *c;
+        struct bj_copy_opts o = { .src_fd = s, .dst_fd = d, .threads = 1,
+                                  .request_size = 1 << 20, .zero_block = 4096,
+                                  .target_is_zero = 1, .may_unmap = 1, .prealloc = 1 };
+        CHECK_EQ(bj_copy_new(&c, &o), 0);
+        struct bj_range r[] = { { 0, 0, 128 << 10, BJ_RANGE_COPY, -1 },
+                                { 1 << 20, 1 << 20, 128 << 10, BJ_RANGE_COPY, -1 },
+                                { 2 << 20, 2 << 20, 128 << 10, BJ_RANGE_COPY, -1 },
+                                { (2 << 20) + (128 << 10), (2 << 20) + (128 << 10), 128 << 10,
+                                  BJ_RANGE_COPY, -1 } };  /* with the one before: 256 KiB */
+        CHECK_EQ(bj_copy_add(c, r, 4), 0);
+        CHECK_EQ(allocated(d), 256 << 10);
+        int rc;
+        while ((rc = bj_copy_run(c, 50, 0)) == 2)
+            ;
+        CHECK_EQ(rc, 0);
+        bj_copy_free(c);
+        close(d);
+    }
+    /* a target not known to read as zero, or a sparse item: nothing
+     * allocated when queued; the sparse item's data extents are allocated
+     * by the mapper, before the first request is read */
+    for (int k = 0; k < 2; k++) {
+        int d = mkfile("pd", size);
+        struct bj_copy *c;
+        struct bj_copy_opts o = { .src_fd = s, .dst_fd = d, .threads = 2,
+                                  .request_size = 1 << 20, .zero_block = 4096,
+                                  .target_is_zero = k, .may_unmap = 1, .prealloc = 1 };
+        CHECK_EQ(bj_copy_new(&c, &o), 0);
+        struct bj_range r = { 0, 0, size, k ? BJ_RANGE_COPY_SPARSE : BJ_RANGE_COPY, -1 };
+        CHECK_EQ(bj_copy_add(c, &r, 1), 0);
+        CHECK_EQ(allocated(d), 0);
+        bj_copy_test_after_map(c, on_map_alloc);
+        alloc_fd = d;
+        alloc_seen = UINT64_MAX;
+        int rc;
+        while ((rc = bj_copy_run(c, 50, 0)) == 2)
+            ;
+        CHECK_EQ(rc, 0);
+        bj_copy_free(c);
+        CHECK(same(s, d, size));
+        CHECK_EQ(lseek(d, 5 * M, SEEK_DATA), (off_t)(6 * M)); /* the source's hole */
+        if (k) {
+            CHECK(alloc_seen >= 7 * M);             /* allocated before any write */
+            CHECK(allocated(d) <= 7 * M - zlen);    /* the zero run punched */
+        } else {
+            CHECK(alloc_seen < 7 * M);
+        }
+        close(d);
+    }
+    close(s);
+}
+
 int main(void)
 {
     CHECK(mkdtemp(dir) != NULL);
@@ -516,6 +639,7 @@ int main(void)
     test_zero_fallback_paced();
     test_merge_adjacent();
     test_mapped_source();
+    test_prealloc();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     CHECK(system(cmd) == 0);

@@ -529,6 +529,7 @@ class ChainConvert:
                             request_size=req, zero_block=o.sparse_size,
                             target_is_zero=eng_zero, may_unmap=o.sparse_size != 0,
                             write_behind=o.flush,     # the final fsync finds little left
+                            prealloc=self.tg.t is None and self.tg.sparse_new,  # raw we made
                             bucket=bucket, src_path=self.src, dst_path=self.dst) as eng:
                 self.tg.written = True
                 drive(eng, lambda: self._feed(eng), lambda: self.next_pos < self.size,

@@ -70,6 +70,8 @@ def _copy(sfd: int, target: Target, size: int, o: ConvertOptions, src: str,
                     request_size=o.request_size or (WB_REQUEST if o.flush else RAW_REQUEST),
                     zero_block=o.sparse_size, target_is_zero=target_zero,
                     may_unmap=o.sparse_size != 0, bucket=bucket, write_behind=o.flush,
+                    # a new file's data extents allocated as they are mapped
+                    prealloc=target.sparse_new and o.sparse_size != 0,
                     src_path=src, dst_path=target.dst) as eng:
         kind = COPY_SPARSE if o.sparse_size else COPY
         fed = 0

@@ -43,6 +43,9 @@ class Target:
         #: qcow2's allocation calls), None before and after
         self.t: Any = None
         self.ours: tuple[int, int] | None = None
+        #: created by us without preallocation: holes but its first block (the
+        #: copy engine's prealloc may allocate its data ranges ahead)
+        self.sparse_new = False
         self.tlock: ImageLock | None = None
         self.written = False
 
@@ -76,6 +79,7 @@ class Target:
         except OSError as e:
             raise CopyError(e.errno or errno.EIO, "Could not create target", path=dst) from None
         self.ours = identity(self.dfd)
+        self.sparse_new = not falloc
         if self.tlock is None:
             self.tlock = ImageLock(dst, write=True)
         try:

@@ -63,13 +63,17 @@ class CopyEngine(Owned):
     reads as zero, so zero runs are skipped instead of written.
     ``write_behind``: start writeback of each request as soon as it is
     written, so the final fsync of a durable copy has little left to do.
+    ``prealloc``: the target (a buffered regular file reading as zero) gets
+    the ranges of COPY items allocated as they are queued, and zero runs
+    found in their data punched out again: its serial buffered writes then
+    skip the file system's per-block delayed allocation.
     """
 
     def __init__(self, src_fd: int, dst_fd: int, *, threads: int = 4,
                  request_size: int = 2 << 20, max_in_flight: int = 64 << 20,
                  zero_block: int = 4096, target_is_zero: bool = False,
                  may_unmap: bool = True, allow_copy_range: bool = True,
-                 write_behind: bool = False,
+                 write_behind: bool = False, prealloc: bool = False,
                  bucket: TokenBucket | None = None,
                  src_path: str | None = None, dst_path: str | None = None):
         if threads < 1 or threads > 256:
@@ -89,6 +93,7 @@ class CopyEngine(Owned):
         o.may_unmap = int(may_unmap)
         o.allow_copy_range = int(allow_copy_range)
         o.write_behind = int(write_behind)
+        o.prealloc = int(prealloc)
         self._bucket = bucket  # keep it alive as long as the engine
         o.bucket = bucket._cptr() if bucket is not None else ffi.NULL
         p = ffi.new("struct bj_copy **")
