@@ -5,12 +5,12 @@ one byte a segment are served; requests a client sent with its options,
 before the reply to NBD_OPT_GO (read into the handshake's buffer, not left
 in the socket), are served and none is lost; a client silent in the
 handshake is dropped after ``handshake_timeout``, one idle in transmission
-longer than that is not."""
+longer than that is not -- in clear and inside TLS."""
 from __future__ import annotations
 
-import contextlib
 import select
 import socket
+import ssl
 import struct
 from collections.abc import Iterator
 
@@ -20,7 +20,8 @@ from blkjobs import Engine
 from blkjobs.daemon.export_commands import NodeBackend
 from blkjobs.nbd.server import Export, NBDServer
 from daemon_util import qemu_img, qemu_io
-from nbd_peers import go, handshake, recv
+from nbd_peers import go, handshake, option, recv
+from test_nbd_tls import make_ca, make_cert
 
 IHAVEOPT = 0x49484156454F5054
 REQ = 0x25609513
@@ -107,10 +108,15 @@ def _structured_reads(s: socket.socket, n: int) -> dict[int, bytes]:
 
 
 def _eof(s: socket.socket) -> bool:
+    """The server closed the connection (within 30 s: False if not)."""
     s.settimeout(30)
-    with contextlib.suppress(OSError):
+    try:
         while s.recv(65536):
             pass
+    except TimeoutError:
+        return False
+    except OSError:                         # (a reset, or TLS cut short)
+        pass
     return True
 
 
@@ -176,6 +182,44 @@ def test_the_handshake_time_limit_and_none_after_it(server):
     s = handshake(path)
     go(s, b"d")
     # idle three times the handshake's limit: not dropped
+    assert select.select([s], [], [], 1.0)[0] == []
+    s.sendall(_req(0, 5, 0, 4096))
+    magic, err, h = struct.unpack(">IIQ", recv(s, 16))
+    assert (magic, err, h) == (SIMPLE, 0, 5) and recv(s, 4096) == _pattern(4096)
+    s.sendall(_req(2, 6, 0, 0))
+    assert _eof(s)
+    s.close()
+
+
+def test_the_handshake_time_limit_with_tls(server, tmp_path):
+    """On a TLS server: a client silent after STARTTLS's ACK (in the TLS
+    handshake) and one silent in the options inside TLS are dropped after
+    ``handshake_timeout``; one idle in transmission longer than that is
+    served."""
+    make_ca(tmp_path / "ca", "test CA")
+    make_cert(tmp_path / "ca", tmp_path / "srv", "server")
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(tmp_path / "srv" / "server-cert.pem",
+                         tmp_path / "srv" / "server-key.pem")
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.load_verify_locations(tmp_path / "ca" / "ca-cert.pem")
+    path, _ = server(tls=sctx, handshake_timeout=0.3)
+
+    def encrypted() -> ssl.SSLSocket:
+        s = handshake(path)
+        assert option(s, 5) == (1, b"")         # STARTTLS: ACK
+        t = cctx.wrap_socket(s, server_hostname="localhost")
+        t.settimeout(30)
+        return t
+    silent = handshake(path)
+    assert option(silent, 5) == (1, b"")
+    assert _eof(silent)                     # no ClientHello: dropped
+    silent.close()
+    quiet = encrypted()
+    assert _eof(quiet)                      # no option inside TLS: dropped
+    quiet.close()
+    s = encrypted()
+    go(s, b"d")
     assert select.select([s], [], [], 1.0)[0] == []
     s.sendall(_req(0, 5, 0, 4096))
     magic, err, h = struct.unpack(">IIQ", recv(s, 16))
