@@ -73,8 +73,12 @@ class FastBackend(Protocol):
 def usable(conn: Connection, exp: Export) -> bool:
     """The C path serves this connection: the backend can map reads to
     files, the socket is plain (not TLS), requests are served concurrently
-    (``workers`` > 1), and ``BLKJOBS_NBD_C=0`` is not set."""
+    (``workers`` > 1), no request was read with the handshake (a client
+    that did not wait for the reply to its NBD_OPT_GO: those bytes are in
+    the connection's buffer, not the socket's), and ``BLKJOBS_NBD_C=0`` is
+    not set."""
     return (hasattr(exp.backend, "plan_reads") and not conn.tls_done
+            and not conn.buffered()
             and conn.server.workers > 1 and os.environ.get("BLKJOBS_NBD_C", "1") != "0")
 
 

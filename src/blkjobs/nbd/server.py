@@ -34,6 +34,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,8 @@ from .transmission import serve
 
 log = logging.getLogger(__name__)
 
+#: what one ``recv`` of the handshake reads at most (server.Connection.recv_into)
+_READ_AHEAD = 4096
 #: QEMU's default handshake-max-seconds
 HANDSHAKE_SECONDS = 10.0
 #: requests of one connection served at once (benchmarks/README.md);
@@ -307,6 +310,9 @@ class Connection:
         self._send_lock = threading.Lock()
         #: the handshake's replies not sent yet (:meth:`send_later`)
         self._later: list[bytes] = []
+        #: read ahead (:meth:`recv_into`): the bytes of _rbuf from _rpos to _rlen
+        self._rbuf = bytearray(_READ_AHEAD)
+        self._rpos = self._rlen = 0
         self.thread = Thread(self._run)
 
     def abort(self) -> None:
@@ -332,14 +338,52 @@ class Connection:
         return bytes(buf)
 
     def recv_into(self, mv: memoryview) -> None:
+        """The next ``len(mv)`` bytes of the stream. Small reads are
+        buffered: one ``recv`` of up to :data:`_READ_AHEAD` bytes takes an
+        option's header and its data (and a client's next options, if it
+        sent them), not one system call each. Not before STARTTLS on a
+        server with TLS: what follows the option may be the client's TLS
+        handshake, which must stay in the socket. What is buffered when the
+        handshake ends is the transmission phase's (:meth:`buffered`)."""
         if self._later:
             self.flush_later()      # the client waits for them before it says more
-        pos = 0
-        while pos < len(mv):
+        n = len(mv)
+        pos = self._rlen - self._rpos
+        if pos:
+            pos = min(pos, n)
+            mv[:pos] = self._rbuf[self._rpos:self._rpos + pos]
+            self._rpos += pos
+        while pos < n:
+            if n - pos < _READ_AHEAD and (self.tls_done or self.server.tls is None):
+                k = self.sock.recv_into(self._rbuf)
+                if not k:
+                    raise EOFError("client closed the connection")
+                take = min(k, n - pos)
+                mv[pos:pos + take] = self._rbuf[:take]
+                pos += take
+                self._rpos, self._rlen = take, k
+                continue
             k = self.sock.recv_into(mv[pos:])
             if not k:
                 raise EOFError("client closed the connection")
             pos += k
+
+    def buffered(self) -> int:
+        """Bytes read from the socket and not yet taken by :meth:`recv_into`
+        (a client that sent requests before the reply to its NBD_OPT_GO:
+        the C data path, which reads the socket, must not serve it)."""
+        return self._rlen - self._rpos
+
+    def _timeouts(self, seconds: float) -> None:
+        """The handshake's limit on each receive and send (0: none) as the
+        socket's SO_RCVTIMEO/SO_SNDTIMEO: the socket stays blocking, so a
+        ``recv`` is one system call (with ``settimeout`` Python polls
+        before each one); a receive or send timing out raises
+        ``OSError(EAGAIN)``, and the client is dropped."""
+        sec = int(seconds)
+        tv = struct.pack("ll", sec, int((seconds - sec) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def send_later(self, data: bytes) -> None:
         """Queue a handshake reply: those of one option go out in one
@@ -387,17 +431,23 @@ class Connection:
 
     def start_tls(self, ctx: ssl.SSLContext) -> None:
         self.flush_later()          # the ACK in clear
+        # (Python's timeout, not only SO_RCVTIMEO: ssl retries a blocking
+        # socket's EAGAIN, a client silent in the TLS handshake would stay)
         self.sock.settimeout(self.server.handshake_timeout or None)
         self.sock = ctx.wrap_socket(self.sock, server_side=True)
         self.tls_done = True
 
     def _run(self) -> None:
         try:
-            self.sock.settimeout(self.server.handshake_timeout or None)
+            if self.server.handshake_timeout:
+                self._timeouts(self.server.handshake_timeout)
             exp = negotiate(self)
             if exp is None:
                 return
-            self.sock.settimeout(None)
+            if self.server.handshake_timeout:
+                self._timeouts(0)
+            if self.tls_done:
+                self.sock.settimeout(None)
             if fastpath.usable(self, exp):
                 fastpath.serve(self, exp)
             else:

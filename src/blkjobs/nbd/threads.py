@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import _thread
 import logging
-import queue
 import threading
 from collections.abc import Callable
 
@@ -24,42 +23,64 @@ log = logging.getLogger(__name__)
 KEEP = 8
 
 
+class _Idle:
+    """An idle thread of the pool: it waits on its own lock (``go``, held
+    until work is handed to it in ``fn``)."""
+
+    __slots__ = ("go", "fn")
+
+    def __init__(self) -> None:
+        self.go = _thread.allocate_lock()
+        self.go.acquire()
+        self.fn: Callable[[], None] | None = None
+
+
 class _Pool:
     """Threads that run one function each, then wait for the next (up to
-    ``KEEP`` of them idle; more end)."""
+    ``KEEP`` of them idle; more end).
+
+    Each idle thread waits on a lock of its own, and work goes to the one
+    back last: a hand-off wakes that thread only. (With one queue they all
+    waited on, a ``put`` woke one, which woke the next to look at the
+    empty queue: two more wake-ups and a turn of the GIL per hand-off, two
+    hand-offs per NBD session -- its connection and its reaper.)"""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         #: notified when a thread is back, idle (for the tests)
         self.back = threading.Condition(self._lock)
-        self._idle = 0
-        self._todo: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._waiting: list[_Idle] = []
 
     def idle(self) -> int:
         """Threads waiting for work (the lock held: :attr:`back`'s)."""
-        return self._idle
+        return len(self._waiting)
 
     def run(self, fn: Callable[[], None]) -> None:
         with self._lock:
-            if self._idle:
-                self._idle -= 1
-                self._todo.put(fn)
+            if self._waiting:
+                w = self._waiting.pop()
+                w.fn = fn
+                w.go.release()
                 return
         _thread.start_new_thread(self._thread, (fn,))
 
     def _thread(self, fn: Callable[[], None]) -> None:
+        me: _Idle | None = None
         while True:
             try:
                 fn()
             except BaseException:   # a bug, said by Thread._run: this thread ends
                 return
             del fn              # (nothing of the last connection kept alive)
+            if me is None:
+                me = _Idle()
             with self._lock:
-                if self._idle >= KEEP:
+                if len(self._waiting) >= KEEP:
                     return
-                self._idle += 1
+                self._waiting.append(me)
                 self.back.notify_all()
-            fn = self._todo.get()
+            me.go.acquire()
+            fn, me.fn = me.fn, None     # type: ignore[assignment]
 
 
 _pool = _Pool()
