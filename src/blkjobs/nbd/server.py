@@ -255,11 +255,16 @@ class NBDServer:
         exited (qemu-io, nbdcopy) must not find it still attached only
         because its thread had not run yet on a busy host. A client still
         connected, or one whose requests outlast ``timeout``, stays."""
-        with self.lock:
-            left = [c for c in exp.clients if c.peer_left()]
         deadline = time.monotonic() + timeout
-        for c in left:
-            c.thread.join(max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            # waits for what it promises -- out of exp.clients -- not for a
+            # proxy of it: a connection leaving notifies _slot_free, under
+            # this lock, once it has dropped out
+            while any(c.peer_left() for c in exp.clients):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._slot_free.wait(left)
 
     def maybe_gone(self, exp: Export) -> None:
         with self.lock:
