@@ -87,21 +87,27 @@ def _segments(path):
     return out
 
 
+def _converts_as_qemu_img(fmt: str, src: str, ours: str, ref: str, cache: str) -> None:
+    """``src`` converted to raw by us (``-t cache``) and by qemu-img: the
+    same bytes, the same data segments; the zero runs found in the data
+    allocated ahead were punched out again: no block allocated and left
+    unwritten, as many data blocks as qemu-img's (st_blocks would count the
+    extent tree's blocks too, which vary)."""
+    run_blkjobs("convert", "-t", cache, "-f", fmt, "-O", "raw", src, ours, check=True)
+    qemu_img("convert", "-f", fmt, "-O", "raw", src, ref)
+    assert qemu_img("compare", "-f", fmt, "-F", "raw", src, ours).returncode == 0
+    assert _segments(ours) == _segments(ref)
+    mine, theirs = _extents(ours), _extents(ref)
+    assert not [e for e in mine if e[2]]
+    assert sum(e[1] for e in mine) == sum(e[1] for e in theirs)
+
+
 @pytest.mark.parametrize("kind", ["qcow2", "chain", "compressed"])
 @pytest.mark.parametrize("cache", ["unsafe", "writeback", "none"])
 def test_data_and_blocks_as_qemu_img(tmp_path, kind, cache):
     src = _source(tmp_path, kind)
     ours, ref = str(tmp_path / "ours.raw"), str(tmp_path / "ref.raw")
-    run_blkjobs("convert", "-t", cache, "-f", "qcow2", "-O", "raw", src, ours, check=True)
-    qemu_img("convert", "-f", "qcow2", "-O", "raw", src, ref)
-    assert qemu_img("compare", "-f", "qcow2", "-F", "raw", src, ours).returncode == 0
-    assert _segments(ours) == _segments(ref)
-    # the zero runs found in the data allocated ahead were punched out again:
-    # no block allocated and left unwritten, as many data blocks as qemu-img's
-    # (st_blocks would count the extent tree's blocks too, which vary)
-    mine, theirs = _extents(ours), _extents(ref)
-    assert not [e for e in mine if e[2]]
-    assert sum(e[1] for e in mine) == sum(e[1] for e in theirs)
+    _converts_as_qemu_img("qcow2", src, ours, ref, cache)
 
 
 def _raw_source(tmp_path):
@@ -124,13 +130,7 @@ def test_raw_to_raw_data_and_blocks_as_qemu_img(tmp_path, cache):
     """raw -> raw: the mapper allocates each batch of data extents."""
     src = _raw_source(tmp_path)
     ours, ref = str(tmp_path / "ours.raw"), str(tmp_path / "ref.raw")
-    run_blkjobs("convert", "-t", cache, "-f", "raw", "-O", "raw", src, ours, check=True)
-    qemu_img("convert", "-f", "raw", "-O", "raw", src, ref)
-    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, ours).returncode == 0
-    assert _segments(ours) == _segments(ref)
-    mine, theirs = _extents(ours), _extents(ref)
-    assert not [e for e in mine if e[2]]
-    assert sum(e[1] for e in mine) == sum(e[1] for e in theirs)
+    _converts_as_qemu_img("raw", src, ours, ref, cache)
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])

@@ -175,16 +175,10 @@ def test_requests_sent_with_the_options_are_served(server, structured):
     s.close()
 
 
-def test_the_handshake_time_limit_and_none_after_it(server):
-    """``handshake_timeout``: a client that says nothing is dropped; one
-    past the handshake may stay idle longer than that and is served."""
-    path, _ = server(handshake_timeout=LIMIT)
-    silent = handshake(path)
-    assert _eof(silent)                     # (dropped, after LIMIT)
-    silent.close()
-    s = handshake(path)
+def _served_after_idle(s: socket.socket) -> None:
+    """Past GO, ``s`` idles twice the handshake's limit and is not dropped:
+    a READ is answered, DISC closes it."""
     go(s, b"d")
-    # idle twice the handshake's limit: not dropped
     assert select.select([s], [], [], 2 * LIMIT)[0] == []
     s.sendall(_req(0, 5, 0, 4096))
     magic, err, h = struct.unpack(">IIQ", recv(s, 16))
@@ -192,6 +186,16 @@ def test_the_handshake_time_limit_and_none_after_it(server):
     s.sendall(_req(2, 6, 0, 0))
     assert _eof(s)
     s.close()
+
+
+def test_the_handshake_time_limit_and_none_after_it(server):
+    """``handshake_timeout``: a client that says nothing is dropped; one
+    past the handshake may stay idle longer than that and is served."""
+    path, _ = server(handshake_timeout=LIMIT)
+    silent = handshake(path)
+    assert _eof(silent)                     # (dropped, after LIMIT)
+    silent.close()
+    _served_after_idle(handshake(path))
 
 
 def test_the_handshake_time_limit_with_tls(server, tmp_path):
@@ -222,11 +226,4 @@ def test_the_handshake_time_limit_with_tls(server, tmp_path):
     assert _eof(quiet)                      # no option inside TLS: dropped
     quiet.close()
     s = encrypted()
-    go(s, b"d")
-    assert select.select([s], [], [], 2 * LIMIT)[0] == []
-    s.sendall(_req(0, 5, 0, 4096))
-    magic, err, h = struct.unpack(">IIQ", recv(s, 16))
-    assert (magic, err, h) == (SIMPLE, 0, 5) and recv(s, 4096) == _pattern(4096)
-    s.sendall(_req(2, 6, 0, 0))
-    assert _eof(s)
-    s.close()
+    _served_after_idle(s)

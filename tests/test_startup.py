@@ -51,17 +51,27 @@ def test_info_imports(tmp_path):
     assert rc == 0 and '"virtual-size": 1048576' in out and "json" in mods
 
 
-LOOKERS = """
+HEAVY_PROBE = """
 import sys
-sys.argv = ["blkjobs"] + sys.argv[1:]
+heavy = sys.argv[1].split(",")
+sys.argv = ["blkjobs"] + sys.argv[2:]
 from blkjobs.cli.main import main
 rc = main()
 sys.stdout.flush()
-heavy = ("blkjobs.formats.luks", "blkjobs.formats.nbd", "blkjobs.formats.qcow2.check",
-         "uuid", "hashlib", "urllib.parse")
 print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
 raise SystemExit(rc)
 """
+
+
+def run_heavy_probe(heavy: tuple[str, ...], args: list) -> subprocess.CompletedProcess:
+    """``blkjobs ARGS`` run in-process by a fresh interpreter; its stderr
+    ends with which of the modules ``heavy`` it imported (sorted)."""
+    return subprocess.run([sys.executable, "-c", HEAVY_PROBE, ",".join(heavy), *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+LOOKERS = ("blkjobs.formats.luks", "blkjobs.formats.nbd", "blkjobs.formats.qcow2.check",
+           "uuid", "hashlib", "urllib.parse")
 
 
 def test_commands_that_look_import_no_crypto_nbd_or_check(tmp_path):
@@ -73,8 +83,7 @@ def test_commands_that_look_import_no_crypto_nbd_or_check(tmp_path):
     qemu_img("create", "-f", "raw", raw, "1M")
     for args, want in ((["info", img], "[]"), (["info", raw], "[]"), (["map", img], "[]"),
                        (["check", img], "['blkjobs.formats.qcow2.check']")):
-        p = subprocess.run([sys.executable, "-c", LOOKERS, *map(str, args)],
-                           capture_output=True, text=True, timeout=60)
+        p = run_heavy_probe(LOOKERS, args)
         assert (p.returncode, p.stderr.strip()) == (0, want), args
 
 
@@ -262,17 +271,8 @@ def test_quick_exit_changes_no_output_nor_status(tmp_path):
     assert qemu_img("check", tmp_path / "o.qcow2").returncode == 0
 
 
-NAMES = """
-import sys
-sys.argv = ["blkjobs"] + sys.argv[1:]
-from blkjobs.cli.main import main
-rc = main()
-sys.stdout.flush()
-heavy = ("blkjobs.graph.blockspec", "blkjobs.graph.blockspec_net", "blkjobs.cli.opts_help",
+NAMES = ("blkjobs.graph.blockspec", "blkjobs.graph.blockspec_net", "blkjobs.cli.opts_help",
          "blkjobs.formats.qcow2.create", "blkjobs.formats.secrets", "contextlib")
-print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
-raise SystemExit(rc)
-"""
 
 
 def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
@@ -302,8 +302,7 @@ def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
             (["info", f'json:{{"file": {{"driver": "file", "filename": "{a}"}}}}'],
              "['blkjobs.graph.blockspec', 'blkjobs.graph.blockspec_net', 'contextlib']",
              f"image: {a}\n")):
-        p = subprocess.run([sys.executable, "-c", NAMES, *map(str, args)], capture_output=True,
-                           text=True, timeout=60)
+        p = run_heavy_probe(NAMES, args)
         assert (p.returncode, p.stderr.strip()) == (0, want), args
         assert p.stdout.startswith(out), (args, p.stdout)
     assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0

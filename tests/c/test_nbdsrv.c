@@ -346,6 +346,17 @@ static void test_token_before_send(int dfd)
  * workers of the session busy sending them -- it returns at once (0 free;
  * bj_nbds_submit would wait for the client), and the replies come whole
  * once the client reads. */
+/* n segments, each the whole data file (DATA, offset 0, FSIZE) */
+static void whole_file_segs(uint64_t *g, int n, int dfd)
+{
+    for (int i = 0; i < n; i++) {
+        g[4 * i] = BJ_NBDS_DATA;
+        g[4 * i + 1] = (uint64_t)dfd;
+        g[4 * i + 2] = 0;
+        g[4 * i + 3] = FSIZE;
+    }
+}
+
 static void test_queue_does_not_wait(int dfd)
 {
     int sv[2];
@@ -355,12 +366,7 @@ static void test_queue_does_not_wait(int dfd)
     /* 4 MiB each: the file 16 times over */
     uint64_t q[12] = {1, 0, 16 * FSIZE, 0, 1, 16, 2, 0, 16 * FSIZE, 0, 2, 16};
     uint64_t g[32 * 4];
-    for (int i = 0; i < 32; i++) {
-        g[4 * i] = BJ_NBDS_DATA;
-        g[4 * i + 1] = (uint64_t)dfd;
-        g[4 * i + 2] = 0;
-        g[4 * i + 3] = FSIZE;
-    }
+    whole_file_segs(g, 32, dfd);
     CHECK_EQ(bj_nbds_queue(s, q, 2, g, 32), 0);
     static unsigned char data[FSIZE];
     unsigned char h[16];
@@ -412,12 +418,7 @@ static void test_wait_free(int dfd)
         r[0] = (uint64_t)i + 1; r[1] = 0; r[2] = 16 * FSIZE; r[3] = 0; r[4] = (uint64_t)i + 1;
         r[5] = 16;
     }
-    for (int i = 0; i < 64; i++) {
-        g[4 * i] = BJ_NBDS_DATA;
-        g[4 * i + 1] = (uint64_t)dfd;
-        g[4 * i + 2] = 0;
-        g[4 * i + 3] = FSIZE;
-    }
+    whole_file_segs(g, 64, dfd);
     CHECK_EQ(bj_nbds_queue(s, q, 4, g, 64), 0);
     struct waiter w = {s, 8, -1};
     pthread_t t;
