@@ -311,6 +311,18 @@ static void test_many_and_gone(int dfd)
     close(sv[0]);
 }
 
+/* The end of a session of 2 workers over the socket pair sv: idle, both
+ * workers free, ended; the pair closed. */
+static void end_two_worker_session(struct bj_nbds *s, int sv[2])
+{
+    bj_nbds_wait_idle(s);
+    CHECK_EQ(bj_nbds_wait_slots(s), 2);
+    bj_nbds_stop_done(s);
+    bj_nbds_free(s);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 /* A client that does not read its replies: the read's token comes back
  * while its reply still waits to be sent (no write of another client waits
  * for it meanwhile). */
@@ -332,12 +344,7 @@ static void test_token_before_send(int dfd)
     readn(sv[1], h, 16);
     readn(sv[1], data, FSIZE);
     CHECK(memcmp(data, file, FSIZE) == 0);
-    bj_nbds_wait_idle(s);
-    CHECK_EQ(bj_nbds_wait_slots(s), 2);
-    bj_nbds_stop_done(s);
-    bj_nbds_free(s);
-    close(sv[0]);
-    close(sv[1]);
+    end_two_worker_session(s, sv);
 }
 
 
@@ -380,12 +387,7 @@ static void test_queue_does_not_wait(int dfd)
         }
     }
     take_tokens(s, 2);
-    bj_nbds_wait_idle(s);
-    CHECK_EQ(bj_nbds_wait_slots(s), 2);
-    bj_nbds_stop_done(s);
-    bj_nbds_free(s);
-    close(sv[0]);
-    close(sv[1]);
+    end_two_worker_session(s, sv);
 }
 
 
