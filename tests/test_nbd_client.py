@@ -316,12 +316,16 @@ def test_a_server_that_lies_about_its_size(tmp_path, servers):
 
 def test_a_server_that_closes_mid_request(tmp_path, servers):
     _, nbdkit = servers
+    said = tmp_path / "tmpdir"
     script = _sh_plugin(tmp_path, (
         "  get_size) echo 8388608 ;;\n"
-        "  pread) kill -9 $PPID; sleep 1 ;;\n"))
+        f"  pread) printf %s \"$tmpdir\" > {said}; kill -9 $PPID; sleep 1 ;;\n"))
     s = nbdkit("sh", script)
     p = _run("convert", s.uri, str(tmp_path / "o.raw"), env=_env("10"))
     one_line_error(p, "error reading source")
+    # nbdkit, killed, left the sh plugin's directory (made in /tmp whatever
+    # TMPDIR says): the test removes what it caused
+    shutil.rmtree(said.read_text())
 
 
 def test_a_source_truncated_while_it_is_sent_fails_with_one_line(tmp_path, servers):
