@@ -7,8 +7,8 @@ import pytest
 
 from blkjobs.errors import ImageError
 from blkjobs.graph import blockspec
-from blkjobs.graph.blockspec import (mark_image_opts, parse, parse_opts, qdict_json,
-                                     read_blkdebug_config, unflatten)
+from blkjobs.formats.sniff import mark_image_opts
+from blkjobs.graph.blockspec import parse, parse_opts, qdict_json, read_blkdebug_config, unflatten
 from blkjobs.graph.qemu_json import parse_json
 
 

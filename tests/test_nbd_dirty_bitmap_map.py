@@ -56,7 +56,8 @@ def test_allocation_depth_and_dirty_bitmap_as_qemu_img(tmp_path):
 
 def test_data_reads_are_the_exports(tmp_path):
     """The hack changes block status only: reads return the export's bytes."""
-    from blkjobs.graph.blockspec import mark_image_opts, open_spec, parse
+    from blkjobs.formats.sniff import mark_image_opts
+    from blkjobs.graph.blockspec import open_spec, parse
     img = tmp_path / "a.qcow2"
     qemu_img("create", "-f", "qcow2", img, "1M")
     qemu_io(img, "write -P 0x33 0 64k")

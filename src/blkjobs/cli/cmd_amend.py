@@ -92,7 +92,7 @@ def run(args) -> int:
         if args.image_opts:         # opened as the options say (their key-secret too)
             if args.fmt:
                 raise UsageError("--image-opts and --format are mutually exclusive")
-            from ..graph.blockspec import mark_image_opts
+            from ..formats.sniff import mark_image_opts
             mark_image_opts(path)
         node = open_rw(path, args.fmt, "amend", resize=True)
         try:

@@ -71,7 +71,7 @@ def open_image_node(eng, path, fmt, **kw):
     """``eng.open`` with qemu-img's text for a lock conflict (``Could not open
     'PATH': Failed to get "write" lock ...``)."""
     from ..errors import ImageError
-    from ..graph.blockspec import is_spec
+    from ..formats.sniff import is_spec
     from ..graph.lock import opening
     try:
         with opening(path):

@@ -201,7 +201,7 @@ def _backing(args, opts: dict, size: int | None) -> str | int | None:
     backing file's size (None with -u)."""
     from ..formats import FORMATS, open_image, probe_format
     from ..graph import resolve_backing
-    from ..graph.blockspec import is_spec
+    from ..formats.sniff import is_spec
     from ..imageops.images import open_one
     from . import progname
     image, name, fmt = args.image, opts["backing_file"], opts.get("backing_format")

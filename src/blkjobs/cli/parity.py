@@ -19,7 +19,7 @@ def could_not_open(path: str, e: BlkjobsError) -> UsageError:
     """qemu-img's ``Could not open 'PATH': REASON`` (the file layer's own
     "Could not open" text stays inside, as qemu-img prints it)."""
     from ..formats.base import FormatOpenError
-    from ..graph.blockspec import is_spec
+    from ..formats.sniff import is_spec
     text = str(e)
     if isinstance(e, FormatOpenError):
         return UsageError(text)     # the format driver's refusal, worded as qemu-img's
@@ -59,7 +59,8 @@ def open_rw(path: str, fmt: str | None, owner: str, resize: bool = False):
     from ..formats import open_image, probe_format
     from ..graph import Graph
     from ..graph.perm import ALL, Perm
-    from ..graph.blockspec import is_spec, open_spec, parse
+    from ..formats.sniff import is_spec
+    from ..graph.blockspec import open_spec, parse
     from ..imageops.files import open_source
     import os
     check_fmt(fmt)

@@ -35,6 +35,11 @@ def register_filter(driver: str, wrap: Callable[[Driver, dict[str, Any]], Driver
     _FILTERS[driver] = wrap
 
 
+def filter_wrap(driver: str) -> Callable[[Driver, dict[str, Any]], Driver] | None:
+    """The wrap a filter layer registered for ``driver`` (None: not a filter)."""
+    return _FILTERS.get(driver)
+
+
 class NotSupported(ImageError):
     """A driver was asked for something its format cannot do (see the
     capabilities of :class:`Driver`)."""

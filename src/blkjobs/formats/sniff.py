@@ -25,6 +25,11 @@ def mark_image_opts(name: str) -> None:
     _image_opts.add(name)
 
 
+def is_image_opts(name: str) -> bool:
+    """``name`` was marked an ``--image-opts`` string (:func:`mark_image_opts`)."""
+    return name in _image_opts
+
+
 def is_spec(name: str) -> bool:
     """``name`` is one of qemu-img's other image-name syntaxes
     (``json:``, ``file:``, ``blkdebug:``, an ``--image-opts`` string: read by

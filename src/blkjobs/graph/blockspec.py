@@ -10,7 +10,7 @@ Wherever qemu-img takes an image name it also takes:
   rules read from the config file (``[inject-error]``/``[set-state]``
   sections of ``key = "value"`` lines);
 * with ``--image-opts``, an option string ``driver=qcow2,file.filename=F``
-  (``,,`` is a comma inside a value): :func:`mark_image_opts` tells this
+  (``,,`` is a comma inside a value): ``formats.sniff.mark_image_opts`` tells this
   module which names are such strings.
 
 A tree is made of layers (:class:`Layer`): a format (``qcow2``, ``raw``, or
@@ -19,7 +19,7 @@ none given: probed) over a protocol (``file``, ``null-co``, ``nbd``), with
 driver: the format driver over the protocol's file, ``null-co`` as
 :class:`~blkjobs.formats.null.Null`, ``raw``'s ``offset``/``size`` as
 :class:`~blkjobs.formats.slice.Slice`, and blkdebug as the filter that the
-layer owning it registered (:func:`register_filter`, kept in formats.base; the graph layer has no
+layer owning it registered (``formats.base.register_filter``; the graph layer has no
 fault injection of its own). Bad names raise :class:`~blkjobs.errors.ImageError`
 with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
 """
@@ -31,9 +31,8 @@ from .blockspec_net import (blkdebug_display, nbd_connect_failure, nbd_display, 
                             open_ssh, take_probed)
 from ..errors import ImageError
 from ..formats.base import Driver, FormatOpenError
-# (in modules every command imports anyway; callers import them from here too)
-from ..formats.base import _FILTERS, register_filter  # noqa: F401
-from ..formats.sniff import _image_opts, is_spec, mark_image_opts  # noqa: F401
+from ..formats.base import filter_wrap
+from ..formats.sniff import is_image_opts, is_spec
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
@@ -113,7 +112,7 @@ class Spec:
 
 def parse(name: str, fmt: str | None = None) -> Spec:
     """The spec of ``name`` (any syntax; a plain name is a file)."""
-    if name in _image_opts:
+    if is_image_opts(name):
         first = name.replace(",,", "\0").split(",", 1)[0].replace("\0", ",")
         if first and "=" not in first:
             raise ImageError(f"Cannot find device='{first}' nor node-name='{first}'")
@@ -486,7 +485,7 @@ def _filter(layer: Layer, inner: Driver, above: bool = False) -> Driver:
     the top of the name, over a format or a protocol: no format raises its
     events there (the wrapper is told so: ``x-above``)."""
     assert layer.driver is not None
-    wrap = _FILTERS.get(layer.driver)
+    wrap = filter_wrap(layer.driver)
     if wrap is None:
         inner.close()
         raise ImageError(f"the '{layer.driver}' driver is not available here")
