@@ -77,6 +77,8 @@ class ChainConvert:
         self._deflater: Any = None  # -c, zlib: the C compressors (_compress)
         self._cbuf: memoryview | None = None   # -c: their input buffers
         self._zeros_z: dict[int, bytes] = {}     # -c -S 0: zero clusters, compressed
+        self.eng_prealloc = False  # the engine allocates its copy items ahead
+        self.file_end = 0          # with it: the qcow2 target's length so far
 
     # -- setup -----------------------------------------------------------
     def _open(self):
@@ -367,6 +369,13 @@ class ChainConvert:
                         else:
                             self._through(ms, me - ms, h)
                 j += 1
+        if self.eng_prealloc and t.data_end > self.file_end:
+            # the engine allocates these clusters ahead of its writes and
+            # punches the zero runs it finds in them out again: a punch
+            # past the end of the file does nothing (ext4), so the file
+            # covers them first (the length the flush gives it anyway)
+            os.ftruncate(self.tg.dfd, t.data_end)
+            self.file_end = t.data_end
 
     def _compress(self, a, b):
         """Compress [a, b) on ``-m`` threads, storing the clusters in order.
@@ -525,11 +534,14 @@ class ChainConvert:
             bucket = TokenBucket(o.rate) if o.rate else None
             # an O_DIRECT target: each write waits for the disk, larger ones pay
             req = o.request_size or (WB_REQUEST if dio.is_direct(self.tg.dfd) else CHAIN_REQUEST)
+            self.eng_prealloc = self._engine_prealloc()
+            if self.eng_prealloc and self.tg.t is not None:
+                self.file_end = os.fstat(self.tg.dfd).st_size
             with CopyEngine(self.fds[0], self.tg.dfd, threads=o.threads,
                             request_size=req, zero_block=o.sparse_size,
                             target_is_zero=eng_zero, may_unmap=o.sparse_size != 0,
                             write_behind=o.flush,     # the final fsync finds little left
-                            prealloc=self.tg.t is None and self.tg.sparse_new,  # raw we made
+                            prealloc=self.eng_prealloc,
                             bucket=bucket, src_path=self.src, dst_path=self.dst) as eng:
                 self.tg.written = True
                 drive(eng, lambda: self._feed(eng), lambda: self.next_pos < self.size,
@@ -554,6 +566,19 @@ class ChainConvert:
             for n in (self.top, self.base):
                 if n is not None:
                     n.close_chain()
+
+    def _engine_prealloc(self) -> bool:
+        """Whether the engine allocates the target ranges of its copy items
+        ahead of the writes (``CopyEngine(prealloc=)``): a raw file we
+        created, or the fresh data clusters of a qcow2 target we created
+        (no ``-n``, no ``-o preallocation``; ``-c`` does not use the
+        engine's writes). Those read as zeroes until written, so the zero
+        runs the engine finds in the data are punched out again and the
+        file holds the blocks it held without."""
+        if self.tg.t is None:
+            return self.tg.sparse_new
+        return self.tg.ours is not None and not self.o.no_create and not self.prealloc \
+            and not self.o.compress and not dio.is_direct(self.tg.dfd)
 
     def _at_guest(self, e: BaseException) -> BaseException:
         """A failed write into a qcow2 target names the host offset the
