@@ -15,7 +15,6 @@ from ..native.copy import COPY, CopyEngine
 from ..native.ratelimit import TokenBucket
 from ..units import sector_size
 from .convert_base import CHAIN_REQUEST, WB_REQUEST, ConvertOptions, ConvertResult, drive
-from .convert_faults import overwrites
 from .convert_target import Target, check_target_size, identity, refuse_target_in_chain
 from .convert_zeroes import COMP, DATA, ZERO, not_in_place, old_hosts, sparsify, zero_clusters
 from .files import same_file
@@ -339,8 +338,9 @@ class ChainConvert:
         for a, b in zeros:
             t.write_zeroes(a, b - a)
         if self.o.compress:
+            from .convert_compressed import compress
             for a, b in need:
-                self._compress(a, b)
+                compress(self, a, b)
             return
         i = 0
         for a, b in need:
@@ -381,124 +381,6 @@ class ChainConvert:
             # covers them first (the length the flush gives it anyway)
             os.ftruncate(self.tg.dfd, t.data_end)
             self.file_end = t.data_end
-
-    def _compress(self, a, b):
-        """Compress [a, b) on ``-m`` threads, storing the clusters in order.
-        zlib (QEMU's default): the C core compresses a chunk of clusters at a
-        time, no Python (nor GIL) per cluster, called from a thread of its
-        own so that chunk k+1 is read and compressed while chunk k is stored;
-        zstd: the codec's Python binding on a thread pool (it releases the
-        GIL)."""
-        t = self.tg.t
-        cs = t.cluster_size
-        must_zero = t.backing_filename is not None or not self.target_zero
-        chunk = max(cs, BUF // cs * cs)
-        if t.ctype != 0:
-            self._compress_pool_path(a, b, must_zero, chunk)
-            return
-        from ..native.compress import Deflater
-        if self._deflater is None:
-            # a stream of cs bytes or more is stored plain (write_compressed's
-            # rule); two of each: chunk k+1 compresses while chunk k is stored
-            self._deflater = [Deflater(cs, chunk // cs, self.o.threads, cs - 1)
-                              for _ in range(2)]
-            self._cbuf = memoryview(bytearray(2 * chunk))
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="compress")
-        assert self._cbuf is not None
-        pending = None
-        pos, j = a, 0
-        while pos < b or pending is not None:
-            nxt = None
-            if pos < b:
-                k = min(chunk, b - pos)
-                buf = self._cbuf[j * chunk:j * chunk + k]
-                self._read_src(pos, buf)
-                nxt = (pos, buf, self._deflater[j], self._pool.submit(self._deflater[j].run, buf))
-                pos += k
-                j ^= 1
-            if pending is not None:
-                self._store_deflated(*pending, must_zero)
-            pending = nxt
-
-    def _store_deflated(self, pos: int, buf: memoryview, d: Any, fut: Any,
-                        must_zero: bool) -> None:
-        """Store the chunk at ``pos`` once its Deflater ``d`` is done."""
-        from ..native.compress import ZERO
-        cs = self.tg.t.cluster_size
-        k = len(buf)
-        work: list[tuple[int, memoryview, bytes | None]] = []
-        for i, n in enumerate(fut.result()):
-            c = buf[i * cs:min(k, i * cs + cs)]
-            if n == ZERO and not self.o.sparse_size:   # -S 0: zeroes stored too
-                work.append((pos + i * cs, c, self._zero_compressed(len(c))))
-            elif n == ZERO:
-                work.append((pos + i * cs, c, None))
-            else:
-                # a stream as long as the cluster: write_compressed stores it plain
-                z = bytes(d.out[i * cs:i * cs + n]) if n else bytes(cs)
-                work.append((pos + i * cs, c, z))
-        self._store_compressed(work, must_zero)
-
-    def _zero_compressed(self, n: int) -> bytes:
-        """A cluster of ``n`` zero bytes, compressed (``-c -S 0`` stores them
-        as qemu-img does)."""
-        z = self._zeros_z.get(n)
-        if z is None:
-            z = self._zeros_z[n] = self.tg.t.compress_cluster(bytes(n))
-        return z
-
-    def _compress_pool_path(self, a, b, must_zero: bool, chunk: int) -> None:
-        """zstd: chunk k+1 is read and compressing on the pool while chunk k
-        is stored."""
-        from collections import deque
-
-        from ..native.extents import is_zero
-        t = self.tg.t
-        cs = t.cluster_size
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(self.o.threads, thread_name_prefix="compress")
-        pending: deque = deque()
-        pos = a
-        while pos < b or pending:
-            if pos < b:
-                k = min(chunk, b - pos)
-                buf = memoryview(bytearray(k))
-                self._read_src(pos, buf)
-                work = []
-                for x in range(0, k, cs):
-                    c = buf[x:min(k, x + cs)]
-                    fut = None if is_zero(c) and self.o.sparse_size else \
-                        self._pool.submit(t.compress_cluster, c)
-                    work.append((pos + x, c, fut))
-                pending.append(work)
-                pos += k
-            if len(pending) > 1 or pos >= b:
-                self._store_compressed([(o, c, f if f is None else f.result())
-                                        for o, c, f in pending.popleft()], must_zero)
-
-    def _store_compressed(self, work, must_zero: bool) -> None:
-        t: Any = self.tg.t
-        for off, c, z in work:
-            try:
-                if z is None:
-                    if must_zero:
-                        t.write_zeroes(off, len(c))
-                else:
-                    if self.o.no_create and overwrites(t, off, len(c)):
-                        # QEMU's compressed write never goes over a cluster
-                        # that has host space: EIO (qemu-img convert -n -c)
-                        raise OSError(errno.EIO, os.strerror(errno.EIO))
-                    t.write_compressed(off, c, z)
-            except OSError as e:
-                if self.o.keep_failed_target:       # qemu-img's words: the request (cluster)
-                    err = CopyError(e.errno or errno.EIO, f"error while writing at byte {off}")
-                    err.path, err.side, err.offset = self.dst, "target", off
-                    raise err from None
-                raise CopyError(e.errno or errno.EIO, "error writing", path=self.dst,
-                                side="target", offset=off) from None
 
     def _feed(self, eng) -> None:
         """Plan work ranges until about a work range of items is queued."""
@@ -579,14 +461,16 @@ class ChainConvert:
         """Whether the engine allocates the target ranges of its copy items
         ahead of the writes (``CopyEngine(prealloc=)``): a raw file we
         created, or the fresh data clusters of a qcow2 target we created
-        (no ``-n``, no ``-o preallocation``; ``-c`` does not use the
-        engine's writes). Those read as zeroes until written, so the zero
+        (no ``-n``, no ``-o preallocation``, no external data file, whose
+        clusters are not known fresh; ``-c`` does not use the engine's
+        writes). Those read as zeroes until written, so the zero
         runs the engine finds in the data are punched out again and the
         file holds the blocks it held without."""
         if self.tg.t is None:
             return self.tg.sparse_new
         return self.tg.ours is not None and not self.o.no_create and not self.prealloc \
-            and not self.o.compress and not dio.is_direct(self.tg.dfd)
+            and not self.o.compress and not self.tg.t.external \
+            and not dio.is_direct(self.tg.dfd)
 
     def _at_guest(self, e: BaseException) -> BaseException:
         """A failed write into a qcow2 target names the host offset the
