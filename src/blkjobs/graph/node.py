@@ -30,7 +30,6 @@ from collections.abc import Callable
 from ..errors import ImageError, UsageError
 from ..formats import cache, open_image
 from ..formats.base import Kind
-from .filter import FilterDriver
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
@@ -110,6 +109,7 @@ class Graph:
         child: consistent read, and write unless the child is read-only or a
         user shares no write (QEMU's filter asks what its parents need); or
         ``perm`` (commit's filter: nothing, as QEMU's commit_top)."""
+        from .filter import FilterDriver    # a job's filter: not for a command's chain
         node = self.add(FilterDriver(drv, child), name)
         try:
             if perm is None:
