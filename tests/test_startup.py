@@ -310,3 +310,40 @@ def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
     assert qemu_img("compare", top, tmp_path / "c.raw").returncode == 0
     assert qemu_img("compare", top, tmp_path / "c.qcow2").returncode == 0
     assert qemu_img("check", tmp_path / "c.qcow2").returncode == 0
+
+
+STOP21 = ("importlib", "warnings", "blkjobs.graph.filter", "blkjobs.imageops.convert_raw",
+          "contextvars")
+
+
+def test_qcow2_commands_import_only_what_they_use(tmp_path):
+    """The qcow2 converts, info, map, check and compare on plain names
+    import neither importlib (with warnings: the commands' modules and the
+    graph's names come by import statements), the graph's filter driver (a
+    job's filter nodes), raw -> raw's converter (raw -> raw only) nor
+    contextvars (the flag check sets while it opens the image: made by
+    check alone). The outputs and the copies are the commands' usual ones."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    top = _chain(tmp_path)
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qemu_img("convert", "-O", "qcow2", top, a)
+    qemu_img("convert", "-O", "qcow2", top, b)
+    for args, want, out in (
+            (["convert", "-O", "raw", src, tmp_path / "o.raw"],
+             "['blkjobs.imageops.convert_raw']", ""),
+            (["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], "[]", ""),
+            (["convert", "-O", "raw", top, tmp_path / "c.raw"], "[]", ""),
+            (["convert", "-O", "qcow2", top, tmp_path / "c.qcow2"], "[]", ""),
+            (["info", a], "[]", f"image: {a}\n"),
+            (["map", top], "[]", "Offset          Length          Mapped to       File\n"),
+            (["check", a], "['contextvars']", "No errors were found"),
+            (["compare", a, b], "[]", "Images are identical.\n")):
+        p = run_heavy_probe(STOP21, args)
+        assert (p.returncode, p.stderr.strip()) == (0, want), args
+        assert p.stdout.startswith(out), (args, p.stdout)
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("compare", top, tmp_path / "c.raw").returncode == 0
+    assert qemu_img("compare", top, tmp_path / "c.qcow2").returncode == 0
+    assert qemu_img("check", tmp_path / "c.qcow2").returncode == 0
