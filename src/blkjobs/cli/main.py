@@ -211,6 +211,14 @@ def _setup_logging(verbose: int, level: str | None) -> None:
     log.setLevel(getattr(logging, level.upper()))
 
 
+def _blkdebug(inner: Any, opts: dict[str, Any]) -> Any:
+    """The job layer's ``blkdebug`` filter over ``inner``, for the names
+    that ask for one (``blkdebug:``, ``json:``, option strings; backing
+    names too): :func:`.image_opts.blkdebug_filter`, imported then."""
+    from .image_opts import blkdebug_filter
+    return blkdebug_filter(inner, opts)
+
+
 def _on_sigterm(signum, frame):
     note_stop(15)
     raise Terminated
@@ -323,8 +331,12 @@ def _main(argv: list[str]) -> int:
     _setup_logging(args.verbose, args.log_level)
     try:
         if hasattr(args, "_image_operands"):      # --image-opts, --object
-            from .image_opts import apply
-            apply(args)
+            from ..formats.base import register_filter
+            register_filter("blkdebug", _blkdebug)
+            if getattr(args, "object", None) or getattr(args, "image_opts", False):
+                # (else it has nothing to do: not imported, start-up time)
+                from .image_opts import apply
+                apply(args)
         if hasattr(args, "_cache_sides"):         # -t / -T
             from .cache_mode import apply as apply_cache
             apply_cache(args)
