@@ -313,7 +313,7 @@ def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
 
 
 STOP21 = ("importlib", "warnings", "blkjobs.graph.filter", "blkjobs.imageops.convert_raw",
-          "contextvars", "blkjobs.cli.image_opts")
+          "contextvars", "blkjobs.cli.image_opts", "blkjobs.cli.quickparse_table")
 
 
 def test_qcow2_commands_import_only_what_they_use(tmp_path):
@@ -322,8 +322,9 @@ def test_qcow2_commands_import_only_what_they_use(tmp_path):
     graph's names come by import statements), the graph's filter driver (a
     job's filter nodes), raw -> raw's converter (raw -> raw only) nor
     contextvars (the flag check sets while it opens the image: made by
-    check alone) nor the --image-opts/--object module (the blkdebug filter is
-    registered without it). The outputs and the copies are the commands'
+    check alone), the --image-opts/--object module (the blkdebug filter is
+    registered without it) nor a module of quickparse's table (it is at the
+    end of quickparse.py). The outputs and the copies are the commands'
     usual ones."""
     src = tmp_path / "a.raw"
     src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
