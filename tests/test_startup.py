@@ -313,7 +313,8 @@ def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
 
 
 STOP21 = ("importlib", "warnings", "blkjobs.graph.filter", "blkjobs.imageops.convert_raw",
-          "contextvars", "blkjobs.cli.image_opts", "blkjobs.cli.quickparse_table")
+          "contextvars", "blkjobs.cli.image_opts", "blkjobs.cli.quickparse_table",
+          "blkjobs.cli.cache_mode")
 
 
 def test_qcow2_commands_import_only_what_they_use(tmp_path):
@@ -323,7 +324,8 @@ def test_qcow2_commands_import_only_what_they_use(tmp_path):
     job's filter nodes), raw -> raw's converter (raw -> raw only) nor
     contextvars (the flag check sets while it opens the image: made by
     check alone), the --image-opts/--object module (the blkdebug filter is
-    registered without it) nor a module of quickparse's table (it is at the
+    registered without it), -t/-T's module (main applies them; the module
+    adds them to a parser) nor a module of quickparse's table (it is at the
     end of quickparse.py). The outputs and the copies are the commands'
     usual ones."""
     src = tmp_path / "a.raw"
