@@ -310,3 +310,79 @@ def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
     assert qemu_img("compare", top, tmp_path / "c.raw").returncode == 0
     assert qemu_img("compare", top, tmp_path / "c.qcow2").returncode == 0
     assert qemu_img("check", tmp_path / "c.qcow2").returncode == 0
+
+
+STOP21 = ("importlib", "warnings", "blkjobs.graph.filter", "blkjobs.imageops.convert_raw",
+          "contextvars", "blkjobs.cli.image_opts", "blkjobs.cli.quickparse_table",
+          "blkjobs.cli.cache_mode")
+
+
+def test_qcow2_commands_import_only_what_they_use(tmp_path):
+    """The qcow2 converts, info, map, check and compare on plain names
+    import neither importlib (with warnings: the commands' modules and the
+    graph's names come by import statements), the graph's filter driver (a
+    job's filter nodes), raw -> raw's converter (raw -> raw only) nor
+    contextvars (the flag check sets while it opens the image: made by
+    check alone), the --image-opts/--object module (the blkdebug filter is
+    registered without it), -t/-T's module (main applies them; the module
+    adds them to a parser) nor a module of quickparse's table (it is at the
+    end of quickparse.py). The outputs and the copies are the commands'
+    usual ones."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    top = _chain(tmp_path)
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qemu_img("convert", "-O", "qcow2", top, a)
+    qemu_img("convert", "-O", "qcow2", top, b)
+    for args, want, out in (
+            (["convert", "-O", "raw", src, tmp_path / "o.raw"],
+             "['blkjobs.imageops.convert_raw']", ""),
+            (["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], "[]", ""),
+            (["convert", "-O", "raw", top, tmp_path / "c.raw"], "[]", ""),
+            (["convert", "-O", "qcow2", top, tmp_path / "c.qcow2"], "[]", ""),
+            (["info", a], "[]", f"image: {a}\n"),
+            (["map", top], "[]", "Offset          Length          Mapped to       File\n"),
+            (["check", a], "['contextvars']", "No errors were found"),
+            (["compare", a, b], "[]", "Images are identical.\n")):
+        p = run_heavy_probe(STOP21, args)
+        assert (p.returncode, p.stderr.strip()) == (0, want), args
+        assert p.stdout.startswith(out), (args, p.stdout)
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("compare", top, tmp_path / "c.raw").returncode == 0
+    assert qemu_img("compare", top, tmp_path / "c.qcow2").returncode == 0
+    assert qemu_img("check", tmp_path / "c.qcow2").returncode == 0
+
+
+ENUMS = """
+import enum, sys
+sys.argv = ["blkjobs"] + sys.argv[1:]
+from blkjobs.cli.main import main
+rc = main()
+sys.stdout.flush()
+print(sorted(f"{c.__module__}.{c.__qualname__}" for name, m in list(sys.modules.items())
+             if name.startswith("blkjobs") and m is not None for c in vars(m).values()
+             if isinstance(c, enum.EnumType) and c.__module__ == name), file=sys.stderr)
+raise SystemExit(rc)
+"""
+
+
+def test_image_commands_build_only_the_enums_they_use(tmp_path):
+    """Each enum class is ~1 M instructions to build: a qcow2 convert builds
+    the drivers' Kind and the copy engine's RunResult, info and check Kind
+    alone (graph.perm's Perm is a plain int class, not an IntFlag). The
+    outputs are the commands' usual ones."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    a = tmp_path / "a.qcow2"
+    qemu_img("convert", "-O", "qcow2", src, a)
+    kind, run = "'blkjobs.formats.base.Kind'", "'blkjobs.native.copy.RunResult'"
+    for args, want, out in (
+            (["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], f"[{kind}, {run}]", ""),
+            (["info", a], f"[{kind}]", f"image: {a}\n"),
+            (["check", a], f"[{kind}]", "No errors were found")):
+        p = subprocess.run([sys.executable, "-c", ENUMS, *map(str, args)], capture_output=True,
+                           text=True, timeout=60)
+        assert (p.returncode, p.stderr.strip()) == (0, want), args
+        assert p.stdout.startswith(out), (args, p.stdout)
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0

@@ -6,10 +6,13 @@ O_DSYNC, writethrough = O_DSYNC; unsafe skips the final flush).
 
 Which files a mode reaches: ``-t`` the files a command writes, ``-T`` the
 files it only reads (convert, rebase); a command with one of them gives it
-to every file it opens (commit, amend: ``-t``; compare, check: ``-T``)."""
+to every file it opens (commit, amend: ``-t``; compare, check: ``-T``).
+
+``main`` applies them before the command (``cli.main._apply_cache_modes``:
+checked with qemu-img's texts, then the open flags set), without importing
+this module, which only adds the options to a parser."""
 from __future__ import annotations
 
-from ..errors import UsageError
 from ..formats import cache
 
 MODES = ", ".join(cache.CHOICES)
@@ -27,17 +30,3 @@ def add(p, t: str | None = None, T: str | None = None) -> None:
                        f"files ({MODES}; default {T})")
     p.set_defaults(_cache_sides=(t is not None, T is not None))
 
-
-def apply(args) -> None:
-    """Check the modes (qemu-img's texts) and set the open flags."""
-    has_t, has_T = args._cache_sides
-    dst = src = None
-    if has_t:
-        if args.cache not in cache.MODES:
-            raise UsageError(f"Invalid cache option: {args.cache}")
-        dst = args.cache
-    if has_T:
-        if args.src_cache not in cache.MODES:
-            raise UsageError(f"Invalid source cache option: {args.src_cache}")
-        src = args.src_cache
-    cache.set_cli_modes(src=src or dst, dst=dst or src)

@@ -9,7 +9,8 @@ import tempfile
 import time
 
 from ..imageops.compare import compare_raw
-from ..imageops.convert import ConvertOptions, convert_raw
+from ..imageops.convert_base import ConvertOptions
+from ..imageops.convert_raw import convert_raw
 from ..imageops.vmimage import make_vm_image
 from .copy_progress import CopyProgress
 from ..units import human, parse_size

@@ -1,9 +1,10 @@
 """``--image-opts`` and ``--object``, the options qemu-img's image commands
 share: a command registers them with :func:`add`, naming the operands that
-are images; :func:`apply` (run by ``main`` before the command) defines the
-objects and marks those operands as option strings
-(:mod:`blkjobs.graph.blockspec`). It also hands the graph layer the
-``blkdebug`` filter of the job layer, for names that ask for it."""
+are images; :func:`apply` (run by ``main`` before the command, when the
+command line has either) defines the objects and marks those operands as
+option strings (:mod:`blkjobs.graph.blockspec`). :func:`blkdebug_filter`
+is the ``blkdebug`` filter of the job layer that ``main`` hands the graph
+layer, for names that ask for it."""
 from __future__ import annotations
 
 
@@ -30,9 +31,7 @@ def add(p: Any, *operands: str, fmt: tuple[str, ...] = ("fmt",)) -> None:
 
 def apply(args: Any) -> None:
     # (not graph.blockspec, which reads the names: a plain file name does not need it)
-    from ..formats.base import register_filter
     from ..formats.sniff import mark_image_opts
-    register_filter("blkdebug", _blkdebug)
     objects = getattr(args, "object", None) or []
     if objects:
         from ..formats.secrets import add_secret_object
@@ -53,7 +52,7 @@ def apply(args: Any) -> None:
                 mark_image_opts(name[len(prefix):])
 
 
-def _blkdebug(inner: Any, opts: dict[str, Any]) -> Any:
+def blkdebug_filter(inner: Any, opts: dict[str, Any]) -> Any:
     """QEMU's blkdebug rules over ``inner`` (the daemon's parser of them)."""
     from ..daemon.blkdebug_commands import parse_rules
     from ..daemon.protocol import QMPError

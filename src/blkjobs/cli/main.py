@@ -19,8 +19,8 @@ import os
 import sys
 
 from .. import __version__
-from ..errors import (BlkjobsError, InternalError, Terminated, note_stop, raise_pending_stop,
-                      take_stop)
+from ..errors import (BlkjobsError, InternalError, Terminated, UsageError, note_stop,
+                      raise_pending_stop, take_stop)
 from . import progname, set_progname
 
 TYPE_CHECKING = False      # typing costs 10 ms to import: not for --version
@@ -211,6 +211,32 @@ def _setup_logging(verbose: int, level: str | None) -> None:
     log.setLevel(getattr(logging, level.upper()))
 
 
+def _apply_cache_modes(args: Any) -> None:
+    """``-t``/``-T`` (:mod:`.cache_mode`, which only adds them to a parser:
+    not imported here, start-up time): checked with qemu-img's texts, then
+    the open flags set."""
+    from ..formats import cache
+    has_t, has_T = args._cache_sides
+    dst = src = None
+    if has_t:
+        if args.cache not in cache.MODES:
+            raise UsageError(f"Invalid cache option: {args.cache}")
+        dst = args.cache
+    if has_T:
+        if args.src_cache not in cache.MODES:
+            raise UsageError(f"Invalid source cache option: {args.src_cache}")
+        src = args.src_cache
+    cache.set_cli_modes(src=src or dst, dst=dst or src)
+
+
+def _blkdebug(inner: Any, opts: dict[str, Any]) -> Any:
+    """The job layer's ``blkdebug`` filter over ``inner``, for the names
+    that ask for one (``blkdebug:``, ``json:``, option strings; backing
+    names too): :func:`.image_opts.blkdebug_filter`, imported then."""
+    from .image_opts import blkdebug_filter
+    return blkdebug_filter(inner, opts)
+
+
 def _on_sigterm(signum, frame):
     note_stop(15)
     raise Terminated
@@ -323,11 +349,14 @@ def _main(argv: list[str]) -> int:
     _setup_logging(args.verbose, args.log_level)
     try:
         if hasattr(args, "_image_operands"):      # --image-opts, --object
-            from .image_opts import apply
-            apply(args)
+            from ..formats.base import register_filter
+            register_filter("blkdebug", _blkdebug)
+            if getattr(args, "object", None) or getattr(args, "image_opts", False):
+                # (else it has nothing to do: not imported, start-up time)
+                from .image_opts import apply
+                apply(args)
         if hasattr(args, "_cache_sides"):         # -t / -T
-            from .cache_mode import apply as apply_cache
-            apply_cache(args)
+            _apply_cache_modes(args)
         if not gc.isenabled():      # main(): off for start-up (see there)
             gc.freeze()
             gc.enable()

@@ -123,7 +123,7 @@ class Frontend:
         self._perm = node.take(name, self._wanted(), ALL)
         self.closed = False
 
-    def _wanted(self) -> Perm:
+    def _wanted(self) -> int:
         return Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else Perm(0))
 
     def _move(self, node: Node) -> None:

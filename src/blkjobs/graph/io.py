@@ -52,7 +52,6 @@ from .inflight import Reads
 from . import readplan
 from .node import Graph, Node
 from .pbitmap import add_persistent, load_persistent, store_persistent
-from .perm import Perm
 
 
 class NodeState:
@@ -371,7 +370,7 @@ class BlockIO:
     # Filters and repointing parents
 
     def add_filter(self, node: Node, f: Filter, drv: str, name: str | None = None, *,
-                   perm: Perm | None = None, keep: tuple[Node, ...] = ()) -> Node:
+                   perm: int | None = None, keep: tuple[Node, ...] = ()) -> Node:
         """Insert a filter node of driver ``drv`` (named ``name``, else
         ``#blockN``) above ``node``, with ``f``'s write hooks: every parent of
         ``node`` -- front ends (the guest, exports), overlays backed by it,

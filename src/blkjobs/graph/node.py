@@ -30,7 +30,6 @@ from collections.abc import Callable
 from ..errors import ImageError, UsageError
 from ..formats import cache, open_image
 from ..formats.base import Kind
-from .filter import FilterDriver
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
 from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
@@ -104,12 +103,13 @@ class Graph:
         return [n for n in self.nodes.values() if n.backing is node or n.file is node]
 
     def add_filter(self, drv: str, child: Node, name: str | None = None,
-                   perm: Perm | None = None) -> Node:
+                   perm: int | None = None) -> Node:
         """A filter node of driver ``drv`` above ``child`` (nothing is
         re-pointed to it here). It holds what its users may need on the
         child: consistent read, and write unless the child is read-only or a
         user shares no write (QEMU's filter asks what its parents need); or
         ``perm`` (commit's filter: nothing, as QEMU's commit_top)."""
+        from .filter import FilterDriver    # a job's filter: not for a command's chain
         node = self.add(FilterDriver(drv, child), name)
         try:
             if perm is None:
@@ -278,7 +278,7 @@ class Node:
             raise
         return p
 
-    def _check_conflict(self, perm: Perm, shared: Perm, owner: str,
+    def _check_conflict(self, perm: int, shared: int, owner: str,
                         ignore: Permission | None = None) -> None:
         for o in self._perms:
             if o is ignore:
@@ -292,14 +292,15 @@ class Node:
                     f"{owner} cannot unshare '{perm_names(o.perm & ~shared)}' on node "
                     f"'{self.name}': used by {o.owner}")
 
-    def cumulative(self) -> tuple[Perm, Perm]:
-        perm, shared = Perm(0), ALL
+    def cumulative(self) -> tuple[int, int]:
+        perm: int = 0
+        shared: int = ALL
         for p in self._perms:
             perm |= p.perm
             shared &= p.shared
         return perm, shared
 
-    def lock_bits(self) -> tuple[Perm, Perm]:
+    def lock_bits(self) -> tuple[int, int]:
         """(perm, unshared) this node holds in QEMU's lock bytes of its file:
         its users' permissions, and (``graph.format_locks``) what QEMU's
         format layer adds: a qcow2 node (its file holds metadata) always
@@ -329,7 +330,7 @@ class Node:
     def users(self) -> list[Permission]:
         return list(self._perms)
 
-    def _require(self, bit: Perm, what: str) -> None:
+    def _require(self, bit: int, what: str) -> None:
         """Some user holds one of the permissions in ``bit``."""
         if not any(p.perm & bit for p in self._perms):
             raise PermissionConflict(f"{what} on node '{self.name}' needs the "

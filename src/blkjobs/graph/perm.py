@@ -12,12 +12,17 @@ lock bytes (see :mod:`.lock`), so another QEMU process sees them too.
 """
 from __future__ import annotations
 
-import enum
-
 from ..errors import BlkjobsError
 
 
-class Perm(enum.IntFlag):
+class Perm(int):
+    """A set of the permission bits below: an int (``Perm(x)`` of any int;
+    the bits are plain ints, combined with ``|``, ``&`` and ``~``). Not an
+    ``enum.IntFlag``: building the flag class (and the combinations made
+    at import) is ~1 M instructions of every image command's start-up, and
+    nothing reads a member's name (:data:`PERM_NAMES` holds the texts)."""
+    __slots__ = ()
+
     CONSISTENT_READ = 0x1
     WRITE = 0x2
     WRITE_UNCHANGED = 0x4

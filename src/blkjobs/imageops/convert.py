@@ -52,10 +52,9 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 from .convert_base import ConvertOptions, ConvertResult, check_options
-from .convert_raw import convert_raw
 from .files import same_file
 
-__all__ = ["ConvertOptions", "ConvertResult", "convert", "convert_raw"]
+__all__ = ["ConvertOptions", "ConvertResult", "convert"]
 
 
 def convert(src: str, dst: str, opts: ConvertOptions | None = None,
@@ -81,6 +80,7 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
     fmt = probe(src, o.src_fmt)
     if fmt == "raw" and o.dst_fmt == "raw" and not o.create_opts and o.snapshot is None \
             and not is_spec(src):
+        from .convert_raw import convert_raw    # here: a qcow2 convert does not need it
         return convert_raw(src, dst, o, progress, check)
     from .convert_chain import ChainConvert     # here: raw -> raw does not need it
     return ChainConvert(src, fmt, dst, o, progress, check).run()

@@ -280,13 +280,14 @@ def check_image(path: str, fmt: str | None = None, repair: str | None = None,
     if fmt != "qcow2":
         raise CheckNotSupported("This image format does not support checks")
     from ..graph import open_chain
-    from ..formats.qcow2.header import CHECK_OPEN
-    token = CHECK_OPEN.set(True)        # the check reads the snapshot table itself
+    from ..formats.qcow2.header import check_open_flag
+    flag = check_open_flag()
+    token = flag.set(True)        # the check reads the snapshot table itself
     try:
         with opening(path):
             top = open_chain(path, fmt, read_only=repair is None, graph=cli_graph(force_share))
     finally:
-        CHECK_OPEN.reset(token)
+        flag.reset(token)
     try:
         res = top.driver.check(repair)
     finally:

@@ -59,7 +59,7 @@ from ...errors import ImageError, UsageError
 from ..base import FormatOpenError, open_file  # open_file: refuses FIFOs & co.
 from .allocate import Allocation
 from .debug import Hook
-from .header import (AUTOCLEAR_KNOWN, CHECK_OPEN, INCOMPAT_CORRUPT,
+from .header import (AUTOCLEAR_KNOWN, check_opening, INCOMPAT_CORRUPT,
                      INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS, drop_stale_bitmaps, parse_header,
                      read_bitmap_directory, stale_bitmaps)
 from .mapping import ReadPins, Reads
@@ -205,7 +205,7 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
         self._coff_mask = (1 << (62 - self._csec_bits)) - 1
         # validated (and bounded) like qemu-img does at open
         self.bitmaps = read_bitmap_directory(self.fd, h, self.file_size, self.filename)
-        if h.nb_snapshots and not CHECK_OPEN.get():   # refused at open, as qemu-img does
+        if h.nb_snapshots and not check_opening():   # refused at open, as qemu-img does
             from .snapshots import load_table    # here: most images have none (start-up)
             load_table(self.fd, h, self.filename)
         self._pbm: Bitmaps | None = None     # loaded on first use

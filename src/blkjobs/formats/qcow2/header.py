@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from contextvars import ContextVar
 
 from ...errors import ImageError
 from ...native import dio
 from ...native.record import Record
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from contextvars import ContextVar
 
 MAGIC = 0x514649FB
 
@@ -281,9 +284,28 @@ def drop_stale_bitmaps(h: Header) -> bool:
 
 _Bad = Callable[[str], ImageError]      # makes the one-line error for a problem
 
-#: set while ``check`` opens an image (qemu's BDRV_O_CHECK): the snapshot
-#: table is neither validated nor read at open
-CHECK_OPEN: ContextVar[bool] = ContextVar("qcow2_check_open", default=False)
+#: the flag set while ``check`` opens an image (qemu's BDRV_O_CHECK): the
+#: snapshot table is neither validated nor read at open. Made on first use
+#: (:func:`check_open_flag`): ``contextvars`` is 0.7 M instructions of the
+#: start-up of every other command on a qcow2 image
+_CHECK_OPEN: dict[str, ContextVar[bool]] = {}
+
+
+def check_open_flag() -> ContextVar[bool]:
+    """The flag ``check`` sets (``set(True)``, then ``reset``) while it
+    opens an image."""
+    flag = _CHECK_OPEN.get("flag")
+    if flag is None:
+        from contextvars import ContextVar
+        # setdefault: two threads making it at once keep the same one
+        flag = _CHECK_OPEN.setdefault("flag", ContextVar("qcow2_check_open", default=False))
+    return flag
+
+
+def check_opening() -> bool:
+    """``check`` is opening the image (see :func:`check_open_flag`)."""
+    flag = _CHECK_OPEN.get("flag")
+    return flag is not None and flag.get()
 
 
 def _parse_fixed_fields(buf: bytes, bad: _Bad) -> tuple[Header, int, int]:
@@ -411,7 +433,7 @@ def _check_snapshot_table(h: Header, file_size: int, bad: _Bad) -> None:
     judges them at open (the entries are read and judged after the header:
     snapshots.load_table; an image opened for ``check`` skips both, the
     check reads the table itself)."""
-    if CHECK_OPEN.get():
+    if check_opening():
         return
     nb_snap, snap_off = h.nb_snapshots, h.snapshots_offset
     if nb_snap > 65536:
