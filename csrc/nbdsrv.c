@@ -1144,3 +1144,227 @@ int bj_nbds_queue(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint6
 {
     return submit(s, reqs, nreq, segs, nsegs, 0);
 }
+
+/* -- the handshake's common options (bj_nbdh_step, nbdsrv.h) ---------------- */
+
+#define NBDMAGIC 0x4e42444d41474943ull
+#define IHAVEOPT 0x49484156454f5054ull
+#define OPT_REPLY_MAGIC 0x0003e889045565a9ull
+#define OPT_GO 7
+#define OPT_STRUCTURED_REPLY 8
+#define OPT_SET_META_CONTEXT 10
+#define REP_ACK 1
+#define REP_META_CONTEXT 4
+#define HS_FIXED_NEWSTYLE 1u
+#define HS_NO_ZEROES 2u
+#define OPT_HDR 16
+#define BASE_ALLOC "base:allocation"
+/* the longest an export name may be (blkjobs.nbd.proto.MAX_STRING) */
+#define MAX_NAME 4096
+
+struct hs_out {
+    unsigned char b[256];
+    size_t n;
+};
+
+static int hs_flush(int sock, struct hs_out *o)
+{
+    size_t done = 0;
+    while (done < o->n) {
+        ssize_t k = send(sock, o->b + done, o->n - done, MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        done += (size_t)k;
+    }
+    o->n = 0;
+    return 0;
+}
+
+/* An option reply of len data bytes (copied), flushed first when full. */
+static int hs_reply(int sock, struct hs_out *o, uint32_t option, uint32_t type,
+                    const void *data, uint32_t len)
+{
+    if (o->n + 20 + len > sizeof(o->b)) {
+        int r = hs_flush(sock, o);
+        if (r < 0)
+            return r;
+    }
+    unsigned char *p = o->b + o->n;
+    put_be64(p, OPT_REPLY_MAGIC);
+    put_be32(p + 8, option);
+    put_be32(p + 12, type);
+    put_be32(p + 16, len);
+    if (len)
+        memcpy(p + 20, data, len);
+    o->n += 20 + len;
+    return 0;
+}
+
+/* Until buf holds want bytes from rpos (want <= cap): the replies are
+ * sent first (the client may wait for them before it says more). */
+static int hs_fill(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
+                   uint32_t want, struct hs_out *o)
+{
+    while (h->rlen - h->rpos < want) {
+        int r = hs_flush(sock, o);
+        if (r < 0)
+            return r;
+        if (h->rpos) {
+            memmove(buf, buf + h->rpos, h->rlen - h->rpos);
+            h->rlen -= h->rpos;
+            h->rpos = 0;
+        }
+        ssize_t k = recv(sock, buf + h->rlen, cap - h->rlen, 0);
+        if (k == 0)
+            return -ECONNRESET;
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        h->rlen += (uint32_t)k;
+    }
+    return 0;
+}
+
+/* The index in names of the export named by (p, n); -1: none. */
+static int32_t hs_export(const unsigned char *names, uint32_t names_len,
+                         const unsigned char *p, uint32_t n)
+{
+    int32_t i = 0;
+    for (uint32_t pos = 0; pos + 4 <= names_len; i++) {
+        uint32_t k = get_be32(names + pos);
+        pos += 4;
+        if (k > names_len - pos)
+            return -1;
+        if (k == n && memcmp(names + pos, p, n) == 0)
+            return i;
+        pos += k;
+    }
+    return -1;
+}
+
+/* A string of the option's data at *pos (4-byte length, bytes): 0 and
+ * *pos past it, or -1 (too short, too long). */
+static int hs_string(const unsigned char *d, uint32_t len, uint32_t *pos, uint32_t *sp,
+                     uint32_t *sn)
+{
+    if (len - *pos < 4)
+        return -1;
+    uint32_t n = get_be32(d + *pos);
+    if (n > MAX_NAME || n > len - *pos - 4)
+        return -1;
+    *sp = *pos + 4;
+    *sn = n;
+    *pos += 4 + n;
+    return 0;
+}
+
+/* One option whose header and data are in d (len bytes): 1 answered (into
+ * o), 2 a GO returned (h->go_*), 0 the caller's (nothing consumed). */
+static int hs_option(struct bj_nbdh *h, uint32_t option, const unsigned char *d,
+                     uint32_t len, const unsigned char *names, uint32_t names_len,
+                     int sock, struct hs_out *o, int *err)
+{
+    uint32_t pos = 0, sp, sn;
+    if (option == OPT_STRUCTURED_REPLY) {
+        if (len || (h->state & BJ_NBDH_STRUCTURED))
+            return 0;       /* (the caller's error texts) */
+        h->state |= BJ_NBDH_STRUCTURED;
+        *err = hs_reply(sock, o, option, REP_ACK, NULL, 0);
+        return 1;
+    }
+    if (option == OPT_SET_META_CONTEXT) {
+        uint32_t qp, qn;
+        if (!(h->state & BJ_NBDH_STRUCTURED) || hs_string(d, len, &pos, &sp, &sn) < 0
+            || len - pos < 4 || get_be32(d + pos) != 1)
+            return 0;
+        pos += 4;
+        if (hs_string(d, len, &pos, &qp, &qn) < 0 || pos != len
+            || qn != sizeof(BASE_ALLOC) - 1 || memcmp(d + qp, BASE_ALLOC, qn) != 0)
+            return 0;
+        int32_t e = hs_export(names, names_len, d + sp, sn);
+        if (e < 0)
+            return 0;
+        unsigned char ctx[4 + sizeof(BASE_ALLOC) - 1];
+        put_be32(ctx, 1);
+        memcpy(ctx + 4, BASE_ALLOC, sizeof(BASE_ALLOC) - 1);
+        h->state |= BJ_NBDH_BASE_ALLOC;
+        h->ctx_export = e;
+        *err = hs_reply(sock, o, option, REP_META_CONTEXT, ctx, sizeof(ctx));
+        if (*err == 0)
+            *err = hs_reply(sock, o, option, REP_ACK, NULL, 0);
+        return 1;
+    }
+    if (option == OPT_GO) {
+        if (hs_string(d, len, &pos, &sp, &sn) < 0 || len - pos < 2)
+            return 0;
+        uint32_t n = get_be16(d + pos);
+        pos += 2;
+        if (len - pos != 2 * n)
+            return 0;
+        int32_t e = hs_export(names, names_len, d + sp, sn);
+        if (e < 0)
+            return 0;
+        uint32_t info = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            uint32_t t = get_be16(d + pos + 2 * i);
+            if (t < 32)
+                info |= 1u << t;
+        }
+        h->go_export = e;
+        h->go_info = info;
+        return 2;
+    }
+    return 0;
+}
+
+int bj_nbdh_step(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
+                 const unsigned char *names, uint32_t names_len)
+{
+    struct hs_out o = {.n = 0};
+    int r = 0;
+    if (h->rpos > h->rlen || h->rlen > cap || cap < OPT_HDR)
+        return -EINVAL;
+    if (!(h->state & BJ_NBDH_GREETED)) {
+        put_be64(o.b, NBDMAGIC);
+        put_be64(o.b + 8, IHAVEOPT);
+        put_be16(o.b + 16, HS_FIXED_NEWSTYLE | HS_NO_ZEROES);
+        o.n = 18;
+        if ((r = hs_fill(sock, h, buf, cap, 4, &o)) < 0)
+            return r;
+        uint32_t cflags = get_be32(buf + h->rpos);
+        h->rpos += 4;
+        h->state |= BJ_NBDH_GREETED;
+        if (cflags & ~(HS_FIXED_NEWSTYLE | HS_NO_ZEROES))
+            return BJ_NBDH_HANGUP;
+        if (cflags & HS_NO_ZEROES)
+            h->state |= BJ_NBDH_NO_ZEROES;
+    }
+    for (;;) {
+        if ((r = hs_fill(sock, h, buf, cap, OPT_HDR, &o)) < 0)
+            return r;
+        const unsigned char *p = buf + h->rpos;
+        uint32_t option = get_be32(p + 8), len = get_be32(p + 12);
+        if (get_be64(p) != IHAVEOPT || len > cap - OPT_HDR
+            || (option != OPT_STRUCTURED_REPLY && option != OPT_SET_META_CONTEXT
+                && option != OPT_GO))
+            break;
+        if ((r = hs_fill(sock, h, buf, cap, OPT_HDR + len, &o)) < 0)
+            return r;
+        p = buf + h->rpos;
+        int err = 0;
+        int k = hs_option(h, option, p + OPT_HDR, len, names, names_len, sock, &o, &err);
+        if (err < 0)
+            return err;
+        if (k == 0)
+            break;
+        h->rpos += OPT_HDR + len;
+        if (k == 2)
+            return (r = hs_flush(sock, &o)) < 0 ? r : BJ_NBDH_GO;
+    }
+    return (r = hs_flush(sock, &o)) < 0 ? r : BJ_NBDH_OPTION;
+}

@@ -128,7 +128,53 @@ int bj_nbds_pool_trim(int keep);
  * The tokens of reads finished meanwhile must have been taken first
  * (bj_nbds_wait_idle, bj_nbds_stop_done, bj_nbds_wait_done until 0). */
 void bj_nbds_free(struct bj_nbds *s);
+
+/* -- the handshake's common options, answered in C --------------------------
+ *
+ * bj_nbdh_step runs the fixed-newstyle handshake (no TLS) as far as it can
+ * alone: the greeting and the client's flags (the first call), then the
+ * options it knows an answer to without the block graph -- STRUCTURED_REPLY
+ * (first time, no payload: ACK), SET_META_CONTEXT of exactly
+ * base:allocation for an export in names (META_CONTEXT 1 and ACK) -- and
+ * NBD_OPT_GO for an export in names, well formed: taken from the stream and
+ * returned for the caller to attach and answer. Anything else -- INFO,
+ * LIST, LIST_META_CONTEXT, ABORT, EXPORT_NAME, STARTTLS, an unknown option,
+ * an unknown export, another meta context, a malformed or too long option --
+ * is left at buf[rpos] (its header complete or not) for the caller's own
+ * handshake code, which calls again after answering it. So what a client
+ * sees is the same bytes either way.
+ *
+ * buf/cap: the caller's read-ahead buffer (bytes [rpos, rlen) not taken
+ * yet; recv fills it, after moving those to its start). names: the
+ * exports' names, each as a 4-byte big-endian length then its bytes.
+ * Replies are sent before the next recv and before returning. */
+struct bj_nbdh {
+    uint32_t rpos, rlen;
+    /* BJ_NBDH_* bits below */
+    uint32_t state;
+    /* the export (index in names) base:allocation was set for; -1 none */
+    int32_t ctx_export;
+    /* returned GO: the export's index in names, the NBD_INFO_* types asked
+     * (bit t for type t < 32) */
+    int32_t go_export;
+    uint32_t go_info;
+};
+
+/* Returns BJ_NBDH_GO, BJ_NBDH_OPTION (the next option is the caller's),
+ * BJ_NBDH_HANGUP (unknown client flags: close), or -errno (-ECONNRESET at
+ * EOF; -EAGAIN: the socket's SO_RCVTIMEO/SO_SNDTIMEO ran out). */
+int bj_nbdh_step(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
+                 const unsigned char *names, uint32_t names_len);
 /* cdef-end */
+
+#define BJ_NBDH_GREETED 1u
+#define BJ_NBDH_NO_ZEROES 2u
+#define BJ_NBDH_STRUCTURED 4u
+#define BJ_NBDH_BASE_ALLOC 8u
+
+#define BJ_NBDH_GO 1
+#define BJ_NBDH_OPTION 0
+#define BJ_NBDH_HANGUP 2
 
 #define BJ_NBDS_DATA 0
 #define BJ_NBDS_DATA_PAD 1

@@ -12,7 +12,8 @@
  * threads taken on demand from the process's pool (none for a session that
  * reads nothing), parked and reused by the next sessions; bj_nbds_queue
  * (no wait for free workers) and bj_nbds_wait_free (as many as asked, or
- * half); no leak
+ * half); the handshake's common options (bj_nbdh_step: nbdcopy's sent a
+ * byte at a time, what it leaves to the caller); no leak
  * (ASan, valgrind), no race (TSan). */
 #include "check.h"
 #include "nbdsrv.h"
@@ -708,6 +709,135 @@ static void test_threads_on_demand(int dfd)
     close(sv[0]);
 }
 
+
+/* -- the handshake's common options (bj_nbdh_step) ------------------------- */
+
+static size_t opt(unsigned char *p, uint32_t option, const void *data, uint32_t len)
+{
+    put64(p, 0x49484156454f5054ull);
+    put32(p + 8, option);
+    put32(p + 12, len);
+    if (len)
+        memcpy(p + 16, data, len);
+    return 16 + len;
+}
+
+/* One option reply from fd: its option and type (data length checked). */
+static void reply(int fd, uint32_t option, uint32_t type, uint32_t len)
+{
+    unsigned char r[20];
+    readn(fd, r, 20);
+    CHECK_EQ(get64(r), 0x0003e889045565a9ull);
+    CHECK_EQ(get32(r + 8), option);
+    CHECK_EQ(get32(r + 12), type);
+    CHECK_EQ(get32(r + 16), len);
+    unsigned char d[64];
+    CHECK(len <= sizeof(d));
+    readn(fd, d, len);
+}
+
+static const unsigned char NAMES[] = "\0\0\0\1a\0\0\0\1d";
+#define NAMES_LEN (sizeof(NAMES) - 1)
+static const unsigned char META_D[] = "\0\0\0\1d\0\0\0\1\0\0\0\x0f" "base:allocation";
+static const unsigned char GO_D[] = "\0\0\0\1d\0\2\0\3\0\1";
+
+/* The greeting, nbdcopy's options sent one byte at a time (from a thread:
+ * the client's side), GO returned; then an INFO left to the caller at
+ * rpos, unknown client flags, EOF in an option, an option longer than the
+ * buffer left to the caller, bad arguments. */
+struct dribble {
+    int fd;
+    const unsigned char *p;
+    size_t n;
+};
+
+static void *dribble_thread(void *arg)
+{
+    struct dribble *d = arg;
+    for (size_t i = 0; i < d->n; i++)
+        CHECK_EQ(write(d->fd, d->p + i, 1), 1);
+    return NULL;
+}
+
+static void test_handshake(void)
+{
+    int sv[2];
+    CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    unsigned char in[512], buf[4096];
+    size_t n = 0;
+    put32(in, 3);
+    n = 4;
+    n += opt(in + n, 8, NULL, 0);
+    n += opt(in + n, 10, META_D, sizeof(META_D) - 1);
+    n += opt(in + n, 7, GO_D, sizeof(GO_D) - 1);
+    size_t info = n;
+    n += opt(in + n, 6, GO_D, sizeof(GO_D) - 1);
+    struct dribble d = {sv[1], in, n};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, dribble_thread, &d), 0);
+    struct bj_nbdh h = {.ctx_export = -1};
+    CHECK_EQ(bj_nbdh_step(sv[0], &h, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_GO);
+    CHECK_EQ(h.state, BJ_NBDH_GREETED | BJ_NBDH_NO_ZEROES | BJ_NBDH_STRUCTURED
+             | BJ_NBDH_BASE_ALLOC);
+    CHECK_EQ(h.ctx_export, 1);
+    CHECK_EQ(h.go_export, 1);
+    CHECK_EQ(h.go_info, 1u << 3 | 1u << 1);
+    unsigned char g[18];
+    readn(sv[1], g, 18);
+    CHECK_EQ(get64(g), 0x4e42444d41474943ull);
+    CHECK_EQ(g[17], 3);
+    reply(sv[1], 8, 1, 0);
+    reply(sv[1], 10, 4, 19);
+    reply(sv[1], 10, 1, 0);
+    /* INFO: the caller's, its header at rpos (maybe not all of it read) */
+    CHECK_EQ(bj_nbdh_step(sv[0], &h, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_OPTION);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+    CHECK(h.rlen - h.rpos >= 16);
+    CHECK(memcmp(buf + h.rpos, in + info, 16) == 0);
+    /* the rest of it, then EOF in the next option's header */
+    unsigned char ready[4096];
+    size_t k = h.rlen - h.rpos;
+    memcpy(ready, buf + h.rpos, k);
+    readn(sv[0], ready + k, n - info - k);
+    CHECK(memcmp(ready, in + info, n - info) == 0);
+    h.rpos = h.rlen = 0;
+    CHECK_EQ(write(sv[1], in + 4, 7), 7);
+    CHECK_EQ(shutdown(sv[1], SHUT_WR), 0);
+    CHECK_EQ(bj_nbdh_step(sv[0], &h, buf, sizeof(buf), NAMES, NAMES_LEN), -ECONNRESET);
+    close(sv[0]);
+    close(sv[1]);
+
+    /* unknown client flags; a SET_META_CONTEXT of an unknown export, and one
+     * longer than the buffer: the caller's */
+    CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    put32(in, 0x10);
+    CHECK_EQ(write(sv[1], in, 4), 4);
+    struct bj_nbdh h2 = {.ctx_export = -1};
+    CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_HANGUP);
+    unsigned char meta_x[sizeof(META_D)];
+    memcpy(meta_x, META_D, sizeof(META_D));
+    meta_x[4] = 'x';
+    n = opt(in, 8, NULL, 0);
+    n += opt(in + n, 10, meta_x, sizeof(META_D) - 1);
+    CHECK_EQ(write(sv[1], in, n), (ssize_t)n);
+    CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_OPTION);
+    CHECK_EQ(h2.ctx_export, -1);
+    CHECK(h2.state & BJ_NBDH_STRUCTURED);
+    CHECK_EQ(h2.rlen - h2.rpos, n - 16);
+    h2.rpos = h2.rlen = 0;
+    unsigned char big[64];
+    opt(big, 10, NULL, 0);
+    put32(big + 12, 2000);
+    CHECK_EQ(write(sv[1], big, 16), 16);
+    CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, 1024, NAMES, NAMES_LEN), BJ_NBDH_OPTION);
+    CHECK_EQ(h2.rlen - h2.rpos, 16);
+    h2.rpos = 5;
+    h2.rlen = 4;
+    CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, sizeof(buf), NAMES, NAMES_LEN), -EINVAL);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 int main(void)
 {
     char path[] = "/tmp/bjnbdsXXXXXX";
@@ -729,6 +859,7 @@ int main(void)
     test_wait_free(fd);
     test_holes_and_status();
     test_threads_on_demand(fd);
+    test_handshake();
     bj_nbds_pool_trim(0);           /* (no thread left for valgrind to see) */
     close(fd);
     puts("nbdsrv: ok");

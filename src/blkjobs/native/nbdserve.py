@@ -128,3 +128,66 @@ def pool_idle() -> int:
 def pool_trim(keep: int = 0) -> int:
     """End parked C workers until ``keep`` are left; how many are."""
     return int(lib.bj_nbds_pool_trim(keep))
+
+
+#: bj_nbdh_step's results (csrc/nbdsrv.h)
+HS_OPTION, HS_GO, HS_HANGUP = 0, 1, 2
+#: struct bj_nbdh's state bits
+HS_NO_ZEROES, HS_STRUCTURED, HS_BASE_ALLOC = 2, 4, 8
+
+
+def export_names(names: Sequence[str]) -> bytes:
+    """The exports' names as bj_nbdh_step takes them (a 4-byte big-endian
+    length, then the name's bytes, each)."""
+    out = bytearray()
+    for n in names:
+        b = n.encode()
+        out += len(b).to_bytes(4, "big") + b
+    return bytes(out)
+
+
+class Handshake:
+    """The handshake's common options answered in C (csrc/nbdsrv.c
+    ``bj_nbdh_step``) over socket ``fd``, reading into ``buf`` (the
+    connection's read-ahead buffer: bytes ``[rpos, rlen)`` not taken)."""
+
+    def __init__(self, fd: int, buf: bytearray, names: tuple[tuple[str, ...], bytes]):
+        #: the exports' names the indices refer to
+        self.names = names[0]
+        self._fd = fd
+        self._h = ffi.new("struct bj_nbdh *")
+        self._h.ctx_export = -1
+        self._buf = ffi.from_buffer(buf)
+        self._cap = len(buf)
+        self._names = ffi.from_buffer(names[1])
+        self._nlen = len(names[1])
+
+    def step(self, rpos: int, rlen: int, structured: bool) -> tuple[int, int, int]:
+        """Greet (the first call) and answer options until GO or one the
+        caller must answer: (HS_*, rpos, rlen) -- EOFError at the client's
+        EOF, OSError on a socket error or time-out. ``structured``: the
+        connection negotiated structured replies (maybe in Python)."""
+        h = self._h
+        h.rpos, h.rlen = rpos, rlen
+        h.state = h.state & ~HS_STRUCTURED | (HS_STRUCTURED if structured else 0)
+        rc = lib.bj_nbdh_step(self._fd, h, self._buf, self._cap, self._names, self._nlen)
+        if rc < 0:
+            _raise(rc)
+        return rc, h.rpos, h.rlen
+
+    @property
+    def state(self) -> int:
+        return int(self._h.state)
+
+    def take_ctx_export(self) -> int:
+        """Index in the names of the export a SET_META_CONTEXT of
+        base:allocation answered since the last call was for (-1: none)."""
+        e = int(self._h.ctx_export)
+        self._h.ctx_export = -1
+        return e
+
+    @property
+    def go(self) -> tuple[int, int]:
+        """The GO returned: (index of the export in the names, info types
+        asked as bits)."""
+        return int(self._h.go_export), int(self._h.go_info)

@@ -11,6 +11,7 @@ import struct
 import ssl
 from typing import Any, Protocol
 
+from ..native.nbdserve import HS_GO, HS_HANGUP
 from . import proto as P
 
 #: a server.Export (server.py imports this module: see Connection)
@@ -52,6 +53,10 @@ class Connection(Protocol):
 
     def attach(self, exp: Any) -> bool: ...
 
+    def c_handshake(self) -> Any: ...
+
+    def c_step(self, hs: Any) -> int: ...
+
 
 class _OptError(Exception):
     def __init__(self, rtype: int, message: str):
@@ -92,13 +97,33 @@ def negotiate(conn: Connection) -> Export | None:
 
 def _negotiate(conn: Connection) -> Export | None:
     server = conn.server
-    conn.send(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT,
-                               P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
-    (cflags,) = struct.unpack(">I", conn.recv(4))
-    if cflags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
-        return None                 # unknown client flags: hang up
-    conn.no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
+    # the common options (nbdcopy's, qemu's: STRUCTURED_REPLY,
+    # SET_META_CONTEXT base:allocation, GO) are answered in C; C leaves
+    # every other option, and any it cannot answer alone, to the loop below
+    hs = conn.c_handshake()
+    if hs is None:
+        conn.send(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT,
+                                   P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+        (cflags,) = struct.unpack(">I", conn.recv(4))
+        if cflags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
+            return None                 # unknown client flags: hang up
+        conn.no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
     while True:
+        if hs is not None:
+            rc = conn.c_step(hs)
+            if rc == HS_HANGUP:
+                return None             # unknown client flags
+            if rc == HS_GO:
+                idx, info = hs.go
+                wanted = {t for t in (P.INFO_NAME, P.INFO_DESCRIPTION) if info >> t & 1}
+                try:
+                    exp = _go(conn, P.OPT_GO, hs.names[idx], wanted)
+                except _OptError as e:
+                    _send(conn, P.OPT_GO, e.rtype, str(e).encode())
+                    continue
+                if exp is not None:
+                    return exp
+                continue
         hdr = conn.recv(P.OPTION.size)      # EOFError: the client left
         magic, option, length = P.OPTION.unpack(hdr)
         if magic != P.IHAVEOPT:
@@ -193,7 +218,12 @@ def _info(conn: Connection, option: int, data: bytes) -> Export | None:
     pos += 2
     if pos + 2 * n != len(data):
         raise _OptError(P.REP_ERR_INVALID, "bad number of information requests")
-    wanted = set(struct.unpack_from(f">{n}H", data, pos))
+    return _go(conn, option, name, set(struct.unpack_from(f">{n}H", data, pos)))
+
+
+def _go(conn: Connection, option: int, name: str, wanted: set[int]) -> Export | None:
+    """The replies to INFO or GO for export ``name`` (the information
+    types the client asked for: ``wanted``); GO: the export, attached."""
     exp = conn.server.exports.get(name)
     if exp is None:
         raise _OptError(P.REP_ERR_UNKNOWN, f"export '{name}' not present")

@@ -44,6 +44,7 @@ from . import proto as P
 from .handshake import negotiate
 from .proto import NBDRequestError  # noqa: F401  (re-exported)
 from . import fastpath
+from ..native import nbdserve
 from .threads import Thread
 from .transmission import serve
 
@@ -156,6 +157,9 @@ class NBDServer:
         #: notified (under ``lock``) when a client leaves or the server closes
         self._slot_free = threading.Condition(self.lock)
         self.exports: dict[str, Export] = {}
+        #: the exports' names, and as the C handshake takes them (a
+        #: snapshot, replaced whenever an export comes or goes)
+        self.names: tuple[tuple[str, ...], bytes] = ((), b"")
         self.connections: set[Connection] = set()
         self._listeners: list[tuple[socket.socket, threading.Thread]] = []
         self._closing = False
@@ -235,6 +239,7 @@ class NBDServer:
     def add_export(self, exp: Export) -> None:
         with self.lock:
             self.exports[exp.name] = exp
+            self._names_changed()
 
     def remove_export(self, exp: Export, hard: bool) -> None:
         """Stop serving ``exp`` to new clients; with ``hard`` drop its
@@ -243,10 +248,15 @@ class NBDServer:
             exp.shutting_down = True
             if self.exports.get(exp.name) is exp:
                 del self.exports[exp.name]
+                self._names_changed()
             clients = list(exp.clients) if hard else []
         for c in clients:
             c.abort()
         self.maybe_gone(exp)
+
+    def _names_changed(self) -> None:
+        names = tuple(self.exports)
+        self.names = (names, nbdserve.export_names(names))
 
     def settle(self, exp: Export, timeout: float = 10.0) -> None:
         """Let the clients of ``exp`` that already hung up finish leaving:
@@ -372,6 +382,32 @@ class Connection:
             if not k:
                 raise EOFError("client closed the connection")
             pos += k
+
+    def c_handshake(self) -> nbdserve.Handshake | None:
+        """The handshake's common options answered in C (csrc/nbdsrv.c
+        ``bj_nbdh_step``, :meth:`c_step`), or None: a server with TLS (the
+        options before STARTTLS are refused, those after it are inside
+        TLS), or ``BLKJOBS_NBD_C=0`` (the Python path throughout)."""
+        if self.server.tls is not None or os.environ.get("BLKJOBS_NBD_C", "1") == "0":
+            return None
+        return nbdserve.Handshake(self.sock.fileno(), self._rbuf, self.server.names)
+
+    def c_step(self, hs: nbdserve.Handshake) -> int:
+        """Greet (the first time) and let C answer the options it can, on
+        the read-ahead buffer; :data:`nbdserve.HS_OPTION`: the next option
+        is Python's (in the buffer, or still in the socket), ``HS_GO``: a
+        GO to answer (``hs.go``), ``HS_HANGUP``: close. The connection's
+        negotiated state is C's and Python's alike."""
+        self.flush_later()
+        rc, self._rpos, self._rlen = hs.step(self._rpos, self._rlen, self.structured)
+        st = hs.state
+        self.no_zeroes = bool(st & nbdserve.HS_NO_ZEROES)
+        self.structured = bool(st & nbdserve.HS_STRUCTURED)
+        e = hs.take_ctx_export()
+        if e >= 0:          # SET_META_CONTEXT base:allocation, answered in C
+            self.contexts = [P.CONTEXT_BASE_ALLOCATION]
+            self.contexts_export = hs.names[e]
+        return rc
 
     def buffered(self) -> int:
         """Bytes read from the socket and not yet taken by :meth:`recv_into`
