@@ -82,6 +82,10 @@ struct bj_nbds {
     int started;                    /* workers taken from the pool: on demand */
     int attached;                   /* of those, still serving this session */
     pthread_cond_t gone;            /* attached dropped to 0 (bj_nbds_free waits) */
+    /* the process's reaper (bj_nbds_reap) takes the tokens, not
+     * bj_nbds_wait_done; these under reap_lock */
+    int global, queued, in_batch;
+    struct bj_nbds *reap_next, *batch_next;
     unsigned char rbuf[RBUF];       /* only [rpos, rlen) is ever read */
 };
 
@@ -112,16 +116,51 @@ static uint64_t get_be64(const unsigned char *p)
     return (uint64_t)get_be32(p) << 32 | get_be32(p + 4);
 }
 
+/* -- the process's reaper (bj_nbds_reap): sessions with tokens for it ------ */
+static pthread_mutex_t reap_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t reap_cv = PTHREAD_COND_INITIALIZER;       /* a session queued, or stop */
+static pthread_cond_t reaped_cv = PTHREAD_COND_INITIALIZER;     /* a batch ended */
+static struct bj_nbds *reap_head, *reap_tail;   /* queued: tokens to take */
+static struct bj_nbds *reap_batch;              /* taken, their reads not ended yet */
+static int reap_stop;
+static void reap_forget(struct bj_nbds *s);
+
+/* The tokens of s are to be taken (s->lock not held): its own reaper
+ * (bj_nbds_wait_done) is woken, or s is queued for the process's. */
+static void wake_reaper(struct bj_nbds *s)
+{
+    if (!s->global) {
+        pthread_cond_signal(&s->donecv);
+        return;
+    }
+    pthread_mutex_lock(&reap_lock);
+    int wake = 0;
+    if (!s->queued) {
+        s->queued = 1;
+        s->reap_next = NULL;
+        if (reap_tail)
+            reap_tail->reap_next = s;
+        else
+            reap_head = s;
+        reap_tail = s;
+        wake = 1;
+    }
+    pthread_mutex_unlock(&reap_lock);
+    if (wake)
+        pthread_cond_signal(&reap_cv);
+}
+
 /* Hand the reaper the tokens there are now (a worker is about to wait:
  * for the send lock or the socket). */
 static void flush_done(struct bj_nbds *s)
 {
     pthread_mutex_lock(&s->lock);
-    if (s->ndone) {
+    int wake = s->ndone != 0;
+    if (wake)
         s->flush = 1;
-        pthread_cond_signal(&s->donecv);
-    }
     pthread_mutex_unlock(&s->lock);
+    if (wake)
+        wake_reaper(s);
 }
 
 /* All of iov out, the send lock held by the caller; before the first
@@ -506,7 +545,7 @@ static void read_done(struct bj_nbds *s, uint64_t token)
     int wake = s->ndone >= DONE_BATCH;
     pthread_mutex_unlock(&s->lock);
     if (wake)
-        pthread_cond_signal(&s->donecv);
+        wake_reaper(s);
 }
 
 /* BLOCK_STATUS of base:allocation: the segments' runs as extents (file
@@ -684,7 +723,7 @@ static int serve_session(struct pworker *pw, struct bj_nbds *s)
             if (idle)
                 pthread_cond_broadcast(&s->idle);
             if (reap)
-                pthread_cond_signal(&s->donecv);
+                wake_reaper(s);
             pthread_mutex_lock(&s->lock);
         }
     }
@@ -858,6 +897,8 @@ void bj_nbds_free(struct bj_nbds *s)
     while (s->attached)
         pthread_cond_wait(&s->gone, &s->lock);
     pthread_mutex_unlock(&s->lock);
+    if (s->global)      /* (not drained: its tokens are dropped) */
+        reap_forget(s);
     while (s->head) {               /* only when no thread ever started */
         struct job *j = s->head;
         s->head = j->next;
@@ -904,6 +945,105 @@ void bj_nbds_stop_done(struct bj_nbds *s)
     s->stop_done = 1;
     pthread_cond_broadcast(&s->donecv);
     pthread_mutex_unlock(&s->lock);
+}
+
+/* -- the process's reaper ---------------------------------------------------- */
+
+void bj_nbds_global(struct bj_nbds *s)
+{
+    s->global = 1;
+}
+
+int bj_nbds_reap(uint64_t *keys, uint64_t *done, int maxdone)
+{
+    int n = 0;
+    pthread_mutex_lock(&reap_lock);
+    while (!reap_head && !reap_stop && !n)
+        pthread_cond_wait(&reap_cv, &reap_lock);
+    while (reap_head && n < maxdone) {
+        struct bj_nbds *s = reap_head;
+        reap_head = s->reap_next;
+        if (!reap_head)
+            reap_tail = NULL;
+        s->queued = 0;
+        if (!s->in_batch) {
+            s->in_batch = 1;
+            s->batch_next = reap_batch;
+            reap_batch = s;
+        }
+        /* (s stays alive: bj_nbds_drain waits until its batch ended) */
+        pthread_mutex_unlock(&reap_lock);
+        pthread_mutex_lock(&s->lock);
+        s->flush = 0;
+        int k = take_done_locked(s, done + n, maxdone - n);
+        int more = s->ndone != 0;
+        pthread_mutex_unlock(&s->lock);
+        for (int i = 0; i < k; i++)
+            keys[n + i] = (uint64_t)(uintptr_t)s;
+        n += k;
+        if (more)           /* (the next call takes the rest) */
+            wake_reaper(s);
+        pthread_mutex_lock(&reap_lock);
+    }
+    pthread_mutex_unlock(&reap_lock);
+    return n;
+}
+
+void bj_nbds_reaped(void)
+{
+    pthread_mutex_lock(&reap_lock);
+    while (reap_batch) {
+        struct bj_nbds *s = reap_batch;
+        reap_batch = s->batch_next;
+        s->in_batch = 0;
+    }
+    pthread_mutex_unlock(&reap_lock);
+    pthread_cond_broadcast(&reaped_cv);
+}
+
+void bj_nbds_reap_stop(int stop)
+{
+    pthread_mutex_lock(&reap_lock);
+    reap_stop = stop;
+    pthread_mutex_unlock(&reap_lock);
+    pthread_cond_broadcast(&reap_cv);
+}
+
+/* Take s off the process's reaper (its workers stopped: nothing queues it
+ * again): wait until a batch with tokens of s is reaped, unqueue s. */
+static void reap_forget(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&reap_lock);
+    while (s->in_batch)
+        pthread_cond_wait(&reaped_cv, &reap_lock);
+    if (s->queued) {
+        struct bj_nbds **p = &reap_head, *prev = NULL;
+        while (*p != s) {
+            prev = *p;
+            p = &(*p)->reap_next;
+        }
+        *p = s->reap_next;
+        if (reap_tail == s)
+            reap_tail = prev;
+        s->queued = 0;
+    }
+    pthread_mutex_unlock(&reap_lock);
+}
+
+int bj_nbds_drain(struct bj_nbds *s, uint64_t *done, int maxdone)
+{
+    pthread_mutex_lock(&s->lock);
+    s->stop = 1;
+    pthread_cond_broadcast(&s->more);
+    while (s->attached)
+        pthread_cond_wait(&s->gone, &s->lock);
+    pthread_mutex_unlock(&s->lock);
+    /* no worker touches s now: nothing queues it again */
+    reap_forget(s);
+    pthread_mutex_lock(&s->lock);
+    int n = take_done_locked(s, done, maxdone);
+    pthread_mutex_unlock(&s->lock);
+    return n;
 }
 
 /* Wait (s->lock held) until need workers are free (need > nthreads: never

@@ -12,7 +12,8 @@
  * threads taken on demand from the process's pool (none for a session that
  * reads nothing), parked and reused by the next sessions; bj_nbds_queue
  * (no wait for free workers) and bj_nbds_wait_free (as many as asked, or
- * half); the handshake's common options (bj_nbdh_step: nbdcopy's sent a
+ * half); the process's one reaper for the tokens of many sessions, and
+ * their drains; the handshake's common options (bj_nbdh_step: nbdcopy's sent a
  * byte at a time, what it leaves to the caller); no leak
  * (ASan, valgrind), no race (TSan). */
 #include "check.h"
@@ -710,6 +711,93 @@ static void test_threads_on_demand(int dfd)
 }
 
 
+/* -- the process's reaper (bj_nbds_global, bj_nbds_reap, bj_nbds_drain) ----- */
+
+enum { GN = 100 };
+static int gseen[2][GN];            /* tokens ended: by the reaper or a drain */
+static struct bj_nbds *gsess[2];
+
+static void gtoken(uint64_t key, uint64_t t)
+{
+    int k = key == (uint64_t)(uintptr_t)gsess[0] ? 0 : 1;
+    CHECK(key == (uint64_t)(uintptr_t)gsess[k]);
+    CHECK(t < GN && !gseen[k][t]);
+    gseen[k][t] = 1;
+}
+
+static void *greaper(void *arg)
+{
+    (void)arg;
+    uint64_t keys[16], done[16];
+    int n;
+    while ((n = bj_nbds_reap(keys, done, 16)) > 0) {
+        for (int i = 0; i < n; i++)
+            gtoken(keys[i], done[i]);
+        bj_nbds_reaped();
+    }
+    bj_nbds_reaped();
+    return NULL;
+}
+
+static void *gclient(void *arg)
+{
+    int fd = *(int *)arg;
+    static __thread unsigned char data[4096];
+    for (int k = 0; k < GN; k++) {
+        unsigned char h[16];
+        readn(fd, h, 16);
+        CHECK_EQ(get32(h + 4), 0);
+        readn(fd, data, 512);
+    }
+    return NULL;
+}
+
+/* Two sessions' reads ended by one reaper thread, the rest by their
+ * drains: each token once, with its session; a drain stops the workers
+ * and waits for the reaper's batch; bj_nbds_reap_stop ends the reaper. */
+static void test_global_reaper(int dfd)
+{
+    int sv[2][2];
+    pthread_t rt, ct[2];
+    CHECK_EQ(pthread_create(&rt, NULL, greaper, NULL), 0);
+    static uint64_t q[6 * GN], g[4 * GN];
+    for (int i = 0; i < GN; i++) {
+        uint64_t *r = q + 6 * i, *w = g + 4 * i;
+        r[0] = 1 + (uint64_t)i; r[1] = 512u * (uint64_t)i; r[2] = 512; r[3] = 0;
+        r[4] = (uint64_t)i; r[5] = 1;
+        w[0] = BJ_NBDS_DATA; w[1] = (uint64_t)dfd; w[2] = 512u * (uint64_t)i; w[3] = 512;
+    }
+    for (int k = 0; k < 2; k++) {
+        CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv[k]), 0);
+        gsess[k] = bj_nbds_new(sv[k][0], 0, 4);
+        CHECK(gsess[k]);
+        bj_nbds_global(gsess[k]);
+        CHECK_EQ(pthread_create(&ct[k], NULL, gclient, &sv[k][1]), 0);
+    }
+    for (int i = 0; i < GN; i += 10)
+        for (int k = 0; k < 2; k++)
+            CHECK(bj_nbds_submit(gsess[k], q + 6 * i, 10, g + 4 * i, 10) > 0);
+    for (int k = 0; k < 2; k++) {
+        CHECK_EQ(pthread_join(ct[k], NULL), 0);
+        bj_nbds_wait_idle(gsess[k]);
+        uint64_t done[8];
+        int n;
+        while ((n = bj_nbds_drain(gsess[k], done, 8)) > 0)
+            for (int i = 0; i < n; i++)
+                gtoken((uint64_t)(uintptr_t)gsess[k], done[i]);
+    }
+    bj_nbds_reap_stop(1);
+    CHECK_EQ(pthread_join(rt, NULL), 0);
+    bj_nbds_reap_stop(0);
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < GN; i++)
+            CHECK(gseen[k][i]);
+        bj_nbds_free(gsess[k]);
+        close(sv[k][0]);
+        close(sv[k][1]);
+    }
+}
+
 /* -- the handshake's common options (bj_nbdh_step) ------------------------- */
 
 static size_t opt(unsigned char *p, uint32_t option, const void *data, uint32_t len)
@@ -860,6 +948,7 @@ int main(void)
     test_holes_and_status();
     test_threads_on_demand(fd);
     test_handshake();
+    test_global_reaper(fd);
     bj_nbds_pool_trim(0);           /* (no thread left for valgrind to see) */
     close(fd);
     puts("nbdsrv: ok");

@@ -55,14 +55,22 @@ class Session(Owned):
         return [(q.magic, q.flags, q.type, q.handle, q.offset, q.length)
                 for q in (r[i] for i in range(n))]
 
-    def wait_done(self) -> list[int]:
-        """Tokens of finished reads (waits for one); [] once :meth:`stop_done`
-        was called and every token was handed out. One thread only."""
-        n = lib.bj_nbds_wait_done(self._s, self._done, _BATCH)
-        return list(self._done[0:n])
+    def make_global(self) -> None:
+        """Its tokens go to the process's reaper (:func:`reap`), before
+        the first submit."""
+        lib.bj_nbds_global(self._s)
 
-    def stop_done(self) -> None:
-        lib.bj_nbds_stop_done(self._s)
+    @property
+    def key(self) -> int:
+        """The session as :func:`reap` names it."""
+        return int(ffi.cast("uintptr_t", self._s))
+
+    def drain(self) -> list[int]:
+        """At the session's end (after :meth:`wait_idle`): stop its
+        threads, wait for the reaper's batch holding tokens of it, and
+        return its tokens not taken yet (call again until [])."""
+        n = lib.bj_nbds_drain(self._s, self._done, _BATCH)
+        return list(self._done[0:n])
 
     def recv_into(self, buf: bytearray) -> None:
         """The next len(buf) bytes of the stream (a WRITE's payload)."""
@@ -117,6 +125,28 @@ class Session(Owned):
         s, self._s = getattr(self, "_s", None), None
         if s is not None:
             lib.bj_nbds_free(s)
+
+
+_reap_keys = ffi.new("uint64_t[]", _BATCH)
+_reap_done = ffi.new("uint64_t[]", _BATCH)
+
+
+def reap() -> list[tuple[int, int]]:
+    """The process's reaper (one thread): (session key, token) of reads
+    done in the sessions made global -- waits for some; [] once
+    :func:`reap_stop` was called. Then :func:`reaped`, always."""
+    n = lib.bj_nbds_reap(_reap_keys, _reap_done, _BATCH)
+    return list(zip(_reap_keys[0:n], _reap_done[0:n], strict=True))
+
+
+def reaped() -> None:
+    """The reads :func:`reap` returned last are ended (a session's
+    ``drain`` waits for it)."""
+    lib.bj_nbds_reaped()
+
+
+def reap_stop(stop: bool = True) -> None:
+    lib.bj_nbds_reap_stop(int(stop))
 
 
 def pool_idle() -> int:
