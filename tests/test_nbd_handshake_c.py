@@ -210,3 +210,30 @@ def test_client_flags_without_no_zeroes_and_unknown(ours):
             s.sendall(struct.pack(">I", 0x10))
             assert s.recv(1) == b""
             s.close()
+
+
+def test_accepting_on_unix_and_tcp_and_close_ends_the_accept(ours, tmp_path):
+    """The accept loop's blocking accept (no select): clients on the UNIX
+    and the TCP socket are served; close() ends both waiting accepts
+    (the listening sockets shut down), after which nobody is accepted."""
+    import threading
+    from blkjobs.nbd.server import NBDServer
+    srv_path = ours()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(srv_path)
+        assert recv(s, 18)[:8] == b"NBDMAGIC"
+    srv = NBDServer()
+    path = str(tmp_path / "own.sock")
+    srv.listen_unix(path)
+    port = srv.listen_tcp("127.0.0.1", 0)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        assert recv(s, 18)[:8] == b"NBDMAGIC"
+    closer = threading.Thread(target=srv.close)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
+        s.connect(path)

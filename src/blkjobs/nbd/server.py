@@ -163,7 +163,6 @@ class NBDServer:
         self.connections: set[Connection] = set()
         self._listeners: list[tuple[socket.socket, threading.Thread]] = []
         self._closing = False
-        self._wake_r, self._wake_w = os.pipe()
 
     # -- listening ------------------------------------------------------------
     def listen_unix(self, path: str) -> None:
@@ -215,17 +214,23 @@ class NBDServer:
         return not self._closing
 
     def _accept_loop(self, sock: socket.socket) -> None:
-        while not self._closing:
+        """Accept clients, each served by a thread of its own. A blocking
+        ``accept`` (no ``select`` before it: :meth:`close` shuts the
+        listening socket down, which ends the wait with EINVAL), and the
+        connection's socket made without asking the kernel what it is."""
+        family = sock.family
+        accept = sock._accept       # (fd, address); socket.accept's wrapper
+        while not self._closing:    # looks up family, type and timeout per call
             with self.lock:         # at the limit: accept nobody (they queue)
                 if not self._wait_for_slot():
                     return
-            ready, _, _ = select.select([sock.fileno(), self._wake_r], [], [])
-            if self._closing or sock.fileno() not in ready:
-                return
             try:
-                conn_sock, _ = sock.accept()
+                fd, _ = accept()
             except OSError:
+                if self._closing:
+                    return
                 continue
+            conn_sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             with self.lock:         # another listener may have taken the slot
                 conn = Connection(self, conn_sock) if self._wait_for_slot() else None
                 if conn is not None:
@@ -289,7 +294,9 @@ class NBDServer:
         with self.lock:
             self._closing = True
             self._slot_free.notify_all()
-        os.write(self._wake_w, b"x")
+        for sock, _ in self._listeners:
+            with contextlib.suppress(OSError):      # (wakes its accept: EINVAL)
+                sock.shutdown(socket.SHUT_RDWR)
         for sock, t in self._listeners:
             t.join()
             sock.close()
@@ -300,8 +307,6 @@ class NBDServer:
             c.abort()
         for c in conns:
             c.thread.join()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
 
 class Connection:
