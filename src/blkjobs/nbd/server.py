@@ -219,8 +219,10 @@ class NBDServer:
         listening socket down, which ends the wait with EINVAL), and the
         connection's socket made without asking the kernel what it is."""
         family = sock.family
-        accept = sock._accept       # (fd, address); socket.accept's wrapper
-        while not self._closing:    # looks up family, type and timeout per call
+        # (fd, address): socket.accept's wrapper looks up family, type and
+        # the default timeout per call
+        accept: Callable[[], tuple[int, Any]] = sock._accept  # type: ignore[attr-defined]
+        while not self._closing:
             with self.lock:         # at the limit: accept nobody (they queue)
                 if not self._wait_for_slot():
                     return
