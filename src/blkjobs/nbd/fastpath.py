@@ -23,9 +23,12 @@ module decides, per batch of headers, what goes where.
 * No more reads are planned than the session has free workers
   (``wait_slots``, and what ``submit`` returns), so a planned read is read at once: none stays tracked
   behind workers stuck sending to a client that does not read.
-* A reaper thread ends the tracking of the reads read (``end_reads``),
-  before their replies go out: the reader cannot, as it may wait for a
-  free Python worker while that worker's write waits for such a read.
+* The process's reaper thread (one for every session: :func:`_reap`)
+  ends the tracking of the reads read (``end_reads``), before their
+  replies go out: the reader cannot, as it may wait for a free Python
+  worker while that worker's write waits for such a read. At the
+  session's end its thread ends those the reaper has not taken
+  (``Session.drain``).
 
 On ``DISC``, EOF or a bad magic the requests being served are finished
 (their replies sent) before the connection closes, as on the Python path.
