@@ -1290,8 +1290,10 @@ int bj_nbds_queue(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint6
 #define NBDMAGIC 0x4e42444d41474943ull
 #define IHAVEOPT 0x49484156454f5054ull
 #define OPT_REPLY_MAGIC 0x0003e889045565a9ull
+#define OPT_INFO 6
 #define OPT_GO 7
 #define OPT_STRUCTURED_REPLY 8
+#define OPT_LIST_META_CONTEXT 9
 #define OPT_SET_META_CONTEXT 10
 #define REP_ACK 1
 #define REP_META_CONTEXT 4
@@ -1370,19 +1372,22 @@ static int hs_fill(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap
     return 0;
 }
 
-/* The index in names of the export named by (p, n); -1: none. */
+/* The index in names of the export named by (p, n), its flags byte in
+ * *flags; -1: none. */
 static int32_t hs_export(const unsigned char *names, uint32_t names_len,
-                         const unsigned char *p, uint32_t n)
+                         const unsigned char *p, uint32_t n, unsigned *flags)
 {
     int32_t i = 0;
     for (uint32_t pos = 0; pos + 4 <= names_len; i++) {
         uint32_t k = get_be32(names + pos);
         pos += 4;
-        if (k > names_len - pos)
+        if (k >= names_len - pos)       /* (the name, then its flags byte) */
             return -1;
-        if (k == n && memcmp(names + pos, p, n) == 0)
+        if (k == n && memcmp(names + pos, p, n) == 0) {
+            *flags = names[pos + k];
             return i;
-        pos += k;
+        }
+        pos += k + 1;
     }
     return -1;
 }
@@ -1404,7 +1409,8 @@ static int hs_string(const unsigned char *d, uint32_t len, uint32_t *pos, uint32
 }
 
 /* One option whose header and data are in d (len bytes): 1 answered (into
- * o), 2 a GO returned (h->go_*), 0 the caller's (nothing consumed). */
+ * o), 2 a GO or 3 an INFO returned (h->go_*), 0 the caller's (nothing
+ * consumed). */
 static int hs_option(struct bj_nbdh *h, uint32_t option, const unsigned char *d,
                      uint32_t len, const unsigned char *names, uint32_t names_len,
                      int sock, struct hs_out *o, int *err)
@@ -1426,7 +1432,8 @@ static int hs_option(struct bj_nbdh *h, uint32_t option, const unsigned char *d,
         if (hs_string(d, len, &pos, &qp, &qn) < 0 || pos != len
             || qn != sizeof(BASE_ALLOC) - 1 || memcmp(d + qp, BASE_ALLOC, qn) != 0)
             return 0;
-        int32_t e = hs_export(names, names_len, d + sp, sn);
+        unsigned ef;
+        int32_t e = hs_export(names, names_len, d + sp, sn, &ef);
         if (e < 0)
             return 0;
         unsigned char ctx[4 + sizeof(BASE_ALLOC) - 1];
@@ -1439,14 +1446,42 @@ static int hs_option(struct bj_nbdh *h, uint32_t option, const unsigned char *d,
             *err = hs_reply(sock, o, option, REP_ACK, NULL, 0);
         return 1;
     }
-    if (option == OPT_GO) {
+    if (option == OPT_LIST_META_CONTEXT) {
+        /* base:allocation, the one context of an export without bitmaps:
+         * asked for by no query (all), "base:" or its name */
+        uint32_t qp, qn, nq;
+        unsigned ef;
+        if (!(h->state & BJ_NBDH_STRUCTURED) || hs_string(d, len, &pos, &sp, &sn) < 0
+            || len - pos < 4 || (nq = get_be32(d + pos)) > 1)
+            return 0;
+        pos += 4;
+        if (nq == 1) {
+            if (hs_string(d, len, &pos, &qp, &qn) < 0
+                || !((qn == 5 && memcmp(d + qp, "base:", 5) == 0)
+                     || (qn == sizeof(BASE_ALLOC) - 1
+                         && memcmp(d + qp, BASE_ALLOC, qn) == 0)))
+                return 0;
+        }
+        int32_t e = hs_export(names, names_len, d + sp, sn, &ef);
+        if (pos != len || e < 0 || (ef & BJ_NBDH_EXPORT_BITMAPS))
+            return 0;
+        unsigned char ctx[4 + sizeof(BASE_ALLOC) - 1];
+        put_be32(ctx, 0);
+        memcpy(ctx + 4, BASE_ALLOC, sizeof(BASE_ALLOC) - 1);
+        *err = hs_reply(sock, o, option, REP_META_CONTEXT, ctx, sizeof(ctx));
+        if (*err == 0)
+            *err = hs_reply(sock, o, option, REP_ACK, NULL, 0);
+        return 1;
+    }
+    if (option == OPT_GO || option == OPT_INFO) {
+        unsigned ef;
         if (hs_string(d, len, &pos, &sp, &sn) < 0 || len - pos < 2)
             return 0;
         uint32_t n = get_be16(d + pos);
         pos += 2;
         if (len - pos != 2 * n)
             return 0;
-        int32_t e = hs_export(names, names_len, d + sp, sn);
+        int32_t e = hs_export(names, names_len, d + sp, sn, &ef);
         if (e < 0)
             return 0;
         uint32_t info = 0;
@@ -1457,7 +1492,7 @@ static int hs_option(struct bj_nbdh *h, uint32_t option, const unsigned char *d,
         }
         h->go_export = e;
         h->go_info = info;
-        return 2;
+        return option == OPT_GO ? 2 : 3;
     }
     return 0;
 }
@@ -1491,7 +1526,8 @@ int bj_nbdh_step(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
         uint32_t option = get_be32(p + 8), len = get_be32(p + 12);
         if (get_be64(p) != IHAVEOPT || len > cap - OPT_HDR
             || (option != OPT_STRUCTURED_REPLY && option != OPT_SET_META_CONTEXT
-                && option != OPT_GO))
+                && option != OPT_LIST_META_CONTEXT && option != OPT_GO
+                && option != OPT_INFO))
             break;
         if ((r = hs_fill(sock, h, buf, cap, OPT_HDR + len, &o)) < 0)
             return r;
@@ -1503,8 +1539,8 @@ int bj_nbdh_step(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
         if (k == 0)
             break;
         h->rpos += OPT_HDR + len;
-        if (k == 2)
-            return (r = hs_flush(sock, &o)) < 0 ? r : BJ_NBDH_GO;
+        if (k >= 2)
+            return (r = hs_flush(sock, &o)) < 0 ? r : k == 2 ? BJ_NBDH_GO : BJ_NBDH_INFO;
     }
     return (r = hs_flush(sock, &o)) < 0 ? r : BJ_NBDH_OPTION;
 }

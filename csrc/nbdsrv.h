@@ -153,18 +153,21 @@ void bj_nbds_free(struct bj_nbds *s);
  * alone: the greeting and the client's flags (the first call), then the
  * options it knows an answer to without the block graph -- STRUCTURED_REPLY
  * (first time, no payload: ACK), SET_META_CONTEXT of exactly
- * base:allocation for an export in names (META_CONTEXT 1 and ACK) -- and
- * NBD_OPT_GO for an export in names, well formed: taken from the stream and
- * returned for the caller to attach and answer. Anything else -- INFO,
- * LIST, LIST_META_CONTEXT, ABORT, EXPORT_NAME, STARTTLS, an unknown option,
- * an unknown export, another meta context, a malformed or too long option --
+ * base:allocation for an export in names (META_CONTEXT 1 and ACK),
+ * LIST_META_CONTEXT of an export without bitmaps with no query, "base:" or
+ * "base:allocation" (META_CONTEXT 0 base:allocation and ACK) -- and
+ * NBD_OPT_GO or NBD_OPT_INFO for an export in names, well formed: taken from
+ * the stream and returned for the caller to answer (and attach). Anything
+ * else -- LIST, ABORT, EXPORT_NAME, STARTTLS, an unknown option, an unknown
+ * export, other meta contexts, a malformed or too long option --
  * is left at buf[rpos] (its header complete or not) for the caller's own
  * handshake code, which calls again after answering it. So what a client
  * sees is the same bytes either way.
  *
  * buf/cap: the caller's read-ahead buffer (bytes [rpos, rlen) not taken
  * yet; recv fills it, after moving those to its start). names: the
- * exports' names, each as a 4-byte big-endian length then its bytes.
+ * exports' names, each as a 4-byte big-endian length, its bytes, then a
+ * flags byte (BJ_NBDH_EXPORT_BITMAPS: it has dirty-bitmap contexts).
  * Replies are sent before the next recv and before returning. */
 struct bj_nbdh {
     uint32_t rpos, rlen;
@@ -172,13 +175,13 @@ struct bj_nbdh {
     uint32_t state;
     /* the export (index in names) base:allocation was set for; -1 none */
     int32_t ctx_export;
-    /* returned GO: the export's index in names, the NBD_INFO_* types asked
-     * (bit t for type t < 32) */
+    /* returned GO or INFO: the export's index in names, the NBD_INFO_*
+     * types asked (bit t for type t < 32) */
     int32_t go_export;
     uint32_t go_info;
 };
 
-/* Returns BJ_NBDH_GO, BJ_NBDH_OPTION (the next option is the caller's),
+/* Returns BJ_NBDH_GO, BJ_NBDH_INFO, BJ_NBDH_OPTION (the next option is the caller's),
  * BJ_NBDH_HANGUP (unknown client flags: close), or -errno (-ECONNRESET at
  * EOF; -EAGAIN: the socket's SO_RCVTIMEO/SO_SNDTIMEO ran out). */
 int bj_nbdh_step(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
@@ -193,6 +196,8 @@ int bj_nbdh_step(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
 #define BJ_NBDH_GO 1
 #define BJ_NBDH_OPTION 0
 #define BJ_NBDH_HANGUP 2
+#define BJ_NBDH_INFO 3
+#define BJ_NBDH_EXPORT_BITMAPS 1u
 
 #define BJ_NBDS_DATA 0
 #define BJ_NBDS_DATA_PAD 1

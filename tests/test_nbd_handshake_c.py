@@ -51,6 +51,9 @@ COMMON = [STRUCTURED, _meta(10, b"d", BASE), _info(7, b"d", 3)]
 SEQUENCES = {
     "nbdcopy": COMMON,
     "nbdinfo": [STRUCTURED, _info(6, b"d", 3, 1, 2), _meta(9, b"d"), _info(7, b"d", 3, 1, 2)],
+    "list queries": [STRUCTURED, _meta(9, b"d", b"base:"), _meta(9, b"d", BASE),
+                     _meta(9, b"d", b"qemu:"), _meta(9, b"d", BASE, b"base:"),
+                     _meta(9, b"x"), _info(6, b"x"), _info(6, b"d", 2), _info(7, b"d")],
     "meta before structured": [_meta(10, b"d", BASE), *COMMON],
     "structured twice": [STRUCTURED, STRUCTURED, _info(7, b"d")],
     "unknown export": [STRUCTURED, _meta(10, b"x", BASE), _info(7, b"x", 3),
@@ -70,20 +73,22 @@ SEQUENCES = {
 
 @pytest.fixture
 def ours(tmp_path) -> Iterator:
-    """ours(**kw) -> the UNIX socket of a server exporting ``d`` (1 MiB raw)."""
+    """ours(bitmaps=(), **kw) -> the UNIX socket of a server exporting
+    ``d`` (1 MiB raw)."""
     made: list[tuple[NBDServer, Engine]] = []
     img = str(tmp_path / "d.raw")
     assert qemu_img("create", "-f", "raw", img, "1M").returncode == 0
     qemu_io(img, "write -P 0x5a 0 64k", fmt="raw")
 
-    def start(**kw) -> str:
+    def start(bitmaps: tuple[str, ...] = (), **kw) -> str:
         eng = Engine()
         node = eng.open(img, "raw", node_name="d", read_only=True)
         with eng.io:
             fe = eng.io.attach(node, writable=False)
         srv = NBDServer(**kw)
         made.append((srv, eng))
-        srv.add_export(Export("d", NodeBackend(eng.io, fe, {})))
+        # (bitmaps: named in the handshake only; no BLOCK_STATUS asks them)
+        srv.add_export(Export("d", NodeBackend(eng.io, fe, {}), bitmaps=bitmaps))
         path = str(tmp_path / f"s{len(made)}.sock")
         srv.listen_unix(path)
         return path
@@ -143,6 +148,34 @@ def _talk(path: str, options: list[bytes], cflags: int = 3,
             s.sendall(struct.pack(">IHHQQI", REQ, 0, 2, 1, 0, 0))     # DISC
     s.close()
     return raw, kinds
+
+
+def test_nbdinfos_options_are_answered_in_c(ours, python_options):
+    """nbdinfo's sequence (INFO, LIST_META_CONTEXT, GO): no option goes to
+    the Python option code; the same bytes as without the C handshake."""
+    path = ours()
+    raw, kinds = _talk(path, SEQUENCES["nbdinfo"], segments=True)
+    assert python_options == []
+    assert kinds == [(8, 1), *[(6, 3)] * 3, (6, 1), (9, 4), (9, 1), *[(7, 3)] * 3, (7, 1)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BLKJOBS_NBD_C", "0")
+        assert _talk(path, SEQUENCES["nbdinfo"])[0] == raw
+    assert python_options == [8, 6, 9, 7]
+
+
+def test_an_export_with_bitmaps_lists_them_from_python(ours, python_options):
+    """LIST_META_CONTEXT of an export with dirty-bitmap contexts is the
+    Python code's (C knows base:allocation only): every context listed,
+    the same bytes as without the C handshake."""
+    path = ours(bitmaps=("b0", "b1"))
+    seq = [STRUCTURED, _meta(9, b"d"), _meta(9, b"d", b"qemu:dirty-bitmap:"),
+           _meta(9, b"d", b"base:"), _meta(10, b"d", BASE), _info(7, b"d")]
+    raw, kinds = _talk(path, seq)
+    assert python_options == [9, 9, 9]
+    assert kinds.count((9, 4)) == 3 + 2 + 1
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BLKJOBS_NBD_C", "0")
+        assert _talk(path, seq)[0] == raw
 
 
 def test_the_common_options_are_answered_in_c(ours, python_options):

@@ -824,10 +824,12 @@ static void reply(int fd, uint32_t option, uint32_t type, uint32_t len)
     readn(fd, d, len);
 }
 
-static const unsigned char NAMES[] = "\0\0\0\1a\0\0\0\1d";
+/* exports a (with dirty bitmaps) and d */
+static const unsigned char NAMES[] = "\0\0\0\1a\1\0\0\0\1d\0";
 #define NAMES_LEN (sizeof(NAMES) - 1)
 static const unsigned char META_D[] = "\0\0\0\1d\0\0\0\1\0\0\0\x0f" "base:allocation";
 static const unsigned char GO_D[] = "\0\0\0\1d\0\2\0\3\0\1";
+static const unsigned char LIST_D[] = "\0\0\0\1d\0\0\0\0";
 
 /* The greeting, nbdcopy's options sent one byte at a time (from a thread:
  * the client's side), GO returned; then an INFO left to the caller at
@@ -858,8 +860,10 @@ static void test_handshake(void)
     n += opt(in + n, 8, NULL, 0);
     n += opt(in + n, 10, META_D, sizeof(META_D) - 1);
     n += opt(in + n, 7, GO_D, sizeof(GO_D) - 1);
-    size_t info = n;
     n += opt(in + n, 6, GO_D, sizeof(GO_D) - 1);
+    n += opt(in + n, 9, LIST_D, sizeof(LIST_D) - 1);
+    size_t info = n;
+    n += opt(in + n, 3, "abcd", 4);
     struct dribble d = {sv[1], in, n};
     pthread_t t;
     CHECK_EQ(pthread_create(&t, NULL, dribble_thread, &d), 0);
@@ -877,8 +881,15 @@ static void test_handshake(void)
     reply(sv[1], 8, 1, 0);
     reply(sv[1], 10, 4, 19);
     reply(sv[1], 10, 1, 0);
-    /* INFO: the caller's, its header at rpos (maybe not all of it read) */
+    /* INFO: returned as GO is; LIST_META_CONTEXT of d (no bitmaps):
+     * answered */
+    h.go_export = -1;
+    CHECK_EQ(bj_nbdh_step(sv[0], &h, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_INFO);
+    CHECK_EQ(h.go_export, 1);
+    /* LIST: the caller's, its header at rpos (maybe not all of it read) */
     CHECK_EQ(bj_nbdh_step(sv[0], &h, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_OPTION);
+    reply(sv[1], 9, 4, 19);
+    reply(sv[1], 9, 1, 0);
     CHECK_EQ(pthread_join(t, NULL), 0);
     CHECK(h.rlen - h.rpos >= 16);
     CHECK(memcmp(buf + h.rpos, in + info, 16) == 0);
@@ -902,16 +913,25 @@ static void test_handshake(void)
     CHECK_EQ(write(sv[1], in, 4), 4);
     struct bj_nbdh h2 = {.ctx_export = -1};
     CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_HANGUP);
-    unsigned char meta_x[sizeof(META_D)];
+    unsigned char meta_x[sizeof(META_D)], list_a[sizeof(LIST_D)];
     memcpy(meta_x, META_D, sizeof(META_D));
     meta_x[4] = 'x';
+    memcpy(list_a, LIST_D, sizeof(LIST_D));
+    list_a[4] = 'a';
+    /* (a has bitmaps: its list is the caller's) */
     n = opt(in, 8, NULL, 0);
-    n += opt(in + n, 10, meta_x, sizeof(META_D) - 1);
+    CHECK_EQ(write(sv[1], in, n), (ssize_t)n);
+    n = opt(in, 9, list_a, sizeof(LIST_D) - 1);
+    CHECK_EQ(write(sv[1], in, n), (ssize_t)n);
+    CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_OPTION);
+    CHECK_EQ(h2.rlen - h2.rpos, n);
+    h2.rpos = h2.rlen = 0;
+    n = opt(in, 10, meta_x, sizeof(META_D) - 1);
     CHECK_EQ(write(sv[1], in, n), (ssize_t)n);
     CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_OPTION);
     CHECK_EQ(h2.ctx_export, -1);
     CHECK(h2.state & BJ_NBDH_STRUCTURED);
-    CHECK_EQ(h2.rlen - h2.rpos, n - 16);
+    CHECK_EQ(h2.rlen - h2.rpos, n);
     h2.rpos = h2.rlen = 0;
     unsigned char big[64];
     opt(big, 10, NULL, 0);

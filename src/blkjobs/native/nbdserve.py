@@ -161,18 +161,19 @@ def pool_trim(keep: int = 0) -> int:
 
 
 #: bj_nbdh_step's results (csrc/nbdsrv.h)
-HS_OPTION, HS_GO, HS_HANGUP = 0, 1, 2
+HS_OPTION, HS_GO, HS_HANGUP, HS_INFO = 0, 1, 2, 3
 #: struct bj_nbdh's state bits
 HS_NO_ZEROES, HS_STRUCTURED, HS_BASE_ALLOC = 2, 4, 8
 
 
-def export_names(names: Sequence[str]) -> bytes:
-    """The exports' names as bj_nbdh_step takes them (a 4-byte big-endian
-    length, then the name's bytes, each)."""
+def export_names(exports: Sequence[tuple[str, bool]]) -> bytes:
+    """The exports' names as bj_nbdh_step takes them: per (name, has
+    dirty-bitmap contexts), a 4-byte big-endian length, the name's bytes,
+    a flags byte."""
     out = bytearray()
-    for n in names:
+    for n, bitmaps in exports:
         b = n.encode()
-        out += len(b).to_bytes(4, "big") + b
+        out += len(b).to_bytes(4, "big") + b + (b"\1" if bitmaps else b"\0")
     return bytes(out)
 
 
@@ -218,6 +219,6 @@ class Handshake:
 
     @property
     def go(self) -> tuple[int, int]:
-        """The GO returned: (index of the export in the names, info types
-        asked as bits)."""
+        """The GO or INFO returned: (index of the export in the names,
+        info types asked as bits)."""
         return int(self._h.go_export), int(self._h.go_info)

@@ -11,7 +11,7 @@ import struct
 import ssl
 from typing import Any, Protocol
 
-from ..native.nbdserve import HS_GO, HS_HANGUP
+from ..native.nbdserve import HS_GO, HS_HANGUP, HS_INFO
 from . import proto as P
 
 #: a server.Export (server.py imports this module: see Connection)
@@ -97,9 +97,10 @@ def negotiate(conn: Connection) -> Export | None:
 
 def _negotiate(conn: Connection) -> Export | None:
     server = conn.server
-    # the common options (nbdcopy's, qemu's: STRUCTURED_REPLY,
-    # SET_META_CONTEXT base:allocation, GO) are answered in C; C leaves
-    # every other option, and any it cannot answer alone, to the loop below
+    # the common options (nbdcopy's, qemu's, nbdinfo's: STRUCTURED_REPLY,
+    # SET_META_CONTEXT and LIST_META_CONTEXT of base:allocation, GO and
+    # INFO parsed) are answered in C; C leaves every other option, and any
+    # it cannot answer alone, to the loop below
     hs = conn.c_handshake()
     if hs is None:
         conn.send(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT,
@@ -113,13 +114,14 @@ def _negotiate(conn: Connection) -> Export | None:
             rc = conn.c_step(hs)
             if rc == HS_HANGUP:
                 return None             # unknown client flags
-            if rc == HS_GO:
+            if rc in (HS_GO, HS_INFO):
                 idx, info = hs.go
                 wanted = {t for t in (P.INFO_NAME, P.INFO_DESCRIPTION) if info >> t & 1}
+                option = P.OPT_GO if rc == HS_GO else P.OPT_INFO
                 try:
-                    exp = _go(conn, P.OPT_GO, hs.names[idx], wanted)
+                    exp = _go(conn, option, hs.names[idx], wanted)
                 except _OptError as e:
-                    _send(conn, P.OPT_GO, e.rtype, str(e).encode())
+                    _send(conn, option, e.rtype, str(e).encode())
                     continue
                 if exp is not None:
                     return exp

@@ -263,7 +263,8 @@ class NBDServer:
 
     def _names_changed(self) -> None:
         names = tuple(self.exports)
-        self.names = (names, nbdserve.export_names(names))
+        self.names = (names, nbdserve.export_names(
+            [(n, bool(e.bitmaps)) for n, e in self.exports.items()]))
 
     def settle(self, exp: Export, timeout: float = 10.0) -> None:
         """Let the clients of ``exp`` that already hung up finish leaving:
