@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -1494,6 +1495,15 @@ static int hs_option(struct bj_nbdh *h, uint32_t option, const unsigned char *d,
         h->go_info = info;
         return option == OPT_GO ? 2 : 3;
     }
+    return 0;
+}
+
+int bj_nbdh_timeouts(int sock, uint64_t usec)
+{
+    struct timeval tv = {.tv_sec = (time_t)(usec / 1000000), .tv_usec = (suseconds_t)(usec % 1000000)};
+    if (setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) < 0
+        || setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) < 0)
+        return -errno;
     return 0;
 }
 

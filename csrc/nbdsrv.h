@@ -186,6 +186,10 @@ struct bj_nbdh {
  * EOF; -EAGAIN: the socket's SO_RCVTIMEO/SO_SNDTIMEO ran out). */
 int bj_nbdh_step(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
                  const unsigned char *names, uint32_t names_len);
+
+/* The handshake's time limit on each receive and send of sock
+ * (SO_RCVTIMEO and SO_SNDTIMEO; 0: none). 0 or -errno. */
+int bj_nbdh_timeouts(int sock, uint64_t usec);
 /* cdef-end */
 
 #define BJ_NBDH_GREETED 1u

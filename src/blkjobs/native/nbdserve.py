@@ -166,6 +166,14 @@ HS_OPTION, HS_GO, HS_HANGUP, HS_INFO = 0, 1, 2, 3
 HS_NO_ZEROES, HS_STRUCTURED, HS_BASE_ALLOC = 2, 4, 8
 
 
+def set_timeouts(fd: int, seconds: float) -> None:
+    """The handshake's limit on each receive and send of socket ``fd``
+    (SO_RCVTIMEO, SO_SNDTIMEO; 0: none) in one call."""
+    rc = lib.bj_nbdh_timeouts(fd, int(seconds * 1e6))
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+
+
 def export_names(exports: Sequence[tuple[str, bool]]) -> bytes:
     """The exports' names as bj_nbdh_step takes them: per (name, has
     dirty-bitmap contexts), a 4-byte big-endian length, the name's bytes,

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import threading
 from typing import Any, Protocol
@@ -83,7 +82,7 @@ def usable(conn: Connection, exp: Export) -> bool:
     not set."""
     return (hasattr(exp.backend, "plan_reads") and not conn.tls_done
             and not conn.buffered()
-            and conn.server.workers > 1 and os.environ.get("BLKJOBS_NBD_C", "1") != "0")
+            and conn.server.workers > 1 and conn.c_path)
 
 
 def serve(conn: Connection, exp: Export) -> None:

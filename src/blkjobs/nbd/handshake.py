@@ -32,6 +32,7 @@ class Connection(Protocol):
     no_zeroes: bool
     tls_done: bool
     closing: bool
+    c_path: bool
     contexts: list[str]
     contexts_export: str | None
 

@@ -34,7 +34,6 @@ import os
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -327,6 +326,9 @@ class Connection:
         #: the export those contexts were negotiated for
         self.contexts_export: str | None = None
         self.closing = False
+        #: C may serve this connection (``BLKJOBS_NBD_C`` is not 0: read
+        #: once, as it starts)
+        self.c_path = True
         #: the C data path's session while it serves (replies go through it)
         self.sender: Any = None
         #: a reply goes out whole (several workers send on one connection)
@@ -396,7 +398,7 @@ class Connection:
         ``bj_nbdh_step``, :meth:`c_step`), or None: a server with TLS (the
         options before STARTTLS are refused, those after it are inside
         TLS), or ``BLKJOBS_NBD_C=0`` (the Python path throughout)."""
-        if self.server.tls is not None or os.environ.get("BLKJOBS_NBD_C", "1") == "0":
+        if self.server.tls is not None or not self.c_path:
             return None
         return nbdserve.Handshake(self.sock.fileno(), self._rbuf, self.server.names)
 
@@ -425,14 +427,11 @@ class Connection:
 
     def _timeouts(self, seconds: float) -> None:
         """The handshake's limit on each receive and send (0: none) as the
-        socket's SO_RCVTIMEO/SO_SNDTIMEO: the socket stays blocking, so a
-        ``recv`` is one system call (with ``settimeout`` Python polls
-        before each one); a receive or send timing out raises
-        ``OSError(EAGAIN)``, and the client is dropped."""
-        sec = int(seconds)
-        tv = struct.pack("ll", sec, int((seconds - sec) * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        socket's SO_RCVTIMEO/SO_SNDTIMEO (both in one C call): the socket
+        stays blocking, so a ``recv`` is one system call (with
+        ``settimeout`` Python polls before each one); a receive or send
+        timing out raises ``OSError(EAGAIN)``, and the client is dropped."""
+        nbdserve.set_timeouts(self.sock.fileno(), seconds)
 
     def send_later(self, data: bytes) -> None:
         """Queue a handshake reply: those of one option go out in one
@@ -488,6 +487,7 @@ class Connection:
 
     def _run(self) -> None:
         try:
+            self.c_path = os.environ.get("BLKJOBS_NBD_C", "1") != "0"
             if self.server.handshake_timeout:
                 self._timeouts(self.server.handshake_timeout)
             exp = negotiate(self)
