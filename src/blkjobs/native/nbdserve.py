@@ -42,8 +42,9 @@ class Session(Owned):
             e = ffi.errno or errno.ENOMEM
             raise OSError(e, os.strerror(e))
         self._s = s
-        self._reqs = ffi.new("struct bj_nbds_req[]", _BATCH)
-        self._done = ffi.new("uint64_t[]", _BATCH)
+        # (written by C before they are read: not cleared)
+        self._reqs = _alloc("struct bj_nbds_req[]", _BATCH)
+        self._done = _alloc("uint64_t[]", _BATCH)
 
     def next(self) -> list[Header]:
         """Request headers (at least one); EOFError at the client's EOF,
@@ -174,15 +175,22 @@ def set_timeouts(fd: int, seconds: float) -> None:
         raise OSError(-rc, os.strerror(-rc))
 
 
-def export_names(exports: Sequence[tuple[str, bool]]) -> bytes:
+class ExportNames:
     """The exports' names as bj_nbdh_step takes them: per (name, has
     dirty-bitmap contexts), a 4-byte big-endian length, the name's bytes,
-    a flags byte."""
-    out = bytearray()
-    for n, bitmaps in exports:
-        b = n.encode()
-        out += len(b).to_bytes(4, "big") + b + (b"\1" if bitmaps else b"\0")
-    return bytes(out)
+    a flags byte -- made once when the exports change, not per
+    connection."""
+
+    def __init__(self, exports: Sequence[tuple[str, bool]] = ()):
+        #: the names the C handshake's indices refer to
+        self.names = tuple(n for n, _ in exports)
+        out = bytearray()
+        for n, bitmaps in exports:
+            b = n.encode()
+            out += len(b).to_bytes(4, "big") + b + (b"\1" if bitmaps else b"\0")
+        self._blob = bytes(out)
+        self.c = ffi.from_buffer(self._blob)
+        self.len = len(self._blob)
 
 
 class Handshake:
@@ -190,16 +198,16 @@ class Handshake:
     ``bj_nbdh_step``) over socket ``fd``, reading into ``buf`` (the
     connection's read-ahead buffer: bytes ``[rpos, rlen)`` not taken)."""
 
-    def __init__(self, fd: int, buf: bytearray, names: tuple[tuple[str, ...], bytes]):
+    def __init__(self, fd: int, buf: bytearray, names: ExportNames):
         #: the exports' names the indices refer to
-        self.names = names[0]
+        self.names = names.names
         self._fd = fd
         self._h = ffi.new("struct bj_nbdh *")
         self._h.ctx_export = -1
         self._buf = ffi.from_buffer(buf)
         self._cap = len(buf)
-        self._names = ffi.from_buffer(names[1])
-        self._nlen = len(names[1])
+        self._names = names.c
+        self._nlen = names.len
 
     def step(self, rpos: int, rlen: int, structured: bool) -> tuple[int, int, int]:
         """Greet (the first call) and answer options until GO or one the

@@ -158,7 +158,7 @@ class NBDServer:
         self.exports: dict[str, Export] = {}
         #: the exports' names, and as the C handshake takes them (a
         #: snapshot, replaced whenever an export comes or goes)
-        self.names: tuple[tuple[str, ...], bytes] = ((), b"")
+        self.names = nbdserve.ExportNames()
         self.connections: set[Connection] = set()
         self._listeners: list[tuple[socket.socket, threading.Thread]] = []
         self._closing = False
@@ -261,9 +261,8 @@ class NBDServer:
         self.maybe_gone(exp)
 
     def _names_changed(self) -> None:
-        names = tuple(self.exports)
-        self.names = (names, nbdserve.export_names(
-            [(n, bool(e.bitmaps)) for n, e in self.exports.items()]))
+        self.names = nbdserve.ExportNames([(n, bool(e.bitmaps))
+                                           for n, e in self.exports.items()])
 
     def settle(self, exp: Export, timeout: float = 10.0) -> None:
         """Let the clients of ``exp`` that already hung up finish leaving:
