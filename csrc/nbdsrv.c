@@ -955,11 +955,11 @@ void bj_nbds_global(struct bj_nbds *s)
     s->global = 1;
 }
 
-int bj_nbds_reap(uint64_t *keys, uint64_t *done, int maxdone)
+int bj_nbds_reap(uint64_t *keys, uint32_t *counts, uint64_t *done, int maxdone)
 {
-    int n = 0;
+    int n = 0, runs = 0;
     pthread_mutex_lock(&reap_lock);
-    while (!reap_head && !reap_stop && !n)
+    while (!reap_head && !reap_stop)
         pthread_cond_wait(&reap_cv, &reap_lock);
     while (reap_head && n < maxdone) {
         struct bj_nbds *s = reap_head;
@@ -979,15 +979,17 @@ int bj_nbds_reap(uint64_t *keys, uint64_t *done, int maxdone)
         int k = take_done_locked(s, done + n, maxdone - n);
         int more = s->ndone != 0;
         pthread_mutex_unlock(&s->lock);
-        for (int i = 0; i < k; i++)
-            keys[n + i] = (uint64_t)(uintptr_t)s;
-        n += k;
+        if (k) {
+            keys[runs] = (uint64_t)(uintptr_t)s;
+            counts[runs++] = (uint32_t)k;
+            n += k;
+        }
         if (more)           /* (the next call takes the rest) */
             wake_reaper(s);
         pthread_mutex_lock(&reap_lock);
     }
     pthread_mutex_unlock(&reap_lock);
-    return n;
+    return runs;
 }
 
 void bj_nbds_reaped(void)

@@ -106,16 +106,19 @@ void bj_nbds_stop_done(struct bj_nbds *s);
  * session: bj_nbds_global (before the first submit) makes the tokens of
  * session s go to bj_nbds_reap, one thread's for every such session: it
  * waits until a session has tokens to take (the same moments as
- * bj_nbds_wait_done's), returns up to maxdone of them in done, each with
- * its session (a struct bj_nbds * as an integer) in keys -- or 0 once
- * bj_nbds_reap_stop(1) was called and none is queued; after ending those
- * reads the caller calls bj_nbds_reaped. bj_nbds_drain (at a session's
- * end, after bj_nbds_wait_idle): stops the session's workers (they go back
- * to the pool), waits until the reaper's batch with tokens of s (if any)
- * is reaped, and returns the tokens of s still to take (up to maxdone:
- * call again until 0), for the caller to end; then bj_nbds_free. */
+ * bj_nbds_wait_done's) and returns them, up to maxdone in done, by
+ * session: the number of sessions (runs), each run's session (a struct
+ * bj_nbds * as an integer) in keys and its number of tokens in counts
+ * (keys and counts have room for maxdone), its tokens next in done -- or
+ * 0 once bj_nbds_reap_stop(1) was called and none is queued; after ending
+ * those reads the caller calls bj_nbds_reaped. bj_nbds_drain (at a
+ * session's end, after bj_nbds_wait_idle): stops the session's workers
+ * (they go back to the pool), waits until the reaper's batch with tokens
+ * of s (if any) is reaped, and returns the tokens of s still to take (up
+ * to maxdone: call again until 0), for the caller to end; then
+ * bj_nbds_free. */
 void bj_nbds_global(struct bj_nbds *s);
-int bj_nbds_reap(uint64_t *keys, uint64_t *done, int maxdone);
+int bj_nbds_reap(uint64_t *keys, uint32_t *counts, uint64_t *done, int maxdone);
 void bj_nbds_reaped(void);
 void bj_nbds_reap_stop(int stop);
 int bj_nbds_drain(struct bj_nbds *s, uint64_t *done, int maxdone);

@@ -729,10 +729,15 @@ static void *greaper(void *arg)
 {
     (void)arg;
     uint64_t keys[16], done[16];
-    int n;
-    while ((n = bj_nbds_reap(keys, done, 16)) > 0) {
-        for (int i = 0; i < n; i++)
-            gtoken(keys[i], done[i]);
+    uint32_t counts[16];
+    int runs;
+    while ((runs = bj_nbds_reap(keys, counts, done, 16)) > 0) {
+        int pos = 0;
+        for (int r = 0; r < runs; r++) {
+            CHECK(counts[r] > 0 && pos + (int)counts[r] <= 16);
+            for (uint32_t i = 0; i < counts[r]; i++)
+                gtoken(keys[r], done[pos++]);
+        }
         bj_nbds_reaped();
     }
     bj_nbds_reaped();

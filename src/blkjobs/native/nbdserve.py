@@ -129,15 +129,22 @@ class Session(Owned):
 
 
 _reap_keys = ffi.new("uint64_t[]", _BATCH)
+_reap_counts = ffi.new("uint32_t[]", _BATCH)
 _reap_done = ffi.new("uint64_t[]", _BATCH)
 
 
-def reap() -> list[tuple[int, int]]:
-    """The process's reaper (one thread): (session key, token) of reads
-    done in the sessions made global -- waits for some; [] once
+def reap() -> list[tuple[int, list[int]]]:
+    """The process's reaper (one thread): per session (its key) the tokens
+    of reads done in the sessions made global -- waits for some; [] once
     :func:`reap_stop` was called. Then :func:`reaped`, always."""
-    n = lib.bj_nbds_reap(_reap_keys, _reap_done, _BATCH)
-    return list(zip(_reap_keys[0:n], _reap_done[0:n], strict=True))
+    runs = lib.bj_nbds_reap(_reap_keys, _reap_counts, _reap_done, _BATCH)
+    out = []
+    pos = 0
+    for i in range(runs):
+        k = _reap_counts[i]
+        out.append((int(_reap_keys[i]), ffi.unpack(_reap_done + pos, k)))
+        pos += k
+    return out
 
 
 def reaped() -> None:

@@ -171,10 +171,7 @@ def _reap() -> None:
         try:
             if not got:
                 return
-            by: dict[int, list[int]] = {}
-            for key, t in got:
-                by.setdefault(key, []).append(t)
-            for key, done in by.items():
+            for key, done in got:   # (per session: no Python step per token)
                 side = _sides.get(key)
                 if side is not None:        # (always: its drain waits for this batch)
                     _end(side, done)
