@@ -12,8 +12,12 @@ instructions of every thread of the server (not the kernel's). The image:
 a 1 MiB qcow2, 64 KiB of data. A run takes about 40 s (the start-up under
 valgrind), so three per build.
 
-Usage: benchmarks/nbd_export_instr.py [--sessions 40] [--src DIR]...
-       [--dir /var/tmp]
+``--copy SIZE``: instead, per copy of nbd_export.py's sparse image of that
+size as qcow2 (5 % data in 64 KiB pieces): idle, then ``--copies``
+``nbdcopy URI null:``.
+
+Usage: benchmarks/nbd_export_instr.py [--sessions 40] [--copy 256M [--copies 5]]
+       [--src DIR]... [--dir /var/tmp]
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from nbd_export import make_sparse  # noqa: E402
+
 OURS = os.path.join(HERE, "..", "src")
 RUN = ("import sys; sys.argv[0] = 'blkjobs'; from blkjobs.cli.main import run; "
        "sys.exit(run())")
@@ -71,6 +78,8 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=40)
     ap.add_argument("--src", action="append", default=[],
                     help="another build's src/ directory (repeatable)")
+    ap.add_argument("--copy", metavar="SIZE", help="per copy of a sparse qcow2 of SIZE")
+    ap.add_argument("--copies", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp")
     a = ap.parse_args()
     if shutil.which("valgrind") is None:
@@ -78,12 +87,24 @@ def main() -> int:
     d = tempfile.mkdtemp(prefix="nbd-export-instr.", dir=a.dir)
     try:
         image = os.path.join(d, "s.qcow2")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "1M"], check=True)
-        subprocess.run(["qemu-io", "-c", "write -P 1 0 64k", image], check=True,
-                       stdout=subprocess.DEVNULL)
+        if a.copy:
+            from blkjobs.units import parse_size
+            make_sparse(os.path.join(d, "s.raw"), parse_size(a.copy))
+            subprocess.run(["qemu-img", "convert", "-O", "qcow2", os.path.join(d, "s.raw"),
+                            image], check=True)
+            os.unlink(os.path.join(d, "s.raw"))
+        else:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "1M"], check=True)
+            subprocess.run(["qemu-io", "-c", "write -P 1 0 64k", image], check=True,
+                           stdout=subprocess.DEVNULL)
         for src in [OURS, *a.src]:
             subprocess.run([sys.executable, "-m", "compileall", "-q", src], check=True)
             idle = instructions(src, image, "nbdinfo", 0, d)
+            if a.copy:
+                per_copy = (instructions(src, image, "nbdcopy", a.copies, d) - idle) / a.copies
+                print(f"{os.path.abspath(src)}: per {a.copy} copy {per_copy / 1e6:.2f} M "
+                      f"instructions (idle run {idle / 1e6:.1f} M)", flush=True)
+                continue
             per = {c: (instructions(src, image, c, a.sessions, d) - idle) / a.sessions
                    for c in ("nbdinfo", "nbdcopy")}
             print(f"{os.path.abspath(src)}: per session nbdinfo {per['nbdinfo'] / 1e3:.0f} K, "
