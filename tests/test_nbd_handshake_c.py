@@ -1,10 +1,13 @@
 """The handshake's common options answered in C (csrc/nbdsrv.c
 ``bj_nbdh_step``): nbdcopy's and qemu's sequence -- STRUCTURED_REPLY,
-SET_META_CONTEXT base:allocation, GO -- is answered without the Python
-option code, also when every byte comes in its own segment; every other
-option, and every case C cannot answer alone, falls back to Python: the
-bytes a client receives are the same with the C handshake and without it
-(``BLKJOBS_NBD_C=0``), and the replies' kinds are qemu-nbd's."""
+SET_META_CONTEXT base:allocation, GO -- and nbdinfo's (INFO,
+LIST_META_CONTEXT) are answered without the Python option code, also when
+every byte comes in its own segment; every other option, and every case C
+cannot answer alone (an export with dirty bitmaps to list...), falls back
+to Python: the bytes a client receives are the same with the C handshake
+and without it (``BLKJOBS_NBD_C=0``), and the replies' kinds are
+qemu-nbd's. And the accept loop that hands the connections over: a
+blocking accept on UNIX and TCP sockets, ended by ``close()``."""
 from __future__ import annotations
 
 import socket
