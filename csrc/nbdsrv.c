@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -82,6 +83,10 @@ struct bj_nbds {
     int started;                    /* workers taken from the pool: on demand */
     int attached;                   /* of those, still serving this session */
     pthread_cond_t gone;            /* attached dropped to 0 (bj_nbds_free waits) */
+    /* the process's reaper (bj_nbds_reap) takes the tokens, not
+     * bj_nbds_wait_done; these under reap_lock */
+    int global, queued, in_batch;
+    struct bj_nbds *reap_next, *batch_next;
     unsigned char rbuf[RBUF];       /* only [rpos, rlen) is ever read */
 };
 
@@ -112,16 +117,51 @@ static uint64_t get_be64(const unsigned char *p)
     return (uint64_t)get_be32(p) << 32 | get_be32(p + 4);
 }
 
+/* -- the process's reaper (bj_nbds_reap): sessions with tokens for it ------ */
+static pthread_mutex_t reap_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t reap_cv = PTHREAD_COND_INITIALIZER;       /* a session queued, or stop */
+static pthread_cond_t reaped_cv = PTHREAD_COND_INITIALIZER;     /* a batch ended */
+static struct bj_nbds *reap_head, *reap_tail;   /* queued: tokens to take */
+static struct bj_nbds *reap_batch;              /* taken, their reads not ended yet */
+static int reap_stop;
+static void reap_forget(struct bj_nbds *s);
+
+/* The tokens of s are to be taken (s->lock not held): its own reaper
+ * (bj_nbds_wait_done) is woken, or s is queued for the process's. */
+static void wake_reaper(struct bj_nbds *s)
+{
+    if (!s->global) {
+        pthread_cond_signal(&s->donecv);
+        return;
+    }
+    pthread_mutex_lock(&reap_lock);
+    int wake = 0;
+    if (!s->queued) {
+        s->queued = 1;
+        s->reap_next = NULL;
+        if (reap_tail)
+            reap_tail->reap_next = s;
+        else
+            reap_head = s;
+        reap_tail = s;
+        wake = 1;
+    }
+    pthread_mutex_unlock(&reap_lock);
+    if (wake)
+        pthread_cond_signal(&reap_cv);
+}
+
 /* Hand the reaper the tokens there are now (a worker is about to wait:
  * for the send lock or the socket). */
 static void flush_done(struct bj_nbds *s)
 {
     pthread_mutex_lock(&s->lock);
-    if (s->ndone) {
+    int wake = s->ndone != 0;
+    if (wake)
         s->flush = 1;
-        pthread_cond_signal(&s->donecv);
-    }
     pthread_mutex_unlock(&s->lock);
+    if (wake)
+        wake_reaper(s);
 }
 
 /* All of iov out, the send lock held by the caller; before the first
@@ -506,7 +546,7 @@ static void read_done(struct bj_nbds *s, uint64_t token)
     int wake = s->ndone >= DONE_BATCH;
     pthread_mutex_unlock(&s->lock);
     if (wake)
-        pthread_cond_signal(&s->donecv);
+        wake_reaper(s);
 }
 
 /* BLOCK_STATUS of base:allocation: the segments' runs as extents (file
@@ -684,7 +724,7 @@ static int serve_session(struct pworker *pw, struct bj_nbds *s)
             if (idle)
                 pthread_cond_broadcast(&s->idle);
             if (reap)
-                pthread_cond_signal(&s->donecv);
+                wake_reaper(s);
             pthread_mutex_lock(&s->lock);
         }
     }
@@ -858,6 +898,8 @@ void bj_nbds_free(struct bj_nbds *s)
     while (s->attached)
         pthread_cond_wait(&s->gone, &s->lock);
     pthread_mutex_unlock(&s->lock);
+    if (s->global)      /* (not drained: its tokens are dropped) */
+        reap_forget(s);
     while (s->head) {               /* only when no thread ever started */
         struct job *j = s->head;
         s->head = j->next;
@@ -904,6 +946,107 @@ void bj_nbds_stop_done(struct bj_nbds *s)
     s->stop_done = 1;
     pthread_cond_broadcast(&s->donecv);
     pthread_mutex_unlock(&s->lock);
+}
+
+/* -- the process's reaper ---------------------------------------------------- */
+
+void bj_nbds_global(struct bj_nbds *s)
+{
+    s->global = 1;
+}
+
+int bj_nbds_reap(uint64_t *keys, uint32_t *counts, uint64_t *done, int maxdone)
+{
+    int n = 0, runs = 0;
+    pthread_mutex_lock(&reap_lock);
+    while (!reap_head && !reap_stop)
+        pthread_cond_wait(&reap_cv, &reap_lock);
+    while (reap_head && n < maxdone) {
+        struct bj_nbds *s = reap_head;
+        reap_head = s->reap_next;
+        if (!reap_head)
+            reap_tail = NULL;
+        s->queued = 0;
+        if (!s->in_batch) {
+            s->in_batch = 1;
+            s->batch_next = reap_batch;
+            reap_batch = s;
+        }
+        /* (s stays alive: bj_nbds_drain waits until its batch ended) */
+        pthread_mutex_unlock(&reap_lock);
+        pthread_mutex_lock(&s->lock);
+        s->flush = 0;
+        int k = take_done_locked(s, done + n, maxdone - n);
+        int more = s->ndone != 0;
+        pthread_mutex_unlock(&s->lock);
+        if (k) {
+            keys[runs] = (uint64_t)(uintptr_t)s;
+            counts[runs++] = (uint32_t)k;
+            n += k;
+        }
+        if (more)           /* (the next call takes the rest) */
+            wake_reaper(s);
+        pthread_mutex_lock(&reap_lock);
+    }
+    pthread_mutex_unlock(&reap_lock);
+    return runs;
+}
+
+void bj_nbds_reaped(void)
+{
+    pthread_mutex_lock(&reap_lock);
+    while (reap_batch) {
+        struct bj_nbds *s = reap_batch;
+        reap_batch = s->batch_next;
+        s->in_batch = 0;
+    }
+    pthread_mutex_unlock(&reap_lock);
+    pthread_cond_broadcast(&reaped_cv);
+}
+
+void bj_nbds_reap_stop(int stop)
+{
+    pthread_mutex_lock(&reap_lock);
+    reap_stop = stop;
+    pthread_mutex_unlock(&reap_lock);
+    pthread_cond_broadcast(&reap_cv);
+}
+
+/* Take s off the process's reaper (its workers stopped: nothing queues it
+ * again): wait until a batch with tokens of s is reaped, unqueue s. */
+static void reap_forget(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&reap_lock);
+    while (s->in_batch)
+        pthread_cond_wait(&reaped_cv, &reap_lock);
+    if (s->queued) {
+        struct bj_nbds **p = &reap_head, *prev = NULL;
+        while (*p != s) {
+            prev = *p;
+            p = &(*p)->reap_next;
+        }
+        *p = s->reap_next;
+        if (reap_tail == s)
+            reap_tail = prev;
+        s->queued = 0;
+    }
+    pthread_mutex_unlock(&reap_lock);
+}
+
+int bj_nbds_drain(struct bj_nbds *s, uint64_t *done, int maxdone)
+{
+    pthread_mutex_lock(&s->lock);
+    s->stop = 1;
+    pthread_cond_broadcast(&s->more);
+    while (s->attached)
+        pthread_cond_wait(&s->gone, &s->lock);
+    pthread_mutex_unlock(&s->lock);
+    /* no worker touches s now: nothing queues it again */
+    reap_forget(s);
+    pthread_mutex_lock(&s->lock);
+    int n = take_done_locked(s, done, maxdone);
+    pthread_mutex_unlock(&s->lock);
+    return n;
 }
 
 /* Wait (s->lock held) until need workers are free (need > nthreads: never
@@ -1143,4 +1286,273 @@ int bj_nbds_queue(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint6
                   int nsegs)
 {
     return submit(s, reqs, nreq, segs, nsegs, 0);
+}
+
+/* -- the handshake's common options (bj_nbdh_step, nbdsrv.h) ---------------- */
+
+#define NBDMAGIC 0x4e42444d41474943ull
+#define IHAVEOPT 0x49484156454f5054ull
+#define OPT_REPLY_MAGIC 0x0003e889045565a9ull
+#define OPT_INFO 6
+#define OPT_GO 7
+#define OPT_STRUCTURED_REPLY 8
+#define OPT_LIST_META_CONTEXT 9
+#define OPT_SET_META_CONTEXT 10
+#define REP_ACK 1
+#define REP_META_CONTEXT 4
+#define HS_FIXED_NEWSTYLE 1u
+#define HS_NO_ZEROES 2u
+#define OPT_HDR 16
+#define BASE_ALLOC "base:allocation"
+/* the longest an export name may be (blkjobs.nbd.proto.MAX_STRING) */
+#define MAX_NAME 4096
+
+struct hs_out {
+    unsigned char b[256];
+    size_t n;
+};
+
+static int hs_flush(int sock, struct hs_out *o)
+{
+    size_t done = 0;
+    while (done < o->n) {
+        ssize_t k = send(sock, o->b + done, o->n - done, MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        done += (size_t)k;
+    }
+    o->n = 0;
+    return 0;
+}
+
+/* An option reply of len data bytes (copied), flushed first when full. */
+static int hs_reply(int sock, struct hs_out *o, uint32_t option, uint32_t type,
+                    const void *data, uint32_t len)
+{
+    if (o->n + 20 + len > sizeof(o->b)) {
+        int r = hs_flush(sock, o);
+        if (r < 0)
+            return r;
+    }
+    unsigned char *p = o->b + o->n;
+    put_be64(p, OPT_REPLY_MAGIC);
+    put_be32(p + 8, option);
+    put_be32(p + 12, type);
+    put_be32(p + 16, len);
+    if (len)
+        memcpy(p + 20, data, len);
+    o->n += 20 + len;
+    return 0;
+}
+
+/* Until buf holds want bytes from rpos (want <= cap): the replies are
+ * sent first (the client may wait for them before it says more). */
+static int hs_fill(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
+                   uint32_t want, struct hs_out *o)
+{
+    while (h->rlen - h->rpos < want) {
+        int r = hs_flush(sock, o);
+        if (r < 0)
+            return r;
+        if (h->rpos) {
+            memmove(buf, buf + h->rpos, h->rlen - h->rpos);
+            h->rlen -= h->rpos;
+            h->rpos = 0;
+        }
+        ssize_t k = recv(sock, buf + h->rlen, cap - h->rlen, 0);
+        if (k == 0)
+            return -ECONNRESET;
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        h->rlen += (uint32_t)k;
+    }
+    return 0;
+}
+
+/* The index in names of the export named by (p, n), its flags byte in
+ * *flags; -1: none. */
+static int32_t hs_export(const unsigned char *names, uint32_t names_len,
+                         const unsigned char *p, uint32_t n, unsigned *flags)
+{
+    int32_t i = 0;
+    for (uint32_t pos = 0; pos + 4 <= names_len; i++) {
+        uint32_t k = get_be32(names + pos);
+        pos += 4;
+        if (k >= names_len - pos)       /* (the name, then its flags byte) */
+            return -1;
+        if (k == n && memcmp(names + pos, p, n) == 0) {
+            *flags = names[pos + k];
+            return i;
+        }
+        pos += k + 1;
+    }
+    return -1;
+}
+
+/* A string of the option's data at *pos (4-byte length, bytes): 0 and
+ * *pos past it, or -1 (too short, too long). */
+static int hs_string(const unsigned char *d, uint32_t len, uint32_t *pos, uint32_t *sp,
+                     uint32_t *sn)
+{
+    if (len - *pos < 4)
+        return -1;
+    uint32_t n = get_be32(d + *pos);
+    if (n > MAX_NAME || n > len - *pos - 4)
+        return -1;
+    *sp = *pos + 4;
+    *sn = n;
+    *pos += 4 + n;
+    return 0;
+}
+
+/* One option whose header and data are in d (len bytes): 1 answered (into
+ * o), 2 a GO or 3 an INFO returned (h->go_*), 0 the caller's (nothing
+ * consumed). */
+static int hs_option(struct bj_nbdh *h, uint32_t option, const unsigned char *d,
+                     uint32_t len, const unsigned char *names, uint32_t names_len,
+                     int sock, struct hs_out *o, int *err)
+{
+    uint32_t pos = 0, sp, sn;
+    if (option == OPT_STRUCTURED_REPLY) {
+        if (len || (h->state & BJ_NBDH_STRUCTURED))
+            return 0;       /* (the caller's error texts) */
+        h->state |= BJ_NBDH_STRUCTURED;
+        *err = hs_reply(sock, o, option, REP_ACK, NULL, 0);
+        return 1;
+    }
+    if (option == OPT_SET_META_CONTEXT) {
+        uint32_t qp, qn;
+        if (!(h->state & BJ_NBDH_STRUCTURED) || hs_string(d, len, &pos, &sp, &sn) < 0
+            || len - pos < 4 || get_be32(d + pos) != 1)
+            return 0;
+        pos += 4;
+        if (hs_string(d, len, &pos, &qp, &qn) < 0 || pos != len
+            || qn != sizeof(BASE_ALLOC) - 1 || memcmp(d + qp, BASE_ALLOC, qn) != 0)
+            return 0;
+        unsigned ef;
+        int32_t e = hs_export(names, names_len, d + sp, sn, &ef);
+        if (e < 0)
+            return 0;
+        unsigned char ctx[4 + sizeof(BASE_ALLOC) - 1];
+        put_be32(ctx, 1);
+        memcpy(ctx + 4, BASE_ALLOC, sizeof(BASE_ALLOC) - 1);
+        h->state |= BJ_NBDH_BASE_ALLOC;
+        h->ctx_export = e;
+        *err = hs_reply(sock, o, option, REP_META_CONTEXT, ctx, sizeof(ctx));
+        if (*err == 0)
+            *err = hs_reply(sock, o, option, REP_ACK, NULL, 0);
+        return 1;
+    }
+    if (option == OPT_LIST_META_CONTEXT) {
+        /* base:allocation, the one context of an export without bitmaps:
+         * asked for by no query (all), "base:" or its name */
+        uint32_t qp, qn, nq;
+        unsigned ef;
+        if (!(h->state & BJ_NBDH_STRUCTURED) || hs_string(d, len, &pos, &sp, &sn) < 0
+            || len - pos < 4 || (nq = get_be32(d + pos)) > 1)
+            return 0;
+        pos += 4;
+        if (nq == 1) {
+            if (hs_string(d, len, &pos, &qp, &qn) < 0
+                || !((qn == 5 && memcmp(d + qp, "base:", 5) == 0)
+                     || (qn == sizeof(BASE_ALLOC) - 1
+                         && memcmp(d + qp, BASE_ALLOC, qn) == 0)))
+                return 0;
+        }
+        int32_t e = hs_export(names, names_len, d + sp, sn, &ef);
+        if (pos != len || e < 0 || (ef & BJ_NBDH_EXPORT_BITMAPS))
+            return 0;
+        unsigned char ctx[4 + sizeof(BASE_ALLOC) - 1];
+        put_be32(ctx, 0);
+        memcpy(ctx + 4, BASE_ALLOC, sizeof(BASE_ALLOC) - 1);
+        *err = hs_reply(sock, o, option, REP_META_CONTEXT, ctx, sizeof(ctx));
+        if (*err == 0)
+            *err = hs_reply(sock, o, option, REP_ACK, NULL, 0);
+        return 1;
+    }
+    if (option == OPT_GO || option == OPT_INFO) {
+        unsigned ef;
+        if (hs_string(d, len, &pos, &sp, &sn) < 0 || len - pos < 2)
+            return 0;
+        uint32_t n = get_be16(d + pos);
+        pos += 2;
+        if (len - pos != 2 * n)
+            return 0;
+        int32_t e = hs_export(names, names_len, d + sp, sn, &ef);
+        if (e < 0)
+            return 0;
+        uint32_t info = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            uint32_t t = get_be16(d + pos + 2 * i);
+            if (t < 32)
+                info |= 1u << t;
+        }
+        h->go_export = e;
+        h->go_info = info;
+        return option == OPT_GO ? 2 : 3;
+    }
+    return 0;
+}
+
+int bj_nbdh_timeouts(int sock, uint64_t usec)
+{
+    struct timeval tv = {.tv_sec = (time_t)(usec / 1000000), .tv_usec = (suseconds_t)(usec % 1000000)};
+    if (setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) < 0
+        || setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) < 0)
+        return -errno;
+    return 0;
+}
+
+int bj_nbdh_step(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
+                 const unsigned char *names, uint32_t names_len)
+{
+    struct hs_out o = {.n = 0};
+    int r = 0;
+    if (h->rpos > h->rlen || h->rlen > cap || cap < OPT_HDR)
+        return -EINVAL;
+    if (!(h->state & BJ_NBDH_GREETED)) {
+        put_be64(o.b, NBDMAGIC);
+        put_be64(o.b + 8, IHAVEOPT);
+        put_be16(o.b + 16, HS_FIXED_NEWSTYLE | HS_NO_ZEROES);
+        o.n = 18;
+        if ((r = hs_fill(sock, h, buf, cap, 4, &o)) < 0)
+            return r;
+        uint32_t cflags = get_be32(buf + h->rpos);
+        h->rpos += 4;
+        h->state |= BJ_NBDH_GREETED;
+        if (cflags & ~(HS_FIXED_NEWSTYLE | HS_NO_ZEROES))
+            return BJ_NBDH_HANGUP;
+        if (cflags & HS_NO_ZEROES)
+            h->state |= BJ_NBDH_NO_ZEROES;
+    }
+    for (;;) {
+        if ((r = hs_fill(sock, h, buf, cap, OPT_HDR, &o)) < 0)
+            return r;
+        const unsigned char *p = buf + h->rpos;
+        uint32_t option = get_be32(p + 8), len = get_be32(p + 12);
+        if (get_be64(p) != IHAVEOPT || len > cap - OPT_HDR
+            || (option != OPT_STRUCTURED_REPLY && option != OPT_SET_META_CONTEXT
+                && option != OPT_LIST_META_CONTEXT && option != OPT_GO
+                && option != OPT_INFO))
+            break;
+        if ((r = hs_fill(sock, h, buf, cap, OPT_HDR + len, &o)) < 0)
+            return r;
+        p = buf + h->rpos;
+        int err = 0;
+        int k = hs_option(h, option, p + OPT_HDR, len, names, names_len, sock, &o, &err);
+        if (err < 0)
+            return err;
+        if (k == 0)
+            break;
+        h->rpos += OPT_HDR + len;
+        if (k >= 2)
+            return (r = hs_flush(sock, &o)) < 0 ? r : k == 2 ? BJ_NBDH_GO : BJ_NBDH_INFO;
+    }
+    return (r = hs_flush(sock, &o)) < 0 ? r : BJ_NBDH_OPTION;
 }

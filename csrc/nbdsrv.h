@@ -102,6 +102,27 @@ void bj_nbds_wait_idle(struct bj_nbds *s);
 int bj_nbds_wait_done(struct bj_nbds *s, uint64_t *done, int maxdone);
 void bj_nbds_stop_done(struct bj_nbds *s);
 
+/* The process's reaper, instead of one bj_nbds_wait_done caller per
+ * session: bj_nbds_global (before the first submit) makes the tokens of
+ * session s go to bj_nbds_reap, one thread's for every such session: it
+ * waits until a session has tokens to take (the same moments as
+ * bj_nbds_wait_done's) and returns them, up to maxdone in done, by
+ * session: the number of sessions (runs), each run's session (a struct
+ * bj_nbds * as an integer) in keys and its number of tokens in counts
+ * (keys and counts have room for maxdone), its tokens next in done -- or
+ * 0 once bj_nbds_reap_stop(1) was called and none is queued; after ending
+ * those reads the caller calls bj_nbds_reaped. bj_nbds_drain (at a
+ * session's end, after bj_nbds_wait_idle): stops the session's workers
+ * (they go back to the pool), waits until the reaper's batch with tokens
+ * of s (if any) is reaped, and returns the tokens of s still to take (up
+ * to maxdone: call again until 0), for the caller to end; then
+ * bj_nbds_free. */
+void bj_nbds_global(struct bj_nbds *s);
+int bj_nbds_reap(uint64_t *keys, uint32_t *counts, uint64_t *done, int maxdone);
+void bj_nbds_reaped(void);
+void bj_nbds_reap_stop(int stop);
+int bj_nbds_drain(struct bj_nbds *s, uint64_t *done, int maxdone);
+
 /* Wait until a worker is free; the number of free workers. The caller
  * plans (tracks, pins) and submits no more reads than that: a planned
  * read is read at once, and none waits tracked behind workers stuck
@@ -128,7 +149,62 @@ int bj_nbds_pool_trim(int keep);
  * The tokens of reads finished meanwhile must have been taken first
  * (bj_nbds_wait_idle, bj_nbds_stop_done, bj_nbds_wait_done until 0). */
 void bj_nbds_free(struct bj_nbds *s);
+
+/* -- the handshake's common options, answered in C --------------------------
+ *
+ * bj_nbdh_step runs the fixed-newstyle handshake (no TLS) as far as it can
+ * alone: the greeting and the client's flags (the first call), then the
+ * options it knows an answer to without the block graph -- STRUCTURED_REPLY
+ * (first time, no payload: ACK), SET_META_CONTEXT of exactly
+ * base:allocation for an export in names (META_CONTEXT 1 and ACK),
+ * LIST_META_CONTEXT of an export without bitmaps with no query, "base:" or
+ * "base:allocation" (META_CONTEXT 0 base:allocation and ACK) -- and
+ * NBD_OPT_GO or NBD_OPT_INFO for an export in names, well formed: taken from
+ * the stream and returned for the caller to answer (and attach). Anything
+ * else -- LIST, ABORT, EXPORT_NAME, STARTTLS, an unknown option, an unknown
+ * export, other meta contexts, a malformed or too long option --
+ * is left at buf[rpos] (its header complete or not) for the caller's own
+ * handshake code, which calls again after answering it. So what a client
+ * sees is the same bytes either way.
+ *
+ * buf/cap: the caller's read-ahead buffer (bytes [rpos, rlen) not taken
+ * yet; recv fills it, after moving those to its start). names: the
+ * exports' names, each as a 4-byte big-endian length, its bytes, then a
+ * flags byte (BJ_NBDH_EXPORT_BITMAPS: it has dirty-bitmap contexts).
+ * Replies are sent before the next recv and before returning. */
+struct bj_nbdh {
+    uint32_t rpos, rlen;
+    /* BJ_NBDH_* bits below */
+    uint32_t state;
+    /* the export (index in names) base:allocation was set for; -1 none */
+    int32_t ctx_export;
+    /* returned GO or INFO: the export's index in names, the NBD_INFO_*
+     * types asked (bit t for type t < 32) */
+    int32_t go_export;
+    uint32_t go_info;
+};
+
+/* Returns BJ_NBDH_GO, BJ_NBDH_INFO, BJ_NBDH_OPTION (the next option is the caller's),
+ * BJ_NBDH_HANGUP (unknown client flags: close), or -errno (-ECONNRESET at
+ * EOF; -EAGAIN: the socket's SO_RCVTIMEO/SO_SNDTIMEO ran out). */
+int bj_nbdh_step(int sock, struct bj_nbdh *h, unsigned char *buf, uint32_t cap,
+                 const unsigned char *names, uint32_t names_len);
+
+/* The handshake's time limit on each receive and send of sock
+ * (SO_RCVTIMEO and SO_SNDTIMEO; 0: none). 0 or -errno. */
+int bj_nbdh_timeouts(int sock, uint64_t usec);
 /* cdef-end */
+
+#define BJ_NBDH_GREETED 1u
+#define BJ_NBDH_NO_ZEROES 2u
+#define BJ_NBDH_STRUCTURED 4u
+#define BJ_NBDH_BASE_ALLOC 8u
+
+#define BJ_NBDH_GO 1
+#define BJ_NBDH_OPTION 0
+#define BJ_NBDH_HANGUP 2
+#define BJ_NBDH_INFO 3
+#define BJ_NBDH_EXPORT_BITMAPS 1u
 
 #define BJ_NBDS_DATA 0
 #define BJ_NBDS_DATA_PAD 1

@@ -23,7 +23,7 @@ import pytest
 
 from blkjobs import Engine
 from blkjobs.daemon.export_commands import NodeBackend
-from blkjobs.nbd.server import Export, NBDServer
+from blkjobs.nbd.server import Connection, Export, NBDServer
 from daemon_util import qemu_img, qemu_io
 from nbd_peers import go, handshake, option, qemu_nbd, recv, tool, uri
 
@@ -590,4 +590,42 @@ def test_c_workers_are_kept_for_the_next_sessions(tmp_path, serve):
         now = _c_workers()
         assert first <= now and len(now) <= 8 and nbdserve.pool_idle() == len(now)
     assert be.c_reads >= 20
+    assert eng.io._reads(node).count == 0
+
+
+def test_no_python_thread_per_session_for_its_reads(tmp_path, serve, monkeypatch):
+    """The reads C serves are ended by the process's one reaper: a session
+    whose requests all go to C (nbdcopy's reads and block status) starts
+    no Python thread but its connection's, and every read is ended when
+    the sessions are over."""
+    from blkjobs.nbd import fastpath
+    from blkjobs.nbd import threads
+    img = str(tmp_path / "t.qcow2")
+    assert qemu_img("create", "-f", "qcow2", img, "4M").returncode == 0
+    qemu_io(img, "write -P 0x61 0 1M")
+    qemu_io(img, "write -P 0x62 3M 512k")
+    path, be, eng, node, srv, exp = serve(img, "qcow2")
+    started = []
+    orig = threads.Thread.start
+
+    def start(self):
+        started.append(self)
+        orig(self)
+    monkeypatch.setattr(threads.Thread, "start", start)
+    conns = []
+    orig_init = Connection.__init__
+
+    def init(self, *a):
+        conns.append(self)
+        orig_init(self, *a)
+    monkeypatch.setattr(Connection, "__init__", init)
+    out = str(tmp_path / "o.raw")
+    for _ in range(5):
+        _run("nbdcopy", uri(path, "d"), out)
+        srv.settle(exp, timeout=WAIT)
+    assert qemu_img("compare", "-f", "qcow2", "-F", "raw", img, out).returncode == 0
+    assert be.c_reads > 0 and len(conns) >= 5
+    assert len(started) == len(conns)
+    assert fastpath._reaper is not None and fastpath._reaper.is_alive()
+    assert not fastpath._sides
     assert eng.io._reads(node).count == 0

@@ -12,7 +12,9 @@
  * threads taken on demand from the process's pool (none for a session that
  * reads nothing), parked and reused by the next sessions; bj_nbds_queue
  * (no wait for free workers) and bj_nbds_wait_free (as many as asked, or
- * half); no leak
+ * half); the process's one reaper for the tokens of many sessions, and
+ * their drains; the handshake's common options (bj_nbdh_step: nbdcopy's sent a
+ * byte at a time, what it leaves to the caller); no leak
  * (ASan, valgrind), no race (TSan). */
 #include "check.h"
 #include "nbdsrv.h"
@@ -708,6 +710,247 @@ static void test_threads_on_demand(int dfd)
     close(sv[0]);
 }
 
+
+/* -- the process's reaper (bj_nbds_global, bj_nbds_reap, bj_nbds_drain) ----- */
+
+enum { GN = 100 };
+static int gseen[2][GN];            /* tokens ended: by the reaper or a drain */
+static struct bj_nbds *gsess[2];
+
+static void gtoken(uint64_t key, uint64_t t)
+{
+    int k = key == (uint64_t)(uintptr_t)gsess[0] ? 0 : 1;
+    CHECK(key == (uint64_t)(uintptr_t)gsess[k]);
+    CHECK(t < GN && !gseen[k][t]);
+    gseen[k][t] = 1;
+}
+
+static void *greaper(void *arg)
+{
+    (void)arg;
+    uint64_t keys[16], done[16];
+    uint32_t counts[16];
+    int runs;
+    while ((runs = bj_nbds_reap(keys, counts, done, 16)) > 0) {
+        int pos = 0;
+        for (int r = 0; r < runs; r++) {
+            CHECK(counts[r] > 0 && pos + (int)counts[r] <= 16);
+            for (uint32_t i = 0; i < counts[r]; i++)
+                gtoken(keys[r], done[pos++]);
+        }
+        bj_nbds_reaped();
+    }
+    bj_nbds_reaped();
+    return NULL;
+}
+
+static void *gclient(void *arg)
+{
+    int fd = *(int *)arg;
+    static __thread unsigned char data[4096];
+    for (int k = 0; k < GN; k++) {
+        unsigned char h[16];
+        readn(fd, h, 16);
+        CHECK_EQ(get32(h + 4), 0);
+        readn(fd, data, 512);
+    }
+    return NULL;
+}
+
+/* Two sessions' reads ended by one reaper thread, the rest by their
+ * drains: each token once, with its session; a drain stops the workers
+ * and waits for the reaper's batch; bj_nbds_reap_stop ends the reaper. */
+static void test_global_reaper(int dfd)
+{
+    int sv[2][2];
+    pthread_t rt, ct[2];
+    CHECK_EQ(pthread_create(&rt, NULL, greaper, NULL), 0);
+    static uint64_t q[6 * GN], g[4 * GN];
+    for (int i = 0; i < GN; i++) {
+        uint64_t *r = q + 6 * i, *w = g + 4 * i;
+        r[0] = 1 + (uint64_t)i; r[1] = 512u * (uint64_t)i; r[2] = 512; r[3] = 0;
+        r[4] = (uint64_t)i; r[5] = 1;
+        w[0] = BJ_NBDS_DATA; w[1] = (uint64_t)dfd; w[2] = 512u * (uint64_t)i; w[3] = 512;
+    }
+    for (int k = 0; k < 2; k++) {
+        CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv[k]), 0);
+        gsess[k] = bj_nbds_new(sv[k][0], 0, 4);
+        CHECK(gsess[k]);
+        bj_nbds_global(gsess[k]);
+        CHECK_EQ(pthread_create(&ct[k], NULL, gclient, &sv[k][1]), 0);
+    }
+    for (int i = 0; i < GN; i += 10)
+        for (int k = 0; k < 2; k++)
+            CHECK(bj_nbds_submit(gsess[k], q + 6 * i, 10, g + 4 * i, 10) > 0);
+    for (int k = 0; k < 2; k++) {
+        CHECK_EQ(pthread_join(ct[k], NULL), 0);
+        bj_nbds_wait_idle(gsess[k]);
+        uint64_t done[8];
+        int n;
+        while ((n = bj_nbds_drain(gsess[k], done, 8)) > 0)
+            for (int i = 0; i < n; i++)
+                gtoken((uint64_t)(uintptr_t)gsess[k], done[i]);
+    }
+    bj_nbds_reap_stop(1);
+    CHECK_EQ(pthread_join(rt, NULL), 0);
+    bj_nbds_reap_stop(0);
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < GN; i++)
+            CHECK(gseen[k][i]);
+        bj_nbds_free(gsess[k]);
+        close(sv[k][0]);
+        close(sv[k][1]);
+    }
+}
+
+/* -- the handshake's common options (bj_nbdh_step) ------------------------- */
+
+static size_t opt(unsigned char *p, uint32_t option, const void *data, uint32_t len)
+{
+    put64(p, 0x49484156454f5054ull);
+    put32(p + 8, option);
+    put32(p + 12, len);
+    if (len)
+        memcpy(p + 16, data, len);
+    return 16 + len;
+}
+
+/* One option reply from fd: its option and type (data length checked). */
+static void reply(int fd, uint32_t option, uint32_t type, uint32_t len)
+{
+    unsigned char r[20];
+    readn(fd, r, 20);
+    CHECK_EQ(get64(r), 0x0003e889045565a9ull);
+    CHECK_EQ(get32(r + 8), option);
+    CHECK_EQ(get32(r + 12), type);
+    CHECK_EQ(get32(r + 16), len);
+    unsigned char d[64];
+    CHECK(len <= sizeof(d));
+    readn(fd, d, len);
+}
+
+/* exports a (with dirty bitmaps) and d */
+static const unsigned char NAMES[] = "\0\0\0\1a\1\0\0\0\1d\0";
+#define NAMES_LEN (sizeof(NAMES) - 1)
+static const unsigned char META_D[] = "\0\0\0\1d\0\0\0\1\0\0\0\x0f" "base:allocation";
+static const unsigned char GO_D[] = "\0\0\0\1d\0\2\0\3\0\1";
+static const unsigned char LIST_D[] = "\0\0\0\1d\0\0\0\0";
+
+/* The greeting, nbdcopy's options sent one byte at a time (from a thread:
+ * the client's side), GO returned; then an INFO left to the caller at
+ * rpos, unknown client flags, EOF in an option, an option longer than the
+ * buffer left to the caller, bad arguments. */
+struct dribble {
+    int fd;
+    const unsigned char *p;
+    size_t n;
+};
+
+static void *dribble_thread(void *arg)
+{
+    struct dribble *d = arg;
+    for (size_t i = 0; i < d->n; i++)
+        CHECK_EQ(write(d->fd, d->p + i, 1), 1);
+    return NULL;
+}
+
+static void test_handshake(void)
+{
+    int sv[2];
+    CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    unsigned char in[512], buf[4096];
+    size_t n = 0;
+    put32(in, 3);
+    n = 4;
+    n += opt(in + n, 8, NULL, 0);
+    n += opt(in + n, 10, META_D, sizeof(META_D) - 1);
+    n += opt(in + n, 7, GO_D, sizeof(GO_D) - 1);
+    n += opt(in + n, 6, GO_D, sizeof(GO_D) - 1);
+    n += opt(in + n, 9, LIST_D, sizeof(LIST_D) - 1);
+    size_t info = n;
+    n += opt(in + n, 3, "abcd", 4);
+    struct dribble d = {sv[1], in, n};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, dribble_thread, &d), 0);
+    struct bj_nbdh h = {.ctx_export = -1};
+    CHECK_EQ(bj_nbdh_step(sv[0], &h, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_GO);
+    CHECK_EQ(h.state, BJ_NBDH_GREETED | BJ_NBDH_NO_ZEROES | BJ_NBDH_STRUCTURED
+             | BJ_NBDH_BASE_ALLOC);
+    CHECK_EQ(h.ctx_export, 1);
+    CHECK_EQ(h.go_export, 1);
+    CHECK_EQ(h.go_info, 1u << 3 | 1u << 1);
+    unsigned char g[18];
+    readn(sv[1], g, 18);
+    CHECK_EQ(get64(g), 0x4e42444d41474943ull);
+    CHECK_EQ(g[17], 3);
+    reply(sv[1], 8, 1, 0);
+    reply(sv[1], 10, 4, 19);
+    reply(sv[1], 10, 1, 0);
+    /* INFO: returned as GO is; LIST_META_CONTEXT of d (no bitmaps):
+     * answered */
+    h.go_export = -1;
+    CHECK_EQ(bj_nbdh_step(sv[0], &h, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_INFO);
+    CHECK_EQ(h.go_export, 1);
+    /* LIST: the caller's, its header at rpos (maybe not all of it read) */
+    CHECK_EQ(bj_nbdh_step(sv[0], &h, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_OPTION);
+    reply(sv[1], 9, 4, 19);
+    reply(sv[1], 9, 1, 0);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+    CHECK(h.rlen - h.rpos >= 16);
+    CHECK(memcmp(buf + h.rpos, in + info, 16) == 0);
+    /* the rest of it, then EOF in the next option's header */
+    unsigned char ready[4096];
+    size_t k = h.rlen - h.rpos;
+    memcpy(ready, buf + h.rpos, k);
+    readn(sv[0], ready + k, n - info - k);
+    CHECK(memcmp(ready, in + info, n - info) == 0);
+    h.rpos = h.rlen = 0;
+    CHECK_EQ(write(sv[1], in + 4, 7), 7);
+    CHECK_EQ(shutdown(sv[1], SHUT_WR), 0);
+    CHECK_EQ(bj_nbdh_step(sv[0], &h, buf, sizeof(buf), NAMES, NAMES_LEN), -ECONNRESET);
+    close(sv[0]);
+    close(sv[1]);
+
+    /* unknown client flags; a SET_META_CONTEXT of an unknown export, and one
+     * longer than the buffer: the caller's */
+    CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    put32(in, 0x10);
+    CHECK_EQ(write(sv[1], in, 4), 4);
+    struct bj_nbdh h2 = {.ctx_export = -1};
+    CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_HANGUP);
+    unsigned char meta_x[sizeof(META_D)], list_a[sizeof(LIST_D)];
+    memcpy(meta_x, META_D, sizeof(META_D));
+    meta_x[4] = 'x';
+    memcpy(list_a, LIST_D, sizeof(LIST_D));
+    list_a[4] = 'a';
+    /* (a has bitmaps: its list is the caller's) */
+    n = opt(in, 8, NULL, 0);
+    CHECK_EQ(write(sv[1], in, n), (ssize_t)n);
+    n = opt(in, 9, list_a, sizeof(LIST_D) - 1);
+    CHECK_EQ(write(sv[1], in, n), (ssize_t)n);
+    CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_OPTION);
+    CHECK_EQ(h2.rlen - h2.rpos, n);
+    h2.rpos = h2.rlen = 0;
+    n = opt(in, 10, meta_x, sizeof(META_D) - 1);
+    CHECK_EQ(write(sv[1], in, n), (ssize_t)n);
+    CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, sizeof(buf), NAMES, NAMES_LEN), BJ_NBDH_OPTION);
+    CHECK_EQ(h2.ctx_export, -1);
+    CHECK(h2.state & BJ_NBDH_STRUCTURED);
+    CHECK_EQ(h2.rlen - h2.rpos, n);
+    h2.rpos = h2.rlen = 0;
+    unsigned char big[64];
+    opt(big, 10, NULL, 0);
+    put32(big + 12, 2000);
+    CHECK_EQ(write(sv[1], big, 16), 16);
+    CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, 1024, NAMES, NAMES_LEN), BJ_NBDH_OPTION);
+    CHECK_EQ(h2.rlen - h2.rpos, 16);
+    h2.rpos = 5;
+    h2.rlen = 4;
+    CHECK_EQ(bj_nbdh_step(sv[0], &h2, buf, sizeof(buf), NAMES, NAMES_LEN), -EINVAL);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 int main(void)
 {
     char path[] = "/tmp/bjnbdsXXXXXX";
@@ -729,6 +972,8 @@ int main(void)
     test_wait_free(fd);
     test_holes_and_status();
     test_threads_on_demand(fd);
+    test_handshake();
+    test_global_reaper(fd);
     bj_nbds_pool_trim(0);           /* (no thread left for valgrind to see) */
     close(fd);
     puts("nbdsrv: ok");

@@ -42,8 +42,9 @@ class Session(Owned):
             e = ffi.errno or errno.ENOMEM
             raise OSError(e, os.strerror(e))
         self._s = s
-        self._reqs = ffi.new("struct bj_nbds_req[]", _BATCH)
-        self._done = ffi.new("uint64_t[]", _BATCH)
+        # (written by C before they are read: not cleared)
+        self._reqs = _alloc("struct bj_nbds_req[]", _BATCH)
+        self._done = _alloc("uint64_t[]", _BATCH)
 
     def next(self) -> list[Header]:
         """Request headers (at least one); EOFError at the client's EOF,
@@ -55,14 +56,22 @@ class Session(Owned):
         return [(q.magic, q.flags, q.type, q.handle, q.offset, q.length)
                 for q in (r[i] for i in range(n))]
 
-    def wait_done(self) -> list[int]:
-        """Tokens of finished reads (waits for one); [] once :meth:`stop_done`
-        was called and every token was handed out. One thread only."""
-        n = lib.bj_nbds_wait_done(self._s, self._done, _BATCH)
-        return list(self._done[0:n])
+    def make_global(self) -> None:
+        """Its tokens go to the process's reaper (:func:`reap`), before
+        the first submit."""
+        lib.bj_nbds_global(self._s)
 
-    def stop_done(self) -> None:
-        lib.bj_nbds_stop_done(self._s)
+    @property
+    def key(self) -> int:
+        """The session as :func:`reap` names it."""
+        return int(ffi.cast("uintptr_t", self._s))
+
+    def drain(self) -> list[int]:
+        """At the session's end (after :meth:`wait_idle`): stop its
+        threads, wait for the reaper's batch holding tokens of it, and
+        return its tokens not taken yet (call again until [])."""
+        n = lib.bj_nbds_drain(self._s, self._done, _BATCH)
+        return list(self._done[0:n])
 
     def recv_into(self, buf: bytearray) -> None:
         """The next len(buf) bytes of the stream (a WRITE's payload)."""
@@ -119,6 +128,35 @@ class Session(Owned):
             lib.bj_nbds_free(s)
 
 
+_reap_keys = ffi.new("uint64_t[]", _BATCH)
+_reap_counts = ffi.new("uint32_t[]", _BATCH)
+_reap_done = ffi.new("uint64_t[]", _BATCH)
+
+
+def reap() -> list[tuple[int, list[int]]]:
+    """The process's reaper (one thread): per session (its key) the tokens
+    of reads done in the sessions made global -- waits for some; [] once
+    :func:`reap_stop` was called. Then :func:`reaped`, always."""
+    runs = lib.bj_nbds_reap(_reap_keys, _reap_counts, _reap_done, _BATCH)
+    out = []
+    pos = 0
+    for i in range(runs):
+        k = _reap_counts[i]
+        out.append((int(_reap_keys[i]), ffi.unpack(_reap_done + pos, k)))
+        pos += k
+    return out
+
+
+def reaped() -> None:
+    """The reads :func:`reap` returned last are ended (a session's
+    ``drain`` waits for it)."""
+    lib.bj_nbds_reaped()
+
+
+def reap_stop(stop: bool = True) -> None:
+    lib.bj_nbds_reap_stop(int(stop))
+
+
 def pool_idle() -> int:
     """The C workers parked in the process's pool (csrc/nbdsrv.c: a
     session takes its workers there and gives them back when it ends)."""
@@ -128,3 +166,82 @@ def pool_idle() -> int:
 def pool_trim(keep: int = 0) -> int:
     """End parked C workers until ``keep`` are left; how many are."""
     return int(lib.bj_nbds_pool_trim(keep))
+
+
+#: bj_nbdh_step's results (csrc/nbdsrv.h)
+HS_OPTION, HS_GO, HS_HANGUP, HS_INFO = 0, 1, 2, 3
+#: struct bj_nbdh's state bits
+HS_NO_ZEROES, HS_STRUCTURED, HS_BASE_ALLOC = 2, 4, 8
+
+
+def set_timeouts(fd: int, seconds: float) -> None:
+    """The handshake's limit on each receive and send of socket ``fd``
+    (SO_RCVTIMEO, SO_SNDTIMEO; 0: none) in one call."""
+    rc = lib.bj_nbdh_timeouts(fd, int(seconds * 1e6))
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+
+
+class ExportNames:
+    """The exports' names as bj_nbdh_step takes them: per (name, has
+    dirty-bitmap contexts), a 4-byte big-endian length, the name's bytes,
+    a flags byte -- made once when the exports change, not per
+    connection."""
+
+    def __init__(self, exports: Sequence[tuple[str, bool]] = ()):
+        #: the names the C handshake's indices refer to
+        self.names = tuple(n for n, _ in exports)
+        out = bytearray()
+        for n, bitmaps in exports:
+            b = n.encode()
+            out += len(b).to_bytes(4, "big") + b + (b"\1" if bitmaps else b"\0")
+        self._blob = bytes(out)
+        self.c = ffi.from_buffer(self._blob)
+        self.len = len(self._blob)
+
+
+class Handshake:
+    """The handshake's common options answered in C (csrc/nbdsrv.c
+    ``bj_nbdh_step``) over socket ``fd``, reading into ``buf`` (the
+    connection's read-ahead buffer: bytes ``[rpos, rlen)`` not taken)."""
+
+    def __init__(self, fd: int, buf: bytearray, names: ExportNames):
+        #: the exports' names the indices refer to
+        self.names = names.names
+        self._fd = fd
+        self._h = ffi.new("struct bj_nbdh *")
+        self._h.ctx_export = -1
+        self._buf = ffi.from_buffer(buf)
+        self._cap = len(buf)
+        self._names = names.c
+        self._nlen = names.len
+
+    def step(self, rpos: int, rlen: int, structured: bool) -> tuple[int, int, int]:
+        """Greet (the first call) and answer options until GO or one the
+        caller must answer: (HS_*, rpos, rlen) -- EOFError at the client's
+        EOF, OSError on a socket error or time-out. ``structured``: the
+        connection negotiated structured replies (maybe in Python)."""
+        h = self._h
+        h.rpos, h.rlen = rpos, rlen
+        h.state = h.state & ~HS_STRUCTURED | (HS_STRUCTURED if structured else 0)
+        rc = lib.bj_nbdh_step(self._fd, h, self._buf, self._cap, self._names, self._nlen)
+        if rc < 0:
+            _raise(rc)
+        return rc, h.rpos, h.rlen
+
+    @property
+    def state(self) -> int:
+        return int(self._h.state)
+
+    def take_ctx_export(self) -> int:
+        """Index in the names of the export a SET_META_CONTEXT of
+        base:allocation answered since the last call was for (-1: none)."""
+        e = int(self._h.ctx_export)
+        self._h.ctx_export = -1
+        return e
+
+    @property
+    def go(self) -> tuple[int, int]:
+        """The GO or INFO returned: (index of the export in the names,
+        info types asked as bits)."""
+        return int(self._h.go_export), int(self._h.go_info)

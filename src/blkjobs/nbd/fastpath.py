@@ -23,9 +23,12 @@ module decides, per batch of headers, what goes where.
 * No more reads are planned than the session has free workers
   (``wait_slots``, and what ``submit`` returns), so a planned read is read at once: none stays tracked
   behind workers stuck sending to a client that does not read.
-* A reaper thread ends the tracking of the reads read (``end_reads``),
-  before their replies go out: the reader cannot, as it may wait for a
-  free Python worker while that worker's write waits for such a read.
+* The process's reaper thread (one for every session: :func:`_reap`)
+  ends the tracking of the reads read (``end_reads``), before their
+  replies go out: the reader cannot, as it may wait for a free Python
+  worker while that worker's write waits for such a read. At the
+  session's end its thread ends those the reaper has not taken
+  (``Session.drain``).
 
 On ``DISC``, EOF or a bad magic the requests being served are finished
 (their replies sent) before the connection closes, as on the Python path.
@@ -34,14 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
+import threading
 from typing import Any, Protocol
 
+from ..native import nbdserve
 from ..native.nbdserve import ZERO, Session
 from . import proto as P
 from .handshake import Connection, Export
-from .threads import Thread
 from . import transmission
 from .transmission import _Workers
 
@@ -79,7 +82,7 @@ def usable(conn: Connection, exp: Export) -> bool:
     not set."""
     return (hasattr(exp.backend, "plan_reads") and not conn.tls_done
             and not conn.buffered()
-            and conn.server.workers > 1 and os.environ.get("BLKJOBS_NBD_C", "1") != "0")
+            and conn.server.workers > 1 and conn.c_path)
 
 
 def serve(conn: Connection, exp: Export) -> None:
@@ -91,6 +94,7 @@ def serve(conn: Connection, exp: Export) -> None:
         log.warning("NBD: serving a client without the C data path: %s", e)
         transmission.serve(conn, exp)
         return
+    _reaper_running()
     side = _Side(conn, exp, sess)
     conn.sender = sess
     try:
@@ -99,56 +103,91 @@ def serve(conn: Connection, exp: Export) -> None:
         side.close()
         conn.sender = None
         # every reply is out: the client sees the end now (after a DISC it
-        # waits for it), not after the session's threads are joined
+        # waits for it), not after the session is freed
         with contextlib.suppress(OSError):
             conn.sock.shutdown(socket.SHUT_RDWR)
         sess.close()
 
 
 class _Side:
-    """The connection's Python threads, started when first needed (a
-    client whose requests all go to C -- nbdcopy's reads and block status
-    -- costs no Python thread's start and join): the workers
-    (:class:`.transmission._Workers`) for the other requests, and the
-    reaper that ends the tracking of the reads the C threads read."""
+    """The connection's Python side: its workers
+    (:class:`.transmission._Workers`, started with the first request not
+    for C: a client whose requests all go to C -- nbdcopy's reads and
+    block status -- costs no Python thread), and its reads in C, whose
+    tracking the process's reaper ends (:func:`_reap`)."""
 
     def __init__(self, conn: Connection, exp: Export, sess: Session):
         self.conn, self.exp, self.sess = conn, exp, sess
         self.tokens: dict[int, Any] = {}
         self.pool: _Workers | None = None
-        self.reaper: Thread | None = None
+        sess.make_global()
+        self.key = sess.key
+        _sides[self.key] = self
 
     def submit(self, req: tuple[int, int, int, int, int, bytearray | None]) -> None:
         if self.pool is None:
             self.pool = _Workers(self.conn, self.exp, self.conn.server.workers)
         self.pool.submit(req)
 
-    def reaping(self) -> None:
-        """The reaper runs (started with the first reads for C, and not
-        waited for: :class:`.threads.Thread`)."""
-        if self.reaper is None:
-            sess, tokens, be = self.sess, self.tokens, self.exp.backend
-            self.reaper = Thread(lambda: _reap(sess, tokens, be))
-            self.reaper.start()
-
     def close(self) -> None:
         """Finish what was handed out (the Python workers' requests, the
-        reads in C, their tokens)."""
-        if self.pool is not None:
-            self.pool.close()
-        self.sess.wait_idle()
-        self.sess.stop_done()
-        if self.reaper is not None:
-            self.reaper.join()
-
-
-def _reap(sess: Session, tokens: dict[int, Any], be: Any) -> None:
-    while done := sess.wait_done():
+        reads in C) and end the tracking of the reads the reaper has not
+        taken."""
         try:
-            # (a read wholly in the padding past the backend's end has no token)
-            be.end_reads([tokens.pop(t) for t in done if t in tokens])
-        except Exception:       # a bug: log it, keep ending the others
-            log.exception("NBD: ending reads failed")
+            if self.pool is not None:
+                self.pool.close()
+            self.sess.wait_idle()
+            while done := self.sess.drain():
+                _end(self, done)
+        finally:
+            del _sides[self.key]
+
+
+#: the sessions whose reads the process's reaper ends, by their key
+_sides: dict[int, _Side] = {}
+_reaper_lock = threading.Lock()
+_reaper: threading.Thread | None = None
+
+
+def _reaper_running() -> None:
+    """The process's reaper runs (started with the first session: one
+    thread for all, not one per session)."""
+    global _reaper
+    if _reaper is None:
+        with _reaper_lock:
+            if _reaper is None:
+                t = threading.Thread(target=_reap, name="nbd-reaper", daemon=True)
+                t.start()
+                _reaper = t
+
+
+def _reap() -> None:
+    """The process's reaper: ends the tracking of the reads the C threads
+    of every session have read (bj_nbds_reap), before their replies go
+    out -- the reader cannot: it may wait for a free Python worker while
+    that worker's write waits for such a read."""
+    while True:
+        got = nbdserve.reap()
+        try:
+            if not got:
+                return
+            for key, done in got:   # (per session: no Python step per token)
+                side = _sides.get(key)
+                if side is not None:        # (always: its drain waits for this batch)
+                    _end(side, done)
+        except Exception:       # a bug: log it, keep reaping
+            log.exception("NBD: reaping failed")
+        finally:
+            nbdserve.reaped()
+
+
+def _end(side: _Side, done: list[int]) -> None:
+    try:
+        # (a read wholly in the padding past the backend's end has no token)
+        toks = side.tokens
+        side.exp.backend.end_reads([toks.pop(t) for t in done if t in toks])
+    except Exception:       # a bug: log it, keep ending the others
+        log.exception("NBD: ending reads failed")
 
 
 def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
@@ -201,7 +240,6 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
         while i < len(reads):       # no more planned than free workers read at once
             chunk = reads[i:i + free]
             i += free
-            side.reaping()      # (before: the submit may wait for workers stuck sending)
             # (the batch's last chunk: no wait for free workers -- the next
             # batch waits in wait_slots before it plans -- a wake-up less)
             serial, free = _submit(sess, exp, bsize, chunk, side.tokens, serial, other, free,

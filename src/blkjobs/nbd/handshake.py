@@ -11,6 +11,7 @@ import struct
 import ssl
 from typing import Any, Protocol
 
+from ..native.nbdserve import HS_GO, HS_HANGUP, HS_INFO
 from . import proto as P
 
 #: a server.Export (server.py imports this module: see Connection)
@@ -31,6 +32,7 @@ class Connection(Protocol):
     no_zeroes: bool
     tls_done: bool
     closing: bool
+    c_path: bool
     contexts: list[str]
     contexts_export: str | None
 
@@ -51,6 +53,10 @@ class Connection(Protocol):
     def abort(self) -> None: ...
 
     def attach(self, exp: Any) -> bool: ...
+
+    def c_handshake(self) -> Any: ...
+
+    def c_step(self, hs: Any) -> int: ...
 
 
 class _OptError(Exception):
@@ -92,13 +98,35 @@ def negotiate(conn: Connection) -> Export | None:
 
 def _negotiate(conn: Connection) -> Export | None:
     server = conn.server
-    conn.send(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT,
-                               P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
-    (cflags,) = struct.unpack(">I", conn.recv(4))
-    if cflags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
-        return None                 # unknown client flags: hang up
-    conn.no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
+    # the common options (nbdcopy's, qemu's, nbdinfo's: STRUCTURED_REPLY,
+    # SET_META_CONTEXT and LIST_META_CONTEXT of base:allocation, GO and
+    # INFO parsed) are answered in C; C leaves every other option, and any
+    # it cannot answer alone, to the loop below
+    hs = conn.c_handshake()
+    if hs is None:
+        conn.send(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT,
+                                   P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+        (cflags,) = struct.unpack(">I", conn.recv(4))
+        if cflags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
+            return None                 # unknown client flags: hang up
+        conn.no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
     while True:
+        if hs is not None:
+            rc = conn.c_step(hs)
+            if rc == HS_HANGUP:
+                return None             # unknown client flags
+            if rc in (HS_GO, HS_INFO):
+                idx, info = hs.go
+                wanted = {t for t in (P.INFO_NAME, P.INFO_DESCRIPTION) if info >> t & 1}
+                option = P.OPT_GO if rc == HS_GO else P.OPT_INFO
+                try:
+                    exp = _go(conn, option, hs.names[idx], wanted)
+                except _OptError as e:
+                    _send(conn, option, e.rtype, str(e).encode())
+                    continue
+                if exp is not None:
+                    return exp
+                continue
         hdr = conn.recv(P.OPTION.size)      # EOFError: the client left
         magic, option, length = P.OPTION.unpack(hdr)
         if magic != P.IHAVEOPT:
@@ -193,7 +221,12 @@ def _info(conn: Connection, option: int, data: bytes) -> Export | None:
     pos += 2
     if pos + 2 * n != len(data):
         raise _OptError(P.REP_ERR_INVALID, "bad number of information requests")
-    wanted = set(struct.unpack_from(f">{n}H", data, pos))
+    return _go(conn, option, name, set(struct.unpack_from(f">{n}H", data, pos)))
+
+
+def _go(conn: Connection, option: int, name: str, wanted: set[int]) -> Export | None:
+    """The replies to INFO or GO for export ``name`` (the information
+    types the client asked for: ``wanted``); GO: the export, attached."""
     exp = conn.server.exports.get(name)
     if exp is None:
         raise _OptError(P.REP_ERR_UNKNOWN, f"export '{name}' not present")

@@ -34,7 +34,6 @@ import os
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from . import proto as P
 from .handshake import negotiate
 from .proto import NBDRequestError  # noqa: F401  (re-exported)
 from . import fastpath
+from ..native import nbdserve
 from .threads import Thread
 from .transmission import serve
 
@@ -156,10 +156,12 @@ class NBDServer:
         #: notified (under ``lock``) when a client leaves or the server closes
         self._slot_free = threading.Condition(self.lock)
         self.exports: dict[str, Export] = {}
+        #: the exports' names, and as the C handshake takes them (a
+        #: snapshot, replaced whenever an export comes or goes)
+        self.names = nbdserve.ExportNames()
         self.connections: set[Connection] = set()
         self._listeners: list[tuple[socket.socket, threading.Thread]] = []
         self._closing = False
-        self._wake_r, self._wake_w = os.pipe()
 
     # -- listening ------------------------------------------------------------
     def listen_unix(self, path: str) -> None:
@@ -211,17 +213,25 @@ class NBDServer:
         return not self._closing
 
     def _accept_loop(self, sock: socket.socket) -> None:
+        """Accept clients, each served by a thread of its own. A blocking
+        ``accept`` (no ``select`` before it: :meth:`close` shuts the
+        listening socket down, which ends the wait with EINVAL), and the
+        connection's socket made without asking the kernel what it is."""
+        family = sock.family
+        # (fd, address): socket.accept's wrapper looks up family, type and
+        # the default timeout per call
+        accept: Callable[[], tuple[int, Any]] = sock._accept  # type: ignore[attr-defined]
         while not self._closing:
             with self.lock:         # at the limit: accept nobody (they queue)
                 if not self._wait_for_slot():
                     return
-            ready, _, _ = select.select([sock.fileno(), self._wake_r], [], [])
-            if self._closing or sock.fileno() not in ready:
-                return
             try:
-                conn_sock, _ = sock.accept()
+                fd, _ = accept()
             except OSError:
+                if self._closing:
+                    return
                 continue
+            conn_sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             with self.lock:         # another listener may have taken the slot
                 conn = Connection(self, conn_sock) if self._wait_for_slot() else None
                 if conn is not None:
@@ -235,6 +245,7 @@ class NBDServer:
     def add_export(self, exp: Export) -> None:
         with self.lock:
             self.exports[exp.name] = exp
+            self._names_changed()
 
     def remove_export(self, exp: Export, hard: bool) -> None:
         """Stop serving ``exp`` to new clients; with ``hard`` drop its
@@ -243,10 +254,15 @@ class NBDServer:
             exp.shutting_down = True
             if self.exports.get(exp.name) is exp:
                 del self.exports[exp.name]
+                self._names_changed()
             clients = list(exp.clients) if hard else []
         for c in clients:
             c.abort()
         self.maybe_gone(exp)
+
+    def _names_changed(self) -> None:
+        self.names = nbdserve.ExportNames([(n, bool(e.bitmaps))
+                                           for n, e in self.exports.items()])
 
     def settle(self, exp: Export, timeout: float = 10.0) -> None:
         """Let the clients of ``exp`` that already hung up finish leaving:
@@ -279,7 +295,9 @@ class NBDServer:
         with self.lock:
             self._closing = True
             self._slot_free.notify_all()
-        os.write(self._wake_w, b"x")
+        for sock, _ in self._listeners:
+            with contextlib.suppress(OSError):      # (wakes its accept: EINVAL)
+                sock.shutdown(socket.SHUT_RDWR)
         for sock, t in self._listeners:
             t.join()
             sock.close()
@@ -290,8 +308,6 @@ class NBDServer:
             c.abort()
         for c in conns:
             c.thread.join()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
 
 class Connection:
@@ -309,6 +325,9 @@ class Connection:
         #: the export those contexts were negotiated for
         self.contexts_export: str | None = None
         self.closing = False
+        #: C may serve this connection (``BLKJOBS_NBD_C`` is not 0: read
+        #: once, as it starts)
+        self.c_path = True
         #: the C data path's session while it serves (replies go through it)
         self.sender: Any = None
         #: a reply goes out whole (several workers send on one connection)
@@ -373,6 +392,32 @@ class Connection:
                 raise EOFError("client closed the connection")
             pos += k
 
+    def c_handshake(self) -> nbdserve.Handshake | None:
+        """The handshake's common options answered in C (csrc/nbdsrv.c
+        ``bj_nbdh_step``, :meth:`c_step`), or None: a server with TLS (the
+        options before STARTTLS are refused, those after it are inside
+        TLS), or ``BLKJOBS_NBD_C=0`` (the Python path throughout)."""
+        if self.server.tls is not None or not self.c_path:
+            return None
+        return nbdserve.Handshake(self.sock.fileno(), self._rbuf, self.server.names)
+
+    def c_step(self, hs: nbdserve.Handshake) -> int:
+        """Greet (the first time) and let C answer the options it can, on
+        the read-ahead buffer; :data:`nbdserve.HS_OPTION`: the next option
+        is Python's (in the buffer, or still in the socket), ``HS_GO``: a
+        GO to answer (``hs.go``), ``HS_HANGUP``: close. The connection's
+        negotiated state is C's and Python's alike."""
+        self.flush_later()
+        rc, self._rpos, self._rlen = hs.step(self._rpos, self._rlen, self.structured)
+        st = hs.state
+        self.no_zeroes = bool(st & nbdserve.HS_NO_ZEROES)
+        self.structured = bool(st & nbdserve.HS_STRUCTURED)
+        e = hs.take_ctx_export()
+        if e >= 0:          # SET_META_CONTEXT base:allocation, answered in C
+            self.contexts = [P.CONTEXT_BASE_ALLOCATION]
+            self.contexts_export = hs.names[e]
+        return rc
+
     def buffered(self) -> int:
         """Bytes read from the socket and not yet taken by :meth:`recv_into`
         (a client that sent requests before the reply to its NBD_OPT_GO:
@@ -381,14 +426,11 @@ class Connection:
 
     def _timeouts(self, seconds: float) -> None:
         """The handshake's limit on each receive and send (0: none) as the
-        socket's SO_RCVTIMEO/SO_SNDTIMEO: the socket stays blocking, so a
-        ``recv`` is one system call (with ``settimeout`` Python polls
-        before each one); a receive or send timing out raises
-        ``OSError(EAGAIN)``, and the client is dropped."""
-        sec = int(seconds)
-        tv = struct.pack("ll", sec, int((seconds - sec) * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        socket's SO_RCVTIMEO/SO_SNDTIMEO (both in one C call): the socket
+        stays blocking, so a ``recv`` is one system call (with
+        ``settimeout`` Python polls before each one); a receive or send
+        timing out raises ``OSError(EAGAIN)``, and the client is dropped."""
+        nbdserve.set_timeouts(self.sock.fileno(), seconds)
 
     def send_later(self, data: bytes) -> None:
         """Queue a handshake reply: those of one option go out in one
@@ -444,6 +486,7 @@ class Connection:
 
     def _run(self) -> None:
         try:
+            self.c_path = os.environ.get("BLKJOBS_NBD_C", "1") != "0"
             if self.server.handshake_timeout:
                 self._timeouts(self.server.handshake_timeout)
             exp = negotiate(self)

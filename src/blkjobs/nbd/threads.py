@@ -3,12 +3,13 @@ for the next connection once their work is done.
 
 ``threading.Thread.start`` waits until the new thread holds the GIL and
 has begun, which on a loaded host is a scheduling delay -- milliseconds --
-on the path of a client's next connection (the accept loop) and of its
-first reply (the reaper, started with the first read). And a thread's start
+on the path of a client's next connection (the accept loop). And a thread's start
 and end cost about 80 us of CPU (clone, Python's thread state, exit, join)
 where handing work to a thread that waits for it costs about 8: a short
-session (nbdinfo, a small nbdcopy) started two and ended two
-(benchmarks/README.md, "Issue 14: the export's sessions ... (`nbdsess`)").
+session (nbdinfo, a small nbdcopy) started two and ended two -- its
+connection's and its reaper's, which is now one thread for the process
+(``fastpath._reap``) -- (benchmarks/README.md, "Issue 14: the export's
+sessions ... (`nbdsess`)").
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ class _Pool:
     back last: a hand-off wakes that thread only. (With one queue they all
     waited on, a ``put`` woke one, which woke the next to look at the
     empty queue: two more wake-ups and a turn of the GIL per hand-off, two
-    hand-offs per NBD session -- its connection and its reaper.)"""
+    hand-offs per NBD session -- its connection and its reaper, which is
+    one thread for the process now.)"""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -93,11 +95,14 @@ class Thread:
 
     def __init__(self, target: Callable[[], object]):
         self._target: Callable[[], object] | None = target
-        self._done = threading.Event()
+        #: held from start to the function's end (an Event is a Condition
+        #: and two locks: made per connection, it cost more than this)
+        self._running = _thread.allocate_lock()
         self._started = False
 
     def start(self) -> None:
         self._started = True
+        self._running.acquire()
         _pool.run(self._run)
 
     def _run(self) -> None:
@@ -110,11 +115,11 @@ class Thread:
             raise
         finally:
             self._target = None     # (the connection it ran: no cycle through it)
-            self._done.set()
+            self._running.release()
 
     def join(self, timeout: float | None = None) -> None:
-        if self._started:
-            self._done.wait(timeout)
+        if self._started and self._running.acquire(timeout=-1 if timeout is None else timeout):
+            self._running.release()
 
     def is_alive(self) -> bool:
-        return self._started and not self._done.is_set()
+        return self._started and self._running.locked()
