@@ -160,6 +160,30 @@ def fd_flags(pid: int, path: str) -> list[int]:
     return out
 
 
+def copy_sparse(src, dst) -> None:
+    """Copy ``src`` to ``dst`` extent by extent (SEEK_DATA/SEEK_HOLE): the
+    holes of ``src`` stay holes in ``dst`` and its data stays data, zeroes
+    written as data included -- what qemu-img measure, map and convert see
+    of a raw file is its allocation, which a plain copy (shutil.copyfile:
+    sendfile) would fill. For pristine images made once and copied into
+    each test's directory."""
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        size = os.fstat(f.fileno()).st_size
+        off = 0
+        while off < size:
+            try:
+                off = os.lseek(f.fileno(), off, os.SEEK_DATA)
+            except OSError:                          # ENXIO: only a hole is left
+                break
+            end = os.lseek(f.fileno(), off, os.SEEK_HOLE)
+            while off < end:
+                piece = os.pread(f.fileno(), min(end - off, 1 << 20), off)
+                assert piece, (src, off)
+                os.pwrite(g.fileno(), piece, off)
+                off += len(piece)
+        g.truncate(size)
+
+
 def content_digest(path, block=1 << 20) -> str:
     """A digest of the file's bytes: two files have the same digest exactly
     when they hold the same bytes (their sizes included), however each is
