@@ -194,7 +194,10 @@ def copy_sparse(src, dst) -> None:
     written as data included -- what qemu-img measure, map and convert see
     of a raw file is its allocation, which a plain copy (shutil.copyfile:
     sendfile) would fill. For pristine images made once and copied into
-    each test's directory."""
+    each test's directory. An unwritten (fallocated) extent becomes a hole:
+    not for files that have them where the test compares host layouts
+    (qemu-io's write -z on raw, a cluster qcow2 allocates partly written:
+    test_convert_n_zeroes' targets then map otherwise)."""
     with open(src, "rb") as f, open(dst, "wb") as g:
         size = os.fstat(f.fileno()).st_size
         off = 0
