@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv deps demo test test-c lint bench dist man clean iotests
+.PHONY: venv deps demo test test-py test-c lint bench dist man clean iotests
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py csrc/nbd/*.[ch])
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +44,14 @@ demo: deps venv
 # reference daemons and the page cache as much as on the CPU): TEST_JOBS=1
 # runs it in one process.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST_ALL = $(PY) -m pytest -q -rs --durations=15 -n $(TEST_JOBS) --dist worksteal tests
 test: deps venv test-c lint
-	$(PY) -m pytest -q -rs --durations=15 -n $(TEST_JOBS) --dist worksteal tests
+	$(PYTEST_ALL)
+
+# The suite alone: .ci/run runs it beside test-c, lint and .ci/dist (which
+# need neither it nor each other), not after them.
+test-py: deps venv
+	$(PYTEST_ALL)
 
 # The man page, the shell completion script and the table of the command
 # lines read without argparse (src/blkjobs/cli/quickparse_table.py), generated

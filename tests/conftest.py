@@ -160,6 +160,61 @@ def fd_flags(pid: int, path: str) -> list[int]:
     return out
 
 
+@pytest.fixture(scope="session")
+def made_once(tmp_path_factory):
+    """``made_once(key, make) -> Path``: a directory that ``make(dir)``
+    filled, once for the whole session, whichever xdist worker asks first
+    (the others wait on its lock, then reuse it). For the images an oracle
+    makes identically for several tests, at a cost (qemu-img's PBKDF2
+    timing: ~1-2 s of CPU for each LUKS create, whatever iter-time says):
+    tests copy them into their own directory, never change them in place.
+    The directory is in the session's temporary root (the workers'
+    directories' parent), removed with it."""
+    import fcntl
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "made-once"
+    root.mkdir(exist_ok=True)
+
+    def get(key: str, make) -> Path:
+        d = root / key
+        with open(root / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)            # released when closed
+            if not (d / ".made").exists():
+                shutil.rmtree(d, ignore_errors=True)    # a make that failed half-way
+                d.mkdir()
+                make(d)
+                (d / ".made").touch()
+        return d
+    return get
+
+
+def copy_sparse(src, dst) -> None:
+    """Copy ``src`` to ``dst`` extent by extent (SEEK_DATA/SEEK_HOLE): the
+    holes of ``src`` stay holes in ``dst`` and its data stays data, zeroes
+    written as data included -- what qemu-img measure, map and convert see
+    of a raw file is its allocation, which a plain copy (shutil.copyfile:
+    sendfile) would fill. For pristine images made once and copied into
+    each test's directory. An unwritten (fallocated) extent becomes a hole:
+    not for files that have them where the test compares host layouts
+    (qemu-io's write -z on raw, a cluster qcow2 allocates partly written:
+    test_convert_n_zeroes' targets then map otherwise)."""
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        size = os.fstat(f.fileno()).st_size
+        off = 0
+        while off < size:
+            try:
+                off = os.lseek(f.fileno(), off, os.SEEK_DATA)
+            except OSError:                          # ENXIO: only a hole is left
+                break
+            end = os.lseek(f.fileno(), off, os.SEEK_HOLE)
+            while off < end:
+                piece = os.pread(f.fileno(), min(end - off, 1 << 20), off)
+                assert piece, (src, off)
+                os.pwrite(g.fileno(), piece, off)
+                off += len(piece)
+        g.truncate(size)
+
+
 def content_digest(path, block=1 << 20) -> str:
     """A digest of the file's bytes: two files have the same digest exactly
     when they hold the same bytes (their sizes included), however each is

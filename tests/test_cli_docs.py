@@ -2,8 +2,10 @@
 are generated from the parser: they must say what the parser says today."""
 from __future__ import annotations
 
+import calendar
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -13,14 +15,24 @@ BIN = pathlib.Path(sys.executable).parent
 
 
 def _regenerate(tmp_path: pathlib.Path) -> str:
+    """The page as ``make man`` makes it, dated as the committed one is
+    (SOURCE_DATE_EPOCH, which argparse-manpage takes for the .TH line's date):
+    what is compared is what the page says, not the day it is compared on
+    (dated today, it differed from the committed page every day after the
+    one it was made)."""
     out = tmp_path / "blkjobs.1"
     import blkjobs
+    committed = (ROOT / "docs/man/blkjobs.1").read_text()
+    m = re.match(r'\.TH BLKJOBS "1" "(\d{4})\\-(\d\d)\\-(\d\d)"', committed)
+    assert m, committed[:100]
+    noon = calendar.timegm((int(m[1]), int(m[2]), int(m[3]), 12, 0, 0))
     subprocess.run(
         [str(BIN / "argparse-manpage"), "--module", "blkjobs.cli.main", "--function",
          "build_parser", "--project-name", "blkjobs", "--prog", "blkjobs",
          "--version", blkjobs.__version__, "--description",
          "block jobs (backup, mirror, stream, commit) and qemu-img-style image tools",
-         "--manual-title", "blkjobs manual", "--output", str(out)], check=True)
+         "--manual-title", "blkjobs manual", "--output", str(out)], check=True,
+        env=dict(os.environ, SOURCE_DATE_EPOCH=str(noon)))
     return out.read_text()
 
 

@@ -4,6 +4,7 @@ images we create are read by QEMU with the same secret and the reverse,
 byte for byte; info fields and texts as qemu-img's."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -52,17 +53,14 @@ def qio(kind: str, path, *cmds: str, obj: str = OBJ) -> subprocess.CompletedProc
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 
-#: (kind, size, extra, name) -> (the QEMU-made image, its create's CompletedProcess)
-_pristine: dict[tuple, tuple[Path, subprocess.CompletedProcess]] = {}
+_made_once = None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _pristine_dir(tmp_path_factory):
-    """Where qemu_create keeps the images qemu-img made for this module."""
-    global _PRISTINE
-    _PRISTINE = tmp_path_factory.mktemp("qemu-made")
-    yield
-    _pristine.clear()
+@pytest.fixture(autouse=True)
+def _qemu_made(made_once):
+    """qemu_create's store of the images qemu-img made (conftest.made_once)."""
+    global _made_once
+    _made_once = made_once
 
 
 def qemu_create(kind: str, path, size: int = 4 * MiB,
@@ -70,30 +68,33 @@ def qemu_create(kind: str, path, size: int = 4 * MiB,
     """The image qemu-img create makes, at ``path``. qemu-img spends about
     two CPU seconds measuring PBKDF2's speed for each luks create, whatever
     iter-time says, so each (kind, size, options) is created once per
-    module and copied: the copies share the salts and the master key of one
-    create, which no test compares (the tests share the default size where
-    theirs does not matter). Its CompletedProcess is returned; the
-    name in its "Formatting" line is ``path`` as given when ``path`` is a
-    bare file name (created under that name), else "pristine.img".
-    Created again when QEMU's PBKDF2 timing says "Unable to get accurate
-    CPU usage" (its getrusage() saw no time pass: a busy machine)."""
+    session (by whichever xdist worker first needs it) and copied: the
+    copies share the salts and the master key of one create, which no test
+    compares (the tests share the default size where theirs does not
+    matter). Its CompletedProcess is returned (exit status, stdout and
+    stderr kept beside the image); the name in its "Formatting" line is
+    ``path`` as given when ``path`` is a bare file name (created under that
+    name), else "pristine.img". Created again when QEMU's PBKDF2 timing
+    says "Unable to get accurate CPU usage" (its getrusage() saw no time
+    pass: a busy machine)."""
     name = str(path) if os.sep not in str(path) else "pristine.img"
-    key = (kind, size, extra, name)
-    if key not in _pristine:
-        d = _PRISTINE / str(len(_pristine))
-        d.mkdir()
-        fmt, _, o = KINDS[kind]
+    fmt, _, o = KINDS[kind]
+    args = ["qemu-img", "create", "--object", OBJ, "-f", fmt, "-o", o + extra, name, str(size)]
+
+    def make(d: Path) -> None:
         for _ in range(5):
-            p = subprocess.run(["qemu-img", "create", "--object", OBJ, "-f", fmt,
-                                "-o", o + extra, name, str(size)],
-                               capture_output=True, text=True, timeout=120, cwd=d)
+            p = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=d)
             if "Unable to get accurate CPU usage" not in p.stderr:
                 break
         assert p.returncode == 0, p.stderr
-        _pristine[key] = (d / name, p)
-    made, p = _pristine[key]
-    shutil.copyfile(made, path)
-    return p
+        (d / "create.json").write_text(json.dumps([p.returncode, p.stdout, p.stderr]))
+
+    key = "luks-" + hashlib.sha256(json.dumps(args).encode()).hexdigest()[:16]
+    assert _made_once is not None
+    d = _made_once(key, make)
+    shutil.copyfile(d / name, path)
+    rc, out, err = json.loads((d / "create.json").read_text())
+    return subprocess.CompletedProcess(args, rc, out, err)
 
 
 def ours_create(kind: str, path, size: int = 4 * MiB, extra: str = ""):

@@ -33,12 +33,10 @@ def _qio(spec: str, cmd: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def _made_chain(tmp_path_factory):
-    """The chain, made once per module (qemu-img's PBKDF2 timing costs ~1.8 s
-    of CPU per LUKS create); the overlay names its base relative to itself,
-    so the two files can be copied together."""
-    d = tmp_path_factory.mktemp("luks_chain")
+def _make_chain(d) -> None:
+    """The chain (qemu-img's PBKDF2 timing costs ~1.8 s of CPU per LUKS
+    create); the overlay names its base relative to itself, so the two files
+    can be copied together."""
     base, top = d / "t.qcow2.base", d / "t.qcow2"
     _create("--object", S0, "-o", "encrypt.format=luks,encrypt.key-secret=sec0,"
             "encrypt.iter-time=10", str(base), "4M")
@@ -48,7 +46,6 @@ def _made_chain(tmp_path_factory):
             "encrypt.iter-time=10", "-b", base.name, "-F", "qcow2", str(top))
     p = _qio(spec, "write -P 0x9 1M 2M")
     assert p.returncode == 0, p.stderr
-    return d
 
 
 def _specs(d) -> tuple[str, str, str]:
@@ -61,10 +58,12 @@ def _specs(d) -> tuple[str, str, str]:
 
 
 @pytest.fixture
-def chain(_made_chain, tmp_path) -> tuple[str, str, str]:
-    """(base, overlay, overlay with its backing) as --image-opts, on a copy of the chain."""
+def chain(made_once, tmp_path) -> tuple[str, str, str]:
+    """(base, overlay, overlay with its backing) as --image-opts, on a copy
+    of the chain made once per session (conftest.made_once)."""
+    made = made_once("luks_commit-chain", _make_chain)
     for name in ("t.qcow2.base", "t.qcow2"):
-        shutil.copyfile(_made_chain / name, tmp_path / name)
+        shutil.copyfile(made / name, tmp_path / name)
     return _specs(tmp_path)
 
 

@@ -37,36 +37,30 @@ def spec(fmt: str, key: str) -> str:
     return f"driver={fmt},file.filename=t.img,{prefix}key-secret={key}"
 
 
-@pytest.fixture(scope="module")
-def _made(tmp_path_factory):
-    """fmt -> the image qemu-img made (and qemu-io wrote), once per module."""
-    return {"dir": tmp_path_factory.mktemp("luks_made")}
-
-
 @pytest.fixture
-def create(_made):
+def create(made_once):
     """create(twins, fmt): the same image in both directories, made by the
     real qemu-img (again when QEMU says its PBKDF2 timing saw no CPU time
     pass), written by qemu-io, then copied to both twins byte for byte. Each
-    format is created once per module: a create costs qemu-img ~2 s of CPU
-    timing PBKDF2, whatever iter-time says."""
+    format is created once per session (conftest.made_once, whichever
+    worker first needs it): a create costs qemu-img ~2 s of CPU timing
+    PBKDF2, whatever iter-time says."""
+    def made(fmt: str, d: Path) -> None:
+        for _ in range(5):
+            p = subprocess.run(["qemu-img", "create", "-f", fmt, *OBJECTS[:2], "-o",
+                                KINDS[fmt][1], "t.img", "4M"], cwd=d, capture_output=True,
+                               text=True, timeout=120)
+            if "Unable to get accurate CPU usage" not in p.stderr:
+                break
+        assert p.returncode == 0, p.stderr
+        subprocess.run(["qemu-io", *OBJECTS[:2], "--image-opts", spec(fmt, "sec0"), "-c",
+                        "write -P 0x5a 0 1M"], cwd=d, check=True, capture_output=True,
+                       timeout=120)
+
     def make(twins, fmt: str) -> None:
-        if fmt not in _made:
-            d = _made["dir"] / fmt
-            d.mkdir()
-            for _ in range(5):
-                p = subprocess.run(["qemu-img", "create", "-f", fmt, *OBJECTS[:2], "-o",
-                                    KINDS[fmt][1], "t.img", "4M"], cwd=d, capture_output=True,
-                                   text=True, timeout=120)
-                if "Unable to get accurate CPU usage" not in p.stderr:
-                    break
-            assert p.returncode == 0, p.stderr
-            subprocess.run(["qemu-io", *OBJECTS[:2], "--image-opts", spec(fmt, "sec0"), "-c",
-                            "write -P 0x5a 0 1M"], cwd=d, check=True, capture_output=True,
-                           timeout=120)
-            _made[fmt] = d / "t.img"
+        d = made_once(f"luks_keyslots-{fmt}", lambda d: made(fmt, d))
         for t in twins:
-            shutil.copyfile(_made[fmt], t / "t.img")
+            shutil.copyfile(d / "t.img", t / "t.img")
     return make
 
 

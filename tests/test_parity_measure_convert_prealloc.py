@@ -7,22 +7,34 @@ import filecmp
 
 import pytest
 
+from conftest import copy_sparse
 from qemu_oracle import check_clean, qemu_img, qemu_io
 from test_parity_invocation import same, twins  # noqa: F401  (twins: a fixture)
 
 SECRET = ["--object", "secret,id=sec0,data=base"]
 
 
+@pytest.fixture(scope="module")
+def _pristine_sources(tmp_path_factory):
+    """The two source images, made once per module by qemu-img and qemu-io
+    (set-up, not the step under test: some 200 processes when each test
+    made its own); ``sources`` copies them, holes kept, into both twins."""
+    d = tmp_path_factory.mktemp("measure_sources")
+    qemu_img("create", "-f", "qcow2", d / "s.qcow2", "16M")
+    # whole clusters: a partly written one leaves an unwritten extent,
+    # which QEMU counts as data or not depending on the page cache
+    qemu_io(d / "s.qcow2", "write -P 7 0 64k", "write -P 8 128k 64k", "write -P 9 10M 64k")
+    qemu_img("snapshot", "-c", "snap1", d / "s.qcow2")
+    qemu_img("create", "-f", "raw", d / "s.raw", "16M")
+    qemu_io(d / "s.raw", "write -P 7 0 4k", "write -P 9 10M 64k", fmt="raw")
+    return d
+
+
 @pytest.fixture
-def sources(twins):
+def sources(twins, _pristine_sources):
     for d in twins:
-        qemu_img("create", "-f", "qcow2", d / "s.qcow2", "16M")
-        # whole clusters: a partly written one leaves an unwritten extent,
-        # which QEMU counts as data or not depending on the page cache
-        qemu_io(d / "s.qcow2", "write -P 7 0 64k", "write -P 8 128k 64k", "write -P 9 10M 64k")
-        qemu_img("snapshot", "-c", "snap1", d / "s.qcow2")
-        qemu_img("create", "-f", "raw", d / "s.raw", "16M")
-        qemu_io(d / "s.raw", "write -P 7 0 4k", "write -P 9 10M 64k", fmt="raw")
+        for name in ("s.qcow2", "s.raw"):
+            copy_sparse(_pristine_sources / name, d / name)
     return twins
 
 
