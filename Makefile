@@ -54,7 +54,7 @@ test-py: deps venv
 	$(PYTEST_ALL)
 
 # The man page, the shell completion script and the table of the command
-# lines read without argparse (src/blkjobs/cli/quickparse_table.py), generated
+# lines read without argparse (the end of src/blkjobs/cli/quickparse.py), generated
 # from the parser (tests/test_cli_docs.py, tests/test_quickparse.py fail when
 # the committed ones are stale).
 man: venv
