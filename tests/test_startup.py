@@ -386,3 +386,65 @@ def test_image_commands_build_only_the_enums_they_use(tmp_path):
         assert (p.returncode, p.stderr.strip()) == (0, want), args
         assert p.stdout.startswith(out), (args, p.stdout)
     assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
+
+
+BUFFER_PATH = ("blkjobs.imageops.convert_nbd", "blkjobs.imageops.convert_faults")
+
+
+def test_file_converts_import_no_buffer_path(tmp_path, servers):
+    """A convert between local files (raw -> raw, raw -> qcow2, qcow2 ->
+    raw, a 3-deep chain -> qcow2) imports neither the buffer path
+    (convert_nbd: NBD, encrypted images, --salvage) nor the fault-injected
+    source's copy (convert_faults): the command's entry point picks the
+    converter first. An NBD source loads convert_nbd, a blkdebug source
+    both; every copy's bytes are the source's."""
+    qemu_nbd, _ = servers
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    top = _chain(tmp_path)
+    conf = tmp_path / "bd.conf"
+    conf.write_text("")
+    exported = tmp_path / "e.raw"           # (the server holds its file's lock)
+    exported.write_bytes(src.read_bytes())
+    s = qemu_nbd(str(exported), "raw")
+    both = "['blkjobs.imageops.convert_faults', 'blkjobs.imageops.convert_nbd']"
+    for args, want, like in (
+            (["convert", "-O", "raw", src, tmp_path / "o.raw"], "[]", src),
+            (["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], "[]", src),
+            (["convert", "-O", "raw", top, tmp_path / "c.raw"], "[]", top),
+            (["convert", "-O", "qcow2", top, tmp_path / "c.qcow2"], "[]", top),
+            (["convert", "-O", "raw", s.uri, tmp_path / "n.raw"],
+             "['blkjobs.imageops.convert_nbd']", src),
+            (["convert", "-f", "raw", "-O", "raw", f"blkdebug:{conf}:{src}", tmp_path / "f.raw"],
+             both, src)):
+        p = run_heavy_probe(BUFFER_PATH, args)
+        assert (p.returncode, p.stderr.strip()) == (0, want), args
+        assert qemu_img("compare", like, args[-1]).returncode == 0, args
+    assert qemu_img("check", tmp_path / "c.qcow2").returncode == 0
+
+
+SNAPSHOT_MODULES = ("blkjobs.formats.qcow2.check_snapshots", "blkjobs.formats.qcow2.snapshots")
+
+
+def test_check_imports_snapshot_table_modules_only_for_snapshots(tmp_path):
+    """check reads the snapshot table's modules only when the header names
+    snapshots or a table offset the check must refuse; an image without
+    snapshots is checked without them, with the same outcome. With a
+    snapshot, or with no snapshot but a misaligned table offset, they are
+    imported and the outcome is qemu-img's (its words, our name in front)."""
+    img, snap, bad = tmp_path / "a.qcow2", tmp_path / "s.qcow2", tmp_path / "bad.qcow2"
+    for name in (img, snap, bad):
+        qemu_img("create", "-f", "qcow2", name, "1M")
+    qemu_img("snapshot", "-c", "s1", snap)
+    with open(bad, "r+b") as f:            # snapshots_offset: 512, nb_snapshots stays 0
+        f.seek(64)
+        f.write((512).to_bytes(8, "big"))
+    both = str(list(SNAPSHOT_MODULES))
+    for name, want, rc in ((img, "[]", 0), (snap, both, 0), (bad, both, 1)):
+        p = run_heavy_probe(SNAPSHOT_MODULES, ["check", name])
+        q = qemu_img("check", name, check=False)
+        assert q.returncode == rc, name
+        assert (p.returncode, p.stderr.strip().splitlines()[-1]) == (rc, want), name
+        assert p.stdout == q.stdout, name
+        assert p.stderr.splitlines()[:-1] == \
+            [line.replace("qemu-img:", "blkjobs:") for line in q.stderr.splitlines()], name

@@ -7,7 +7,7 @@ import os
 
 from ..errors import OSErrorWithContext, UsageError
 from ..imageops.convert_base import ConvertOptions
-from ..imageops.convert_nbd import convert      # files, and NBD URIs
+from ..imageops.convert_entry import convert    # files, and NBD URIs (imports what it needs)
 from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
 from ..formats import cache

@@ -37,7 +37,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import BlkjobsError, CopyError
+from ..errors import CopyError
 from ..native.extents import is_zero
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
@@ -51,23 +51,6 @@ REQUEST_MAX = (0x7FFFFFFF >> 9) * SECTOR
 BUF = 2 << 20
 #: the kinds of a request (qemu-img's BLK_DATA, BLK_ZERO, BLK_BACKING_FILE)
 DATA, ZERO, BACKING = 0, 1, 2
-
-
-def injects_faults(name: str) -> bool:
-    """``name`` is an image name with a ``blkdebug`` layer in it."""
-    from ..formats.sniff import is_spec
-    if not is_spec(name):
-        return False
-    from ..graph.blockspec import FILTER_DRIVERS, parse     # (a spec only: start-up)
-    try:
-        layer: Any = parse(name).top
-    except BlkjobsError:        # a bad name: opening it says what is wrong
-        return False
-    while layer is not None:
-        if layer.driver in FILTER_DRIVERS:
-            return True
-        layer = layer.child
-    return False
 
 
 def _fail(err: int, what: str, cv: Any, offset: int) -> CopyError:

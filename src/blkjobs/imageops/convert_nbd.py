@@ -29,8 +29,8 @@ from ..graph.lock import ImageLock
 from ..native.extents import zero_blocks
 from ..native.ratelimit import TokenBucket
 from ..units import sector_size
-from .convert_base import ConvertOptions, ConvertResult, check_options
-from .convert_faults import copy_in_order, injects_faults
+from .convert_base import ConvertOptions, ConvertResult
+from .convert_entry import convert, encrypted as _encrypted, injects_faults  # noqa: F401 (convert: callers' name)
 from .convert_target import identity, lock_target, say_what_happened_to_target
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
@@ -43,41 +43,6 @@ WORK = 256 << 20            # block status asked per work range
 CHUNK = 4 << 20             # bytes per worker piece
 FAST_PIECE = 64 << 20       # bytes per piece of the C path (Nbd.copy_fd)
 SPARSE_BLOCK = 1 << 20      # zero detection granularity of data pieces
-
-
-def convert(src: str, dst: str, opts: ConvertOptions | None = None,
-            progress: Callable[[int, int], None] | None = None,
-            check: Callable[[], None] | None = None) -> ConvertResult:
-    """:func:`blkjobs.imageops.convert.convert`, and NBD URIs on either side
-    (the command line's entry point; the NBD path lives here so that the
-    local converter does not depend on it)."""
-    from .images import check_format
-    o = opts or ConvertOptions()
-    # -B, -c: qemu-img's order on the buffer path too (not into an export)
-    faults = injects_faults(src) and not ((o.backing or o.compress) and is_nbd_uri(dst))
-    if not (is_nbd_uri(src) or is_nbd_uri(dst) or o.salvage or faults or _encrypted(src, dst, o)):
-        # imported here: an NBD copy does not load the local converter
-        # (start-up time is part of every copy)
-        from .convert import convert as convert_files
-        return convert_files(src, dst, o, progress, check)
-    check_format(o.dst_fmt, "target")
-    check_format(o.src_fmt, "source")
-    check_options(o)
-    return convert_nbd(src, dst, o, progress, check)
-
-
-def _encrypted(src: str, dst: str, o: ConvertOptions) -> bool:
-    """An encrypted source or target: its bytes move through the drivers'
-    ciphers, on this module's buffer path (the C engine copies host bytes)."""
-    from ..formats import is_encrypted
-    try:
-        if is_encrypted(src, o.src_fmt):
-            return True
-        if o.no_create:
-            return is_encrypted(dst, o.dst_fmt)
-    except OSError:
-        return False            # the converter says what is wrong with the file
-    return o.dst_fmt == "luks" or any(k.startswith("encrypt") for k in o.create_opts)
 
 
 def convert_nbd(src: str, dst: str, o: ConvertOptions,
@@ -402,6 +367,7 @@ class _NbdConvert:
         import threading
         self.lock = threading.Lock()
         if self.in_order:
+            from .convert_faults import copy_in_order   # here: an NBD copy does not need it
             return copy_in_order(self)
         q: queue.Queue = queue.Queue(maxsize=64)
         # two workers per -m slot: one reads while the other writes (each

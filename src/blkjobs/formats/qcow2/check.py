@@ -23,9 +23,12 @@ from .check_walk import Walker
 from .header import (AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, drop_stale_bitmaps,
                      stale_bitmaps)
 from .refcount import Refcounts
-from .check_snapshots import SnapshotCheck
 from .tables import COMPRESSED, COPIED, OFFSET_MASK, L2Tables
 from ...native import dio
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from .check_snapshots import SnapshotCheck
 
 
 class CheckResult(dict):
@@ -48,12 +51,12 @@ def check(img: L2Tables, repair: str | None = None) -> CheckResult:
         h.autoclear &= AUTOCLEAR_KNOWN      # as qemu-img's read/write open
         drop_stale_bitmaps(h)
         img._write_header()
-    res = Checker(img, repair, SnapshotCheck(img, repair)).run()
+    res = Checker(img, repair, _snapshot_check(img, repair)).run()
     if repair and not (res.check_errors or res.corrupt):
         _mark_clean(img)
     if repair and (res.fixed_leaks or res.fixed_corruptions) and not res.failed:
         img.flush()
-        again = Checker(img, None, SnapshotCheck(img, None)).run()
+        again = Checker(img, None, _snapshot_check(img, None)).run()
         out = again.result
         if res.fixed_leaks:
             out["leaks-fixed"] = res.fixed_leaks
@@ -62,6 +65,35 @@ def check(img: L2Tables, repair: str | None = None) -> CheckResult:
         out.messages = res.result.messages + again.result.messages
         return out
     return res.result
+
+
+class _NoSnapshots:
+    """What :class:`.check_snapshots.SnapshotCheck` finds in an image whose
+    header names no snapshot and a valid table offset: nothing to read,
+    walk or fix (so a check of such an image does not import the snapshot
+    table's modules: start-up)."""
+
+    failed: str | None = None
+    corrupt = fixed = check_errors = size = old_size = 0
+    snaps: tuple = ()
+
+    def __init__(self) -> None:
+        self.msgs: list[str] = []       # the checker appends to it: its own
+
+    def fix_table(self) -> None:
+        pass
+
+
+def _snapshot_check(img: L2Tables, repair: str | None) -> SnapshotCheck | _NoSnapshots:
+    """The snapshot table's check; without snapshots (and an offset the
+    table check would accept: a multiple of the cluster size, below 2^63)
+    :class:`_NoSnapshots`, the same outcome without the import."""
+    h = img.header
+    if not h.nb_snapshots and h.snapshots_offset < 1 << 63 \
+            and not h.snapshots_offset % img.cluster_size:
+        return _NoSnapshots()
+    from .check_snapshots import SnapshotCheck     # here: most images have none (start-up)
+    return SnapshotCheck(img, repair)
 
 
 def _mark_clean(img: L2Tables) -> None:
@@ -86,7 +118,8 @@ class Checker(Walker):
 
     rc: Refcounts       # the image's, taken once the walk reaches them
 
-    def __init__(self, img: L2Tables, repair: str | None, snap: SnapshotCheck) -> None:
+    def __init__(self, img: L2Tables, repair: str | None,
+                 snap: SnapshotCheck | _NoSnapshots) -> None:
         super().__init__(img, repair)
         self.snap = snap
         self.msgs = snap.msgs
@@ -212,7 +245,9 @@ class Checker(Walker):
         img.rc = None
         self.rc = img._rc()
         # the references once more, through the new table (walk errors again)
-        again = Checker(img, None, SnapshotCheck.of(self.snap))
+        snap = self.snap
+        again = Checker(img, None, _NoSnapshots() if isinstance(snap, _NoSnapshots)
+                        else type(snap).of(snap))
         again.walk_all()
         self.msgs += again.msgs
         self.refs, self.file_size, self.nfile = again.refs, again.file_size, again.nfile
