@@ -318,7 +318,7 @@ def test_convert_encrypted_source(kind, tmp_path):
     command says qemu-img's text."""
     from blkjobs.formats.secrets import bind_key
     from blkjobs.imageops.convert import ConvertOptions
-    from blkjobs.imageops.convert_nbd import convert
+    from blkjobs.imageops.convert_entry import convert
     img, out = tmp_path / "e.img", tmp_path / "out.raw"
     qemu_create(kind, img)       # (past 2M, a luks payload never written: noise)
     subprocess.run(["qemu-io", "--object", OBJ, "--image-opts", image_opts(kind, img),

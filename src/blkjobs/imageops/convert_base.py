@@ -7,8 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..native.record import Record
-from ..errors import UsageError, raise_pending_stop
+from ..errors import BlkjobsError, UsageError, raise_pending_stop
 from ..native.copy import CopyEngine, RunResult
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 WORK_RANGE = 1 << 30           # bytes queued per feed of the engine
 RAW_REQUEST = 2 << 20          # engine request size, raw -> raw
@@ -132,3 +136,36 @@ def drive(eng: CopyEngine, feed: Callable[[], None], more: Callable[[], bool],
         eng.cancel()
         eng.drain()
         raise
+
+
+def encrypted(src: str, dst: str, o: ConvertOptions) -> bool:
+    """An encrypted source or target: its bytes move through the drivers'
+    ciphers, on the buffer path of :mod:`.convert_nbd` (the C engine copies
+    host bytes); with :func:`injects_faults`, what picks the converter
+    (:mod:`.convert_entry`)."""
+    from ..formats import is_encrypted
+    try:
+        if is_encrypted(src, o.src_fmt):
+            return True
+        if o.no_create:
+            return is_encrypted(dst, o.dst_fmt)
+    except OSError:
+        return False            # the converter says what is wrong with the file
+    return o.dst_fmt == "luks" or any(k.startswith("encrypt") for k in o.create_opts)
+
+
+def injects_faults(name: str) -> bool:
+    """``name`` is an image name with a ``blkdebug`` layer in it."""
+    from ..formats.sniff import is_spec
+    if not is_spec(name):
+        return False
+    from ..graph.blockspec import FILTER_DRIVERS, parse     # (a spec only: start-up)
+    try:
+        layer: Any = parse(name).top
+    except BlkjobsError:        # a bad name: opening it says what is wrong
+        return False
+    while layer is not None:
+        if layer.driver in FILTER_DRIVERS:
+            return True
+        layer = layer.child
+    return False

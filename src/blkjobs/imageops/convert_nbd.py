@@ -29,8 +29,7 @@ from ..graph.lock import ImageLock
 from ..native.extents import zero_blocks
 from ..native.ratelimit import TokenBucket
 from ..units import sector_size
-from .convert_base import ConvertOptions, ConvertResult
-from .convert_entry import convert, encrypted as _encrypted, injects_faults  # noqa: F401 (convert: callers' name)
+from .convert_base import ConvertOptions, ConvertResult, encrypted as _encrypted, injects_faults
 from .convert_target import identity, lock_target, say_what_happened_to_target
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
