@@ -65,6 +65,31 @@ def run_blkjobs(*args, check=False, input=None):
     return p
 
 
+def run_blkjobs_in_process(capsys, *args, cwd=None) -> subprocess.CompletedProcess:
+    """``run_blkjobs``, through the command line's main() in this process:
+    exit status (its return value, or SystemExit's code), stdout and stderr
+    (from capsys) as the process gives them, run in ``cwd`` and put back.
+    For the loops of commands whose texts, statuses and images are what is
+    tested, not the process (an interpreter start-up costs ~85 ms of CPU,
+    more than most commands): signals, start-up, environment and locks
+    held by another process keep ``run_blkjobs``."""
+    from blkjobs.cli.main import main
+    argv = [str(a) for a in args]
+    capsys.readouterr()
+    before = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(before)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return subprocess.CompletedProcess(["blkjobs", *argv], rc, out, err)
+
+
 def qemu_compare(a, b, fmt_a="raw", fmt_b="raw"):
     p = subprocess.run([_need("qemu-img"), "compare", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
                        capture_output=True, text=True)

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from blkjobs.cli.main import main as cli_main
-from conftest import run_blkjobs
+from conftest import run_blkjobs, run_blkjobs_in_process
 from qemu_oracle import check_clean, qemu_dirty, qemu_img, qemu_io
 
 
@@ -35,6 +35,13 @@ def same(cwd, *args):
     """Run ``blkjobs ARGS`` and ``qemu-img ARGS`` in ``cwd``: same exit
     status, stdout and stderr (prefix ours). Returns our stdout."""
     ours = _ours(cwd, args)
+    assert (ours.returncode, ours.stdout, ours.stderr) == _theirs(cwd, args), args
+    return ours.stdout
+
+
+def same_ours_in_process(capsys, cwd, *args):
+    """``same``, ours in-process (conftest.run_blkjobs_in_process)."""
+    ours = run_blkjobs_in_process(capsys, *args, cwd=cwd)
     assert (ours.returncode, ours.stdout, ours.stderr) == _theirs(cwd, args), args
     return ours.stdout
 
@@ -103,11 +110,15 @@ def test_measure_qcow2_numbers_equal_qemu_img(sources, src, capsys, monkeypatch)
 
 @pytest.mark.parametrize("src", ["--size 1G", "--size 1000", "s3.raw", "-f qcow2 s2.qcow2",
                                  "empty.raw", "odd.raw"])
-def test_measure_raw_equals_qemu_img(sources, src):
+def test_measure_raw_equals_qemu_img(sources, src, capsys):
+    """The first command of each source as a real process, the others in-process."""
     for out in ("human", "json"):
-        same(sources, "measure", *src.split(), "--output", out)
-        same(sources, "measure", "-O", "raw", "-o", "preallocation=full", *src.split(),
-             "--output", out)
+        if out == "human":
+            same(sources, "measure", *src.split(), "--output", out)
+        else:
+            same_ours_in_process(capsys, sources, "measure", *src.split(), "--output", out)
+        same_ours_in_process(capsys, sources, "measure", "-O", "raw", "-o", "preallocation=full",
+                             *src.split(), "--output", out)
 
 
 def test_measure_bitmaps_size_is_shown(sources):
@@ -115,7 +126,7 @@ def test_measure_bitmaps_size_is_shown(sources):
     assert out["bitmaps"] > 0
 
 
-@pytest.mark.parametrize("args", [
+MEASURE_ERRORS = [
     "", "--size 1G s3.raw", "s3.raw s1.qcow2", "-O qcow2 --size abc", "-O qcow2 --size -5",
     "-O qcow2 nonexist", "-O qcow2 --size 100T -o cluster_size=512",
     "-O qcow2 --size 1G -o cluster_size=3k", "-O qcow2 --size 1G -o cluster_size=abc",
@@ -126,9 +137,16 @@ def test_measure_bitmaps_size_is_shown(sources):
     "-O qcow2 --size 1G -o compat=1.5", "-O qcow2 --size 1G --output=foo", "-O foo --size 1G",
     "-O qcow2 -f qcow2 s3.raw", "-O qcow2 --size 10GB", "-O qcow2 --size 10E",
     "-O qcow2 --size 1.3k", "-O qcow2 --size 1G -o cluster_size=99999999999999999999",
-    "-O qcow2 --size 1G -o cluster_size=64KiB"])
-def test_measure_errors_as_qemu_img(sources, args):
-    same(sources, "measure", *args.split())
+    "-O qcow2 --size 1G -o cluster_size=64KiB"]
+
+
+@pytest.mark.parametrize("args", MEASURE_ERRORS)
+def test_measure_errors_as_qemu_img(sources, args, capsys):
+    """The first case as a real process, the others in-process."""
+    if args == MEASURE_ERRORS[0]:
+        same(sources, "measure", *args.split())
+    else:
+        same_ours_in_process(capsys, sources, "measure", *args.split())
 
 
 # ---------------------------------------------------------------------------
@@ -217,7 +235,7 @@ def resize_inputs(tmp_path_factory):
     return w
 
 
-@pytest.mark.parametrize("args", [
+RESIZE_CASES = [
     "r.raw 5M", "--shrink r.raw 5M", "r.raw +1M", "r.raw -- -1M", "--shrink r.raw -- -1M",
     "r.raw", "r.raw abc", "--shrink r.raw 1001", "-f raw r.raw 3M",
     "--preallocation=falloc r.raw +1M", "--preallocation=full r.raw +1M",
@@ -226,8 +244,12 @@ def resize_inputs(tmp_path_factory):
     "--shrink q.qcow2 5M", "q.qcow2 20000001", "q.qcow2 +1M", "--shrink q.qcow2 0",
     "q.qcow2 -- -100M", "-f raw q.qcow2 +1M", "r.raw 1M 2M", "--shrink r.raw 0", "q.qcow2 9E",
     "q.qcow2 20E", "-q q.qcow2 +1M", "q.qcow2 100G", "q.qcow2 --shrink 1M", "r.raw 1.5",
-    "r.raw 99999999999999999999k", "r.raw 16E", "r.raw +1.5M", "r.raw 10MB"])
-def test_resize_texts_and_results_as_qemu_img(resize_inputs, tmp_path, args):
+    "r.raw 99999999999999999999k", "r.raw 16E", "r.raw +1.5M", "r.raw 10MB"]
+
+
+@pytest.mark.parametrize("args", RESIZE_CASES)
+def test_resize_texts_and_results_as_qemu_img(resize_inputs, tmp_path, args, capsys):
+    """The first case as a real process, the others in-process."""
     import shutil
     res = []
     for d in ("ours", "theirs"):
@@ -236,7 +258,10 @@ def test_resize_texts_and_results_as_qemu_img(resize_inputs, tmp_path, args):
         for f in ("r.raw", "q.qcow2"):
             shutil.copyfile(resize_inputs / f, w / f)
         if d == "ours":
-            p = _ours(w, ["resize", *args.split()])
+            if args == RESIZE_CASES[0]:
+                p = _ours(w, ["resize", *args.split()])
+            else:
+                p = run_blkjobs_in_process(capsys, "resize", *args.split(), cwd=w)
             res.append((p.returncode, p.stdout, p.stderr))
         else:
             res.append(_theirs(w, ["resize", *args.split()]))
@@ -374,12 +399,16 @@ def dd_inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args", DD_CASES)
-def test_dd_as_qemu_img(dd_inputs, args, tmp_path):
+def test_dd_as_qemu_img(dd_inputs, args, tmp_path, capsys):
+    """The first case as a real process, the others in-process."""
     ours, theirs = dd_inputs / f"ours{DD_CASES.index(args)}", dd_inputs / \
         f"theirs{DD_CASES.index(args)}"
     ours.mkdir()
     theirs.mkdir()
-    p = _ours(ours, ["dd", *args.split()])
+    if args == DD_CASES[0]:
+        p = _ours(ours, ["dd", *args.split()])
+    else:
+        p = run_blkjobs_in_process(capsys, "dd", *args.split(), cwd=ours)
     assert (p.returncode, p.stdout, p.stderr) == _theirs(theirs, ["dd", *args.split()])
     if (theirs / "o").exists():
         fmt = "qcow2" if "-O qcow2" in args else "raw"
