@@ -887,17 +887,23 @@ static void start_workers(struct bj_nbds *s)
     }
 }
 
+/* Stop a session's workers: they finish what is queued and go back to the
+ * pool; on return none of them touches s. */
+static void stop_workers(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->stop = 1;
+    pthread_cond_broadcast(&s->more);
+    while (s->attached)
+        pthread_cond_wait(&s->gone, &s->lock);
+    pthread_mutex_unlock(&s->lock);
+}
+
 void bj_nbds_free(struct bj_nbds *s)
 {
     if (!s)
         return;
-    pthread_mutex_lock(&s->lock);
-    s->stop = 1;
-    pthread_cond_broadcast(&s->more);
-    /* its workers finish what is queued and go back to the pool */
-    while (s->attached)
-        pthread_cond_wait(&s->gone, &s->lock);
-    pthread_mutex_unlock(&s->lock);
+    stop_workers(s);
     if (s->global)      /* (not drained: its tokens are dropped) */
         reap_forget(s);
     while (s->head) {               /* only when no thread ever started */
@@ -1035,12 +1041,7 @@ static void reap_forget(struct bj_nbds *s)
 
 int bj_nbds_drain(struct bj_nbds *s, uint64_t *done, int maxdone)
 {
-    pthread_mutex_lock(&s->lock);
-    s->stop = 1;
-    pthread_cond_broadcast(&s->more);
-    while (s->attached)
-        pthread_cond_wait(&s->gone, &s->lock);
-    pthread_mutex_unlock(&s->lock);
+    stop_workers(s);
     /* no worker touches s now: nothing queues it again */
     reap_forget(s);
     pthread_mutex_lock(&s->lock);

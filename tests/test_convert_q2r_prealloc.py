@@ -133,12 +133,10 @@ def test_raw_to_raw_data_and_blocks_as_qemu_img(tmp_path, cache):
     _converts_as_qemu_img("raw", src, ours, ref, cache)
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
-def test_allocated_ahead_of_the_writes_and_cancel(tmp_path, fmt):
-    """A rate-limited copy: at the first check the whole target's data is
-    allocated while little of it is written; raising there cancels it."""
-    src = _source(tmp_path, "qcow2") if fmt == "qcow2" else _raw_source(tmp_path)
-    dst = str(tmp_path / "out.raw")
+def first_check(src, fmt, dst, dst_fmt, **kw):
+    """A rate-limited convert into ``dst`` stopped at its first check:
+    (the target's allocated bytes, bytes copied) then. (The test of
+    qcow2 targets, test_convert_r2q_prealloc, uses it too.)"""
     seen: list[tuple[int, int]] = []
     done = [0]
 
@@ -149,11 +147,19 @@ def test_allocated_ahead_of_the_writes_and_cancel(tmp_path, fmt):
         seen.append((os.stat(dst).st_blocks * 512, done[0]))
         raise KeyboardInterrupt
 
-    o = ConvertOptions(src_fmt=fmt, dst_fmt="raw", rate=1 * MiB, flush=False)
+    o = ConvertOptions(src_fmt=fmt, dst_fmt=dst_fmt, rate=1 * MiB, flush=False, **kw)
     with pytest.raises((Cancelled, KeyboardInterrupt)):
         convert(src, dst, o, progress, check)
     assert len(seen) == 1
-    blocks, written = seen[0]
+    return seen[0]
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_allocated_ahead_of_the_writes_and_cancel(tmp_path, fmt):
+    """A rate-limited copy: at the first check the whole target's data is
+    allocated while little of it is written; raising there cancels it."""
+    src = _source(tmp_path, "qcow2") if fmt == "qcow2" else _raw_source(tmp_path)
+    blocks, written = first_check(src, fmt, str(tmp_path / "out.raw"), "raw")
     # the source's runs of data of 256 KiB or more (qcow2 clusters, file
     # extents), zeroes written as data included; shorter ones are left to
     # the writes

@@ -12,11 +12,9 @@ import os
 
 import pytest
 
-from blkjobs.errors import Cancelled
-from blkjobs.imageops.convert import ConvertOptions, convert
 from conftest import run_blkjobs
 from qemu_oracle import check_clean, qemu_img, qemu_io, qemu_map
-from test_convert_q2r_prealloc import _extents
+from test_convert_q2r_prealloc import _extents, first_check
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 8 * MiB
@@ -73,32 +71,12 @@ def test_new_qcow2_target_as_qemu_img(tmp_path, kind, cache):
     assert not _unwritten(ours)
 
 
-def _first_check(src, fmt, dst, **kw):
-    """A rate-limited convert into ``dst`` stopped at its first check:
-    (the target's allocated bytes, bytes copied) then."""
-    seen: list[tuple[int, int]] = []
-    done = [0]
-
-    def progress(d, total):
-        done[0] = d
-
-    def check():
-        seen.append((os.stat(dst).st_blocks * 512, done[0]))
-        raise KeyboardInterrupt
-
-    o = ConvertOptions(src_fmt=fmt, dst_fmt="qcow2", rate=1 * MiB, flush=False, **kw)
-    with pytest.raises((Cancelled, KeyboardInterrupt)):
-        convert(src, dst, o, progress, check)
-    assert len(seen) == 1
-    return seen[0]
-
-
 @pytest.mark.parametrize("kind", ["raw", "qcow2"])
 def test_data_clusters_allocated_ahead(tmp_path, kind):
     """At the first check of a rate-limited copy the target's data clusters
     are allocated while little of them is written."""
     src, fmt = _source(tmp_path, kind)
-    blocks, written = _first_check(src, fmt, str(tmp_path / "out.qcow2"))
+    blocks, written = first_check(src, fmt, str(tmp_path / "out.qcow2"), "qcow2")
     # the source's data runs of 256 KiB or more (clusters that read as
     # zeroes are not given any)
     assert blocks >= 5 * MiB
@@ -113,7 +91,7 @@ def test_existing_target_not_allocated_ahead(tmp_path):
     dst = str(tmp_path / "out.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", dst, str(SIZE))
     before = os.stat(dst).st_blocks * 512
-    blocks, written = _first_check(src, fmt, dst, no_create=True)
+    blocks, written = first_check(src, fmt, dst, "qcow2", no_create=True)
     assert blocks - before < 4 * MiB
     assert written < 4 * MiB
 

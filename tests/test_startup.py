@@ -275,6 +275,16 @@ NAMES = ("blkjobs.graph.blockspec", "blkjobs.graph.blockspec_net", "blkjobs.cli.
          "blkjobs.formats.qcow2.create", "blkjobs.formats.secrets", "contextlib")
 
 
+def _copies_as_qemu_img(tmp_path, src, top):
+    """The probes' copies (o.raw, o.qcow2 of ``src``; c.raw, c.qcow2 of the
+    chain ``top``) equal their sources, and the qcow2 one checks clean."""
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("compare", top, tmp_path / "c.raw").returncode == 0
+    assert qemu_img("compare", top, tmp_path / "c.qcow2").returncode == 0
+    assert qemu_img("check", tmp_path / "c.qcow2").returncode == 0
+
+
 def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
     """Commands on plain file names (no json:, file:, blkdebug:, no
     --image-opts, no -o) import neither the reader of qemu-img's other name
@@ -305,11 +315,7 @@ def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
         p = run_heavy_probe(NAMES, args)
         assert (p.returncode, p.stderr.strip()) == (0, want), args
         assert p.stdout.startswith(out), (args, p.stdout)
-    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
-    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
-    assert qemu_img("compare", top, tmp_path / "c.raw").returncode == 0
-    assert qemu_img("compare", top, tmp_path / "c.qcow2").returncode == 0
-    assert qemu_img("check", tmp_path / "c.qcow2").returncode == 0
+    _copies_as_qemu_img(tmp_path, src, top)
 
 
 STOP21 = ("importlib", "warnings", "blkjobs.graph.filter", "blkjobs.imageops.convert_raw",
@@ -347,11 +353,7 @@ def test_qcow2_commands_import_only_what_they_use(tmp_path):
         p = run_heavy_probe(STOP21, args)
         assert (p.returncode, p.stderr.strip()) == (0, want), args
         assert p.stdout.startswith(out), (args, p.stdout)
-    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
-    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
-    assert qemu_img("compare", top, tmp_path / "c.raw").returncode == 0
-    assert qemu_img("compare", top, tmp_path / "c.qcow2").returncode == 0
-    assert qemu_img("check", tmp_path / "c.qcow2").returncode == 0
+    _copies_as_qemu_img(tmp_path, src, top)
 
 
 ENUMS = """
