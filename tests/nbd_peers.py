@@ -17,6 +17,10 @@ import pytest
 
 from daemon_util import TIMEOUT, start_blkjobs
 
+from blkjobs import Engine
+from blkjobs.daemon.export_commands import NodeBackend
+from blkjobs.nbd.server import Export, NBDServer
+
 
 def tool(name: str) -> str:
     path = shutil.which(name)
@@ -160,3 +164,17 @@ def simple(s: socket.socket, cmd: int, offset: int, length: int, data: bytes = b
     if cmd == 0 and err == 0:
         recv(s, length)
     return err
+
+
+def in_process_export(img: str, made: list, bitmaps: tuple[str, ...] = (), **kw) -> NBDServer:
+    """An in-process NBDServer (``kw`` its arguments) exporting the raw image
+    ``img`` read-only as ``d``; (server, engine) is appended to ``made`` for
+    the caller's fixture to close."""
+    eng = Engine()
+    node = eng.open(img, "raw", node_name="d", read_only=True)
+    with eng.io:
+        fe = eng.io.attach(node, writable=False)
+    srv = NBDServer(**kw)
+    made.append((srv, eng))
+    srv.add_export(Export("d", NodeBackend(eng.io, fe, {}), bitmaps=bitmaps))
+    return srv

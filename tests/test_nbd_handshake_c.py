@@ -17,11 +17,10 @@ from collections.abc import Iterator
 import pytest
 
 from blkjobs import Engine
-from blkjobs.daemon.export_commands import NodeBackend
 from blkjobs.nbd import handshake as H
-from blkjobs.nbd.server import Export, NBDServer
+from blkjobs.nbd.server import NBDServer
 from daemon_util import qemu_img, qemu_io
-from nbd_peers import qemu_nbd, recv
+from nbd_peers import in_process_export, qemu_nbd, recv
 
 IHAVEOPT = 0x49484156454F5054
 OPT_REPLY = 0x3E889045565A9
@@ -84,14 +83,8 @@ def ours(tmp_path) -> Iterator:
     qemu_io(img, "write -P 0x5a 0 64k", fmt="raw")
 
     def start(bitmaps: tuple[str, ...] = (), **kw) -> str:
-        eng = Engine()
-        node = eng.open(img, "raw", node_name="d", read_only=True)
-        with eng.io:
-            fe = eng.io.attach(node, writable=False)
-        srv = NBDServer(**kw)
-        made.append((srv, eng))
         # (bitmaps: named in the handshake only; no BLOCK_STATUS asks them)
-        srv.add_export(Export("d", NodeBackend(eng.io, fe, {}), bitmaps=bitmaps))
+        srv = in_process_export(img, made, bitmaps, **kw)
         path = str(tmp_path / f"s{len(made)}.sock")
         srv.listen_unix(path)
         return path

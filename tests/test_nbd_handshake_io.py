@@ -17,10 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 from blkjobs import Engine
-from blkjobs.daemon.export_commands import NodeBackend
-from blkjobs.nbd.server import Export, NBDServer
+from blkjobs.nbd.server import NBDServer
 from daemon_util import qemu_img, qemu_io
-from nbd_peers import go, handshake, option, recv
+from nbd_peers import go, handshake, in_process_export, option, recv
 from test_nbd_tls import make_ca, make_cert
 
 IHAVEOPT = 0x49484156454F5054
@@ -48,13 +47,7 @@ def server(tmp_path) -> Iterator:
         img = str(tmp_path / "d.raw")
         assert qemu_img("create", "-f", "raw", img, "2M").returncode == 0
         qemu_io(img, "write -P 0x5a 0 1M", fmt="raw")
-        eng = Engine()
-        node = eng.open(img, "raw", node_name="d", read_only=True)
-        with eng.io:
-            fe = eng.io.attach(node, writable=False)
-        srv = NBDServer(**kw)
-        made.append((srv, eng))
-        srv.add_export(Export("d", NodeBackend(eng.io, fe, {})))
+        srv = in_process_export(img, made, **kw)
         path = str(tmp_path / f"s{len(made)}.sock")
         srv.listen_unix(path)
         port = srv.listen_tcp("127.0.0.1", 0)

@@ -275,6 +275,26 @@ NAMES = ("blkjobs.graph.blockspec", "blkjobs.graph.blockspec_net", "blkjobs.cli.
          "blkjobs.formats.qcow2.create", "blkjobs.formats.secrets", "contextlib")
 
 
+def _probe_images(tmp_path):
+    """The probes' images: a raw ``src``, a chain ``top`` and two qcow2
+    copies ``a``, ``b`` of it (by qemu-img)."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    top = _chain(tmp_path)
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qemu_img("convert", "-O", "qcow2", top, a)
+    qemu_img("convert", "-O", "qcow2", top, b)
+    return src, top, a, b
+
+
+def _probe(names, args, want, out):
+    """Run ``args`` under the import probe of ``names``: it succeeds, of
+    ``names`` imports exactly ``want``, and its output starts with ``out``."""
+    p = run_heavy_probe(names, args)
+    assert (p.returncode, p.stderr.strip()) == (0, want), args
+    assert p.stdout.startswith(out), (args, p.stdout)
+
+
 def _copies_as_qemu_img(tmp_path, src, top):
     """The probes' copies (o.raw, o.qcow2 of ``src``; c.raw, c.qcow2 of the
     chain ``top``) equal their sources, and the qcow2 one checks clean."""
@@ -293,12 +313,7 @@ def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
     ``opening`` context managers are classes); qcow2's create only where a
     qcow2 target is made. The outputs are the commands' usual ones, and a
     json: name (the spec reader imported when needed) still opens."""
-    src = tmp_path / "a.raw"
-    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
-    top = _chain(tmp_path)
-    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
-    qemu_img("convert", "-O", "qcow2", top, a)
-    qemu_img("convert", "-O", "qcow2", top, b)
+    src, top, a, b = _probe_images(tmp_path)
     create = "['blkjobs.formats.qcow2.create']"
     for args, want, out in (
             (["convert", "-O", "raw", src, tmp_path / "o.raw"], "[]", ""),
@@ -312,9 +327,7 @@ def test_plain_names_import_no_spec_reader_nor_qcow2_create(tmp_path):
             (["info", f'json:{{"file": {{"driver": "file", "filename": "{a}"}}}}'],
              "['blkjobs.graph.blockspec', 'blkjobs.graph.blockspec_net', 'contextlib']",
              f"image: {a}\n")):
-        p = run_heavy_probe(NAMES, args)
-        assert (p.returncode, p.stderr.strip()) == (0, want), args
-        assert p.stdout.startswith(out), (args, p.stdout)
+        _probe(NAMES, args, want, out)
     _copies_as_qemu_img(tmp_path, src, top)
 
 
@@ -334,12 +347,7 @@ def test_qcow2_commands_import_only_what_they_use(tmp_path):
     adds them to a parser) nor a module of quickparse's table (it is at the
     end of quickparse.py). The outputs and the copies are the commands'
     usual ones."""
-    src = tmp_path / "a.raw"
-    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
-    top = _chain(tmp_path)
-    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
-    qemu_img("convert", "-O", "qcow2", top, a)
-    qemu_img("convert", "-O", "qcow2", top, b)
+    src, top, a, b = _probe_images(tmp_path)
     for args, want, out in (
             (["convert", "-O", "raw", src, tmp_path / "o.raw"],
              "['blkjobs.imageops.convert_raw']", ""),
@@ -350,9 +358,7 @@ def test_qcow2_commands_import_only_what_they_use(tmp_path):
             (["map", top], "[]", "Offset          Length          Mapped to       File\n"),
             (["check", a], "['contextvars']", "No errors were found"),
             (["compare", a, b], "[]", "Images are identical.\n")):
-        p = run_heavy_probe(STOP21, args)
-        assert (p.returncode, p.stderr.strip()) == (0, want), args
-        assert p.stdout.startswith(out), (args, p.stdout)
+        _probe(STOP21, args, want, out)
     _copies_as_qemu_img(tmp_path, src, top)
 
 
