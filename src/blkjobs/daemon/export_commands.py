@@ -76,6 +76,13 @@ class NodeBackend:
     def end_reads(self, tokens: list[Any]) -> None:
         self.io.guest_read_end(tokens)
 
+    def zero_copy(self, reader: Any) -> bool:
+        """The reads planned from now on may be sent zero-copy by
+        ``reader`` (:mod:`blkjobs.nbd.fastpath`): the node's chain cannot
+        change meanwhile, and a grant that could change it stops
+        ``reader`` first (``BlockIO.zero_copy_reader``)."""
+        return bool(self.io.zero_copy_reader(self.fe, reader))
+
     def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         """A write; into the padding past the end of a raw file it grows
         the file to the write's end, as qemu-nbd 7.2 does (QEMU's file

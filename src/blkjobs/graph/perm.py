@@ -64,6 +64,8 @@ class Permission:
         self.perm, self.shared = new_perm, new_shared
         try:
             self.node._apply_locks()
+            # (what it gains: see Node._stop_zero_copy)
+            self.node._stop_zero_copy(self.owner, new_perm & ~old[0])
         except BaseException:
             self.perm, self.shared = old
             self.node._apply_locks()
