@@ -236,25 +236,6 @@ class BlockIO:
 
     guest_read_end = staticmethod(readplan.end_batch)
 
-    def zero_copy_reader(self, fe: Frontend, reader: Any) -> bool:
-        """Whether reads of ``fe`` planned from now on may be sent
-        zero-copy by ``reader`` (docs/nbd.md, "Zero-copy reads"): every
-        image node of its chain is stable (``Node.zero_copy_stable``), and
-        ``reader`` is registered on each (and each added to its ``nodes``
-        set, for it to drop itself with ``Node.drop_zero_copy_reader``), so
-        a later grant of write on any of them stops it first
-        (``reader.stop()``)."""
-        with self.lock:
-            if fe.closed:
-                return False
-            for n in _levels(fe.node)[-1].chain():
-                if n.is_filter:
-                    continue
-                if not n.add_zero_copy_reader(reader):
-                    return False
-                reader.nodes.add(n)
-            return True
-
     def _reads(self, node: Node) -> Reads:
         st = state(node)
         if st.reading is None:

@@ -23,9 +23,9 @@ I/O layer keeps its write hooks on it; see :mod:`blkjobs.graph.io`.
 """
 from __future__ import annotations
 
+import _thread
 import fcntl
 import os
-import threading
 from collections.abc import Callable
 
 from ..errors import ImageError, UsageError
@@ -33,7 +33,7 @@ from ..formats import cache, open_image
 from ..formats.base import Kind
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
-from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
+from .perm import ALL, Perm, Permission, PermissionConflict, perm_names, stop_zero_copy
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
@@ -43,9 +43,6 @@ BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 #: what allows writing data: a copy that leaves the guest view as it was
 #: (stream pulling the chain into its top) needs only write-unchanged
 _WRITES = Perm.WRITE | Perm.WRITE_UNCHANGED
-#: what may change a node's file bytes: zero-copy readers of the node end
-#: before any of these is granted (Node.add_zero_copy_reader)
-CHANGES = Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
 _ZEROES = bytes(1 << 20)
 
 
@@ -175,13 +172,9 @@ class Node:
         self.unmap = True
         self.detect_zeroes = "off"
         #: readers that may send this node's file bytes after their read is
-        #: over (the NBD export's zero-copy sessions: the socket holds the
-        #: page-cache pages until the client reads them): each has
-        #: ``stop() -> str | None`` (no more such sends, and wait until
-        #: those made are consumed: None, or why not). See
-        #: add_zero_copy_reader.
+        #: over, and their lock (perm.add_zero_copy_reader)
         self._zc_readers: set[Any] = set()
-        self._zc_lock = threading.Lock()
+        self._zc_lock = _thread.allocate_lock()
 
     def note_write(self, offset: int, length: int) -> None:
         """A write, write-zeroes or discard of [offset, offset+length) is
@@ -280,7 +273,7 @@ class Node:
         self._perms.append(p)
         try:
             self._apply_locks()
-            self._stop_zero_copy(owner, perm)
+            stop_zero_copy(self, owner, perm)
         except BaseException:
             self._perms.remove(p)
             # let go of what the failed apply took; take nothing (the node's
@@ -290,52 +283,6 @@ class Node:
                 self._lock.drop_unwanted(*self.lock_bits())
             raise
         return p
-
-    # -- zero-copy readers (docs/nbd.md, "Zero-copy reads") ---------------
-    def zero_copy_stable(self) -> bool:
-        """Nothing may change this node's file bytes now: no user holds
-        write, write-unchanged or resize, and the node's lock bytes keep
-        other processes from writing (not with locking off or
-        force-share)."""
-        if self._closed or self._lock is None:
-            return False
-        perm, _ = self.cumulative()
-        if perm & CHANGES:
-            return False
-        return bool(self.lock_bits()[1] & Perm.WRITE)
-
-    def add_zero_copy_reader(self, reader: Any) -> bool:
-        """Register ``reader`` if the node is stable (zero_copy_stable):
-        True, and until it is dropped, granting write, write-unchanged or
-        resize on the node (take, Permission.update, reopen) first calls
-        ``reader.stop()`` and fails with its text. The check and the
-        registration are one step under the node's lock, and a grant adds
-        its permission before it looks at the readers: a reader either sees
-        the grant (False) or is seen by it."""
-        with self._zc_lock:
-            if not self.zero_copy_stable():
-                return False
-            self._zc_readers.add(reader)
-            return True
-
-    def drop_zero_copy_reader(self, reader: Any) -> None:
-        with self._zc_lock:
-            self._zc_readers.discard(reader)
-
-    def _stop_zero_copy(self, owner: str, perm: int) -> None:
-        """Before ``perm`` (which may change the file) is granted to
-        ``owner``: every zero-copy reader stops and waits until what it
-        sent is consumed, or the grant fails (PermissionConflict)."""
-        if not perm & CHANGES:
-            return
-        with self._zc_lock:
-            readers = list(self._zc_readers)
-        for r in readers:
-            why = r.stop()
-            if why is not None:
-                raise PermissionConflict(f"{owner} cannot take '{perm_names(perm & CHANGES)}' "
-                                         f"on node '{self.name}': {why}")
-            self.drop_zero_copy_reader(r)
 
     def _check_conflict(self, perm: int, shared: int, owner: str,
                         ignore: Permission | None = None) -> None:
@@ -549,7 +496,7 @@ class Node:
             return
         # the file is opened anew and the old description closed: no
         # zero-copy reader may still send from it
-        self._stop_zero_copy("reopen", CHANGES)
+        stop_zero_copy(self, "reopen", ALL)
         if read_only:
             perm, _ = self.cumulative()
             if perm & (Perm.WRITE | Perm.RESIZE):

@@ -131,7 +131,7 @@ def serve(conn: Connection, exp: Export) -> None:
 
 class _ZeroCopy:
     """A session as a zero-copy reader of the export's nodes
-    (``Node.add_zero_copy_reader``): ``stop`` (a grant that could change
+    (``graph.perm.add_zero_copy_reader``): ``stop`` (a grant that could change
     one of them) ends its zero-copy sends for good and waits until the
     client has read every byte sent (the stable reads sent, the socket's
     unread bytes zero: SIOCOUTQ), at most :data:`ZC_WAIT`. After the
@@ -205,7 +205,7 @@ class _ZeroCopy:
         if fd >= 0:
             os.close(fd)
         for n in list(self.nodes):
-            n.drop_zero_copy_reader(self)
+            self.exp.backend.drop_zero_copy(n, self)
 
 
 class _Side:
