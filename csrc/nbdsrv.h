@@ -58,7 +58,8 @@ int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len);
  * (handle, offset, length, flags, token, number of segments); flags: the
  * request's NBD flags (bits 0-15), its command (bits 16-31: NBD_CMD_READ
  * 0, or NBD_CMD_BLOCK_STATUS 7 -- structured replies only) and, for block
- * status, the id of its meta context base:allocation (bits 32-63). segs:
+ * status, the id of its meta context base:allocation (bits 32-63); for a
+ * READ, BJ_NBDS_STABLE (bit 32: it may be sent zero-copy, below). segs:
  * 4 words per segment (kind, fd, host offset, length), the requests'
  * segments one after the other, covering each request's length in order.
  * kind: BJ_NBDS_DATA (a raw file: bytes past its end are an error, EIO;
