@@ -27,7 +27,7 @@ import pytest
 from blkjobs import Engine
 from blkjobs.daemon.export_commands import NodeBackend
 from blkjobs.formats import cache
-from blkjobs.graph.perm import PermissionConflict
+from blkjobs.graph.perm import Perm, PermissionConflict
 from blkjobs.nbd import fastpath
 from blkjobs.nbd.server import Export, NBDServer
 from daemon_util import qcow2_node, qemu_img, qemu_io, run_daemon, start_blkjobs
@@ -253,3 +253,35 @@ def test_uncached_data_is_read_not_sent_zero_copy(tmp_path, serve):
     s.close()
     srv.settle(exp, timeout=WAIT)
     assert (exp.zero_copy_reads, exp.zero_copy_bytes) == (1, LEN)
+
+
+def test_a_reopen_and_a_permission_update_stop_zero_copy_too(tmp_path, serve, monkeypatch):
+    """The other grants: a permission updated to write, a reopen read-write
+    (a new file description) -- both fail while the client holds replies,
+    and go through once it has read them."""
+    monkeypatch.setattr(fastpath, "ZC_WAIT", 0.5)
+    path, eng, node, srv, exp = serve(_image(tmp_path), "qcow2", read_only=True)
+    s = handshake(path)
+    go(s, b"d")
+    _send_reads(s)
+    _wait_queued(s, N * (16 + LEN))
+    p = node.take("a test", Perm.CONSISTENT_READ)
+    with pytest.raises(PermissionConflict) as e:
+        p.update(perm=Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+    assert str(e.value).startswith("a test cannot take 'write unchanged' on node 'd': a "
+                                   "client of NBD export 'd' has not read, for 0.5 s,")
+    assert p.perm == Perm.CONSISTENT_READ
+    with pytest.raises(PermissionConflict) as e:
+        node.reopen(read_only=False)
+    assert str(e.value).startswith("reopen cannot take 'write, write unchanged, resize' on "
+                                   "node 'd': a client of NBD export 'd'")
+    assert node.read_only
+    assert _replies(s) == {1 + i: b"\x11" * LEN for i in range(N)}
+    p.update(perm=Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+    p.release()
+    node.reopen(read_only=False)
+    assert not node.read_only
+    assert _read(s, 0) == b"\x11" * LEN
+    s.close()
+    srv.settle(exp, timeout=WAIT)
+    assert exp.zero_copy_reads == N
