@@ -7,6 +7,8 @@ even when it reads its replies only after the file could have changed.
   something in the same process then takes write on the node: the grant
   waits for the client to read them, or fails with the documented error
   naming the export -- the client never gets the bytes written after.
+* The same for a permission updated to write-unchanged and a reopen
+  read-write.
 * A fleecing export (backup sync=none) read while the guest writes the
   source keeps its point-in-time bytes.
 * Zero-copy is used where it may be (a UNIX socket, a node no one may
