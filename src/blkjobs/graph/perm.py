@@ -100,12 +100,12 @@ CHANGES = Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
 
 
 def zero_copy_stable(node: Any) -> bool:
-    """Nothing may change ``node``'s file bytes now: no user holds write,
-    write-unchanged or resize, and its lock bytes keep other processes from
-    writing (not with locking off or force-share)."""
-    if node._closed or node._lock is None or node.cumulative()[0] & CHANGES:
-        return False
-    return bool(node.lock_bits()[1] & Perm.WRITE)
+    """Nothing in this process may change ``node``'s file bytes now: no
+    user holds write, write-unchanged or resize. (Other processes may, where
+    the lock bytes share write -- a raw file, as ``qemu-nbd -r`` shares it:
+    their writes are not ordered with our reads, and a client sees the same
+    either way; docs/nbd.md, "Zero-copy reads".)"""
+    return not node._closed and not node.cumulative()[0] & CHANGES
 
 
 def add_zero_copy_reader(nodes: Iterable[Any], reader: Any) -> bool:
