@@ -11,8 +11,13 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -52,10 +57,22 @@ struct seg {
     uint64_t kind, fd, host, len;
 };
 
+/* cachestat(2) (Linux 6.5; one number on every architecture since) */
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+struct zc_range {
+    uint64_t off, len;
+};
+struct zc_stat {
+    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
 struct job {
     struct job *next;
     uint64_t handle, offset, length, flags, token;
     int cmd;                        /* CMD_READ or CMD_BLOCK_STATUS */
+    int stable;                     /* READ: BJ_NBDS_STABLE (zero-copy allowed) */
     uint32_t ctx;                   /* BLOCK_STATUS: the meta context's id */
     int nsegs;
     struct seg segs[];
@@ -73,6 +90,10 @@ struct bj_nbds {
     uint64_t *done;
     size_t ndone, capdone;
     int inflight, unread, stop, broken, stop_done, flush;
+    int unix_sock;                  /* AF_UNIX: sendfile may serve stable reads */
+    int zc_off;                     /* bj_nbds_zc_revoke: never again */
+    int zc_pending;                 /* stable READs queued and not yet sent */
+    uint64_t zc_bytes, zc_reads;    /* sent zero-copy (bj_nbds_zc_stats) */
     int stuck;                      /* a sender waits for the socket */
     int waiting;                    /* workers waiting for a job (more) */
     int idle_waiters;               /* threads waiting on idle */
@@ -166,9 +187,9 @@ static void flush_done(struct bj_nbds *s)
 
 /* All of iov out, the send lock held by the caller; before the first
  * wait for the socket the tokens are flushed. */
-static int send_all(struct bj_nbds *s, struct iovec *iov, int n)
+static int send_all_more(struct bj_nbds *s, struct iovec *iov, int n, int more)
 {
-    int flags = MSG_NOSIGNAL | MSG_DONTWAIT;
+    int flags = MSG_NOSIGNAL | MSG_DONTWAIT | more;
     while (n > 0) {
         struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)(n > IOV_MAX ? IOV_MAX : n)};
         ssize_t k = sendmsg(s->sock, &m, flags);
@@ -183,7 +204,7 @@ static int send_all(struct bj_nbds *s, struct iovec *iov, int n)
                  * queue on the send lock meanwhile (they flush too) */
                 __atomic_store_n(&s->stuck, 1, __ATOMIC_RELEASE);
                 flush_done(s);
-                flags = MSG_NOSIGNAL;
+                flags = MSG_NOSIGNAL | more;
                 continue;
             }
             if (errno == EINTR)
@@ -192,7 +213,7 @@ static int send_all(struct bj_nbds *s, struct iovec *iov, int n)
         }
         if (!(flags & MSG_DONTWAIT)) {      /* the socket took some: try again without waiting */
             __atomic_store_n(&s->stuck, 0, __ATOMIC_RELEASE);
-            flags = MSG_NOSIGNAL | MSG_DONTWAIT;
+            flags = MSG_NOSIGNAL | MSG_DONTWAIT | more;
         }
         while (n > 0 && (size_t)k >= iov->iov_len) {
             k -= (ssize_t)iov->iov_len;
@@ -205,6 +226,11 @@ static int send_all(struct bj_nbds *s, struct iovec *iov, int n)
         }
     }
     return 0;
+}
+
+static int send_all(struct bj_nbds *s, struct iovec *iov, int n)
+{
+    return send_all_more(s, iov, n, 0);
 }
 
 static int send_locked(struct bj_nbds *s, struct iovec *iov, int n)
@@ -592,6 +618,174 @@ static void serve_status(struct bj_nbds *s, const struct job *j, struct wbuf *w)
     wbuf_trim(w);
 }
 
+/* -- zero-copy replies (docs/nbd.md, "Zero-copy reads") ---------------------
+ *
+ * A READ Python planned as stable (BJ_NBDS_STABLE: no writer of its files
+ * in the process, none outside it) over an AF_UNIX socket goes out with
+ * sendfile: the socket takes references to the page-cache pages, no copy.
+ * Only when every data segment is inside its file (so sendfile cannot come
+ * short once the header is out), its fd is not O_DIRECT and its pages are
+ * all in the page cache (cachestat: sendfile of uncached data would read
+ * the disk under the send lock, one read at a time); else the pread path.
+ * The read's token ends once its bytes are in the socket (the fd is not
+ * used after); the session counts the stable reads not sent yet
+ * (zc_pending) for bj_nbds_zc_busy. */
+
+static long page_size(void)
+{
+    static long ps;
+    long p = __atomic_load_n(&ps, __ATOMIC_RELAXED);
+    if (!p) {
+        p = sysconf(_SC_PAGESIZE);
+        if (p <= 0)
+            p = 4096;
+        __atomic_store_n(&ps, p, __ATOMIC_RELAXED);
+    }
+    return p;
+}
+
+/* The reply's file segments may be sent from the page cache: 1, else 0;
+ * holes allowed only with sparse (they go out as OFFSET_HOLE chunks). */
+static int zc_usable(const struct wbuf *w, int sparse)
+{
+    int lastfd = -1;
+    uint64_t fsize = 0, ps = (uint64_t)page_size();
+    for (size_t i = 0; i < w->nxs; i++) {
+        const struct seg *g = &w->xs[i];
+        if (is_zero(g->kind)) {
+            if (!sparse)
+                return 0;
+            continue;
+        }
+        int fd = (int)g->fd;
+        if (fd != lastfd) {
+            struct stat st;
+            int fl = fcntl(fd, F_GETFL);
+            if (fl < 0 || (fl & O_DIRECT) || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+                return 0;
+            fsize = (uint64_t)st.st_size;
+            lastfd = fd;
+        }
+        if (g->host > fsize || g->len > fsize - g->host)
+            return 0;
+        struct zc_range cr = {g->host, g->len};
+        struct zc_stat cs;
+        if (syscall(__NR_cachestat, fd, &cr, &cs, 0) < 0)
+            return 0;           /* (ENOSYS: before Linux 6.5) */
+        uint64_t pages = (g->host + g->len + ps - 1) / ps - g->host / ps;
+        if (cs.nr_cache < pages)
+            return 0;
+    }
+    return 1;
+}
+
+/* All of [off, off+len) of fd into the socket (send lock held). A socket
+ * that takes nothing for STUCK_MS: the tokens are flushed first, as
+ * send_all does. 0 or -errno; -EIO when the file came short. */
+static int sendfile_all(struct bj_nbds *s, int fd, uint64_t off, uint64_t len)
+{
+    off_t o = (off_t)off;
+    while (len > 0) {
+        struct pollfd pf = {.fd = s->sock, .events = POLLOUT};
+        if (poll(&pf, 1, 0) == 0 && poll(&pf, 1, STUCK_MS) == 0) {
+            __atomic_store_n(&s->stuck, 1, __ATOMIC_RELEASE);
+            flush_done(s);
+        }
+        size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
+        ssize_t k = sendfile(s->sock, fd, &o, want);
+        if (k < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            return -errno;
+        }
+        if (k == 0)
+            return -EIO;
+        __atomic_store_n(&s->stuck, 0, __ATOMIC_RELEASE);
+        len -= (uint64_t)k;
+    }
+    return 0;
+}
+
+/* The reply of j from w->xs (zc_usable): headers from w->hdrs, data with
+ * sendfile, under the send lock. 0 or -errno (the session is then broken:
+ * part of a reply may be out). */
+static int zc_send(struct bj_nbds *s, const struct job *j, struct wbuf *w, int sparse)
+{
+    int r = 0;
+    if (pthread_mutex_trylock(&s->send_lock) != 0) {
+        if (__atomic_load_n(&s->stuck, __ATOMIC_ACQUIRE))
+            flush_done(s);
+        pthread_mutex_lock(&s->send_lock);
+    }
+    if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
+        r = -EPIPE;
+    uint64_t pos = 0;
+    size_t i = 0;
+    if (!sparse && r == 0) {
+        struct iovec iov;
+        if (s->structured) {
+            chunk_header(w->hdrs, REPLY_DONE, TYPE_DATA, j->handle, (uint32_t)(8 + j->length));
+            put_be64(w->hdrs + 20, j->offset);
+            iov = (struct iovec){w->hdrs, 28};
+        } else {
+            put_be32(w->hdrs, SIMPLE_MAGIC);
+            put_be32(w->hdrs + 4, 0);
+            put_be64(w->hdrs + 8, j->handle);
+            iov = (struct iovec){w->hdrs, 16};
+        }
+        r = send_all_more(s, &iov, 1, MSG_MORE);
+    }
+    while (r == 0 && i < w->nxs) {
+        int zero = is_zero(w->xs[i].kind);
+        if (!sparse) {              /* (no zero segment: zc_usable) */
+            r = sendfile_all(s, (int)w->xs[i].fd, w->xs[i].host, w->xs[i].len);
+            i++;
+            continue;
+        }
+        size_t e = i;
+        uint64_t len = 0;
+        while (e < w->nxs && is_zero(w->xs[e].kind) == zero)
+            len += w->xs[e++].len;
+        uint16_t flags = e == w->nxs ? REPLY_DONE : 0;
+        struct iovec iov;
+        if (zero) {
+            chunk_header(w->hdrs, flags, TYPE_HOLE, j->handle, 12);
+            put_be64(w->hdrs + 20, j->offset + pos);
+            put_be32(w->hdrs + 28, (uint32_t)len);
+            iov = (struct iovec){w->hdrs, 32};
+            r = send_all_more(s, &iov, 1, flags ? 0 : MSG_MORE);
+        } else {
+            chunk_header(w->hdrs, flags, TYPE_DATA, j->handle, (uint32_t)(8 + len));
+            put_be64(w->hdrs + 20, j->offset + pos);
+            iov = (struct iovec){w->hdrs, 28};
+            r = send_all_more(s, &iov, 1, MSG_MORE);
+            for (size_t k = i; r == 0 && k < e; k++)
+                r = sendfile_all(s, (int)w->xs[k].fd, w->xs[k].host, w->xs[k].len);
+        }
+        pos += len;
+        i = e;
+    }
+    if (r < 0 && !__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
+        __atomic_store_n(&s->broken, 1, __ATOMIC_RELEASE);
+        shutdown(s->sock, SHUT_RDWR);
+    }
+    pthread_mutex_unlock(&s->send_lock);
+    return r;
+}
+
+/* A stable read is no longer pending (sent, or served by the pread path);
+ * sent: its data bytes went out zero-copy. */
+static void zc_end(struct bj_nbds *s, uint64_t sent)
+{
+    pthread_mutex_lock(&s->lock);
+    s->zc_pending--;
+    if (sent) {
+        s->zc_bytes += sent;
+        s->zc_reads++;
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
 static void serve_read(struct bj_nbds *s, const struct job *j, struct wbuf *w)
 {
     int r, n = 0, sparse = 0, data = !s->structured || (j->flags & FLAG_DF);
@@ -601,6 +795,24 @@ static void serve_read(struct bj_nbds *s, const struct job *j, struct wbuf *w)
             sparse |= is_zero(w->xs[i].kind);
             data |= !is_zero(w->xs[i].kind);
         }
+    }
+    if (j->stable) {
+        int zc = r == 0 && s->unix_sock && data && !__atomic_load_n(&s->zc_off, __ATOMIC_ACQUIRE)
+                 && zc_usable(w, sparse);
+        if (zc) {
+            uint64_t bytes = 0;
+            for (size_t i = 0; i < w->nxs; i++)
+                bytes += is_zero(w->xs[i].kind) ? 0 : w->xs[i].len;
+            /* (wbuf_reserve with no data: the iovecs and headers only) */
+            r = wbuf_reserve(w, 0, w->nxs);
+            if (r == 0)
+                r = zc_send(s, j, w, sparse);
+            read_done(s, j->token);
+            zc_end(s, r == 0 ? bytes : 0);
+            wbuf_trim(w);
+            return;
+        }
+        zc_end(s, 0);
     }
     /* (a read of holes only needs no buffer: it goes out as one hole) */
     if (r == 0)
@@ -633,8 +845,11 @@ static void serve_read(struct bj_nbds *s, const struct job *j, struct wbuf *w)
 
 static void serve(struct bj_nbds *s, const struct job *j, struct wbuf *w)
 {
-    if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
+    if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
         read_done(s, j->token);
+        if (j->stable)
+            zc_end(s, 0);
+    }
     else if (j->cmd == CMD_BLOCK_STATUS)
         serve_status(s, j, w);
     else
@@ -848,6 +1063,9 @@ struct bj_nbds *bj_nbds_new(int sock, int structured, int workers)
     memset(s, 0, offsetof(struct bj_nbds, rbuf));
     s->sock = sock;
     s->structured = structured;
+    int dom = 0;
+    socklen_t dl = sizeof(dom);
+    s->unix_sock = getsockopt(sock, SOL_SOCKET, SO_DOMAIN, &dom, &dl) == 0 && dom == AF_UNIX;
     /* the session lock's holds are a few instructions (a job taken, a
      * token, a count) contended by up to 64 workers, the reader and the
      * reaper: spin a little before sleeping on it (a futex wait and wake
@@ -1081,6 +1299,38 @@ int bj_nbds_wait_free(struct bj_nbds *s, int want)
     return n;
 }
 
+int bj_nbds_zc_busy(struct bj_nbds *s)
+{
+    pthread_mutex_lock(&s->lock);
+    int pending = s->zc_pending;
+    pthread_mutex_unlock(&s->lock);
+    if (pending)
+        return 1;
+    int64_t q = bj_nbds_outq(s->sock);
+    return q < 0 ? (int)q : q > 0;
+}
+
+void bj_nbds_zc_revoke(struct bj_nbds *s)
+{
+    __atomic_store_n(&s->zc_off, 1, __ATOMIC_RELEASE);
+}
+
+void bj_nbds_zc_stats(struct bj_nbds *s, uint64_t *out)
+{
+    pthread_mutex_lock(&s->lock);
+    out[0] = s->zc_bytes;
+    out[1] = s->zc_reads;
+    pthread_mutex_unlock(&s->lock);
+}
+
+int64_t bj_nbds_outq(int sock)
+{
+    int q = 0;
+    if (ioctl(sock, SIOCOUTQ, &q) < 0)
+        return -errno;
+    return q;
+}
+
 int bj_nbds_inflight(struct bj_nbds *s)
 {
     pthread_mutex_lock(&s->lock);
@@ -1174,7 +1424,7 @@ static int submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint6
                   int nsegs, int wait)
 {
     struct job *first = NULL, **link = &first;
-    int used = 0, r = 0;
+    int used = 0, r = 0, stable = 0;
     if (nreq < 0 || nsegs < 0)
         return -EINVAL;
     for (int i = 0; i < nreq; i++) {
@@ -1193,6 +1443,8 @@ static int submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint6
                           .flags = q[3] & 0xffff, .token = q[4],
                           .cmd = (int)(q[3] >> 16 & 0xffff), .ctx = (uint32_t)(q[3] >> 32),
                           .nsegs = (int)k};
+        j->stable = j->cmd == CMD_READ && (q[3] & BJ_NBDS_STABLE) != 0;
+        stable += j->stable;
         for (uint64_t g = 0; g < k; g++) {
             const uint64_t *w = segs + 4 * (used + (int)g);
             j->segs[g] = (struct seg){w[0], w[1], w[2], w[3]};
@@ -1248,12 +1500,14 @@ static int submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint6
     }
     s->inflight += nreq;
     s->unread += nreq;
+    s->zc_pending += stable;
     start_workers(s);
     if (!s->started) {
         /* not even one thread: nothing was started before either, so the
          * queue holds only these jobs; hand them back */
         s->inflight -= nreq;
         s->unread -= nreq;
+        s->zc_pending -= stable;
         while (s->head) {
             struct job *j = s->head;
             s->head = j->next;

@@ -58,7 +58,8 @@ int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len);
  * (handle, offset, length, flags, token, number of segments); flags: the
  * request's NBD flags (bits 0-15), its command (bits 16-31: NBD_CMD_READ
  * 0, or NBD_CMD_BLOCK_STATUS 7 -- structured replies only) and, for block
- * status, the id of its meta context base:allocation (bits 32-63). segs:
+ * status, the id of its meta context base:allocation (bits 32-63); for a
+ * READ, BJ_NBDS_STABLE (bit 32: it may be sent zero-copy, below). segs:
  * 4 words per segment (kind, fd, host offset, length), the requests'
  * segments one after the other, covering each request's length in order.
  * kind: BJ_NBDS_DATA (a raw file: bytes past its end are an error, EIO;
@@ -137,6 +138,23 @@ int bj_nbds_wait_free(struct bj_nbds *s, int want);
 /* Reads queued and not finished. */
 int bj_nbds_inflight(struct bj_nbds *s);
 
+/* Zero-copy reads (docs/nbd.md, "Zero-copy reads"). A READ whose flags
+ * word has BJ_NBDS_STABLE (bit 32; Python's promise that its files cannot
+ * change until bj_nbds_zc_busy says 0) may go out with sendfile on an
+ * AF_UNIX socket, when its data is inside its files, in the page cache and
+ * not O_DIRECT; else as any read.
+ *
+ * bj_nbds_zc_busy: 1 while stable reads are queued or being sent, or the
+ * socket holds bytes the peer has not read (SIOCOUTQ), else 0; -errno.
+ * bj_nbds_zc_revoke: no zero-copy any more on this session (stable reads
+ * queued go the pread way). bj_nbds_zc_stats: out[0] the data bytes sent
+ * zero-copy, out[1] the reads. bj_nbds_outq: the bytes of socket sock its
+ * peer has not read yet (SIOCOUTQ), or -errno. */
+int bj_nbds_zc_busy(struct bj_nbds *s);
+void bj_nbds_zc_revoke(struct bj_nbds *s);
+void bj_nbds_zc_stats(struct bj_nbds *s, uint64_t *out);
+int64_t bj_nbds_outq(int sock);
+
 /* The worker threads are one pool for the process: a session takes them
  * as its requests come, and they go back parked when it ends (at most 64
  * parked; more end). bj_nbds_pool_idle: the threads parked now;
@@ -209,5 +227,7 @@ int bj_nbdh_timeouts(int sock, uint64_t usec);
 #define BJ_NBDS_DATA 0
 #define BJ_NBDS_DATA_PAD 1
 #define BJ_NBDS_ZERO 2
+/* a READ's flags word: stable (bj_nbds_zc_busy) */
+#define BJ_NBDS_STABLE (1ull << 32)
 
 #endif

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..graph import Node
 from ..graph.frontend import Frontend
+from ..graph.perm import add_zero_copy_reader, drop_zero_copy_reader
 from ..nbd import proto as P
 from ..nbd.proto import NBDRequestError
 from ..nbd.server import Export, NBDServer
@@ -75,6 +76,24 @@ class NodeBackend:
 
     def end_reads(self, tokens: list[Any]) -> None:
         self.io.guest_read_end(tokens)
+
+    def zero_copy(self, reader: Any) -> bool:
+        """The reads planned from now on may be sent zero-copy by
+        ``reader`` (:mod:`blkjobs.nbd.fastpath`): the node's chain cannot
+        change meanwhile, and a grant that could change it stops
+        ``reader`` first (:func:`blkjobs.graph.perm.add_zero_copy_reader`:
+        every image node of the chain, under the I/O lock -- the chain does
+        not change meanwhile)."""
+        with self.io.lock:
+            if self.fe.closed:
+                return False
+            return add_zero_copy_reader(
+                [n for n in self.fe.node.below_filters().chain() if not n.is_filter], reader)
+
+    @staticmethod
+    def drop_zero_copy(node: Any, reader: Any) -> None:
+        """``reader`` sends nothing zero-copy from ``node`` any more."""
+        drop_zero_copy_reader(node, reader)
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         """A write; into the padding past the end of a raw file it grows

@@ -23,6 +23,7 @@ I/O layer keeps its write hooks on it; see :mod:`blkjobs.graph.io`.
 """
 from __future__ import annotations
 
+import _thread
 import fcntl
 import os
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from ..formats import cache, open_image
 from ..formats.base import Kind
 from .lock import NO_SHARE, FileLock
 from .lock import _set as _lock_set
-from .perm import ALL, Perm, Permission, PermissionConflict, perm_names
+from .perm import ALL, Perm, Permission, PermissionConflict, perm_names, stop_zero_copy
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
@@ -170,6 +171,10 @@ class Node:
         #: writes zeroes as a write-zeroes (may-unmap with "unmap")
         self.unmap = True
         self.detect_zeroes = "off"
+        #: readers that may send this node's file bytes after their read is
+        #: over, and their lock (perm.add_zero_copy_reader)
+        self._zc_readers: set[Any] = set()
+        self._zc_lock = _thread.allocate_lock()
 
     def note_write(self, offset: int, length: int) -> None:
         """A write, write-zeroes or discard of [offset, offset+length) is
@@ -268,6 +273,7 @@ class Node:
         self._perms.append(p)
         try:
             self._apply_locks()
+            stop_zero_copy(self, owner, perm)
         except BaseException:
             self._perms.remove(p)
             # let go of what the failed apply took; take nothing (the node's
@@ -488,6 +494,9 @@ class Node:
         permissions and locks move to the new file description."""
         if read_only == self.read_only:
             return
+        # the file is opened anew and the old description closed: no
+        # zero-copy reader may still send from it
+        stop_zero_copy(self, "reopen", ALL)
         if read_only:
             perm, _ = self.cumulative()
             if perm & (Perm.WRITE | Perm.RESIZE):

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from ..errors import BlkjobsError
 
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
 
 class Perm(int):
     """A set of the permission bits below: an int (``Perm(x)`` of any int;
@@ -64,6 +69,7 @@ class Permission:
         self.perm, self.shared = new_perm, new_shared
         try:
             self.node._apply_locks()
+            stop_zero_copy(self.node, self.owner, new_perm & ~old[0])     # (what it gains)
         except BaseException:
             self.perm, self.shared = old
             self.node._apply_locks()
@@ -85,3 +91,60 @@ class Permission:
 
     def __exit__(self, *exc):
         self.release()
+
+
+# -- zero-copy readers (docs/nbd.md, "Zero-copy reads") -----------------------
+#: what may change a node's file bytes: its zero-copy readers stop before
+#: any of these is granted
+CHANGES = Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
+
+
+def zero_copy_stable(node: Any) -> bool:
+    """Nothing in this process may change ``node``'s file bytes now: no
+    user holds write, write-unchanged or resize. (Other processes may, where
+    the lock bytes share write -- a raw file, as ``qemu-nbd -r`` shares it:
+    their writes are not ordered with our reads, and a client sees the same
+    either way; docs/nbd.md, "Zero-copy reads".)"""
+    return not node._closed and not node.cumulative()[0] & CHANGES
+
+
+def add_zero_copy_reader(nodes: Iterable[Any], reader: Any) -> bool:
+    """Register ``reader`` -- one that may send file bytes after its read
+    is over (the NBD export's zero-copy sessions: the socket holds the
+    page-cache pages until the client reads them) -- on each of ``nodes``
+    (adding them to ``reader.nodes``) if each is stable
+    (:func:`zero_copy_stable`): True. Until it is dropped, granting write,
+    write-unchanged or resize on such a node (``Node.take``,
+    :meth:`Permission.update`, ``Node.reopen``) first calls ``reader.stop()``
+    (no more such sends; None once the bytes sent are consumed, else why
+    not) and fails with its text. The check and the registration are one
+    step under the node's lock, and a grant adds its permission before it
+    looks at the readers: a reader sees the grant or is seen by it."""
+    for n in nodes:
+        with n._zc_lock:
+            if not zero_copy_stable(n):
+                return False
+            n._zc_readers.add(reader)
+        reader.nodes.add(n)
+    return True
+
+
+def drop_zero_copy_reader(node: Any, reader: Any) -> None:
+    with node._zc_lock:
+        node._zc_readers.discard(reader)
+
+
+def stop_zero_copy(node: Any, owner: str, perm: int) -> None:
+    """Before ``perm`` is granted to ``owner`` on ``node``: if it may change
+    the file, every zero-copy reader of the node stops and waits until what
+    it sent is consumed, or the grant fails (PermissionConflict)."""
+    if not perm & CHANGES or not node._zc_readers:
+        return
+    with node._zc_lock:
+        readers = list(node._zc_readers)
+    for r in readers:
+        why = r.stop()
+        if why is not None:
+            raise PermissionConflict(f"{owner} cannot take '{perm_names(perm & CHANGES)}' "
+                                     f"on node '{node.name}': {why}")
+        drop_zero_copy_reader(node, r)

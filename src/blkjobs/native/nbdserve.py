@@ -17,6 +17,9 @@ from .qcow2 import Segments
 #: segment kinds (csrc/nbdsrv.h): file bytes (a short read is an error),
 #: file bytes read as zeroes past the end of the file, zeroes
 DATA, DATA_PAD, ZERO = 0, 1, 2
+#: a READ's flags word: its files cannot change until the client has read
+#: the reply (BJ_NBDS_STABLE: it may be sent zero-copy)
+STABLE = 1 << 32
 #: a segment: (kind, fd, host offset, length)
 Segment = tuple[int, int, int, int]
 #: a request header: (magic, flags, type, handle, offset, length)
@@ -118,6 +121,22 @@ class Session(Owned):
         one) if fewer; how many are free (submit no more)."""
         return int(lib.bj_nbds_wait_free(self._s, want))
 
+    def zc_busy(self) -> bool:
+        """Stable reads are queued or being sent, or the socket holds bytes
+        the client has not read (csrc/nbdsrv.h, bj_nbds_zc_busy)."""
+        rc = lib.bj_nbds_zc_busy(self._s)
+        return rc > 0       # (an error: the socket is gone, and its bytes with it)
+
+    def zc_revoke(self) -> None:
+        """No zero-copy send any more on this session."""
+        lib.bj_nbds_zc_revoke(self._s)
+
+    def zc_stats(self) -> tuple[int, int]:
+        """(data bytes, reads) sent zero-copy."""
+        out = ffi.new("uint64_t[2]")
+        lib.bj_nbds_zc_stats(self._s, out)
+        return int(out[0]), int(out[1])
+
     def wait_idle(self) -> None:
         """Wait until every queued read is finished."""
         lib.bj_nbds_wait_idle(self._s)
@@ -155,6 +174,12 @@ def reaped() -> None:
 
 def reap_stop(stop: bool = True) -> None:
     lib.bj_nbds_reap_stop(int(stop))
+
+
+def outq(fd: int) -> int:
+    """The bytes socket ``fd`` holds that its peer has not read
+    (SIOCOUTQ); 0 on an error (a socket gone holds nothing)."""
+    return max(0, int(lib.bj_nbds_outq(fd)))
 
 
 def pool_idle() -> int:

@@ -32,13 +32,22 @@ module decides, per batch of headers, what goes where.
 
 On ``DISC``, EOF or a bad magic the requests being served are finished
 (their replies sent) before the connection closes, as on the Python path.
+
+Zero-copy (docs/nbd.md, "Zero-copy reads"): on a UNIX socket, a batch's
+READs are flagged stable when the backend registers the session as a
+zero-copy reader of the export's nodes (``zero_copy``: none of them may
+change now, and a grant that could change one first calls
+:meth:`_ZeroCopy.stop`); the C threads then send their cached file bytes
+with sendfile.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
+import time
 from typing import Any, Protocol
 
 from ..native import nbdserve
@@ -57,6 +66,11 @@ C_WORKERS = 2
 MAX_THREADS = 64
 #: the flags a READ may carry (transmission._FLAGS)
 _READ_FLAGS = P.CMD_FLAG_DF | P.CMD_FLAG_FUA
+#: how long a grant that could change an exported node's files waits for
+#: the clients to read the replies sent zero-copy from them before it
+#: fails (docs/nbd.md, "Zero-copy reads")
+ZC_WAIT = 30.0
+_stats_lock = threading.Lock()
 
 
 class FastBackend(Protocol):
@@ -97,8 +111,12 @@ def serve(conn: Connection, exp: Export) -> None:
     _reaper_running()
     side = _Side(conn, exp, sess)
     conn.sender = sess
+    zc = None
+    if (conn.sock.family == socket.AF_UNIX and hasattr(exp.backend, "zero_copy")
+            and os.environ.get("BLKJOBS_NBD_ZEROCOPY", "1") != "0"):
+        zc = _ZeroCopy(exp, sess)
     try:
-        _loop(conn, exp, sess, side)
+        _loop(conn, exp, sess, side, zc)
     finally:
         side.close()
         conn.sender = None
@@ -106,7 +124,88 @@ def serve(conn: Connection, exp: Export) -> None:
         # waits for it), not after the session is freed
         with contextlib.suppress(OSError):
             conn.sock.shutdown(socket.SHUT_RDWR)
+        if zc is not None:
+            zc.detach(conn.sock)
         sess.close()
+
+
+class _ZeroCopy:
+    """A session as a zero-copy reader of the export's nodes
+    (``graph.perm.add_zero_copy_reader``): ``stop`` (a grant that could change
+    one of them) ends its zero-copy sends for good and waits until the
+    client has read every byte sent (the stable reads sent, the socket's
+    unread bytes zero: SIOCOUTQ), at most :data:`ZC_WAIT`. After the
+    session (:meth:`detach`) it stays registered, watching a duplicate of
+    the socket, while the client has not read everything."""
+
+    def __init__(self, exp: Export, sess: Session):
+        self.exp = exp
+        #: the nodes it is registered on (added by the backend)
+        self.nodes: set[Any] = set()
+        self.revoked = False
+        self._sess: Session | None = sess
+        self._fd = -1
+        self._lock = threading.Lock()
+
+    def stable(self) -> bool:
+        """The reads planned now may go out zero-copy."""
+        return not self.revoked and bool(self.exp.backend.zero_copy(self))
+
+    def _busy(self) -> bool:
+        with self._lock:
+            if self._sess is not None:
+                return self._sess.zc_busy()
+            return self._fd >= 0 and nbdserve.outq(self._fd) > 0
+
+    def stop(self) -> str | None:
+        """No more zero-copy sends; None once what was sent is read, else
+        why the grant must fail."""
+        with self._lock:
+            self.revoked = True
+            if self._sess is not None:
+                self._sess.zc_revoke()
+        deadline = time.monotonic() + ZC_WAIT
+        pause = 0.001
+        # (management operations, rare: polling the socket is enough)
+        while self._busy():
+            if time.monotonic() >= deadline:
+                return (f"a client of NBD export '{self.exp.name}' has not read, for "
+                        f"{ZC_WAIT:g} s, replies sent from the node's files without "
+                        "copying; try again once it reads, or disconnect it")
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+        if self._sess is None:
+            self._retire()
+        return None
+
+    def detach(self, sock: socket.socket) -> None:
+        """The session ends: its counters go to the export; unread bytes
+        left in the socket are watched on a duplicate of it, else the
+        reader is dropped."""
+        sess = self._sess
+        if sess is None:
+            return
+        nbytes, nreads = sess.zc_stats()
+        with _stats_lock:
+            self.exp.zero_copy_bytes += nbytes
+            self.exp.zero_copy_reads += nreads
+        keep = False
+        with self._lock:
+            self._sess = None
+            if nbytes and nbdserve.outq(sock.fileno()) > 0:
+                with contextlib.suppress(OSError):
+                    self._fd = os.dup(sock.fileno())
+                    keep = True
+        if not keep:
+            self._retire()
+
+    def _retire(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+        for n in list(self.nodes):
+            self.exp.backend.drop_zero_copy(n, self)
 
 
 class _Side:
@@ -190,7 +289,8 @@ def _end(side: _Side, done: list[int]) -> None:
         log.exception("NBD: ending reads failed")
 
 
-def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
+def _loop(conn: Connection, exp: Export, sess: Session, side: _Side,
+          zc: _ZeroCopy | None) -> None:
     serial = 0
     while not conn.closing:
         reads: list[tuple[int, int, int, int]] = []
@@ -237,13 +337,15 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side) -> None:
         # (free workers for the whole batch, or half of them: fewer, larger
         # chunks -- each is one planning and one submit)
         i, free = 0, sess.wait_slots(len(reads)) if reads else 0
+        # (before the planning: a grant after it stops the session first)
+        stable = zc is not None and len(reads) > len(status) and zc.stable()
         while i < len(reads):       # no more planned than free workers read at once
             chunk = reads[i:i + free]
             i += free
             # (the batch's last chunk: no wait for free workers -- the next
             # batch waits in wait_slots before it plans -- a wake-up less)
             serial, free = _submit(sess, exp, bsize, chunk, side.tokens, serial, other, free,
-                                   i < len(reads))
+                                   i < len(reads), stable)
             for req in other:       # after the chunk is in C: a worker's write may wait for it
                 side.submit(req)
             other.clear()
@@ -263,10 +365,11 @@ def _allocation_context(conn: Connection) -> int:
 def _submit(sess: Session, exp: Export, bsize: int, reads: list[tuple[int, int, int, int]],
             tokens: dict[int, Any], serial: int,
             other: list[tuple[int, int, int, int, int, bytearray | None]],
-            free: int, wait: bool = True) -> tuple[int, int]:
+            free: int, wait: bool = True, stable: bool = False) -> tuple[int, int]:
     """Plan and queue ``reads`` (at most ``free``; ``bsize``: the backend's
     size when they were checked); (last token, free workers now: once half
-    are, or without ``wait`` at once)."""
+    are, or without ``wait`` at once). ``stable``: the READs may be sent
+    zero-copy."""
     be: Any = exp.backend
     inside = [(off, min(n, bsize - off)) for _, _, off, n in reads if off < bsize]
     plans = be.plan_reads(inside) if inside else []
@@ -284,6 +387,8 @@ def _submit(sess: Session, exp: Export, bsize: int, reads: list[tuple[int, int, 
         if tok is not None:
             tokens[serial] = tok
         mine.append(serial)
+        if stable and not flags >> 16:     # (a READ: command 0)
+            flags |= nbdserve.STABLE
         rq += (handle, off, n, flags, serial, len(segs))
         sg.append(segs)
     if rq:

@@ -112,6 +112,10 @@ class Export:
         #: called once the export is removed and its last client gone (in
         #: the thread that saw it go)
         self.on_gone: Callable[[Export], None] | None = None
+        #: data bytes and READs its clients' sessions sent zero-copy
+        #: (counted when a session ends: docs/nbd.md, "Zero-copy reads")
+        self.zero_copy_bytes = 0
+        self.zero_copy_reads = 0
 
     def flags(self) -> int:
         f = (P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_SEND_DF
