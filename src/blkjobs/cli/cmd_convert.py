@@ -203,7 +203,8 @@ def _reporter(args, opts: ConvertOptions):
     """The convert's :class:`.copy_progress.Reporter`; without a progress
     output (no -p, --progress-json, --progress-fd, or -q) a
     :class:`_SignalOnly` stands for it."""
-    if args.progress_fd is None and (args.quiet or not (args.progress or args.progress_json)):
+    g = vars(args).get      # (as Reporter reads them: a namespace may lack one)
+    if g("progress_fd") is None and (args.quiet or not (g("progress") or g("progress_json"))):
         return _SignalOnly(args)
     from .copy_progress import Reporter
     return Reporter(args, quiet=args.quiet, plan=lambda: _plan(args, opts))
