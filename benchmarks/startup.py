@@ -11,11 +11,18 @@ the interpreter's own start-up (``python -c pass``, ``python -S -c pass``)
 measured in the same rounds.
 
     benchmarks/startup.py [--rounds 5] [--repeat 30] [--before SRC] [--only convert-raw-qcow2,...]
-                          [--importtime N] [--instructions] [--imports]
+                          [--importtime N] [--instructions] [--first-thread] [--imports]
 
 ``--instructions``: instead, the instructions each command executes
 (``valgrind --tool=callgrind``, one run each: the same count whatever the
 load; millions).
+
+``--first-thread``: instead, with ``--instructions``' callgrind, the
+instructions executed before the process's first ``pthread_create``
+(``--dump-before``): for a blkjobs convert, the start of the copy engine's
+workers (the copy starts as they are made), i.e. the one-thread phase a
+busy host gives part of a core; and the total. (qemu-img's first thread is
+its RCU thread, made before main(): not comparable, so not run.)
 
 ``--imports``: instead, where one run's instructions go, module by module:
 callgrind with a hook on ``importlib._bootstrap._find_and_load`` that dumps
@@ -114,6 +121,29 @@ def instructions(argv: list[str], env: dict[str, str]) -> float:
             if line.startswith(("summary:", "totals:")):
                 return int(line.split()[1]) / 1e6
     raise SystemExit(f"no callgrind totals for {argv}")
+
+
+def first_thread(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(millions of instructions before the first pthread_create, total):
+    callgrind dumps its counters as the function is entered; the first dump
+    holds what ran before it."""
+    d = tempfile.mkdtemp(prefix="startup-cg-", dir="/var/tmp")
+    try:
+        out = os.path.join(d, "cg")
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                        "--dump-before=pthread_create*", *argv], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        parts = {}
+        for name in os.listdir(d):
+            for line in open(os.path.join(d, name)):
+                if line.startswith("totals:"):
+                    parts[name] = int(line.split()[1]) / 1e6
+        if not parts:
+            raise SystemExit(f"no callgrind totals for {argv}")
+        before = parts.get("cg.1", parts["cg"])      # no thread made: the whole run
+        return before, sum(parts.values())
+    finally:
+        shutil.rmtree(d)
 
 
 _CG_HELPER = """#include <valgrind/callgrind.h>
@@ -221,6 +251,8 @@ def main() -> None:
                     help="python -X importtime of each command N times instead")
     ap.add_argument("--instructions", action="store_true",
                     help="instructions of one run of each (callgrind) instead")
+    ap.add_argument("--first-thread", action="store_true",
+                    help="instructions before the first thread is made, and in all (callgrind)")
     ap.add_argument("--imports", action="store_true",
                     help="one run's instructions module by module (callgrind) instead")
     a = ap.parse_args()
@@ -267,6 +299,19 @@ def main() -> None:
                     mods, ms = importtime(pre + [x.format(d=d) for x in COMMANDS[n]], env,
                                           a.importtime)
                     row.append(f"{mods}, {ms:.1f}")
+                print("| " + " | ".join(row) + " |")
+            return
+        if a.first_thread:
+            print("instructions before the first thread / in all, millions (callgrind)")
+            hdr = ["command"] + [c for c in cons if c != "qemu-img"]
+            print("| " + " | ".join(hdr) + " |")
+            print("|" + "---|" * len(hdr))
+            for n in names:
+                row = [n]
+                for c in hdr[1:]:
+                    pre, env = cons[c]
+                    b, t = first_thread(pre + [x.format(d=d) for x in COMMANDS[n]], env)
+                    row.append(f"{b:.1f} / {t:.1f}")
                 print("| " + " | ".join(row) + " |")
             return
         if a.instructions:

@@ -375,25 +375,43 @@ raise SystemExit(rc)
 """
 
 
-def test_image_commands_build_only_the_enums_they_use(tmp_path):
-    """Each enum class is ~1 M instructions to build: a qcow2 convert builds
-    the drivers' Kind and the copy engine's RunResult, info and check Kind
-    alone (graph.perm's Perm is a plain int class, not an IntFlag). The
-    outputs are the commands' usual ones."""
+def test_image_commands_build_no_enum(tmp_path):
+    """Each enum class is ~1 M instructions to build: no image command
+    builds one (graph.perm's Perm, native.copy's RunResult and the drivers'
+    Kind are plain int classes). The outputs are the commands' usual ones."""
     src = tmp_path / "a.raw"
     src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
     a = tmp_path / "a.qcow2"
     qemu_img("convert", "-O", "qcow2", src, a)
-    kind, run = "'blkjobs.formats.base.Kind'", "'blkjobs.native.copy.RunResult'"
-    for args, want, out in (
-            (["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], f"[{kind}, {run}]", ""),
-            (["info", a], f"[{kind}]", f"image: {a}\n"),
-            (["check", a], f"[{kind}]", "No errors were found")):
+    for args, out in (
+            (["convert", "-O", "raw", src, tmp_path / "o.raw"], ""),
+            (["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], ""),
+            (["convert", "-O", "raw", a, tmp_path / "q.raw"], ""),
+            (["info", a], f"image: {a}\n"),
+            (["map", a], "Offset          Length          Mapped to       File\n"),
+            (["check", a], "No errors were found")):
         p = subprocess.run([sys.executable, "-c", ENUMS, *map(str, args)], capture_output=True,
                            text=True, timeout=60)
-        assert (p.returncode, p.stderr.strip()) == (0, want), args
+        assert (p.returncode, p.stderr.strip()) == (0, "[]"), args
         assert p.stdout.startswith(out), (args, p.stdout)
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
     assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "q.raw").returncode == 0
+
+
+def test_kind_reads_as_the_enum_it_was():
+    """formats.base.Kind, a plain int class now: its members equal their
+    values, hash as them, are Kind instances with the enum's name, repr and
+    str."""
+    from blkjobs.formats.base import Kind
+    from blkjobs.native.copy import RunResult
+    names = ("DATA", "ZERO", "UNALLOCATED", "COMPRESSED")
+    for value, name in enumerate(names):
+        k = getattr(Kind, name)
+        assert (isinstance(k, Kind), k == value, hash(k) == hash(value), k.name, k.value) == \
+            (True, True, True, name, value)
+        assert (repr(k), str(k), f"{k}") == (f"<Kind.{name}: {value}>", str(value), str(value))
+    assert (RunResult.DONE, RunResult.NEED_MORE, RunResult.TIMEOUT) == (0, 1, 2)
 
 
 BUFFER_PATH = ("blkjobs.imageops.convert_nbd", "blkjobs.imageops.convert_faults")
@@ -456,3 +474,52 @@ def test_check_imports_snapshot_table_modules_only_for_snapshots(tmp_path):
         assert p.stdout == q.stdout, name
         assert p.stderr.splitlines()[:-1] == \
             [line.replace("qemu-img:", "blkjobs:") for line in q.stderr.splitlines()], name
+
+
+USR1_PROBE = """
+import os, sys
+heavy, pending = sys.argv[1].split(","), sys.argv[2] == "pending"
+sys.argv = ["blkjobs"] + sys.argv[3:]
+if pending:         # a SIGUSR1 waiting as the command starts (blocked: not delivered)
+    import signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    os.kill(os.getpid(), signal.SIGUSR1)
+    for m in ("signal", "enum", "functools", "collections"):    # (this probe's own)
+        sys.modules.pop(m, None)
+from blkjobs.cli.main import main
+rc = main()
+sys.stdout.flush()
+print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
+raise SystemExit(rc)
+"""
+
+NO_METER = ("signal", "enum", "functools", "collections", "blkjobs.cli.copy_progress",
+            "blkjobs.native.ratelimit")
+
+
+def test_raw_convert_imports_neither_signal_nor_progress_meter(tmp_path):
+    """A raw -> raw convert sets its signals up through _signal (signal
+    would build its enums, with functools and collections under them),
+    imports no progress meter without a progress output (-p, -q, a SIGUSR1
+    not pending) nor the rate limiter without -r; -p imports the meter, -r
+    the limiter (qcow2 converts neither, without -r). A SIGUSR1 pending as
+    the copy starts is answered as before: one line on stderr, the copy
+    carries on. Every copy is the source's bytes."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    meter, limiter = "'blkjobs.cli.copy_progress'", "'blkjobs.native.ratelimit'"
+    for n, (pending, opts, fmt, want) in enumerate((
+            (False, [], "raw", "[]"),
+            (False, ["-q"], "raw", "[]"),
+            (False, ["-p"], "raw", f"[{meter}]"),
+            (False, ["-r", "100M"], "raw", f"[{limiter}, 'collections']"),
+            (True, [], "raw", f"[{meter}]"),
+            (False, [], "qcow2", "['collections']"))):
+        dst = tmp_path / f"o{n}.{fmt}"
+        p = subprocess.run([sys.executable, "-c", USR1_PROBE, ",".join(NO_METER),
+                            "pending" if pending else "-", "convert", *opts, "-O", fmt, src, dst],
+                           capture_output=True, text=True, timeout=60)
+        lines = p.stderr.splitlines()
+        assert (p.returncode, lines[-1]) == (0, want), (pending, opts, fmt)
+        assert lines[:-1] == (["    (0.00/100%)"] if pending else []), (pending, opts)
+        assert qemu_img("compare", "-f", "raw", "-F", fmt, src, dst).returncode == 0

@@ -8,9 +8,16 @@ import os
 from ..errors import OSErrorWithContext, UsageError
 from ..imageops.convert_base import ConvertOptions
 from ..imageops.convert_entry import convert    # files, and NBD URIs (imports what it needs)
-from .copy_progress import Reporter, add_progress_options
 from ..units import parse_size
 from ..formats import cache
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    import signal as _signal
+
+    from .copy_progress import Reporter
+else:
+    import _signal      # signal's calls without its enums (start-up)
 
 
 def register(sub):
@@ -46,6 +53,7 @@ def register(sub):
     p.add_argument("-U", "--force-share", action="store_true",
                    help="force share: read a source another process is writing (the "
                    "target is always locked for writing)")
+    from .copy_progress import add_progress_options
     add_progress_options(p)
     p.add_argument("-S", dest="sparse", default=None, metavar="SIZE",
                    help="consecutive zero bytes that become a hole (default 4k; 0: fully "
@@ -104,7 +112,7 @@ def _concat(args, opts: ConvertOptions) -> int:
     from ..imageops.convert_concat import convert_concat
     if args.bitmaps:
         raise UsageError("Cannot copy bitmaps when concatenating multiple input images")
-    prog = Reporter(args, quiet=args.quiet, plan=lambda: _plan(args, opts))
+    prog = _reporter(args, opts)
     try:
         convert_concat(args.srcs, args.dst, opts, progress=prog.update)
         prog.finish()
@@ -179,7 +187,7 @@ def run(args) -> int:
         from . import progname
         names = source_bitmaps(args.src, args.src_fmt, args.dst_fmt, args.skip_broken_bitmaps,
                                args.force_share, prog=progname())
-    prog = Reporter(args, quiet=args.quiet, plan=lambda: _plan(args, opts))
+    prog = _reporter(args, opts)
     try:
         convert(args.src, args.dst, opts, progress=prog.update)
         prog.finish()
@@ -189,6 +197,52 @@ def run(args) -> int:
         from ..imageops.convert_bitmaps import copy_bitmaps
         copy_bitmaps(args.src, args.src_fmt, args.dst, names, args.force_share)
     return 0
+
+
+def _reporter(args, opts: ConvertOptions):
+    """The convert's :class:`.copy_progress.Reporter`; without a progress
+    output (no -p, --progress-json, --progress-fd, or -q) a
+    :class:`_SignalOnly` stands for it."""
+    g = vars(args).get      # (as Reporter reads them: a namespace may lack one)
+    if g("progress_fd") is None and (args.quiet or not (g("progress") or g("progress_json"))):
+        return _SignalOnly(args)
+    from .copy_progress import Reporter
+    return Reporter(args, quiet=args.quiet, plan=lambda: _plan(args, opts))
+
+
+class _SignalOnly:
+    """What a Reporter without outputs does (a line on stderr for each
+    SIGUSR1, the copy carrying on, as qemu-img's), without importing
+    :mod:`.copy_progress` (start-up: a raw -> raw convert's copy starts
+    sooner) until a SIGUSR1 is pending: the Reporter is made then, and
+    takes it at once."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rep: Reporter | None = None
+        self.done = self.total = 0
+
+    def _reporter(self) -> Reporter | None:
+        """The Reporter, made when a SIGUSR1 is first pending (else None)."""
+        if self.rep is None and _signal.SIGUSR1 in _signal.sigpending():
+            from .copy_progress import Reporter
+            self.rep = Reporter(self.args, quiet=self.args.quiet)
+            self.rep.done, self.rep.total = self.done, self.total
+        return self.rep
+
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = done, max(total, done)
+        rep = self._reporter()
+        if rep is not None:
+            rep.update(done, total)
+
+    def finish(self) -> None:
+        rep = self._reporter()
+        if rep is not None:
+            rep.finish()
+
+    def close(self) -> None:
+        """Nothing to undo (as Reporter.close)."""
 
 
 def _unknown_formats(args) -> None:

@@ -11,16 +11,18 @@ clock is injectable so rate and ETA can be tested exactly.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable
 
 from ..units import human
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    import signal as _signal
+    from collections.abc import Callable
     from typing import Any, TextIO
+else:
+    import _signal      # signal's calls without its enums (start-up)
 
 
 class CopyProgress:
@@ -195,9 +197,9 @@ def qemu_convert_plan(runs, zeros_too: bool) -> list[int]:
 def take_sigusr1() -> bool:
     """Whether a SIGUSR1 is pending (``main`` holds it blocked); takes it."""
     try:
-        if signal.SIGUSR1 not in signal.sigpending():
+        if _signal.SIGUSR1 not in _signal.sigpending():
             return False
-        signal.sigtimedwait([signal.SIGUSR1], 0)
+        _signal.sigtimedwait([_signal.SIGUSR1], 0)
     except (AttributeError, OSError):
         return False
     return True

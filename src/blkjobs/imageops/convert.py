@@ -48,11 +48,13 @@ failure), :mod:`.convert_raw` (raw -> raw), :mod:`.convert_chain` (the rest).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from ..errors import UsageError
 from .convert_base import ConvertOptions, ConvertResult, check_options
 from .files import same_file
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["ConvertOptions", "ConvertResult", "convert"]
 

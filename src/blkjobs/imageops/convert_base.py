@@ -4,14 +4,13 @@
 (see :mod:`.convert` for the whole picture)."""
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from ..native.record import Record
 from ..errors import BlkjobsError, UsageError, raise_pending_stop
 from ..native.copy import CopyEngine, RunResult
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 WORK_RANGE = 1 << 30           # bytes queued per feed of the engine

@@ -12,7 +12,6 @@ from ..errors import BlkjobsError, CopyError, OSErrorWithContext, UsageError
 from ..graph.lock import ImageLock, LockConflict
 from ..native import dio
 from ..native.copy import COPY, CopyEngine
-from ..native.ratelimit import TokenBucket
 from ..units import sector_size
 from .convert_base import CHAIN_REQUEST, WB_REQUEST, ConvertOptions, ConvertResult, drive
 from .convert_target import Target, check_target_size, identity, refuse_target_in_chain
@@ -421,7 +420,10 @@ class ChainConvert:
             # item under its queue lock; zero detection still runs on the data.
             self.copy_kind = COPY
             self.next_pos = 0
-            bucket = TokenBucket(o.rate) if o.rate else None
+            bucket = None
+            if o.rate:
+                from ..native.ratelimit import TokenBucket     # -r only (start-up)
+                bucket = TokenBucket(o.rate)
             # an O_DIRECT target: each write waits for the disk, larger ones pay
             req = o.request_size or (WB_REQUEST if dio.is_direct(self.tg.dfd) else CHAIN_REQUEST)
             self.eng_prealloc = self._engine_prealloc()

@@ -13,10 +13,12 @@ The tests that pick a path are cheap (:func:`.convert_base.injects_faults`,
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from ..formats.sniff import is_nbd_uri
 from .convert_base import ConvertOptions, ConvertResult, check_options, encrypted, injects_faults
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["convert"]
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
 
 from ..errors import CopyError, UsageError
 from ..graph.lock import lock_fd, opening
 from ..native.copy import COPY, COPY_SPARSE, CopyEngine, CopyStatus
-from ..native.ratelimit import TokenBucket
 from .convert_base import (RAW_REQUEST, WB_REQUEST, WORK_RANGE, ConvertOptions, ConvertResult,
                            check_options, drive)
 from .convert_target import Target
 from ..units import sector_size
 from .files import fd_size, open_source, same_file
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def convert_raw(src: str, dst: str, opts: ConvertOptions | None = None,
@@ -65,7 +67,10 @@ def _copy(sfd: int, target: Target, size: int, o: ConvertOptions, src: str,
           check: Callable[[], None] | None) -> CopyStatus:
     """Copy [0, size) of ``sfd`` into the target with the engine."""
     target_zero = target.ours is not None or o.target_is_zero
-    bucket = TokenBucket(o.rate) if o.rate else None
+    bucket = None
+    if o.rate:
+        from ..native.ratelimit import TokenBucket     # -r only (start-up)
+        bucket = TokenBucket(o.rate)
     with CopyEngine(sfd, target.dfd, threads=o.threads,
                     request_size=o.request_size or (WB_REQUEST if o.flush else RAW_REQUEST),
                     zero_block=o.sparse_size, target_is_zero=target_zero,

@@ -6,14 +6,17 @@ seconds so callers can report progress and honour pause/cancel.
 """
 from __future__ import annotations
 
-import enum
 import struct
-from collections.abc import Callable, Iterable
 
 from .record import Record
 from ..errors import Cancelled, CopyError, UsageError
 from ._lib import Owned, ensure, ffi, lib
-from .ratelimit import TokenBucket
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from .ratelimit import TokenBucket
 
 COPY = 0
 ZERO = 1
@@ -26,7 +29,12 @@ _RANGE = struct.Struct("=QQQIi")
 assert _RANGE.size == ffi.sizeof("struct bj_range")
 
 
-class RunResult(enum.IntEnum):
+class RunResult(int):
+    """What :meth:`CopyEngine.run` returns: one of the ints below. Not an
+    ``enum.IntEnum``: building the enum class is ~1 M instructions of every
+    convert's start-up, and nothing reads a member's name."""
+    __slots__ = ()
+
     DONE = 0        # everything queued is done
     NEED_MORE = 1   # below the low-water mark: queue more work
     TIMEOUT = 2     # time slice over; workers keep going
@@ -129,13 +137,13 @@ class CopyEngine(Owned):
         self.add([(src_off, dst_off, length, COPY_SPARSE if sparse else COPY, src_fd)])
 
     # -- running ---------------------------------------------------------
-    def run(self, timeout: float = 0.1, low_water: int = 0) -> RunResult:
+    def run(self, timeout: float = 0.1, low_water: int = 0) -> int:
         """Let the workers run for up to ``timeout`` s. Raises CopyError
         (side, offset, errno) or Cancelled."""
         rc = lib.bj_copy_run(self._c, max(0, int(timeout * 1000)), low_water)
         if rc < 0:
             self._raise(rc)
-        return RunResult(rc)
+        return rc         # a RunResult
 
     def _raise(self, rc: int):
         st = self.status()
