@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Callable
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable    # (collections: not at start-up)
 
 
 class InFlight:

@@ -41,7 +41,6 @@ are plain reads of one attribute.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from ..errors import JobError
@@ -52,6 +51,10 @@ from .inflight import Reads
 from . import readplan
 from .node import Graph, Node
 from .pbitmap import add_persistent, load_persistent, store_persistent
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable    # (collections: not at start-up)
 
 
 class NodeState:

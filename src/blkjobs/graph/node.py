@@ -26,7 +26,6 @@ from __future__ import annotations
 import _thread
 import fcntl
 import os
-from collections.abc import Callable
 
 from ..errors import ImageError, UsageError
 from ..formats import cache, open_image
@@ -37,6 +36,7 @@ from .perm import ALL, Perm, Permission, PermissionConflict, perm_names, stop_ze
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 BACKING_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED

@@ -11,7 +11,6 @@ damaged header fails at open, before any table is read.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 
 from ...errors import ImageError
 from ...native import dio
@@ -19,6 +18,8 @@ from ...native.record import Record
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeAlias
     from contextvars import ContextVar
 
 MAGIC = 0x514649FB
@@ -282,7 +283,7 @@ def drop_stale_bitmaps(h: Header) -> bool:
     return True
 
 
-_Bad = Callable[[str], ImageError]      # makes the one-line error for a problem
+_Bad: TypeAlias = "Callable[[str], ImageError]"      # makes the one-line error for a problem
 
 #: the flag set while ``check`` opens an image (qemu's BDRV_O_CHECK): the
 #: snapshot table is neither validated nor read at open. Made on first use

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
 
 from ...errors import ImageError
 from ...native import qcow2 as _nq
@@ -20,6 +19,8 @@ from ...native import dio
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeAlias
     from typing import Any
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -36,7 +37,7 @@ _ZEROES = bytes(1 << 20)
 
 # ``fill(guest_offset, buf)``: fills ``buf`` with the guest view below this
 # layer (the backing chain); None: zeroes (see the notes in driver.py)
-Fill = Callable[[int, memoryview], None] | None
+Fill: TypeAlias = "Callable[[int, memoryview], None] | None"
 
 
 def _zero(mv: memoryview, a: int, b: int) -> None:
