@@ -48,7 +48,7 @@ def test_info_imports(tmp_path):
     assert rc == 0 and out.startswith(f"image: {img}\n")
     assert "json" not in mods and "shutil" not in mods
     rc, out, mods = probe("info", "--output", "json", img)
-    assert rc == 0 and '"virtual-size": 1048576' in out and "json" in mods
+    assert rc == 0 and '"virtual-size": 1048576' in out and "json" not in mods
 
 
 HEAVY_PROBE = """
@@ -174,20 +174,21 @@ def test_qcow2_converts_import_neither_dataclasses_typing_nor_json(tmp_path):
 
 def test_looking_commands_import_json_only_for_json(tmp_path):
     """info, map, check, compare of qcow2 images: no argparse, re, dataclasses, typing,
-    base64, LUKS nor NBD; json (and re, under it) only for ``--output json``;
-    qcow2's check only for check. The outputs are what the commands print."""
+    base64, LUKS nor NBD; no json (nor re, under it) for ``--output json``
+    either (cli.jsonout writes it); qcow2's check only for check. The
+    outputs are what the commands print."""
     top = _chain(tmp_path)
     a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
     qemu_img("convert", "-O", "qcow2", top, a)
     qemu_img("convert", "-O", "qcow2", top, b)
     for args, want, out in (
             (["info", a], "[]", f"image: {a}\n"),
-            (["info", "--output", "json", a], "['json', 're']", "{\n"),
+            (["info", "--output", "json", a], "[]", "{\n"),
             (["map", top], "[]", "Offset          Length          Mapped to       File\n"),
-            (["map", "--output", "json", top], "['json', 're']", '[{ "start": 0, '),
+            (["map", "--output", "json", top], "[]", '[{ "start": 0, '),
             (["check", a], "['blkjobs.formats.qcow2.check']", "No errors were found"),
             (["check", "--output", "json", a],
-             "['blkjobs.formats.qcow2.check', 'json', 're']", "{\n"),
+             "['blkjobs.formats.qcow2.check']", "{\n"),
             (["compare", a, b], "[]", "Images are identical.\n")):
         rc, stdout, mods = _paths_probe(*args)
         assert (rc, mods) == (0, want), args

@@ -86,10 +86,10 @@ def run(args) -> int:
         sys.stderr.write(f"{progname()}: Check failed: {failed}\n")
         return 1
     if args.output == "json":
-        import json         # here: the human output does not need it (start-up)
+        from .jsonout import dumps     # (not json: its decoder's re and enum, start-up)
         order = [k for k in _ORDER if k in res] + [k for k in res if k not in _ORDER]
         d = {k: res[k] for k in order}
-        sys.stdout.write(json.dumps(d, indent=4) + "\n")
+        sys.stdout.write(dumps(d, indent=4) + "\n")
     elif not args.quiet:
         sys.stdout.write(_human(res))
     return check_exit_code(res)

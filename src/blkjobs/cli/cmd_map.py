@@ -39,12 +39,12 @@ def run(args) -> int:
     length = parse_size(args.max_length, "max length") if args.max_length else None
     entries = map_image(args.image, args.fmt, start, length, force_share=args.force_share)
     if args.output == "json":
-        import json         # here: the human output does not need it (start-up)
+        from .jsonout import dumps     # (not json: its decoder's re and enum, start-up)
         first = True
         out("[")
         for e in entries:
             out(("" if first else ",\n") + "{ " + ", ".join(
-                f'"{k}": {json.dumps(e[k])}' for k in _KEYS if k in e) + "}")
+                f'"{k}": {dumps(e[k])}' for k in _KEYS if k in e) + "}")
             first = False
         out("]\n")
         sys.stdout.write("".join(buf))

@@ -4,11 +4,11 @@ The size a new image would take, as ``qemu-img measure`` prints it (numbers:
 imageops.measure)."""
 from __future__ import annotations
 
-import json
 import sys
 
 from ..errors import UsageError
 from ..units import parse_size, valid_option_list
+from .jsonout import dumps
 from .parity import open_chain_ro
 from . import image_opts
 
@@ -76,7 +76,7 @@ def run(args) -> int:
             node.close_chain()
     if args.output == "json":
         order = ("bitmaps", "required", "fully-allocated")     # qemu-img 7.2's order
-        sys.stdout.write(json.dumps({k: info[k] for k in order if k in info}, indent=4) + "\n")
+        sys.stdout.write(dumps({k: info[k] for k in order if k in info}, indent=4) + "\n")
     else:
         sys.stdout.write(f"required size: {info['required']}\n"
                          f"fully allocated size: {info['fully-allocated']}\n")

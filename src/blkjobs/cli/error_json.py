@@ -7,8 +7,9 @@ line on stderr then too, and scripts and QEMU's tests rely on that.)"""
 from __future__ import annotations
 
 import errno as _errno
-import json
 import sys
+
+from .jsonout import dumps
 
 
 def error_object(e: BaseException, exit_code: int) -> dict:
@@ -32,6 +33,6 @@ def print_if_json(args, e: BaseException, exit_code: int) -> bool:
     True when written (the caller then writes no line)."""
     if getattr(args, "error_format", None) != "json":
         return False
-    sys.stderr.write(json.dumps(error_object(e, exit_code)) + "\n")
+    sys.stderr.write(dumps(error_object(e, exit_code)) + "\n")
     sys.stderr.flush()
     return True
