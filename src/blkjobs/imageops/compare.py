@@ -6,13 +6,16 @@ one (qemu-img's rule, unless strict)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from ..errors import BlkjobsError
 from ..native import dio
 from ..native.extents import extents, is_zero
 from ..native.record import Record
 from .files import fd_size, open_source
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable    # (collections: not at start-up)
 
 CHUNK = 4 << 20
 WORK = 256 << 20

@@ -13,11 +13,14 @@ when a source's size is not a multiple of the target's cluster size."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from ..errors import UsageError
 from ..units import sector_size
 from .convert_base import ConvertOptions, ConvertResult, check_options
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable    # (collections: not at start-up)
 
 CHUNK = 1 << 20
 

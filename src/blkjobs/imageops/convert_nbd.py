@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable
 
 from ..errors import BlkjobsError, CopyError, UsageError
 from ..formats.sniff import is_nbd_uri
@@ -34,6 +33,7 @@ from .convert_target import identity, lock_target, say_what_happened_to_target
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     import queue
     import threading
     from typing import Any

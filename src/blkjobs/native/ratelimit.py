@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 from ..errors import UsageError
 from ._lib import ensure, ffi, lib
+
+TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable    # (collections: not at start-up)
 
 
 def _default_clock() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections import Counter
 
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, read_bitmap_directory
 from .tables import COMPRESSED, COPIED, L1_RESERVED, OFFSET_MASK, STD_RESERVED, ZERO, L2Tables
@@ -40,7 +39,7 @@ class Walker:
         self.nfile = -(-self.file_size // self.cs)      # clusters in the file
         self.esz = 16 if img.extended else 8
         self.max_ref = (1 << (1 << self.h.refcount_order)) - 1
-        self.refs: Counter[int] = Counter()
+        self.refs: dict[int, int] = {}    # (not a Counter: collections at start-up)
         self.msgs: list[str] = []
         self.corrupt = 0
         self.check_errors = 0
@@ -67,14 +66,16 @@ class Walker:
             self.error("ERROR: counting reference for region exceeding the end of the file "
                        f"by one cluster or more: offset 0x{off:x} size 0x{nbytes:x}")
             return
+        refs = self.refs
         for c in range(off >> self.cb, ((off + nbytes - 1) >> self.cb) + 1):
-            if self.refs[c] >= self.max_ref:
+            n = refs.get(c, 0)
+            if n >= self.max_ref:
                 self.error(f"ERROR: overflow cluster offset=0x{c << self.cb:x}")
                 self.msgs.append("Use qemu-img amend to increase the refcount entry width or "
                                  "qemu-img convert to create a clean copy if the image cannot "
                                  "be opened for writing")
                 continue
-            self.refs[c] += 1
+            refs[c] = n + 1
 
     def pread(self, off: int, n: int) -> bytes:
         """``n`` bytes at ``off``; zeroes past the end of the file (what a
@@ -283,6 +284,6 @@ class Walker:
                 continue
             if off:
                 self.ref_range(off, self.cs)
-                if self.refs[c] != 1:
-                    self.error(f"ERROR refcount block {t} refcount={self.refs[c]}")
+                if self.refs.get(c, 0) != 1:
+                    self.error(f"ERROR refcount block {t} refcount={self.refs.get(c, 0)}")
                     self.rebuild = True
