@@ -109,6 +109,25 @@ class Session(Owned):
             _raise(rc)
         return int(rc)
 
+    def serve_one(self, req: Sequence[int], segs: Any) -> int | None:
+        """Serve one read or block status (``req``: its 6 ints, ``segs``: its
+        segments, as :meth:`submit` takes them) in this thread, the GIL
+        released: its token once the reply is out -- the caller ends it --
+        or None when a wait for the socket handed it to the reaper."""
+        if type(segs) is Segments:
+            p, w = segs.words()
+            sg = _alloc("uint64_t[]", w)
+            ffi.memmove(sg, p, 8 * w)
+        else:
+            flat = [x for t in segs for x in t]
+            w = len(flat)
+            sg = ffi.new("uint64_t[]", flat)
+        tok = self._done     # (its first word: drain uses it too, in this thread)
+        rc = lib.bj_nbds_serve_one(self._s, ffi.new("uint64_t[]", req), sg, w // 4, tok)
+        if rc < 0:
+            _raise(rc)
+        return int(tok[0]) if rc else None
+
     def send(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         """One reply, whole, between the C threads' replies."""
         keep = [ffi.from_buffer(p) for p in parts]
