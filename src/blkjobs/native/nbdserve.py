@@ -26,6 +26,9 @@ Segment = tuple[int, int, int, int]
 Header = tuple[int, int, int, int, int, int]
 
 _BATCH = 256
+#: :meth:`Session.drain` returns at most this many tokens a call: fewer,
+#: and none is left
+DRAIN_BATCH = _BATCH
 #: the segment words of a submit are written before they are read
 _alloc = ffi.new_allocator(should_clear_after_alloc=False)
 
@@ -72,7 +75,8 @@ class Session(Owned):
     def drain(self) -> list[int]:
         """At the session's end (after :meth:`wait_idle`): stop its
         threads, wait for the reaper's batch holding tokens of it, and
-        return its tokens not taken yet (call again until [])."""
+        return its tokens not taken yet (call again while it returns
+        :data:`DRAIN_BATCH` of them)."""
         n = lib.bj_nbds_drain(self._s, self._done, _BATCH)
         return list(self._done[0:n])
 

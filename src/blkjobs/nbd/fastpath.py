@@ -254,8 +254,12 @@ class _Side:
             if self.pool is not None:
                 self.pool.close()
             self.sess.wait_idle()
-            while done := self.sess.drain():
-                _end(self, done)
+            while True:     # (fewer than a batch: none left -- no call more to see it)
+                done = self.sess.drain()
+                if done:
+                    _end(self, done)
+                if len(done) < nbdserve.DRAIN_BATCH:
+                    break
         finally:
             del _sides[self.key]
 
