@@ -73,6 +73,7 @@ struct job {
     uint64_t handle, offset, length, flags, token;
     int cmd;                        /* CMD_READ or CMD_BLOCK_STATUS */
     int stable;                     /* READ: BJ_NBDS_STABLE (zero-copy allowed) */
+    int inl;                        /* served by the caller (bj_nbds_serve_one) */
     uint32_t ctx;                   /* BLOCK_STATUS: the meta context's id */
     int nsegs;
     struct seg segs[];
@@ -108,6 +109,12 @@ struct bj_nbds {
      * bj_nbds_wait_done; these under reap_lock */
     int global, queued, in_batch;
     struct bj_nbds *reap_next, *batch_next;
+    /* bj_nbds_serve_one: its job's token once read (inl_tok, inl_set),
+     * the caller's to end unless a wait for the socket handed it to the
+     * reaper first (flush_done); its buffer, kept for the session */
+    uint64_t inl_tok;
+    int inl_set;
+    struct wbuf *iw;
     unsigned char rbuf[RBUF];       /* only [rpos, rlen) is ever read */
 };
 
@@ -177,6 +184,10 @@ static void wake_reaper(struct bj_nbds *s)
 static void flush_done(struct bj_nbds *s)
 {
     pthread_mutex_lock(&s->lock);
+    if (s->inl_set) {       /* (capdone counts the job in flight: room for it) */
+        s->done[s->ndone++] = s->inl_tok;
+        s->inl_set = 0;
+    }
     int wake = s->ndone != 0;
     if (wake)
         s->flush = 1;
@@ -563,12 +574,18 @@ static int build_sparse(const struct job *j, struct wbuf *w)
  * is left in flight, or before a worker waits (for the socket or the send
  * lock: flush_done): a waiter for one of them waits at most for the reads
  * in flight with it, which wait for nothing but their pread. */
-static void read_done(struct bj_nbds *s, uint64_t token)
+static void read_done(struct bj_nbds *s, const struct job *j)
 {
     pthread_mutex_lock(&s->lock);
-    /* capdone >= every job queued (grown in submit): no failure here */
-    s->done[s->ndone++] = token;
     s->unread--;
+    if (j->inl) {           /* the caller's (bj_nbds_serve_one), unless flushed */
+        s->inl_tok = j->token;
+        s->inl_set = 1;
+        pthread_mutex_unlock(&s->lock);
+        return;
+    }
+    /* capdone >= every job queued (grown in submit): no failure here */
+    s->done[s->ndone++] = j->token;
     int wake = s->ndone >= DONE_BATCH;
     pthread_mutex_unlock(&s->lock);
     if (wake)
@@ -583,7 +600,7 @@ static void serve_status(struct bj_nbds *s, const struct job *j, struct wbuf *w)
 {
     size_t max = j->flags & FLAG_REQ_ONE ? 1 : MAX_EXTENTS;
     int r = expand(j, w, 1, max);
-    read_done(s, j->token);
+    read_done(s, j);
     if (r == 0)
         r = wbuf_reserve(w, 8 * (w->runs < max ? w->runs : max), 0);
     if (r < 0) {
@@ -807,7 +824,7 @@ static void serve_read(struct bj_nbds *s, const struct job *j, struct wbuf *w)
             r = wbuf_reserve(w, 0, w->nxs);
             if (r == 0)
                 r = zc_send(s, j, w, sparse);
-            read_done(s, j->token);
+            read_done(s, j);
             zc_end(s, r == 0 ? bytes : 0);
             wbuf_trim(w);
             return;
@@ -819,7 +836,7 @@ static void serve_read(struct bj_nbds *s, const struct job *j, struct wbuf *w)
         r = wbuf_reserve(w, data ? j->length : 0, w->nxs);
     if (r == 0)
         r = fill(w, w->data, sparse);
-    read_done(s, j->token);
+    read_done(s, j);
     if (r < 0) {
         send_error(s, j, -r);
         wbuf_trim(w);
@@ -846,7 +863,7 @@ static void serve_read(struct bj_nbds *s, const struct job *j, struct wbuf *w)
 static void serve(struct bj_nbds *s, const struct job *j, struct wbuf *w)
 {
     if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
-        read_done(s, j->token);
+        read_done(s, j);
         if (j->stable)
             zc_end(s, 0);
     }
@@ -1135,6 +1152,10 @@ void bj_nbds_free(struct bj_nbds *s)
     pthread_cond_destroy(&s->idle);
     pthread_cond_destroy(&s->donecv);
     pthread_cond_destroy(&s->gone);
+    if (s->iw) {
+        wbuf_free(s->iw);
+        free(s->iw);
+    }
     free(s->done);
     free(s);
 }
@@ -1420,8 +1441,19 @@ int bj_nbds_recv(struct bj_nbds *s, void *buf, uint64_t len)
     return 0;
 }
 
-static int submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
-                  int nsegs, int wait)
+static void free_jobs(struct job *first)
+{
+    while (first) {
+        struct job *j = first;
+        first = j->next;
+        free(j);
+    }
+}
+
+/* The jobs of reqs/segs (bj_nbds_submit's words), linked from *first;
+ * *stable: how many are stable READs. 0 or -errno (nothing made). */
+static int make_jobs(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                     int nsegs, struct job **firstp, int *stablep)
 {
     struct job *first = NULL, **link = &first;
     int used = 0, r = 0, stable = 0;
@@ -1464,29 +1496,42 @@ static int submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint6
     if (r == 0 && used != nsegs)
         r = -EINVAL;
     if (r < 0) {
-        while (first) {
-            struct job *j = first;
-            first = j->next;
-            free(j);
-        }
+        free_jobs(first);
         return r;
     }
-    pthread_mutex_lock(&s->lock);
-    size_t need = s->ndone + (size_t)s->inflight + (size_t)nreq;
+    *firstp = first;
+    *stablep = stable;
+    return 0;
+}
+
+/* Room in s->done for every token in flight and n more (s->lock held). */
+static int done_room(struct bj_nbds *s, int n)
+{
+    size_t need = s->ndone + (size_t)s->inflight + (size_t)n;
     if (need > s->capdone) {
         size_t cap = need * 2;
         uint64_t *d = realloc(s->done, sizeof(*d) * cap);
-        if (!d) {
-            pthread_mutex_unlock(&s->lock);
-            while (first) {
-                struct job *j = first;
-                first = j->next;
-                free(j);
-            }
+        if (!d)
             return -ENOMEM;
-        }
         s->done = d;
         s->capdone = cap;
+    }
+    return 0;
+}
+
+static int submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
+                  int nsegs, int wait)
+{
+    struct job *first = NULL;
+    int stable = 0;
+    int r = make_jobs(s, reqs, nreq, segs, nsegs, &first, &stable);
+    if (r < 0)
+        return r;
+    pthread_mutex_lock(&s->lock);
+    if (done_room(s, nreq) < 0) {
+        pthread_mutex_unlock(&s->lock);
+        free_jobs(first);
+        return -ENOMEM;
     }
     if (first) {
         if (s->tail)
@@ -1541,6 +1586,51 @@ int bj_nbds_queue(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint6
                   int nsegs)
 {
     return submit(s, reqs, nreq, segs, nsegs, 0);
+}
+
+int bj_nbds_serve_one(struct bj_nbds *s, const uint64_t *req, const uint64_t *segs, int nsegs,
+                      uint64_t *token)
+{
+    struct job *j = NULL;
+    int stable = 0;
+    int r = make_jobs(s, req, 1, segs, nsegs, &j, &stable);
+    if (r < 0)
+        return r;
+    if (!s->iw && !(s->iw = calloc(1, sizeof(*s->iw)))) {
+        free(j);
+        return -ENOMEM;
+    }
+    j->inl = 1;
+    pthread_mutex_lock(&s->lock);
+    if (done_room(s, 1) < 0) {
+        pthread_mutex_unlock(&s->lock);
+        free(j);
+        return -ENOMEM;
+    }
+    /* in flight as a worker's job (wait_idle, zero-copy's count, room
+     * for its token in done should a wait for the socket flush it) */
+    s->inflight++;
+    s->unread++;
+    s->zc_pending += stable;
+    pthread_mutex_unlock(&s->lock);
+    serve(s, j, s->iw);
+    free(j);
+    pthread_mutex_lock(&s->lock);
+    s->inflight--;
+    r = s->inl_set;
+    if (r)
+        *token = s->inl_tok;
+    s->inl_set = 0;
+    /* the workers' rules (serve_session): their tokens wait for no read
+     * in flight -- this one was -- and a waiter for free workers */
+    int idle = s->idle_waiters && s->nthreads - s->inflight >= s->idle_need;
+    int reap = !s->inflight && s->ndone;
+    pthread_mutex_unlock(&s->lock);
+    if (idle)
+        pthread_cond_broadcast(&s->idle);
+    if (reap)
+        wake_reaper(s);
+    return r;
 }
 
 /* -- the handshake's common options (bj_nbdh_step, nbdsrv.h) ---------------- */

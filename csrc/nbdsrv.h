@@ -87,6 +87,16 @@ int bj_nbds_submit(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint
  * -- a wake-up less per batch. */
 int bj_nbds_queue(struct bj_nbds *s, const uint64_t *reqs, int nreq, const uint64_t *segs,
                   int nsegs);
+/* Serve one such request (reqs: its 6 words) in the caller's thread, as
+ * a worker would, and no thread woken for it: a batch of one READ or
+ * BLOCK_STATUS (nbdinfo's read, a client waiting for each reply) costs no
+ * hand-off to a worker and none to the reaper. The token is the caller's
+ * to end: 1 and *token once the reply is out; 0 when a wait for the
+ * socket (a client not reading) handed it to the reaper first, as a
+ * worker's -- the tracking of a read never waits for its client. -EINVAL,
+ * -ENOMEM: nothing served. */
+int bj_nbds_serve_one(struct bj_nbds *s, const uint64_t *req, const uint64_t *segs, int nsegs,
+                      uint64_t *token);
 
 /* Send n buffers as one reply (whole, under the send lock). 0 or -errno
  * (the session is then broken: the socket is shut down). */

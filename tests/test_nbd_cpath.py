@@ -544,9 +544,9 @@ def _c_workers() -> set[int]:
     return out
 
 
-def _one_read_session(path: str, gone_mid_batch: bool = False) -> None:
-    """A connection that reads 64 KiB (and DISC), or that queues 32 reads
-    of 2 MiB and hangs up after the first reply has begun."""
+def _one_read_session(path: str, gone_mid_batch: bool = False, length: int = 64 * KiB) -> None:
+    """A connection that reads ``length`` bytes (and DISC), or that queues
+    32 reads of 2 MiB and hangs up after the first reply has begun."""
     s = handshake(path)
     go(s, b"d")
     if gone_mid_batch:
@@ -556,9 +556,9 @@ def _one_read_session(path: str, gone_mid_batch: bool = False) -> None:
         _simple_reply(s)
         s.close()
         return
-    s.sendall(struct.pack(">IHHQQI", REQ, 0, 0, 7, 0, 64 * KiB))
+    s.sendall(struct.pack(">IHHQQI", REQ, 0, 0, 7, 0, length))
     assert _simple_reply(s) == (7, 0)
-    assert recv(s, 64 * KiB) == b"\x5a" * (64 * KiB)
+    assert recv(s, length) == b"\x5a" * length
     s.sendall(struct.pack(">IHHQQI", REQ, 0, 2, 8, 0, 0))       # DISC
     s.close()
 
@@ -567,19 +567,20 @@ def test_c_workers_are_kept_for_the_next_sessions(tmp_path, serve):
     """The C workers are one pool for the process: the thread that served
     the first connection serves the next 19 (no thread started or joined
     per session), and after clients gone mid-batch every C worker is back,
-    parked (none left behind, none serving)."""
+    parked (none left behind, none serving). (Reads of 128 KiB: a lone
+    read up to fastpath.INLINE_MAX is the connection thread's.)"""
     from blkjobs.native import nbdserve
     img = str(tmp_path / "p.raw")
     assert qemu_img("create", "-f", "raw", img, "8M").returncode == 0
     qemu_io(img, "write -P 0x5a 0 8M", fmt="raw")
     path, be, eng, node, srv, exp = serve(img, "raw")
     nbdserve.pool_trim(0)            # (threads parked by earlier tests: ended)
-    _one_read_session(path)             # (one read at a time: one C worker)
+    _one_read_session(path, length=128 * KiB)   # (one read at a time: one C worker)
     srv.settle(exp, timeout=WAIT)
     first = _c_workers()
     assert len(first) == 1 and nbdserve.pool_idle() == 1
     for _ in range(19):
-        _one_read_session(path)
+        _one_read_session(path, length=128 * KiB)
         srv.settle(exp, timeout=WAIT)
         assert _c_workers() == first
     for _ in range(3):
@@ -628,4 +629,87 @@ def test_no_python_thread_per_session_for_its_reads(tmp_path, serve, monkeypatch
     assert len(started) == len(conns)
     assert fastpath._reaper is not None and fastpath._reaper.is_alive()
     assert not fastpath._sides
+    assert eng.io._reads(node).count == 0
+
+
+def test_a_short_session_asks_a_raw_file_its_length_once_per_go_and_batch(tmp_path, serve,
+                                                                         monkeypatch):
+    """The length of an exported raw file is one ``fstat`` per question
+    (GO's export size, each batch of requests with reads: the export's
+    size is the file's length rounded up to a sector) and none for the
+    batch holding only DISC: a session of one read asks three times in
+    all (GO, the read's batch, the read's own mapping), where it asked
+    seven (two per question, and a question for the DISC)."""
+    img = str(tmp_path / "len.raw")
+    with open(img, "wb") as f:
+        f.write(b"\x5a" * (64 * KiB) + b"\x00" * (1000 - 0))    # 66536 bytes: unaligned
+    path, be, eng, node, srv, exp = serve(img, "raw")
+    fd = node.driver.fd
+    asked = []
+    real = os.fstat
+
+    def fstat(n):
+        if n == fd:
+            asked.append(n)
+        return real(n)
+    monkeypatch.setattr(os, "fstat", fstat)
+    assert be.size == 64 * KiB + 1000 and len(asked) == 1
+    assert exp.size == 64 * KiB + 1024
+    asked.clear()
+    _one_read_session(path)
+    srv.settle(exp, timeout=WAIT)
+    assert be.c_reads == 1
+    assert len(asked) == 3, len(asked)
+
+
+def test_a_lone_small_read_is_served_by_the_connections_thread(tmp_path, serve):
+    """A batch of one READ up to fastpath.INLINE_MAX (nbdinfo's, a client
+    that waits for each reply) is read and answered in the connection's
+    thread: 20 such sessions start no C worker, and every read is ended."""
+    from blkjobs.native import nbdserve
+    img = str(tmp_path / "l.raw")
+    assert qemu_img("create", "-f", "raw", img, "8M").returncode == 0
+    qemu_io(img, "write -P 0x5a 0 8M", fmt="raw")
+    path, be, eng, node, srv, exp = serve(img, "raw")
+    nbdserve.pool_trim(0)            # (threads parked by earlier tests: ended)
+    for _ in range(20):
+        _one_read_session(path)
+        srv.settle(exp, timeout=WAIT)
+    assert not _c_workers() and nbdserve.pool_idle() == 0
+    assert be.c_reads == 20
+    assert eng.io._reads(node).count == 0
+
+
+def test_a_lone_read_served_in_place_holds_up_no_write_when_stuck(tmp_path, serve):
+    """The connection's thread serving a lone read whose reply cannot go
+    out (the client reads nothing: 8 replies of 2 MiB hold the socket and
+    the send lock) hands the read's tracking to the reaper before it waits:
+    a write to that range lands meanwhile."""
+    top = _chain(tmp_path)
+    path, be, eng, node, srv, exp = serve(top, "qcow2", read_only=False)
+    planned = threading.Event()
+    plan = be.plan_reads
+
+    def plan_reads(reqs):
+        got = plan(reqs)
+        if any(off == 6 * MiB for off, _ in reqs):
+            planned.set()
+        return got
+    be.plan_reads = plan_reads
+    s = handshake(path)
+    go(s, b"d")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    # (8: the session's workers, all of them stuck sending)
+    s.sendall(b"".join(struct.pack(">IHHQQI", REQ, 0, 0, i, 0, 2 * MiB) for i in range(8)))
+    _simple_reply(s)                    # replies are going out, and stuck
+    s.sendall(struct.pack(">IHHQQI", REQ, 0, 0, 99, 6 * MiB, 64 * KiB))
+    assert planned.wait(WAIT), "the lone read was not planned"
+    fe = eng.attach(node)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (fe.write(6 * MiB, b"\x77" * 65536), done.set()),
+                         daemon=True)
+    t.start()
+    assert done.wait(WAIT), "the write waits for a lone read whose reply is stuck"
+    s.close()
+    srv.settle(exp, timeout=WAIT)
     assert eng.io._reads(node).count == 0

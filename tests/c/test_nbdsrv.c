@@ -15,7 +15,9 @@
  * half); the process's one reaper for the tokens of many sessions, and
  * their drains; the handshake's common options (bj_nbdh_step: nbdcopy's sent a
  * byte at a time, what it leaves to the caller); zero-copy replies of
- * stable reads, and where they fall back on pread; no leak
+ * stable reads, and where they fall back on pread; bj_nbds_serve_one (a
+ * request served in the caller's thread, its token handed to the reaper
+ * when the send must wait); no leak
  * (ASan, valgrind), no race (TSan). */
 #include "check.h"
 #include "nbdsrv.h"
@@ -643,6 +645,85 @@ static void end_session(struct bj_nbds *s)
     bj_nbds_free(s);
 }
 
+struct one_arg {
+    struct bj_nbds *s;
+    int dfd, rc;
+    uint64_t token;
+};
+
+static void *serve_one_thread(void *arg)
+{
+    struct one_arg *a = arg;
+    uint64_t q[6] = {9, 0, FSIZE, 0, 77, 1};
+    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)a->dfd, 0, FSIZE};
+    a->rc = bj_nbds_serve_one(a->s, q, g, 1, &a->token);
+    return NULL;
+}
+
+/* bj_nbds_serve_one: a read served in the caller's thread -- no worker
+ * taken, the reply as a worker's, the token the caller's (1) -- and a
+ * block status the same way; a bad request refused (nothing served); a
+ * reply larger than the socket takes, for a client not reading yet: the
+ * token goes to the reaper before the send waits (0 for the caller), and
+ * the reply comes whole once the client reads. */
+static void test_serve_one(int dfd)
+{
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    CHECK_EQ(bj_nbds_pool_trim(0), 0);
+    int before = threads_now();
+    struct bj_nbds *s = bj_nbds_new(sv[0], 1, 2);
+    CHECK(s);
+    uint64_t q[6] = {5, 0, 4096, 0, 55, 1};
+    uint64_t g[4] = {BJ_NBDS_DATA, (uint64_t)dfd, 0, 4096};
+    uint64_t t = 0;
+    CHECK_EQ(bj_nbds_serve_one(s, q, g, 1, &t), 1);
+    CHECK_EQ(t, 55);
+    CHECK_EQ(threads_now(), before);
+    CHECK_EQ(bj_nbds_pool_idle(), 0);
+    unsigned char r[28 + 4096];
+    readn(sv[1], r, sizeof(r));
+    CHECK_EQ(get32(r), 0x668e33efu);
+    CHECK_EQ(get64(r + 8), 5);
+    CHECK_EQ(get64(r + 20), 0);
+    CHECK(memcmp(r + 28, file, 4096) == 0);
+    /* block status of base:allocation (context 1): one data extent */
+    uint64_t b[6] = {6, 0, 4096, bs_flags(0, 1), 56, 1};
+    CHECK_EQ(bj_nbds_serve_one(s, b, g, 1, &t), 1);
+    CHECK_EQ(t, 56);
+    uint32_t ext[4];
+    CHECK_EQ(read_status(sv[1], 6, 1, ext, 2), 1);
+    CHECK_EQ(ext[0], 4096);
+    CHECK_EQ(ext[1], 0);
+    /* segments that do not add up: refused, nothing sent */
+    uint64_t bad[6] = {7, 0, 8192, 0, 57, 1};
+    CHECK_EQ(bj_nbds_serve_one(s, bad, g, 1, &t), -EINVAL);
+    CHECK_EQ(bj_nbds_inflight(s), 0);
+    /* a client not reading: the token is the reaper's before the send waits */
+    int small = 4096;
+    CHECK(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof(small)) == 0);
+    struct one_arg a = {.s = s, .dfd = dfd, .rc = -1};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, serve_one_thread, &a) == 0);
+    uint64_t got = 0;
+    CHECK_EQ(bj_nbds_wait_done(s, &got, 1), 1);
+    CHECK_EQ(got, 77);
+    static unsigned char data[FSIZE];
+    unsigned char h[28];                /* one OFFSET_DATA chunk, DONE */
+    readn(sv[1], h, 28);
+    CHECK_EQ(get32(h), 0x668e33efu);
+    CHECK_EQ(get64(h + 8), 9);
+    CHECK_EQ(get32(h + 16), 8 + FSIZE);
+    readn(sv[1], data, FSIZE);
+    CHECK(memcmp(data, file, FSIZE) == 0);
+    CHECK(pthread_join(th, NULL) == 0);
+    CHECK_EQ(a.rc, 0);
+    CHECK_EQ(threads_now(), before + 0);
+    end_session(s);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 /* A session takes no thread before its first request (one that reads
  * nothing -- nbdinfo --size -- takes none), then one per read in flight up
  * to its workers, from the process's pool: they go back parked when the
@@ -1089,6 +1170,7 @@ int main(void)
     test_wait_free(fd);
     test_holes_and_status();
     test_threads_on_demand(fd);
+    test_serve_one(fd);
     test_handshake();
     test_global_reaper(fd);
     test_zero_copy(fd);

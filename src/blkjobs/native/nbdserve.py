@@ -26,6 +26,9 @@ Segment = tuple[int, int, int, int]
 Header = tuple[int, int, int, int, int, int]
 
 _BATCH = 256
+#: :meth:`Session.drain` returns at most this many tokens a call: fewer,
+#: and none is left
+DRAIN_BATCH = _BATCH
 #: the segment words of a submit are written before they are read
 _alloc = ffi.new_allocator(should_clear_after_alloc=False)
 
@@ -72,7 +75,8 @@ class Session(Owned):
     def drain(self) -> list[int]:
         """At the session's end (after :meth:`wait_idle`): stop its
         threads, wait for the reaper's batch holding tokens of it, and
-        return its tokens not taken yet (call again until [])."""
+        return its tokens not taken yet (call again while it returns
+        :data:`DRAIN_BATCH` of them)."""
         n = lib.bj_nbds_drain(self._s, self._done, _BATCH)
         return list(self._done[0:n])
 
@@ -108,6 +112,25 @@ class Session(Owned):
         if rc < 0:
             _raise(rc)
         return int(rc)
+
+    def serve_one(self, req: Sequence[int], segs: Any) -> int | None:
+        """Serve one read or block status (``req``: its 6 ints, ``segs``: its
+        segments, as :meth:`submit` takes them) in this thread, the GIL
+        released: its token once the reply is out -- the caller ends it --
+        or None when a wait for the socket handed it to the reaper."""
+        if type(segs) is Segments:
+            p, w = segs.words()
+            sg = _alloc("uint64_t[]", w)
+            ffi.memmove(sg, p, 8 * w)
+        else:
+            flat = [x for t in segs for x in t]
+            w = len(flat)
+            sg = ffi.new("uint64_t[]", flat)
+        tok = self._done     # (its first word: drain uses it too, in this thread)
+        rc = lib.bj_nbds_serve_one(self._s, ffi.new("uint64_t[]", req), sg, w // 4, tok)
+        if rc < 0:
+            _raise(rc)
+        return int(tok[0]) if rc else None
 
     def send(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         """One reply, whole, between the C threads' replies."""

@@ -64,6 +64,11 @@ log = logging.getLogger(__name__)
 C_WORKERS = 2
 #: at most (csrc/nbdsrv.c's MAX_WORKERS)
 MAX_THREADS = 64
+#: a batch of one READ at most this long, or of one BLOCK_STATUS, is
+#: served by the connection's thread (``Session.serve_one``: no worker
+#: and no reaper woken); a longer read goes to the workers, so the next
+#: headers are read while it is (docs/nbd.md, "The data path in C")
+INLINE_MAX = 64 << 10
 #: the flags a READ may carry (transmission._FLAGS)
 _READ_FLAGS = P.CMD_FLAG_DF | P.CMD_FLAG_FUA
 #: how long a grant that could change an exported node's files waits for
@@ -143,13 +148,19 @@ class _ZeroCopy:
         #: the nodes it is registered on (added by the backend)
         self.nodes: set[Any] = set()
         self.revoked = False
+        #: a batch's reads were flagged stable (else nothing was sent
+        #: zero-copy: :meth:`detach` has no counters to take, no socket to watch)
+        self.granted = False
         self._sess: Session | None = sess
         self._fd = -1
         self._lock = threading.Lock()
 
     def stable(self) -> bool:
         """The reads planned now may go out zero-copy."""
-        return not self.revoked and bool(self.exp.backend.zero_copy(self))
+        if self.revoked or not self.exp.backend.zero_copy(self):
+            return False
+        self.granted = True
+        return True
 
     def _busy(self) -> bool:
         with self._lock:
@@ -185,6 +196,11 @@ class _ZeroCopy:
         sess = self._sess
         if sess is None:
             return
+        if not self.granted:        # (sessions without reads: a C call and a lock less)
+            with self._lock:
+                self._sess = None
+            self._retire()
+            return
         nbytes, nreads = sess.zc_stats()
         with _stats_lock:
             self.exp.zero_copy_bytes += nbytes
@@ -200,6 +216,8 @@ class _ZeroCopy:
             self._retire()
 
     def _retire(self) -> None:
+        if self._fd < 0 and not self.nodes:
+            return          # (never registered, nothing watched)
         with self._lock:
             fd, self._fd = self._fd, -1
         if fd >= 0:
@@ -236,8 +254,12 @@ class _Side:
             if self.pool is not None:
                 self.pool.close()
             self.sess.wait_idle()
-            while done := self.sess.drain():
-                _end(self, done)
+            while True:     # (fewer than a batch: none left -- no call more to see it)
+                done = self.sess.drain()
+                if done:
+                    _end(self, done)
+                if len(done) < nbdserve.DRAIN_BATCH:
+                    break
         finally:
             del _sides[self.key]
 
@@ -297,12 +319,16 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side,
         status: list[tuple[int, int, int, int]] = []
         other: list[tuple[int, int, int, int, int, bytearray | None]] = []
         stop = False
-        # the backend's size (a raw file's: an fstat or two) once a batch;
-        # the export's is it rounded up to a sector: see _submit
+        hdrs = sess.next()
+        if hdrs[0][2] == P.CMD_DISC and hdrs[0][0] == P.REQUEST_MAGIC:
+            return      # (a batch of DISC alone: the end of most sessions)
+        # the backend's size (a raw file's: an fstat) once a batch, once
+        # its headers are in; the export's is it rounded up to a sector:
+        # see _submit
         bsize = exp.backend.size
         size = -(-bsize // P.SECTOR) * P.SECTOR
         alloc = _allocation_context(conn)
-        for magic, flags, cmd, handle, offset, length in sess.next():
+        for magic, flags, cmd, handle, offset, length in hdrs:
             if magic != P.REQUEST_MAGIC or cmd == P.CMD_DISC:
                 stop = True
                 break
@@ -334,11 +360,21 @@ def _loop(conn: Connection, exp: Export, sess: Session, side: _Side,
         # plans (nbdcopy asks for the next range while reads of the last
         # are in flight), the reads before it in the batch need not wait
         reads = status + reads
+        # (before the planning: a grant after it stops the session first)
+        stable = zc is not None and len(reads) > len(status) and zc.stable()
+        if len(reads) == 1 and (status or reads[0][3] <= INLINE_MAX):
+            # one request (a client waiting for each reply): served here
+            serial, _ = _submit(sess, exp, bsize, reads, side.tokens, serial, other, 1,
+                                stable=stable, here=True)
+            for req in other:
+                side.submit(req)
+            other.clear()
+            if stop:
+                return
+            continue
         # (free workers for the whole batch, or half of them: fewer, larger
         # chunks -- each is one planning and one submit)
         i, free = 0, sess.wait_slots(len(reads)) if reads else 0
-        # (before the planning: a grant after it stops the session first)
-        stable = zc is not None and len(reads) > len(status) and zc.stable()
         while i < len(reads):       # no more planned than free workers read at once
             chunk = reads[i:i + free]
             i += free
@@ -365,11 +401,13 @@ def _allocation_context(conn: Connection) -> int:
 def _submit(sess: Session, exp: Export, bsize: int, reads: list[tuple[int, int, int, int]],
             tokens: dict[int, Any], serial: int,
             other: list[tuple[int, int, int, int, int, bytearray | None]],
-            free: int, wait: bool = True, stable: bool = False) -> tuple[int, int]:
+            free: int, wait: bool = True, stable: bool = False,
+            here: bool = False) -> tuple[int, int]:
     """Plan and queue ``reads`` (at most ``free``; ``bsize``: the backend's
     size when they were checked); (last token, free workers now: once half
     are, or without ``wait`` at once). ``stable``: the READs may be sent
-    zero-copy."""
+    zero-copy. ``here``: one read, served in this thread and its tracking
+    ended here (unless a wait for the client handed it to the reaper)."""
     be: Any = exp.backend
     inside = [(off, min(n, bsize - off)) for _, _, off, n in reads if off < bsize]
     plans = be.plan_reads(inside) if inside else []
@@ -393,7 +431,12 @@ def _submit(sess: Session, exp: Export, bsize: int, reads: list[tuple[int, int, 
         sg.append(segs)
     if rq:
         try:
-            free = sess.submit(rq, sg, wait)
+            if here:
+                t = sess.serve_one(rq, sg[0])
+                if t is not None and t in tokens:
+                    be.end_reads([tokens.pop(t)])
+            else:
+                free = sess.submit(rq, sg, wait)
         except BaseException:
             be.end_reads([tokens.pop(t) for t in mine if t in tokens])
             raise
