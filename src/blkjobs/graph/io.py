@@ -41,6 +41,7 @@ are plain reads of one attribute.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable     # (threading and typing import collections anyway)
 from typing import Any
 
 from ..errors import JobError
@@ -51,10 +52,6 @@ from .inflight import Reads
 from . import readplan
 from .node import Graph, Node
 from .pbitmap import add_persistent, load_persistent, store_persistent
-
-TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
-if TYPE_CHECKING:
-    from collections.abc import Callable    # (collections: not at start-up)
 
 
 class NodeState:
