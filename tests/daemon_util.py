@@ -26,8 +26,10 @@ class Daemon:
 
     def __init__(self, argv: list[str], sock: str, ready_line: bool, ready_file: str = ""):
         self.sock = sock
+        # (PYTHONFAULTHANDLER: a daemon of ours that hangs says where, at stop)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+        self.argv = argv
         deadline = time.monotonic() + TIMEOUT
         if ready_line:
             line = self.proc.stdout.readline()
@@ -58,9 +60,15 @@ class Daemon:
         try:
             rc = self.proc.wait(TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise AssertionError("daemon did not stop on SIGTERM") from None
+            # where it hangs: ours dumps its threads' stacks on SIGABRT
+            self.proc.send_signal(signal.SIGABRT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            raise AssertionError(f"daemon {self.argv[0]} did not stop on SIGTERM; its stderr:\n"
+                                 f"{self.proc.stderr.read()[-20000:]}") from None
         self.stderr = self.proc.stderr.read()
         self.proc.stdout.close()
         self.proc.stderr.close()
