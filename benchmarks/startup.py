@@ -287,8 +287,9 @@ def main() -> None:
                     print(f"== {n}, {c}")
                     print("\n".join(imports(pre + [x.format(d=d) for x in COMMANDS[n]], env, d)))
             return
-        if a.importtime:
-            print(f"python -X importtime, {a.importtime} runs: modules, sum of least self ms")
+        def ours_table(title, cell):
+            """A table of ``cell(argv, env)`` per command and our contender."""
+            print(title)
             hdr = ["command"] + [c for c in cons if c != "qemu-img"]
             print("| " + " | ".join(hdr) + " |")
             print("|" + "---|" * len(hdr))
@@ -296,23 +297,22 @@ def main() -> None:
                 row = [n]
                 for c in hdr[1:]:
                     pre, env = cons[c]
-                    mods, ms = importtime(pre + [x.format(d=d) for x in COMMANDS[n]], env,
-                                          a.importtime)
-                    row.append(f"{mods}, {ms:.1f}")
+                    row.append(cell(pre + [x.format(d=d) for x in COMMANDS[n]], env))
                 print("| " + " | ".join(row) + " |")
+
+        if a.importtime:
+            def it_cell(argv, env):
+                mods, ms = importtime(argv, env, a.importtime)
+                return f"{mods}, {ms:.1f}"
+            ours_table(f"python -X importtime, {a.importtime} runs: modules, sum of least self ms",
+                       it_cell)
             return
         if a.first_thread:
-            print("instructions before the first thread / in all, millions (callgrind)")
-            hdr = ["command"] + [c for c in cons if c != "qemu-img"]
-            print("| " + " | ".join(hdr) + " |")
-            print("|" + "---|" * len(hdr))
-            for n in names:
-                row = [n]
-                for c in hdr[1:]:
-                    pre, env = cons[c]
-                    b, t = first_thread(pre + [x.format(d=d) for x in COMMANDS[n]], env)
-                    row.append(f"{b:.1f} / {t:.1f}")
-                print("| " + " | ".join(row) + " |")
+            def ft_cell(argv, env):
+                b, t = first_thread(argv, env)
+                return f"{b:.1f} / {t:.1f}"
+            ours_table("instructions before the first thread / in all, millions (callgrind)",
+                       ft_cell)
             return
         if a.instructions:
             print("instructions of one run, millions (valgrind --tool=callgrind)")

@@ -134,14 +134,22 @@ def _grant_and_write(eng, node, res: dict) -> threading.Thread:
     return t
 
 
-def test_a_write_grant_fails_while_a_client_holds_zero_copy_replies(tmp_path, serve,
-                                                                      monkeypatch):
-    monkeypatch.setattr(fastpath, "ZC_WAIT", 1.0)
-    path, eng, node, srv, exp = serve(_image(tmp_path), "qcow2")
+def _holding(tmp_path, serve, read_only: bool = False) -> tuple:
+    """A read-only export of a qcow2 node whose client sent N READs and
+    reads none of the replies, all queued in its socket: (client socket,
+    engine, node, server, export)."""
+    path, eng, node, srv, exp = serve(_image(tmp_path), "qcow2", read_only=read_only)
     s = handshake(path)
     go(s, b"d")
     _send_reads(s)
     _wait_queued(s, N * (16 + LEN))
+    return s, eng, node, srv, exp
+
+
+def test_a_write_grant_fails_while_a_client_holds_zero_copy_replies(tmp_path, serve,
+                                                                      monkeypatch):
+    monkeypatch.setattr(fastpath, "ZC_WAIT", 1.0)
+    s, eng, node, srv, exp = _holding(tmp_path, serve)
     res: dict = {}
     t = _grant_and_write(eng, node, res)
     t.join(WAIT)
@@ -164,11 +172,7 @@ def test_a_write_grant_fails_while_a_client_holds_zero_copy_replies(tmp_path, se
 
 
 def test_a_write_grant_waits_until_the_client_read_its_replies(tmp_path, serve):
-    path, eng, node, srv, exp = serve(_image(tmp_path), "qcow2")
-    s = handshake(path)
-    go(s, b"d")
-    _send_reads(s)
-    _wait_queued(s, N * (16 + LEN))
+    s, eng, node, srv, exp = _holding(tmp_path, serve)
     res: dict = {}
     t = _grant_and_write(eng, node, res)
     got = _replies(s)
@@ -263,11 +267,7 @@ def test_a_reopen_and_a_permission_update_stop_zero_copy_too(tmp_path, serve, mo
     (a new file description) -- both fail while the client holds replies,
     and go through once it has read them."""
     monkeypatch.setattr(fastpath, "ZC_WAIT", 0.5)
-    path, eng, node, srv, exp = serve(_image(tmp_path), "qcow2", read_only=True)
-    s = handshake(path)
-    go(s, b"d")
-    _send_reads(s)
-    _wait_queued(s, N * (16 + LEN))
+    s, eng, node, srv, exp = _holding(tmp_path, serve, read_only=True)
     p = node.take("a test", Perm.CONSISTENT_READ)
     with pytest.raises(PermissionConflict) as e:
         p.update(perm=Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
