@@ -178,3 +178,15 @@ def in_process_export(img: str, made: list, bitmaps: tuple[str, ...] = (), **kw)
     made.append((srv, eng))
     srv.add_export(Export("d", NodeBackend(eng.io, fe, {}), bitmaps=bitmaps))
     return srv
+
+
+async def end_fleecing(s) -> None:
+    """Take down the fleecing scenario of tests/test_nbd_jobs.py and
+    tests/test_nbd_zerocopy.py on QMP session ``s``: the exports "fleece"
+    and "vm", the backup job "fl", the NBD server."""
+    for eid in ("fleece", "vm"):
+        await s.x("block-export-del", id=eid)
+        await s.until("BLOCK_EXPORT_DELETED", id=eid)
+    await s.x("job-cancel", id="fl")
+    await s.until("JOB_STATUS_CHANGE", id="fl", status="null")
+    await s.x("nbd-server-stop")

@@ -10,7 +10,7 @@ import asyncio
 import subprocess
 
 from daemon_util import qcow2_node, qemu_img, qemu_io, side_by_side
-from nbd_peers import nbd_map, qemu_io_nbd, run, tool, uri
+from nbd_peers import end_fleecing, nbd_map, qemu_io_nbd, run, tool, uri
 
 #: what the "guest" writes through the source's export after the backup
 #: started (a pattern per 64 KiB granule, all over the disk)
@@ -68,12 +68,7 @@ async def fleecing_scenario(s, d) -> dict:
                             str(d / "converted.raw"))
     res["converted"] = (d / "converted.raw").read_bytes()
     res["source"] = await asyncio.to_thread(_copy, vm, d / "now.raw")
-    for eid in ("fleece", "vm"):
-        await s.x("block-export-del", id=eid)
-        await s.until("BLOCK_EXPORT_DELETED", id=eid)
-    await s.x("job-cancel", id="fl")
-    await s.until("JOB_STATUS_CHANGE", id="fl", status="null")
-    await s.x("nbd-server-stop")
+    await end_fleecing(s)
     return res
 
 

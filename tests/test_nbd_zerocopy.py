@@ -34,7 +34,7 @@ from blkjobs.graph.perm import Perm, PermissionConflict
 from blkjobs.nbd import fastpath
 from blkjobs.nbd.server import Export, NBDServer
 from daemon_util import qcow2_node, qemu_img, qemu_io, run_daemon, start_blkjobs
-from nbd_peers import go, handshake, qemu_io_nbd, recv, run, uri
+from nbd_peers import end_fleecing, go, handshake, qemu_io_nbd, recv, run, uri
 
 WAIT = 30
 REQ = 0x25609513
@@ -210,12 +210,7 @@ async def _fleecing(s, d) -> dict:
     c.close()
     now = await asyncio.to_thread(qemu_io_nbd, uri(sock, "src"), f"read -P 0xee 0 {N * LEN}",
                                   read_only=True)
-    for eid in ("fleece", "vm"):
-        await s.x("block-export-del", id=eid)
-        await s.until("BLOCK_EXPORT_DELETED", id=eid)
-    await s.x("job-cancel", id="fl")
-    await s.until("JOB_STATUS_CHANGE", id="fl", status="null")
-    await s.x("nbd-server-stop")
+    await end_fleecing(s)
     return {"got": got, "now": now}
 
 
