@@ -374,6 +374,8 @@ def main() -> int:
         if not shutil.which(t):
             raise SystemExit(f"nbd_export.py: {t} is not installed")
     size = parse_size(a.size)
+    if a.dir is not None and not os.path.isdir(a.dir):
+        raise SystemExit(f"nbd_export.py: --dir {a.dir}: no such directory")
     d = tempfile.mkdtemp(prefix="nbd-export-bench.", dir=a.dir)
     report: list[dict] = []
     hogs = None
