@@ -72,6 +72,19 @@ static void readn(int fd, void *buf, size_t n)
     }
 }
 
+/* A structured error chunk from fd: its 20-byte header into h (checked:
+ * type ERROR), its payload read; returns the chunk's error number. */
+static uint32_t error_chunk(int fd, unsigned char *h)
+{
+    unsigned char payload[256];
+    readn(fd, h, 20);
+    CHECK_EQ(h[6], 0x80);
+    uint32_t n = get32(h + 16);
+    CHECK(n >= 6 && n < sizeof(payload));
+    readn(fd, payload, n);
+    return get32(payload);
+}
+
 static void take_tokens(struct bj_nbds *s, int want)
 {
     uint64_t done[64];
@@ -236,15 +249,10 @@ static void test_structured(int dfd)
     uint64_t q3[6] = {11, 0, 64, 0, 3, 1};
     uint64_t g3[4] = {BJ_NBDS_DATA, (uint64_t)dfd, FSIZE, 64};
     CHECK(bj_nbds_submit(s, q3, 1, g3, 1) > 0);
-    readn(sv[1], h, 20);
+    CHECK_EQ(error_chunk(sv[1], h), EIO);
     CHECK_EQ(h[5], 1);
     CHECK_EQ(get32(h) , 0x668e33efu);
-    CHECK_EQ(h[6], 0x80);
     CHECK_EQ(h[7], 1);
-    uint32_t n = get32(h + 16);
-    CHECK(n >= 6 && n < sizeof(data));
-    readn(sv[1], data, n);
-    CHECK_EQ(get32(data), EIO);
     take_tokens(s, 1);
     bj_nbds_stop_done(s);
     bj_nbds_free(s);
@@ -1101,12 +1109,7 @@ static void test_zero_copy(int dfd)
     uint64_t q3[6] = {11, 0, 64, BJ_NBDS_STABLE, 3, 1};
     uint64_t g3[4] = {BJ_NBDS_DATA, (uint64_t)dfd, FSIZE, 64};
     CHECK(bj_nbds_submit(s, q3, 1, g3, 1) > 0);
-    readn(sv[1], h, 20);
-    CHECK_EQ(h[6], 0x80);
-    uint32_t n = get32(h + 16);
-    CHECK(n >= 6 && n < sizeof(data));
-    readn(sv[1], data, n);
-    CHECK_EQ(get32(data), EIO);
+    CHECK_EQ(error_chunk(sv[1], h), EIO);
     take_tokens(s, 1);
     /* not flagged stable */
     uint64_t q4[6] = {12, 0, 4096, 0, 4, 1};
