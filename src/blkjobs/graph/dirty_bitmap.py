@@ -4,14 +4,11 @@ layer (:mod:`.io`) keeps them by node and marks them on guest writes.
 Moved out of ``io.py`` (still importable from there)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 
 from ..errors import JobError
 from ..native.bitmap import Bitmap
 from .node import Node
-
-TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
-if TYPE_CHECKING:
-    from collections.abc import Iterator    # (collections: not at start-up)
 
 
 class DirtyBitmap:

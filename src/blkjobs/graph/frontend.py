@@ -32,17 +32,13 @@ layer (:mod:`.io` imports it): a front end holds it as :class:`FrontendIO`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import UsageError
 from ..native.extents import is_zero
 from .node import Node
 from .perm import ALL, Perm
-
-TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
-if TYPE_CHECKING:
-    from collections.abc import Callable    # (collections: not at start-up)
-    from typing import TypeAlias
 
 
 class WriteRequest:
@@ -62,7 +58,7 @@ class WriteRequest:
 
 
 #: the way on: hands the request to the node below the filter
-Next: TypeAlias = "Callable[[WriteRequest], None]"
+Next = Callable[[WriteRequest], None]
 
 
 class Filter:

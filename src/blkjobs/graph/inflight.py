@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-
-TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
-if TYPE_CHECKING:
-    from collections.abc import Callable    # (collections: not at start-up)
+from collections.abc import Callable
 
 
 class InFlight:
