@@ -76,6 +76,9 @@ class ChainConvert:
         #: guest clusters reused in place and left unpunched (-n --target-is-zero)
         self.in_place: set[int] = set()
         self.old_zero: set[int] = set()    # and those that were zero clusters
+        #: a data piece zero_clusters could not read (its clusters may read
+        #: as zeroes: sparsify looks for them after the copy)
+        self.unscanned = False
         self._pool: Any = None     # -c: the compressing threads (zlib: one, calling C)
         self._deflater: Any = None  # -c, zlib: the C compressors (_compress)
         self._cbuf: memoryview | None = None   # -c: their input buffers

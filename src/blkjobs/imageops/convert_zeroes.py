@@ -83,6 +83,16 @@ def sparsify(cv: Any) -> None:
     # freed and discarded); a fresh target: it wrote nothing (unallocated);
     # -n --target-is-zero: nothing either, the clusters stay as they were
     noc, tiz = cv.o.no_create, cv.o.target_is_zero
+    if prescan(cv) and not cv.unscanned:
+        # zero_clusters read every cluster of data before it was allocated
+        # and left none that reads as zeroes: the holes the copy left are
+        # zero blocks inside data clusters, never a whole cluster, so the
+        # walk below would find nothing -- and its SEEK_HOLE over the
+        # fresh clusters (unwritten extents full of dirty pages, looked up
+        # page by page) was 3-7 ms of one thread after the copy, 1 GiB
+        # VM-shaped raw or chain -> qcow2 (benchmarks/README.md, stop 23)
+        cv.allocated = []
+        return
     for m in cv.allocated:
         for e in extents(t.data_fd, m.host_offset, m.length):
             if e.data:
@@ -156,7 +166,10 @@ def zero_clusters(cv: Any, pieces: list) -> list:
         if kind == ZERO and not back:
             add(s, e)
             continue
-        if kind != DATA or back or fd < 0 or dio.is_direct(fd):
+        if kind != DATA or back:
+            continue
+        if fd < 0 or dio.is_direct(fd):
+            cv.unscanned = True         # left to sparsify
             continue
         a, b = -(-s // cs) * cs, e // cs * cs
         # blocks: the head up to a cluster boundary, whole clusters, the tail
@@ -171,6 +184,7 @@ def zero_clusters(cv: Any, pieces: list) -> list:
                     if z:
                         add(g + i * blk, min(g + n, g + (i + 1) * blk))
         except (BlkjobsError, OSError):
+            cv.unscanned = True         # left to sparsify
             continue
     clusters = []                       # whole target clusters in them
     for a, b in zero:
