@@ -80,7 +80,7 @@ def test_a_piece_not_read_is_sparsified_after_the_copy(tmp_path, monkeypatch, fl
 
 def _allocated(path):
     out: list[list] = []
-    for start, length, data, off in _mapping(path):
+    for start, length, _data, off in _mapping(path):
         if out and out[-1][2] == (off is not None) and out[-1][0] + out[-1][1] == start:
             out[-1][1] += length
         else:

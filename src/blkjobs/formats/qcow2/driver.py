@@ -181,7 +181,8 @@ class Qcow2(Reads, Writes, Allocation, Zeroes):
     def _open(self) -> None:
         st = os.fstat(self.fd)
         self.file_size = st.st_size
-        buf = dio.pread(self.fd, 2 << 20, 0)
+        from .header import read_cluster0
+        buf = read_cluster0(self.fd)
         h = self.header = parse_header(buf, self.file_size, self.filename)
         if stale_bitmaps(h):
             _inconsistent_bitmaps(self.filename, h.version)

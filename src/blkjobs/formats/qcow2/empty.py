@@ -61,7 +61,8 @@ def make_empty(path: str, debug: Hook | None = None) -> bool:
     fd = os.open(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
-        h = parse_header(dio.pread(fd, 2 << 20, 0), size, path)
+        from .header import read_cluster0
+        h = parse_header(read_cluster0(fd), size, path)
         if (h.nb_snapshots or h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
                 or h.ext(EXT_BITMAPS) is not None):
             return False
