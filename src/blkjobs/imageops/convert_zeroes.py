@@ -155,6 +155,7 @@ def zero_clusters(cv: Any, pieces: list) -> list:
     from ..native.extents import zero_blocks_at
     cs, size = cv.tg.t.cluster_size, cv.size
     zero: list[list[int]] = []          # guest ranges that read as zeroes
+    direct: dict[int, bool] = {}        # per source file, not per piece (an fcntl)
 
     def add(a, b):
         if zero and zero[-1][1] == a:
@@ -168,7 +169,9 @@ def zero_clusters(cv: Any, pieces: list) -> list:
             continue
         if kind != DATA or back:
             continue
-        if fd < 0 or dio.is_direct(fd):
+        if fd >= 0 and fd not in direct:
+            direct[fd] = dio.is_direct(fd)
+        if fd < 0 or direct[fd]:
             cv.unscanned = True         # left to sparsify
             continue
         a, b = -(-s // cs) * cs, e // cs * cs
