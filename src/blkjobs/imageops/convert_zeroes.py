@@ -183,9 +183,17 @@ def zero_clusters(cv: Any, pieces: list) -> list:
             for g, n, blk in parts:
                 if n <= 0:
                     continue
-                for i, z in enumerate(zero_blocks_at(fd, host + g - s, n, blk)):
-                    if z:
-                        add(g + i * blk, min(g + n, g + (i + 1) * blk))
+                # runs of zero blocks, found by bytes.find: most blocks of
+                # data are not zero, and a Python step per block was ~1.5 ms
+                # of the scan's 12 per 1 GiB VM-shaped image
+                flags = zero_blocks_at(fd, host + g - s, n, blk)
+                i = flags.find(1)
+                while i >= 0:
+                    k = flags.find(0, i)
+                    if k < 0:
+                        k = len(flags)
+                    add(g + i * blk, min(g + n, g + k * blk))
+                    i = flags.find(1, k)
         except (BlkjobsError, OSError):
             cv.unscanned = True         # left to sparsify
             continue
