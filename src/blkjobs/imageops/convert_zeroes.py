@@ -152,53 +152,9 @@ def zero_clusters(cv: Any, pieces: list) -> list:
     reports it as it does. Only where :func:`prescan` says so."""
     if not prescan(cv):
         return pieces
-    from ..native.extents import zero_blocks_at
     cs, size = cv.tg.t.cluster_size, cv.size
-    zero: list[list[int]] = []          # guest ranges that read as zeroes
-    direct: dict[int, bool] = {}        # per source file, not per piece (an fcntl)
-
-    def add(a, b):
-        if zero and zero[-1][1] == a:
-            zero[-1][1] = b
-        else:
-            zero.append([a, b])
-    for s, ln, kind, fd, host, back in pieces:
-        e = s + ln
-        if kind == ZERO and not back:
-            add(s, e)
-            continue
-        if kind != DATA or back:
-            continue
-        if fd >= 0 and fd not in direct:
-            direct[fd] = dio.is_direct(fd)
-        if fd < 0 or direct[fd]:
-            cv.unscanned = True         # left to sparsify
-            continue
-        a, b = -(-s // cs) * cs, e // cs * cs
-        # blocks: the head up to a cluster boundary, whole clusters, the tail
-        # (a piece inside one cluster: itself)
-        parts = [(s, ln, ln)] if a > b else \
-            [(s, a - s, a - s), (a, b - a, cs), (b, e - b, e - b)]
-        try:
-            for g, n, blk in parts:
-                if n <= 0:
-                    continue
-                # runs of zero blocks, found by bytes.find: most blocks of
-                # data are not zero, and a Python step per block was ~1.5 ms
-                # of the scan's 12 per 1 GiB VM-shaped image
-                flags = zero_blocks_at(fd, host + g - s, n, blk)
-                i = flags.find(1)
-                while i >= 0:
-                    k = flags.find(0, i)
-                    if k < 0:
-                        k = len(flags)
-                    add(g + i * blk, min(g + n, g + k * blk))
-                    i = flags.find(1, k)
-        except (BlkjobsError, OSError):
-            cv.unscanned = True         # left to sparsify
-            continue
     clusters = []                       # whole target clusters in them
-    for a, b in zero:
+    for a, b in _zero_ranges(cv, pieces, cs):
         a = -(-a // cs) * cs
         b = b if b >= size else b // cs * cs
         if b > a:
@@ -225,3 +181,54 @@ def zero_clusters(cv: Any, pieces: list) -> list:
         if cur < e:
             out.append([cur, e - cur, DATA, fd, host + cur - s, back])
     return out
+
+
+def _zero_ranges(cv: Any, pieces: list, cs: int) -> list[list[int]]:
+    """The guest ranges of ``pieces`` that read as zeroes: ZERO pieces and
+    the blocks of DATA pieces found zero (the head up to a cluster boundary,
+    whole clusters, the tail). A piece that cannot be read here (O_DIRECT,
+    no file, a read error) sets ``cv.unscanned``: :func:`sparsify` then
+    looks for what it leaves."""
+    from ..native.extents import zero_blocks_at
+    zero: list[list[int]] = []
+    direct: dict[int, bool] = {}        # per source file, not per piece (an fcntl)
+
+    def add(a, b):
+        if zero and zero[-1][1] == a:
+            zero[-1][1] = b
+        else:
+            zero.append([a, b])
+    for s, ln, kind, fd, host, back in pieces:
+        e = s + ln
+        if kind == ZERO and not back:
+            add(s, e)
+            continue
+        if kind != DATA or back:
+            continue
+        if fd >= 0 and fd not in direct:
+            direct[fd] = dio.is_direct(fd)
+        if fd < 0 or direct[fd]:
+            cv.unscanned = True         # left to sparsify
+            continue
+        a, b = -(-s // cs) * cs, e // cs * cs
+        # (a piece inside one cluster: itself)
+        parts = [(s, ln, ln)] if a > b else \
+            [(s, a - s, a - s), (a, b - a, cs), (b, e - b, e - b)]
+        try:
+            for g, n, blk in parts:
+                if n <= 0:
+                    continue
+                # runs of zero blocks, found by bytes.find: most blocks of
+                # data are not zero, and a Python step per block was ~1.5 ms
+                # of the scan's 12 per 1 GiB VM-shaped image
+                flags = zero_blocks_at(fd, host + g - s, n, blk)
+                i = flags.find(1)
+                while i >= 0:
+                    k = flags.find(0, i)
+                    if k < 0:
+                        k = len(flags)
+                    add(g + i * blk, min(g + n, g + k * blk))
+                    i = flags.find(1, k)
+        except (BlkjobsError, OSError):
+            cv.unscanned = True         # left to sparsify
+    return zero
