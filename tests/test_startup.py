@@ -527,3 +527,34 @@ def test_raw_convert_imports_neither_signal_nor_progress_meter(tmp_path):
         assert (p.returncode, lines[-1]) == (0, want), (pending, opts, fmt)
         assert lines[:-1] == (["    (0.00/100%)"] if pending else []), (pending, opts)
         assert qemu_img("compare", "-f", "raw", "-F", fmt, src, dst).returncode == 0
+
+
+def test_raw_convert_imports_no_driver_contract(tmp_path):
+    """A raw -> raw convert uses no driver: it imports neither the driver
+    contract (formats.base: a module and seven classes) nor a driver; the
+    formats package gives base's names when asked (the same objects), and
+    the files are opened with the same checks (a directory or a FIFO as
+    source: one line, status 1; the FIFO not read). The copy is the
+    source's bytes; a raw -> qcow2 convert imports the contract as
+    before."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    base = ("blkjobs.formats.base", "blkjobs.formats.raw")
+    _probe(base, ["convert", "-O", "raw", src, tmp_path / "o.raw"], "[]", "")
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+    _probe(base, ["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], str(list(base)), "")
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src,
+                    tmp_path / "o.qcow2").returncode == 0
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    for name, why in (("fifo", "not a regular file or block device"), ("dir", "Is a directory")):
+        p = run_heavy_probe(base, ["convert", "-O", "raw", tmp_path / name, tmp_path / "x.raw"])
+        assert (p.returncode, p.stdout) == (1, "")
+        assert p.stderr == f"blkjobs: Could not open '{tmp_path / name}': {why}\n[]\n"
+    import blkjobs.formats as formats
+    from blkjobs import errors
+    from blkjobs.formats import base as contract
+    assert (formats.Driver, formats.Kind, formats.Mapping) == \
+        (contract.Driver, contract.Kind, contract.Mapping)
+    assert formats.NotAnImageFile is contract.NotAnImageFile is errors.NotAnImageFile
+    assert formats.open_file is contract.open_file

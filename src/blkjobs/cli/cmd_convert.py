@@ -268,8 +268,7 @@ def _no_create(args) -> None:
     from ..imageops.rebase import QEMU_NO_CREATE
     if args.dst_fmt not in QEMU_NO_CREATE:
         return
-    from ..formats.sniff import is_nbd_uri
-    from ..formats.sniff import is_spec
+    from ..formats import is_nbd_uri, is_spec
     from ..imageops.files import open_source
     for src in args.srcs:
         if not is_spec(src) and not is_nbd_uri(src):

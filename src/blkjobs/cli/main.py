@@ -353,7 +353,7 @@ def _main(argv: list[str]) -> int:
     _setup_logging(args.verbose, args.log_level)
     try:
         if hasattr(args, "_image_operands"):      # --image-opts, --object
-            from ..formats.base import register_filter
+            from ..formats import register_filter
             register_filter("blkdebug", _blkdebug)
             if getattr(args, "object", None) or getattr(args, "image_opts", False):
                 # (else it has nothing to do: not imported, start-up time)
