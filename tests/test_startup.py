@@ -11,7 +11,7 @@ import sys
 
 import blkjobs
 from conftest import run_blkjobs
-from qemu_oracle import qemu_img
+from qemu_oracle import qemu_img, qemu_io
 from test_nbd_client import servers  # noqa: F401  (the NBD servers fixture)
 
 PROBE = """
@@ -558,3 +558,37 @@ def test_raw_convert_imports_no_driver_contract(tmp_path):
         (contract.Driver, contract.Kind, contract.Mapping)
     assert formats.NotAnImageFile is contract.NotAnImageFile is errors.NotAnImageFile
     assert formats.open_file is contract.open_file
+
+
+def test_compare_imports_no_progress_meter(tmp_path):
+    """compare without a progress output (-p, --progress-json,
+    --progress-fd; or with -q) imports no progress meter (nor units under
+    it); -p imports it. A SIGUSR1 pending as the compare starts is answered
+    as before: one line on stderr, the compare carries on. The verdicts and
+    statuses are qemu-img's."""
+    a, b, c = tmp_path / "a.qcow2", tmp_path / "b.qcow2", tmp_path / "c.qcow2"
+    qemu_img("create", "-f", "qcow2", a, "1M")
+    qemu_io(a, "write -P 1 0 64k")
+    qemu_img("convert", "-O", "qcow2", a, b)
+    qemu_img("convert", "-O", "qcow2", a, c)
+    qemu_io(c, "write -P 2 512k 4k")
+    meter = ("blkjobs.cli.copy_progress", "blkjobs.units")
+    for pending, opts, other, want_rc, want_out, want_mods in (
+            (False, [], b, 0, "Images are identical.\n", "[]"),
+            (False, ["-q"], b, 0, "", "[]"),
+            (False, [], c, 1, "Content mismatch at offset 524288!\n", "[]"),
+            (False, ["-p"], b, 0, None, str(list(meter))),
+            (True, [], b, 0, "Images are identical.\n", str(list(meter)))):
+        p = subprocess.run([sys.executable, "-c", USR1_PROBE, ",".join(meter),
+                            "pending" if pending else "-", "compare", *opts, a, other],
+                           capture_output=True, text=True, timeout=60)
+        lines = p.stderr.splitlines()
+        assert (p.returncode, lines[-1]) == (want_rc, want_mods), (pending, opts)
+        # (the first update: 64 KiB of 1 MiB compared, as before)
+        assert lines[:-1] == (["    (6.25/100%)"] if pending else []), (pending, opts, lines)
+        if want_out is not None:
+            assert p.stdout == want_out, (pending, opts)
+        else:
+            assert p.stdout.endswith("Images are identical.\n") and "(100.00/100%)" in p.stdout
+        q = qemu_img("compare", *opts, a, other, check=False)
+        assert q.returncode == want_rc and (want_out is None or q.stdout == want_out)
