@@ -592,3 +592,41 @@ def test_compare_imports_no_progress_meter(tmp_path):
             assert p.stdout.endswith("Images are identical.\n") and "(100.00/100%)" in p.stdout
         q = qemu_img("compare", *opts, a, other, check=False)
         assert q.returncode == want_rc and (want_out is None or q.stdout == want_out)
+
+
+ATEXIT_PROBE = """
+import os, sys
+register, sys.argv = sys.argv[1] == "register", ["blkjobs"] + sys.argv[2:]
+if register:        # a function registered before the command: it must run
+    import atexit
+    atexit.register(lambda: sys.stderr.write("[atexit ran]"))
+import blkjobs.cli.main as cli
+_exit = os._exit
+def noted(rc):
+    sys.stderr.write(f"[os._exit({rc}); atexit imported: {'atexit' in sys.modules}]")
+    sys.stderr.flush()
+    _exit(rc)
+os._exit = noted
+cli.run()
+"""
+
+
+def test_quick_exit_imports_no_atexit(tmp_path):
+    """The quick exit (cli.main.run) does not import atexit to ask whether a
+    function is registered: none can be without it. A plain convert, info,
+    check and compare end by os._exit and never import it; a function
+    registered before the command runs (the ordinary exit, no os._exit);
+    the copy is the source's bytes."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    q = tmp_path / "a.qcow2"
+    qemu_img("convert", "-O", "qcow2", src, q)
+    for rc, args in ((0, ["convert", "-O", "raw", src, tmp_path / "o.raw"]),
+                     (0, ["info", q]), (0, ["check", q]), (0, ["compare", q, q])):
+        for register in (False, True):
+            p = subprocess.run([sys.executable, "-c", ATEXIT_PROBE,
+                                "register" if register else "-", *map(str, args)],
+                               capture_output=True, text=True, timeout=60)
+            want = "[atexit ran]" if register else f"[os._exit({rc}); atexit imported: False]"
+            assert (p.returncode, p.stderr) == (rc, want), (args, register)
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0

@@ -283,10 +283,13 @@ def _quick_exit_ok() -> bool:
             return False
         if getattr(threading, "_threading_atexits", None):     # concurrent.futures'
             return False
-    import atexit
-    ncallbacks = getattr(atexit, "_ncallbacks", None)
-    if ncallbacks is None or ncallbacks():
-        return False
+    # a function is registered through the atexit module: never imported,
+    # none was (not imported here only to ask: ~0.1 M instructions)
+    atexit = sys.modules.get("atexit")
+    if atexit is not None:
+        ncallbacks = getattr(atexit, "_ncallbacks", None)
+        if ncallbacks is None or ncallbacks():
+            return False
     return "blkjobs.native.nbd" not in sys.modules
 
 
