@@ -630,3 +630,71 @@ def test_quick_exit_imports_no_atexit(tmp_path):
             want = "[atexit ran]" if register else f"[os._exit({rc}); atexit imported: False]"
             assert (p.returncode, p.stderr) == (rc, want), (args, register)
     assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+
+
+GC_PROBE = """
+import gc, sys
+made = []
+gc.callbacks.append(lambda phase, info: made.append(info["generation"]) if phase == "start" else None)
+sys.argv = ["blkjobs"] + sys.argv[1:]
+import blkjobs.cli.main as cli
+before, n = gc.get_threshold(), len(made)     # (the interpreter's start made some)
+rc = cli.main()
+sys.stdout.flush()
+print(f"collections {len(made) - n}; thresholds kept {gc.get_threshold() == before}; "
+      f"callbacks {len(gc.callbacks)}", file=sys.stderr)
+raise SystemExit(rc)
+"""
+
+
+def test_command_start_makes_no_collection(tmp_path):
+    """The command's own imports (a qcow2 image's driver modules) make no
+    garbage collection (main: 2-3 of the young objects, ~0.7 M
+    instructions each): the first threshold is raised until the first
+    collection, which puts the interpreter's back; main() leaves the
+    thresholds and callbacks as they were. Outputs as qemu-img's."""
+    src, top, a, b = _probe_images(tmp_path)
+    for args, out in ((["info", a], f"image: {a}\n"),
+                      (["map", "--output", "json", top], '[{ "start": 0,'),
+                      (["check", a], "No errors were found on the image.\n"),
+                      (["compare", a, b], "Images are identical.\n"),
+                      (["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], ""),
+                      (["convert", "-O", "raw", top, tmp_path / "c.raw"], "")):
+        p = subprocess.run([sys.executable, "-c", GC_PROBE, *map(str, args)],
+                           capture_output=True, text=True, timeout=60)
+        assert (p.returncode, p.stderr) == \
+            (0, "collections 0; thresholds kept True; callbacks 1\n"), args
+        assert p.stdout.startswith(out), (args, p.stdout)
+        if args[0] in ("info", "map", "check", "compare"):
+            q = qemu_img(*args)
+            assert p.stdout.split("\n")[0] == q.stdout.split("\n")[0], args
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("check", tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("compare", top, tmp_path / "c.raw").returncode == 0
+
+
+def test_deferred_collection_comes_and_restores_thresholds():
+    """After the start, the first collection comes (cycles made by a long
+    command are collected) and puts the interpreter's thresholds back."""
+    import gc
+
+    from blkjobs.cli import main as cli
+    before = gc.get_threshold()
+    cli._defer_collections()
+    try:
+        assert gc.get_threshold() == (cli._START_THRESHOLD, *before[1:])
+        gc.collect()        # (the young generation empty: the count starts at 0)
+        assert gc.get_threshold() == before
+        cli._defer_collections()
+        made = []
+        gc.callbacks.append(lambda phase, info: made.append(phase))
+        try:
+            for _ in range(cli._START_THRESHOLD + 1000):
+                cyc: list = []
+                cyc.append(cyc)         # garbage only a collection frees
+            assert "start" in made and gc.get_threshold() == before
+        finally:
+            gc.callbacks.pop()
+    finally:
+        cli._undefer_collections()
+    assert gc.get_threshold() == before
