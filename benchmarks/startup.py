@@ -28,9 +28,11 @@ its RCU thread, made before main(): not comparable, so not run.)
 callgrind with a hook on ``importlib._bootstrap._find_and_load`` that dumps
 the counters (``CALLGRIND_DUMP_STATS_AT``, from a small C helper built with
 gcc and valgrind's ``callgrind.h``, loaded with ctypes) as each import
-starts and ends; prints each module's inclusive and own millions (>= 0.3
-inclusive, as a tree) and the work between the top-level imports (the hook
-adds ~7 M of its own, mostly ctypes: compare rows, not totals).
+starts and ends; prints how many modules of ours and of others were
+imported and their own millions summed, each module's inclusive and own
+millions (>= 0.3 inclusive, as a tree) and the work between the top-level
+imports (the hook adds ~7 M of its own, mostly ctypes: compare rows, not
+totals).
 
 ``--importtime N``: instead, ``python -X importtime`` of each command N
 times per checkout: the modules imported and the sum over them of the
@@ -220,7 +222,12 @@ def imports(argv: list[str], env: dict[str, str], work: str) -> list[str]:
         elif what == "exit" and stack:
             stack.pop()
     total = sum(t for _, _, t in parts)
-    lines = [f"total {total / 1e6:.1f} M (hook included); inclusive, own:"]
+    ours = [r for r in rows if r[0].split(".")[0] == "blkjobs"]
+    others = [r for r in rows if r[0].split(".")[0] != "blkjobs"]
+    lines = [f"total {total / 1e6:.1f} M (hook included); {len(ours)} modules of ours, "
+             f"{sum(r[3] for r in ours) / 1e6:.1f} M own; {len(others)} others "
+             f"({', '.join(sorted(r[0] for r in others))}), {sum(r[3] for r in others) / 1e6:.1f} M "
+             "own; inclusive, own:"]
     lines += [f"{inc / 1e6:7.2f} {own / 1e6:6.2f}  {'  ' * d}{n}"
               for n, d, inc, own in rows if inc >= 300_000]
     return lines + between

@@ -11,7 +11,7 @@ import sys
 
 import blkjobs
 from conftest import run_blkjobs
-from qemu_oracle import qemu_img
+from qemu_oracle import qemu_img, qemu_io
 from test_nbd_client import servers  # noqa: F401  (the NBD servers fixture)
 
 PROBE = """
@@ -527,3 +527,174 @@ def test_raw_convert_imports_neither_signal_nor_progress_meter(tmp_path):
         assert (p.returncode, lines[-1]) == (0, want), (pending, opts, fmt)
         assert lines[:-1] == (["    (0.00/100%)"] if pending else []), (pending, opts)
         assert qemu_img("compare", "-f", "raw", "-F", fmt, src, dst).returncode == 0
+
+
+def test_raw_convert_imports_no_driver_contract(tmp_path):
+    """A raw -> raw convert uses no driver: it imports neither the driver
+    contract (formats.base: a module and seven classes) nor a driver; the
+    formats package gives base's names when asked (the same objects), and
+    the files are opened with the same checks (a directory or a FIFO as
+    source: one line, status 1; the FIFO not read). The copy is the
+    source's bytes; a raw -> qcow2 convert imports the contract as
+    before."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    base = ("blkjobs.formats.base", "blkjobs.formats.raw")
+    _probe(base, ["convert", "-O", "raw", src, tmp_path / "o.raw"], "[]", "")
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+    _probe(base, ["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], str(list(base)), "")
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src,
+                    tmp_path / "o.qcow2").returncode == 0
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    for name, why in (("fifo", "not a regular file or block device"), ("dir", "Is a directory")):
+        p = run_heavy_probe(base, ["convert", "-O", "raw", tmp_path / name, tmp_path / "x.raw"])
+        assert (p.returncode, p.stdout) == (1, "")
+        assert p.stderr == f"blkjobs: Could not open '{tmp_path / name}': {why}\n[]\n"
+    import blkjobs.formats as formats
+    from blkjobs import errors
+    from blkjobs.formats import base as contract
+    assert (formats.Driver, formats.Kind, formats.Mapping) == \
+        (contract.Driver, contract.Kind, contract.Mapping)
+    assert formats.NotAnImageFile is contract.NotAnImageFile is errors.NotAnImageFile
+    assert formats.open_file is contract.open_file
+
+
+def test_compare_imports_no_progress_meter(tmp_path):
+    """compare without a progress output (-p, --progress-json,
+    --progress-fd; or with -q) imports no progress meter (nor units under
+    it); -p imports it. A SIGUSR1 pending as the compare starts is answered
+    as before: one line on stderr, the compare carries on. The verdicts and
+    statuses are qemu-img's."""
+    a, b, c = tmp_path / "a.qcow2", tmp_path / "b.qcow2", tmp_path / "c.qcow2"
+    qemu_img("create", "-f", "qcow2", a, "1M")
+    qemu_io(a, "write -P 1 0 64k")
+    qemu_img("convert", "-O", "qcow2", a, b)
+    qemu_img("convert", "-O", "qcow2", a, c)
+    qemu_io(c, "write -P 2 512k 4k")
+    meter = ("blkjobs.cli.copy_progress", "blkjobs.units")
+    for pending, opts, other, want_rc, want_out, want_mods in (
+            (False, [], b, 0, "Images are identical.\n", "[]"),
+            (False, ["-q"], b, 0, "", "[]"),
+            (False, [], c, 1, "Content mismatch at offset 524288!\n", "[]"),
+            (False, ["-p"], b, 0, None, str(list(meter))),
+            (True, [], b, 0, "Images are identical.\n", str(list(meter)))):
+        p = subprocess.run([sys.executable, "-c", USR1_PROBE, ",".join(meter),
+                            "pending" if pending else "-", "compare", *opts, a, other],
+                           capture_output=True, text=True, timeout=60)
+        lines = p.stderr.splitlines()
+        assert (p.returncode, lines[-1]) == (want_rc, want_mods), (pending, opts)
+        # (the first update: 64 KiB of 1 MiB compared, as before)
+        assert lines[:-1] == (["    (6.25/100%)"] if pending else []), (pending, opts, lines)
+        if want_out is not None:
+            assert p.stdout == want_out, (pending, opts)
+        else:
+            assert p.stdout.endswith("Images are identical.\n") and "(100.00/100%)" in p.stdout
+        q = qemu_img("compare", *opts, a, other, check=False)
+        assert q.returncode == want_rc and (want_out is None or q.stdout == want_out)
+
+
+ATEXIT_PROBE = """
+import os, sys
+register, sys.argv = sys.argv[1] == "register", ["blkjobs"] + sys.argv[2:]
+if register:        # a function registered before the command: it must run
+    import atexit
+    atexit.register(lambda: sys.stderr.write("[atexit ran]"))
+import blkjobs.cli.main as cli
+_exit = os._exit
+def noted(rc):
+    sys.stderr.write(f"[os._exit({rc}); atexit imported: {'atexit' in sys.modules}]")
+    sys.stderr.flush()
+    _exit(rc)
+os._exit = noted
+cli.run()
+"""
+
+
+def test_quick_exit_imports_no_atexit(tmp_path):
+    """The quick exit (cli.main.run) does not import atexit to ask whether a
+    function is registered: none can be without it. A plain convert, info,
+    check and compare end by os._exit and never import it; a function
+    registered before the command runs (the ordinary exit, no os._exit);
+    the copy is the source's bytes."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\1" * 65536 + bytes(65536) + b"\2" * 4096)
+    q = tmp_path / "a.qcow2"
+    qemu_img("convert", "-O", "qcow2", src, q)
+    for rc, args in ((0, ["convert", "-O", "raw", src, tmp_path / "o.raw"]),
+                     (0, ["info", q]), (0, ["check", q]), (0, ["compare", q, q])):
+        for register in (False, True):
+            p = subprocess.run([sys.executable, "-c", ATEXIT_PROBE,
+                                "register" if register else "-", *map(str, args)],
+                               capture_output=True, text=True, timeout=60)
+            want = "[atexit ran]" if register else f"[os._exit({rc}); atexit imported: False]"
+            assert (p.returncode, p.stderr) == (rc, want), (args, register)
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", src, tmp_path / "o.raw").returncode == 0
+
+
+GC_PROBE = """
+import gc, sys
+made = []
+gc.callbacks.append(lambda phase, info: made.append(info["generation"]) if phase == "start" else None)
+sys.argv = ["blkjobs"] + sys.argv[1:]
+import blkjobs.cli.main as cli
+before, n = gc.get_threshold(), len(made)     # (the interpreter's start made some)
+rc = cli.main()
+sys.stdout.flush()
+print(f"collections {len(made) - n}; thresholds kept {gc.get_threshold() == before}; "
+      f"callbacks {len(gc.callbacks)}", file=sys.stderr)
+raise SystemExit(rc)
+"""
+
+
+def test_command_start_makes_no_collection(tmp_path):
+    """The command's own imports (a qcow2 image's driver modules) make no
+    garbage collection (main: 2-3 of the young objects, ~0.7 M
+    instructions each): the first threshold is raised until the first
+    collection, which puts the interpreter's back; main() leaves the
+    thresholds and callbacks as they were. Outputs as qemu-img's."""
+    src, top, a, b = _probe_images(tmp_path)
+    for args, out in ((["info", a], f"image: {a}\n"),
+                      (["map", "--output", "json", top], '[{ "start": 0,'),
+                      (["check", a], "No errors were found on the image.\n"),
+                      (["compare", a, b], "Images are identical.\n"),
+                      (["convert", "-O", "qcow2", src, tmp_path / "o.qcow2"], ""),
+                      (["convert", "-O", "raw", top, tmp_path / "c.raw"], "")):
+        p = subprocess.run([sys.executable, "-c", GC_PROBE, *map(str, args)],
+                           capture_output=True, text=True, timeout=60)
+        assert (p.returncode, p.stderr) == \
+            (0, "collections 0; thresholds kept True; callbacks 1\n"), args
+        assert p.stdout.startswith(out), (args, p.stdout)
+        if args[0] in ("info", "map", "check", "compare"):
+            q = qemu_img(*args)
+            assert p.stdout.split("\n")[0] == q.stdout.split("\n")[0], args
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("check", tmp_path / "o.qcow2").returncode == 0
+    assert qemu_img("compare", top, tmp_path / "c.raw").returncode == 0
+
+
+def test_deferred_collection_comes_and_restores_thresholds():
+    """After the start, the first collection comes (cycles made by a long
+    command are collected) and puts the interpreter's thresholds back."""
+    import gc
+
+    from blkjobs.cli import main as cli
+    before = gc.get_threshold()
+    cli._defer_collections()
+    try:
+        assert gc.get_threshold() == (cli._START_THRESHOLD, *before[1:])
+        gc.collect()        # (the young generation empty: the count starts at 0)
+        assert gc.get_threshold() == before
+        cli._defer_collections()
+        made = []
+        gc.callbacks.append(lambda phase, info: made.append(phase))
+        try:
+            for _ in range(cli._START_THRESHOLD + 1000):
+                cyc: list = []
+                cyc.append(cyc)         # garbage only a collection frees
+            assert "start" in made and gc.get_threshold() == before
+        finally:
+            gc.callbacks.pop()
+    finally:
+        cli._undefer_collections()
+    assert gc.get_threshold() == before

@@ -10,7 +10,7 @@ status of the ``blkjobs`` command when the error ends it (1 unless said)::
      ├── ImageError                           malformed, corrupt or unsupported image
      │    ├── CheckNotSupported               exit 63: the format has no checks (qemu-img's 63)
      │    ├── NotSupported                    formats.base: a driver lacks the capability asked for
-     │    ├── NotAnImageFile                  formats.base: not a file or device an image can be
+     │    ├── NotAnImageFile                  (raised by formats.cache.open_file) not a file or device an image can be
      │    ├── FormatOpenError                 formats.base: a format driver refuses to open (QEMU's reason)
      │    ├── CryptoOpenError                 formats.base (raised by formats.luks): an encrypted image without its key (QEMU's text)
      │    ├── NbdConnectError                 native.nbd: could not connect to an NBD server
@@ -101,6 +101,12 @@ class UsageError(BlkjobsError, ValueError):
 
 class ImageError(BlkjobsError):
     """An image is malformed, corrupt, or uses an unsupported feature."""
+
+
+class NotAnImageFile(ImageError):
+    """The path names something other than a regular file or a block device
+    (a FIFO, socket, character device, directory): never opened as an image,
+    since reading a FIFO or a tty can block forever."""
 
 
 class CheckNotSupported(ImageError):

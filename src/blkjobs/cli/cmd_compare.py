@@ -6,14 +6,14 @@ import sys
 
 from ..errors import BlkjobsError
 from ..imageops.compare import ReadFailed, compare_images
-from .copy_progress import Reporter, add_progress_options
-from . import progname
+from . import progname, progress_reporter
 
 
 def register(sub):
     # argparse's options only: a plain command line (cli.quickparse) does not
     # import them (start-up)
     from . import cache_mode, image_opts
+    from .copy_progress import add_progress_options
     p = sub.add_parser("compare", help="compare the contents of two images",
                        description="Exit status: 0 identical, 1 different, 2 error.")
     p.add_argument("-f", dest="fmt_a", metavar="FMT")
@@ -33,7 +33,7 @@ def register(sub):
 
 
 def run(args) -> int:
-    prog = Reporter(args, quiet=args.quiet)
+    prog = progress_reporter(args, lambda: _reporter(args))
     try:
         r = compare_images(args.a, args.b, args.fmt_a, args.fmt_b, strict=args.strict,
                            force_share=args.force_share, progress=prog.update)
@@ -55,6 +55,11 @@ def run(args) -> int:
     if not args.quiet:
         print(msg)
     return rc
+
+
+def _reporter(args):
+    from .copy_progress import Reporter
+    return Reporter(args, quiet=args.quiet)
 
 
 def _verdict(r, strict: bool) -> tuple[int, str]:

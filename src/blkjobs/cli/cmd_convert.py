@@ -11,13 +11,7 @@ from ..imageops.convert_entry import convert    # files, and NBD URIs (imports w
 from ..units import parse_size
 from ..formats import cache
 
-TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
-if TYPE_CHECKING:
-    import signal as _signal
-
-    from .copy_progress import Reporter
-else:
-    import _signal      # signal's calls without its enums (start-up)
+from . import progress_reporter
 
 
 def register(sub):
@@ -200,49 +194,11 @@ def run(args) -> int:
 
 
 def _reporter(args, opts: ConvertOptions):
-    """The convert's :class:`.copy_progress.Reporter`; without a progress
-    output (no -p, --progress-json, --progress-fd, or -q) a
-    :class:`_SignalOnly` stands for it."""
-    g = vars(args).get      # (as Reporter reads them: a namespace may lack one)
-    if g("progress_fd") is None and (args.quiet or not (g("progress") or g("progress_json"))):
-        return _SignalOnly(args)
-    from .copy_progress import Reporter
-    return Reporter(args, quiet=args.quiet, plan=lambda: _plan(args, opts))
-
-
-class _SignalOnly:
-    """What a Reporter without outputs does (a line on stderr for each
-    SIGUSR1, the copy carrying on, as qemu-img's), without importing
-    :mod:`.copy_progress` (start-up: a raw -> raw convert's copy starts
-    sooner) until a SIGUSR1 is pending: the Reporter is made then, and
-    takes it at once."""
-
-    def __init__(self, args):
-        self.args = args
-        self.rep: Reporter | None = None
-        self.done = self.total = 0
-
-    def _reporter(self) -> Reporter | None:
-        """The Reporter, made when a SIGUSR1 is first pending (else None)."""
-        if self.rep is None and _signal.SIGUSR1 in _signal.sigpending():
-            from .copy_progress import Reporter
-            self.rep = Reporter(self.args, quiet=self.args.quiet)
-            self.rep.done, self.rep.total = self.done, self.total
-        return self.rep
-
-    def update(self, done: int, total: int) -> None:
-        self.done, self.total = done, max(total, done)
-        rep = self._reporter()
-        if rep is not None:
-            rep.update(done, total)
-
-    def finish(self) -> None:
-        rep = self._reporter()
-        if rep is not None:
-            rep.finish()
-
-    def close(self) -> None:
-        """Nothing to undo (as Reporter.close)."""
+    """The convert's progress outputs (:func:`.progress_reporter`)."""
+    def make():
+        from .copy_progress import Reporter
+        return Reporter(args, quiet=args.quiet, plan=lambda: _plan(args, opts))
+    return progress_reporter(args, make)
 
 
 def _unknown_formats(args) -> None:
@@ -268,8 +224,7 @@ def _no_create(args) -> None:
     from ..imageops.rebase import QEMU_NO_CREATE
     if args.dst_fmt not in QEMU_NO_CREATE:
         return
-    from ..formats.sniff import is_nbd_uri
-    from ..formats.sniff import is_spec
+    from ..formats import is_nbd_uri, is_spec
     from ..imageops.files import open_source
     for src in args.srcs:
         if not is_spec(src) and not is_nbd_uri(src):

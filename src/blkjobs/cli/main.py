@@ -283,10 +283,13 @@ def _quick_exit_ok() -> bool:
             return False
         if getattr(threading, "_threading_atexits", None):     # concurrent.futures'
             return False
-    import atexit
-    ncallbacks = getattr(atexit, "_ncallbacks", None)
-    if ncallbacks is None or ncallbacks():
-        return False
+    # a function is registered through the atexit module: never imported,
+    # none was (not imported here only to ask: ~0.1 M instructions)
+    atexit = sys.modules.get("atexit")
+    if atexit is not None:
+        ncallbacks = getattr(atexit, "_ncallbacks", None)
+        if ncallbacks is None or ncallbacks():
+            return False
     return "blkjobs.native.nbd" not in sys.modules
 
 
@@ -303,6 +306,42 @@ def main(argv: list[str] | None = None) -> int:
         return _main_process()
     finally:
         gc.enable()     # (already, once the command ran; main() may be called in-process)
+        _undefer_collections()
+
+
+#: the collector's first threshold while the command starts: a command on a
+#: qcow2 image imports its driver's modules itself (after start-up), ~2 000
+#: new objects and no garbage, which at the interpreter's 700 made 2-3
+#: collections of them (~0.7 M instructions each). The first collection
+#: puts the interpreter's thresholds back: cycles made by a long command
+#: are collected as before, after at most this many more container objects.
+_START_THRESHOLD = 25_000
+#: (the interpreter's thresholds, the gc callback) while deferred
+_deferred: list = []
+
+
+def _defer_collections() -> None:
+    """The first collection after :data:`_START_THRESHOLD` allocations, then
+    the usual thresholds."""
+    old = gc.get_threshold()
+
+    def first(phase: str, info: dict) -> None:
+        gc.set_threshold(*old)      # (in the collection: it goes on as it was)
+
+    gc.set_threshold(_START_THRESHOLD, *old[1:])
+    gc.callbacks.append(first)
+    _deferred[:] = [old, first]
+
+
+def _undefer_collections() -> None:
+    """The thresholds and callbacks as before :func:`_defer_collections`
+    (main() returns: a process that goes on, e.g. tests, keeps its own)."""
+    if _deferred:
+        old, first = _deferred
+        _deferred.clear()
+        if first in gc.callbacks:
+            gc.callbacks.remove(first)
+        gc.set_threshold(*old)
 
 
 def _main_process() -> int:
@@ -353,7 +392,7 @@ def _main(argv: list[str]) -> int:
     _setup_logging(args.verbose, args.log_level)
     try:
         if hasattr(args, "_image_operands"):      # --image-opts, --object
-            from ..formats.base import register_filter
+            from ..formats import register_filter
             register_filter("blkdebug", _blkdebug)
             if getattr(args, "object", None) or getattr(args, "image_opts", False):
                 # (else it has nothing to do: not imported, start-up time)
@@ -363,6 +402,7 @@ def _main(argv: list[str]) -> int:
             _apply_cache_modes(args)
         if not gc.isenabled():      # main(): off for start-up (see there)
             gc.freeze()
+            _defer_collections()    # and the command's own imports
             gc.enable()
         rc = args.func(args)
         # a Ctrl-C or SIGTERM that a finalizer dropped, after the last check

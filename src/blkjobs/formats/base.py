@@ -10,12 +10,10 @@ loops: bulk moves go through ``blkjobs.native`` using the host extents that
 from __future__ import annotations
 
 import abc
-import errno
-import os
-import stat
 
 from ..native.record import Record
-from ..errors import ImageError
+from ..errors import ImageError, NotAnImageFile  # noqa: F401  (re-exported: its home was here)
+from .cache import open_cached, open_file  # noqa: F401  (the same)
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
@@ -23,31 +21,9 @@ if TYPE_CHECKING:
     from typing import Any, Self, TypeAlias
 
 
-#: filter driver name -> wrap(driver, the layer's options) -> driver: the
-#: filters a layer above provides (``blkdebug``, the job layer's), put over
-#: a driver by :mod:`blkjobs.graph.blockspec`
-_FILTERS: dict[str, Callable[[Driver, dict[str, Any]], Driver]] = {}
-
-
-def register_filter(driver: str, wrap: Callable[[Driver, dict[str, Any]], Driver]) -> None:
-    """How a filter layer (``blkdebug``) is put over the driver under it."""
-    _FILTERS[driver] = wrap
-
-
-def filter_wrap(driver: str) -> Callable[[Driver, dict[str, Any]], Driver] | None:
-    """The wrap a filter layer registered for ``driver`` (None: not a filter)."""
-    return _FILTERS.get(driver)
-
-
 class NotSupported(ImageError):
     """A driver was asked for something its format cannot do (see the
     capabilities of :class:`Driver`)."""
-
-
-class NotAnImageFile(ImageError):
-    """The path names something other than a regular file or a block device
-    (a FIFO, socket, character device, directory): never opened as an image,
-    since reading a FIFO or a tty can block forever."""
 
 
 class CryptoOpenError(ImageError):
@@ -65,47 +41,6 @@ class FormatOpenError(ImageError):
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"Could not open '{path}': {reason}")
         self.reason = reason
-
-
-def open_cached(path: str, flags: int, mode: int = 0o777) -> int:
-    """``os.open`` with the cache mode's flags (O_DIRECT, O_DSYNC:
-    :mod:`.cache`) for a read-only or a writable open; a file system that
-    refuses O_DIRECT gets QEMU's text (its qemu_open tells that EINVAL
-    apart by opening again without O_DIRECT)."""
-    from .cache import O_DIRECT, extra_flags
-    extra = extra_flags((flags & os.O_ACCMODE) != os.O_RDONLY)
-    try:
-        return os.open(path, flags | extra, mode)
-    except OSError as e:
-        if e.errno == errno.EINVAL and extra & O_DIRECT:
-            os.close(os.open(path, flags | (extra & ~O_DIRECT), mode))
-            action = "create" if flags & os.O_CREAT else "open"
-            raise ImageError(f"Could not {action} '{path}': filesystem does not support "
-                             "O_DIRECT") from None
-        raise
-
-
-def open_file(path: str, flags: int = os.O_RDONLY, devices: bool = True) -> int:
-    """Open ``path`` for an image driver and return the fd. It is opened
-    with O_NONBLOCK (opening a FIFO then cannot hang) and checked with
-    fstat on the fd (no race with a rename): a regular file, a block device
-    or (``devices``, as qemu-img takes ``/dev/null`` as an image) a
-    character device; anything else is refused with one line. Backing files
-    pass ``devices=False``: a name in a hostile image must not reach
-    ``/dev/tty`` or ``/dev/zero``. The fd is then made blocking. It takes
-    the cache mode's flags (O_DIRECT, O_DSYNC: :mod:`.cache`); a file
-    system that refuses O_DIRECT gets QEMU's text."""
-    fd = open_cached(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or (devices and stat.S_ISCHR(mode))):
-            what = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file or block device"
-            raise NotAnImageFile(f"Could not open '{path}': {what}")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 class Kind(int):

@@ -16,7 +16,10 @@ write; blkjobs opens the file with O_DSYNC, the same guarantee (each write
 is on disk when it returns) without the extra calls. On an O_DIRECT file the
 drivers and the copy engine align their requests (``native.dio``).
 
-The flags apply to the files :func:`.base.open_file` opens: the CLI sets
+The flags apply to the files :func:`open_file` and :func:`open_cached`
+open (here, not in :mod:`.base`, the driver contract, which re-exports
+them: a raw -> raw convert opens its files with them and imports no
+driver contract). The CLI sets
 them per side (:func:`set_cli_modes`: read-only opens take the source's
 mode, writable ones the target's), the daemon per node
 (:func:`opening`, a block of opens in one thread).
@@ -24,9 +27,11 @@ mode, writable ones the target's), the daemon per node
 from __future__ import annotations
 
 import _thread
+import errno
 import os
+import stat
 
-from ..errors import UsageError
+from ..errors import ImageError, NotAnImageFile, UsageError
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 O_DSYNC = getattr(os, "O_DSYNC", 0)
@@ -107,3 +112,43 @@ def reopening(driver) -> opening:
     """Opens in the block take the cache flags ``driver``'s file has now
     (a node reopened read-only or read-write keeps its cache mode)."""
     return opening(fd_extra(driver.fd if driver.host_file else -1))
+
+
+def open_cached(path: str, flags: int, mode: int = 0o777) -> int:
+    """``os.open`` with the cache mode's flags (O_DIRECT, O_DSYNC:
+    :func:`extra_flags`) for a read-only or a writable open; a file system that
+    refuses O_DIRECT gets QEMU's text (its qemu_open tells that EINVAL
+    apart by opening again without O_DIRECT)."""
+    extra = extra_flags((flags & os.O_ACCMODE) != os.O_RDONLY)
+    try:
+        return os.open(path, flags | extra, mode)
+    except OSError as e:
+        if e.errno == errno.EINVAL and extra & O_DIRECT:
+            os.close(os.open(path, flags | (extra & ~O_DIRECT), mode))
+            action = "create" if flags & os.O_CREAT else "open"
+            raise ImageError(f"Could not {action} '{path}': filesystem does not support "
+                             "O_DIRECT") from None
+        raise
+
+
+def open_file(path: str, flags: int = os.O_RDONLY, devices: bool = True) -> int:
+    """Open ``path`` for an image driver and return the fd. It is opened
+    with O_NONBLOCK (opening a FIFO then cannot hang) and checked with
+    fstat on the fd (no race with a rename): a regular file, a block device
+    or (``devices``, as qemu-img takes ``/dev/null`` as an image) a
+    character device; anything else is refused with one line. Backing files
+    pass ``devices=False``: a name in a hostile image must not reach
+    ``/dev/tty`` or ``/dev/zero``. The fd is then made blocking. It takes
+    the cache mode's flags (:func:`open_cached`); a file
+    system that refuses O_DIRECT gets QEMU's text."""
+    fd = open_cached(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or (devices and stat.S_ISCHR(mode))):
+            what = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file or block device"
+            raise NotAnImageFile(f"Could not open '{path}': {what}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -19,7 +19,7 @@ none given: probed) over a protocol (``file``, ``null-co``, ``nbd``), with
 driver: the format driver over the protocol's file, ``null-co`` as
 :class:`~blkjobs.formats.null.Null`, ``raw``'s ``offset``/``size`` as
 :class:`~blkjobs.formats.slice.Slice`, and blkdebug as the filter that the
-layer owning it registered (``formats.base.register_filter``; the graph layer has no
+layer owning it registered (``formats.register_filter``; the graph layer has no
 fault injection of its own). Bad names raise :class:`~blkjobs.errors.ImageError`
 with qemu-img's text (the caller prefixes ``Could not open 'NAME': ``).
 """
@@ -31,7 +31,7 @@ from .blockspec_net import (blkdebug_display, nbd_connect_failure, nbd_display, 
                             open_ssh, take_probed)
 from ..errors import ImageError
 from ..formats.base import Driver, FormatOpenError
-from ..formats.base import filter_wrap
+from ..formats import filter_wrap
 from ..formats.sniff import is_image_opts, is_spec
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)

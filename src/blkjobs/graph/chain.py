@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ImageError
-from ..formats import open_image, probe_format
-from ..formats.sniff import is_nbd_uri, is_spec
+from ..formats import is_nbd_uri, is_spec, open_image, probe_format
 from .node import Graph, Node
 from .perm import ALL, Perm
 
@@ -22,7 +21,8 @@ def _check_backing_file(path: str, of: str) -> None:
     """A backing file must exist and be a regular file or a block device
     (a FIFO named by a hostile image would block the open forever). Checked
     on an fd opened non-blocking; the drivers check their own fd again."""
-    from ..formats.base import NotAnImageFile, open_file
+    from ..errors import NotAnImageFile
+    from ..formats.cache import open_file
     try:
         os.close(open_file(path, devices=False))
     except OSError as e:

@@ -186,7 +186,7 @@ def compare_images(path_a: str, path_b: str, fmt_a: str | None = None,
     meanwhile, unless ``force_share``; two raw files are read sharing
     everything, as qemu-img reads them). ``progress(done, total)``: bytes of
     the common size compared so far."""
-    from ..formats.sniff import is_nbd_uri, is_spec
+    from ..formats import is_nbd_uri, is_spec
     from .images import open_ro, probe
     fa, fb = probe(path_a, fmt_a), probe(path_b, fmt_b)
     # two raw files: compared file to file; an NBD URI (raw over the NBD

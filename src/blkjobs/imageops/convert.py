@@ -64,7 +64,7 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None,
             check: Callable[[], None] | None = None) -> ConvertResult:
     """Convert ``src`` (any supported format, with its backing chain) into
     ``dst``. raw -> raw without -B/-c takes :func:`convert_raw`."""
-    from ..formats.sniff import is_spec
+    from ..formats import is_spec
     from .images import check_format, probe
     o = opts or ConvertOptions()
     check_format(o.dst_fmt, "target")

@@ -155,7 +155,7 @@ def encrypted(src: str, dst: str, o: ConvertOptions) -> bool:
 
 def injects_faults(name: str) -> bool:
     """``name`` is an image name with a ``blkdebug`` layer in it."""
-    from ..formats.sniff import is_spec
+    from ..formats import is_spec
     if not is_spec(name):
         return False
     from ..graph.blockspec import FILTER_DRIVERS, parse     # (a spec only: start-up)

@@ -13,7 +13,7 @@ The tests that pick a path are cheap (:func:`.convert_base.injects_faults`,
 """
 from __future__ import annotations
 
-from ..formats.sniff import is_nbd_uri
+from ..formats import is_nbd_uri
 from .convert_base import ConvertOptions, ConvertResult, check_options, encrypted, injects_faults
 
 TYPE_CHECKING = False     # typing.TYPE_CHECKING without importing typing (start-up)

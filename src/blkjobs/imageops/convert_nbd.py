@@ -23,7 +23,7 @@ import os
 import time
 
 from ..errors import BlkjobsError, CopyError, UsageError
-from ..formats.sniff import is_nbd_uri
+from ..formats import is_nbd_uri
 from ..graph.lock import ImageLock
 from ..native.extents import zero_blocks
 from ..native.ratelimit import TokenBucket

@@ -10,8 +10,7 @@ import os
 
 from ..errors import BlkjobsError, CopyError, OSErrorWithContext, UsageError
 from ..graph.lock import ImageLock, LockConflict
-from ..formats.base import open_cached
-from ..formats.cache import O_DIRECT, extra_flags
+from ..formats.cache import O_DIRECT, extra_flags, open_cached
 from ..native import dio
 from .files import fd_size, same_file
 

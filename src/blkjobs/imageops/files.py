@@ -7,7 +7,7 @@ import os
 import stat
 
 from ..errors import OSErrorWithContext, UsageError
-from ..formats.base import open_cached
+from ..formats.cache import open_cached
 
 
 def open_source(path: str) -> int:

@@ -11,14 +11,13 @@ import errno
 import os
 
 from ..errors import ImageError, OSErrorWithContext, UsageError
-from ..formats import FORMATS, Driver, open_image, probe_format
-from ..formats.sniff import is_nbd_uri
-from ..formats.sniff import is_spec      # (the reader of those names: only for them, start-up)
+from ..formats import FORMATS, is_nbd_uri, is_spec, open_image, probe_format
 from ..graph.lock import opening
 from .files import open_source
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from ..formats.base import Driver
     from ..graph import Graph, Node
 
 

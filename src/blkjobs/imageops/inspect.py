@@ -16,9 +16,8 @@ import os
 
 from ..errors import CheckNotSupported, UsageError
 from ..graph.lock import LockConflict, opening
-from ..formats.sniff import is_nbd_uri
+from ..formats import is_nbd_uri, is_spec
 from .files import fd_size, open_source
-from ..formats.sniff import is_spec
 from ..units import sector_size
 from .images import cli_graph, open_one, open_ro, probe
 
