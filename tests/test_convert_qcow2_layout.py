@@ -74,15 +74,22 @@ def test_raw_zeroes_written_as_data_get_no_clusters(tmp_path, cluster):
                       [] if cluster is None else ["-o", f"cluster_size={cluster}"])
 
 
-def test_chain_zero_data_clusters_get_no_clusters(tmp_path):
-    """A qcow2 chain whose layers store zeroes as data clusters (qemu-io
-    ``write -P 0``) over data: the target allocates what qemu-img does."""
+def _zero_data_chain(tmp_path):
+    """A 2-deep qcow2 chain (8 MiB) whose layers store zeroes as data
+    clusters (qemu-io ``write -P 0``) over data and holes: its top."""
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", base, "8M")
     qemu_io(base, "write -P 7 0 3M", "write -P 0 1M 512k", "write -P 0 5M 1M",
             "write -P 9 7M 64k")
     qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
     qemu_io(top, "write -P 0 0 192k", "write -P 3 2M 64k", "write -P 0 7M 64k")
+    return top
+
+
+def test_chain_zero_data_clusters_get_no_clusters(tmp_path):
+    """A qcow2 chain whose layers store zeroes as data clusters (qemu-io
+    ``write -P 0``) over data: the target allocates what qemu-img does."""
+    top = _zero_data_chain(tmp_path)
     ours, ref = tmp_path / "o.qcow2", tmp_path / "q.qcow2"
     convert(str(top), str(ours), ConvertOptions(dst_fmt="qcow2", flush=False))
     _same_as_qemu_img(top, ours, ref, "qcow2", [])

@@ -12,8 +12,8 @@ import pytest
 
 import blkjobs.native.extents as native_extents
 from blkjobs.imageops.convert import ConvertOptions, convert
-from qemu_oracle import check_clean, qemu_img, qemu_io
-from test_convert_qcow2_layout import _mapping, _raw, _same_as_qemu_img
+from qemu_oracle import check_clean, qemu_img
+from test_convert_qcow2_layout import _mapping, _raw, _same_as_qemu_img, _zero_data_chain
 
 MiB = 1 << 20
 
@@ -41,12 +41,7 @@ def test_raw_to_new_qcow2_skips_the_walk(tmp_path, monkeypatch):
 
 
 def test_chain_to_new_qcow2_skips_the_walk(tmp_path, monkeypatch):
-    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-    qemu_img("create", "-f", "qcow2", base, "8M")
-    qemu_io(base, "write -P 7 0 3M", "write -P 0 1M 512k", "write -P 0 5M 1M",
-            "write -P 9 7M 64k")
-    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
-    qemu_io(top, "write -P 0 0 192k", "write -P 3 2M 64k", "write -P 0 7M 64k")
+    top = _zero_data_chain(tmp_path)
     ours, ref = tmp_path / "o.qcow2", tmp_path / "q.qcow2"
     walks = _walks(monkeypatch)
     convert(str(top), str(ours), ConvertOptions(dst_fmt="qcow2", flush=False))
