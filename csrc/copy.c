@@ -124,6 +124,13 @@ struct worker {
      * costs an fcntl, and was asked twice per 256 KiB piece) */
     struct { int fd; uint32_t align; } fds[4];
     unsigned nfds;
+    /* late allocation: the runs of the request being copied */
+    struct run { uint64_t pos, len; int zero; } *runs;
+    size_t cap_runs;
+    /* its request queued unallocated, in claim order, not yet past the
+     * allocation (late_alloc_turn); under the lock */
+    uint64_t late_seq;
+    int late_pending;
 };
 
 struct bj_copy {
@@ -163,6 +170,15 @@ struct bj_copy {
     atomic_int no_mmap;       /* a source refused mmap: read into buffers */
     atomic_int no_prealloc;   /* the target refused fallocate: prealloc off */
     atomic_int no_unalloc;    /* it refused a punch: zero runs stay allocated */
+    /* prealloc: allocation after the scan (see late_alloc_runs). Set once the
+     * punches of zero runs found in allocated ranges reach 1/32 of the bytes
+     * allocated ahead (at least LATE_PUNCHES of them): from then on a copy
+     * item or mapped extent is queued unallocated (KIND_LATE) and the worker
+     * allocates a request's data runs once it has scanned it */
+    atomic_int late_alloc;
+    atomic_uint_fast64_t ahead_bytes;  /* allocated ahead of the scan */
+    atomic_uint_fast64_t punched_bytes, punches;
+    uint64_t late_next;       /* claim order of the unallocated requests */
     uint64_t keep_end;        /* prealloc: the target's data run at offset 0
                                  when the engine was made (a new raw file's
                                  first block, written by its creation): never
@@ -187,8 +203,14 @@ struct bj_copy {
 enum req_kind { REQ_COPY, REQ_ZERO, REQ_MAP };
 struct req {
     enum req_kind kind;
+    int late;                 /* its target range was not allocated ahead */
     struct bj_range r;
 };
+/* An item's kind with this bit: queued unallocated under prealloc (the
+ * worker allocates its data runs after the scan). Internal: bj_copy_add
+ * refuses kinds past BJ_RANGE_COPY_SPARSE. */
+#define KIND_LATE 0x100u
+#define LATE_PUNCHES 2
 
 static int stopping(struct bj_copy *c)
 {
@@ -268,6 +290,7 @@ static void cut(const struct bj_range *it, uint64_t *pos, uint64_t maxreq, uint6
     q->r.len = n;
     q->r.src_fd = it->src_fd;
     q->r.kind = q->kind == REQ_ZERO ? BJ_RANGE_ZERO : BJ_RANGE_COPY;
+    q->late = (it->kind & KIND_LATE) != 0;
     *pos += n;
 }
 
@@ -287,6 +310,8 @@ static int claim(struct bj_copy *c, struct req *q)
 {
     if (c->n_returned) {
         q->r = c->returned[--c->n_returned];
+        q->late = (q->r.kind & KIND_LATE) != 0;
+        q->r.kind &= ~KIND_LATE;
         q->kind = q->r.kind == BJ_RANGE_ZERO ? REQ_ZERO : REQ_COPY;
         return 1;
     }
@@ -303,6 +328,7 @@ static int claim(struct bj_copy *c, struct req *q)
          * mapped queue runs low); its bytes stay unclaimed until mapped */
         uint64_t rem = it->len - c->head_pos;
         q->kind = REQ_MAP;
+        q->late = 0;
         q->r.src_off = it->src_off + c->head_pos;
         q->r.dst_off = it->dst_off + c->head_pos;
         q->r.len = rem < WORK_RANGE ? rem : WORK_RANGE;
@@ -402,7 +428,10 @@ static void map_work_range(struct bj_copy *c, const struct bj_range *wr)
         uint64_t next = end;
         pthread_mutex_unlock(&c->lock);
         int rc = bj_extents(wr->src_fd, pos, end - pos, ext, EXT_BATCH, &n, &next);
-        if (rc == 0 && c->o.prealloc)
+        /* once late allocation is on, the batch's data is left to the
+         * workers' scans (KIND_LATE), else allocated here */
+        uint32_t late = c->o.prealloc && atomic_load(&c->late_alloc) ? KIND_LATE : 0;
+        if (rc == 0 && c->o.prealloc && !late)
             prealloc_extents(c, wr, pos, end, ext, n);
         pthread_mutex_lock(&c->lock);
         if (rc < 0) {
@@ -417,16 +446,17 @@ static void map_work_range(struct bj_copy *c, const struct bj_range *wr)
             if (e_end <= cur)
                 continue;
             if (e_off > cur) /* a gap in the answer: copy it */
-                rc = publish(c, wr, cur, e_off - cur, BJ_RANGE_COPY);
+                rc = publish(c, wr, cur, e_off - cur, BJ_RANGE_COPY | late);
             else
                 e_off = cur;
             if (rc == 0)
                 rc = publish(c, wr, e_off, e_end - e_off,
-                             (ext[i].flags & BJ_EXTENT_DATA) ? BJ_RANGE_COPY : BJ_RANGE_ZERO);
+                             (ext[i].flags & BJ_EXTENT_DATA) ? BJ_RANGE_COPY | late
+                                                             : BJ_RANGE_ZERO);
             cur = e_end;
         }
         if (rc == 0 && cur == pos) { /* no progress (cannot happen): copy the rest */
-            rc = publish(c, wr, pos, end - pos, BJ_RANGE_COPY);
+            rc = publish(c, wr, pos, end - pos, BJ_RANGE_COPY | late);
             cur = end;
         }
         if (rc < 0) {
@@ -564,21 +594,33 @@ static void unprealloc(struct bj_copy *c, uint64_t off, uint64_t len)
         off = c->keep_end;
     }
     if (fallocate(c->o.dst_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
-                  (off_t)len) < 0 && errno != EINTR)
-        atomic_store_explicit(&c->no_unalloc, 1, memory_order_relaxed);
+                  (off_t)len) < 0) {
+        if (errno != EINTR)
+            atomic_store_explicit(&c->no_unalloc, 1, memory_order_relaxed);
+        return;
+    }
+    /* Each punch holds the target's inode lock (the writes wait), and on a
+     * file system mounted with discard it waits for the device. A source
+     * whose data holds zero runs is from here on allocated after the scan
+     * (late_alloc_runs): the zero runs are never allocated. */
+    uint64_t p = atomic_fetch_add_explicit(&c->punched_bytes, len, memory_order_relaxed) + len;
+    uint64_t k = atomic_fetch_add_explicit(&c->punches, 1, memory_order_relaxed) + 1;
+    if (k >= LATE_PUNCHES && p * 32 >= atomic_load_explicit(&c->ahead_bytes, memory_order_relaxed))
+        atomic_store(&c->late_alloc, 1);
 }
 
 /* A run of zero blocks found but not yet zeroed: runs of consecutive
  * pieces join, so a long zero run is one zeroing call as before. */
 struct zrun {
     uint64_t off, len;
+    int punch;    /* the request's range was allocated: punch zero runs */
 };
 
 static int flush_zeroes(struct bj_copy *c, struct zrun *z, uint64_t *fail_off, uint64_t *zero)
 {
     if (!z->len)
         return 0;
-    if (c->o.prealloc)
+    if (z->punch)
         unprealloc(c, z->off, z->len);
     int rc = zero_target(c, z->off, z->len);
     if (rc < 0) {
@@ -712,13 +754,116 @@ static int install_sigbus(void)
     return rc;
 }
 
+/* 1 when worker w's unallocated request is the oldest one not yet past its
+ * allocation: then its data runs are allocated in claim order, each right
+ * after the one before it in the target (ext4 places an allocation after
+ * its left neighbour's blocks), so the target is about as contiguous as
+ * with allocation ahead. A request scanned before an older one was
+ * allocated leaves its data to the file system's delayed allocation (at
+ * writeback, in file order) rather than wait. Either way w is past it. */
+static int late_alloc_turn(struct worker *w)
+{
+    struct bj_copy *c = w->c;
+    int turn = 1;
+    pthread_mutex_lock(&c->lock);
+    for (uint32_t i = 0; i < c->nworkers; i++) {
+        const struct worker *o = &c->workers[i];
+        if (o != w && o->late_pending && o->late_seq < w->late_seq)
+            turn = 0;
+    }
+    w->late_pending = 0;
+    pthread_mutex_unlock(&c->lock);
+    return turn;
+}
+
+/* Late allocation (prealloc, a request queued unallocated): the request
+ * mapped at base is scanned whole into runs of data and zero blocks, its data
+ * runs of PREALLOC_MIN or more are allocated (in one fallocate each), then
+ * the data runs are written in pieces and the zero runs zeroed (a target
+ * that reads as zero: skipped). Its zero runs were never allocated, so
+ * nothing is punched. The scan of a data block stops at its first non-zero
+ * byte, so scanning ahead of the writes costs little more than scanning
+ * each piece before it is written. Returns 0, -errno, or -ENOMEM when the
+ * run list cannot grow (the caller copies the request as before);
+ * *allocated: a data run was allocated. */
+static int copy_runs_late(struct worker *w, const char *base, const struct bj_range *r,
+                          uint64_t piece, int *side, uint64_t *fail_off, uint64_t *data,
+                          uint64_t *zero, int *allocated)
+{
+    struct bj_copy *c = w->c;
+    uint64_t zb = c->o.zero_block, pos = 0;
+    size_t n = 0;
+    while (pos < r->len) {
+        uint64_t abs = r->dst_off + pos;
+        uint64_t first = zb - abs % zb;
+        if (first > r->len - pos)
+            first = r->len - pos;
+        int is_zero = bj_is_zero(base + pos, first);
+        uint64_t run = first;
+        if (pos + run < r->len)
+            run += bj_zero_run(base + pos + run, r->len - pos - run, zb, is_zero);
+        if (n == w->cap_runs) {
+            size_t cap = w->cap_runs ? 2 * w->cap_runs : 64;
+            struct run *p = realloc(w->runs, cap * sizeof(*p));
+            if (!p)
+                return -ENOMEM;
+            w->runs = p;
+            w->cap_runs = cap;
+        }
+        w->runs[n].pos = pos;
+        w->runs[n].len = run;
+        w->runs[n].zero = is_zero;
+        n++;
+        pos += run;
+    }
+    int turn = late_alloc_turn(w);
+    for (size_t i = 0; i < n && turn; i++) {
+        if (w->runs[i].zero || w->runs[i].len < PREALLOC_MIN ||
+            atomic_load_explicit(&c->no_prealloc, memory_order_relaxed))
+            continue;
+        if (fallocate(c->o.dst_fd, FALLOC_FL_KEEP_SIZE, (off_t)(r->dst_off + w->runs[i].pos),
+                      (off_t)w->runs[i].len) == 0)
+            *allocated = 1;
+        else if (errno != EINTR)
+            atomic_store_explicit(&c->no_prealloc, 1, memory_order_relaxed);
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint64_t off = r->dst_off + w->runs[i].pos, len = w->runs[i].len;
+        const char *p = base + w->runs[i].pos;
+        if (w->runs[i].zero) {
+            int rc = zero_target(c, off, len);
+            if (rc < 0) {
+                *side = BJ_SIDE_TARGET;
+                *fail_off = off;
+                return rc;
+            }
+            *zero += len;
+            continue;
+        }
+        for (uint64_t done = 0; done < len;) {
+            uint64_t k = piece - (off + done) % piece;  /* pieces end where put_piece's do */
+            if (k > len - done)
+                k = len - done;
+            int rc = write_target(c, p + done, k, off + done, fail_off);
+            if (rc < 0) {
+                *side = BJ_SIDE_TARGET;
+                return rc;
+            }
+            *data += k;
+            done += k;
+        }
+    }
+    return 0;
+}
+
 /* The request's pieces scanned and written from a mapping of the source.
  * Returns 0 or -errno like do_request, or 1: not done (mmap refused, the
  * source is shorter than the request or shrank meanwhile), do it with pread;
  * *data and *zero are then as on entry. */
-static int copy_mapped(struct worker *w, const struct bj_range *r, uint64_t piece, int *side,
-                       uint64_t *fail_off, uint64_t *data, uint64_t *zero)
+static int copy_mapped(struct worker *w, const struct req *q, uint64_t piece, int *side,
+                       uint64_t *fail_off, uint64_t *data, uint64_t *zero, int *allocated)
 {
+    const struct bj_range *r = &q->r;
     struct bj_copy *c = w->c;
     uint64_t pg = c->page;
     struct stat st;
@@ -740,9 +885,22 @@ static int copy_mapped(struct worker *w, const struct bj_range *r, uint64_t piec
     sigjmp_buf jb;
     if (sigsetjmp(jb, 0) == 0) {
         bus_jb = &jb;
-        struct zrun zr = { 0, 0 };
+        struct zrun zr = { 0, 0, c->o.prealloc && !q->late };
         uint64_t pos = 0;
-        rc = 0;
+        rc = 1;
+        if (q->late && c->o.zero_block &&
+            !atomic_load_explicit(&c->no_prealloc, memory_order_relaxed)) {
+            rc = copy_runs_late(w, base, r, piece, side, fail_off, data, zero, allocated);
+            if (rc == -ENOMEM) { /* no room for the runs: as an allocated one */
+                *data = data0;
+                *zero = zero0;
+                rc = 1;
+            } else {
+                pos = r->len;
+            }
+        }
+        if (rc == 1)
+            rc = 0;
         while (pos < r->len && rc == 0) {
             uint64_t n = piece - (r->dst_off + pos) % piece;
             if (n > r->len - pos)
@@ -823,11 +981,12 @@ static int do_request(struct worker *w, const struct req *q, int *side, uint64_t
     /* O_DIRECT: no cache to keep the piece in between read and write, and
      * each call waits for the disk: the whole request at once */
     uint64_t piece = c->direct && c->o.request_size > PIECE ? c->o.request_size : PIECE;
+    int allocated = 0;
     if (zb)
         piece = zb >= piece ? zb : piece - piece % zb;
     if (!c->direct && !atomic_load_explicit(&c->no_mmap, memory_order_relaxed) &&
         src_align(w, r->src_fd) <= 1) {
-        rc = copy_mapped(w, r, piece, side, fail_off, data, zero);
+        rc = copy_mapped(w, q, piece, side, fail_off, data, zero, &allocated);
         if (rc <= 0)
             return rc;
     }
@@ -843,7 +1002,9 @@ static int do_request(struct worker *w, const struct req *q, int *side, uint64_t
         }
         w->bufsz = bufsz;
     }
-    struct zrun zr = { 0, 0 };
+    /* a request queued unallocated has none of its zero runs allocated,
+     * unless the mapped attempt allocated its data before it failed */
+    struct zrun zr = { 0, 0, c->o.prealloc && (!q->late || allocated) };
     uint64_t pos = 0;
     while (pos < r->len) {
         /* pieces end at multiples of piece in the target (so the page
@@ -957,6 +1118,10 @@ static void *worker_main(void *arg)
         if (c->shutdown)
             break;
         c->in_flight++;
+        if (q.kind == REQ_COPY && q.late) {
+            w->late_seq = c->late_next++;
+            w->late_pending = 1;
+        }
         wake_next(c);
         if (q.kind == REQ_MAP) {
             map_work_range(c, &q.r);
@@ -984,6 +1149,7 @@ static void *worker_main(void *arg)
 
         pthread_mutex_lock(&c->lock);
         c->in_flight--;
+        w->late_pending = 0;
         if (handed_back) {
             /* its done part counts, the rest is claimed first next time */
             c->done += partial;
@@ -991,6 +1157,8 @@ static void *worker_main(void *arg)
             q.r.src_off += partial;
             q.r.dst_off += partial;
             q.r.len -= partial;
+            if (q.late)
+                q.r.kind |= KIND_LATE;
             c->returned[c->n_returned++] = q.r;
         } else if (rc < 0) {
             set_error(c, rc, side, fail_off); /* its bytes stay un-done */
@@ -1043,6 +1211,10 @@ int bj_copy_new(struct bj_copy **out, const struct bj_copy_opts *opts)
     struct stat dst_st;
     atomic_init(&c->no_prealloc, 0);
     atomic_init(&c->no_unalloc, 0);
+    atomic_init(&c->late_alloc, 0);
+    atomic_init(&c->ahead_bytes, 0);
+    atomic_init(&c->punched_bytes, 0);
+    atomic_init(&c->punches, 0);
     if (c->o.prealloc && (!c->o.target_is_zero || c->dst_align > 1 ||
                           fstat(opts->dst_fd, &dst_st) < 0 || !S_ISREG(dst_st.st_mode)))
         c->o.prealloc = 0;
@@ -1083,6 +1255,7 @@ void bj_copy_free(struct bj_copy *c)
         if (c->workers[i].started)
             pthread_join(c->workers[i].thread, NULL);
         free(c->workers[i].buf);
+        free(c->workers[i].runs);
     }
     pthread_cond_destroy(&c->work_cv);
     pthread_cond_destroy(&c->done_cv);
@@ -1138,8 +1311,9 @@ static void prealloc_items(struct bj_copy *c, const struct bj_range *r, size_t n
              * before its zero runs are punched may not fit, the writes
              * say whether the data does): from here on the copy
              * allocates as it writes, as before */
-            if (fallocate(c->o.dst_fd, FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) < 0 &&
-                errno != EINTR)
+            if (fallocate(c->o.dst_fd, FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+                atomic_fetch_add_explicit(&c->ahead_bytes, len, memory_order_relaxed);
+            else if (errno != EINTR)
                 atomic_store_explicit(&c->no_prealloc, 1, memory_order_relaxed);
         }
         len = 0;
@@ -1162,7 +1336,9 @@ int bj_copy_add(struct bj_copy *c, const struct bj_range *r, size_t n)
             r[i].src_off + r[i].len > (uint64_t)INT64_MAX)
             return -EINVAL;
     }
-    if (c->o.prealloc)
+    /* late allocation on: the copy items are queued unallocated */
+    uint32_t late = c->o.prealloc && atomic_load(&c->late_alloc) ? KIND_LATE : 0;
+    if (c->o.prealloc && !late)
         prealloc_items(c, r, n);
     pthread_mutex_lock(&c->lock);
     /* drop fully consumed items first so the queue does not grow forever */
@@ -1189,6 +1365,8 @@ int bj_copy_add(struct bj_copy *c, const struct bj_range *r, size_t n)
         struct bj_range it = r[i];
         if (it.src_fd < 0)
             it.src_fd = c->o.src_fd;
+        if (it.kind == BJ_RANGE_COPY)
+            it.kind |= late;
         if (!extend_last(c, &it)) {
             c->items[c->n_items] = it;
             c->n_items++;

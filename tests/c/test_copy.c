@@ -626,6 +626,93 @@ static void test_prealloc(void)
     close(s);
 }
 
+
+/* Late allocation: once the zero runs punched out of ranges allocated ahead
+ * reach 1/32 of them (two punches or more), the engine stops allocating
+ * ahead: copy items queued after that are not allocated by bj_copy_add, nor
+ * the data extents the mapper publishes, and each worker allocates a
+ * request's data runs after scanning it, so its zero runs are never
+ * allocated (and never punched). The target is the source's data either way,
+ * its blocks the data's alone. */
+static void run_all(struct bj_copy *c)
+{
+    int rc;
+    while ((rc = bj_copy_run(c, 50, 0)) == 2)
+        ;
+    CHECK_EQ(rc, 0);
+}
+
+static void test_late_alloc(void)
+{
+    const uint64_t M = 1ull << 20, size = 32 * M, zl = 256 << 10;
+    static const unsigned char zero[256 << 10];
+    int s = mkfile("ls", size);
+    for (uint64_t i = 0; i < 32; i++) {   /* each MiB: data, a 256 KiB zero run, data */
+        fill(s, i * M, M, (unsigned char)(i + 1));
+        CHECK(pwrite(s, zero, zl, (off_t)(i * M + 512 * 1024)) == (ssize_t)zl);
+    }
+    for (uint32_t threads = 1; threads <= 4; threads += 3) {
+        int d = mkfile("ld", size);
+        struct bj_copy *c;
+        struct bj_copy_opts o = { .src_fd = s, .dst_fd = d, .threads = threads,
+                                  .request_size = M, .zero_block = 4096,
+                                  .target_is_zero = 1, .may_unmap = 1, .prealloc = 1 };
+        CHECK_EQ(bj_copy_new(&c, &o), 0);
+        struct bj_range first = { 0, 0, 8 * M, BJ_RANGE_COPY, -1 };
+        CHECK_EQ(bj_copy_add(c, &first, 1), 0);
+        CHECK(allocated(d) >= 8 * M);           /* ahead, as before */
+        run_all(c);
+        /* its 8 zero runs punched (st_blocks counts the extent tree's
+         * blocks too: a few KiB over the data's) */
+        uint64_t before = allocated(d);
+        CHECK(before >= 8 * (M - zl) && before <= 8 * (M - zl) + (16 << 10));
+        struct bj_range rest = { 8 * M, 8 * M, 24 * M, BJ_RANGE_COPY, -1 };
+        CHECK_EQ(bj_copy_add(c, &rest, 1), 0);
+        CHECK_EQ(allocated(d), before);         /* not ahead now */
+        run_all(c);
+        struct bj_copy_status st;
+        bj_copy_get_status(c, &st);
+        CHECK_EQ(st.data_bytes, 32 * (M - zl));
+        CHECK_EQ(st.zero_bytes, 32 * zl);
+        bj_copy_free(c);
+        CHECK(same(s, d, size));
+        CHECK(fsync(d) == 0);                   /* delayed allocations made */
+        uint64_t a = allocated(d);              /* the data's blocks alone */
+        CHECK(a >= 32 * (M - zl) && a <= 32 * (M - zl) + (16 << 10));
+        for (uint64_t i = 0; i < 32; i++)       /* the zero runs read as holes */
+            CHECK_EQ(lseek(d, (off_t)(i * M + 512 * 1024), SEEK_DATA),
+                     (off_t)(i * M + 512 * 1024 + zl));
+        close(d);
+    }
+    /* a sparse item: the mapper allocates its first work range's extents
+     * ahead (128 MiB); their zero runs are punched, and the next work
+     * range's extents are published unallocated */
+    const uint64_t big = 300 * M;
+    int s2 = mkfile("ls2", big);
+    for (uint64_t off = 0; off < big; off += 8 * M) {
+        fill(s2, off, M, (unsigned char)(off >> 20));
+        CHECK(pwrite(s2, zero, zl, (off_t)(off + M)) == (ssize_t)zl);  /* zeroes as data */
+        fill(s2, off + M + zl, M, (unsigned char)((off >> 20) + 1));
+    }
+    int d = mkfile("ld2", big);
+    struct bj_copy *c;
+    struct bj_copy_opts o = { .src_fd = s2, .dst_fd = d, .threads = 3, .request_size = 2 * M,
+                              .zero_block = 4096, .target_is_zero = 1, .may_unmap = 1,
+                              .prealloc = 1 };
+    CHECK_EQ(bj_copy_new(&c, &o), 0);
+    struct bj_range r = { 0, 0, big, BJ_RANGE_COPY_SPARSE, -1 };
+    CHECK_EQ(bj_copy_add(c, &r, 1), 0);
+    run_all(c);
+    bj_copy_free(c);
+    CHECK(same(s2, d, big));
+    CHECK(fsync(d) == 0);
+    uint64_t nruns = (big + 8 * M - 1) / (8 * M), a = allocated(d);
+    CHECK(a >= nruns * 2 * M && a <= nruns * 2 * M + (64 << 10));
+    close(d);
+    close(s2);
+    close(s);
+}
+
 int main(void)
 {
     CHECK(mkdtemp(dir) != NULL);
@@ -640,6 +727,7 @@ int main(void)
     test_merge_adjacent();
     test_mapped_source();
     test_prealloc();
+    test_late_alloc();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     CHECK(system(cmd) == 0);
