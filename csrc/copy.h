@@ -41,7 +41,11 @@ struct bj_copy_opts {
                                  and zero runs found in their data are
                                  punched out again; ext4's buffered writes
                                  then skip the delayed allocation of each
-                                 block (the serial part of a copy) */
+                                 block (the serial part of a copy).
+                                 Once those punches reach 1/32 of the bytes
+                                 allocated ahead, the rest is allocated
+                                 after the scan instead, without its zero
+                                 runs (copy.c: late allocation) */
     struct bj_bucket *bucket; /* rate limiter or NULL */
 };
 
