@@ -184,7 +184,7 @@ struct bj_copy {
     atomic_int no_mmap;       /* a source refused mmap: read into buffers */
     atomic_int no_prealloc;   /* the target refused fallocate: prealloc off */
     atomic_int no_unalloc;    /* it refused a punch: zero runs stay allocated */
-    /* prealloc: allocation after the scan (see late_alloc_runs). Set once the
+    /* prealloc: allocation after the scan (see copy_runs_late). Set once the
      * punches of zero runs found in allocated ranges reach 1/32 of the bytes
      * allocated ahead (at least LATE_PUNCHES of them): from then on a copy
      * item or mapped extent is queued unallocated (KIND_LATE) and the worker
@@ -616,7 +616,7 @@ static void unprealloc(struct bj_copy *c, uint64_t off, uint64_t len)
     /* Each punch holds the target's inode lock (the writes wait), and on a
      * file system mounted with discard it waits for the device. A source
      * whose data holds zero runs is from here on allocated after the scan
-     * (late_alloc_runs): the zero runs are never allocated. */
+     * (copy_runs_late): the zero runs are never allocated. */
     uint64_t p = atomic_fetch_add_explicit(&c->punched_bytes, len, memory_order_relaxed) + len;
     uint64_t k = atomic_fetch_add_explicit(&c->punches, 1, memory_order_relaxed) + 1;
     if (k >= LATE_PUNCHES && p * 32 >= atomic_load_explicit(&c->ahead_bytes, memory_order_relaxed))
@@ -906,20 +906,18 @@ static int copy_mapped(struct worker *w, const struct req *q, uint64_t piece, in
         bus_jb = &jb;
         struct zrun zr = { 0, 0, c->o.prealloc && !q->late };
         uint64_t pos = 0;
-        rc = 1;
+        rc = 0;
         if (q->late && c->o.zero_block &&
             !atomic_load_explicit(&c->no_prealloc, memory_order_relaxed)) {
             rc = copy_runs_late(w, base, r, piece, side, fail_off, data, zero, allocated);
-            if (rc == -ENOMEM) { /* no room for the runs: as an allocated one */
+            if (rc == -ENOMEM) { /* no room for the runs: piece by piece below */
                 *data = data0;
                 *zero = zero0;
-                rc = 1;
+                rc = 0;
             } else {
                 pos = r->len;
             }
         }
-        if (rc == 1)
-            rc = 0;
         while (pos < r->len && rc == 0) {
             uint64_t n = piece - (r->dst_off + pos) % piece;
             if (n > r->len - pos)
